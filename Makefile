@@ -1,0 +1,52 @@
+# imaging-meta: every target creates the virtual environment when it is missing.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/imaging-meta
+# torch is pinned here (CPU wheel on this machine); on a GPU cluster install your CUDA torch first
+# and run `make install TORCH_SPEC=torch` to keep it.
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR ?= data/demo
+TRAINER ?= default
+DATA ?= demo_segmentation
+MODEL ?= protonet_seg
+RUN_NAME ?= $(MODEL)
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install train test test-full lint tensorboard demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: TRAINER=$(TRAINER) DATA=$(DATA) MODEL=$(MODEL) DATA_DIR=$(DATA_DIR) ARGS='...'"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install imaging-meta with its pinned dependencies
+
+demo: install  ## generate the demo cohort into DATA_DIR (skipped when present)
+	$(CLI) demo --out $(DATA_DIR) --if-missing
+
+train: demo  ## meta-train the default config on the demo cohort, then test and print the results table
+	$(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/$(DATA).yaml \
+	    --config configs/model/$(MODEL).yaml --data.init_args.root $(DATA_DIR) \
+	    --trainer.logger.init_args.name $(RUN_NAME) --test_after_fit true $(ARGS)
+
+test: install  ## fast test suite (no `slow` tests), a few minutes on 2 CPU cores
+	$(PY) -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
+
+test-full: install  ## every test, the slow ones included
+	$(PY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check imaging_meta datamodules tests benchmarks
+
+tensorboard: install  ## serve the TensorBoard logs in runs/
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean:  ## remove runs, caches and the demo cohort (keeps .venv)
+	rm -rf runs data .cache

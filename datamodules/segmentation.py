@@ -1,0 +1,407 @@
+"""Few-shot segmentation data: preprocessed volumes -> slice tables -> episodes.
+
+`SegmentationDataModule` is what a config points at. It scans ``root`` once (the index is written to the
+cache folder), splits patients under a protocol, preprocesses each labelled volume once (MONAI
+``CacheDataset`` in memory, or ``PersistentDataset`` on disk), builds the slice tables the samplers draw
+from, and serves batches of `Episode`s (leading task dimension).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from torch.utils.data import DataLoader
+
+from datamodules.index import Case, Index
+from datamodules.samplers import (
+    SegmentationEpisodeSampler,
+    SegmentationEpisodeSpec,
+    SliceTable,
+    _dist_rank_world,
+    load_episodes,
+    save_episodes,
+)
+from datamodules.scan import DEFAULT_SITE_FIELDS, scan_to_file
+from datamodules.splits import PROTOCOLS, Split, make_split
+from datamodules.transforms import slice_augmentation, volume_transforms
+from imaging_meta.episode import Episode, collate_episodes
+
+logger = logging.getLogger(__name__)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (MONAI MetaTensor metadata dropped) so that episodes stay light."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
+def case_items(index: Index, cases: Sequence[Case]) -> list[dict]:
+    """MONAI data dicts (absolute paths, modality) for the given cases."""
+    items = []
+    for c in cases:
+        item = {"image": index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
+        if c.label is not None:
+            item["label"] = index.resolve(c.label)
+        items.append(item)
+    return items
+
+
+def build_slice_table(
+    labels: Sequence[torch.Tensor],
+    cases: Sequence[Case],
+    case_ids: Sequence[int],
+    organs: Sequence[str],
+    min_pixels: int = 20,
+    exclude_organs: Sequence[str] = (),
+) -> dict[str, dict[int, list[int]]]:
+    """Which axial slices show each organ.
+
+    Args:
+        labels: ``labels[i]`` is the preprocessed label volume (1, H, W, D) of case index ``case_ids[i]``.
+        cases: the case list that ``case_ids`` index into.
+        case_ids: case indices to include.
+        organs: structures to tabulate.
+        min_pixels: a slice counts for an organ when the organ covers at least this many pixels.
+        exclude_organs: drop every slice where any of these structures is present at all (SSL-ALPNet
+            setting 2).
+
+    Returns:
+        organ -> case index -> sorted slice indices.
+    """
+    table: dict[str, dict[int, list[int]]] = {o: {} for o in organs}
+    for lbl, ci in zip(labels, case_ids):
+        lbl = _plain(lbl)[0]
+        case = cases[ci]
+        banned = torch.zeros(lbl.shape[-1], dtype=torch.bool)
+        for o in exclude_organs:
+            if o in case.organs:
+                banned |= (lbl == case.organs[o]).flatten(0, 1).any(0)
+        for o in organs:
+            if o not in case.organs:
+                continue
+            counts = (lbl == case.organs[o]).flatten(0, 1).sum(0)
+            zs = torch.nonzero((counts >= min_pixels) & ~banned).flatten().tolist()
+            if zs:
+                table[o][ci] = zs
+    return table
+
+
+class SegmentationEpisodeDataset(torch.utils.data.Dataset):
+    """Turns a `SegmentationEpisodeSpec` into an unbatched `Episode`; pixels are read here and only here.
+
+    Args:
+        volumes: a map-style dataset; ``volumes[i]`` is the preprocessed dict (``image``, ``label``) of case ``i``.
+        cases: the case records, aligned with ``volumes``.
+        augment: seeded random slice transforms, or None.
+    """
+
+    def __init__(self, volumes, cases: Sequence[Case], augment=None) -> None:
+        self.volumes = volumes
+        self.cases = list(cases)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def _slice(self, case_idx: int, z: int, organ: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        vol = self.volumes[case_idx]
+        value = self.cases[case_idx].organs[organ]
+        image = _plain(vol["image"])[..., z].float()  # (1, H, W)
+        mask = (_plain(vol["label"])[..., z] == value).float()  # (1, H, W)
+        if self.augment is not None:
+            self.augment.set_random_state(seed=seed)
+            out = self.augment({"image": image, "label": mask})
+            image, mask = _plain(out["image"]).float(), (_plain(out["label"]) > 0.5).float()
+        return image, mask[0]
+
+    def __getitem__(self, spec: SegmentationEpisodeSpec) -> Episode:
+        if not isinstance(spec, SegmentationEpisodeSpec):
+            raise TypeError(f"index this dataset with a SegmentationEpisodeSpec (from a sampler), not {type(spec).__name__}")
+        items = [self._slice(c, z, spec.organ, spec.seed + j) for j, (c, z) in enumerate(spec.support + spec.query)]
+        k = len(spec.support)
+        images = torch.stack([i for i, _ in items])
+        masks = torch.stack([m for _, m in items])
+        q_case = self.cases[spec.query[0][0]]
+        return Episode(
+            support_images=images[:k],
+            support_labels=masks[:k],
+            query_images=images[k:],
+            query_labels=masks[k:],
+            classes=[spec.organ],
+            site=q_case.site,
+            support_ids=[self.cases[c].case_id for c, _ in spec.support],
+            query_ids=[self.cases[c].case_id for c, _ in spec.query],
+            meta={"support_slices": [z for _, z in spec.support], "query_slices": [z for _, z in spec.query]},
+        )
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class SegmentationDataModule(LightningDataModule):
+    """1-way K-shot segmentation episodes from a folder of DICOM series / NIfTI volumes with label maps.
+
+    Args:
+        root: folder to scan (DICOM series, NIfTI, label maps, BIDS sidecars, Decathlon dataset.json).
+        index_path: where the scan index lives; default ``<cache_dir>/<hash of root>/index.json``. It is built
+            once and reused; set ``rescan`` to rebuild it.
+        cache_dir: folder for the index, the preprocessed-volume cache and the fixed episode files.
+        rescan: rebuild the index even when it exists.
+        protocol: "in_domain", "cross_organ" or "cross_site" (see `datamodules.splits`).
+        test_organs: cross_organ: held-out structures.
+        val_organs: cross_organ: structures for validation episodes (default: the test organs, on validation patients).
+        test_sites: cross_site: held-out sites (site keys or substrings).
+        exclude_test_organ_slices: cross_organ: SSL-ALPNet setting 2 (True) or setting 1 (False).
+        val_fraction: share of patients for validation.
+        test_fraction: share of patients for test.
+        split_seed: seed of the patient split.
+        n_shot: support slices per episode (each from a different patient).
+        n_query: query slices per episode.
+        n_parts: chunks of an organ's extent for position matching (SSL-ALPNet uses 3).
+        episodes_per_epoch: training episodes per epoch (shared across DDP ranks).
+        val_episodes: fixed validation episodes.
+        test_episodes: fixed test episodes.
+        batch_size: episodes (tasks) per optimisation step.
+        spacing: in-plane resampling target in mm.
+        slice_size: (H, W) of every slice.
+        ct_window: HU window for CT normalisation.
+        mr_percentiles: percentiles for MR normalisation.
+        min_organ_pixels: a slice shows an organ when it has at least this many of its pixels.
+        augment: random slice augmentation for training episodes.
+        cache: "memory" (MONAI CacheDataset) or "disk" (PersistentDataset under cache_dir).
+        num_workers: DataLoader workers.
+        seed: episode seed (training epochs, and the fixed validation and test lists).
+        label_names: label value -> structure name, for folders without a Decathlon dataset.json.
+        site_fields: header fields that build the site key.
+        salt: secret for the pseudonymous ids (set your own for real data).
+        test_episodes_file: a JSON episode file to test on (written by an earlier run), instead of drawing.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        index_path: str | None = None,
+        cache_dir: str = ".cache/imaging-meta",
+        rescan: bool = False,
+        protocol: str = "cross_organ",
+        test_organs: list[str] | None = None,
+        val_organs: list[str] | None = None,
+        test_sites: list[str] | None = None,
+        exclude_test_organ_slices: bool = True,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.25,
+        split_seed: int = 0,
+        n_shot: int = 1,
+        n_query: int = 1,
+        n_parts: int = 3,
+        episodes_per_epoch: int = 200,
+        val_episodes: int = 60,
+        test_episodes: int = 200,
+        batch_size: int = 4,
+        spacing: tuple[float, float] = (4.0, 4.0),
+        slice_size: tuple[int, int] = (80, 80),
+        ct_window: tuple[float, float] = (-250.0, 250.0),
+        mr_percentiles: tuple[float, float] = (1.0, 99.0),
+        min_organ_pixels: int = 20,
+        augment: bool = True,
+        cache: str = "memory",
+        num_workers: int = 0,
+        seed: int = 0,
+        label_names: dict[int, str] | None = None,
+        site_fields: list[str] | None = None,
+        salt: str = "imaging-meta",
+        test_episodes_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+        if cache not in ("memory", "disk", "none"):
+            raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
+        self.save_hyperparameters(ignore=["salt"])
+        self.root = str(Path(root).expanduser().resolve())
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.index_path = Path(index_path) if index_path else self.cache_dir / _digest(self.root) / "index.json"
+        self.salt = salt
+        self.index: Index | None = None
+        self.cases: list[Case] = []
+        self.split: Split | None = None
+        self._volumes = None
+        self._tables: dict[str, SliceTable] = {}
+        self._episodes: dict[str, list[SegmentationEpisodeSpec]] = {}
+
+    # --------------------------------------------------------------- settings
+    @property
+    def preprocessing(self) -> dict:
+        """The deterministic preprocessing settings (stored in checkpoints; `segment` reuses them)."""
+        h = self.hparams
+        return {
+            "spacing": [float(s) for s in h.spacing],
+            "slice_size": [int(s) for s in h.slice_size],
+            "ct_window": [float(s) for s in h.ct_window],
+            "mr_percentiles": [float(s) for s in h.mr_percentiles],
+        }
+
+    # ------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:
+        """Scan ``root`` into the index file when it is missing (rank 0 only)."""
+        if self.hparams.rescan or not self.index_path.exists():
+            if not Path(self.root).is_dir():
+                raise FileNotFoundError(f"data root {self.root} is not a folder; set data.init_args.root in your config")
+            logger.info("scanning %s into %s", self.root, self.index_path)
+            index = scan_to_file(
+                self.root,
+                self.index_path,
+                site_fields=tuple(self.hparams.site_fields or DEFAULT_SITE_FIELDS),
+                label_names=self.hparams.label_names,
+                salt=self.salt,
+            )
+            logger.info(index.summary())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        if not self.index_path.exists():
+            self.prepare_data()
+        h = self.hparams
+        self.index = Index.load(self.index_path)
+        if self.index.rejected:
+            warnings.warn(
+                f"{len(self.index.rejected)} input(s) under {self.root} were rejected; see 'rejected' in {self.index_path}",
+                stacklevel=2,
+            )
+        self.cases = self.index.labelled_cases
+        self.split = make_split(
+            self.cases,
+            h.protocol,
+            test_organs=h.test_organs or (),
+            val_organs=h.val_organs,
+            test_sites=h.test_sites or (),
+            val_fraction=h.val_fraction,
+            test_fraction=h.test_fraction,
+            seed=h.split_seed,
+            exclude_test_organ_slices=h.exclude_test_organ_slices,
+        )
+        self._volumes = self._volume_dataset()
+        used = sorted(set(self.split.train) | set(self.split.val) | set(self.split.test))
+        labels = {i: self._volumes[i]["label"] for i in used}
+        for stage_name, organs, exclude in (
+            ("train", self.split.train_organs, self.split.excluded_organs),
+            ("val", self.split.val_organs, ()),
+            ("test", self.split.test_organs, ()),
+        ):
+            ids = getattr(self.split, stage_name)
+            self._tables[stage_name] = build_slice_table(
+                [labels[i] for i in ids], self.cases, ids, organs, h.min_organ_pixels, exclude
+            )
+        self._samplers = {}
+        for stage_name, n in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)):
+            if n <= 0 or not getattr(self.split, stage_name):
+                continue
+            table = self._tables[stage_name]
+            organs = [o for o in getattr(self.split, f"{stage_name}_organs") if table.get(o)]
+            self._samplers[stage_name] = SegmentationEpisodeSampler(
+                table,
+                [c.patient for c in self.cases],
+                organs=organs,
+                n_shot=h.n_shot,
+                n_query=h.n_query,
+                n_episodes=n,
+                n_parts=h.n_parts,
+                seed=h.seed + {"train": 0, "val": 1, "test": 2}[stage_name],
+            )
+        for stage_name in ("val", "test"):
+            if stage_name in self._samplers:
+                self._episodes[stage_name] = self._fixed_episodes(stage_name)
+
+    def _volume_dataset(self):
+        """The preprocessed labelled volumes, cached as configured."""
+        h = self.hparams
+        tf = volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles)
+        items = case_items(self.index, self.cases)
+        if h.cache == "memory":
+            return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
+        if h.cache == "disk":
+            folder = self.cache_dir / _digest(self.root) / f"volumes-{_digest(self.preprocessing)}"
+            return PersistentDataset(items, tf, cache_dir=folder)
+        return Dataset(items, tf)
+
+    def _fixed_episodes(self, stage: str) -> list[SegmentationEpisodeSpec]:
+        """Fixed, seeded episodes for val/test; written to JSON (and read back from a given file)."""
+        case_ids = [c.case_id for c in self.cases]
+        if stage == "test" and self.hparams.test_episodes_file:
+            specs, meta = load_episodes(self.hparams.test_episodes_file, case_ids)
+            if meta.get("preprocessing") not in (None, self.preprocessing):
+                raise ValueError(
+                    f"{self.hparams.test_episodes_file} was drawn with preprocessing {meta['preprocessing']}, "
+                    f"this run uses {self.preprocessing}; slice indices would not match"
+                )
+            return specs
+        specs = self._samplers[stage].fixed_episodes()
+        meta = {"stage": stage, "protocol": self.split.protocol, "seed": self.hparams.seed, "preprocessing": self.preprocessing,
+                "organs": getattr(self.split, f"{stage}_organs")}
+        self.episode_files = getattr(self, "episode_files", {})
+        self.episode_files[stage] = save_episodes(specs, case_ids, self.episode_path(stage), meta)
+        return specs
+
+    def episode_path(self, stage: str) -> Path:
+        h = self.hparams
+        key = _digest([self.preprocessing, h.protocol, h.test_organs, h.val_organs, h.test_sites, h.split_seed, h.seed,
+                       h.n_shot, h.n_query, h.n_parts, h.val_episodes, h.test_episodes, h.min_organ_pixels,
+                       h.exclude_test_organ_slices, h.val_fraction, h.test_fraction])
+        return self.cache_dir / _digest(self.root) / f"{stage}_episodes-{key}.json"
+
+    # ------------------------------------------------------------ dataloaders
+    def _loader(self, sampler, augment: bool) -> DataLoader:
+        h = self.hparams
+        aug = slice_augmentation(slice_size=h.slice_size) if augment else None
+        dataset = SegmentationEpisodeDataset(self._volumes, self.cases, aug)
+        return DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=h.batch_size,
+            collate_fn=collate_episodes,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _fixed_loader(self, stage: str) -> DataLoader:
+        if stage not in self._episodes:
+            raise ValueError(f"no {stage} episodes: the split has no {stage} cases or {stage}_episodes is 0")
+        rank, world = _dist_rank_world()
+        return self._loader(self._episodes[stage][rank::world], augment=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._samplers["train"], augment=self.hparams.augment)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._fixed_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._fixed_loader("test")
+
+    # -------------------------------------------------------------- reporting
+    def describe(self) -> dict:
+        """Split sizes and organs, for logs and reports (pseudonymous ids only)."""
+        s = self.split
+        return {
+            "protocol": s.protocol,
+            "patients": {k: len(s.patients(self.cases, k)) for k in ("train", "val", "test")},
+            "cases": {k: len(getattr(s, k)) for k in ("train", "val", "test")},
+            "train_organs": s.train_organs,
+            "val_organs": s.val_organs,
+            "test_organs": s.test_organs,
+            "excluded_organs": s.excluded_organs,
+            "train_slices": {o: int(sum(len(z) for z in t.values())) for o, t in self._tables["train"].items()},
+            "sites": sorted({self.cases[i].site for i in s.test}),
+            "episode_files": {k: str(v) for k, v in getattr(self, "episode_files", {}).items()},
+            "episodes_sha256": {k: _digest([list(map(list, e.support)) + list(map(list, e.query)) for e in v]) for k, v in self._episodes.items()},
+        }

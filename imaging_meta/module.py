@@ -1,0 +1,219 @@
+"""`EpisodicModule`: the one LightningModule. It wraps any `Learner`.
+
+It owns the training, validation and test steps, the optimiser and scheduler (injected as callables from
+the config), the metrics (``train/loss``, ``val/dice``, ``val/dice/organ/<name>``, ``val/dice/site/<name>``,
+``test/dice``, ...), TensorBoard image panels, and the test report with its baselines. Only
+pseudonymous case ids and site keys reach logs, checkpoints and reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+import imaging_meta
+from imaging_meta.episode import Episode
+from imaging_meta.evaluation import summarize, to_markdown, write_report
+from imaging_meta.learners.base import Learner
+from imaging_meta.metrics import dice_score
+
+logger = logging.getLogger(__name__)
+
+TRAINED, UNTRAINED, COPY_MASK = "trained", "untrained encoder", "copy support mask"
+
+
+def _gather(records: list[dict]) -> list[dict]:
+    """All ranks' records (identity without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, records)
+        return [r for part in out for r in part]
+    return records
+
+
+class EpisodicModule(LightningModule):
+    """Meta-trains and evaluates a `Learner` on batches of episodes.
+
+    Args:
+        learner: the learner (``class_path``/``init_args`` in YAML).
+        optimizer: optimiser factory, called with the parameters.
+        lr_scheduler: optional scheduler factory, called with the optimiser.
+        baselines: in test, also score the untrained learner (its weights at construction, kept in the
+            checkpoint) and, for segmentation, "copy the support mask", on the same episodes.
+        threshold: foreground probability threshold for segmentation masks.
+        n_log_images: query/truth/prediction panels logged to TensorBoard per validation epoch.
+    """
+
+    def __init__(
+        self,
+        learner: Learner,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        baselines: bool = True,
+        threshold: float = 0.5,
+        n_log_images: int = 4,
+    ) -> None:
+        super().__init__()
+        if not isinstance(learner, Learner):
+            raise TypeError(f"learner must be an imaging_meta Learner, got {type(learner).__name__}")
+        # the learner and the factories are kept out of hparams: checkpoints must load with weights_only=True
+        self.save_hyperparameters(ignore=["learner", "optimizer", "lr_scheduler"])
+        self.learner = learner
+        self.optimizer_factory: Callable = optimizer
+        self.scheduler_factory: Callable | None = lr_scheduler
+        # a frozen copy of the initial weights: the "untrained encoder" baseline (not a submodule)
+        self._untrained = [copy.deepcopy(learner).requires_grad_(False)] if baselines else []
+        self._records: dict[str, list[dict]] = {"val": [], "test": []}
+        self.test_summary: dict | None = None
+        self.report_paths: tuple[Path, Path] | None = None
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: Episode, batch_idx: int) -> torch.Tensor:
+        loss = self.learner.loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step}; lower the learning rate or check the inputs"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch.n_tasks, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.learner.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(opt)
+        cfg = {"scheduler": sched, "interval": "epoch"}
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            cfg["monitor"] = "val/dice"
+        return {"optimizer": opt, "lr_scheduler": cfg}
+
+    # ------------------------------------------------------------- evaluation
+    def _records_for(self, batch: Episode, pred: torch.Tensor, method: str, stage: str, batch_idx: int) -> list[dict]:
+        """One record per query: Dice of ``pred`` (T, Q, H, W) against the batch's query masks."""
+        t, q = pred.shape[:2]
+        scores = dice_score(pred.flatten(0, 1), batch.query_labels.flatten(0, 1) > 0.5).view(t, q).cpu()
+        out = []
+        for i in range(t):
+            for j in range(q):
+                out.append(
+                    {
+                        "method": method,
+                        "episode": f"{stage}-{self.global_rank}-{batch_idx}-{i}",
+                        "organ": batch.classes[i][0],
+                        "site": batch.site[i],
+                        "query_id": batch.query_ids[i][j],
+                        "dice": float(scores[i, j]),
+                    }
+                )
+        return out
+
+    def _check_segmentation(self) -> None:
+        if self.learner.task != "segmentation":
+            raise NotImplementedError(f"evaluation for {self.learner.task!r} learners arrives with classification support")
+
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:
+        self._check_segmentation()
+        probs = self.learner.predict(batch)
+        pred = probs > self.hparams.threshold
+        recs = self._records_for(batch, pred, TRAINED, "val", batch_idx)
+        self._records["val"].extend(recs)
+        self.log("val/dice", sum(r["dice"] for r in recs) / len(recs), prog_bar=True, batch_size=len(recs), sync_dist=True)
+        if batch_idx == 0:
+            self._log_panels(batch, probs)
+
+    def on_validation_epoch_start(self) -> None:
+        self._records["val"] = []
+
+    def on_validation_epoch_end(self) -> None:
+        records = _gather(self._records["val"])
+        if not records or self.trainer.sanity_checking:
+            return
+        summary = summarize(records)[TRAINED]
+        for group in ("organ", "site"):
+            for name, s in summary[group].items():
+                self.log(f"val/dice/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+
+    def on_test_epoch_start(self) -> None:
+        self._records["test"] = []
+        for m in self._untrained:
+            m.to(self.device)
+
+    def test_step(self, batch: Episode, batch_idx: int) -> None:
+        self._check_segmentation()
+        pred = self.learner.predict(batch) > self.hparams.threshold
+        recs = self._records_for(batch, pred, TRAINED, "test", batch_idx)
+        self.log("test/dice", sum(r["dice"] for r in recs) / len(recs), batch_size=len(recs), sync_dist=True)
+        if self.hparams.baselines:
+            if self._untrained:
+                untrained = self._untrained[0].eval()
+                recs += self._records_for(batch, untrained.predict(batch) > self.hparams.threshold, UNTRAINED, "test", batch_idx)
+            copy_pred = batch.support_labels.float().mean(1, keepdim=True) > 0.5  # (T, 1, H, W)
+            copy_pred = copy_pred.expand_as(batch.query_labels)
+            recs += self._records_for(batch, copy_pred, COPY_MASK, "test", batch_idx)
+        self._records["test"].extend(recs)
+
+    def on_test_epoch_end(self) -> None:
+        records = _gather(self._records["test"])
+        if not records:
+            return
+        summary = summarize(records)
+        self.test_summary = summary
+        for group in ("organ", "site"):
+            for name, s in summary[TRAINED][group].items():
+                self.log(f"test/dice/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+        if self.global_rank == 0:
+            out_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            dm = getattr(self.trainer, "datamodule", None)
+            context = {"title": "held-out test episodes", "imaging_meta_version": imaging_meta.__version__,
+                       "learner": self.learner.config}
+            if dm is not None and hasattr(dm, "describe"):
+                context.update(dm.describe())
+                context["n_shot"] = dm.hparams.n_shot
+            ckpt = getattr(self.trainer, "ckpt_path", None)
+            if ckpt:
+                context["checkpoint"] = str(ckpt)
+            methods = [m for m in (TRAINED, UNTRAINED, COPY_MASK) if m in summary]
+            self.report_paths = write_report(out_dir, summary, context, methods)
+            logger.info("results written to %s\n%s", self.report_paths[1], to_markdown(summary, methods))
+
+    # ---------------------------------------------------------------- logging
+    def _log_panels(self, batch: Episode, probs: torch.Tensor) -> None:
+        """Query | truth | prediction panels (one row per task) for TensorBoard."""
+        exp = getattr(self.logger, "experiment", None)
+        if self.global_rank != 0 or not hasattr(exp, "add_image") or self.hparams.n_log_images <= 0:
+            return
+        rows = []
+        for i in range(min(self.hparams.n_log_images, batch.n_tasks)):
+            img = batch.query_images[i, 0, 0].float()
+            img = (img - img.min()) / (img.max() - img.min() + 1e-6)
+            truth = batch.query_labels[i, 0].float()
+            pred = (probs[i, 0] > self.hparams.threshold).float()
+            rows.append(torch.cat([img, truth, pred, probs[i, 0].float()], dim=1))
+        panel = torch.cat(rows, dim=0).clamp(0, 1).unsqueeze(0).cpu()
+        exp.add_image("val/query_truth_prediction_probability", panel, self.global_step)
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        extra = {"learner_config": self.learner.config, "task": self.learner.task, "version": imaging_meta.__version__}
+        if self._untrained:
+            extra["untrained_state_dict"] = {k: v.detach().cpu() for k, v in self._untrained[0].state_dict().items()}
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "preprocessing"):
+            extra["preprocessing"] = dm.preprocessing
+        checkpoint["imaging_meta"] = extra
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("imaging_meta", {})
+        if extra.get("learner_config") and extra["learner_config"]["class_path"] != self.learner.config["class_path"]:
+            raise ValueError(
+                f"the checkpoint holds a {extra['learner_config']['class_path']} learner, but this run builds "
+                f"{self.learner.config['class_path']}; use the checkpoint's model config"
+            )
+        if self._untrained and "untrained_state_dict" in extra:
+            self._untrained[0].load_state_dict(extra["untrained_state_dict"])

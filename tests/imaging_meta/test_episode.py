@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from imaging_meta.episode import Episode, collate_episodes
+
+
+def ep(k=2, q=3, h=8):
+    return Episode(torch.rand(k, 1, h, h), torch.rand(k, h, h) > 0.5, torch.rand(q, 1, h, h), torch.rand(q, h, h) > 0.5,
+                   classes=["liver"], site="s", support_ids=["a"] * k, query_ids=["b"] * q)
+
+
+def test_collate_and_task_round_trip():
+    e1, e2 = ep(), ep()
+    b = collate_episodes([e1, e2])
+    assert b.batched and b.n_tasks == 2 and b.support_images.shape == (2, 2, 1, 8, 8)
+    assert b.classes == [["liver"], ["liver"]]
+    t = b.task(1)
+    assert torch.equal(t.query_images, e2.query_images) and t.site == "s"
+    assert b.to("cpu").support_labels.dtype == torch.bool
+    assert e1.unsqueeze().n_tasks == 1
+
+
+def test_collate_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shapes differ"):
+        collate_episodes([ep(k=1), ep(k=2)])

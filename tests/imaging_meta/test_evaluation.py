@@ -1,0 +1,32 @@
+import json
+
+import pytest
+
+from imaging_meta.evaluation import mean_ci, summarize, to_markdown, write_report
+
+
+def test_mean_ci_golden():
+    m, h = mean_ci([0.5, 0.7, 0.6, 0.8])
+    assert m == pytest.approx(0.65)
+    # sd = 0.1291, t(0.975, 3) = 3.1824 -> 3.1824 * 0.1291 / 2
+    assert h == pytest.approx(0.205431, abs=1e-5)
+    assert mean_ci([0.3]) == (0.3, 0.0)
+
+
+def test_summarize_averages_queries_within_an_episode_first(tmp_path):
+    recs = [
+        {"method": "a", "episode": "e1", "organ": "liver", "site": "s1", "dice": 1.0},
+        {"method": "a", "episode": "e1", "organ": "liver", "site": "s1", "dice": 0.0},
+        {"method": "a", "episode": "e2", "organ": "spleen", "site": "s2", "dice": 0.8},
+        {"method": "b", "episode": "e1", "organ": "liver", "site": "s1", "dice": 0.2},
+        {"method": "b", "episode": "e2", "organ": "spleen", "site": "s2", "dice": 0.4},
+    ]
+    s = summarize(recs)
+    assert s["a"]["all"]["n_episodes"] == 2 and s["a"]["all"]["mean"] == pytest.approx(0.65)
+    assert s["a"]["organ"]["liver"]["mean"] == pytest.approx(0.5)
+    assert s["b"]["site"]["s2"]["mean"] == pytest.approx(0.4)
+    md = to_markdown(s, ["a", "b"])
+    assert "| organ: spleen | 0.800 ± 0.000 | 0.400 ± 0.000 | 1 |" in md
+    js, mdp = write_report(tmp_path, s, {"protocol": "cross_organ"}, ["a", "b"])
+    assert json.loads(js.read_text())["summary"]["a"]["all"]["n_episodes"] == 2
+    assert "protocol: cross_organ" in mdp.read_text()
