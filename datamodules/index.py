@@ -61,10 +61,18 @@ class Case:
 
 @dataclass
 class Rejection:
-    """An input that could not be used: the file (or series folder) and why, in words a user can act on."""
+    """An input that could not be used: the file (or series folder) and why, in words a user can act on.
+
+    Attributes:
+        path: the file, or the folder of a rejected DICOM series, relative to the index root.
+        reason: why, and what to fix.
+        files: every file this rejection covers (the slices of a DICOM series, an image and its label),
+            relative to the index root; empty when it is just ``path``.
+    """
 
     path: str
     reason: str
+    files: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,259 @@
+"""DICOM series: header reading, grouping, geometric ordering, rejection reasons, and the MONAI reader."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from monai.data import NibabelReader
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLSLossless
+
+from datamodules.dicom import (
+    DicomError,
+    DicomSeriesError,
+    DicomSeriesReader,
+    NotDicomError,
+    decoder_problem,
+    group_series,
+    order_series,
+    read_header,
+)
+from tests.datamodules.dicom_fixtures import (
+    FAKE_PHI,
+    affine_ras,
+    edit,
+    phantom,
+    truncate,
+    write_nifti,
+    write_series,
+)
+
+
+def headers_of(paths):
+    return [read_header(p) for p in paths]
+
+
+def positions_along_normal(series):
+    o = np.asarray(series.headers[0].orientation)
+    normal = np.cross(o[:3], o[3:])
+    return [float(np.asarray(h.position) @ normal) for h in series.headers]
+
+
+# --------------------------------------------------------------------------------------- ordering
+@pytest.mark.parametrize("reverse", [False, True])
+def test_order_is_geometric_not_names_or_instance_numbers(tmp_path, reverse):
+    vol, aff = phantom(), affine_ras(rot_deg=15.0)
+    paths = write_series(tmp_path / "s", vol, aff, reverse=reverse, shuffle_names=True)
+    hs = headers_of(sorted(paths, key=lambda p: p.name))  # alphabetical: no relation to position
+    series = order_series(hs)
+    assert [h.path for h in series.headers] == [str(p) for p in paths]  # axis-2 order of the volume
+    assert np.all(np.diff(positions_along_normal(series)) > 0)
+    assert series.shape == vol.shape
+    np.testing.assert_allclose(series.spacing, (1.5, 1.25, 3.0), atol=1e-4)
+    np.testing.assert_allclose(series.affine, aff, atol=1e-3)
+
+
+def test_slice_axis_against_the_normal_gives_the_flipped_affine(tmp_path):
+    vol, aff = phantom(), affine_ras(slice_sign=-1.0)
+    paths = write_series(tmp_path / "s", vol, aff, shuffle_names=True)
+    series = order_series(headers_of(paths))
+    assert [h.path for h in series.headers] == [str(p) for p in reversed(paths)]
+    expected = aff.copy()
+    expected[:3, 2] *= -1
+    expected[:3, 3] = aff[:3, 3] + (vol.shape[2] - 1) * aff[:3, 2]
+    np.testing.assert_allclose(series.affine, expected, atol=1e-3)
+
+
+def test_reader_array_has_rescale_applied(tmp_path):
+    vol = phantom()
+    paths = write_series(tmp_path / "s", vol, slope=0.5, intercept=0.0, signed=True, reverse=True, shuffle_names=True)
+    reader = DicomSeriesReader()
+    arr, meta = reader.get_data(reader.read([str(p) for p in reversed(paths)]))
+    assert arr.dtype == np.float32 and arr.shape == vol.shape
+    np.testing.assert_allclose(arr, np.rint(vol / 0.5) * 0.5)
+    assert meta["space"] == "RAS" and tuple(meta["spatial_shape"]) == vol.shape
+    assert meta["modality"] == "CT"
+    np.testing.assert_allclose(meta["affine"], affine_ras(), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------- rejections
+def series_error(paths, **kw) -> str:
+    with pytest.raises(DicomSeriesError) as e:
+        order_series(headers_of(paths), **kw)
+    return e.value.reason
+
+
+def test_missing_slice(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 7)))
+    paths[3].unlink()
+    reason = series_error([p for p in paths if p.exists()])
+    assert "missing slice" in reason and "6.000 mm" in reason and "median step is 3.000 mm" in reason
+
+
+def test_uneven_spacing(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 6)))
+    edit(paths[2], lambda ds: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.9]))
+    reason = series_error(paths)
+    assert "uneven slice spacing" in reason and "2.100" in reason and "3.900" in reason
+
+
+def test_duplicate_slice(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 5)))
+    copy = tmp_path / "s" / "copy_of_slice.dcm"
+    shutil.copy(paths[1], copy)
+    reason = series_error([*paths, copy])
+    assert "duplicate slice positions" in reason and "same SOPInstanceUID" in reason
+
+
+def test_mixed_orientation(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 5)))
+    edit(paths[0], lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1]))
+    reason = series_error(paths)
+    assert "mixed orientations" in reason and "4 file(s)" in reason and "1 file(s)" in reason
+
+
+def test_inconsistent_pixel_spacing(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 4)))
+    edit(paths[1], lambda ds: setattr(ds, "PixelSpacing", [2.0, 2.0]))
+    assert "inconsistent PixelSpacing" in series_error(paths)
+
+
+def test_too_few_slices(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 2)))
+    assert "only 2 slice(s)" in series_error(paths) and "at least 3" in series_error(paths)
+    assert order_series(headers_of(paths), min_slices=2).shape == (8, 8, 2)
+
+
+def test_truncated_file(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 4)))
+    truncate(paths[2], 40)
+    h = read_header(paths[2])
+    assert "pixel data is truncated: 88 bytes, expected 128" in h.problem
+    reason = series_error(paths)
+    assert reason.startswith("1 of 4 files cannot be used") and paths[2].name in reason
+    truncate(paths[3], 400)  # cut inside the header: the PixelData element is gone
+    assert "truncated" in read_header(paths[3]).problem
+
+
+def test_non_dicom_and_corrupt_files(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not an image\n" * 10)
+    with pytest.raises(NotDicomError, match="not DICOM"):
+        read_header(text)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with pytest.raises(DicomError):
+        read_header(empty)
+    # a DICM marker followed by garbage: pydicom reads nothing useful, the header says why it is unusable
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\x7f" + b"garbage")
+    assert read_header(bad).problem.startswith("no pixel data")
+
+
+def test_multi_frame_no_pixels_colour_geometry_and_codec(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 6)))
+
+    def multi(ds):
+        ds.NumberOfFrames = 2
+        ds.PixelData = ds.PixelData * 2
+
+    def no_pixels(ds):
+        del ds.PixelData
+        del ds.Rows
+        ds.Modality = "RTSTRUCT"
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+
+    def colour(ds):
+        ds.SamplesPerPixel = 3
+        ds.PhotometricInterpretation = "RGB"
+
+    def codec(ds):
+        ds.PixelData = encapsulate([ds.PixelData])
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+
+    edit(paths[0], multi)
+    edit(paths[1], no_pixels)
+    edit(paths[2], colour)
+    edit(paths[3], lambda ds: delattr(ds, "ImagePositionPatient"))
+    assert read_header(paths[0]).problem.startswith("multi-frame images are not supported yet (NumberOfFrames=2")
+    assert read_header(paths[1]).problem == "no pixel data (RTSTRUCT, RT Structure Set Storage): not an image"
+    assert read_header(paths[2]).problem.startswith("not a grey-level volume (SamplesPerPixel=3")
+    assert read_header(paths[3]).problem.startswith("missing ImagePositionPatient")
+    if decoder_problem(JPEGLSLossless) is None:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    edit(paths[4], codec)
+    problem = read_header(paths[4]).problem
+    assert "JPEG-LS Lossless" in problem and "pip install pylibjpeg pylibjpeg-libjpeg" in problem
+    reason = series_error(paths)
+    assert "5 of 6 files cannot be used" in reason
+
+
+def test_two_series_in_one_folder_are_grouped_by_uid(tmp_path):
+    folder = tmp_path / "mixed"
+    a = write_series(folder, phantom(shape=(8, 8, 4), seed=1), seed=1, file_names=[f"z{k}" for k in range(4)])
+    b = write_series(folder, phantom(shape=(6, 6, 5), seed=2), seed=2, file_names=[f"a{k}" for k in range(5)])
+    groups = group_series(headers_of(sorted(folder.iterdir())))
+    assert sorted(len(g) for g in groups.values()) == [4, 5]
+    shapes = sorted(order_series(g).shape for g in groups.values())
+    assert shapes == [(6, 6, 5), (8, 8, 4)]
+    with pytest.raises(DicomSeriesError, match="holds 2 image series"):
+        DicomSeriesReader().read(str(folder))
+    with pytest.raises(DicomSeriesError, match="2 different series"):
+        DicomSeriesReader().read([str(a[0]), str(b[0])])
+
+
+def test_reader_folder_input_and_verify_suffix(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(), reverse=True, shuffle_names=True)
+    (tmp_path / "s" / "README.txt").write_text("not DICOM")
+    reader = DicomSeriesReader()
+    assert reader.verify_suffix(str(tmp_path / "s")) and reader.verify_suffix([str(p) for p in paths])
+    assert not reader.verify_suffix(["a.nii.gz"]) and not reader.verify_suffix("a.nii")
+    arr, _ = reader.get_data(reader.read(str(tmp_path / "s")))
+    np.testing.assert_allclose(arr, phantom())
+    with pytest.raises(ValueError, match="NibabelReader"):
+        reader.read("image.nii.gz")
+
+
+# ------------------------------------------------------------------------------- MONAI equivalence
+@pytest.mark.parametrize("rot_deg,slice_sign", [(0.0, 1.0), (0.0, -1.0), (25.0, -1.0)])
+@pytest.mark.parametrize("dicom_first", [True, False])
+def test_dicom_and_nifti_of_the_same_data_agree_after_orientation(tmp_path, rot_deg, slice_sign, dicom_first):
+    """One physical volume, written as a DICOM series (reversed, shuffled) and as NIfTI, loads identically."""
+    vol = phantom(shape=(12, 10, 7), seed=3)
+    aff = affine_ras(spacing=(1.5, 1.25, 3.0), rot_deg=rot_deg, slice_sign=slice_sign)
+    paths = write_series(tmp_path / "dcm", vol, aff, reverse=True, shuffle_names=True, seed=3)
+    nii = write_nifti(vol.astype(np.int16), aff, tmp_path / "vol.nii.gz")
+    ordered = [str(p) for p in order_series(headers_of(paths)).paths]
+    readers = [DicomSeriesReader(), NibabelReader()] if dicom_first else [NibabelReader(), DicomSeriesReader()]
+    load = Compose([
+        LoadImaged(["dcm", "nii"], reader=readers, image_only=False),
+        EnsureChannelFirstd(["dcm", "nii"]),
+        Orientationd(["dcm", "nii"], axcodes="RAS"),
+    ])
+    out = load({"dcm": ordered, "nii": str(nii)})
+    d, n = out["dcm"], out["nii"]
+    assert d.shape == n.shape == (1, 12, 10, 7)
+    np.testing.assert_allclose(d.numpy(), n.numpy())
+    np.testing.assert_allclose(d.affine.numpy(), n.affine.numpy(), atol=1e-3)
+    assert nib.aff2axcodes(d.affine.numpy()) == ("R", "A", "S")
+    # resampling too gives the same voxels
+    res = Spacingd(["dcm", "nii"], pixdim=(2.0, 2.0, 3.0), mode="nearest")(out)
+    np.testing.assert_allclose(res["dcm"].numpy(), res["nii"].numpy())
+    # no identifying value leaks into the metadata
+    text = repr({k: v for k, v in d.meta.items() if k != "filename_or_obj"})
+    for value in FAKE_PHI.values():
+        assert value not in text
+    series_uid = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
+    assert series_uid not in text
+
+
+def test_unknown_transfer_syntax_reason():
+    assert decoder_problem("1.2.840.10008.1.2.1") is None
+    reason = decoder_problem("1.2.840.10008.1.2.4.100")  # MPEG2: pydicom has no decoder at all
+    assert "MPEG2" in reason and "uncompressed" in reason

@@ -1,0 +1,384 @@
+"""The folder scanner: pairing, label checks, sites, pseudonyms, accounting for every file, PHI-free index."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from monai.data import NibabelReader
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+
+from datamodules.demo import generate_demo_cohort
+from datamodules.dicom import DicomSeriesReader
+from datamodules.index import Index
+from datamodules.scan import pseudonym, scan_folder, scan_to_file, site_key
+from tests.datamodules.dicom_fixtures import (
+    FAKE_PHI,
+    affine_ras,
+    edit,
+    header,
+    label_for,
+    phantom,
+    truncate,
+    write_nifti,
+    write_reoriented_nifti,
+    write_series,
+)
+
+SALT = "test-salt"
+LABEL_NAMES = {1: "liver", 2: "spleen"}
+# permute axes 0 and 1 and flip two axes: the same voxels, stored differently
+SWAP_FLIP = [[1, -1], [0, 1], [2, -1]]
+
+
+def all_files(root: Path) -> list[str]:
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        out += [Path(os.path.relpath(os.path.join(dirpath, f), root)).as_posix() for f in files]
+    return out
+
+
+def placements(index: Index) -> list[str]:
+    got = []
+    for c in index.cases:
+        got += list(c.image) if isinstance(c.image, list) else [c.image]
+        if c.label:
+            got.append(c.label)
+    got += index.accounted
+    for r in index.rejected:
+        got += r.files or [r.path]
+    return got
+
+
+def assert_every_file_once(root: Path, index: Index) -> None:
+    got = placements(index)
+    dup = [p for p, n in Counter(got).items() if n > 1]
+    assert not dup, f"files placed twice: {dup}"
+    assert set(got) == set(all_files(root))
+
+
+def rejection(index: Index, path: str) -> str:
+    found = [r.reason for r in index.rejected if r.path == path]
+    assert len(found) == 1, (path, [r.path for r in index.rejected])
+    return found[0]
+
+
+def case_of(index: Index, image_prefix: str):
+    found = [c for c in index.cases if (c.image[0] if isinstance(c.image, list) else c.image).startswith(image_prefix)]
+    assert len(found) == 1, (image_prefix, [c.image for c in index.cases])
+    return found[0]
+
+
+# ------------------------------------------------------------------------------------- the tree
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scan") / "data"
+    d = root / "dicom"
+    # A: a good CT series, reversed instance order, random names; its label stored with swapped+flipped axes
+    vol_a, aff_a = phantom(seed=1), affine_ras(rot_deg=10.0)
+    write_series(d / "patA" / "CT", vol_a, aff_a, seed=1, reverse=True, shuffle_names=True,
+                 hdr=header(PatientID="PHITEST-A", SeriesNumber=2))
+    write_reoriented_nifti(label_for(vol_a), aff_a, d / "patA" / "CT_label.nii.gz", SWAP_FLIP)
+    # B: two series of one patient in one folder
+    write_series(d / "patB" / "mixed", phantom((8, 8, 4), 2), seed=2, file_names=[f"img{k}" for k in range(4)],
+                 hdr=header(PatientID="PHITEST-B", SeriesNumber=3))
+    write_series(d / "patB" / "mixed", phantom((6, 6, 5), 3), seed=3, file_names=[f"x{k}.dcm" for k in range(5)],
+                 hdr=header(PatientID="PHITEST-B", SeriesNumber=4))
+    # C: a missing slice (its label is accounted with the rejection); D: uneven; E: duplicate; F: mixed orientation
+    gap = write_series(d / "patC" / "gap", phantom((8, 8, 7), 4), seed=4)
+    gap[3].unlink()
+    write_nifti(np.ones((8, 8, 7), np.uint8), affine_ras(), d / "patC" / "gap_label.nii.gz")
+    uneven = write_series(d / "patD" / "uneven", phantom((8, 8, 6), 5), seed=5)
+    edit(uneven[2], lambda ds: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.9]))
+    dup = write_series(d / "patE" / "dup", phantom((8, 8, 5), 6), seed=6)
+    shutil.copy(dup[1], dup[1].with_name("again.dcm"))
+    orient = write_series(d / "patF" / "orient", phantom((8, 8, 5), 7), seed=7)
+    edit(orient[0], lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1]))
+    # G: one truncated slice
+    trunc = write_series(d / "patG" / "trunc", phantom((8, 8, 5), 8), seed=8)
+    truncate(trunc[4], 40)
+    # H: two series in one folder and one label beside it: ambiguous, so both stay unlabelled
+    write_series(d / "patH" / "two", phantom((8, 8, 4), 12), seed=12, file_names=[f"a{k}" for k in range(4)])
+    write_series(d / "patH" / "two", phantom((8, 8, 4), 13), seed=13, file_names=[f"b{k}" for k in range(4)])
+    write_nifti(np.ones((8, 8, 4), np.uint8), affine_ras(), d / "patH" / "two_seg.nii.gz")
+    # images/<series folder> with labels/<series folder>.nii.gz
+    vol_s = phantom((8, 8, 4), 14)
+    write_series(root / "cohort" / "images" / "S01", vol_s, seed=14, hdr=header(PatientID="PHITEST-S"))
+    write_nifti(label_for(vol_s), affine_ras(), root / "cohort" / "labels" / "S01.nii.gz")
+    # single odd files: multi-frame, no pixel data, not DICOM
+    mf = write_series(d / "misc" / "mf", phantom((8, 8, 1), 9), seed=9)[0]
+
+    def multi(ds):
+        ds.NumberOfFrames = 2
+        ds.PixelData = ds.PixelData * 2
+
+    edit(mf, multi)
+    rs = write_series(d / "misc" / "rs", phantom((8, 8, 1), 10), seed=10)[0]
+
+    def rtstruct(ds):
+        del ds.PixelData
+        del ds.Rows
+        ds.Modality = "RTSTRUCT"
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+
+    edit(rs, rtstruct)
+    (d / "misc" / "notes.txt").write_text("scanner notes\n")
+
+    # NIfTI with conventional labels
+    n = root / "nifti"
+    aff = affine_ras()
+    img = phantom((8, 8, 4), 11)
+    write_nifti(img, aff, n / "good.nii.gz")
+    write_reoriented_nifti(label_for(img, values=(1, 2)), aff, n / "good_seg.nii.gz", SWAP_FLIP)
+    write_nifti(img, aff, n / "badshape.nii.gz")
+    write_nifti(np.ones((8, 8, 5), np.uint8), aff, n / "badshape_seg.nii.gz")
+    write_nifti(img, aff, n / "shifted.nii.gz")
+    shifted = aff.copy()
+    shifted[:3, 3] += [3.0, 4.0, 0.0]
+    write_nifti(label_for(img), shifted, n / "shifted_mask.nii.gz")
+    write_nifti(img, aff, n / "empty.nii.gz")
+    write_nifti(np.zeros(img.shape, np.uint8), aff, n / "empty_label.nii.gz")
+    write_nifti(img, aff, n / "frac.nii.gz")
+    write_nifti(label_for(img).astype(np.float32) * 0.5, aff, n / "frac_seg.nii.gz")
+    nan = img.copy()
+    nan[0, 0, 0] = np.nan
+    write_nifti(nan, aff, n / "nan.nii.gz")
+    write_nifti(np.full((8, 8, 4), 7.0), aff, n / "const.nii.gz")
+    write_nifti(np.stack([img, img + 1], -1), aff, n / "four_d.nii.gz")
+    write_nifti(label_for(img), aff, n / "orphan_seg.nii.gz")
+    write_nifti(img, aff, n / "unlabelled.nii")
+
+    # nnU-Net naming: imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz
+    write_nifti(img, aff, root / "nnunet" / "imagesTr" / "c1_0000.nii.gz")
+    write_nifti(label_for(img), aff, root / "nnunet" / "labelsTr" / "c1.nii.gz")
+
+    # Decathlon layout (label value 3 named there), with macOS junk
+    t = root / "Task01_Heart"
+    write_nifti(img, aff, t / "imagesTr" / "h1.nii.gz")
+    write_nifti(label_for(img, values=(3,)), aff, t / "labelsTr" / "h1.nii.gz")
+    (t / "imagesTr" / "._h1.nii.gz").write_bytes(b"\0\5\26\7 mac resource fork")
+    (t / "dataset.json").write_text(json.dumps({
+        "name": "Heart", "modality": {"0": "MRI"}, "labels": {"0": "background", "3": "heart"},
+        "training": [{"image": "./imagesTr/h1.nii.gz", "label": "./labelsTr/h1.nii.gz"}], "test": [],
+    }))
+
+    # BIDS: a sidecar with scanner fields (and the identifying institution)
+    anat = root / "bids" / "sub-07" / "anat"
+    write_nifti(img, aff, anat / "sub-07_T1w.nii.gz")
+    write_nifti(label_for(img), aff, anat / "sub-07_T1w_dseg.nii.gz")
+    (anat / "sub-07_T1w.json").write_text(json.dumps({
+        "Modality": "MRI", "Manufacturer": "Siemens", "ManufacturerModelName": "Prisma",
+        "InstitutionName": FAKE_PHI["InstitutionName"], "MagneticFieldStrength": 3, "EchoTime": 0.002,
+    }))
+    write_nifti(img + 5, aff, anat / "sub-07_T2w.nii.gz")
+    (root / "bids" / "stray.json").write_text("{}")
+
+    # links: a loop back to the root, and a broken one
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "broken.nii.gz").symlink_to(root / "does_not_exist.nii.gz")
+
+    index = scan_folder(root, label_names=LABEL_NAMES, salt=SALT)
+    return root, index
+
+
+# ------------------------------------------------------------------------------------- accounting
+def test_every_file_is_placed_exactly_once(tree):
+    root, index = tree
+    assert_every_file_once(root, index)
+    assert all(r.reason.strip() for r in index.rejected)
+
+
+def test_counts(tree):
+    _, index = tree
+    images = sorted(c.image if isinstance(c.image, str) else c.image[0].rsplit("/", 1)[0] for c in index.cases)
+    assert images == sorted([
+        "dicom/patA/CT", "dicom/patB/mixed", "dicom/patB/mixed", "dicom/patH/two", "dicom/patH/two",
+        "cohort/images/S01", "nnunet/imagesTr/c1_0000.nii.gz",
+        "nifti/good.nii.gz", "nifti/unlabelled.nii", "Task01_Heart/imagesTr/h1.nii.gz",
+        "bids/sub-07/anat/sub-07_T1w.nii.gz", "bids/sub-07/anat/sub-07_T2w.nii.gz",
+    ])
+    assert sorted(index.accounted) == sorted([
+        "Task01_Heart/dataset.json", "bids/sub-07/anat/sub-07_T1w.json",
+    ])
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+def test_dicom_case_geometric_order_site_and_flipped_label(tree):
+    root, index = tree
+    c = case_of(index, "dicom/patA/CT")
+    assert c.image_format == "dicom" and c.modality == "CT" and c.label == "dicom/patA/CT_label.nii.gz"
+    assert c.organs == {"liver": 1} and c.shape == [12, 10, 6]
+    np.testing.assert_allclose(c.spacing, [1.5, 1.25, 3.0], atol=1e-4)
+    np.testing.assert_allclose(c.affine, affine_ras(rot_deg=10.0), atol=1e-3)
+    z = [float(pydicom.dcmread(root / p).ImagePositionPatient[2]) for p in c.image]
+    assert z == sorted(z)
+    token = "inst-" + pseudonym(SALT, FAKE_PHI["InstitutionName"], 6)
+    assert c.site == f"ACME | Scanner 3000 | {token}"
+    assert c.site_info == {"Manufacturer": "ACME", "ManufacturerModelName": "Scanner 3000", "InstitutionName": token}
+    assert c.patient == "p-" + pseudonym(SALT, "PHITEST-A")
+    assert c.case_id == "c-" + pseudonym(SALT, c.image[0])
+
+
+def test_flipped_label_loads_aligned_with_its_image(tree):
+    root, index = tree
+    load = Compose([
+        LoadImaged(["image", "label"], reader=[DicomSeriesReader(), NibabelReader()]),
+        EnsureChannelFirstd(["image", "label"]),
+        Orientationd(["image", "label"], axcodes="RAS"),
+    ])
+    for prefix in ("dicom/patA/CT", "nifti/good.nii.gz"):
+        c = case_of(index, prefix)
+        out = load({"image": index.resolve(c.image), "label": index.resolve(c.label)})
+        assert out["image"].shape == out["label"].shape
+        np.testing.assert_allclose(out["image"].affine, out["label"].affine, atol=1e-3)
+        bright = out["image"][0] >= 1500
+        assert bool(((out["label"][0] == 1) == bright).all())
+
+
+def test_two_series_in_one_folder_are_two_cases_of_one_patient(tree):
+    _, index = tree
+    cs = [c for c in index.cases if isinstance(c.image, list) and c.image[0].startswith("dicom/patB/mixed/")]
+    assert sorted(len(c.image) for c in cs) == [4, 5]
+    assert len({c.case_id for c in cs}) == 2 and len({c.patient for c in cs}) == 1
+    assert all(c.label is None and c.organs == {} for c in cs)
+
+
+def test_label_pairing_by_folders_and_ambiguity(tree):
+    _, index = tree
+    s01 = case_of(index, "cohort/images/S01/")
+    assert s01.label == "cohort/labels/S01.nii.gz" and s01.organs == {"liver": 1}
+    nn = case_of(index, "nnunet/imagesTr/c1_0000.nii.gz")
+    assert nn.label == "nnunet/labelsTr/c1.nii.gz"
+    two = [c for c in index.cases if isinstance(c.image, list) and c.image[0].startswith("dicom/patH/two/")]
+    assert len(two) == 2 and all(c.label is None for c in two)
+    assert "claimed by 2 images" in rejection(index, "dicom/patH/two_seg.nii.gz")
+
+
+def test_dicom_rejections(tree):
+    _, index = tree
+    gap = [r for r in index.rejected if r.path == "dicom/patC/gap"]
+    assert len(gap) == 1 and "missing slice" in gap[0].reason and "not used" in gap[0].reason
+    assert "dicom/patC/gap_label.nii.gz" in gap[0].files and len(gap[0].files) == 7
+    assert "uneven slice spacing" in rejection(index, "dicom/patD/uneven")
+    assert "duplicate slice positions" in rejection(index, "dicom/patE/dup")
+    assert "mixed orientations" in rejection(index, "dicom/patF/orient")
+    assert "pixel data is truncated" in rejection(index, "dicom/patG/trunc")
+    assert "multi-frame images are not supported yet" in rejection(index, "dicom/misc/mf/IM_0001.dcm")
+    assert "no pixel data (RTSTRUCT, RT Structure Set Storage)" in rejection(index, "dicom/misc/rs/IM_0001.dcm")
+    assert rejection(index, "dicom/misc/notes.txt").startswith("not an image file we read (text")
+
+
+# ------------------------------------------------------------------------------------------ NIfTI
+def test_nifti_label_checks(tree):
+    _, index = tree
+    good = case_of(index, "nifti/good.nii.gz")
+    assert good.label == "nifti/good_seg.nii.gz" and good.organs == {"liver": 1, "spleen": 2}
+    assert good.site == "unknown" and good.modality == "unknown"
+    unl = case_of(index, "nifti/unlabelled.nii")
+    assert unl.label is None and unl.organs == {}
+    r = rejection(index, "nifti/badshape.nii.gz")
+    assert "label map nifti/badshape_seg.nii.gz does not match its image: shape (8, 8, 4) vs (8, 8, 5)" in r
+    r = rejection(index, "nifti/shifted.nii.gz")
+    assert "does not match its image" in r and "affine differs by 5 mm" in r
+    assert "is empty (no foreground voxel)" in rejection(index, "nifti/empty.nii.gz")
+    assert "non-integer values (e.g. 0.5" in rejection(index, "nifti/frac.nii.gz")
+    assert "contains NaN/Inf" in rejection(index, "nifti/nan.nii.gz")
+    assert "constant image" in rejection(index, "nifti/const.nii.gz")
+    assert rejection(index, "nifti/four_d.nii.gz").startswith("4D image (shape (8, 8, 4, 2))")
+    assert "looks like a label map" in rejection(index, "nifti/orphan_seg.nii.gz")
+    assert "broken symbolic link" in rejection(index, "broken.nii.gz")
+    files = {r.path: r.files for r in index.rejected}
+    assert files["nifti/empty.nii.gz"] == ["nifti/empty.nii.gz", "nifti/empty_label.nii.gz"]
+
+
+def test_decathlon_pairing_names_and_modality(tree):
+    _, index = tree
+    c = case_of(index, "Task01_Heart/imagesTr/h1.nii.gz")
+    assert c.label == "Task01_Heart/labelsTr/h1.nii.gz" and c.organs == {"heart": 3} and c.modality == "MR"
+    assert "resource-fork" in rejection(index, "Task01_Heart/imagesTr/._h1.nii.gz")
+    assert index.label_names == {1: "liver", 2: "spleen", 3: "heart"}
+
+
+def test_bids_sidecar_site_and_patient(tree):
+    _, index = tree
+    t1 = case_of(index, "bids/sub-07/anat/sub-07_T1w.nii.gz")
+    t2 = case_of(index, "bids/sub-07/anat/sub-07_T2w.nii.gz")
+    token = "inst-" + pseudonym(SALT, FAKE_PHI["InstitutionName"], 6)
+    assert t1.site == f"Siemens | Prisma | {token} | 3" and t1.modality == "MR"
+    assert t1.label == "bids/sub-07/anat/sub-07_T1w_dseg.nii.gz" and t1.organs == {"liver": 1}
+    assert t2.site == "unknown" and t2.label is None
+    assert t1.patient == t2.patient == "p-" + pseudonym(SALT, "sub-07")
+    assert "neither a BIDS sidecar" in rejection(index, "bids/stray.json")
+
+
+def test_site_key_tokens_identifying_fields():
+    key, info = site_key(
+        {"Manufacturer": " GE  MEDICAL ", "StationName": "CT99", "MagneticFieldStrength": "1.50"},
+        ["Manufacturer", "StationName", "MagneticFieldStrength", "ManufacturerModelName"], "s",
+    )
+    assert key == f"GE MEDICAL | station-{pseudonym('s', 'CT99', 6)} | 1.5"
+    assert info["MagneticFieldStrength"] == "1.5" and "ManufacturerModelName" not in info
+    assert site_key({}, ["Manufacturer"], "s") == ("unknown", {})
+
+
+# ---------------------------------------------------------------------------------------- privacy
+def test_saved_index_has_no_phi_and_round_trips(tree, tmp_path):
+    root, _ = tree
+    out = tmp_path / "index.json"
+    index = scan_to_file(root, out, label_names=LABEL_NAMES, salt=SALT)
+    text = out.read_text()
+    for value in FAKE_PHI.values():
+        assert value not in text, value
+    assert "PHITEST" not in text
+    uids = set()
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True)
+            except Exception:
+                continue
+            uids |= {str(ds.get(k)) for k in ("SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID") if k in ds}
+    assert uids and not [u for u in uids if u in text]
+    loaded = Index.load(out)
+    assert loaded.to_dict() == index.to_dict()
+    # the salt keys every pseudonym
+    other = scan_folder(root, label_names=LABEL_NAMES, salt="another-salt")
+    assert not {c.case_id for c in other.cases} & {c.case_id for c in index.cases}
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        scan_folder(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------- real-world files
+def test_scan_of_pydicom_test_files(caplog):
+    """pydicom's own odd files (colour, compressed, truncated, SR, RT, DICOMDIR, ...): no exception, all placed."""
+    root = Path(os.path.dirname(pydicom.data.get_testdata_file("CT_small.dcm")))
+    index = scan_folder(root)
+    assert_every_file_once(root, index)
+    assert len(all_files(root)) > 100
+    assert all(r.reason.strip() for r in index.rejected)
+    assert any(isinstance(c.image, list) and c.image[0].startswith("dicomdirtests/98892001/CT5N/") for c in index.cases)
+    reasons = " ".join(r.reason for r in index.rejected)
+    for expected in ("not a grey-level volume", "no pixel data", "multi-frame images are not supported yet",
+                     "mixed orientations", "missing slice"):
+        assert expected in reasons
+
+
+def test_scan_of_the_demo_cohort(tmp_path):
+    root = tmp_path / "demo"
+    generate_demo_cohort(root, seed=0, patients_per_site=1)
+    index = scan_folder(root)
+    assert_every_file_once(root, index)
+    assert not index.rejected, index.summary()
+    assert len(index.cases) == 4 and len(index.labelled_cases) == 4 and len(index.sites) == 4
+    assert {c.modality for c in index.cases} == {"CT", "MR"}
+    assert all(len(c.organs) == 6 for c in index.cases)
