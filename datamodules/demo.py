@@ -54,7 +54,19 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
-ORGANS: dict[int, str] = {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left", 5: "stomach", 6: "gallbladder"}
+ORGANS: dict[int, str] = {
+    1: "liver",
+    2: "spleen",
+    3: "kidney_right",
+    4: "kidney_left",
+    5: "stomach",
+    6: "gallbladder",
+    7: "aorta",
+    8: "inferior_vena_cava",
+    9: "vertebrae",
+    10: "psoas",
+    11: "paraspinal_muscles",
+}
 
 MARKER = ".imaging-meta-demo.json"
 DEMO_VERSION = 1
@@ -470,6 +482,7 @@ class _Patient:
         cavity &= ~paraspinal
         tissue[cavity] = VISCERA
         tissue[paraspinal] = MUSCLE
+        label[paraspinal] = 11
         # ribs: bony bands in the inner abdominal wall of the upper abdomen, descending anteriorly
         theta = np.arctan2(qy / wall_b, qx / wall_a)
         ring = ellipse(0, 0, cav_a + 9.0, cav_b + 9.0) & ~ellipse(0, 0, cav_a, cav_b)
@@ -479,6 +492,7 @@ class _Patient:
         r_psoas = 7.0 + np.clip(-qz, 0, None) * 0.15
         psoas = (((np.abs(qx) - 42.0) ** 2 + (qy - y_vb + 4.0) ** 2) < r_psoas**2) & (qz < 40.0)
         tissue[psoas & cavity] = MUSCLE
+        label[psoas & cavity] = 10
 
         # organs (inside the abdominal cavity only)
         for o in self.organs:
@@ -492,7 +506,7 @@ class _Patient:
                 gas = inside & (qy - o.centre[1] > 0.45 * o.semi[1]) & (rad < 0.85)
                 tissue[gas] = STOMACH_GAS
 
-        # spine and great vessels: not part of any organ label
+        # spine and great vessels (painted last: they win over organ shapes that reach into them)
         vb = ellipse(0, y_vb, 22.0, 17.0)
         level = np.mod(qz - self.vertebra_phase, 32.0)
         disc = level < 7.0
@@ -512,7 +526,9 @@ class _Patient:
         ivc = ellipse(22.0, y_vb + 27.0, 13.0, 9.0) & (qz < 90.0)
         tissue[aorta] = AORTA
         tissue[ivc] = IVC
-        label[spine | aorta | ivc] = 0
+        label[spine] = 9
+        label[aorta] = 7
+        label[ivc] = 8
         tissue[~body & (tissue != TABLE)] = AIR
 
         return tissue, label

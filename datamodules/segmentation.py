@@ -76,7 +76,7 @@ def build_slice_table(
         organ -> case index -> sorted slice indices.
     """
     table: dict[str, dict[int, list[int]]] = {o: {} for o in organs}
-    for lbl, ci in zip(labels, case_ids):
+    for lbl, ci in zip(labels, case_ids, strict=False):
         lbl = _plain(lbl)[0]
         case = cases[ci]
         banned = torch.zeros(lbl.shape[-1], dtype=torch.bool)
@@ -278,6 +278,7 @@ class SegmentationDataModule(LightningDataModule):
                 stacklevel=2,
             )
         self.cases = self.index.labelled_cases
+        self._check_index_is_current()
         self.split = make_split(
             self.cases,
             h.protocol,
@@ -305,10 +306,9 @@ class SegmentationDataModule(LightningDataModule):
         for stage_name, n in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)):
             if n <= 0 or not getattr(self.split, stage_name):
                 continue
-            table = self._tables[stage_name]
-            organs = [o for o in getattr(self.split, f"{stage_name}_organs") if table.get(o)]
+            organs = self._feasible_organs(stage_name)
             self._samplers[stage_name] = SegmentationEpisodeSampler(
-                table,
+                self._tables[stage_name],
                 [c.patient for c in self.cases],
                 organs=organs,
                 n_shot=h.n_shot,
@@ -320,6 +320,36 @@ class SegmentationDataModule(LightningDataModule):
         for stage_name in ("val", "test"):
             if stage_name in self._samplers:
                 self._episodes[stage_name] = self._fixed_episodes(stage_name)
+
+    def _feasible_organs(self, stage: str) -> list[str]:
+        """The stage's organs that enough patients show; the others are dropped with a warning that says why."""
+        need = self.hparams.n_shot + self.hparams.n_query
+        keep = []
+        for organ in getattr(self.split, f"{stage}_organs"):
+            n = len({self.cases[c].patient for c in self._tables[stage].get(organ, {})})
+            if n >= need:
+                keep.append(organ)
+            else:
+                warnings.warn(
+                    f"{stage}: dropping {organ!r}: {n} {stage} patient(s) show it on a slice with at least "
+                    f"min_organ_pixels={self.hparams.min_organ_pixels} pixels, an episode needs n_shot + n_query = {need}",
+                    stacklevel=3,
+                )
+        return keep or list(getattr(self.split, f"{stage}_organs"))  # none feasible: the sampler explains
+
+    def _check_index_is_current(self) -> None:
+        """Fail early, naming the files, when the index lists files that are gone (the data changed since the scan)."""
+        missing = []
+        for c in self.cases:
+            paths = self.index.resolve(c.image)
+            for p in (paths if isinstance(paths, list) else [paths]) + ([self.index.resolve(c.label)] if c.label else []):
+                if not Path(p).is_file():
+                    missing.append(p)
+        if missing:
+            raise FileNotFoundError(
+                f"the index {self.index_path} is stale: {len(missing)} indexed file(s) no longer exist, e.g. {missing[0]}; "
+                "set data.init_args.rescan: true (or delete the index) to scan the folder again"
+            )
 
     def _volume_dataset(self):
         """The preprocessed labelled volumes, cached as configured."""

@@ -173,7 +173,8 @@ def volume_transforms(
     modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
     label_keys = keys[1:]
     tfs = [
-        LoadImaged(keys, reader=[NibabelReader(), DicomSeriesReader()], image_only=True),
+        # MONAI tries the last reader first: NIfTI files never reach the DICOM reader
+        LoadImaged(keys, reader=[DicomSeriesReader(), NibabelReader()], image_only=True),
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS"),
         Spacingd(keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),

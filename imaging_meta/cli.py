@@ -20,7 +20,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TOOL_SUBCOMMANDS = ("demo", "scan", "segment")
 
 
-def _lightning_cli(args: Sequence[str]):
+def lightning_cli(args: Sequence[str] | None, run: bool = True):
+    """The LightningCLI over `EpisodicModule`; ``run=False`` only parses and instantiates (tests use it)."""
     import torch
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -56,8 +57,9 @@ def _lightning_cli(args: Sequence[str]):
         LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=list(args),
+        args=None if args is None else list(args),
         auto_configure_optimizers=False,
+        run=run,
     )
 
 
@@ -120,7 +122,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             )
         written = segment(
             args.checkpoint,
-            list(zip(args.support_image, args.support_label)),
+            list(zip(args.support_image, args.support_label, strict=False)),
             args.query,
             args.out,
             label_value=args.label_value,
@@ -140,6 +142,7 @@ def cli_main(args: Sequence[str] | None = None):
 
     Returns the LightningCLI object for Lightning subcommands, or the exit code of a tool subcommand.
     """
+    from_argv = args is None
     args = list(sys.argv[1:] if args is None else args)
     if args and args[0] in TOOL_SUBCOMMANDS:
         return _run_tool(args)
@@ -151,11 +154,16 @@ def cli_main(args: Sequence[str] | None = None):
         if not args:
             raise SystemExit(2)
         return 0
-    return _lightning_cli(args)
+    return lightning_cli(None if from_argv else args)
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("IMAGING_META_LOGLEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("imaging_meta", "datamodules"):  # Lightning configures its own loggers
+        log = logging.getLogger(name)
+        log.addHandler(handler)
+        log.setLevel(os.environ.get("IMAGING_META_LOGLEVEL", "INFO"))
     result = cli_main()
     if isinstance(result, int):
         raise SystemExit(result)

@@ -1,4 +1,4 @@
-"""Prototypical few-shot segmentation (PANet)."""
+"""Prototypical few-shot segmentation: PANet, optionally with ALPNet's adaptive local prototypes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from imaging_meta.backbones import build_backbone
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import Learner
-from imaging_meta.learners.prototypes import cosine_logits, masked_average_pooling
+from imaging_meta.learners.prototypes import (
+    cosine_logits,
+    local_prototypes,
+    masked_average_pooling,
+    pooled_class_logits,
+)
 
 
 class PrototypicalSegmenter(Learner):
@@ -19,6 +24,13 @@ class PrototypicalSegmenter(Learner):
     pixel is classified by the scaled cosine similarity to them. The prototype alignment regulariser (PAR)
     swaps the roles: prototypes pooled from the query under its own predicted mask must segment the support.
 
+    With ``local_window`` > 0 the prototypes are ALPNet's adaptive local prototypes (Ouyang, Biffi, Chen,
+    Kart, Qiu, Rueckert. "Self-Supervision with Superpixels: Training Few-shot Medical Image Segmentation
+    without Annotation." ECCV 2020): besides the global ones, every window of the support grid that the
+    foreground (or background) covers gives a prototype of that class, and each pixel's class logit is a
+    softmax-weighted mean of its similarities to the class's prototypes. A multimodal background (fat,
+    muscle, bone, other organs) then no longer has to fit one vector.
+
     Args:
         backbone: registered backbone name giving dense features (see `imaging_meta.backbones`).
         in_channels: image channels.
@@ -27,6 +39,12 @@ class PrototypicalSegmenter(Learner):
         align_weight: weight of the prototype alignment loss; 0 turns PAR off.
         bg_weight: weight of the background class in the cross-entropy (foreground is 1); below 1 counters
             the small size of organs in a slice.
+        local_window: side (in feature pixels) of ALPNet's local-prototype windows; 0 uses global
+            prototypes only (PANet). A structure smaller than a window falls back to its global prototype.
+        local_threshold: share of a window the class must cover to give a local prototype.
+        coord_channels: append two channels of normalised row/column coordinates to the input (CoordConv,
+            Liu et al. NeurIPS 2018), so features can carry where a structure lies in the slice; useful when
+            slices are resampled to a common spacing and centred, as the datamodules do.
     """
 
     task = "segmentation"
@@ -39,51 +57,81 @@ class PrototypicalSegmenter(Learner):
         scale: float = 20.0,
         align_weight: float = 1.0,
         bg_weight: float = 1.0,
+        local_window: int = 0,
+        local_threshold: float = 0.95,
+        coord_channels: bool = False,
     ) -> None:
         super().__init__()
-        self.encoder = build_backbone(backbone, in_channels, **(backbone_kwargs or {}))
+        self.coord_channels = bool(coord_channels)
+        self.encoder = build_backbone(backbone, in_channels + 2 * self.coord_channels, **(backbone_kwargs or {}))
         self.scale = float(scale)
         self.align_weight = float(align_weight)
+        if local_window < 0 or not 0 < local_threshold <= 1:
+            raise ValueError(f"local_window must be >= 0 and local_threshold in (0, 1]; got {local_window}, {local_threshold}")
+        self.local_window = int(local_window)
+        self.local_threshold = float(local_threshold)
         self.register_buffer("class_weight", torch.tensor([float(bg_weight), 1.0]), persistent=False)
 
     # ------------------------------------------------------------------ parts
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(T, N, C, H, W) images -> (T, N, F, h, w) features."""
         t, n = images.shape[:2]
-        f = self.encoder(images.flatten(0, 1))
+        x = images.flatten(0, 1)
+        if self.coord_channels:
+            h, w = x.shape[-2:]
+            rows = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(x.shape[0], 1, h, w)
+            cols = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(x.shape[0], 1, h, w)
+            x = torch.cat([x, rows, cols], dim=1)
+        f = self.encoder(x)
         return f.view(t, n, *f.shape[1:])
 
-    @staticmethod
-    def prototypes(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Background and foreground prototypes, averaged over the shots.
+    def prototypes(self, features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Background and foreground prototypes of the support.
 
         Args:
             features: (T, K, F, h, w).
             masks: (T, K, H, W) foreground masks in [0, 1].
 
         Returns:
-            (T, 2, F): index 0 background, 1 foreground.
+            prototypes (T, 2, P, F) (index 0 background, 1 foreground; P = 1 + local windows over all shots)
+            and their validity (T, 2, P). Slot 0 is the global prototype, averaged over the shots, always valid.
         """
         t, k, c = features.shape[:3]
         flat_f, flat_m = features.flatten(0, 1), masks.flatten(0, 1).float()
         fg = masked_average_pooling(flat_f, flat_m).view(t, k, c).mean(1)
         bg = masked_average_pooling(flat_f, 1.0 - flat_m).view(t, k, c).mean(1)
-        return torch.stack([bg, fg], dim=1)
+        protos = torch.stack([bg, fg], dim=1).unsqueeze(2)  # (T, 2, 1, F)
+        valid = torch.ones(t, 2, 1, dtype=torch.bool, device=features.device)
+        if self.local_window > 0:
+            locs, oks = [], []
+            for m in (1.0 - flat_m, flat_m):
+                p, ok = local_prototypes(flat_f, m, self.local_window, self.local_threshold)  # (T*K, G, F)
+                locs.append(p.reshape(t, -1, c))
+                oks.append(ok.reshape(t, -1))
+            protos = torch.cat([protos, torch.stack(locs, 1)], dim=2)
+            valid = torch.cat([valid, torch.stack(oks, 1)], dim=2)
+        return protos, valid
 
-    def segment(self, features: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def segment(self, features: torch.Tensor, prototypes: tuple[torch.Tensor, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Logits of each pixel against the prototypes.
 
         Args:
             features: (T, N, F, h, w).
-            prototypes: (T, 2, F).
+            prototypes: the output of `prototypes`: (T, 2, P, F) and validity (T, 2, P).
             size: output (H, W).
 
         Returns:
             (T, N, 2, H, W) logits.
         """
+        protos, valid = prototypes
         t, n = features.shape[:2]
-        protos = prototypes.unsqueeze(1).expand(-1, n, -1, -1).flatten(0, 1)  # (T*N, 2, F)
-        logits = cosine_logits(features.flatten(0, 1), protos, self.scale)
+        flat = features.flatten(0, 1)
+        if protos.shape[2] == 1:  # global prototypes only: PANet
+            logits = cosine_logits(flat, protos[:, :, 0].repeat_interleave(n, dim=0), self.scale)
+        else:
+            logits = pooled_class_logits(
+                flat, protos.repeat_interleave(n, dim=0), valid.repeat_interleave(n, dim=0), self.scale
+            )
         if logits.shape[-2:] != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits.view(t, n, *logits.shape[1:])

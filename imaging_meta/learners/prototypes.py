@@ -39,3 +39,50 @@ def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float
     f = F.normalize(features, dim=1)
     p = F.normalize(prototypes, dim=-1)
     return scale * torch.einsum("nchw,npc->nphw", f, p)
+
+
+def local_prototypes(
+    features: torch.Tensor, mask: torch.Tensor, window: int, threshold: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive local prototypes (ALPNet): features average-pooled over a grid of windows.
+
+    A window yields a prototype of the masked class when the mask covers at least ``threshold`` of it.
+
+    Args:
+        features: (N, C, h, w).
+        mask: (N, H, W) in [0, 1] (resized to (h, w) when they differ).
+        window: window side in feature pixels.
+        threshold: minimum mask coverage of a window.
+
+    Returns:
+        prototypes (N, P, C) with P = (h // window) * (w // window), and a boolean validity mask (N, P).
+    """
+    if mask.shape[-2:] != features.shape[-2:]:
+        mask = F.interpolate(mask.unsqueeze(1).float(), size=features.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    pooled = F.avg_pool2d(features, window, stride=window)  # (N, C, h', w')
+    cover = F.avg_pool2d(mask.unsqueeze(1).to(features.dtype), window, stride=window)  # (N, 1, h', w')
+    return pooled.flatten(2).transpose(1, 2), cover.flatten(1) >= threshold
+
+
+def pooled_class_logits(
+    features: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor, scale: float = 20.0
+) -> torch.Tensor:
+    """One logit map per class from several prototypes per class (ALPNet's soft max over prototypes).
+
+    For each pixel and class, the scaled cosine similarities to that class's valid prototypes are averaged
+    with softmax weights, so the closest prototypes dominate.
+
+    Args:
+        features: (N, C, h, w).
+        prototypes: (N, K, P, C): K classes with up to P prototypes each.
+        valid: (N, K, P) booleans; every class needs at least one valid prototype.
+        scale: cosine temperature.
+
+    Returns:
+        (N, K, h, w) logits.
+    """
+    n, k, p, c = prototypes.shape
+    sims = cosine_logits(features, prototypes.reshape(n, k * p, c), scale).view(n, k, p, *features.shape[-2:])
+    sims = sims.masked_fill(~valid[..., None, None], float("-inf"))
+    weights = torch.softmax(sims, dim=2)
+    return (weights * sims.masked_fill(~valid[..., None, None], 0.0)).sum(dim=2)

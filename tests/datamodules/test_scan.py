@@ -14,7 +14,7 @@ import pytest
 from monai.data import NibabelReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
-from datamodules.demo import generate_demo_cohort
+from datamodules.demo import ORGANS, generate_demo_cohort
 from datamodules.dicom import DicomSeriesReader
 from datamodules.index import Index
 from datamodules.scan import pseudonym, scan_folder, scan_to_file, site_key
@@ -381,4 +381,4 @@ def test_scan_of_the_demo_cohort(tmp_path):
     assert not index.rejected, index.summary()
     assert len(index.cases) == 4 and len(index.labelled_cases) == 4 and len(index.sites) == 4
     assert {c.modality for c in index.cases} == {"CT", "MR"}
-    assert all(len(c.organs) == 6 for c in index.cases)
+    assert all(len(c.organs) == len(ORGANS) for c in index.cases)

@@ -4,8 +4,8 @@ import torch
 from imaging_meta.backbones import available_backbones, build_backbone
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
-from imaging_meta.learners.prototypes import cosine_logits, masked_average_pooling
 from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+from imaging_meta.learners.prototypes import cosine_logits, masked_average_pooling
 
 
 def batch(t=2, k=2, q=3, h=32, seed=0):

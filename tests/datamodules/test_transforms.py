@@ -1,0 +1,65 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from datamodules.demo import write_dicom_series, write_nifti
+from datamodules.transforms import ModalityIntensity, volume_transforms
+
+
+def _volume(seed=0):
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(40, 30, size=(40, 36, 12)).astype(np.float32)
+    vol[10:25, 8:20, 3:9] += 300
+    lbl = np.zeros(vol.shape, np.uint8)
+    lbl[10:25, 8:20, 3:9] = 2
+    return vol, lbl
+
+
+def test_dicom_and_nifti_give_the_same_arrays(tmp_path):
+    vol, lbl = _volume()
+    # an LPS-like, non-unit grid: the DICOM path converts LPS<->RAS, the NIfTI path reads the affine as is
+    affine = np.array([[-3.0, 0, 0, 60.0], [0, -3.5, 0, 40.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]])
+    files = write_dicom_series(np.round(vol), affine, tmp_path / "dcm", header={"PatientID": "X", "PatientName": "A^B"},
+                               modality="CT", reverse=True, shuffle_names=True, rng=np.random.default_rng(1))
+    write_nifti(np.round(vol), affine, tmp_path / "img.nii.gz")
+    write_nifti(lbl, affine, tmp_path / "lbl.nii.gz")
+    from datamodules.dicom import DicomSeriesReader
+
+    ordered = DicomSeriesReader().read(str(tmp_path / "dcm"))  # folder: grouped and ordered by geometry
+    assert ordered is not None and len(files) == 12
+    tf = volume_transforms(spacing=(4.0, 4.0), slice_size=(32, 32))
+    a = tf({"image": str(tmp_path / "dcm"), "label": str(tmp_path / "lbl.nii.gz"), "modality": "CT"})
+    b = tf({"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lbl.nii.gz"), "modality": "CT"})
+    assert a["image"].shape == b["image"].shape == (1, 32, 32, 12)
+    assert torch.allclose(a["image"].as_tensor(), b["image"].as_tensor(), atol=1e-4)
+    assert torch.equal(a["label"].as_tensor(), b["label"].as_tensor())
+    assert np.allclose(a["image"].affine, b["image"].affine, atol=1e-4)
+    # the organ is where the label says: bright inside the mask
+    img, m = b["image"][0], b["label"][0] == 2
+    assert img[m].mean() > img[~m].mean() + 0.3
+
+
+def test_intensity_errors_name_the_problem():
+    t = ModalityIntensity()
+    bad = torch.zeros(1, 4, 4, 4)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        t(bad, "CT")
+    with pytest.raises(ValueError, match="constant image"):
+        t(torch.full((1, 4, 4, 4), 7.0), "MR")
+    ct = t(torch.tensor([-1000.0, 0.0, 1000.0]), "CT")
+    assert torch.allclose(ct, torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_nifti_orientation_is_normalised_to_ras(tmp_path):
+    vol, lbl = _volume(1)
+    ras = np.diag([4.0, 4.0, 5.0, 1.0])
+    write_nifti(vol, ras, tmp_path / "ras.nii.gz")
+    flipped = ras @ np.array([[-1, 0, 0, vol.shape[0] - 1], [0, -1, 0, vol.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]])
+    write_nifti(vol[::-1, ::-1].copy(), flipped, tmp_path / "lps.nii.gz")
+    assert nib.aff2axcodes(flipped) == ("L", "P", "S")
+    tf = volume_transforms(spacing=(4.0, 4.0), slice_size=(32, 32), keys=("image",))
+    a = tf({"image": str(tmp_path / "ras.nii.gz"), "modality": "MR"})["image"]
+    b = tf({"image": str(tmp_path / "lps.nii.gz"), "modality": "MR"})["image"]
+    assert torch.allclose(a.as_tensor(), b.as_tensor(), atol=1e-5)

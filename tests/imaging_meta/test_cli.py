@@ -1,0 +1,126 @@
+"""The real configs, composed and shrunk (lightning-hydra-template style), driven through `cli_main`."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from imaging_meta.cli import cli_main, lightning_cli
+from tests.conftest import SMALL_DATA
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SMALL_MODEL = ["--model.learner.init_args.backbone_kwargs", '{"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]}']
+
+
+def data_args(root, index_path, cache):
+    args = ["--data.init_args.root", str(root), "--data.init_args.index_path", str(index_path), "--data.init_args.cache_dir", str(cache)]
+    for k, v in SMALL_DATA.items():
+        args += [f"--data.init_args.{k}", yaml.safe_dump(list(v) if isinstance(v, tuple) else v, default_flow_style=True).strip().removesuffix("\n...")]
+    return args
+
+
+@pytest.mark.parametrize("trainer", sorted(p.name for p in (CONFIGS / "trainer").glob("*.yaml")))
+def test_every_config_instantiates(trainer, tmp_path):
+    """Every trainer x data x model YAML in configs/ parses; everything but GPU trainers instantiates here."""
+    datas = sorted((CONFIGS / "data").glob("*.yaml"))
+    models = sorted((CONFIGS / "model").glob("*.yaml"))
+    assert datas and models
+    for data in datas:
+        for model in models:
+            args = ["fit", "--config", str(CONFIGS / "trainer" / trainer), "--config", str(data), "--config", str(model),
+                    "--trainer.logger.init_args.save_dir", str(tmp_path)]
+            if "gpu" in trainer and not torch.cuda.is_available():
+                args.append("--print_config")
+                with pytest.raises(SystemExit) as e:
+                    lightning_cli(args, run=True)
+                assert e.value.code == 0
+                continue
+            cli = lightning_cli(args[1:], run=False)
+            assert cli.model.learner.task == "segmentation"
+            assert cli.datamodule.hparams.n_shot >= 1
+
+
+def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp_path, capsys):
+    index, index_path = demo_index
+    args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL, *data_args(demo_root, index_path, tmp_path / "cache"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "true"]
+    cli = cli_main(args)
+    run_dir = Path(cli.trainer.log_dir)
+    assert (run_dir / "config.yaml").exists(), "the resolved config is saved with the run"
+    md = (run_dir / "results.md").read_text()
+    for method in ("trained", "untrained encoder", "copy support mask"):
+        assert method in md
+    assert "organ: spleen" in md and "organ: kidney_left" in md and "site:" in md
+    assert "results.md" in capsys.readouterr().out
+    ckpts = list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts
+    ckpt = torch.load(ckpts[0], weights_only=True)
+    assert ckpt["imaging_meta"]["preprocessing"]["slice_size"] == [32, 32]
+    assert "untrained_state_dict" in ckpt["imaging_meta"]
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert events
+
+
+def test_fast_dev_run(demo_root, demo_index, tmp_path):
+    args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL, *data_args(demo_root, demo_index[1], tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "true"]
+    cli = cli_main(args)
+    assert cli.trainer.state.finished
+
+
+def test_tool_help_and_errors(capsys):
+    assert cli_main(["--help"]) == 0
+    with pytest.raises(SystemExit):
+        cli_main(["segment", "--checkpoint", "x"])  # missing required arguments
+
+
+def test_segment_writes_masks_in_the_query_geometry(demo_root, demo_index, tmp_path):
+    """Train a moment, then segment a held-out organ on scans given as DICOM and as non-RAS NIfTI."""
+    index, index_path = demo_index
+    args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL, *data_args(demo_root, index_path, tmp_path / "c"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    cli = cli_main(args)
+    ckpt = next(Path(cli.trainer.log_dir, "checkpoints").glob("last*.ckpt"))
+    nifti_cases = [c for c in index.labelled_cases if c.image_format == "nifti"]
+    dicom_cases = [c for c in index.labelled_cases if c.image_format == "dicom"]
+    support = nifti_cases[0]
+    queries = [nifti_cases[-1], dicom_cases[0]]
+    q_paths = [index.resolve(queries[0].image), str(Path(index.resolve(queries[1].image)[0]).parent)]
+    out = tmp_path / "masks"
+    rc = cli_main(["segment", "--checkpoint", str(ckpt), "--support-image", index.resolve(support.image),
+                   "--support-label", index.resolve(support.label), "--label-value", str(support.organs["spleen"]),
+                   "--query", q_paths[0], "--query", q_paths[1], "--out", str(out)])
+    assert rc == 0
+    # NIfTI query: exactly its own shape and affine
+    q_img = nib.load(q_paths[0])
+    m0 = nib.load(str(out / (Path(q_paths[0]).name.removesuffix(".nii.gz") + ".nii.gz")))
+    assert m0.shape == q_img.shape and np.allclose(m0.affine, q_img.affine, atol=1e-4)
+    assert set(np.unique(m0.get_fdata())) <= {0.0, 1.0}
+    # DICOM query: the series geometry (the label map of that series has it too)
+    lbl = nib.load(index.resolve(queries[1].label))
+    m1 = nib.load(str(out / (Path(q_paths[1]).name + ".nii.gz")))
+    assert m1.shape == tuple(queries[1].shape)
+    assert np.allclose(m1.affine, np.asarray(queries[1].affine), atol=1e-3)
+    assert nib.aff2axcodes(m1.affine) == nib.aff2axcodes(np.asarray(queries[1].affine))
+    assert lbl.shape == m1.shape or sorted(lbl.shape) == sorted(m1.shape)
+
+
+def test_segment_rejects_bad_checkpoints(tmp_path):
+    from imaging_meta.predict import CheckpointError, load_learner
+
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.ckpt: not a readable"):
+        load_learner(bad)
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(CheckpointError, match="not an imaging-meta checkpoint"):
+        load_learner(other)
