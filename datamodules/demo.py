@@ -586,13 +586,13 @@ _D_TEX = {FAT: 80, MUSCLE: 40, LIVER: 50, SPLEEN: 80, KIDNEY_CORTEX: 60, KIDNEY_
           CANCELLOUS: 80, GALLBLADDER: 40}
 
 SITES: tuple[_Site, ...] = (
-    _Site("ct_northfield", "A", "CT", "dicom", (96, 96), (3.6, 3.6), 48, 4.0, "LPS", "SIEMENS",
+    _Site("ct_northfield", "A", "CT", "dicom", (96, 96), (3.6, 3.6), 64, 4.0, "LPS", "SIEMENS",
           "SOMATOM Definition AS", "Northfield General Hospital", None, _A_MEANS, _A_TEX, noise=12.0),
-    _Site("ct_harbor", "B", "CT", "dicom", (80, 80), (4.4, 4.4), 40, 5.0, "LPS", "GE MEDICAL SYSTEMS",
+    _Site("ct_harbor", "B", "CT", "dicom", (80, 80), (4.4, 4.4), 52, 5.0, "LPS", "GE MEDICAL SYSTEMS",
           "LightSpeed VCT", "Harbor Valley Medical Center", None, _B_MEANS, _B_TEX, noise=25.0),
-    _Site("mr_bids", "C", "MR", "bids", (72, 72), (4.8, 4.8), 44, 4.5, "RAS", "Philips", "Ingenia",
+    _Site("mr_bids", "C", "MR", "bids", (72, 72), (4.8, 4.8), 58, 4.5, "RAS", "Philips", "Ingenia",
           "Riverside University Clinic", 1.5, _C_MEANS, _C_TEX, noise=15.0, bias=0.12),
-    _Site("mr_decathlon", "D", "MR", "decathlon", (64, 64), (5.2, 5.2), 34, 6.0, "LPS", "SIEMENS",
+    _Site("mr_decathlon", "D", "MR", "decathlon", (64, 64), (5.2, 5.2), 44, 6.0, "LPS", "SIEMENS",
           "MAGNETOM Skyra", "Lakeside Imaging Institute", 3.0, _D_MEANS, _D_TEX, noise=40.0, bias=0.35),
 )
 
@@ -792,7 +792,7 @@ def _write_cohort(root: Path, seed: int, patients_per_site: int) -> list[Path]:
     return files
 
 
-def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per_site: int = 8) -> dict:
+def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per_site: int = 12) -> dict:
     """Write the demo cohort into ``out_dir``, atomically.
 
     The cohort is built in a temporary sibling folder, the marker file ``.imaging-meta-demo.json`` is

@@ -70,7 +70,7 @@ def _tool_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="write the synthetic multi-site demo cohort")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--patients-per-site", type=int, default=8)
+    d.add_argument("--patients-per-site", type=int, default=12)
     d.add_argument("--if-missing", action="store_true", help="do nothing when a complete cohort is already there")
 
     s = sub.add_parser("scan", help="index a folder of DICOM series and NIfTI volumes")

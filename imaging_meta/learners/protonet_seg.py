@@ -12,7 +12,9 @@ from imaging_meta.learners.prototypes import (
     cosine_logits,
     local_prototypes,
     masked_average_pooling,
+    pixel_distance2,
     pooled_class_logits,
+    window_centres,
 )
 
 
@@ -31,6 +33,11 @@ class PrototypicalSegmenter(Learner):
     softmax-weighted mean of its similarities to the class's prototypes. A multimodal background (fat,
     muscle, bone, other organs) then no longer has to fit one vector.
 
+    With ``location_weight`` > 0 the local prototypes are location-sensitive (after Yu, Liu, Meng, Dai,
+    Lin. "A Location-Sensitive Local Prototype Network for Few-Shot Medical Image Segmentation." ISBI 2021):
+    the similarity of a pixel to a local prototype is lowered by a learned weight times the squared distance
+    between the pixel and the prototype's window, since anatomy keeps its place in resampled, centred slices.
+
     Args:
         backbone: registered backbone name giving dense features (see `imaging_meta.backbones`).
         in_channels: image channels.
@@ -42,6 +49,11 @@ class PrototypicalSegmenter(Learner):
         local_window: side (in feature pixels) of ALPNet's local-prototype windows; 0 uses global
             prototypes only (PANet). A structure smaller than a window falls back to its global prototype.
         local_threshold: share of a window the class must cover to give a local prototype.
+        feature_pool: average-pool the backbone's dense features by this factor before prototypes and
+            similarities (logits are upsampled back, as PANet does with its stride-8 features); windows are
+            counted in pooled pixels.
+        location_weight: initial weight of the location penalty of local prototypes (learned; 0 turns it
+            off). Needs ``local_window`` > 0.
         coord_channels: append two channels of normalised row/column coordinates to the input (CoordConv,
             Liu et al. NeurIPS 2018), so features can carry where a structure lies in the slice; useful when
             slices are resampled to a common spacing and centred, as the datamodules do.
@@ -60,8 +72,13 @@ class PrototypicalSegmenter(Learner):
         local_window: int = 0,
         local_threshold: float = 0.95,
         coord_channels: bool = False,
+        location_weight: float = 0.0,
+        feature_pool: int = 1,
     ) -> None:
         super().__init__()
+        if feature_pool < 1:
+            raise ValueError(f"feature_pool must be >= 1, got {feature_pool}")
+        self.feature_pool = int(feature_pool)
         self.coord_channels = bool(coord_channels)
         self.encoder = build_backbone(backbone, in_channels + 2 * self.coord_channels, **(backbone_kwargs or {}))
         self.scale = float(scale)
@@ -70,6 +87,12 @@ class PrototypicalSegmenter(Learner):
             raise ValueError(f"local_window must be >= 0 and local_threshold in (0, 1]; got {local_window}, {local_threshold}")
         self.local_window = int(local_window)
         self.local_threshold = float(local_threshold)
+        if location_weight < 0 or (location_weight > 0 and local_window == 0):
+            raise ValueError(f"location_weight must be >= 0 and needs local_window > 0; got {location_weight}, {local_window}")
+        # learned in log space so that it stays positive; None: no location term
+        self.log_location_weight = (
+            torch.nn.Parameter(torch.tensor(float(location_weight)).log()) if location_weight > 0 else None
+        )
         self.register_buffer("class_weight", torch.tensor([float(bg_weight), 1.0]), persistent=False)
 
     # ------------------------------------------------------------------ parts
@@ -83,6 +106,8 @@ class PrototypicalSegmenter(Learner):
             cols = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(x.shape[0], 1, h, w)
             x = torch.cat([x, rows, cols], dim=1)
         f = self.encoder(x)
+        if self.feature_pool > 1:
+            f = F.avg_pool2d(f, self.feature_pool)
         return f.view(t, n, *f.shape[1:])
 
     def prototypes(self, features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +154,15 @@ class PrototypicalSegmenter(Learner):
         if protos.shape[2] == 1:  # global prototypes only: PANet
             logits = cosine_logits(flat, protos[:, :, 0].repeat_interleave(n, dim=0), self.scale)
         else:
+            penalty = None
+            if self.log_location_weight is not None:
+                h, w = flat.shape[-2:]
+                d2 = pixel_distance2(window_centres(h, w, self.local_window, flat.device, flat.dtype), h, w)  # (G, h, w)
+                n_shots = (protos.shape[2] - 1) // d2.shape[0]
+                d2 = torch.cat([torch.zeros_like(d2[:1]), d2.repeat(n_shots, 1, 1)])  # global slot: no penalty
+                penalty = self.log_location_weight.exp() * self.scale * d2
             logits = pooled_class_logits(
-                flat, protos.repeat_interleave(n, dim=0), valid.repeat_interleave(n, dim=0), self.scale
+                flat, protos.repeat_interleave(n, dim=0), valid.repeat_interleave(n, dim=0), self.scale, penalty
             )
         if logits.shape[-2:] != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

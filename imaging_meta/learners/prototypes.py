@@ -64,8 +64,27 @@ def local_prototypes(
     return pooled.flatten(2).transpose(1, 2), cover.flatten(1) >= threshold
 
 
+def window_centres(h: int, w: int, window: int, device=None, dtype=None) -> torch.Tensor:
+    """Centres of the `local_prototypes` windows in normalised [-1, 1] (row, column) coordinates, (P, 2)."""
+    gh, gw = h // window, w // window
+    r = ((torch.arange(gh, device=device, dtype=dtype) + 0.5) * window / h) * 2 - 1
+    c = ((torch.arange(gw, device=device, dtype=dtype) + 0.5) * window / w) * 2 - 1
+    return torch.stack(torch.meshgrid(r, c, indexing="ij"), -1).reshape(-1, 2)
+
+
+def pixel_distance2(centres: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Squared distance (normalised coordinates) from each prototype centre (P, 2) to each pixel: (P, h, w)."""
+    r = torch.linspace(-1, 1, h, device=centres.device, dtype=centres.dtype)
+    c = torch.linspace(-1, 1, w, device=centres.device, dtype=centres.dtype)
+    return (r.view(1, h, 1) - centres[:, 0, None, None]) ** 2 + (c.view(1, 1, w) - centres[:, 1, None, None]) ** 2
+
+
 def pooled_class_logits(
-    features: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor, scale: float = 20.0
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float = 20.0,
+    penalty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One logit map per class from several prototypes per class (ALPNet's soft max over prototypes).
 
@@ -77,12 +96,16 @@ def pooled_class_logits(
         prototypes: (N, K, P, C): K classes with up to P prototypes each.
         valid: (N, K, P) booleans; every class needs at least one valid prototype.
         scale: cosine temperature.
+        penalty: optional (P, h, w) term subtracted from every similarity of prototype slot p at each pixel
+            (location-sensitive prototypes: far-away prototypes count less).
 
     Returns:
         (N, K, h, w) logits.
     """
     n, k, p, c = prototypes.shape
     sims = cosine_logits(features, prototypes.reshape(n, k * p, c), scale).view(n, k, p, *features.shape[-2:])
+    if penalty is not None:
+        sims = sims - penalty
     sims = sims.masked_fill(~valid[..., None, None], float("-inf"))
     weights = torch.softmax(sims, dim=2)
     return (weights * sims.masked_fill(~valid[..., None, None], 0.0)).sum(dim=2)

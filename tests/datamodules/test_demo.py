@@ -13,6 +13,7 @@ import pytest
 from datamodules.demo import (
     MARKER,
     ORGANS,
+    SITES,
     demo_is_complete,
     generate_demo_cohort,
     write_dicom_series,
@@ -62,10 +63,10 @@ def test_layout_marker_and_dataset_json(cohort):
     assert top["labels"] == {"0": "background", **{str(k): v for k, v in ORGANS.items()}}
     for i in (1, 2):
         a = root / "ct_northfield" / f"pat{i:02d}"
-        assert sorted(p.name for p in (a / "CT").iterdir()) == [f"IM_{k:04d}.dcm" for k in range(1, 49)]
+        assert sorted(p.name for p in (a / "CT").iterdir()) == [f"IM_{k:04d}.dcm" for k in range(1, SITES[0].n_slices + 1)]
         assert (a / "CT_label.nii.gz").is_file()
         b = root / "ct_harbor" / f"pat{i:02d}"
-        assert len(list((b / "series").glob("*.dcm"))) == 40 and (b / "series_label.nii.gz").is_file()
+        assert len(list((b / "series").glob("*.dcm"))) == SITES[1].n_slices and (b / "series_label.nii.gz").is_file()
         anat = root / "mr_bids" / f"sub-{i:02d}" / "anat"
         for name in ("T1w.nii.gz", "T1w.json", "T1w_dseg.nii.gz"):
             assert (anat / f"sub-{i:02d}_{name}").is_file()

@@ -5,7 +5,14 @@ from imaging_meta.backbones import available_backbones, build_backbone
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
 from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
-from imaging_meta.learners.prototypes import cosine_logits, masked_average_pooling
+from imaging_meta.learners.prototypes import (
+    cosine_logits,
+    local_prototypes,
+    masked_average_pooling,
+    pixel_distance2,
+    pooled_class_logits,
+    window_centres,
+)
 
 
 def batch(t=2, k=2, q=3, h=32, seed=0):
@@ -106,3 +113,49 @@ def test_backbone_registry():
         build_backbone("vit-huge")
     with pytest.raises(ValueError, match="divisible by 16"):
         build_backbone("unet", 1)(torch.rand(1, 1, 20, 20))
+
+
+def test_local_prototypes_and_fallback_to_global():
+    f = torch.rand(2, 4, 16, 16)
+    m = torch.zeros(2, 16, 16)
+    m[0, :8, :8] = 1  # exactly one 8x8 window of sample 0
+    m[1, 3:5, 3:5] = 1  # smaller than a window: no local prototype
+    protos, ok = local_prototypes(f, m, window=8)
+    assert protos.shape == (2, 4, 4) and ok.shape == (2, 4)
+    assert ok[0].tolist() == [True, False, False, False] and not ok[1].any()
+    assert torch.allclose(protos[0, 0], f[0, :, :8, :8].mean((-2, -1)), atol=1e-6)
+    learner = small(local_window=8)
+    ep = batch(t=1, k=1, q=1, h=32)
+    ep.support_labels.zero_()
+    ep.support_labels[..., 3:5, 3:5] = 1  # tiny structure: only the global prototype is valid
+    out = learner.predict(ep)
+    assert out.shape == (1, 1, 32, 32) and torch.isfinite(out).all()
+
+
+def test_a_strong_location_term_reproduces_the_support_mask():
+    """With the same appearance everywhere, only location can decide: the query mask follows the support's."""
+    h = 16
+    centres = window_centres(h, h, 4)
+    assert centres.shape == (16, 2) and torch.allclose(centres[0], torch.tensor([-0.75, -0.75]))
+    feats = torch.ones(1, 3, h, h)
+    mask = torch.zeros(1, h, h)
+    mask[0, 4:8, 8:12] = 1  # window (1, 2)
+    fg, fg_ok = local_prototypes(feats, mask, 4)
+    bg, bg_ok = local_prototypes(feats, 1 - mask, 4)
+    protos = torch.stack([bg, fg], 1)  # (1, 2, 16, 3)
+    valid = torch.stack([bg_ok, fg_ok], 1)
+    penalty = 100.0 * pixel_distance2(centres, h, h)
+    logits = pooled_class_logits(feats, protos, valid, scale=20.0, penalty=penalty)
+    pred = logits.argmax(1)[0]
+    assert pred[4:8, 8:12].all() and pred.sum() == 16
+
+
+def test_location_sensitive_learner_learns_its_weight():
+    torch.manual_seed(0)
+    m = small(local_window=8, coord_channels=True, location_weight=1.0)
+    loss = m.loss(batch())
+    loss.backward()
+    assert m.log_location_weight.grad is not None and m.log_location_weight.grad.abs() > 0
+    assert m.encoder.net.conv_0.conv_0.conv.in_channels == 3  # image + 2 coordinate channels
+    with pytest.raises(ValueError, match="needs local_window"):
+        small(location_weight=1.0)
