@@ -56,6 +56,10 @@ class Episode:
         moved = {k: getattr(self, k).to(device, non_blocking=non_blocking) for k in self.TENSOR_FIELDS}
         return replace(self, **moved)
 
+    def pin_memory(self) -> Episode:
+        """A copy with every tensor in pinned memory (the DataLoader calls this when ``pin_memory=True``)."""
+        return replace(self, **{k: getattr(self, k).pin_memory() for k in self.TENSOR_FIELDS})
+
     @property
     def n_tasks(self) -> int:
         return int(self.support_images.shape[0]) if self.batched else 1

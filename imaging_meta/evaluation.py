@@ -61,6 +61,11 @@ def summarize(records: Iterable[dict], metric: str = "dice", groups: Sequence[st
     }
 
 
+def _md(text: str) -> str:
+    """Escape a value for a Markdown table cell (site keys contain '|')."""
+    return str(text).replace("|", "\\|")
+
+
 def _cell(s: dict | None) -> str:
     return "—" if s is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
 
@@ -69,13 +74,13 @@ def to_markdown(summary: dict, methods: Sequence[str] | None = None, title: str 
     """A Markdown table: one row per group value, one column per method."""
     methods = list(methods or summary)
     first = summary[methods[0]]
-    header = f"| {title} (mean ± 95% CI) | " + " | ".join(methods) + " | episodes |"
+    header = f"| {title} (mean ± 95% CI) | " + " | ".join(_md(m) for m in methods) + " | episodes |"
     lines = [header, "|" + "---|" * (len(methods) + 2)]
     lines.append("| **all** | " + " | ".join(_cell(summary[m]["all"]) for m in methods) + f" | {first['all']['n_episodes']} |")
     for g in groups:
         for name in first.get(g, {}):
             cells = [_cell(summary[m].get(g, {}).get(name)) for m in methods]
-            lines.append(f"| {g}: {name} | " + " | ".join(cells) + f" | {first[g][name]['n_episodes']} |")
+            lines.append(f"| {g}: {_md(name)} | " + " | ".join(cells) + f" | {first[g][name]['n_episodes']} |")
     return "\n".join(lines) + "\n"
 
 

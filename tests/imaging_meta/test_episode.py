@@ -23,3 +23,12 @@ def test_collate_and_task_round_trip():
 def test_collate_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         collate_episodes([ep(k=1), ep(k=2)])
+
+
+def test_dataloader_pinning_reaches_the_episode(monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    called = []
+    monkeypatch.setattr(Episode, "pin_memory", lambda self: called.append(1) or self)
+    pin_memory(ep())
+    assert called == [1]

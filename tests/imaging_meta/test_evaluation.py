@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -30,3 +31,11 @@ def test_summarize_averages_queries_within_an_episode_first(tmp_path):
     js, mdp = write_report(tmp_path, s, {"protocol": "cross_organ"}, ["a", "b"])
     assert json.loads(js.read_text())["summary"]["a"]["all"]["n_episodes"] == 2
     assert "protocol: cross_organ" in mdp.read_text()
+
+
+def test_site_keys_with_pipes_do_not_break_the_table():
+    recs = [{"method": "a", "episode": "e1", "organ": "liver", "site": "GE | LightSpeed | inst-1", "dice": 0.5}]
+    md = to_markdown(summarize(recs), ["a"])
+    row = [line for line in md.splitlines() if line.startswith("| site:")][0]
+    cells = re.split(r"(?<!\\)\|", row)  # unescaped pipes separate cells
+    assert len(cells) == 5 and "GE \\| LightSpeed" in cells[1]  # '', label, value, episodes, ''
