@@ -42,7 +42,8 @@ class SegmentationEpisodeSpec:
     seed: int
 
 
-def _dist_rank_world() -> tuple[int, int]:
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed when it is initialised, else (0, 1)."""
     try:
         import torch.distributed as dist
 
@@ -131,11 +132,11 @@ class SegmentationEpisodeSampler:
     # -------------------------------------------------------------- drawing
     @property
     def rank(self) -> int:
-        return self._rank if self._rank is not None else _dist_rank_world()[0]
+        return self._rank if self._rank is not None else dist_rank_world()[0]
 
     @property
     def world_size(self) -> int:
-        return self._world if self._world is not None else _dist_rank_world()[1]
+        return self._world if self._world is not None else dist_rank_world()[1]
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at each epoch so that each epoch draws new episodes."""

@@ -25,7 +25,7 @@ from datamodules.samplers import (
     SegmentationEpisodeSampler,
     SegmentationEpisodeSpec,
     SliceTable,
-    _dist_rank_world,
+    dist_rank_world,
     load_episodes,
     save_episodes,
 )
@@ -406,7 +406,7 @@ class SegmentationDataModule(LightningDataModule):
     def _fixed_loader(self, stage: str) -> DataLoader:
         if stage not in self._episodes:
             raise ValueError(f"no {stage} episodes: the split has no {stage} cases or {stage}_episodes is 0")
-        rank, world = _dist_rank_world()
+        rank, world = dist_rank_world()
         return self._loader(self._episodes[stage][rank::world], augment=False)
 
     def train_dataloader(self) -> DataLoader:
@@ -433,5 +433,5 @@ class SegmentationDataModule(LightningDataModule):
             "train_slices": {o: int(sum(len(z) for z in t.values())) for o, t in self._tables["train"].items()},
             "sites": sorted({self.cases[i].site for i in s.test}),
             "episode_files": {k: str(v) for k, v in getattr(self, "episode_files", {}).items()},
-            "episodes_sha256": {k: _digest([list(map(list, e.support)) + list(map(list, e.query)) for e in v]) for k, v in self._episodes.items()},
+            "episodes_sha256": {k: json.loads(Path(v).read_text())["sha256"] for k, v in getattr(self, "episode_files", {}).items()},
         }

@@ -65,3 +65,9 @@ def test_sampler_feasibility_error_is_clear(demo_root, demo_index, tmp_path):
     dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path), **kw)
     with pytest.raises(ValueError, match="Lower n_shot or n_query"):
         dm.setup("fit")
+
+
+def test_report_quotes_the_episode_files_hash(dm):
+    desc = dm.describe()
+    for stage in ("val", "test"):
+        assert desc["episodes_sha256"][stage] == json.loads(dm.episode_files[stage].read_text())["sha256"]
