@@ -31,9 +31,18 @@ install: $(VENV)/.installed  ## create .venv and install imaging-meta with its p
 demo: install  ## generate the demo cohort into DATA_DIR (skipped when present)
 	$(CLI) demo --out $(DATA_DIR) --if-missing
 
-train: demo  ## meta-train the default config on the demo cohort, then test and print the results table
+# demo data configs get the demo cohort (generated when missing) as their root; your own configs keep theirs
+ifneq ($(filter demo_%,$(DATA)),)
+TRAIN_PREREQ := demo
+ROOT_ARG := --data.init_args.root $(DATA_DIR)
+else
+TRAIN_PREREQ := install
+ROOT_ARG :=
+endif
+
+train: $(TRAIN_PREREQ)  ## meta-train (default: the demo cohort), then test the best checkpoint and print the results table
 	$(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/$(DATA).yaml \
-	    --config configs/model/$(MODEL).yaml --data.init_args.root $(DATA_DIR) \
+	    --config configs/model/$(MODEL).yaml $(ROOT_ARG) \
 	    --trainer.logger.init_args.name $(RUN_NAME) --test_after_fit true $(ARGS)
 
 test: install  ## fast test suite (no `slow` tests), a few minutes on 2 CPU cores
