@@ -62,6 +62,8 @@ __all__ = [
     "decoder_problem",
     "load_series_array",
     "NIFTI_SUFFIXES",
+    "is_nifti",
+    "nifti_stem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -762,8 +764,18 @@ def _not_an_image(h: DicomHeader) -> bool:
     return h.is_dicomdir or bool(h.problem and h.problem.startswith("no pixel data"))
 
 
-def _is_nifti(path: str) -> bool:
+def is_nifti(path: str | os.PathLike) -> bool:
+    """True for a ``.nii`` or ``.nii.gz`` name (any case)."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(name: str) -> str:
+    """``name`` without its ``.nii``/``.nii.gz`` suffix (unchanged when it has neither)."""
+    low = name.lower()
+    for suf in NIFTI_SUFFIXES:
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return name
 
 
 class DicomSeriesReader(ImageReader):
@@ -800,11 +812,11 @@ class DicomSeriesReader(ImageReader):
             names = [str(f) for f in filename]
             if len(names) == 1 and os.path.isdir(names[0]):
                 return True
-            return bool(names) and not any(_is_nifti(n) for n in names)
+            return bool(names) and not any(is_nifti(n) for n in names)
         name = str(filename)
         if os.path.isdir(name):
             return True
-        if _is_nifti(name):
+        if is_nifti(name):
             return False
         try:
             return name.lower().endswith(".dcm") or pydicom.misc.is_dicom(name)
@@ -827,7 +839,7 @@ class DicomSeriesReader(ImageReader):
         names = [str(n) for n in ensure_tuple(data)]
         if not names:
             raise ValueError("DicomSeriesReader: no file given")
-        nifti = [n for n in names if _is_nifti(n)]
+        nifti = [n for n in names if is_nifti(n)]
         if nifti:
             raise ValueError(f"{nifti[0]}: a NIfTI file, not a DICOM series; read it with monai.data.NibabelReader")
         datasets: dict[str, Dataset] = {}
@@ -836,7 +848,7 @@ class DicomSeriesReader(ImageReader):
             folder = names[0]
             for entry in sorted(os.listdir(folder)):
                 p = os.path.join(folder, entry)
-                if not os.path.isfile(p) or _is_nifti(p):
+                if not os.path.isfile(p) or is_nifti(p):
                     continue
                 try:
                     ds, caught = _read_dataset(p)

@@ -164,7 +164,7 @@ class SegmentationEpisodeSampler:
             r_support = float(rng.uniform())
             r_query = [r_support] * self.n_query
         support = tuple((c, _slice_at(self.table[organ][c], r_support)) for c in cases[: self.n_shot])
-        query = tuple((c, _slice_at(self.table[organ][c], r)) for c, r in zip(cases[self.n_shot :], r_query, strict=False))
+        query = tuple((c, _slice_at(self.table[organ][c], r)) for c, r in zip(cases[self.n_shot :], r_query, strict=True))
         return SegmentationEpisodeSpec(organ=organ, support=support, query=query, seed=int(rng.integers(2**31)))
 
     def __iter__(self) -> Iterator[SegmentationEpisodeSpec]:

@@ -45,6 +45,8 @@ from datamodules.dicom import (
     DicomSeriesError,
     NotDicomError,
     group_series,
+    is_nifti,
+    nifti_stem,
     order_series,
     read_header,
 )
@@ -201,18 +203,6 @@ def _normalise_modality(value: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------------------- geometry
-def _nifti_stem(name: str) -> str:
-    low = name.lower()
-    for suf in NIFTI_SUFFIXES:
-        if low.endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
-def _is_nifti(name: str) -> bool:
-    return name.lower().endswith(NIFTI_SUFFIXES)
-
-
 def grid_mismatch(
     image_shape: Sequence[int],
     image_affine: np.ndarray,
@@ -499,7 +489,7 @@ class _Scanner:
             name = os.path.basename(p)
             if name.startswith("._"):
                 self.reject(p, "not an image file we read (a macOS resource-fork file, '._' prefix)")
-            elif _is_nifti(name):
+            elif is_nifti(name):
                 nifti.append(p)
             elif name == "dataset.json":
                 dataset_jsons.append(p)
@@ -639,7 +629,7 @@ class _Scanner:
             except _Reject as r:
                 self.reject(p, str(r), covered)
                 return
-        sidecar_path = os.path.join(os.path.dirname(p), _nifti_stem(os.path.basename(p)) + ".json")
+        sidecar_path = os.path.join(os.path.dirname(p), nifti_stem(os.path.basename(p)) + ".json")
         sidecar: dict[str, Any] = {}
         if os.path.isfile(sidecar_path):
             sidecar = self._read_sidecar(sidecar_path)
@@ -697,7 +687,7 @@ class _Scanner:
             m = self.patient_re.search(rel)
             if m:
                 return m.group(1) if m.groups() else m.group(0)
-        return _nifti_stem(rel)
+        return nifti_stem(rel)
 
     def _nearest_decathlon(self, path: str) -> _Decathlon | None:
         folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else path
@@ -763,7 +753,7 @@ class _Scanner:
             if p in dec_labels or "nifti:" + p in label_of:
                 continue
             name = os.path.basename(p)
-            stems = [_nifti_stem(name)]
+            stems = [nifti_stem(name)]
             if re.search(r"_\d{4}$", stems[0]):  # nnU-Net channel suffix: case_0000 -> case
                 stems.append(stems[0][:-5])
             found = [c for c in self._candidates(os.path.dirname(p), stems, [name]) if c in nifti_set and c != p and c not in dec_labels]
@@ -817,7 +807,7 @@ class _Scanner:
             if p in label_files or p in self.placed:
                 continue
             name = os.path.basename(p)
-            stem = _nifti_stem(name)
+            stem = nifti_stem(name)
             suffix = next((s for s in LABEL_SUFFIXES if stem.endswith(s) and len(stem) > len(s)), None)
             parent = os.path.basename(os.path.dirname(p))
             if suffix or parent in LABEL_FOLDERS:

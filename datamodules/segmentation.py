@@ -76,7 +76,7 @@ def build_slice_table(
         organ -> case index -> sorted slice indices.
     """
     table: dict[str, dict[int, list[int]]] = {o: {} for o in organs}
-    for lbl, ci in zip(labels, case_ids, strict=False):
+    for lbl, ci in zip(labels, case_ids, strict=True):
         lbl = _plain(lbl)[0]
         case = cases[ci]
         banned = torch.zeros(lbl.shape[-1], dtype=torch.bool)

@@ -122,7 +122,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             )
         written = segment(
             args.checkpoint,
-            list(zip(args.support_image, args.support_label, strict=False)),
+            list(zip(args.support_image, args.support_label, strict=True)),
             args.query,
             args.out,
             label_value=args.label_value,

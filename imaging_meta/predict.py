@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from datamodules.dicom import is_nifti, nifti_stem
 from datamodules.transforms import volume_transforms
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import Learner, build_learner
@@ -76,8 +77,7 @@ def modality_of(path: str | Path, given: str | None = None) -> str:
                 return str(pydicom.dcmread(first, stop_before_pixels=True).Modality)
             except Exception as e:
                 raise ValueError(f"{first}: cannot read the DICOM Modality ({e}); pass --modality") from e
-    name = p.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else p.stem
+    stem = nifti_stem(p.name) if is_nifti(p.name) else p.stem
     sidecar = p.with_name(stem + ".json")
     if sidecar.exists():
         mod = json.loads(sidecar.read_text()).get("Modality")
@@ -185,13 +185,14 @@ def segment(
         mask = inv["pred"][0].cpu().numpy() > 0.5
         if largest_component and mask.any():
             mask = _largest_component(mask)
-        name = q.name[: -len(".nii.gz")] if q.name.endswith(".nii.gz") else (q.name if q.is_dir() else q.stem)
+        name = q.name if q.is_dir() else (nifti_stem(q.name) if is_nifti(q.name) else q.stem)
         if q.is_dir():
             affine = np.asarray(inv["pred"].affine, dtype=np.float64)
         else:
-            affine = nib.load(str(q)).affine
-            if mask.shape != nib.load(str(q)).shape[:3]:
-                raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {nib.load(str(q)).shape}")
+            header = nib.load(str(q))
+            affine = header.affine
+            if mask.shape != header.shape[:3]:
+                raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
         target = out / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(target))
         logger.info("%s: %d foreground voxels -> %s", q.name, int(mask.sum()), target)

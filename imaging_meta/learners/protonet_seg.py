@@ -12,6 +12,7 @@ from imaging_meta.learners.prototypes import (
     cosine_logits,
     local_prototypes,
     masked_average_pooling,
+    normalised_coordinates,
     pixel_distance2,
     pooled_class_logits,
     window_centres,
@@ -102,9 +103,9 @@ class PrototypicalSegmenter(Learner):
         x = images.flatten(0, 1)
         if self.coord_channels:
             h, w = x.shape[-2:]
-            rows = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(x.shape[0], 1, h, w)
-            cols = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(x.shape[0], 1, h, w)
-            x = torch.cat([x, rows, cols], dim=1)
+            r, c = normalised_coordinates(h, w, x.device, x.dtype)
+            grid = torch.stack([r.view(h, 1).expand(h, w), c.view(1, w).expand(h, w)])  # (2, h, w)
+            x = torch.cat([x, grid.expand(x.shape[0], -1, -1, -1)], dim=1)
         f = self.encoder(x)
         if self.feature_pool > 1:
             f = F.avg_pool2d(f, self.feature_pool)

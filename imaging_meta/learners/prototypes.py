@@ -6,6 +6,18 @@ import torch
 import torch.nn.functional as F
 
 
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) masks resized bilinearly to ``size`` (returned as is when already that size)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def normalised_coordinates(h: int, w: int, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre row (h,) and column (w,) coordinates spread over [-1, 1]."""
+    return (torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype), torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype))
+
+
 def masked_average_pooling(features: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Average of the feature vectors under a (soft) mask (PANet's masked average pooling).
 
@@ -17,9 +29,7 @@ def masked_average_pooling(features: torch.Tensor, mask: torch.Tensor, eps: floa
     Returns:
         (N, C) pooled features; the zero vector for an empty mask.
     """
-    if mask.shape[-2:] != features.shape[-2:]:
-        mask = F.interpolate(mask.unsqueeze(1).float(), size=features.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    mask = mask.unsqueeze(1).to(features.dtype)
+    mask = resize_mask(mask, features.shape[-2:]).unsqueeze(1).to(features.dtype)
     return (features * mask).sum(dim=(-2, -1)) / (mask.sum(dim=(-2, -1)) + eps)
 
 
@@ -57,8 +67,7 @@ def local_prototypes(
     Returns:
         prototypes (N, P, C) with P = (h // window) * (w // window), and a boolean validity mask (N, P).
     """
-    if mask.shape[-2:] != features.shape[-2:]:
-        mask = F.interpolate(mask.unsqueeze(1).float(), size=features.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    mask = resize_mask(mask, features.shape[-2:])
     pooled = F.avg_pool2d(features, window, stride=window)  # (N, C, h', w')
     cover = F.avg_pool2d(mask.unsqueeze(1).to(features.dtype), window, stride=window)  # (N, 1, h', w')
     return pooled.flatten(2).transpose(1, 2), cover.flatten(1) >= threshold
@@ -74,8 +83,7 @@ def window_centres(h: int, w: int, window: int, device=None, dtype=None) -> torc
 
 def pixel_distance2(centres: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Squared distance (normalised coordinates) from each prototype centre (P, 2) to each pixel: (P, h, w)."""
-    r = torch.linspace(-1, 1, h, device=centres.device, dtype=centres.dtype)
-    c = torch.linspace(-1, 1, w, device=centres.device, dtype=centres.dtype)
+    r, c = normalised_coordinates(h, w, centres.device, centres.dtype)
     return (r.view(1, h, 1) - centres[:, 0, None, None]) ** 2 + (c.view(1, 1, w) - centres[:, 1, None, None]) ** 2
 
 
