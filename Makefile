@@ -15,7 +15,7 @@ RUN_NAME ?= $(MODEL)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train test test-full lint tensorboard demo clean
+.PHONY: help install train results test test-full lint tensorboard demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,7 +32,10 @@ demo: install  ## generate the demo cohort into DATA_DIR (skipped when present)
 	$(CLI) demo --out $(DATA_DIR) --if-missing
 
 # demo data configs get the demo cohort (generated when missing) as their root; your own configs keep theirs
-ifneq ($(filter demo_%,$(DATA)),)
+ifeq ($(DATA),demo_classification)
+TRAIN_PREREQ := demo
+ROOT_ARG := --data.init_args.source.init_args.csv $(DATA_DIR)/lesions.csv
+else ifneq ($(filter demo_%,$(DATA)),)
 TRAIN_PREREQ := demo
 ROOT_ARG := --data.init_args.root $(DATA_DIR)
 else
@@ -44,6 +47,11 @@ train: $(TRAIN_PREREQ)  ## meta-train (default: the demo cohort), then test the 
 	$(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/$(DATA).yaml \
 	    --config configs/model/$(MODEL).yaml $(ROOT_ARG) \
 	    --trainer.logger.init_args.name $(RUN_NAME) --test_after_fit true $(ARGS)
+
+RESULTS_DIR ?= results
+RESULTS_ARGS ?=
+results: demo  ## train and test every learner on the same fixed demo test episodes; writes $(RESULTS_DIR)/results.md
+	$(CLI) results --out $(RESULTS_DIR) --data-dir $(DATA_DIR) --trainer $(TRAINER) $(RESULTS_ARGS)
 
 test: install  ## fast test suite (no `slow` tests), a few minutes on 2 CPU cores
 	$(PY) -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
@@ -58,4 +66,4 @@ tensorboard: install  ## serve the TensorBoard logs in runs/
 	$(VENV)/bin/tensorboard --logdir runs
 
 clean:  ## remove runs, caches and the demo cohort (keeps .venv)
-	rm -rf runs data .cache
+	rm -rf runs data .cache results

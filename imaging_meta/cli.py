@@ -5,6 +5,8 @@
 * ``demo``: write the synthetic multi-site demo cohort.
 * ``scan``: index a folder of DICOM series / NIfTI volumes (report of rejected inputs included).
 * ``segment``: few-shot segmentation of a new structure from a checkpoint and a few labelled scans.
+* ``classify``: few-shot classification of images against a support folder (one subfolder per class).
+* ``results``: train and test every learner on the same fixed test episodes; one table.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-TOOL_SUBCOMMANDS = ("demo", "scan", "segment")
+TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results")
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
@@ -91,6 +93,18 @@ def _tool_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan")
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     g.add_argument("--device", default="auto")
+
+    c = sub.add_parser("classify", help="few-shot classification of images against a support folder")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--support", required=True, help="folder with one subfolder of images (PNG, JPEG, DICOM) per class")
+    c.add_argument("--query", action="append", required=True, help="image file or folder of images (repeat)")
+    c.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>...")
+    c.add_argument("--device", default="auto")
+
+    r = sub.add_parser("results", help="train and test every learner on the same fixed test episodes; one table")
+    from imaging_meta.results import add_arguments
+
+    add_arguments(r)
     return p
 
 
@@ -134,6 +148,16 @@ def _run_tool(argv: Sequence[str]) -> int:
         for w in written:
             sys.stdout.write(f"wrote {w}\n")
         return 0
+    if args.command == "classify":
+        from imaging_meta.classify import classify
+
+        out = classify(args.checkpoint, args.support, args.query, args.out, device=args.device)
+        sys.stdout.write(f"wrote {out}\n")
+        return 0
+    if args.command == "results":
+        from imaging_meta.results import run_results
+
+        return run_results(args)
     raise AssertionError(args.command)
 
 
@@ -149,7 +173,7 @@ def cli_main(args: Sequence[str] | None = None):
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(
             "usage: imaging-meta {fit,validate,test,predict} --config CONFIG.yaml [...]\n"
-            "       imaging-meta {demo,scan,segment} ...  (see imaging-meta demo --help, ...)\n"
+            "       imaging-meta {demo,scan,segment,classify,results} ...  (see imaging-meta demo --help, ...)\n"
         )
         if not args:
             raise SystemExit(2)

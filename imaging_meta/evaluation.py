@@ -1,6 +1,7 @@
 """Episode-level results -> mean ± 95% confidence interval tables (JSON and Markdown).
 
-A record is one query prediction of one episode: ``{"method", "episode", "organ", "site", "dice"}``.
+A record is one query prediction of one episode: ``{"method", "episode", "organ", "site", "dice"}`` for
+segmentation, ``{"method", "episode", "class", "site", "acc"}`` for classification.
 Scores are first averaged within an episode, then the CI is taken over episodes (the unit that is
 sampled), with Student's t quantile.
 """
@@ -91,16 +92,29 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(out_dir: str | os.PathLike, summary: dict, context: dict, methods: Sequence[str] | None = None) -> tuple[Path, Path]:
-    """Write ``results.json`` (summary + context) and ``results.md`` into ``out_dir``."""
+def write_report(
+    out_dir: str | os.PathLike,
+    summary: dict,
+    context: dict,
+    methods: Sequence[str] | None = None,
+    groups: Sequence[str] = ("organ", "site"),
+) -> tuple[Path, Path]:
+    """Write ``results.json`` (summary + context) and ``results.md`` into ``out_dir``.
+
+    ``context["metric"]`` (``dice`` or ``acc``) titles the table; ``context["n_way"]`` adds the chance level.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "results.json", out / "results.md"
     _atomic_write(js, json.dumps({"context": context, "summary": summary}, indent=1, default=str))
     lines = [f"# Results: {context.get('title', 'test episodes')}", ""]
-    for k in ("protocol", "n_shot", "test_organs", "episodes", "episodes_sha256", "checkpoint", "machine"):
+    for k in ("protocol", "n_way", "n_shot", "n_query", "test_organs", "test_classes", "episodes", "episodes_sha256",
+              "checkpoint", "machine"):
         if k in context:
             lines.append(f"- {k}: {context[k]}")
-    lines += ["", to_markdown(summary, methods)]
+    if context.get("metric") == "acc" and context.get("n_way"):
+        lines.append(f"- chance: {1 / int(context['n_way']):.3f}")
+    title = {"dice": "Dice", "acc": "accuracy"}.get(context.get("metric", "dice"), str(context.get("metric")))
+    lines += ["", to_markdown(summary, methods, title=title, groups=groups)]
     _atomic_write(md, "\n".join(lines))
     return js, md

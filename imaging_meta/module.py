@@ -1,8 +1,9 @@
 """`EpisodicModule`: the one LightningModule. It wraps any `Learner`.
 
 It owns the training, validation and test steps, the optimiser and scheduler (injected as callables from
-the config), the metrics (``train/loss``, ``val/dice``, ``val/dice/organ/<name>``, ``val/dice/site/<name>``,
-``test/dice``, ...), TensorBoard image panels, and the test report with its baselines. Only
+the config), the metrics (``train/loss``; segmentation: ``val/dice``, ``val/dice/organ/<name>``,
+``val/dice/site/<name>``, ``test/dice``; classification: ``val/acc``, ``val/acc/site/<name>``, ``test/acc``;
+both: ``val/score``, which the checkpoint callbacks monitor), TensorBoard image panels, and the test report with its baselines. Only
 pseudonymous case ids and site keys reach logs, checkpoints and reports.
 """
 
@@ -26,6 +27,7 @@ from imaging_meta.metrics import dice_score
 logger = logging.getLogger(__name__)
 
 TRAINED, UNTRAINED, COPY_MASK = "trained", "untrained encoder", "copy support mask"
+METRIC_TITLES = {"dice": "Dice", "acc": "accuracy"}
 
 
 def _gather(records: list[dict]) -> list[dict]:
@@ -90,41 +92,75 @@ class EpisodicModule(LightningModule):
         sched = self.scheduler_factory(opt)
         cfg = {"scheduler": sched, "interval": "epoch"}
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            cfg["monitor"] = "val/dice"
+            cfg["monitor"] = "val/score"
         return {"optimizer": opt, "lr_scheduler": cfg}
 
     # ------------------------------------------------------------- evaluation
+    @property
+    def metric(self) -> str:
+        """``dice`` for segmentation learners, ``acc`` for classification ones."""
+        return "dice" if self.learner.task == "segmentation" else "acc"
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Report rows: per organ and site for segmentation; per site for classification (an episode
+        holds several classes, so the unit of the CI, the episode, has no single class)."""
+        return ("organ", "site") if self.learner.task == "segmentation" else ("site",)
+
+    def _check_batch(self, batch: Episode) -> None:
+        task = self.learner.task
+        is_seg = batch.query_labels.dim() == batch.query_images.dim() - 1  # (T, Q, H, W) masks of (T, Q, C, H, W)
+        if (task == "segmentation") != is_seg:
+            kind = "segmentation masks" if is_seg else "class labels"
+            raise ValueError(
+                f"the {type(self.learner).__name__} learner is a {task} learner, but the data gives {kind}; "
+                "pair a *_seg model config with a segmentation data config and a *_cls one with a classification one"
+            )
+        n_way = getattr(self.learner, "n_way", None)
+        if task == "classification" and n_way is not None and len(batch.classes[0]) != n_way:
+            raise ValueError(
+                f"the episodes are {len(batch.classes[0])}-way but the learner was built for n_way={n_way}; "
+                f"set --model.learner.init_args.n_way {len(batch.classes[0])} or --data.init_args.n_way {n_way}"
+            )
+
     def _records_for(self, batch: Episode, pred: torch.Tensor, method: str, stage: str, batch_idx: int) -> list[dict]:
-        """One record per query: Dice of ``pred`` (T, Q, H, W) against the batch's query masks."""
+        """One record per query: Dice of ``pred`` (T, Q, H, W) masks, or accuracy of ``pred`` (T, Q) class indices."""
         t, q = pred.shape[:2]
-        scores = dice_score(pred.flatten(0, 1), batch.query_labels.flatten(0, 1) > 0.5).view(t, q).cpu()
+        if self.metric == "dice":
+            scores = dice_score(pred.flatten(0, 1), batch.query_labels.flatten(0, 1) > 0.5).view(t, q).cpu()
+        else:
+            scores = (pred == batch.query_labels).float().cpu()
         out = []
         for i in range(t):
             for j in range(q):
-                out.append(
-                    {
-                        "method": method,
-                        "episode": f"{stage}-{self.global_rank}-{batch_idx}-{i}",
-                        "organ": batch.classes[i][0],
-                        "site": batch.site[i],
-                        "query_id": batch.query_ids[i][j],
-                        "dice": float(scores[i, j]),
-                    }
-                )
+                rec = {
+                    "method": method,
+                    "episode": f"{stage}-{self.global_rank}-{batch_idx}-{i}",
+                    "site": batch.site[i],
+                    "query_id": batch.query_ids[i][j],
+                    self.metric: float(scores[i, j]),
+                }
+                if self.metric == "dice":
+                    rec["organ"] = batch.classes[i][0]
+                else:
+                    rec["class"] = batch.classes[i][int(batch.query_labels[i, j])]
+                out.append(rec)
         return out
 
-    def _check_segmentation(self) -> None:
-        if self.learner.task != "segmentation":
-            raise NotImplementedError(f"evaluation for {self.learner.task!r} learners arrives with classification support")
+    def _decide(self, probs: torch.Tensor) -> torch.Tensor:
+        """Masks (probability > threshold) or class indices (argmax) from the learner's probabilities."""
+        return probs > self.hparams.threshold if self.metric == "dice" else probs.argmax(-1)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
-        self._check_segmentation()
+        self._check_batch(batch)
         probs = self.learner.predict(batch)
-        pred = probs > self.hparams.threshold
-        recs = self._records_for(batch, pred, TRAINED, "val", batch_idx)
+        recs = self._records_for(batch, self._decide(probs), TRAINED, "val", batch_idx)
         self._records["val"].extend(recs)
-        self.log("val/dice", sum(r["dice"] for r in recs) / len(recs), prog_bar=True, batch_size=len(recs), sync_dist=True)
-        if batch_idx == 0:
+        score = sum(r[self.metric] for r in recs) / len(recs)
+        self.log(f"val/{self.metric}", score, prog_bar=True, batch_size=len(recs), sync_dist=True)
+        # val/score: what the checkpoint callback of every trainer config monitors, whatever the task
+        self.log("val/score", score, batch_size=len(recs), sync_dist=True)
+        if batch_idx == 0 and self.metric == "dice":
             self._log_panels(batch, probs)
 
     def on_validation_epoch_start(self) -> None:
@@ -134,10 +170,10 @@ class EpisodicModule(LightningModule):
         records = _gather(self._records["val"])
         if not records or self.trainer.sanity_checking:
             return
-        summary = summarize(records)[TRAINED]
-        for group in ("organ", "site"):
+        summary = summarize(records, self.metric, self.groups)[TRAINED]
+        for group in self.groups:
             for name, s in summary[group].items():
-                self.log(f"val/dice/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+                self.log(f"val/{self.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
 
     def on_test_epoch_start(self) -> None:
         self._records["test"] = []
@@ -145,33 +181,33 @@ class EpisodicModule(LightningModule):
             m.to(self.device)
 
     def test_step(self, batch: Episode, batch_idx: int) -> None:
-        self._check_segmentation()
-        pred = self.learner.predict(batch) > self.hparams.threshold
-        recs = self._records_for(batch, pred, TRAINED, "test", batch_idx)
-        self.log("test/dice", sum(r["dice"] for r in recs) / len(recs), batch_size=len(recs), sync_dist=True)
+        self._check_batch(batch)
+        recs = self._records_for(batch, self._decide(self.learner.predict(batch)), TRAINED, "test", batch_idx)
+        self.log(f"test/{self.metric}", sum(r[self.metric] for r in recs) / len(recs), batch_size=len(recs), sync_dist=True)
         if self.hparams.baselines:
             if self._untrained:
                 untrained = self._untrained[0].eval()
-                recs += self._records_for(batch, untrained.predict(batch) > self.hparams.threshold, UNTRAINED, "test", batch_idx)
-            copy_pred = batch.support_labels.float().mean(1, keepdim=True) > 0.5  # (T, 1, H, W)
-            copy_pred = copy_pred.expand_as(batch.query_labels)
-            recs += self._records_for(batch, copy_pred, COPY_MASK, "test", batch_idx)
+                recs += self._records_for(batch, self._decide(untrained.predict(batch)), UNTRAINED, "test", batch_idx)
+            if self.metric == "dice":
+                copy_pred = batch.support_labels.float().mean(1, keepdim=True) > 0.5  # (T, 1, H, W)
+                copy_pred = copy_pred.expand_as(batch.query_labels)
+                recs += self._records_for(batch, copy_pred, COPY_MASK, "test", batch_idx)
         self._records["test"].extend(recs)
 
     def on_test_epoch_end(self) -> None:
         records = _gather(self._records["test"])
         if not records:
             return
-        summary = summarize(records)
+        summary = summarize(records, self.metric, self.groups)
         self.test_summary = summary
-        for group in ("organ", "site"):
+        for group in self.groups:
             for name, s in summary[TRAINED][group].items():
-                self.log(f"test/dice/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+                self.log(f"test/{self.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
         if self.global_rank == 0:
             out_dir = self.trainer.log_dir or self.trainer.default_root_dir
             dm = getattr(self.trainer, "datamodule", None)
             context = {"title": "held-out test episodes", "imaging_meta_version": imaging_meta.__version__,
-                       "learner": self.learner.config}
+                       "learner": self.learner.config, "metric": self.metric}
             if dm is not None and hasattr(dm, "describe"):
                 context.update(dm.describe())
                 context["n_shot"] = dm.hparams.n_shot
@@ -179,8 +215,9 @@ class EpisodicModule(LightningModule):
             if ckpt:
                 context["checkpoint"] = str(ckpt)
             methods = [m for m in (TRAINED, UNTRAINED, COPY_MASK) if m in summary]
-            self.report_paths = write_report(out_dir, summary, context, methods)
-            logger.info("results written to %s\n%s", self.report_paths[1], to_markdown(summary, methods))
+            self.report_paths = write_report(out_dir, summary, context, methods, groups=self.groups)
+            logger.info("results written to %s\n%s", self.report_paths[1],
+                        to_markdown(summary, methods, title=METRIC_TITLES[self.metric], groups=self.groups))
 
     # ---------------------------------------------------------------- logging
     def _log_panels(self, batch: Episode, probs: torch.Tensor) -> None:

@@ -55,6 +55,13 @@ def load_learner(checkpoint: str | Path, device: str | torch.device = "cpu") -> 
     return learner.to(device).eval(), extra
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def image_source(path: str | Path) -> str:
     """A NIfTI path or a DICOM series folder (the DICOM reader groups, checks and orders the folder's slices)."""
     p = Path(path)
@@ -137,7 +144,7 @@ def segment(
     """
     from monai.transforms import Compose, Invertd
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     learner, extra = load_learner(checkpoint, dev)
     if extra.get("task", "segmentation") != "segmentation":
         raise CheckpointError(f"{checkpoint}: a {extra.get('task')} checkpoint cannot segment; use `imaging-meta classify`")

@@ -1,0 +1,161 @@
+"""Every learner config trains and tests from its YAML through `cli_main` (shrunk: tiny nets, a few episodes),
+and `imaging-meta classify` runs a trained classification checkpoint on a folder of PNG and DICOM images."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imaging_meta.cli import cli_main
+from tests.conftest import SMALL_DATA
+from tests.imaging_meta.fewshot import _patterns
+from tests.imaging_meta.test_cli import data_args
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CLS_MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*_cls.yaml"))
+SEG_MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*_seg.yaml") if p.stem != "protonet_seg")  # test_cli has it
+
+
+def write_medmnist(folder: Path, n_files: int = 2, classes_per_file: int = 10, per_class: int = 8) -> list[str]:
+    """Tiny MedMNIST-format files (uint8 28x28, labels (N, 1)) with learnable class patterns."""
+    pats = _patterns(n_files * classes_per_file, 1, 28, 7)[:, 0]
+    rng = np.random.default_rng(0)
+    paths = []
+    for f in range(n_files):
+        imgs, labels = [], []
+        for c in range(classes_per_file):
+            base = pats[f * classes_per_file + c].numpy()
+            for _ in range(per_class):
+                x = base + 0.5 * rng.standard_normal(base.shape)
+                imgs.append(np.clip(128 + 40 * x, 0, 255).astype(np.uint8))
+                labels.append([c])
+        imgs, labels = np.stack(imgs), np.asarray(labels, dtype=np.int64)
+        n = len(imgs)
+        order = rng.permutation(n)
+        cut = [int(0.7 * n), int(0.85 * n)]
+        parts = np.split(order, cut)
+        path = folder / f"tinymnist{f}.npz"
+        np.savez(path, **{f"{s}_images": imgs[i] for s, i in zip(("train", "val", "test"), parts, strict=True)},
+                 **{f"{s}_labels": labels[i] for s, i in zip(("train", "val", "test"), parts, strict=True)})
+        paths.append(str(path))
+    return paths
+
+
+def cls_args(tmp_path: Path, model: str) -> list[str]:
+    paths = write_medmnist(tmp_path)
+    source = {"class_path": "datamodules.medmnist.MedMNIST", "init_args": {"paths": paths, "image_size": [32, 32]}}
+    return [
+        "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_classification.yaml"),
+        "--config", str(CONFIGS / f"model/{model}.yaml"),
+        "--data.init_args.source", json.dumps(source), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+        "--data.init_args.n_query", "2", "--data.init_args.episodes_per_epoch", "4", "--data.init_args.val_episodes", "2",
+        "--data.init_args.test_episodes", "4", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--model.learner.init_args.backbone_kwargs", '{"width": 8}',
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]
+
+
+@pytest.mark.parametrize("model", CLS_MODELS)
+def test_classification_learner_fits_and_tests_from_its_config(model, tmp_path, capsys):
+    args = ["fit", *cls_args(tmp_path, model), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+            "--test_after_fit", "true"]
+    cli = cli_main(args)
+    assert cli.model.learner.task == "classification"
+    run_dir = Path(cli.trainer.log_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    trained = res["summary"]["trained"]["all"]
+    assert res["context"]["metric"] == "acc" and 0.0 <= trained["mean"] <= 1.0 and trained["n_episodes"] == 4
+    assert "untrained encoder" in res["summary"]
+    md = (run_dir / "results.md").read_text()
+    assert "accuracy" in md and "chance: 0.200" in md
+    ckpt = next((run_dir / "checkpoints").glob("*.ckpt"))
+    test = cli_main(["test", *cls_args(tmp_path, model), "--ckpt_path", str(ckpt), "--data.init_args.n_shot", "2"])
+    assert test.model.test_summary["trained"]["all"]["n_episodes"] == 4
+
+
+@pytest.mark.parametrize("model", SEG_MODELS)
+def test_segmentation_learner_fits_and_tests_from_its_config(model, demo_root, demo_index, tmp_path):
+    args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / f"model/{model}.yaml"),
+            "--model.learner.init_args.backbone_kwargs", '{"out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}',
+            *data_args(demo_root, demo_index[1], tmp_path / "cache"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "true"]
+    cli = cli_main(args)
+    res = json.loads((Path(cli.trainer.log_dir) / "results.json").read_text())
+    assert res["context"]["metric"] == "dice"
+    assert res["summary"]["trained"]["all"]["n_episodes"] == SMALL_DATA["test_episodes"]
+    assert "copy support mask" in res["summary"]
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_classify_writes_one_row_per_query(tmp_path):
+    cli = cli_main(["fit", *cls_args(tmp_path, "protonet_cls"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    ckpt = next(Path(cli.trainer.log_dir, "checkpoints").glob("last*.ckpt"))
+    pats = _patterns(3, 1, 28, 99)[:, 0].numpy()
+    rng = np.random.default_rng(1)
+
+    def img(c):
+        return np.clip(128 + 40 * (pats[c] + 0.3 * rng.standard_normal((28, 28))), 0, 255).astype(np.uint8)
+
+    support = tmp_path / "support"
+    for c, name in enumerate(("cyst", "haemangioma", "metastasis")):
+        for k in range(2 + c):  # unequal shots per class are allowed
+            write_png(support / name / f"s{k}.png", img(c))
+    queries = tmp_path / "queries"
+    for c in range(3):
+        write_png(queries / f"q{c}.png", img(c))
+    out = tmp_path / "preds.csv"
+    rc = cli_main(["classify", "--checkpoint", str(ckpt), "--support", str(support), "--query", str(queries),
+                   "--query", str(queries / "q0.png"), "--out", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [Path(r["path"]).name for r in rows] == ["q0.png", "q1.png", "q2.png", "q0.png"]
+    assert set(rows[0]) == {"path", "predicted_class", "p_cyst", "p_haemangioma", "p_metastasis"}
+    for r in rows:
+        probs = [float(r[f"p_{c}"]) for c in ("cyst", "haemangioma", "metastasis")]
+        assert abs(sum(probs) - 1) < 1e-4 and r["predicted_class"] == ("cyst", "haemangioma", "metastasis")[int(np.argmax(probs))]
+    # the same query gives the same answer whatever else is classified with it
+    assert rows[0]["p_cyst"] == rows[3]["p_cyst"]
+    # clear errors: a support folder without class subfolders, a missing query
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        cli_main(["classify", "--checkpoint", str(ckpt), "--support", str(queries), "--query", str(queries), "--out", str(out)])
+    with pytest.raises(ValueError, match="no such query"):
+        cli_main(["classify", "--checkpoint", str(ckpt), "--support", str(support), "--query", str(tmp_path / "nope.png"),
+                  "--out", str(out)])
+
+
+def test_classify_refuses_a_support_of_the_wrong_way_for_a_fixed_head(tmp_path):
+    cli = cli_main(["fit", *cls_args(tmp_path, "maml_cls"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                    "--trainer.limit_val_batches", "1"])
+    ckpt = next(Path(cli.trainer.log_dir, "checkpoints").glob("last*.ckpt"))
+    support = tmp_path / "support"
+    for name in ("a", "b", "c"):
+        write_png(support / name / "x.png", np.full((28, 28), 100, np.uint8))
+    with pytest.raises(ValueError, match="5-way"):
+        cli_main(["classify", "--checkpoint", str(ckpt), "--support", str(support), "--query", str(support / "a"),
+                  "--out", str(tmp_path / "p.csv")])
+
+
+def test_results_table_combines_runs_and_checks_episode_files():
+    from imaging_meta.results import combine
+
+    def row(name, k, mean, sha="abc"):
+        stat = {"mean": mean, "ci95": 0.02, "n_episodes": 100}
+        return {"learner": name, "task": "classification", "n_shot": k, "fit_seconds": 60.0,
+                "context": {"n_way": 5, "episodes": "/x/test.json", "episodes_sha256": sha},
+                "summary": {"trained": {"all": stat}, "untrained encoder": {"all": {**stat, "mean": 0.3}}}}
+
+    table = combine([row("protonet_cls", 1, 0.6), row("protonet_cls", 5, 0.8), row("maml_cls", 1, 0.21), row("maml_cls", 5, 0.7)])
+    assert "| protonet_cls | 0.600 ± 0.020 | 0.300 ± 0.020 | 0.800 ± 0.020 |" in table
+    assert "0.210 ± 0.020 (not above chance)" in table
+    with pytest.raises(ValueError, match="different episode files"):
+        combine([row("a", 1, 0.5, "x"), row("b", 1, 0.5, "y")])
