@@ -5,10 +5,10 @@
 ==================  =========================================  =====================  ===========  =========
 site (folder)       format, vendor / model                     matrix @ in-plane      slices       voxel axes
 ==================  =========================================  =====================  ===========  =========
-A ct_northfield     CT DICOM, SIEMENS SOMATOM Definition AS     96 x 96 @ 3.6 mm      48 @ 4.0 mm  L, P, S
-B ct_harbor         CT DICOM, GE MEDICAL SYSTEMS LightSpeed VCT 80 x 80 @ 4.4 mm      40 @ 5.0 mm  L, P, S
-C mr_bids           MR BIDS NIfTI (T1w), Philips Ingenia 1.5 T  72 x 72 @ 4.8 mm      44 @ 4.5 mm  R, A, S
-D mr_decathlon      MR MSD NIfTI (T2w), SIEMENS Skyra 3 T       64 x 64 @ 5.2 mm      34 @ 6.0 mm  L, P, S
+A ct_northfield     CT DICOM, SIEMENS SOMATOM Definition AS     96 x 96 @ 3.6 mm      64 @ 4.0 mm  L, P, S
+B ct_harbor         CT DICOM, GE MEDICAL SYSTEMS LightSpeed VCT 80 x 80 @ 4.4 mm      52 @ 5.0 mm  L, P, S
+C mr_bids           MR BIDS NIfTI (T1w), Philips Ingenia 1.5 T  72 x 72 @ 4.8 mm      58 @ 4.5 mm  R, A, S
+D mr_decathlon      MR MSD NIfTI (T2w), SIEMENS Skyra 3 T       64 x 64 @ 5.2 mm      44 @ 6.0 mm  L, P, S
 ==================  =========================================  =====================  ===========  =========
 
 Site A stores uint16 with slope 1, intercept -1024 and natural slice order (IM_0001.dcm ...). Site B stores
@@ -22,6 +22,19 @@ each site's voxel grid, so image and label map share one physical grid and nothi
 Every patient gets its own body size, organ sizes, positions and rotations, table position, and a
 smooth random elastic displacement applied to every structure.
 
+Lesions: every patient gets focal lesions in the liver, spleen and kidneys (`LESION_TYPES`: 18 classes such
+as cyst, haemangioma, metastasis, hepatocellular carcinoma, focal nodular hyperplasia, angiomyolipoma,
+infarct). A class is a geometry (round, lobulated, irregular, spiculated or wedge-shaped; sharp or
+ill-defined margin; homogeneous, rim, peripheral nodules, central scar, mosaic or layered inside) and
+physical tissue properties (unenhanced HU, arterial and portal-venous enhancement, relative T1 and T2
+signal) that each site renders through its own intensity model: site A is a portal-venous CT, site B a
+noisier late-arterial CT, site C T1-weighted and site D T2-weighted MR, so a lesion class looks different at
+every site. Class frequencies are unbalanced (cysts in every patient, some classes in one patient of six);
+`draw_lesion_classes` guarantees that 12 patients per site give every class at least 14 lesions in at least
+8 patients. Lesions are 6-40 mm across, do not overlap, lie inside their organ (they keep the organ's label
+in the label maps) and are listed in ``lesions.csv`` at the cohort root, in the lesion-CSV input format of
+`datamodules.lesion_csv` (image, class, world centre x/y/z in DICOM LPS mm, size_mm, plus the host organ).
+
 Coordinates: NIfTI world coordinates are RAS+ (nibabel "Coordinate systems and affines"): x increases
 towards the subject's Right, y towards Anterior, z towards Superior. The liver, on the patient's right,
 therefore has x > 0 here; the spleen, on the left, has x < 0. DICOM patient coordinates are LPS+ (x to the
@@ -34,6 +47,7 @@ written with ``mtime=0`` and no file name.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -52,7 +66,7 @@ import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 ORGANS: dict[int, str] = {
     1: "liver",
@@ -69,7 +83,7 @@ ORGANS: dict[int, str] = {
 }
 
 MARKER = ".imaging-meta-demo.json"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -562,6 +576,9 @@ class _Site:
     texture: dict[int, float]
     noise: float
     bias: float = 0.0
+    #: how lesion tissue properties become intensities: ``offset + weights . (hu, arterial, portal, t1, t2)``
+    #: (see `LesionType`); CT sites differ in contrast phase, MR sites in weighting.
+    lesion_model: tuple[float, float, float, float, float, float] = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
 
 
 def _ct(offsets: dict[int, float], texture: dict[int, float] | None = None) -> tuple[dict, dict]:
@@ -586,14 +603,20 @@ _D_TEX = {FAT: 80, MUSCLE: 40, LIVER: 50, SPLEEN: 80, KIDNEY_CORTEX: 60, KIDNEY_
           CANCELLOUS: 80, GALLBLADDER: 40}
 
 SITES: tuple[_Site, ...] = (
+    # A: portal-venous phase (unenhanced HU + portal enhancement); B: late arterial phase, noisier
     _Site("ct_northfield", "A", "CT", "dicom", (96, 96), (3.6, 3.6), 64, 4.0, "LPS", "SIEMENS",
-          "SOMATOM Definition AS", "Northfield General Hospital", None, _A_MEANS, _A_TEX, noise=12.0),
+          "SOMATOM Definition AS", "Northfield General Hospital", None, _A_MEANS, _A_TEX, noise=12.0,
+          lesion_model=(0.0, 1.0, 0.0, 1.0, 0.0, 0.0)),
     _Site("ct_harbor", "B", "CT", "dicom", (80, 80), (4.4, 4.4), 52, 5.0, "LPS", "GE MEDICAL SYSTEMS",
-          "LightSpeed VCT", "Harbor Valley Medical Center", None, _B_MEANS, _B_TEX, noise=25.0),
+          "LightSpeed VCT", "Harbor Valley Medical Center", None, _B_MEANS, _B_TEX, noise=25.0,
+          lesion_model=(0.0, 1.0, 1.0, 0.0, 0.0, 0.0)),
+    # C: T1 between bile (t1 = 0) and fat (t1 = 1); D: T2 between cortical bone (t2 = 0) and bile (t2 = 1)
     _Site("mr_bids", "C", "MR", "bids", (72, 72), (4.8, 4.8), 58, 4.5, "RAS", "Philips", "Ingenia",
-          "Riverside University Clinic", 1.5, _C_MEANS, _C_TEX, noise=15.0, bias=0.12),
+          "Riverside University Clinic", 1.5, _C_MEANS, _C_TEX, noise=15.0, bias=0.12,
+          lesion_model=(90.0, 0.0, 0.0, 0.0, 760.0, 0.0)),
     _Site("mr_decathlon", "D", "MR", "decathlon", (64, 64), (5.2, 5.2), 44, 6.0, "LPS", "SIEMENS",
-          "MAGNETOM Skyra", "Lakeside Imaging Institute", 3.0, _D_MEANS, _D_TEX, noise=40.0, bias=0.35),
+          "MAGNETOM Skyra", "Lakeside Imaging Institute", 3.0, _D_MEANS, _D_TEX, noise=40.0, bias=0.35,
+          lesion_model=(40.0, 0.0, 0.0, 0.0, 0.0, 2260.0)),
 )
 
 
@@ -631,8 +654,306 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma_mm: float, spacing) -> 
     return field / max(float(field.std()), 1e-6)
 
 
-def _image(site: _Site, pat: _Patient, tissue: np.ndarray, xyz, rng: np.random.Generator) -> np.ndarray:
-    """Site-specific intensities: tissue means, texture, point-spread blur, bias field and noise."""
+# ============================================================================ lesions
+_HOST_ORGANS = (1, 2, 3, 4)  # liver, spleen, right and left kidney
+
+
+@dataclass(frozen=True)
+class LesionType:
+    """A focal lesion class: where it grows, how often, its geometry, and its physical tissue properties.
+
+    Tissue properties are 5-vectors ``(hu, arterial, portal, t1, t2)``: unenhanced CT attenuation (HU), the
+    extra HU in the late arterial and in the portal-venous phase, and the relative T1 and T2 signal in
+    [0, 1] (T1: 0 as dark as bile, 1 as bright as fat; T2: 0 as dark as cortical bone, 1 as bright as bile).
+    Each site renders them through its own ``lesion_model``, so the same lesion looks different on the
+    portal-venous CT (A), the noisier arterial CT (B), T1 MR (C) and T2 MR (D).
+
+    Attributes:
+        name: class name (the ``class`` column of ``lesions.csv``).
+        organs: host label value -> relative probability.
+        period: a patient has the class when ``(patient + offset) % period == 0``, with an offset drawn per
+            site and seed; periods divide 12, so 12 patients per site give exactly ``4 * 12 / period``
+            patients with the class.
+        count: (min, max) lesions of the class in a patient who has it.
+        diameter_mm: (min, max) nominal diameter (smaller when the organ has no room).
+        shape: "round", "lobulated", "irregular", "spiculated" or "wedge" (base towards the capsule).
+        margin: "sharp" or "ill_defined".
+        texture: how ``second`` mixes into ``main``: "homogeneous" (not at all), "rim" (an outer ring),
+            "nodular" (peripheral nodules), "scar" (central stellate scar), "mosaic" (smooth random
+            patches) or "layered" (the dependent, posterior part of the lesion).
+        enhancement: the enhancement pattern in words (the numbers are in ``main`` and ``second``).
+        main: tissue properties of the lesion body.
+        second: tissue properties of the rim / nodules / scar / other tissue / dependent layer.
+        grain: texture amplitude, as a fraction of the host organ's parenchymal texture.
+    """
+
+    name: str
+    organs: dict[int, float]
+    period: int
+    count: tuple[int, int]
+    diameter_mm: tuple[float, float]
+    shape: str
+    margin: str
+    texture: str
+    enhancement: str
+    main: tuple[float, float, float, float, float]
+    second: tuple[float, float, float, float, float] | None = None
+    grain: float = 0.5
+
+
+_KIDNEYS = {3: 0.5, 4: 0.5}
+#: the lesion classes of the demo cohort, in the order their offsets are drawn.
+LESION_TYPES: dict[str, LesionType] = {t.name: t for t in (
+    LesionType("cyst", {1: 0.45, 3: 0.2, 4: 0.2, 2: 0.15}, 1, (2, 4), (6, 30), "round", "sharp", "homogeneous",
+               "none (water density)", (5, 0, 0, 0.02, 0.97), grain=0.2),
+    LesionType("haemangioma", {1: 1.0}, 2, (1, 2), (10, 40), "lobulated", "sharp", "nodular",
+               "peripheral nodular, filling in", (40, 0, 15, 0.12, 0.88), (40, 190, 120, 0.12, 0.88)),
+    LesionType("metastasis", {1: 0.8, 2: 0.2}, 2, (1, 3), (8, 35), "irregular", "ill_defined", "rim",
+               "rim, hypovascular necrotic core", (25, 0, 10, 0.22, 0.62), (45, 55, 70, 0.35, 0.45)),
+    LesionType("hepatocellular_carcinoma", {1: 1.0}, 3, (1, 2), (15, 40), "lobulated", "sharp", "mosaic",
+               "arterial hyperenhancement, portal washout, mosaic", (50, 95, 20, 0.45, 0.42), (35, 35, 0, 0.3, 0.6)),
+    LesionType("focal_nodular_hyperplasia", {1: 1.0}, 4, (2, 3), (15, 40), "lobulated", "sharp", "scar",
+               "bright homogeneous arterial, central scar", (55, 110, 50, 0.55, 0.25), (20, 0, 10, 0.15, 0.85)),
+    LesionType("adenoma", {1: 1.0}, 6, (2, 3), (12, 35), "round", "sharp", "homogeneous",
+               "mild arterial, intracellular fat (T1 bright)", (30, 55, 40, 0.78, 0.32)),
+    LesionType("abscess", {1: 0.8, 2: 0.2}, 6, (2, 3), (15, 40), "irregular", "ill_defined", "rim",
+               "thick enhancing rim, fluid centre, oedema", (15, 0, 0, 0.05, 0.92), (50, 60, 80, 0.35, 0.5)),
+    LesionType("cholangiocarcinoma", {1: 1.0}, 6, (2, 3), (15, 40), "spiculated", "ill_defined", "mosaic",
+               "delayed progressive, fibrous", (45, 15, 45, 0.3, 0.45), (40, 5, 20, 0.25, 0.6)),
+    LesionType("focal_fat", {1: 1.0}, 4, (2, 3), (10, 30), "wedge", "ill_defined", "homogeneous",
+               "fat-containing parenchyma, no mass effect", (-15, 10, 35, 0.72, 0.35)),
+    LesionType("lipoma", {1: 0.5, 3: 0.25, 4: 0.25}, 6, (2, 3), (8, 25), "round", "sharp", "homogeneous",
+               "none (fat density)", (-100, 0, 0, 1.0, 0.56), grain=0.3),
+    LesionType("angiomyolipoma", _KIDNEYS, 3, (1, 2), (8, 30), "lobulated", "sharp", "mosaic",
+               "fat with enhancing vessels", (-90, 0, 0, 1.0, 0.56), (40, 130, 80, 0.35, 0.3)),
+    LesionType("calcification", {1: 0.4, 2: 0.3, 3: 0.15, 4: 0.15}, 2, (1, 2), (6, 10), "round", "sharp",
+               "homogeneous", "calcified (very dense; MR signal void)", (750, 0, 0, 0.0, 0.0), grain=0.2),
+    LesionType("haematoma", {1: 0.6, 2: 0.4}, 6, (2, 3), (15, 40), "lobulated", "sharp", "layered",
+               "none; dense dependent blood", (40, 0, 0, 0.45, 0.72), (78, 0, 0, 0.82, 0.3)),
+    LesionType("lymphoma", {2: 1.0}, 4, (2, 3), (8, 25), "round", "ill_defined", "homogeneous",
+               "mild homogeneous", (40, 25, 30, 0.3, 0.48)),
+    LesionType("renal_cell_carcinoma", _KIDNEYS, 3, (1, 2), (12, 40), "lobulated", "sharp", "mosaic",
+               "avid heterogeneous, necrosis", (40, 150, 90, 0.35, 0.5), (25, 0, 5, 0.15, 0.85)),
+    LesionType("infarct", {2: 0.5, 3: 0.25, 4: 0.25}, 4, (2, 3), (12, 30), "wedge", "sharp", "homogeneous",
+               "none (perfusion defect)", (35, 0, 5, 0.3, 0.55)),
+    LesionType("oncocytoma", _KIDNEYS, 6, (2, 3), (12, 35), "round", "sharp", "scar",
+               "avid homogeneous, central stellate scar", (40, 110, 100, 0.35, 0.4), (20, 0, 20, 0.2, 0.8)),
+    LesionType("splenic_hamartoma", {2: 1.0}, 6, (2, 3), (10, 25), "round", "sharp", "mosaic",
+               "heterogeneous arterial, iso portal", (45, 130, 75, 0.4, 0.55), (45, 70, 65, 0.38, 0.5)),
+)}
+
+#: columns of ``lesions.csv`` (the lesion-CSV input format of `datamodules.lesion_csv`, plus ``organ``)
+LESION_COLUMNS = ("image", "class", "x", "y", "z", "size_mm", "organ")
+
+
+def draw_lesion_classes(seed: int, site_index: int, patient: int) -> list[str]:
+    """The lesion classes of one demo patient, one entry per lesion (deterministic).
+
+    Class ``t`` is present when ``(patient + offset_t) % t.period == 0``, with offsets drawn once per
+    (seed, site): 12 consecutive patients of a site hold exactly ``12 / period`` patients with it, whatever
+    the seed. The number of lesions of a present class is drawn from ``t.count`` with a generator that
+    depends only on (seed, site, patient).
+
+    Args:
+        seed: cohort seed.
+        site_index: index into `SITES`.
+        patient: 1-based patient number within the site.
+
+    Returns:
+        Class names, in `LESION_TYPES` order, repeated once per lesion.
+    """
+    schedule = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(site_index, 0, 0)))  # patient 0: unused
+    offsets = schedule.integers(0, 12, size=len(LESION_TYPES))
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(site_index, patient, 3)))
+    counts = [int(rng.integers(t.count[0], t.count[1] + 1)) for t in LESION_TYPES.values()]
+    out: list[str] = []
+    for t, off, n in zip(LESION_TYPES.values(), offsets, counts, strict=True):
+        if (patient + int(off)) % t.period == 0:
+            out += [t.name] * n
+    return out
+
+
+@dataclass
+class _Lesion:
+    kind: LesionType
+    organ: int
+    voxel: np.ndarray  # continuous voxel coordinates of the centre
+    centre: np.ndarray  # RAS mm
+    radius: float  # nominal radius (mm)
+    rot: np.ndarray  # lesion frame
+    semi: np.ndarray  # relative semi-axes
+    bumps: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # directions, frequencies, phases, amplitudes
+    outward: np.ndarray  # unit vector from the organ's centre to the lesion (RAS), for wedges
+    level: float  # layering level (mm along RAS y) for layered lesions
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _place_lesions(names: Sequence[str], label: np.ndarray, affine: np.ndarray, spacing,
+                   rng: np.random.Generator) -> list[_Lesion]:
+    """Non-overlapping lesions inside their host organs, largest first.
+
+    A lesion's centre keeps 1.1 radii (+1 mm) from the organ's boundary (distance transform of the organ
+    mask on this grid) and 1.15 summed radii (+2 mm) from other lesions; when the drawn size does not fit
+    in any allowed organ the radius shrinks (down to 3 mm), and a lesion that still does not fit is
+    centred on the deepest free organ voxel instead.
+    """
+    draws = []
+    for name in names:
+        t = LESION_TYPES[name]
+        lo, hi = t.diameter_mm
+        d = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        organs = list(t.organs)
+        p = np.array([t.organs[o] for o in organs], float)
+        first = int(rng.choice(organs, p=p / p.sum()))
+        draws.append((d, t, [first] + [o for o in organs if o != first]))
+    draws.sort(key=lambda x: -x[0])  # stable: ties keep their draw order
+    cand: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for v in _HOST_ORGANS:
+        mask = label == v
+        idx = np.argwhere(mask)
+        lo_, hi_ = idx.min(0), idx.max(0) + 1
+        crop = np.pad(mask[lo_[0]:hi_[0], lo_[1]:hi_[1], lo_[2]:hi_[2]], 1)
+        dist = distance_transform_edt(crop, sampling=spacing)[1:-1, 1:-1, 1:-1]
+        ijk = idx - lo_
+        depth = dist[ijk[:, 0], ijk[:, 1], ijk[:, 2]].astype(np.float64)
+        world = (affine[:3, :3] @ idx.T.astype(np.float64)).T + affine[:3, 3]
+        cand[v] = (idx, world, depth, world.mean(0))
+    placed: list[_Lesion] = []
+    for d, t, organs in draws:
+        radius = d / 2
+        choice = None
+        while choice is None and radius >= 3.0 - 1e-9:
+            for v in organs:
+                idx, world, depth, _ = cand[v]
+                ok = depth >= 1.1 * radius + 1.0
+                for other in placed:
+                    ok &= np.linalg.norm(world - other.centre, axis=1) >= 1.15 * (radius + other.radius) + 2.0
+                if ok.any():
+                    choice = (v, int(rng.choice(np.flatnonzero(ok))))
+                    break
+            else:
+                radius *= 0.85
+        if choice is None:  # no room anywhere: the deepest voxel of the first organ that is not a centre yet
+            radius = 3.0
+            v = organs[0]
+            idx, world, depth, _ = cand[v]
+            score = depth.copy()
+            for other in placed:
+                score[np.linalg.norm(world - other.centre, axis=1) < 1.0] = -1.0
+            choice = (v, int(np.argmax(score)))
+        v, k = choice
+        idx, world, depth, organ_centre = cand[v]
+        voxel = idx[k] + rng.uniform(-0.4, 0.4, 3)
+        centre = affine[:3, :3] @ voxel + affine[:3, 3]
+        out = centre - organ_centre
+        out /= max(float(np.linalg.norm(out)), 1e-6)
+        n_b = {"lobulated": 3, "irregular": 6, "spiculated": 12}.get(t.shape, 1)
+        dirs = rng.normal(size=(n_b, 3))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        freq = rng.uniform(*{"lobulated": (1.5, 2.5), "irregular": (3.0, 5.0)}.get(t.shape, (1.0, 2.0)), n_b)
+        amp = rng.uniform(*{"lobulated": (0.08, 0.15), "irregular": (0.05, 0.12)}.get(t.shape, (0.0, 0.0)), n_b)
+        placed.append(_Lesion(
+            kind=t, organ=v, voxel=voxel, centre=centre, radius=radius, rot=_random_rotation(rng),
+            semi=rng.uniform(0.85, 1.15, 3), bumps=(dirs, freq, rng.uniform(0, 2 * np.pi, n_b), amp),
+            outward=out, level=float(rng.uniform(-0.3, 0.25) * radius),
+        ))
+    return placed
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _box_noise(rng: np.random.Generator, shape, scale_mm: float, spacing) -> np.ndarray:
+    field = gaussian_filter(rng.normal(size=shape), [max(scale_mm / s, 0.3) for s in spacing], mode="reflect")
+    return field / max(float(field.std()), 1e-6)
+
+
+def _lesion_shape_radius(les: _Lesion, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised radius (< 1 inside) and lesion-frame coordinates at offsets ``p`` (3, ...) mm from the centre."""
+    t = les.kind
+    r0 = les.radius
+    u = np.tensordot(les.rot.T, p, axes=1) / (r0 * les.semi[:, None, None, None])
+    rad = np.sqrt((u**2).sum(0)) + 1e-6
+    uh = u / rad
+    if t.shape == "wedge":
+        along = np.tensordot(les.outward, p, axes=1) / r0
+        perp = np.sqrt(np.maximum((p**2).sum(0) / r0**2 - along**2, 0.0))
+        return np.maximum(np.abs(along), perp / (0.15 + 0.75 * (along + 1.0) / 2.0)), u
+    dirs, freq, phase, amp = les.bumps
+    proj = np.tensordot(dirs, uh, axes=1)  # (n, ...)
+    if t.shape == "spiculated":
+        spikes = (np.maximum(proj, 0.0) ** 24).sum(0)
+        return rad / (1.0 + 0.7 * spikes), u
+    if t.shape in ("lobulated", "irregular"):
+        bump = (amp[:, None, None, None] * np.sin(freq[:, None, None, None] * np.pi * proj
+                                                  + phase[:, None, None, None])).sum(0)
+        return rad / (1.0 + bump), u
+    return rad, u
+
+
+def _render_lesions(img: np.ndarray, label: np.ndarray, xyz, site: _Site, lesions: Sequence[_Lesion],
+                    rng: np.random.Generator) -> None:
+    """Paint the lesions into ``img`` (before blur and noise), in place, inside their host organs only."""
+    spacing = np.array([*site.spacing, site.slice_spacing])
+    model = np.asarray(site.lesion_model, np.float64)
+    for les in lesions:
+        t = les.kind
+        half = (1.7 * les.radius * 1.2 + 4.0) / spacing
+        lo = np.maximum(np.floor(les.voxel - half).astype(int), 0)
+        hi = np.minimum(np.ceil(les.voxel + half).astype(int) + 1, label.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        shape = tuple(int(b - a) for a, b in zip(lo, hi, strict=True))
+        p = np.stack([xyz[a][box].astype(np.float64) - les.centre[a] for a in range(3)])
+        r, u = _lesion_shape_radius(les, p)
+        if t.margin == "sharp":
+            w = np.clip(0.5 + (1.0 - r) * les.radius / 1.2, 0.0, 1.0)
+        else:
+            r = r * (1.0 + 0.1 * _box_noise(rng, shape, 3.0, spacing))
+            w = _sigmoid((1.0 - r) * les.radius / 3.0)
+        if t.texture == "rim":
+            s = _sigmoid((r - 0.62) / 0.06)
+        elif t.texture == "nodular":
+            s = _sigmoid((r - 0.6) / 0.05) * _sigmoid((_box_noise(rng, shape, 0.25 * les.radius, spacing) - 0.3) / 0.25)
+        elif t.texture == "scar":
+            phi = np.arctan2(u[1], u[0])
+            spokes = _sigmoid((np.abs(np.cos(2.5 * phi)) - 0.9) / 0.025) * _sigmoid((0.75 - r) / 0.05)
+            s = np.maximum(_sigmoid((0.2 - r) / 0.04), spokes)
+        elif t.texture == "mosaic":
+            s = _sigmoid(_box_noise(rng, shape, max(0.3 * les.radius, 4.0), spacing) / 0.3)
+        elif t.texture == "layered":
+            s = _sigmoid((les.level - p[1]) / 1.5)
+        else:
+            s = np.zeros(shape)
+        main = model[0] + float(model[1:] @ np.asarray(t.main, np.float64))
+        value = main * (1.0 - s)
+        if t.second is not None:
+            value = value + s * (model[0] + float(model[1:] @ np.asarray(t.second, np.float64)))
+        value = value + t.grain * site.texture.get(_ORGAN_TISSUE[les.organ], 0.0) * _box_noise(rng, shape, 3.0, spacing)
+        w = w * (label[box] == les.organ)
+        img[box] = ((1.0 - w) * img[box] + w * value).astype(np.float32)
+
+
+def _lesion_rows(site: _Site, image: str, lesions: Sequence[_Lesion]) -> list[dict[str, str]]:
+    rows = []
+    for les in lesions:
+        lps = les.centre * _RAS_TO_LPS
+        rows.append({
+            "image": image, "class": les.kind.name,
+            "x": f"{lps[0]:.2f}", "y": f"{lps[1]:.2f}", "z": f"{lps[2]:.2f}",
+            "size_mm": f"{2 * les.radius:.1f}", "organ": ORGANS[les.organ],
+        })
+    return rows
+
+
+def _image(site: _Site, pat: _Patient, tissue: np.ndarray, xyz, rng: np.random.Generator,
+           label: np.ndarray | None = None, lesions: Sequence[_Lesion] = (),
+           rng_lesions: np.random.Generator | None = None) -> np.ndarray:
+    """Site-specific intensities: tissue means, texture, lesions, point-spread blur, bias field and noise."""
     spacing = (*site.spacing, site.slice_spacing)
     tex_a = _smooth_noise(rng, tissue.shape, 5.0, spacing)  # organ parenchyma
     tex_b = _smooth_noise(rng, tissue.shape, 8.0, spacing)  # bowel loops in mesenteric fat
@@ -641,6 +962,8 @@ def _image(site: _Site, pat: _Patient, tissue: np.ndarray, xyz, rng: np.random.G
     # mesentery and bowel: a smooth mix of fat and soft tissue
     w = 1.0 / (1.0 + np.exp(-2.5 * tex_b[visc]))
     img[visc] = w * site.means[FAT] + (1.0 - w) * site.means[VISCERA]
+    if lesions:
+        _render_lesions(img, label, xyz, site, lesions, rng_lesions)
     sx, sy = site.spacing
     img = gaussian_filter(img, sigma=(1.8 / sx, 1.8 / sy, 1.2 / site.slice_spacing), mode="nearest")
     if site.modality == "CT":
@@ -728,6 +1051,7 @@ def _labels_json() -> dict[str, str]:
 
 def _write_cohort(root: Path, seed: int, patients_per_site: int) -> list[Path]:
     files: list[Path] = []
+    lesion_rows: list[dict[str, str]] = []
     decathlon_training = []
     for si, site in enumerate(SITES):
         site_dir = root / site.key
@@ -741,7 +1065,10 @@ def _write_cohort(root: Path, seed: int, patients_per_site: int) -> list[Path]:
             # the grid's centre sits 35 mm above body z = 0, so liver dome and kidney poles are covered
             tissue, label = pat.render(*xyz, z_anchor=table_z - 35.0, table=site.modality == "CT")
             _check_labels(label, f"{site.key} patient {i}")
-            img = _image(site, pat, tissue, xyz, rng_noise)
+            rng_lesions = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(si, i, 4)))
+            spacing = (*site.spacing, site.slice_spacing)
+            lesions = _place_lesions(draw_lesion_classes(seed, si, i), label, affine, spacing, rng_lesions)
+            img = _image(site, pat, tissue, xyz, rng_noise, label, lesions, rng_lesions)
             if site.fmt == "dicom":
                 pat_dir = site_dir / f"pat{i:02d}"
                 if site.letter == "A":
@@ -753,6 +1080,7 @@ def _write_cohort(root: Path, seed: int, patients_per_site: int) -> list[Path]:
                 files += write_dicom_series(img, affine, pat_dir / series, header=_dicom_header(si, site, i, pat),
                                             modality="CT", rng=rng_uid, **kw)
                 files.append(write_nifti(label, affine, pat_dir / f"{series}_label.nii.gz", dtype=np.uint8))
+                image = f"{site.key}/pat{i:02d}/{series}"
             elif site.fmt == "bids":
                 anat = site_dir / f"sub-{i:02d}" / "anat"
                 stem = f"sub-{i:02d}_T1w"
@@ -760,6 +1088,7 @@ def _write_cohort(root: Path, seed: int, patients_per_site: int) -> list[Path]:
                 _write_json(_sidecar(site), anat / f"{stem}.json")
                 files.append(anat / f"{stem}.json")
                 files.append(write_nifti(label, affine, anat / f"{stem}_dseg.nii.gz", dtype=np.uint8))
+                image = f"{site.key}/sub-{i:02d}/anat/{stem}.nii.gz"
             else:
                 name = f"mr_{i:03d}"
                 files.append(write_nifti(img, affine, site_dir / "imagesTr" / f"{name}.nii.gz", dtype=np.float32))
@@ -767,6 +1096,8 @@ def _write_cohort(root: Path, seed: int, patients_per_site: int) -> list[Path]:
                 files.append(site_dir / "imagesTr" / f"{name}.json")
                 files.append(write_nifti(label, affine, site_dir / "labelsTr" / f"{name}.nii.gz", dtype=np.uint8))
                 decathlon_training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+                image = f"{site.key}/imagesTr/{name}.nii.gz"
+            lesion_rows += _lesion_rows(site, image, lesions)
         if site.fmt == "bids":
             _write_json({"Name": "imaging-meta demo, site C", "BIDSVersion": "1.8.0", "DatasetType": "raw"},
                         site_dir / "dataset_description.json")
@@ -787,8 +1118,15 @@ def _write_cohort(root: Path, seed: int, patients_per_site: int) -> list[Path]:
                        "written by datamodules.demo.generate_demo_cohort",
         "labels": _labels_json(),
         "modality": {s.key: s.modality for s in SITES},
+        "lesions": "lesions.csv",
+        "lesion_classes": list(LESION_TYPES),
     }, root / "dataset.json")
     files.append(root / "dataset.json")
+    with open(root / "lesions.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=LESION_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(lesion_rows)
+    files.append(root / "lesions.csv")
     return files
 
 
@@ -820,6 +1158,12 @@ def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per
         raise ValueError(f"patients_per_site must be an integer >= 1, got {patients_per_site!r}")
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        old = _marker_version(out)
+        if old is not None and old != DEMO_VERSION:
+            raise FileExistsError(
+                f"{out} is not empty: it holds a demo cohort of version {old}, and this code writes version "
+                f"{DEMO_VERSION} (with lesions and lesions.csv); delete the folder to regenerate it"
+            )
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder or delete it first")
     out.parent.mkdir(parents=True, exist_ok=True)
     # a unique hidden sibling; mkdir (unlike mkdtemp) keeps the usual umask permissions for the result
@@ -853,11 +1197,18 @@ def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per
     }
 
 
-def demo_is_complete(out_dir: str | os.PathLike) -> bool:
-    """True when ``out_dir`` holds a finished demo cohort (its marker file is present and valid)."""
-    marker = Path(out_dir) / MARKER
+def _marker_version(out_dir: str | os.PathLike) -> int | None:
+    """The version in a demo cohort's marker file, or None when there is no valid marker."""
     try:
-        data = json.loads(marker.read_text())
+        data = json.loads((Path(out_dir) / MARKER).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("generator") == "datamodules.demo.generate_demo_cohort"
+        return None
+    if not isinstance(data, dict) or data.get("generator") != "datamodules.demo.generate_demo_cohort":
+        return None
+    return data.get("version")
+
+
+def demo_is_complete(out_dir: str | os.PathLike) -> bool:
+    """True when ``out_dir`` holds a finished demo cohort of the current `DEMO_VERSION` (an older cohort, e.g.
+    one without ``lesions.csv``, is not complete: `generate_demo_cohort` then asks for the folder to be deleted)."""
+    return _marker_version(out_dir) == DEMO_VERSION

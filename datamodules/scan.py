@@ -22,6 +22,7 @@ No PatientName, PatientID, PatientBirthDate or UID is written to the index.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 import json
@@ -387,6 +388,16 @@ def _parse_decathlon(path: str) -> _Decathlon:
     return dec
 
 
+def _is_lesion_table(path: str) -> bool:
+    """A CSV whose header holds the lesion-CSV columns ``image`` and ``class`` (`datamodules.lesion_csv`)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return {"image", "class"} <= {h.strip() for h in header}
+
+
 # --------------------------------------------------------------------------------------------- scan
 @dataclass
 class _Series:
@@ -495,6 +506,8 @@ class _Scanner:
                 dataset_jsons.append(p)
             elif name.lower().endswith(".json"):
                 jsons.append(p)
+            elif name.lower().endswith(".csv") and _is_lesion_table(p):
+                self.account(p)  # a lesion table (datamodules.lesion_csv), e.g. the demo cohort's lesions.csv
             else:
                 h = self._read_dicom(p)
                 if h is not None:

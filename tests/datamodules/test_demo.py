@@ -1,5 +1,6 @@
-"""The synthetic demo cohort: layout, labels, determinism, DICOM geometry round trips, site headers, fake PHI."""
+"""The synthetic demo cohort: layout, labels, lesions, determinism, DICOM geometry round trips, site headers, fake PHI."""
 
+import csv
 import gzip
 import json
 import re
@@ -11,10 +12,13 @@ import pydicom
 import pytest
 
 from datamodules.demo import (
+    LESION_COLUMNS,
+    LESION_TYPES,
     MARKER,
     ORGANS,
     SITES,
     demo_is_complete,
+    draw_lesion_classes,
     generate_demo_cohort,
     write_dicom_series,
     write_nifti,
@@ -163,6 +167,8 @@ def test_same_seed_same_bytes_and_patients_do_not_depend_on_the_cohort_size(coho
         assert (root / rel).read_bytes() == (again / rel).read_bytes(), rel
     assert harbor_series(root) == harbor_series(again)  # shuffled names and UIDs too
     assert (root / "dataset.json").read_bytes() == (again / "dataset.json").read_bytes()
+    small, large = read_lesions(again), read_lesions(root)
+    assert small and all(r in large for r in small)  # patient 1's lesions do not depend on the cohort size
 
     other = tmp_path / "other"
     generate_demo_cohort(other, seed=1, patients_per_site=1)
@@ -178,6 +184,11 @@ def test_refuses_a_non_empty_folder_and_bad_arguments(tmp_path):
         generate_demo_cohort(tmp_path / "x", patients_per_site=1)
     assert (tmp_path / "x" / "keep.txt").read_text() == "user data"
     assert not demo_is_complete(tmp_path / "x") and not demo_is_complete(tmp_path / "missing")
+    (tmp_path / "old").mkdir()  # a cohort written by an older version of the generator (no lesions)
+    (tmp_path / "old" / MARKER).write_text(json.dumps({"generator": "datamodules.demo.generate_demo_cohort", "version": 1}))
+    assert not demo_is_complete(tmp_path / "old")
+    with pytest.raises(FileExistsError, match="version 1.*delete the folder"):
+        generate_demo_cohort(tmp_path / "old", patients_per_site=1)
     with pytest.raises(ValueError, match="patients_per_site"):
         generate_demo_cohort(tmp_path / "y", patients_per_site=0)
     with pytest.raises(ValueError, match="seed"):
@@ -327,6 +338,9 @@ def test_dicom_headers_hold_fake_phi_and_nothing_else_does(cohort):
         if f.suffix == ".json":
             text = f.read_text()
             assert not any(n in text for n in needles), f
+        elif f.suffix == ".csv":
+            text = f.read_text()
+            assert not any(n in text for n in needles), f
         elif f.name.endswith(".nii.gz"):
             head = gzip.decompress(f.read_bytes())[:352]
             assert b"DEMO" not in head and b"MRN" not in head, f
@@ -348,3 +362,114 @@ def test_six_patients_per_site(tmp_path):
     assert len(files) == 24
     for f in files:
         assert set(np.unique(np.asarray(nib.load(f).dataobj))) == {0, *ORGANS}, f
+
+
+# -------------------------------------------------------------------------------------------- lesions
+def read_lesions(root: Path) -> list[dict[str, str]]:
+    with open(root / "lesions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_lesion_class_assignment_is_rich_enough_and_unbalanced_for_48_patients():
+    """At 12 patients per site every class supports patient-disjoint 5-shot + 5-query episodes."""
+    for seed in (0, 1, 7):
+        lesions = {(si, i): draw_lesion_classes(seed, si, i) for si in range(len(SITES)) for i in range(1, 13)}
+        counts = {name: sum(v.count(name) for v in lesions.values()) for name in LESION_TYPES}
+        patients = {name: sum(name in v for v in lesions.values()) for name in LESION_TYPES}
+        assert len(LESION_TYPES) >= 15 and all(counts.values())
+        for name in LESION_TYPES:
+            assert counts[name] >= 14 and patients[name] >= 8, (seed, name, counts[name], patients[name])
+        assert max(counts.values()) >= 4 * min(counts.values()), counts
+        assert max(counts, key=counts.get) == "cyst"
+    # deterministic, and a patient's lesions depend only on (seed, site, patient)
+    assert draw_lesion_classes(0, 2, 5) == draw_lesion_classes(0, 2, 5)
+    assert [draw_lesion_classes(0, si, i) for si in range(4) for i in range(1, 13)] != \
+        [draw_lesion_classes(1, si, i) for si in range(4) for i in range(1, 13)]
+
+
+def test_lesion_types_differ_in_shape_margin_texture_and_enhancement():
+    kinds = list(LESION_TYPES.values())
+    assert {"round", "lobulated", "wedge"} <= {t.shape for t in kinds}
+    assert {"irregular", "spiculated"} & {t.shape for t in kinds}
+    assert {t.margin for t in kinds} == {"sharp", "ill_defined"}
+    assert {"homogeneous", "mosaic", "scar", "layered", "rim", "nodular"} <= {t.texture for t in kinds}
+    # physical properties: water, fat and calcium densities, and arterial-only vs portal enhancement
+    hu = {t.name: t.main[0] for t in kinds}
+    assert hu["cyst"] < 20 and hu["lipoma"] < -50 and hu["calcification"] > 300
+    assert LESION_TYPES["hepatocellular_carcinoma"].main[1] > LESION_TYPES["hepatocellular_carcinoma"].main[2]
+    assert len({t.main for t in kinds}) == len(kinds)  # no two classes share their tissue
+    for t in kinds:
+        assert set(t.organs) <= {1, 2, 3, 4} and 6 <= t.diameter_mm[0] < t.diameter_mm[1] <= 40, t.name
+        assert 12 % t.period == 0 and (t.second is None) == (t.texture == "homogeneous"), t.name
+
+
+def test_small_cohort_lesion_table(demo_root):
+    rows = read_lesions(demo_root)
+    assert tuple(rows[0]) == LESION_COLUMNS
+    images = {r["image"] for r in rows}
+    assert len(images) == 12  # every patient has lesions
+    for img in images:
+        assert (demo_root / img).exists(), img
+    assert len({r["class"] for r in rows}) >= 14  # most classes already appear with 3 patients per site
+    assert {r["class"] for r in rows} <= set(LESION_TYPES)
+    assert {r["organ"] for r in rows} <= {"liver", "spleen", "kidney_right", "kidney_left"}
+    sizes = np.array([float(r["size_mm"]) for r in rows])
+    assert sizes.min() >= 6.0 and sizes.max() <= 40.0
+    assert not any("DEMO" in v or "MRN" in v for r in rows for v in r.values())
+
+
+def label_of(root: Path, image: str) -> Path:
+    if image.endswith(("/CT", "/series")):
+        return root / f"{image}_label.nii.gz"
+    if image.startswith("mr_bids"):
+        return root / image.replace("_T1w.nii.gz", "_T1w_dseg.nii.gz")
+    return root / image.replace("imagesTr", "labelsTr")
+
+
+def test_every_lesion_centre_lies_in_its_organ_and_lesions_do_not_overlap(demo_root):
+    rows = read_lesions(demo_root)
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], []).append(r)
+    values = {name: v for v, name in ORGANS.items()}
+    for image, rs in by_image.items():
+        lab = nib.load(label_of(demo_root, image))
+        data = np.asarray(lab.dataobj)
+        ras = np.array([[float(r["x"]), float(r["y"]), float(r["z"])] for r in rs]) * LPS  # LPS -> RAS
+        ijk = np.rint((np.linalg.inv(lab.affine) @ np.c_[ras, np.ones(len(ras))].T)[:3].T).astype(int)
+        for r, v in zip(rs, ijk, strict=True):
+            assert data[tuple(v)] == values[r["organ"]], (image, r)
+        radius = np.array([float(r["size_mm"]) / 2 for r in rs])
+        dist = np.linalg.norm(ras[:, None] - ras[None], axis=-1)
+        np.fill_diagonal(dist, np.inf)
+        assert np.all(dist >= radius[:, None] + radius[None]), image
+
+
+def test_lesions_change_the_image_like_their_tissue(demo_root):
+    """Water, fat and calcium lesions are darker / brighter than their organ on CT (HU), calcium dark on MR."""
+    rows = read_lesions(demo_root)
+    values = {name: v for v, name in ORGANS.items()}
+    seen = set()
+    volumes = {}
+    for r in rows:
+        if r["class"] not in ("cyst", "lipoma", "calcification") or not r["image"].startswith(("ct_northfield", "mr_decathlon")):
+            continue
+        if r["image"] not in volumes:
+            if r["image"].startswith("ct_"):
+                vol, aff, _ = read_series(demo_root / r["image"])
+            else:
+                img = nib.load(demo_root / r["image"])
+                vol, aff = img.get_fdata(), img.affine
+            volumes[r["image"]] = vol, aff, np.asarray(nib.load(label_of(demo_root, r["image"])).dataobj)
+        vol, aff, lbl = volumes[r["image"]]
+        ras = np.array([float(r["x"]), float(r["y"]), float(r["z"])]) * LPS
+        v = tuple(np.rint((np.linalg.inv(aff) @ np.r_[ras, 1.0])[:3]).astype(int))
+        organ = np.median(vol[lbl == values[r["organ"]]])
+        centre = vol[v]
+        if r["image"].startswith("ct_"):
+            expected = {"cyst": centre < organ - 30, "lipoma": centre < organ - 60, "calcification": centre > organ + 200}
+        else:  # T2: fluid bright, calcium void
+            expected = {"cyst": centre > organ * 1.5, "lipoma": True, "calcification": centre < organ * 0.7}
+        assert expected[r["class"]], (r, centre, organ)
+        seen.add((r["image"][:2], r["class"]))
+    assert {("ct", "cyst"), ("mr", "cyst")} <= seen

@@ -1,0 +1,284 @@
+"""The lesion-CSV input format: world-space patches on the demo cohort and on synthetic volumes, bad input."""
+
+import csv
+import re
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from datamodules.demo import write_nifti
+from datamodules.items import ItemTable
+from datamodules.lesion_csv import LesionCSV, extract_patches, lesion_patches
+
+LPS = np.array([-1.0, -1.0, 1.0])
+BLOB = np.array([12.0, -20.0, 31.0])  # RAS mm
+
+
+# ------------------------------------------------------------------------------------------ demo cohort
+HIGH_CONTRAST = ("cyst", "calcification", "lipoma")
+
+
+@pytest.fixture(scope="module")
+def demo_table(demo_root, tmp_path_factory):
+    """The demo's lesion table restricted to a few volumes (one per site, plus one per high-contrast class), read
+    from a CSV in another folder with ``root`` pointing at the cohort."""
+    with open(demo_root / "lesions.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames, list(reader)
+    images = {next(r["image"] for r in rows if r["image"].startswith(site))
+              for site in ("ct_northfield", "ct_harbor", "mr_bids", "mr_decathlon")}
+    images |= {next(r["image"] for r in rows if r["class"] == c and float(r["size_mm"]) >= 8) for c in HIGH_CONTRAST}
+    subset = [r for r in rows if r["image"] in images]
+    path = write_rows(tmp_path_factory.mktemp("lesions") / "subset.csv", subset, columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MONAI's optional-codec notices, single-lesion classes
+        table = LesionCSV(csv=str(path), root=str(demo_root)).build()
+    return subset, table
+
+
+def test_demo_lesions_become_2d_patches(demo_table):
+    rows, t = demo_table
+    assert isinstance(t, ItemTable) and len(t) == len(rows)
+    assert t.images.shape == (len(rows), 1, 32, 32) and t.images.dtype == torch.float32
+    assert torch.isfinite(t.images).all() and t.images.min() >= 0 and t.images.max() <= 1 + 1e-5
+    assert t.classes == sorted({r["class"] for r in rows})
+    assert [t.classes[k] for k in t.labels] == [r["class"] for r in rows]
+    assert len(set(t.patients)) == len({r["image"] for r in rows}) and len(set(t.sites)) == 4
+    assert all(re.fullmatch(r"p-[0-9a-f]{12}", p) for p in t.patients)
+    assert all(re.fullmatch(r"c-[0-9a-f]{12}#\d+", i) for i in t.item_ids) and len(set(t.item_ids)) == len(t)
+    assert [int(i.split("#")[1]) for i in t.item_ids] == list(range(2, len(rows) + 2))  # CSV line numbers
+    assert not any("DEMO" in s or "MRN" in s or "Northfield" in s for s in t.patients + t.sites + t.item_ids)
+    assert t.source["format"] == "lesion_csv" and t.source["patch_size"] == [32, 32]
+
+
+def test_demo_lesions_are_visible_at_the_patch_centre(demo_root, demo_table):
+    """High-contrast lesions: the patch centre differs from the organ's mean intensity in the same volume."""
+    rows, t = demo_table
+    diffs = {}
+    for k, r in enumerate(rows):
+        if r["class"] in HIGH_CONTRAST and float(r["size_mm"]) >= 8:
+            centre = t.images[k, 0, 15:17, 15:17].mean()
+            diffs.setdefault(r["class"], []).append(abs(float(centre) - _organ_mean(demo_root, r)))
+    assert set(diffs) == set(HIGH_CONTRAST)
+    for cls, d in diffs.items():
+        assert np.median(d) > 0.15, (cls, d)
+
+
+_ORGAN_CACHE: dict[str, tuple] = {}
+
+
+def _organ_mean(root: Path, row: dict) -> float:
+    """Mean of the organ's voxels in the preprocessed volume (the intensities the patches are sampled from)."""
+    from datamodules.demo import ORGANS
+    from datamodules.lesion_csv import load_volume
+
+    image = row["image"]
+    if image not in _ORGAN_CACHE:
+        if image.endswith(("/CT", "/series")):
+            label = root / f"{image}_label.nii.gz"
+        elif image.startswith("mr_bids"):
+            label = root / image.replace("_T1w.nii.gz", "_T1w_dseg.nii.gz")
+        else:
+            label = root / image.replace("imagesTr", "labelsTr")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            vol = load_volume(root / image, "CT" if image.startswith("ct_") else "MR")
+        lab = np.asarray(nib.as_closest_canonical(nib.load(label)).dataobj)
+        _ORGAN_CACHE[image] = (vol[0].numpy(), lab)
+    vol, lab = _ORGAN_CACHE[image]
+    value = {n: v for v, n in ORGANS.items()}[row["organ"]]
+    return float(vol[lab == value].mean())
+
+
+# ------------------------------------------------------------------------------- synthetic geometry
+def blob_volume(path: Path, affine: np.ndarray, shape=(40, 36, 18), centre=BLOB, sigma=3.0) -> Path:
+    """A smooth background and a bright Gaussian blob at ``centre`` (RAS mm)."""
+    ijk = np.indices(shape).reshape(3, -1).astype(float)
+    world = (affine[:3, :3] @ ijk + affine[:3, 3:4]).T
+    d2 = ((world - centre) ** 2).sum(1)
+    data = 100.0 + 0.2 * world[:, 2] + 1000.0 * np.exp(-d2 / (2 * sigma**2))
+    return write_nifti(data.reshape(shape).astype(np.float32), affine, path)
+
+
+def affines() -> dict[str, np.ndarray]:
+    ras = np.diag([2.0, 2.0, 3.0, 1.0])
+    ras[:3, 3] = [-30.0, -60.0, 5.0]
+    lps = np.diag([-2.0, -2.0, 3.0, 1.0])  # the flipped axes of DICOM-derived NIfTI
+    lps[:3, 3] = [50.0, 20.0, 5.0]
+    permuted = np.zeros((4, 4))  # voxel axes (z, x, y), one of them flipped
+    permuted[2, 0], permuted[0, 1], permuted[1, 2], permuted[3, 3] = 3.0, -2.0, 2.0, 1.0
+    permuted[:3, 3] = [40.0, -40.0, 0.0]
+    return {"ras": ras, "lps_flipped": lps, "permuted": permuted}
+
+
+def write_rows(path: Path, rows: list[dict], columns=("image", "class", "x", "y", "z")) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def centre_row(image: str, cls: str, ras: np.ndarray, coordinates: str) -> dict:
+    xyz = ras * LPS if coordinates == "LPS" else ras
+    return {"image": image, "class": cls, "x": f"{xyz[0]:.3f}", "y": f"{xyz[1]:.3f}", "z": f"{xyz[2]:.3f}"}
+
+
+def peak(p: torch.Tensor) -> np.ndarray:
+    """Intensity-weighted centre (pixel units) of the bright part of a patch."""
+    w = (p - p.min()).clamp(min=0) ** 4
+    idx = np.indices(p.shape).reshape(p.ndim, -1)
+    return (idx * w.reshape(-1).numpy()).sum(1) / float(w.sum())
+
+
+@pytest.mark.parametrize("coordinates", ["LPS", "RAS"])
+@pytest.mark.parametrize("kind", ["ras", "lps_flipped", "permuted"])
+def test_patch_is_centred_on_the_world_point(tmp_path, coordinates, kind):
+    blob_volume(tmp_path / "vol.nii.gz", affines()[kind])
+    shift = np.array([6.0, 0.0, 0.0])  # 6 mm towards the patient's right -> the blob 4 px up along H
+    rows = [centre_row("vol.nii.gz", "blob", BLOB, coordinates), centre_row("vol.nii.gz", "shifted", BLOB + shift, coordinates),
+            centre_row("vol.nii.gz", "shifted_a", BLOB + [0.0, 3.0, 0.0], coordinates)]
+    src = LesionCSV(csv=str(write_rows(tmp_path / "l.csv", rows)), patch_size=[33, 33], coordinates=coordinates,
+                    mr_percentiles=[0, 100])
+    with pytest.warns(UserWarning, match="single lesion"):
+        t = src.build()
+    by = {t.classes[k]: t.images[i, 0] for i, k in enumerate(t.labels)}
+    assert t.images.shape == (3, 1, 33, 33)
+    np.testing.assert_allclose(peak(by["blob"]), [16, 16], atol=0.15)
+    assert by["blob"].argmax() == 16 * 33 + 16
+    np.testing.assert_allclose(peak(by["shifted"]), [12, 16], atol=0.15)  # H grows along RAS +x
+    np.testing.assert_allclose(peak(by["shifted_a"]), [16, 14], atol=0.15)  # W grows along RAS +y
+
+
+def test_3d_patches(tmp_path):
+    blob_volume(tmp_path / "vol.nii.gz", affines()["lps_flipped"])
+    rows = [centre_row("vol.nii.gz", "blob", BLOB, "RAS"), centre_row("vol.nii.gz", "blob", BLOB + [0, 0, 6.0], "RAS")]
+    t = LesionCSV(csv=str(write_rows(tmp_path / "l.csv", rows)), patch_size=[9, 17, 17], coordinates="RAS",
+                  mr_percentiles=[0, 100]).build()
+    assert t.images.shape == (2, 1, 9, 17, 17) and t.source["patch_spacing"] == [3.0, 1.5, 1.5]
+    np.testing.assert_allclose(peak(t.images[0, 0]), [4, 8, 8], atol=0.15)
+    np.testing.assert_allclose(peak(t.images[1, 0]), [2, 8, 8], atol=0.15)  # 6 mm superior = 2 slices of 3 mm
+
+
+def test_patch_geometry_does_not_depend_on_the_voxel_grid(tmp_path):
+    """The same physical blob sampled from a coarse flipped grid and a fine grid gives nearly the same patch."""
+    fine = np.diag([1.0, 1.0, 1.5, 1.0])
+    fine[:3, 3] = [-20.0, -50.0, 10.0]
+    coarse = affines()["lps_flipped"]
+    patches = []
+    for name, aff, shape in (("fine.nii.gz", fine, (64, 60, 30)), ("coarse.nii.gz", coarse, (40, 36, 18))):
+        blob_volume(tmp_path / name, aff, shape=shape, sigma=5.0)
+        vol = nib.load(tmp_path / name)
+        data = torch.from_numpy(np.asarray(vol.dataobj, dtype=np.float32))[None]
+        patches.append(extract_patches(data, vol.affine, BLOB[None], [24, 24], [1.0, 1.0])[0, 0])
+    assert patches[0].max() > 900
+    assert (patches[0] - patches[1]).abs().max() < 0.08 * patches[0].max()
+
+
+def test_lesion_patches_helper_matches_build(tmp_path):
+    blob_volume(tmp_path / "vol.nii.gz", affines()["ras"])
+    rows = [centre_row("vol.nii.gz", "a", BLOB, "LPS"), centre_row("vol.nii.gz", "a", BLOB + 4.0, "LPS")]
+    t = LesionCSV(csv=str(write_rows(tmp_path / "l.csv", rows))).build()
+    direct = lesion_patches(tmp_path / "vol.nii.gz", np.array([BLOB * LPS, (BLOB + 4.0) * LPS]), modality="unknown")
+    assert direct.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(direct, t.images)
+
+
+def test_box_columns_overrides_and_cache(tmp_path):
+    blob_volume(tmp_path / "vol.nii.gz", affines()["ras"])
+    lo, hi = (BLOB - 5.0) * LPS, (BLOB + 5.0) * LPS
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    cols = ("image", "class", "x_min", "y_min", "z_min", "x_max", "y_max", "z_max", "patient", "site", "size_mm")
+    row = dict(image="vol.nii.gz", **{"class": "a"}, x_min=lo[0], y_min=lo[1], z_min=lo[2], x_max=hi[0], y_max=hi[1],
+               z_max=hi[2], patient="Doe^John", site="site-7", size_mm="10")
+    write_rows(tmp_path / "l.csv", [row, {**row, "x_min": lo[0] - 2, "patient": ""}], cols)
+    src = LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[33, 33], mr_percentiles=[0, 100])
+    t = src.load(cache_dir=tmp_path / "cache")
+    np.testing.assert_allclose(peak(t.images[0, 0]), [16, 16], atol=0.15)  # the box centre
+    assert t.patients[0].startswith("p-") and "Doe" not in t.patients[0]
+    assert t.patients[1] != t.patients[0] and t.sites == ["site-7", "site-7"]
+    assert src.files() == [tmp_path / "l.csv"]
+    again = LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[33, 33], mr_percentiles=[0, 100]).load(tmp_path / "cache")
+    torch.testing.assert_close(again.images, t.images)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the second load came from the cache
+    assert LesionCSV(csv=str(tmp_path / "l.csv"), salt="other").cache_key() != src.cache_key()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def folder(tmp_path):
+    blob_volume(tmp_path / "a.nii.gz", affines()["ras"])
+    blob_volume(tmp_path / "b.nii.gz", affines()["lps_flipped"])
+    write_nifti(np.full((8, 8, 8), 5.0, np.float32), np.eye(4), tmp_path / "flat.nii.gz")  # the scan rejects it
+    return tmp_path
+
+
+def good_rows() -> list[dict]:
+    return [centre_row("a.nii.gz", "cyst", BLOB, "LPS"), centre_row("b.nii.gz", "cyst", BLOB, "LPS"),
+            centre_row("a.nii.gz", "metastasis", BLOB + 3, "LPS"), centre_row("b.nii.gz", "metastasis", BLOB + 3, "LPS")]
+
+
+@pytest.mark.parametrize(
+    "change, line, match",
+    [
+        (lambda rows: rows, 1, "missing column.*class"),  # written without the class column
+        (lambda rows: rows.__setitem__(2, {**rows[2], "image": "nope.nii.gz"}) or rows, 4, "nope.nii.gz.*does not exist"),
+        (lambda rows: rows.__setitem__(1, {**rows[1], "image": "flat.nii.gz"}) or rows, 3, "rejected by the scan: constant image"),
+        (lambda rows: rows.__setitem__(3, {**rows[3], "x": "900"}) or rows, 5, "outside image 'b.nii.gz'"),
+        (lambda rows: rows.__setitem__(0, {**rows[0], "y": "nan"}) or rows, 2, "y is nan"),
+        (lambda rows: rows.__setitem__(1, {**rows[1], "z": "12,5mm"}) or rows, 3, "not a number"),
+        (lambda rows: rows.__setitem__(1, {**rows[1], "z": ""}) or rows, 3, "missing coordinate"),
+        (lambda rows: rows.__setitem__(2, {**rows[2], "class": " "}) or rows, 4, "empty class"),
+    ],
+    ids=["missing_column", "unknown_image", "rejected_image", "outside", "nan", "not_a_number", "empty_coordinate",
+         "empty_class"],
+)
+def test_bad_rows_name_the_line_and_the_file(folder, change, line, match):
+    rows = change(good_rows())
+    cols = ("image", "x", "y", "z") if line == 1 else ("image", "class", "x", "y", "z")
+    path = write_rows(folder / "lesions.csv", rows, cols)
+    with pytest.raises(ValueError, match=match) as info:
+        LesionCSV(csv=str(path)).build()
+    assert f"line {line}" in str(info.value) and str(path) in str(info.value)
+
+
+def test_unknown_image_lists_what_the_scan_rejected(folder):
+    rows = good_rows()
+    rows[0]["image"] = "missing/scan.nii.gz"
+    with pytest.raises(ValueError, match=r"rejected 2 input\(s\).*flat.nii.gz: constant image"):
+        LesionCSV(csv=str(write_rows(folder / "lesions.csv", rows))).build()
+
+
+def test_duplicates_and_single_lesion_classes_warn(folder):
+    rows = good_rows() + [good_rows()[1], centre_row("a.nii.gz", "lonely", BLOB - 3, "LPS")]
+    path = write_rows(folder / "lesions.csv", rows)
+    with pytest.warns(UserWarning) as record:
+        t = LesionCSV(csv=str(path)).build()
+    text = " ".join(str(w.message) for w in record)
+    assert "duplicate" in text and "line 6" in text and "line 3" in text
+    assert "single lesion" in text and "'lonely' (line 7)" in text
+    assert len(t) == 5 and t.source["rejected"] == [{"line": 6, "reason": "duplicate of line 3 (same image, class and centre)"}]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(patch_size=[32]), "patch_size"),
+        (dict(patch_size=[32, 32], patch_spacing=[1.0]), "patch_spacing"),
+        (dict(coordinates="XYZ"), "coordinates"),
+        (dict(ct_window=[100, -100]), "ct_window"),
+        (dict(mr_percentiles=[99, 1]), "mr_percentiles"),
+    ],
+)
+def test_bad_settings(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        LesionCSV(csv=str(tmp_path / "l.csv"), **kw)
+
+
+def test_missing_csv(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        LesionCSV(csv=str(tmp_path / "none.csv")).build()
