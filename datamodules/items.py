@@ -116,6 +116,11 @@ class ItemSource:
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
                 **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What a new image needs to be prepared like the table's items (sizes, channels, windows), without
+        input paths or secrets: stored in checkpoints and used by ``imaging-meta classify``. Default: `settings`."""
+        return self.settings()
+
     def files(self) -> list[Path]:
         """Input files whose size and modification time invalidate the cache."""
         return []

@@ -1,0 +1,197 @@
+"""`ClassificationDataModule` end to end: sources -> class split -> batched N-way K-shot Episodes."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.classification import (
+    ClassificationDataModule,
+    ClassificationEpisodeDataset,
+    RandItemAugment,
+    RandItemAugmentd,
+    split_classes,
+)
+from datamodules.items import ItemSource, ItemTable
+from datamodules.samplers import ClassificationEpisodeSampler
+from imaging_meta.episode import Episode
+from tests.datamodules.test_image_folder import write_folder
+
+
+class TableSource(ItemSource):
+    """An in-memory source: ``n_classes`` classes, ``per_class`` items each, two items per patient, patients
+    alternating between two sites (except class ``small``, which has ``small_count`` items)."""
+
+    def __init__(self, n_classes: int = 9, per_class: int = 8, small: int = -1, small_count: int = 2) -> None:
+        self.n_classes, self.per_class, self.small, self.small_count = n_classes, per_class, small, small_count
+
+    def build(self) -> ItemTable:
+        labels, patients, sites = [], [], []
+        for c in range(self.n_classes):
+            for k in range(self.small_count if c == self.small else self.per_class):
+                labels.append(c)
+                patients.append(f"p{c}-{k // 2}")
+                sites.append(f"site{(k // 2) % 2}")
+        g = torch.Generator().manual_seed(0)
+        return ItemTable(images=torch.rand(len(labels), 1, 8, 8, generator=g), labels=np.array(labels),
+                         classes=[f"c{c}" for c in range(self.n_classes)], patients=patients, sites=sites,
+                         item_ids=[f"i{i}" for i in range(len(labels))], source={"format": "test"})
+
+
+SMALL = dict(n_way=2, n_shot=1, n_query=2, val_classes_count=2, test_classes_count=2, episodes_per_epoch=6,
+             val_episodes=4, test_episodes=5, batch_size=3, num_workers=0)
+
+
+def test_image_folder_end_to_end_yields_batched_episodes(tmp_path):
+    root = write_folder(tmp_path / "data", n_classes=5, per_class=4)
+    source = {"class_path": "datamodules.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
+    dm = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), **SMALL)
+    dm.prepare_data()
+    dm.setup("fit")
+    split = dm.class_split
+    assert sorted(split["train"] + split["val"] + split["test"]) == ["class0", "class1", "class2", "class3", "class4", "ct_class"]
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, Episode) and batch.batched and batch.n_tasks == 3
+    assert batch.support_images.shape == (3, 2, 1, 16, 16) and batch.query_images.shape == (3, 4, 1, 16, 16)
+    assert batch.support_labels.dtype == torch.int64
+    assert batch.support_labels.tolist() == [[0, 1]] * 3 and batch.query_labels.tolist() == [[0, 0, 1, 1]] * 3
+    for t in range(3):
+        assert set(batch.classes[t]) <= set(split["train"]) and len(set(batch.classes[t])) == 2
+        assert not set(batch.support_ids[t]) & set(batch.query_ids[t])
+        assert set(batch.meta[t]) == {"seed", "support_sites", "query_sites"}
+        assert batch.site[t] == " + ".join(sorted(set(batch.meta[t]["query_sites"])))
+    assert torch.isfinite(batch.support_images).all() and float(batch.query_images.max()) <= 1.0
+    val = next(iter(dm.val_dataloader()))
+    assert all(set(c) <= set(split["val"]) for c in val.classes)
+    assert dm.preprocessing["image_size"] == [16, 16] and dm.preprocessing["channels"] == 1
+    assert "root" not in dm.preprocessing and "salt" not in json.dumps(dm.preprocessing)
+    desc = dm.describe()
+    assert desc["format"] == "image_folder" and desc["chance"] == 0.5 and desc["n_way"] == 2
+    assert set(desc["classes"]["test"]) == set(split["test"]) and all(v == 4 for v in desc["classes"]["test"].values())
+    assert desc["episodes_sha256"]["test"] == json.loads(dm.episode_files["test"].read_text())["sha256"]
+
+
+def test_class_split_is_disjoint_and_seeded():
+    classes = [f"c{i}" for i in range(12)]
+    a = split_classes(classes, 3, 4, seed=0)
+    assert a == split_classes(classes, 3, 4, seed=0) and a != split_classes(classes, 3, 4, seed=1)
+    assert len(a["val"]) == 3 and len(a["test"]) == 4 and len(a["train"]) == 5
+    assert sorted(a["train"] + a["val"] + a["test"]) == sorted(classes)
+    fixed = split_classes(classes, 3, 4, seed=5, test=["c0", "c1"])
+    assert fixed["test"] == ["c0", "c1"] and not {"c0", "c1"} & set(fixed["train"] + fixed["val"])
+    with pytest.raises(ValueError, match="share"):
+        split_classes(classes, 3, 4, 0, train=["c0", "c2"], test=["c0"])
+    with pytest.raises(ValueError, match="does not have"):
+        split_classes(classes, 3, 4, 0, val=["nope"])
+    with pytest.raises(ValueError, match="test_classes_count=20"):
+        split_classes(classes, 3, 20, 0)
+
+
+def test_fixed_episodes_are_saved_reloaded_and_shared_by_settings(tmp_path):
+    kw = dict(source=TableSource(), cache_dir=str(tmp_path / "cache"), **SMALL)
+    dm = ClassificationDataModule(**kw)
+    dm.setup("test")
+    path = dm.episode_files["test"]
+    assert path.name.startswith("test-2way-1shot-2query-seed0-standard-")
+    a = [(e.support_ids, e.query_ids) for e in dm.test_dataloader()]
+    assert a == [(e.support_ids, e.query_ids) for e in dm.test_dataloader()]
+    # another run with the same settings reads the same file (even if the sampler were to change)
+    payload = json.loads(path.read_text())
+    dm2 = ClassificationDataModule(**kw)
+    dm2.setup("test")
+    assert dm2.episode_files["test"] == path
+    assert [(e.support_ids, e.query_ids) for e in dm2.test_dataloader()] == a
+    assert payload["meta"]["n_shot"] == 1 and payload["kind"] == "classification"
+    # other settings, other file; an explicit file is used as given and checked against the episode shape
+    dm3 = ClassificationDataModule(**{**kw, "n_shot": 2})
+    dm3.setup("test")
+    assert dm3.episode_files["test"] != path and "2shot" in dm3.episode_files["test"].name
+    dm4 = ClassificationDataModule(**{**kw, "cache_dir": str(tmp_path / "other"), "test_episodes_file": str(path)})
+    dm4.setup("test")
+    assert [(e.support_ids, e.query_ids) for e in dm4.test_dataloader()] == a
+    dm5 = ClassificationDataModule(**{**kw, "n_query": 3, "test_episodes_file": str(path)})
+    with pytest.raises(ValueError, match=r"this run is 2-way 1-shot with 3 queries"):
+        dm5.setup("test")
+    # no cache dir: nothing written, the same episodes drawn
+    dm6 = ClassificationDataModule(**{**kw, "cache_dir": None})
+    dm6.setup("test")
+    assert dm6.episode_files == {} and [(e.support_ids, e.query_ids) for e in dm6.test_dataloader()] == a
+
+
+def test_small_classes_are_dropped_with_a_warning_or_fail_clearly(tmp_path):
+    src = TableSource(small=4, small_count=2)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        dm = ClassificationDataModule(source=src, cache_dir=None, train_classes=["c0", "c1", "c2", "c4"],
+                                      val_classes=["c5", "c6"], test_classes=["c7", "c8"], **{**SMALL, "val_classes_count": 0})
+        dm.setup()
+    msgs = [str(w.message) for w in rec if "dropping" in str(w.message)]
+    assert len(msgs) == 1 and "train: dropping 1 class" in msgs[0] and "'c4' has 2 item(s) from 1 patient(s)" in msgs[0]
+    assert dm.describe()["dropped_classes"] == {"train": {"c4": "'c4' has 2 item(s) from 1 patient(s)"}}
+    assert "c4" not in dm.describe()["classes"]["train"]
+    dm = ClassificationDataModule(source=src, cache_dir=None, test_classes=["c4", "c8"], **SMALL)
+    with pytest.warns(UserWarning, match="test: dropping"), pytest.raises(ValueError, match=r"test: 1 usable class\(es\) \(c8\) of 2, but n_way=2"):
+        dm.setup()
+
+
+def test_cross_site_protocol_episodes_cross_sites(tmp_path):
+    dm = ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path), protocol="cross_site", **SMALL)
+    dm.setup()
+    assert "cross_site" in dm.episode_files["val"].name
+    for loader in (dm.train_dataloader(), dm.test_dataloader()):
+        for batch in loader:
+            for t in range(batch.n_tasks):
+                s, q = set(batch.meta[t]["support_sites"]), set(batch.meta[t]["query_sites"])
+                assert len(s) == 1 and len(q) == 1 and s != q and batch.site[t] == q.pop()
+    with pytest.raises(ValueError, match="protocol 'nope'"):
+        ClassificationDataModule(source=TableSource(), protocol="nope")
+
+
+def test_augmentation_is_seeded_per_episode_and_changes_pixels():
+    table = TableSource().build()
+    spec = ClassificationEpisodeSampler(table.labels, table.patients, table.sites, n_way=3, n_shot=2, n_query=2,
+                                        n_episodes=1).fixed_episodes()[0]
+    dm = ClassificationDataModule(source=TableSource(), cache_dir=None, **SMALL)
+    dm.setup()
+    aug = dm.train_dataloader().dataset.augment
+    assert aug is not None
+    plain = ClassificationEpisodeDataset(table)[spec]
+    a = ClassificationEpisodeDataset(table, aug)[spec]
+    b = ClassificationEpisodeDataset(table, aug)[spec]
+    assert torch.equal(a.support_images, b.support_images) and torch.equal(a.query_images, b.query_images)
+    assert not torch.equal(a.support_images, plain.support_images)
+    assert torch.equal(plain.support_images, table.images[list(spec.support)])
+    assert a.support_labels.tolist() == [0, 0, 1, 1, 2, 2] and a.classes == [table.classes[c] for c in spec.classes]
+    with pytest.raises(TypeError, match="ClassificationEpisodeSpec"):
+        ClassificationEpisodeDataset(table)[0]
+
+
+def test_item_augmentation_components_and_dictionary_twin():
+    x = torch.rand(6, 1, 12, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(RandItemAugment(prob=0.0, flip_prob=0.0)(x), x, atol=1e-6)  # identity draw
+    flipped = RandItemAugment(prob=0.0, flip_prob=1.0)(x)
+    assert torch.allclose(flipped, x.flip(-1).flip(-2), atol=1e-6)
+    # a pure 180-degree rotation is the double flip
+    rot = RandItemAugment(rotate_degrees=180.0, scale=0.0, translate=0.0, flip_prob=0.0, gamma=(1, 1), intensity_scale=0.0,
+                          noise_std=0.0, prob=1.0)
+    p = rot.randomize(x.shape)
+    p["theta"][:] = np.array([[-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    assert torch.allclose(RandItemAugment.geometric(x, p), x.flip(-1).flip(-2), atol=1e-5)
+    a, b = RandItemAugment(), RandItemAugment()
+    a.set_random_state(3)
+    b.set_random_state(3)
+    ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb) and not torch.equal(ya[0], ya[1]) and float(ya.min()) >= 0 and float(ya.max()) <= 1
+    x3 = torch.rand(2, 1, 6, 8, 8)
+    assert RandItemAugment()(x3).shape == (2, 1, 6, 8, 8)
+    # the dictionary twin applies one geometric draw to image and mask alike, intensity to the image only
+    mask = (x > 0.5).float()
+    d = RandItemAugmentd(["image", "label"], mode=["bilinear", "nearest"], prob=1.0, flip_prob=0.0, gamma=(1, 1),
+                         intensity_scale=0.0, noise_std=0.0)
+    d.set_random_state(4)
+    out = d({"image": mask.clone(), "label": mask})
+    assert set(out["label"].unique().tolist()) <= {0.0, 1.0}
+    agree = ((out["image"] > 0.5) == (out["label"] > 0.5)).float().mean()
+    assert agree > 0.9 and not torch.equal(out["label"], mask)

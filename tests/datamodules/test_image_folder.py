@@ -1,0 +1,211 @@
+"""`ImageFolder`: PNG, JPEG and single-frame DICOM class folders -> an ItemTable; bad inputs name the file."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.image_folder import ImageFolder, load_image
+from datamodules.scan import pseudonym
+from tests.datamodules.dicom_fixtures import FAKE_PHI, affine_ras, edit, header, truncate, write_series
+
+
+def pattern(c: int, k: int, size=(20, 24)) -> np.ndarray:
+    """A class-specific uint8 pattern with per-item noise (never constant)."""
+    rng = np.random.default_rng(100 * c + k)
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
+    base = 127 + 100 * np.sin((c + 1) * xx / 5.0 + c * yy / 7.0)
+    return np.clip(base + 10 * rng.standard_normal(size), 0, 255).astype(np.uint8)
+
+
+def write_png(path: Path, array: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def write_dicom(folder: Path, hu: np.ndarray, name: str, **hdr) -> Path:
+    """One single-frame CT file holding the 2D HU image ``hu`` (rows, columns) as pixel_array."""
+    return write_series(folder, hu.T[:, :, None].astype(np.float64), affine_ras(), hdr=header(**hdr),
+                        file_names=[name])[0]
+
+
+def write_folder(root: Path, n_classes=3, per_class=4, dicom_class=True) -> Path:
+    """PNG classes (patients named in the file names: P<k//2>_...) and, optionally, a class of CT DICOMs."""
+    for c in range(n_classes):
+        for k in range(per_class):
+            write_png(root / f"class{c}" / f"P{k // 2}_img{k}.png", pattern(c, k))
+    if dicom_class:
+        for k in range(per_class):
+            hu = (pattern(9, k).astype(np.float64) - 128) * 3  # about -380..380 HU
+            write_dicom(root / "ct_class" / f"patient{k}", hu, f"IM_{k}.dcm", PatientID=f"PHITEST-ID-{k % 2}")
+    return root
+
+
+def test_pngs_and_dicoms_load_with_pseudonymous_ids(tmp_path):
+    root = write_folder(tmp_path / "data")
+    (root / "class0" / "notes.txt").write_text("stray")
+    with pytest.warns(UserWarning, match=r"skipped 1 file.*notes\.txt"):
+        table = ImageFolder(str(root), image_size=[16, 16]).build()
+    assert table.classes == ["class0", "class1", "class2", "ct_class"]
+    assert table.images.shape == (16, 1, 16, 16) and table.images.dtype == torch.float32
+    assert float(table.images.min()) >= 0.0 and float(table.images.max()) <= 1.0
+    assert table.class_counts() == {"class0": 4, "class1": 4, "class2": 4, "ct_class": 4}
+    assert len(set(table.item_ids)) == 16
+    png = [i for i in range(16) if table.labels[i] < 3]
+    assert len({table.patients[i] for i in png}) == len(png)  # default: every image its own patient
+    assert {table.sites[i] for i in png} == {"data"}  # the source name
+    dcm = [i for i in range(16) if table.labels[i] == 3]
+    assert len({table.patients[i] for i in dcm}) == 2  # pseudonymised PatientID, repeated in pairs
+    assert {table.sites[i] for i in dcm} == {table.sites[dcm[0]]} and "ACME | Scanner 3000 | inst-" in table.sites[dcm[0]]
+    blob = json.dumps([table.item_ids, table.patients, table.sites, table.source])
+    for phi in (*FAKE_PHI.values(), "img0", "IM_0", "PHITEST", "Saint"):
+        assert phi not in blob
+
+
+def test_patient_regex_groups_images_and_must_match_every_file(tmp_path):
+    root = write_folder(tmp_path / "data", dicom_class=False)
+    table = ImageFolder(str(root), patient_regex=r"^(?P<patient>P\d+)_").build()
+    # P0_img0/P0_img1 and P1_img2/P1_img3 of each class: "P0" names the same patient in every class
+    assert len(set(table.patients)) == 2 and "P0" not in table.patients[0]
+    write_png(root / "class1" / "odd_name.png", pattern(1, 9))
+    with pytest.raises(ValueError, match=r"odd_name\.png: patient_regex .* does not match"):
+        ImageFolder(str(root), patient_regex=r"^(?P<patient>P\d+)_").build()
+    with pytest.raises(ValueError, match="named group 'patient'"):
+        ImageFolder(str(root), patient_regex=r"^P\d+_")
+
+
+def test_load_image_matches_the_table_and_keeps_aspect(tmp_path):
+    root = write_folder(tmp_path / "data", n_classes=2, dicom_class=False)
+    table = ImageFolder(str(root), image_size=[16, 16]).build()
+    f = root / "class1" / "P1_img3.png"
+    x = load_image(f, image_size=[16, 16])
+    assert torch.equal(table.images[table.item_ids.index("i-" + pseudonym("imaging-meta", "class1/P1_img3.png"))], x)
+    # 20 x 24 into 16 x 16: scaled to 13 x 16 (aspect kept) and padded with zero rows above and below
+    assert x.shape == (1, 16, 16)
+    assert float(x[0, 0].abs().sum()) == 0.0 and float(x[0, -1].abs().sum()) == 0.0 and float(x[0, 8].abs().sum()) > 0
+    assert float(x[:, :, 0].abs().sum()) > 0  # no padding columns
+    # per-image min-max scaling: at native size the full [0, 1] range is used
+    big = load_image(f, image_size=[20, 24])
+    raw = pattern(1, 3).astype(np.float64)
+    assert np.allclose(big[0].numpy(), (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)
+
+
+def test_channels_rgb_to_grey_and_grey_to_rgb(tmp_path):
+    rgb = np.stack([pattern(0, 0), pattern(1, 0), pattern(2, 0)], axis=-1)
+    f = write_png(tmp_path / "rgb.png", rgb)
+    grey = load_image(f, image_size=[20, 24], channels=1)
+    lum = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    expected = (rgb.astype(np.float64) - rgb.min()) / (rgb.max() - rgb.min()) @ np.array([0.299, 0.587, 0.114])
+    assert grey.shape == (1, 20, 24) and np.allclose(grey[0].numpy(), expected, atol=1e-5)
+    assert np.corrcoef(grey[0].numpy().ravel(), lum.ravel())[0, 1] > 0.999
+    g = write_png(tmp_path / "grey.jpg", pattern(0, 1), quality=95)
+    three = load_image(g, image_size=[8, 8], channels=3)
+    assert three.shape == (3, 8, 8) and torch.equal(three[0], three[1]) and torch.equal(three[1], three[2])
+
+
+def test_ct_window_and_monochrome1(tmp_path):
+    hu = np.array([[-1000.0, -250.0, 0.0, 250.0], [1000.0, 125.0, -125.0, 0.0]])
+    f = write_dicom(tmp_path / "ct", hu, "a.dcm")
+    ds = pydicom.dcmread(f)
+    assert np.allclose(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept), hu)
+    x = load_image(f, image_size=[2, 4], ct_window=[-250, 250])[0].numpy()
+    assert np.allclose(x, np.clip((hu + 250) / 500, 0, 1), atol=1e-6)
+    x2 = load_image(f, image_size=[2, 4], ct_window=[-1000, 1000])[0].numpy()
+    assert np.allclose(x2, (hu + 1000) / 2000, atol=1e-6)
+
+    def mono1(d):
+        d.PhotometricInterpretation = "MONOCHROME1"
+
+    edit(f, mono1)
+    x3 = load_image(f, image_size=[2, 4], ct_window=[-250, 250])[0].numpy()
+    assert np.allclose(x3, 1 - x, atol=1e-6)
+
+
+def test_bad_inputs_raise_naming_the_file(tmp_path):
+    def fresh(name):
+        return write_folder(tmp_path / name, n_classes=2, dicom_class=False)
+
+    root = fresh("corrupt")
+    bad = root / "class0" / "P9_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    with pytest.raises(ValueError, match=r"P9_broken\.png: cannot read the image"):
+        ImageFolder(str(root)).build()
+
+    root = fresh("truncated")
+    f = root / "class1" / "P0_img0.png"
+    truncate(f, 200)
+    with pytest.raises(ValueError, match=r"P0_img0\.png"):
+        ImageFolder(str(root)).build()
+
+    root = fresh("empty")
+    (root / "class2").mkdir()
+    with pytest.raises(ValueError, match=r"class2: empty class folder"):
+        ImageFolder(str(root)).build()
+
+    root = fresh("single")
+    write_png(root / "lonely" / "one.png", pattern(3, 0))
+    with pytest.raises(ValueError, match=r"lonely: a class folder with a single image"):
+        ImageFolder(str(root)).build()
+
+    root = fresh("mixed")
+    write_png(root / "class1" / "colour.png", np.stack([pattern(0, 5), pattern(1, 5), pattern(2, 5)], -1))
+    with pytest.raises(ValueError, match=r"colour\.png: colour \(RGB\) image, but .*P0_img0\.png is grey-level"):
+        ImageFolder(str(root)).build()
+
+    root = fresh("multiframe")
+    d = write_dicom(root / "class0", pattern(0, 7).astype(float), "mf.dcm")
+
+    def two_frames(ds):
+        ds.NumberOfFrames = 2
+        ds.PixelData = ds.PixelData * 2
+
+    edit(d, two_frames)
+    with pytest.raises(ValueError, match=r"mf\.dcm: multi-frame DICOM \(NumberOfFrames=2\)"):
+        ImageFolder(str(root)).build()
+
+    root = fresh("fake_dcm")
+    (root / "class0" / "scan.dcm").write_bytes(b"not dicom at all" * 20)
+    with pytest.raises(ValueError, match=r"scan\.dcm: not DICOM"):
+        ImageFolder(str(root)).build()
+
+    root = fresh("constant")
+    write_png(root / "class0" / "blank.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"blank\.png: constant image"):
+        ImageFolder(str(root)).build()
+
+    with pytest.raises(ValueError, match="is not a folder"):
+        ImageFolder(str(tmp_path / "nowhere")).build()
+    with pytest.raises(ValueError, match="channels must be 1"):
+        ImageFolder(str(root), channels=2)
+
+
+def test_extensionless_stray_files_are_skipped_with_a_warning_and_stray_root_files_listed(tmp_path):
+    root = write_folder(tmp_path / "data", n_classes=2, dicom_class=False)
+    (root / "class0" / "README").write_text("not an image")
+    (root / "labels.csv").write_text("a,b")
+    (root / "class1" / ".DS_Store").write_bytes(b"\x00" * 10)  # hidden files are ignored silently
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        table = ImageFolder(str(root)).build()
+    msgs = [str(w.message) for w in rec]
+    assert len(msgs) == 1 and "README" in msgs[0] and "labels.csv" in msgs[0] and ".DS_Store" not in msgs[0]
+    assert len(table) == 8 and sorted(table.source["rejected"]) == ["class0/README", "labels.csv"]
+
+
+def test_cache_is_reused_and_invalidated_by_a_new_file(tmp_path):
+    root = write_folder(tmp_path / "data", n_classes=2, dicom_class=False)
+    src = ImageFolder(str(root))
+    a = src.load(tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("items-*.pt"))) == 1
+    b = ImageFolder(str(root)).load(tmp_path / "cache")
+    assert torch.equal(a.images, b.images) and a.item_ids == b.item_ids
+    write_png(root / "class0" / "P7_new.png", pattern(0, 11))
+    c = ImageFolder(str(root)).load(tmp_path / "cache")
+    assert len(c) == len(a) + 1
+    assert ImageFolder(str(root), salt="other").load(tmp_path / "cache").item_ids != c.item_ids
