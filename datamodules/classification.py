@@ -550,7 +550,8 @@ class ClassificationDataModule(LightningDataModule):
         return {
             "task": "classification",
             "format": t.source.get("format", type(self.source).__name__),
-            "source": t.source,
+            # file names of skipped inputs stay out of reports (they may carry patient names): only their count
+            "source": {k: v for k, v in t.source.items() if k != "rejected"} | {"rejected": len(t.source.get("rejected", []))},
             "preprocessing": self.preprocessing,
             "protocol": h.protocol,
             "n_way": h.n_way,

@@ -131,6 +131,17 @@ def run_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _test_episodes(context: dict) -> tuple[str | None, str | None]:
+    """(file, sha256) of the test episodes a report was scored on (per-stage dicts or plain values)."""
+    path = context.get("episode_files", context.get("episodes"))
+    sha = context.get("episodes_sha256")
+    if isinstance(path, dict):
+        path = path.get("test")
+    if isinstance(sha, dict):
+        sha = sha.get("test")
+    return path, sha
+
+
 def _cell(stat: dict | None) -> str:
     return "—" if not stat else f"{stat['mean']:.3f} ± {stat['ci95']:.3f}"
 
@@ -148,7 +159,7 @@ def combine(rows: list[dict]) -> str:
             continue
         shots = sorted({r["n_shot"] for r in task_rows})
         for k in shots:
-            shas = {r["context"].get("episodes_sha256") for r in task_rows if r["n_shot"] == k}
+            shas = {_test_episodes(r["context"])[1] for r in task_rows if r["n_shot"] == k}
             if len(shas) > 1:
                 raise ValueError(f"{task} {k}-shot: learners were tested on different episode files {sorted(map(str, shas))}")
         first = task_rows[0]["context"]
@@ -185,8 +196,8 @@ def combine(rows: list[dict]) -> str:
                 line += f" | {_cell(copy)}"
             line += f" | {fit / 60:.1f} min |" if fit else " | — |"
             out.append(line)
-        episodes = {r["n_shot"]: (r["context"].get("episodes"), r["context"].get("episodes_sha256"),
-                                  r["summary"].get("trained", {}).get("all", {}).get("n_episodes")) for r in task_rows}
+        episodes = {r["n_shot"]: (*_test_episodes(r["context"]), r["summary"].get("trained", {}).get("all", {}).get("n_episodes"))
+                    for r in task_rows}
         out.append("")
         for k, (path, sha, n) in sorted(episodes.items()):
             out.append(f"- {k}-shot: {n} episodes from `{Path(str(path)).name}` (sha256 {str(sha)[:12]}…)")

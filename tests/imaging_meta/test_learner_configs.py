@@ -151,7 +151,7 @@ def test_results_table_combines_runs_and_checks_episode_files():
     def row(name, k, mean, sha="abc"):
         stat = {"mean": mean, "ci95": 0.02, "n_episodes": 100}
         return {"learner": name, "task": "classification", "n_shot": k, "fit_seconds": 60.0,
-                "context": {"n_way": 5, "episodes": "/x/test.json", "episodes_sha256": sha},
+                "context": {"n_way": 5, "episode_files": {"test": "/x/test.json"}, "episodes_sha256": {"test": sha, "val": "v"}},
                 "summary": {"trained": {"all": stat}, "untrained encoder": {"all": {**stat, "mean": 0.3}}}}
 
     table = combine([row("protonet_cls", 1, 0.6), row("protonet_cls", 5, 0.8), row("maml_cls", 1, 0.21), row("maml_cls", 5, 0.7)])
