@@ -37,7 +37,7 @@ from datamodules.samplers import (
 )
 from imaging_meta.episode import Episode, collate_episodes
 
-PROTOCOLS = ("standard", "cross_site")
+PROTOCOLS = ("standard", "within_site", "cross_site")
 STAGES = ("train", "val", "test")
 
 
@@ -327,8 +327,9 @@ class ClassificationDataModule(LightningDataModule):
         val_classes_count: number of seeded validation classes when ``val_classes`` is not given.
         test_classes_count: number of seeded test classes when ``test_classes`` is not given.
         split_seed: seed of the class split.
-        protocol: "standard" (support and query from any site, patient-disjoint) or "cross_site" (support
-            from one site, query from another; in every stage).
+        protocol: "standard" (support and query from any site, patient-disjoint), "within_site" (the whole
+            episode from one site, drawn per episode: a site adapting with its own scanner's images) or
+            "cross_site" (support from one site, query from another). It applies in every stage.
         episodes_per_epoch: training episodes per epoch (shared across DDP ranks).
         val_episodes: fixed validation episodes.
         test_episodes: fixed test episodes.
@@ -428,6 +429,7 @@ class ClassificationDataModule(LightningDataModule):
                 n_query=h.n_query,
                 n_episodes=n,
                 cross_site=h.protocol == "cross_site",
+                same_site=h.protocol == "within_site",
                 seed=h.seed + {"train": 0, "val": 1, "test": 2}[stage_name],
                 class_names=self.table.classes,
             )
@@ -441,13 +443,13 @@ class ClassificationDataModule(LightningDataModule):
         t = self.table
         idx = [t.classes.index(n) for n in names]
         bad = classification_infeasible(t.labels, t.patients, t.sites, idx, h.n_shot, h.n_query,
-                                        h.protocol == "cross_site", t.classes)
+                                        h.protocol == "cross_site", t.classes, h.protocol == "within_site")
         keep = [c for c in idx if c not in bad]
         if bad:
             self.dropped[stage] = {t.classes[c]: why for c, why in bad.items()}
             warnings.warn(
                 f"{stage}: dropping {len(bad)} class(es) that cannot give n_shot={h.n_shot} support and n_query={h.n_query} "
-                f"query items from different patients{' at two sites' if h.protocol == 'cross_site' else ''}: "
+                f"query items from different patients{ {'cross_site': ' at two sites', 'within_site': ' at one site'}.get(h.protocol, '')}: "
                 + "; ".join(bad.values()),
                 stacklevel=3,
             )

@@ -248,10 +248,12 @@ def classification_infeasible(
     n_query: int,
     cross_site: bool = False,
     class_names: Sequence[str] | None = None,
+    same_site: bool = False,
 ) -> dict[int, str]:
     """Classes that cannot give ``n_shot`` support and ``n_query`` query items from disjoint patients.
 
-    With ``cross_site`` a class must moreover have the support at one site and the query at another.
+    With ``cross_site`` a class must moreover have the support at one site and the query at another; with
+    ``same_site`` both at one site.
 
     Returns:
         class index -> why not (names the class, its item and patient counts); empty when all are feasible.
@@ -264,7 +266,7 @@ def classification_infeasible(
         n_pat = len({patients[i] for i in items})
         name = repr(names[c]) if names is not None else f"class {c}"
         what = f"{name} has {len(items)} item(s) from {n_pat} patient(s)"
-        if not cross_site:
+        if not (cross_site or same_site):
             counts = _counts(items, patients)
             if not splittable(counts, counts, n_shot, n_query):
                 bad[c] = what
@@ -274,7 +276,7 @@ def classification_infeasible(
             by_site.setdefault(sites[i], []).append(i)
         ok = any(
             splittable(_counts(by_site[a], patients), _counts(by_site[b], patients), n_shot, n_query)
-            for a in by_site for b in by_site if a != b
+            for a in by_site for b in by_site if (a == b) == same_site
         )
         if not ok:
             bad[c] = f"{what} at {len(by_site)} site(s)"
@@ -300,6 +302,8 @@ class ClassificationEpisodeSampler:
         n_query: query items per class.
         n_episodes: episodes per epoch (across all DDP ranks).
         cross_site: support and query from two different sites.
+        same_site: support and query from one site (drawn per episode): the few-shot task a site has
+            with its own scanner's images.
         seed: base seed; epoch ``e`` on rank ``r`` draws from (seed, e, r).
         rank: DDP rank; default: read from ``torch.distributed`` when it is initialised.
         world_size: number of DDP ranks; default: likewise.
@@ -324,6 +328,7 @@ class ClassificationEpisodeSampler:
         n_query: int = 5,
         n_episodes: int = 100,
         cross_site: bool = False,
+        same_site: bool = False,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
@@ -345,6 +350,7 @@ class ClassificationEpisodeSampler:
         self.class_names = list(class_names) if class_names is not None else None
         self.n_way, self.n_shot, self.n_query, self.n_episodes = n_way, n_shot, n_query, n_episodes
         self.cross_site = bool(cross_site)
+        self.same_site = bool(same_site)
         self.seed = seed
         self._rank, self._world = rank, world_size
         self.epoch = 0
@@ -361,6 +367,8 @@ class ClassificationEpisodeSampler:
 
     # ------------------------------------------------------------ validation
     def _check_feasible(self) -> None:
+        if self.cross_site and self.same_site:
+            raise ValueError("cross_site and same_site exclude each other: choose one")
         n_classes = len(self.class_names) if self.class_names is not None else None
         unknown = [c for c in self.classes if c < 0 or (n_classes is not None and c >= n_classes)]
         if unknown:
@@ -371,9 +379,9 @@ class ClassificationEpisodeSampler:
                 f"{len(self.classes)} ({', '.join(self._name(c) for c in self.classes)}); lower n_way or add classes"
             )
         bad = classification_infeasible(self.labels, self.patients, self.sites, self.classes, self.n_shot,
-                                        self.n_query, self.cross_site, self.class_names)
+                                        self.n_query, self.cross_site, self.class_names, self.same_site)
         if bad:
-            where = " at one site and the query at another" if self.cross_site else ""
+            where = " at one site and the query at another" if self.cross_site else (" and the query at one site" if self.same_site else "")
             raise ValueError(
                 f"cannot draw {self.n_shot}-shot episodes with {self.n_query} query item(s) per class: each class "
                 f"needs n_shot + n_query = {self.n_shot + self.n_query} items, the support{where} from patients other "
@@ -382,17 +390,23 @@ class ClassificationEpisodeSampler:
             )
         # (support site, query site) -> the classes that can fill an episode on it
         self._pairs: dict[tuple[str, str], frozenset[int]] = {}
-        if self.cross_site:
+        if self.cross_site or self.same_site:
             sites = sorted({s for c in self.classes for s in self._by_site[c]})
             best = 0
             for a in sites:
                 for b in sites:
-                    if a == b:
+                    if (a == b) != self.same_site:
                         continue
                     ok = frozenset(c for c in self.classes if self._pair_ok(c, a, b))
                     best = max(best, len(ok))
                     if len(ok) >= self.n_way:
                         self._pairs[(a, b)] = ok
+            if not self._pairs and self.same_site:
+                raise ValueError(
+                    f"within-site episodes need {self.n_way} classes that all have {self.n_shot} support and "
+                    f"{self.n_query} query item(s) from different patients at one site; the best site has {best} such "
+                    f"class(es) (sites: {sites}). Lower n_way, n_shot or n_query, or use protocol 'standard'."
+                )
             if not self._pairs:
                 raise ValueError(
                     f"cross-site episodes need {self.n_way} classes that all have {self.n_shot} support item(s) at one "
@@ -488,7 +502,7 @@ class ClassificationEpisodeSampler:
         """
         for _ in range(self.MAX_TRIES):
             pair = None
-            if self.cross_site:
+            if self.cross_site or self.same_site:
                 ways, pair = self._draw_cross_site_ways(rng)
             else:
                 ways = [int(c) for c in rng.choice(self.classes, size=self.n_way, replace=False)]

@@ -133,10 +133,13 @@ class EpisodicModule(LightningModule):
         out = []
         for i in range(t):
             for j in range(q):
+                site = batch.site[i]
+                if self.metric == "acc" and " + " in str(site):  # queries from several sites: one report row
+                    site = "mixed sites"
                 rec = {
                     "method": method,
                     "episode": f"{stage}-{self.global_rank}-{batch_idx}-{i}",
-                    "site": batch.site[i],
+                    "site": site,
                     "query_id": batch.query_ids[i][j],
                     self.metric: float(scores[i, j]),
                 }

@@ -99,6 +99,24 @@ def test_cross_site_support_and_query_sites_differ():
     assert len(seen_pairs) > 1  # the site pair is drawn per episode
 
 
+def test_within_site_episodes_come_from_one_site_drawn_per_episode():
+    labels, patients, sites = cohort(n_sites=3, per_patient=2)
+    s = ClassificationEpisodeSampler(labels, patients, sites, n_way=3, n_shot=1, n_query=2, n_episodes=100,
+                                     same_site=True, seed=2)
+    seen = set()
+    for spec in s:
+        used = {sites[i] for i in spec.support + spec.query}
+        assert len(used) == 1
+        assert not {patients[i] for i in spec.support} & {patients[i] for i in spec.query}
+        seen |= used
+    assert len(seen) == 3
+    with pytest.raises(ValueError, match="exclude each other"):
+        ClassificationEpisodeSampler(labels, patients, sites, n_way=3, same_site=True, cross_site=True)
+    # 12 items of a class spread over 3 sites cannot give 5 + 5 at one site
+    with pytest.raises(ValueError, match="and the query at one site"):
+        ClassificationEpisodeSampler(labels, patients, sites, n_way=3, n_shot=5, n_query=5, same_site=True, class_names=NAMES)
+
+
 def test_cross_site_needs_two_sites():
     labels, patients, sites = cohort(n_sites=1)
     with pytest.raises(ValueError, match="at one site and the query at another.*'lesion0' has 12 item.* at 1 site"):
