@@ -192,7 +192,7 @@ def _looks_like_headerless_dicom(path: str) -> bool:
     return head[:2] in (b"\x08\x00", b"\x00\x08", b"\x02\x00", b"\x00\x02")
 
 
-def _read_dataset(path: str, *, stop_before_pixels: bool = False) -> tuple[Dataset, list[str]]:
+def read_dataset(path: str, *, stop_before_pixels: bool = False) -> tuple[Dataset, list[str]]:
     """Read a DICOM file with pydicom; raise `NotDicomError` / `DicomError` with the reason.
 
     ``force=False`` first; a file with no preamble/'DICM' marker that starts like a raw data set is then read
@@ -458,11 +458,11 @@ def read_header(path: str | os.PathLike, *, keywords: Iterable[str] = ()) -> Dic
         DicomError: the file is DICOM but cannot be parsed (corrupt or truncated header).
     """
     path = str(path)
-    ds, caught = _read_dataset(path)
-    return _checked_header(ds, path, keywords, caught)
+    ds, caught = read_dataset(path)
+    return checked_header(ds, path, keywords, caught)
 
 
-def _checked_header(ds: Dataset, path: str, keywords: Iterable[str], caught: list[str]) -> DicomHeader:
+def checked_header(ds: Dataset, path: str, keywords: Iterable[str], caught: list[str]) -> DicomHeader:
     """`_header_from_dataset`, with pydicom's warnings on lazily parsed values collected, errors as `DicomError`."""
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -748,7 +748,7 @@ def load_series_array(series: DicomSeries, datasets: Mapping[str, Dataset] | Non
     for k, h in enumerate(series.headers):
         ds = datasets.get(h.path) if datasets else None
         if ds is None:
-            ds, _ = _read_dataset(h.path)
+            ds, _ = read_dataset(h.path)
         vol[:, :, k] = _decode_slice(ds, h).T
     return vol
 
@@ -851,7 +851,7 @@ class DicomSeriesReader(ImageReader):
                 if not os.path.isfile(p) or is_nifti(p):
                     continue
                 try:
-                    ds, caught = _read_dataset(p)
+                    ds, caught = read_dataset(p)
                 except NotDicomError as e:
                     logger.debug("skipping %s", e)
                     continue
@@ -874,7 +874,7 @@ class DicomSeriesReader(ImageReader):
             headers = next(iter(groups.values()))
         else:
             for p in names:
-                ds, caught = _read_dataset(p)
+                ds, caught = read_dataset(p)
                 headers.append(self._header(ds, p, caught))
                 datasets[p] = ds
             uids = {h.series_uid for h in headers}
@@ -887,7 +887,7 @@ class DicomSeriesReader(ImageReader):
 
     @staticmethod
     def _header(ds: Dataset, path: str, caught: list[str]) -> DicomHeader:
-        h = _checked_header(ds, path, (), caught)
+        h = checked_header(ds, path, (), caught)
         for msg in h.warnings:
             logger.warning("%s: pydicom: %s", path, msg)
         return h

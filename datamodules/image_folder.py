@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.dicom import DicomError, NotDicomError, _checked_header, _read_dataset
+from datamodules.dicom import DicomError, NotDicomError, checked_header, read_dataset
 from datamodules.items import ItemSource, ItemTable
 from datamodules.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
 
@@ -118,8 +118,8 @@ def _read_pil(path: Path) -> _Read:
 
 
 def _read_dicom(path: Path, ct_window: Sequence[float]) -> _Read:
-    ds, caught = _read_dataset(str(path))  # NotDicomError / DicomError name the file
-    h = _checked_header(ds, str(path), DEFAULT_SITE_FIELDS, caught)
+    ds, caught = read_dataset(str(path))  # NotDicomError / DicomError name the file
+    h = checked_header(ds, str(path), DEFAULT_SITE_FIELDS, caught)
     if h.is_dicomdir:
         raise DicomError(path, "a DICOMDIR (media index), not an image; remove it from the class folder")
     if h.number_of_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
