@@ -242,7 +242,9 @@ class EpisodicModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         extra = {"learner_config": self.learner.config, "task": self.learner.task, "version": imaging_meta.__version__}
         if self._untrained:
-            extra["untrained_state_dict"] = {k: v.detach().cpu() for k, v in self._untrained[0].state_dict().items()}
+            extra["untrained_state_dict"] = {  # extra state (a learner's class-name table) is kept as it is
+                k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in self._untrained[0].state_dict().items()
+            }
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "preprocessing"):
             extra["preprocessing"] = dm.preprocessing

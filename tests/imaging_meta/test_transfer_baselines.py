@@ -1,0 +1,307 @@
+"""Transfer baselines: Baseline / Baseline++ fine-tuning (classification, segmentation) and the logistic-regression probe."""
+
+import functools
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from imaging_meta.episode import Episode
+from imaging_meta.learners.base import build_learner
+from imaging_meta.learners.finetune import FineTune
+from imaging_meta.learners.logreg import LogisticRegressionProbe, fit_logistic_regression
+from tests.imaging_meta.fewshot import accuracy, classification_episode, dice, segmentation_episode, short_fit
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+TINY = {"width": 8}
+TINY_UNET = {"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]}
+
+
+def tiny_cls(**kw):
+    torch.manual_seed(0)
+    return FineTune(backbone="conv4", backbone_kwargs=TINY, finetune_steps=5, finetune_lr=0.1, **kw)
+
+
+def tiny_seg(**kw):
+    torch.manual_seed(0)
+    kw = {"finetune_steps": 5, **kw}
+    return FineTune(task="segmentation", backbone="unet", backbone_kwargs=TINY_UNET, **kw)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+# --------------------------------------------------------------------------- class-name table
+def test_class_table_grows_in_order_of_first_appearance():
+    m = tiny_cls(max_classes=8)
+    ep = classification_episode(n_way=3, tasks=2, size=8, seed=0, n_classes=6)
+    m.loss(ep)
+    expected = list(dict.fromkeys(n for names in ep.classes for n in names))
+    assert m.class_names == expected
+    m.loss(ep)  # names seen before keep their rows
+    assert m.class_names == expected
+    assert m.rows(ep.classes[1]).tolist() == [expected.index(n) for n in ep.classes[1]]
+
+
+def test_class_table_persists_through_state_dict_and_weights_only_load():
+    m = tiny_cls(max_classes=8)
+    m.loss(classification_episode(n_way=3, tasks=2, size=8, seed=0, n_classes=6))
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    fresh = build_learner(m.config)
+    assert fresh.class_names == []
+    fresh.load_state_dict(state)
+    assert fresh.class_names == m.class_names
+    assert fresh.rows(m.class_names).tolist() == list(range(len(m.class_names)))
+    ep = classification_episode(n_way=3, tasks=2, size=8, seed=5, n_classes=6)
+    assert torch.equal(fresh.loss(ep), m.loss(ep))
+
+
+def test_class_table_errors_clearly_past_capacity():
+    m = tiny_cls(max_classes=4)
+    m.loss(classification_episode(n_way=3, tasks=1, size=8, seed=0, n_classes=20))
+    with pytest.raises(ValueError, match="max_classes=4.*raise model.learner.init_args.max_classes"):
+        for s in range(1, 10):
+            m.loss(classification_episode(n_way=3, tasks=1, size=8, seed=s, n_classes=20))
+    assert len(m.class_names) <= 4
+    other = tiny_cls(max_classes=2)
+    with pytest.raises(ValueError, match="max_classes"):
+        other.load_state_dict(m.state_dict())
+
+
+def test_class_table_is_shared_across_ddp_ranks(monkeypatch):
+    """Under torch.distributed every rank adds the new names of all ranks, in rank order."""
+    import torch.distributed as dist
+
+    other_rank = ["classX", "class1"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+
+    def all_gather_object(out, obj):
+        out[0], out[1] = obj, [n for n in other_rank if n not in m.class_names]
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    m = tiny_cls()
+    m.register_classes(["class1", "class2"])
+    assert m.class_names == ["class1", "class2", "classX"]
+
+
+# --------------------------------------------------------------------------- shapes and probabilities
+@pytest.mark.parametrize("n_shot", [1, 5])
+@pytest.mark.parametrize("learner", ["baselinepp", "baseline", "baselinepp_body", "logreg"])
+def test_classification_shapes_and_probabilities(learner, n_shot):
+    ep = classification_episode(n_way=5, n_shot=n_shot, n_query=3, tasks=2, size=16, seed=1)
+    if learner == "logreg":
+        torch.manual_seed(0)
+        m = LogisticRegressionProbe(backbone="conv4", backbone_kwargs=TINY, max_iter=20)
+    else:
+        m = tiny_cls(cosine=learner != "baseline", finetune_body=learner.endswith("_body"))
+    loss = m.loss(ep)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    with torch.no_grad():
+        p = m.predict(ep)
+    assert p.shape == (2, 15, 5)
+    assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(2, 15), atol=1e-5)
+    # an unbatched episode is one task
+    assert m.predict(ep.task(0)).shape == (1, 15, 5)
+
+
+@pytest.mark.parametrize("finetune_body", [False, True])
+def test_segmentation_shapes_and_probabilities(finetune_body):
+    m = tiny_seg(finetune_body=finetune_body)
+    ep = segmentation_episode(n_shot=2, n_query=3, tasks=2, size=32, seed=0)
+    loss = m.loss(ep)
+    loss.backward()
+    assert torch.isfinite(loss) and m.class_names == ["ellipse"]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    with torch.no_grad():
+        p = m.predict(ep)
+    assert p.shape == (2, 3, 32, 32) and (p >= 0).all() and (p <= 1).all()
+
+
+def test_pretraining_loss_is_cross_entropy_over_every_seen_class():
+    """Golden check: the loss equals the hand-written Baseline++ objective on the body's embeddings."""
+    m = tiny_cls(max_classes=16)
+    m.loss(classification_episode(n_way=3, tasks=2, size=8, seed=7, n_classes=6))  # register some classes first
+    ep = classification_episode(n_way=3, n_shot=2, n_query=1, tasks=2, size=8, seed=3, n_classes=6)
+    loss = m.loss(ep)
+    n = len(m.class_names)
+    w = F.normalize(m.global_weight[:n].detach(), dim=-1)
+    expected = []
+    for t in range(2):
+        x = torch.cat([ep.support_images[t], ep.query_images[t]])
+        y = torch.cat([ep.support_labels[t], ep.query_labels[t]])
+        target = torch.tensor([m.class_names.index(ep.classes[t][i]) for i in y])
+        logits = 10.0 * F.normalize(m.body(x).detach(), dim=-1) @ w.T
+        expected.append(F.cross_entropy(logits, target))
+    assert torch.allclose(loss.detach(), torch.stack(expected).mean(), atol=1e-6)
+
+
+def test_segmentation_initial_head_is_the_nearest_mean_discriminant():
+    """Without fine-tuning a pixel is foreground exactly when its feature is nearer the support foreground mean."""
+    m = tiny_seg(finetune_steps=0)
+    f = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    masks = torch.zeros(2, 4, 4, dtype=torch.float64)
+    masks[:, :2] = 1
+    head = m.initial_head(f, masks, None)
+    fg, bg = f.permute(0, 2, 3, 1)[:, :2].reshape(-1, 3).mean(0), f.permute(0, 2, 3, 1)[:, 2:].reshape(-1, 3).mean(0)
+    logits = m.foreground_logits(f, head["weight"], head["bias"], (4, 4))[:, 1]
+    pix = f.permute(0, 2, 3, 1)
+    expected = 0.5 * ((pix - bg).pow(2).sum(-1) - (pix - fg).pow(2).sum(-1))
+    assert torch.allclose(logits, expected)
+
+
+# --------------------------------------------------------------------------- predict is side-effect free
+@pytest.mark.parametrize("finetune_body", [False, True])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "enable_grad"])
+def test_predict_leaves_every_parameter_bit_identical(finetune_body, grad_mode):
+    ctx = torch.no_grad if grad_mode == "no_grad" else torch.enable_grad
+    for m, ep in [
+        (tiny_cls(finetune_body=finetune_body), classification_episode(n_way=3, n_shot=2, tasks=2, size=8, seed=0)),
+        (tiny_seg(finetune_body=finetune_body), segmentation_episode(n_shot=1, n_query=1, tasks=1, size=32, seed=0)),
+    ]:
+        m.loss(ep)
+        before = snapshot(m)
+        with ctx():
+            m.predict(ep)
+        after = snapshot(m)
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.grad is None for p in m.parameters())
+
+
+def test_finetuning_fits_the_support_better_than_the_initial_head():
+    """More fine-tuning steps lower the support loss, with the body frozen or not."""
+    ep = classification_episode(n_way=5, n_shot=2, n_query=2, tasks=1, size=16, seed=2)
+    for body in (False, True):
+        losses = []
+        for steps in (0, 15):
+            m = tiny_cls(finetune_body=body)
+            m.finetune_steps = steps
+            with torch.no_grad():
+                p = FineTune.predict_task(m, ep.support_images[0], ep.support_labels[0], ep.support_images[0], 5)
+            losses.append(F.nll_loss(p.log(), ep.support_labels[0]).item())
+        assert losses[1] < losses[0] - 0.05, (body, losses)
+
+
+def test_predict_refuses_inference_mode_clearly():
+    m = tiny_cls()
+    ep = classification_episode(n_way=3, tasks=1, size=8)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.no_grad"):
+        m.predict(ep)
+
+
+def test_bad_arguments_and_episodes_raise_value_errors():
+    with pytest.raises(ValueError, match="task"):
+        FineTune(task="detection")
+    with pytest.raises(ValueError, match="max_classes"):
+        FineTune(max_classes=0)
+    m = tiny_seg()
+    ep = segmentation_episode(tasks=1, size=32)
+    bad = Episode(ep.support_images, ep.support_labels, ep.query_images, ep.query_labels, classes=[["a", "b"]], batched=True)
+    with pytest.raises(ValueError, match="one structure"):
+        m.loss(bad)
+    with pytest.raises(ValueError, match="twice"):
+        tiny_cls().rows(["a", "a"])
+
+
+# --------------------------------------------------------------------------- logistic regression
+def test_logistic_regression_matches_the_closed_form_optimum_and_separates():
+    """Golden check: two points +e1 / -e1; by symmetry W = [[a, 0], [-a, 0]], b = 0, where 2 sigmoid(-2a) = l2 a."""
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    y = torch.tensor([0, 1])
+    for l2 in (0.1, 1.0):
+        w, b = fit_logistic_regression(x, y, 2, l2=l2, max_iter=100)
+        lo, hi = 0.0, 100.0
+        for _ in range(200):  # bisection on the optimality condition
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if 2 / (1 + math.exp(2 * mid)) > l2 * mid else (lo, mid)
+        expected = torch.tensor([[lo, 0.0], [-lo, 0.0]], dtype=torch.float64)
+        assert torch.allclose(w, expected, atol=1e-6) and torch.allclose(b, torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    # separable 4-way clusters: every support point is classified right, probabilities sum to 1
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 8) * 3
+    y = torch.arange(4).repeat_interleave(5)
+    x = centres[y] + 0.3 * torch.randn(20, 8, generator=g)
+    w, b = fit_logistic_regression(x, y, 4, l2=1.0, max_iter=100)
+    p = (x.double() @ w.T + b).softmax(-1)
+    assert (p.argmax(-1) == y).all() and torch.allclose(p.sum(-1), torch.ones(20, dtype=torch.float64))
+    w2, b2 = fit_logistic_regression(x, y, 4, l2=1.0, max_iter=100)
+    assert torch.equal(w, w2) and torch.equal(b, b2), "the fit is deterministic"
+
+
+def test_logistic_regression_probe_fits_its_support():
+    torch.manual_seed(0)
+    m = LogisticRegressionProbe(backbone="conv4", backbone_kwargs={"width": 16}, l2=1e-3, max_iter=200)
+    # 10 points in 16 dimensions: linearly separable
+    ep = classification_episode(n_way=5, n_shot=2, n_query=1, tasks=1, size=16, seed=4)
+    with torch.no_grad():
+        p = m.predict_task(ep.support_images[0], ep.support_labels[0], ep.support_images[0], 5)
+    # the query is the support itself (same BatchNorm batch twice, so the same embeddings): fit perfectly
+    assert (p.argmax(-1) == ep.support_labels[0]).all()
+
+
+# --------------------------------------------------------------------------- learning
+def _pretraining_improves(m):
+    test = classification_episode(n_way=5, n_shot=1, n_query=5, tasks=8, size=16, seed=99, class_offset=20)
+    before = accuracy(m, test)
+    make = functools.partial(classification_episode, n_way=5, n_shot=1, n_query=2, tasks=4, size=16, class_offset=0, n_classes=20)
+    short_fit(m, make, steps=25, lr=3e-3)
+    after = accuracy(m, test)
+    assert after > before + 0.15, (before, after)
+    assert len(m.class_names) == 20
+
+
+def test_pretraining_improves_accuracy_on_unseen_classes_baselinepp():
+    torch.manual_seed(0)
+    _pretraining_improves(FineTune(backbone="conv4", backbone_kwargs={"width": 16}, finetune_steps=10, finetune_lr=0.1))
+
+
+def test_pretraining_improves_accuracy_on_unseen_classes_logreg():
+    torch.manual_seed(0)
+    _pretraining_improves(LogisticRegressionProbe(backbone="conv4", backbone_kwargs={"width": 16}, max_iter=50))
+
+
+def test_segmentation_pretraining_improves_dice():
+    m = tiny_seg(finetune_steps=10)
+    test = segmentation_episode(n_shot=1, n_query=2, tasks=4, size=32, seed=99)
+    before = dice(m, test)
+    short_fit(m, functools.partial(segmentation_episode, n_shot=1, n_query=2, tasks=2, size=32), steps=20, lr=3e-3)
+    after = dice(m, test)
+    assert after > before + 0.2 and after > 0.8, (before, after)
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize(
+    "name, episode",
+    [
+        ("baselinepp_cls", lambda: classification_episode(n_way=5, n_shot=1, n_query=2, tasks=4, size=32, seed=0)),
+        ("logreg_cls", lambda: classification_episode(n_way=5, n_shot=1, n_query=2, tasks=4, size=32, seed=0)),
+        ("finetune_seg", lambda: segmentation_episode(n_shot=1, n_query=2, tasks=1, size=80, seed=0)),
+    ],
+)
+def test_model_configs_build_and_run_on_demo_sized_episodes(name, episode):
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]["learner"]
+    torch.manual_seed(0)
+    m = build_learner(cfg)
+    ep = episode()
+    assert torch.isfinite(m.loss(ep))
+    with torch.no_grad():
+        p = m.predict(ep)
+    assert p.shape[:2] == ep.query_labels.shape[:2] and torch.isfinite(p).all()
+
+
+def test_pretraining_needs_class_names():
+    ep = classification_episode(n_way=3, tasks=2, size=8)
+    nameless = Episode(ep.support_images, ep.support_labels, ep.query_images, ep.query_labels, classes=[[], []], batched=True)
+    with pytest.raises(ValueError, match="episode.classes"):
+        tiny_cls().loss(nameless)
