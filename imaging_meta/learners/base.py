@@ -35,12 +35,13 @@ class Learner(nn.Module):
         @functools.wraps(init)
         def recording_init(self, *args, **kw):
             init(self, *args, **kw)
-            if type(self) is cls:  # the most derived __init__ records, once
-                bound = signature.bind(self, *args, **kw)
-                bound.apply_defaults()
-                arguments = dict(bound.arguments)
-                arguments.pop("self")
-                self._init_config = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": arguments}
+            # the outermost __init__ finishes last, so its record wins; a subclass without an __init__ of its
+            # own is recorded by its nearest parent's, under its own class path
+            bound = signature.bind(self, *args, **kw)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            arguments.pop("self")
+            self._init_config = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": arguments}
 
         cls.__init__ = recording_init
 
