@@ -71,7 +71,12 @@ class Episode:
                 raise IndexError(f"an unbatched episode has one task, asked for task {t}")
             return self
         kw = {k: getattr(self, k)[t] for k in self.TENSOR_FIELDS}
-        meta = {k: getattr(self, k)[t] for k in ("classes", "site", "support_ids", "query_ids", "meta")}
+        n = self.n_tasks
+
+        def pick(value):  # per-task lists are indexed; metadata shared by every task is kept as it is
+            return value[t] if isinstance(value, list) and len(value) == n else value
+
+        meta = {k: pick(getattr(self, k)) for k in ("classes", "site", "support_ids", "query_ids", "meta")}
         return Episode(**kw, **meta, batched=False)
 
     def tasks(self) -> list[Episode]:

@@ -32,3 +32,14 @@ def test_dataloader_pinning_reaches_the_episode(monkeypatch):
     monkeypatch.setattr(Episode, "pin_memory", lambda self: called.append(1) or self)
     pin_memory(ep())
     assert called == [1]
+
+
+def test_task_of_a_batched_episode_built_directly_keeps_shared_metadata():
+    import torch
+
+    from imaging_meta.episode import Episode
+
+    ep = Episode(torch.zeros(3, 2, 1, 4, 4), torch.zeros(3, 2, 4, 4), torch.zeros(3, 1, 1, 4, 4), torch.zeros(3, 1, 4, 4),
+                 site="one site", batched=True)
+    t = ep.task(2)
+    assert t.support_images.shape == (2, 1, 4, 4) and t.site == "one site" and t.classes == []
