@@ -1,11 +1,10 @@
 """Shared fixtures: a small demo cohort, generated once per test session into a temporary folder."""
 
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread: these are tiny tensors, and two threads on a shared 2-core machine spin-wait (measured 10-100x slower)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,155 @@
+"""Meta-LSTM (Ravi & Larochelle, ICLR 2017): shapes, the SGD special case, exact meta-gradients, a short fit."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imaging_meta.episode import Episode
+from imaging_meta.learners.base import build_learner
+from imaging_meta.learners.inner_loop import adapt, functional_forward, split_state
+from imaging_meta.learners.meta_lstm import MetaLSTM, preprocess_gradient
+from tests.imaging_meta.fewshot import accuracy, classification_episode, short_fit
+
+SMALL = {"width": 8}
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    return MetaLSTM(n_way=5, backbone_kwargs=SMALL, **kw)
+
+
+def double(ep: Episode) -> Episode:
+    return Episode(ep.support_images.double(), ep.support_labels, ep.query_images.double(), ep.query_labels, batched=True)
+
+
+def test_preprocessing_golden_values():
+    x = torch.tensor([1.0, -1e-3, 1e-6, 0.0, -2e-5])
+    out = preprocess_gradient(x, p=10.0)
+    expected = torch.tensor(
+        [[0.0, 1.0], [math.log(1e-3) / 10, -1.0], [-1.0, math.exp(10) * 1e-6], [-1.0, 0.0], [-1.0, -math.exp(10) * 2e-5]]
+    )
+    assert out.shape == (5, 2)
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_shot", [1, 5])
+def test_shapes_and_probabilities(n_shot):
+    m = small(inner_steps=2)
+    ep = classification_episode(n_way=5, n_shot=n_shot, n_query=3, tasks=2, size=16)
+    probs = m.predict(ep)
+    assert probs.shape == (2, 15, 5)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 15), atol=1e-5) and (probs >= 0).all()
+    loss = m.loss(ep)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_gradients_reach_the_meta_learner_and_the_initial_weights():
+    m = small(inner_steps=2)
+    m.loss(classification_episode(n_way=5, n_shot=1, n_query=2, tasks=2, size=16)).backward()
+    for name in ("lstm.weight_ih", "lstm.weight_hh", "lstm.bias_ih", "forget_weight", "forget_bias", "input_weight", "input_bias"):
+        g = dict(m.named_parameters())[name].grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+    for name, p in m.network.named_parameters():  # c_0, the learner's initial weights
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_forget_one_and_constant_input_gate_is_one_sgd_step():
+    """f = 1, i = 0.1 everywhere: c_1 = c_0 - 0.1 * grad, exactly `inner_loop.adapt` with one step of lr 0.1."""
+    m = small().double()
+    with torch.no_grad():
+        m.forget_weight.zero_()
+        m.forget_bias.fill_(40.0)  # sigmoid(40) == 1 in float64 up to 4e-18
+        m.input_weight.zero_()
+        m.input_bias.fill_(math.log(0.1 / 0.9))
+    ep = double(classification_episode(n_way=5, n_shot=2, n_query=1, tasks=1, size=16, seed=3))
+    xs, ys = ep.support_images[0], ep.support_labels[0]
+    ours = m.adapt_task(xs, ys, steps=1)
+    params, frozen = split_state(m.network)
+    sgd = adapt(m.network, lambda p: F.cross_entropy(functional_forward(m.network, p, frozen, xs), ys), params, 1, 0.1)
+    assert list(ours) == list(sgd)
+    for name in sgd:
+        assert torch.allclose(ours[name], sgd[name], rtol=0, atol=1e-12), name
+    assert sum((ours[n] - params[n]).abs().sum() for n in params) > 1e-3, "the step did not move the learner"
+
+
+def test_meta_gradient_matches_finite_differences_for_one_step():
+    """With one update the learner's gradient depends on c_0 only, so the meta-gradient w.r.t. the
+    meta-learner's weights is exact (no second derivatives are dropped): check it against central differences."""
+    m = small(inner_steps=1).double()
+    ep = double(classification_episode(n_way=5, n_shot=1, n_query=2, tasks=1, size=16, seed=4))
+    named = dict(m.named_parameters())
+    checks = [("input_bias", ()), ("forget_bias", ()), ("input_weight", (3,)), ("forget_weight", (20,)), ("lstm.weight_ih", (5, 1))]
+    grads = torch.autograd.grad(m.loss(ep), [named[n] for n, _ in checks])
+    eps = 1e-6
+    for (name, idx), g in zip(checks, grads, strict=True):
+        p = named[name]
+        with torch.no_grad():
+            p[idx] += eps
+            plus = m.loss(ep).item()
+            p[idx] -= 2 * eps
+            minus = m.loss(ep).item()
+            p[idx] += eps
+        fd = (plus - minus) / (2 * eps)
+        assert g[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-9), name
+
+
+def test_predict_under_no_grad_and_refuses_inference_mode():
+    m = small(inner_steps=2, eval_inner_steps=3)
+    ep = classification_episode(n_way=5, n_shot=1, n_query=2, tasks=1, size=16)
+    with torch.no_grad():
+        probs = m.predict(ep)
+    assert probs.shape == (1, 10, 5) and not probs.requires_grad
+    assert all(p.grad is None for p in m.parameters())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        m.predict(ep)
+
+
+def test_eval_inner_steps_are_used_by_predict():
+    ep = classification_episode(n_way=5, n_shot=1, n_query=2, tasks=1, size=16)
+    a, b = small(inner_steps=1, eval_inner_steps=1), small(inner_steps=1, eval_inner_steps=4)
+    with torch.no_grad():
+        assert not torch.allclose(a.predict(ep), b.predict(ep))
+
+
+def test_bad_arguments_and_labels():
+    with pytest.raises(ValueError, match="input_lr_init"):
+        MetaLSTM(input_lr_init=1.5)
+    m = small(inner_steps=1)
+    ep = classification_episode(n_way=6, n_shot=1, n_query=1, tasks=1, size=16)
+    with pytest.raises(ValueError, match="n_way=5"):
+        m.loss(ep)
+
+
+def test_config_rebuilds_the_learner():
+    m = small(inner_steps=3, hidden_size=7)
+    cfg = m.config
+    assert cfg["class_path"] == "imaging_meta.learners.meta_lstm.MetaLSTM"
+    assert cfg["init_args"]["hidden_size"] == 7 and cfg["init_args"]["backbone_kwargs"] == SMALL
+    again = build_learner(cfg)
+    again.load_state_dict(m.state_dict())
+    ep = classification_episode(n_way=5, n_shot=1, n_query=1, tasks=1, size=16)
+    with torch.no_grad():
+        assert torch.equal(again.predict(ep), m.predict(ep))
+
+
+def test_short_fit_improves_accuracy_on_unseen_classes():
+    """30 meta-training steps of 2 tasks on classes 0-19 lift 5-way 1-shot accuracy on classes 20-39
+    (seeds 0, 1, 2: 0.21 -> 0.39, 0.23 -> 0.43, 0.21 -> 0.50; ~4 s of CPU on one thread)."""
+    m = small(inner_steps=3)
+    held_out = classification_episode(n_way=5, n_shot=1, n_query=5, tasks=8, size=16, seed=123, class_offset=20)
+    before = accuracy(m, held_out)
+    short_fit(m, lambda seed: classification_episode(n_way=5, n_shot=1, n_query=3, tasks=2, size=16, seed=seed), steps=30, lr=1e-2)
+    after = accuracy(m, held_out)
+    assert after > before + 0.1 and after > 0.3, (before, after)
+
+
+@pytest.mark.slow  # ~30 s on 2 idle-ish cores (98 s on the loaded shared machine)
+def test_longer_fit_improves_accuracy_on_unseen_classes():
+    m = small(inner_steps=3)
+    held_out = classification_episode(n_way=5, n_shot=1, n_query=5, tasks=8, size=16, seed=123, class_offset=20)
+    before = accuracy(m, held_out)
+    short_fit(m, lambda seed: classification_episode(n_way=5, n_shot=1, n_query=3, tasks=4, size=16, seed=seed), steps=30, lr=1e-2)
+    after = accuracy(m, held_out)
+    assert after > before + 0.15, (before, after)
