@@ -70,7 +70,9 @@ class EpisodicModule(LightningModule):
         self.optimizer_factory: Callable = optimizer
         self.scheduler_factory: Callable | None = lr_scheduler
         # a frozen copy of the initial weights: the "untrained encoder" baseline (not a submodule)
-        self._untrained = [copy.deepcopy(learner).requires_grad_(False)] if baselines else []
+        # its parameters keep requires_grad: gradient-based learners adapt them in predict (through
+        # torch.autograd.grad, which never fills .grad), and no optimiser ever sees them
+        self._untrained = [copy.deepcopy(learner)] if baselines else []
         self._records: dict[str, list[dict]] = {"val": [], "test": []}
         self.test_summary: dict | None = None
         self.report_paths: tuple[Path, Path] | None = None

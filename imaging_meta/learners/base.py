@@ -24,6 +24,8 @@ class Learner(nn.Module):
     """
 
     task: str = "segmentation"
+    #: the number of ways a learner with an n-way head was built for; None when any n_way works
+    n_way: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -60,6 +60,7 @@ class Reptile(Learner):
         if inner_lr <= 0:
             raise ValueError(f"inner_lr must be > 0, got {inner_lr}")
         self.net = TaskNetwork(self.task, n_way, backbone, in_channels, backbone_kwargs)
+        self.n_way = int(n_way) if self.task == "classification" else None  # the head fixes the ways
         self.inner_steps = int(inner_steps)
         self.inner_lr = float(inner_lr)
         self.eval_inner_steps = 2 * self.inner_steps if eval_inner_steps is None else int(eval_inner_steps)

@@ -138,8 +138,9 @@ def test_classify_refuses_a_support_of_the_wrong_way_for_a_fixed_head(tmp_path):
                     "--trainer.limit_val_batches", "1"])
     ckpt = next(Path(cli.trainer.log_dir, "checkpoints").glob("last*.ckpt"))
     support = tmp_path / "support"
+    rng = np.random.default_rng(0)
     for name in ("a", "b", "c"):
-        write_png(support / name / "x.png", np.full((28, 28), 100, np.uint8))
+        write_png(support / name / "x.png", rng.integers(0, 255, (28, 28), dtype=np.uint8))
     with pytest.raises(ValueError, match="5-way"):
         cli_main(["classify", "--checkpoint", str(ckpt), "--support", str(support), "--query", str(support / "a"),
                   "--out", str(tmp_path / "p.csv")])
