@@ -66,6 +66,20 @@ class Learner(nn.Module):
         raise NotImplementedError
 
 
+def check_classification_episode(episode: Episode, n_way: int, name: str) -> Episode:
+    """The episode, batched, after checking it holds class indices in ``[0, n_way)`` (names the fix otherwise)."""
+    ep = episode.unsqueeze()
+    if ep.support_labels.dim() != 2 or ep.query_labels.dim() != 2:
+        raise ValueError(
+            f"{name} is a classification learner: labels must be (T, n) class indices, got support "
+            f"{tuple(ep.support_labels.shape)} and query {tuple(ep.query_labels.shape)}; use a classification datamodule"
+        )
+    top = int(max(ep.support_labels.max(), ep.query_labels.max()))
+    if top >= n_way or int(min(ep.support_labels.min(), ep.query_labels.min())) < 0:
+        raise ValueError(f"{name} was built with n_way={n_way} but the episode has label {top}; set n_way to the data's n_way")
+    return ep
+
+
 def build_learner(config: dict[str, Any]) -> Learner:
     """Rebuild a learner from its `Learner.config` (only classes under ``imaging_meta.learners``)."""
     import importlib

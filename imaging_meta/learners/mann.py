@@ -12,7 +12,7 @@ from torch import nn
 
 from imaging_meta.backbones import build_encoder
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner
+from imaging_meta.learners.base import Learner, check_classification_episode
 
 
 def cosine_similarity(keys: torch.Tensor, memory: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -87,19 +87,6 @@ class MemoryState(NamedTuple):
     def expand(self, n: int) -> MemoryState:
         """Every state repeated ``n`` times, consecutively: batch B -> B * n."""
         return MemoryState(*(v.repeat_interleave(n, dim=0) for v in self))
-
-
-def _check_classification(episode: Episode, n_way: int, name: str) -> Episode:
-    ep = episode.unsqueeze()
-    if ep.support_labels.dim() != 2 or ep.query_labels.dim() != 2:
-        raise ValueError(
-            f"{name} is a classification learner: labels must be (T, n) class indices, got support "
-            f"{tuple(ep.support_labels.shape)} and query {tuple(ep.query_labels.shape)}; use a classification datamodule"
-        )
-    top = int(max(ep.support_labels.max(), ep.query_labels.max()))
-    if top >= n_way or int(min(ep.support_labels.min(), ep.query_labels.min())) < 0:
-        raise ValueError(f"{name} was built with n_way={n_way} but the episode has label {top}; set n_way to the data's n_way")
-    return ep
 
 
 @contextmanager
@@ -317,7 +304,7 @@ class MANN(Learner):
         Returns:
             (T, Q, n_way) query logits.
         """
-        ep = _check_classification(episode, self.n_way, type(self).__name__)
+        ep = check_classification_episode(episode, self.n_way, type(self).__name__)
         n_tasks, n_support = ep.support_labels.shape
         n_query = ep.query_labels.shape[1]
         s_emb, q_emb = self.encode(ep.support_images, ep.query_images)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner
+from imaging_meta.learners.base import Learner, check_classification_episode
 from imaging_meta.learners.inner_loop import Params, functional_forward, split_state
 from imaging_meta.learners.task_network import TaskNetwork, task_loss
 
@@ -32,19 +32,6 @@ def preprocess_gradient(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
     log_magnitude = torch.where(big, x.abs().clamp_min(threshold).log() / p, -torch.ones_like(x))
     sign = torch.where(big, torch.sign(x), math.exp(p) * x)
     return torch.stack([log_magnitude, sign], dim=-1)
-
-
-def _check_classification(episode: Episode, n_way: int, name: str) -> Episode:
-    ep = episode.unsqueeze()
-    if ep.support_labels.dim() != 2 or ep.query_labels.dim() != 2:
-        raise ValueError(
-            f"{name} is a classification learner: labels must be (T, n) class indices, got support "
-            f"{tuple(ep.support_labels.shape)} and query {tuple(ep.query_labels.shape)}; use a classification datamodule"
-        )
-    top = int(max(ep.support_labels.max(), ep.query_labels.max()))
-    if top >= n_way or int(min(ep.support_labels.min(), ep.query_labels.min())) < 0:
-        raise ValueError(f"{name} was built with n_way={n_way} but the episode has label {top}; set n_way to the data's n_way")
-    return ep
 
 
 class MetaLSTM(Learner):
@@ -172,7 +159,7 @@ class MetaLSTM(Learner):
 
     def query_logits(self, episode: Episode, steps: int) -> torch.Tensor:
         """(T, N*Q, n_way) query logits of the learner at ``c_T`` of each task."""
-        ep = _check_classification(episode, self.n_way, type(self).__name__)
+        ep = check_classification_episode(episode, self.n_way, type(self).__name__)
         _, frozen = split_state(self.network)
         out = []
         for t in range(ep.n_tasks):
