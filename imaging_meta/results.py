@@ -187,7 +187,7 @@ def combine(rows: list[dict]) -> str:
                 s = r["summary"]
                 trained = s.get("trained", {}).get("all")
                 mark = ""
-                if chance is not None and trained and trained["mean"] - trained["ci95"] <= chance:
+                if chance is not None and trained and trained["mean"] - trained["ci95"] <= chance + 1e-9:
                     mark = " (not above chance)"
                 cells += [_cell(trained) + mark, _cell(s.get("untrained encoder", {}).get("all"))]
                 copy = s.get("copy support mask", {}).get("all")
