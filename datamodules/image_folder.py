@@ -35,7 +35,6 @@ source ``name`` (default: the root folder's name).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 from collections.abc import Sequence
@@ -286,11 +285,6 @@ class ImageFolder(ItemSource):
         self._salt = salt
 
     # ------------------------------------------------------------ contract
-    def settings(self) -> dict[str, Any]:
-        s = super().settings()
-        s["salt_digest"] = hashlib.sha256(self._salt.encode()).hexdigest()[:8]  # a new salt invalidates the cache
-        return s
-
     def preprocessing(self) -> dict[str, Any]:
         return {"format": "image_folder", "image_size": list(self.image_size), "channels": self.channels,
                 "ct_window": list(self.ct_window), "resize": "fit and zero-pad (aspect kept)"}

@@ -113,8 +113,12 @@ class ItemSource:
     def settings(self) -> dict[str, Any]:
         """Everything that changes the table (paths, sizes, windows...): the cache key. Default: the
         instance's public attributes."""
-        return {"class": f"{type(self).__module__}.{type(self).__qualname__}",
-                **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+        s = {"class": f"{type(self).__module__}.{type(self).__qualname__}",
+             **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+        salt = getattr(self, "_salt", None)  # pseudonymising sources keep their salt private; a new one invalidates the cache
+        if salt is not None:
+            s["salt_digest"] = hashlib.sha256(str(salt).encode()).hexdigest()[:8]
+        return s
 
     def preprocessing(self) -> dict[str, Any]:
         """What a new image needs to be prepared like the table's items (sizes, channels, windows), without

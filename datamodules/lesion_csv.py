@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import math
 import os
 import warnings
@@ -318,11 +317,6 @@ class LesionCSV(ItemSource):
         self._salt = salt
 
     # ------------------------------------------------------------ contract
-    def settings(self) -> dict[str, Any]:
-        s = super().settings()
-        s["salt_digest"] = hashlib.sha256(self._salt.encode()).hexdigest()[:8]  # a new salt invalidates the cache
-        return s
-
     def preprocessing(self) -> dict[str, Any]:
         return {"format": "lesion_csv", "patch_size": list(self.patch_size), "patch_spacing": list(self.patch_spacing),
                 "channels": 1, "coordinates": self.coordinates, "ct_window": list(self.ct_window),
