@@ -63,7 +63,56 @@ def _slice_at(slices: Sequence[int], r: float) -> int:
     return int(slices[min(len(slices) - 1, int(round(r * (len(slices) - 1))))])
 
 
-class SegmentationEpisodeSampler:
+class EpisodeSampler:
+    """What every episode sampler shares: DDP ranks, epochs, and the seeded fixed lists.
+
+    A subclass sets ``n_episodes``, ``seed``, ``epoch`` (0), ``_rank`` and ``_world`` (None: read from
+    ``torch.distributed``) and implements `draw`. Epoch ``e`` on rank ``r`` draws from (seed, e, r); fixed
+    lists depend on the seed only.
+    """
+
+    n_episodes: int
+    seed: int
+    epoch: int = 0
+    _rank: int | None = None
+    _world: int | None = None
+
+    def draw(self, rng: np.random.Generator):
+        """One episode spec from ``rng``."""
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int:
+        return self._rank if self._rank is not None else dist_rank_world()[0]
+
+    @property
+    def world_size(self) -> int:
+        return self._world if self._world is not None else dist_rank_world()[1]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch so that each epoch draws new episodes."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        # episodes of this rank: the n_episodes are shared out over the ranks
+        w, r = self.world_size, self.rank
+        return self.n_episodes // w + (1 if r < self.n_episodes % w else 0)
+
+    def __iter__(self) -> Iterator:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        for _ in range(len(self)):
+            yield self.draw(rng)
+
+    def fixed_episodes(self, n: int | None = None) -> list:
+        """A fixed list of ``n`` episodes (default ``n_episodes``) for validation or test.
+
+        It depends on the seed only: not on the epoch, the rank or the world size.
+        """
+        rng = np.random.default_rng([self.seed, 2**31 - 1])
+        return [self.draw(rng) for _ in range(n or self.n_episodes)]
+
+
+class SegmentationEpisodeSampler(EpisodeSampler):
     """Draws 1-way K-shot segmentation episodes from a slice table.
 
     Args:
@@ -134,23 +183,6 @@ class SegmentationEpisodeSampler:
             )
 
     # -------------------------------------------------------------- drawing
-    @property
-    def rank(self) -> int:
-        return self._rank if self._rank is not None else dist_rank_world()[0]
-
-    @property
-    def world_size(self) -> int:
-        return self._world if self._world is not None else dist_rank_world()[1]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at each epoch so that each epoch draws new episodes."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        # episodes of this rank: the n_episodes are shared out over the ranks
-        w, r = self.world_size, self.rank
-        return self.n_episodes // w + (1 if r < self.n_episodes % w else 0)
-
     def draw(self, rng: np.random.Generator) -> SegmentationEpisodeSpec:
         """One episode from ``rng``."""
         organ = self.organs[rng.integers(len(self.organs))]
@@ -170,19 +202,6 @@ class SegmentationEpisodeSampler:
         support = tuple((c, _slice_at(self.table[organ][c], r_support)) for c in cases[: self.n_shot])
         query = tuple((c, _slice_at(self.table[organ][c], r)) for c, r in zip(cases[self.n_shot :], r_query, strict=True))
         return SegmentationEpisodeSpec(organ=organ, support=support, query=query, seed=int(rng.integers(2**31)))
-
-    def __iter__(self) -> Iterator[SegmentationEpisodeSpec]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        for _ in range(len(self)):
-            yield self.draw(rng)
-
-    def fixed_episodes(self, n: int | None = None) -> list[SegmentationEpisodeSpec]:
-        """A fixed list of ``n`` episodes (default ``n_episodes``) for validation or test.
-
-        It depends on the seed only: not on the epoch, the rank or the world size.
-        """
-        rng = np.random.default_rng([self.seed, 2**31 - 1])
-        return [self.draw(rng) for _ in range(n or self.n_episodes)]
 
 
 # ================================================================== classification
@@ -283,7 +302,7 @@ def classification_infeasible(
     return bad
 
 
-class ClassificationEpisodeSampler:
+class ClassificationEpisodeSampler(EpisodeSampler):
     """Draws N-way K-shot classification episodes with a query set, from labels alone.
 
     Every episode takes ``n_way`` distinct classes, ``n_shot`` support and ``n_query`` query items of each;
@@ -421,22 +440,6 @@ class ClassificationEpisodeSampler:
         return splittable(_counts(sup, self.patients), _counts(qry, self.patients), self.n_shot, self.n_query)
 
     # -------------------------------------------------------------- drawing
-    @property
-    def rank(self) -> int:
-        return self._rank if self._rank is not None else dist_rank_world()[0]
-
-    @property
-    def world_size(self) -> int:
-        return self._world if self._world is not None else dist_rank_world()[1]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at each epoch so that each epoch draws new episodes."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        w, r = self.world_size, self.rank
-        return self.n_episodes // w + (1 if r < self.n_episodes % w else 0)
-
     def _take(self, rng: np.random.Generator, by_patient: dict[str, list[int]], need: int) -> tuple[list[int], set[str]] | None:
         """``need`` items from the shortest random-order prefix of patients that holds enough of them."""
         order = rng.permutation(sorted(by_patient))
@@ -521,19 +524,6 @@ class ClassificationEpisodeSampler:
             f"{', '.join(self._name(c) for c in self.classes)} share too few patients between support and query "
             "candidates. Lower n_shot or n_query, or drop the smallest classes."
         )
-
-    def __iter__(self) -> Iterator[ClassificationEpisodeSpec]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        for _ in range(len(self)):
-            yield self.draw(rng)
-
-    def fixed_episodes(self, n: int | None = None) -> list[ClassificationEpisodeSpec]:
-        """A fixed list of ``n`` episodes (default ``n_episodes``) for validation or test.
-
-        It depends on the seed only: not on the epoch, the rank or the world size.
-        """
-        rng = np.random.default_rng([self.seed, 2**31 - 1])
-        return [self.draw(rng) for _ in range(n or self.n_episodes)]
 
 
 # ------------------------------------------------------------------ episode files
