@@ -15,22 +15,6 @@ class ANIL(MAML):
     inner gradients). Arguments are those of `MAML`.
     """
 
-    # An explicit __init__ so that `Learner` records ANIL's own class path and arguments for checkpoints
-    # (`Learner.__init_subclass__` only records in the most derived class that defines __init__).
-    def __init__(
-        self,
-        task: str = "classification",
-        n_way: int = 5,
-        backbone: str = "conv4",
-        in_channels: int = 1,
-        backbone_kwargs: dict | None = None,
-        inner_steps: int = 5,
-        inner_lr: float = 0.01,
-        eval_inner_steps: int | None = None,
-        first_order: bool = False,
-    ) -> None:
-        super().__init__(task, n_way, backbone, in_channels, backbone_kwargs, inner_steps, inner_lr, eval_inner_steps, first_order)
-
     def adapted_names(self) -> set[str]:
         """The head's parameters only."""
         return self.net.head_names()
