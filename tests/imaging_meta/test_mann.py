@@ -147,3 +147,25 @@ def test_short_fit_improves_accuracy_on_unseen_classes():
     short_fit(m, lambda seed: classification_episode(n_way=5, n_shot=1, n_query=3, tasks=4, size=16, seed=seed), steps=60, lr=1e-2)
     after = accuracy(m, held_out)
     assert after > before + 0.15 and after > 0.35, (before, after)
+
+
+def test_support_recall_adds_the_support_items_as_queries_to_the_loss():
+    """With support_recall the loss is the cross-entropy over [support items, queries], each read from the
+    state after the whole support; without it, over the queries only. Prediction is unaffected."""
+    import torch.nn.functional as F
+
+    m = small()
+    ep = classification_episode(n_way=5, n_shot=1, n_query=2, tasks=2, size=16, seed=3)
+    torch.manual_seed(7)
+    recall = m.loss(ep)
+    torch.manual_seed(7)
+    images = torch.cat([ep.support_images, ep.query_images], 1)
+    labels = torch.cat([ep.support_labels, ep.query_labels], 1)
+    expected = F.cross_entropy(m.sequence_logits(ep.support_images, ep.support_labels, images, None).flatten(0, 1), labels.flatten())
+    assert torch.allclose(recall, expected)
+    m.support_recall = False
+    torch.manual_seed(7)
+    plain = m.loss(ep)
+    torch.manual_seed(7)
+    assert torch.allclose(plain, F.cross_entropy(m(ep).flatten(0, 1), ep.query_labels.flatten()))
+    assert not torch.allclose(plain, recall)
