@@ -27,6 +27,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 from torch.utils.data import DataLoader
 
 from datamodules.items import ItemSource, ItemTable
+from datamodules.loading import ResumableEpisodes, episode_loader
 from datamodules.samplers import (
     ClassificationEpisodeSampler,
     ClassificationEpisodeSpec,
@@ -35,7 +36,7 @@ from datamodules.samplers import (
     load_episodes,
     save_episodes,
 )
-from imaging_meta.episode import Episode, collate_episodes
+from imaging_meta.episode import Episode
 
 PROTOCOLS = ("standard", "within_site", "cross_site")
 STAGES = ("train", "val", "test")
@@ -310,7 +311,7 @@ def split_classes(
     return {k: out[k] for k in STAGES}
 
 
-class ClassificationDataModule(LightningDataModule):
+class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
     """N-way K-shot classification episodes from any `ItemSource`.
 
     Args:
@@ -515,15 +516,7 @@ class ClassificationDataModule(LightningDataModule):
         h = self.hparams
         aug = classification_augmentation() if augment else None
         dataset = ClassificationEpisodeDataset(self.table, aug)
-        return DataLoader(
-            dataset,
-            sampler=sampler,
-            batch_size=h.batch_size,
-            collate_fn=collate_episodes,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return episode_loader(dataset, sampler, h.batch_size, h.num_workers)
 
     def _fixed_loader(self, stage: str) -> DataLoader:
         if stage not in self._episodes:
@@ -534,6 +527,7 @@ class ClassificationDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if "train" not in self._samplers:
             raise ValueError("no training episodes: the class split has no training classes or episodes_per_epoch is 0")
+        self._apply_resume()
         return self._loader(self._samplers["train"], augment=self.hparams.augment)
 
     def val_dataloader(self) -> DataLoader:

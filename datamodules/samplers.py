@@ -68,7 +68,8 @@ class EpisodeSampler:
 
     A subclass sets ``n_episodes``, ``seed``, ``epoch`` (0), ``_rank`` and ``_world`` (None: read from
     ``torch.distributed``) and implements `draw`. Epoch ``e`` on rank ``r`` draws from (seed, e, r); fixed
-    lists depend on the seed only.
+    lists depend on the seed only. `resume` makes the next pass over an epoch start after its first episodes
+    (exact mid-epoch resume: they are drawn again, so the rest of the epoch is unchanged, but never loaded).
     """
 
     n_episodes: int
@@ -76,6 +77,7 @@ class EpisodeSampler:
     epoch: int = 0
     _rank: int | None = None
     _world: int | None = None
+    _skip: tuple[int, int] = (-1, 0)  # (epoch, episodes of that epoch already consumed)
 
     def draw(self, rng: np.random.Generator):
         """One episode spec from ``rng``."""
@@ -98,10 +100,26 @@ class EpisodeSampler:
         w, r = self.world_size, self.rank
         return self.n_episodes // w + (1 if r < self.n_episodes % w else 0)
 
+    def resume(self, epoch: int, consumed: int) -> None:
+        """Make the next pass over ``epoch`` yield its episodes from number ``consumed`` on (this rank's count).
+
+        Args:
+            epoch: the epoch that was interrupted.
+            consumed: episodes of that epoch this rank had already trained on (>= 0).
+        """
+        if consumed < 0:
+            raise ValueError(f"consumed episodes must be >= 0, got {consumed}")
+        self._skip = (int(epoch), int(consumed))
+
     def __iter__(self) -> Iterator:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        for _ in range(len(self)):
-            yield self.draw(rng)
+        skip_epoch, skip = self._skip
+        skip = skip if skip_epoch == self.epoch else 0
+        self._skip = (-1, 0)  # one pass only
+        for i in range(len(self)):
+            spec = self.draw(rng)  # drawn even when skipped: the rest of the epoch stays the same
+            if i >= skip:
+                yield spec
 
     def fixed_episodes(self, n: int | None = None) -> list:
         """A fixed list of ``n`` episodes (default ``n_episodes``) for validation or test.

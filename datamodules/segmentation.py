@@ -21,6 +21,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from torch.utils.data import DataLoader
 
 from datamodules.index import Case, Index
+from datamodules.loading import ResumableEpisodes, episode_loader
 from datamodules.samplers import (
     SegmentationEpisodeSampler,
     SegmentationEpisodeSpec,
@@ -32,7 +33,7 @@ from datamodules.samplers import (
 from datamodules.scan import DEFAULT_SITE_FIELDS, scan_to_file
 from datamodules.splits import PROTOCOLS, Split, make_split
 from datamodules.transforms import slice_augmentation, volume_transforms
-from imaging_meta.episode import Episode, collate_episodes
+from imaging_meta.episode import Episode
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class SegmentationDataModule(LightningDataModule):
+class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
     """1-way K-shot segmentation episodes from a folder of DICOM series / NIfTI volumes with label maps.
 
     Args:
@@ -393,15 +394,7 @@ class SegmentationDataModule(LightningDataModule):
         h = self.hparams
         aug = slice_augmentation(slice_size=h.slice_size) if augment else None
         dataset = SegmentationEpisodeDataset(self._volumes, self.cases, aug)
-        return DataLoader(
-            dataset,
-            sampler=sampler,
-            batch_size=h.batch_size,
-            collate_fn=collate_episodes,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return episode_loader(dataset, sampler, h.batch_size, h.num_workers)
 
     def _fixed_loader(self, stage: str) -> DataLoader:
         if stage not in self._episodes:
@@ -410,6 +403,7 @@ class SegmentationDataModule(LightningDataModule):
         return self._loader(self._episodes[stage][rank::world], augment=False)
 
     def train_dataloader(self) -> DataLoader:
+        self._apply_resume()
         return self._loader(self._samplers["train"], augment=self.hparams.augment)
 
     def val_dataloader(self) -> DataLoader:

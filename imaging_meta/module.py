@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -37,6 +39,27 @@ def _gather(records: list[dict]) -> list[dict]:
         torch.distributed.all_gather_object(out, records)
         return [r for part in out for r in part]
     return records
+
+
+def rng_states() -> dict:
+    """This process's torch, CUDA, NumPy and Python random states, in types ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: dict) -> None:
+    """Restore what `rng_states` returned."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class EpisodicModule(LightningModule):
@@ -250,6 +273,9 @@ class EpisodicModule(LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "preprocessing"):
             extra["preprocessing"] = dm.preprocessing
+        # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
+        # order), so that a resumed run continues each rank's random stream exactly
+        extra["rng_states"] = _gather([rng_states()])
         checkpoint["imaging_meta"] = extra
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -261,3 +287,7 @@ class EpisodicModule(LightningModule):
             )
         if self._untrained and "untrained_state_dict" in extra:
             self._untrained[0].load_state_dict(extra["untrained_state_dict"])
+        states = extra.get("rng_states") or []
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and len(states) == self.trainer.world_size:  # resuming training: each rank where it was
+            set_rng_states(states[self.global_rank])

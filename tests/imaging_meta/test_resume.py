@@ -1,0 +1,91 @@
+"""Exact resume: a run interrupted mid-epoch and resumed from its last checkpoint ends with the same weights
+and metrics as an uninterrupted run (CPU, one process)."""
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules.classification import ClassificationDataModule
+from datamodules.medmnist import MedMNIST
+from imaging_meta.learners.maml import MAML
+from imaging_meta.learners.mann import MANN
+from imaging_meta.module import EpisodicModule
+from tests.imaging_meta.test_learner_configs import write_medmnist
+
+LEARNERS = {
+    # MANN draws each episode's support order from torch's global generator: the checkpoint must carry it
+    "mann": lambda: MANN(n_way=3, backbone_kwargs={"width": 4}, controller_size=8, memory_slots=6, memory_width=4, read_heads=1),
+    "maml": lambda: MAML(n_way=3, backbone_kwargs={"width": 4}, inner_steps=1, inner_lr=0.1),
+}
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(Callback):
+    """Raise in the middle of an epoch, as a killed job would stop."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupt(f"interrupted at step {self.step}")
+
+
+def _run(name, paths, tmp_path, callbacks=(), ckpt_path=None):
+    seed_everything(3)
+    data = ClassificationDataModule(
+        source=MedMNIST(paths=paths, image_size=[16, 16]), cache_dir=str(tmp_path / "cache"), n_way=3, n_shot=1, n_query=2,
+        val_classes_count=3, test_classes_count=3, episodes_per_epoch=8, val_episodes=2, test_episodes=2, batch_size=2,
+        augment=True, num_workers=0, seed=5,
+    )
+    module = EpisodicModule(LEARNERS[name](), optimizer=lambda p: torch.optim.Adam(p, lr=0.01), baselines=False)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_mid_epoch_resume_equals_an_uninterrupted_run(name, tmp_path):
+    paths = write_medmnist(tmp_path, n_files=1, classes_per_file=12, per_class=6)
+    full, full_trainer = _run(name, paths, tmp_path / "full")
+
+    ckpts = tmp_path / "ckpts"
+    every_step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_last=True, save_top_k=-1, filename="{step}")
+    with pytest.raises(Interrupt):  # 4 steps an epoch: step 7 is the middle of the second epoch
+        _run(name, paths, tmp_path / "cut", callbacks=[every_step, InterruptAt(7)])
+    last = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6 and last["epoch"] == 1  # saved after step 6, the 2nd batch of epoch 1
+    resumed, resumed_trainer = _run(name, paths, tmp_path / "resumed", ckpt_path=ckpts / "last.ckpt")
+
+    assert resumed_trainer.global_step == full_trainer.global_step == 12
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{k} differs after resume: max |diff| {(a - b).abs().max():.3g}"
+    for key in ("val/score", "train/loss_epoch"):
+        assert torch.equal(full_trainer.callback_metrics[key], resumed_trainer.callback_metrics[key]), key
+
+
+def test_resume_without_the_skip_would_differ(tmp_path):
+    """The check has teeth: a sampler that restarts the epoch from its first episode (what Lightning does with a
+    plain DataLoader) ends with other weights."""
+    from datamodules.loading import ResumableEpisodes
+
+    paths = write_medmnist(tmp_path, n_files=1, classes_per_file=12, per_class=6)
+    full, _ = _run("maml", paths, tmp_path / "full")
+    ckpts = tmp_path / "ckpts"
+    every_step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_last=True, save_top_k=-1, filename="{step}")
+    with pytest.raises(Interrupt):
+        _run("maml", paths, tmp_path / "cut", callbacks=[every_step, InterruptAt(7)])
+    original = ResumableEpisodes.load_state_dict
+    ResumableEpisodes.load_state_dict = lambda self, state: None
+    try:
+        resumed, _ = _run("maml", paths, tmp_path / "resumed", ckpt_path=ckpts / "last.ckpt")
+    finally:
+        ResumableEpisodes.load_state_dict = original
+    assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))
