@@ -231,8 +231,8 @@ class EpisodicModule(LightningModule):
         for group in self.groups:
             for name, s in summary[TRAINED][group].items():
                 self.log(f"test/{self.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+        out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: every rank calls it
         if self.global_rank == 0:
-            out_dir = self.trainer.log_dir or self.trainer.default_root_dir
             dm = getattr(self.trainer, "datamodule", None)
             context = {"title": "held-out test episodes", "imaging_meta_version": imaging_meta.__version__,
                        "learner": self.learner.config, "metric": self.metric}
