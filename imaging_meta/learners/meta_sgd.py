@@ -21,7 +21,8 @@ class MetaSGD(MAML):
     to ``inner_lr``); an inner step is ``theta - alpha * grad`` (elementwise), and ``alpha`` is meta-trained
     with the weights by the same outer optimiser. The rates are not constrained to be positive, as in the
     paper. They live in ``inner_lrs``, an `nn.ParameterDict` keyed by the parameter's name in ``net`` with
-    dots replaced by ``__``. Arguments are those of `MAML`.
+    dots replaced by ``__``. Arguments are those of `MAML`; with either ``task_batching`` the rates receive
+    meta-gradients.
     """
 
     def __init__(
@@ -35,8 +36,13 @@ class MetaSGD(MAML):
         inner_lr: float = 0.01,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
+        task_batching: str = "loop",
+        checkpoint_inner: bool = False,
     ) -> None:
-        super().__init__(task, n_way, backbone, in_channels, backbone_kwargs, inner_steps, inner_lr, eval_inner_steps, first_order)
+        super().__init__(
+            task, n_way, backbone, in_channels, backbone_kwargs, inner_steps, inner_lr, eval_inner_steps, first_order,
+            task_batching, checkpoint_inner,
+        )
         self.inner_lrs = nn.ParameterDict(
             {_key(n): nn.Parameter(torch.full_like(p.detach(), self.inner_lr)) for n, p in self.net.named_parameters()}
         )
