@@ -147,6 +147,23 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _warmed(dataset: PersistentDataset) -> PersistentDataset:
+    """Under DDP, rank 0 writes every missing cache file before any rank reads one.
+
+    MONAI writes a cache file to a temporary folder and moves it into place. On one filesystem that move is
+    atomic, but a cache folder on another filesystem than the temporary folder (a shared cluster disk) gets a
+    copy, which another rank could read half-written. Rank 0 fills the cache first, the others wait at a
+    barrier, and from then on every rank only reads. Later runs with the same preprocessing reuse the files.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dataset
+    if torch.distributed.get_rank() == 0:
+        for i in range(len(dataset)):
+            dataset[i]  # reads the file, or preprocesses the volume and writes it
+    torch.distributed.barrier()
+    return dataset
+
+
 class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
     """1-way K-shot segmentation episodes from a folder of DICOM series / NIfTI volumes with label maps.
 
@@ -361,7 +378,7 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
             return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
         if h.cache == "disk":
             folder = self.cache_dir / _digest(self.root) / f"volumes-{_digest(self.preprocessing)}"
-            return PersistentDataset(items, tf, cache_dir=folder)
+            return _warmed(PersistentDataset(items, tf, cache_dir=folder))
         return Dataset(items, tf)
 
     def _fixed_episodes(self, stage: str) -> list[SegmentationEpisodeSpec]:
