@@ -15,7 +15,7 @@ RUN_NAME ?= $(MODEL)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train results test test-full lint tensorboard demo clean
+.PHONY: help install install-bench train results test test-full bench lint tensorboard demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,16 @@ test: install  ## fast test suite (no `slow` tests), a few minutes on 2 CPU core
 
 test-full: install  ## every test, the slow ones included
 	$(PY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" -e ".[dev,bench]"
+	touch $@
+
+install-bench: $(VENV)/.installed-bench  ## install the benchmark extra (the peer library `higher`)
+
+BENCH_ARGS ?=
+bench: demo install-bench  ## speed and memory tables (learner steps, MAML vs higher, data path); never part of make test
+	$(PY) -m benchmarks.run --data-dir $(DATA_DIR) $(BENCH_ARGS)
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check imaging_meta datamodules tests benchmarks

@@ -1,0 +1,75 @@
+"""The benchmarks' pure helpers (fast), and one smoke run of ``python -m benchmarks.run --quick`` (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.common import PeakMemory, fmt, markdown_table, summarize, time_calls
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_markdown_table_aligns_numbers_right_and_text_left():
+    table = markdown_table(["name", "ms"], [["maml", 12.3456], ["protonet|seg", None]])
+    lines = table.splitlines()
+    assert lines[0] == "| name          |   ms |"
+    assert lines[1] == "|---------------|-----:|"
+    assert lines[2] == "| maml          | 12.3 |"
+    assert lines[3] == "| protonet\\|seg |  n/a |"
+    with pytest.raises(ValueError, match="row 0 has 1 cells"):
+        markdown_table(["a", "b"], [["only one"]])
+
+
+def test_fmt_keeps_three_significant_digits():
+    assert [fmt(1234.5), fmt(0.012345), fmt(2.0), fmt(0.0), fmt(3e-7), fmt(True), fmt("x")] == [
+        "1234", "0.0123", "2.00", "0", "3.00e-07", "yes", "x"]
+
+
+def test_time_calls_warms_up_then_times_and_summarize_reports_the_median():
+    calls = []
+    times = time_calls(lambda: calls.append(1), repeat=5, warmup=2)
+    assert len(calls) == 7 and len(times) == 5 and all(t >= 0 for t in times)
+    s = summarize([0.001, 0.003, 0.002, 0.010])
+    assert s["median_ms"] == pytest.approx(2.5) and s["min_ms"] == pytest.approx(1.0) and s["n"] == 4
+    with pytest.raises(ValueError):
+        time_calls(lambda: None, repeat=0)
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    with PeakMemory("cpu") as mem:
+        x = torch.ones(16 * 2**20 // 4)  # 16 MiB, touched
+        del x
+    assert mem.peak_mib is not None and mem.method
+    if mem.method.startswith("peak RSS"):  # Linux with /proc/self/clear_refs: exact enough to check
+        assert 12 <= mem.peak_mib <= 64
+
+
+@pytest.mark.slow
+def test_benchmarks_run_quick_writes_every_table(demo_root, tmp_path):
+    out = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--data-dir", str(demo_root), "--out", str(out), "--threads", "1",
+         "--device", "cpu"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    md = (out / "benchmarks.md").read_text()
+    for title in ("Meta-training step, classification", "Meta-training step, segmentation", "MAML peak memory vs inner steps",
+                  "Second-order MAML: imaging_meta vs higher", "Data path: episodes per second",
+                  "Data path: episode assembly vs a training step"):
+        assert title in md
+    assert "- machine: " in md and "- device: cpu" in md
+    result = json.loads((out / "benchmarks.json").read_text())
+    keys = {s["key"] for s in result["sections"]}
+    assert {"steps_cls", "steps_seg", "maml_vs_higher", "data_throughput", "data_assembly"} <= keys
+    configs = {p.stem for p in (REPO / "configs" / "model").glob("*.yaml")}
+    rows = {r[0] for s in result["sections"] if s["key"].startswith("steps_") for r in s["rows"]}
+    assert configs <= rows
+    assert all(not s["failures"] for s in result["sections"])
+    assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
