@@ -183,6 +183,16 @@ def adapt_functional(
     return params
 
 
+
+def _normalise(input, mean, var, weight, bias, eps, shape):
+    """(input - mean) / sqrt(var + eps), then the optional affine ``weight`` and ``bias`` broadcast as ``shape``."""
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """`F.batch_norm` from elementary operations: (N, C, *spatial) -> (N, C, *spatial)."""
     shape = (1, -1) + (1,) * (input.dim() - 2)
@@ -197,12 +207,7 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
                 running_var.mul_(1 - momentum).add_(momentum * var.detach().flatten() * (n / max(n - 1, 1)))
     else:
         mean, var = running_mean.view(shape), running_var.view(shape)
-    out = (input - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        out = out * weight.view(shape)
-    if bias is not None:
-        out = out + bias.view(shape)
-    return out
+    return _normalise(input, mean, var, weight, bias, eps, shape)
 
 
 def _instance_norm(
@@ -221,12 +226,7 @@ def _instance_norm(
                 running_var.mul_(1 - momentum).add_(momentum * var.detach().mean(0).flatten() * (n / max(n - 1, 1)))
     else:
         mean, var = running_mean.view(shape), running_var.view(shape)
-    out = (input - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        out = out * weight.view(shape)
-    if bias is not None:
-        out = out + bias.view(shape)
-    return out
+    return _normalise(input, mean, var, weight, bias, eps, shape)
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
