@@ -10,7 +10,7 @@ model's buffers.
 Two variants of the same steps:
 
 * `adapt` uses ``torch.autograd.grad`` on one task at a time; in second order it can checkpoint each inner
-  step (``checkpoint=True``): memory stops growing with the number of steps, and each step is computed
+  step (``checkpoint=True``): memory grows more slowly with the number of steps, and each step is computed
   again during ``backward``.
 * `adapt_functional` uses ``torch.func.grad``, so a whole meta-batch of tasks can be adapted at once under
   ``torch.func.vmap`` (what ``MAML(task_batching="vmap")`` does). ``torch.func`` transforms do not support
@@ -104,8 +104,9 @@ def adapt(
         checkpoint: second order only (ignored with ``first_order=True``, whose steps keep no activations):
             run each whole step (support forward, inner gradient with ``create_graph``, update) under
             ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. Between steps only the parameters are
-            kept; the outer ``backward`` recomputes each step's forward and inner gradient, so memory no longer
-            grows with the number of steps, for about 1.5-2x the time. Same values and gradients. (Checkpointing
+            kept; the outer ``backward`` recomputes each step's forward and inner gradient, so memory grows
+            more slowly with the number of steps (measured at 84x84, 4 tasks: about half the growth per step),
+            for about 1.3-2x the time. Same values and gradients. (Checkpointing
             the support forward alone saves nothing in second order: the graph of the inner gradient holds
             the same activations.) ``loss_fn`` is called again during ``backward``, so it must not depend on
             state that changes meanwhile; dropout is replayed with the saved RNG state.

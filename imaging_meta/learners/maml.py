@@ -203,7 +203,7 @@ class MAML(Learner):
         checkpoint_inner: second-order memory saving. Each inner step of meta-training (support forward,
             inner gradient with ``create_graph``, update) runs under
             ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``: only the parameters are kept between
-            steps, and ``backward`` recomputes each step, so memory stops growing with ``inner_steps`` and
+            steps, and ``backward`` recomputes each step, so memory grows more slowly with ``inner_steps`` and
             deeper backbones or more steps fit, at the cost of time. Same values and meta-gradients. Checkpointing the support forward pass alone would save nothing here (the
             graph of the inner gradient keeps the same activations). No effect with ``first_order=True`` or in
             `predict`, whose steps keep no activations. Only with ``task_batching="loop"``: ``torch.func``
