@@ -9,6 +9,7 @@ cropping, resampling, intensity scaling) is done once, and the table is cached. 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -124,6 +125,21 @@ class ItemSource:
         """What a new image needs to be prepared like the table's items (sizes, channels, windows), without
         input paths or secrets: stored in checkpoints and used by ``imaging-meta classify``. Default: `settings`."""
         return self.settings()
+
+    def config(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}`` that rebuilds this source, read from the attributes named like its
+        ``__init__`` arguments; the salt (a secret) is left out. Checkpoints store it, so that
+        ``imaging-meta evaluate`` can rebuild the data a model was trained on."""
+        args: dict[str, Any] = {}
+        for name, p in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name == "salt":
+                continue
+            if hasattr(self, name):
+                value = getattr(self, name)
+                args[name] = str(value) if isinstance(value, os.PathLike) else (list(value) if isinstance(value, tuple) else value)
+            elif p.default is inspect.Parameter.empty:
+                raise ValueError(f"{type(self).__name__} keeps no attribute {name!r}; it cannot describe its own config")
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
 
     def files(self) -> list[Path]:
         """Input files whose size and modification time invalidate the cache."""

@@ -62,6 +62,16 @@ def set_rng_states(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def data_config(dm) -> dict:
+    """``{"class_path", "init_args"}`` of a datamodule, as `imaging-meta evaluate` needs it to rebuild the
+    split the model was trained on (secrets such as the salt are not hyperparameters, so never stored)."""
+    args = {k: v for k, v in dict(getattr(dm, "hparams", {})).items() if not k.startswith("_")}
+    source = getattr(dm, "source", None)
+    if source is not None and hasattr(source, "config"):
+        args["source"] = source.config()
+    return {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}", "init_args": args}
+
+
 class EpisodicModule(LightningModule):
     """Meta-trains and evaluates a `Learner` on batches of episodes.
 
@@ -273,6 +283,8 @@ class EpisodicModule(LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "preprocessing"):
             extra["preprocessing"] = dm.preprocessing
+        if dm is not None:
+            extra["data"] = data_config(dm)
         # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
         # order), so that a resumed run continues each rank's random stream exactly
         extra["rng_states"] = _gather([rng_states()])

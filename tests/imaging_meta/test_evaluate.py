@@ -1,0 +1,194 @@
+"""`imaging-meta evaluate` and `compare`: metrics against hand-computed values, reproducibility to the last
+digit, the split guard, the report files, on checkpoints written by a real (tiny) fit."""
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from PIL import Image
+
+from datamodules.classification import ClassificationDataModule
+from datamodules.segmentation import SegmentationDataModule
+from imaging_meta.cli import cli_main
+from imaging_meta.evaluate import check_same_split, evaluate
+from imaging_meta.evaluation import classification_summary, compare_runs, ece_bootstrap, summarize
+from imaging_meta.learners.protonet import PrototypicalNetwork
+from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+from imaging_meta.metrics import (
+    balanced_accuracy,
+    calibration_bins,
+    expected_calibration_error,
+    hausdorff95_mm,
+    macro_auc,
+)
+from imaging_meta.module import EpisodicModule
+from tests.conftest import SMALL_DATA
+from tests.datamodules.test_image_folder import write_folder
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_hd95_in_millimetres_and_empty_masks():
+    a = torch.zeros(3, 20, 20, dtype=torch.bool)
+    b = torch.zeros(3, 20, 20, dtype=torch.bool)
+    a[0, 5:10, 5:10] = True
+    b[0, 6:11, 5:10] = True  # shifted one row: every boundary point is 0 or 1 row away
+    a[1, 5:10, 5:10] = True  # prediction, empty truth
+    hd = hausdorff95_mm(a, b, spacing=(4.5, 2.0))
+    assert hd[0].item() == pytest.approx(4.5)  # one row = 4.5 mm, not one column (2 mm)
+    assert hd[1].item() == pytest.approx(math.hypot(20 * 4.5, 20 * 2.0))  # the image diagonal
+    assert hd[2].item() == 0.0  # both empty
+
+
+def test_auc_balanced_accuracy_and_calibration_golden():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.6, 0.4]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # class 0 scores: positives 0.9, 0.6; negatives 0.3, 0.6 -> pairs: (>, >), (=, >) -> (1 + 1 + 0.5 + 1) / 4
+    assert macro_auc(probs, labels, 2) == pytest.approx(0.875)
+    assert balanced_accuracy(probs, labels, 2) == pytest.approx((1.0 + 0.5) / 2)
+    imbalanced = torch.tensor([0, 0, 0, 1])
+    assert balanced_accuracy(probs, imbalanced, 2) == pytest.approx((2 / 3 + 0.0) / 2)
+    conf = torch.tensor([0.95, 0.95, 0.55, 0.55])
+    correct = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    bins = calibration_bins(conf, correct, n_bins=10)
+    assert [b["count"] for b in bins] == [0, 0, 0, 0, 0, 2, 0, 0, 0, 2]
+    # bin 5: |0.5 - 0.55| ; bin 9: |1.0 - 0.95| -> 0.5 * 0.05 + 0.5 * 0.05
+    assert expected_calibration_error(conf, correct, n_bins=10) == pytest.approx(0.05)
+
+
+def _cls_records(n_episodes=30, seed=0):
+    g = np.random.default_rng(seed)
+    recs = []
+    for ep in range(n_episodes):
+        for j in range(6):
+            label = j % 3
+            p = g.dirichlet(np.ones(3))
+            recs.append({"method": "trained", "episode": ep, "shot": 1, "classes": ["a", "b", f"c{ep % 2}"],
+                         "label": label, "probs": p.tolist(), "site": "s1" if ep % 3 else "s2", "query_id": f"q{j}"})
+    return recs
+
+
+def test_ece_bootstrap_is_seeded_and_brackets_the_pooled_value():
+    recs = _cls_records()
+    a, b = ece_bootstrap(recs, seed=3), ece_bootstrap(recs, seed=3)
+    assert a == b
+    conf = torch.tensor([max(r["probs"]) for r in recs])
+    correct = torch.tensor([float(int(np.argmax(r["probs"])) == r["label"]) for r in recs])
+    assert a["mean"] == pytest.approx(expected_calibration_error(conf, correct))
+    assert a["ci_low"] <= a["mean"] <= a["ci_high"] and a["n_episodes"] == 30
+
+
+def test_per_class_cells_average_within_episode_then_over_episodes():
+    recs = [{"method": "m", "episode": 0, "class": "x", "site": "s", "acc": 1.0},
+            {"method": "m", "episode": 0, "class": "x", "site": "s", "acc": 0.0},
+            {"method": "m", "episode": 0, "class": "y", "site": "s", "acc": 1.0},
+            {"method": "m", "episode": 1, "class": "y", "site": "s", "acc": 0.0}]
+    s = summarize(recs, "acc", ("class",))["m"]
+    assert s["all"]["mean"] == pytest.approx((2 / 3 + 0.0) / 2) and s["all"]["n_episodes"] == 2
+    assert s["class"]["x"] == {"mean": 0.5, "ci95": 0.0, "n_episodes": 1}  # only episode 0 has class x
+    assert s["class"]["y"]["mean"] == pytest.approx(0.5) and s["class"]["y"]["n_episodes"] == 2
+
+
+def test_classification_summary_breaks_down_by_class_site_and_shot():
+    recs = _cls_records() + [dict(r, shot=5) for r in _cls_records(seed=1)]
+    s = classification_summary(recs)
+    assert set(s) == {"1", "5"}
+    for k in ("1", "5"):
+        assert set(s[k]) == {"acc", "balanced_acc", "auc", "ece", "calibration"}
+        acc = s[k]["acc"]["trained"]
+        assert set(acc["class"]) == {"a", "b", "c0", "c1"} and acc["class"]["c0"]["n_episodes"] == 15
+        assert set(acc["site"]) == {"s1", "s2"}
+        assert set(s[k]["auc"]["trained"]["class"]) == {"a", "b", "c0", "c1"}
+        assert 0 <= s[k]["auc"]["trained"]["all"]["mean"] <= 1
+        assert sum(b["count"] for b in s[k]["calibration"]["trained"]) == 180
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def _fit_and_save(module, dm, path: Path) -> Path:
+    trainer = Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      inference_mode=False, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def seg_checkpoint(demo_root, demo_index, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seg_eval")
+    torch.manual_seed(0)
+    learner = PrototypicalSegmenter(backbone="unet", backbone_kwargs={"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]})
+    dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp / "cache"),
+                                **SMALL_DATA)
+    return _fit_and_save(EpisodicModule(learner), dm, tmp / "seg.ckpt"), tmp
+
+
+def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint, tmp_path):
+    ckpt, tmp = seg_checkpoint
+    kw = dict(shots=[1, 2], episodes=5, seed=7, cache_dir=str(tmp / "cache"), n_panel=2)
+    js, md = evaluate(ckpt, tmp_path / "a", **kw)
+    evaluate(ckpt, tmp_path / "b", name="a", **kw)
+    for f in ("results.json", "records.csv", "episodes-1shot.json", "episodes-2shot.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    doc = json.loads(js.read_text())
+    ctx, summ = doc["context"], doc["summary"]
+    assert ctx["protocol"] == "cross_organ" and ctx["shots"] == [1, 2] and ctx["seed"] == 7
+    assert len(ctx["checkpoint_sha256"]) == 64 and ctx["versions"]["torch"] == torch.__version__
+    assert ctx["git_commit"] and ctx["episode_files"]["2"]["n_episodes"] == 5
+    for k in ("1", "2"):
+        for metric in ("dice", "hd95"):
+            per = summ[k][metric]
+            assert set(per) == {"trained", "untrained encoder", "copy support mask"}
+            assert set(per["trained"]["organ"]) <= {"spleen", "kidney_left"} and per["trained"]["site"]
+    assert 0 <= summ["1"]["dice"]["trained"]["all"]["mean"] <= 1 and summ["1"]["hd95"]["trained"]["all"]["mean"] >= 0
+    text = md.read_text()
+    assert "Cite as:" in text and ctx["episode_files"]["1"]["sha256"] in text and "HD95 (mm)" in text
+    for png in doc["figures"].values():
+        assert Image.open(tmp_path / "a" / png).size[0] > 100
+    assert {"per_organ.png", "per_site.png", "dice_vs_shots.png", "best_worst.png"} <= set(doc["figures"].values())
+    # the episode file pins the test episodes: another seed draws others
+    js_c, _ = evaluate(ckpt, tmp_path / "c", **{**kw, "seed": 8, "shots": [1]})
+    assert json.loads(js_c.read_text())["context"]["episode_files"]["1"]["sha256"] != ctx["episode_files"]["1"]["sha256"]
+    table = compare_runs([tmp_path / "a", tmp_path / "c"])
+    assert table.count("| a |") == 2 and "| c |" in table
+    assert "segmentation 1-shot: 2 different episode files" in table
+
+
+def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, tmp_path):
+    ckpt, tmp = seg_checkpoint
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text("data:\n  class_path: datamodules.segmentation.SegmentationDataModule\n  init_args:\n"
+                   "    root: somewhere\n    protocol: in_domain\n    split_seed: 3\n")
+    with pytest.raises(ValueError, match=r"data\.yaml: this data config changes the split.*protocol: trained 'cross_organ', "
+                                         r"given 'in_domain'.*split_seed"):
+        evaluate(ckpt, tmp_path / "out", data_config=cfg)
+    check_same_split({"class_path": "x", "init_args": {"protocol": "a"}}, {"class_path": "x", "init_args": {"root": "b"}}, "f")
+
+
+def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", n_classes=6, per_class=6, dicom_class=False)
+    source = {"class_path": "datamodules.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
+    dm = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), n_way=2, n_shot=1, n_query=2,
+                                  val_classes_count=2, test_classes_count=2, episodes_per_epoch=4, val_episodes=2,
+                                  test_episodes=4, batch_size=2)
+    torch.manual_seed(0)
+    ckpt = _fit_and_save(EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 8})), dm,
+                         tmp_path / "cls.ckpt")
+    out = tmp_path / "run"
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--shots", "1", "2", "--episodes", "6",
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "Cite as:" in capsys.readouterr().out
+    doc = json.loads((out / "results.json").read_text())
+    s = doc["summary"]["2"]
+    assert set(s) == {"acc", "balanced_acc", "auc", "ece", "calibration"}
+    assert set(s["acc"]["trained"]["class"]) == set(doc["context"]["data"]["classes"]["test"])
+    assert "reliability.png" in doc["figures"].values() and (out / "reliability.png").is_file()
+    assert "accuracy per class" in " ".join(doc["figures"])
+    assert cli_main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp.md")]) == 0
+    assert "balanced_acc:" in (tmp_path / "cmp.md").read_text()
