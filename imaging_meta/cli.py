@@ -7,6 +7,9 @@
 * ``segment``: few-shot segmentation of a new structure from a checkpoint and a few labelled scans.
 * ``classify``: few-shot classification of images against a support folder (one subfolder per class).
 * ``results``: train and test every learner on the same fixed test episodes; one table.
+* ``evaluate``: a checkpoint on fixed, seeded test episodes per number of shots: metrics with 95% CIs per
+  organ/class, site and shot, plots, and the provenance to reproduce them (``results.json``, ``results.md``).
+* ``compare``: several ``evaluate`` run folders in one table.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results")
+TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare")
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
@@ -61,6 +64,8 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         save_config_kwargs={"overwrite": True},
         args=None if args is None else list(args),
         auto_configure_optimizers=False,
+        # checkpoints are written to a temporary file and renamed: an interrupted save leaves none half-written
+        trainer_defaults={"plugins": [{"class_path": "imaging_meta.checkpoint_io.AtomicCheckpointIO"}]},
         run=run,
     )
 
@@ -93,6 +98,10 @@ def _tool_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan")
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     g.add_argument("--device", default="auto")
+    g.add_argument("--format", dest="output_format", choices=("nifti", "dicom-seg"), default="nifti",
+                   help="mask format; dicom-seg (highdicom) needs DICOM series queries and writes <query>.seg.dcm")
+    g.add_argument("--explain", action="store_true",
+                   help="also write each query's foreground probability map (<query>_probability.nii.gz)")
 
     c = sub.add_parser("classify", help="few-shot classification of images against a support folder")
     c.add_argument("--checkpoint", required=True)
@@ -100,6 +109,29 @@ def _tool_parser() -> argparse.ArgumentParser:
     c.add_argument("--query", action="append", required=True, help="image file or folder of images (repeat)")
     c.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>...")
     c.add_argument("--device", default="auto")
+    c.add_argument("--explain", action="store_true",
+                   help="also write, per query, its nearest support images and an occlusion saliency map (PNG) "
+                        "into <out stem>_explain/")
+
+    e = sub.add_parser("evaluate", help="a checkpoint on fixed seeded test episodes: metrics with 95%% CIs, plots, provenance")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint from `imaging-meta fit`")
+    e.add_argument("--out", required=True, help="run folder for results.json, results.md, plots and episode files")
+    e.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="support sizes to evaluate (default: 1 5)")
+    e.add_argument("--episodes", type=int, default=200, help="test episodes per number of shots")
+    e.add_argument("--seed", type=int, default=0, help="episode seed: the same seed draws the same episodes")
+    e.add_argument("--data-config", default=None,
+                   help="data YAML to use instead of the settings stored in the checkpoint (must keep its split)")
+    e.add_argument("--data-root", default=None, help="the data folder, when it moved since training")
+    e.add_argument("--cache-dir", default=None, help="cache folder for the index, volumes and episode files")
+    e.add_argument("--batch-size", type=int, default=None, help="episodes per forward pass")
+    e.add_argument("--no-baselines", action="store_true", help="score the trained learner only")
+    e.add_argument("--panel", type=int, default=3, help="best and worst episodes in best_worst.png (0: none)")
+    e.add_argument("--name", default=None, help="the run's name in `compare` tables (default: the folder name)")
+    e.add_argument("--device", default="auto")
+
+    m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
+    m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
+    m.add_argument("--out", default=None, help="also write the table to this Markdown file")
 
     r = sub.add_parser("results", help="train and test every learner on the same fixed test episodes; one table")
     from imaging_meta.results import add_arguments
@@ -144,6 +176,8 @@ def _run_tool(argv: Sequence[str]) -> int:
             max_support_slices=args.max_support_slices,
             largest_component=not args.no_largest_component,
             device=args.device,
+            output_format=args.output_format,
+            explain=args.explain,
         )
         for w in written:
             sys.stdout.write(f"wrote {w}\n")
@@ -151,8 +185,28 @@ def _run_tool(argv: Sequence[str]) -> int:
     if args.command == "classify":
         from imaging_meta.classify import classify
 
-        out = classify(args.checkpoint, args.support, args.query, args.out, device=args.device)
+        out = classify(args.checkpoint, args.support, args.query, args.out, device=args.device, explain=args.explain)
         sys.stdout.write(f"wrote {out}\n")
+        return 0
+    if args.command == "evaluate":
+        from imaging_meta.evaluate import evaluate
+
+        js, md = evaluate(
+            args.checkpoint, args.out, shots=args.shots, episodes=args.episodes, seed=args.seed,
+            data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
+            batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
+            name=args.name,
+        )
+        sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
+        return 0
+    if args.command == "compare":
+        from imaging_meta.evaluation import _atomic_write, compare_runs
+
+        table = compare_runs(args.runs)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(Path(args.out), table)
+        sys.stdout.write(table)
         return 0
     if args.command == "results":
         from imaging_meta.results import run_results
@@ -173,7 +227,7 @@ def cli_main(args: Sequence[str] | None = None):
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(
             "usage: imaging-meta {fit,validate,test,predict} --config CONFIG.yaml [...]\n"
-            "       imaging-meta {demo,scan,segment,classify,results} ...  (see imaging-meta demo --help, ...)\n"
+            "       imaging-meta {demo,scan,segment,classify,results,evaluate,compare} ...  (see imaging-meta demo --help, ...)\n"
         )
         if not args:
             raise SystemExit(2)

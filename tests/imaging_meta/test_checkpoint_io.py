@@ -1,0 +1,58 @@
+"""Checkpoints: written atomically, read without pickle, and refused when they belong to another learner."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from imaging_meta.checkpoint_io import AtomicCheckpointIO
+from imaging_meta.cli import lightning_cli
+from imaging_meta.learners.protonet import PrototypicalNetwork
+from imaging_meta.module import EpisodicModule
+from imaging_meta.predict import CheckpointError, load_learner
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.arange(4)}, target)
+    before = target.read_bytes()
+
+    def dies_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the job is killed while writing
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.arange(8)}, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"], "no temporary file is left behind"
+    assert torch.load(target, weights_only=True)["step"] == 1
+
+
+def test_fit_writes_checkpoints_through_the_atomic_writer(tmp_path):
+    cli = lightning_cli(["--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_classification.yaml"),
+                         "--config", str(CONFIGS / "model/protonet_cls.yaml"), "--trainer.logger.init_args.save_dir",
+                         str(tmp_path)], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_a_checkpoint_of_another_learner_is_refused_with_the_fix():
+    module = EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4}), baselines=False)
+    other = {"imaging_meta": {"learner_config": {"class_path": "imaging_meta.learners.maml.MAML", "init_args": {}}}}
+    with pytest.raises(ValueError, match=r"holds a imaging_meta\.learners\.maml\.MAML learner.*use the checkpoint's model config"):
+        module.on_load_checkpoint(other)
+
+
+def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (tmp_path / "pwned", "ran"))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "imaging_meta": {"learner_config": Payload()}}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: not a readable imaging-meta checkpoint"):
+        load_learner(path)
+    assert not (tmp_path / "pwned").exists()
