@@ -2,8 +2,14 @@
 
 Every volume goes through the same deterministic preprocessing as in training (read from the checkpoint).
 Support slices are taken where the support mask is present; each axial query slice is segmented against
-the support; the predicted mask is mapped back through the inverse of the preprocessing, so the NIfTI
-that is written has the query's own shape and affine.
+the support; the foreground probability is mapped back through the inverse of the preprocessing (linear
+interpolation) and thresholded at 0.5, so the mask that is written has the query's own shape and affine
+and equals the probability map (``explain``) > 0.5, before the optional largest-component step.
+
+Outputs: a NIfTI mask per query, or (``output_format="dicom-seg"``, DICOM series queries only) a DICOM
+Segmentation that references the query's slices (`imaging_meta.dicom_seg`). NIfTI outputs are written
+with a fresh header: no description, no auxiliary file, nothing copied from the query's header, hence no
+patient data. The DICOM Segmentation is the exception: it must copy the source's Patient and Study modules.
 """
 
 from __future__ import annotations
@@ -112,6 +118,33 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file)."""
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.header["descrip"] = b""
+    img.header["aux_file"] = b""
+    nib.save(img, str(path))
+    return path
+
+
+def _query_name(q: Path) -> str:
+    return q.name if q.is_dir() else (nifti_stem(q.name) if is_nifti(q.name) else q.stem)
+
+
+def _is_all_foreground(label: str | Path, label_value: int | None) -> bool:
+    """True when every voxel of the label file itself is the structure (NIfTI label maps; False for others).
+
+    The preprocessed label can miss this: a small volume is padded with background up to the slice size.
+    """
+    if not is_nifti(label):
+        return False
+    data = np.asarray(nib.load(str(label)).dataobj)
+    return bool(data.size) and bool(((data != 0) if label_value is None else (data == label_value)).all())
+
+
 @torch.no_grad()
 def segment(
     checkpoint: str | Path,
@@ -124,25 +157,56 @@ def segment(
     largest_component: bool = True,
     device: str = "auto",
     query_chunk: int = 16,
+    output_format: str = "nifti",
+    explain: bool = False,
 ) -> list[Path]:
     """Segment ``queries`` with the structure labelled in ``supports``.
+
+    Outputs, per query, in ``out_dir`` (the query's name is its NIfTI stem or its series folder's name):
+
+    * ``output_format="nifti"``: ``<query name>.nii.gz``, a uint8 mask (X, Y, Z) with the query's shape
+      and affine (a DICOM series: the reader layout, column index, row index, slice in geometric order).
+    * ``output_format="dicom-seg"``: ``<query name>.seg.dcm``, a binary DICOM Segmentation whose frames
+      reference the query's slices by SOPInstanceUID, in DICOM pixel order (see
+      `imaging_meta.dicom_seg.write_dicom_seg`). It copies the query's Patient and Study modules (PatientName,
+      PatientID, StudyInstanceUID, ...), as DICOM requires for it to join the study in a PACS: it is the one
+      output that carries identifying data. Every NIfTI output has a fresh header without any.
+    * ``explain=True``: also ``<query name>_probability.nii.gz``, the float32 foreground probability in
+      [0, 1] with the mask's shape and affine (the mask is this map > 0.5, before the largest-component step).
 
     Args:
         checkpoint: a checkpoint from ``imaging-meta fit``.
         supports: (image, label map) pairs; images are NIfTI files or DICOM series folders.
-        queries: NIfTI files or DICOM series folders.
-        out_dir: folder for ``<query name>.nii.gz`` masks.
+        queries: NIfTI files or DICOM series folders (``dicom-seg``: DICOM series folders only).
+        out_dir: output folder (created).
         label_value: the structure's value in the label maps (default: every non-zero voxel).
         modality: CT or MR when the files do not say.
         max_support_slices: slices taken from each support scan (spread over the structure).
         largest_component: keep only the largest 3D connected component of each mask.
         device: "auto", "cpu" or "cuda".
         query_chunk: query slices per forward pass.
+        output_format: "nifti" or "dicom-seg".
+        explain: also write each query's foreground probability map.
 
     Returns:
-        The written mask files, one per query.
+        The written files: the masks (NIfTI or DICOM-SEG), one per query, then the probability maps.
+
+    Raises:
+        ValueError: an unknown ``output_format``; ``dicom-seg`` with a query that is not a DICOM series
+            folder; a support label map without the structure, or that is the structure everywhere.
+        CheckpointError: a checkpoint that cannot segment.
     """
     from monai.transforms import Compose, Invertd
+
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    if output_format == "dicom-seg":
+        for query in queries:
+            q = Path(query)
+            if is_nifti(q.name):
+                raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is NIfTI (use --format nifti)")
+            if not q.is_dir():
+                raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is not a folder of DICOM files")
 
     dev = resolve_device(device)
     learner, extra = load_learner(checkpoint, dev)
@@ -160,10 +224,15 @@ def segment(
         d = tf_pair({"image": image_source(image), "label": str(label), "modality": modality_of(image, modality)})
         lbl = d["label"][0]
         mask = (lbl > 0) if label_value is None else (lbl == label_value)
+        what = "any non-zero voxel" if label_value is None else f"value {label_value}"
         zs = _support_slices(mask, max_support_slices)
         if not zs:
-            what = "any non-zero voxel" if label_value is None else f"value {label_value}"
             raise ValueError(f"{label}: the label map has no {what} after preprocessing; check --label-value")
+        if bool(mask.all()) or _is_all_foreground(label, label_value):
+            raise ValueError(
+                f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
+                "file (an image or a body mask instead of the label map); check --support-label and --label-value"
+            )
         s_images += [d["image"].as_tensor()[..., z] for z in zs]
         s_masks += [mask.as_tensor()[..., z].float() for z in zs]
     support_images = torch.stack(s_images).unsqueeze(0).to(dev)  # (1, K, 1, H, W)
@@ -171,7 +240,7 @@ def segment(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    masks_written, probs_written = [], []
     for query in queries:
         q = Path(query)
         data = tf_image({"image": image_source(q), "modality": modality_of(q, modality)})
@@ -185,23 +254,45 @@ def segment(
             p = learner.predict(ep)[0].float().cpu()  # (Q, H, W)
             for j, z in enumerate(zs):
                 probs[0, ..., z] = p[j]
-        pred = vol.clone()
-        pred.set_array((probs > 0.5).float())
-        data["pred"] = pred
-        inv = Invertd("pred", transform=Compose(tf_image.transforms), orig_keys="image", nearest_interp=True)(data)
-        mask = inv["pred"][0].cpu().numpy() > 0.5
+        prob = vol.clone()
+        prob.set_array(probs)
+        data["prob"] = prob
+        # linear interpolation back to the query grid (the image's own modes), then one threshold
+        inv = Invertd("prob", transform=Compose(tf_image.transforms), orig_keys="image", nearest_interp=False)(data)
+        prob_map = np.clip(inv["prob"][0].cpu().numpy().astype(np.float32), 0.0, 1.0)  # (X, Y, Z)
+        mask = prob_map > 0.5
         if largest_component and mask.any():
             mask = _largest_component(mask)
-        name = q.name if q.is_dir() else (nifti_stem(q.name) if is_nifti(q.name) else q.stem)
+        name = _query_name(q)
         if q.is_dir():
-            affine = np.asarray(inv["pred"].affine, dtype=np.float64)
+            affine = np.asarray(inv["prob"].affine, dtype=np.float64)
         else:
             header = nib.load(str(q))
             affine = header.affine
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
-        target = out / f"{name}.nii.gz"
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(target))
+        if output_format == "dicom-seg":
+            target = _write_seg(mask, q, affine, out / f"{name}.seg.dcm", label_value)
+        else:
+            target = _save_nifti(mask.astype(np.uint8), affine, out / f"{name}.nii.gz")
         logger.info("%s: %d foreground voxels -> %s", q.name, int(mask.sum()), target)
-        written.append(target)
-    return written
+        masks_written.append(target)
+        if explain:
+            probs_written.append(_save_nifti(prob_map, affine, out / f"{name}_probability.nii.gz"))
+    return masks_written + probs_written
+
+
+def _write_seg(mask: np.ndarray, folder: Path, affine: np.ndarray, target: Path, label_value: int | None) -> Path:
+    """The DICOM-SEG of a series folder; the mask (reader layout) is checked against the series' geometry."""
+    from datamodules.dicom import DicomSeriesReader
+    from imaging_meta.dicom_seg import write_dicom_seg
+
+    # the same reader (and defaults) as the preprocessing: the same files in the same geometric order
+    series = DicomSeriesReader().read(str(folder)).series
+    if tuple(mask.shape) != tuple(series.shape) or not np.allclose(affine, series.affine, atol=1e-3):
+        raise RuntimeError(
+            f"{folder}: the inverted mask {mask.shape} does not have the series geometry {series.shape}; "
+            "cannot align it with the DICOM slices"
+        )
+    label = "structure" if label_value is None else f"label {label_value}"
+    return write_dicom_seg(mask, series.paths, target, segment_label=label)

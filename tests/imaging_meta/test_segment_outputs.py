@@ -1,0 +1,232 @@
+"""`segment` outputs: DICOM-SEG frames aligned with their source slices, probability maps, PHI-free NIfTI.
+
+The checkpoints are built directly (a tiny untrained PrototypicalSegmenter, saved through
+`EpisodicModule.on_save_checkpoint` as `imaging-meta fit` does), and where the expected mask must be known
+the learner's ``predict`` is replaced by a threshold of the query slice: the mask then depends only on the
+query's pixels and geometry, not on a network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from datamodules.dicom import DicomSeriesReader
+from imaging_meta.cli import cli_main
+from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+from imaging_meta.module import EpisodicModule
+from imaging_meta.predict import segment
+from tests.datamodules.dicom_fixtures import (
+    FAKE_PHI,
+    affine_ras,
+    label_for,
+    phantom,
+    write_nifti,
+    write_reoriented_nifti,
+    write_series,
+)
+
+# the fake predict's threshold on the windowed image (CT window -250..250 HU): HU 0 -> 0.5 (background),
+# HU 1 -> 0.502 (foreground); the phantom's values are integers, so the expected mask is HU >= 1
+THRESHOLD = 0.501
+CT_WINDOW = (-250.0, 250.0)
+
+
+def make_checkpoint(path: Path, spacing, slice_size) -> Path:
+    """A tiny untrained ProtoNet-seg checkpoint with the given preprocessing, in the `imaging-meta fit` format."""
+    torch.manual_seed(0)
+    learner = PrototypicalSegmenter(backbone="unet", backbone_kwargs={"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]})
+    module = EpisodicModule(learner, baselines=False)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)  # learner config, task, version (no trainer: no datamodule section)
+    ckpt["imaging_meta"]["preprocessing"] = {
+        "spacing": [float(s) for s in spacing],
+        "slice_size": [int(s) for s in slice_size],
+        "ct_window": list(CT_WINDOW),
+        "mr_percentiles": [1.0, 99.0],
+    }
+    torch.save(ckpt, path)
+    return path
+
+
+def ct_nifti(array: np.ndarray, affine: np.ndarray, path: Path, ornt=None) -> Path:
+    """A NIfTI volume with its BIDS sidecar saying CT (the DICOM series say it in their headers)."""
+    path = write_nifti(array, affine, path) if ornt is None else write_reoriented_nifti(array, affine, path, ornt)
+    path.with_name(path.name.removesuffix(".nii.gz") + ".json").write_text(json.dumps({"Modality": "CT"}))
+    return path
+
+
+def threshold_predict(self, episode):
+    """(T, Q, H, W): foreground exactly where the windowed query image exceeds THRESHOLD."""
+    return (episode.query_images[:, :, 0] > THRESHOLD).float()
+
+
+def intensity_predict(self, episode):
+    """(T, Q, H, W): the windowed query image itself, a smooth 'probability' in [0, 1]."""
+    return episode.query_images[:, :, 0].float()
+
+
+@pytest.fixture
+def support(tmp_path):
+    vol = phantom(seed=1)
+    image = ct_nifti(vol, affine_ras(), tmp_path / "support" / "sup.nii.gz")
+    label = write_nifti(label_for(vol), affine_ras(), tmp_path / "support" / "sup_label.nii.gz")
+    return image, label
+
+
+def tricky_series(folder: Path, seed: int = 3) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """A series rotated 90 degrees in plane, slices along -z, InstanceNumbers reversed, random file names."""
+    vol = phantom(shape=(12, 10, 6), seed=seed)
+    aff = affine_ras(rot_deg=90.0, slice_sign=-1.0)
+    files = write_series(folder, vol, aff, seed=seed, reverse=True, shuffle_names=True)
+    return vol, aff, files
+
+
+def ras_grid(vol: np.ndarray, aff: np.ndarray) -> tuple[tuple[float, float], tuple[int, int]]:
+    """In-plane (spacing, size) of the volume in RAS: preprocessing with these resamples nothing."""
+    img = nib.Nifti1Image(vol, aff).as_reoriented(nib.orientations.io_orientation(aff))
+    return tuple(float(z) for z in img.header.get_zooms()[:2]), tuple(int(s) for s in img.shape[:2])
+
+
+def expected_mask(ds: pydicom.Dataset) -> np.ndarray:
+    """(Rows, Columns) mask the threshold predict gives for this source slice."""
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return hu >= 1
+
+
+def test_dicom_seg_frames_reference_the_slices_their_pixels_came_from(tmp_path, support, monkeypatch):
+    import highdicom as hd
+
+    folder = tmp_path / "SERIES_A"
+    vol, aff, files = tricky_series(folder)
+    spacing, size = ras_grid(vol, aff)
+    assert size == (10, 12), "the in-plane axes are swapped by the RAS reorientation"
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+
+    written = segment(ckpt, [support], [folder], tmp_path / "out", output_format="dicom-seg",
+                      largest_component=False, device="cpu")
+    assert written == [tmp_path / "out" / "SERIES_A.seg.dcm"]
+    sources = {str(pydicom.dcmread(f).SOPInstanceUID): pydicom.dcmread(f) for f in files}
+
+    seg = hd.seg.segread(written[0])
+    raw = pydicom.dcmread(written[0])
+    frames = raw.pixel_array.reshape(-1, int(raw.Rows), int(raw.Columns))  # (frames, Rows, Columns), unpacked bits
+    assert (int(raw.Rows), int(raw.Columns)) == (10, 12)  # DICOM pixel order of the source, not RAS
+    assert len(frames) == len(files), "every slice has foreground in this phantom, so no frame is omitted"
+    seen = set()
+    for i, item in enumerate(raw.PerFrameFunctionalGroupsSequence):
+        uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        src = sources[uid]
+        seg_id = item.get("SegmentIdentificationSequence") or raw.SharedFunctionalGroupsSequence[0].SegmentIdentificationSequence
+        assert seg_id[0].ReferencedSegmentNumber == 1
+        np.testing.assert_array_equal(frames[i].astype(bool), expected_mask(src), err_msg=f"frame {i} vs {uid}")
+        assert np.allclose(item.PlanePositionSequence[0].ImagePositionPatient, src.ImagePositionPatient, atol=1e-3)
+        seen.add(uid)
+    assert seen == set(sources)
+
+    # what a DICOM-SEG must carry (and the docstring says so): the study's patient; plus our equipment
+    first = next(iter(sources.values()))
+    assert raw.PatientID == first.PatientID and raw.StudyInstanceUID == first.StudyInstanceUID
+    assert raw.Manufacturer == "imaging-meta" and raw.Modality == "SEG"
+    seg_bytes = written[0].read_bytes()
+    for keyword in ("InstitutionName", "StationName"):  # only the Patient and Study modules are copied
+        assert FAKE_PHI[keyword].encode() not in seg_bytes, keyword
+    desc = seg.SegmentSequence[0]
+    assert desc.SegmentAlgorithmType == "AUTOMATIC"
+    assert desc.SegmentAlgorithmName == "imaging-meta"
+    assert desc.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "imaging-meta"
+
+    # the NIfTI mask of the same query, located through its affine only, shows the same pixels
+    nifti = segment(ckpt, [support], [folder], tmp_path / "out_nii", largest_component=False, device="cpu")[0]
+    img = nib.load(nifti)
+    mask = np.asarray(img.dataobj).astype(bool)
+    to_vox = np.linalg.inv(img.affine)
+    for src in sources.values():
+        lps = np.asarray(src.ImagePositionPatient, dtype=np.float64)
+        ijk = to_vox @ np.r_[-lps[0], -lps[1], lps[2], 1.0]
+        assert np.allclose(ijk[:2], 0, atol=1e-3), "voxel (0, 0) of each slice is its first transmitted pixel"
+        k = int(round(ijk[2]))
+        np.testing.assert_array_equal(mask[:, :, k].T, expected_mask(src))
+
+
+def test_dicom_seg_of_a_nifti_query_is_a_clear_error(tmp_path, support):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(phantom(), affine_ras(), tmp_path / "q.nii.gz")
+    with pytest.raises(ValueError, match=r"--format dicom-seg needs a DICOM series query; .*q\.nii\.gz is NIfTI"):
+        segment(ckpt, [support], [query], tmp_path / "out", output_format="dicom-seg", device="cpu")
+    with pytest.raises(ValueError, match="output_format must be one of"):
+        segment(ckpt, [support], [query], tmp_path / "out", output_format="png", device="cpu")
+
+
+def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, support, monkeypatch):
+    # a coarser grid than the queries': the map is interpolated back, not copied
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", intensity_predict)
+    nifti_q = ct_nifti(phantom(seed=4), affine_ras(rot_deg=20.0), tmp_path / "q4.nii.gz", [[1, -1], [0, 1], [2, -1]])
+    _, aff, _ = tricky_series(tmp_path / "SERIES_B")
+    out = tmp_path / "out"
+    written = segment(ckpt, [support], [nifti_q, tmp_path / "SERIES_B"], out, explain=True,
+                      largest_component=False, device="cpu")
+    assert written == [out / "q4.nii.gz", out / "SERIES_B.nii.gz", out / "q4_probability.nii.gz",
+                       out / "SERIES_B_probability.nii.gz"]
+    q_img = nib.load(nifti_q)
+    for mask_path, prob_path, shape, affine in ((written[0], written[2], q_img.shape, q_img.affine),
+                                                (written[1], written[3], (12, 10, 6), None)):
+        m, p = nib.load(mask_path), nib.load(prob_path)
+        prob = np.asarray(p.dataobj)
+        assert prob.dtype == np.float32 and p.shape == m.shape == shape
+        assert np.allclose(p.affine, m.affine) and (affine is None or np.allclose(p.affine, affine, atol=1e-4))
+        assert prob.min() >= 0.0 and prob.max() <= 1.0
+        inner = (prob > 0.01) & (prob < 0.99)
+        assert inner.mean() > 0.05, "a linearly interpolated map, not a mask"
+        np.testing.assert_array_equal(prob > 0.5, np.asarray(m.dataobj).astype(bool))
+    # the series' own grid: same voxel centres as the written volume, slices in geometric (ascending) order
+    series = DicomSeriesReader().read(str(tmp_path / "SERIES_B")).series
+    assert np.allclose(nib.load(written[3]).affine, series.affine, atol=1e-4)
+    flip_slices = aff @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 5], [0, 0, 0, 1]])
+    assert np.allclose(series.affine, flip_slices, atol=1e-4), "written along -z, read back along +z"
+
+    # no patient data in any NIfTI header or byte
+    for path in written:
+        hdr = nib.load(path).header
+        assert hdr["descrip"].item() == b"" and hdr["aux_file"].item() == b""
+        raw = gzip.decompress(path.read_bytes())
+        for value in FAKE_PHI.values():
+            assert value.encode() not in raw and value.split("^")[0].encode() not in raw
+
+
+def test_cli_segment_dicom_seg_with_explain(tmp_path, support, capsys):
+    import highdicom as hd
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    _, _, files = tricky_series(tmp_path / "SERIES_C")
+    out = tmp_path / "out"
+    rc = cli_main(["segment", "--checkpoint", str(ckpt), "--support-image", str(support[0]),
+                   "--support-label", str(support[1]), "--query", str(tmp_path / "SERIES_C"), "--out", str(out),
+                   "--format", "dicom-seg", "--explain", "--device", "cpu"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["SERIES_C.seg.dcm", "SERIES_C_probability.nii.gz"]
+    assert f"wrote {out / 'SERIES_C.seg.dcm'}" in capsys.readouterr().out
+    seg = hd.seg.segread(out / "SERIES_C.seg.dcm")
+    referenced = {str(i.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                  for i in seg.PerFrameFunctionalGroupsSequence}
+    assert referenced <= {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert nib.load(out / "SERIES_C_probability.nii.gz").shape == (12, 10, 6)
+
+
+def test_an_all_foreground_support_label_is_rejected(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    vol = phantom(seed=1)
+    image = ct_nifti(vol, affine_ras(), tmp_path / "sup.nii.gz")
+    label = write_nifti(np.ones(vol.shape, np.uint8), affine_ras(), tmp_path / "sup_label.nii.gz")
+    query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
+    with pytest.raises(ValueError, match=r"sup_label\.nii\.gz: every voxel of the label map is the structure.*wrong file"):
+        segment(ckpt, [(image, label)], [query], tmp_path / "out", device="cpu")
