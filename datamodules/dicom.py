@@ -60,6 +60,7 @@ __all__ = [
     "order_series",
     "series_affine",
     "decoder_problem",
+    "JPEG_EXTRA",
     "load_series_array",
     "NIFTI_SUFFIXES",
     "is_nifti",
@@ -199,6 +200,12 @@ def read_dataset(path: str, *, stop_before_pixels: bool = False) -> tuple[Datase
     with ``force=True`` and accepted only when it holds a SOP class or a modality.
     """
     caught: list[str] = []
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:
+        raise DicomError(path, f"cannot read the file ({type(e).__name__}: {e})") from e
+    if empty:
+        raise NotDicomError(path, "empty file (0 bytes), probably an interrupted copy; copy it again from the source")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         try:
@@ -265,13 +272,18 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian
 
 
+#: the optional extra of this project that installs the JPEG, JPEG-LS and JPEG 2000 decoders (pyproject.toml).
+JPEG_EXTRA = "`pip install imaging-meta[jpeg]`"
+
+
 def _install_hint(ts: UID) -> str:
+    """What to install so that pydicom can decode ``ts``: the project's ``jpeg`` extra first, then alternatives."""
     if ts in JPEGLSTransferSyntaxes:
-        return "`pip install pylibjpeg pylibjpeg-libjpeg` (or `pip install pyjpegls`, or `pip install python-gdcm`)"
+        return f"{JPEG_EXTRA} (or `pip install pylibjpeg pylibjpeg-libjpeg`, `pip install pyjpegls`, or `pip install python-gdcm`)"
     if ts in JPEGTransferSyntaxes:
-        return "`pip install pylibjpeg pylibjpeg-libjpeg` (or `pip install python-gdcm`)"
+        return f"{JPEG_EXTRA} (or `pip install pylibjpeg pylibjpeg-libjpeg`, or `pip install python-gdcm`)"
     if ts in JPEG2000TransferSyntaxes or ts in _HIGH_THROUGHPUT_J2K:
-        return "`pip install pylibjpeg pylibjpeg-openjpeg` (or `pip install python-gdcm`)"
+        return f"{JPEG_EXTRA} (or `pip install pylibjpeg pylibjpeg-openjpeg`, or `pip install python-gdcm`)"
     if ts in RLETransferSyntaxes:
         return "`pip install pylibjpeg pylibjpeg-rle`"
     return "a pydicom pixel data plugin for it (see pydicom.pixels.get_decoder(uid).missing_dependencies)"
@@ -305,7 +317,7 @@ def decoder_problem(transfer_syntax: str) -> str | None:
         return None
     return (
         f"compressed transfer syntax {ts.name} ({ts}) needs a pixel data decoder that is not installed: "
-        f"install {_install_hint(ts)}"
+        f"run {_install_hint(ts)}, then scan again"
     )
 
 
@@ -316,6 +328,9 @@ def _expected_pixel_bytes(rows: int, columns: int, samples: int, bits: int, fram
     return n * (bits // 8)
 
 
+_MULTI_FRAME_FIX = "convert it to a NIfTI volume (e.g. `dcm2niix -z y <folder>`) and scan the .nii.gz instead"
+
+
 def _file_problem(ds: Dataset, h: DicomHeader) -> str | None:
     """The first reason why this file cannot be one slice of a grey-level volume, or None."""
     if h.is_dicomdir:
@@ -323,6 +338,11 @@ def _file_problem(ds: Dataset, h: DicomHeader) -> str | None:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             return f"float pixel data is not supported yet ({h.describe()})"
+        if len(ds) == 0 or (not h.sop_class and not h.modality and "Rows" not in ds):
+            return (
+                "no pixel data and no readable image attributes (no SOP class, modality or Rows): the file is "
+                "corrupt or truncated; copy it again from the source"
+            )
         if "Rows" in ds or "Image Storage" in h.sop_class:
             return (
                 f"no pixel data although it is an image ({h.describe()}): the file is truncated (cut short "
@@ -336,11 +356,11 @@ def _file_problem(ds: Dataset, h: DicomHeader) -> str | None:
     if frames is None:
         return f"invalid NumberOfFrames {frames_raw!r}"
     if frames > 1:
-        return f"multi-frame images are not supported yet (NumberOfFrames={frames}, {h.describe()})"
+        return f"multi-frame images are not supported yet (NumberOfFrames={frames}, {h.describe()}); {_MULTI_FRAME_FIX}"
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         return (
             f"enhanced multi-frame object ({h.describe()}): its geometry is in functional groups; "
-            "multi-frame images are not supported yet"
+            f"multi-frame images are not supported yet; {_MULTI_FRAME_FIX}"
         )
     if h.samples_per_pixel != 1:
         photometric = _get(ds, "PhotometricInterpretation", "?")
@@ -352,7 +372,13 @@ def _file_problem(ds: Dataset, h: DicomHeader) -> str | None:
         return f"not a grey-level volume (PhotometricInterpretation={photometric})"
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if _get(ds, k) is None]
     if missing:
-        return f"missing {', '.join(missing)}"
+        garbled = [k for k in missing if k in ds]
+        if garbled:
+            return (
+                f"unreadable {', '.join(garbled)} value(s) ({h.describe()}): the header is corrupt; copy the file "
+                "again from the source"
+            )
+        return f"missing {', '.join(missing)} ({h.describe()}): not a valid image header; export it again from the source"
     missing = [k for k in _GEOMETRY_KEYWORDS if _get(ds, k) is None]
     if missing:
         return (

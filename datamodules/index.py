@@ -149,13 +149,26 @@ class Index:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index as JSON atomically (temporary file, then rename)."""
+        """Write the index as JSON atomically.
+
+        The JSON goes to a temporary file in the same folder, is flushed to disk, and then replaces ``path``
+        with `os.replace`; an error or an interruption (Ctrl-C) while writing leaves the previous index (or no
+        index) in place and removes the temporary file.
+
+        Args:
+            path: the index JSON file.
+
+        Returns:
+            ``path``.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -20,8 +20,8 @@ Columns:
 
 Patients and sites come from scanning ``root`` with `datamodules.scan` (header-derived pseudonymous patient,
 site key built from scanner fields), joined on the image path. Each volume is loaded once (MONAI
-``LoadImaged`` + ``EnsureChannelFirstd`` + ``Orientationd("RAS")`` + `ModalityIntensityd`: CT window or MR
-percentiles), and every lesion of it becomes a patch resampled in world space around its centre
+``LoadImaged`` + ``EnsureChannelFirstd`` + `CheckVolumed` + ``Orientationd("RAS")`` + `ModalityIntensityd`: CT
+window or MR percentiles), and every lesion of it becomes a patch resampled in world space around its centre
 (`extract_patches`: the patch grid's world coordinates are mapped through the inverse of the volume's affine
 and sampled with trilinear interpolation, zero outside the volume), so voxel spacing and orientation
 differences between sites do not change the patch geometry.
@@ -57,7 +57,7 @@ from datamodules.dicom import DicomSeriesReader
 from datamodules.index import Case, Index
 from datamodules.items import ItemSource, ItemTable
 from datamodules.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
-from datamodules.transforms import ModalityIntensityd
+from datamodules.transforms import CheckVolumed, ModalityIntensityd
 
 __all__ = ["LesionCSV", "load_volume", "extract_patches", "lesion_patches", "to_ras"]
 
@@ -104,6 +104,7 @@ def _volume_loader(ct_window: tuple[float, ...], mr_percentiles: tuple[float, ..
         # MONAI tries the last reader first: NIfTI files never reach the DICOM reader
         LoadImaged(["image"], reader=[DicomSeriesReader(), NibabelReader()], image_only=True),
         EnsureChannelFirstd(["image"]),
+        CheckVolumed(["image"]),
         Orientationd(["image"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         ModalityIntensityd("image", ct_window=ct_window, mr_percentiles=mr_percentiles),
     ])

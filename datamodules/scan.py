@@ -12,8 +12,9 @@ What is read, and how it is paired:
 * Label maps (NIfTI) are paired with images by (a) the nearest Decathlon ``dataset.json`` "training" list,
   else (b) by name: ``S_label``/``S_seg``/``S_dseg``/``S_mask`` beside image ``S`` (beside the folder ``S`` of
   a DICOM series), or the same name in a sibling ``labels``/``labelsTr``/``labelsTs``/``masks`` folder of an
-  ``images``/``imagesTr``/``imagesTs`` folder. A label must be integer-valued, non-empty and on the image's
-  voxel grid (compared in a canonical orientation, so a flipped or permuted copy of the same grid matches).
+  ``images``/``imagesTr``/``imagesTs`` folder. A label must be integer-valued, non-empty, not all foreground
+  (some background 0), and on the image's voxel grid (compared in a canonical orientation, so a flipped or
+  permuted copy of the same grid matches).
 * Sites come from the DICOM headers or a BIDS JSON sidecar; identifying attributes such as InstitutionName
   become keyed-hash tokens. Patients and cases are keyed hashes (HMAC-SHA256 with ``salt``).
 
@@ -23,6 +24,7 @@ No PatientName, PatientID, PatientBirthDate or UID is written to the index.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import hmac
 import json
@@ -96,6 +98,7 @@ GRID_TOL_VOXELS = 0.05
 
 _MR_WORDS = ("MRI", "MR", "T1", "T2", "FLAIR", "ADC", "DWI", "T1W", "T2W", "T1GD", "PD", "MP-MRI", "BOLD")
 _KNOWN_MODALITIES = ("CT", "MR", "PT", "US", "CR", "DX", "MG", "NM", "XA", "RF", "OT")
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
 _NON_IMAGE_KINDS = {
     ".gz": "gzip archive; only .nii.gz is read - decompress it first",
     ".zip": "zip archive - extract it first",
@@ -124,6 +127,20 @@ _NON_IMAGE_KINDS = {
 
 class _Reject(Exception):
     """Internal: an input is rejected with this reason."""
+
+
+def _broken_link_reason(path: str) -> str:
+    """Why a symbolic link that leads nowhere is rejected: a loop, or a missing target."""
+    try:
+        target = os.readlink(path)
+    except OSError as e:
+        target = f"unreadable: {e.strerror}"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symbolic link loop (to {target}, which leads back to itself); remove the link or point it at the file"
+    return f"broken symbolic link (to {target}, which does not exist); remove the link or restore its target"
 
 
 # ---------------------------------------------------------------------------------- pseudonyms, sites
@@ -269,7 +286,10 @@ def _load_nifti(path: str) -> tuple[Any, np.ndarray, list[int]]:
     try:
         img = nib.load(path)
     except Exception as e:
-        raise _Reject(f"cannot read the NIfTI header ({type(e).__name__}: {e})") from e
+        raise _Reject(
+            f"cannot read the NIfTI header ({type(e).__name__}: {e}); the file is corrupt or not NIfTI - "
+            "copy it again from the source, or rename it if it is another format"
+        ) from e
     shape = [int(s) for s in img.shape]
     spatial = list(shape)
     while len(spatial) > 3 and spatial[-1] == 1:
@@ -287,7 +307,10 @@ def _load_nifti(path: str) -> tuple[Any, np.ndarray, list[int]]:
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:
-        raise _Reject(f"cannot read the NIfTI data ({type(e).__name__}: {e}); the file may be truncated") from e
+        raise _Reject(
+            f"cannot read the NIfTI data ({type(e).__name__}: {e}); the file is probably truncated or corrupt - "
+            "copy it again from the source"
+        ) from e
     if data.dtype.fields is not None:
         raise _Reject(f"RGB/structured NIfTI data ({data.dtype}): not a grey-level volume")
     if np.iscomplexobj(data):
@@ -304,7 +327,10 @@ def _check_image_data(data: np.ndarray, min_slices: int) -> None:
             raise _Reject(f"contains NaN/Inf values ({bad} voxels); fix or mask them before scanning")
     lo, hi = data.min(), data.max()
     if lo == hi:
-        raise _Reject(f"constant image (every voxel is {float(lo):g}): no usable content")
+        raise _Reject(
+            f"constant image (every voxel is {float(lo):g}): no usable content; export it again from the source "
+            "or remove it"
+        )
 
 
 def _label_values(path: str, rel: str, image: _Volume) -> list[int]:
@@ -341,6 +367,12 @@ def _label_values(path: str, rel: str, image: _Volume) -> list[int]:
     present = [int(v) for v in values if v != 0]
     if not present:
         raise _Reject(f"label map {rel} is empty (no foreground voxel); remove it or label the structures")
+    if values[0] != 0:
+        raise _Reject(
+            f"label map {rel} has no background: every voxel is labelled ({', '.join(str(v) for v in present[:5])}"
+            f"{', ...' if len(present) > 5 else ''}), so it is not a mask of structures - is it an image, or an "
+            "inverted mask? Label the background 0, or remove it"
+        )
     return present
 
 
@@ -474,7 +506,7 @@ class _Scanner:
                 p = os.path.join(dirpath, f)
                 if os.path.islink(p) and not os.path.exists(p):
                     self.all_files.append(p)
-                    self.reject(p, f"broken symbolic link (to {os.readlink(p)})")
+                    self.reject(p, _broken_link_reason(p))
                 elif not os.path.isfile(p):
                     self.all_files.append(p)
                     self.reject(p, "not a regular file")
@@ -556,8 +588,13 @@ class _Scanner:
         try:
             fn()
         except Exception as e:
-            logger.debug("unexpected error on %s", path, exc_info=True)
-            self.reject(path, f"unexpected error while indexing ({type(e).__name__}: {e})", [f for f in files if f])
+            logger.warning("unexpected error while indexing %s", self.rel(path), exc_info=True)
+            self.reject(
+                path,
+                f"unexpected error while indexing ({type(e).__name__}: {e}); the input is damaged in a way the scanner "
+                "does not recognise - check or re-export it, and report this message if it looks fine",
+                [f for f in files if f],
+            )
 
     # ------------------------------------------------------------ DICOM
     def _read_dicom(self, p: str) -> DicomHeader | None:
@@ -565,9 +602,8 @@ class _Scanner:
         suffix = "".join(Path(name).suffixes[-1:]).lower()
         try:
             h = read_header(p, keywords=self.site_fields)
-        except NotDicomError:
-            kind = _NON_IMAGE_KINDS.get(suffix, f"suffix '{suffix}'" if suffix else "no suffix")
-            self.reject(p, f"not an image file we read ({kind}; not DICOM: no 'DICM' marker)")
+        except NotDicomError as e:
+            self.reject(p, self._not_dicom_reason(p, suffix, e))
             return None
         except DicomError as e:
             self.reject(p, f"unreadable DICOM file: {e.reason}")
@@ -580,6 +616,22 @@ class _Scanner:
             self.account(p)  # the media index of a DICOM disc; the series are read from their own files
             return None
         return h
+
+    @staticmethod
+    def _not_dicom_reason(path: str, suffix: str, error: NotDicomError) -> str:
+        """Why a file that pydicom does not read as DICOM is rejected, and what to do about it."""
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes): nothing to read; if it should be an image, copy it again from the source"
+        if suffix in _DICOM_SUFFIXES:
+            return (
+                f"named like DICOM ('{suffix}') but {error.reason}; the file is corrupt or truncated - "
+                "copy it again from the source"
+            )
+        kind = _NON_IMAGE_KINDS.get(suffix, f"suffix '{suffix}'" if suffix else "no suffix")
+        reason = f"not an image file we read ({kind}; not DICOM: no 'DICM' marker)"
+        if " - " not in kind:  # the kind carries no fix of its own
+            reason += "; skipped: only NIfTI (.nii, .nii.gz) and DICOM files are indexed, convert images to one of them"
+        return reason
 
     def _dicom_case(self, s: _Series, label: str | None) -> None:
         files = [h.path for h in s.headers]

@@ -3,7 +3,8 @@
 Two stages:
 
 * `volume_transforms` (deterministic, cached): load (NIfTI, or a geometry-ordered DICOM series), channel
-  first, RAS orientation, in-plane resampling to a target spacing, intensity normalisation per modality
+  first, a check that rejects unusable volumes (`CheckVolumed`: 4D, NaN/Inf, constant, a label off its
+  image's grid), RAS orientation, in-plane resampling to a target spacing, intensity normalisation per modality
   (CT: a HU window; MR: percentile scaling), and an in-plane pad/crop to a fixed slice size. The axial
   axis is the last one, so ``volume[..., z]`` is a fixed-size 2D slice.
 * `slice_augmentation` (random, seeded): 2D geometric and intensity augmentation of a slice; one draw is
@@ -34,16 +35,112 @@ from monai.transforms import (
 )
 
 from datamodules.dicom import DicomSeriesReader
+from datamodules.scan import grid_mismatch
 
 CT_MODALITIES = ("CT",)
 
 
 def _source(img) -> str:
+    """The file an image was loaded from, for messages (a DICOM series: its first file and slice count)."""
     meta = getattr(img, "meta", {}) or {}
     src = meta.get("filename_or_obj", "<array>")
     if isinstance(src, (list, tuple)):
-        src = f"{src[0]} (+{len(src) - 1} slices)" if src else "<series>"
+        return f"{src[0]} (+{len(src) - 1} slices)" if src else "<series>"
+    n_slices = meta.get("n_slices")  # written by DicomSeriesReader; MONAI keeps only the first file name
+    if n_slices is not None and int(n_slices) > 1:
+        return f"{src} (the first of the {int(n_slices)} files of its DICOM series)"
     return str(src)
+
+
+class CheckVolume(Transform):
+    """Reject a loaded volume that cannot be used, with a message naming its file and the fix.
+
+    Corrupt values are never repaired here (no NaN -> 0): the volume is returned unchanged or an error is
+    raised. The file name comes from the MetaTensor's ``filename_or_obj`` metadata.
+
+    Args:
+        allow_constant: accept a constant volume (True for label maps, where an all-background map is valid
+            at this stage; the scan rejects empty label maps).
+
+    Raises:
+        ValueError: the volume is not one channel-first 3D volume (1, X, Y, Z) (a 2D image, or a 4D image such
+            as a time series or several channels in one file), holds NaN or Inf values, or is constant.
+    """
+
+    def __init__(self, allow_constant: bool = False):
+        self.allow_constant = bool(allow_constant)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        """Check ``img`` (C, X, Y, Z), channel first; return it unchanged."""
+        src = _source(img)
+        shape = tuple(int(v) for v in img.shape)
+        if img.ndim != 4:
+            raise ValueError(
+                f"{src}: a {img.ndim - 1}D image (channel-first shape {shape}); only 3D volumes are read - "
+                "convert it to a 3D NIfTI volume"
+            )
+        if shape[0] != 1:
+            raise ValueError(
+                f"{src}: {shape[0]} volumes in one file (4D image, channel-first shape {shape}); only 3D volumes "
+                "are read - split it into one 3D file per time point or channel (e.g. `fslsplit`) and use one"
+            )
+        if img.is_floating_point() or img.is_complex():
+            bad = int((~torch.isfinite(img)).sum())
+            if bad:
+                raise ValueError(
+                    f"{src}: {bad} NaN/Inf voxel(s) of {img.numel()}; repair the file at its source or exclude it "
+                    "(corrupt values are never replaced)"
+                )
+        if not self.allow_constant and img.numel() > 0:
+            lo, hi = img.min(), img.max()
+            if bool(lo == hi):
+                raise ValueError(
+                    f"{src}: constant image (every voxel is {float(lo):g}), nothing to learn from; export it again "
+                    "from the source or exclude it"
+                )
+        return img
+
+
+class CheckVolumed(MapTransform):
+    """Dictionary twin of `CheckVolume`: the first key is the image, the others its label maps.
+
+    The image must not be constant; each label map must be a 3D volume on the image's voxel grid (compared
+    with `datamodules.scan.grid_mismatch`, so a flipped or permuted copy of the same grid passes). Use it
+    right after ``EnsureChannelFirstd``.
+
+    Args:
+        keys: image key first, then label keys.
+        allow_missing_keys: skip keys that are absent.
+
+    Raises:
+        ValueError: as `CheckVolume`, or a label map whose grid differs from its image's (naming both files).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_check = CheckVolume(allow_constant=False)
+        self.label_check = CheckVolume(allow_constant=True)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image = None
+        for key in self.key_iterator(d):
+            if image is None:
+                image = self.image_check(d[key])
+                continue
+            label = self.label_check(d[key])
+            mismatch = grid_mismatch(image.shape[1:], _affine(image), label.shape[1:], _affine(label))
+            if mismatch:
+                raise ValueError(
+                    f"{_source(label)}: label map does not match its image {_source(image)}: {mismatch}; resample "
+                    "the label onto the image grid (nearest neighbour)"
+                )
+        return d
+
+
+def _affine(img) -> np.ndarray:
+    affine = getattr(img, "affine", None)
+    return np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
 
 
 class ModalityIntensity(Transform):
@@ -166,6 +263,10 @@ def volume_transforms(
         ct_window: HU window for CT.
         mr_percentiles: percentile range for MR and other modalities.
         keys: image key first, then the label key (drop it to preprocess images alone).
+
+    Applying the result raises (inside MONAI's ``RuntimeError("applying transform ...")``, as its cause) a
+    ``ValueError`` naming the file for a volume that `CheckVolumed` rejects: 2D or 4D, NaN/Inf, constant, or
+    a label map off its image's grid.
     """
     keys = list(keys)
     if len(spacing) != 2 or len(slice_size) != 2:
@@ -176,6 +277,7 @@ def volume_transforms(
         # MONAI tries the last reader first: NIfTI files never reach the DICOM reader
         LoadImaged(keys, reader=[DicomSeriesReader(), NibabelReader()], image_only=True),
         EnsureChannelFirstd(keys),
+        CheckVolumed(keys),
         Orientationd(keys, axcodes="RAS"),
         Spacingd(keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),
         ModalityIntensityd(keys[0], ct_window=ct_window, mr_percentiles=mr_percentiles),
