@@ -1,0 +1,220 @@
+"""`classify(..., explain=True)` and `imaging_meta.explain`: nearest support items and occlusion saliency."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from imaging_meta.classify import classify, explain_dir
+from imaging_meta.cli import cli_main
+from imaging_meta.episode import Episode
+from imaging_meta.explain import default_patch, nearest_supports, occlusion_saliency, save_explanation_panel
+from imaging_meta.learners.base import Learner
+from imaging_meta.learners.maml import MAML
+from imaging_meta.learners.matching import MatchingNetwork
+from imaging_meta.learners.protonet import PrototypicalNetwork
+from imaging_meta.learners.siamese import SiameseNetwork
+from tests.imaging_meta.fewshot import _patterns
+from tests.imaging_meta.test_learner_configs import cls_args, write_png
+
+REGION = (slice(8, 16), slice(8, 16))  # rows, columns the stub looks at, in a 24 x 24 image
+
+
+class RegionLearner(Learner):
+    """Two classes; p(class 1) is a steep function of the mean intensity of `REGION` of the query only."""
+
+    task = "classification"
+
+    def predict(self, episode: Episode) -> torch.Tensor:
+        ep = episode.unsqueeze()
+        self.calls.append(ep.n_tasks)
+        mean = ep.query_images[..., REGION[0], REGION[1]].mean((-3, -2, -1))  # (T, Q)
+        p = torch.sigmoid(10 * (mean - 0.5) + self.position_bias * torch.arange(ep.n_tasks).unsqueeze(1))
+        return torch.stack([1 - p, p], -1)
+
+
+def region_learner(position_bias: float = 0.0) -> RegionLearner:
+    learner = RegionLearner()
+    learner.calls, learner.position_bias = [], position_bias
+    return learner
+
+
+def region_episode() -> Episode:
+    query = torch.zeros(1, 1, 24, 24)
+    query[..., REGION[0], REGION[1]] = 1.0
+    return Episode(support_images=torch.rand(4, 1, 24, 24), support_labels=torch.tensor([0, 0, 1, 1]),
+                   query_images=query, query_labels=torch.zeros(1, dtype=torch.long), classes=["a", "b"])
+
+
+def region_mask() -> torch.Tensor:
+    mask = torch.zeros(24, 24, dtype=torch.bool)
+    mask[REGION] = True
+    return mask
+
+
+def test_occlusion_saliency_lies_exactly_in_the_region_the_model_reads():
+    learner = region_learner()
+    # patches aligned with the region: every region pixel is salient, every other pixel exactly 0
+    occ = occlusion_saliency(learner, region_episode(), patch_size=4, stride=4, batch_size=64)
+    assert occ.target == 1 and occ.n_occlusions == 36 and occ.saliency.shape == (24, 24)
+    inside, outside = occ.saliency[region_mask()], occ.saliency[~region_mask()]
+    assert float(inside.min()) > 0.05 and float(outside.abs().max()) == 0.0
+    assert learner.calls == [38]  # the unoccluded query (twice: the place check) + 36 copies, one predict call
+    # overlapping patches blur the map by up to a patch: highest in the region, 0 beyond one patch from it
+    learner.calls.clear()
+    occ = occlusion_saliency(learner, region_episode(), patch_size=6, stride=3, batch_size=16)
+    far = torch.ones(24, 24, dtype=torch.bool)
+    far[2:22, 2:22] = False  # more than 6 px from the region
+    sal = occ.saliency
+    assert bool(region_mask()[sal == sal.max()].all()) and float(sal[region_mask()].min()) > 0
+    assert float(sal[region_mask()].mean()) > 2 * float(sal[~region_mask()].max())
+    assert float(sal[far].abs().max()) == 0.0
+    assert max(learner.calls) <= 16 and sum(learner.calls) == 1 + 1 + occ.n_occlusions  # + the place check
+
+
+def test_occlusion_falls_back_to_one_task_per_call_when_the_batch_place_matters():
+    learner = region_learner(position_bias=0.5)
+    with pytest.warns(UserWarning, match="place in the batch"):
+        occ = occlusion_saliency(learner, region_episode(), patch_size=4, stride=4)
+    assert float(occ.saliency[~region_mask()].abs().max()) == 0.0 and float(occ.saliency[region_mask()].min()) > 0.05
+    with pytest.raises(ValueError, match="one query at a time"):
+        occlusion_saliency(learner, Episode(**{**region_episode().__dict__, "query_images": torch.zeros(2, 1, 24, 24),
+                                               "query_labels": torch.zeros(2, dtype=torch.long)}))
+
+
+def test_default_patch_suits_28_to_84_pixel_images():
+    assert default_patch(28, 28) == (4, 2) and default_patch(84, 84) == (12, 6)
+
+
+def small_episode(n_way: int = 3, n_shot: int = 2, size: int = 12, seed: int = 0) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    return Episode(support_images=torch.rand(n_way * n_shot, 1, size, size, generator=g),
+                   support_labels=torch.arange(n_way).repeat_interleave(n_shot),
+                   query_images=torch.rand(1, 1, size, size, generator=g), query_labels=torch.zeros(1, dtype=torch.long),
+                   classes=[f"c{i}" for i in range(n_way)])
+
+
+def test_protonet_nearest_supports_are_the_brute_force_euclidean_ranking():
+    torch.manual_seed(0)
+    learner = PrototypicalNetwork(backbone_kwargs={"width": 4}).eval()
+    learner.encoder = nn.Flatten()  # a known embedding: the pixels themselves
+    ep = small_episode()
+    near = nearest_supports(learner, ep, k=4)
+    brute = [float(((ep.query_images[0] - s) ** 2).sum().sqrt()) for s in ep.support_images]
+    order = sorted(range(len(brute)), key=brute.__getitem__)
+    assert near.measure == "protonet_euclidean" and near.value_name == "distance" and not near.larger_is_nearer
+    assert near.indices[0].tolist() == order[:4]
+    assert np.allclose(near.values[0].tolist(), [brute[i] for i in order[:4]], atol=1e-5)
+    # k larger than the support set: all of it
+    assert nearest_supports(learner, ep, k=50).indices.shape == (1, 6)
+
+
+def test_each_learner_family_names_its_measure():
+    torch.manual_seed(0)
+    ep = small_episode()
+    matching = MatchingNetwork(backbone_kwargs={"width": 4}).eval()
+    near = nearest_supports(matching, ep, k=6)
+    assert near.measure == "matching_attention" and near.larger_is_nearer
+    assert abs(float(near.values.sum()) - 1) < 1e-5 and (near.values[0, :-1] >= near.values[0, 1:]).all()
+    assert nearest_supports(SiameseNetwork(backbone_kwargs={"width": 4}).eval(), ep).measure == "siamese_euclidean"
+    maml = MAML(n_way=3, backbone_kwargs={"width": 4}).eval()
+    near = nearest_supports(maml, ep)
+    assert near.measure == "encoder_euclidean" and "MAML.net.body" in near.description
+    assert nearest_supports(region_learner(), ep).measure == "pixel_euclidean"
+    # MAML adapts by gradient inside predict: occlusion works under the no_grad it runs in
+    occ = occlusion_saliency(maml, ep, patch_size=6, stride=6)
+    assert occ.n_occlusions == 4 and torch.isfinite(occ.saliency).all()
+
+
+def test_panel_png_opens(tmp_path):
+    from PIL import Image
+
+    ep = small_episode()
+    path = save_explanation_panel(tmp_path / "p.png", ep.query_images[0], ep.support_images[:3], ["a", "b", "c"],
+                                  torch.randn(12, 12))
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1]
+
+
+# --------------------------------------------------------------------------- end to end
+CLASSES = ("cyst", "haemangioma", "metastasis")
+
+
+def write_folders(root: Path) -> tuple[Path, Path]:
+    """A support folder (2-4 PNGs per class) and a query folder (one PNG per class), 28 x 28."""
+    pats = _patterns(3, 1, 28, 99)[:, 0].numpy()
+    rng = np.random.default_rng(1)
+
+    def img(c):
+        return np.clip(128 + 40 * (pats[c] + 0.3 * rng.standard_normal((28, 28))), 0, 255).astype(np.uint8)
+
+    support, queries = root / "support", root / "queries"
+    for c, name in enumerate(CLASSES):
+        for k in range(2 + c):
+            write_png(support / name / f"s{k}.png", img(c))
+        write_png(queries / f"q{c}.png", img(c))
+    return support, queries
+
+
+@pytest.fixture(scope="module")
+def protonet_checkpoint(tmp_path_factory):
+    """A ProtoNet checkpoint from `imaging-meta fit`, as the classify tests of test_learner_configs make it."""
+    tmp = tmp_path_factory.mktemp("fit")
+    cli = cli_main(["fit", *cls_args(tmp, "protonet_cls"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    return next(Path(cli.trainer.log_dir, "checkpoints").glob("last*.ckpt"))
+
+
+def check_explanations(out: Path, queries: list[str], size: int) -> None:
+    from PIL import Image
+
+    folder = explain_dir(out)
+    rows = list(csv.DictReader(out.open()))
+    jsons = sorted(folder.glob("*.json"))
+    assert len(jsons) == len(rows) == len(queries) and len(list(folder.glob("*.png"))) == len(rows)
+    for row, path in zip(rows, jsons, strict=True):
+        rec = json.loads(path.read_text())
+        assert rec["query"] == row["path"] and rec["predicted_class"] == row["predicted_class"]
+        assert all(abs(rec["probabilities"][c] - float(row[f"p_{c}"])) < 1e-5 for c in CLASSES)
+        near = rec["nearest_supports"]
+        assert len(near["items"]) == 3 and [i["rank"] for i in near["items"]] == [1, 2, 3]
+        for item in near["items"]:
+            assert Path(item["path"]).is_file() and item["class"] == Path(item["path"]).parent.name
+            assert near["value"] in item
+        values = [i[near["value"]] for i in near["items"]]
+        assert values == sorted(values, reverse=near["nearer_is"] == "larger")
+        sal = rec["saliency"]
+        assert sal["method"] == "occlusion" and sal["explained_class"] == row["predicted_class"]
+        assert (sal["patch_size"], sal["stride"]) == default_patch(size, size) and sal["max_drop"] >= sal["min_drop"]
+        with Image.open(folder / rec["panel"]) as im:
+            im.verify()
+
+
+def test_classify_explain_keeps_the_csv_and_writes_json_and_png_per_query(protonet_checkpoint, tmp_path):
+    support, queries = write_folders(tmp_path)
+    plain = classify(protonet_checkpoint, support, [queries], tmp_path / "plain.csv", device="cpu")
+    out = classify(protonet_checkpoint, support, [queries], tmp_path / "explained.csv", device="cpu", explain=True)
+    assert plain.read_text() == out.read_text() and not explain_dir(plain).exists()
+    check_explanations(out, ["q0.png", "q1.png", "q2.png"], size=32)  # cls_args trains on 32 x 32
+    near = json.loads(next(explain_dir(out).glob("*.json")).read_text())["nearest_supports"]
+    assert near["measure"] == "protonet_euclidean" and near["value"] == "distance"
+
+
+def test_cli_classify_explain_with_a_maml_checkpoint(tmp_path):
+    """MAML adapts with autograd inside predict; its nearest supports use the stated encoder fallback."""
+    torch.manual_seed(0)
+    learner = MAML(n_way=3, backbone_kwargs={"width": 4}, inner_steps=1)
+    ckpt = tmp_path / "maml.ckpt"
+    torch.save({"state_dict": {f"learner.{k}": v for k, v in learner.state_dict().items()},
+                "imaging_meta": {"learner_config": learner.config, "task": "classification",
+                                 "preprocessing": {"image_size": [28, 28], "channels": 1}}}, ckpt)
+    support, queries = write_folders(tmp_path)
+    out = tmp_path / "preds.csv"
+    assert cli_main(["classify", "--checkpoint", str(ckpt), "--support", str(support), "--query", str(queries / "q1.png"),
+                     "--out", str(out), "--device", "cpu", "--explain"]) == 0
+    check_explanations(out, ["q1.png"], size=28)
+    rec = json.loads(next(explain_dir(out).glob("*.json")).read_text())
+    assert rec["nearest_supports"]["measure"] == "encoder_euclidean" and "before any adaptation" in rec["nearest_supports"]["description"]
