@@ -15,7 +15,7 @@ RUN_NAME ?= $(MODEL)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install install-bench train results test test-full bench lint tensorboard demo clean
+.PHONY: help install install-bench train results evaluate test test-full bench lint tensorboard demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,21 @@ RESULTS_ARGS ?=
 results: demo  ## train and test every learner on the same fixed demo test episodes; writes $(RESULTS_DIR)/results.md
 	$(CLI) results --out $(RESULTS_DIR) --data-dir $(DATA_DIR) --trainer $(TRAINER) $(RESULTS_ARGS)
 
+PROTOCOLS ?= in_domain cross_organ cross_site
+EVAL_DIR ?= evaluation
+EVAL_EPOCHS ?= 3
+EVAL_ARGS ?= --shots 1 5 --episodes 200
+evaluate: $(TRAIN_PREREQ)  ## fit MODEL under each segmentation protocol, evaluate it on fixed episodes; $(EVAL_DIR)/comparison.md
+	@set -e; for p in $(PROTOCOLS); do \
+	  $(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/$(DATA).yaml \
+	      --config configs/protocol/$$p.yaml --config configs/model/$(MODEL).yaml $(ROOT_ARG) \
+	      --trainer.logger.init_args.save_dir $(EVAL_DIR)/runs --trainer.logger.init_args.name $(MODEL)-$$p \
+	      --trainer.max_epochs $(EVAL_EPOCHS) $(ARGS); \
+	  ckpt=$$(ls -t $(EVAL_DIR)/runs/$(MODEL)-$$p/version_*/checkpoints/best-*.ckpt | head -1); \
+	  $(CLI) evaluate --checkpoint "$$ckpt" --out $(EVAL_DIR)/$(MODEL)-$$p $(EVAL_ARGS); \
+	done
+	$(CLI) compare $(addprefix $(EVAL_DIR)/$(MODEL)-,$(PROTOCOLS)) --out $(EVAL_DIR)/comparison.md
+
 test: install  ## fast test suite (no `slow` tests), a few minutes on 2 CPU cores
 	$(PY) -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
 
@@ -76,4 +91,4 @@ tensorboard: install  ## serve the TensorBoard logs in runs/
 	$(VENV)/bin/tensorboard --logdir runs
 
 clean:  ## remove runs, caches and the demo cohort (keeps .venv)
-	rm -rf runs data .cache results
+	rm -rf runs data .cache results evaluation

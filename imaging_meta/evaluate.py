@@ -284,7 +284,9 @@ def evaluate(
     panels = PanelKeeper(task, n_panel, threshold) if n_panel > 0 else None
     spacing = None
     for i, k in enumerate(sorted(set(int(s) for s in shots))):
-        overrides = {"n_shot": k, "test_episodes": episodes, "seed": seed, "test_episodes_file": None,
+        # only test episodes are drawn: a stage too small for K shots (validation) must not stop the evaluation
+        overrides = {"n_shot": k, "test_episodes": episodes, "val_episodes": 0, "episodes_per_epoch": 0,
+                     "seed": seed, "test_episodes_file": None,
                      "num_workers": 0, "root": data_root, "cache_dir": cache_dir, "batch_size": batch_size}
         if "root" not in config.get("init_args", {}):
             overrides.pop("root")

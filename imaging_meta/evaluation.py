@@ -396,8 +396,8 @@ def to_md_heading(text: str) -> str:
 def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     """One Markdown table of the trained learner's headline numbers in several evaluation run folders.
 
-    Runs measured on different episode files (other protocol, seed or data) are flagged: their numbers are
-    not paired, and only the CIs can be compared.
+    Runs of one protocol measured on different episode files (another seed or data) are flagged: their
+    numbers are not paired, and only the CIs can be compared. Different protocols test different data anyway.
     """
     rows, shas = [], defaultdict(set)
     runs = []
@@ -414,13 +414,13 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
         for k in shots:
             if str(k) not in summ:
                 continue
-            shas[(ctx["task"], k)].add(ctx["episode_files"][str(k)]["sha256"])
+            shas[(ctx["task"], ctx["protocol"], k)].add(ctx["episode_files"][str(k)]["sha256"])
             cells = [f"{m}: {_stat_cell(summ[str(k)][m].get('trained', {}).get('all'), 2 if m == 'hd95' else 3)}"
                      for m in metrics]
             rows.append(f"| {_md(ctx['name'])} | {ctx['protocol']} | {ctx['learner'].rsplit('.', 1)[-1]} | {k} | "
                         + "; ".join(cells) + f" | `{ctx['episode_files'][str(k)]['sha256'][:12]}` |")
     lines = ["| run | protocol | learner | shots | trained (mean ± 95% CI) | episodes sha256 |", "|---|---|---|---|---|---|"]
     lines += rows
-    notes = [f"- {task} {k}-shot: {len(s)} different episode files; those rows are not on the same episodes"
-             for (task, k), s in sorted(shas.items()) if len(s) > 1]
+    notes = [f"- {task}, {protocol}, {k}-shot: {len(s)} different episode files; those rows are not on the same episodes"
+             for (task, protocol, k), s in sorted(shas.items()) if len(s) > 1]
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")

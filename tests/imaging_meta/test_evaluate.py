@@ -157,7 +157,7 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
     assert json.loads(js_c.read_text())["context"]["episode_files"]["1"]["sha256"] != ctx["episode_files"]["1"]["sha256"]
     table = compare_runs([tmp_path / "a", tmp_path / "c"])
     assert table.count("| a |") == 2 and "| c |" in table
-    assert "segmentation 1-shot: 2 different episode files" in table
+    assert "segmentation, cross_organ, 1-shot: 2 different episode files" in table
 
 
 def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, tmp_path):
