@@ -192,3 +192,16 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
     assert "accuracy per class" in " ".join(doc["figures"])
     assert cli_main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp.md")]) == 0
     assert "balanced_acc:" in (tmp_path / "cmp.md").read_text()
+
+
+@pytest.mark.parametrize("protocol", ["in_domain", "cross_organ", "cross_site"])
+def test_protocol_configs_layer_over_the_demo_data_config(protocol, tmp_path):
+    from imaging_meta.cli import lightning_cli
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    cli = lightning_cli(["--config", str(configs / "trainer/cpu.yaml"), "--config", str(configs / "data/demo_segmentation.yaml"),
+                         "--config", str(configs / f"protocol/{protocol}.yaml"), "--config", str(configs / "model/protonet_seg.yaml"),
+                         "--trainer.logger.init_args.save_dir", str(tmp_path)], run=False)
+    h = cli.datamodule.hparams
+    assert h.protocol == protocol and h.n_shot == 1 and h.root == "data/demo"
+    assert (h.test_organs is not None) == (protocol == "cross_organ") and bool(h.test_sites) == (protocol == "cross_site")
