@@ -12,7 +12,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from datamodules.atomic import atomic_open
 
 
 @dataclass
@@ -67,23 +68,19 @@ class ItemTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table atomically (a ``torch.save`` of tensors, lists and strings: loads with weights_only)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        torch.save(
-            {
-                "images": self.images,
-                "labels": torch.from_numpy(self.labels),
-                "classes": list(self.classes),
-                "patients": list(self.patients),
-                "sites": list(self.sites),
-                "item_ids": list(self.item_ids),
-                "source": json.dumps(self.source, default=str),
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            torch.save(
+                {
+                    "images": self.images,
+                    "labels": torch.from_numpy(self.labels),
+                    "classes": list(self.classes),
+                    "patients": list(self.patients),
+                    "sites": list(self.sites),
+                    "item_ids": list(self.item_ids),
+                    "source": json.dumps(self.source, default=str),
+                },
+                f,
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ItemTable:

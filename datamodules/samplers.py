@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from datamodules.atomic import atomic_open
 
 # organ -> case index -> sorted slice indices (along the axial axis) where the organ is present
 SliceTable = Mapping[str, Mapping[int, Sequence[int]]]
@@ -588,11 +589,8 @@ def save_episodes(
         episodes.append(d)
     payload = {"kind": "classification" if classification else "segmentation", "meta": meta or {}, "episodes": episodes}
     payload["sha256"] = hashlib.sha256(json.dumps(episodes, sort_keys=True).encode()).hexdigest()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
     return path
 
 

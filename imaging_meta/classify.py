@@ -18,12 +18,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from datamodules.atomic import atomic_open
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.learners.base import Learner
 from imaging_meta.predict import CheckpointError, load_learner, resolve_device
@@ -188,13 +188,10 @@ def classify(
         for q, p in zip(chunk, probs, strict=True):
             rows.append([str(q), classes[int(p.argmax())], *[f"{float(v):.6f}" for v in p]])
     out = Path(out_csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_open(out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "predicted_class", *[f"p_{c}" for c in classes]])
         w.writerows(rows)
-    os.replace(tmp, out)
     if explain:
         write_explanations(
             learner, s_images, s_labels, [f for f, _ in items], classes, qs, all_probs, explain_dir(out),

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import imaging_meta
+from datamodules.atomic import atomic_open
 
 __all__ = ["write_dicom_seg"]
 
@@ -137,7 +138,6 @@ def write_dicom_seg(
             if keyword in item:
                 delattr(item, keyword)
     out = Path(out_path)
-    part = out.with_name(out.name + ".part")  # a crash leaves no half-written .seg.dcm
-    seg.save_as(part)
-    os.replace(part, out)
+    with atomic_open(out, "wb") as f:  # a crash leaves no half-written .seg.dcm
+        seg.save_as(f)
     return out

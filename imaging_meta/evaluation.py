@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from datamodules.atomic import atomic_write_text
 from imaging_meta.metrics import balanced_accuracy, calibration_bins, macro_auc, ovr_auc
 
 
@@ -96,11 +96,7 @@ def to_markdown(summary: dict, methods: Sequence[str] | None = None, title: str 
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+_atomic_write = atomic_write_text
 
 
 def write_report(

@@ -1,0 +1,52 @@
+"""`atomic_open`: write a file so that it is either complete or absent, never half-written.
+
+Every file a later run trusts (the scan index, the item-table cache, episode files, reports, predictions,
+checkpoints) is written through it: the bytes go to a temporary file beside the target, are flushed to
+disk, and only then take the target's name with ``os.replace``, which is atomic on one filesystem. An
+interrupted write (an error, Ctrl-C, a killed job) removes the temporary file and leaves any previous
+version of the target untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on success it replaces ``path``.
+
+    Args:
+        path: the target file (its folder is created).
+        mode: ``"w"`` (text) or ``"wb"`` (binary).
+        **kwargs: passed to ``open`` (``encoding``, ``newline``).
+
+    Yields:
+        The open temporary file.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through `atomic_open`."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
