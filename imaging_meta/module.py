@@ -68,7 +68,10 @@ def data_config(dm) -> dict:
     args = {k: v for k, v in dict(getattr(dm, "hparams", {})).items() if not k.startswith("_")}
     source = getattr(dm, "source", None)
     if source is not None and hasattr(source, "config"):
-        args["source"] = source.config()
+        try:
+            args["source"] = source.config()
+        except ValueError as e:  # a user's source that does not keep its arguments: evaluate asks for --data-config
+            logger.warning("the checkpoint will not record the data source (%s)", e)
     return {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}", "init_args": args}
 
 
