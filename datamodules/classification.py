@@ -537,6 +537,11 @@ class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
         return self._fixed_loader("test")
 
     # -------------------------------------------------------------- reporting
+    def split_digest(self) -> str:
+        """A digest of the meta-train, meta-val and meta-test classes and the protocol (see
+        `SegmentationDataModule.split_digest`)."""
+        return _digest({"classes": {k: sorted(v) for k, v in self.class_split.items()}, "protocol": self.hparams.protocol})
+
     def describe(self) -> dict[str, Any]:
         """The data behind a result, for logs and reports (pseudonymous ids only)."""
         h = self.hparams

@@ -139,7 +139,8 @@ class SegmentationEpisodeDataset(torch.utils.data.Dataset):
             site=q_case.site,
             support_ids=[self.cases[c].case_id for c, _ in spec.support],
             query_ids=[self.cases[c].case_id for c, _ in spec.query],
-            meta={"support_slices": [z for _, z in spec.support], "query_slices": [z for _, z in spec.query]},
+            meta={"support_slices": [z for _, z in spec.support], "query_slices": [z for _, z in spec.query],
+                  "query_sites": [self.cases[c].site for c, _ in spec.query]},
         )
 
 
@@ -430,6 +431,17 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         return self._fixed_loader("test")
 
     # -------------------------------------------------------------- reporting
+    def split_digest(self) -> str:
+        """A digest of who is in each stage (pseudonymous case ids) and which structures each stage targets.
+
+        Checkpoints store it; ``imaging-meta evaluate`` recomputes it and refuses to test when it differs, as
+        the test set could then hold patients or organs the model trained on (another salt, data or split).
+        """
+        s = self.split
+        return _digest({k: sorted(self.cases[i].case_id for i in getattr(s, k)) for k in ("train", "val", "test")}
+                       | {"protocol": s.protocol, "train_organs": s.train_organs, "test_organs": s.test_organs,
+                          "excluded_organs": s.excluded_organs})
+
     def describe(self) -> dict:
         """Split sizes and organs, for logs and reports (pseudonymous ids only)."""
         s = self.split

@@ -128,6 +128,8 @@ def _tool_parser() -> argparse.ArgumentParser:
     e.add_argument("--panel", type=int, default=3, help="best and worst episodes in best_worst.png (0: none)")
     e.add_argument("--name", default=None, help="the run's name in `compare` tables (default: the folder name)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--salt", default=None,
+                   help="the secret of the pseudonymous ids used at fit (default: env IMAGING_META_SALT, else the default)")
 
     m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
     m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
@@ -195,7 +197,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             args.checkpoint, args.out, shots=args.shots, episodes=args.episodes, seed=args.seed,
             data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
             batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
-            name=args.name,
+            name=args.name, salt=args.salt,
         )
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
         return 0

@@ -83,15 +83,18 @@ def provenance() -> dict:
             commit += "+dirty" if dirty.returncode == 1 else ""
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"versions": versions, "git_commit": commit, "platform": platform.platform(terse=True),
-            "device_kind": "cuda" if torch.cuda.is_available() else "cpu"}
+    return {"versions": versions, "git_commit": commit, "platform": platform.platform(terse=True)}
 
 
 def data_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     """The ``{"class_path", "init_args"}`` of the data a checkpoint was trained on."""
     extra = ckpt.get("imaging_meta") or {}
     if "data" in extra:
-        return extra["data"]
+        data = extra["data"]
+        if "ClassificationDataModule" in data["class_path"] and "source" not in data.get("init_args", {}):
+            raise CheckpointError(f"{path}: the checkpoint does not record its data source; pass the data config you "
+                                  "trained with (--data-config configs/data/<name>.yaml)")
+        return data
     hp = ckpt.get("datamodule_hyper_parameters") or {}
     if hp.get("_class_path") and "SegmentationDataModule" in hp["_class_path"]:  # checkpoints of earlier versions
         return {"class_path": hp["_class_path"], "init_args": {k: v for k, v in hp.items() if not k.startswith("_")}}
@@ -131,6 +134,22 @@ def check_same_split(trained: dict, given: dict, where: str) -> None:
         )
 
 
+def _with_defaults(config: dict) -> dict:
+    """``config`` with the class's default for every ``__init__`` argument it leaves out (what it will run with)."""
+    import inspect
+
+    module, _, name = str(config["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"data class_path {config['class_path']!r} cannot be imported: {e}") from e
+    args = dict(config.get("init_args") or {})
+    for k, p in inspect.signature(cls.__init__).parameters.items():
+        if k != "self" and k not in args and p.default is not inspect.Parameter.empty:
+            args[k] = p.default
+    return {"class_path": config["class_path"], "init_args": args}
+
+
 def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
@@ -149,6 +168,18 @@ def build_datamodule(config: dict, overrides: dict):
     return cls(**args)
 
 
+def _with_salt(source: dict, salt: str) -> dict:
+    """A classification source config with ``salt`` set, when its class takes one."""
+    import inspect
+
+    module, _, name = str(source["class_path"]).rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    args = dict(source.get("init_args") or {})
+    if "salt" in inspect.signature(cls.__init__).parameters:
+        args["salt"] = salt
+    return {"class_path": source["class_path"], "init_args": args}
+
+
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -165,7 +196,8 @@ def _untrained(extra: dict, device: torch.device) -> Learner | None:
 
 
 def _segmentation_records(batch: Episode, preds: dict[str, torch.Tensor], shot: int, first: int, spacing) -> list[dict]:
-    """One record per (method, query): Dice and HD95 (mm)."""
+    """One record per (method, query): Dice and HD95 (mm); the site is the query's own (each query slice
+    comes from its own patient)."""
     t, q = batch.query_labels.shape[:2]
     truth = (batch.query_labels > 0.5).flatten(0, 1).cpu()
     out = []
@@ -175,8 +207,9 @@ def _segmentation_records(batch: Episode, preds: dict[str, torch.Tensor], shot: 
         hd = hausdorff95_mm(p, truth, spacing).view(t, q)
         for i in range(t):
             for j in range(q):
+                q_sites = (batch.meta[i] or {}).get("query_sites") if isinstance(batch.meta, list) else None
                 out.append({"method": method, "episode": first + i, "shot": shot, "organ": batch.classes[i][0],
-                            "site": str(batch.site[i]), "query_id": batch.query_ids[i][j],
+                            "site": str(q_sites[j] if q_sites else batch.site[i]), "query_id": batch.query_ids[i][j],
                             "dice": float(dice[i, j]), "hd95": float(hd[i, j])})
     return out
 
@@ -240,6 +273,7 @@ def evaluate(
     n_panel: int = 3,
     threshold: float = 0.5,
     name: str | None = None,
+    salt: str | None = None,
 ) -> tuple[Path, Path]:
     """Evaluate a checkpoint on fixed test episodes for each number of shots; write the report.
 
@@ -259,6 +293,8 @@ def evaluate(
         n_panel: best and worst episodes shown in the panel figure (0: none).
         threshold: foreground probability threshold of segmentation masks.
         name: the run's name in comparison tables (default: the output folder's name).
+        salt: the secret of the pseudonymous ids used at fit (default: env ``IMAGING_META_SALT``, else the
+            project default); a different one gives other ids, another split, and is refused.
 
     Returns:
         The paths of ``results.json`` and ``results.md``.
@@ -271,7 +307,7 @@ def evaluate(
     config = trained_data
     if data_config is not None:
         config = read_data_config(data_config)
-        check_same_split(trained_data, config, str(data_config))
+        check_same_split(trained_data, _with_defaults(config), str(data_config))
     task = extra.get("task", learner.task)
     untrained = _untrained(extra, dev) if baselines else None
     if not shots or min(shots) < 1:
@@ -280,19 +316,39 @@ def evaluate(
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records, episode_files, describe = [], {}, {}
-    panels = PanelKeeper(task, n_panel, threshold) if n_panel > 0 else None
-    spacing = None
-    for i, k in enumerate(sorted(set(int(s) for s in shots))):
-        # only test episodes are drawn: a stage too small for K shots (validation) must not stop the evaluation
+    classification = "ClassificationDataModule" in str(config["class_path"])
+    if data_root is not None and "root" not in config.get("init_args", {}):
+        raise ValueError("--data-root moves a segmentation data folder; for classification data pass a --data-config "
+                         "whose source points at the new files")
+    salt = os.environ.get("IMAGING_META_SALT", "imaging-meta") if salt is None else salt
+    if cache_dir is None and not config.get("init_args", {}).get("cache_dir"):
+        cache_dir = str(out / "cache")  # the episode files are written there
+    # every number of shots is set up before any is scored: an infeasible one fails at once
+    dms = {}
+    for k in sorted({int(s) for s in shots}):
         overrides = {"n_shot": k, "test_episodes": episodes, "val_episodes": 0, "episodes_per_epoch": 0,
-                     "seed": seed, "test_episodes_file": None,
-                     "num_workers": 0, "root": data_root, "cache_dir": cache_dir, "batch_size": batch_size}
-        if "root" not in config.get("init_args", {}):
-            overrides.pop("root")
+                     "seed": seed, "test_episodes_file": None, "num_workers": 0, "cache_dir": cache_dir,
+                     "batch_size": batch_size}
+        if classification:
+            overrides["source"] = _with_salt(config["init_args"]["source"], salt)
+        else:
+            overrides |= {"root": data_root, "salt": salt}
         dm = build_datamodule(config, overrides)
         dm.prepare_data()
         dm.setup("test")
+        expected = extra.get("split_digest")
+        if expected is not None and hasattr(dm, "split_digest") and dm.split_digest() != expected:
+            raise ValueError(
+                f"{path}: the data rebuilt for evaluation is not split as in training (split digest "
+                f"{dm.split_digest()} != {expected}): other pseudonymous ids (a different salt: set IMAGING_META_SALT "
+                "or --salt to the training one), other data under the root, or other split settings. The test set "
+                "could hold patients, organs or classes the model trained on, so nothing was scored."
+            )
+        dms[k] = dm
+    records, episode_files, describe = [], {}, {}
+    panels = PanelKeeper(task, n_panel, threshold) if n_panel > 0 else None
+    spacing = None
+    for i, (k, dm) in enumerate(dms.items()):
         if task == "segmentation":
             spacing = [float(s) for s in dm.preprocessing["spacing"]]
         src = Path(dm.episode_files["test"])
@@ -300,11 +356,13 @@ def evaluate(
         shutil.copyfile(src, target)
         episode_files[str(k)] = {"file": target.name, "sha256": json.loads(target.read_text())["sha256"],
                                  "n_episodes": len(dm._episodes["test"])}
-        describe[str(k)] = dm.describe()
+        info = dm.describe()
+        describe[str(k)] = {key: v for key, v in info.items() if key not in ("episode_files", "episodes_sha256")}
         records += run_shot(learner, untrained, dm, task, k, dev, threshold, spacing,
                             panels if i == 0 else None, seed)
         logger.info("%d-shot: %d test episodes scored", k, episode_files[str(k)]["n_episodes"])
     first = describe[next(iter(describe))]
+    data_by_shot = {k: {x: d.get(x) for x in ("test_organs", "classes", "dropped_classes", "sites")} for k, d in describe.items()}
     context = {
         "name": name or out.resolve().name,
         "task": task,
@@ -319,7 +377,9 @@ def evaluate(
         "episode_files": episode_files,
         "threshold": threshold if task == "segmentation" else None,
         "pixel_spacing_mm": spacing,
-        "data": {k: v for k, v in first.items() if k not in ("episode_files", "episodes_sha256")},
+        "data": first,
+        "data_by_shot": data_by_shot,
+        "device": dev.type,
         **provenance(),
     }
     if task == "segmentation":

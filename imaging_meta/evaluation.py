@@ -26,13 +26,14 @@ from imaging_meta.metrics import balanced_accuracy, calibration_bins, macro_auc,
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of its ``confidence`` interval (Student's t); half-width 0 for one value."""
+    """Mean and half-width of its ``confidence`` interval (Student's t); NaN half-width for one value (one
+    episode says nothing about the spread)."""
     n = len(values)
     if n == 0:
         return float("nan"), float("nan")
     mean = sum(values) / n
     if n == 1:
-        return mean, 0.0
+        return mean, float("nan")
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
 
@@ -79,7 +80,9 @@ def _md(text: str) -> str:
 
 
 def _cell(s: dict | None) -> str:
-    return "—" if s is None else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
+    if s is None:
+        return "—"
+    return f"{s['mean']:.3f} ± n/a" if math.isnan(s["ci95"]) else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
 
 
 def to_markdown(summary: dict, methods: Sequence[str] | None = None, title: str = "Dice", groups: Sequence[str] = ("organ", "site")) -> str:
@@ -113,7 +116,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "results.json", out / "results.md"
-    _atomic_write(js, json.dumps({"context": context, "summary": summary}, indent=1, default=str))
+    _atomic_write(js, json.dumps(json_safe({"context": context, "summary": summary}), indent=1, default=str, allow_nan=False))
     lines = [f"# Results: {context.get('title', 'test episodes')}", ""]
     for k in ("protocol", "n_way", "n_shot", "n_query", "test_organs", "test_classes", "episodes", "episodes_sha256",
               "checkpoint", "machine"):
@@ -177,6 +180,8 @@ def ece_bootstrap(records: Sequence[dict], n_bins: int = 15, n_boot: int = 1000,
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(len(episodes), np.full(len(episodes), 1 / len(episodes)), size=n_boot)  # (B, E)
     boot = ece(np.einsum("be,ekc->bkc", weights, stats_))
+    if len(episodes) < 2:
+        return {"mean": point, "ci95": float("nan"), "ci_low": None, "ci_high": None, "n_episodes": len(episodes)}
     lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
     return {"mean": point, "ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi, "n_episodes": len(episodes)}
 
@@ -226,7 +231,7 @@ def classification_summary(records: Sequence[dict], seed: int = 0, n_bins: int =
             for site in sorted({r["site"] for r in mine}):
                 entry["site"][site] = ece_bootstrap([r for r in mine if r["site"] == site], n_bins, seed=seed)
             summary_k["ece"][method] = entry
-            conf = torch.tensor([max(r["probs"]) for r in mine])
+            conf = torch.tensor([max(r["probs"]) for r in mine], dtype=torch.float64)
             correct = torch.tensor([float(int(np.argmax(r["probs"])) == r["label"]) for r in mine])
             calibration[method] = calibration_bins(conf, correct, n_bins)
         summary_k["calibration"] = calibration
@@ -282,7 +287,31 @@ class PanelKeeper:
 
 
 def _stat_cell(s: dict | None, digits: int = 3) -> str:
-    return "—" if s is None or s.get("mean") is None else f"{s['mean']:.{digits}f} ± {s['ci95']:.{digits}f}"
+    """``mean ± half-width``; a bootstrap interval (ECE) as ``value [low, high]``; ``n/a`` without a spread."""
+    if s is None or s.get("mean") is None or _isnan(s["mean"]):
+        return "—"
+    if "ci_low" in s:
+        if s["ci_low"] is None:
+            return f"{s['mean']:.{digits}f} [n/a]"
+        return f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+    if s.get("ci95") is None or _isnan(s["ci95"]):
+        return f"{s['mean']:.{digits}f} ± n/a"
+    return f"{s['mean']:.{digits}f} ± {s['ci95']:.{digits}f}"
+
+
+def _isnan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by None, so that it is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _metric_table(per_method: dict, title: str, groups: Sequence[str], digits: int = 3) -> str:
@@ -335,7 +364,8 @@ def write_evaluation_report(out_dir: str | os.PathLike, context: dict, summary: 
     groups = ("organ", "site") if seg else ("class", "site")
     figures = plots.evaluation_figures(out, context, summary, metrics, groups, panels)
     js = out / "results.json"
-    _atomic_write(js, json.dumps({"context": context, "summary": summary, "figures": figures}, indent=1, sort_keys=True))
+    doc = json_safe({"context": context, "summary": summary, "figures": figures})
+    _atomic_write(js, json.dumps(doc, indent=1, sort_keys=True, allow_nan=False))
     fields = ["method", "shot", "episode", "organ" if seg else "class", "site", "query_id"] + (
         ["dice", "hd95"] if seg else ["label", "correct", "confidence", "probs"])
     buf = io.StringIO()
@@ -362,7 +392,13 @@ def write_evaluation_report(out_dir: str | os.PathLike, context: dict, summary: 
                      "an empty prediction scores the image diagonal")
     else:
         lines.append(f"- chance accuracy: {context['data'].get('chance', float('nan')):.3f}; ECE: 15 bins, pooled over queries, "
-                     "95% interval from 1,000 bootstrap resamples of episodes")
+                     "shown as value [2.5th, 97.5th percentile] of 1,000 bootstrap resamples of episodes")
+        lines.append("- balanced accuracy and macro AUC are computed per episode (per class: its recall and one-vs-rest "
+                     "AUC); with balanced queries, balanced accuracy equals accuracy. Per site, they use the episodes "
+                     "whose queries all come from that site (the others form 'mixed sites'), while accuracy is per query")
+    patients = (context["data"].get("patients") or {}).get("test")
+    lines.append("- 95% CIs are over episodes, which resample the same test patients"
+                 + (f" ({patients} here)" if patients else "") + ": they hold for these patients, not for a new cohort")
     v = context["versions"]
     lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in v) + f"; git commit `{context['git_commit']}`")
     lines += ["", "**Cite as:** " + citation(context, summary), ""]

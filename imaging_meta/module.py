@@ -172,6 +172,9 @@ class EpisodicModule(LightningModule):
         for i in range(t):
             for j in range(q):
                 site = batch.site[i]
+                query_sites = batch.meta[i].get("query_sites") if isinstance(batch.meta, list) and batch.meta[i] else None
+                if self.metric == "dice" and query_sites:  # each query slice comes from its own patient
+                    site = query_sites[j]
                 if self.metric == "acc" and " + " in str(site):  # queries from several sites: one report row
                     site = "mixed sites"
                 rec = {
@@ -288,6 +291,8 @@ class EpisodicModule(LightningModule):
             extra["preprocessing"] = dm.preprocessing
         if dm is not None:
             extra["data"] = data_config(dm)
+            if hasattr(dm, "split_digest"):
+                extra["split_digest"] = dm.split_digest()
         # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
         # order), so that a resumed run continues each rank's random stream exactly
         extra["rng_states"] = _gather([rng_states()])

@@ -68,8 +68,12 @@ def shots_curve(summary: dict, metric: str, title: str, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in _methods(summary[str(shots[0])][metric]):
         s = [summary[str(k)][metric].get(m, {}).get("all") for k in shots]
-        ax.errorbar(shots, [x["mean"] for x in s], yerr=[x["ci95"] for x in s], marker="o", capsize=3, label=m,
-                    color=COLOURS.get(m))
+        mean = [x["mean"] for x in s]
+        if all(x.get("ci_low") is not None for x in s) and "ci_low" in s[0]:  # a bootstrap interval (ECE): asymmetric
+            yerr = [[x["mean"] - x["ci_low"] for x in s], [x["ci_high"] - x["mean"] for x in s]]
+        else:
+            yerr = [x["ci95"] for x in s]
+        ax.errorbar(shots, mean, yerr=yerr, marker="o", capsize=3, label=m, color=COLOURS.get(m))
     ax.set_xticks(shots)
     ax.set_xlabel("shots")
     ax.set_ylabel(title)
@@ -98,7 +102,8 @@ def reliability(summary: dict, path: Path) -> str:
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence (top-class probability)")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{k}-shot: ECE {ece['mean']:.3f} [{ece['ci_low']:.3f}, {ece['ci_high']:.3f}]")
+        interval = f" [{ece['ci_low']:.3f}, {ece['ci_high']:.3f}]" if ece.get("ci_low") is not None else ""
+        ax.set_title(f"{k}-shot: ECE {ece['mean']:.3f}{interval}")
         ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path)
 

@@ -20,3 +20,15 @@ def test_atomic_write_replaces_whole_and_an_error_keeps_the_old_file(tmp_path):
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):
         with atomic_open(target, "a"):
             pass
+
+
+def test_the_file_gets_the_mode_a_plain_open_would_give(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        (tmp_path / "plain.md").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o644

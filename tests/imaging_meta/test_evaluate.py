@@ -3,6 +3,9 @@ digit, the split guard, the report files, on checkpoints written by a real (tiny
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from PIL import Image
 from datamodules.classification import ClassificationDataModule
 from datamodules.segmentation import SegmentationDataModule
 from imaging_meta.cli import cli_main
-from imaging_meta.evaluate import check_same_split, evaluate
+from imaging_meta.evaluate import evaluate
 from imaging_meta.evaluation import classification_summary, compare_runs, ece_bootstrap, summarize
 from imaging_meta.learners.protonet import PrototypicalNetwork
 from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
@@ -89,7 +92,8 @@ def test_per_class_cells_average_within_episode_then_over_episodes():
             {"method": "m", "episode": 1, "class": "y", "site": "s", "acc": 0.0}]
     s = summarize(recs, "acc", ("class",))["m"]
     assert s["all"]["mean"] == pytest.approx((2 / 3 + 0.0) / 2) and s["all"]["n_episodes"] == 2
-    assert s["class"]["x"] == {"mean": 0.5, "ci95": 0.0, "n_episodes": 1}  # only episode 0 has class x
+    assert s["class"]["x"]["mean"] == 0.5 and s["class"]["x"]["n_episodes"] == 1  # only episode 0 has class x
+    assert math.isnan(s["class"]["x"]["ci95"])  # one episode: no spread, never a false "± 0.000"
     assert s["class"]["y"]["mean"] == pytest.approx(0.5) and s["class"]["y"]["n_episodes"] == 2
 
 
@@ -133,8 +137,15 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
     ckpt, tmp = seg_checkpoint
     kw = dict(shots=[1, 2], episodes=5, seed=7, cache_dir=str(tmp / "cache"), n_panel=2)
     js, md = evaluate(ckpt, tmp_path / "a", **kw)
-    evaluate(ckpt, tmp_path / "b", name="a", **kw)
-    for f in ("results.json", "records.csv", "episodes-1shot.json", "episodes-2shot.json"):
+    # the same command in a fresh process, with another hash seed: every file is byte for byte the same
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "imaging_meta", "evaluate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"),
+                    "--name", "a", "--shots", "1", "2", "--episodes", "5", "--seed", "7", "--cache-dir", kw["cache_dir"],
+                    "--panel", "2"], check=True, env=env, capture_output=True)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert {"results.json", "results.md", "records.csv", "episodes-1shot.json", "best_worst.png"} <= set(files)
+    for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     doc = json.loads(js.read_text())
     ctx, summ = doc["context"], doc["summary"]
@@ -145,7 +156,8 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
         for metric in ("dice", "hd95"):
             per = summ[k][metric]
             assert set(per) == {"trained", "untrained encoder", "copy support mask"}
-            assert set(per["trained"]["organ"]) <= {"spleen", "kidney_left"} and per["trained"]["site"]
+            assert set(per["trained"]["organ"]) and set(per["trained"]["organ"]) <= {"spleen", "kidney_left"}
+            assert per["trained"]["site"]
     assert 0 <= summ["1"]["dice"]["trained"]["all"]["mean"] <= 1 and summ["1"]["hd95"]["trained"]["all"]["mean"] >= 0
     text = md.read_text()
     assert "Cite as:" in text and ctx["episode_files"]["1"]["sha256"] in text and "HD95 (mm)" in text
@@ -168,7 +180,19 @@ def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, t
     with pytest.raises(ValueError, match=r"data\.yaml: this data config changes the split.*protocol: trained 'cross_organ', "
                                          r"given 'in_domain'.*split_seed"):
         evaluate(ckpt, tmp_path / "out", data_config=cfg)
-    check_same_split({"class_path": "x", "init_args": {"protocol": "a"}}, {"class_path": "x", "init_args": {"root": "b"}}, "f")
+    # the rebuilt split is checked against the digest stored at fit (other ids from another salt, other data...)
+    tampered = torch.load(ckpt, weights_only=True)
+    assert len(tampered["imaging_meta"]["split_digest"]) == 16
+    tampered["imaging_meta"]["split_digest"] = "0" * 16
+    torch.save(tampered, tmp_path / "tampered.ckpt")
+    with pytest.raises(ValueError, match=r"tampered\.ckpt: the data rebuilt for evaluation is not split as in training.*salt"):
+        evaluate(tmp_path / "tampered.ckpt", tmp_path / "out", shots=[1], episodes=2, cache_dir=str(tmp / "cache"))
+    assert not (tmp_path / "out" / "results.json").exists()
+    minimal = tmp_path / "minimal.yaml"
+    minimal.write_text("data:\n  class_path: datamodules.segmentation.SegmentationDataModule\n  init_args:\n"
+                       "    root: somewhere\n")  # fields left out take their defaults: test_organs None
+    with pytest.raises(ValueError, match=r"test_organs: trained \['spleen', 'kidney_left'\], given None"):
+        evaluate(ckpt, tmp_path / "out", data_config=minimal)
 
 
 def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, capsys):
@@ -184,7 +208,9 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
     assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--out", str(out), "--shots", "1", "2", "--episodes", "6",
                      "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "Cite as:" in capsys.readouterr().out
-    doc = json.loads((out / "results.json").read_text())
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: empty calibration bins are null
+    doc = json.loads(text)
     s = doc["summary"]["2"]
     assert set(s) == {"acc", "balanced_acc", "auc", "ece", "calibration"}
     assert set(s["acc"]["trained"]["class"]) == set(doc["context"]["data"]["classes"]["test"])

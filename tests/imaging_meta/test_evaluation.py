@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import pytest
@@ -11,7 +12,8 @@ def test_mean_ci_golden():
     assert m == pytest.approx(0.65)
     # sd = 0.1291, t(0.975, 3) = 3.1824 -> 3.1824 * 0.1291 / 2
     assert h == pytest.approx(0.205431, abs=1e-5)
-    assert mean_ci([0.3]) == (0.3, 0.0)
+    m1, h1 = mean_ci([0.3])
+    assert m1 == 0.3 and math.isnan(h1)
 
 
 def test_summarize_averages_queries_within_an_episode_first(tmp_path):
@@ -27,7 +29,7 @@ def test_summarize_averages_queries_within_an_episode_first(tmp_path):
     assert s["a"]["organ"]["liver"]["mean"] == pytest.approx(0.5)
     assert s["b"]["site"]["s2"]["mean"] == pytest.approx(0.4)
     md = to_markdown(s, ["a", "b"])
-    assert "| organ: spleen | 0.800 ± 0.000 | 0.400 ± 0.000 | 1 |" in md
+    assert "| organ: spleen | 0.800 ± n/a | 0.400 ± n/a | 1 |" in md  # one episode: no spread to show
     js, mdp = write_report(tmp_path, s, {"protocol": "cross_organ"}, ["a", "b"])
     assert json.loads(js.read_text())["summary"]["a"]["all"]["n_episodes"] == 2
     assert "protocol: cross_organ" in mdp.read_text()
