@@ -15,7 +15,7 @@ RUN_NAME ?= $(MODEL)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install install-bench train results evaluate test test-full bench lint tensorboard demo clean
+.PHONY: help install install-bench train results evaluate selfsup test test-full bench lint tensorboard demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -67,6 +67,24 @@ evaluate: $(TRAIN_PREREQ)  ## fit MODEL under each segmentation protocol, evalua
 	  $(CLI) evaluate --checkpoint "$$ckpt" --out $(EVAL_DIR)/$(MODEL)-$$p $(EVAL_ARGS); \
 	done
 	$(CLI) compare $(addprefix $(EVAL_DIR)/$(MODEL)-,$(PROTOCOLS)) --out $(EVAL_DIR)/comparison.md
+
+SELFSUP_DIR ?= evaluation/selfsup
+SELFSUP_RUNS ?= selfsup_global selfsup_alp supervised mixed
+# one row each; every label is hidden from training, and the last checkpoint is scored (no selection on labels)
+ARGS_selfsup_global := --model.learner.init_args.local_window 0 --model.learner.init_args.location_weight 0
+ARGS_selfsup_alp :=
+ARGS_supervised := --data.init_args.selfsup_ratio 0
+ARGS_mixed := --data.init_args.selfsup_ratio 0.5
+selfsup-%: demo
+	$(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/selfsup_segmentation.yaml \
+	    --config configs/model/protonet_seg.yaml --data.init_args.root $(DATA_DIR) \
+	    --trainer.logger.init_args.save_dir $(SELFSUP_DIR)/runs --trainer.logger.init_args.name $* \
+	    --trainer.max_epochs $(EVAL_EPOCHS) $(ARGS_$*) $(ARGS)
+	$(CLI) evaluate --checkpoint "$$(ls -td $(SELFSUP_DIR)/runs/$*/version_* | head -1)/checkpoints/last.ckpt" \
+	    --out $(SELFSUP_DIR)/$* --shots 1 --episodes 200
+
+selfsup: $(addprefix selfsup-,$(SELFSUP_RUNS))  ## self-supervised (superpixel) against supervised training, same held-out episodes
+	$(CLI) compare $(addprefix $(SELFSUP_DIR)/,$(SELFSUP_RUNS)) --out $(SELFSUP_DIR)/comparison.md
 
 test: install  ## fast test suite (no `slow` tests), a few minutes on 2 CPU cores
 	$(PY) -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)

@@ -202,6 +202,14 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         site_fields: header fields that build the site key.
         salt: secret for the pseudonymous ids (set your own for real data).
         test_episodes_file: a JSON episode file to test on (written by an earlier run), instead of drawing.
+        selfsup_ratio: share of self-supervised training episodes (SSL-ALPNet): a superpixel of a scan is the
+            target, support and query are two random views of its slice. 0: supervised only; 1: self-supervised
+            only, which also trains on a folder without any label map (then there is no validation or test).
+            Any scan of a training patient serves, labelled or not; scans of validation and test patients,
+            and of held-out sites, never do. Under setting 2, training slices that show a test organ are
+            removed (where a label map says so; unlabelled scans cannot be screened).
+        superpixels: settings of the superpixels (`datamodules.superpixels.DEFAULT_SETTINGS`: ``scale``,
+            ``sigma``, ``min_size``, ``threshold``, ``min_pixels``, ``max_fraction``).
     """
 
     def __init__(
@@ -238,8 +246,12 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         site_fields: list[str] | None = None,
         salt: str = "imaging-meta",
         test_episodes_file: str | None = None,
+        selfsup_ratio: float = 0.0,
+        superpixels: dict | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= selfsup_ratio <= 1.0:
+            raise ValueError(f"selfsup_ratio must lie in [0, 1], got {selfsup_ratio}")
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
         if cache not in ("memory", "disk", "none"):
@@ -298,7 +310,20 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
             )
         self.cases = self.index.labelled_cases
         self._check_index_is_current()
-        self.split = make_split(
+        if not self.cases and h.selfsup_ratio == 1.0:  # unlabelled scans only: self-supervised training, no val/test
+            self.split = Split([], [], [], [], [], [], protocol=h.protocol)
+        else:
+            self.split = self._make_split()
+        self._setup_stages()
+        if h.selfsup_ratio > 0:
+            self._setup_selfsup()
+
+    def _make_split(self) -> Split:
+        h = self.hparams
+        if not self.cases:
+            raise ValueError(f"no labelled case under {self.root}; to train on unlabelled scans set "
+                             "data.init_args.selfsup_ratio: 1.0 (configs/data/selfsup_segmentation.yaml)")
+        return make_split(
             self.cases,
             h.protocol,
             test_organs=h.test_organs or (),
@@ -309,6 +334,9 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
             seed=h.split_seed,
             exclude_test_organ_slices=h.exclude_test_organ_slices,
         )
+
+    def _setup_stages(self) -> None:
+        h = self.hparams
         self._volumes = self._volume_dataset()
         used = sorted(set(self.split.train) | set(self.split.val) | set(self.split.test))
         labels = {i: self._volumes[i]["label"] for i in used}
@@ -339,6 +367,72 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         for stage_name in ("val", "test"):
             if stage_name in self._samplers:
                 self._episodes[stage_name] = self._fixed_episodes(stage_name)
+
+    # ------------------------------------------------------- self-supervision
+    def selfsup_cases(self) -> list[Case]:
+        """The scans self-supervised episodes may use: every indexed scan, labelled or not, except those of
+        validation and test patients and of the sites that cross_site holds out."""
+        s = self.split
+        held_patients = s.patients(self.cases, "val") | s.patients(self.cases, "test")
+        held_sites = {self.cases[i].site for i in s.test} if s.protocol == "cross_site" else set()
+        return [c for c in self.index.cases if c.patient not in held_patients and c.site not in held_sites]
+
+    def _banned_slices(self) -> dict[str, set[int]]:
+        """Setting 2: case id -> slices of training scans that show a held-out organ (from their label maps)."""
+        out: dict[str, set[int]] = {}
+        for i in self.split.train:
+            lbl = _plain(self._volumes[i]["label"])[0]
+            case = self.cases[i]
+            banned = torch.zeros(lbl.shape[-1], dtype=torch.bool)
+            for o in self.split.excluded_organs:
+                if o in case.organs:
+                    banned |= (lbl == case.organs[o]).flatten(0, 1).any(0)
+            out[case.case_id] = set(torch.nonzero(banned).flatten().tolist())
+        return out
+
+    def _setup_selfsup(self) -> None:
+        from datamodules.selfsup import MixedEpisodeSampler, SuperpixelEpisodeSampler
+        from datamodules.superpixels import DEFAULT_SETTINGS, superpixel_table
+
+        h = self.hparams
+        self.selfsup_volume_cases = self.selfsup_cases()
+        if not self.selfsup_volume_cases:
+            raise ValueError(f"no scan under {self.root} is left for self-supervision after holding out the "
+                             "validation and test patients; lower val_fraction/test_fraction or add unlabelled scans")
+        self._selfsup_volumes = self._superpixel_dataset()
+        min_pixels = {**DEFAULT_SETTINGS, **(h.superpixels or {})}["min_pixels"]
+        banned = self._banned_slices() if self.split.excluded_organs else {}
+        tables = {}
+        for v, case in enumerate(self.selfsup_volume_cases):
+            table = superpixel_table(_plain(self._selfsup_volumes[v]["superpixels"])[0], min_pixels)
+            skip = banned.get(case.case_id, set())
+            tables[v] = {z: ids for z, ids in table.items() if z not in skip}
+        selfsup = SuperpixelEpisodeSampler(tables, h.episodes_per_epoch, seed=h.seed + 3)
+        supervised = self._samplers.get("train")
+        if h.selfsup_ratio < 1.0 and supervised is None:
+            raise ValueError("selfsup_ratio < 1 mixes in supervised episodes, but the training split has none")
+        self._samplers["train"] = selfsup if h.selfsup_ratio == 1.0 else MixedEpisodeSampler(
+            supervised, selfsup, h.selfsup_ratio, h.episodes_per_epoch, seed=h.seed + 4)
+
+    def _superpixel_dataset(self):
+        """Preprocessed images of the self-supervision scans with their superpixel maps, cached like the
+        labelled volumes. Only image paths are read: never a label map."""
+        from monai.transforms import Compose
+
+        from datamodules.superpixels import DEFAULT_SETTINGS, Superpixelsd
+
+        h = self.hparams
+        settings = {**DEFAULT_SETTINGS, **(h.superpixels or {})}
+        tf = Compose([*volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles, keys=("image",)).transforms,
+                      Superpixelsd(keys=("image",), **{k: v for k, v in settings.items()})])
+        items = [{"image": self.index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
+                 for c in self.selfsup_volume_cases]
+        if h.cache == "memory":
+            return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
+        if h.cache == "disk":
+            folder = self.cache_dir / _digest(self.root) / f"superpixels-{_digest([self.preprocessing, settings])}"
+            return _warmed(PersistentDataset(items, tf, cache_dir=folder))
+        return Dataset(items, tf)
 
     def _feasible_organs(self, stage: str) -> list[str]:
         """The stage's organs that enough patients show; the others are dropped with a warning that says why."""
@@ -422,9 +516,22 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._apply_resume()
-        return self._loader(self._samplers["train"], augment=self.hparams.augment)
+        h = self.hparams
+        if h.selfsup_ratio == 0:
+            return self._loader(self._samplers["train"], augment=h.augment)
+        from datamodules.selfsup import SuperpixelEpisodeDataset
 
-    def val_dataloader(self) -> DataLoader:
+        aug = slice_augmentation(slice_size=h.slice_size) if h.augment else None
+        dataset = SuperpixelEpisodeDataset(
+            self._selfsup_volumes, [c.case_id for c in self.selfsup_volume_cases],
+            [c.site for c in self.selfsup_volume_cases], h.n_shot, h.n_query,
+            supervised=SegmentationEpisodeDataset(self._volumes, self.cases, aug) if h.selfsup_ratio < 1 else None,
+        )
+        return episode_loader(dataset, self._samplers["train"], h.batch_size, h.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.cases:  # unlabelled scans only: nothing to validate on
+            return []
         return self._fixed_loader("val")
 
     def test_dataloader(self) -> DataLoader:

@@ -1,0 +1,202 @@
+"""Self-supervised superpixel episodes (SSL-ALPNet): label-free, reproducible, support and query are views of
+one pseudo-label, and mixed with supervised episodes at the configured ratio."""
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.classification import RandItemAugment
+from datamodules.segmentation import SegmentationDataModule
+from datamodules.selfsup import (
+    MixedEpisodeSampler,
+    SuperpixelEpisodeDataset,
+    SuperpixelEpisodeSampler,
+    SuperpixelEpisodeSpec,
+)
+from datamodules.superpixels import volume_superpixels
+from imaging_meta.episode import collate_episodes
+from tests.conftest import SMALL_DATA
+
+
+class NoLabels(dict):
+    """A volume dict whose label access raises: the self-supervised path must never ask for one."""
+
+    def __getitem__(self, key):
+        if key == "label":
+            raise AssertionError("a self-supervised episode read a label")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key == "label":
+            raise AssertionError("a self-supervised episode read a label")
+        return super().get(key, default)
+
+
+def _volume(seed: int, size: int = 32, depth: int = 4) -> NoLabels:
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size * 0.42) ** 2
+    img = np.where(body, 0.4, 0.0) + 0.02 * g.standard_normal((size, size)) * body
+    vol = np.repeat(img[..., None], depth, axis=-1)
+    for z in range(depth):  # two organs that move a little from slice to slice
+        vol[8 + z:14 + z, 8:16, z] = 0.8
+        vol[18:26, 16 + z:22 + z, z] = 0.6
+    vol = np.clip(vol, 0, 1).astype(np.float32)
+    sp = volume_superpixels(vol, min_size=10, min_pixels=10)
+    return NoLabels(image=torch.from_numpy(vol)[None], superpixels=torch.from_numpy(sp)[None])
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    return [_volume(0), _volume(1)]
+
+
+def _tables(volumes, min_pixels=10):
+    from datamodules.superpixels import superpixel_table
+
+    return {v: superpixel_table(vol["superpixels"][0], min_pixels) for v, vol in enumerate(volumes)}
+
+
+def test_episodes_never_read_a_label_and_have_the_promised_shapes(volumes):
+    sampler = SuperpixelEpisodeSampler(_tables(volumes), n_episodes=6, seed=0)
+    ds = SuperpixelEpisodeDataset(volumes, ["c-a", "c-b"], ["s1", "s2"], n_shot=2, n_query=3)
+    batch = collate_episodes([ds[spec] for spec in sampler])
+    assert batch.support_images.shape == (6, 2, 1, 32, 32) and batch.query_labels.shape == (6, 3, 32, 32)
+    assert set(batch.support_labels.unique().tolist()) <= {0.0, 1.0}
+    assert (batch.support_labels.flatten(2).sum(-1) > 0).all(), "every view keeps part of its superpixel"
+    assert all(m["selfsup"] for m in batch.meta)
+
+
+def test_same_spec_same_episode_and_epochs_differ(volumes):
+    sampler = SuperpixelEpisodeSampler(_tables(volumes), n_episodes=5, seed=3)
+    ds = SuperpixelEpisodeDataset(volumes, ["c-a", "c-b"], ["s1", "s2"], n_shot=1, n_query=1)
+    first = list(sampler)
+    assert first == list(sampler)
+    a, b = ds[first[0]], ds[first[0]]
+    assert torch.equal(a.support_images, b.support_images) and torch.equal(a.query_labels, b.query_labels)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_support_and_query_are_views_of_one_pseudo_label(volumes):
+    """Warping the slice's superpixel mask with each view's recorded transform gives that view's mask."""
+    ds = SuperpixelEpisodeDataset(volumes, ["c-a", "c-b"], ["s1", "s2"], n_shot=1, n_query=2)
+    sp = volumes[1]["superpixels"][0, ..., 2]
+    target = int(sp[sp > 0].mode().values)
+    spec = SuperpixelEpisodeSpec(volume=1, slice=2, superpixel=target, seed=11)
+    _, masks, params = ds.views(spec)
+    ep = ds[spec]
+    original = (sp == target).float()[None, None].expand(3, -1, -1, -1)
+    warped = RandItemAugment.geometric(original, params, mode="nearest")[:, 0] > 0.5
+    assert torch.equal(torch.cat([ep.support_labels, ep.query_labels]).bool(), warped)
+    assert not torch.equal(ep.support_labels[0], ep.query_labels[0]), "the views differ"
+    # the same superpixel, not another one: the views overlap the warped target far more than any other id
+    other = (sp > 0) & (sp != target)
+    assert (RandItemAugment.geometric(other.float()[None, None], {k: v[:1] for k, v in params.items()}, "nearest")[0, 0]
+            > 0.5).logical_and(ep.support_labels[0].bool()).sum() == 0
+
+
+def test_mixed_sampler_follows_the_ratio():
+    class Sup(SuperpixelEpisodeSampler):
+        def draw(self, rng):
+            rng.random()
+            return "supervised"
+
+    tables = {0: {0: [1, 2]}}
+    mixed = MixedEpisodeSampler(Sup(tables, 1), SuperpixelEpisodeSampler(tables, 1), ratio=0.25, n_episodes=2000)
+    share = np.mean([isinstance(s, SuperpixelEpisodeSpec) for s in mixed])
+    assert abs(share - 0.25) < 0.03
+    with pytest.raises(ValueError, match=r"ratio must lie in \[0, 1\]"):
+        MixedEpisodeSampler(Sup(tables, 1), SuperpixelEpisodeSampler(tables, 1), ratio=1.5, n_episodes=1)
+
+
+def test_no_superpixel_big_enough_says_what_to_change():
+    with pytest.raises(ValueError, match="lower superpixels.min_pixels"):
+        SuperpixelEpisodeSampler({0: {}}, n_episodes=1)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_root(demo_root, tmp_path_factory):
+    """The demo's Decathlon MR images and their sidecars, without dataset.json or any label map."""
+    root = tmp_path_factory.mktemp("unlabelled") / "scans"
+    root.mkdir()
+    for f in sorted((demo_root / "mr_decathlon" / "imagesTr").iterdir()):
+        shutil.copy(f, root / f.name)
+    return root
+
+
+SMALL_SELFSUP = {**SMALL_DATA, "selfsup_ratio": 1.0, "superpixels": {"min_size": 10, "min_pixels": 8}}
+
+
+def test_a_folder_without_any_label_trains_self_supervised(unlabelled_root, tmp_path):
+    assert not [f for f in unlabelled_root.iterdir() if "label" in f.name or f.name == "dataset.json"]
+    dm = SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path), **SMALL_SELFSUP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
+    assert not dm.cases and len(dm.selfsup_volume_cases) == len(dm.index.cases) == 3
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.support_images.shape == (2, 1, 1, 32, 32) and batch.query_labels.shape == (2, 1, 32, 32)
+    assert dm.val_dataloader() == []
+    with pytest.raises(ValueError, match="set data.init_args.selfsup_ratio: 1.0"):
+        SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path / "b"), **SMALL_DATA).setup("fit")
+
+
+def test_held_out_patients_never_enter_self_supervision(demo_root, demo_index, tmp_path):
+    dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
+                                **{**SMALL_SELFSUP, "selfsup_ratio": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
+    held = dm.split.patients(dm.cases, "val") | dm.split.patients(dm.cases, "test")
+    used = {c.patient for c in dm.selfsup_volume_cases}
+    assert used and not used & held
+    assert isinstance(dm._samplers["train"], MixedEpisodeSampler)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.n_tasks == 2
+    # setting 2: no self-supervised slice shows a held-out organ
+    banned = dm._banned_slices()
+    for v, z, _ in dm._samplers["train"].selfsup.slices:
+        assert z not in banned.get(dm.selfsup_volume_cases[v].case_id, set())
+    assert any(banned.values()), "the demo's training scans do show the held-out organs somewhere"
+
+
+def test_a_short_self_supervised_fit_beats_the_untrained_encoder_on_held_out_organs(demo_root, demo_index, tmp_path):
+    """80 self-supervised episodes (no label in training) lift held-out-organ Dice well above the start
+    (measured: 0.41 and 0.44 against 0.18 and 0.06 for seeds 0 and 1)."""
+    import copy
+
+    from lightning.pytorch import Trainer
+
+    from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+    from imaging_meta.metrics import dice_score
+    from imaging_meta.module import EpisodicModule
+
+    data = {**SMALL_SELFSUP, "test_episodes": 40, "episodes_per_epoch": 80, "batch_size": 4, "val_episodes": 0,
+            "augment": False}
+    dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path), **data)
+    torch.manual_seed(0)
+    learner = PrototypicalSegmenter(backbone="unet", backbone_kwargs={"out_channels": 8, "features": [8, 8, 16, 16, 32, 8]},
+                                    local_window=2, coord_channels=True)
+    untrained = copy.deepcopy(learner)
+    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", inference_mode=False, num_sanity_val_steps=0,
+                      limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(EpisodicModule(learner, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3), baselines=False), datamodule=dm)
+
+    def held_out_dice(model):
+        model.eval()
+        scores = []
+        with torch.no_grad():
+            for b in dm.test_dataloader():
+                assert set(b.classes[0]) <= {"spleen", "kidney_left"}
+                scores += dice_score(model.predict(b).flatten(0, 1) > 0.5, b.query_labels.flatten(0, 1) > 0.5).tolist()
+        return sum(scores) / len(scores)
+
+    trained, start = held_out_dice(learner), held_out_dice(untrained)
+    assert trained > start + 0.1, (trained, start)
