@@ -305,9 +305,17 @@ def evaluate(
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     trained_data = data_config_from_checkpoint(ckpt, path)
     config = trained_data
+    label_free = bool(extra.get("label_free"))
     if data_config is not None:
         config = read_data_config(data_config)
-        check_same_split(trained_data, _with_defaults(config), str(data_config))
+        if label_free:  # nothing labelled was seen: any labelled data may test it, if its scans were not trained on
+            logger.warning("%s was trained self-supervised on scans without labels; make sure the scans of %s were "
+                           "not among them", path, data_config)
+        else:
+            check_same_split(trained_data, _with_defaults(config), str(data_config))
+    elif label_free:
+        raise ValueError(f"{path} was trained on scans without any label map, so it has no test set; give labelled "
+                         "scans to evaluate on with --data-config (e.g. configs/data/folder_segmentation.yaml)")
     task = extra.get("task", learner.task)
     untrained = _untrained(extra, dev) if baselines else None
     if not shots or min(shots) < 1:
@@ -336,7 +344,7 @@ def evaluate(
         dm = build_datamodule(config, overrides)
         dm.prepare_data()
         dm.setup("test")
-        expected = extra.get("split_digest")
+        expected = None if label_free else extra.get("split_digest")
         if expected is not None and hasattr(dm, "split_digest") and dm.split_digest() != expected:
             raise ValueError(
                 f"{path}: the data rebuilt for evaluation is not split as in training (split digest "

@@ -293,6 +293,8 @@ class EpisodicModule(LightningModule):
             extra["data"] = data_config(dm)
             if hasattr(dm, "split_digest"):
                 extra["split_digest"] = dm.split_digest()
+            # self-supervised training on scans without any label map: no split to protect at evaluation
+            extra["label_free"] = getattr(dm, "cases", None) == [] and getattr(dm.hparams, "selfsup_ratio", 0) == 1.0
         # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
         # order), so that a resumed run continues each rank's random stream exactly
         extra["rng_states"] = _gather([rng_states()])

@@ -200,3 +200,34 @@ def test_a_short_self_supervised_fit_beats_the_untrained_encoder_on_held_out_org
 
     trained, start = held_out_dice(learner), held_out_dice(untrained)
     assert trained > start + 0.1, (trained, start)
+
+
+def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(unlabelled_root, demo_root, tmp_path):
+    import json
+
+    import yaml
+    from lightning.pytorch import Trainer
+
+    from imaging_meta.evaluate import evaluate
+    from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+    from imaging_meta.module import EpisodicModule
+
+    dm = SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path / "cache"), **SMALL_SELFSUP)
+    learner = PrototypicalSegmenter(backbone="unet", backbone_kwargs={"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]})
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", inference_mode=False, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(EpisodicModule(learner), datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "ssl.ckpt")
+    assert torch.load(tmp_path / "ssl.ckpt", weights_only=True)["imaging_meta"]["label_free"] is True
+    with pytest.raises(ValueError, match="trained on scans without any label map, so it has no test set"):
+        evaluate(tmp_path / "ssl.ckpt", tmp_path / "out")
+    labelled = {k: list(v) if isinstance(v, tuple) else v for k, v in SMALL_DATA.items()}
+    cfg = tmp_path / "labelled.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"class_path": "datamodules.segmentation.SegmentationDataModule",
+                                            "init_args": {"root": str(demo_root), **labelled}}}))
+    js, _ = evaluate(tmp_path / "ssl.ckpt", tmp_path / "out", shots=[1], episodes=4, data_config=cfg,
+                     cache_dir=str(tmp_path / "cache2"), n_panel=0)
+    ctx = json.loads(js.read_text())["context"]
+    assert ctx["protocol"] == "cross_organ" and set(ctx["data"]["test_organs"]) == {"spleen", "kidney_left"}
