@@ -315,7 +315,7 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         else:
             self.split = self._make_split()
         self._setup_stages()
-        if h.selfsup_ratio > 0:
+        if h.selfsup_ratio > 0 and h.episodes_per_epoch > 0:  # evaluation draws no training episodes
             self._setup_selfsup()
 
     def _make_split(self) -> Split:

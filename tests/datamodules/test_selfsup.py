@@ -231,3 +231,13 @@ def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(
                      cache_dir=str(tmp_path / "cache2"), n_panel=0)
     ctx = json.loads(js.read_text())["context"]
     assert ctx["protocol"] == "cross_organ" and set(ctx["data"]["test_organs"]) == {"spleen", "kidney_left"}
+
+
+def test_evaluation_of_a_self_supervised_run_draws_no_training_episodes(demo_root, demo_index, tmp_path):
+    """`imaging-meta evaluate` rebuilds the data with episodes_per_epoch 0: only test episodes are drawn."""
+    dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
+                                **{**SMALL_SELFSUP, "selfsup_ratio": 0.5, "episodes_per_epoch": 0, "val_episodes": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("test")
+    assert "train" not in dm._samplers and len(dm._episodes["test"]) == SMALL_DATA["test_episodes"]
