@@ -3,7 +3,8 @@
 An unlabelled slice becomes a 1-way task: one of its superpixels (`datamodules.superpixels`, computed once in
 the cached preprocessing) is the "organ". The support and the query are independent random views of the
 same slice and the same superpixel mask: geometric (rotation, zoom, shift; the mask follows with
-nearest-neighbour) and intensity (gamma, scaling, noise; the image only). The network has to find, in
+nearest-neighbour, then a smooth elastic deformation) and intensity (gamma, scaling, noise; the image
+only). The network has to find, in
 one view, the region it was shown in the other, which is what few-shot segmentation asks of it later.
 
 * `SuperpixelEpisodeSpec`: which volume, slice and superpixel, and the seed of the views. Indices only.
@@ -26,7 +27,8 @@ from datamodules.classification import RandItemAugment
 from datamodules.samplers import EpisodeSampler
 from imaging_meta.episode import Episode
 
-#: SSL-ALPNet's views: affine and intensity changes strong enough that the task is not an identity.
+#: SSL-ALPNet's views: affine and intensity changes strong enough that the task is not an identity (an
+#: elastic deformation is added on top, see `warp`). No flips: left and right mean something in anatomy.
 SELFSUP_AUGMENT = {"rotate_degrees": 15.0, "scale": 0.15, "translate": 0.08, "flip_prob": 0.0, "gamma": (0.6, 1.6),
                    "intensity_scale": 0.15, "noise_std": 0.03, "prob": 1.0}
 
@@ -98,6 +100,28 @@ class MixedEpisodeSampler(EpisodeSampler):
         return self.selfsup.draw(rng) if rng.random() < self.ratio else self.supervised.draw(rng)
 
 
+#: elastic deformation of the views: displacements up to 4% of the half-width, smooth over a 4x4 control grid.
+ELASTIC_ALPHA, ELASTIC_GRID = 0.04, 4
+
+
+def elastic_field(rng: np.random.RandomState, n: int, size: Sequence[int], alpha: float, grid: int) -> np.ndarray:
+    """Smooth random displacements (n, H, W, 2) in normalised coordinates: uniform draws in [-alpha, alpha] on
+    a ``grid`` x ``grid`` lattice, upsampled bicubically (zero when ``alpha`` is 0)."""
+    coarse = rng.uniform(-alpha, alpha, (n, 2, grid, grid)) if alpha > 0 else np.zeros((n, 2, grid, grid))
+    fine = torch.nn.functional.interpolate(torch.as_tensor(coarse, dtype=torch.float32), size=tuple(int(s) for s in size),
+                                           mode="bicubic", align_corners=True)
+    return fine.permute(0, 2, 3, 1).numpy()
+
+
+def warp(x: torch.Tensor, params: dict, mode: str = "bilinear") -> torch.Tensor:
+    """The geometric part of a view: ``params``' affine (`RandItemAugment.randomize`) plus its ``elastic``
+    displacement field, applied to ``x`` (N, C, H, W). The views draw no flips."""
+    theta = torch.as_tensor(params["theta"], dtype=x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = grid + torch.as_tensor(params["elastic"], dtype=x.dtype)
+    return torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
 def _plain(t) -> torch.Tensor:
     return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
 
@@ -114,11 +138,15 @@ class SuperpixelEpisodeDataset(torch.utils.data.Dataset):
         n_query: query views per episode.
         augment: settings of the views (`RandItemAugment` arguments; default `SELFSUP_AUGMENT`).
         supervised: a dataset for supervised specs, when the loader mixes both kinds.
+        elastic_alpha: largest elastic displacement, as a fraction of the slice's half-width (0: none).
+        elastic_grid: control points per side of the elastic displacement field.
     """
 
     def __init__(self, volumes, volume_ids: Sequence[str], sites: Sequence[str], n_shot: int, n_query: int,
-                 augment: dict | None = None, supervised=None) -> None:
+                 augment: dict | None = None, supervised=None, elastic_alpha: float = ELASTIC_ALPHA,
+                 elastic_grid: int = ELASTIC_GRID) -> None:
         self.volumes = volumes
+        self.elastic_alpha, self.elastic_grid = float(elastic_alpha), int(elastic_grid)
         self.volume_ids, self.sites = list(volume_ids), list(sites)
         self.n_shot, self.n_query = int(n_shot), int(n_query)
         self.augment = RandItemAugment(**{**SELFSUP_AUGMENT, **(augment or {})})
@@ -136,8 +164,9 @@ class SuperpixelEpisodeDataset(torch.utils.data.Dataset):
         n = self.n_shot + self.n_query
         self.augment.set_random_state(seed=spec.seed)
         params = self.augment.randomize((n, *image.shape))
-        images = RandItemAugment.intensity(RandItemAugment.geometric(image.expand(n, -1, -1, -1), params), params)
-        masks = RandItemAugment.geometric(mask.expand(n, -1, -1, -1), params, mode="nearest")
+        params["elastic"] = elastic_field(self.augment.R, n, image.shape[-2:], self.elastic_alpha, self.elastic_grid)
+        images = RandItemAugment.intensity(warp(image.expand(n, -1, -1, -1), params), params)
+        masks = warp(mask.expand(n, -1, -1, -1), params, mode="nearest")
         return images, masks, params
 
     def __getitem__(self, spec) -> Episode:

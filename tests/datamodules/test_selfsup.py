@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.classification import RandItemAugment
 from datamodules.segmentation import SegmentationDataModule
 from datamodules.selfsup import (
     MixedEpisodeSampler,
     SuperpixelEpisodeDataset,
     SuperpixelEpisodeSampler,
     SuperpixelEpisodeSpec,
+    warp,
 )
 from datamodules.superpixels import volume_superpixels
 from imaging_meta.episode import collate_episodes
@@ -90,12 +90,13 @@ def test_support_and_query_are_views_of_one_pseudo_label(volumes):
     _, masks, params = ds.views(spec)
     ep = ds[spec]
     original = (sp == target).float()[None, None].expand(3, -1, -1, -1)
-    warped = RandItemAugment.geometric(original, params, mode="nearest")[:, 0] > 0.5
+    warped = warp(original, params, mode="nearest")[:, 0] > 0.5
+    assert np.abs(params["elastic"]).max() > 0, "the views are elastically deformed too"
     assert torch.equal(torch.cat([ep.support_labels, ep.query_labels]).bool(), warped)
     assert not torch.equal(ep.support_labels[0], ep.query_labels[0]), "the views differ"
     # the same superpixel, not another one: the views overlap the warped target far more than any other id
     other = (sp > 0) & (sp != target)
-    assert (RandItemAugment.geometric(other.float()[None, None], {k: v[:1] for k, v in params.items()}, "nearest")[0, 0]
+    assert (warp(other.float()[None, None], {k: v[:1] for k, v in params.items()}, "nearest")[0, 0]
             > 0.5).logical_and(ep.support_labels[0].bool()).sum() == 0
 
 
