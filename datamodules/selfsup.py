@@ -4,8 +4,8 @@ An unlabelled slice becomes a 1-way task: one of its superpixels (`datamodules.s
 the cached preprocessing) is the "organ". The support and the query are independent random views of the
 same slice and the same superpixel mask: geometric (rotation, zoom, shift; the mask follows with
 nearest-neighbour, then a smooth elastic deformation) and intensity (gamma, scaling, noise; the image
-only). The network has to find, in
-one view, the region it was shown in the other, which is what few-shot segmentation asks of it later.
+only). The network has to find, in one view, the region it was shown in the other, which is what few-shot
+segmentation asks of it later.
 
 * `SuperpixelEpisodeSpec`: which volume, slice and superpixel, and the seed of the views. Indices only.
 * `SuperpixelEpisodeSampler`: draws specs from superpixel tables (volume -> slice -> superpixel ids); it never
