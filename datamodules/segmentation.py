@@ -427,11 +427,14 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
                       Superpixelsd(keys=("image",), **{k: v for k, v in settings.items()})])
         items = [{"image": self.index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
                  for c in self.selfsup_volume_cases]
-        if h.cache == "memory":
+        return self._cached(items, tf, f"superpixels-{_digest([self.preprocessing, settings])}")
+
+    def _cached(self, items: list[dict], tf, folder: str):
+        """``items`` through ``tf``, cached as configured: in memory, on disk under ``cache_dir/<root>/folder``, or not."""
+        if self.hparams.cache == "memory":
             return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
-        if h.cache == "disk":
-            folder = self.cache_dir / _digest(self.root) / f"superpixels-{_digest([self.preprocessing, settings])}"
-            return _warmed(PersistentDataset(items, tf, cache_dir=folder))
+        if self.hparams.cache == "disk":
+            return _warmed(PersistentDataset(items, tf, cache_dir=self.cache_dir / _digest(self.root) / folder))
         return Dataset(items, tf)
 
     def _feasible_organs(self, stage: str) -> list[str]:
@@ -468,13 +471,7 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         """The preprocessed labelled volumes, cached as configured."""
         h = self.hparams
         tf = volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles)
-        items = case_items(self.index, self.cases)
-        if h.cache == "memory":
-            return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
-        if h.cache == "disk":
-            folder = self.cache_dir / _digest(self.root) / f"volumes-{_digest(self.preprocessing)}"
-            return _warmed(PersistentDataset(items, tf, cache_dir=folder))
-        return Dataset(items, tf)
+        return self._cached(case_items(self.index, self.cases), tf, f"volumes-{_digest(self.preprocessing)}")
 
     def _fixed_episodes(self, stage: str) -> list[SegmentationEpisodeSpec]:
         """Fixed, seeded episodes for val/test; written to JSON (and read back from a given file)."""

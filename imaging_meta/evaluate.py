@@ -138,16 +138,20 @@ def _with_defaults(config: dict) -> dict:
     """``config`` with the class's default for every ``__init__`` argument it leaves out (what it will run with)."""
     import inspect
 
-    module, _, name = str(config["class_path"]).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"data class_path {config['class_path']!r} cannot be imported: {e}") from e
+    cls = _import_class(config["class_path"])
     args = dict(config.get("init_args") or {})
     for k, p in inspect.signature(cls.__init__).parameters.items():
         if k != "self" and k not in args and p.default is not inspect.Parameter.empty:
             args[k] = p.default
     return {"class_path": config["class_path"], "init_args": args}
+
+
+def _import_class(class_path: str) -> type:
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"data class_path {class_path!r} cannot be imported: {e}") from e
 
 
 def _norm(v):
@@ -156,11 +160,7 @@ def _norm(v):
 
 def build_datamodule(config: dict, overrides: dict):
     """Instantiate the datamodule (and a classification source given as a config dict)."""
-    module, _, name = str(config["class_path"]).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"data class_path {config['class_path']!r} cannot be imported: {e}") from e
+    cls = _import_class(config["class_path"])
     args = dict(config.get("init_args") or {})
     for k, v in overrides.items():
         if v is not None:
@@ -172,8 +172,7 @@ def _with_salt(source: dict, salt: str) -> dict:
     """A classification source config with ``salt`` set, when its class takes one."""
     import inspect
 
-    module, _, name = str(source["class_path"]).rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = _import_class(source["class_path"])
     args = dict(source.get("init_args") or {})
     if "salt" in inspect.signature(cls.__init__).parameters:
         args["salt"] = salt
