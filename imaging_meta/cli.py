@@ -202,12 +202,12 @@ def _run_tool(argv: Sequence[str]) -> int:
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
         return 0
     if args.command == "compare":
-        from imaging_meta.evaluation import _atomic_write, compare_runs
+        from datamodules.atomic import atomic_write_text
+        from imaging_meta.evaluation import compare_runs
 
         table = compare_runs(args.runs)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(Path(args.out), table)
+            atomic_write_text(args.out, table)
         sys.stdout.write(table)
         return 0
     if args.command == "results":
