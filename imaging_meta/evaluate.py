@@ -33,6 +33,9 @@ import torch
 import imaging_meta
 from imaging_meta.episode import Episode
 from imaging_meta.evaluation import (
+    COPY_MASK,
+    TRAINED,
+    UNTRAINED,
     PanelKeeper,
     classification_summary,
     segmentation_summary,
@@ -44,7 +47,6 @@ from imaging_meta.predict import CheckpointError, load_learner, resolve_device
 
 logger = logging.getLogger(__name__)
 
-TRAINED, UNTRAINED, COPY_MASK = "trained", "untrained encoder", "copy support mask"
 
 #: datamodule settings that define who is in the test set: evaluation may not change them.
 SPLIT_FIELDS = (

@@ -24,6 +24,15 @@ from scipy import stats
 from datamodules.atomic import atomic_write_text
 from imaging_meta.metrics import balanced_accuracy, calibration_bins, macro_auc, ovr_auc
 
+#: the methods every test episode scores: the learner, the learner at its initial weights, copying the support mask
+TRAINED, UNTRAINED, COPY_MASK = "trained", "untrained encoder", "copy support mask"
+
+
+def ordered_methods(methods) -> list[str]:
+    """The methods present in ``methods`` (names, or a dict keyed by them): ours first, others sorted."""
+    order = [TRAINED, UNTRAINED, COPY_MASK]
+    return [m for m in order if m in methods] + sorted(m for m in methods if m not in order)
+
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
     """Mean and half-width of its ``confidence`` interval (Student's t); NaN half-width for one value (one
@@ -79,27 +88,22 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _cell(s: dict | None) -> str:
-    if s is None:
-        return "—"
-    return f"{s['mean']:.3f} ± n/a" if math.isnan(s["ci95"]) else f"{s['mean']:.3f} ± {s['ci95']:.3f}"
-
-
-def to_markdown(summary: dict, methods: Sequence[str] | None = None, title: str = "Dice", groups: Sequence[str] = ("organ", "site")) -> str:
-    """A Markdown table: one row per group value, one column per method."""
+def to_markdown(summary: dict, methods: Sequence[str] | None = None, title: str = "Dice",
+                groups: Sequence[str] = ("organ", "site"), digits: int = 3) -> str:
+    """A Markdown table: one row per group value, one column per method (cells as `stat_cell`)."""
     methods = list(methods or summary)
     first = summary[methods[0]]
     header = f"| {title} (mean ± 95% CI) | " + " | ".join(_md(m) for m in methods) + " | episodes |"
     lines = [header, "|" + "---|" * (len(methods) + 2)]
-    lines.append("| **all** | " + " | ".join(_cell(summary[m]["all"]) for m in methods) + f" | {first['all']['n_episodes']} |")
+    lines.append("| **all** | " + " | ".join(stat_cell(summary[m]["all"], digits) for m in methods)
+                 + f" | {first['all']['n_episodes']} |")
     for g in groups:
         for name in first.get(g, {}):
-            cells = [_cell(summary[m].get(g, {}).get(name)) for m in methods]
+            cells = [stat_cell(summary[m].get(g, {}).get(name), digits) for m in methods]
             lines.append(f"| {g}: {_md(name)} | " + " | ".join(cells) + f" | {first[g][name]['n_episodes']} |")
     return "\n".join(lines) + "\n"
 
 
-_atomic_write = atomic_write_text
 
 
 def write_report(
@@ -116,7 +120,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "results.json", out / "results.md"
-    _atomic_write(js, json.dumps(json_safe({"context": context, "summary": summary}), indent=1, default=str, allow_nan=False))
+    atomic_write_text(js, json.dumps(json_safe({"context": context, "summary": summary}), indent=1, default=str, allow_nan=False))
     lines = [f"# Results: {context.get('title', 'test episodes')}", ""]
     for k in ("protocol", "n_way", "n_shot", "n_query", "test_organs", "test_classes", "episodes", "episodes_sha256",
               "checkpoint", "machine"):
@@ -126,7 +130,7 @@ def write_report(
         lines.append(f"- chance: {1 / int(context['n_way']):.3f}")
     title = {"dice": "Dice", "acc": "accuracy"}.get(context.get("metric", "dice"), str(context.get("metric")))
     lines += ["", to_markdown(summary, methods, title=title, groups=groups)]
-    _atomic_write(md, "\n".join(lines))
+    atomic_write_text(md, "\n".join(lines))
     return js, md
 
 
@@ -286,7 +290,7 @@ class PanelKeeper:
         return self.kept[:k], self.kept[::-1][:k]
 
 
-def _stat_cell(s: dict | None, digits: int = 3) -> str:
+def stat_cell(s: dict | None, digits: int = 3) -> str:
     """``mean ± half-width``; a bootstrap interval (ECE) as ``value [low, high]``; ``n/a`` without a spread."""
     if s is None or s.get("mean") is None or _isnan(s["mean"]):
         return "—"
@@ -312,25 +316,6 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
-
-
-def _metric_table(per_method: dict, title: str, groups: Sequence[str], digits: int = 3) -> str:
-    methods = list(per_method)
-    first = per_method[methods[0]]
-    lines = [f"| {title} (mean ± 95% CI) | " + " | ".join(_md(m) for m in methods) + " | episodes |",
-             "|" + "---|" * (len(methods) + 2),
-             "| **all** | " + " | ".join(_stat_cell(per_method[m]["all"], digits) for m in methods)
-             + f" | {first['all']['n_episodes']} |"]
-    for g in groups:
-        for name in first.get(g, {}):
-            cells = [_stat_cell(per_method[m].get(g, {}).get(name), digits) for m in methods]
-            lines.append(f"| {g}: {_md(name)} | " + " | ".join(cells) + f" | {first[g][name]['n_episodes']} |")
-    return "\n".join(lines) + "\n"
-
-
-def _ordered_methods(per_method: dict) -> list[str]:
-    order = ["trained", "untrained encoder", "copy support mask"]
-    return [m for m in order if m in per_method] + sorted(m for m in per_method if m not in order)
 
 
 def citation(context: dict, summary: dict) -> str:
@@ -365,7 +350,7 @@ def write_evaluation_report(out_dir: str | os.PathLike, context: dict, summary: 
     figures = plots.evaluation_figures(out, context, summary, metrics, groups, panels)
     js = out / "results.json"
     doc = json_safe({"context": context, "summary": summary, "figures": figures})
-    _atomic_write(js, json.dumps(doc, indent=1, sort_keys=True, allow_nan=False))
+    atomic_write_text(js, json.dumps(doc, indent=1, sort_keys=True, allow_nan=False))
     fields = ["method", "shot", "episode", "organ" if seg else "class", "site", "query_id"] + (
         ["dice", "hd95"] if seg else ["label", "correct", "confidence", "probs"])
     buf = io.StringIO()
@@ -380,7 +365,7 @@ def write_evaluation_report(out_dir: str | os.PathLike, context: dict, summary: 
             w.writerow([r["method"], r["shot"], r["episode"], r["classes"][r["label"]], r["site"], r["query_id"],
                         r["label"], int(int(p.argmax()) == r["label"]), f"{p.max():.6f}",
                         " ".join(f"{v:.6f}" for v in p)])
-    _atomic_write(out / "records.csv", buf.getvalue())
+    atomic_write_text(out / "records.csv", buf.getvalue())
     lines = [f"# Evaluation: {context['name']}", "",
              f"- task: {context['task']}; protocol: **{context['protocol']}**; learner: `{context['learner']}`",
              f"- checkpoint: {context['checkpoint']} (sha256 `{context['checkpoint_sha256']}`)",
@@ -407,21 +392,17 @@ def write_evaluation_report(out_dir: str | os.PathLike, context: dict, summary: 
         lines.append("")
         for m, title in metrics.items():
             per_method = summary[str(k)][m]
-            ordered = {x: per_method[x] for x in _ordered_methods(per_method)}
             arrow = " (lower is better)" if m in LOWER_IS_BETTER else ""
-            lines += [to_md_heading(title + arrow), "", _metric_table(ordered, title, groups if m != "ece" else ("site",),
-                                                                      digits=2 if m == "hd95" else 3), ""]
+            lines += [f"### {title}{arrow}", "", to_markdown(per_method, ordered_methods(per_method), title,
+                                                                    groups if m != "ece" else ("site",),
+                                                                    digits=2 if m == "hd95" else 3), ""]
     lines.append("## Figures")
     lines.append("")
     for name, f in figures.items():
         lines.append(f"- {name}: ![{name}]({f})")
     md = out / "results.md"
-    _atomic_write(md, "\n".join(lines) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n")
     return js, md
-
-
-def to_md_heading(text: str) -> str:
-    return f"### {text}"
 
 
 # ---------------------------------------------------------------- imaging-meta compare
@@ -447,7 +428,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
             if str(k) not in summ:
                 continue
             shas[(ctx["task"], ctx["protocol"], k)].add(ctx["episode_files"][str(k)]["sha256"])
-            cells = [f"{m}: {_stat_cell(summ[str(k)][m].get('trained', {}).get('all'), 2 if m == 'hd95' else 3)}"
+            cells = [f"{m}: {stat_cell(summ[str(k)][m].get('trained', {}).get('all'), 2 if m == 'hd95' else 3)}"
                      for m in metrics]
             rows.append(f"| {_md(ctx['name'])} | {ctx['protocol']} | {ctx['learner'].rsplit('.', 1)[-1]} | {k} | "
                         + "; ".join(cells) + f" | `{ctx['episode_files'][str(k)]['sha256'][:12]}` |")

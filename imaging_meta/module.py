@@ -22,13 +22,20 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import imaging_meta
 from imaging_meta.episode import Episode
-from imaging_meta.evaluation import summarize, to_markdown, write_report
+from imaging_meta.evaluation import (
+    COPY_MASK,
+    TRAINED,
+    UNTRAINED,
+    ordered_methods,
+    summarize,
+    to_markdown,
+    write_report,
+)
 from imaging_meta.learners.base import Learner
 from imaging_meta.metrics import dice_score
 
 logger = logging.getLogger(__name__)
 
-TRAINED, UNTRAINED, COPY_MASK = "trained", "untrained encoder", "copy support mask"
 METRIC_TITLES = {"dice": "Dice", "acc": "accuracy"}
 
 
@@ -258,7 +265,7 @@ class EpisodicModule(LightningModule):
             ckpt = getattr(self.trainer, "ckpt_path", None)
             if ckpt:
                 context["checkpoint"] = str(ckpt)
-            methods = [m for m in (TRAINED, UNTRAINED, COPY_MASK) if m in summary]
+            methods = ordered_methods(summary)
             self.report_paths = write_report(out_dir, summary, context, methods, groups=self.groups)
             logger.info("results written to %s\n%s", self.report_paths[1],
                         to_markdown(summary, methods, title=METRIC_TITLES[self.metric], groups=self.groups))

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-COLOURS = {"trained": "#1f77b4", "untrained encoder": "#9e9e9e", "copy support mask": "#ff7f0e"}
+from imaging_meta.evaluation import COPY_MASK, TRAINED, UNTRAINED, ordered_methods
+
+COLOURS = {TRAINED: "#1f77b4", UNTRAINED: "#9e9e9e", COPY_MASK: "#ff7f0e"}
 
 
 def _pyplot():
@@ -32,14 +34,9 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _methods(per_method: dict) -> list[str]:
-    order = ["trained", "untrained encoder", "copy support mask"]
-    return [m for m in order if m in per_method] + sorted(m for m in per_method if m not in order)
-
-
 def group_bars(per_method: dict, group: str, title: str, path: Path) -> str | None:
     """Horizontal bars per value of ``group``, one bar per method, with 95% CI error bars."""
-    methods = _methods(per_method)
+    methods = ordered_methods(per_method)
     names = list(per_method[methods[0]].get(group, {}))
     if not names:
         return None
@@ -66,7 +63,7 @@ def shots_curve(summary: dict, metric: str, title: str, path: Path) -> str:
     plt = _pyplot()
     shots = sorted(int(k) for k in summary)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for m in _methods(summary[str(shots[0])][metric]):
+    for m in ordered_methods(summary[str(shots[0])][metric]):
         s = [summary[str(k)][metric].get(m, {}).get("all") for k in shots]
         mean = [x["mean"] for x in s]
         if all(x.get("ci_low") is not None for x in s) and "ci_low" in s[0]:  # a bootstrap interval (ECE): asymmetric

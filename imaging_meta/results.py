@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from imaging_meta.evaluation import stat_cell
+
 logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -142,10 +144,6 @@ def _test_episodes(context: dict) -> tuple[str | None, str | None]:
     return path, sha
 
 
-def _cell(stat: dict | None) -> str:
-    return "—" if not stat else f"{stat['mean']:.3f} ± {stat['ci95']:.3f}"
-
-
 def combine(rows: list[dict]) -> str:
     """Markdown tables (classification accuracy per shot; segmentation Dice) from the runs' summaries.
 
@@ -189,11 +187,11 @@ def combine(rows: list[dict]) -> str:
                 mark = ""
                 if chance is not None and trained and trained["mean"] - trained["ci95"] <= chance + 1e-9:
                     mark = " (not above chance)"
-                cells += [_cell(trained) + mark, _cell(s.get("untrained encoder", {}).get("all"))]
+                cells += [stat_cell(trained) + mark, stat_cell(s.get("untrained encoder", {}).get("all"))]
                 copy = s.get("copy support mask", {}).get("all")
             line = f"| {name} | " + " | ".join(cells)
             if task == "segmentation":
-                line += f" | {_cell(copy)}"
+                line += f" | {stat_cell(copy)}"
             line += f" | {fit / 60:.1f} min |" if fit else " | — |"
             out.append(line)
         episodes = {r["n_shot"]: (*_test_episodes(r["context"]), r["summary"].get("trained", {}).get("all", {}).get("n_episodes"))
