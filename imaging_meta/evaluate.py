@@ -43,7 +43,7 @@ from imaging_meta.evaluation import (
 )
 from imaging_meta.learners.base import Learner, build_learner
 from imaging_meta.metrics import dice_score, hausdorff95_mm
-from imaging_meta.predict import CheckpointError, load_learner, resolve_device
+from imaging_meta.predict import CheckpointError, load_learner, read_checkpoint, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +302,8 @@ def evaluate(
     """
     path = Path(checkpoint)
     dev = resolve_device(device)
-    learner, extra = load_learner(path, dev)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
+    learner, extra = load_learner(path, dev, ckpt)
     trained_data = data_config_from_checkpoint(ckpt, path)
     config = trained_data
     label_free = bool(extra.get("label_free"))

@@ -35,20 +35,31 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (unreadable, or from a different kind of learner)."""
 
 
-def load_learner(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[Learner, dict]:
+def read_checkpoint(checkpoint: str | Path) -> dict:
+    """The content of a checkpoint file, read with ``weights_only=True``: no pickled code runs."""
+    path = Path(checkpoint)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as e:  # any unpickling failure: report the file and the cause
+        raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_learner(checkpoint: str | Path, device: str | torch.device = "cpu", ckpt: dict | None = None) -> tuple[Learner, dict]:
     """Rebuild the trained learner of an ``imaging-meta fit`` checkpoint, without executing pickled code.
+
+    Args:
+        checkpoint: the checkpoint file (named in errors).
+        device: where the learner goes.
+        ckpt: its content, when the caller has already read it with `read_checkpoint`.
 
     Returns:
         The learner (eval mode, on ``device``) and the checkpoint's ``imaging_meta`` section
         (``learner_config``, ``preprocessing``, ``task``).
     """
     path = Path(checkpoint)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file") from None
-    except Exception as e:  # any unpickling failure: report the file and the cause
-        raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     extra = ckpt.get("imaging_meta") if isinstance(ckpt, dict) else None
     if not extra or "learner_config" not in extra or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not an imaging-meta checkpoint (no learner config); use a checkpoint from `imaging-meta fit`")
