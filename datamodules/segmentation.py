@@ -54,6 +54,15 @@ def case_items(index: Index, cases: Sequence[Case]) -> list[dict]:
     return items
 
 
+def slices_showing(label: torch.Tensor, case: Case, organs: Sequence[str]) -> torch.Tensor:
+    """(D,) bool: the axial slices of ``label`` (H, W, D) where any of ``organs`` appears at all."""
+    shown = torch.zeros(label.shape[-1], dtype=torch.bool)
+    for o in organs:
+        if o in case.organs:
+            shown |= (label == case.organs[o]).flatten(0, 1).any(0)
+    return shown
+
+
 def build_slice_table(
     labels: Sequence[torch.Tensor],
     cases: Sequence[Case],
@@ -80,10 +89,7 @@ def build_slice_table(
     for lbl, ci in zip(labels, case_ids, strict=True):
         lbl = _plain(lbl)[0]
         case = cases[ci]
-        banned = torch.zeros(lbl.shape[-1], dtype=torch.bool)
-        for o in exclude_organs:
-            if o in case.organs:
-                banned |= (lbl == case.organs[o]).flatten(0, 1).any(0)
+        banned = slices_showing(lbl, case, exclude_organs)
         for o in organs:
             if o not in case.organs:
                 continue
@@ -381,13 +387,8 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         """Setting 2: case id -> slices of training scans that show a held-out organ (from their label maps)."""
         out: dict[str, set[int]] = {}
         for i in self.split.train:
-            lbl = _plain(self._volumes[i]["label"])[0]
-            case = self.cases[i]
-            banned = torch.zeros(lbl.shape[-1], dtype=torch.bool)
-            for o in self.split.excluded_organs:
-                if o in case.organs:
-                    banned |= (lbl == case.organs[o]).flatten(0, 1).any(0)
-            out[case.case_id] = set(torch.nonzero(banned).flatten().tolist())
+            banned = slices_showing(_plain(self._volumes[i]["label"])[0], self.cases[i], self.split.excluded_organs)
+            out[self.cases[i].case_id] = set(torch.nonzero(banned).flatten().tolist())
         return out
 
     def _setup_selfsup(self) -> None:
@@ -499,11 +500,13 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         return self.cache_dir / _digest(self.root) / f"{stage}_episodes-{key}.json"
 
     # ------------------------------------------------------------ dataloaders
+    def _episode_dataset(self, augment: bool) -> SegmentationEpisodeDataset:
+        aug = slice_augmentation(slice_size=self.hparams.slice_size) if augment else None
+        return SegmentationEpisodeDataset(self._volumes, self.cases, aug)
+
     def _loader(self, sampler, augment: bool) -> DataLoader:
         h = self.hparams
-        aug = slice_augmentation(slice_size=h.slice_size) if augment else None
-        dataset = SegmentationEpisodeDataset(self._volumes, self.cases, aug)
-        return episode_loader(dataset, sampler, h.batch_size, h.num_workers)
+        return episode_loader(self._episode_dataset(augment), sampler, h.batch_size, h.num_workers)
 
     def _fixed_loader(self, stage: str) -> DataLoader:
         if stage not in self._episodes:
@@ -518,11 +521,10 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
             return self._loader(self._samplers["train"], augment=h.augment)
         from datamodules.selfsup import SuperpixelEpisodeDataset
 
-        aug = slice_augmentation(slice_size=h.slice_size) if h.augment else None
         dataset = SuperpixelEpisodeDataset(
             self._selfsup_volumes, [c.case_id for c in self.selfsup_volume_cases],
             [c.site for c in self.selfsup_volume_cases], h.n_shot, h.n_query,
-            supervised=SegmentationEpisodeDataset(self._volumes, self.cases, aug) if h.selfsup_ratio < 1 else None,
+            supervised=self._episode_dataset(h.augment) if h.selfsup_ratio < 1 else None,
         )
         return episode_loader(dataset, self._samplers["train"], h.batch_size, h.num_workers)
 
