@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import logging
 import os
 import platform
@@ -360,12 +359,11 @@ def evaluate(
     for i, (k, dm) in enumerate(dms.items()):
         if task == "segmentation":
             spacing = [float(s) for s in dm.preprocessing["spacing"]]
-        src = Path(dm.episode_files["test"])
         target = out / f"episodes-{k}shot.json"
-        shutil.copyfile(src, target)
-        episode_files[str(k)] = {"file": target.name, "sha256": json.loads(target.read_text())["sha256"],
+        shutil.copyfile(dm.episode_files["test"], target)
+        info = dm.describe()  # it reads the episode file's sha256
+        episode_files[str(k)] = {"file": target.name, "sha256": info["episodes_sha256"]["test"],
                                  "n_episodes": len(dm._episodes["test"])}
-        info = dm.describe()
         describe[str(k)] = {key: v for key, v in info.items() if key not in ("episode_files", "episodes_sha256")}
         records += run_shot(learner, untrained, dm, task, k, dev, threshold, spacing,
                             panels if i == 0 else None, seed)
