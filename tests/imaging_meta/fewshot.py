@@ -9,6 +9,7 @@ the mask is the ellipse.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from imaging_meta.episode import Episode, collate_episodes
 
@@ -128,3 +129,30 @@ def short_fit(learner, make_episode, steps: int = 30, lr: float = 1e-3, seed: in
         loss.backward()
         opt.step()
     learner.eval()
+
+
+# tiny settings and a BatchNorm body shared by the MAML-family and Reptile tests
+TINY = {"width": 4, "depth": 2}
+TINY_UNET = {"out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}
+
+
+def tiny_maml(cls=None, **kw):
+    """A seeded 3-way MAML-family learner (``cls``: MAML, ANIL, MetaSGD...) on a tiny Conv-4, 2 inner steps."""
+    from imaging_meta.learners.maml import MAML
+
+    torch.manual_seed(0)
+    args = {"n_way": 3, "backbone_kwargs": TINY, "inner_steps": 2, "inner_lr": 0.3}
+    return (cls or MAML)(**{**args, **kw})
+
+
+class TrackingBody(nn.Module):
+    """A body whose BatchNorm keeps running statistics, as a user's backbone might: (N, 1, H, W) -> (N, 4)."""
+
+    out_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x)

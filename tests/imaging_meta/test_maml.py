@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from imaging_meta.learners import task_network
 from imaging_meta.learners.anil import ANIL
@@ -16,11 +15,19 @@ from imaging_meta.learners.inner_loop import functional_forward
 from imaging_meta.learners.maml import MAML
 from imaging_meta.learners.meta_sgd import MetaSGD
 from imaging_meta.learners.task_network import task_loss
-from tests.imaging_meta.fewshot import accuracy, classification_episode, dice, segmentation_episode, short_fit
+from tests.imaging_meta.fewshot import (
+    TINY,
+    TINY_UNET,
+    TrackingBody,
+    accuracy,
+    classification_episode,
+    dice,
+    segmentation_episode,
+    short_fit,
+)
+from tests.imaging_meta.fewshot import tiny_maml as tiny
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
-TINY = {"width": 4, "depth": 2}
-TINY_UNET = {"out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,12 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny(cls=MAML, **kw):
-    torch.manual_seed(0)
-    args = {"n_way": 3, "backbone_kwargs": TINY, "inner_steps": 2, "inner_lr": 0.3}
-    return cls(**{**args, **kw})
 
 
 def tiny_episode(seed=0, dtype=torch.float32):
@@ -136,19 +137,6 @@ def test_meta_sgd_rates_are_used_in_the_inner_step():
 
 
 # ------------------------------------------------------------------------------ safety in evaluation
-class TrackingBody(nn.Module):
-    """A body whose BatchNorm keeps running statistics, as a user's backbone might: (N, 1, H, W) -> (N, 4)."""
-
-    out_features = 4
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-    def forward(self, x):
-        return self.net(x)
-
-
 @pytest.mark.parametrize("cls", [MAML, ANIL, MetaSGD])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_inner_loops_never_mutate_batchnorm_running_statistics(cls, mode, monkeypatch):

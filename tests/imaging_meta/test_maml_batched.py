@@ -22,10 +22,15 @@ from imaging_meta.learners.inner_loop import (
 )
 from imaging_meta.learners.maml import MAML
 from imaging_meta.learners.meta_sgd import MetaSGD
-from tests.imaging_meta.fewshot import classification_episode, segmentation_episode
+from tests.imaging_meta.fewshot import (
+    TINY,
+    TINY_UNET,
+    TrackingBody,
+    classification_episode,
+    segmentation_episode,
+    tiny_maml,
+)
 
-TINY = {"width": 4, "depth": 2}
-TINY_UNET = {"out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}
 VARIANTS = [(MAML, {}), (MAML, {"first_order": True}), (ANIL, {}), (MetaSGD, {}), (MetaSGD, {"first_order": True})]
 IDS = ["maml", "fomaml", "anil", "metasgd", "fo-metasgd"]
 
@@ -39,9 +44,7 @@ def one_thread():
 
 
 def tiny(cls=MAML, **kw):
-    torch.manual_seed(0)
-    args = {"n_way": 3, "backbone_kwargs": TINY, "inner_steps": 2, "inner_lr": 0.3}
-    return cls(**{**args, **kw}).double()
+    return tiny_maml(cls, **kw).double()
 
 
 def episode64(tasks=3, seed=0):
@@ -142,19 +145,6 @@ def test_vmap_volumes_with_a_3d_conv4():
         query_images=torch.randn(2, 6, 1, 4, 8, 8, generator=g, dtype=torch.float64),
     )
     assert_same_gradients(loss_and_grads(loop, ep), loss_and_grads(batched, ep))
-
-
-class TrackingBody(nn.Module):
-    """A body whose BatchNorm keeps running statistics, as a user's backbone might: (N, 1, H, W) -> (N, 4)."""
-
-    out_features = 4
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-    def forward(self, x):
-        return self.net(x)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

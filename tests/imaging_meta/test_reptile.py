@@ -7,17 +7,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from imaging_meta.learners import task_network
 from imaging_meta.learners.base import build_learner
 from imaging_meta.learners.reptile import Reptile
 from imaging_meta.learners.task_network import task_loss
-from tests.imaging_meta.fewshot import accuracy, classification_episode, dice, segmentation_episode, short_fit
+from tests.imaging_meta.fewshot import (
+    TINY,
+    TINY_UNET,
+    TrackingBody,
+    accuracy,
+    classification_episode,
+    dice,
+    segmentation_episode,
+    short_fit,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
-TINY = {"width": 4, "depth": 2}
-TINY_UNET = {"out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,19 +93,6 @@ def test_predict_adapts_on_the_support_only():
     with torch.no_grad():
         expected = net(task.query_images).softmax(-1)
     assert learner.eval_inner_steps == 6 and torch.allclose(probs[0], expected, atol=1e-10)
-
-
-class TrackingBody(nn.Module):
-    """A body whose BatchNorm keeps running statistics, as a user's backbone might: (N, 1, H, W) -> (N, 4)."""
-
-    out_features = 4
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-    def forward(self, x):
-        return self.net(x)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
