@@ -29,6 +29,7 @@ import platform
 import re
 import resource
 import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -357,6 +358,23 @@ def run_isolated(fn: Callable[..., dict], kwargs: dict, opts: BenchOptions) -> d
     if status != "ok":
         raise CaseError(value)
     return value
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (the tables go to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def try_case(fn: Callable[..., dict], kwargs: dict, opts: BenchOptions, label: str, failures: list[str],
+             tag: str) -> dict | None:
+    """`run_isolated`, where a failing case is logged as ``[tag] label: FAILED ...``, added to ``failures``,
+    and gives None, so that one broken case never stops a benchmark run."""
+    try:
+        return run_isolated(fn, kwargs, opts)
+    except CaseError as e:
+        failures.append(f"{label}: {short_error(e)}")
+        log(f"[{tag}] {label}: FAILED {short_error(e)}")
+        return None
 
 
 def short_error(err: BaseException) -> str:

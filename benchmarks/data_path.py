@@ -21,7 +21,6 @@ benchmark holds no classes out for validation or test.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +29,14 @@ from benchmarks.common import (
     DATA_CONFIGS,
     MODEL_CONFIGS,
     BenchOptions,
-    CaseError,
     Section,
     build_from_config,
     load_yaml,
-    run_isolated,
-    short_error,
+    log,
     summarize,
     sync_for,
     time_calls,
+    try_case,
 )
 
 SEG_QUICK = {"spacing": [9.0, 9.0], "slice_size": [32, 32], "min_organ_pixels": 4, "val_fraction": 0.2,
@@ -185,10 +183,6 @@ def cls_assembly_case(data_dir: str, cache_dir: str, repeat: int, warmup: int, q
     return {"assembly_aug": aug, "assembly_plain": plain, "step": step, "shape": shape}
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run(opts: BenchOptions) -> list[Section]:
     """The throughput table and the assembly table."""
     data_dir = str(Path(opts.data_dir).resolve())
@@ -202,13 +196,9 @@ def run(opts: BenchOptions) -> list[Section]:
     asm_rows, asm_data, asm_fail = [], [], []
 
     def attempt(label: str, fn, kwargs: dict, fails: list[str]) -> dict | None:
-        try:
-            res = run_isolated(fn, kwargs, opts)
-        except CaseError as e:
-            fails.append(f"{label}: {short_error(e)}")
-            _log(f"[data] {label}: FAILED {short_error(e)}")
-            return None
-        _log(f"[data] {label}: done")
+        res = try_case(fn, kwargs, opts, label, fails, "data")
+        if res is not None:
+            log(f"[data] {label}: done")
         return res
 
     with tempfile.TemporaryDirectory(prefix="imaging-meta-bench-") as tmp:

@@ -15,14 +15,12 @@ memory against inner steps, tasks and image size, beside first-order MAML and AN
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import (
     BenchOptions,
-    CaseError,
     PeakMemory,
     Section,
     accepts,
@@ -30,14 +28,14 @@ from benchmarks.common import (
     classification_episode,
     learner_class,
     load_yaml,
+    log,
     memory_method,
     model_configs,
-    run_isolated,
     segmentation_episode,
-    short_error,
     summarize,
     sync_for,
     time_calls,
+    try_case,
 )
 
 CLS_SIZES = (84, 28)
@@ -119,18 +117,10 @@ def variants(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _run(kwargs: dict, opts: BenchOptions, label: str, failures: list[str]) -> dict | None:
-    try:
-        res = run_isolated(step_case, kwargs, opts)
-    except CaseError as e:
-        failures.append(f"{label}: {short_error(e)}")
-        _log(f"[steps] {label}: FAILED {short_error(e)}")
-        return None
-    _log(f"[steps] {label}: {res['median_ms']:.1f} ms, peak {res['peak_mib']:.1f} MiB")
+    res = try_case(step_case, kwargs, opts, label, failures, "steps")
+    if res is not None:
+        log(f"[steps] {label}: {res['median_ms']:.1f} ms, peak {res['peak_mib']:.1f} MiB")
     return res
 
 

@@ -46,6 +46,7 @@ from benchmarks.common import (
     short_error,
     summarize,
     sync_for,
+    try_case,
 )
 
 SIZES = (28, 84)
@@ -243,11 +244,9 @@ def run(opts: BenchOptions, inner_steps: int | None = None, inner_lr: float | No
     for size in sizes:
         common = {"size": size, "tasks": tasks, "n_query": n_query, "inner_steps": inner_steps, "inner_lr": inner_lr,
                   "backbone_kwargs": bk, "device": opts.device}
-        try:
-            res = run_isolated(compare_case, {**common, "rows": rows, "repeat": opts.repeat, "warmup": opts.warmup}, opts)
-        except CaseError as e:
-            failures.append(f"{size}x{size}: {short_error(e)}")
-            print(f"[higher] {size}x{size}: FAILED {short_error(e)}", file=sys.stderr, flush=True)
+        res = try_case(compare_case, {**common, "rows": rows, "repeat": opts.repeat, "warmup": opts.warmup}, opts,
+                       f"{size}x{size}", failures, "higher")
+        if res is None:
             continue
         settings = res
         mem = {}

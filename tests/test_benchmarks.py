@@ -73,3 +73,18 @@ def test_benchmarks_run_quick_writes_every_table(demo_root, tmp_path):
     assert configs <= rows
     assert all(not s["failures"] for s in result["sections"])
     assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
+
+
+def _boom():
+    raise RuntimeError("case broke")
+
+
+def test_try_case_records_a_failure_and_goes_on(capsys):
+    from benchmarks.common import BenchOptions, try_case
+
+    opts = BenchOptions(isolate=False)
+    failures = []
+    assert try_case(_boom, {}, opts, "tiny 8x8", failures, "steps") is None
+    assert failures == ["tiny 8x8: RuntimeError: case broke"]
+    assert "[steps] tiny 8x8: FAILED RuntimeError: case broke" in capsys.readouterr().err
+    assert try_case(dict, {"a": 1}, opts, "ok", failures, "steps") == {"a": 1} and len(failures) == 1
