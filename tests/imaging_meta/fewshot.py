@@ -8,6 +8,7 @@ the mask is the ellipse.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -156,3 +157,13 @@ class TrackingBody(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets: one intra-op thread is faster than two and keeps a module's CPU time low. Import it into a
+    test module to make it apply there (it restores the thread count afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

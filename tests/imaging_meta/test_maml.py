@@ -22,21 +22,13 @@ from tests.imaging_meta.fewshot import (
     accuracy,
     classification_episode,
     dice,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread in this module)
     segmentation_episode,
     short_fit,
 )
 from tests.imaging_meta.fewshot import tiny_maml as tiny
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny: one intra-op thread is faster than two and keeps the file's CPU time low."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_episode(seed=0, dtype=torch.float32):

@@ -27,20 +27,13 @@ from tests.imaging_meta.fewshot import (
     TINY_UNET,
     TrackingBody,
     classification_episode,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread in this module)
     segmentation_episode,
     tiny_maml,
 )
 
 VARIANTS = [(MAML, {}), (MAML, {"first_order": True}), (ANIL, {}), (MetaSGD, {}), (MetaSGD, {"first_order": True})]
 IDS = ["maml", "fomaml", "anil", "metasgd", "fo-metasgd"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(cls=MAML, **kw):
