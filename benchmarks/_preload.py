@@ -8,10 +8,10 @@ import pkgutil
 
 import imaging_meta.learners
 
-for _mod in pkgutil.iter_modules(imaging_meta.learners.__path__, "imaging_meta.learners."):
+for _mod in pkgutil.walk_packages(imaging_meta.learners.__path__, "imaging_meta.learners."):
     importlib.import_module(_mod.name)
 
-for _name in ("datamodules.segmentation", "datamodules.classification", "datamodules.lesion_csv", "datamodules.scan",
+for _name in ("datamodules.segmentation", "datamodules.classification", "datamodules.sources.lesion_csv", "datamodules.indexing.scan",
               "higher"):
     try:
         importlib.import_module(_name)

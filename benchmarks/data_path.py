@@ -59,7 +59,7 @@ def _cls_module(data_dir: str, cache_dir: str | None, episodes: int, quick: bool
     from datamodules.classification import ClassificationDataModule
 
     init = dict(load_yaml(DATA_CONFIGS / "demo_classification.yaml")["data"]["init_args"])
-    init["source"] = {"class_path": "datamodules.lesion_csv.LesionCSV",
+    init["source"] = {"class_path": "datamodules.sources.lesion_csv.LesionCSV",
                       "init_args": {"csv": str(Path(data_dir) / "lesions.csv")}}
     init.update(cache_dir=cache_dir, num_workers=0, episodes_per_epoch=episodes, val_episodes=0, test_episodes=0,
                 val_classes_count=0, test_classes_count=0)
@@ -70,7 +70,7 @@ def _cls_module(data_dir: str, cache_dir: str | None, episodes: int, quick: bool
 
 def scan_case(data_dir: str, index_path: str) -> dict:
     """Seconds to scan the cohort into an index (DICOM headers, NIfTI, sidecars)."""
-    from datamodules.scan import scan_to_file
+    from datamodules.indexing.scan import scan_to_file
 
     t0 = time.perf_counter()
     index = scan_to_file(str(Path(data_dir).resolve()), index_path)

@@ -9,7 +9,7 @@ optimizer, on random episodes of fixed shapes:
 * segmentation (every ``*_seg`` config): 1-shot, 2 queries, a meta-batch of 4 tasks, 128x128.
 
 MAML's optional ``task_batching="vmap"`` and ``checkpoint_inner=True`` get rows of their own when the
-installed `imaging_meta.learners.maml.MAML` takes them. The scaling tables hold second-order MAML's peak
+installed `imaging_meta.learners.gradient.maml.MAML` takes them. The scaling tables hold second-order MAML's peak
 memory against inner steps, tasks and image size, beside first-order MAML and ANIL.
 """
 
@@ -188,7 +188,7 @@ def learner_tables(opts: BenchOptions) -> list[Section]:
 
 def scaling_variants() -> list[tuple[str, str, dict]]:
     """``(label, config stem, overrides)`` of the MAML memory-scaling tables."""
-    from imaging_meta.learners.maml import MAML
+    from imaging_meta.learners.gradient.maml import MAML
 
     out = [("MAML, 2nd order", "maml_cls", {"first_order": False})]
     if accepts(MAML, "checkpoint_inner"):

@@ -2,7 +2,8 @@
 
 Both sides differentiate through the same work: the same `TaskNetwork` (the ``maml_cls`` config's Conv-4,
 5-way head; one instance, so the same weights), the same random tasks, the same number of inner SGD steps at
-the same inner learning rate, the same support and query losses (`task_loss`), the same threads.
+the same inner learning rate, the same support and query losses (`imaging_meta.tasks.CLASSIFICATION.loss`),
+the same threads.
 
 * ours: ``MAML.loss(episode).backward()`` (the mean query loss over the tasks; one backward);
 * higher, as its MAML example does it: for each task ``higher.innerloop_ctx(net, SGD(lr=inner_lr),
@@ -69,7 +70,7 @@ def _require_higher():
 
 def available_rows() -> list[str]:
     """The rows this installation can run (the optional features of MAML are detected)."""
-    from imaging_meta.learners.maml import MAML
+    from imaging_meta.learners.gradient.maml import MAML
 
     rows = [OURS, HIGHER, HIGHER_BATCHED]
     if accepts(MAML, "task_batching"):
@@ -101,7 +102,7 @@ def _setup(size: int, tasks: int, n_query: int, inner_steps: int | None, inner_l
 def _steps(rows: list[str], learner, episode, over: dict, device: str) -> dict[str, tuple[Callable[[], None], list]]:
     """``row -> (one meta-gradient computation, the parameters it fills .grad of)``; every row uses the same net
     (the vmap / checkpoint rows: a learner of their own holding a copy of the same weights)."""
-    from imaging_meta.learners.task_network import task_loss
+    from imaging_meta.tasks import CLASSIFICATION
 
     net = learner.net
     steps = learner.inner_steps
@@ -125,8 +126,8 @@ def _steps(rows: list[str], learner, episode, over: dict, device: str) -> dict[s
             for t in range(T):
                 with higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False) as (fnet, diffopt):
                     for _ in range(steps):
-                        diffopt.step(task_loss("classification", fnet(episode.support_images[t]), episode.support_labels[t]))
-                    q = task_loss("classification", fnet(episode.query_images[t]), episode.query_labels[t]) / T
+                        diffopt.step(CLASSIFICATION.loss(fnet(episode.support_images[t]), episode.support_labels[t]))
+                    q = CLASSIFICATION.loss(fnet(episode.query_images[t]), episode.query_labels[t]) / T
                     if per_task:
                         q.backward()
                     else:

@@ -10,9 +10,8 @@ is tested on the very same episodes) and read back on later runs.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,171 +19,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
-from monai.config import KeysCollection
-from monai.transforms import MapTransform, RandomizableTransform
 from torch.utils.data import DataLoader
 
-from datamodules.items import ItemSource, ItemTable
-from datamodules.loading import ResumableEpisodes, episode_loader
-from datamodules.samplers import (
+from datamodules.base import STAGE_SEED_OFFSET, STAGES, EpisodicDataModule, digest
+from datamodules.sampling.episode_files import load_episodes, save_episodes
+from datamodules.sampling.loading import episode_loader
+from datamodules.sampling.samplers_classification import (
     ClassificationEpisodeSampler,
     ClassificationEpisodeSpec,
     classification_infeasible,
-    dist_rank_world,
-    load_episodes,
-    save_episodes,
 )
+from datamodules.sources.items import ItemSource, ItemTable
+from datamodules.transforms.augment import RandItemAugment, classification_augmentation
 from imaging_meta.episode import Episode
 
+logger = logging.getLogger(__name__)
+
 PROTOCOLS = ("standard", "within_site", "cross_site")
-STAGES = ("train", "val", "test")
-
-
-def _rotation(angles: np.ndarray) -> np.ndarray:
-    """(n, 2, 2) rotations from (n, 1) angles, or (n, 3, 3) from (n, 3) angles about z, y, x."""
-    if angles.shape[1] == 1:
-        c, s = np.cos(angles[:, 0]), np.sin(angles[:, 0])
-        return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
-    out = np.broadcast_to(np.eye(3), (len(angles), 3, 3)).copy()
-    for axis, (i, j) in enumerate(((0, 1), (0, 2), (1, 2))):
-        c, s = np.cos(angles[:, axis]), np.sin(angles[:, axis])
-        r = np.broadcast_to(np.eye(3), (len(angles), 3, 3)).copy()
-        r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s, s, c
-        out = out @ r
-    return out
-
-
-class RandItemAugment(RandomizableTransform):
-    """Seeded random augmentation of a stack of items (N, C, *spatial) in [0, 1], each item its own draw:
-    a small affine (rotation, zoom, shift; bilinear, zero padding), flips, gamma, intensity scaling, noise.
-
-    One vectorised call per stack: MONAI's per-item ``RandAffine`` costs ~30 ms per 32x32 item on a CPU
-    core (about a second per 30-item episode), this costs a few milliseconds per episode. It is a MONAI
-    ``RandomizableTransform``: ``set_random_state(seed)`` makes the sequence of draws deterministic.
-    `RandItemAugmentd` is its dictionary twin.
-
-    Args:
-        rotate_degrees: largest rotation (about every axis in 3D).
-        scale: largest relative zoom in or out.
-        translate: largest shift as a fraction of the size.
-        flip_prob: probability of a flip along each spatial axis.
-        gamma: contrast (gamma) range, ``x ** gamma``.
-        intensity_scale: largest relative intensity scaling.
-        noise_std: standard deviation of the additive Gaussian noise.
-        prob: probability of each of the affine, gamma, scaling and noise components (per item).
-    """
-
-    def __init__(
-        self,
-        rotate_degrees: float = 10.0,
-        scale: float = 0.1,
-        translate: float = 0.06,
-        flip_prob: float = 0.5,
-        gamma: Sequence[float] = (0.8, 1.25),
-        intensity_scale: float = 0.1,
-        noise_std: float = 0.02,
-        prob: float = 0.8,
-    ) -> None:
-        RandomizableTransform.__init__(self, prob=1.0)
-        if not (0 <= prob <= 1 and 0 <= flip_prob <= 1):
-            raise ValueError(f"prob and flip_prob must lie in [0, 1], got {prob}, {flip_prob}")
-        if len(gamma) != 2 or not 0 < gamma[0] <= gamma[1]:
-            raise ValueError(f"gamma must be (low, high) with 0 < low <= high, got {tuple(gamma)}")
-        self.rad = float(np.deg2rad(rotate_degrees))
-        self.scale, self.translate, self.flip_prob = float(scale), float(translate), float(flip_prob)
-        self.gamma = (float(gamma[0]), float(gamma[1]))
-        self.intensity_scale, self.noise_std, self.item_prob = float(intensity_scale), float(noise_std), float(prob)
-
-    def randomize(self, shape: Sequence[int]) -> dict[str, np.ndarray]:  # type: ignore[override]
-        """Parameters for ``shape`` = (N, C, *spatial): per item affine matrices, flips and intensity draws."""
-        n, _, *spatial = shape
-        d = len(spatial)
-        if d not in (2, 3):
-            raise ValueError(f"RandItemAugment takes (N, C, H, W) or (N, C, D, H, W) items, got shape {tuple(shape)}")
-        r = self.R
-        on = r.rand(n) < self.item_prob
-        rot = _rotation(r.uniform(-self.rad, self.rad, (n, 1 if d == 2 else 3)))
-        zoom = 1.0 + r.uniform(-self.scale, self.scale, (n, d))
-        shift = 2.0 * r.uniform(-self.translate, self.translate, (n, d))  # normalised coordinates span 2
-        theta = np.concatenate([rot / zoom[:, None, :], shift[:, :, None]], axis=2)
-        theta[~on] = np.concatenate([np.eye(d), np.zeros((d, 1))], axis=1)
-        flips = r.rand(n, d) < self.flip_prob
-        gamma = np.where(r.rand(n) < self.item_prob, r.uniform(*self.gamma, n), 1.0)
-        factor = np.where(r.rand(n) < self.item_prob, 1.0 + r.uniform(-self.intensity_scale, self.intensity_scale, n), 1.0)
-        noise_on = r.rand(n) < self.item_prob
-        noise = r.standard_normal((n, *shape[1:])) * self.noise_std * noise_on.reshape(-1, *([1] * (len(shape) - 1)))
-        return {"theta": theta, "flips": flips, "gamma": gamma, "factor": factor, "noise": noise}
-
-    @staticmethod
-    def geometric(x: torch.Tensor, p: dict[str, np.ndarray], mode: str = "bilinear") -> torch.Tensor:
-        """The affine and the flips of ``p`` applied to ``x`` (N, C, *spatial)."""
-        theta = torch.as_tensor(p["theta"], dtype=x.dtype)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
-        flips = torch.as_tensor(p["flips"])
-        for axis in range(flips.shape[1]):
-            sel = flips[:, axis].reshape(-1, *([1] * (x.ndim - 1)))
-            x = torch.where(sel, x.flip(2 + axis), x)
-        return x
-
-    @staticmethod
-    def intensity(x: torch.Tensor, p: dict[str, np.ndarray]) -> torch.Tensor:
-        """Gamma, scaling and noise of ``p`` applied to ``x`` (N, C, *spatial) in [0, 1]; clipped to [0, 1]."""
-        view = (-1, *([1] * (x.ndim - 1)))
-        x = x.clamp(0.0, 1.0) ** torch.as_tensor(p["gamma"], dtype=x.dtype).reshape(view)
-        x = x * torch.as_tensor(p["factor"], dtype=x.dtype).reshape(view) + torch.as_tensor(p["noise"], dtype=x.dtype)
-        return x.clamp(0.0, 1.0)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """(N, C, *spatial) -> augmented (N, C, *spatial) float32, a new draw per item."""
-        x = torch.as_tensor(x, dtype=torch.float32)
-        p = self.randomize(x.shape)
-        return self.intensity(self.geometric(x, p), p)
-
-
-class RandItemAugmentd(MapTransform, RandomizableTransform):
-    """Dictionary twin of `RandItemAugment`: one draw per call, applied to every key alike (``mode`` per key,
-    e.g. "nearest" for masks); the intensity part only to ``intensity_keys`` (default: the first key)."""
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        mode: str | Sequence[str] = "bilinear",
-        intensity_keys: KeysCollection | None = None,
-        allow_missing_keys: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob=1.0)
-        self.aug = RandItemAugment(**kwargs)
-        self.modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
-        self.intensity_keys = set([self.keys[0]] if intensity_keys is None else
-                                  ([intensity_keys] if isinstance(intensity_keys, str) else intensity_keys))
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandItemAugmentd:
-        super().set_random_state(seed, state)
-        self.aug.set_random_state(seed, state)
-        return self
-
-    def __call__(self, data):  # type: ignore[override]
-        d = dict(data)
-        first = next(iter(self.key_iterator(d)), None)
-        if first is None:
-            return d
-        p = self.aug.randomize(torch.as_tensor(d[first]).shape)
-        for key, mode in zip(self.keys, self.modes, strict=True):
-            if key not in d:
-                continue
-            x = self.aug.geometric(torch.as_tensor(d[key], dtype=torch.float32), p, mode)
-            d[key] = self.aug.intensity(x, p) if key in self.intensity_keys else x
-        return d
-
-
-def classification_augmentation(**kwargs: Any) -> RandItemAugment:
-    """The training augmentation of classification items (see `RandItemAugment` for the settings)."""
-    return RandItemAugment(**kwargs)
 
 
 class ClassificationEpisodeDataset(torch.utils.data.Dataset):
@@ -241,10 +92,6 @@ class ClassificationEpisodeDataset(torch.utils.data.Dataset):
         )
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _as_source(source: ItemSource | dict) -> ItemSource:
     """An `ItemSource`, or one built from ``{"class_path": ..., "init_args": {...}}`` (a config or checkpoint)."""
     if isinstance(source, ItemSource):
@@ -260,7 +107,7 @@ def _as_source(source: ItemSource | dict) -> ItemSource:
         return cls(**(source.get("init_args") or {}))
     raise ValueError(
         f"source must be an ItemSource or {{class_path, init_args}}, got {type(source).__name__}; e.g. "
-        "source: {class_path: datamodules.image_folder.ImageFolder, init_args: {root: /path/to/classes}}"
+        "source: {class_path: datamodules.sources.image_folder.ImageFolder, init_args: {root: /path/to/classes}}"
     )
 
 
@@ -311,13 +158,13 @@ def split_classes(
     return {k: out[k] for k in STAGES}
 
 
-class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
-    """N-way K-shot classification episodes from any `ItemSource`.
+class ClassificationDataModule(EpisodicDataModule):
+    """N-way K-shot classification episodes from any `ItemSource` (an `EpisodicDataModule`).
 
     Args:
         source: the input format and its settings (``class_path``/``init_args`` in YAML):
-            `datamodules.image_folder.ImageFolder`, `datamodules.lesion_csv.LesionCSV`,
-            `datamodules.medmnist.MedMNIST`.
+            `datamodules.sources.image_folder.ImageFolder`, `datamodules.sources.lesion_csv.LesionCSV`,
+            `datamodules.sources.medmnist.MedMNIST`.
         cache_dir: folder for the item table cache and the fixed episode files (None: no files are written).
         n_way: classes per episode.
         n_shot: support items per class.
@@ -343,6 +190,9 @@ class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
     Classes of a stage that cannot fill an episode (too few items or patients) are dropped with a warning
     that names them and their counts; fewer than ``n_way`` usable classes in a stage is an error.
     """
+
+    task = "classification"
+    no_episodes_hint = "the class split has no {stage} classes"
 
     def __init__(
         self,
@@ -380,13 +230,15 @@ class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
         self.table: ItemTable | None = None
         self.class_split: dict[str, list[str]] = {}
         self.dropped: dict[str, dict[str, str]] = {}
-        self.episode_files: dict[str, Path] = {}
-        self._samplers: dict[str, ClassificationEpisodeSampler] = {}
-        self._episodes: dict[str, list[ClassificationEpisodeSpec]] = {}
 
     # --------------------------------------------------------------- settings
     @property
+    def n_way(self) -> int:
+        return int(self.hparams.n_way)
+
+    @property
     def chance(self) -> float:
+        """Accuracy of guessing: 1 / n_way."""
         return 1.0 / self.hparams.n_way
 
     @property
@@ -431,12 +283,10 @@ class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
                 n_episodes=n,
                 cross_site=h.protocol == "cross_site",
                 same_site=h.protocol == "within_site",
-                seed=h.seed + {"train": 0, "val": 1, "test": 2}[stage_name],
+                seed=h.seed + STAGE_SEED_OFFSET[stage_name],
                 class_names=self.table.classes,
             )
-        for stage_name in ("val", "test"):
-            if stage_name in self._samplers:
-                self._episodes[stage_name] = self._fixed_episodes(stage_name)
+        self._fix_episodes()
 
     def _feasible(self, stage: str, names: Sequence[str]) -> list[int]:
         """The stage's class indices that can fill an episode; the others are dropped with a warning."""
@@ -470,8 +320,8 @@ class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
             return None
         h = self.hparams
         t = self.table
-        key = _digest([t.item_ids, t.labels.tolist(), t.classes, self.class_split[stage],
-                       h.val_episodes if stage == "val" else h.test_episodes])
+        key = digest([t.item_ids, t.labels.tolist(), t.classes, self.class_split[stage],
+                      h.val_episodes if stage == "val" else h.test_episodes])
         name = f"{stage}-{h.n_way}way-{h.n_shot}shot-{h.n_query}query-seed{h.seed}-{h.protocol}-{key}.json"
         return self.cache_dir / "episodes" / name
 
@@ -518,38 +368,24 @@ class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
         dataset = ClassificationEpisodeDataset(self.table, aug)
         return episode_loader(dataset, sampler, h.batch_size, h.num_workers)
 
-    def _fixed_loader(self, stage: str) -> DataLoader:
-        if stage not in self._episodes:
-            raise ValueError(f"no {stage} episodes: the class split has no {stage} classes or {stage}_episodes is 0")
-        rank, world = dist_rank_world()
-        return self._loader(self._episodes[stage][rank::world], augment=False)
-
     def train_dataloader(self) -> DataLoader:
         if "train" not in self._samplers:
             raise ValueError("no training episodes: the class split has no training classes or episodes_per_epoch is 0")
         self._apply_resume()
         return self._loader(self._samplers["train"], augment=self.hparams.augment)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._fixed_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._fixed_loader("test")
-
     # -------------------------------------------------------------- reporting
-    def split_digest(self) -> str:
-        """A digest of the meta-train, meta-val and meta-test classes and the protocol (see
-        `SegmentationDataModule.split_digest`)."""
-        return _digest({"classes": {k: sorted(v) for k, v in self.class_split.items()}, "protocol": self.hparams.protocol})
+    def _split_identity(self) -> dict[str, Any]:
+        """The meta-train, meta-val and meta-test classes and the protocol."""
+        return {"classes": {k: sorted(v) for k, v in self.class_split.items()}, "protocol": self.hparams.protocol}
 
-    def describe(self) -> dict[str, Any]:
-        """The data behind a result, for logs and reports (pseudonymous ids only)."""
+    def _describe(self) -> dict[str, Any]:
         h = self.hparams
         t = self.table
         counts = t.class_counts()
         used = {s: ([t.classes[c] for c in self._samplers[s].classes] if s in self._samplers else []) for s in STAGES}
         return {
-            "task": "classification",
+            "task": self.task,
             "format": t.source.get("format", type(self.source).__name__),
             # file names of skipped inputs stay out of reports (they may carry patient names): only their count
             "source": {k: v for k, v in t.source.items() if k != "rejected"} | {"rejected": len(t.source.get("rejected", []))},
@@ -564,6 +400,14 @@ class ClassificationDataModule(ResumableEpisodes, LightningDataModule):
             "dropped_classes": self.dropped,
             "sites": {s: sorted({t.sites[i] for i in np.flatnonzero(np.isin(t.labels, self._samplers[s].classes))})
                       for s in STAGES if s in self._samplers},
-            "episode_files": {k: str(v) for k, v in self.episode_files.items()},
-            "episodes_sha256": {k: json.loads(Path(v).read_text())["sha256"] for k, v in self.episode_files.items()},
         }
+
+    def _init_args(self) -> dict[str, Any]:
+        """The hyperparameters and the source's own ``{class_path, init_args}``; a source that cannot describe
+        itself is left out with a warning (``evaluate`` then asks for ``--data-config``)."""
+        args = super()._init_args()
+        try:
+            args["source"] = self.source.config()
+        except ValueError as e:  # a user's source that does not keep its arguments
+            logger.warning("the checkpoint will not record the data source (%s)", e)
+        return args

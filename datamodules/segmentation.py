@@ -8,40 +8,31 @@ from, and serves batches of `Episode`s (leading task dimension).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from torch.utils.data import DataLoader
 
-from datamodules.index import Case, Index
-from datamodules.loading import ResumableEpisodes, episode_loader
-from datamodules.samplers import (
+from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
+from datamodules.indexing.index import Case, Index
+from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
+from datamodules.indexing.splits import PROTOCOLS, Split, make_split
+from datamodules.sampling.episode_files import load_episodes, save_episodes
+from datamodules.sampling.loading import episode_loader
+from datamodules.sampling.samplers_segmentation import (
     SegmentationEpisodeSampler,
     SegmentationEpisodeSpec,
     SliceTable,
-    dist_rank_world,
-    load_episodes,
-    save_episodes,
 )
-from datamodules.scan import DEFAULT_SITE_FIELDS, scan_to_file
-from datamodules.splits import PROTOCOLS, Split, make_split
-from datamodules.transforms import slice_augmentation, volume_transforms
+from datamodules.transforms.volume import as_plain_tensor, slice_augmentation, volume_transforms
 from imaging_meta.episode import Episode
 
 logger = logging.getLogger(__name__)
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor (MONAI MetaTensor metadata dropped) so that episodes stay light."""
-    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-
 
 def case_items(index: Index, cases: Sequence[Case]) -> list[dict]:
     """MONAI data dicts (absolute paths, modality) for the given cases."""
@@ -87,7 +78,7 @@ def build_slice_table(
     """
     table: dict[str, dict[int, list[int]]] = {o: {} for o in organs}
     for lbl, ci in zip(labels, case_ids, strict=True):
-        lbl = _plain(lbl)[0]
+        lbl = as_plain_tensor(lbl)[0]
         case = cases[ci]
         banned = slices_showing(lbl, case, exclude_organs)
         for o in organs:
@@ -120,12 +111,12 @@ class SegmentationEpisodeDataset(torch.utils.data.Dataset):
     def _slice(self, case_idx: int, z: int, organ: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         vol = self.volumes[case_idx]
         value = self.cases[case_idx].organs[organ]
-        image = _plain(vol["image"])[..., z].float()  # (1, H, W)
-        mask = (_plain(vol["label"])[..., z] == value).float()  # (1, H, W)
+        image = as_plain_tensor(vol["image"])[..., z].float()  # (1, H, W)
+        mask = (as_plain_tensor(vol["label"])[..., z] == value).float()  # (1, H, W)
         if self.augment is not None:
             self.augment.set_random_state(seed=seed)
             out = self.augment({"image": image, "label": mask})
-            image, mask = _plain(out["image"]).float(), (_plain(out["label"]) > 0.5).float()
+            image, mask = as_plain_tensor(out["image"]).float(), (as_plain_tensor(out["label"]) > 0.5).float()
         return image, mask[0]
 
     def __getitem__(self, spec: SegmentationEpisodeSpec) -> Episode:
@@ -150,10 +141,6 @@ class SegmentationEpisodeDataset(torch.utils.data.Dataset):
         )
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _warmed(dataset: PersistentDataset) -> PersistentDataset:
     """Under DDP, rank 0 writes every missing cache file before any rank reads one.
 
@@ -171,8 +158,9 @@ def _warmed(dataset: PersistentDataset) -> PersistentDataset:
     return dataset
 
 
-class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
-    """1-way K-shot segmentation episodes from a folder of DICOM series / NIfTI volumes with label maps.
+class SegmentationDataModule(EpisodicDataModule):
+    """1-way K-shot segmentation episodes from a folder of DICOM series / NIfTI volumes with label maps (an
+    `EpisodicDataModule`).
 
     Args:
         root: folder to scan (DICOM series, NIfTI, label maps, BIDS sidecars, Decathlon dataset.json).
@@ -180,7 +168,7 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
             once and reused; set ``rescan`` to rebuild it.
         cache_dir: folder for the index, the preprocessed-volume cache and the fixed episode files.
         rescan: rebuild the index even when it exists.
-        protocol: "in_domain", "cross_organ" or "cross_site" (see `datamodules.splits`).
+        protocol: "in_domain", "cross_organ" or "cross_site" (see `datamodules.indexing.splits`).
         test_organs: cross_organ: held-out structures.
         val_organs: cross_organ: structures for validation episodes (default: the test organs, on validation patients).
         test_sites: cross_site: held-out sites (site keys or substrings).
@@ -214,9 +202,11 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
             Any scan of a training patient serves, labelled or not; scans of validation and test patients,
             and of held-out sites, never do. Under setting 2, training slices that show a test organ are
             removed (where a label map says so; unlabelled scans cannot be screened).
-        superpixels: settings of the superpixels (`datamodules.superpixels.DEFAULT_SETTINGS`: ``scale``,
+        superpixels: settings of the superpixels (`datamodules.transforms.superpixels.DEFAULT_SETTINGS`: ``scale``,
             ``sigma``, ``min_size``, ``threshold``, ``min_pixels``, ``max_fraction``).
     """
+
+    task = "segmentation"
 
     def __init__(
         self,
@@ -265,16 +255,20 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         self.save_hyperparameters(ignore=["salt"])
         self.root = str(Path(root).expanduser().resolve())
         self.cache_dir = Path(cache_dir).expanduser()
-        self.index_path = Path(index_path) if index_path else self.cache_dir / _digest(self.root) / "index.json"
+        self.index_path = Path(index_path) if index_path else self.cache_dir / digest(self.root) / "index.json"
         self.salt = salt
         self.index: Index | None = None
         self.cases: list[Case] = []
         self.split: Split | None = None
         self._volumes = None
         self._tables: dict[str, SliceTable] = {}
-        self._episodes: dict[str, list[SegmentationEpisodeSpec]] = {}
 
     # --------------------------------------------------------------- settings
+    @property
+    def label_free(self) -> bool:
+        """Self-supervised training on scans without any label map: no split for ``evaluate`` to protect."""
+        return self.cases == [] and self.hparams.selfsup_ratio == 1.0
+
     @property
     def preprocessing(self) -> dict:
         """The deterministic preprocessing settings (stored in checkpoints; `segment` reuses them)."""
@@ -368,11 +362,9 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
                 n_query=h.n_query,
                 n_episodes=n,
                 n_parts=h.n_parts,
-                seed=h.seed + {"train": 0, "val": 1, "test": 2}[stage_name],
+                seed=h.seed + STAGE_SEED_OFFSET[stage_name],
             )
-        for stage_name in ("val", "test"):
-            if stage_name in self._samplers:
-                self._episodes[stage_name] = self._fixed_episodes(stage_name)
+        self._fix_episodes()
 
     # ------------------------------------------------------- self-supervision
     def selfsup_cases(self) -> list[Case]:
@@ -387,13 +379,13 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         """Setting 2: case id -> slices of training scans that show a held-out organ (from their label maps)."""
         out: dict[str, set[int]] = {}
         for i in self.split.train:
-            banned = slices_showing(_plain(self._volumes[i]["label"])[0], self.cases[i], self.split.excluded_organs)
+            banned = slices_showing(as_plain_tensor(self._volumes[i]["label"])[0], self.cases[i], self.split.excluded_organs)
             out[self.cases[i].case_id] = set(torch.nonzero(banned).flatten().tolist())
         return out
 
     def _setup_selfsup(self) -> None:
-        from datamodules.selfsup import MixedEpisodeSampler, SuperpixelEpisodeSampler
-        from datamodules.superpixels import DEFAULT_SETTINGS, superpixel_table
+        from datamodules.sampling.samplers_selfsup import MixedEpisodeSampler, SuperpixelEpisodeSampler
+        from datamodules.transforms.superpixels import DEFAULT_SETTINGS, superpixel_table
 
         h = self.hparams
         self.selfsup_volume_cases = self.selfsup_cases()
@@ -405,7 +397,7 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         banned = self._banned_slices() if self.split.excluded_organs else {}
         tables = {}
         for v, case in enumerate(self.selfsup_volume_cases):
-            table = superpixel_table(_plain(self._selfsup_volumes[v]["superpixels"])[0], min_pixels)
+            table = superpixel_table(as_plain_tensor(self._selfsup_volumes[v]["superpixels"])[0], min_pixels)
             skip = banned.get(case.case_id, set())
             tables[v] = {z: ids for z, ids in table.items() if z not in skip}
         selfsup = SuperpixelEpisodeSampler(tables, h.episodes_per_epoch, seed=h.seed + 3)
@@ -420,7 +412,7 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         labelled volumes. Only image paths are read: never a label map."""
         from monai.transforms import Compose
 
-        from datamodules.superpixels import DEFAULT_SETTINGS, Superpixelsd
+        from datamodules.transforms.superpixels import DEFAULT_SETTINGS, Superpixelsd
 
         h = self.hparams
         settings = {**DEFAULT_SETTINGS, **(h.superpixels or {})}
@@ -428,14 +420,14 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
                       Superpixelsd(keys=("image",), **{k: v for k, v in settings.items()})])
         items = [{"image": self.index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
                  for c in self.selfsup_volume_cases]
-        return self._cached(items, tf, f"superpixels-{_digest([self.preprocessing, settings])}")
+        return self._cached(items, tf, f"superpixels-{digest([self.preprocessing, settings])}")
 
     def _cached(self, items: list[dict], tf, folder: str):
         """``items`` through ``tf``, cached as configured: in memory, on disk under ``cache_dir/<root>/folder``, or not."""
         if self.hparams.cache == "memory":
             return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
         if self.hparams.cache == "disk":
-            return _warmed(PersistentDataset(items, tf, cache_dir=self.cache_dir / _digest(self.root) / folder))
+            return _warmed(PersistentDataset(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder))
         return Dataset(items, tf)
 
     def _feasible_organs(self, stage: str) -> list[str]:
@@ -472,7 +464,7 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         """The preprocessed labelled volumes, cached as configured."""
         h = self.hparams
         tf = volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles)
-        return self._cached(case_items(self.index, self.cases), tf, f"volumes-{_digest(self.preprocessing)}")
+        return self._cached(case_items(self.index, self.cases), tf, f"volumes-{digest(self.preprocessing)}")
 
     def _fixed_episodes(self, stage: str) -> list[SegmentationEpisodeSpec]:
         """Fixed, seeded episodes for val/test; written to JSON (and read back from a given file)."""
@@ -488,16 +480,16 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         specs = self._samplers[stage].fixed_episodes()
         meta = {"stage": stage, "protocol": self.split.protocol, "seed": self.hparams.seed, "preprocessing": self.preprocessing,
                 "organs": getattr(self.split, f"{stage}_organs")}
-        self.episode_files = getattr(self, "episode_files", {})
         self.episode_files[stage] = save_episodes(specs, case_ids, self.episode_path(stage), meta)
         return specs
 
     def episode_path(self, stage: str) -> Path:
+        """The fixed episodes' JSON file, named by a digest of every setting that changes them."""
         h = self.hparams
-        key = _digest([self.preprocessing, h.protocol, h.test_organs, h.val_organs, h.test_sites, h.split_seed, h.seed,
-                       h.n_shot, h.n_query, h.n_parts, h.val_episodes, h.test_episodes, h.min_organ_pixels,
-                       h.exclude_test_organ_slices, h.val_fraction, h.test_fraction])
-        return self.cache_dir / _digest(self.root) / f"{stage}_episodes-{key}.json"
+        key = digest([self.preprocessing, h.protocol, h.test_organs, h.val_organs, h.test_sites, h.split_seed, h.seed,
+                      h.n_shot, h.n_query, h.n_parts, h.val_episodes, h.test_episodes, h.min_organ_pixels,
+                      h.exclude_test_organ_slices, h.val_fraction, h.test_fraction])
+        return self.cache_dir / digest(self.root) / f"{stage}_episodes-{key}.json"
 
     # ------------------------------------------------------------ dataloaders
     def _episode_dataset(self, augment: bool) -> SegmentationEpisodeDataset:
@@ -508,18 +500,12 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
         h = self.hparams
         return episode_loader(self._episode_dataset(augment), sampler, h.batch_size, h.num_workers)
 
-    def _fixed_loader(self, stage: str) -> DataLoader:
-        if stage not in self._episodes:
-            raise ValueError(f"no {stage} episodes: the split has no {stage} cases or {stage}_episodes is 0")
-        rank, world = dist_rank_world()
-        return self._loader(self._episodes[stage][rank::world], augment=False)
-
     def train_dataloader(self) -> DataLoader:
         self._apply_resume()
         h = self.hparams
         if h.selfsup_ratio == 0:
             return self._loader(self._samplers["train"], augment=h.augment)
-        from datamodules.selfsup import SuperpixelEpisodeDataset
+        from datamodules.sampling.selfsup import SuperpixelEpisodeDataset
 
         dataset = SuperpixelEpisodeDataset(
             self._selfsup_volumes, [c.case_id for c in self.selfsup_volume_cases],
@@ -531,25 +517,18 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.cases:  # unlabelled scans only: nothing to validate on
             return []
-        return self._fixed_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._fixed_loader("test")
+        return super().val_dataloader()
 
     # -------------------------------------------------------------- reporting
-    def split_digest(self) -> str:
-        """A digest of who is in each stage (pseudonymous case ids) and which structures each stage targets.
-
-        Checkpoints store it; ``imaging-meta evaluate`` recomputes it and refuses to test when it differs, as
-        the test set could then hold patients or organs the model trained on (another salt, data or split).
-        """
+    def _split_identity(self) -> dict[str, Any]:
+        """Who is in each stage (pseudonymous case ids) and which structures each stage targets."""
         s = self.split
-        return _digest({k: sorted(self.cases[i].case_id for i in getattr(s, k)) for k in ("train", "val", "test")}
-                       | {"protocol": s.protocol, "train_organs": s.train_organs, "test_organs": s.test_organs,
-                          "excluded_organs": s.excluded_organs})
+        return ({k: sorted(self.cases[i].case_id for i in getattr(s, k)) for k in ("train", "val", "test")}
+                | {"protocol": s.protocol, "train_organs": s.train_organs, "test_organs": s.test_organs,
+                   "excluded_organs": s.excluded_organs})
 
-    def describe(self) -> dict:
-        """Split sizes and organs, for logs and reports (pseudonymous ids only)."""
+    def _describe(self) -> dict[str, Any]:
+        """Split sizes and organs."""
         s = self.split
         return {
             "protocol": s.protocol,
@@ -561,6 +540,4 @@ class SegmentationDataModule(ResumableEpisodes, LightningDataModule):
             "excluded_organs": s.excluded_organs,
             "train_slices": {o: int(sum(len(z) for z in t.values())) for o, t in self._tables["train"].items()},
             "sites": sorted({self.cases[i].site for i in s.test}),
-            "episode_files": {k: str(v) for k, v in getattr(self, "episode_files", {}).items()},
-            "episodes_sha256": {k: json.loads(Path(v).read_text())["sha256"] for k, v in getattr(self, "episode_files", {}).items()},
         }

@@ -8,16 +8,52 @@ flushed to disk, and only then take the target's name with ``os.replace``, which
 filesystem. Remote URLs (``s3://`` ...) keep Lightning's own writer.
 
 `imaging-meta fit` uses it by default (``trainer.plugins``); any ``plugins`` in a config replace it.
+
+Reading is here too: `read_checkpoint` (``weights_only=True``, no pickled code runs) and `load_learner`. A
+checkpoint written before the packages were split into subpackages names its learner, datamodule and item
+source by their old flat class paths; `LEGACY_CLASS_PATHS` maps them to the current ones when it is read.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from datamodules.atomic import atomic_open
+from datamodules.io.atomic import atomic_open
+from imaging_meta.learners.base import Learner, build_learner
+
+#: class paths of checkpoints written before the subpackages (imaging-meta 0.1.0, main up to 544d8f2)
+LEGACY_CLASS_PATHS = {
+    **{f"imaging_meta.learners.{name}.{cls}": f"imaging_meta.learners.{family}.{name}.{cls}" for family, name, cls in (
+        ("gradient", "maml", "MAML"), ("gradient", "meta_sgd", "MetaSGD"), ("gradient", "anil", "ANIL"),
+        ("gradient", "reptile", "Reptile"), ("gradient", "meta_lstm", "MetaLSTM"),
+        ("metric", "protonet", "PrototypicalNetwork"), ("metric", "protonet_seg", "PrototypicalSegmenter"),
+        ("metric", "siamese", "SiameseNetwork"), ("metric", "matching", "MatchingNetwork"), ("memory", "mann", "MANN"),
+        ("transfer", "finetune", "FineTune"), ("transfer", "logreg", "LogisticRegressionProbe"))},
+    "datamodules.image_folder.ImageFolder": "datamodules.sources.image_folder.ImageFolder",
+    "datamodules.lesion_csv.LesionCSV": "datamodules.sources.lesion_csv.LesionCSV",
+    "datamodules.medmnist.MedMNIST": "datamodules.sources.medmnist.MedMNIST",
+}
+
+
+def current_class_path(class_path: str) -> str:
+    """The class path of today's code for a class path that an older checkpoint recorded."""
+    return LEGACY_CLASS_PATHS.get(class_path, class_path)
+
+
+def _modernize(config: Any) -> Any:
+    """``config`` with every ``class_path`` (nested ones too) mapped by `current_class_path`."""
+    if isinstance(config, dict):
+        out = {k: _modernize(v) for k, v in config.items()}
+        if isinstance(out.get("class_path"), str):
+            out["class_path"] = current_class_path(out["class_path"])
+        return out
+    if isinstance(config, list):
+        return [_modernize(v) for v in config]
+    return config
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,3 +64,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         with atomic_open(path, "wb") as f:
             torch.save(checkpoint, f)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here (unreadable, or from a different kind of learner)."""
+
+
+def read_checkpoint(checkpoint: str | Path) -> dict:
+    """The content of a checkpoint file, read with ``weights_only=True``: no pickled code runs."""
+    path = Path(checkpoint)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as e:  # any unpickling failure: report the file and the cause
+        raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(content, dict) and isinstance(content.get("imaging_meta"), dict):
+        content["imaging_meta"] = _modernize(content["imaging_meta"])
+    return content
+
+
+def load_learner(checkpoint: str | Path, device: str | torch.device = "cpu", ckpt: dict | None = None) -> tuple[Learner, dict]:
+    """Rebuild the trained learner of an ``imaging-meta fit`` checkpoint, without executing pickled code.
+
+    Args:
+        checkpoint: the checkpoint file (named in errors).
+        device: where the learner goes.
+        ckpt: its content, when the caller has already read it with `read_checkpoint`.
+
+    Returns:
+        The learner (eval mode, on ``device``) and the checkpoint's ``imaging_meta`` section
+        (``learner_config``, ``preprocessing``, ``task``).
+    """
+    path = Path(checkpoint)
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    extra = ckpt.get("imaging_meta") if isinstance(ckpt, dict) else None
+    if not extra or "learner_config" not in extra or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not an imaging-meta checkpoint (no learner config); use a checkpoint from `imaging-meta fit`")
+    learner = build_learner(extra["learner_config"])
+    state = {k[len("learner."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("learner.")}
+    try:
+        learner.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit {extra['learner_config']['class_path']}: {e}") from e
+    return learner.to(device).eval(), extra
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -3,13 +3,14 @@
 It owns the training, validation and test steps, the optimiser and scheduler (injected as callables from
 the config), the metrics (``train/loss``; segmentation: ``val/dice``, ``val/dice/organ/<name>``,
 ``val/dice/site/<name>``, ``test/dice``; classification: ``val/acc``, ``val/acc/site/<name>``, ``test/acc``;
-both: ``val/score``, which the checkpoint callbacks monitor), TensorBoard image panels, and the test report with its baselines. Only
-pseudonymous case ids and site keys reach logs, checkpoints and reports.
+both: ``val/score``, which the checkpoint callbacks monitor), TensorBoard image panels, and the test report
+with its baselines. What differs between the kinds of task comes from the learner's `Task`; queries are
+scored by `imaging_meta.evaluation.scoring.score_batch`, as in ``imaging-meta evaluate``. Only pseudonymous
+case ids and site keys reach logs, checkpoints and reports.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 from collections.abc import Callable
@@ -21,22 +22,26 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import imaging_meta
+from datamodules.base import EpisodicDataModule
+from imaging_meta.checkpoint_io import current_class_path
 from imaging_meta.episode import Episode
-from imaging_meta.evaluation import (
-    COPY_MASK,
+from imaging_meta.evaluation.methods import (
     TRAINED,
     UNTRAINED,
+    initial_copy,
     ordered_methods,
-    summarize,
-    to_markdown,
-    write_report,
+    restore_untrained,
+    untrained_state,
 )
+from imaging_meta.evaluation.reports import to_markdown, write_report
+from imaging_meta.evaluation.scoring import score_batch
+from imaging_meta.evaluation.statistics import summarize
 from imaging_meta.learners.base import Learner
-from imaging_meta.metrics import dice_score
+from imaging_meta.tasks import COPY_MASK, Task, get_task, task_of_episode
+
+__all__ = ["COPY_MASK", "TRAINED", "UNTRAINED", "EpisodicModule", "rng_states", "set_rng_states"]
 
 logger = logging.getLogger(__name__)
-
-METRIC_TITLES = {"dice": "Dice", "acc": "accuracy"}
 
 
 def _gather(records: list[dict]) -> list[dict]:
@@ -69,19 +74,6 @@ def set_rng_states(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def data_config(dm) -> dict:
-    """``{"class_path", "init_args"}`` of a datamodule, as `imaging-meta evaluate` needs it to rebuild the
-    split the model was trained on (secrets such as the salt are not hyperparameters, so never stored)."""
-    args = {k: v for k, v in dict(getattr(dm, "hparams", {})).items() if not k.startswith("_")}
-    source = getattr(dm, "source", None)
-    if source is not None and hasattr(source, "config"):
-        try:
-            args["source"] = source.config()
-        except ValueError as e:  # a user's source that does not keep its arguments: evaluate asks for --data-config
-            logger.warning("the checkpoint will not record the data source (%s)", e)
-    return {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}", "init_args": args}
-
-
 class EpisodicModule(LightningModule):
     """Meta-trains and evaluates a `Learner` on batches of episodes.
 
@@ -90,7 +82,8 @@ class EpisodicModule(LightningModule):
         optimizer: optimiser factory, called with the parameters.
         lr_scheduler: optional scheduler factory, called with the optimiser.
         baselines: in test, also score the untrained learner (its weights at construction, kept in the
-            checkpoint) and, for segmentation, "copy the support mask", on the same episodes.
+            checkpoint) and the task's label-only baselines (segmentation: "copy the support mask"), on the
+            same episodes.
         threshold: foreground probability threshold for segmentation masks.
         n_log_images: query/truth/prediction panels logged to TensorBoard per validation epoch.
     """
@@ -112,13 +105,22 @@ class EpisodicModule(LightningModule):
         self.learner = learner
         self.optimizer_factory: Callable = optimizer
         self.scheduler_factory: Callable | None = lr_scheduler
-        # a frozen copy of the initial weights: the "untrained encoder" baseline (not a submodule)
-        # its parameters keep requires_grad: gradient-based learners adapt them in predict (through
-        # torch.autograd.grad, which never fills .grad), and no optimiser ever sees them
-        self._untrained = [copy.deepcopy(learner)] if baselines else []
+        # the initial weights: the "untrained encoder" baseline, in a list so that it is not a submodule
+        self._untrained = [initial_copy(learner)] if baselines else []
         self._records: dict[str, list[dict]] = {"val": [], "test": []}
+        self._seen = {"val": 0, "test": 0}  # episodes this rank has scored in the current epoch
         self.test_summary: dict | None = None
         self.report_paths: tuple[Path, Path] | None = None
+
+    @property
+    def task(self) -> Task:
+        """The learner's kind of task: the metric, decision rule, report rows and baselines."""
+        return get_task(self.learner.task)
+
+    def _datamodule(self) -> EpisodicDataModule | None:
+        """The trainer's datamodule when it is an `EpisodicDataModule` (a fit on bare dataloaders has none)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return dm if isinstance(dm, EpisodicDataModule) else None
 
     # --------------------------------------------------------------- training
     def training_step(self, batch: Episode, batch_idx: int) -> torch.Tensor:
@@ -141,138 +143,107 @@ class EpisodicModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": cfg}
 
     # ------------------------------------------------------------- evaluation
-    @property
-    def metric(self) -> str:
-        """``dice`` for segmentation learners, ``acc`` for classification ones."""
-        return "dice" if self.learner.task == "segmentation" else "acc"
-
-    @property
-    def groups(self) -> tuple[str, ...]:
-        """Report rows: per organ and site for segmentation; per site for classification (an episode
-        holds several classes, so the unit of the CI, the episode, has no single class)."""
-        return ("organ", "site") if self.learner.task == "segmentation" else ("site",)
-
     def _check_batch(self, batch: Episode) -> None:
-        task = self.learner.task
-        is_seg = batch.query_labels.dim() == batch.query_images.dim() - 1  # (T, Q, H, W) masks of (T, Q, C, H, W)
-        if (task == "segmentation") != is_seg:
-            kind = "segmentation masks" if is_seg else "class labels"
+        task = self.task
+        if not task.labels_fit(batch.query_images, batch.query_labels):
             raise ValueError(
-                f"the {type(self.learner).__name__} learner is a {task} learner, but the data gives {kind}; "
-                "pair a *_seg model config with a segmentation data config and a *_cls one with a classification one"
+                f"the {type(self.learner).__name__} learner is a {task.name} learner, but the data gives "
+                f"{task_of_episode(batch).label_kind}; pair a *_seg model config with a segmentation data config and "
+                "a *_cls one with a classification one"
             )
-        n_way = getattr(self.learner, "n_way", None)
-        if task == "classification" and n_way is not None and len(batch.classes[0]) != n_way:
+        ways, n_way = task.episode_ways(batch), getattr(self.learner, "n_way", None)
+        if ways is not None and n_way is not None and ways != n_way:
             raise ValueError(
-                f"the episodes are {len(batch.classes[0])}-way but the learner was built for n_way={n_way}; "
-                f"set --model.learner.init_args.n_way {len(batch.classes[0])} or --data.init_args.n_way {n_way}"
+                f"the episodes are {ways}-way but the learner was built for n_way={n_way}; "
+                f"set --model.learner.init_args.n_way {ways} or --data.init_args.n_way {n_way}"
             )
 
-    def _records_for(self, batch: Episode, pred: torch.Tensor, method: str, stage: str, batch_idx: int) -> list[dict]:
-        """One record per query: Dice of ``pred`` (T, Q, H, W) masks, or accuracy of ``pred`` (T, Q) class indices."""
-        t, q = pred.shape[:2]
-        if self.metric == "dice":
-            scores = dice_score(pred.flatten(0, 1), batch.query_labels.flatten(0, 1) > 0.5).view(t, q).cpu()
-        else:
-            scores = (pred == batch.query_labels).float().cpu()
-        out = []
-        for i in range(t):
-            for j in range(q):
-                site = batch.site[i]
-                query_sites = batch.meta[i].get("query_sites") if isinstance(batch.meta, list) and batch.meta[i] else None
-                if self.metric == "dice" and query_sites:  # each query slice comes from its own patient
-                    site = query_sites[j]
-                if self.metric == "acc" and " + " in str(site):  # queries from several sites: one report row
-                    site = "mixed sites"
-                rec = {
-                    "method": method,
-                    "episode": f"{stage}-{self.global_rank}-{batch_idx}-{i}",
-                    "site": site,
-                    "query_id": batch.query_ids[i][j],
-                    self.metric: float(scores[i, j]),
-                }
-                if self.metric == "dice":
-                    rec["organ"] = batch.classes[i][0]
-                else:
-                    rec["class"] = batch.classes[i][int(batch.query_labels[i, j])]
-                out.append(rec)
-        return out
-
-    def _decide(self, probs: torch.Tensor) -> torch.Tensor:
-        """Masks (probability > threshold) or class indices (argmax) from the learner's probabilities."""
-        return probs > self.hparams.threshold if self.metric == "dice" else probs.argmax(-1)
+    def _score(self, stage: str, batch: Episode, probs: dict[str, torch.Tensor], baselines: bool) -> list[dict]:
+        """Records of the batch's queries (`score_batch`). Episode ids count this rank's episodes in steps of
+        the world size from its rank: each rank scores every world-size-th fixed episode, so the id is the
+        episode's position in the fixed list, and no two ranks share an id."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        first = self._seen[stage] * world + self.global_rank
+        self._seen[stage] += batch.n_tasks
+        return score_batch(self.task, batch, probs, first_episode=first, episode_stride=world,
+                           threshold=self.hparams.threshold, baselines=baselines)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._check_batch(batch)
         probs = self.learner.predict(batch)
-        recs = self._records_for(batch, self._decide(probs), TRAINED, "val", batch_idx)
+        recs = self._score("val", batch, {TRAINED: probs}, baselines=False)
         self._records["val"].extend(recs)
-        score = sum(r[self.metric] for r in recs) / len(recs)
-        self.log(f"val/{self.metric}", score, prog_bar=True, batch_size=len(recs), sync_dist=True)
+        metric = self.task.metric
+        score = sum(r[metric] for r in recs) / len(recs)
+        self.log(f"val/{metric}", score, prog_bar=True, batch_size=len(recs), sync_dist=True)
         # val/score: what the checkpoint callback of every trainer config monitors, whatever the task
         self.log("val/score", score, batch_size=len(recs), sync_dist=True)
-        if batch_idx == 0 and self.metric == "dice":
+        if batch_idx == 0 and self.task.dense:
             self._log_panels(batch, probs)
 
     def on_validation_epoch_start(self) -> None:
-        self._records["val"] = []
+        self._records["val"], self._seen["val"] = [], 0
 
     def on_validation_epoch_end(self) -> None:
         records = _gather(self._records["val"])
         if not records or self.trainer.sanity_checking:
             return
-        summary = summarize(records, self.metric, self.groups)[TRAINED]
-        for group in self.groups:
+        task = self.task
+        summary = summarize(records, task.metric, task.groups)[TRAINED]
+        for group in task.groups:
             for name, s in summary[group].items():
-                self.log(f"val/{self.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+                self.log(f"val/{task.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
 
     def on_test_epoch_start(self) -> None:
-        self._records["test"] = []
+        self._records["test"], self._seen["test"] = [], 0
         for m in self._untrained:
             m.to(self.device)
 
     def test_step(self, batch: Episode, batch_idx: int) -> None:
         self._check_batch(batch)
-        recs = self._records_for(batch, self._decide(self.learner.predict(batch)), TRAINED, "test", batch_idx)
-        self.log(f"test/{self.metric}", sum(r[self.metric] for r in recs) / len(recs), batch_size=len(recs), sync_dist=True)
-        if self.hparams.baselines:
-            if self._untrained:
-                untrained = self._untrained[0].eval()
-                recs += self._records_for(batch, self._decide(untrained.predict(batch)), UNTRAINED, "test", batch_idx)
-            if self.metric == "dice":
-                copy_pred = batch.support_labels.float().mean(1, keepdim=True) > 0.5  # (T, 1, H, W)
-                copy_pred = copy_pred.expand_as(batch.query_labels)
-                recs += self._records_for(batch, copy_pred, COPY_MASK, "test", batch_idx)
+        probs = {TRAINED: self.learner.predict(batch)}
+        if self.hparams.baselines and self._untrained:
+            probs[UNTRAINED] = self._untrained[0].eval().predict(batch)
+        recs = self._score("test", batch, probs, baselines=self.hparams.baselines)
+        metric = self.task.metric
+        trained = [r[metric] for r in recs if r["method"] == TRAINED]
+        self.log(f"test/{metric}", sum(trained) / len(trained), batch_size=len(trained), sync_dist=True)
         self._records["test"].extend(recs)
 
     def on_test_epoch_end(self) -> None:
         records = _gather(self._records["test"])
         if not records:
             return
-        summary = summarize(records, self.metric, self.groups)
+        task = self.task
+        summary = summarize(records, task.metric, task.groups)
         self.test_summary = summary
-        for group in self.groups:
+        for group in task.groups:
             for name, s in summary[TRAINED][group].items():
-                self.log(f"test/{self.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+                self.log(f"test/{task.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
         out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: every rank calls it
         if self.global_rank == 0:
-            dm = getattr(self.trainer, "datamodule", None)
-            context = {"title": "held-out test episodes", "imaging_meta_version": imaging_meta.__version__,
-                       "learner": self.learner.config, "metric": self.metric}
-            if dm is not None and hasattr(dm, "describe"):
-                context.update(dm.describe())
-                context["n_shot"] = dm.hparams.n_shot
-            ckpt = getattr(self.trainer, "ckpt_path", None)
-            if ckpt:
-                context["checkpoint"] = str(ckpt)
-            methods = ordered_methods(summary)
-            self.report_paths = write_report(out_dir, summary, context, methods, groups=self.groups)
-            logger.info("results written to %s\n%s", self.report_paths[1],
-                        to_markdown(summary, methods, title=METRIC_TITLES[self.metric], groups=self.groups))
+            self.report_paths = self._write_test_report(out_dir, summary)
+
+    def _write_test_report(self, out_dir: str, summary: dict) -> tuple[Path, Path]:
+        """``results.json`` and ``results.md`` of the test episodes, with the data and checkpoint they came from."""
+        task = self.task
+        context = {"title": "held-out test episodes", "imaging_meta_version": imaging_meta.__version__,
+                   "learner": self.learner.config, "metric": task.metric}
+        dm = self._datamodule()
+        if dm is not None:
+            context.update(dm.describe())
+            context["n_shot"] = dm.n_shot
+        if self.trainer.ckpt_path:
+            context["checkpoint"] = str(self.trainer.ckpt_path)
+        methods = ordered_methods(summary)
+        paths = write_report(out_dir, summary, context, methods, task=task)
+        logger.info("results written to %s\n%s", paths[1],
+                    to_markdown(summary, methods, title=task.metric_title, groups=task.groups))
+        return paths
 
     # ---------------------------------------------------------------- logging
     def _log_panels(self, batch: Episode, probs: torch.Tensor) -> None:
-        """Query | truth | prediction panels (one row per task) for TensorBoard."""
+        """Query | truth | prediction | probability panels of masks (one row per task) for TensorBoard."""
         exp = getattr(self.logger, "experiment", None)
         if self.global_rank != 0 or not hasattr(exp, "add_image") or self.hparams.n_log_images <= 0:
             return
@@ -281,27 +252,24 @@ class EpisodicModule(LightningModule):
             img = batch.query_images[i, 0, 0].float()
             img = (img - img.min()) / (img.max() - img.min() + 1e-6)
             truth = batch.query_labels[i, 0].float()
-            pred = (probs[i, 0] > self.hparams.threshold).float()
+            pred = self.task.decide(probs[i, 0], self.hparams.threshold).float()
             rows.append(torch.cat([img, truth, pred, probs[i, 0].float()], dim=1))
         panel = torch.cat(rows, dim=0).clamp(0, 1).unsqueeze(0).cpu()
         exp.add_image("val/query_truth_prediction_probability", panel, self.global_step)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        extra = {"learner_config": self.learner.config, "task": self.learner.task, "version": imaging_meta.__version__}
+        extra = {"learner_config": self.learner.config, "task": self.task.name, "version": imaging_meta.__version__}
         if self._untrained:
-            extra["untrained_state_dict"] = {  # extra state (a learner's class-name table) is kept as it is
-                k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in self._untrained[0].state_dict().items()
-            }
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "preprocessing"):
-            extra["preprocessing"] = dm.preprocessing
-        if dm is not None:
-            extra["data"] = data_config(dm)
-            if hasattr(dm, "split_digest"):
-                extra["split_digest"] = dm.split_digest()
+            extra["untrained_state_dict"] = untrained_state(self._untrained[0])
+        dm = self._datamodule()
+        if dm is not None:  # what `imaging-meta evaluate`, `segment` and `classify` rebuild from the checkpoint
+            if dm.preprocessing is not None:
+                extra["preprocessing"] = dm.preprocessing
+            extra["data"] = dm.config()
+            extra["split_digest"] = dm.split_digest()
             # self-supervised training on scans without any label map: no split to protect at evaluation
-            extra["label_free"] = getattr(dm, "cases", None) == [] and getattr(dm.hparams, "selfsup_ratio", 0) == 1.0
+            extra["label_free"] = dm.label_free
         # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
         # order), so that a resumed run continues each rank's random stream exactly
         extra["rng_states"] = _gather([rng_states()])
@@ -309,13 +277,14 @@ class EpisodicModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("imaging_meta", {})
-        if extra.get("learner_config") and extra["learner_config"]["class_path"] != self.learner.config["class_path"]:
+        saved = current_class_path(extra["learner_config"]["class_path"]) if extra.get("learner_config") else None
+        if saved and saved != self.learner.config["class_path"]:
             raise ValueError(
-                f"the checkpoint holds a {extra['learner_config']['class_path']} learner, but this run builds "
+                f"the checkpoint holds a {saved} learner, but this run builds "
                 f"{self.learner.config['class_path']}; use the checkpoint's model config"
             )
-        if self._untrained and "untrained_state_dict" in extra:
-            self._untrained[0].load_state_dict(extra["untrained_state_dict"])
+        if self._untrained:
+            restore_untrained(extra, into=self._untrained[0])
         states = extra.get("rng_states") or []
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if fitting and len(states) == self.trainer.world_size:  # resuming training: each rank where it was

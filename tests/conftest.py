@@ -1,4 +1,8 @@
-"""Shared fixtures: a small demo cohort, generated once per test session into a temporary folder."""
+"""Shared fixtures: a small demo cohort, generated once per test session into a temporary folder; and a guard
+that the suite writes nothing into the repository (every test writes under ``tmp_path``)."""
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,10 +10,24 @@ import torch
 # one thread: these are tiny tensors, and two threads on a shared 2-core machine spin-wait (measured 10-100x slower)
 torch.set_num_threads(1)
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_root_stays_clean():
+    """Fail the session when the repository root gains an entry (say ``checkpoints/`` from a Trainer without
+    ``default_root_dir``, or ``lightning_logs/``): tests write under ``tmp_path`` only."""
+    before = set(os.listdir(REPO_ROOT))
+    yield
+    new = sorted(set(os.listdir(REPO_ROOT)) - before)
+    if new:
+        pytest.fail(f"the test run wrote {new} into the repository root {REPO_ROOT}; write under tmp_path "
+                    "(a Trainer needs default_root_dir=tmp_path when its logger is off or replaced)", pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    from datamodules.demo import generate_demo_cohort
+    from datamodules.synthetic.demo import generate_demo_cohort
 
     root = tmp_path_factory.mktemp("demo") / "cohort"
     generate_demo_cohort(root, seed=0, patients_per_site=3)
@@ -18,24 +36,7 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_index(demo_root, tmp_path_factory):
-    from datamodules.scan import scan_to_file
+    from datamodules.indexing.scan import scan_to_file
 
     path = tmp_path_factory.mktemp("index") / "index.json"
     return scan_to_file(demo_root, path), path
-
-
-SMALL_DATA = dict(
-    protocol="cross_organ",
-    test_organs=["spleen", "kidney_left"],
-    val_fraction=0.2,
-    test_fraction=0.3,
-    n_shot=1,
-    n_query=1,
-    episodes_per_epoch=8,
-    val_episodes=4,
-    test_episodes=6,
-    batch_size=2,
-    spacing=(9.0, 9.0),
-    slice_size=(32, 32),
-    min_organ_pixels=4,
-)

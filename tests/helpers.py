@@ -1,9 +1,41 @@
-"""Small helpers shared by test modules (test modules never import from each other)."""
+"""Small helpers shared by test modules (test modules never import from each other, nor from conftest).
 
+Shared fixtures live in ``conftest.py``; few-shot episodes for learner tests in ``imaging_meta/fewshot.py``;
+DICOM / NIfTI writers in ``datamodules/dicom_fixtures.py``.
+"""
+
+from __future__ import annotations
+
+import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
+
+from tests.datamodules.dicom_fixtures import affine_ras, header, write_series
+from tests.imaging_meta.fewshot import lesion_patterns
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# a small segmentation datamodule on the session's demo cohort (conftest.demo_root / demo_index)
+SMALL_DATA = dict(
+    protocol="cross_organ",
+    test_organs=["spleen", "kidney_left"],
+    val_fraction=0.2,
+    test_fraction=0.3,
+    n_shot=1,
+    n_query=1,
+    episodes_per_epoch=8,
+    val_episodes=4,
+    test_episodes=6,
+    batch_size=2,
+    spacing=(9.0, 9.0),
+    slice_size=(32, 32),
+    min_organ_pixels=4,
+)
+# a tiny U-Net for configs/model/*_seg.yaml
+SMALL_MODEL = ["--model.learner.init_args.backbone_kwargs", '{"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]}']
 
 
 def write_png(path: Path, array: np.ndarray, **kw) -> Path:
@@ -11,3 +43,79 @@ def write_png(path: Path, array: np.ndarray, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, **kw)
     return path
+
+
+# ------------------------------------------------------------------------------------ CLI arguments
+def data_args(root, index_path, cache) -> list[str]:
+    """`cli_main` arguments that point a segmentation data config at ``root`` and shrink it to `SMALL_DATA`."""
+    args = ["--data.init_args.root", str(root), "--data.init_args.index_path", str(index_path), "--data.init_args.cache_dir", str(cache)]
+    for k, v in SMALL_DATA.items():
+        args += [f"--data.init_args.{k}", yaml.safe_dump(list(v) if isinstance(v, tuple) else v, default_flow_style=True).strip().removesuffix("\n...")]
+    return args
+
+
+def write_medmnist(folder: Path, n_files: int = 2, classes_per_file: int = 10, per_class: int = 8) -> list[str]:
+    """Tiny MedMNIST-format files (uint8 28x28, labels (N, 1)) with learnable class patterns."""
+    pats = lesion_patterns(n_files * classes_per_file, 1, 28, 7)[:, 0]
+    rng = np.random.default_rng(0)
+    paths = []
+    for f in range(n_files):
+        imgs, labels = [], []
+        for c in range(classes_per_file):
+            base = pats[f * classes_per_file + c].numpy()
+            for _ in range(per_class):
+                x = base + 0.5 * rng.standard_normal(base.shape)
+                imgs.append(np.clip(128 + 40 * x, 0, 255).astype(np.uint8))
+                labels.append([c])
+        imgs, labels = np.stack(imgs), np.asarray(labels, dtype=np.int64)
+        n = len(imgs)
+        order = rng.permutation(n)
+        cut = [int(0.7 * n), int(0.85 * n)]
+        parts = np.split(order, cut)
+        path = folder / f"tinymnist{f}.npz"
+        np.savez(path, **{f"{s}_images": imgs[i] for s, i in zip(("train", "val", "test"), parts, strict=True)},
+                 **{f"{s}_labels": labels[i] for s, i in zip(("train", "val", "test"), parts, strict=True)})
+        paths.append(str(path))
+    return paths
+
+
+def cls_args(tmp_path: Path, model: str) -> list[str]:
+    """`cli_main` arguments (without the subcommand) for a classification model config on tiny MedMNIST files."""
+    paths = write_medmnist(tmp_path)
+    source = {"class_path": "datamodules.sources.medmnist.MedMNIST", "init_args": {"paths": paths, "image_size": [32, 32]}}
+    return [
+        "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_classification.yaml"),
+        "--config", str(CONFIGS / f"model/{model}.yaml"),
+        "--data.init_args.source", json.dumps(source), "--data.init_args.cache_dir", str(tmp_path / "cache"),
+        "--data.init_args.n_query", "2", "--data.init_args.episodes_per_epoch", "4", "--data.init_args.val_episodes", "2",
+        "--data.init_args.test_episodes", "4", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--model.learner.init_args.backbone_kwargs", '{"width": 8}',
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]
+
+
+# ------------------------------------------------------------------------------------ image folders
+def pattern(c: int, k: int, size=(20, 24)) -> np.ndarray:
+    """A class-specific uint8 pattern with per-item noise (never constant)."""
+    rng = np.random.default_rng(100 * c + k)
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
+    base = 127 + 100 * np.sin((c + 1) * xx / 5.0 + c * yy / 7.0)
+    return np.clip(base + 10 * rng.standard_normal(size), 0, 255).astype(np.uint8)
+
+
+def write_dicom(folder: Path, hu: np.ndarray, name: str, **hdr) -> Path:
+    """One single-frame CT file holding the 2D HU image ``hu`` (rows, columns) as pixel_array."""
+    return write_series(folder, hu.T[:, :, None].astype(np.float64), affine_ras(), hdr=header(**hdr),
+                        file_names=[name])[0]
+
+
+def write_folder(root: Path, n_classes=3, per_class=4, dicom_class=True) -> Path:
+    """PNG classes (patients named in the file names: P<k//2>_...) and, optionally, a class of CT DICOMs."""
+    for c in range(n_classes):
+        for k in range(per_class):
+            write_png(root / f"class{c}" / f"P{k // 2}_img{k}.png", pattern(c, k))
+    if dicom_class:
+        for k in range(per_class):
+            hu = (pattern(9, k).astype(np.float64) - 128) * 3  # about -380..380 HU
+            write_dicom(root / "ct_class" / f"patient{k}", hu, f"IM_{k}.dcm", PatientID=f"PHITEST-ID-{k % 2}")
+    return root

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imaging_meta.cli import cli_main
+from imaging_meta.commands.cli import cli_main
 from tests.helpers import write_png
 
 FIXTURES = Path(__file__).parent / "fixtures" / "main-2026-12"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from imaging_meta.cli import cli_main
-from tests.imaging_meta.test_cli import CONFIGS, SMALL_MODEL, data_args
+from imaging_meta.commands.cli import cli_main
+from tests.helpers import CONFIGS, SMALL_MODEL, data_args
 
 #: attributes of PS3.15 Annex E's basic profile (Table E.1-1) that identify a patient, a visit or a place;
 #: whichever of them the input files hold is searched for in every output.

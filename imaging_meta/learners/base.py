@@ -1,15 +1,88 @@
-"""The learner interface: a plain ``nn.Module``, free of Lightning, logging and file I/O."""
+"""The learner interface, and the learner-side checks of episode labels.
+
+A learner is a plain ``nn.Module``, free of Lightning, logging and file I/O. Besides its two duties (`Learner.loss`
+and `Learner.predict`) it says how it compares a query with the support items (`Learner.embed`,
+`Learner.support_similarity`, `Learner.similarity_measure`), which is what explanations
+(`imaging_meta.commands.explain`) report; the defaults fit any learner, and each family overrides what differs.
+
+Every check of the labels a learner is given lives here (`check_classification_episode`, `classification_batch`,
+`check_class_labels`, `check_support_classes`, `check_class_names`, `check_one_structure_per_task`), each with a
+message that names the fix.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imaging_meta.episode import Episode
+from imaging_meta.tasks import Task, get_task
+
+
+@dataclass(frozen=True)
+class SimilarityMeasure:
+    """What `Learner.support_similarity` measures between a query and a support item, as reports state it.
+
+    Attributes:
+        name: short name (``protonet_euclidean``, ``matching_attention``, ``encoder_euclidean``, ...).
+        description: one sentence saying what the measure is.
+        value_name: ``distance``, ``similarity`` or ``weight``.
+        larger_is_nearer: True for similarities and weights, False for distances.
+    """
+
+    name: str
+    description: str
+    value_name: str
+    larger_is_nearer: bool
+
+
+#: the measure of learners without an encoder of their own: model-agnostic
+PIXEL_EUCLIDEAN = SimilarityMeasure(
+    "pixel_euclidean",
+    "Euclidean distance between the preprocessed query and support images (pixel space); a model-agnostic "
+    "stand-in, not the learner's own decision rule",
+    "distance",
+    False,
+)
+
+
+def encoder_euclidean(learner: nn.Module, name: str) -> SimilarityMeasure:
+    """The measure of a learner whose encoder, the submodule ``name``, is not its decision rule (model-agnostic)."""
+    return SimilarityMeasure(
+        "encoder_euclidean",
+        f"Euclidean distance between the features of the learner's encoder ({type(learner).__name__}.{name}) "
+        "before any adaptation on the support set; a model-agnostic stand-in, not the learner's own decision rule",
+        "distance",
+        False,
+    )
+
+
+def embed_tasks(
+    encoder: Callable[[torch.Tensor], torch.Tensor], support: torch.Tensor, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed each task's support and query in one forward pass per task.
+
+    BatchNorm without running statistics then normalises with the task's own statistics, so no task of a
+    batch influences another (transductive batch normalisation, as in MAML's Conv-4 experiments).
+
+    Args:
+        encoder: maps (N, C, *spatial) to (N, D).
+        support: (T, S, C, *spatial) support images.
+        query: (T, Q, C, *spatial) query images.
+
+    Returns:
+        (T, S, D) support and (T, Q, D) query embeddings.
+    """
+    n_support = support.shape[1]
+    out = torch.stack([encoder(torch.cat([s, q])) for s, q in zip(support, query, strict=True)])
+    return out[:, :n_support], out[:, n_support:]
 
 
 class Learner(nn.Module):
@@ -17,7 +90,13 @@ class Learner(nn.Module):
 
     A learner is given batched episodes (leading task dimension, see `imaging_meta.episode`) and does two
     things: `loss` returns the meta-training loss, and `predict` adapts on the support set and returns
-    predictions for the query set. ``task`` says which kind of episode it takes.
+    predictions for the query set. ``task`` names the kind of episode it takes (``"segmentation"`` or
+    ``"classification"``, as in configs and checkpoints); `task_kind` is that kind's `imaging_meta.tasks.Task`,
+    which every task-dependent decision goes through.
+
+    For explanations a learner compares queries with support items: `support_similarity` under its
+    `similarity_measure`. The defaults use `encoder_name`'s encoder (Euclidean distance of its features, a
+    stated stand-in) or, without one, the pixels; metric learners override them with their own rule.
 
     Every subclass records the arguments it was built with (`config`), so that a checkpoint can rebuild it
     without pickling code.
@@ -26,6 +105,9 @@ class Learner(nn.Module):
     task: str = "segmentation"
     #: the number of ways a learner with an n-way head was built for; None when any n_way works
     n_way: int | None = None
+    #: False when a task's prediction depends on its place in a batch of tasks (explanations then predict one
+    #: task per call)
+    tasks_independent: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -52,6 +134,12 @@ class Learner(nn.Module):
         """``{"class_path", "init_args"}`` that rebuild this learner (as in a LightningCLI YAML)."""
         return getattr(self, "_init_config", {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": {}})
 
+    @property
+    def task_kind(self) -> Task:
+        """The `imaging_meta.tasks.Task` named by ``task``: its head size, loss and probabilities."""
+        return get_task(self.task)
+
+    # ------------------------------------------------------------------ the two duties
     def loss(self, episode: Episode) -> torch.Tensor:
         """Meta-training loss of a batch of episodes (a scalar tensor)."""
         raise NotImplementedError
@@ -65,7 +153,52 @@ class Learner(nn.Module):
         """
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ explanations
+    def encoder_name(self) -> str | None:
+        """The name (for ``get_submodule``) of the submodule that pools images into vectors, (N, C, *spatial) ->
+        (N, D), that the default `embed` uses; None (the default): the learner has none."""
+        return None
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings of one task's items, computed together in one forward pass.
+
+        Args:
+            images: (N, C, *spatial) a task's support and query images.
+
+        Returns:
+            (N, D): the features of the `encoder_name` encoder, or the flattened pixels (float) without one.
+        """
+        name = self.encoder_name()
+        if name is None:
+            return images.flatten(1).float()
+        return self.get_submodule(name)(images)
+
+    def embed_episode(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, S, D) support and (T, Q, D) query embeddings of a (batched) episode, each task's items embedded
+        together by `embed` (see `embed_tasks`), as the learner embeds them in `predict`."""
+        ep = episode.unsqueeze()
+        return embed_tasks(self.embed, ep.support_images, ep.query_images)
+
+    @property
+    def similarity_measure(self) -> SimilarityMeasure:
+        """What `support_similarity` returns: by default the Euclidean distance of `embed`'s embeddings."""
+        name = self.encoder_name()
+        return PIXEL_EUCLIDEAN if name is None else encoder_euclidean(self, name)
+
+    def support_similarity(self, episode: Episode) -> torch.Tensor:
+        """How near each query is to each support item, under `similarity_measure`.
+
+        Args:
+            episode: a (batched) episode: support (T, S, C, *spatial), query (T, Q, C, *spatial).
+
+        Returns:
+            (T, Q, S) distances, similarities or weights (see `similarity_measure`).
+        """
+        s, q = self.embed_episode(episode)
+        return torch.stack([torch.cdist(qt, st) for st, qt in zip(s, q, strict=True)])
+
+
+# ---------------------------------------------------------------------- label checks
 def check_classification_episode(episode: Episode, n_way: int, name: str) -> Episode:
     """The episode, batched, after checking it holds class indices in ``[0, n_way)`` (names the fix otherwise)."""
     ep = episode.unsqueeze()
@@ -78,6 +211,89 @@ def check_classification_episode(episode: Episode, n_way: int, name: str) -> Epi
     if top >= n_way or int(min(ep.support_labels.min(), ep.query_labels.min())) < 0:
         raise ValueError(f"{name} was built with n_way={n_way} but the episode has label {top}; set n_way to the data's n_way")
     return ep
+
+
+def classification_batch(episode: Episode, learner: str) -> Episode:
+    """The episode as a batched classification episode, with its label shapes checked.
+
+    Args:
+        episode: batched or unbatched classification episode.
+        learner: the calling learner's name, for error messages.
+
+    Returns:
+        A batched `Episode`: images (T, N*K, C, *spatial) / (T, N*Q, C, *spatial), labels (T, N*K) / (T, N*Q).
+    """
+    ep = episode.unsqueeze()
+    for name in ("support", "query"):
+        images, labels = getattr(ep, f"{name}_images"), getattr(ep, f"{name}_labels")
+        if labels.dim() != 2 or images.dim() < 4 or tuple(images.shape[:2]) != tuple(labels.shape):
+            raise ValueError(
+                f"{learner} is a classification learner: {name}_labels must be (T, n_items) class indices matching "
+                f"{name}_images (T, n_items, C, *spatial); got labels {tuple(labels.shape)}, images "
+                f"{tuple(images.shape)}. Use a classification datamodule (segmentation episodes carry masks)."
+            )
+    return ep
+
+
+def check_class_labels(episode: Episode, n_way: int | None, learner: str, query: bool = True) -> None:
+    """Raise a `ValueError` when the class labels of an episode do not fit a head of ``n_way`` classes.
+
+    Args:
+        episode: a batched episode; classification labels are (T, N*K) and (T, N*Q) class indices.
+        n_way: the head's classes; None (a learner whose labels are masks): nothing to check.
+        learner: the learner's name, for the message.
+        query: check the query labels too (prediction may get query sets without labels).
+    """
+    if n_way is None:
+        return
+    labels = [episode.support_labels, episode.query_labels] if query else [episode.support_labels]
+    low = min(int(y.min()) for y in labels if y.numel())
+    top = max(int(y.max()) for y in labels if y.numel())
+    if top >= n_way or low < 0:
+        raise ValueError(
+            f"{learner} was built with n_way={n_way} but the episode has labels in "
+            f"[{low}, {top}]; labels must be class indices in [0, n_way): set model.learner.init_args.n_way "
+            "to the data's n_way"
+        )
+
+
+def check_support_classes(labels: torch.Tensor, n_way: int) -> None:
+    """Raise a `ValueError` unless support labels are class indices in ``[0, n_way)`` and every task has an item
+    of every class.
+
+    Args:
+        labels: (T, S) support class indices.
+        n_way: number of classes (from ``episode.classes``).
+    """
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_way):
+        raise ValueError(
+            f"support labels must lie in [0, {n_way}) (n_way from episode.classes), got "
+            f"[{int(labels.min())}, {int(labels.max())}]; relabel classes per episode as 0..n_way-1"
+        )
+    if bool((F.one_hot(labels.long(), n_way).sum(1) == 0).any()):
+        raise ValueError(f"every one of the {n_way} classes needs at least one support item (n_shot >= 1)")
+
+
+def check_class_names(episode: Episode, learner: str) -> None:
+    """Raise a `ValueError` unless each task's ``classes`` names every class its labels use (label i is classes[i]).
+
+    Args:
+        episode: a batched classification episode.
+        learner: the learner's name, for the message.
+    """
+    top = torch.maximum(episode.support_labels.amax(1), episode.query_labels.amax(1))
+    short = [t for t in range(episode.n_tasks) if len(episode.classes[t]) <= int(top[t])]
+    if short:
+        raise ValueError(
+            f"{learner} pre-trains on class names: episode.classes of tasks {short} name fewer "
+            "classes than the labels use; the data module must fill episode.classes (label i is classes[i])"
+        )
+
+
+def check_one_structure_per_task(episode: Episode) -> None:
+    """Raise a `ValueError` unless every task of a batched segmentation episode names exactly one structure."""
+    if any(len(c) != 1 for c in episode.classes):
+        raise ValueError(f"segmentation episodes name one structure each, got classes {episode.classes}")
 
 
 def build_learner(config: dict[str, Any]) -> Learner:

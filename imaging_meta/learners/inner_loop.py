@@ -17,9 +17,9 @@ Two variants of the same steps:
   saved-tensor hooks, so it cannot checkpoint.
 
 Under ``vmap``, PyTorch's fused batch, instance and layer normalisation with affine parameters give wrong
-second-order meta-gradients (measured with torch 2.13 in float64: errors of 1e-4 to 1e-2 of the gradient's
-scale against the loop; non-affine normalisation and group norm were exact; likely the batching rule of their
-backward, pytorch/functorch#534). `DecomposedNorms` computes these three from elementary tensor operations,
+second-order meta-gradients (compared in float64 against the loop, the errors are far above rounding;
+non-affine normalisation and group norm are exact; likely the batching rule of their backward,
+pytorch/functorch#534). `DecomposedNorms` computes these three from elementary tensor operations,
 which are exact at every order; vmapped second-order inner loops run under it.
 
 Finn, Abbeel, Levine. "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks." ICML 2017.
@@ -105,11 +105,11 @@ def adapt(
             run each whole step (support forward, inner gradient with ``create_graph``, update) under
             ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. Between steps only the parameters are
             kept; the outer ``backward`` recomputes each step's forward and inner gradient, so memory grows
-            more slowly with the number of steps (measured at 84x84, 4 tasks: about half the growth per step),
-            for about 1.3-2x the time. Same values and gradients. (Checkpointing
-            the support forward alone saves nothing in second order: the graph of the inner gradient holds
-            the same activations.) ``loss_fn`` is called again during ``backward``, so it must not depend on
-            state that changes meanwhile; dropout is replayed with the saved RNG state.
+            more slowly with the number of steps, at the cost of time (see ``benchmarks/learner_steps.py``).
+            Same values and gradients. (Checkpointing the support forward alone saves nothing in second order:
+            the graph of the inner gradient holds the same activations.) ``loss_fn`` is called again during
+            ``backward``, so it must not depend on state that changes meanwhile; dropout is replayed with the
+            saved RNG state.
 
     Returns:
         The adapted parameters; with ``first_order=False`` they are differentiable functions of ``params``
@@ -258,7 +258,7 @@ class DecomposedNorms(TorchFunctionMode):
 
     Example:
         >>> with DecomposedNorms():
-        ...     losses = torch.func.vmap(task_loss)(support_images, support_labels)
+        ...     losses = torch.func.vmap(support_loss)(support_images, support_labels)
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -1,9 +1,57 @@
-"""Prototype pooling and similarity, shared by the prototypical learners."""
+"""Prototype pooling and similarity, and the class bookkeeping of episodes, shared by the metric learners.
+
+Classification (`episode_n_way`, `class_onehot`, `class_prototypes`): one-hot support labels and class means
+of embeddings, for ProtoNet, the Siamese and the matching network. Segmentation (`masked_average_pooling`,
+`local_prototypes`, ...): prototypes pooled from feature maps under masks, for PANet and ALPNet.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from imaging_meta.episode import Episode
+from imaging_meta.learners.base import check_support_classes
+
+
+def episode_n_way(episode: Episode) -> int:
+    """Number of classes of a batched classification episode.
+
+    Taken from ``episode.classes`` (the class names of the first task) when given, else from the largest
+    support label; every task of a batch has the same ``n_way``.
+    """
+    classes = episode.classes
+    if isinstance(classes, (list, tuple)) and classes and isinstance(classes[0], (list, tuple)) and classes[0]:
+        return len(classes[0])
+    return int(episode.support_labels.max()) + 1
+
+
+def class_onehot(labels: torch.Tensor, n_way: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One-hot support labels, checking that every class has a support item (`check_support_classes`).
+
+    Args:
+        labels: (T, S) class indices in ``[0, n_way)``.
+        n_way: number of classes.
+        dtype: floating type of the result.
+
+    Returns:
+        (T, S, n_way) one-hot matrix.
+    """
+    check_support_classes(labels, n_way)
+    return F.one_hot(labels.long(), n_way).to(dtype)
+
+
+def class_prototypes(embeddings: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """Mean support embedding of each class.
+
+    Args:
+        embeddings: (T, S, D) support embeddings.
+        onehot: (T, S, N) one-hot support labels (every class present).
+
+    Returns:
+        (T, N, D) prototypes.
+    """
+    return onehot.transpose(1, 2) @ embeddings / onehot.sum(1).unsqueeze(-1)
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,31 +1,36 @@
-"""The network that gradient-based learners adapt: a backbone and a task head, with the task's loss.
+"""The network that gradient-based learners adapt: a backbone and a task head, and its adaptation on a support set.
 
 MAML and its family, Reptile, Meta-LSTM and the fine-tuning baselines all adapt the same kind of network,
-so it lives here once:
+so it lives here once. The task kind (`imaging_meta.tasks.Task`) decides its shape:
 
 * classification: a pooled encoder (`imaging_meta.backbones.build_encoder`) and a linear head,
   (N, C, *spatial) -> (N, n_way) logits; labels are class indices in ``[0, n_way)``.
-* segmentation: dense backbone features and a 1x1 convolution, (N, C, H, W) -> (N, 2, H, W) logits
-  (background, foreground); labels are binary masks (N, H, W).
+* segmentation (a dense task): dense backbone features and a 1x1 convolution, (N, C, H, W) -> (N, 2, H, W)
+  logits (background, foreground); labels are binary masks (N, H, W).
 
 The head is the module ``head``: ANIL adapts only the parameters whose names start with ``head.``.
+`adapt_on_support` is the inner loop of one task on such a network (MAML's and Reptile's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imaging_meta.backbones import build_backbone, build_encoder
+from imaging_meta.learners.inner_loop import Params, adapt, functional_forward, split_state
+from imaging_meta.tasks import Task, get_task
 
-TASKS = ("classification", "segmentation")
 
+def check_task(task: str | Task) -> str:
+    """The name of a task kind (``"classification"``, ``"segmentation"``), checked by `imaging_meta.tasks.get_task`.
 
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    return task
+    Raises:
+        ValueError: for any other name, listing the valid ones.
+    """
+    return get_task(task).name
 
 
 class TaskNetwork(nn.Module):
@@ -48,17 +53,21 @@ class TaskNetwork(nn.Module):
         backbone_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        self.task = check_task(task)
+        kind = get_task(task)
+        self.task = kind.name
+        self.n_out = kind.n_outputs(n_way)
         kwargs = dict(backbone_kwargs or {})
-        if self.task == "classification":
-            if n_way < 2:
-                raise ValueError(f"n_way must be >= 2, got {n_way}")
-            self.body = build_encoder(backbone, in_channels, **kwargs)
-            self.head = nn.Linear(self.body.out_features, n_way)
-        else:
+        if kind.dense:
             self.body = build_backbone(backbone, in_channels, **kwargs)
-            self.head = nn.Conv2d(self.body.out_channels, 2, kernel_size=1)
-        self.n_out = n_way if self.task == "classification" else 2
+            self.head = nn.Conv2d(self.body.out_channels, self.n_out, kernel_size=1)
+        else:
+            self.body = build_encoder(backbone, in_channels, **kwargs)
+            self.head = nn.Linear(self.body.out_features, self.n_out)
+
+    @property
+    def kind(self) -> Task:
+        """The network's `imaging_meta.tasks.Task`: its loss and probabilities."""
+        return get_task(self.task)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, *spatial) -> (N, D) embeddings (classification) or (N, D, H, W) dense features."""
@@ -73,26 +82,39 @@ class TaskNetwork(nn.Module):
         return {f"head.{n}" for n, _ in self.head.named_parameters()}
 
 
-def task_loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for both tasks; segmentation adds a soft Dice term, since organs fill a small share of a slice.
+def adapt_on_support(
+    net: TaskNetwork,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    lr: float | Mapping[str, torch.Tensor],
+    first_order: bool,
+    names: set[str] | None = None,
+    params: Params | None = None,
+    checkpoint: bool = False,
+) -> tuple[Params, Params]:
+    """Adapt ``net`` to one task by gradient steps on the task loss of ``images`` and ``labels``.
 
     Args:
-        task: ``classification`` or ``segmentation``.
-        logits: (N, n_way) or (N, 2, H, W).
-        labels: (N,) class indices or (N, H, W) binary masks.
+        net: the network holding the meta-parameters.
+        images: (N, C, *spatial) inputs of one task.
+        labels: (N,) class indices or (N, H, W) masks.
+        steps: inner gradient steps.
+        lr: inner learning rate, a float or one tensor per adapted parameter.
+        first_order: drop the second-order terms.
+        names: parameters to adapt (default: all); the others stay at their meta-values.
+        params: starting values of the adapted parameters (default: the live meta-parameters).
+        checkpoint: checkpoint the activations of each inner step (see `inner_loop.adapt`).
+
+    Returns:
+        ``(adapted, frozen)``: the adapted parameters and the rest of the state, ready for
+        `functional_forward`.
     """
-    if task == "classification":
-        return F.cross_entropy(logits, labels.long())
-    target = (labels > 0.5).long()
-    ce = F.cross_entropy(logits, target)
-    fg = logits.softmax(1)[:, 1]
-    t = target.float()
-    inter = (fg * t).flatten(1).sum(1)
-    dice = (2 * inter + 1.0) / (fg.flatten(1).sum(1) + t.flatten(1).sum(1) + 1.0)
-    return ce + (1 - dice).mean()
+    live, frozen = split_state(net, names)
+    start = live if params is None else params
+    task_loss = net.kind.loss
 
+    def support_loss(p: Params) -> torch.Tensor:
+        return task_loss(functional_forward(net, p, frozen, images), labels)
 
-def task_probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """(N, n_way) class probabilities, or (N, H, W) foreground probabilities."""
-    probs = logits.softmax(1)
-    return probs if task == "classification" else probs[:, 1]
+    return adapt(net, support_loss, start, steps, lr, first_order, checkpoint=checkpoint), frozen

@@ -1,6 +1,6 @@
 """Tiny synthetic DICOM / NIfTI inputs for the scanner and reader tests, and ways to break them.
 
-The writers are `datamodules.demo.write_dicom_series` / `write_nifti`; the helpers here choose small
+The writers are `datamodules.synthetic.demo.write_dicom_series` / `write_nifti`; the helpers here choose small
 volumes, put distinctive fake PHI into every header, and damage files in the ways real data is damaged.
 """
 
@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from datamodules.demo import write_dicom_series, write_nifti
+from datamodules.synthetic.demo import write_dicom_series, write_nifti
 
 # distinctive fake identifiers: privacy tests grep the saved index for them
 FAKE_PHI = {

@@ -2,7 +2,7 @@
 
 import pytest
 
-from datamodules.atomic import atomic_open, atomic_write_text
+from datamodules.io.atomic import atomic_open, atomic_write_text
 
 
 def test_atomic_write_replaces_whole_and_an_error_keeps_the_old_file(tmp_path):

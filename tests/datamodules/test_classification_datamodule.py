@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.classification import (
-    ClassificationDataModule,
-    ClassificationEpisodeDataset,
-    RandItemAugment,
-    RandItemAugmentd,
-    split_classes,
-)
-from datamodules.items import ItemSource, ItemTable
-from datamodules.samplers import ClassificationEpisodeSampler
+from datamodules.base import EpisodicDataModule
+from datamodules.classification import ClassificationDataModule, ClassificationEpisodeDataset, split_classes
+from datamodules.sampling.samplers_classification import ClassificationEpisodeSampler
+from datamodules.sources.items import ItemSource, ItemTable
+from datamodules.transforms.augment import RandItemAugment, RandItemAugmentd
 from imaging_meta.episode import Episode
-from tests.datamodules.test_image_folder import write_folder
+from tests.helpers import write_folder
 
 
 class TableSource(ItemSource):
@@ -46,7 +42,7 @@ SMALL = dict(n_way=2, n_shot=1, n_query=2, val_classes_count=2, test_classes_cou
 
 def test_image_folder_end_to_end_yields_batched_episodes(tmp_path):
     root = write_folder(tmp_path / "data", n_classes=5, per_class=4)
-    source = {"class_path": "datamodules.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
+    source = {"class_path": "datamodules.sources.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
     dm = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), **SMALL)
     dm.prepare_data()
     dm.setup("fit")
@@ -118,6 +114,38 @@ def test_fixed_episodes_are_saved_reloaded_and_shared_by_settings(tmp_path):
     dm6 = ClassificationDataModule(**{**kw, "cache_dir": None})
     dm6.setup("test")
     assert dm6.episode_files == {} and [(e.support_ids, e.query_ids) for e in dm6.test_dataloader()] == a
+
+
+class OpaqueSource(TableSource):
+    """A source that keeps no attribute named like its argument, so it cannot describe its own config."""
+
+    def __init__(self, table_seed: int) -> None:
+        super().__init__()
+
+
+def test_the_episodic_datamodule_contract(tmp_path, caplog):
+    """What the module and the commands may ask (`EpisodicDataModule`), on a set-up classification datamodule."""
+    dm = ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path / "cache"), **{**SMALL, "val_episodes": 0})
+    dm.setup("fit")
+    assert isinstance(dm, EpisodicDataModule) and dm.task == "classification" and dm.describe()["task"] == dm.task
+    assert dm.n_way == 2 and dm.n_shot == 1 and not dm.label_free
+    test = dm.fixed_episodes("test")
+    assert len(test) == SMALL["test_episodes"] and set(dm.episode_files) == {"test"}
+    with pytest.raises(ValueError, match="no val episodes: the class split has no val classes or val_episodes is 0"):
+        dm.fixed_episodes("val")
+    # config() rebuilds the datamodule, its source included: the same split, the same episodes
+    cfg = dm.config()
+    assert cfg["class_path"] == "datamodules.classification.ClassificationDataModule"
+    assert cfg["init_args"]["source"] == {"class_path": f"{__name__}.TableSource",
+                                          "init_args": {"n_classes": 9, "per_class": 8, "small": -1, "small_count": 2}}
+    rebuilt = ClassificationDataModule(**cfg["init_args"])
+    rebuilt.setup("test")
+    assert rebuilt.split_digest() == dm.split_digest() and rebuilt.fixed_episodes("test") == test
+    # a source that cannot describe itself is left out, with a warning (evaluate then asks for --data-config)
+    opaque = ClassificationDataModule(source=OpaqueSource(0), cache_dir=None, **SMALL)
+    with caplog.at_level("WARNING", logger="datamodules.classification"):
+        assert "source" not in opaque.config()["init_args"]
+    assert "will not record the data source" in caplog.text
 
 
 def test_small_classes_are_dropped_with_a_warning_or_fail_clearly(tmp_path):

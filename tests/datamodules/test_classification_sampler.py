@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.samplers import (
+from datamodules.sampling.episode_files import load_episodes, save_episodes
+from datamodules.sampling.samplers_classification import (
     ClassificationEpisodeSampler,
     ClassificationEpisodeSpec,
     classification_infeasible,
-    load_episodes,
-    save_episodes,
     splittable,
 )
 
@@ -149,8 +148,7 @@ def test_golden_first_episode():
     """Seeded golden value: a change in the drawing order must be a deliberate one."""
     labels, patients, sites = cohort()
     spec = next(iter(ClassificationEpisodeSampler(labels, patients, sites, n_way=3, n_shot=1, n_query=2, n_episodes=1, seed=0)))
-    rng = np.random.default_rng([0, 0, 0])
-    assert list(spec.classes) == [int(c) for c in rng.choice(list(range(8)), size=3, replace=False)]
+    # literals computed once by printing this spec (numpy 2.4); a golden value is never recomputed with the same RNG call
     assert spec == ClassificationEpisodeSpec(classes=(4, 7, 5), support=(53, 86, 63), query=(49, 50, 93, 94, 69, 70),
                                              seed=172656924)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from datamodules.demo import (
+from datamodules.synthetic.demo import (
     LESION_COLUMNS,
     LESION_TYPES,
     MARKER,
@@ -185,7 +185,7 @@ def test_refuses_a_non_empty_folder_and_bad_arguments(tmp_path):
     assert (tmp_path / "x" / "keep.txt").read_text() == "user data"
     assert not demo_is_complete(tmp_path / "x") and not demo_is_complete(tmp_path / "missing")
     (tmp_path / "old").mkdir()  # a cohort written by an older version of the generator (no lesions)
-    (tmp_path / "old" / MARKER).write_text(json.dumps({"generator": "datamodules.demo.generate_demo_cohort", "version": 1}))
+    (tmp_path / "old" / MARKER).write_text(json.dumps({"generator": "datamodules.synthetic.demo.generate_demo_cohort", "version": 1}))
     assert not demo_is_complete(tmp_path / "old")
     with pytest.raises(FileExistsError, match="version 1.*delete the folder"):
         generate_demo_cohort(tmp_path / "old", patients_per_site=1)

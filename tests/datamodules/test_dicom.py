@@ -13,7 +13,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
-from datamodules.dicom import (
+from datamodules.io.dicom import (
     DicomError,
     DicomSeriesError,
     DicomSeriesReader,

@@ -2,49 +2,16 @@
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import torch
-from PIL import Image
 
-from datamodules.image_folder import ImageFolder, load_image
-from datamodules.scan import pseudonym
-from tests.datamodules.dicom_fixtures import FAKE_PHI, affine_ras, edit, header, truncate, write_series
-
-
-def pattern(c: int, k: int, size=(20, 24)) -> np.ndarray:
-    """A class-specific uint8 pattern with per-item noise (never constant)."""
-    rng = np.random.default_rng(100 * c + k)
-    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
-    base = 127 + 100 * np.sin((c + 1) * xx / 5.0 + c * yy / 7.0)
-    return np.clip(base + 10 * rng.standard_normal(size), 0, 255).astype(np.uint8)
-
-
-def write_png(path: Path, array: np.ndarray, **kw) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, **kw)
-    return path
-
-
-def write_dicom(folder: Path, hu: np.ndarray, name: str, **hdr) -> Path:
-    """One single-frame CT file holding the 2D HU image ``hu`` (rows, columns) as pixel_array."""
-    return write_series(folder, hu.T[:, :, None].astype(np.float64), affine_ras(), hdr=header(**hdr),
-                        file_names=[name])[0]
-
-
-def write_folder(root: Path, n_classes=3, per_class=4, dicom_class=True) -> Path:
-    """PNG classes (patients named in the file names: P<k//2>_...) and, optionally, a class of CT DICOMs."""
-    for c in range(n_classes):
-        for k in range(per_class):
-            write_png(root / f"class{c}" / f"P{k // 2}_img{k}.png", pattern(c, k))
-    if dicom_class:
-        for k in range(per_class):
-            hu = (pattern(9, k).astype(np.float64) - 128) * 3  # about -380..380 HU
-            write_dicom(root / "ct_class" / f"patient{k}", hu, f"IM_{k}.dcm", PatientID=f"PHITEST-ID-{k % 2}")
-    return root
+from datamodules.indexing.scan import pseudonym
+from datamodules.sources.image_folder import ImageFolder, load_image
+from tests.datamodules.dicom_fixtures import FAKE_PHI, edit, truncate
+from tests.helpers import pattern, write_dicom, write_folder, write_png
 
 
 def test_pngs_and_dicoms_load_with_pseudonymous_ids(tmp_path):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.demo import write_nifti
-from datamodules.items import ItemTable
-from datamodules.lesion_csv import LesionCSV, extract_patches, lesion_patches
+from datamodules.sources.items import ItemTable
+from datamodules.sources.lesion_csv import LesionCSV, extract_patches, lesion_patches
+from datamodules.synthetic.demo import write_nifti
 
 LPS = np.array([-1.0, -1.0, 1.0])
 BLOB = np.array([12.0, -20.0, 31.0])  # RAS mm
@@ -73,8 +73,8 @@ _ORGAN_CACHE: dict[str, tuple] = {}
 
 def _organ_mean(root: Path, row: dict) -> float:
     """Mean of the organ's voxels in the preprocessed volume (the intensities the patches are sampled from)."""
-    from datamodules.demo import ORGANS
-    from datamodules.lesion_csv import load_volume
+    from datamodules.sources.lesion_csv import load_volume
+    from datamodules.synthetic.demo import ORGANS
 
     image = row["image"]
     if image not in _ORGAN_CACHE:

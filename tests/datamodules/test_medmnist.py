@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.medmnist import MedMNIST
+from datamodules.sources.medmnist import MedMNIST
 
 
 def write_npz(path: Path, shape=(28, 28), n_classes=3, per_split=(6, 2, 2), labels_fn=None, **override) -> Path:

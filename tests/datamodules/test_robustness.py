@@ -24,11 +24,11 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless, JPEGLosslessSV1
 
-import datamodules.scan as scan_module
-from datamodules.dicom import JPEG_EXTRA, DicomSeriesError, DicomSeriesReader, decoder_problem, read_header
-from datamodules.index import Index
-from datamodules.scan import scan_folder, scan_to_file
-from datamodules.transforms import volume_transforms
+import datamodules.indexing.scan as scan_module
+from datamodules.indexing.index import Index
+from datamodules.indexing.scan import scan_folder, scan_to_file
+from datamodules.io.dicom import JPEG_EXTRA, DicomSeriesError, DicomSeriesReader, decoder_problem, read_header
+from datamodules.transforms.volume import volume_transforms
 from tests.datamodules.dicom_fixtures import (
     affine_ras,
     edit,
@@ -293,7 +293,7 @@ def test_symlink_loops_do_not_hang_the_scan(tmp_path, caplog):
     (root / "ping").symlink_to("pong")  # two links pointing at each other
     (root / "pong").symlink_to("ping")
     (root / "gone.nii.gz").symlink_to(root / "missing.nii.gz")
-    with caplog.at_level(logging.WARNING, logger="datamodules.scan"):
+    with caplog.at_level(logging.WARNING, logger="datamodules.indexing.scan"):
         index = scan_folder(root)
     assert indexed(index) == ["a/b/ok.nii.gz"]  # indexed once, not again through the link
     assert any("a/b/up: a link to a folder already scanned" in r.getMessage() for r in caplog.records)
@@ -320,14 +320,14 @@ def test_scan_indexes_the_good_files_and_lists_every_bad_one(tmp_path, no_decode
     (tmp_path / "readme.txt").write_text("hello")
     vol = good_nifti(tmp_path / "crash.nii.gz", 17)
     write_nifti(label_for(vol), affine_ras(), tmp_path / "crash_seg.nii.gz")
-    real = scan_module._label_values
+    real = scan_module.label_values
 
     def label_values(path, rel, image):  # an unforeseen failure on one input must not stop the scan
         if rel == "crash_seg.nii.gz":
             raise RuntimeError("simulated failure")
         return real(path, rel, image)
 
-    monkeypatch.setattr(scan_module, "_label_values", label_values)
+    monkeypatch.setattr(scan_module, "label_values", label_values)
     index = scan_folder(tmp_path)
     assert indexed(index) == ["dcm_ok", "n1.nii.gz", "n2.nii.gz"]
     assert index.case(index.cases[1].case_id).label == "n1_seg.nii.gz"

@@ -14,10 +14,10 @@ import pytest
 from monai.data import NibabelReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
-from datamodules.demo import ORGANS, generate_demo_cohort
-from datamodules.dicom import DicomSeriesReader
-from datamodules.index import Index
-from datamodules.scan import pseudonym, scan_folder, scan_to_file, site_key
+from datamodules.indexing.index import Index
+from datamodules.indexing.scan import pseudonym, scan_folder, scan_to_file, site_key
+from datamodules.io.dicom import DicomSeriesReader
+from datamodules.synthetic.demo import ORGANS, generate_demo_cohort
 from tests.datamodules.dicom_fixtures import (
     FAKE_PHI,
     affine_ras,
@@ -76,9 +76,8 @@ def case_of(index: Index, image_prefix: str):
 
 
 # ------------------------------------------------------------------------------------- the tree
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scan") / "data"
+def write_dicom_cases(root: Path) -> None:
+    """Good, ambiguous and broken DICOM series under ``root/dicom``, and a series in an images/labels layout."""
     d = root / "dicom"
     # A: a good CT series, reversed instance order, random names; its label stored with swapped+flipped axes
     vol_a, aff_a = phantom(seed=1), affine_ras(rot_deg=10.0)
@@ -111,7 +110,10 @@ def tree(tmp_path_factory):
     vol_s = phantom((8, 8, 4), 14)
     write_series(root / "cohort" / "images" / "S01", vol_s, seed=14, hdr=header(PatientID="PHITEST-S"))
     write_nifti(label_for(vol_s), affine_ras(), root / "cohort" / "labels" / "S01.nii.gz")
-    # single odd files: multi-frame, no pixel data, not DICOM
+
+
+def write_odd_dicom_files(d: Path) -> None:
+    """Single files that are not slices: multi-frame, no pixel data (RTSTRUCT), and a text file."""
     mf = write_series(d / "misc" / "mf", phantom((8, 8, 1), 9), seed=9)[0]
 
     def multi(ds):
@@ -130,10 +132,10 @@ def tree(tmp_path_factory):
     edit(rs, rtstruct)
     (d / "misc" / "notes.txt").write_text("scanner notes\n")
 
-    # NIfTI with conventional labels
+
+def write_nifti_cases(root: Path, img: np.ndarray, aff: np.ndarray) -> None:
+    """NIfTI images with conventional label names under ``root/nifti``: good, mismatched and broken ones."""
     n = root / "nifti"
-    aff = affine_ras()
-    img = phantom((8, 8, 4), 11)
     write_nifti(img, aff, n / "good.nii.gz")
     write_reoriented_nifti(label_for(img, values=(1, 2)), aff, n / "good_seg.nii.gz", SWAP_FLIP)
     write_nifti(img, aff, n / "badshape.nii.gz")
@@ -154,6 +156,9 @@ def tree(tmp_path_factory):
     write_nifti(label_for(img), aff, n / "orphan_seg.nii.gz")
     write_nifti(img, aff, n / "unlabelled.nii")
 
+
+def write_layouts(root: Path, img: np.ndarray, aff: np.ndarray) -> None:
+    """nnU-Net, Decathlon (with macOS junk) and BIDS layouts."""
     # nnU-Net naming: imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz
     write_nifti(img, aff, root / "nnunet" / "imagesTr" / "c1_0000.nii.gz")
     write_nifti(label_for(img), aff, root / "nnunet" / "labelsTr" / "c1.nii.gz")
@@ -179,6 +184,16 @@ def tree(tmp_path_factory):
     write_nifti(img + 5, aff, anat / "sub-07_T2w.nii.gz")
     (root / "bids" / "stray.json").write_text("{}")
 
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scan") / "data"
+    write_dicom_cases(root)
+    write_odd_dicom_files(root / "dicom")
+    aff = affine_ras()
+    img = phantom((8, 8, 4), 11)
+    write_nifti_cases(root, img, aff)
+    write_layouts(root, img, aff)
     # links: a loop back to the root, and a broken one
     (root / "loop").symlink_to(root, target_is_directory=True)
     (root / "broken.nii.gz").symlink_to(root / "does_not_exist.nii.gz")

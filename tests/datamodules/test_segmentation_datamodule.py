@@ -1,11 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from datamodules.base import EpisodicDataModule, digest
 from datamodules.segmentation import SegmentationDataModule
 from imaging_meta.episode import Episode
-from tests.conftest import SMALL_DATA
+from tests.helpers import SMALL_DATA
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +73,21 @@ def test_report_quotes_the_episode_files_hash(dm):
     desc = dm.describe()
     for stage in ("val", "test"):
         assert desc["episodes_sha256"][stage] == json.loads(dm.episode_files[stage].read_text())["sha256"]
+
+
+def test_the_episodic_datamodule_contract(dm):
+    """What the module and the commands may ask (`EpisodicDataModule`), on a set-up segmentation datamodule."""
+    assert isinstance(dm, EpisodicDataModule) and dm.task == "segmentation"
+    assert dm.n_way is None and dm.n_shot == SMALL_DATA["n_shot"] and not dm.label_free
+    assert dm.preprocessing["slice_size"] == [32, 32]
+    test = dm.fixed_episodes("test")
+    assert len(test) == SMALL_DATA["test_episodes"] and test == dm.fixed_episodes("test")
+    assert [e.query_ids for e in dm.test_dataloader()][0][0] == [dm.cases[c].case_id for c, _ in test[0].query]
+    assert set(dm.episode_files) == {"val", "test"} and len(dm.split_digest()) == 16
+    # config() rebuilds the same settings: the same episode files, no secret (the salt) stored
+    cfg = dm.config()
+    assert cfg["class_path"] == "datamodules.segmentation.SegmentationDataModule" and "salt" not in cfg["init_args"]
+    rebuilt = SegmentationDataModule(**cfg["init_args"])
+    assert rebuilt.episode_path("test") == dm.episode_files["test"]
+    # the digest names cache folders and is stored in checkpoints as the split digest: it must never change
+    assert digest({"train": ["c-1"], "protocol": "cross_organ", "p": Path("/x")}) == "8ae46709447b7216"

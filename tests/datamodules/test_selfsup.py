@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.segmentation import SegmentationDataModule
-from datamodules.selfsup import (
+from datamodules.sampling.samplers_selfsup import (
     MixedEpisodeSampler,
-    SuperpixelEpisodeDataset,
     SuperpixelEpisodeSampler,
     SuperpixelEpisodeSpec,
-    warp,
 )
-from datamodules.superpixels import volume_superpixels
+from datamodules.sampling.selfsup import SuperpixelEpisodeDataset
+from datamodules.segmentation import SegmentationDataModule
+from datamodules.transforms.augment import warp
+from datamodules.transforms.superpixels import volume_superpixels
 from imaging_meta.episode import collate_episodes
-from tests.conftest import SMALL_DATA
+from tests.helpers import SMALL_DATA
 
 
 class NoLabels(dict):
@@ -55,7 +55,7 @@ def volumes():
 
 
 def _tables(volumes, min_pixels=10):
-    from datamodules.superpixels import superpixel_table
+    from datamodules.transforms.superpixels import superpixel_table
 
     return {v: superpixel_table(vol["superpixels"][0], min_pixels) for v, vol in enumerate(volumes)}
 
@@ -172,8 +172,8 @@ def test_a_short_self_supervised_fit_beats_the_untrained_encoder_on_held_out_org
 
     from lightning.pytorch import Trainer
 
-    from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
-    from imaging_meta.metrics import dice_score
+    from imaging_meta.evaluation.metrics import dice_score
+    from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
     from imaging_meta.module import EpisodicModule
 
     data = {**SMALL_SELFSUP, "test_episodes": 40, "episodes_per_epoch": 80, "batch_size": 4, "val_episodes": 0,
@@ -209,8 +209,8 @@ def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(
     import yaml
     from lightning.pytorch import Trainer
 
-    from imaging_meta.evaluate import evaluate
-    from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+    from imaging_meta.commands.evaluate import evaluate
+    from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
     from imaging_meta.module import EpisodicModule
 
     dm = SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path / "cache"), **SMALL_SELFSUP)

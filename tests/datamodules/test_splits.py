@@ -1,7 +1,9 @@
+"""Seeded, patient-disjoint splits: in-domain, cross-organ and cross-site protocols."""
+
 import pytest
 
-from datamodules.index import Case
-from datamodules.splits import make_split, split_patients
+from datamodules.indexing.index import Case
+from datamodules.indexing.splits import make_split, split_patients
 
 ORGANS = {"liver": 1, "spleen": 2, "kidney_left": 3, "stomach": 4}
 

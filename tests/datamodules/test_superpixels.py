@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from datamodules.superpixels import (
+from datamodules.transforms.superpixels import (
     DEFAULT_SETTINGS,
     Superpixelsd,
     body_mask,

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.demo import write_dicom_series, write_nifti
-from datamodules.transforms import ModalityIntensity, volume_transforms
+from datamodules.synthetic.demo import write_dicom_series, write_nifti
+from datamodules.transforms.volume import ModalityIntensity, volume_transforms
 
 
 def _volume(seed=0):
@@ -24,7 +24,7 @@ def test_dicom_and_nifti_give_the_same_arrays(tmp_path):
                                modality="CT", reverse=True, shuffle_names=True, rng=np.random.default_rng(1))
     write_nifti(np.round(vol), affine, tmp_path / "img.nii.gz")
     write_nifti(lbl, affine, tmp_path / "lbl.nii.gz")
-    from datamodules.dicom import DicomSeriesReader
+    from datamodules.io.dicom import DicomSeriesReader
 
     ordered = DicomSeriesReader().read(str(tmp_path / "dcm"))  # folder: grouped and ordered by geometry
     assert ordered is not None and len(files) == 12

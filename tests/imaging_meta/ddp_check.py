@@ -22,11 +22,11 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from datamodules.classification import ClassificationDataModule
-from datamodules.loading import episode_loader
-from datamodules.medmnist import MedMNIST
-from imaging_meta.learners.maml import MAML
-from imaging_meta.learners.protonet import PrototypicalNetwork
-from imaging_meta.learners.reptile import Reptile
+from datamodules.sampling.loading import episode_loader
+from datamodules.sources.medmnist import MedMNIST
+from imaging_meta.learners.gradient.maml import MAML
+from imaging_meta.learners.gradient.reptile import Reptile
+from imaging_meta.learners.metric.protonet import PrototypicalNetwork
 from imaging_meta.module import EpisodicModule
 
 # SGD, not Adam, for the comparison with one process: the conv biases before BatchNorm have a gradient that is

@@ -8,14 +8,14 @@ the mask is the ellipse.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from imaging_meta.episode import Episode, collate_episodes
 
 
-def _patterns(n_classes: int, channels: int, size: int, seed: int) -> torch.Tensor:
+def lesion_patterns(n_classes: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    """``n_classes`` smooth random class patterns, (n_classes, channels, size, size), seeded by ``seed``."""
     g = torch.Generator().manual_seed(10_000 + seed)
     coarse = torch.randn(n_classes, channels, 4, 4, generator=g)
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
@@ -47,7 +47,7 @@ def classification_episode(
     Classes of task ``t`` are drawn from patterns ``class_offset .. class_offset + n_classes - 1`` (use two
     disjoint ranges for meta-train and meta-test classes).
     """
-    patterns = _patterns(class_offset + n_classes, channels, size, 0)
+    patterns = lesion_patterns(class_offset + n_classes, channels, size, 0)
     g = torch.Generator().manual_seed(seed)
     eps = []
     for t in range(tasks):
@@ -139,7 +139,7 @@ TINY_UNET = {"out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}
 
 def tiny_maml(cls=None, **kw):
     """A seeded 3-way MAML-family learner (``cls``: MAML, ANIL, MetaSGD...) on a tiny Conv-4, 2 inner steps."""
-    from imaging_meta.learners.maml import MAML
+    from imaging_meta.learners.gradient.maml import MAML
 
     torch.manual_seed(0)
     args = {"n_way": 3, "backbone_kwargs": TINY, "inner_steps": 2, "inner_lr": 0.3}
@@ -157,13 +157,3 @@ class TrackingBody(nn.Module):
 
     def forward(self, x):
         return self.net(x)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets: one intra-op thread is faster than two and keeps a module's CPU time low. Import it into a
-    test module to make it apply there (it restores the thread count afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

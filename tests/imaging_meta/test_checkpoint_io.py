@@ -5,11 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaging_meta.checkpoint_io import AtomicCheckpointIO
-from imaging_meta.cli import lightning_cli
-from imaging_meta.learners.protonet import PrototypicalNetwork
+from imaging_meta.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_learner
+from imaging_meta.commands.cli import lightning_cli
+from imaging_meta.learners.metric.protonet import PrototypicalNetwork
 from imaging_meta.module import EpisodicModule
-from imaging_meta.predict import CheckpointError, load_learner
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -41,8 +40,8 @@ def test_fit_writes_checkpoints_through_the_atomic_writer(tmp_path):
 
 def test_a_checkpoint_of_another_learner_is_refused_with_the_fix():
     module = EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4}), baselines=False)
-    other = {"imaging_meta": {"learner_config": {"class_path": "imaging_meta.learners.maml.MAML", "init_args": {}}}}
-    with pytest.raises(ValueError, match=r"holds a imaging_meta\.learners\.maml\.MAML learner.*use the checkpoint's model config"):
+    other = {"imaging_meta": {"learner_config": {"class_path": "imaging_meta.learners.gradient.maml.MAML", "init_args": {}}}}
+    with pytest.raises(ValueError, match=r"holds a imaging_meta\.learners\.gradient\.maml\.MAML learner.*use the checkpoint's model config"):
         module.on_load_checkpoint(other)
 
 

@@ -1,4 +1,4 @@
-"""`classify(..., explain=True)` and `imaging_meta.explain`: nearest support items and occlusion saliency."""
+"""`classify(..., explain=True)` and `imaging_meta.commands.explain`: nearest support items and occlusion saliency."""
 
 import csv
 import json
@@ -9,17 +9,22 @@ import pytest
 import torch
 from torch import nn
 
-from imaging_meta.classify import classify, explain_dir
-from imaging_meta.cli import cli_main
+from imaging_meta.commands.classify import classify, explain_dir
+from imaging_meta.commands.cli import cli_main
+from imaging_meta.commands.explain import (
+    default_patch,
+    nearest_supports,
+    occlusion_saliency,
+    save_explanation_panel,
+)
 from imaging_meta.episode import Episode
-from imaging_meta.explain import default_patch, nearest_supports, occlusion_saliency, save_explanation_panel
-from imaging_meta.learners.base import Learner
-from imaging_meta.learners.maml import MAML
-from imaging_meta.learners.matching import MatchingNetwork
-from imaging_meta.learners.protonet import PrototypicalNetwork
-from imaging_meta.learners.siamese import SiameseNetwork
-from tests.imaging_meta.fewshot import _patterns
-from tests.imaging_meta.test_learner_configs import cls_args, write_png
+from imaging_meta.learners.base import Learner, SimilarityMeasure
+from imaging_meta.learners.gradient.maml import MAML
+from imaging_meta.learners.metric.matching import MatchingNetwork
+from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+from imaging_meta.learners.metric.siamese import SiameseNetwork
+from tests.helpers import cls_args, write_png
+from tests.imaging_meta.fewshot import lesion_patterns
 
 REGION = (slice(8, 16), slice(8, 16))  # rows, columns the stub looks at, in a 24 x 24 image
 
@@ -130,6 +135,49 @@ def test_each_learner_family_names_its_measure():
     assert occ.n_occlusions == 4 and torch.isfinite(occ.saliency).all()
 
 
+class PooledLearner(RegionLearner):
+    """A learner explain.py has never heard of, with an encoder of its own under a name of its choosing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.position_bias = [], 0.0
+        self.trunk = nn.Sequential(nn.Flatten())
+
+    def encoder_name(self) -> str:
+        return "trunk"
+
+
+class ScoringLearner(RegionLearner):
+    """A learner with a rule of its own: the support items' mean intensity, larger is nearer."""
+
+    tasks_independent = False
+
+    @property
+    def similarity_measure(self) -> SimilarityMeasure:
+        return SimilarityMeasure("mean_intensity", "the support item's mean intensity", "similarity", True)
+
+    def support_similarity(self, episode: Episode) -> torch.Tensor:
+        ep = episode.unsqueeze()
+        return ep.support_images.flatten(2).mean(-1).unsqueeze(1).expand(-1, ep.query_images.shape[1], -1)
+
+
+def test_a_new_learner_explains_through_its_own_methods():
+    ep = small_episode()
+    near = nearest_supports(PooledLearner(), ep, k=6)
+    brute = [float(((ep.query_images[0] - s) ** 2).sum().sqrt()) for s in ep.support_images]
+    assert near.measure == "encoder_euclidean" and "PooledLearner.trunk" in near.description
+    assert np.allclose(near.values[0].tolist(), sorted(brute), atol=1e-5)
+    learner = ScoringLearner()
+    learner.calls, learner.position_bias = [], 0.0
+    near = nearest_supports(learner, ep, k=2)
+    means = ep.support_images.flatten(1).mean(-1)
+    assert near.measure == "mean_intensity" and near.larger_is_nearer
+    assert near.indices[0].tolist() == means.argsort(descending=True)[:2].tolist()
+    # a learner whose predictions depend on a task's place in the batch is given one episode per call
+    occ = occlusion_saliency(learner, region_episode(), patch_size=12, stride=12)
+    assert occ.n_occlusions == 4 and learner.calls == [1] * 5
+
+
 def test_panel_png_opens(tmp_path):
     from PIL import Image
 
@@ -146,7 +194,7 @@ CLASSES = ("cyst", "haemangioma", "metastasis")
 
 def write_folders(root: Path) -> tuple[Path, Path]:
     """A support folder (2-4 PNGs per class) and a query folder (one PNG per class), 28 x 28."""
-    pats = _patterns(3, 1, 28, 99)[:, 0].numpy()
+    pats = lesion_patterns(3, 1, 28, 99)[:, 0].numpy()
     rng = np.random.default_rng(1)
 
     def img(c):

@@ -6,20 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from imaging_meta.cli import cli_main, lightning_cli
-from tests.conftest import SMALL_DATA
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SMALL_MODEL = ["--model.learner.init_args.backbone_kwargs", '{"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]}']
-
-
-def data_args(root, index_path, cache):
-    args = ["--data.init_args.root", str(root), "--data.init_args.index_path", str(index_path), "--data.init_args.cache_dir", str(cache)]
-    for k, v in SMALL_DATA.items():
-        args += [f"--data.init_args.{k}", yaml.safe_dump(list(v) if isinstance(v, tuple) else v, default_flow_style=True).strip().removesuffix("\n...")]
-    return args
+from imaging_meta.commands.cli import cli_main, lightning_cli
+from tests.helpers import CONFIGS, SMALL_MODEL, data_args
 
 
 @pytest.mark.parametrize("trainer", sorted(p.name for p in (CONFIGS / "trainer").glob("*.yaml")))
@@ -43,6 +32,38 @@ def test_every_config_instantiates(trainer, tmp_path):
             cli = lightning_cli(args[1:], run=False)
             assert cli.model.learner.task == data_task, (data.name, model.name)
             assert cli.datamodule.hparams.n_shot >= 1
+
+
+def test_n_way_is_set_once_in_the_data_config(tmp_path, capsys):
+    """The data config's n_way reaches the learners that take one; an old model config that repeats it works
+    when it agrees and fails, naming the fix, when it does not; segmentation (no n_way anywhere) is untouched."""
+
+    def parse(data: str, model: Path, *extra: str):
+        return lightning_cli(["--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data" / data),
+                              "--config", str(model), "--trainer.logger.init_args.save_dir", str(tmp_path), *extra], run=False)
+
+    models = CONFIGS / "model"
+    assert not any("n_way" in m.read_text() for m in models.glob("*.yaml")), "n_way belongs in the data configs only"
+    cli = parse("demo_classification.yaml", models / "maml_cls.yaml", "--data.init_args.n_way", "3")
+    assert cli.datamodule.n_way == 3 and cli.model.learner.n_way == 3
+    cli = parse("demo_classification.yaml", models / "protonet_cls.yaml", "--data.init_args.n_way", "3")
+    assert cli.datamodule.n_way == 3  # a learner without an n_way argument leaves the link unused
+    assert parse("demo_segmentation.yaml", models / "maml_seg.yaml").datamodule.n_way is None
+
+    def old_config(n_way: int) -> Path:  # a model config written before the link: it repeats n_way
+        text = (models / "maml_cls.yaml").read_text().replace("task: classification\n",
+                                                              f"task: classification\n      n_way: {n_way}\n")
+        assert f"n_way: {n_way}" in text
+        path = tmp_path / f"maml_cls_{n_way}way.yaml"
+        path.write_text(text)
+        return path
+
+    assert parse("demo_classification.yaml", old_config(3), "--data.init_args.n_way", "3").model.learner.n_way == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse("demo_classification.yaml", old_config(3))  # the data says 5
+    err = capsys.readouterr().err
+    assert "model.learner.init_args.n_way=3 but data.init_args.n_way=5" in err and "remove n_way from the model config" in err
 
 
 def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp_path, capsys):
@@ -71,7 +92,8 @@ def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp
 def test_fast_dev_run(demo_root, demo_index, tmp_path):
     args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
             "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL, *data_args(demo_root, demo_index[1], tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "true"]
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "true",
+            "--trainer.default_root_dir", str(tmp_path)]  # fast_dev_run drops the logger: checkpoints go here, not to ./
     cli = cli_main(args)
     assert cli.trainer.state.finished
 
@@ -116,7 +138,7 @@ def test_segment_writes_masks_in_the_query_geometry(demo_root, demo_index, tmp_p
 
 
 def test_segment_rejects_bad_checkpoints(tmp_path):
-    from imaging_meta.predict import CheckpointError, load_learner
+    from imaging_meta.checkpoint_io import CheckpointError, load_learner
 
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.imaging_meta.test_learner_configs import write_medmnist
+from tests.helpers import write_medmnist
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,21 +17,22 @@ from PIL import Image
 
 from datamodules.classification import ClassificationDataModule
 from datamodules.segmentation import SegmentationDataModule
-from imaging_meta.cli import cli_main
-from imaging_meta.evaluate import evaluate
-from imaging_meta.evaluation import classification_summary, compare_runs, ece_bootstrap, summarize
-from imaging_meta.learners.protonet import PrototypicalNetwork
-from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
-from imaging_meta.metrics import (
+from imaging_meta.commands.cli import cli_main
+from imaging_meta.commands.evaluate import evaluate
+from imaging_meta.evaluation.metrics import (
     balanced_accuracy,
     calibration_bins,
     expected_calibration_error,
     hausdorff95_mm,
     macro_auc,
 )
+from imaging_meta.evaluation.reports import compare_runs
+from imaging_meta.evaluation.statistics import ece_bootstrap, evaluation_summary, summarize
+from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
 from imaging_meta.module import EpisodicModule
-from tests.conftest import SMALL_DATA
-from tests.datamodules.test_image_folder import write_folder
+from imaging_meta.tasks import CLASSIFICATION
+from tests.helpers import SMALL_DATA, write_folder
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -70,8 +71,10 @@ def _cls_records(n_episodes=30, seed=0):
         for j in range(6):
             label = j % 3
             p = g.dirichlet(np.ones(3))
-            recs.append({"method": "trained", "episode": ep, "shot": 1, "classes": ["a", "b", f"c{ep % 2}"],
-                         "label": label, "probs": p.tolist(), "site": "s1" if ep % 3 else "s2", "query_id": f"q{j}"})
+            classes = ["a", "b", f"c{ep % 2}"]
+            recs.append({"method": "trained", "episode": ep, "shot": 1, "classes": classes, "class": classes[label],
+                         "label": label, "probs": p.tolist(), "acc": float(int(p.argmax()) == label),
+                         "site": "s1" if ep % 3 else "s2", "query_id": f"q{j}"})
     return recs
 
 
@@ -99,7 +102,7 @@ def test_per_class_cells_average_within_episode_then_over_episodes():
 
 def test_classification_summary_breaks_down_by_class_site_and_shot():
     recs = _cls_records() + [dict(r, shot=5) for r in _cls_records(seed=1)]
-    s = classification_summary(recs)
+    s = evaluation_summary(CLASSIFICATION, recs)
     assert set(s) == {"1", "5"}
     for k in ("1", "5"):
         assert set(s[k]) == {"acc", "balanced_acc", "auc", "ece", "calibration"}
@@ -197,7 +200,7 @@ def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, t
 
 def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, capsys):
     root = write_folder(tmp_path / "data", n_classes=6, per_class=6, dicom_class=False)
-    source = {"class_path": "datamodules.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
+    source = {"class_path": "datamodules.sources.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
     dm = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), n_way=2, n_shot=1, n_query=2,
                                   val_classes_count=2, test_classes_count=2, episodes_per_epoch=4, val_episodes=2,
                                   test_episodes=4, batch_size=2)
@@ -222,7 +225,7 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
 
 @pytest.mark.parametrize("protocol", ["in_domain", "cross_organ", "cross_site"])
 def test_protocol_configs_layer_over_the_demo_data_config(protocol, tmp_path):
-    from imaging_meta.cli import lightning_cli
+    from imaging_meta.commands.cli import lightning_cli
 
     configs = Path(__file__).resolve().parents[2] / "configs"
     cli = lightning_cli(["--config", str(configs / "trainer/cpu.yaml"), "--config", str(configs / "data/demo_segmentation.yaml"),

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from imaging_meta.evaluation import mean_ci, summarize, to_markdown, write_report
+from imaging_meta.evaluation.reports import to_markdown, write_report
+from imaging_meta.evaluation.statistics import mean_ci, summarize
 
 
 def test_mean_ci_golden():

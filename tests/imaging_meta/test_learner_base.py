@@ -3,7 +3,7 @@
 import pytest
 
 from imaging_meta.learners.base import build_learner
-from imaging_meta.learners.maml import MAML
+from imaging_meta.learners.gradient.maml import MAML
 
 
 class NoInit(MAML):

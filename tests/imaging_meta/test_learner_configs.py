@@ -8,53 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imaging_meta.cli import cli_main
-from tests.conftest import SMALL_DATA
-from tests.imaging_meta.fewshot import _patterns
-from tests.imaging_meta.test_cli import data_args
+from imaging_meta.commands.cli import cli_main
+from tests.helpers import CONFIGS, SMALL_DATA, cls_args, data_args, write_png
+from tests.imaging_meta.fewshot import lesion_patterns
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CLS_MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*_cls.yaml"))
 SEG_MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*_seg.yaml") if p.stem != "protonet_seg")  # test_cli has it
-
-
-def write_medmnist(folder: Path, n_files: int = 2, classes_per_file: int = 10, per_class: int = 8) -> list[str]:
-    """Tiny MedMNIST-format files (uint8 28x28, labels (N, 1)) with learnable class patterns."""
-    pats = _patterns(n_files * classes_per_file, 1, 28, 7)[:, 0]
-    rng = np.random.default_rng(0)
-    paths = []
-    for f in range(n_files):
-        imgs, labels = [], []
-        for c in range(classes_per_file):
-            base = pats[f * classes_per_file + c].numpy()
-            for _ in range(per_class):
-                x = base + 0.5 * rng.standard_normal(base.shape)
-                imgs.append(np.clip(128 + 40 * x, 0, 255).astype(np.uint8))
-                labels.append([c])
-        imgs, labels = np.stack(imgs), np.asarray(labels, dtype=np.int64)
-        n = len(imgs)
-        order = rng.permutation(n)
-        cut = [int(0.7 * n), int(0.85 * n)]
-        parts = np.split(order, cut)
-        path = folder / f"tinymnist{f}.npz"
-        np.savez(path, **{f"{s}_images": imgs[i] for s, i in zip(("train", "val", "test"), parts, strict=True)},
-                 **{f"{s}_labels": labels[i] for s, i in zip(("train", "val", "test"), parts, strict=True)})
-        paths.append(str(path))
-    return paths
-
-
-def cls_args(tmp_path: Path, model: str) -> list[str]:
-    paths = write_medmnist(tmp_path)
-    source = {"class_path": "datamodules.medmnist.MedMNIST", "init_args": {"paths": paths, "image_size": [32, 32]}}
-    return [
-        "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_classification.yaml"),
-        "--config", str(CONFIGS / f"model/{model}.yaml"),
-        "--data.init_args.source", json.dumps(source), "--data.init_args.cache_dir", str(tmp_path / "cache"),
-        "--data.init_args.n_query", "2", "--data.init_args.episodes_per_epoch", "4", "--data.init_args.val_episodes", "2",
-        "--data.init_args.test_episodes", "4", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-        "--model.learner.init_args.backbone_kwargs", '{"width": 8}',
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-    ]
 
 
 @pytest.mark.parametrize("model", CLS_MODELS)
@@ -90,17 +49,10 @@ def test_segmentation_learner_fits_and_tests_from_its_config(model, demo_root, d
     assert "copy support mask" in res["summary"]
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
 def test_classify_writes_one_row_per_query(tmp_path):
     cli = cli_main(["fit", *cls_args(tmp_path, "protonet_cls"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
     ckpt = next(Path(cli.trainer.log_dir, "checkpoints").glob("last*.ckpt"))
-    pats = _patterns(3, 1, 28, 99)[:, 0].numpy()
+    pats = lesion_patterns(3, 1, 28, 99)[:, 0].numpy()
     rng = np.random.default_rng(1)
 
     def img(c):
@@ -147,7 +99,7 @@ def test_classify_refuses_a_support_of_the_wrong_way_for_a_fixed_head(tmp_path):
 
 
 def test_results_table_combines_runs_and_checks_episode_files():
-    from imaging_meta.results import combine
+    from imaging_meta.commands.results import combine
 
     def row(name, k, mean, sha="abc"):
         stat = {"mean": mean, "ci95": 0.02, "n_episodes": 100}

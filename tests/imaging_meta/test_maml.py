@@ -9,12 +9,12 @@ import torch
 import yaml
 
 from imaging_meta.learners import task_network
-from imaging_meta.learners.anil import ANIL
 from imaging_meta.learners.base import build_learner
+from imaging_meta.learners.gradient.anil import ANIL
+from imaging_meta.learners.gradient.maml import MAML
+from imaging_meta.learners.gradient.meta_sgd import MetaSGD
 from imaging_meta.learners.inner_loop import functional_forward
-from imaging_meta.learners.maml import MAML
-from imaging_meta.learners.meta_sgd import MetaSGD
-from imaging_meta.learners.task_network import task_loss
+from imaging_meta.tasks import CLASSIFICATION
 from tests.imaging_meta.fewshot import (
     TINY,
     TINY_UNET,
@@ -22,7 +22,6 @@ from tests.imaging_meta.fewshot import (
     accuracy,
     classification_episode,
     dice,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread in this module)
     segmentation_episode,
     short_fit,
 )
@@ -77,7 +76,7 @@ def test_first_order_drops_second_order_terms_and_is_the_query_gradient_at_adapt
     for task in ep.tasks():
         adapted, frozen = first.adapt_task(task, first.inner_steps, first_order=True)
         at = {n: v.detach().requires_grad_() for n, v in adapted.items()}
-        loss = task_loss("classification", functional_forward(first.net, at, frozen, task.query_images), task.query_labels)
+        loss = CLASSIFICATION.loss(functional_forward(first.net, at, frozen, task.query_images), task.query_labels)
         for n, gr in zip(at, torch.autograd.grad(loss, list(at.values())), strict=True):
             expected["net." + n] += gr / ep.n_tasks
     for n in g1:
@@ -212,7 +211,7 @@ def test_model_configs_build_and_run_on_demo_shaped_episodes(name):
     # one tiny forward of the demo shapes, with one inner step, so the test stays fast
     small = build_learner({"class_path": config["learner"]["class_path"], "init_args": {**args, "inner_steps": 1}})
     if learner.task == "classification":
-        assert args["n_way"] == 5 and args["in_channels"] == 1
+        assert learner.n_way == 5 and args["in_channels"] == 1  # n_way: set in the config or linked from the data
         ep = classification_episode(n_way=5, n_shot=1, n_query=1, tasks=1, size=32)
         assert small.predict(ep).shape == (1, 5, 5)
     else:

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from imaging_meta.learners import inner_loop, task_network
-from imaging_meta.learners.anil import ANIL
 from imaging_meta.learners.base import build_learner
+from imaging_meta.learners.gradient.anil import ANIL
+from imaging_meta.learners.gradient.maml import MAML
+from imaging_meta.learners.gradient.meta_sgd import MetaSGD
 from imaging_meta.learners.inner_loop import (
     DecomposedNorms,
     adapt,
@@ -20,14 +22,11 @@ from imaging_meta.learners.inner_loop import (
     functional_forward,
     split_state,
 )
-from imaging_meta.learners.maml import MAML
-from imaging_meta.learners.meta_sgd import MetaSGD
 from tests.imaging_meta.fewshot import (
     TINY,
     TINY_UNET,
     TrackingBody,
     classification_episode,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread in this module)
     segmentation_episode,
     tiny_maml,
 )

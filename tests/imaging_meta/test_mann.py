@@ -7,7 +7,7 @@ import torch
 
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
-from imaging_meta.learners.mann import MANN, cosine_similarity, least_used, update_usage, write_weights
+from imaging_meta.learners.memory.mann import MANN, cosine_similarity, least_used, update_usage, write_weights
 from tests.imaging_meta.fewshot import accuracy, classification_episode, short_fit
 
 SMALL = dict(backbone_kwargs={"width": 8}, controller_size=16, memory_slots=8, memory_width=6, read_heads=2)
@@ -128,7 +128,7 @@ def test_bad_arguments_and_labels():
 def test_config_rebuilds_the_learner():
     m = small(gamma=0.9)
     cfg = m.config
-    assert cfg["class_path"] == "imaging_meta.learners.mann.MANN"
+    assert cfg["class_path"] == "imaging_meta.learners.memory.mann.MANN"
     assert cfg["init_args"]["gamma"] == 0.9 and cfg["init_args"]["memory_slots"] == 8
     again = build_learner(cfg)
     again.load_state_dict(m.state_dict())

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
+from imaging_meta.learners.gradient.meta_lstm import MetaLSTM, preprocess_gradient
 from imaging_meta.learners.inner_loop import adapt, functional_forward, split_state
-from imaging_meta.learners.meta_lstm import MetaLSTM, preprocess_gradient
 from tests.imaging_meta.fewshot import accuracy, classification_episode, short_fit
 
 SMALL = {"width": 8}
@@ -125,7 +125,7 @@ def test_bad_arguments_and_labels():
 def test_config_rebuilds_the_learner():
     m = small(inner_steps=3, hidden_size=7)
     cfg = m.config
-    assert cfg["class_path"] == "imaging_meta.learners.meta_lstm.MetaLSTM"
+    assert cfg["class_path"] == "imaging_meta.learners.gradient.meta_lstm.MetaLSTM"
     assert cfg["init_args"]["hidden_size"] == 7 and cfg["init_args"]["backbone_kwargs"] == SMALL
     again = build_learner(cfg)
     again.load_state_dict(m.state_dict())

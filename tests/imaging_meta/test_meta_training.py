@@ -3,14 +3,20 @@
 from functools import partial
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from datamodules.segmentation import SegmentationDataModule
-from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
 from imaging_meta.module import COPY_MASK, TRAINED, UNTRAINED, EpisodicModule
-from tests.conftest import SMALL_DATA
+from tests.helpers import SMALL_DATA
 
 
+# ~30 s: in `make test-full`. Fast tests cover the same path: datamodules/test_selfsup.py::
+# test_a_short_self_supervised_fit_beats_the_untrained_encoder_on_held_out_organs (a short fit of this learner and
+# EpisodicModule on the demo cohort beats the untrained encoder on held-out organs) and test_cli.py::
+# test_fit_fast_dev_run_then_test_writes_the_report (fit, test, trained / untrained / copy-mask rows in results.md)
+@pytest.mark.slow
 def test_meta_training_beats_the_untrained_encoder(demo_root, demo_index, tmp_path):
     """Cross-organ (setting 2): spleen and left kidney are never trained on, and tested on unseen patients."""
     pl.seed_everything(0, verbose=False)

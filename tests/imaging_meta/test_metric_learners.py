@@ -10,9 +10,10 @@ from torch import nn
 
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.learners.base import build_learner
-from imaging_meta.learners.matching import MatchingNetwork, QueryAttentionLSTM, SupportContext
-from imaging_meta.learners.protonet import PrototypicalNetwork, class_onehot, class_prototypes
-from imaging_meta.learners.siamese import SiameseNetwork, contrastive_loss, pairwise_distances
+from imaging_meta.learners.metric.matching import MatchingNetwork, QueryAttentionLSTM, SupportContext
+from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+from imaging_meta.learners.metric.siamese import SiameseNetwork, contrastive_loss, pairwise_distances
+from imaging_meta.learners.prototypes import class_onehot, class_prototypes
 from tests.imaging_meta.fewshot import accuracy, classification_episode, segmentation_episode, short_fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"

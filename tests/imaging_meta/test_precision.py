@@ -5,8 +5,8 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from imaging_meta.learners.maml import MAML
-from imaging_meta.learners.mann import MANN
+from imaging_meta.learners.gradient.maml import MAML
+from imaging_meta.learners.memory.mann import MANN
 from imaging_meta.module import EpisodicModule
 from tests.imaging_meta.fewshot import classification_episode
 

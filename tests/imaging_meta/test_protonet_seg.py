@@ -4,7 +4,7 @@ import torch
 from imaging_meta.backbones import available_backbones, build_backbone
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
-from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
 from imaging_meta.learners.prototypes import (
     cosine_logits,
     local_prototypes,
@@ -98,7 +98,7 @@ def test_a_few_steps_fit_a_toy_task():
 def test_config_rebuilds_the_learner():
     m = small(scale=10.0)
     cfg = m.config
-    assert cfg["class_path"] == "imaging_meta.learners.protonet_seg.PrototypicalSegmenter"
+    assert cfg["class_path"] == "imaging_meta.learners.metric.protonet_seg.PrototypicalSegmenter"
     assert cfg["init_args"]["scale"] == 10.0
     again = build_learner(cfg)
     again.load_state_dict(m.state_dict())

@@ -10,8 +10,8 @@ import yaml
 
 from imaging_meta.learners import task_network
 from imaging_meta.learners.base import build_learner
-from imaging_meta.learners.reptile import Reptile
-from imaging_meta.learners.task_network import task_loss
+from imaging_meta.learners.gradient.reptile import Reptile
+from imaging_meta.tasks import CLASSIFICATION
 from tests.imaging_meta.fewshot import (
     TINY,
     TINY_UNET,
@@ -19,7 +19,6 @@ from tests.imaging_meta.fewshot import (
     accuracy,
     classification_episode,
     dice,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread in this module)
     segmentation_episode,
     short_fit,
 )
@@ -46,7 +45,7 @@ def plain_sgd_adaptation(learner, task):
     y = torch.cat([task.support_labels, task.query_labels])
     for _ in range(learner.inner_steps):
         opt.zero_grad()
-        task_loss("classification", net(x), y).backward()
+        CLASSIFICATION.loss(net(x), y).backward()
         opt.step()
     return {n: p.detach() for n, p in net.named_parameters()}
 
@@ -80,7 +79,7 @@ def test_predict_adapts_on_the_support_only():
     opt = torch.optim.SGD(net.parameters(), lr=learner.inner_lr)
     for _ in range(learner.eval_inner_steps):
         opt.zero_grad()
-        task_loss("classification", net(task.support_images), task.support_labels).backward()
+        CLASSIFICATION.loss(net(task.support_images), task.support_labels).backward()
         opt.step()
     with torch.no_grad():
         expected = net(task.query_images).softmax(-1)
@@ -140,7 +139,7 @@ def test_model_configs_build_and_run_on_demo_shaped_episodes(name):
     learner = build_learner({"class_path": config["learner"]["class_path"], "init_args": args})
     assert isinstance(learner, Reptile)
     if learner.task == "classification":
-        assert args["n_way"] == 5 and args["in_channels"] == 1
+        assert learner.n_way == 5 and args["in_channels"] == 1  # n_way: set in the config or linked from the data
         ep = classification_episode(n_way=5, n_shot=1, n_query=1, tasks=1, size=32)
         assert learner.predict(ep).shape == (1, 5, 5)
     else:

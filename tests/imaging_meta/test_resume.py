@@ -7,11 +7,11 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.classification import ClassificationDataModule
-from datamodules.medmnist import MedMNIST
-from imaging_meta.learners.maml import MAML
-from imaging_meta.learners.mann import MANN
+from datamodules.sources.medmnist import MedMNIST
+from imaging_meta.learners.gradient.maml import MAML
+from imaging_meta.learners.memory.mann import MANN
 from imaging_meta.module import EpisodicModule
-from tests.imaging_meta.test_learner_configs import write_medmnist
+from tests.helpers import write_medmnist
 
 LEARNERS = {
     # MANN draws each episode's support order from torch's global generator: the checkpoint must carry it
@@ -74,7 +74,7 @@ def test_mid_epoch_resume_equals_an_uninterrupted_run(name, tmp_path):
 def test_resume_without_the_skip_would_differ(tmp_path):
     """The check has teeth: a sampler that restarts the epoch from its first episode (what Lightning does with a
     plain DataLoader) ends with other weights."""
-    from datamodules.loading import ResumableEpisodes
+    from datamodules.sampling.loading import ResumableEpisodes
 
     paths = write_medmnist(tmp_path, n_files=1, classes_per_file=12, per_class=6)
     full, _ = _run("maml", paths, tmp_path / "full")

@@ -18,11 +18,11 @@ import pydicom
 import pytest
 import torch
 
-from datamodules.dicom import DicomSeriesReader
-from imaging_meta.cli import cli_main
-from imaging_meta.learners.protonet_seg import PrototypicalSegmenter
+from datamodules.io.dicom import DicomSeriesReader
+from imaging_meta.commands.cli import cli_main
+from imaging_meta.commands.segment import segment
+from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
 from imaging_meta.module import EpisodicModule
-from imaging_meta.predict import segment
 from tests.datamodules.dicom_fixtures import (
     FAKE_PHI,
     affine_ras,

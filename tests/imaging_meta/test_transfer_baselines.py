@@ -12,8 +12,8 @@ import yaml
 
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
-from imaging_meta.learners.finetune import FineTune
-from imaging_meta.learners.logreg import LogisticRegressionProbe, fit_logistic_regression
+from imaging_meta.learners.transfer.finetune import FineTune
+from imaging_meta.learners.transfer.logreg import LogisticRegressionProbe, fit_logistic_regression
 from tests.imaging_meta.fewshot import accuracy, classification_episode, dice, segmentation_episode, short_fit
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"

@@ -1,0 +1,155 @@
+"""`EpisodicDataModule`: the contract between a datamodule and the code that trains, tests and evaluates on it.
+
+`imaging_meta.module` and the commands ask a datamodule only what this class declares (no attribute probes):
+
+* ``task``: the task kind by name ("segmentation" or "classification"; `imaging_meta.tasks` knows what it means).
+* `n_way` (None when the task fixes it), `n_shot`, `preprocessing` (how to prepare a new image like the
+  training data; stored in checkpoints), `label_free` (trained without any label: no split to protect).
+* `episode_files` and `fixed_episodes`: the seeded validation and test episodes and the JSON files that hold them.
+* `split_digest`: who is in each stage; checkpoints store it and ``evaluate`` refuses another split.
+* `describe`: the data behind a result, for logs and reports (pseudonymous ids only).
+* `config`: the ``{"class_path", "init_args"}`` that rebuilds the datamodule (``evaluate`` reads it back).
+
+`datamodules.segmentation.SegmentationDataModule` and `datamodules.classification.ClassificationDataModule`
+are the two implementations. A subclass builds ``self._samplers`` (stage -> `EpisodeSampler`) in ``setup``,
+then calls `_fix_episodes`, and implements `_fixed_episodes`, `_loader`, `_split_identity` and `_describe`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.sampling.loading import ResumableEpisodes
+from datamodules.sampling.samplers import EpisodeSampler, dist_rank_world
+
+STAGES = ("train", "val", "test")
+#: the sampler of each stage draws from ``seed + STAGE_SEED_OFFSET[stage]``
+STAGE_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
+
+
+def digest(obj: Any) -> str:
+    """16 hex digits of the sha256 of ``obj`` as sorted JSON (``str`` for what JSON cannot hold).
+
+    It names cache folders and episode files and makes the split digest that checkpoints store: changing it
+    would orphan every cache and make ``evaluate`` refuse every existing checkpoint.
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
+    """Shared base of the episodic datamodules: fixed validation and test episodes, their files and loaders,
+    the split digest, the report of the data and the config that rebuilds it (see the module docstring).
+
+    Checkpoints record how far into its epoch training was (`ResumableEpisodes`).
+    """
+
+    #: the task kind, by name
+    task: ClassVar[str]
+    #: what a stage without fixed episodes lacks, for the error message (``{stage}`` is filled in)
+    no_episodes_hint: ClassVar[str] = "the split has no {stage} cases"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.episode_files: dict[str, Path] = {}
+        self._samplers: dict[str, EpisodeSampler] = {}
+        self._episodes: dict[str, list] = {}
+
+    # ------------------------------------------------------------ the contract
+    @property
+    def n_way(self) -> int | None:
+        """Classes per episode; None when the task fixes it (segmentation: one structure)."""
+        return None
+
+    @property
+    def n_shot(self) -> int:
+        """Support examples per class (segmentation: support slices per episode)."""
+        return int(self.hparams.n_shot)
+
+    @property
+    def preprocessing(self) -> dict | None:
+        """The deterministic preprocessing of the data (stored in checkpoints; the commands reuse it)."""
+        return None
+
+    @property
+    def label_free(self) -> bool:
+        """Whether training sees no label at all (then there is no split for ``evaluate`` to protect)."""
+        return False
+
+    def fixed_episodes(self, stage: str) -> list:
+        """The fixed, seeded episode specs of ``stage`` ("val" or "test"), after ``setup``.
+
+        Raises:
+            ValueError: when the stage has none (no cases or classes in the split, or 0 episodes asked for).
+        """
+        if stage not in self._episodes:
+            raise ValueError(f"no {stage} episodes: {self.no_episodes_hint.format(stage=stage)} or {stage}_episodes is 0")
+        return list(self._episodes[stage])
+
+    def split_digest(self) -> str:
+        """A digest of who is in each stage (pseudonymous ids) and what each stage targets.
+
+        Checkpoints store it; ``imaging-meta evaluate`` recomputes it and refuses to test when it differs, as
+        the test set could then hold patients, organs or classes the model trained on (another salt, data
+        or split).
+        """
+        return digest(self._split_identity())
+
+    def describe(self) -> dict[str, Any]:
+        """The data behind a result, for logs and reports (pseudonymous ids only), with the episode files
+        and the sha256 of their episode lists."""
+        return {
+            **self._describe(),
+            "episode_files": {k: str(v) for k, v in self.episode_files.items()},
+            "episodes_sha256": {k: json.loads(Path(v).read_text())["sha256"] for k, v in self.episode_files.items()},
+        }
+
+    def config(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}`` that rebuilds this datamodule, as ``imaging-meta evaluate`` needs it
+        to rebuild the split the model was trained on (secrets such as the salt are not hyperparameters, so
+        they are never stored)."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": self._init_args()}
+
+    # ---------------------------------------------------------- dataloaders
+    def val_dataloader(self) -> DataLoader | list:
+        return self._fixed_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._fixed_loader("test")
+
+    def _fixed_loader(self, stage: str) -> DataLoader:
+        """The stage's fixed episodes, shared out over the DDP ranks, without augmentation."""
+        rank, world = dist_rank_world()
+        return self._loader(self.fixed_episodes(stage)[rank::world], augment=False)
+
+    # ------------------------------------------------------ for subclasses
+    def _fix_episodes(self) -> None:
+        """Draw (or read) the fixed episodes of every evaluation stage that has a sampler."""
+        for stage in ("val", "test"):
+            if stage in self._samplers:
+                self._episodes[stage] = self._fixed_episodes(stage)
+
+    def _init_args(self) -> dict[str, Any]:
+        """The ``init_args`` of `config`: the hyperparameters, without private keys."""
+        return {k: v for k, v in dict(self.hparams).items() if not k.startswith("_")}
+
+    def _fixed_episodes(self, stage: str) -> list:
+        """The stage's fixed episode specs: drawn from its sampler (and written to a file), or read from one."""
+        raise NotImplementedError
+
+    def _loader(self, sampler, augment: bool) -> DataLoader:
+        """A loader of batched episodes from a sampler or a list of specs."""
+        raise NotImplementedError
+
+    def _split_identity(self) -> dict[str, Any]:
+        """What `split_digest` digests."""
+        raise NotImplementedError
+
+    def _describe(self) -> dict[str, Any]:
+        """The datamodule's own part of `describe`."""
+        raise NotImplementedError

@@ -1,0 +1,197 @@
+"""The scan index: one `Case` record per usable image, plus the report of rejected inputs.
+
+The index is the contract between `datamodules.indexing.scan` (which writes it once) and everything
+downstream (splits, samplers, transforms), which read it. It carries pseudonymous ids only:
+no DICOM PatientName, PatientID, PatientBirthDate or UID ever enters it.
+
+Paths are stored relative to the index's ``root`` so that an index can move with its data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datamodules.io.atomic import atomic_open
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class Case:
+    """One usable image volume (a NIfTI file or one DICOM series), with its label map if any.
+
+    Attributes:
+        case_id: pseudonymous id of this image, stable for a given salt and input path.
+        patient: pseudonymous id of the patient; splits are made on this.
+        site: site key built from scanner headers (vendor, model, institution token, field strength).
+        modality: "CT", "MR" or another DICOM modality code.
+        image: NIfTI path, or the DICOM slice files ordered by position along the slice normal,
+            relative to the index root.
+        image_format: "nifti" or "dicom".
+        label: label map path relative to the index root, or None for an unlabelled image.
+        organs: structure name -> integer value, for the structures present in the label map.
+        shape: voxel grid of the image, in file order (x, y, z).
+        spacing: voxel size in mm, in file order.
+        affine: 4x4 voxel-to-world (RAS, mm) matrix of the image.
+        lesions: lesion records (filled by later issues), each a dict.
+        site_info: the non-identifying header fields that built ``site`` (institution pseudonymised).
+    """
+
+    case_id: str
+    patient: str
+    site: str
+    modality: str
+    image: str | list[str]
+    image_format: str
+    label: str | None = None
+    organs: dict[str, int] = field(default_factory=dict)
+    shape: list[int] = field(default_factory=list)
+    spacing: list[float] = field(default_factory=list)
+    affine: list[list[float]] = field(default_factory=list)
+    lesions: list[dict[str, Any]] = field(default_factory=list)
+    site_info: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return self.label is not None
+
+
+@dataclass
+class Rejection:
+    """An input that could not be used: the file (or series folder) and why, in words a user can act on.
+
+    Attributes:
+        path: the file, or the folder of a rejected DICOM series, relative to the index root.
+        reason: why, and what to fix.
+        files: every file this rejection covers (the slices of a DICOM series, an image and its label),
+            relative to the index root; empty when it is just ``path``.
+    """
+
+    path: str
+    reason: str
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Index:
+    """All cases under one root, and what was rejected.
+
+    Attributes:
+        root: absolute folder the relative paths start from.
+        cases: usable images.
+        rejected: unusable inputs with reasons.
+        accounted: other files that were read and used as support material (sidecars, dataset.json).
+        label_names: integer value -> structure name used for all label maps.
+        site_fields: the header fields that build the site key.
+    """
+
+    root: str
+    cases: list[Case] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    accounted: list[str] = field(default_factory=list)
+    label_names: dict[int, str] = field(default_factory=dict)
+    site_fields: list[str] = field(default_factory=list)
+    version: int = INDEX_VERSION
+
+    # ------------------------------------------------------------------ paths
+    def resolve(self, rel: str | list[str]) -> str | list[str]:
+        """Absolute path(s) for a path stored relative to ``root``."""
+        if isinstance(rel, (list, tuple)):
+            return [str(Path(self.root) / r) for r in rel]
+        return str(Path(self.root) / rel)
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def labelled_cases(self) -> list[Case]:
+        return [c for c in self.cases if c.labelled]
+
+    @property
+    def organs(self) -> list[str]:
+        """Structure names present in at least one labelled case, in label-value order."""
+        present = {name for c in self.cases for name in c.organs}
+        by_value = sorted(((v, n) for v, n in self.label_names.items() if n in present))
+        names = [n for _, n in by_value]
+        return names + sorted(present - set(names))
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({c.site for c in self.cases})
+
+    def case(self, case_id: str) -> Case:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise KeyError(f"no case {case_id!r} in the index of {self.root}")
+
+    # -------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["label_names"] = {str(k): v for k, v in self.label_names.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Index:
+        if d.get("version") != INDEX_VERSION:
+            raise ValueError(
+                f"index version {d.get('version')!r} is not {INDEX_VERSION}; re-run `imaging-meta scan` to rebuild it"
+            )
+        return cls(
+            root=d["root"],
+            cases=[Case(**c) for c in d.get("cases", [])],
+            rejected=[Rejection(**r) for r in d.get("rejected", [])],
+            accounted=list(d.get("accounted", [])),
+            label_names={int(k): v for k, v in d.get("label_names", {}).items()},
+            site_fields=list(d.get("site_fields", [])),
+            version=d["version"],
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index as JSON atomically.
+
+        The JSON goes to a temporary file in the same folder, is flushed to disk, and then replaces ``path``
+        with `os.replace`; an error or an interruption (Ctrl-C) while writing leaves the previous index (or no
+        index) in place and removes the temporary file.
+
+        Args:
+            path: the index JSON file.
+
+        Returns:
+            ``path``.
+        """
+        path = Path(path)
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Index:
+        path = Path(path)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no index file; create it with `imaging-meta scan ROOT --out {path}`") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a valid index JSON ({e}); delete it and re-run `imaging-meta scan`") from e
+        return cls.from_dict(d)
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts per site and modality, and the rejections."""
+        lines = [
+            f"{len(self.cases)} cases ({len(self.labelled_cases)} labelled) from "
+            f"{len({c.patient for c in self.cases})} patients at {len(self.sites)} sites; "
+            f"{len(self.rejected)} inputs rejected"
+        ]
+        for site in self.sites:
+            cs = [c for c in self.cases if c.site == site]
+            mods = sorted({c.modality for c in cs})
+            lines.append(f"  site {site!r}: {len(cs)} cases, modality {'/'.join(mods)}")
+        if self.organs:
+            lines.append(f"  structures: {', '.join(self.organs)}")
+        for r in self.rejected:
+            lines.append(f"  rejected {r.path}: {r.reason}")
+        return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Pair label maps with their images: Decathlon ``training`` lists first, then label-like names beside images."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from datamodules.indexing.decathlon import Decathlon
+from datamodules.io.dicom import NIFTI_SUFFIXES, DicomHeader, nifti_stem
+
+LABEL_SUFFIXES = ("_label", "_seg", "_dseg", "_mask")
+IMAGE_FOLDERS = ("images", "imagesTr", "imagesTs")
+LABEL_FOLDERS = ("labels", "labelsTr", "labelsTs", "masks")
+
+
+@dataclass
+class Series:
+    """A DICOM series found by the scan: its grouping key and its headers."""
+
+    key: str
+    headers: list[DicomHeader]
+
+    @property
+    def folder(self) -> str | None:
+        """The one folder that holds all the files, or None when they are spread over several."""
+        folders = {os.path.dirname(h.path) for h in self.headers}
+        return folders.pop() if len(folders) == 1 else None
+
+
+class ScanBooks(Protocol):
+    """What pairing needs from the scanner: the root, its bookkeeping, and the Decathlon descriptions."""
+
+    root: str
+    placed: dict[str, str]
+    decathlons: dict[str, Decathlon]
+
+    def rel(self, path: str) -> str:
+        """``path`` relative to the root, POSIX style."""
+        ...
+
+    def reject(self, path: str, reason: str, files: Sequence[str] = ()) -> None:
+        """Record ``path`` (and ``files``) as rejected with ``reason``."""
+        ...
+
+
+#: image key ("nifti:<path>" or "dicom:<series key>") -> label files that its name could claim, best first.
+_Claims = dict[str, list[str]]
+
+
+def pair_labels(books: ScanBooks, nifti: list[str], series: list[Series]) -> tuple[dict[str, str], set[str]]:
+    """Decide which label map belongs to which image.
+
+    Decathlon ``dataset.json`` pairs win; other images claim ``S_label``/``S_seg``/``S_dseg``/``S_mask``
+    beside them (beside the folder of a DICOM series) or the same name in a sibling label folder. A label
+    claimed by several images, a second label for one image, and a label-looking file without an image are
+    rejected through ``books``.
+
+    Args:
+        books: the scanner.
+        nifti: every NIfTI file found (absolute paths).
+        series: every DICOM series found.
+
+    Returns:
+        (label_of, label_files): image key ("nifti:<path>" / "dicom:<series key>") -> label path, and the
+        set of files that are label maps (never indexed as images).
+    """
+    nifti_set = set(nifti)
+    label_of = _decathlon_pairs(books, nifti_set)
+    dec_labels = set(label_of.values())
+    claims = {**_nifti_claims(nifti, nifti_set, dec_labels, label_of), **_dicom_claims(books.root, series, nifti_set, dec_labels)}
+    _drop_label_claimants(claims)
+    claimed = {c for found in claims.values() for c in found}
+    _assign_claims(books, claims, label_of, series)
+    _reject_second_labels(books, claims, label_of, series)
+    label_files = dec_labels | claimed
+    _reject_orphan_labels(books, nifti, label_files)
+    return label_of, label_files
+
+
+def _decathlon_pairs(books: ScanBooks, nifti_set: set[str]) -> dict[str, str]:
+    """Image key -> label of every Decathlon training pair whose files exist (warning about the others)."""
+    label_of: dict[str, str] = {}
+    for dec in books.decathlons.values():
+        for img, lbl in dec.pairs.items():
+            if img not in nifti_set:
+                warnings.warn(f"{dec.path}: training image {books.rel(img)} does not exist; skipped", stacklevel=3)
+                continue
+            if lbl not in nifti_set:
+                warnings.warn(
+                    f"{dec.path}: label {os.path.relpath(lbl, books.root)} of {books.rel(img)} does not exist; "
+                    "the image is indexed without a label",
+                    stacklevel=3,
+                )
+                continue
+            label_of.setdefault("nifti:" + img, lbl)
+    return label_of
+
+
+def _nifti_claims(nifti: list[str], nifti_set: set[str], dec_labels: set[str], label_of: dict[str, str]) -> _Claims:
+    """The labels each NIfTI image not paired by Decathlon could claim by name (nnU-Net ``_0000`` stems too)."""
+    claims: _Claims = {}
+    for p in nifti:
+        if p in dec_labels or "nifti:" + p in label_of:
+            continue
+        name = os.path.basename(p)
+        stems = [nifti_stem(name)]
+        if re.search(r"_\d{4}$", stems[0]):  # nnU-Net channel suffix: case_0000 -> case
+            stems.append(stems[0][:-5])
+        found = [c for c in candidates(os.path.dirname(p), stems, [name]) if c in nifti_set and c != p and c not in dec_labels]
+        if found:
+            claims["nifti:" + p] = found
+    return claims
+
+
+def _dicom_claims(root: str, series: list[Series], nifti_set: set[str], dec_labels: set[str]) -> _Claims:
+    """The labels each DICOM series (in its own folder, not the root) could claim by its folder's name."""
+    claims: _Claims = {}
+    for s in series:
+        folder = s.folder
+        if folder is None or os.path.abspath(folder) == root:
+            continue
+        stem = os.path.basename(folder)
+        found = [
+            c for c in candidates(os.path.dirname(folder), [stem], [stem + ".nii.gz", stem + ".nii"], beside=True)
+            if c in nifti_set and c not in dec_labels
+        ]
+        if found:
+            claims["dicom:" + s.key] = found
+    return claims
+
+
+def _drop_label_claimants(claims: _Claims) -> None:
+    """Remove, in place and until none is left, the claims of NIfTI files that another image claims as label."""
+    while True:
+        claimed = {c for found in claims.values() for c in found}
+        drop = [k for k in claims if k.startswith("nifti:") and k[6:] in claimed]
+        if not drop:
+            break
+        for k in drop:
+            del claims[k]
+
+
+def _assign_claims(books: ScanBooks, claims: _Claims, label_of: dict[str, str], series: Sequence[Series]) -> None:
+    """Give each image its first claimed label when no other image claims it first; reject contested labels."""
+    owners: dict[str, list[str]] = {}
+    for k, found in claims.items():
+        owners.setdefault(found[0], []).append(k)
+    for lbl, keys in owners.items():
+        if len(keys) == 1:
+            label_of[keys[0]] = lbl
+        else:
+            what = ", ".join(key_desc(books, k, series) for k in keys)
+            books.reject(
+                lbl,
+                f"label map claimed by {len(keys)} images ({what}): cannot tell which it belongs to; name it "
+                "after one image (S_seg.nii.gz beside S.nii.gz) or list the pairs in a dataset.json",
+            )
+
+
+def _reject_second_labels(books: ScanBooks, claims: _Claims, label_of: dict[str, str], series: Sequence[Series]) -> None:
+    """Reject every further label an image claims beyond the one it uses."""
+    used = set(label_of.values())
+    for k, found in claims.items():
+        for extra in found[1:]:
+            if extra not in used and extra not in books.placed:
+                books.reject(
+                    extra,
+                    f"a second label map for {key_desc(books, k, series)}, which already uses "
+                    f"{books.rel(label_of[k]) if k in label_of else books.rel(found[0])}; remove or rename one",
+                )
+
+
+def _reject_orphan_labels(books: ScanBooks, nifti: list[str], label_files: set[str]) -> None:
+    """Reject label-looking NIfTI files with no image (so they are not indexed as images); add them to ``label_files``."""
+    for p in nifti:
+        if p in label_files or p in books.placed:
+            continue
+        name = os.path.basename(p)
+        stem = nifti_stem(name)
+        suffix = next((s for s in LABEL_SUFFIXES if stem.endswith(s) and len(stem) > len(s)), None)
+        parent = os.path.basename(os.path.dirname(p))
+        if suffix or parent in LABEL_FOLDERS:
+            expected = f"{stem[: -len(suffix)]}.nii.gz beside it" if suffix else f"{name} in a sibling images folder"
+            books.reject(p, f"looks like a label map ({'suffix ' + suffix if suffix else 'in ' + parent + '/'}) but no image was found for it (expected {expected})")
+            label_files.add(p)
+
+
+def candidates(parent: str, stems: Sequence[str], names: Sequence[str], beside: bool = False) -> list[str]:
+    """Label paths an image could have: ``stem + label suffix`` in ``parent``, and ``names`` in sibling label folders.
+
+    Args:
+        parent: the folder of the image (of the series folder, for DICOM).
+        stems: image name stems.
+        names: image file names, looked up in the label folders beside an images folder.
+        beside: unused (the DICOM series pass True).
+
+    Returns:
+        Distinct candidate paths, best first.
+    """
+    out = [os.path.join(parent, s + suf + ext) for s in stems for suf in LABEL_SUFFIXES for ext in NIFTI_SUFFIXES]
+    folder_name = os.path.basename(parent)
+    if folder_name in IMAGE_FOLDERS:
+        grand = os.path.dirname(parent)
+        for lf in LABEL_FOLDERS:
+            for n in names:
+                out.append(os.path.join(grand, lf, n))
+            for s in stems:
+                for ext in NIFTI_SUFFIXES:
+                    out.append(os.path.join(grand, lf, s + ext))
+    seen: set[str] = set()
+    return [c for c in out if not (c in seen or seen.add(c))]
+
+
+def key_desc(books: ScanBooks, key: str, series: Sequence[Series]) -> str:
+    """A readable description of an image key, for rejection reasons."""
+    if key.startswith("nifti:"):
+        return books.rel(key[6:])
+    for s in series:
+        if "dicom:" + s.key == key:
+            num = s.headers[0].series_number
+            return (
+                f"DICOM series {'#' + str(num) + ' ' if num is not None else ''}in {books.rel(s.folder or s.headers[0].path)}"
+                f" ({len(s.headers)} files, e.g. {os.path.basename(s.headers[0].path)})"
+            )
+    return key

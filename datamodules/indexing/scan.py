@@ -1,0 +1,522 @@
+"""Scan a folder tree of DICOM series and NIfTI volumes into an `Index` of pseudonymous `Case` records.
+
+Every regular file under the root ends up in exactly one place: a case (as its image or its label map),
+``Index.accounted`` (BIDS sidecars, Decathlon ``dataset.json``, DICOMDIR files, an earlier index), or
+``Index.rejected`` with a reason a user can act on. The scan never stops at a bad file.
+
+What is read, and how it is paired:
+
+* NIfTI (``.nii``, ``.nii.gz``): header and data once. 4D, NaN/Inf and constant images are rejected.
+* DICOM (any file name, extension-less too): headers grouped by SeriesInstanceUID and ordered by
+  geometry (`datamodules.io.dicom`); pixel data is checked for presence, size and decodability but not decoded.
+* Label maps (NIfTI) are paired with images by (a) the nearest Decathlon ``dataset.json`` "training" list,
+  else (b) by name: ``S_label``/``S_seg``/``S_dseg``/``S_mask`` beside image ``S`` (beside the folder ``S`` of
+  a DICOM series), or the same name in a sibling ``labels``/``labelsTr``/``labelsTs``/``masks`` folder of an
+  ``images``/``imagesTr``/``imagesTs`` folder. A label must be integer-valued, non-empty, not all foreground
+  (some background 0), and on the image's voxel grid (compared in a canonical orientation, so a flipped or
+  permuted copy of the same grid matches).
+* Sites come from the DICOM headers or a BIDS JSON sidecar; identifying attributes such as InstitutionName
+  become keyed-hash tokens. Patients and cases are keyed hashes (HMAC-SHA256 with ``salt``).
+
+No PatientName, PatientID, PatientBirthDate or UID is written to the ind
+
+The pieces live beside this module: `datamodules.indexing.inputs` (file kinds, rejection reasons),
+`datamodules.indexing.volumes` (NIfTI checks, `grid_mismatch`), `datamodules.indexing.decathlon`,
+`datamodules.indexing.pairing` (labels to images) and `datamodules.indexing.pseudonyms` (`pseudonym`,
+`site_key`); this module walks the tree and builds the cases.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datamodules.indexing.decathlon import Decathlon, parse_decathlon, parse_label_names
+from datamodules.indexing.index import Case, Index, Rejection
+from datamodules.indexing.inputs import (
+    BIDS_SUPPORT_JSON,
+    NON_IMAGE_KINDS,
+    Reject,
+    broken_link_reason,
+    is_lesion_table,
+    not_dicom_reason,
+)
+from datamodules.indexing.pairing import LABEL_SUFFIXES, Series, pair_labels
+from datamodules.indexing.pseudonyms import (
+    DEFAULT_SITE_FIELDS,
+    IDENTIFYING_FIELDS,
+    normalise_modality,
+    pseudonym,
+    site_key,
+)
+from datamodules.indexing.volumes import Volume, check_image_data, grid_mismatch, label_values, load_nifti
+from datamodules.io.dicom import (
+    NIFTI_SUFFIXES,
+    DicomError,
+    DicomHeader,
+    DicomSeriesError,
+    NotDicomError,
+    group_series,
+    is_nifti,
+    nifti_stem,
+    order_series,
+    read_header,
+)
+
+__all__ = [
+    "DEFAULT_SITE_FIELDS",
+    "IDENTIFYING_FIELDS",
+    "LABEL_SUFFIXES",
+    "scan_folder",
+    "scan_to_file",
+    "pseudonym",
+    "site_key",
+    "grid_mismatch",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class _Scanner:
+    """One scan of ``root``: walks the tree, reads headers, pairs labels, and places every file once.
+
+    Args:
+        root: folder to scan.
+        site_fields: header keywords of the site key.
+        label_names: label value -> name for label maps without a Decathlon dataset.json.
+        salt: secret for the keyed hashes.
+        patient_regex: pattern of the NIfTI patient key in the relative path ("" for none).
+        min_slices: fewest slices of a usable volume.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        site_fields: Sequence[str],
+        label_names: Mapping[Any, str] | None,
+        salt: str,
+        patient_regex: str,
+        min_slices: int,
+    ):
+        self.root = os.path.abspath(os.fspath(root))
+        self.site_fields = list(site_fields)
+        self.default_names = parse_label_names(dict(label_names)) if label_names else {}
+        self.salt = salt
+        self.patient_re = re.compile(patient_regex) if patient_regex else None
+        self.min_slices = int(min_slices)
+        self.index = Index(root=self.root, site_fields=list(self.site_fields))
+        self.placed: dict[str, str] = {}  # abs path -> "case" / "accounted" / "rejected"
+        self.all_files: list[str] = []
+        self.decathlons: dict[str, Decathlon] = {}  # folder -> description
+        self.dicom_warnings = 0
+
+    # ------------------------------------------------------------ bookkeeping
+    def rel(self, path: str) -> str:
+        """``path`` relative to the root, POSIX style (what the index stores)."""
+        return Path(os.path.relpath(path, self.root)).as_posix()
+
+    def _place(self, path: str, where: str) -> None:
+        """Record where a file went ("case", "accounted" or "rejected"); a second placement is logged as a bug."""
+        if path in self.placed:
+            logger.error("%s is already %s; not also %s (a bug in the scanner, please report)", self.rel(path), self.placed[path], where)
+            return
+        self.placed[path] = where
+
+    def reject(self, path: str, reason: str, files: Sequence[str] = ()) -> None:
+        """Record an input as rejected with ``reason``; ``files`` are the not yet placed files it covers."""
+        files = [f for f in files if f not in self.placed]
+        covered = files or [path]
+        for f in covered:
+            self._place(f, "rejected")
+        rel_files = [self.rel(f) for f in files] if files and files != [path] else []
+        self.index.rejected.append(Rejection(path=self.rel(path), reason=reason, files=rel_files))
+        logger.info("rejected %s: %s", self.rel(path), reason)
+
+    def account(self, path: str) -> None:
+        """Record a support file (sidecar, dataset.json, DICOMDIR, ...) as accounted for, unless already placed."""
+        if path not in self.placed:
+            self._place(path, "accounted")
+            self.index.accounted.append(self.rel(path))
+
+    # ------------------------------------------------------------ walk
+    def walk(self) -> list[str]:
+        """The regular files under the root (each real folder once); links to nowhere and special files are rejected."""
+        seen = {os.path.realpath(self.root)}
+        files: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True, onerror=self._walk_error):
+            keep = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if real in seen:
+                    logger.warning("%s: a link to a folder already scanned (%s); not scanned twice", self.rel(os.path.join(dirpath, d)), real)
+                    continue
+                seen.add(real)
+                keep.append(d)
+            dirnames[:] = keep
+            for f in sorted(filenames):
+                p = os.path.join(dirpath, f)
+                if os.path.islink(p) and not os.path.exists(p):
+                    self.all_files.append(p)
+                    self.reject(p, broken_link_reason(p))
+                elif not os.path.isfile(p):
+                    self.all_files.append(p)
+                    self.reject(p, "not a regular file")
+                else:
+                    self.all_files.append(p)
+                    files.append(p)
+        return files
+
+    def _walk_error(self, err: OSError) -> None:
+        """Warn about a folder that cannot be listed (its files are not indexed)."""
+        warnings.warn(f"{err.filename}: cannot list this folder ({err.strerror}); its files are not indexed", stacklevel=2)
+
+    # ------------------------------------------------------------ main
+    def run(self) -> Index:
+        """Scan the tree: sort files by kind, read Decathlon descriptions, pair labels, build cases, place the rest."""
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(f"{self.root}: not a folder; give the folder that holds your scans")
+        logger.info("scanning %s", self.root)
+        files = self.walk()
+        nifti: list[str] = []
+        jsons: list[str] = []
+        headers: list[DicomHeader] = []
+        dataset_jsons: list[str] = []
+        for p in files:
+            name = os.path.basename(p)
+            if name.startswith("._"):
+                self.reject(p, "not an image file we read (a macOS resource-fork file, '._' prefix)")
+            elif is_nifti(name):
+                nifti.append(p)
+            elif name == "dataset.json":
+                dataset_jsons.append(p)
+            elif name.lower().endswith(".json"):
+                jsons.append(p)
+            elif name.lower().endswith(".csv") and is_lesion_table(p):
+                self.account(p)  # a lesion table (datamodules.sources.lesion_csv), e.g. the demo cohort's lesions.csv
+            else:
+                h = self._read_dicom(p)
+                if h is not None:
+                    headers.append(h)
+        if self.dicom_warnings:
+            logger.info("pydicom reported %d warning(s) while reading headers (details at DEBUG level)", self.dicom_warnings)
+        for p in dataset_jsons:
+            try:
+                dec = parse_decathlon(p)
+            except Reject as r:
+                self.reject(p, str(r))
+                continue
+            self.decathlons[dec.folder] = dec
+            self.account(p)
+        series = [Series(k, v) for k, v in group_series(headers).items()]
+        logger.info(
+            "%d files: %d NIfTI, %d DICOM in %d series, %d JSON, %d dataset.json",
+            len(self.all_files), len(nifti), len(headers), len(series), len(jsons), len(dataset_jsons),
+        )
+        label_of, label_files = pair_labels(self, nifti, series)
+        nifti_set = set(nifti)
+        for p in sorted(nifti_set - label_files):
+            self._guarded(p, lambda p=p: self._nifti_case(p, label_of.get("nifti:" + p)), [p, label_of.get("nifti:" + p)])
+        for s in series:
+            files = [h.path for h in s.headers]
+            label = label_of.get("dicom:" + s.key)
+            self._guarded(files[0], lambda s=s, label=label: self._dicom_case(s, label), [*files, label])
+        # labels that no case took (their image was not found or was rejected without them)
+        for p in sorted(label_files - set(self.placed)):
+            self.reject(p, "label map whose image was not indexed")
+        for p in jsons:
+            self._json(p, nifti_set)
+        for p in self.all_files:  # safety net: every file is somewhere
+            if p not in self.placed:
+                warnings.warn(f"{p}: the scanner did not classify this file (a bug, please report)", stacklevel=2)
+                self.reject(p, "not classified by the scanner (a bug, please report)")
+        self.index.cases.sort(key=lambda c: c.image if isinstance(c.image, str) else c.image[0])
+        logger.info(
+            "scan of %s: %d cases (%d labelled), %d files accounted, %d inputs rejected",
+            self.root, len(self.index.cases), len(self.index.labelled_cases), len(self.index.accounted), len(self.index.rejected),
+        )
+        return self.index
+
+    def _guarded(self, path: str, fn, files: Sequence[str | None]) -> None:
+        """Run one case builder; an unexpected exception becomes a rejection with its message."""
+        try:
+            fn()
+        except Exception as e:
+            logger.warning("unexpected error while indexing %s", self.rel(path), exc_info=True)
+            self.reject(
+                path,
+                f"unexpected error while indexing ({type(e).__name__}: {e}); the input is damaged in a way the scanner "
+                "does not recognise - check or re-export it, and report this message if it looks fine",
+                [f for f in files if f],
+            )
+
+    # ------------------------------------------------------------ DICOM
+    def _read_dicom(self, p: str) -> DicomHeader | None:
+        """The header of a DICOM image file, or None after rejecting (not DICOM, unreadable) or accounting (DICOMDIR) it."""
+        name = os.path.basename(p)
+        suffix = "".join(Path(name).suffixes[-1:]).lower()
+        try:
+            h = read_header(p, keywords=self.site_fields)
+        except NotDicomError as e:
+            self.reject(p, not_dicom_reason(p, suffix, e))
+            return None
+        except DicomError as e:
+            self.reject(p, f"unreadable DICOM file: {e.reason}")
+            return None
+        if h.warnings:
+            self.dicom_warnings += len(h.warnings)
+            for w in h.warnings:  # may quote header values: DEBUG only
+                logger.debug("%s: pydicom: %s", self.rel(p), w)
+        if h.is_dicomdir:
+            self.account(p)  # the media index of a DICOM disc; the series are read from their own files
+            return None
+        return h
+
+    def _dicom_case(self, s: Series, label: str | None) -> None:
+        """Index one DICOM series (and its label map) as a case, or reject it with the reason."""
+        files = [h.path for h in s.headers]
+        first = s.headers[0]
+        num = f"#{first.series_number} " if first.series_number is not None else ""
+        desc = f"DICOM series {num}({first.modality or '?'}, {len(files)} file{'s' if len(files) > 1 else ''})"
+        where = files[0] if len(files) == 1 else (s.folder or os.path.commonpath(files))
+        covered = files + ([label] if label else [])
+        try:
+            ser = order_series(s.headers, min_slices=self.min_slices)
+        except DicomSeriesError as e:
+            reason = e.reason if len(files) == 1 else f"{desc}: {e.reason}"
+            if label:
+                reason += f" (its label map {self.rel(label)} is not used)"
+            self.reject(where, reason, covered if len(covered) > 1 else ())
+            return
+        volume = Volume(shape=list(ser.shape), affine=ser.affine)
+        values: list[int] = []
+        if label:
+            try:
+                values = label_values(label, self.rel(label), volume)
+            except Reject as r:
+                self.reject(where, f"{desc}: {r}", covered)
+                return
+        rel_files = [self.rel(p) for p in ser.paths]
+        raw_patient = (first.patient_id or "").strip() or self._path_patient(where)
+        key, info = site_key(ser.headers[0].attributes, self.site_fields, self.salt)
+        case = Case(
+            case_id="c-" + pseudonym(self.salt, rel_files[0]),
+            patient="p-" + pseudonym(self.salt, raw_patient),
+            site=key,
+            modality=ser.modality or "unknown",
+            image=rel_files,
+            image_format="dicom",
+            label=self.rel(label) if label else None,
+            organs=self._organs(values, self._names_for(where), label),
+            shape=[int(v) for v in ser.shape],
+            spacing=[float(v) for v in ser.spacing],
+            affine=np.asarray(ser.affine, dtype=float).tolist(),
+            site_info=info,
+        )
+        self._add_case(case, covered)
+
+    # ------------------------------------------------------------ NIfTI
+    def _nifti_case(self, p: str, label: str | None) -> None:
+        """Index one NIfTI image (and its label map) as a case, or reject it with the reason."""
+        covered = [p] + ([label] if label else [])
+        note = f" (its label map {self.rel(label)} is not used)" if label else ""
+        try:
+            img, data, shape = load_nifti(p)
+            check_image_data(data, self.min_slices)
+        except Reject as r:
+            self.reject(p, f"{r}{note}", covered if label else ())
+            return
+        affine = np.asarray(img.affine, dtype=np.float64)
+        del data
+        values: list[int] = []
+        if label:
+            try:
+                values = label_values(label, self.rel(label), Volume(shape=shape, affine=affine))
+            except Reject as r:
+                self.reject(p, str(r), covered)
+                return
+        sidecar_path = os.path.join(os.path.dirname(p), nifti_stem(os.path.basename(p)) + ".json")
+        sidecar: dict[str, Any] = {}
+        if os.path.isfile(sidecar_path):
+            sidecar = self._read_sidecar(sidecar_path)
+        key, info = site_key(sidecar, self.site_fields, self.salt)
+        dec = self._nearest_decathlon(p)
+        modality = normalise_modality(sidecar.get("Modality")) or (dec.modality if dec else None) or "unknown"
+        rel = self.rel(p)
+        case = Case(
+            case_id="c-" + pseudonym(self.salt, rel),
+            patient="p-" + pseudonym(self.salt, self._path_patient(p)),
+            site=key,
+            modality=modality,
+            image=rel,
+            image_format="nifti",
+            label=self.rel(label) if label else None,
+            organs=self._organs(values, self._names_for(p), label),
+            shape=[int(v) for v in shape],
+            spacing=[round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
+            affine=affine.tolist(),
+            site_info=info,
+        )
+        self._add_case(case, covered)
+
+    def _read_sidecar(self, path: str) -> dict[str, Any]:
+        """A BIDS JSON sidecar as a dict; an invalid one gives {} and a warning."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            warnings.warn(f"{path}: BIDS sidecar is not valid JSON ({e}); its site fields are ignored", stacklevel=2)
+            return {}
+        if not isinstance(d, dict):
+            warnings.warn(f"{path}: BIDS sidecar is not a JSON object; its site fields are ignored", stacklevel=2)
+            return {}
+        return d
+
+    def _add_case(self, case: Case, covered: Sequence[str]) -> None:
+        """Add a case, place its files, and merge its organ names into ``index.label_names`` (warning on conflicts)."""
+        for f in covered:
+            self._place(f, "case")
+        self.index.cases.append(case)
+        for v, name in ((v, n) for n, v in case.organs.items()):
+            known = self.index.label_names.get(v)
+            if known is None:
+                self.index.label_names[v] = name
+            elif known != name:
+                warnings.warn(
+                    f"label value {v} is {known!r} in some label maps and {name!r} in {case.label}; "
+                    f"index.label_names keeps {known!r} (each case's organs keep their own name)",
+                    stacklevel=2,
+                )
+
+    # ------------------------------------------------------------ patients, names
+    def _path_patient(self, path: str) -> str:
+        """The raw patient key of a path: the ``patient_regex`` match (group 1 if any), else the path without suffix."""
+        rel = self.rel(path)
+        if self.patient_re is not None:
+            m = self.patient_re.search(rel)
+            if m:
+                return m.group(1) if m.groups() else m.group(0)
+        return nifti_stem(rel)
+
+    def _nearest_decathlon(self, path: str) -> Decathlon | None:
+        """The Decathlon description in the folder of ``path`` or the nearest one above it, up to the root."""
+        folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else path
+        while True:
+            if folder in self.decathlons:
+                return self.decathlons[folder]
+            if folder == self.root or os.path.dirname(folder) == folder or not folder.startswith(self.root):
+                return None
+            folder = os.path.dirname(folder)
+
+    def _names_for(self, path: str) -> dict[int, str]:
+        """Label names for ``path``: the nearest Decathlon description with labels, else the default names."""
+        folder = os.path.dirname(path) if not os.path.isdir(path) else path
+        while True:
+            dec = self.decathlons.get(folder)
+            if dec is not None and dec.labels:
+                return dec.labels
+            if folder == self.root or os.path.dirname(folder) == folder or not folder.startswith(self.root):
+                return self.default_names
+            folder = os.path.dirname(folder)
+
+    def _organs(self, values: Iterable[int], names: Mapping[int, str], label: str | None) -> dict[str, int]:
+        """Structure name -> label value for the values present; unnamed values become ``label_<value>`` (warned)."""
+        organs: dict[str, int] = {}
+        unnamed = []
+        for v in values:
+            if v == 0:
+                continue
+            name = names.get(v)
+            if name is None:
+                name = f"label_{v}"
+                if names:
+                    unnamed.append(v)
+            if name in organs:
+                name = f"{name}_{v}"
+            organs[name] = int(v)
+        if unnamed and label:
+            warnings.warn(
+                f"{label}: label value(s) {unnamed} have no name in the label names; called 'label_<value>'",
+                stacklevel=2,
+            )
+        return organs
+
+    # ------------------------------------------------------------ JSON
+    def _json(self, p: str, nifti_set: set[str]) -> None:
+        """Account for a known JSON file (BIDS sidecar or description, an index, the demo marker) or reject it."""
+        stem = os.path.basename(p)[: -len(".json")]
+        folder = os.path.dirname(p)
+        if any(os.path.join(folder, stem + ext) in nifti_set for ext in NIFTI_SUFFIXES):
+            self.account(p)  # BIDS sidecar
+            return
+        try:
+            with open(p, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self.reject(p, f"not an image file we read (JSON; invalid: {type(e).__name__})")
+            return
+        if isinstance(d, dict) and "cases" in d and "rejected" in d and "version" in d:
+            self.account(p)  # an imaging-meta index written into the data folder
+            return
+        if isinstance(d, dict) and str(d.get("generator", "")).startswith("datamodules.synthetic.demo"):
+            self.account(p)  # the demo cohort's marker file
+            return
+        if os.path.basename(p) in BIDS_SUPPORT_JSON and isinstance(d, dict):
+            self.account(p)  # BIDS dataset-level description
+            return
+        self.reject(p, f"not an image file we read ({NON_IMAGE_KINDS['.json']})")
+
+
+
+def scan_folder(
+    root: str | os.PathLike,
+    *,
+    site_fields: Sequence[str] = DEFAULT_SITE_FIELDS,
+    label_names: Mapping[int, str] | None = None,
+    salt: str = "imaging-meta",
+    patient_regex: str = r"(sub-[A-Za-z0-9]+)",
+    min_slices: int = 3,
+) -> Index:
+    """Index every image under ``root``.
+
+    Args:
+        root: folder to scan (followed through symbolic links, each real folder once).
+        site_fields: header keywords that build the site key (identifying ones are pseudonymised).
+        label_names: label value -> structure name, for label maps without a Decathlon dataset.json.
+        salt: secret for the keyed hashes of patient, case and institution ids; keep it private and fixed.
+        patient_regex: for NIfTI, the first match in the path relative to ``root`` (group 1 if any) is the
+            patient key; without a match each file is its own patient. DICOM uses PatientID.
+        min_slices: fewest slices (voxels along each axis, for NIfTI) of a usable volume.
+
+    Returns:
+        The index: cases, rejected inputs with reasons, and accounted support files. Every regular file
+        under ``root`` is in exactly one of them.
+
+    Raises:
+        NotADirectoryError: ``root`` is not a folder.
+    """
+    return _Scanner(os.fspath(root), site_fields, label_names, salt, patient_regex, min_slices).run()
+
+
+def scan_to_file(root: str | os.PathLike, out: str | os.PathLike, **kw: Any) -> Index:
+    """`scan_folder`, then write the index to ``out`` atomically (`Index.save`).
+
+    Args:
+        root: folder to scan.
+        out: index JSON to write.
+        **kw: keyword arguments of `scan_folder`.
+
+    Returns:
+        The index.
+    """
+    index = scan_folder(root, **kw)
+    path = index.save(out)
+    logger.info("index written to %s", path)
+    return index

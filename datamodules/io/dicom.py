@@ -1,0 +1,245 @@
+"""`DicomSeriesReader`, a MONAI reader for one DICOM series, and the public face of the DICOM modules.
+
+A DICOM series is a set of single-frame slice files that share a ``SeriesInstanceUID``. Folder and file
+names say nothing reliable about which files belong together or in what order, so
+
+1. each file's header is read once (`read_header`, `datamodules.io.dicom_files`); a file that is not DICOM
+   or is corrupt raises a `DicomError` whose message names the file and says why, and a file that cannot
+   be a slice gets a ``problem`` (`datamodules.io.dicom_checks`);
+2. files are grouped by ``SeriesInstanceUID`` (`group_series`), wherever they lie in the tree;
+3. a group is validated and ordered by geometry (`order_series`, `datamodules.io.dicom_series`): slice
+   positions are projected onto the slice normal (the cross product of the row and column direction
+   cosines) and sorted along it, never by file name or ``InstanceNumber``. Any problem raises a
+   `DicomSeriesError` with a precise reason;
+4. the voxel-to-world affine is built in RAS (NIfTI convention) for the array layout used everywhere here:
+   axis 0 runs along the DICOM row direction (column index), axis 1 along the column direction (row index),
+   axis 2 through the slices in the geometric order (`series_affine`);
+5. `DicomSeriesReader` (this module) wraps all of this as a `monai.data.ImageReader`, so that
+   ``LoadImaged(keys, reader=[DicomSeriesReader(), NibabelReader()])`` reads the ordered file lists stored
+   in the scan index (or a folder holding one series) next to NIfTI files; pixels are decoded by
+   `load_series_array` (`datamodules.io.dicom_pixels`).
+
+Identifying attributes (PatientName, PatientID, UIDs, ...) are read only to group and pseudonymise; they are
+never put into the metadata returned by the reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from monai.data import ImageReader
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+from pydicom.dataset import Dataset
+
+from datamodules.io.dicom_checks import JPEG_EXTRA, decoder_problem
+from datamodules.io.dicom_errors import DicomError, DicomSeriesError, NotDicomError
+from datamodules.io.dicom_files import checked_header, group_series, read_dataset, read_header
+from datamodules.io.dicom_header import DicomHeader
+from datamodules.io.dicom_pixels import load_series_array
+from datamodules.io.dicom_series import (
+    DUPLICATE_TOL_MM,
+    ORIENTATION_TOL,
+    DicomSeries,
+    order_series,
+    series_affine,
+)
+from datamodules.io.nifti_names import NIFTI_SUFFIXES, is_nifti, nifti_stem
+
+__all__ = [
+    "DUPLICATE_TOL_MM",
+    "ORIENTATION_TOL",
+    "checked_header",
+    "read_dataset",
+    "DicomError",
+    "NotDicomError",
+    "DicomSeriesError",
+    "DicomHeader",
+    "DicomSeries",
+    "DicomSeriesReader",
+    "read_header",
+    "group_series",
+    "order_series",
+    "series_affine",
+    "decoder_problem",
+    "JPEG_EXTRA",
+    "load_series_array",
+    "NIFTI_SUFFIXES",
+    "is_nifti",
+    "nifti_stem",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _LoadedSeries:
+    """What `DicomSeriesReader.read` hands to `get_data`: the ordered series and its already-read data sets."""
+
+    series: DicomSeries
+    datasets: dict[str, Dataset]
+
+
+def _not_an_image(h: DicomHeader) -> bool:
+    """True for a DICOMDIR or a file without pixel data (structure sets, reports...)."""
+    return h.is_dicomdir or bool(h.problem and h.problem.startswith("no pixel data"))
+
+
+class DicomSeriesReader(ImageReader):
+    """MONAI image reader for one DICOM series given as an ordered file list or as a folder.
+
+    Input: a list/tuple of DICOM file paths (normally the geometry-ordered list stored in the scan index;
+    the reader orders them by geometry again, so any order gives the same result), or a folder, which must
+    then hold exactly one image series (other files are ignored).
+
+    Output of `get_data`: an (X, Y, Z) float32 array (X = DICOM column index, Y = row index, Z = slice along
+    the normal) with RescaleSlope/Intercept applied, and metadata in MONAI's conventions: ``affine`` and
+    ``original_affine`` (RAS, (4, 4)), ``spatial_shape``, ``space`` = "RAS", ``original_channel_dim`` (NaN,
+    i.e. no channel, as MONAI's own readers write it), ``spacing``, ``modality``. No identifying attribute
+    is copied.
+
+    Args:
+        min_slices: fewest slices accepted (1 reads a single slice as a one-slice volume).
+        gap_factor: see `order_series`.
+        spacing_rtol: see `order_series`.
+
+    Example:
+        >>> LoadImaged(["image", "label"], reader=[DicomSeriesReader(), NibabelReader()])  # doctest: +SKIP
+    """
+
+    def __init__(self, min_slices: int = 1, gap_factor: float = 1.5, spacing_rtol: float = 0.1):
+        super().__init__()
+        self.min_slices = int(min_slices)
+        self.gap_factor = float(gap_factor)
+        self.spacing_rtol = float(spacing_rtol)
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        """True for a folder, or a list/tuple of (non-NIfTI) paths, or one DICOM file."""
+        if isinstance(filename, (list, tuple)):
+            names = [str(f) for f in filename]
+            if len(names) == 1 and os.path.isdir(names[0]):
+                return True
+            return bool(names) and not any(is_nifti(n) for n in names)
+        name = str(filename)
+        if os.path.isdir(name):
+            return True
+        if is_nifti(name):
+            return False
+        try:
+            return name.lower().endswith(".dcm") or pydicom.misc.is_dicom(name)
+        except OSError:
+            return False
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> _LoadedSeries:
+        """Read and order one series.
+
+        Args:
+            data: a folder, or DICOM file paths of one series.
+
+        Returns:
+            an object for `get_data`.
+
+        Raises:
+            ValueError: a NIfTI path (so that MONAI falls through to the next reader); `DicomError` for a
+                file that cannot be read; `DicomSeriesError` when the files are not one valid series.
+        """
+        names = [str(n) for n in ensure_tuple(data)]
+        if not names:
+            raise ValueError("DicomSeriesReader: no file given")
+        nifti = [n for n in names if is_nifti(n)]
+        if nifti:
+            raise ValueError(f"{nifti[0]}: a NIfTI file, not a DICOM series; read it with monai.data.NibabelReader")
+        datasets: dict[str, Dataset] = {}
+        if len(names) == 1 and os.path.isdir(names[0]):
+            headers = self._read_folder(names[0], datasets)
+        else:
+            headers = self._read_files(names, datasets)
+        series = order_series(
+            headers, min_slices=self.min_slices, gap_factor=self.gap_factor, spacing_rtol=self.spacing_rtol
+        )
+        return _LoadedSeries(series=series, datasets=datasets)
+
+    def _read_folder(self, folder: str, datasets: dict[str, Dataset]) -> list[DicomHeader]:
+        """The headers of the one image series in ``folder`` (non-DICOM files skipped); fills ``datasets``."""
+        headers: list[DicomHeader] = []
+        for entry in sorted(os.listdir(folder)):
+            p = os.path.join(folder, entry)
+            if not os.path.isfile(p) or is_nifti(p):
+                continue
+            try:
+                ds, caught = read_dataset(p)
+            except NotDicomError as e:
+                logger.debug("skipping %s", e)
+                continue
+            headers.append(self._header(ds, p, caught))
+            datasets[p] = ds
+        # series without any image (structure sets, reports, a DICOMDIR) do not count
+        groups = {k: v for k, v in group_series(headers).items() if not all(_not_an_image(h) for h in v)}
+        if not groups:
+            raise DicomSeriesError([folder], "no DICOM image series in this folder")
+        if len(groups) > 1:
+            desc = "; ".join(
+                f"series #{v[0].series_number if v[0].series_number is not None else '?'} ({v[0].modality or '?'}, {len(v)} files)"
+                for v in groups.values()
+            )
+            raise DicomSeriesError(
+                [folder],
+                f"the folder holds {len(groups)} image series ({desc}); pass the file list of one series "
+                "(as stored in the scan index) instead of the folder",
+            )
+        return next(iter(groups.values()))
+
+    def _read_files(self, names: list[str], datasets: dict[str, Dataset]) -> list[DicomHeader]:
+        """The headers of the files ``names``, which must share one series; fills ``datasets``."""
+        headers: list[DicomHeader] = []
+        for p in names:
+            ds, caught = read_dataset(p)
+            headers.append(self._header(ds, p, caught))
+            datasets[p] = ds
+        uids = {h.series_uid for h in headers}
+        if len(uids) > 1:
+            raise DicomSeriesError(names, f"the files belong to {len(uids)} different series; pass one series")
+        return headers
+
+    @staticmethod
+    def _header(ds: Dataset, path: str, caught: list[str]) -> DicomHeader:
+        """`checked_header`, with pydicom's warnings logged."""
+        h = checked_header(ds, path, (), caught)
+        for msg in h.warnings:
+            logger.warning("%s: pydicom: %s", path, msg)
+        return h
+
+    def get_data(self, img: _LoadedSeries | Sequence[_LoadedSeries]) -> tuple[np.ndarray, dict]:
+        """Decode the series.
+
+        Args:
+            img: what `read` returned.
+
+        Returns:
+            (array, meta): array (X, Y, Z) float32; meta with ``affine``, ``original_affine``,
+            ``spatial_shape``, ``space``, ``original_channel_dim``, ``spacing``, ``modality``.
+        """
+        if isinstance(img, (list, tuple)):
+            if len(img) != 1:
+                raise ValueError("DicomSeriesReader reads one series at a time; got several")
+            img = img[0]
+        series = img.series
+        array = load_series_array(series, img.datasets)
+        affine = series.affine.copy()
+        meta: dict[str, Any] = {
+            MetaKeys.AFFINE: affine,
+            MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(series.shape),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            "spacing": np.asarray(series.spacing, dtype=np.float64),
+            "modality": series.modality or "unknown",
+            "n_slices": len(series.headers),
+        }
+        return array, meta
+

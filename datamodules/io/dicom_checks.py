@@ -1,0 +1,216 @@
+"""Why a DICOM file cannot be one slice of a grey-level volume, and whether its pixels can be decoded here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLETransferSyntaxes,
+)
+
+from datamodules.io.dicom_header import DicomHeader, as_int, get_value
+
+#: the geometry keywords every slice of a volume needs.
+_GEOMETRY_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+
+_HIGH_THROUGHPUT_J2K = (
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+)
+
+JPEG_EXTRA = "`pip install imaging-meta[jpeg]`"
+
+
+def _install_hint(ts: UID) -> str:
+    """What to install so that pydicom can decode ``ts``: the project's ``jpeg`` extra first, then alternatives."""
+    if ts in JPEGLSTransferSyntaxes:
+        return f"{JPEG_EXTRA} (or `pip install pylibjpeg pylibjpeg-libjpeg`, `pip install pyjpegls`, or `pip install python-gdcm`)"
+    if ts in JPEGTransferSyntaxes:
+        return f"{JPEG_EXTRA} (or `pip install pylibjpeg pylibjpeg-libjpeg`, or `pip install python-gdcm`)"
+    if ts in JPEG2000TransferSyntaxes or ts in _HIGH_THROUGHPUT_J2K:
+        return f"{JPEG_EXTRA} (or `pip install pylibjpeg pylibjpeg-openjpeg`, or `pip install python-gdcm`)"
+    if ts in RLETransferSyntaxes:
+        return "`pip install pylibjpeg pylibjpeg-rle`"
+    return "a pydicom pixel data plugin for it (see pydicom.pixels.get_decoder(uid).missing_dependencies)"
+
+
+def decoder_problem(transfer_syntax: str) -> str | None:
+    """Why pydicom cannot decode pixel data in ``transfer_syntax`` here, or None when it can.
+
+    Uses pydicom's decoder availability API (`pydicom.pixels.get_decoder(uid).is_available`), so the
+    answer reflects the plugins installed in this environment.
+
+    Args:
+        transfer_syntax: a TransferSyntaxUID.
+
+    Returns:
+        None, or a reason naming the transfer syntax and the package(s) to install.
+    """
+    from pydicom.pixels import get_decoder
+
+    ts = UID(transfer_syntax)
+    if not ts.is_compressed:
+        return None
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        return (
+            f"transfer syntax {ts.name} ({ts}) has no pixel data decoder in pydicom; convert the series to an "
+            "uncompressed transfer syntax first (e.g. `gdcmconv --raw` or `dcmdjpeg`)"
+        )
+    if decoder.is_available:
+        return None
+    return (
+        f"compressed transfer syntax {ts.name} ({ts}) needs a pixel data decoder that is not installed: "
+        f"run {_install_hint(ts)}, then scan again"
+    )
+
+
+def _expected_pixel_bytes(rows: int, columns: int, samples: int, bits: int, frames: int) -> int:
+    """Bytes of uncompressed pixel data for the matrix (bit-packed when ``bits == 1``)."""
+    n = rows * columns * samples * frames
+    if bits == 1:
+        return (n + 7) // 8
+    return n * (bits // 8)
+
+
+_MULTI_FRAME_FIX = "convert it to a NIfTI volume (e.g. `dcm2niix -z y <folder>`) and scan the .nii.gz instead"
+
+
+def _kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """Why the file is not an image at all (a DICOMDIR, no pixel data, a SEG object), or None."""
+    if h.is_dicomdir:
+        return "a DICOMDIR (media index), not an image"
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            return f"float pixel data is not supported yet ({h.describe()})"
+        if len(ds) == 0 or (not h.sop_class and not h.modality and "Rows" not in ds):
+            return (
+                "no pixel data and no readable image attributes (no SOP class, modality or Rows): the file is "
+                "corrupt or truncated; copy it again from the source"
+            )
+        if "Rows" in ds or "Image Storage" in h.sop_class:
+            return (
+                f"no pixel data although it is an image ({h.describe()}): the file is truncated (cut short "
+                "during copying) or was stripped of its pixels; copy it again from the source"
+            )
+        return f"no pixel data ({h.describe()}): not an image"
+    if h.modality == "SEG":
+        return "a DICOM SEG object: segmentations are read as NIfTI label maps; export it to NIfTI first"
+    return None
+
+
+def _frames_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """Why the image is not a single frame (multi-frame or enhanced objects), or None."""
+    frames_raw = get_value(ds, "NumberOfFrames", 1)
+    frames = as_int(frames_raw)
+    if frames is None:
+        return f"invalid NumberOfFrames {frames_raw!r}"
+    if frames > 1:
+        return f"multi-frame images are not supported yet (NumberOfFrames={frames}, {h.describe()}); {_MULTI_FRAME_FIX}"
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        return (
+            f"enhanced multi-frame object ({h.describe()}): its geometry is in functional groups; "
+            f"multi-frame images are not supported yet; {_MULTI_FRAME_FIX}"
+        )
+    return None
+
+
+def _pixel_format_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """Why the pixels are not one grey-level sample with a readable matrix (colour, missing Rows...), or None."""
+    if h.samples_per_pixel != 1:
+        photometric = get_value(ds, "PhotometricInterpretation", "?")
+        return (
+            f"not a grey-level volume (SamplesPerPixel={h.samples_per_pixel}, PhotometricInterpretation={photometric})"
+        )
+    photometric = str(get_value(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
+    if not photometric.startswith("MONOCHROME"):
+        return f"not a grey-level volume (PhotometricInterpretation={photometric})"
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if get_value(ds, k) is None]
+    if missing:
+        garbled = [k for k in missing if k in ds]
+        if garbled:
+            return (
+                f"unreadable {', '.join(garbled)} value(s) ({h.describe()}): the header is corrupt; copy the file "
+                "again from the source"
+            )
+        return f"missing {', '.join(missing)} ({h.describe()}): not a valid image header; export it again from the source"
+    return None
+
+
+def _geometry_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """Why the slice cannot be placed in patient space (missing or invalid position, orientation, spacing), or None."""
+    missing = [k for k in _GEOMETRY_KEYWORDS if get_value(ds, k) is None]
+    if missing:
+        return (
+            f"missing {', '.join(missing)} ({h.describe()}): without patient geometry the slices cannot be "
+            "placed in a volume"
+        )
+    if h.pixel_spacing is None or min(h.pixel_spacing) <= 0:
+        return f"invalid PixelSpacing {get_value(ds, 'PixelSpacing')!r}"
+    if h.position is None:
+        return f"invalid ImagePositionPatient {get_value(ds, 'ImagePositionPatient')!r}"
+    if h.orientation is None:
+        return f"invalid ImageOrientationPatient {get_value(ds, 'ImageOrientationPatient')!r}"
+    row, col = np.asarray(h.orientation[:3]), np.asarray(h.orientation[3:])
+    if not (0.99 < np.linalg.norm(row) < 1.01 and 0.99 < np.linalg.norm(col) < 1.01) or abs(row @ col) > 1e-2:
+        return f"ImageOrientationPatient {list(h.orientation)} is not two orthogonal unit vectors"
+    return None
+
+
+def _pixel_bytes_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """Why uncompressed pixel data is malformed or shorter than the matrix needs, or None."""
+    ts = UID(h.transfer_syntax)
+    if not ts.is_compressed:
+        elem = ds["PixelData"]
+        value = elem.value
+        if elem.is_undefined_length or not isinstance(value, (bytes, bytearray)):
+            return f"uncompressed transfer syntax {ts.name} but encapsulated pixel data: the file is malformed"
+        expected = _expected_pixel_bytes(h.rows or 0, h.columns or 0, 1, h.bits_allocated or 0, 1)
+        if len(value) < expected:
+            return (
+                f"pixel data is truncated: {len(value)} bytes, expected {expected} "
+                f"(Rows*Columns*SamplesPerPixel*BitsAllocated/8 = {h.rows}*{h.columns}*1*{h.bits_allocated}/8); "
+                "the file was probably cut short, copy it again from the source"
+            )
+    return None
+
+
+def file_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """The first reason why this file cannot be one slice of a grey-level volume, or None.
+
+    The checks run in a fixed order: the kind of object, the number of frames, the pixel format, the
+    patient geometry, the decoder for the transfer syntax, then the size of uncompressed pixel data.
+
+    Args:
+        ds: the data set, pixels included.
+        h: its parsed header.
+
+    Returns:
+        The reason, naming what to do, or None when the file can be a slice.
+    """
+    return (
+        _kind_problem(ds, h)
+        or _frames_problem(ds, h)
+        or _pixel_format_problem(ds, h)
+        or _geometry_problem(ds, h)
+        or decoder_problem(h.transfer_syntax)
+        or _pixel_bytes_problem(ds, h)
+    )
+
+
+def rescale_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """Why RescaleSlope/RescaleIntercept are unusable (not finite, or a zero slope), or None."""
+    if not (math.isfinite(h.rescale_slope) and math.isfinite(h.rescale_intercept) and h.rescale_slope != 0):
+        return (
+            f"invalid RescaleSlope/RescaleIntercept ({get_value(ds, 'RescaleSlope')!r}, "
+            f"{get_value(ds, 'RescaleIntercept')!r})"
+        )
+    return None

@@ -1,0 +1,123 @@
+"""Read DICOM files: the data set with pydicom, its checked header, and the grouping of headers by series."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from datamodules.io.dicom_checks import file_problem, rescale_problem
+from datamodules.io.dicom_errors import DicomError, NotDicomError
+from datamodules.io.dicom_header import DicomHeader, parse_header
+
+
+def _looks_like_headerless_dicom(path: str) -> bool:
+    """True when a file without the 'DICM' marker starts like a raw DICOM data set (group 0x0008 or 0x0002)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    if len(head) < 8:
+        return False
+    return head[:2] in (b"\x08\x00", b"\x00\x08", b"\x02\x00", b"\x00\x02")
+
+
+def read_dataset(path: str, *, stop_before_pixels: bool = False) -> tuple[Dataset, list[str]]:
+    """Read a DICOM file with pydicom; raise `NotDicomError` / `DicomError` with the reason.
+
+    ``force=False`` first; a file with no preamble/'DICM' marker that starts like a raw data set is then read
+    with ``force=True`` and accepted only when it holds a SOP class or a modality.
+    """
+    caught: list[str] = []
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:
+        raise DicomError(path, f"cannot read the file ({type(e).__name__}: {e})") from e
+    if empty:
+        raise NotDicomError(path, "empty file (0 bytes), probably an interrupted copy; copy it again from the source")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        try:
+            try:
+                ds = pydicom.dcmread(path, force=False, stop_before_pixels=stop_before_pixels)
+            except InvalidDicomError as e:
+                if not _looks_like_headerless_dicom(path):
+                    raise NotDicomError(path, f"not DICOM ({e})".replace(" Use force=True to force reading.", "")) from e
+                ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+                if "SOPClassUID" not in ds and "Modality" not in ds:
+                    raise NotDicomError(
+                        path, "not DICOM (no 'DICM' marker, and no SOP class or modality when read without it)"
+                    ) from e
+        except DicomError:
+            raise
+        except (OSError, MemoryError) as e:
+            raise DicomError(path, f"cannot read the file ({type(e).__name__}: {e})") from e
+        except Exception as e:  # pydicom raises many types on corrupt data; each becomes a reason
+            raise DicomError(
+                path, f"corrupt or truncated DICOM file ({type(e).__name__}: {e}); copy it again from the source"
+            ) from e
+        caught.extend(str(w.message) for w in record)
+    return ds, caught
+
+
+def _header_from_dataset(ds: Dataset, path: str, keywords: Iterable[str]) -> DicomHeader:
+    """`parse_header`, then the first problem of the file (`file_problem`, else `rescale_problem`)."""
+    h = parse_header(ds, path, keywords)
+    h.problem = file_problem(ds, h)
+    if h.problem is None:
+        h.problem = rescale_problem(ds, h)
+    return h
+
+
+def read_header(path: str | os.PathLike, *, keywords: Iterable[str] = ()) -> DicomHeader:
+    """Read one DICOM file's header (pixels are read but not decoded) and check it as a volume slice.
+
+    Args:
+        path: the file.
+        keywords: extra DICOM keywords to copy into ``attributes`` (e.g. the site fields).
+
+    Returns:
+        The header; ``problem`` says why the file cannot be a slice of a volume (None when it can).
+
+    Raises:
+        NotDicomError: the file is not DICOM.
+        DicomError: the file is DICOM but cannot be parsed (corrupt or truncated header).
+    """
+    path = str(path)
+    ds, caught = read_dataset(path)
+    return checked_header(ds, path, keywords, caught)
+
+
+def checked_header(ds: Dataset, path: str, keywords: Iterable[str], caught: list[str]) -> DicomHeader:
+    """`_header_from_dataset`, with pydicom's warnings on lazily parsed values collected, errors as `DicomError`."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        try:
+            h = _header_from_dataset(ds, path, keywords)
+        except Exception as e:  # a malformed element that pydicom parses lazily
+            raise DicomError(path, f"malformed DICOM header ({type(e).__name__}: {e})") from e
+    h.warnings = list(caught) + [str(w.message) for w in record]
+    return h
+
+
+def group_series(headers: Iterable[DicomHeader]) -> dict[str, list[DicomHeader]]:
+    """Group headers by SeriesInstanceUID (never by folder or name).
+
+    Files without a SeriesInstanceUID each form their own group, keyed ``"no-uid:<path>"``.
+
+    Args:
+        headers: headers of DICOM files, from anywhere in a tree.
+
+    Returns:
+        key -> headers of that series, keys in order of first appearance.
+    """
+    groups: dict[str, list[DicomHeader]] = {}
+    for h in headers:
+        key = h.series_uid if h.series_uid else f"no-uid:{h.path}"
+        groups.setdefault(key, []).append(h)
+    return groups

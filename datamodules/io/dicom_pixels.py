@@ -1,0 +1,55 @@
+"""Decode the pixels of a validated DICOM series into an (X, Y, Z) float32 volume with the modality rescale."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from datamodules.io.dicom_checks import decoder_problem
+from datamodules.io.dicom_errors import DicomError
+from datamodules.io.dicom_files import read_dataset
+from datamodules.io.dicom_header import DicomHeader
+from datamodules.io.dicom_series import DicomSeries
+
+
+def _decode_slice(ds: Dataset, h: DicomHeader) -> np.ndarray:
+    """Pixel array of one slice, (Rows, Columns) float32 with the modality rescale applied."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:  # headerless files read with force=True
+        if meta is None:
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = UID(h.transfer_syntax)
+    try:
+        arr = ds.pixel_array
+    except Exception as e:
+        fix = decoder_problem(h.transfer_syntax) or "check the file, or convert it to an uncompressed transfer syntax"
+        raise DicomError(h.path, f"cannot decode the pixel data ({type(e).__name__}: {e}); {fix}") from e
+    if arr.shape != (h.rows, h.columns):
+        raise DicomError(h.path, f"decoded pixel array has shape {arr.shape}, expected ({h.rows}, {h.columns})")
+    out = arr.astype(np.float64) * h.rescale_slope + h.rescale_intercept
+    return out.astype(np.float32)
+
+
+def load_series_array(series: DicomSeries, datasets: Mapping[str, Dataset] | None = None) -> np.ndarray:
+    """Decode a validated series into a volume.
+
+    Args:
+        series: from `order_series`.
+        datasets: already-read data sets by path (read again from disk when missing).
+
+    Returns:
+        (X, Y, Z) float32 array: X = column index, Y = row index, Z = slice in geometric order, with
+        RescaleSlope/RescaleIntercept applied.
+    """
+    X, Y, Z = series.shape
+    vol = np.empty((X, Y, Z), dtype=np.float32)
+    for k, h in enumerate(series.headers):
+        ds = datasets.get(h.path) if datasets else None
+        if ds is None:
+            ds, _ = read_dataset(h.path)
+        vol[:, :, k] = _decode_slice(ds, h).T
+    return vol

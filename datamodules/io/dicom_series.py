@@ -1,0 +1,273 @@
+"""Validate a group of DICOM headers as one volume, order it along the slice normal, and build its RAS affine."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from datamodules.io.dicom_errors import DicomSeriesError, common_folder
+from datamodules.io.dicom_header import DicomHeader
+
+#: cosines of two orientations closer than this (per component) are the same orientation.
+ORIENTATION_TOL = 1e-3
+#: two slices closer than this along the normal (mm) are at the same position.
+DUPLICATE_TOL_MM = 1e-3
+
+
+@dataclass
+class DicomSeries:
+    """A validated single-frame DICOM series, in geometric order.
+
+    Attributes:
+        headers: one per slice, sorted by position along the slice normal (ascending).
+        affine: (4, 4) float64 voxel -> world (RAS, mm) for arrays laid out (column index, row index, slice).
+        shape: (X, Y, Z) = (Columns, Rows, number of slices).
+        spacing: (PixelSpacing[1], PixelSpacing[0], slice step) in mm.
+        modality: the series' Modality code ("" when missing).
+    """
+
+    headers: list[DicomHeader]
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    modality: str
+
+    @property
+    def paths(self) -> list[str]:
+        """The files, in geometric order."""
+        return [h.path for h in self.headers]
+
+    @property
+    def folder(self) -> str:
+        """The folder that holds all the files (their deepest common folder)."""
+        return common_folder(self.paths)
+
+
+
+def series_affine(
+    orientation: Sequence[float],
+    first_position: Sequence[float],
+    pixel_spacing: Sequence[float],
+    step: Sequence[float],
+) -> np.ndarray:
+    """Voxel -> world (RAS, mm) affine of a slice stack.
+
+    Array axis 0 runs along the row direction cosine (DICOM column index ``i``, spacing PixelSpacing[1]),
+    axis 1 along the column direction cosine (row index ``j``, spacing PixelSpacing[0]), axis 2 through the
+    slices. DICOM patient coordinates are LPS; the result is flipped to RAS like NIfTI.
+
+    Args:
+        orientation: ImageOrientationPatient, (6,): row cosine then column cosine (LPS).
+        first_position: ImagePositionPatient of slice 0, (3,) (LPS, mm).
+        pixel_spacing: PixelSpacing as stored, (2,): (row spacing, column spacing).
+        step: (3,) LPS vector (mm) from one slice position to the next.
+
+    Returns:
+        (4, 4) float64 affine.
+    """
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:6], dtype=np.float64)
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    lps = np.eye(4)
+    lps[:3, 0] = row * float(pixel_spacing[1])
+    lps[:3, 1] = col * float(pixel_spacing[0])
+    lps[:3, 2] = np.asarray(step, dtype=np.float64)
+    lps[:3, 3] = np.asarray(first_position, dtype=np.float64)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _name(h: DicomHeader) -> str:
+    """The file name of a header's file, for messages."""
+    return os.path.basename(h.path)
+
+
+def _distinct(values: Sequence[Any], close) -> list[tuple[Any, int]]:
+    """Cluster ``values`` by ``close(a, b)``: [(representative, count)], most common first."""
+    clusters: list[list[Any]] = []
+    for v in values:
+        for c in clusters:
+            if close(c[0], v):
+                c.append(v)
+                break
+        else:
+            clusters.append([v])
+    return sorted(((c[0], len(c)) for c in clusters), key=lambda t: -t[1])
+
+
+def _check_files(headers: Sequence[DicomHeader], paths: list[str]) -> None:
+    """Raise when any file has a problem of its own, naming the most common problem and an example file."""
+    bad = [h for h in headers if h.problem]
+    if not bad:
+        return
+    problems = Counter(h.problem for h in bad)
+    problem, count = problems.most_common(1)[0]
+    if len(headers) == 1:
+        raise DicomSeriesError(paths, str(problem))
+    example = next(h for h in bad if h.problem == problem)
+    others = f"; {len(problems) - 1} other problem(s) too" if len(problems) > 1 else ""
+    if len(bad) == len(headers):
+        if len(problems) == 1:
+            raise DicomSeriesError(paths, f"every file: {problem}")
+        raise DicomSeriesError(paths, f"no file can be used: {count} like {_name(example)}: {problem}{others}")
+    raise DicomSeriesError(
+        paths,
+        f"{len(bad)} of {len(headers)} files cannot be used, e.g. {_name(example)}: {problem}{others}",
+    )
+
+
+def _check_consistency(headers: Sequence[DicomHeader], paths: list[str]) -> None:
+    """Raise when the files mix orientations, matrices (Rows/Columns) or pixel spacings."""
+    orients = _distinct([h.orientation for h in headers], lambda a, b: np.allclose(a, b, atol=ORIENTATION_TOL))
+    if len(orients) > 1:
+        desc = "; ".join(f"{n} file(s) with {[round(x, 4) for x in o]}" for o, n in orients[:3])
+        if len(orients) > 3:
+            desc += f"; {len(orients) - 3} more orientation(s)"
+        raise DicomSeriesError(
+            paths,
+            f"mixed orientations within the series ({desc}); a localizer or a reformat may share the series "
+            "- move those files out",
+        )
+    matrices = Counter((h.rows, h.columns) for h in headers)
+    if len(matrices) > 1:
+        desc = ", ".join(f"{n} file(s) {r}x{c}" for (r, c), n in matrices.most_common())
+        raise DicomSeriesError(paths, f"inconsistent Rows/Columns within the series: {desc}")
+    spacings = _distinct([h.pixel_spacing for h in headers], lambda a, b: np.allclose(a, b, rtol=1e-4, atol=1e-6))
+    if len(spacings) > 1:
+        desc = ", ".join(f"{n} file(s) {list(s)}" for s, n in spacings)
+        raise DicomSeriesError(paths, f"inconsistent PixelSpacing within the series: {desc}")
+
+
+def _sort_along_normal(
+    headers: Sequence[DicomHeader],
+) -> tuple[np.ndarray, np.ndarray, list[DicomHeader], np.ndarray, np.ndarray]:
+    """Sort the headers by position along the slice normal (stable).
+
+    Returns:
+        (orientation (6,), unit normal (3,), sorted headers, positions (n, 3) LPS mm, distance along the
+        normal (n,) mm), all in the sorted order.
+    """
+    orientation = np.asarray(headers[0].orientation, dtype=np.float64)
+    row, col = orientation[:3] / np.linalg.norm(orientation[:3]), orientation[3:] / np.linalg.norm(orientation[3:])
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    positions = np.asarray([h.position for h in headers], dtype=np.float64)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    return orientation, normal, [headers[i] for i in order], positions[order], along[order]
+
+
+def _check_duplicates(headers: Sequence[DicomHeader], steps: np.ndarray, along: np.ndarray, paths: list[str]) -> None:
+    """Raise when two consecutive slices lie at the same position along the normal."""
+    dup = np.flatnonzero(steps <= DUPLICATE_TOL_MM)
+    if dup.size:
+        a, b = headers[dup[0]], headers[dup[0] + 1]
+        same = " (the same SOPInstanceUID: one image stored twice)" if a.sop_instance_uid and a.sop_instance_uid == b.sop_instance_uid else ""
+        raise DicomSeriesError(
+            paths,
+            f"duplicate slice positions: {dup.size} pair(s) of slices at the same position, e.g. {_name(a)} and "
+            f"{_name(b)} both at {along[dup[0]]:.3f} mm along the slice normal{same}; remove the duplicates "
+            "(or split echoes/phases into separate series)",
+        )
+
+
+def _check_spacing(headers: Sequence[DicomHeader], steps: np.ndarray, paths: list[str], gap_factor: float,
+                   spacing_rtol: float) -> float:
+    """Raise on a missing slice (a gap) or uneven steps; return the median step (mm)."""
+    median = float(np.median(steps))
+    big = int(np.argmax(steps))
+    if steps[big] > gap_factor * median:
+        missing = int(round(steps[big] / median)) - 1
+        raise DicomSeriesError(
+            paths,
+            f"missing slice(s): a gap of {steps[big]:.3f} mm between {_name(headers[big])} and "
+            f"{_name(headers[big + 1])} where the median step is {median:.3f} mm (about {max(missing, 1)} slice(s) "
+            "missing); copy the complete series",
+        )
+    spread = float((steps.max() - steps.min()) / median)
+    if spread > spacing_rtol:
+        raise DicomSeriesError(
+            paths,
+            f"uneven slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm (median {median:.3f} mm, "
+            f"relative spread {spread:.3f} > {spacing_rtol}); resample it to a regular grid first",
+        )
+    return median
+
+
+def _check_collinear(positions: np.ndarray, along: np.ndarray, min_pixel_spacing: float, paths: list[str]) -> np.ndarray:
+    """Raise when the slice positions leave the line ``p0 + k * step``; return ``step`` (3,) LPS mm.
+
+    A constant in-plane shift per slice (e.g. gantry tilt) stays on the line and is accepted.
+    """
+    n = len(positions)
+    step = (positions[-1] - positions[0]) / (n - 1)
+    expected = positions[0] + np.outer((along - along[0]) / (along[-1] - along[0]) * (n - 1), step)
+    deviation = float(np.max(np.linalg.norm(positions - expected, axis=1)))
+    if deviation > 0.1 * min_pixel_spacing:
+        raise DicomSeriesError(
+            paths,
+            f"slice positions do not lie on a straight line (largest deviation {deviation:.3f} mm); the "
+            "series mixes stacks - split it",
+        )
+    return step
+
+
+def order_series(
+    headers: Sequence[DicomHeader],
+    *,
+    min_slices: int = 3,
+    gap_factor: float = 1.5,
+    spacing_rtol: float = 0.1,
+) -> DicomSeries:
+    """Validate a group of headers as one volume and sort it by position along the slice normal.
+
+    Args:
+        headers: the files of one series (any order).
+        min_slices: fewest slices accepted.
+        gap_factor: a step larger than ``gap_factor`` times the median step means a missing slice.
+        spacing_rtol: largest accepted (max step - min step) / median step.
+
+    Returns:
+        The series in geometric order with its RAS affine.
+
+    Raises:
+        DicomSeriesError: with the reason (bad files, mixed orientation, inconsistent matrix or pixel
+            spacing, too few slices, duplicate positions, missing slices, uneven spacing).
+    """
+    headers = list(headers)
+    paths = [h.path for h in headers]
+    if not headers:
+        raise DicomSeriesError(paths, "no files")
+    _check_files(headers, paths)
+    _check_consistency(headers, paths)
+    if len(headers) < min_slices:
+        raise DicomSeriesError(
+            paths,
+            f"only {len(headers)} slice(s) ({headers[0].describe()}); a volume needs at least {min_slices}",
+        )
+    orientation, normal, headers, positions, along = _sort_along_normal(headers)
+    spacing2d = headers[0].pixel_spacing
+    assert spacing2d is not None
+    n = len(headers)
+    if n == 1:
+        step_len = headers[0].slice_thickness or 1.0
+        step = normal * step_len
+    else:
+        steps = np.diff(along)
+        _check_duplicates(headers, steps, along, paths)
+        step_len = _check_spacing(headers, steps, paths, gap_factor, spacing_rtol)
+        step = _check_collinear(positions, along, min(spacing2d), paths)
+    affine = series_affine(orientation, positions[0], spacing2d, step)
+    modality = Counter(h.modality for h in headers).most_common(1)[0][0]
+    shape = (int(headers[0].columns or 0), int(headers[0].rows or 0), n)
+    return DicomSeries(
+        headers=headers,
+        affine=affine,
+        shape=shape,
+        spacing=(float(spacing2d[1]), float(spacing2d[0]), float(step_len)),
+        modality=modality,
+    )

@@ -1,0 +1,1 @@
+"""Episode samplers (indices only, never pixels), episode files, self-supervised episodes, loaders and exact resume."""

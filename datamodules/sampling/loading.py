@@ -1,0 +1,70 @@
+"""From an episode dataset and a sampler to a `DataLoader`, and the state that resumes an epoch exactly.
+
+Both datamodules build their loaders here: workers (persistent when there are any), pinned memory when a GPU
+is present, and a private generator so that creating a loader's iterator never draws from torch's global
+random stream (which a resumed run must find where the interrupted one left it). Every random choice of an
+episode comes from the seed in its spec, so a batch is the same whatever the worker count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.sampling.samplers import EpisodeSampler
+from imaging_meta.episode import collate_episodes
+
+
+def episode_loader(dataset: Dataset, sampler: EpisodeSampler | Sequence, batch_size: int, num_workers: int) -> DataLoader:
+    """A loader of batched `Episode`s.
+
+    Args:
+        dataset: indexed by episode specs.
+        sampler: an `EpisodeSampler` (training) or a fixed list of specs (validation, test).
+        batch_size: episodes (tasks) per batch.
+        num_workers: loader processes; 0 loads in the training process.
+    """
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=batch_size,
+        collate_fn=collate_episodes,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+class ResumableEpisodes:
+    """Mixin for an episodic `LightningDataModule`: checkpoints record how far into its epoch training was.
+
+    Lightning saves ``state_dict()`` in every checkpoint and gives it back to ``load_state_dict`` on resume.
+    The training sampler (``self._samplers["train"]``) then skips the episodes this rank had already
+    trained on, so a run resumed from a mid-epoch checkpoint sees exactly the episodes an uninterrupted run
+    would have seen. A checkpoint written at the end of an epoch needs no skip.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        # a checkpoint taken in on_train_batch_end (ModelCheckpoint(every_n_train_steps=...)) comes after the
+        # batch's optimiser step but before the loop counts it completed: "processed" is what is in the weights
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed, "batch_size": self.hparams.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_state = dict(state)
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        state = getattr(self, "_resume_state", None)
+        sampler = getattr(self, "_samplers", {}).get("train")
+        if not state or sampler is None:
+            return
+        sampler.resume(state["epoch"], state["batches_done"] * state["batch_size"])
+        self._resume_state = None

@@ -1,0 +1,394 @@
+"""A folder with one subfolder per class of 2D images (PNG, JPEG, single-frame DICOM) as an `ItemTable`.
+
+Layout::
+
+    root/
+      cyst/        img001.png  img002.png  patient7/IM_0001.dcm ...
+      haemangioma/ ...
+      metastasis/  ...
+
+Each subfolder of ``root`` is a class (its name is the class name); images are found recursively inside
+it. Every image is read, turned into a float tensor (C, H, W) in [0, 1] and resized to ``image_size``
+keeping its aspect ratio: it is scaled to fit inside ``image_size`` and zero-padded symmetrically (nothing
+is cropped). `load_image` does exactly this for one file, so that ``imaging-meta classify`` prepares its
+query images as the training items were.
+
+Intensities:
+
+* PNG / JPEG (8 or 16 bit, grey or colour): scaled per image between its minimum and maximum.
+* DICOM: RescaleSlope/RescaleIntercept applied; CT is clipped to ``ct_window`` (HU) and scaled to [0, 1];
+  other modalities are scaled per image between their minimum and maximum. MONOCHROME1 images (minimum
+  displayed white) are inverted after scaling, so every image is bright where it is displayed bright.
+
+Channels: with ``channels=1`` colour images become grey (ITU-R 601-2 luma); with ``channels=3`` grey images
+are repeated. A colour image whose three channels are equal counts as grey. A folder that mixes true colour
+and grey images is refused (naming the first image of each kind): that is nearly always a stray image from
+another dataset.
+
+Patients, sites and ids: by default every image is its own patient; DICOM files use their PatientID; a
+``patient_regex`` with a named group ``patient`` applied to the file name overrides both. Patients are
+keyed hashes (`datamodules.indexing.scan.pseudonym`), item ids are keyed hashes of the path relative to ``root``, so
+no file name, PatientID or PatientName reaches an episode or a report. The site of a DICOM image is its
+header site key (`datamodules.indexing.scan.site_key`; identifying fields become tokens); PNG/JPEG images get the
+source ``name`` (default: the root folder's name).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
+from datamodules.io.dicom import DicomError, NotDicomError, checked_header, read_dataset
+from datamodules.sources.items import ItemSource, ItemTable
+
+PIL_EXTENSIONS = (".png", ".jpg", ".jpeg")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+DEFAULT_EXTENSIONS = [*PIL_EXTENSIONS, *DICOM_EXTENSIONS, ""]  # "": extension-less files are tried as DICOM
+
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+@dataclass
+class _Read:
+    """One decoded image before resizing: ``array`` (H, W) or (H, W, 3) float32 in [0, 1]."""
+
+    array: np.ndarray
+    channels: int  # native channel count: 1 grey, 3 colour
+    dicom: Any = None  # the pydicom data set of a DICOM file (headers for patient and site)
+    header: Any = None  # its DicomHeader
+
+
+def _scale(arr: np.ndarray, path: Path, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Clip to [lo, hi] (default: the image's own range) and scale to [0, 1]."""
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{path}: the image holds NaN or Inf values; repair or remove this file")
+    if lo is None or hi is None:
+        lo, hi = float(arr.min()), float(arr.max())
+        if not hi > lo:
+            raise ValueError(f"{path}: constant image (every pixel is {lo:g}); nothing to learn from it, remove it")
+    return ((np.clip(arr, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def _grey_if_equal(arr: np.ndarray) -> np.ndarray:
+    """(H, W, 3) with three equal channels -> (H, W); anything else unchanged."""
+    if arr.ndim == 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+        return arr[..., 0]
+    return arr
+
+
+def _read_pil(path: Path) -> _Read:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                raise ValueError(f"{path}: an animated/multi-page image ({frames} frames); save one frame per file")
+            im.load()
+            mode = im.mode
+            if mode in ("P", "PA"):
+                im = im.convert("RGBA")
+                mode = "RGBA"
+            if mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBA", "RGBX"):
+                im = im.convert("RGB")
+            elif mode in ("LA", "1"):
+                im = im.convert("L")
+            arr = np.asarray(im, dtype=np.float64)
+    except ValueError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(
+            f"{path}: cannot read the image ({type(e).__name__}: {e}); the file is corrupt, truncated or not a "
+            "PNG/JPEG: replace it or remove it"
+        ) from e
+    if arr.ndim == 3 and arr.shape[-1] != 3:
+        raise ValueError(f"{path}: image mode {mode!r} with {arr.shape[-1]} channels; save it as grey-level or RGB")
+    arr = _grey_if_equal(arr)
+    return _Read(_scale(arr, path), 1 if arr.ndim == 2 else 3)
+
+
+def _read_dicom(path: Path, ct_window: Sequence[float]) -> _Read:
+    ds, caught = read_dataset(str(path))  # NotDicomError / DicomError name the file
+    h = checked_header(ds, str(path), DEFAULT_SITE_FIELDS, caught)
+    if h.is_dicomdir:
+        raise DicomError(path, "a DICOMDIR (media index), not an image; remove it from the class folder")
+    if h.number_of_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        raise DicomError(
+            path,
+            f"multi-frame DICOM (NumberOfFrames={h.number_of_frames}): a class folder holds single-frame 2D images; "
+            "export the frames as separate files",
+        )
+    if "PixelData" not in ds:
+        raise DicomError(path, f"no pixel data ({h.describe()}): not an image, or a truncated copy; copy it again")
+    try:
+        arr = np.asarray(ds.pixel_array, dtype=np.float64)
+    except Exception as e:  # pydicom raises many types on undecodable pixel data
+        raise DicomError(
+            path, f"cannot decode the pixel data ({type(e).__name__}: {e}); convert it to an uncompressed transfer syntax"
+        ) from e
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if arr.ndim == 3 and arr.shape[-1] == 3 and h.samples_per_pixel == 3:
+        arr = _grey_if_equal(arr)
+        return _Read(_scale(arr, path), 1 if arr.ndim == 2 else 3, ds, h)
+    if arr.ndim != 2:
+        raise DicomError(path, f"pixel array of shape {arr.shape} (PhotometricInterpretation {photometric}); expected one 2D frame")
+    slope, intercept = h.rescale_slope, h.rescale_intercept
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
+        raise DicomError(path, f"invalid RescaleSlope/RescaleIntercept ({slope}, {intercept})")
+    arr = arr * slope + intercept
+    if h.modality == "CT":
+        lo, hi = (float(v) for v in ct_window)
+        out = _scale(arr, path, lo, hi)
+    else:
+        out = _scale(arr, path)
+    if photometric == "MONOCHROME1":
+        out = 1.0 - out
+    return _Read(out, 1, ds, h)
+
+
+def _is_pil(path: Path) -> bool:
+    return path.suffix.lower() in PIL_EXTENSIONS
+
+
+def _read(path: Path, ct_window: Sequence[float]) -> _Read:
+    return _read_pil(path) if _is_pil(path) else _read_dicom(path, ct_window)
+
+
+def _check_settings(image_size: Sequence[int], channels: int, ct_window: Sequence[float]) -> None:
+    if len(image_size) != 2 or min(int(s) for s in image_size) < 1:
+        raise ValueError(f"image_size must be [height, width] with positive sizes, got {list(image_size)}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
+    if len(ct_window) != 2 or not float(ct_window[1]) > float(ct_window[0]):
+        raise ValueError(f"ct_window must be [lower, upper] HU with upper > lower, got {list(ct_window)}")
+
+
+def _to_tensor(read: _Read, image_size: Sequence[int], channels: int) -> torch.Tensor:
+    """(C, H, W) float32: channel conversion, aspect-preserving resize into ``image_size``, zero padding."""
+    arr = read.array
+    if arr.ndim == 3 and channels == 1:
+        arr = arr @ _LUMA
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    if x.shape[0] == 1 and channels == 3:
+        x = x.repeat(3, 1, 1)
+    th, tw = (int(s) for s in image_size)
+    h, w = x.shape[-2:]
+    scale = min(th / h, tw / w)
+    nh, nw = max(1, min(th, round(h * scale))), max(1, min(tw, round(w * scale)))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+    top, left = (th - nh) // 2, (tw - nw) // 2
+    x = F.pad(x, (left, tw - nw - left, top, th - nh - top))
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+def load_image(
+    path: str | Path,
+    image_size: Sequence[int] = (32, 32),
+    channels: int = 1,
+    ct_window: Sequence[float] = (-250.0, 250.0),
+) -> torch.Tensor:
+    """Read and preprocess one 2D image exactly as `ImageFolder` does.
+
+    Args:
+        path: a PNG, JPEG or single-frame DICOM file (any other suffix is read as DICOM).
+        image_size: (H, W) of the output; the image is scaled to fit and zero-padded (aspect kept).
+        channels: 1 (colour becomes grey) or 3 (grey is repeated).
+        ct_window: HU window for CT DICOM.
+
+    Returns:
+        (channels, H, W) float32 tensor in [0, 1].
+
+    Raises:
+        ValueError: for an unreadable, corrupt, multi-frame, constant or non-finite image, naming the file.
+    """
+    _check_settings(image_size, channels, ct_window)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such image file")
+    return _to_tensor(_read(path, ct_window), image_size, channels)
+
+
+def _dicom_values(ds, fields: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for f in fields:
+        v = ds.get(f)
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+            v = "\\".join(str(x) for x in v)
+        out[f] = v if isinstance(v, (int, float)) else str(v)
+    return out
+
+
+class ImageFolder(ItemSource):
+    """One subfolder per class of 2D images (see the module docstring for every rule).
+
+    Args:
+        root: the folder of class subfolders.
+        image_size: (H, W) of every item; images are scaled to fit and zero-padded (aspect kept).
+        channels: 1 (colour converted to grey) or 3 (grey repeated).
+        ct_window: HU window for CT DICOM.
+        patient_regex: a regular expression with a named group ``patient``, searched in each file name
+            (e.g. ``"^(?P<patient>P\\d+)_"``); a file it does not match is an error. Default: DICOM PatientID,
+            else every image its own patient.
+        extensions: file suffixes read as images (lower case, with the dot; ``""`` = no suffix, tried as
+            DICOM). Other files are skipped with one warning that lists them; hidden files are ignored.
+        name: site of the PNG/JPEG images and the format's name in reports (default: the root folder's name).
+        site_fields: DICOM header fields that make the site key.
+        salt: secret for the pseudonymous patients and item ids (set your own for real data).
+
+    Raises:
+        ValueError: from `build`, naming the file or folder: a missing root, no class folders, an empty class
+            folder, a class with a single image, an unreadable or corrupt image, a multi-frame DICOM, mixed
+            grey and colour images, a file the ``patient_regex`` does not match.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: list[int] | None = None,
+        channels: int = 1,
+        ct_window: list[float] | None = None,
+        patient_regex: str | None = None,
+        extensions: list[str] | None = None,
+        name: str | None = None,
+        site_fields: list[str] | None = None,
+        salt: str = "imaging-meta",
+    ) -> None:
+        self.root = str(Path(root).expanduser().resolve())
+        self.image_size = [int(s) for s in (image_size if image_size is not None else [32, 32])]
+        self.channels = int(channels)
+        self.ct_window = [float(v) for v in (ct_window if ct_window is not None else [-250.0, 250.0])]
+        _check_settings(self.image_size, self.channels, self.ct_window)
+        self.patient_regex = patient_regex
+        if patient_regex is not None:
+            try:
+                compiled = re.compile(patient_regex)
+            except re.error as e:
+                raise ValueError(f"patient_regex {patient_regex!r} is not a valid regular expression: {e}") from e
+            if "patient" not in compiled.groupindex:
+                raise ValueError(f"patient_regex {patient_regex!r} needs a named group 'patient', e.g. '^(?P<patient>[^_]+)_'")
+        self.extensions = [e.lower() for e in (extensions if extensions is not None else DEFAULT_EXTENSIONS)]
+        self.name = name or Path(self.root).name
+        self.site_fields = list(site_fields or DEFAULT_SITE_FIELDS)
+        self._salt = salt
+
+    # ------------------------------------------------------------ contract
+    def preprocessing(self) -> dict[str, Any]:
+        return {"format": "image_folder", "image_size": list(self.image_size), "channels": self.channels,
+                "ct_window": list(self.ct_window), "resize": "fit and zero-pad (aspect kept)"}
+
+    def _class_dirs(self) -> list[Path]:
+        root = Path(self.root)
+        if not root.is_dir():
+            raise ValueError(f"ImageFolder root {root} is not a folder; set source.init_args.root to a folder of class subfolders")
+        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not dirs:
+            raise ValueError(f"{root}: no class subfolders; put the images of each class in a subfolder named after the class")
+        return dirs
+
+    def _candidates(self) -> tuple[dict[str, list[Path]], list[Path]]:
+        """Image files per class (sorted) and the skipped files."""
+        root = Path(self.root)
+        per_class: dict[str, list[Path]] = {}
+        dirs = self._class_dirs()
+        skipped = [f for f in sorted(root.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        for d in dirs:
+            files = []
+            for f in sorted(d.rglob("*")):
+                if not f.is_file() or any(part.startswith(".") for part in f.relative_to(root).parts):
+                    continue
+                (files if f.suffix.lower() in self.extensions else skipped).append(f)
+            per_class[d.name] = files
+        return per_class, skipped
+
+    def files(self) -> list[Path]:
+        per_class, _ = self._candidates()
+        return [f for files in per_class.values() for f in files]
+
+    def build(self) -> ItemTable:
+        per_class, skipped = self._candidates()
+        root = Path(self.root)
+        regex = re.compile(self.patient_regex) if self.patient_regex else None
+        images, labels, patients, sites, ids = [], [], [], [], []
+        first_of: dict[int, Path] = {}  # native channel count -> first file with it
+        classes = sorted(per_class)
+        for label, cls in enumerate(classes):
+            n_read = 0
+            for f in per_class[cls]:
+                rel = f.relative_to(root).as_posix()
+                try:
+                    read = _read(f, self.ct_window)
+                except NotDicomError:
+                    if f.suffix == "":  # an extension-less file that is not DICOM: a stray file
+                        skipped.append(f)
+                        continue
+                    raise
+                first_of.setdefault(read.channels, f)
+                if len(first_of) > 1:
+                    kind = {1: "grey-level", 3: "colour (RGB)"}
+                    other = 3 if read.channels == 1 else 1
+                    raise ValueError(
+                        f"{f}: {kind[read.channels]} image, but {first_of[other]} is {kind[other]}; the folder mixes grey and colour "
+                        "images (a stray image from another dataset?): convert them to one kind or remove the odd ones"
+                    )
+                if regex is not None:
+                    m = regex.search(f.name)
+                    if m is None or not m.group("patient"):
+                        raise ValueError(
+                            f"{f}: patient_regex {self.patient_regex!r} does not match this file name; "
+                            "rename the file or fix the regex"
+                        )
+                    raw_patient = "name:" + m.group("patient")
+                elif read.header is not None and read.header.patient_id:
+                    raw_patient = "dicom:" + read.header.patient_id
+                else:
+                    raw_patient = "file:" + rel
+                if read.dicom is not None:
+                    site, _ = site_key(_dicom_values(read.dicom, self.site_fields), self.site_fields, self._salt)
+                else:
+                    site = self.name
+                images.append(_to_tensor(read, self.image_size, self.channels))
+                labels.append(label)
+                patients.append("p-" + pseudonym(self._salt, raw_patient))
+                sites.append(site)
+                ids.append("i-" + pseudonym(self._salt, rel))
+                n_read += 1
+            if n_read == 0:
+                raise ValueError(
+                    f"{root / cls}: empty class folder (no image with a suffix in {self.extensions}); add images or remove it"
+                )
+            if n_read == 1:
+                raise ValueError(
+                    f"{root / cls}: a class folder with a single image; few-shot episodes need at least two images "
+                    "per class (one support, one query); add images or remove the folder"
+                )
+        if skipped:
+            shown = ", ".join(str(f.relative_to(root)) for f in skipped[:10])
+            more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            warnings.warn(
+                f"{root}: skipped {len(skipped)} file(s) that are not images in a class folder: {shown}{more} "
+                f"(image suffixes: {self.extensions}; files directly under the root belong to no class)",
+                stacklevel=2,
+            )
+        return ItemTable(
+            images=torch.stack(images),
+            labels=np.asarray(labels, dtype=np.int64),
+            classes=classes,
+            patients=patients,
+            sites=sites,
+            item_ids=ids,
+            source={"format": "image_folder", **self.preprocessing(), "name": self.name,
+                    "rejected": [str(f.relative_to(root)) for f in skipped]},
+        )

@@ -1,0 +1,162 @@
+"""Classification items: the contract between the three input formats and the episode machinery.
+
+Every input format a user has (a folder per class of 2D images, a lesion CSV over 3D volumes, MedMNIST
+``.npz`` files) becomes an `ItemTable` through an `ItemSource`: the deterministic preprocessing (reading,
+cropping, resampling, intensity scaling) is done once, and the table is cached. Samplers see only
+``labels``, ``patients`` and ``sites``; datasets index ``images``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datamodules.io.atomic import atomic_open
+
+
+@dataclass
+class ItemTable:
+    """Preprocessed classification items.
+
+    Attributes:
+        images: (N, C, *spatial) float32 tensor, every item the same shape.
+        labels: (N,) int64 array, ``classes[labels[i]]`` is item ``i``'s class.
+        classes: class names.
+        patients: pseudonymous patient of each item (support and query never share one).
+        sites: site key of each item (scanner vendor/model/institution token, or the source's name).
+        item_ids: pseudonymous id of each item (e.g. ``<case id>#lesion3``); never a file name with PHI.
+        source: how the table was made (format, settings); goes into reports and cache keys.
+    """
+
+    images: torch.Tensor
+    labels: np.ndarray
+    classes: list[str]
+    patients: list[str]
+    sites: list[str]
+    item_ids: list[str]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.labels)
+        for name in ("images", "patients", "sites", "item_ids"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"ItemTable: {name} has {len(getattr(self, name))} entries, labels has {n}")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"ItemTable: labels must lie in [0, {len(self.classes)}), got [{self.labels.min()}, {self.labels.max()}]")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"ItemTable: class names repeat: {sorted(c for c, k in Counter(self.classes).items() if k > 1)}")
+        if n and not torch.isfinite(self.images).all():
+            bad = [self.item_ids[i] for i in torch.nonzero(~torch.isfinite(self.images.flatten(1)).all(1)).flatten().tolist()[:5]]
+            raise ValueError(f"ItemTable: items {bad} hold NaN or Inf values")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {c: int(k) for c, k in zip(self.classes, counts, strict=True)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table atomically (a ``torch.save`` of tensors, lists and strings: loads with weights_only)."""
+        with atomic_open(path, "wb") as f:
+            torch.save(
+                {
+                    "images": self.images,
+                    "labels": torch.from_numpy(self.labels),
+                    "classes": list(self.classes),
+                    "patients": list(self.patients),
+                    "sites": list(self.sites),
+                    "item_ids": list(self.item_ids),
+                    "source": json.dumps(self.source, default=str),
+                },
+                f,
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ItemTable:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(
+            images=d["images"],
+            labels=d["labels"].numpy(),
+            classes=d["classes"],
+            patients=d["patients"],
+            sites=d["sites"],
+            item_ids=d["item_ids"],
+            source=json.loads(d["source"]),
+        )
+
+
+class ItemSource:
+    """One input format. Subclasses take their settings as typed ``__init__`` arguments (LightningCLI
+    ``class_path``/``init_args``) and implement `build`.
+
+    Errors name the file and what is wrong; nothing is skipped silently (a source that drops bad inputs
+    says so with ``warnings.warn`` and lists them in ``source["rejected"]``).
+    """
+
+    def build(self) -> ItemTable:
+        """Read and preprocess every item."""
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes the table (paths, sizes, windows...): the cache key. Default: the
+        instance's public attributes."""
+        s = {"class": f"{type(self).__module__}.{type(self).__qualname__}",
+             **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+        salt = getattr(self, "_salt", None)  # pseudonymising sources keep their salt private; a new one invalidates the cache
+        if salt is not None:
+            s["salt_digest"] = hashlib.sha256(str(salt).encode()).hexdigest()[:8]
+        return s
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a new image needs to be prepared like the table's items (sizes, channels, windows), without
+        input paths or secrets: stored in checkpoints and used by ``imaging-meta classify``. Default: `settings`."""
+        return self.settings()
+
+    def config(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}`` that rebuilds this source, read from the attributes named like its
+        ``__init__`` arguments; the salt (a secret) is left out. Checkpoints store it, so that
+        ``imaging-meta evaluate`` can rebuild the data a model was trained on."""
+        args: dict[str, Any] = {}
+        for name, p in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name == "salt":
+                continue
+            if hasattr(self, name):
+                value = getattr(self, name)
+                args[name] = str(value) if isinstance(value, os.PathLike) else (list(value) if isinstance(value, tuple) else value)
+            elif p.default is inspect.Parameter.empty:
+                raise ValueError(f"{type(self).__name__} keeps no attribute {name!r}; it cannot describe its own config")
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+
+    def files(self) -> list[Path]:
+        """Input files whose size and modification time invalidate the cache."""
+        return []
+
+    def cache_key(self) -> str:
+        stamp = []
+        for f in self.files():
+            st = Path(f).stat()
+            stamp.append((str(f), st.st_size, st.st_mtime_ns))
+        blob = json.dumps({"settings": self.settings(), "files": stamp}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def load(self, cache_dir: str | os.PathLike | None = None) -> ItemTable:
+        """`build`, or the cached table under ``cache_dir`` when the settings and input files are unchanged."""
+        if cache_dir is None:
+            return self.build()
+        path = Path(cache_dir) / f"items-{self.cache_key()}.pt"
+        if path.exists():
+            return ItemTable.load(path)
+        table = self.build()
+        table.save(path)
+        return table

@@ -1,0 +1,1 @@
+"""Synthetic data: the deterministic multi-site demo cohort and the DICOM/NIfTI writers it uses."""

@@ -1,0 +1,328 @@
+"""MONAI dictionary transforms, keys ``"image"`` and ``"label"``.
+
+Two stages:
+
+* `volume_transforms` (deterministic, cached): load (NIfTI, or a geometry-ordered DICOM series), channel
+  first, a check that rejects unusable volumes (`CheckVolumed`: 4D, NaN/Inf, constant, a label off its
+  image's grid), RAS orientation, in-plane resampling to a target spacing, intensity normalisation per modality
+  (CT: a HU window; MR: percentile scaling), and an in-plane pad/crop to a fixed slice size. The axial
+  axis is the last one, so ``volume[..., z]`` is a fixed-size 2D slice.
+* `slice_augmentation` (random, seeded): 2D geometric and intensity augmentation of a slice; one draw is
+  applied to image and label alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import NibabelReader
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    ResizeWithPadOrCropd,
+    Spacingd,
+    Transform,
+)
+
+from datamodules.indexing.scan import grid_mismatch
+from datamodules.io.dicom import DicomSeriesReader
+
+CT_MODALITIES = ("CT",)
+
+
+def as_plain_tensor(t) -> torch.Tensor:
+    """A plain tensor (MONAI MetaTensor metadata dropped), so that episodes built from cached volumes stay light."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
+def _source(img) -> str:
+    """The file an image was loaded from, for messages (a DICOM series: its first file and slice count)."""
+    meta = getattr(img, "meta", {}) or {}
+    src = meta.get("filename_or_obj", "<array>")
+    if isinstance(src, (list, tuple)):
+        return f"{src[0]} (+{len(src) - 1} slices)" if src else "<series>"
+    n_slices = meta.get("n_slices")  # written by DicomSeriesReader; MONAI keeps only the first file name
+    if n_slices is not None and int(n_slices) > 1:
+        return f"{src} (the first of the {int(n_slices)} files of its DICOM series)"
+    return str(src)
+
+
+class CheckVolume(Transform):
+    """Reject a loaded volume that cannot be used, with a message naming its file and the fix.
+
+    Corrupt values are never repaired here (no NaN -> 0): the volume is returned unchanged or an error is
+    raised. The file name comes from the MetaTensor's ``filename_or_obj`` metadata.
+
+    Args:
+        allow_constant: accept a constant volume (True for label maps, where an all-background map is valid
+            at this stage; the scan rejects empty label maps).
+
+    Raises:
+        ValueError: the volume is not one channel-first 3D volume (1, X, Y, Z) (a 2D image, or a 4D image such
+            as a time series or several channels in one file), holds NaN or Inf values, or is constant.
+    """
+
+    def __init__(self, allow_constant: bool = False):
+        self.allow_constant = bool(allow_constant)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        """Check ``img`` (C, X, Y, Z), channel first; return it unchanged."""
+        src = _source(img)
+        shape = tuple(int(v) for v in img.shape)
+        if img.ndim != 4:
+            raise ValueError(
+                f"{src}: a {img.ndim - 1}D image (channel-first shape {shape}); only 3D volumes are read - "
+                "convert it to a 3D NIfTI volume"
+            )
+        if shape[0] != 1:
+            raise ValueError(
+                f"{src}: {shape[0]} volumes in one file (4D image, channel-first shape {shape}); only 3D volumes "
+                "are read - split it into one 3D file per time point or channel (e.g. `fslsplit`) and use one"
+            )
+        if img.is_floating_point() or img.is_complex():
+            bad = int((~torch.isfinite(img)).sum())
+            if bad:
+                raise ValueError(
+                    f"{src}: {bad} NaN/Inf voxel(s) of {img.numel()}; repair the file at its source or exclude it "
+                    "(corrupt values are never replaced)"
+                )
+        if not self.allow_constant and img.numel() > 0:
+            lo, hi = img.min(), img.max()
+            if bool(lo == hi):
+                raise ValueError(
+                    f"{src}: constant image (every voxel is {float(lo):g}), nothing to learn from; export it again "
+                    "from the source or exclude it"
+                )
+        return img
+
+
+class CheckVolumed(MapTransform):
+    """Dictionary twin of `CheckVolume`: the first key is the image, the others its label maps.
+
+    The image must not be constant; each label map must be a 3D volume on the image's voxel grid (compared
+    with `datamodules.indexing.scan.grid_mismatch`, so a flipped or permuted copy of the same grid passes). Use it
+    right after ``EnsureChannelFirstd``.
+
+    Args:
+        keys: image key first, then label keys.
+        allow_missing_keys: skip keys that are absent.
+
+    Raises:
+        ValueError: as `CheckVolume`, or a label map whose grid differs from its image's (naming both files).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_check = CheckVolume(allow_constant=False)
+        self.label_check = CheckVolume(allow_constant=True)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image = None
+        for key in self.key_iterator(d):
+            if image is None:
+                image = self.image_check(d[key])
+                continue
+            label = self.label_check(d[key])
+            mismatch = grid_mismatch(image.shape[1:], _affine(image), label.shape[1:], _affine(label))
+            if mismatch:
+                raise ValueError(
+                    f"{_source(label)}: label map does not match its image {_source(image)}: {mismatch}; resample "
+                    "the label onto the image grid (nearest neighbour)"
+                )
+        return d
+
+
+def _affine(img) -> np.ndarray:
+    affine = getattr(img, "affine", None)
+    return np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+
+
+class ModalityIntensity(Transform):
+    """Scale intensities to about [0, 1] by modality.
+
+    CT (Hounsfield units): clip to ``ct_window`` and scale linearly. Other modalities (MR): scale between
+    the ``mr_percentiles`` of the non-zero voxels, then clip.
+
+    Args:
+        ct_window: (lower, upper) HU window.
+        mr_percentiles: (lower, upper) percentiles in [0, 100].
+
+    Raises:
+        ValueError: for an image with NaN or Inf values, or a constant image (naming the source file).
+    """
+
+    def __init__(self, ct_window: Sequence[float] = (-250.0, 250.0), mr_percentiles: Sequence[float] = (1.0, 99.0)):
+        lo, hi = ct_window
+        plo, phi = mr_percentiles
+        if not hi > lo:
+            raise ValueError(f"ct_window must be (lower, upper) with upper > lower, got {tuple(ct_window)}")
+        if not 0 <= plo < phi <= 100:
+            raise ValueError(f"mr_percentiles must satisfy 0 <= lower < upper <= 100, got {tuple(mr_percentiles)}")
+        self.ct_window = (float(lo), float(hi))
+        self.mr_percentiles = (float(plo), float(phi))
+
+    def __call__(self, img: torch.Tensor, modality: str) -> torch.Tensor:
+        if not torch.isfinite(img).all():
+            raise ValueError(f"{_source(img)}: image contains NaN or Inf values; repair or exclude this file")
+        if modality.upper() in CT_MODALITIES:
+            lo, hi = self.ct_window
+        else:
+            nz = img[img != 0]
+            values = (nz if nz.numel() > 0 else img.reshape(-1)).float()
+            if values.numel() > 1_000_000:  # quantile's size limit; a strided sample is plenty
+                values = values[:: values.numel() // 1_000_000 + 1]
+            q = torch.tensor(self.mr_percentiles, dtype=values.dtype) / 100.0
+            lo, hi = (float(v) for v in torch.quantile(values, q))
+        if not hi > lo:
+            raise ValueError(f"{_source(img)}: constant image (all voxels near {lo:g}); nothing to learn from it")
+        return ((img - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+class ModalityIntensityd(MapTransform):
+    """Dictionary twin of `ModalityIntensity`; the modality is read from ``data[modality_key]``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        modality_key: str = "modality",
+        ct_window: Sequence[float] = (-250.0, 250.0),
+        mr_percentiles: Sequence[float] = (1.0, 99.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modality_key = modality_key
+        self.scaler = ModalityIntensity(ct_window, mr_percentiles)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        modality = str(d.get(self.modality_key, "unknown"))
+        for key in self.key_iterator(d):
+            d[key] = self.scaler(d[key], modality)
+        return d
+
+
+class BinarizeLabel(Transform):
+    """Foreground mask of one structure: ``label == value`` (or ``label > 0`` when value is None)."""
+
+    def __init__(self, value: int | None = None):
+        self.value = value
+
+    def __call__(self, label: torch.Tensor) -> torch.Tensor:
+        mask = label > 0 if self.value is None else label == self.value
+        return mask.to(torch.float32)
+
+
+class BinarizeLabeld(MapTransform):
+    """Dictionary twin of `BinarizeLabel`."""
+
+    def __init__(self, keys: KeysCollection, value: int | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.binarize = BinarizeLabel(value)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.binarize(d[key])
+        return d
+
+
+class CastLabeld(MapTransform):
+    """Round a resampled label map to integers and store it compactly (uint8, or int16 above 255)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lbl = d[key]
+            dtype = torch.uint8 if float(lbl.max()) <= 255 and float(lbl.min()) >= 0 else torch.int16
+            d[key] = torch.round(lbl).to(dtype)
+        return d
+
+
+def volume_transforms(
+    spacing: Sequence[float] = (4.0, 4.0),
+    slice_size: Sequence[int] = (80, 80),
+    ct_window: Sequence[float] = (-250.0, 250.0),
+    mr_percentiles: Sequence[float] = (1.0, 99.0),
+    keys: Sequence[str] = ("image", "label"),
+) -> Compose:
+    """The deterministic (cacheable) preprocessing of one volume.
+
+    Input dict: ``image`` (a NIfTI path, or a list of DICOM files in geometric order), optional ``label``
+    (NIfTI path), and ``modality``. Output: ``image`` float32 (1, H, W, D) in [0, 1], ``label`` integer
+    (1, H, W, D), both MONAI MetaTensors in RAS whose transforms can be inverted.
+
+    Args:
+        spacing: in-plane target spacing (mm) along R and A; the slice spacing is kept as acquired.
+        slice_size: (H, W) of each axial slice after pad/crop around the centre.
+        ct_window: HU window for CT.
+        mr_percentiles: percentile range for MR and other modalities.
+        keys: image key first, then the label key (drop it to preprocess images alone).
+
+    Applying the result raises (inside MONAI's ``RuntimeError("applying transform ...")``, as its cause) a
+    ``ValueError`` naming the file for a volume that `CheckVolumed` rejects: 2D or 4D, NaN/Inf, constant, or
+    a label map off its image's grid.
+    """
+    keys = list(keys)
+    if len(spacing) != 2 or len(slice_size) != 2:
+        raise ValueError(f"spacing and slice_size are in-plane pairs, got spacing={spacing}, slice_size={slice_size}")
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    label_keys = keys[1:]
+    tfs = [
+        # MONAI tries the last reader first: NIfTI files never reach the DICOM reader
+        LoadImaged(keys, reader=[DicomSeriesReader(), NibabelReader()], image_only=True),
+        EnsureChannelFirstd(keys),
+        CheckVolumed(keys),
+        Orientationd(keys, axcodes="RAS"),
+        Spacingd(keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),
+        ModalityIntensityd(keys[0], ct_window=ct_window, mr_percentiles=mr_percentiles),
+        ResizeWithPadOrCropd(keys, spatial_size=(int(slice_size[0]), int(slice_size[1]), -1)),
+    ]
+    if label_keys:
+        tfs.append(CastLabeld(label_keys))
+    return Compose(tfs)
+
+
+def slice_augmentation(
+    rotate_degrees: float = 12.0,
+    scale: float = 0.12,
+    translate: float = 0.06,
+    gamma: Sequence[float] = (0.7, 1.5),
+    noise_std: float = 0.03,
+    intensity_scale: float = 0.1,
+    slice_size: Sequence[int] = (80, 80),
+    prob: float = 0.8,
+) -> Compose:
+    """Seeded random 2D augmentation of one slice dict (``image`` (1, H, W), ``label`` (1, H, W)).
+
+    One draw is shared by image and label (nearest-neighbour for the label). Call
+    ``set_random_state(seed)`` on the result to make it deterministic.
+    """
+    h, w = (int(s) for s in slice_size)
+    rad = float(np.deg2rad(rotate_degrees))
+    return Compose(
+        [
+            RandAffined(
+                ["image", "label"],
+                prob=prob,
+                rotate_range=(rad,),
+                scale_range=(scale, scale),
+                translate_range=(translate * h, translate * w),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandAdjustContrastd("image", prob=prob, gamma=tuple(gamma)),
+            RandScaleIntensityd("image", factors=intensity_scale, prob=prob),
+            RandGaussianNoised("image", prob=prob, std=noise_std),
+        ]
+    )

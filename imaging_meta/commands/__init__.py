@@ -1,0 +1,1 @@
+"""What users run: the `imaging-meta` CLI, evaluate, compare, results, segment, classify, explanations, DICOM-SEG."""

@@ -1,0 +1,303 @@
+"""Few-shot classification of a user's images: a checkpoint, a support folder (one subfolder per class), queries.
+
+Every image goes through the same preprocessing as in training (size, channels and CT window, read from
+the checkpoint). Each query is classified in its own episode against the whole support set, so its
+prediction does not depend on which other queries are passed with it (Conv-4 and ResNet-12 normalise with
+the statistics of the episode they see).
+
+With ``explain=True``, each query also gets, in ``<CSV stem>_explain/`` next to the CSV, a JSON file and a
+PNG panel named ``<query number>_<query file stem>``: its nearest support images under the learner's own
+measure (or a stated model-agnostic one) and an occlusion saliency map (`imaging_meta.commands.explain`). They hold
+only the paths given, class names and numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from datamodules.io.atomic import atomic_open
+from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
+from imaging_meta.episode import Episode, collate_episodes
+from imaging_meta.learners.base import Learner
+from imaging_meta.tasks import CLASSIFICATION, get_task
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted; DICOM files may have no suffix."""
+    files = []
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        if f.suffix.lower() in IMAGE_SUFFIXES or f.suffix == "":
+            files.append(f)
+    return files
+
+
+def support_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted subfolder names) and (image, label) pairs of a support folder.
+
+    Raises:
+        ValueError: when the folder is missing, has fewer than two class subfolders, or a class has no image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: the support must be a folder with one subfolder per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise ValueError(f"{root}: found {len(classes)} class subfolder(s); a support set needs one subfolder per class, at least two")
+    items = []
+    for i, c in enumerate(classes):
+        files = _image_files(root / c)
+        if not files:
+            raise ValueError(f"{root / c}: no PNG, JPEG or DICOM image in this class folder")
+        items += [(f, i) for f in files]
+    return classes, items
+
+
+def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files of the ``--query`` arguments: files as given, folders expanded (recursively)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = _image_files(p)
+            if not found:
+                raise ValueError(f"{p}: no PNG, JPEG or DICOM image in this query folder")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ValueError(f"{p}: no such query file or folder")
+    return out
+
+
+def _loader_settings(extra: dict, learner) -> dict:
+    """``load_image`` settings from the checkpoint's preprocessing section."""
+    pre = dict(extra.get("preprocessing") or {})
+    size = pre.get("image_size") or pre.get("patch_size")
+    if size is None:
+        raise CheckpointError("the checkpoint has no image size in its preprocessing; it was not trained on classification data")
+    if len(size) != 2:
+        raise CheckpointError(
+            f"the checkpoint was trained on {len(size)}D patches of size {list(size)}; classify takes 2D images "
+            "(PNG, JPEG or single-frame DICOM)"
+        )
+    channels = pre.get("channels") or learner.config["init_args"].get("in_channels", 1)
+    return {"image_size": [int(s) for s in size], "channels": int(channels), "ct_window": pre.get("ct_window", [-250.0, 250.0])}
+
+
+def _episode(s_images: torch.Tensor, s_labels: torch.Tensor, classes: Sequence[str], query: torch.Tensor, index: int) -> Episode:
+    """The episode of one query (C, H, W): the whole support set (S, C, H, W), labels (S,), and the query."""
+    return Episode(
+        support_images=s_images,
+        support_labels=s_labels,
+        query_images=query.unsqueeze(0),
+        query_labels=torch.zeros(1, dtype=torch.long),
+        classes=list(classes),
+        site="",
+        support_ids=[f"support{i}" for i in range(len(s_labels))],
+        query_ids=[f"query{index}"],
+    )
+
+
+def explain_dir(out_csv: str | os.PathLike) -> Path:
+    """The folder of the explanations of ``out_csv``: ``<parent>/<CSV stem>_explain``."""
+    out = Path(out_csv)
+    return out.parent / f"{out.stem}_explain"
+
+
+def _safe_stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:80] or "query"
+
+
+def classify(
+    checkpoint: str | os.PathLike,
+    support: str | os.PathLike,
+    queries: Sequence[str | os.PathLike],
+    out_csv: str | os.PathLike,
+    device: str = "auto",
+    batch_size: int = 32,
+    explain: bool = False,
+    explain_k: int = 3,
+    occlusion_patch: int | None = None,
+    occlusion_stride: int | None = None,
+) -> Path:
+    """Classify query images against a support folder and write one CSV row per query.
+
+    Args:
+        checkpoint: an ``imaging-meta fit`` checkpoint of a classification learner.
+        support: folder with one subfolder per class, each holding a few images (PNG, JPEG, DICOM).
+        queries: image files and/or folders of images.
+        out_csv: the CSV to write: ``path``, ``predicted_class`` and one ``p_<class>`` column per class.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: queries per forward pass (each still in its own episode); with ``explain``, also the
+            occluded copies per forward pass.
+        explain: also write, per query, ``<number>_<stem>.json`` and ``.png`` into `explain_dir` (see
+            `write_explanations`). The CSV is the same with or without.
+        explain_k: nearest support images per query in the explanation.
+        occlusion_patch: side of the occluding patch in pixels; None: about 1/7 of the image side
+            (`imaging_meta.commands.explain.default_patch`).
+        occlusion_stride: step of the patch; None: half the patch.
+
+    Returns:
+        The path of the CSV.
+    """
+    from datamodules.sources.image_folder import load_image
+
+    if explain and explain_k < 1:
+        raise ValueError(f"explain_k must be >= 1 nearest support images, got {explain_k}")
+    dev = resolve_device(device)
+    learner, extra = load_learner(checkpoint, dev)
+    task = get_task(extra.get("task", learner.task))
+    if task is not CLASSIFICATION:
+        raise CheckpointError(f"{checkpoint}: a {task.name} checkpoint; classify needs a classification learner")
+    settings = _loader_settings(extra, learner)
+    classes, items = support_folder(support)
+    n_way = getattr(learner, "n_way", None)
+    if n_way is not None and n_way != len(classes):
+        raise ValueError(
+            f"{support}: {len(classes)} classes ({', '.join(classes)}), but the checkpoint's "
+            f"{type(learner).__name__} was meta-trained {n_way}-way and has a {n_way}-way head; give {n_way} class folders"
+        )
+    counts = torch.bincount(torch.tensor([y for _, y in items]), minlength=len(classes))
+    if counts.min() != counts.max():
+        logger.info("support classes have different numbers of images: %s", dict(zip(classes, counts.tolist(), strict=True)))
+    s_images = torch.stack([load_image(f, **settings) for f, _ in items])
+    s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
+    qs = query_files(queries)
+    rows = []
+    all_probs = []
+    for start in range(0, len(qs), batch_size):
+        chunk = qs[start : start + batch_size]
+        eps = [_episode(s_images, s_labels, classes, load_image(q, **settings), start + j) for j, q in enumerate(chunk)]
+        batch = collate_episodes(eps).to(dev)
+        with torch.no_grad():
+            probs = learner.predict(batch)[:, 0].float().cpu()  # (T, n_way)
+        if not torch.isfinite(probs).all():
+            raise FloatingPointError(f"non-finite class probabilities for queries {[str(q) for q in chunk]}")
+        all_probs += list(probs)
+        for q, p in zip(chunk, probs, strict=True):
+            rows.append([str(q), classes[int(p.argmax())], *[f"{float(v):.6f}" for v in p]])
+    out = Path(out_csv)
+    with atomic_open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "predicted_class", *[f"p_{c}" for c in classes]])
+        w.writerows(rows)
+    if explain:
+        write_explanations(
+            learner, s_images, s_labels, [f for f, _ in items], classes, qs, all_probs, explain_dir(out),
+            lambda q: load_image(q, **settings), dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,
+            batch_size=max(2, batch_size),
+        )
+    return out
+
+
+def write_explanations(
+    learner: Learner,
+    s_images: torch.Tensor,
+    s_labels: torch.Tensor,
+    s_paths: Sequence[Path],
+    classes: Sequence[str],
+    queries: Sequence[Path],
+    probabilities: Sequence[torch.Tensor],
+    folder: Path,
+    load: Callable[[Path], torch.Tensor],
+    device: torch.device,
+    k: int = 3,
+    patch_size: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 32,
+) -> list[Path]:
+    """Write each query's explanation: ``<number>_<stem>.json`` and ``<number>_<stem>.png`` in ``folder``.
+
+    The JSON holds the query path, the predicted class and the class probabilities (those of the CSV), the
+    ``k`` nearest support images (path, class, rank, distance or weight) with the measure's name and
+    description, and the occlusion settings and range of the saliency map. The PNG shows the query, its
+    nearest support images (class and distance or weight in the titles) and the saliency over the query.
+
+    Args:
+        learner: the classification learner (eval mode, on ``device``).
+        s_images: (S, C, H, W) preprocessed support images.
+        s_labels: (S,) their class indices.
+        s_paths: the S support files, as found under the support folder.
+        classes: class names; ``classes[i]`` is label ``i``.
+        queries: the query files, in CSV order.
+        probabilities: (n_way,) class probabilities of each query, as written in the CSV.
+        folder: where to write (created).
+        load: reads and preprocesses a query file into (C, H, W).
+        device: the learner's device.
+        k: nearest support images per query.
+        patch_size: occlusion patch (None: `imaging_meta.commands.explain.default_patch`).
+        stride: occlusion stride (None: half the patch).
+        batch_size: occluded copies per ``predict`` call.
+
+    Returns:
+        The JSON paths written, one per query.
+    """
+    from imaging_meta.commands.explain import nearest_supports, occlusion_saliency, save_explanation_panel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (q, probs) in enumerate(zip(queries, probabilities, strict=True)):
+        image = load(q)
+        ep = _episode(s_images, s_labels, classes, image, i).to(device)
+        near = nearest_supports(learner, ep, k)
+        occ = occlusion_saliency(learner, ep, target=int(probs.argmax()), patch_size=patch_size, stride=stride,
+                                 batch_size=batch_size)
+        predicted = classes[int(probs.argmax())]
+        idx, vals = near.indices[0].tolist(), near.values[0].tolist()
+        sal = occ.saliency.float().cpu()
+        name = f"{i:04d}_{_safe_stem(q)}"
+        record = {
+            "query": str(q),
+            "predicted_class": predicted,
+            "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
+            "nearest_supports": {
+                "measure": near.measure,
+                "description": near.description,
+                "value": near.value_name,
+                "nearer_is": "larger" if near.larger_is_nearer else "smaller",
+                "items": [
+                    {"rank": r + 1, "path": str(s_paths[j]), "class": classes[int(s_labels[j])], near.value_name: round(v, 6)}
+                    for r, (j, v) in enumerate(zip(idx, vals, strict=True))
+                ],
+            },
+            "saliency": {
+                "method": "occlusion",
+                "explained_class": classes[occ.target],
+                "probability_unoccluded": round(float(occ.probabilities[occ.target]), 6),
+                "patch_size": occ.patch_size,
+                "stride": occ.stride,
+                "fill": "query mean intensity" if occ.fill == "mean" else occ.fill,
+                "n_occlusions": occ.n_occlusions,
+                "max_drop": round(float(sal.max()), 6),
+                "min_drop": round(float(sal.min()), 6),
+                "meaning": f"mean drop of p({classes[occ.target]}) when a patch covering the pixel is replaced by the fill",
+            },
+            "panel": f"{name}.png",
+        }
+        short = {"distance": "d", "similarity": "sim", "weight": "w"}[near.value_name]
+        save_explanation_panel(
+            folder / f"{name}.png",
+            image,
+            s_images[idx],
+            [f"#{r + 1} {classes[int(s_labels[j])]}\n{short}={v:.3g}" for r, (j, v) in enumerate(zip(idx, vals, strict=True))],
+            sal,
+            query_title=f"query\n{predicted} (p={float(probs.max()):.2f})",
+            saliency_title=f"occlusion: drop in p({predicted})",
+        )
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        written.append(path)
+    return written

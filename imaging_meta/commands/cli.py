@@ -1,0 +1,293 @@
+"""The ``imaging-meta`` command.
+
+* ``fit | validate | test | predict``: LightningCLI over `EpisodicModule` and any LightningDataModule
+  (``--config`` YAML files from ``configs/``, combined by repeating ``--config``).
+* ``demo``: write the synthetic multi-site demo cohort.
+* ``scan``: index a folder of DICOM series / NIfTI volumes (report of rejected inputs included).
+* ``segment``: few-shot segmentation of a new structure from a checkpoint and a few labelled scans.
+* ``classify``: few-shot classification of images against a support folder (one subfolder per class).
+* ``results``: train and test every learner on the same fixed test episodes; one table.
+* ``evaluate``: a checkpoint on fixed, seeded test episodes per number of shots: metrics with 95% CIs per
+  organ/class, site and shot, plots, and the provenance to reproduce them (``results.json``, ``results.md``).
+* ``compare``: several ``evaluate`` run folders in one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare")
+
+
+def _init_default(class_path: str, name: str):
+    """The default of ``__init__`` argument ``name`` of the class at ``class_path`` (first class in its MRO
+    that names it); None when no class does or the class cannot be imported."""
+    import importlib
+    import inspect
+
+    module, _, attr = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    for klass in getattr(cls, "__mro__", ()):
+        if "__init__" in vars(klass):
+            param = inspect.signature(klass.__init__).parameters.get(name)
+            if param is not None:
+                return None if param.default is inspect.Parameter.empty else param.default
+    return None
+
+
+def learner_n_way(data_n_way: int, learner: dict) -> int:
+    """The ``data.init_args.n_way -> model.learner.init_args.n_way`` link: a learner gets its ways from the data.
+
+    ``n_way`` is set once, in the data config; learners without an ``n_way`` argument (and segmentation data,
+    which has none) leave the link unused. A learner config that still sets ``n_way`` works when it agrees
+    with the data (older configs set it in both files) and fails, naming the fix, when it sets another value.
+    (A learner ``n_way`` equal to the learner's own default cannot be told from an unset one: the data wins.)
+
+    Args:
+        data_n_way: ``data.init_args.n_way``.
+        learner: ``model.learner`` as parsed (``class_path``, ``init_args``), before the link sets ``n_way``.
+    """
+    given = (learner.get("init_args") or {}).get("n_way")
+    if given is not None and given != data_n_way and given != _init_default(str(learner.get("class_path")), "n_way"):
+        raise ValueError(
+            f"model.learner.init_args.n_way={given} but data.init_args.n_way={data_n_way}: n_way is set once, in the "
+            "data config, and the learner gets it from there; remove n_way from the model config (and from "
+            "--model.learner.init_args), and set data.init_args.n_way (--data.init_args.n_way) instead"
+        )
+    return data_n_way
+
+
+def lightning_cli(args: Sequence[str] | None, run: bool = True):
+    """The LightningCLI over `EpisodicModule`; ``run=False`` only parses and instantiates (tests use it)."""
+    import torch
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    from imaging_meta.module import EpisodicModule
+
+    class ImagingMetaCLI(LightningCLI):
+        """LightningCLI with ``--test_after_fit`` (test the best checkpoint on the held-out episodes after fit)
+        and one source for ``n_way``: the data config (`learner_n_way`)."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint")
+            parser.link_arguments(("data.init_args.n_way", "model.learner"), "model.learner.init_args.n_way",
+                                  compute_fn=learner_n_way)
+
+        def after_fit(self) -> None:
+            if not self.config[self.subcommand].get("test_after_fit"):
+                return
+            ckpt = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+            path = (ckpt.best_model_path or ckpt.last_model_path) if ckpt else None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path or None)
+            self._print_report()
+
+        def after_test(self) -> None:
+            self._print_report()
+
+        def _print_report(self) -> None:
+            paths = getattr(self.model, "report_paths", None)
+            if paths and self.trainer.is_global_zero:
+                sys.stdout.write("\n" + Path(paths[1]).read_text() + f"\nwritten: {paths[0]}\n         {paths[1]}\n")
+
+    torch.set_float32_matmul_precision("high")
+    return ImagingMetaCLI(
+        EpisodicModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=None if args is None else list(args),
+        auto_configure_optimizers=False,
+        # checkpoints are written to a temporary file and renamed: an interrupted save leaves none half-written
+        trainer_defaults={"plugins": [{"class_path": "imaging_meta.checkpoint_io.AtomicCheckpointIO"}]},
+        run=run,
+    )
+
+
+def _tool_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imaging-meta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="write the synthetic multi-site demo cohort")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--patients-per-site", type=int, default=12)
+    d.add_argument("--if-missing", action="store_true", help="do nothing when a complete cohort is already there")
+
+    s = sub.add_parser("scan", help="index a folder of DICOM series and NIfTI volumes")
+    s.add_argument("root", help="folder to scan")
+    s.add_argument("--out", required=True, help="index JSON to write")
+    s.add_argument("--site-fields", nargs="+", default=None, help="header fields that build the site key")
+    s.add_argument("--salt", default=os.environ.get("IMAGING_META_SALT", "imaging-meta"),
+                   help="secret for pseudonymous ids (or env IMAGING_META_SALT)")
+
+    g = sub.add_parser("segment", help="few-shot segmentation of a structure the model never saw")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--support-image", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
+    g.add_argument("--support-label", action="append", required=True, help="NIfTI label map of each support image (repeat)")
+    g.add_argument("--label-value", type=int, default=None, help="structure value in the label maps (default: any non-zero)")
+    g.add_argument("--query", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--modality", default=None, help="CT or MR, when the files do not say")
+    g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan")
+    g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--format", dest="output_format", choices=("nifti", "dicom-seg"), default="nifti",
+                   help="mask format; dicom-seg (highdicom) needs DICOM series queries and writes <query>.seg.dcm")
+    g.add_argument("--explain", action="store_true",
+                   help="also write each query's foreground probability map (<query>_probability.nii.gz)")
+
+    c = sub.add_parser("classify", help="few-shot classification of images against a support folder")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--support", required=True, help="folder with one subfolder of images (PNG, JPEG, DICOM) per class")
+    c.add_argument("--query", action="append", required=True, help="image file or folder of images (repeat)")
+    c.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>...")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--explain", action="store_true",
+                   help="also write, per query, its nearest support images and an occlusion saliency map (PNG) "
+                        "into <out stem>_explain/")
+
+    e = sub.add_parser("evaluate", help="a checkpoint on fixed seeded test episodes: metrics with 95%% CIs, plots, provenance")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint from `imaging-meta fit`")
+    e.add_argument("--out", required=True, help="run folder for results.json, results.md, plots and episode files")
+    e.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="support sizes to evaluate (default: 1 5)")
+    e.add_argument("--episodes", type=int, default=200, help="test episodes per number of shots")
+    e.add_argument("--seed", type=int, default=0, help="episode seed: the same seed draws the same episodes")
+    e.add_argument("--data-config", default=None,
+                   help="data YAML to use instead of the settings stored in the checkpoint (must keep its split)")
+    e.add_argument("--data-root", default=None, help="the data folder, when it moved since training")
+    e.add_argument("--cache-dir", default=None, help="cache folder for the index, volumes and episode files")
+    e.add_argument("--batch-size", type=int, default=None, help="episodes per forward pass")
+    e.add_argument("--no-baselines", action="store_true", help="score the trained learner only")
+    e.add_argument("--panel", type=int, default=3, help="best and worst episodes in best_worst.png (0: none)")
+    e.add_argument("--name", default=None, help="the run's name in `compare` tables (default: the folder name)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--salt", default=None,
+                   help="the secret of the pseudonymous ids used at fit (default: env IMAGING_META_SALT, else the default)")
+
+    m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
+    m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
+    m.add_argument("--out", default=None, help="also write the table to this Markdown file")
+
+    r = sub.add_parser("results", help="train and test every learner on the same fixed test episodes; one table")
+    from imaging_meta.commands.results import add_arguments
+
+    add_arguments(r)
+    return p
+
+
+def _run_tool(argv: Sequence[str]) -> int:
+    args = _tool_parser().parse_args(argv)
+    if args.command == "demo":
+        from datamodules.synthetic.demo import demo_is_complete, generate_demo_cohort
+
+        out = Path(args.out)
+        if args.if_missing and demo_is_complete(out):
+            sys.stdout.write(f"demo cohort already in {out}\n")
+            return 0
+        summary = generate_demo_cohort(out, seed=args.seed, patients_per_site=args.patients_per_site)
+        sys.stdout.write(f"demo cohort written to {out}: {summary}\n")
+        return 0
+    if args.command == "scan":
+        from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
+
+        fields = tuple(args.site_fields) if args.site_fields else DEFAULT_SITE_FIELDS
+        index = scan_to_file(args.root, args.out, site_fields=fields, salt=args.salt)
+        sys.stdout.write(index.summary() + f"\nindex written to {args.out}\n")
+        return 0
+    if args.command == "segment":
+        from imaging_meta.commands.segment import segment
+
+        if len(args.support_image) != len(args.support_label):
+            raise SystemExit(
+                f"give one --support-label per --support-image ({len(args.support_image)} images, {len(args.support_label)} labels)"
+            )
+        written = segment(
+            args.checkpoint,
+            list(zip(args.support_image, args.support_label, strict=True)),
+            args.query,
+            args.out,
+            label_value=args.label_value,
+            modality=args.modality,
+            max_support_slices=args.max_support_slices,
+            largest_component=not args.no_largest_component,
+            device=args.device,
+            output_format=args.output_format,
+            explain=args.explain,
+        )
+        for w in written:
+            sys.stdout.write(f"wrote {w}\n")
+        return 0
+    if args.command == "classify":
+        from imaging_meta.commands.classify import classify
+
+        out = classify(args.checkpoint, args.support, args.query, args.out, device=args.device, explain=args.explain)
+        sys.stdout.write(f"wrote {out}\n")
+        return 0
+    if args.command == "evaluate":
+        from imaging_meta.commands.evaluate import evaluate
+
+        js, md = evaluate(
+            args.checkpoint, args.out, shots=args.shots, episodes=args.episodes, seed=args.seed,
+            data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
+            batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
+            name=args.name, salt=args.salt,
+        )
+        sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
+        return 0
+    if args.command == "compare":
+        from datamodules.io.atomic import atomic_write_text
+        from imaging_meta.evaluation.reports import compare_runs
+
+        table = compare_runs(args.runs)
+        if args.out:
+            atomic_write_text(args.out, table)
+        sys.stdout.write(table)
+        return 0
+    if args.command == "results":
+        from imaging_meta.commands.results import run_results
+
+        return run_results(args)
+    raise AssertionError(args.command)
+
+
+def cli_main(args: Sequence[str] | None = None):
+    """Entry point that tests can call: ``cli_main(["fit", "--config", ...])``.
+
+    Returns the LightningCLI object for Lightning subcommands, or the exit code of a tool subcommand.
+    """
+    from_argv = args is None
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in TOOL_SUBCOMMANDS:
+        return _run_tool(args)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(
+            "usage: imaging-meta {fit,validate,test,predict} --config CONFIG.yaml [...]\n"
+            "       imaging-meta {demo,scan,segment,classify,results,evaluate,compare} ...  (see imaging-meta demo --help, ...)\n"
+        )
+        if not args:
+            raise SystemExit(2)
+        return 0
+    return lightning_cli(None if from_argv else args)
+
+
+def main() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("imaging_meta", "datamodules"):  # Lightning configures its own loggers
+        log = logging.getLogger(name)
+        log.addHandler(handler)
+        log.setLevel(os.environ.get("IMAGING_META_LOGLEVEL", "INFO"))
+    result = cli_main()
+    if isinstance(result, int):
+        raise SystemExit(result)

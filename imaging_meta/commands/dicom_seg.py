@@ -1,0 +1,143 @@
+"""A predicted mask as a binary DICOM Segmentation (highdicom) that references its source slices.
+
+The mask comes in the layout of `datamodules.io.dicom.DicomSeriesReader`: axis 0 is the DICOM column index,
+axis 1 the row index, axis 2 the slices in geometric order (``DicomSeries.paths``). Each slice of it is
+transposed to DICOM pixel order (rows, columns) and handed to highdicom together with the source instance
+it came from, so that every frame of the Segmentation references (DerivationImageSequence) the
+SOPInstanceUID of the slice whose pixels it covers, whatever the file names or InstanceNumbers.
+
+Privacy: a DICOM Segmentation must carry the Patient and Study modules of its source images (PatientName,
+PatientID, PatientBirthDate, StudyInstanceUID, ...), so that a PACS or viewer can attach it to the study.
+It is therefore the one output of ``imaging-meta segment`` that contains identifying data; keep it where
+the source images are allowed to be. Nothing else is copied on purpose: highdicom also records the source
+scanner as contributing equipment, and its institution, station and serial number are removed from it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+import imaging_meta
+from datamodules.io.atomic import atomic_open
+
+__all__ = ["write_dicom_seg"]
+
+#: dropped from the ContributingEquipmentSequence that highdicom fills from the source scanner (all type 3)
+_EQUIPMENT_SITE_KEYWORDS = (
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
+    "DeviceSerialNumber",
+    "OperatorsName",
+)
+
+
+def _highdicom():
+    try:
+        import highdicom
+    except ImportError as e:  # a declared dependency; a broken environment may still lack it
+        raise ImportError("writing DICOM Segmentations needs highdicom: `pip install highdicom`") from e
+    return highdicom
+
+
+def write_dicom_seg(
+    mask: np.ndarray,
+    series_files: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    segment_label: str = "structure",
+    *,
+    series_number: int = 99,
+    series_description: str = "imaging-meta few-shot segmentation",
+) -> Path:
+    """Write ``mask`` as a binary DICOM Segmentation of the series ``series_files``.
+
+    The Segmentation copies the source's Patient and Study modules (PatientName, PatientID,
+    StudyInstanceUID, ...): DICOM requires them so that it joins the source study. Its equipment is
+    imaging-meta (Manufacturer "imaging-meta", SoftwareVersions the package version), and the source scanner
+    is listed as contributing equipment without its institution, station or serial number. Its one segment is
+    AUTOMATIC, with an AlgorithmIdentificationSequence naming imaging-meta and its version. Slices without
+    any foreground are omitted (highdicom's ``omit_empty_frames``), unless the whole mask is empty.
+
+    Args:
+        mask: (X, Y, Z) boolean or 0/1 mask in the reader layout: ``mask[c, r, k]`` is pixel ``(r, c)``
+            (row ``r``, column ``c``) of ``series_files[k]``.
+        series_files: (Z,) the source slice files, in the order of mask axis 2 (``DicomSeries.paths``).
+        out_path: the ``.seg.dcm`` file to write (its folder must exist).
+        segment_label: the segment's label (the structure's name).
+        series_number: SeriesNumber of the new Segmentation series.
+        series_description: SeriesDescription of the new series.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ValueError: a mask that is not 3-D, not binary, or does not fit the series (slice count, Rows,
+            Columns), or a series highdicom cannot derive a Segmentation from (the reason is given).
+    """
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    hd = _highdicom()
+    files = [str(f) for f in series_files]
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be (X, Y, Z) in the DICOM reader layout, got shape {mask.shape}")
+    if mask.shape[2] != len(files):
+        raise ValueError(f"mask has {mask.shape[2]} slices but the series has {len(files)} files; pass the series' own files")
+    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
+        raise ValueError("mask must be binary (bool or 0/1); threshold the probabilities first")
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    for f, ds in zip(files, sources, strict=True):
+        if (int(ds.Rows), int(ds.Columns)) != (mask.shape[1], mask.shape[0]):
+            raise ValueError(
+                f"{f}: {ds.Rows}x{ds.Columns} pixels (Rows x Columns) does not fit mask (X, Y) = {mask.shape[:2]}; "
+                "the mask must be in the DicomSeriesReader layout (column index, row index, slice)"
+            )
+    # (X, Y, Z) -> (Z, Rows, Columns): frame k is source k in DICOM pixel order
+    frames = np.ascontiguousarray(mask.astype(bool).transpose(2, 1, 0)).astype(np.uint8)
+    version = imaging_meta.__version__
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=segment_label,
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Organ,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="imaging-meta", family=codes.cid7162.ArtificialIntelligence, version=version
+        ),
+    )
+    folder = os.path.dirname(files[0]) if files else "?"
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[description],
+            series_instance_uid=hd.UID(),
+            series_number=int(series_number),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="imaging-meta",
+            manufacturer_model_name="imaging-meta",
+            software_versions=version,
+            device_serial_number="0",
+            series_description=series_description,
+            content_label="IMAGING_META",
+            content_description="few-shot segmentation by imaging-meta",
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise ValueError(f"{folder}: cannot derive a DICOM Segmentation from this series ({type(e).__name__}: {e})") from e
+    # highdicom lists the scanner as contributing equipment; its site-identifying attributes are optional there
+    for item in seg.get("ContributingEquipmentSequence", []):
+        for keyword in _EQUIPMENT_SITE_KEYWORDS:
+            if keyword in item:
+                delattr(item, keyword)
+    out = Path(out_path)
+    with atomic_open(out, "wb") as f:  # a crash leaves no half-written .seg.dcm
+        seg.save_as(f)
+    return out

@@ -1,0 +1,386 @@
+"""``imaging-meta evaluate``: a checkpoint on fixed, seeded test episodes -> a report a paper can quote.
+
+The data is rebuilt from the checkpoint itself (the datamodule's settings are stored in it at fit time), so
+the test patients, organs and sites are the ones the model never trained on under its protocol
+(``in_domain``, ``cross_organ`` or ``cross_site``). A data config given with ``--data-config`` may point at
+moved files or another cache, but must keep the split: a different protocol, held-out set or split seed
+would test on what the model trained on, and is refused.
+
+For each number of shots, the test episodes are drawn once from the seed, saved to JSON in the run folder,
+and every method (the trained learner; the learner at its initial weights; the task's label-only baselines,
+for segmentation copying the support mask) is scored on the very same episodes, by the scoring path of
+``imaging-meta test`` (`imaging_meta.evaluation.scoring.score_batch`). Nothing random remains, so the same command on the same
+checkpoint gives the same numbers to the last digit on a CPU. The report records the checkpoint's and the
+episode files' SHA-256, the seed, the package versions and the git commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import platform
+import random
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import imaging_meta
+from datamodules.base import EpisodicDataModule
+from imaging_meta.checkpoint_io import CheckpointError, load_learner, read_checkpoint, resolve_device
+from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, restore_untrained
+from imaging_meta.evaluation.plots import PanelKeeper
+from imaging_meta.evaluation.reports import write_evaluation_report
+from imaging_meta.evaluation.scoring import score_batch
+from imaging_meta.evaluation.statistics import evaluation_summary
+from imaging_meta.learners.base import Learner
+from imaging_meta.tasks import Task, get_task
+
+logger = logging.getLogger(__name__)
+
+
+#: datamodule settings that define who is in the test set: evaluation may not change them.
+SPLIT_FIELDS = (
+    "protocol", "test_organs", "val_organs", "test_sites", "exclude_test_organ_slices", "val_fraction",
+    "test_fraction", "split_seed", "train_classes", "val_classes", "test_classes", "val_classes_count",
+    "test_classes_count", "n_way",
+)
+PACKAGES = ("torch", "monai", "lightning", "numpy", "scipy", "pydicom", "nibabel", "torchmetrics", "highdicom")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def provenance() -> dict:
+    """Package versions, Python, platform and the git commit of the imaging-meta source (``+dirty`` when
+    tracked files differ from it; ``unknown`` outside a git checkout)."""
+    versions = {"imaging_meta": imaging_meta.__version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except Exception:  # a package that is not installed is recorded as such
+            versions[name] = "not installed"
+    src = Path(imaging_meta.__file__).resolve().parent.parent
+    commit = "unknown"
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(src), "diff", "--quiet", "HEAD", "--", "imaging_meta", "datamodules"],
+                                   capture_output=True, timeout=10)
+            commit += "+dirty" if dirty.returncode == 1 else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"versions": versions, "git_commit": commit, "platform": platform.platform(terse=True)}
+
+
+def data_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The ``{"class_path", "init_args"}`` of the data a checkpoint was trained on.
+
+    Raises:
+        CheckpointError: the checkpoint does not record its data, or leaves out an argument its datamodule
+            needs (the item source of a user's source class that does not keep its arguments).
+    """
+    data = (ckpt.get("imaging_meta") or {}).get("data")
+    hp = ckpt.get("datamodule_hyper_parameters") or {}
+    if data is None and hp.get("_class_path"):  # checkpoints of earlier versions: the datamodule's hyperparameters
+        data = {"class_path": hp["_class_path"], "init_args": {k: v for k, v in hp.items() if not k.startswith("_")}}
+    if data is None:
+        raise CheckpointError(f"{path}: the checkpoint does not say which data it was trained on; pass the data config "
+                              "you trained with (--data-config configs/data/<name>.yaml)")
+    missing = _required_arguments(data["class_path"]) - set(data.get("init_args") or {})
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint does not record its data {', '.join(sorted(missing))}; pass the "
+                              "data config you trained with (--data-config configs/data/<name>.yaml)")
+    return data
+
+
+def _required_arguments(class_path: str) -> set[str]:
+    """The ``__init__`` arguments of a class that have no default."""
+    import inspect
+
+    params = inspect.signature(_import_class(class_path).__init__).parameters
+    return {k for k, p in params.items() if k != "self" and p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def read_data_config(path: str | os.PathLike) -> dict:
+    """The ``data`` section of a LightningCLI YAML config (``class_path`` and ``init_args``)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{p}: cannot read the data config ({e})") from e
+    data = (doc or {}).get("data", doc)
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ValueError(f"{p}: no data.class_path in this config; give a file from configs/data/")
+    return {"class_path": data["class_path"], "init_args": dict(data.get("init_args") or {})}
+
+
+def check_same_split(trained: dict, given: dict, where: str) -> None:
+    """Refuse a data config whose test split differs from the one the checkpoint was trained under."""
+    a, b = trained.get("init_args", {}), given.get("init_args", {})
+    diff = [f for f in SPLIT_FIELDS if f in a and f in b and _norm(a[f]) != _norm(b[f])]
+    if trained.get("class_path") != given.get("class_path"):
+        diff.insert(0, "class_path")
+    if diff:
+        detail = "; ".join(f"{f}: trained {a.get(f, trained.get(f))!r}, given {b.get(f, given.get(f))!r}" for f in diff)
+        raise ValueError(
+            f"{where}: this data config changes the split the checkpoint was trained under ({detail}). The test set "
+            "would then hold patients, organs or sites the model trained on. Evaluate another protocol with a model "
+            "fitted under it (`imaging-meta fit ... --data.init_args.protocol ...`)."
+        )
+
+
+def _with_defaults(config: dict) -> dict:
+    """``config`` with the class's default for every ``__init__`` argument it leaves out (what it will run with)."""
+    import inspect
+
+    cls = _import_class(config["class_path"])
+    args = dict(config.get("init_args") or {})
+    for k, p in inspect.signature(cls.__init__).parameters.items():
+        if k != "self" and k not in args and p.default is not inspect.Parameter.empty:
+            args[k] = p.default
+    return {"class_path": config["class_path"], "init_args": args}
+
+
+def _import_class(class_path: str) -> type:
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"data class_path {class_path!r} cannot be imported: {e}") from e
+
+
+def _norm(v):
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def build_datamodule(config: dict, overrides: dict) -> EpisodicDataModule:
+    """Instantiate the datamodule of ``config`` with ``overrides`` (None values leave an argument as it is)."""
+    cls = _import_class(config["class_path"])
+    if not (isinstance(cls, type) and issubclass(cls, EpisodicDataModule)):
+        raise ValueError(f"data class_path {config['class_path']!r} is not an EpisodicDataModule; imaging-meta evaluate "
+                         "needs its fixed, seeded test episodes")
+    args = dict(config.get("init_args") or {})
+    for k, v in overrides.items():
+        if v is not None:
+            args[k] = v
+    return cls(**args)
+
+
+def _with_salt(config: dict, salt: str) -> dict:
+    """``{"class_path", "init_args"}`` with ``salt`` set, when its class takes one."""
+    import inspect
+
+    cls = _import_class(config["class_path"])
+    args = dict(config.get("init_args") or {})
+    if "salt" in inspect.signature(cls.__init__).parameters:
+        args["salt"] = salt
+    return {"class_path": config["class_path"], "init_args": args}
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+@torch.no_grad()
+def run_shot(learner: Learner, untrained: Learner | None, dm: EpisodicDataModule, task: Task, shot: int,
+             device: torch.device, threshold: float, spacing, panels: PanelKeeper | None, seed: int,
+             baselines: bool = True) -> list[dict]:
+    """Score every method on the datamodule's fixed test episodes; returns the per-query records
+    (`score_batch`; episode ids count from 0 in the order of the episode file)."""
+    _seed_all(seed)
+    records: list[dict] = []
+    first = 0
+    for batch in dm.test_dataloader():
+        batch = batch.to(device)
+        probs = {TRAINED: learner.predict(batch)}
+        if untrained is not None:
+            probs[UNTRAINED] = untrained.predict(batch)
+        for name, p in probs.items():
+            if not torch.isfinite(p).all():
+                raise FloatingPointError(f"{name}: non-finite predictions on test episodes {first}..{first + batch.n_tasks - 1}")
+        recs = score_batch(task, batch, probs, first_episode=first, shot=shot, threshold=threshold, spacing=spacing,
+                           baselines=baselines)
+        records += recs
+        if panels is not None:
+            panels.offer(batch, probs[TRAINED], [r for r in recs if r["method"] == TRAINED], first)
+        first += batch.n_tasks
+    return records
+
+
+def _data_for_evaluation(path: Path, ckpt: dict, extra: dict, data_config) -> dict:
+    """The data config to evaluate on: the checkpoint's own, or ``data_config`` if it keeps the split (any
+    labelled data for a model trained without labels)."""
+    label_free = bool(extra.get("label_free"))
+    trained_data = data_config_from_checkpoint(ckpt, path)
+    if data_config is None:
+        if label_free:
+            raise ValueError(f"{path} was trained on scans without any label map, so it has no test set; give labelled "
+                             "scans to evaluate on with --data-config (e.g. configs/data/folder_segmentation.yaml)")
+        return trained_data
+    config = read_data_config(data_config)
+    if label_free:  # nothing labelled was seen: any labelled data may test it, if its scans were not trained on
+        logger.warning("%s was trained self-supervised on scans without labels; make sure the scans of %s were "
+                       "not among them", path, data_config)
+    else:
+        check_same_split(trained_data, _with_defaults(config), str(data_config))
+    return config
+
+
+def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Sequence[int], overrides: dict,
+                 salt: str) -> dict[int, EpisodicDataModule]:
+    """One datamodule per number of shots, set up for test, its task and split checked against the
+    checkpoint's. Every one is set up before any is scored, so that an infeasible one fails at once."""
+    init_args = config.get("init_args") or {}
+    if overrides.get("root") is not None and "root" not in init_args:
+        raise ValueError("--data-root moves a segmentation data folder; for classification data pass a --data-config "
+                         "whose source points at the new files")
+    config = _with_salt(config, salt)
+    if isinstance(init_args.get("source"), dict):  # the ids of a configured item source are salted too
+        overrides = {**overrides, "source": _with_salt(init_args["source"], salt)}
+    expected = None if extra.get("label_free") else extra.get("split_digest")
+    dms = {}
+    for k in sorted({int(s) for s in shots}):
+        dm = build_datamodule(config, {**overrides, "n_shot": k})
+        if get_task(dm.task) is not task:
+            raise ValueError(f"{path}: a {task.name} checkpoint cannot be evaluated on {dm.task} data "
+                             f"({config['class_path']}); give a {task.name} data config")
+        dm.prepare_data()
+        dm.setup("test")
+        if expected is not None and dm.split_digest() != expected:
+            raise ValueError(
+                f"{path}: the data rebuilt for evaluation is not split as in training (split digest "
+                f"{dm.split_digest()} != {expected}): other pseudonymous ids (a different salt: set IMAGING_META_SALT "
+                "or --salt to the training one), other data under the root, or other split settings. The test set "
+                "could hold patients, organs or classes the model trained on, so nothing was scored."
+            )
+        dms[k] = dm
+    return dms
+
+
+def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict]:
+    """Copy the test episode file of ``dm`` into the run folder; its entry in the report and the data's
+    description (without the cache paths)."""
+    target = out / f"episodes-{k}shot.json"
+    shutil.copyfile(dm.episode_files["test"], target)
+    info = dm.describe()  # it reads the episode file's sha256
+    entry = {"file": target.name, "sha256": info["episodes_sha256"]["test"], "n_episodes": len(dm.fixed_episodes("test"))}
+    return entry, {key: v for key, v in info.items() if key not in ("episode_files", "episodes_sha256")}
+
+
+def _context(path: Path, out: Path, extra: dict, task: Task, describe: dict, episode_files: dict, **settings) -> dict:
+    """What a report records about how it was made (``settings``: name, seed, episodes, threshold, spacing, device)."""
+    first = describe[next(iter(describe))]
+    data_by_shot = {k: {x: d.get(x) for x in ("test_organs", "classes", "dropped_classes", "sites")} for k, d in describe.items()}
+    return {
+        "name": settings["name"] or out.resolve().name,
+        "task": task.name,
+        "protocol": first.get("protocol"),
+        "learner": extra["learner_config"]["class_path"],
+        "learner_config": extra["learner_config"],
+        "checkpoint": path.name,
+        "checkpoint_sha256": sha256_file(path),
+        "seed": settings["seed"],
+        "shots": sorted(int(k) for k in episode_files),
+        "episodes_per_shot": settings["episodes"],
+        "episode_files": episode_files,
+        "threshold": settings["threshold"] if task.dense else None,
+        "pixel_spacing_mm": settings["spacing"],
+        "data": first,
+        "data_by_shot": data_by_shot,
+        "device": settings["device"],
+        **provenance(),
+    }
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shots: Sequence[int] = (1, 5),
+    episodes: int = 200,
+    seed: int = 0,
+    data_config: str | os.PathLike | None = None,
+    data_root: str | None = None,
+    cache_dir: str | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    baselines: bool = True,
+    n_panel: int = 3,
+    threshold: float = 0.5,
+    name: str | None = None,
+    salt: str | None = None,
+) -> tuple[Path, Path]:
+    """Evaluate a checkpoint on fixed test episodes for each number of shots; write the report.
+
+    Args:
+        checkpoint: an ``imaging-meta fit`` checkpoint (read with ``weights_only=True``).
+        out_dir: the run folder: ``results.json``, ``results.md``, PNG plots, the episode files.
+        shots: support size(s) per class (segmentation: support slices) to evaluate.
+        episodes: test episodes per number of shots.
+        seed: the episode seed (the same seed draws the same episodes).
+        data_config: a data YAML (``configs/data/...``) instead of the settings stored in the checkpoint; it
+            must keep the checkpoint's split.
+        data_root: the data folder, when it moved since training (segmentation ``root``).
+        cache_dir: where the datamodule caches its index, volumes and episode files.
+        batch_size: episodes per forward pass (default: the datamodule's).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        baselines: also score the untrained learner and the task's label-only baselines (segmentation:
+            copying the support mask).
+        n_panel: best and worst episodes shown in the panel figure (0: none).
+        threshold: foreground probability threshold of segmentation masks.
+        name: the run's name in comparison tables (default: the output folder's name).
+        salt: the secret of the pseudonymous ids used at fit (default: env ``IMAGING_META_SALT``, else the
+            project default); a different one gives other ids, another split, and is refused.
+
+    Returns:
+        The paths of ``results.json`` and ``results.md``.
+    """
+    path = Path(checkpoint)
+    dev = resolve_device(device)
+    ckpt = read_checkpoint(path)
+    learner, extra = load_learner(path, dev, ckpt)
+    config = _data_for_evaluation(path, ckpt, extra, data_config)
+    task = get_task(extra.get("task", learner.task))
+    untrained = restore_untrained(extra, device=dev) if baselines else None
+    if not shots or min(shots) < 1:
+        raise ValueError(f"shots must be positive integers, got {list(shots)}")
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cache_dir is None and not config.get("init_args", {}).get("cache_dir"):
+        cache_dir = str(out / "cache")  # the episode files are written there
+    overrides = {"test_episodes": episodes, "val_episodes": 0, "episodes_per_epoch": 0, "seed": seed,
+                 "test_episodes_file": None, "num_workers": 0, "cache_dir": cache_dir, "batch_size": batch_size,
+                 "root": data_root}
+    salt = os.environ.get("IMAGING_META_SALT", "imaging-meta") if salt is None else salt
+    dms = _datamodules(path, config, extra, task, shots, overrides, salt)
+    records, episode_files, describe = [], {}, {}
+    panels = PanelKeeper(task, n_panel, threshold) if n_panel > 0 else None
+    spacing = None
+    for i, (k, dm) in enumerate(dms.items()):
+        if task.dense:  # masks: HD95 in mm at the pixel size they were resampled to
+            spacing = [float(s) for s in dm.preprocessing["spacing"]]
+        episode_files[str(k)], describe[str(k)] = _episode_file(dm, out, k)
+        records += run_shot(learner, untrained, dm, task, k, dev, threshold, spacing, panels if i == 0 else None, seed,
+                            baselines)
+        logger.info("%d-shot: %d test episodes scored", k, episode_files[str(k)]["n_episodes"])
+    context = _context(path, out, extra, task, describe, episode_files, name=name, seed=seed, episodes=episodes,
+                       threshold=threshold, spacing=spacing, device=dev.type)
+    return write_evaluation_report(out, context, evaluation_summary(task, records, seed=seed), records, panels)

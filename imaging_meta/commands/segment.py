@@ -1,0 +1,274 @@
+"""Few-shot segmentation of a user's structure: a checkpoint, a few labelled support scans, query scans.
+
+Every volume goes through the same deterministic preprocessing as in training (read from the checkpoint).
+Support slices are taken where the support mask is present; each axial query slice is segmented against
+the support; the foreground probability is mapped back through the inverse of the preprocessing (linear
+interpolation) and thresholded at 0.5, so the mask that is written has the query's own shape and affine
+and equals the probability map (``explain``) > 0.5, before the optional largest-component step.
+
+Outputs: a NIfTI mask per query, or (``output_format="dicom-seg"``, DICOM series queries only) a DICOM
+Segmentation that references the query's slices (`imaging_meta.commands.dicom_seg`). NIfTI outputs are written
+with a fresh header: no description, no auxiliary file, nothing copied from the query's header, hence no
+patient data. The DICOM Segmentation is the exception: it must copy the source's Patient and Study modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from datamodules.io.dicom import is_nifti, nifti_stem
+from datamodules.transforms.volume import volume_transforms
+from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
+from imaging_meta.episode import Episode
+from imaging_meta.learners.base import Learner
+from imaging_meta.tasks import SEGMENTATION, get_task
+
+logger = logging.getLogger(__name__)
+
+
+def image_source(path: str | Path) -> str:
+    """A NIfTI path or a DICOM series folder (the DICOM reader groups, checks and orders the folder's slices)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    return str(p)
+
+
+def modality_of(path: str | Path, given: str | None = None) -> str:
+    """CT or MR: ``given``, else the DICOM Modality or the BIDS sidecar's, else an error that says what to pass."""
+    if given:
+        return given.upper()
+    p = Path(path)
+    if p.is_dir():
+        import pydicom
+
+        first = next((f for f in sorted(p.iterdir()) if f.is_file()), None)
+        if first is not None:
+            try:
+                return str(pydicom.dcmread(first, stop_before_pixels=True).Modality)
+            except Exception as e:
+                raise ValueError(f"{first}: cannot read the DICOM Modality ({e}); pass --modality") from e
+    stem = nifti_stem(p.name) if is_nifti(p.name) else p.stem
+    sidecar = p.with_name(stem + ".json")
+    if sidecar.exists():
+        mod = json.loads(sidecar.read_text()).get("Modality")
+        if mod:
+            return "MR" if str(mod).upper() in ("MR", "MRI") else str(mod).upper()
+    raise ValueError(f"{p}: cannot tell CT from MR (no DICOM header or sidecar 'Modality'); pass --modality CT or MR")
+
+
+def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) -> list[int]:
+    """Axial slices of ``mask`` (H, W, D) that show the structure, evenly spread, at most ``max_slices``."""
+    counts = mask.flatten(0, 1).sum(0)
+    zs = torch.nonzero(counts >= min_pixels).flatten().tolist()
+    if len(zs) > max_slices:
+        zs = [zs[int(round(i))] for i in np.linspace(0, len(zs) - 1, max_slices)]
+    return zs
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file)."""
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.header["descrip"] = b""
+    img.header["aux_file"] = b""
+    nib.save(img, str(path))
+    return path
+
+
+def _query_name(q: Path) -> str:
+    return q.name if q.is_dir() else (nifti_stem(q.name) if is_nifti(q.name) else q.stem)
+
+
+def _is_all_foreground(label: str | Path, label_value: int | None) -> bool:
+    """True when every voxel of the label file itself is the structure (NIfTI label maps; False for others).
+
+    The preprocessed label can miss this: a small volume is padded with background up to the slice size.
+    """
+    if not is_nifti(label):
+        return False
+    data = np.asarray(nib.load(str(label)).dataobj)
+    return bool(data.size) and bool(((data != 0) if label_value is None else (data == label_value)).all())
+
+
+def _segmenter(checkpoint: str | Path, device: torch.device) -> tuple[Learner, dict]:
+    """The segmentation learner of a checkpoint and the preprocessing it was trained with.
+
+    Raises:
+        CheckpointError: a checkpoint of another task, or one without preprocessing settings.
+    """
+    learner, extra = load_learner(checkpoint, device)
+    task = get_task(extra.get("task", learner.task))
+    if task is not SEGMENTATION:
+        raise CheckpointError(f"{checkpoint}: a {task.name} checkpoint cannot segment; use `imaging-meta classify`")
+    pre = extra.get("preprocessing")
+    if not pre:
+        raise CheckpointError(f"{checkpoint}: no preprocessing settings stored; re-save it with this version of imaging-meta")
+    return learner, pre
+
+
+@torch.no_grad()
+def segment(
+    checkpoint: str | Path,
+    supports: Sequence[tuple[str | Path, str | Path]],
+    queries: Sequence[str | Path],
+    out_dir: str | Path,
+    label_value: int | None = None,
+    modality: str | None = None,
+    max_support_slices: int = 12,
+    largest_component: bool = True,
+    device: str = "auto",
+    query_chunk: int = 16,
+    output_format: str = "nifti",
+    explain: bool = False,
+) -> list[Path]:
+    """Segment ``queries`` with the structure labelled in ``supports``.
+
+    Outputs, per query, in ``out_dir`` (the query's name is its NIfTI stem or its series folder's name):
+
+    * ``output_format="nifti"``: ``<query name>.nii.gz``, a uint8 mask (X, Y, Z) with the query's shape
+      and affine (a DICOM series: the reader layout, column index, row index, slice in geometric order).
+    * ``output_format="dicom-seg"``: ``<query name>.seg.dcm``, a binary DICOM Segmentation whose frames
+      reference the query's slices by SOPInstanceUID, in DICOM pixel order (see
+      `imaging_meta.commands.dicom_seg.write_dicom_seg`). It copies the query's Patient and Study modules (PatientName,
+      PatientID, StudyInstanceUID, ...), as DICOM requires for it to join the study in a PACS: it is the one
+      output that carries identifying data. Every NIfTI output has a fresh header without any.
+    * ``explain=True``: also ``<query name>_probability.nii.gz``, the float32 foreground probability in
+      [0, 1] with the mask's shape and affine (the mask is this map > 0.5, before the largest-component step).
+
+    Args:
+        checkpoint: a checkpoint from ``imaging-meta fit``.
+        supports: (image, label map) pairs; images are NIfTI files or DICOM series folders.
+        queries: NIfTI files or DICOM series folders (``dicom-seg``: DICOM series folders only).
+        out_dir: output folder (created).
+        label_value: the structure's value in the label maps (default: every non-zero voxel).
+        modality: CT or MR when the files do not say.
+        max_support_slices: slices taken from each support scan (spread over the structure).
+        largest_component: keep only the largest 3D connected component of each mask.
+        device: "auto", "cpu" or "cuda".
+        query_chunk: query slices per forward pass.
+        output_format: "nifti" or "dicom-seg".
+        explain: also write each query's foreground probability map.
+
+    Returns:
+        The written files: the masks (NIfTI or DICOM-SEG), one per query, then the probability maps.
+
+    Raises:
+        ValueError: an unknown ``output_format``; ``dicom-seg`` with a query that is not a DICOM series
+            folder; a support label map without the structure, or that is the structure everywhere.
+        CheckpointError: a checkpoint that cannot segment.
+    """
+    from monai.transforms import Compose, Invertd
+
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    if output_format == "dicom-seg":
+        for query in queries:
+            q = Path(query)
+            if is_nifti(q.name):
+                raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is NIfTI (use --format nifti)")
+            if not q.is_dir():
+                raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is not a folder of DICOM files")
+
+    dev = resolve_device(device)
+    learner, pre = _segmenter(checkpoint, dev)
+    tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
+    tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
+
+    # support: slices where the structure is present
+    s_images, s_masks = [], []
+    for image, label in supports:
+        d = tf_pair({"image": image_source(image), "label": str(label), "modality": modality_of(image, modality)})
+        lbl = d["label"][0]
+        mask = (lbl > 0) if label_value is None else (lbl == label_value)
+        what = "any non-zero voxel" if label_value is None else f"value {label_value}"
+        zs = _support_slices(mask, max_support_slices)
+        if not zs:
+            raise ValueError(f"{label}: the label map has no {what} after preprocessing; check --label-value")
+        if bool(mask.all()) or _is_all_foreground(label, label_value):
+            raise ValueError(
+                f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
+                "file (an image or a body mask instead of the label map); check --support-label and --label-value"
+            )
+        s_images += [d["image"].as_tensor()[..., z] for z in zs]
+        s_masks += [mask.as_tensor()[..., z].float() for z in zs]
+    support_images = torch.stack(s_images).unsqueeze(0).to(dev)  # (1, K, 1, H, W)
+    support_labels = torch.stack(s_masks).unsqueeze(0).to(dev)  # (1, K, H, W)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    masks_written, probs_written = [], []
+    for query in queries:
+        q = Path(query)
+        data = tf_image({"image": image_source(q), "modality": modality_of(q, modality)})
+        vol = data["image"]  # (1, H, W, D) MetaTensor
+        probs = torch.zeros(vol.shape, dtype=torch.float32)
+        depth = vol.shape[-1]
+        for start in range(0, depth, query_chunk):
+            zs = list(range(start, min(depth, start + query_chunk)))
+            qi = torch.stack([vol.as_tensor()[..., z] for z in zs]).unsqueeze(0).to(dev)  # (1, Q, 1, H, W)
+            ep = Episode(support_images, support_labels, qi, torch.zeros(qi.shape[:2] + qi.shape[-2:], device=dev), batched=True)
+            p = learner.predict(ep)[0].float().cpu()  # (Q, H, W)
+            for j, z in enumerate(zs):
+                probs[0, ..., z] = p[j]
+        prob = vol.clone()
+        prob.set_array(probs)
+        data["prob"] = prob
+        # linear interpolation back to the query grid (the image's own modes), then one threshold
+        inv = Invertd("prob", transform=Compose(tf_image.transforms), orig_keys="image", nearest_interp=False)(data)
+        prob_map = np.clip(inv["prob"][0].cpu().numpy().astype(np.float32), 0.0, 1.0)  # (X, Y, Z)
+        mask = prob_map > 0.5
+        if largest_component and mask.any():
+            mask = _largest_component(mask)
+        name = _query_name(q)
+        if q.is_dir():
+            affine = np.asarray(inv["prob"].affine, dtype=np.float64)
+        else:
+            header = nib.load(str(q))
+            affine = header.affine
+            if mask.shape != header.shape[:3]:
+                raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
+        if output_format == "dicom-seg":
+            target = _write_seg(mask, q, affine, out / f"{name}.seg.dcm", label_value)
+        else:
+            target = _save_nifti(mask.astype(np.uint8), affine, out / f"{name}.nii.gz")
+        logger.info("%s: %d foreground voxels -> %s", q.name, int(mask.sum()), target)
+        masks_written.append(target)
+        if explain:
+            probs_written.append(_save_nifti(prob_map, affine, out / f"{name}_probability.nii.gz"))
+    return masks_written + probs_written
+
+
+def _write_seg(mask: np.ndarray, folder: Path, affine: np.ndarray, target: Path, label_value: int | None) -> Path:
+    """The DICOM-SEG of a series folder; the mask (reader layout) is checked against the series' geometry."""
+    from datamodules.io.dicom import DicomSeriesReader
+    from imaging_meta.commands.dicom_seg import write_dicom_seg
+
+    # the same reader (and defaults) as the preprocessing: the same files in the same geometric order
+    series = DicomSeriesReader().read(str(folder)).series
+    if tuple(mask.shape) != tuple(series.shape) or not np.allclose(affine, series.affine, atol=1e-3):
+        raise RuntimeError(
+            f"{folder}: the inverted mask {mask.shape} does not have the series geometry {series.shape}; "
+            "cannot align it with the DICOM slices"
+        )
+    label = "structure" if label_value is None else f"label {label_value}"
+    return write_dicom_seg(mask, series.paths, target, segment_label=label)

@@ -1,0 +1,1 @@
+"""Gradient-based learners: MAML, Meta-SGD, ANIL, Reptile, Meta-LSTM."""

@@ -1,0 +1,1 @@
+"""Memory-based learners: MANN."""

@@ -1,0 +1,1 @@
+"""Metric-based learners: prototypical networks (classification and segmentation), Siamese, Matching."""

@@ -1,0 +1,1 @@
+"""Transfer baselines: fine-tuning a new head, logistic regression on frozen features."""
