@@ -1,0 +1,1 @@
+"""Scoring (one record schema), method names, statistics, reports, plots and metrics."""
