@@ -88,8 +88,9 @@ def _setup(size: int, tasks: int, n_query: int, inner_steps: int | None, inner_l
         over["inner_steps"] = inner_steps
     if inner_lr is not None:
         over["inner_lr"] = inner_lr
-    if backbone_kwargs:
-        over["backbone_kwargs"] = backbone_kwargs
+    # `higher`'s reference step forwards the queries alone, so ours is built with batch statistics over the
+    # queries too (the transductive option): both then compute the same meta-gradient
+    over["backbone_kwargs"] = {**(backbone_kwargs or {}), "transductive": True}
     learner, _, init = build_from_config(MODEL_CONFIGS / "maml_cls.yaml", over, device)
     episode = classification_episode(tasks, N_WAY, N_SHOT, n_query, size, 1, seed=1, device=device)
     if dtype != torch.float32:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from datamodules.sampling.episode_files import episodes_sha256
 from datamodules.sampling.loading import ResumableEpisodes
 from datamodules.sampling.samplers import EpisodeSampler, dist_rank_world
 
@@ -102,12 +103,18 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """The data behind a result, for logs and reports (pseudonymous ids only), with the episode files
-        and the sha256 of their episode lists."""
+        (drawn, or given as ``test_episodes_file``) and the sha256 of their episode lists."""
         return {
             **self._describe(),
             "episode_files": {k: str(v) for k, v in self.episode_files.items()},
-            "episodes_sha256": {k: json.loads(Path(v).read_text())["sha256"] for k, v in self.episode_files.items()},
+            "episodes_sha256": {k: episodes_sha256(v) for k, v in self.episode_files.items()},
         }
+
+    @classmethod
+    def canonical_init_args(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        """``init_args`` with renamed values written the current way, so that two configs that build the same
+        split compare equal (``imaging-meta evaluate``'s split guard). Identity unless a subclass renamed one."""
+        return dict(init_args)
 
     def config(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}`` that rebuilds this datamodule, as ``imaging-meta evaluate`` needs it

@@ -35,7 +35,11 @@ from imaging_meta.episode import Episode
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("standard", "within_site", "cross_site")
+PROTOCOLS = ("standard", "within_site", "support_query_sites_differ")
+#: classification protocol names of earlier versions -> their names now. They are still accepted, with a
+#: DeprecationWarning, so that old configs and checkpoints keep working: ``cross_site`` held no site out of
+#: training (unlike segmentation's ``cross_site``), it only took support and query from different sites.
+RENAMED_PROTOCOLS = {"cross_site": "support_query_sites_differ"}
 
 
 class ClassificationEpisodeDataset(torch.utils.data.Dataset):
@@ -88,8 +92,28 @@ class ClassificationEpisodeDataset(torch.utils.data.Dataset):
             site=" + ".join(sorted(set(q_sites))),
             support_ids=[t.item_ids[i] for i in spec.support],
             query_ids=[t.item_ids[i] for i in spec.query],
-            meta={"seed": spec.seed, "support_sites": s_sites, "query_sites": q_sites},
+            meta={"seed": spec.seed, "support_sites": s_sites, "query_sites": q_sites,
+                  # each query's pseudonymous patient: the cluster of the patient bootstrap in reports
+                  "query_patients": [t.patients[i] for i in spec.query]},
         )
+
+
+def _protocol_name(protocol: str) -> str:
+    """``protocol`` under its current name; an unknown one is refused.
+
+    A renamed one gives a DeprecationWarning (at the datamodule's caller), and the same line in the log, as
+    Python hides DeprecationWarnings outside ``__main__`` and the command line would never show it.
+    """
+    if protocol in RENAMED_PROTOCOLS:
+        new = RENAMED_PROTOCOLS[protocol]
+        msg = (f"classification protocol {protocol!r} is now called {new!r}: write `protocol: {new}`. It takes support "
+               "and query from different sites and holds no site out of meta-training (segmentation's 'cross_site' does)")
+        warnings.warn(msg, DeprecationWarning, stacklevel=3)
+        logger.warning(msg)
+        return new
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+    return protocol
 
 
 def _as_source(source: ItemSource | dict) -> ItemSource:
@@ -177,7 +201,9 @@ class ClassificationDataModule(EpisodicDataModule):
         split_seed: seed of the class split.
         protocol: "standard" (support and query from any site, patient-disjoint), "within_site" (the whole
             episode from one site, drawn per episode: a site adapting with its own scanner's images) or
-            "cross_site" (support from one site, query from another). It applies in every stage.
+            "support_query_sites_differ" (support from one site, query from another; no site is held out of
+            meta-training, unlike segmentation's "cross_site"). It applies in every stage. The earlier name
+            of the last, "cross_site", is accepted with a DeprecationWarning and stored under the new name.
         episodes_per_epoch: training episodes per epoch (shared across DDP ranks).
         val_episodes: fixed validation episodes.
         test_episodes: fixed test episodes.
@@ -193,6 +219,14 @@ class ClassificationDataModule(EpisodicDataModule):
 
     task = "classification"
     no_episodes_hint = "the class split has no {stage} classes"
+
+    @classmethod
+    def canonical_init_args(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        """``init_args`` with a renamed protocol (`RENAMED_PROTOCOLS`) written under its current name."""
+        args = dict(init_args)
+        if args.get("protocol") in RENAMED_PROTOCOLS:
+            args["protocol"] = RENAMED_PROTOCOLS[args["protocol"]]
+        return args
 
     def __init__(
         self,
@@ -218,8 +252,7 @@ class ClassificationDataModule(EpisodicDataModule):
         test_episodes_file: str | None = None,
     ) -> None:
         super().__init__()
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+        protocol = _protocol_name(protocol)
         if min(n_way, n_shot, n_query, batch_size) < 1:
             raise ValueError(f"n_way, n_shot, n_query and batch_size must be >= 1; got {n_way}, {n_shot}, {n_query}, {batch_size}")
         if n_way < 2:
@@ -281,7 +314,7 @@ class ClassificationDataModule(EpisodicDataModule):
                 n_shot=h.n_shot,
                 n_query=h.n_query,
                 n_episodes=n,
-                cross_site=h.protocol == "cross_site",
+                sites_differ=h.protocol == "support_query_sites_differ",
                 same_site=h.protocol == "within_site",
                 seed=h.seed + STAGE_SEED_OFFSET[stage_name],
                 class_names=self.table.classes,
@@ -294,13 +327,13 @@ class ClassificationDataModule(EpisodicDataModule):
         t = self.table
         idx = [t.classes.index(n) for n in names]
         bad = classification_infeasible(t.labels, t.patients, t.sites, idx, h.n_shot, h.n_query,
-                                        h.protocol == "cross_site", t.classes, h.protocol == "within_site")
+                                        h.protocol == "support_query_sites_differ", t.classes, h.protocol == "within_site")
         keep = [c for c in idx if c not in bad]
         if bad:
             self.dropped[stage] = {t.classes[c]: why for c, why in bad.items()}
             warnings.warn(
                 f"{stage}: dropping {len(bad)} class(es) that cannot give n_shot={h.n_shot} support and n_query={h.n_query} "
-                f"query items from different patients{ {'cross_site': ' at two sites', 'within_site': ' at one site'}.get(h.protocol, '')}: "
+                f"query items from different patients{ {'support_query_sites_differ': ' at two sites', 'within_site': ' at one site'}.get(h.protocol, '')}: "
                 + "; ".join(bad.values()),
                 stacklevel=3,
             )
@@ -376,8 +409,11 @@ class ClassificationDataModule(EpisodicDataModule):
 
     # -------------------------------------------------------------- reporting
     def _split_identity(self) -> dict[str, Any]:
-        """The meta-train, meta-val and meta-test classes and the protocol."""
-        return {"classes": {k: sorted(v) for k, v in self.class_split.items()}, "protocol": self.hparams.protocol}
+        """The meta-train, meta-val and meta-test classes and the protocol (a renamed protocol under its earlier
+        name, so that checkpoints written before the rename keep their digest)."""
+        old = {new: was for was, new in RENAMED_PROTOCOLS.items()}
+        return {"classes": {k: sorted(v) for k, v in self.class_split.items()},
+                "protocol": old.get(self.hparams.protocol, self.hparams.protocol)}
 
     def _describe(self) -> dict[str, Any]:
         h = self.hparams

@@ -4,6 +4,10 @@
 cache folder), splits patients under a protocol, preprocesses each labelled volume once (MONAI
 ``CacheDataset`` in memory, or ``PersistentDataset`` on disk), builds the slice tables the samplers draw
 from, and serves batches of `Episode`s (leading task dimension).
+
+Under cross_organ, validation (which chooses the checkpoint) targets organs held out of both training and
+test (``val_organ_count``; `datamodules.indexing.splits` says how they are chosen), and a given test
+episode file is checked against the split (`datamodules.sampling.episode_files.check_segmentation_episodes`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
 from datamodules.indexing.splits import PROTOCOLS, Split, make_split
-from datamodules.sampling.episode_files import load_episodes, save_episodes
+from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
 from datamodules.sampling.samplers_segmentation import (
     SegmentationEpisodeSampler,
@@ -33,6 +37,11 @@ from datamodules.transforms.volume import as_plain_tensor, slice_augmentation, v
 from imaging_meta.episode import Episode
 
 logger = logging.getLogger(__name__)
+
+#: setting 2: a validation organ is chosen only if removing the training slices that show it keeps at least
+#: this share of the training slices that the test organs leave
+MIN_TRAINING_SLICES_KEPT = 0.75
+
 
 def case_items(index: Index, cases: Sequence[Case]) -> list[dict]:
     """MONAI data dicts (absolute paths, modality) for the given cases."""
@@ -137,7 +146,9 @@ class SegmentationEpisodeDataset(torch.utils.data.Dataset):
             support_ids=[self.cases[c].case_id for c, _ in spec.support],
             query_ids=[self.cases[c].case_id for c, _ in spec.query],
             meta={"support_slices": [z for _, z in spec.support], "query_slices": [z for _, z in spec.query],
-                  "query_sites": [self.cases[c].site for c, _ in spec.query]},
+                  "query_sites": [self.cases[c].site for c, _ in spec.query],
+                  # each query's pseudonymous patient: the cluster of the patient bootstrap in reports
+                  "query_patients": [self.cases[c].patient for c, _ in spec.query]},
         )
 
 
@@ -169,8 +180,20 @@ class SegmentationDataModule(EpisodicDataModule):
         cache_dir: folder for the index, the preprocessed-volume cache and the fixed episode files.
         rescan: rebuild the index even when it exists.
         protocol: "in_domain", "cross_organ" or "cross_site" (see `datamodules.indexing.splits`).
-        test_organs: cross_organ: held-out structures.
-        val_organs: cross_organ: structures for validation episodes (default: the test organs, on validation patients).
+        test_organs: cross_organ: held-out structures, tested on.
+        val_organs: cross_organ: structures for validation episodes (on validation patients), which choose the
+            best checkpoint; they must not name a test organ. Default: ``val_organ_count`` organs held out for
+            validation (see below).
+        val_organ_count: cross_organ, without ``val_organs``: how many more organs to hold out for validation,
+            so that checkpoint selection never sees the test organs and validation organs are never training
+            targets. The choice is fixed by ``split_seed`` among the organs that are not test organs and are
+            labelled in at least two validation patients (`datamodules.indexing.splits.choose_val_organs`).
+            Under setting 2 training slices that show a validation organ are removed too, so validation mimics
+            the test condition, and an organ qualifies only if that keeps at least `MIN_TRAINING_SLICES_KEPT`
+            of the training slices the test organs leave (never the vertebrae, which show on nearly every
+            slice). On the demo cohort (configs/data/demo_segmentation.yaml, ``split_seed: 0``) it is the
+            gallbladder. 0 validates on the test organs, as before this argument existed (checkpoints written
+            then are read back with 0; a warning says that checkpoint selection then sees the test organs).
         test_sites: cross_site: held-out sites (site keys or substrings).
         exclude_test_organ_slices: cross_organ: SSL-ALPNet setting 2 (True) or setting 1 (False).
         val_fraction: share of patients for validation.
@@ -195,13 +218,15 @@ class SegmentationDataModule(EpisodicDataModule):
         label_names: label value -> structure name, for folders without a Decathlon dataset.json.
         site_fields: header fields that build the site key.
         salt: secret for the pseudonymous ids (set your own for real data).
-        test_episodes_file: a JSON episode file to test on (written by an earlier run), instead of drawing.
+        test_episodes_file: a JSON episode file to test on (written by an earlier run), instead of drawing. Every
+            episode must keep this run's split (test patients, test organs, under cross_site test sites) and
+            its ``n_shot``/``n_query``, else it is refused; `describe` records the file and its sha256.
         selfsup_ratio: share of self-supervised training episodes (SSL-ALPNet): a superpixel of a scan is the
             target, support and query are two random views of its slice. 0: supervised only; 1: self-supervised
             only, which also trains on a folder without any label map (then there is no validation or test).
             Any scan of a training patient serves, labelled or not; scans of validation and test patients,
-            and of held-out sites, never do. Under setting 2, training slices that show a test organ are
-            removed (where a label map says so; unlabelled scans cannot be screened).
+            and of held-out sites, never do. Under setting 2, training slices that show a test or validation
+            organ are removed (where a label map says so; unlabelled scans cannot be screened).
         superpixels: settings of the superpixels (`datamodules.transforms.superpixels.DEFAULT_SETTINGS`: ``scale``,
             ``sigma``, ``min_size``, ``threshold``, ``min_pixels``, ``max_fraction``).
     """
@@ -217,6 +242,7 @@ class SegmentationDataModule(EpisodicDataModule):
         protocol: str = "cross_organ",
         test_organs: list[str] | None = None,
         val_organs: list[str] | None = None,
+        val_organ_count: int = 1,
         test_sites: list[str] | None = None,
         exclude_test_organ_slices: bool = True,
         val_fraction: float = 0.15,
@@ -323,21 +349,44 @@ class SegmentationDataModule(EpisodicDataModule):
         if not self.cases:
             raise ValueError(f"no labelled case under {self.root}; to train on unlabelled scans set "
                              "data.init_args.selfsup_ratio: 1.0 (configs/data/selfsup_segmentation.yaml)")
-        return make_split(
+        split = make_split(
             self.cases,
             h.protocol,
             test_organs=h.test_organs or (),
             val_organs=h.val_organs,
+            val_organ_count=h.val_organ_count,
             test_sites=h.test_sites or (),
             val_fraction=h.val_fraction,
             test_fraction=h.test_fraction,
             seed=h.split_seed,
             exclude_test_organ_slices=h.exclude_test_organ_slices,
+            val_organ_filter=self._organs_that_keep_training if h.exclude_test_organ_slices else None,
         )
+        seen = sorted(set(split.val_organs) & set(split.test_organs))
+        if split.protocol == "cross_organ" and seen and split.val and h.val_episodes > 0:
+            warnings.warn(f"validation episodes use the test organ(s) {seen}: the best checkpoint is chosen on the organs "
+                          "it is tested on; set val_organ_count >= 1 (or val_organs outside test_organs)", stacklevel=3)
+        return split
+
+    def _organs_that_keep_training(self, train: Sequence[int], candidates: list[str]) -> list[str]:
+        """Setting 2: the candidate validation organs whose training slices may be removed, keeping at least
+        `MIN_TRAINING_SLICES_KEPT` of the training slices that the test organs leave (a structure shown on
+        nearly every axial slice, such as the vertebrae, would leave none)."""
+        if self._volumes is None:
+            self._volumes = self._volume_dataset()
+        left, kept = 0, dict.fromkeys(candidates, 0)
+        for i in train:
+            label = as_plain_tensor(self._volumes[i]["label"])[0]
+            free = ~slices_showing(label, self.cases[i], self.hparams.test_organs or ())
+            left += int(free.sum())
+            for o in candidates:
+                kept[o] += int((free & ~slices_showing(label, self.cases[i], [o])).sum())
+        return [o for o in candidates if kept[o] >= MIN_TRAINING_SLICES_KEPT * left]
 
     def _setup_stages(self) -> None:
         h = self.hparams
-        self._volumes = self._volume_dataset()
+        if self._volumes is None:
+            self._volumes = self._volume_dataset()
         used = sorted(set(self.split.train) | set(self.split.val) | set(self.split.test))
         labels = {i: self._volumes[i]["label"] for i in used}
         for stage_name, organs, exclude in (
@@ -470,12 +519,15 @@ class SegmentationDataModule(EpisodicDataModule):
         """Fixed, seeded episodes for val/test; written to JSON (and read back from a given file)."""
         case_ids = [c.case_id for c in self.cases]
         if stage == "test" and self.hparams.test_episodes_file:
-            specs, meta = load_episodes(self.hparams.test_episodes_file, case_ids)
+            path = Path(self.hparams.test_episodes_file)
+            specs, meta = load_episodes(path, case_ids)
             if meta.get("preprocessing") not in (None, self.preprocessing):
                 raise ValueError(
-                    f"{self.hparams.test_episodes_file} was drawn with preprocessing {meta['preprocessing']}, "
+                    f"{path} was drawn with preprocessing {meta['preprocessing']}, "
                     f"this run uses {self.preprocessing}; slice indices would not match"
                 )
+            check_segmentation_episodes(path, specs, self.cases, self.split, self.hparams.n_shot, self.hparams.n_query)
+            self.episode_files[stage] = path
             return specs
         specs = self._samplers[stage].fixed_episodes()
         meta = {"stage": stage, "protocol": self.split.protocol, "seed": self.hparams.seed, "preprocessing": self.preprocessing,
@@ -486,8 +538,8 @@ class SegmentationDataModule(EpisodicDataModule):
     def episode_path(self, stage: str) -> Path:
         """The fixed episodes' JSON file, named by a digest of every setting that changes them."""
         h = self.hparams
-        key = digest([self.preprocessing, h.protocol, h.test_organs, h.val_organs, h.test_sites, h.split_seed, h.seed,
-                      h.n_shot, h.n_query, h.n_parts, h.val_episodes, h.test_episodes, h.min_organ_pixels,
+        key = digest([self.preprocessing, h.protocol, h.test_organs, h.val_organs, h.val_organ_count, h.test_sites,
+                      h.split_seed, h.seed, h.n_shot, h.n_query, h.n_parts, h.val_episodes, h.test_episodes, h.min_organ_pixels,
                       h.exclude_test_organ_slices, h.val_fraction, h.test_fraction])
         return self.cache_dir / digest(self.root) / f"{stage}_episodes-{key}.json"
 

@@ -5,11 +5,26 @@ Every backbone maps (N, C_in, H, W) images (or (N, C_in, D, H, W) volumes for ``
 learners want dense features (``unet``: full resolution); classification learners pool them into vectors
 with `build_encoder` (``conv4``: the Conv-4 of the few-shot literature, h = H / 16; ``resnet12``: the
 ResNet-12 of TADAM / MetaOptNet, h = H / 16).
+
+Normalisation and the queries. ``conv4`` and ``resnet12`` normalise with batch statistics (BatchNorm without
+running statistics, as MAML-style inner loops need), so an image's features depend on the other images of its
+forward pass. Their norm layers are `SupportBatchNorm2d` / `SupportBatchNorm3d`: inside
+``with support_statistics(n):`` they normalise every row of a batch with the statistics of its first ``n``
+rows. Learners forward a task's support and queries together with the support first
+(`forward_with_support_statistics`), so a query is normalised with its task's support statistics and its
+prediction never depends on the other queries (TaskNorm's "MetaBN": Bronskill, Gordon, Requeima, Nowozin,
+Turner. "TaskNorm: Rethinking Batch Normalization for Meta-Learning." ICML 2020). Outside the context they
+are plain BatchNorm, with the same state dict. ``backbone_kwargs={"transductive": True}`` (see
+`build_backbone`) keeps the old, transductive behaviour: statistics of whatever batch is forwarded, queries
+included. The ``unet`` backbone uses instance normalisation, which normalises each image on its own: it is
+never transductive.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from monai.networks.nets import BasicUNet
@@ -34,12 +49,15 @@ def available_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_backbone(name: str, in_channels: int = 1, **kwargs) -> nn.Module:
+def build_backbone(name: str, in_channels: int = 1, transductive: bool = False, **kwargs) -> nn.Module:
     """Build the backbone registered as ``name``.
 
     Args:
         name: a registered name (see `available_backbones`).
         in_channels: image channels.
+        transductive: its `SupportBatchNorm2d` layers ignore `support_statistics` and normalise with the
+            statistics of the whole batch they are given, queries included (the behaviour before support
+            statistics). Only for backbones with batch statistics (``conv4``, ``resnet12``).
         **kwargs: the builder's own options.
 
     Returns:
@@ -47,13 +65,118 @@ def build_backbone(name: str, in_channels: int = 1, **kwargs) -> nn.Module:
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; choose one of {available_backbones()}")
-    return _REGISTRY[name](in_channels=in_channels, **kwargs)
+    backbone = _REGISTRY[name](in_channels=in_channels, **kwargs)
+    if transductive:
+        layers = [m for m in backbone.modules() if isinstance(m, _SupportStatistics)]
+        if not layers:
+            raise ValueError(
+                f"the {name!r} backbone has no batch-statistics normalisation (each image is normalised on its own), "
+                "so transductive=True would change nothing; remove it from backbone_kwargs"
+            )
+        for m in layers:
+            m.transductive = True
+    return backbone
+
+
+# ---------------------------------------------------------------------- support statistics
+_SUPPORT_ROWS: ContextVar[int | None] = ContextVar("support_rows", default=None)
+
+
+@contextmanager
+def support_statistics(n_support: int) -> Iterator[None]:
+    """Inside the context, `SupportBatchNorm2d` / `SupportBatchNorm3d` layers (not transductive ones) take their
+    batch statistics from the first ``n_support`` rows of their input and normalise every row with them.
+
+    Put a task's support first in the batch: its queries are then normalised with the support's statistics,
+    each independently of the others. A batch of exactly ``n_support`` rows is normalised as plain BatchNorm
+    does. Plain ``nn.BatchNorm*d`` layers are not affected.
+    """
+    if int(n_support) < 1:
+        raise ValueError(f"support_statistics needs at least one support row, got {n_support}")
+    token = _SUPPORT_ROWS.set(int(n_support))
+    try:
+        yield
+    finally:
+        _SUPPORT_ROWS.reset(token)
+
+
+class _SupportStatistics:
+    """The forward pass of `SupportBatchNorm2d` / `SupportBatchNorm3d` (mixed into ``nn.BatchNorm*d``)."""
+
+    #: ignore `support_statistics`: normalise with the statistics of the whole batch
+    transductive: bool = False
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        n = _SUPPORT_ROWS.get()
+        batch_statistics = self.training or self.running_mean is None
+        if n is None or self.transductive or not batch_statistics or n == input.shape[0]:
+            return super().forward(input)
+        if n > input.shape[0]:
+            raise ValueError(f"support_statistics({n}) but the batch has {input.shape[0]} rows; put the support first")
+        self._check_input_dim(input)
+        support = input[:n]
+        if self.training and self.running_mean is not None:
+            with torch.no_grad():  # running statistics, if kept, follow the support as a support-only pass would
+                super().forward(support.detach())
+        dims = [0, *range(2, input.dim())]
+        mean = support.mean(dims, keepdim=True)
+        var = support.var(dims, unbiased=False, keepdim=True)
+        out = (input - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            shape = (1, -1) + (1,) * (input.dim() - 2)
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+class SupportBatchNorm2d(_SupportStatistics, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same arguments, same state dict) that honours `support_statistics`.
+
+    Inside ``support_statistics(n)`` (and unless ``transductive``) a batch's statistics are those of its first
+    ``n`` rows, computed from elementary tensor operations (so derivatives of every order are exact under
+    ``torch.func.vmap``); otherwise it is ``nn.BatchNorm2d``.
+    """
+
+
+class SupportBatchNorm3d(_SupportStatistics, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` that honours `support_statistics` (see `SupportBatchNorm2d`)."""
+
+
+def uses_support_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` has a norm layer that `support_statistics` changes (a non-transductive
+    `SupportBatchNorm2d` / `SupportBatchNorm3d`): its queries must then be forwarded after their support."""
+    return any(isinstance(m, _SupportStatistics) and not m.transductive for m in module.modules())
+
+
+def is_transductive(module: nn.Module) -> bool:
+    """Whether ``module`` has a batch-statistics norm layer built with ``transductive=True``."""
+    return any(isinstance(m, _SupportStatistics) and m.transductive for m in module.modules())
+
+
+def forward_with_support_statistics(
+    fn: Callable[[torch.Tensor], torch.Tensor], support: torch.Tensor, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` on one task's support and queries in one pass, normalised with the support's statistics.
+
+    Args:
+        fn: a network, (N, C, *spatial) -> (N, ...).
+        support: (S, C, *spatial) the task's support images.
+        query: (Q, C, *spatial) its query images.
+
+    Returns:
+        ``fn``'s (S, ...) support and (Q, ...) query outputs. A query's output depends on the support and on
+        itself only; the support's equal ``fn(support)`` (to rounding).
+    """
+    n = support.shape[0]
+    with support_statistics(n):
+        out = fn(torch.cat([support, query]))
+    return out[:n], out[n:]
 
 
 class UNetEncoder(nn.Module):
     """Dense features from MONAI's `BasicUNet` (2D): (N, C, H, W) -> (N, out_channels, H, W).
 
-    Instance normalisation keeps no running statistics, so functional inner loops cannot mutate it.
+    Instance normalisation keeps no running statistics, so functional inner loops cannot mutate it, and it
+    normalises each image on its own, so a query's features never depend on the other images of a batch.
     """
 
     def __init__(
@@ -88,12 +211,13 @@ def _layers(spatial_dims: int):
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if spatial_dims == 2:
-        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d
-    return nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d
+        return nn.Conv2d, SupportBatchNorm2d, nn.MaxPool2d
+    return nn.Conv3d, SupportBatchNorm3d, nn.MaxPool3d
 
 
 def conv_block(c_in: int, c_out: int, pool: bool = True, spatial_dims: int = 2) -> nn.Sequential:
-    """3x3 conv, BatchNorm without running statistics, ReLU, optional 2x2 max-pool (3D: 3x3x3, 2x2x2)."""
+    """3x3 conv, BatchNorm without running statistics (`SupportBatchNorm2d`), ReLU, optional 2x2 max-pool (3D:
+    3x3x3, 2x2x2)."""
     conv, norm, maxpool = _layers(spatial_dims)
     layers = [conv(c_in, c_out, 3, padding=1), norm(c_out, track_running_stats=False), nn.ReLU(inplace=True)]
     if pool:
@@ -104,7 +228,8 @@ def conv_block(c_in: int, c_out: int, pool: bool = True, spatial_dims: int = 2) 
 class Conv4(nn.Module):
     """Conv-4 (Vinyals et al. 2016; Snell et al. 2017): four conv blocks of ``width`` channels, each halving H and W.
 
-    BatchNorm uses batch statistics only (``track_running_stats=False``), as MAML-style inner loops need.
+    BatchNorm uses batch statistics only (``track_running_stats=False``), as MAML-style inner loops need; the
+    support's, inside `support_statistics`.
     Pooling rounds up, so small inputs (MedMNIST's 28 x 28) keep a 2 x 2 map.
     """
 
@@ -126,17 +251,17 @@ def _conv4(in_channels: int = 1, width: int = 64, depth: int = 4, spatial_dims: 
 
 
 class ResidualBlock12(nn.Module):
-    """One ResNet-12 block: three 3x3 convs (BatchNorm without running statistics, leaky ReLU), a 1x1
-    shortcut, and a 2x2 max-pool."""
+    """One ResNet-12 block: three 3x3 convs (BatchNorm without running statistics, `SupportBatchNorm2d`, leaky
+    ReLU), a 1x1 shortcut, and a 2x2 max-pool."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out, track_running_stats=False), nn.LeakyReLU(0.1),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out, track_running_stats=False), nn.LeakyReLU(0.1),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out, track_running_stats=False),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), SupportBatchNorm2d(c_out, track_running_stats=False), nn.LeakyReLU(0.1),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), SupportBatchNorm2d(c_out, track_running_stats=False), nn.LeakyReLU(0.1),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), SupportBatchNorm2d(c_out, track_running_stats=False),
         )
-        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out, track_running_stats=False))
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), SupportBatchNorm2d(c_out, track_running_stats=False))
         self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2, ceil_mode=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +306,7 @@ def build_encoder(name: str, in_channels: int = 1, **kwargs) -> Encoder:
     Args:
         name: a registered backbone name (``conv4``, ``resnet12``, ...).
         in_channels: image channels.
-        **kwargs: the builder's own options.
+        **kwargs: the builder's own options, and ``transductive`` (see `build_backbone`).
 
     Returns:
         An `Encoder` mapping (N, C, *spatial) to (N, out_features).

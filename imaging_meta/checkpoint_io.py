@@ -12,6 +12,8 @@ filesystem. Remote URLs (``s3://`` ...) keep Lightning's own writer.
 Reading is here too: `read_checkpoint` (``weights_only=True``, no pickled code runs) and `load_learner`. A
 checkpoint written before the packages were split into subpackages names its learner, datamodule and item
 source by their old flat class paths; `LEGACY_CLASS_PATHS` maps them to the current ones when it is read.
+A checkpoint's data settings that predate an argument whose default changed the split get the value that
+rebuilds the old split (`LEGACY_DATA_ARGS`), so ``evaluate`` tests it on the split it was trained under.
 """
 
 from __future__ import annotations
@@ -39,17 +41,28 @@ LEGACY_CLASS_PATHS = {
 }
 
 
+#: datamodule class path -> arguments that a checkpoint without them was trained with: their value then was
+#: the old behaviour, which today's default no longer gives. ``val_organ_count`` (issue 14): cross_organ used
+#: to validate on the test organs; 0 does so (`datamodules.indexing.splits`).
+LEGACY_DATA_ARGS = {
+    "datamodules.segmentation.SegmentationDataModule": {"val_organ_count": 0},
+}
+
+
 def current_class_path(class_path: str) -> str:
     """The class path of today's code for a class path that an older checkpoint recorded."""
     return LEGACY_CLASS_PATHS.get(class_path, class_path)
 
 
 def _modernize(config: Any) -> Any:
-    """``config`` with every ``class_path`` (nested ones too) mapped by `current_class_path`."""
+    """``config`` with every ``class_path`` (nested ones too) mapped by `current_class_path`, and the
+    ``init_args`` it leaves out filled in from `LEGACY_DATA_ARGS`."""
     if isinstance(config, dict):
         out = {k: _modernize(v) for k, v in config.items()}
         if isinstance(out.get("class_path"), str):
             out["class_path"] = current_class_path(out["class_path"])
+            if isinstance(out.get("init_args"), dict):
+                out["init_args"] = {**LEGACY_DATA_ARGS.get(out["class_path"], {}), **out["init_args"]}
         return out
     if isinstance(config, list):
         return [_modernize(v) for v in config]
@@ -81,6 +94,10 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(content, dict) and isinstance(content.get("imaging_meta"), dict):
         content["imaging_meta"] = _modernize(content["imaging_meta"])
+    hp = content.get("datamodule_hyper_parameters") if isinstance(content, dict) else None
+    if isinstance(hp, dict) and isinstance(hp.get("_class_path"), str):  # what the oldest checkpoints record
+        hp["_class_path"] = current_class_path(hp["_class_path"])
+        content["datamodule_hyper_parameters"] = {**LEGACY_DATA_ARGS.get(hp["_class_path"], {}), **hp}
     return content
 
 

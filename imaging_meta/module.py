@@ -35,7 +35,7 @@ from imaging_meta.evaluation.methods import (
 )
 from imaging_meta.evaluation.reports import to_markdown, write_report
 from imaging_meta.evaluation.scoring import score_batch
-from imaging_meta.evaluation.statistics import summarize
+from imaging_meta.evaluation.statistics import EPISODE_T, differences, interval_description, summarize
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import COPY_MASK, Task, get_task, task_of_episode
 
@@ -110,6 +110,7 @@ class EpisodicModule(LightningModule):
         self._records: dict[str, list[dict]] = {"val": [], "test": []}
         self._seen = {"val": 0, "test": 0}  # episodes this rank has scored in the current epoch
         self.test_summary: dict | None = None
+        self.test_differences: dict | None = None  # trained − each baseline, paired on the same queries
         self.report_paths: tuple[Path, Path] | None = None
 
     @property
@@ -215,20 +216,23 @@ class EpisodicModule(LightningModule):
         if not records:
             return
         task = self.task
-        summary = summarize(records, task.metric, task.groups)
+        # the test report keeps Student's t over episodes (no resampling); `imaging-meta evaluate` bootstraps patients
+        summary = summarize(records, task.metric, task.groups, interval=EPISODE_T)
         self.test_summary = summary
+        self.test_differences = differences(records, task.metric, task.groups, interval=EPISODE_T)
         for group in task.groups:
             for name, s in summary[TRAINED][group].items():
                 self.log(f"test/{task.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
         out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: every rank calls it
         if self.global_rank == 0:
-            self.report_paths = self._write_test_report(out_dir, summary)
+            self.report_paths = self._write_test_report(out_dir, summary, self.test_differences)
 
-    def _write_test_report(self, out_dir: str, summary: dict) -> tuple[Path, Path]:
-        """``results.json`` and ``results.md`` of the test episodes, with the data and checkpoint they came from."""
+    def _write_test_report(self, out_dir: str, summary: dict, diffs: dict | None = None) -> tuple[Path, Path]:
+        """``results.json`` and ``results.md`` of the test episodes, with the data and checkpoint they came from,
+        and the trained learner minus each baseline, paired on the same queries."""
         task = self.task
         context = {"title": "held-out test episodes", "imaging_meta_version": imaging_meta.__version__,
-                   "learner": self.learner.config, "metric": task.metric}
+                   "learner": self.learner.config, "metric": task.metric, "interval": interval_description(EPISODE_T)}
         dm = self._datamodule()
         if dm is not None:
             context.update(dm.describe())
@@ -236,9 +240,9 @@ class EpisodicModule(LightningModule):
         if self.trainer.ckpt_path:
             context["checkpoint"] = str(self.trainer.ckpt_path)
         methods = ordered_methods(summary)
-        paths = write_report(out_dir, summary, context, methods, task=task)
+        paths = write_report(out_dir, summary, context, methods, task=task, differences=diffs)
         logger.info("results written to %s\n%s", paths[1],
-                    to_markdown(summary, methods, title=task.metric_title, groups=task.groups))
+                    to_markdown(summary, methods, title=task.metric_title, groups=task.groups, differences=diffs))
         return paths
 
     # ---------------------------------------------------------------- logging

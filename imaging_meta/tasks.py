@@ -135,7 +135,7 @@ class SegmentationTask(Task):
     dense = True
     label_kind = "segmentation masks"
     sweep_shots = False
-    csv_columns = ("method", "shot", "episode", "organ", "site", "query_id", "dice", "hd95")
+    csv_columns = ("method", "shot", "episode", "organ", "site", "patient", "query_id", "dice", "hd95")
 
     def n_outputs(self, n_way: int) -> int:
         return 2  # background, foreground
@@ -181,7 +181,7 @@ class SegmentationTask(Task):
 
     def csv_row(self, record: dict) -> list:
         r = record
-        return [r["method"], r["shot"], r["episode"], r["organ"], r["site"], r["query_id"], f"{r['dice']:.6f}",
+        return [r["method"], r["shot"], r["episode"], r["organ"], r["site"], r.get("patient", ""), r["query_id"], f"{r['dice']:.6f}",
                 f"{r['hd95']:.4f}"]
 
 
@@ -200,7 +200,8 @@ class ClassificationTask(Task):
     dense = False
     label_kind = "class labels"
     sweep_shots = True
-    csv_columns = ("method", "shot", "episode", "class", "site", "query_id", "label", "correct", "confidence", "probs")
+    csv_columns = ("method", "shot", "episode", "class", "site", "patient", "query_id", "label", "correct", "confidence",
+                   "probs")
 
     def n_outputs(self, n_way: int) -> int:
         if n_way < 2:
@@ -243,7 +244,8 @@ class ClassificationTask(Task):
     def csv_row(self, record: dict) -> list:
         r = record
         p = np.asarray(r["probs"])
-        return [r["method"], r["shot"], r["episode"], r["classes"][r["label"]], r["site"], r["query_id"], r["label"],
+        return [r["method"], r["shot"], r["episode"], r["classes"][r["label"]], r["site"], r.get("patient", ""),
+                r["query_id"], r["label"],
                 int(int(p.argmax()) == r["label"]), f"{p.max():.6f}", " ".join(f"{v:.6f}" for v in p)]
 
 

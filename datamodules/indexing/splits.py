@@ -5,20 +5,49 @@ Protocols (what the learner may see in meta-training, and what it is tested on):
 * ``in_domain``: every structure and site in training; validation and test on unseen patients.
 * ``cross_organ``: the ``test_organs`` never appear as a target in meta-training. With
   ``exclude_test_organ_slices`` (SSL-ALPNet's "setting 2", Ouyang et al. ECCV 2020) every training slice
-  that contains a test organ at all is removed as well, so the organ is not even seen as background.
-  Validation and test use the held-out organs on unseen patients.
+  that contains a held-out organ at all is removed as well, so the organ is not even seen as background.
+  Test uses the test organs on unseen patients. Validation (which picks the checkpoint) uses *validation
+  organs*, disjoint from both the test organs and the training organs, on the validation patients, so
+  that checkpoint selection never sees a test organ (see "Validation organs" below).
 * ``cross_site``: the ``test_sites`` never appear in meta-training or validation; test runs on them.
+
+``in_domain`` and ``cross_site`` hold out no organ: every stage targets every structure.
+
+Validation organs (``cross_organ``):
+
+* by default (``val_organ_count=1``) one more organ is held out for validation. The candidates are the
+  structures that are not test organs and that the label maps of at least `MIN_VAL_PATIENTS` validation
+  patients name (the least an episode needs: one support and one query patient). Among them the choice
+  follows a hash of (split seed, organ name), so it is fixed by the split seed and does not depend on
+  ``n_shot`` (every number of shots that ``evaluate`` runs rebuilds the same split). ``val_organ_count=k``
+  holds out ``k`` such organs. A caller may narrow the candidates (``val_organ_filter``): under setting 2
+  `datamodules.segmentation.SegmentationDataModule` drops the organs whose slices would take most training
+  slices with them (a structure on nearly every axial slice, such as the vertebrae, the aorta or the
+  paraspinal muscles of the demo cohort, would leave none);
+* an explicit ``val_organs`` list is used as given (``val_organ_count`` is then ignored), and refused when
+  it names a test organ (except under ``val_organ_count=0``, the old behaviour);
+* without validation patients (``val_fraction=0``) there is no validation and no validation organ;
+* ``val_organ_count=0`` is the behaviour before validation organs existed: validation uses the test organs
+  (on the validation patients). Checkpoints written then are read back with it
+  (`imaging_meta.checkpoint_io`), so they rebuild the split they were trained on. Checkpoint selection then
+  sees the test organs: use it only to reproduce such runs.
+
+Validation organs are never training targets, and under setting 2 training slices that show a validation
+organ are removed too, as for the test organs: validation then mimics the test condition (an organ never
+seen in training, not even as background).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from datamodules.indexing.index import Case
 
 PROTOCOLS = ("in_domain", "cross_organ", "cross_site")
+#: a validation organ must be labelled in at least this many validation patients (one support, one query)
+MIN_VAL_PATIENTS = 2
 
 
 @dataclass
@@ -109,38 +138,122 @@ def _match_sites(requested: Sequence[str], sites: Sequence[str]) -> list[str]:
     return out
 
 
+#: filters candidate validation organs, given the training case indices (see `make_split`)
+ValOrganFilter = Callable[[Sequence[int], list[str]], list[str]]
+
+
+def choose_val_organs(
+    cases: Sequence[Case], val: Sequence[int], test_organs: Sequence[str], count: int, seed: int,
+    keep: Callable[[list[str]], list[str]] | None = None,
+) -> list[str]:
+    """The ``count`` validation organs of cross_organ when none are given (see the module docstring).
+
+    Args:
+        cases: the labelled cases.
+        val: indices of the validation cases.
+        test_organs: the held-out test organs (never chosen).
+        count: how many to choose.
+        seed: the split seed; the order among the candidates is a hash of (seed, organ).
+        keep: the candidates that may be held out, of those given (default: all of them).
+
+    Raises:
+        ValueError: fewer than ``count`` candidates; the message names them and the settings to change.
+    """
+    patients: dict[str, set[str]] = {}
+    for i in val:
+        for o in cases[i].organs:
+            patients.setdefault(o, set()).add(cases[i].patient)
+    candidates = sorted((o for o, p in patients.items() if o not in test_organs and len(p) >= MIN_VAL_PATIENTS),
+                        key=lambda o: _rank(o, seed))
+    allowed = set(keep(candidates)) if keep is not None else set(candidates)
+    kept = [o for o in candidates if o in allowed]
+    if len(kept) < count:
+        raise ValueError(
+            f"cross_organ holds out val_organ_count={count} validation organ(s), but only {kept} can be: labelled in "
+            f"at least {MIN_VAL_PATIENTS} validation patients besides the test organs {list(test_organs)}"
+            + (f", and without removing most training slices under setting 2 (refused: "
+               f"{sorted(set(candidates) - allowed)})" if keep is not None else "")
+            + "; name them with val_organs, lower val_organ_count, or raise val_fraction"
+        )
+    return kept[:count]
+
+
+def _cross_organ(cases: Sequence[Case], idx: dict[str, list[int]], all_organs: list[str], test_organs: Sequence[str],
+                 val_organs: Sequence[str] | None, val_organ_count: int, seed: int, exclude: bool,
+                 val_organ_filter: ValOrganFilter | None) -> Split:
+    """The cross_organ split of patients ``idx`` (stage -> case indices): which organs each stage targets."""
+    unknown = sorted(set(test_organs) - set(all_organs)) + sorted(set(val_organs or ()) - set(all_organs))
+    if not test_organs or unknown:
+        raise ValueError(
+            f"cross_organ needs test_organs from the structures in the index {all_organs}; "
+            f"got {list(test_organs)}" + (f" (unknown: {unknown})" if unknown else "")
+        )
+    if val_organ_count < 0:
+        raise ValueError(f"val_organ_count must be >= 0, got {val_organ_count}")
+    if val_organs:
+        clash = sorted(set(val_organs) & set(test_organs))
+        if clash and val_organ_count > 0:
+            raise ValueError(
+                f"val_organs {list(val_organs)} name the test organ(s) {clash}: checkpoint selection would see the "
+                "organs it is tested on; choose validation organs outside test_organs (or leave val_organs unset)"
+            )
+        chosen = list(val_organs)
+    elif val_organ_count == 0:  # the behaviour before validation organs: validate on the test organs
+        chosen = list(test_organs)
+    elif not idx["val"]:  # no validation patients (val_fraction=0): nothing to validate, nothing more to hold out
+        chosen = []
+    else:
+        keep = None if val_organ_filter is None else (lambda organs: val_organ_filter(idx["train"], organs))
+        chosen = choose_val_organs(cases, idx["val"], test_organs, val_organ_count, seed, keep)
+    held = sorted(set(test_organs) | set(chosen))
+    train_organs = [o for o in all_organs if o not in held]
+    if not train_organs:
+        raise ValueError(f"holding out {held} (test and validation organs) leaves no structure to meta-train on; "
+                         "lower val_organ_count or hold out fewer organs")
+    return Split(**idx, train_organs=train_organs, val_organs=chosen, test_organs=list(test_organs),
+                 excluded_organs=held if exclude else [], protocol="cross_organ")
+
+
 def make_split(
     cases: Sequence[Case],
     protocol: str = "in_domain",
     *,
     test_organs: Sequence[str] = (),
     val_organs: Sequence[str] | None = None,
+    val_organ_count: int = 1,
     test_sites: Sequence[str] = (),
     val_fraction: float = 0.15,
     test_fraction: float = 0.25,
     seed: int = 0,
     exclude_test_organ_slices: bool = True,
+    val_organ_filter: ValOrganFilter | None = None,
 ) -> Split:
     """Split labelled cases by patient under one of `PROTOCOLS`.
 
     Args:
         cases: labelled cases (each with ``organs``).
         protocol: "in_domain", "cross_organ" or "cross_site".
-        test_organs: cross_organ: structures held out of meta-training.
-        val_organs: cross_organ: structures for validation episodes (default: ``test_organs``, on the
-            validation patients, who are disjoint from the test patients).
+        test_organs: cross_organ: structures held out of meta-training and tested on.
+        val_organs: cross_organ: structures for validation episodes, disjoint from ``test_organs`` (default:
+            ``val_organ_count`` organs chosen by `choose_val_organs`); they are held out of meta-training too.
+        val_organ_count: cross_organ, without ``val_organs``: how many validation organs to hold out; 0
+            validates on the test organs (the behaviour of checkpoints written before this argument).
         test_sites: cross_site: site keys, or substrings of them, held out for test.
         val_fraction: share of (training-site) patients for validation.
         test_fraction: share of patients for test (in_domain and cross_organ).
-        seed: split seed.
+        seed: split seed (patients, and the choice of validation organs).
         exclude_test_organ_slices: cross_organ: SSL-ALPNet setting 2 (remove training slices that show a
-            test organ). Setting 1 when False.
+            test or validation organ). Setting 1 when False.
+        val_organ_filter: cross_organ, when validation organs are chosen: given the training case indices and
+            the candidates, those that may be held out (the datamodule, under setting 2: those whose slices
+            do not cover most training slices). None: every candidate may.
 
     Returns:
         A `Split`.
 
     Raises:
-        ValueError: unknown protocol or organ/site, or a stage left without cases; the message says what to change.
+        ValueError: unknown protocol or organ/site, validation organs that name a test organ, or a stage left
+            without cases; the message says what to change.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
@@ -173,24 +286,8 @@ def make_split(
         train_p, val_p, test_p = _stratified_split(cases, val_fraction, test_fraction, seed)
         idx = {s: [i for i, c in enumerate(cases) if c.patient in p] for s, p in (("train", train_p), ("val", val_p), ("test", test_p))}
         if protocol == "cross_organ":
-            unknown = sorted(set(test_organs) - set(all_organs)) + sorted(set(val_organs or ()) - set(all_organs))
-            if not test_organs or unknown:
-                raise ValueError(
-                    f"cross_organ needs test_organs from the structures in the index {all_organs}; "
-                    f"got {list(test_organs)}" + (f" (unknown: {unknown})" if unknown else "")
-                )
-            held = sorted(set(test_organs) | set(val_organs or ()))
-            train_organs = [o for o in all_organs if o not in held]
-            if not train_organs:
-                raise ValueError(f"holding out {held} leaves no structure to meta-train on")
-            split = Split(
-                **idx,
-                train_organs=train_organs,
-                val_organs=list(val_organs) if val_organs else list(test_organs),
-                test_organs=list(test_organs),
-                excluded_organs=held if exclude_test_organ_slices else [],
-                protocol=protocol,
-            )
+            split = _cross_organ(cases, idx, all_organs, test_organs, val_organs, val_organ_count, seed,
+                                 exclude_test_organ_slices, val_organ_filter)
         else:
             split = Split(**idx, train_organs=all_organs, val_organs=all_organs, test_organs=all_organs, protocol=protocol)
 

@@ -2,7 +2,9 @@
 
 Files name cases (items) by their pseudonymous ids, never by position, and carry the sha256 of their
 episode list so that reports can quote which episodes a result was measured on. The file's ``kind`` is the
-``kind`` of its spec class.
+``kind`` of its spec class. `check_segmentation_episodes` refuses a segmentation test file that breaks the
+split of the run that reads it (training patients or organs, non-test sites); `episodes_sha256` is what
+reports quote.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datamodules.io.atomic import atomic_open
 from datamodules.sampling.samplers_classification import ClassificationEpisodeSpec
 from datamodules.sampling.samplers_segmentation import SegmentationEpisodeSpec
+
+if TYPE_CHECKING:
+    from datamodules.indexing.index import Case
+    from datamodules.indexing.splits import Split
 
 EpisodeSpec = SegmentationEpisodeSpec | ClassificationEpisodeSpec
 
@@ -114,7 +121,7 @@ def save_episodes(
         raise ValueError("save_episodes: classification episodes need class_names to store their classes by name")
     episodes = [_RECORDS[spec_class](s, case_ids, class_names) for s in specs]
     payload = {"kind": spec_class.kind, "meta": meta or {}, "episodes": episodes}
-    payload["sha256"] = hashlib.sha256(json.dumps(episodes, sort_keys=True).encode()).hexdigest()
+    payload["sha256"] = _episodes_digest(episodes)
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     return path
@@ -133,9 +140,65 @@ def load_episodes(
     with open(path) as f:
         payload = json.load(f)
     if "sha256" in payload:
-        digest = hashlib.sha256(json.dumps(payload["episodes"], sort_keys=True).encode()).hexdigest()
-        if digest != payload["sha256"]:
+        if _episodes_digest(payload["episodes"]) != payload["sha256"]:
             raise ValueError(f"{path}: the episode list does not match its sha256 (the file was edited); regenerate it")
     where = {cid: i for i, cid in enumerate(case_ids)}
     read = _READERS.get(payload.get("kind"), _segmentation_specs)
     return read(path, payload["episodes"], where, class_names), payload.get("meta", {})
+
+
+def _episodes_digest(episodes: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(episodes, sort_keys=True).encode()).hexdigest()
+
+
+def episodes_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's episode list (the one it records; computed for a file written without it), which
+    reports quote so that results scored on the same episodes can be matched."""
+    payload = json.loads(Path(path).read_text())
+    return payload.get("sha256") or _episodes_digest(payload["episodes"])
+
+
+_STAGE_NAMES = {"train": "training", "val": "validation"}
+
+
+def _case_problem(case: Case, stage: str | None, organ: str, test_sites: set[str], protocol: str) -> str | None:
+    """What is wrong with one case of a test episode (``stage``: the split stage it is in, if any), or None."""
+    if protocol == "cross_site" and case.site not in test_sites:
+        return f"case {case.case_id} is from site {case.site!r}, not a test site ({sorted(test_sites)})"
+    if stage is None:
+        return f"case {case.case_id} (patient {case.patient}) is in no stage of this split"
+    if stage != "test":
+        return f"case {case.case_id} belongs to {_STAGE_NAMES[stage]} patient {case.patient}, not a test patient"
+    if organ not in case.organs:
+        return f"case {case.case_id} has no {organ!r} in its label map"
+    return None
+
+
+def check_segmentation_episodes(
+    path: str | os.PathLike, specs: Sequence[SegmentationEpisodeSpec], cases: Sequence[Case], split: Split,
+    n_shot: int, n_query: int,
+) -> None:
+    """Refuse a segmentation test episode file that breaks the split it is used with.
+
+    Every episode must target a test organ, draw every slice from a test patient (under cross_site: a test
+    site), and have ``n_shot`` support and ``n_query`` query slices.
+
+    Raises:
+        ValueError: naming the file, the first episode that breaks the split and what is wrong with it.
+    """
+    stage_of = {i: stage for stage in ("train", "val", "test") for i in getattr(split, stage)}
+    test_sites = {cases[i].site for i in split.test}
+    for e, spec in enumerate(specs):
+        if len(spec.support) != n_shot or len(spec.query) != n_query:
+            problem = (f"{len(spec.support)} support and {len(spec.query)} query slices; this run is {n_shot}-shot "
+                       f"with {n_query} queries")
+        elif spec.organ not in split.test_organs:
+            role = ("a training organ" if spec.organ in split.train_organs
+                    else "a validation organ" if spec.organ in split.val_organs else "not in this split")
+            problem = f"organ {spec.organ!r} is {role}, not a test organ ({split.test_organs})"
+        else:
+            problem = next((p for c, _ in spec.support + spec.query if (p := _case_problem(
+                cases[c], stage_of.get(c), spec.organ, test_sites, split.protocol)) is not None), None)
+        if problem:
+            raise ValueError(f"{path}: episode {e}: {problem}; this file does not fit this run's {split.protocol} split: "
+                             "use an episode file drawn for it (or leave test_episodes_file unset to draw one)")

@@ -5,7 +5,7 @@ dataset turns into an `Episode`. Give a spec list to the dataset and you get the
 worker count, device or DDP rank. The concrete samplers:
 
 * `datamodules.sampling.samplers_segmentation.SegmentationEpisodeSampler`: 1-way K-shot slices of a structure.
-* `datamodules.sampling.samplers_classification.ClassificationEpisodeSampler`: N-way K-shot items, patient-disjoint.
+* `datamodules.sampling.samplers_classification.ClassificationEpisodeSampler`: N-way K-shot items, drawn uniformly, patient-disjoint.
 * `datamodules.sampling.samplers_selfsup`: superpixel episodes and a mix of both kinds.
 
 Fixed episode lists are written and read by `datamodules.sampling.episode_files`.

@@ -1,6 +1,10 @@
 """`ClassificationEpisodeSampler`: N-way K-shot classification episodes with a query set, from item labels,
-patients and sites: support and query are patient-disjoint across the whole episode, and with ``cross_site``
-they come from two different sites (``same_site``: from one site).
+patients and sites: support and query are patient-disjoint across the whole episode, and with
+``sites_differ`` they come from two different sites (``same_site``: from one site).
+
+Items, not patients, are drawn: a way's support is ``n_shot`` of its items drawn uniformly (each item equally
+likely, so a patient with many items is neither favoured nor passed over), and its query ``n_query`` items
+drawn uniformly among those of patients outside every support of the episode.
 """
 
 from __future__ import annotations
@@ -77,14 +81,14 @@ def classification_infeasible(
     classes: Sequence[int],
     n_shot: int,
     n_query: int,
-    cross_site: bool = False,
+    sites_differ: bool = False,
     class_names: Sequence[str] | None = None,
     same_site: bool = False,
 ) -> dict[int, str]:
     """Classes that cannot give ``n_shot`` support and ``n_query`` query items from disjoint patients.
 
-    With ``cross_site`` a class must moreover have the support at one site and the query at another; with
-    ``same_site`` both at one site.
+    With ``sites_differ`` a class must moreover have the support at one site and the query at another;
+    with ``same_site`` both at one site.
 
     Returns:
         class index -> why not (names the class, its item and patient counts); empty when all are feasible.
@@ -97,7 +101,7 @@ def classification_infeasible(
         n_pat = len({patients[i] for i in items})
         name = repr(names[c]) if names is not None else f"class {c}"
         what = f"{name} has {len(items)} item(s) from {n_pat} patient(s)"
-        if not (cross_site or same_site):
+        if not (sites_differ or same_site):
             counts = _counts(items, patients)
             if not splittable(counts, counts, n_shot, n_query):
                 bad[c] = what
@@ -119,9 +123,10 @@ class ClassificationEpisodeSampler(EpisodeSampler):
 
     Every episode takes ``n_way`` distinct classes, ``n_shot`` support and ``n_query`` query items of each;
     the support and the query are patient-disjoint across the whole episode (no query item shares a
-    patient with any support item, of any class). Items of one side may share a patient. With
-    ``cross_site`` the support comes from one site and the query from another, both chosen per episode
-    among the site pairs where every chosen class can fill its shots and queries.
+    patient with any support item, of any class). Items of one side may share a patient. Items are drawn
+    uniformly, not patients (see `draw`). With ``sites_differ`` the support comes from one site and the
+    query from another, both chosen per episode among the site pairs where every chosen class can fill its
+    shots and queries; no site is held out of any stage (that is segmentation's ``cross_site``).
 
     Args:
         labels: ``labels[i]`` is the class index of item ``i``.
@@ -132,7 +137,7 @@ class ClassificationEpisodeSampler(EpisodeSampler):
         n_shot: support items per class.
         n_query: query items per class.
         n_episodes: episodes per epoch (across all DDP ranks).
-        cross_site: support and query from two different sites.
+        sites_differ: support and query from two different sites (protocol ``support_query_sites_differ``).
         same_site: support and query from one site (drawn per episode): the few-shot task a site has
             with its own scanner's images.
         seed: base seed; epoch ``e`` on rank ``r`` draws from (seed, e, r).
@@ -141,12 +146,16 @@ class ClassificationEpisodeSampler(EpisodeSampler):
         class_names: names of the class indices, for error messages.
 
     Raises:
-        ValueError: when an allowed class cannot be drawn, or fewer than ``n_way`` classes (cross_site: on
-            one site pair) can; the message names the classes, their counts and what to change.
+        ValueError: when an allowed class cannot be drawn, or fewer than ``n_way`` classes (with a site rule:
+            on one site pair) can; the message names the classes, their counts and what to change.
     """
 
-    #: an episode is redrawn at most this many times when a random patient assignment fails.
+    #: an episode's supports are redrawn at most this many times when they leave a way too few query items...
     MAX_TRIES = 1000
+    #: ...and its ways after this many such redraws (so that ways that are hard to fill are not avoided).
+    TRIES_PER_WAYS = 20
+    #: uniform draws of a way's support before drawing it one item at a time (`_support`).
+    SUPPORT_TRIES = 64
 
     def __init__(
         self,
@@ -158,7 +167,7 @@ class ClassificationEpisodeSampler(EpisodeSampler):
         n_shot: int = 1,
         n_query: int = 5,
         n_episodes: int = 100,
-        cross_site: bool = False,
+        sites_differ: bool = False,
         same_site: bool = False,
         seed: int = 0,
         rank: int | None = None,
@@ -180,17 +189,19 @@ class ClassificationEpisodeSampler(EpisodeSampler):
         self.classes = sorted({int(c) for c in (classes if classes is not None else np.unique(self.labels))})
         self.class_names = list(class_names) if class_names is not None else None
         self.n_way, self.n_shot, self.n_query, self.n_episodes = n_way, n_shot, n_query, n_episodes
-        self.cross_site = bool(cross_site)
+        self.sites_differ = bool(sites_differ)
         self.same_site = bool(same_site)
         self.seed = seed
         self._rank, self._world = rank, world_size
         self.epoch = 0
-        # class -> items; class -> site -> items
-        self._items = {c: np.flatnonzero(self.labels == c).tolist() for c in self.classes}
-        self._by_site: dict[int, dict[str, list[int]]] = {}
-        for c, items in self._items.items():
-            for i in items:
-                self._by_site.setdefault(c, {}).setdefault(self.sites[i], []).append(i)
+        # each item's patient as an integer code; class -> items; class -> site -> items
+        codes = np.unique(np.array(self.patients, dtype=str), return_inverse=True)
+        self._pcode, self._n_patients = codes[1].reshape(-1), len(codes[0])
+        site_of = np.array(self.sites, dtype=str)
+        self._items = {c: np.flatnonzero(self.labels == c) for c in self.classes}
+        self._by_site: dict[int, dict[str, np.ndarray]] = {
+            c: {str(s): items[site_of[items] == s] for s in np.unique(site_of[items])} for c, items in self._items.items()
+        }
         self._check_feasible()
 
     def _name(self, c: int) -> str:
@@ -198,8 +209,8 @@ class ClassificationEpisodeSampler(EpisodeSampler):
 
     # ------------------------------------------------------------ validation
     def _check_feasible(self) -> None:
-        if self.cross_site and self.same_site:
-            raise ValueError("cross_site and same_site exclude each other: choose one")
+        if self.sites_differ and self.same_site:
+            raise ValueError("sites_differ and same_site exclude each other: choose one")
         n_classes = len(self.class_names) if self.class_names is not None else None
         unknown = [c for c in self.classes if c < 0 or (n_classes is not None and c >= n_classes)]
         if unknown:
@@ -210,9 +221,9 @@ class ClassificationEpisodeSampler(EpisodeSampler):
                 f"{len(self.classes)} ({', '.join(self._name(c) for c in self.classes)}); lower n_way or add classes"
             )
         bad = classification_infeasible(self.labels, self.patients, self.sites, self.classes, self.n_shot,
-                                        self.n_query, self.cross_site, self.class_names, self.same_site)
+                                        self.n_query, self.sites_differ, self.class_names, self.same_site)
         if bad:
-            where = " at one site and the query at another" if self.cross_site else (" and the query at one site" if self.same_site else "")
+            where = " at one site and the query at another" if self.sites_differ else (" and the query at one site" if self.same_site else "")
             raise ValueError(
                 f"cannot draw {self.n_shot}-shot episodes with {self.n_query} query item(s) per class: each class "
                 f"needs n_shot + n_query = {self.n_shot + self.n_query} items, the support{where} from patients other "
@@ -221,7 +232,7 @@ class ClassificationEpisodeSampler(EpisodeSampler):
             )
         # (support site, query site) -> the classes that can fill an episode on it
         self._pairs: dict[tuple[str, str], frozenset[int]] = {}
-        if self.cross_site or self.same_site:
+        if self.sites_differ or self.same_site:
             sites = sorted({s for c in self.classes for s in self._by_site[c]})
             best = 0
             for a in sites:
@@ -240,63 +251,73 @@ class ClassificationEpisodeSampler(EpisodeSampler):
                 )
             if not self._pairs:
                 raise ValueError(
-                    f"cross-site episodes need {self.n_way} classes that all have {self.n_shot} support item(s) at one "
-                    f"site and {self.n_query} query item(s) at another; the best site pair has {best} such class(es) "
+                    f"episodes with support and query at different sites need {self.n_way} classes that all have "
+                    f"{self.n_shot} support item(s) at one site and {self.n_query} query item(s) at another; the best site pair has {best} such class(es) "
                     f"(sites: {sites}). Lower n_way, n_shot or n_query, or use protocol 'standard'."
                 )
 
     def _pair_ok(self, c: int, a: str, b: str) -> bool:
-        sup, qry = self._by_site[c].get(a, []), self._by_site[c].get(b, [])
+        sup, qry = self._by_site[c].get(a, ()), self._by_site[c].get(b, ())
         if len(sup) < self.n_shot or len(qry) < self.n_query:
             return False
         return splittable(_counts(sup, self.patients), _counts(qry, self.patients), self.n_shot, self.n_query)
 
     # -------------------------------------------------------------- drawing
-    def _take(self, rng: np.random.Generator, by_patient: dict[str, list[int]], need: int) -> tuple[list[int], set[str]] | None:
-        """``need`` items from the shortest random-order prefix of patients that holds enough of them."""
-        order = rng.permutation(sorted(by_patient))
-        pool: list[int] = []
-        used: set[str] = set()
-        for p in order:
-            if len(pool) >= need:
-                break
-            pool.extend(by_patient[p])
-            used.add(str(p))
-        if len(pool) < need:
-            return None
-        chosen = sorted(int(i) for i in rng.choice(pool, size=need, replace=False))
-        return chosen, {self.patients[i] for i in chosen}
+    def _pools(self, c: int, pair: tuple[str, str] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The items of class ``c`` eligible for the support and for the query (on ``pair``'s sites)."""
+        if pair is None:
+            return self._items[c], self._items[c]
+        return self._by_site[c][pair[0]], self._by_site[c][pair[1]]
 
-    def _fill(self, rng: np.random.Generator, classes: Sequence[int], pair: tuple[str, str] | None):
-        """One random patient assignment for the given ways; None when it runs into a dead end."""
-        support_patients: set[str] = set()
-        query_patients: set[str] = set()
-        support: dict[int, list[int]] = {}
-        query: dict[int, list[int]] = {}
-        for c in rng.permutation(list(classes)).tolist():
-            sup_items = self._by_site[c].get(pair[0], []) if pair else self._items[c]
-            qry_items = self._by_site[c].get(pair[1], []) if pair else self._items[c]
-            by_p: dict[str, list[int]] = {}
-            for i in sup_items:
-                if self.patients[i] not in query_patients:
-                    by_p.setdefault(self.patients[i], []).append(i)
-            got = self._take(rng, by_p, self.n_shot)
-            if got is None:
+    def _outside(self, qry: np.ndarray, taken: np.ndarray) -> np.ndarray:
+        """The items of ``qry`` whose patient holds none of the items ``taken``."""
+        mask = np.zeros(self._n_patients, dtype=bool)
+        mask[self._pcode[taken]] = True
+        return qry[~mask[self._pcode[qry]]]
+
+    def _completable(self, chosen: list[int], sup: np.ndarray, qry: np.ndarray) -> bool:
+        """Whether a support begun with ``chosen`` can still be finished and leave room for the query."""
+        taken = set(self._pcode[chosen].tolist()) if chosen else set()
+        rest = [int(i) for i in np.setdiff1d(sup, chosen)]
+        free = [int(i) for i in qry if int(self._pcode[i]) not in taken]
+        return splittable(_counts(rest, self._pcode), _counts(free, self._pcode), self.n_shot - len(chosen), self.n_query)
+
+    def _support(self, rng: np.random.Generator, sup: np.ndarray, qry: np.ndarray) -> np.ndarray:
+        """``n_shot`` items of one way, uniform among the ``n_shot``-subsets of ``sup`` that leave at least
+        ``n_query`` items of ``qry`` from other patients (by rejection). When such subsets are rare (a class
+        whose support must come almost wholly from one patient), the items are drawn one at a time instead,
+        each uniform among those that keep the episode possible."""
+        for _ in range(self.SUPPORT_TRIES):
+            chosen = rng.choice(sup, size=self.n_shot, replace=False)
+            if len(self._outside(qry, chosen)) >= self.n_query:
+                return np.sort(chosen)
+        picked: list[int] = []
+        while len(picked) < self.n_shot:
+            for i in rng.permutation(np.setdiff1d(sup, picked)).tolist():
+                if self._completable(picked + [int(i)], sup, qry):
+                    picked.append(int(i))
+                    break
+            else:  # pragma: no cover - the feasibility check at construction rules this out
+                raise AssertionError("no support item keeps the episode possible")
+        return np.sort(np.asarray(picked, dtype=np.int64))
+
+    def _fill(self, rng: np.random.Generator, ways: Sequence[int], pair: tuple[str, str] | None):
+        """Support and query items of the ways; None when the supports leave some way too few query items.
+
+        Every way's support is drawn first (`_support`); then every way's query, ``n_query`` items uniform
+        among its query candidates whose patient is in no support of the episode.
+        """
+        support = {c: self._support(rng, *self._pools(c, pair)) for c in ways}
+        taken = np.concatenate(list(support.values()))
+        query: dict[int, np.ndarray] = {}
+        for c in ways:
+            free = self._outside(self._pools(c, pair)[1], taken)
+            if len(free) < self.n_query:
                 return None
-            support[c], pats = got
-            support_patients |= pats
-            by_p = {}
-            for i in qry_items:
-                if self.patients[i] not in support_patients:
-                    by_p.setdefault(self.patients[i], []).append(i)
-            got = self._take(rng, by_p, self.n_query)
-            if got is None:
-                return None
-            query[c], pats = got
-            query_patients |= pats
+            query[c] = np.sort(rng.choice(free, size=self.n_query, replace=False))
         return support, query
 
-    def _draw_cross_site_ways(self, rng: np.random.Generator) -> tuple[list[int], tuple[str, str]]:
+    def _draw_site_pair_ways(self, rng: np.random.Generator) -> tuple[list[int], tuple[str, str]]:
         """Ways one at a time, each uniform among the classes that some still-possible site pair serves
         together with the ways already drawn; then the site pair uniform among those serving all ways."""
         pairs = sorted(self._pairs)
@@ -308,27 +329,32 @@ class ClassificationEpisodeSampler(EpisodeSampler):
             pairs = [p for p in pairs if c in self._pairs[p]]
         return ways, pairs[int(rng.integers(len(pairs)))]
 
+    def _draw_ways(self, rng: np.random.Generator) -> tuple[list[int], tuple[str, str] | None]:
+        if self.sites_differ or self.same_site:
+            return self._draw_site_pair_ways(rng)
+        return [int(c) for c in rng.choice(self.classes, size=self.n_way, replace=False)], None
+
     def draw(self, rng: np.random.Generator) -> ClassificationEpisodeSpec:
         """One episode from ``rng``.
 
-        The ways are ``n_way`` classes drawn uniformly (cross_site: see `_draw_cross_site_ways`). Per class, in random order, the support takes
-        the items of a random prefix of the patients not yet in the query, and the query those of patients
-        not in the support; a dead end redraws the assignment.
+        The ways are ``n_way`` classes drawn uniformly (with a site rule: see `_draw_site_pair_ways`). Each
+        way's support is ``n_shot`` of its items drawn uniformly, every item equally likely whatever its
+        patient (`_support`); each way's query is then ``n_query`` items drawn uniformly among its items of
+        patients in no support of the episode. Supports that leave a way too few query items are redrawn
+        (so the support is uniform among those that admit a query), and the ways after `TRIES_PER_WAYS`
+        such redraws.
         """
-        for _ in range(self.MAX_TRIES):
-            pair = None
-            if self.cross_site or self.same_site:
-                ways, pair = self._draw_cross_site_ways(rng)
-            else:
-                ways = [int(c) for c in rng.choice(self.classes, size=self.n_way, replace=False)]
+        for t in range(self.MAX_TRIES):
+            if t % self.TRIES_PER_WAYS == 0:
+                ways, pair = self._draw_ways(rng)
             filled = self._fill(rng, ways, pair)
             if filled is None:
                 continue
             support, query = filled
             return ClassificationEpisodeSpec(
                 classes=tuple(ways),
-                support=tuple(i for c in ways for i in support[c]),
-                query=tuple(i for c in ways for i in query[c]),
+                support=tuple(int(i) for c in ways for i in support[c]),
+                query=tuple(int(i) for c in ways for i in query[c]),
                 seed=int(rng.integers(2**31)),
             )
         raise ValueError(

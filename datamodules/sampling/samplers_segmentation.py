@@ -3,6 +3,10 @@
 The support is K slices of the target structure from K different patients; the query is ``n_query`` slices
 from other patients, at the same position relative to the structure's extent in each volume (SSL-ALPNet's
 protocol: the extent is cut into ``n_parts`` chunks and support and query come from the same chunk).
+
+The unit drawn is the patient, by design: the ``n_shot + n_query`` patients are a uniform random subset of
+those that show the structure (every shot and every query its own patient, so no patient can fill the
+support), and a case is drawn uniformly among that patient's cases.
 """
 
 from __future__ import annotations

@@ -174,6 +174,10 @@ def _tool_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--salt", default=None,
                    help="the secret of the pseudonymous ids used at fit (default: env IMAGING_META_SALT, else the default)")
+    e.add_argument("--interval", choices=("patient-bootstrap", "episode-t"), default="patient-bootstrap",
+                   help="95%% intervals of every table and of the paired trained − baseline differences: a seeded "
+                        "percentile bootstrap of the test patients (default), or Student's t over episodes (too narrow "
+                        "when episodes reuse the same patients)")
 
     m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
     m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
@@ -241,7 +245,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             args.checkpoint, args.out, shots=args.shots, episodes=args.episodes, seed=args.seed,
             data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
             batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
-            name=args.name, salt=args.salt,
+            name=args.name, salt=args.salt, interval=args.interval,
         )
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
         return 0

@@ -37,7 +37,13 @@ from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, restore_untraine
 from imaging_meta.evaluation.plots import PanelKeeper
 from imaging_meta.evaluation.reports import write_evaluation_report
 from imaging_meta.evaluation.scoring import score_batch
-from imaging_meta.evaluation.statistics import evaluation_summary
+from imaging_meta.evaluation.statistics import (
+    DEFAULT_INTERVAL,
+    N_BOOT,
+    check_interval,
+    evaluation_summary,
+    interval_description,
+)
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import Task, get_task
 
@@ -46,8 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: datamodule settings that define who is in the test set: evaluation may not change them.
 SPLIT_FIELDS = (
-    "protocol", "test_organs", "val_organs", "test_sites", "exclude_test_organ_slices", "val_fraction",
-    "test_fraction", "split_seed", "train_classes", "val_classes", "test_classes", "val_classes_count",
+    "protocol", "test_organs", "val_organs", "val_organ_count", "test_sites", "exclude_test_organ_slices",
+    "val_fraction", "test_fraction", "split_seed", "train_classes", "val_classes", "test_classes", "val_classes_count",
     "test_classes_count", "n_way",
 )
 PACKAGES = ("torch", "monai", "lightning", "numpy", "scipy", "pydicom", "nibabel", "torchmetrics", "highdicom")
@@ -130,8 +136,12 @@ def read_data_config(path: str | os.PathLike) -> dict:
 
 
 def check_same_split(trained: dict, given: dict, where: str) -> None:
-    """Refuse a data config whose test split differs from the one the checkpoint was trained under."""
+    """Refuse a data config whose test split differs from the one the checkpoint was trained under (values the
+    datamodule renamed since, such as a protocol name, compare under their current name)."""
     a, b = trained.get("init_args", {}), given.get("init_args", {})
+    cls = _import_class(trained["class_path"]) if trained.get("class_path") == given.get("class_path") else None
+    if isinstance(cls, type) and issubclass(cls, EpisodicDataModule):
+        a, b = cls.canonical_init_args(a), cls.canonical_init_args(b)
     diff = [f for f in SPLIT_FIELDS if f in a and f in b and _norm(a[f]) != _norm(b[f])]
     if trained.get("class_path") != given.get("class_path"):
         diff.insert(0, "class_path")
@@ -287,7 +297,8 @@ def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict
 def _context(path: Path, out: Path, extra: dict, task: Task, describe: dict, episode_files: dict, **settings) -> dict:
     """What a report records about how it was made (``settings``: name, seed, episodes, threshold, spacing, device)."""
     first = describe[next(iter(describe))]
-    data_by_shot = {k: {x: d.get(x) for x in ("test_organs", "classes", "dropped_classes", "sites")} for k, d in describe.items()}
+    data_by_shot = {k: {x: d.get(x) for x in ("train_organs", "val_organs", "test_organs", "classes", "dropped_classes", "sites")}
+                    for k, d in describe.items()}
     return {
         "name": settings["name"] or out.resolve().name,
         "task": task.name,
@@ -325,6 +336,7 @@ def evaluate(
     threshold: float = 0.5,
     name: str | None = None,
     salt: str | None = None,
+    interval: str = DEFAULT_INTERVAL,
 ) -> tuple[Path, Path]:
     """Evaluate a checkpoint on fixed test episodes for each number of shots; write the report.
 
@@ -347,10 +359,15 @@ def evaluate(
         name: the run's name in comparison tables (default: the output folder's name).
         salt: the secret of the pseudonymous ids used at fit (default: env ``IMAGING_META_SALT``, else the
             project default); a different one gives other ids, another split, and is refused.
+        interval: the 95% intervals of every table, and of the paired ``trained − baseline`` differences:
+            ``patient-bootstrap`` (seeded percentile bootstrap of the test patients, `N_BOOT` resamples) or
+            ``episode-t`` (Student's t over episodes; too narrow when episodes share patients). See
+            `imaging_meta.evaluation.statistics`.
 
     Returns:
         The paths of ``results.json`` and ``results.md``.
     """
+    check_interval(interval)
     path = Path(checkpoint)
     dev = resolve_device(device)
     ckpt = read_checkpoint(path)
@@ -383,4 +400,6 @@ def evaluate(
         logger.info("%d-shot: %d test episodes scored", k, episode_files[str(k)]["n_episodes"])
     context = _context(path, out, extra, task, describe, episode_files, name=name, seed=seed, episodes=episodes,
                        threshold=threshold, spacing=spacing, device=dev.type)
-    return write_evaluation_report(out, context, evaluation_summary(task, records, seed=seed), records, panels)
+    context["interval"] = interval_description(interval, N_BOOT, seed)
+    summary = evaluation_summary(task, records, seed=seed, interval=interval, n_boot=N_BOOT)
+    return write_evaluation_report(out, context, summary, records, panels)

@@ -11,7 +11,8 @@ Two explanations of one query, classified in its own episode against the whole s
   encoder's features before any adaptation (``encoder_euclidean``), and one without an encoder the Euclidean
   distance between the preprocessed images (``pixel_euclidean``): both stated, model-agnostic stand-ins.
   Every embedding is computed the way the learner computes it: support and query of the task in one forward
-  pass (`Learner.embed_episode`), so BatchNorm sees the same statistics as in `predict`.
+  pass (`Learner.embed_episode`), normalised with the support's statistics as in `predict`, so a query's
+  neighbours do not depend on the other queries.
 
 * `occlusion_saliency` (Zeiler and Fergus, "Visualizing and Understanding Convolutional Networks", ECCV
   2014): a patch of the query is replaced by the query's mean intensity (or a given value), the occluded
@@ -104,8 +105,8 @@ def _one_task(episode: Episode, what: str) -> Episode:
 def support_scores(learner: Learner, episode: Episode) -> tuple[torch.Tensor, SimilarityMeasure]:
     """Similarity of every query to every support item, under the learner's own measure (see the module docstring).
 
-    Runs without gradient. Where the queries are embedded together (Q > 1), BatchNorm sees them all; pass one
-    query per episode to match `imaging_meta.commands.classify`.
+    Runs without gradient. Queries are normalised with the support's statistics (unless the learner was built
+    transductive), so one query alone gets the same scores as inside its episode.
 
     Args:
         learner: a classification learner.

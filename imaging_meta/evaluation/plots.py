@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, ordered_methods
+from imaging_meta.evaluation.statistics import EPISODE_BOOTSTRAP, EPISODE_T, INTERVAL_LABELS
 from imaging_meta.tasks import COPY_MASK, Task, get_task
 
 COLOURS = {TRAINED: "#1f77b4", UNTRAINED: "#9e9e9e", COPY_MASK: "#ff7f0e"}
@@ -87,8 +88,20 @@ def _class_item(batch, decisions: torch.Tensor, i: int) -> dict:
             "truth": batch.query_labels[i, :q].cpu(), "prediction": decisions[i, :q].cpu()}
 
 
-def group_bars(per_method: dict, group: str, title: str, path: Path) -> str | None:
-    """Horizontal bars per value of ``group``, one bar per method, with 95% CI error bars."""
+def _errors(stats: Sequence[dict | None]) -> list:
+    """Error bars of stats: (2, n) below and above the mean for bootstrap intervals (asymmetric), else the
+    t-interval's half-widths; 0 where a stat has no interval."""
+    if any(s and "ci_low" in s for s in stats):
+        ok = [s is not None and s.get("ci_low") is not None for s in stats]
+        # a percentile interval may, rarely, leave the point estimate outside it: no negative bar
+        return [[max(0.0, s["mean"] - s["ci_low"]) if o else 0 for s, o in zip(stats, ok, strict=True)],
+                [max(0.0, s["ci_high"] - s["mean"]) if o else 0 for s, o in zip(stats, ok, strict=True)]]
+    return [s["ci95"] if s else 0 for s in stats]
+
+
+def group_bars(per_method: dict, group: str, title: str, path: Path, interval: str = "95% CI over episodes") -> str | None:
+    """Horizontal bars per value of ``group``, one bar per method, with 95% CI error bars (``interval``: how
+    the axis names them)."""
     methods = ordered_methods(per_method)
     names = list(per_method[methods[0]].get(group, {}))
     if not names:
@@ -100,34 +113,29 @@ def group_bars(per_method: dict, group: str, title: str, path: Path) -> str | No
     for i, m in enumerate(methods):
         stats = [per_method[m].get(group, {}).get(n) for n in names]
         mean = [s["mean"] if s else np.nan for s in stats]
-        ci = [s["ci95"] if s else 0 for s in stats]
-        ax.barh(y + i * height, mean, height, xerr=ci, capsize=3, label=m, color=COLOURS.get(m))
+        ax.barh(y + i * height, mean, height, xerr=_errors(stats), capsize=3, label=m, color=COLOURS.get(m))
     ax.set_yticks(y + height * (len(methods) - 1) / 2)
     ax.set_yticklabels(names)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{title} (mean ± 95% CI over episodes)")
+    ax.set_xlabel(f"{title} (mean, {interval})")
     ax.legend(loc="best", fontsize=8)
     ax.set_title(f"{title} per {group}")
     return _save(fig, path)
 
 
-def shots_curve(summary: dict, metric: str, title: str, path: Path) -> str:
-    """``metric`` of every method against the number of shots, with 95% CI error bars."""
+def shots_curve(summary: dict, metric: str, title: str, path: Path, interval: str = "95% CI over episodes") -> str:
+    """``metric`` of every method against the number of shots, with 95% CI error bars (``interval``: their name)."""
     plt = _pyplot()
     shots = sorted(int(k) for k in summary)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in ordered_methods(summary[str(shots[0])][metric]):
         s = [summary[str(k)][metric].get(m, {}).get("all") for k in shots]
         mean = [x["mean"] for x in s]
-        if all(x.get("ci_low") is not None for x in s) and "ci_low" in s[0]:  # a bootstrap interval (ECE): asymmetric
-            yerr = [[x["mean"] - x["ci_low"] for x in s], [x["ci_high"] - x["mean"] for x in s]]
-        else:
-            yerr = [x["ci95"] for x in s]
-        ax.errorbar(shots, mean, yerr=yerr, marker="o", capsize=3, label=m, color=COLOURS.get(m))
+        ax.errorbar(shots, mean, yerr=_errors(s), marker="o", capsize=3, label=m, color=COLOURS.get(m))
     ax.set_xticks(shots)
     ax.set_xlabel("shots")
     ax.set_ylabel(title)
-    ax.set_title(f"{title} against the number of shots")
+    ax.set_title(f"{title} against the number of shots\n(mean, {interval})", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -218,13 +226,17 @@ def evaluation_figures(out: Path, context: dict, summary: dict, task: Task, pane
     figures: dict[str, str] = {}
     first = str(context["shots"][0])
     headline = next(iter(metrics))
+    given = context.get("interval") if isinstance(context.get("interval"), dict) else {}
+    label = INTERVAL_LABELS.get(given.get("name", EPISODE_T), "95% CI")
+    ece_label = INTERVAL_LABELS[EPISODE_BOOTSTRAP] if given.get("name", EPISODE_T) == EPISODE_T else label  # pooled
     for g in groups:
-        f = group_bars(summary[first][headline], g, f"{metrics[headline]}, {first}-shot", out / f"per_{g}.png")
+        f = group_bars(summary[first][headline], g, f"{metrics[headline]}, {first}-shot", out / f"per_{g}.png", label)
         if f:
             figures[f"{metrics[headline]} per {g} ({first}-shot)"] = f
     for m, title in metrics.items():
         if len(context["shots"]) > 1 or m == headline:
-            figures[f"{title} against shots"] = shots_curve(summary, m, title, out / f"{m}_vs_shots.png")
+            figures[f"{title} against shots"] = shots_curve(summary, m, title, out / f"{m}_vs_shots.png",
+                                                                ece_label if m == "ece" else label)
     if "calibration" in summary[first]:
         figures["reliability diagram"] = reliability(summary, out / "reliability.png")
     if panels is not None:

@@ -16,10 +16,17 @@ from pathlib import Path
 
 from datamodules.io.atomic import atomic_write_text
 from imaging_meta.evaluation.methods import TRAINED, ordered_methods
+from imaging_meta.evaluation.statistics import EPISODE_BOOTSTRAP, EPISODE_T, N_BOOT, PATIENT_BOOTSTRAP
 from imaging_meta.tasks import SEGMENTATION, Task, get_task
 
 #: metrics of which a lower value is better (marked so in the tables)
 LOWER_IS_BETTER = {"hd95", "ece"}
+#: the first header cell of a table, by its interval: every table says which interval it shows
+TABLE_HEADS = {
+    PATIENT_BOOTSTRAP: "mean [95% CI, bootstrap of patients]",
+    EPISODE_T: "mean ± 95% CI, Student's t over episodes",
+    EPISODE_BOOTSTRAP: "value [95% CI, bootstrap of episodes]",
+}
 
 
 def _md(text: str) -> str:
@@ -32,18 +39,33 @@ def _digits(metric: str) -> int:
 
 
 def to_markdown(summary: dict, methods: Sequence[str] | None = None, title: str = "Dice",
-                groups: Sequence[str] = ("organ", "site"), digits: int = 3) -> str:
-    """A Markdown table: one row per group value, one column per method (cells as `stat_cell`)."""
+                groups: Sequence[str] = ("organ", "site"), digits: int = 3, interval: str = EPISODE_T,
+                differences: dict | None = None, reference: str = TRAINED) -> str:
+    """A Markdown table: one row per group value, one column per method (cells as `stat_cell`), then one
+    ``reference − baseline`` column per entry of ``differences`` (paired; **bold** where the interval excludes
+    0), the episodes and, for a patient bootstrap, the patients of the row. The header names ``interval``."""
     methods = list(methods or summary)
+    baselines = ordered_methods(differences or {})
     first = summary[methods[0]]
-    header = f"| {title} (mean ± 95% CI) | " + " | ".join(_md(m) for m in methods) + " | episodes |"
-    lines = [header, "|" + "---|" * (len(methods) + 2)]
-    lines.append("| **all** | " + " | ".join(stat_cell(summary[m]["all"], digits) for m in methods)
-                 + f" | {first['all']['n_episodes']} |")
+    patients = "n_patients" in first["all"]
+    header = (f"| {title} ({TABLE_HEADS[interval]}) | " + " | ".join(_md(m) for m in methods)
+              + "".join(f" | {_md(reference)} − {_md(b)}" for b in baselines) + " | episodes |" + (" patients |" if patients else ""))
+    lines = [header, "|" + "---|" * (len(methods) + len(baselines) + 2 + patients)]
+
+    def row(label: str, stats: list, own: dict) -> str:
+        diffs = [diff_cell(d, digits) for d in stats[len(methods):]]
+        cells = [stat_cell(x, digits) for x in stats[: len(methods)]] + diffs
+        return (f"| {label} | " + " | ".join(cells) + f" | {own['n_episodes']} |"
+                + (f" {own.get('n_patients', '—')} |" if patients else ""))
+
+    def pick(table: dict, keys: list, g: str | None, name: str | None) -> list:
+        return [table[k].get("all") if g is None else table[k].get(g, {}).get(name) for k in keys]
+
+    lines.append(row("**all**", pick(summary, methods, None, None) + pick(differences or {}, baselines, None, None), first["all"]))
     for g in groups:
         for name in first.get(g, {}):
-            cells = [stat_cell(summary[m].get(g, {}).get(name), digits) for m in methods]
-            lines.append(f"| {g}: {_md(name)} | " + " | ".join(cells) + f" | {first[g][name]['n_episodes']} |")
+            stats = pick(summary, methods, g, name) + pick(differences or {}, baselines, g, name)
+            lines.append(row(f"{g}: {_md(name)}", stats, first[g][name]))
     return "\n".join(lines) + "\n"
 
 
@@ -53,41 +75,68 @@ def write_report(
     context: dict,
     methods: Sequence[str] | None = None,
     task: Task | str = SEGMENTATION,
+    differences: dict | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``results.json`` (summary + context) and ``results.md`` into ``out_dir`` (``imaging-meta test``).
+    """Write ``results.json`` (summary, paired differences, context) and ``results.md`` into ``out_dir``
+    (``imaging-meta test``).
 
-    The table has the task's metric and report rows (`Task.groups`); ``context["n_way"]`` adds the chance
-    level where the task has one.
+    The table has the task's metric and report rows (`Task.groups`), and a ``trained − baseline`` column per
+    entry of ``differences`` (`imaging_meta.evaluation.statistics.differences`); ``context["interval"]``
+    names the interval (default: Student's t over episodes); ``context["n_way"]`` adds the chance level where
+    the task has one.
     """
     task = get_task(task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "results.json", out / "results.md"
-    atomic_write_text(js, json.dumps(json_safe({"context": context, "summary": summary}), indent=1, default=str, allow_nan=False))
+    doc = {"context": context, "summary": summary, "differences": differences or {}}
+    atomic_write_text(js, json.dumps(json_safe(doc), indent=1, default=str, allow_nan=False))
+    interval = _interval(context)
     lines = [f"# Results: {context.get('title', 'test episodes')}", ""]
-    for k in ("protocol", "n_way", "n_shot", "n_query", "test_organs", "test_classes", "episodes", "episodes_sha256",
+    for k in ("protocol", "n_way", "n_shot", "n_query", "train_organs", "val_organs", "test_organs", "test_classes",
+              "episodes", "episodes_sha256",
               "checkpoint", "machine"):
         if k in context:
             lines.append(f"- {k}: {context[k]}")
     chance = task.chance(context.get("n_way"))
     if chance is not None:
         lines.append(f"- chance: {chance:.3f}")
-    lines += ["", to_markdown(summary, methods, title=task.metric_title, groups=task.groups)]
+    patients = context.get("patients")
+    lines += _interval_notes(interval, patients.get("test") if isinstance(patients, dict) else None, bool(differences))
+    lines += ["", to_markdown(summary, methods, title=task.metric_title, groups=task.groups, interval=interval,
+                              differences=differences)]
     atomic_write_text(md, "\n".join(lines))
     return js, md
 
 
-def stat_cell(s: dict | None, digits: int = 3) -> str:
-    """``mean ± half-width``; a bootstrap interval (ECE) as ``value [low, high]``; ``n/a`` without a spread."""
+def stat_cell(s: dict | None, digits: int = 3, signed: bool = False) -> str:
+    """``mean ± half-width`` (a t-interval); a bootstrap interval as ``value [low, high]``; ``n/a`` without a
+    spread. ``signed``: a leading ``+`` on positive values (differences)."""
     if s is None or s.get("mean") is None or _isnan(s["mean"]):
         return "—"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
     if "ci_low" in s:
         if s["ci_low"] is None:
-            return f"{s['mean']:.{digits}f} [n/a]"
-        return f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+            return f"{f(s['mean'])} [n/a]"
+        return f"{f(s['mean'])} [{f(s['ci_low'])}, {f(s['ci_high'])}]"
     if s.get("ci95") is None or _isnan(s["ci95"]):
-        return f"{s['mean']:.{digits}f} ± n/a"
-    return f"{s['mean']:.{digits}f} ± {s['ci95']:.{digits}f}"
+        return f"{f(s['mean'])} ± n/a"
+    return f"{f(s['mean'])} ± {s['ci95']:.{digits}f}"
+
+
+def excludes_zero(s: dict | None) -> bool:
+    """Whether the interval of a stat (a paired difference) lies wholly above or below 0."""
+    if s is None or _isnan(s.get("mean")):
+        return False
+    if "ci_low" in s:
+        return s["ci_low"] is not None and (s["ci_low"] > 0 or s["ci_high"] < 0)
+    return not _isnan(s.get("ci95")) and abs(s["mean"]) > s["ci95"]
+
+
+def diff_cell(s: dict | None, digits: int = 3) -> str:
+    """A paired difference: signed, **bold** when its interval excludes 0."""
+    text = stat_cell(s, digits, signed=True)
+    return f"**{text}**" if excludes_zero(s) else text
 
 
 def _isnan(v) -> bool:
@@ -105,16 +154,50 @@ def json_safe(obj):
     return obj
 
 
+# ---------------------------------------------------------------- intervals
+def _interval(context: dict) -> str:
+    """The interval a report's context names (``context["interval"]["name"]``); Student's t over episodes for
+    reports written before intervals were named."""
+    given = context.get("interval")
+    return (given.get("name") if isinstance(given, dict) else given) or EPISODE_T
+
+
+def _interval_notes(interval: str, patients, differences: bool, n_boot: int | None = None) -> list[str]:
+    """The report lines that say what the intervals are and how to read the paired differences."""
+    here = f" ({patients} here)" if patients else ""
+    if interval == PATIENT_BOOTSTRAP:
+        lines = [f"- intervals: 95% percentile bootstrap of the test patients{here}, {n_boot or 'seeded'} resamples. A "
+                 "resample draws the patients of a cell with replacement and keeps all their queries; the statistic is "
+                 "the mean over episodes of per-episode means, each query counted as often as its patient was drawn. "
+                 "Episodes reuse the same patients, so this is wider than a t-interval over episodes "
+                 "(`--interval episode-t`); it holds for patients like these, from these sites"]
+    else:
+        lines = [f"- intervals: Student's t over episodes. Episodes resample the same test patients{here}, so these "
+                 "intervals are too narrow: they hold for these patients, not for a new cohort (`imaging-meta evaluate` "
+                 "resamples patients by default)"]
+    if differences:
+        lines.append("- `trained − <baseline>` columns: the trained learner's score minus the baseline's on the same "
+                     "query of the same episode, averaged like a score, with the same kind of interval (resampling "
+                     "patients keeps the pairs); **bold** where that interval excludes 0")
+    return lines
+
+
 # ---------------------------------------------------------------- imaging-meta evaluate: the report
 def citation(context: dict, summary: dict) -> str:
-    """One sentence that quotes the headline number with everything needed to reproduce it."""
+    """One sentence that quotes the headline number, its paired differences from the baselines, and everything
+    needed to reproduce it."""
     task = get_task(context["task"])
     parts = []
     for k in context["shots"]:
         s = summary[str(k)][task.metric][TRAINED]["all"]
         sha = context["episode_files"][str(k)]["sha256"][:12]
-        parts.append(f"{k}-shot {task.metric_title} {s['mean']:.3f} ± {s['ci95']:.3f} (mean ± 95% CI over "
-                     f"{s['n_episodes']} episodes, episodes sha256 {sha}…)")
+        if "n_patients" in s:
+            how = f"mean [95% CI] from a bootstrap of {s['n_patients']} test patients, {s['n_episodes']} episodes"
+        else:
+            how = f"mean ± 95% CI over {s['n_episodes']} episodes"
+        diffs = (summary[str(k)].get("differences") or {}).get(task.metric, {})
+        paired = "".join(f"; {TRAINED} − {b} {stat_cell(diffs[b]['all'], 3, signed=True)}" for b in ordered_methods(diffs))
+        parts.append(f"{k}-shot {task.metric_title} {stat_cell(s, 3)} ({how}{paired}, episodes sha256 {sha}…)")
     return (f"{context['learner'].rsplit('.', 1)[-1]}, {context['protocol']} protocol: " + "; ".join(parts)
             + f"; checkpoint sha256 {context['checkpoint_sha256'][:12]}…, imaging-meta {context['versions']['imaging_meta']}"
             + f" at commit {context['git_commit'][:12]}.")
@@ -127,8 +210,10 @@ def _metric_notes(context: dict, metrics: Sequence[str]) -> list[str]:
         lines.append(f"- masks: probability > {context['threshold']}; HD95 in mm at {context['pixel_spacing_mm']} mm pixels; "
                      "an empty prediction scores the image diagonal")
     if "ece" in metrics:
+        unit = "patients" if _interval(context) == PATIENT_BOOTSTRAP else "episodes"
+        n_boot = (context.get("interval") or {}).get("resamples") or N_BOOT
         lines.append(f"- chance accuracy: {context['data'].get('chance', float('nan')):.3f}; ECE: 15 bins, pooled over queries, "
-                     "shown as value [2.5th, 97.5th percentile] of 1,000 bootstrap resamples of episodes")
+                     f"shown as value [2.5th, 97.5th percentile] of {n_boot:,} bootstrap resamples of {unit}")
     if "balanced_acc" in metrics:
         lines.append("- balanced accuracy and macro AUC are computed per episode (per class: its recall and one-vs-rest "
                      "AUC); with balanced queries, balanced accuracy equals accuracy. Per site, they use the episodes "
@@ -142,12 +227,17 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
              f"- task: {context['task']}; protocol: **{context['protocol']}**; learner: `{context['learner']}`",
              f"- checkpoint: {context['checkpoint']} (sha256 `{context['checkpoint_sha256']}`)",
              f"- seed: {context['seed']}; shots: {context['shots']}; episodes per shot: {context['episodes_per_shot']}"]
+    data = context.get("data") or {}
+    for k in ("train_organs", "val_organs", "test_organs"):
+        if data.get(k) is not None:
+            lines.append(f"- {k.replace('_', ' ')}: {', '.join(map(str, data[k])) or 'none'}")
     for k, f in context["episode_files"].items():
         lines.append(f"- {k}-shot episodes: `{f['file']}` ({f['n_episodes']} episodes, sha256 `{f['sha256']}`)")
     lines += _metric_notes(context, task.report_metrics)
-    patients = (context["data"].get("patients") or {}).get("test")
-    lines.append("- 95% CIs are over episodes, which resample the same test patients"
-                 + (f" ({patients} here)" if patients else "") + ": they hold for these patients, not for a new cohort")
+    interval = _interval(context)
+    any_diffs = any(d for k in context["shots"] for d in (summary[str(k)].get("differences") or {}).values())
+    lines += _interval_notes(interval, (context["data"].get("patients") or {}).get("test"), any_diffs,
+                             (context.get("interval") or {}).get("resamples"))
     v = context["versions"]
     lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in v) + f"; git commit `{context['git_commit']}`")
     lines += ["", "**Cite as:** " + citation(context, summary), ""]
@@ -155,10 +245,12 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
         lines += [f"## {k}-shot", ""]
         for m, title in task.report_metrics.items():
             per_method = summary[str(k)][m]
+            diffs = (summary[str(k)].get("differences") or {}).get(m)
             arrow = " (lower is better)" if m in LOWER_IS_BETTER else ""
             groups = ("site",) if m == "ece" else task.report_groups  # ECE is pooled: no per-class cells
-            lines += [f"### {title}{arrow}", "",
-                      to_markdown(per_method, ordered_methods(per_method), title, groups, digits=_digits(m)), ""]
+            shown = EPISODE_BOOTSTRAP if m == "ece" and interval == EPISODE_T else interval  # ECE: always a bootstrap
+            lines += [f"### {title}{arrow}", "", to_markdown(per_method, ordered_methods(per_method), title, groups,
+                                                             digits=_digits(m), interval=shown, differences=diffs), ""]
     lines += ["## Figures", ""]
     for name, f in figures.items():
         lines.append(f"- {name}: ![{name}]({f})")
@@ -204,6 +296,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
 
     Runs of one protocol measured on different episode files (another seed or data) are flagged: their
     numbers are not paired, and only the CIs can be compared. Different protocols test different data anyway.
+    The ``95% CI`` column names each run's interval (``patient-bootstrap`` cells read ``value [low, high]``,
+    ``episode-t`` cells ``mean ± half-width``).
     """
     rows, shas = [], defaultdict(set)
     runs = []
@@ -222,8 +316,9 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
             shas[(ctx["task"], ctx["protocol"], k)].add(ctx["episode_files"][str(k)]["sha256"])
             cells = [f"{m}: {stat_cell(summ[str(k)][m].get(TRAINED, {}).get('all'), _digits(m))}" for m in metrics]
             rows.append(f"| {_md(ctx['name'])} | {ctx['protocol']} | {ctx['learner'].rsplit('.', 1)[-1]} | {k} | "
-                        + "; ".join(cells) + f" | `{ctx['episode_files'][str(k)]['sha256'][:12]}` |")
-    lines = ["| run | protocol | learner | shots | trained (mean ± 95% CI) | episodes sha256 |", "|---|---|---|---|---|---|"]
+                        + "; ".join(cells) + f" | {_interval(ctx)} | `{ctx['episode_files'][str(k)]['sha256'][:12]}` |")
+    lines = ["| run | protocol | learner | shots | trained (mean and 95% CI) | 95% CI | episodes sha256 |",
+             "|---|---|---|---|---|---|---|"]
     lines += rows
     notes = [f"- {task}, {protocol}, {k}-shot: {len(s)} different episode files; those rows are not on the same episodes"
              for (task, protocol, k), s in sorted(shas.items()) if len(s) > 1]

@@ -9,6 +9,8 @@
 ``shot``       int, support items per class (segmentation: support slices)
 ``site``       the query's own site (`query_site`)
 ``query_id``   the pseudonymous id of the query item
+``patient``    the query's pseudonymous patient (`query_patient`): the cluster that the patient bootstrap of
+               `imaging_meta.evaluation.statistics` resamples
 metric         the task's metric (``dice`` or ``acc``), and ``hd95`` (mm) when the task reports it and a pixel
                spacing is given (`QUERY_METRICS`)
 task fields    `Task.query_fields`: ``organ`` (segmentation); ``class``, ``classes``, ``label`` and, for
@@ -43,6 +45,14 @@ def query_site(episode: Episode, i: int, j: int) -> str:
     meta = episode.meta[i] if isinstance(episode.meta, list) else None
     sites = (meta or {}).get("query_sites")
     return str(sites[j] if sites else episode.site[i])
+
+
+def query_patient(episode: Episode, i: int, j: int) -> str:
+    """The pseudonymous patient of query ``j`` of task ``i``: ``meta["query_patients"]`` (both datamodules list
+    them), else the query's own id (data that does not name patients: each query item is its own cluster)."""
+    meta = episode.meta[i] if isinstance(episode.meta, list) else None
+    patients = (meta or {}).get("query_patients")
+    return str(patients[j] if patients else episode.query_ids[i][j])
 
 
 def query_scores(task: Task, decisions: torch.Tensor, labels: torch.Tensor,
@@ -96,6 +106,7 @@ def score_batch(
     shot = task.n_shot(batch) if shot is None else int(shot)
     t, q = batch.query_labels.shape[:2]
     sites = [[query_site(batch, i, j) for j in range(q)] for i in range(t)]
+    patients = [[query_patient(batch, i, j) for j in range(q)] for i in range(t)]
     records = []
     for method, decision in decisions.items():
         scores = query_scores(task, decision, batch.query_labels, spacing)
@@ -105,7 +116,8 @@ def score_batch(
             for j in range(q):
                 records.append({
                     "method": method, "episode": first_episode + i * episode_stride, "shot": shot, "site": sites[i][j],
-                    "query_id": batch.query_ids[i][j], **{k: float(v[i, j]) for k, v in scores.items()},
+                    "query_id": batch.query_ids[i][j], "patient": patients[i][j],
+                    **{k: float(v[i, j]) for k, v in scores.items()},
                     **task.query_fields(batch, i, j, probs),
                 })
     return records

@@ -1,26 +1,80 @@
-"""Per-query records -> mean ± 95% confidence intervals: the statistics of every report.
+"""Per-query records -> means with 95% intervals, and paired differences: the statistics of every report.
 
 A record is one query prediction of one episode (see `imaging_meta.evaluation.scoring.score_batch`): at
-least ``method``, ``episode``, ``site`` and the task's metric, plus ``organ`` (segmentation) or ``class``,
-``classes``, ``label`` and ``probs`` (classification). Scores are first averaged within an episode, then the
-CI is taken over episodes (the unit that is sampled), with Student's t quantile.
+least ``method``, ``episode``, ``site``, ``patient`` and the task's metric, plus ``organ`` (segmentation) or
+``class``, ``classes``, ``label`` and ``probs`` (classification).
 
-`summarize` serves ``imaging-meta test`` and the validation logs; `evaluation_summary` the report of
-``imaging-meta evaluate``, where a `Task` names its report metrics and each is summarised by its name.
+**The point estimate** of a cell (a method; overall, or one organ, class or site) is the mean over episodes
+of the mean over the episode's queries in the cell; a per-episode score (balanced accuracy, AUC) is that
+score. Let episode ``e`` (of ``E``) have ``n_e`` records in the cell, values ``x`` and query patients ``p``:
+``theta = sum_r b_r x_r`` with ``b_r = 1 / (E n_e)``.
+
+**The intervals** (`INTERVALS`), both 95%:
+
+* ``patient-bootstrap`` (`DEFAULT_INTERVAL`, the intervals of ``imaging-meta evaluate``): test episodes
+  reuse the same few test patients, so episodes are not independent; the patient (the query's) is the
+  unit that was sampled. A resample draws the cell's ``P`` patients ``P`` times with replacement (numpy
+  ``default_rng(seed)``, `N_BOOT` resamples); patient ``p`` drawn ``w_p`` times keeps every one of its
+  records, ``w_p`` times over: ``theta* = sum_r w_p(r) b_r x_r / sum_r w_p(r) b_r`` (a weighted mean of
+  records, each weighted by its episode's share and its patient's count; with the same number of queries in
+  every episode, simply the mean of the drawn patients' records). The interval is the 2.5th and 97.5th
+  percentiles of ``theta*`` (every ``w_p = 1`` gives back ``theta``). A per-episode score belongs to
+  the episode's query patients in equal shares. (Support patients recur too; this resamples query patients.)
+* ``episode-t``: Student's t over the per-episode means, as if episodes were independent: too narrow when
+  they share patients. ``imaging-meta test`` and the validation logs use it (no resampling).
+
+**Paired differences** (`paired_rows`, `differences`): the trained learner's score minus a baseline's on the
+same query of the same episode, summarised like a score with the same interval. Resampling patients keeps the
+pairs together, so the interval is that of the difference, not of two separate means.
+
+ECE is pooled over queries, not averaged, so its interval is always a bootstrap: of patients, or of episodes
+under ``episode-t`` (`ece_bootstrap`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from scipy import stats
 
+from imaging_meta.evaluation.methods import TRAINED
 from imaging_meta.evaluation.metrics import balanced_accuracy, calibration_bins, macro_auc, ovr_auc
 from imaging_meta.tasks import Task
+
+PATIENT_BOOTSTRAP, EPISODE_T, EPISODE_BOOTSTRAP = "patient-bootstrap", "episode-t", "episode-bootstrap"
+#: the intervals a report may use (``imaging-meta evaluate --interval``)
+INTERVALS = (PATIENT_BOOTSTRAP, EPISODE_T)
+DEFAULT_INTERVAL = PATIENT_BOOTSTRAP
+#: bootstrap resamples of ``imaging-meta evaluate``
+N_BOOT = 2000
+#: how each interval is named in report tables (ECE under ``episode-t``: a bootstrap of episodes)
+INTERVAL_LABELS = {
+    PATIENT_BOOTSTRAP: "95% CI: percentile bootstrap of test patients",
+    EPISODE_T: "95% CI: Student's t over episodes",
+    EPISODE_BOOTSTRAP: "95% CI: percentile bootstrap of episodes",
+}
+
+
+def interval_description(interval: str, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """What a report records about its intervals (``context["interval"]``)."""
+    check_interval(interval)
+    out = {"name": interval, "label": INTERVAL_LABELS[interval], "confidence": 0.95}
+    if interval == PATIENT_BOOTSTRAP:
+        out |= {"resamples": n_boot, "seed": seed, "unit": "query patient",
+                "estimator": "mean over episodes of per-episode means; a resample counts each record as often as "
+                             "its patient was drawn; 2.5th and 97.5th percentiles"}
+    return out
+
+
+def check_interval(interval: str) -> str:
+    if interval not in INTERVALS:
+        raise ValueError(f"interval must be one of {', '.join(INTERVALS)}; got {interval!r}")
+    return interval
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -36,40 +90,149 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     return mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
 
 
-def summarize(records: Iterable[dict], metric: str = "dice", groups: Sequence[str] = ("organ", "site")) -> dict:
-    """Mean ± 95% CI of ``metric`` per method, overall and per value of each grouping field.
+def record_patients(r: dict) -> list[str]:
+    """The patients a record's score belongs to: ``patients`` (a per-episode score: its query patients), else
+    ``patient``, else the query itself (``query_id``), else the episode (then the patient bootstrap is a
+    bootstrap of episodes)."""
+    if r.get("patients"):
+        return [str(p) for p in r["patients"]]
+    for key in ("patient", "query_id"):
+        if r.get(key) is not None:
+            return [str(r[key])]
+    return [f"episode {r['episode']}"]
 
-    The unit of the CI is the episode. Overall, a method's score on an episode is the mean over its queries.
-    Per group value (an organ, a class, a site), it is the mean over the episode's queries with that value,
-    and the CI is over the episodes that have such queries: a class seen in 40 episodes gets a CI over 40.
+
+@functools.lru_cache(maxsize=32)
+def _resample_counts(n: int, seed: int, n_boot: int) -> np.ndarray:
+    """(n_boot, n) counts: how often each of ``n`` sorted units is drawn in each resample of ``n`` draws."""
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_boot)
+    counts.setflags(write=False)
+    return counts
+
+
+def _percentiles(boot: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def cluster_statistic(units: Sequence[tuple], weights: dict[str, float] | None = None) -> float:
+    """The cell statistic of ``units`` (``(episode, patients, value)``) with patient ``p`` counted ``weights[p]``
+    times (0 when left out; ``weights=None``: once each, the point estimate, the mean over episodes of
+    per-episode means).
+    The reference form of the estimator that `cluster_bootstrap` vectorises."""
+    sizes = Counter(u[0] for u in units)
+    num = den = 0.0
+    for ep, patients, x in units:
+        for p in patients:
+            share = (1.0 if weights is None else weights.get(p, 0.0)) / (len(sizes) * sizes[ep] * len(patients))
+            num, den = num + share * x, den + share
+    return num / den if den else float("nan")
+
+
+def cluster_bootstrap(units: Sequence[tuple], seed: int = 0, n_boot: int = N_BOOT) -> dict:
+    """Point estimate and patient-bootstrap interval of a cell (see the module docstring).
+
+    Args:
+        units: ``(episode, patients, value)`` per record; ``patients`` a list (one patient for a query).
 
     Returns:
-        ``{method: {"all": stat, "<group>": {value: stat}, ...}}`` with ``stat = {"mean", "ci95", "n_episodes"}``.
+        ``{"mean", "ci95" (half the width), "ci_low", "ci_high", "n_episodes", "n_patients"}``; the bounds are
+        None with fewer than two patients.
     """
-    cells: dict[tuple, list[float]] = defaultdict(list)
-    methods: list[str] = []
-    for r in records:
-        if r["method"] not in methods:
-            methods.append(r["method"])
-        v = float(r[metric])
-        cells[(r["method"], "all", "", r["episode"])].append(v)
-        for g in groups:
-            cells[(r["method"], g, str(r[g]), r["episode"])].append(v)
-    by: dict[tuple, list[float]] = defaultdict(list)
-    for (method, g, value, _ep), vals in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        by[(method, g, value)].append(sum(vals) / len(vals))
+    by_ep: dict = defaultdict(list)
+    for ep, _, x in units:
+        by_ep[ep].append(x)
+    episodes = sorted(by_ep, key=str)
+    mean = mean_ci([sum(by_ep[e]) / len(by_ep[e]) for e in episodes])[0]
+    patients = sorted({p for _, ps, _ in units for p in ps})
+    out = {"mean": mean, "ci95": float("nan"), "ci_low": None, "ci_high": None, "n_episodes": len(episodes),
+           "n_patients": len(patients)}
+    if len(patients) < 2:
+        return out
+    pos = {p: i for i, p in enumerate(patients)}
+    num, den = np.zeros(len(patients)), np.zeros(len(patients))
+    for ep, ps, x in units:
+        share = 1.0 / (len(episodes) * len(by_ep[ep]) * len(ps))
+        for p in ps:
+            num[pos[p]] += share * x
+            den[pos[p]] += share
+    w = _resample_counts(len(patients), seed, n_boot)
+    boot = (w * num).sum(1) / (w * den).sum(1)  # ufunc sums, not BLAS: the same bytes on any thread count
+    lo, hi = _percentiles(boot)
+    return out | {"ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi}
 
-    def stat(vals):
-        m, h = mean_ci(vals)
-        return {"mean": m, "ci95": h, "n_episodes": len(vals)}
+
+def _episode_t(units: Sequence[tuple]) -> dict:
+    by_ep: dict = defaultdict(list)
+    for ep, _, x in units:
+        by_ep[ep].append(x)
+    m, h = mean_ci([sum(v) / len(v) for _, v in sorted(by_ep.items(), key=lambda kv: str(kv[0]))])
+    return {"mean": m, "ci95": h, "n_episodes": len(by_ep)}
+
+
+def summarize(records: Iterable[dict], metric: str = "dice", groups: Sequence[str] = ("organ", "site"),
+              interval: str = EPISODE_T, seed: int = 0, n_boot: int = N_BOOT) -> dict:
+    """Mean and 95% interval of ``metric`` per method, overall and per value of each grouping field.
+
+    Overall, a method's score on an episode is the mean over its queries. Per group value (an organ, a class,
+    a site), it is the mean over the episode's queries with that value, over the episodes that have such
+    queries: a class seen in 40 episodes is a mean over 40. The interval is ``interval`` (module docstring);
+    the default, ``episode-t``, is the cheap one of the validation logs and ``imaging-meta test``.
+
+    Returns:
+        ``{method: {"all": stat, "<group>": {value: stat}, ...}}`` with ``stat = {"mean", "ci95", "n_episodes"}``,
+        and ``ci_low``, ``ci_high``, ``n_patients`` for the patient bootstrap.
+    """
+    cells: dict[tuple, list[tuple]] = defaultdict(list)
+    for r in records:
+        unit = (r["episode"], record_patients(r), float(r[metric]))
+        cells[(r["method"], "all", "")].append(unit)
+        for g in groups:
+            cells[(r["method"], g, str(r[g]))].append(unit)
+
+    def stat(units):
+        return _episode_t(units) if interval == EPISODE_T else cluster_bootstrap(units, seed, n_boot)
 
     out = {}
-    for method in sorted(methods):
-        entry = {"all": stat(by[(method, "all", "")])}
+    for method in sorted({m for m, _, _ in cells}):
+        entry = {"all": stat(cells[(method, "all", "")])}
         for g in groups:
-            entry[g] = {value: stat(v) for (m, gg, value), v in sorted(by.items()) if m == method and gg == g}
+            entry[g] = {v: stat(u) for (m, gg, v), u in sorted(cells.items()) if m == method and gg == g}
         out[method] = entry
     return out
+
+
+def paired_rows(rows: Sequence[dict], metric: str, reference: str = TRAINED) -> dict[str, list[dict]]:
+    """Per method other than ``reference``: rows of ``reference`` minus that method on the same item.
+
+    Rows are paired on the episode, the query (``query_id``) and the class (per-class rows), and the order
+    among rows that share those; a row of one method without its pair in the other is left out. A difference
+    row is the reference's row (its episode, patient and group fields) with ``metric`` the difference.
+    """
+    keyed: dict[str, dict[tuple, dict]] = defaultdict(dict)
+    seen: Counter = Counter()
+    for r in rows:
+        key = (r["episode"], r.get("query_id"), r.get("class"))
+        keyed[r["method"]][(*key, seen[(r["method"], *key)])] = r
+        seen[(r["method"], *key)] += 1
+    ref = keyed.get(reference, {})
+    out = {}
+    for method in sorted(m for m in keyed if m != reference):
+        diff = [{**ref[k], "method": method, metric: float(ref[k][metric]) - float(r[metric])}
+                for k, r in keyed[method].items() if k in ref]
+        if diff:
+            out[method] = diff
+    return out
+
+
+def differences(rows: Sequence[dict], metric: str, groups: Sequence[str], interval: str = EPISODE_T, seed: int = 0,
+                n_boot: int = N_BOOT, reference: str = TRAINED) -> dict:
+    """``reference`` minus each other method, paired (`paired_rows`), summarised as `summarize` does.
+
+    Returns:
+        ``{baseline: {"all": stat, "<group>": {value: stat}}}``: the stats of ``reference - baseline``.
+    """
+    return {m: summarize(d, metric, groups, interval, seed, n_boot)[m] for m, d in paired_rows(rows, metric, reference).items()}
 
 
 def _by_shot(records: Sequence[dict]) -> dict[int, list[dict]]:
@@ -83,43 +246,65 @@ def _episode_site(sites: Sequence[str]) -> str:
     return sites[0] if len(set(sites)) == 1 else "mixed sites"
 
 
-def ece_bootstrap(records: Sequence[dict], n_bins: int = 15, n_boot: int = 1000, seed: int = 0) -> dict:
-    """ECE pooled over every query, with a 95% interval from a seeded bootstrap over episodes.
+def _ece_unit(unit: str):
+    """The resampling unit of a record for the ECE bootstrap: its episode or its (query) patient."""
+    return (lambda r: str(r["episode"])) if unit == "episode" else (lambda r: record_patients(r)[0])
 
-    ECE is not an average of per-episode scores (an episode of 25 queries is too few to bin), so its CI
-    resamples whole episodes: the pooled ECE of each resample, and the 2.5th and 97.5th percentiles.
 
-    Returns:
-        ``{"mean", "ci95", "ci_low", "ci_high", "n_episodes"}`` (``mean`` is the pooled ECE; ``ci95`` half the
-        interval's width).
-    """
-    episodes = sorted({r["episode"] for r in records})
-    pos = {e: i for i, e in enumerate(episodes)}
-    stats_ = np.zeros((len(episodes), n_bins, 3))  # count, sum of confidence, sum of correct
+def _ece_counts(records: Sequence[dict], units: Sequence[str], unit: str, n_bins: int) -> np.ndarray:
+    """Per unit of ``units`` (episodes or patients), the (U, n_bins, 3) count, sum of confidence and sum of
+    correct per confidence bin."""
+    key, pos = _ece_unit(unit), {e: i for i, e in enumerate(units)}
+    counts = np.zeros((len(units), n_bins, 3))
     for r in records:
         p = np.asarray(r["probs"])
         conf, pred = float(p.max()), int(p.argmax())
-        b = min(int(conf * n_bins), n_bins - 1)
-        stats_[pos[r["episode"]], b] += (1.0, conf, float(pred == r["label"]))
+        counts[pos[key(r)], min(int(conf * n_bins), n_bins - 1)] += (1.0, conf, float(pred == r["label"]))
+    return counts
 
-    def ece(total):  # total: (..., n_bins, 3)
-        n = total[..., 0]
-        gap = np.abs(total[..., 2] - total[..., 1])  # |sum correct - sum confidence| = count * |acc - conf|
-        return gap.sum(-1) / np.maximum(n.sum(-1), 1)
 
-    point = float(ece(stats_.sum(0)))
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(len(episodes), np.full(len(episodes), 1 / len(episodes)), size=n_boot)  # (B, E)
-    boot = ece(np.einsum("be,ekc->bkc", weights, stats_))
-    if len(episodes) < 2:
-        return {"mean": point, "ci95": float("nan"), "ci_low": None, "ci_high": None, "n_episodes": len(episodes)}
-    lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
-    return {"mean": point, "ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi, "n_episodes": len(episodes)}
+def _ece(total: np.ndarray) -> np.ndarray:
+    """ECE of (..., n_bins, 3) bin totals: sum |sum correct - sum confidence| / count."""
+    n = total[..., 0]
+    gap = np.abs(total[..., 2] - total[..., 1])  # = count * |acc - conf|
+    return gap.sum(-1) / np.maximum(n.sum(-1), 1)
+
+
+def ece_bootstrap(records: Sequence[dict], n_bins: int = 15, n_boot: int = 1000, seed: int = 0, unit: str = "episode",
+                  minus: Sequence[dict] | None = None) -> dict:
+    """ECE pooled over every query, with a 95% interval from a seeded bootstrap of episodes or patients.
+
+    ECE is not an average of per-episode scores (an episode of 25 queries is too few to bin), so its interval
+    resamples whole units (``unit``: ``"episode"`` or ``"patient"``): the pooled ECE of each resample, and the
+    2.5th and 97.5th percentiles. With ``minus`` (another method's records on the same queries): the ECE of
+    ``records`` minus that of ``minus``, both on the same resamples.
+
+    Returns:
+        ``{"mean", "ci95", "ci_low", "ci_high", "n_episodes"}`` (``mean`` is the pooled ECE; ``ci95`` half the
+        interval's width), and ``n_patients`` for the patient bootstrap.
+    """
+    key = _ece_unit(unit)
+    units = sorted({key(r) for r in [*records, *(minus or [])]})
+    parts = [_ece_counts(recs, units, unit, n_bins) for recs in (records, minus or [])]
+
+    def value(weights=None):  # (B,) or () ECE of records, minus that of ``minus``
+        totals = [c.sum(0) if weights is None else np.einsum("bu,ukc->bkc", weights, c) for c in parts]
+        return _ece(totals[0]) - (_ece(totals[1]) if minus is not None else 0.0)
+
+    out = {"mean": float(value()), "ci95": float("nan"), "ci_low": None, "ci_high": None,
+           "n_episodes": len({r["episode"] for r in records})}
+    if unit == "patient":
+        out["n_patients"] = len(units)
+    if len(units) < 2:
+        return out
+    lo, hi = _percentiles(value(_resample_counts(len(units), seed, n_boot)))
+    return out | {"ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi}
 
 
 def _per_episode_rows(recs: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """Per (method, episode): balanced accuracy and macro AUC over its queries (rows with ``balanced_acc``),
-    and each class's one-vs-rest AUC in it (rows with ``auc_class``)."""
+    and each class's one-vs-rest AUC in it (rows with ``auc_class``); ``patients``: the episode's query
+    patients, among whom a per-episode score is shared in the patient bootstrap."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in recs:
         groups[(r["method"], r["episode"])].append(r)
@@ -129,12 +314,13 @@ def _per_episode_rows(recs: Sequence[dict]) -> tuple[list[dict], list[dict]]:
         labels = torch.tensor([r["label"] for r in rs])
         n = probs.shape[1]
         site = _episode_site([r["site"] for r in rs])
-        ep_rows.append({"method": method, "episode": ep, "site": site, "class": "",
+        patients = [p for r in rs for p in record_patients(r)]
+        ep_rows.append({"method": method, "episode": ep, "site": site, "class": "", "patients": patients,
                         "balanced_acc": balanced_accuracy(probs, labels, n), "auc": macro_auc(probs, labels, n)})
         for c in range(n):  # per class: its one-vs-rest AUC in this episode
             if (labels == c).any() and (labels != c).any():
                 cls_rows.append({"method": method, "episode": ep, "site": None, "class": rs[0]["classes"][c],
-                                 "auc_class": ovr_auc(probs[:, c], labels == c)})
+                                 "patients": patients, "auc_class": ovr_auc(probs[:, c], labels == c)})
     return ep_rows, cls_rows
 
 
@@ -149,57 +335,86 @@ def _reliability(recs: Sequence[dict], n_bins: int) -> dict:
     return out
 
 
-def _balanced_accuracy(recs: Sequence[dict], groups: Sequence[str], seed: int, n_bins: int) -> dict:
+def _with_differences(rows: Sequence[dict], metric: str, groups: Sequence[str], opts: dict) -> tuple[dict, dict]:
+    """`summarize` and `differences` of ``rows`` with the same options."""
+    return summarize(rows, metric, groups, **opts), differences(rows, metric, groups, **opts)
+
+
+def _merge_class(pair: tuple[dict, dict], rows: Sequence[dict], metric: str, opts: dict) -> tuple[dict, dict]:
+    """``pair`` (summary, differences) with the per-class cells of ``metric`` over ``rows`` added."""
+    for part, extra in zip(pair, _with_differences(rows, metric, ("class",), opts), strict=True):
+        for method, s in extra.items():
+            part.setdefault(method, {})["class"] = s["class"]
+    return pair
+
+
+def _per_query(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: dict, n_bins: int) -> tuple[dict, dict]:
+    """A per-query score (Dice, HD95, accuracy): the mean over an episode's queries."""
+    return _with_differences(recs, metric, groups, opts)
+
+
+def _balanced_accuracy(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: dict, n_bins: int) -> tuple[dict, dict]:
     """Per episode over its queries; per class, that class's recall (its per-query accuracy)."""
-    out = summarize(_per_episode_rows(recs)[0], "balanced_acc", ("site",))
-    if "class" in groups:
-        for method, s in summarize(recs, "acc", ("class",)).items():
-            out[method]["class"] = s["class"]
-    return out
+    pair = _with_differences(_per_episode_rows(recs)[0], "balanced_acc", ("site",), opts)
+    return _merge_class(pair, recs, "acc", opts) if "class" in groups else pair
 
 
-def _macro_auc(recs: Sequence[dict], groups: Sequence[str], seed: int, n_bins: int) -> dict:
+def _macro_auc(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: dict, n_bins: int) -> tuple[dict, dict]:
     """Per episode over its queries; per class, its one-vs-rest AUC in each episode."""
     ep_rows, cls_rows = _per_episode_rows(recs)
-    out = summarize(ep_rows, "auc", ("site",))
-    if "class" in groups:
-        for method, s in summarize(cls_rows, "auc_class", ("class",)).items():
-            out[method]["class"] = s["class"]
-    return out
+    pair = _with_differences(ep_rows, "auc", ("site",), opts)
+    return _merge_class(pair, cls_rows, "auc_class", opts) if "class" in groups else pair
 
 
-def _ece(recs: Sequence[dict], groups: Sequence[str], seed: int, n_bins: int) -> dict:
-    """Pooled over the queries of each method, overall and per query site, with a bootstrap interval."""
-    out = {}
-    for method in sorted({r["method"] for r in recs}):
-        mine = [r for r in recs if r["method"] == method]
+def _ece_summary(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: dict, n_bins: int) -> tuple[dict, dict]:
+    """Pooled over the queries of each method, overall and per query site, with a bootstrap interval of
+    patients (or of episodes under ``episode-t``); differences against the trained learner likewise."""
+    unit = "episode" if opts["interval"] == EPISODE_T else "patient"
+    kw = {"n_bins": n_bins, "n_boot": opts["n_boot"], "seed": opts["seed"], "unit": unit}
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in recs:
+        by_method[r["method"]].append(r)
+
+    def cells(mine, minus=None):
         sites = sorted({r["site"] for r in mine})
-        out[method] = {"all": ece_bootstrap(mine, n_bins, seed=seed),
-                       "site": {site: ece_bootstrap([r for r in mine if r["site"] == site], n_bins, seed=seed) for site in sites}}
-    return out
+        site = {s: ece_bootstrap([r for r in mine if r["site"] == s], **kw,
+                                 minus=None if minus is None else [r for r in minus if r["site"] == s]) for s in sites}
+        return {"all": ece_bootstrap(mine, **kw, minus=minus), "site": site}
+
+    summary = {m: cells(by_method[m]) for m in sorted(by_method)}
+    ref = by_method.get(TRAINED)
+    diffs = {m: cells(ref, by_method[m]) for m in sorted(by_method) if ref is not None and m != TRAINED}
+    return summary, diffs
 
 
 #: how a report metric is summarised when it is not a per-query mean (`summarize`), by its name
-SUMMARIES = {"balanced_acc": _balanced_accuracy, "auc": _macro_auc, "ece": _ece}
+SUMMARIES = {"balanced_acc": _balanced_accuracy, "auc": _macro_auc, "ece": _ece_summary}
 
 
-def evaluation_summary(task: Task, records: Sequence[dict], seed: int = 0, n_bins: int = 15) -> dict:
+def evaluation_summary(task: Task, records: Sequence[dict], seed: int = 0, n_bins: int = 15,
+                       interval: str = DEFAULT_INTERVAL, n_boot: int = N_BOOT) -> dict:
     """The ``imaging-meta evaluate`` summary of per-query records, shot by shot.
 
     Each of the task's report metrics is summarised by its name: a per-query score (Dice, HD95, accuracy; per
     class: the recall of that class in each episode) as the mean over an episode's queries (`summarize`, with
     the task's report rows); balanced accuracy and macro AUC per episode over its queries (per class: that
     class's recall and one-vs-rest AUC); ECE pooled (see `ece_bootstrap`), with the reliability-diagram bins
-    of each method under ``calibration``.
+    of each method under ``calibration``. Every cell has the interval ``interval`` (seeded with ``seed``), and
+    ``differences`` holds the trained learner minus each other method, paired on the same queries.
 
     Returns:
-        ``{shot: {metric: {method: {"all", <report row>: {...}}}, "calibration": ...}}`` (shots as strings).
+        ``{shot: {metric: {method: {"all", <report row>: {...}}}, "calibration": ...,
+        "differences": {metric: {baseline: {"all", <report row>: {...}}}}}}`` (shots as strings).
     """
+    opts = {"interval": check_interval(interval), "seed": seed, "n_boot": n_boot}
     out: dict = {}
     for k, recs in _by_shot(records).items():
-        summary_k = {m: SUMMARIES[m](recs, task.report_groups, seed, n_bins) if m in SUMMARIES
-                     else summarize(recs, m, task.report_groups) for m in task.report_metrics}
+        summary_k: dict = {}
+        diffs_k: dict = {}
+        for m in task.report_metrics:
+            summary_k[m], diffs_k[m] = SUMMARIES.get(m, _per_query)(recs, m, task.report_groups, opts, n_bins)
         if "ece" in task.report_metrics:
             summary_k["calibration"] = _reliability(recs, n_bins)
+        summary_k["differences"] = diffs_k
         out[str(k)] = summary_k
     return out

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imaging_meta.backbones import forward_with_support_statistics, is_transductive
 from imaging_meta.episode import Episode
 from imaging_meta.tasks import Task, get_task
 
@@ -67,10 +68,14 @@ def encoder_euclidean(learner: nn.Module, name: str) -> SimilarityMeasure:
 def embed_tasks(
     encoder: Callable[[torch.Tensor], torch.Tensor], support: torch.Tensor, query: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed each task's support and query in one forward pass per task.
+    """Embed each task's support and query in one forward pass per task, normalised with the support's statistics.
 
-    BatchNorm without running statistics then normalises with the task's own statistics, so no task of a
-    batch influences another (transductive batch normalisation, as in MAML's Conv-4 experiments).
+    The backbones' BatchNorm keeps no running statistics; in this pass it normalises the task's support and
+    queries with the statistics of the support (`imaging_meta.backbones.forward_with_support_statistics`), so
+    a query's embedding depends on its task's support and on itself only: never on the other queries, nor
+    on the other tasks of a batch. A backbone built with ``transductive=True`` uses the statistics of the
+    task's support and queries together instead (transductive batch normalisation, as in MAML's Conv-4
+    experiments).
 
     Args:
         encoder: maps (N, C, *spatial) to (N, D).
@@ -80,9 +85,8 @@ def embed_tasks(
     Returns:
         (T, S, D) support and (T, Q, D) query embeddings.
     """
-    n_support = support.shape[1]
-    out = torch.stack([encoder(torch.cat([s, q])) for s, q in zip(support, query, strict=True)])
-    return out[:, :n_support], out[:, n_support:]
+    pairs = [forward_with_support_statistics(encoder, s, q) for s, q in zip(support, query, strict=True)]
+    return torch.stack([s for s, _ in pairs]), torch.stack([q for _, q in pairs])
 
 
 class Learner(nn.Module):
@@ -133,6 +137,14 @@ class Learner(nn.Module):
     def config(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}`` that rebuild this learner (as in a LightningCLI YAML)."""
         return getattr(self, "_init_config", {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": {}})
+
+    @property
+    def transductive(self) -> bool:
+        """True when the learner's batch normalisation uses the statistics of the queries it is given (a backbone
+        built with ``backbone_kwargs={"transductive": True}``), so a query's prediction depends on the other
+        queries; False (the default): queries are normalised with their task's support statistics, or each
+        on its own (instance norm)."""
+        return is_transductive(self)
 
     @property
     def task_kind(self) -> Task:

@@ -9,7 +9,9 @@ so it lives here once. The task kind (`imaging_meta.tasks.Task`) decides its sha
   logits (background, foreground); labels are binary masks (N, H, W).
 
 The head is the module ``head``: ANIL adapts only the parameters whose names start with ``head.``.
-`adapt_on_support` is the inner loop of one task on such a network (MAML's and Reptile's).
+`adapt_on_support` is the inner loop of one task on such a network (MAML's and Reptile's); `forward_query`
+runs the adapted network on the task's queries, normalised with the statistics of its support under the same
+weights, so that a query's prediction never depends on the other queries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from imaging_meta.backbones import build_backbone, build_encoder
+from imaging_meta.backbones import (
+    build_backbone,
+    build_encoder,
+    forward_with_support_statistics,
+    uses_support_statistics,
+)
 from imaging_meta.learners.inner_loop import Params, adapt, functional_forward, split_state
 from imaging_meta.tasks import Task, get_task
 
@@ -118,3 +125,35 @@ def adapt_on_support(
         return task_loss(functional_forward(net, p, frozen, images), labels)
 
     return adapt(net, support_loss, start, steps, lr, first_order, checkpoint=checkpoint), frozen
+
+
+def forward_query(
+    net: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    frozen: Mapping[str, torch.Tensor],
+    support_images: torch.Tensor,
+    query_images: torch.Tensor,
+) -> torch.Tensor:
+    """The outputs of ``net`` (with ``params`` and ``frozen`` in place of its state) on one task's queries,
+    normalised with the statistics of the task's support under the same weights.
+
+    A backbone with batch statistics (`imaging_meta.backbones.uses_support_statistics`) is run on the support
+    and the queries together, support first, under `imaging_meta.backbones.support_statistics`, and the
+    query rows are returned: a query's output depends on the support and on itself only, and gradients flow
+    through the support statistics too. Any other network (instance norm, a transductive backbone, a body of
+    the user's own) is run on the queries alone, as before. Works under ``torch.func.functional_call``,
+    ``torch.func.vmap`` and second-order autograd.
+
+    Args:
+        net: the network holding the meta-parameters.
+        params: the (adapted) parameters, as from `adapt_on_support`.
+        frozen: the rest of the state.
+        support_images: (S, C, *spatial) the task's support.
+        query_images: (Q, C, *spatial) its queries.
+
+    Returns:
+        (Q, ...) outputs, e.g. (Q, n_way) or (Q, 2, H, W) logits.
+    """
+    if not uses_support_statistics(net):
+        return functional_forward(net, params, frozen, query_images)
+    return forward_with_support_statistics(lambda x: functional_forward(net, params, frozen, x), support_images, query_images)[1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.base import EpisodicDataModule
+from datamodules.base import EpisodicDataModule, digest
 from datamodules.classification import ClassificationDataModule, ClassificationEpisodeDataset, split_classes
 from datamodules.sampling.samplers_classification import ClassificationEpisodeSampler
 from datamodules.sources.items import ItemSource, ItemTable
@@ -56,7 +56,7 @@ def test_image_folder_end_to_end_yields_batched_episodes(tmp_path):
     for t in range(3):
         assert set(batch.classes[t]) <= set(split["train"]) and len(set(batch.classes[t])) == 2
         assert not set(batch.support_ids[t]) & set(batch.query_ids[t])
-        assert set(batch.meta[t]) == {"seed", "support_sites", "query_sites"}
+        assert set(batch.meta[t]) == {"seed", "support_sites", "query_sites", "query_patients"}
         assert batch.site[t] == " + ".join(sorted(set(batch.meta[t]["query_sites"])))
     assert torch.isfinite(batch.support_images).all() and float(batch.query_images.max()) <= 1.0
     val = next(iter(dm.val_dataloader()))
@@ -164,10 +164,11 @@ def test_small_classes_are_dropped_with_a_warning_or_fail_clearly(tmp_path):
         dm.setup()
 
 
-def test_cross_site_protocol_episodes_cross_sites(tmp_path):
-    dm = ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path), protocol="cross_site", **SMALL)
+def test_support_query_sites_differ_protocol_episodes_cross_sites(tmp_path):
+    dm = ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path), protocol="support_query_sites_differ",
+                                  **SMALL)
     dm.setup()
-    assert "cross_site" in dm.episode_files["val"].name
+    assert "support_query_sites_differ" in dm.episode_files["val"].name
     for loader in (dm.train_dataloader(), dm.test_dataloader()):
         for batch in loader:
             for t in range(batch.n_tasks):
@@ -175,6 +176,22 @@ def test_cross_site_protocol_episodes_cross_sites(tmp_path):
                 assert len(s) == 1 and len(q) == 1 and s != q and batch.site[t] == q.pop()
     with pytest.raises(ValueError, match="protocol 'nope'"):
         ClassificationDataModule(source=TableSource(), protocol="nope")
+
+
+def test_old_cross_site_name_is_accepted_with_a_deprecation_warning(tmp_path):
+    # classification's `cross_site` held no site out of training (segmentation's does): it was renamed. The old
+    # name, in configs and checkpoints, still works, is stored under the new name and keeps the old split digest
+    with pytest.warns(DeprecationWarning, match="'cross_site' is now called 'support_query_sites_differ'") as rec:
+        old = ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path), protocol="cross_site", **SMALL)
+    assert rec[0].filename == __file__  # the warning points at the caller
+    new = ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path), protocol="support_query_sites_differ",
+                                   **SMALL)
+    assert old.hparams.protocol == "support_query_sites_differ" == old.config()["init_args"]["protocol"]
+    old.setup()
+    new.setup()
+    assert old.split_digest() == new.split_digest() == digest({"classes": {k: sorted(v) for k, v in new.class_split.items()},
+                                                                 "protocol": "cross_site"})
+    assert old.episode_files["test"] == new.episode_files["test"]
 
 
 def test_augmentation_is_seeded_per_episode_and_changes_pixels():

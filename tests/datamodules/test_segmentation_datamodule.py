@@ -1,10 +1,16 @@
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from datamodules.base import EpisodicDataModule, digest
+from datamodules.indexing.index import Case
+from datamodules.indexing.splits import make_split
+from datamodules.sampling.episode_files import check_segmentation_episodes
+from datamodules.sampling.samplers_segmentation import SegmentationEpisodeSpec
 from datamodules.segmentation import SegmentationDataModule
 from imaging_meta.episode import Episode
 from tests.helpers import SMALL_DATA
@@ -39,11 +45,88 @@ def test_cross_organ_setting_2_keeps_test_organs_out_of_training(dm):
     for organ, per_case in train_table.items():
         for ci, zs in per_case.items():
             lbl = dm._volumes[ci]["label"][0]
-            for held in ("spleen", "kidney_left"):
+            for held in ("spleen", "kidney_left", *dm.split.val_organs):
                 v = cases[ci].organs[held]
                 assert not (lbl[..., zs] == v).any(), f"training slice of {organ} shows held-out {held}"
     val_batch = next(iter(dm.val_dataloader()))
-    assert all(c[0] in ("spleen", "kidney_left") for c in val_batch.classes)
+    assert all(c[0] in dm.split.val_organs for c in val_batch.classes)
+
+
+def test_validation_organs_are_neither_test_nor_training_organs(dm):
+    """Checkpoint selection (validation Dice) never sees the organs the model is tested on."""
+    s = dm.split
+    assert s.val_organs and not set(s.val_organs) & set(s.test_organs) and not set(s.val_organs) & set(s.train_organs)
+    assert dm.hparams.val_organ_count == 1 and len(s.val_organs) == 1
+    assert {c[0] for e in dm.val_dataloader() for c in e.classes} <= set(s.val_organs)
+    desc = dm.describe()
+    assert (desc["train_organs"], desc["val_organs"], desc["test_organs"]) == (s.train_organs, s.val_organs, s.test_organs)
+    with pytest.raises(ValueError, match="name the test organ"):
+        SegmentationDataModule(root=str(dm.root), index_path=str(dm.index_path), cache_dir=str(dm.cache_dir),
+                               **{**SMALL_DATA, "val_organs": ["spleen"]}).setup("fit")
+
+
+def test_old_checkpoints_keep_validating_on_the_test_organs(demo_root, demo_index, tmp_path):
+    """A checkpoint whose data settings predate ``val_organ_count`` is read back with 0, which rebuilds its split."""
+    from imaging_meta.checkpoint_io import read_checkpoint
+
+    ckpt = read_checkpoint(Path(__file__).parents[1] / "fixtures" / "main-2026-12" / "protonet_seg.ckpt")
+    args = ckpt["imaging_meta"]["data"]["init_args"]
+    assert args["val_organ_count"] == 0
+    old = SegmentationDataModule(**{**args, "root": str(demo_root), "index_path": str(demo_index[1]),
+                                    "cache_dir": str(tmp_path), "val_episodes": 0})
+    old.setup("test")
+    assert old.split.val_organs == old.split.test_organs == ["spleen", "kidney_left"]
+    assert old.split_digest() == ckpt["imaging_meta"]["split_digest"]
+
+
+def _edited_file(path: Path, out: Path, edit) -> Path:
+    """A copy of the episode file ``path`` with ``edit`` applied to its first episode, sha256 recomputed."""
+    payload = json.loads(path.read_text())
+    edit(payload["episodes"][0])
+    payload["sha256"] = hashlib.sha256(json.dumps(payload["episodes"], sort_keys=True).encode()).hexdigest()
+    out.write_text(json.dumps(payload))
+    return out
+
+
+def test_a_test_episode_file_must_keep_the_split(dm, demo_root, demo_index, tmp_path):
+    source = dm.episode_files["test"]
+    train_case = dm.cases[dm.split.train[0]]
+    bad_patient = _edited_file(source, tmp_path / "patient.json",
+                               lambda e: e["support"].__setitem__(0, [train_case.case_id, e["support"][0][1]]))
+    bad_organ = _edited_file(source, tmp_path / "organ.json", lambda e: e.update(organ=dm.split.train_organs[0]))
+    val_organ = _edited_file(source, tmp_path / "val_organ.json", lambda e: e.update(organ=dm.split.val_organs[0]))
+    for path, what in ((bad_patient, f"belongs to training patient {train_case.patient}"),
+                       (bad_organ, f"organ '{dm.split.train_organs[0]}' is a training organ"),
+                       (val_organ, "is a validation organ")):
+        other = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
+                                       test_episodes_file=str(path), **{**SMALL_DATA, "cache": "disk"})
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}: episode 0: .*{re.escape(what)}"):
+            other.setup("test")
+
+
+def test_a_cross_site_episode_file_must_stay_on_the_test_sites(tmp_path):
+    """The check itself, on case records: every slice from a test site, each episode shaped as the run."""
+    cases = [Case(case_id=f"c{s}{p}", patient=f"p{s}-{p}", site=f"site{s}", modality="CT", image="x",
+                  image_format="nifti", label="y", organs={"liver": 1, "spleen": 2}) for s in range(3) for p in range(6)]
+    split = make_split(cases, "cross_site", test_sites=["site2"])
+    test, train = split.test, split.train
+    ok = SegmentationEpisodeSpec(organ="liver", support=((test[0], 3),), query=((test[1], 4),), seed=0)
+    check_segmentation_episodes(tmp_path / "f.json", [ok], cases, split, n_shot=1, n_query=1)
+    away = SegmentationEpisodeSpec(organ="liver", support=((test[0], 3),), query=((train[0], 4),), seed=1)
+    with pytest.raises(ValueError, match=f"f.json: episode 1: case {cases[train[0]].case_id} is from site 'site0', not a test site"):
+        check_segmentation_episodes(tmp_path / "f.json", [ok, away], cases, split, n_shot=1, n_query=1)
+    with pytest.raises(ValueError, match="episode 0: 1 support and 1 query slices; this run is 2-shot"):
+        check_segmentation_episodes(tmp_path / "f.json", [ok], cases, split, n_shot=2, n_query=1)
+
+
+def test_report_quotes_a_given_test_episode_file(dm, demo_root, demo_index, tmp_path):
+    path = dm.episode_files["test"]
+    given = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
+                                   test_episodes_file=str(path), **SMALL_DATA)
+    given.setup("test")
+    desc = given.describe()
+    assert desc["episode_files"]["test"] == str(path)
+    assert desc["episodes_sha256"]["test"] == json.loads(path.read_text())["sha256"] == dm.describe()["episodes_sha256"]["test"]
 
 
 def test_fixed_episodes_are_saved_and_repeat(dm, demo_root, demo_index, tmp_path):

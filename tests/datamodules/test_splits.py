@@ -27,9 +27,12 @@ def test_split_is_disjoint_by_patient_and_seeded():
 def test_cross_organ_holds_out_organs_and_patients():
     cs = cases()
     s = make_split(cs, "cross_organ", test_organs=["spleen", "kidney_left"], seed=0)
-    assert set(s.train_organs) == {"liver", "stomach"}
-    assert s.test_organs == ["spleen", "kidney_left"] and s.val_organs == s.test_organs
-    assert set(s.excluded_organs) == {"spleen", "kidney_left"}
+    assert s.test_organs == ["spleen", "kidney_left"]
+    # one more organ is held out for validation: checkpoint selection never sees a test organ
+    assert len(s.val_organs) == 1 and set(s.val_organs) | set(s.train_organs) == {"liver", "stomach"}
+    assert not set(s.val_organs) & (set(s.train_organs) | set(s.test_organs))
+    # setting 2: training slices that show a validation organ are removed too
+    assert set(s.excluded_organs) == {"spleen", "kidney_left", *s.val_organs}
     pats = {k: s.patients(cs, k) for k in ("train", "val", "test")}
     assert not (pats["train"] & pats["test"] or pats["train"] & pats["val"] or pats["val"] & pats["test"])
     # every site is in every stage
@@ -56,3 +59,67 @@ def test_errors_name_the_fix():
         make_split(cs, "cross_site", test_sites=["site"])
     with pytest.raises(ValueError, match="not one of"):
         make_split(cs, "leave_one_out")
+
+
+def test_validation_organs_are_chosen_from_the_split_seed():
+    cs = cases()
+    picks = {seed: make_split(cs, "cross_organ", test_organs=["spleen"], seed=seed).val_organs for seed in range(12)}
+    assert all(p == make_split(cs, "cross_organ", test_organs=["spleen"], seed=s).val_organs for s, p in picks.items())
+    assert {o for p in picks.values() for o in p} == {"liver", "kidney_left", "stomach"}  # the seed decides
+    two = make_split(cs, "cross_organ", test_organs=["spleen"], val_organ_count=2)
+    assert len(two.val_organs) == 2 and len(two.train_organs) == 1 and "spleen" not in two.val_organs
+    # an organ that fewer than two validation patients show cannot be validated on
+    s = make_split(cs, "cross_organ", test_organs=["spleen"])
+    val_patient = cs[s.val[0]].patient
+    few = [Case(**{**c.__dict__, "organs": {k: v for k, v in c.organs.items() if k != "liver" or c.patient == val_patient}})
+           for c in cs]
+    for seed in range(12):
+        assert "liver" not in make_split(few, "cross_organ", test_organs=["spleen"], seed=seed).val_organs
+
+
+def test_explicit_validation_organs_must_not_be_test_organs():
+    cs = cases()
+    with pytest.raises(ValueError, match="name the test organ\\(s\\) \\['spleen'\\]"):
+        make_split(cs, "cross_organ", test_organs=["spleen", "kidney_left"], val_organs=["spleen", "liver"])
+    s = make_split(cs, "cross_organ", test_organs=["spleen", "kidney_left"], val_organs=["liver"])
+    assert s.val_organs == ["liver"] and s.train_organs == ["stomach"]
+    assert set(s.excluded_organs) == {"spleen", "kidney_left", "liver"}
+    with pytest.raises(ValueError, match="val_organ_count must be >= 0"):
+        make_split(cs, "cross_organ", test_organs=["spleen"], val_organ_count=-1)
+    with pytest.raises(ValueError, match="leaves no structure to meta-train on"):
+        make_split(cs, "cross_organ", test_organs=["spleen", "kidney_left"], val_organ_count=2)
+
+
+def test_val_organ_count_0_validates_on_the_test_organs_as_before():
+    """The split of checkpoints written before validation organs existed (they are read back with 0)."""
+    cs = cases()
+    s = make_split(cs, "cross_organ", test_organs=["spleen", "kidney_left"], val_organ_count=0)
+    assert s.val_organs == s.test_organs == ["spleen", "kidney_left"]
+    assert set(s.train_organs) == {"liver", "stomach"} and set(s.excluded_organs) == {"spleen", "kidney_left"}
+    old = make_split(cs, "cross_organ", test_organs=["spleen"], val_organs=["spleen"], val_organ_count=0)
+    assert old.val_organs == ["spleen"]  # what the old code accepted, it still accepts under 0
+    # no validation patients: no validation, so no validation organ
+    none = make_split(cs, "cross_organ", test_organs=["spleen"], val_fraction=0.0)
+    assert none.val == [] and none.val_organs == [] and set(none.train_organs) == {"liver", "kidney_left", "stomach"}
+
+
+def test_a_filter_narrows_the_validation_organ_candidates():
+    cs = cases()
+    seen = []
+
+    def only_stomach(train, candidates):
+        seen.append((list(train), list(candidates)))
+        return [o for o in candidates if o == "stomach"]
+
+    for seed in range(6):
+        s = make_split(cs, "cross_organ", test_organs=["spleen"], seed=seed, val_organ_filter=only_stomach)
+        assert s.val_organs == ["stomach"]
+        assert seen[-1][0] == s.train and "spleen" not in seen[-1][1]
+    with pytest.raises(ValueError, match="refused: \\['kidney_left', 'liver', 'stomach'\\]"):
+        make_split(cs, "cross_organ", test_organs=["spleen"], val_organ_filter=lambda train, c: [])
+
+
+def test_other_protocols_hold_out_no_organ():
+    cs = cases()
+    for s in (make_split(cs, "in_domain"), make_split(cs, "cross_site", test_sites=["site2"])):
+        assert s.train_organs == s.val_organs == s.test_organs == sorted(ORGANS) and s.excluded_organs == []

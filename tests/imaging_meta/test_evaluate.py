@@ -105,7 +105,7 @@ def test_classification_summary_breaks_down_by_class_site_and_shot():
     s = evaluation_summary(CLASSIFICATION, recs)
     assert set(s) == {"1", "5"}
     for k in ("1", "5"):
-        assert set(s[k]) == {"acc", "balanced_acc", "auc", "ece", "calibration"}
+        assert set(s[k]) == {"acc", "balanced_acc", "auc", "ece", "calibration", "differences"}
         acc = s[k]["acc"]["trained"]
         assert set(acc["class"]) == {"a", "b", "c0", "c1"} and acc["class"]["c0"]["n_episodes"] == 15
         assert set(acc["site"]) == {"s1", "s2"}
@@ -162,8 +162,13 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
             assert set(per["trained"]["organ"]) and set(per["trained"]["organ"]) <= {"spleen", "kidney_left"}
             assert per["trained"]["site"]
     assert 0 <= summ["1"]["dice"]["trained"]["all"]["mean"] <= 1 and summ["1"]["hd95"]["trained"]["all"]["mean"] >= 0
+    # the default interval resamples the test patients, whom the datamodule names in each episode
+    assert ctx["interval"]["name"] == "patient-bootstrap" and ctx["interval"]["resamples"] == 2000
+    assert 1 <= summ["1"]["dice"]["trained"]["all"]["n_patients"] <= ctx["data"]["patients"]["test"]
+    assert set(summ["1"]["differences"]["dice"]) == {"untrained encoder", "copy support mask"}
     text = md.read_text()
     assert "Cite as:" in text and ctx["episode_files"]["1"]["sha256"] in text and "HD95 (mm)" in text
+    assert "bootstrap of patients" in text and "| trained − copy support mask |" in text
     for png in doc["figures"].values():
         assert Image.open(tmp_path / "a" / png).size[0] > 100
     assert {"per_organ.png", "per_site.png", "dice_vs_shots.png", "best_worst.png"} <= set(doc["figures"].values())
@@ -215,7 +220,7 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
     assert "NaN" not in text and "Infinity" not in text  # strict JSON: empty calibration bins are null
     doc = json.loads(text)
     s = doc["summary"]["2"]
-    assert set(s) == {"acc", "balanced_acc", "auc", "ece", "calibration"}
+    assert set(s) == {"acc", "balanced_acc", "auc", "ece", "calibration", "differences"}
     assert set(s["acc"]["trained"]["class"]) == set(doc["context"]["data"]["classes"]["test"])
     assert "reliability.png" in doc["figures"].values() and (out / "reliability.png").is_file()
     assert "accuracy per class" in " ".join(doc["figures"])
@@ -234,3 +239,13 @@ def test_protocol_configs_layer_over_the_demo_data_config(protocol, tmp_path):
     h = cli.datamodule.hparams
     assert h.protocol == protocol and h.n_shot == 1 and h.root == "data/demo"
     assert (h.test_organs is not None) == (protocol == "cross_organ") and bool(h.test_sites) == (protocol == "cross_site")
+
+
+def test_split_guard_compares_a_renamed_classification_protocol_under_its_current_name():
+    from imaging_meta.commands.evaluate import check_same_split
+
+    cls = "datamodules.classification.ClassificationDataModule"
+    old = {"class_path": cls, "init_args": {"protocol": "cross_site", "n_way": 3}}
+    check_same_split(old, {"class_path": cls, "init_args": {"protocol": "support_query_sites_differ", "n_way": 3}}, "x.yaml")
+    with pytest.raises(ValueError, match=r"x\.yaml: this data config changes the split .*protocol"):
+        check_same_split(old, {"class_path": cls, "init_args": {"protocol": "standard", "n_way": 3}}, "x.yaml")

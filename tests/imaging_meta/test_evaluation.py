@@ -5,7 +5,7 @@ import re
 import pytest
 
 from imaging_meta.evaluation.reports import to_markdown, write_report
-from imaging_meta.evaluation.statistics import mean_ci, summarize
+from imaging_meta.evaluation.statistics import differences, interval_description, mean_ci, summarize
 
 
 def test_mean_ci_golden():
@@ -42,3 +42,16 @@ def test_site_keys_with_pipes_do_not_break_the_table():
     row = [line for line in md.splitlines() if line.startswith("| site:")][0]
     cells = re.split(r"(?<!\\)\|", row)  # unescaped pipes separate cells
     assert len(cells) == 5 and "GE \\| LightSpeed" in cells[1]  # '', label, value, episodes, ''
+
+
+def test_the_test_report_shows_paired_differences_and_names_its_interval(tmp_path):
+    recs = [{"method": m, "episode": e, "organ": "liver", "site": "s1", "query_id": f"q{e}", "patient": f"p{e % 3}",
+             "dice": 0.5 + 0.1 * (e % 3) + (0.05 if m == "trained" else 0.0)} for e in range(6) for m in ("trained", "b")]
+    s, d = summarize(recs), differences(recs, "dice", ("organ", "site"))
+    assert d["b"]["all"]["mean"] == pytest.approx(0.05) and d["b"]["all"]["ci95"] == pytest.approx(0.0, abs=1e-12)
+    js, md = write_report(tmp_path, s, {"interval": interval_description("episode-t")}, ["trained", "b"], differences=d)
+    assert json.loads(js.read_text())["differences"]["b"]["organ"]["liver"]["n_episodes"] == 6
+    text = md.read_text()
+    assert "| Dice (mean ± 95% CI, Student's t over episodes) | trained | b | trained − b | episodes |" in text
+    assert "| **all** | 0.650 ± 0.094 | 0.600 ± 0.094 | **+0.050 ± 0.000** | 6 |" in text
+    assert "- intervals: Student's t over episodes" in text and "`trained − <baseline>` columns" in text

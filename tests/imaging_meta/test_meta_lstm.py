@@ -1,10 +1,12 @@
 """Meta-LSTM (Ravi & Larochelle, ICLR 2017): shapes, the SGD special case, exact meta-gradients, a short fit."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
@@ -13,6 +15,7 @@ from imaging_meta.learners.inner_loop import adapt, functional_forward, split_st
 from tests.imaging_meta.fewshot import accuracy, classification_episode, short_fit
 
 SMALL = {"width": 8}
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "meta_lstm_cls.yaml"
 
 
 def small(**kw):
@@ -111,6 +114,42 @@ def test_eval_inner_steps_are_used_by_predict():
     a, b = small(inner_steps=1, eval_inner_steps=1), small(inner_steps=1, eval_inner_steps=4)
     with torch.no_grad():
         assert not torch.allclose(a.predict(ep), b.predict(ep))
+
+
+def record_steps(m: MetaLSTM, monkeypatch) -> list[int]:
+    """The ``steps`` of every `MetaLSTM.adapt_task` call of ``m``."""
+    seen, original = [], m.adapt_task
+
+    def spy(images, labels, steps):
+        seen.append(steps)
+        return original(images, labels, steps)
+
+    monkeypatch.setattr(m, "adapt_task", spy)
+    return seen
+
+
+def test_predict_runs_the_training_number_of_updates_by_default(monkeypatch):
+    """Ravi & Larochelle train the update rule for a fixed horizon T and test with the same T."""
+    m = small(inner_steps=2)
+    seen = record_steps(m, monkeypatch)
+    ep = classification_episode(n_way=5, n_shot=1, n_query=1, tasks=2, size=16)
+    m.loss(ep)
+    with torch.no_grad():
+        m.predict(ep)
+    assert m.eval_inner_steps == m.inner_steps == 2 and seen == [2, 2, 2, 2]
+
+
+def test_the_config_predicts_with_the_updates_it_trains_with(monkeypatch):
+    """The shipped config trains and predicts with the same T (it used to predict with twice as many)."""
+    init_args = yaml.safe_load(CONFIG.read_text())["model"]["learner"]["init_args"]
+    assert init_args.get("eval_inner_steps", init_args["inner_steps"]) == init_args["inner_steps"]
+    torch.manual_seed(0)
+    m = build_learner({"class_path": "imaging_meta.learners.gradient.meta_lstm.MetaLSTM",
+                       "init_args": {**init_args, "backbone_kwargs": SMALL}})
+    seen = record_steps(m, monkeypatch)
+    with torch.no_grad():
+        m.predict(classification_episode(n_way=5, n_shot=1, n_query=1, tasks=1, size=16))
+    assert seen == [m.inner_steps] == [init_args["inner_steps"]]
 
 
 def test_bad_arguments_and_labels():

@@ -9,14 +9,14 @@ import torch
 
 from imaging_meta.episode import collate_episodes
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, restore_untrained, untrained_state
-from imaging_meta.evaluation.scoring import query_site, score_batch
+from imaging_meta.evaluation.scoring import query_patient, query_site, score_batch
 from imaging_meta.evaluation.statistics import summarize
 from imaging_meta.learners.metric.protonet import PrototypicalNetwork
 from imaging_meta.module import EpisodicModule
 from imaging_meta.tasks import CLASSIFICATION, COPY_MASK, SEGMENTATION, get_task, task_of_learner_config
 from tests.imaging_meta.fewshot import classification_episode, segmentation_episode
 
-COMMON = {"method", "episode", "shot", "site", "query_id"}
+COMMON = {"method", "episode", "shot", "site", "query_id", "patient"}
 
 
 def test_segmentation_records_have_dice_organ_and_hd95_with_a_spacing():
@@ -32,6 +32,15 @@ def test_segmentation_records_have_dice_organ_and_hd95_with_a_spacing():
     assert [r["site"] for r in recs[:6]] == ["a", "b", "c", "s1", "s1", "s1"]  # a query's own site when it has one
     assert "hd95" not in score_batch(SEGMENTATION, batch, {TRAINED: probs}, baselines=False)[0]
     assert query_site(batch, 0, 1) == "b" and query_site(batch, 1, 0) == "s1"
+    assert [r["patient"] for r in recs[:6]] == batch.query_ids[0] + batch.query_ids[1]  # no patients named: the query
+
+
+def test_records_name_each_querys_patient_the_cluster_of_the_bootstrap():
+    batch = segmentation_episode(n_shot=1, n_query=2, tasks=2)
+    batch = replace(batch, meta=[{"query_patients": ["pa", "pb"]}, {"query_patients": ["pa", "pc"]}])
+    recs = score_batch(SEGMENTATION, batch, {TRAINED: batch.query_labels.float()}, baselines=False)
+    assert [r["patient"] for r in recs] == ["pa", "pb", "pa", "pc"]
+    assert query_patient(batch, 1, 1) == "pc"
 
 
 def test_classification_records_have_accuracy_class_label_and_probabilities():

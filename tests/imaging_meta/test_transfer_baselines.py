@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from imaging_meta.backbones import support_statistics
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
 from imaging_meta.learners.transfer.finetune import FineTune
@@ -141,7 +142,9 @@ def test_pretraining_loss_is_cross_entropy_over_every_seen_class():
         x = torch.cat([ep.support_images[t], ep.query_images[t]])
         y = torch.cat([ep.support_labels[t], ep.query_labels[t]])
         target = torch.tensor([m.class_names.index(ep.classes[t][i]) for i in y])
-        logits = 10.0 * F.normalize(m.body(x).detach(), dim=-1) @ w.T
+        with support_statistics(len(ep.support_images[t])):  # queries normalised with the support's statistics
+            feats = m.body(x).detach()
+        logits = 10.0 * F.normalize(feats, dim=-1) @ w.T
         expected.append(F.cross_entropy(logits, target))
     assert torch.allclose(loss.detach(), torch.stack(expected).mean(), atol=1e-6)
 

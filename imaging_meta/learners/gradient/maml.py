@@ -10,6 +10,11 @@ with ``torch.func.grad`` (``task_batching="vmap"``, with `inner_loop.adapt_funct
 losses, meta-gradients and predictions. ``checkpoint_inner=True`` checkpoints every second-order inner step
 of the loop, so memory grows more slowly with the number of steps (not possible under vmap).
 
+Queries are predicted at the adapted weights with the support's batch statistics under those weights
+(`task_network.forward_query`): a query's prediction depends on its task's support and on itself only, never
+on the other queries. ``backbone_kwargs={"transductive": True}`` restores the query-batch statistics of the
+original implementation.
+
 The subclasses each override one thing: `ANIL` which parameters are adapted (`adapted_names`), `MetaSGD` the
 inner learning rates (`inner_learning_rates`).
 """
@@ -30,7 +35,7 @@ from imaging_meta.learners.inner_loop import (
     functional_forward,
     split_state,
 )
-from imaging_meta.learners.task_network import TaskNetwork, adapt_on_support, check_task
+from imaging_meta.learners.task_network import TaskNetwork, adapt_on_support, check_task, forward_query
 
 
 def _detached(tensors: Mapping[str, torch.Tensor]) -> Params:
@@ -89,7 +94,7 @@ def adapt_and_query_batched(
             return task_loss(functional_forward(net, p, {**inner_frozen, **b}, xs), ys)
 
         adapted = adapt_functional(net, support_loss, live, steps, lr, first_order, state=(bufs,))
-        return finish(functional_forward(net, adapted, {**frozen, **bufs}, xq), yq)
+        return finish(forward_query(net, adapted, {**frozen, **bufs}, xs, xq), yq)
 
     batched = vmap(one_task, randomness="different")
     args = (task_buffers, episode.support_images, episode.support_labels, episode.query_images, episode.query_labels)
@@ -123,7 +128,9 @@ class MAML(Learner):
         backbone: registered backbone name (``conv4``, ``resnet12`` for classification; ``unet`` for
             segmentation).
         in_channels: image channels.
-        backbone_kwargs: options of the backbone builder (e.g. ``{"width": 32}``).
+        backbone_kwargs: options of the backbone builder (e.g. ``{"width": 32}``); ``"transductive": True``
+            normalises the queries with their own batch statistics, as Finn et al.'s code does, so that a
+            query's prediction depends on the other queries (default: with the support's statistics).
         inner_steps: inner SGD steps in meta-training.
         inner_lr: inner learning rate.
         eval_inner_steps: inner steps in `predict`; default ``2 * inner_steps``.
@@ -243,7 +250,7 @@ class MAML(Learner):
         for task in episode.tasks():
             adapted, frozen = self.adapt_task(task, steps, first_order)
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-                logits = functional_forward(self.net, adapted, frozen, task.query_images)
+                logits = forward_query(self.net, adapted, frozen, task.support_images, task.query_images)
             out.append(finish(logits, task.query_labels))
         return torch.stack(out)
 

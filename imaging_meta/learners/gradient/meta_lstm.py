@@ -10,7 +10,7 @@ from torch import nn
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import Learner, check_classification_episode
 from imaging_meta.learners.inner_loop import Params, functional_forward, split_state
-from imaging_meta.learners.task_network import TaskNetwork
+from imaging_meta.learners.task_network import TaskNetwork, forward_query
 
 
 def preprocess_gradient(x: torch.Tensor, p: float = 10.0) -> torch.Tensor:
@@ -55,8 +55,16 @@ class MetaLSTM(Learner):
     descent", NeurIPS 2016 (p = 10). ``b_F`` starts large (forget gate near 1) and ``b_I`` small (input gate
     = ``input_lr_init``), so the first updates are close to SGD with that learning rate, as in the paper.
 
+    Training and test run the same number of updates ``T``. The paper trains the meta-learner "specifically for
+    the scenario where a set amount of updates will be made" (its abstract): the gates (learning rate and
+    forgetting) are learned for the horizon ``T``, and meta-test runs the same ``T`` updates on the support
+    set. So ``eval_inner_steps`` defaults to ``inner_steps``; a different value is a deviation from the paper
+    (a config that sets one says so).
+
     The learner's BatchNorms use batch statistics only (as in the paper, also at test time); they keep no
-    running statistics, so adaptation never changes module state.
+    running statistics, so adaptation never changes module state. The queries are normalised with the
+    statistics of their task's support (`task_network.forward_query`), so a query's prediction never depends
+    on the other queries.
 
     Args:
         n_way: classes per episode.
@@ -64,7 +72,7 @@ class MetaLSTM(Learner):
         in_channels: image channels.
         backbone_kwargs: options of the backbone builder (e.g. ``{"width": 32}``).
         inner_steps: updates on the support set during meta-training (T).
-        eval_inner_steps: updates in `predict`; default ``inner_steps``.
+        eval_inner_steps: updates in `predict`; default ``inner_steps`` (the paper's: the same ``T``).
         hidden_size: hidden units of the first (standard) LSTM layer (the paper: 20).
         input_lr_init: initial input gate ``sigmoid(b_I)``, i.e. the initial learning rate.
         forget_bias_init: initial ``b_F`` (sigmoid(5) = 0.993).
@@ -165,7 +173,7 @@ class MetaLSTM(Learner):
         out = []
         for t in range(ep.n_tasks):
             params = self.adapt_task(ep.support_images[t], ep.support_labels[t], steps)
-            out.append(functional_forward(self.network, params, frozen, ep.query_images[t]))
+            out.append(forward_query(self.network, params, frozen, ep.support_images[t], ep.query_images[t]))
         return torch.stack(out)
 
     # -------------------------------------------------------------- interface

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from imaging_meta.backbones import build_encoder
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner, check_classification_episode
+from imaging_meta.learners.base import Learner, check_classification_episode, embed_tasks
 
 
 def cosine_similarity(keys: torch.Tensor, memory: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -89,44 +88,6 @@ class MemoryState(NamedTuple):
         return MemoryState(*(v.repeat_interleave(n, dim=0) for v in self))
 
 
-@contextmanager
-def _support_statistics(module: nn.Module):
-    """Normalise with the statistics of a reference batch: BatchNorm as TaskNorm's "MetaBN".
-
-    Inside the context, ``record()`` makes the next forward pass normalise every BatchNorm input with its
-    own batch statistics and keep them; after it, forward passes normalise with the kept statistics. A
-    query is then encoded independently of the other queries (Bronskill, Gordon, Requeima, Nowozin, Turner.
-    "TaskNorm: Rethinking Batch Normalization for Meta-Learning." ICML 2020).
-    """
-    stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-    mode = {"record": False}
-
-    def hook(bn, inputs, _output):
-        x = inputs[0]
-        if mode["record"]:
-            dims = [0, *range(2, x.dim())]
-            stats[bn] = (x.mean(dims), x.var(dims, unbiased=False))
-        if bn not in stats:
-            raise RuntimeError("support statistics were not recorded before encoding the queries")
-        mean, var = stats[bn]
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
-        if bn.affine:
-            out = out * bn.weight.view(shape) + bn.bias.view(shape)
-        return out
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def record(flag: bool = True) -> None:
-        mode["record"] = flag
-
-    try:
-        yield record
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class MANN(Learner):
     """Memory-augmented neural network with Least-Recently-Used Access.
 
@@ -169,7 +130,8 @@ class MANN(Learner):
     item then takes one step from the state after the whole support, each independently (the state is
     expanded over the queries): a query's prediction depends on neither the order nor the number of the
     other queries. For the same reason the encoder's BatchNorms normalise support and queries with
-    statistics of the task's support set (TaskNorm's MetaBN). The loss is the query cross-entropy (a support
+    statistics of the task's support set (TaskNorm's MetaBN; ``backbone_kwargs={"transductive": True}``: of
+    the support and queries together). The loss is the query cross-entropy (a support
     step sees its own label, so its prediction would teach nothing).
 
     Support recall (``support_recall=True``, on by default; training only): the support items are also
@@ -286,7 +248,8 @@ class MANN(Learner):
         return logits, MemoryState(h, c, memory, usage, read, reads)
 
     def encode(self, support_images: torch.Tensor, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode the support and the queries of each task, BatchNorm with the task's support statistics.
+        """Encode the support and the queries of each task, BatchNorm with the task's support statistics
+        (`imaging_meta.learners.base.embed_tasks`).
 
         Args:
             support_images: (T, N*K, C, *spatial).
@@ -295,14 +258,7 @@ class MANN(Learner):
         Returns:
             (T, N*K, D) and (T, Q, D) embeddings.
         """
-        support, query = [], []
-        for t in range(support_images.shape[0]):
-            with _support_statistics(self.encoder) as record:
-                record(True)
-                support.append(self.encoder(support_images[t]))
-                record(False)
-                query.append(self.encoder(query_images[t]))
-        return torch.stack(support), torch.stack(query)
+        return embed_tasks(self.encoder, support_images, query_images)
 
     def support_order(self, n_tasks: int, n_support: int, generator: torch.Generator | None) -> torch.Tensor:
         """(T, N*K) a random order of each task's support items."""
@@ -358,6 +314,6 @@ class MANN(Learner):
 
     # ------------------------------------------------------------------ explanations
     def encoder_name(self) -> str:
-        """The image encoder; explanations compare its features of the support and query embedded together
-        (not the support-statistics encoding of `encode`): a stand-in for the memory's own reads."""
+        """The image encoder; explanations compare its features of the support and query, embedded as `encode`
+        embeds them: a stand-in for the memory's own reads."""
         return "encoder"

@@ -87,13 +87,14 @@ class MatchingNetwork(Learner):
     support over ``fce_steps`` steps (`QueryAttentionLSTM`); the bidirectional LSTM sees the support in the
     episode's order (the samplers give it grouped by class), so predictions then depend on that order.
 
-    Each task's support and query are embedded together (see `Learner.embed_episode`), so predictions never
-    depend on the other tasks of a batch.
+    Each task's support and query are embedded together, with the support's batch statistics (see
+    `Learner.embed_episode`), so a prediction depends neither on the other queries nor on the other tasks.
 
     Args:
         backbone: registered backbone name (``conv4``, ``resnet12``), pooled into embedding vectors.
         in_channels: image channels.
-        backbone_kwargs: options of the backbone builder, e.g. ``{"width": 32}``.
+        backbone_kwargs: options of the backbone builder, e.g. ``{"width": 32}``; ``"transductive": True``
+            normalises with the statistics of support and queries together.
         fce: use full-context embeddings.
         fce_steps: processing steps K of the attention LSTM.
         scale: multiplies the cosines before the softmax; 1 is the paper's attention (cosines lie in

@@ -3,9 +3,11 @@
 The Conv-4 and ResNet-12 encoders use BatchNorm without running statistics, so an item's embedding depends
 on the other items in the same forward pass. The metric learners (this file, `imaging_meta.learners.metric.siamese`,
 `imaging_meta.learners.metric.matching`) therefore embed each task's support and query *together and per task*
-(`Learner.embed_episode`, `imaging_meta.learners.base.embed_tasks`): a task's predictions never depend on the
-other tasks of a batch, and the batch statistics are those of the task (transductive batch normalisation, as
-in MAML's Conv-4 experiments).
+(`Learner.embed_episode`, `imaging_meta.learners.base.embed_tasks`), with the support's batch statistics: a
+query's prediction depends on its task's support and on itself only, never on the other queries nor on the
+other tasks of a batch. ``backbone_kwargs={"transductive": True}`` normalises with the statistics of the
+task's support and queries together instead (transductive batch normalisation, as in MAML's Conv-4
+experiments).
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ class PrototypicalNetwork(Learner):
     classifier in the embedding), or scaled cosine similarities (``distance="cosine"``). The loss is the
     cross-entropy of the query items. Prototypes are means, so the support order does not matter.
 
-    Each task's support and query are embedded together (see `Learner.embed_episode`), so predictions never
-    depend on the other tasks of a batch.
+    Each task's support and query are embedded together, with the support's batch statistics (see
+    `Learner.embed_episode`), so a prediction depends neither on the other queries nor on the other tasks.
 
     Args:
         backbone: registered backbone name (``conv4``, ``resnet12``), pooled into embedding vectors.
         in_channels: image channels.
-        backbone_kwargs: options of the backbone builder, e.g. ``{"width": 32}``.
+        backbone_kwargs: options of the backbone builder, e.g. ``{"width": 32}``; ``"transductive": True``
+            normalises with the statistics of support and queries together (see the module docstring).
         distance: ``euclidean`` (logits = -squared distance) or ``cosine`` (logits = scale * cosine).
         scale: multiplies the logits; None gives 1 for ``euclidean`` and 10 for ``cosine`` (cosines lie in
             [-1, 1], too flat for a softmax unscaled).

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from imaging_meta.backbones import build_backbone
+from imaging_meta.backbones import build_backbone, uses_support_statistics
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner
+from imaging_meta.learners.base import Learner, embed_tasks
 from imaging_meta.learners.prototypes import (
     cosine_logits,
     local_prototypes,
@@ -98,9 +98,13 @@ class PrototypicalSegmenter(Learner):
 
     # ------------------------------------------------------------------ parts
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(T, N, C, H, W) images -> (T, N, F, h, w) features."""
+        """(T, N, C, H, W) images -> (T, N, F, h, w) features, all tasks in one pass (per-image normalisation)."""
         t, n = images.shape[:2]
-        x = images.flatten(0, 1)
+        f = self.encode(images.flatten(0, 1))
+        return f.view(t, n, *f.shape[1:])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images -> (N, F, h, w) features: coordinate channels, the encoder, the pooling."""
         if self.coord_channels:
             h, w = x.shape[-2:]
             r, c = normalised_coordinates(h, w, x.device, x.dtype)
@@ -109,7 +113,19 @@ class PrototypicalSegmenter(Learner):
         f = self.encoder(x)
         if self.feature_pool > 1:
             f = F.avg_pool2d(f, self.feature_pool)
-        return f.view(t, n, *f.shape[1:])
+        return f
+
+    def episode_features(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, K, F, h, w) support and (T, Q, F, h, w) query features.
+
+        The U-Net normalises each image on its own (instance norm), so support and queries of every task go
+        through `features` separately; a backbone with batch statistics is run per task, support and queries
+        together with the support's statistics (`imaging_meta.learners.base.embed_tasks`), so that a query's
+        features never depend on the other queries or tasks.
+        """
+        if uses_support_statistics(self.encoder):
+            return embed_tasks(self.encode, support, query)
+        return self.features(support), self.features(query)
 
     def prototypes(self, features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Background and foreground prototypes of the support.
@@ -177,8 +193,7 @@ class PrototypicalSegmenter(Learner):
     def _forward(self, episode: Episode):
         ep = episode.unsqueeze()
         size = tuple(ep.query_images.shape[-2:])
-        s_feat = self.features(ep.support_images)
-        q_feat = self.features(ep.query_images)
+        s_feat, q_feat = self.episode_features(ep.support_images, ep.query_images)
         protos = self.prototypes(s_feat, ep.support_labels)
         return self.segment(q_feat, protos, size), s_feat, q_feat
 

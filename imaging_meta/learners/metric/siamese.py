@@ -68,8 +68,8 @@ class SiameseNetwork(Learner):
     by Learning an Invariant Mapping." CVPR 2006 (see `contrastive_loss`), in place of Koch's weighted-L1
     logistic verification head.
 
-    Training: every task's support and query items are embedded together (see
-    `imaging_meta.learners.base.embed_tasks`) and paired *within the task* (never across tasks of a
+    Training: every task's support and query items are embedded together, with the support's batch statistics
+    (see `imaging_meta.learners.base.embed_tasks`), and paired *within the task* (never across tasks of a
     batch). All same-class pairs are positives. Negatives are all different-class pairs (``mining="all"``) or,
     for each anchor item, the ``n_hard`` different-class items closest to it (``mining="hard"``, hard
     negative mining; selected without gradient through the selection). The loss is the mean contrastive loss
@@ -83,7 +83,8 @@ class SiameseNetwork(Learner):
     Args:
         backbone: registered backbone name (``conv4``, ``resnet12``), pooled into embedding vectors.
         in_channels: image channels.
-        backbone_kwargs: options of the backbone builder, e.g. ``{"width": 32}``.
+        backbone_kwargs: options of the backbone builder, e.g. ``{"width": 32}``; ``"transductive": True``
+            normalises with the statistics of support and queries together.
         embedding_dim: size of an optional linear projection after the encoder; None uses the pooled
             features directly.
         margin: contrastive margin; with ``normalize`` distances lie in [0, 2], so use a margin in (0, 2].

@@ -7,8 +7,11 @@ plain list of strings, so that ``torch.load(weights_only=True)`` restores it. Su
 training episode are both labelled pre-training data.
 
 BatchNorm in the classification backbones keeps no running statistics (it always normalises with batch
-statistics), so the body is run on one task's support and query images together, in pre-training as in
-prediction: a prediction depends on the task's own images only, never on the other tasks of a batch.
+statistics), so the body is run on one task's support and query images together, with the support's batch
+statistics (`imaging_meta.learners.base.embed_tasks`), in pre-training as in prediction: a query's prediction
+depends on its task's support and on itself only, never on the other queries nor on the other tasks of a
+batch. ``backbone_kwargs={"transductive": True}`` normalises with the statistics of support and queries
+together instead.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaging_meta.backbones import build_backbone, build_encoder
+from imaging_meta.backbones import build_backbone, build_encoder, forward_with_support_statistics
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import (
     Learner,
@@ -80,7 +83,8 @@ class FineTune(Learner):
         backbone: registered backbone name (classification: ``conv4``, ``resnet12``, pooled into vectors;
             segmentation: a dense one such as ``unet``; coarser feature maps are upsampled bilinearly).
         in_channels: image channels.
-        backbone_kwargs: options of the backbone builder.
+        backbone_kwargs: options of the backbone builder; ``"transductive": True`` normalises with the
+            statistics of support and queries together (see the module docstring).
         max_classes: rows of the global pre-training head: the most class (or structure) names the
             training episodes may name.
         scale: temperature of the cosine classifier (classification with ``cosine``).
@@ -308,7 +312,7 @@ class FineTune(Learner):
         else:
             check_class_names(ep, type(self).__name__)
         self.register_classes([n for names in ep.classes for n in names])
-        fs, fq = embed_tasks(self.body, ep.support_images, ep.query_images)  # one BatchNorm batch per task
+        fs, fq = embed_tasks(self.body, ep.support_images, ep.query_images)  # per task, support statistics
         feats, labels = torch.cat([fs, fq], dim=1), torch.cat([ep.support_labels, ep.query_labels], dim=1)
         task_loss = self.task_kind.loss
         losses = []
@@ -374,30 +378,31 @@ class FineTune(Learner):
             with torch.no_grad():
                 return task.probabilities(self.head_logits(fq, head, size))
 
-        n_s = support_images.shape[0]
-        x = torch.cat([support_images, query_images])
         body, frozen = split_state(self.body)
         params = {**{f"body.{k}": v.detach().requires_grad_() for k, v in body.items()}, **{f"head.{k}": v for k, v in head.items()}}
 
         def split(p: Params) -> tuple[Params, Params]:
             return ({k[5:]: v for k, v in p.items() if k.startswith("body.")}, {k[5:]: v for k, v in p.items() if k.startswith("head.")})
 
+        def body_features(b: Params) -> tuple[torch.Tensor, torch.Tensor]:
+            # support and query in one pass, with the support's batch statistics (or both's, if transductive)
+            return forward_with_support_statistics(lambda x: functional_forward(self.body, b, frozen, x), support_images, query_images)
+
         def full_loss(p: Params) -> torch.Tensor:
             b, h = split(p)
-            f = functional_forward(self.body, b, frozen, x)  # support and query together: same BatchNorm batch
-            return task.loss(self.head_logits(f[:n_s], h, size), support_labels)
+            return task.loss(self.head_logits(body_features(b)[0], h, size), support_labels)
 
         params = adapt(self, full_loss, params, self.finetune_steps, self.finetune_lr, first_order=True)
         with torch.no_grad():
             b, h = split(params)
-            return task.probabilities(self.head_logits(functional_forward(self.body, b, frozen, x)[n_s:], h, size))
+            return task.probabilities(self.head_logits(body_features(b)[1], h, size))
 
     def _batch(self, episode: Episode) -> Episode:
         """The episode batched, with classification label shapes checked."""
         return episode.unsqueeze() if self.task_kind.dense else classification_batch(episode, type(self).__name__)
 
     def task_features(self, support_images: torch.Tensor, query_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen body features of one task, support and query in one pass (one BatchNorm batch).
+        """Frozen body features of one task, support and query in one pass (the support's BatchNorm statistics).
 
         Args:
             support_images: (N*K, C, ...).

@@ -1,0 +1,175 @@
+"""The intervals of the reports: the patient-cluster bootstrap against Student's t over episodes, paired
+differences, the estimator by hand, and how the tables say which interval they show."""
+
+import math
+
+import numpy as np
+import pytest
+
+from imaging_meta.evaluation.reports import to_markdown
+from imaging_meta.evaluation.statistics import (
+    EPISODE_T,
+    INTERVALS,
+    PATIENT_BOOTSTRAP,
+    _resample_counts,
+    cluster_bootstrap,
+    cluster_statistic,
+    differences,
+    evaluation_summary,
+    paired_rows,
+    summarize,
+)
+from imaging_meta.tasks import CLASSIFICATION, COPY_MASK, SEGMENTATION
+
+TRAINED = "trained"
+
+
+def _records(n_patients=12, n_episodes=200, patient_sd=0.15, gain=0.05, noise=0.05, seed=0):
+    """Dice records of two methods on the same queries: each query's score is its patient's level (shared by
+    both methods, and by every episode that reuses the patient) plus noise; the trained learner adds ``gain``."""
+    g = np.random.default_rng(seed)
+    level = {f"p{i}": 0.5 + g.normal(0, patient_sd) for i in range(n_patients)}
+    recs = []
+    for ep in range(n_episodes):
+        for j, i in enumerate(g.choice(n_patients, 2, replace=False)):
+            p = f"p{i}"
+            for method, add in ((TRAINED, gain), (COPY_MASK, 0.0)):
+                recs.append({"method": method, "episode": ep, "shot": 1, "patient": p, "query_id": f"case-{p}-{j}",
+                             "organ": "liver" if ep % 2 else "spleen", "site": f"s{i % 2}",
+                             "dice": level[p] + add + g.normal(0, noise)})
+    return recs
+
+
+def _width(s):
+    return s["ci_high"] - s["ci_low"] if "ci_low" in s else 2 * s["ci95"]
+
+
+def test_patient_bootstrap_is_wider_than_the_episode_t_interval_when_scores_cluster_by_patient():
+    recs = _records()
+    boot = summarize(recs, "dice", ("organ", "site"), interval=PATIENT_BOOTSTRAP, seed=0)[TRAINED]
+    t = summarize(recs, "dice", ("organ", "site"), interval=EPISODE_T)[TRAINED]
+    assert boot["all"]["mean"] == pytest.approx(t["all"]["mean"], abs=1e-12)  # the interval changes, not the estimate
+    assert boot["all"]["n_patients"] == 12 and boot["all"]["n_episodes"] == 200
+    # 200 episodes look like 200 independent draws; there are only 12 patients
+    assert _width(boot["all"]) > 2.5 * _width(t["all"])
+    assert boot["all"]["ci_low"] < boot["all"]["mean"] < boot["all"]["ci_high"]
+    for organ in ("liver", "spleen"):
+        assert _width(boot["organ"][organ]) > 2 * _width(t["organ"][organ])
+    assert boot["site"]["s0"]["n_patients"] == 6  # a row resamples its own patients
+
+
+def test_patient_bootstrap_is_deterministic_for_a_seed():
+    recs = _records()
+    a = summarize(recs, "dice", ("organ",), interval=PATIENT_BOOTSTRAP, seed=3)
+    assert a == summarize(recs, "dice", ("organ",), interval=PATIENT_BOOTSTRAP, seed=3)
+    other = summarize(recs, "dice", ("organ",), interval=PATIENT_BOOTSTRAP, seed=4)
+    assert other[TRAINED]["all"]["mean"] == a[TRAINED]["all"]["mean"]
+    assert other[TRAINED]["all"]["ci_low"] != a[TRAINED]["all"]["ci_low"]
+
+
+@pytest.mark.parametrize("interval", INTERVALS)
+def test_paired_difference_excludes_zero_where_the_separate_intervals_overlap(interval):
+    recs = _records(n_episodes=40, patient_sd=0.3, gain=0.05, noise=0.03)
+    s = summarize(recs, "dice", ("organ",), interval=interval)
+    trained, copy = s[TRAINED]["all"], s[COPY_MASK]["all"]
+
+    def bounds(x):
+        return (x["ci_low"], x["ci_high"]) if "ci_low" in x else (x["mean"] - x["ci95"], x["mean"] + x["ci95"])
+
+    assert bounds(trained)[0] < bounds(copy)[1]  # the two intervals overlap: apart, they cannot tell
+    d = differences(recs, "dice", ("organ",), interval=interval)[COPY_MASK]
+    assert d["all"]["mean"] == pytest.approx(trained["mean"] - copy["mean"])  # paired on the same queries
+    assert bounds(d["all"])[0] > 0  # paired, the gain is clear
+    assert all(bounds(x)[0] > 0 for x in d["organ"].values())
+
+
+def test_the_estimator_by_hand_and_its_vectorised_bootstrap():
+    # episode 0: patients a (1.0) and b (0.0); episode 1: a (1.0). Mean over episodes of episode means: 0.75
+    units = [(0, ["a"], 1.0), (0, ["b"], 0.0), (1, ["a"], 1.0)]
+    assert cluster_statistic(units) == pytest.approx(0.75)
+    # a drawn twice, b never: record weights 1/(E n_e) = 1/4, 1/4, 1/2, times the counts 2, 0, 2 -> 1.0
+    assert cluster_statistic(units, {"a": 2, "b": 0}) == pytest.approx(1.0)
+    assert cluster_statistic(units, {"a": 0, "b": 2}) == pytest.approx(0.0)
+    # the vectorised bootstrap is this statistic on each resample of the sorted patients, then percentiles
+    g = np.random.default_rng(1)
+    units = [(ep, [f"p{g.integers(5)}"], float(g.random())) for ep in range(30) for _ in range(int(g.integers(1, 4)))]
+    patients = sorted({u[1][0] for u in units})
+    counts = _resample_counts(len(patients), 7, 300)
+    boot = [cluster_statistic(units, dict(zip(patients, row, strict=True))) for row in counts]
+    s = cluster_bootstrap(units, seed=7, n_boot=300)
+    assert s["ci_low"] == pytest.approx(np.percentile(boot, 2.5)) and s["ci_high"] == pytest.approx(np.percentile(boot, 97.5))
+    assert s["mean"] == pytest.approx(cluster_statistic(units))
+
+
+def test_one_patient_has_no_interval():
+    s = cluster_bootstrap([(0, ["a"], 0.4), (1, ["a"], 0.6)])
+    assert s["mean"] == pytest.approx(0.5) and s["ci_low"] is None and math.isnan(s["ci95"]) and s["n_patients"] == 1
+
+
+def test_pairs_are_the_same_query_of_the_same_episode():
+    rows = [{"method": TRAINED, "episode": 0, "query_id": "q", "patient": "p", "dice": 0.9},
+            {"method": TRAINED, "episode": 0, "query_id": "q", "patient": "p", "dice": 0.7},  # two slices of one case
+            {"method": TRAINED, "episode": 1, "query_id": "r", "patient": "p", "dice": 0.5},
+            {"method": COPY_MASK, "episode": 0, "query_id": "q", "patient": "p", "dice": 0.6},
+            {"method": COPY_MASK, "episode": 0, "query_id": "q", "patient": "p", "dice": 0.6}]
+    d = paired_rows(rows, "dice")[COPY_MASK]
+    assert [round(r["dice"], 6) for r in d] == [0.3, 0.1]  # episode 1 has no copy-mask row: left out
+    assert all(r["method"] == COPY_MASK and r["episode"] == 0 for r in d)
+
+
+def test_evaluation_summary_holds_differences_for_every_metric_and_row():
+    recs = [dict(r, hd95=10 * (1 - r["dice"])) for r in _records(n_episodes=40)]
+    s = evaluation_summary(SEGMENTATION, recs, seed=0)["1"]
+    assert set(s["differences"]) == {"dice", "hd95"}
+    d = s["differences"]["dice"][COPY_MASK]
+    assert set(d) == {"all", "organ", "site"} and d["all"]["n_patients"] == 12 and d["all"]["ci_low"] > 0
+    assert s["differences"]["hd95"][COPY_MASK]["all"]["mean"] < 0
+    t = evaluation_summary(SEGMENTATION, recs, seed=0, interval="episode-t")["1"]
+    assert "ci_low" not in t["dice"][TRAINED]["all"] and "ci_low" not in t["differences"]["dice"][COPY_MASK]["all"]
+    with pytest.raises(ValueError, match="interval must be one of patient-bootstrap, episode-t"):
+        evaluation_summary(SEGMENTATION, recs, interval="episodes")
+
+
+def test_classification_differences_include_the_pooled_ece_and_per_class_cells():
+    g = np.random.default_rng(0)
+    recs = []
+    for ep in range(20):
+        for j in range(6):
+            label, patient = j % 3, f"p{(ep + j) % 9}"
+            for method, sharp in ((TRAINED, 4.0), ("untrained encoder", 0.5)):
+                logits = g.normal(0, 1, 3)
+                logits[label] += sharp
+                p = np.exp(logits) / np.exp(logits).sum()
+                recs.append({"method": method, "episode": ep, "shot": 1, "classes": ["a", "b", "c"], "class": "abc"[label],
+                             "label": label, "probs": p.tolist(), "acc": float(int(p.argmax()) == label), "site": "s",
+                             "query_id": f"q{ep}-{j}", "patient": patient})
+    s = evaluation_summary(CLASSIFICATION, recs, seed=0)["1"]
+    for m in ("acc", "balanced_acc", "auc", "ece"):
+        d = s["differences"][m]["untrained encoder"]["all"]
+        assert d["n_patients"] == 9 and d["ci_low"] is not None, m
+        assert d["mean"] == pytest.approx(s[m][TRAINED]["all"]["mean"] - s[m]["untrained encoder"]["all"]["mean"]), m
+    assert set(s["differences"]["auc"]["untrained encoder"]["class"]) == {"a", "b", "c"}
+    assert s["differences"]["acc"]["untrained encoder"]["all"]["ci_low"] > 0
+
+
+def test_tables_name_their_interval_and_show_paired_differences():
+    recs = _records(patient_sd=0.3, n_episodes=60)
+    for interval, head in ((PATIENT_BOOTSTRAP, "Dice (mean [95% CI, bootstrap of patients])"),
+                           (EPISODE_T, "Dice (mean ± 95% CI, Student's t over episodes)")):
+        s = summarize(recs, "dice", ("organ",), interval=interval)
+        md = to_markdown(s, [TRAINED, COPY_MASK], "Dice", ("organ",), interval=interval,
+                         differences=differences(recs, "dice", ("organ",), interval=interval))
+        header, _, first = md.splitlines()[:3]
+        assert header.startswith(f"| {head} | trained | copy support mask | trained − copy support mask | episodes |")
+        assert header.endswith("patients |") == (interval == PATIENT_BOOTSTRAP)
+        assert "| **+0.0" in first  # the paired gain, signed, in bold: its interval excludes 0
+
+
+def test_the_cli_offers_exactly_the_intervals():
+    from imaging_meta.commands.cli import _tool_parser
+
+    args = _tool_parser().parse_args(["evaluate", "--checkpoint", "c", "--out", "o"])
+    assert args.interval == PATIENT_BOOTSTRAP
+    action = next(a for a in _tool_parser()._subparsers._group_actions[0].choices["evaluate"]._actions
+                  if a.dest == "interval")
+    assert tuple(action.choices) == INTERVALS
