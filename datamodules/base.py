@@ -101,6 +101,12 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
         """
         return digest(self._split_identity())
 
+    def test_scans(self) -> list[dict[str, Any]]:
+        """The labelled test scans, for whole-scan protocols: dicts with ``image`` (a path, or DICOM files),
+        ``label``, ``modality``, ``organs`` (the test structures in it: name -> value), ``patient``, ``site``.
+        Only datamodules of volumes have them."""
+        raise NotImplementedError(f"{type(self).__name__} has no scans: whole-scan protocols need volume data")
+
     def describe(self) -> dict[str, Any]:
         """The data behind a result, for logs and reports (pseudonymous ids only), with the episode files
         (drawn, or given as ``test_episodes_file``) and the sha256 of their episode lists."""

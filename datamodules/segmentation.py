@@ -572,6 +572,11 @@ class SegmentationDataModule(EpisodicDataModule):
         return super().val_dataloader()
 
     # -------------------------------------------------------------- reporting
+    def test_scans(self) -> list[dict[str, Any]]:
+        organs = set(self.split.test_organs)
+        return [{**item, "organs": {o: v for o, v in c.organs.items() if o in organs}, "patient": c.patient, "site": c.site}
+                for c, item in ((self.cases[i], case_items(self.index, [self.cases[i]])[0]) for i in self.split.test)]
+
     def _split_identity(self) -> dict[str, Any]:
         """Who is in each stage (pseudonymous case ids) and which structures each stage targets."""
         s = self.split

@@ -24,7 +24,9 @@ PACKAGES = ("imaging_meta", "datamodules")
 # also scanned for the pytorch_lightning rule only
 EXTRA_TREES = ("tests", "benchmarks")
 
-LEARNER_SIDE = ("imaging_meta.learners", "imaging_meta.episode", "imaging_meta.tasks", "imaging_meta.backbones")
+LEARNER_SIDE = (
+    "imaging_meta.learners", "imaging_meta.episode", "imaging_meta.tasks", "imaging_meta.backbones", "imaging_meta.volume",
+)
 TASK_KINDS = ("segmentation", "classification")
 
 
@@ -66,7 +68,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "learners_no_file_io",
-        scope=("imaging_meta.learners",),
+        scope=("imaging_meta.learners", "imaging_meta.volume"),
         kind="file_io",
         reason="learners take tensors and return tensors: reading and writing files (weights, episodes, reports) "
                "belongs to checkpoint_io, the datamodules and the commands",

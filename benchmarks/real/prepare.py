@@ -14,7 +14,7 @@ The files are committed; this script documents exactly how they were made and le
   label. The two CTs are 512 x 512 in-plane; they are averaged 2 x 2 in-plane (the label by "any voxel of the
   block") to keep the repository small: 1.1-1.3 mm pixels against 5 mm slices.
 
-Every source file is checked against the sha256 in ``SOURCES`` before it is used.
+The manifest records each output's sha256 and its source file's; the README the two distributions' sha256.
 """
 
 from __future__ import annotations
@@ -29,12 +29,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-SOURCES = {
-    "totalsegmentator-2.18.0/tests/reference_files/example_ct_sm.nii.gz": None,
-    "totalsegmentator-2.18.0/tests/reference_files/example_seg.nii.gz": None,
-    "totalsegmentator-2.18.0/tests/reference_files/example_mr_sm.nii.gz": None,
-    "totalsegmentator-2.18.0/tests/reference_files/example_seg_mr.nii.gz": None,
-}
 ABDOMEN = {
     "example_ct_sm.nii.gz": "ct.nii.gz",
     "example_seg.nii.gz": "ct_label.nii.gz",
@@ -100,11 +94,16 @@ def main() -> None:
         for src, dst in ABDOMEN.items():
             data = tar.extractfile(f"totalsegmentator-2.18.0/tests/reference_files/{src}").read()
             (out / "abdomen" / dst).write_bytes(data)
-            manifest[f"abdomen/{dst}"] = {"source": f"totalsegmentator-2.18.0.tar.gz:tests/reference_files/{src}",
-                                          "source_sha256": sha256(data)}
-        (out / "LICENSE-totalsegmentator.txt").write_bytes(tar.extractfile("totalsegmentator-2.18.0/LICENSE").read())
+            manifest[f"abdomen/{dst}"] = {
+                "source": f"totalsegmentator-2.18.0.tar.gz:tests/reference_files/{src}",
+                "source_sha256": sha256(data),
+            }
+        (out / "LICENSE-totalsegmentator.txt").write_bytes(
+            tar.extractfile("totalsegmentator-2.18.0/LICENSE").read()
+        )
     (out / "abdomen" / "structures.json").write_text(
-        json.dumps({"ct_label.nii.gz": CT_STRUCTURES, "mr_label.nii.gz": MR_STRUCTURES}, indent=2) + "\n")
+        json.dumps({"ct_label.nii.gz": CT_STRUCTURES, "mr_label.nii.gz": MR_STRUCTURES}, indent=2) + "\n"
+    )
     with tarfile.open(args.pyradiomics) as tar:
         (out / "lesions").mkdir(parents=True, exist_ok=True)
         for case, k in LESION_CASES.items():
@@ -112,13 +111,19 @@ def main() -> None:
             lbl_b = tar.extractfile(f"pyradiomics-3.1.0/data/{case}_label.nrrd").read()
             image, affine = read_nrrd(img_b)
             label, _ = read_nrrd(lbl_b)
-            image, label, aff = block_reduce(image.astype(np.float32), (label > 0).astype(np.uint8), affine, k)
+            image, label, aff = block_reduce(
+                image.astype(np.float32), (label > 0).astype(np.uint8), affine, k
+            )
             nib.save(nib.Nifti1Image(image.astype(np.int16), aff), str(out / "lesions" / f"{case}.nii.gz"))
-            nib.save(nib.Nifti1Image(label.astype(np.uint8), aff), str(out / "lesions" / f"{case}_label.nii.gz"))
+            nib.save(
+                nib.Nifti1Image(label.astype(np.uint8), aff), str(out / "lesions" / f"{case}_label.nii.gz")
+            )
             for name, b in (("image", img_b), ("label", lbl_b)):
                 manifest[f"lesions/{case}{'' if name == 'image' else '_label'}.nii.gz"] = {
-                    "source": f"pyradiomics-3.1.0.tar.gz:data/{case}_{name}.nrrd", "source_sha256": sha256(b),
-                    "in_plane_block": k}
+                    "source": f"pyradiomics-3.1.0.tar.gz:data/{case}_{name}.nrrd",
+                    "source_sha256": sha256(b),
+                    "in_plane_block": k,
+                }
         (out / "LICENSE-pyradiomics.txt").write_bytes(tar.extractfile("pyradiomics-3.1.0/LICENSE.txt").read())
     for rel in manifest:
         manifest[rel]["sha256"] = sha256((out / rel).read_bytes())

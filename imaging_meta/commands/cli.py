@@ -146,6 +146,13 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="mask format; dicom-seg (highdicom) needs DICOM series queries and writes <query>.seg.dcm")
     g.add_argument("--explain", action="store_true",
                    help="also write each query's foreground probability map (<query>_probability.nii.gz)")
+    g.add_argument("--learner-only", action="store_true",
+                   help="the learner's probability alone: no intensity evidence, calibration, negative slices or z smoothing")
+    g.add_argument("--no-intensity", action="store_true", help="do not fuse the support's intensity likelihood")
+    g.add_argument("--no-negative-slices", action="store_true",
+                   help="do not use the support's slices without the structure to leave query slices empty")
+    g.add_argument("--z-smoothing", type=float, default=0.25,
+                   help="weight of each axial neighbour when smoothing the probability along z (0: off)")
 
     c = sub.add_parser("classify", help="few-shot classification of images against a support folder")
     c.add_argument("--checkpoint", required=True)
@@ -178,6 +185,10 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="95%% intervals of every table and of the paired trained − baseline differences: a seeded "
                         "percentile bootstrap of the test patients (default), or Student's t over episodes (too narrow "
                         "when episodes reuse the same patients)")
+    e.add_argument("--scan-protocols", nargs="+", choices=("whole_scan", "oracle_extent"), default=[],
+                   help="also segment whole test scans and score 3D Dice per query volume beside the untrained learner, "
+                        "copying the support mask and the intensity window (segmentation; scans.md)")
+    e.add_argument("--scan-pairs", type=int, default=4, help="(support, query) scan pairs per test structure")
 
     m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
     m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
@@ -188,6 +199,16 @@ def _tool_parser() -> argparse.ArgumentParser:
 
     add_arguments(r)
     return p
+
+
+def _scan_options(args):
+    """The scan segmenter's parts from ``segment``'s flags."""
+    from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions
+
+    if args.learner_only:
+        return LEARNER_ONLY
+    return ScanOptions(intensity=not args.no_intensity, negatives=not args.no_negative_slices, smooth_z=args.z_smoothing,
+                       max_support_slices=args.max_support_slices)
 
 
 def _run_tool(argv: Sequence[str]) -> int:
@@ -228,6 +249,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             device=args.device,
             output_format=args.output_format,
             explain=args.explain,
+            options=_scan_options(args),
         )
         for w in written:
             sys.stdout.write(f"wrote {w}\n")
@@ -245,7 +267,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             args.checkpoint, args.out, shots=args.shots, episodes=args.episodes, seed=args.seed,
             data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
             batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
-            name=args.name, salt=args.salt, interval=args.interval,
+            name=args.name, salt=args.salt, interval=args.interval, scan_protocols=args.scan_protocols, scan_pairs=args.scan_pairs,
         )
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
         return 0

@@ -337,6 +337,8 @@ def evaluate(
     name: str | None = None,
     salt: str | None = None,
     interval: str = DEFAULT_INTERVAL,
+    scan_protocols: Sequence[str] = (),
+    scan_pairs: int = 4,
 ) -> tuple[Path, Path]:
     """Evaluate a checkpoint on fixed test episodes for each number of shots; write the report.
 
@@ -363,6 +365,9 @@ def evaluate(
             ``patient-bootstrap`` (seeded percentile bootstrap of the test patients, `N_BOOT` resamples) or
             ``episode-t`` (Student's t over episodes; too narrow when episodes share patients). See
             `imaging_meta.evaluation.statistics`.
+        scan_protocols: also score these whole-scan protocols (``whole_scan``, ``oracle_extent``) on the test
+            scans, into ``scans.json`` and ``scans.md`` (`imaging_meta.commands.evaluate_scans`).
+        scan_pairs: (support, query) scan pairs per test structure for the whole-scan protocols.
 
     Returns:
         The paths of ``results.json`` and ``results.md``.
@@ -402,4 +407,9 @@ def evaluate(
                        threshold=threshold, spacing=spacing, device=dev.type)
     context["interval"] = interval_description(interval, N_BOOT, seed)
     summary = evaluation_summary(task, records, seed=seed, interval=interval, n_boot=N_BOOT)
+    if scan_protocols:
+        from imaging_meta.commands.evaluate_scans import evaluate_scans
+
+        js, _ = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols, scan_pairs, seed, device=dev)
+        logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), js)
     return write_evaluation_report(out, context, summary, records, panels)

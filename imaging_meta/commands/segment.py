@@ -26,9 +26,9 @@ import torch
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.transforms.volume import volume_transforms
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
-from imaging_meta.episode import Episode
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
+from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,29 @@ def _segmenter(checkpoint: str | Path, device: torch.device) -> tuple[Learner, d
     return learner, pre
 
 
+def _support_volumes(tf_pair, supports, label_value, modality, max_support_slices) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Preprocessed (image, structure mask) volumes (H, W, D) of the supports, checked.
+
+    Raises:
+        ValueError: a label map without the structure, or that is the structure everywhere.
+    """
+    out = []
+    for image, label in supports:
+        d = tf_pair({"image": image_source(image), "label": str(label), "modality": modality_of(image, modality)})
+        lbl = d["label"][0]
+        mask = (lbl > 0) if label_value is None else (lbl == label_value)
+        what = "any non-zero voxel" if label_value is None else f"value {label_value}"
+        if not _support_slices(mask, max_support_slices):
+            raise ValueError(f"{label}: the label map has no {what} after preprocessing; check --label-value")
+        if bool(mask.all()) or _is_all_foreground(label, label_value):
+            raise ValueError(
+                f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
+                "file (an image or a body mask instead of the label map); check --support-label and --label-value"
+            )
+        out.append((d["image"].as_tensor()[0].float(), mask.as_tensor().bool()))
+    return out
+
+
 @torch.no_grad()
 def segment(
     checkpoint: str | Path,
@@ -140,6 +163,7 @@ def segment(
     query_chunk: int = 16,
     output_format: str = "nifti",
     explain: bool = False,
+    options: ScanOptions | None = None,
 ) -> list[Path]:
     """Segment ``queries`` with the structure labelled in ``supports``.
 
@@ -168,6 +192,8 @@ def segment(
         query_chunk: query slices per forward pass.
         output_format: "nifti" or "dicom-seg".
         explain: also write each query's foreground probability map.
+        options: what the scan segmenter adds to the learner (`imaging_meta.volume.segmenter.ScanOptions`;
+            default: everything, with ``max_support_slices``); ``LEARNER_ONLY`` is the learner alone.
 
     Returns:
         The written files: the masks (NIfTI or DICOM-SEG), one per query, then the probability maps.
@@ -194,25 +220,9 @@ def segment(
     tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
     tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
 
-    # support: slices where the structure is present
-    s_images, s_masks = [], []
-    for image, label in supports:
-        d = tf_pair({"image": image_source(image), "label": str(label), "modality": modality_of(image, modality)})
-        lbl = d["label"][0]
-        mask = (lbl > 0) if label_value is None else (lbl == label_value)
-        what = "any non-zero voxel" if label_value is None else f"value {label_value}"
-        zs = _support_slices(mask, max_support_slices)
-        if not zs:
-            raise ValueError(f"{label}: the label map has no {what} after preprocessing; check --label-value")
-        if bool(mask.all()) or _is_all_foreground(label, label_value):
-            raise ValueError(
-                f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
-                "file (an image or a body mask instead of the label map); check --support-label and --label-value"
-            )
-        s_images += [d["image"].as_tensor()[..., z] for z in zs]
-        s_masks += [mask.as_tensor()[..., z].float() for z in zs]
-    support_images = torch.stack(s_images).unsqueeze(0).to(dev)  # (1, K, 1, H, W)
-    support_labels = torch.stack(s_masks).unsqueeze(0).to(dev)  # (1, K, H, W)
+    supports_pre = _support_volumes(tf_pair, supports, label_value, modality, max_support_slices)
+    segmenter = ScanSegmenter(learner, options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk), dev).fit(supports_pre)
+    logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0], segmenter.describe())
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,15 +231,7 @@ def segment(
         q = Path(query)
         data = tf_image({"image": image_source(q), "modality": modality_of(q, modality)})
         vol = data["image"]  # (1, H, W, D) MetaTensor
-        probs = torch.zeros(vol.shape, dtype=torch.float32)
-        depth = vol.shape[-1]
-        for start in range(0, depth, query_chunk):
-            zs = list(range(start, min(depth, start + query_chunk)))
-            qi = torch.stack([vol.as_tensor()[..., z] for z in zs]).unsqueeze(0).to(dev)  # (1, Q, 1, H, W)
-            ep = Episode(support_images, support_labels, qi, torch.zeros(qi.shape[:2] + qi.shape[-2:], device=dev), batched=True)
-            p = learner.predict(ep)[0].float().cpu()  # (Q, H, W)
-            for j, z in enumerate(zs):
-                probs[0, ..., z] = p[j]
+        probs = segmenter.predict(vol.as_tensor()[0].float()).unsqueeze(0)
         prob = vol.clone()
         prob.set_array(probs)
         data["prob"] = prob

@@ -23,6 +23,7 @@ from imaging_meta.commands.cli import cli_main
 from imaging_meta.commands.segment import segment
 from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
 from imaging_meta.module import EpisodicModule
+from imaging_meta.volume.segmenter import LEARNER_ONLY
 from tests.datamodules.dicom_fixtures import (
     FAKE_PHI,
     affine_ras,
@@ -112,7 +113,7 @@ def test_dicom_seg_frames_reference_the_slices_their_pixels_came_from(tmp_path, 
     monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
 
     written = segment(ckpt, [support], [folder], tmp_path / "out", output_format="dicom-seg",
-                      largest_component=False, device="cpu")
+                      largest_component=False, device="cpu", options=LEARNER_ONLY)
     assert written == [tmp_path / "out" / "SERIES_A.seg.dcm"]
     sources = {str(pydicom.dcmread(f).SOPInstanceUID): pydicom.dcmread(f) for f in files}
 
@@ -145,7 +146,8 @@ def test_dicom_seg_frames_reference_the_slices_their_pixels_came_from(tmp_path, 
     assert desc.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "imaging-meta"
 
     # the NIfTI mask of the same query, located through its affine only, shows the same pixels
-    nifti = segment(ckpt, [support], [folder], tmp_path / "out_nii", largest_component=False, device="cpu")[0]
+    nifti = segment(ckpt, [support], [folder], tmp_path / "out_nii", largest_component=False, device="cpu",
+                    options=LEARNER_ONLY)[0]
     img = nib.load(nifti)
     mask = np.asarray(img.dataobj).astype(bool)
     to_vox = np.linalg.inv(img.affine)

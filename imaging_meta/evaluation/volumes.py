@@ -1,0 +1,194 @@
+"""3D scoring and simple volume baselines on numpy arrays.
+
+Every function works in a volume's own voxel grid with axes (X, Y, Z), Z being the axial slice axis.
+Nothing here trains or loads anything: these are the volume metrics (Dice, HD95), the body-extent
+helpers used to align support and query volumes along Z, two training-free baselines (copy the
+support mask at the same relative slice position; an intensity window learned from the support) and
+the SSL-ALPNet 3D protocol helpers (oracle chunks of the foreground extent and their centre slices).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from monai.metrics import compute_hausdorff_distance
+from scipy import ndimage
+
+_CT_BODY_HU = -500.0
+_MR_BODY_FRACTION = 0.1
+_MIN_SLICE_AREA_FRACTION = 0.1
+
+
+def _check_same_shape(pred: np.ndarray, truth: np.ndarray) -> None:
+    """Raise ValueError naming both shapes when `pred` and `truth` differ in shape."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"shape mismatch: pred has shape {pred.shape}, truth has shape {truth.shape}")
+
+
+def dice3d(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice 2|A∩B|/(|A|+|B|) of two boolean volumes; 1.0 when both are empty, 0.0 when one is."""
+    _check_same_shape(pred, truth)
+    a, b = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    if total == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm between two boolean volumes.
+
+    Uses MONAI's surface-based `compute_hausdorff_distance` with the voxel `spacing` (mm per voxel
+    along X, Y, Z). The distance is undefined when either mask is empty, so float('nan') is returned
+    then; callers should aggregate with nan-aware statistics.
+    """
+    _check_same_shape(pred, truth)
+    a, b = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    if not a.any() or not b.any():
+        return float("nan")
+    with warnings.catch_warnings():
+        # MONAI 1.5 warns about its own internal use of a deprecated argument on every call.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        distance = compute_hausdorff_distance(
+            a[None, None].astype(np.float32),
+            b[None, None].astype(np.float32),
+            include_background=True,
+            percentile=95,
+            spacing=[float(s) for s in spacing],
+        )
+    return float(distance.reshape(-1)[0])
+
+
+def _body_threshold(image: np.ndarray, modality: str) -> float | None:
+    """Intensity above which a voxel is body: -500 HU for CT, else 0.1 x p99 of non-zero voxels."""
+    if modality.upper() == "CT":
+        return _CT_BODY_HU
+    nonzero = image[image != 0]
+    if nonzero.size == 0:
+        return None
+    return _MR_BODY_FRACTION * float(np.percentile(nonzero, 99))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep only the largest 3D connected component of a boolean volume (all False if empty)."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
+    """Boolean body mask of a raw volume: a modality threshold, then the largest 3D component.
+
+    CT (HU): voxels > -500 HU. MR or anything else: voxels > 0.1 x the 99th percentile of the
+    non-zero voxels. An empty volume (or one with no non-zero voxels for MR) gives all False.
+    """
+    image = np.asarray(image)
+    if image.size == 0:
+        return np.zeros(image.shape, dtype=bool)
+    threshold = _body_threshold(image, modality)
+    if threshold is None:
+        return np.zeros(image.shape, dtype=bool)
+    return _largest_component(image > threshold)
+
+
+def body_z_extent(image: np.ndarray, modality: str) -> tuple[int, int]:
+    """First and last axial slice (inclusive) whose body area is >= 10% of the largest slice's.
+
+    Returns (0, Z-1) when the volume has no body at all.
+    """
+    areas = body_mask(image, modality).sum(axis=(0, 1))
+    if areas.size == 0 or areas.max() == 0:
+        return 0, max(int(np.shape(image)[2]) - 1, 0)
+    keep = np.flatnonzero(areas >= _MIN_SLICE_AREA_FRACTION * areas.max())
+    return int(keep[0]), int(keep[-1])
+
+
+def relative_z(z: np.ndarray | int, extent: tuple[int, int]) -> np.ndarray:
+    """Position of slice(s) `z` within `extent` = (lo, hi): (z - lo) / max(hi - lo, 1)."""
+    lo, hi = extent
+    return (np.asarray(z, dtype=float) - lo) / max(hi - lo, 1)
+
+
+def _nearest_indices(n_out: int, n_in: int) -> np.ndarray:
+    """Nearest-neighbour source index for each of `n_out` output cells over `n_in` input cells."""
+    idx = np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int)
+    return np.clip(idx, 0, n_in - 1)
+
+
+def _resize_slice(mask_slice: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2D boolean slice to exactly `shape` (X, Y)."""
+    ix = _nearest_indices(shape[0], mask_slice.shape[0])
+    iy = _nearest_indices(shape[1], mask_slice.shape[1])
+    return mask_slice[np.ix_(ix, iy)]
+
+
+def _support_slice_for(rel: float, extent: tuple[int, int]) -> int:
+    """Support slice nearest relative position `rel` in `extent`, clipped to the extent."""
+    lo, hi = extent
+    z = int(np.floor(lo + rel * (hi - lo) + 0.5))
+    return int(np.clip(z, lo, hi))
+
+
+def copy_mask_at_relative_position(
+    support_mask: np.ndarray, support_image: np.ndarray, query_image: np.ndarray, modality: str
+) -> np.ndarray:
+    """Copy-the-support-mask baseline, aligned by relative position in the body's Z extent.
+
+    For each query slice inside the query's body z-extent, the support mask slice at the same
+    relative position within the support's body z-extent (nearest slice) is resized in-plane to the
+    query's (X, Y) with nearest neighbour. Query slices outside the body extent stay empty.
+    """
+    support = np.asarray(support_mask, dtype=bool)
+    _check_same_shape(support, np.asarray(support_image))
+    s_extent = body_z_extent(support_image, modality)
+    q_lo, q_hi = body_z_extent(query_image, modality)
+    out = np.zeros(np.shape(query_image), dtype=bool)
+    plane = out.shape[:2]
+    for z in range(q_lo, q_hi + 1):
+        s_z = _support_slice_for(float(relative_z(z, (q_lo, q_hi))), s_extent)
+        out[:, :, z] = _resize_slice(support[:, :, s_z], plane)
+    return out
+
+
+def intensity_window(
+    support_image: np.ndarray,
+    support_mask: np.ndarray,
+    query_image: np.ndarray,
+    low_pct: float = 10.0,
+    high_pct: float = 90.0,
+) -> np.ndarray:
+    """Intensity-window baseline: query voxels within the support foreground's [p_low, p_high].
+
+    The window is the `low_pct`-th and `high_pct`-th percentiles of the support image inside the
+    support mask; both ends are inclusive. Raises ValueError if the support mask is empty.
+    """
+    mask = np.asarray(support_mask, dtype=bool)
+    values = np.asarray(support_image)[mask]
+    if values.size == 0:
+        raise ValueError("intensity_window needs a non-empty support mask")
+    lo, hi = np.percentile(values, [low_pct, high_pct])
+    query = np.asarray(query_image)
+    return (query >= lo) & (query <= hi)
+
+
+def oracle_chunks(mask: np.ndarray, n_chunks: int) -> list[list[int]]:
+    """SSL-ALPNet 3D protocol: split the foreground's axial extent into `n_chunks` chunks.
+
+    The extent runs from the first to the last slice with any foreground (gap slices included) and
+    is split with np.array_split into contiguous near-equal chunks; empty chunks (an extent shorter
+    than `n_chunks`) are dropped. An empty mask gives [].
+    """
+    occupied = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=(0, 1)))
+    if occupied.size == 0:
+        return []
+    extent = np.arange(occupied[0], occupied[-1] + 1)
+    chunks = np.array_split(extent, n_chunks)
+    return [[int(z) for z in chunk] for chunk in chunks if chunk.size > 0]
+
+
+def chunk_centres(chunks: list[list[int]]) -> list[int]:
+    """Middle slice index of each chunk: chunk[len(chunk) // 2]."""
+    return [int(chunk[len(chunk) // 2]) for chunk in chunks]

@@ -1,0 +1,224 @@
+"""Segment a whole preprocessed scan with a slice-wise learner and the evidence it lacks.
+
+`ScanSegmenter` is what `imaging-meta segment` and the whole-scan protocols of `imaging-meta evaluate` run.
+It is fitted on the support scans alone (never a query label):
+
+1. the learner's foreground probability of each query slice against the support slices that show the
+   structure (``max_support_slices`` per support scan, spread over the structure);
+2. ``intensity``: the log-likelihood ratio of each voxel's intensity under the support's foreground and
+   background histograms (`evidence.IntensityModel`);
+3. ``calibrate``: a logistic fusion of the learner's logit and the intensity evidence, and a Dice-optimal
+   threshold, both fitted on the support: the support slices with the structure are predicted leave-one-out
+   (from the other support slices), those without it from all of them. With one support slice there is
+   nothing to leave out; the fusion then adds the two log-odds (weights 1, 1) at threshold 0.5;
+4. ``negatives``: a slice gate fitted on the same support predictions, which leaves a query slice empty when
+   its strongest evidence is no stronger than on the support's slices without the structure;
+5. ``smooth_z``: each slice's probability averaged with its axial neighbours.
+
+`predict` returns a probability map shifted so that > 0.5 is the decision (the fitted threshold maps to 0.5);
+the caller keeps the largest 3D connected component. Plain torch, no I/O, no Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from imaging_meta.episode import Episode
+from imaging_meta.learners.base import Learner
+from imaging_meta.volume.evidence import (
+    IntensityModel,
+    LogisticFusion,
+    best_threshold,
+    body_extent,
+    logit,
+    slice_gate,
+    slice_scores,
+    smooth_z,
+)
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """What `ScanSegmenter` adds to the learner (every part can be switched off for an ablation)."""
+
+    intensity: bool = True
+    calibrate: bool = True
+    negatives: bool = True
+    smooth_z: float = 0.25
+    max_support_slices: int = 12
+    max_negative_slices: int = 12
+    query_chunk: int = 16
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+LEARNER_ONLY = ScanOptions(intensity=False, calibrate=False, negatives=False, smooth_z=0.0)
+
+
+def spread(zs: list[int], most: int) -> list[int]:
+    """At most ``most`` of ``zs``, evenly spread."""
+    if len(zs) <= most:
+        return list(zs)
+    return [zs[int(round(i))] for i in np.linspace(0, len(zs) - 1, most)]
+
+
+def structure_slices(mask: torch.Tensor) -> list[int]:
+    """Axial slices of a (H, W, D) mask that show the structure."""
+    return torch.nonzero(mask.flatten(0, 1).sum(0) > 0).flatten().tolist()
+
+
+class ScanSegmenter:
+    """Fit on support scans, predict query scans (preprocessed (H, W, D) tensors in [0, 1])."""
+
+    def __init__(
+        self, learner: Learner, options: ScanOptions = ScanOptions(), device: torch.device | str = "cpu"
+    ):
+        self.learner = learner
+        self.options = options
+        self.device = torch.device(device)
+        self.fusion: LogisticFusion | None = None
+        self.intensity: IntensityModel | None = None
+        self.threshold = 0.5
+        self.gate: float | None = None
+        self.support_images: torch.Tensor | None = None
+        self.support_masks: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ learner calls
+    def _learned(self, images: torch.Tensor, s_img: torch.Tensor, s_mask: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) slices -> (N, H, W) learner probabilities against the support slices (K, 1, H, W)."""
+        out = []
+        sup_i = s_img.unsqueeze(0).to(self.device)
+        sup_m = s_mask.unsqueeze(0).to(self.device)
+        for start in range(0, images.shape[0], self.options.query_chunk):
+            qi = images[start : start + self.options.query_chunk].unsqueeze(1).unsqueeze(0).to(self.device)
+            ep = Episode(
+                sup_i, sup_m, qi, torch.zeros(qi.shape[:2] + qi.shape[-2:], device=self.device), batched=True
+            )
+            out.append(self.learner.predict(ep)[0].float().cpu())
+        return torch.cat(out) if out else images.new_zeros(images.shape)
+
+    def _features(self, probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        feats = [logit(probs)]
+        if self.intensity is not None:
+            feats.append(self.intensity.llr(images))
+        return torch.stack(feats, dim=-1)
+
+    def _fused(self, probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities after fusion, shifted so that the fitted threshold is 0.5."""
+        if not self.options.calibrate:
+            return probs
+        z = self.fusion.logits(self._features(probs, images).flatten(0, -2)).view(probs.shape)
+        return torch.sigmoid(z - float(logit(torch.tensor(self.threshold))))
+
+    # ------------------------------------------------------------------ fit
+    @torch.no_grad()
+    def fit(
+        self, supports: list[tuple[torch.Tensor, torch.Tensor]], slices: list[list[int]] | None = None
+    ) -> ScanSegmenter:
+        """Fit on (image, mask) support volumes, each (H, W, D).
+
+        Args:
+            supports: preprocessed support volumes and their boolean structure masks.
+            slices: the support slices to use per volume (default: those with the structure, spread).
+
+        Raises:
+            ValueError: a support without the structure.
+        """
+        o = self.options
+        pos_i, pos_m, neg_i = [], [], []
+        for n, (image, mask) in enumerate(supports):
+            present = structure_slices(mask)
+            if not present:
+                raise ValueError(f"support {n}: the mask has no foreground after preprocessing")
+            zs = slices[n] if slices is not None else spread(present, o.max_support_slices)
+            pos_i += [image[..., z] for z in zs]
+            pos_m += [mask[..., z].float() for z in zs]
+            lo, hi = body_extent(image)
+            absent = [z for z in range(lo, hi + 1) if z not in set(present)]
+            neg_i += [image[..., z] for z in spread(absent, o.max_negative_slices)]
+        self.support_images = torch.stack(pos_i).unsqueeze(1)  # (K, 1, H, W)
+        self.support_masks = torch.stack(pos_m)  # (K, H, W)
+        if not o.calibrate:
+            return self
+        k = self.support_images.shape[0]
+        images = self.support_images[:, 0]
+        if k >= 2:
+            loo = [
+                self._learned(images[i : i + 1], self._without(i)[0], self._without(i)[1]) for i in range(k)
+            ]
+            p_pos = torch.cat(loo)
+        else:
+            p_pos = self._learned(images, self.support_images, self.support_masks)
+        negs = torch.stack(neg_i) if neg_i else images.new_zeros((0,) + images.shape[1:])
+        p_neg = self._learned(negs, self.support_images, self.support_masks)
+        all_i = torch.cat([images, negs])
+        all_y = torch.cat([self.support_masks, torch.zeros_like(negs)])
+        all_p = torch.cat([p_pos, p_neg])
+        self.intensity = IntensityModel().fit(all_i, all_y) if o.intensity else None
+        self.fusion = LogisticFusion()
+        if k >= 2:
+            self.fusion.fit(self._features(all_p, all_i).flatten(0, -2), all_y.flatten())
+            self.threshold = best_threshold(
+                torch.sigmoid(self.fusion.logits(self._features(all_p, all_i).flatten(0, -2))), all_y
+            )
+        else:  # nothing to leave out: add the log-odds
+            n_feat = 2 if o.intensity else 1
+            self.fusion.weight, self.fusion.bias = torch.ones(n_feat), torch.zeros(())
+            self.threshold = 0.5
+        if o.negatives and negs.shape[0]:
+            fused = self._fused(all_p, all_i)  # (K + N, H, W)
+            scores = slice_scores(fused.permute(1, 2, 0))
+            self.gate = slice_gate(scores[:k], scores[k:])
+        return self
+
+    def _without(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = [j for j in range(self.support_images.shape[0]) if j != i]
+        return self.support_images[keep], self.support_masks[keep]
+
+    # ------------------------------------------------------------------ predict
+    @torch.no_grad()
+    def predict(self, volume: torch.Tensor, slices: list[int] | None = None) -> torch.Tensor:
+        """(H, W, D) query volume -> (H, W, D) probability map; > 0.5 is the decision.
+
+        Args:
+            slices: predict only these axial slices (the others are 0), as the oracle-extent protocol does.
+        """
+        if self.support_images is None:
+            raise RuntimeError("ScanSegmenter.predict before fit")
+        zs = list(range(volume.shape[-1])) if slices is None else list(slices)
+        out = torch.zeros(volume.shape, dtype=torch.float32)
+        if not zs:
+            return out
+        images = torch.stack([volume[..., z] for z in zs])
+        probs = self._fused(self._learned(images, self.support_images, self.support_masks), images)
+        if self.gate is not None:
+            keep = slice_scores(probs.permute(1, 2, 0)) >= self.gate
+            probs = probs * keep.view(-1, 1, 1).float()
+        for j, z in enumerate(zs):
+            out[..., z] = probs[j]
+        if self.options.smooth_z > 0:
+            out = smooth_z(out, self.options.smooth_z)
+            if slices is not None:  # the oracle's extent stays the extent
+                outside = torch.ones(volume.shape[-1], dtype=torch.bool)
+                outside[zs] = False
+                out[..., outside] = 0.0
+        return out
+
+    def describe(self) -> dict:
+        """What was fitted, for reports and ``segment --explain``."""
+        return {
+            "options": self.options.as_dict(),
+            "support_slices": 0 if self.support_images is None else int(self.support_images.shape[0]),
+            "fusion_weight": None
+            if self.fusion is None or self.fusion.weight is None
+            else self.fusion.weight.tolist(),
+            "fusion_bias": None
+            if self.fusion is None or self.fusion.bias is None
+            else float(self.fusion.bias),
+            "threshold": self.threshold,
+            "slice_gate": self.gate,
+        }

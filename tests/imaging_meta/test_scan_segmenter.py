@@ -1,0 +1,194 @@
+"""The scan segmenter (intensity evidence, negative slices, calibration, z smoothing) and the whole-scan
+protocols, on synthetic volumes with known answers. Stand-in learners make the learned evidence known."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from imaging_meta.evaluation.scans import COPY, LEARNER_ONLY_NAME, WINDOW, Scan, score_pair
+from imaging_meta.learners.base import Learner
+from imaging_meta.volume.evidence import IntensityModel, LogisticFusion, best_threshold, slice_gate, smooth_z
+from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter
+
+
+class ConstantLearner(Learner):
+    """Predicts the same foreground probability everywhere: no learned evidence at all."""
+
+    def __init__(self, p: float = 0.4) -> None:
+        super().__init__()
+        self.p = p
+
+    def predict(self, episode):
+        return torch.full(episode.query_images.shape[:2] + episode.query_images.shape[-2:], self.p)
+
+
+class BrightLearner(Learner):
+    """Foreground probability 0.9 where the query pixel is brighter than 0.5, else 0.05."""
+
+    def predict(self, episode):
+        q = episode.query_images[:, :, 0]
+        return torch.where(q > 0.5, torch.tensor(0.9), torch.tensor(0.05))
+
+
+def _volume(depth=12, size=20, lo=4, hi=8, organ=0.8, other=0.3, seed=0):
+    """Body (0.3) with a 6 x 6 organ (0.8) on slices lo..hi; noise-free; returns image, mask."""
+    img = torch.full((size, size, depth), other)
+    img[:2], img[-2:] = 0.0, 0.0
+    mask = torch.zeros(size, size, depth, dtype=torch.bool)
+    mask[7:13, 7:13, lo : hi + 1] = True
+    img[mask] = organ
+    return img, mask
+
+
+def test_intensity_model_log_ratio_sign():
+    values = torch.tensor([0.1] * 50 + [0.8] * 50)
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    m = IntensityModel().fit(values, labels)
+    assert m.llr(torch.tensor([0.8])).item() > 2.0
+    assert m.llr(torch.tensor([0.1])).item() < -2.0
+    with pytest.raises(ValueError, match="both foreground and background"):
+        IntensityModel().fit(values, torch.ones(100))
+
+
+def test_logistic_fusion_learns_the_informative_feature():
+    torch.manual_seed(0)
+    y = (torch.rand(2000) > 0.7).float()
+    x = torch.stack([torch.randn(2000), y * 4 - 2 + 0.3 * torch.randn(2000)], 1)
+    f = LogisticFusion().fit(x, y)
+    assert abs(f.weight[1].item()) > 5 * abs(f.weight[0].item())
+    acc = ((f.logits(x) > 0).float() == y).float().mean().item()
+    assert acc > 0.95
+
+
+def test_best_threshold_and_gate():
+    probs = torch.tensor([0.1, 0.3, 0.42, 0.9])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert 0.3 <= best_threshold(probs, labels) < 0.42
+    assert slice_gate(torch.tensor([0.8, 0.9]), torch.tensor([0.1, 0.2])) == pytest.approx(0.5)
+    assert slice_gate(torch.tensor([0.8]), torch.tensor([])) is None
+    assert slice_gate(torch.tensor([0.1]), torch.tensor([0.9])) is None  # no better than chance: no gate
+
+
+def test_smooth_z_averages_neighbours_and_keeps_edges():
+    v = torch.zeros(1, 1, 5)
+    v[..., 2] = 1.0
+    s = smooth_z(v, 0.25)
+    assert s[0, 0].tolist() == pytest.approx([0.0, 0.25, 0.5, 0.25, 0.0])
+
+
+def test_intensity_evidence_segments_what_an_uninformative_learner_cannot():
+    s_img, s_mask = _volume()
+    q_img, q_mask = _volume(lo=3, hi=9)
+    learner = ConstantLearner(0.4)
+    plain = ScanSegmenter(learner, LEARNER_ONLY).fit([(s_img, s_mask)]).predict(q_img) > 0.5
+    fused = (
+        ScanSegmenter(learner, ScanOptions(negatives=False, smooth_z=0.0))
+        .fit([(s_img, s_mask)])
+        .predict(q_img)
+        > 0.5
+    )
+    assert not plain.any()  # 0.4 everywhere: nothing
+    assert torch.equal(fused, q_mask)  # the intensity likelihood alone finds the organ exactly
+
+
+def test_negative_slices_leave_distractor_slices_empty():
+    s_img, s_mask = _volume()
+    q_img, q_mask = _volume()
+    for img in (s_img, q_img):  # isolated bright specks on slices without the organ, in support and query
+        for z in (0, 1, 10, 11):
+            img[4, 4, z] = img[15, 12, z] = 0.8
+    learner = BrightLearner()
+    base = ScanOptions(intensity=False, smooth_z=0.0)
+    without = (
+        ScanSegmenter(learner, dataclasses.replace(base, negatives=False))
+        .fit([(s_img, s_mask)])
+        .predict(q_img)
+    )
+    seg = ScanSegmenter(learner, base).fit([(s_img, s_mask)])
+    with_gate = seg.predict(q_img)
+    assert seg.gate is not None
+    assert (without[..., [0, 1, 10, 11]] > 0.5).any()  # the specks are foreground without the rule
+    assert not (with_gate[..., [0, 1, 10, 11]] > 0.5).any()  # and left empty with it
+    assert torch.equal(with_gate[..., 4:9] > 0.5, q_mask[..., 4:9])
+
+
+def test_oracle_slices_restrict_the_prediction():
+    s_img, s_mask = _volume()
+    seg = ScanSegmenter(ConstantLearner(0.9), LEARNER_ONLY).fit([(s_img, s_mask)], slices=[[6]])
+    out = seg.predict(s_img, slices=[5, 6])
+    assert (out[..., [5, 6]] > 0.5).all() and not (out[..., [0, 1, 2, 3, 4, 7]] > 0).any()
+
+
+def _write(path, array, spacing=(4.5, 4.5, 5.0)):
+    nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
+    return str(path)
+
+
+def test_protocols_known_answers(tmp_path):
+    """A learner that says 'foreground' everywhere: whole_scan predicts the whole volume, oracle_extent the
+    query's true extent; 3D Dice is then known in closed form, and the window baseline is exact."""
+    shape = (16, 16, 10)
+    pre = {
+        "spacing": [4.5, 4.5],
+        "slice_size": [16, 16],
+        "ct_window": [-250.0, 250.0],
+        "mr_percentiles": [1.0, 99.0],
+    }
+    scans = []
+    for name, (lo, hi) in (("s", (2, 7)), ("q", (3, 6))):
+        hu = np.full(shape, 40.0, np.float32)
+        lab = np.zeros(shape, np.uint8)
+        lab[5:9, 5:9, lo : hi + 1] = 3
+        hu[lab == 3] = 200.0
+        scans.append(
+            Scan(
+                _write(tmp_path / f"{name}.nii.gz", hu),
+                _write(tmp_path / f"{name}_l.nii.gz", lab),
+                3,
+                "CT",
+                "organ",
+            )
+        )
+    truth = 16 * 4  # 4 x 4 x 4 query voxels
+    everywhere = ConstantLearner(0.99)
+    whole = {
+        r["method"]: r for r in score_pair(everywhere, pre, scans[0], scans[1], "whole_scan", ablations=False)
+    }
+    oracle = {
+        r["method"]: r
+        for r in score_pair(everywhere, pre, scans[0], scans[1], "oracle_extent", ablations=False)
+    }
+    assert whole[LEARNER_ONLY_NAME]["dice"] == pytest.approx(2 * truth / (truth + 16 * 16 * 10))
+    assert oracle[LEARNER_ONLY_NAME]["dice"] == pytest.approx(2 * truth / (truth + 16 * 16 * 4))
+    assert (
+        oracle[LEARNER_ONLY_NAME]["uses_query_extent"] and not whole[LEARNER_ONLY_NAME]["uses_query_extent"]
+    )
+    assert whole[WINDOW]["dice"] == pytest.approx(
+        1.0
+    )  # support foreground is 200 HU exactly, so is the query's
+    assert whole["trained"]["dice"] == pytest.approx(1.0)  # the intensity evidence fixes the learner
+    assert oracle[COPY]["dice"] > 0.7  # the support's extent mapped onto the query's
+    with pytest.raises(ValueError, match="protocol"):
+        score_pair(everywhere, pre, scans[0], scans[1], "nope")
+
+
+def test_scan_pairs_cross_patient_same_modality_and_report():
+    from imaging_meta.commands.evaluate_scans import scan_pairs, scans_markdown
+
+    scans = [
+        {"image": f"{p}.nii.gz", "label": f"{p}_l.nii.gz", "modality": m, "organs": o, "patient": p, "site": m}
+        for p, m, o in (("a", "CT", {"spleen": 1}), ("b", "CT", {"spleen": 1}), ("c", "MR", {"spleen": 1}),
+                        ("d", "CT", {"liver": 2}))
+    ]
+    pairs = scan_pairs(scans, pairs=10)
+    assert {(s.patient, q.patient) for s, q in pairs} == {("a", "b"), ("b", "a")}  # no MR-CT, no self, no liver pair
+    assert scan_pairs(scans, pairs=10) == pairs  # seeded
+    recs = [{"protocol": "whole_scan", "method": m, "dice": d, "hd95": 3.0, "structure": "spleen", "support": s,
+             "query": q} for s, q in (("a", "b"), ("b", "a")) for m, d in (("trained", 0.8), (COPY, 0.5))]
+    md = scans_markdown(recs)
+    assert "| trained − copy support mask | 0.300" in md and "2 (support, query) volume pairs" in md

@@ -1,0 +1,176 @@
+"""Known-answer tests for imaging_meta.evaluation.volumes on small synthetic volumes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from imaging_meta.evaluation.volumes import (
+    body_mask,
+    body_z_extent,
+    chunk_centres,
+    copy_mask_at_relative_position,
+    dice3d,
+    hd95,
+    intensity_window,
+    oracle_chunks,
+    relative_z,
+)
+
+
+def _ct_cylinder(nx: int, ny: int, nz: int, z_lo: int, z_hi: int, radius: float) -> np.ndarray:
+    """-1000 HU air with a 0 HU cylinder along Z occupying slices z_lo..z_hi inclusive."""
+    image = np.full((nx, ny, nz), -1000.0, dtype=np.float32)
+    x, y = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    disc = (x - (nx - 1) / 2) ** 2 + (y - (ny - 1) / 2) ** 2 <= radius**2
+    image[disc, z_lo : z_hi + 1] = 0.0
+    return image
+
+
+def test_dice3d_of_two_offset_cubes_is_hand_computed_value():
+    a = np.zeros((8, 8, 8), dtype=bool)
+    b = np.zeros((8, 8, 8), dtype=bool)
+    a[0:4, 0:4, 0:4] = True  # 64 voxels
+    b[2:6, 1:5, 0:4] = True  # 64 voxels; overlap x 2..3, y 1..3, z 0..3 = 2*3*4 = 24
+    assert dice3d(a, b) == pytest.approx(2 * 24 / 128)  # 0.375
+    assert dice3d(a, a) == 1.0
+
+
+def test_dice3d_empty_cases_and_shape_mismatch():
+    empty = np.zeros((4, 4, 4), dtype=bool)
+    full = np.ones((4, 4, 4), dtype=bool)
+    assert dice3d(empty, empty) == 1.0
+    assert dice3d(empty, full) == 0.0
+    assert dice3d(full, empty) == 0.0
+    with pytest.raises(ValueError, match=r"\(4, 4, 4\).*\(4, 4, 5\)"):
+        dice3d(empty, np.zeros((4, 4, 5), dtype=bool))
+
+
+def test_hd95_of_plate_shifted_along_x_scales_with_spacing():
+    # A one-voxel-thick plate: every surface voxel of one is exactly 2 voxels (along x) from the
+    # nearest surface voxel of the other, so every percentile of the distances is 2 * spacing_x.
+    a = np.zeros((12, 10, 10), dtype=bool)
+    a[4, 2:8, 2:8] = True
+    b = np.roll(a, 2, axis=0)
+    assert hd95(a, b, (2.0, 1.0, 1.0)) == pytest.approx(4.0)
+    assert hd95(a, b, (1.0, 1.0, 1.0)) == pytest.approx(2.0)
+    assert hd95(a, b, (3.0, 5.0, 5.0)) == pytest.approx(6.0)
+    assert hd95(a, a, (2.0, 1.0, 1.0)) == pytest.approx(0.0)
+
+
+def test_hd95_is_nan_when_a_mask_is_empty():
+    a = np.zeros((6, 6, 6), dtype=bool)
+    b = a.copy()
+    b[2:4, 2:4, 2:4] = True
+    assert math.isnan(hd95(a, b, (1.0, 1.0, 1.0)))
+    assert math.isnan(hd95(b, a, (1.0, 1.0, 1.0)))
+    with pytest.raises(ValueError):
+        hd95(a, np.zeros((6, 6, 7), dtype=bool), (1.0, 1.0, 1.0))
+
+
+def test_body_mask_keeps_largest_component_ct_and_mr():
+    image = _ct_cylinder(16, 16, 16, 3, 12, radius=5)
+    image[0, 0, 0] = 100.0  # an isolated bright voxel outside the body
+    mask = body_mask(image, "CT")
+    assert mask.dtype == bool
+    assert not mask[0, 0, 0]
+    assert not np.array_equal(mask, image > -500)
+    assert mask.sum() == (image[..., 3:13] > -500).sum()
+
+    mr = np.zeros((8, 8, 4), dtype=np.float32)
+    mr[2:6, 2:6, :] = 100.0
+    mr[0, 0, 0] = 5.0  # below 0.1 * p99 (= 10)
+    assert body_mask(mr, "MR").sum() == 4 * 4 * 4
+    assert not body_mask(np.zeros((4, 4, 4)), "MR").any()
+    assert not body_mask(np.full((4, 4, 4), -1000.0), "CT").any()
+
+
+def test_body_z_extent_on_synthetic_ct_cylinder():
+    image = _ct_cylinder(16, 16, 16, 3, 12, radius=5)
+    assert body_z_extent(image, "CT") == (3, 12)
+    assert body_z_extent(np.full((4, 4, 7), -1000.0), "CT") == (0, 6)
+
+
+def test_body_z_extent_ignores_slices_under_ten_percent_of_max_area():
+    image = _ct_cylinder(16, 16, 16, 3, 12, radius=5)
+    image[7:9, 7:9, 2] = 0.0  # 4 voxels touching the cylinder: far below 10% of a full slice
+    assert body_z_extent(image, "CT") == (3, 12)
+
+
+def test_relative_z():
+    assert float(relative_z(3, (3, 12))) == 0.0
+    assert float(relative_z(12, (3, 12))) == 1.0
+    np.testing.assert_allclose(relative_z(np.array([5, 7]), (5, 5)), [0.0, 2.0])
+
+
+def test_copy_mask_at_relative_position_aligns_z_and_resizes_in_plane():
+    support_image = _ct_cylinder(32, 32, 24, 2, 21, radius=14)  # 20-slice body, extent (2, 21)
+    query_image = _ct_cylinder(16, 16, 16, 3, 12, radius=7)  # 10-slice body, extent (3, 12)
+    support_mask = np.zeros(support_image.shape, dtype=bool)
+    rel_support = relative_z(np.arange(24), (2, 21))
+    mask_slices = np.flatnonzero((rel_support >= 0.4) & (rel_support <= 0.6))
+    assert mask_slices.tolist() == [10, 11, 12, 13]
+    support_mask[8:16, 16:24, mask_slices] = True
+
+    out = copy_mask_at_relative_position(support_mask, support_image, query_image, "CT")
+
+    assert out.shape == query_image.shape and out.dtype == bool
+    # Query z -> support round(2 + 19 * (z - 3) / 9): 6 -> 8, 7 -> 10, 8 -> 13, 9 -> 15.
+    non_empty = np.flatnonzero(out.any(axis=(0, 1))).tolist()
+    assert non_empty == [7, 8]
+    assert np.all(
+        (relative_z(np.array(non_empty), (3, 12)) >= 0.4) & (relative_z(np.array(non_empty), (3, 12)) <= 0.6)
+    )
+    # In-plane 32 -> 16, nearest source index 2i + 1: x 8..15 -> 4..7, y 16..23 -> 8..11.
+    expected = np.zeros((16, 16), dtype=bool)
+    expected[4:8, 8:12] = True
+    for z in non_empty:
+        assert np.array_equal(out[:, :, z], expected)
+
+
+def test_copy_mask_leaves_slices_outside_query_body_empty():
+    support_image = _ct_cylinder(8, 8, 10, 0, 9, radius=3)
+    query_image = _ct_cylinder(8, 8, 12, 4, 7, radius=3)
+    support_mask = np.zeros(support_image.shape, dtype=bool)
+    support_mask[2:6, 2:6, :] = True
+    out = copy_mask_at_relative_position(support_mask, support_image, query_image, "CT")
+    assert np.flatnonzero(out.any(axis=(0, 1))).tolist() == [4, 5, 6, 7]
+
+
+def test_intensity_window_selects_exactly_the_window():
+    support_image = np.arange(200, dtype=float).reshape(10, 5, 4)
+    support_mask = support_image <= 100  # values 0..100: p10 = 10, p90 = 90 exactly
+    query_image = np.arange(-20, 140, dtype=float).reshape(8, 5, 4)
+    out = intensity_window(support_image, support_mask, query_image)
+    assert out.shape == query_image.shape
+    assert np.array_equal(out, (query_image >= 10) & (query_image <= 90))
+    assert out.sum() == 81
+    narrow = intensity_window(support_image, support_mask, query_image, low_pct=50.0, high_pct=50.0)
+    assert query_image[narrow].tolist() == [50.0]
+
+
+def test_intensity_window_raises_on_empty_support_mask():
+    image = np.zeros((4, 4, 4))
+    with pytest.raises(ValueError):
+        intensity_window(image, np.zeros((4, 4, 4), dtype=bool), image)
+
+
+def test_oracle_chunks_and_centres():
+    mask = np.zeros((4, 4, 20), dtype=bool)
+    mask[1:3, 1:3, 5:15] = True
+    chunks = oracle_chunks(mask, 3)
+    assert chunks == [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14]]
+    assert chunk_centres(chunks) == [7, 10, 13]
+
+
+def test_oracle_chunks_includes_gap_slices_and_drops_empty_chunks():
+    gapped = np.zeros((4, 4, 20), dtype=bool)
+    gapped[1, 1, [5, 14]] = True
+    assert oracle_chunks(gapped, 3) == [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14]]
+    short = np.zeros((4, 4, 20), dtype=bool)
+    short[1, 1, 6:8] = True
+    assert oracle_chunks(short, 3) == [[6], [7]]
+    assert chunk_centres([[6], [7]]) == [6, 7]
+    assert oracle_chunks(np.zeros((4, 4, 20), dtype=bool), 3) == []
