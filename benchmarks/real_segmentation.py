@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"], choices=["abdomen", "lesions"])
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--adapt-steps", type=int, default=0, help="also score the test-time adapted segmenter")
     args = ap.parse_args()
     learner, extra = load_learner(args.checkpoint, "cpu")
     untrained = restore_untrained(extra)

@@ -151,6 +151,11 @@ def _tool_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-intensity", action="store_true", help="do not fuse the support's intensity likelihood")
     g.add_argument("--no-negative-slices", action="store_true",
                    help="do not use the support's slices without the structure to leave query slices empty")
+    g.add_argument("--adapt-steps", type=int, default=0,
+                   help="test-time adaptation: fine-tune on superpixel episodes from the support and query scans and on "
+                        "augmented support slices for N steps before predicting (0: off; 40 is a measured choice, see "
+                        "docs/segmentation.md)")
+    g.add_argument("--adapt-seed", type=int, default=0, help="seed of the adaptation episodes")
     g.add_argument("--z-smoothing", type=float, default=0.25,
                    help="weight of each axial neighbour when smoothing the probability along z (0: off)")
 
@@ -189,6 +194,8 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="also segment whole test scans and score 3D Dice per query volume beside the untrained learner, "
                         "copying the support mask and the intensity window (segmentation; scans.md)")
     e.add_argument("--scan-pairs", type=int, default=4, help="(support, query) scan pairs per test structure")
+    e.add_argument("--adapt-steps", type=int, default=0,
+                   help="whole-scan protocols: also score the segmenter after N steps of test-time adaptation per pair")
 
     m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
     m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
@@ -250,6 +257,8 @@ def _run_tool(argv: Sequence[str]) -> int:
             output_format=args.output_format,
             explain=args.explain,
             options=_scan_options(args),
+            adapt_steps=args.adapt_steps,
+            adapt_seed=args.adapt_seed,
         )
         for w in written:
             sys.stdout.write(f"wrote {w}\n")
@@ -268,6 +277,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
             batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
             name=args.name, salt=args.salt, interval=args.interval, scan_protocols=args.scan_protocols, scan_pairs=args.scan_pairs,
+            adapt_steps=args.adapt_steps,
         )
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
         return 0

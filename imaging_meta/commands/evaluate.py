@@ -339,6 +339,7 @@ def evaluate(
     interval: str = DEFAULT_INTERVAL,
     scan_protocols: Sequence[str] = (),
     scan_pairs: int = 4,
+    adapt_steps: int = 0,
 ) -> tuple[Path, Path]:
     """Evaluate a checkpoint on fixed test episodes for each number of shots; write the report.
 
@@ -368,6 +369,7 @@ def evaluate(
         scan_protocols: also score these whole-scan protocols (``whole_scan``, ``oracle_extent``) on the test
             scans, into ``scans.json`` and ``scans.md`` (`imaging_meta.commands.evaluate_scans`).
         scan_pairs: (support, query) scan pairs per test structure for the whole-scan protocols.
+        adapt_steps: also score the whole-scan protocols after test-time adaptation on each pair's scans.
 
     Returns:
         The paths of ``results.json`` and ``results.md``.
@@ -410,6 +412,7 @@ def evaluate(
     if scan_protocols:
         from imaging_meta.commands.evaluate_scans import evaluate_scans
 
-        js, _ = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols, scan_pairs, seed, device=dev)
+        js, _ = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols, scan_pairs, seed, device=dev,
+                                adapt_steps=adapt_steps)
         logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), js)
     return write_evaluation_report(out, context, summary, records, panels)

@@ -138,8 +138,10 @@ def evaluate_scans(
     seed: int = 0,
     ablations: bool = True,
     device="cpu",
+    adapt_steps: int = 0,
 ) -> tuple[Path, Path]:
-    """Score the whole-scan protocols on ``dm``'s test scans; write ``scans.json`` and ``scans.md``."""
+    """Score the whole-scan protocols on ``dm``'s test scans; write ``scans.json`` and ``scans.md``.
+    ``adapt_steps`` > 0 adds the test-time adapted segmenter (`imaging_meta.adaptation`) to every pair."""
     chosen = scan_pairs(dm.test_scans(), pairs, seed)
     if not chosen:
         raise ValueError(
@@ -157,6 +159,8 @@ def evaluate_scans(
                 untrained=untrained,
                 ablations=ablations,
                 device=device,
+                adapt_steps=adapt_steps,
+                seed=seed,
             )
             for r in recs:
                 r["support"], r["query"] = s.patient, q.patient

@@ -164,6 +164,8 @@ def segment(
     output_format: str = "nifti",
     explain: bool = False,
     options: ScanOptions | None = None,
+    adapt_steps: int = 0,
+    adapt_seed: int = 0,
 ) -> list[Path]:
     """Segment ``queries`` with the structure labelled in ``supports``.
 
@@ -194,6 +196,9 @@ def segment(
         explain: also write each query's foreground probability map.
         options: what the scan segmenter adds to the learner (`imaging_meta.volume.segmenter.ScanOptions`;
             default: everything, with ``max_support_slices``); ``LEARNER_ONLY`` is the learner alone.
+        adapt_steps: before predicting, fine-tune a copy of the learner for this many steps on episodes from
+            the support and query scans themselves (`imaging_meta.adaptation`; 0: off).
+        adapt_seed: the seed of that adaptation (the same seed gives the same masks).
 
     Returns:
         The written files: the masks (NIfTI or DICOM-SEG), one per query, then the probability maps.
@@ -221,15 +226,20 @@ def segment(
     tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
 
     supports_pre = _support_volumes(tf_pair, supports, label_value, modality, max_support_slices)
+    query_data = [tf_image({"image": image_source(q), "modality": modality_of(q, modality)}) for q in queries]
+    if adapt_steps > 0:
+        from imaging_meta.adaptation import adapt
+
+        learner = adapt(learner, supports_pre, [d["image"].as_tensor()[0].float() for d in query_data], steps=adapt_steps,
+                        seed=adapt_seed, device=dev)
     segmenter = ScanSegmenter(learner, options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk), dev).fit(supports_pre)
     logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0], segmenter.describe())
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     masks_written, probs_written = [], []
-    for query in queries:
+    for query, data in zip(queries, query_data, strict=True):
         q = Path(query)
-        data = tf_image({"image": image_source(q), "modality": modality_of(q, modality)})
         vol = data["image"]  # (1, H, W, D) MetaTensor
         probs = segmenter.predict(vol.as_tensor()[0].float()).unsqueeze(0)
         prob = vol.clone()

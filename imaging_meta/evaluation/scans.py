@@ -35,6 +35,7 @@ from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegment
 PROTOCOLS = ("whole_scan", "oracle_extent")
 TRAINED_FULL, LEARNER_ONLY_NAME, UNTRAINED_NAME = "trained", "trained, learner only", "untrained encoder"
 COPY, WINDOW = "copy support mask", "intensity window"
+ADAPTED = "trained + test-time adaptation"
 ABLATIONS = {
     "trained, no intensity": dict(intensity=False),
     "trained, no negative slices": dict(negatives=False),
@@ -47,7 +48,7 @@ ABLATIONS = {
 class Scan:
     """One labelled scan: an image (NIfTI file or DICOM series folder), its label map, the structure's value."""
 
-    image: str
+    image: str | list[str]  # a NIfTI path, a DICOM series folder, or its files in geometric order
     label: str
     value: int
     modality: str
@@ -142,6 +143,11 @@ def _segment(
     return _largest(mask) if mask.any() else mask
 
 
+def _file_name(image: str | list) -> str:
+    """A NIfTI file's name, or a DICOM series' folder name."""
+    return Path(image[0]).parent.name if isinstance(image, (list, tuple)) else Path(image).name
+
+
 def _extent(mask: np.ndarray) -> tuple[int, int] | None:
     zs = np.nonzero(mask.reshape(-1, mask.shape[-1]).any(0))[0]
     return (int(zs[0]), int(zs[-1])) if zs.size else None
@@ -178,8 +184,13 @@ def score_pair(
     chunks: int = 3,
     options: ScanOptions = ScanOptions(),
     device="cpu",
+    adapt_steps: int = 0,
+    seed: int = 0,
 ) -> list[dict]:
     """One record per method for the query volume (3D Dice, HD95 in mm, and what was compared).
+
+    With ``adapt_steps`` > 0 one more method, ``trained + test-time adaptation``: the scan segmenter on a copy of
+    the learner adapted on this support and query scan (`imaging_meta.adaptation.adapt`, seeded with ``seed``).
 
     Raises:
         ValueError: an unknown protocol, or a support or query without the structure.
@@ -203,6 +214,13 @@ def score_pair(
         variants.update({k: (learner, dataclasses.replace(options, **v)) for k, v in ABLATIONS.items()})
     if untrained is not None:
         variants[UNTRAINED_NAME] = (untrained, LEARNER_ONLY)
+    if adapt_steps > 0:
+        from imaging_meta.adaptation import adapt
+
+        s_vol, q_vol = s.pre["image"].as_tensor()[0].float(), q.pre["image"].as_tensor()[0].float()
+        adapted = adapt(learner, [(s_vol, s.pre["struct"])], [q_vol], steps=adapt_steps, seed=seed, device=device,
+                        progress=False)
+        variants[ADAPTED] = (adapted, options)
     for name, (lrn, opts) in variants.items():
         preds[name] = _segment(lrn, opts, s, q, protocol, chunks, preprocessing, device)
     preds.update(_baselines(s, q, query.modality, protocol))
@@ -213,8 +231,8 @@ def score_pair(
             "dice": V.dice3d(pred, q.truth),
             "hd95": V.hd95(pred, q.truth, q.spacing),
             "structure": query.name,
-            "support": Path(support.image).name,
-            "query": Path(query.image).name,
+            "support": _file_name(support.image),
+            "query": _file_name(query.image),
             "site": query.site,
             "patient": query.patient,
             "uses_query_extent": protocol == "oracle_extent",

@@ -232,3 +232,15 @@ def test_an_all_foreground_support_label_is_rejected(tmp_path):
     query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
     with pytest.raises(ValueError, match=r"sup_label\.nii\.gz: every voxel of the label map is the structure.*wrong file"):
         segment(ckpt, [(image, label)], [query], tmp_path / "out", device="cpu")
+
+
+def test_segment_with_adaptation_is_deterministic_for_a_seed(tmp_path, support):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
+    runs = []
+    for name in ("a", "b"):
+        out = segment(ckpt, [support], [query], tmp_path / name, device="cpu", adapt_steps=2, adapt_seed=3, explain=True)
+        runs.append(np.asarray(nib.load(out[1]).dataobj))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    other = segment(ckpt, [support], [query], tmp_path / "c", device="cpu", explain=True)
+    assert not np.array_equal(np.asarray(nib.load(other[1]).dataobj), runs[0])  # the adaptation changed the model

@@ -1,0 +1,153 @@
+"""Test-time adaptation on the user's own scans (``segment --adapt-steps``, ``evaluate --adapt-steps``).
+
+Before predicting, a copy of the learner is fine-tuned for ``steps`` optimiser steps on episodes drawn from the
+scans at hand, where the domain shift is (the user's scanner, protocol and anatomy):
+
+* **self-supervised superpixel episodes** (SSL-ALPNet, Ouyang et al., ECCV 2020) from the support *and* query
+  scans: a superpixel of a slice is the "structure"; the support and the query are two random views of that
+  slice (`datamodules.transforms.augment.random_views`). No label is used.
+* **supervised support episodes**: two support slices that show the structure, each augmented, one as the
+  support and the other as the query, with the support's own masks.
+
+Half of each batch is of each kind. The only label used is the support's. Seeded: the same scans, learner and
+seed give the same adapted weights (CPU). The learner the caller passed is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from datamodules.transforms.augment import SELFSUP_AUGMENT, RandItemAugment, random_views
+from datamodules.transforms.superpixels import superpixel_table, volume_superpixels
+from imaging_meta.episode import Episode, collate_episodes
+from imaging_meta.learners.base import Learner
+
+logger = logging.getLogger(__name__)
+
+#: the default of ``--adapt-steps`` when adaptation is asked for without a number
+DEFAULT_STEPS = 40
+
+
+def _episode(images: torch.Tensor, masks: torch.Tensor) -> Episode:
+    """A 1-shot, 1-query episode from two views (2, 1, H, W) and their masks (2, 1, H, W)."""
+    m = (masks[:, 0] > 0.5).float()
+    return Episode(images[:1], m[:1], images[1:], m[1:])
+
+
+class AdaptationEpisodes:
+    """Draws the adaptation episodes; numpy-seeded, deterministic."""
+
+    def __init__(
+        self,
+        supports: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        queries: Sequence[torch.Tensor],
+        seed: int = 0,
+    ) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.augment = RandItemAugment(**SELFSUP_AUGMENT)
+        self.volumes = [img for img, _ in supports] + list(queries)
+        self.superpixels = [volume_superpixels(v.clamp(0, 1).numpy()) for v in self.volumes]
+        self.tables = [superpixel_table(sp) for sp in self.superpixels]
+        self.labelled = [
+            (img[..., z], mask[..., z].float())
+            for img, mask in supports
+            for z in torch.nonzero(mask.flatten(0, 1).sum(0) > 0).flatten().tolist()
+        ]
+        if not any(self.tables) and not self.labelled:
+            raise ValueError("no superpixel and no labelled support slice to adapt on")
+
+    def _seed(self) -> int:
+        return int(self.rng.integers(2**31 - 1))
+
+    def selfsup(self) -> Episode | None:
+        choices = [(v, z) for v, t in enumerate(self.tables) for z in t]
+        if not choices:
+            return None
+        v, z = choices[int(self.rng.integers(len(choices)))]
+        ids = self.tables[v][z]
+        sp = ids[int(self.rng.integers(len(ids)))]
+        image = self.volumes[v][..., z].unsqueeze(0).float()
+        mask = torch.from_numpy(self.superpixels[v][..., z] == sp).float().unsqueeze(0)
+        images, masks, _ = random_views(self.augment, image, mask, 2, self._seed())
+        return _episode(images, masks)
+
+    def supervised(self) -> Episode | None:
+        if not self.labelled:
+            return None
+        i, j = (int(x) for x in self.rng.integers(len(self.labelled), size=2))
+        views = []
+        for k in (i, j):
+            image, mask = self.labelled[k]
+            im, ms, _ = random_views(
+                self.augment, image.unsqueeze(0).float(), mask.unsqueeze(0), 1, self._seed()
+            )
+            views.append((im, ms))
+        return _episode(torch.cat([views[0][0], views[1][0]]), torch.cat([views[0][1], views[1][1]]))
+
+    def batch(self, size: int) -> Episode:
+        eps = []
+        for n in range(size):
+            ep = self.selfsup() if n % 2 == 0 else self.supervised()
+            eps.append(ep if ep is not None else (self.supervised() or self.selfsup()))
+        return collate_episodes(eps)
+
+
+def adapt(
+    learner: Learner,
+    supports: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    queries: Sequence[torch.Tensor],
+    steps: int = DEFAULT_STEPS,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Learner:
+    """A copy of ``learner`` fine-tuned on episodes from the support and query scans (see the module docstring).
+
+    Args:
+        learner: the meta-trained learner (left unchanged).
+        supports: preprocessed (image, structure mask) volumes (H, W, D).
+        queries: preprocessed query volumes (H, W, D).
+        steps: optimiser steps (0: the learner itself is returned).
+        lr: Adam learning rate.
+        batch_size: episodes per step.
+        seed: the seed of the episodes and of torch.
+        progress: show a progress bar.
+    """
+    if steps <= 0:
+        return learner
+    torch.manual_seed(seed)
+    episodes = AdaptationEpisodes(supports, queries, seed)
+    adapted = copy.deepcopy(learner).to(device).train()
+    params = [p for p in adapted.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="adapting to the scans", unit="step", leave=False)
+    with torch.enable_grad():
+        for _ in range(steps):
+            ep = episodes.batch(batch_size).to(device)
+            loss = adapted.loss(ep)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    logger.info(
+        "adapted for %d steps on %d scans (last loss %.3f)",
+        steps,
+        len(episodes.volumes),
+        float(loss.detach()),
+    )
+    return adapted.eval()

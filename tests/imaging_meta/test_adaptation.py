@@ -1,0 +1,49 @@
+"""Test-time adaptation: seeded and deterministic, never changes the caller's learner, uses the scans."""
+
+from __future__ import annotations
+
+import torch
+
+from imaging_meta.adaptation import AdaptationEpisodes, adapt
+from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
+
+
+def _scans():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(32, 32, 6, generator=g) * 0.2
+    img[4:28, 4:28] += 0.3
+    mask = torch.zeros(32, 32, 6, dtype=torch.bool)
+    mask[10:18, 12:20, 1:5] = True
+    img[mask] = 0.9
+    query = img.flip(0).clone()
+    return [(img, mask)], [query]
+
+
+def _learner():
+    torch.manual_seed(0)
+    return PrototypicalSegmenter(backbone_kwargs={"features": [4, 4, 8, 8, 8, 4], "out_channels": 8})
+
+
+def test_adaptation_is_seeded_and_leaves_the_learner_alone():
+    supports, queries = _scans()
+    learner = _learner()
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    a = adapt(learner, supports, queries, steps=3, batch_size=2, seed=1, progress=False)
+    b = adapt(learner, supports, queries, steps=3, batch_size=2, seed=1, progress=False)
+    c = adapt(learner, supports, queries, steps=3, batch_size=2, seed=2, progress=False)
+    for k, v in learner.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the caller's learner is untouched
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same seed: the same weights
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # another seed: other episodes
+    assert any(not torch.equal(sa[k], before[k]) for k in sa)  # it did adapt
+    assert adapt(learner, supports, queries, steps=0) is learner
+
+
+def test_adaptation_episodes_use_superpixels_of_both_scans_and_the_support_labels():
+    supports, queries = _scans()
+    eps = AdaptationEpisodes(supports, queries, seed=0)
+    assert len(eps.volumes) == 2 and len(eps.labelled) == 4  # the support's 4 labelled slices
+    batch = eps.batch(4)
+    assert batch.support_images.shape[:2] == (4, 1) and batch.query_labels.shape == (4, 1, 32, 32)
+    assert all(float(m.sum()) > 0 for m in batch.support_labels)  # every episode has a structure to find
