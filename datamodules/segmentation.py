@@ -8,6 +8,9 @@ from, and serves batches of `Episode`s (leading task dimension).
 Under cross_organ, validation (which chooses the checkpoint) targets organs held out of both training and
 test (``val_organ_count``; `datamodules.indexing.splits` says how they are chosen), and a given test
 episode file is checked against the split (`datamodules.sampling.episode_files.check_segmentation_episodes`).
+With ``folds_file`` and ``test_fold`` the test patients are one fold of SSL-ALPNet's 5-fold cross-validation.
+
+The slice tables and the slice episode dataset live in `datamodules.sampling.slices` (importable from here too).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
-from datamodules.indexing.splits import PROTOCOLS, Split, make_split
+from datamodules.indexing.splits import PROTOCOLS, Split, make_split, read_fold
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
 from datamodules.sampling.samplers_segmentation import (
@@ -33,123 +36,19 @@ from datamodules.sampling.samplers_segmentation import (
     SegmentationEpisodeSpec,
     SliceTable,
 )
+from datamodules.sampling.slices import (
+    SegmentationEpisodeDataset,
+    build_slice_table,
+    case_items,
+    slices_showing,
+)
 from datamodules.transforms.volume import as_plain_tensor, slice_augmentation, volume_transforms
-from imaging_meta.episode import Episode
 
 logger = logging.getLogger(__name__)
 
 #: setting 2: a validation organ is chosen only if removing the training slices that show it keeps at least
 #: this share of the training slices that the test organs leave
 MIN_TRAINING_SLICES_KEPT = 0.75
-
-
-def case_items(index: Index, cases: Sequence[Case]) -> list[dict]:
-    """MONAI data dicts (absolute paths, modality) for the given cases."""
-    items = []
-    for c in cases:
-        item = {"image": index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
-        if c.label is not None:
-            item["label"] = index.resolve(c.label)
-        items.append(item)
-    return items
-
-
-def slices_showing(label: torch.Tensor, case: Case, organs: Sequence[str]) -> torch.Tensor:
-    """(D,) bool: the axial slices of ``label`` (H, W, D) where any of ``organs`` appears at all."""
-    shown = torch.zeros(label.shape[-1], dtype=torch.bool)
-    for o in organs:
-        if o in case.organs:
-            shown |= (label == case.organs[o]).flatten(0, 1).any(0)
-    return shown
-
-
-def build_slice_table(
-    labels: Sequence[torch.Tensor],
-    cases: Sequence[Case],
-    case_ids: Sequence[int],
-    organs: Sequence[str],
-    min_pixels: int = 20,
-    exclude_organs: Sequence[str] = (),
-) -> dict[str, dict[int, list[int]]]:
-    """Which axial slices show each organ.
-
-    Args:
-        labels: ``labels[i]`` is the preprocessed label volume (1, H, W, D) of case index ``case_ids[i]``.
-        cases: the case list that ``case_ids`` index into.
-        case_ids: case indices to include.
-        organs: structures to tabulate.
-        min_pixels: a slice counts for an organ when the organ covers at least this many pixels.
-        exclude_organs: drop every slice where any of these structures is present at all (SSL-ALPNet
-            setting 2).
-
-    Returns:
-        organ -> case index -> sorted slice indices.
-    """
-    table: dict[str, dict[int, list[int]]] = {o: {} for o in organs}
-    for lbl, ci in zip(labels, case_ids, strict=True):
-        lbl = as_plain_tensor(lbl)[0]
-        case = cases[ci]
-        banned = slices_showing(lbl, case, exclude_organs)
-        for o in organs:
-            if o not in case.organs:
-                continue
-            counts = (lbl == case.organs[o]).flatten(0, 1).sum(0)
-            zs = torch.nonzero((counts >= min_pixels) & ~banned).flatten().tolist()
-            if zs:
-                table[o][ci] = zs
-    return table
-
-
-class SegmentationEpisodeDataset(torch.utils.data.Dataset):
-    """Turns a `SegmentationEpisodeSpec` into an unbatched `Episode`; pixels are read here and only here.
-
-    Args:
-        volumes: a map-style dataset; ``volumes[i]`` is the preprocessed dict (``image``, ``label``) of case ``i``.
-        cases: the case records, aligned with ``volumes``.
-        augment: seeded random slice transforms, or None.
-    """
-
-    def __init__(self, volumes, cases: Sequence[Case], augment=None) -> None:
-        self.volumes = volumes
-        self.cases = list(cases)
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def _slice(self, case_idx: int, z: int, organ: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        vol = self.volumes[case_idx]
-        value = self.cases[case_idx].organs[organ]
-        image = as_plain_tensor(vol["image"])[..., z].float()  # (1, H, W)
-        mask = (as_plain_tensor(vol["label"])[..., z] == value).float()  # (1, H, W)
-        if self.augment is not None:
-            self.augment.set_random_state(seed=seed)
-            out = self.augment({"image": image, "label": mask})
-            image, mask = as_plain_tensor(out["image"]).float(), (as_plain_tensor(out["label"]) > 0.5).float()
-        return image, mask[0]
-
-    def __getitem__(self, spec: SegmentationEpisodeSpec) -> Episode:
-        if not isinstance(spec, SegmentationEpisodeSpec):
-            raise TypeError(f"index this dataset with a SegmentationEpisodeSpec (from a sampler), not {type(spec).__name__}")
-        items = [self._slice(c, z, spec.organ, spec.seed + j) for j, (c, z) in enumerate(spec.support + spec.query)]
-        k = len(spec.support)
-        images = torch.stack([i for i, _ in items])
-        masks = torch.stack([m for _, m in items])
-        q_case = self.cases[spec.query[0][0]]
-        return Episode(
-            support_images=images[:k],
-            support_labels=masks[:k],
-            query_images=images[k:],
-            query_labels=masks[k:],
-            classes=[spec.organ],
-            site=q_case.site,
-            support_ids=[self.cases[c].case_id for c, _ in spec.support],
-            query_ids=[self.cases[c].case_id for c, _ in spec.query],
-            meta={"support_slices": [z for _, z in spec.support], "query_slices": [z for _, z in spec.query],
-                  "query_sites": [self.cases[c].site for c, _ in spec.query],
-                  # each query's pseudonymous patient: the cluster of the patient bootstrap in reports
-                  "query_patients": [self.cases[c].patient for c, _ in spec.query]},
-        )
 
 
 def _warmed(dataset: PersistentDataset) -> PersistentDataset:
@@ -229,6 +128,12 @@ class SegmentationDataModule(EpisodicDataModule):
             organ are removed (where a label map says so; unlabelled scans cannot be screened).
         superpixels: settings of the superpixels (`datamodules.transforms.superpixels.DEFAULT_SETTINGS`: ``scale``,
             ``sigma``, ``min_size``, ``threshold``, ``min_pixels``, ``max_fraction``).
+        folds_file: in_domain/cross_organ: a ``folds.json`` of `datamodules.recipes.prepare` (SSL-ALPNet's 5
+            folds); a relative path that does not exist from the working directory is looked up under ``root``
+            (so ``folds.json`` names the prepared folder's). Needs ``test_fold``.
+        test_fold: the fold of ``folds_file`` to test on: its test images and its support image are the test
+            patients (``test_fraction`` is then unused); validation is drawn from the other patients with
+            ``val_fraction``, the rest train. Both None (the default): a seeded ``test_fraction`` share, as before.
     """
 
     task = "segmentation"
@@ -270,8 +175,13 @@ class SegmentationDataModule(EpisodicDataModule):
         test_episodes_file: str | None = None,
         selfsup_ratio: float = 0.0,
         superpixels: dict | None = None,
+        folds_file: str | None = None,
+        test_fold: int | None = None,
     ) -> None:
         super().__init__()
+        if (folds_file is None) != (test_fold is None):
+            raise ValueError(f"folds_file and test_fold go together (got folds_file={folds_file!r}, test_fold={test_fold!r}): "
+                             "set both to test on one fold, or neither for a seeded test_fraction share")
         if not 0.0 <= selfsup_ratio <= 1.0:
             raise ValueError(f"selfsup_ratio must lie in [0, 1], got {selfsup_ratio}")
         if protocol not in PROTOCOLS:
@@ -361,12 +271,18 @@ class SegmentationDataModule(EpisodicDataModule):
             seed=h.split_seed,
             exclude_test_organ_slices=h.exclude_test_organ_slices,
             val_organ_filter=self._organs_that_keep_training if h.exclude_test_organ_slices else None,
+            test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
         )
         seen = sorted(set(split.val_organs) & set(split.test_organs))
         if split.protocol == "cross_organ" and seen and split.val and h.val_episodes > 0:
             warnings.warn(f"validation episodes use the test organ(s) {seen}: the best checkpoint is chosen on the organs "
                           "it is tested on; set val_organ_count >= 1 (or val_organs outside test_organs)", stacklevel=3)
         return split
+
+    def _folds_path(self) -> Path:
+        """``folds_file`` as given, or under ``root`` when it is relative and not found from the working directory."""
+        path = Path(self.hparams.folds_file).expanduser()
+        return path if path.is_absolute() or path.exists() else Path(self.root) / path
 
     def _organs_that_keep_training(self, train: Sequence[int], candidates: list[str]) -> list[str]:
         """Setting 2: the candidate validation organs whose training slices may be removed, keeping at least
@@ -540,7 +456,8 @@ class SegmentationDataModule(EpisodicDataModule):
         h = self.hparams
         key = digest([self.preprocessing, h.protocol, h.test_organs, h.val_organs, h.val_organ_count, h.test_sites,
                       h.split_seed, h.seed, h.n_shot, h.n_query, h.n_parts, h.val_episodes, h.test_episodes, h.min_organ_pixels,
-                      h.exclude_test_organ_slices, h.val_fraction, h.test_fraction])
+                      h.exclude_test_organ_slices, h.val_fraction, h.test_fraction]
+                     + ([{"folds_file": h.folds_file, "test_fold": h.test_fold}] if h.folds_file is not None else []))
         return self.cache_dir / digest(self.root) / f"{stage}_episodes-{key}.json"
 
     # ------------------------------------------------------------ dataloaders

@@ -465,8 +465,8 @@ class _Scanner:
         if isinstance(d, dict) and "cases" in d and "rejected" in d and "version" in d:
             self.account(p)  # an imaging-meta index written into the data folder
             return
-        if isinstance(d, dict) and str(d.get("generator", "")).startswith("datamodules.synthetic.demo"):
-            self.account(p)  # the demo cohort's marker file
+        if isinstance(d, dict) and str(d.get("generator", "")).startswith(("datamodules.synthetic.demo", "datamodules.recipes")):
+            self.account(p)  # the demo cohort's marker file; a prepared benchmark's prepare.json / folds.json
             return
         if os.path.basename(p) in BIDS_SUPPORT_JSON and isinstance(d, dict):
             self.account(p)  # BIDS dataset-level description

@@ -11,6 +11,12 @@ Protocols (what the learner may see in meta-training, and what it is tested on):
   that checkpoint selection never sees a test organ (see "Validation organs" below).
 * ``cross_site``: the ``test_sites`` never appear in meta-training or validation; test runs on them.
 
+Fixed test patients (``in_domain`` and ``cross_organ``): instead of a seeded share (``test_fraction``), the
+test patients may be given as images, e.g. one fold of SSL-ALPNet's 5-fold cross-validation
+(`read_fold` reads a ``folds.json`` of `datamodules.recipes.prepare`: the fold's test images and its support
+image). Every patient with one of those images is a test patient; validation is drawn from the others with
+``val_fraction`` as usual, and the rest train.
+
 ``in_domain`` and ``cross_site`` hold out no organ: every stage targets every structure.
 
 Validation organs (``cross_organ``):
@@ -40,8 +46,10 @@ seen in training, not even as background).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 from datamodules.indexing.index import Case
 
@@ -138,6 +146,62 @@ def _match_sites(requested: Sequence[str], sites: Sequence[str]) -> list[str]:
     return out
 
 
+def read_fold(folds_file: str | Path, fold: int) -> list[str]:
+    """The images of fold ``fold`` of a ``folds.json`` (`datamodules.recipes.prepare.ssl_alpnet_folds`): its
+    test images, then its support image (if any), as paths relative to the prepared folder.
+
+    Raises:
+        ValueError: the file is unreadable or not a folds file, or has no such fold; the message names it.
+    """
+    path = Path(folds_file)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"folds_file {path}: cannot read it ({e}); give the folds.json that "
+                         "`imaging-meta prepare` wrote into the prepared folder") from e
+    folds = doc.get("folds") if isinstance(doc, dict) else None
+    if not isinstance(folds, list):
+        raise ValueError(f"folds_file {path}: no 'folds' list; give the folds.json that `imaging-meta prepare` wrote")
+    by_number = {f.get("fold", i): f for i, f in enumerate(folds) if isinstance(f, dict)}
+    if isinstance(fold, bool) or fold not in by_number:
+        raise ValueError(f"test_fold {fold!r} is not a fold of {path}: it has folds {sorted(by_number)}")
+    entry = by_number[fold]
+    images = list(entry.get("test_images") or [])
+    if not images:
+        raise ValueError(f"folds_file {path}: fold {fold} lists no test_images")
+    if entry.get("support_image"):
+        images.append(entry["support_image"])
+    return [str(i) for i in images]
+
+
+def _norm_path(p: str) -> str:
+    return PurePosixPath(str(p).replace("\\", "/")).as_posix().removeprefix("./")
+
+
+def patients_of_images(cases: Sequence[Case], images: Sequence[str]) -> set[str]:
+    """The patients whose cases have one of ``images`` (paths relative to the index root; a DICOM case
+    matches the folder of its slice files).
+
+    Raises:
+        ValueError: an image matches no case; the message names every such image.
+    """
+    by_path: dict[str, str] = {}
+    for c in cases:
+        if isinstance(c.image, (list, tuple)):
+            for f in c.image:
+                by_path.setdefault(_norm_path(str(PurePosixPath(_norm_path(f)).parent)), c.patient)
+        else:
+            by_path[_norm_path(c.image)] = c.patient
+    missing = [i for i in images if _norm_path(i) not in by_path]
+    if missing:
+        raise ValueError(
+            f"the test fold names {len(missing)} image(s) that are not labelled cases of the index: {missing}; "
+            "the folds file must belong to this root (paths relative to it), and a stale index is rebuilt with "
+            "data.init_args.rescan: true"
+        )
+    return {by_path[_norm_path(i)] for i in images}
+
+
 #: filters candidate validation organs, given the training case indices (see `make_split`)
 ValOrganFilter = Callable[[Sequence[int], list[str]], list[str]]
 
@@ -227,6 +291,7 @@ def make_split(
     seed: int = 0,
     exclude_test_organ_slices: bool = True,
     val_organ_filter: ValOrganFilter | None = None,
+    test_images: Sequence[str] | None = None,
 ) -> Split:
     """Split labelled cases by patient under one of `PROTOCOLS`.
 
@@ -247,13 +312,16 @@ def make_split(
         val_organ_filter: cross_organ, when validation organs are chosen: given the training case indices and
             the candidates, those that may be held out (the datamodule, under setting 2: those whose slices
             do not cover most training slices). None: every candidate may.
+        test_images: in_domain and cross_organ: the test patients are exactly the patients of these images
+            (paths relative to the index root, e.g. `read_fold`), instead of a ``test_fraction`` share;
+            validation is drawn from the other patients. None: the seeded share.
 
     Returns:
         A `Split`.
 
     Raises:
-        ValueError: unknown protocol or organ/site, validation organs that name a test organ, or a stage left
-            without cases; the message says what to change.
+        ValueError: unknown protocol or organ/site, validation organs that name a test organ, a test image
+            that is not in ``cases``, or a stage left without cases; the message says what to change.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
@@ -263,6 +331,9 @@ def make_split(
     sites = sorted({c.site for c in cases})
 
     if protocol == "cross_site":
+        if test_images is not None:
+            raise ValueError("a test fold (folds_file/test_fold) fixes the test patients, which cross_site takes from "
+                             "test_sites; use it with in_domain or cross_organ")
         if not test_sites:
             raise ValueError("the cross_site protocol needs test_sites (site keys or substrings of them)")
         held = set(_match_sites(test_sites, sites))
@@ -283,7 +354,11 @@ def make_split(
             protocol=protocol,
         )
     else:
-        train_p, val_p, test_p = _stratified_split(cases, val_fraction, test_fraction, seed)
+        if test_images is None:
+            train_p, val_p, test_p = _stratified_split(cases, val_fraction, test_fraction, seed)
+        else:
+            test_p = patients_of_images(cases, test_images)
+            train_p, val_p, _ = _stratified_split([c for c in cases if c.patient not in test_p], val_fraction, 0.0, seed)
         idx = {s: [i for i, c in enumerate(cases) if c.patient in p] for s, p in (("train", train_p), ("val", val_p), ("test", test_p))}
         if protocol == "cross_organ":
             split = _cross_organ(cases, idx, all_organs, test_organs, val_organs, val_organ_count, seed,

@@ -123,3 +123,55 @@ def test_other_protocols_hold_out_no_organ():
     cs = cases()
     for s in (make_split(cs, "in_domain"), make_split(cs, "cross_site", test_sites=["site2"])):
         assert s.train_organs == s.val_organs == s.test_organs == sorted(ORGANS) and s.excluded_organs == []
+
+
+# ------------------------------------------------------------------------------------------------ test folds
+def imaged_cases(n=10, sites=2):
+    """One scan per patient, with its own image path (as a prepared folder's ``imagesTr/...``)."""
+    return [Case(case_id=f"c{i}", patient=f"p{i}", site=f"site{i % sites}", modality="CT",
+                 image=f"imagesTr/ct_{i:04d}.nii.gz", image_format="nifti", label=f"labelsTr/ct_{i:04d}.nii.gz",
+                 organs=dict(ORGANS)) for i in range(n)]
+
+
+def test_a_test_fold_fixes_the_test_patients():
+    cs = imaged_cases()
+    fold = ["imagesTr/ct_0002.nii.gz", "./imagesTr/ct_0003.nii.gz", "imagesTr/ct_0004.nii.gz"]  # tests, then support
+    for protocol, kw in (("cross_organ", {"test_organs": ["spleen"], "val_organs": ["liver"]}), ("in_domain", {})):
+        s = make_split(cs, protocol, val_fraction=0.3, test_fraction=0.25, seed=3, test_images=fold, **kw)
+        assert s.patients(cs, "test") == {"p2", "p3", "p4"}
+        assert not {"p2", "p3", "p4"} & (s.patients(cs, "train") | s.patients(cs, "val"))
+        assert s.val and s.patients(cs, "train") | s.patients(cs, "val") == {f"p{i}" for i in (0, 1, 5, 6, 7, 8, 9)}
+        assert not s.patients(cs, "train") & s.patients(cs, "val")
+    # the organ logic is that of the protocol, whatever the patients
+    s = make_split(cs, "cross_organ", test_organs=["spleen"], val_organs=["liver"], test_images=fold)
+    assert (s.test_organs, s.val_organs, s.train_organs) == (["spleen"], ["liver"], ["kidney_left", "stomach"])
+    assert set(s.excluded_organs) == {"spleen", "liver"}
+    with pytest.raises(ValueError, match="cross_site takes from test_sites"):
+        make_split(cs, "cross_site", test_sites=["site1"], test_images=fold)
+
+
+def test_a_fold_image_that_is_not_in_the_index_is_named():
+    cs = imaged_cases()
+    with pytest.raises(ValueError, match=r"not labelled cases of the index: \['imagesTr/ct_0099.nii.gz'\]"):
+        make_split(cs, "cross_organ", test_organs=["spleen"], test_images=["imagesTr/ct_0001.nii.gz", "imagesTr/ct_0099.nii.gz"])
+
+
+def test_without_a_test_fold_the_split_is_unchanged():
+    cs = imaged_cases(12, sites=3)
+    for kw in ({"protocol": "cross_organ", "test_organs": ["spleen"]}, {"protocol": "in_domain"}):
+        assert make_split(cs, **kw, seed=5) == make_split(cs, **kw, seed=5, test_images=None)
+
+
+def test_read_fold_gives_the_test_images_then_the_support_image(tmp_path):
+    import json
+
+    from datamodules.indexing.splits import read_fold
+
+    path = tmp_path / "folds.json"
+    path.write_text(json.dumps({"folds": [{"fold": 0, "test_images": ["a", "b"], "support_image": "c"},
+                                          {"fold": 1, "test_images": ["c"], "support_image": None}]}))
+    assert read_fold(path, 0) == ["a", "b", "c"] and read_fold(path, 1) == ["c"]
+    with pytest.raises(ValueError, match=r"test_fold 5 is not a fold of .*folds \[0, 1\]"):
+        read_fold(path, 5)
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_fold(tmp_path / "missing.json", 0)

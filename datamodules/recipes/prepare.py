@@ -1,0 +1,552 @@
+"""Prepare SSL-ALPNet's few-shot abdominal benchmarks (Ouyang et al., ECCV 2020) for this project's scanner.
+
+Two datasets, as their public downloads unpack (nothing is downloaded here):
+
+* ``synapse`` (Abd-CT): the 30 training scans of the Synapse / BTCV "Multi-Atlas Labeling Beyond the Cranial
+  Vault" challenge, ``img/img0001.nii.gz ...`` and ``label/label0001.nii.gz ...`` (``RawData/Training``).
+  Images are kept in HU as stored; labels keep the liver, spleen and kidneys, every other BTCV structure
+  becomes background.
+* ``chaos_mr`` (Abd-MRI): the CHAOS challenge T2-SPIR MR training scans, ``MR/<patient>/T2SPIR/DICOM_anon/
+  *.dcm`` with one ground-truth PNG per slice in ``MR/<patient>/T2SPIR/Ground/``. The DICOM series is read with
+  this project's DICOM reader (slices sorted along the slice normal, RAS affine from the headers); the PNG of
+  the k-th slice by InstanceNumber (PNGs in file-name order) is the label of that slice, its pixel (row r,
+  column c) the DICOM pixel (r, c): label and image share one voxel grid and one affine. MR intensities are
+  kept as stored (RescaleSlope/Intercept applied).
+
+The output is what `datamodules.indexing.scan` reads as a Decathlon dataset, so the organs carry names::
+
+    out/dataset.json                 labels {1: liver, 2: spleen, 3: kidney_right, 4: kidney_left}, training pairs
+    out/imagesTr/<dataset>_<id>.nii.gz
+    out/labelsTr/<dataset>_<id>.nii.gz
+    out/folds.json                   SSL-ALPNet's 5-fold cross-validation split (see `ssl_alpnet_folds`)
+    out/prepare.json                 what was done: source, layout, label mapping, counts, warnings
+
+Every problem of the input (a missing label, a PNG count or size that does not match the DICOM series, an
+unknown PNG intensity or label value, an unreadable file) is reported with the file and the problem; all of
+them are collected and raised together as one `PrepareError`. The volumes are written beside ``out`` and moved
+in only when every patient converted, so a failed run leaves ``out`` as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+from PIL import Image
+
+from datamodules.indexing.volumes import grid_mismatch
+from datamodules.io.atomic import atomic_open
+from datamodules.io.dicom import DicomError, DicomSeriesError, load_series_array, order_series, read_header
+
+logger = logging.getLogger(__name__)
+
+GENERATOR = "datamodules.recipes.prepare"  # the scanner accounts JSON files with this generator
+#: the output label values: the four organs SSL-ALPNet evaluates (the demo cohort's values and names)
+ORGANS = {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left"}
+VALUE = {name: v for v, name in ORGANS.items()}
+
+#: BTCV / Synapse multi-organ label values, from the challenge's data description (Synapse syn3193805) and the
+#: same order in SSL-ALPNet's code (dataloaders/dataset_utils.py, DATASET_INFO["SABS"]["REAL_LABEL_NAME"]).
+BTCV_LABELS = {
+    1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "esophagus", 6: "liver", 7: "stomach",
+    8: "aorta", 9: "inferior_vena_cava", 10: "portal_and_splenic_veins", 11: "pancreas", 12: "adrenal_right",
+    13: "adrenal_left",
+}
+#: CHAOS MR ground-truth PNG intensities (CHAOS challenge data description): organ -> (nominal, low, high).
+CHAOS_MR_RANGES = {"liver": (63, 55, 70), "kidney_right": (126, 110, 135), "kidney_left": (189, 175, 200),
+                   "spleen": (252, 240, 255)}
+
+#: SSL-ALPNet's 5 folds: patients sorted by numeric id, cut into 5 contiguous blocks at these separators
+#: (``_SEP`` in SSL-ALPNet's dataloaders/dataset_utils.py: [0, 6, 12, 18, 24, 30] for 30 CT scans, [0, 4, 8, 12,
+#: 16, 20] for 20 MR scans, i.e. floor(linspace(0, n, 6))); fold f tests block f and takes its 1-shot support
+#: scan from the next patient after the block (circularly: ``get_scanids`` in dataloaders/ManualAnnoDatasetv2.py,
+#: ``support_idx`` [6] / [4] in its examples/*.sh), which is not a query; the other patients train.
+N_FOLDS = 5
+
+
+class PrepareError(ValueError):
+    """The source is not in the expected layout or holds a bad file; the message names each file and problem."""
+
+
+@dataclass
+class Converted:
+    """One patient, ready to write: image (X, Y, Z), label (X, Y, Z) uint8 in `ORGANS` values, one affine."""
+
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    sources: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    """How to find the patients of one dataset and convert each one."""
+
+    description: str
+    modality: str
+    intensities: str
+    source_layout: str
+    label_mapping: dict[str, str]
+    expected_patients: int
+    find: Callable[[Path], list[tuple[str, tuple[Path, ...]]]]
+    convert: Callable[..., Converted]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _numeric_order(ids: Sequence[str]) -> list[str]:
+    """Patient ids sorted as SSL-ALPNet sorts them: by number when every id is a number, else by name."""
+    if all(i.isdigit() for i in ids):
+        return sorted(ids, key=lambda i: (int(i), i))
+    return sorted(ids)
+
+
+def _compact(data: np.ndarray) -> np.ndarray:
+    """int16 when every value is an integer in its range (CT in HU, most MR), else float32."""
+    if np.issubdtype(data.dtype, np.integer) or np.all(np.mod(data, 1) == 0):
+        if data.size and data.min() >= -32768 and data.max() <= 32767:
+            return data.astype(np.int16)
+    return data.astype(np.float32)
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a gzipped NIfTI atomically (complete or absent), sform and qform both set to ``affine``."""
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    with atomic_open(path, "wb") as f:
+        f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def _integer_values(data: np.ndarray, path: Path) -> np.ndarray:
+    """The label array as int64; `PrepareError` on non-integer or negative values."""
+    if np.issubdtype(data.dtype, np.floating):
+        frac = ~np.isfinite(data) | (data != np.round(data))
+        if frac.any():
+            raise PrepareError(f"{path}: label map with non-integer values (e.g. {data[frac].flat[0]!r}); "
+                               "expected the integer BTCV labels 0-13 - use the original label file")
+    out = np.asarray(data).astype(np.int64)
+    if out.size and out.min() < 0:
+        raise PrepareError(f"{path}: label map with negative values (min {out.min()}); expected BTCV labels 0-13")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ synapse
+def _find_synapse(source: Path) -> list[tuple[str, tuple[Path, ...]]]:
+    """(patient id, (image, label)) for every ``img/imgNNNN.nii.gz``; every unpaired file is a problem."""
+    img_dir, lbl_dir = source / "img", source / "label"
+    if not img_dir.is_dir() or not lbl_dir.is_dir():
+        raise PrepareError(
+            f"{source}: expected the Synapse/BTCV layout img/img0001.nii.gz ... and label/label0001.nii.gz ... "
+            f"(missing {'img/' if not img_dir.is_dir() else 'label/'}); the download unpacks to RawData/Training/ - "
+            "give that folder")
+
+    def ids(folder: Path, prefix: str) -> dict[str, Path]:
+        found = {}
+        for p in sorted(folder.iterdir()):
+            m = re.fullmatch(prefix + r"(\d+)\.nii(\.gz)?", p.name)
+            if m:
+                found[m.group(1)] = p
+        return found
+
+    images, labels = ids(img_dir, "img"), ids(lbl_dir, "label")
+    if not images:
+        raise PrepareError(f"{img_dir}: no image named img<number>.nii.gz (the Synapse/BTCV layout)")
+    problems = [f"{images[i]}: no label map label{i}.nii.gz in {lbl_dir} (missing label for this image)"
+                for i in sorted(set(images) - set(labels))]
+    problems += [f"{labels[i]}: label map without its image img{i}.nii.gz in {img_dir}"
+                 for i in sorted(set(labels) - set(images))]
+    if problems:
+        raise PrepareError("\n".join(problems))
+    return [(i, (images[i], labels[i])) for i in _numeric_order(list(images))]
+
+
+def _convert_synapse(image_path: Path, label_path: Path) -> Converted:
+    """One BTCV scan: the image as stored (HU), the label reduced to `ORGANS` on the image's grid."""
+    try:
+        img, lab = nib.load(image_path), nib.load(label_path)
+        data = np.asanyarray(img.dataobj)
+        lab_data = np.asanyarray(lab.dataobj)
+    except Exception as e:
+        raise PrepareError(f"{image_path} / {label_path}: cannot read ({type(e).__name__}: {e}); "
+                           "the file is corrupt or truncated - download it again") from e
+    for path, arr in ((image_path, data), (label_path, lab_data)):
+        if arr.ndim != 3:
+            raise PrepareError(f"{path}: {arr.ndim}D array of shape {arr.shape}; a 3D volume is expected")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    mismatch = grid_mismatch(data.shape, affine, lab_data.shape, np.asarray(lab.affine, dtype=np.float64))
+    if mismatch:
+        raise PrepareError(f"{label_path}: not on the voxel grid of {image_path.name} ({mismatch})")
+    # the same grid possibly stored with flipped/permuted axes: bring it into the image's axis order
+    lab_data = apply_orientation(lab_data, ornt_transform(io_orientation(lab.affine), io_orientation(affine)))
+    values = _integer_values(lab_data, label_path)
+    unknown = sorted(set(np.unique(values).tolist()) - set(BTCV_LABELS) - {0})
+    if unknown:
+        raise PrepareError(f"{label_path}: unknown label value(s) {unknown[:10]}; BTCV labels are 0-13 "
+                           f"({', '.join(f'{v} {n}' for v, n in BTCV_LABELS.items())})")
+    lut = np.zeros(max(BTCV_LABELS) + 1, dtype=np.uint8)
+    for v, name in BTCV_LABELS.items():
+        lut[v] = VALUE.get(name, 0)
+    label = lut[values]
+    warnings = []
+    if data.size and float(data.min()) >= 0:
+        warnings.append(f"{image_path}: smallest value {float(data.min()):g} >= 0: not HU? (air is about -1000 HU "
+                        "in BTCV); the CT window of the data config assumes HU")
+    return Converted(_compact(np.asarray(data)), label, affine, [str(image_path), str(label_path)], warnings)
+
+
+# ------------------------------------------------------------------------------------------------ CHAOS MR
+def _find_chaos(source: Path) -> list[tuple[str, tuple[Path, ...]]]:
+    """(patient id, (DICOM folder, Ground folder)) for every ``MR/<id>/T2SPIR``; missing folders are problems."""
+    mr = source / "MR"
+    if not mr.is_dir():
+        raise PrepareError(
+            f"{source}: expected the CHAOS layout MR/<patient id>/T2SPIR/DICOM_anon/*.dcm and .../T2SPIR/Ground/*.png "
+            "(no MR/ folder); the training download unpacks to CHAOS_Train_Sets/Train_Sets/ - give that folder")
+    found, problems = [], []
+    for patient in sorted(p for p in mr.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        t2 = patient / "T2SPIR"
+        dcm, ground = t2 / "DICOM_anon", t2 / "Ground"
+        if not dcm.is_dir() or not any(_dicom_files(dcm)):
+            problems.append(f"{dcm}: no DICOM slices (*.dcm) of the T2-SPIR series")
+        elif not ground.is_dir() or not any(_png_files(ground)):
+            problems.append(f"{ground}: no ground-truth PNG files (missing label for the series in {dcm})")
+        else:
+            found.append((patient.name, (dcm, ground)))
+    if problems:
+        raise PrepareError("\n".join(problems))
+    if not found:
+        raise PrepareError(f"{mr}: no patient folder MR/<patient id>/T2SPIR")
+    order = _numeric_order([pid for pid, _ in found])
+    paths = dict(found)
+    return [(pid, paths[pid]) for pid in order]
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and not p.name.startswith("."))
+
+
+def _png_files(folder: Path) -> list[Path]:
+    """The PNGs in slice order: by the last number in the name (CHAOS: IMG-0004-00012.png), then the name."""
+    def key(p: Path) -> tuple[int, str]:
+        nums = re.findall(r"\d+", p.stem)
+        return (int(nums[-1]) if nums else -1, p.name)
+
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")), key=key)
+
+
+def _instance_number(path: Path) -> int:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["InstanceNumber"])
+        return int(ds.InstanceNumber)
+    except Exception as e:
+        raise PrepareError(f"{path}: no readable InstanceNumber ({type(e).__name__}: {e}); the PNG ground truth "
+                           "is matched to the slices in InstanceNumber order") from e
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """A ground-truth PNG as a (rows, columns) integer array."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L") if im.mode in ("P", "LA", "1") else im)
+    except Exception as e:
+        raise PrepareError(f"{path}: cannot read the PNG ({type(e).__name__}: {e})") from e
+    if arr.ndim == 3:
+        if not all(np.array_equal(arr[..., 0], arr[..., i]) for i in range(1, min(arr.shape[2], 3))):
+            raise PrepareError(f"{path}: a colour PNG; CHAOS ground truth is grey-level (one intensity per organ)")
+        arr = arr[..., 0]
+    return arr.astype(np.int64)
+
+
+def chaos_png_labels(arr: np.ndarray, path: Path | str) -> np.ndarray:
+    """CHAOS MR PNG intensities -> `ORGANS` values; `PrepareError` naming the first pixel of an unknown intensity."""
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    known = arr == 0
+    for organ, (_nominal, lo, hi) in CHAOS_MR_RANGES.items():
+        hit = (arr >= lo) & (arr <= hi)
+        out[hit] = VALUE[organ]
+        known |= hit
+    if not known.all():
+        bad = np.argwhere(~known)
+        r, c = (int(v) for v in bad[0])
+        ranges = ", ".join(f"{o} {n} ({lo}-{hi})" for o, (n, lo, hi) in CHAOS_MR_RANGES.items())
+        raise PrepareError(f"{path}: unknown PNG intensity {int(arr[r, c])} at row {r}, column {c} ({len(bad)} pixel(s) "
+                           f"outside the CHAOS MR ranges: background 0, {ranges})")
+    return out
+
+
+def _convert_chaos(dcm_dir: Path, ground_dir: Path) -> Converted:
+    """One CHAOS T2-SPIR series and its PNGs on one voxel grid (the DICOM geometry)."""
+    files, pngs = _dicom_files(dcm_dir), _png_files(ground_dir)
+    if len(pngs) != len(files):
+        raise PrepareError(f"{ground_dir}: {len(pngs)} ground-truth PNG file(s) for {len(files)} DICOM slice(s) in "
+                           f"{dcm_dir}; CHAOS has one PNG per slice - is a file missing or extra?")
+    try:
+        headers = [read_header(str(p)) for p in files]
+        if len({h.series_uid for h in headers}) > 1:
+            raise PrepareError(f"{dcm_dir}: DICOM files of {len({h.series_uid for h in headers})} series "
+                               "(SeriesInstanceUID); the T2SPIR folder should hold one series")
+        series = order_series(headers, min_slices=1)
+        volume = load_series_array(series)
+    except (DicomError, DicomSeriesError) as e:
+        raise PrepareError(str(e)) from e
+    number = {p: _instance_number(p) for p in files}
+    by_instance = sorted(files, key=lambda p: (number[p], p.name))
+    numbers = [number[p] for p in by_instance]
+    if len(set(numbers)) != len(numbers):
+        dup = next(n for n in numbers if numbers.count(n) > 1)
+        raise PrepareError(f"{dcm_dir}: InstanceNumber {dup} appears on more than one slice; the PNGs cannot be "
+                           "matched to the slices")
+    png_of = {str(p): png for p, png in zip(by_instance, pngs, strict=True)}
+    label = np.zeros(series.shape, dtype=np.uint8)
+    for k, h in enumerate(series.headers):  # k: the geometric position of the slice, as in `volume`
+        png = png_of[str(Path(h.path))]
+        arr = _read_png(png)
+        if arr.shape != (h.rows, h.columns):
+            raise PrepareError(f"{png}: PNG size {arr.shape[1]}x{arr.shape[0]} (columns x rows), but its DICOM slice "
+                               f"{h.path} is {h.columns}x{h.rows}")
+        label[:, :, k] = chaos_png_labels(arr, png).T  # PNG (row r, column c) -> voxel (c, r, k), as the image
+    return Converted(_compact(volume), label, np.asarray(series.affine, dtype=np.float64),
+                     [str(dcm_dir), str(ground_dir)])
+
+
+DATASETS: dict[str, Recipe] = {
+    "synapse": Recipe(
+        description="Synapse / BTCV multi-organ abdominal CT (SSL-ALPNet Abd-CT), liver, spleen and kidneys",
+        modality="CT",
+        intensities="HU, as stored in the source NIfTI",
+        source_layout="img/img<id>.nii.gz and label/label<id>.nii.gz (BTCV RawData/Training)",
+        label_mapping={f"{v} {n}": f"{VALUE[n]} {n}" if n in VALUE else "0 background" for v, n in BTCV_LABELS.items()},
+        expected_patients=30,
+        find=_find_synapse,
+        convert=_convert_synapse,
+    ),
+    "chaos_mr": Recipe(
+        description="CHAOS T2-SPIR abdominal MR (SSL-ALPNet Abd-MRI), liver, spleen and kidneys",
+        modality="MR",
+        intensities="MR signal as stored in the DICOM files (RescaleSlope/Intercept applied)",
+        source_layout="MR/<patient id>/T2SPIR/DICOM_anon/*.dcm and MR/<patient id>/T2SPIR/Ground/*.png, one PNG per "
+                      "slice in InstanceNumber order (CHAOS_Train_Sets/Train_Sets)",
+        label_mapping={"PNG 0": "0 background",
+                       **{f"PNG {lo}-{hi} (nominal {n})": f"{VALUE[o]} {o}" for o, (n, lo, hi) in CHAOS_MR_RANGES.items()}},
+        expected_patients=20,
+        find=_find_chaos,
+        convert=_convert_chaos,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------ folds
+def ssl_alpnet_folds(ids: Sequence[str], files: dict[str, str], expected: int) -> dict[str, Any]:
+    """SSL-ALPNet's 5-fold split of ``ids`` (see `N_FOLDS`); ``files`` maps a patient to its image path."""
+    order = _numeric_order(list(ids))
+    n = len(order)
+    sep = [int(s) for s in np.floor(np.linspace(0, n, N_FOLDS + 1))]
+    folds = []
+    for f in range(N_FOLDS):
+        test = order[sep[f]:sep[f + 1]]
+        support = order[sep[f + 1] % n] if test and n > len(test) else None
+        train = [p for p in order if p not in test and p != support]
+        folds.append({"fold": f, "test": test, "support": support, "train": train,
+                      "test_images": [files[p] for p in test], "support_image": files.get(support)})
+    return {
+        "generator": GENERATOR,
+        "scheme": "SSL-ALPNet 5-fold cross-validation (Ouyang et al., ECCV 2020)",
+        "rule": "patients sorted by numeric id; fold f tests the contiguous block order[sep[f]:sep[f+1]] with "
+                "sep = floor(linspace(0, n, 6)); its 1-shot support scan is the next patient after the block "
+                "(circularly), never a query; every other patient trains",
+        "source": "SSL-ALPNet code (github.com/cheng-01037/Self-supervised-Fewshot-Medical-Image-Segmentation): "
+                  "dataloaders/dataset_utils.py _SEP, dataloaders/ManualAnnoDatasetv2.py get_scanids, "
+                  "examples/*.sh support_idx",
+        "exact": n == expected,
+        "note": (f"{n} patients as in SSL-ALPNet: these are its fold lists" if n == expected else
+                 f"{n} patients, SSL-ALPNet used {expected}: the same rule applied to these patients, not its lists"),
+        "order": order,
+        "separators": sep,
+        "folds": folds,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+def _check_out(out: Path, dataset: str) -> list[str]:
+    """Files an earlier prepare of the same dataset wrote into ``out`` (to replace); refuse any other folder."""
+    marker = out / "prepare.json"
+    if marker.is_file():
+        try:
+            earlier = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise PrepareError(f"{marker}: unreadable ({e}); remove the folder {out} and prepare again") from e
+        if earlier.get("dataset") != dataset:
+            raise PrepareError(f"{out}: holds a prepared {earlier.get('dataset')!r} dataset, not {dataset!r}; "
+                               "choose another --out folder")
+        return [str(f) for f in earlier.get("files", [])]
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PrepareError(f"{out}: exists and is not an empty folder nor an earlier prepare output; choose an empty "
+                           "or new --out folder")
+    return []
+
+
+def prepare(dataset: str, source: Path, out: Path) -> dict[str, Any]:
+    """Convert a downloaded benchmark into a folder the scanner indexes with organ names (see the module doc).
+
+    Args:
+        dataset: a key of `DATASETS` (``synapse`` or ``chaos_mr``).
+        source: the downloaded folder, in the layout of that dataset.
+        out: the folder to write (new, empty, or an earlier output of the same dataset, which is replaced).
+
+    Returns:
+        The content of ``out/prepare.json``: counts, label mapping, layouts, folds, warnings.
+
+    Raises:
+        PrepareError: an unknown dataset, a source not in the layout, or bad files (every problem listed).
+    """
+    if dataset not in DATASETS:
+        raise PrepareError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+    recipe = DATASETS[dataset]
+    source, out = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not source.is_dir():
+        raise PrepareError(f"{source}: not a folder; give the folder of the downloaded {dataset} data")
+    earlier = _check_out(out, dataset)
+    patients = recipe.find(source)
+    # written beside `out`, moved in only when every patient converted: a failed run leaves `out` as it was
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        records, problems = _convert_all(dataset, recipe, patients, staging)
+        if problems:
+            raise PrepareError(f"{len(problems)} problem(s) in {source}; nothing was prepared:\n" + "\n".join(problems))
+        written = [f for r in records for f in (r["image"], r["label"])]
+        for f in written:
+            (out / f).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / f, out / f)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for f in set(earlier) - set(written):  # files of an earlier run whose patient is gone
+        (out / f).unlink(missing_ok=True)
+    return _write_descriptions(dataset, recipe, source, out, records, written)
+
+
+def _convert_all(dataset: str, recipe: Recipe, patients: list[tuple[str, tuple[Path, ...]]],
+                 staging: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Convert every patient into ``staging``: (a record per patient converted, the problems found)."""
+    problems: list[str] = []
+    records = []
+    for pid, paths in patients:
+        try:
+            conv = recipe.convert(*paths)
+        except PrepareError as e:
+            problems.append(str(e))
+            continue
+        counts = {ORGANS[v]: int(np.count_nonzero(conv.label == v)) for v in ORGANS}
+        if not any(counts.values()):
+            problems.append(f"{conv.sources[-1]}: none of {', '.join(ORGANS.values())} is labelled")
+            continue
+        if problems:  # the run fails anyway: check the other patients, write nothing more
+            continue
+        image, label = f"imagesTr/{dataset}_{pid}.nii.gz", f"labelsTr/{dataset}_{pid}.nii.gz"
+        _write_nifti(staging / image, conv.image, conv.affine)
+        _write_nifti(staging / label, conv.label, conv.affine)
+        for w in conv.warnings:
+            logger.warning(w)
+        logger.info("%s: %s, %s", pid, image, ", ".join(f"{k} {v}" for k, v in counts.items()))
+        records.append({"id": pid, "image": image, "label": label, "shape": list(conv.image.shape),
+                        "spacing": [round(float(s), 6) for s in np.linalg.norm(conv.affine[:3, :3], axis=0)],
+                        "organ_voxels": counts, "sources": conv.sources, "warnings": conv.warnings})
+    return records, problems
+
+
+def _write_descriptions(dataset: str, recipe: Recipe, source: Path, out: Path, records: list[dict],
+                        written: list[str]) -> dict[str, Any]:
+    """Write dataset.json, folds.json and (last: it marks a complete output) prepare.json."""
+    _write_json(out / "dataset.json", {
+        "name": dataset,
+        "description": recipe.description,
+        "modality": {"0": recipe.modality},
+        "labels": {"0": "background", **{str(v): n for v, n in ORGANS.items()}},
+        "numTraining": len(records),
+        "training": [{"image": f"./{r['image']}", "label": f"./{r['label']}"} for r in records],
+        "test": [],
+    })
+    folds = ssl_alpnet_folds([r["id"] for r in records], {r["id"]: r["image"] for r in records},
+                             recipe.expected_patients)
+    _write_json(out / "folds.json", folds)
+    summary = {
+        "generator": GENERATOR,
+        "dataset": dataset,
+        "description": recipe.description,
+        "source": str(source),
+        "source_layout": recipe.source_layout,
+        "output_layout": "Decathlon: dataset.json (label names, training pairs), imagesTr/, labelsTr/; folds.json",
+        "modality": recipe.modality,
+        "intensities": recipe.intensities,
+        "labels": {str(v): n for v, n in ORGANS.items()},
+        "label_mapping": recipe.label_mapping,
+        "patients": len(records),
+        "expected_patients": recipe.expected_patients,
+        "organ_voxels": {o: sum(r["organ_voxels"][o] for r in records) for o in ORGANS.values()},
+        "folds": {"file": "folds.json", "exact": folds["exact"], "note": folds["note"]},
+        "files": written,
+        "warnings": [w for r in records for w in r["warnings"]],
+        "cases": records,
+    }
+    if len(records) != recipe.expected_patients:
+        summary["warnings"].append(f"{len(records)} patients; SSL-ALPNet's {dataset} benchmark has "
+                                   f"{recipe.expected_patients}")
+    _write_json(out / "prepare.json", summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ command
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", choices=sorted(DATASETS), help="synapse (BTCV Abd-CT) or chaos_mr (CHAOS T2-SPIR Abd-MRI)")
+    p.add_argument("source", help="the downloaded folder: RawData/Training (synapse), CHAOS_Train_Sets/Train_Sets "
+                                  "(chaos_mr)")
+    p.add_argument("--out", default=None, help="folder to write (default: data/<dataset>_prepared, the data "
+                                              "configs' root)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path("data") / f"{args.dataset}_prepared"
+    try:
+        summary = prepare(args.dataset, Path(args.source), out)
+    except PrepareError as e:
+        print(f"imaging-meta prepare: {e}", file=sys.stderr)
+        return 2
+    print(f"{summary['patients']} patients of {args.dataset} prepared in {out} "
+          f"({', '.join(f'{o}: {n} voxels' for o, n in summary['organ_voxels'].items())})")
+    for w in summary["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"folds: {out / 'folds.json'} ({summary['folds']['note']})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m datamodules.recipes.prepare", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

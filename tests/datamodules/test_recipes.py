@@ -1,0 +1,290 @@
+"""`datamodules.recipes.prepare`: tiny synthetic sources in the published Synapse/BTCV and CHAOS layouts, prepared,
+then read end to end by the scanner; label geometry checked against the DICOM headers; every bad input named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from PIL import Image
+
+from datamodules.indexing.scan import scan_folder
+from datamodules.recipes.prepare import ORGANS, PrepareError, main, prepare, ssl_alpnet_folds
+from tests.datamodules.dicom_fixtures import affine_ras, header, write_nifti, write_series
+
+SHAPE = (16, 12, 6)  # (columns, rows, slices): not square, so a transposed label would not fit
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def write_synapse(root: Path, ids=("0001", "0002", "0010")) -> Path:
+    """img/imgNNNN.nii.gz (int16 HU) and label/labelNNNN.nii.gz with BTCV values, including dropped ones."""
+    rng = np.random.default_rng(0)
+    for n, pid in enumerate(ids):
+        image = rng.integers(-1000, 1000, size=SHAPE).astype(np.int16)
+        label = np.zeros(SHAPE, np.uint8)
+        label[1:4, 1:4, 1:3] = 6  # liver
+        label[10:13, 1:3, 2:4] = 1  # spleen
+        label[1:3, 8:10, 3:5] = 2  # right kidney
+        label[12:14, 8:10, 3:5] = 3  # left kidney
+        label[6:8, 5:7, :] = 8  # aorta: background after preparing
+        label[5, 5, 0] = 5  # esophagus: background too
+        affine = affine_ras(origin=(10.0 + n, -20.0, 30.0))
+        write_nifti(image, affine, root / "img" / f"img{pid}.nii.gz")
+        write_nifti(label, affine, root / "label" / f"label{pid}.nii.gz")
+    return root
+
+
+def instance_names(reverse: bool) -> list[str]:
+    """CHAOS-like file names of the slices in the order of volume axis 2 (InstanceNumber in the name)."""
+    z = SHAPE[2]
+    return [f"IMG-0002-{(z - k if reverse else k + 1):05d}.dcm" for k in range(z)]
+
+
+def write_chaos(root: Path, ids=("1", "2", "10")) -> Path:
+    """MR/<id>/T2SPIR/DICOM_anon/*.dcm (real MR DICOM, one oblique, one with InstanceNumber against geometry)
+    and MR/<id>/T2SPIR/Ground/*.png: one PNG per slice, CHAOS intensities, a lone spleen pixel as a marker."""
+    rng = np.random.default_rng(1)
+    for n, pid in enumerate(ids):
+        t2 = root / "MR" / pid / "T2SPIR"
+        volume = rng.integers(0, 1000, size=SHAPE).astype(np.float64)
+        reverse = n == 1
+        affine = affine_ras(spacing=(1.4, 1.6, 6.0), rot_deg=20.0 * n, slice_sign=-1.0 if n == 2 else 1.0)
+        write_series(t2 / "DICOM_anon", volume, affine, seed=n, hdr=header(PatientID=f"chaos-{pid}"), modality="MR",
+                     intercept=0.0, reverse=reverse, file_names=instance_names(reverse))
+        rows, cols = SHAPE[1], SHAPE[0]
+        for inst in range(1, SHAPE[2] + 1):
+            png = np.zeros((rows, cols), np.uint8)
+            png[1:4, 1:5] = 63  # liver
+            png[8:11, 1:3] = 120  # right kidney (inside 110-135)
+            png[8:11, 12:15] = 189  # left kidney
+            if inst == 3:
+                png[2, 13] = 252  # spleen: one pixel, at (row 2, column 13) of the slice with InstanceNumber 3
+            (t2 / "Ground").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(png).save(t2 / "Ground" / f"IMG-0002-{inst:05d}.png")
+    return root
+
+
+def dicom_pixel_world(path: Path, r: int, c: int) -> np.ndarray:
+    """RAS position (mm) of pixel (row r, column c) of one DICOM slice, from its own header."""
+    ds = pydicom.dcmread(path)
+    iop = np.asarray(ds.ImageOrientationPatient, float)
+    ps = np.asarray(ds.PixelSpacing, float)
+    lps = np.asarray(ds.ImagePositionPatient, float) + c * ps[1] * iop[:3] + r * ps[0] * iop[3:]
+    return lps * np.array([-1.0, -1.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------ synapse
+def test_synapse_prepared_and_indexed_with_organ_names(tmp_path):
+    src = write_synapse(tmp_path / "RawData" / "Training")
+    out = tmp_path / "synapse_prepared"
+    summary = prepare("synapse", src, out)
+    assert summary["patients"] == 3 and summary["modality"] == "CT"
+    index = scan_folder(out)
+    assert not index.rejected, index.rejected
+    assert {"dataset.json", "prepare.json", "folds.json"} <= set(index.accounted)
+    assert len(index.labelled_cases) == 3
+    for case in index.cases:
+        assert case.modality == "CT"
+        assert case.organs == {"liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4}
+    assert len({c.patient for c in index.cases}) == 3
+    # values and HU kept, BTCV values mapped, aorta/esophagus gone, both files on the image's affine
+    img = nib.load(out / "imagesTr" / "synapse_0002.nii.gz")
+    lab = nib.load(out / "labelsTr" / "synapse_0002.nii.gz")
+    src_img = nib.load(src / "img" / "img0002.nii.gz")
+    src_lab = np.asarray(nib.load(src / "label" / "label0002.nii.gz").dataobj)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(src_img.dataobj))
+    np.testing.assert_allclose(img.affine, src_img.affine)
+    np.testing.assert_allclose(lab.affine, img.affine)
+    out_lab = np.asarray(lab.dataobj)
+    for btcv, ours in ((6, 1), (1, 2), (2, 3), (3, 4)):
+        np.testing.assert_array_equal(out_lab == ours, src_lab == btcv)
+    assert set(np.unique(out_lab)) == {0, 1, 2, 3, 4}
+    assert summary["label_mapping"]["6 liver"] == "1 liver" and summary["label_mapping"]["8 aorta"] == "0 background"
+    # a second run into the same folder replaces it; a folder of something else is refused
+    assert prepare("synapse", src, out)["patients"] == 3
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(PrepareError, match="not an empty folder"):
+        prepare("synapse", src, tmp_path / "other")
+
+
+def test_synapse_missing_label_is_named(tmp_path):
+    src = write_synapse(tmp_path / "src")
+    (src / "label" / "label0002.nii.gz").unlink()
+    with pytest.raises(PrepareError, match=r"img0002\.nii\.gz: no label map label0002\.nii\.gz .*missing label"):
+        prepare("synapse", src, tmp_path / "out")
+    assert not (tmp_path / "out" / "prepare.json").exists()
+
+
+def test_synapse_unknown_label_value_and_layout(tmp_path):
+    src = write_synapse(tmp_path / "src", ids=("0001",))
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[2, 2, 2] = 14
+    write_nifti(lab, affine_ras(origin=(10.0, -20.0, 30.0)), src / "label" / "label0001.nii.gz")
+    with pytest.raises(PrepareError, match=r"label0001\.nii\.gz: unknown label value\(s\) \[14\]"):
+        prepare("synapse", src, tmp_path / "out")
+    with pytest.raises(PrepareError, match="expected the Synapse/BTCV layout"):
+        prepare("synapse", tmp_path, tmp_path / "out2")
+
+
+# ------------------------------------------------------------------------------------------------ CHAOS
+def test_chaos_labels_land_on_the_dicom_pixel_grid(tmp_path):
+    src = write_chaos(tmp_path / "Train_Sets")
+    out = tmp_path / "chaos_prepared"
+    summary = prepare("chaos_mr", src, out)
+    assert summary["patients"] == 3 and [c["id"] for c in summary["cases"]] == ["1", "2", "10"]
+    index = scan_folder(out)
+    assert not index.rejected, index.rejected
+    assert all(c.modality == "MR" and c.organs == {"liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4}
+               for c in index.cases)
+    for pid in ("1", "2", "10"):
+        img = nib.load(out / "imagesTr" / f"chaos_mr_{pid}.nii.gz")
+        lab = nib.load(out / "labelsTr" / f"chaos_mr_{pid}.nii.gz")
+        np.testing.assert_array_equal(lab.affine, img.affine)
+        data, labels = np.asarray(img.dataobj), np.asarray(lab.dataobj)
+        assert labels.shape == data.shape == SHAPE
+        spleen = np.argwhere(labels == 2)
+        assert len(spleen) == 1, pid  # the lone marker pixel
+        i, j, k = spleen[0]
+        dcm = tmp_path / "Train_Sets" / "MR" / pid / "T2SPIR" / "DICOM_anon" / "IMG-0002-00003.dcm"  # InstanceNumber 3
+        assert pydicom.dcmread(dcm).InstanceNumber == 3
+        world = (img.affine @ np.array([i, j, k, 1.0]))[:3]
+        np.testing.assert_allclose(world, dicom_pixel_world(dcm, 2, 13), atol=1e-3)
+        assert data[i, j, k] == pydicom.dcmread(dcm).pixel_array[2, 13]  # the image voxel is that DICOM pixel
+        # every slice: kidneys and liver at the PNG's rows/columns
+        for kk in range(SHAPE[2]):
+            assert (labels[1:5, 1:4, kk] == 1).all() and (labels[1:3, 8:11, kk] == 3).all()
+            assert (labels[12:15, 8:11, kk] == 4).all()
+    folds = json.loads((out / "folds.json").read_text())
+    assert folds["order"] == ["1", "2", "10"] and not folds["exact"]
+    assert sorted(p for f in folds["folds"] for p in f["test"]) == ["1", "10", "2"]
+
+
+def test_chaos_png_count_mismatch_is_named(tmp_path):
+    src = write_chaos(tmp_path / "src")
+    (src / "MR" / "2" / "T2SPIR" / "Ground" / "IMG-0002-00004.png").unlink()
+    with pytest.raises(PrepareError, match=r"MR/2/T2SPIR/Ground: 5 ground-truth PNG file\(s\) for 6 DICOM slice"):
+        prepare("chaos_mr", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [src]  # nothing written, no leftovers
+
+
+def test_a_failed_run_leaves_the_earlier_output_intact(tmp_path):
+    src = write_chaos(tmp_path / "src", ids=("1", "2"))
+    out = tmp_path / "out"
+    prepare("chaos_mr", src, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (src / "MR" / "2" / "T2SPIR" / "Ground" / "IMG-0002-00001.png").unlink()
+    with pytest.raises(PrepareError, match="1 problem"):
+        prepare("chaos_mr", src, out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_chaos_unknown_intensity_and_size_are_named(tmp_path):
+    src = write_chaos(tmp_path / "src")
+    ground = src / "MR" / "10" / "T2SPIR" / "Ground"
+    png = np.asarray(Image.open(ground / "IMG-0002-00002.png")).copy()
+    png[5, 7] = 100
+    Image.fromarray(png).save(ground / "IMG-0002-00002.png")
+    Image.fromarray(np.zeros((16, 12), np.uint8)).save(src / "MR" / "1" / "T2SPIR" / "Ground" / "IMG-0002-00001.png")
+    with pytest.raises(PrepareError) as e:
+        prepare("chaos_mr", src, tmp_path / "out")
+    msg = str(e.value)
+    assert "2 problem(s)" in msg
+    assert "MR/10/T2SPIR/Ground/IMG-0002-00002.png: unknown PNG intensity 100 at row 5, column 7" in msg
+    assert "MR/1/T2SPIR/Ground/IMG-0002-00001.png: PNG size 12x16 (columns x rows)" in msg
+
+
+def test_chaos_missing_ground_truth_is_named(tmp_path):
+    src = write_chaos(tmp_path / "src", ids=("1", "2"))
+    for p in (src / "MR" / "2" / "T2SPIR" / "Ground").iterdir():
+        p.unlink()
+    with pytest.raises(PrepareError, match=r"MR/2/T2SPIR/Ground: no ground-truth PNG files \(missing label"):
+        prepare("chaos_mr", src, tmp_path / "out")
+    assert main(["chaos_mr", str(src), "--out", str(tmp_path / "out")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ folds, configs
+def test_ssl_alpnet_folds_are_its_contiguous_blocks():
+    ct = [f"{i:04d}" for i in [*range(1, 11), *range(21, 41)]]  # the 30 BTCV training scans
+    folds = ssl_alpnet_folds(ct, {p: p for p in ct}, expected=30)
+    assert folds["exact"] and folds["separators"] == [0, 6, 12, 18, 24, 30]
+    assert folds["folds"][0]["test"] == ct[:6] and folds["folds"][0]["support"] == "0007"
+    assert folds["folds"][1]["test"] == ["0007", "0008", "0009", "0010", "0021", "0022"]
+    assert folds["folds"][4]["support"] == "0001"  # circular: the last block's support is the first scan
+    mr = ["1", "2", "3", "5", "8", "10", "13", "15", "19", "20", "21", "22", "31", "32", "33", "34", "36", "37", "38", "39"]
+    folds = ssl_alpnet_folds(list(reversed(mr)), {p: p for p in mr}, expected=20)
+    assert [f["test"] for f in folds["folds"]][1] == ["8", "10", "13", "15"] and folds["folds"][1]["support"] == "19"
+    for f in folds["folds"]:
+        assert sorted(f["test"] + f["train"] + [f["support"]], key=int) == mr
+
+
+@pytest.mark.parametrize("name", ["synapse_ct_setting1", "synapse_ct_setting2", "chaos_mr_setting1", "chaos_mr_setting2"])
+def test_benchmark_configs(name):
+    args = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["data"]["init_args"]
+    assert args["root"] == ("data/synapse_prepared" if name.startswith("synapse") else "data/chaos_mr_prepared")
+    assert set(args["test_organs"]) <= set(ORGANS.values()) and set(args["val_organs"]) <= set(ORGANS.values())
+    assert not set(args["val_organs"]) & set(args["test_organs"])
+    assert args["exclude_test_organ_slices"] is name.endswith("setting2")
+    assert args["protocol"] == "cross_organ" and args["n_shot"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ test folds
+def test_the_datamodule_tests_on_one_fold_of_folds_json(tmp_path):
+    """folds_file/test_fold: the test patients are the fold's test and support scans; none of them trains or
+    validates; without them the split (and its digest) is the seeded one of before."""
+    from datamodules.indexing.splits import make_split, read_fold
+    from datamodules.segmentation import SegmentationDataModule
+
+    ids = ("0001", "0002", "0003", "0004", "0005", "0010")
+    out = tmp_path / "synapse_prepared"
+    prepare("synapse", write_synapse(tmp_path / "src", ids=ids), out)
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    small = dict(root=str(out), cache_dir=str(tmp_path / "cache"), protocol="cross_organ",
+                 test_organs=["kidney_left", "kidney_right"], val_organs=["spleen"], exclude_test_organ_slices=False,
+                 val_fraction=0.25, test_fraction=0.34, n_shot=1, n_query=1, episodes_per_epoch=2, val_episodes=0,
+                 test_episodes=2, batch_size=1, spacing=(1.0, 1.0), slice_size=(16, 16), min_organ_pixels=1,
+                 augment=False, cache="none")
+    seeded = SegmentationDataModule(**small)
+    seeded.setup("fit")
+    # the new arguments left None: the same split, digest and episode file as a config without them
+    same = SegmentationDataModule(**small, folds_file=None, test_fold=None)
+    same.setup("fit")
+    assert same.split == seeded.split and same.split_digest() == seeded.split_digest()
+    assert same.episode_path("test") == seeded.episode_path("test")
+    digests = {seeded.split_digest()}
+    for f in (0, 4):
+        dm = SegmentationDataModule(**small, folds_file="folds.json", test_fold=f)  # found under root
+        dm.setup("fit")
+        by_image = {c.image: c.patient for c in dm.cases}
+        fold_patients = {by_image[i] for i in folds[f]["test_images"] + [folds[f]["support_image"]]}
+        assert dm.split.patients(dm.cases, "test") == fold_patients and len(fold_patients) == len(read_fold(out / "folds.json", f))
+        rest = dm.split.patients(dm.cases, "train") | dm.split.patients(dm.cases, "val")
+        assert not rest & fold_patients and rest | fold_patients == set(by_image.values())
+        assert dm.split.val and (dm.split.test_organs, dm.split.val_organs) == (seeded.split.test_organs, ["spleen"])
+        assert dm.episode_path("test") != seeded.episode_path("test")
+        digests.add(dm.split_digest())
+        assert make_split(dm.cases, "in_domain", test_images=read_fold(out / "folds.json", f)).patients(
+            dm.cases, "test") == fold_patients
+    assert len(digests) == 3  # each fold is its own split
+    with pytest.raises(ValueError, match="go together"):
+        SegmentationDataModule(**small, folds_file="folds.json")
+    bad = out / "other_folds.json"
+    bad.write_text(json.dumps({"folds": [{"fold": 0, "test_images": ["imagesTr/synapse_0099.nii.gz"]}]}))
+    with pytest.raises(ValueError, match=r"synapse_0099\.nii\.gz"):
+        SegmentationDataModule(**small, folds_file=str(bad), test_fold=0).setup("fit")
+
+
+@pytest.mark.parametrize("name", ["synapse_ct_setting1", "synapse_ct_setting2", "chaos_mr_setting1", "chaos_mr_setting2"])
+def test_benchmark_configs_offer_the_folds_unset(name):
+    """The seeded split stays the default; the folds are one override away (docs/recipes.md)."""
+    text = (CONFIGS / f"{name}.yaml").read_text()
+    args = yaml.safe_load(text)["data"]["init_args"]
+    assert args["folds_file"] is None and args["test_fold"] is None
+    assert "--data.init_args.folds_file folds.json --data.init_args.test_fold 0" in text
