@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"], choices=["abdomen", "lesions"])
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--adapt-steps", type=int, default=0, help="also score the test-time adapted segmenter")
+    ap.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint")
     args = ap.parse_args()
     learner, extra = load_learner(args.checkpoint, "cpu")
     untrained = restore_untrained(extra)
@@ -158,7 +159,8 @@ def main() -> None:
         for protocol in args.protocols:
             for s, q in pairs:
                 recs = score_pair(
-                    learner, pre, s, q, protocol, untrained=untrained, ablations=not args.no_ablations
+                    learner, pre, s, q, protocol, untrained=untrained, ablations=not args.no_ablations,
+                    adapt_steps=args.adapt_steps, scale=args.scale,
                 )
                 records += recs
                 print(

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare")
+TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare", "prepare")
 
 
 def _init_default(class_path: str, name: str):
@@ -156,6 +156,9 @@ def _tool_parser() -> argparse.ArgumentParser:
                         "augmented support slices for N steps before predicting (0: off; 40 is a measured choice, see "
                         "docs/segmentation.md)")
     g.add_argument("--adapt-seed", type=int, default=0, help="seed of the adaptation episodes")
+    g.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint",
+                   help="in-plane spacing: the checkpoint's, or one at which the support's structure spans at least 12 "
+                        "pixels (small structures, lesions)")
     g.add_argument("--z-smoothing", type=float, default=0.25,
                    help="weight of each axial neighbour when smoothing the probability along z (0: off)")
 
@@ -194,12 +197,19 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="also segment whole test scans and score 3D Dice per query volume beside the untrained learner, "
                         "copying the support mask and the intensity window (segmentation; scans.md)")
     e.add_argument("--scan-pairs", type=int, default=4, help="(support, query) scan pairs per test structure")
+    e.add_argument("--scan-pairing", choices=("same_site", "cross_site", "any"), default="same_site",
+                   help="whole-scan pairs: support and query from the same site (default), from different sites, or any")
     e.add_argument("--adapt-steps", type=int, default=0,
                    help="whole-scan protocols: also score the segmenter after N steps of test-time adaptation per pair")
 
     m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
     m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
     m.add_argument("--out", default=None, help="also write the table to this Markdown file")
+
+    pr = sub.add_parser("prepare", help="convert a downloaded public benchmark (Synapse/BTCV, CHAOS MR) into a folder to train on")
+    from datamodules.recipes.prepare import add_arguments as add_prepare_arguments
+
+    add_prepare_arguments(pr)
 
     r = sub.add_parser("results", help="train and test every learner on the same fixed test episodes; one table")
     from imaging_meta.commands.results import add_arguments
@@ -237,6 +247,10 @@ def _run_tool(argv: Sequence[str]) -> int:
         index = scan_to_file(args.root, args.out, site_fields=fields, salt=args.salt)
         sys.stdout.write(index.summary() + f"\nindex written to {args.out}\n")
         return 0
+    if args.command == "prepare":
+        from datamodules.recipes.prepare import run as run_prepare
+
+        return run_prepare(args)
     if args.command == "segment":
         from imaging_meta.commands.segment import segment
 
@@ -259,6 +273,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             options=_scan_options(args),
             adapt_steps=args.adapt_steps,
             adapt_seed=args.adapt_seed,
+            scale=args.scale,
         )
         for w in written:
             sys.stdout.write(f"wrote {w}\n")
@@ -277,7 +292,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
             batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
             name=args.name, salt=args.salt, interval=args.interval, scan_protocols=args.scan_protocols, scan_pairs=args.scan_pairs,
-            adapt_steps=args.adapt_steps,
+            adapt_steps=args.adapt_steps, scan_pairing=args.scan_pairing,
         )
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
         return 0
@@ -309,7 +324,7 @@ def cli_main(args: Sequence[str] | None = None):
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(
             "usage: imaging-meta {fit,validate,test,predict} --config CONFIG.yaml [...]\n"
-            "       imaging-meta {demo,scan,segment,classify,results,evaluate,compare} ...  (see imaging-meta demo --help, ...)\n"
+            "       imaging-meta {demo,scan,segment,classify,results,evaluate,compare,prepare} ...  (see imaging-meta demo --help, ...)\n"
         )
         if not args:
             raise SystemExit(2)

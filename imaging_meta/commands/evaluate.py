@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 SPLIT_FIELDS = (
     "protocol", "test_organs", "val_organs", "val_organ_count", "test_sites", "exclude_test_organ_slices",
     "val_fraction", "test_fraction", "split_seed", "train_classes", "val_classes", "test_classes", "val_classes_count",
-    "test_classes_count", "n_way",
+    "test_classes_count", "n_way", "folds_file", "test_fold",
 )
 PACKAGES = ("torch", "monai", "lightning", "numpy", "scipy", "pydicom", "nibabel", "torchmetrics", "highdicom")
 
@@ -340,6 +340,7 @@ def evaluate(
     scan_protocols: Sequence[str] = (),
     scan_pairs: int = 4,
     adapt_steps: int = 0,
+    scan_pairing: str = "same_site",
 ) -> tuple[Path, Path]:
     """Evaluate a checkpoint on fixed test episodes for each number of shots; write the report.
 
@@ -370,6 +371,7 @@ def evaluate(
             scans, into ``scans.json`` and ``scans.md`` (`imaging_meta.commands.evaluate_scans`).
         scan_pairs: (support, query) scan pairs per test structure for the whole-scan protocols.
         adapt_steps: also score the whole-scan protocols after test-time adaptation on each pair's scans.
+        scan_pairing: ``same_site``, ``cross_site`` or ``any`` (`imaging_meta.commands.evaluate_scans.scan_pairs`).
 
     Returns:
         The paths of ``results.json`` and ``results.md``.
@@ -413,6 +415,6 @@ def evaluate(
         from imaging_meta.commands.evaluate_scans import evaluate_scans
 
         js, _ = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols, scan_pairs, seed, device=dev,
-                                adapt_steps=adapt_steps)
+                                adapt_steps=adapt_steps, pairing=scan_pairing)
         logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), js)
     return write_evaluation_report(out, context, summary, records, panels)

@@ -23,8 +23,19 @@ from imaging_meta.evaluation.statistics import cluster_bootstrap
 logger = logging.getLogger(__name__)
 
 
-def scan_pairs(scans: Sequence[dict], pairs: int, seed: int = 0) -> list[tuple[Scan, Scan]]:
-    """(support, query) pairs: different patients, same modality, both showing the structure."""
+PAIRINGS = ("same_site", "cross_site", "any")
+
+
+def scan_pairs(scans: Sequence[dict], pairs: int, seed: int = 0, pairing: str = "same_site") -> list[tuple[Scan, Scan]]:
+    """(support, query) pairs of two different patients of the same modality that both show the structure, at most
+    ``pairs`` per structure, seeded.
+
+    ``pairing``: ``same_site`` (default: a user's support and query come from their own scanner and protocol),
+    ``cross_site`` (different sites: another scanner, and on MR possibly another sequence with other contrasts),
+    or ``any``.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     out = []
     organs = sorted({o for s in scans for o in s["organs"]})
     for organ in organs:
@@ -33,21 +44,15 @@ def scan_pairs(scans: Sequence[dict], pairs: int, seed: int = 0) -> list[tuple[S
             (a, b)
             for a in have
             for b in have
-            if a["patient"] != b["patient"] and a["modality"] == b["modality"]
+            if a["patient"] != b["patient"]
+            and a["modality"] == b["modality"]
+            and (pairing == "any" or (a["site"] == b["site"]) == (pairing == "same_site"))
         ]
         random.Random(f"{seed}:{organ}").shuffle(cands)
         for a, b in cands[:pairs]:
             out.append(
                 tuple(
-                    Scan(
-                        s["image"],
-                        s["label"],
-                        int(s["organs"][organ]),
-                        s["modality"],
-                        organ,
-                        s["site"],
-                        s["patient"],
-                    )
+                    Scan(s["image"], s["label"], int(s["organs"][organ]), s["modality"], organ, s["site"], s["patient"])
                     for s in (a, b)
                 )
             )
@@ -139,13 +144,14 @@ def evaluate_scans(
     ablations: bool = True,
     device="cpu",
     adapt_steps: int = 0,
+    pairing: str = "same_site",
 ) -> tuple[Path, Path]:
     """Score the whole-scan protocols on ``dm``'s test scans; write ``scans.json`` and ``scans.md``.
     ``adapt_steps`` > 0 adds the test-time adapted segmenter (`imaging_meta.adaptation`) to every pair."""
-    chosen = scan_pairs(dm.test_scans(), pairs, seed)
+    chosen = scan_pairs(dm.test_scans(), pairs, seed, pairing)
     if not chosen:
         raise ValueError(
-            "no (support, query) pair of test scans of two patients with the same modality shows a test structure"
+            f"no {pairing} (support, query) pair of test scans of two patients with the same modality shows a test structure"
         )
     records = []
     for protocol in protocols:

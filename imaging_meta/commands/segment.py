@@ -166,6 +166,7 @@ def segment(
     options: ScanOptions | None = None,
     adapt_steps: int = 0,
     adapt_seed: int = 0,
+    scale: str = "checkpoint",
 ) -> list[Path]:
     """Segment ``queries`` with the structure labelled in ``supports``.
 
@@ -199,6 +200,8 @@ def segment(
         adapt_steps: before predicting, fine-tune a copy of the learner for this many steps on episodes from
             the support and query scans themselves (`imaging_meta.adaptation`; 0: off).
         adapt_seed: the seed of that adaptation (the same seed gives the same masks).
+        scale: ``checkpoint`` (the spacing the model was trained at) or ``structure`` (a finer spacing when the
+            first support's structure is small: `imaging_meta.volume.scale.structure_scale`).
 
     Returns:
         The written files: the masks (NIfTI or DICOM-SEG), one per query, then the probability maps.
@@ -222,6 +225,14 @@ def segment(
 
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
+    if scale != "checkpoint":
+        from imaging_meta.evaluation.scans import Scan, scan_preprocessing
+
+        image, label = supports[0]
+        pre = scan_preprocessing(pre, Scan(image_source(image), str(label), label_value or 1, ""), scale)
+        if label_value is None:
+            logger.info("--scale structure measures the structure as label value 1; pass --label-value otherwise")
+        logger.info("segmenting at %s mm, %s pixels per slice", pre["spacing"], pre["slice_size"])
     tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
     tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
 

@@ -30,6 +30,7 @@ import torch
 from datamodules.transforms.volume import volume_transforms
 from imaging_meta.evaluation import volumes as V
 from imaging_meta.learners.base import Learner
+from imaging_meta.volume.scale import SCALES, structure_scale
 from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter, structure_slices
 
 PROTOCOLS = ("whole_scan", "oracle_extent")
@@ -84,6 +85,20 @@ def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
         )
     spacing = tuple(float(s) for s in np.sqrt((np.asarray(raw["image"].affine)[:3, :3] ** 2).sum(0)))
     return Loaded(image, truth, spacing, tf(item), tf)
+
+
+def scan_preprocessing(preprocessing: dict, support: Scan, scale: str) -> dict:
+    """The checkpoint's preprocessing, or (``scale="structure"``) the one chosen from the support's structure."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale == "checkpoint":
+        return preprocessing
+    tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
+                           preprocessing["mr_percentiles"])
+    raw = tf.transforms[0]({"image": support.image, "label": support.label})
+    spacing = np.sqrt((np.asarray(raw["image"].affine)[:3, :3] ** 2).sum(0))
+    mask = np.asarray(raw["label"]) == support.value
+    return structure_scale(preprocessing, mask, spacing, mask.shape)
 
 
 def _to_original(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
@@ -186,17 +201,21 @@ def score_pair(
     device="cpu",
     adapt_steps: int = 0,
     seed: int = 0,
+    scale: str = "checkpoint",
 ) -> list[dict]:
     """One record per method for the query volume (3D Dice, HD95 in mm, and what was compared).
 
     With ``adapt_steps`` > 0 one more method, ``trained + test-time adaptation``: the scan segmenter on a copy of
     the learner adapted on this support and query scan (`imaging_meta.adaptation.adapt`, seeded with ``seed``).
+    ``scale="structure"`` segments at a spacing chosen from the support structure's size
+    (`imaging_meta.volume.scale.structure_scale`) instead of the checkpoint's.
 
     Raises:
         ValueError: an unknown protocol, or a support or query without the structure.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    preprocessing = scan_preprocessing(preprocessing, support, scale)
     loaded = []
     for scan in (support, query):
         sc = load_scan(scan, preprocessing)

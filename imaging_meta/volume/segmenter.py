@@ -93,8 +93,10 @@ class ScanSegmenter:
         out = []
         sup_i = s_img.unsqueeze(0).to(self.device)
         sup_m = s_mask.unsqueeze(0).to(self.device)
-        for start in range(0, images.shape[0], self.options.query_chunk):
-            qi = images[start : start + self.options.query_chunk].unsqueeze(1).unsqueeze(0).to(self.device)
+        # query_chunk is for 80 x 80 slices: fewer per pass for larger ones (memory grows with pixels x prototypes)
+        chunk = max(1, int(self.options.query_chunk * 6400 / max(1, images.shape[-2] * images.shape[-1])))
+        for start in range(0, images.shape[0], chunk):
+            qi = images[start : start + chunk].unsqueeze(1).unsqueeze(0).to(self.device)
             ep = Episode(
                 sup_i, sup_m, qi, torch.zeros(qi.shape[:2] + qi.shape[-2:], device=self.device), batched=True
             )

@@ -188,7 +188,25 @@ def test_scan_pairs_cross_patient_same_modality_and_report():
     pairs = scan_pairs(scans, pairs=10)
     assert {(s.patient, q.patient) for s, q in pairs} == {("a", "b"), ("b", "a")}  # no MR-CT, no self, no liver pair
     assert scan_pairs(scans, pairs=10) == pairs  # seeded
+    assert scan_pairs(scans, pairs=10, pairing="cross_site") == []  # a and b share their site
+    assert len(scan_pairs(scans, pairs=10, pairing="any")) == 2
     recs = [{"protocol": "whole_scan", "method": m, "dice": d, "hd95": 3.0, "structure": "spleen", "support": s,
              "query": q} for s, q in (("a", "b"), ("b", "a")) for m, d in (("trained", 0.8), (COPY, 0.5))]
     md = scans_markdown(recs)
     assert "| trained − copy support mask | 0.300" in md and "2 (support, query) volume pairs" in md
+
+
+def test_structure_scale_refines_only_small_structures():
+    from imaging_meta.volume.scale import structure_extent_mm, structure_scale
+
+    pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    small = np.zeros((200, 200, 5), bool)
+    small[100:110, 90:130, 2] = True  # 10 x 40 pixels of 1 mm: a thin structure, measured across
+    assert structure_extent_mm(small, (1.0, 1.0, 5.0)) == 10.0
+    fine = structure_scale(pre, small, (1.0, 1.0, 5.0), small.shape)
+    assert fine["spacing"] == [200 / 128, 200 / 128] and fine["slice_size"] == [128, 128]  # capped at 128 px
+    big = np.zeros((200, 200, 5), bool)
+    big[20:180, 20:180, 2] = True
+    assert structure_scale(pre, big, (1.0, 1.0, 5.0), big.shape) == pre  # 160 mm spans 35 pixels at 4.5 mm
+    with pytest.raises(ValueError, match="no foreground"):
+        structure_extent_mm(np.zeros((4, 4, 2), bool), (1.0, 1.0, 1.0))

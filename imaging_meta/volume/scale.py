@@ -1,0 +1,58 @@
+"""The scale a structure is segmented at: from the support structure's size, not the checkpoint's alone.
+
+A checkpoint is trained at one in-plane spacing (the demo's: 4.5 mm, 80 x 80 slices). A 1 cm lesion or a rib is
+then two pixels or less, which no feature and no intensity histogram can resolve. `structure_scale` picks the
+in-plane spacing at which the support's structure spans at least ``min_pixels`` pixels across (never finer than
+the scan's own pixels, never coarser than the checkpoint's), and a slice size that keeps the scan's whole
+field of view (a multiple of 16, at most ``max_size``: memory grows with the pixels times the support's
+local prototypes). Plain numpy; no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+SCALES = ("checkpoint", "structure")
+
+
+def structure_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """The structure's smallest in-plane bounding-box side (mm) on the slice where it is largest: a
+    thin structure is measured across, not along."""
+    areas = mask.reshape(-1, mask.shape[-1]).sum(0)
+    if not areas.any():
+        raise ValueError("the support mask has no foreground")
+    z = int(np.argmax(areas))
+    xs, ys = np.nonzero(mask[..., z])
+    return float(min((xs.max() - xs.min() + 1) * spacing[0], (ys.max() - ys.min() + 1) * spacing[1]))
+
+
+def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[float], shape: Sequence[int],
+                    min_pixels: int = 12, max_size: int = 128) -> dict:
+    """The checkpoint's preprocessing with the spacing and slice size chosen for the support structure.
+
+    Args:
+        preprocessing: the checkpoint's (``spacing``, ``slice_size``, ...).
+        mask: the support's structure mask in its own grid (X, Y, Z), axial axis last.
+        spacing: that grid's voxel size (mm).
+        shape: that grid's shape.
+        min_pixels: the structure should span at least this many pixels across.
+        max_size: the largest slice side.
+
+    Returns:
+        A copy of ``preprocessing`` with ``spacing`` and ``slice_size``; unchanged when the structure already
+        spans ``min_pixels`` at the checkpoint's spacing.
+    """
+    coarse = float(min(preprocessing["spacing"]))
+    native = float(min(spacing[0], spacing[1]))
+    wanted = structure_extent_mm(mask, spacing) / float(min_pixels)
+    if wanted >= coarse:
+        return dict(preprocessing)
+    fov = max(shape[0] * spacing[0], shape[1] * spacing[1])
+    new = max(wanted, native, fov / max_size)
+    if new >= coarse:
+        return dict(preprocessing)
+    side = min(max_size, int(math.ceil(fov / new / 16.0)) * 16)
+    return {**preprocessing, "spacing": [new, new], "slice_size": [side, side]}
