@@ -5,7 +5,7 @@ A step is what `imaging_meta.module.EpisodicModule` does per batch under automat
 optimizer, on random episodes of fixed shapes:
 
 * classification (every ``*_cls`` config): 5-way 1-shot, 5 queries per class, a meta-batch of 4 tasks, at
-  84x84 and 28x28, one channel; the config's Conv-4 (``n_way`` and ``in_channels`` overridden to fit);
+  84x84 and 28x28, one channel; the config's backbone (``n_way`` and ``in_channels`` overridden to fit);
 * segmentation (every ``*_seg`` config): 1-shot, 2 queries, a meta-batch of 4 tasks, 128x128.
 
 MAML's optional ``task_batching="vmap"`` and ``checkpoint_inner=True`` get rows of their own when the
@@ -48,8 +48,13 @@ SCALING_SWEEPS = {"inner_steps": (1, 2, 4, 8), "tasks": (1, 2, 4, 8), "size": (2
 # --quick: tiny shapes and networks (a smoke test; the numbers mean nothing)
 QUICK = {
     "cls_sizes": (16,), "seg_size": 32, "tasks": 2, "n_query": 2, "seg_query": 1,
-    "cls_kwargs": {"width": 8},
-    "seg_kwargs": {"out_channels": 8, "features": [4, 8, 8, 16, 16, 4]},
+    # backbone name -> the options that shrink it (merged over the config's backbone_kwargs)
+    "backbone_kwargs": {
+        "unet": {"out_channels": 8, "features": [4, 8, 8, 16, 16, 4]},
+        "conv4": {"width": 8},
+        "resnet12": {"widths": [4, 8]},
+        "resnet": {"depth": 18, "width": 8},
+    },
     "scaling_base": {"inner_steps": 1, "tasks": 1, "size": 16},
     "scaling_sweeps": {"inner_steps": (1, 2), "tasks": (1, 2), "size": (16, 24)},
 }
@@ -139,11 +144,12 @@ def learner_tables(opts: BenchOptions) -> list[Section]:
     common = {"repeat": opts.repeat, "warmup": opts.warmup, "device": opts.device}
     cls_rows, seg_rows, data, cls_fail, seg_fail = [], [], [], [], []
     for path in model_configs():
-        task = load_yaml(path)["model"]["learner"].get("init_args", {}).get("task")
-        is_seg = path.stem.endswith("_seg") or task == "segmentation"
+        init = load_yaml(path)["model"]["learner"].get("init_args") or {}
+        is_seg = path.stem.endswith("_seg") or init.get("task") == "segmentation"
+        backbone = init.get("backbone", "unet" if is_seg else "conv4")  # the learners' defaults
         for label, over in variants(path):
             if q:
-                over = {**over, "backbone_kwargs": q["seg_kwargs"] if is_seg else q["cls_kwargs"]}
+                over = {**over, "backbone_kwargs": q["backbone_kwargs"][backbone]}
             if is_seg:
                 kw = {"config": str(path), "task": "segmentation", "size": seg_size, "tasks": tasks, "n_query": seg_query,
                       "n_shot": SEG_SHOT, "overrides": over, **common}
@@ -174,12 +180,13 @@ def learner_tables(opts: BenchOptions) -> list[Section]:
     sections = [
         Section("steps_cls", "Meta-training step, classification",
                 [f"{N_WAY}-way {N_SHOT}-shot, n_query={n_query} per class, meta-batch {tasks} tasks, 1 channel, "
-                 f"Conv-4 at {width}. `[vmap]` / `[checkpoint_inner]`: MAML's `task_batching=\"vmap\"` / "
+                 f"the config's backbone (Conv-4, or ResNet) at {width}. `[vmap]` / `[checkpoint_inner]`: MAML's `task_batching=\"vmap\"` / "
                  "`checkpoint_inner=True`.", how, memory_method(opts.device)],
                 cls_headers, cls_rows, [d for d in data if d["task"] == "classification"], cls_fail),
         Section("steps_seg", "Meta-training step, segmentation",
                 [f"1-way {SEG_SHOT}-shot, n_query={seg_query}, meta-batch {tasks} tasks, {seg_size}x{seg_size}, "
-                 f"the config's MONAI BasicUNet{' (shrunk, --quick)' if q else ''}.", how, memory_method(opts.device)],
+                 f"the config's backbone (MONAI BasicUNet, or ResNet){' (shrunk, --quick)' if q else ''}.", how,
+                 memory_method(opts.device)],
                 ["config", "learner", "params", f"{seg_size}x{seg_size} ms", "IQR ms", "peak MiB"],
                 seg_rows, [d for d in data if d["task"] == "segmentation"], seg_fail),
     ]
@@ -220,7 +227,7 @@ def scaling_tables(opts: BenchOptions) -> list[Section]:
                 point = {**base, axis: v}
                 o = {**over, "inner_steps": point["inner_steps"]}
                 if q:
-                    o["backbone_kwargs"] = q["cls_kwargs"]
+                    o["backbone_kwargs"] = q["backbone_kwargs"]["conv4"]
                 kw = {"config": str(MODEL_CONFIGS / f"{stem}.yaml"), "task": "classification", "size": point["size"],
                       "tasks": point["tasks"], "n_query": n_query, "overrides": o, "repeat": repeat, "warmup": warmup,
                       "device": opts.device}

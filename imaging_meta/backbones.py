@@ -288,6 +288,14 @@ def _resnet12(in_channels: int = 1, widths: tuple[int, ...] = (64, 128, 256, 512
     return ResNet12(in_channels, tuple(widths))
 
 
+@register_backbone("resnet")
+def _resnet(in_channels: int = 1, **kwargs):
+    """torchvision's ResNet-18/34/50, optionally with pretrained weights (see `imaging_meta.pretrained`)."""
+    from imaging_meta.pretrained import build_resnet  # here: imaging_meta.pretrained imports this module
+
+    return build_resnet(in_channels=in_channels, **kwargs)
+
+
 class Encoder(nn.Module):
     """A backbone followed by global average pooling: (N, C, *spatial) -> (N, out_features) vectors."""
 

@@ -12,6 +12,8 @@ filesystem. Remote URLs (``s3://`` ...) keep Lightning's own writer.
 Reading is here too: `read_checkpoint` (``weights_only=True``, no pickled code runs) and `load_learner`. A
 checkpoint written before the packages were split into subpackages names its learner, datamodule and item
 source by their old flat class paths; `LEGACY_CLASS_PATHS` maps them to the current ones when it is read.
+A learner on a pretrained ``resnet`` backbone is rebuilt without reading its ``weights`` file or URL again
+(`offline_learner_config`): the checkpoint holds the weights, and the file may be absent where it is loaded.
 A checkpoint's data settings that predate an argument whose default changed the split get the value that
 rebuilds the old split (`LEGACY_DATA_ARGS`), so ``evaluate`` tests it on the split it was trained under.
 """
@@ -26,6 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules.io.atomic import atomic_open
 from imaging_meta.learners.base import Learner, build_learner
+from imaging_meta.pretrained import without_weights
 
 #: class paths of checkpoints written before the subpackages (imaging-meta 0.1.0, main up to 544d8f2)
 LEGACY_CLASS_PATHS = {
@@ -67,6 +70,17 @@ def _modernize(config: Any) -> Any:
     if isinstance(config, list):
         return [_modernize(v) for v in config]
     return config
+
+
+def offline_learner_config(config: dict) -> dict:
+    """A learner config that builds the same network without reading pretrained weights: for a learner whose
+    ``backbone`` is ``resnet``, its ``backbone_kwargs`` pass through `imaging_meta.pretrained.without_weights`
+    (``weights`` becomes None; ``freeze_bn`` / ``imagenet_norm`` keep what the weights made them). Any other
+    config is returned unchanged. For rebuilding a learner whose weights come from a checkpoint."""
+    init = config.get("init_args") if isinstance(config, dict) else None
+    if not isinstance(init, dict) or init.get("backbone") != "resnet":
+        return config
+    return {**config, "init_args": {**init, "backbone_kwargs": without_weights(init.get("backbone_kwargs") or {})}}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -118,7 +132,7 @@ def load_learner(checkpoint: str | Path, device: str | torch.device = "cpu", ckp
     extra = ckpt.get("imaging_meta") if isinstance(ckpt, dict) else None
     if not extra or "learner_config" not in extra or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not an imaging-meta checkpoint (no learner config); use a checkpoint from `imaging-meta fit`")
-    learner = build_learner(extra["learner_config"])
+    learner = build_learner(offline_learner_config(extra["learner_config"]))  # the weights are in the checkpoint
     state = {k[len("learner."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("learner.")}
     try:
         learner.load_state_dict(state)

@@ -36,6 +36,21 @@ SMALL_DATA = dict(
 )
 # a tiny U-Net for configs/model/*_seg.yaml
 SMALL_MODEL = ["--model.learner.init_args.backbone_kwargs", '{"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]}']
+# backbone name -> the options that shrink it (`small_backbone_args`)
+SMALL_BACKBONES = {
+    "unet": {"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]},
+    "conv4": {"width": 8},
+    "resnet12": {"widths": [4, 8]},
+    "resnet": {"depth": 18, "width": 8},
+}
+
+
+def small_backbone_args(model: str) -> list[str]:
+    """`cli_main` arguments that shrink the backbone of ``configs/model/<model>.yaml``: its ``backbone_kwargs``
+    (a CLI value replaces the whole dict) with the `SMALL_BACKBONES` options of the backbone it names."""
+    init = yaml.safe_load((CONFIGS / "model" / f"{model}.yaml").read_text())["model"]["learner"]["init_args"]
+    kwargs = {**(init.get("backbone_kwargs") or {}), **SMALL_BACKBONES[init["backbone"]]}
+    return ["--model.learner.init_args.backbone_kwargs", json.dumps(kwargs)]
 
 
 def write_png(path: Path, array: np.ndarray, **kw) -> Path:
@@ -89,7 +104,7 @@ def cls_args(tmp_path: Path, model: str) -> list[str]:
         "--data.init_args.source", json.dumps(source), "--data.init_args.cache_dir", str(tmp_path / "cache"),
         "--data.init_args.n_query", "2", "--data.init_args.episodes_per_epoch", "4", "--data.init_args.val_episodes", "2",
         "--data.init_args.test_episodes", "4", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-        "--model.learner.init_args.backbone_kwargs", '{"width": 8}',
+        *small_backbone_args(model),
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
     ]
 

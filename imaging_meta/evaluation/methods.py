@@ -63,6 +63,8 @@ def restore_untrained(extra: dict, into: Learner | None = None, device: str | to
     if into is not None:
         into.load_state_dict(state)
         return into
-    learner = build_learner(extra["learner_config"])
+    from imaging_meta.checkpoint_io import offline_learner_config
+
+    learner = build_learner(offline_learner_config(extra["learner_config"]))  # never re-reads pretrained weights
     learner.load_state_dict(state)
     return learner.to(device).eval()

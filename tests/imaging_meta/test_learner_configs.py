@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from imaging_meta.commands.cli import cli_main
-from tests.helpers import CONFIGS, SMALL_DATA, cls_args, data_args, write_png
+from tests.helpers import CONFIGS, SMALL_DATA, cls_args, data_args, small_backbone_args, write_png
 from tests.imaging_meta.fewshot import lesion_patterns
 
 CLS_MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*_cls.yaml"))
@@ -38,7 +38,7 @@ def test_classification_learner_fits_and_tests_from_its_config(model, tmp_path, 
 def test_segmentation_learner_fits_and_tests_from_its_config(model, demo_root, demo_index, tmp_path):
     args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
             "--config", str(CONFIGS / f"model/{model}.yaml"),
-            "--model.learner.init_args.backbone_kwargs", '{"out_channels": 4, "features": [4, 4, 8, 8, 16, 4]}',
+            *small_backbone_args(model),
             *data_args(demo_root, demo_index[1], tmp_path / "cache"),
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "true"]
