@@ -56,7 +56,7 @@ results: demo  ## train and test every learner on the same fixed demo test episo
 PROTOCOLS ?= in_domain cross_organ cross_site
 EVAL_DIR ?= evaluation
 EVAL_EPOCHS ?= 3
-EVAL_ARGS ?= --shots 1 5 --episodes 200
+EVAL_ARGS ?= --shots 1 5 --episodes 200 --scan-protocols whole_scan oracle_extent --scan-pairs 2
 evaluate: $(TRAIN_PREREQ)  ## fit MODEL under each segmentation protocol, evaluate it on fixed episodes; $(EVAL_DIR)/comparison.md
 	@set -e; for p in $(PROTOCOLS); do \
 	  $(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/$(DATA).yaml \
