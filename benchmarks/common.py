@@ -425,7 +425,7 @@ def build_from_config(path: str | Path, overrides: dict | None = None, device: s
     overrides = dict(overrides or {})
     required = set(overrides.pop("_required", ()))
     for k, v in overrides.items():
-        if k == "backbone_kwargs":
+        if k == "backbone_kwargs" and accepts(cls, k):  # learners without a network take none
             init[k] = {**(init.get(k) or {}), **v}
         elif k in required or accepts(cls, k):
             init[k] = v

@@ -49,6 +49,8 @@ def small_backbone_args(model: str) -> list[str]:
     """`cli_main` arguments that shrink the backbone of ``configs/model/<model>.yaml``: its ``backbone_kwargs``
     (a CLI value replaces the whole dict) with the `SMALL_BACKBONES` options of the backbone it names."""
     init = yaml.safe_load((CONFIGS / "model" / f"{model}.yaml").read_text())["model"]["learner"]["init_args"]
+    if "backbone" not in init:  # a learner without a network (the descriptor baselines): nothing to shrink
+        return []
     kwargs = {**(init.get("backbone_kwargs") or {}), **SMALL_BACKBONES[init["backbone"]]}
     return ["--model.learner.init_args.backbone_kwargs", json.dumps(kwargs)]
 

@@ -42,18 +42,21 @@ def learner_config(model: str) -> dict:
     return yaml.safe_load((CONFIGS / f"{model}.yaml").read_text())["model"]["learner"]
 
 
-def backbone_of(model: str) -> str:
-    return learner_config(model)["init_args"]["backbone"]  # every config names its backbone
+def backbone_of(model: str) -> str | None:
+    return learner_config(model)["init_args"].get("backbone")  # None: no network (the descriptor baselines)
 
 
-# the ResNet's BatchNorm keeps running statistics, which eval mode uses: predictions are never transductive there
-BATCH_STATISTICS_CLS_MODELS = [m for m in CLS_MODELS if backbone_of(m) != "resnet"]
+# the ResNet's BatchNorm keeps running statistics, which eval mode uses: predictions are never transductive there;
+# a learner without a network has no batch statistics at all
+BATCH_STATISTICS_CLS_MODELS = [m for m in CLS_MODELS if backbone_of(m) not in ("resnet", None)]
 
 
 def build(model: str, transductive: bool = False, **init_args):
     """The learner of ``configs/model/<model>.yaml`` with a small backbone (seeded), in eval mode."""
     learner = learner_config(model)
     init = learner["init_args"]
+    if "backbone" not in init:  # no network to shrink
+        return build_learner({"class_path": learner["class_path"], "init_args": {**init, **init_args}}).eval()
     backbone_kwargs = {**(init.get("backbone_kwargs") or {}), **SMALL_BACKBONES[init["backbone"]]}
     if transductive:
         backbone_kwargs["transductive"] = True

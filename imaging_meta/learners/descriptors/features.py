@@ -1,0 +1,167 @@
+"""Fixed image descriptors, and the per-task normalisation the descriptor learners share.
+
+Every descriptor maps items (N, C, *spatial) with intensities in [0, 1] to vectors (N, D); it has no parameter
+to learn, describes each item on its own (an item's vector never depends on the others of the batch), and is
+deterministic (the histograms count with ``torch.bincount`` without weights: exact integer counts on any device).
+The channels are averaged into one grey channel first.
+
+* ``pixels``: the grey image resized to ``size`` per spatial axis with area interpolation (the mean of the
+  pixels each output pixel covers; pixels are repeated when the image is smaller), flattened, centred on its
+  own mean and scaled to unit norm (a constant image, norm below `FLAT`, gives the zero vector). 32 x 32 = 1024 values in 2D.
+* ``histogram``: the fraction of the grey pixels in each of ``bins`` equal bins over [0, 1] (values outside
+  are clamped into the end bins); sums to 1.
+* ``gradient``: the same for the gradient magnitude, central differences along every spatial axis
+  (``torch.gradient``), binned over [0, `GRADIENT_RANGE`] (larger magnitudes fall into the last bin).
+
+A learner compares a task's items in a *space*: one descriptor or several ("pixels+histogram").
+`task_features` centres each descriptor on the mean of the task's support items, L2-normalises every item,
+and concatenates the descriptors of a space divided by the square root of their number: each descriptor counts
+equally, and every vector has unit norm (or is zero). Only the support (never a query, never a label) sets
+the centre, so a query's vector depends on the support and on itself alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: the descriptors, by name
+DESCRIPTORS = ("pixels", "histogram", "gradient")
+#: gradient magnitudes are binned over [0, GRADIENT_RANGE]; a step from 0 to 1 between neighbours gives 0.5
+#: (central difference) inside the image
+GRADIENT_RANGE = 0.5
+#: a centred pixel vector with a smaller norm is a constant image (rounding residue): it becomes the zero vector
+FLAT = 1e-6
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, 1, *spatial) float: the mean of the channels."""
+    if images.dim() < 3:
+        raise ValueError(f"descriptors take items (N, C, *spatial), got shape {tuple(images.shape)}")
+    return images.float().mean(1, keepdim=True)
+
+
+def pixel_descriptor(images: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Raw pixels: the grey image area-resized to ``size`` per axis, flattened, zero mean and unit norm per item.
+
+    Args:
+        images: (N, C, *spatial) with 1 to 3 spatial axes, intensities in [0, 1].
+        size: output pixels per spatial axis.
+
+    Returns:
+        (N, size ** n_spatial).
+    """
+    g = grey(images)
+    n_spatial = g.dim() - 2
+    if not 1 <= n_spatial <= 3 or size < 1:
+        raise ValueError(f"pixel_descriptor takes 1 to 3 spatial axes and size >= 1, got {tuple(images.shape)}, {size}")
+    small = F.interpolate(g, size=(size,) * n_spatial, mode="area").flatten(1)
+    centred = small - small.mean(1, keepdim=True)
+    norm = centred.norm(dim=1, keepdim=True)
+    # a constant image leaves rounding residue only: the zero vector, not a normalised residue
+    return torch.where(norm > FLAT, centred / norm.clamp(min=FLAT), torch.zeros_like(centred))
+
+
+def histogram(values: torch.Tensor, bins: int = 32, high: float = 1.0) -> torch.Tensor:
+    """Per-row histograms of ``values`` (N, M) over ``bins`` equal bins of [0, high], L1-normalised: (N, bins).
+
+    Values outside [0, high] are clamped into the end bins; counting is exact and deterministic.
+    """
+    if bins < 1 or values.dim() != 2 or values.shape[1] == 0:
+        raise ValueError(f"histogram takes (N, M > 0) values and bins >= 1, got {tuple(values.shape)}, {bins}")
+    n, m = values.shape
+    index = (values.clamp(0.0, high) * (bins / high)).long().clamp_(max=bins - 1)
+    index = index + bins * torch.arange(n, device=values.device).unsqueeze(1)
+    counts = torch.bincount(index.flatten(), minlength=n * bins).view(n, bins)
+    return counts.float() / m
+
+
+def intensity_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """Histogram of the grey intensities over [0, 1]: (N, bins), rows sum to 1."""
+    return histogram(grey(images).flatten(1), bins)
+
+
+def gradient_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """Histogram of the gradient magnitude (central differences) over [0, GRADIENT_RANGE]: (N, bins), rows sum to 1."""
+    g = grey(images)[:, 0]
+    axes = tuple(range(1, g.dim()))
+    if any(g.shape[a] < 2 for a in axes):
+        raise ValueError(f"gradient_histogram needs at least 2 pixels along every axis, got {tuple(images.shape)}")
+    magnitude = torch.stack(torch.gradient(g, dim=axes)).pow(2).sum(0).sqrt()
+    return histogram(magnitude.flatten(1), bins, GRADIENT_RANGE)
+
+
+def describe(images: torch.Tensor, descriptor: str, size: int = 32, bins: int = 32) -> torch.Tensor:
+    """The descriptor named ``descriptor`` (one of `DESCRIPTORS`) of items (N, C, *spatial): (N, D)."""
+    if descriptor == "pixels":
+        return pixel_descriptor(images, size)
+    if descriptor == "histogram":
+        return intensity_histogram(images, bins)
+    if descriptor == "gradient":
+        return gradient_histogram(images, bins)
+    raise ValueError(f"unknown descriptor {descriptor!r}; choose from {DESCRIPTORS}")
+
+
+def parse_space(space: str) -> tuple[str, ...]:
+    """The descriptors of a space name such as ``"pixels+histogram"`` (checked: known, each once)."""
+    parts = tuple(p.strip() for p in str(space).split("+"))
+    if not parts or any(p not in DESCRIPTORS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"features must be descriptors from {DESCRIPTORS} joined by '+', each once; got {space!r}")
+    return parts
+
+
+def task_normalise(support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre a task's vectors on the mean of its support items and L2-normalise each.
+
+    Args:
+        support: (T, S, D) support vectors.
+        query: (T, Q, D) query vectors.
+
+    Returns:
+        The (T, S, D) and (T, Q, D) normalised vectors (a vector equal to the centre becomes zero).
+    """
+    centre = support.mean(1, keepdim=True)
+    return F.normalize(support - centre, dim=-1), F.normalize(query - centre, dim=-1)
+
+
+def concatenate_spaces(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-space `task_normalise`d (support, query) vectors, each space weighted 1/sqrt(#spaces)."""
+    if not parts:
+        raise ValueError("concatenate_spaces needs at least one space")
+    w = 1.0 / math.sqrt(len(parts))
+    return torch.cat([s for s, _ in parts], -1) * w, torch.cat([q for _, q in parts], -1) * w
+
+
+def descriptor_vectors(
+    images: torch.Tensor, descriptors: Sequence[str], size: int = 32, bins: int = 32
+) -> dict[str, torch.Tensor]:
+    """Each descriptor of a batch of tasks' items (T, N, C, *spatial): name -> (T, N, D)."""
+    flat = images.flatten(0, 1)
+    return {d: describe(flat, d, size, bins).unflatten(0, images.shape[:2]) for d in descriptors}
+
+
+def task_features(
+    support_images: torch.Tensor,
+    query_images: torch.Tensor,
+    descriptors: Sequence[str],
+    size: int = 32,
+    bins: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A space's task-normalised vectors (see the module docstring).
+
+    Args:
+        support_images: (T, S, C, *spatial).
+        query_images: (T, Q, C, *spatial).
+        descriptors: the space's descriptors (`parse_space`).
+        size: pixels per axis of the ``pixels`` descriptor.
+        bins: histogram bins.
+
+    Returns:
+        (T, S, D) support and (T, Q, D) query vectors, D the sum of the descriptors' sizes.
+    """
+    s = descriptor_vectors(support_images, descriptors, size, bins)
+    q = descriptor_vectors(query_images, descriptors, size, bins)
+    return concatenate_spaces([task_normalise(s[d], q[d]) for d in descriptors])

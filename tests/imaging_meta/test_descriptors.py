@@ -1,0 +1,281 @@
+"""Descriptor baselines (issue 16): the fixed descriptors, `DescriptorClassifier`, and the leave-one-out choice of
+`TaskAdaptiveClassifier` on tasks built so that one space must win."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from imaging_meta.checkpoint_io import load_learner
+from imaging_meta.episode import Episode, collate_episodes
+from imaging_meta.learners.base import build_learner
+from imaging_meta.learners.descriptors.classifier import DescriptorClassifier
+from imaging_meta.learners.descriptors.features import (
+    describe,
+    gradient_histogram,
+    intensity_histogram,
+    pixel_descriptor,
+    task_features,
+)
+from imaging_meta.learners.descriptors.nearest import leave_one_out, leave_one_out_accuracy
+from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier, loo_summary
+from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+SIZE = 64
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def _item(kind: str, c: int, g: torch.Generator) -> torch.Tensor:
+    """One (1, SIZE, SIZE) item in [0, 1] of class ``c`` of a task where one kind of feature separates the classes.
+
+    ``histogram``: i.i.d. pixels (no spatial pattern) from a class-specific distribution, mean 0.5 for all.
+    ``pixels``: one half (left, right, top) bright, the rest dark: every class has the same value distribution.
+    ``checker``: noise plus a step on the even (class 0) or odd (class 1) pixels of a checkerboard: equal
+    value distributions, and the 2 x 2 area averaging of the pixel descriptor cancels the pattern.
+    """
+    n = SIZE * SIZE
+    if kind == "histogram":
+        if c == 0:  # two modes
+            v = 0.5 + 0.3 * (2 * torch.randint(0, 2, (n,), generator=g) - 1) + 0.02 * torch.randn(n, generator=g)
+        elif c == 1:  # flat
+            v = 0.2 + 0.6 * torch.rand(n, generator=g)
+        else:  # one narrow mode
+            v = 0.5 + 0.05 * torch.randn(n, generator=g)
+        return v.clamp(0, 1).view(1, SIZE, SIZE)
+    if kind == "pixels":
+        bright = 0.6 + 0.3 * torch.rand(SIZE, SIZE, generator=g)
+        dark = 0.1 + 0.3 * torch.rand(SIZE, SIZE, generator=g)
+        half = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+        if c == 0:
+            half[:, : SIZE // 2] = True
+        elif c == 1:
+            half[:, SIZE // 2 :] = True
+        else:
+            half[: SIZE // 2] = True
+        return torch.where(half, bright, dark).unsqueeze(0)
+    parity = (torch.arange(SIZE)[:, None] + torch.arange(SIZE)[None]) % 2
+    x = 0.5 + 0.1 * torch.randn(SIZE, SIZE, generator=g) + 0.2 * (parity == c).float()
+    return x.clamp(0, 1).unsqueeze(0)
+
+
+def task_episode(kind: str, n_way: int = 3, n_shot: int = 5, n_query: int = 4, tasks: int = 2, seed: int = 0) -> Episode:
+    """A batched episode of ``kind`` tasks (see `_item`)."""
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for t in range(tasks):
+        ys, yq = torch.arange(n_way).repeat_interleave(n_shot), torch.arange(n_way).repeat_interleave(n_query)
+        eps.append(Episode(
+            support_images=torch.stack([_item(kind, int(c), g) for c in ys]), support_labels=ys,
+            query_images=torch.stack([_item(kind, int(c), g) for c in yq]), query_labels=yq,
+            classes=[f"{kind}{c}" for c in range(n_way)], site="synthetic",
+            support_ids=[f"s{t}-{i}" for i in range(len(ys))], query_ids=[f"q{t}-{i}" for i in range(len(yq))],
+        ))
+    return collate_episodes(eps)
+
+
+class Checkerboard(nn.Module):
+    """A stand-in for a learned embedding: the correlation with the checkerboard, which separates ``checker`` tasks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        sign = 1.0 - 2.0 * ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2).to(x)
+        c = (x.mean(1) * sign).mean((-2, -1))
+        return 100 * torch.stack([c, -c], 1)
+
+
+def stub_embedding() -> PrototypicalNetwork:
+    """A prototypical network whose encoder is `Checkerboard`: its own `predict` is the nearest prototype there."""
+    net = PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4, "depth": 2})
+    net.encoder = Checkerboard()
+    return net.eval()
+
+
+def accuracy(probs: torch.Tensor, episode: Episode) -> float:
+    return float((probs.argmax(-1) == episode.query_labels).float().mean())
+
+
+def tiny_protonet(seed: int = 0) -> PrototypicalNetwork:
+    torch.manual_seed(seed)
+    return PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4, "depth": 2}).eval()
+
+
+# ------------------------------------------------------------------------------------ descriptors
+def test_descriptor_shapes_norms_and_determinism():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 40, 48, generator=g)
+    p, h, gr = pixel_descriptor(x), intensity_histogram(x), gradient_histogram(x)
+    assert p.shape == (5, 32 * 32) and h.shape == (5, 32) and gr.shape == (5, 32)
+    torch.testing.assert_close(p.mean(1), torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(h.sum(1), torch.ones(5))
+    torch.testing.assert_close(gr.sum(1), torch.ones(5))
+    for name in ("pixels", "histogram", "gradient"):
+        batch = describe(x, name)
+        assert torch.equal(batch, describe(x, name))  # deterministic
+        torch.testing.assert_close(batch[2:3], describe(x[2:3], name))  # each item on its own
+    assert pixel_descriptor(torch.rand(2, 1, 10, 12, 14), size=8).shape == (2, 8**3)  # volumes too
+    flat = pixel_descriptor(torch.full((1, 1, 16, 16), 0.3))
+    assert torch.isfinite(flat).all() and float(flat.abs().max()) == 0.0  # a constant image: the zero vector
+
+
+def test_histograms_count_intensities_and_ignore_positions():
+    img = torch.cat([torch.zeros(1, 1, 8, 4), torch.ones(1, 1, 8, 4)], dim=-1)  # half 0, half 1
+    h = intensity_histogram(img)
+    assert h[0, 0] == 0.5 and h[0, -1] == 0.5 and h[0, 1:-1].sum() == 0
+    shuffled = img.flatten()[torch.randperm(64, generator=torch.Generator().manual_seed(1))].view_as(img)
+    assert torch.equal(intensity_histogram(shuffled), h)
+    assert not torch.allclose(pixel_descriptor(shuffled), pixel_descriptor(img))
+    assert gradient_histogram(torch.full((1, 1, 8, 8), 0.7))[0, 0] == 1.0  # constant: no gradient
+    assert intensity_histogram(torch.tensor([[[[-0.5, 1.5]]]]))[0, [0, -1]].tolist() == [0.5, 0.5]  # clamped
+
+
+def test_task_features_use_the_support_only():
+    ep = task_episode("pixels", n_query=3, tasks=1)
+    fs, fq = task_features(ep.support_images, ep.query_images, ("pixels", "histogram"))
+    _, fq1 = task_features(ep.support_images, ep.query_images[:, 1:2], ("pixels", "histogram"))
+    torch.testing.assert_close(fq1[:, 0], fq[:, 1])  # a query's vector does not depend on the other queries
+    torch.testing.assert_close(fs.norm(dim=-1), torch.ones(fs.shape[:2]))
+
+
+def test_leave_one_out_matches_a_brute_force_loop():
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([[0, 0, 0, 1, 1, 2], [2, 1, 0, 2, 1, 0]])  # task 0: class 2 has one item
+    x = torch.randn(2, 6, 4, generator=g)
+    for distance in ("euclidean", "cosine"):
+        correct, usable = leave_one_out(x, labels, 3, distance)
+        for t in range(2):
+            for i in range(6):
+                keep = torch.arange(6) != i
+                protos = torch.stack([x[t][keep & (labels[t] == c)].mean(0) if (keep & (labels[t] == c)).any()
+                                      else x[t][labels[t] == c].mean(0) for c in range(3)])
+                if distance == "cosine":
+                    score = torch.nn.functional.cosine_similarity(x[t, i][None], protos)
+                else:
+                    score = -(x[t, i][None] - protos).pow(2).sum(-1)
+                assert bool(usable[t, i]) == bool((keep & (labels[t] == labels[t, i])).any())
+                if usable[t, i]:
+                    assert bool(correct[t, i]) == (int(score.argmax()) == int(labels[t, i]))
+    acc = leave_one_out_accuracy(x, torch.tensor([[0, 1, 2, 3, 4, 5]] * 2), 6)
+    assert torch.isnan(acc).all()  # one item per class: nothing to hold out
+
+
+# ------------------------------------------------------------------------------- DescriptorClassifier
+@pytest.mark.parametrize(("features", "rule", "kind"), [
+    ("pixels", "prototype", "pixels"), ("histogram", "prototype", "histogram"), ("pixels", "logreg", "pixels"),
+    ("pixels+histogram", "prototype", "histogram"), ("histogram", "prototype", "pixels"),
+])
+def test_descriptor_classifier_separates_what_its_features_see(features, rule, kind):
+    learner = DescriptorClassifier(features=features, rule=rule)
+    ep = task_episode(kind)
+    with torch.no_grad():
+        probs = learner.predict(ep)
+    assert probs.shape == (2, 12, 3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 12))
+    sees = features == "pixels+histogram" or features == kind
+    assert accuracy(probs, ep) == 1.0 if sees else accuracy(probs, ep) < 0.7
+
+
+def test_descriptor_classifier_learns_only_a_temperature_that_never_changes_a_decision():
+    learner = DescriptorClassifier(features="pixels")
+    assert [n for n, _ in learner.named_parameters()] == ["log_scale"]
+    ep = task_episode("pixels", n_shot=2)
+    learner.loss(ep).backward()
+    assert learner.log_scale.grad is not None and torch.isfinite(learner.log_scale.grad)
+    before = learner.predict(ep).argmax(-1)
+    with torch.no_grad():
+        learner.log_scale.add_(2.0)
+    assert torch.equal(learner.predict(ep).argmax(-1), before)
+
+
+@pytest.mark.parametrize("name", ["pixels_cls", "histogram_cls"])
+def test_descriptor_configs_build_and_rebuild(name):
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]["learner"]
+    learner = build_learner(config)
+    assert isinstance(learner, DescriptorClassifier) and learner.task == "classification"
+    assert build_learner(learner.config).config == learner.config
+    with pytest.raises(ValueError, match="descriptors from"):
+        DescriptorClassifier(features="pixels+edges")
+    with pytest.raises(ValueError, match="rule must be"):
+        DescriptorClassifier(rule="svm")
+
+
+# -------------------------------------------------------------------------- TaskAdaptiveClassifier
+@pytest.mark.parametrize(("kind", "n_way", "winner"), [
+    ("histogram", 3, "histogram"), ("pixels", 3, "pixels"), ("checker", 2, "embedding"),
+])
+def test_leave_one_out_picks_the_space_that_separates_the_task(kind, n_way, winner):
+    learner = TaskAdaptiveClassifier(stub_embedding())
+    ep = task_episode(kind, n_way=n_way)
+    records = learner.choose(ep)
+    assert [r["space"] for r in records] == [winner, winner], loo_summary(records)
+    for r in records:
+        assert r["rule"] == "leave-one-out" and r["loo_items"] == n_way * 5
+        assert set(r["loo_accuracy"]) == {"embedding", "pixels", "histogram", "fusion"}
+        assert r["loo_accuracy"][winner] == 1.0
+        assert all(v < 1.0 for k, v in r["loo_accuracy"].items() if k not in (winner, "fusion"))
+    with torch.no_grad():
+        probs = learner.predict(ep)
+        alone = learner.embedding.predict(ep)
+    assert learner.last_choice == records
+    assert accuracy(probs, ep) == 1.0
+    if winner == "embedding":  # the embedding's own prediction, exactly
+        torch.testing.assert_close(probs, alone)
+    else:  # where the embedding is blind, the choice is what helps
+        assert accuracy(alone, ep) < 0.8
+
+
+def test_the_choice_and_the_predictions_never_read_the_query_labels():
+    learner = TaskAdaptiveClassifier(stub_embedding())
+    ep = task_episode("histogram")
+    with torch.no_grad():
+        reference = learner.predict(ep)
+        choice = learner.last_choice
+        for garbage in (torch.full(ep.query_labels.shape, float("nan")), torch.full_like(ep.query_labels, 10**6),
+                        1 - ep.query_labels):
+            hidden = replace(ep, query_labels=garbage)
+            assert torch.equal(learner.predict(hidden), reference)
+            assert learner.last_choice == choice == learner.choose(hidden)
+
+
+def test_one_shot_falls_back_to_the_learned_embedding():
+    learner = TaskAdaptiveClassifier(stub_embedding())
+    ep = task_episode("histogram", n_shot=1)
+    with torch.no_grad():
+        probs = learner.predict(ep)
+        torch.testing.assert_close(probs, learner.embedding.predict(ep))
+    for r in learner.last_choice:
+        assert r["space"] == "embedding" and r["rule"] == "default" and r["loo_items"] == 0
+        assert all(v is None for v in r["loo_accuracy"].values())
+    assert "by default" in loo_summary(learner.last_choice)
+    other = TaskAdaptiveClassifier(stub_embedding(), default="histogram")
+    assert [r["space"] for r in other.choose(ep)] == ["histogram", "histogram"]
+
+
+def test_wraps_a_trained_learner_from_its_checkpoint_and_rebuilds_from_its_config():
+    trained = tiny_protonet(seed=1)
+    ckpt = {"imaging_meta": {"learner_config": trained.config},
+            "state_dict": {f"learner.{k}": v for k, v in trained.state_dict().items()}}
+    loaded, _ = load_learner("trained.ckpt", ckpt=ckpt)  # the content of an `imaging-meta fit` checkpoint
+    learner = TaskAdaptiveClassifier(loaded).eval()
+    ep = task_episode("checker", n_way=2, n_shot=1)
+    with torch.no_grad():
+        torch.testing.assert_close(learner.predict(ep), trained.predict(ep))  # K = 1: the trained embedding
+    config = learner.config
+    assert config["init_args"]["embedding"] == trained.config
+    rebuilt = build_learner(config)
+    rebuilt.load_state_dict(learner.state_dict())
+    ep5 = task_episode("pixels", n_shot=2)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval().predict(ep5), learner.predict(ep5))
+    assert rebuilt.last_choice == learner.last_choice
+    from_dict = TaskAdaptiveClassifier(trained.config, spaces=["pixels", "embedding"], default="embedding")
+    assert from_dict.config["init_args"]["spaces"] == ["pixels", "embedding"]
+    loss = learner.loss(task_episode("pixels", n_shot=2))  # meta-training trains the embedding
+    loss.backward()
+    assert all(p.grad is not None for p in learner.embedding.parameters())
+    with pytest.raises(ValueError, match="name the default"):
+        TaskAdaptiveClassifier(trained, spaces=["pixels"], default="embedding")
