@@ -34,7 +34,7 @@ from imaging_meta.evaluation.methods import (
     untrained_state,
 )
 from imaging_meta.evaluation.reports import to_markdown, write_report
-from imaging_meta.evaluation.scoring import score_batch
+from imaging_meta.evaluation.scoring import learner_choices, score_batch
 from imaging_meta.evaluation.statistics import EPISODE_T, differences, interval_description, summarize
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import COPY_MASK, Task, get_task, task_of_episode
@@ -159,7 +159,8 @@ class EpisodicModule(LightningModule):
                 f"set --model.learner.init_args.n_way {ways} or --data.init_args.n_way {n_way}"
             )
 
-    def _score(self, stage: str, batch: Episode, probs: dict[str, torch.Tensor], baselines: bool) -> list[dict]:
+    def _score(self, stage: str, batch: Episode, probs: dict[str, torch.Tensor], baselines: bool,
+               choices: dict | None = None) -> list[dict]:
         """Records of the batch's queries (`score_batch`). Episode ids count this rank's episodes in steps of
         the world size from its rank: each rank scores every world-size-th fixed episode, so the id is the
         episode's position in the fixed list, and no two ranks share an id."""
@@ -167,7 +168,7 @@ class EpisodicModule(LightningModule):
         first = self._seen[stage] * world + self.global_rank
         self._seen[stage] += batch.n_tasks
         return score_batch(self.task, batch, probs, first_episode=first, episode_stride=world,
-                           threshold=self.hparams.threshold, baselines=baselines)
+                           threshold=self.hparams.threshold, baselines=baselines, choices_by_method=choices)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._check_batch(batch)
@@ -203,9 +204,11 @@ class EpisodicModule(LightningModule):
     def test_step(self, batch: Episode, batch_idx: int) -> None:
         self._check_batch(batch)
         probs = {TRAINED: self.learner.predict(batch)}
+        choices = {TRAINED: learner_choices(self.learner)}
         if self.hparams.baselines and self._untrained:
             probs[UNTRAINED] = self._untrained[0].eval().predict(batch)
-        recs = self._score("test", batch, probs, baselines=self.hparams.baselines)
+            choices[UNTRAINED] = learner_choices(self._untrained[0])
+        recs = self._score("test", batch, probs, baselines=self.hparams.baselines, choices=choices)
         metric = self.task.metric
         trained = [r[metric] for r in recs if r["method"] == TRAINED]
         self.log(f"test/{metric}", sum(trained) / len(trained), batch_size=len(trained), sync_dist=True)

@@ -26,6 +26,7 @@ import torch
 from datamodules.io.atomic import atomic_open
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.episode import Episode, collate_episodes
+from imaging_meta.evaluation.scoring import learner_choices
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import CLASSIFICATION, get_task
 
@@ -177,13 +178,15 @@ def classify(
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
     qs = query_files(queries)
     rows = []
-    all_probs = []
+    all_probs, all_choices = [], []
     for start in range(0, len(qs), batch_size):
         chunk = qs[start : start + batch_size]
         eps = [_episode(s_images, s_labels, classes, load_image(q, **settings), start + j) for j, q in enumerate(chunk)]
         batch = collate_episodes(eps).to(dev)
         with torch.no_grad():
             probs = learner.predict(batch)[:, 0].float().cpu()  # (T, n_way)
+        choices = learner_choices(learner)  # a task-adaptive learner's choice per task (from the support alone)
+        all_choices += choices if choices else [None] * len(chunk)
         if not torch.isfinite(probs).all():
             raise FloatingPointError(f"non-finite class probabilities for queries {[str(q) for q in chunk]}")
         all_probs += list(probs)
@@ -198,7 +201,7 @@ def classify(
         write_explanations(
             learner, s_images, s_labels, [f for f, _ in items], classes, qs, all_probs, explain_dir(out),
             lambda q: load_image(q, **settings), dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,
-            batch_size=max(2, batch_size),
+            batch_size=max(2, batch_size), choices=all_choices,
         )
     return out
 
@@ -218,8 +221,12 @@ def write_explanations(
     patch_size: int | None = None,
     stride: int | None = None,
     batch_size: int = 32,
+    choices: Sequence[dict | None] | None = None,
 ) -> list[Path]:
     """Write each query's explanation: ``<number>_<stem>.json`` and ``<number>_<stem>.png`` in ``folder``.
+
+    With ``choices`` (a task-adaptive learner's choice for each query's task: the feature space and the
+    leave-one-out accuracies over the support that chose it), the JSON also holds it as ``task_choice``.
 
     The JSON holds the query path, the predicted class and the class probabilities (those of the CSV), the
     ``k`` nearest support images (path, class, rank, distance or weight) with the measure's name and
@@ -262,6 +269,7 @@ def write_explanations(
         record = {
             "query": str(q),
             "predicted_class": predicted,
+            **({"task_choice": choices[i]} if choices and choices[i] else {}),
             "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
             "nearest_supports": {
                 "measure": near.measure,

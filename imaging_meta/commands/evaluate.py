@@ -36,7 +36,7 @@ from imaging_meta.checkpoint_io import CheckpointError, load_learner, read_check
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, restore_untrained
 from imaging_meta.evaluation.plots import PanelKeeper
 from imaging_meta.evaluation.reports import write_evaluation_report
-from imaging_meta.evaluation.scoring import score_batch
+from imaging_meta.evaluation.scoring import learner_choices, score_batch
 from imaging_meta.evaluation.statistics import (
     DEFAULT_INTERVAL,
     N_BOOT,
@@ -220,13 +220,15 @@ def run_shot(learner: Learner, untrained: Learner | None, dm: EpisodicDataModule
     for batch in dm.test_dataloader():
         batch = batch.to(device)
         probs = {TRAINED: learner.predict(batch)}
+        choices = {TRAINED: learner_choices(learner)}
         if untrained is not None:
             probs[UNTRAINED] = untrained.predict(batch)
+            choices[UNTRAINED] = learner_choices(untrained)
         for name, p in probs.items():
             if not torch.isfinite(p).all():
                 raise FloatingPointError(f"{name}: non-finite predictions on test episodes {first}..{first + batch.n_tasks - 1}")
         recs = score_batch(task, batch, probs, first_episode=first, shot=shot, threshold=threshold, spacing=spacing,
-                           baselines=baselines)
+                           baselines=baselines, choices_by_method=choices)
         records += recs
         if panels is not None:
             panels.offer(batch, probs[TRAINED], [r for r in recs if r["method"] == TRAINED], first)

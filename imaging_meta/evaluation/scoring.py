@@ -70,6 +70,19 @@ def query_scores(task: Task, decisions: torch.Tensor, labels: torch.Tensor,
             if m in QUERY_METRICS and (spacing is not None or m not in NEEDS_SPACING)}
 
 
+def learner_choices(learner) -> list[dict] | None:
+    """What a task-adaptive learner chose for each task of its last ``predict`` (None for other learners)."""
+    choice = getattr(learner, "last_choice", None)
+    return list(choice) if choice else None
+
+
+def _choice_fields(choices: Sequence[dict] | None, i: int) -> dict:
+    if not choices or i >= len(choices):
+        return {}
+    c = choices[i]
+    return {"choice_space": c.get("space"), "choice_loo_accuracy": (c.get("loo_accuracy") or {}).get(c.get("space"))}
+
+
 def score_batch(
     task: Task,
     batch: Episode,
@@ -81,6 +94,7 @@ def score_batch(
     threshold: float = 0.5,
     spacing: Sequence[float] | None = None,
     baselines: bool = True,
+    choices_by_method: Mapping[str, Sequence[dict] | None] | None = None,
 ) -> list[dict]:
     """Score every method on the queries of a batch of episodes.
 
@@ -96,6 +110,9 @@ def score_batch(
         threshold: the foreground probability threshold of masks.
         spacing: (row, column) pixel size in mm: adds HD95 to mask records.
         baselines: also score the task's label-only baselines (`Task.baselines`).
+        choices_by_method: per method, what a task-adaptive learner chose for each task (its ``last_choice``:
+            dicts with ``space`` and ``loo_accuracy``); adds ``choice_space`` and ``choice_loo_accuracy`` (the
+            leave-one-out accuracy of the chosen space, None for the K = 1 default) to its records.
 
     Returns:
         One record per (method, query), method by method, then episode by episode (see the module docstring).
@@ -119,5 +136,6 @@ def score_batch(
                     "query_id": batch.query_ids[i][j], "patient": patients[i][j],
                     **{k: float(v[i, j]) for k, v in scores.items()},
                     **task.query_fields(batch, i, j, probs),
+                    **_choice_fields((choices_by_method or {}).get(method), i),
                 })
     return records

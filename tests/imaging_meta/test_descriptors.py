@@ -279,3 +279,18 @@ def test_wraps_a_trained_learner_from_its_checkpoint_and_rebuilds_from_its_confi
     assert all(p.grad is not None for p in learner.embedding.parameters())
     with pytest.raises(ValueError, match="name the default"):
         TaskAdaptiveClassifier(trained, spaces=["pixels"], default="embedding")
+
+
+def test_the_choice_reaches_the_evaluation_records():
+    from imaging_meta.evaluation.scoring import learner_choices, score_batch
+    from imaging_meta.tasks import CLASSIFICATION
+
+    learner = TaskAdaptiveClassifier(stub_embedding())
+    ep = task_episode("histogram", n_way=3)
+    with torch.no_grad():
+        probs = learner.predict(ep)
+    recs = score_batch(CLASSIFICATION, ep, {"trained": probs}, choices_by_method={"trained": learner_choices(learner)})
+    trained = [r for r in recs if r["method"] == "trained"]
+    assert trained and all(r["choice_space"] == "histogram" and r["choice_loo_accuracy"] == 1.0 for r in trained)
+    assert all("choice_space" not in r for r in recs if r["method"] != "trained")  # baselines chose nothing
+    assert learner_choices(stub_embedding()) is None
