@@ -26,6 +26,7 @@ import torch
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.transforms.volume import volume_transforms
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
+from imaging_meta.evaluation.volumes import largest_component as keep_largest_component
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
@@ -71,16 +72,6 @@ def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) ->
     if len(zs) > max_slices:
         zs = [zs[int(round(i))] for i in np.linspace(0, len(zs) - 1, max_slices)]
     return zs
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
 
 
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
@@ -261,7 +252,7 @@ def segment(
         prob_map = np.clip(inv["prob"][0].cpu().numpy().astype(np.float32), 0.0, 1.0)  # (X, Y, Z)
         mask = prob_map > 0.5
         if largest_component and mask.any():
-            mask = _largest_component(mask)
+            mask = keep_largest_component(mask)
         name = _query_name(q)
         if q.is_dir():
             affine = np.asarray(inv["prob"].affine, dtype=np.float64)

@@ -115,16 +115,6 @@ def _to_original(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
     return np.clip(np.asarray(inv["prob"][0], dtype=np.float32), 0.0, 1.0)
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
-
-
 def _segment(
     learner: Learner,
     options: ScanOptions,
@@ -155,7 +145,7 @@ def _segment(
             seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[centre]])
             probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
     mask = _to_original(query, probs) > 0.5
-    return _largest(mask) if mask.any() else mask
+    return V.largest_component(mask)
 
 
 def _file_name(image: str | list) -> str:

@@ -70,7 +70,7 @@ def _body_threshold(image: np.ndarray, modality: str) -> float | None:
     return _MR_BODY_FRACTION * float(np.percentile(nonzero, 99))
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep only the largest 3D connected component of a boolean volume (all False if empty)."""
     labels, count = ndimage.label(mask)
     if count == 0:
@@ -91,7 +91,7 @@ def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
     threshold = _body_threshold(image, modality)
     if threshold is None:
         return np.zeros(image.shape, dtype=bool)
-    return _largest_component(image > threshold)
+    return largest_component(image > threshold)
 
 
 def body_z_extent(image: np.ndarray, modality: str) -> tuple[int, int]:
