@@ -83,7 +83,7 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _loader_settings(extra: dict, learner) -> dict:
+def loader_settings(extra: dict, learner) -> dict:
     """``load_image`` settings from the checkpoint's preprocessing section."""
     pre = dict(extra.get("preprocessing") or {})
     size = pre.get("image_size") or pre.get("patch_size")
@@ -112,6 +112,46 @@ def _episode(s_images: torch.Tensor, s_labels: torch.Tensor, classes: Sequence[s
     )
 
 
+def with_space(learner: Learner, space: str = "auto", finetune_steps: int = 0) -> Learner:
+    """The learner `classify` runs: ``auto`` wraps a learned embedding in `TaskAdaptiveClassifier` (a descriptor
+    or task-adaptive learner is kept as it is); ``learned`` keeps the learner; ``finetune_steps`` > 0 wraps it in
+    `SupportFineTune` instead."""
+    from imaging_meta.learners.descriptors.classifier import DescriptorClassifier
+    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+
+    if space not in ("auto", "learned"):
+        raise ValueError(f"space must be 'auto' or 'learned', got {space!r}")
+    if finetune_steps < 0:
+        raise ValueError(f"finetune_steps must be >= 0, got {finetune_steps}")
+    if finetune_steps:
+        from imaging_meta.learners.transfer.support_finetune import with_support_finetuning
+
+        return with_support_finetuning(learner, finetune_steps)
+    if space == "learned" or isinstance(learner, (DescriptorClassifier, TaskAdaptiveClassifier)):
+        return learner
+    return TaskAdaptiveClassifier(learner).to(next(iter(learner.parameters()), torch.empty(0)).device).eval()
+
+
+def predict_queries(
+    learner: Learner,
+    s_images: torch.Tensor,
+    s_labels: torch.Tensor,
+    classes: Sequence[str],
+    q_images: torch.Tensor,
+    device: torch.device | str = "cpu",
+    first_index: int = 0,
+) -> tuple[torch.Tensor, list]:
+    """Class probabilities (Q, n_way) of query images (Q, C, H, W), each in its own episode against the whole
+    support set (what `classify` runs; `benchmarks.real_classification` scores the same function), and the
+    learner's choice per query (a task-adaptive learner's space; None otherwise)."""
+    eps = [_episode(s_images, s_labels, classes, q, first_index + j) for j, q in enumerate(q_images)]
+    batch = collate_episodes(eps).to(device)
+    with torch.no_grad():
+        probs = learner.predict(batch)[:, 0].float().cpu()  # (T, n_way)
+    choices = learner_choices(learner)  # a task-adaptive learner's choice per task (from the support alone)
+    return probs, (choices if choices else [None] * len(eps))
+
+
 def explain_dir(out_csv: str | os.PathLike) -> Path:
     """The folder of the explanations of ``out_csv``: ``<parent>/<CSV stem>_explain``."""
     out = Path(out_csv)
@@ -133,6 +173,8 @@ def classify(
     explain_k: int = 3,
     occlusion_patch: int | None = None,
     occlusion_stride: int | None = None,
+    space: str = "auto",
+    finetune_steps: int = 0,
 ) -> Path:
     """Classify query images against a support folder and write one CSV row per query.
 
@@ -150,6 +192,11 @@ def classify(
         occlusion_patch: side of the occluding patch in pixels; None: about 1/7 of the image side
             (`imaging_meta.commands.explain.default_patch`).
         occlusion_stride: step of the patch; None: half the patch.
+        space: ``auto``: the checkpoint's learner inside `TaskAdaptiveClassifier` (its embedding, raw pixels and
+            intensity histograms weighted per support set by leave-one-out; see `with_space`); ``learned``: the
+            learner alone.
+        finetune_steps: with N > 0, a new head fitted on the augmented support for N steps on top of the
+            checkpoint's learner (`imaging_meta.learners.transfer.support_finetune`), instead of ``space``.
 
     Returns:
         The path of the CSV.
@@ -163,7 +210,8 @@ def classify(
     task = get_task(extra.get("task", learner.task))
     if task is not CLASSIFICATION:
         raise CheckpointError(f"{checkpoint}: a {task.name} checkpoint; classify needs a classification learner")
-    settings = _loader_settings(extra, learner)
+    learner = with_space(learner, space, finetune_steps)
+    settings = loader_settings(extra, learner)
     classes, items = support_folder(support)
     n_way = getattr(learner, "n_way", None)
     if n_way is not None and n_way != len(classes):
@@ -181,12 +229,10 @@ def classify(
     all_probs, all_choices = [], []
     for start in range(0, len(qs), batch_size):
         chunk = qs[start : start + batch_size]
-        eps = [_episode(s_images, s_labels, classes, load_image(q, **settings), start + j) for j, q in enumerate(chunk)]
-        batch = collate_episodes(eps).to(dev)
-        with torch.no_grad():
-            probs = learner.predict(batch)[:, 0].float().cpu()  # (T, n_way)
-        choices = learner_choices(learner)  # a task-adaptive learner's choice per task (from the support alone)
-        all_choices += choices if choices else [None] * len(chunk)
+        probs, choices = predict_queries(
+            learner, s_images, s_labels, classes, torch.stack([load_image(q, **settings) for q in chunk]), dev, start
+        )
+        all_choices += choices
         if not torch.isfinite(probs).all():
             raise FloatingPointError(f"non-finite class probabilities for queries {[str(q) for q in chunk]}")
         all_probs += list(probs)

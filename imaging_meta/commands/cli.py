@@ -171,6 +171,13 @@ def _tool_parser() -> argparse.ArgumentParser:
     c.add_argument("--explain", action="store_true",
                    help="also write, per query, its nearest support images and an occlusion saliency map (PNG) "
                         "into <out stem>_explain/")
+    c.add_argument("--space", choices=["auto", "learned"], default="auto",
+                   help="auto (default): per support set, weigh the checkpoint's embedding, raw pixels and intensity "
+                        "histograms by leave-one-out over the support (equal weights with one image per class); "
+                        "learned: the checkpoint's learner alone")
+    c.add_argument("--finetune-steps", type=int, default=0,
+                   help="fit a new head on augmented support images for this many steps (0: off), on the "
+                        "checkpoint's learner; instead of --space auto")
 
     e = sub.add_parser("evaluate", help="a checkpoint on fixed seeded test episodes: metrics with 95%% CIs, plots, provenance")
     e.add_argument("--checkpoint", required=True, help="a checkpoint from `imaging-meta fit`")
@@ -281,7 +288,8 @@ def _run_tool(argv: Sequence[str]) -> int:
     if args.command == "classify":
         from imaging_meta.commands.classify import classify
 
-        out = classify(args.checkpoint, args.support, args.query, args.out, device=args.device, explain=args.explain)
+        out = classify(args.checkpoint, args.support, args.query, args.out, device=args.device, explain=args.explain,
+                       space=args.space, finetune_steps=args.finetune_steps)
         sys.stdout.write(f"wrote {out}\n")
         return 0
     if args.command == "evaluate":

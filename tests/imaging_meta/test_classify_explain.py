@@ -247,8 +247,17 @@ def test_classify_explain_keeps_the_csv_and_writes_json_and_png_per_query(proton
     out = classify(protonet_checkpoint, support, [queries], tmp_path / "explained.csv", device="cpu", explain=True)
     assert plain.read_text() == out.read_text() and not explain_dir(plain).exists()
     check_explanations(out, ["q0.png", "q1.png", "q2.png"], size=32)  # cls_args trains on 32 x 32
-    near = json.loads(next(explain_dir(out).glob("*.json")).read_text())["nearest_supports"]
+    rec = json.loads(next(explain_dir(out).glob("*.json")).read_text())
+    # by default the checkpoint's embedding is weighed against raw pixels and histograms per support set
+    assert rec["nearest_supports"]["measure"] == "task_adaptive_euclidean"
+    assert rec["task_choice"]["space"] in ("weighted", "fusion") and set(rec["task_choice"]["weights"]) == {
+        "embedding", "pixels", "histogram"}
+    learned = classify(protonet_checkpoint, support, [queries], tmp_path / "learned.csv", device="cpu", explain=True,
+                       space="learned")
+    near = json.loads(next(explain_dir(learned).glob("*.json")).read_text())["nearest_supports"]
     assert near["measure"] == "protonet_euclidean" and near["value"] == "distance"
+    with pytest.raises(ValueError, match="space must be"):
+        classify(protonet_checkpoint, support, [queries], tmp_path / "x.csv", device="cpu", space="pixels")
 
 
 def test_cli_classify_explain_with_a_maml_checkpoint(tmp_path):
@@ -262,7 +271,7 @@ def test_cli_classify_explain_with_a_maml_checkpoint(tmp_path):
     support, queries = write_folders(tmp_path)
     out = tmp_path / "preds.csv"
     assert cli_main(["classify", "--checkpoint", str(ckpt), "--support", str(support), "--query", str(queries / "q1.png"),
-                     "--out", str(out), "--device", "cpu", "--explain"]) == 0
+                     "--out", str(out), "--device", "cpu", "--explain", "--space", "learned"]) == 0
     check_explanations(out, ["q1.png"], size=28)
     rec = json.loads(next(explain_dir(out).glob("*.json")).read_text())
     assert rec["nearest_supports"]["measure"] == "encoder_euclidean" and "before any adaptation" in rec["nearest_supports"]["description"]

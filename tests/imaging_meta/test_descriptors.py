@@ -208,7 +208,7 @@ def test_descriptor_configs_build_and_rebuild(name):
     ("histogram", 3, "histogram"), ("pixels", 3, "pixels"), ("checker", 2, "embedding"),
 ])
 def test_leave_one_out_picks_the_space_that_separates_the_task(kind, n_way, winner):
-    learner = TaskAdaptiveClassifier(stub_embedding())
+    learner = TaskAdaptiveClassifier(stub_embedding(), rule="select")
     ep = task_episode(kind, n_way=n_way)
     records = learner.choose(ep)
     assert [r["space"] for r in records] == [winner, winner], loo_summary(records)
@@ -241,8 +241,8 @@ def test_the_choice_and_the_predictions_never_read_the_query_labels():
             assert learner.last_choice == choice == learner.choose(hidden)
 
 
-def test_one_shot_falls_back_to_the_learned_embedding():
-    learner = TaskAdaptiveClassifier(stub_embedding())
+def test_one_shot_falls_back_to_the_learned_embedding_under_the_select_rule():
+    learner = TaskAdaptiveClassifier(stub_embedding(), rule="select")
     ep = task_episode("histogram", n_shot=1)
     with torch.no_grad():
         probs = learner.predict(ep)
@@ -251,7 +251,7 @@ def test_one_shot_falls_back_to_the_learned_embedding():
         assert r["space"] == "embedding" and r["rule"] == "default" and r["loo_items"] == 0
         assert all(v is None for v in r["loo_accuracy"].values())
     assert "by default" in loo_summary(learner.last_choice)
-    other = TaskAdaptiveClassifier(stub_embedding(), default="histogram")
+    other = TaskAdaptiveClassifier(stub_embedding(), default="histogram", rule="select")
     assert [r["space"] for r in other.choose(ep)] == ["histogram", "histogram"]
 
 
@@ -260,7 +260,7 @@ def test_wraps_a_trained_learner_from_its_checkpoint_and_rebuilds_from_its_confi
     ckpt = {"imaging_meta": {"learner_config": trained.config},
             "state_dict": {f"learner.{k}": v for k, v in trained.state_dict().items()}}
     loaded, _ = load_learner("trained.ckpt", ckpt=ckpt)  # the content of an `imaging-meta fit` checkpoint
-    learner = TaskAdaptiveClassifier(loaded).eval()
+    learner = TaskAdaptiveClassifier(loaded, rule="select").eval()
     ep = task_episode("checker", n_way=2, n_shot=1)
     with torch.no_grad():
         torch.testing.assert_close(learner.predict(ep), trained.predict(ep))  # K = 1: the trained embedding
@@ -291,6 +291,69 @@ def test_the_choice_reaches_the_evaluation_records():
         probs = learner.predict(ep)
     recs = score_batch(CLASSIFICATION, ep, {"trained": probs}, choices_by_method={"trained": learner_choices(learner)})
     trained = [r for r in recs if r["method"] == "trained"]
-    assert trained and all(r["choice_space"] == "histogram" and r["choice_loo_accuracy"] == 1.0 for r in trained)
+    assert trained and all(r["choice_space"] == "weighted" and r["choice_loo_accuracy"] == 1.0 for r in trained)
     assert all("choice_space" not in r for r in recs if r["method"] != "trained")  # baselines chose nothing
     assert learner_choices(stub_embedding()) is None
+
+
+# ------------------------------------------------------------------ the weighted rule (the default)
+@pytest.mark.parametrize(("kind", "n_way", "winner"), [
+    ("histogram", 3, "histogram"), ("pixels", 3, "pixels"), ("checker", 2, "embedding"),
+])
+def test_the_weighting_classifies_tasks_that_only_one_space_separates(kind, n_way, winner):
+    learner = TaskAdaptiveClassifier(stub_embedding())
+    ep = task_episode(kind, n_way=n_way)
+    with torch.no_grad():
+        probs = learner.predict(ep)
+    records = learner.last_choice
+    assert accuracy(probs, ep) == 1.0, loo_summary(records)
+    for r in records:
+        assert r["space"] == "weighted" and r["rule"] == "weighted leave-one-out" and r["loo_items"] == n_way * 5
+        assert set(r["weights"]) == {"embedding", "pixels", "histogram"}
+        assert abs(sum(r["weights"].values()) - 1.0) < 1e-3
+        assert r["loo_accuracy"][winner] == 1.0
+        assert r["loo_accuracy"]["weighted"] == 1.0
+    assert "fitted by leave-one-out" in loo_summary(records)
+    assert learner.choose(ep) == records
+
+
+def test_one_shot_weighted_rule_is_the_equal_weight_fusion():
+    from imaging_meta.learners.descriptors.nearest import prototype_logits
+
+    learner = TaskAdaptiveClassifier(stub_embedding())
+    ep = task_episode("histogram", n_shot=1)
+    with torch.no_grad():
+        probs = learner.predict(ep)
+        fs, fq, dist = learner.task_spaces(ep)["fusion"]
+        fusion = prototype_logits(fs, ep.support_labels, fq, 3, dist, 10.0).softmax(-1)
+    torch.testing.assert_close(probs, fusion, atol=1e-5, rtol=1e-4)
+    for r in learner.last_choice:
+        assert r["space"] == "fusion" and r["rule"] == "default" and r["loo_items"] == 0
+        assert all(abs(w - 1 / 3) < 1e-3 for w in r["weights"].values())
+    assert "by default" in loo_summary(learner.last_choice)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fit_weights_turns_down_a_misleading_space(seed):
+    from imaging_meta.learners.descriptors.nearest import leave_one_out_accuracy
+    from imaging_meta.learners.descriptors.weighting import fit_weights, loo_distances, weighted_logits
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(4)[None]  # one task, 3 classes x 4 shots
+    other = (torch.arange(12) % 3)[None]  # clusters that cut across the classes
+    good = torch.nn.functional.one_hot(labels, 3).float() + 0.5 * torch.randn(1, 12, 3, generator=g)
+    bad = 2 * torch.nn.functional.one_hot(other, 3).float() + 0.3 * torch.randn(1, 12, 3, generator=g)
+    spaces = [torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=-1) for x in (good, bad)]
+    loo, usable = zip(*(loo_distances(x, labels, 3) for x in spaces), strict=True)
+    beta = fit_weights(loo, labels, usable[0])
+    assert beta[0, 0] / beta.sum() > 0.55, beta
+    fitted = (weighted_logits(torch.stack(loo, 1), beta).argmax(-1) == labels).float().mean()
+    equal = (weighted_logits(torch.stack(loo, 1), torch.full_like(beta, 5.0)).argmax(-1) == labels).float().mean()
+    assert fitted >= equal and fitted >= leave_one_out_accuracy(spaces[1], labels, 3)
+    strong = fit_weights(loo, labels, usable[0], prior=1e6)  # an overwhelming prior keeps the fusion
+    torch.testing.assert_close(strong, torch.full((1, 2), 5.0, dtype=strong.dtype), atol=1e-3, rtol=0)
+    with torch.inference_mode():  # fitting works on inference tensors too
+        inf = fit_weights([x.clone() for x in loo], labels.clone(), usable[0].clone())
+    torch.testing.assert_close(inf, beta)
+    with pytest.raises(ValueError, match="prior"):
+        fit_weights(loo, labels, usable[0], prior=0.0)
