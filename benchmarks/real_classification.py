@@ -5,9 +5,10 @@ against chance and the raw-pixel baseline, on the same seeded episodes for every
         --checkpoints results/runs/protonet_cls/version_0/checkpoints/last.ckpt ... \
         --episodes 100 --out benchmarks/results/real_classification.json
 
-Every method classifies each query in its own episode against the whole support set, through
-`imaging_meta.commands.classify.predict_queries`, the function ``imaging-meta classify`` runs, with each
-checkpoint's own preprocessing (`imaging_meta.commands.classify.loader_settings`). Methods:
+Every method classifies the queries of an episode against its whole support set, with each checkpoint's own
+preprocessing (`imaging_meta.commands.classify.loader_settings`), in one episode (``--per-query``: one episode
+per query through `imaging_meta.commands.classify.predict_queries`, what ``imaging-meta classify`` runs; the
+same answers, since no learner's prediction for a query depends on the other queries). Methods:
 
 * ``chance``: 1 / N;
 * ``pixels``: the nearest class mean of 32 x 32 grey pixels (`DescriptorClassifier`, ``configs/model/pixels_cls.yaml``),
@@ -35,6 +36,8 @@ import torch
 
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.commands.classify import loader_settings, predict_queries, support_folder
+from imaging_meta.episode import Episode, collate_episodes
+from imaging_meta.evaluation.scoring import learner_choices
 from imaging_meta.evaluation.statistics import mean_ci
 from imaging_meta.learners.base import Learner
 
@@ -49,10 +52,10 @@ def descriptor_learners(finetune_steps: int = 0) -> dict[str, Learner]:
         "pixels": DescriptorClassifier(features="pixels", pixel_size=32),
         "histogram": DescriptorClassifier(features="histogram", bins=32),
     }
-    try:
+    from imaging_meta.learners.descriptors.radiomics import available
+
+    if available():  # the optional radiomics extra
         out["radiomics"] = DescriptorClassifier(features="radiomics")
-    except (ImportError, ValueError):
-        pass  # the optional radiomics extra is not installed
     return out
 
 
@@ -111,6 +114,20 @@ def sample_episodes(
     return out
 
 
+def predict_episode(learner: Learner, s_images, s_labels, classes, q_images) -> tuple[torch.Tensor, list]:
+    """Class probabilities (Q, n_way) of the queries, all in one episode against the support, and the learner's
+    choice. Since issue 14 no learner's prediction for a query depends on the other queries (the tests of
+    ``tests/imaging_meta/test_non_transductive.py`` check it per learner config), so this equals
+    `imaging_meta.commands.classify.predict_queries` (one episode per query, what ``classify`` runs) at a
+    fraction of the cost; ``--per-query`` runs that function instead."""
+    ep = Episode(support_images=s_images, support_labels=s_labels, query_images=q_images,
+                 query_labels=torch.zeros(len(q_images), dtype=torch.long), classes=list(classes), site="",
+                 support_ids=[f"s{i}" for i in range(len(s_labels))], query_ids=[f"q{i}" for i in range(len(q_images))])
+    with torch.no_grad():
+        probs = learner.predict(collate_episodes([ep]))[0].float()
+    return probs, learner_choices(learner) or [None]
+
+
 def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
     classes, items = support_folder(SETS / name)
     cache: dict[tuple, torch.Tensor] = {}
@@ -144,12 +161,9 @@ def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
                 relabel = {c: k for k, c in enumerate(cls)}
                 s_labels = torch.tensor([relabel[items[i][1]] for i in s_idx])
                 q_labels = torch.tensor([relabel[items[i][1]] for i in q_idx])
-                probs, ch = predict_queries(
-                    learner,
-                    images(s_idx, settings),
-                    s_labels,
-                    [classes[c] for c in cls],
-                    images(q_idx, settings),
+                predict = predict_queries if args.per_query else predict_episode
+                probs, ch = predict(
+                    learner, images(s_idx, settings), s_labels, [classes[c] for c in cls], images(q_idx, settings)
                 )
                 accs.append(float((probs.argmax(-1) == q_labels).float().mean()))
                 if ch and ch[0]:  # the same support for every query of an episode: one choice per episode
@@ -223,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-query", action="store_true", help="one episode per query, exactly as classify runs (slower)")
     ap.add_argument(
         "--finetune-steps", type=int, default=0, help="also score each checkpoint fine-tuned on the support"
     )

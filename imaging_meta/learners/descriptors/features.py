@@ -12,6 +12,8 @@ The channels are averaged into one grey channel first.
   are clamped into the end bins); sums to 1.
 * ``gradient``: the same for the gradient magnitude, central differences along every spatial axis
   (``torch.gradient``), binned over [0, `GRADIENT_RANGE`] (larger magnitudes fall into the last bin).
+* ``radiomics`` (2D, optional extra): IBSI first-order, histogram, GLCM and GLRLM features computed by mirp,
+  log-compressed (`imaging_meta.learners.descriptors.radiomics`).
 
 A learner compares a task's items in a *space*: one descriptor or several ("pixels+histogram").
 `task_features` centres each descriptor on the mean of the task's support items, L2-normalises every item,
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 #: the descriptors, by name
-DESCRIPTORS = ("pixels", "histogram", "gradient")
+DESCRIPTORS = ("pixels", "histogram", "gradient", "radiomics")
 #: gradient magnitudes are binned over [0, GRADIENT_RANGE]; a step from 0 to 1 between neighbours gives 0.5
 #: (central difference) inside the image
 GRADIENT_RANGE = 0.5
@@ -102,6 +104,10 @@ def describe(images: torch.Tensor, descriptor: str, size: int = 32, bins: int = 
         return intensity_histogram(images, bins)
     if descriptor == "gradient":
         return gradient_histogram(images, bins)
+    if descriptor == "radiomics":
+        from imaging_meta.learners.descriptors.radiomics import radiomics_descriptor
+
+        return radiomics_descriptor(images)
     raise ValueError(f"unknown descriptor {descriptor!r}; choose from {DESCRIPTORS}")
 
 
