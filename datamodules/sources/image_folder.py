@@ -212,11 +212,22 @@ def load_image(
     Raises:
         ValueError: for an unreadable, corrupt, multi-frame, constant or non-finite image, naming the file.
     """
+    return load_image_and_shape(path, image_size, channels, ct_window)[0]
+
+
+def load_image_and_shape(
+    path: str | Path,
+    image_size: Sequence[int] = (32, 32),
+    channels: int = 1,
+    ct_window: Sequence[float] = (-250.0, 250.0),
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`load_image`, and the image's (height, width) as read, before resizing."""
     _check_settings(image_size, channels, ct_window)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such image file")
-    return _to_tensor(_read(path, ct_window), image_size, channels)
+    read = _read(path, ct_window)
+    return _to_tensor(read, image_size, channels), (int(read.array.shape[0]), int(read.array.shape[1]))
 
 
 def _dicom_values(ds, fields: Sequence[str]) -> dict[str, Any]:

@@ -112,6 +112,36 @@ def _episode(s_images: torch.Tensor, s_labels: torch.Tensor, classes: Sequence[s
     )
 
 
+#: an image this many times the checkpoint's size along an axis (or more) is "far larger"
+FAR_LARGER = 4.0
+#: aspect ratios that differ by this factor (or more) are "another aspect ratio"
+OTHER_ASPECT = 1.25
+
+
+def resolution_notes(shapes: dict[Path, tuple[int, int]], image_size: Sequence[int]) -> list[str]:
+    """What to tell the user when images are far larger than the checkpoint's input or of another aspect ratio:
+    classify keeps the checkpoint's preprocessing (fit inside ``image_size``, zero-pad), and says so."""
+    th, tw = (int(v) for v in image_size)
+    notes = []
+    large = [p for p, (h, w) in shapes.items() if max(h / th, w / tw) >= FAR_LARGER]
+    if large:
+        h, w = max((shapes[p] for p in large), key=lambda s: s[0] * s[1])
+        notes.append(
+            f"{len(large)} of {len(shapes)} images are at least {FAR_LARGER:g}x the checkpoint's {th} x {tw} input "
+            f"(largest {h} x {w}, e.g. {large[0]}): classify keeps the checkpoint's preprocessing and shrinks them, "
+            "losing fine detail; for such images train with a larger image_size in the data config"
+        )
+    target = th / tw
+    other = [p for p, (h, w) in shapes.items() if max(h / w / target, target * w / h) >= OTHER_ASPECT]
+    if other:
+        h, w = shapes[other[0]]
+        notes.append(
+            f"{len(other)} of {len(shapes)} images have another aspect ratio than the checkpoint's {th} x {tw} input "
+            f"(e.g. {other[0]}: {h} x {w}): they are scaled to fit and zero-padded, as in training"
+        )
+    return notes
+
+
 def with_space(learner: Learner, space: str = "auto", finetune_steps: int = 0) -> Learner:
     """The learner `classify` runs: ``auto`` wraps a learned embedding in `TaskAdaptiveClassifier` (a descriptor
     or task-adaptive learner is kept as it is); ``learned`` keeps the learner; ``finetune_steps`` > 0 wraps it in
@@ -201,7 +231,7 @@ def classify(
     Returns:
         The path of the CSV.
     """
-    from datamodules.sources.image_folder import load_image
+    from datamodules.sources.image_folder import load_image_and_shape
 
     if explain and explain_k < 1:
         raise ValueError(f"explain_k must be >= 1 nearest support images, got {explain_k}")
@@ -222,7 +252,13 @@ def classify(
     counts = torch.bincount(torch.tensor([y for _, y in items]), minlength=len(classes))
     if counts.min() != counts.max():
         logger.info("support classes have different numbers of images: %s", dict(zip(classes, counts.tolist(), strict=True)))
-    s_images = torch.stack([load_image(f, **settings) for f, _ in items])
+    shapes: dict[Path, tuple[int, int]] = {}
+
+    def load_image(path: Path) -> torch.Tensor:
+        image, shapes[path] = load_image_and_shape(path, **settings)
+        return image
+
+    s_images = torch.stack([load_image(f) for f, _ in items])
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
     qs = query_files(queries)
     rows = []
@@ -230,7 +266,7 @@ def classify(
     for start in range(0, len(qs), batch_size):
         chunk = qs[start : start + batch_size]
         probs, choices = predict_queries(
-            learner, s_images, s_labels, classes, torch.stack([load_image(q, **settings) for q in chunk]), dev, start
+            learner, s_images, s_labels, classes, torch.stack([load_image(q) for q in chunk]), dev, start
         )
         all_choices += choices
         if not torch.isfinite(probs).all():
@@ -238,6 +274,8 @@ def classify(
         all_probs += list(probs)
         for q, p in zip(chunk, probs, strict=True):
             rows.append([str(q), classes[int(p.argmax())], *[f"{float(v):.6f}" for v in p]])
+    for note in resolution_notes(shapes, settings["image_size"]):
+        logger.warning(note)
     out = Path(out_csv)
     with atomic_open(out, "w", newline="") as f:
         w = csv.writer(f)
@@ -246,7 +284,7 @@ def classify(
     if explain:
         write_explanations(
             learner, s_images, s_labels, [f for f, _ in items], classes, qs, all_probs, explain_dir(out),
-            lambda q: load_image(q, **settings), dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,
+            load_image, dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,
             batch_size=max(2, batch_size), choices=all_choices,
         )
     return out

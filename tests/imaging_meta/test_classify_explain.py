@@ -275,3 +275,29 @@ def test_cli_classify_explain_with_a_maml_checkpoint(tmp_path):
     check_explanations(out, ["q1.png"], size=28)
     rec = json.loads(next(explain_dir(out).glob("*.json")).read_text())
     assert rec["nearest_supports"]["measure"] == "encoder_euclidean" and "before any adaptation" in rec["nearest_supports"]["description"]
+
+
+def test_classify_says_when_queries_are_far_larger_or_of_another_aspect(protonet_checkpoint, tmp_path, caplog):
+    support, queries = write_folders(tmp_path)
+    big = np.clip(np.random.default_rng(2).normal(128, 30, (256, 512)), 0, 255).astype(np.uint8)
+    write_png(queries / "wide.png", big)
+    with caplog.at_level("WARNING", logger="imaging_meta.commands.classify"):
+        classify(protonet_checkpoint, support, [queries], tmp_path / "p.csv", device="cpu")
+    text = caplog.text
+    assert "1 of 13 images are at least 4x the checkpoint's 32 x 32 input (largest 256 x 512" in text
+    assert "keeps the checkpoint's preprocessing" in text and "wide.png" in text
+    assert "another aspect ratio" in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="imaging_meta.commands.classify"):
+        classify(protonet_checkpoint, support, [queries / "q0.png"], tmp_path / "q.csv", device="cpu")
+    assert "4x" not in caplog.text and "aspect" not in caplog.text  # 28 x 28 into 32 x 32: nothing to say
+
+
+def test_classify_finetunes_a_new_head_deterministically(protonet_checkpoint, tmp_path):
+    support, queries = write_folders(tmp_path)
+    a = classify(protonet_checkpoint, support, [queries], tmp_path / "a.csv", device="cpu", finetune_steps=5)
+    b = classify(protonet_checkpoint, support, [queries], tmp_path / "b.csv", device="cpu", finetune_steps=5)
+    plain = classify(protonet_checkpoint, support, [queries], tmp_path / "c.csv", device="cpu", space="learned")
+    assert a.read_text() == b.read_text() != plain.read_text()
+    with pytest.raises(ValueError, match="finetune_steps"):
+        classify(protonet_checkpoint, support, [queries], tmp_path / "d.csv", device="cpu", finetune_steps=-1)
