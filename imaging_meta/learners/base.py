@@ -320,3 +320,37 @@ def build_learner(config: dict[str, Any]) -> Learner:
     if not (isinstance(cls, type) and issubclass(cls, Learner)):
         raise ValueError(f"{class_path!r} is not an imaging_meta Learner")
     return cls(**config.get("init_args", {}))
+
+
+class WrappingLearner(Learner):
+    """A learner around another, trained, learner of the same task (``self.embedding``): what the task-adaptive
+    classifier and support fine-tuning share. ``embedding`` is a `Learner` or its ``{"class_path",
+    "init_args"}`` config; `config` always records it as such a sub-config (so a checkpoint of the wrapper
+    rebuilds it, weights included), and the wrapper's tasks are independent, and its encoder is, as the
+    wrapped learner's."""
+
+    def wrap(self, embedding: Learner | dict[str, Any]) -> Learner:
+        """Build (from a config) and check the wrapped learner; set ``self.embedding``."""
+        if isinstance(embedding, dict):
+            embedding = build_learner(embedding)
+        if not isinstance(embedding, Learner) or embedding.task_kind is not self.task_kind:
+            raise ValueError(
+                f"embedding must be a {self.task_kind.name} Learner (or its config), got {embedding!r:.200}"
+            )
+        self.embedding = embedding
+        return embedding
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """As `Learner.config`, with the wrapped learner recorded as its own config (never as an object)."""
+        cfg = super().config
+        return {**cfg, "init_args": {**cfg["init_args"], "embedding": self.embedding.config}}
+
+    @property
+    def tasks_independent(self) -> bool:  # type: ignore[override]
+        return self.embedding.tasks_independent
+
+    def encoder_name(self) -> str | None:
+        """The wrapped learner's encoder (for `Learner.embed`)."""
+        name = self.embedding.encoder_name()
+        return None if name is None else f"embedding.{name}"

@@ -47,7 +47,12 @@ import torch
 import torch.nn.functional as F
 
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner, SimilarityMeasure, build_learner, classification_batch
+from imaging_meta.learners.base import (
+    Learner,
+    SimilarityMeasure,
+    WrappingLearner,
+    classification_batch,
+)
 from imaging_meta.learners.descriptors.features import (
     concatenate_spaces,
     descriptor_vectors,
@@ -86,7 +91,7 @@ def blind(episode: Episode) -> Episode:
     )
 
 
-class TaskAdaptiveClassifier(Learner):
+class TaskAdaptiveClassifier(WrappingLearner):
     """Per task, classify in the space (learned embedding, pixels, histogram, fusion) that wins leave-one-out on
     the support; the learned embedding with one shot per class (see the module docstring).
 
@@ -122,12 +127,7 @@ class TaskAdaptiveClassifier(Learner):
         prior: float = PRIOR,
     ) -> None:
         super().__init__()
-        if isinstance(embedding, dict):
-            embedding = build_learner(embedding)
-        if not isinstance(embedding, Learner) or embedding.task_kind is not self.task_kind:
-            raise ValueError(
-                f"embedding must be a {self.task_kind.name} Learner (or its config), got {embedding!r:.200}"
-            )
+        embedding = self.wrap(embedding)
         self.spaces = tuple(str(s) for s in spaces)
         if not self.spaces or len(set(self.spaces)) != len(self.spaces) or default not in self.spaces:
             raise ValueError(
@@ -149,7 +149,6 @@ class TaskAdaptiveClassifier(Learner):
         if rule == WEIGHTED and not [x for x in self.spaces if x != FUSION]:
             raise ValueError(f"the weighted rule needs at least one space besides {FUSION!r}")
         self.rule, self.prior = rule, float(prior)
-        self.embedding = embedding
         self.n_way = embedding.n_way
         self.default = default
         self.scale, self.pixel_size, self.bins = float(scale), int(pixel_size), int(bins)
@@ -158,15 +157,7 @@ class TaskAdaptiveClassifier(Learner):
         #: the `choose` records of the last `predict` call, one per task
         self.last_choice: list[dict[str, Any]] = []
 
-    @property
-    def config(self) -> dict[str, Any]:
-        """As `Learner.config`, with the embedding learner recorded as its own config (never as an object)."""
-        cfg = super().config
-        return {**cfg, "init_args": {**cfg["init_args"], "embedding": self.embedding.config}}
 
-    @property
-    def tasks_independent(self) -> bool:  # type: ignore[override]
-        return self.embedding.tasks_independent
 
     # ------------------------------------------------------------------ the spaces and the choice
     def descriptors(self) -> tuple[str, ...]:
@@ -305,10 +296,6 @@ class TaskAdaptiveClassifier(Learner):
         return torch.stack(out)
 
     # ------------------------------------------------------------------ explanations
-    def encoder_name(self) -> str | None:
-        """The embedding learner's encoder (for `Learner.embed`)."""
-        name = self.embedding.encoder_name()
-        return None if name is None else f"embedding.{name}"
 
     @property
     def similarity_measure(self) -> SimilarityMeasure:

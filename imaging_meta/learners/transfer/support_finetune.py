@@ -51,7 +51,7 @@ from torch import nn
 from torch.func import functional_call
 
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner, build_learner, classification_batch
+from imaging_meta.learners.base import Learner, WrappingLearner, classification_batch
 from imaging_meta.learners.inner_loop import Params
 from imaging_meta.learners.prototypes import class_onehot, episode_n_way
 from imaging_meta.learners.transfer.finetune import check_grad_mode
@@ -224,7 +224,7 @@ class _Embedder(nn.Module):
         return s[0].float(), r[0].float()
 
 
-class SupportFineTune(Learner):
+class SupportFineTune(WrappingLearner):
     """Per task, a new head (optionally with the encoder's last block) fine-tuned on the augmented support
     set, on the features of a trained embedding learner (see the module docstring).
 
@@ -269,12 +269,7 @@ class SupportFineTune(Learner):
         intensity: float = 0.1,
     ) -> None:
         super().__init__()
-        if isinstance(embedding, dict):
-            embedding = build_learner(embedding)
-        if not isinstance(embedding, Learner) or embedding.task_kind is not self.task_kind:
-            raise ValueError(
-                f"embedding must be a {self.task_kind.name} Learner (or its config), got {embedding!r:.200}"
-            )
+        embedding = self.wrap(embedding)
         if isinstance(steps, bool) or int(steps) != steps or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
         if not (lr > 0 and math.isfinite(lr)) or not scale > 0 or not 0 <= momentum < 1:
@@ -285,7 +280,6 @@ class SupportFineTune(Learner):
             raise ValueError(f"body must be one of {BODIES} and head one of {HEADS}; got {body!r}, {head!r}")
         if copies < 0:
             raise ValueError(f"copies must be >= 0, got {copies}")
-        self.embedding = embedding
         self.n_way = embedding.n_way
         self.steps, self.lr, self.momentum, self.scale = int(steps), float(lr), float(momentum), float(scale)
         self.body, self.head = body, head
@@ -318,15 +312,7 @@ class SupportFineTune(Learner):
             )
         return module
 
-    @property
-    def config(self) -> dict[str, Any]:
-        """As `Learner.config`, with the embedding learner recorded as its own config (never as an object)."""
-        cfg = super().config
-        return {**cfg, "init_args": {**cfg["init_args"], "embedding": self.embedding.config}}
 
-    @property
-    def tasks_independent(self) -> bool:  # type: ignore[override]
-        return self.embedding.tasks_independent
 
     # ------------------------------------------------------------------ pieces
     def body_parameters(self) -> Params:
@@ -453,10 +439,6 @@ class SupportFineTune(Learner):
         return torch.stack(out)
 
     # ------------------------------------------------------------------ explanations
-    def encoder_name(self) -> str | None:
-        """The wrapped learner's encoder, before any fine-tuning (for `Learner.embed`)."""
-        name = self.embedding.encoder_name()
-        return None if name is None else f"embedding.{name}"
 
 
 def with_support_finetuning(learner: Learner, steps: int = 100, **kwargs: Any) -> SupportFineTune:
