@@ -76,11 +76,16 @@ def offline_learner_config(config: dict) -> dict:
     """A learner config that builds the same network without reading pretrained weights: for a learner whose
     ``backbone`` is ``resnet``, its ``backbone_kwargs`` pass through `imaging_meta.pretrained.without_weights`
     (``weights`` becomes None; ``freeze_bn`` / ``imagenet_norm`` keep what the weights made them). Any other
-    config is returned unchanged. For rebuilding a learner whose weights come from a checkpoint."""
+    config is returned unchanged; a wrapped learner's (``init_args.embedding``, a `WrappingLearner`) is made
+    offline the same way. For rebuilding a learner whose weights come from a checkpoint."""
     init = config.get("init_args") if isinstance(config, dict) else None
-    if not isinstance(init, dict) or init.get("backbone") != "resnet":
+    if not isinstance(init, dict):
         return config
-    return {**config, "init_args": {**init, "backbone_kwargs": without_weights(init.get("backbone_kwargs") or {})}}
+    if isinstance(init.get("embedding"), dict):
+        init = {**init, "embedding": offline_learner_config(init["embedding"])}
+    if init.get("backbone") == "resnet":
+        init = {**init, "backbone_kwargs": without_weights(init.get("backbone_kwargs") or {})}
+    return {**config, "init_args": init}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

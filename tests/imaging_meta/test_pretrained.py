@@ -291,3 +291,16 @@ def test_a_checkpoint_loads_where_the_weights_file_is_gone(weights_file, tmp_pat
     ep = segmentation_episode(n_shot=1, n_query=2, tasks=1, size=64, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict(ep), learner.eval().predict(ep))
+
+
+def test_a_wrapped_learner_config_is_made_offline_too(weights_file):
+    from imaging_meta.checkpoint_io import offline_learner_config
+
+    inner = {"class_path": "imaging_meta.learners.metric.protonet.PrototypicalNetwork",
+             "init_args": {"backbone": "resnet", "backbone_kwargs": {"depth": 18, "weights": str(weights_file[0])}}}
+    wrapped = {"class_path": "imaging_meta.learners.descriptors.task_adaptive.TaskAdaptiveClassifier",
+               "init_args": {"embedding": inner, "rule": "weighted"}}
+    offline = offline_learner_config(wrapped)
+    assert offline["init_args"]["embedding"]["init_args"]["backbone_kwargs"]["weights"] is None
+    assert offline["init_args"]["rule"] == "weighted" and wrapped["init_args"]["embedding"] is inner  # not mutated
+    assert inner["init_args"]["backbone_kwargs"]["weights"] == str(weights_file[0])
