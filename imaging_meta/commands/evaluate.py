@@ -33,7 +33,7 @@ import torch
 import imaging_meta
 from datamodules.base import EpisodicDataModule
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, read_checkpoint, resolve_device
-from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, restore_untrained
+from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
 from imaging_meta.evaluation.plots import PanelKeeper
 from imaging_meta.evaluation.reports import write_evaluation_report
 from imaging_meta.evaluation.scoring import learner_choices, score_batch
@@ -45,7 +45,7 @@ from imaging_meta.evaluation.statistics import (
     interval_description,
 )
 from imaging_meta.learners.base import Learner
-from imaging_meta.tasks import Task, get_task
+from imaging_meta.tasks import CLASSIFICATION, Task, get_task
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +211,10 @@ def _seed_all(seed: int) -> None:
 @torch.no_grad()
 def run_shot(learner: Learner, untrained: Learner | None, dm: EpisodicDataModule, task: Task, shot: int,
              device: torch.device, threshold: float, spacing, panels: PanelKeeper | None, seed: int,
-             baselines: bool = True) -> list[dict]:
+             baselines: bool = True, references: dict[str, Learner] | None = None) -> list[dict]:
     """Score every method on the datamodule's fixed test episodes; returns the per-query records
-    (`score_batch`; episode ids count from 0 in the order of the episode file)."""
+    (`score_batch`; episode ids count from 0 in the order of the episode file). ``references``: further methods
+    by name (`imaging_meta.evaluation.methods.reference_classifiers`), on the same episodes."""
     _seed_all(seed)
     records: list[dict] = []
     first = 0
@@ -224,6 +225,9 @@ def run_shot(learner: Learner, untrained: Learner | None, dm: EpisodicDataModule
         if untrained is not None:
             probs[UNTRAINED] = untrained.predict(batch)
             choices[UNTRAINED] = learner_choices(untrained)
+        for name, reference in (references or {}).items():
+            probs[name] = reference.predict(batch)
+            choices[name] = learner_choices(reference)
         for name, p in probs.items():
             if not torch.isfinite(p).all():
                 raise FloatingPointError(f"{name}: non-finite predictions on test episodes {first}..{first + batch.n_tasks - 1}")
@@ -386,6 +390,9 @@ def evaluate(
     config = _data_for_evaluation(path, ckpt, extra, data_config)
     task = get_task(extra.get("task", learner.task))
     untrained = restore_untrained(extra, device=dev) if baselines else None
+    # classification: raw pixels and what `classify` gives by default, on the same episodes
+    references = {k: v.to(dev) for k, v in reference_classifiers(learner).items()} if (
+        baselines and task is CLASSIFICATION) else None
     if not shots or min(shots) < 1:
         raise ValueError(f"shots must be positive integers, got {list(shots)}")
     if episodes < 1:
@@ -407,7 +414,7 @@ def evaluate(
             spacing = [float(s) for s in dm.preprocessing["spacing"]]
         episode_files[str(k)], describe[str(k)] = _episode_file(dm, out, k)
         records += run_shot(learner, untrained, dm, task, k, dev, threshold, spacing, panels if i == 0 else None, seed,
-                            baselines)
+                            baselines, references)
         logger.info("%d-shot: %d test episodes scored", k, episode_files[str(k)]["n_episodes"])
     context = _context(path, out, extra, task, describe, episode_files, name=name, seed=seed, episodes=episodes,
                        threshold=threshold, spacing=spacing, device=dev.type)

@@ -3,7 +3,10 @@
 * `TRAINED`: the meta-trained learner;
 * `UNTRAINED`: the same learner at its initial weights (the weights it had when `EpisodicModule` was built,
   kept in every checkpoint as ``untrained_state_dict``): what meta-training added;
-* the task's label-only baselines (`imaging_meta.tasks.Task.baselines`; segmentation: `COPY_MASK`).
+* the task's label-only baselines (`imaging_meta.tasks.Task.baselines`; segmentation: `COPY_MASK`);
+* for classification (`reference_classifiers`): `RAW_PIXELS`, the nearest class mean of 32 x 32 grey pixels, the
+  baseline a meta-learner must beat, and `TASK_ADAPTIVE`, the trained learner inside `TaskAdaptiveClassifier`:
+  what ``imaging-meta classify`` gives by default.
 
 The untrained learner is made here once for both places that score it: `initial_copy` at fit,
 `untrained_state` into the checkpoint, `restore_untrained` back from it (into the module's copy, or as a new
@@ -20,9 +23,22 @@ from imaging_meta.learners.base import Learner, build_learner
 from imaging_meta.tasks import COPY_MASK
 
 TRAINED, UNTRAINED = "trained", "untrained encoder"
+RAW_PIXELS, TASK_ADAPTIVE = "raw pixels", "trained, task-adaptive"
 
 #: reports list these methods first, in this order; any other after them, sorted
-METHOD_ORDER = (TRAINED, UNTRAINED, COPY_MASK)
+METHOD_ORDER = (TRAINED, UNTRAINED, COPY_MASK, TASK_ADAPTIVE, RAW_PIXELS)
+
+
+def reference_classifiers(learner: Learner) -> dict[str, Learner]:
+    """The classification methods scored beside a trained learner: raw pixels, and the learner inside the
+    task-adaptive classifier (left out when the learner already is a descriptor or task-adaptive classifier)."""
+    from imaging_meta.learners.descriptors.classifier import DescriptorClassifier
+    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+
+    out: dict[str, Learner] = {RAW_PIXELS: DescriptorClassifier(features="pixels", pixel_size=32).eval()}
+    if not isinstance(learner, (DescriptorClassifier, TaskAdaptiveClassifier)):
+        out[TASK_ADAPTIVE] = TaskAdaptiveClassifier(learner).eval()
+    return out
 
 
 def ordered_methods(methods) -> list[str]:

@@ -222,6 +222,9 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
     s = doc["summary"]["2"]
     assert set(s) == {"acc", "balanced_acc", "auc", "ece", "calibration", "differences"}
     assert set(s["acc"]["trained"]["class"]) == set(doc["context"]["data"]["classes"]["test"])
+    # raw pixels and what `classify` gives by default are scored on the same episodes, paired with trained
+    assert {"raw pixels", "trained, task-adaptive", "untrained encoder"} <= set(s["acc"])
+    assert {"raw pixels", "trained, task-adaptive"} <= set(json.dumps(s["differences"]).replace('"', "\n").split("\n"))
     assert "reliability.png" in doc["figures"].values() and (out / "reliability.png").is_file()
     assert "accuracy per class" in " ".join(doc["figures"])
     assert cli_main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp.md")]) == 0
