@@ -21,9 +21,9 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: TRAINER=$(TRAINER) DATA=$(DATA) MODEL=$(MODEL) DATA_DIR=$(DATA_DIR) ARGS='...'"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install imaging-meta with its pinned dependencies
@@ -93,7 +93,7 @@ test-full: install  ## every test, the slow ones included
 	$(PY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" -e ".[dev,bench]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,bench]"
 	touch $@
 
 install-bench: $(VENV)/.installed-bench  ## install the benchmark extra (the peer library `higher`)

@@ -1,6 +1,6 @@
 """The ``imaging-meta`` command.
 
-* ``fit | validate | test | predict``: LightningCLI over `EpisodicModule` and any LightningDataModule
+* ``fit | validate | test``: LightningCLI over `EpisodicModule` and any LightningDataModule
   (``--config`` YAML files from ``configs/``, combined by repeating ``--config``).
 * ``demo``: write the synthetic multi-site demo cohort.
 * ``scan``: index a folder of DICOM series / NIfTI volumes (report of rejected inputs included).
@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare", "prepare")
 
 
@@ -329,15 +329,48 @@ def cli_main(args: Sequence[str] | None = None):
     args = list(sys.argv[1:] if args is None else args)
     if args and args[0] in TOOL_SUBCOMMANDS:
         return _run_tool(args)
-    if not args or args[0] in ("-h", "--help"):
-        sys.stdout.write(
-            "usage: imaging-meta {fit,validate,test,predict} --config CONFIG.yaml [...]\n"
-            "       imaging-meta {demo,scan,segment,classify,results,evaluate,compare,prepare} ...  (see imaging-meta demo --help, ...)\n"
+    if args and args[0] in ("-V", "--version"):
+        from imaging_meta import __version__
+
+        sys.stdout.write(f"imaging-meta {__version__}\n")
+        return 0
+    if args and args[0] == "predict":
+        sys.stderr.write(
+            "imaging-meta predict: there is no Lightning predict step. Predict with a checkpoint and a few labelled "
+            "examples instead:\n  imaging-meta segment ...   (a structure in new scans)\n"
+            "  imaging-meta classify ...  (new images against a support folder)\n"
         )
+        raise SystemExit(2)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(main_help())
         if not args:
             raise SystemExit(2)
         return 0
     return lightning_cli(None if from_argv else args)
+
+
+def main_help() -> str:
+    """``imaging-meta --help``: every command with what it does, and where each one's own help is."""
+    from imaging_meta import __version__
+
+    tools = next(a for a in _tool_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    lines = [
+        f"imaging-meta {__version__}: few-shot meta-learning for medical images",
+        "",
+        "usage: imaging-meta <command> [options]      imaging-meta <command> --help      imaging-meta --version",
+        "",
+        "Training and testing (LightningCLI; combine YAML files from configs/ with repeated --config):",
+        "  fit          meta-train a learner: imaging-meta fit --config configs/trainer/cpu.yaml \\",
+        "                 --config configs/data/demo_segmentation.yaml --config configs/model/protonet_seg.yaml",
+        "  validate     score a checkpoint on the validation episodes (--ckpt_path)",
+        "  test         score a checkpoint on the fixed test episodes, with the report (--ckpt_path)",
+        "",
+        "Tools:",
+    ]
+    for choice in tools._choices_actions:
+        lines.append(f"  {choice.dest:<12} {choice.help.replace('%%', '%')}")
+    lines += ["", "Docs: README.md and docs/ in the repository."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

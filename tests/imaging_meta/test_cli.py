@@ -99,7 +99,18 @@ def test_fast_dev_run(demo_root, demo_index, tmp_path):
 
 
 def test_tool_help_and_errors(capsys):
+    from imaging_meta import __version__
+    from imaging_meta.commands.cli import TOOL_SUBCOMMANDS
+
     assert cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", *TOOL_SUBCOMMANDS):  # every command, with what it does
+        assert f"\n  {command:<12} " in out, command
+    assert "predict" not in out and __version__ in out
+    assert cli_main(["--version"]) == 0 and capsys.readouterr().out == f"imaging-meta {__version__}\n"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["predict", "--config", "x.yaml"])  # there is no predict step: the error names what to use
+    assert e.value.code == 2 and "imaging-meta classify" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["segment", "--checkpoint", "x"])  # missing required arguments
 
