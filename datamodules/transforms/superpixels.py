@@ -66,9 +66,9 @@ def _skimage():
     try:
         from skimage.measure import label
         from skimage.segmentation import felzenszwalb
-    except ImportError as e:  # a declared dependency; a broken environment may still lack it
+    except ImportError as e:  # the optional extra
         raise ImportError(
-            "superpixels need scikit-image (skimage.segmentation.felzenszwalb): `pip install scikit-image`"
+            "superpixels need scikit-image (skimage.segmentation.felzenszwalb): pip install 'imaging-meta[selfsup]'"
         ) from e
     return felzenszwalb, label
 

@@ -40,8 +40,8 @@ _EQUIPMENT_SITE_KEYWORDS = (
 def _highdicom():
     try:
         import highdicom
-    except ImportError as e:  # a declared dependency; a broken environment may still lack it
-        raise ImportError("writing DICOM Segmentations needs highdicom: `pip install highdicom`") from e
+    except ImportError as e:  # the optional extra
+        raise ImportError("writing DICOM Segmentations needs highdicom: pip install 'imaging-meta[dicom-seg]'") from e
     return highdicom
 
 

@@ -252,3 +252,24 @@ def test_split_guard_compares_a_renamed_classification_protocol_under_its_curren
     check_same_split(old, {"class_path": cls, "init_args": {"protocol": "support_query_sites_differ", "n_way": 3}}, "x.yaml")
     with pytest.raises(ValueError, match=r"x\.yaml: this data config changes the split .*protocol"):
         check_same_split(old, {"class_path": cls, "init_args": {"protocol": "standard", "n_way": 3}}, "x.yaml")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_classification_metrics_agree_with_torchmetrics(seed):
+    """Our exact balanced accuracy, macro AUC and ECE against torchmetrics on data where every class is present."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_calibration_error,
+    )
+
+    from imaging_meta.evaluation.metrics import balanced_accuracy, expected_calibration_error, macro_auc
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(4), torch.randint(0, 4, (96,), generator=g)])
+    probs = (torch.randn(100, 4, generator=g) + 1.5 * torch.nn.functional.one_hot(labels, 4)).softmax(-1)
+    assert balanced_accuracy(probs, labels, 4) == pytest.approx(float(multiclass_accuracy(probs, labels, 4, average="macro")), abs=1e-6)
+    assert macro_auc(probs, labels, 4) == pytest.approx(float(multiclass_auroc(probs, labels, 4, average="macro", thresholds=None)), abs=1e-6)
+    conf, pred = probs.max(-1)
+    ece = expected_calibration_error(conf, pred == labels, 15)
+    assert ece == pytest.approx(float(multiclass_calibration_error(probs, labels, 4, n_bins=15, norm="l1")), abs=1e-5)
