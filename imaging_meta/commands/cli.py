@@ -380,6 +380,32 @@ def main() -> None:
         log = logging.getLogger(name)
         log.addHandler(handler)
         log.setLevel(os.environ.get("IMAGING_META_LOGLEVEL", "INFO"))
-    result = cli_main()
+    if os.environ.get("IMAGING_META_TRACEBACK"):
+        result = cli_main()
+    else:
+        try:
+            result = cli_main()
+        except USER_ERRORS as e:
+            sys.stderr.write(user_error(e, sys.argv[1] if len(sys.argv) > 1 else "imaging-meta"))
+            raise SystemExit(1) from None
     if isinstance(result, int):
         raise SystemExit(result)
+
+
+#: what bad input raises (a file, a folder, a checkpoint, an argument): shown as one message, not a traceback
+USER_ERRORS = (ValueError, OSError, ImportError, KeyError, TypeError, RuntimeError, FloatingPointError)
+
+
+def user_error(error: BaseException, command: str) -> str:
+    """The message ``imaging-meta`` prints for an error from bad input: the innermost cause's message (MONAI
+    wraps a reader's error in ``RuntimeError: applying transform ...``), with the chain of messages that led
+    to it when they add something, and how to see the traceback."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__cause__)
+    root = chain[-1]
+    lines = [f"imaging-meta {command}: error: {type(root).__name__}: {root}"]
+    context = [str(e) for e in chain[:-1] if str(e) and not str(e).startswith("applying transform")]
+    lines += [f"  while: {c.splitlines()[0][:300]}" for c in context]
+    lines.append("  (set IMAGING_META_TRACEBACK=1 to see the traceback)")
+    return "\n".join(lines) + "\n"

@@ -159,3 +159,28 @@ def test_segment_rejects_bad_checkpoints(tmp_path):
     torch.save({"state_dict": {}}, other)
     with pytest.raises(CheckpointError, match="not an imaging-meta checkpoint"):
         load_learner(other)
+
+
+def test_the_command_reports_bad_input_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from imaging_meta.commands import cli
+
+    def reader_fails(*_):
+        try:
+            raise ValueError(f"{tmp_path / 'IM_0001.dcm'}: missing Bits Stored (0028,0101)")
+        except ValueError as inner:
+            raise RuntimeError("applying transform <LoadImaged ...>") from inner
+
+    monkeypatch.setattr(cli, "cli_main", reader_fails)
+    monkeypatch.setattr(sys, "argv", ["imaging-meta", "segment"])
+    monkeypatch.delenv("IMAGING_META_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.startswith("imaging-meta segment: error: ValueError: ") and "missing Bits Stored" in err
+    assert "applying transform" not in err and "IMAGING_META_TRACEBACK=1" in err
+    monkeypatch.setenv("IMAGING_META_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="applying transform"):  # the traceback, when asked for
+        cli.main()
