@@ -1,4 +1,5 @@
-"""Decode the pixels of a validated DICOM series into an (X, Y, Z) float32 volume with the modality rescale."""
+"""Decode the pixels of a validated DICOM series into an (X, Y, Z) float32 volume with the modality rescale
+(MONOCHROME1 slices inverted first, so that bright is bright as in MONOCHROME2)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,27 @@ def _decode_slice(ds: Dataset, h: DicomHeader) -> np.ndarray:
         raise DicomError(h.path, f"cannot decode the pixel data ({type(e).__name__}: {e}); {fix}") from e
     if arr.shape != (h.rows, h.columns):
         raise DicomError(h.path, f"decoded pixel array has shape {arr.shape}, expected ({h.rows}, {h.columns})")
-    out = arr.astype(np.float64) * h.rescale_slope + h.rescale_intercept
+    stored = arr.astype(np.float64)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
+        stored = _invert_monochrome1(stored, ds, arr.dtype)
+    out = stored * h.rescale_slope + h.rescale_intercept
     return out.astype(np.float32)
+
+
+def _invert_monochrome1(stored: np.ndarray, ds: Dataset, dtype: np.dtype) -> np.ndarray:
+    """MONOCHROME1 (the minimum is displayed white) as MONOCHROME2: each stored value v becomes lo + hi - v over
+    the stored range [lo, hi] of BitsStored and PixelRepresentation (of the decoded dtype when BitsStored is
+    missing), the same for every slice, so a series keeps one intensity scale, as the 2D reader does."""
+    bits = ds.get("BitsStored") or ds.get("BitsAllocated")
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if isinstance(bits, int) and 1 <= bits <= 32:
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    elif np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        lo, hi = info.min, info.max
+    else:
+        lo, hi = float(stored.min()), float(stored.max())
+    return (lo + hi) - stored
 
 
 def load_series_array(series: DicomSeries, datasets: Mapping[str, Dataset] | None = None) -> np.ndarray:

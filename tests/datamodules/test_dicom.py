@@ -257,3 +257,21 @@ def test_unknown_transfer_syntax_reason():
     assert decoder_problem("1.2.840.10008.1.2.1") is None
     reason = decoder_problem("1.2.840.10008.1.2.4.100")  # MPEG2: pydicom has no decoder at all
     assert "MPEG2" in reason and "uncompressed" in reason
+
+
+def test_monochrome1_series_reads_as_its_monochrome2_twin(tmp_path):
+    vol = phantom()
+    paths = write_series(tmp_path / "s", vol, slope=0.5, intercept=-100.0, signed=True)
+    reader = DicomSeriesReader()
+    expected, _ = reader.get_data(reader.read([str(p) for p in paths]))
+
+    def to_monochrome1(ds):
+        bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        ds.PixelData = ((lo + hi) - ds.pixel_array.astype(np.int64)).astype(ds.pixel_array.dtype).tobytes()
+        ds.PhotometricInterpretation = "MONOCHROME1"
+
+    for p in paths:
+        edit(p, to_monochrome1)
+    arr, _ = reader.get_data(reader.read([str(p) for p in paths]))
+    np.testing.assert_allclose(arr, expected)  # the inverted display convention is undone, scale and all
