@@ -142,6 +142,22 @@ def _pixel_format_problem(ds: Dataset, h: DicomHeader) -> str | None:
                 "again from the source"
             )
         return f"missing {', '.join(missing)} ({h.describe()}): not a valid image header; export it again from the source"
+    return _bits_problem(ds, h)
+
+
+def _bits_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """Why BitsStored or PixelRepresentation cannot decode the pixels (missing, garbled, out of range), or None."""
+    allocated = as_int(get_value(ds, "BitsAllocated"))
+    stored = as_int(get_value(ds, "BitsStored"))
+    representation = as_int(get_value(ds, "PixelRepresentation"))
+    if stored is None or not 1 <= stored <= (allocated or 64):
+        value = get_value(ds, "BitsStored") if "BitsStored" in ds else "missing"
+        return (f"invalid BitsStored ({value!r}; BitsAllocated {allocated}) ({h.describe()}): the pixels cannot be "
+                "decoded; export the series again from the source")
+    if representation not in (0, 1):
+        value = get_value(ds, "PixelRepresentation") if "PixelRepresentation" in ds else "missing"
+        return (f"invalid PixelRepresentation ({value!r}; must be 0 unsigned or 1 signed) ({h.describe()}): the "
+                "pixels cannot be decoded; export the series again from the source")
     return None
 
 

@@ -275,3 +275,18 @@ def test_monochrome1_series_reads_as_its_monochrome2_twin(tmp_path):
         edit(p, to_monochrome1)
     arr, _ = reader.get_data(reader.read([str(p) for p in paths]))
     np.testing.assert_allclose(arr, expected)  # the inverted display convention is undone, scale and all
+
+
+def test_missing_or_invalid_bits_stored_and_pixel_representation_are_rejected(tmp_path):
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 6)))
+    edit(paths[0], lambda ds: delattr(ds, "BitsStored"))
+    edit(paths[1], lambda ds: setattr(ds, "BitsStored", 40))  # more than BitsAllocated
+    edit(paths[2], lambda ds: setattr(ds, "PixelRepresentation", 7))
+    edit(paths[3], lambda ds: delattr(ds, "PixelRepresentation"))
+    assert read_header(paths[0]).problem.startswith("invalid BitsStored ('missing'")
+    assert read_header(paths[1]).problem.startswith("invalid BitsStored (40; BitsAllocated 16)")
+    assert read_header(paths[2]).problem.startswith("invalid PixelRepresentation (7;")
+    assert read_header(paths[3]).problem.startswith("invalid PixelRepresentation ('missing'")
+    assert read_header(paths[4]).problem is None
+    with pytest.raises(Exception, match="invalid BitsStored"):  # the reader that segment uses refuses it too
+        DicomSeriesReader().read([str(p) for p in paths])
