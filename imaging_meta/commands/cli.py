@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
-TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare", "prepare")
+TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare", "prepare", "configs")
 
 
 def _init_default(class_path: str, name: str):
@@ -213,6 +213,10 @@ def _tool_parser() -> argparse.ArgumentParser:
     m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
     m.add_argument("--out", default=None, help="also write the table to this Markdown file")
 
+    cf = sub.add_parser("configs", help="list the YAML configs that ship with the package, or copy them out (--copy DIR)")
+    cf.add_argument("--copy", metavar="DIR", help="write every shipped config into DIR (e.g. ./configs)")
+    cf.add_argument("--force", action="store_true", help="overwrite files in DIR that differ from the shipped ones")
+
     pr = sub.add_parser("prepare", help="convert a downloaded public benchmark (Synapse/BTCV, CHAOS MR) into a folder to train on")
     from datamodules.recipes.prepare import add_arguments as add_prepare_arguments
 
@@ -303,6 +307,15 @@ def _run_tool(argv: Sequence[str]) -> int:
             adapt_steps=args.adapt_steps, scan_pairing=args.scan_pairing,
         )
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
+        return 0
+    if args.command == "configs":
+        from imaging_meta.commands.configs import SHIPPED, copy_configs, shipped_configs
+
+        if args.copy:
+            written = copy_configs(args.copy, force=args.force)
+            sys.stdout.write(f"{len(written)} config(s) written to {args.copy} (of {len(shipped_configs())})\n")
+        else:
+            sys.stdout.write(f"# in {SHIPPED}\n" + "".join(f"{f}\n" for f in shipped_configs()))
         return 0
     if args.command == "compare":
         from datamodules.io.atomic import atomic_write_text

@@ -67,9 +67,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def is_source_checkout(src: Path) -> bool:
+    """Whether ``src`` (the folder above the imaging_meta package) is imaging-meta's own source tree: its
+    pyproject.toml names the project, and the package is not inside site-packages."""
+    pyproject = src / "pyproject.toml"
+    if "site-packages" in src.parts or "dist-packages" in src.parts or not pyproject.is_file():
+        return False
+    return 'name = "imaging-meta"' in pyproject.read_text(errors="replace")
+
+
 def provenance() -> dict:
     """Package versions, Python, platform and the git commit of the imaging-meta source (``+dirty`` when
-    tracked files differ from it; ``unknown`` outside a git checkout)."""
+    tracked files differ from it; ``unknown`` outside a git checkout; for an installed package, which has no
+    source checkout, says so rather than read the commit of a repository that happens to enclose it)."""
     versions = {"imaging_meta": imaging_meta.__version__, "python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -78,6 +88,9 @@ def provenance() -> dict:
             versions[name] = "not installed"
     src = Path(imaging_meta.__file__).resolve().parent.parent
     commit = "unknown"
+    if not is_source_checkout(src):  # an installed package: a repository around site-packages is not ours
+        return {"versions": versions, "git_commit": "installed package (no source checkout)",
+                "platform": platform.platform(terse=True)}
     try:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode == 0:

@@ -184,3 +184,24 @@ def test_the_command_reports_bad_input_without_a_traceback(tmp_path, monkeypatch
     monkeypatch.setenv("IMAGING_META_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="applying transform"):  # the traceback, when asked for
         cli.main()
+
+
+def test_configs_ship_in_the_package_and_copy_out(tmp_path, capsys):
+    from imaging_meta.commands.configs import SHIPPED, shipped_configs
+
+    repo = Path(__file__).resolve().parents[2]
+    assert (repo / "configs").resolve() == SHIPPED  # the repository's configs/ is the package's
+    files = shipped_configs()
+    assert Path("model/protonet_cls.yaml") in files and Path("trainer/cpu.yaml") in files
+    assert cli_main(["configs"]) == 0 and "data/demo_segmentation.yaml" in capsys.readouterr().out
+    out = tmp_path / "configs"
+    assert cli_main(["configs", "--copy", str(out)]) == 0
+    assert sorted(p.relative_to(out) for p in out.rglob("*.yaml")) == files
+    (out / "model/protonet_cls.yaml").write_text("# mine\n")
+    with pytest.raises(FileExistsError, match="differ from the shipped"):
+        cli_main(["configs", "--copy", str(out)])
+    assert (out / "model/protonet_cls.yaml").read_text() == "# mine\n"  # nothing was overwritten
+    assert cli_main(["configs", "--copy", str(out), "--force"]) == 0
+    assert (out / "model/protonet_cls.yaml").read_bytes() == (SHIPPED / "model/protonet_cls.yaml").read_bytes()
+    pyproject = (repo / "pyproject.toml").read_text()
+    assert '"configs/*/*.yaml"' in pyproject  # package data: the wheel carries them

@@ -273,3 +273,15 @@ def test_classification_metrics_agree_with_torchmetrics(seed):
     conf, pred = probs.max(-1)
     ece = expected_calibration_error(conf, pred == labels, 15)
     assert ece == pytest.approx(float(multiclass_calibration_error(probs, labels, 4, n_bins=15, norm="l1")), abs=1e-5)
+
+
+def test_provenance_reads_the_commit_of_our_own_source_only(tmp_path):
+    from imaging_meta.commands.evaluate import is_source_checkout, provenance
+
+    repo = Path(__file__).resolve().parents[2]
+    assert is_source_checkout(repo)
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"  # an installed package inside someone's repo
+    site.mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "someone-else"\n')
+    assert not is_source_checkout(site) and not is_source_checkout(tmp_path)
+    assert provenance()["git_commit"] not in ("", "installed package (no source checkout)")

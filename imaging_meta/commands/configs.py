@@ -1,0 +1,46 @@
+"""``imaging-meta configs``: the YAML configs that ship with the package, listed or copied out.
+
+After ``pip install imaging-meta`` there is no repository ``configs/`` folder; the same files are inside the
+package (``imaging_meta/configs``; the repository's ``configs`` is a link to them). ``imaging-meta configs``
+lists them; ``imaging-meta configs --copy DIR`` writes them to ``DIR`` (never over a file that differs, unless
+``--force``), so that every documented ``--config configs/...`` works from ``DIR``'s parent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> list[Path]:
+    """The shipped YAML files, relative to the configs folder, sorted."""
+    if not SHIPPED.is_dir():
+        raise FileNotFoundError(f"{SHIPPED}: the package's configs folder is missing; reinstall imaging-meta")
+    return sorted(p.relative_to(SHIPPED) for p in SHIPPED.rglob("*.yaml"))
+
+
+def copy_configs(out: str | os.PathLike, force: bool = False) -> list[Path]:
+    """Copy every shipped config into ``out`` (keeping the sub-folders); returns the files written.
+
+    Raises:
+        FileExistsError: when a file in ``out`` differs from the shipped one and ``force`` is not set (nothing
+            is written then).
+    """
+    out = Path(out)
+    files = shipped_configs()
+    clash = [f for f in files if (out / f).is_file() and (out / f).read_bytes() != (SHIPPED / f).read_bytes()]
+    if clash and not force:
+        raise FileExistsError(
+            f"{out}: {len(clash)} config(s) differ from the shipped ones (e.g. {clash[0]}); nothing was written. "
+            "Pass --force to overwrite them, or copy into another folder"
+        )
+    written = []
+    for f in files:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        if not (out / f).is_file() or (out / f).read_bytes() != (SHIPPED / f).read_bytes():
+            shutil.copyfile(SHIPPED / f, out / f)
+            written.append(out / f)
+    return written
