@@ -70,6 +70,7 @@ from datamodules.io.dicom import (
     order_series,
     read_header,
 )
+from datamodules.progress import progress
 
 __all__ = [
     "DEFAULT_SITE_FIELDS",
@@ -189,7 +190,7 @@ class _Scanner:
         jsons: list[str] = []
         headers: list[DicomHeader] = []
         dataset_jsons: list[str] = []
-        for p in files:
+        for p in progress(files, "scan: files", unit="file"):
             name = os.path.basename(p)
             if name.startswith("._"):
                 self.reject(p, "not an image file we read (a macOS resource-fork file, '._' prefix)")

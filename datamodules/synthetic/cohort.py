@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.progress import progress
 from datamodules.synthetic.dicom_writer import write_dicom_series
 from datamodules.synthetic.headers import dicom_header, sidecar
 from datamodules.synthetic.intensities import site_image
@@ -178,7 +179,7 @@ def _write_cohort(root: Path, seed: int, patients_per_site: int) -> list[Path]:
     decathlon_training: list[dict[str, str]] = []
     for si, site in enumerate(SITES):
         site_dir = root / site.key
-        for i in range(1, patients_per_site + 1):
+        for i in progress(range(1, patients_per_site + 1), f"demo: site {site.key}", unit="patient"):
             rng_anatomy, rng_noise, rng_uid = _patient_rngs(seed, si, i)
             r = _render_patient(seed, si, site, i, rng_anatomy, rng_noise)
             if site.fmt == "dicom":

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from datamodules.io.atomic import atomic_open
+from datamodules.progress import progress
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.evaluation.scoring import learner_choices
@@ -263,7 +264,7 @@ def classify(
     qs = query_files(queries)
     rows = []
     all_probs, all_choices = [], []
-    for start in range(0, len(qs), batch_size):
+    for start in progress(range(0, len(qs), batch_size), "classify", unit="batch"):
         chunk = qs[start : start + batch_size]
         probs, choices = predict_queries(
             learner, s_images, s_labels, classes, torch.stack([load_image(q) for q in chunk]), dev, start

@@ -32,6 +32,7 @@ import torch
 
 import imaging_meta
 from datamodules.base import EpisodicDataModule
+from datamodules.progress import progress
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, read_checkpoint, resolve_device
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
 from imaging_meta.evaluation.plots import PanelKeeper
@@ -231,7 +232,7 @@ def run_shot(learner: Learner, untrained: Learner | None, dm: EpisodicDataModule
     _seed_all(seed)
     records: list[dict] = []
     first = 0
-    for batch in dm.test_dataloader():
+    for batch in progress(dm.test_dataloader(), f"evaluate: {shot}-shot", unit="batch"):
         batch = batch.to(device)
         probs = {TRAINED: learner.predict(batch)}
         choices = {TRAINED: learner_choices(learner)}

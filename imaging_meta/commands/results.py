@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from datamodules.progress import progress
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED
 from imaging_meta.evaluation.reports import stat_cell
 from imaging_meta.tasks import TASKS, Task, get_task, task_of_learner_config
@@ -107,7 +108,7 @@ def run_results(args: argparse.Namespace) -> int:
     configs, out = Path(args.configs), Path(args.out)
     cli = [sys.executable, "-m", "imaging_meta"]
     rows = []
-    for name in _learners(configs, args.learners):
+    for name in progress(_learners(configs, args.learners), "results: learners", unit="learner"):
         task = model_task(configs / "model" / f"{name}.yaml")
         data = getattr(args, f"{task.suffix}_data")  # --cls-data, --seg-data
         epochs = getattr(args, f"{task.suffix}_epochs")

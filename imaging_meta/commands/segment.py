@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from datamodules.io.dicom import is_nifti, nifti_stem
+from datamodules.progress import progress
 from datamodules.transforms.volume import volume_transforms
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.evaluation.volumes import largest_component as keep_largest_component
@@ -240,7 +241,7 @@ def segment(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     masks_written, probs_written = [], []
-    for query, data in zip(queries, query_data, strict=True):
+    for query, data in progress(zip(queries, query_data, strict=True), "segment: queries", total=len(queries), unit="scan"):
         q = Path(query)
         vol = data["image"]  # (1, H, W, D) MetaTensor
         probs = segmenter.predict(vol.as_tensor()[0].float()).unsqueeze(0)

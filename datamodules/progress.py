@@ -1,0 +1,32 @@
+"""Progress bars for the long commands (scan, demo, evaluate, segment, classify, results).
+
+`progress` wraps an iterable in a tqdm bar on stderr when stderr is a terminal, and returns it unchanged
+otherwise (logs and CI stay clean); ``IMAGING_META_PROGRESS=1`` forces the bar on, ``0`` off. tqdm comes with
+Lightning, which draws the bars of fit, validate and test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def enabled() -> bool:
+    """Whether bars are drawn: ``IMAGING_META_PROGRESS`` if set (1/0), else whether stderr is a terminal."""
+    forced = os.environ.get("IMAGING_META_PROGRESS")
+    if forced is not None:
+        return forced.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T] | Iterable[T]:
+    """``iterable`` with a progress bar labelled ``desc`` (see the module docstring)."""
+    if not enabled():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
