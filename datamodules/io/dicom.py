@@ -15,7 +15,7 @@ names say nothing reliable about which files belong together or in what order, s
    axis 0 runs along the DICOM row direction (column index), axis 1 along the column direction (row index),
    axis 2 through the slices in the geometric order (`series_affine`);
 5. `DicomSeriesReader` (this module) wraps all of this as a `monai.data.ImageReader`, so that
-   ``LoadImaged(keys, reader=[DicomSeriesReader(), NibabelReader()])`` reads the ordered file lists stored
+   `datamodules.transforms.volume.LoadVolumed` (this reader, or NibabelReader for NIfTI) reads the ordered file lists stored
    in the scan index (or a folder holding one series) next to NIfTI files; pixels are decoded by
    `load_series_array` (`datamodules.io.dicom_pixels`).
 
@@ -109,7 +109,7 @@ class DicomSeriesReader(ImageReader):
         spacing_rtol: see `order_series`.
 
     Example:
-        >>> LoadImaged(["image", "label"], reader=[DicomSeriesReader(), NibabelReader()])  # doctest: +SKIP
+        >>> LoadImage(image_only=True)(folder, reader=DicomSeriesReader())  # doctest: +SKIP
     """
 
     def __init__(self, min_slices: int = 1, gap_factor: float = 1.5, spacing_rtol: float = 0.1):

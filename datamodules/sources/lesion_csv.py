@@ -20,7 +20,7 @@ Columns:
 
 Patients and sites come from scanning ``root`` with `datamodules.indexing.scan` (header-derived pseudonymous patient,
 site key built from scanner fields), joined on the image path. Each volume is loaded once (MONAI
-``LoadImaged`` + ``EnsureChannelFirstd`` + `CheckVolumed` + ``Orientationd("RAS")`` + `ModalityIntensityd`: CT
+`LoadVolumed` + ``EnsureChannelFirstd`` + `CheckVolumed` + ``Orientationd("RAS")`` + `ModalityIntensityd`: CT
 window or MR percentiles), and every lesion of it becomes a patch resampled in world space around its centre
 (`extract_patches`: the patch grid's world coordinates are mapped through the inverse of the volume's affine
 and sampled with trilinear interpolation, zero outside the volume), so voxel spacing and orientation
@@ -47,15 +47,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import NibabelReader
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
 from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
-from datamodules.io.dicom import DicomSeriesReader
 from datamodules.sources.items import ItemSource, ItemTable
 from datamodules.sources.lesion_rows import MAX_LISTED, LesionRow, read_lesion_rows
-from datamodules.transforms.volume import CheckVolumed, ModalityIntensityd
+from datamodules.transforms.volume import CheckVolumed, LoadVolumed, ModalityIntensityd
 
 __all__ = ["LesionCSV", "load_volume", "extract_patches", "lesion_patches", "to_ras"]
 
@@ -100,7 +98,7 @@ def _volume_loader(ct_window: tuple[float, ...], mr_percentiles: tuple[float, ..
     """The MONAI loading pipeline of `load_volume` (cached per intensity setting)."""
     return Compose([
         # MONAI tries the last reader first: NIfTI files never reach the DICOM reader
-        LoadImaged(["image"], reader=[DicomSeriesReader(), NibabelReader()], image_only=True),
+        LoadVolumed(["image"]),
         EnsureChannelFirstd(["image"]),
         CheckVolumed(["image"]),
         Orientationd(["image"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),

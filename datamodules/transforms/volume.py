@@ -14,6 +14,7 @@ Two stages:
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from monai.data import NibabelReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
-    LoadImaged,
+    LoadImage,
     MapTransform,
     Orientationd,
     RandAdjustContrastd,
@@ -249,6 +250,33 @@ class CastLabeld(MapTransform):
         return d
 
 
+class LoadVolumed(MapTransform):
+    """Load each key with exactly one of our two readers: NIfTI paths with MONAI's `NibabelReader`, anything else
+    (a DICOM series folder, or its files) with `DicomSeriesReader`, which checks, groups and orders the slices.
+
+    MONAI's ``LoadImaged(reader=[...])`` falls back to every other registered reader when the given ones raise:
+    with itk installed, ITK would read a series that `DicomSeriesReader` refused (a missing slice, a garbled
+    header) and the user would get a silently wrong volume. Here the reader's own error is raised, as the cause
+    of MONAI's ``applying transform`` error, naming the file and what is wrong.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage(image_only=True)
+        self.dicom, self.nifti = DicomSeriesReader(), NibabelReader()
+
+    def reader_for(self, source) -> DicomSeriesReader | NibabelReader:
+        """The reader of a path, or of a list of DICOM files."""
+        name = str(source).lower() if isinstance(source, (str, Path)) else ""
+        return self.nifti if name.endswith((".nii", ".nii.gz")) else self.dicom
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key], reader=self.reader_for(d[key]))
+        return d
+
+
 def volume_transforms(
     spacing: Sequence[float] = (4.0, 4.0),
     slice_size: Sequence[int] = (80, 80),
@@ -279,8 +307,7 @@ def volume_transforms(
     modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
     label_keys = keys[1:]
     tfs = [
-        # MONAI tries the last reader first: NIfTI files never reach the DICOM reader
-        LoadImaged(keys, reader=[DicomSeriesReader(), NibabelReader()], image_only=True),
+        LoadVolumed(keys),
         EnsureChannelFirstd(keys),
         CheckVolumed(keys),
         Orientationd(keys, axcodes="RAS"),

@@ -63,3 +63,25 @@ def test_nifti_orientation_is_normalised_to_ras(tmp_path):
     a = tf({"image": str(tmp_path / "ras.nii.gz"), "modality": "MR"})["image"]
     b = tf({"image": str(tmp_path / "lps.nii.gz"), "modality": "MR"})["image"]
     assert torch.allclose(a.as_tensor(), b.as_tensor(), atol=1e-5)
+
+
+def test_a_refused_dicom_series_is_never_read_by_another_reader(tmp_path, monkeypatch):
+    """MONAI's LoadImaged would fall back to every other registered reader (ITK, when installed) after ours
+    refused a series; the loader raises our reader's reason instead, even with a permissive reader registered."""
+    from monai.data import ITKReader
+
+    from datamodules.io.dicom import DicomSeriesError
+    from tests.datamodules.dicom_fixtures import edit, phantom, write_series
+
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 6)))
+    for p in paths:
+        edit(p, lambda ds: setattr(ds, "PhotometricInterpretation", "XYZ123"))
+    calls = []
+    monkeypatch.setattr(ITKReader, "read", lambda self, *a, **k: calls.append(a) or pytest.fail("ITK was tried"))
+    with pytest.raises(RuntimeError) as e:
+        volume_transforms(keys=("image",))({"image": str(tmp_path / "s"), "modality": "CT"})
+    cause = e.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, DicomSeriesError) and "PhotometricInterpretation=XYZ123" in str(cause)
+    assert not calls
