@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 
-from imaging_meta.episode import Episode
+from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.learners.base import build_learner
-from imaging_meta.learners.memory.mann import MANN, cosine_similarity, least_used, update_usage, write_weights
+from imaging_meta.learners.memory.mann import (
+    MANN,
+    content_order,
+    cosine_similarity,
+    least_used,
+    update_usage,
+    write_weights,
+)
 from tests.imaging_meta.fewshot import accuracy, classification_episode, short_fit
 
 SMALL = dict(backbone_kwargs={"width": 8}, controller_size=16, memory_slots=8, memory_width=6, read_heads=2)
@@ -161,11 +168,49 @@ def test_support_recall_adds_the_support_items_as_queries_to_the_loss():
     torch.manual_seed(7)
     images = torch.cat([ep.support_images, ep.query_images], 1)
     labels = torch.cat([ep.support_labels, ep.query_labels], 1)
-    expected = F.cross_entropy(m.sequence_logits(ep.support_images, ep.support_labels, images, None).flatten(0, 1), labels.flatten())
+    order = m.random_order(2, 5)
+    expected = F.cross_entropy(
+        m.sequence_logits(ep.support_images, ep.support_labels, images, order).flatten(0, 1), labels.flatten()
+    )
     assert torch.allclose(recall, expected)
     m.support_recall = False
     torch.manual_seed(7)
     plain = m.loss(ep)
     torch.manual_seed(7)
-    assert torch.allclose(plain, F.cross_entropy(m(ep).flatten(0, 1), ep.query_labels.flatten()))
+    logits = m.sequence_logits(ep.support_images, ep.support_labels, ep.query_images, m.random_order(2, 5))
+    assert torch.allclose(plain, F.cross_entropy(logits.flatten(0, 1), ep.query_labels.flatten()))
     assert not torch.allclose(plain, recall)
+
+
+def test_a_task_gets_the_same_answer_at_any_place_in_the_batch():
+    """Issue 16: `predict` drew one support order per task from one seeded generator, so the same task got
+    another support order, and other answers, at another place in the batch. Now the order is the task's own."""
+    m = small().eval()
+    tasks = classification_episode(n_way=5, n_shot=2, n_query=3, tasks=4, size=16, seed=8).tasks()
+    first, last = collate_episodes(tasks), collate_episodes([*tasks[1:], tasks[0]])
+    with torch.no_grad():
+        at_0, at_3 = m.predict(first)[0], m.predict(last)[3]
+        alone = m.predict(tasks[0])
+    assert torch.equal(at_0, at_3)
+    assert torch.allclose(alone[0], at_0, atol=1e-6)
+    assert torch.equal(
+        content_order(first.support_images, first.support_labels, 0)[0],
+        content_order(last.support_images, last.support_labels, 0)[3],
+    )
+
+
+def test_the_support_order_depends_on_the_items_not_on_how_they_are_listed():
+    ep = classification_episode(n_way=5, n_shot=2, n_query=3, tasks=2, size=16, seed=9)
+    order = content_order(ep.support_images, ep.support_labels, 0)
+    assert sorted(order[0].tolist()) == list(range(10)) and not torch.equal(order[0], order[1])
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(2))
+    listed = Episode(
+        ep.support_images[:, perm], ep.support_labels[:, perm], ep.query_images, ep.query_labels, batched=True
+    )
+    again = content_order(listed.support_images, listed.support_labels, 0)
+    assert torch.equal(perm[again], order)  # the same items, presented in the same order
+    # another seed, another order
+    assert not torch.equal(content_order(ep.support_images, ep.support_labels, 1), order)
+    m = small().eval()
+    with torch.no_grad():
+        assert torch.allclose(m.predict(listed), m.predict(ep), atol=1e-6)

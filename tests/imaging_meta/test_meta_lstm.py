@@ -77,6 +77,57 @@ def test_forget_one_and_constant_input_gate_is_one_sgd_step():
     assert sum((ours[n] - params[n]).abs().sum() for n in params) > 1e-3, "the step did not move the learner"
 
 
+def test_the_configured_learner_starts_as_plain_sgd_with_its_learning_rate():
+    """Ravi & Larochelle initialise the gates so that the first updates are SGD with a small learning rate and
+    forget = 1. The shipped config's first update is one plain gradient step with lr = input_lr_init (float32,
+    gate weights at their random init): at forget_bias_init 5 it was not, since (1 - sigmoid(5)) c_0 was a
+    weight decay about 30% the size of the gradient step on the demo."""
+    init_args = yaml.safe_load(CONFIG.read_text())["model"]["learner"]["init_args"]
+    torch.manual_seed(0)
+    m = build_learner(
+        {
+            "class_path": "imaging_meta.learners.gradient.meta_lstm.MetaLSTM",
+            "init_args": {**init_args, "backbone_kwargs": SMALL},
+        }
+    )
+    ep = classification_episode(n_way=5, n_shot=5, n_query=1, tasks=1, size=16, seed=3)
+    xs, ys = ep.support_images[0], ep.support_labels[0]
+    params, frozen = split_state(m.network)
+    ours = m.adapt_task(xs, ys, steps=1)
+    sgd = adapt(
+        m.network,
+        lambda p: F.cross_entropy(functional_forward(m.network, p, frozen, xs), ys),
+        params,
+        1,
+        init_args["input_lr_init"],
+    )
+    step = torch.cat([(sgd[n] - params[n]).detach().flatten() for n in params])
+    error = torch.cat([(ours[n] - sgd[n]).detach().flatten() for n in params])
+    assert step.norm() > 1e-3 and error.norm() < 0.01 * step.norm(), (error.norm(), step.norm())
+
+
+def test_a_zero_head_starts_every_class_alike():
+    """zero_head: c_0's head is zero, so before the first update every class has the same logit; the first update
+    then gives the head the support's class means of the features (minus their mean), up to the learning rate."""
+    m = small(zero_head=True)
+    assert not m.network.head.weight.any() and not m.network.head.bias.any()
+    ep = classification_episode(n_way=5, n_shot=2, n_query=1, tasks=1, size=16, seed=3)
+    xs, ys = ep.support_images[0], ep.support_labels[0]
+    params, frozen = split_state(m.network)
+    with torch.no_grad():
+        logits = functional_forward(m.network, params, frozen, xs)
+        feats = m.network.features(xs)
+    assert torch.equal(logits, torch.zeros_like(logits))
+    with torch.no_grad():
+        m.forget_weight.zero_()
+        m.forget_bias.fill_(40.0)
+        m.input_weight.zero_()
+    head = m.adapt_task(xs, ys, steps=1)["head.weight"].detach()
+    means = torch.stack([feats[ys == c].mean(0) for c in range(5)])
+    expected = 0.01 * (means - means.mean(0)) / 5  # lr * d(-CE)/dW at uniform predictions, mean over 10 items
+    assert torch.allclose(head, expected, rtol=1e-3, atol=1e-8)
+
+
 def test_meta_gradient_matches_finite_differences_for_one_step():
     """With one update the learner's gradient depends on c_0 only, so the meta-gradient w.r.t. the
     meta-learner's weights is exact (no second derivatives are dropped): check it against central differences."""

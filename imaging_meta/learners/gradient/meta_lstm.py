@@ -53,7 +53,20 @@ class MetaLSTM(Learner):
     of the learner at ``c_T``. Gradients and losses are preprocessed as in Andrychowicz, Denil, Gomez,
     Hoffman, Pfau, Schaul, Shillingford, de Freitas, "Learning to learn by gradient descent by gradient
     descent", NeurIPS 2016 (p = 10). ``b_F`` starts large (forget gate near 1) and ``b_I`` small (input gate
-    = ``input_lr_init``), so the first updates are close to SGD with that learning rate, as in the paper.
+    = ``input_lr_init``), so the first updates are close to SGD with that learning rate, as in the paper. How
+    close depends on ``b_F``: the update is ``c_0 - i g - (1 - f) c_0``, and the last term, a weight decay, is
+    not small next to the step when the parameters are large next to their gradients. On the demo lesions with
+    ``b_F = 5`` (the paper draws it from [4, 6]) it was about 30% of the first step's size; with
+    ``b_F = 10`` (``1 - f = 5e-5``) the first update is SGD to within 1%.
+
+    Initial head (``zero_head``). Each task's labels are a fresh assignment of its classes to the ``n_way``
+    outputs, so no initial head in ``c_0`` can favour the right class; a random one only makes the first
+    predictions confidently wrong in a task-dependent way. With it, on the demo lesions the meta-learner
+    lowered the query loss first by shrinking its learning rate (input gate 0.1 -> 0.02) and its parameters
+    (forget gate 0.993 -> 0.95) until the learner predicted uniformly (loss ln 5), and stayed at chance. A
+    zero head starts every class alike, and the first update turns it into the support's centred class means
+    of the features (a prototype classifier, up to scale): MAML's "zeroing trick" (Kao, Chiu, Chen, "MAML is a
+    Noisy Contrastive Learner in Classification", ICLR 2022), here only at initialisation.
 
     Training and test run the same number of updates ``T``. The paper trains the meta-learner "specifically for
     the scenario where a set amount of updates will be made" (its abstract): the gates (learning rate and
@@ -78,6 +91,7 @@ class MetaLSTM(Learner):
         forget_bias_init: initial ``b_F`` (sigmoid(5) = 0.993).
         gate_weight_init: the gate weights ``W_F``, ``W_I`` start uniform in +-this value.
         preprocess_p: the ``p`` of the gradient preprocessing.
+        zero_head: start the learner's head (in ``c_0``) at zero rather than at PyTorch's random init.
     """
 
     task = "classification"
@@ -95,6 +109,7 @@ class MetaLSTM(Learner):
         forget_bias_init: float = 5.0,
         gate_weight_init: float = 0.01,
         preprocess_p: float = 10.0,
+        zero_head: bool = False,
     ) -> None:
         super().__init__()
         if inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 1):
@@ -108,6 +123,9 @@ class MetaLSTM(Learner):
         self.eval_inner_steps = int(eval_inner_steps) if eval_inner_steps is not None else self.inner_steps
         self.preprocess_p = float(preprocess_p)
         self.network = TaskNetwork(self.task, n_way, backbone, in_channels, backbone_kwargs)
+        if zero_head:  # c_0's head: no class is favoured before the first update (see "Initial head" above)
+            nn.init.zeros_(self.network.head.weight)
+            nn.init.zeros_(self.network.head.bias)
         # first layer: a standard LSTM over [preprocessed loss (2), preprocessed gradient (2)]
         self.lstm = nn.LSTMCell(4, hidden_size)
         # second layer: the meta-learner cell; weights over [x_t (hidden_size), c_{t-1}, gate_{t-1}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import NamedTuple
 
@@ -64,6 +65,35 @@ def update_usage(usage: torch.Tensor, read: torch.Tensor, write: torch.Tensor, g
     return gamma * usage + read.sum(1) + write.sum(1)
 
 
+def content_order(images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded order of each task's support items that depends on the items alone.
+
+    Every item gets a key, a keyed hash (BLAKE2b, key ``seed``) of its pixels (as float32) and its label; the
+    items are presented in the order of their keys (ties, identical items, in their given order). So the
+    order looks random from task to task, but a task's order depends neither on its place in a batch of tasks
+    nor on the order in which its support items are listed, and another ``seed`` gives another order.
+
+    Args:
+        images: (T, S, C, *spatial) support images.
+        labels: (T, S) their labels.
+        seed: the hash key.
+
+    Returns:
+        (T, S) item indices, on the images' device.
+    """
+    pixels = images.detach().to("cpu", torch.float32).flatten(2).contiguous().numpy()
+    classes = labels.detach().to("cpu", torch.int64).numpy()
+    key = int(seed).to_bytes(16, "little", signed=True)
+    rows = []
+    for task_pixels, task_labels in zip(pixels, classes, strict=True):
+        digests = [
+            hashlib.blake2b(x.tobytes() + y.tobytes(), digest_size=8, key=key).digest()
+            for x, y in zip(task_pixels, task_labels, strict=True)
+        ]
+        rows.append(sorted(range(len(digests)), key=digests.__getitem__))
+    return torch.tensor(rows, dtype=torch.long, device=images.device).view(labels.shape)
+
+
 class MemoryState(NamedTuple):
     """The recurrent state, batch B (tasks, or tasks x queries).
 
@@ -124,9 +154,13 @@ class MANN(Learner):
     * A step reads the memory *before* its own write (``M_{t-1}``), so a query reads the support set only,
       never its own key (the written vector would match the key perfectly and mask the support slots).
 
-    Episode framing: the support items are presented in a random order. `predict` draws it from a
-    ``torch.Generator`` seeded with ``seed``, so predictions are deterministic; `loss` draws it from torch's
-    global generator (seeded by ``seed_everything``), so training sees a new order every episode. Every query
+    Episode framing: the support items are presented in a random order. `loss` draws it from torch's global
+    generator (seeded by ``seed_everything``), so training sees a new order every episode. `predict` orders
+    each task's items by a hash of their own pixels and labels, keyed with ``seed`` (`content_order`): the order
+    looks random from task to task and predictions are deterministic, and a task's prediction depends neither
+    on its place in a batch of tasks nor on the order its support items are listed in. (It used to draw one
+    order per task from a single seeded generator, so the same task got another order, and other answers, at
+    another place in the batch.) Every query
     item then takes one step from the state after the whole support, each independently (the state is
     expanded over the queries): a query's prediction depends on neither the order nor the number of the
     other queries. For the same reason the encoder's BatchNorms normalise support and queries with
@@ -159,12 +193,10 @@ class MANN(Learner):
             rather than from ``h_t`` alone.
         support_recall: in `loss`, also present every support item again as a query (label zero, from the
             state after the whole support) and add its cross-entropy. See "Support recall" above.
-        seed: seed of the support order in `predict`.
+        seed: key of the support order in `predict` (`content_order`).
     """
 
     task = "classification"
-    #: `predict` draws one support order per task of a batch, from one generator: a task's place matters
-    tasks_independent = False
 
     def __init__(
         self,
@@ -260,12 +292,17 @@ class MANN(Learner):
         """
         return embed_tasks(self.encoder, support_images, query_images)
 
-    def support_order(self, n_tasks: int, n_support: int, generator: torch.Generator | None) -> torch.Tensor:
-        """(T, N*K) a random order of each task's support items."""
-        return torch.stack([torch.randperm(n_support, generator=generator) for _ in range(n_tasks)])
+    @staticmethod
+    def random_order(n_tasks: int, n_support: int) -> torch.Tensor:
+        """(T, N*K) a new random order of each task's support items, from torch's global generator (`loss`)."""
+        return torch.stack([torch.randperm(n_support) for _ in range(n_tasks)])
 
     def sequence_logits(
-        self, support_images: torch.Tensor, support_labels: torch.Tensor, query_images: torch.Tensor, generator: torch.Generator | None
+        self,
+        support_images: torch.Tensor,
+        support_labels: torch.Tensor,
+        query_images: torch.Tensor,
+        order: torch.Tensor,
     ) -> torch.Tensor:
         """Run each task's support sequence, then every query from the state after it.
 
@@ -273,7 +310,7 @@ class MANN(Learner):
             support_images: (T, N*K, C, *spatial).
             support_labels: (T, N*K) class indices.
             query_images: (T, Q, C, *spatial).
-            generator: draws the support order (None: torch's global generator).
+            order: (T, N*K) the order in which each task's support items are presented.
 
         Returns:
             (T, Q, n_way) query logits.
@@ -281,7 +318,7 @@ class MANN(Learner):
         n_tasks, n_support = support_labels.shape
         n_query = query_images.shape[1]
         s_emb, q_emb = self.encode(support_images, query_images)
-        order = self.support_order(n_tasks, n_support, generator).to(s_emb.device)
+        order = order.to(s_emb.device)
         s_emb = s_emb.gather(1, order.unsqueeze(-1).expand_as(s_emb))
         onehot = F.one_hot(support_labels.long().gather(1, order), self.n_way).to(s_emb.dtype)
         state = self.initial_state(n_tasks, s_emb)
@@ -291,10 +328,12 @@ class MANN(Learner):
         query_logits, _ = self.step(q, q.new_zeros(q.shape[0], self.n_way), state.expand(n_query))
         return query_logits.view(n_tasks, n_query, self.n_way)
 
-    def forward(self, episode: Episode, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(T, Q, n_way) query logits of a (batched) classification episode; see `sequence_logits`."""
+    def forward(self, episode: Episode) -> torch.Tensor:
+        """(T, Q, n_way) query logits of a (batched) classification episode, each task's support presented in its
+        `content_order`; see `sequence_logits`."""
         ep = check_classification_episode(episode, self.n_way, type(self).__name__)
-        return self.sequence_logits(ep.support_images, ep.support_labels, ep.query_images, generator)
+        order = content_order(ep.support_images, ep.support_labels, self.seed)
+        return self.sequence_logits(ep.support_images, ep.support_labels, ep.query_images, order)
 
     # -------------------------------------------------------------- interface
     def loss(self, episode: Episode) -> torch.Tensor:
@@ -304,13 +343,14 @@ class MANN(Learner):
         images, labels = ep.query_images, ep.query_labels
         if self.support_recall:
             images, labels = torch.cat([ep.support_images, images], 1), torch.cat([ep.support_labels, labels], 1)
-        logits = self.sequence_logits(ep.support_images, ep.support_labels, images, None)
+        order = self.random_order(*ep.support_labels.shape)
+        logits = self.sequence_logits(ep.support_images, ep.support_labels, images, order)
         return F.cross_entropy(logits.flatten(0, 1), labels.long().flatten())
 
     def predict(self, episode: Episode) -> torch.Tensor:
-        """(T, N*Q, n_way) class probabilities of the queries; deterministic (support order from ``seed``)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self(episode, generator).softmax(-1)
+        """(T, N*Q, n_way) class probabilities of the queries; deterministic, and each task's independent of
+        the others in the batch (support order: `content_order`)."""
+        return self(episode).softmax(-1)
 
     # ------------------------------------------------------------------ explanations
     def encoder_name(self) -> str:
