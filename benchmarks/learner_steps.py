@@ -8,9 +8,10 @@ optimizer, on random episodes of fixed shapes:
   84x84 and 28x28, one channel; the config's backbone (``n_way`` and ``in_channels`` overridden to fit);
 * segmentation (every ``*_seg`` config): 1-shot, 2 queries, a meta-batch of 4 tasks, 128x128.
 
-MAML's optional ``task_batching="vmap"`` and ``checkpoint_inner=True`` get rows of their own when the
-installed `imaging_meta.learners.gradient.maml.MAML` takes them. The scaling tables hold second-order MAML's peak
-memory against inner steps, tasks and image size, beside first-order MAML and ANIL.
+MAML's optional ``task_batching="vmap"``, ``checkpoint_inner=True`` and ``meta_backward="once"`` (one backward
+over the meta-batch, every task's graph alive; the default takes a backward per task inside ``loss``) get rows of
+their own when the installed `imaging_meta.learners.gradient.maml.MAML` takes them. The scaling tables hold
+second-order MAML's peak memory against inner steps, tasks and image size, beside first-order MAML and ANIL.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def variants(path: Path) -> list[tuple[str, dict]]:
         out.append((f"{path.stem} [vmap]", {"task_batching": "vmap", "_required": ["task_batching"]}))
     if accepts(cls, "checkpoint_inner") and not init.get("first_order", False):
         out.append((f"{path.stem} [checkpoint_inner]", {"checkpoint_inner": True, "_required": ["checkpoint_inner"]}))
+    if accepts(cls, "meta_backward"):
+        out.append((f"{path.stem} [once]", {"meta_backward": "once", "_required": ["meta_backward"]}))
     return out
 
 
@@ -180,8 +183,9 @@ def learner_tables(opts: BenchOptions) -> list[Section]:
     sections = [
         Section("steps_cls", "Meta-training step, classification",
                 [f"{N_WAY}-way {N_SHOT}-shot, n_query={n_query} per class, meta-batch {tasks} tasks, 1 channel, "
-                 f"the config's backbone (Conv-4, or ResNet) at {width}. `[vmap]` / `[checkpoint_inner]`: MAML's `task_batching=\"vmap\"` / "
-                 "`checkpoint_inner=True`.", how, memory_method(opts.device)],
+                 f"the config's backbone (Conv-4, or ResNet) at {width}. `[vmap]` / `[checkpoint_inner]` / `[once]`: MAML's "
+                 "`task_batching=\"vmap\"` / `checkpoint_inner=True` / `meta_backward=\"once\"` (one backward over "
+                 "the meta-batch instead of the default backward per task).", how, memory_method(opts.device)],
                 cls_headers, cls_rows, [d for d in data if d["task"] == "classification"], cls_fail),
         Section("steps_seg", "Meta-training step, segmentation",
                 [f"1-way {SEG_SHOT}-shot, n_query={seg_query}, meta-batch {tasks} tasks, {seg_size}x{seg_size}, "
@@ -198,6 +202,9 @@ def scaling_variants() -> list[tuple[str, str, dict]]:
     from imaging_meta.learners.gradient.maml import MAML
 
     out = [("MAML, 2nd order", "maml_cls", {"first_order": False})]
+    if accepts(MAML, "meta_backward"):
+        out.append(("MAML, 2nd order, one backward", "maml_cls",
+                    {"first_order": False, "meta_backward": "once", "_required": ["meta_backward"]}))
     if accepts(MAML, "checkpoint_inner"):
         out.append(("MAML, 2nd order, checkpoint_inner", "maml_cls",
                     {"first_order": False, "checkpoint_inner": True, "_required": ["checkpoint_inner"]}))

@@ -5,7 +5,11 @@ Both sides differentiate through the same work: the same `TaskNetwork` (the ``ma
 the same inner learning rate, the same support and query losses (`imaging_meta.tasks.CLASSIFICATION.loss`),
 the same threads.
 
-* ours: ``MAML.loss(episode).backward()`` (the mean query loss over the tasks; one backward);
+* ours: ``MAML.loss(episode).backward()`` (the mean query loss over the tasks). By default (``meta_backward=
+  "per_task"``) the loss differentiates each task as soon as its query loss exists and frees its graph (a
+  backward per task, as higher's example), and ``backward`` hands the summed gradients over; the row
+  ``ours (one backward)`` (``meta_backward="once"``, when the installed MAML takes it) keeps every task's graph
+  until one backward, as before;
 * higher, as its MAML example does it: for each task ``higher.innerloop_ctx(net, SGD(lr=inner_lr),
   copy_initial_weights=False)``, ``diffopt.step(support loss)`` per inner step, then
   ``(query loss / T).backward()`` inside the context (a backward per task, so one task's graph at a time);
@@ -55,8 +59,12 @@ N_WAY, N_SHOT, N_QUERY, TASKS = 5, 1, 5, 4
 RTOL64, ATOL64 = 1e-6, 1e-12  # float64: the loop and vmap agree to ~1e-15 on Conv-4 at 84x84
 QUICK = {"sizes": (16,), "tasks": 2, "n_query": 2, "backbone_kwargs": {"width": 8}}
 
-OURS, HIGHER, HIGHER_BATCHED, OURS_VMAP, OURS_CKPT = (
-    "ours (loop over tasks)", "higher (backward per task)", "higher (one backward)", "ours (vmap)", "ours (checkpoint_inner)")
+OURS, HIGHER, HIGHER_BATCHED, OURS_VMAP, OURS_CKPT, OURS_ONCE = (
+    "ours (loop over tasks)", "higher (backward per task)", "higher (one backward)", "ours (vmap)", "ours (checkpoint_inner)",
+    "ours (one backward)")
+#: ours' extra rows: the `MAML` argument that makes them, and its value
+OURS_OPTIONS = {OURS_ONCE: ("meta_backward", "once"), OURS_VMAP: ("task_batching", "vmap"),
+                OURS_CKPT: ("checkpoint_inner", True)}
 
 
 def _require_higher():
@@ -73,11 +81,7 @@ def available_rows() -> list[str]:
     from imaging_meta.learners.gradient.maml import MAML
 
     rows = [OURS, HIGHER, HIGHER_BATCHED]
-    if accepts(MAML, "task_batching"):
-        rows.append(OURS_VMAP)
-    if accepts(MAML, "checkpoint_inner"):
-        rows.append(OURS_CKPT)
-    return rows
+    return rows + [row for row, (arg, _) in OURS_OPTIONS.items() if accepts(MAML, arg)]
 
 
 def _setup(size: int, tasks: int, n_query: int, inner_steps: int | None, inner_lr: float | None,
@@ -142,10 +146,9 @@ def _steps(rows: list[str], learner, episode, over: dict, device: str) -> dict[s
             out[row] = (ours(learner), list(net.parameters()))
         elif row in (HIGHER, HIGHER_BATCHED):
             out[row] = (with_higher(row == HIGHER), list(net.parameters()))
-        elif row in (OURS_VMAP, OURS_CKPT):
-            extra = {"task_batching": "vmap"} if row == OURS_VMAP else {"checkpoint_inner": True}
-            twin, _, _ = build_from_config(MODEL_CONFIGS / "maml_cls.yaml",
-                                           {**over, **extra, "_required": list(extra)}, device)
+        elif row in OURS_OPTIONS:
+            arg, value = OURS_OPTIONS[row]
+            twin, _, _ = build_from_config(MODEL_CONFIGS / "maml_cls.yaml", {**over, arg: value, "_required": [arg]}, device)
             twin.to(next(learner.parameters()).dtype).load_state_dict(learner.state_dict())
             out[row] = (ours(twin), list(twin.net.parameters()))
         else:
@@ -283,7 +286,8 @@ def run(opts: BenchOptions, inner_steps: int | None = None, inner_lr: float | No
         f"diff` over all parameters, `same` = `torch.allclose(rtol={RTOL64}, atol={ATOL64})`; `fp32 max abs diff` is "
         "the difference from ours in float32 as timed, `fp32 error` the row's float32 gradient against ours in "
         "float64 (rounding: second-order gradients through BatchNorm lose digits), `max abs grad` their scale. `higher (backward per task)` frees each task's graph before the next (its "
-        "MAML example); `higher (one backward)` keeps them all like ours.",
+        "MAML example), as `ours (loop over tasks)` does by default (`meta_backward: per_task`); `higher (one "
+        "backward)` and `ours (one backward)` (`meta_backward: once`) keep them all until one backward.",
         memory_method(opts.device) + " Two steps after one warm-up per measurement.",
     ]
     headers = ["input", "implementation", "median ms", "IQR ms", "x ours", "peak MiB", "fp64 max abs diff", "same",

@@ -125,6 +125,10 @@ class EpisodicModule(LightningModule):
 
     # --------------------------------------------------------------- training
     def training_step(self, batch: Episode, batch_idx: int) -> torch.Tensor:
+        # under DDP this runs inside the wrapped forward. MAML-family learners differentiate each task inside
+        # `loss` and free its graph (`inner_loop.per_task_backward`); the loss they return hands the summed
+        # gradients over in Lightning's one backward, so automatic optimisation, clipping, accumulation, loss
+        # scaling and DDP's one gradient synchronisation per step are unchanged
         loss = self.learner.loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(

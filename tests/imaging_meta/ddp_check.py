@@ -4,7 +4,8 @@ the same episodes in one process; writes the final weights for `test_ddp.py` to 
     python -m tests.imaging_meta.ddp_check --mode ddp --learner maml --data DIR --out DIR
 
 Modes:
-    ddp:     Trainer(strategy="ddp", devices=2): the meta-loss runs in training_step, inside DDP's forward.
+    ddp:     Trainer(strategy="ddp", devices=2): the meta-loss runs in training_step, inside DDP's forward; the
+             gradient all-reduces are counted (allreduces<rank>.txt).
     outside: the negative control: each rank computes the meta-loss and steps its optimiser in
              on_train_batch_start, outside DDP's forward, the mistake that silently skips the sync.
     single:  one process replays rank 0's and rank 1's episodes of each step and averages their losses,
@@ -19,7 +20,8 @@ import os
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from datamodules.classification import ClassificationDataModule
 from datamodules.sampling.loading import episode_loader
@@ -33,7 +35,9 @@ from imaging_meta.module import EpisodicModule
 # zero up to rounding, and Adam scales that rounding noise up to steps of size lr
 STEPS, BATCH, LR = 3, 2, 0.1
 LEARNERS = {
+    # MAML takes a backward per task inside its loss (the default), or one backward over all tasks
     "maml": lambda: MAML(n_way=3, backbone_kwargs={"width": 4}, inner_steps=1, inner_lr=0.1),
+    "maml_once": lambda: MAML(n_way=3, backbone_kwargs={"width": 4}, inner_steps=1, inner_lr=0.1, meta_backward="once"),
     "protonet": lambda: PrototypicalNetwork(backbone_kwargs={"width": 4}),
     # Reptile's outer step is SGD on its surrogate loss (see reptile.py): averaged over ranks it interpolates
     # toward the mean of the ranks' adapted weights
@@ -72,6 +76,22 @@ class OutsideForward(EpisodicModule):
         return None
 
 
+_ALLREDUCES = [0]
+
+
+def counting_allreduce(process_group, bucket):
+    """DDP's default all-reduce of a gradient bucket, counted: how many synchronisations each step makes."""
+    _ALLREDUCES[0] += 1
+    return allreduce_hook(process_group, bucket)
+
+
+class CountAllreduces(Callback):
+    """Registers `counting_allreduce` on the DDP-wrapped model (Lightning registers its own comm hooks on CUDA only)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.strategy.model.register_comm_hook(None, counting_allreduce)
+
+
 def run_ddp(name: str, data: Path, out: Path, outside: bool) -> None:
     learner = build(name)
     factory = lambda p: torch.optim.SGD(p, lr=LR)  # noqa: E731
@@ -79,10 +99,11 @@ def run_ddp(name: str, data: Path, out: Path, outside: bool) -> None:
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, max_steps=STEPS, max_epochs=1,
         limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        inference_mode=False,
+        inference_mode=False, callbacks=[] if outside else [CountAllreduces()],
     )
     trainer.fit(module, datamodule=datamodule(data))
     torch.save({k: v.detach().cpu() for k, v in module.learner.state_dict().items()}, out / f"rank{trainer.global_rank}.pt")
+    (out / f"allreduces{trainer.global_rank}.txt").write_text(str(_ALLREDUCES[0]))
 
 
 def run_single(name: str, data: Path, out: Path) -> None:

@@ -33,14 +33,20 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("learner", ["maml", "reptile", pytest.param("protonet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("learner", ["maml", "maml_once", "reptile", pytest.param("protonet", marks=pytest.mark.slow)])
 def test_ddp_ranks_agree_and_match_one_process_over_the_same_episodes(learner, data, tmp_path):
+    """``maml`` takes a backward per task inside its loss (each task's graph freed before the next), ``maml_once``
+    one backward over the meta-batch: both synchronise the gradients once per step."""
+    from tests.imaging_meta.ddp_check import STEPS
+
     _run("ddp", learner, data, tmp_path)
     _run("single", learner, data, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     single = torch.load(tmp_path / "single.pt", weights_only=True)
     assert _max_diff(rank0, rank1) == 0.0, "the ranks hold different weights: gradients were not synchronised"
     assert _max_diff(rank0, single) < 1e-5, f"DDP differs from one process over the same episodes by {_max_diff(rank0, single):.3g}"
+    # the tiny networks fit in one gradient bucket: one all-reduce per meta-batch, not one per task
+    assert [int((tmp_path / f"allreduces{r}.txt").read_text()) for r in (0, 1)] == [STEPS, STEPS]
 
 
 def test_meta_loss_outside_the_ddp_forward_is_caught(data, tmp_path):

@@ -235,7 +235,7 @@ def test_checkpoint_inner_recomputes_second_order_steps_during_backward(monkeypa
         return original(fn, *args, **kwargs)
 
     monkeypatch.setattr(inner_loop, "activation_checkpoint", spy)
-    learner = tiny(checkpoint_inner=True)
+    learner = tiny(checkpoint_inner=True, meta_backward="once")  # the backward a per-task `loss` takes inside
     forwards = []
     learner.net.register_forward_hook(lambda *_: forwards.append(torch.is_grad_enabled()))
     ep = episode64(tasks=2)
@@ -253,12 +253,31 @@ def test_checkpoint_inner_recomputes_second_order_steps_during_backward(monkeypa
     assert calls == []
 
 
+def test_checkpoint_inner_with_a_backward_per_task_recomputes_inside_loss():
+    """By default `loss` differentiates each task as soon as it is built: the checkpointed steps are recomputed
+    there, task by task, and the final backward only hands the gradients over."""
+    def forwards(meta_backward):
+        learner = tiny(checkpoint_inner=True, meta_backward=meta_backward)
+        calls = []
+        learner.net.register_forward_hook(lambda *_: calls.append(1))
+        loss = learner.loss(ep)
+        in_loss = len(calls)
+        loss.backward()
+        return in_loss, len(calls) - in_loss
+
+    ep = episode64(tasks=2)
+    once_loss, once_backward = forwards("once")
+    assert once_backward == 2 * 2  # tasks x inner steps, recomputed
+    assert forwards("per_task") == (once_loss + once_backward, 0)
+    assert_same_gradients(loss_and_grads(tiny(meta_backward="once"), ep), loss_and_grads(tiny(checkpoint_inner=True), ep))
+
+
 def test_checkpoint_inner_saves_memory_that_grows_with_inner_steps():
     """Tensors the autograd graph keeps after the forward pass: without checkpointing they grow with the
     inner steps (activations of every step); with it, only each step's parameters are kept."""
 
     def kept_bytes(**kw):
-        learner = tiny(inner_steps=4, **kw)
+        learner = tiny(inner_steps=4, meta_backward="once", **kw)  # the graph `loss` returns
         kept = {}  # storage address -> bytes; the graph keeps every saved tensor alive, so addresses are unique
 
         def pack(t):

@@ -10,6 +10,16 @@ with ``torch.func.grad`` (``task_batching="vmap"``, with `inner_loop.adapt_funct
 losses, meta-gradients and predictions. ``checkpoint_inner=True`` checkpoints every second-order inner step
 of the loop, so memory grows more slowly with the number of steps (not possible under vmap).
 
+`loss` takes a backward per task by default (``meta_backward="per_task"``, the loop only): each task's
+meta-gradient is taken as soon as its query loss exists (`inner_loop.per_task_backward`), so only one task's
+second-order graph is alive at a time, and the loss returned hands the summed gradients to the parameters in
+one ``backward`` (one gradient synchronisation under DDP; Lightning's automatic optimisation, clipping,
+accumulation and schedulers are unchanged). ``meta_backward="once"`` keeps every task's graph until one
+``backward`` over the mean, as before; the meta-gradients are the same. On CPU, `loss` runs the loop's inner
+steps and query passes under `inner_loop.FastKernels` (batch norm with a closed-form double backward, the
+images' convolution with a matrix-product weight gradient, 2x2 max-pooling from elementwise maxima): the same
+values and derivatives, to rounding, in less time (``benchmarks/maml_vs_higher.py``).
+
 Queries are predicted at the adapted weights with the support's batch statistics under those weights
 (`task_network.forward_query`): a query's prediction depends on its task's support and on itself only, never
 on the other queries. ``backbone_kwargs={"transductive": True}`` restores the query-batch statistics of the
@@ -32,7 +42,10 @@ from imaging_meta.learners.inner_loop import (
     DecomposedNorms,
     Params,
     adapt_functional,
+    fast_kernels,
     functional_forward,
+    kernels_if_enabled,
+    per_task_backward,
     split_state,
 )
 from imaging_meta.learners.task_network import TaskNetwork, adapt_on_support, check_task, forward_query
@@ -40,6 +53,11 @@ from imaging_meta.learners.task_network import TaskNetwork, adapt_on_support, ch
 
 def _detached(tensors: Mapping[str, torch.Tensor]) -> Params:
     return {n: t.detach() for n, t in tensors.items()}
+
+
+def _float16_autocast() -> bool:
+    """Whether float16 autocast is on (its loss scaling would not reach the gradients taken inside `MAML.loss`)."""
+    return any(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) == torch.float16 for d in ("cpu", "cuda"))
 
 
 def adapt_and_query_batched(
@@ -106,6 +124,8 @@ def adapt_and_query_batched(
 
 #: values of ``MAML(task_batching=...)``
 TASK_BATCHING = ("loop", "vmap")
+#: values of ``MAML(meta_backward=...)``
+META_BACKWARD = ("per_task", "once")
 
 
 class MAML(Learner):
@@ -153,6 +173,14 @@ class MAML(Learner):
             steps keep no activations. Only with ``task_batching="loop"``: ``torch.func`` transforms cannot
             checkpoint. The saving shows with larger images and more inner steps; on small episodes it buys
             nothing and only costs time (see ``benchmarks/learner_steps.py``).
+        meta_backward: how `loss` differentiates the tasks of a meta-batch (``task_batching="loop"``; vmap
+            adapts every task at once and always keeps them all). ``"per_task"`` (default): each task's
+            meta-gradient is taken as soon as its query loss is built, and its graph freed before the next
+            task starts (`inner_loop.per_task_backward`); the loss returned is the mean over the tasks, and its
+            ``backward`` adds the summed gradients to the parameters. The work of the backward thus happens
+            inside `loss`, which needs gradients enabled (otherwise `loss` is a plain forward). ``"once"``:
+            the mean query loss with every task's graph, differentiated by one ``backward``: peak memory grows
+            with the number of tasks. Same values and meta-gradients.
     """
 
     def __init__(
@@ -168,11 +196,14 @@ class MAML(Learner):
         first_order: bool = False,
         task_batching: str = "loop",
         checkpoint_inner: bool = False,
+        meta_backward: str = "per_task",
     ) -> None:
         super().__init__()
         self.task = check_task(task)
         if task_batching not in TASK_BATCHING:
             raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}")
+        if meta_backward not in META_BACKWARD:
+            raise ValueError(f"meta_backward must be one of {META_BACKWARD}, got {meta_backward!r}")
         if checkpoint_inner and task_batching == "vmap":
             raise ValueError(
                 "checkpoint_inner=True needs task_batching='loop': torch.func transforms (vmap, grad) do not "
@@ -190,6 +221,7 @@ class MAML(Learner):
         self.first_order = bool(first_order)
         self.task_batching = task_batching
         self.checkpoint_inner = bool(checkpoint_inner)
+        self.meta_backward = meta_backward
 
     # ------------------------------------------------------- what subclasses override
     def adapted_names(self) -> set[str] | None:
@@ -249,17 +281,32 @@ class MAML(Learner):
         out = []
         for task in episode.tasks():
             adapted, frozen = self.adapt_task(task, steps, first_order)
-            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), kernels_if_enabled():
                 logits = forward_query(self.net, adapted, frozen, task.support_images, task.query_images)
             out.append(finish(logits, task.query_labels))
         return torch.stack(out)
 
+    def _backward_per_task(self) -> bool:
+        """Whether `loss` takes a backward per task (see ``meta_backward``)."""
+        return (self.meta_backward == "per_task" and self.task_batching == "loop" and torch.is_grad_enabled()
+                and not _float16_autocast())
+
     def loss(self, episode: Episode) -> torch.Tensor:
-        """Query loss at the adapted weights, averaged over the tasks of a batched episode (a scalar)."""
+        """Query loss at the adapted weights, averaged over the tasks of a batched episode (a scalar).
+
+        With ``meta_backward="per_task"`` (the default) the meta-gradient of each task is computed here, one
+        task at a time; ``backward`` on the result hands their sum to the parameters. The loop runs under
+        `inner_loop.fast_kernels`.
+        """
         episode = episode.unsqueeze()
         check_class_labels(episode, self.n_way, type(self).__name__)
-        losses = self.adapt_and_query(episode, self.inner_steps, self.first_order, self.task_kind.loss)
-        return losses.mean()
+        steps, first_order, finish = self.inner_steps, self.first_order, self.task_kind.loss
+        with fast_kernels(self.task_batching == "loop"):
+            if self._backward_per_task():  # one task at a time, through `adapt_and_query` (subclasses override it)
+                losses = (self.adapt_and_query(task.unsqueeze(), steps, first_order, finish)[0]
+                          for task in episode.tasks())
+                return per_task_backward(losses, list(self.parameters()), episode.n_tasks)
+            return self.adapt_and_query(episode, steps, first_order, finish).mean()
 
     def predict(self, episode: Episode) -> torch.Tensor:
         """Adapt on each task's support set (``eval_inner_steps``) and predict its query set.

@@ -67,10 +67,11 @@ class MetaSGD(MAML):
         lr_init: str = "constant",
         lr_init_range: tuple[float, float] = (0.005, 0.1),
         lr_init_seed: int | None = None,
+        meta_backward: str = "per_task",
     ) -> None:
         super().__init__(
             task, n_way, backbone, in_channels, backbone_kwargs, inner_steps, inner_lr, eval_inner_steps, first_order,
-            task_batching, checkpoint_inner,
+            task_batching, checkpoint_inner, meta_backward=meta_backward,
         )
         if lr_init not in LR_INITS:
             raise ValueError(f"lr_init must be one of {LR_INITS}, got {lr_init!r}")
