@@ -129,39 +129,80 @@ def window_centres(h: int, w: int, window: int, device=None, dtype=None) -> torc
     return torch.stack(torch.meshgrid(r, c, indexing="ij"), -1).reshape(-1, 2)
 
 
-def pixel_distance2(centres: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Squared distance (normalised coordinates) from each prototype centre (P, 2) to each pixel: (P, h, w)."""
-    r, c = normalised_coordinates(h, w, centres.device, centres.dtype)
-    return (r.view(1, h, 1) - centres[:, 0, None, None]) ** 2 + (c.view(1, 1, w) - centres[:, 1, None, None]) ** 2
+def compact_prototypes(
+    prototypes: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the valid prototype slots only, padded to the largest count.
+
+    ALPNet's grid gives a slot to every window of every support slice; a foreground window is valid only when the
+    structure covers it, so most foreground slots are invalid, and matching every pixel against them all spent
+    time and memory on slots that are then masked out.
+
+    Args:
+        prototypes: (T, P, C).
+        valid: (T, P) booleans.
+
+    Returns:
+        prototypes (T, M, C), validity (T, M) and the slot each came from (T, M), where M is the largest number
+        of valid slots of any task (at least 1); the valid slots come first, in their order, then padding.
+    """
+    m = max(int(valid.sum(-1).max()), 1) if valid.numel() else 1
+    order = torch.argsort((~valid).to(torch.uint8), dim=-1, stable=True)[..., :m]
+    kept = prototypes.gather(1, order.unsqueeze(-1).expand(*order.shape, prototypes.shape[-1]))
+    return kept, valid.gather(1, order), order
 
 
-def pooled_class_logits(
+def grouped_class_logits(
     features: torch.Tensor,
     prototypes: torch.Tensor,
     valid: torch.Tensor,
     scale: float = 20.0,
-    penalty: torch.Tensor | None = None,
+    centres: torch.Tensor | None = None,
+    location_weight: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """One logit map per class from several prototypes per class (ALPNet's soft max over prototypes).
 
-    For each pixel and class, the scaled cosine similarities to that class's valid prototypes are averaged
-    with softmax weights, so the closest prototypes dominate.
+    For each pixel ``x`` and class, the similarities ``s_p(x) = scale * cos(f(x), p) - location_weight *
+    |x - c_p|^2`` to that class's valid prototypes ``p`` are averaged with softmax weights, so the closest
+    prototypes dominate: ``sum_p softmax(s)_p s_p``. The location term (location-sensitive prototypes) lowers
+    the similarity of far-away prototypes; prototypes without a centre have none.
+
+    The N images of a task share its prototypes. Each class matches its valid slots only
+    (`compact_prototypes`), and the location term is folded into the one matrix product (``|x - c|^2`` expands
+    into products of ``(r, c, r^2 + c^2, 1)`` per pixel with per-prototype coefficients), so no tensor of the
+    size of the similarities is built except the similarities, their softmax and their product. Same values
+    as matching every slot and masking the invalid ones out (to rounding).
 
     Args:
-        features: (N, C, h, w).
-        prototypes: (N, K, P, C): K classes with up to P prototypes each.
-        valid: (N, K, P) booleans; every class needs at least one valid prototype.
+        features: (T, N, C, h, w): N images per task.
+        prototypes: (T, K, P, C): K classes with up to P prototypes each.
+        valid: (T, K, P) booleans; every class needs at least one valid prototype.
         scale: cosine temperature.
-        penalty: optional (P, h, w) term subtracted from every similarity of prototype slot p at each pixel
-            (location-sensitive prototypes: far-away prototypes count less).
+        centres: optional (P, 2) centre of each slot in `normalised_coordinates` (row, column); a NaN row marks
+            a slot without a location (no penalty).
+        location_weight: weight of the squared distance (a tensor to learn it).
 
     Returns:
-        (N, K, h, w) logits.
+        (T, N, K, h, w) logits.
     """
-    n, k, p, c = prototypes.shape
-    sims = cosine_logits(features, prototypes.reshape(n, k * p, c), scale).view(n, k, p, *features.shape[-2:])
-    if penalty is not None:
-        sims = sims - penalty
-    sims = sims.masked_fill(~valid[..., None, None], float("-inf"))
-    weights = torch.softmax(sims, dim=2)
-    return (weights * sims.masked_fill(~valid[..., None, None], 0.0)).sum(dim=2)
+    t, n, _, h, w = features.shape
+    f = F.normalize(features, dim=2).flatten(3)  # (T, N, C, hw)
+    if centres is not None:
+        r, c = normalised_coordinates(h, w, features.device, features.dtype)
+        r, c = r.view(h, 1).expand(h, w).reshape(-1), c.view(1, w).expand(h, w).reshape(-1)
+        extra = torch.stack([r, c, r * r + c * c, torch.ones_like(r)])  # (4, hw)
+        f = torch.cat([f, extra.expand(t, n, 4, h * w)], dim=2)
+    out = []
+    for k in range(prototypes.shape[1]):
+        protos, ok, slots = compact_prototypes(prototypes[:, k], valid[:, k])  # (T, M, C), (T, M), (T, M)
+        p = scale * F.normalize(protos, dim=-1)
+        if centres is not None:
+            at = centres.to(p.dtype)[slots]  # (T, M, 2)
+            a = location_weight * (~at[..., 0].isnan()).to(p.dtype)  # (T, M): 0 where the slot has no location
+            at = at.nan_to_num(0.0)
+            # -a |x - c|^2 = 2a c_r r + 2a c_c c - a (r^2 + c^2) - a |c|^2
+            p = torch.cat([p, 2 * a.unsqueeze(-1) * at, -a.unsqueeze(-1), (-a * (at * at).sum(-1)).unsqueeze(-1)], -1)
+        sims = torch.matmul(p.unsqueeze(1), f)  # (T, N, M, hw)
+        logits = sims if bool(ok.all()) else sims.masked_fill(~ok[:, None, :, None], float("-inf"))
+        out.append((torch.softmax(logits, dim=2) * sims).sum(dim=2))  # padding: weight 0 times a finite value
+    return torch.stack(out, dim=2).view(t, n, -1, h, w)

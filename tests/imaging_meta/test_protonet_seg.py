@@ -6,11 +6,12 @@ from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
 from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
 from imaging_meta.learners.prototypes import (
+    compact_prototypes,
     cosine_logits,
+    grouped_class_logits,
     local_prototypes,
     masked_average_pooling,
-    pixel_distance2,
-    pooled_class_logits,
+    normalised_coordinates,
     window_centres,
 )
 
@@ -144,9 +145,8 @@ def test_a_strong_location_term_reproduces_the_support_mask():
     bg, bg_ok = local_prototypes(feats, 1 - mask, 4)
     protos = torch.stack([bg, fg], 1)  # (1, 2, 16, 3)
     valid = torch.stack([bg_ok, fg_ok], 1)
-    penalty = 100.0 * pixel_distance2(centres, h, h)
-    logits = pooled_class_logits(feats, protos, valid, scale=20.0, penalty=penalty)
-    pred = logits.argmax(1)[0]
+    logits = grouped_class_logits(feats.unsqueeze(1), protos, valid, scale=20.0, centres=centres, location_weight=100.0)
+    pred = logits.argmax(2)[0, 0]
     assert pred[4:8, 8:12].all() and pred.sum() == 16
 
 
@@ -159,3 +159,71 @@ def test_location_sensitive_learner_learns_its_weight():
     assert m.encoder.net.conv_0.conv_0.conv.in_channels == 3  # image + 2 coordinate channels
     with pytest.raises(ValueError, match="needs local_window"):
         small(location_weight=1.0)
+
+
+def pixel_distance2(centres, h, w):
+    """Squared distance from each centre (P, 2) to each pixel: (P, h, w); NaN centres (no location): 0."""
+    r, c = normalised_coordinates(h, w, centres.device, centres.dtype)
+    d2 = (r.view(1, h, 1) - centres[:, 0, None, None]) ** 2 + (c.view(1, 1, w) - centres[:, 1, None, None]) ** 2
+    return d2.nan_to_num(0.0)
+
+
+def dense_class_logits(features, prototypes, valid, scale, penalty):
+    """ALPNet's soft max over every slot, invalid ones masked out, the location penalty (P, h, w) subtracted
+    from every similarity: what `grouped_class_logits` must equal."""
+    t, n = features.shape[:2]
+    k, p, c = prototypes.shape[1:]
+    flat = features.flatten(0, 1)
+    protos, ok = prototypes.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
+    sims = cosine_logits(flat, protos.reshape(t * n, k * p, c), scale).view(t * n, k, p, *flat.shape[-2:])
+    if penalty is not None:
+        sims = sims - penalty
+    sims = sims.masked_fill(~ok[..., None, None], float("-inf"))
+    out = (torch.softmax(sims, 2) * sims.masked_fill(~ok[..., None, None], 0.0)).sum(2)
+    return out.view(t, n, k, *flat.shape[-2:])
+
+
+@pytest.mark.parametrize("located", [False, True])
+def test_matching_only_the_valid_slots_gives_the_logits_and_gradients_of_matching_all(located):
+    g = torch.Generator().manual_seed(3)
+    t, n, k, p, c, h, w = 3, 2, 2, 17, 5, 6, 7
+    features = torch.randn(t, n, c, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    prototypes = torch.randn(t, k, p, c, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(t, k, p, generator=g) < 0.3
+    valid[..., 0] = True  # the global slot
+    valid[1, 0, 1:] = True  # one class with every slot valid, one with only the global one
+    valid[2, 1, 1:] = False
+    centres = torch.rand(p, 2, generator=g, dtype=torch.float64) * 2 - 1
+    centres[0] = float("nan")  # the global slot has no location
+    new = grouped_class_logits(features, prototypes, valid, 20.0, centres if located else None, weight)
+    ref = dense_class_logits(features, prototypes, valid, 20.0, weight * pixel_distance2(centres, h, w) if located else None)
+    torch.testing.assert_close(new, ref, rtol=1e-10, atol=1e-10)
+    grad_w = torch.randn(new.shape, generator=g, dtype=torch.float64)
+    inputs = (features, prototypes, weight) if located else (features, prototypes)
+    ga = torch.autograd.grad((new * grad_w).sum(), inputs)
+    gb = torch.autograd.grad((ref * grad_w).sum(), inputs)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    kept, ok, slots = compact_prototypes(prototypes[:, 1], valid[:, 1])
+    assert kept.shape[1] == int(valid[:, 1].sum(-1).max()) < p  # padded to the largest count, not to P
+    assert (ok.sum(-1) == valid[:, 1].sum(-1)).all() and torch.equal(valid[:, 1].gather(1, slots), ok)
+    assert ok[2].sum() == 1 and slots[2, 0] == 0
+    assert compact_prototypes(prototypes[1:2, 0], valid[1:2, 0])[0].shape[1] == p
+
+
+def test_the_learner_matches_only_valid_slots_and_predicts_as_before():
+    torch.manual_seed(0)
+    m = small(local_window=4, location_weight=1.0).double().eval()
+    ep = batch(t=2, k=2, q=3)
+    ep = Episode(ep.support_images.double(), ep.support_labels.double(), ep.query_images.double(),
+                 ep.query_labels.double(), batched=True)
+    s_feat, q_feat = m.episode_features(ep.support_images, ep.query_images)
+    protos, valid = m.prototypes(s_feat, ep.support_labels)
+    assert valid.float().mean() < 0.6  # most slots are invalid: the compaction has work to do
+    h, w = q_feat.shape[-2:]
+    d2 = pixel_distance2(window_centres(h, w, 4, dtype=torch.float64), h, w)
+    d2 = torch.cat([torch.zeros_like(d2[:1]), d2.repeat((protos.shape[2] - 1) // d2.shape[0], 1, 1)])
+    ref = dense_class_logits(q_feat, protos, valid, m.scale, m.log_location_weight.exp() * m.scale * d2)
+    ref = torch.nn.functional.interpolate(ref.flatten(0, 1), size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(m(ep), ref.view(2, 3, 2, 32, 32), rtol=1e-9, atol=1e-9)

@@ -10,11 +10,10 @@ from imaging_meta.episode import Episode
 from imaging_meta.learners.base import Learner, embed_tasks
 from imaging_meta.learners.prototypes import (
     cosine_logits,
+    grouped_class_logits,
     local_prototypes,
     masked_average_pooling,
     normalised_coordinates,
-    pixel_distance2,
-    pooled_class_logits,
     window_centres,
 )
 
@@ -171,16 +170,15 @@ class PrototypicalSegmenter(Learner):
         if protos.shape[2] == 1:  # global prototypes only: PANet
             logits = cosine_logits(flat, protos[:, :, 0].repeat_interleave(n, dim=0), self.scale)
         else:
-            penalty = None
+            centres, weight = None, 0.0
             if self.log_location_weight is not None:
                 h, w = flat.shape[-2:]
-                d2 = pixel_distance2(window_centres(h, w, self.local_window, flat.device, flat.dtype), h, w)  # (G, h, w)
-                n_shots = (protos.shape[2] - 1) // d2.shape[0]
-                d2 = torch.cat([torch.zeros_like(d2[:1]), d2.repeat(n_shots, 1, 1)])  # global slot: no penalty
-                penalty = self.log_location_weight.exp() * self.scale * d2
-            logits = pooled_class_logits(
-                flat, protos.repeat_interleave(n, dim=0), valid.repeat_interleave(n, dim=0), self.scale, penalty
-            )
+                windows = window_centres(h, w, self.local_window, flat.device, flat.dtype)  # (G, 2)
+                n_shots = (protos.shape[2] - 1) // windows.shape[0]
+                # slot 0, the global prototype, has no location
+                centres = torch.cat([torch.full_like(windows[:1], float("nan")), windows.repeat(n_shots, 1)])
+                weight = self.log_location_weight.exp() * self.scale
+            logits = grouped_class_logits(features, protos, valid, self.scale, centres, weight).flatten(0, 1)
         if logits.shape[-2:] != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits.view(t, n, *logits.shape[1:])
