@@ -32,7 +32,7 @@ from imaging_meta.backbones import (
 )
 from imaging_meta.episode import Episode
 from imaging_meta.learners.gradient.maml import MAML
-from imaging_meta.learners.inner_loop import Params, adapt, adapt_functional, split_state
+from imaging_meta.learners.inner_loop import Params, adapt, adapt_functional, kernels_if_enabled, split_state
 
 _BODY, _HEAD = "body.", "head."
 _BATCH_NORM = inspect.signature(F.batch_norm)
@@ -154,16 +154,17 @@ class ANIL(MAML):
             (S, D) and (Q, D) embeddings, or (S, D, H, W) and (Q, D, H, W) dense features.
         """
         body = self._body(frozen)
-        if not uses_support_statistics(self.net):
-            return body(support), body(query)
-        norms = _SupportNorms(self._support_norm_layers(frozen))
-        with norms:
-            fs = body(support)
-        if norms.foreign:  # a batch-statistics norm of the user's own: the queries as forward_query runs them
-            return fs, forward_with_support_statistics(body, support, query)[1]
-        with norms.queries():
-            fq = body(query)
-        return fs, fq
+        with kernels_if_enabled():  # inside `MAML.loss` on CPU: `inner_loop.FastKernels`
+            if not uses_support_statistics(self.net):
+                return body(support), body(query)
+            norms = _SupportNorms(self._support_norm_layers(frozen))
+            with norms:
+                fs = body(support)
+            if norms.foreign:  # a batch-statistics norm of the user's own: the queries as forward_query runs them
+                return fs, forward_with_support_statistics(body, support, query)[1]
+            with norms.queries():
+                fq = body(query)
+            return fs, fq
 
     def _support_norm_layers(self, frozen: Mapping[str, torch.Tensor]) -> dict[int, str]:
         """``id(weight) -> name`` of the body's affine support-statistics norm layers, weights taken from ``frozen``."""

@@ -39,7 +39,7 @@ class MetaSGD(MAML):
     against 0.647 after 300 meta-steps (better on 5 of 5 seeds), 0.850 against 0.837 after 1,000 (2 of 3).
     The uniform start beat a constant 0.01 (0.576 and 0.804), so the constant must be large enough; Meta-SGD's
     ``inner_lr`` default is therefore 0.1, not MAML's 0.01 (figures and command: ``docs/learners.md``, "Where
-    Meta-LSTM, Reptile and Meta-SGD follow their papers").
+    Meta-LSTM, MANN, Reptile and Meta-SGD follow their papers").
     Checkpoints of either start load into either (the rates are parameters; the start only matters before
     training), and old checkpoints, whose configs lack these arguments, load unchanged.
 
