@@ -20,6 +20,7 @@ from imaging_meta.backbones import (
     SupportBatchNorm3d,
     build_backbone,
     build_encoder,
+    conv_block,
     forward_with_support_statistics,
     support_statistics,
     uses_support_statistics,
@@ -191,3 +192,25 @@ def test_maml_query_forward_uses_the_support_statistics_under_the_adapted_weight
     # forward pass is checked against finite differences in test_maml.py)
     logits = forward_query(learner.net, adapted, frozen, task.support_images, task.query_images)
     assert logits.shape == (10, 5) and logits.requires_grad
+
+
+@pytest.mark.parametrize(("dims", "shape"), [(2, (6, 3, 13, 14)), (3, (2, 3, 7, 6, 5))])
+def test_conv_block_pools_before_its_relu_with_the_values_and_derivatives_of_relu_then_pool(dims, shape):
+    """Max-pool and ReLU commute: the block's output, gradients and second derivatives equal those of the
+    conv, norm, ReLU, pool order (odd sizes: ceil_mode's partial windows), exactly, in float64."""
+    torch.manual_seed(0)
+    block = conv_block(3, 4, spatial_dims=dims).double()
+    assert [type(m).__name__ for m in block][2:] == [f"MaxPool{dims}d", "ReLU"]
+    reference = nn.Sequential(block[0], block[1], nn.ReLU(), block[2])
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    a, b = block(x), reference(x)
+    assert torch.equal(a, b)
+    g = torch.randn_like(a)
+    params = [x, *block.parameters()]
+    ga = torch.autograd.grad((a * g).sum(), params, create_graph=True)
+    gb = torch.autograd.grad((b * g).sum(), params, create_graph=True)
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb, strict=True))
+    h = torch.randn_like(ga[0])
+    sa = torch.autograd.grad((ga[0] * h).sum(), list(block.parameters()), allow_unused=True)
+    sb = torch.autograd.grad((gb[0] * h).sum(), list(block.parameters()), allow_unused=True)
+    assert all((u is None and v is None) or torch.equal(u, v) for u, v in zip(sa, sb, strict=True))
