@@ -1,10 +1,10 @@
 """Run the benchmarks, print Markdown tables, and save them as ``.md`` and ``.json``.
 
-    python -m benchmarks.run [--data-dir data/demo] [--quick] [--only steps,higher,data,segment] [--threads 1]
+    python -m benchmarks.run [--data-dir data/demo] [--quick] [--only steps,higher,anil,data,segment] [--threads 1]
                              [--device cpu|cuda] [--out benchmarks/results] [--repeat 10] [--warmup 3]
 
 ``steps``: `benchmarks.learner_steps` (every learner config; MAML memory scaling); ``higher``:
-`benchmarks.maml_vs_higher`; ``data``: `benchmarks.data_path`; ``segment``: `benchmarks.segment_cost`
+`benchmarks.maml_vs_higher`; ``anil``: `benchmarks.anil_vs_maml`; ``data``: `benchmarks.data_path`; ``segment``: `benchmarks.segment_cost`
 (``imaging-meta segment`` on a synthetic 512 x 512 x 300 CT, with and without test-time adaptation: slices per
 second, peak memory, where the time goes). ``--quick`` shrinks everything to a smoke test whose numbers mean
 nothing. The exit status is 1 when a case failed or a meta-gradient check did not pass
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("steps", "higher", "data", "segment")
+BENCHMARKS = ("steps", "higher", "anil", "data", "segment")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks import maml_vs_higher
 
             sections += maml_vs_higher.run(opts, inner_steps=args.inner_steps, inner_lr=args.inner_lr)
+        elif name == "anil":
+            from benchmarks import anil_vs_maml
+
+            sections += anil_vs_maml.run(opts)
         elif name == "segment":
             from benchmarks import segment_cost
 

@@ -62,12 +62,12 @@ def test_benchmarks_run_quick_writes_every_table(demo_root, tmp_path):
     md = (out / "benchmarks.md").read_text()
     for title in ("Meta-training step, classification", "Meta-training step, segmentation", "MAML peak memory vs inner steps",
                   "Second-order MAML: imaging_meta vs higher", "Data path: episodes per second",
-                  "Data path: episode assembly vs a training step"):
+                  "Data path: episode assembly vs a training step", "ANIL against MAML: one meta-training step"):
         assert title in md
     assert "- machine: " in md and "- device: cpu" in md
     result = json.loads((out / "benchmarks.json").read_text())
     keys = {s["key"] for s in result["sections"]}
-    assert {"steps_cls", "steps_seg", "maml_vs_higher", "data_throughput", "data_assembly"} <= keys
+    assert {"steps_cls", "steps_seg", "maml_vs_higher", "data_throughput", "data_assembly", "anil"} <= keys
     configs = {p.stem for p in (REPO / "configs" / "model").glob("*.yaml")}
     rows = {r[0] for s in result["sections"] if s["key"].startswith("steps_") for r in s["rows"]}
     assert configs <= rows
@@ -88,3 +88,11 @@ def test_try_case_records_a_failure_and_goes_on(capsys):
     assert failures == ["tiny 8x8: RuntimeError: case broke"]
     assert "[steps] tiny 8x8: FAILED RuntimeError: case broke" in capsys.readouterr().err
     assert try_case(dict, {"a": 1}, opts, "ok", failures, "steps") == {"a": 1} and len(failures) == 1
+
+
+def test_anil_vs_maml_times_every_row_in_the_same_rounds():
+    from benchmarks.anil_vs_maml import ROWS, measure
+
+    m = measure(size=8, repeat=2, warmup=0)
+    assert m["size"] == 8 and set(m["wall"]) == set(m["cpu"]) == set(ROWS)
+    assert all(len(v) == 2 and all(t > 0 for t in v) for v in m["wall"].values())
