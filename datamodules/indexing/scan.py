@@ -9,6 +9,8 @@ What is read, and how it is paired:
 * NIfTI (``.nii``, ``.nii.gz``): header and data once. 4D, NaN/Inf and constant images are rejected.
 * DICOM (any file name, extension-less too): headers grouped by SeriesInstanceUID and ordered by
   geometry (`datamodules.io.dicom`); pixel data is checked for presence, size and decodability but not decoded.
+  An enhanced multi-frame CT/MR file is a series of its own frames (ordered and checked the same way); its
+  site fields may sit in its functional groups.
 * Label maps (NIfTI) are paired with images by (a) the nearest Decathlon ``dataset.json`` "training" list,
   else (b) by name: ``S_label``/``S_seg``/``S_dseg``/``S_mask`` beside image ``S`` (beside the folder ``S`` of
   a DICOM series), or the same name in a sibling ``labels``/``labelsTr``/``labelsTs``/``masks`` folder of an
@@ -285,7 +287,11 @@ class _Scanner:
         files = [h.path for h in s.headers]
         first = s.headers[0]
         num = f"#{first.series_number} " if first.series_number is not None else ""
-        desc = f"DICOM series {num}({first.modality or '?'}, {len(files)} file{'s' if len(files) > 1 else ''})"
+        what = f"{len(files)} file{'s' if len(files) > 1 else ''}"
+        if all(h.frames is not None for h in s.headers):
+            n_frames = sum(len(h.frames or ()) for h in s.headers)
+            what = f"{len(files)} enhanced multi-frame file{'s' if len(files) > 1 else ''}, {n_frames} frames"
+        desc = f"DICOM series {num}({first.modality or '?'}, {what})"
         where = files[0] if len(files) == 1 else (s.folder or os.path.commonpath(files))
         covered = files + ([label] if label else [])
         try:

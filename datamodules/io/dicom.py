@@ -1,16 +1,20 @@
 """`DicomSeriesReader`, a MONAI reader for one DICOM series, and the public face of the DICOM modules.
 
-A DICOM series is a set of single-frame slice files that share a ``SeriesInstanceUID``. Folder and file
-names say nothing reliable about which files belong together or in what order, so
+A DICOM series is a set of single-frame slice files that share a ``SeriesInstanceUID``, or an enhanced
+multi-frame CT/MR file (Enhanced or Legacy Converted Enhanced CT/MR Image Storage) that holds the slices as
+frames. Folder and file names, frame order and instance numbers say nothing reliable about which slices
+belong together or in what order, so
 
 1. each file's header is read once (`read_header`, `datamodules.io.dicom_files`); a file that is not DICOM
    or is corrupt raises a `DicomError` whose message names the file and says why, and a file that cannot
-   be a slice gets a ``problem`` (`datamodules.io.dicom_checks`);
+   be a slice gets a ``problem`` (`datamodules.io.dicom_checks`); an enhanced CT/MR file gets one header per
+   frame (``frames``), with the geometry and rescale of its functional groups (`datamodules.io.dicom_enhanced`);
 2. files are grouped by ``SeriesInstanceUID`` (`group_series`), wherever they lie in the tree;
 3. a group is validated and ordered by geometry (`order_series`, `datamodules.io.dicom_series`): slice
    positions are projected onto the slice normal (the cross product of the row and column direction
-   cosines) and sorted along it, never by file name or ``InstanceNumber``. Any problem raises a
-   `DicomSeriesError` with a precise reason;
+   cosines) and sorted along it, never by file name, frame number or ``InstanceNumber``; the frames of an
+   enhanced file go through the same checks as single-frame files. Any problem raises a `DicomSeriesError`
+   with a precise reason;
 4. the voxel-to-world affine is built in RAS (NIfTI convention) for the array layout used everywhere here:
    axis 0 runs along the DICOM row direction (column index), axis 1 along the column direction (row index),
    axis 2 through the slices in the geometric order (`series_affine`);
@@ -38,9 +42,10 @@ from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from pydicom.dataset import Dataset
 
 from datamodules.io.dicom_checks import JPEG_EXTRA, decoder_problem
+from datamodules.io.dicom_enhanced import read_frames
 from datamodules.io.dicom_errors import DicomError, DicomSeriesError, NotDicomError
 from datamodules.io.dicom_files import checked_header, group_series, read_dataset, read_header
-from datamodules.io.dicom_header import DicomHeader
+from datamodules.io.dicom_header import ENHANCED_SOP_CLASSES, DicomHeader, is_enhanced
 from datamodules.io.dicom_pixels import load_series_array
 from datamodules.io.dicom_series import (
     DUPLICATE_TOL_MM,
@@ -61,6 +66,9 @@ __all__ = [
     "DicomSeriesError",
     "DicomHeader",
     "DicomSeries",
+    "ENHANCED_SOP_CLASSES",
+    "is_enhanced",
+    "read_frames",
     "DicomSeriesReader",
     "read_header",
     "group_series",
@@ -95,13 +103,15 @@ class DicomSeriesReader(ImageReader):
 
     Input: a list/tuple of DICOM file paths (normally the geometry-ordered list stored in the scan index;
     the reader orders them by geometry again, so any order gives the same result), or a folder, which must
-    then hold exactly one image series (other files are ignored).
+    then hold exactly one image series (other files are ignored). An enhanced multi-frame CT/MR file (alone,
+    or with the other enhanced files of its series) is read as the volume of its frames, sorted along the
+    slice normal like single-frame files.
 
     Output of `get_data`: an (X, Y, Z) float32 array (X = DICOM column index, Y = row index, Z = slice along
     the normal) with RescaleSlope/Intercept applied, and metadata in MONAI's conventions: ``affine`` and
     ``original_affine`` (RAS, (4, 4)), ``spatial_shape``, ``space`` = "RAS", ``original_channel_dim`` (NaN,
-    i.e. no channel, as MONAI's own readers write it), ``spacing``, ``modality``. No identifying attribute
-    is copied.
+    i.e. no channel, as MONAI's own readers write it), ``spacing``, ``modality``, ``n_slices`` and ``n_files``
+    (equal for single-frame files). No identifying attribute is copied.
 
     Args:
         min_slices: fewest slices accepted (1 reads a single slice as a one-slice volume).
@@ -222,7 +232,8 @@ class DicomSeriesReader(ImageReader):
 
         Returns:
             (array, meta): array (X, Y, Z) float32; meta with ``affine``, ``original_affine``,
-            ``spatial_shape``, ``space``, ``original_channel_dim``, ``spacing``, ``modality``.
+            ``spatial_shape``, ``space``, ``original_channel_dim``, ``spacing``, ``modality``, ``n_slices``,
+            ``n_files``.
         """
         if isinstance(img, (list, tuple)):
             if len(img) != 1:
@@ -240,6 +251,7 @@ class DicomSeriesReader(ImageReader):
             "spacing": np.asarray(series.spacing, dtype=np.float64),
             "modality": series.modality or "unknown",
             "n_slices": len(series.headers),
+            "n_files": len(series.paths),
         }
         return array, meta
 

@@ -14,7 +14,7 @@ from pydicom.uid import (
     RLETransferSyntaxes,
 )
 
-from datamodules.io.dicom_header import DicomHeader, as_int, get_value
+from datamodules.io.dicom_header import DicomHeader, as_int, get_value, is_enhanced
 
 #: the geometry keywords every slice of a volume needs.
 _GEOMETRY_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
@@ -82,6 +82,7 @@ def _expected_pixel_bytes(rows: int, columns: int, samples: int, bits: int, fram
 
 
 _MULTI_FRAME_FIX = "convert it to a NIfTI volume (e.g. `dcm2niix -z y <folder>`) and scan the .nii.gz instead"
+_ENHANCED_NAMES = "Enhanced or Legacy Converted Enhanced CT/MR Image Storage"
 
 
 def _kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
@@ -108,17 +109,26 @@ def _kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
 
 
 def _frames_problem(ds: Dataset, h: DicomHeader) -> str | None:
-    """Why the image is not a single frame (multi-frame or enhanced objects), or None."""
+    """Why the image is neither a single frame nor an enhanced CT/MR image read frame by frame, or None.
+
+    Enhanced and legacy converted enhanced CT/MR images (`ENHANCED_SOP_CLASSES`) pass here; their frames
+    are checked by `datamodules.io.dicom_enhanced.read_frames`.
+    """
     frames_raw = get_value(ds, "NumberOfFrames", 1)
     frames = as_int(frames_raw)
     if frames is None:
         return f"invalid NumberOfFrames {frames_raw!r}"
+    if is_enhanced(ds):
+        return None
     if frames > 1:
-        return f"multi-frame images are not supported yet (NumberOfFrames={frames}, {h.describe()}); {_MULTI_FRAME_FIX}"
+        return (
+            f"multi-frame images are not supported yet (NumberOfFrames={frames}, {h.describe()}) except enhanced "
+            f"CT/MR ({_ENHANCED_NAMES}); {_MULTI_FRAME_FIX}"
+        )
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         return (
-            f"enhanced multi-frame object ({h.describe()}): its geometry is in functional groups; "
-            f"multi-frame images are not supported yet; {_MULTI_FRAME_FIX}"
+            f"enhanced multi-frame object ({h.describe()}): of the objects whose geometry is in functional groups "
+            f"only enhanced CT/MR ({_ENHANCED_NAMES}) are read; {_MULTI_FRAME_FIX}"
         )
     return None
 
@@ -162,7 +172,12 @@ def _bits_problem(ds: Dataset, h: DicomHeader) -> str | None:
 
 
 def _geometry_problem(ds: Dataset, h: DicomHeader) -> str | None:
-    """Why the slice cannot be placed in patient space (missing or invalid position, orientation, spacing), or None."""
+    """Why the slice cannot be placed in patient space (missing or invalid position, orientation, spacing), or None.
+
+    An enhanced image has its geometry per frame in functional groups: `dicom_enhanced.read_frames` checks it.
+    """
+    if is_enhanced(ds):
+        return None
     missing = [k for k in _GEOMETRY_KEYWORDS if get_value(ds, k) is None]
     if missing:
         return (
@@ -175,9 +190,14 @@ def _geometry_problem(ds: Dataset, h: DicomHeader) -> str | None:
         return f"invalid ImagePositionPatient {get_value(ds, 'ImagePositionPatient')!r}"
     if h.orientation is None:
         return f"invalid ImageOrientationPatient {get_value(ds, 'ImageOrientationPatient')!r}"
-    row, col = np.asarray(h.orientation[:3]), np.asarray(h.orientation[3:])
+    return orientation_problem(h.orientation)
+
+
+def orientation_problem(orientation: tuple[float, ...]) -> str | None:
+    """Why six direction cosines are not two orthogonal unit vectors, or None."""
+    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
     if not (0.99 < np.linalg.norm(row) < 1.01 and 0.99 < np.linalg.norm(col) < 1.01) or abs(row @ col) > 1e-2:
-        return f"ImageOrientationPatient {list(h.orientation)} is not two orthogonal unit vectors"
+        return f"ImageOrientationPatient {list(orientation)} is not two orthogonal unit vectors"
     return None
 
 
@@ -189,11 +209,14 @@ def _pixel_bytes_problem(ds: Dataset, h: DicomHeader) -> str | None:
         value = elem.value
         if elem.is_undefined_length or not isinstance(value, (bytes, bytearray)):
             return f"uncompressed transfer syntax {ts.name} but encapsulated pixel data: the file is malformed"
-        expected = _expected_pixel_bytes(h.rows or 0, h.columns or 0, 1, h.bits_allocated or 0, 1)
+        frames = h.number_of_frames
+        expected = _expected_pixel_bytes(h.rows or 0, h.columns or 0, 1, h.bits_allocated or 0, frames)
         if len(value) < expected:
+            times = f"*{frames} frames" if frames > 1 else ""
             return (
                 f"pixel data is truncated: {len(value)} bytes, expected {expected} "
-                f"(Rows*Columns*SamplesPerPixel*BitsAllocated/8 = {h.rows}*{h.columns}*1*{h.bits_allocated}/8); "
+                f"(Rows*Columns*SamplesPerPixel*BitsAllocated/8{'*NumberOfFrames' if times else ''} = "
+                f"{h.rows}*{h.columns}*1*{h.bits_allocated}/8{times}); "
                 "the file was probably cut short, copy it again from the source"
             )
     return None

@@ -11,8 +11,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from datamodules.io.dicom_checks import file_problem, rescale_problem
+from datamodules.io.dicom_enhanced import read_frames
 from datamodules.io.dicom_errors import DicomError, NotDicomError
-from datamodules.io.dicom_header import DicomHeader, parse_header
+from datamodules.io.dicom_header import DicomHeader, is_enhanced, parse_header
 
 
 def _looks_like_headerless_dicom(path: str) -> bool:
@@ -66,11 +67,14 @@ def read_dataset(path: str, *, stop_before_pixels: bool = False) -> tuple[Datase
 
 
 def _header_from_dataset(ds: Dataset, path: str, keywords: Iterable[str]) -> DicomHeader:
-    """`parse_header`, then the first problem of the file (`file_problem`, else `rescale_problem`)."""
+    """`parse_header`, then the first problem of the file (`file_problem`, else `rescale_problem`); for an
+    enhanced CT/MR image, then its frames (`read_frames`: ``frames``, or the problem of its frames)."""
     h = parse_header(ds, path, keywords)
     h.problem = file_problem(ds, h)
     if h.problem is None:
         h.problem = rescale_problem(ds, h)
+    if h.problem is None and is_enhanced(ds):
+        h.frames, h.problem = read_frames(ds, h)
     return h
 
 
@@ -82,7 +86,9 @@ def read_header(path: str | os.PathLike, *, keywords: Iterable[str] = ()) -> Dic
         keywords: extra DICOM keywords to copy into ``attributes`` (e.g. the site fields).
 
     Returns:
-        The header; ``problem`` says why the file cannot be a slice of a volume (None when it can).
+        The header; ``problem`` says why the file cannot be a slice of a volume (None when it can). For an
+        enhanced multi-frame CT/MR image, ``frames`` holds one header per frame (see `read_frames`) and
+        ``problem`` says why the frames cannot form a volume.
 
     Raises:
         NotDicomError: the file is not DICOM.

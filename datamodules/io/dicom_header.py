@@ -41,6 +41,11 @@ class DicomHeader:
         problem: why this file alone cannot be a slice of a volume, or None when it can.
         warnings: what pydicom warned about while reading.
         is_dicomdir: the file is a DICOMDIR (media index), not an image.
+        frame: for one frame of an enhanced multi-frame file (`datamodules.io.dicom_enhanced`), its 0-based
+            index in the file's pixel data; None for a single-frame file.
+        frames: for an enhanced multi-frame file whose header passed its checks, one header per frame (in
+            file order, ``frame`` set, geometry and rescale from the functional groups); None otherwise. The
+            file's own ``position``, ``orientation`` and ``pixel_spacing`` stay None: it is not one slice.
     """
 
     path: str
@@ -66,11 +71,53 @@ class DicomHeader:
     problem: str | None = None
     warnings: list[str] = field(default_factory=list)
     is_dicomdir: bool = False
+    frame: int | None = None
+    frames: list[DicomHeader] | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """A short non-identifying description: modality and SOP class."""
         parts = [p for p in (self.modality, self.sop_class) if p]
         return ", ".join(parts) if parts else "unknown SOP class"
+
+
+#: the multi-frame SOP classes read frame by frame (`datamodules.io.dicom_enhanced`): UID -> name.
+ENHANCED_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+}
+
+
+def sop_class_uid_of(ds: Dataset) -> str:
+    """SOPClassUID, else the file meta's MediaStorageSOPClassUID, else ""."""
+    uid = get_value(ds, "SOPClassUID") or get_value(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID")
+    return str(uid).strip() if uid else ""
+
+
+def is_enhanced(ds: Dataset) -> bool:
+    """Whether the data set is an enhanced (or legacy converted enhanced) CT/MR image, read frame by frame."""
+    return sop_class_uid_of(ds) in ENHANCED_SOP_CLASSES
+
+
+def functional_group_value(ds: Dataset, keyword: str) -> Any:
+    """``keyword`` from the functional groups of a multi-frame data set: the first item of any sequence in the
+    shared functional groups, else in the first frame's per-frame functional groups (None when absent).
+
+    Header attributes such as MagneticFieldStrength can sit there instead of at the top level (e.g. in the
+    Unassigned Shared Converted Attributes Sequence of a legacy converted enhanced image).
+    """
+    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = get_value(ds, group)
+        if not items:
+            continue
+        for elem in items[0]:
+            if elem.VR != "SQ" or not elem.value:
+                continue
+            value = get_value(elem.value[0], keyword)
+            if value is not None:
+                return value
+    return None
 
 
 def get_value(ds: Dataset, keyword: str, default: Any = None) -> Any:
@@ -141,8 +188,11 @@ def parse_header(ds: Dataset, path: str, keywords: Iterable[str]) -> DicomHeader
         except (TypeError, ValueError):
             continue
     attributes: dict[str, Any] = {}
+    multi_frame = "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds
     for k in keywords:
         v = get_value(ds, k)
+        if v is None and multi_frame:
+            v = functional_group_value(ds, k)
         if v is None:
             continue
         if isinstance(v, (list, tuple, pydicom.multival.MultiValue)):

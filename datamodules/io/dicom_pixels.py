@@ -1,5 +1,6 @@
 """Decode the pixels of a validated DICOM series into an (X, Y, Z) float32 volume with the modality rescale
-(MONOCHROME1 slices inverted first, so that bright is bright as in MONOCHROME2)."""
+(MONOCHROME1 slices inverted first, so that bright is bright as in MONOCHROME2). The frames of an enhanced
+multi-frame file go through the same inversion and rescale (each with its own slope and intercept)."""
 
 from __future__ import annotations
 
@@ -17,20 +18,42 @@ from datamodules.io.dicom_header import DicomHeader
 from datamodules.io.dicom_series import DicomSeries
 
 
-def _decode_slice(ds: Dataset, h: DicomHeader) -> np.ndarray:
-    """Pixel array of one slice, (Rows, Columns) float32 with the modality rescale applied."""
+def _pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
+    """The stored values of the file as pydicom decodes them (no rescale); `DicomError` naming the fix."""
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:  # headerless files read with force=True
         if meta is None:
             ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = UID(h.transfer_syntax)
     try:
-        arr = ds.pixel_array
+        return ds.pixel_array
     except Exception as e:
         fix = decoder_problem(h.transfer_syntax) or "check the file, or convert it to an uncompressed transfer syntax"
         raise DicomError(h.path, f"cannot decode the pixel data ({type(e).__name__}: {e}); {fix}") from e
+
+
+def _decode_slice(ds: Dataset, h: DicomHeader) -> np.ndarray:
+    """Pixel array of one slice, (Rows, Columns) float32 with the modality rescale applied."""
+    arr = _pixel_array(ds, h)
     if arr.shape != (h.rows, h.columns):
         raise DicomError(h.path, f"decoded pixel array has shape {arr.shape}, expected ({h.rows}, {h.columns})")
+    return _physical(arr, ds, h)
+
+
+def _decode_frames(ds: Dataset, h: DicomHeader) -> np.ndarray:
+    """Stored values of every frame of a multi-frame file, (NumberOfFrames, Rows, Columns), no rescale."""
+    arr = _pixel_array(ds, h)
+    expected = (h.number_of_frames, h.rows, h.columns)
+    if arr.shape == expected[1:] and h.number_of_frames == 1:
+        arr = arr[None]
+    if arr.shape != expected:
+        raise DicomError(h.path, f"decoded pixel array has shape {arr.shape}, expected {expected} (frames, rows, columns)")
+    return arr
+
+
+def _physical(arr: np.ndarray, ds: Dataset, h: DicomHeader) -> np.ndarray:
+    """Stored values of one slice (Rows, Columns) as float32 physical values: MONOCHROME1 inverted, then
+    the slice's RescaleSlope/RescaleIntercept."""
     stored = arr.astype(np.float64)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
         stored = _invert_monochrome1(stored, ds, arr.dtype)
@@ -63,13 +86,22 @@ def load_series_array(series: DicomSeries, datasets: Mapping[str, Dataset] | Non
 
     Returns:
         (X, Y, Z) float32 array: X = column index, Y = row index, Z = slice in geometric order, with
-        RescaleSlope/RescaleIntercept applied.
+        RescaleSlope/RescaleIntercept applied (per frame for an enhanced multi-frame file).
     """
     X, Y, Z = series.shape
     vol = np.empty((X, Y, Z), dtype=np.float32)
+    # a multi-frame file: read and decoded once for all its frames (a single-frame file is let go after its slice)
+    frame_files: dict[str, tuple[Dataset, np.ndarray]] = {}
     for k, h in enumerate(series.headers):
-        ds = datasets.get(h.path) if datasets else None
-        if ds is None:
-            ds, _ = read_dataset(h.path)
-        vol[:, :, k] = _decode_slice(ds, h).T
+        if h.frame is not None and h.path in frame_files:
+            ds, stored = frame_files[h.path]
+            vol[:, :, k] = _physical(stored[h.frame], ds, h).T
+            continue
+        found = datasets.get(h.path) if datasets else None
+        ds = found if found is not None else read_dataset(h.path)[0]
+        if h.frame is None:
+            vol[:, :, k] = _decode_slice(ds, h).T
+        else:
+            frame_files[h.path] = ds, _decode_frames(ds, h)
+            vol[:, :, k] = _physical(frame_files[h.path][1][h.frame], ds, h).T
     return vol

@@ -1,4 +1,8 @@
-"""Validate a group of DICOM headers as one volume, order it along the slice normal, and build its RAS affine."""
+"""Validate a group of DICOM headers as one volume, order it along the slice normal, and build its RAS affine.
+
+The slices are single-frame files, or the frames of enhanced multi-frame CT/MR files (headers with ``frames``,
+`datamodules.io.dicom_enhanced`): both go through the same checks; messages then name frames ("IM.dcm frame 3")
+and give the fix for a multi-frame file."""
 
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ DUPLICATE_TOL_MM = 1e-3
 
 @dataclass
 class DicomSeries:
-    """A validated single-frame DICOM series, in geometric order.
+    """A validated DICOM series, in geometric order.
 
     Attributes:
-        headers: one per slice, sorted by position along the slice normal (ascending).
+        headers: one per slice (a single-frame file, or one frame of an enhanced multi-frame file, with
+            ``frame`` set), sorted by position along the slice normal (ascending).
         affine: (4, 4) float64 voxel -> world (RAS, mm) for arrays laid out (column index, row index, slice).
         shape: (X, Y, Z) = (Columns, Rows, number of slices).
         spacing: (PixelSpacing[1], PixelSpacing[0], slice step) in mm.
@@ -39,8 +44,11 @@ class DicomSeries:
 
     @property
     def paths(self) -> list[str]:
-        """The files, in geometric order."""
-        return [h.path for h in self.headers]
+        """The files, in geometric order (each multi-frame file once, where its first slice lies)."""
+        paths = [h.path for h in self.headers]
+        if self.headers and self.headers[0].frame is not None:
+            return list(dict.fromkeys(paths))
+        return paths
 
     @property
     def folder(self) -> str:
@@ -82,8 +90,41 @@ def series_affine(
 
 
 def _name(h: DicomHeader) -> str:
-    """The file name of a header's file, for messages."""
-    return os.path.basename(h.path)
+    """The file name of a header's file, for messages, with the 1-based frame number for a frame."""
+    name = os.path.basename(h.path)
+    return name if h.frame is None else f"{name} frame {h.frame + 1}"
+
+
+def _are_frames(headers: Sequence[DicomHeader]) -> bool:
+    """Whether the slices are frames of enhanced multi-frame files (not single-frame files)."""
+    return bool(headers) and headers[0].frame is not None
+
+
+#: the end of messages about the frames of an enhanced file that do not form one volume.
+_SPLIT_FIX = (
+    "export one stack per series, or convert the file with `dcm2niix -z y <folder>` (which writes one volume per "
+    "stack) and scan the .nii.gz files instead"
+)
+
+
+def _expand_frames(headers: Sequence[DicomHeader], paths: list[str]) -> list[DicomHeader]:
+    """The slices of a series: the files themselves, or the frames of its enhanced multi-frame files.
+
+    Raises:
+        DicomSeriesError: the series mixes enhanced multi-frame files and single-frame files.
+    """
+    enhanced = [h for h in headers if h.frames is not None]
+    if not enhanced:
+        return list(headers)
+    if len(enhanced) < len(headers):
+        single = next(h for h in headers if h.frames is None)
+        raise DicomSeriesError(
+            paths,
+            f"the series mixes {len(enhanced)} enhanced multi-frame file(s) (e.g. {_name(enhanced[0])}) and "
+            f"{len(headers) - len(enhanced)} single-frame file(s) (e.g. {_name(single)}); keep one of the two "
+            "forms of the series (move the other files out)",
+        )
+    return [f for h in enhanced for f in (h.frames or [])]
 
 
 def _distinct(values: Sequence[Any], close) -> list[tuple[Any, int]]:
@@ -122,24 +163,25 @@ def _check_files(headers: Sequence[DicomHeader], paths: list[str]) -> None:
 
 def _check_consistency(headers: Sequence[DicomHeader], paths: list[str]) -> None:
     """Raise when the files mix orientations, matrices (Rows/Columns) or pixel spacings."""
+    frames = _are_frames(headers)
+    unit = "frame(s)" if frames else "file(s)"
     orients = _distinct([h.orientation for h in headers], lambda a, b: np.allclose(a, b, atol=ORIENTATION_TOL))
     if len(orients) > 1:
-        desc = "; ".join(f"{n} file(s) with {[round(x, 4) for x in o]}" for o, n in orients[:3])
+        desc = "; ".join(f"{n} {unit} with {[round(x, 4) for x in o]}" for o, n in orients[:3])
         if len(orients) > 3:
             desc += f"; {len(orients) - 3} more orientation(s)"
-        raise DicomSeriesError(
-            paths,
-            f"mixed orientations within the series ({desc}); a localizer or a reformat may share the series "
-            "- move those files out",
-        )
+        fix = (f"the frames form several stacks (a localizer or a reformat among them?): {_SPLIT_FIX}" if frames
+               else "a localizer or a reformat may share the series - move those files out")
+        raise DicomSeriesError(paths, f"mixed orientations within the series ({desc}); {fix}")
     matrices = Counter((h.rows, h.columns) for h in headers)
     if len(matrices) > 1:
-        desc = ", ".join(f"{n} file(s) {r}x{c}" for (r, c), n in matrices.most_common())
+        desc = ", ".join(f"{n} {unit} {r}x{c}" for (r, c), n in matrices.most_common())
         raise DicomSeriesError(paths, f"inconsistent Rows/Columns within the series: {desc}")
     spacings = _distinct([h.pixel_spacing for h in headers], lambda a, b: np.allclose(a, b, rtol=1e-4, atol=1e-6))
     if len(spacings) > 1:
-        desc = ", ".join(f"{n} file(s) {list(s)}" for s, n in spacings)
-        raise DicomSeriesError(paths, f"inconsistent PixelSpacing within the series: {desc}")
+        desc = ", ".join(f"{n} {unit} {list(s)}" for s, n in spacings)
+        fix = f"; {_SPLIT_FIX}" if frames else ""
+        raise DicomSeriesError(paths, f"inconsistent PixelSpacing within the series: {desc}{fix}")
 
 
 def _sort_along_normal(
@@ -164,6 +206,16 @@ def _sort_along_normal(
 def _check_duplicates(headers: Sequence[DicomHeader], steps: np.ndarray, along: np.ndarray, paths: list[str]) -> None:
     """Raise when two consecutive slices lie at the same position along the normal."""
     dup = np.flatnonzero(steps <= DUPLICATE_TOL_MM)
+    if dup.size and _are_frames(headers):
+        a, b = headers[dup[0]], headers[dup[0] + 1]
+        positions = len(headers) - dup.size
+        raise DicomSeriesError(
+            paths,
+            f"more than one frame per position: {len(headers)} frames at {positions} distinct position(s), e.g. "
+            f"{_name(a)} and {_name(b)} both at {along[dup[0]]:.3f} mm along the slice normal; the frames form "
+            "several volumes (echoes, phases, time points or diffusion directions?): export one volume per series, "
+            "or convert the file with `dcm2niix -z y <folder>` and scan the .nii.gz files instead",
+        )
     if dup.size:
         a, b = headers[dup[0]], headers[dup[0] + 1]
         same = " (the same SOPInstanceUID: one image stored twice)" if a.sop_instance_uid and a.sop_instance_uid == b.sop_instance_uid else ""
@@ -186,7 +238,9 @@ def _check_spacing(headers: Sequence[DicomHeader], steps: np.ndarray, paths: lis
             paths,
             f"missing slice(s): a gap of {steps[big]:.3f} mm between {_name(headers[big])} and "
             f"{_name(headers[big + 1])} where the median step is {median:.3f} mm (about {max(missing, 1)} slice(s) "
-            "missing); copy the complete series",
+            "missing); "
+            + ("frames are missing: export the complete series again" if _are_frames(headers)
+               else "copy the complete series"),
         )
     spread = float((steps.max() - steps.min()) / median)
     if spread > spacing_rtol:
@@ -226,7 +280,7 @@ def order_series(
     """Validate a group of headers as one volume and sort it by position along the slice normal.
 
     Args:
-        headers: the files of one series (any order).
+        headers: the files of one series (any order); an enhanced multi-frame file counts as its frames.
         min_slices: fewest slices accepted.
         gap_factor: a step larger than ``gap_factor`` times the median step means a missing slice.
         spacing_rtol: largest accepted (max step - min step) / median step.
@@ -243,6 +297,7 @@ def order_series(
     if not headers:
         raise DicomSeriesError(paths, "no files")
     _check_files(headers, paths)
+    headers = _expand_frames(headers, paths)
     _check_consistency(headers, paths)
     if len(headers) < min_slices:
         raise DicomSeriesError(

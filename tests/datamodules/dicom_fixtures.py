@@ -2,10 +2,14 @@
 
 The writers are `datamodules.synthetic.demo.write_dicom_series` / `write_nifti`; the helpers here choose small
 volumes, put distinctive fake PHI into every header, and damage files in the ways real data is damaged.
+`write_enhanced` converts a written single-frame series into one enhanced multi-frame file with highdicom's
+legacy converter (tests that use it skip when highdicom, the ``[dicom-seg]`` extra, is absent); the
+``*_frames`` helpers rearrange or damage the frames of such a file.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 
 from datamodules.synthetic.demo import write_dicom_series, write_nifti
 
@@ -94,15 +100,114 @@ def write_reoriented_nifti(array: np.ndarray, affine: np.ndarray, path: Path, or
     return write_nifti(np.asarray(img.dataobj), img.affine, path)
 
 
+def write_enhanced(
+    paths: list[Path],
+    out: Path,
+    *,
+    include_dimension_index: bool | None = None,
+    order: list[int] | None = None,
+    seed: int = 0,
+    instance: int = 1,
+) -> Path:
+    """Convert single-frame CT/MR files into one Legacy Converted Enhanced CT/MR file with highdicom.
+
+    Args:
+        paths: the files of one series (CT or MR Image Storage).
+        out: the file to write (its folder is created).
+        include_dimension_index: passed to highdicom (None: sort along the slices and add a dimension index;
+            False: keep the given order, no index).
+        order: the files in this order first (e.g. shuffled), which the frames keep when
+            ``include_dimension_index`` is False.
+        seed: makes the new UIDs deterministic; files written with the same seed share one series.
+        instance: InstanceNumber, and what makes the SOPInstanceUID of a file of that series its own.
+
+    Returns:
+        ``out``.
+    """
+    import highdicom as hd
+
+    datasets = [pydicom.dcmread(p) for p in paths]
+    if order is not None:
+        datasets = [datasets[i] for i in order]
+    converter = {"CT": hd.legacy.LegacyConvertedEnhancedCTImage, "MR": hd.legacy.LegacyConvertedEnhancedMRImage}
+    series_uid = str(generate_uid(entropy_srcs=[f"enhanced-series-{seed}"]))
+    sop_uid = str(generate_uid(entropy_srcs=[f"enhanced-instance-{seed}-{instance}"]))
+    image = converter[str(datasets[0].Modality)](
+        datasets, series_instance_uid=series_uid, series_number=90 + seed, sop_instance_uid=sop_uid,
+        instance_number=instance,
+        include_dimension_index=include_dimension_index,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _set_frames(ds: pydicom.Dataset, stored: np.ndarray, items: list[pydicom.Dataset]) -> None:
+    """Replace the frames of an uncompressed multi-frame data set: pixels (frames, rows, columns) and items."""
+    ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+    ds.NumberOfFrames = len(items)
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+
+
+def _frames(ds: pydicom.Dataset) -> tuple[np.ndarray, list[pydicom.Dataset]]:
+    """The stored pixels (frames, rows, columns) and the per-frame items of a multi-frame data set."""
+    stored = ds.pixel_array
+    return (stored if stored.ndim == 3 else stored[None]), list(ds.PerFrameFunctionalGroupsSequence)
+
+
+def permute_frames(ds: pydicom.Dataset, order: list[int]) -> None:
+    """Store the frames in the order ``order`` (pixels and per-frame functional groups move together)."""
+    stored, items = _frames(ds)
+    _set_frames(ds, stored[order], [items[i] for i in order])
+
+
+def drop_frames(ds: pydicom.Dataset, drop: list[int]) -> None:
+    """Remove frames (0-based indices) from the file."""
+    stored, items = _frames(ds)
+    keep = [i for i in range(len(items)) if i not in drop]
+    _set_frames(ds, stored[keep], [items[i] for i in keep])
+
+
+def repeat_frames(ds: pydicom.Dataset) -> None:
+    """Append a second copy of every frame (a second time point at the same positions), numbered as such."""
+    stored, items = _frames(ds)
+    second = [copy.deepcopy(item) for item in items]
+    for t, group in enumerate((items, second), start=1):
+        for item in group:
+            if "FrameContentSequence" in item:
+                item.FrameContentSequence[0].TemporalPositionIndex = t
+    _set_frames(ds, np.concatenate([stored, stored]), items + second)
+
+
+def frames_own(ds: pydicom.Dataset, sequence: str) -> None:
+    """Move the functional group ``sequence`` from the shared item into every frame's own item."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    group = shared[sequence].value
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        setattr(item, sequence, Sequence([copy.deepcopy(group[0])]))
+    delattr(shared, sequence)
+
+
+def frame_item(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset:
+    """The item of functional group ``sequence`` in frame ``frame`` (0-based)'s own functional groups."""
+    return ds.PerFrameFunctionalGroupsSequence[frame][sequence][0]
+
+
 __all__ = [
     "FAKE_PHI",
     "affine_ras",
+    "drop_frames",
     "edit",
+    "frame_item",
+    "frames_own",
+    "permute_frames",
+    "repeat_frames",
     "header",
     "label_for",
     "phantom",
     "truncate",
     "write_nifti",
+    "write_enhanced",
     "write_reoriented_nifti",
     "write_series",
 ]

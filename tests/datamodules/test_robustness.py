@@ -183,7 +183,10 @@ def test_multi_frame_dicom_and_4d_nifti_are_rejected_at_scan_with_the_conversion
     index = scan_folder(tmp_path)
     assert indexed(index) == ["ok.nii.gz"]
     reason = reason_of(index, "mf/IM_0001.dcm")
-    assert "multi-frame images are not supported yet (NumberOfFrames=2" in reason and "dcm2niix" in reason
+    # a classic CT Image Storage file with two frames; enhanced CT/MR are read (test_enhanced_dicom.py)
+    assert "multi-frame images are not supported yet (NumberOfFrames=2, CT, CT Image Storage)" in reason
+    assert "except enhanced CT/MR (Enhanced or Legacy Converted Enhanced CT/MR Image Storage)" in reason
+    assert "dcm2niix" in reason
     assert "4D image (shape (8, 8, 4, 2))" in reason_of(index, "time.nii.gz") and "fslsplit" in reason_of(index, "time.nii.gz")
     with pytest.raises(DicomSeriesError, match=rf"{mf}: multi-frame .*dcm2niix"):
         DicomSeriesReader().read([str(mf)])
