@@ -3,23 +3,36 @@
 It owns the training, validation and test steps, the optimiser and scheduler (injected as callables from
 the config), the metrics (``train/loss``; segmentation: ``val/dice``, ``val/dice/organ/<name>``,
 ``val/dice/site/<name>``, ``test/dice``; classification: ``val/acc``, ``val/acc/site/<name>``, ``test/acc``;
-both: ``val/score``, which the checkpoint callbacks monitor), TensorBoard image panels, and the test report
-with its baselines. What differs between the kinds of task comes from the learner's `Task`; queries are
-scored by `imaging_meta.evaluation.scoring.score_batch`, as in ``imaging-meta evaluate``. Only pseudonymous
+both: ``val/score``, which the checkpoint callbacks monitor), and the test report with its baselines.
+
+For TensorBoard it logs the run's settings as hyperparameters (`run_hparams`: the learner's class and arguments,
+the optimiser's, the scheduler's, the key data and trainer settings) with two hparam metrics, ``hp/val_metric``
+(the last validation epoch's ``val/score``) and ``hp/test_metric`` (the trained learner's ``test/<metric>``), so
+that the HPARAMS tab compares runs; and an image panel of a fixed episode each validation epoch and at test
+(`imaging_meta.evaluation.panels`); docs/tensorboard.md shows them.
+
+What differs between the kinds of task comes from the learner's `Task`; queries are scored by
+`imaging_meta.evaluation.scoring.score_batch`, as in ``imaging-meta evaluate``. Only pseudonymous
 case ids and site keys reach logs, checkpoints and reports.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import logging
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 
 import imaging_meta
 from datamodules.base import EpisodicDataModule
@@ -33,15 +46,26 @@ from imaging_meta.evaluation.methods import (
     restore_untrained,
     untrained_state,
 )
+from imaging_meta.evaluation.panels import episode_panel
 from imaging_meta.evaluation.reports import to_markdown, write_report
 from imaging_meta.evaluation.scoring import learner_choices, score_batch
 from imaging_meta.evaluation.statistics import EPISODE_T, differences, interval_description, summarize
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import COPY_MASK, Task, get_task, task_of_episode
 
-__all__ = ["COPY_MASK", "TRAINED", "UNTRAINED", "EpisodicModule", "rng_states", "set_rng_states"]
+__all__ = ["COPY_MASK", "HP_METRICS", "TRAINED", "UNTRAINED", "EpisodicModule", "rng_states", "set_rng_states"]
 
 logger = logging.getLogger(__name__)
+
+#: the hparam metrics of TensorBoard's HPARAMS tab and their value until they are first measured (Lightning's
+#: ``hp_metric`` placeholder, outside the range of a Dice or an accuracy)
+HP_METRICS = {"hp/val_metric": -1.0, "hp/test_metric": -1.0}
+#: datamodule ``init_args`` that go into the hparams when the datamodule has them
+DATA_HPARAMS = ("protocol", "n_query", "batch_size", "episodes_per_epoch", "test_organs", "val_organs", "test_sites",
+                "test_fold", "spacing", "augment", "selfsup_ratio", "split_seed", "seed")
+#: factory arguments that say how an optimiser or scheduler runs, not what it does
+_IMPLEMENTATION_ARGS = {"params", "optimizer", "foreach", "capturable", "differentiable", "fused", "maximize", "last_epoch",
+                        "verbose"}
 
 
 def _gather(records: list[dict]) -> list[dict]:
@@ -56,7 +80,7 @@ def _gather(records: list[dict]) -> list[dict]:
 def rng_states() -> dict:
     """This process's torch, CUDA, NumPy and Python random states, in types ``torch.load(weights_only=True)`` reads."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, gauss],
              "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -74,6 +98,77 @@ def set_rng_states(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _hparam_value(v):
+    """A value TensorBoard's HPARAMS tab shows: numbers and strings as they are, bools as ``"true"``/``"false"``
+    (TensorBoard's writer would make them 0 and 1), None as ``"none"``, anything else (lists, tuples, tensors of
+    several numbers) as compact JSON or text."""
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return v.item() if isinstance(v, (np.integer, np.floating)) else v
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    if v is None:
+        return "none"
+    try:
+        return json.dumps(v, default=str)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def flat_hparams(prefix: str, config) -> dict:
+    """``{"<prefix>/<key>/<key>...": value}`` of a nested config; a ``{"class_path", "init_args"}`` becomes
+    ``<prefix>/class`` (the class's name) and its flattened arguments."""
+    if isinstance(config, dict) and "class_path" in config:
+        return {f"{prefix}/class": str(config["class_path"]).rpartition(".")[2],
+                **flat_hparams(prefix, config.get("init_args") or {})}
+    if isinstance(config, dict):
+        return {k: v for key, value in config.items() for k, v in flat_hparams(f"{prefix}/{key}", value).items()}
+    return {prefix: _hparam_value(config)}
+
+
+def factory_config(factory: Callable | None) -> dict:
+    """``{"class_path", "init_args"}`` of an optimiser or scheduler factory, without calling it: a class (its
+    defaults), a `functools.partial` of one (LightningCLI's callables are, with every argument bound) or any
+    other callable (its name, no arguments). Arguments such as ``foreach`` and ``fused`` are left out."""
+    if factory is None:
+        return {"class_path": "none", "init_args": {}}
+    kwargs: dict = {}
+    while isinstance(factory, functools.partial):
+        kwargs = {**factory.keywords, **kwargs}  # an outer partial's arguments win
+        cls = next((a for a in reversed(factory.args) if isinstance(a, type)), None)  # jsonargparse's instantiator
+        factory = cls if cls is not None else factory.func
+    if isinstance(factory, type):
+        try:
+            params: list[inspect.Parameter] = list(inspect.signature(factory).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        kwargs = {**defaults, **kwargs}
+        name = f"{factory.__module__}.{factory.__qualname__}"
+    else:
+        name = getattr(factory, "__qualname__", type(factory).__name__)
+    return {"class_path": name, "init_args": {k: v for k, v in kwargs.items() if k not in _IMPLEMENTATION_ARGS}}
+
+
+def data_hparams(dm: EpisodicDataModule) -> dict:
+    """The key settings of a datamodule for the hparams: its class, task, n_way (when the task has one), n_shot,
+    image size (the preprocessing's slice or image size) and the `DATA_HPARAMS` it was built with."""
+    config = dm.config()
+    init = config.get("init_args") or {}
+    params = {"data/class": str(config["class_path"]).rpartition(".")[2], "data/task": dm.task, "data/n_shot": dm.n_shot}
+    if dm.n_way is not None:
+        params["data/n_way"] = dm.n_way
+    pre = dm.preprocessing or {}
+    size = next((pre[k] for k in ("slice_size", "image_size", "patch_size") if pre.get(k) is not None), None)
+    if size is not None:
+        params["data/image_size"] = "x".join(str(int(s)) for s in size) if isinstance(size, (list, tuple)) else str(size)
+    params |= {f"data/{k}": init[k] for k in DATA_HPARAMS if k in init}
+    return {k: _hparam_value(v) for k, v in params.items()}
+
+
 class EpisodicModule(LightningModule):
     """Meta-trains and evaluates a `Learner` on batches of episodes.
 
@@ -85,7 +180,8 @@ class EpisodicModule(LightningModule):
             checkpoint) and the task's label-only baselines (segmentation: "copy the support mask"), on the
             same episodes.
         threshold: foreground probability threshold for segmentation masks.
-        n_log_images: query/truth/prediction panels logged to TensorBoard per validation epoch.
+        n_log_images: the TensorBoard image panel of each validation epoch and of the test (0: none) shows this
+            many episodes (segmentation: a row each) or queries per class (classification: one episode).
     """
 
     def __init__(
@@ -112,6 +208,7 @@ class EpisodicModule(LightningModule):
         self.test_summary: dict | None = None
         self.test_differences: dict | None = None  # trained − each baseline, paired on the same queries
         self.report_paths: tuple[Path, Path] | None = None
+        self._hparams_logged: set[int] = set()  # ids of the loggers that have this run's hparams
 
     @property
     def task(self) -> Task:
@@ -120,8 +217,47 @@ class EpisodicModule(LightningModule):
 
     def _datamodule(self) -> EpisodicDataModule | None:
         """The trainer's datamodule when it is an `EpisodicDataModule` (a fit on bare dataloaders has none)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return dm if isinstance(dm, EpisodicDataModule) else None
+
+    # ---------------------------------------------------------------- hparams
+    def run_hparams(self) -> dict:
+        """This run's settings, flat and scalar-valued, for TensorBoard's HPARAMS tab: ``task``; ``learner/class``
+        and every argument of the learner (``learner/inner_lr``, ``learner/backbone``, ``learner/backbone_kwargs/
+        width``...); ``optimizer/class`` and its arguments (``optimizer/lr``...); ``lr_scheduler/class`` (``none``
+        without one) and its arguments; ``module/threshold``, ``module/baselines``; the datamodule's key settings
+        (`data_hparams`); the trainer's ``trainer/max_epochs``, ``trainer/precision``, ... and the global seed."""
+        params = {"task": self.task.name, **flat_hparams("learner", self.learner.config),
+                  **flat_hparams("optimizer", factory_config(self.optimizer_factory)),
+                  **flat_hparams("lr_scheduler", factory_config(self.scheduler_factory)),
+                  "module/threshold": self.hparams["threshold"], "module/baselines": self.hparams["baselines"]}
+        dm = self._datamodule()
+        if dm is not None:
+            params |= data_hparams(dm)
+        if self._trainer is not None:
+            t = self.trainer
+            params |= {"trainer/max_epochs": t.max_epochs, "trainer/precision": t.precision, "trainer/world_size": t.world_size,
+                       "trainer/accumulate_grad_batches": t.accumulate_grad_batches,
+                       "trainer/gradient_clip_val": t.gradient_clip_val}
+        if os.environ.get("PL_GLOBAL_SEED") is not None:  # set by seed_everything (the configs' seed_everything)
+            params["seed"] = int(os.environ["PL_GLOBAL_SEED"])
+        return {k: _hparam_value(v) for k, v in params.items()}
+
+    def setup(self, stage: str) -> None:
+        """Log `run_hparams` with the `HP_METRICS` once per logger, before Lightning logs its own hparams:
+        TensorBoard shows the first hparams of a run, so ours are the ones the HPARAMS tab lists."""
+        if stage == "predict" or self._trainer is None or self.global_rank != 0:
+            return
+        params = None
+        for lg in self.trainer.loggers:
+            if id(lg) in self._hparams_logged or "learner/class" in (getattr(lg, "hparams", None) or {}):
+                continue  # fit then test in one run: the hparams are already there, and their metrics measured
+            params = params if params is not None else self.run_hparams()
+            if isinstance(lg, TensorBoardLogger):
+                lg.log_hyperparams(params, metrics=dict(HP_METRICS))
+            else:
+                lg.log_hyperparams(params)
+            self._hparams_logged.add(id(lg))
 
     # --------------------------------------------------------------- training
     def training_step(self, batch: Episode, batch_idx: int) -> torch.Tensor:
@@ -172,7 +308,7 @@ class EpisodicModule(LightningModule):
         first = self._seen[stage] * world + self.global_rank
         self._seen[stage] += batch.n_tasks
         return score_batch(self.task, batch, probs, first_episode=first, episode_stride=world,
-                           threshold=self.hparams.threshold, baselines=baselines, choices_by_method=choices)
+                           threshold=self.hparams["threshold"], baselines=baselines, choices_by_method=choices)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._check_batch(batch)
@@ -184,8 +320,9 @@ class EpisodicModule(LightningModule):
         self.log(f"val/{metric}", score, prog_bar=True, batch_size=len(recs), sync_dist=True)
         # val/score: what the checkpoint callback of every trainer config monitors, whatever the task
         self.log("val/score", score, batch_size=len(recs), sync_dist=True)
-        if batch_idx == 0 and self.task.dense:
-            self._log_panels(batch, probs)
+        self.log("hp/val_metric", score, batch_size=len(recs), sync_dist=True)  # the HPARAMS tab's column
+        if batch_idx == 0:  # the fixed validation episodes come in the same order every epoch
+            self._log_panel("val", batch, probs)
 
     def on_validation_epoch_start(self) -> None:
         self._records["val"], self._seen["val"] = [], 0
@@ -209,14 +346,18 @@ class EpisodicModule(LightningModule):
         self._check_batch(batch)
         probs = {TRAINED: self.learner.predict(batch)}
         choices = {TRAINED: learner_choices(self.learner)}
-        if self.hparams.baselines and self._untrained:
+        if self.hparams["baselines"] and self._untrained:
             probs[UNTRAINED] = self._untrained[0].eval().predict(batch)
             choices[UNTRAINED] = learner_choices(self._untrained[0])
-        recs = self._score("test", batch, probs, baselines=self.hparams.baselines, choices=choices)
+        recs = self._score("test", batch, probs, baselines=self.hparams["baselines"], choices=choices)
         metric = self.task.metric
         trained = [r[metric] for r in recs if r["method"] == TRAINED]
         self.log(f"test/{metric}", sum(trained) / len(trained), batch_size=len(trained), sync_dist=True)
+        # the same value, reduced the same way: the HPARAMS tab's test column equals test/<metric>
+        self.log("hp/test_metric", sum(trained) / len(trained), batch_size=len(trained), sync_dist=True)
         self._records["test"].extend(recs)
+        if batch_idx == 0:
+            self._log_panel("test", batch, probs[TRAINED])
 
     def on_test_epoch_end(self) -> None:
         records = _gather(self._records["test"])
@@ -238,7 +379,7 @@ class EpisodicModule(LightningModule):
         """``results.json`` and ``results.md`` of the test episodes, with the data and checkpoint they came from,
         and the trained learner minus each baseline, paired on the same queries."""
         task = self.task
-        context = {"title": "held-out test episodes", "imaging_meta_version": imaging_meta.__version__,
+        context: dict[str, Any] = {"title": "held-out test episodes", "imaging_meta_version": imaging_meta.__version__,
                    "learner": self.learner.config, "metric": task.metric, "interval": interval_description(EPISODE_T)}
         dm = self._datamodule()
         if dm is not None:
@@ -253,24 +394,22 @@ class EpisodicModule(LightningModule):
         return paths
 
     # ---------------------------------------------------------------- logging
-    def _log_panels(self, batch: Episode, probs: torch.Tensor) -> None:
-        """Query | truth | prediction | probability panels of masks (one row per task) for TensorBoard."""
-        exp = getattr(self.logger, "experiment", None)
-        if self.global_rank != 0 or not hasattr(exp, "add_image") or self.hparams.n_log_images <= 0:
+    def _log_panel(self, stage: str, batch: Episode, probs: torch.Tensor) -> None:
+        """``<stage>/panel``: the image panel of the batch (`imaging_meta.evaluation.panels.episode_panel`), in
+        every logger that takes images (TensorBoard's ``add_image``), from rank 0, never in the sanity check."""
+        if self.global_rank != 0 or self.hparams["n_log_images"] <= 0 or self._trainer is None or self.trainer.sanity_checking:
             return
-        rows = []
-        for i in range(min(self.hparams.n_log_images, batch.n_tasks)):
-            img = batch.query_images[i, 0, 0].float()
-            img = (img - img.min()) / (img.max() - img.min() + 1e-6)
-            truth = batch.query_labels[i, 0].float()
-            pred = self.task.decide(probs[i, 0], self.hparams.threshold).float()
-            rows.append(torch.cat([img, truth, pred, probs[i, 0].float()], dim=1))
-        panel = torch.cat(rows, dim=0).clamp(0, 1).unsqueeze(0).cpu()
-        exp.add_image("val/query_truth_prediction_probability", panel, self.global_step)
+        experiments = (getattr(lg, "experiment", None) for lg in self.trainer.loggers)
+        writers: list[Any] = [e for e in experiments if hasattr(e, "add_image")]
+        if not writers:
+            return
+        image = episode_panel(self.task, batch, probs, self.hparams["threshold"], self.hparams["n_log_images"])
+        for w in writers:
+            w.add_image(f"{stage}/panel", image, self.global_step, dataformats="HWC")
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        extra = {"learner_config": self.learner.config, "task": self.task.name, "version": imaging_meta.__version__}
+        extra: dict[str, Any] = {"learner_config": self.learner.config, "task": self.task.name, "version": imaging_meta.__version__}
         if self._untrained:
             extra["untrained_state_dict"] = untrained_state(self._untrained[0])
         dm = self._datamodule()

@@ -12,12 +12,18 @@ for segmentation copying the support mask) is scored on the very same episodes, 
 ``imaging-meta test`` (`imaging_meta.evaluation.scoring.score_batch`). Nothing random remains, so the same command on the same
 checkpoint gives the same numbers to the last digit on a CPU. The report records the checkpoint's and the
 episode files' SHA-256, the seed, the package versions and the git commit.
+
+Given a ``log_dir`` (a TensorBoard folder, such as the training run's ``runs/<name>/version_N``), the report's
+figures are also written there as TensorBoard images (``evaluate/<figure file name>``) and its Markdown as text
+(``evaluate/results``, and ``evaluate/scans`` for the whole-scan protocols), at the checkpoint's training step.
+The run folder itself holds no event file: the same command gives the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import os
 import platform
@@ -26,6 +32,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +42,7 @@ from datamodules.base import EpisodicDataModule
 from datamodules.progress import progress
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, read_checkpoint, resolve_device
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
+from imaging_meta.evaluation.panels import png_array
 from imaging_meta.evaluation.plots import PanelKeeper
 from imaging_meta.evaluation.reports import write_evaluation_report
 from imaging_meta.evaluation.scoring import learner_choices, score_batch
@@ -180,7 +188,7 @@ def _with_defaults(config: dict) -> dict:
     return {"class_path": config["class_path"], "init_args": args}
 
 
-def _import_class(class_path: str) -> type:
+def _import_class(class_path: str) -> Any:
     module, _, name = str(class_path).rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
@@ -340,6 +348,25 @@ def _context(path: Path, out: Path, extra: dict, task: Task, describe: dict, epi
     }
 
 
+def write_tensorboard(log_dir: str | os.PathLike, out: Path, results_json: Path, texts: dict[str, Path], step: int = 0) -> Path:
+    """The figures of an evaluation report (``results.json``'s ``figures``, PNGs in ``out``) as TensorBoard
+    images ``evaluate/<file name without .png>``, and ``texts`` (tag suffix -> Markdown file) as
+    ``evaluate/<suffix>`` text, at ``step``, in an event file under ``log_dir``. Returns ``log_dir``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    figures = json.loads(results_json.read_text()).get("figures") or {}
+    log_dir = Path(log_dir)
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for file in figures.values():
+            writer.add_image(f"evaluate/{Path(file).stem}", png_array(out / file), step, dataformats="HWC")
+        for name, path in texts.items():
+            writer.add_text(f"evaluate/{name}", path.read_text(), step)
+    finally:
+        writer.close()
+    return log_dir
+
+
 def evaluate(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -361,6 +388,7 @@ def evaluate(
     scan_pairs: int = 4,
     adapt_steps: int = 0,
     scan_pairing: str = "same_site",
+    log_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
     """Evaluate a checkpoint on fixed test episodes for each number of shots; write the report.
 
@@ -392,6 +420,8 @@ def evaluate(
         scan_pairs: (support, query) scan pairs per test structure for the whole-scan protocols.
         adapt_steps: also score the whole-scan protocols after test-time adaptation on each pair's scans.
         scan_pairing: ``same_site``, ``cross_site`` or ``any`` (`imaging_meta.commands.evaluate_scans.scan_pairs`).
+        log_dir: also write the figures as TensorBoard images and the Markdown reports as text into this
+            folder (`write_tensorboard`), at the checkpoint's global step; None: no TensorBoard events.
 
     Returns:
         The paths of ``results.json`` and ``results.md``.
@@ -425,7 +455,7 @@ def evaluate(
     spacing = None
     for i, (k, dm) in enumerate(dms.items()):
         if task.dense:  # masks: HD95 in mm at the pixel size they were resampled to
-            spacing = [float(s) for s in dm.preprocessing["spacing"]]
+            spacing = [float(s) for s in (dm.preprocessing or {})["spacing"]]
         episode_files[str(k)], describe[str(k)] = _episode_file(dm, out, k)
         records += run_shot(learner, untrained, dm, task, k, dev, threshold, spacing, panels if i == 0 else None, seed,
                             baselines, references)
@@ -434,10 +464,15 @@ def evaluate(
                        threshold=threshold, spacing=spacing, device=dev.type)
     context["interval"] = interval_description(interval, N_BOOT, seed)
     summary = evaluation_summary(task, records, seed=seed, interval=interval, n_boot=N_BOOT)
+    texts: dict[str, Path] = {}
     if scan_protocols:
         from imaging_meta.commands.evaluate_scans import evaluate_scans
 
-        js, _ = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols, scan_pairs, seed, device=dev,
-                                adapt_steps=adapt_steps, pairing=scan_pairing)
+        js, texts["scans"] = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols, scan_pairs, seed,
+                                            device=dev, adapt_steps=adapt_steps, pairing=scan_pairing)
         logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), js)
-    return write_evaluation_report(out, context, summary, records, panels)
+    js, md = write_evaluation_report(out, context, summary, records, panels)
+    if log_dir is not None:
+        where = write_tensorboard(log_dir, out, js, {"results": md, **texts}, step=int(ckpt.get("global_step") or 0))
+        logger.info("figures written to TensorBoard in %s", where)
+    return js, md

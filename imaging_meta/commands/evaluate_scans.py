@@ -49,13 +49,10 @@ def scan_pairs(scans: Sequence[dict], pairs: int, seed: int = 0, pairing: str = 
             and (pairing == "any" or (a["site"] == b["site"]) == (pairing == "same_site"))
         ]
         random.Random(f"{seed}:{organ}").shuffle(cands)
-        for a, b in cands[:pairs]:
-            out.append(
-                tuple(
-                    Scan(s["image"], s["label"], int(s["organs"][organ]), s["modality"], organ, s["site"], s["patient"])
-                    for s in (a, b)
-                )
-            )
+        def scan(s: dict, organ: str = organ) -> Scan:
+            return Scan(s["image"], s["label"], int(s["organs"][organ]), s["modality"], organ, s["site"], s["patient"])
+
+        out += [(scan(a), scan(b)) for a, b in cands[:pairs]]
     return out
 
 

@@ -92,10 +92,10 @@ def _errors(stats: Sequence[dict | None]) -> list:
     """Error bars of stats: (2, n) below and above the mean for bootstrap intervals (asymmetric), else the
     t-interval's half-widths; 0 where a stat has no interval."""
     if any(s and "ci_low" in s for s in stats):
-        ok = [s is not None and s.get("ci_low") is not None for s in stats]
+        ok = [s if s is not None and s.get("ci_low") is not None else None for s in stats]
         # a percentile interval may, rarely, leave the point estimate outside it: no negative bar
-        return [[max(0.0, s["mean"] - s["ci_low"]) if o else 0 for s, o in zip(stats, ok, strict=True)],
-                [max(0.0, s["ci_high"] - s["mean"]) if o else 0 for s, o in zip(stats, ok, strict=True)]]
+        return [[max(0.0, s["mean"] - s["ci_low"]) if s is not None else 0 for s in ok],
+                [max(0.0, s["ci_high"] - s["mean"]) if s is not None else 0 for s in ok]]
     return [s["ci95"] if s else 0 for s in stats]
 
 
@@ -226,7 +226,8 @@ def evaluation_figures(out: Path, context: dict, summary: dict, task: Task, pane
     figures: dict[str, str] = {}
     first = str(context["shots"][0])
     headline = next(iter(metrics))
-    given = context.get("interval") if isinstance(context.get("interval"), dict) else {}
+    interval = context.get("interval")
+    given: dict = interval if isinstance(interval, dict) else {}
     label = INTERVAL_LABELS.get(given.get("name", EPISODE_T), "95% CI")
     ece_label = INTERVAL_LABELS[EPISODE_BOOTSTRAP] if given.get("name", EPISODE_T) == EPISODE_T else label  # pooled
     for g in groups:

@@ -1,0 +1,204 @@
+"""What TensorBoard shows, read back from the event files: the hparams of a run with their metric columns
+(HPARAMS tab), the image panels of classification and segmentation episodes (IMAGES tab) and the figures of
+``imaging-meta evaluate`` given a log folder."""
+
+import io
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from imaging_meta.commands.cli import cli_main
+from imaging_meta.commands.evaluate import evaluate
+from imaging_meta.evaluation import panels
+from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
+from imaging_meta.module import HP_METRICS, EpisodicModule, factory_config, flat_hparams
+from tests.helpers import cls_args
+from tests.imaging_meta.fewshot import segmentation_episode
+
+IMAGES = {"images": 0}  # keep every image event
+
+
+def _events(run_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance=IMAGES)
+    acc.Reload()
+    return acc
+
+
+def _hparams(acc: EventAccumulator) -> tuple[dict, set]:
+    """The run's hparams (name -> value) and the tags of its hparam metrics, as the HPARAMS tab reads them."""
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    return values, {m.name.tag for m in experiment.metric_infos}
+
+
+def _last(acc: EventAccumulator, tag: str) -> float:
+    return acc.Scalars(tag)[-1].value
+
+
+def _pixels(event) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB")).astype(int)
+
+
+def _has_colour(img: np.ndarray, hex_colour: str, tol: int = 40) -> bool:
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return bool((np.abs(img - rgb).max(-1) <= tol).any())
+
+
+@pytest.fixture(scope="module")
+def cls_runs(tmp_path_factory):
+    """Two one-epoch classification runs (fit, then test of the best checkpoint) through the real configs:
+    second-order MAML and a prototypical network, on tiny MedMNIST-format files. ~5 s together."""
+    tmp = tmp_path_factory.mktemp("tb_cls")
+    runs = {}
+    for model in ("maml_cls", "protonet_cls"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cli = cli_main(["fit", *cls_args(tmp, model), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                            "--trainer.limit_val_batches", "1", "--test_after_fit", "true",
+                            "--trainer.logger.init_args.name", model])
+        runs[model] = Path(cli.trainer.log_dir)
+    return runs, tmp
+
+
+def test_hparams_name_the_learner_optimiser_and_data_and_differ_between_learners(cls_runs):
+    runs, _ = cls_runs
+    maml, metrics = _hparams(_events(runs["maml_cls"]))
+    proto, proto_metrics = _hparams(_events(runs["protonet_cls"]))
+    assert metrics == proto_metrics == set(HP_METRICS)  # the HPARAMS tab's metric columns
+    # configs/model/maml_cls.yaml: inner_lr 0.1, 3 inner steps, second order; Adam at 0.001
+    assert maml["learner/class"] == "MAML" and maml["learner/inner_lr"] == pytest.approx(0.1)
+    assert maml["learner/inner_steps"] == 3 and maml["learner/first_order"] == "false"
+    assert maml["learner/backbone"] == "conv4" and maml["learner/backbone_kwargs/width"] == 8  # shrunk by cls_args
+    assert maml["optimizer/class"] == "Adam" and maml["optimizer/lr"] == pytest.approx(1e-3)
+    assert maml["optimizer/betas"] == "[0.9, 0.999]" and "optimizer/foreach" not in maml
+    assert maml["lr_scheduler/class"] == "none"
+    for run in (maml, proto):  # the data settings, from the datamodule
+        assert run["task"] == "classification" and run["data/class"] == "ClassificationDataModule"
+        assert (run["data/n_way"], run["data/n_shot"], run["data/n_query"]) == (5, 1, 2)
+        assert run["data/protocol"] == "standard" and run["data/image_size"] == "32x32"
+        assert run["trainer/max_epochs"] == 1 and run["trainer/precision"] == "32-true" and run["seed"] == 42
+    assert proto["learner/class"] == "PrototypicalNetwork" and "learner/inner_lr" not in proto
+    assert proto["learner/distance"] == "euclidean"
+    differ = {k for k in set(maml) | set(proto) if maml.get(k) != proto.get(k)}
+    assert {"learner/class", "learner/inner_lr"} <= differ and not any(k.startswith(("data/", "optimizer/")) for k in differ)
+
+
+def test_the_hparam_metrics_are_the_logged_validation_and_test_metrics(cls_runs):
+    runs, _ = cls_runs
+    for run in runs.values():
+        acc = _events(run)
+        assert acc.Scalars("hp/test_metric")[0].value == HP_METRICS["hp/test_metric"]  # until measured
+        assert _last(acc, "hp/test_metric") == pytest.approx(_last(acc, "test/acc"), abs=1e-6)
+        assert _last(acc, "hp/val_metric") == pytest.approx(_last(acc, "val/score"), abs=1e-6)
+        assert 0.0 <= _last(acc, "hp/test_metric") <= 1.0
+        assert "hp_metric" not in acc.Tags()["scalars"]  # the configs turn Lightning's placeholder off
+
+
+def test_classification_panel_shows_the_episode_with_right_and_wrong_answers(cls_runs):
+    runs, _ = cls_runs
+    acc = _events(runs["protonet_cls"])
+    # one episode: 5 classes (columns), 1 support row, 2 query rows (n_query=2 per class)
+    width = round(panels.CLASS_CELL[0] * 5 * panels.DPI)
+    height = round((panels.CLASS_CELL[1] * 3 + 0.45) * panels.DPI)
+    for tag in ("val/panel", "test/panel"):
+        events = acc.Images(tag)
+        assert len(events) == 1 and (events[0].width, events[0].height) == (width, height)
+        img = _pixels(events[0])
+        assert img.shape == (height, width, 3)
+        # 10 queries framed in green (right) or red (wrong); the test accuracy says how many of each to expect
+        assert _has_colour(img, panels.RIGHT) or _has_colour(img, panels.WRONG)
+
+
+class _Episodes(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return segmentation_episode(n_shot=1, n_query=1, tasks=2, size=32, seed=i)
+
+
+def test_segmentation_panel_rows_of_support_truth_prediction(tmp_path):
+    torch.manual_seed(0)
+    learner = PrototypicalSegmenter(backbone="unet", backbone_kwargs={"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]})
+    module = EpisodicModule(learner, optimizer=partial(torch.optim.AdamW, lr=2e-3),
+                            lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=3), n_log_images=2)
+    tb = TensorBoardLogger(str(tmp_path), name="seg", default_hp_metric=True)  # Lightning's own hparams come second
+    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=tb, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, inference_mode=False, default_root_dir=tmp_path)
+    loader = partial(torch.utils.data.DataLoader, _Episodes(), batch_size=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train_dataloaders=loader(), val_dataloaders=loader())
+        trainer.test(module, dataloaders=loader(), verbose=False)
+    acc = _events(tb.log_dir)
+    params, metrics = _hparams(acc)
+    assert params["learner/class"] == "PrototypicalSegmenter" and params["task"] == "segmentation"
+    assert params["lr_scheduler/class"] == "StepLR" and params["lr_scheduler/step_size"] == 3
+    assert params["optimizer/class"] == "AdamW" and params["optimizer/lr"] == pytest.approx(2e-3)
+    assert not any(k.startswith("data/") for k in params)  # bare dataloaders: no datamodule to describe
+    assert metrics == set(HP_METRICS)
+    assert _last(acc, "hp/test_metric") == pytest.approx(_last(acc, "test/dice"), abs=1e-6)
+    # a row per episode (n_log_images=2): support + mask, query + truth, prediction, probability
+    width, height = round(4 * panels.MASK_CELL[0] * panels.DPI), round(2 * panels.MASK_CELL[1] * panels.DPI)
+    val = acc.Images("val/panel")
+    assert len(val) == 2, "one panel per validation epoch"
+    assert {(e.width, e.height) for e in val + acc.Images("test/panel")} == {(width, height)}
+    assert val[0].step < val[1].step
+    img = _pixels(val[-1])
+    assert _has_colour(img, panels.TRUTH) and _has_colour(img, panels.PREDICTION)  # the masks as coloured overlays
+
+
+def test_panel_titles_name_missing_metadata():
+    assert panels.row_title("liver", "GE | Signa | 3", 0.8123) == "liver · site: GE | Signa | 3 · Dice 0.812"
+    assert panels.row_title(None, "", None) == "structure not recorded · site: not recorded · Dice –"
+    ep = segmentation_episode(n_shot=1, n_query=1, tasks=1, size=16)
+    ep.classes, ep.site = [[]], [""]
+    from imaging_meta.tasks import get_task
+
+    img = panels.episode_panel(get_task("segmentation"), ep, ep.query_labels.float(), n=3)
+    assert img.shape == (round(panels.MASK_CELL[1] * panels.DPI), round(4 * panels.MASK_CELL[0] * panels.DPI), 3)
+
+
+def test_factories_and_nested_learner_configs_flatten_to_scalars():
+    adam = factory_config(partial(torch.optim.Adam, lr=0.01))
+    assert adam["class_path"] == "torch.optim.adam.Adam" and adam["init_args"]["lr"] == 0.01
+    assert adam["init_args"]["betas"] == (0.9, 0.999) and "foreach" not in adam["init_args"]
+    assert factory_config(torch.optim.SGD)["init_args"]["lr"] == 1e-3  # a bare class: its defaults
+    assert factory_config(lambda p: torch.optim.SGD(p, lr=1))["init_args"] == {}
+    assert factory_config(None)["class_path"] == "none"
+    flat = flat_hparams("learner", {"class_path": "a.b.Wrapper", "init_args": {
+        "embedding": {"class_path": "a.b.Inner", "init_args": {"width": 4, "sizes": [1, 2]}}, "lr": None, "on": True}})
+    assert flat == {"learner/class": "Wrapper", "learner/embedding/class": "Inner", "learner/embedding/width": 4,
+                    "learner/embedding/sizes": "[1, 2]", "learner/lr": "none", "learner/on": "true"}
+
+
+def test_evaluate_writes_its_figures_as_images_given_a_log_dir(cls_runs, tmp_path):
+    runs, tmp = cls_runs
+    ckpt = next((runs["protonet_cls"] / "checkpoints").glob("best-*.ckpt"))
+    kw = dict(shots=[1], episodes=4, cache_dir=str(tmp / "cache"), n_panel=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate(ckpt, tmp_path / "run", log_dir=tmp_path / "tb", **kw)
+    # the run folder holds no event file (test_evaluate.py: the same command gives the same bytes)
+    assert not [p for p in (tmp_path / "run").rglob("*") if "tfevents" in p.name]
+    acc = _events(tmp_path / "tb")
+    figures = {p.stem: p for p in (tmp_path / "run").glob("*.png")}
+    assert {"best_worst", "reliability"} <= set(figures)
+    assert set(acc.Tags()["images"]) == {f"evaluate/{name}" for name in figures}
+    step = torch.load(ckpt, weights_only=True)["global_step"]
+    for name, path in figures.items():
+        (event,) = acc.Images(f"evaluate/{name}")
+        with Image.open(path) as im:
+            assert (event.width, event.height) == im.size and event.step == step
+    assert "evaluate/results/text_summary" in acc.Tags()["tensors"]  # results.md in the TEXT tab
