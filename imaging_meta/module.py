@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,8 @@ class EpisodicModule(LightningModule):
             return
         params = None
         for lg in self.trainer.loggers:
-            if id(lg) in self._hparams_logged or "learner/class" in (getattr(lg, "hparams", None) or {}):
+            logged = getattr(lg, "hparams", None)  # a dict on TensorBoardLogger; fast_dev_run's DummyLogger has none
+            if id(lg) in self._hparams_logged or (isinstance(logged, Mapping) and "learner/class" in logged):
                 continue  # fit then test in one run: the hparams are already there, and their metrics measured
             params = params if params is not None else self.run_hparams()
             if isinstance(lg, TensorBoardLogger):
