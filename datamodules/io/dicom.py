@@ -194,13 +194,14 @@ class DicomSeriesReader(ImageReader):
             raise DicomSeriesError([folder], "no DICOM image series in this folder")
         if len(groups) > 1:
             desc = "; ".join(
-                f"series #{v[0].series_number if v[0].series_number is not None else '?'} ({v[0].modality or '?'}, {len(v)} files)"
+                f"series #{v[0].series_number if v[0].series_number is not None else '?'} ({v[0].modality or '?'}, "
+                f"{len(v)} files, first {os.path.basename(sorted(h.path for h in v)[0])})"
                 for v in groups.values()
             )
             raise DicomSeriesError(
                 [folder],
-                f"the folder holds {len(groups)} image series ({desc}); pass the file list of one series "
-                "(as stored in the scan index) instead of the folder",
+                f"the folder holds {len(groups)} image series ({desc}); move each series into its own folder "
+                "(`imaging-meta scan` lists the files of each), or, from Python, pass the file list of one series",
             )
         return next(iter(groups.values()))
 
@@ -239,6 +240,7 @@ class DicomSeriesReader(ImageReader):
             if len(img) != 1:
                 raise ValueError("DicomSeriesReader reads one series at a time; got several")
             img = img[0]
+        assert isinstance(img, _LoadedSeries)
         series = img.series
         array = load_series_array(series, img.datasets)
         affine = series.affine.copy()

@@ -25,6 +25,10 @@ def _pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
         if meta is None:
             ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = UID(h.transfer_syntax)
+    if "PhotometricInterpretation" not in ds and h.samples_per_pixel == 1:
+        # a required element some exporters drop; the header check reads its absence as MONOCHROME2, and so
+        # must the decoder (pydicom refuses to decode without it)
+        ds.PhotometricInterpretation = "MONOCHROME2"
     try:
         return ds.pixel_array
     except Exception as e:

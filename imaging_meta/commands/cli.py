@@ -10,21 +10,38 @@
 * ``evaluate``: a checkpoint on fixed, seeded test episodes per number of shots: metrics with 95% CIs per
   organ/class, site and shot, plots, and the provenance to reproduce them (``results.json``, ``results.md``).
 * ``compare``: several ``evaluate`` run folders in one table.
+
+Global options, before or after the command: ``--debug`` (the traceback of an error; also
+``IMAGING_META_TRACEBACK=1``) and ``--quiet`` (no progress bars, warnings and errors only). Without ``--debug``
+an error is one line on stderr (`imaging_meta.commands.console`): bad input names the file, what is wrong and
+the fix (exit status 1); anything else says it is a bug and to rerun with ``--debug`` (exit status 70).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from imaging_meta.commands.console import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    GLOBAL_OPTIONS,
+    USER_ERRORS,
+    console,
+    debug_requested,
+    error_line,
+    quiet_lightning,
+    quiet_output,
+    split_global_options,
+    user_error,
+)
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare", "prepare", "configs")
-
-
 def _init_default(class_path: str, name: str):
     """The default of ``__init__`` argument ``name`` of the class at ``class_path`` (first class in its MRO
     that names it); None when no class does or the class cannot be imported."""
@@ -131,6 +148,57 @@ def _tool_parser() -> argparse.ArgumentParser:
     s.add_argument("--salt", default=os.environ.get("IMAGING_META_SALT", "imaging-meta"),
                    help="secret for pseudonymous ids (or env IMAGING_META_SALT)")
 
+    _add_segment_parser(sub)
+
+    c = sub.add_parser("classify", help="few-shot classification of images against a support folder")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--support", required=True, help="folder with one subfolder of images (PNG, JPEG, DICOM) per class")
+    c.add_argument("--query", action="append", required=True, help="image file or folder of images (repeat)")
+    c.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>...")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--explain", action="store_true",
+                   help="also write, per query, its nearest support images and an occlusion saliency map (PNG) "
+                        "into <out stem>_explain/")
+    c.add_argument("--space", choices=["auto", "learned"], default="auto",
+                   help="auto (default): per support set, weigh the checkpoint's embedding, raw pixels and intensity "
+                        "histograms by leave-one-out over the support (equal weights with one image per class); "
+                        "learned: the checkpoint's learner alone")
+    c.add_argument("--finetune-steps", type=int, default=0,
+                   help="fit a new head on augmented support images for this many steps (0: off), on the "
+                        "checkpoint's learner; instead of --space auto")
+
+    _add_evaluate_parser(sub)
+
+    m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
+    m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
+    m.add_argument("--out", default=None, help="also write the table to this Markdown file")
+
+    cf = sub.add_parser("configs", help="list the YAML configs that ship with the package, or copy them out (--copy DIR)")
+    cf.add_argument("--copy", metavar="DIR", help="write every shipped config into DIR (e.g. ./configs)")
+    cf.add_argument("--force", action="store_true", help="overwrite files in DIR that differ from the shipped ones")
+
+    pr = sub.add_parser("prepare", help="convert a downloaded public benchmark (Synapse/BTCV, CHAOS MR) into a folder to train on")
+    from datamodules.recipes.prepare import add_arguments as add_prepare_arguments
+
+    add_prepare_arguments(pr)
+
+    r = sub.add_parser("results", help="train and test every learner on the same fixed test episodes; one table")
+    from imaging_meta.commands.results import add_arguments
+
+    add_arguments(r)
+    for command in sub.choices.values():
+        _add_global_options(command)
+    return p
+
+
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` and ``--quiet`` in a command's help (`cli_main` takes them out before any parser runs)."""
+    group = parser.add_argument_group("global options (also before the command)")
+    for flag, text in GLOBAL_OPTIONS.items():
+        group.add_argument(flag, action="store_true", help=text)
+
+
+def _add_segment_parser(sub) -> None:
     g = sub.add_parser("segment", help="few-shot segmentation of a structure the model never saw")
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--support-image", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
@@ -162,23 +230,8 @@ def _tool_parser() -> argparse.ArgumentParser:
     g.add_argument("--z-smoothing", type=float, default=0.25,
                    help="weight of each axial neighbour when smoothing the probability along z (0: off)")
 
-    c = sub.add_parser("classify", help="few-shot classification of images against a support folder")
-    c.add_argument("--checkpoint", required=True)
-    c.add_argument("--support", required=True, help="folder with one subfolder of images (PNG, JPEG, DICOM) per class")
-    c.add_argument("--query", action="append", required=True, help="image file or folder of images (repeat)")
-    c.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>...")
-    c.add_argument("--device", default="auto")
-    c.add_argument("--explain", action="store_true",
-                   help="also write, per query, its nearest support images and an occlusion saliency map (PNG) "
-                        "into <out stem>_explain/")
-    c.add_argument("--space", choices=["auto", "learned"], default="auto",
-                   help="auto (default): per support set, weigh the checkpoint's embedding, raw pixels and intensity "
-                        "histograms by leave-one-out over the support (equal weights with one image per class); "
-                        "learned: the checkpoint's learner alone")
-    c.add_argument("--finetune-steps", type=int, default=0,
-                   help="fit a new head on augmented support images for this many steps (0: off), on the "
-                        "checkpoint's learner; instead of --space auto")
 
+def _add_evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="a checkpoint on fixed seeded test episodes: metrics with 95%% CIs, plots, provenance")
     e.add_argument("--checkpoint", required=True, help="a checkpoint from `imaging-meta fit`")
     e.add_argument("--out", required=True, help="run folder for results.json, results.md, plots and episode files")
@@ -208,25 +261,9 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="whole-scan pairs: support and query from the same site (default), from different sites, or any")
     e.add_argument("--adapt-steps", type=int, default=0,
                    help="whole-scan protocols: also score the segmenter after N steps of test-time adaptation per pair")
-
-    m = sub.add_parser("compare", help="several `evaluate` run folders in one table")
-    m.add_argument("runs", nargs="+", help="run folders written by `imaging-meta evaluate`")
-    m.add_argument("--out", default=None, help="also write the table to this Markdown file")
-
-    cf = sub.add_parser("configs", help="list the YAML configs that ship with the package, or copy them out (--copy DIR)")
-    cf.add_argument("--copy", metavar="DIR", help="write every shipped config into DIR (e.g. ./configs)")
-    cf.add_argument("--force", action="store_true", help="overwrite files in DIR that differ from the shipped ones")
-
-    pr = sub.add_parser("prepare", help="convert a downloaded public benchmark (Synapse/BTCV, CHAOS MR) into a folder to train on")
-    from datamodules.recipes.prepare import add_arguments as add_prepare_arguments
-
-    add_prepare_arguments(pr)
-
-    r = sub.add_parser("results", help="train and test every learner on the same fixed test episodes; one table")
-    from imaging_meta.commands.results import add_arguments
-
-    add_arguments(r)
-    return p
+    e.add_argument("--log-dir", default=None,
+                   help="also write the figures as TensorBoard images and results.md as text into this folder, e.g. the "
+                        "training run's runs/<name>/version_N (never into --out, whose files are reproducible)")
 
 
 def _scan_options(args):
@@ -266,7 +303,7 @@ def _run_tool(argv: Sequence[str]) -> int:
         from imaging_meta.commands.segment import segment
 
         if len(args.support_image) != len(args.support_label):
-            raise SystemExit(
+            raise ValueError(
                 f"give one --support-label per --support-image ({len(args.support_image)} images, {len(args.support_label)} labels)"
             )
         written = segment(
@@ -304,7 +341,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
             batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
             name=args.name, salt=args.salt, interval=args.interval, scan_protocols=args.scan_protocols, scan_pairs=args.scan_pairs,
-            adapt_steps=args.adapt_steps, scan_pairing=args.scan_pairing,
+            adapt_steps=args.adapt_steps, scan_pairing=args.scan_pairing, log_dir=args.log_dir,
         )
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
         return 0
@@ -334,32 +371,43 @@ def _run_tool(argv: Sequence[str]) -> int:
 
 
 def cli_main(args: Sequence[str] | None = None):
-    """Entry point that tests can call: ``cli_main(["fit", "--config", ...])``.
+    """Entry point that tests can call: ``cli_main(["fit", "--config", ...])``; errors propagate (`main` turns
+    them into one line). ``--quiet`` and ``--debug`` may stand anywhere (`split_global_options`); ``--quiet``
+    applies here (`quiet_output`), ``--debug`` matters to `main` only.
 
     Returns the LightningCLI object for Lightning subcommands, or the exit code of a tool subcommand.
     """
     from_argv = args is None
-    args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in TOOL_SUBCOMMANDS:
-        return _run_tool(args)
-    if args and args[0] in ("-V", "--version"):
-        from imaging_meta import __version__
+    args, options = split_global_options(sys.argv[1:] if args is None else args)
+    with quiet_output(options.quiet):
+        if args and args[0] in TOOL_SUBCOMMANDS:
+            return _run_tool(args)
+        if args and args[0] in ("-V", "--version"):
+            from imaging_meta import __version__
 
-        sys.stdout.write(f"imaging-meta {__version__}\n")
-        return 0
-    if args and args[0] == "predict":
-        sys.stderr.write(
-            "imaging-meta predict: there is no Lightning predict step. Predict with a checkpoint and a few labelled "
-            "examples instead:\n  imaging-meta segment ...   (a structure in new scans)\n"
-            "  imaging-meta classify ...  (new images against a support folder)\n"
-        )
-        raise SystemExit(2)
-    if not args or args[0] in ("-h", "--help"):
-        sys.stdout.write(main_help())
-        if not args:
+            sys.stdout.write(f"imaging-meta {__version__}\n")
+            return 0
+        if args and args[0] == "predict":
+            sys.stderr.write(
+                "imaging-meta predict: there is no Lightning predict step. Predict with a checkpoint and a few labelled "
+                "examples instead:\n  imaging-meta segment ...   (a structure in new scans)\n"
+                "  imaging-meta classify ...  (new images against a support folder)\n"
+            )
             raise SystemExit(2)
-        return 0
-    return lightning_cli(None if from_argv else args)
+        if not args or args[0] in ("-h", "--help"):
+            sys.stdout.write(main_help())
+            if not args:
+                raise SystemExit(2)
+            return 0
+        if options.quiet:
+            quiet_lightning()
+            args = [*args, "--trainer.enable_progress_bar=false"]
+        if not from_argv:
+            return lightning_cli(args)
+        # LightningCLI reads sys.argv itself, and DDP's launcher starts the other ranks with it: without the
+        # global options (LightningCLI does not know them), with what --quiet means for the Trainer
+        sys.argv[1:] = args
+        return lightning_cli(None)
 
 
 def main_help() -> str:
@@ -381,44 +429,48 @@ def main_help() -> str:
         "Tools:",
     ]
     for choice in tools._choices_actions:
-        lines.append(f"  {choice.dest:<12} {choice.help.replace('%%', '%')}")
-    lines += ["", "Docs: README.md and docs/ in the repository."]
+        lines.append(f"  {choice.dest:<12} {(choice.help or '').replace('%%', '%')}")
+    lines += ["", "Global options (before or after the command):"]
+    lines += [f"  {flag:<12} {text}" for flag, text in GLOBAL_OPTIONS.items()]
+    lines += [
+        "",
+        f"Exit status: 0 done, {EXIT_USER_ERROR} bad input (one line on stderr: the file, what is wrong, the fix), 2 bad "
+        f"arguments,",
+        f"  {EXIT_BUG} an unexpected error (a bug: rerun with --debug and report it), {EXIT_INTERRUPTED} interrupted.",
+        "",
+        "Docs: README.md and docs/ in the repository.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("imaging_meta", "datamodules"):  # Lightning configures its own loggers
-        log = logging.getLogger(name)
-        log.addHandler(handler)
-        log.setLevel(os.environ.get("IMAGING_META_LOGLEVEL", "INFO"))
-    if os.environ.get("IMAGING_META_TRACEBACK"):
-        result = cli_main()
-    else:
-        try:
-            result = cli_main()
-        except USER_ERRORS as e:
-            sys.stderr.write(user_error(e, sys.argv[1] if len(sys.argv) > 1 else "imaging-meta"))
-            raise SystemExit(1) from None
+def _command_name(args: Sequence[str]) -> str:
+    known = (*LIGHTNING_SUBCOMMANDS, *TOOL_SUBCOMMANDS)
+    return "imaging-meta" + next((f" {a}" for a in args if a in known), "")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``imaging-meta`` command: `cli_main` with errors as one line on stderr (see the module docstring).
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    args, options = split_global_options(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(options)
+    name = _command_name(args)
+    with console(debug):
+        if debug:
+            result = cli_main(None if argv is None else list(argv))
+        else:
+            try:
+                result = cli_main(None if argv is None else list(argv))
+            except KeyboardInterrupt:
+                sys.stderr.write(f"{name}: interrupted\n")
+                raise SystemExit(EXIT_INTERRUPTED) from None
+            except Exception as e:  # noqa: BLE001 - classified: bad input (one line) or a bug (one line, and how to report it)
+                sys.stderr.write(error_line(e, name))
+                raise SystemExit(EXIT_USER_ERROR if user_error(e) is not None else EXIT_BUG) from None
     if isinstance(result, int):
         raise SystemExit(result)
 
 
-#: what bad input raises (a file, a folder, a checkpoint, an argument): shown as one message, not a traceback
-USER_ERRORS = (ValueError, OSError, ImportError, KeyError, TypeError, RuntimeError, FloatingPointError)
-
-
-def user_error(error: BaseException, command: str) -> str:
-    """The message ``imaging-meta`` prints for an error from bad input: the innermost cause's message (MONAI
-    wraps a reader's error in ``RuntimeError: applying transform ...``), with the chain of messages that led
-    to it when they add something, and how to see the traceback."""
-    chain = [error]
-    while chain[-1].__cause__ is not None and len(chain) < 8:
-        chain.append(chain[-1].__cause__)
-    root = chain[-1]
-    lines = [f"imaging-meta {command}: error: {type(root).__name__}: {root}"]
-    context = [str(e) for e in chain[:-1] if str(e) and not str(e).startswith("applying transform")]
-    lines += [f"  while: {c.splitlines()[0][:300]}" for c in context]
-    lines.append("  (set IMAGING_META_TRACEBACK=1 to see the traceback)")
-    return "\n".join(lines) + "\n"
+__all__ = ["USER_ERRORS", "cli_main", "error_line", "lightning_cli", "main", "main_help", "user_error"]

@@ -138,6 +138,6 @@ def write_dicom_seg(
             if keyword in item:
                 delattr(item, keyword)
     out = Path(out_path)
-    with atomic_open(out, "wb") as f:  # a crash leaves no half-written .seg.dcm
-        seg.save_as(f)
+    with atomic_open(out, "wb") as stream:  # a crash leaves no half-written .seg.dcm
+        seg.save_as(stream)
     return out

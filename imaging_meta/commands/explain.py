@@ -256,11 +256,11 @@ def occlusion_saliency(
 
 def _display(image: torch.Tensor):
     """(C, H, W) -> an (H, W) or (H, W, 3) array in [0, 1] for ``imshow`` (min-max scaled when outside it)."""
-    a = image.detach().float().cpu()
-    lo, hi = float(a.min()), float(a.max())
+    t = image.detach().float().cpu()
+    lo, hi = float(t.min()), float(t.max())
     if lo < 0 or hi > 1:
-        a = (a - lo) / (hi - lo) if hi > lo else torch.zeros_like(a)
-    a = a.numpy()
+        t = (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
+    a = t.numpy()
     return a[0] if a.shape[0] == 1 else a[:3].transpose(1, 2, 0)
 
 

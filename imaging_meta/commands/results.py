@@ -57,7 +57,7 @@ def _learners(configs: Path, names: list[str] | None) -> list[str]:
         return found
     unknown = sorted(set(names) - set(found))
     if unknown:
-        raise SystemExit(f"no model config {unknown} in {configs / 'model'}; choose from {found}")
+        raise ValueError(f"no model config {unknown} in {configs / 'model'}; choose from {found}")
     return list(names)
 
 
@@ -71,7 +71,8 @@ def _run(cmd: list[str], log: Path) -> float:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise RuntimeError(f"`{' '.join(cmd[:4])} ...` failed (exit {rc}); see {log}\n{tail}")
+        logger.error("the last lines of %s:\n%s", log, tail)
+        raise ChildProcessError(f"`{' '.join(cmd[:4])} ...` failed (exit {rc}); see {log}")
     return time.perf_counter() - t0
 
 
@@ -81,7 +82,7 @@ def _best_checkpoint(run_dir: Path) -> Path:
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.exists():
             return last
-        raise RuntimeError(f"{run_dir}: training wrote no checkpoint")
+        raise FileNotFoundError(f"{run_dir}: training wrote no checkpoint; see its log in {run_dir.parents[2] / 'logs'}")
     return ckpts[-1]
 
 
@@ -92,7 +93,7 @@ def model_task(model_config: Path) -> Task:
     doc = yaml.safe_load(model_config.read_text()) or {}
     learner = (doc.get("model") or {}).get("learner")
     if not isinstance(learner, dict) or "class_path" not in learner:
-        raise SystemExit(f"{model_config}: no model.learner.class_path")
+        raise ValueError(f"{model_config}: no model.learner.class_path; a model config sets model.learner")
     return task_of_learner_config(learner)
 
 

@@ -18,10 +18,12 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
 import torch
+from nibabel.spatialimages import SpatialImage
 
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
@@ -49,21 +51,45 @@ def modality_of(path: str | Path, given: str | None = None) -> str:
         return given.upper()
     p = Path(path)
     if p.is_dir():
-        import pydicom
-
-        first = next((f for f in sorted(p.iterdir()) if f.is_file()), None)
-        if first is not None:
-            try:
-                return str(pydicom.dcmread(first, stop_before_pixels=True).Modality)
-            except Exception as e:
-                raise ValueError(f"{first}: cannot read the DICOM Modality ({e}); pass --modality") from e
+        return _dicom_modality(p)
     stem = nifti_stem(p.name) if is_nifti(p.name) else p.stem
     sidecar = p.with_name(stem + ".json")
     if sidecar.exists():
-        mod = json.loads(sidecar.read_text()).get("Modality")
+        try:
+            doc = json.loads(sidecar.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{sidecar}: cannot read this JSON sidecar ({e}); repair it, or pass --modality CT or MR") from e
+        mod = doc.get("Modality") if isinstance(doc, dict) else None
         if mod:
             return "MR" if str(mod).upper() in ("MR", "MRI") else str(mod).upper()
     raise ValueError(f"{p}: cannot tell CT from MR (no DICOM header or sidecar 'Modality'); pass --modality CT or MR")
+
+
+def _dicom_modality(folder: Path) -> str:
+    """The Modality of the first DICOM file in ``folder`` that states one (headers only).
+
+    Raises:
+        ValueError: an empty folder, one without a readable DICOM file, or files without a Modality.
+    """
+    from datamodules.io.dicom import DicomError, read_dataset
+
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no files in this folder; give a NIfTI file or a folder that holds one DICOM series")
+    unreadable: list[DicomError] = []
+    for f in files:
+        try:
+            ds, _ = read_dataset(str(f), stop_before_pixels=True)
+        except DicomError as e:
+            unreadable.append(e)
+            continue
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        if modality:
+            return modality
+    if len(unreadable) == len(files):
+        raise ValueError(f"{folder}: none of its {len(files)} files is a readable DICOM file (e.g. {unreadable[0]}); "
+                         "give a NIfTI file or a folder that holds one DICOM series")
+    raise ValueError(f"{folder}: no DICOM file in this folder states its Modality; pass --modality CT or MR")
 
 
 def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) -> list[int]:
@@ -98,7 +124,7 @@ def _is_all_foreground(label: str | Path, label_value: int | None) -> bool:
     """
     if not is_nifti(label):
         return False
-    data = np.asarray(nib.load(str(label)).dataobj)
+    data = np.asarray(cast(SpatialImage, nib.load(str(label))).dataobj)  # a NIfTI volume
     return bool(data.size) and bool(((data != 0) if label_value is None else (data == label_value)).all())
 
 
@@ -236,6 +262,7 @@ def segment(
         learner = adapt(learner, supports_pre, [d["image"].as_tensor()[0].float() for d in query_data], steps=adapt_steps,
                         seed=adapt_seed, device=dev)
     segmenter = ScanSegmenter(learner, options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk), dev).fit(supports_pre)
+    assert segmenter.support_images is not None  # fit sets them
     logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0], segmenter.describe())
 
     out = Path(out_dir)
@@ -258,7 +285,7 @@ def segment(
         if q.is_dir():
             affine = np.asarray(inv["prob"].affine, dtype=np.float64)
         else:
-            header = nib.load(str(q))
+            header = cast(SpatialImage, nib.load(str(q)))  # a NIfTI volume
             affine = header.affine
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")

@@ -161,29 +161,140 @@ def test_segment_rejects_bad_checkpoints(tmp_path):
         load_learner(other)
 
 
-def test_the_command_reports_bad_input_without_a_traceback(tmp_path, monkeypatch, capsys):
+def _fails_with(monkeypatch, error: BaseException):
+    """Make `cli_main` raise ``error`` (raised ``from`` its ``__cause__``, as the code that made it did)."""
+    from imaging_meta.commands import cli
+
+    def fail(*_):
+        raise error from error.__cause__
+
+    monkeypatch.setattr(cli, "cli_main", fail)
+    monkeypatch.delenv("IMAGING_META_TRACEBACK", raising=False)
+
+
+def _monai_wrapped(inner: Exception) -> RuntimeError:
+    try:
+        raise inner
+    except type(inner) as e:
+        try:
+            raise RuntimeError("applying transform <LoadVolumed ...>") from e
+        except RuntimeError as outer:
+            return outer
+
+
+def test_bad_input_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    from imaging_meta.commands import cli
+
+    _fails_with(monkeypatch, _monai_wrapped(ValueError(f"{tmp_path / 'IM_0001.dcm'}: missing Bits Stored (0028,0101)")))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["segment", "--checkpoint", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and "applying transform" not in err
+    assert err == f"imaging-meta segment: error: {tmp_path / 'IM_0001.dcm'}: missing Bits Stored (0028,0101)\n"
+    for argv in (["--debug", "segment"], ["segment", "--debug"]):  # the traceback, when asked for
+        with pytest.raises(RuntimeError, match="applying transform"):
+            cli.main(argv)
+    monkeypatch.setenv("IMAGING_META_TRACEBACK", "1")  # the old switch still works
+    with pytest.raises(RuntimeError, match="applying transform"):
+        cli.main(["segment"])
+
+
+def test_a_bug_is_reported_as_a_bug_not_hidden(monkeypatch, capsys):
+    from imaging_meta.commands import cli
+
+    for error in (TypeError("unsupported operand type(s) for +: 'int' and 'str'"), KeyError("spacing"),
+                  RuntimeError("CUDA error: device-side assert"), ImportError("cannot import name 'x' from 'imaging_meta.y'")):
+        _fails_with(monkeypatch, error)
+        with pytest.raises(SystemExit) as e:
+            cli.main(["evaluate", "--checkpoint", "c.ckpt"])
+        err = capsys.readouterr().err
+        assert e.value.code == 70 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert err.startswith(f"imaging-meta evaluate: internal error: {type(error).__name__}: ")
+        assert "This is a bug; rerun with --debug and report it" in err and "test_cli.py:" in err  # where it was raised
+    _fails_with(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(SystemExit) as e:
+        cli.main(["scan", "x"])
+    assert e.value.code == 130 and capsys.readouterr().err == "imaging-meta scan: interrupted\n"
+
+
+def test_user_errors_are_the_projects_errors():
+    from datamodules.io.dicom import DicomError, DicomSeriesError
+    from imaging_meta.checkpoint_io import CheckpointError
+    from imaging_meta.commands.cli import user_error
+
+    assert user_error(DicomSeriesError(["/d/a.dcm", "/d/b.dcm"], "missing slice")) == "/d (2 files): missing slice"
+    assert user_error(DicomError("/d/a.dcm", "truncated")) == "/d/a.dcm: truncated"
+    assert user_error(CheckpointError("/c.ckpt: not an imaging-meta checkpoint")).startswith("/c.ckpt")
+    assert user_error(FileNotFoundError(2, "No such file or directory", "/x.nii.gz")).endswith("'/x.nii.gz'")
+    assert user_error(FloatingPointError("non-finite loss; lower the learning rate")) is not None
+    missing = ModuleNotFoundError("No module named 'highdicom'", name="highdicom")
+    assert user_error(missing) is not None and user_error(ImportError("pip install 'imaging-meta[jpeg]'")) is not None
+    assert user_error(ModuleNotFoundError("No module named 'imaging_meta.gone'", name="imaging_meta.gone")) is None
+    for bug in (TypeError("x"), KeyError("x"), AttributeError("x"), RuntimeError("x"), AssertionError("x")):
+        assert user_error(bug) is None, bug
+    assert user_error(_monai_wrapped(TypeError("x"))) is None  # MONAI's wrapper around a bug is still a bug
+    # a DataLoader worker's error comes back with the worker's traceback as its message
+    worker = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 3, in f\n    raise DicomSeriesError(...)\n'
+        "datamodules.io.dicom_errors.DicomSeriesError: /d (8 files): missing slice(s); copy the complete series\n\n"
+        "The above exception was the direct cause of the following exception:\n\nTraceback (most recent call last):\n"
+        "RuntimeError: applying transform <LoadVolumed>\n")
+    assert user_error(worker) == "/d (8 files): missing slice(s); copy the complete series"
+    assert user_error(RuntimeError(str(worker.args[0]).replace("datamodules.io.dicom_errors.DicomSeriesError", "KeyError"))) is None
+
+
+def test_global_options_go_before_or_after_the_command(monkeypatch, capsys):
+    import logging
+    import os
+
+    from imaging_meta.commands import cli
+    from imaging_meta.commands.console import GlobalOptions, split_global_options
+
+    assert split_global_options(["--debug", "fit", "--config", "a.yaml", "--quiet"]) == (
+        ["fit", "--config", "a.yaml"], GlobalOptions(debug=True, quiet=True))
+    assert split_global_options(["results", "--extra", "--", "--quiet"])[0] == ["results", "--extra", "--", "--quiet"]
+    seen = []
+
+    def run_tool(args):
+        seen.append((args, os.environ.get("IMAGING_META_PROGRESS"), logging.getLogger("datamodules").level))
+        return 0
+
+    monkeypatch.setattr(cli, "_run_tool", run_tool)
+    monkeypatch.setenv("IMAGING_META_PROGRESS", "1")
+    level = logging.getLogger("datamodules").level
+    assert cli.cli_main(["--quiet", "scan", "x"]) == 0 and cli.cli_main(["scan", "x", "--quiet"]) == 0
+    assert seen == [(["scan", "x"], "0", logging.WARNING)] * 2  # no bars, warnings only
+    assert os.environ["IMAGING_META_PROGRESS"] == "1" and logging.getLogger("datamodules").level == level  # restored
+    assert cli.cli_main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--debug" in help_text and "--quiet" in help_text and "70 an unexpected error" in help_text
+    parsed = cli._tool_parser().parse_args(["demo", "--out", "d", "--quiet"])  # each command's --help lists them
+    assert parsed.quiet and not parsed.debug
+
+
+def test_global_options_leave_lightning_parsing_alone(tmp_path, monkeypatch, capsys):
+    """LightningCLI never sees --debug or --quiet; --quiet turns its progress bar off; the sys.argv that DDP's
+    launcher gives the other ranks holds what LightningCLI parsed."""
     import sys
 
     from imaging_meta.commands import cli
 
-    def reader_fails(*_):
-        try:
-            raise ValueError(f"{tmp_path / 'IM_0001.dcm'}: missing Bits Stored (0028,0101)")
-        except ValueError as inner:
-            raise RuntimeError("applying transform <LoadImaged ...>") from inner
-
-    monkeypatch.setattr(cli, "cli_main", reader_fails)
-    monkeypatch.setattr(sys, "argv", ["imaging-meta", "segment"])
-    monkeypatch.delenv("IMAGING_META_TRACEBACK", raising=False)
-    with pytest.raises(SystemExit) as e:
+    base = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["imaging-meta"])  # as from a shell: nothing but the arguments given
+    for argv in (["--debug", *base, "--quiet", "--print_config"], [*base, "--debug", "--print_config"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0
+        printed = capsys.readouterr().out
+        assert "max_epochs:" in printed
+        assert ("enable_progress_bar: false" in printed) == ("--quiet" in argv)
+    monkeypatch.setattr(sys, "argv", ["imaging-meta", "--quiet", *base, "--print_config"])
+    with pytest.raises(SystemExit):
         cli.main()
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and "Traceback" not in err
-    assert err.startswith("imaging-meta segment: error: ValueError: ") and "missing Bits Stored" in err
-    assert "applying transform" not in err and "IMAGING_META_TRACEBACK=1" in err
-    monkeypatch.setenv("IMAGING_META_TRACEBACK", "1")
-    with pytest.raises(RuntimeError, match="applying transform"):  # the traceback, when asked for
-        cli.main()
+    assert sys.argv[1:] == [*base, "--print_config", "--trainer.enable_progress_bar=false"]
+    assert "enable_progress_bar: false" in capsys.readouterr().out
 
 
 def test_configs_ship_in_the_package_and_copy_out(tmp_path, capsys):

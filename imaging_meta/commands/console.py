@@ -1,0 +1,239 @@
+"""The console of the ``imaging-meta`` command: the global options, ``--quiet``, and errors as one line.
+
+* `split_global_options`: ``--debug`` and ``--quiet`` anywhere before a ``--``, before or after the command.
+* `quiet_output`: no progress bars (`datamodules.progress`), the project's loggers at WARNING.
+* `console`: the project's log lines on stderr; MONAI's irrelevant notices off unless ``--debug``.
+* `user_error` / `error_line`: what `imaging_meta.commands.cli.main` prints instead of a traceback. Bad input
+  (`USER_ERRORS`, also under MONAI's ``applying transform`` wrapper or in a DataLoader worker's re-raise) is one
+  line that names the file, what is wrong and the fix (exit status 1); anything else is one line that says it
+  is a bug, where it was raised, and to rerun with ``--debug`` (exit status 70).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+#: the options of every command, before or after its name (`split_global_options`)
+GLOBAL_OPTIONS = {
+    "--debug": "on an error, show the traceback (also: env IMAGING_META_TRACEBACK=1)",
+    "--quiet": "no progress bars; log warnings and errors only",
+}
+#: exit statuses of `main`: bad input (one line on stderr), an unexpected error (a bug), Ctrl-C
+EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 70, 130
+PROJECT_LOGGERS = ("imaging_meta", "datamodules")
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    debug: bool = False
+    quiet: bool = False
+
+
+def debug_requested(options: GlobalOptions) -> bool:
+    """``--debug``, or its alias the environment variable ``IMAGING_META_TRACEBACK`` (1, true, yes)."""
+    flag = os.environ.get("IMAGING_META_TRACEBACK", "").strip().lower()
+    return options.debug or flag not in ("", "0", "false", "no", "off")
+
+
+def split_global_options(args: Sequence[str]) -> tuple[list[str], GlobalOptions]:
+    """``--debug`` and ``--quiet`` taken out of ``args`` wherever they stand before a ``--``: before the command
+    (``imaging-meta --debug segment ...``) or after it, for the project's commands and LightningCLI's alike
+    (LightningCLI never sees them). The other arguments keep their order."""
+    rest: list[str] = []
+    found: set[str] = set()
+    for i, arg in enumerate(args):
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in GLOBAL_OPTIONS:
+            found.add(arg)
+        else:
+            rest.append(arg)
+    return rest, GlobalOptions(debug="--debug" in found, quiet="--quiet" in found)
+
+
+@contextmanager
+def quiet_output(quiet: bool) -> Iterator[None]:
+    """``--quiet``: no progress bars (`datamodules.progress`, through its environment variable, which child
+    processes inherit) and the project's loggers at WARNING; everything is restored on exit."""
+    if not quiet:
+        yield
+        return
+    from datamodules.progress import ENV as PROGRESS_ENV
+
+    with ExitStack() as stack:
+        stack.enter_context(_environ({PROGRESS_ENV: "0", "IMAGING_META_LOGLEVEL": "WARNING"}))
+        stack.enter_context(_logger_levels(PROJECT_LOGGERS, logging.WARNING))
+        yield
+
+
+def quiet_lightning() -> None:
+    """Lightning's own loggers at WARNING for the rest of the process (imported first: importing Lightning sets
+    them to INFO)."""
+    import lightning.fabric
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a while (child processes see them), then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _logger_levels(names: Sequence[str], level: int | str) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(level)
+    try:
+        yield
+    finally:
+        for log, old in zip(loggers, saved, strict=True):
+            log.setLevel(old)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A log handler that writes to whatever ``sys.stderr`` is at the time (pytest's capture swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+#: MONAI's notices that concern neither the user nor the result: a GPU DICOM decoder that is not installed,
+#: and a changed default that `datamodules.transforms` does not rely on. --debug shows them.
+_MONAI_NOISE = (r"NvImgCodecPydicomReader", r".*Orientationd\.__init__:labels")
+
+
+@contextmanager
+def console(debug: bool) -> Iterator[None]:
+    """The process's console for one run of `imaging_meta.commands.cli.main`: the project's log lines on stderr (level from
+    ``IMAGING_META_LOGLEVEL``, default INFO), MONAI's noise off unless ``debug``, ``IMAGING_META_TRACEBACK=1``
+    for child processes when ``debug``. Restored on exit."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = os.environ.get("IMAGING_META_LOGLEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        level = "INFO"
+    with ExitStack() as stack:
+        stack.enter_context(_logger_levels(PROJECT_LOGGERS, level))  # Lightning configures its own loggers
+        for name in PROJECT_LOGGERS:
+            logging.getLogger(name).addHandler(handler)
+            stack.callback(logging.getLogger(name).removeHandler, handler)
+        stack.enter_context(warnings.catch_warnings())
+        if debug:
+            stack.enter_context(_environ({"IMAGING_META_TRACEBACK": "1"}))
+        else:
+            for pattern in _MONAI_NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            stack.enter_context(_logger_levels(["monai.data.nvimgcodec_pydicom_plugin"], logging.ERROR))
+        yield
+
+
+#: the project's errors for bad input (a file, a folder, a checkpoint, an argument, a failed child run): the
+#: message names what is wrong and the fix. `datamodules.io.DicomError`, `DicomSeriesError`,
+#: `imaging_meta.checkpoint_io.CheckpointError`, `datamodules.recipes.prepare.PrepareError` are ValueErrors;
+#: files that are missing or unreadable raise OSError; an optional extra that is not installed, ImportError
+#: (only when it says ``pip install`` or names a module outside the project: `_missing_package`);
+#: training that diverged, FloatingPointError. Anything else (TypeError, KeyError, a bare RuntimeError...) is a bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, FloatingPointError)
+
+_WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_TRACEBACK_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.*)$")
+
+
+def _is_user_error_name(name: str) -> bool:
+    """Whether an exception class named as in a traceback (``ValueError``, ``datamodules.io.dicom_errors.DicomError``)
+    is one of `USER_ERRORS` (looked up among the modules already loaded; nothing is imported)."""
+    module, _, attr = name.rpartition(".")
+    owner = builtins if not module else sys.modules.get(module)
+    cls = getattr(owner, attr, None) if owner is not None else None
+    return isinstance(cls, type) and issubclass(cls, USER_ERRORS)
+
+
+def _worker_error(text: str) -> str | None:
+    """The message of the outermost user error in a DataLoader worker's traceback text (torch re-raises a worker's
+    exception with the worker's traceback as its message), or None."""
+    found = None
+    for line in text.splitlines():
+        match = _TRACEBACK_LINE.match(line)
+        if match and not line.startswith(" ") and _is_user_error_name(match.group(1)):
+            found = match.group(2)
+    return found
+
+
+def user_error(error: BaseException) -> str | None:
+    """The message of the bad input ``error`` stands for, or None when it is a bug.
+
+    A user error is one of `USER_ERRORS`, or such an error under MONAI's ``RuntimeError("applying transform
+    ...")`` (its cause), or in a DataLoader worker's traceback; the outermost one counts, since a project error
+    raised ``from`` a library's error adds the file and the fix.
+    """
+    e: BaseException | None = error
+    for _ in range(32):
+        if e is None:
+            return None
+        if _WORKER_ERROR.match(str(e)):
+            return _worker_error(str(e))
+        if isinstance(e, ImportError) and not _missing_package(e):
+            return None  # a broken import inside the project is a bug, not a missing extra
+        if isinstance(e, USER_ERRORS):
+            return str(e)
+        if isinstance(e, RuntimeError) and str(e).startswith("applying transform"):
+            e = e.__cause__
+            continue
+        return None
+    return None
+
+
+def _missing_package(error: ImportError) -> bool:
+    """An ImportError the user fixes by installing something: the project's "pip install ..." messages, or a
+    module outside the project that is not installed."""
+    if "pip install" in str(error):
+        return True
+    name = getattr(error, "name", None) or ""
+    return isinstance(error, ModuleNotFoundError) and name.split(".")[0] not in PROJECT_LOGGERS
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def error_line(error: BaseException, command: str = "imaging-meta") -> str:
+    """The one line ``imaging-meta`` prints for ``error`` without ``--debug``: the message of bad input (the file,
+    what is wrong, the fix), or, for anything else, the exception, where it was raised and what to do."""
+    message = user_error(error)
+    if message is not None:
+        return f"{command}: error: {_one_line(message) or type(error).__name__}\n"
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    detail = _one_line(str(error))[:300]
+    return (f"{command}: internal error: {type(error).__name__}{': ' + detail if detail else ''}{where}. This is a bug; "
+            "rerun with --debug and report it with the traceback\n")

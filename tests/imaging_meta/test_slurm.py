@@ -1,0 +1,130 @@
+"""Under SLURM, the shipped ``configs/trainer/slurm.yaml`` gives Lightning's SLURM environment with the job's rank,
+world size and node, and the auto-requeue handler on the signal that docs/distributed.md's sbatch example asks
+SLURM to send (issue 18).
+
+The job is simulated with the variables ``srun`` sets (2 nodes x 1 task, this process rank 1 on node 1); the
+Trainer is built the way users build it, through LightningCLI without running, on CPU (no GPU here). No process
+group is initialised and no signal is sent: the requeue handler is registered, inspected, and the previous
+handlers are restored.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from imaging_meta.commands.cli import lightning_cli, main
+from tests.helpers import CONFIGS
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
+NODES, TASKS_PER_NODE, RANK = 2, 1, 1
+
+
+@pytest.fixture
+def slurm_job(monkeypatch):
+    """The environment of rank 1 of a 2-node x 1-task ``srun`` job."""
+    job = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "imaging-meta", "SLURM_NTASKS": str(NODES * TASKS_PER_NODE),
+        "SLURM_NTASKS_PER_NODE": str(TASKS_PER_NODE), "SLURM_NNODES": str(NODES), "SLURM_PROCID": str(RANK),
+        "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[07-08]",
+    }
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
+                 "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):  # no other cluster environment
+        monkeypatch.delenv(name, raising=False)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # SLURMEnvironment sets them: restored after the test
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "argv", ["imaging-meta"])  # LightningCLI warns about pytest's own arguments
+    monkeypatch.setenv("PATH", "/nonexistent")  # no `srun` on PATH (Lightning warns when srun exists but is unused)
+    for name, value in job.items():
+        monkeypatch.setenv(name, value)
+    return job
+
+
+def slurm_trainer(tmp_path: Path, *extra: str):
+    """The Trainer of ``configs/trainer/slurm.yaml`` (with the demo data and a model), built by LightningCLI."""
+    cli = lightning_cli([
+        "--config", str(CONFIGS / "trainer/slurm.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+        "--config", str(CONFIGS / "model/protonet_seg.yaml"), "--trainer.accelerator", "cpu",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path), *extra,
+    ], run=False)
+    return cli.trainer
+
+
+def sbatch_example() -> str:
+    text = DOCS.read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "#SBATCH" in b)
+    return block
+
+
+def test_slurm_environment_has_the_jobs_rank_world_size_and_node(slurm_job, tmp_path):
+    trainer = slurm_trainer(tmp_path, "--trainer.devices", str(TASKS_PER_NODE))
+    env = trainer.strategy.cluster_environment
+    assert isinstance(env, SLURMEnvironment)
+    assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (2, RANK, 0, 1)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (2, RANK, 0, 1)
+    assert trainer.num_nodes == NODES and not trainer.is_global_zero
+    assert env.main_address == "gpu07" and env.main_port == 15000 + 4242  # the first node; a port from the job id
+    assert env.auto_requeue and env.requeue_signal == signal.SIGUSR1
+
+
+def test_auto_requeue_handler_is_registered_on_the_documented_signal(slurm_job, tmp_path):
+    trainer = slurm_trainer(tmp_path, "--trainer.devices", str(TASKS_PER_NODE))
+    requeue_signal = trainer.strategy.cluster_environment.requeue_signal
+    # the sbatch example asks SLURM for this signal, with --requeue
+    example = sbatch_example()
+    asked = re.search(r"--signal=(?:B:)?(SIG\w+)@(\d+)", example)
+    assert asked and signal.Signals[asked.group(1)] == requeue_signal, example
+    assert "--requeue" in example
+    before = {s: signal.getsignal(s) for s in (requeue_signal, signal.SIGTERM)}
+    signal.signal(requeue_signal, signal.SIG_DFL)  # Lightning keeps a handler that is already there
+    connector = trainer._signal_connector
+    try:
+        connector.register_signal_handlers()  # what Trainer.fit does first
+        handler = signal.getsignal(requeue_signal)
+        handlers = getattr(handler, "signal_handlers", [])
+        assert [h.__func__ for h in handlers] == [type(connector)._slurm_sigusr_handler_fn], handler
+        assert getattr(signal.getsignal(signal.SIGTERM), "signal_handlers", None)  # SIGTERM is bypassed for requeue
+    finally:
+        connector.teardown()
+        for s, h in before.items():
+            signal.signal(s, h)
+    assert signal.getsignal(requeue_signal) == before[requeue_signal]
+
+
+def test_the_sbatch_example_matches_the_config(slurm_job):
+    """Nodes and tasks per node in the sbatch lines, the srun overrides and the config's defaults agree, and the
+    config leaves the requeue signal to Lightning's SLURM default (or sets the one sbatch sends)."""
+    example = sbatch_example()
+    config = yaml.safe_load((CONFIGS / "trainer/slurm.yaml").read_text())["trainer"]
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", example).group(1))
+    tasks = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", example).group(1))
+    gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", example).group(1))
+    assert (config["num_nodes"], config["devices"]) == (nodes, tasks) and gpus == tasks
+    assert f"--trainer.num_nodes {nodes}" in example and f"--trainer.devices {tasks}" in example
+    assert "srun " in example and "configs/trainer/slurm.yaml" in example
+    assert config["use_distributed_sampler"] is False  # the episode samplers shard by rank themselves
+    asked = re.search(r"--signal=(?:B:)?(SIG\w+)@", example).group(1)
+    environments = [p for p in config.get("plugins") or [] if "SLURMEnvironment" in str(p.get("class_path", ""))]
+    for plugin in environments:
+        assert plugin.get("init_args", {}).get("requeue_signal", asked) == asked
+    assert SLURMEnvironment(auto_requeue=True).requeue_signal == signal.Signals[asked]  # Lightning's default
+
+
+def test_a_config_that_disagrees_with_the_job_is_one_line_with_the_fix(slurm_job, tmp_path, capsys):
+    """slurm.yaml says 4 devices per node; a job with 1 task per node stops before any process group, with
+    Lightning's hint, as one line."""
+    args = ["fit", "--config", str(CONFIGS / "trainer/slurm.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), "--trainer.accelerator", "cpu",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("imaging-meta fit: error: You set `devices=4`") and "HINT: Set `devices=1`" in err
