@@ -15,7 +15,7 @@ RUN_NAME ?= $(MODEL)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install install-bench train results evaluate selfsup test test-full bench lint tensorboard demo clean
+.PHONY: help install install-bench install-docs train results evaluate selfsup test test-full bench lint typecheck docs tensorboard demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -102,11 +102,25 @@ BENCH_ARGS ?=
 bench: demo install-bench  ## speed and memory tables (learner steps, MAML vs higher, data path); never part of make test
 	$(PY) -m benchmarks.run --data-dir $(DATA_DIR) $(BENCH_ARGS)
 
-lint: install  ## ruff
-	$(VENV)/bin/ruff check imaging_meta datamodules tests benchmarks
+lint: install  ## ruff, then the type check (make typecheck)
+	$(VENV)/bin/ruff check imaging_meta datamodules tests benchmarks mkdocs_hooks.py
+	$(MAKE) --no-print-directory typecheck
+
+# settings in [tool.mypy] of pyproject.toml; the cache lives in the virtual environment, out of the repository root
+typecheck: install  ## mypy on imaging_meta and datamodules
+	$(VENV)/bin/mypy --cache-dir $(VENV)/.mypy_cache
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,docs]"
+	touch $@
+
+install-docs: $(VENV)/.installed-docs  ## install the docs extra (MkDocs)
+
+docs: install-docs  ## build the documentation site from docs/ into site/ (--strict: a broken link fails)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 tensorboard: install  ## serve the TensorBoard logs in runs/
 	$(VENV)/bin/tensorboard --logdir runs
 
-clean:  ## remove runs, caches and the demo cohort (keeps .venv)
-	rm -rf runs data .cache results evaluation
+clean:  ## remove runs, caches, the demo cohort and the built docs (keeps .venv)
+	rm -rf runs data .cache results evaluation site

@@ -15,7 +15,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -163,14 +163,16 @@ def split_classes(
         if len(set(names)) != len(names):
             raise ValueError(f"{stage}_classes repeats a class: {list(names)}")
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-        if given[a] is not None and given[b] is not None and set(given[a]) & set(given[b]):
-            raise ValueError(f"{a}_classes and {b}_classes share {sorted(set(given[a]) & set(given[b]))}; class splits must be disjoint")
+        names_a, names_b = given[a], given[b]
+        if names_a is not None and names_b is not None and set(names_a) & set(names_b):
+            raise ValueError(f"{a}_classes and {b}_classes share {sorted(set(names_a) & set(names_b))}; class splits must be disjoint")
     named = {n for names in given.values() if names is not None for n in names}
     pool = [classes[i] for i in np.random.default_rng(seed).permutation(len(classes)) if classes[i] not in named]
     out: dict[str, list[str]] = {}
     for stage, count in (("test", test_count), ("val", val_count)):
-        if given[stage] is not None:
-            out[stage] = list(given[stage])
+        names = given[stage]
+        if names is not None:
+            out[stage] = list(names)
             continue
         if count < 0 or count > len(pool):
             raise ValueError(
@@ -295,8 +297,8 @@ class ClassificationDataModule(EpisodicDataModule):
         if self.table is not None:
             return
         h = self.hparams
-        self.table = self.source.load(self.cache_dir / "items" if self.cache_dir is not None else None)
-        self.class_split = split_classes(self.table.classes, h.val_classes_count, h.test_classes_count, h.split_seed,
+        self.table = table = self.source.load(self.cache_dir / "items" if self.cache_dir is not None else None)
+        self.class_split = split_classes(table.classes, h.val_classes_count, h.test_classes_count, h.split_seed,
                                          h.train_classes, h.val_classes, h.test_classes)
         for stage_name, n in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)):
             if n <= 0:
@@ -306,9 +308,9 @@ class ClassificationDataModule(EpisodicDataModule):
                 continue
             classes = self._feasible(stage_name, names)
             self._samplers[stage_name] = ClassificationEpisodeSampler(
-                self.table.labels,
-                self.table.patients,
-                self.table.sites,
+                table.labels,
+                table.patients,
+                table.sites,
                 classes=classes,
                 n_way=h.n_way,
                 n_shot=h.n_shot,
@@ -317,7 +319,7 @@ class ClassificationDataModule(EpisodicDataModule):
                 sites_differ=h.protocol == "support_query_sites_differ",
                 same_site=h.protocol == "within_site",
                 seed=h.seed + STAGE_SEED_OFFSET[stage_name],
-                class_names=self.table.classes,
+                class_names=table.classes,
             )
         self._fix_episodes()
 
@@ -325,6 +327,7 @@ class ClassificationDataModule(EpisodicDataModule):
         """The stage's class indices that can fill an episode; the others are dropped with a warning."""
         h = self.hparams
         t = self.table
+        assert t is not None  # setup() loads it first
         idx = [t.classes.index(n) for n in names]
         bad = classification_infeasible(t.labels, t.patients, t.sites, idx, h.n_shot, h.n_query,
                                         h.protocol == "support_query_sites_differ", t.classes, h.protocol == "within_site")
@@ -353,6 +356,7 @@ class ClassificationDataModule(EpisodicDataModule):
             return None
         h = self.hparams
         t = self.table
+        assert t is not None  # after setup()
         key = digest([t.item_ids, t.labels.tolist(), t.classes, self.class_split[stage],
                       h.val_episodes if stage == "val" else h.test_episodes])
         name = f"{stage}-{h.n_way}way-{h.n_shot}shot-{h.n_query}query-seed{h.seed}-{h.protocol}-{key}.json"
@@ -361,14 +365,17 @@ class ClassificationDataModule(EpisodicDataModule):
     def _fixed_episodes(self, stage: str) -> list[ClassificationEpisodeSpec]:
         """Seeded val/test episodes: read from their JSON file when it exists, else drawn and written."""
         t = self.table
+        assert t is not None  # after setup()
+        path: Path | None
+        specs: list[ClassificationEpisodeSpec]
         if stage == "test" and self.hparams.test_episodes_file:
             path = Path(self.hparams.test_episodes_file)
-            specs, _ = load_episodes(path, t.item_ids, t.classes)
+            specs = cast(list[ClassificationEpisodeSpec], load_episodes(path, t.item_ids, t.classes)[0])  # _check_specs checks them
             self.episode_files[stage] = path
         else:
             path = self.episode_path(stage)
             if path is not None and path.exists():
-                specs, _ = load_episodes(path, t.item_ids, t.classes)
+                specs = cast(list[ClassificationEpisodeSpec], load_episodes(path, t.item_ids, t.classes)[0])
                 self.episode_files[stage] = path
             else:
                 specs = self._samplers[stage].fixed_episodes()
@@ -384,6 +391,7 @@ class ClassificationDataModule(EpisodicDataModule):
         """Episodes read from a file must still fit this data: shape and classes."""
         h = self.hparams
         where = self.episode_files.get(stage, "the drawn episodes")
+        assert self.table is not None  # after setup()
         allowed = {self.table.classes.index(n) for n in self.class_split[stage]}
         for s in specs:
             if len(s.classes) != h.n_way or len(s.support) != h.n_way * h.n_shot or len(s.query) != h.n_way * h.n_query:
@@ -398,6 +406,7 @@ class ClassificationDataModule(EpisodicDataModule):
     def _loader(self, sampler, augment: bool) -> DataLoader:
         h = self.hparams
         aug = classification_augmentation() if augment else None
+        assert self.table is not None  # after setup()
         dataset = ClassificationEpisodeDataset(self.table, aug)
         return episode_loader(dataset, sampler, h.batch_size, h.num_workers)
 
@@ -418,8 +427,10 @@ class ClassificationDataModule(EpisodicDataModule):
     def _describe(self) -> dict[str, Any]:
         h = self.hparams
         t = self.table
+        assert t is not None  # after setup()
+        samplers = cast(dict[str, ClassificationEpisodeSampler], self._samplers)  # setup() makes only these
         counts = t.class_counts()
-        used = {s: ([t.classes[c] for c in self._samplers[s].classes] if s in self._samplers else []) for s in STAGES}
+        used = {s: ([t.classes[c] for c in samplers[s].classes] if s in samplers else []) for s in STAGES}
         return {
             "task": self.task,
             "format": t.source.get("format", type(self.source).__name__),
@@ -434,8 +445,8 @@ class ClassificationDataModule(EpisodicDataModule):
             "items": len(t),
             "classes": {s: {c: counts[c] for c in used[s]} for s in STAGES},
             "dropped_classes": self.dropped,
-            "sites": {s: sorted({t.sites[i] for i in np.flatnonzero(np.isin(t.labels, self._samplers[s].classes))})
-                      for s in STAGES if s in self._samplers},
+            "sites": {s: sorted({t.sites[i] for i in np.flatnonzero(np.isin(t.labels, samplers[s].classes))})
+                      for s in STAGES if s in samplers},
         }
 
     def _init_args(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
@@ -196,7 +196,7 @@ class SegmentationDataModule(EpisodicDataModule):
         self.index: Index | None = None
         self.cases: list[Case] = []
         self.split: Split | None = None
-        self._volumes = None
+        self._volumes: Dataset | None = None
         self._tables: dict[str, SliceTable] = {}
 
     # --------------------------------------------------------------- settings
@@ -290,9 +290,10 @@ class SegmentationDataModule(EpisodicDataModule):
         nearly every axial slice, such as the vertebrae, would leave none)."""
         if self._volumes is None:
             self._volumes = self._volume_dataset()
+        volumes = self._volumes
         left, kept = 0, dict.fromkeys(candidates, 0)
         for i in train:
-            label = as_plain_tensor(self._volumes[i]["label"])[0]
+            label = as_plain_tensor(volumes[i]["label"])[0]
             free = ~slices_showing(label, self.cases[i], self.hparams.test_organs or ())
             left += int(free.sum())
             for o in candidates:
@@ -301,14 +302,17 @@ class SegmentationDataModule(EpisodicDataModule):
 
     def _setup_stages(self) -> None:
         h = self.hparams
+        split = self.split
+        assert split is not None  # setup() makes the split first
         if self._volumes is None:
             self._volumes = self._volume_dataset()
-        used = sorted(set(self.split.train) | set(self.split.val) | set(self.split.test))
-        labels = {i: self._volumes[i]["label"] for i in used}
+        volumes = self._volumes
+        used = sorted(set(split.train) | set(split.val) | set(split.test))
+        labels = {i: volumes[i]["label"] for i in used}
         for stage_name, organs, exclude in (
-            ("train", self.split.train_organs, self.split.excluded_organs),
-            ("val", self.split.val_organs, ()),
-            ("test", self.split.test_organs, ()),
+            ("train", split.train_organs, split.excluded_organs),
+            ("val", split.val_organs, ()),
+            ("test", split.test_organs, ()),
         ):
             ids = getattr(self.split, stage_name)
             self._tables[stage_name] = build_slice_table(
@@ -335,16 +339,19 @@ class SegmentationDataModule(EpisodicDataModule):
     def selfsup_cases(self) -> list[Case]:
         """The scans self-supervised episodes may use: every indexed scan, labelled or not, except those of
         validation and test patients and of the sites that cross_site holds out."""
-        s = self.split
+        s, index = self.split, self.index
+        assert s is not None and index is not None  # after setup()
         held_patients = s.patients(self.cases, "val") | s.patients(self.cases, "test")
         held_sites = {self.cases[i].site for i in s.test} if s.protocol == "cross_site" else set()
-        return [c for c in self.index.cases if c.patient not in held_patients and c.site not in held_sites]
+        return [c for c in index.cases if c.patient not in held_patients and c.site not in held_sites]
 
     def _banned_slices(self) -> dict[str, set[int]]:
         """Setting 2: case id -> slices of training scans that show a held-out organ (from their label maps)."""
+        split, volumes = self.split, self._volumes
+        assert split is not None and volumes is not None  # after _setup_stages()
         out: dict[str, set[int]] = {}
-        for i in self.split.train:
-            banned = slices_showing(as_plain_tensor(self._volumes[i]["label"])[0], self.cases[i], self.split.excluded_organs)
+        for i in split.train:
+            banned = slices_showing(as_plain_tensor(volumes[i]["label"])[0], self.cases[i], split.excluded_organs)
             out[self.cases[i].case_id] = set(torch.nonzero(banned).flatten().tolist())
         return out
 
@@ -353,6 +360,7 @@ class SegmentationDataModule(EpisodicDataModule):
         from datamodules.transforms.superpixels import DEFAULT_SETTINGS, superpixel_table
 
         h = self.hparams
+        assert self.split is not None  # after _setup_stages()
         self.selfsup_volume_cases = self.selfsup_cases()
         if not self.selfsup_volume_cases:
             raise ValueError(f"no scan under {self.root} is left for self-supervision after holding out the "
@@ -360,19 +368,21 @@ class SegmentationDataModule(EpisodicDataModule):
         self._selfsup_volumes = self._superpixel_dataset()
         min_pixels = {**DEFAULT_SETTINGS, **(h.superpixels or {})}["min_pixels"]
         banned = self._banned_slices() if self.split.excluded_organs else {}
-        tables = {}
+        tables: dict[int, dict[int, list[int]]] = {}
         for v, case in enumerate(self.selfsup_volume_cases):
             table = superpixel_table(as_plain_tensor(self._selfsup_volumes[v]["superpixels"])[0], min_pixels)
             skip = banned.get(case.case_id, set())
             tables[v] = {z: ids for z, ids in table.items() if z not in skip}
         selfsup = SuperpixelEpisodeSampler(tables, h.episodes_per_epoch, seed=h.seed + 3)
         supervised = self._samplers.get("train")
-        if h.selfsup_ratio < 1.0 and supervised is None:
+        if h.selfsup_ratio == 1.0:
+            self._samplers["train"] = selfsup
+            return
+        if supervised is None:  # selfsup_ratio < 1 (it lies in [0, 1])
             raise ValueError("selfsup_ratio < 1 mixes in supervised episodes, but the training split has none")
-        self._samplers["train"] = selfsup if h.selfsup_ratio == 1.0 else MixedEpisodeSampler(
-            supervised, selfsup, h.selfsup_ratio, h.episodes_per_epoch, seed=h.seed + 4)
+        self._samplers["train"] = MixedEpisodeSampler(supervised, selfsup, h.selfsup_ratio, h.episodes_per_epoch, seed=h.seed + 4)
 
-    def _superpixel_dataset(self):
+    def _superpixel_dataset(self) -> Dataset:
         """Preprocessed images of the self-supervision scans with their superpixel maps, cached like the
         labelled volumes. Only image paths are read: never a label map."""
         from monai.transforms import Compose
@@ -383,11 +393,13 @@ class SegmentationDataModule(EpisodicDataModule):
         settings = {**DEFAULT_SETTINGS, **(h.superpixels or {})}
         tf = Compose([*volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles, keys=("image",)).transforms,
                       Superpixelsd(keys=("image",), **{k: v for k, v in settings.items()})])
-        items = [{"image": self.index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
+        index = self.index
+        assert index is not None  # after setup()
+        items = [{"image": index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
                  for c in self.selfsup_volume_cases]
         return self._cached(items, tf, f"superpixels-{digest([self.preprocessing, settings])}")
 
-    def _cached(self, items: list[dict], tf, folder: str):
+    def _cached(self, items: list[dict], tf: Any, folder: str) -> Dataset:
         """``items`` through ``tf``, cached as configured: in memory, on disk under ``cache_dir/<root>/folder``, or not."""
         if self.hparams.cache == "memory":
             return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
@@ -413,10 +425,13 @@ class SegmentationDataModule(EpisodicDataModule):
 
     def _check_index_is_current(self) -> None:
         """Fail early, naming the files, when the index lists files that are gone (the data changed since the scan)."""
+        index = self.index
+        assert index is not None  # setup() loads it first
         missing = []
         for c in self.cases:
-            paths = self.index.resolve(c.image)
-            for p in (paths if isinstance(paths, list) else [paths]) + ([self.index.resolve(c.label)] if c.label else []):
+            paths = index.resolve(c.image)
+            label = [cast(str, index.resolve(c.label))] if c.label else []  # one path in, one path out
+            for p in (paths if isinstance(paths, list) else [paths]) + label:
                 if not Path(p).is_file():
                     missing.append(p)
         if missing:
@@ -425,28 +440,32 @@ class SegmentationDataModule(EpisodicDataModule):
                 "set data.init_args.rescan: true (or delete the index) to scan the folder again"
             )
 
-    def _volume_dataset(self):
+    def _volume_dataset(self) -> Dataset:
         """The preprocessed labelled volumes, cached as configured."""
         h = self.hparams
+        assert self.index is not None  # setup() loads it first
         tf = volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles)
         return self._cached(case_items(self.index, self.cases), tf, f"volumes-{digest(self.preprocessing)}")
 
     def _fixed_episodes(self, stage: str) -> list[SegmentationEpisodeSpec]:
         """Fixed, seeded episodes for val/test; written to JSON (and read back from a given file)."""
+        split = self.split
+        assert split is not None  # after setup()
         case_ids = [c.case_id for c in self.cases]
         if stage == "test" and self.hparams.test_episodes_file:
             path = Path(self.hparams.test_episodes_file)
-            specs, meta = load_episodes(path, case_ids)
+            loaded, meta = load_episodes(path, case_ids)
+            specs = cast(list[SegmentationEpisodeSpec], loaded)  # a segmentation file: check_segmentation_episodes checks it
             if meta.get("preprocessing") not in (None, self.preprocessing):
                 raise ValueError(
                     f"{path} was drawn with preprocessing {meta['preprocessing']}, "
                     f"this run uses {self.preprocessing}; slice indices would not match"
                 )
-            check_segmentation_episodes(path, specs, self.cases, self.split, self.hparams.n_shot, self.hparams.n_query)
+            check_segmentation_episodes(path, specs, self.cases, split, self.hparams.n_shot, self.hparams.n_query)
             self.episode_files[stage] = path
             return specs
         specs = self._samplers[stage].fixed_episodes()
-        meta = {"stage": stage, "protocol": self.split.protocol, "seed": self.hparams.seed, "preprocessing": self.preprocessing,
+        meta = {"stage": stage, "protocol": split.protocol, "seed": self.hparams.seed, "preprocessing": self.preprocessing,
                 "organs": getattr(self.split, f"{stage}_organs")}
         self.episode_files[stage] = save_episodes(specs, case_ids, self.episode_path(stage), meta)
         return specs
@@ -490,13 +509,16 @@ class SegmentationDataModule(EpisodicDataModule):
 
     # -------------------------------------------------------------- reporting
     def test_scans(self) -> list[dict[str, Any]]:
-        organs = set(self.split.test_organs)
+        split, index = self.split, self.index
+        assert split is not None and index is not None  # after setup()
+        organs = set(split.test_organs)
         return [{**item, "organs": {o: v for o, v in c.organs.items() if o in organs}, "patient": c.patient, "site": c.site}
-                for c, item in ((self.cases[i], case_items(self.index, [self.cases[i]])[0]) for i in self.split.test)]
+                for c, item in ((self.cases[i], case_items(index, [self.cases[i]])[0]) for i in split.test)]
 
     def _split_identity(self) -> dict[str, Any]:
         """Who is in each stage (pseudonymous case ids) and which structures each stage targets."""
         s = self.split
+        assert s is not None  # after setup()
         return ({k: sorted(self.cases[i].case_id for i in getattr(s, k)) for k in ("train", "val", "test")}
                 | {"protocol": s.protocol, "train_organs": s.train_organs, "test_organs": s.test_organs,
                    "excluded_organs": s.excluded_organs})
@@ -504,6 +526,7 @@ class SegmentationDataModule(EpisodicDataModule):
     def _describe(self) -> dict[str, Any]:
         """Split sizes and organs."""
         s = self.split
+        assert s is not None  # after setup()
         return {
             "protocol": s.protocol,
             "patients": {k: len(s.patients(self.cases, k)) for k in ("train", "val", "test")},

@@ -90,10 +90,12 @@ class AdaptationEpisodes:
         return _episode(torch.cat([views[0][0], views[1][0]]), torch.cat([views[0][1], views[1][1]]))
 
     def batch(self, size: int) -> Episode:
-        eps = []
+        eps: list[Episode] = []
         for n in range(size):
             ep = self.selfsup() if n % 2 == 0 else self.supervised()
-            eps.append(ep if ep is not None else (self.supervised() or self.selfsup()))
+            ep = ep if ep is not None else (self.supervised() or self.selfsup())
+            assert ep is not None  # __init__ refuses data with neither a superpixel nor a labelled slice
+            eps.append(ep)
         return collate_episodes(eps)
 
 

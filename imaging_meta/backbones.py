@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, cast
 
 import torch
 from monai.networks.nets import BasicUNet
@@ -78,6 +79,12 @@ def build_backbone(name: str, in_channels: int = 1, transductive: bool = False, 
     return backbone
 
 
+def backbone_channels(backbone: nn.Module) -> int:
+    """The ``out_channels`` of a backbone from `build_backbone` (every registered backbone sets it; the type
+    checker sees only ``nn.Module``, whose attribute lookup is untyped)."""
+    return int(cast(int, backbone.out_channels))
+
+
 # ---------------------------------------------------------------------- support statistics
 _SUPPORT_ROWS: ContextVar[int | None] = ContextVar("support_rows", default=None)
 
@@ -100,7 +107,13 @@ def support_statistics(n_support: int) -> Iterator[None]:
         _SUPPORT_ROWS.reset(token)
 
 
-class _SupportStatistics:
+if TYPE_CHECKING:  # the type checker sees the mixin's host class; at run time it mixes into nn.BatchNorm*d
+    _BatchNormHost = nn.modules.batchnorm._BatchNorm
+else:
+    _BatchNormHost = object
+
+
+class _SupportStatistics(_BatchNormHost):
     """The forward pass of `SupportBatchNorm2d` / `SupportBatchNorm3d` (mixed into ``nn.BatchNorm*d``)."""
 
     #: ignore `support_statistics`: normalise with the statistics of the whole batch
@@ -308,7 +321,7 @@ class Encoder(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.out_features = int(backbone.out_channels)
+        self.out_features = backbone_channels(backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x).flatten(2).mean(-1)

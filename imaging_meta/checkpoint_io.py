@@ -20,6 +20,7 @@ rebuilds the old split (`LEGACY_DATA_ARGS`), so ``evaluate`` tests it on the spl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
     return content
 
 
-def load_learner(checkpoint: str | Path, device: str | torch.device = "cpu", ckpt: dict | None = None) -> tuple[Learner, dict]:
+def load_learner(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", ckpt: dict | None = None) -> tuple[Learner, dict]:
     """Rebuild the trained learner of an ``imaging-meta fit`` checkpoint, without executing pickled code.
 
     Args:

@@ -114,5 +114,5 @@ def collate_episodes(episodes: Sequence[Episode]) -> Episode:
                 "n_query and spatial size for every episode of a batch"
             )
         stacked[k] = torch.stack([getattr(e, k) for e in episodes])
-    meta = {f.name: [getattr(e, f.name) for e in episodes] for f in fields(Episode) if f.name not in Episode.TENSOR_FIELDS and f.name != "batched"}
+    meta: dict[str, Any] = {f.name: [getattr(e, f.name) for e in episodes] for f in fields(Episode) if f.name not in Episode.TENSOR_FIELDS and f.name != "batched"}
     return Episode(**stacked, **meta, batched=True)

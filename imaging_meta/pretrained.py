@@ -42,6 +42,7 @@ import inspect
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -156,6 +157,15 @@ class ResNet(nn.Module):
             BatchNorm).
         imagenet_norm: normalise the input with ImageNet's mean and std (see the module docstring).
     """
+
+    # registered in __init__ (setattr, register_buffer); declared for the type checker. layer4 exists when
+    # feature_stride is 32
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
 
     def __init__(
         self,
@@ -341,7 +351,7 @@ def _download(url: str, cache_dir: str | Path | None, timeout: float) -> object:
     if "weights_only" not in inspect.signature(hub).parameters:
         raise ValueError(f"this torch ({torch.__version__}) cannot load {url} with weights_only=True; download the "
                          "file and set weights: to its path")
-    kwargs = {"map_location": "cpu", "progress": False, "check_hash": False, "weights_only": True}
+    kwargs: dict[str, Any] = {"map_location": "cpu", "progress": False, "check_hash": False, "weights_only": True}
     if cache_dir is not None:
         kwargs["model_dir"] = str(cache_dir)
     previous = socket.getdefaulttimeout()
@@ -396,7 +406,7 @@ def build_resnet(
         freeze_bn=given if freeze_bn is None else bool(freeze_bn), freeze_stages=freeze_stages,
         imagenet_norm=given if imagenet_norm is None else bool(imagenet_norm),
     )
-    if given:
+    if weights is not None:  # given
         model.load_pretrained(load_weights(weights), source=str(weights))
     return model
 

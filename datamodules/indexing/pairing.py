@@ -211,8 +211,7 @@ def candidates(parent: str, stems: Sequence[str], names: Sequence[str], beside: 
             for s in stems:
                 for ext in NIFTI_SUFFIXES:
                     out.append(os.path.join(grand, lf, s + ext))
-    seen: set[str] = set()
-    return [c for c in out if not (c in seen or seen.add(c))]
+    return list(dict.fromkeys(out))  # in order, without repeats
 
 
 def key_desc(books: ScanBooks, key: str, series: Sequence[Series]) -> str:

@@ -137,7 +137,7 @@ def _stratified_split(cases: Sequence[Case], val_fraction: float, test_fraction:
 
 def _match_sites(requested: Sequence[str], sites: Sequence[str]) -> list[str]:
     """Site keys matching each requested name (exact key, or a case-insensitive substring of it)."""
-    out = []
+    out: list[str] = []
     for r in requested:
         hits = [s for s in sites if s == r] or [s for s in sites if r.lower() in s.lower()]
         if not hits:
@@ -364,7 +364,8 @@ def make_split(
             split = _cross_organ(cases, idx, all_organs, test_organs, val_organs, val_organ_count, seed,
                                  exclude_test_organ_slices, val_organ_filter)
         else:
-            split = Split(**idx, train_organs=all_organs, val_organs=all_organs, test_organs=all_organs, protocol=protocol)
+            split = Split(idx["train"], idx["val"], idx["test"], train_organs=all_organs, val_organs=all_organs,
+                          test_organs=all_organs, protocol=protocol)
 
     for stage in ("train", "test"):
         if not getattr(split, stage):

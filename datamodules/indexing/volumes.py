@@ -80,7 +80,7 @@ class Volume:
 def load_nifti(path: str) -> tuple[Any, np.ndarray, list[int]]:
     """Header and data of a 3D NIfTI; `Reject` with the reason otherwise."""
     try:
-        img = nib.load(path)
+        img: Any = nib.load(path)  # a spatial image (nibabel types it as the file-based base class)
     except Exception as e:
         raise Reject(
             f"cannot read the NIfTI header ({type(e).__name__}: {e}); the file is corrupt or not NIfTI - "
@@ -133,7 +133,7 @@ def check_image_data(data: np.ndarray, min_slices: int) -> None:
 def label_values(path: str, rel: str, image: Volume) -> list[int]:
     """Check a label map against its image; return the non-zero values present."""
     try:
-        img = nib.load(path)
+        img: Any = nib.load(path)
     except Exception as e:
         raise Reject(f"label map {rel}: cannot read the NIfTI header ({type(e).__name__}: {e})") from e
     try:

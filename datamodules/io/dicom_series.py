@@ -58,10 +58,10 @@ class DicomSeries:
 
 
 def series_affine(
-    orientation: Sequence[float],
-    first_position: Sequence[float],
-    pixel_spacing: Sequence[float],
-    step: Sequence[float],
+    orientation: Sequence[float] | np.ndarray,
+    first_position: Sequence[float] | np.ndarray,
+    pixel_spacing: Sequence[float] | np.ndarray,
+    step: Sequence[float] | np.ndarray,
 ) -> np.ndarray:
     """Voxel -> world (RAS, mm) affine of a slice stack.
 

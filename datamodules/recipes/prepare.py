@@ -40,12 +40,13 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 import pydicom
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+from nibabel.spatialimages import SpatialImage
 from PIL import Image
 
 from datamodules.indexing.volumes import grid_mismatch
@@ -185,7 +186,8 @@ def _find_synapse(source: Path) -> list[tuple[str, tuple[Path, ...]]]:
 def _convert_synapse(image_path: Path, label_path: Path) -> Converted:
     """One BTCV scan: the image as stored (HU), the label reduced to `ORGANS` on the image's grid."""
     try:
-        img, lab = nib.load(image_path), nib.load(label_path)
+        # nib.load is typed as any image file; these are volumes (NIfTI), with an array and an affine
+        img, lab = cast(SpatialImage, nib.load(image_path)), cast(SpatialImage, nib.load(label_path))
         data = np.asanyarray(img.dataobj)
         lab_data = np.asanyarray(lab.dataobj)
     except Exception as e:
@@ -369,7 +371,7 @@ def ssl_alpnet_folds(ids: Sequence[str], files: dict[str, str], expected: int) -
         support = order[sep[f + 1] % n] if test and n > len(test) else None
         train = [p for p in order if p not in test and p != support]
         folds.append({"fold": f, "test": test, "support": support, "train": train,
-                      "test_images": [files[p] for p in test], "support_image": files.get(support)})
+                      "test_images": [files[p] for p in test], "support_image": files.get(support) if support is not None else None})
     return {
         "generator": GENERATOR,
         "scheme": "SSL-ALPNet 5-fold cross-validation (Ouyang et al., ECCV 2020)",
@@ -491,7 +493,7 @@ def _write_descriptions(dataset: str, recipe: Recipe, source: Path, out: Path, r
     folds = ssl_alpnet_folds([r["id"] for r in records], {r["id"]: r["image"] for r in records},
                              recipe.expected_patients)
     _write_json(out / "folds.json", folds)
-    summary = {
+    summary: dict[str, Any] = {
         "generator": GENERATOR,
         "dataset": dataset,
         "description": recipe.description,

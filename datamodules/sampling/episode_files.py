@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from datamodules.io.atomic import atomic_open
 from datamodules.sampling.samplers_classification import ClassificationEpisodeSpec
@@ -86,8 +86,10 @@ def _classification_specs(path: Path, episodes: list[dict], where: dict[str, int
 
 # spec class -> how one spec is stored; file kind -> how a file's episodes are read back (a file without a
 # known kind holds segmentation episodes, as the first files did)
-_RECORDS = {SegmentationEpisodeSpec: _segmentation_record, ClassificationEpisodeSpec: _classification_record}
-_READERS = {SegmentationEpisodeSpec.kind: _segmentation_specs, ClassificationEpisodeSpec.kind: _classification_specs}
+_RECORDS: dict[type, Callable[[Any, Sequence[str], Any], dict]] = {
+    SegmentationEpisodeSpec: _segmentation_record, ClassificationEpisodeSpec: _classification_record}
+_READERS: dict[str, Callable[[Path, list[dict], dict[str, int], Any], list[EpisodeSpec]]] = {
+    SegmentationEpisodeSpec.kind: _segmentation_specs, ClassificationEpisodeSpec.kind: _classification_specs}
 
 
 def save_episodes(
@@ -189,6 +191,7 @@ def check_segmentation_episodes(
     stage_of = {i: stage for stage in ("train", "val", "test") for i in getattr(split, stage)}
     test_sites = {cases[i].site for i in split.test}
     for e, spec in enumerate(specs):
+        problem: str | None
         if len(spec.support) != n_shot or len(spec.query) != n_query:
             problem = (f"{len(spec.support)} support and {len(spec.query)} query slices; this run is {n_shot}-shot "
                        f"with {n_query} queries")

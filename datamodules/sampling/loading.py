@@ -9,13 +9,16 @@ episode comes from the seed in its spec, so a batch is the same whatever the wor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampling.samplers import EpisodeSampler
 from imaging_meta.episode import collate_episodes
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
 
 
 def episode_loader(dataset: Dataset, sampler: EpisodeSampler | Sequence, batch_size: int, num_workers: int) -> DataLoader:
@@ -47,6 +50,13 @@ class ResumableEpisodes:
     trained on, so a run resumed from a mid-epoch checkpoint sees exactly the episodes an uninterrupted run
     would have seen. A checkpoint written at the end of an epoch needs no skip.
     """
+
+    _resume_state: dict[str, Any] | None
+
+    if TYPE_CHECKING:  # for the type checker: what the LightningDataModule this is mixed into provides
+
+        @property
+        def hparams(self) -> AttributeDict: ...
 
     def state_dict(self) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)

@@ -9,9 +9,9 @@ drawn uniformly among those of patients outside every support of the episode.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -67,15 +67,16 @@ def splittable(
     return (n_shot, n_query) in states
 
 
-def _counts(items: Sequence[int], patients: Sequence[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _counts(items: Iterable[int], patients: Sequence[str] | np.ndarray) -> dict[Any, int]:
+    """patient (a name, or an integer code) -> how many of ``items`` are theirs."""
+    out: dict[Any, int] = {}
     for i in items:
         out[patients[i]] = out.get(patients[i], 0) + 1
     return out
 
 
 def classification_infeasible(
-    labels: Sequence[int],
+    labels: Sequence[int] | np.ndarray,
     patients: Sequence[str],
     sites: Sequence[str],
     classes: Sequence[int],
@@ -159,7 +160,7 @@ class ClassificationEpisodeSampler(EpisodeSampler):
 
     def __init__(
         self,
-        labels: Sequence[int],
+        labels: Sequence[int] | np.ndarray,
         patients: Sequence[str],
         sites: Sequence[str],
         classes: Sequence[int] | None = None,

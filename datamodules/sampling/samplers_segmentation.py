@@ -129,7 +129,7 @@ class SegmentationEpisodeSampler(EpisodeSampler):
         cases = [int(rng.choice(by_patient[p])) for p in chosen]
         if self.n_parts > 0:
             part = rng.integers(self.n_parts)
-            r_support = (part + 0.5) / self.n_parts
+            r_support: float = (part + 0.5) / self.n_parts
             lo, hi = part / self.n_parts, (part + 1) / self.n_parts
             r_query = [float(rng.uniform(lo, hi)) for _ in range(self.n_query)]
         else:

@@ -89,7 +89,8 @@ def _read_pil(path: Path) -> _Read:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as opened:
+            im: Image.Image = opened  # converted below into a plain Image
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
                 raise ValueError(f"{path}: an animated/multi-page image ({frames} frames); save one frame per file")
@@ -316,7 +317,7 @@ class ImageFolder(ItemSource):
         dirs = self._class_dirs()
         skipped = [f for f in sorted(root.iterdir()) if f.is_file() and not f.name.startswith(".")]
         for d in dirs:
-            files = []
+            files: list[Path] = []
             for f in sorted(d.rglob("*")):
                 if not f.is_file() or any(part.startswith(".") for part in f.relative_to(root).parts):
                     continue

@@ -75,6 +75,7 @@ def read_lesion_rows(path: Path, root: Path) -> tuple[list[LesionRow], list[dict
             if problems:
                 errors.append(f"{path}: line {line}: " + "; ".join(problems))
                 continue
+            assert row is not None  # a record without problems gives a row
             rows.append(row)
     if errors:
         more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
@@ -123,6 +124,7 @@ def _parse_record(rec: dict[str, str], line: int, root: Path, has_centre: bool, 
             problems.append(f"size_mm {size!r} is not a positive number of mm")
     if problems:
         return None
+    assert centre is not None  # _centre gives None only with a problem
     return LesionRow(line=line, image=norm_rel(image, root), cls=cls, centre=centre,
                      patient=(rec.get("patient") or "").strip() or None,
                      site=(rec.get("site") or "").strip() or None)

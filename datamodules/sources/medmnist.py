@@ -150,7 +150,7 @@ class MedMNIST(ItemSource):
                 raise ValueError(f"{path}: missing key(s) {missing} (it has {sorted(npz.files)}); is it a MedMNIST file? "
                                  "Or set `splits` to the splits it has")
             labels_by_split = {}
-            layout = None
+            layout: str | None = None
             for s in self.splits:
                 imgs = npz[f"{s}_images"]
                 lay = _check_images(imgs, path, f"{s}_images")
@@ -158,6 +158,7 @@ class MedMNIST(ItemSource):
                     raise ValueError(f"{path}: {s}_images are {lay} but the other splits are {layout}")
                 layout = lay
                 labels_by_split[s] = _check_labels(npz[f"{s}_labels"], len(imgs), path, f"{s}_labels")
+            assert layout is not None  # splits is never empty (__init__)
             stem = _stem(path)
             names = self.class_names.get(stem)
             all_labels = np.concatenate([labels_by_split[s] for s in self.splits])
@@ -216,7 +217,10 @@ class MedMNIST(ItemSource):
 
     def build(self) -> ItemTable:
         rng = np.random.default_rng(self.seed)
-        images, labels, classes, ids = [], [], [], []
+        images: list[torch.Tensor] = []
+        labels: list[np.ndarray] = []
+        classes: list[str] = []
+        ids: list[str] = []
         sites: list[str] = []
         shapes: dict[tuple[int, ...], Path] = {}
         for p in map(Path, self.paths):

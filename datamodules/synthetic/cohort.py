@@ -100,6 +100,7 @@ def _write_dicom_patient(site_dir: Path, si: int, site: Site, i: int, r: _Render
                          rng_uid: np.random.Generator) -> tuple[list[Path], str]:
     """Write a CT site's patient as a DICOM series plus a NIfTI label map; return (files, lesions.csv image)."""
     pat_dir = site_dir / f"pat{i:02d}"
+    kw: dict[str, Any]
     if site.letter == "A":
         series = "CT"
         kw = dict(slope=1.0, intercept=-1024.0, signed=False)

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -181,8 +181,8 @@ def _series_template(
     nx, ny = shape
     g = geometry
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = _SOP_CLASS[modality]
-    meta.MediaStorageSOPInstanceUID = first_sop_uid
+    meta.MediaStorageSOPClassUID = UID(_SOP_CLASS[modality])
+    meta.MediaStorageSOPInstanceUID = UID(first_sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
@@ -234,7 +234,7 @@ def _write_slices(
     nz = stored.shape[2]
     paths = []
     for k in range(nz):
-        template.file_meta.MediaStorageSOPInstanceUID = sop_uids[k]
+        template.file_meta.MediaStorageSOPInstanceUID = UID(sop_uids[k])
         template.SOPInstanceUID = sop_uids[k]
         template.InstanceNumber = nz - k if reverse else k + 1
         position = geometry.origin + k * geometry.cols[:, 2]

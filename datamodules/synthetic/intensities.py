@@ -53,6 +53,7 @@ def site_image(site: Site, pat: Patient, tissue: np.ndarray, xyz, rng: np.random
     w = 1.0 / (1.0 + np.exp(-2.5 * tex_b[visc]))
     img[visc] = w * site.means[FAT] + (1.0 - w) * site.means[VISCERA]
     if lesions:
+        assert label is not None and rng_lesions is not None  # lesions come with their label map and generator
         render_lesions(img, label, xyz, site, lesions, rng_lesions)
     sx, sy = site.spacing
     img = gaussian_filter(img, sigma=(1.8 / sx, 1.8 / sy, 1.2 / site.slice_spacing), mode="nearest")

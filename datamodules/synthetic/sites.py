@@ -71,17 +71,25 @@ _A_MEANS, _A_TEX = _ct({LIVER: 45, SPLEEN: 60, KIDNEY_CORTEX: 20, KIDNEY_MEDULLA
 _B_MEANS, _B_TEX = _ct({LIVER: 15, SPLEEN: 75, KIDNEY_CORTEX: 90, KIDNEY_MEDULLA: 0, AORTA: 260, IVC: 20},
                        {SPLEEN: 25, KIDNEY_CORTEX: 14})
 # T1-weighted, 1.5 T: fat bright, bile and fluid dark, liver above spleen.
-_C_MEANS = {AIR: 0, FAT: 850, MUSCLE: 330, VISCERA: 260, CORTICAL: 20, CANCELLOUS: 600, DISC: 250, CANAL: 110,
-            AORTA: 40, IVC: 60, LIVER: 520, SPLEEN: 380, KIDNEY_CORTEX: 420, KIDNEY_MEDULLA: 300, STOMACH: 150,
-            STOMACH_GAS: 0, GALLBLADDER: 90}
-_C_TEX = {FAT: 30, MUSCLE: 15, LIVER: 20, SPLEEN: 15, KIDNEY_CORTEX: 15, KIDNEY_MEDULLA: 15, STOMACH: 20,
-          CANCELLOUS: 40, GALLBLADDER: 5}
+_C_MEANS: dict[int, float] = {
+    AIR: 0, FAT: 850, MUSCLE: 330, VISCERA: 260, CORTICAL: 20, CANCELLOUS: 600, DISC: 250, CANAL: 110,
+    AORTA: 40, IVC: 60, LIVER: 520, SPLEEN: 380, KIDNEY_CORTEX: 420, KIDNEY_MEDULLA: 300, STOMACH: 150,
+    STOMACH_GAS: 0, GALLBLADDER: 90,
+}
+_C_TEX: dict[int, float] = {
+    FAT: 30, MUSCLE: 15, LIVER: 20, SPLEEN: 15, KIDNEY_CORTEX: 15, KIDNEY_MEDULLA: 15, STOMACH: 20,
+    CANCELLOUS: 40, GALLBLADDER: 5,
+}
 # T2-weighted, 3 T: fluid (bile, stomach content, CSF) bright, spleen and kidneys above liver.
-_D_MEANS = {AIR: 0, FAT: 1300, MUSCLE: 350, VISCERA: 800, CORTICAL: 40, CANCELLOUS: 700, DISC: 1500, CANAL: 2000,
-            AORTA: 80, IVC: 120, LIVER: 480, SPLEEN: 1000, KIDNEY_CORTEX: 1100, KIDNEY_MEDULLA: 1350,
-            STOMACH: 1900, STOMACH_GAS: 0, GALLBLADDER: 2300}
-_D_TEX = {FAT: 80, MUSCLE: 40, LIVER: 50, SPLEEN: 80, KIDNEY_CORTEX: 60, KIDNEY_MEDULLA: 60, STOMACH: 120,
-          CANCELLOUS: 80, GALLBLADDER: 40}
+_D_MEANS: dict[int, float] = {
+    AIR: 0, FAT: 1300, MUSCLE: 350, VISCERA: 800, CORTICAL: 40, CANCELLOUS: 700, DISC: 1500, CANAL: 2000,
+    AORTA: 80, IVC: 120, LIVER: 480, SPLEEN: 1000, KIDNEY_CORTEX: 1100, KIDNEY_MEDULLA: 1350, STOMACH: 1900,
+    STOMACH_GAS: 0, GALLBLADDER: 2300,
+}
+_D_TEX: dict[int, float] = {
+    FAT: 80, MUSCLE: 40, LIVER: 50, SPLEEN: 80, KIDNEY_CORTEX: 60, KIDNEY_MEDULLA: 60, STOMACH: 120,
+    CANCELLOUS: 80, GALLBLADDER: 40,
+}
 
 SITES: tuple[Site, ...] = (
     # A: portal-venous phase (unenhanced HU + portal enhancement); B: late arterial phase, noisier
@@ -115,10 +123,11 @@ def grid_affine(site: Site, table_z: float) -> np.ndarray:
     return aff
 
 
-def world_grid(affine: np.ndarray, shape: tuple[int, int, int]):
+def world_grid(affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """World (RAS, mm) x, y, z of the voxel centres of ``shape`` under ``affine``, float32, broadcastable."""
     i, j, k = (np.arange(n, dtype=np.float32) for n in shape)
     i, j, k = i[:, None, None], j[None, :, None], k[None, None, :]
     a = affine.astype(np.float32)
-    return tuple(a[r, 0] * i + a[r, 1] * j + a[r, 2] * k + a[r, 3] for r in range(3))
+    x, y, z = (a[r, 0] * i + a[r, 1] * j + a[r, 2] * k + a[r, 3] for r in range(3))
+    return x, y, z
 

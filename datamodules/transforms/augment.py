@@ -13,8 +13,8 @@ Slice augmentation of supervised segmentation episodes (MONAI dictionary transfo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Hashable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ class RandItemAugment(RandomizableTransform):
         x = x * torch.as_tensor(p["factor"], dtype=x.dtype).reshape(view) + torch.as_tensor(p["noise"], dtype=x.dtype)
         return x.clamp(0.0, 1.0)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, *spatial) -> augmented (N, C, *spatial) float32, a new draw per item."""
         x = torch.as_tensor(x, dtype=torch.float32)
         p = self.randomize(x.shape)
@@ -140,15 +140,17 @@ class RandItemAugmentd(MapTransform, RandomizableTransform):
         RandomizableTransform.__init__(self, prob=1.0)
         self.aug = RandItemAugment(**kwargs)
         self.modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        # intensity_keys: one key (a string) or a collection of keys
         self.intensity_keys = set([self.keys[0]] if intensity_keys is None else
-                                  ([intensity_keys] if isinstance(intensity_keys, str) else intensity_keys))
+                                  ([intensity_keys] if isinstance(intensity_keys, str)
+                                   else cast(Collection[Hashable], intensity_keys)))
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandItemAugmentd:
         super().set_random_state(seed, state)
         self.aug.set_random_state(seed, state)
         return self
 
-    def __call__(self, data):  # type: ignore[override]
+    def __call__(self, data):
         d = dict(data)
         first = next(iter(self.key_iterator(d)), None)
         if first is None:
@@ -169,8 +171,8 @@ def classification_augmentation(**kwargs: Any) -> RandItemAugment:
 
 #: SSL-ALPNet's views: affine and intensity changes strong enough that the task is not an identity (an
 #: elastic deformation is added on top, see `warp`). No flips: left and right mean something in anatomy.
-SELFSUP_AUGMENT = {"rotate_degrees": 15.0, "scale": 0.15, "translate": 0.08, "flip_prob": 0.0, "gamma": (0.6, 1.6),
-                   "intensity_scale": 0.15, "noise_std": 0.03, "prob": 1.0}
+SELFSUP_AUGMENT: dict[str, Any] = {"rotate_degrees": 15.0, "scale": 0.15, "translate": 0.08, "flip_prob": 0.0,
+                                   "gamma": (0.6, 1.6), "intensity_scale": 0.15, "noise_std": 0.03, "prob": 1.0}
 
 
 #: elastic deformation of the views: displacements up to 4% of the half-width, smooth over a 4x4 control grid.

@@ -31,6 +31,7 @@ preprocessing (`Superpixelsd`).
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ __all__ = [
     "volume_superpixels",
 ]
 
-DEFAULT_SETTINGS = {
+DEFAULT_SETTINGS: dict[str, Any] = {
     "threshold": 0.05,
     "scale": 10.0,
     "sigma": 0.5,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,7 +174,8 @@ class ModalityIntensity(Transform):
         self.ct_window = (float(lo), float(hi))
         self.mr_percentiles = (float(plo), float(phi))
 
-    def __call__(self, img: torch.Tensor, modality: str) -> torch.Tensor:
+    # MONAI's Transform declares __call__(data); an array transform that needs the modality takes two arguments
+    def __call__(self, img: torch.Tensor, modality: str) -> torch.Tensor:  # type: ignore[override]
         if not torch.isfinite(img).all():
             raise ValueError(f"{_source(img)}: image contains NaN or Inf values; repair or exclude this file")
         if modality.upper() in CT_MODALITIES:
@@ -270,7 +272,7 @@ class LoadVolumed(MapTransform):
         name = str(source).lower() if isinstance(source, (str, Path)) else ""
         return self.nifti if name.endswith((".nii", ".nii.gz")) else self.dicom
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.loader(d[key], reader=self.reader_for(d[key]))
@@ -336,6 +338,7 @@ def slice_augmentation(
     ``set_random_state(seed)`` on the result to make it deterministic.
     """
     h, w = (int(s) for s in slice_size)
+    gamma_lo, gamma_hi = gamma
     rad = float(np.deg2rad(rotate_degrees))
     return Compose(
         [
@@ -348,7 +351,7 @@ def slice_augmentation(
                 mode=("bilinear", "nearest"),
                 padding_mode="zeros",
             ),
-            RandAdjustContrastd("image", prob=prob, gamma=tuple(gamma)),
+            RandAdjustContrastd("image", prob=prob, gamma=(gamma_lo, gamma_hi)),
             RandScaleIntensityd("image", factors=intensity_scale, prob=prob),
             RandGaussianNoised("image", prob=prob, std=noise_std),
         ]

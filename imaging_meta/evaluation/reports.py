@@ -11,7 +11,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from datamodules.io.atomic import atomic_write_text
@@ -203,7 +203,7 @@ def citation(context: dict, summary: dict) -> str:
             + f" at commit {context['git_commit'][:12]}.")
 
 
-def _metric_notes(context: dict, metrics: Sequence[str]) -> list[str]:
+def _metric_notes(context: dict, metrics: Collection[str]) -> list[str]:
     """How the report's metrics were computed, one line per concern, for the metrics it has."""
     lines = []
     if "hd95" in metrics:

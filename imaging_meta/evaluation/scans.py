@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,11 +34,14 @@ from imaging_meta.learners.base import Learner
 from imaging_meta.volume.scale import SCALES, structure_scale
 from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter, structure_slices
 
+if TYPE_CHECKING:
+    from monai.transforms import Compose
+
 PROTOCOLS = ("whole_scan", "oracle_extent")
 TRAINED_FULL, LEARNER_ONLY_NAME, UNTRAINED_NAME = "trained", "trained, learner only", "untrained encoder"
 COPY, WINDOW = "copy support mask", "intensity window"
 ADAPTED = "trained + test-time adaptation"
-ABLATIONS = {
+ABLATIONS: dict[str, dict[str, Any]] = {
     "trained, no intensity": dict(intensity=False),
     "trained, no negative slices": dict(negatives=False),
     "trained, no z smoothing": dict(smooth_z=0.0),
@@ -64,7 +68,7 @@ class Loaded:
     truth: np.ndarray  # (X, Y, Z) bool
     spacing: tuple[float, float, float]
     pre: dict  # the preprocessed MetaTensors (image, label) with their invertible transforms
-    transforms: object = None  # the Compose that made ``pre`` (MONAI inverts only with the same transforms)
+    transforms: Compose | None = None  # the Compose that made ``pre`` (MONAI inverts only with the same transforms)
 
 
 def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
@@ -83,8 +87,8 @@ def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
         raise ValueError(
             f"{scan.label}: label map {truth.shape} is not on the grid of {scan.image} {image.shape}"
         )
-    spacing = tuple(float(s) for s in np.sqrt((np.asarray(raw["image"].affine)[:3, :3] ** 2).sum(0)))
-    return Loaded(image, truth, spacing, tf(item), tf)
+    sx, sy, sz = (float(s) for s in np.sqrt((np.asarray(raw["image"].affine)[:3, :3] ** 2).sum(0)))
+    return Loaded(image, truth, (sx, sy, sz), tf(item), tf)
 
 
 def scan_preprocessing(preprocessing: dict, support: Scan, scale: str) -> dict:
@@ -109,6 +113,7 @@ def _to_original(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
     prob = data["image"].clone()
     prob.set_array(probs.unsqueeze(0))
     data["prob"] = prob
+    assert loaded.transforms is not None  # load_scan keeps them
     inv = Invertd(
         "prob", transform=Compose(loaded.transforms.transforms), orig_keys="image", nearest_interp=False
     )(data)

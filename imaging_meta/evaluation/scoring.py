@@ -21,6 +21,7 @@ task fields    `Task.query_fields`: ``organ`` (segmentation); ``class``, ``class
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 
@@ -32,7 +33,8 @@ from imaging_meta.tasks import Task
 #: spacing in mm (or None) -> (N,) scores
 QUERY_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, Sequence[float] | None], torch.Tensor]] = {
     "dice": lambda pred, truth, spacing: dice_score(pred, truth),
-    "hd95": lambda pred, truth, spacing: hausdorff95_mm(pred, truth, spacing),
+    # only with a spacing (NEEDS_SPACING): score_batch leaves it out otherwise
+    "hd95": lambda pred, truth, spacing: hausdorff95_mm(pred, truth, cast(Sequence[float], spacing)),
     "acc": lambda pred, truth, spacing: (pred == truth).float(),
 }
 #: the metrics that are distances in mm: scored only when a pixel spacing is given

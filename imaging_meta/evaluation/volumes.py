@@ -145,7 +145,7 @@ def copy_mask_at_relative_position(
     _check_same_shape(support, np.asarray(support_image))
     s_extent = body_z_extent(support_image, modality)
     q_lo, q_hi = body_z_extent(query_image, modality)
-    out = np.zeros(np.shape(query_image), dtype=bool)
+    out: np.ndarray = np.zeros(np.shape(query_image), dtype=bool)
     plane = out.shape[:2]
     for z in range(q_lo, q_hi + 1):
         s_z = _support_slice_for(float(relative_z(z, (q_lo, q_hi))), s_extent)

@@ -131,7 +131,7 @@ class Learner(nn.Module):
             arguments.pop("self")
             self._init_config = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": arguments}
 
-        cls.__init__ = recording_init
+        cls.__init__ = recording_init  # type: ignore[method-assign]  # wrapping each learner's own __init__ is the point
 
     @property
     def config(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,8 @@ def split_state(model: nn.Module, names: set[str] | None = None) -> tuple[Params
         (params, frozen): ``params`` are the live parameters (gradients reach them); ``frozen`` holds the
         other parameters and clones of the buffers.
     """
-    params, frozen = {}, {}
+    params: dict[str, torch.Tensor] = {}
+    frozen: dict[str, torch.Tensor] = {}
     for n, p in model.named_parameters():
         if (names is None and p.requires_grad) or (names is not None and n in names):
             params[n] = p
@@ -274,7 +276,8 @@ def per_task_backward(losses: Iterable[torch.Tensor], params: Sequence[torch.Ten
         weight = torch.full_like(loss, 1.0 / n)
         for i, g in enumerate(torch.autograd.grad(loss, params, weight, allow_unused=True)):
             if g is not None:
-                sums[i] = g if sums[i] is None else sums[i] + g
+                acc = sums[i]
+                sums[i] = g if acc is None else acc + g
     if len(values) != n:
         raise ValueError(f"per_task_backward expected {n} losses, got {len(values)}")
     return _PrecomputedGradients.apply(torch.stack(values).mean(), tuple(sums), *params)
@@ -549,7 +552,7 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return out
 
 
-_DECOMPOSED = {F.batch_norm: _batch_norm, F.instance_norm: _instance_norm, F.layer_norm: _layer_norm}
+_DECOMPOSED: dict[Callable[..., Any], Callable[..., Any]] = {F.batch_norm: _batch_norm, F.instance_norm: _instance_norm, F.layer_norm: _layer_norm}
 _SIGNATURES = {f: inspect.signature(f) for f in _DECOMPOSED}
 
 

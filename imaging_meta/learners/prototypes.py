@@ -7,6 +7,8 @@ of embeddings, for ProtoNet, the Siamese and the matching network. Segmentation 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -54,7 +56,7 @@ def class_prototypes(embeddings: torch.Tensor, onehot: torch.Tensor) -> torch.Te
     return onehot.transpose(1, 2) @ embeddings / onehot.sum(1).unsqueeze(-1)
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """(N, H, W) masks resized bilinearly to ``size`` (returned as is when already that size)."""
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask

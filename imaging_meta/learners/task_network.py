@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from imaging_meta.backbones import (
+    backbone_channels,
     build_backbone,
     build_encoder,
     forward_with_support_statistics,
@@ -66,7 +67,7 @@ class TaskNetwork(nn.Module):
         kwargs = dict(backbone_kwargs or {})
         if kind.dense:
             self.body = build_backbone(backbone, in_channels, **kwargs)
-            self.head = nn.Conv2d(self.body.out_channels, self.n_out, kernel_size=1)
+            self.head: nn.Conv2d | nn.Linear = nn.Conv2d(backbone_channels(self.body), self.n_out, kernel_size=1)
         else:
             self.body = build_encoder(backbone, in_channels, **kwargs)
             self.head = nn.Linear(self.body.out_features, self.n_out)

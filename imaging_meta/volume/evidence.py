@@ -101,7 +101,7 @@ class LogisticFusion:
         return self
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
+        if self.weight is None or self.bias is None:  # fit sets both
             raise RuntimeError("LogisticFusion.logits before fit")
         return features.float() @ self.weight.to(features.device) + self.bias.to(features.device)
 

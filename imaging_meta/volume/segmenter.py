@@ -113,6 +113,7 @@ class ScanSegmenter:
         """Probabilities after fusion, shifted so that the fitted threshold is 0.5."""
         if not self.options.calibrate:
             return probs
+        assert self.fusion is not None  # fit makes it when calibrating
         z = self.fusion.logits(self._features(probs, images).flatten(0, -2)).view(probs.shape)
         return torch.sigmoid(z - float(logit(torch.tensor(self.threshold))))
 
@@ -178,6 +179,7 @@ class ScanSegmenter:
         return self
 
     def _without(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.support_images is not None and self.support_masks is not None  # in fit, after the supports
         keep = [j for j in range(self.support_images.shape[0]) if j != i]
         return self.support_images[keep], self.support_masks[keep]
 
@@ -189,7 +191,7 @@ class ScanSegmenter:
         Args:
             slices: predict only these axial slices (the others are 0), as the oracle-extent protocol does.
         """
-        if self.support_images is None:
+        if self.support_images is None or self.support_masks is None:  # fit sets both
             raise RuntimeError("ScanSegmenter.predict before fit")
         zs = list(range(volume.shape[-1])) if slices is None else list(slices)
         out = torch.zeros(volume.shape, dtype=torch.float32)

@@ -171,13 +171,14 @@ class TaskAdaptiveClassifier(WrappingLearner):
         s = descriptor_vectors(episode.support_images, descriptors, self.pixel_size, self.bins)
         q = descriptor_vectors(episode.query_images, descriptors, self.pixel_size, self.bins)
         normed = {d: task_normalise(s[d], q[d]) for d in descriptors}
-        emb = None
+        emb: tuple[torch.Tensor, torch.Tensor] | None = None
         if EMBEDDING in self.spaces:
             es, eq = self.embedding.embed_episode(episode)
             emb = (es.float(), eq.float())
         out: dict[str, Space] = {}
         for name in self.spaces:
             if name == EMBEDDING:
+                assert emb is not None  # computed above when EMBEDDING is a space
                 out[name] = (*emb, self.embedding_distance)
             elif name == FUSION:
                 parts = ([task_normalise(*emb)] if emb is not None else []) + [normed[d] for d in descriptors]
@@ -286,6 +287,7 @@ class TaskAdaptiveClassifier(WrappingLearner):
         out = []
         for t, r in enumerate(records):
             if r["space"] == EMBEDDING:
+                assert learned is not None  # predicted above when a task chose EMBEDDING
                 out.append(learned[t].float())
                 continue
             fs, fq, dist = spaces[r["space"]]

@@ -95,6 +95,7 @@ class MetaLSTM(Learner):
     """
 
     task = "classification"
+    n_way: int  # set in __init__ (Learner declares it as optional)
 
     def __init__(
         self,
@@ -125,6 +126,7 @@ class MetaLSTM(Learner):
         self.network = TaskNetwork(self.task, n_way, backbone, in_channels, backbone_kwargs)
         if zero_head:  # c_0's head: no class is favoured before the first update (see "Initial head" above)
             nn.init.zeros_(self.network.head.weight)
+            assert self.network.head.bias is not None  # TaskNetwork's heads have biases
             nn.init.zeros_(self.network.head.bias)
         # first layer: a standard LSTM over [preprocessed loss (2), preprocessed gradient (2)]
         self.lstm = nn.LSTMCell(4, hidden_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from imaging_meta.episode import Episode
@@ -172,11 +174,11 @@ class Reptile(Learner):
         check_class_labels(episode, self.n_way, type(self).__name__)
         tasks = episode.tasks()
         params = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         for task in tasks:
             phi = self.adapted_weights(task)
             total = total + sum(0.5 * (params[n] - phi[n]).pow(2).sum() for n in params)
-        return total / len(tasks)
+        return cast(torch.Tensor, total / len(tasks))  # a tensor: an episode has a task, the net trainable parameters
 
     def predict(self, episode: Episode) -> torch.Tensor:
         """Adapt on each task's support set (``eval_inner_steps``, minibatches as in training) and predict its

@@ -197,6 +197,7 @@ class MANN(Learner):
     """
 
     task = "classification"
+    n_way: int  # set in __init__ (Learner declares it as optional)
 
     def __init__(
         self,

@@ -135,6 +135,7 @@ class MatchingNetwork(Learner):
         """g(support) (T, S, D) and f(query) (T, Q, D) of a batched episode."""
         s, q = super().embed_episode(episode)
         if self.fce:
+            assert self.support_context is not None and self.query_context is not None  # built when fce
             s = self.support_context(s)
             q = self.query_context(q, s)
         return s, q

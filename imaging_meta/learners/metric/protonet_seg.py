@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,7 @@ class PrototypicalSegmenter(Learner):
     """
 
     task = "segmentation"
+    class_weight: torch.Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(
         self,
@@ -153,7 +156,7 @@ class PrototypicalSegmenter(Learner):
             valid = torch.cat([valid, torch.stack(oks, 1)], dim=2)
         return protos, valid
 
-    def segment(self, features: torch.Tensor, prototypes: tuple[torch.Tensor, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    def segment(self, features: torch.Tensor, prototypes: tuple[torch.Tensor, torch.Tensor], size: Sequence[int]) -> torch.Tensor:
         """Logits of each pixel against the prototypes.
 
         Args:
@@ -170,7 +173,8 @@ class PrototypicalSegmenter(Learner):
         if protos.shape[2] == 1:  # global prototypes only: PANet
             logits = cosine_logits(flat, protos[:, :, 0].repeat_interleave(n, dim=0), self.scale)
         else:
-            centres, weight = None, 0.0
+            centres: torch.Tensor | None = None
+            weight: torch.Tensor | float = 0.0
             if self.log_location_weight is not None:
                 h, w = flat.shape[-2:]
                 windows = window_centres(h, w, self.local_window, flat.device, flat.dtype)  # (G, 2)

@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaging_meta.backbones import build_backbone, build_encoder, forward_with_support_statistics
+from imaging_meta.backbones import (
+    backbone_channels,
+    build_backbone,
+    build_encoder,
+    forward_with_support_statistics,
+)
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import (
     Learner,
@@ -123,7 +128,7 @@ class FineTune(Learner):
         dense = self.task_kind.dense
         if dense:
             self.body = build_backbone(backbone, in_channels, **kwargs)
-            dim = int(self.body.out_channels)
+            dim = backbone_channels(self.body)
         else:
             self.body = build_encoder(backbone, in_channels, **kwargs)
             dim = self.body.out_features
@@ -209,6 +214,7 @@ class FineTune(Learner):
         """
         if self.cosine:
             return self.scale * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).T
+        assert bias is not None  # the linear head has biases
         return features @ weight.T + bias
 
     @staticmethod
@@ -236,7 +242,7 @@ class FineTune(Learner):
             return self.foreground_logits(features, head["weight"], head["bias"], size)
         return self.class_logits(features, head["weight"], head.get("bias"))
 
-    def initial_head(self, support_features: torch.Tensor, support_labels: torch.Tensor, n_way: int) -> Params:
+    def initial_head(self, support_features: torch.Tensor, support_labels: torch.Tensor, n_way: int | None) -> Params:
         """The new episode head, computed from the support (see the class docstring), detached.
 
         Args:
@@ -251,6 +257,7 @@ class FineTune(Learner):
         f = support_features.detach()
         if self.task_kind.dense:
             return self.foreground_head(f, support_labels)
+        assert n_way is not None  # classification tasks have one (None is for segmentation)
         return self.class_head(f, support_labels, n_way)
 
     def class_head(self, features: torch.Tensor, labels: torch.Tensor, n_way: int) -> Params:
@@ -320,6 +327,7 @@ class FineTune(Learner):
             rows = self.rows(ep.classes[t])
             if dense:
                 r = rows[0]
+                assert self.global_bias is not None  # dense heads are linear (cosine is for classification only)
                 logits = self.foreground_logits(feats[t], self.global_weight[r], self.global_bias[r], labels.shape[-2:])
                 losses.append(task_loss(logits, labels[t]))
             else:

@@ -107,6 +107,7 @@ class LogisticRegressionProbe(FineTune):
         Returns:
             (N*Q, n_way) class probabilities.
         """
+        assert n_way is not None  # a classification learner: predict gives every task its way count
         fs, fq = self.task_features(support_images, query_images)
         fs, fq = F.normalize(fs, dim=-1), F.normalize(fq, dim=-1)
         weight, bias = fit_logistic_regression(fs, support_labels, n_way, self.l2, self.max_iter)
