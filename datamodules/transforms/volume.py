@@ -13,6 +13,7 @@ Two stages:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,11 @@ def _source(img) -> str:
     src = meta.get("filename_or_obj", "<array>")
     if isinstance(src, (list, tuple)):
         return f"{src[0]} (+{len(src) - 1} slices)" if src else "<series>"
-    n_slices = meta.get("n_slices")  # written by DicomSeriesReader; MONAI keeps only the first file name
-    if n_slices is not None and int(n_slices) > 1:
-        return f"{src} (the first of the {int(n_slices)} files of its DICOM series)"
+    # written by DicomSeriesReader (MONAI keeps only the first file name); an enhanced multi-frame series is one
+    # file of many slices
+    n_files = meta.get("n_files", meta.get("n_slices"))
+    if n_files is not None and int(n_files) > 1:
+        return f"{src} (the first of the {int(n_files)} files of its DICOM series)"
     return str(src)
 
 
@@ -252,6 +255,13 @@ class CastLabeld(MapTransform):
         return d
 
 
+@functools.cache
+def _shared_loader() -> LoadImage:
+    """One MONAI `LoadImage` per process: building one instantiates every registered reader (with their log
+    lines and warnings); `LoadVolumed` always passes the reader to use, so they never read anything."""
+    return LoadImage(image_only=True)
+
+
 class LoadVolumed(MapTransform):
     """Load each key with exactly one of our two readers: NIfTI paths with MONAI's `NibabelReader`, anything else
     (a DICOM series folder, or its files) with `DicomSeriesReader`, which checks, groups and orders the slices.
@@ -264,7 +274,7 @@ class LoadVolumed(MapTransform):
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadImage(image_only=True)
+        self.loader = _shared_loader()
         self.dicom, self.nifti = DicomSeriesReader(), NibabelReader()
 
     def reader_for(self, source) -> DicomSeriesReader | NibabelReader:
@@ -312,7 +322,7 @@ def volume_transforms(
         LoadVolumed(keys),
         EnsureChannelFirstd(keys),
         CheckVolumed(keys),
-        Orientationd(keys, axcodes="RAS"),
+        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),
         ModalityIntensityd(keys[0], ct_window=ct_window, mr_percentiles=mr_percentiles),
         ResizeWithPadOrCropd(keys, spatial_size=(int(slice_size[0]), int(slice_size[1]), -1)),

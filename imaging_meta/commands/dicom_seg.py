@@ -87,6 +87,9 @@ def write_dicom_seg(
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"mask must be (X, Y, Z) in the DICOM reader layout, got shape {mask.shape}")
+    if len(files) == 1 and mask.shape[2] > 1:
+        raise ValueError(f"{files[0]}: a multi-frame (enhanced) series; --format dicom-seg writes a segmentation of "
+                         "single-frame series only: use --format nifti for this query")
     if mask.shape[2] != len(files):
         raise ValueError(f"mask has {mask.shape[2]} slices but the series has {len(files)} files; pass the series' own files")
     if mask.dtype != bool and not np.isin(mask, (0, 1)).all():

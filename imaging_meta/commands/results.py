@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cls-data", default="demo_classification", help="classification data config name")
     p.add_argument("--seg-data", default="demo_segmentation", help="segmentation data config name")
     p.add_argument("--shots", nargs="+", type=int, default=[1, 5], help="classification test shots")
+    p.add_argument("--train-shots", choices=("data", "matched"), default="data",
+                   help="classification: train once with the data config's shots and test at every --shots (data), or "
+                        "train one model per test shot count with that many shots (matched, as Snell et al.)")
     p.add_argument("--cls-epochs", type=int, default=None, help="override max_epochs for classification learners")
     p.add_argument("--seg-epochs", type=int, default=None, help="override max_epochs for segmentation learners")
     p.add_argument("--resume", action="store_true", help="reuse runs that already wrote their results")
@@ -105,6 +108,22 @@ def _data_args(data: str, data_dir: str) -> list[str]:
     return []
 
 
+def _fit(args: argparse.Namespace, cli: list[str], base: list[str], logger_args: list[str], run: str,
+         epochs: int | None, n_shot: int | None) -> tuple[Path, float]:
+    """Meta-train one run (or reuse it with ``--resume``): its best checkpoint and the seconds it took."""
+    out = Path(args.out)
+    run_dir = out / "runs" / run / "version_0"
+    if args.resume and (run_dir / "fit.done").exists():
+        return _best_checkpoint(run_dir), float((run_dir / "fit.done").read_text())
+    fit = [*cli, "fit", *base, *logger_args, "--trainer.logger.init_args.name", run,
+           "--trainer.logger.init_args.version", "0", *(["--trainer.max_epochs", str(epochs)] if epochs else []),
+           *(["--data.init_args.n_shot", str(n_shot)] if n_shot else []), *args.extra]
+    logger.info("%s: meta-training%s", run, f" {n_shot}-shot" if n_shot else "")
+    seconds = _run(fit, out / "logs" / f"{run}-fit.log")
+    (run_dir / "fit.done").write_text(f"{seconds:.1f}\n")
+    return _best_checkpoint(run_dir), seconds
+
+
 def run_results(args: argparse.Namespace) -> int:
     configs, out = Path(args.configs), Path(args.out)
     cli = [sys.executable, "-m", "imaging_meta"]
@@ -116,21 +135,16 @@ def run_results(args: argparse.Namespace) -> int:
         base = ["--config", str(configs / "trainer" / f"{args.trainer}.yaml"), "--config", str(configs / "data" / f"{data}.yaml"),
                 "--config", str(configs / "model" / f"{name}.yaml"), *_data_args(data, args.data_dir)]
         logger_args = ["--trainer.logger.init_args.save_dir", str(out / "runs")]
-        run_dir = out / "runs" / name / "version_0"
-        fit_s = None
-        if not (args.resume and (run_dir / "fit.done").exists()):
-            fit = [*cli, "fit", *base, *logger_args, "--trainer.logger.init_args.name", name,
-                   "--trainer.logger.init_args.version", "0", *(["--trainer.max_epochs", str(epochs)] if epochs else []),
-                   *args.extra]
-            logger.info("%s: meta-training", name)
-            fit_s = _run(fit, out / "logs" / f"{name}-fit.log")
-            (run_dir / "fit.done").write_text(f"{fit_s:.1f}\n")
-        else:
-            fit_s = float((run_dir / "fit.done").read_text())
-        ckpt = _best_checkpoint(run_dir)
         shots = args.shots if task.sweep_shots else [None]  # None: the data config's shots
+        matched = args.train_shots == "matched" and task.sweep_shots
+        trained: dict[int | None, tuple[Path, float]] = {}
+        if not matched:  # one model, trained with the data config's shots, tested at every shot count
+            trained = dict.fromkeys(shots, _fit(args, cli, base, logger_args, name, epochs, None))
         for k in shots:
-            tag = f"{name}-test" + (f"-{k}shot" if k else "")
+            if matched:  # one model per shot count, trained with the shots it is tested at
+                trained[k] = _fit(args, cli, base, logger_args, f"{name}-train{k}shot", epochs, k)
+            ckpt, fit_s = trained[k]
+            tag = f"{name}-test" + (f"-{k}shot" if k else "") + ("-matched" if matched else "")
             test_dir = out / "runs" / tag / "version_0"
             if not (args.resume and (test_dir / "results.json").exists()):
                 test = [*cli, "test", *base, *logger_args, "--trainer.logger.init_args.name", tag,
@@ -140,7 +154,7 @@ def run_results(args: argparse.Namespace) -> int:
                 _run(test, out / "logs" / f"{tag}.log")
             res = json.loads((test_dir / "results.json").read_text())
             rows.append({"learner": name, "task": task.name, "n_shot": k or res["context"].get("n_shot"), "fit_seconds": fit_s,
-                         "context": res["context"], "summary": res["summary"]})
+                         "train_shots": k if matched else "data config", "context": res["context"], "summary": res["summary"]})
     table = combine(rows)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
     (out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1, default=str))
@@ -214,6 +228,8 @@ def _task_table(task: Task, task_rows: list[dict], shots: list) -> list[str]:
     out.append("")
     for k, (path, sha, n) in sorted(episodes.items()):
         out.append(f"- {k}-shot: {n} episodes from `{Path(str(path)).name}` (sha256 {str(sha)[:12]}…)")
+    if any(isinstance(r.get("train_shots"), int) for r in task_rows):
+        out.append("- trained with the shot count of each column (`--train-shots matched`): one model per column")
     if chance is not None:
         out.append(f"- chance: {chance:.3f}")
     out.append("")

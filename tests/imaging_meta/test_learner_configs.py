@@ -112,3 +112,46 @@ def test_results_table_combines_runs_and_checks_episode_files():
     assert "0.210 ± 0.020 (not above chance)" in table
     with pytest.raises(ValueError, match="different episode files"):
         combine([row("a", 1, 0.5, "x"), row("b", 1, 0.5, "y")])
+
+
+@pytest.mark.parametrize("train_shots", ["data", "matched"])
+def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train_shots):
+    """`--train-shots matched` fits one model per test shot count with that many shots and tests each with its
+    own checkpoint; the default fits once and tests that checkpoint at every shot count."""
+    import argparse
+    import json
+
+    from imaging_meta.commands import results
+
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        run = cmd[cmd.index("--trainer.logger.init_args.name") + 1]
+        run_dir = tmp_path / "out" / "runs" / run / "version_0"
+        if cmd[3] == "fit":
+            (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / "checkpoints" / "best-epoch=00.ckpt").write_text(run)
+        else:
+            k = int(cmd[cmd.index("--data.init_args.n_shot") + 1])
+            stat = {"mean": 0.5, "ci95": 0.01, "n_episodes": 10}
+            run_dir.mkdir(parents=True)
+            (run_dir / "results.json").write_text(json.dumps({
+                "context": {"n_shot": k, "episode_files": {"test": f"t{k}.json"}, "episodes_sha256": {"test": f"s{k}"}},
+                "summary": {"trained": {"all": stat}, "untrained encoder": {"all": stat}}}))
+        return 1.0
+
+    monkeypatch.setattr(results, "_run", fake_run)
+    p = argparse.ArgumentParser()
+    results.add_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "out"), "--learners", "protonet_cls", "--train-shots", train_shots])
+    assert results.run_results(args) == 0
+    fits = [c for c in calls if c[3] == "fit"]
+    tests = [c for c in calls if c[3] == "test"]
+    shots_of = [c[c.index("--data.init_args.n_shot") + 1] if "--data.init_args.n_shot" in c else None for c in fits]
+    ckpts = [Path(c[c.index("--ckpt_path") + 1]).parts[-4] for c in tests]
+    if train_shots == "matched":
+        assert shots_of == ["1", "5"] and ckpts == ["protonet_cls-train1shot", "protonet_cls-train5shot"]
+        assert "one model per column" in (tmp_path / "out" / "results.md").read_text()
+    else:
+        assert shots_of == [None] and ckpts == ["protonet_cls", "protonet_cls"]

@@ -244,3 +244,13 @@ def test_segment_with_adaptation_is_deterministic_for_a_seed(tmp_path, support):
     np.testing.assert_array_equal(runs[0], runs[1])
     other = segment(ckpt, [support], [query], tmp_path / "c", device="cpu", explain=True)
     assert not np.array_equal(np.asarray(nib.load(other[1]).dataobj), runs[0])  # the adaptation changed the model
+
+
+def test_dicom_seg_of_an_enhanced_multi_frame_query_says_to_write_nifti(tmp_path):
+    from imaging_meta.commands.dicom_seg import write_dicom_seg
+
+    pytest.importorskip("highdicom")
+    one_file = tmp_path / "enhanced.dcm"
+    one_file.write_bytes(b"")  # never read: the shapes already refuse it
+    with pytest.raises(ValueError, match=r"enhanced.dcm: a multi-frame \(enhanced\) series; .*--format nifti"):
+        write_dicom_seg(np.zeros((8, 8, 6), dtype=bool), [one_file], tmp_path / "out.seg.dcm")
