@@ -1,5 +1,6 @@
-"""Shared fixtures: a small demo cohort, generated once per test session into a temporary folder; and a guard
-that the suite writes nothing into the repository (every test writes under ``tmp_path``)."""
+"""Shared fixtures: a small demo cohort, generated once per test session into a temporary folder; and guards
+that the suite writes nothing into the repository (every test writes under ``tmp_path``) and that no test leaves
+the process as another Lightning rank than 0."""
 
 import os
 from pathlib import Path
@@ -23,6 +24,20 @@ def repository_root_stays_clean():
     if new:
         pytest.fail(f"the test run wrote {new} into the repository root {REPO_ROOT}; write under tmp_path "
                     "(a Trainer needs default_root_dir=tmp_path when its logger is off or replaced)", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def process_stays_rank_zero():
+    """Fail a test that leaves Lightning's process-wide rank other than 0 (a Trainer built for another rank, as a
+    simulated cluster job does): every later test would silently log nothing."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    yield
+    rank = getattr(rank_zero_only, "rank", 0)
+    if rank != 0:
+        rank_zero_only.rank = 0
+        pytest.fail(f"the test left lightning's rank_zero_only.rank at {rank}; restore it (monkeypatch.setattr)",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

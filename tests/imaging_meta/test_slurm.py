@@ -44,6 +44,14 @@ def slurm_job(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # no `srun` on PATH (Lightning warns when srun exists but is unused)
     for name, value in job.items():
         monkeypatch.setenv(name, value)
+    # building a Trainer as rank 1 sets Lightning's process-wide rank: restored after the test, or every later
+    # test in this process would run as rank 1 and log nothing (rank_zero_only skips the loggers)
+    import lightning.fabric.utilities.rank_zero as fabric_rank_zero
+    import lightning.pytorch.utilities.rank_zero as pytorch_rank_zero
+    import lightning_utilities.core.rank_zero as utilities_rank_zero
+
+    for module in (fabric_rank_zero, pytorch_rank_zero, utilities_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", getattr(module.rank_zero_only, "rank", 0))
     return job
 
 
