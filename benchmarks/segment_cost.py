@@ -328,8 +328,6 @@ def _hook_encoder(learner: torch.nn.Module, timer: StageTimer, chunk_calls: list
 @contextlib.contextmanager
 def instrumented(timer: StageTimer) -> Iterator[None]:
     """Timers around the parts of `imaging_meta.commands.segment.segment` (patched, then restored)."""
-    import monai.transforms
-
     import imaging_meta.adaptation as adaptation
     import imaging_meta.commands.segment as seg
     from imaging_meta.volume.segmenter import ScanSegmenter
@@ -367,14 +365,7 @@ def instrumented(timer: StageTimer) -> Iterator[None]:
     patch(seg, "_is_all_foreground", timer.wrap(seg._is_all_foreground, CHECKS))
     patch(seg, "keep_largest_component", timer.wrap(seg.keep_largest_component, COMPONENT))
     patch(seg, "_save_nifti", timer.wrap(seg._save_nifti, WRITE))
-    invert = monai.transforms.Invertd
-
-    class TimedInvertd(invert):
-        def __call__(self, data):
-            with timer.stage(INVERT):
-                return super().__call__(data)
-
-    patch(monai.transforms, "Invertd", TimedInvertd)
+    patch(seg, "to_source_grid", timer.wrap(seg.to_source_grid, INVERT))
     patch(ScanSegmenter, "fit", timer.wrap(ScanSegmenter.fit, FIT))
     scan_predict = ScanSegmenter.predict
 

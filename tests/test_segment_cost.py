@@ -3,7 +3,6 @@
 
 import time
 
-import monai.transforms
 import numpy as np
 import pytest
 
@@ -49,11 +48,11 @@ def test_stage_timer_charges_nested_stages_exclusively_and_keeps_inclusive_peaks
 
 
 def test_instrumented_restores_what_it_patches():
-    before = (seg.volume_transforms, seg._segmenter, seg._save_nifti, seg.keep_largest_component, monai.transforms.Invertd,
+    before = (seg.volume_transforms, seg._segmenter, seg._save_nifti, seg.keep_largest_component, seg.to_source_grid,
               ScanSegmenter.fit, ScanSegmenter.predict, adaptation.adapt, adaptation.AdaptationEpisodes.batch)
     with sc.instrumented(sc.StageTimer()):
-        assert seg._save_nifti is not before[2] and monai.transforms.Invertd is not before[4]
-    after = (seg.volume_transforms, seg._segmenter, seg._save_nifti, seg.keep_largest_component, monai.transforms.Invertd,
+        assert seg._save_nifti is not before[2] and seg.to_source_grid is not before[4]
+    after = (seg.volume_transforms, seg._segmenter, seg._save_nifti, seg.keep_largest_component, seg.to_source_grid,
              ScanSegmenter.fit, ScanSegmenter.predict, adaptation.adapt, adaptation.AdaptationEpisodes.batch)
     assert all(a is b for a, b in zip(before, after, strict=True))
 

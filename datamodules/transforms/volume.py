@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import NibabelReader
 from monai.transforms import (
@@ -366,3 +367,62 @@ def slice_augmentation(
             RandGaussianNoised("image", prob=prob, std=noise_std),
         ]
     )
+
+
+def to_source_grid(pre, values: torch.Tensor, transforms: Compose, slab: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """A map on the preprocessed grid, linearly interpolated back to the grid of the file it came from.
+
+    The same values as MONAI's ``Invertd(..., nearest_interp=False)`` of `volume_transforms` (checked to 1e-5
+    in the tests), at a fraction of its memory: MONAI resamples the whole volume at once, with a float sampling
+    grid of the full source size (4.8 GB for a 512 x 512 x 300 CT), where this goes ``slab`` source slices at a
+    time. The pad or crop to the slice size is undone by MONAI; orientation and spacing, which only map voxels
+    to voxels, are one affine, from the source voxel to the preprocessed one, sampled with `grid_sample` (border
+    padding, as MONAI's `Spacingd`). Any other chain of transforms goes through ``Invertd``.
+
+    Args:
+        pre: the preprocessed image (a MetaTensor (1, H, W, D) with its applied transforms) the map lies on.
+        values: (H, W, D) the map, e.g. foreground probabilities.
+        transforms: the `volume_transforms` that made ``pre``.
+        slab: source slices resampled at a time.
+
+    Returns:
+        The map on the source grid (X, Y, Z) float32, and the source affine (RAS, 4 x 4).
+    """
+    from monai.transforms import Invertd
+
+    prob = pre.clone()
+    prob.set_array(values.detach().to(torch.float32).unsqueeze(0))
+    crop = transforms.transforms[-1] if transforms.transforms else None
+    ops = [op["class"] for op in prob.applied_operations]
+    if isinstance(crop, ResizeWithPadOrCropd) and ops[-3:] == ["Orientation", "SpatialResample", "ResizeWithPadOrCrop"]:
+        grid = crop.inverse({crop.keys[0]: prob})[crop.keys[0]]  # the resampled grid before the pad or crop
+        if [op["class"] for op in grid.applied_operations][-2:] == ["Orientation", "SpatialResample"]:
+            source_affine = np.asarray(grid.meta["original_affine"], dtype=np.float64)
+            shape = tuple(int(s) for s in np.asarray(grid.meta["spatial_shape"]).ravel()[:3])
+            return _resample_affine(grid.as_tensor()[0], np.asarray(grid.affine, dtype=np.float64), shape,
+                                    source_affine, slab), source_affine
+    key = "image"
+    inv = Invertd("prob", transform=transforms, orig_keys=key, nearest_interp=False)({key: pre, "prob": prob})
+    return np.asarray(inv["prob"][0], dtype=np.float32), np.asarray(inv["prob"].affine, dtype=np.float64)
+
+
+def _resample_affine(values: torch.Tensor, values_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+                     slab: int) -> np.ndarray:
+    """``values`` (H, W, D) on the grid of ``values_affine`` sampled linearly at every voxel of the grid (``shape``,
+    ``affine``), ``slab`` slices of the output at a time; positions off the grid take the nearest border value."""
+    to_values = torch.as_tensor(np.linalg.inv(values_affine) @ affine)  # output voxel -> values voxel (float64)
+    size = torch.tensor(values.shape, dtype=torch.float64)
+    src = values.to(torch.float32)[None, None].permute(0, 1, 4, 3, 2)  # (1, 1, D, W, H): grid_sample's z, y, x
+    x, y, z = shape
+    ii, jj = torch.meshgrid(torch.arange(x, dtype=torch.float64), torch.arange(y, dtype=torch.float64), indexing="ij")
+    out = np.zeros(shape, dtype=np.float32)
+    for z0 in range(0, z, slab):
+        kk = torch.arange(z0, min(z, z0 + slab), dtype=torch.float64)
+        n = len(kk)
+        voxels = torch.stack([ii[..., None].expand(x, y, n), jj[..., None].expand(x, y, n),
+                              kk.view(1, 1, n).expand(x, y, n), torch.ones(x, y, n, dtype=torch.float64)], -1)
+        idx = voxels @ to_values[:3].T  # (x, y, n, 3) positions on the values' grid
+        grid = ((2 * idx + 1) / size - 1).permute(2, 1, 0, 3)[None].to(torch.float32)  # align_corners=False
+        sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out[:, :, z0:z0 + n] = sampled[0, 0].permute(2, 1, 0).numpy()
+    return out

@@ -27,7 +27,7 @@ from nibabel.spatialimages import SpatialImage
 
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
-from datamodules.transforms.volume import volume_transforms
+from datamodules.transforms.volume import to_source_grid, volume_transforms
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.evaluation.volumes import largest_component as keep_largest_component
 from imaging_meta.learners.base import Learner
@@ -229,7 +229,6 @@ def segment(
             folder; a support label map without the structure, or that is the structure everywhere.
         CheckpointError: a checkpoint that cannot segment.
     """
-    from monai.transforms import Compose, Invertd
 
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
@@ -271,19 +270,16 @@ def segment(
     for query, data in progress(zip(queries, query_data, strict=True), "segment: queries", total=len(queries), unit="scan"):
         q = Path(query)
         vol = data["image"]  # (1, H, W, D) MetaTensor
-        probs = segmenter.predict(vol.as_tensor()[0].float()).unsqueeze(0)
-        prob = vol.clone()
-        prob.set_array(probs)
-        data["prob"] = prob
+        probs = segmenter.predict(vol.as_tensor()[0].float())
         # linear interpolation back to the query grid (the image's own modes), then one threshold
-        inv = Invertd("prob", transform=Compose(tf_image.transforms), orig_keys="image", nearest_interp=False)(data)
-        prob_map = np.clip(inv["prob"][0].cpu().numpy().astype(np.float32), 0.0, 1.0)  # (X, Y, Z)
+        source, source_affine = to_source_grid(vol, probs, tf_image)
+        prob_map = np.clip(source, 0.0, 1.0)  # (X, Y, Z)
         mask = prob_map > 0.5
         if largest_component and mask.any():
             mask = keep_largest_component(mask)
         name = _query_name(q)
         if q.is_dir():
-            affine = np.asarray(inv["prob"].affine, dtype=np.float64)
+            affine = source_affine
         else:
             header = cast(SpatialImage, nib.load(str(q)))  # a NIfTI volume
             affine = header.affine

@@ -107,17 +107,10 @@ def scan_preprocessing(preprocessing: dict, support: Scan, scale: str) -> dict:
 
 def _to_original(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
     """A (H, W, D) map on the preprocessed grid -> the query's own grid (linear interpolation)."""
-    from monai.transforms import Compose, Invertd
+    from datamodules.transforms.volume import to_source_grid
 
-    data = dict(loaded.pre)
-    prob = data["image"].clone()
-    prob.set_array(probs.unsqueeze(0))
-    data["prob"] = prob
     assert loaded.transforms is not None  # load_scan keeps them
-    inv = Invertd(
-        "prob", transform=Compose(loaded.transforms.transforms), orig_keys="image", nearest_interp=False
-    )(data)
-    return np.clip(np.asarray(inv["prob"][0], dtype=np.float32), 0.0, 1.0)
+    return np.clip(to_source_grid(loaded.pre["image"], probs, loaded.transforms)[0], 0.0, 1.0)
 
 
 def _segment(

@@ -85,3 +85,46 @@ def test_a_refused_dicom_series_is_never_read_by_another_reader(tmp_path, monkey
         cause = cause.__cause__
     assert isinstance(cause, DicomSeriesError) and "PhotometricInterpretation=XYZ123" in str(cause)
     assert not calls
+
+
+@pytest.mark.parametrize("source", ["dicom_lps_reversed", "nifti_padded", "nifti_cropped", "nifti_oblique"])
+def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, monkeypatch):
+    """The map on the preprocessed grid goes back to the file's grid as MONAI's Invertd takes it (linear), in
+    slabs: padded or cropped to the slice size, LPS or RAS files, reversed DICOM slices, an oblique grid."""
+    from monai.transforms import Compose, Invertd
+
+    from datamodules.transforms import volume
+    from datamodules.transforms.volume import to_source_grid
+
+    slabs = []
+    resample = volume._resample_affine
+    monkeypatch.setattr(volume, "_resample_affine", lambda *a: slabs.append(a[-1]) or resample(*a))
+    vol, _ = _volume()
+    affines = {
+        "dicom_lps_reversed": np.array([[-3.0, 0, 0, 60.0], [0, -3.5, 0, 40.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]]),
+        "nifti_padded": np.diag([3.0, 3.5, 5.0, 1.0]),
+        "nifti_cropped": np.diag([-0.9, 0.8, 2.5, 1.0]),
+        "nifti_oblique": np.array([[2.9, 0.6, 0, 5.0], [-0.7, 3.4, 0, 4.0], [0, 0, 5.0, -2.0], [0, 0, 0, 1]]),
+    }
+    affine = affines[source]
+    if source.startswith("dicom"):
+        write_dicom_series(np.round(vol), affine, tmp_path / "dcm", header={"PatientID": "X"}, modality="CT",
+                           reverse=True, rng=np.random.default_rng(1))
+        path = str(tmp_path / "dcm")
+    else:
+        path = write_nifti(np.round(vol), affine, tmp_path / "img.nii.gz")
+    slice_size = (8, 8) if source == "nifti_cropped" else (32, 32)
+    tf = volume_transforms(spacing=(4.0, 4.0), slice_size=slice_size, keys=("image",))
+    data = tf({"image": str(path), "modality": "CT"})
+    pre = data["image"]
+    values = torch.rand(pre.shape[1:], generator=torch.Generator().manual_seed(0))
+    prob = pre.clone()
+    prob.set_array(values.unsqueeze(0))
+    expected = Invertd("prob", transform=Compose(tf.transforms), orig_keys="image", nearest_interp=False)(
+        {**data, "prob": prob})["prob"]
+    for slab in (1, 5):  # and twice: the preprocessed image is not changed by the first call
+        got, affine_out = to_source_grid(pre, values, tf, slab=slab)
+        assert got.shape == tuple(expected.shape[1:]) == vol.shape
+        np.testing.assert_allclose(got, np.asarray(expected[0]), atol=1e-5)
+        np.testing.assert_allclose(affine_out, np.asarray(expected.affine), atol=1e-4)
+    assert slabs == [1, 5]  # the slab path, not MONAI's Invertd
