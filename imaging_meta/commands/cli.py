@@ -186,9 +186,39 @@ def _tool_parser() -> argparse.ArgumentParser:
     from imaging_meta.commands.results import add_arguments
 
     add_arguments(r)
-    for command in sub.choices.values():
+    for name, command in sub.choices.items():
         _add_global_options(command)
+        command.epilog = "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
+
+
+#: the examples at the end of each tool command's --help
+EXAMPLES = {
+    "demo": ["imaging-meta demo --out data/demo --if-missing"],
+    "scan": ["imaging-meta scan /data/abdomen --out /data/abdomen/index.json",
+             "imaging-meta scan /data/abdomen --out index.json --site-fields Manufacturer ManufacturerModelName"],
+    "segment": ["imaging-meta segment --checkpoint runs/protonet_seg/version_0/checkpoints/last.ckpt \\",
+                "    --support-image support.nii.gz --support-label support_seg.nii.gz --label-value 3 \\",
+                "    --query new_scan.nii.gz --query /pacs/export/series_17 --out predictions/",
+                "imaging-meta segment ... --adapt-steps 10 --explain       (adapt to these scans; probability maps too)",
+                "imaging-meta segment ... --format dicom-seg                (DICOM queries: a .seg.dcm per query)"],
+    "classify": ["imaging-meta classify --checkpoint runs/protonet_cls/version_0/checkpoints/last.ckpt \\",
+                 "    --support support/ --query new_images/ --out predictions.csv",
+                 "imaging-meta classify ... --explain           (nearest support images and saliency maps)",
+                 "imaging-meta classify ... --finetune-steps 50 (a new head fitted on the augmented support)"],
+    "evaluate": ["imaging-meta evaluate --checkpoint runs/protonet_seg/version_0/checkpoints/last.ckpt \\",
+                 "    --out evaluation/protonet_seg --shots 1 5 --episodes 200",
+                 "imaging-meta evaluate ... --scan-protocols whole_scan oracle_extent   (3D Dice per query scan)",
+                 "imaging-meta evaluate ... --log-dir runs/protonet_seg/version_0      (figures in TensorBoard)"],
+    "compare": ["imaging-meta compare evaluation/*/ --out evaluation/comparison.md"],
+    "configs": ["imaging-meta configs                  (list them)",
+                "imaging-meta configs --copy ./configs (copy them out to edit)"],
+    "prepare": ["imaging-meta prepare synapse ~/Downloads/Abdomen/RawData --out data/synapse",
+                "imaging-meta prepare chaos_mr ~/Downloads/CHAOS_Train_Sets/Train_Sets/MR --out data/chaos_mr"],
+    "results": ["imaging-meta results --out results",
+                "imaging-meta results --out results --learners protonet_cls maml_cls --cls-epochs 3 --train-shots matched"],
+}
 
 
 def _add_global_options(parser: argparse.ArgumentParser) -> None:

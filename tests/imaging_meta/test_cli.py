@@ -316,3 +316,24 @@ def test_configs_ship_in_the_package_and_copy_out(tmp_path, capsys):
     assert (out / "model/protonet_cls.yaml").read_bytes() == (SHIPPED / "model/protonet_cls.yaml").read_bytes()
     pyproject = (repo / "pyproject.toml").read_text()
     assert '"configs/*/*.yaml"' in pyproject  # package data: the wheel carries them
+
+
+def test_every_tool_command_help_ends_with_examples_that_parse():
+    """Each tool command's --help ends with examples, and every complete example is accepted by the parser."""
+    import re
+    import shlex
+
+    from imaging_meta.commands.cli import EXAMPLES, TOOL_SUBCOMMANDS, _tool_parser
+
+    parser = _tool_parser()
+    assert set(EXAMPLES) == set(TOOL_SUBCOMMANDS)
+    for name in TOOL_SUBCOMMANDS:
+        help_text = parser._subparsers._group_actions[0].choices[name].format_help()
+        assert "examples:\n  imaging-meta " + name in help_text, name
+        commands = " ".join(EXAMPLES[name]).replace("\\ ", " ").split("imaging-meta ")[1:]
+        assert any("..." not in text for text in commands), name  # at least one complete example
+        for text in commands:
+            if "..." in text:
+                continue  # a variation of the one before
+            argv = shlex.split(re.sub(r"\s+\([^)]*\)\s*$", "", text))  # without the trailing (comment)
+            assert argv[0] == name and parser.parse_args(argv).command == name, text
