@@ -410,19 +410,22 @@ def _resample_affine(values: torch.Tensor, values_affine: np.ndarray, shape: tup
                      slab: int) -> np.ndarray:
     """``values`` (H, W, D) on the grid of ``values_affine`` sampled linearly at every voxel of the grid (``shape``,
     ``affine``), ``slab`` slices of the output at a time; positions off the grid take the nearest border value."""
-    to_values = torch.as_tensor(np.linalg.inv(values_affine) @ affine)  # output voxel -> values voxel (float64)
-    size = torch.tensor(values.shape, dtype=torch.float64)
+    size = np.asarray(values.shape, dtype=np.float64)
+    # output voxel -> grid_sample's normalised position (align_corners=False): (2 * index + 1) / size - 1
+    to_grid = np.diag([*(2.0 / size), 1.0]) @ np.linalg.inv(values_affine) @ affine
+    to_grid[:3, 3] += 1.0 / size - 1.0
+    m = torch.as_tensor(to_grid)
     src = values.to(torch.float32)[None, None].permute(0, 1, 4, 3, 2)  # (1, 1, D, W, H): grid_sample's z, y, x
     x, y, z = shape
-    ii, jj = torch.meshgrid(torch.arange(x, dtype=torch.float64), torch.arange(y, dtype=torch.float64), indexing="ij")
+    ii = torch.arange(x, dtype=torch.float64).view(x, 1)
+    jj = torch.arange(y, dtype=torch.float64).view(1, y)
+    plane = [m[c, 0] * ii + m[c, 1] * jj for c in range(3)]  # (x, y) per coordinate: the in-plane terms, once
     out = np.zeros(shape, dtype=np.float32)
     for z0 in range(0, z, slab):
         kk = torch.arange(z0, min(z, z0 + slab), dtype=torch.float64)
         n = len(kk)
-        voxels = torch.stack([ii[..., None].expand(x, y, n), jj[..., None].expand(x, y, n),
-                              kk.view(1, 1, n).expand(x, y, n), torch.ones(x, y, n, dtype=torch.float64)], -1)
-        idx = voxels @ to_values[:3].T  # (x, y, n, 3) positions on the values' grid
-        grid = ((2 * idx + 1) / size - 1).permute(2, 1, 0, 3)[None].to(torch.float32)  # align_corners=False
-        sampled = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        grid = torch.stack([(plane[c][..., None] + (m[c, 2] * kk + m[c, 3])).to(torch.float32) for c in range(3)], -1)
+        sampled = F.grid_sample(src, grid.permute(2, 1, 0, 3)[None], mode="bilinear", padding_mode="border",
+                                align_corners=False)  # (1, 1, n, y, x)
         out[:, :, z0:z0 + n] = sampled[0, 0].permute(2, 1, 0).numpy()
     return out
