@@ -1,4 +1,5 @@
-"""Synthetic few-shot episodes for learner tests: learnable, seeded, tiny, no files.
+"""Synthetic few-shot episodes for learner tests: learnable, seeded, tiny, no files; and the small learners and
+meta-gradient checks those tests share.
 
 Classification: a fixed pool of ``n_classes`` random "lesion patterns"; an item is its class pattern,
 randomly shifted by a pixel or two, scaled in contrast and with noise, so a learner must generalise over
@@ -8,6 +9,7 @@ the mask is the ellipse.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -157,3 +159,31 @@ class TrackingBody(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+def loss_and_grads(learner, ep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The learner's loss on ``ep`` and the gradient of every parameter (zeros where none reaches it)."""
+    learner.zero_grad()
+    loss = learner.loss(ep)
+    loss.backward()
+    return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in learner.named_parameters()}
+
+
+def assert_gradients_match_finite_differences(learner, ep, grads: dict[str, torch.Tensor], eps: float = 1e-6) -> None:
+    """Central finite differences of ``learner.loss(ep)`` on two seeded coordinates of every parameter equal
+    ``grads`` (float64 learners), and at least 8 of them are not zero, so the check is not vacuous."""
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for name, p in learner.named_parameters():
+        for _ in range(2):
+            i = tuple(int(torch.randint(s, (1,), generator=g)) for s in p.shape)
+            with torch.no_grad():
+                p[i] += eps
+                plus = learner.loss(ep).item()
+                p[i] -= 2 * eps
+                minus = learner.loss(ep).item()
+                p[i] += eps
+            fd = (plus - minus) / (2 * eps)
+            assert grads[name][i].item() == pytest.approx(fd, rel=1e-6, abs=1e-9), (name, i)
+            checked += abs(fd) > 1e-6
+    assert checked >= 8  # most coordinates have a real gradient

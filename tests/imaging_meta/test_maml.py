@@ -20,6 +20,7 @@ from tests.imaging_meta.fewshot import (
     TINY_UNET,
     TrackingBody,
     accuracy,
+    assert_gradients_match_finite_differences,
     classification_episode,
     dice,
     segmentation_episode,
@@ -46,23 +47,7 @@ def meta_gradient(learner, ep):
 def test_second_order_meta_gradient_matches_finite_differences():
     learner = tiny().double()
     ep = tiny_episode(dtype=torch.float64)
-    grads = meta_gradient(learner, ep)
-    eps = 1e-6
-    g = torch.Generator().manual_seed(0)
-    checked = 0
-    for name, p in learner.named_parameters():
-        for _ in range(2):
-            i = tuple(int(torch.randint(s, (1,), generator=g)) for s in p.shape)
-            with torch.no_grad():
-                p[i] += eps
-                plus = learner.loss(ep).item()
-                p[i] -= 2 * eps
-                minus = learner.loss(ep).item()
-                p[i] += eps
-            fd = (plus - minus) / (2 * eps)
-            assert grads[name][i].item() == pytest.approx(fd, rel=1e-6, abs=1e-9), (name, i)
-            checked += abs(fd) > 1e-6
-    assert checked >= 8  # most coordinates have a real gradient, so the check is not vacuous
+    assert_gradients_match_finite_differences(learner, ep, meta_gradient(learner, ep))
 
 
 def test_first_order_drops_second_order_terms_and_is_the_query_gradient_at_adapted_weights():

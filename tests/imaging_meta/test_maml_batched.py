@@ -27,6 +27,7 @@ from tests.imaging_meta.fewshot import (
     TINY_UNET,
     TrackingBody,
     classification_episode,
+    loss_and_grads,
     segmentation_episode,
     tiny_maml,
 )
@@ -47,13 +48,6 @@ def episode64(tasks=3, seed=0):
 def seg_episode64(tasks=2):
     ep = segmentation_episode(n_shot=1, n_query=1, tasks=tasks, size=32)
     return replace(ep, **{k: getattr(ep, k).double() for k in ep.TENSOR_FIELDS})
-
-
-def loss_and_grads(learner, ep):
-    learner.zero_grad()
-    loss = learner.loss(ep)
-    loss.backward()
-    return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in learner.named_parameters()}
 
 
 def assert_same_gradients(a, b):
