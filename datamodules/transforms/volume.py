@@ -401,7 +401,7 @@ def to_source_grid(pre, values: torch.Tensor, transforms: Compose, slab: int = 8
             shape = tuple(int(s) for s in np.asarray(grid.meta["spatial_shape"]).ravel()[:3])
             return _resample_affine(grid.as_tensor()[0], np.asarray(grid.affine, dtype=np.float64), shape,
                                     source_affine, slab), source_affine
-    key = "image"
+    key = transforms.transforms[0].keys[0]  # the image key of `volume_transforms` (its first transform loads it)
     inv = Invertd("prob", transform=transforms, orig_keys=key, nearest_interp=False)({key: pre, "prob": prob})
     return np.asarray(inv["prob"][0], dtype=np.float32), np.asarray(inv["prob"].affine, dtype=np.float64)
 

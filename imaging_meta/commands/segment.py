@@ -229,7 +229,6 @@ def segment(
             folder; a support label map without the structure, or that is the structure everywhere.
         CheckpointError: a checkpoint that cannot segment.
     """
-
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
     if output_format == "dicom-seg":
