@@ -213,7 +213,11 @@ class ClassificationDataModule(EpisodicDataModule):
         augment: seeded random augmentation (small affine, flips, intensity) of training episodes.
         num_workers: DataLoader workers.
         seed: episode seed (training epochs, and the fixed validation and test lists).
-        test_episodes_file: a JSON episode file to test on (written by an earlier run), instead of drawing.
+        test_episodes_file: a JSON episode file to test on (written by an earlier run, or by ``imaging-meta
+            prepare medmnist``), instead of drawing. ``{n_shot}``, ``{n_way}`` and ``{n_query}`` in it are filled
+            in with this run's values (``episodes/test-{n_way}way-{n_shot}shot-{n_query}query.json``), so that
+            one setting serves every number of shots (``imaging-meta evaluate --shots 1 5``); write ``{{``
+            and ``}}`` for literal braces. A missing file is an error naming the path.
 
     Classes of a stage that cannot fill an episode (too few items or patients) are dropped with a warning
     that names them and their counts; fewer than ``n_way`` usable classes in a stage is an error.
@@ -362,6 +366,26 @@ class ClassificationDataModule(EpisodicDataModule):
         name = f"{stage}-{h.n_way}way-{h.n_shot}shot-{h.n_query}query-seed{h.seed}-{h.protocol}-{key}.json"
         return self.cache_dir / "episodes" / name
 
+    def _test_episodes_path(self) -> Path:
+        """``test_episodes_file`` with ``{n_shot}``, ``{n_way}`` and ``{n_query}`` filled in from this run.
+
+        Raises:
+            ValueError: an unknown placeholder. FileNotFoundError: no file at the formatted path.
+        """
+        h = self.hparams
+        template = str(h.test_episodes_file)
+        try:
+            path = Path(template.format(n_shot=h.n_shot, n_way=h.n_way, n_query=h.n_query)).expanduser()
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"test_episodes_file {template!r}: bad placeholder ({type(e).__name__}: {e}); only {{n_shot}}, "
+                             "{n_way} and {n_query} are filled in (write {{ and }} for literal braces)") from e
+        if not path.is_file():
+            filled = f" ({template!r} with n_way={h.n_way}, n_shot={h.n_shot}, n_query={h.n_query})" if str(path) != template else ""
+            raise FileNotFoundError(f"test_episodes_file {path}{filled} does not exist; give an episode file written for "
+                                    "this n_way/n_shot/n_query (imaging-meta prepare medmnist --shots ...), or unset "
+                                    "test_episodes_file to draw the test episodes")
+        return path
+
     def _fixed_episodes(self, stage: str) -> list[ClassificationEpisodeSpec]:
         """Seeded val/test episodes: read from their JSON file when it exists, else drawn and written."""
         t = self.table
@@ -369,7 +393,7 @@ class ClassificationDataModule(EpisodicDataModule):
         path: Path | None
         specs: list[ClassificationEpisodeSpec]
         if stage == "test" and self.hparams.test_episodes_file:
-            path = Path(self.hparams.test_episodes_file)
+            path = self._test_episodes_path()
             specs = cast(list[ClassificationEpisodeSpec], load_episodes(path, t.item_ids, t.classes)[0])  # _check_specs checks them
             self.episode_files[stage] = path
         else:

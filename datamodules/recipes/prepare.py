@@ -25,6 +25,9 @@ Every problem of the input (a missing label, a PNG count or size that does not m
 unknown PNG intensity or label value, an unreadable file) is reported with the file and the problem; all of
 them are collected and raised together as one `PrepareError`. The volumes are written beside ``out`` and moved
 in only when every patient converted, so a failed run leaves ``out`` as it was.
+
+The same command also takes ``medmnist`` (MedMNIST 2D ``.npz`` files -> a data config and fixed few-shot test
+episodes), implemented in `datamodules.recipes.medmnist`.
 """
 
 from __future__ import annotations
@@ -521,17 +524,32 @@ def _write_descriptions(dataset: str, recipe: Recipe, source: Path, out: Path, r
 
 # ------------------------------------------------------------------------------------------------ command
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", choices=sorted(DATASETS), help="synapse (BTCV Abd-CT) or chaos_mr (CHAOS T2-SPIR Abd-MRI)")
-    p.add_argument("source", help="the downloaded folder: RawData/Training (synapse), CHAOS_Train_Sets/Train_Sets "
-                                  "(chaos_mr)")
+    from datamodules.recipes import medmnist  # it imports this module: not at the top
+
+    p.add_argument("dataset", choices=[*sorted(DATASETS), medmnist.DATASET],
+                   help="synapse (BTCV Abd-CT), chaos_mr (CHAOS T2-SPIR Abd-MRI) or medmnist (MedMNIST 2D .npz files: "
+                        "a data config and fixed few-shot test episodes)")
+    p.add_argument("source", nargs="+", help="the downloaded folder: RawData/Training (synapse), "
+                                             "CHAOS_Train_Sets/Train_Sets (chaos_mr); medmnist: a folder of .npz "
+                                             "files, or the files")
     p.add_argument("--out", default=None, help="folder to write (default: data/<dataset>_prepared, the data "
                                               "configs' root)")
+    medmnist.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from datamodules.recipes import medmnist
+
+    if args.dataset == medmnist.DATASET:
+        return medmnist.run(args)
+    wrong = medmnist.options_given(args)
+    if len(args.source) != 1 or wrong:
+        print(f"imaging-meta prepare: {args.dataset} takes one source folder ({len(args.source)} given)" if not wrong
+              else f"imaging-meta prepare: {', '.join(wrong)} apply to medmnist only, not {args.dataset}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path("data") / f"{args.dataset}_prepared"
     try:
-        summary = prepare(args.dataset, Path(args.source), out)
+        summary = prepare(args.dataset, Path(args.source[0]), out)
     except PrepareError as e:
         print(f"imaging-meta prepare: {e}", file=sys.stderr)
         return 2

@@ -177,7 +177,7 @@ def _tool_parser() -> argparse.ArgumentParser:
     cf.add_argument("--copy", metavar="DIR", help="write every shipped config into DIR (e.g. ./configs)")
     cf.add_argument("--force", action="store_true", help="overwrite files in DIR that differ from the shipped ones")
 
-    pr = sub.add_parser("prepare", help="convert a downloaded public benchmark (Synapse/BTCV, CHAOS MR) into a folder to train on")
+    pr = sub.add_parser("prepare", help="convert a downloaded public benchmark (Synapse/BTCV, CHAOS MR, MedMNIST) into a folder to train on")
     from datamodules.recipes.prepare import add_arguments as add_prepare_arguments
 
     add_prepare_arguments(pr)
@@ -215,7 +215,8 @@ EXAMPLES = {
     "configs": ["imaging-meta configs                  (list them)",
                 "imaging-meta configs --copy ./configs (copy them out to edit)"],
     "prepare": ["imaging-meta prepare synapse ~/Downloads/Abdomen/RawData --out data/synapse",
-                "imaging-meta prepare chaos_mr ~/Downloads/CHAOS_Train_Sets/Train_Sets/MR --out data/chaos_mr"],
+                "imaging-meta prepare chaos_mr ~/Downloads/CHAOS_Train_Sets/Train_Sets/MR --out data/chaos_mr",
+                "imaging-meta prepare medmnist ~/Downloads/medmnist --out data/medmnist --shots 1 5"],
     "results": ["imaging-meta results --out results",
                 "imaging-meta results --out results --learners protonet_cls maml_cls --cls-epochs 3 --train-shots matched"],
 }

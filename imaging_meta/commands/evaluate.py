@@ -322,6 +322,14 @@ def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict
     return entry, {key: v for key, v in info.items() if key not in ("episode_files", "episodes_sha256")}
 
 
+def _episodes_per_shot(episode_files: dict, requested: int) -> int | dict[str, int]:
+    """The test episodes scored per number of shots: one number, or ``shot -> number`` when they differ."""
+    counts = {k: int(v["n_episodes"]) for k, v in episode_files.items() if "n_episodes" in v}
+    if not counts:
+        return requested
+    return next(iter(counts.values())) if len(set(counts.values())) == 1 else counts
+
+
 def _context(path: Path, out: Path, extra: dict, task: Task, describe: dict, episode_files: dict, **settings) -> dict:
     """What a report records about how it was made (``settings``: name, seed, episodes, threshold, spacing, device)."""
     first = describe[next(iter(describe))]
@@ -337,7 +345,8 @@ def _context(path: Path, out: Path, extra: dict, task: Task, describe: dict, epi
         "checkpoint_sha256": sha256_file(path),
         "seed": settings["seed"],
         "shots": sorted(int(k) for k in episode_files),
-        "episodes_per_shot": settings["episodes"],
+        # what was scored: a fixed test episode file (test_episodes_file) may hold another number than --episodes
+        "episodes_per_shot": _episodes_per_shot(episode_files, settings["episodes"]),
         "episode_files": episode_files,
         "threshold": settings["threshold"] if task.dense else None,
         "pixel_spacing_mm": settings["spacing"],
