@@ -24,6 +24,7 @@ from torch import nn
 
 from imaging_meta.backbones import forward_with_support_statistics, is_transductive
 from imaging_meta.episode import Episode
+from imaging_meta.learners.support_norms import forward_in_two_passes, module_norm_layers
 from imaging_meta.tasks import Task, get_task
 
 
@@ -68,12 +69,15 @@ def encoder_euclidean(learner: nn.Module, name: str) -> SimilarityMeasure:
 def embed_tasks(
     encoder: Callable[[torch.Tensor], torch.Tensor], support: torch.Tensor, query: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed each task's support and query in one forward pass per task, normalised with the support's statistics.
+    """Embed each task's support and queries, the queries normalised with the support's statistics.
 
-    The backbones' BatchNorm keeps no running statistics; in this pass it normalises the task's support and
-    queries with the statistics of the support (`imaging_meta.backbones.forward_with_support_statistics`), so
-    a query's embedding depends on its task's support and on itself only: never on the other queries, nor
-    on the other tasks of a batch. A backbone built with ``transductive=True`` uses the statistics of the
+    The backbones' BatchNorm keeps no running statistics; it normalises the task's support and queries with the
+    statistics of the support, so a query's embedding depends on its task's support and on itself only: never
+    on the other queries, nor on the other tasks of a batch. When ``encoder`` is a module (or a method of one)
+    called with its own parameters, the support runs first and the queries then run with its statistics, in
+    chunks on a CPU (`imaging_meta.learners.support_norms.forward_in_two_passes`, faster); otherwise, or for a
+    norm layer that it does not know, both run in one pass
+    (`imaging_meta.backbones.forward_with_support_statistics`). The two agree to rounding. A backbone built with ``transductive=True`` uses the statistics of the
     task's support and queries together instead (transductive batch normalisation, as in MAML's Conv-4
     experiments).
 
@@ -85,7 +89,12 @@ def embed_tasks(
     Returns:
         (T, S, D) support and (T, Q, D) query embeddings.
     """
-    pairs = [forward_with_support_statistics(encoder, s, q) for s, q in zip(support, query, strict=True)]
+    owner = encoder if isinstance(encoder, nn.Module) else getattr(encoder, "__self__", None)
+    layers = module_norm_layers(owner) if isinstance(owner, nn.Module) else {}
+    pairs = []
+    for s, q in zip(support, query, strict=True):
+        fs, fq = forward_in_two_passes(encoder, layers, s, q) if layers else (None, None)
+        pairs.append((fs, fq) if fq is not None else forward_with_support_statistics(encoder, s, q))
     return torch.stack([s for s, _ in pairs]), torch.stack([q for _, q in pairs])
 
 

@@ -29,6 +29,7 @@ from imaging_meta.backbones import (
     uses_support_statistics,
 )
 from imaging_meta.learners.inner_loop import Params, adapt, functional_forward, split_state
+from imaging_meta.learners.support_norms import forward_in_two_passes, support_norm_layers
 from imaging_meta.tasks import Task, get_task
 
 
@@ -134,16 +135,20 @@ def forward_query(
     frozen: Mapping[str, torch.Tensor],
     support_images: torch.Tensor,
     query_images: torch.Tensor,
+    two_pass: bool = True,
 ) -> torch.Tensor:
     """The outputs of ``net`` (with ``params`` and ``frozen`` in place of its state) on one task's queries,
     normalised with the statistics of the task's support under the same weights.
 
-    A backbone with batch statistics (`imaging_meta.backbones.uses_support_statistics`) is run on the support
-    and the queries together, support first, under `imaging_meta.backbones.support_statistics`, and the
-    query rows are returned: a query's output depends on the support and on itself only, and gradients flow
-    through the support statistics too. Any other network (instance norm, a transductive backbone, a body of
-    the user's own) is run on the queries alone, as before. Works under ``torch.func.functional_call``,
-    ``torch.func.vmap`` and second-order autograd.
+    A backbone with batch statistics (`imaging_meta.backbones.uses_support_statistics`) takes them from the
+    support: a query's output depends on the support and on itself only, and gradients flow through the support
+    statistics too. By default the support runs first and the queries then run with its statistics, in
+    cache-sized chunks on a CPU (`imaging_meta.learners.support_norms.forward_in_two_passes`: the fused
+    kernels, faster forward and backward); with ``two_pass=False``, or for a batch-statistics norm layer that
+    it does not know, the support and the queries run in one pass under
+    `imaging_meta.backbones.support_statistics` (elementary operations: exact derivatives of every order under
+    ``torch.func.vmap``, which MAML's vmapped loop needs). The two agree to rounding. Any other network (instance
+    norm, a transductive backbone, a body of the user's own) is run on the queries alone.
 
     Args:
         net: the network holding the meta-parameters.
@@ -151,10 +156,19 @@ def forward_query(
         frozen: the rest of the state.
         support_images: (S, C, *spatial) the task's support.
         query_images: (Q, C, *spatial) its queries.
+        two_pass: the two-pass form (default), else the one-pass form.
 
     Returns:
         (Q, ...) outputs, e.g. (Q, n_way) or (Q, 2, H, W) logits.
     """
     if not uses_support_statistics(net):
         return functional_forward(net, params, frozen, query_images)
-    return forward_with_support_statistics(lambda x: functional_forward(net, params, frozen, x), support_images, query_images)[1]
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return functional_forward(net, params, frozen, x)
+
+    if two_pass:
+        out = forward_in_two_passes(fn, support_norm_layers(net, {**frozen, **params}), support_images, query_images)[1]
+        if out is not None:
+            return out
+    return forward_with_support_statistics(fn, support_images, query_images)[1]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from imaging_meta.backbones import SupportBatchNorm2d, forward_with_support_statistics
-from imaging_meta.learners import task_network
+from imaging_meta.learners import support_norms, task_network
 from imaging_meta.learners.base import build_learner
 from imaging_meta.learners.gradient import anil
 from imaging_meta.learners.gradient.anil import ANIL
@@ -137,9 +137,11 @@ def test_meta_gradient_matches_finite_differences():
 def test_the_body_runs_once_per_task_and_never_in_the_inner_loop(task):
     kw = SEG if task == "segmentation" else {}
     ep = seg_episode(tasks=3) if kw else cls_episode(tasks=3)
-    # per task: one pass of the support and one of the queries (the old formulation: one per inner step, and the
-    # queries); 3 tasks, 3 inner steps in training, 5 in predict
-    for cls, expected in ((ANIL, (3 * 2, 3 * 2)), (HeadOnlyMAML, (3 * (3 + 1), 3 * (5 + 1)))):
+    # per task: one pass of the support and one of the queries (the old formulation: one per inner step, then
+    # `forward_query`: the support and the queries with Conv-4's support statistics, the queries alone with the
+    # U-Net's instance norm); 3 tasks, 3 inner steps in training, 5 in predict
+    q = 1 if kw else 2
+    for cls, expected in ((ANIL, (3 * 2, 3 * 2)), (HeadOnlyMAML, (3 * (3 + q), 3 * (5 + q)))):
         learner = build(cls, inner_steps=3, eval_inner_steps=5, **kw)
         calls = []
         learner.net.body.register_forward_hook(lambda *_, calls=calls: calls.append(1))
@@ -203,6 +205,28 @@ def test_encode_equals_one_pass_with_support_statistics():
     torch.testing.assert_close(fq, eq, rtol=1e-12, atol=1e-12)
     # the support features are those of the support alone, as in MAML's inner loop
     torch.testing.assert_close(fs, learner.net.body(task.support_images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["cls", "cls-first-order", "cls-vmap", "seg"])
+def test_queries_encoded_in_chunks_give_the_same_losses_gradients_and_predictions(case, monkeypatch):
+    """Each query is normalised with the support's statistics, so chunking the query pass changes nothing."""
+    kw = dict(CASES[case])
+    ep = seg_episode() if kw.get("task") == "segmentation" else cls_episode()
+    whole = build(ANIL, **kw)
+    (l_whole, g_whole), p_whole = loss_and_grads(whole, ep), whole.predict(ep)
+    monkeypatch.setattr(support_norms, "QUERY_CHUNK_PIXELS", 1)  # one query per chunk
+    chunked = build(ANIL, **kw)
+    calls = []
+    chunked.net.body.register_forward_hook(lambda *_: calls.append(1))
+    (l_chunk, g_chunk), p_chunk = loss_and_grads(chunked, ep), chunked.predict(ep)
+    torch.testing.assert_close(l_chunk, l_whole, rtol=1e-12, atol=0)
+    for n in g_whole:
+        torch.testing.assert_close(g_chunk[n], g_whole[n], rtol=1e-10, atol=1e-14, msg=n)
+    torch.testing.assert_close(p_chunk, p_whole, rtol=1e-10, atol=1e-14)
+    if kw.get("task_batching") != "vmap":  # not vacuous: Conv-4 encodes one query per call (the U-Net, whose
+        # instance norm has no support statistics, runs its queries in one call)
+        per_task = 1 + (1 if kw.get("task") == "segmentation" else ep.query_images.shape[1])
+        assert len(calls) == 2 * ep.n_tasks * per_task  # loss and predict
 
 
 def spy_fallback(monkeypatch) -> list:

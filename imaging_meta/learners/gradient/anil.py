@@ -16,94 +16,23 @@ default): the support is encoded with one draw of the random masks, not a new dr
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, vmap
-from torch.overrides import TorchFunctionMode
 
-from imaging_meta.backbones import (
-    SupportBatchNorm2d,
-    SupportBatchNorm3d,
-    forward_with_support_statistics,
-    uses_support_statistics,
-)
+from imaging_meta.backbones import forward_with_support_statistics, uses_support_statistics
 from imaging_meta.episode import Episode
 from imaging_meta.learners.gradient.maml import MAML
 from imaging_meta.learners.inner_loop import Params, adapt, adapt_functional, kernels_if_enabled, split_state
+from imaging_meta.learners.support_norms import forward_in_two_passes, support_norm_layers
 
 _BODY, _HEAD = "body.", "head."
-_BATCH_NORM = inspect.signature(F.batch_norm)
 
 
 def _strip(params: Mapping[str, torch.Tensor], prefix: str) -> Params:
     """The entries of ``params`` whose name starts with ``prefix``, keyed by the rest of the name."""
     return {n[len(prefix):]: t for n, t in params.items() if n.startswith(prefix)}
-
-
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of (N, C, *spatial) ``x``, as batch normalisation computes them.
-
-    Reduced over the spatial dimensions first, then the batch: the same values as ``torch.var_mean`` over
-    every dimension but the channels, and faster forward and backward on a CPU.
-    """
-    spatial = list(range(2, x.dim()))
-    mean = x.mean(spatial).mean(0)
-    var = (x - mean.view((1, -1) + (1,) * len(spatial))).square().mean(spatial).mean(0)
-    return mean, var
-
-
-class _SupportNorms(TorchFunctionMode):
-    """The normalisation of `imaging_meta.backbones.support_statistics` in two passes, support then queries,
-    with the fused kernels, instead of one pass of both with elementary operations (slower, forward and
-    backward; see ``benchmarks/``).
-
-    While ``recording`` (the support pass), each batch-statistics ``F.batch_norm`` call of a known layer
-    (recognised by its weight tensor) runs as usual, and its input's mean and (biased) variance are kept; in
-    the query pass each such call normalises its input with them instead, ``x * scale + shift`` per channel.
-    The values equal those of `imaging_meta.backbones.forward_with_support_statistics` to rounding, and
-    gradients reach the body through the kept statistics too. ``foreign`` is set when the support pass meets a
-    batch-statistics norm it does not know (then the caller runs the queries the usual way).
-    """
-
-    def __init__(self, layers: Mapping[int, str]) -> None:
-        super().__init__()
-        self.layers = dict(layers)  # id(weight tensor) -> layer name
-        self.stats: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.calls: dict[str, int] = {}
-        self.recording = True
-        self.foreign = False
-
-    def queries(self) -> _SupportNorms:
-        self.recording, self.calls = False, {}
-        return self
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.batch_norm:
-            return func(*args, **kwargs)
-        a = _BATCH_NORM.bind(*args, **kwargs).arguments
-        if not a.get("training", False):  # running statistics: the same for every row
-            return func(*args, **kwargs)
-        name = self.layers.get(id(a.get("weight")))
-        if name is None:
-            self.foreign = True
-            return func(*args, **kwargs)
-        key = (name, self.calls.get(name, 0))
-        self.calls[name] = key[1] + 1
-        x, weight = a["input"], a["weight"]
-        if self.recording:  # statistics in the parameters' precision, as the kernel computes them (autocast)
-            self.stats[key] = _moments(x.to(weight.dtype))
-            return func(*args, **kwargs)
-        mean, var = self.stats[key]
-        eps = a.get("eps", 1e-5)
-        scale = weight * torch.rsqrt(var + eps)
-        # x * scale + shift, as the fused kernel of an eval-mode norm with mean 0 and variance 1: its backward is
-        # one pass (elementwise operations would take several), and gradients reach scale and shift
-        ones = torch.ones_like(var)
-        return func(x, torch.zeros_like(mean), ones, scale * torch.sqrt(ones + eps), a["bias"] - mean * scale, False, 0.0, eps)
 
 
 class ANIL(MAML):
@@ -145,9 +74,9 @@ class ANIL(MAML):
 
         A body with support statistics (`imaging_meta.backbones.uses_support_statistics`) normalises the
         queries with the support's statistics, as `task_network.forward_query` does: the support is run on its
-        own (as in MAML's inner loop), keeping each norm layer's statistics, then the queries with them
-        (`_SupportNorms`); if the body also has a batch-statistics norm of another kind, the queries are run
-        after the support in one pass, as `task_network.forward_query` runs them. Any other body (the U-Net's
+        own (as in MAML's inner loop), keeping each norm layer's statistics, then the queries with them, on a CPU in
+        cache-sized chunks (`imaging_meta.learners.support_norms.forward_in_two_passes`); if the body also has a
+        batch-statistics norm of another kind, the queries are run after the support in one pass, as `task_network.forward_query` runs them. Any other body (the U-Net's
         instance norm, a transductive backbone) is run on each set on its own.
 
         Returns:
@@ -157,23 +86,10 @@ class ANIL(MAML):
         with kernels_if_enabled():  # inside `MAML.loss` on CPU: `inner_loop.FastKernels`
             if not uses_support_statistics(self.net):
                 return body(support), body(query)
-            norms = _SupportNorms(self._support_norm_layers(frozen))
-            with norms:
-                fs = body(support)
-            if norms.foreign:  # a batch-statistics norm of the user's own: the queries as forward_query runs them
-                return fs, forward_with_support_statistics(body, support, query)[1]
-            with norms.queries():
-                fq = body(query)
+            fs, fq = forward_in_two_passes(body, support_norm_layers(self.net.body, frozen, _BODY), support, query)
+            if fq is None:  # a batch-statistics norm of the user's own: the queries as forward_query runs them
+                fq = forward_with_support_statistics(body, support, query)[1]
             return fs, fq
-
-    def _support_norm_layers(self, frozen: Mapping[str, torch.Tensor]) -> dict[int, str]:
-        """``id(weight) -> name`` of the body's affine support-statistics norm layers, weights taken from ``frozen``."""
-        kinds = (SupportBatchNorm2d, SupportBatchNorm3d)
-        return {
-            id(frozen[f"{_BODY}{name}.weight"]): name
-            for name, m in self.net.body.named_modules()
-            if isinstance(m, kinds) and not m.transductive and m.affine
-        }
 
     def head_logits(self, head: Mapping[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
         """The head, with parameters ``head`` (keyed ``head.*``), on body features: (N, n_way) or (N, 2, H, W)."""

@@ -112,7 +112,7 @@ def adapt_and_query_batched(
             return task_loss(functional_forward(net, p, {**inner_frozen, **b}, xs), ys)
 
         adapted = adapt_functional(net, support_loss, live, steps, lr, first_order, state=(bufs,))
-        return finish(forward_query(net, adapted, {**frozen, **bufs}, xs, xq), yq)
+        return finish(forward_query(net, adapted, {**frozen, **bufs}, xs, xq, two_pass=False), yq)  # one pass under vmap
 
     batched = vmap(one_task, randomness="different")
     args = (task_buffers, episode.support_images, episode.support_labels, episode.query_images, episode.query_labels)
