@@ -91,9 +91,9 @@ def embed_tasks(
     """
     owner = encoder if isinstance(encoder, nn.Module) else getattr(encoder, "__self__", None)
     layers = module_norm_layers(owner) if isinstance(owner, nn.Module) else {}
-    pairs = []
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for s, q in zip(support, query, strict=True):
-        fs, fq = forward_in_two_passes(encoder, layers, s, q) if layers else (None, None)
+        fs, fq = forward_in_two_passes(encoder, layers, s, q) if layers else (s, None)
         pairs.append((fs, fq) if fq is not None else forward_with_support_statistics(encoder, s, q))
     return torch.stack([s for s, _ in pairs]), torch.stack([q for _, q in pairs])
 
