@@ -96,3 +96,16 @@ def test_anil_vs_maml_times_every_row_in_the_same_rounds():
     m = measure(size=8, repeat=2, warmup=0)
     assert m["size"] == 8 and set(m["wall"]) == set(m["cpu"]) == set(ROWS)
     assert all(len(v) == 2 and all(t > 0 for t in v) for v in m["wall"].values())
+
+
+def test_two_pass_queries_times_both_forms_and_restores_the_two_pass_form():
+    import imaging_meta.learners.base as base
+    import imaging_meta.learners.task_network as task_network
+    from benchmarks.two_pass_queries import measure, one_pass
+
+    layers, two = base.module_norm_layers, task_network.forward_in_two_passes
+    with one_pass():
+        assert base.module_norm_layers is not layers and task_network.forward_in_two_passes is not two
+    assert base.module_norm_layers is layers and task_network.forward_in_two_passes is two
+    (row,) = measure(16, ["protonet_cls"], repeat=1, warmup=0)
+    assert row[:2] == ["16x16", "protonet_cls"] and row[2] > 0 and row[3] > 0 and row[4] == row[3] / row[2]
