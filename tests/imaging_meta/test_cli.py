@@ -13,13 +13,19 @@ from tests.helpers import CONFIGS, SMALL_MODEL, data_args
 
 @pytest.mark.parametrize("trainer", sorted(p.name for p in (CONFIGS / "trainer").glob("*.yaml")))
 def test_every_config_instantiates(trainer, tmp_path):
-    """Every trainer x data x model YAML in configs/ parses; everything but GPU trainers instantiates here."""
+    """Every data x model YAML pair in configs/ parses and instantiates with the default trainer; every other
+    trainer YAML with the first data config of each task and its models (a trainer config sets nothing that
+    the data or model configs read, and the full product took about 2.5 minutes of `make test`); GPU trainers
+    are parsed only, here."""
     datas = sorted((CONFIGS / "data").glob("*.yaml"))
     models = sorted((CONFIGS / "model").glob("*.yaml"))
     assert datas and models
     assert all(m.stem.endswith(("_seg", "_cls")) for m in models), "model configs are named *_seg or *_cls"
+    tasks = {d: "segmentation" if "SegmentationDataModule" in d.read_text() else "classification" for d in datas}
+    if trainer != "default.yaml":
+        datas = [next(d for d in datas if tasks[d] == t) for t in ("segmentation", "classification")]
     for data in datas:
-        data_task = "segmentation" if "SegmentationDataModule" in data.read_text() else "classification"
+        data_task = tasks[data]
         for model in (m for m in models if m.stem.endswith("_seg" if data_task == "segmentation" else "_cls")):
             args = ["fit", "--config", str(CONFIGS / "trainer" / trainer), "--config", str(data), "--config", str(model),
                     "--trainer.logger.init_args.save_dir", str(tmp_path)]
