@@ -8,9 +8,10 @@ values to rounding, faster on a CPU, forward and backward: the support runs alon
 each norm layer's statistics are kept (`SupportNorms`), and the queries then run with them, ``x * scale +
 shift`` per channel, in chunks of about `QUERY_CHUNK_PIXELS` input pixels so that a chunk's activations stay in
 cache. Each query is normalised with the support's statistics, so its output does not depend on the chunk it is
-in; gradients reach the network through the kept statistics too. ANIL's encoder (`learners/gradient/anil.py`)
-and the query pass of MAML's family (`task_network.forward_query`) use it; ``benchmarks/anil_vs_maml.py``
-measures it.
+in; gradients reach the network through the kept statistics too. ANIL's encoder (`learners/gradient/anil.py`),
+the query pass of MAML's family (`task_network.forward_query`) and the embeddings of the metric and memory
+learners (`imaging_meta.learners.base.embed_tasks`) use it; ``benchmarks/two_pass_queries.py`` and
+``benchmarks/anil_vs_maml.py`` measure it.
 """
 
 from __future__ import annotations
