@@ -40,7 +40,7 @@ import yaml
 
 from datamodules.io.atomic import atomic_write_text
 from datamodules.recipes.medmnist_files import MEDMNIST_2D, SIZES, UNSUPPORTED, ZENODO, MedMNISTFile
-from datamodules.recipes.prepare import PrepareError, _check_out, _write_json
+from datamodules.recipes.prepare import PrepareError, _check_out, _write_json, install_staged
 from datamodules.sampling.episode_files import episodes_sha256, save_episodes
 from datamodules.sampling.samplers_classification import ClassificationEpisodeSpec
 from datamodules.sources.medmnist import SPLITS, _check_images, _check_labels, _stem
@@ -476,13 +476,9 @@ def prepare_medmnist(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         written, described = _write_outputs(staging, out, parts, shots, ways, queries, episodes, seed)
-        for name in written:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / name, out / name)
+        install_staged(staging, out, written, earlier)  # and episode files of an earlier run with other settings go
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for name in set(earlier) - set(written):  # episode files of an earlier run with other settings
-        (out / name).unlink(missing_ok=True)
     arguments = {"files_or_folder": [str(p) for p in ([files_or_folder] if isinstance(files_or_folder, (str, os.PathLike))
                                                       else files_or_folder)],
                  "test_files": None if test_files is None else list(test_files),

@@ -40,7 +40,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -442,14 +442,20 @@ def prepare(dataset: str, source: Path, out: Path) -> dict[str, Any]:
         if problems:
             raise PrepareError(f"{len(problems)} problem(s) in {source}; nothing was prepared:\n" + "\n".join(problems))
         written = [f for r in records for f in (r["image"], r["label"])]
-        for f in written:
-            (out / f).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / f, out / f)
+        install_staged(staging, out, written, earlier)  # and files of an earlier run whose patient is gone go
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for f in set(earlier) - set(written):  # files of an earlier run whose patient is gone
-        (out / f).unlink(missing_ok=True)
     return _write_descriptions(dataset, recipe, source, out, records, written)
+
+
+def install_staged(staging: Path, out: Path, written: Sequence[str], earlier: Iterable[str]) -> None:
+    """Move the files ``written`` (paths relative to both folders) from ``staging`` into ``out``, then delete the
+    files of an earlier run, ``earlier``, that this run did not write."""
+    for f in written:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / f, out / f)
+    for f in set(earlier) - set(written):
+        (out / f).unlink(missing_ok=True)
 
 
 def _convert_all(dataset: str, recipe: Recipe, patients: list[tuple[str, tuple[Path, ...]]],
