@@ -33,13 +33,12 @@ CONFIGS = ("protonet_cls", "matching_cls", "mann_cls", "metasgd_cls", "maml_cls"
 @contextlib.contextmanager
 def one_pass() -> Iterator[None]:
     """The learners' one-pass form: no norm layer is known to the two-pass form, so every caller falls back."""
-    layers, two = base.module_norm_layers, task_network.forward_in_two_passes
-    base.module_norm_layers = lambda module: {}
-    task_network.forward_in_two_passes = lambda fn, layers, support, query: (support, None)
+    module_layers, state_layers = base.module_norm_layers, task_network.support_norm_layers
+    base.module_norm_layers = task_network.support_norm_layers = lambda *args, **kwargs: {}
     try:
         yield
     finally:
-        base.module_norm_layers, task_network.forward_in_two_passes = layers, two
+        base.module_norm_layers, task_network.support_norm_layers = module_layers, state_layers
 
 
 def measure(size: int, configs: list[str], repeat: int, warmup: int) -> list[list]:

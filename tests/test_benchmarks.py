@@ -103,9 +103,9 @@ def test_two_pass_queries_times_both_forms_and_restores_the_two_pass_form():
     import imaging_meta.learners.task_network as task_network
     from benchmarks.two_pass_queries import measure, one_pass
 
-    layers, two = base.module_norm_layers, task_network.forward_in_two_passes
+    layers, state_layers = base.module_norm_layers, task_network.support_norm_layers
     with one_pass():
-        assert base.module_norm_layers is not layers and task_network.forward_in_two_passes is not two
-    assert base.module_norm_layers is layers and task_network.forward_in_two_passes is two
+        assert base.module_norm_layers is not layers and task_network.support_norm_layers is not state_layers
+    assert base.module_norm_layers is layers and task_network.support_norm_layers is state_layers
     (row,) = measure(16, ["protonet_cls"], repeat=1, warmup=0)
     assert row[:2] == ["16x16", "protonet_cls"] and row[2] > 0 and row[3] > 0 and row[4] == row[3] / row[2]

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imaging_meta.backbones import forward_with_support_statistics, is_transductive
+from imaging_meta.backbones import is_transductive
 from imaging_meta.episode import Episode
-from imaging_meta.learners.support_norms import forward_in_two_passes, module_norm_layers
+from imaging_meta.learners.support_norms import forward_with_known_norms, module_norm_layers
 from imaging_meta.tasks import Task, get_task
 
 
@@ -91,10 +91,7 @@ def embed_tasks(
     """
     owner = encoder if isinstance(encoder, nn.Module) else getattr(encoder, "__self__", None)
     layers = module_norm_layers(owner) if isinstance(owner, nn.Module) else {}
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for s, q in zip(support, query, strict=True):
-        fs, fq = forward_in_two_passes(encoder, layers, s, q) if layers else (s, None)
-        pairs.append((fs, fq) if fq is not None else forward_with_support_statistics(encoder, s, q))
+    pairs = [forward_with_known_norms(encoder, layers, s, q) for s, q in zip(support, query, strict=True)]
     return torch.stack([s for s, _ in pairs]), torch.stack([q for _, q in pairs])
 
 

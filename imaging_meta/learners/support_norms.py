@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from imaging_meta.backbones import SupportBatchNorm2d, SupportBatchNorm3d
+from imaging_meta.backbones import SupportBatchNorm2d, SupportBatchNorm3d, forward_with_support_statistics
 
 _BATCH_NORM = inspect.signature(F.batch_norm)
 
@@ -142,3 +142,17 @@ def forward_in_two_passes(
         with norms.queries():
             parts.append(fn(chunk))
     return fs, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def forward_with_known_norms(
+    fn: Callable[[torch.Tensor], torch.Tensor], layers: Mapping[int, str], support: torch.Tensor, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn``'s (S, ...) support and (Q, ...) query outputs, the queries normalised with the support's statistics:
+    in two passes (`forward_in_two_passes`) when ``layers`` name every batch-statistics norm layer the support pass
+    meets, else (and at once when ``layers`` is empty) in one pass,
+    `imaging_meta.backbones.forward_with_support_statistics`."""
+    if layers:
+        fs, fq = forward_in_two_passes(fn, layers, support, query)
+        if fq is not None:
+            return fs, fq
+    return forward_with_support_statistics(fn, support, query)

@@ -25,11 +25,10 @@ from imaging_meta.backbones import (
     backbone_channels,
     build_backbone,
     build_encoder,
-    forward_with_support_statistics,
     uses_support_statistics,
 )
 from imaging_meta.learners.inner_loop import Params, adapt, functional_forward, split_state
-from imaging_meta.learners.support_norms import forward_in_two_passes, support_norm_layers
+from imaging_meta.learners.support_norms import forward_with_known_norms, support_norm_layers
 from imaging_meta.tasks import Task, get_task
 
 
@@ -167,8 +166,5 @@ def forward_query(
     def fn(x: torch.Tensor) -> torch.Tensor:
         return functional_forward(net, params, frozen, x)
 
-    if two_pass:
-        out = forward_in_two_passes(fn, support_norm_layers(net, {**frozen, **params}), support_images, query_images)[1]
-        if out is not None:
-            return out
-    return forward_with_support_statistics(fn, support_images, query_images)[1]
+    layers = support_norm_layers(net, {**frozen, **params}) if two_pass else {}
+    return forward_with_known_norms(fn, layers, support_images, query_images)[1]

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from imaging_meta.backbones import forward_with_support_statistics
 from imaging_meta.learners import support_norms, task_network
 from imaging_meta.learners.gradient.maml import MAML
 from imaging_meta.learners.gradient.meta_lstm import MetaLSTM
@@ -102,6 +103,10 @@ def test_an_unknown_batch_statistics_norm_falls_back_to_one_pass():
     fs, fq = support_norms.forward_in_two_passes(net, {}, support, query)
     assert fq is None  # the caller runs the queries in one pass
     torch.testing.assert_close(fs, net(support))
+    one_pass = forward_with_support_statistics(net, support, query)
+    for layers in ({}, {id(torch.zeros(1)): "not this net's"}):  # nothing known, or a layer the support never meets
+        for a, b in zip(support_norms.forward_with_known_norms(net, layers, support, query), one_pass, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("chunk_pixels", [support_norms.QUERY_CHUNK_PIXELS, 1], ids=["one-chunk", "one-query-per-chunk"])
