@@ -169,6 +169,17 @@ def loss_and_grads(learner, ep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in learner.named_parameters()}
 
 
+def central_difference(loss, p: torch.Tensor, i: tuple, eps: float = 1e-6) -> float:
+    """``(loss() at p[i] + eps - loss() at p[i] - eps) / (2 eps)``, with ``p[i]`` restored afterwards."""
+    with torch.no_grad():
+        p[i] += eps
+        plus = loss()
+        p[i] -= 2 * eps
+        minus = loss()
+        p[i] += eps
+    return (plus - minus) / (2 * eps)
+
+
 def assert_gradients_match_finite_differences(learner, ep, grads: dict[str, torch.Tensor], eps: float = 1e-6) -> None:
     """Central finite differences of ``learner.loss(ep)`` on two seeded coordinates of every parameter equal
     ``grads`` (float64 learners), and at least 8 of them are not zero, so the check is not vacuous."""
@@ -177,13 +188,7 @@ def assert_gradients_match_finite_differences(learner, ep, grads: dict[str, torc
     for name, p in learner.named_parameters():
         for _ in range(2):
             i = tuple(int(torch.randint(s, (1,), generator=g)) for s in p.shape)
-            with torch.no_grad():
-                p[i] += eps
-                plus = learner.loss(ep).item()
-                p[i] -= 2 * eps
-                minus = learner.loss(ep).item()
-                p[i] += eps
-            fd = (plus - minus) / (2 * eps)
+            fd = central_difference(lambda: learner.loss(ep).item(), p, i, eps)
             assert grads[name][i].item() == pytest.approx(fd, rel=1e-6, abs=1e-9), (name, i)
             checked += abs(fd) > 1e-6
     assert checked >= 8  # most coordinates have a real gradient

@@ -12,7 +12,7 @@ from imaging_meta.episode import Episode
 from imaging_meta.learners.base import build_learner
 from imaging_meta.learners.gradient.meta_lstm import MetaLSTM, preprocess_gradient
 from imaging_meta.learners.inner_loop import adapt, functional_forward, split_state
-from tests.imaging_meta.fewshot import accuracy, classification_episode, short_fit
+from tests.imaging_meta.fewshot import accuracy, central_difference, classification_episode, short_fit
 
 SMALL = {"width": 8}
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "model" / "meta_lstm_cls.yaml"
@@ -136,16 +136,8 @@ def test_meta_gradient_matches_finite_differences_for_one_step():
     named = dict(m.named_parameters())
     checks = [("input_bias", ()), ("forget_bias", ()), ("input_weight", (3,)), ("forget_weight", (20,)), ("lstm.weight_ih", (5, 1))]
     grads = torch.autograd.grad(m.loss(ep), [named[n] for n, _ in checks])
-    eps = 1e-6
     for (name, idx), g in zip(checks, grads, strict=True):
-        p = named[name]
-        with torch.no_grad():
-            p[idx] += eps
-            plus = m.loss(ep).item()
-            p[idx] -= 2 * eps
-            minus = m.loss(ep).item()
-            p[idx] += eps
-        fd = (plus - minus) / (2 * eps)
+        fd = central_difference(lambda: m.loss(ep).item(), named[name], idx)
         assert g[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-9), name
 
 
