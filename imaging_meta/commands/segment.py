@@ -29,7 +29,7 @@ from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
 from datamodules.transforms.volume import to_source_grid, volume_transforms
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
-from imaging_meta.evaluation.volumes import largest_component as keep_largest_component
+from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
@@ -208,7 +208,9 @@ def segment(
         label_value: the structure's value in the label maps (default: every non-zero voxel).
         modality: CT or MR when the files do not say.
         max_support_slices: slices taken from each support scan (spread over the structure).
-        largest_component: keep only the largest 3D connected component of each mask.
+        largest_component: keep only the largest 3D connected component of each mask, unless a support's
+            structure is in several parts (`imaging_meta.evaluation.volumes.structure_parts`): then every
+            component is kept.
         device: "auto", "cpu" or "cuda".
         query_chunk: query slices per forward pass.
         output_format: "nifti" or "dicom-seg".
@@ -263,6 +265,8 @@ def segment(
     assert segmenter.support_images is not None  # fit sets them
     logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0], segmenter.describe())
 
+    # the largest component, unless a support shows the structure in several parts (ribs, both kidneys)
+    parts = max(structure_parts(mask.numpy()) for _, mask in supports_pre)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     masks_written, probs_written = [], []
@@ -275,7 +279,7 @@ def segment(
         prob_map = np.clip(source, 0.0, 1.0)  # (X, Y, Z)
         mask = prob_map > 0.5
         if largest_component and mask.any():
-            mask = keep_largest_component(mask)
+            mask = keep_components(mask, parts)
         name = _query_name(q)
         if q.is_dir():
             affine = source_affine

@@ -143,7 +143,7 @@ def _segment(
             seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[centre]])
             probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
     mask = _to_original(query, probs) > 0.5
-    return V.largest_component(mask)
+    return V.keep_components(mask, V.structure_parts(s_mask.numpy()))
 
 
 def _file_name(image: str | list) -> str:

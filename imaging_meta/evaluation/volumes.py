@@ -79,6 +79,27 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+#: a support component is a part of the structure when it holds at least this share of the structure's volume
+PART_SHARE = 0.05
+
+
+def structure_parts(mask: np.ndarray, share: float = PART_SHARE) -> int:
+    """How many 3D connected components of a support's structure mask hold at least ``share`` of its volume
+    (its parts: one for a liver, two for both kidneys under one label, a dozen for the ribs); 0 if empty."""
+    labels, count = ndimage.label(np.asarray(mask, dtype=bool))
+    if count == 0:
+        return 0
+    sizes = np.bincount(labels.ravel())[1:]
+    return int((sizes >= share * sizes.sum()).sum())
+
+
+def keep_components(mask: np.ndarray, parts: int) -> np.ndarray:
+    """The 3D consistency step of a predicted mask, from the number of ``parts`` the support's structure has
+    (`structure_parts`): the largest connected component for a structure in one part; the mask as it is for a
+    structure in several, whose parts the largest-component rule would drop but one."""
+    return largest_component(mask) if parts <= 1 else np.asarray(mask, dtype=bool)
+
+
 def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
     """Boolean body mask of a raw volume: a modality threshold, then the largest 3D component.
 

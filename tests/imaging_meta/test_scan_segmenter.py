@@ -210,3 +210,37 @@ def test_structure_scale_refines_only_small_structures():
     assert structure_scale(pre, big, (1.0, 1.0, 5.0), big.shape) == pre  # 160 mm spans 35 pixels at 4.5 mm
     with pytest.raises(ValueError, match="no foreground"):
         structure_extent_mm(np.zeros((4, 4, 2), bool), (1.0, 1.0, 1.0))
+    # thin parts spread across the slice (ribs): their thickness, not the bounding box's smaller side (160 mm)
+    ribs = np.zeros((200, 200, 5), bool)
+    for x in range(20, 180, 40):
+        ribs[x : x + 8, 20:30, 2] = True
+        ribs[x : x + 8, 170:180, 2] = True
+    assert structure_extent_mm(ribs, (1.0, 1.0, 5.0)) == 8.0
+    assert structure_extent_mm(ribs, (0.5, 2.0, 5.0)) == 4.0  # 8 pixels of 0.5 mm across
+    assert structure_scale(pre, ribs, (1.0, 1.0, 5.0), ribs.shape)["spacing"] == [200 / 128, 200 / 128]
+
+
+@pytest.mark.parametrize("two_parts", [True, False])
+def test_whole_scan_keeps_every_part_of_a_structure_the_support_shows_in_parts(tmp_path, two_parts):
+    """Bright (200 HU) blocks in a 40 HU body, the intensity evidence exact. A structure in two parts in the
+    support and the query (both kidneys under one label) keeps both predicted parts; a structure in one part
+    keeps its largest component, and a smaller bright block that is not the structure is dropped."""
+    shape = (24, 16, 10)
+    pre = {"spacing": [4.5, 4.5], "slice_size": [24, 16], "ct_window": [-250.0, 250.0],
+           "mr_percentiles": [1.0, 99.0]}
+    scans = []
+    for name in ("s", "q"):
+        hu = np.full(shape, 40.0, np.float32)
+        lab = np.zeros(shape, np.uint8)
+        lab[3:9, 5:11, 2:8] = 3
+        if two_parts:
+            lab[15:21, 5:11, 2:8] = 3
+        hu[lab == 3] = 200.0
+        if name == "q" and not two_parts:
+            hu[16:19, 6:9, 3:6] = 200.0  # bright, not the structure, smaller than it
+        scans.append(Scan(_write(tmp_path / f"{name}.nii.gz", hu), _write(tmp_path / f"{name}_l.nii.gz", lab), 3, "CT",
+                          "organ"))
+    records = {r["method"]: r for r in score_pair(ConstantLearner(0.99), pre, scans[0], scans[1], "whole_scan",
+                                                  ablations=False)}
+    assert records[WINDOW]["dice"] == pytest.approx(1.0 if two_parts else 2 * 216 / (216 + 216 + 27))
+    assert records["trained"]["dice"] == pytest.approx(1.0)  # largest-only would give 2/3 for two equal parts

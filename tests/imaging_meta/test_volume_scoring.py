@@ -15,8 +15,10 @@ from imaging_meta.evaluation.volumes import (
     dice3d,
     hd95,
     intensity_window,
+    keep_components,
     oracle_chunks,
     relative_z,
+    structure_parts,
 )
 
 
@@ -174,3 +176,23 @@ def test_oracle_chunks_includes_gap_slices_and_drops_empty_chunks():
     assert oracle_chunks(short, 3) == [[6], [7]]
     assert chunk_centres([[6], [7]]) == [6, 7]
     assert oracle_chunks(np.zeros((4, 4, 20), dtype=bool), 3) == []
+
+
+def test_structure_parts_counts_components_that_hold_a_share_of_the_volume():
+    mask = np.zeros((20, 10, 6), dtype=bool)
+    assert structure_parts(mask) == 0
+    mask[1:5, 1:5, 1:5] = True  # 64 voxels
+    mask[12:16, 1:5, 1:5] = True  # 64 voxels, apart from the first
+    mask[8, 8, 0] = True  # one voxel: under 5% of 129, not a part
+    assert structure_parts(mask) == 2
+    assert structure_parts(mask, share=0.6) == 0
+
+
+def test_keep_components_keeps_the_largest_of_a_one_part_structure_and_every_part_otherwise():
+    mask = np.zeros((20, 10, 6), dtype=bool)
+    mask[1:5, 1:5, 1:5] = True  # 64
+    mask[12:15, 1:4, 1:4] = True  # 27
+    one = keep_components(mask, parts=1)
+    assert one.sum() == 64 and one[1:5, 1:5, 1:5].all()
+    assert np.array_equal(keep_components(mask, parts=2), mask)
+    assert not keep_components(np.zeros((4, 4, 4), dtype=bool), parts=1).any()
