@@ -8,7 +8,11 @@ Pairs (support -> query), each scored as 3D Dice in the query's own voxel grid:
 
 * ``abdomen``: the CT and the MR, each split at its middle slice: the upper half is the support scan and the
   lower half the query scan (the structures of ``structures.json`` that both halves show);
-* ``lesions``: cross-patient, within a modality: lung1 -> lung2, lung2 -> lung1, brain1 -> brain2, brain2 -> brain1.
+* ``lesions``: cross-patient, within a modality: lung1 -> lung2, lung2 -> lung1, brain1 -> brain2, brain2 -> brain1;
+* ``parts``: thin and multi-part structures of the same abdominal CT, split the same way, each the union of
+  several values of TotalSegmentator's "total" class map (`CT_PARTS`): ribs, vertebrae, both kidneys as one
+  label, the deep back muscles, the colon, the portal and splenic vein. Added after the scan segmenter was
+  built (2026-12-04), to measure the thin structures on which issue 15's chest CT failed.
 
 Nothing here is tuned to these files: they are read as any user's NIfTI files.
 """
@@ -28,6 +32,17 @@ from imaging_meta.evaluation.methods import restore_untrained
 from imaging_meta.evaluation.scans import PROTOCOLS, Scan, score_pair
 
 REAL = Path(__file__).resolve().parent / "real"
+# TotalSegmentator v2 "total" class map: rib_left_1..12 = 92..103, rib_right_1..12 = 104..115, sacrum and
+# vertebrae S1..C1 = 25..50, kidney_right/left = 2/3, autochthon_left/right = 86/87, colon = 20,
+# portal_vein_and_splenic_vein = 64
+CT_PARTS = {
+    "ribs": tuple(range(92, 116)),
+    "vertebrae": tuple(range(25, 51)),
+    "kidneys": (2, 3),
+    "autochthon": (86, 87),
+    "colon": (20,),
+    "portal and splenic vein": (64,),
+}
 LESION_PAIRS = [
     ("lung1", "lung2", "CT"),
     ("lung2", "lung1", "CT"),
@@ -48,41 +63,45 @@ def _half(src: Path, out: Path, upper: bool) -> Path:
     return out
 
 
+def _split_pairs(
+    tmp: Path, stem: str, modality: str, label: Path, structures: dict[str, int], site: str
+) -> list[tuple[Scan, Scan]]:
+    """Support (upper half) -> query (lower half) pairs of one scan, for the structures both halves show."""
+    files = {
+        part: (
+            _half(REAL / "abdomen" / f"{stem}.nii.gz", tmp / f"{stem}_{part}.nii.gz", upper),
+            _half(label, tmp / f"{label.name.split('.')[0]}_{part}.nii.gz", upper),
+        )
+        for part, upper in (("upper", True), ("lower", False))
+    }
+    pairs = []
+    for name, value in structures.items():
+        if all((np.asarray(nib.load(str(files[p][1])).dataobj) == value).sum() >= 20 for p in files):
+            s, q = (Scan(str(files[p][0]), str(files[p][1]), value, modality, name, site, "one") for p in files)
+            pairs.append((s, q))
+    return pairs
+
+
 def abdomen_pairs(tmp: Path) -> list[tuple[Scan, Scan]]:
     structures = json.loads((REAL / "abdomen" / "structures.json").read_text())
     pairs = []
     for stem, modality in (("ct", "CT"), ("mr", "MR")):
         label_name = f"{stem}_label.nii.gz"
-        files = {}
-        for part, upper in (("upper", True), ("lower", False)):
-            files[part] = (
-                _half(REAL / "abdomen" / f"{stem}.nii.gz", tmp / f"{stem}_{part}.nii.gz", upper),
-                _half(REAL / "abdomen" / label_name, tmp / f"{stem}_{part}_label.nii.gz", upper),
-            )
-        for name, value in structures[label_name].items():
-            shows = [
-                bool((np.asarray(nib.load(str(files[p][1])).dataobj) == value).sum() >= 20) for p in files
-            ]
-            if all(shows):
-                s = Scan(
-                    str(files["upper"][0]),
-                    str(files["upper"][1]),
-                    value,
-                    modality,
-                    name,
-                    f"abdomen-{stem}",
-                    "one",
-                )
-                q = Scan(
-                    str(files["lower"][0]),
-                    str(files["lower"][1]),
-                    value,
-                    modality,
-                    name,
-                    f"abdomen-{stem}",
-                    "one",
-                )
-                pairs.append((s, q))
+        pairs += _split_pairs(tmp, stem, modality, REAL / "abdomen" / label_name, structures[label_name],
+                              f"abdomen-{stem}")
+    return pairs
+
+
+def parts_pairs(tmp: Path) -> list[tuple[Scan, Scan]]:
+    """The `CT_PARTS` structures of the abdominal CT: one label map per structure (the union of its values,
+    as value 1), split like `abdomen_pairs`."""
+    ref = nib.load(str(REAL / "abdomen" / "ct_label.nii.gz"))
+    labels = np.asarray(ref.dataobj)
+    pairs = []
+    for n, (name, values) in enumerate(CT_PARTS.items()):
+        path = tmp / f"part{n}_label.nii.gz"
+        nib.save(nib.Nifti1Image(np.isin(labels, values).astype(np.uint8), ref.affine), str(path))
+        pairs += _split_pairs(tmp, "ct", "CT", path, {name: 1}, "parts-ct")
     return pairs
 
 
@@ -143,7 +162,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--out", default=None, help="write every record here (JSON)")
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
-    ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"], choices=["abdomen", "lesions"])
+    ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"], choices=["abdomen", "lesions", "parts"])
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--adapt-steps", type=int, default=0, help="also score the test-time adapted segmenter")
     ap.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint")
@@ -153,8 +172,10 @@ def main() -> None:
     pre = extra["preprocessing"]
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = (abdomen_pairs(Path(tmp)) if "abdomen" in args.sets else []) + (
-            lesion_pairs() if "lesions" in args.sets else []
+        pairs = (
+            (abdomen_pairs(Path(tmp)) if "abdomen" in args.sets else [])
+            + (lesion_pairs() if "lesions" in args.sets else [])
+            + (parts_pairs(Path(tmp)) if "parts" in args.sets else [])
         )
         for protocol in args.protocols:
             for s, q in pairs:
