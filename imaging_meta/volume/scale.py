@@ -2,10 +2,11 @@
 
 A checkpoint is trained at one in-plane spacing (the demo's: 4.5 mm, 80 x 80 slices). A 1 cm lesion or a rib is
 then two pixels or less, which no feature and no intensity histogram can resolve. `structure_scale` picks the
-in-plane spacing at which the support's structure spans at least ``min_pixels`` pixels across (never finer than
+in-plane spacing at which the support's structure spans at least ``min_pixels`` pixels across (its thickness,
+`structure_extent_mm`) (never finer than
 the scan's own pixels, never coarser than the checkpoint's), and a slice size that keeps the scan's whole
 field of view (a multiple of 16, at most ``max_size``: memory grows with the pixels times the support's
-local prototypes). Plain numpy; no I/O.
+local prototypes). Plain numpy and scipy; no I/O.
 """
 
 from __future__ import annotations
@@ -14,19 +15,24 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 SCALES = ("checkpoint", "structure")
 
 
 def structure_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
-    """The structure's smallest in-plane bounding-box side (mm) on the slice where it is largest: a
-    thin structure is measured across, not along."""
+    """The structure's thickness (mm) on the slice where it is largest: twice the largest in-plane distance
+    from one of its pixels to the nearest pixel outside it. A thin structure is measured across, not along,
+    whether it is straight, curved (a rib) or in several parts (the ribs of one slice), where the smaller side
+    of its bounding box would be the width of the body. For a rectangle of an even number of pixels across
+    this is its width."""
     areas = mask.reshape(-1, mask.shape[-1]).sum(0)
     if not areas.any():
         raise ValueError("the support mask has no foreground")
     z = int(np.argmax(areas))
-    xs, ys = np.nonzero(mask[..., z])
-    return float(min((xs.max() - xs.min() + 1) * spacing[0], (ys.max() - ys.min() + 1) * spacing[1]))
+    plane = np.pad(np.asarray(mask[..., z], dtype=bool), 1)  # the border of the slice counts as outside
+    depth = ndimage.distance_transform_edt(plane, sampling=(float(spacing[0]), float(spacing[1])))
+    return float(2.0 * depth.max())
 
 
 def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[float], shape: Sequence[int],
