@@ -292,6 +292,9 @@ def _add_evaluate_parser(sub) -> None:
                    help="whole-scan pairs: support and query from the same site (default), from different sites, or any")
     e.add_argument("--adapt-steps", type=int, default=0,
                    help="whole-scan protocols: also score the segmenter after N steps of test-time adaptation per pair")
+    e.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint",
+                   help="whole-scan protocols: segment at the checkpoint's spacing, or at one chosen from each support's "
+                        "structure (as segment --scale)")
     e.add_argument("--log-dir", default=None,
                    help="also write the figures as TensorBoard images and results.md as text into this folder, e.g. the "
                         "training run's runs/<name>/version_N (never into --out, whose files are reproducible)")
@@ -372,7 +375,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             data_config=args.data_config, data_root=args.data_root, cache_dir=args.cache_dir,
             batch_size=args.batch_size, device=args.device, baselines=not args.no_baselines, n_panel=args.panel,
             name=args.name, salt=args.salt, interval=args.interval, scan_protocols=args.scan_protocols, scan_pairs=args.scan_pairs,
-            adapt_steps=args.adapt_steps, scan_pairing=args.scan_pairing, log_dir=args.log_dir,
+            adapt_steps=args.adapt_steps, scan_pairing=args.scan_pairing, scan_scale=args.scale, log_dir=args.log_dir,
         )
         sys.stdout.write(md.read_text() + f"\nwritten: {js}\n         {md}\n")
         return 0

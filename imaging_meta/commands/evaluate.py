@@ -397,6 +397,7 @@ def evaluate(
     scan_pairs: int = 4,
     adapt_steps: int = 0,
     scan_pairing: str = "same_site",
+    scan_scale: str = "checkpoint",
     log_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
     """Evaluate a checkpoint on fixed test episodes for each number of shots; write the report.
@@ -429,6 +430,7 @@ def evaluate(
         scan_pairs: (support, query) scan pairs per test structure for the whole-scan protocols.
         adapt_steps: also score the whole-scan protocols after test-time adaptation on each pair's scans.
         scan_pairing: ``same_site``, ``cross_site`` or ``any`` (`imaging_meta.commands.evaluate_scans.scan_pairs`).
+        scan_scale: the whole-scan protocols' in-plane spacing: ``checkpoint`` or ``structure`` (as ``segment --scale``).
         log_dir: also write the figures as TensorBoard images and the Markdown reports as text into this
             folder (`write_tensorboard`), at the checkpoint's global step; None: no TensorBoard events.
 
@@ -478,7 +480,8 @@ def evaluate(
         from imaging_meta.commands.evaluate_scans import evaluate_scans
 
         js, texts["scans"] = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols, scan_pairs, seed,
-                                            device=dev, adapt_steps=adapt_steps, pairing=scan_pairing)
+                                            device=dev, adapt_steps=adapt_steps, pairing=scan_pairing,
+                                            scale=scan_scale)
         logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), js)
     js, md = write_evaluation_report(out, context, summary, records, panels)
     if log_dir is not None:

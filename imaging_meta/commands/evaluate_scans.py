@@ -142,9 +142,12 @@ def evaluate_scans(
     device="cpu",
     adapt_steps: int = 0,
     pairing: str = "same_site",
+    scale: str = "checkpoint",
 ) -> tuple[Path, Path]:
     """Score the whole-scan protocols on ``dm``'s test scans; write ``scans.json`` and ``scans.md``.
-    ``adapt_steps`` > 0 adds the test-time adapted segmenter (`imaging_meta.adaptation`) to every pair."""
+    ``adapt_steps`` > 0 adds the test-time adapted segmenter (`imaging_meta.adaptation`) to every pair;
+    ``scale="structure"`` segments each pair at the spacing chosen from its support's structure
+    (`imaging_meta.volume.scale.structure_scale`)."""
     chosen = scan_pairs(dm.test_scans(), pairs, seed, pairing)
     if not chosen:
         raise ValueError(
@@ -164,6 +167,7 @@ def evaluate_scans(
                 device=device,
                 adapt_steps=adapt_steps,
                 seed=seed,
+                scale=scale,
             )
             for r in recs:
                 r["support"], r["query"] = s.patient, q.patient

@@ -343,3 +343,39 @@ def test_every_tool_command_help_ends_with_examples_that_parse():
                 continue  # a variation of the one before
             argv = shlex.split(re.sub(r"\s+\([^)]*\)\s*$", "", text))  # without the trailing (comment)
             assert argv[0] == name and parser.parse_args(argv).command == name, text
+
+
+def test_evaluate_scale_reaches_the_whole_scan_protocols(monkeypatch, tmp_path):
+    """`evaluate --scale structure` is the whole-scan protocols' spacing, as `segment --scale` is segment's."""
+    from imaging_meta.commands import cli, evaluate_scans
+    from imaging_meta.commands import evaluate as evaluate_module
+
+    seen = {}
+
+    def fake_evaluate(checkpoint, out, **kwargs):
+        seen.update(kwargs)
+        md = tmp_path / "r.md"
+        md.write_text("report\n")
+        return tmp_path / "r.json", md
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    assert cli.cli_main(["evaluate", "--checkpoint", "c.ckpt", "--out", str(tmp_path), "--scan-protocols",
+                         "whole_scan", "--scale", "structure"]) == 0
+    assert seen["scan_scale"] == "structure"
+    cli.cli_main(["evaluate", "--checkpoint", "c.ckpt", "--out", str(tmp_path)])
+    assert seen["scan_scale"] == "checkpoint"
+
+    calls = []
+    monkeypatch.setattr(evaluate_scans, "score_pair", lambda *a, **k: calls.append(k["scale"]) or [
+        {"method": "trained", "dice": 0.5, "protocol": "whole_scan", "hd95": 1.0, "structure": "spleen"}])
+    scans = [{"image": f"{p}.nii.gz", "label": f"{p}_l.nii.gz", "modality": "CT", "organs": {"spleen": 1},
+              "patient": p, "site": "CT"} for p in ("a", "b")]
+
+    class DM:
+        preprocessing: dict = {}
+
+        def test_scans(self):
+            return scans
+
+    evaluate_scans.evaluate_scans(None, None, DM(), tmp_path, ["whole_scan"], pairs=2, scale="structure")
+    assert calls == ["structure", "structure"]
