@@ -438,6 +438,8 @@ def evaluate(
         The paths of ``results.json`` and ``results.md``.
     """
     check_interval(interval)
+    if scan_scale != "checkpoint" and not scan_protocols:
+        logger.warning("--scale %s applies to the whole-scan protocols only; add --scan-protocols", scan_scale)
     path = Path(checkpoint)
     dev = resolve_device(device)
     ckpt = read_checkpoint(path)

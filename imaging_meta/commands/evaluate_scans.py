@@ -83,6 +83,8 @@ def scans_markdown(records: Sequence[dict]) -> str:
             if protocol == "oracle_extent"
             else ""
         )
+        if any(r.get("scale") == "structure" for r in recs):
+            note += " Segmented at the spacing chosen from each support's structure (`--scale structure`)."
         lines += [
             f"## {protocol}",
             "",

@@ -4,7 +4,8 @@ Every volume goes through the same deterministic preprocessing as in training (r
 Support slices are taken where the support mask is present; each axial query slice is segmented against
 the support; the foreground probability is mapped back through the inverse of the preprocessing (linear
 interpolation) and thresholded at 0.5, so the mask that is written has the query's own shape and affine
-and equals the probability map (``explain``) > 0.5, before the optional largest-component step.
+and equals the probability map (``explain``) > 0.5, before the optional 3D step (the largest connected
+component, or every component when a support shows the structure in several parts).
 
 Outputs: a NIfTI mask per query, or (``output_format="dicom-seg"``, DICOM series queries only) a DICOM
 Segmentation that references the query's slices (`imaging_meta.commands.dicom_seg`). NIfTI outputs are written
@@ -198,7 +199,7 @@ def segment(
       PatientID, StudyInstanceUID, ...), as DICOM requires for it to join the study in a PACS: it is the one
       output that carries identifying data. Every NIfTI output has a fresh header without any.
     * ``explain=True``: also ``<query name>_probability.nii.gz``, the float32 foreground probability in
-      [0, 1] with the mask's shape and affine (the mask is this map > 0.5, before the largest-component step).
+      [0, 1] with the mask's shape and affine (the mask is this map > 0.5, before the 3D component step).
 
     Args:
         checkpoint: a checkpoint from ``imaging-meta fit``.

@@ -243,6 +243,7 @@ def score_pair(
             "site": query.site,
             "patient": query.patient,
             "uses_query_extent": protocol == "oracle_extent",
+            "scale": scale,
         }
         for name, pred in preds.items()
     ]

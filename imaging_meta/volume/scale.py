@@ -24,8 +24,9 @@ def structure_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
     """The structure's thickness (mm) on the slice where it is largest: twice the largest in-plane distance
     from one of its pixels to the nearest pixel outside it. A thin structure is measured across, not along,
     whether it is straight, curved (a rib) or in several parts (the ribs of one slice), where the smaller side
-    of its bounding box would be the width of the body. For a rectangle of an even number of pixels across
-    this is its width."""
+    of its bounding box would be the width of the body. The distances run between pixel centres, so this is
+    exact for a band of an even number of pixels across and one pixel more for an odd number (a one-pixel
+    line reads as two): within a pixel, which is all the choice of scale needs."""
     areas = mask.reshape(-1, mask.shape[-1]).sum(0)
     if not areas.any():
         raise ValueError("the support mask has no foreground")

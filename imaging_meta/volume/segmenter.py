@@ -16,7 +16,8 @@ It is fitted on the support scans alone (never a query label):
 5. ``smooth_z``: each slice's probability averaged with its axial neighbours.
 
 `predict` returns a probability map shifted so that > 0.5 is the decision (the fitted threshold maps to 0.5);
-the caller keeps the largest 3D connected component. Plain torch, no I/O, no Lightning.
+the caller then keeps the largest 3D connected component, or every component when the support's structure is
+in several parts (`imaging_meta.evaluation.volumes.keep_components`). Plain torch, no I/O, no Lightning.
 """
 
 from __future__ import annotations

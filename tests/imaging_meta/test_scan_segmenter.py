@@ -168,6 +168,7 @@ def test_protocols_known_answers(tmp_path):
     assert (
         oracle[LEARNER_ONLY_NAME]["uses_query_extent"] and not whole[LEARNER_ONLY_NAME]["uses_query_extent"]
     )
+    assert {r["scale"] for r in [*whole.values(), *oracle.values()]} == {"checkpoint"}
     assert whole[WINDOW]["dice"] == pytest.approx(
         1.0
     )  # support foreground is 200 HU exactly, so is the query's
@@ -194,6 +195,8 @@ def test_scan_pairs_cross_patient_same_modality_and_report():
              "query": q} for s, q in (("a", "b"), ("b", "a")) for m, d in (("trained", 0.8), (COPY, 0.5))]
     md = scans_markdown(recs)
     assert "| trained − copy support mask | 0.300" in md and "2 (support, query) volume pairs" in md
+    assert "--scale structure" not in md
+    assert "--scale structure" in scans_markdown([{**r, "scale": "structure"} for r in recs])
 
 
 def test_structure_scale_refines_only_small_structures():

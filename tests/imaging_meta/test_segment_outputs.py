@@ -254,3 +254,29 @@ def test_dicom_seg_of_an_enhanced_multi_frame_query_says_to_write_nifti(tmp_path
     one_file.write_bytes(b"")  # never read: the shapes already refuse it
     with pytest.raises(ValueError, match=r"enhanced.dcm: a multi-frame \(enhanced\) series; .*--format nifti"):
         write_dicom_seg(np.zeros((8, 8, 6), dtype=bool), [one_file], tmp_path / "out.seg.dcm")
+
+
+@pytest.mark.parametrize("support_parts", [1, 2])
+def test_segment_keeps_every_part_when_the_support_structure_has_several(tmp_path, monkeypatch, support_parts):
+    """The query shows two bright blocks (64 and 27 voxels). The 3D step keeps both when the support's structure
+    is in two parts (both kidneys under one label), and only the larger when it is in one."""
+    shape = (12, 10, 6)
+    aff = affine_ras()
+
+    sup = np.zeros(shape, np.int16)
+    sup[1:5, 1:5, 1:5] = 200
+    if support_parts == 2:
+        sup[7:11, 1:5, 1:5] = 200
+    s_img = ct_nifti(sup, aff, tmp_path / "s" / "sup.nii.gz")
+    s_lab = write_nifti((sup > 0).astype(np.uint8), aff, tmp_path / "s" / "sup_label.nii.gz")
+    query = np.zeros(shape, np.int16)
+    query[1:5, 1:5, 1:5] = 200
+    query[8:11, 1:4, 1:4] = 200  # a smaller second block
+    q_img = ct_nifti(query, aff, tmp_path / "q" / "query.nii.gz")
+    spacing, size = ras_grid(query.astype(np.float32), aff)
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    (written,) = segment(ckpt, [(s_img, s_lab)], [q_img], tmp_path / "out", device="cpu", options=LEARNER_ONLY)
+    mask = np.asarray(nib.load(str(written)).dataobj) > 0
+    assert mask.sum() == (64 + 27 if support_parts == 2 else 64)
+    assert mask[1:5, 1:5, 1:5].all()
