@@ -49,8 +49,8 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
         max_size: the largest slice side.
 
     Returns:
-        A copy of ``preprocessing`` with ``spacing`` and ``slice_size``; unchanged when the structure already
-        spans ``min_pixels`` at the checkpoint's spacing.
+        A copy of ``preprocessing`` with ``spacing`` and ``slice_size`` (never smaller than the checkpoint's);
+        unchanged when the structure already spans ``min_pixels`` at the checkpoint's spacing.
     """
     coarse = float(min(preprocessing["spacing"]))
     native = float(min(spacing[0], spacing[1]))
@@ -62,4 +62,7 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
     if new >= coarse:
         return dict(preprocessing)
     side = min(max_size, int(math.ceil(fov / new / 16.0)) * 16)
-    return {**preprocessing, "spacing": [new, new], "slice_size": [side, side]}
+    # never smaller than the checkpoint's slices: its network was trained on them (a U-Net's deepest level
+    # would otherwise shrink to one pixel on a small field of view)
+    size = [max(side, int(n)) for n in preprocessing["slice_size"]]
+    return {**preprocessing, "spacing": [new, new], "slice_size": size}

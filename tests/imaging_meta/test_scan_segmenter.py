@@ -221,6 +221,10 @@ def test_structure_scale_refines_only_small_structures():
     assert structure_extent_mm(ribs, (1.0, 1.0, 5.0)) == 8.0
     assert structure_extent_mm(ribs, (0.5, 2.0, 5.0)) == 4.0  # 8 pixels of 0.5 mm across
     assert structure_scale(pre, ribs, (1.0, 1.0, 5.0), ribs.shape)["spacing"] == [200 / 128, 200 / 128]
+    # a small field of view: finer spacing, but slices never smaller than the checkpoint's 80 x 80
+    tiny = np.zeros((20, 20, 3), bool)
+    tiny[8:12, 8:12, 1] = True
+    assert structure_scale(pre, tiny, (1.0, 1.0, 5.0), tiny.shape) == {**pre, "spacing": [1.0, 1.0]}
 
 
 @pytest.mark.parametrize("two_parts", [True, False])
@@ -247,3 +251,28 @@ def test_whole_scan_keeps_every_part_of_a_structure_the_support_shows_in_parts(t
                                                   ablations=False)}
     assert records[WINDOW]["dice"] == pytest.approx(1.0 if two_parts else 2 * 216 / (216 + 216 + 27))
     assert records["trained"]["dice"] == pytest.approx(1.0)  # largest-only would give 2/3 for two equal parts
+
+
+def test_structure_preprocessing_reads_the_label_map_as_segment_does(tmp_path):
+    """Without a label value every non-zero voxel is the structure (segment's default); a label map without the
+    structure is refused naming the file; the checkpoint's scale reads nothing."""
+    from imaging_meta.evaluation.scans import structure_preprocessing
+
+    pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    image = _write(tmp_path / "s.nii.gz", np.zeros((100, 100, 3), np.float32), spacing=(1.0, 1.0, 5.0))
+    lab = np.zeros((100, 100, 3), np.uint8)
+    lab[40:50, 40:50, 1] = 7  # 10 mm across, value 7
+    label = _write(tmp_path / "s_l.nii.gz", lab, spacing=(1.0, 1.0, 5.0))
+    fine = structure_preprocessing(pre, image, label, None, "structure")
+    assert fine["spacing"] == [1.0, 1.0] and fine["slice_size"] == [112, 112]  # the scan's 1 mm, 100 mm across
+    assert structure_preprocessing(pre, image, label, 7, "structure") == fine
+    with pytest.raises(ValueError, match=r"s_l\.nii\.gz: the label map has no voxel of value 2"):
+        structure_preprocessing(pre, image, label, 2, "structure")
+    assert structure_preprocessing(pre, "missing.nii.gz", "missing_l.nii.gz", None, "checkpoint") is pre
+
+
+def test_segment_adapts_by_the_adaptation_modules_default():
+    from imaging_meta import adaptation
+    from imaging_meta.commands import segment
+
+    assert segment.ADAPT_STEPS == adaptation.DEFAULT_STEPS
