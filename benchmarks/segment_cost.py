@@ -12,9 +12,10 @@ the cost is a trained one's), saved as `imaging-meta fit` saves it, with a data 
 1.5 mm, 256 x 256, SSL-ALPNet's slices; it needs far more time and memory, so only on request).
 
 Each run is the real command, ``imaging-meta segment --checkpoint ... --support-image ... --support-label ...
---label-value 1 --query ... --modality CT --device ...`` (`imaging_meta.commands.cli.cli_main`: so
-`imaging_meta.commands.segment.segment` and `imaging_meta.volume.segmenter.ScanSegmenter`), with and without
-``--adapt-steps`` (`imaging_meta.adaptation`), in a fresh process (a user's command starts cold: no warm-up),
+--label-value 1 --query ... --modality CT --device ... --adapt-steps N --scale S`` (`imaging_meta.commands.cli.cli_main`:
+so `imaging_meta.commands.segment.segment` and `imaging_meta.volume.segmenter.ScanSegmenter`): the model as trained
+(``--scale checkpoint --adapt-steps 0``), with ``--adapt-steps`` (`imaging_meta.adaptation`), and segment's default
+recipe (``--scale structure --adapt-steps 40``; not with ``--quick``), each in a fresh process (a user's command starts cold: no warm-up),
 the runs of the cases interleaved. Reported: the command's wall and CPU time, query slices per second (the
 query's axial slices over the command, and over the segmenter's query prediction alone), the process's peak
 resident set (Linux VmHWM) and its rise, and with ``--device cuda`` ``torch.cuda.max_memory_allocated``.
@@ -68,6 +69,8 @@ CT_SPACING = (0.78125, 0.78125, 1.0)  # mm: a 400 mm field of view, 300 mm of z
 QUICK_SHAPE = (128, 128, 40)
 PRESETS = {"demo": "demo_segmentation.yaml", "fine": "synapse_ct_setting1.yaml"}
 ADAPT_STEPS = 10
+#: segment's default recipe: ``--scale structure --adapt-steps 40`` (`imaging_meta.commands.segment`)
+DEFAULT_RECIPE_STEPS = 40
 REPEAT = 3  # whole commands per case (each minutes long at 512 x 512 x 300); the per-chunk medians use every chunk
 
 
@@ -389,7 +392,8 @@ def instrumented(timer: StageTimer) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------- one case
-def segment_case(scans: dict, checkpoint: str, out_dir: str, adapt_steps: int, device: str) -> dict:
+def segment_case(scans: dict, checkpoint: str, out_dir: str, adapt_steps: int, device: str,
+                 scale: str = "checkpoint") -> dict:
     """One `imaging-meta segment` command, timed, in this process (run it in a fresh one).
 
     Returns:
@@ -405,9 +409,7 @@ def segment_case(scans: dict, checkpoint: str, out_dir: str, adapt_steps: int, d
     cuda = device.startswith("cuda")
     argv = ["segment", "--checkpoint", checkpoint, "--support-image", str(scans["support"]), "--support-label",
             str(scans["support_label"]), "--label-value", "1", "--query", str(scans["query"]), "--out", out_dir,
-            "--modality", "CT", "--device", device]
-    if adapt_steps:
-        argv += ["--adapt-steps", str(adapt_steps)]
+            "--modality", "CT", "--device", device, "--adapt-steps", str(adapt_steps), "--scale", scale]
     if cuda:
         torch.cuda.init()
     release_freed_memory()
@@ -502,11 +504,17 @@ def run(opts: BenchOptions, presets: tuple[str, ...] = ("demo",), adapt_steps: i
         for preset in presets:
             ckpt = str(write_checkpoint(folder / f"{preset}.ckpt", preset))
             pre = preprocessing(preset)
-            for n_steps in (0, steps) if steps else (0,):
+            # the model as trained, with adaptation, and segment's default recipe (the structure's scale, 40 steps)
+            variants = [("checkpoint", 0)] + ([("checkpoint", steps)] if steps else [])
+            variants += [] if opts.quick else [("structure", DEFAULT_RECIPE_STEPS)]
+            for scale, n_steps in variants:
                 label = f"{preset} ({pre['spacing'][0]:g} mm, {pre['slice_size'][0]}x{pre['slice_size'][1]})" + (
-                    f", --adapt-steps {n_steps}" if n_steps else "")
-                cases.append((label, {"scans": scans, "checkpoint": ckpt, "adapt_steps": n_steps, "device": opts.device},
-                              {"case": label, "preset": preset, "adapt_steps": n_steps, "shape": shape, "runs": []}))
+                    f", --adapt-steps {n_steps}" if n_steps else "") + (
+                    f", --scale {scale} (segment's default)" if scale == "structure" else "")
+                cases.append((label, {"scans": scans, "checkpoint": ckpt, "adapt_steps": n_steps, "device": opts.device,
+                                      "scale": scale},
+                              {"case": label, "preset": preset, "adapt_steps": n_steps, "scale": scale, "shape": shape,
+                               "runs": []}))
         for i in range(repeat):
             for j, (label, kw, record) in enumerate(cases):
                 res = try_case(segment_case, {**kw, "out_dir": str(folder / f"out_{j}_{i}")}, opts, label, failures,

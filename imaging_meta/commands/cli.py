@@ -250,14 +250,14 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--no-intensity", action="store_true", help="do not fuse the support's intensity likelihood")
     g.add_argument("--no-negative-slices", action="store_true",
                    help="do not use the support's slices without the structure to leave query slices empty")
-    g.add_argument("--adapt-steps", type=int, default=0,
+    g.add_argument("--adapt-steps", type=int, default=40,
                    help="test-time adaptation: fine-tune on superpixel episodes from the support and query scans and on "
-                        "augmented support slices for N steps before predicting (0: off; 40 is a measured choice, see "
-                        "docs/segmentation.md)")
+                        "augmented support slices for N steps before predicting (default 40, a measured choice, see "
+                        "docs/segmentation.md; 0: off, faster)")
     g.add_argument("--adapt-seed", type=int, default=0, help="seed of the adaptation episodes")
-    g.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint",
-                   help="in-plane spacing: the checkpoint's, or one at which the support's structure spans at least 12 "
-                        "pixels (small structures, lesions)")
+    g.add_argument("--scale", choices=("checkpoint", "structure"), default="structure",
+                   help="in-plane spacing: one at which the support's structure is at least 12 pixels thick (default; "
+                        "the checkpoint's for large organs, finer for thin or small structures), or the checkpoint's")
     g.add_argument("--z-smoothing", type=float, default=0.25,
                    help="weight of each axial neighbour when smoothing the probability along z (0: off)")
 

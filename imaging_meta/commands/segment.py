@@ -37,6 +37,10 @@ from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
 
 logger = logging.getLogger(__name__)
 
+#: the default test-time adaptation steps of `segment` (`imaging_meta.adaptation.DEFAULT_STEPS`, without importing
+#: scikit-image before it is needed)
+ADAPT_STEPS = 40
+
 
 def image_source(path: str | Path) -> str:
     """A NIfTI path or a DICOM series folder (the DICOM reader groups, checks and orders the folder's slices)."""
@@ -183,9 +187,9 @@ def segment(
     output_format: str = "nifti",
     explain: bool = False,
     options: ScanOptions | None = None,
-    adapt_steps: int = 0,
+    adapt_steps: int = ADAPT_STEPS,
     adapt_seed: int = 0,
-    scale: str = "checkpoint",
+    scale: str = "structure",
 ) -> list[Path]:
     """Segment ``queries`` with the structure labelled in ``supports``.
 
@@ -219,10 +223,13 @@ def segment(
         options: what the scan segmenter adds to the learner (`imaging_meta.volume.segmenter.ScanOptions`;
             default: everything, with ``max_support_slices``); ``LEARNER_ONLY`` is the learner alone.
         adapt_steps: before predicting, fine-tune a copy of the learner for this many steps on episodes from
-            the support and query scans themselves (`imaging_meta.adaptation`; 0: off).
+            the support and query scans themselves (`imaging_meta.adaptation`; 0: off). Default 40.
         adapt_seed: the seed of that adaptation (the same seed gives the same masks).
-        scale: ``checkpoint`` (the spacing the model was trained at) or ``structure`` (a finer spacing when the
-            first support's structure is small: `imaging_meta.volume.scale.structure_scale`).
+        scale: ``structure`` (default: a finer spacing when the first support's structure is thin or small,
+            `imaging_meta.volume.scale.structure_scale`) or ``checkpoint`` (the spacing the model was trained at).
+            The defaults of ``scale`` and ``adapt_steps`` are the recipe that scored best on the real scans of
+            ``benchmarks/real/`` (docs/segmentation.md); ``scale="checkpoint", adapt_steps=0`` is the model as
+            trained, and faster.
 
     Returns:
         The written files: the masks (NIfTI or DICOM-SEG), one per query, then the probability maps.
@@ -245,12 +252,10 @@ def segment(
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
     if scale != "checkpoint":
-        from imaging_meta.evaluation.scans import Scan, scan_preprocessing
+        from imaging_meta.evaluation.scans import structure_preprocessing
 
         image, label = supports[0]
-        pre = scan_preprocessing(pre, Scan(image_source(image), str(label), label_value or 1, ""), scale)
-        if label_value is None:
-            logger.info("--scale structure measures the structure as label value 1; pass --label-value otherwise")
+        pre = structure_preprocessing(pre, image_source(image), str(label), label_value, scale)
         logger.info("segmenting at %s mm, %s pixels per slice", pre["spacing"], pre["slice_size"])
     tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
     tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))

@@ -91,18 +91,38 @@ def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
     return Loaded(image, truth, (sx, sy, sz), tf(item), tf)
 
 
-def scan_preprocessing(preprocessing: dict, support: Scan, scale: str) -> dict:
-    """The checkpoint's preprocessing, or (``scale="structure"``) the one chosen from the support's structure."""
+def structure_preprocessing(
+    preprocessing: dict, image: str | list[str], label: str, value: int | None, scale: str
+) -> dict:
+    """The checkpoint's preprocessing, or (``scale="structure"``) the one chosen from a support's structure
+    (`imaging_meta.volume.scale.structure_scale`), measured in the support's own grid.
+
+    Args:
+        image, label: the support scan (NIfTI path or DICOM series) and its label map.
+        value: the structure's value in the label map; None: every non-zero voxel.
+
+    Raises:
+        ValueError: an unknown ``scale``; a label map without the structure (naming the file).
+    """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if scale == "checkpoint":
         return preprocessing
     tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
                            preprocessing["mr_percentiles"])
-    raw = tf.transforms[0]({"image": support.image, "label": support.label})
+    raw = tf.transforms[0]({"image": image, "label": label})
     spacing = np.sqrt((np.asarray(raw["image"].affine)[:3, :3] ** 2).sum(0))
-    mask = np.asarray(raw["label"]) == support.value
+    labels = np.asarray(raw["label"])
+    mask = labels != 0 if value is None else labels == value
+    if not mask.any():
+        what = "non-zero voxel" if value is None else f"voxel of value {value}"
+        raise ValueError(f"{label}: the label map has no {what} (the structure); check --label-value")
     return structure_scale(preprocessing, mask, spacing, mask.shape)
+
+
+def scan_preprocessing(preprocessing: dict, support: Scan, scale: str) -> dict:
+    """`structure_preprocessing` of a labelled `Scan`."""
+    return structure_preprocessing(preprocessing, support.image, support.label, support.value, scale)
 
 
 def _to_original(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:

@@ -38,6 +38,9 @@ from tests.datamodules.dicom_fixtures import (
 # HU 1 -> 0.502 (foreground); the phantom's values are integers, so the expected mask is HU >= 1
 THRESHOLD = 0.501
 CT_WINDOW = (-250.0, 250.0)
+# the model as trained: no rescaling to the structure, no test-time adaptation (the tests below check geometry
+# and formats against masks known from the pixels; segment's default recipe adds both)
+PLAIN = {"scale": "checkpoint", "adapt_steps": 0}
 
 
 def make_checkpoint(path: Path, spacing, slice_size) -> Path:
@@ -113,7 +116,7 @@ def test_dicom_seg_frames_reference_the_slices_their_pixels_came_from(tmp_path, 
     monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
 
     written = segment(ckpt, [support], [folder], tmp_path / "out", output_format="dicom-seg",
-                      largest_component=False, device="cpu", options=LEARNER_ONLY)
+                      largest_component=False, device="cpu", options=LEARNER_ONLY, **PLAIN)
     assert written == [tmp_path / "out" / "SERIES_A.seg.dcm"]
     sources = {str(pydicom.dcmread(f).SOPInstanceUID): pydicom.dcmread(f) for f in files}
 
@@ -147,7 +150,7 @@ def test_dicom_seg_frames_reference_the_slices_their_pixels_came_from(tmp_path, 
 
     # the NIfTI mask of the same query, located through its affine only, shows the same pixels
     nifti = segment(ckpt, [support], [folder], tmp_path / "out_nii", largest_component=False, device="cpu",
-                    options=LEARNER_ONLY)[0]
+                    options=LEARNER_ONLY, **PLAIN)[0]
     img = nib.load(nifti)
     mask = np.asarray(img.dataobj).astype(bool)
     to_vox = np.linalg.inv(img.affine)
@@ -176,7 +179,7 @@ def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, supp
     _, aff, _ = tricky_series(tmp_path / "SERIES_B")
     out = tmp_path / "out"
     written = segment(ckpt, [support], [nifti_q, tmp_path / "SERIES_B"], out, explain=True,
-                      largest_component=False, device="cpu")
+                      largest_component=False, device="cpu", **PLAIN)
     assert written == [out / "q4.nii.gz", out / "SERIES_B.nii.gz", out / "q4_probability.nii.gz",
                        out / "SERIES_B_probability.nii.gz"]
     q_img = nib.load(nifti_q)
@@ -213,7 +216,7 @@ def test_cli_segment_dicom_seg_with_explain(tmp_path, support, capsys):
     out = tmp_path / "out"
     rc = cli_main(["segment", "--checkpoint", str(ckpt), "--support-image", str(support[0]),
                    "--support-label", str(support[1]), "--query", str(tmp_path / "SERIES_C"), "--out", str(out),
-                   "--format", "dicom-seg", "--explain", "--device", "cpu"])
+                   "--format", "dicom-seg", "--explain", "--device", "cpu", "--scale", "checkpoint", "--adapt-steps", "0"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["SERIES_C.seg.dcm", "SERIES_C_probability.nii.gz"]
     assert f"wrote {out / 'SERIES_C.seg.dcm'}" in capsys.readouterr().out
@@ -239,10 +242,11 @@ def test_segment_with_adaptation_is_deterministic_for_a_seed(tmp_path, support):
     query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
     runs = []
     for name in ("a", "b"):
-        out = segment(ckpt, [support], [query], tmp_path / name, device="cpu", adapt_steps=2, adapt_seed=3, explain=True)
+        out = segment(ckpt, [support], [query], tmp_path / name, device="cpu", adapt_steps=2, adapt_seed=3, explain=True,
+                      scale="checkpoint")
         runs.append(np.asarray(nib.load(out[1]).dataobj))
     np.testing.assert_array_equal(runs[0], runs[1])
-    other = segment(ckpt, [support], [query], tmp_path / "c", device="cpu", explain=True)
+    other = segment(ckpt, [support], [query], tmp_path / "c", device="cpu", explain=True, **PLAIN)
     assert not np.array_equal(np.asarray(nib.load(other[1]).dataobj), runs[0])  # the adaptation changed the model
 
 
@@ -276,7 +280,8 @@ def test_segment_keeps_every_part_when_the_support_structure_has_several(tmp_pat
     spacing, size = ras_grid(query.astype(np.float32), aff)
     ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
     monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
-    (written,) = segment(ckpt, [(s_img, s_lab)], [q_img], tmp_path / "out", device="cpu", options=LEARNER_ONLY)
+    (written,) = segment(ckpt, [(s_img, s_lab)], [q_img], tmp_path / "out", device="cpu", options=LEARNER_ONLY,
+                         **PLAIN)
     mask = np.asarray(nib.load(str(written)).dataobj) > 0
     assert mask.sum() == (64 + 27 if support_parts == 2 else 64)
     assert mask[1:5, 1:5, 1:5].all()
