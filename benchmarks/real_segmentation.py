@@ -29,7 +29,16 @@ import numpy as np
 
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.evaluation.methods import restore_untrained
-from imaging_meta.evaluation.scans import PROTOCOLS, Scan, score_pair
+from imaging_meta.evaluation.scans import (
+    ADAPTED,
+    COPY,
+    LEARNER_ONLY_NAME,
+    PROTOCOLS,
+    TRAINED_FULL,
+    WINDOW,
+    Scan,
+    score_pair,
+)
 
 REAL = Path(__file__).resolve().parent / "real"
 # TotalSegmentator v2 "total" class map: rib_left_1..12 = 92..103, rib_right_1..12 = 104..115, sacrum and
@@ -154,19 +163,63 @@ def summarise(records: list[dict]) -> str:
             lo, hi = bootstrap_mean_ci(v)
             cells.append(f"**{v.mean():.3f}** [{lo:.2f}, {hi:.2f}]")
         lines.append("| all | mean [95% CI] | " + " | ".join(cells) + " |")
+        lines += ["", *paired_lines(recs, structures)]
     return "\n".join(lines)
+
+
+def paired_lines(recs: list[dict], structures: list[tuple[str, str]]) -> list[str]:
+    """The trained segmenter (and its adapted form) minus each baseline, paired over the structures: the mean
+    and a percentile bootstrap 95% interval (`bootstrap_mean_ci`: 2000 resamples, seed 0)."""
+
+    def dice(method: str) -> np.ndarray:
+        return np.array([next(r["dice"] for r in recs if r["method"] == method and (r["site"], r["structure"]) == s)
+                         for s in structures])
+
+    methods = {r["method"] for r in recs}
+    out = []
+    for a in (TRAINED_FULL, ADAPTED):
+        for b in (COPY, WINDOW, LEARNER_ONLY_NAME):
+            if a in methods and b in methods:
+                d = dice(a) - dice(b)
+                lo, hi = bootstrap_mean_ci(d)
+                out.append(f"- {a} − {b}: {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] ({int((d > 0).sum())} of {len(d)} better)")
+    return out
+
+
+def compare(file_a: str, method_a: str, file_b: str, method_b: str, protocol: str = "whole_scan") -> str:
+    """``method_a`` of one run's records minus ``method_b`` of another's (``--out`` files), paired over the
+    structures both scored under ``protocol``: two recipes (a scale, adaptation) on the same scans."""
+    runs = []
+    for file, method in ((file_a, method_a), (file_b, method_b)):
+        recs = json.loads(Path(file).read_text())
+        runs.append({(r["site"], r["structure"]): r["dice"] for r in recs
+                     if r["method"] == method and r["protocol"] == protocol})
+    common = [k for k in runs[0] if k in runs[1]]
+    if not common:
+        raise SystemExit(f"no structure scored with both {method_a!r} in {file_a} and {method_b!r} in {file_b}")
+    d = np.array([runs[0][k] - runs[1][k] for k in common])
+    lo, hi = bootstrap_mean_ci(d)
+    return (f"{method_a} ({file_a}) − {method_b} ({file_b}), {protocol}, {len(d)} structures: {d.mean():+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}]; better {int((d > 0).sum())}, worse {int((d < 0).sum())}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", required=False, help="the segmentation checkpoint (needed unless --compare)")
     ap.add_argument("--out", default=None, help="write every record here (JSON)")
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"], choices=["abdomen", "lesions", "parts"])
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--adapt-steps", type=int, default=0, help="also score the test-time adapted segmenter")
     ap.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint")
+    ap.add_argument("--compare", nargs=4, metavar=("A.json", "METHOD_A", "B.json", "METHOD_B"), default=None,
+                    help="no scoring: METHOD_A of run A minus METHOD_B of run B, paired over their common structures")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(*args.compare))
+        return
+    if not args.checkpoint:
+        ap.error("--checkpoint is required")
     learner, extra = load_learner(args.checkpoint, "cpu")
     untrained = restore_untrained(extra)
     pre = extra["preprocessing"]

@@ -67,9 +67,9 @@ def _skimage():
     try:
         from skimage.measure import label
         from skimage.segmentation import felzenszwalb
-    except ImportError as e:  # the optional extra
+    except ImportError as e:  # a dependency, but an environment can lack it
         raise ImportError(
-            "superpixels need scikit-image (skimage.segmentation.felzenszwalb): pip install 'imaging-meta[selfsup]'"
+            "superpixels need scikit-image (skimage.segmentation.felzenszwalb), a dependency of imaging-meta: pip install scikit-image"
         ) from e
     return felzenszwalb, label
 

@@ -254,8 +254,7 @@ def segment(
     if scale != "checkpoint":
         from imaging_meta.evaluation.scans import structure_preprocessing
 
-        image, label = supports[0]
-        pre = structure_preprocessing(pre, image_source(image), str(label), label_value, scale)
+        pre = structure_preprocessing(pre, str(supports[0][1]), label_value, scale)
         logger.info("segmenting at %s mm, %s pixels per slice", pre["spacing"], pre["slice_size"])
     tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
     tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))

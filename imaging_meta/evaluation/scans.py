@@ -91,14 +91,13 @@ def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
     return Loaded(image, truth, (sx, sy, sz), tf(item), tf)
 
 
-def structure_preprocessing(
-    preprocessing: dict, image: str | list[str], label: str, value: int | None, scale: str
-) -> dict:
+def structure_preprocessing(preprocessing: dict, label: str, value: int | None, scale: str) -> dict:
     """The checkpoint's preprocessing, or (``scale="structure"``) the one chosen from a support's structure
     (`imaging_meta.volume.scale.structure_scale`), measured in the support's own grid.
 
     Args:
-        image, label: the support scan (NIfTI path or DICOM series) and its label map.
+        label: the support's label map (it lies on its image's grid, which is checked when the support is
+            preprocessed).
         value: the structure's value in the label map; None: every non-zero voxel.
 
     Raises:
@@ -108,10 +107,11 @@ def structure_preprocessing(
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if scale == "checkpoint":
         return preprocessing
+    # the label map alone: it lies on its image's grid (checked when the support is preprocessed)
     tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
-                           preprocessing["mr_percentiles"])
-    raw = tf.transforms[0]({"image": image, "label": label})
-    spacing = np.sqrt((np.asarray(raw["image"].affine)[:3, :3] ** 2).sum(0))
+                           preprocessing["mr_percentiles"], keys=("label",))
+    raw = tf.transforms[0]({"label": label})
+    spacing = np.sqrt((np.asarray(raw["label"].affine)[:3, :3] ** 2).sum(0))
     labels = np.asarray(raw["label"])
     mask = labels != 0 if value is None else labels == value
     if not mask.any():
@@ -122,7 +122,7 @@ def structure_preprocessing(
 
 def scan_preprocessing(preprocessing: dict, support: Scan, scale: str) -> dict:
     """`structure_preprocessing` of a labelled `Scan`."""
-    return structure_preprocessing(preprocessing, support.image, support.label, support.value, scale)
+    return structure_preprocessing(preprocessing, support.label, support.value, scale)
 
 
 def _to_original(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:

@@ -183,5 +183,5 @@ def test_bad_inputs_say_what_to_fix():
 
 def test_missing_scikit_image_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage.segmentation", None)  # import fails as if not installed
-    with pytest.raises(ImportError, match=r"imaging-meta\[selfsup\]"):
+    with pytest.raises(ImportError, match=r"pip install scikit-image"):
         slice_superpixels(_phantom())

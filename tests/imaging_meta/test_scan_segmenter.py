@@ -259,16 +259,15 @@ def test_structure_preprocessing_reads_the_label_map_as_segment_does(tmp_path):
     from imaging_meta.evaluation.scans import structure_preprocessing
 
     pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
-    image = _write(tmp_path / "s.nii.gz", np.zeros((100, 100, 3), np.float32), spacing=(1.0, 1.0, 5.0))
     lab = np.zeros((100, 100, 3), np.uint8)
     lab[40:50, 40:50, 1] = 7  # 10 mm across, value 7
     label = _write(tmp_path / "s_l.nii.gz", lab, spacing=(1.0, 1.0, 5.0))
-    fine = structure_preprocessing(pre, image, label, None, "structure")
+    fine = structure_preprocessing(pre, label, None, "structure")
     assert fine["spacing"] == [1.0, 1.0] and fine["slice_size"] == [112, 112]  # the scan's 1 mm, 100 mm across
-    assert structure_preprocessing(pre, image, label, 7, "structure") == fine
+    assert structure_preprocessing(pre, label, 7, "structure") == fine
     with pytest.raises(ValueError, match=r"s_l\.nii\.gz: the label map has no voxel of value 2"):
-        structure_preprocessing(pre, image, label, 2, "structure")
-    assert structure_preprocessing(pre, "missing.nii.gz", "missing_l.nii.gz", None, "checkpoint") is pre
+        structure_preprocessing(pre, label, 2, "structure")
+    assert structure_preprocessing(pre, "missing_l.nii.gz", None, "checkpoint") is pre
 
 
 def test_segment_adapts_by_the_adaptation_modules_default():
