@@ -73,9 +73,10 @@ def _half(src: Path, out: Path, upper: bool) -> Path:
 
 
 def _split_pairs(
-    tmp: Path, stem: str, modality: str, label: Path, structures: dict[str, int], site: str
+    tmp: Path, stem: str, modality: str, label: Path, structures: dict[str, int], site: str, reverse: bool = False
 ) -> list[tuple[Scan, Scan]]:
-    """Support (upper half) -> query (lower half) pairs of one scan, for the structures both halves show."""
+    """Support (upper half) -> query (lower half) pairs of one scan, for the structures both halves show;
+    ``reverse``: the lower half is the support and the upper half the query."""
     files = {
         part: (
             _half(REAL / "abdomen" / f"{stem}.nii.gz", tmp / f"{stem}_{part}.nii.gz", upper),
@@ -87,21 +88,21 @@ def _split_pairs(
     for name, value in structures.items():
         if all((np.asarray(nib.load(str(files[p][1])).dataobj) == value).sum() >= 20 for p in files):
             s, q = (Scan(str(files[p][0]), str(files[p][1]), value, modality, name, site, "one") for p in files)
-            pairs.append((s, q))
+            pairs.append((q, s) if reverse else (s, q))
     return pairs
 
 
-def abdomen_pairs(tmp: Path) -> list[tuple[Scan, Scan]]:
+def abdomen_pairs(tmp: Path, reverse: bool = False) -> list[tuple[Scan, Scan]]:
     structures = json.loads((REAL / "abdomen" / "structures.json").read_text())
     pairs = []
     for stem, modality in (("ct", "CT"), ("mr", "MR")):
         label_name = f"{stem}_label.nii.gz"
         pairs += _split_pairs(tmp, stem, modality, REAL / "abdomen" / label_name, structures[label_name],
-                              f"abdomen-{stem}")
+                              f"abdomen-{stem}", reverse)
     return pairs
 
 
-def parts_pairs(tmp: Path) -> list[tuple[Scan, Scan]]:
+def parts_pairs(tmp: Path, reverse: bool = False) -> list[tuple[Scan, Scan]]:
     """The `CT_PARTS` structures of the abdominal CT: one label map per structure (the union of its values,
     as value 1), split like `abdomen_pairs`."""
     ref = nib.load(str(REAL / "abdomen" / "ct_label.nii.gz"))
@@ -110,7 +111,7 @@ def parts_pairs(tmp: Path) -> list[tuple[Scan, Scan]]:
     for n, (name, values) in enumerate(CT_PARTS.items()):
         path = tmp / f"part{n}_label.nii.gz"
         nib.save(nib.Nifti1Image(np.isin(labels, values).astype(np.uint8), ref.affine), str(path))
-        pairs += _split_pairs(tmp, "ct", "CT", path, {name: 1}, "parts-ct")
+        pairs += _split_pairs(tmp, "ct", "CT", path, {name: 1}, "parts-ct", reverse)
     return pairs
 
 
@@ -210,6 +211,8 @@ def main() -> None:
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"], choices=["abdomen", "lesions", "parts"])
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--reverse", action="store_true",
+                    help="abdomen and parts: the lower half is the support and the upper half the query")
     ap.add_argument("--adapt-steps", type=int, default=0, help="also score the test-time adapted segmenter")
     ap.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint")
     ap.add_argument("--compare", nargs=4, metavar=("A.json", "METHOD_A", "B.json", "METHOD_B"), default=None,
@@ -226,9 +229,9 @@ def main() -> None:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         pairs = (
-            (abdomen_pairs(Path(tmp)) if "abdomen" in args.sets else [])
+            (abdomen_pairs(Path(tmp), args.reverse) if "abdomen" in args.sets else [])
             + (lesion_pairs() if "lesions" in args.sets else [])
-            + (parts_pairs(Path(tmp)) if "parts" in args.sets else [])
+            + (parts_pairs(Path(tmp), args.reverse) if "parts" in args.sets else [])
         )
         for protocol in args.protocols:
             for s, q in pairs:
