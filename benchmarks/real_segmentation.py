@@ -169,12 +169,13 @@ def summarise(records: list[dict]) -> str:
 
 
 def paired_lines(recs: list[dict], structures: list[tuple[str, str]]) -> list[str]:
-    """The trained segmenter (and its adapted form) minus each baseline, paired over the structures: the mean
+    """The trained segmenter (and its adapted form) minus each baseline, paired over the structures (each the
+    mean over its pairs, as in the table): the mean
     and a percentile bootstrap 95% interval (`bootstrap_mean_ci`: 2000 resamples, seed 0)."""
 
     def dice(method: str) -> np.ndarray:
-        return np.array([next(r["dice"] for r in recs if r["method"] == method and (r["site"], r["structure"]) == s)
-                         for s in structures])
+        return np.array([np.mean([r["dice"] for r in recs if r["method"] == method
+                                  and (r["site"], r["structure"]) == s]) for s in structures])
 
     methods = {r["method"] for r in recs}
     out = []
@@ -189,18 +190,19 @@ def paired_lines(recs: list[dict], structures: list[tuple[str, str]]) -> list[st
 
 def compare(file_a: str, method_a: str, file_b: str, method_b: str, protocol: str = "whole_scan") -> str:
     """``method_a`` of one run's records minus ``method_b`` of another's (``--out`` files), paired over the
-    structures both scored under ``protocol``: two recipes (a scale, adaptation) on the same scans."""
+    (support, query, structure) pairs both scored under ``protocol``: two recipes (a scale, adaptation) on the
+    same scans."""
     runs = []
     for file, method in ((file_a, method_a), (file_b, method_b)):
         recs = json.loads(Path(file).read_text())
-        runs.append({(r["site"], r["structure"]): r["dice"] for r in recs
+        runs.append({(r["site"], r["structure"], r["support"], r["query"]): r["dice"] for r in recs
                      if r["method"] == method and r["protocol"] == protocol})
     common = [k for k in runs[0] if k in runs[1]]
     if not common:
         raise SystemExit(f"no structure scored with both {method_a!r} in {file_a} and {method_b!r} in {file_b}")
     d = np.array([runs[0][k] - runs[1][k] for k in common])
     lo, hi = bootstrap_mean_ci(d)
-    return (f"{method_a} ({file_a}) − {method_b} ({file_b}), {protocol}, {len(d)} structures: {d.mean():+.3f} "
+    return (f"{method_a} ({file_a}) − {method_b} ({file_b}), {protocol}, {len(d)} pairs: {d.mean():+.3f} "
             f"[{lo:+.3f}, {hi:+.3f}]; better {int((d > 0).sum())}, worse {int((d < 0).sum())}")
 
 
@@ -216,7 +218,7 @@ def main() -> None:
     ap.add_argument("--adapt-steps", type=int, default=0, help="also score the test-time adapted segmenter")
     ap.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint")
     ap.add_argument("--compare", nargs=4, metavar=("A.json", "METHOD_A", "B.json", "METHOD_B"), default=None,
-                    help="no scoring: METHOD_A of run A minus METHOD_B of run B, paired over their common structures")
+                    help="no scoring: METHOD_A of run A minus METHOD_B of run B, paired over their common pairs")
     args = ap.parse_args()
     if args.compare:
         print(compare(*args.compare))
