@@ -109,3 +109,33 @@ def test_two_pass_queries_times_both_forms_and_restores_the_two_pass_form():
     assert base.module_norm_layers is layers and task_network.support_norm_layers is state_layers
     (row,) = measure(16, ["protonet_cls"], repeat=1, warmup=0)
     assert row[:2] == ["16x16", "protonet_cls"] and row[2] > 0 and row[3] > 0 and row[4] == row[3] / row[2]
+
+
+def test_real_segmentation_compare_pairs_two_runs_by_support_query_and_structure(tmp_path):
+    """`benchmarks.real_segmentation --compare`: method A of one run minus method B of another, over the pairs
+    both scored (two pairs of one structure stay two), under one protocol; paired rows average a structure's
+    pairs as the table does; the split pairs swap roles under ``reverse``."""
+    from benchmarks.real_segmentation import abdomen_pairs, compare, paired_lines
+
+    def rec(method, dice, support, protocol="whole_scan"):
+        return {"protocol": protocol, "method": method, "dice": dice, "site": "lesions", "structure": "tumour",
+                "support": support, "query": "q"}
+
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text(json.dumps([rec("new", 0.5, "s1"), rec("new", 0.3, "s2"), rec("new", 0.9, "s3", "oracle_extent")]))
+    b.write_text(json.dumps([rec("old", 0.2, "s1"), rec("old", 0.3, "s2"), rec("old", 0.1, "s4")]))
+    line = compare(str(a), "new", str(b), "old")
+    assert "2 pairs: +0.150 " in line and "better 1, worse 0" in line
+    with pytest.raises(SystemExit, match="no structure scored"):
+        compare(str(a), "nope", str(b), "old")
+    recs = [rec("trained", 0.5, "s1"), rec("trained", 0.3, "s2"), rec("copy support mask", 0.0, "s1"),
+            rec("copy support mask", 0.2, "s2")]
+    assert paired_lines(recs, [("lesions", "tumour")])[0].startswith("- trained − copy support mask: +0.300 ")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "r").mkdir()
+    forward = abdomen_pairs(tmp_path / "f")
+    backward = abdomen_pairs(tmp_path / "r", reverse=True)
+    assert [(s.name, Path(s.image).name, Path(q.image).name) for s, q in forward] == [
+        (q.name, Path(q.image).name, Path(s.image).name) for s, q in backward]
+    assert Path(forward[0][0].image).name.endswith("_upper.nii.gz")
