@@ -69,8 +69,6 @@ CT_SPACING = (0.78125, 0.78125, 1.0)  # mm: a 400 mm field of view, 300 mm of z
 QUICK_SHAPE = (128, 128, 40)
 PRESETS = {"demo": "demo_segmentation.yaml", "fine": "synapse_ct_setting1.yaml"}
 ADAPT_STEPS = 10
-#: segment's default recipe: ``--scale structure --adapt-steps 40`` (`imaging_meta.commands.segment`)
-DEFAULT_RECIPE_STEPS = 40
 REPEAT = 3  # whole commands per case (each minutes long at 512 x 512 x 300); the per-chunk medians use every chunk
 
 
@@ -491,6 +489,9 @@ def run(opts: BenchOptions, presets: tuple[str, ...] = ("demo",), adapt_steps: i
         shape: tuple[int, int, int] | None = None, repeat: int | None = None) -> list[Section]:
     """The cost table and the breakdown table (`benchmarks.run`'s ``segment``). The runs of the cases are
     interleaved (run 1 of every case, then run 2, ...), so that a change in the machine's load falls on all."""
+    # segment's default recipe: --scale structure with these adaptation steps
+    from imaging_meta.adaptation import DEFAULT_STEPS
+
     shape = shape or (QUICK_SHAPE if opts.quick else CT_SHAPE)
     repeat = repeat or (1 if opts.quick else min(opts.repeat, REPEAT))
     steps = min(adapt_steps, 2) if opts.quick else adapt_steps
@@ -506,7 +507,7 @@ def run(opts: BenchOptions, presets: tuple[str, ...] = ("demo",), adapt_steps: i
             pre = preprocessing(preset)
             # the model as trained, with adaptation, and segment's default recipe (the structure's scale, 40 steps)
             variants = [("checkpoint", 0)] + ([("checkpoint", steps)] if steps else [])
-            variants += [] if opts.quick else [("structure", DEFAULT_RECIPE_STEPS)]
+            variants += [] if opts.quick else [("structure", DEFAULT_STEPS)]
             for scale, n_steps in variants:
                 label = f"{preset} ({pre['spacing'][0]:g} mm, {pre['slice_size'][0]}x{pre['slice_size'][1]})" + (
                     f", --adapt-steps {n_steps}" if n_steps else "") + (

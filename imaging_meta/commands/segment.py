@@ -29,6 +29,7 @@ from nibabel.spatialimages import SpatialImage
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
 from datamodules.transforms.volume import to_source_grid, volume_transforms
+from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
@@ -36,10 +37,6 @@ from imaging_meta.tasks import SEGMENTATION, get_task
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
 
 logger = logging.getLogger(__name__)
-
-#: the default test-time adaptation steps of `segment` (`imaging_meta.adaptation.DEFAULT_STEPS`, without importing
-#: scikit-image before it is needed)
-ADAPT_STEPS = 40
 
 
 def image_source(path: str | Path) -> str:
@@ -187,7 +184,7 @@ def segment(
     output_format: str = "nifti",
     explain: bool = False,
     options: ScanOptions | None = None,
-    adapt_steps: int = ADAPT_STEPS,
+    adapt_steps: int = DEFAULT_STEPS,
     adapt_seed: int = 0,
     scale: str = "structure",
 ) -> list[Path]:
@@ -262,7 +259,7 @@ def segment(
     supports_pre = _support_volumes(tf_pair, supports, label_value, modality, max_support_slices)
     query_data = [tf_image({"image": image_source(q), "modality": modality_of(q, modality)}) for q in queries]
     if adapt_steps > 0:
-        from imaging_meta.adaptation import adapt
+        from imaging_meta.adaptation import adapt  # looked up at call time (benchmarks.segment_cost times it)
 
         learner = adapt(learner, supports_pre, [d["image"].as_tensor()[0].float() for d in query_data], steps=adapt_steps,
                         seed=adapt_seed, device=dev)

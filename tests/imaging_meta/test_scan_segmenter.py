@@ -271,7 +271,13 @@ def test_structure_preprocessing_reads_the_label_map_as_segment_does(tmp_path):
 
 
 def test_segment_adapts_by_the_adaptation_modules_default():
+    import inspect
+
     from imaging_meta import adaptation
     from imaging_meta.commands import segment
+    from imaging_meta.commands.cli import _tool_parser
 
-    assert segment.ADAPT_STEPS == adaptation.DEFAULT_STEPS
+    assert inspect.signature(segment.segment).parameters["adapt_steps"].default == adaptation.DEFAULT_STEPS
+    args = _tool_parser().parse_args(["segment", "--checkpoint", "c", "--support-image", "i", "--support-label", "l",
+                                      "--query", "q", "--out", "o"])
+    assert args.adapt_steps == adaptation.DEFAULT_STEPS and args.scale == "structure"
