@@ -120,11 +120,6 @@ def structure_preprocessing(preprocessing: dict, label: str, value: int | None, 
     return structure_scale(preprocessing, mask, spacing, mask.shape)
 
 
-def scan_preprocessing(preprocessing: dict, support: Scan, scale: str) -> dict:
-    """`structure_preprocessing` of a labelled `Scan`."""
-    return structure_preprocessing(preprocessing, support.label, support.value, scale)
-
-
 def _to_original(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
     """A (H, W, D) map on the preprocessed grid -> the query's own grid (linear interpolation)."""
     from datamodules.transforms.volume import to_source_grid
@@ -223,7 +218,7 @@ def score_pair(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    preprocessing = scan_preprocessing(preprocessing, support, scale)
+    preprocessing = structure_preprocessing(preprocessing, support.label, support.value, scale)
     loaded = []
     for scan in (support, query):
         sc = load_scan(scan, preprocessing)
