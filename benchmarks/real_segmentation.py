@@ -72,22 +72,24 @@ def _half(src: Path, out: Path, upper: bool) -> Path:
     return out
 
 
+def _image_halves(tmp: Path, stem: str) -> dict[str, Path]:
+    """The upper and lower halves of ``abdomen/<stem>.nii.gz``, written once into ``tmp``."""
+    return {part: _half(REAL / "abdomen" / f"{stem}.nii.gz", tmp / f"{stem}_{part}.nii.gz", part == "upper")
+            for part in ("upper", "lower")}
+
+
 def _split_pairs(
-    tmp: Path, stem: str, modality: str, label: Path, structures: dict[str, int], site: str, reverse: bool = False
+    tmp: Path, images: dict[str, Path], modality: str, label: Path, structures: dict[str, int], site: str,
+    reverse: bool = False,
 ) -> list[tuple[Scan, Scan]]:
-    """Support (upper half) -> query (lower half) pairs of one scan, for the structures both halves show;
-    ``reverse``: the lower half is the support and the upper half the query."""
-    files = {
-        part: (
-            _half(REAL / "abdomen" / f"{stem}.nii.gz", tmp / f"{stem}_{part}.nii.gz", upper),
-            _half(label, tmp / f"{label.name.split('.')[0]}_{part}.nii.gz", upper),
-        )
-        for part, upper in (("upper", True), ("lower", False))
-    }
+    """Support (upper half) -> query (lower half) pairs of one scan (its ``_image_halves``), for the structures
+    both halves of ``label`` show; ``reverse``: the lower half is the support and the upper half the query."""
+    labels = {part: _half(label, tmp / f"{label.name.split('.')[0]}_{part}.nii.gz", part == "upper")
+              for part in images}
     pairs = []
     for name, value in structures.items():
-        if all((np.asarray(nib.load(str(files[p][1])).dataobj) == value).sum() >= 20 for p in files):
-            s, q = (Scan(str(files[p][0]), str(files[p][1]), value, modality, name, site, "one") for p in files)
+        if all((np.asarray(nib.load(str(path)).dataobj) == value).sum() >= 20 for path in labels.values()):
+            s, q = (Scan(str(images[p]), str(labels[p]), value, modality, name, site, "one") for p in images)
             pairs.append((q, s) if reverse else (s, q))
     return pairs
 
@@ -97,8 +99,8 @@ def abdomen_pairs(tmp: Path, reverse: bool = False) -> list[tuple[Scan, Scan]]:
     pairs = []
     for stem, modality in (("ct", "CT"), ("mr", "MR")):
         label_name = f"{stem}_label.nii.gz"
-        pairs += _split_pairs(tmp, stem, modality, REAL / "abdomen" / label_name, structures[label_name],
-                              f"abdomen-{stem}", reverse)
+        pairs += _split_pairs(tmp, _image_halves(tmp, stem), modality, REAL / "abdomen" / label_name,
+                              structures[label_name], f"abdomen-{stem}", reverse)
     return pairs
 
 
@@ -107,11 +109,12 @@ def parts_pairs(tmp: Path, reverse: bool = False) -> list[tuple[Scan, Scan]]:
     as value 1), split like `abdomen_pairs`."""
     ref = nib.load(str(REAL / "abdomen" / "ct_label.nii.gz"))
     labels = np.asarray(ref.dataobj)
+    images = _image_halves(tmp, "ct")
     pairs = []
     for n, (name, values) in enumerate(CT_PARTS.items()):
         path = tmp / f"part{n}_label.nii.gz"
         nib.save(nib.Nifti1Image(np.isin(labels, values).astype(np.uint8), ref.affine), str(path))
-        pairs += _split_pairs(tmp, "ct", "CT", path, {name: 1}, "parts-ct", reverse)
+        pairs += _split_pairs(tmp, images, "CT", path, {name: 1}, "parts-ct", reverse)
     return pairs
 
 
