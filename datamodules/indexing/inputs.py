@@ -27,6 +27,7 @@ NON_IMAGE_KINDS = {
     ".jpeg": "2D image",
     ".tif": "2D image",
     ".tiff": "2D image",
+    ".bmp": "2D image",
     ".npy": "NumPy array",
     ".npz": "NumPy archive",
     ".txt": "text",

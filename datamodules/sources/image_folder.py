@@ -1,4 +1,4 @@
-"""A folder with one subfolder per class of 2D images (PNG, JPEG, single-frame DICOM) as an `ItemTable`.
+"""A folder with one subfolder per class of 2D images (PNG, JPEG, TIFF, BMP, single-frame DICOM) as an `ItemTable`.
 
 Layout::
 
@@ -15,7 +15,7 @@ query images as the training items were.
 
 Intensities:
 
-* PNG / JPEG (8 or 16 bit, grey or colour): scaled per image between its minimum and maximum.
+* PNG / JPEG / TIFF / BMP (8 or 16 bit or float, grey or colour): scaled per image between its minimum and maximum.
 * DICOM: RescaleSlope/RescaleIntercept applied; CT is clipped to ``ct_window`` (HU) and scaled to [0, 1];
   other modalities are scaled per image between their minimum and maximum. MONOCHROME1 images (minimum
   displayed white) are inverted after scaling, so every image is bright where it is displayed bright.
@@ -50,7 +50,8 @@ from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
 from datamodules.io.dicom import DicomError, NotDicomError, checked_header, read_dataset
 from datamodules.sources.items import ItemSource, ItemTable
 
-PIL_EXTENSIONS = (".png", ".jpg", ".jpeg")
+#: 2D image files read with Pillow (TIFF: single-page, 8/16-bit or float grey, or RGB, as pathology tiles are)
+PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 DEFAULT_EXTENSIONS = [*PIL_EXTENSIONS, *DICOM_EXTENSIONS, ""]  # "": extension-less files are tried as DICOM
 
@@ -109,7 +110,7 @@ def _read_pil(path: Path) -> _Read:
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(
             f"{path}: cannot read the image ({type(e).__name__}: {e}); the file is corrupt, truncated or not a "
-            "PNG/JPEG: replace it or remove it"
+            "PNG/JPEG/TIFF/BMP: replace it or remove it"
         ) from e
     if arr.ndim == 3 and arr.shape[-1] != 3:
         raise ValueError(f"{path}: image mode {mode!r} with {arr.shape[-1]} channels; save it as grey-level or RGB")
@@ -202,7 +203,7 @@ def load_image(
     """Read and preprocess one 2D image exactly as `ImageFolder` does.
 
     Args:
-        path: a PNG, JPEG or single-frame DICOM file (any other suffix is read as DICOM).
+        path: a PNG, JPEG, TIFF, BMP or single-frame DICOM file (any other suffix is read as DICOM).
         image_size: (H, W) of the output; the image is scaled to fit and zero-padded (aspect kept).
         channels: 1 (colour becomes grey) or 3 (grey is repeated).
         ct_window: HU window for CT DICOM.

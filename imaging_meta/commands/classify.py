@@ -25,6 +25,7 @@ import torch
 
 from datamodules.io.atomic import atomic_open
 from datamodules.progress import progress
+from datamodules.sources.image_folder import DICOM_EXTENSIONS, PIL_EXTENSIONS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.evaluation.scoring import learner_choices
@@ -33,7 +34,7 @@ from imaging_meta.tasks import CLASSIFICATION, get_task
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_SUFFIXES = (*PIL_EXTENSIONS, *DICOM_EXTENSIONS)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -63,7 +64,7 @@ def support_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path,
     for i, c in enumerate(classes):
         files = _image_files(root / c)
         if not files:
-            raise ValueError(f"{root / c}: no PNG, JPEG or DICOM image in this class folder")
+            raise ValueError(f"{root / c}: no PNG, JPEG, TIFF, BMP or DICOM image in this class folder")
         items += [(f, i) for f in files]
     return classes, items
 
@@ -75,7 +76,7 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if p.is_dir():
             found = _image_files(p)
             if not found:
-                raise ValueError(f"{p}: no PNG, JPEG or DICOM image in this query folder")
+                raise ValueError(f"{p}: no PNG, JPEG, TIFF, BMP or DICOM image in this query folder")
             out += found
         elif p.is_file():
             out.append(p)
@@ -93,7 +94,7 @@ def loader_settings(extra: dict, learner) -> dict:
     if len(size) != 2:
         raise CheckpointError(
             f"the checkpoint was trained on {len(size)}D patches of size {list(size)}; classify takes 2D images "
-            "(PNG, JPEG or single-frame DICOM)"
+            "(PNG, JPEG, TIFF, BMP or single-frame DICOM)"
         )
     channels = pre.get("channels") or learner.config["init_args"].get("in_channels", 1)
     return {"image_size": [int(s) for s in size], "channels": int(channels), "ct_window": pre.get("ct_window", [-250.0, 250.0])}
@@ -211,7 +212,7 @@ def classify(
 
     Args:
         checkpoint: an ``imaging-meta fit`` checkpoint of a classification learner.
-        support: folder with one subfolder per class, each holding a few images (PNG, JPEG, DICOM).
+        support: folder with one subfolder per class, each holding a few images (PNG, JPEG, TIFF, BMP, DICOM).
         queries: image files and/or folders of images.
         out_csv: the CSV to write: ``path``, ``predicted_class`` and one ``p_<class>`` column per class.
         device: ``auto``, ``cpu`` or ``cuda``.

@@ -152,7 +152,7 @@ def _tool_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("classify", help="few-shot classification of images against a support folder")
     c.add_argument("--checkpoint", required=True)
-    c.add_argument("--support", required=True, help="folder with one subfolder of images (PNG, JPEG, DICOM) per class")
+    c.add_argument("--support", required=True, help="folder with one subfolder of images (PNG, JPEG, TIFF, BMP, DICOM) per class")
     c.add_argument("--query", action="append", required=True, help="image file or folder of images (repeat)")
     c.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>...")
     c.add_argument("--device", default="auto")

@@ -176,3 +176,37 @@ def test_cache_is_reused_and_invalidated_by_a_new_file(tmp_path):
     c = ImageFolder(str(root)).load(tmp_path / "cache")
     assert len(c) == len(a) + 1
     assert ImageFolder(str(root), salt="other").load(tmp_path / "cache").item_ids != c.item_ids
+
+
+def test_tiff_and_bmp_tiles_load_like_png(tmp_path):
+    """Pathology and microscopy tiles are often TIFF (8-bit RGB, 16-bit or float grey); BMP turns up too."""
+    from PIL import Image
+
+    from imaging_meta.commands.classify import support_folder
+
+    root = tmp_path / "tiles"
+    rgb = np.stack([pattern(0, 0), pattern(1, 0), pattern(2, 0)], axis=-1)
+    write_png(root / "tumour" / "a.tif", rgb)
+    write_png(root / "tumour" / "b.bmp", rgb[::-1].copy())
+    write_png(root / "stroma" / "c.tiff", np.stack([pattern(3, 1)] * 2 + [pattern(4, 1)], axis=-1))
+    write_png(root / "stroma" / "d.TIF", np.stack([pattern(3, 2)] * 2 + [pattern(4, 2)], axis=-1))
+    table = ImageFolder(str(root), image_size=[20, 24], channels=1).build()
+    assert table.classes == ["stroma", "tumour"] and table.class_counts() == {"stroma": 2, "tumour": 2}
+    png = load_image(write_png(tmp_path / "same.png", rgb), image_size=[20, 24])
+    assert torch.allclose(load_image(root / "tumour" / "a.tif", image_size=[20, 24]), png, atol=1e-6)
+    grey16 = pattern(3, 1).astype(np.uint16) * 200
+    write_png(tmp_path / "grey16.tiff", grey16)  # Pillow writes mode I;16
+    g16 = load_image(tmp_path / "grey16.tiff", image_size=[20, 24])[0].numpy()
+    raw = grey16.astype(np.float64)
+    assert np.allclose(g16, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)  # all 16 bits kept
+    grey_f = pattern(4, 1).astype(np.float32) / 7.0
+    Image.fromarray(grey_f, mode="F").save(tmp_path / "float.TIF")
+    gf = load_image(tmp_path / "float.TIF", image_size=[20, 24])[0].numpy()
+    assert np.allclose(gf, (grey_f - grey_f.min()) / (grey_f.max() - grey_f.min()), atol=1e-6)
+    classes, items = support_folder(root)  # `imaging-meta classify` finds the same files
+    assert classes == ["stroma", "tumour"] and sorted(p.name for p, _ in items) == ["a.tif", "b.bmp", "c.tiff", "d.TIF"]
+
+    pages = tmp_path / "pages.tif"
+    Image.fromarray(pattern(0, 0)).save(pages, save_all=True, append_images=[Image.fromarray(pattern(1, 0))])
+    with pytest.raises(ValueError, match=r"pages\.tif: an animated/multi-page image \(2 frames\)"):
+        load_image(pages)
