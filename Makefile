@@ -63,7 +63,7 @@ evaluate: $(TRAIN_PREREQ)  ## fit MODEL under each segmentation protocol, evalua
 	      --config configs/protocol/$$p.yaml --config configs/model/$(MODEL).yaml $(ROOT_ARG) \
 	      --trainer.logger.init_args.save_dir $(EVAL_DIR)/runs --trainer.logger.init_args.name $(MODEL)-$$p \
 	      --trainer.max_epochs $(EVAL_EPOCHS) $(ARGS); \
-	  ckpt=$$(ls -t $(EVAL_DIR)/runs/$(MODEL)-$$p/version_*/checkpoints/best-*.ckpt | head -1); \
+	  ckpt=$$(ls -t $(EVAL_DIR)/runs/$(MODEL)-$$p/version_*/checkpoints/best*.ckpt | head -1); \
 	  $(CLI) evaluate --checkpoint "$$ckpt" --out $(EVAL_DIR)/$(MODEL)-$$p $(EVAL_ARGS); \
 	done
 	$(CLI) compare $(addprefix $(EVAL_DIR)/$(MODEL)-,$(PROTOCOLS)) --out $(EVAL_DIR)/comparison.md

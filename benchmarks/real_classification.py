@@ -2,7 +2,7 @@
 against chance and the raw-pixel baseline, on the same seeded episodes for every method.
 
     python -m benchmarks.real_classification \
-        --checkpoints results/runs/protonet_cls/version_0/checkpoints/last.ckpt ... \
+        --checkpoints results/runs/protonet_cls/version_0/checkpoints/best.ckpt ... \
         --episodes 100 --out benchmarks/results/real_classification.json
 
 Every method classifies the queries of an episode against its whole support set, with each checkpoint's own

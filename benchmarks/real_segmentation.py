@@ -1,7 +1,7 @@
 """One-shot segmentation on the real validation scans of ``benchmarks/real/`` (see its README), against the
 baselines a user would try first, with both whole-scan protocols and the ablation of the scan segmenter.
 
-    python -m benchmarks.real_segmentation --checkpoint runs/protonet_seg/version_0/checkpoints/last.ckpt \
+    python -m benchmarks.real_segmentation --checkpoint runs/protonet_seg/version_0/checkpoints/best.ckpt \
         --out benchmarks/results/real_segmentation.json
 
 Pairs (support -> query), each scored as 3D Dice in the query's own voxel grid:

@@ -24,6 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from imaging_meta.commands.console import (
     EXIT_BUG,
@@ -83,11 +84,21 @@ def learner_n_way(data_n_way: int, learner: dict) -> int:
     return data_n_way
 
 
+def checkpoint_to_test(callbacks: Sequence[Any]) -> str | None:
+    """The checkpoint that ``--test_after_fit`` tests: the best by the first monitored `ModelCheckpoint` (the
+    trainer configs' ``best.ckpt``); without one that saved anything, the latest state (``last.ckpt``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpts = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    best = [c.best_model_path for c in ckpts if c.monitor is not None and c.best_model_path]
+    saved = [c.last_model_path or c.best_model_path for c in ckpts if c.last_model_path or c.best_model_path]
+    return next(iter(best or saved), None)
+
+
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
     """The LightningCLI over `EpisodicModule`; ``run=False`` only parses and instantiates (tests use it)."""
     import torch
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
     from imaging_meta.module import EpisodicModule
@@ -104,8 +115,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def after_fit(self) -> None:
             if not self.config[self.subcommand].get("test_after_fit"):
                 return
-            ckpt = next((c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-            path = (ckpt.best_model_path or ckpt.last_model_path) if ckpt else None
+            path = checkpoint_to_test(self.trainer.checkpoint_callbacks)
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path or None)
             self._print_report()
 
@@ -198,16 +208,16 @@ EXAMPLES = {
     "demo": ["imaging-meta demo --out data/demo --if-missing"],
     "scan": ["imaging-meta scan /data/abdomen --out /data/abdomen/index.json",
              "imaging-meta scan /data/abdomen --out index.json --site-fields Manufacturer ManufacturerModelName"],
-    "segment": ["imaging-meta segment --checkpoint runs/protonet_seg/version_0/checkpoints/last.ckpt \\",
+    "segment": ["imaging-meta segment --checkpoint runs/protonet_seg/version_0/checkpoints/best.ckpt \\",
                 "    --support-image support.nii.gz --support-label support_seg.nii.gz --label-value 3 \\",
                 "    --query new_scan.nii.gz --query /pacs/export/series_17 --out predictions/",
                 "imaging-meta segment ... --adapt-steps 10 --explain       (adapt to these scans; probability maps too)",
                 "imaging-meta segment ... --format dicom-seg                (DICOM queries: a .seg.dcm per query)"],
-    "classify": ["imaging-meta classify --checkpoint runs/protonet_cls/version_0/checkpoints/last.ckpt \\",
+    "classify": ["imaging-meta classify --checkpoint runs/protonet_cls/version_0/checkpoints/best.ckpt \\",
                  "    --support support/ --query new_images/ --out predictions.csv",
                  "imaging-meta classify ... --explain           (nearest support images and saliency maps)",
                  "imaging-meta classify ... --finetune-steps 50 (a new head fitted on the augmented support)"],
-    "evaluate": ["imaging-meta evaluate --checkpoint runs/protonet_seg/version_0/checkpoints/last.ckpt \\",
+    "evaluate": ["imaging-meta evaluate --checkpoint runs/protonet_seg/version_0/checkpoints/best.ckpt \\",
                  "    --out evaluation/protonet_seg --shots 1 5 --episodes 200",
                  "imaging-meta evaluate ... --scan-protocols whole_scan oracle_extent   (3D Dice per query scan)",
                  "imaging-meta evaluate ... --log-dir runs/protonet_seg/version_0      (figures in TensorBoard)"],

@@ -80,7 +80,7 @@ def _run(cmd: list[str], log: Path) -> float:
 
 
 def _best_checkpoint(run_dir: Path) -> Path:
-    ckpts = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    ckpts = sorted((run_dir / "checkpoints").glob("best*.ckpt"))  # best.ckpt (best-epoch=NN.ckpt before 2026-12-04)
     if not ckpts:
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.exists():
