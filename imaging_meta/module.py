@@ -182,6 +182,9 @@ class EpisodicModule(LightningModule):
         threshold: foreground probability threshold for segmentation masks.
         n_log_images: the TensorBoard image panel of each validation epoch and of the test (0: none) shows this
             many episodes (segmentation: a row each) or queries per class (classification: one episode).
+        weight_averaging: from this fraction of the fit's optimizer steps on, validate, checkpoint and finish
+            with the equal-weight average of the weights (`imaging_meta.weight_averaging.LateWeightAveraging`);
+            None: the weights as trained.
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class EpisodicModule(LightningModule):
         baselines: bool = True,
         threshold: float = 0.5,
         n_log_images: int = 4,
+        weight_averaging: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(learner, Learner):
@@ -273,6 +277,14 @@ class EpisodicModule(LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch.n_tasks, sync_dist=True)
         return loss
+
+    def configure_callbacks(self):
+        """`LateWeightAveraging` from ``weight_averaging`` (a fraction of training) on, when the config sets it."""
+        if self.hparams.get("weight_averaging") is None:
+            return []
+        from imaging_meta.weight_averaging import LateWeightAveraging
+
+        return [LateWeightAveraging(start=self.hparams["weight_averaging"])]
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.learner.parameters())

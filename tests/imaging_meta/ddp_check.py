@@ -10,6 +10,9 @@ Modes:
              on_train_batch_start, outside DDP's forward, the mistake that silently skips the sync.
     single:  one process replays rank 0's and rank 1's episodes of each step and averages their losses,
              which is what synchronised DDP computes.
+
+``--average START``: train with `EpisodicModule(weight_averaging=START)`; the weights written are then the
+average of the weights after every step from ``floor(START * STEPS)`` on (``single`` averages them by hand).
 """
 
 from __future__ import annotations
@@ -92,10 +95,11 @@ class CountAllreduces(Callback):
         trainer.strategy.model.register_comm_hook(None, counting_allreduce)
 
 
-def run_ddp(name: str, data: Path, out: Path, outside: bool) -> None:
+def run_ddp(name: str, data: Path, out: Path, outside: bool, average: float | None = None) -> None:
     learner = build(name)
     factory = lambda p: torch.optim.SGD(p, lr=LR)  # noqa: E731
-    module = OutsideForward(learner, factory) if outside else EpisodicModule(learner, optimizer=factory, baselines=False)
+    module = (OutsideForward(learner, factory) if outside
+              else EpisodicModule(learner, optimizer=factory, baselines=False, weight_averaging=average))
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, max_steps=STEPS, max_epochs=1,
         limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -106,7 +110,7 @@ def run_ddp(name: str, data: Path, out: Path, outside: bool) -> None:
     (out / f"allreduces{trainer.global_rank}.txt").write_text(str(_ALLREDUCES[0]))
 
 
-def run_single(name: str, data: Path, out: Path) -> None:
+def run_single(name: str, data: Path, out: Path, average: float | None = None) -> None:
     dm = datamodule(data)
     dm.setup("fit")
     train = dm._samplers["train"]
@@ -117,12 +121,18 @@ def run_single(name: str, data: Path, out: Path) -> None:
         ranks.append(iter(episode_loader(dm.train_dataloader().dataset, sampler, BATCH, 0)))
     learner = build(name)
     opt = torch.optim.SGD(learner.parameters(), lr=LR)
-    for _ in range(STEPS):
+    kept = []  # the weights after each averaged step
+    for step in range(STEPS):
         opt.zero_grad()
         loss = torch.stack([learner.loss(next(it)) for it in ranks]).mean()  # DDP averages the ranks' gradients
         loss.backward()
         opt.step()
-    torch.save(learner.state_dict(), out / "single.pt")
+        if average is not None and step >= int(average * STEPS):
+            kept.append({k: v.detach().clone() for k, v in learner.state_dict().items()})
+    state = learner.state_dict()
+    if kept:
+        state = {k: (sum(w[k] for w in kept) / len(kept) if v.is_floating_point() else v) for k, v in state.items()}
+    torch.save(state, out / "single.pt")
 
 
 if __name__ == "__main__":
@@ -131,10 +141,11 @@ if __name__ == "__main__":
     p.add_argument("--learner", choices=sorted(LEARNERS), required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--average", type=float, default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if a.mode == "single":
-        run_single(a.learner, a.data, a.out)
+        run_single(a.learner, a.data, a.out, a.average)
     else:
-        run_ddp(a.learner, a.data, a.out, outside=a.mode == "outside")
+        run_ddp(a.learner, a.data, a.out, outside=a.mode == "outside", average=a.average)

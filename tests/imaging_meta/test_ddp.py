@@ -14,9 +14,10 @@ from tests.helpers import write_medmnist
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(mode: str, learner: str, data: Path, out: Path) -> None:
+def _run(mode: str, learner: str, data: Path, out: Path, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "tests.imaging_meta.ddp_check", "--mode", mode, "--learner", learner, "--data", str(data), "--out", str(out)]
+    cmd = [sys.executable, "-m", "tests.imaging_meta.ddp_check", "--mode", mode, "--learner", learner, "--data", str(data),
+           "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -47,6 +48,20 @@ def test_ddp_ranks_agree_and_match_one_process_over_the_same_episodes(learner, d
     assert _max_diff(rank0, single) < 1e-5, f"DDP differs from one process over the same episodes by {_max_diff(rank0, single):.3g}"
     # the tiny networks fit in one gradient bucket: one all-reduce per meta-batch, not one per task
     assert [int((tmp_path / f"allreduces{r}.txt").read_text()) for r in (0, 1)] == [STEPS, STEPS]
+
+
+def test_weight_averaging_under_ddp_keeps_the_ranks_equal_and_averages_the_late_steps(data, tmp_path):
+    """`EpisodicModule(weight_averaging=0.5)` on 2 ranks: the weights written at the end (the average of the
+    weights after steps 2 and 3 of 3) agree across ranks and with the same average taken by hand in one process."""
+    _run("ddp", "maml", data, tmp_path, "--average", "0.5")
+    _run("single", "maml", data, tmp_path, "--average", "0.5")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = torch.load(tmp_path / "single.pt", weights_only=True)
+    assert _max_diff(rank0, rank1) == 0.0
+    assert _max_diff(rank0, single) < 1e-5, f"DDP's average differs from one process's by {_max_diff(rank0, single):.3g}"
+    (tmp_path / "plain").mkdir()
+    _run("single", "maml", data, tmp_path / "plain")  # the check has teeth: the last step's weights are others
+    assert _max_diff(rank0, torch.load(tmp_path / "plain" / "single.pt", weights_only=True)) > 1e-4
 
 
 def test_meta_loss_outside_the_ddp_forward_is_caught(data, tmp_path):

@@ -185,7 +185,7 @@ def test_factories_and_nested_learner_configs_flatten_to_scalars():
 
 def test_evaluate_writes_its_figures_as_images_given_a_log_dir(cls_runs, tmp_path):
     runs, tmp = cls_runs
-    ckpt = next((runs["protonet_cls"] / "checkpoints").glob("best-*.ckpt"))
+    ckpt = next((runs["protonet_cls"] / "checkpoints").glob("best*.ckpt"))
     kw = dict(shots=[1], episodes=4, cache_dir=str(tmp / "cache"), n_panel=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
