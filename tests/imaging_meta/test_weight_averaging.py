@@ -40,27 +40,29 @@ def _data():
     return DataLoader(TensorDataset(torch.zeros(STEPS_PER_EPOCH, 1)), batch_size=1)
 
 
-def _trainer(callbacks, epochs, **kw):
+def _trainer(callbacks, epochs, root, **kw):
+    """A CPU trainer; Lightning's default checkpoint (added when no ModelCheckpoint is given) goes under ``root``."""
     return Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1, **kw)
+                   enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                   default_root_dir=str(root), **kw)
 
 
 def test_the_average_of_the_late_steps_is_validated_checkpointed_and_kept(tmp_path):
     avg = LateWeightAveraging(start=0.5)
     last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1)
     model = Rising()
-    _trainer([avg, last], epochs=4, enable_checkpointing=True).fit(model, _data(), _data())
+    _trainer([avg, last], epochs=4, root=tmp_path / "root", enable_checkpointing=True).fit(model, _data(), _data())
     assert avg.start_step == 8  # half of 16 steps: the weights after steps 9..16 are averaged
     # validation after epochs 1 and 2 sees the current weights (4, 8); after epoch 3 the mean of 9..12, then of 9..16
     assert model.seen == [4.0, 8.0, 10.5, 12.5]
-    assert float(model.w) == 12.5  # the end of fit keeps the average
+    assert float(model.w.detach()) == 12.5  # the end of fit keeps the average
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert float(ckpt["state_dict"]["w"]) == 12.5 and float(ckpt["current_model_state"]["w"]) == 16.0
 
 
 def test_before_averaging_starts_checkpoints_are_plain(tmp_path):
     every = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
-    _trainer([LateWeightAveraging(start=0.75), every], epochs=2).fit(Rising(), _data(), _data())
+    _trainer([LateWeightAveraging(start=0.75), every], epochs=2, root=tmp_path / "root").fit(Rising(), _data(), _data())
     first = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
     assert float(first["state_dict"]["w"]) == 4.0 and "current_model_state" not in first
 
@@ -70,7 +72,7 @@ def test_a_checkpoint_tested_after_fit_keeps_its_average(tmp_path):
     avg = LateWeightAveraging(start=0.5)
     best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/score", mode="max", save_top_k=1)
     model = Rising()
-    trainer = _trainer([avg, best], epochs=4)
+    trainer = _trainer([avg, best], epochs=4, root=tmp_path / "root")
     trainer.fit(model, _data(), _data())
     out = trainer.test(model, _data(), ckpt_path=str(tmp_path / "best.ckpt"), verbose=False)
     assert out[0]["test/w"] == 12.5
@@ -93,15 +95,15 @@ class _StopAtEpoch(Callback):
 
 def test_resuming_from_last_restores_the_average_and_the_current_weights(tmp_path):
     full = Rising()
-    _trainer([LateWeightAveraging(start=0.5)], epochs=4).fit(full, _data(), _data())
+    _trainer([LateWeightAveraging(start=0.5)], epochs=4, root=tmp_path / "root").fit(full, _data(), _data())
     last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1)
     with pytest.raises(_Stop):  # killed after epoch 3 of 4, its last.ckpt written
-        _trainer([LateWeightAveraging(start=0.5), last, _StopAtEpoch(3)], epochs=4).fit(Rising(), _data(), _data())
+        _trainer([LateWeightAveraging(start=0.5), last, _StopAtEpoch(3)], epochs=4, root=tmp_path / "root").fit(Rising(), _data(), _data())
     cut = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert (float(cut["state_dict"]["w"]), float(cut["current_model_state"]["w"])) == (10.5, 12.0)
     resumed = Rising()
-    _trainer([LateWeightAveraging(start=0.5)], epochs=4).fit(resumed, _data(), _data(), ckpt_path=str(tmp_path / "last.ckpt"))
-    assert float(resumed.w) == float(full.w) == 12.5
+    _trainer([LateWeightAveraging(start=0.5)], epochs=4, root=tmp_path / "root").fit(resumed, _data(), _data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert float(resumed.w.detach()) == float(full.w.detach()) == 12.5
 
 
 def test_the_module_option_adds_it_and_bad_starts_are_refused():
@@ -127,7 +129,7 @@ class _PeaksEarly(Rising):
 def test_checkpoint_selection_compares_averaged_models_only(tmp_path):
     best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/score", mode="max", save_top_k=1)
     model = _PeaksEarly()
-    _trainer([LateWeightAveraging(start=0.5), best], epochs=4).fit(model, _data(), _data())
+    _trainer([LateWeightAveraging(start=0.5), best], epochs=4, root=tmp_path / "root").fit(model, _data(), _data())
     ckpt = torch.load(tmp_path / "best.ckpt", weights_only=True)
     # epoch 0 (w = 4) was the best plain model; among the averages (10.5, 12.5) the first is closest to 4
     assert (ckpt["epoch"], float(ckpt["state_dict"]["w"])) == (2, 10.5)
