@@ -3,13 +3,12 @@
 ``save_last: true`` rewrites ``last.ckpt`` only when the monitored checkpoint improves, so with it a run whose
 validation peaked at epoch 3 of 10 had a ``last.ckpt`` of epoch 3, and a run without validation had none."""
 
-import importlib
-
 import pytest
 import torch
 import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import instantiate_class
 from torch.utils.data import DataLoader, TensorDataset
 
 from imaging_meta.commands.cli import checkpoint_to_test
@@ -20,12 +19,9 @@ TRAINERS = sorted(p.name for p in (CONFIGS / "trainer").glob("*.yaml"))
 
 def config_checkpoints(name: str, dirpath) -> list[ModelCheckpoint]:
     """The ModelCheckpoint callbacks of a shipped trainer config, as LightningCLI builds them."""
-    out = []
-    for cb in yaml.safe_load((CONFIGS / "trainer" / name).read_text())["trainer"]["callbacks"]:
-        module, _, cls = cb["class_path"].rpartition(".")
-        if cls == "ModelCheckpoint":
-            out.append(getattr(importlib.import_module(module), cls)(dirpath=dirpath, **cb.get("init_args", {})))
-    return out
+    callbacks = yaml.safe_load((CONFIGS / "trainer" / name).read_text())["trainer"]["callbacks"]
+    return [instantiate_class((), {**cb, "init_args": {**cb.get("init_args", {}), "dirpath": dirpath}})
+            for cb in callbacks if cb["class_path"].endswith(".ModelCheckpoint")]
 
 
 class Scored(LightningModule):
