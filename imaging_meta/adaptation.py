@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
+from datamodules.progress import progress as progress_bar
 from datamodules.transforms.augment import SELFSUP_AUGMENT, RandItemAugment, random_views
 from datamodules.transforms.superpixels import superpixel_table, volume_superpixels
 from imaging_meta.episode import Episode, collate_episodes
@@ -120,7 +121,7 @@ def adapt(
         lr: Adam learning rate.
         batch_size: episodes per step.
         seed: the seed of the episodes and of torch.
-        progress: show a progress bar.
+        progress: show a progress bar (on a terminal, unless ``imaging-meta --quiet``: `datamodules.progress`).
     """
     if steps <= 0:
         return learner
@@ -129,23 +130,18 @@ def adapt(
     adapted = copy.deepcopy(learner).to(device).train()
     params = [p for p in adapted.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="adapting to the scans", unit="step", leave=False)
+    rounds: Iterable[int] = range(steps)
+    if progress:  # drawn on a terminal, off under `imaging-meta --quiet` (`datamodules.progress`)
+        rounds = progress_bar(rounds, desc="adapting to the scans", total=steps, unit="step")
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in rounds:
             ep = episodes.batch(batch_size).to(device)
             loss = adapted.loss(ep)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+            if hasattr(rounds, "set_postfix"):
+                rounds.set_postfix(loss=f"{loss.item():.3f}")
     logger.info(
         "adapted for %d steps on %d scans (last loss %.3f)",
         steps,

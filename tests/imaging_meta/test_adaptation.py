@@ -47,3 +47,17 @@ def test_adaptation_episodes_use_superpixels_of_both_scans_and_the_support_label
     batch = eps.batch(4)
     assert batch.support_images.shape[:2] == (4, 1) and batch.query_labels.shape == (4, 1, 32, 32)
     assert all(float(m.sum()) > 0 for m in batch.support_labels)  # every episode has a structure to find
+
+
+def test_adaptation_progress_bar_follows_the_quiet_switch(monkeypatch, capsys):
+    """The bar is drawn when bars are on and not under ``imaging-meta --quiet`` (IMAGING_META_PROGRESS=0)."""
+    from datamodules.progress import ENV
+
+    supports, queries = _scans()
+    learner = _learner()
+    monkeypatch.setenv(ENV, "1")
+    adapt(learner, supports, queries, steps=2, batch_size=2, seed=1)
+    assert "adapting to the scans" in capsys.readouterr().err
+    monkeypatch.setenv(ENV, "0")
+    adapt(learner, supports, queries, steps=2, batch_size=2, seed=1)
+    assert "adapting to the scans" not in capsys.readouterr().err
