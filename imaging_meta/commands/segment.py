@@ -28,6 +28,7 @@ from nibabel.spatialimages import SpatialImage
 
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
+from datamodules.sources.image_folder import PIL_EXTENSIONS
 from datamodules.transforms.volume import to_source_grid, volume_transforms
 from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
@@ -40,10 +41,22 @@ logger = logging.getLogger(__name__)
 
 
 def image_source(path: str | Path) -> str:
-    """A NIfTI path or a DICOM series folder (the DICOM reader groups, checks and orders the folder's slices)."""
+    """A NIfTI path or a DICOM series folder (the DICOM reader groups, checks and orders the folder's slices).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: a 2D picture (PNG, JPEG, TIFF, BMP), which ``segment`` does not read: it would otherwise reach
+            the DICOM reader and fail with a message about DICOM headers.
+    """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
+    if p.is_file() and p.suffix.lower() in PIL_EXTENSIONS:
+        raise ValueError(
+            f"{p}: a 2D picture ({p.suffix.lower()}); segment reads NIfTI volumes (.nii, .nii.gz) and DICOM series "
+            "folders, for images and label maps alike. Save the picture as a one-slice NIfTI volume, e.g. "
+            "nibabel.save(nibabel.Nifti1Image(array[:, :, None], numpy.eye(4)), 'image.nii.gz')"
+        )
     return str(p)
 
 
@@ -246,6 +259,10 @@ def segment(
             if not q.is_dir():
                 raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is not a folder of DICOM files")
 
+    for image, label in supports:  # every input checked before the checkpoint is loaded
+        image_source(image), image_source(label)
+    for query in queries:
+        image_source(query)
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
     if scale != "checkpoint":

@@ -237,6 +237,21 @@ def test_an_all_foreground_support_label_is_rejected(tmp_path):
         segment(ckpt, [(image, label)], [query], tmp_path / "out", device="cpu")
 
 
+def test_a_2d_picture_is_rejected_before_any_work_naming_it(tmp_path, support):
+    """PNG, JPEG, TIFF or BMP as an image, a label map or a query: an error that names the file and says what to do
+    (it used to reach the DICOM reader and fail on a missing DICOM header), before the checkpoint is read."""
+    from PIL import Image
+
+    picture = tmp_path / "mask.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(picture)
+    query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
+    missing_checkpoint = tmp_path / "never-read.ckpt"
+    for sup, queries in [((support[0], picture), [query]), ((picture, support[1]), [query]), (support, [picture])]:
+        with pytest.raises(ValueError, match=r"mask\.png: a 2D picture \(\.png\); segment reads NIfTI volumes .* one-slice NIfTI"):
+            segment(missing_checkpoint, [sup], queries, tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 def test_segment_with_adaptation_is_deterministic_for_a_seed(tmp_path, support):
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
     query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
