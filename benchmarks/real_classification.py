@@ -69,7 +69,8 @@ def checkpoint_learners(paths: list[str], finetune_steps: int) -> dict[str, tupl
         name = Path(p).parts[-4] if len(Path(p).parts) >= 4 else Path(p).stem
         settings = loader_settings(extra, learner)
         out[name] = (learner, settings)
-        out[f"{name} + task-adaptive"] = (TaskAdaptiveClassifier(learner).eval(), settings)
+        adaptive = TaskAdaptiveClassifier(learner).eval()
+        out[f"{name} + task-adaptive"] = (adaptive, loader_settings(extra, adaptive))  # colour kept for descriptors
         if finetune_steps:
             from imaging_meta.learners.transfer.support_finetune import with_support_finetuning
 
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     methods = {
-        k: (v, {"image_size": [64, 64], "channels": 1, "ct_window": [-250.0, 250.0]})
+        # colour images in colour (grey ones are described as grey: `features.shared_channels`)
+        k: (v, {"image_size": [64, 64], "channels": 3, "ct_window": [-250.0, 250.0]})
         for k, v in descriptor_learners().items()
     }
     methods.update(checkpoint_learners(args.checkpoints, args.finetune_steps))

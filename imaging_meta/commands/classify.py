@@ -86,7 +86,8 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def loader_settings(extra: dict, learner) -> dict:
-    """``load_image`` settings from the checkpoint's preprocessing section."""
+    """``load_image`` settings from the checkpoint's preprocessing section; three channels for a learner that
+    ``reads_colour`` (descriptor and task-adaptive learners: colour is kept for their descriptors)."""
     pre = dict(extra.get("preprocessing") or {})
     size = pre.get("image_size") or pre.get("patch_size")
     if size is None:
@@ -96,8 +97,12 @@ def loader_settings(extra: dict, learner) -> dict:
             f"the checkpoint was trained on {len(size)}D patches of size {list(size)}; classify takes 2D images "
             "(PNG, JPEG, TIFF, BMP or single-frame DICOM)"
         )
-    channels = pre.get("channels") or learner.config["init_args"].get("in_channels", 1)
-    return {"image_size": [int(s) for s in size], "channels": int(channels), "ct_window": pre.get("ct_window", [-250.0, 250.0])}
+    channels = int(pre.get("channels") or learner.config["init_args"].get("in_channels", 1))
+    if channels == 1 and getattr(learner, "reads_colour", False):
+        # colour images stay in colour (grey ones stay grey): the descriptors describe every channel, and a
+        # grey-trained embedding inside each channel as a grey image (`TaskAdaptiveClassifier.embedding_episodes`)
+        channels = 3
+    return {"image_size": [int(s) for s in size], "channels": channels, "ct_window": pre.get("ct_window", [-250.0, 250.0])}
 
 
 def _episode(s_images: torch.Tensor, s_labels: torch.Tensor, classes: Sequence[str], query: torch.Tensor, index: int) -> Episode:

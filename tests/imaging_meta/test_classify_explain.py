@@ -301,3 +301,37 @@ def test_classify_finetunes_a_new_head_deterministically(protonet_checkpoint, tm
     assert a.read_text() == b.read_text() != plain.read_text()
     with pytest.raises(ValueError, match="finetune_steps"):
         classify(protonet_checkpoint, support, [queries], tmp_path / "d.csv", device="cpu", finetune_steps=-1)
+
+
+def test_classify_keeps_colour_for_the_task_adaptive_classifier(protonet_checkpoint, tmp_path):
+    """Support classes that differ only in hue (the same textures; equal mean of the channels and equal luma): the
+    default classifier reads the PNGs in colour (descriptors of every channel, the grey-trained embedding per
+    channel) and gets every query right; the checkpoint alone reads grey, as it was trained."""
+    from imaging_meta.checkpoint_io import load_learner
+    from imaging_meta.commands.classify import loader_settings, with_space
+
+    hues = {"pink": np.array([0.5, 0.5, 0.5]), "violet": np.array([0.5, 0.5, 0.5]) + 0.5 * np.array([-0.473, 0.185, 0.288])}
+    rng = np.random.default_rng(3)
+
+    def img(name):
+        texture = 0.6 + 0.8 * rng.random((28, 28, 1))
+        out = np.clip(np.round(200 * texture * hues[name]), 0, 255).astype(np.uint8)
+        out[0, 0], out[0, 1] = 0, 255  # the loader's per-image scaling is then the same for every image
+        return out
+
+    support, queries = tmp_path / "support", tmp_path / "queries"
+    for name in hues:
+        for k in range(3):
+            write_png(support / name / f"s{k}.png", img(name))
+        for k in range(2):
+            write_png(queries / f"{name}{k}.png", img(name))
+    out = classify(protonet_checkpoint, support, [queries], tmp_path / "colour.csv", device="cpu", explain=True)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 and all(Path(r["path"]).stem.rstrip("01") == r["predicted_class"] for r in rows)
+    learner, extra = load_learner(protonet_checkpoint, "cpu")
+    assert loader_settings(extra, learner)["channels"] == 1
+    assert loader_settings(extra, with_space(learner))["channels"] == 3
+    from PIL import Image
+
+    with Image.open(next(explain_dir(out).glob("*.png"))) as im:
+        im.verify()  # the panel shows colour support images

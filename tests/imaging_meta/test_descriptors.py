@@ -18,7 +18,9 @@ from imaging_meta.learners.descriptors.features import (
     gradient_histogram,
     intensity_histogram,
     pixel_descriptor,
+    shared_channels,
     task_features,
+    to_channels,
 )
 from imaging_meta.learners.descriptors.nearest import leave_one_out, leave_one_out_accuracy
 from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier, loo_summary
@@ -108,7 +110,8 @@ def test_descriptor_shapes_norms_and_determinism():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, 40, 48, generator=g)
     p, h, gr = pixel_descriptor(x), intensity_histogram(x), gradient_histogram(x)
-    assert p.shape == (5, 32 * 32) and h.shape == (5, 32) and gr.shape == (5, 32)
+    # pixels and histogram describe each of the 3 channels; the gradient their mean
+    assert p.shape == (5, 3 * 32 * 32) and h.shape == (5, 3 * 32) and gr.shape == (5, 32)
     torch.testing.assert_close(p.mean(1), torch.zeros(5), atol=1e-6, rtol=0)
     torch.testing.assert_close(p.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(h.sum(1), torch.ones(5))
@@ -357,3 +360,89 @@ def test_fit_weights_turns_down_a_misleading_space(seed):
     torch.testing.assert_close(inf, beta)
     with pytest.raises(ValueError, match="prior"):
         fit_weights(loo, labels, usable[0], prior=0.0)
+
+
+# ------------------------------------------------------------------------------------------ colour
+#: two colours with the same mean of the channels and the same luma (0.299 R + 0.587 G + 0.114 B): a grey image,
+#: by either conversion, cannot tell them apart
+HUE_A = torch.tensor([0.5, 0.5, 0.5])
+HUE_B = HUE_A + 0.5 * torch.tensor([-0.473, 0.185, 0.288])
+
+
+def hue_episode(n_shot: int = 3, n_query: int = 4, tasks: int = 2, seed: int = 0) -> Episode:
+    """2-way tasks whose classes differ only in hue: per item, one random texture (the same law for both
+    classes) tinted with `HUE_A` or `HUE_B`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def item(c: int) -> torch.Tensor:
+        texture = 0.6 + 0.8 * torch.rand(1, SIZE, SIZE, generator=g)
+        return (texture * (HUE_A if c == 0 else HUE_B).view(3, 1, 1)).clamp(0, 1)
+
+    eps = []
+    for t in range(tasks):
+        ys, yq = torch.arange(2).repeat_interleave(n_shot), torch.arange(2).repeat_interleave(n_query)
+        eps.append(Episode(
+            support_images=torch.stack([item(int(c)) for c in ys]), support_labels=ys,
+            query_images=torch.stack([item(int(c)) for c in yq]), query_labels=yq,
+            classes=["a", "b"], site="synthetic",
+            support_ids=[f"s{t}-{i}" for i in range(len(ys))], query_ids=[f"q{t}-{i}" for i in range(len(yq))],
+        ))
+    return collate_episodes(eps)
+
+
+def as_grey(ep: Episode, weights=(0.299, 0.587, 0.114)) -> Episode:
+    w = torch.tensor(weights).view(1, 1, 3, 1, 1)
+    return replace(ep, support_images=(ep.support_images * w).sum(2, keepdim=True),
+                   query_images=(ep.query_images * w).sum(2, keepdim=True))
+
+
+def test_grey_stored_as_three_channels_is_described_exactly_as_grey():
+    ep = task_episode("pixels")
+    rgb = replace(ep, support_images=to_channels(ep.support_images, 3, dim=2),
+                  query_images=to_channels(ep.query_images, 3, dim=2))
+    assert rgb.support_images.shape[2] == 3
+    s, q = shared_channels(rgb.support_images, rgb.query_images)
+    assert torch.equal(s, ep.support_images) and torch.equal(q, ep.query_images)
+    for space in (("pixels",), ("histogram",), ("pixels", "histogram", "gradient")):
+        a, b = task_features(rgb.support_images, rgb.query_images, space), task_features(ep.support_images, ep.query_images, space)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # one colour query keeps every item of the task in colour
+    tinted = rgb.query_images.clone()
+    tinted[0, 0, 0] *= 0.5
+    assert shared_channels(rgb.support_images, tinted)[0].shape[2] == 3
+    with pytest.raises(ValueError, match="cannot give images with 4 channels"):
+        to_channels(torch.zeros(2, 4, 8, 8), 1)
+
+
+def test_colour_descriptors_separate_classes_that_grey_cannot():
+    ep = hue_episode()
+    for features in ("pixels", "histogram"):
+        learner = DescriptorClassifier(features=features)
+        assert learner.reads_colour
+        with torch.no_grad():
+            assert accuracy(learner.predict(ep), ep) == 1.0
+            for weights in ((0.299, 0.587, 0.114), (1 / 3, 1 / 3, 1 / 3)):  # luma, or the mean of the channels
+                assert accuracy(learner.predict(as_grey(ep, weights)), ep) <= 0.75
+
+
+def test_task_adaptive_describes_colour_per_channel_with_a_grey_embedding():
+    """A grey-trained embedding sees each colour channel as a grey image (three episodes, vectors concatenated);
+    grey stored as RGB gives exactly the grey answer."""
+    learner = TaskAdaptiveClassifier(tiny_protonet())
+    ep = hue_episode()
+    views = learner.embedding_episodes(ep)
+    assert len(views) == 3 and all(v.support_images.shape[2] == 1 for v in views)
+    torch.testing.assert_close(views[1].query_images[:, :, 0], ep.query_images[:, :, 1], rtol=0, atol=0)
+    with torch.no_grad():
+        es, _, _ = learner.task_spaces(ep)["embedding"]
+        one, _ = learner.embedding.embed_episode(views[0])
+        assert es.shape[-1] == 3 * one.shape[-1]
+        assert accuracy(learner.predict(ep), ep) == 1.0
+        grey = task_episode("pixels")
+        rgb = replace(grey, support_images=to_channels(grey.support_images, 3, dim=2),
+                      query_images=to_channels(grey.query_images, 3, dim=2))
+        assert len(learner.embedding_episodes(rgb)) == 1
+        assert torch.equal(learner.predict(rgb), learner.predict(grey))
+        select = TaskAdaptiveClassifier(tiny_protonet(), rule="select")
+        assert torch.equal(select.predict(rgb), select.predict(grey))
+        assert accuracy(select.predict(ep), ep) == 1.0

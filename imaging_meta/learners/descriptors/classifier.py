@@ -52,6 +52,9 @@ class DescriptorClassifier(Learner):
     """
 
     task = "classification"
+    #: `imaging_meta.commands.classify.loader_settings` loads colour images in colour for this learner (the
+    #: ``pixels`` and ``histogram`` descriptors describe every channel)
+    reads_colour = True
 
     def __init__(
         self,

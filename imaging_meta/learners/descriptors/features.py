@@ -3,15 +3,20 @@
 Every descriptor maps items (N, C, *spatial) with intensities in [0, 1] to vectors (N, D); it has no parameter
 to learn, describes each item on its own (an item's vector never depends on the others of the batch), and is
 deterministic (the histograms count with ``torch.bincount`` without weights: exact integer counts on any device).
-The channels are averaged into one grey channel first.
 
-* ``pixels``: the grey image resized to ``size`` per spatial axis with area interpolation (the mean of the
-  pixels each output pixel covers; pixels are repeated when the image is smaller), flattened, centred on its
-  own mean and scaled to unit norm (a constant image, norm below `FLAT`, gives the zero vector). 32 x 32 = 1024 values in 2D.
-* ``histogram``: the fraction of the grey pixels in each of ``bins`` equal bins over [0, 1] (values outside
-  are clamped into the end bins); sums to 1.
-* ``gradient``: the same for the gradient magnitude, central differences along every spatial axis
-  (``torch.gradient``), binned over [0, `GRADIENT_RANGE`] (larger magnitudes fall into the last bin).
+Colour: ``pixels`` and ``histogram`` describe every channel (a stain, a dermoscopic colour, is often what tells
+classes apart); ``gradient`` and ``radiomics`` describe the mean of the channels. Grey images stored as three
+equal channels are described as grey: `shared_channels` keeps one channel of a task whose items all have equal
+channels, so a grey set gives the same vectors however it was loaded.
+
+* ``pixels``: each channel resized to ``size`` per spatial axis with area interpolation (the mean of the
+  pixels each output pixel covers; pixels are repeated when the image is smaller), flattened and concatenated,
+  centred on its own mean and scaled to unit norm (a constant image, norm below `FLAT`, gives the zero vector).
+  32 x 32 = 1024 values per channel in 2D.
+* ``histogram``: per channel, the fraction of the pixels in each of ``bins`` equal bins over [0, 1] (values
+  outside are clamped into the end bins), concatenated and divided by the number of channels; sums to 1.
+* ``gradient``: the histogram of the gradient magnitude of the mean of the channels, central differences along
+  every spatial axis (``torch.gradient``), binned over [0, `GRADIENT_RANGE`] (larger magnitudes fall into the last bin).
 * ``radiomics`` (2D, optional extra): IBSI first-order, histogram, GLCM and GLRLM features computed by mirp,
   log-compressed (`imaging_meta.learners.descriptors.radiomics`).
 
@@ -39,24 +44,57 @@ GRADIENT_RANGE = 0.5
 FLAT = 1e-6
 
 
-def grey(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) -> (N, 1, *spatial) float: the mean of the channels."""
+def _items(images: torch.Tensor) -> torch.Tensor:
     if images.dim() < 3:
         raise ValueError(f"descriptors take items (N, C, *spatial), got shape {tuple(images.shape)}")
-    return images.float().mean(1, keepdim=True)
+    return images.float()
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, 1, *spatial) float: the mean of the channels."""
+    return _items(images).mean(1, keepdim=True)
+
+
+def _equal_channels(images: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per item, whether all its channels (along ``dim``) are equal: a bool tensor of the shape before ``dim``."""
+    first = images.narrow(dim, 0, 1)
+    return (images == first).flatten(dim).all(-1)
+
+
+def shared_channels(support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's (T, S, C, *spatial) support and (T, Q, C, *spatial) query items with one channel when every item of
+    both has equal channels (grey stored as RGB), else unchanged: what the descriptors of the task describe."""
+    if support.shape[2] > 1 and bool(_equal_channels(support, 2).all()) and bool(_equal_channels(query, 2).all()):
+        return support[:, :, :1], query[:, :, :1]
+    return support, query
+
+
+def to_channels(images: torch.Tensor, channels: int, dim: int = 1) -> torch.Tensor:
+    """Items with ``channels`` channels along ``dim``: unchanged if they have them, grey repeated to three channels.
+
+    Raises:
+        ValueError: another conversion (colour to grey is the caller's choice: see
+            `imaging_meta.learners.descriptors.task_adaptive.TaskAdaptiveClassifier.embedding_episodes`).
+    """
+    have = images.shape[dim]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(*images.shape[:dim], 3, *images.shape[dim + 1 :]).contiguous()
+    raise ValueError(f"cannot give images with {have} channels to a model that takes {channels}")
 
 
 def pixel_descriptor(images: torch.Tensor, size: int = 32) -> torch.Tensor:
-    """Raw pixels: the grey image area-resized to ``size`` per axis, flattened, zero mean and unit norm per item.
+    """Raw pixels: each channel area-resized to ``size`` per axis, flattened, zero mean and unit norm per item.
 
     Args:
         images: (N, C, *spatial) with 1 to 3 spatial axes, intensities in [0, 1].
         size: output pixels per spatial axis.
 
     Returns:
-        (N, size ** n_spatial).
+        (N, C * size ** n_spatial).
     """
-    g = grey(images)
+    g = _items(images)
     n_spatial = g.dim() - 2
     if not 1 <= n_spatial <= 3 or size < 1:
         raise ValueError(f"pixel_descriptor takes 1 to 3 spatial axes and size >= 1, got {tuple(images.shape)}, {size}")
@@ -82,8 +120,10 @@ def histogram(values: torch.Tensor, bins: int = 32, high: float = 1.0) -> torch.
 
 
 def intensity_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
-    """Histogram of the grey intensities over [0, 1]: (N, bins), rows sum to 1."""
-    return histogram(grey(images).flatten(1), bins)
+    """Histograms of each channel's intensities over [0, 1], concatenated: (N, C * bins), rows sum to 1."""
+    x = _items(images)
+    c = x.shape[1]
+    return histogram(x.flatten(2).flatten(0, 1), bins).view(x.shape[0], c * bins) / c
 
 
 def gradient_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
@@ -159,7 +199,7 @@ def task_features(
     """A space's task-normalised vectors (see the module docstring).
 
     Args:
-        support_images: (T, S, C, *spatial).
+        support_images: (T, S, C, *spatial) (one channel kept when all items are grey: `shared_channels`).
         query_images: (T, Q, C, *spatial).
         descriptors: the space's descriptors (`parse_space`).
         size: pixels per axis of the ``pixels`` descriptor.
@@ -168,6 +208,7 @@ def task_features(
     Returns:
         (T, S, D) support and (T, Q, D) query vectors, D the sum of the descriptors' sizes.
     """
+    support_images, query_images = shared_channels(support_images, query_images)
     s = descriptor_vectors(support_images, descriptors, size, bins)
     q = descriptor_vectors(query_images, descriptors, size, bins)
     return concatenate_spaces([task_normalise(s[d], q[d]) for d in descriptors])

@@ -57,7 +57,9 @@ from imaging_meta.learners.descriptors.features import (
     concatenate_spaces,
     descriptor_vectors,
     parse_space,
+    shared_channels,
     task_normalise,
+    to_channels,
 )
 from imaging_meta.learners.descriptors.nearest import DISTANCES, leave_one_out_accuracy, prototype_logits
 from imaging_meta.learners.descriptors.weighting import (
@@ -91,6 +93,19 @@ def blind(episode: Episode) -> Episode:
     )
 
 
+def input_channels(learner: torch.nn.Module) -> int | None:
+    """The image channels ``learner`` takes: its ``in_channels`` argument, else its first convolution's; None
+    for a learner without either (descriptors only)."""
+    config = getattr(learner, "config", None)
+    declared = config.get("init_args", {}).get("in_channels") if isinstance(config, dict) else None
+    if declared is not None:
+        return int(declared)
+    for m in learner.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            return int(m.in_channels)
+    return None
+
+
 class TaskAdaptiveClassifier(WrappingLearner):
     """Per task, classify in the space (learned embedding, pixels, histogram, fusion) that wins leave-one-out on
     the support; the learned embedding with one shot per class (see the module docstring).
@@ -114,6 +129,9 @@ class TaskAdaptiveClassifier(WrappingLearner):
     """
 
     task = "classification"
+    #: `imaging_meta.commands.classify.loader_settings` loads colour images in colour for this learner: the
+    #: descriptors describe every channel, and a grey-trained embedding each channel (`embedding_episodes`)
+    reads_colour = True
 
     def __init__(
         self,
@@ -160,6 +178,23 @@ class TaskAdaptiveClassifier(WrappingLearner):
 
 
     # ------------------------------------------------------------------ the spaces and the choice
+    def embedding_episodes(self, episode: Episode) -> list[Episode]:
+        """The episodes in which the embedding describes a task's items, whose vectors are concatenated.
+
+        One episode, with the items in the channels the embedding takes (grey stored as three equal channels is
+        grey: `features.shared_channels`; grey given to a colour embedding is repeated). For colour items and an
+        embedding that takes one channel (trained on grey images), one episode per colour channel, each channel
+        a grey image: the concatenation keeps what tells the channels apart (a stain's colour), which the luma of
+        the image would blur.
+        """
+        s, q = shared_channels(episode.support_images, episode.query_images)
+        want, have = input_channels(self.embedding), s.shape[2]
+        if want is None or want == have:
+            return [replace(episode, support_images=s, query_images=q)]
+        if want == 1:
+            return [replace(episode, support_images=s[:, :, c : c + 1], query_images=q[:, :, c : c + 1]) for c in range(have)]
+        return [replace(episode, support_images=to_channels(s, want, 2), query_images=to_channels(q, want, 2))]
+
     def descriptors(self) -> tuple[str, ...]:
         """The descriptors the candidate spaces use, each once, in order."""
         names = [d for s in self.spaces if s not in (EMBEDDING, FUSION) for d in parse_space(s)]
@@ -168,13 +203,14 @@ class TaskAdaptiveClassifier(WrappingLearner):
     def task_spaces(self, episode: Episode) -> dict[str, Space]:
         """Every candidate space's vectors of a batched episode (query labels unused)."""
         descriptors = self.descriptors()
-        s = descriptor_vectors(episode.support_images, descriptors, self.pixel_size, self.bins)
-        q = descriptor_vectors(episode.query_images, descriptors, self.pixel_size, self.bins)
+        s_images, q_images = shared_channels(episode.support_images, episode.query_images)
+        s = descriptor_vectors(s_images, descriptors, self.pixel_size, self.bins)
+        q = descriptor_vectors(q_images, descriptors, self.pixel_size, self.bins)
         normed = {d: task_normalise(s[d], q[d]) for d in descriptors}
         emb: tuple[torch.Tensor, torch.Tensor] | None = None
         if EMBEDDING in self.spaces:
-            es, eq = self.embedding.embed_episode(episode)
-            emb = (es.float(), eq.float())
+            vectors = [self.embedding.embed_episode(ep) for ep in self.embedding_episodes(episode)]
+            emb = (torch.cat([v[0].float() for v in vectors], -1), torch.cat([v[1].float() for v in vectors], -1))
         out: dict[str, Space] = {}
         for name in self.spaces:
             if name == EMBEDDING:
@@ -283,10 +319,12 @@ class TaskAdaptiveClassifier(WrappingLearner):
                 return logits.softmax(-1).float()
             records = self.decide(spaces, ep.support_labels, n_way)
         self.last_choice = records
-        learned = self.embedding.predict(ep) if any(r["space"] == EMBEDDING for r in records) else None
+        views = self.embedding_episodes(ep)
+        own = len(views) == 1  # the embedding's own prediction; per colour channel: the nearest prototype below
+        learned = self.embedding.predict(views[0]) if own and any(r["space"] == EMBEDDING for r in records) else None
         out = []
         for t, r in enumerate(records):
-            if r["space"] == EMBEDDING:
+            if r["space"] == EMBEDDING and own:
                 assert learned is not None  # predicted above when a task chose EMBEDDING
                 out.append(learned[t].float())
                 continue
