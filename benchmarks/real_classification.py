@@ -11,7 +11,7 @@ per query through `imaging_meta.commands.classify.predict_queries`, what ``imagi
 same answers, since no learner's prediction for a query depends on the other queries). Methods:
 
 * ``chance``: 1 / N;
-* ``pixels``: the nearest class mean of 32 x 32 grey pixels (`DescriptorClassifier`, ``configs/model/pixels_cls.yaml``),
+* ``pixels``: the nearest class mean of 32 x 32 pixels (every channel of colour images) (`DescriptorClassifier`, ``configs/model/pixels_cls.yaml``),
   ``histogram``: of 32-bin intensity histograms, ``radiomics`` when the optional extra is installed;
 * per checkpoint ``<name>``: the learner as trained; ``<name> + task-adaptive``: `TaskAdaptiveClassifier` around
   it (leave-one-out over the support picks the embedding, pixels, histogram or their fusion); and, with
