@@ -13,14 +13,13 @@ from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.learners.base import build_learner
 from imaging_meta.learners.descriptors.classifier import DescriptorClassifier
+from imaging_meta.learners.descriptors.colour import channel_groups, shared_channels, to_channels
 from imaging_meta.learners.descriptors.features import (
     describe,
     gradient_histogram,
     intensity_histogram,
     pixel_descriptor,
-    shared_channels,
     task_features,
-    to_channels,
 )
 from imaging_meta.learners.descriptors.nearest import leave_one_out, leave_one_out_accuracy
 from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier, loo_summary
@@ -446,3 +445,41 @@ def test_task_adaptive_describes_colour_per_channel_with_a_grey_embedding():
         select = TaskAdaptiveClassifier(tiny_protonet(), rule="select")
         assert torch.equal(select.predict(rgb), select.predict(grey))
         assert accuracy(select.predict(ep), ep) == 1.0
+
+
+def test_a_grey_task_answers_the_same_beside_colour_tasks_in_one_batch():
+    """classify batches one episode per query: a grey query's answer (and its choice) must not change when a colour
+    query shares its batch. Grey and colour tasks run apart (`colour.channel_groups`)."""
+    grey = task_episode("pixels", n_shot=1, tasks=2)
+    grey3 = replace(grey, support_images=to_channels(grey.support_images, 3, dim=2),
+                    query_images=to_channels(grey.query_images, 3, dim=2))
+    hue = task_episode("pixels", n_shot=1, tasks=1, seed=5)  # the same shapes, tinted: a colour task
+    tint = torch.tensor([1.0, 0.6, 0.3]).view(1, 1, 3, 1, 1)
+    hue = replace(hue, support_images=to_channels(hue.support_images, 3, dim=2) * tint,
+                  query_images=to_channels(hue.query_images, 3, dim=2) * tint)
+    mixed = collate_episodes([grey3.task(0), hue.task(0), grey3.task(1)])
+    assert [g.tolist() for g in channel_groups(mixed.support_images, mixed.query_images)] == [[0, 2], [1]]
+    for learner in (TaskAdaptiveClassifier(tiny_protonet()), TaskAdaptiveClassifier(tiny_protonet(), rule="select"),
+                    DescriptorClassifier(features="pixels+histogram")):
+        name = type(learner).__name__
+        with torch.no_grad():
+            together = learner.predict(mixed)
+            choices = list(getattr(learner, "last_choice", [None] * 3))
+            alone, alone_choices = [], []
+            for one in (grey3.task(0), hue.task(0), grey3.task(1)):
+                alone.append(learner.predict(one.unsqueeze()))
+                alone_choices += list(getattr(learner, "last_choice", [None]))
+            assert torch.equal(together, torch.cat(alone)), name
+            assert choices == alone_choices, name
+            assert torch.equal(together[[0, 2]], learner.predict(grey)), name  # and grey in RGB is grey
+
+
+def test_the_per_channel_embedding_space_holds_unit_vectors():
+    """Under the select rule a colour task chosen in the embedding space gets the nearest prototype at the
+    descriptor spaces' temperature, which is meant for unit vectors: the per-channel views are task-normalised."""
+    learner = TaskAdaptiveClassifier(tiny_protonet(), rule="select")
+    with torch.no_grad():
+        fs, fq, dist = learner.task_spaces(hue_episode())["embedding"]
+    assert dist == "euclidean"
+    torch.testing.assert_close(fs.norm(dim=-1), torch.ones(fs.shape[:2]))
+    torch.testing.assert_close(fq.norm(dim=-1), torch.ones(fq.shape[:2]))

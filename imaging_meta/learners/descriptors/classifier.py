@@ -10,6 +10,7 @@ from torch import nn
 
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import Learner, SimilarityMeasure, check_support_classes, classification_batch
+from imaging_meta.learners.descriptors.colour import by_channel_group, stitch_tasks
 from imaging_meta.learners.descriptors.features import (
     concatenate_spaces,
     describe,
@@ -91,8 +92,12 @@ class DescriptorClassifier(Learner):
         return task_features(episode.support_images, episode.query_images, self.descriptors, self.pixel_size, self.bins)
 
     def forward(self, episode: Episode) -> torch.Tensor:
-        """Query logits (T, N*Q, n_way) of a (batched) classification episode; query labels are never read."""
+        """Query logits (T, N*Q, n_way) of a (batched) classification episode; query labels are never read. Grey
+        and colour tasks of one batch run apart, so that a task's answer never depends on the others."""
         ep = classification_batch(episode, type(self).__name__)
+        return stitch_tasks(by_channel_group(ep, self._forward))
+
+    def _forward(self, ep: Episode) -> torch.Tensor:
         fs, fq = self.task_features(ep)
         n_way = episode_n_way(ep)
         if self.rule == "prototype":

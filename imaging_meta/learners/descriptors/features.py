@@ -6,8 +6,8 @@ deterministic (the histograms count with ``torch.bincount`` without weights: exa
 
 Colour: ``pixels`` and ``histogram`` describe every channel (a stain, a dermoscopic colour, is often what tells
 classes apart); ``gradient`` and ``radiomics`` describe the mean of the channels. Grey images stored as three
-equal channels are described as grey: `shared_channels` keeps one channel of a task whose items all have equal
-channels, so a grey set gives the same vectors however it was loaded.
+equal channels are described as grey (`imaging_meta.learners.descriptors.colour.shared_channels`), so a grey set
+gives the same vectors however it was loaded.
 
 * ``pixels``: each channel resized to ``size`` per spatial axis with area interpolation (the mean of the
   pixels each output pixel covers; pixels are repeated when the image is smaller), flattened and concatenated,
@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from imaging_meta.learners.descriptors.colour import shared_channels
+
 #: the descriptors, by name
 DESCRIPTORS = ("pixels", "histogram", "gradient", "radiomics")
 #: gradient magnitudes are binned over [0, GRADIENT_RANGE]; a step from 0 to 1 between neighbours gives 0.5
@@ -53,35 +55,6 @@ def _items(images: torch.Tensor) -> torch.Tensor:
 def grey(images: torch.Tensor) -> torch.Tensor:
     """(N, C, *spatial) -> (N, 1, *spatial) float: the mean of the channels."""
     return _items(images).mean(1, keepdim=True)
-
-
-def _equal_channels(images: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per item, whether all its channels (along ``dim``) are equal: a bool tensor of the shape before ``dim``."""
-    first = images.narrow(dim, 0, 1)
-    return (images == first).flatten(dim).all(-1)
-
-
-def shared_channels(support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A task's (T, S, C, *spatial) support and (T, Q, C, *spatial) query items with one channel when every item of
-    both has equal channels (grey stored as RGB), else unchanged: what the descriptors of the task describe."""
-    if support.shape[2] > 1 and bool(_equal_channels(support, 2).all()) and bool(_equal_channels(query, 2).all()):
-        return support[:, :, :1], query[:, :, :1]
-    return support, query
-
-
-def to_channels(images: torch.Tensor, channels: int, dim: int = 1) -> torch.Tensor:
-    """Items with ``channels`` channels along ``dim``: unchanged if they have them, grey repeated to three channels.
-
-    Raises:
-        ValueError: another conversion (colour to grey is the caller's choice: see
-            `imaging_meta.learners.descriptors.task_adaptive.TaskAdaptiveClassifier.embedding_episodes`).
-    """
-    have = images.shape[dim]
-    if have == channels:
-        return images
-    if have == 1 and channels == 3:
-        return images.expand(*images.shape[:dim], 3, *images.shape[dim + 1 :]).contiguous()
-    raise ValueError(f"cannot give images with {have} channels to a model that takes {channels}")
 
 
 def pixel_descriptor(images: torch.Tensor, size: int = 32) -> torch.Tensor:

@@ -53,13 +53,18 @@ from imaging_meta.learners.base import (
     WrappingLearner,
     classification_batch,
 )
+from imaging_meta.learners.descriptors.colour import (
+    by_channel_group,
+    shared_channels,
+    stitch_records,
+    stitch_tasks,
+    to_channels,
+)
 from imaging_meta.learners.descriptors.features import (
     concatenate_spaces,
     descriptor_vectors,
     parse_space,
-    shared_channels,
     task_normalise,
-    to_channels,
 )
 from imaging_meta.learners.descriptors.nearest import DISTANCES, leave_one_out_accuracy, prototype_logits
 from imaging_meta.learners.descriptors.weighting import (
@@ -208,14 +213,19 @@ class TaskAdaptiveClassifier(WrappingLearner):
         q = descriptor_vectors(q_images, descriptors, self.pixel_size, self.bins)
         normed = {d: task_normalise(s[d], q[d]) for d in descriptors}
         emb: tuple[torch.Tensor, torch.Tensor] | None = None
+        embedding_distance = self.embedding_distance
         if EMBEDDING in self.spaces:
             vectors = [self.embedding.embed_episode(ep) for ep in self.embedding_episodes(episode)]
-            emb = (torch.cat([v[0].float() for v in vectors], -1), torch.cat([v[1].float() for v in vectors], -1))
+            if len(vectors) == 1:
+                emb = (vectors[0][0].float(), vectors[0][1].float())
+            else:  # one view per colour channel: each task-normalised, concatenated to unit vectors
+                emb = concatenate_spaces([task_normalise(v[0].float(), v[1].float()) for v in vectors])
+                embedding_distance = "euclidean"
         out: dict[str, Space] = {}
         for name in self.spaces:
             if name == EMBEDDING:
                 assert emb is not None  # computed above when EMBEDDING is a space
-                out[name] = (*emb, self.embedding_distance)
+                out[name] = (*emb, embedding_distance)
             elif name == FUSION:
                 parts = ([task_normalise(*emb)] if emb is not None else []) + [normed[d] for d in descriptors]
                 out[name] = (*concatenate_spaces(parts), "euclidean")
@@ -296,6 +306,9 @@ class TaskAdaptiveClassifier(WrappingLearner):
             accuracy on the support, None under the default) and ``loo_items`` (the support items held out).
         """
         ep = blind(classification_batch(episode, type(self).__name__))
+        return stitch_records(by_channel_group(ep, self._choose))
+
+    def _choose(self, ep: Episode) -> list[dict[str, Any]]:
         with torch.no_grad():
             spaces = self.task_spaces(ep)
             if self.rule == WEIGHTED:
@@ -308,17 +321,23 @@ class TaskAdaptiveClassifier(WrappingLearner):
         return self.embedding.loss(episode)
 
     def predict(self, episode: Episode) -> torch.Tensor:
-        """Class probabilities (T, N*Q, n_way) of the query items, each task in its chosen space; sets ``last_choice``."""
+        """Class probabilities (T, N*Q, n_way) of the query items, each task in its chosen space; sets ``last_choice``.
+
+        Grey and colour tasks of one batch run apart (`by_channel_group`): a task's answer never depends on the
+        others."""
         ep = blind(classification_batch(episode, type(self).__name__))
+        parts = by_channel_group(ep, self._predict)
+        self.last_choice = stitch_records([(idx, records) for idx, (_, records) in parts])
+        return stitch_tasks([(idx, probs) for idx, (probs, _) in parts])
+
+    def _predict(self, ep: Episode) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         n_way = episode_n_way(ep)
         with torch.no_grad():
             spaces = self.task_spaces(ep)
             if self.rule == WEIGHTED:
                 records, logits = self.fit(spaces, ep.support_labels, n_way)
-                self.last_choice = records
-                return logits.softmax(-1).float()
+                return logits.softmax(-1).float(), records
             records = self.decide(spaces, ep.support_labels, n_way)
-        self.last_choice = records
         views = self.embedding_episodes(ep)
         own = len(views) == 1  # the embedding's own prediction; per colour channel: the nearest prototype below
         learned = self.embedding.predict(views[0]) if own and any(r["space"] == EMBEDDING for r in records) else None
@@ -333,7 +352,7 @@ class TaskAdaptiveClassifier(WrappingLearner):
                 fs[t : t + 1], ep.support_labels[t : t + 1], fq[t : t + 1], n_way, dist, self.scale
             )
             out.append(logits[0].softmax(-1).float())
-        return torch.stack(out)
+        return torch.stack(out), records
 
     # ------------------------------------------------------------------ explanations
 
@@ -351,6 +370,9 @@ class TaskAdaptiveClassifier(WrappingLearner):
     def support_similarity(self, episode: Episode) -> torch.Tensor:
         """(T, Q, S) Euclidean distances in each task's chosen space (see `similarity_measure`)."""
         ep = blind(classification_batch(episode, type(self).__name__))
+        return stitch_tasks(by_channel_group(ep, self._support_similarity))
+
+    def _support_similarity(self, ep: Episode) -> torch.Tensor:
         spaces = self.task_spaces(ep)
         if self.rule == WEIGHTED:
             records = self.fit(spaces, ep.support_labels, episode_n_way(ep))[0]
