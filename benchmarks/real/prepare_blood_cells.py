@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from benchmarks.real.prepare_classification import check_set, evenly, summary
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "classification" / "cells_blood"
 MANIFEST = HERE / "classification" / "manifest_cells_blood.json"
@@ -69,12 +71,6 @@ def _crop(photo: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return np.round(small.permute(1, 2, 0).clamp(0, 255).numpy()).astype(np.uint8)
 
 
-def _evenly(items: list, k: int) -> list:
-    if len(items) <= k:
-        return items
-    return [items[int(round(i * (len(items) - 1) / (k - 1)))] for i in range(k)]
-
-
 def build(source: Path) -> dict[str, np.ndarray]:
     annotations = sorted((source / "BCCD" / "Annotations").glob("BloodImage_*.xml"))
     if not annotations:
@@ -88,7 +84,7 @@ def build(source: Path) -> dict[str, np.ndarray]:
                 first[name].append((a, box))
     out = {}
     for name, cls in CLASSES.items():
-        for a, box in _evenly(first[name], PER_CLASS):
+        for a, box in evenly(first[name], PER_CLASS):
             photo_path = source / "BCCD" / "JPEGImages" / (a.stem + ".jpg")
             photo = np.asarray(Image.open(photo_path).convert("RGB"))
             number = a.stem.split("_")[-1]
@@ -115,20 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(_png(a))
         MANIFEST.write_text(json.dumps({"cells_blood": manifest}, indent=1, sort_keys=True) + "\n")
-    expected = json.loads(MANIFEST.read_text())["cells_blood"]
-    bad = []
-    for rel, digest in expected.items():
-        path = OUT / rel
-        if not path.is_file():
-            bad.append(f"{path}: missing")
-        elif hashlib.sha256(np.asarray(Image.open(path)).tobytes()).hexdigest() != digest:
-            bad.append(f"{path}: pixels differ from the manifest")
-        elif manifest.get(rel) != digest:
-            bad.append(f"{path}: the rule now builds other pixels")
-    counts: dict[str, int] = {}
-    for rel in images:
-        counts[rel.split("/")[0]] = counts.get(rel.split("/")[0], 0) + 1
-    print(f"cells_blood: {sum(counts.values())} images, " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())))
+    bad = check_set(OUT, json.loads(MANIFEST.read_text())["cells_blood"], manifest)
+    print(summary("cells_blood", images))
     for b in bad:
         print(b, file=sys.stderr)
     return 1 if bad else 0

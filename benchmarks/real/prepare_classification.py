@@ -78,7 +78,8 @@ def _crop(plane: np.ndarray, cx: float, cy: float, half_x: float, half_y: float)
     return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def _evenly(items: list, k: int) -> list:
+def evenly(items: list, k: int) -> list:
+    """At most ``k`` of ``items``, evenly spaced, the first and the last included."""
     if len(items) <= k:
         return items
     return [items[int(round(i * (len(items) - 1) / (k - 1)))] for i in range(k)]
@@ -99,7 +100,7 @@ def organ_set(modality: str) -> dict[str, np.ndarray]:
                 if mask.sum() >= MIN_AREA:
                     eligible.append((z, s, mask))
         eligible.sort(key=lambda e: (e[0], e[1]))
-        for z, s, mask in _evenly(eligible, MAX_PER_CLASS):
+        for z, s, mask in evenly(eligible, MAX_PER_CLASS):
             xs, ys = np.nonzero(mask)
             side_mm = max(PATCH_MM, 1.25 * max((xs.max() - xs.min() + 1) * px, (ys.max() - ys.min() + 1) * py))
             cx, cy = (xs.max() + xs.min()) / 2 + 0.5, (ys.max() + ys.min()) / 2 + 0.5
@@ -164,24 +165,35 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_bytes(_png(a))
         (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     expected = json.loads((OUT / "manifest.json").read_text())
-    bad = []
-    for name, images in expected.items():
-        for rel, digest in images.items():
-            path = OUT / name / rel
-            if not path.is_file():
-                bad.append(f"{path}: missing")
-            elif hashlib.sha256(np.asarray(Image.open(path)).tobytes()).hexdigest() != digest:
-                bad.append(f"{path}: pixels differ from the manifest")
-            elif manifest.get(name, {}).get(rel) != digest:
-                bad.append(f"{path}: the rule now builds other pixels")
+    bad = [b for name, images in expected.items() for b in check_set(OUT / name, images, manifest.get(name, {}))]
     for name, images in sets.items():
-        counts = {}
-        for rel in images:
-            counts[rel.split("/")[0]] = counts.get(rel.split("/")[0], 0) + 1
-        print(f"{name}: {sum(counts.values())} images, " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())))
+        print(summary(name, images))
     for b in bad:
         print(b, file=sys.stderr)
     return 1 if bad else 0
+
+
+def check_set(root: Path, expected: dict[str, str], built: dict[str, str]) -> list[str]:
+    """What is wrong with a set's PNGs under ``root``: missing, pixels other than ``expected``'s digests, or a rule
+    that now ``built`` other pixels."""
+    bad = []
+    for rel, digest in expected.items():
+        path = root / rel
+        if not path.is_file():
+            bad.append(f"{path}: missing")
+        elif hashlib.sha256(np.asarray(Image.open(path)).tobytes()).hexdigest() != digest:
+            bad.append(f"{path}: pixels differ from the manifest")
+        elif built.get(rel) != digest:
+            bad.append(f"{path}: the rule now builds other pixels")
+    return bad
+
+
+def summary(name: str, images: dict) -> str:
+    """``name: N images, 12 classA, ...`` of a set's ``class/file`` keys."""
+    counts: dict[str, int] = {}
+    for rel in images:
+        counts[rel.split("/")[0]] = counts.get(rel.split("/")[0], 0) + 1
+    return f"{name}: {sum(counts.values())} images, " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
 
 
 if __name__ == "__main__":
