@@ -474,6 +474,17 @@ def test_a_grey_task_answers_the_same_beside_colour_tasks_in_one_batch():
             assert torch.equal(together[[0, 2]], learner.predict(grey)), name  # and grey in RGB is grey
 
 
+def test_the_choice_says_whether_a_task_was_described_in_colour():
+    learner = TaskAdaptiveClassifier(tiny_protonet())
+    grey, hue = task_episode("pixels"), hue_episode()
+    assert [r["colour"] for r in learner.choose(grey)] == [False, False]
+    with torch.no_grad():
+        learner.predict(hue)
+    assert [r["colour"] for r in learner.last_choice] == [True, True]
+    assert loo_summary(learner.last_choice).count("(in colour)") == 2
+    assert "(in colour)" not in loo_summary(learner.choose(grey))
+
+
 def test_the_per_channel_embedding_space_holds_unit_vectors():
     """Under the select rule a colour task chosen in the embedding space gets the nearest prototype at the
     descriptor spaces' temperature, which is meant for unit vectors: the per-channel views are task-normalised."""

@@ -98,6 +98,15 @@ def blind(episode: Episode) -> Episode:
     )
 
 
+def mark_colour(records: list[dict[str, Any]], episode: Episode) -> list[dict[str, Any]]:
+    """The choice records of an all-grey or all-colour batch (`colour.by_channel_group`), each with ``colour``:
+    whether its task was described in colour."""
+    colour = shared_channels(episode.support_images, episode.query_images)[0].shape[2] > 1
+    for r in records:
+        r["colour"] = colour
+    return records
+
+
 def input_channels(learner: torch.nn.Module) -> int | None:
     """The image channels ``learner`` takes: its ``in_channels`` argument, else its first convolution's; None
     for a learner without either (descriptors only)."""
@@ -303,7 +312,8 @@ class TaskAdaptiveClassifier(WrappingLearner):
         Returns:
             One record per task: ``space`` (the chosen candidate's name), ``rule`` (``"leave-one-out"``, or
             ``"default"`` when no class has two support items), ``loo_accuracy`` (candidate -> leave-one-out
-            accuracy on the support, None under the default) and ``loo_items`` (the support items held out).
+            accuracy on the support, None under the default), ``loo_items`` (the support items held out) and
+            ``colour`` (whether the task was described in colour).
         """
         ep = blind(classification_batch(episode, type(self).__name__))
         return stitch_records(by_channel_group(ep, self._choose))
@@ -312,8 +322,8 @@ class TaskAdaptiveClassifier(WrappingLearner):
         with torch.no_grad():
             spaces = self.task_spaces(ep)
             if self.rule == WEIGHTED:
-                return self.fit(spaces, ep.support_labels, episode_n_way(ep))[0]
-            return self.decide(spaces, ep.support_labels, episode_n_way(ep))
+                return mark_colour(self.fit(spaces, ep.support_labels, episode_n_way(ep))[0], ep)
+            return mark_colour(self.decide(spaces, ep.support_labels, episode_n_way(ep)), ep)
 
     # ------------------------------------------------------------------ the two duties
     def loss(self, episode: Episode) -> torch.Tensor:
@@ -336,8 +346,8 @@ class TaskAdaptiveClassifier(WrappingLearner):
             spaces = self.task_spaces(ep)
             if self.rule == WEIGHTED:
                 records, logits = self.fit(spaces, ep.support_labels, n_way)
-                return logits.softmax(-1).float(), records
-            records = self.decide(spaces, ep.support_labels, n_way)
+                return logits.softmax(-1).float(), mark_colour(records, ep)
+            records = mark_colour(self.decide(spaces, ep.support_labels, n_way), ep)
         views = self.embedding_episodes(ep)
         own = len(views) == 1  # the embedding's own prediction; per colour channel: the nearest prototype below
         learned = self.embedding.predict(views[0]) if own and any(r["space"] == EMBEDDING for r in records) else None
@@ -416,5 +426,5 @@ def loo_summary(records: Sequence[dict[str, Any]]) -> str:
             how = "by default: fewer than two support items in every class" + (
                 f" (weights {weights})" if weights else ""
             )
-        lines.append(f"task {t}: {r['space']} {how}")
+        lines.append(f"task {t}: {r['space']} {how}" + (" (in colour)" if r.get("colour") else ""))
     return "\n".join(lines)
