@@ -4,7 +4,7 @@ Optima and Better Generalization", UAI 2018, with a constant learning rate).
 
 Why: a few-shot learner's held-out score moves a lot from one epoch to the next (on the demo, `make train`'s test
 Dice went 0.488-0.591 over its ten epochs), and validation on one held-out organ picks one of those epochs. The
-average of the late weights sits between them. It is Lightning's `WeightAveraging` with three changes:
+average of the late weights sits between them. It is Lightning's `WeightAveraging` with four changes:
 
 * averaging starts at ``start`` (a fraction of the fit's optimizer steps, `Trainer.estimated_stepping_batches`),
   not at the first step, which would put the random initial weights in the average;

@@ -259,10 +259,8 @@ def segment(
             if not q.is_dir():
                 raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is not a folder of DICOM files")
 
-    for image, label in supports:  # every input checked before the checkpoint is loaded
-        image_source(image), image_source(label)
-    for query in queries:
-        image_source(query)
+    for path in [*(p for pair in supports for p in pair), *queries]:  # every input, before the checkpoint is read
+        image_source(path)
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
     if scale != "checkpoint":

@@ -44,7 +44,7 @@ def shared_channels(support: torch.Tensor, query: torch.Tensor) -> tuple[torch.T
     """A batch's (T, S, C, *spatial) support and (T, Q, C, *spatial) query items with one channel when every item of
     every task has equal channels (grey stored as RGB), else unchanged: what the descriptors describe. Call it on
     one of `channel_groups` (all grey or all colour tasks)."""
-    if support.shape[2] > 1 and bool(_equal_channels(support, 2).all()) and bool(_equal_channels(query, 2).all()):
+    if support.shape[2] > 1 and bool(grey_tasks(support, query).all()):
         return support[:, :, :1], query[:, :, :1]
     return support, query
 
@@ -65,7 +65,7 @@ def to_channels(images: torch.Tensor, channels: int, dim: int = 1) -> torch.Tens
 
 
 def by_channel_group(episode: Episode, run: Callable[[Episode], Any]) -> list[tuple[list[int], Any]]:
-    """``run`` on each `features.channel_groups` sub-batch of a batched episode (grey tasks, colour tasks):
+    """``run`` on each `channel_groups` sub-batch of a batched episode (grey tasks, colour tasks):
     [(task indices, result)]; one group, the episode itself, when its tasks are all alike."""
     groups = channel_groups(episode.support_images, episode.query_images)
     if len(groups) == 1:

@@ -196,7 +196,7 @@ class TaskAdaptiveClassifier(WrappingLearner):
         """The episodes in which the embedding describes a task's items, whose vectors are concatenated.
 
         One episode, with the items in the channels the embedding takes (grey stored as three equal channels is
-        grey: `features.shared_channels`; grey given to a colour embedding is repeated). For colour items and an
+        grey: `colour.shared_channels`; grey given to a colour embedding is repeated). For colour items and an
         embedding that takes one channel (trained on grey images), one episode per colour channel, each channel
         a grey image: the concatenation keeps what tells the channels apart (a stain's colour), which the luma of
         the image would blur.
