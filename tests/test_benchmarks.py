@@ -139,3 +139,24 @@ def test_real_segmentation_compare_pairs_two_runs_by_support_query_and_structure
     assert [(s.name, Path(s.image).name, Path(q.image).name) for s, q in forward] == [
         (q.name, Path(q.image).name, Path(s.image).name) for s, q in backward]
     assert Path(forward[0][0].image).name.endswith("_upper.nii.gz")
+
+
+def test_one_shot_weighting_fits_on_augmented_views_at_one_shot_only():
+    """`benchmarks.one_shot_weighting`: with K >= 2 the variant is the default classifier exactly; at K = 1 its
+    weights come from the views (not equal), and its answers are probabilities."""
+    from benchmarks.one_shot_weighting import AugmentedOneShot
+    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+    from tests.imaging_meta.test_descriptors import stub_embedding, task_episode
+
+    embedding = stub_embedding()
+    variant, default = AugmentedOneShot(embedding, prior=0.05, copies=3).eval(), TaskAdaptiveClassifier(embedding, prior=0.05).eval()
+    with torch.no_grad():
+        ep = task_episode("pixels", n_shot=2)
+        torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+        assert variant.weights == []
+        one = task_episode("pixels", n_shot=1)
+        probs = variant.predict(one)
+    assert probs.shape == default.predict(one).shape
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    assert len(variant.weights) == 2 and all(abs(sum(w) - 1) < 1e-5 for w in variant.weights)
+    assert any(abs(w - 1 / 3) > 1e-3 for row in variant.weights for w in row)

@@ -1,0 +1,111 @@
+"""Two one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
+
+    python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
+
+With one support image per class, `TaskAdaptiveClassifier` cannot hold an item out, so it weights its spaces
+equally (docs/classification.md). This script measures, on the same seeded 1-shot episodes of every real set
+(`benchmarks.real_classification`), the default against:
+
+* ``aug<prior>``: weights fitted, as at K >= 2 (`weighting.fit_weights`), on ``--copies`` augmented views of each
+  support image (`support_finetune.augment_views`) taken as pseudo-queries of known class, scored against the
+  unaugmented support; the prior counts support images, not views;
+* ``px<size>``: the default with a coarser pixel descriptor inside the weighting.
+
+It prints one line per set and method (accuracy, 95% interval, paired difference from raw pixels) and the mean
+fitted weights of the ``aug`` rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+
+import benchmarks.real_classification as rc
+from imaging_meta.checkpoint_io import load_learner
+from imaging_meta.commands.classify import loader_settings
+from imaging_meta.episode import Episode
+from imaging_meta.learners.descriptors.task_adaptive import DEFAULT, TaskAdaptiveClassifier, mark_colour
+from imaging_meta.learners.descriptors.weighting import (
+    fit_weights,
+    query_distances,
+    squared_distances,
+    weighted_logits,
+)
+from imaging_meta.learners.prototypes import class_onehot, episode_n_way
+from imaging_meta.learners.transfer.support_finetune import augment_views
+
+
+class AugmentedOneShot(TaskAdaptiveClassifier):
+    """The weighted rule, but at K = 1 the weights are fitted on augmented views of the support."""
+
+    def __init__(self, *args, copies: int = 8, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.copies = copies
+        self.weights: list[list[float]] = []
+
+    def _predict(self, ep: Episode):
+        n_way, labels = episode_n_way(ep), ep.support_labels
+        if bool((class_onehot(labels, n_way).sum(1) >= 2).any()):
+            return super()._predict(ep)
+        with torch.no_grad():
+            base = self.base_spaces(self.task_spaces(ep))
+            g = torch.Generator().manual_seed(0)
+            views = torch.stack(
+                [augment_views(ep.support_images[t], self.copies, g).clamp(0, 1) for t in range(labels.shape[0])]
+            )
+            view_labels = labels.repeat(1, self.copies)
+            seen = self.base_spaces(self.task_spaces(replace(ep, query_images=views, query_labels=view_labels)))
+            onehot = class_onehot(labels, n_way, torch.float32)
+            d = []
+            for name in base:
+                fs, fv = seen[name]
+                prototypes = (onehot.transpose(1, 2) @ fs) / onehot.sum(1).clamp(min=1).unsqueeze(-1)
+                d.append(squared_distances(fv, prototypes))
+            beta = fit_weights(d, view_labels, torch.ones_like(view_labels, dtype=torch.bool), self.prior * self.copies)
+            logits = weighted_logits(torch.stack([query_distances(fs, labels, fq, n_way) for fs, fq in base.values()], 1), beta)
+            w = beta / beta.sum(-1, keepdim=True)
+            self.weights += w.tolist()
+            records = [
+                {"space": "augmented", "rule": DEFAULT, "weights": dict(zip(base, map(float, w[t]), strict=True)),
+                 "loo_accuracy": {}, "loo_items": 0}
+                for t in range(labels.shape[0])
+            ]
+        return logits.softmax(-1).float(), mark_colour(records, ep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--sets", nargs="*", default=sorted(p.name for p in rc.SETS.iterdir() if p.is_dir()))
+    ap.add_argument("--episodes", type=int, default=60)
+    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--priors", nargs="*", type=float, default=[4.0, 0.5, 0.05])
+    ap.add_argument("--pixel-sizes", nargs="*", type=int, default=[16, 8])
+    args = ap.parse_args(argv)
+    learner, extra = load_learner(args.checkpoint, "cpu")
+    learner.eval()
+    methods = {"pixels": (rc.descriptor_learners()["pixels"], {"image_size": [64, 64], "channels": 3,
+                                                               "ct_window": [-250.0, 250.0]})}
+    methods["embedding alone"] = (learner, loader_settings(extra, learner))
+    variants: dict[str, TaskAdaptiveClassifier] = {"default": TaskAdaptiveClassifier(learner)}
+    variants.update({f"aug{p:g}": AugmentedOneShot(learner, prior=p, copies=args.copies) for p in args.priors})
+    variants.update({f"px{s}": TaskAdaptiveClassifier(learner, pixel_size=s) for s in args.pixel_sizes})
+    for name, v in variants.items():
+        methods[name] = (v.eval(), loader_settings(extra, v))
+    episodes = argparse.Namespace(ways=None, queries=5, gap=2, episodes=args.episodes, seed=0, per_query=False)
+    for s in args.sets:
+        for v in variants.values():
+            if isinstance(v, AugmentedOneShot):
+                v.weights.clear()
+        rc.run_set(s, methods, [1], episodes)
+        for name, v in variants.items():
+            if isinstance(v, AugmentedOneShot) and v.weights:
+                mean = torch.tensor(v.weights).mean(0).tolist()
+                print(f"{s:18s} {name}: mean weights " + ", ".join(f"{w:.3f}" for w in mean))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
