@@ -363,7 +363,7 @@ def instrumented(timer: StageTimer) -> Iterator[None]:
         return learner, pre
 
     patch(seg, "_segmenter", load)
-    patch(seg, "_is_all_foreground", timer.wrap(seg._is_all_foreground, CHECKS))
+    patch(seg, "check_label_source", timer.wrap(seg.check_label_source, CHECKS))
     patch(seg, "keep_components", timer.wrap(seg.keep_components, COMPONENT))
     patch(seg, "_save_nifti", timer.wrap(seg._save_nifti, WRITE))
     patch(seg, "to_source_grid", timer.wrap(seg.to_source_grid, INVERT))

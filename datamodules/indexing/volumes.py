@@ -146,6 +146,16 @@ def label_values(path: str, rel: str, image: Volume) -> list[int]:
         data = np.asanyarray(img.dataobj)
     except Exception as e:
         raise Reject(f"label map {rel}: cannot read the data ({type(e).__name__}: {e}); the file may be truncated") from e
+    return label_data_values(data, rel)
+
+
+#: more distinct values than this, and a "label map" is an image (a CT or MR volume passed by mistake)
+MAX_LABELS = 1000
+
+
+def label_data_values(data: np.ndarray, rel: str) -> list[int]:
+    """The non-zero values of a label map's data; `Reject` data that is no label map: NaN/Inf, non-integer or
+    negative values, no background, no foreground, or more than `MAX_LABELS` distinct values (an image)."""
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)):
             raise Reject(f"label map {rel} contains NaN/Inf values; expected integer structure labels")
@@ -159,6 +169,11 @@ def label_values(path: str, rel: str, image: Volume) -> list[int]:
     elif not np.issubdtype(data.dtype, np.integer) and data.dtype != np.bool_:
         raise Reject(f"label map {rel} has data type {data.dtype}; expected integer structure labels")
     values = np.unique(data)
+    if values.size > MAX_LABELS:
+        raise Reject(
+            f"label map {rel} has {values.size} distinct values (at most {MAX_LABELS} structures are expected): "
+            "this looks like an image, not a label map - check which file is the label"
+        )
     if values.size and values.min() < 0:
         raise Reject(f"label map {rel} has negative values (min {values.min():g}); expected labels >= 0")
     present = [int(v) for v in values if v != 0]

@@ -98,6 +98,16 @@ def _not_an_image(h: DicomHeader) -> bool:
     return h.is_dicomdir or bool(h.problem and h.problem.startswith("no pixel data"))
 
 
+def _claims_dicom(path: str) -> bool:
+    """Whether a file that pydicom cannot read was meant to be DICOM: a ``.dcm``/``.dicom`` name, no bytes at all (an
+    interrupted copy), or the 'DICM' marker after the 128-byte preamble."""
+    if path.lower().endswith((".dcm", ".dicom")) or os.path.getsize(path) == 0:
+        return True
+    with open(path, "rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
 class DicomSeriesReader(ImageReader):
     """MONAI image reader for one DICOM series given as an ordered file list or as a folder.
 
@@ -184,18 +194,29 @@ class DicomSeriesReader(ImageReader):
             try:
                 ds, caught = read_dataset(p)
             except NotDicomError as e:
-                logger.debug("skipping %s", e)
+                if _claims_dicom(p):  # a slice that cannot be read: skipping it would shorten the volume
+                    raise DicomError(
+                        p, f"{e.reason}; a file named or marked as DICOM in a series folder must be readable - copy "
+                        "it again from the source, or remove it if it is no slice of the series"
+                    ) from e
+                (logger.debug if entry.startswith(".") else logger.warning)("skipping %s", e)
                 continue
-            headers.append(self._header(ds, p, caught))
+            header = self._header(ds, p, caught)
+            if len(ds) == 0:  # a file meta header and nothing after it: a truncated file, not a non-image object
+                raise DicomError(p, header.problem or "no data element after the file meta header: the file is truncated")
+            headers.append(header)
             datasets[p] = ds
         # series without any image (structure sets, reports, a DICOMDIR) do not count
         groups = {k: v for k, v in group_series(headers).items() if not all(_not_an_image(h) for h in v)}
         if not groups:
             raise DicomSeriesError([folder], "no DICOM image series in this folder")
         if len(groups) > 1:
+            numbers = [v[0].series_number for v in groups.values()]
+            same = len(set(numbers)) < len(numbers)  # then the UIDs tell them apart
             desc = "; ".join(
                 f"series #{v[0].series_number if v[0].series_number is not None else '?'} ({v[0].modality or '?'}, "
-                f"{len(v)} files, first {os.path.basename(sorted(h.path for h in v)[0])})"
+                + (f"UID ...{str(v[0].series_uid)[-10:]}, " if same else "")
+                + f"{len(v)} files, first {os.path.basename(sorted(h.path for h in v)[0])})"
                 for v in groups.values()
             )
             raise DicomSeriesError(

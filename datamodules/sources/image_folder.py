@@ -134,8 +134,12 @@ def _read_dicom(path: Path, ct_window: Sequence[float]) -> _Read:
     try:
         arr = np.asarray(ds.pixel_array, dtype=np.float64)
     except Exception as e:  # pydicom raises many types on undecodable pixel data
+        from datamodules.io.dicom_checks import decoder_problem
+
+        fix = decoder_problem(h.transfer_syntax) if h.transfer_syntax else None
         raise DicomError(
-            path, f"cannot decode the pixel data ({type(e).__name__}: {e}); convert it to an uncompressed transfer syntax"
+            path, f"cannot decode the pixel data ({type(e).__name__}: {e}); "
+            + (fix or "the pixel data is truncated or corrupt - copy the file again from the source")
         ) from e
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if arr.ndim == 3 and arr.shape[-1] == 3 and h.samples_per_pixel == 3:

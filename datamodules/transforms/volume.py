@@ -286,7 +286,18 @@ class LoadVolumed(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.loader(d[key], reader=self.reader_for(d[key]))
+            reader = self.reader_for(d[key])
+            try:
+                d[key] = self.loader(d[key], reader=reader)
+            except (ValueError, MemoryError):
+                raise
+            except Exception as e:  # nibabel and gzip raise many types on a truncated or foreign file
+                if reader is not self.nifti:
+                    raise
+                raise ValueError(
+                    f"{d[key]}: cannot read this NIfTI file ({type(e).__name__}: {e}); it is truncated, corrupt or "
+                    "not NIfTI - copy it again from the source"
+                ) from e
         return d
 
 

@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 from datamodules.io.atomic import atomic_open
+from datamodules.io.dicom import DicomError, NotDicomError, read_dataset
+from datamodules.io.nifti_names import is_nifti
 from datamodules.progress import progress
 from datamodules.sources.image_folder import DICOM_EXTENSIONS, PIL_EXTENSIONS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
+from imaging_meta.commands.outputs import check_output_file, check_outputs
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.evaluation.scoring import learner_choices
 from imaging_meta.learners.base import Learner
@@ -37,13 +40,36 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (*PIL_EXTENSIONS, *DICOM_EXTENSIONS)
 
 
+def _is_dicom(path: Path) -> bool:
+    """Whether a file without a suffix is DICOM (a corrupt DICOM file counts: reading it then names the problem)."""
+    try:
+        read_dataset(str(path), stop_before_pixels=True)
+    except NotDicomError:
+        return False
+    except DicomError:
+        return True
+    return True
+
+
+def _maybe_dicom(path: Path) -> bool:
+    """A name that DICOM files often have: no suffix (``IM0001``), or a SOP instance UID (``1.2.840...321``)."""
+    return path.suffix == "" or path.suffix[1:].isdigit()
+
+
 def _image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted; DICOM files may have no suffix."""
+    """Image files under ``folder`` (recursively), sorted: image suffixes, and DICOM files named without one (no
+    suffix, or a UID). Such a file that is not DICOM (a README, a lock file) is skipped with a warning, as ``fit``
+    skips it."""
     files = []
     for f in sorted(folder.rglob("*")):
         if not f.is_file() or f.name.startswith("."):
             continue
-        if f.suffix.lower() in IMAGE_SUFFIXES or f.suffix == "":
+        if _maybe_dicom(f):
+            if _is_dicom(f):
+                files.append(f)
+            else:
+                logger.warning("skipping %s: not DICOM, and its name has no image suffix", f)
+        elif f.suffix.lower() in IMAGE_SUFFIXES:
             files.append(f)
     return files
 
@@ -79,6 +105,12 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
                 raise ValueError(f"{p}: no PNG, JPEG, TIFF, BMP or DICOM image in this query folder")
             out += found
         elif p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES and not (_maybe_dicom(p) and _is_dicom(p)):
+                kind = (
+                    "a NIfTI volume (use `imaging-meta segment` for volumes)" if is_nifti(p.name)
+                    else f"a {p.suffix} file" if p.suffix else "no image suffix, and not DICOM"
+                )
+                raise ValueError(f"{p}: {kind}; classify reads 2D images: PNG, JPEG, TIFF, BMP or single-frame DICOM")
             out.append(p)
         else:
             raise ValueError(f"{p}: no such query file or folder")
@@ -199,6 +231,31 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:80] or "query"
 
 
+#: the files of one query's explanation: ``<number>_<stem>.json`` and ``.png``
+EXPLANATION = re.compile(r"^[0-9]{4,}_.+\.(json|png)$")
+
+
+def explanation_paths(folder: Path, index: int, query: Path) -> list[Path]:
+    """The JSON and the PNG panel of query number ``index`` in ``folder`` (see `write_explanations`)."""
+    name = f"{index:04d}_{_safe_stem(query)}"
+    return [folder / f"{name}.json", folder / f"{name}.png"]
+
+
+def remove_old_explanations(folder: Path) -> list[Path]:
+    """Remove the explanation files of an earlier run from ``folder`` before this run writes its own: they would
+    sit beside them and look like this run's (query number 3 after a run with 2 queries). Only files named as
+    explanations (`EXPLANATION`) go."""
+    removed = []
+    if folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and EXPLANATION.match(f.name):
+                f.unlink()
+                removed.append(f)
+    if removed:
+        logger.info("removed %d explanation file(s) of an earlier run from %s", len(removed), folder)
+    return removed
+
+
 def classify(
     checkpoint: str | os.PathLike,
     support: str | os.PathLike,
@@ -242,6 +299,13 @@ def classify(
 
     if explain and explain_k < 1:
         raise ValueError(f"explain_k must be >= 1 nearest support images, got {explain_k}")
+    out = check_output_file(out_csv)
+    classes, items = support_folder(support)
+    qs = query_files(queries)
+    planned = [(out, "the predictions CSV")]
+    if explain:
+        planned += [(p, str(q)) for i, q in enumerate(qs) for p in explanation_paths(explain_dir(out), i, q)]
+    check_outputs(planned, [f for f, _ in items] + qs)
     dev = resolve_device(device)
     learner, extra = load_learner(checkpoint, dev)
     task = get_task(extra.get("task", learner.task))
@@ -249,7 +313,6 @@ def classify(
         raise CheckpointError(f"{checkpoint}: a {task.name} checkpoint; classify needs a classification learner")
     learner = with_space(learner, space, finetune_steps)
     settings = loader_settings(extra, learner)
-    classes, items = support_folder(support)
     n_way = getattr(learner, "n_way", None)
     if n_way is not None and n_way != len(classes):
         raise ValueError(
@@ -267,7 +330,6 @@ def classify(
 
     s_images = torch.stack([load_image(f) for f, _ in items])
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
-    qs = query_files(queries)
     rows = []
     all_probs, all_choices = [], []
     for start in progress(range(0, len(qs), batch_size), "classify", unit="batch"):
@@ -283,12 +345,12 @@ def classify(
             rows.append([str(q), classes[int(p.argmax())], *[f"{float(v):.6f}" for v in p]])
     for note in resolution_notes(shapes, settings["image_size"]):
         logger.warning(note)
-    out = Path(out_csv)
     with atomic_open(out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "predicted_class", *[f"p_{c}" for c in classes]])
         w.writerows(rows)
     if explain:
+        remove_old_explanations(explain_dir(out))
         write_explanations(
             learner, s_images, s_labels, [f for f, _ in items], classes, qs, all_probs, explain_dir(out),
             load_image, dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,
@@ -356,7 +418,7 @@ def write_explanations(
         predicted = classes[int(probs.argmax())]
         idx, vals = near.indices[0].tolist(), near.values[0].tolist()
         sal = occ.saliency.float().cpu()
-        name = f"{i:04d}_{_safe_stem(q)}"
+        json_path, png_path = explanation_paths(folder, i, q)
         record = {
             "query": str(q),
             "predicted_class": predicted,
@@ -384,11 +446,11 @@ def write_explanations(
                 "min_drop": round(float(sal.min()), 6),
                 "meaning": f"mean drop of p({classes[occ.target]}) when a patch covering the pixel is replaced by the fill",
             },
-            "panel": f"{name}.png",
+            "panel": png_path.name,
         }
         short = {"distance": "d", "similarity": "sim", "weight": "w"}[near.value_name]
         save_explanation_panel(
-            folder / f"{name}.png",
+            png_path,
             image,
             s_images[idx],
             [f"#{r + 1} {classes[int(s_labels[j])]}\n{short}={v:.3g}" for r, (j, v) in enumerate(zip(idx, vals, strict=True))],
@@ -396,7 +458,6 @@ def write_explanations(
             query_title=f"query\n{predicted} (p={float(probs.max()):.2f})",
             saliency_title=f"occlusion: drop in p({predicted})",
         )
-        path = folder / f"{name}.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        written.append(path)
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        written.append(json_path)
     return written

@@ -164,7 +164,7 @@ def _tool_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--support", required=True, help="folder with one subfolder of images (PNG, JPEG, TIFF, BMP, DICOM) per class")
     c.add_argument("--query", action="append", required=True, help="image file or folder of images (repeat)")
-    c.add_argument("--out", required=True, help="CSV to write: path, predicted_class, p_<class>...")
+    c.add_argument("--out", required=True, help="CSV to write (replaced if it exists): path, predicted_class, p_<class>...; --explain writes beside it into <CSV stem>_explain/, replacing an earlier run's explanations")
     c.add_argument("--device", default="auto")
     c.add_argument("--explain", action="store_true",
                    help="also write, per query, its nearest support images and an occlusion saliency map (PNG) "
@@ -246,7 +246,7 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--support-label", action="append", required=True, help="NIfTI label map of each support image (repeat)")
     g.add_argument("--label-value", type=int, default=None, help="structure value in the label maps (default: any non-zero)")
     g.add_argument("--query", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
-    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced")
     g.add_argument("--modality", default=None, help="CT or MR, when the files do not say")
     g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan")
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")

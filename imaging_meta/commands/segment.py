@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
@@ -26,12 +28,15 @@ import numpy as np
 import torch
 from nibabel.spatialimages import SpatialImage
 
+from datamodules.indexing.inputs import Reject
+from datamodules.indexing.volumes import label_data_values, load_nifti
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
 from datamodules.sources.image_folder import PIL_EXTENSIONS
 from datamodules.transforms.volume import to_source_grid, volume_transforms
 from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
+from imaging_meta.commands.outputs import check_output_folder, check_outputs
 from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
@@ -119,12 +124,48 @@ def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) ->
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
+def check_label_source(path: str | Path, label_value: int | None = None) -> None:
+    """A support label map as ``segment`` reads it: a readable 3D NIfTI file of non-negative integer labels with
+    background (`datamodules.indexing.volumes.label_data_values`, the rule of ``imaging-meta scan``).
+
+    Raises:
+        ValueError: a folder (a DICOM series is an image, never a label map here), another format, or a file
+            that is corrupt, truncated, or not a label map (an image passed by mistake, a resampled label);
+            a map without ``label_value``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(
+            f"{p}: a folder; a support label map is a NIfTI file (.nii, .nii.gz) on its image's grid, not a DICOM series"
+        )
+    if not is_nifti(p.name):
+        raise ValueError(f"{p}: not a NIfTI file (.nii, .nii.gz); support label maps are read from NIfTI files")
+    try:
+        _, data, _ = load_nifti(str(p))
+        present = label_data_values(data, str(p))
+    except Reject as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(f"label map {p}") else f"{p}: {message}") from e
+    if label_value is not None and label_value not in present:
+        shown = ", ".join(map(str, present[:12])) + (", ..." if len(present) > 12 else "")
+        raise ValueError(f"{p}: the label map has no voxel of value {label_value} (values present: {shown}); check --label-value")
+
+
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file)."""
+    """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file).
+
+    The file is complete or absent: it is written beside ``path`` under a temporary name, then renamed."""
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     img.header["descrip"] = b""
     img.header["aux_file"] = b""
-    nib.save(img, str(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -132,15 +173,11 @@ def _query_name(q: Path) -> str:
     return q.name if q.is_dir() else (nifti_stem(q.name) if is_nifti(q.name) else q.stem)
 
 
-def _is_all_foreground(label: str | Path, label_value: int | None) -> bool:
-    """True when every voxel of the label file itself is the structure (NIfTI label maps; False for others).
-
-    The preprocessed label can miss this: a small volume is padded with background up to the slice size.
-    """
-    if not is_nifti(label):
-        return False
-    data = np.asarray(cast(SpatialImage, nib.load(str(label))).dataobj)  # a NIfTI volume
-    return bool(data.size) and bool(((data != 0) if label_value is None else (data == label_value)).all())
+def output_paths(query: str | Path, out_dir: str | Path, output_format: str = "nifti", explain: bool = False) -> list[Path]:
+    """The files ``segment`` writes for one query: its mask, then (``explain``) its probability map."""
+    name, out = _query_name(Path(query)), Path(out_dir)
+    paths = [out / (f"{name}.seg.dcm" if output_format == "dicom-seg" else f"{name}.nii.gz")]
+    return paths + ([out / f"{name}_probability.nii.gz"] if explain else [])
 
 
 def _segmenter(checkpoint: str | Path, device: torch.device) -> tuple[Learner, dict]:
@@ -173,7 +210,7 @@ def _support_volumes(tf_pair, supports, label_value, modality, max_support_slice
         what = "any non-zero voxel" if label_value is None else f"value {label_value}"
         if not _support_slices(mask, max_support_slices):
             raise ValueError(f"{label}: the label map has no {what} after preprocessing; check --label-value")
-        if bool(mask.all()) or _is_all_foreground(label, label_value):
+        if bool(mask.all()):
             raise ValueError(
                 f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
                 "file (an image or a body mask instead of the label map); check --support-label and --label-value"
@@ -259,8 +296,13 @@ def segment(
             if not q.is_dir():
                 raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is not a folder of DICOM files")
 
-    for path in [*(p for pair in supports for p in pair), *queries]:  # every input, before the checkpoint is read
+    inputs = [*(p for pair in supports for p in pair), *queries]
+    for path in inputs:  # every input, before the checkpoint is read
         image_source(path)
+    for _, label in supports:
+        check_label_source(label, label_value)
+    out = check_output_folder(out_dir)
+    check_outputs([(p, str(q)) for q in queries for p in output_paths(q, out, output_format, explain)], inputs)
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
     if scale != "checkpoint":
@@ -284,7 +326,6 @@ def segment(
 
     # the largest component, unless a support shows the structure in several parts (ribs, both kidneys)
     parts = max(structure_parts(mask.numpy()) for _, mask in supports_pre)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     masks_written, probs_written = [], []
     for query, data in progress(zip(queries, query_data, strict=True), "segment: queries", total=len(queries), unit="scan"):
@@ -297,7 +338,7 @@ def segment(
         mask = prob_map > 0.5
         if largest_component and mask.any():
             mask = keep_components(mask, parts)
-        name = _query_name(q)
+        paths = output_paths(q, out, output_format, explain)
         if q.is_dir():
             affine = source_affine
         else:
@@ -306,13 +347,13 @@ def segment(
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
         if output_format == "dicom-seg":
-            target = _write_seg(mask, q, affine, out / f"{name}.seg.dcm", label_value)
+            target = _write_seg(mask, q, affine, paths[0], label_value)
         else:
-            target = _save_nifti(mask.astype(np.uint8), affine, out / f"{name}.nii.gz")
+            target = _save_nifti(mask.astype(np.uint8), affine, paths[0])
         logger.info("%s: %d foreground voxels -> %s", q.name, int(mask.sum()), target)
         masks_written.append(target)
         if explain:
-            probs_written.append(_save_nifti(prob_map, affine, out / f"{name}_probability.nii.gz"))
+            probs_written.append(_save_nifti(prob_map, affine, paths[1]))
     return masks_written + probs_written
 
 

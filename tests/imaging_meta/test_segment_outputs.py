@@ -233,7 +233,7 @@ def test_an_all_foreground_support_label_is_rejected(tmp_path):
     image = ct_nifti(vol, affine_ras(), tmp_path / "sup.nii.gz")
     label = write_nifti(np.ones(vol.shape, np.uint8), affine_ras(), tmp_path / "sup_label.nii.gz")
     query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
-    with pytest.raises(ValueError, match=r"sup_label\.nii\.gz: every voxel of the label map is the structure.*wrong file"):
+    with pytest.raises(ValueError, match=r"label map \S*sup_label\.nii\.gz has no background: every voxel is labelled.*is it an image"):
         segment(ckpt, [(image, label)], [query], tmp_path / "out", device="cpu")
 
 

@@ -1,0 +1,175 @@
+"""Bad inputs and output plans of `segment` and `classify`: each is refused with one message that names the file,
+before the checkpoint is read (a path that does not exist stands in for it), and nothing is overwritten.
+
+Found by a review that ran about 95 bad inputs through the commands (2026-12-05): an output folder holding the
+query replaced the query with its mask, two queries of one name wrote one mask, an image given as the label map
+was segmented, and a truncated NIfTI or a truncated slice at the end of a DICOM series ended as an internal
+error or a silently shorter volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.indexing.inputs import Reject
+from datamodules.indexing.volumes import MAX_LABELS, label_data_values
+from datamodules.io.dicom import DicomSeriesReader
+from datamodules.io.dicom_errors import DicomError
+from datamodules.transforms.volume import LoadVolumed
+from imaging_meta.commands.classify import classify, query_files, remove_old_explanations, support_folder
+from imaging_meta.commands.segment import segment
+from tests.datamodules.dicom_fixtures import affine_ras, label_for, phantom, write_nifti, write_series
+
+NEVER_READ = Path("never-read.ckpt")  # the checks come first: a checkpoint that does not exist is never opened
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def scans(tmp_path):
+    vol = phantom(seed=1)
+    image = write_nifti(vol, affine_ras(), tmp_path / "in" / "ct.nii.gz")
+    label = write_nifti(label_for(vol), affine_ras(), tmp_path / "in" / "ct_label.nii.gz")
+    return image, label
+
+
+# ------------------------------------------------------------------------------------------ segment: outputs
+def test_segment_refuses_an_output_folder_in_which_the_mask_would_replace_the_query(tmp_path, scans):
+    image, label = scans
+    before = digest(image)
+    with pytest.raises(ValueError, match=r"ct\.nii\.gz: this input would be overwritten by the output of"):
+        segment(NEVER_READ, [(image, label)], [image], image.parent)
+    assert digest(image) == before
+
+
+def test_segment_refuses_two_queries_whose_masks_have_one_name(tmp_path, scans):
+    image, label = scans
+    other = write_nifti(phantom(seed=2), affine_ras(), tmp_path / "other" / "ct.nii.gz")
+    with pytest.raises(ValueError, match=r"out/ct\.nii\.gz: \S+in/ct\.nii\.gz and \S+other/ct\.nii\.gz would both be written"):
+        segment(NEVER_READ, [(image, label)], [image, other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_refuses_an_output_folder_that_is_a_file(tmp_path, scans):
+    image, label = scans
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ValueError, match=r"taken: a file of that name exists; --out names the output folder"):
+        segment(NEVER_READ, [(image, label)], [image], tmp_path / "taken")
+
+
+# ------------------------------------------------------------------------------------------ segment: label maps
+def test_segment_refuses_an_image_given_as_the_label_map(tmp_path, scans):
+    image, _ = scans
+    ct = write_nifti(np.random.default_rng(0).integers(-1000, 1500, (24, 24, 8)).astype(np.int16), affine_ras(),
+                     tmp_path / "ct_as_label.nii.gz")
+    with pytest.raises(ValueError, match=r"ct_as_label\.nii\.gz has \d+ distinct values .* looks like an image"):
+        segment(NEVER_READ, [(image, ct)], [image], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"in: a folder; a support label map is a NIfTI file"):
+        segment(NEVER_READ, [(image, image.parent)], [image], tmp_path / "out")
+
+
+def test_segment_refuses_non_integer_labels_and_a_missing_label_value(tmp_path, scans):
+    image, label = scans
+    blurred = write_nifti(label_for(phantom(seed=1)).astype(np.float32) * 0.5, affine_ras(), tmp_path / "blur.nii.gz")
+    with pytest.raises(ValueError, match=r"blur\.nii\.gz has non-integer values .* nearest neighbour"):
+        segment(NEVER_READ, [(image, blurred)], [image], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"ct_label\.nii\.gz: the label map has no voxel of value 7 \(values present: 1"):
+        segment(NEVER_READ, [(image, label)], [image], tmp_path / "out", label_value=7)
+
+
+def test_label_data_values_rejects_more_distinct_values_than_structures():
+    data = np.arange(MAX_LABELS + 1, dtype=np.int32).reshape(1, 1, -1)
+    with pytest.raises(Reject, match="distinct values"):
+        label_data_values(data, "x.nii.gz")
+    assert label_data_values(data[..., :MAX_LABELS], "x.nii.gz") == list(range(1, MAX_LABELS))
+
+
+# ------------------------------------------------------------------------------------------ readers
+def test_a_truncated_or_foreign_nifti_is_a_one_line_error_naming_it(tmp_path, scans):
+    image, _ = scans
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    text = tmp_path / "text.nii.gz"
+    text.write_text("not an image")
+    for bad in (cut, text, tmp_path / "empty.nii.gz"):
+        bad.touch()
+        with pytest.raises(ValueError, match=rf"{bad.name}: cannot read this NIfTI file .* copy it again"):
+            LoadVolumed(["image"])({"image": str(bad)})
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+@pytest.mark.parametrize("where", [0, -1])
+def test_a_damaged_slice_of_a_series_folder_is_named_not_skipped(tmp_path, damage, where):
+    """A damaged first or last slice used to be skipped as 'not DICOM', so the volume lost a slice silently."""
+    files = sorted(write_series(tmp_path / "series", phantom(shape=(12, 10, 6), seed=0), affine_ras(), seed=0))
+    bad = files[where]
+    data = bad.read_bytes()
+    bad.write_bytes({"empty": b"", "garbage": np.random.default_rng(0).bytes(500), "truncated": data[:300]}[damage])
+    with pytest.raises(DicomError, match=rf"{bad.name}: "):
+        DicomSeriesReader().read(str(tmp_path / "series"))
+
+
+def test_a_stray_file_in_a_series_folder_is_skipped_with_a_warning(tmp_path, caplog):
+    write_series(tmp_path / "series", phantom(shape=(12, 10, 6), seed=0), affine_ras(), seed=0)
+    (tmp_path / "series" / "README").write_text("exported by the scanner")
+    with caplog.at_level(logging.WARNING, logger="datamodules.io.dicom"):
+        arr, _ = DicomSeriesReader().get_data(DicomSeriesReader().read(str(tmp_path / "series")))
+    assert arr.shape[-1] == 6
+    assert any("skipping" in r.message and "README" in r.message for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------ classify
+@pytest.fixture
+def folders(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for i in range(2):
+            path = tmp_path / "support" / c / f"{c}{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(path)
+    (tmp_path / "queries").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "queries" / f"q{i}.png")
+    return tmp_path / "support", tmp_path / "queries"
+
+
+def test_classify_refuses_a_csv_path_that_is_an_input_or_a_folder(tmp_path, folders):
+    support, queries = folders
+    target = queries / "q0.png"
+    before = digest(target)
+    with pytest.raises(ValueError, match=r"q0\.png: this input would be overwritten by the output of the predictions CSV"):
+        classify(NEVER_READ, support, [queries], target)
+    assert digest(target) == before
+    with pytest.raises(ValueError, match=r"queries: a folder of that name exists; --out names the file to write"):
+        classify(NEVER_READ, support, [queries], queries)
+
+
+def test_classify_skips_stray_files_without_suffix_and_refuses_volumes_as_queries(tmp_path, folders):
+    support, queries = folders
+    (support / "a" / "README").write_text("notes")
+    (queries / "LOCK").write_bytes(b"")
+    assert [f.name for f, _ in support_folder(support)[1]] == ["a0.png", "a1.png", "b0.png", "b1.png"]
+    assert [f.name for f in query_files([queries])] == ["q0.png", "q1.png"]
+    volume = write_nifti(phantom(seed=0), affine_ras(), tmp_path / "scan.nii.gz")
+    with pytest.raises(ValueError, match=r"scan\.nii\.gz: a NIfTI volume \(use `imaging-meta segment`"):
+        query_files([volume])
+
+
+def test_an_earlier_runs_explanations_are_removed_and_nothing_else(tmp_path):
+    folder = tmp_path / "pred_explain"
+    folder.mkdir()
+    old = [folder / "0000_a.json", folder / "0000_a.png", folder / "0007_b.json"]
+    kept = [folder / "notes.txt", folder / "my_0001_x.png"]
+    for f in old + kept:
+        f.write_text("x")
+    assert remove_old_explanations(folder) == sorted(old)
+    assert sorted(folder.iterdir()) == sorted(kept)
+    assert remove_old_explanations(tmp_path / "absent") == []
