@@ -353,14 +353,149 @@ def _per_query(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: d
     return _with_differences(recs, metric, groups, opts)
 
 
+def _episode_data(recs: Sequence[dict]) -> dict[tuple, dict]:
+    """Per (method, episode): its queries in query order (``query_id``, then record order), with their patients,
+    labels and class probabilities, the episode's site and class names."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in recs:
+        groups[(r["method"], r["episode"])].append(r)
+    out = {}
+    for key, rs in groups.items():
+        rs = sorted(rs, key=lambda r: str(r.get("query_id", "")))  # stable: record order among equal ids
+        out[key] = {"ids": [str(r.get("query_id", "")) for r in rs], "patients": [record_patients(r)[0] for r in rs],
+                    "labels": np.asarray([int(r["label"]) for r in rs]),
+                    "probs": np.asarray([r["probs"] for r in rs], dtype=np.float64),
+                    "site": _episode_site([r["site"] for r in rs]), "classes": list(rs[0]["classes"])}
+    return out
+
+
+def _class_auc(scores: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(B,) one-vs-rest AUC of ``scores`` (Q,) with each query counted ``w`` (B, Q) times (ties one half); NaN
+    where a resample holds no positive or no negative. With ``w`` all ones, `metrics.ovr_auc`."""
+    pos, neg = scores[positive], scores[~positive]
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])  # (P, N)
+    wp, wn = w[:, positive], w[:, ~positive]
+    num = np.einsum("bp,pn,bn->b", wp, wins, wn)
+    den = wp.sum(1) * wn.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _episode_score(ep: dict, metric: str, w: np.ndarray, cls: int | None = None) -> np.ndarray:
+    """(B,) an episode's score with each query counted ``w`` (B, Q) times: ``balanced_acc`` (the mean recall of
+    the classes present), ``auc`` (the macro one-vs-rest AUC) or ``auc_class`` (class ``cls``'s); NaN where the
+    resample leaves nothing to score. With ``w`` all ones: `metrics.balanced_accuracy`, `metrics.macro_auc`."""
+    labels, probs = ep["labels"], ep["probs"]
+    n = probs.shape[1]
+    if metric == "balanced_acc":
+        onehot = (labels[:, None] == np.arange(n)[None, :]).astype(np.float64)  # (Q, C)
+        correct = (probs.argmax(1) == labels).astype(np.float64)
+        num, den = np.einsum("bq,qc->bc", w * correct, onehot), np.einsum("bq,qc->bc", w, onehot)
+        recall = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+        present = (den > 0).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(present > 0, recall.sum(1) / np.maximum(present, 1), np.nan)
+    classes = [cls] if metric == "auc_class" else range(n)
+    aucs = [_class_auc(probs[:, c], labels == c, w) for c in classes if (labels == c).any() and (labels != c).any()]
+    if not aucs:
+        return np.full(w.shape[0], np.nan)
+    stacked = np.stack(aucs)
+    valid = ~np.isnan(stacked)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid.any(0), np.where(valid, stacked, 0.0).sum(0) / np.maximum(valid.sum(0), 1), np.nan)
+
+
+def episode_score_bootstrap(cell: Sequence[tuple[dict, dict | None, int | None]], metric: str, seed: int = 0,
+                            n_boot: int = N_BOOT) -> dict:
+    """Point estimate and patient-bootstrap interval of a per-episode score (balanced accuracy, AUC), or of the
+    paired difference of two methods' scores, over a cell of episodes.
+
+    A per-episode score is not a mean of per-query values, so a resample cannot keep the episode's value and
+    only reweight it (shared among its query patients, every episode would keep almost its full weight and the
+    interval would shrink to nothing). Each resample draws the cell's query patients with replacement, counts
+    every query as often as its patient was drawn, **recomputes** each episode's score on those counts, and
+    weights the episode by the mean count of its queries (the per-query estimator's weights): ``theta* =
+    sum_e c_e v*_e / sum_e c_e``. Every count 1 gives back the mean over episodes of their scores.
+
+    Args:
+        cell: ``(episode, other, cls)`` per episode (`_episode_data` values): ``other`` the same episode of the
+            method subtracted (None: the score itself), ``cls`` the class of ``auc_class``.
+
+    Returns:
+        ``{"mean", "ci95", "ci_low", "ci_high", "n_episodes", "n_patients"}`` (bounds None with fewer than two
+        patients).
+    """
+    patients = sorted({p for ep, _, _ in cell for p in ep["patients"]})
+    pos = {p: i for i, p in enumerate(patients)}
+
+    def value(weights: np.ndarray) -> np.ndarray:  # (B, P) patient counts -> (B,)
+        num, den = np.zeros(weights.shape[0]), np.zeros(weights.shape[0])
+        for ep, other, cls in cell:
+            w = weights[:, [pos[p] for p in ep["patients"]]].astype(np.float64)
+            v = _episode_score(ep, metric, w, cls)
+            if other is not None:
+                v = v - _episode_score(other, metric, w, cls)
+            c = w.mean(1)
+            ok = ~np.isnan(v) & (c > 0)
+            num += np.where(ok, c * np.where(ok, v, 0.0), 0.0)
+            den += np.where(ok, c, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return num / den
+
+    out = {"mean": float(value(np.ones((1, len(patients))))[0]), "ci95": float("nan"), "ci_low": None,
+           "ci_high": None, "n_episodes": len(cell), "n_patients": len(patients)}
+    if len(patients) < 2:
+        return out
+    lo, hi = _percentiles(value(_resample_counts(len(patients), seed, n_boot)))
+    return out | {"ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi}
+
+
+def _episode_score_summary(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: dict) -> tuple[dict, dict]:
+    """Summary and differences (`TRAINED` minus each method, on the same episodes) of a per-episode score under
+    the patient bootstrap, overall, per site, and (``auc`` with ``class`` in ``groups``) each class's AUC."""
+    data = _episode_data(recs)
+    methods = sorted({m for m, _ in data})
+    classes = sorted({c for d in data.values() for c in d["classes"]})
+
+    def cells(method: str, minus: str | None) -> dict:
+        eps = []
+        for (m, e), d in sorted(data.items(), key=lambda kv: str(kv[0][1])):
+            if m != method:
+                continue
+            other = None if minus is None else data.get((minus, e))
+            if minus is not None and (other is None or other["ids"] != d["ids"]):
+                continue  # no pair on the same queries
+            eps.append((d, other))
+        stat = functools.partial(episode_score_bootstrap, metric=metric, seed=opts["seed"], n_boot=opts["n_boot"])
+        out = {"all": stat([(d, o, None) for d, o in eps])}
+        out["site"] = {s: stat([(d, o, None) for d, o in eps if d["site"] == s]) for s in sorted({d["site"] for d, _ in eps})}
+        if metric == "auc" and "class" in groups:  # per class: its one-vs-rest AUC in the episodes that can score it
+            out["class"] = {}
+            for name in classes:
+                cell = [(d, o, d["classes"].index(name)) for d, o in eps if name in d["classes"]]
+                cell = [(d, o, c) for d, o, c in cell if (d["labels"] == c).any() and (d["labels"] != c).any()]
+                if cell:
+                    out["class"][name] = episode_score_bootstrap(cell, "auc_class", opts["seed"], opts["n_boot"])
+        return out
+
+    summary = {m: cells(m, None) for m in methods}
+    diffs = {m: cells(TRAINED, m) for m in methods if m != TRAINED and TRAINED in methods}
+    return summary, diffs
+
+
 def _balanced_accuracy(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: dict, n_bins: int) -> tuple[dict, dict]:
     """Per episode over its queries; per class, that class's recall (its per-query accuracy)."""
-    pair = _with_differences(_per_episode_rows(recs)[0], "balanced_acc", ("site",), opts)
+    if opts["interval"] == PATIENT_BOOTSTRAP:
+        pair = _episode_score_summary(recs, "balanced_acc", ("site",), opts)
+    else:
+        pair = _with_differences(_per_episode_rows(recs)[0], "balanced_acc", ("site",), opts)
     return _merge_class(pair, recs, "acc", opts) if "class" in groups else pair
 
 
 def _macro_auc(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: dict, n_bins: int) -> tuple[dict, dict]:
     """Per episode over its queries; per class, its one-vs-rest AUC in each episode."""
+    if opts["interval"] == PATIENT_BOOTSTRAP:
+        return _episode_score_summary(recs, "auc", groups, opts)
     ep_rows, cls_rows = _per_episode_rows(recs)
     pair = _with_differences(ep_rows, "auc", ("site",), opts)
     return _merge_class(pair, cls_rows, "auc_class", opts) if "class" in groups else pair

@@ -173,3 +173,65 @@ def test_the_cli_offers_exactly_the_intervals():
     action = next(a for a in _tool_parser()._subparsers._group_actions[0].choices["evaluate"]._actions
                   if a.dest == "interval")
     assert tuple(action.choices) == INTERVALS
+
+
+# ------------------------------------------------------------------------------------------ per-episode scores
+def _classification_records(n_patients=40, n_episodes=60, n_way=4, per_class=3, skill=1.0, seed=0):
+    """Balanced classification episodes (``per_class`` queries of each class, each from a random patient) of
+    two methods; a query is right more often for some patients than others (patient effects), so the patient
+    is the unit that varies."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    ease = rng.normal(0, 1.0, n_patients)
+    recs = []
+    for e in range(n_episodes):
+        for c in range(n_way):
+            for k in range(per_class):
+                p = int(rng.integers(n_patients))
+                for method, s in (("trained", skill), ("untrained encoder", 0.0)):
+                    logits = rng.normal(0, 1, n_way)
+                    logits[c] += s + ease[p]
+                    probs = torch.tensor(logits).softmax(0).tolist()
+                    recs.append({"method": method, "episode": e, "shot": 1, "site": "s", "patient": f"p{p}",
+                                 "query_id": f"q{c}-{k}", "class": f"c{c}", "classes": [f"c{i}" for i in range(n_way)],
+                                 "label": c, "probs": probs, "acc": float(int(np.argmax(probs)) == c)})
+    return recs
+
+
+def test_per_episode_scores_without_resampling_are_the_metrics_of_each_episode():
+    import torch
+
+    from imaging_meta.evaluation.metrics import balanced_accuracy, macro_auc, ovr_auc
+    from imaging_meta.evaluation.statistics import _class_auc, _episode_data, _episode_score
+
+    data = _episode_data(_classification_records(n_episodes=5))
+    for ep in data.values():
+        probs, labels = torch.tensor(ep["probs"]), torch.tensor(ep["labels"])
+        ones = np.ones((1, len(labels)))
+        assert _episode_score(ep, "balanced_acc", ones)[0] == pytest.approx(balanced_accuracy(probs, labels, 4), abs=1e-6)
+        assert _episode_score(ep, "auc", ones)[0] == pytest.approx(macro_auc(probs, labels, 4), abs=1e-12)
+        assert _class_auc(ep["probs"][:, 2], ep["labels"] == 2, ones)[0] == pytest.approx(ovr_auc(probs[:, 2], labels == 2))
+    # counting a query twice is counting it twice: the weighted score equals the score of the duplicated episode
+    ep = next(iter(data.values()))
+    w = np.ones((1, len(ep["labels"])))
+    w[0, 0] = 2
+    dup = {**ep, "labels": np.concatenate([ep["labels"], ep["labels"][:1]]), "probs": np.concatenate([ep["probs"], ep["probs"][:1]])}
+    for metric in ("balanced_acc", "auc"):
+        assert _episode_score(ep, metric, w)[0] == pytest.approx(_episode_score(dup, metric, np.ones((1, len(dup["labels"]))))[0])
+
+
+def test_balanced_accuracy_has_an_interval_as_wide_as_accuracy_when_queries_are_balanced():
+    """With balanced queries, balanced accuracy is accuracy, and the two intervals must be alike. They were not:
+    each episode's score was kept and only reweighted by its many patients' draws, so the interval of balanced
+    accuracy and macro AUC came out about ten times narrower than accuracy's (found by a review, 2026-12-05)."""
+    s = evaluation_summary(CLASSIFICATION, _classification_records(), seed=0, interval=PATIENT_BOOTSTRAP, n_boot=400)
+    shot = s["1"]
+    acc, bal = shot["acc"][TRAINED]["all"], shot["balanced_acc"][TRAINED]["all"]
+    assert bal["mean"] == pytest.approx(acc["mean"], abs=1e-6)
+    assert 0.7 < bal["ci95"] / acc["ci95"] < 1.4
+    auc = shot["auc"][TRAINED]["all"]
+    assert auc["ci_low"] < auc["mean"] < auc["ci_high"] and auc["ci95"] > 0.5 * acc["ci95"]
+    d_acc, d_bal = shot["differences"]["acc"]["untrained encoder"]["all"], shot["differences"]["balanced_acc"]["untrained encoder"]["all"]
+    assert d_bal["mean"] == pytest.approx(d_acc["mean"], abs=1e-6)
+    assert 0.7 < d_bal["ci95"] / d_acc["ci95"] < 1.4
