@@ -160,3 +160,15 @@ def test_one_shot_weighting_fits_on_augmented_views_at_one_shot_only():
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
     assert len(variant.weights) == 2 and all(abs(sum(w) - 1) < 1e-5 for w in variant.weights)
     assert any(abs(w - 1 / 3) > 1e-3 for row in variant.weights for w in row)
+
+
+def test_classification_calibration_ece_by_hand():
+    import numpy as np
+
+    from benchmarks.classification_calibration import ece
+
+    conf = np.full(10, 0.8)
+    assert ece(conf, np.array([1.0] * 8 + [0.0] * 2)) == pytest.approx(0.0)
+    assert ece(np.ones(4), np.zeros(4)) == pytest.approx(1.0)
+    # two bins: 0.95 confidence right half the time (gap 0.45), 0.55 confidence always right (gap 0.45)
+    assert ece(np.array([0.95, 0.95, 0.55, 0.55]), np.array([1.0, 0.0, 1.0, 1.0])) == pytest.approx(0.45)

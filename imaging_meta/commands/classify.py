@@ -409,7 +409,8 @@ def write_explanations(
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, (q, probs) in enumerate(zip(queries, probabilities, strict=True)):
+    steps = enumerate(zip(queries, probabilities, strict=True))
+    for i, (q, probs) in progress(steps, "classify: explanations", total=len(queries), unit="query"):
         image = load(q)
         ep = _episode(s_images, s_labels, classes, image, i).to(device)
         near = nearest_supports(learner, ep, k)

@@ -117,15 +117,16 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 return
             path = checkpoint_to_test(self.trainer.checkpoint_callbacks)
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=path or None)
-            self._print_report()
+            self._print_report(path or None)
 
         def after_test(self) -> None:
             self._print_report()
 
-        def _print_report(self) -> None:
+        def _print_report(self, checkpoint: str | None = None) -> None:
             paths = getattr(self.model, "report_paths", None)
             if paths and self.trainer.is_global_zero:
-                sys.stdout.write("\n" + Path(paths[1]).read_text() + f"\nwritten: {paths[0]}\n         {paths[1]}\n")
+                tested = f"\ncheckpoint (tested): {checkpoint}" if checkpoint else ""
+                sys.stdout.write("\n" + Path(paths[1]).read_text() + f"\nwritten: {paths[0]}\n         {paths[1]}{tested}\n")
 
     torch.set_float32_matmul_precision("high")
     return ImagingMetaCLI(
@@ -376,6 +377,10 @@ def _run_tool(argv: Sequence[str]) -> int:
         out = classify(args.checkpoint, args.support, args.query, args.out, device=args.device, explain=args.explain,
                        space=args.space, finetune_steps=args.finetune_steps)
         sys.stdout.write(f"wrote {out}\n")
+        if args.explain:
+            from imaging_meta.commands.classify import explain_dir
+
+            sys.stdout.write(f"wrote the explanations into {explain_dir(out)}\n")
         return 0
     if args.command == "evaluate":
         from imaging_meta.commands.evaluate import evaluate

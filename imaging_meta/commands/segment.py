@@ -151,11 +151,30 @@ def check_label_source(path: str | Path, label_value: int | None = None) -> None
         raise ValueError(f"{p}: the label map has no voxel of value {label_value} (values present: {shown}); check --label-value")
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file).
+def _plain(values: dict) -> str:
+    """``key value, ...`` with numbers to 3 significant digits, for one log line."""
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "(" + _plain(v) + ")"
+        return str(v)
+
+    return ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in values.items())
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1)) -> Path:
+    """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file), the
+    affine as both sform and qform with ``codes`` (sform, qform; default 1, scanner coordinates, as the DICOM
+    converters write them; `segment` passes a NIfTI query's own).
 
     The file is complete or absent: it is written beside ``path`` under a temporary name, then renamed."""
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.set_sform(np.asarray(affine, dtype=np.float64), code=int(codes[0]))
+    img.set_qform(np.asarray(affine, dtype=np.float64), code=int(codes[1]))
     img.header["descrip"] = b""
     img.header["aux_file"] = b""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.nii.gz", dir=path.parent)
@@ -322,7 +341,8 @@ def segment(
                         seed=adapt_seed, device=dev)
     segmenter = ScanSegmenter(learner, options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk), dev).fit(supports_pre)
     assert segmenter.support_images is not None  # fit sets them
-    logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0], segmenter.describe())
+    logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0],
+                _plain(segmenter.describe()))
 
     # the largest component, unless a support shows the structure in several parts (ribs, both kidneys)
     parts = max(structure_parts(mask.numpy()) for _, mask in supports_pre)
@@ -339,21 +359,24 @@ def segment(
         if largest_component and mask.any():
             mask = keep_components(mask, parts)
         paths = output_paths(q, out, output_format, explain)
+        codes = (1, 1)  # a DICOM series: scanner coordinates
         if q.is_dir():
             affine = source_affine
         else:
             header = cast(SpatialImage, nib.load(str(q)))  # a NIfTI volume
             affine = header.affine
+            own = (int(header.header.get("sform_code", 0)), int(header.header.get("qform_code", 0)))  # type: ignore[attr-defined]
+            codes = (own[0] or own[1] or 1, own[1] or own[0] or 1)
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
         if output_format == "dicom-seg":
             target = _write_seg(mask, q, affine, paths[0], label_value)
         else:
-            target = _save_nifti(mask.astype(np.uint8), affine, paths[0])
+            target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes)
         logger.info("%s: %d foreground voxels -> %s", q.name, int(mask.sum()), target)
         masks_written.append(target)
         if explain:
-            probs_written.append(_save_nifti(prob_map, affine, paths[1]))
+            probs_written.append(_save_nifti(prob_map, affine, paths[1], codes))
     return masks_written + probs_written
 
 
