@@ -47,7 +47,7 @@ from imaging_meta.evaluation.methods import (
     untrained_state,
 )
 from imaging_meta.evaluation.panels import episode_panel
-from imaging_meta.evaluation.reports import to_markdown, write_report
+from imaging_meta.evaluation.reports import write_report
 from imaging_meta.evaluation.scoring import learner_choices, score_batch
 from imaging_meta.evaluation.statistics import EPISODE_T, differences, interval_description, summarize
 from imaging_meta.learners.base import Learner
@@ -402,8 +402,7 @@ class EpisodicModule(LightningModule):
             context["checkpoint"] = str(self.trainer.ckpt_path)
         methods = ordered_methods(summary)
         paths = write_report(out_dir, summary, context, methods, task=task, differences=diffs)
-        logger.info("results written to %s\n%s", paths[1],
-                    to_markdown(summary, methods, title=task.metric_title, groups=task.groups, differences=diffs))
+        logger.info("results written to %s and %s", *paths)  # the CLI prints the report itself
         return paths
 
     # ---------------------------------------------------------------- logging
