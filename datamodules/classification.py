@@ -302,6 +302,15 @@ class ClassificationDataModule(EpisodicDataModule):
             return
         h = self.hparams
         self.table = table = self.source.load(self.cache_dir / "items" if self.cache_dir is not None else None)
+        stages = [n for n, k in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)) if k > 0]
+        if len(table.classes) < h.n_way * len(stages):
+            raise ValueError(
+                f"{getattr(self.source, 'root', None) or type(self.source).__name__}: "
+                f"{len(table.classes)} class(es), but meta-learning gives each stage ({', '.join(stages)}) classes of "
+                f"its own and draws {h.n_way}-way episodes from them: {h.n_way * len(stages)} classes are needed. Lower "
+                "n_way, leave validation out (val_episodes: 0, val_classes_count: 0), or, to classify these classes "
+                "from a few labelled images, run `imaging-meta classify` with a checkpoint meta-trained on other data"
+            )
         self.class_split = split_classes(table.classes, h.val_classes_count, h.test_classes_count, h.split_seed,
                                          h.train_classes, h.val_classes, h.test_classes)
         for stage_name, n in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)):

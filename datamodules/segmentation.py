@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index
+from datamodules.indexing.pseudonyms import normalise_modality
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
 from datamodules.indexing.splits import PROTOCOLS, Split, make_split, read_fold
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
@@ -114,7 +116,13 @@ class SegmentationDataModule(EpisodicDataModule):
         cache: "memory" (MONAI CacheDataset) or "disk" (PersistentDataset under cache_dir).
         num_workers: DataLoader workers.
         seed: episode seed (training epochs, and the fixed validation and test lists).
-        label_names: label value -> structure name, for folders without a Decathlon dataset.json.
+        label_names: label value -> structure name, for folders without a Decathlon dataset.json. It applies to
+            every label map under ``root`` that no ``dataset.json`` of its own folder names; give a subfolder
+            with other labels (tumours beside organs) its own ``dataset.json`` (``{"labels": {"1": "tumour"}}``).
+        modality: ``CT`` or ``MR``, for volumes whose files do not say (a NIfTI without a BIDS sidecar or a
+            Decathlon ``modality``): CT volumes get the HU window, all others percentile scaling. None (default):
+            such volumes are scaled by percentiles, with a warning; it is stored in checkpoints, and
+            ``imaging-meta segment`` then scales files that do not say their modality the same way.
         site_fields: header fields that build the site key.
         salt: secret for the pseudonymous ids (set your own for real data).
         test_episodes_file: a JSON episode file to test on (written by an earlier run), instead of drawing. Every
@@ -170,6 +178,7 @@ class SegmentationDataModule(EpisodicDataModule):
         num_workers: int = 0,
         seed: int = 0,
         label_names: dict[int, str] | None = None,
+        modality: str | None = None,
         site_fields: list[str] | None = None,
         salt: str = "imaging-meta",
         test_episodes_file: str | None = None,
@@ -179,6 +188,8 @@ class SegmentationDataModule(EpisodicDataModule):
         test_fold: int | None = None,
     ) -> None:
         super().__init__()
+        if modality is not None and modality not in ("CT", "MR"):
+            raise ValueError(f"modality must be CT or MR (for volumes whose files do not say), got {modality!r}")
         if (folds_file is None) != (test_fold is None):
             raise ValueError(f"folds_file and test_fold go together (got folds_file={folds_file!r}, test_fold={test_fold!r}): "
                              "set both to test on one fold, or neither for a seeded test_fraction share")
@@ -209,12 +220,13 @@ class SegmentationDataModule(EpisodicDataModule):
     def preprocessing(self) -> dict:
         """The deterministic preprocessing settings (stored in checkpoints; `segment` reuses them)."""
         h = self.hparams
-        return {
+        out = {
             "spacing": [float(s) for s in h.spacing],
             "slice_size": [int(s) for s in h.slice_size],
             "ct_window": [float(s) for s in h.ct_window],
             "mr_percentiles": [float(s) for s in h.mr_percentiles],
         }
+        return out if h.modality is None else out | {"modality": h.modality}  # only when set: earlier digests hold
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -238,7 +250,7 @@ class SegmentationDataModule(EpisodicDataModule):
         if not self.index_path.exists():
             self.prepare_data()
         h = self.hparams
-        self.index = Index.load(self.index_path)
+        self.index = self._with_modality(Index.load(self.index_path))
         if self.index.rejected:
             warnings.warn(
                 f"{len(self.index.rejected)} input(s) under {self.root} were rejected; see 'rejected' in {self.index_path}",
@@ -253,6 +265,25 @@ class SegmentationDataModule(EpisodicDataModule):
         self._setup_stages()
         if h.selfsup_ratio > 0 and h.episodes_per_epoch > 0:  # evaluation draws no training episodes
             self._setup_selfsup()
+
+    def _with_modality(self, index: Index) -> Index:
+        """``index`` with the configured ``modality`` for the volumes whose files do not say; without one, a
+        warning that names how many there are and how they are scaled."""
+        unknown = [c for c in index.cases if normalise_modality(c.modality) is None]
+        if not unknown:
+            return index
+        given = self.hparams.modality
+        if given is None:
+            warnings.warn(
+                f"{len(unknown)} volume(s) under {self.root} do not say their modality (e.g. {unknown[0].image}: no "
+                "DICOM header, BIDS sidecar 'Modality' or Decathlon modality), so they are scaled by percentiles as "
+                "MR is; if they are CT, set data.init_args.modality: CT (the HU window), or add a sidecar "
+                "<name>.json with {\"Modality\": \"CT\"}",
+                stacklevel=3,
+            )
+            return index
+        index.cases = [replace(c, modality=given) if normalise_modality(c.modality) is None else c for c in index.cases]
+        return index
 
     def _make_split(self) -> Split:
         h = self.hparams
@@ -272,6 +303,7 @@ class SegmentationDataModule(EpisodicDataModule):
             exclude_test_organ_slices=h.exclude_test_organ_slices,
             val_organ_filter=self._organs_that_keep_training if h.exclude_test_organ_slices else None,
             test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
+            min_val_patients=1 + h.n_query,  # a one-shot validation episode; independent of the shots evaluated
         )
         seen = sorted(set(split.val_organs) & set(split.test_organs))
         if split.protocol == "cross_organ" and seen and split.val and h.val_episodes > 0:
@@ -323,16 +355,25 @@ class SegmentationDataModule(EpisodicDataModule):
             if n <= 0 or not getattr(self.split, stage_name):
                 continue
             organs = self._feasible_organs(stage_name)
-            self._samplers[stage_name] = SegmentationEpisodeSampler(
-                self._tables[stage_name],
-                [c.patient for c in self.cases],
-                organs=organs,
-                n_shot=h.n_shot,
-                n_query=h.n_query,
-                n_episodes=n,
-                n_parts=h.n_parts,
-                seed=h.seed + STAGE_SEED_OFFSET[stage_name],
-            )
+            try:
+                self._samplers[stage_name] = SegmentationEpisodeSampler(
+                    self._tables[stage_name],
+                    [c.patient for c in self.cases],
+                    organs=organs,
+                    n_shot=h.n_shot,
+                    n_query=h.n_query,
+                    n_episodes=n,
+                    n_parts=h.n_parts,
+                    seed=h.seed + STAGE_SEED_OFFSET[stage_name],
+                )
+            except ValueError as e:
+                if stage_name != "train" or not split.excluded_organs:
+                    raise
+                raise ValueError(
+                    f"train: {e} Under setting 2 (exclude_test_organ_slices: true) the training slices that show "
+                    f"{split.excluded_organs} were removed first; where those structures are on most slices, little "
+                    "is left: set exclude_test_organ_slices: false (setting 1)."
+                ) from e
         self._fix_episodes()
 
     # ------------------------------------------------------- self-supervision

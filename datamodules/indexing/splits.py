@@ -23,9 +23,10 @@ Validation organs (``cross_organ``):
 
 * by default (``val_organ_count=1``) one more organ is held out for validation. The candidates are the
   structures that are not test organs and that the label maps of at least `MIN_VAL_PATIENTS` validation
-  patients name (the least an episode needs: one support and one query patient). Among them the choice
-  follows a hash of (split seed, organ name), so it is fixed by the split seed and does not depend on
-  ``n_shot`` (every number of shots that ``evaluate`` runs rebuilds the same split). ``val_organ_count=k``
+  patients name (the least an episode needs: one support and one query patient; the datamodule asks for one
+  support and ``n_query`` query patients). Among them the choice follows a hash of (split seed, organ name), so
+  it is fixed by the split seed and does not depend on ``n_shot`` (every number of shots that ``evaluate`` runs
+  rebuilds the same split). ``val_organ_count=k``
   holds out ``k`` such organs. A caller may narrow the candidates (``val_organ_filter``): under setting 2
   `datamodules.segmentation.SegmentationDataModule` drops the organs whose slices would take most training
   slices with them (a structure on nearly every axial slice, such as the vertebrae, the aorta or the
@@ -208,7 +209,7 @@ ValOrganFilter = Callable[[Sequence[int], list[str]], list[str]]
 
 def choose_val_organs(
     cases: Sequence[Case], val: Sequence[int], test_organs: Sequence[str], count: int, seed: int,
-    keep: Callable[[list[str]], list[str]] | None = None,
+    keep: Callable[[list[str]], list[str]] | None = None, min_patients: int = MIN_VAL_PATIENTS,
 ) -> list[str]:
     """The ``count`` validation organs of cross_organ when none are given (see the module docstring).
 
@@ -219,6 +220,8 @@ def choose_val_organs(
         count: how many to choose.
         seed: the split seed; the order among the candidates is a hash of (seed, organ).
         keep: the candidates that may be held out, of those given (default: all of them).
+        min_patients: the validation patients a candidate's label maps must name (at least `MIN_VAL_PATIENTS`;
+            the datamodule passes what a one-shot episode of its ``n_query`` needs).
 
     Raises:
         ValueError: fewer than ``count`` candidates; the message names them and the settings to change.
@@ -227,14 +230,15 @@ def choose_val_organs(
     for i in val:
         for o in cases[i].organs:
             patients.setdefault(o, set()).add(cases[i].patient)
-    candidates = sorted((o for o, p in patients.items() if o not in test_organs and len(p) >= MIN_VAL_PATIENTS),
+    min_patients = max(MIN_VAL_PATIENTS, min_patients)
+    candidates = sorted((o for o, p in patients.items() if o not in test_organs and len(p) >= min_patients),
                         key=lambda o: _rank(o, seed))
     allowed = set(keep(candidates)) if keep is not None else set(candidates)
     kept = [o for o in candidates if o in allowed]
     if len(kept) < count:
         raise ValueError(
             f"cross_organ holds out val_organ_count={count} validation organ(s), but only {kept} can be: labelled in "
-            f"at least {MIN_VAL_PATIENTS} validation patients besides the test organs {list(test_organs)}"
+            f"at least {min_patients} validation patients besides the test organs {list(test_organs)}"
             + (f", and without removing most training slices under setting 2 (refused: "
                f"{sorted(set(candidates) - allowed)})" if keep is not None else "")
             + "; name them with val_organs, lower val_organ_count, or raise val_fraction"
@@ -244,7 +248,7 @@ def choose_val_organs(
 
 def _cross_organ(cases: Sequence[Case], idx: dict[str, list[int]], all_organs: list[str], test_organs: Sequence[str],
                  val_organs: Sequence[str] | None, val_organ_count: int, seed: int, exclude: bool,
-                 val_organ_filter: ValOrganFilter | None) -> Split:
+                 val_organ_filter: ValOrganFilter | None, min_val_patients: int = MIN_VAL_PATIENTS) -> Split:
     """The cross_organ split of patients ``idx`` (stage -> case indices): which organs each stage targets."""
     unknown = sorted(set(test_organs) - set(all_organs)) + sorted(set(val_organs or ()) - set(all_organs))
     if not test_organs or unknown:
@@ -268,7 +272,7 @@ def _cross_organ(cases: Sequence[Case], idx: dict[str, list[int]], all_organs: l
         chosen = []
     else:
         keep = None if val_organ_filter is None else (lambda organs: val_organ_filter(idx["train"], organs))
-        chosen = choose_val_organs(cases, idx["val"], test_organs, val_organ_count, seed, keep)
+        chosen = choose_val_organs(cases, idx["val"], test_organs, val_organ_count, seed, keep, min_val_patients)
     held = sorted(set(test_organs) | set(chosen))
     train_organs = [o for o in all_organs if o not in held]
     if not train_organs:
@@ -292,6 +296,7 @@ def make_split(
     exclude_test_organ_slices: bool = True,
     val_organ_filter: ValOrganFilter | None = None,
     test_images: Sequence[str] | None = None,
+    min_val_patients: int = MIN_VAL_PATIENTS,
 ) -> Split:
     """Split labelled cases by patient under one of `PROTOCOLS`.
 
@@ -315,6 +320,8 @@ def make_split(
         test_images: in_domain and cross_organ: the test patients are exactly the patients of these images
             (paths relative to the index root, e.g. `read_fold`), instead of a ``test_fraction`` share;
             validation is drawn from the other patients. None: the seeded share.
+        min_val_patients: cross_organ, when validation organs are chosen: the validation patients a candidate
+            must show (`choose_val_organs`).
 
     Returns:
         A `Split`.
@@ -362,7 +369,7 @@ def make_split(
         idx = {s: [i for i, c in enumerate(cases) if c.patient in p] for s, p in (("train", train_p), ("val", val_p), ("test", test_p))}
         if protocol == "cross_organ":
             split = _cross_organ(cases, idx, all_organs, test_organs, val_organs, val_organ_count, seed,
-                                 exclude_test_organ_slices, val_organ_filter)
+                                 exclude_test_organ_slices, val_organ_filter, min_val_patients)
         else:
             split = Split(idx["train"], idx["val"], idx["test"], train_organs=all_organs, val_organs=all_organs,
                           test_organs=all_organs, protocol=protocol)

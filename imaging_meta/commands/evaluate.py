@@ -284,7 +284,9 @@ def _data_for_evaluation(path: Path, ckpt: dict, extra: dict, data_config) -> di
 def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Sequence[int], overrides: dict,
                  salt: str) -> dict[int, EpisodicDataModule]:
     """One datamodule per number of shots, set up for test, its task and split checked against the
-    checkpoint's. Every one is set up before any is scored, so that an infeasible one fails at once."""
+    checkpoint's. Every one is set up before any is scored, so that bad data fails at once. A number of shots
+    whose episodes the test split cannot give (too few patients or images for that many shots) is skipped with
+    a warning when fewer shots could be set up on the same data; the fewest shots' error is raised."""
     init_args = config.get("init_args") or {}
     if overrides.get("root") is not None and "root" not in init_args:
         raise ValueError("--data-root moves a segmentation data folder; for classification data pass a --data-config "
@@ -293,14 +295,21 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
     if isinstance(init_args.get("source"), dict):  # the ids of a configured item source are salted too
         overrides = {**overrides, "source": _with_salt(init_args["source"], salt)}
     expected = None if extra.get("label_free") else extra.get("split_digest")
-    dms = {}
+    dms: dict[int, EpisodicDataModule] = {}
+    skipped: dict[int, ValueError] = {}
     for k in sorted({int(s) for s in shots}):
         dm = build_datamodule(config, {**overrides, "n_shot": k})
         if get_task(dm.task) is not task:
             raise ValueError(f"{path}: a {task.name} checkpoint cannot be evaluated on {dm.task} data "
                              f"({config['class_path']}); give a {task.name} data config")
         dm.prepare_data()
-        dm.setup("test")
+        try:
+            dm.setup("test")
+        except ValueError as e:
+            if not dms:  # the same data with fewer shots failed too (or this is the fewest): not about shots
+                raise
+            skipped[k] = e  # fewer shots worked on the same data: too few patients or images for this many
+            continue
         if expected is not None and dm.split_digest() != expected:
             raise ValueError(
                 f"{path}: the data rebuilt for evaluation is not split as in training (split digest "
@@ -309,6 +318,9 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
                 "could hold patients, organs or classes the model trained on, so nothing was scored."
             )
         dms[k] = dm
+    for k, why in skipped.items():
+        logger.warning("%d-shot skipped: the test split cannot give %d-shot episodes (%s); scoring %s; "
+                       "pass --shots to choose", k, k, why, ", ".join(f"{j}-shot" for j in dms))
     return dms
 
 

@@ -65,10 +65,25 @@ def image_source(path: str | Path) -> str:
     return str(p)
 
 
-def modality_of(path: str | Path, given: str | None = None) -> str:
-    """CT or MR: ``given``, else the DICOM Modality or the BIDS sidecar's, else an error that says what to pass."""
+def modality_of(path: str | Path, given: str | None = None, default: str | None = None) -> str:
+    """CT or MR: ``given``, else the DICOM Modality or the BIDS sidecar's, else ``default`` (the checkpoint's
+    ``modality`` for files that do not say, as in training), else an error that says what to pass."""
     if given:
         return given.upper()
+    try:
+        return _declared_modality(path)
+    except _Undeclared as e:
+        if default:
+            logger.info("%s does not say its modality: %s, as the checkpoint's training data config says", path, default)
+            return default
+        raise ValueError(str(e)) from None
+
+
+class _Undeclared(Exception):
+    """A NIfTI file without a sidecar 'Modality'."""
+
+
+def _declared_modality(path: str | Path) -> str:
     p = Path(path)
     if p.is_dir():
         return _dicom_modality(p)
@@ -82,7 +97,7 @@ def modality_of(path: str | Path, given: str | None = None) -> str:
         mod = doc.get("Modality") if isinstance(doc, dict) else None
         if mod:
             return "MR" if str(mod).upper() in ("MR", "MRI") else str(mod).upper()
-    raise ValueError(f"{p}: cannot tell CT from MR (no DICOM header or sidecar 'Modality'); pass --modality CT or MR")
+    raise _Undeclared(f"{p}: cannot tell CT from MR (no DICOM header or sidecar 'Modality'); pass --modality CT or MR")
 
 
 def _dicom_modality(folder: Path) -> str:
@@ -215,7 +230,8 @@ def _segmenter(checkpoint: str | Path, device: torch.device) -> tuple[Learner, d
     return learner, pre
 
 
-def _support_volumes(tf_pair, supports, label_value, modality, max_support_slices) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _support_volumes(tf_pair, supports, label_value, modality, max_support_slices,
+                     default_modality: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Preprocessed (image, structure mask) volumes (H, W, D) of the supports, checked.
 
     Raises:
@@ -223,7 +239,8 @@ def _support_volumes(tf_pair, supports, label_value, modality, max_support_slice
     """
     out = []
     for image, label in supports:
-        d = tf_pair({"image": image_source(image), "label": str(label), "modality": modality_of(image, modality)})
+        d = tf_pair({"image": image_source(image), "label": str(label),
+                     "modality": modality_of(image, modality, default_modality)})
         lbl = d["label"][0]
         mask = (lbl > 0) if label_value is None else (lbl == label_value)
         what = "any non-zero voxel" if label_value is None else f"value {label_value}"
@@ -332,8 +349,9 @@ def segment(
     tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
     tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
 
-    supports_pre = _support_volumes(tf_pair, supports, label_value, modality, max_support_slices)
-    query_data = [tf_image({"image": image_source(q), "modality": modality_of(q, modality)}) for q in queries]
+    fallback = pre.get("modality")  # the data config's modality for files that do not say, when it set one
+    supports_pre = _support_volumes(tf_pair, supports, label_value, modality, max_support_slices, fallback)
+    query_data = [tf_image({"image": image_source(q), "modality": modality_of(q, modality, fallback)}) for q in queries]
     if adapt_steps > 0:
         from imaging_meta.adaptation import adapt  # looked up at call time (benchmarks.segment_cost times it)
 

@@ -240,3 +240,19 @@ def test_item_augmentation_components_and_dictionary_twin():
     assert set(out["label"].unique().tolist()) <= {0.0, 1.0}
     agree = ((out["image"] > 0.5) == (out["label"] > 0.5)).float().mean()
     assert agree > 0.9 and not torch.equal(out["label"], mask)
+
+
+def test_too_few_classes_for_disjoint_stages_says_how_many_are_needed(tmp_path):
+    """Five classes cannot give three stages of 5-way episodes. The errors used to point from one setting to the
+    next (val_classes_count, then 'no training classes', then 'no val episodes'); now one message says how many
+    classes the stages need and what to do (found by a review, 2026-12-05)."""
+    root = write_folder(tmp_path / "data", n_classes=5, per_class=4, dicom_class=False)
+    source = {"class_path": "datamodules.sources.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
+    dm = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), n_way=5, n_shot=1, n_query=1,
+                                  val_classes_count=5, test_classes_count=5)
+    with pytest.raises(ValueError, match=r"5 class\(es\), but .* \(train, val, test\) .* 15 classes are needed.*imaging-meta classify"):
+        dm.setup()
+    two = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), n_way=2, n_shot=1, n_query=1,
+                                   val_classes_count=0, test_classes_count=2, val_episodes=0)
+    two.setup()  # 2-way train and test from five classes, no validation
+    assert len(two.class_split["test"]) == 2 and len(two.class_split["train"]) == 3

@@ -175,3 +175,20 @@ def test_read_fold_gives_the_test_images_then_the_support_image(tmp_path):
         read_fold(path, 5)
     with pytest.raises(ValueError, match="cannot read it"):
         read_fold(tmp_path / "missing.json", 0)
+
+
+def test_a_validation_organ_is_chosen_only_where_an_episode_can_be_drawn():
+    """With ``n_query`` query patients, a one-shot validation episode needs 1 + n_query patients showing the organ.
+    An organ labelled in fewer validation patients used to be chosen and then refused by the sampler, naming an
+    organ the user never picked (found by a review, 2026-12-05)."""
+    from datamodules.indexing.splits import choose_val_organs
+
+    cs = [Case(case_id=f"c{i}", patient=f"p{i}", site="s", modality="CT", image="x", image_format="nifti", label="y",
+               organs={"liver": 1, "spleen": 2, **({"stomach": 3} if i < 2 else {})}) for i in range(4)]
+    val = [0, 1, 2, 3]
+    seeds_with_stomach = [s for s in range(20) if choose_val_organs(cs, val, ["spleen"], 1, s) == ["stomach"]]
+    assert seeds_with_stomach, "a seed picks the organ of two patients when two suffice"
+    for s in seeds_with_stomach:
+        assert choose_val_organs(cs, val, ["spleen"], 1, s, min_patients=3) == ["liver"]
+    with pytest.raises(ValueError, match="labelled in at least 5 validation patients"):
+        choose_val_organs(cs, val, ["spleen"], 1, 0, min_patients=5)

@@ -173,3 +173,39 @@ def test_an_earlier_runs_explanations_are_removed_and_nothing_else(tmp_path):
     assert remove_old_explanations(folder) == sorted(old)
     assert sorted(folder.iterdir()) == sorted(kept)
     assert remove_old_explanations(tmp_path / "absent") == []
+
+
+# ------------------------------------------------------------------------------------------ modality
+def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segment_follows_the_checkpoint(tmp_path):
+    """A NIfTI CT without a sidecar was scaled by percentiles in training and, given `--modality CT`, by the HU
+    window in `segment`: the model saw one scaling and was asked about the other (found by a review, 2026-12-05).
+    Now the data config's ``modality`` scales such volumes, is stored with the checkpoint's preprocessing, and
+    `segment` applies it to files that do not say."""
+    from datamodules.indexing.scan import scan_folder
+    from datamodules.segmentation import SegmentationDataModule
+    from imaging_meta.commands.segment import modality_of
+
+    vol = phantom(seed=1)
+    write_nifti(vol, affine_ras(), tmp_path / "root" / "p1.nii.gz")
+    write_nifti(label_for(vol), affine_ras(), tmp_path / "root" / "p1_label.nii.gz")
+    index = scan_folder(str(tmp_path / "root"), label_names={1: "liver"})
+    assert [c.modality for c in index.cases] == ["unknown"]
+
+    plain = SegmentationDataModule(root=str(tmp_path / "root"), cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match=r"1 volume\(s\) .* do not say their modality .* data.init_args.modality: CT"):
+        assert [c.modality for c in plain._with_modality(index).cases] == ["unknown"]
+    assert "modality" not in plain.preprocessing  # the settings (and cache digests) of every earlier run hold
+
+    ct = SegmentationDataModule(root=str(tmp_path / "root"), cache_dir=str(tmp_path / "cache"), modality="CT")
+    assert [c.modality for c in ct._with_modality(index).cases] == ["CT"]
+    assert ct.preprocessing["modality"] == "CT"
+    with pytest.raises(ValueError, match="modality must be CT or MR"):
+        SegmentationDataModule(root=str(tmp_path / "root"), modality="PET")
+
+    image = tmp_path / "root" / "p1.nii.gz"
+    assert modality_of(image, None, "CT") == "CT"  # the checkpoint's, for a file that does not say
+    assert modality_of(image, "MR", "CT") == "MR"  # --modality wins
+    with pytest.raises(ValueError, match=r"p1\.nii\.gz: cannot tell CT from MR .* pass --modality CT or MR"):
+        modality_of(image, None, None)
+    image.with_name("p1.json").write_text('{"Modality": "MR"}')
+    assert modality_of(image, None, "CT") == "MR"  # the file's own word wins over the checkpoint's

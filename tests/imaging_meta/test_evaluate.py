@@ -2,6 +2,7 @@
 digit, the split guard, the report files, on checkpoints written by a real (tiny) fit."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -203,7 +204,7 @@ def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, t
         evaluate(ckpt, tmp_path / "out", data_config=minimal)
 
 
-def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, capsys):
+def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, capsys, caplog):
     root = write_folder(tmp_path / "data", n_classes=6, per_class=6, dicom_class=False)
     source = {"class_path": "datamodules.sources.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
     dm = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), n_way=2, n_shot=1, n_query=2,
@@ -229,6 +230,11 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
     assert "accuracy per class" in " ".join(doc["figures"])
     assert cli_main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp.md")]) == 0
     assert "balanced_acc:" in (tmp_path / "cmp.md").read_text()
+    # a number of shots the test classes cannot give (5 + 2 queries > 6 images) is skipped, the others scored
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.evaluate"):
+        js, _ = evaluate(ckpt, tmp_path / "skip", shots=[1, 5], episodes=2, cache_dir=str(tmp_path / "cache"), n_panel=0)
+    assert set(json.loads(js.read_text())["summary"]) == {"1"}
+    assert any("5-shot skipped" in r.message and "usable class" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("protocol", ["in_domain", "cross_organ", "cross_site"])
