@@ -302,7 +302,10 @@ class ClassificationDataModule(EpisodicDataModule):
             return
         h = self.hparams
         self.table = table = self.source.load(self.cache_dir / "items" if self.cache_dir is not None else None)
-        stages = [n for n, k in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)) if k > 0]
+        planned = {"train": 1, "val": len(h.val_classes) if h.val_classes is not None else h.val_classes_count,
+                   "test": len(h.test_classes) if h.test_classes is not None else h.test_classes_count}
+        episodes = {"train": h.episodes_per_epoch, "val": h.val_episodes, "test": h.test_episodes}
+        stages = [n for n in ("train", "val", "test") if episodes[n] > 0 and planned[n] > 0]  # stages that get classes
         if len(table.classes) < h.n_way * len(stages):
             raise ValueError(
                 f"{getattr(self.source, 'root', None) or type(self.source).__name__}: "

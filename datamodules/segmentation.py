@@ -188,7 +188,7 @@ class SegmentationDataModule(EpisodicDataModule):
         test_fold: int | None = None,
     ) -> None:
         super().__init__()
-        if modality is not None and modality not in ("CT", "MR"):
+        if modality is not None and str(modality).upper() not in ("CT", "MR"):
             raise ValueError(f"modality must be CT or MR (for volumes whose files do not say), got {modality!r}")
         if (folds_file is None) != (test_fold is None):
             raise ValueError(f"folds_file and test_fold go together (got folds_file={folds_file!r}, test_fold={test_fold!r}): "
@@ -226,7 +226,7 @@ class SegmentationDataModule(EpisodicDataModule):
             "ct_window": [float(s) for s in h.ct_window],
             "mr_percentiles": [float(s) for s in h.mr_percentiles],
         }
-        return out if h.modality is None else out | {"modality": h.modality}  # only when set: earlier digests hold
+        return out if h.modality is None else out | {"modality": str(h.modality).upper()}  # only when set: digests hold
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -272,7 +272,7 @@ class SegmentationDataModule(EpisodicDataModule):
         unknown = [c for c in index.cases if normalise_modality(c.modality) is None]
         if not unknown:
             return index
-        given = self.hparams.modality
+        given = None if self.hparams.modality is None else str(self.hparams.modality).upper()
         if given is None:
             warnings.warn(
                 f"{len(unknown)} volume(s) under {self.root} do not say their modality (e.g. {unknown[0].image}: no "
@@ -303,7 +303,9 @@ class SegmentationDataModule(EpisodicDataModule):
             exclude_test_organ_slices=h.exclude_test_organ_slices,
             val_organ_filter=self._organs_that_keep_training if h.exclude_test_organ_slices else None,
             test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
-            min_val_patients=1 + h.n_query,  # a one-shot validation episode; independent of the shots evaluated
+            # a one-shot validation episode (independent of the shots evaluated); it changes no choice that could
+            # form validation episodes before, so the splits of earlier checkpoints hold
+            min_val_patients=1 + h.n_query if h.val_episodes > 0 else 2,
         )
         seen = sorted(set(split.val_organs) & set(split.test_organs))
         if split.protocol == "cross_organ" and seen and split.val and h.val_episodes > 0:

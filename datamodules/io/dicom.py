@@ -189,7 +189,7 @@ class DicomSeriesReader(ImageReader):
         headers: list[DicomHeader] = []
         for entry in sorted(os.listdir(folder)):
             p = os.path.join(folder, entry)
-            if not os.path.isfile(p) or is_nifti(p):
+            if not os.path.isfile(p) or is_nifti(p) or entry.startswith("."):  # AppleDouble ._x.dcm, .gitkeep
                 continue
             try:
                 ds, caught = read_dataset(p)
@@ -199,7 +199,7 @@ class DicomSeriesReader(ImageReader):
                         p, f"{e.reason}; a file named or marked as DICOM in a series folder must be readable - copy "
                         "it again from the source, or remove it if it is no slice of the series"
                     ) from e
-                (logger.debug if entry.startswith(".") else logger.warning)("skipping %s", e)
+                logger.warning("skipping %s", e)
                 continue
             header = self._header(ds, p, caught)
             if len(ds) == 0:  # a file meta header and nothing after it: a truncated file, not a non-image object

@@ -105,7 +105,7 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
                 raise ValueError(f"{p}: no PNG, JPEG, TIFF, BMP or DICOM image in this query folder")
             out += found
         elif p.is_file():
-            if p.suffix.lower() not in IMAGE_SUFFIXES and not (_maybe_dicom(p) and _is_dicom(p)):
+            if p.suffix.lower() not in IMAGE_SUFFIXES and (is_nifti(p.name) or not _is_dicom(p)):  # .IMA is DICOM
                 kind = (
                     "a NIfTI volume (use `imaging-meta segment` for volumes)" if is_nifti(p.name)
                     else f"a {p.suffix} file" if p.suffix else "no image suffix, and not DICOM"
@@ -306,6 +306,10 @@ def classify(
     if explain:
         planned += [(p, str(q)) for i, q in enumerate(qs) for p in explanation_paths(explain_dir(out), i, q)]
     check_outputs(planned, [f for f, _ in items] + qs)
+    inside = [f for f in [f for f, _ in items] + qs if explain and f.resolve().parent == explain_dir(out).resolve()]
+    if inside:
+        raise ValueError(f"{inside[0]}: an input inside {explain_dir(out)}, the explanations folder that --explain "
+                         "rewrites; move the inputs, or write the CSV elsewhere")
     dev = resolve_device(device)
     learner, extra = load_learner(checkpoint, dev)
     task = get_task(extra.get("task", learner.task))

@@ -282,7 +282,7 @@ def _data_for_evaluation(path: Path, ckpt: dict, extra: dict, data_config) -> di
 
 
 def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Sequence[int], overrides: dict,
-                 salt: str) -> dict[int, EpisodicDataModule]:
+                 salt: str) -> tuple[dict[int, EpisodicDataModule], dict[int, str]]:
     """One datamodule per number of shots, set up for test, its task and split checked against the
     checkpoint's. Every one is set up before any is scored, so that bad data fails at once. A number of shots
     whose episodes the test split cannot give (too few patients or images for that many shots) is skipped with
@@ -319,9 +319,9 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
             )
         dms[k] = dm
     for k, why in skipped.items():
-        logger.warning("%d-shot skipped: the test split cannot give %d-shot episodes (%s); scoring %s; "
-                       "pass --shots to choose", k, k, why, ", ".join(f"{j}-shot" for j in dms))
-    return dms
+        logger.warning("%d-shot skipped: the test split cannot give %d-shot episodes (%s); scoring %s only",
+                       k, k, why, ", ".join(f"{j}-shot" for j in dms))
+    return dms, {k: str(why) for k, why in skipped.items()}
 
 
 def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict]:
@@ -474,7 +474,7 @@ def evaluate(
                  "test_episodes_file": None, "num_workers": 0, "cache_dir": cache_dir, "batch_size": batch_size,
                  "root": data_root}
     salt = os.environ.get("IMAGING_META_SALT", "imaging-meta") if salt is None else salt
-    dms = _datamodules(path, config, extra, task, shots, overrides, salt)
+    dms, skipped = _datamodules(path, config, extra, task, shots, overrides, salt)
     records, episode_files, describe = [], {}, {}
     panels = PanelKeeper(task, n_panel, threshold) if n_panel > 0 else None
     spacing = None
@@ -488,6 +488,8 @@ def evaluate(
     context = _context(path, out, extra, task, describe, episode_files, name=name, seed=seed, episodes=episodes,
                        threshold=threshold, spacing=spacing, device=dev.type)
     context["interval"] = interval_description(interval, N_BOOT, seed)
+    if skipped:  # asked for, but the test split cannot give them: said in results.json, not only in the log
+        context["skipped_shots"] = {str(k): why for k, why in skipped.items()}
     summary = evaluation_summary(task, records, seed=seed, interval=interval, n_boot=N_BOOT)
     texts: dict[str, Path] = {}
     if scan_protocols:

@@ -30,6 +30,7 @@ from nibabel.spatialimages import SpatialImage
 
 from datamodules.indexing.inputs import Reject
 from datamodules.indexing.volumes import label_data_values, load_nifti
+from datamodules.io.atomic import current_umask
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
 from datamodules.sources.image_folder import PIL_EXTENSIONS
@@ -196,6 +197,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[
     os.close(fd)
     try:
         nib.save(img, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: the mode a plain save would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

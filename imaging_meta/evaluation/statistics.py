@@ -423,7 +423,8 @@ def episode_score_bootstrap(cell: Sequence[tuple[dict, dict | None, int | None]]
 
     Returns:
         ``{"mean", "ci95", "ci_low", "ci_high", "n_episodes", "n_patients"}`` (bounds None with fewer than two
-        patients).
+        patients), and ``n_resamples``: the resamples that could score the cell (one that drew none of the
+        patients holding a class has no AUC for it and is left out of the percentiles).
     """
     patients = sorted({p for ep, _, _ in cell for p in ep["patients"]})
     pos = {p: i for i, p in enumerate(patients)}
@@ -446,8 +447,12 @@ def episode_score_bootstrap(cell: Sequence[tuple[dict, dict | None, int | None]]
            "ci_high": None, "n_episodes": len(cell), "n_patients": len(patients)}
     if len(patients) < 2:
         return out
-    lo, hi = _percentiles(value(_resample_counts(len(patients), seed, n_boot)))
-    return out | {"ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi}
+    boot = value(_resample_counts(len(patients), seed, n_boot))
+    boot = boot[~np.isnan(boot)]  # resamples that drew no patient able to score the cell (a rare class's AUC)
+    if boot.size < 2:
+        return out
+    lo, hi = _percentiles(boot)
+    return out | {"ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi, "n_resamples": int(boot.size)}
 
 
 def _episode_score_summary(recs: Sequence[dict], metric: str, groups: Sequence[str], opts: dict) -> tuple[dict, dict]:

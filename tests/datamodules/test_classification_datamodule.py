@@ -253,6 +253,6 @@ def test_too_few_classes_for_disjoint_stages_says_how_many_are_needed(tmp_path):
     with pytest.raises(ValueError, match=r"5 class\(es\), but .* \(train, val, test\) .* 15 classes are needed.*imaging-meta classify"):
         dm.setup()
     two = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), n_way=2, n_shot=1, n_query=1,
-                                   val_classes_count=0, test_classes_count=2, val_episodes=0)
-    two.setup()  # 2-way train and test from five classes, no validation
+                                   val_classes_count=0, test_classes_count=2)
+    two.setup()  # 2-way train and test from five classes; no validation classes, so no validation (as before)
     assert len(two.class_split["test"]) == 2 and len(two.class_split["train"]) == 3

@@ -120,6 +120,8 @@ def test_a_damaged_slice_of_a_series_folder_is_named_not_skipped(tmp_path, damag
 def test_a_stray_file_in_a_series_folder_is_skipped_with_a_warning(tmp_path, caplog):
     write_series(tmp_path / "series", phantom(shape=(12, 10, 6), seed=0), affine_ras(), seed=0)
     (tmp_path / "series" / "README").write_text("exported by the scanner")
+    (tmp_path / "series" / "._IM_0001.dcm").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata
+    (tmp_path / "series" / ".gitkeep").write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="datamodules.io.dicom"):
         arr, _ = DicomSeriesReader().get_data(DicomSeriesReader().read(str(tmp_path / "series")))
     assert arr.shape[-1] == 6
@@ -161,6 +163,18 @@ def test_classify_skips_stray_files_without_suffix_and_refuses_volumes_as_querie
     volume = write_nifti(phantom(seed=0), affine_ras(), tmp_path / "scan.nii.gz")
     with pytest.raises(ValueError, match=r"scan\.nii\.gz: a NIfTI volume \(use `imaging-meta segment`"):
         query_files([volume])
+    dicom = sorted(write_series(tmp_path / "series", phantom(shape=(12, 10, 6), seed=0), affine_ras(), seed=0))[0]
+    ima = dicom.with_name("X0001.IMA")  # a Siemens name: DICOM whatever the suffix
+    dicom.rename(ima)
+    assert query_files([ima]) == [ima]
+    with pytest.raises(ValueError, match=r"notes\.txt: a \.txt file; classify reads 2D images"):
+        (tmp_path / "notes.txt").write_text("x")
+        query_files([tmp_path / "notes.txt"])
+    explain_folder = tmp_path / "pred_explain"
+    explain_folder.mkdir()
+    (queries / "q0.png").rename(explain_folder / "q0.png")
+    with pytest.raises(ValueError, match=r"q0\.png: an input inside .*pred_explain, the explanations folder"):
+        classify(NEVER_READ, support, [explain_folder], tmp_path / "pred.csv", explain=True)
 
 
 def test_an_earlier_runs_explanations_are_removed_and_nothing_else(tmp_path):
@@ -209,3 +223,18 @@ def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segmen
         modality_of(image, None, None)
     image.with_name("p1.json").write_text('{"Modality": "MR"}')
     assert modality_of(image, None, "CT") == "MR"  # the file's own word wins over the checkpoint's
+
+
+def test_masks_are_written_with_the_usual_permissions(tmp_path):
+    """The atomic write goes through a temporary file (mode 0600): the mask gets the mode a plain save gives."""
+    import os
+
+    from imaging_meta.commands.segment import _save_nifti
+
+    old = os.umask(0o022)
+    try:
+        path = _save_nifti(np.zeros((4, 4, 2), np.uint8), np.eye(4), tmp_path / "m.nii.gz")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz"]  # no temporary file left

@@ -234,6 +234,7 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.evaluate"):
         js, _ = evaluate(ckpt, tmp_path / "skip", shots=[1, 5], episodes=2, cache_dir=str(tmp_path / "cache"), n_panel=0)
     assert set(json.loads(js.read_text())["summary"]) == {"1"}
+    assert "usable class" in json.loads(js.read_text())["context"]["skipped_shots"]["5"]
     assert any("5-shot skipped" in r.message and "usable class" in r.message for r in caplog.records)
 
 

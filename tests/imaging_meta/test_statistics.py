@@ -235,3 +235,28 @@ def test_balanced_accuracy_has_an_interval_as_wide_as_accuracy_when_queries_are_
     d_acc, d_bal = shot["differences"]["acc"]["untrained encoder"]["all"], shot["differences"]["balanced_acc"]["untrained encoder"]["all"]
     assert d_bal["mean"] == pytest.approx(d_acc["mean"], abs=1e-6)
     assert 0.7 < d_bal["ci95"] / d_acc["ci95"] < 1.4
+
+
+def test_a_rare_class_keeps_an_interval_when_some_resamples_draw_none_of_its_patients():
+    """A class held by 2 of 18 patients is absent from about e^-2 of the resamples, which have no AUC for it; those
+    resamples are left out of the percentiles instead of making both bounds NaN (found by a review, 2026-12-05)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for e in range(30):
+        for q in range(6):
+            label = q % 3
+            patient = f"p{label}-{rng.integers(2 if label == 0 else 8)}"
+            for method, s in ((TRAINED, 2.0), ("untrained encoder", 0.0)):
+                logits = rng.normal(0, 1, 3)
+                logits[label] += s
+                probs = torch.tensor(logits).softmax(0).tolist()
+                recs.append({"method": method, "episode": e, "shot": 1, "site": "s", "patient": patient,
+                             "query_id": f"q{q}", "class": f"c{label}", "classes": ["c0", "c1", "c2"], "label": label,
+                             "probs": probs, "acc": float(int(np.argmax(probs)) == label)})
+    s = evaluation_summary(CLASSIFICATION, recs, seed=0, interval=PATIENT_BOOTSTRAP, n_boot=500)["1"]
+    rare = s["auc"][TRAINED]["class"]["c0"]
+    assert rare["ci_low"] is not None and rare["ci_low"] <= rare["mean"] <= rare["ci_high"]
+    assert 0.5 * 500 < rare["n_resamples"] < 500
+    assert not math.isnan(s["differences"]["auc"]["untrained encoder"]["class"]["c0"]["ci95"])
