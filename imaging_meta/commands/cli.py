@@ -152,9 +152,13 @@ def _tool_parser() -> argparse.ArgumentParser:
     d.add_argument("--patients-per-site", type=int, default=12)
     d.add_argument("--if-missing", action="store_true", help="do nothing when a complete cohort is already there")
 
-    s = sub.add_parser("scan", help="index a folder of DICOM series and NIfTI volumes")
+    s = sub.add_parser("scan", help="index a folder of DICOM series and NIfTI volumes (a preview: fit makes its own "
+                                    "index from the data config, under cache_dir)")
     s.add_argument("root", help="folder to scan")
     s.add_argument("--out", required=True, help="index JSON to write")
+    s.add_argument("--label-names", nargs="+", default=None, metavar="VALUE=NAME",
+                   help="structure names of label values, as the data config's label_names (e.g. 1=liver 2=spleen); "
+                        "a Decathlon dataset.json names them too")
     s.add_argument("--site-fields", nargs="+", default=None, help="header fields that build the site key")
     s.add_argument("--salt", default=os.environ.get("IMAGING_META_SALT", "imaging-meta"),
                    help="secret for pseudonymous ids (or env IMAGING_META_SALT)")
@@ -337,7 +341,13 @@ def _run_tool(argv: Sequence[str]) -> int:
         from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
 
         fields = tuple(args.site_fields) if args.site_fields else DEFAULT_SITE_FIELDS
-        index = scan_to_file(args.root, args.out, site_fields=fields, salt=args.salt)
+        names = {}
+        for pair in args.label_names or []:
+            value, sep, name = pair.partition("=")
+            if not sep or not value.strip().isdigit() or not name.strip():
+                raise ValueError(f"--label-names: {pair!r} is not VALUE=NAME with an integer value (e.g. 1=liver)")
+            names[int(value)] = name.strip()
+        index = scan_to_file(args.root, args.out, site_fields=fields, salt=args.salt, label_names=names or None)
         sys.stdout.write(index.summary() + f"\nindex written to {args.out}\n")
         return 0
     if args.command == "prepare":

@@ -238,3 +238,19 @@ def test_masks_are_written_with_the_usual_permissions(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz"]  # no temporary file left
+
+
+def test_scan_names_label_values_as_the_data_config_does(tmp_path, capsys):
+    from imaging_meta.commands.cli import cli_main
+
+    vol = phantom(seed=1)
+    write_nifti(vol, affine_ras(), tmp_path / "root" / "p1.nii.gz")
+    write_nifti(label_for(vol), affine_ras(), tmp_path / "root" / "p1_label.nii.gz")
+    assert cli_main(["scan", str(tmp_path / "root"), "--out", str(tmp_path / "index.json"), "--label-names", "1=liver"]) == 0
+    assert '"liver"' in (tmp_path / "index.json").read_text()
+    from imaging_meta.commands.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["scan", str(tmp_path / "root"), "--out", str(tmp_path / "x.json"), "--label-names", "liver"])
+    assert e.value.code == 1 and "--label-names: 'liver' is not VALUE=NAME" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
