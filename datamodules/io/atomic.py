@@ -35,7 +35,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give the file the mode a plain open() would
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain open() would
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
@@ -46,8 +46,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         raise
 
 
-def current_umask() -> int:
-    """The process umask (read by setting it and setting it back)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

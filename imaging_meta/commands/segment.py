@@ -15,10 +15,9 @@ patient data. The DICOM Segmentation is the exception: it must copy the source's
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
@@ -30,7 +29,7 @@ from nibabel.spatialimages import SpatialImage
 
 from datamodules.indexing.inputs import Reject
 from datamodules.indexing.volumes import label_data_values, load_nifti
-from datamodules.io.atomic import current_umask
+from datamodules.io.atomic import atomic_open
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
 from datamodules.sources.image_folder import PIL_EXTENSIONS
@@ -187,21 +186,15 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[
     affine as both sform and qform with ``codes`` (sform, qform; default 1, scanner coordinates, as the DICOM
     converters write them; `segment` passes a NIfTI query's own).
 
-    The file is complete or absent: it is written beside ``path`` under a temporary name, then renamed."""
+    The file is complete or absent (`datamodules.io.atomic.atomic_open`): the gzip stream is written to a temporary
+    file beside ``path``, which then takes its name."""
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     img.set_sform(np.asarray(affine, dtype=np.float64), code=int(codes[0]))
     img.set_qform(np.asarray(affine, dtype=np.float64), code=int(codes[1]))
     img.header["descrip"] = b""
     img.header["aux_file"] = b""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: the mode a plain save would give
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
+        img.to_file_map({"image": nib.FileHolder(fileobj=gz)})  # nibabel's own .nii.gz level
     return path
 
 
