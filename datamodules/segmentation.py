@@ -30,7 +30,7 @@ from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index
 from datamodules.indexing.pseudonyms import normalise_modality
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
-from datamodules.indexing.splits import PROTOCOLS, Split, make_split, read_fold
+from datamodules.indexing.splits import MIN_VAL_PATIENTS, PROTOCOLS, Split, make_split, read_fold
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
 from datamodules.sampling.samplers_segmentation import (
@@ -226,7 +226,13 @@ class SegmentationDataModule(EpisodicDataModule):
             "ct_window": [float(s) for s in h.ct_window],
             "mr_percentiles": [float(s) for s in h.mr_percentiles],
         }
-        return out if h.modality is None else out | {"modality": str(h.modality).upper()}  # only when set: digests hold
+        modality = self._modality_for_unknown
+        return out if modality is None else out | {"modality": modality}  # only when set: earlier digests hold
+
+    @property
+    def _modality_for_unknown(self) -> str | None:
+        """``CT`` or ``MR`` for volumes whose files do not say (the ``modality`` setting, upper case), or None."""
+        return None if self.hparams.modality is None else str(self.hparams.modality).upper()
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -272,7 +278,7 @@ class SegmentationDataModule(EpisodicDataModule):
         unknown = [c for c in index.cases if normalise_modality(c.modality) is None]
         if not unknown:
             return index
-        given = None if self.hparams.modality is None else str(self.hparams.modality).upper()
+        given = self._modality_for_unknown
         if given is None:
             warnings.warn(
                 f"{len(unknown)} volume(s) under {self.root} do not say their modality (e.g. {unknown[0].image}: no "
@@ -305,7 +311,7 @@ class SegmentationDataModule(EpisodicDataModule):
             test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
             # a one-shot validation episode (independent of the shots evaluated); it changes no choice that could
             # form validation episodes before, so the splits of earlier checkpoints hold
-            min_val_patients=1 + h.n_query if h.val_episodes > 0 else 2,
+            min_val_patients=1 + h.n_query if h.val_episodes > 0 else MIN_VAL_PATIENTS,
         )
         seen = sorted(set(split.val_organs) & set(split.test_organs))
         if split.protocol == "cross_organ" and seen and split.val and h.val_episodes > 0:

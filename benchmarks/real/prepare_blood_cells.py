@@ -23,8 +23,6 @@ cells), and a classifier that reads only grey levels throws that away.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import sys
 import xml.etree.ElementTree as ET
@@ -35,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks.real.prepare_classification import check_set, evenly, summary
+from benchmarks.real.prepare_classification import check_set, digests, evenly, summary, write_set
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "classification" / "cells_blood"
@@ -92,24 +90,15 @@ def build(source: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode="RGB").save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", type=Path, required=True, help="a checkout of github.com/Shenggan/BCCD_Dataset")
     ap.add_argument("--write", action="store_true", help="write the PNGs and the manifest (default: check only)")
     args = ap.parse_args(argv)
     images = build(args.source)
-    manifest = {rel: hashlib.sha256(a.tobytes()).hexdigest() for rel, a in sorted(images.items())}
+    manifest = digests(images)
     if args.write:
-        for rel, a in images.items():
-            path = OUT / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(_png(a))
+        write_set(OUT, images)
         MANIFEST.write_text(json.dumps({"cells_blood": manifest}, indent=1, sort_keys=True) + "\n")
     bad = check_set(OUT, json.loads(MANIFEST.read_text())["cells_blood"], manifest)
     print(summary("cells_blood", images))

@@ -144,10 +144,19 @@ def build() -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode="L").save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+def digests(images: dict[str, np.ndarray]) -> dict[str, str]:
+    """A set's manifest: the sha256 of each image's pixels, by its path in the set."""
+    return {rel: hashlib.sha256(a.tobytes()).hexdigest() for rel, a in sorted(images.items())}
+
+
+def write_set(root: Path, images: dict[str, np.ndarray]) -> None:
+    """Write a set's images under ``root`` as PNGs: 8-bit grey (H, W) or RGB (H, W, 3), as the arrays are."""
+    for rel, a in images.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(a, mode="RGB" if a.ndim == 3 else "L").save(buf, format="PNG", optimize=False)
+        path.write_bytes(buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,14 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", action="store_true", help="write the PNGs and manifest.json (default: check only)")
     args = ap.parse_args(argv)
     sets = build()
-    manifest = {name: {rel: hashlib.sha256(a.tobytes()).hexdigest() for rel, a in sorted(images.items())}
-                for name, images in sets.items()}
+    manifest = {name: digests(images) for name, images in sets.items()}
     if args.write:
         for name, images in sets.items():
-            for rel, a in images.items():
-                path = OUT / name / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(_png(a))
+            write_set(OUT / name, images)
         (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     expected = json.loads((OUT / "manifest.json").read_text())
     bad = [b for name, images in expected.items() for b in check_set(OUT / name, images, manifest.get(name, {}))]

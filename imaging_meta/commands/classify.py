@@ -305,8 +305,9 @@ def classify(
     planned = [(out, "the predictions CSV")]
     if explain:
         planned += [(p, str(q)) for i, q in enumerate(qs) for p in explanation_paths(explain_dir(out), i, q)]
-    check_outputs(planned, [f for f, _ in items] + qs)
-    inside = [f for f in [f for f, _ in items] + qs if explain and f.resolve().parent == explain_dir(out).resolve()]
+    inputs = [f for f, _ in items] + qs
+    check_outputs(planned, inputs)
+    inside = [f for f in inputs if f.resolve().parent == explain_dir(out).resolve()] if explain else []
     if inside:
         raise ValueError(f"{inside[0]}: an input inside {explain_dir(out)}, the explanations folder that --explain "
                          "rewrites; move the inputs, or write the CSV elsewhere")
