@@ -23,7 +23,7 @@ help:  ## list the targets
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,jpeg]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install imaging-meta with its pinned dependencies
@@ -93,7 +93,7 @@ test-full: install  ## every test, the slow ones included
 	$(PY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,bench]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,jpeg,bench]"
 	touch $@
 
 install-bench: $(VENV)/.installed-bench  ## install the benchmark extra (the peer library `higher`)
@@ -111,7 +111,7 @@ typecheck: install  ## mypy on imaging_meta and datamodules
 	$(VENV)/bin/mypy --cache-dir $(VENV)/.mypy_cache
 
 $(VENV)/.installed-docs: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,docs]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,jpeg,docs]"
 	touch $@
 
 install-docs: $(VENV)/.installed-docs  ## install the docs extra (MkDocs)
