@@ -41,7 +41,7 @@ from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from pydicom.dataset import Dataset
 
-from datamodules.io.dicom_checks import JPEG_EXTRA, decoder_problem
+from datamodules.io.dicom_checks import JPEG_EXTRA, decoder_problem, non_image_kind
 from datamodules.io.dicom_enhanced import read_frames
 from datamodules.io.dicom_errors import DicomError, DicomSeriesError, NotDicomError
 from datamodules.io.dicom_files import checked_header, group_series, read_dataset, read_header
@@ -76,6 +76,7 @@ __all__ = [
     "series_affine",
     "decoder_problem",
     "JPEG_EXTRA",
+    "non_image_kind",
     "load_series_array",
     "NIFTI_SUFFIXES",
     "is_nifti",
@@ -94,8 +95,9 @@ class _LoadedSeries:
 
 
 def _not_an_image(h: DicomHeader) -> bool:
-    """True for a DICOMDIR or a file without pixel data (structure sets, reports...)."""
-    return h.is_dicomdir or bool(h.problem and h.problem.startswith("no pixel data"))
+    """True for a DICOMDIR, an object that is no image by its modality (structure sets, RT dose, reports...)
+    or a file without pixel data."""
+    return non_image_kind(h) is not None or bool(h.problem and h.problem.startswith("no pixel data"))
 
 
 def _claims_dicom(path: str) -> bool:

@@ -85,10 +85,38 @@ _MULTI_FRAME_FIX = "convert it to a NIfTI volume (e.g. `dcm2niix -z y <folder>`)
 _ENHANCED_NAMES = "Enhanced or Legacy Converted Enhanced CT/MR Image Storage"
 
 
-def _kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
-    """Why the file is not an image at all (a DICOMDIR, no pixel data, a SEG object), or None."""
+#: modalities of DICOM objects that are not images of the patient, even those that carry pixel data (an RT
+#: Dose grid, a SEG): structure sets, plans, dose, reports, presentation states, key objects, registrations
+NON_IMAGE_MODALITIES = {
+    "RTSTRUCT": "an RT structure set (contours)",
+    "RTPLAN": "an RT plan",
+    "RTDOSE": "an RT dose grid (radiation dose, not an image of the patient)",
+    "RTRECORD": "an RT treatment record",
+    "SR": "a structured report",
+    "PR": "a presentation state",
+    "KO": "a key object selection",
+    "REG": "a spatial registration",
+    "DOC": "an encapsulated document",
+}
+
+
+def non_image_kind(h: DicomHeader) -> str | None:
+    """What the object is when, by its header alone, it is not an image (a DICOMDIR, an RT structure set, plan
+    or dose, a report...), or None. Needs no pixel data: works on headers read with ``stop_before_pixels``."""
     if h.is_dicomdir:
-        return "a DICOMDIR (media index), not an image"
+        return "a DICOMDIR (media index)"
+    kind = NON_IMAGE_MODALITIES.get(h.modality)
+    if kind is None and h.sop_class.startswith("RT ") and "Image" not in h.sop_class:
+        kind = f"an {h.sop_class} object"
+    return kind
+
+
+def kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
+    """Why the file is not an image at all (a DICOMDIR, an RT or report object, no pixel data, a SEG object),
+    or None."""
+    kind = non_image_kind(h)
+    if kind is not None:
+        return f"{kind}, not an image ({h.describe()})" if not h.is_dicomdir else f"{kind}, not an image"
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             return f"float pixel data is not supported yet ({h.describe()})"
@@ -236,7 +264,7 @@ def file_problem(ds: Dataset, h: DicomHeader) -> str | None:
         The reason, naming what to do, or None when the file can be a slice.
     """
     return (
-        _kind_problem(ds, h)
+        kind_problem(ds, h)
         or _frames_problem(ds, h)
         or _pixel_format_problem(ds, h)
         or _geometry_problem(ds, h)

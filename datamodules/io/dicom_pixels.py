@@ -18,7 +18,7 @@ from datamodules.io.dicom_header import DicomHeader
 from datamodules.io.dicom_series import DicomSeries
 
 
-def _pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
+def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
     """The stored values of the file as pydicom decodes them (no rescale); `DicomError` naming the fix."""
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:  # headerless files read with force=True
@@ -32,13 +32,20 @@ def _pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as e:
-        fix = decoder_problem(h.transfer_syntax) or "check the file, or convert it to an uncompressed transfer syntax"
+        fix = decoder_problem(h.transfer_syntax)
+        if fix is None:
+            fix = (
+                "the compressed pixel data is corrupt or the decoder cannot read it; copy the file again from the "
+                "source, or convert it to an uncompressed transfer syntax"
+                if h.transfer_syntax and UID(h.transfer_syntax).is_compressed
+                else "the pixel data is truncated or corrupt; copy the file again from the source"
+            )
         raise DicomError(h.path, f"cannot decode the pixel data ({type(e).__name__}: {e}); {fix}") from e
 
 
 def _decode_slice(ds: Dataset, h: DicomHeader) -> np.ndarray:
     """Pixel array of one slice, (Rows, Columns) float32 with the modality rescale applied."""
-    arr = _pixel_array(ds, h)
+    arr = stored_pixel_array(ds, h)
     if arr.shape != (h.rows, h.columns):
         raise DicomError(h.path, f"decoded pixel array has shape {arr.shape}, expected ({h.rows}, {h.columns})")
     return _physical(arr, ds, h)
@@ -46,7 +53,7 @@ def _decode_slice(ds: Dataset, h: DicomHeader) -> np.ndarray:
 
 def _decode_frames(ds: Dataset, h: DicomHeader) -> np.ndarray:
     """Stored values of every frame of a multi-frame file, (NumberOfFrames, Rows, Columns), no rescale."""
-    arr = _pixel_array(ds, h)
+    arr = stored_pixel_array(ds, h)
     expected = (h.number_of_frames, h.rows, h.columns)
     if arr.shape == expected[1:] and h.number_of_frames == 1:
         arr = arr[None]
@@ -60,12 +67,12 @@ def _physical(arr: np.ndarray, ds: Dataset, h: DicomHeader) -> np.ndarray:
     the slice's RescaleSlope/RescaleIntercept."""
     stored = arr.astype(np.float64)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
-        stored = _invert_monochrome1(stored, ds, arr.dtype)
+        stored = invert_monochrome1(stored, ds, arr.dtype)
     out = stored * h.rescale_slope + h.rescale_intercept
     return out.astype(np.float32)
 
 
-def _invert_monochrome1(stored: np.ndarray, ds: Dataset, dtype: np.dtype) -> np.ndarray:
+def invert_monochrome1(stored: np.ndarray, ds: Dataset, dtype: np.dtype) -> np.ndarray:
     """MONOCHROME1 (the minimum is displayed white) as MONOCHROME2: each stored value v becomes lo + hi - v over
     the stored range [lo, hi] of BitsStored and PixelRepresentation (of the decoded dtype when BitsStored is
     missing), the same for every slice, so a series keeps one intensity scale, as the 2D reader does."""

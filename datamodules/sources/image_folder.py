@@ -48,6 +48,9 @@ import torch.nn.functional as F
 
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
 from datamodules.io.dicom import DicomError, NotDicomError, checked_header, read_dataset
+from datamodules.io.dicom_checks import kind_problem
+from datamodules.io.dicom_header import as_int, get_value
+from datamodules.io.dicom_pixels import invert_monochrome1, stored_pixel_array
 from datamodules.sources.items import ItemSource, ItemTable
 
 #: 2D image files read with Pillow (TIFF: single-page, 8/16-bit or float grey, or RGB, as pathology tiles are)
@@ -119,30 +122,32 @@ def _read_pil(path: Path) -> _Read:
 
 
 def _read_dicom(path: Path, ct_window: Sequence[float]) -> _Read:
+    """One 2D DICOM image by the volume reader's rules (`datamodules.io.dicom_pixels`): the same decoding
+    (headerless files, a missing PhotometricInterpretation), MONOCHROME1 inverted over the stored range before the
+    rescale; palette colour becomes RGB; objects that are not images (`dicom_checks.kind_problem`) are refused."""
     ds, caught = read_dataset(str(path))  # NotDicomError / DicomError name the file
     h = checked_header(ds, str(path), DEFAULT_SITE_FIELDS, caught)
-    if h.is_dicomdir:
-        raise DicomError(path, "a DICOMDIR (media index), not an image; remove it from the class folder")
-    if h.number_of_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-        raise DicomError(
-            path,
-            f"multi-frame DICOM (NumberOfFrames={h.number_of_frames}): a class folder holds single-frame 2D images; "
-            "export the frames as separate files",
-        )
-    if "PixelData" not in ds:
-        raise DicomError(path, f"no pixel data ({h.describe()}): not an image, or a truncated copy; copy it again")
-    try:
-        arr = np.asarray(ds.pixel_array, dtype=np.float64)
-    except Exception as e:  # pydicom raises many types on undecodable pixel data
-        from datamodules.io.dicom_checks import decoder_problem
-
-        fix = decoder_problem(h.transfer_syntax) if h.transfer_syntax else None
-        raise DicomError(
-            path, f"cannot decode the pixel data ({type(e).__name__}: {e}); "
-            + (fix or "the pixel data is truncated or corrupt - copy the file again from the source")
-        ) from e
+    kind = kind_problem(ds, h)
+    if kind is not None:
+        raise DicomError(path, kind if h.is_dicomdir else f"{kind}; a class or query folder holds 2D images")
+    frames = as_int(get_value(ds, "NumberOfFrames", 1))
+    if frames is None:
+        raise DicomError(path, f"invalid NumberOfFrames {get_value(ds, 'NumberOfFrames')!r}: the header is corrupt")
+    if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        what = f"multi-frame DICOM (NumberOfFrames={frames})" if frames > 1 else "an enhanced (multi-frame) DICOM object"
+        raise DicomError(path, f"{what}: a class or query folder holds single-frame 2D images; export the frames as separate files")
+    arr = stored_pixel_array(ds, h)  # DicomError naming the fix
+    stored_dtype = arr.dtype
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if arr.ndim == 3 and arr.shape[-1] == 3 and h.samples_per_pixel == 3:
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as e:  # a missing or malformed lookup table
+            raise DicomError(path, f"palette colour image whose colour lookup table cannot be applied ({type(e).__name__}: {e})") from e
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 3 and arr.shape[-1] == 3:
         arr = _grey_if_equal(arr)
         return _Read(_scale(arr, path), 1 if arr.ndim == 2 else 3, ds, h)
     if arr.ndim != 2:
@@ -150,14 +155,20 @@ def _read_dicom(path: Path, ct_window: Sequence[float]) -> _Read:
     slope, intercept = h.rescale_slope, h.rescale_intercept
     if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
         raise DicomError(path, f"invalid RescaleSlope/RescaleIntercept ({slope}, {intercept})")
+    if photometric == "MONOCHROME1":  # as in a volume: bright is bright, one intensity scale for every file
+        arr = invert_monochrome1(arr, ds, stored_dtype)
     arr = arr * slope + intercept
     if h.modality == "CT":
         lo, hi = (float(v) for v in ct_window)
         out = _scale(arr, path, lo, hi)
+        if not out.max() > out.min():
+            where = "below" if out.max() <= 0 else "above" if out.min() >= 1 else None
+            raise DicomError(
+                path, f"every pixel lies {where} the CT window [{lo:g}, {hi:g}] HU: nothing to see in it; remove it, "
+                "or set a wider ct_window" if where else f"constant image (every pixel is {arr.flat[0]:g} HU); remove it"
+            )
     else:
         out = _scale(arr, path)
-    if photometric == "MONOCHROME1":
-        out = 1.0 - out
     return _Read(out, 1, ds, h)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from datamodules.io.atomic import atomic_open
-from datamodules.io.dicom import DicomError, NotDicomError, read_dataset
+from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_image_kind, read_dataset
 from datamodules.io.nifti_names import is_nifti
 from datamodules.progress import progress
 from datamodules.sources.image_folder import DICOM_EXTENSIONS, PIL_EXTENSIONS
@@ -40,15 +40,24 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (*PIL_EXTENSIONS, *DICOM_EXTENSIONS)
 
 
-def _is_dicom(path: Path) -> bool:
-    """Whether a file without a suffix is DICOM (a corrupt DICOM file counts: reading it then names the problem)."""
+def _dicom_kind(path: Path) -> str | None:
+    """``"image"`` for a DICOM file that may be an image (a corrupt one counts: reading it then names the
+    problem), what it is for a DICOM object that is no image by its header (a DICOMDIR, an RT structure set, a
+    report: `datamodules.io.dicom.non_image_kind`), None for a file that is not DICOM."""
     try:
-        read_dataset(str(path), stop_before_pixels=True)
+        ds, caught = read_dataset(str(path), stop_before_pixels=True)
     except NotDicomError:
-        return False
+        return None
     except DicomError:
-        return True
-    return True
+        return "image"
+    try:
+        return non_image_kind(checked_header(ds, str(path), (), caught)) or "image"
+    except DicomError:
+        return "image"
+
+
+def _is_dicom(path: Path) -> bool:
+    return _dicom_kind(path) is not None
 
 
 def _maybe_dicom(path: Path) -> bool:
@@ -58,19 +67,25 @@ def _maybe_dicom(path: Path) -> bool:
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted: image suffixes, and DICOM files named without one (no
-    suffix, or a UID). Such a file that is not DICOM (a README, a lock file) is skipped with a warning, as ``fit``
-    skips it."""
+    suffix, or a UID). As ``fit`` does, a file named without an image suffix that is not DICOM (a README, a lock
+    file), and a DICOM object that is no image (a DICOMDIR, a structure set, a report, a presentation state: PACS
+    exports hold them beside the images), are skipped with a warning."""
     files = []
     for f in sorted(folder.rglob("*")):
         if not f.is_file() or f.name.startswith("."):
             continue
-        if _maybe_dicom(f):
-            if _is_dicom(f):
-                files.append(f)
-            else:
-                logger.warning("skipping %s: not DICOM, and its name has no image suffix", f)
-        elif f.suffix.lower() in IMAGE_SUFFIXES:
+        maybe = _maybe_dicom(f)
+        if not maybe and f.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        kind = _dicom_kind(f) if maybe or f.suffix.lower() in DICOM_EXTENSIONS else "image"
+        if kind == "image":
             files.append(f)
+        elif kind is None and maybe:
+            logger.warning("skipping %s: not DICOM, and its name has no image suffix", f)
+        elif kind is None:
+            files.append(f)  # named .dcm but not DICOM: reading it names the problem
+        else:
+            logger.warning("skipping %s: %s, not an image", f, kind)
     return files
 
 

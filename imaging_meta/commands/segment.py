@@ -62,6 +62,11 @@ def image_source(path: str | Path) -> str:
             "folders, for images and label maps alike. Save the picture as a one-slice NIfTI volume, e.g. "
             "nibabel.save(nibabel.Nifti1Image(array[:, :, None], numpy.eye(4)), 'image.nii.gz')"
         )
+    if p.is_file() and not is_nifti(p.name):
+        raise ValueError(
+            f"{p}: not a NIfTI file (.nii, .nii.gz); segment reads NIfTI volumes and DICOM series folders. For a DICOM "
+            "series pass the folder that holds its files, not one file"
+        )
     return str(p)
 
 
@@ -101,22 +106,29 @@ def _declared_modality(path: str | Path) -> str:
 
 
 def _dicom_modality(folder: Path) -> str:
-    """The Modality of the first DICOM file in ``folder`` that states one (headers only).
+    """The Modality of the first DICOM image file in ``folder`` that states one (headers only); objects that are
+    no image (a structure set, a report, a DICOMDIR: `datamodules.io.dicom.non_image_kind`), which the series
+    reader leaves out too, do not count.
 
     Raises:
         ValueError: an empty folder, one without a readable DICOM file, or files without a Modality.
     """
-    from datamodules.io.dicom import DicomError, read_dataset
+    from datamodules.io.dicom import DicomError, checked_header, non_image_kind, read_dataset
 
     files = sorted(f for f in folder.iterdir() if f.is_file())
     if not files:
         raise ValueError(f"{folder}: no files in this folder; give a NIfTI file or a folder that holds one DICOM series")
     unreadable: list[DicomError] = []
+    others: list[str] = []
     for f in files:
         try:
-            ds, _ = read_dataset(str(f), stop_before_pixels=True)
+            ds, caught = read_dataset(str(f), stop_before_pixels=True)
+            kind = non_image_kind(checked_header(ds, str(f), (), caught))
         except DicomError as e:
             unreadable.append(e)
+            continue
+        if kind is not None:
+            others.append(f"{f.name}: {kind}")
             continue
         modality = str(ds.get("Modality", "") or "").strip().upper()
         if modality:
@@ -124,6 +136,9 @@ def _dicom_modality(folder: Path) -> str:
     if len(unreadable) == len(files):
         raise ValueError(f"{folder}: none of its {len(files)} files is a readable DICOM file (e.g. {unreadable[0]}); "
                          "give a NIfTI file or a folder that holds one DICOM series")
+    if len(unreadable) + len(others) == len(files):
+        raise ValueError(f"{folder}: no DICOM image in this folder ({'; '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); give a folder that holds one DICOM series")
     raise ValueError(f"{folder}: no DICOM file in this folder states its Modality; pass --modality CT or MR")
 
 

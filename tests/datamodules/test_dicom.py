@@ -183,7 +183,9 @@ def test_multi_frame_no_pixels_colour_geometry_and_codec(tmp_path):
     edit(paths[2], colour)
     edit(paths[3], lambda ds: delattr(ds, "ImagePositionPatient"))
     assert read_header(paths[0]).problem.startswith("multi-frame images are not supported yet (NumberOfFrames=2")
-    assert read_header(paths[1]).problem == "no pixel data (RTSTRUCT, RT Structure Set Storage): not an image"
+    assert read_header(paths[1]).problem == (
+        "an RT structure set (contours), not an image (RTSTRUCT, RT Structure Set Storage)"
+    )
     assert read_header(paths[2]).problem.startswith("not a grey-level volume (SamplesPerPixel=3")
     assert read_header(paths[3]).problem.startswith("missing ImagePositionPatient")
     if decoder_problem(JPEGLSLossless) is None:

@@ -90,8 +90,41 @@ def test_ct_window_and_monochrome1(tmp_path):
         d.PhotometricInterpretation = "MONOCHROME1"
 
     edit(f, mono1)
-    x3 = load_image(f, image_size=[2, 4], ct_window=[-250, 250])[0].numpy()
-    assert np.allclose(x3, 1 - x, atol=1e-6)
+    # the volume reader's rule (datamodules.io.dicom_pixels): the stored values are inverted over the stored range
+    # (v -> lo + hi - v), then rescaled and windowed; a series and its slices read as 2D images agree
+    ds = pydicom.dcmread(f)
+    bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    inverted_hu = (lo + hi - ds.pixel_array.astype(np.float64)) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    x3 = load_image(f, image_size=[2, 4], ct_window=[-1e5, 1e5])[0].numpy()
+    assert np.allclose(x3, np.clip((inverted_hu + 1e5) / 2e5, 0, 1), atol=1e-6)
+    # without a window (not CT: min-max scaling) inverting first is the same as showing the image inverted
+    edit(f, lambda d: setattr(d, "Modality", "CR"))
+    x4 = load_image(f, image_size=[2, 4])[0].numpy()
+    assert np.allclose(x4, 1 - (hu - hu.min()) / (hu.max() - hu.min()), atol=1e-6)
+
+
+def test_monochrome1_image_reads_as_its_slice_in_a_volume(tmp_path):
+    """classify and fit/segment read one MONOCHROME1 CT slice the same way (the volume reader's rule)."""
+    from datamodules.io.dicom import DicomSeriesReader
+    from tests.datamodules.dicom_fixtures import phantom, write_series
+
+    paths = write_series(tmp_path / "s", phantom((16, 16, 3)), slope=0.5, intercept=-100.0, signed=True)
+
+    def to_monochrome1(d):
+        stored = d.pixel_array.astype(np.int64)
+        bits = int(d.BitsStored)
+        d.PixelData = ((-(2 ** (bits - 1)) + 2 ** (bits - 1) - 1) - stored).astype(d.pixel_array.dtype).tobytes()
+        d.PhotometricInterpretation = "MONOCHROME1"
+
+    for p in paths:
+        edit(p, to_monochrome1)
+    reader = DicomSeriesReader()
+    volume, _ = reader.get_data(reader.read([str(p) for p in paths]))  # (X, Y, Z) in HU
+    window = (-1000.0, 1000.0)
+    image = load_image(paths[1], image_size=[16, 16], ct_window=window)[0].numpy()  # (rows, columns)
+    expected = np.clip((volume[:, :, 1].T - window[0]) / (window[1] - window[0]), 0, 1)
+    assert np.allclose(image, expected, atol=1e-6)
 
 
 def test_bad_inputs_raise_naming_the_file(tmp_path):
@@ -210,3 +243,40 @@ def test_tiff_and_bmp_tiles_load_like_png(tmp_path):
     Image.fromarray(pattern(0, 0)).save(pages, save_all=True, append_images=[Image.fromarray(pattern(1, 0))])
     with pytest.raises(ValueError, match=r"pages\.tif: an animated/multi-page image \(2 frames\)"):
         load_image(pages)
+
+
+def test_palette_colour_headerless_and_windowed_out_dicom_images(tmp_path):
+    """The 2D reader decodes as the volume reader does (a file without its file meta header, without
+    PhotometricInterpretation), turns palette colour into RGB, and refuses an image the CT window blanks."""
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_color_lut
+
+    palette = get_testdata_file("examples_palette.dcm")  # shipped inside pydicom: no download
+    ds = pydicom.dcmread(palette)
+    rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float64)
+    expected = (rgb - rgb.min()) / (rgb.max() - rgb.min())
+    image = load_image(palette, image_size=list(rgb.shape[:2]), channels=3).numpy()
+    assert np.allclose(image, expected.transpose(2, 0, 1), atol=1e-6)
+
+    hu = np.array([[-1000.0, -250.0, 0.0, 250.0], [1000.0, 125.0, -125.0, 0.0]])
+    f = write_dicom(tmp_path / "ct", hu, "a.dcm")
+    reference = load_image(f, image_size=[2, 4])
+    plain = pydicom.dcmread(f)
+    del plain.PhotometricInterpretation
+    bare = tmp_path / "bare"
+    plain.preamble, meta = None, plain.file_meta  # a data set alone: no preamble, no file meta header
+    plain.file_meta = pydicom.dataset.FileMetaDataset()
+    pydicom.filewriter.write_dataset(pydicom.filebase.DicomFileLike(open(bare, "wb")), plain)
+    assert meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert torch.equal(load_image(bare, image_size=[2, 4]), reference)
+
+    dark = write_dicom(tmp_path / "dark", np.full((4, 4), -900.0) + np.eye(4), "d.dcm")
+    with pytest.raises(ValueError, match=r"d\.dcm: every pixel lies below the CT window \[-250, 250\] HU"):
+        load_image(dark, image_size=[4, 4], ct_window=[-250, 250])
+    edit(f, lambda d: setattr(d, "NumberOfFrames", 1))
+    data = f.read_bytes()
+    element = b"\x28\x00\x08\x00IS\x02\x001 "  # (0028,0008) IS "1 " in explicit VR little endian
+    assert data.count(element) == 1
+    f.write_bytes(data.replace(element, element[:-2] + b"1A"))  # garbled, as some exporters write it
+    with pytest.raises(ValueError, match=r"a\.dcm: invalid NumberOfFrames '1A'"):
+        load_image(f, image_size=[2, 4])

@@ -285,7 +285,9 @@ def test_dicom_rejections(tree):
     assert "mixed orientations" in rejection(index, "dicom/patF/orient")
     assert "pixel data is truncated" in rejection(index, "dicom/patG/trunc")
     assert "multi-frame images are not supported yet" in rejection(index, "dicom/misc/mf/IM_0001.dcm")
-    assert "no pixel data (RTSTRUCT, RT Structure Set Storage)" in rejection(index, "dicom/misc/rs/IM_0001.dcm")
+    assert "an RT structure set (contours), not an image (RTSTRUCT, RT Structure Set Storage)" in rejection(
+        index, "dicom/misc/rs/IM_0001.dcm"
+    )
     assert rejection(index, "dicom/misc/notes.txt").startswith("not an image file we read (text")
 
 

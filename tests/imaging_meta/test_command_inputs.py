@@ -254,3 +254,61 @@ def test_scan_names_label_values_as_the_data_config_does(tmp_path, capsys):
         main(["scan", str(tmp_path / "root"), "--out", str(tmp_path / "x.json"), "--label-names", "liver"])
     assert e.value.code == 1 and "--label-names: 'liver' is not VALUE=NAME" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ DICOM objects that are no image
+RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"  # RT Dose Storage: pixel data, but a dose grid
+RT_STRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+def _as(path: Path, modality: str, sop_class: str, keep_pixels: bool = True) -> Path:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.Modality, ds.SOPClassUID = modality, sop_class
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()  # an RT object is a series of its own
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    if not keep_pixels:
+        del ds.PixelData
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_objects_that_are_no_image_are_skipped_in_folders_and_refused_as_files(tmp_path, folders, caplog):
+    """A PACS export holds structure sets, dose grids and DICOMDIRs beside the images: classify's folders skip
+    them with a warning; given as a file, each is refused naming what it is; segment's modality and the series
+    reader ignore them."""
+    import shutil
+
+    from datamodules.sources.image_folder import load_image
+    from imaging_meta.commands.segment import modality_of
+
+    support, queries = folders
+    series = write_series(tmp_path / "series", phantom((12, 10, 4), 0), affine_ras())
+    dose = _as(Path(shutil.copy(series[0], queries / "dose.dcm")), "RTDOSE", RT_DOSE)
+    struct = _as(Path(shutil.copy(series[0], support / "a" / "RS1")), "RTSTRUCT", RT_STRUCT, keep_pixels=False)
+    with caplog.at_level(logging.WARNING):
+        assert [f.name for f in query_files([queries])] == ["q0.png", "q1.png"]
+        assert [f.name for f, _ in support_folder(support)[1]] == ["a0.png", "a1.png", "b0.png", "b1.png"]
+    assert "dose.dcm: an RT dose grid (radiation dose, not an image of the patient), not an image" in caplog.text
+    assert "RS1: an RT structure set (contours), not an image" in caplog.text
+    with pytest.raises(ValueError, match=r"dose\.dcm: an RT dose grid .*not an image \(RTDOSE, RT Dose Storage\)"):
+        load_image(dose)
+    # segment: the structure set, first in name order, sets no modality; a dose grid is no image of a series
+    shutil.copy(struct, series[0].parent / "0000_RS.dcm")
+    assert modality_of(series[0].parent) == "CT"
+    assert DicomSeriesReader().read(str(series[0].parent)).series.headers[0].modality == "CT"
+    only_dose = tmp_path / "dose_series"
+    only_dose.mkdir()
+    shutil.copy(dose, only_dose / "d1.dcm")
+    with pytest.raises(ValueError, match=r"dose_series: no DICOM image in this folder \(d1\.dcm: an RT dose grid"):
+        modality_of(only_dose)
+    with pytest.raises(ValueError, match="no DICOM image series in this folder"):
+        DicomSeriesReader().read(str(only_dose))
+
+
+def test_segment_refuses_one_dicom_file_and_names_its_series_folder(tmp_path, scans):
+    image, label = scans
+    one = write_series(tmp_path / "series", phantom((12, 10, 4), 0), affine_ras())[0]
+    with pytest.raises(ValueError, match=r"IM_0001\.dcm: not a NIfTI file .*pass the folder that holds its files"):
+        segment(NEVER_READ, [(image, label)], [one], tmp_path / "out")
