@@ -416,7 +416,7 @@ def build_from_config(path: str | Path, overrides: dict | None = None, device: s
     Returns:
         ``(learner, optimizer, init_args)``.
     """
-    from imaging_meta.learners.base import build_learner
+    from imaging_meta.learners.base import build_learner, keep_channels_last_on_cpu
 
     cfg = load_yaml(path)["model"]
     lcfg = cfg["learner"]
@@ -431,6 +431,7 @@ def build_from_config(path: str | Path, overrides: dict | None = None, device: s
             init[k] = v
     torch.manual_seed(seed)
     learner = build_learner({"class_path": lcfg["class_path"], "init_args": init}).to(device)
+    keep_channels_last_on_cpu(learner, device)  # as `imaging-meta fit` and `load_learner` do
     ocfg = cfg.get("optimizer") or {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}
     opt_cls = learner_class(ocfg["class_path"])
     params = [p for p in learner.parameters() if p.requires_grad]

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules.io.atomic import atomic_open
-from imaging_meta.learners.base import Learner, build_learner
+from imaging_meta.learners.base import Learner, build_learner, keep_channels_last_on_cpu
 from imaging_meta.pretrained import without_weights
 
 #: class paths of checkpoints written before the subpackages (imaging-meta 0.1.0, main up to 544d8f2)
@@ -144,7 +144,9 @@ def load_learner(checkpoint: str | os.PathLike, device: str | torch.device = "cp
         learner.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit {extra['learner_config']['class_path']}: {e}") from e
-    return learner.to(device).eval(), extra
+    learner = learner.to(device).eval()
+    keep_channels_last_on_cpu(learner, device)
+    return learner, extra
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

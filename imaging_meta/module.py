@@ -50,7 +50,7 @@ from imaging_meta.evaluation.panels import episode_panel
 from imaging_meta.evaluation.reports import write_report
 from imaging_meta.evaluation.scoring import learner_choices, score_batch
 from imaging_meta.evaluation.statistics import EPISODE_T, differences, interval_description, summarize
-from imaging_meta.learners.base import Learner
+from imaging_meta.learners.base import Learner, keep_channels_last_on_cpu
 from imaging_meta.tasks import COPY_MASK, Task, get_task, task_of_episode
 
 __all__ = ["COPY_MASK", "HP_METRICS", "TRAINED", "UNTRAINED", "EpisodicModule", "rng_states", "set_rng_states"]
@@ -249,7 +249,12 @@ class EpisodicModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Log `run_hparams` with the `HP_METRICS` once per logger, before Lightning logs its own hparams:
-        TensorBoard shows the first hparams of a run, so ours are the ones the HPARAMS tab lists."""
+        TensorBoard shows the first hparams of a run, so ours are the ones the HPARAMS tab lists.
+
+        Before that, on every rank and before the strategy moves or wraps the model, a learner training on a CPU
+        keeps its Conv-4's weights channels-last (`imaging_meta.learners.base.keep_channels_last_on_cpu`)."""
+        if self._trainer is not None:
+            keep_channels_last_on_cpu(self.learner, self.trainer.strategy.root_device)
         if stage == "predict" or self._trainer is None or self.global_rank != 0:
             return
         params = None

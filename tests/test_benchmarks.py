@@ -172,3 +172,12 @@ def test_classification_calibration_ece_by_hand():
     assert ece(np.ones(4), np.zeros(4)) == pytest.approx(1.0)
     # two bins: 0.95 confidence right half the time (gap 0.45), 0.55 confidence always right (gap 0.45)
     assert ece(np.array([0.95, 0.95, 0.55, 0.55]), np.array([1.0, 0.0, 1.0, 1.0])) == pytest.approx(0.45)
+
+
+def test_memory_format_times_both_layouts_and_reports_what_a_cpu_picks():
+    from benchmarks.memory_format import measure
+
+    rows = measure(32, ["protonet_cls", "maml_cls", "protonet_seg"], repeat=1, warmup=0)
+    assert [r[:2] for r in rows] == [["32x32", "protonet_cls"], ["32x32", "maml_cls"], ["32x32", "protonet_seg"]]
+    assert all(r[2] > 0 and r[3] > 0 and r[4] == r[3] / r[2] for r in rows)
+    assert [r[5] for r in rows] == ["channels-last", "default", "default"]
