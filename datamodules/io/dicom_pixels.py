@@ -4,6 +4,8 @@ multi-frame file go through the same inversion and rescale (each with its own sl
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,6 +19,8 @@ from datamodules.io.dicom_files import read_dataset
 from datamodules.io.dicom_header import DicomHeader
 from datamodules.io.dicom_series import DicomSeries
 
+logger = logging.getLogger(__name__)
+
 
 def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
     """The stored values of the file as pydicom decodes them (no rescale); `DicomError` naming the fix."""
@@ -29,8 +33,18 @@ def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
         # a required element some exporters drop; the header check reads its absence as MONOCHROME2, and so
         # must the decoder (pydicom refuses to decode without it)
         ds.PhotometricInterpretation = "MONOCHROME2"
+    # pydicom both logs and warns (e.g. about padding) without naming the file: its warnings are logged here
+    # with the file's path instead, and its own log line is held back while it decodes
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
     try:
-        return ds.pixel_array
+        pydicom_log.setLevel(logging.ERROR)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            arr = ds.pixel_array
+        for w in dict.fromkeys(str(w.message) for w in caught):
+            logger.warning("%s: %s", h.path, w)
+        return arr
     except Exception as e:
         fix = decoder_problem(h.transfer_syntax)
         if fix is None:
@@ -41,6 +55,8 @@ def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
                 else "the pixel data is truncated or corrupt; copy the file again from the source"
             )
         raise DicomError(h.path, f"cannot decode the pixel data ({type(e).__name__}: {e}); {fix}") from e
+    finally:
+        pydicom_log.setLevel(level)
 
 
 def _decode_slice(ds: Dataset, h: DicomHeader) -> np.ndarray:

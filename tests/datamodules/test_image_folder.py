@@ -280,3 +280,15 @@ def test_palette_colour_headerless_and_windowed_out_dicom_images(tmp_path):
     f.write_bytes(data.replace(element, element[:-2] + b"1A"))  # garbled, as some exporters write it
     with pytest.raises(ValueError, match=r"a\.dcm: invalid NumberOfFrames '1A'"):
         load_image(f, image_size=[2, 4])
+
+
+def test_a_decoder_warning_names_the_file(caplog):
+    import logging
+
+    from pydicom.data import get_testdata_file
+
+    padded = get_testdata_file("MR_small_padded.dcm")  # shipped inside pydicom; 128 bytes of excess padding
+    with caplog.at_level(logging.WARNING):
+        load_image(padded)
+    lines = [r.getMessage() for r in caplog.records if "excess padding" in r.getMessage()]
+    assert lines and all(line.startswith(f"{padded}: ") for line in lines)
