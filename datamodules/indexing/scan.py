@@ -69,6 +69,7 @@ from datamodules.io.dicom import (
     group_series,
     is_nifti,
     nifti_stem,
+    non_image_kind,
     order_series,
     read_header,
 )
@@ -279,6 +280,9 @@ class _Scanner:
                 logger.debug("%s: pydicom: %s", self.rel(p), w)
         if h.is_dicomdir:
             self.account(p)  # the media index of a DICOM disc; the series are read from their own files
+            return None
+        if non_image_kind(h) is not None:  # rejected on its own, even when it carries the images' series UID
+            self.reject(p, h.problem or f"{non_image_kind(h)}, not an image")
             return None
         return h
 

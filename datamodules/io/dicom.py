@@ -206,9 +206,13 @@ class DicomSeriesReader(ImageReader):
             header = self._header(ds, p, caught)
             if len(ds) == 0:  # a file meta header and nothing after it: a truncated file, not a non-image object
                 raise DicomError(p, header.problem or "no data element after the file meta header: the file is truncated")
+            kind = non_image_kind(header)
+            if kind is not None and not header.is_dicomdir:  # even with the images' SeriesInstanceUID
+                logger.warning("skipping %s: %s, not an image", p, kind)
+                continue
             headers.append(header)
             datasets[p] = ds
-        # series without any image (structure sets, reports, a DICOMDIR) do not count
+        # series without any image (reports, a DICOMDIR, files without pixel data) do not count
         groups = {k: v for k, v in group_series(headers).items() if not all(_not_an_image(h) for h in v)}
         if not groups:
             raise DicomSeriesError([folder], "no DICOM image series in this folder")

@@ -97,6 +97,11 @@ NON_IMAGE_MODALITIES = {
     "KO": "a key object selection",
     "REG": "a spatial registration",
     "DOC": "an encapsulated document",
+    "SEG": "a DICOM Segmentation (SEG)",
+    "ECG": "a waveform (ECG)",
+    "HD": "a waveform (hemodynamic)",
+    "EPS": "a waveform (cardiac electrophysiology)",
+    "AU": "an audio recording",
 }
 
 
@@ -108,12 +113,16 @@ def non_image_kind(h: DicomHeader) -> str | None:
     kind = NON_IMAGE_MODALITIES.get(h.modality)
     if kind is None and h.sop_class.startswith("RT ") and "Image" not in h.sop_class:
         kind = f"an {h.sop_class} object"
+    if kind is None and any(w in h.sop_class for w in ("Waveform", "Segmentation Storage", "Presentation State")):
+        kind = f"a {h.sop_class} object"
     return kind
 
 
 def kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
     """Why the file is not an image at all (a DICOMDIR, an RT or report object, no pixel data, a SEG object),
     or None."""
+    if h.modality == "SEG" or "Segmentation Storage" in h.sop_class:
+        return "a DICOM SEG object: segmentations are read as NIfTI label maps; export it to NIfTI first"
     kind = non_image_kind(h)
     if kind is not None:
         return f"{kind}, not an image ({h.describe()})" if not h.is_dicomdir else f"{kind}, not an image"
@@ -131,8 +140,6 @@ def kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
                 "during copying) or was stripped of its pixels; copy it again from the source"
             )
         return f"no pixel data ({h.describe()}): not an image"
-    if h.modality == "SEG":
-        return "a DICOM SEG object: segmentations are read as NIfTI label maps; export it to NIfTI first"
     return None
 
 

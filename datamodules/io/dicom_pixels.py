@@ -5,8 +5,8 @@ multi-frame file go through the same inversion and rescale (each with its own sl
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
+from contextvars import ContextVar
 
 import numpy as np
 import pydicom
@@ -19,7 +19,23 @@ from datamodules.io.dicom_files import read_dataset
 from datamodules.io.dicom_header import DicomHeader
 from datamodules.io.dicom_series import DicomSeries
 
-logger = logging.getLogger(__name__)
+#: the file that pydicom is decoding in this thread or task, if any
+_DECODING: ContextVar[str | None] = ContextVar("imaging_meta_dicom_decoding", default=None)
+
+
+class _NameTheFile(logging.Filter):
+    """Prefix pydicom's log lines (e.g. about excess padding), which do not name the file, with the path of the
+    file being decoded, in the thread that decodes it; other lines pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = _DECODING.get()
+        if path is not None and not getattr(record, "names_the_file", False):
+            record.msg, record.args = f"{path}: {record.getMessage()}", None
+            record.__dict__["names_the_file"] = True
+        return True
+
+
+logging.getLogger("pydicom").addFilter(_NameTheFile())
 
 
 def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
@@ -33,18 +49,9 @@ def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
         # a required element some exporters drop; the header check reads its absence as MONOCHROME2, and so
         # must the decoder (pydicom refuses to decode without it)
         ds.PhotometricInterpretation = "MONOCHROME2"
-    # pydicom both logs and warns (e.g. about padding) without naming the file: its warnings are logged here
-    # with the file's path instead, and its own log line is held back while it decodes
-    pydicom_log = logging.getLogger("pydicom")
-    level = pydicom_log.level
+    token = _DECODING.set(h.path)  # pydicom's log lines while it decodes name the file (`_NameTheFile`)
     try:
-        pydicom_log.setLevel(logging.ERROR)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            arr = ds.pixel_array
-        for w in dict.fromkeys(str(w.message) for w in caught):
-            logger.warning("%s: %s", h.path, w)
-        return arr
+        return ds.pixel_array
     except Exception as e:
         fix = decoder_problem(h.transfer_syntax)
         if fix is None:
@@ -56,7 +63,7 @@ def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
             )
         raise DicomError(h.path, f"cannot decode the pixel data ({type(e).__name__}: {e}); {fix}") from e
     finally:
-        pydicom_log.setLevel(level)
+        _DECODING.reset(token)
 
 
 def _decode_slice(ds: Dataset, h: DicomHeader) -> np.ndarray:

@@ -35,6 +35,7 @@ source ``name`` (default: the root folder's name).
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
-from datamodules.io.dicom import DicomError, NotDicomError, checked_header, read_dataset
+from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_image_kind, read_dataset
 from datamodules.io.dicom_checks import kind_problem
 from datamodules.io.dicom_header import as_int, get_value
 from datamodules.io.dicom_pixels import invert_monochrome1, stored_pixel_array
@@ -60,6 +61,8 @@ DEFAULT_EXTENSIONS = [*PIL_EXTENSIONS, *DICOM_EXTENSIONS, ""]  # "": extension-l
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 
+
+logger = logging.getLogger(__name__)
 
 @dataclass
 class _Read:
@@ -170,6 +173,15 @@ def _read_dicom(path: Path, ct_window: Sequence[float]) -> _Read:
     else:
         out = _scale(arr, path)
     return _Read(out, 1, ds, h)
+
+
+def _no_image(path: Path) -> bool:
+    """A DICOM object that is no image by its header (`datamodules.io.dicom.non_image_kind`)."""
+    try:
+        ds, caught = read_dataset(str(path), stop_before_pixels=True)
+        return non_image_kind(checked_header(ds, str(path), (), caught)) is not None
+    except DicomError:
+        return False
 
 
 def _is_pil(path: Path) -> bool:
@@ -361,6 +373,11 @@ class ImageFolder(ItemSource):
                 except NotDicomError:
                     if f.suffix == "":  # an extension-less file that is not DICOM: a stray file
                         skipped.append(f)
+                        continue
+                    raise
+                except DicomError as e:
+                    if not _is_pil(f) and _no_image(f):  # a DICOMDIR, structure set, report... beside the images
+                        logger.warning("skipping %s: %s", f, e.reason)
                         continue
                     raise
                 first_of.setdefault(read.channels, f)

@@ -292,3 +292,21 @@ def test_a_decoder_warning_names_the_file(caplog):
         load_image(padded)
     lines = [r.getMessage() for r in caplog.records if "excess padding" in r.getMessage()]
     assert lines and all(line.startswith(f"{padded}: ") for line in lines)
+
+
+def test_decoding_in_threads_names_each_file_and_leaves_logging_as_it_was(caplog):
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydicom.data import get_testdata_file
+
+    padded, plain = get_testdata_file("MR_small_padded.dcm"), get_testdata_file("CT_small.dcm")
+    pydicom_log = logging.getLogger("pydicom")
+    level, filters = pydicom_log.level, list(pydicom_log.filters)
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(4) as pool:
+        list(pool.map(load_image, [padded, plain] * 8))
+        pydicom_log.warning("a line outside decoding")
+    lines = [r.getMessage() for r in caplog.records if "excess padding" in r.getMessage()]
+    assert len(lines) == 8 and all(line.startswith(f"{padded}: ") for line in lines)
+    assert "a line outside decoding" in [r.getMessage() for r in caplog.records]
+    assert pydicom_log.level == level and pydicom_log.filters == filters

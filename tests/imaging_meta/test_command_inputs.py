@@ -312,3 +312,48 @@ def test_segment_refuses_one_dicom_file_and_names_its_series_folder(tmp_path, sc
     one = write_series(tmp_path / "series", phantom((12, 10, 4), 0), affine_ras())[0]
     with pytest.raises(ValueError, match=r"IM_0001\.dcm: not a NIfTI file .*pass the folder that holds its files"):
         segment(NEVER_READ, [(image, label)], [one], tmp_path / "out")
+
+
+def test_an_rt_object_with_the_images_series_uid_and_a_seg_beside_a_series_are_left_out(tmp_path, caplog):
+    """Anonymisers can give every file of a folder one SeriesInstanceUID: a structure set then joins the CT's
+    series; a SEG sits beside it as a series of its own. Neither is read as a slice, nor sets the modality."""
+    import shutil
+
+    import pydicom
+
+    from datamodules.indexing.scan import scan_folder
+    from imaging_meta.commands.segment import modality_of
+
+    folder = tmp_path / "data" / "ct"
+    series = write_series(folder, phantom((12, 10, 4), 0), affine_ras())
+    same_uid = Path(shutil.copy(series[0], folder / "0000_RS.dcm"))
+    ds = pydicom.dcmread(same_uid)
+    ds.Modality, ds.SOPClassUID = "RTSTRUCT", RT_STRUCT
+    ds.file_meta.MediaStorageSOPClassUID = RT_STRUCT
+    del ds.PixelData
+    ds.save_as(same_uid, enforce_file_format=True)
+    _as(Path(shutil.copy(series[1], folder / "0001_SEG.dcm")), "SEG", "1.2.840.10008.5.1.4.1.1.66.4")
+    with caplog.at_level(logging.WARNING):
+        read = DicomSeriesReader().read(str(folder))
+    assert len(read.series.headers) == 4 and "0000_RS.dcm: an RT structure set (contours), not an image" in caplog.text
+    assert modality_of(folder) == "CT"
+    index = scan_folder(tmp_path / "data")
+    assert [len(c.image) for c in index.cases] == [4]
+    reasons = {Path(r.path).name: r.reason for r in index.rejected}
+    assert reasons["0000_RS.dcm"].startswith("an RT structure set (contours), not an image")
+    assert reasons["0001_SEG.dcm"].startswith("a DICOM SEG object: segmentations are read as NIfTI label maps")
+
+
+def test_fit_and_classify_skip_the_same_objects_in_a_class_folder(tmp_path, folders, caplog):
+    import shutil
+
+    from datamodules.sources.image_folder import ImageFolder
+
+    support, _ = folders
+    dicom = write_series(tmp_path / "s", phantom((12, 10, 2), 0), affine_ras())[0]
+    _as(Path(shutil.copy(dicom, support / "a" / "RS.dcm")), "RTSTRUCT", RT_STRUCT, keep_pixels=False)
+    with caplog.at_level(logging.WARNING):
+        table = ImageFolder(str(support)).build()
+    assert len(table.images) == 4 and list(table.labels) == [0, 0, 1, 1]
+    assert "RS.dcm: an RT structure set (contours), not an image" in caplog.text
+    assert [f.name for f, _ in support_folder(support)[1]] == ["a0.png", "a1.png", "b0.png", "b1.png"]
