@@ -1,4 +1,4 @@
-"""Two one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
+"""Three one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
 
     python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
 
@@ -9,7 +9,9 @@ equally (docs/classification.md). This script measures, on the same seeded 1-sho
 * ``aug<prior>``: weights fitted, as at K >= 2 (`weighting.fit_weights`), on ``--copies`` augmented views of each
   support image (`support_finetune.augment_views`) taken as pseudo-queries of known class, scored against the
   unaugmented support; the prior counts support images, not views;
-* ``px<size>``: the default with a coarser pixel descriptor inside the weighting.
+* ``px<size>``: the default with a coarser pixel descriptor inside the weighting;
+* ``trans<rounds>``: weights fitted on the task's queries, labelled by the weighted rule's own prediction
+  (transductive self-training; never the queries' labels).
 
 It prints one line per set and method (accuracy, 95% interval, paired difference from raw pixels) and the mean
 fitted weights of the ``aug`` rows.
@@ -28,6 +30,7 @@ from imaging_meta.commands.classify import loader_settings
 from imaging_meta.episode import Episode
 from imaging_meta.learners.descriptors.task_adaptive import DEFAULT, TaskAdaptiveClassifier, mark_colour
 from imaging_meta.learners.descriptors.weighting import (
+    SCALE,
     fit_weights,
     query_distances,
     squared_distances,
@@ -75,6 +78,35 @@ class AugmentedOneShot(TaskAdaptiveClassifier):
         return logits.softmax(-1).float(), mark_colour(records, ep)
 
 
+class TransductiveOneShot(TaskAdaptiveClassifier):
+    """At K = 1, the weights fitted (as at K >= 2) on the task's own queries, labelled by the current weighted
+    rule's prediction (their true labels are never read), for ``rounds`` rounds from equal weights."""
+
+    def __init__(self, *args, rounds: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds = rounds
+
+    def _predict(self, ep: Episode):
+        n_way, labels = episode_n_way(ep), ep.support_labels
+        if bool((class_onehot(labels, n_way).sum(1) >= 2).any()):
+            return super()._predict(ep)
+        with torch.no_grad():
+            base = self.base_spaces(self.task_spaces(ep))
+            d = torch.stack([query_distances(fs, labels, fq, n_way) for fs, fq in base.values()], 1)
+            beta = torch.full((labels.shape[0], d.shape[1]), SCALE / d.shape[1])
+            for _ in range(self.rounds):
+                pseudo = weighted_logits(d, beta).argmax(-1)
+                beta = fit_weights(list(d.unbind(1)), pseudo, torch.ones_like(pseudo, dtype=torch.bool), self.prior)
+            logits = weighted_logits(d, beta)
+            w = beta / beta.sum(-1, keepdim=True)
+            records = [
+                {"space": "transductive", "rule": DEFAULT, "weights": dict(zip(base, map(float, w[t]), strict=True)),
+                 "loo_accuracy": {}, "loo_items": 0}
+                for t in range(labels.shape[0])
+            ]
+        return logits.softmax(-1).float(), mark_colour(records, ep)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
@@ -83,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--priors", nargs="*", type=float, default=[4.0, 0.5, 0.05])
     ap.add_argument("--pixel-sizes", nargs="*", type=int, default=[16, 8])
+    ap.add_argument("--transductive-rounds", nargs="*", type=int, default=[1, 3])
     args = ap.parse_args(argv)
     learner, extra = load_learner(args.checkpoint, "cpu")
     learner.eval()
@@ -92,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, TaskAdaptiveClassifier] = {"default": TaskAdaptiveClassifier(learner)}
     variants.update({f"aug{p:g}": AugmentedOneShot(learner, prior=p, copies=args.copies) for p in args.priors})
     variants.update({f"px{s}": TaskAdaptiveClassifier(learner, pixel_size=s) for s in args.pixel_sizes})
+    variants.update({f"trans{r}": TransductiveOneShot(learner, rounds=r) for r in args.transductive_rounds})
     for name, v in variants.items():
         methods[name] = (v.eval(), loader_settings(extra, v))
     episodes = argparse.Namespace(ways=None, queries=5, gap=2, episodes=args.episodes, seed=0, per_query=False)

@@ -162,6 +162,29 @@ def test_one_shot_weighting_fits_on_augmented_views_at_one_shot_only():
     assert any(abs(w - 1 / 3) > 1e-3 for row in variant.weights for w in row)
 
 
+def test_transductive_one_shot_weighting_never_reads_the_query_labels():
+    """At K >= 2 the variant is the default exactly; at K = 1 its answers do not change with the queries' labels,
+    and differ from equal weights."""
+    from dataclasses import replace
+
+    from benchmarks.one_shot_weighting import TransductiveOneShot
+    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+    from tests.imaging_meta.test_descriptors import stub_embedding, task_episode
+
+    embedding = stub_embedding()
+    variant, default = TransductiveOneShot(embedding, rounds=2).eval(), TaskAdaptiveClassifier(embedding).eval()
+    with torch.no_grad():
+        ep = task_episode("pixels", n_shot=2)
+        torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+        one = task_episode("pixels", n_shot=1)
+        probs = variant.predict(one)
+        shuffled = replace(one, query_labels=one.query_labels.flip(-1))
+        torch.testing.assert_close(variant.predict(shuffled), probs)
+        equal_weights = default.predict(one)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    assert not torch.allclose(probs, equal_weights)  # the fitted weights are not the equal ones
+
+
 def test_classification_calibration_ece_by_hand():
     import numpy as np
 
