@@ -90,3 +90,30 @@ def test_load_learner_keeps_channels_last_on_a_cpu():
     ckpt = Path(__file__).resolve().parents[1] / "fixtures" / "main-2026-12" / "protonet_cls.ckpt"
     learner, _ = load_learner(ckpt, "cpu")
     assert channels_last(learner)
+
+
+@pytest.mark.parametrize("cls", [MAML, MetaSGD])
+def test_maml_query_pass_in_channels_last_changes_no_loss_gradient_or_prediction(cls, monkeypatch):
+    """MAML's query pass (differentiated once) runs channels-last on a CPU; its inner steps keep the default
+    layout. Second-order meta-gradients in float64 equal those of the default-layout query pass."""
+    import imaging_meta.learners.gradient.maml as maml_module
+
+    torch.manual_seed(0)
+    kwargs = {"n_way": 3, "backbone_kwargs": TINY, "inner_steps": 2, "inner_lr": 0.3}
+    learner = cls(**kwargs).double()
+    ep = classification_episode(n_way=3, n_shot=2, n_query=2, tasks=2, size=16, seed=1)
+    ep = replace(ep, support_images=ep.support_images.double(), query_images=ep.query_images.double())
+    assert maml_module.query_in_channels_last(learner.net, ep.query_images)
+    loss_a, grads_a = loss_and_grads(learner, ep)
+    with torch.enable_grad():
+        probs_a = learner.predict(ep)
+    monkeypatch.setattr(maml_module, "query_in_channels_last", lambda net, images: False)
+    loss_b, grads_b = loss_and_grads(learner, ep)
+    with torch.enable_grad():
+        probs_b = learner.predict(ep)
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12)
+    for name, g in grads_b.items():
+        assert g.abs().sum() > 0, name  # the meta-gradient reaches every parameter
+        torch.testing.assert_close(grads_a[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(probs_a, probs_b, rtol=1e-10, atol=1e-12)
+    assert not maml_module.query_in_channels_last(learner.net, ep.query_images.to("meta"))  # CPU only

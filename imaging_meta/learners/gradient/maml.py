@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+from torch import nn
 from torch.func import vmap
 
 from imaging_meta.episode import Episode
@@ -126,6 +127,18 @@ def adapt_and_query_batched(
 TASK_BATCHING = ("loop", "vmap")
 #: values of ``MAML(meta_backward=...)``
 META_BACKWARD = ("per_task", "once")
+
+
+def query_in_channels_last(net: nn.Module, images: torch.Tensor) -> bool:
+    """Whether the query pass (after the inner loop) runs with channels-last weights and PyTorch's kernels: on a
+    CPU, for a network whose backbone asks for it (the 2D Conv-4, `imaging_meta.backbones.Conv4`).
+
+    The query pass is differentiated once (the second-order terms belong to the inner steps, which keep the
+    default layout under `inner_loop.FastKernels`), so it can use the kernels that are fastest for a first-order
+    pass: about 7-10% off a second-order step of `maml_cls` (docs/benchmarks.md). The same values and
+    meta-gradients to rounding (a float64 test compares the two).
+    """
+    return images.device.type == "cpu" and any(getattr(m, "cpu_channels_last", False) for m in net.modules())
 
 
 class MAML(Learner):
@@ -283,10 +296,17 @@ class MAML(Learner):
                 differentiable=differentiable,
             )
         out = []
+        channels_last = query_in_channels_last(self.net, episode.query_images)
         for task in episode.tasks():
             adapted, frozen = self.adapt_task(task, steps, first_order)
-            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), kernels_if_enabled():
-                logits = forward_query(self.net, adapted, frozen, task.support_images, task.query_images)
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+                if channels_last:  # differentiated once: PyTorch's channels-last kernels are the fastest here
+                    adapted = {n: p.to(memory_format=torch.channels_last) if p.dim() == 4 else p
+                               for n, p in adapted.items()}
+                    logits = forward_query(self.net, adapted, frozen, task.support_images, task.query_images)
+                else:
+                    with kernels_if_enabled():
+                        logits = forward_query(self.net, adapted, frozen, task.support_images, task.query_images)
             out.append(finish(logits, task.query_labels))
         return torch.stack(out)
 
