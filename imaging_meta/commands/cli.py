@@ -129,7 +129,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 sys.stdout.write("\n" + Path(paths[1]).read_text() + f"\nwritten: {paths[0]}\n         {paths[1]}{tested}\n")
 
     torch.set_float32_matmul_precision("high")
-    return ImagingMetaCLI(
+    cli = ImagingMetaCLI(
         EpisodicModule,
         LightningDataModule,
         subclass_mode_data=True,
@@ -140,6 +140,22 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         trainer_defaults={"plugins": [{"class_path": "imaging_meta.checkpoint_io.AtomicCheckpointIO"}]},
         run=run,
     )
+    if run:  # the subcommand ended normally (after an error, destroying could wait on the other ranks)
+        finish_distributed()
+    return cli
+
+
+def finish_distributed() -> None:
+    """Destroy the default process group after a distributed (DDP) run that ended normally, on every rank.
+
+    Lightning leaves it alive. Without this, gloo's worker threads can abort a process at interpreter exit
+    ("terminate called without an active exception", exit status -6) after the run itself succeeded: seen in the
+    2-rank test under load; pytorch/pytorch#190489 describes it. A no-op when no process group exists.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _tool_parser() -> argparse.ArgumentParser:
@@ -532,4 +548,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(result)
 
 
-__all__ = ["USER_ERRORS", "cli_main", "error_line", "lightning_cli", "main", "main_help", "user_error"]
+__all__ = ["USER_ERRORS", "cli_main", "error_line", "finish_distributed", "lightning_cli", "main", "main_help", "user_error"]

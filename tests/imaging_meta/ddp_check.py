@@ -29,6 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from datamodules.classification import ClassificationDataModule
 from datamodules.sampling.loading import episode_loader
 from datamodules.sources.medmnist import MedMNIST
+from imaging_meta.commands.cli import finish_distributed
 from imaging_meta.learners.gradient.maml import MAML
 from imaging_meta.learners.gradient.reptile import Reptile
 from imaging_meta.learners.metric.protonet import PrototypicalNetwork
@@ -108,6 +109,7 @@ def run_ddp(name: str, data: Path, out: Path, outside: bool, average: float | No
     trainer.fit(module, datamodule=datamodule(data))
     torch.save({k: v.detach().cpu() for k, v in module.learner.state_dict().items()}, out / f"rank{trainer.global_rank}.pt")
     (out / f"allreduces{trainer.global_rank}.txt").write_text(str(_ALLREDUCES[0]))
+    finish_distributed()  # as `imaging-meta fit` does: no gloo abort at interpreter exit
 
 
 def run_single(name: str, data: Path, out: Path, average: float | None = None) -> None:

@@ -69,3 +69,19 @@ def test_meta_loss_outside_the_ddp_forward_is_caught(data, tmp_path):
     _run("outside", "maml", data, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert _max_diff(rank0, rank1) > 1e-4
+
+
+def test_finish_distributed_destroys_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from imaging_meta.commands.cli import finish_distributed
+
+    finish_distributed()  # nothing to destroy
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        finish_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
