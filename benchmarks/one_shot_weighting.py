@@ -40,51 +40,14 @@ from imaging_meta.learners.prototypes import class_onehot, episode_n_way
 from imaging_meta.learners.transfer.support_finetune import augment_views
 
 
-class AugmentedOneShot(TaskAdaptiveClassifier):
-    """The weighted rule, but at K = 1 the weights are fitted on augmented views of the support."""
+class _OneShotVariant(TaskAdaptiveClassifier):
+    """The weighted rule at K >= 2; at K = 1 the weights come from `one_shot_weights` instead of being equal."""
 
-    def __init__(self, *args, copies: int = 8, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.copies = copies
-        self.weights: list[list[float]] = []
+    space = "one-shot variant"
 
-    def _predict(self, ep: Episode):
-        n_way, labels = episode_n_way(ep), ep.support_labels
-        if bool((class_onehot(labels, n_way).sum(1) >= 2).any()):
-            return super()._predict(ep)
-        with torch.no_grad():
-            base = self.base_spaces(self.task_spaces(ep))
-            g = torch.Generator().manual_seed(0)
-            views = torch.stack(
-                [augment_views(ep.support_images[t], self.copies, g).clamp(0, 1) for t in range(labels.shape[0])]
-            )
-            view_labels = labels.repeat(1, self.copies)
-            seen = self.base_spaces(self.task_spaces(replace(ep, query_images=views, query_labels=view_labels)))
-            onehot = class_onehot(labels, n_way, torch.float32)
-            d = []
-            for name in base:
-                fs, fv = seen[name]
-                prototypes = (onehot.transpose(1, 2) @ fs) / onehot.sum(1).clamp(min=1).unsqueeze(-1)
-                d.append(squared_distances(fv, prototypes))
-            beta = fit_weights(d, view_labels, torch.ones_like(view_labels, dtype=torch.bool), self.prior * self.copies)
-            logits = weighted_logits(torch.stack([query_distances(fs, labels, fq, n_way) for fs, fq in base.values()], 1), beta)
-            w = beta / beta.sum(-1, keepdim=True)
-            self.weights += w.tolist()
-            records = [
-                {"space": "augmented", "rule": DEFAULT, "weights": dict(zip(base, map(float, w[t]), strict=True)),
-                 "loo_accuracy": {}, "loo_items": 0}
-                for t in range(labels.shape[0])
-            ]
-        return logits.softmax(-1).float(), mark_colour(records, ep)
-
-
-class TransductiveOneShot(TaskAdaptiveClassifier):
-    """At K = 1, the weights fitted (as at K >= 2) on the task's own queries, labelled by the current weighted
-    rule's prediction (their true labels are never read), for ``rounds`` rounds from equal weights."""
-
-    def __init__(self, *args, rounds: int = 1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.rounds = rounds
+    def one_shot_weights(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> torch.Tensor:
+        """Per-task coefficients beta (T, K) from the task's base spaces and the query distances (T, K, A, N)."""
+        raise NotImplementedError
 
     def _predict(self, ep: Episode):
         n_way, labels = episode_n_way(ep), ep.support_labels
@@ -93,18 +56,62 @@ class TransductiveOneShot(TaskAdaptiveClassifier):
         with torch.no_grad():
             base = self.base_spaces(self.task_spaces(ep))
             d = torch.stack([query_distances(fs, labels, fq, n_way) for fs, fq in base.values()], 1)
-            beta = torch.full((labels.shape[0], d.shape[1]), SCALE / d.shape[1])
-            for _ in range(self.rounds):
-                pseudo = weighted_logits(d, beta).argmax(-1)
-                beta = fit_weights(list(d.unbind(1)), pseudo, torch.ones_like(pseudo, dtype=torch.bool), self.prior)
+            beta = self.one_shot_weights(ep, base, d, n_way)
             logits = weighted_logits(d, beta)
             w = beta / beta.sum(-1, keepdim=True)
             records = [
-                {"space": "transductive", "rule": DEFAULT, "weights": dict(zip(base, map(float, w[t]), strict=True)),
+                {"space": self.space, "rule": DEFAULT, "weights": dict(zip(base, map(float, w[t]), strict=True)),
                  "loo_accuracy": {}, "loo_items": 0}
                 for t in range(labels.shape[0])
             ]
         return logits.softmax(-1).float(), mark_colour(records, ep)
+
+
+class AugmentedOneShot(_OneShotVariant):
+    """The weighted rule, but at K = 1 the weights are fitted on augmented views of the support."""
+
+    space = "augmented"
+
+    def __init__(self, *args, copies: int = 8, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.copies = copies
+        self.weights: list[list[float]] = []
+
+    def one_shot_weights(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> torch.Tensor:
+        labels = ep.support_labels
+        g = torch.Generator().manual_seed(0)
+        views = torch.stack(
+            [augment_views(ep.support_images[t], self.copies, g).clamp(0, 1) for t in range(labels.shape[0])]
+        )
+        view_labels = labels.repeat(1, self.copies)
+        seen = self.base_spaces(self.task_spaces(replace(ep, query_images=views, query_labels=view_labels)))
+        onehot = class_onehot(labels, n_way, torch.float32)
+        d = []
+        for name in base:
+            fs, fv = seen[name]
+            prototypes = (onehot.transpose(1, 2) @ fs) / onehot.sum(1).clamp(min=1).unsqueeze(-1)
+            d.append(squared_distances(fv, prototypes))
+        beta = fit_weights(d, view_labels, torch.ones_like(view_labels, dtype=torch.bool), self.prior * self.copies)
+        self.weights += (beta / beta.sum(-1, keepdim=True)).tolist()
+        return beta
+
+
+class TransductiveOneShot(_OneShotVariant):
+    """At K = 1, the weights fitted (as at K >= 2) on the task's own queries, labelled by the current weighted
+    rule's prediction (their true labels are never read), for ``rounds`` rounds from equal weights."""
+
+    space = "transductive"
+
+    def __init__(self, *args, rounds: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds = rounds
+
+    def one_shot_weights(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> torch.Tensor:
+        beta = torch.full(distances.shape[:2], SCALE / distances.shape[1])
+        for _ in range(self.rounds):
+            pseudo = weighted_logits(distances, beta).argmax(-1)
+            beta = fit_weights(list(distances.unbind(1)), pseudo, torch.ones_like(pseudo, dtype=torch.bool), self.prior)
+        return beta
 
 
 def main(argv: list[str] | None = None) -> int:
