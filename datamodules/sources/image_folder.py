@@ -16,9 +16,11 @@ query images as the training items were.
 Intensities:
 
 * PNG / JPEG / TIFF / BMP (8 or 16 bit or float, grey or colour): scaled per image between its minimum and maximum.
-* DICOM: RescaleSlope/RescaleIntercept applied; CT is clipped to ``ct_window`` (HU) and scaled to [0, 1];
-  other modalities are scaled per image between their minimum and maximum. MONOCHROME1 images (minimum
-  displayed white) are inverted after scaling, so every image is bright where it is displayed bright.
+* DICOM: decoded as the volume reader decodes a slice (`datamodules.io.dicom_pixels`): MONOCHROME1 images
+  (minimum displayed white) have their stored values inverted over the stored range, then
+  RescaleSlope/RescaleIntercept are applied; CT is clipped to ``ct_window`` (HU) and scaled to [0, 1]; other
+  modalities are scaled per image between their minimum and maximum. Palette colour becomes RGB. DICOM objects
+  that are no image (a DICOMDIR, an RT structure set or dose, a report...) are skipped with a warning.
 
 Channels: with ``channels=1`` colour images become grey (ITU-R 601-2 luma); with ``channels=3`` grey images
 are repeated. A colour image whose three channels are equal counts as grey. A folder that mixes true colour
