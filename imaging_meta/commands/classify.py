@@ -309,6 +309,11 @@ def classify(
 
     Returns:
         The path of the CSV.
+
+    Raises:
+        ValueError: bad inputs or outputs (before the checkpoint is read); a support image that cannot be read;
+            after the CSV is written with every readable query, the queries that cannot be read (each named
+            with its reason), so that a run with a few damaged files keeps the answers for the others.
     """
     from datamodules.sources.image_folder import load_image_and_shape
 
@@ -348,21 +353,31 @@ def classify(
         image, shapes[path] = load_image_and_shape(path, **settings)
         return image
 
-    s_images = torch.stack([load_image(f) for f, _ in items])
+    s_images = torch.stack([load_image(f) for f, _ in items])  # every support image must be readable
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
-    rows = []
+    rows, read = [], []
     all_probs, all_choices = [], []
+    unreadable: list[str] = []  # a query that cannot be read is listed, and the others are still classified
     for start in progress(range(0, len(qs), batch_size), "classify", unit="batch"):
-        chunk = qs[start : start + batch_size]
-        probs, choices = predict_queries(
-            learner, s_images, s_labels, classes, torch.stack([load_image(q) for q in chunk]), dev, start
-        )
+        images, chunk = [], []
+        for q in qs[start : start + batch_size]:
+            try:
+                images.append(load_image(q))
+                chunk.append(q)
+            except ValueError as e:  # DicomError and the 2D reader's errors name the file
+                unreadable.append(str(e))
+        if not chunk:
+            continue
+        probs, choices = predict_queries(learner, s_images, s_labels, classes, torch.stack(images), dev, start)
         all_choices += choices
         if not torch.isfinite(probs).all():
             raise FloatingPointError(f"non-finite class probabilities for queries {[str(q) for q in chunk]}")
         all_probs += list(probs)
+        read += chunk
         for q, p in zip(chunk, probs, strict=True):
             rows.append([str(q), classes[int(p.argmax())], *[f"{float(v):.6f}" for v in p]])
+    if not rows:
+        raise ValueError(f"none of the {len(qs)} queries can be read: {_listed(unreadable)}")
     for note in resolution_notes(shapes, settings["image_size"]):
         logger.warning(note)
     with atomic_open(out, "w", newline="") as f:
@@ -372,11 +387,22 @@ def classify(
     if explain:
         remove_old_explanations(explain_dir(out))
         write_explanations(
-            learner, s_images, s_labels, [f for f, _ in items], classes, qs, all_probs, explain_dir(out),
+            learner, s_images, s_labels, [f for f, _ in items], classes, read, all_probs, explain_dir(out),
             load_image, dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,
             batch_size=max(2, batch_size), choices=all_choices,
         )
+    if unreadable:
+        raise ValueError(
+            f"{len(unreadable)} of {len(qs)} queries cannot be read, and are not in {out}, which holds the other "
+            f"{len(rows)}: {_listed(unreadable)}"
+        )
     return out
+
+
+def _listed(messages: Sequence[str], most: int = 5) -> str:
+    """The first ``most`` messages joined, and how many more."""
+    more = f"; and {len(messages) - most} more" if len(messages) > most else ""
+    return "; ".join(messages[:most]) + more
 
 
 def write_explanations(

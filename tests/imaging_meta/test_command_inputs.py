@@ -357,3 +357,24 @@ def test_fit_and_classify_skip_the_same_objects_in_a_class_folder(tmp_path, fold
     assert len(table.images) == 4 and list(table.labels) == [0, 0, 1, 1]
     assert "RS.dcm: an RT structure set (contours), not an image" in caplog.text
     assert [f.name for f, _ in support_folder(support)[1]] == ["a0.png", "a1.png", "b0.png", "b1.png"]
+
+
+def test_classify_keeps_the_answers_for_readable_queries_and_names_every_unreadable_one(tmp_path, folders):
+    import csv
+
+    support, queries = folders
+    for name in ("broken.png", "cut.png"):
+        (queries / name).write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    ckpt = Path(__file__).resolve().parents[1] / "fixtures" / "main-2026-12" / "protonet_cls.ckpt"
+    out = tmp_path / "pred.csv"
+    with pytest.raises(ValueError, match=r"2 of 4 queries cannot be read, and are not in \S+pred\.csv, which holds the "
+                                         r"other 2: \S+broken\.png: cannot read the image.*; \S+cut\.png: cannot read"):
+        classify(ckpt, support, [queries], out, device="cpu", batch_size=2)
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == ["q0.png", "q1.png"]
+    for name in ("q0.png", "q1.png"):
+        (queries / name).unlink()
+    with pytest.raises(ValueError, match=r"none of the 2 queries can be read: \S+broken\.png"):
+        classify(ckpt, support, [queries], tmp_path / "none.csv", device="cpu")
+    assert not (tmp_path / "none.csv").exists()
