@@ -120,6 +120,31 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def config_pair_main(
+    argv: list[str] | None, description: str, configs: Sequence[str], sizes: Sequence[int],
+    measure: Callable[[int, list[str], int, int], list[list]], headers: Sequence[str],
+) -> int:
+    """The command line of a script that times two forms of each config's step, round-robin in one process
+    (`benchmarks.two_pass_queries`, `benchmarks.memory_format`): ``--sizes``, ``--configs``, ``--repeat``,
+    ``--warmup``, ``--threads``; prints ``measure(size, configs, repeat, warmup)``'s rows of every size as one
+    table with ``headers``."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--sizes", nargs="*", type=int, default=list(sizes))
+    ap.add_argument("--configs", nargs="*", default=list(configs))
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [row for size in args.sizes for row in measure(size, args.configs, args.repeat, args.warmup)]
+    print(markdown_table(list(headers), rows))
+    return 0
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; cells go through `fmt`, ``|`` in a cell is escaped.
 

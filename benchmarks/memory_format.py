@@ -16,7 +16,6 @@ over the configs, in one process; the table gives the median step of each, their
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -26,7 +25,7 @@ from benchmarks.common import (
     MODEL_CONFIGS,
     build_from_config,
     classification_episode,
-    markdown_table,
+    config_pair_main,
     segmentation_episode,
 )
 
@@ -80,17 +79,8 @@ def measure(size: int, configs: list[str], repeat: int, warmup: int) -> list[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", nargs="*", type=int, default=[84, 32])
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = [row for size in args.sizes for row in measure(size, args.configs, args.repeat, args.warmup)]
-    print(markdown_table(["input", "config", "default ms", "channels-last ms", "x default", "picked on a CPU"], rows))
-    return 0
+    return config_pair_main(argv, __doc__.split("\n")[0], CONFIGS, [84, 32], measure,
+                            ["input", "config", "default ms", "channels-last ms", "x default", "picked on a CPU"])
 
 
 if __name__ == "__main__":

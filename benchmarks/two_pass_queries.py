@@ -15,17 +15,14 @@ the median step of each and their ratio.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
 from collections.abc import Iterator
 
-import torch
-
 import imaging_meta.learners.base as base
 import imaging_meta.learners.task_network as task_network
-from benchmarks.common import MODEL_CONFIGS, build_from_config, classification_episode, markdown_table
+from benchmarks.common import MODEL_CONFIGS, build_from_config, classification_episode, config_pair_main
 
 CONFIGS = ("protonet_cls", "matching_cls", "mann_cls", "metasgd_cls", "maml_cls")
 
@@ -71,17 +68,8 @@ def measure(size: int, configs: list[str], repeat: int, warmup: int) -> list[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", nargs="*", type=int, default=[84, 28])
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = [row for size in args.sizes for row in measure(size, args.configs, args.repeat, args.warmup)]
-    print(markdown_table(["input", "config", "one pass ms", "two passes ms", "x one pass"], rows))
-    return 0
+    return config_pair_main(argv, __doc__.split("\n")[0], CONFIGS, [84, 28], measure,
+                            ["input", "config", "one pass ms", "two passes ms", "x one pass"])
 
 
 if __name__ == "__main__":

@@ -281,8 +281,9 @@ class _Scanner:
         if h.is_dicomdir:
             self.account(p)  # the media index of a DICOM disc; the series are read from their own files
             return None
-        if non_image_kind(h) is not None:  # rejected on its own, even when it carries the images' series UID
-            self.reject(p, h.problem or f"{non_image_kind(h)}, not an image")
+        kind = non_image_kind(h)
+        if kind is not None:  # rejected on its own, even when it carries the images' series UID
+            self.reject(p, h.problem or f"{kind}, not an image")
             return None
         return h
 

@@ -177,13 +177,20 @@ def _read_dicom(path: Path, ct_window: Sequence[float]) -> _Read:
     return _Read(out, 1, ds, h)
 
 
-def _no_image(path: Path) -> bool:
-    """A DICOM object that is no image by its header (`datamodules.io.dicom.non_image_kind`)."""
+def dicom_kind(path: Path) -> str | None:
+    """What a file is, by its header alone: ``"image"`` for a DICOM file that may be an image (a corrupt one
+    counts: reading it then names the problem), what it is for a DICOM object that is no image (a DICOMDIR, an RT
+    structure set, a report: `datamodules.io.dicom.non_image_kind`), None for a file that is not DICOM."""
     try:
         ds, caught = read_dataset(str(path), stop_before_pixels=True)
-        return non_image_kind(checked_header(ds, str(path), (), caught)) is not None
+    except NotDicomError:
+        return None
     except DicomError:
-        return False
+        return "image"
+    try:
+        return non_image_kind(checked_header(ds, str(path), (), caught)) or "image"
+    except DicomError:
+        return "image"
 
 
 def _is_pil(path: Path) -> bool:
@@ -378,7 +385,7 @@ class ImageFolder(ItemSource):
                         continue
                     raise
                 except DicomError as e:
-                    if not _is_pil(f) and _no_image(f):  # a DICOMDIR, structure set, report... beside the images
+                    if not _is_pil(f) and dicom_kind(f) not in (None, "image"):  # a DICOMDIR, structure set, report...
                         logger.warning("skipping %s: %s", f, e.reason)
                         continue
                     raise

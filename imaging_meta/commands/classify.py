@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 from datamodules.io.atomic import atomic_open
-from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_image_kind, read_dataset
 from datamodules.io.nifti_names import is_nifti
 from datamodules.progress import progress
-from datamodules.sources.image_folder import DICOM_EXTENSIONS, PIL_EXTENSIONS
+from datamodules.sources.image_folder import DICOM_EXTENSIONS, PIL_EXTENSIONS, dicom_kind
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.commands.outputs import check_output_file, check_outputs
 from imaging_meta.episode import Episode, collate_episodes
@@ -40,24 +39,8 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (*PIL_EXTENSIONS, *DICOM_EXTENSIONS)
 
 
-def _dicom_kind(path: Path) -> str | None:
-    """``"image"`` for a DICOM file that may be an image (a corrupt one counts: reading it then names the
-    problem), what it is for a DICOM object that is no image by its header (a DICOMDIR, an RT structure set, a
-    report: `datamodules.io.dicom.non_image_kind`), None for a file that is not DICOM."""
-    try:
-        ds, caught = read_dataset(str(path), stop_before_pixels=True)
-    except NotDicomError:
-        return None
-    except DicomError:
-        return "image"
-    try:
-        return non_image_kind(checked_header(ds, str(path), (), caught)) or "image"
-    except DicomError:
-        return "image"
-
-
 def _is_dicom(path: Path) -> bool:
-    return _dicom_kind(path) is not None
+    return dicom_kind(path) is not None
 
 
 def _maybe_dicom(path: Path) -> bool:
@@ -77,7 +60,7 @@ def _image_files(folder: Path) -> list[Path]:
         maybe = _maybe_dicom(f)
         if not maybe and f.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        kind = _dicom_kind(f) if maybe or f.suffix.lower() in DICOM_EXTENSIONS else "image"
+        kind = dicom_kind(f) if maybe or f.suffix.lower() in DICOM_EXTENSIONS else "image"
         if kind == "image":
             files.append(f)
         elif kind is None and maybe:

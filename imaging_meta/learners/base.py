@@ -95,6 +95,12 @@ def embed_tasks(
     return torch.stack([s for s, _ in pairs]), torch.stack([q for _, q in pairs])
 
 
+def asks_for_channels_last(module: nn.Module) -> bool:
+    """Whether ``module`` is a backbone that runs faster with channels-last weights on a CPU (its
+    ``cpu_channels_last`` attribute: `imaging_meta.backbones.Conv4`)."""
+    return bool(getattr(module, "cpu_channels_last", False))
+
+
 def keep_channels_last_on_cpu(learner: nn.Module, device: str | torch.device) -> int:
     """On a CPU, store the convolution weights of the backbones that ask for it in channels-last order.
 
@@ -114,7 +120,7 @@ def keep_channels_last_on_cpu(learner: nn.Module, device: str | torch.device) ->
             for m in owner.modules()}
     converted = 0
     for m in learner.modules():
-        if getattr(m, "cpu_channels_last", False) and id(m) not in kept:
+        if asks_for_channels_last(m) and id(m) not in kept:
             for t in (*m.parameters(), *m.buffers()):  # what `m.to(memory_format=...)` does, typed
                 if t.dim() == 4:  # `to`, not `contiguous`: with one input channel only `to` sets the strides
                     t.data = t.data.to(memory_format=torch.channels_last)

@@ -38,7 +38,7 @@ from torch import nn
 from torch.func import vmap
 
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner, check_class_labels
+from imaging_meta.learners.base import Learner, asks_for_channels_last, check_class_labels
 from imaging_meta.learners.inner_loop import (
     DecomposedNorms,
     Params,
@@ -138,7 +138,7 @@ def query_in_channels_last(net: nn.Module, images: torch.Tensor) -> bool:
     pass: about 7-10% off a second-order step of `maml_cls` (docs/benchmarks.md). The same values and
     meta-gradients to rounding (a float64 test compares the two).
     """
-    return images.device.type == "cpu" and any(getattr(m, "cpu_channels_last", False) for m in net.modules())
+    return images.device.type == "cpu" and any(asks_for_channels_last(m) for m in net.modules())
 
 
 class MAML(Learner):
