@@ -228,7 +228,48 @@ def _layers(spatial_dims: int):
     return nn.Conv3d, SupportBatchNorm3d, nn.MaxPool3d
 
 
-def conv_block(c_in: int, c_out: int, pool: bool = True, spatial_dims: int = 2) -> nn.Sequential:
+# ---------------------------------------------------------------------- a norm folded into its convolution
+#: ``lookup(norm) -> (scale, shift) | None``: while set, a `ConvBlock` whose norm layer ``lookup`` knows applies that
+#: per-channel affine map through its convolution's weight and bias instead of running the norm layer
+_FOLDED_NORMS: ContextVar[Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor] | None] | None] = ContextVar(
+    "folded_norms", default=None
+)
+
+
+@contextmanager
+def folded_norms(lookup: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor] | None]) -> Iterator[None]:
+    """Inside the context, each `ConvBlock` asks ``lookup`` for its norm layer's fixed per-channel ``(scale,
+    shift)`` (the norm as ``x * scale + shift``) and, when it gets one, runs ``conv(x, weight * scale, bias * scale +
+    shift)`` instead of the convolution and then the norm: the same values to rounding, and one pass over the
+    activations fewer forward and backward. Gradients reach ``scale`` and ``shift``.
+    `imaging_meta.learners.support_norms` uses it for a task's queries, normalised with its support's statistics.
+    """
+    token = _FOLDED_NORMS.set(lookup)
+    try:
+        yield
+    finally:
+        _FOLDED_NORMS.reset(token)
+
+
+class ConvBlock(nn.Sequential):
+    """`conv_block`'s layers (conv, norm, optional pool, ReLU): ``nn.Sequential`` with the same state dict, whose
+    norm can be folded into its convolution (`folded_norms`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        lookup = _FOLDED_NORMS.get()
+        affine = None if lookup is None else lookup(self[1])
+        if affine is None:
+            return super().forward(input)
+        conv = cast(nn.Conv2d | nn.Conv3d, self[0])
+        scale, shift = affine
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        out = conv._conv_forward(input, conv.weight * scale.view((-1,) + (1,) * (conv.weight.dim() - 1)), bias)
+        for layer in list(self)[2:]:
+            out = layer(out)
+        return out
+
+
+def conv_block(c_in: int, c_out: int, pool: bool = True, spatial_dims: int = 2) -> ConvBlock:
     """3x3 conv, BatchNorm without running statistics (`SupportBatchNorm2d`), ReLU, optional 2x2 max-pool (3D:
     3x3x3, 2x2x2).
 
@@ -241,7 +282,7 @@ def conv_block(c_in: int, c_out: int, pool: bool = True, spatial_dims: int = 2) 
     if pool:
         layers.append(maxpool(2, ceil_mode=True))
     layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    return ConvBlock(*layers)
 
 
 class Conv4(nn.Module):

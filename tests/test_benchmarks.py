@@ -98,17 +98,26 @@ def test_anil_vs_maml_times_every_row_in_the_same_rounds():
     assert all(len(v) == 2 and all(t > 0 for t in v) for v in m["wall"].values())
 
 
-def test_two_pass_queries_times_both_forms_and_restores_the_two_pass_form():
+def test_two_pass_queries_times_the_three_forms_and_restores_the_default():
     import imaging_meta.learners.base as base
+    import imaging_meta.learners.gradient.anil as anil
+    import imaging_meta.learners.support_norms as support_norms
     import imaging_meta.learners.task_network as task_network
-    from benchmarks.two_pass_queries import measure, one_pass
+    from benchmarks.two_pass_queries import measure, one_pass, unfolded
 
-    layers, state_layers = base.module_norm_layers, task_network.support_norm_layers
+    layers = base.module_norm_layers, task_network.support_norm_layers, anil.support_norm_layers
     with one_pass():
-        assert base.module_norm_layers is not layers and task_network.support_norm_layers is not state_layers
-    assert base.module_norm_layers is layers and task_network.support_norm_layers is state_layers
-    (row,) = measure(16, ["protonet_cls"], repeat=1, warmup=0)
-    assert row[:2] == ["16x16", "protonet_cls"] and row[2] > 0 and row[3] > 0 and row[4] == row[3] / row[2]
+        assert all(a is not b for a, b in zip(layers, (base.module_norm_layers, task_network.support_norm_layers,
+                                                        anil.support_norm_layers), strict=True))
+    assert (base.module_norm_layers, task_network.support_norm_layers, anil.support_norm_layers) == layers
+    fold = support_norms.folded_norms
+    with unfolded():
+        assert support_norms.folded_norms is not fold
+    assert support_norms.folded_norms is fold
+    for name in ("protonet_cls", "anil_cls"):
+        (row,) = measure(16, [name], repeat=1, warmup=0)
+        assert row[:2] == ["16x16", name] and min(row[2:5]) > 0
+        assert row[5] == row[4] / row[2] and row[6] == row[4] / row[3]
 
 
 def test_real_segmentation_compare_pairs_two_runs_by_support_query_and_structure(tmp_path):

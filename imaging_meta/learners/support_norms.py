@@ -7,7 +7,8 @@ operations (exact derivatives of every order under ``torch.func.vmap``). `forwar
 values to rounding, faster on a CPU, forward and backward: the support runs alone through the fused kernels,
 each norm layer's statistics are kept (`SupportNorms`), and the queries then run with them, ``x * scale +
 shift`` per channel, in chunks of about `QUERY_CHUNK_PIXELS` input pixels so that a chunk's activations stay in
-cache. Each query is normalised with the support's statistics, so its output does not depend on the chunk it is
+cache. In a Conv-4 block (`imaging_meta.backbones.ConvBlock`) that affine map is folded into the convolution's
+weight and bias (`imaging_meta.backbones.folded_norms`), so the queries' norm layers cost no pass of their own. Each query is normalised with the support's statistics, so its output does not depend on the chunk it is
 in; gradients reach the network through the kept statistics too. ANIL's encoder (`learners/gradient/anil.py`),
 the query pass of MAML's family (`task_network.forward_query`) and the embeddings of the metric and memory
 learners (`imaging_meta.learners.base.embed_tasks`) use it; ``benchmarks/two_pass_queries.py`` and
@@ -25,7 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from imaging_meta.backbones import SupportBatchNorm2d, SupportBatchNorm3d, forward_with_support_statistics
+from imaging_meta.backbones import (
+    SupportBatchNorm2d,
+    SupportBatchNorm3d,
+    folded_norms,
+    forward_with_support_statistics,
+)
 
 _BATCH_NORM = inspect.signature(F.batch_norm)
 
@@ -82,6 +88,26 @@ class SupportNorms(TorchFunctionMode):
         self.recording, self.calls = False, {}
         return self
 
+    def _next_key(self, name: str) -> tuple[str, int]:
+        key = (name, self.calls.get(name, 0))
+        self.calls[name] = key[1] + 1
+        return key
+
+    def fold(self, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """In the query pass, ``norm``'s normalisation with the kept statistics as a per-channel ``(scale, shift)``
+        (for `imaging_meta.backbones.folded_norms`), or None when ``norm`` is not a known batch-statistics layer
+        (it then runs, and this mode sees its call)."""
+        if self.recording or not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            return None
+        if not (norm.training or (norm.running_mean is None and norm.running_var is None)):
+            return None
+        name = self.layers.get(id(norm.weight))
+        if name is None or norm.bias is None:
+            return None
+        mean, var = self.stats[self._next_key(name)]
+        scale = norm.weight * torch.rsqrt(var + norm.eps)
+        return scale, norm.bias - mean * scale
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.batch_norm:
@@ -93,8 +119,7 @@ class SupportNorms(TorchFunctionMode):
         if name is None:
             self.foreign = True
             return func(*args, **kwargs)
-        key = (name, self.calls.get(name, 0))
-        self.calls[name] = key[1] + 1
+        key = self._next_key(name)
         x, weight = a["input"], a["weight"]
         if self.recording:  # statistics in the parameters' precision, as the kernel computes them (autocast)
             self.stats[key] = moments(x.to(weight.dtype))
@@ -139,7 +164,7 @@ def forward_in_two_passes(
         return fs, None
     parts = []
     for chunk in query.split(query_chunk(query)):
-        with norms.queries():
+        with norms.queries(), folded_norms(norms.fold):
             parts.append(fn(chunk))
     return fs, parts[0] if len(parts) == 1 else torch.cat(parts)
 

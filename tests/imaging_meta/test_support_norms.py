@@ -130,3 +130,59 @@ def test_embed_tasks_two_passes_equal_one_pass_for_a_metric_learner(chunk_pixels
     torch.testing.assert_close(two[1][0], one[1][0], rtol=1e-12, atol=0)
     for n in one[1][1]:
         torch.testing.assert_close(two[1][1][n], one[1][1][n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_conv_block_folds_a_fixed_norm_into_its_convolution(dims, bias):
+    """`folded_norms`: conv(x, w * scale, b * scale + shift), then pool and ReLU, equals the block with its norm
+    replaced by ``x * scale + shift``, values and gradients (scale and shift included); a norm the lookup does not
+    know runs as usual."""
+    from imaging_meta.backbones import conv_block, folded_norms
+
+    torch.manual_seed(0)
+    block = conv_block(2, 3, spatial_dims=dims).double()
+    if not bias:
+        block[0].bias = None
+    x = torch.randn((4, 2) + (6,) * dims, dtype=torch.float64)
+    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    shape = (1, -1) + (1,) * dims
+    with folded_norms(lambda norm: (scale, shift) if norm is block[1] else None):
+        folded = block(x)
+    reference = block[0](x) * scale.view(shape) + shift.view(shape)
+    for layer in list(block)[2:]:
+        reference = layer(reference)
+    torch.testing.assert_close(folded, reference, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(folded)
+    inputs = [scale, shift, *block.parameters()]
+    for a, b in zip(torch.autograd.grad((folded * weights).sum(), inputs, allow_unused=True),
+                    torch.autograd.grad((reference * weights).sum(), inputs, allow_unused=True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with folded_norms(lambda norm: None):  # unknown: the norm itself runs, with the batch's statistics
+        torch.testing.assert_close(block(x), torch.nn.Sequential(*block)(x), rtol=0, atol=0)
+
+
+def test_the_query_pass_of_a_conv4_runs_no_norm_layer():
+    """Every Conv-4 block folds its support-statistics norm into the convolution for the queries: the query pass
+    calls no batch norm at all (the support pass calls one per block), and gives the one-pass form's values."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountNorms(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.batch_norm:
+                CountNorms.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = tiny_maml().double().train().net
+    layers = support_norms.module_norm_layers(net)
+    support, query = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    with CountNorms():
+        fs, fq = support_norms.forward_in_two_passes(net, layers, support, query)
+    assert CountNorms.calls == TINY["depth"] == len(layers)  # the support pass only
+    one_pass = forward_with_support_statistics(net, support, query)
+    torch.testing.assert_close(fq, one_pass[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fs, one_pass[0], rtol=1e-12, atol=1e-12)
