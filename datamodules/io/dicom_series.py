@@ -95,6 +95,17 @@ def _name(h: DicomHeader) -> str:
     return name if h.frame is None else f"{name} frame {h.frame + 1}"
 
 
+def _pair_names(a: DicomHeader, b: DicomHeader) -> tuple[str, str]:
+    """`_name` of two headers, each with its folders below their common folder when they lie in different folders
+    (two copies of one file must not read as one name twice)."""
+    if os.path.dirname(a.path) == os.path.dirname(b.path):
+        return _name(a), _name(b)
+    common = common_folder([a.path, b.path])
+    frame = lambda h: "" if h.frame is None else f" frame {h.frame + 1}"  # noqa: E731
+    rel = lambda h: os.path.relpath(h.path, common).replace(os.sep, "/")  # noqa: E731
+    return rel(a) + frame(a), rel(b) + frame(b)
+
+
 def _are_frames(headers: Sequence[DicomHeader]) -> bool:
     """Whether the slices are frames of enhanced multi-frame files (not single-frame files)."""
     return bool(headers) and headers[0].frame is not None
@@ -218,12 +229,18 @@ def _check_duplicates(headers: Sequence[DicomHeader], steps: np.ndarray, along: 
         )
     if dup.size:
         a, b = headers[dup[0]], headers[dup[0] + 1]
-        same = " (the same SOPInstanceUID: one image stored twice)" if a.sop_instance_uid and a.sop_instance_uid == b.sop_instance_uid else ""
+        name_a, name_b = _pair_names(a, b)
+        same, fix = "", "remove the duplicates (or split echoes/phases into separate series)"
+        if a.sop_instance_uid and a.sop_instance_uid == b.sop_instance_uid:
+            same = " (the same SOPInstanceUID: one image stored twice)"
+            folders = sorted({os.path.dirname(h.path) for h in headers})
+            if len(folders) > 1:  # a copy of the whole series in a second folder
+                same = f" (the same SOPInstanceUID: the series is stored in {len(folders)} folders)"
+                fix = f"keep one of {', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}"
         raise DicomSeriesError(
             paths,
-            f"duplicate slice positions: {dup.size} pair(s) of slices at the same position, e.g. {_name(a)} and "
-            f"{_name(b)} both at {along[dup[0]]:.3f} mm along the slice normal{same}; remove the duplicates "
-            "(or split echoes/phases into separate series)",
+            f"duplicate slice positions: {dup.size} pair(s) of slices at the same position, e.g. {name_a} and "
+            f"{name_b} both at {along[dup[0]]:.3f} mm along the slice normal{same}; {fix}",
         )
 
 

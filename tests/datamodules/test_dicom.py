@@ -111,6 +111,18 @@ def test_duplicate_slice(tmp_path):
     assert "duplicate slice positions" in reason and "same SOPInstanceUID" in reason
 
 
+def test_a_series_copied_into_a_second_folder_names_both_folders(tmp_path):
+    """Two copies of one series (same file names, same UIDs) in two folders: the message tells the copies apart
+    by their folders and says to keep one, instead of naming one file name twice."""
+    paths = write_series(tmp_path / "p1" / "ct", phantom(shape=(8, 8, 5)))
+    shutil.copytree(tmp_path / "p1" / "ct", tmp_path / "copy")
+    copies = sorted((tmp_path / "copy").iterdir())
+    reason = series_error([*paths, *copies])
+    name = paths[0].name
+    assert f"p1/ct/{name} and copy/{name}" in reason or f"copy/{name} and p1/ct/{name}" in reason
+    assert "stored in 2 folders" in reason and f"keep one of {tmp_path / 'copy'}, {tmp_path / 'p1' / 'ct'}" in reason
+
+
 def test_mixed_orientation(tmp_path):
     paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 5)))
     edit(paths[0], lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1]))
