@@ -28,6 +28,7 @@ import imaging_meta.learners.gradient.anil as anil
 import imaging_meta.learners.support_norms as support_norms
 import imaging_meta.learners.task_network as task_network
 from benchmarks.common import MODEL_CONFIGS, build_from_config, classification_episode, config_pair_main
+from imaging_meta.backbones import forward_with_support_statistics
 
 CONFIGS = ("protonet_cls", "matching_cls", "mann_cls", "metasgd_cls", "maml_cls", "anil_cls")
 FORMS = ("one", "unfolded", "two")
@@ -35,13 +36,15 @@ FORMS = ("one", "unfolded", "two")
 
 @contextlib.contextmanager
 def one_pass() -> Iterator[None]:
-    """The learners' one-pass form: no norm layer is known to the two-pass form, so every caller falls back."""
-    saved = base.module_norm_layers, task_network.support_norm_layers, anil.support_norm_layers
-    base.module_norm_layers = task_network.support_norm_layers = anil.support_norm_layers = lambda *a, **k: {}
+    """The learners' one-pass form: no norm layer is known to the two-pass form, so every caller falls back; ANIL's
+    encoder, which would run its support pass first to find that out, runs the one-pass form at once."""
+    saved = base.module_norm_layers, task_network.support_norm_layers, anil.forward_in_two_passes
+    base.module_norm_layers = task_network.support_norm_layers = lambda *a, **k: {}
+    anil.forward_in_two_passes = lambda fn, layers, support, query: forward_with_support_statistics(fn, support, query)
     try:
         yield
     finally:
-        base.module_norm_layers, task_network.support_norm_layers, anil.support_norm_layers = saved
+        base.module_norm_layers, task_network.support_norm_layers, anil.forward_in_two_passes = saved
 
 
 @contextlib.contextmanager

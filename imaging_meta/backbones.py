@@ -87,6 +87,9 @@ def backbone_channels(backbone: nn.Module) -> int:
 
 # ---------------------------------------------------------------------- support statistics
 _SUPPORT_ROWS: ContextVar[int | None] = ContextVar("support_rows", default=None)
+#: the normalisation pass that owns the batch-statistics norm calls now: `support_statistics` (a token of its own)
+#: or a `imaging_meta.learners.support_norms.SupportNorms`; a pass nested in another takes them over until it ends
+NORM_PASS: ContextVar[object | None] = ContextVar("norm_pass", default=None)
 
 
 @contextmanager
@@ -100,10 +103,11 @@ def support_statistics(n_support: int) -> Iterator[None]:
     """
     if int(n_support) < 1:
         raise ValueError(f"support_statistics needs at least one support row, got {n_support}")
-    token = _SUPPORT_ROWS.set(int(n_support))
+    token, owner = _SUPPORT_ROWS.set(int(n_support)), NORM_PASS.set(object())
     try:
         yield
     finally:
+        NORM_PASS.reset(owner)
         _SUPPORT_ROWS.reset(token)
 
 
@@ -237,12 +241,14 @@ _FOLDED_NORMS: ContextVar[Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor
 
 
 @contextmanager
-def folded_norms(lookup: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor] | None]) -> Iterator[None]:
+def folded_norms(lookup: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor] | None] | None) -> Iterator[None]:
     """Inside the context, each `ConvBlock` asks ``lookup`` for its norm layer's fixed per-channel ``(scale,
     shift)`` (the norm as ``x * scale + shift``) and, when it gets one, runs ``conv(x, weight * scale, bias * scale +
     shift)`` instead of the convolution and then the norm: the same values to rounding, and one pass over the
     activations fewer forward and backward. Gradients reach ``scale`` and ``shift``.
     `imaging_meta.learners.support_norms` uses it for a task's queries, normalised with its support's statistics.
+    ``folded_norms(None)`` turns folding off inside (a nested support pass). A block never folds inside
+    `support_statistics` (the one-pass form) or when its convolution or norm has hooks (they would not run).
     """
     token = _FOLDED_NORMS.set(lookup)
     try:
@@ -251,13 +257,23 @@ def folded_norms(lookup: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]
         _FOLDED_NORMS.reset(token)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward or backward hook would run for ``module`` (its own or a global one)."""
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
 class ConvBlock(nn.Sequential):
     """`conv_block`'s layers (conv, norm, optional pool, ReLU): ``nn.Sequential`` with the same state dict, whose
     norm can be folded into its convolution (`folded_norms`)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         lookup = _FOLDED_NORMS.get()
-        affine = None if lookup is None else lookup(self[1])
+        fold = lookup is not None and _SUPPORT_ROWS.get() is None and not _hooked(self[0]) and not _hooked(self[1])
+        affine = lookup(self[1]) if fold and lookup is not None else None
         if affine is None:
             return super().forward(input)
         conv = cast(nn.Conv2d | nn.Conv3d, self[0])

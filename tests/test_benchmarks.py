@@ -99,21 +99,45 @@ def test_anil_vs_maml_times_every_row_in_the_same_rounds():
 
 
 def test_two_pass_queries_times_the_three_forms_and_restores_the_default():
+    """Each form runs what it names (the first convolution's batch sizes and the norm calls of one ANIL and one
+    ProtoNet step), and the default is restored after each."""
+    from torch.overrides import TorchFunctionMode
+
     import imaging_meta.learners.base as base
     import imaging_meta.learners.gradient.anil as anil
     import imaging_meta.learners.support_norms as support_norms
     import imaging_meta.learners.task_network as task_network
-    from benchmarks.two_pass_queries import measure, one_pass, unfolded
+    from benchmarks.common import MODEL_CONFIGS, build_from_config, classification_episode
+    from benchmarks.two_pass_queries import _FORMS, measure
 
-    layers = base.module_norm_layers, task_network.support_norm_layers, anil.support_norm_layers
-    with one_pass():
-        assert all(a is not b for a, b in zip(layers, (base.module_norm_layers, task_network.support_norm_layers,
-                                                        anil.support_norm_layers), strict=True))
-    assert (base.module_norm_layers, task_network.support_norm_layers, anil.support_norm_layers) == layers
-    fold = support_norms.folded_norms
-    with unfolded():
-        assert support_norms.folded_norms is not fold
-    assert support_norms.folded_norms is fold
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.first_conv, self.norms = [], 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.conv2d and args[0].shape[1] == 1:
+                self.first_conv.append(args[0].shape[0])
+            if func is torch.nn.functional.batch_norm:
+                self.norms += 1
+            return func(*args, **(kwargs or {}))
+
+    defaults = (base.module_norm_layers, task_network.support_norm_layers, anil.forward_in_two_passes,
+                support_norms.folded_norms)
+    episode = classification_episode(1, 3, 1, 2, 16, device="cpu")  # one task: 3 support images, 6 queries
+    for name in ("protonet_cls", "anil_cls"):
+        learner, _, _ = build_from_config(MODEL_CONFIGS / f"{name}.yaml", {"n_way": 3, "in_channels": 1}, "cpu")
+        learner.train()
+        seen = {}
+        for form, context in _FORMS.items():
+            with context(), Calls() as calls:
+                learner.loss(episode)
+            seen[form] = (calls.first_conv, calls.norms)
+            assert (base.module_norm_layers, task_network.support_norm_layers, anil.forward_in_two_passes,
+                    support_norms.folded_norms) == defaults
+        assert seen["one"][0] == [9], (name, seen)  # support and queries together
+        assert seen["unfolded"][0] == seen["two"][0] == [3, 6], (name, seen)
+        assert seen["two"][1] == 4 and seen["unfolded"][1] == 8, (name, seen)  # 4 blocks: the support's norms only
     for name in ("protonet_cls", "anil_cls"):
         (row,) = measure(16, [name], repeat=1, warmup=0)
         assert row[:2] == ["16x16", name] and min(row[2:5]) > 0

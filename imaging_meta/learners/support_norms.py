@@ -27,6 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from imaging_meta.backbones import (
+    NORM_PASS,
     SupportBatchNorm2d,
     SupportBatchNorm3d,
     folded_norms,
@@ -110,7 +111,7 @@ class SupportNorms(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.batch_norm:
+        if func is not F.batch_norm or NORM_PASS.get() is not self:  # another pass nested in this one owns it
             return func(*args, **kwargs)
         a = _BATCH_NORM.bind(*args, **kwargs).arguments
         if not a.get("training", False):  # running statistics: the same for every row
@@ -158,14 +159,18 @@ def forward_in_two_passes(
     that ``layers`` (`support_norm_layers`) does not name: the caller then runs the queries with
     `imaging_meta.backbones.forward_with_support_statistics`."""
     norms = SupportNorms(layers)
-    with norms:
-        fs = fn(support)
-    if norms.foreign:
-        return fs, None
-    parts = []
-    for chunk in query.split(query_chunk(query)):
-        with norms.queries(), folded_norms(norms.fold):
-            parts.append(fn(chunk))
+    owner = NORM_PASS.set(norms)  # its norm calls until it ends (a pass nested in it takes them over meanwhile)
+    try:
+        with norms, folded_norms(None):  # an outer query pass's folding does not reach this support pass
+            fs = fn(support)
+        if norms.foreign:
+            return fs, None
+        parts = []
+        for chunk in query.split(query_chunk(query)):
+            with norms.queries(), folded_norms(norms.fold):
+                parts.append(fn(chunk))
+    finally:
+        NORM_PASS.reset(owner)
     return fs, parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -182,7 +182,10 @@ def test_body_last_fine_tunes_the_last_block_only():
     block = {f"encoder.backbone.layers.3.{n}" for n, _ in p.encoder.backbone.layers[3].named_parameters()}
     assert set(fit.body) == block
     own = dict(p.named_parameters())
-    assert all(not torch.equal(v, own[k]) for k, v in fit.body.items())  # every one of them moved
+    # every one of them moved but the convolution's bias, which the batch-statistics norm after it cancels: its
+    # gradient is zero but for rounding (exactly zero when the queries' norm is folded into the convolution)
+    assert all(not torch.equal(v, own[k]) for k, v in fit.body.items() if not k.endswith(".0.bias"))
+    assert (fit.body["encoder.backbone.layers.3.0.bias"] - own["encoder.backbone.layers.3.0.bias"]).abs().max() < 1e-5
     assert fit.losses[-1] < fit.losses[0]
     head_only = SupportFineTune(p, steps=5, lr=0.1, body="head")
     assert head_only.fit_task(ep.support_images[0], ep.support_labels[0], 3).body == {}

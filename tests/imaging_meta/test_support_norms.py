@@ -186,3 +186,40 @@ def test_the_query_pass_of_a_conv4_runs_no_norm_layer():
     one_pass = forward_with_support_statistics(net, support, query)
     torch.testing.assert_close(fq, one_pass[1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fs, one_pass[0], rtol=1e-12, atol=1e-12)
+
+
+def test_folding_leaves_nested_passes_and_hooked_layers_alone():
+    """A two-pass or one-pass forward nested inside a query pass gets its own statistics (the outer pass's
+    folding does not reach it), and a block whose convolution or norm has a hook runs both layers, so the hook
+    sees the queries too."""
+    torch.manual_seed(0)
+    net = tiny_maml().double().train().net
+    layers = support_norms.module_norm_layers(net)
+    support, query = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    other_support, other_query = torch.randn(3, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    inner = {}
+
+    def nested(x):
+        if x.shape[0] == query.shape[0]:  # the outer query pass embeds another task on the way
+            inner["two"] = support_norms.forward_in_two_passes(net, layers, other_support, other_query)
+            inner["one"] = forward_with_support_statistics(net, other_support, other_query)
+            inner["alone"] = forward_with_support_statistics(net, other_support, other_query[:0])[0]  # the norms' own kernels
+        return net(x)
+
+    fs, fq = support_norms.forward_in_two_passes(nested, layers, support, query)
+    for got, want in zip((fs, fq, *inner["two"], *inner["one"]),
+                         (*forward_with_support_statistics(net, support, query),
+                          *forward_with_support_statistics(net, other_support, other_query),
+                          *forward_with_support_statistics(net, other_support, other_query)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inner["alone"], net(other_support), rtol=1e-12, atol=1e-12)
+
+    seen = []
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = conv.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    try:
+        _, fq_hooked = support_norms.forward_in_two_passes(net, layers, support, query)
+    finally:
+        handle.remove()
+    assert seen == [support.shape[0], query.shape[0]]
+    torch.testing.assert_close(fq_hooked, fq, rtol=1e-12, atol=1e-12)
