@@ -16,6 +16,7 @@ scanner as contributing equipment, and its institution, station and serial numbe
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,8 +116,48 @@ def write_dicom_seg(
         ),
     )
     folder = os.path.dirname(files[0]) if files else "?"
+    with warnings.catch_warnings(record=True) as caught:  # re-emitted below without the patient's identifiers
+        warnings.simplefilter("always")
+        seg = _segmentation(hd, sources, frames, description, series_number, version, series_description, folder)
+    for w in caught:
+        warnings.warn_explicit(_redacted(str(w.message), sources[0]), w.category, "imaging_meta.commands.dicom_seg", 0)
+    # highdicom lists the scanner as contributing equipment; its site-identifying attributes are optional there
+    for item in seg.get("ContributingEquipmentSequence", []):
+        for keyword in _EQUIPMENT_SITE_KEYWORDS:
+            if keyword in item:
+                delattr(item, keyword)
+    out = Path(out_path)
+    with atomic_open(out, "wb") as stream:  # a crash leaves no half-written .seg.dcm
+        seg.save_as(stream)
+    return out
+
+
+#: the identifying attributes a Segmentation copies from its source (Patient, Study and General Study modules)
+_IDENTIFYING_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames", "AccessionNumber",
+    "StudyID", "StudyInstanceUID", "ReferringPhysicianName", "StudyDescription", "IssuerOfPatientID",
+)
+
+
+def _redacted(message: str, source) -> str:
+    """``message`` with every value of the source's identifying attributes replaced by its keyword: highdicom's
+    warnings quote them (a single-component PatientName: 'The string "DOE" is unlikely to represent ...'), and
+    warnings reach the console and logs, which hold no patient identifiers."""
+    for keyword in _IDENTIFYING_KEYWORDS:
+        value = source.get(keyword)
+        values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        for v in values:
+            text = str(v) if v is not None else ""
+            if len(text.strip()) >= 2:
+                message = message.replace(text, f"<{keyword}>")
+    return message
+
+
+def _segmentation(hd, sources, frames, description, series_number, version, series_description, folder):
+    """highdicom's Segmentation of ``frames`` derived from ``sources``; its refusals as a ValueError naming
+    ``folder``."""
     try:
-        seg = hd.seg.Segmentation(
+        return hd.seg.Segmentation(
             source_images=sources,
             pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -134,13 +175,5 @@ def write_dicom_seg(
             content_description="few-shot segmentation by imaging-meta",
         )
     except (ValueError, TypeError, AttributeError, KeyError) as e:
-        raise ValueError(f"{folder}: cannot derive a DICOM Segmentation from this series ({type(e).__name__}: {e})") from e
-    # highdicom lists the scanner as contributing equipment; its site-identifying attributes are optional there
-    for item in seg.get("ContributingEquipmentSequence", []):
-        for keyword in _EQUIPMENT_SITE_KEYWORDS:
-            if keyword in item:
-                delattr(item, keyword)
-    out = Path(out_path)
-    with atomic_open(out, "wb") as stream:  # a crash leaves no half-written .seg.dcm
-        seg.save_as(stream)
-    return out
+        message = _redacted(f"{type(e).__name__}: {e}", sources[0]) if sources else str(e)
+        raise ValueError(f"{folder}: cannot derive a DICOM Segmentation from this series ({message})") from e

@@ -306,3 +306,29 @@ def test_segment_keeps_every_part_when_the_support_structure_has_several(tmp_pat
     mask = np.asarray(nib.load(str(written)).dataobj) > 0
     assert mask.sum() == (64 + 27 if support_parts == 2 else 64)
     assert mask[1:5, 1:5, 1:5].all()
+
+
+def test_dicom_seg_warnings_never_quote_the_patients_identifiers(tmp_path, capsys, caplog):
+    """highdicom warns about a single-component PatientName by quoting it; the warning is re-emitted with the
+    name replaced by its keyword, so that no identifier reaches the console or a log (the .seg.dcm itself copies
+    the Patient module, as DICOM requires)."""
+    import warnings
+
+    from imaging_meta.commands.dicom_seg import write_dicom_seg
+    from tests.datamodules.dicom_fixtures import header
+
+    pytest.importorskip("highdicom")
+    volume = phantom(shape=(8, 8, 4))
+    files = write_series(tmp_path / "q", volume, hdr=header(PatientName="PHITESTSOLO", PatientID="PHITEST-ID-1"))
+    paths = DicomSeriesReader().read(str(tmp_path / "q")).series.paths  # the mask's slice order
+    assert sorted(paths) == sorted(str(f) for f in files)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:5, 2:5, 1:3] = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = write_dicom_seg(mask, paths, tmp_path / "q.seg.dcm")
+    messages = [str(w.message) for w in caught]
+    assert any("<PatientName>" in m and "single component" in m for m in messages), messages
+    everything = " ".join(messages) + capsys.readouterr().err + caplog.text
+    assert "PHITESTSOLO" not in everything and "PHITEST-ID-1" not in everything
+    assert str(pydicom.dcmread(out).PatientName) == "PHITESTSOLO"  # the file joins the patient's study
