@@ -37,6 +37,10 @@ from imaging_meta.tasks import CLASSIFICATION, get_task
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (*PIL_EXTENSIONS, *DICOM_EXTENSIONS)
+#: volume formats a user may leave in a query folder: named in the warning that skips them
+_VOLUME_SUFFIXES = (".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".mnc", ".hdr", ".img", ".img.gz", ".rec", ".par")
+#: files operating systems write into folders (never named in a warning)
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
 
 
 def _is_dicom(path: Path) -> bool:
@@ -53,12 +57,17 @@ def _image_files(folder: Path) -> list[Path]:
     suffix, or a UID). As ``fit`` does, a file named without an image suffix that is not DICOM (a README, a lock
     file), and a DICOM object that is no image (a DICOMDIR, a structure set, a report, a presentation state: PACS
     exports hold them beside the images), are skipped with a warning."""
-    files = []
+    files, others = [], []
     for f in sorted(folder.rglob("*")):
-        if not f.is_file() or f.name.startswith("."):
+        if not f.is_file() or f.name.startswith(".") or f.name.lower() in _SYSTEM_FILES:
             continue
         maybe = _maybe_dicom(f)
         if not maybe and f.suffix.lower() not in IMAGE_SUFFIXES:
+            if is_nifti(f) or f.name.lower().endswith(_VOLUME_SUFFIXES):
+                logger.warning("skipping %s: a 3D volume; classify takes 2D images (segment takes volumes; "
+                               "or export the slices you want classified as PNG or DICOM)", f)
+            else:
+                others.append(f)
             continue
         kind = dicom_kind(f) if maybe or f.suffix.lower() in DICOM_EXTENSIONS else "image"
         if kind == "image":
@@ -69,6 +78,10 @@ def _image_files(folder: Path) -> list[Path]:
             files.append(f)  # named .dcm but not DICOM: reading it names the problem
         else:
             logger.warning("skipping %s: %s, not an image", f, kind)
+    if others:
+        names = ", ".join(str(f.relative_to(folder)) for f in others[:5]) + (", ..." if len(others) > 5 else "")
+        logger.warning("skipping %d file(s) in %s whose suffix is no image format read here (%s): %s",
+                       len(others), folder, ", ".join(IMAGE_SUFFIXES), names)
     return files
 
 

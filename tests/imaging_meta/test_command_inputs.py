@@ -177,6 +177,24 @@ def test_classify_skips_stray_files_without_suffix_and_refuses_volumes_as_querie
         classify(NEVER_READ, support, [explain_folder], tmp_path / "pred.csv", explain=True)
 
 
+def test_a_query_folder_names_the_volumes_and_other_files_it_skips(tmp_path, folders, caplog):
+    """A NIfTI (or another volume format) and files of other suffixes inside a query folder used to be dropped
+    without a word; each volume is named with what to do, the other files in one line; hidden and system files
+    stay silent."""
+    _, queries = folders
+    write_nifti(phantom(seed=0), affine_ras(), queries / "scan.nii.gz")
+    (queries / "brain.mgz").write_bytes(b"\x00" * 10)
+    (queries / "notes.txt").write_text("x")
+    (queries / "Thumbs.db").write_bytes(b"\x00")
+    (queries / ".DS_Store").write_bytes(b"\x00")
+    with caplog.at_level(logging.WARNING):
+        assert [f.name for f in query_files([queries])] == ["q0.png", "q1.png"]
+    assert "scan.nii.gz: a 3D volume; classify takes 2D images" in caplog.text
+    assert "brain.mgz: a 3D volume" in caplog.text
+    assert "skipping 1 file(s) in" in caplog.text and ": notes.txt" in caplog.text
+    assert "Thumbs.db" not in caplog.text and "DS_Store" not in caplog.text
+
+
 def test_an_earlier_runs_explanations_are_removed_and_nothing_else(tmp_path):
     folder = tmp_path / "pred_explain"
     folder.mkdir()
