@@ -137,11 +137,14 @@ def _segment(
     chunks: int,
     pre: dict,
     device,
-) -> np.ndarray:
+) -> tuple[np.ndarray, float | None]:
+    """The method's mask of the query in its own grid, and the segmenter's support self-check (`whole_scan`)."""
     s_img, s_mask = support.pre["image"].as_tensor()[0].float(), support.pre["struct"]
     q_img = query.pre["image"].as_tensor()[0].float()
+    check = None
     if protocol == "whole_scan":
-        probs = ScanSegmenter(learner, options, device).fit([(s_img, s_mask)]).predict(q_img)
+        segmenter = ScanSegmenter(learner, options, device).fit([(s_img, s_mask)])
+        probs, check = segmenter.predict(q_img), segmenter.support_dice
     else:
         q_chunks = V.oracle_chunks(query.pre["struct"].numpy(), chunks)
         s_chunks = V.oracle_chunks(s_mask.numpy(), len(q_chunks))
@@ -158,7 +161,7 @@ def _segment(
             seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[centre]])
             probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
     mask = _to_original(query, probs) > 0.5
-    return V.keep_components(mask, V.structure_parts(s_mask.numpy()))
+    return V.keep_components(mask, V.structure_parts(s_mask.numpy())), check
 
 
 def _file_name(image: str | list) -> str:
@@ -243,8 +246,9 @@ def score_pair(
         adapted = adapt(learner, [(s_vol, s.pre["struct"])], [q_vol], steps=adapt_steps, seed=seed, device=device,
                         progress=False)
         variants[ADAPTED] = (adapted, options)
+    checks: dict[str, float | None] = {}
     for name, (lrn, opts) in variants.items():
-        preds[name] = _segment(lrn, opts, s, q, protocol, chunks, preprocessing, device)
+        preds[name], checks[name] = _segment(lrn, opts, s, q, protocol, chunks, preprocessing, device)
     preds.update(_baselines(s, q, query.modality, protocol))
     return [
         {
@@ -259,6 +263,7 @@ def score_pair(
             "patient": query.patient,
             "uses_query_extent": protocol == "oracle_extent",
             "scale": scale,
+            "support_dice": checks.get(name),  # the segmenter's self-check on the support (None: not measured)
         }
         for name, pred in preds.items()
     ]

@@ -10,7 +10,9 @@ It is fitted on the support scans alone (never a query label):
 3. ``calibrate``: a logistic fusion of the learner's logit and the intensity evidence, and a Dice-optimal
    threshold, both fitted on the support: the support slices with the structure are predicted leave-one-out
    (from the other support slices), those without it from all of them. With one support slice there is
-   nothing to leave out; the fusion then adds the two log-odds (weights 1, 1) at threshold 0.5;
+   nothing to leave out; the fusion then adds the two log-odds (weights 1, 1) at threshold 0.5. The Dice of
+   the leave-one-out support slices after fusion is kept as a self-check (``support_dice``): a model that cannot
+   segment the support's own slices from each other will not segment the query;
 4. ``negatives``: a slice gate fitted on the same support predictions, which leaves a query slice empty when
    its strongest evidence is no stronger than on the support's slices without the structure;
 5. ``smooth_z``: each slice's probability averaged with its axial neighbours.
@@ -87,6 +89,9 @@ class ScanSegmenter:
         self.gate: float | None = None
         self.support_images: torch.Tensor | None = None
         self.support_masks: torch.Tensor | None = None
+        #: the support self-check: Dice of the support slices that show the structure, each predicted from the
+        #: others (fused, at the fitted threshold; no gate, smoothing or 3D step); None with fewer than 2 slices
+        self.support_dice: float | None = None
 
     # ------------------------------------------------------------------ learner calls
     def _learned(self, images: torch.Tensor, s_img: torch.Tensor, s_mask: torch.Tensor) -> torch.Tensor:
@@ -173,6 +178,8 @@ class ScanSegmenter:
             n_feat = 2 if o.intensity else 1
             self.fusion.weight, self.fusion.bias = torch.ones(n_feat), torch.zeros(())
             self.threshold = 0.5
+        if k >= 2:
+            self.support_dice = _dice(self._fused(p_pos, images) > 0.5, self.support_masks > 0.5)
         if o.negatives and negs.shape[0]:
             fused = self._fused(all_p, all_i)  # (K + N, H, W)
             scores = slice_scores(fused.permute(1, 2, 0))
@@ -226,4 +233,11 @@ class ScanSegmenter:
             else float(self.fusion.bias),
             "threshold": self.threshold,
             "slice_gate": self.gate,
+            "support_dice": self.support_dice,
         }
+
+
+def _dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Dice of two boolean masks, pooled over every pixel (1.0 when both are empty)."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total

@@ -281,3 +281,18 @@ def test_segment_adapts_by_the_adaptation_modules_default():
     args = _tool_parser().parse_args(["segment", "--checkpoint", "c", "--support-image", "i", "--support-label", "l",
                                       "--query", "q", "--out", "o"])
     assert args.adapt_steps == adaptation.DEFAULT_STEPS and args.scale == "structure"
+
+
+def test_the_support_self_check_tells_a_findable_structure_from_an_unfindable_one():
+    """``support_dice``: each support slice with the structure predicted from the others. A structure whose
+    intensity marks it is found (near 1); one with the body's intensity, which no evidence here can see, is
+    not (near 0); one support slice leaves nothing to check."""
+    img, mask = _volume(organ=0.8)
+    seg = ScanSegmenter(ConstantLearner(), ScanOptions(negatives=False, smooth_z=0.0)).fit([(img, mask)])
+    assert seg.support_dice is not None and seg.support_dice > 0.9
+    assert seg.describe()["support_dice"] == seg.support_dice
+    hidden, _ = _volume(organ=0.3)  # the structure looks like the body around it
+    seg = ScanSegmenter(ConstantLearner(), ScanOptions(negatives=False, smooth_z=0.0)).fit([(hidden, mask)])
+    assert seg.support_dice is not None and seg.support_dice < 0.3
+    one = ScanSegmenter(ConstantLearner()).fit([(img, mask)], slices=[[5]])
+    assert one.support_dice is None
