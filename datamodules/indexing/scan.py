@@ -61,6 +61,7 @@ from datamodules.indexing.pseudonyms import (
 )
 from datamodules.indexing.volumes import Volume, check_image_data, grid_mismatch, label_values, load_nifti
 from datamodules.io.dicom import (
+    MIN_SLICES,
     NIFTI_SUFFIXES,
     DicomError,
     DicomHeader,
@@ -494,7 +495,7 @@ def scan_folder(
     label_names: Mapping[int, str] | None = None,
     salt: str = "imaging-meta",
     patient_regex: str = r"(sub-[A-Za-z0-9]+)",
-    min_slices: int = 3,
+    min_slices: int = MIN_SLICES,
 ) -> Index:
     """Index every image under ``root``.
 

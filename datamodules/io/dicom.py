@@ -49,6 +49,7 @@ from datamodules.io.dicom_header import ENHANCED_SOP_CLASSES, DicomHeader, is_en
 from datamodules.io.dicom_pixels import load_series_array
 from datamodules.io.dicom_series import (
     DUPLICATE_TOL_MM,
+    MIN_SLICES,
     ORIENTATION_TOL,
     DicomSeries,
     order_series,
@@ -58,6 +59,7 @@ from datamodules.io.nifti_names import NIFTI_SUFFIXES, is_nifti, nifti_stem
 
 __all__ = [
     "DUPLICATE_TOL_MM",
+    "MIN_SLICES",
     "ORIENTATION_TOL",
     "checked_header",
     "read_dataset",
@@ -110,6 +112,23 @@ def _claims_dicom(path: str) -> bool:
         return f.read(4) == b"DICM"
 
 
+def _no_series_reason(skipped: Sequence[tuple[str, str]], shown: int = 3) -> str:
+    """Why a folder holds no DICOM image series: each skipped file's reason, the files with the same reason
+    together (the first ``shown`` reasons, naming a file and how many share it)."""
+    if not skipped:
+        return "no DICOM image series in this folder: it holds no file (hidden files and NIfTI aside)"
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in sorted(skipped, key=lambda t: os.path.basename(t[0])):
+        by_reason.setdefault(reason, []).append(os.path.basename(path))
+    parts = []
+    for reason, names in list(by_reason.items())[:shown]:
+        alike = f" (and {len(names) - 1} other file(s) alike)" if len(names) > 1 else ""
+        parts.append(f"{names[0]}{alike}: {reason}")
+    more = f"; and {len(by_reason) - shown} other reason(s)" if len(by_reason) > shown else ""
+    files = f"none of its {len(skipped)} files is" if len(skipped) > 1 else "its only file is not"
+    return f"no DICOM image series in this folder ({files} an image slice): " + "; ".join(parts) + more
+
+
 class DicomSeriesReader(ImageReader):
     """MONAI image reader for one DICOM series given as an ordered file list or as a folder.
 
@@ -126,7 +145,8 @@ class DicomSeriesReader(ImageReader):
     (equal for single-frame files). No identifying attribute is copied.
 
     Args:
-        min_slices: fewest slices accepted (1 reads a single slice as a one-slice volume).
+        min_slices: fewest slices accepted; the default is the scan's (`MIN_SLICES`), so that `segment` and `fit`
+            refuse what `scan` refuses (1 reads a single slice as a one-slice volume).
         gap_factor: see `order_series`.
         spacing_rtol: see `order_series`.
 
@@ -134,7 +154,7 @@ class DicomSeriesReader(ImageReader):
         >>> LoadImage(image_only=True)(folder, reader=DicomSeriesReader())  # doctest: +SKIP
     """
 
-    def __init__(self, min_slices: int = 1, gap_factor: float = 1.5, spacing_rtol: float = 0.1):
+    def __init__(self, min_slices: int = MIN_SLICES, gap_factor: float = 1.5, spacing_rtol: float = 0.1):
         super().__init__()
         self.min_slices = int(min_slices)
         self.gap_factor = float(gap_factor)
@@ -187,8 +207,11 @@ class DicomSeriesReader(ImageReader):
         return _LoadedSeries(series=series, datasets=datasets)
 
     def _read_folder(self, folder: str, datasets: dict[str, Dataset]) -> list[DicomHeader]:
-        """The headers of the one image series in ``folder`` (non-DICOM files skipped); fills ``datasets``."""
+        """The headers of the one image series in ``folder`` (non-DICOM files skipped); fills ``datasets``.
+
+        When no image series remains, the error names why the files were skipped (`_no_series_reason`)."""
         headers: list[DicomHeader] = []
+        skipped: list[tuple[str, str]] = []  # (file, why it is no slice), for the error when no series remains
         for entry in sorted(os.listdir(folder)):
             p = os.path.join(folder, entry)
             if not os.path.isfile(p) or is_nifti(p) or entry.startswith("."):  # AppleDouble ._x.dcm, .gitkeep
@@ -202,6 +225,7 @@ class DicomSeriesReader(ImageReader):
                         "it again from the source, or remove it if it is no slice of the series"
                     ) from e
                 logger.warning("skipping %s", e)
+                skipped.append((p, e.reason))
                 continue
             header = self._header(ds, p, caught)
             if len(ds) == 0:  # a file meta header and nothing after it: a truncated file, not a non-image object
@@ -209,13 +233,19 @@ class DicomSeriesReader(ImageReader):
             kind = non_image_kind(header)
             if kind is not None and not header.is_dicomdir:  # even with the images' SeriesInstanceUID
                 logger.warning("skipping %s: %s, not an image", p, kind)
+                skipped.append((p, header.problem or f"{kind}, not an image"))
                 continue
             headers.append(header)
             datasets[p] = ds
         # series without any image (reports, a DICOMDIR, files without pixel data) do not count
-        groups = {k: v for k, v in group_series(headers).items() if not all(_not_an_image(h) for h in v)}
+        groups: dict[str, list[DicomHeader]] = {}
+        for key, group in group_series(headers).items():
+            if all(_not_an_image(h) for h in group):
+                skipped += [(h.path, h.problem or f"{non_image_kind(h) or 'no image'}, not an image") for h in group]
+            else:
+                groups[key] = group
         if not groups:
-            raise DicomSeriesError([folder], "no DICOM image series in this folder")
+            raise DicomSeriesError([folder], _no_series_reason(skipped))
         if len(groups) > 1:
             numbers = [v[0].series_number for v in groups.values()]
             same = len(set(numbers)) < len(numbers)  # then the UIDs tell them apart

@@ -119,8 +119,8 @@ def non_image_kind(h: DicomHeader) -> str | None:
 
 
 def kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
-    """Why the file is not an image at all (a DICOMDIR, an RT or report object, no pixel data, a SEG object),
-    or None."""
+    """Why the file is not an image at all (a DICOMDIR, an RT or report object, no pixel data, a SEG object), or
+    not one image (a Siemens mosaic: `mosaic_problem`), or None. Used for volume slices and 2D images alike."""
     if h.modality == "SEG" or "Segmentation Storage" in h.sop_class:
         return "a DICOM SEG object: segmentations are read as NIfTI label maps; export it to NIfTI first"
     kind = non_image_kind(h)
@@ -140,7 +140,39 @@ def kind_problem(ds: Dataset, h: DicomHeader) -> str | None:
                 "during copying) or was stripped of its pixels; copy it again from the source"
             )
         return f"no pixel data ({h.describe()}): not an image"
-    return None
+    return mosaic_problem(h)
+
+
+def is_mosaic(h: DicomHeader) -> bool:
+    """Whether the file is a Siemens mosaic: ImageType holds MOSAIC, or the Siemens private NumberOfImagesInMosaic
+    is above 1. Header-only."""
+    return "MOSAIC" in h.image_type or (h.mosaic_images or 0) > 1
+
+
+def mosaic_problem(h: DicomHeader) -> str | None:
+    """Why a Siemens mosaic (the slices of a volume tiled into one image, as fMRI and diffusion series are stored)
+    is neither one slice of a volume nor one 2D image, with the fix; None for any other file. Header-only."""
+    if not is_mosaic(h):
+        return None
+    count = f" of {h.mosaic_images} images per file" if h.mosaic_images else ""
+    tag = "ImageType MOSAIC" if "MOSAIC" in h.image_type else f"NumberOfImagesInMosaic {h.mosaic_images}"
+    matrix = f" {h.rows}x{h.columns}" if h.rows and h.columns else ""
+    return (
+        f"a Siemens mosaic{count} ({tag}: the slices of a volume tiled into one{matrix} image), not one slice or "
+        "2D image; convert the series with `dcm2niix -z y <folder>` and use the .nii.gz"
+    )
+
+
+def projection_problem(h: DicomHeader) -> str | None:
+    """Why a projection image (ImageType PROJECTION IMAGE: a maximum-intensity or other projection computed from a
+    volume) is no slice of a volume, or None. Header-only. A 2D reader may still read it as a 2D picture."""
+    if "PROJECTION IMAGE" not in h.image_type:
+        return None
+    image_type = "\\".join(h.image_type)
+    return (
+        f"a projection image (ImageType {image_type}, {h.describe()}): a 2D picture computed from a "
+        "volume, not a slice of one; use the original series it was computed from"
+    )
 
 
 def _frames_problem(ds: Dataset, h: DicomHeader) -> str | None:
@@ -260,8 +292,8 @@ def _pixel_bytes_problem(ds: Dataset, h: DicomHeader) -> str | None:
 def file_problem(ds: Dataset, h: DicomHeader) -> str | None:
     """The first reason why this file cannot be one slice of a grey-level volume, or None.
 
-    The checks run in a fixed order: the kind of object, the number of frames, the pixel format, the
-    patient geometry, the decoder for the transfer syntax, then the size of uncompressed pixel data.
+    The checks run in a fixed order: the kind of object (a mosaic among them), a projection image, the number of
+    frames, the pixel format, the patient geometry, the decoder for the transfer syntax, then the size of uncompressed pixel data.
 
     Args:
         ds: the data set, pixels included.
@@ -272,6 +304,7 @@ def file_problem(ds: Dataset, h: DicomHeader) -> str | None:
     """
     return (
         kind_problem(ds, h)
+        or projection_problem(h)
         or _frames_problem(ds, h)
         or _pixel_format_problem(ds, h)
         or _geometry_problem(ds, h)

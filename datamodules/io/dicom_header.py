@@ -46,6 +46,10 @@ class DicomHeader:
         frames: for an enhanced multi-frame file whose header passed its checks, one header per frame (in
             file order, ``frame`` set, geometry and rescale from the functional groups); None otherwise. The
             file's own ``position``, ``orientation`` and ``pixel_spacing`` stay None: it is not one slice.
+        image_type: the values of ImageType, stripped and upper case (``()`` when absent), e.g.
+            ("ORIGINAL", "PRIMARY", "AXIAL"); "MOSAIC" marks a Siemens mosaic, "PROJECTION IMAGE" a projection.
+        mosaic_images: the Siemens private NumberOfImagesInMosaic (0019,xx0A) of the "SIEMENS MR HEADER"
+            block, or None when absent or unreadable.
     """
 
     path: str
@@ -73,6 +77,8 @@ class DicomHeader:
     is_dicomdir: bool = False
     frame: int | None = None
     frames: list[DicomHeader] | None = field(default=None, repr=False)
+    image_type: tuple[str, ...] = ()
+    mosaic_images: int | None = None
 
     def describe(self) -> str:
         """A short non-identifying description: modality and SOP class."""
@@ -148,6 +154,40 @@ def as_floats(value: Any, n: int) -> tuple[float, ...] | None:
     if len(out) != n or not all(math.isfinite(v) for v in out):
         return None
     return out
+
+
+def image_type_of(ds: Dataset) -> tuple[str, ...]:
+    """The values of ImageType, stripped and upper case; ``()`` when absent or unreadable."""
+    value = get_value(ds, "ImageType")
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, (str, bytes)) else value
+    try:
+        return tuple(
+            (v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)).strip().upper() for v in values
+        )
+    except TypeError:
+        return ()
+
+
+#: the private creator of the Siemens block that holds NumberOfImagesInMosaic at element 0x0A of group 0x0019
+_SIEMENS_MR_HEADER = "SIEMENS MR HEADER"
+
+
+def siemens_mosaic_images(ds: Dataset) -> int | None:
+    """The Siemens private NumberOfImagesInMosaic (0019,xx0A), or None when absent or unreadable.
+
+    The element is US; read without its private dictionary (VR UN) it is two little-endian bytes.
+    """
+    try:
+        value = ds.get_private_item(0x0019, 0x0A, _SIEMENS_MR_HEADER).value
+    except Exception:  # no Siemens block, or a malformed one: not told
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return int.from_bytes(value[:2], "little") if len(value) >= 2 else None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0] if len(value) else None
+    return as_int(value)
 
 
 def transfer_syntax_of(ds: Dataset) -> UID:
@@ -226,5 +266,7 @@ def parse_header(ds: Dataset, path: str, keywords: Iterable[str]) -> DicomHeader
         attributes=attributes,
         patient_id=str(get_value(ds, "PatientID")).strip() if get_value(ds, "PatientID") else None,
         is_dicomdir=sop_class_uid == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds,
+        image_type=image_type_of(ds),
+        mosaic_images=siemens_mosaic_images(ds),
     )
     return h

@@ -21,6 +21,8 @@ from datamodules.io.dicom_header import DicomHeader
 ORIENTATION_TOL = 1e-3
 #: two slices closer than this along the normal (mm) are at the same position.
 DUPLICATE_TOL_MM = 1e-3
+#: the fewest slices of a volume: the default of `order_series`, `DicomSeriesReader` (segment, fit) and the scan.
+MIN_SLICES = 3
 
 
 @dataclass
@@ -290,7 +292,7 @@ def _check_collinear(positions: np.ndarray, along: np.ndarray, min_pixel_spacing
 def order_series(
     headers: Sequence[DicomHeader],
     *,
-    min_slices: int = 3,
+    min_slices: int = MIN_SLICES,
     gap_factor: float = 1.5,
     spacing_rtol: float = 0.1,
 ) -> DicomSeries:

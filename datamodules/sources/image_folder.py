@@ -20,7 +20,8 @@ Intensities:
   (minimum displayed white) have their stored values inverted over the stored range, then
   RescaleSlope/RescaleIntercept are applied; CT is clipped to ``ct_window`` (HU) and scaled to [0, 1]; other
   modalities are scaled per image between their minimum and maximum. Palette colour becomes RGB. DICOM objects
-  that are no image (a DICOMDIR, an RT structure set or dose, a report...) are skipped with a warning.
+  that are no image (a DICOMDIR, an RT structure set or dose, a report...) are skipped with a warning; a file
+  without pixel data and a Siemens mosaic (slices tiled into one image) are refused with the fix.
 
 Channels: with ``channels=1`` colour images become grey (ITU-R 601-2 luma); with ``channels=3`` grey images
 are repeated. A colour image whose three channels are equal counts as grey. A folder that mixes true colour
@@ -129,12 +130,18 @@ def _read_pil(path: Path) -> _Read:
 def _read_dicom(path: Path, ct_window: Sequence[float]) -> _Read:
     """One 2D DICOM image by the volume reader's rules (`datamodules.io.dicom_pixels`): the same decoding
     (headerless files, a missing PhotometricInterpretation), MONOCHROME1 inverted over the stored range before the
-    rescale; palette colour becomes RGB; objects that are not images (`dicom_checks.kind_problem`) are refused."""
+    rescale; palette colour becomes RGB; objects that are not images, files without pixel data and Siemens mosaics
+    (`dicom_checks.kind_problem`) are refused. A projection image (a MIP) is a 2D picture: it is read."""
     ds, caught = read_dataset(str(path))  # NotDicomError / DicomError name the file
     h = checked_header(ds, str(path), DEFAULT_SITE_FIELDS, caught)
-    kind = kind_problem(ds, h)
-    if kind is not None:
-        raise DicomError(path, kind if h.is_dicomdir else f"{kind}; a class or query folder holds 2D images")
+    kind = non_image_kind(h)
+    if kind is not None and not h.is_dicomdir:  # a structure set, dose grid, SEG, report...: the wrong folder
+        raise DicomError(
+            path, f"{kind}, not an image ({h.describe()}); a class or query folder holds only 2D images: move it out"
+        )
+    problem = kind_problem(ds, h)  # a DICOMDIR, no pixel data, a mosaic: the reason names the fix
+    if problem is not None:
+        raise DicomError(path, problem)
     frames = as_int(get_value(ds, "NumberOfFrames", 1))
     if frames is None:
         raise DicomError(path, f"invalid NumberOfFrames {get_value(ds, 'NumberOfFrames')!r}: the header is corrupt")
