@@ -1,19 +1,169 @@
-"""Read and check NIfTI volumes and label maps, and compare a label's voxel grid with its image's."""
+"""Read and check NIfTI volumes and label maps, and compare a label's voxel grid with its image's.
+
+Every NIfTI read path (`load_nifti` and `label_values` here for ``scan`` and ``segment``'s checks, and
+`datamodules.transforms.volume.LoadVolumed` for the preprocessing) goes through `checked_nifti`: a CIFTI-2 file
+is refused, and a file whose spatial unit (``xyzt_units``) is the metre or the micron is converted to mm (its
+affine, sform, qform and pixdim; unknown units are read as mm, as ITK and nibabel do), so that spacings,
+resampling and grid comparisons are always in mm.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import Opener
 from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
 
 from datamodules.indexing.inputs import Reject
 
+logger = logging.getLogger(__name__)
+
 #: a label grid matches its image when every grid corner lands within this fraction of a voxel (and 1 µm).
 GRID_TOL_VOXELS = 0.05
+#: millimetres per spatial unit, by the NIfTI ``xyzt_units`` code (its low 3 bits); 0 (unknown) is read as mm
+MM_PER_UNIT = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}
+#: NIfTI intent codes of CIFTI-2 (NIFTI_INTENT_CONNECTIVITY_*)
+CIFTI_INTENTS = range(3000, 3100)
+
+
+def cifti_reason(img: Any) -> str | None:
+    """Why ``img`` (as `nibabel.load` returns it) is no image volume when it is a CIFTI-2 file, else None."""
+    header = getattr(img, "nifti_header", None) if isinstance(img, nib.Cifti2Image) else getattr(img, "header", None)
+    try:
+        intent = int(header["intent_code"]) if header is not None else 0
+    except (KeyError, TypeError, ValueError):
+        intent = 0
+    if not isinstance(img, nib.Cifti2Image) and intent not in CIFTI_INTENTS:
+        return None
+    return _cifti_message(intent)
+
+
+def _cifti_message(intent: int) -> str:
+    return (
+        f"a CIFTI-2 file (grayordinate data), not an image volume (NIfTI intent code {intent}): only 3D image "
+        "volumes are read - give the NIfTI volume the CIFTI data was made from"
+    )
+
+
+def cifti_file_reason(path: str) -> str | None:
+    """`cifti_reason` of a NIfTI file from its header's raw bytes (the intent code of a NIfTI-2 or NIfTI-1 header),
+    without `nibabel.load`: a CIFTI-2 intent without a CIFTI-2 extension makes nibabel fail with an error that does
+    not say what the file is. None for any other file, or one that cannot be read."""
+    try:
+        with Opener(path) as f:  # .nii or .nii.gz
+            head = f.read(540)
+    except Exception:
+        return None
+    for order in ("<", ">"):
+        if len(head) >= 540 and np.frombuffer(head[:4], f"{order}i4")[0] == 540:
+            intent = int(np.frombuffer(head[504:508], f"{order}i4")[0])
+            break
+        if len(head) >= 348 and np.frombuffer(head[:4], f"{order}i4")[0] == 348:
+            intent = int(np.frombuffer(head[68:70], f"{order}i2")[0])
+            break
+    else:
+        return None
+    return _cifti_message(intent) if intent in CIFTI_INTENTS else None
+
+
+def spatial_unit(img: Any) -> int:
+    """The NIfTI spatial unit code of ``img`` (0 unknown, 1 metre, 2 mm, 3 micron; 0 for other images)."""
+    header = getattr(img, "header", None)
+    if not isinstance(header, nib.Nifti1Header):  # NIfTI-2 headers are Nifti1Header subclasses
+        return 0
+    return int(header["xyzt_units"]) & 0x07
+
+
+def in_mm(img: Any) -> Any:
+    """``img`` with its voxel-to-world geometry in mm: a NIfTI image in metres or microns becomes a new image of
+    the same (lazy) data whose pixdim, qform offsets and sform rows are scaled and whose spatial unit is mm; any
+    other image is returned as it is. The sform and qform codes, and the time unit, are kept."""
+    code = spatial_unit(img)
+    scale = MM_PER_UNIT.get(code, 1.0)
+    if scale == 1.0:
+        return img
+    header = img.header.copy()
+    header["pixdim"][1:4] = header["pixdim"][1:4] * scale
+    for field in ("qoffset_x", "qoffset_y", "qoffset_z"):
+        header[field] = header[field] * scale
+    for field in ("srow_x", "srow_y", "srow_z"):
+        header[field] = header[field] * scale
+    header["xyzt_units"] = (int(header["xyzt_units"]) & ~0x07) | 2
+    # the same file behind it (nibabel's file_map): the data stays lazy, with the file's own scaling
+    return img.__class__(img.dataobj, header.get_best_affine(), header, extra=img.extra, file_map=img.file_map)
+
+
+def orientation_unknown(img: Any) -> bool:
+    """A NIfTI image whose sform_code and qform_code are both 0: its affine is nibabel's guess from pixdim."""
+    header = getattr(img, "header", None)
+    if not isinstance(header, nib.Nifti1Header):
+        return False
+    return int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0
+
+
+_WARNED_ORIENTATION: set[str] = set()
+
+
+def warn_unknown_orientation(path: str, img: Any) -> None:
+    """Log once per file (per process) that a NIfTI file does not say where its voxels lie."""
+    if not orientation_unknown(img) or str(path) in _WARNED_ORIENTATION:
+        return
+    _WARNED_ORIENTATION.add(str(path))
+    logger.warning(
+        "%s: orientation unknown (sform_code and qform_code are 0): its voxels are placed from pixdim alone, so it "
+        "may not be aligned with the other scans as you think - set the sform/qform from the source (e.g. convert "
+        "the DICOM again with dcm2niix)",
+        path,
+    )
+
+
+def checked_nifti(img: Any, path: str) -> Any:
+    """What every NIfTI read path does after `nibabel.load`: refuse a CIFTI-2 file, warn when the orientation is
+    unknown, and return the image in mm (`in_mm`).
+
+    Raises:
+        Reject: a CIFTI-2 file (the reason, without the file's name).
+    """
+    reason = cifti_reason(img)
+    if reason:
+        raise Reject(reason)
+    warn_unknown_orientation(path, img)
+    return in_mm(img)
+
+
+def dimensions_reason(shape: Sequence[int]) -> str | None:
+    """Why a NIfTI file of this shape (its own axis order, ``dim[1:]``) is no 3D volume, or None when it is one
+    (trailing singleton dimensions allowed). NIfTI's 4th dimension is time, its 5th vector components."""
+    shape = tuple(int(s) for s in shape)
+    spatial = list(shape)
+    while len(spatial) > 3 and spatial[-1] == 1:
+        spatial.pop()
+    if len(spatial) < 3:
+        return (
+            f"{len(spatial)}D image (shape {shape}): a 3D volume is needed - save a single slice as a one-slice 3D "
+            "NIfTI volume (shape (X, Y, 1))"
+        )
+    if len(spatial) == 3:
+        return None
+    if len(spatial) == 4:
+        return (
+            f"4D image (shape {shape}): only 3D volumes are read; split it into one 3D file per channel or time "
+            "point (e.g. `fslsplit`)"
+        )
+    times = spatial[3]
+    if len(spatial) == 5:
+        what = f"a vector image of {spatial[4]} components per voxel" + (f", {times} time points" if times > 1 else "")
+        return (
+            f"5D image (shape {shape}): {what} (e.g. a displacement field or a tensor); only 3D volumes are read - "
+            "split it into one 3D file per component, e.g. nibabel.save(nibabel.Nifti1Image(img.dataobj[:, :, :, "
+            f"{'0' if times == 1 else 't'}, k], img.affine), 'component_k.nii.gz')"
+        )
+    return f"{len(spatial)}D image (shape {shape}): only 3D volumes are read - save each 3D volume as its own NIfTI file"
 
 
 def grid_mismatch(
@@ -78,25 +228,23 @@ class Volume:
 
 
 def load_nifti(path: str) -> tuple[Any, np.ndarray, list[int]]:
-    """Header and data of a 3D NIfTI; `Reject` with the reason otherwise."""
+    """Header and data of a 3D NIfTI, its geometry in mm (`checked_nifti`); `Reject` with the reason otherwise."""
     try:
         img: Any = nib.load(path)  # a spatial image (nibabel types it as the file-based base class)
     except Exception as e:
+        cifti = cifti_file_reason(path)
+        if cifti:
+            raise Reject(cifti) from e
         raise Reject(
             f"cannot read the NIfTI header ({type(e).__name__}: {e}); the file is corrupt or not NIfTI - "
             "copy it again from the source, or rename it if it is another format"
         ) from e
+    img = checked_nifti(img, path)
     shape = [int(s) for s in img.shape]
-    spatial = list(shape)
-    while len(spatial) > 3 and spatial[-1] == 1:
-        spatial.pop()
-    if len(spatial) > 3:
-        raise Reject(
-            f"4D image (shape {tuple(shape)}): only 3D volumes are read; split it into one 3D file per "
-            "channel or time point (e.g. `fslsplit`)"
-        )
-    if len(spatial) < 3:
-        raise Reject(f"{len(spatial)}D image (shape {tuple(shape)}): a 3D volume is needed")
+    problem = dimensions_reason(shape)
+    if problem:
+        raise Reject(problem)
+    spatial = shape[:3]
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise Reject(f"invalid voxel-to-world affine (sform/qform) {affine.tolist()}; fix the header")
@@ -135,7 +283,12 @@ def label_values(path: str, rel: str, image: Volume) -> list[int]:
     try:
         img: Any = nib.load(path)
     except Exception as e:
-        raise Reject(f"label map {rel}: cannot read the NIfTI header ({type(e).__name__}: {e})") from e
+        cifti = cifti_file_reason(path)
+        raise Reject(f"label map {rel}: {cifti or f'cannot read the NIfTI header ({type(e).__name__}: {e})'}") from e
+    try:
+        img = checked_nifti(img, path)
+    except Reject as e:
+        raise Reject(f"label map {rel}: {e}") from e
     try:
         mismatch = grid_mismatch(image.shape, image.affine, img.shape, np.asarray(img.affine, dtype=np.float64))
     except Exception as e:

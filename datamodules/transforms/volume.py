@@ -2,9 +2,9 @@
 
 Two stages:
 
-* `volume_transforms` (deterministic, cached): load (NIfTI, or a geometry-ordered DICOM series), channel
-  first, a check that rejects unusable volumes (`CheckVolumed`: 4D, NaN/Inf, constant, a label off its
-  image's grid), RAS orientation, in-plane resampling to a target spacing, intensity normalisation per modality
+* `volume_transforms` (deterministic, cached): load (NIfTI, its geometry in mm whatever its header's spatial
+  unit, or a geometry-ordered DICOM series), channel first, a check that rejects unusable volumes
+  (`CheckVolumed`: 4D or 5D, NaN/Inf, constant, a label off its image's grid), RAS orientation, in-plane resampling to a target spacing, intensity normalisation per modality
   (CT: a HU window; MR: percentile scaling), and an in-plane pad/crop to a fixed slice size. The axial
   axis is the last one, so ``volume[..., z]`` is a fixed-size 2D slice.
 * `slice_augmentation` (random, seeded): 2D geometric and intensity augmentation of a slice; one draw is
@@ -18,11 +18,13 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import NibabelReader
+from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -37,8 +39,11 @@ from monai.transforms import (
     Spacingd,
     Transform,
 )
+from monai.utils import ensure_tuple
 
+from datamodules.indexing.inputs import Reject
 from datamodules.indexing.scan import grid_mismatch
+from datamodules.indexing.volumes import checked_nifti, cifti_file_reason, dimensions_reason
 from datamodules.io.dicom import DicomSeriesReader
 
 CT_MODALITIES = ("CT",)
@@ -74,8 +79,9 @@ class CheckVolume(Transform):
             at this stage; the scan rejects empty label maps).
 
     Raises:
-        ValueError: the volume is not one channel-first 3D volume (1, X, Y, Z) (a 2D image, or a 4D image such
-            as a time series or several channels in one file), holds NaN or Inf values, or is constant.
+        ValueError: the volume is not one channel-first 3D volume (1, X, Y, Z) (a 2D image, a 4D image such
+            as a time series or several channels in one file, a 5D vector image), holds NaN or Inf values, or is
+            constant.
     """
 
     def __init__(self, allow_constant: bool = False):
@@ -86,10 +92,12 @@ class CheckVolume(Transform):
         src = _source(img)
         shape = tuple(int(v) for v in img.shape)
         if img.ndim != 4:
-            raise ValueError(
-                f"{src}: a {img.ndim - 1}D image (channel-first shape {shape}); only 3D volumes are read - "
-                "convert it to a 3D NIfTI volume"
+            file_shape = _file_shape(img)
+            problem = dimensions_reason(file_shape) or (
+                f"a 3D volume stored with {len(file_shape) - 3} extra singleton dimension(s) (shape {file_shape}); "
+                f"save it with shape {file_shape[:3]}"
             )
+            raise ValueError(f"{src}: {problem}")
         if shape[0] != 1:
             raise ValueError(
                 f"{src}: {shape[0]} volumes in one file (4D image, channel-first shape {shape}); only 3D volumes "
@@ -147,6 +155,19 @@ class CheckVolumed(MapTransform):
                     "the label onto the image grid (nearest neighbour)"
                 )
         return d
+
+
+def _file_shape(img) -> tuple[int, ...]:
+    """The shape of a loaded image as its file stores it: NIfTI's ``dim`` (x, y, z, time, components), else the
+    channel-first shape with the channel moved last."""
+    meta = getattr(img, "meta", {}) or {}
+    dim = meta.get("dim")
+    if dim is not None:
+        dim = [int(v) for v in np.asarray(dim).ravel()]
+        if dim and 1 <= dim[0] <= 7 and len(dim) > dim[0]:
+            return tuple(dim[1 : dim[0] + 1])
+    shape = tuple(int(v) for v in img.shape)
+    return shape[1:] + shape[:1]
 
 
 def _affine(img) -> np.ndarray:
@@ -263,8 +284,45 @@ def _shared_loader() -> LoadImage:
     return LoadImage(image_only=True)
 
 
+def unreadable_nifti(name, error: BaseException) -> ValueError:
+    """The error of a NIfTI file that nibabel cannot read, naming it."""
+    return ValueError(
+        f"{name}: cannot read this NIfTI file ({type(error).__name__}: {error}); it is truncated, corrupt or "
+        "not NIfTI - copy it again from the source"
+    )
+
+
+class NiftiVolumeReader(NibabelReader):
+    """MONAI's `NibabelReader` with the NIfTI rules of every read path (`datamodules.indexing.volumes.checked_nifti`):
+    a CIFTI-2 file is refused, an unknown orientation is warned about, and a file in metres or microns is read
+    with its affine, sform, qform and pixdim in mm (the voxels are unchanged), as `scan` reads it."""
+
+    def read(self, data, **kwargs):
+        """`NibabelReader.read`, each image through `checked_nifti` before MONAI's header correction.
+
+        Raises:
+            ValueError: a CIFTI-2 file, or a file nibabel cannot read, naming it.
+        """
+        filenames = ensure_tuple(data)
+        self.filenames = filenames  # what `get_data` pairs the images with, as in NibabelReader.read
+        options = {**self.kwargs, **kwargs}
+        images = []
+        for name in filenames:
+            try:
+                loaded = nib.load(name, **options)
+            except Exception as e:  # nibabel and gzip raise many types on a truncated or foreign file
+                cifti = cifti_file_reason(str(name))
+                raise (ValueError(f"{name}: {cifti}") if cifti else unreadable_nifti(name, e)) from e
+            try:
+                img = checked_nifti(loaded, str(name))
+            except Reject as e:
+                raise ValueError(f"{name}: {e}") from None
+            images.append(correct_nifti_header_if_necessary(img))
+        return images if len(filenames) > 1 else images[0]
+
+
 class LoadVolumed(MapTransform):
-    """Load each key with exactly one of our two readers: NIfTI paths with MONAI's `NibabelReader`, anything else
+    """Load each key with exactly one of our two readers: NIfTI paths with `NiftiVolumeReader`, anything else
     (a DICOM series folder, or its files) with `DicomSeriesReader`, which checks, groups and orders the slices.
 
     MONAI's ``LoadImaged(reader=[...])`` falls back to every other registered reader when the given ones raise:
@@ -276,9 +334,9 @@ class LoadVolumed(MapTransform):
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = _shared_loader()
-        self.dicom, self.nifti = DicomSeriesReader(), NibabelReader()
+        self.dicom, self.nifti = DicomSeriesReader(), NiftiVolumeReader()
 
-    def reader_for(self, source) -> DicomSeriesReader | NibabelReader:
+    def reader_for(self, source) -> DicomSeriesReader | NiftiVolumeReader:
         """The reader of a path, or of a list of DICOM files."""
         name = str(source).lower() if isinstance(source, (str, Path)) else ""
         return self.nifti if name.endswith((".nii", ".nii.gz")) else self.dicom
@@ -294,10 +352,7 @@ class LoadVolumed(MapTransform):
             except Exception as e:  # nibabel and gzip raise many types on a truncated or foreign file
                 if reader is not self.nifti:
                     raise
-                raise ValueError(
-                    f"{d[key]}: cannot read this NIfTI file ({type(e).__name__}: {e}); it is truncated, corrupt or "
-                    "not NIfTI - copy it again from the source"
-                ) from e
+                raise unreadable_nifti(d[key], e) from e
         return d
 
 
@@ -322,8 +377,8 @@ def volume_transforms(
         keys: image key first, then the label key (drop it to preprocess images alone).
 
     Applying the result raises (inside MONAI's ``RuntimeError("applying transform ...")``, as its cause) a
-    ``ValueError`` naming the file for a volume that `CheckVolumed` rejects: 2D or 4D, NaN/Inf, constant, or
-    a label map off its image's grid.
+    ``ValueError`` naming the file for a volume that `CheckVolumed` rejects: 2D, 4D or 5D, NaN/Inf, constant, or
+    a label map off its image's grid; or that `NiftiVolumeReader` refuses (a CIFTI-2 file).
     """
     keys = list(keys)
     if len(spacing) != 2 or len(slice_size) != 2:

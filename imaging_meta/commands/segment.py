@@ -9,8 +9,10 @@ component, or every component when a support shows the structure in several part
 
 Outputs: a NIfTI mask per query, or (``output_format="dicom-seg"``, DICOM series queries only) a DICOM
 Segmentation that references the query's slices (`imaging_meta.commands.dicom_seg`). NIfTI outputs are written
-with a fresh header: no description, no auxiliary file, nothing copied from the query's header, hence no
-patient data. The DICOM Segmentation is the exception: it must copy the source's Patient and Study modules.
+with a fresh header: no description, no auxiliary file, nothing copied from the query's header but its affine,
+its sform and qform codes (both 0, orientation unknown, stay 0) and its spatial unit (a query in metres is read in
+mm, `datamodules.indexing.volumes.in_mm`, and its mask written in metres, as the query), hence no patient data.
+The DICOM Segmentation is the exception: it must copy the source's Patient and Study modules.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 from nibabel.spatialimages import SpatialImage
 
-from datamodules.indexing.inputs import Reject
-from datamodules.indexing.volumes import label_data_values, load_nifti
+from datamodules.indexing.inputs import Reject, nifti_pair_kind
+from datamodules.indexing.volumes import cifti_file_reason, label_data_values, load_nifti, spatial_unit
 from datamodules.io.atomic import atomic_open
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
@@ -51,7 +53,8 @@ def image_source(path: str | Path) -> str:
     Raises:
         FileNotFoundError: nothing at ``path``.
         ValueError: a 2D picture (PNG, JPEG, TIFF, BMP), which ``segment`` does not read: it would otherwise reach
-            the DICOM reader and fail with a message about DICOM headers.
+            the DICOM reader and fail with a message about DICOM headers; a NIfTI pair (.hdr/.img); a CIFTI-2 file
+            (grayordinate data, no image volume: its header is read).
     """
     p = Path(path)
     if not p.exists():
@@ -63,10 +66,16 @@ def image_source(path: str | Path) -> str:
             "nibabel.save(nibabel.Nifti1Image(array[:, :, None], numpy.eye(4)), 'image.nii.gz')"
         )
     if p.is_file() and not is_nifti(p.name):
+        pair = nifti_pair_kind(str(p))
+        if pair:
+            raise ValueError(f"{p}: {pair}; segment reads NIfTI files of one piece (.nii, .nii.gz)")
         raise ValueError(
             f"{p}: not a NIfTI file (.nii, .nii.gz); segment reads NIfTI volumes and DICOM series folders. For a DICOM "
             "series pass the folder that holds its files, not one file"
         )
+    cifti = cifti_file_reason(str(p)) if p.is_file() else None
+    if cifti:
+        raise ValueError(f"{p}: {cifti}")
     return str(p)
 
 
@@ -169,6 +178,9 @@ def check_label_source(path: str | Path, label_value: int | None = None) -> None
             f"{p}: a folder; a support label map is a NIfTI file (.nii, .nii.gz) on its image's grid, not a DICOM series"
         )
     if not is_nifti(p.name):
+        pair = nifti_pair_kind(str(p))
+        if pair:
+            raise ValueError(f"{p}: {pair}; support label maps are read from NIfTI files of one piece (.nii, .nii.gz)")
         raise ValueError(f"{p}: not a NIfTI file (.nii, .nii.gz); support label maps are read from NIfTI files")
     try:
         _, data, _ = load_nifti(str(p))
@@ -196,16 +208,18 @@ def _plain(values: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in values.items())
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1)) -> Path:
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1), unit: int = 2) -> Path:
     """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file), the
     affine as both sform and qform with ``codes`` (sform, qform; default 1, scanner coordinates, as the DICOM
-    converters write them; `segment` passes a NIfTI query's own).
+    converters write them; `segment` passes a NIfTI query's own) and the spatial ``unit`` of the affine (the
+    NIfTI code: 0 unknown, 1 metre, 2 mm, the default, 3 micron; `segment` passes a NIfTI query's own).
 
     The file is complete or absent (`datamodules.io.atomic.atomic_open`): the gzip stream is written to a temporary
     file beside ``path``, which then takes its name."""
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     img.set_sform(np.asarray(affine, dtype=np.float64), code=int(codes[0]))
     img.set_qform(np.asarray(affine, dtype=np.float64), code=int(codes[1]))
+    img.header["xyzt_units"] = int(unit) & 0x07
     img.header["descrip"] = b""
     img.header["aux_file"] = b""
     with atomic_open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
@@ -387,24 +401,26 @@ def segment(
         if largest_component and mask.any():
             mask = keep_components(mask, parts)
         paths = output_paths(q, out, output_format, explain)
-        codes = (1, 1)  # a DICOM series: scanner coordinates
+        codes, unit = (1, 1), 2  # a DICOM series: scanner coordinates, in mm
         if q.is_dir():
             affine = source_affine
         else:
-            header = cast(SpatialImage, nib.load(str(q)))  # a NIfTI volume
+            # a NIfTI volume: its own affine, codes and spatial unit (the mask lies on its voxels); a qform code of 0
+            # takes the sform's and the other way round; both 0 (orientation unknown, warned about at load) stay 0
+            header = cast(SpatialImage, nib.load(str(q)))
             affine = header.affine
             own = (int(header.header.get("sform_code", 0)), int(header.header.get("qform_code", 0)))  # type: ignore[attr-defined]
-            codes = (own[0] or own[1] or 1, own[1] or own[0] or 1)
+            codes, unit = (own[0] or own[1], own[1] or own[0]), spatial_unit(header)
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
         if output_format == "dicom-seg":
             target = _write_seg(mask, q, affine, paths[0], label_value)
         else:
-            target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes)
+            target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes, unit)
         logger.info("%s: %d foreground voxels -> %s", q.name, int(mask.sum()), target)
         masks_written.append(target)
         if explain:
-            probs_written.append(_save_nifti(prob_map, affine, paths[1], codes))
+            probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit))
     return masks_written + probs_written
 
 

@@ -199,12 +199,13 @@ def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, supp
     flip_slices = aff @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 5], [0, 0, 0, 1]])
     assert np.allclose(series.affine, flip_slices, atol=1e-4), "written along -z, read back along +z"
 
-    # the coordinate codes: a NIfTI query's own (qform 0 takes the sform's), a DICOM series' scanner coordinates
+    # the coordinate codes: a NIfTI query's own (qform 0 takes the sform's; both 0 stay 0:
+    # test_segment_nifti_headers.py), a DICOM series' scanner coordinates
     q_codes = (int(q_img.header["sform_code"]), int(q_img.header["qform_code"]))
     for path, expected in zip(written, (q_codes, (1, 1), q_codes, (1, 1)), strict=True):
         hdr = nib.load(path).header
         got = (int(hdr["sform_code"]), int(hdr["qform_code"]))
-        assert got == (expected[0] or expected[1] or 1, expected[1] or expected[0] or 1), path
+        assert got == (expected[0] or expected[1], expected[1] or expected[0]) != (0, 0), path
     # no patient data in any NIfTI header or byte
     for path in written:
         hdr = nib.load(path).header

@@ -1,0 +1,115 @@
+"""`segment` and NIfTI headers: a query in metres gives the mask of its mm original, written in the query's own
+unit and affine; an unknown orientation is warned about and kept (codes 0) in the mask; a CIFTI-2 file and a NIfTI
+pair are named as such. The learner's ``predict`` is a threshold of the query slice (`test_segment_outputs`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from imaging_meta.commands.segment import check_label_source, segment
+from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
+from imaging_meta.volume.segmenter import LEARNER_ONLY
+from tests.datamodules.dicom_fixtures import affine_ras, label_for, phantom, write_nifti
+from tests.datamodules.test_volumes_nifti_headers import write_cifti, write_in_unit
+from tests.imaging_meta.test_segment_outputs import (
+    PLAIN,
+    ct_nifti,
+    make_checkpoint,
+    ras_grid,
+    threshold_predict,
+)
+
+
+def ct_in_unit(array: np.ndarray, affine_mm: np.ndarray, path: Path, unit: str, codes=(1, 1)) -> Path:
+    """`write_in_unit` with a BIDS sidecar saying CT."""
+    write_in_unit(array.astype(np.float32), affine_mm, path, unit, codes)
+    path.with_name(path.name.removesuffix(".nii.gz") + ".json").write_text(json.dumps({"Modality": "CT"}))
+    return path
+
+
+@pytest.fixture
+def scans(tmp_path, monkeypatch):
+    """A support (mm), a query in mm, and a checkpoint whose preprocessing resamples nothing."""
+    vol = phantom(seed=1)
+    support = (ct_nifti(vol, affine_ras(), tmp_path / "s" / "sup.nii.gz"),
+               write_nifti(label_for(vol), affine_ras(), tmp_path / "s" / "sup_label.nii.gz"))
+    query = phantom(seed=2)
+    spacing, size = ras_grid(query.astype(np.float32), affine_ras())
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    return support, query, make_checkpoint(tmp_path / "m.ckpt", spacing, size)
+
+
+def run(ckpt, support, query: Path, out: Path) -> list[Path]:
+    return segment(ckpt, [support], [query], out, largest_component=False, device="cpu", options=LEARNER_ONLY,
+                   explain=True, **PLAIN)
+
+
+@pytest.mark.parametrize("unit", ["meter"])  # microns: tests/datamodules/test_volumes_nifti_headers.py (read as
+# millimetres, a micron query would be upsampled a thousandfold per axis: the old reader ran out of memory)
+def test_a_query_in_metres_gets_the_mask_of_its_mm_original_in_its_own_unit(tmp_path, scans, unit):
+    support, query, ckpt = scans
+    mm = ct_nifti(query, affine_ras(), tmp_path / "mm" / "q.nii.gz")
+    other = ct_in_unit(query, affine_ras(), tmp_path / unit / "q.nii.gz", unit)
+    mask_mm, prob_mm = run(ckpt, support, mm, tmp_path / "out_mm")
+    mask, prob = run(ckpt, support, other, tmp_path / f"out_{unit}")
+
+    expected = np.asarray(nib.load(mask_mm).dataobj)
+    assert expected.sum() > 0
+    got = nib.load(mask)
+    np.testing.assert_array_equal(np.asarray(got.dataobj), expected)
+    np.testing.assert_allclose(np.asarray(nib.load(prob).dataobj), np.asarray(nib.load(prob_mm).dataobj), atol=1e-5)
+    # written as the query: its affine in its own unit, its codes
+    q = nib.load(other)
+    for path in (mask, prob):
+        hdr = nib.load(path).header
+        assert hdr.get_xyzt_units()[0] == unit
+        assert np.allclose(nib.load(path).affine, q.affine, rtol=1e-6, atol=1e-9)
+        assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (1, 1)
+    assert nib.load(mask_mm).header.get_xyzt_units()[0] == "mm"
+
+
+def test_a_query_of_unknown_orientation_is_warned_about_and_keeps_codes_0(tmp_path, scans, caplog):
+    support, query, ckpt = scans
+    mm = ct_nifti(query, affine_ras(), tmp_path / "mm" / "q.nii.gz")
+    unknown = ct_in_unit(query, affine_ras(), tmp_path / "unknown" / "q.nii.gz", "mm", codes=(0, 0))
+    (expected, _) = run(ckpt, support, mm, tmp_path / "out_mm")
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        mask, prob = run(ckpt, support, unknown, tmp_path / "out")
+    assert any(r.getMessage().startswith(f"{unknown}: orientation unknown") for r in caplog.records), caplog.text
+    np.testing.assert_array_equal(np.asarray(nib.load(mask).dataobj), np.asarray(nib.load(expected).dataobj))
+    q = nib.load(unknown)
+    for path in (mask, prob):
+        img = nib.load(path)
+        assert (int(img.header["sform_code"]), int(img.header["qform_code"])) == (0, 0), path
+        assert np.allclose(img.affine, q.affine, rtol=1e-6, atol=1e-9), "the same fallback grid as the query"
+
+
+def test_a_cifti_file_is_named_as_such_before_any_work(tmp_path, scans):
+    support, query, ckpt = scans
+    cifti = write_cifti(tmp_path / "thick.dscalar.nii")
+    expected = rf"^{cifti}: a CIFTI-2 file \(grayordinate data\), not an image volume"
+    never_read = tmp_path / "never-read.ckpt"
+    for pair, queries in (((support[0], cifti), [support[0]]), ((cifti, support[1]), [support[0]]), (support, [cifti])):
+        with pytest.raises(ValueError, match=expected):
+            segment(never_read, [pair], queries, tmp_path / "out", device="cpu", **PLAIN)
+    with pytest.raises(ValueError, match=expected):
+        check_label_source(cifti)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nifti_pair_is_told_to_become_one_file(tmp_path, scans):
+    support, query, ckpt = scans
+    nib.save(nib.Nifti1Pair(query.astype(np.float32), affine_ras()), tmp_path / "pair.img")
+    for path in (tmp_path / "pair.hdr", tmp_path / "pair.img"):
+        with pytest.raises(ValueError, match=r"pair\.(hdr|img): .*NIfTI-1 pair \(\.hdr/\.img(, with pair\.hdr)?\) - save it as one \.nii\.gz"):
+            segment(ckpt, [support], [path], tmp_path / "out", device="cpu", **PLAIN)
+        with pytest.raises(ValueError, match=r"pair\.(hdr|img): .*NIfTI-1 pair \(\.hdr/\.img(, with pair\.hdr)?\) - save it as one \.nii\.gz"):
+            segment(ckpt, [(support[0], path)], [support[0]], tmp_path / "out", device="cpu", **PLAIN)
+        with pytest.raises(ValueError, match=r"pair\.(hdr|img): .*NIfTI-1 pair .*support label maps are read from"):
+            check_label_source(path)
