@@ -47,6 +47,11 @@ from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
 logger = logging.getLogger(__name__)
 
 
+#: `segment` warns when the segmenter's support self-check (`ScanSegmenter.support_dice`) is below this: on the 21
+#: real support -> query pairs of ``benchmarks/real`` (docs/segmentation.md) every pair below it scored at most 0.39
+SUPPORT_CHECK_WARN = 0.4
+
+
 def image_source(path: str | Path) -> str:
     """A NIfTI path or a DICOM series folder (the DICOM reader groups, checks and orders the folder's slices).
 
@@ -385,6 +390,13 @@ def segment(
     assert segmenter.support_images is not None  # fit sets them
     logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0],
                 _plain(segmenter.describe()))
+    check = segmenter.support_dice
+    if check is not None and check < SUPPORT_CHECK_WARN:
+        logger.warning(
+            "support self-check: the support's own slices, each segmented from the others, reach a Dice of only %.2f; "
+            "expect a poor mask (on the real scans of docs/segmentation.md every pair below %.1f scored at most 0.39 "
+            "on its query). A checkpoint trained on scans like these, more support slices or --adapt-steps may help",
+            check, SUPPORT_CHECK_WARN)
 
     # the largest component, unless a support shows the structure in several parts (ribs, both kidneys)
     parts = max(structure_parts(mask.numpy()) for _, mask in supports_pre)

@@ -333,3 +333,31 @@ def test_dicom_seg_warnings_never_quote_the_patients_identifiers(tmp_path, capsy
     everything = " ".join(messages) + capsys.readouterr().err + caplog.text
     assert "PHITESTSOLO" not in everything and "PHITEST-ID-1" not in everything
     assert str(pydicom.dcmread(out).PatientName) == "PHITESTSOLO"  # the file joins the patient's study
+
+
+@pytest.mark.parametrize("check, warned", [(0.15, True), (0.9, False), (None, False)])
+def test_segment_warns_when_the_support_self_check_is_poor(tmp_path, support, monkeypatch, caplog, check, warned):
+    """The segmenter's support self-check (`ScanSegmenter.support_dice`, tested in test_scan_segmenter) below
+    `SUPPORT_CHECK_WARN` gives one warning naming the figure; above it, or unmeasured (one support slice), none."""
+    import logging
+
+    from imaging_meta.commands import segment as command
+    from imaging_meta.volume.segmenter import ScanSegmenter
+
+    class Checked(ScanSegmenter):
+        def fit(self, *args, **kwargs):
+            super().fit(*args, **kwargs)
+            self.support_dice = check
+            return self
+
+    monkeypatch.setattr(command, "ScanSegmenter", Checked)
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    vol = phantom(seed=2)
+    query = ct_nifti(vol, affine_ras(), tmp_path / "q.nii.gz")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [query], tmp_path / "out", device="cpu", **PLAIN)
+    lines = [r.getMessage() for r in caplog.records if "support self-check" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0)
+    if warned:
+        assert "Dice of only 0.15" in lines[0]
