@@ -242,6 +242,12 @@ def segment_args(corpus, query: Path, out: Path, support: Path | None = None) ->
             "--scale", "checkpoint", "--adapt-steps", "0"]  # the reading is under test, not the recipe
 
 
+def about_reading(err: str) -> str:
+    """``err`` without the segmenter's support self-check warning: the test checkpoint is untrained, so it warns
+    that its masks will be poor; the reading is under test, not the model."""
+    return "".join(line for line in err.splitlines(keepends=True) if "support self-check" not in line)
+
+
 def assert_one_line_naming(err: str, where: Path, command: str = "segment") -> str:
     """``err`` is exactly one line, the command's error, and it names ``where`` (a folder or a file in it)."""
     assert "Traceback" not in err, err
@@ -284,7 +290,7 @@ def test_segment_refuses_a_damaged_query_in_one_line(corpus, name, tmp_path, cap
     if name == "modality_missing":
         assert "pass --modality CT or MR" in line
         code, _, err = run(["--quiet", *segment_args(corpus, corpus[name], out), "--modality", "CT"], capsys)
-        assert code == 0 and err == "" and (out / f"{name}.nii.gz").exists()
+        assert code == 0 and about_reading(err) == "" and (out / f"{name}.nii.gz").exists()
 
 
 @pytest.mark.parametrize("name", ["slice_missing", "spacing_empty", "orientation_missing"])
@@ -299,7 +305,7 @@ def test_segment_reads_what_it_tolerates(corpus, name, tmp_path, capsys):
     query = corpus[name]
     code, stdout, err = run(["--quiet", *segment_args(corpus, query, tmp_path / "masks")], capsys)
     assert code == 0, err
-    assert err == "" and f"wrote {tmp_path / 'masks' / name}.nii.gz" in stdout
+    assert about_reading(err) == "" and f"wrote {tmp_path / 'masks' / name}.nii.gz" in stdout
 
 
 def test_segment_names_missing_and_wrong_files(corpus, tmp_path, capsys):
