@@ -44,7 +44,7 @@ from datamodules.sampling.slices import (
     case_items,
     slices_showing,
 )
-from datamodules.transforms.volume import as_plain_tensor, slice_augmentation, volume_transforms
+from datamodules.transforms.volume import READER_VERSION, as_plain_tensor, slice_augmentation, volume_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +446,7 @@ class SegmentationDataModule(EpisodicDataModule):
         assert index is not None  # after setup()
         items = [{"image": index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
                  for c in self.selfsup_volume_cases]
-        return self._cached(items, tf, f"superpixels-{digest([self.preprocessing, settings])}")
+        return self._cached(items, tf, f"superpixels-{digest([self.preprocessing, settings, READER_VERSION])}")
 
     def _cached(self, items: list[dict], tf: Any, folder: str) -> Dataset:
         """``items`` through ``tf``, cached as configured: in memory, on disk under ``cache_dir/<root>/folder``, or not."""
@@ -494,7 +494,8 @@ class SegmentationDataModule(EpisodicDataModule):
         h = self.hparams
         assert self.index is not None  # setup() loads it first
         tf = volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles)
-        return self._cached(case_items(self.index, self.cases), tf, f"volumes-{digest(self.preprocessing)}")
+        key = digest([self.preprocessing, READER_VERSION])  # a reader that changed rebuilds the cache
+        return self._cached(case_items(self.index, self.cases), tf, f"volumes-{key}")
 
     def _fixed_episodes(self, stage: str) -> list[SegmentationEpisodeSpec]:
         """Fixed, seeded episodes for val/test; written to JSON (and read back from a given file)."""

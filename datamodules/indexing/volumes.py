@@ -145,8 +145,8 @@ def dimensions_reason(shape: Sequence[int]) -> str | None:
         spatial.pop()
     if len(spatial) < 3:
         return (
-            f"{len(spatial)}D image (shape {shape}): a 3D volume is needed - save a single slice as a one-slice 3D "
-            "NIfTI volume (shape (X, Y, 1))"
+            f"{len(spatial)}D image (shape {shape}): a 3D volume is needed - stack the slices into one 3D NIfTI "
+            "file (scan and fit need at least 3 slices; segment also takes one slice saved with shape (X, Y, 1))"
         )
     if len(spatial) == 3:
         return None

@@ -292,6 +292,11 @@ def unreadable_nifti(name, error: BaseException) -> ValueError:
     )
 
 
+#: changes whenever the volume readers give other arrays for the same files, so that on-disk caches of
+#: preprocessed volumes are rebuilt (2: NIfTI in metres or microns read in mm, 2026-12-05)
+READER_VERSION = 2
+
+
 class NiftiVolumeReader(NibabelReader):
     """MONAI's `NibabelReader` with the NIfTI rules of every read path (`datamodules.indexing.volumes.checked_nifti`):
     a CIFTI-2 file is refused, an unknown orientation is warned about, and a file in metres or microns is read

@@ -113,6 +113,30 @@ def test_an_ordinary_siemens_image_is_no_mosaic(tmp_path):
     assert load_image(paths[0]).shape == (1, 32, 32)
 
 
+def test_another_creators_private_element_is_no_mosaic_count(tmp_path):
+    """(0019,xx0A) is NumberOfImagesInMosaic only in the "SIEMENS MR HEADER" block: the same element of another
+    private creator (a CT block here) above 1 does not make a file a mosaic."""
+    paths = mr_series(tmp_path / "s", 3)
+
+    def add(ds: pydicom.Dataset) -> None:
+        ds.private_block(0x0019, "SIEMENS CT VA0  COAD", create=True).add_new(0x0A, "US", 48)
+
+    for p in paths:
+        edit(p, add)
+    assert DicomSeriesReader().read(str(tmp_path / "s")).series.shape == (12, 10, 3)
+    assert load_image(paths[0]).shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("image_type", [["DERIVED", "SECONDARY", "MPR"], ["DERIVED", "SECONDARY", "REFORMATTED"],
+                                        ["DERIVED", "SECONDARY", "MIP"], ["ORIGINAL", "PRIMARY", "AXIAL"]])
+def test_reformatted_series_are_volumes(tmp_path, image_type):
+    """Only PROJECTION IMAGE (and MOSAIC) in ImageType are refused: multiplanar reformats are volumes."""
+    paths = mr_series(tmp_path / "s", 3)
+    set_image_type(paths, image_type)
+    assert DicomSeriesReader().read(str(tmp_path / "s")).series.shape == (12, 10, 3)
+    assert not scan_folder(tmp_path).rejected
+
+
 # ------------------------------------------------------------------------------ projections, too few slices
 def test_a_projection_image_is_no_volume_but_is_a_2d_picture(tmp_path):
     (path,) = mr_series(tmp_path / "mip", 1)

@@ -208,3 +208,43 @@ def test_other_neuroimaging_formats_are_named_with_the_fix(tmp_path, name, expec
     reason = reason_of(scan_folder(tmp_path), name)
     assert expected in reason, reason
     assert "suffix" not in reason and "decompress" not in reason
+
+
+@pytest.mark.parametrize("codes", [(0, 1), (1, 0), (2, 1)], ids=["qform-only", "sform-only", "both"])
+@pytest.mark.parametrize("unit", sorted(UNITS))
+def test_a_rotated_volume_in_another_unit_keeps_its_qform_and_sform_in_mm(tmp_path, unit, codes):
+    """Each of sform and qform (and so whichever nibabel takes as the affine) is converted, also when only one
+    is set and the grid is oblique: a qform left in metres would move a qform-only file a thousandfold."""
+    angle = np.deg2rad(25.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([1.5, 1.25, 3.0])
+    aff[:3, 3] = (-40.0, 25.0, -60.0)
+    vol = phantom(seed=3).astype(np.float32)
+    mm = write_in_unit(vol, aff, tmp_path / "mm.nii.gz", "mm", codes)
+    other = write_in_unit(vol, aff, tmp_path / f"{unit}.nii.gz", unit, codes)
+    img_mm, img = load_nifti(str(mm))[0], load_nifti(str(other))[0]
+    assert np.allclose(img.affine, img_mm.affine, atol=1e-3)
+    for get in ("get_qform", "get_sform"):
+        assert np.allclose(getattr(img.header, get)(), getattr(img_mm.header, get)(), atol=1e-3), get
+    assert tuple(int(c) for c in img.header.get_qform(coded=True)[1:]) == (codes[1],)
+    assert int(img.header["sform_code"]) == codes[0] and int(img.header["qform_code"]) == codes[1]
+    raw_mm, raw = (LoadVolumed(["image"])({"image": str(p)})["image"] for p in (mm, other))
+    assert np.allclose(np.asarray(raw.affine), np.asarray(raw_mm.affine), atol=1e-3)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_a_cifti_intent_is_read_from_either_header_version_and_byte_order(tmp_path, version, endian):
+    """The raw-header check (for files nibabel will not load) reads the intent code at NIfTI-1's and NIfTI-2's
+    offsets, in little- and big-endian files alike."""
+    cls = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    img = cls(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header["intent_code"] = 3006
+    path = tmp_path / "intent.nii"
+    if endian == ">":
+        img = cls(img.dataobj, img.affine, img.header.as_byteswapped(">"))
+    nib.save(img, path)
+    assert img.header.endianness == endian
+    with pytest.raises(Reject, match=r"^a CIFTI-2 file \(grayordinate data\)"):
+        load_nifti(str(path))
