@@ -44,7 +44,12 @@ from datamodules.sampling.slices import (
     case_items,
     slices_showing,
 )
-from datamodules.transforms.volume import READER_VERSION, as_plain_tensor, slice_augmentation, volume_transforms
+from datamodules.transforms.volume import (
+    READER_VERSION,
+    as_plain_tensor,
+    slice_augmentation,
+    volume_transforms,
+)
 
 logger = logging.getLogger(__name__)
 
