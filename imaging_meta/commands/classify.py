@@ -26,7 +26,13 @@ import torch
 from datamodules.io.atomic import atomic_open
 from datamodules.io.nifti_names import is_nifti
 from datamodules.progress import progress
-from datamodules.sources.image_folder import DICOM_EXTENSIONS, PIL_EXTENSIONS, dicom_kind
+from datamodules.sources.image_folder import (
+    DICOM_EXTENSIONS,
+    IGNORED_FOLDERS,
+    PIL_EXTENSIONS,
+    dicom_kind,
+    ignored_name,
+)
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.commands.outputs import check_output_file, check_outputs
 from imaging_meta.episode import Episode, collate_episodes
@@ -54,12 +60,13 @@ def _maybe_dicom(path: Path) -> bool:
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted: image suffixes, and DICOM files named without one (no
-    suffix, or a UID). As ``fit`` does, a file named without an image suffix that is not DICOM (a README, a lock
-    file), and a DICOM object that is no image (a DICOMDIR, a structure set, a report, a presentation state: PACS
-    exports hold them beside the images), are skipped with a warning."""
+    suffix, or a UID). As ``fit`` does, files under a hidden folder (``.thumbnails/``) or ``__MACOSX/`` (relative
+    to ``folder``) and hidden files are ignored; a file named without an image suffix that is not DICOM (a README,
+    a lock file), and a DICOM object that is no image (a DICOMDIR, a structure set, a report, a presentation state:
+    PACS exports hold them beside the images), are skipped with a warning."""
     files, others = [], []
     for f in sorted(folder.rglob("*")):
-        if not f.is_file() or f.name.startswith(".") or f.name.lower() in _SYSTEM_FILES:
+        if not f.is_file() or any(map(ignored_name, f.relative_to(folder).parts)) or f.name.lower() in _SYSTEM_FILES:
             continue
         maybe = _maybe_dicom(f)
         if not maybe and f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -75,7 +82,7 @@ def _image_files(folder: Path) -> list[Path]:
         elif kind is None and maybe:
             logger.warning("skipping %s: not DICOM, and its name has no image suffix", f)
         elif kind is None:
-            files.append(f)  # named .dcm but not DICOM: reading it names the problem
+            files.append(f)  # named .dcm but not DICOM: read by its content (a PNG...), or the reader names the problem
         else:
             logger.warning("skipping %s: %s, not an image", f, kind)
     if others:
@@ -94,7 +101,10 @@ def support_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path,
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: the support must be a folder with one subfolder per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not ignored_name(d.name))
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and d.name in IGNORED_FOLDERS:
+            logger.info("ignoring %s: macOS archive metadata (left by unzipping), not a class folder", d)
     if len(classes) < 2:
         raise ValueError(f"{root}: found {len(classes)} class subfolder(s); a support set needs one subfolder per class, at least two")
     items = []
@@ -308,8 +318,9 @@ def classify(
 
     Raises:
         ValueError: bad inputs or outputs (before the checkpoint is read); a support image that cannot be read;
-            after the CSV is written with every readable query, the queries that cannot be read (each named
-            with its reason), so that a run with a few damaged files keeps the answers for the others.
+            after the CSV is written with every readable query, the queries that cannot be read (each logged as a
+            warning with its reason as it is met; the error names the first five and counts the others), so that
+            a run with a few damaged files keeps the answers for the others.
     """
     from datamodules.sources.image_folder import load_image_and_shape
 
@@ -361,6 +372,7 @@ def classify(
                 images.append(load_image(q))
                 chunk.append(q)
             except ValueError as e:  # DicomError and the 2D reader's errors name the file
+                logger.warning("left out of the CSV: %s", e)  # every one, with its reason; the error lists a few
                 unreadable.append(str(e))
         if not chunk:
             continue
@@ -396,8 +408,8 @@ def classify(
 
 
 def _listed(messages: Sequence[str], most: int = 5) -> str:
-    """The first ``most`` messages joined, and how many more."""
-    more = f"; and {len(messages) - most} more" if len(messages) > most else ""
+    """The first ``most`` messages joined, and how many more (each is also logged as a warning as it is met)."""
+    more = f"; and {len(messages) - most} more, each named with its reason in a warning above" if len(messages) > most else ""
     return "; ".join(messages[:most]) + more
 
 

@@ -1,0 +1,81 @@
+"""Which files `classify` and `fit` (`ImageFolder`) take from a support or query folder, and how `classify` names
+the queries it cannot read: hidden folders and macOS archive metadata are no images and no classes, and every
+unreadable query is named with its reason."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.sources.image_folder import ImageFolder
+from imaging_meta.commands.classify import classify, query_files, support_folder
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "fixtures" / "main-2026-12" / "protonet_cls.ckpt"
+
+
+def _png(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    for k, c in enumerate(("a", "b")):
+        for i in range(2):
+            _png(tmp_path / "support" / c / f"{c}{i}.png", 10 * k + i)
+    for i in range(2):
+        _png(tmp_path / "queries" / f"q{i}.png", 100 + i)
+    return tmp_path / "support", tmp_path / "queries"
+
+
+def test_files_under_hidden_folders_are_no_images_for_classify_as_for_fit(folders):
+    """support/a/.thumbnails/x.png was a support image of class a for classify, while fit ignored it."""
+    support, queries = folders
+    _png(support / "a" / ".thumbnails" / "a0.png", 7)
+    _png(queries / ".cache" / "deep" / "q9.png", 8)
+    assert [f.relative_to(support).as_posix() for f, _ in support_folder(support)[1]] == [
+        "a/a0.png", "a/a1.png", "b/b0.png", "b/b1.png"]
+    assert [f.name for f in query_files([queries])] == ["q0.png", "q1.png"]
+    assert len(ImageFolder(str(support)).build()) == 4
+    inside = queries / ".cache"  # relative to the folder given: a hidden folder given itself is read
+    assert [f.name for f in query_files([inside])] == ["q9.png"]
+
+
+def test_a_macos_archive_folder_is_no_class_for_classify_nor_fit(folders, caplog):
+    """Unzipping a macOS archive leaves __MACOSX/ (AppleDouble files named ._*): it stopped classify ("no image in
+    this class folder") and fit ("empty class folder")."""
+    support, _ = folders
+    junk = support / "__MACOSX" / "a" / "._a0.png"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    _png(support / "b" / "__MACOSX" / "b0.png", 9)  # and never an image inside a class
+    with caplog.at_level(logging.INFO):
+        classes, items = support_folder(support)
+        table = ImageFolder(str(support)).build()
+    assert classes == ["a", "b"] and len(items) == 4
+    assert table.classes == ["a", "b"] and len(table) == 4
+    assert "__MACOSX: macOS archive metadata (left by unzipping), not a class folder" in caplog.text
+
+
+def test_every_unreadable_query_is_named_with_its_reason(folders, tmp_path, caplog):
+    """Only five were named ("and 6 more"): the others were named nowhere."""
+    support, queries = folders
+    for i in range(8):
+        (queries / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (queries / "blank.png").unlink(missing_ok=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(queries / "blank.png")
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as err:
+        classify(CHECKPOINT, support, [queries], tmp_path / "pred.csv", device="cpu", batch_size=4)
+    message = str(err.value)
+    assert message.startswith("9 of 11 queries cannot be read, and are not in ")
+    assert message.endswith("; and 4 more, each named with its reason in a warning above") and "\n" not in message
+    named = {Path(m).name for m in re.findall(r"left out of the CSV: (\S+): ", caplog.text)}
+    assert named == {f"broken{i}.png" for i in range(8)} | {"blank.png"}
+    assert "blank.png: constant image" in caplog.text
+    assert (tmp_path / "pred.csv").read_text().count("\n") == 3  # the header and the two readable queries
