@@ -1,1 +1,1 @@
-"""File formats: DICOM series reading and checking, NIfTI names, and atomic file writes."""
+"""File formats: DICOM series reading and checking, 2D pictures, NIfTI names, and atomic file writes."""

@@ -1,5 +1,6 @@
-"""How the 2D reader (`datamodules.sources.image_folder`) decodes PNG, JPEG, TIFF and BMP files: the picture a viewer
-shows, at full precision, or a one-line refusal naming the file and the fix; never wrong pixels without a word."""
+"""How the 2D reader (`datamodules.io.pictures`, through `datamodules.sources.image_folder.load_image`) decodes PNG,
+JPEG, TIFF and BMP files: the picture a viewer shows, at full precision, or a one-line refusal naming the file and the
+fix; never wrong pixels without a word."""
 
 import shutil
 import struct
