@@ -165,8 +165,10 @@ def _exif_orientation(exif: object) -> int:
         (n,) = struct.unpack(order + "H", data[ifd : ifd + 2])
         for at in range(ifd + 2, ifd + 2 + 12 * n, 12):
             tag, kind = struct.unpack(order + "HH", data[at : at + 4])
-            if tag == _ORIENTATION and kind == 3:  # SHORT
+            if tag == _ORIENTATION and kind == 3:  # SHORT, as the standard has it
                 return int(struct.unpack(order + "H", data[at + 8 : at + 10])[0])
+            if tag == _ORIENTATION and kind == 4:  # LONG, as some writers store it (Pillow reads it too)
+                return int(struct.unpack(order + "I", data[at + 8 : at + 12])[0])
     except (KeyError, struct.error):
         pass
     return 1
@@ -176,6 +178,10 @@ def _composited(path: Path, colour: np.ndarray, alpha: np.ndarray | None, mode: 
     """Colour (H, W) or (H, W, 3), native values, composited over black with ``alpha`` in [0, 1] (opaque: None)."""
     if colour.ndim == 3 and colour.shape[-1] != 3:
         raise ValueError(f"{path}: image mode {mode!r} with {colour.shape[-1]} channels; save it as grey-level or RGB")
+    if alpha is not None and not alpha.max() > 0:
+        logger.warning("%s: every pixel is fully transparent (alpha 0 everywhere); read as opaque, as viewers show "
+                       "such files (BMPs of some Windows tools)", path)
+        alpha = None
     if alpha is not None:
         work = np.float32 if colour.dtype.itemsize <= 2 or colour.dtype == np.float32 else np.float64
         colour = colour.astype(work) * (alpha if colour.ndim == 2 else alpha[..., None])
@@ -186,6 +192,10 @@ def _composited(path: Path, colour: np.ndarray, alpha: np.ndarray | None, mode: 
             )
     colour = grey_if_equal(colour)
     return Read(scale(colour, path), 1 if colour.ndim == 2 else 3)
+
+
+class _NoCodec(ValueError):
+    """tifffile lacks the decoder of this TIFF's compression (imagecodecs is not installed)."""
 
 
 @dataclass
@@ -207,7 +217,12 @@ class _Tiff:
         cannot open it (64-bit, float other than 32-bit grey, 16-bit grey+alpha)."""
         if self.samples > 1:
             return self.bits > 8 or self.sample_format == 3
-        return self.bits == 64 or (self.bits == 32 and self.sample_format == 1) or (self.sample_format == 3 and self.bits != 32)
+        return (self.bits == 64 or (self.bits == 32 and self.sample_format == 1) or (self.sample_format == 3 and self.bits != 32)
+                or (self.bits == 8 and self.sample_format == 2))  # signed 8-bit: Pillow wraps it as unsigned
+
+    def pillow_reads_coarsely(self) -> bool:
+        """Pillow reads it right but for precision: 16-bit colour, samples interleaved (not planar), unsigned."""
+        return self.samples > 1 and self.bits == 16 and self.sample_format == 1 and self.axes == "YXS"
 
     def describe(self) -> str:
         kind = {1: "", 2: "signed ", 3: "float "}.get(self.sample_format, "")
@@ -216,12 +231,12 @@ class _Tiff:
 
 
 def _tiff_header(path: Path) -> _Tiff | None:
-    """The first page's layout by tifffile; None without tifffile or when it finds the header damaged."""
+    """The first page's layout by tifffile; None without tifffile or when the header cannot be parsed."""
     try:
         import tifffile
     except ImportError:
         return None
-    with _tifffile_lines() as lines:
+    with _tifffile_lines():  # its complaints are named when it reads the pixels
         try:
             with tifffile.TiffFile(path) as tif:
                 p = tif.pages[0]
@@ -234,7 +249,7 @@ def _tiff_header(path: Path) -> _Tiff | None:
                 sane = all(isinstance(s, int) and s > 0 for s in layout.shape)
         except Exception:
             return None
-    return layout if sane and not lines else None
+    return layout if sane else None  # a complaint about another tag leaves the layout good; reading names it
 
 
 def _read_tifffile(path: Path, t: _Tiff, failed: Exception | None = None) -> Read:
@@ -259,9 +274,9 @@ def _read_tifffile(path: Path, t: _Tiff, failed: Exception | None = None) -> Rea
             raise
         except Exception as e:
             if "imagecodecs" in str(e):
-                raise ValueError(f"{path}: a {t.describe()} compressed with {t.compression}, which is decoded here only "
-                                 "with the imagecodecs package: save it uncompressed or deflate-compressed, or pip "
-                                 "install imagecodecs") from e
+                raise _NoCodec(f"{path}: a {t.describe()} compressed with {t.compression}, which is decoded here at full "
+                               "precision only with the imagecodecs package: save it uncompressed or deflate-compressed, "
+                               "or pip install imagecodecs") from e
             raise ValueError(f"{path}: cannot read the image (tifffile: {type(e).__name__}: {e}); the file is a "
                              "corrupt or truncated TIFF: replace it or remove it") from e
     if lines and failed is not None:
@@ -361,7 +376,12 @@ def read_pil(path: Path, kind: str | None = None) -> Read:
 
     tiff = _tiff_header(path) if kind == "TIFF" else None
     if tiff is not None and tiff.pillow_misreads():
-        return _read_tifffile(path, tiff)
+        try:
+            return _read_tifffile(path, tiff)
+        except _NoCodec as e:
+            if not tiff.pillow_reads_coarsely():
+                raise ValueError(str(e)) from e
+            logger.warning("%s; read at 8 bits per channel instead", e)
     problem = _png_depth_problem(path) if kind == "PNG" else None
     if problem:
         raise ValueError(f"{path}: {problem}")

@@ -372,7 +372,6 @@ def classify(
                 images.append(load_image(q))
                 chunk.append(q)
             except ValueError as e:  # DicomError and the 2D reader's errors name the file
-                logger.warning("left out of the CSV: %s", e)  # every one, with its reason; the error lists a few
                 unreadable.append(str(e))
         if not chunk:
             continue
@@ -384,6 +383,8 @@ def classify(
         read += chunk
         for q, p in zip(chunk, probs, strict=True):
             rows.append([str(q), classes[int(p.argmax())], *[f"{float(v):.6f}" for v in p]])
+    for message in unreadable[_LISTED:]:  # each one named once: the first few in the error, these here
+        logger.warning("cannot be read: %s", message)
     if not rows:
         raise ValueError(f"none of the {len(qs)} queries can be read: {_listed(unreadable)}")
     for note in resolution_notes(shapes, settings["image_size"]):
@@ -407,8 +408,12 @@ def classify(
     return out
 
 
-def _listed(messages: Sequence[str], most: int = 5) -> str:
-    """The first ``most`` messages joined, and how many more (each is also logged as a warning as it is met)."""
+#: an error lists this many unreadable queries; the others are each named in a warning before it
+_LISTED = 5
+
+
+def _listed(messages: Sequence[str], most: int = _LISTED) -> str:
+    """The first ``most`` messages joined, and how many more (those are logged as warnings before the error)."""
     more = f"; and {len(messages) - most} more, each named with its reason in a warning above" if len(messages) > most else ""
     return "; ".join(messages[:most]) + more
 

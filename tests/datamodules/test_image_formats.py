@@ -244,3 +244,83 @@ def test_an_image_over_pillows_pixel_limit_is_refused_with_its_size_and_no_bare_
                                              r"than the 0.003 read here .*downsample it"):
             load_image(tmp_path / "huge.png")
     assert not caught
+
+
+# ------------------------------------------------------------------------------ after review
+def test_a_tifffile_complaint_about_another_tag_does_not_send_16_bit_colour_back_to_pillow(tmp_path, caplog):
+    """A private tag of an invalid type makes tifffile complain, but its layout and pixels are good: the 16-bit
+    colour TIFF is still read exactly (by tifffile, which Pillow would have cut or garbled), and the complaint is
+    named in a warning."""
+    import logging
+
+    rgb = np.stack([_ramp12(), _ramp12()[::-1], np.full((H, W), 900, np.uint16)], -1)
+    for planar in (False, True):
+        path = tmp_path / f"tagged_{planar}.tif"
+        data = np.moveaxis(rgb, -1, 0) if planar else rgb
+        tifffile.imwrite(path, data, photometric="rgb", planarconfig="separate" if planar else "contig",
+                         extratags=[(65000, 3, 1, 7, True)])
+        raw = bytearray(path.read_bytes())
+        at = raw.find(struct.pack("<HH", 65000, 3))
+        struct.pack_into("<H", raw, at + 2, 99)  # an invalid data type
+        path.write_bytes(bytes(raw))
+        with caplog.at_level(logging.WARNING):
+            x = _read(path, channels=3)
+        assert np.abs(x - _minmax(rgb)).max() < 1e-6, planar
+        assert f"{path}: tifffile:" in caplog.text
+
+
+def test_16_bit_colour_compressed_without_its_decoder_is_read_at_8_bits_with_a_warning(tmp_path, monkeypatch, caplog):
+    """LZW and JPEG need imagecodecs, which is not installed: an interleaved 16-bit colour TIFF is then read by
+    Pillow at 8 bits (as before tifffile), saying so; a planar one, which Pillow garbles, is refused with the fix."""
+    import logging
+
+    rgb = np.stack([_ramp12(), _ramp12()[::-1], np.full((H, W), 900, np.uint16)], -1) * 16  # the full 16 bits
+
+    def no_codec(self, *args, **kwargs):
+        raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", no_codec)
+    interleaved, planar = tmp_path / "lzw.tif", tmp_path / "lzw_planar.tif"
+    tifffile.imwrite(interleaved, rgb, photometric="rgb")
+    tifffile.imwrite(planar, np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    with caplog.at_level(logging.WARNING):
+        x = _read(interleaved, channels=3)
+    assert np.abs(x - _minmax(rgb)).max() < 0.02  # its top 8 bits
+    assert "imagecodecs" in caplog.text and "read at 8 bits per channel instead" in caplog.text
+    with pytest.raises(ValueError, match=r"lzw_planar\.tif: a 16-bit .*pip install imagecodecs"):
+        load_image(planar)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp"])
+def test_an_image_transparent_everywhere_is_read_as_opaque(tmp_path, suffix, caplog):
+    """An alpha of 0 everywhere (32-bit BMPs of some Windows tools; viewers show them opaque) is no transparency:
+    compositing would leave a black image."""
+    import logging
+
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[..., :3] = _asymmetric()[..., None]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / f"clear{suffix}")
+    if Image.open(tmp_path / f"clear{suffix}").mode != "RGBA":
+        pytest.skip(f"Pillow writes no alpha to {suffix}")
+    with caplog.at_level(logging.WARNING):
+        x = _read(tmp_path / f"clear{suffix}")
+    assert np.abs(x - _minmax(_asymmetric())).max() < 1e-6
+    assert "fully transparent" in caplog.text
+
+
+def test_a_signed_8_bit_tiff_is_not_wrapped(tmp_path):
+    signed = (np.arange(H * W).reshape(H, W) % 200 - 100).astype(np.int8)
+    tifffile.imwrite(tmp_path / "signed.tif", signed)
+    assert np.abs(_read(tmp_path / "signed.tif") - _minmax(signed)).max() < 1e-6
+
+
+def test_an_exif_orientation_stored_as_long_is_applied(tmp_path):
+    """The standard says SHORT; some writers store a LONG, which Pillow applies too."""
+    Image.fromarray(_asymmetric()).save(tmp_path / "plain.png")
+    ifd = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 4, 1, 6) + b"\0" * 4
+    raw = (tmp_path / "plain.png").read_bytes()
+    chunk = struct.pack(">I", len(ifd)) + b"eXIf" + ifd + struct.pack(">I", zlib.crc32(b"eXIf" + ifd))
+    end = raw.rfind(b"IEND") - 4
+    (tmp_path / "long.png").write_bytes(raw[:end] + chunk + raw[end:])
+    x = load_image(tmp_path / "long.png", image_size=[W, H]).numpy()[0]
+    assert np.abs(x - _minmax(np.rot90(_asymmetric(), -1))).max() < 1e-6

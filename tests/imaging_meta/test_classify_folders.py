@@ -75,7 +75,9 @@ def test_every_unreadable_query_is_named_with_its_reason(folders, tmp_path, capl
     message = str(err.value)
     assert message.startswith("9 of 11 queries cannot be read, and are not in ")
     assert message.endswith("; and 4 more, each named with its reason in a warning above") and "\n" not in message
-    named = {Path(m).name for m in re.findall(r"left out of the CSV: (\S+): ", caplog.text)}
-    assert named == {f"broken{i}.png" for i in range(8)} | {"blank.png"}
-    assert "blank.png: constant image" in caplog.text
+    in_error = {Path(m).name for m in re.findall(r"(\S+\.png): ", message.split(" queries cannot be read, and are not in ")[1])}
+    in_warnings = {Path(m).name for m in re.findall(r"cannot be read: (\S+): ", caplog.text)}
+    assert len(in_error) == 5 and len(in_warnings) == 4 and not in_error & in_warnings  # each named once
+    assert in_error | in_warnings == {f"broken{i}.png" for i in range(8)} | {"blank.png"}
+    assert "blank.png: constant image" in message + caplog.text
     assert (tmp_path / "pred.csv").read_text().count("\n") == 3  # the header and the two readable queries
