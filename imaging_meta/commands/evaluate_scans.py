@@ -19,6 +19,7 @@ import numpy as np
 
 from imaging_meta.evaluation.scans import COPY, TRAINED_FULL, UNTRAINED_NAME, WINDOW, Scan, score_pair
 from imaging_meta.evaluation.statistics import cluster_bootstrap
+from imaging_meta.volume.segmenter import SUPPORT_CHECK_WARN
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +91,22 @@ def scans_markdown(records: Sequence[dict]) -> str:
             "",
             f"{n} (support, query) volume pairs; 95% intervals: bootstrap over the patients of the pairs.{note}",
             "",
-            "| method | 3D Dice | HD95 mm (median) |",
-            "|---|---|---|",
+            "| method | 3D Dice | HD95 mm (median) | support self-check (mean) |",
+            "|---|---|---|---|",
         ]
         for m in methods:
             mr = [r for r in recs if r["method"] == m]
             hd = [r["hd95"] for r in mr if r["hd95"] == r["hd95"]]
+            checks = [r["support_dice"] for r in mr if r.get("support_dice") is not None]
             lines.append(
-                f"| {m} | {_interval(mr, lambda r: r['dice'])} | {np.median(hd):.1f} |"
-                if hd
-                else f"| {m} | {_interval(mr, lambda r: r['dice'])} | – |"
+                f"| {m} | {_interval(mr, lambda r: r['dice'])} | {f'{np.median(hd):.1f}' if hd else '–'} | "
+                f"{f'{np.mean(checks):.3f}' if checks else '–'} |"
             )
+        low = [r for r in recs if r["method"] == TRAINED_FULL and r.get("support_dice") is not None
+               and r["support_dice"] < SUPPORT_CHECK_WARN]
+        if low:
+            lines += ["", f"{len(low)} pair(s) with a support self-check below {SUPPORT_CHECK_WARN} (`segment` warns "
+                      f"there): {TRAINED_FULL} 3D Dice {np.mean([r['dice'] for r in low]):.3f} on average there."]
         by_key = {(r["support"], r["query"], r["structure"], r["method"]): r["dice"] for r in recs}
         lines += ["", "| paired difference | mean [95% CI] |", "|---|---|"]
         for base in (UNTRAINED_NAME, COPY, WINDOW):

@@ -42,14 +42,9 @@ from imaging_meta.commands.outputs import check_output_folder, check_outputs
 from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
-from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
+from imaging_meta.volume.segmenter import SUPPORT_CHECK_WARN, ScanOptions, ScanSegmenter
 
 logger = logging.getLogger(__name__)
-
-
-#: `segment` warns when the segmenter's support self-check (`ScanSegmenter.support_dice`) is below this: on the 21
-#: real support -> query pairs of ``benchmarks/real`` (docs/segmentation.md) every pair below it scored at most 0.39
-SUPPORT_CHECK_WARN = 0.4
 
 
 def image_source(path: str | Path) -> str:

@@ -59,6 +59,11 @@ class ScanOptions:
         return asdict(self)
 
 
+#: `segment` warns, and `evaluate`'s whole-scan report counts the pairs, when the support self-check
+#: (`ScanSegmenter.support_dice`) is below this: on the 21 real support -> query pairs of ``benchmarks/real``
+#: (docs/segmentation.md) every pair below it scored at most 0.39 on its query
+SUPPORT_CHECK_WARN = 0.4
+
 LEARNER_ONLY = ScanOptions(intensity=False, calibrate=False, negatives=False, smooth_z=0.0)
 
 

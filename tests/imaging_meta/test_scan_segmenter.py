@@ -197,6 +197,12 @@ def test_scan_pairs_cross_patient_same_modality_and_report():
     assert "| trained − copy support mask | 0.300" in md and "2 (support, query) volume pairs" in md
     assert "--scale structure" not in md
     assert "--scale structure" in scans_markdown([{**r, "scale": "structure"} for r in recs])
+    assert "| 3.0 | – |" in md and "self-check below" not in md  # records without the self-check (older runs)
+    checked = [{**r, "support_dice": (0.3 if r["support"] == "a" else 0.9) if r["method"] == "trained" else None}
+               for r in recs]
+    md = scans_markdown(checked)
+    assert "| 3.0 | 0.600 |" in md  # the trained rows' mean self-check; the baselines have none
+    assert "1 pair(s) with a support self-check below 0.4 (`segment` warns there): trained 3D Dice 0.800" in md
 
 
 def test_structure_scale_refines_only_small_structures():
