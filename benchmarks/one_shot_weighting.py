@@ -1,4 +1,4 @@
-"""Three one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
+"""Four one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
 
     python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
 
@@ -9,6 +9,8 @@ equally (docs/classification.md). This script measures, on the same seeded 1-sho
 * ``aug<prior>``: weights fitted, as at K >= 2 (`weighting.fit_weights`), on ``--copies`` augmented views of each
   support image (`support_finetune.augment_views`) taken as pseudo-queries of known class, scored against the
   unaugmented support; the prior counts support images, not views;
+* ``shift<prior>``: the same with translations only (``--shift``, a fraction of the size): how far a space's
+  neighbours stay its neighbours when the picture moves a little;
 * ``px<size>``: the default with a coarser pixel descriptor inside the weighting;
 * ``trans<rounds>``: weights fitted on the task's queries, labelled by the weighted rule's own prediction
   (transductive self-training; never the queries' labels).
@@ -37,7 +39,7 @@ from imaging_meta.learners.descriptors.weighting import (
     weighted_logits,
 )
 from imaging_meta.learners.prototypes import class_onehot, episode_n_way
-from imaging_meta.learners.transfer.support_finetune import augment_views
+from imaging_meta.learners.transfer.support_finetune import Augmentation, augment_views
 
 
 class _OneShotVariant(TaskAdaptiveClassifier):
@@ -72,16 +74,16 @@ class AugmentedOneShot(_OneShotVariant):
 
     space = "augmented"
 
-    def __init__(self, *args, copies: int = 8, **kwargs) -> None:
+    def __init__(self, *args, copies: int = 8, spec: Augmentation = Augmentation(), **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.copies = copies
+        self.copies, self.spec = copies, spec
         self.weights: list[list[float]] = []
 
     def one_shot_weights(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> torch.Tensor:
         labels = ep.support_labels
         g = torch.Generator().manual_seed(0)
         views = torch.stack(
-            [augment_views(ep.support_images[t], self.copies, g).clamp(0, 1) for t in range(labels.shape[0])]
+            [augment_views(ep.support_images[t], self.copies, g, self.spec).clamp(0, 1) for t in range(labels.shape[0])]
         )
         view_labels = labels.repeat(1, self.copies)
         seen = self.base_spaces(self.task_spaces(replace(ep, query_images=views, query_labels=view_labels)))
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--priors", nargs="*", type=float, default=[4.0, 0.5, 0.05])
     ap.add_argument("--pixel-sizes", nargs="*", type=int, default=[16, 8])
     ap.add_argument("--transductive-rounds", nargs="*", type=int, default=[1, 3])
+    ap.add_argument("--shift-priors", nargs="*", type=float, default=[0.5, 0.05],
+                    help="also `shift<prior>`: the augmented views translations only (up to --shift of the size)")
+    ap.add_argument("--shift", type=float, default=0.1)
     args = ap.parse_args(argv)
     learner, extra = load_learner(args.checkpoint, "cpu")
     learner.eval()
@@ -131,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     methods["embedding alone"] = (learner, loader_settings(extra, learner))
     variants: dict[str, TaskAdaptiveClassifier] = {"default": TaskAdaptiveClassifier(learner)}
     variants.update({f"aug{p:g}": AugmentedOneShot(learner, prior=p, copies=args.copies) for p in args.priors})
+    shift = Augmentation(flip=False, rotation=0.0, translation=args.shift, zoom=0.0, intensity=0.0)
+    variants.update({f"shift{p:g}": AugmentedOneShot(learner, prior=p, copies=args.copies, spec=shift)
+                     for p in args.shift_priors})
     variants.update({f"px{s}": TaskAdaptiveClassifier(learner, pixel_size=s) for s in args.pixel_sizes})
     variants.update({f"trans{r}": TransductiveOneShot(learner, rounds=r) for r in args.transductive_rounds})
     for name, v in variants.items():
