@@ -112,7 +112,8 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
         (drawn, or given as ``test_episodes_file``) and the sha256 of their episode lists."""
         return {
             **self._describe(),
-            "episode_files": {k: str(v) for k, v in self.episode_files.items()},
+            # absolute: results.json is read from other folders than the one the run started in
+            "episode_files": {k: str(Path(v).resolve()) for k, v in self.episode_files.items()},
             "episodes_sha256": {k: episodes_sha256(v) for k, v in self.episode_files.items()},
         }
 

@@ -345,6 +345,7 @@ class ImageFolder(ItemSource):
         root = Path(self.root)
         regex = re.compile(self.patient_regex) if self.patient_regex else None
         images, labels, patients, sites, ids = [], [], [], [], []
+        own_patient = 0  # images that are their own patient (no patient_regex, no DICOM PatientID)
         first_of: dict[int, Path] = {}  # native channel count -> first file with it
         classes = sorted(per_class)
         for label, cls in enumerate(classes):
@@ -383,6 +384,7 @@ class ImageFolder(ItemSource):
                     raw_patient = "dicom:" + read.header.patient_id
                 else:
                     raw_patient = "file:" + rel
+                    own_patient += 1
                 if read.dicom is not None:
                     site, _ = site_key(_dicom_values(read.dicom, self.site_fields), self.site_fields, self._salt)
                 else:
@@ -402,6 +404,13 @@ class ImageFolder(ItemSource):
                     f"{root / cls}: a class folder with a single image; few-shot episodes need at least two images "
                     "per class (one support, one query); add images or remove the folder"
                 )
+        if own_patient:
+            logger.warning(
+                "%s: %d of %d images name no patient (no patient_regex, no DICOM PatientID), so each counts as a "
+                "patient of its own: if several come from one patient (slices, crops or views of one scan), its "
+                "images can be support and query of one episode and the reports' patient intervals are too narrow; "
+                "name the patient in the file names and set patient_regex, e.g. '^(?P<patient>[^_]+)_'",
+                root, own_patient, len(images))
         if skipped:
             shown = ", ".join(str(f.relative_to(root)) for f in skipped[:10])
             more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""

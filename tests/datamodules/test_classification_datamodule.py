@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,19 @@ def test_image_folder_end_to_end_yields_batched_episodes(tmp_path):
     assert desc["format"] == "image_folder" and desc["chance"] == 0.5 and desc["n_way"] == 2
     assert set(desc["classes"]["test"]) == set(split["test"]) and all(v == 4 for v in desc["classes"]["test"].values())
     assert desc["episodes_sha256"]["test"] == json.loads(dm.episode_files["test"].read_text())["sha256"]
+
+
+def test_the_episode_files_a_report_names_are_absolute(tmp_path, monkeypatch):
+    """results.json names the episode files: a relative cache_dir (the shipped configs' .cache/imaging-meta) must
+    not make them relative to the folder the run started in."""
+    root = write_folder(tmp_path / "data", n_classes=5, per_class=4)
+    monkeypatch.chdir(tmp_path)
+    source = {"class_path": "datamodules.sources.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
+    dm = ClassificationDataModule(source=source, cache_dir="cache", **SMALL)
+    dm.prepare_data()
+    dm.setup("fit")
+    named = dm.describe()["episode_files"]
+    assert named and all(Path(p).is_absolute() and Path(p).is_file() for p in named.values())
 
 
 def test_class_split_is_disjoint_and_seeded():

@@ -310,3 +310,26 @@ def test_decoding_in_threads_names_each_file_and_leaves_logging_as_it_was(caplog
     assert len(lines) == 8 and all(line.startswith(f"{padded}: ") for line in lines)
     assert "a line outside decoding" in [r.getMessage() for r in caplog.records]
     assert pydicom_log.level == level and pydicom_log.filters == filters
+
+
+def test_images_without_a_patient_are_warned_about_once(tmp_path, caplog):
+    """Without patient_regex (and without DICOM PatientIDs) every image is its own patient: the build says so,
+    once, with the fix; with a patient_regex it is silent."""
+    import logging
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for i in range(2):
+            path = tmp_path / "data" / c / f"pat{i}_{c}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(path)
+    with caplog.at_level(logging.WARNING, logger="datamodules.sources.image_folder"):
+        ImageFolder(str(tmp_path / "data"), image_size=[8, 8]).build()
+    lines = [r.getMessage() for r in caplog.records if "name no patient" in r.getMessage()]
+    assert len(lines) == 1 and "4 of 4 images" in lines[0] and "patient_regex" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datamodules.sources.image_folder"):
+        table = ImageFolder(str(tmp_path / "data"), image_size=[8, 8], patient_regex="^(?P<patient>pat[0-9])_").build()
+    assert "name no patient" not in caplog.text and len(set(table.patients)) == 2
