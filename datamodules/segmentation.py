@@ -16,6 +16,7 @@ The slice tables and the slice episode dataset live in `datamodules.sampling.sli
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -31,6 +32,7 @@ from datamodules.indexing.index import Case, Index
 from datamodules.indexing.pseudonyms import normalise_modality
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
 from datamodules.indexing.splits import MIN_VAL_PATIENTS, PROTOCOLS, Split, make_split, read_fold
+from datamodules.io.atomic import atomic_open
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
 from datamodules.sampling.samplers_segmentation import (
@@ -240,11 +242,36 @@ class SegmentationDataModule(EpisodicDataModule):
         return None if self.hparams.modality is None else str(self.hparams.modality).upper()
 
     # ------------------------------------------------------------------ setup
+    def _scan_key(self) -> str:
+        """What the index depends on: every file under ``root`` (path, size, modification time; the cache folder
+        left out) and the scan settings (site fields, label names, salt, the readers' version)."""
+        cache = os.path.realpath(self.cache_dir)
+        files = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != cache)
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except OSError:  # a link to nowhere: the scan names it
+                    continue
+                files.append([os.path.relpath(path, self.root), st.st_size, st.st_mtime_ns])
+        h = self.hparams
+        return digest([files, list(h.site_fields or DEFAULT_SITE_FIELDS), h.label_names, self.salt, READER_VERSION])
+
     def prepare_data(self) -> None:
-        """Scan ``root`` into the index file when it is missing (rank 0 only)."""
-        if self.hparams.rescan or not self.index_path.exists():
-            if not Path(self.root).is_dir():
-                raise FileNotFoundError(f"data root {self.root} is not a folder; set data.init_args.root in your config")
+        """Scan ``root`` into the index file when it is missing, when ``rescan`` is set, or when a file under the
+        root or a scan setting changed since it was written (rank 0 only)."""
+        if not Path(self.root).is_dir() and (self.hparams.rescan or not self.index_path.exists()):
+            raise FileNotFoundError(f"data root {self.root} is not a folder; set data.init_args.root in your config")
+        key_path = self.index_path.with_name(self.index_path.name + ".key")
+        key = self._scan_key() if Path(self.root).is_dir() else None
+        stale = (self.index_path.exists() and key is not None and self.hparams.index_path is None
+                 and (not key_path.exists() or key_path.read_text().strip() != key))
+        if stale:
+            logger.warning("the files under %s or the scan settings changed since %s was written: scanning again",
+                           self.root, self.index_path)
+        if self.hparams.rescan or not self.index_path.exists() or stale:
             logger.info("scanning %s into %s", self.root, self.index_path)
             index = scan_to_file(
                 self.root,
@@ -254,6 +281,9 @@ class SegmentationDataModule(EpisodicDataModule):
                 salt=self.salt,
             )
             logger.info(index.summary())
+            if key is not None:
+                with atomic_open(key_path, "w") as f:
+                    f.write(key + "\n")
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:

@@ -174,3 +174,35 @@ def test_the_episodic_datamodule_contract(dm):
     assert rebuilt.episode_path("test") == dm.episode_files["test"]
     # the digest names cache folders and is stored in checkpoints as the split digest: it must never change
     assert digest({"train": ["c-1"], "protocol": "cross_organ", "p": Path("/x")}) == "8ae46709447b7216"
+
+
+def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, caplog):
+    """A sidecar added after the first scan (as the modality warning advises), or new label names, reach the index
+    without ``rescan: true``; an unchanged folder is not scanned again."""
+    import logging
+
+    from tests.datamodules.dicom_fixtures import affine_ras, label_for, phantom, write_nifti
+
+    root = tmp_path / "data"
+    for p in ("a", "b"):
+        vol = phantom(seed=ord(p))
+        write_nifti(vol, affine_ras(), root / f"{p}.nii.gz")
+        write_nifti(label_for(vol), affine_ras(), root / f"{p}_label.nii.gz")
+
+    def index(**kw):
+        dm = SegmentationDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), **kw)
+        with caplog.at_level(logging.INFO, logger="datamodules.segmentation"):
+            caplog.clear()
+            dm.prepare_data()
+        scanned = "scanning " in caplog.text
+        return json.loads(dm.index_path.read_text()), scanned
+
+    first, scanned = index()
+    assert scanned and {c["modality"] for c in first["cases"]} == {"unknown"}
+    assert index() == (first, False)  # nothing changed: the index is reused
+    (root / "a.json").write_text(json.dumps({"Modality": "CT"}))
+    second, scanned = index()
+    assert scanned and "scanning again" in caplog.text
+    assert sorted(c["modality"] for c in second["cases"]) == ["CT", "unknown"]
+    third, scanned = index(label_names={1: "milz"})
+    assert scanned and third["label_names"] == {"1": "milz"}
