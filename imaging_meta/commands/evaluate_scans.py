@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.io.atomic import atomic_open
+from datamodules.progress import progress
 from imaging_meta.evaluation.scans import COPY, TRAINED_FULL, UNTRAINED_NAME, WINDOW, Scan, score_pair
 from imaging_meta.evaluation.statistics import cluster_bootstrap
 from imaging_meta.volume.segmenter import SUPPORT_CHECK_WARN
@@ -161,34 +163,39 @@ def evaluate_scans(
         raise ValueError(
             f"no {pairing} (support, query) pair of test scans of two patients with the same modality shows a test structure"
         )
-    records = []
-    for protocol in protocols:
-        for i, (s, q) in enumerate(chosen):
-            recs = score_pair(
-                learner,
-                dm.preprocessing,
-                s,
-                q,
-                protocol,
-                untrained=untrained,
-                ablations=ablations,
-                device=device,
-                adapt_steps=adapt_steps,
-                seed=seed,
-                scale=scale,
-            )
-            for r in recs:
-                r["support"], r["query"] = s.patient, q.patient
-            records += recs
-            logger.info(
-                "%s %d/%d %s: trained %.3f",
-                protocol,
-                i + 1,
-                len(chosen),
-                q.name,
-                next(r["dice"] for r in recs if r["method"] == TRAINED_FULL),
-            )
+    records: list[dict] = []
     js, md = out / "scans.json", out / "scans.md"
-    js.write_text(json.dumps(records, indent=1) + "\n")
-    md.write_text(scans_markdown(records))
+    work = [(protocol, i, pair) for protocol in protocols for i, pair in enumerate(chosen)]
+    logger.info("whole-scan protocols: %d pair(s) x %d protocol(s), each segmented by every method%s; scans.json "
+                "grows after each pair", len(chosen), len(protocols), " and ablation" if ablations else "")
+    for protocol, i, (s, q) in progress(work, "evaluate: whole-scan pairs", unit="pair"):
+        # one (protocol, pair) at a time; its records are written before the next starts
+        recs = score_pair(
+            learner,
+            dm.preprocessing,
+            s,
+            q,
+            protocol,
+            untrained=untrained,
+            ablations=ablations,
+            device=device,
+            adapt_steps=adapt_steps,
+            seed=seed,
+            scale=scale,
+        )
+        for r in recs:
+            r["support"], r["query"] = s.patient, q.patient
+        records += recs
+        logger.info(
+            "%s %d/%d %s: trained %.3f",
+            protocol,
+            i + 1,
+            len(chosen),
+            q.name,
+            next(r["dice"] for r in recs if r["method"] == TRAINED_FULL),
+        )
+        with atomic_open(js, "w") as f:  # a run stopped part way keeps the pairs it scored
+            f.write(json.dumps(records, indent=1) + "\n")
+    with atomic_open(md, "w") as f:
+        f.write(scans_markdown(records))
     return js, md

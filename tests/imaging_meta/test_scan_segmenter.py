@@ -302,3 +302,34 @@ def test_the_support_self_check_tells_a_findable_structure_from_an_unfindable_on
     assert seg.support_dice is not None and seg.support_dice < 0.3
     one = ScanSegmenter(ConstantLearner()).fit([(img, mask)], slices=[[5]])
     assert one.support_dice is None
+
+
+def test_evaluate_scans_keeps_each_scored_pair_when_a_later_one_fails(tmp_path, monkeypatch):
+    """scans.json is written after every pair: a run stopped (or failing) part way keeps what it scored; the
+    report is written at the end."""
+    import json
+
+    from imaging_meta.commands import evaluate_scans as E
+
+    class DM:
+        preprocessing: dict = {}
+
+        def test_scans(self):
+            return [{"image": f"{p}.nii.gz", "label": f"{p}_l.nii.gz", "modality": "CT", "organs": {"spleen": 1},
+                     "patient": p, "site": "CT"} for p in ("a", "b", "c")]
+
+    calls = []
+
+    def fake_score(learner, pre, s, q, protocol, **kw):
+        calls.append((s.patient, q.patient))
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+        return [{"protocol": protocol, "method": "trained", "dice": 0.5, "hd95": 1.0, "structure": "spleen",
+                 "support": "x", "query": "y"}]
+
+    monkeypatch.setattr(E, "score_pair", fake_score)
+    with pytest.raises(RuntimeError, match="stopped"):
+        E.evaluate_scans(None, None, DM(), tmp_path, ["whole_scan"], pairs=3)
+    kept = json.loads((tmp_path / "scans.json").read_text())
+    assert len(kept) == 1 and (kept[0]["support"], kept[0]["query"]) == calls[0]
+    assert not (tmp_path / "scans.md").exists()
