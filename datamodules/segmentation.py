@@ -83,8 +83,10 @@ class SegmentationDataModule(EpisodicDataModule):
 
     Args:
         root: folder to scan (DICOM series, NIfTI, label maps, BIDS sidecars, Decathlon dataset.json).
-        index_path: where the scan index lives; default ``<cache_dir>/<hash of root>/index.json``. It is built
-            once and reused; set ``rescan`` to rebuild it.
+        index_path: where the scan index lives; default ``<cache_dir>/<hash of root>/index.json``, rebuilt when a
+            file under ``root`` or a scan setting changed since it was written (one ``stat`` per file at each
+            start). A path given here is used as it is (no such check: for very large folders on slow file
+            systems); set ``rescan`` to rebuild it.
         cache_dir: folder for the index, the preprocessed-volume cache and the fixed episode files.
         rescan: rebuild the index even when it exists.
         protocol: "in_domain", "cross_organ" or "cross_site" (see `datamodules.indexing.splits`).
