@@ -105,9 +105,14 @@ class SupportNorms(TorchFunctionMode):
         name = self.layers.get(id(norm.weight))
         if name is None or norm.bias is None:
             return None
-        mean, var = self.stats[self._next_key(name)]
-        scale = norm.weight * torch.rsqrt(var + norm.eps)
-        return scale, norm.bias - mean * scale
+        return self._affine(self._next_key(name), norm.weight, norm.bias, norm.eps)
+
+    def _affine(self, key: tuple[str, int], weight: torch.Tensor, bias: torch.Tensor, eps: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept statistics of call ``key`` as the per-channel ``(scale, shift)`` of ``x * scale + shift``."""
+        mean, var = self.stats[key]
+        scale = weight * torch.rsqrt(var + eps)
+        return scale, bias - mean * scale
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -125,13 +130,12 @@ class SupportNorms(TorchFunctionMode):
         if self.recording:  # statistics in the parameters' precision, as the kernel computes them (autocast)
             self.stats[key] = moments(x.to(weight.dtype))
             return func(*args, **kwargs)
-        mean, var = self.stats[key]
         eps = a.get("eps", 1e-5)
-        scale = weight * torch.rsqrt(var + eps)
+        scale, shift = self._affine(key, weight, a["bias"], eps)
         # x * scale + shift, as the fused kernel of an eval-mode norm with mean 0 and variance 1: its backward is
         # one pass (elementwise operations would take several), and gradients reach scale and shift
-        ones = torch.ones_like(var)
-        return func(x, torch.zeros_like(mean), ones, scale * torch.sqrt(ones + eps), a["bias"] - mean * scale, False, 0.0, eps)
+        ones = torch.ones_like(scale)
+        return func(x, torch.zeros_like(scale), ones, scale * torch.sqrt(ones + eps), shift, False, 0.0, eps)
 
 
 def support_norm_layers(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[int, str]:
