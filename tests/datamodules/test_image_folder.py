@@ -317,19 +317,14 @@ def test_images_without_a_patient_are_warned_about_once(tmp_path, caplog):
     once, with the fix; with a patient_regex it is silent."""
     import logging
 
-    from PIL import Image
+    from tests.helpers import write_folder
 
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        for i in range(2):
-            path = tmp_path / "data" / c / f"pat{i}_{c}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(path)
+    root = write_folder(tmp_path / "data", n_classes=2, per_class=4, dicom_class=False)  # P0_img0.png ... P1_img3.png
     with caplog.at_level(logging.WARNING, logger="datamodules.sources.image_folder"):
-        ImageFolder(str(tmp_path / "data"), image_size=[8, 8]).build()
+        ImageFolder(str(root), image_size=[8, 8]).build()
     lines = [r.getMessage() for r in caplog.records if "name no patient" in r.getMessage()]
-    assert len(lines) == 1 and "4 of 4 images" in lines[0] and "patient_regex" in lines[0]
+    assert len(lines) == 1 and "8 of 8 images" in lines[0] and "patient_regex" in lines[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="datamodules.sources.image_folder"):
-        table = ImageFolder(str(tmp_path / "data"), image_size=[8, 8], patient_regex="^(?P<patient>pat[0-9])_").build()
+        table = ImageFolder(str(root), image_size=[8, 8], patient_regex="^(?P<patient>P[0-9])_").build()
     assert "name no patient" not in caplog.text and len(set(table.patients)) == 2
