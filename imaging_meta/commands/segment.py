@@ -81,7 +81,8 @@ def image_source(path: str | Path) -> str:
 
 def modality_of(path: str | Path, given: str | None = None, default: str | None = None) -> str:
     """CT or MR: ``given``, else the DICOM Modality or the BIDS sidecar's, else ``default`` (the checkpoint's
-    ``modality`` for files that do not say, as in training), else an error that says what to pass."""
+    ``modality`` for files that do not say, as in training), else CT for a NIfTI volume whose intensities are
+    Hounsfield units with air in it (`_air_fraction`, with a warning), else an error that says what to pass."""
     if given:
         return given.upper()
     try:
@@ -90,7 +91,38 @@ def modality_of(path: str | Path, given: str | None = None, default: str | None 
         if default:
             logger.info("%s does not say its modality: %s, as the checkpoint's training data config says", path, default)
             return default
+        air = _air_fraction(Path(path))
+        if air is not None:
+            logger.warning("%s does not say its modality: read as CT, since %.0f%% of its voxels are air at about "
+                           "-1000 HU (pass --modality to override)", path, 100 * air)
+            return "CT"
         raise ValueError(str(e)) from None
+
+
+#: a NIfTI volume without a stated modality is read as CT when at least this share of its voxels lies at air's
+#: -1000 HU (-1100 to -900) ...
+AIR_SHARE = 0.02
+#: ... and at most this share lies above +1000 HU (dense bone and metal are rare in CT; a signed MR phase map
+#: spread evenly over thousands of units has as many values there as near -1000)
+DENSE_SHARE = 0.05
+
+
+def _air_fraction(path: Path) -> float | None:
+    """The share of a NIfTI volume's voxels at air's Hounsfield units when its intensities look like CT in HU
+    (`AIR_SHARE`, `DENSE_SHARE`), else None: MR has no intensities near -1000, and a CT stored without its
+    rescale (0 to 4095) is not recognised. Other formats, and files that cannot be read, give None (the error
+    that asks for ``--modality`` then stands)."""
+    if path.is_dir() or not is_nifti(path.name):
+        return None
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception:
+        return None
+    if data.size == 0 or not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        return None
+    air = float(np.count_nonzero((data >= -1100) & (data <= -900))) / data.size
+    dense = float(np.count_nonzero(data > 1000)) / data.size
+    return air if air >= AIR_SHARE and dense <= DENSE_SHARE else None
 
 
 class _Undeclared(Exception):

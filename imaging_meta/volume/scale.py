@@ -58,7 +58,7 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
     if wanted >= coarse:
         return dict(preprocessing)
     fov = max(shape[0] * spacing[0], shape[1] * spacing[1])
-    new = max(wanted, native, fov / max_size)
+    new = float(max(wanted, native, fov / max_size))
     if new >= coarse:
         return dict(preprocessing)
     side = min(max_size, int(math.ceil(fov / new / 16.0)) * 16)

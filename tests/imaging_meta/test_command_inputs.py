@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -237,11 +238,39 @@ def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segmen
     image = tmp_path / "root" / "p1.nii.gz"
     assert modality_of(image, None, "CT") == "CT"  # the checkpoint's, for a file that does not say
     assert modality_of(image, "MR", "CT") == "MR"  # --modality wins
-    with pytest.raises(ValueError, match=r"p1\.nii\.gz: cannot tell CT from MR .* pass --modality CT or MR"):
-        modality_of(image, None, None)
+    assert modality_of(image, None, None) == "CT"  # without either, its HU with air (the next test)
     image.with_name("p1.json").write_text('{"Modality": "MR"}')
     assert modality_of(image, None, "CT") == "MR"  # the file's own word wins over the checkpoint's
 
+
+
+def test_a_nifti_in_hounsfield_units_with_air_is_read_as_ct_and_nothing_else_is(tmp_path, caplog):
+    """Most public NIfTI CTs (Decathlon, BTCV, TotalSegmentator) have no sidecar. One in HU with air around the
+    body is read as CT, with a warning; an MR, a CT stored without its rescale (0-4095), a signed phase map
+    spread over thousands of units, or an unreadable file still get the error that asks for --modality."""
+    from imaging_meta.commands.segment import modality_of
+
+    rng = np.random.default_rng(0)
+    body = rng.normal(40, 20, (32, 32, 8))
+    ct = body.copy()
+    ct[:6] = rng.normal(-1000, 15, (6, 32, 8))  # air outside the body
+    ct[:, :2] = -3024  # padding outside the field of view
+    cases = {
+        "ct": ct,
+        "mr": np.abs(rng.normal(300, 100, (32, 32, 8))),
+        "unrescaled_ct": ct + 1024 + 3024 * (ct == -3024),
+        "phase": rng.uniform(-4096, 4096, (32, 32, 8)),
+    }
+    for name, data in cases.items():
+        write_nifti(data.astype(np.int16), affine_ras(), tmp_path / f"{name}.nii.gz")
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        assert modality_of(tmp_path / "ct.nii.gz") == "CT"
+    assert re.search(r"ct\.nii\.gz does not say its modality: read as CT, since 18% of its voxels are air", caplog.text)
+    assert modality_of(tmp_path / "ct.nii.gz", "MR") == "MR"  # --modality wins
+    for name in ("mr", "unrescaled_ct", "phase", "broken"):
+        with pytest.raises(ValueError, match=rf"{name}\.nii\.gz: cannot tell CT from MR .* pass --modality CT or MR"):
+            modality_of(tmp_path / f"{name}.nii.gz")
 
 def test_masks_are_written_with_the_usual_permissions(tmp_path):
     """The atomic write goes through a temporary file (mode 0600): the mask gets the mode a plain save gives."""
