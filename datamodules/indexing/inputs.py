@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 from datamodules.io.dicom import NotDicomError
+from datamodules.io.dicom_files import DICOM_SUFFIXES
 
 BIDS_SUPPORT_JSON = ("dataset_description.json", "participants.json", "genetic_info.json")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
 NON_IMAGE_KINDS = {
     ".gz": "gzip archive; only .nii.gz is read - decompress it first",
     ".zip": "zip archive - extract it first",

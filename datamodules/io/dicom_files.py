@@ -15,6 +15,9 @@ from datamodules.io.dicom_enhanced import read_frames
 from datamodules.io.dicom_errors import DicomError, NotDicomError
 from datamodules.io.dicom_header import DicomHeader, is_enhanced, parse_header
 
+#: file names that say DICOM (Siemens exports '.IMA'; some PACS '.dic'); other DICOM files are found by content
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
+
 
 def _looks_like_headerless_dicom(path: str) -> bool:
     """True when a file without the 'DICM' marker starts like a raw DICOM data set (group 0x0008 or 0x0002)."""
