@@ -12,7 +12,12 @@ Pairs (support -> query), each scored as 3D Dice in the query's own voxel grid:
 * ``parts``: thin and multi-part structures of the same abdominal CT, split the same way, each the union of
   several values of TotalSegmentator's "total" class map (`CT_PARTS`): ribs, vertebrae, both kidneys as one
   label, the deep back muscles, the colon, the portal and splenic vein. Added after the scan segmenter was
-  built (2026-12-04), to measure the thin structures on which issue 15's chest CT failed.
+  built (2026-12-04), to measure the thin structures on which issue 15's chest CT failed;
+* added on 2026-12-05, after everything above was built and chosen, and run once each with the recipes as they
+  stood (other real data, the closest thing here to a held-out check):
+  ``sarcoma``: cross-patient, within a modality, every ordered pair of the three patients (6 CT, 6 MR pairs),
+  each scan cropped around its tumour; ``spleen``: the MSD CT split like ``abdomen``; ``spine``: the spinal cord
+  of a sagittal T2 MR, reoriented to RAS and split like ``abdomen``.
 
 Nothing here is tuned to these files: they are read as any user's NIfTI files.
 """
@@ -132,6 +137,37 @@ def lesion_pairs() -> list[tuple[Scan, Scan]]:
     return out
 
 
+def sarcoma_pairs() -> list[tuple[Scan, Scan]]:
+    """Every ordered (support, query) pair of different patients, within each modality; one structure row per
+    query scan (its two supports' mean)."""
+    d = REAL / "sarcoma"
+    out = []
+    for stem, modality in (("ct", "CT"), ("mr", "MR")):
+        for s in (1, 2, 3):
+            for q in (1, 2, 3):
+                if s != q:
+                    scans = [Scan(str(d / f"sts{n}_{stem}.nii.gz"), str(d / f"sts{n}_{stem}_label.nii.gz"), 1,
+                                  modality, f"tumour of sts{q}", f"sarcoma-{stem}", f"sts{n}") for n in (s, q)]
+                    out.append((scans[0], scans[1]))
+    return out
+
+
+def _canonical(src: Path, out: Path) -> Path:
+    """``src`` reoriented to RAS (`nibabel.as_closest_canonical`), so that its last axis runs foot to head."""
+    nib.save(nib.as_closest_canonical(nib.load(str(src))), str(out))
+    return out
+
+
+def single_scan_pairs(tmp: Path, folder: str, stem: str, modality: str, structure: str,
+                      reverse: bool = False) -> list[tuple[Scan, Scan]]:
+    """One scan and its binary label (``<folder>/<stem>.nii.gz``, ``<stem>_label.nii.gz``), reoriented to RAS and
+    split like `abdomen_pairs`."""
+    image = _canonical(REAL / folder / f"{stem}.nii.gz", tmp / f"{folder}_{stem}.nii.gz")
+    label = _canonical(REAL / folder / f"{stem}_label.nii.gz", tmp / f"{folder}_{stem}_label.nii.gz")
+    halves = {part: _half(image, tmp / f"{folder}_{stem}_{part}.nii.gz", part == "upper") for part in ("upper", "lower")}
+    return _split_pairs(tmp, halves, modality, label, {structure: 1}, folder, reverse)
+
+
 def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean over query volumes."""
     rng = np.random.default_rng(seed)
@@ -214,10 +250,11 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=False, help="the segmentation checkpoint (needed unless --compare)")
     ap.add_argument("--out", default=None, help="write every record here (JSON)")
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
-    ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"], choices=["abdomen", "lesions", "parts"])
+    ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"],
+                    choices=["abdomen", "lesions", "parts", "sarcoma", "spleen", "spine"])
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--reverse", action="store_true",
-                    help="abdomen and parts: the lower half is the support and the upper half the query")
+                    help="abdomen, parts, spleen, spine: the lower half is the support and the upper half the query")
     ap.add_argument("--adapt-steps", type=int, default=0, help="also score the test-time adapted segmenter")
     ap.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint")
     ap.add_argument("--compare", nargs=4, metavar=("A.json", "METHOD_A", "B.json", "METHOD_B"), default=None,
@@ -237,6 +274,9 @@ def main() -> None:
             (abdomen_pairs(Path(tmp), args.reverse) if "abdomen" in args.sets else [])
             + (lesion_pairs() if "lesions" in args.sets else [])
             + (parts_pairs(Path(tmp), args.reverse) if "parts" in args.sets else [])
+            + (sarcoma_pairs() if "sarcoma" in args.sets else [])
+            + (single_scan_pairs(Path(tmp), "spleen", "ct", "CT", "spleen", args.reverse) if "spleen" in args.sets else [])
+            + (single_scan_pairs(Path(tmp), "spine", "t2", "MR", "spinal cord", args.reverse) if "spine" in args.sets else [])
         )
         for protocol in args.protocols:
             for s, q in pairs:

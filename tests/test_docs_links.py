@@ -49,6 +49,30 @@ def slug(heading: str) -> str:
     return kept.replace(" ", "-")
 
 
+def site_slug(heading: str) -> str:
+    """The id that MkDocs (Python-Markdown's ``toc``, its default slugify) gives the same heading: accents and
+    other non-ASCII characters dropped, and runs of spaces and ``-`` made one ``-`` (GitHub keeps ``---``)."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    text = re.sub(r"<[^>]+>", "", text).replace("`", "")
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", text).strip().lower())
+
+
+@cache
+def site_anchors(path: Path) -> frozenset[str]:
+    """The heading ids of a page of the MkDocs site (repeated headings get ``_1``, ``_2``, ...)."""
+    seen: dict[str, int] = {}
+    ids = set()
+    for _, line in prose_lines(path.read_text(encoding="utf-8")):
+        ids.update(_HTML_ANCHOR.findall(line))
+        match = _HEADING.match(line)
+        if match:
+            base = site_slug(match.group(2))
+            ids.add(base if base not in seen else f"{base}_{seen[base]}")
+            seen[base] = seen.get(base, 0) + 1
+    return frozenset(ids)
+
+
 @cache
 def anchors(path: Path) -> frozenset[str]:
     """The heading ids of a Markdown file (repeated headings get ``-1``, ``-2``, ... as on GitHub), and explicit
@@ -92,6 +116,10 @@ def broken(path: Path, root: Path = REPO) -> list[str]:
             problems.append(f"{where}: points outside the repository")
         elif anchor and dest.suffix == ".md" and unquote(anchor) not in anchors(dest):
             problems.append(f"{where}: no heading '#{anchor}' in {dest.relative_to(root)} (has: {sorted(anchors(dest))})")
+        elif (anchor and dest.suffix == ".md" and path.parent == root / "docs" and dest.parent == root / "docs"
+              and unquote(anchor) not in site_anchors(dest)):
+            problems.append(f"{where}: '#{anchor}' is GitHub's id of the heading, not the site's (`make docs`, "
+                            f"--strict), which differs for '---' and non-ASCII: link a heading whose ids agree")
     return problems
 
 
@@ -111,13 +139,25 @@ def test_readme_is_short_and_links_into_docs():
 
 
 def test_the_checker_finds_broken_links(tmp_path):
-    doc = tmp_path / "docs" / "a.md"
-    doc.parent.mkdir()
+    doc = tmp_path / "a.md"  # as the README: read on GitHub, not a page of the site
+    (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "b.md").write_text(
         "# Coming from `torchmeta`\n## Many GPUs, and nodes (DDP)\n## Many GPUs, and nodes (DDP)\n")
     doc.write_text(
-        "# Title\n[ok](b.md#coming-from-torchmeta) [ok](b.md#many-gpus-and-nodes-ddp-1) [ok](#title) [web](https://x.org/y)\n"
-        "[gone](c.md) [bad anchor](b.md#nope) `[code](nowhere.md)`\n```\n[fenced](nowhere.md)\n```\n[ref]: missing.md\n"
+        "# Title\n[ok](docs/b.md#coming-from-torchmeta) [ok](docs/b.md#many-gpus-and-nodes-ddp-1) [ok](#title) "
+        "[web](https://x.org/y)\n[gone](docs/c.md) [bad anchor](docs/b.md#nope) `[code](nowhere.md)`\n```\n"
+        "[fenced](nowhere.md)\n```\n[ref]: missing.md\n"
     )
     problems = broken(doc, root=tmp_path)
-    assert [p.split(": ")[1] for p in problems] == ["c.md", "b.md#nope", "missing.md"], problems
+    assert [p.split(": ")[1] for p in problems] == ["docs/c.md", "docs/b.md#nope", "missing.md"], problems
+
+
+def test_the_checker_finds_anchors_that_only_github_has(tmp_path):
+    """GitHub's id of "Adapt (`--adapt-steps N`)" keeps "---"; the site's collapses it, and `make docs --strict`
+    fails on a link that GitHub follows (found by a review, 2026-12-05)."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.md").write_text("# Adapt (`--adapt-steps N`)\n## Plain words\n")
+    doc = tmp_path / "docs" / "a.md"
+    doc.write_text("[site and GitHub](b.md#plain-words) [GitHub only](b.md#adapt---adapt-steps-n)\n")
+    assert [p.split(": ")[1] for p in broken(doc, root=tmp_path)] == ["b.md#adapt---adapt-steps-n"]
+    assert site_slug("Adapt (`--adapt-steps N`)") == "adapt-adapt-steps-n" and slug("Adapt (`--adapt-steps N`)") == "adapt---adapt-steps-n"

@@ -541,9 +541,9 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {dest: getattr(args, dest) for dest in _OPTIONS if getattr(args, dest, None) is not None}
     try:
         summary = prepare_medmnist(args.source, out, **kwargs)
-    except PrepareError as e:
+    except PrepareError as e:  # bad input data: 1, as every command (2 is for a wrong command line)
         print(f"imaging-meta prepare: {e}", file=sys.stderr)
-        return 2
+        return 1
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     for w in summary["skipped"]:

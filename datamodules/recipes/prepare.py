@@ -556,9 +556,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("data") / f"{args.dataset}_prepared"
     try:
         summary = prepare(args.dataset, Path(args.source[0]), out)
-    except PrepareError as e:
+    except PrepareError as e:  # bad input data: 1, as every command (2 is for a wrong command line)
         print(f"imaging-meta prepare: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(f"{summary['patients']} patients of {args.dataset} prepared in {out} "
           f"({', '.join(f'{o}: {n} voxels' for o, n in summary['organ_voxels'].items())})")
     for w in summary["warnings"]:

@@ -246,7 +246,7 @@ def test_the_command(folder, tmp_path, capsys):
     printed = capsys.readouterr()
     assert "5 MedMNIST files prepared" in printed.out and "test bloodmnist, dermamnist, pathmnist" in printed.out
     assert "warning:" in printed.err and (out / "episodes" / "test-5way-1shot-3query.json").is_file()
-    assert main(["medmnist", str(folder), "--out", str(tmp_path / "refused"), "--queries", "3"]) == 2
+    assert main(["medmnist", str(folder), "--out", str(tmp_path / "refused"), "--queries", "3"]) == 1
     assert "nothing was prepared" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     assert main(["synapse", str(folder), "--shots", "1"]) == 2
     assert "--shots apply to medmnist only" in capsys.readouterr().err
