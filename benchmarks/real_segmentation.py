@@ -17,7 +17,10 @@ Pairs (support -> query), each scored as 3D Dice in the query's own voxel grid:
   stood (other real data, the closest thing here to a held-out check):
   ``sarcoma``: cross-patient, within a modality, every ordered pair of the three patients (6 CT, 6 MR pairs),
   each scan cropped around its tumour; ``spleen``: the MSD CT split like ``abdomen``; ``spine``: the spinal cord
-  of a sagittal T2 MR, reoriented to RAS and split like ``abdomen``.
+  of a sagittal T2 MR, reoriented to RAS and split like ``abdomen``;
+* ``spleen-x``: the spleen across two patients and contrast phases (the abdominal CT's spleen at a median 35 HU,
+  MSD's at 89 HU): the abdominal CT cropped around its spleen to the MSD crop's width, and MSD ``spleen2``, each
+  the other's support (added 2026-12-05, after a diagnosis on the same two scans).
 
 Nothing here is tuned to these files: they are read as any user's NIfTI files.
 """
@@ -168,6 +171,29 @@ def single_scan_pairs(tmp: Path, folder: str, stem: str, modality: str, structur
     return _split_pairs(tmp, halves, modality, label, {structure: 1}, folder, reverse)
 
 
+def cross_patient_spleen_pairs(tmp: Path) -> list[tuple[Scan, Scan]]:
+    """The spleen across two patients (and contrast phases): the abdominal CT cropped to a square of the MSD
+    crop's width (130 mm) centred on its spleen's centroid, and the MSD ``spleen2`` CT; each the other's
+    support."""
+    img, lab = nib.load(str(REAL / "abdomen" / "ct.nii.gz")), nib.load(str(REAL / "abdomen" / "ct_label.nii.gz"))
+    data, labels = np.asarray(img.dataobj), np.asarray(lab.dataobj)
+    msd = nib.load(str(REAL / "spleen" / "ct.nii.gz"))
+    width = msd.shape[0] * float(msd.header.get_zooms()[0])
+    centre = np.argwhere(labels == 1).mean(0).round().astype(int)
+    half = int(round(width / 2 / float(img.header.get_zooms()[0])))
+    x0, y0 = max(0, centre[0] - half), max(0, centre[1] - half)
+    box = (slice(x0, centre[0] + half), slice(y0, centre[1] + half))
+    affine = img.affine.copy()
+    affine[:3, 3] = img.affine[:3, :3] @ np.array([x0, y0, 0]) + img.affine[:3, 3]
+    nib.save(nib.Nifti1Image(data[box], affine), str(tmp / "abdomen_spleen_crop.nii.gz"))
+    nib.save(nib.Nifti1Image(labels[box], affine), str(tmp / "abdomen_spleen_crop_label.nii.gz"))
+    a = Scan(str(tmp / "abdomen_spleen_crop.nii.gz"), str(tmp / "abdomen_spleen_crop_label.nii.gz"), 1, "CT",
+             "spleen, across patients", "spleen-x", "abdomen")
+    b = Scan(str(REAL / "spleen" / "ct.nii.gz"), str(REAL / "spleen" / "ct_label.nii.gz"), 1, "CT",
+             "spleen, across patients", "spleen-x", "msd")
+    return [(a, b), (b, a)]
+
+
 def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean over query volumes."""
     rng = np.random.default_rng(seed)
@@ -251,7 +277,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write every record here (JSON)")
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"],
-                    choices=["abdomen", "lesions", "parts", "sarcoma", "spleen", "spine"])
+                    choices=["abdomen", "lesions", "parts", "sarcoma", "spleen", "spine", "spleen-x"])
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--reverse", action="store_true",
                     help="abdomen, parts, spleen, spine: the lower half is the support and the upper half the query")
@@ -277,6 +303,7 @@ def main() -> None:
             + (sarcoma_pairs() if "sarcoma" in args.sets else [])
             + (single_scan_pairs(Path(tmp), "spleen", "ct", "CT", "spleen", args.reverse) if "spleen" in args.sets else [])
             + (single_scan_pairs(Path(tmp), "spine", "t2", "MR", "spinal cord", args.reverse) if "spine" in args.sets else [])
+            + (cross_patient_spleen_pairs(Path(tmp)) if "spleen-x" in args.sets else [])
         )
         for protocol in args.protocols:
             for s, q in pairs:
