@@ -13,8 +13,8 @@ Pairs (support -> query), each scored as 3D Dice in the query's own voxel grid:
   several values of TotalSegmentator's "total" class map (`CT_PARTS`): ribs, vertebrae, both kidneys as one
   label, the deep back muscles, the colon, the portal and splenic vein. Added after the scan segmenter was
   built (2026-12-04), to measure the thin structures on which issue 15's chest CT failed;
-* added on 2026-12-05, after everything above was built and chosen, and run once each with the recipes as they
-  stood (other real data, the closest thing here to a held-out check):
+* added on 2026-12-05, after everything above was built and chosen, and measured with the recipes as they
+  stood (other real data, the closest thing here to a held-out check; then reused to try alternatives, none kept):
   ``sarcoma``: cross-patient, within a modality, every ordered pair of the three patients (6 CT, 6 MR pairs),
   each scan cropped around its tumour; ``spleen``: the MSD CT split like ``abdomen``; ``spine``: the spinal cord
   of a sagittal T2 MR, reoriented to RAS and split like ``abdomen``;

@@ -17,7 +17,8 @@ Each source is a bare git repository (a clone, or a snapshot) at a pinned commit
   spinalcordtoolbox test data ``t2/t2.nii.gz``, ``t2/t2_seg-manual.nii.gz``), byte for byte. MIT.
 * ``classification/xray_pneumonia/``: 15 normal and 15 pneumonia chest X-rays, 28 x 28 grey (PneumoniaMNIST,
   from Kermany et al.'s paediatric chest X-rays): the first 15 of each class, in file order, of the test split of
-  the class-balanced copy in ``aksufatih/snn-medmnist`` (``pneumoniamnist.npz``), as 8-bit PNGs. CC BY 4.0.
+  the class-balanced copy in ``aksufatih/snn-medmnist`` (``pneumoniamnist.npz``), as 8-bit PNGs named by their
+  index in that copy's test split (not PneumoniaMNIST's own index). CC BY 4.0.
 
 ``manifest_github.json`` records each output's sha256 and its source's (repository, commit, path, sha256);
 ``--check`` rebuilds everything and compares both with it. The X-rays' pixel digests are also in
@@ -147,6 +148,13 @@ def build(sources: dict[str, Path], out: Path) -> dict:
     return manifest
 
 
+def _pixels(manifest: dict, root: Path) -> dict:
+    """The X-ray PNGs' pixel digests, as `tests/test_real_sets.py` reads the 2D sets' manifests."""
+    return {"xray_pneumonia": {
+        name.split("/", 2)[2]: hashlib.sha256(np.asarray(Image.open(root / name)).tobytes()).hexdigest()
+        for name in sorted(manifest) if name.startswith("classification/xray_pneumonia/")}}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for key in COMMITS:
@@ -155,21 +163,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check", action="store_true", help="compare with the committed manifest instead of writing it")
     args = ap.parse_args(argv)
     sources = {key: getattr(args, key) for key in COMMITS}
-    manifest = build(sources, args.out)
-    pixels = {"xray_pneumonia": {
-        name.split("/", 2)[2]: hashlib.sha256(np.asarray(Image.open(args.out / name)).tobytes()).hexdigest()
-        for name in sorted(manifest) if name.startswith("classification/xray_pneumonia/")}}
-    pixels_path = args.out / "classification" / "manifest_xray_pneumonia.json"
     path = args.out / "manifest_github.json"
-    if args.check:
-        if json.loads(pixels_path.read_text()) != pixels:
-            raise SystemExit(f"differs from {pixels_path}")
+    pixels_path = args.out / "classification" / "manifest_xray_pneumonia.json"
+    if args.check:  # rebuild elsewhere; compare the rebuild and the committed files with the manifests
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = build(sources, Path(tmp))
+            pixels = _pixels(manifest, Path(tmp))
         old = json.loads(path.read_text())
         bad = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        bad += sorted(k for k in old if not (args.out / k).is_file()
+                      or sha256((args.out / k).read_bytes()) != old[k]["sha256"])
+        if json.loads(pixels_path.read_text()) != pixels:
+            bad.append(str(pixels_path))
         if bad:
             raise SystemExit(f"differs from {path}: {bad}")
-        print(f"all {len(manifest)} files match {path}")
+        print(f"all {len(manifest)} files, rebuilt and committed, match {path}")
         return
+    manifest = build(sources, args.out)
+    pixels = _pixels(manifest, args.out)
     path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     pixels_path.write_text(json.dumps(pixels, indent=1, sort_keys=True) + "\n")  # as `tests/test_real_sets.py` reads
     print(f"wrote {len(manifest)} files and {path}")

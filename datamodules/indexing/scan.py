@@ -59,7 +59,14 @@ from datamodules.indexing.pseudonyms import (
     pseudonym,
     site_key,
 )
-from datamodules.indexing.volumes import Volume, check_image_data, grid_mismatch, label_values, load_nifti
+from datamodules.indexing.volumes import (
+    Volume,
+    check_image_data,
+    grid_mismatch,
+    hounsfield_air_share,
+    label_values,
+    load_nifti,
+)
 from datamodules.io.dicom import (
     MIN_SLICES,
     NIFTI_SUFFIXES,
@@ -347,6 +354,7 @@ class _Scanner:
             self.reject(p, f"{r}{note}", covered if label else ())
             return
         affine = np.asarray(img.affine, dtype=np.float64)
+        air = hounsfield_air_share(data)  # for a file that does not say its modality (below), as `segment` does
         del data
         values: list[int] = []
         if label:
@@ -361,7 +369,11 @@ class _Scanner:
             sidecar = self._read_sidecar(sidecar_path)
         key, info = site_key(sidecar, self.site_fields, self.salt)
         dec = self._nearest_decathlon(p)
-        modality = normalise_modality(sidecar.get("Modality")) or (dec.modality if dec else None) or "unknown"
+        modality = normalise_modality(sidecar.get("Modality")) or (dec.modality if dec else None)
+        if modality is None and air is not None:
+            logger.info("%s does not say its modality: indexed as CT, since %.0f%% of its voxels are air at about "
+                        "-1000 HU", self.rel(p), 100 * air)
+        modality = modality or ("CT" if air is not None else "unknown")
         rel = self.rel(p)
         case = Case(
             case_id="c-" + pseudonym(self.salt, rel),

@@ -262,6 +262,35 @@ def load_nifti(path: str) -> tuple[Any, np.ndarray, list[int]]:
     return img, data.reshape(spatial), spatial
 
 
+#: a volume that does not state its modality is read as CT when at least this share of its voxels lies at air's
+#: -1000 HU (-1100 to -900) ...
+AIR_SHARE = 0.02
+#: ... and at most this share lies above +1000 HU (dense bone and metal are rare in CT; a signed MR phase map
+#: spread evenly over thousands of units has as many values there as near -1000)
+DENSE_SHARE = 0.05
+
+
+def hounsfield_air_share(data: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> float | None:
+    """The share of a volume's voxels at air's Hounsfield units when its intensities look like CT in HU
+    (`AIR_SHARE`, `DENSE_SHARE`), else None. ``data`` may be the stored integers with the file's ``slope`` and
+    ``inter`` (values are ``data * slope + inter``), so that a large volume is never copied to float.
+
+    MR has no intensities near -1000; a CT stored without its rescale (0 to 4095) is not recognised, nor is
+    anything with more than three non-singleton dimensions. Not caught: an MR resampled into a grid filled with
+    -1000 (the warning that names the inferred modality is there for that)."""
+    if data.size == 0 or data.dtype.kind not in "iuf" or sum(int(n) > 1 for n in data.shape[3:]) > 0:
+        return None
+    slope, inter = float(slope), float(inter)
+    if not np.isfinite(slope) or not np.isfinite(inter) or slope == 0:
+        return None
+    lo, hi, dense = ((v - inter) / slope for v in (-1100.0, -900.0, 1000.0))
+    if slope < 0:
+        lo, hi = hi, lo
+    air = float(np.count_nonzero((data >= lo) & (data <= hi))) / data.size
+    high = float(np.count_nonzero(data > dense if slope > 0 else data < dense)) / data.size
+    return air if air >= AIR_SHARE and high <= DENSE_SHARE else None
+
+
 def check_image_data(data: np.ndarray, min_slices: int) -> None:
     """`Reject` an image that is too small along an axis, holds NaN/Inf, or is constant."""
     if min(data.shape) < min_slices:

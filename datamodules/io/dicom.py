@@ -44,7 +44,7 @@ from pydicom.dataset import Dataset
 from datamodules.io.dicom_checks import JPEG_EXTRA, decoder_problem, non_image_kind
 from datamodules.io.dicom_enhanced import read_frames
 from datamodules.io.dicom_errors import DicomError, DicomSeriesError, NotDicomError
-from datamodules.io.dicom_files import DICOM_SUFFIXES, checked_header, group_series, read_dataset, read_header
+from datamodules.io.dicom_files import DICOM_CLAIMED, checked_header, group_series, read_dataset, read_header
 from datamodules.io.dicom_header import ENHANCED_SOP_CLASSES, DicomHeader, is_enhanced
 from datamodules.io.dicom_pixels import load_series_array
 from datamodules.io.dicom_series import (
@@ -103,9 +103,9 @@ def _not_an_image(h: DicomHeader) -> bool:
 
 
 def _claims_dicom(path: str) -> bool:
-    """Whether a file that pydicom cannot read was meant to be DICOM: a DICOM name (`DICOM_SUFFIXES`), no bytes
+    """Whether a file that pydicom cannot read was meant to be DICOM: a name that claims DICOM (`DICOM_CLAIMED`), no bytes
     at all (an interrupted copy), or the 'DICM' marker after the 128-byte preamble."""
-    if path.lower().endswith(DICOM_SUFFIXES) or os.path.getsize(path) == 0:
+    if path.lower().endswith(DICOM_CLAIMED) or os.path.getsize(path) == 0:
         return True
     with open(path, "rb") as f:
         f.seek(128)
@@ -173,7 +173,7 @@ class DicomSeriesReader(ImageReader):
         if is_nifti(name):
             return False
         try:
-            return name.lower().endswith(DICOM_SUFFIXES) or pydicom.misc.is_dicom(name)
+            return name.lower().endswith(DICOM_CLAIMED) or pydicom.misc.is_dicom(name)
         except OSError:
             return False
 

@@ -15,8 +15,12 @@ from datamodules.io.dicom_enhanced import read_frames
 from datamodules.io.dicom_errors import DicomError, NotDicomError
 from datamodules.io.dicom_header import DicomHeader, is_enhanced, parse_header
 
-#: file names that say DICOM (Siemens exports '.IMA'; some PACS '.dic'); other DICOM files are found by content
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dic")
+#: names that claim DICOM: such a file that pydicom cannot read is a damaged DICOM file (an error), and a 2D image
+#: folder reads them as DICOM
+DICOM_CLAIMED = (".dcm", ".dicom")
+#: names that may be DICOM (Siemens exports '.IMA', some PACS '.dic', which are also other formats' names: a
+#: spelling dictionary, a camera image): named as DICOM in the folder scan's reasons, read only by content
+DICOM_SUFFIXES = (*DICOM_CLAIMED, ".ima", ".dic")
 
 
 def _looks_like_headerless_dicom(path: str) -> bool:

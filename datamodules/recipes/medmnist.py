@@ -40,7 +40,13 @@ import yaml
 
 from datamodules.io.atomic import atomic_write_text
 from datamodules.recipes.medmnist_files import MEDMNIST_2D, SIZES, UNSUPPORTED, ZENODO, MedMNISTFile
-from datamodules.recipes.prepare import PrepareError, _check_out, _write_json, install_staged
+from datamodules.recipes.prepare import (
+    PrepareError,
+    PrepareUsageError,
+    _check_out,
+    _write_json,
+    install_staged,
+)
 from datamodules.sampling.episode_files import episodes_sha256, save_episodes
 from datamodules.sampling.samplers_classification import ClassificationEpisodeSpec
 from datamodules.sources.medmnist import SPLITS, _check_images, _check_labels, _stem
@@ -417,7 +423,7 @@ def _write_outputs(staging: Path, out: Path, parts: dict[str, list[NpzFile]], sh
 def _check_arguments(shots: Sequence[int], ways: int, queries: int, episodes: int) -> list[int]:
     shots = sorted({int(k) for k in shots})
     if not shots or min(shots) < 1 or ways < 2 or queries < 1 or episodes < 1:
-        raise PrepareError(f"shots {shots} must be positive (at least one), ways >= 2, queries >= 1 and episodes >= 1; "
+        raise PrepareUsageError(f"shots {shots} must be positive (at least one), ways >= 2, queries >= 1 and episodes >= 1; "
                            f"got ways={ways}, queries={queries}, episodes={episodes}")
     return shots
 
@@ -541,9 +547,9 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {dest: getattr(args, dest) for dest in _OPTIONS if getattr(args, dest, None) is not None}
     try:
         summary = prepare_medmnist(args.source, out, **kwargs)
-    except PrepareError as e:  # bad input data: 1, as every command (2 is for a wrong command line)
+    except PrepareError as e:  # bad input data: 1, as every command; a wrong command line: 2
         print(f"imaging-meta prepare: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, PrepareUsageError) else 1
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     for w in summary["skipped"]:

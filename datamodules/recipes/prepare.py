@@ -86,6 +86,10 @@ class PrepareError(ValueError):
     """The source is not in the expected layout or holds a bad file; the message names each file and problem."""
 
 
+class PrepareUsageError(PrepareError):
+    """Options that cannot work whatever the data (``--shots 0``): a wrong command line, exit status 2."""
+
+
 @dataclass
 class Converted:
     """One patient, ready to write: image (X, Y, Z), label (X, Y, Z) uint8 in `ORGANS` values, one affine."""

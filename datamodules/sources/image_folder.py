@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
 from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_image_kind, read_dataset
 from datamodules.io.dicom_checks import kind_problem
-from datamodules.io.dicom_files import DICOM_SUFFIXES
+from datamodules.io.dicom_files import DICOM_CLAIMED
 from datamodules.io.dicom_header import as_int, get_value
 from datamodules.io.dicom_pixels import invert_monochrome1, stored_pixel_array
 from datamodules.io.pictures import PIL_KINDS, Read, content_kind, grey_if_equal, read_pil, scale
@@ -65,7 +65,7 @@ from datamodules.sources.items import ItemSource, ItemTable
 
 #: 2D image files read with Pillow (TIFF: single-page, 8/16-bit or float grey, or RGB, as pathology tiles are)
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_EXTENSIONS = DICOM_SUFFIXES
+DICOM_EXTENSIONS = DICOM_CLAIMED  # '.ima' / '.dic' files are read only when they are DICOM by content, as extension-less ones
 DEFAULT_EXTENSIONS = [*PIL_EXTENSIONS, *DICOM_EXTENSIONS, ""]  # "": extension-less files are tried as DICOM
 #: folders never read as a class nor for images: macOS archive metadata, left by unzipping (hidden names too)
 IGNORED_FOLDERS = frozenset({"__MACOSX"})

@@ -293,8 +293,9 @@ def unreadable_nifti(name, error: BaseException) -> ValueError:
 
 
 #: changes whenever the volume readers give other arrays for the same files, so that on-disk caches of
-#: preprocessed volumes are rebuilt (2: NIfTI in metres or microns read in mm, 2026-12-05)
-READER_VERSION = 2
+#: preprocessed volumes and folder indexes are rebuilt (2: NIfTI in metres or microns read in mm; 3: a NIfTI that
+#: does not say its modality is indexed as CT when it is in HU with air, and windowed as CT; both 2026-12-05)
+READER_VERSION = 3
 
 
 class NiftiVolumeReader(NibabelReader):

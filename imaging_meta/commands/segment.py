@@ -30,7 +30,13 @@ import torch
 from nibabel.spatialimages import SpatialImage
 
 from datamodules.indexing.inputs import Reject, nifti_pair_kind
-from datamodules.indexing.volumes import cifti_file_reason, label_data_values, load_nifti, spatial_unit
+from datamodules.indexing.volumes import (
+    cifti_file_reason,
+    hounsfield_air_share,
+    label_data_values,
+    load_nifti,
+    spatial_unit,
+)
 from datamodules.io.atomic import atomic_open
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
@@ -80,49 +86,43 @@ def image_source(path: str | Path) -> str:
 
 
 def modality_of(path: str | Path, given: str | None = None, default: str | None = None) -> str:
-    """CT or MR: ``given``, else the DICOM Modality or the BIDS sidecar's, else ``default`` (the checkpoint's
-    ``modality`` for files that do not say, as in training), else CT for a NIfTI volume whose intensities are
-    Hounsfield units with air in it (`_air_fraction`, with a warning), else an error that says what to pass."""
+    """CT or MR: ``given``, else the DICOM Modality or the BIDS sidecar's, else CT for a NIfTI volume in Hounsfield
+    units with air in it (`datamodules.indexing.volumes.hounsfield_air_share`, with a warning; the folder scan
+    reads such a training volume as CT too), else ``default`` (the checkpoint's ``modality`` for files that do
+    not say, as in training), else an error that says what to pass."""
     if given:
         return given.upper()
     try:
         return _declared_modality(path)
     except _Undeclared as e:
-        if default:
-            logger.info("%s does not say its modality: %s, as the checkpoint's training data config says", path, default)
-            return default
-        air = _air_fraction(Path(path))
+        air = _air_share(Path(path))
         if air is not None:
             logger.warning("%s does not say its modality: read as CT, since %.0f%% of its voxels are air at about "
                            "-1000 HU (pass --modality to override)", path, 100 * air)
             return "CT"
+        if default:
+            logger.info("%s does not say its modality: %s, as the checkpoint's training data config says", path, default)
+            return default
         raise ValueError(str(e)) from None
 
 
-#: a NIfTI volume without a stated modality is read as CT when at least this share of its voxels lies at air's
-#: -1000 HU (-1100 to -900) ...
-AIR_SHARE = 0.02
-#: ... and at most this share lies above +1000 HU (dense bone and metal are rare in CT; a signed MR phase map
-#: spread evenly over thousands of units has as many values there as near -1000)
-DENSE_SHARE = 0.05
-
-
-def _air_fraction(path: Path) -> float | None:
-    """The share of a NIfTI volume's voxels at air's Hounsfield units when its intensities look like CT in HU
-    (`AIR_SHARE`, `DENSE_SHARE`), else None: MR has no intensities near -1000, and a CT stored without its
-    rescale (0 to 4095) is not recognised. Other formats, and files that cannot be read, give None (the error
-    that asks for ``--modality`` then stands)."""
+def _air_share(path: Path) -> float | None:
+    """`hounsfield_air_share` of a NIfTI file, counted on its stored integers; None for other formats and files
+    that cannot be read (the error that asks for ``--modality`` then stands)."""
     if path.is_dir() or not is_nifti(path.name):
         return None
     try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
+        img = cast(SpatialImage, nib.load(str(path)))
+        if sum(int(n) > 1 for n in img.shape[3:]) > 0:
+            return None
+        proxy = img.dataobj
+        if hasattr(proxy, "get_unscaled"):
+            slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+            return hounsfield_air_share(np.asanyarray(proxy.get_unscaled()), 1.0 if slope is None else slope,
+                                        0.0 if inter is None else inter)
+        return hounsfield_air_share(np.asanyarray(proxy))
     except Exception:
         return None
-    if data.size == 0 or not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-        return None
-    air = float(np.count_nonzero((data >= -1100) & (data <= -900))) / data.size
-    dense = float(np.count_nonzero(data > 1000)) / data.size
-    return air if air >= AIR_SHARE and dense <= DENSE_SHARE else None
 
 
 class _Undeclared(Exception):

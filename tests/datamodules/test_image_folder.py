@@ -198,6 +198,17 @@ def test_extensionless_stray_files_are_skipped_with_a_warning_and_stray_root_fil
     assert len(table) == 8 and sorted(table.source["rejected"]) == ["class0/README", "labels.csv"]
 
 
+def test_files_named_like_dicom_by_some_vendors_but_not_dicom_are_skipped(tmp_path):
+    """'.dic' and '.ima' are DICOM names for some exports and other formats' names too (a spelling dictionary):
+    a class folder skips such a file with a warning rather than failing (a review, 2026-12-05)."""
+    root = write_folder(tmp_path / "data", n_classes=2, dicom_class=False)
+    (root / "class0" / "en_US.dic").write_text("2\nhello\nworld\n")
+    (root / "class1" / "scan.IMA").write_bytes(b"not dicom either")
+    with pytest.warns(UserWarning, match=r"skipped 2 file"):
+        table = ImageFolder(str(root)).build()
+    assert len(table) == 8 and sorted(table.source["rejected"]) == ["class0/en_US.dic", "class1/scan.IMA"]
+
+
 def test_cache_is_reused_and_invalidated_by_a_new_file(tmp_path):
     root = write_folder(tmp_path / "data", n_classes=2, dicom_class=False)
     src = ImageFolder(str(root))

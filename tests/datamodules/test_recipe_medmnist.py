@@ -250,3 +250,6 @@ def test_the_command(folder, tmp_path, capsys):
     assert "nothing was prepared" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     assert main(["synapse", str(folder), "--shots", "1"]) == 2
     assert "--shots apply to medmnist only" in capsys.readouterr().err
+    # options that cannot work whatever the data are a wrong command line (2); bad data above is 1
+    assert main(["medmnist", str(folder), "--out", str(tmp_path / "zero"), "--shots", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err and not (tmp_path / "zero").exists()

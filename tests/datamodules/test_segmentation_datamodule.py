@@ -186,7 +186,7 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     root = tmp_path / "data"
     for p in ("a", "b"):
         vol = phantom(seed=ord(p))
-        write_nifti(vol, affine_ras(), root / f"{p}.nii.gz")
+        write_nifti(vol + 1100, affine_ras(), root / f"{p}.nii.gz")  # no air at -1000 HU: modality unknown
         write_nifti(label_for(vol), affine_ras(), root / f"{p}_label.nii.gz")
 
     def index(**kw):
@@ -200,9 +200,9 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     first, scanned = index()
     assert scanned and {c["modality"] for c in first["cases"]} == {"unknown"}
     assert index() == (first, False)  # nothing changed: the index is reused
-    (root / "a.json").write_text(json.dumps({"Modality": "CT"}))
+    (root / "a.json").write_text(json.dumps({"Modality": "MR"}))
     second, scanned = index()
     assert scanned and "scanning again" in caplog.text
-    assert sorted(c["modality"] for c in second["cases"]) == ["CT", "unknown"]
+    assert sorted(c["modality"] for c in second["cases"]) == ["MR", "unknown"]
     third, scanned = index(label_names={1: "milz"})
     assert scanned and third["label_names"] == {"1": "milz"}

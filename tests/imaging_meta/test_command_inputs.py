@@ -219,10 +219,14 @@ def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segmen
     from imaging_meta.commands.segment import modality_of
 
     vol = phantom(seed=1)
-    write_nifti(vol, affine_ras(), tmp_path / "root" / "p1.nii.gz")
+    write_nifti(vol + 1100, affine_ras(), tmp_path / "root" / "p1.nii.gz")  # no air at -1000: not recognisably CT
     write_nifti(label_for(vol), affine_ras(), tmp_path / "root" / "p1_label.nii.gz")
     index = scan_folder(str(tmp_path / "root"), label_names={1: "liver"})
     assert [c.modality for c in index.cases] == ["unknown"]
+    write_nifti(vol, affine_ras(), tmp_path / "hu" / "p1.nii.gz")  # the same in HU: indexed as CT, as segment reads it
+    write_nifti(label_for(vol), affine_ras(), tmp_path / "hu" / "p1_label.nii.gz")
+    assert [c.modality for c in scan_folder(str(tmp_path / "hu"), label_names={1: "liver"}).cases] == ["CT"]
+    assert modality_of(tmp_path / "hu" / "p1.nii.gz", None, "MR") == "CT"  # its HU win over the checkpoint's default
 
     plain = SegmentationDataModule(root=str(tmp_path / "root"), cache_dir=str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match=r"1 volume\(s\) .* do not say their modality .* data.init_args.modality: CT"):
@@ -238,7 +242,8 @@ def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segmen
     image = tmp_path / "root" / "p1.nii.gz"
     assert modality_of(image, None, "CT") == "CT"  # the checkpoint's, for a file that does not say
     assert modality_of(image, "MR", "CT") == "MR"  # --modality wins
-    assert modality_of(image, None, None) == "CT"  # without either, its HU with air (the next test)
+    with pytest.raises(ValueError, match=r"p1\.nii\.gz: cannot tell CT from MR .* pass --modality CT or MR"):
+        modality_of(image, None, None)
     image.with_name("p1.json").write_text('{"Modality": "MR"}')
     assert modality_of(image, None, "CT") == "MR"  # the file's own word wins over the checkpoint's
 
@@ -268,7 +273,15 @@ def test_a_nifti_in_hounsfield_units_with_air_is_read_as_ct_and_nothing_else_is(
         assert modality_of(tmp_path / "ct.nii.gz") == "CT"
     assert re.search(r"ct\.nii\.gz does not say its modality: read as CT, since 18% of its voxels are air", caplog.text)
     assert modality_of(tmp_path / "ct.nii.gz", "MR") == "MR"  # --modality wins
-    for name in ("mr", "unrescaled_ct", "phase", "broken"):
+    # stored integers with a rescale (counted unscaled, never copied to float), and a 4D series
+    import nibabel as nib
+
+    scaled = nib.Nifti1Image(((ct + 1024) / 2).astype(np.int16), affine_ras())
+    scaled.header.set_slope_inter(2.0, -1024.0)
+    nib.save(scaled, tmp_path / "scaled_ct.nii.gz")
+    assert modality_of(tmp_path / "scaled_ct.nii.gz") == "CT"
+    nib.save(nib.Nifti1Image(np.stack([ct, ct], -1).astype(np.int16), affine_ras()), tmp_path / "series.nii.gz")
+    for name in ("mr", "unrescaled_ct", "phase", "broken", "series"):
         with pytest.raises(ValueError, match=rf"{name}\.nii\.gz: cannot tell CT from MR .* pass --modality CT or MR"):
             modality_of(tmp_path / f"{name}.nii.gz")
 
