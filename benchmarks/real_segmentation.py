@@ -20,7 +20,9 @@ Pairs (support -> query), each scored as 3D Dice in the query's own voxel grid:
   of a sagittal T2 MR, reoriented to RAS and split like ``abdomen``;
 * ``spleen-x``: the spleen across two patients and contrast phases (the abdominal CT's spleen at a median 35 HU,
   MSD's at 89 HU): the abdominal CT cropped around its spleen to the MSD crop's width, and MSD ``spleen2``, each
-  the other's support (added 2026-12-05, after a diagnosis on the same two scans).
+  the other's support (added 2026-12-05, after a diagnosis on the same two scans);
+* ``cross-modality``: the abdominal CT's structures as the support of the abdominal MR's and the other way round
+  (two patients; 2026-12-05).
 
 Nothing here is tuned to these files: they are read as any user's NIfTI files.
 """
@@ -47,6 +49,7 @@ from imaging_meta.evaluation.scans import (
     Scan,
     score_pair,
 )
+from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions
 
 REAL = Path(__file__).resolve().parent / "real"
 # TotalSegmentator v2 "total" class map: rib_left_1..12 = 92..103, rib_right_1..12 = 104..115, sacrum and
@@ -194,6 +197,22 @@ def cross_patient_spleen_pairs(tmp: Path) -> list[tuple[Scan, Scan]]:
     return [(a, b), (b, a)]
 
 
+def cross_modality_pairs() -> list[tuple[Scan, Scan]]:
+    """The abdominal CT's structures as the support of the abdominal MR's, and the other way round: across
+    modalities and patients (the structures both label maps name)."""
+    structures = json.loads((REAL / "abdomen" / "structures.json").read_text())
+    out = []
+    for a, b in (("ct", "mr"), ("mr", "ct")):
+        for name, va in structures[f"{a}_label.nii.gz"].items():
+            vb = structures[f"{b}_label.nii.gz"].get(name)
+            if vb is not None:
+                out.append((Scan(str(REAL / "abdomen" / f"{a}.nii.gz"), str(REAL / "abdomen" / f"{a}_label.nii.gz"), va,
+                                 a.upper(), name, f"{a}-to-{b}", a),
+                            Scan(str(REAL / "abdomen" / f"{b}.nii.gz"), str(REAL / "abdomen" / f"{b}_label.nii.gz"), vb,
+                                 b.upper(), name, f"{a}-to-{b}", b)))
+    return out
+
+
 def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean over query volumes."""
     rng = np.random.default_rng(seed)
@@ -277,12 +296,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write every record here (JSON)")
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     ap.add_argument("--sets", nargs="+", default=["abdomen", "lesions"],
-                    choices=["abdomen", "lesions", "parts", "sarcoma", "spleen", "spine", "spleen-x"])
+                    choices=["abdomen", "lesions", "parts", "sarcoma", "spleen", "spine", "spleen-x", "cross-modality"])
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--reverse", action="store_true",
                     help="abdomen, parts, spleen, spine: the lower half is the support and the upper half the query")
     ap.add_argument("--adapt-steps", type=int, default=0, help="also score the test-time adapted segmenter")
     ap.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint")
+    ap.add_argument("--learner-only", action="store_true",
+                    help="the trained (and adapted) rows run the learner alone, as segment does for a query of "
+                         "another modality than its support")
     ap.add_argument("--compare", nargs=4, metavar=("A.json", "METHOD_A", "B.json", "METHOD_B"), default=None,
                     help="no scoring: METHOD_A of run A minus METHOD_B of run B, paired over their common pairs")
     args = ap.parse_args()
@@ -304,12 +326,14 @@ def main() -> None:
             + (single_scan_pairs(Path(tmp), "spleen", "ct", "CT", "spleen", args.reverse) if "spleen" in args.sets else [])
             + (single_scan_pairs(Path(tmp), "spine", "t2", "MR", "spinal cord", args.reverse) if "spine" in args.sets else [])
             + (cross_patient_spleen_pairs(Path(tmp)) if "spleen-x" in args.sets else [])
+            + (cross_modality_pairs() if "cross-modality" in args.sets else [])
         )
         for protocol in args.protocols:
             for s, q in pairs:
                 recs = score_pair(
                     learner, pre, s, q, protocol, untrained=untrained, ablations=not args.no_ablations,
                     adapt_steps=args.adapt_steps, scale=args.scale,
+                    options=LEARNER_ONLY if args.learner_only else ScanOptions(),
                 )
                 records += recs
                 print(
