@@ -313,6 +313,8 @@ def main() -> None:
         return
     if not args.checkpoint:
         ap.error("--checkpoint is required")
+    if args.learner_only and not args.no_ablations:
+        ap.error("--learner-only needs --no-ablations (each ablation switches off one part of the full segmenter)")
     learner, extra = load_learner(args.checkpoint, "cpu")
     untrained = restore_untrained(extra)
     pre = extra["preprocessing"]
@@ -335,6 +337,8 @@ def main() -> None:
                     adapt_steps=args.adapt_steps, scale=args.scale,
                     options=LEARNER_ONLY if args.learner_only else ScanOptions(),
                 )
+                for r in recs:
+                    r["options"] = "learner only" if args.learner_only else "full"
                 records += recs
                 print(
                     f"{protocol} {q.site} {q.name}: "

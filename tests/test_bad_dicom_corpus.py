@@ -290,7 +290,7 @@ def test_segment_refuses_a_damaged_query_in_one_line(corpus, name, tmp_path, cap
     if name == "modality_missing":
         assert "pass --modality CT or MR" in line
         code, _, err = run(["--quiet", *segment_args(corpus, corpus[name], out), "--modality", "CT"], capsys)
-        assert code == 0 and about_reading(err) == "" and (out / f"{name}.nii.gz").exists()
+        assert code == 0 and about_reading(err) == "" and (out / f"{name}.nii.gz").exists(), err
 
 
 @pytest.mark.parametrize("name", ["slice_missing", "spacing_empty", "orientation_missing"])

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
 from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_image_kind, read_dataset
 from datamodules.io.dicom_checks import kind_problem
-from datamodules.io.dicom_files import DICOM_CLAIMED
+from datamodules.io.dicom_files import DICOM_CLAIMED, DICOM_SUFFIXES
 from datamodules.io.dicom_header import as_int, get_value
 from datamodules.io.dicom_pixels import invert_monochrome1, stored_pixel_array
 from datamodules.io.pictures import PIL_KINDS, Read, content_kind, grey_if_equal, read_pil, scale
@@ -65,8 +65,11 @@ from datamodules.sources.items import ItemSource, ItemTable
 
 #: 2D image files read with Pillow (TIFF: single-page, 8/16-bit or float grey, or RGB, as pathology tiles are)
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_EXTENSIONS = DICOM_CLAIMED  # '.ima' / '.dic' files are read only when they are DICOM by content, as extension-less ones
-DEFAULT_EXTENSIONS = [*PIL_EXTENSIONS, *DICOM_EXTENSIONS, ""]  # "": extension-less files are tried as DICOM
+DICOM_EXTENSIONS = DICOM_CLAIMED
+#: names tried as DICOM and skipped when they are not: none (``IM0001``), and the vendors' '.ima' / '.dic', which
+#: other formats use too (a spelling dictionary)
+MAYBE_DICOM = ("", *(s for s in DICOM_SUFFIXES if s not in DICOM_CLAIMED))
+DEFAULT_EXTENSIONS = [*PIL_EXTENSIONS, *DICOM_EXTENSIONS, *MAYBE_DICOM]
 #: folders never read as a class nor for images: macOS archive metadata, left by unzipping (hidden names too)
 IGNORED_FOLDERS = frozenset({"__MACOSX"})
 
@@ -356,7 +359,7 @@ class ImageFolder(ItemSource):
                 try:
                     read = _read(f, self.ct_window)
                 except NotDicomError:
-                    if f.suffix == "":  # an extension-less file that is not DICOM: a stray file
+                    if f.suffix.lower() in MAYBE_DICOM:  # an extension-less (or '.dic') file that is not DICOM
                         skipped.append(f)
                         continue
                     raise

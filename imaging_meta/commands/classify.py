@@ -29,6 +29,7 @@ from datamodules.progress import progress
 from datamodules.sources.image_folder import (
     DICOM_EXTENSIONS,
     IGNORED_FOLDERS,
+    MAYBE_DICOM,
     PIL_EXTENSIONS,
     dicom_kind,
     ignored_name,
@@ -54,8 +55,9 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _maybe_dicom(path: Path) -> bool:
-    """A name that DICOM files often have: no suffix (``IM0001``), or a SOP instance UID (``1.2.840...321``)."""
-    return path.suffix == "" or path.suffix[1:].isdigit()
+    """A name that DICOM files often have: no suffix (``IM0001``), a SOP instance UID (``1.2.840...321``), or a
+    vendor's '.ima' / '.dic' (read when they are DICOM by content)."""
+    return path.suffix.lower() in MAYBE_DICOM or path.suffix[1:].isdigit()
 
 
 def _image_files(folder: Path) -> list[Path]:

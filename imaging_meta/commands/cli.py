@@ -333,10 +333,12 @@ def _add_evaluate_parser(sub) -> None:
 
 def _scan_options(args):
     """The scan segmenter's parts from ``segment``'s flags."""
+    import dataclasses
+
     from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions
 
     if args.learner_only:
-        return LEARNER_ONLY
+        return dataclasses.replace(LEARNER_ONLY, max_support_slices=args.max_support_slices)
     return ScanOptions(intensity=not args.no_intensity, negatives=not args.no_negative_slices, smooth_z=args.z_smoothing,
                        max_support_slices=args.max_support_slices)
 

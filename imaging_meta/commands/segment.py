@@ -31,6 +31,7 @@ import torch
 from nibabel.spatialimages import SpatialImage
 
 from datamodules.indexing.inputs import Reject, nifti_pair_kind
+from datamodules.indexing.pseudonyms import normalise_modality
 from datamodules.indexing.volumes import (
     cifti_file_reason,
     hounsfield_air_share,
@@ -87,15 +88,17 @@ def image_source(path: str | Path) -> str:
 
 
 def modality_of(path: str | Path, given: str | None = None, default: str | None = None) -> str:
-    """CT or MR: ``given``, else the DICOM Modality or the BIDS sidecar's, else CT for a NIfTI volume in Hounsfield
-    units with air in it (`datamodules.indexing.volumes.hounsfield_air_share`, with a warning; the folder scan
-    reads such a training volume as CT too), else ``default`` (the checkpoint's ``modality`` for files that do
-    not say, as in training), else an error that says what to pass."""
-    if given:
-        return given.upper()
+    """CT or MR: the DICOM Modality or the BIDS sidecar's, else ``given`` (``--modality``, for files that do not
+    say), else CT for a NIfTI volume in Hounsfield units with air in it
+    (`datamodules.indexing.volumes.hounsfield_air_share`, with a warning; the folder scan reads such a training
+    volume as CT too), else ``default`` (the checkpoint's ``modality`` for files that do not say, as in
+    training), else an error that says what to pass. Spellings are normalised as the folder scan does ("MRI",
+    "T1w": MR)."""
     try:
         return _declared_modality(path)
     except _Undeclared as e:
+        if given:
+            return normalise_modality(given) or given.strip().upper()
         air = _air_share(Path(path))
         if air is not None:
             logger.warning("%s does not say its modality: read as CT, since %.0f%% of its voxels are air at about "
@@ -142,8 +145,8 @@ def _declared_modality(path: str | Path) -> str:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{sidecar}: cannot read this JSON sidecar ({e}); repair it, or pass --modality CT or MR") from e
         mod = doc.get("Modality") if isinstance(doc, dict) else None
-        if mod:
-            return "MR" if str(mod).upper() in ("MR", "MRI") else str(mod).upper()
+        if mod and str(mod).strip():
+            return normalise_modality(str(mod)) or str(mod).strip().upper()
     raise _Undeclared(f"{p}: cannot tell CT from MR (no DICOM header or sidecar 'Modality'); pass --modality CT or MR")
 
 
@@ -153,7 +156,7 @@ def _dicom_modality(folder: Path) -> str:
     reader leaves out too, do not count.
 
     Raises:
-        ValueError: an empty folder, one without a readable DICOM file, or files without a Modality.
+        ValueError: an empty folder, or one without a readable DICOM file (files without a Modality: `_Undeclared`).
     """
     from datamodules.io.dicom import DicomError, checked_header, non_image_kind, read_dataset
 
@@ -174,14 +177,14 @@ def _dicom_modality(folder: Path) -> str:
             continue
         modality = str(ds.get("Modality", "") or "").strip().upper()
         if modality:
-            return modality
+            return normalise_modality(modality) or modality
     if len(unreadable) == len(files):
         raise ValueError(f"{folder}: none of its {len(files)} files is a readable DICOM file (e.g. {unreadable[0]}); "
                          "give a NIfTI file or a folder that holds one DICOM series")
     if len(unreadable) + len(others) == len(files):
         raise ValueError(f"{folder}: no DICOM image in this folder ({'; '.join(others[:3])}"
                          f"{', ...' if len(others) > 3 else ''}); give a folder that holds one DICOM series")
-    raise ValueError(f"{folder}: no DICOM file in this folder states its Modality; pass --modality CT or MR")
+    raise _Undeclared(f"{folder}: no DICOM file in this folder states its Modality; pass --modality CT or MR")
 
 
 def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) -> list[int]:
@@ -287,17 +290,16 @@ def _segmenter(checkpoint: str | Path, device: torch.device) -> tuple[Learner, d
     return learner, pre
 
 
-def _support_volumes(tf_pair, supports, label_value, modality, max_support_slices,
-                     default_modality: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Preprocessed (image, structure mask) volumes (H, W, D) of the supports, checked.
+def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str],
+                     max_support_slices) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Preprocessed (image, structure mask) volumes (H, W, D) of the supports (each of its ``modalities``), checked.
 
     Raises:
         ValueError: a label map without the structure, or that is the structure everywhere.
     """
     out = []
-    for image, label in supports:
-        d = tf_pair({"image": image_source(image), "label": str(label),
-                     "modality": modality_of(image, modality, default_modality)})
+    for (image, label), modality in zip(supports, modalities, strict=True):
+        d = tf_pair({"image": image_source(image), "label": str(label), "modality": modality})
         lbl = d["label"][0]
         mask = (lbl > 0) if label_value is None else (lbl == label_value)
         what = "any non-zero voxel" if label_value is None else f"value {label_value}"
@@ -407,8 +409,9 @@ def segment(
     tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
 
     fallback = pre.get("modality")  # the data config's modality for files that do not say, when it set one
-    supports_pre = _support_volumes(tf_pair, supports, label_value, modality, max_support_slices, fallback)
-    support_modalities = {modality_of(image, modality, fallback) for image, _ in supports}
+    support_list = [modality_of(image, modality, fallback) for image, _ in supports]
+    supports_pre = _support_volumes(tf_pair, supports, label_value, support_list, max_support_slices)
+    support_modalities = set(support_list)
     query_modalities = [modality_of(q, modality, fallback) for q in queries]
     query_data = [tf_image({"image": image_source(q), "modality": m}) for q, m in zip(queries, query_modalities, strict=True)]
     if adapt_steps > 0:
@@ -417,39 +420,37 @@ def segment(
         learner = adapt(learner, supports_pre, [d["image"].as_tensor()[0].float() for d in query_data], steps=adapt_steps,
                         seed=adapt_seed, device=dev)
     options = options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk)
-    segmenter = ScanSegmenter(learner, options, dev).fit(supports_pre)
-    assert segmenter.support_images is not None  # fit sets them
-    logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0],
-                _plain(segmenter.describe()))
-    check = segmenter.support_dice
-    if check is not None and check < SUPPORT_CHECK_WARN:
-        logger.warning(
-            "support self-check: the support's own slices, each segmented from the others, reach a Dice of only %.2f; "
-            "expect a poor mask (on the real scans of docs/segmentation.md every pair below %.1f scored at most 0.39 "
-            "on its query). A checkpoint trained on scans like these, more support slices or --adapt-steps may help",
-            check, SUPPORT_CHECK_WARN)
+    # one segmenter for the queries of the supports' modality, the learner alone for the others; each fitted once,
+    # and only when a query needs it
+    fitted: dict[bool, ScanSegmenter] = {}
+
+    def segmenter_for(same_modality: bool) -> ScanSegmenter:
+        if same_modality not in fitted:
+            opts = options if same_modality else across_modalities(options)
+            reuse = [seg for seg in fitted.values() if seg.options == opts]
+            seg = reuse[0] if reuse else ScanSegmenter(learner, opts, dev).fit(supports_pre)
+            fitted[same_modality] = seg
+            if not reuse:
+                _log_fitted(seg)
+        return fitted[same_modality]
 
     # the largest component, unless a support shows the structure in several parts (ribs, both kidneys)
     parts = max(structure_parts(mask.numpy()) for _, mask in supports_pre)
     out.mkdir(parents=True, exist_ok=True)
     masks_written, probs_written = [], []
-    across: ScanSegmenter | None = None  # for queries of another modality than the supports' (made when needed)
     for query, data, query_modality in progress(zip(queries, query_data, query_modalities, strict=True),
                                                 "segment: queries", total=len(queries), unit="scan"):
         q = Path(query)
         vol = data["image"]  # (1, H, W, D) MetaTensor
-        if query_modality in support_modalities:
-            probs = segmenter.predict(vol.as_tensor()[0].float())
-        else:
+        same = query_modality in support_modalities
+        if not same and across_modalities(options) != options:
             logger.warning(
                 "%s is %s and the support %s: the support's intensity evidence, calibration and slice gate do not "
                 "carry across modalities, so this query is segmented by the learner alone (real CT and MR of two "
                 "patients, 12 structures: 3D Dice 0.17 against 0.07 with them; 0.31 with --scale checkpoint "
                 "--adapt-steps 0; docs/segmentation.md)",
                 q.name, query_modality, "/".join(sorted(support_modalities)))
-            if across is None:
-                across = ScanSegmenter(learner, across_modalities(options), dev).fit(supports_pre)
-            probs = across.predict(vol.as_tensor()[0].float())
+        probs = segmenter_for(same).predict(vol.as_tensor()[0].float())
         # linear interpolation back to the query grid (the image's own modes), then one threshold
         source, source_affine = to_source_grid(vol, probs, tf_image)
         prob_map = np.clip(source, 0.0, 1.0)  # (X, Y, Z)
@@ -478,6 +479,20 @@ def segment(
         if explain:
             probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit))
     return masks_written + probs_written
+
+
+def _log_fitted(segmenter: ScanSegmenter) -> None:
+    """What the segmenter fitted (info), and the support self-check's warning when it is poor."""
+    assert segmenter.support_images is not None  # fit sets them
+    logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0],
+                _plain(segmenter.describe()))
+    check = segmenter.support_dice
+    if check is not None and check < SUPPORT_CHECK_WARN:
+        logger.warning(
+            "support self-check: the support's own slices, each segmented from the others, reach a Dice of only %.2f; "
+            "expect a poor mask (on the real scans of docs/segmentation.md every pair below %.1f scored at most 0.39 "
+            "on its query). A checkpoint trained on scans like these, more support slices or --adapt-steps may help",
+            check, SUPPORT_CHECK_WARN)
 
 
 def across_modalities(options: ScanOptions) -> ScanOptions:

@@ -207,6 +207,12 @@ def test_files_named_like_dicom_by_some_vendors_but_not_dicom_are_skipped(tmp_pa
     with pytest.warns(UserWarning, match=r"skipped 2 file"):
         table = ImageFolder(str(root)).build()
     assert len(table) == 8 and sorted(table.source["rejected"]) == ["class0/en_US.dic", "class1/scan.IMA"]
+    # a real DICOM file with a Siemens '.IMA' name is read (by its content)
+    dicom = write_folder(tmp_path / "dicom", n_classes=1, dicom_class=True)
+    for f in sorted((dicom / "ct_class").iterdir()):
+        f.rename(f.with_suffix(".IMA"))
+    table = ImageFolder(str(dicom)).build()
+    assert table.class_counts()["ct_class"] == 4 and not table.source["rejected"]
 
 
 def test_cache_is_reused_and_invalidated_by_a_new_file(tmp_path):

@@ -393,3 +393,27 @@ def test_a_query_of_another_modality_than_the_support_is_segmented_by_the_learne
     assert used == [(True, True), (False, False)]
     lines = [r.getMessage() for r in caplog.records if "across modalities" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("mr_q.nii.gz is MR and the support CT")
+
+    # --modality is for files that do not say: an MR query without a sidecar, beside a CT support that says CT
+    bare = write_nifti(np.abs(vol).astype(np.int16) + 2000, affine_ras(), tmp_path / "bare" / "mr2.nii.gz")
+    used.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [bare], tmp_path / "out2", device="cpu", modality="MR", **PLAIN)
+    assert used == [(False, False)]  # the support stayed CT; only the learner's fit ran, once
+    assert sum("across modalities" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_modality_spellings_are_normalised_and_a_file_is_read_once(tmp_path, caplog):
+    """A sidecar "T1w" or "MRI" is MR, as the folder scan reads it; a support in HU without a sidecar is warned
+    about once, not once per use."""
+    import logging
+
+    from imaging_meta.commands.segment import modality_of
+
+    image = write_nifti(np.abs(phantom(seed=3)).astype(np.int16) + 100, affine_ras(), tmp_path / "t1.nii.gz")
+    for word in ("T1w", "MRI", " mr "):
+        image.with_name("t1.json").write_text(json.dumps({"Modality": word}))
+        assert modality_of(image) == "MR"
+    image.with_name("t1.json").write_text(json.dumps({"Modality": "ct "}))
+    assert modality_of(image, "MR") == "CT"  # the file's own word wins over --modality
