@@ -404,12 +404,22 @@ def test_a_query_of_another_modality_than_the_support_is_segmented_by_the_learne
     assert sum("across modalities" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_modality_spellings_are_normalised_and_a_file_is_read_once(tmp_path, caplog):
+def test_modality_spellings_are_normalised_and_a_file_is_read_once(tmp_path, caplog, monkeypatch):
     """A sidecar "T1w" or "MRI" is MR, as the folder scan reads it; a support in HU without a sidecar is warned
     about once, not once per use."""
     import logging
 
     from imaging_meta.commands.segment import modality_of
+
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    vol = phantom(seed=1)
+    sup = write_nifti(vol, affine_ras(), tmp_path / "hu" / "sup.nii.gz")  # no sidecar: read as CT by its HU
+    lab = write_nifti(label_for(vol), affine_ras(), tmp_path / "hu" / "sup_label.nii.gz")
+    query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [(sup, lab)], [query], tmp_path / "out", device="cpu", **PLAIN)
+    assert sum("sup.nii.gz does not say its modality" in r.getMessage() for r in caplog.records) == 1
 
     image = write_nifti(np.abs(phantom(seed=3)).astype(np.int16) + 100, affine_ras(), tmp_path / "t1.nii.gz")
     for word in ("T1w", "MRI", " mr "):
