@@ -424,7 +424,7 @@ def _check_arguments(shots: Sequence[int], ways: int, queries: int, episodes: in
     shots = sorted({int(k) for k in shots})
     if not shots or min(shots) < 1 or ways < 2 or queries < 1 or episodes < 1:
         raise PrepareUsageError(f"shots {shots} must be positive (at least one), ways >= 2, queries >= 1 and episodes >= 1; "
-                           f"got ways={ways}, queries={queries}, episodes={episodes}")
+                                f"got ways={ways}, queries={queries}, episodes={episodes}")
     return shots
 
 

@@ -83,6 +83,18 @@ def ignored_name(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_FOLDERS
 
 
+def class_folders(root: Path, level: int = logging.DEBUG) -> list[Path]:
+    """The class subfolders of ``root``, sorted (hidden ones and ``__MACOSX`` left out, the latter logged at
+    ``level``)."""
+    dirs = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and d.name in IGNORED_FOLDERS:
+            logger.log(level, "ignoring %s: macOS archive metadata (left by unzipping), not a class folder", d)
+        elif d.is_dir() and not ignored_name(d.name):
+            dirs.append(d)
+    return dirs
+
+
 def _read_dicom(path: Path, ct_window: Sequence[float]) -> Read:
     """One 2D DICOM image by the volume reader's rules (`datamodules.io.dicom_pixels`): the same decoding
     (headerless files, a missing PhotometricInterpretation), MONOCHROME1 inverted over the stored range before the
@@ -317,10 +329,7 @@ class ImageFolder(ItemSource):
         root = Path(self.root)
         if not root.is_dir():
             raise ValueError(f"ImageFolder root {root} is not a folder; set source.init_args.root to a folder of class subfolders")
-        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not ignored_name(d.name))
-        for d in sorted(root.iterdir()):
-            if d.is_dir() and d.name in IGNORED_FOLDERS:
-                logger.debug("ignoring %s: macOS archive metadata (left by unzipping), not a class folder", d)
+        dirs = class_folders(root)
         if not dirs:
             raise ValueError(f"{root}: no class subfolders; put the images of each class in a subfolder named after the class")
         return dirs

@@ -28,9 +28,9 @@ from datamodules.io.nifti_names import is_nifti
 from datamodules.progress import progress
 from datamodules.sources.image_folder import (
     DICOM_EXTENSIONS,
-    IGNORED_FOLDERS,
     MAYBE_DICOM,
     PIL_EXTENSIONS,
+    class_folders,
     dicom_kind,
     ignored_name,
 )
@@ -103,10 +103,7 @@ def support_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path,
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: the support must be a folder with one subfolder per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not ignored_name(d.name))
-    for d in sorted(root.iterdir()):
-        if d.is_dir() and d.name in IGNORED_FOLDERS:
-            logger.info("ignoring %s: macOS archive metadata (left by unzipping), not a class folder", d)
+    classes = [d.name for d in class_folders(root, logging.INFO)]
     if len(classes) < 2:
         raise ValueError(f"{root}: found {len(classes)} class subfolder(s); a support set needs one subfolder per class, at least two")
     items = []

@@ -420,19 +420,15 @@ def segment(
         learner = adapt(learner, supports_pre, [d["image"].as_tensor()[0].float() for d in query_data], steps=adapt_steps,
                         seed=adapt_seed, device=dev)
     options = options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk)
-    # one segmenter for the queries of the supports' modality, the learner alone for the others; each fitted once,
-    # and only when a query needs it
-    fitted: dict[bool, ScanSegmenter] = {}
+    # one segmenter per set of options (the queries of the supports' modality, and the learner alone for the
+    # others), each fitted once, when a query first needs it
+    fitted: dict[ScanOptions, ScanSegmenter] = {}
 
-    def segmenter_for(same_modality: bool) -> ScanSegmenter:
-        if same_modality not in fitted:
-            opts = options if same_modality else across_modalities(options)
-            reuse = [seg for seg in fitted.values() if seg.options == opts]
-            seg = reuse[0] if reuse else ScanSegmenter(learner, opts, dev).fit(supports_pre)
-            fitted[same_modality] = seg
-            if not reuse:
-                _log_fitted(seg)
-        return fitted[same_modality]
+    def segmenter_for(opts: ScanOptions) -> ScanSegmenter:
+        if opts not in fitted:
+            fitted[opts] = ScanSegmenter(learner, opts, dev).fit(supports_pre)
+            _log_fitted(fitted[opts])
+        return fitted[opts]
 
     # the largest component, unless a support shows the structure in several parts (ribs, both kidneys)
     parts = max(structure_parts(mask.numpy()) for _, mask in supports_pre)
@@ -442,15 +438,15 @@ def segment(
                                                 "segment: queries", total=len(queries), unit="scan"):
         q = Path(query)
         vol = data["image"]  # (1, H, W, D) MetaTensor
-        same = query_modality in support_modalities
-        if not same and across_modalities(options) != options:
+        opts = options if query_modality in support_modalities else across_modalities(options)
+        if opts != options:
             logger.warning(
                 "%s is %s and the support %s: the support's intensity evidence, calibration and slice gate do not "
                 "carry across modalities, so this query is segmented by the learner alone (real CT and MR of two "
                 "patients, 12 structures: 3D Dice 0.17 against 0.07 with them; 0.31 with --scale checkpoint "
                 "--adapt-steps 0; docs/segmentation.md)",
                 q.name, query_modality, "/".join(sorted(support_modalities)))
-        probs = segmenter_for(same).predict(vol.as_tensor()[0].float())
+        probs = segmenter_for(opts).predict(vol.as_tensor()[0].float())
         # linear interpolation back to the query grid (the image's own modes), then one threshold
         source, source_affine = to_source_grid(vol, probs, tf_image)
         prob_map = np.clip(source, 0.0, 1.0)  # (X, Y, Z)
