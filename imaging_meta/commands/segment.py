@@ -446,7 +446,14 @@ def segment(
                 "patients, 12 structures: 3D Dice 0.17 against 0.07 with them; 0.31 with --scale checkpoint "
                 "--adapt-steps 0; docs/segmentation.md)",
                 q.name, query_modality, "/".join(sorted(support_modalities)))
-        probs = segmenter_for(opts).predict(vol.as_tensor()[0].float())
+        segmenter = segmenter_for(opts)
+        probs = segmenter.predict(vol.as_tensor()[0].float())
+        if segmenter.relaxed:
+            logger.warning(
+                "%s: the segmenter found nothing, so it was segmented again %s: the support's intensities and slice "
+                "gate, fitted on the support scan, can veto the structure in another patient's scan or contrast phase "
+                "(docs/segmentation.md). Check this mask; pass --keep-empty when a query may not show the structure",
+                q.name, segmenter.relaxed)
         # linear interpolation back to the query grid (the image's own modes), then one threshold
         source, source_affine = to_source_grid(vol, probs, tf_image)
         prob_map = np.clip(source, 0.0, 1.0)  # (X, Y, Z)

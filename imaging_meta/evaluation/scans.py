@@ -137,14 +137,15 @@ def _segment(
     chunks: int,
     pre: dict,
     device,
-) -> tuple[np.ndarray, float | None]:
-    """The method's mask of the query in its own grid, and the segmenter's support self-check (`whole_scan`)."""
+) -> tuple[np.ndarray, float | None, str | None]:
+    """The method's mask of the query in its own grid, the segmenter's support self-check (`whole_scan`), and the
+    relaxation it needed to find anything (`ScanSegmenter.relaxed`; under `oracle_extent`, any chunk's)."""
     s_img, s_mask = support.pre["image"].as_tensor()[0].float(), support.pre["struct"]
     q_img = query.pre["image"].as_tensor()[0].float()
-    check = None
+    check, relaxed = None, None
     if protocol == "whole_scan":
         segmenter = ScanSegmenter(learner, options, device).fit([(s_img, s_mask)])
-        probs, check = segmenter.predict(q_img), segmenter.support_dice
+        probs, check, relaxed = segmenter.predict(q_img), segmenter.support_dice, segmenter.relaxed
     else:
         q_chunks = V.oracle_chunks(query.pre["struct"].numpy(), chunks)
         s_chunks = V.oracle_chunks(s_mask.numpy(), len(q_chunks))
@@ -160,8 +161,9 @@ def _segment(
             opts = dataclasses.replace(options, negatives=False)
             seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[centre]])
             probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
+            relaxed = relaxed or seg.relaxed
     mask = _to_original(query, probs) > 0.5
-    return V.keep_components(mask, V.structure_parts(s_mask.numpy())), check
+    return V.keep_components(mask, V.structure_parts(s_mask.numpy())), check, relaxed
 
 
 def _file_name(image: str | list) -> str:
@@ -247,8 +249,9 @@ def score_pair(
                         progress=False)
         variants[ADAPTED] = (adapted, options)
     checks: dict[str, float | None] = {}
+    relaxations: dict[str, str | None] = {}
     for name, (lrn, opts) in variants.items():
-        preds[name], checks[name] = _segment(lrn, opts, s, q, protocol, chunks, preprocessing, device)
+        preds[name], checks[name], relaxations[name] = _segment(lrn, opts, s, q, protocol, chunks, preprocessing, device)
     preds.update(_baselines(s, q, query.modality, protocol))
     return [
         {
@@ -264,6 +267,7 @@ def score_pair(
             "uses_query_extent": protocol == "oracle_extent",
             "scale": scale,
             "support_dice": checks.get(name),  # the segmenter's self-check on the support (None: not measured)
+            "relaxed": relaxations.get(name),  # an empty answer predicted again without these rules (None: no)
         }
         for name, pred in preds.items()
     ]

@@ -15,7 +15,13 @@ It is fitted on the support scans alone (never a query label):
    segment the support's own slices from each other will not segment the query;
 4. ``negatives``: a slice gate fitted on the same support predictions, which leaves a query slice empty when
    its strongest evidence is no stronger than on the support's slices without the structure;
-5. ``smooth_z``: each slice's probability averaged with its axial neighbours.
+5. ``smooth_z``: each slice's probability averaged with its axial neighbours;
+6. ``relax_empty``: a query that comes out empty is predicted again with the support-fitted rules relaxed, one
+   at a time (`RELAXATIONS`: without the intensity evidence, then also without the slice gate), from the same
+   learner output. Both rules are fitted on the support patient, where the structure's intensities and slices
+   stand out; in another patient's scan, and more so in another contrast phase, they can veto everything the
+   learner found (docs/segmentation.md). For a query that shows the structure an empty mask is the worst answer
+   there is (Dice 0), so relaxing can only help it; a query that may not show the structure should switch it off.
 
 `predict` returns a probability map shifted so that > 0.5 is the decision (the fitted threshold maps to 0.5);
 the caller then keeps the largest 3D connected component, or every component when the support's structure is
@@ -24,6 +30,7 @@ in several parts (`imaging_meta.evaluation.volumes.keep_components`). Plain torc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -54,6 +61,7 @@ class ScanOptions:
     max_support_slices: int = 12
     max_negative_slices: int = 12
     query_chunk: int = 16
+    relax_empty: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +72,13 @@ class ScanOptions:
 #: (docs/segmentation.md) every pair below it scored at most 0.39 on its query
 SUPPORT_CHECK_WARN = 0.4
 
-LEARNER_ONLY = ScanOptions(intensity=False, calibrate=False, negatives=False, smooth_z=0.0)
+LEARNER_ONLY = ScanOptions(intensity=False, calibrate=False, negatives=False, smooth_z=0.0, relax_empty=False)
+
+#: what `ScanSegmenter.predict` relaxes, in this order, when a query comes out empty (``relax_empty``)
+RELAXATIONS: tuple[tuple[str, dict], ...] = (
+    ("without intensity evidence", dict(intensity=False)),
+    ("without intensity evidence or slice gate", dict(intensity=False, negatives=False)),
+)
 
 
 def spread(zs: list[int], most: int) -> list[int]:
@@ -97,6 +111,11 @@ class ScanSegmenter:
         #: the support self-check: Dice of the support slices that show the structure, each predicted from the
         #: others (fused, at the fitted threshold; no gate, smoothing or 3D step); None with fewer than 2 slices
         self.support_dice: float | None = None
+        #: which of `RELAXATIONS` the last `predict` used (None: none was needed, or none found anything)
+        self.relaxed: str | None = None
+        # the learner's leave-one-out output on the support (positive slices, negative slices, their images)
+        self._support_probs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._relaxations: dict[ScanOptions, ScanSegmenter] = {}
 
     # ------------------------------------------------------------------ learner calls
     def _learned(self, images: torch.Tensor, s_img: torch.Tensor, s_mask: torch.Tensor) -> torch.Tensor:
@@ -156,6 +175,7 @@ class ScanSegmenter:
             neg_i += [image[..., z] for z in spread(absent, o.max_negative_slices)]
         self.support_images = torch.stack(pos_i).unsqueeze(1)  # (K, 1, H, W)
         self.support_masks = torch.stack(pos_m)  # (K, H, W)
+        self._relaxations = {}
         if not o.calibrate:
             return self
         k = self.support_images.shape[0]
@@ -169,6 +189,17 @@ class ScanSegmenter:
             p_pos = self._learned(images, self.support_images, self.support_masks)
         negs = torch.stack(neg_i) if neg_i else images.new_zeros((0,) + images.shape[1:])
         p_neg = self._learned(negs, self.support_images, self.support_masks)
+        self._support_probs = (p_pos, p_neg, negs)
+        self._calibrate()
+        return self
+
+    def _calibrate(self) -> None:
+        """Fit the intensity model, fusion, threshold and gate of ``self.options`` on the support's learner output."""
+        assert self.support_images is not None and self.support_masks is not None and self._support_probs is not None
+        o = self.options
+        p_pos, p_neg, negs = self._support_probs
+        images = self.support_images[:, 0]
+        k = images.shape[0]
         all_i = torch.cat([images, negs])
         all_y = torch.cat([self.support_masks, torch.zeros_like(negs)])
         all_p = torch.cat([p_pos, p_neg])
@@ -189,7 +220,20 @@ class ScanSegmenter:
             fused = self._fused(all_p, all_i)  # (K + N, H, W)
             scores = slice_scores(fused.permute(1, 2, 0))
             self.gate = slice_gate(scores[:k], scores[k:])
-        return self
+
+    def _relaxed(self, changes: dict) -> ScanSegmenter | None:
+        """This segmenter with ``changes`` to its options, calibrated on the same support predictions (kept);
+        None when the changes change nothing."""
+        opts = dataclasses.replace(self.options, relax_empty=False, **changes)
+        if opts == dataclasses.replace(self.options, relax_empty=False):
+            return None
+        if opts not in self._relaxations:
+            seg = ScanSegmenter(self.learner, opts, self.device)
+            seg.support_images, seg.support_masks = self.support_images, self.support_masks
+            seg._support_probs = self._support_probs
+            seg._calibrate()
+            self._relaxations[opts] = seg
+        return self._relaxations[opts]
 
     def _without(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.support_images is not None and self.support_masks is not None  # in fit, after the supports
@@ -201,26 +245,46 @@ class ScanSegmenter:
     def predict(self, volume: torch.Tensor, slices: list[int] | None = None) -> torch.Tensor:
         """(H, W, D) query volume -> (H, W, D) probability map; > 0.5 is the decision.
 
+        With ``relax_empty``, a map without any voxel above 0.5 is predicted again with each of `RELAXATIONS` in
+        turn, and the first that finds something is returned (its name in ``self.relaxed``).
+
         Args:
             slices: predict only these axial slices (the others are 0), as the oracle-extent protocol does.
         """
         if self.support_images is None or self.support_masks is None:  # fit sets both
             raise RuntimeError("ScanSegmenter.predict before fit")
         zs = list(range(volume.shape[-1])) if slices is None else list(slices)
-        out = torch.zeros(volume.shape, dtype=torch.float32)
+        self.relaxed = None
         if not zs:
-            return out
+            return torch.zeros(volume.shape, dtype=torch.float32)
         images = torch.stack([volume[..., z] for z in zs])
-        probs = self._fused(self._learned(images, self.support_images, self.support_masks), images)
+        learned = self._learned(images, self.support_images, self.support_masks)
+        out = self._decide(learned, images, zs, volume.shape)
+        if self.options.relax_empty and self.options.calibrate and not (out > 0.5).any():
+            for name, changes in RELAXATIONS:
+                seg = self._relaxed(changes)
+                if seg is None:
+                    continue
+                retry = seg._decide(learned, images, zs, volume.shape)
+                if (retry > 0.5).any():
+                    self.relaxed = name
+                    return retry
+        return out
+
+    def _decide(self, learned: torch.Tensor, images: torch.Tensor, zs: list[int], shape: torch.Size) -> torch.Tensor:
+        """The learner's output on the slices ``zs`` of a query of ``shape`` -> the probability map (fusion,
+        gate, z smoothing; slices not in ``zs`` are 0)."""
+        probs = self._fused(learned, images)
         if self.gate is not None:
             keep = slice_scores(probs.permute(1, 2, 0)) >= self.gate
             probs = probs * keep.view(-1, 1, 1).float()
+        out = torch.zeros(shape, dtype=torch.float32)
         for j, z in enumerate(zs):
             out[..., z] = probs[j]
         if self.options.smooth_z > 0:
             out = smooth_z(out, self.options.smooth_z)
-            if slices is not None:  # the oracle's extent stays the extent
-                outside = torch.ones(volume.shape[-1], dtype=torch.bool)
+            if len(zs) < shape[-1]:  # the oracle's extent stays the extent
+                outside = torch.ones(shape[-1], dtype=torch.bool)
                 outside[zs] = False
                 out[..., outside] = 0.0
         return out

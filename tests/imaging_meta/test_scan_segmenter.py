@@ -203,6 +203,10 @@ def test_scan_pairs_cross_patient_same_modality_and_report():
     md = scans_markdown(checked)
     assert "| 3.0 | 0.600 |" in md  # the trained rows' mean self-check; the baselines have none
     assert "1 pair(s) with a support self-check below 0.4 (`segment` warns there): trained 3D Dice 0.800" in md
+    assert "found nothing" not in md
+    retried = [{**r, "relaxed": "without intensity evidence" if r["support"] == "b" and r["method"] == "trained"
+                else None} for r in recs]
+    assert "1 pair(s) in which trained found nothing and predicted again" in scans_markdown(retried)
 
 
 def test_structure_scale_refines_only_small_structures():
@@ -333,3 +337,45 @@ def test_evaluate_scans_keeps_each_scored_pair_when_a_later_one_fails(tmp_path, 
     kept = json.loads((tmp_path / "scans.json").read_text())
     assert len(kept) == 1 and (kept[0]["support"], kept[0]["query"]) == calls[0]
     assert not (tmp_path / "scans.md").exists()
+
+
+class BoxLearner(Learner):
+    """Finds the structure by its place alone: 0.9 inside rows and columns 7..12 of every slice, 0.05 outside."""
+
+    def predict(self, episode):
+        out = torch.full(episode.query_images.shape[:2] + episode.query_images.shape[-2:], 0.05)
+        out[..., 7:13, 7:13] = 0.9
+        return out
+
+
+def _phase_pair():
+    """A support whose organ is at 0.8 and a query whose organ is at 0.55 (another contrast phase), where the
+    support shows 0.55 only in a background stripe: the support's intensities call the query's organ background."""
+    s_img, s_mask = _volume()
+    q_img, q_mask = _volume(organ=0.55)
+    for img in (s_img, q_img):
+        img[15:17, 3:17, :] = 0.55
+    return s_img, s_mask, q_img, q_mask
+
+
+def test_an_empty_query_is_predicted_again_without_the_support_fitted_rules():
+    s_img, s_mask, q_img, q_mask = _phase_pair()
+    strict = ScanSegmenter(BoxLearner(), ScanOptions(smooth_z=0.0, relax_empty=False)).fit([(s_img, s_mask)])
+    assert not (strict.predict(q_img) > 0.5).any()  # the support's intensities veto the organ
+    assert strict.relaxed is None
+    seg = ScanSegmenter(BoxLearner(), ScanOptions(smooth_z=0.0)).fit([(s_img, s_mask)])
+    relaxed = seg.predict(q_img) > 0.5
+    assert seg.relaxed == "without intensity evidence"
+    assert relaxed[q_mask].all()  # every organ voxel found, from the same learner output
+    assert seg.fusion is not None and seg.fusion.weight is not None and seg.fusion.weight.numel() == 2  # unchanged
+    # a query that the full segmenter finds is not touched: the support itself
+    assert torch.equal(seg.predict(s_img) > 0.5, strict.predict(s_img) > 0.5) and seg.relaxed is None
+
+
+def test_relaxation_skips_rules_that_are_already_off():
+    s_img, s_mask, q_img, q_mask = _phase_pair()
+    seg = ScanSegmenter(BoxLearner(), ScanOptions(intensity=False, smooth_z=0.0)).fit([(s_img, s_mask)])
+    assert (seg.predict(q_img) > 0.5)[q_mask].all() and seg.relaxed is None  # no intensity evidence: no veto
+    assert seg._relaxed(dict(intensity=False)) is None  # nothing to relax there
+    assert seg._relaxed(dict(intensity=False, negatives=False)) is not None
+    assert not LEARNER_ONLY.relax_empty  # the learner alone has no support-fitted rule

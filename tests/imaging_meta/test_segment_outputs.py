@@ -427,3 +427,34 @@ def test_modality_spellings_are_normalised_and_a_file_is_read_once(tmp_path, cap
         assert modality_of(image) == "MR"
     image.with_name("t1.json").write_text(json.dumps({"Modality": "ct "}))
     assert modality_of(image, "MR") == "CT"  # the file's own word wins over --modality
+
+
+def test_segment_warns_when_a_query_was_segmented_again_and_keep_empty_switches_it_off(tmp_path, support,
+                                                                                       monkeypatch, caplog):
+    """A query in which the segmenter found nothing is predicted again without the support-fitted rules
+    (`ScanSegmenter.relaxed`, tested in test_scan_segmenter); `segment` warns, naming the query and what was relaxed.
+    ``--keep-empty`` maps to ``ScanOptions(relax_empty=False)``."""
+    import logging
+
+    from imaging_meta.commands import segment as command
+    from imaging_meta.commands.cli import _scan_options, _tool_parser
+    from imaging_meta.volume.segmenter import ScanSegmenter
+
+    class Relaxed(ScanSegmenter):
+        def predict(self, volume, slices=None):
+            out = super().predict(volume, slices)
+            self.relaxed = "without intensity evidence"
+            return out
+
+    monkeypatch.setattr(command, "ScanSegmenter", Relaxed)
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [query], tmp_path / "out", device="cpu", **PLAIN)
+    lines = [r.getMessage() for r in caplog.records if "found nothing" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("q.nii.gz: the segmenter found nothing, so it was segmented "
+                                                   "again without intensity evidence")
+    base = ["segment", "--checkpoint", "c", "--support-image", "s", "--support-label", "l", "--query", "q", "--out", "o"]
+    assert _scan_options(_tool_parser().parse_args(base)).relax_empty
+    assert not _scan_options(_tool_parser().parse_args([*base, "--keep-empty"])).relax_empty
