@@ -109,11 +109,12 @@ def scans_markdown(records: Sequence[dict]) -> str:
         if low:
             lines += ["", f"{len(low)} pair(s) with a support self-check below {SUPPORT_CHECK_WARN} (`segment` warns "
                       f"there): {TRAINED_FULL} 3D Dice {np.mean([r['dice'] for r in low]):.3f} on average there."]
-        retried = [r for r in recs if r["method"] == TRAINED_FULL and r.get("relaxed")]
-        if retried:
-            lines += ["", f"{len(retried)} pair(s) in which {TRAINED_FULL} found nothing and predicted again without "
-                      "support-fitted rules (`segment` warns there; `--keep-empty` keeps them empty): 3D Dice "
-                      f"{np.mean([r['dice'] for r in retried]):.3f} on average there."]
+        for m in methods:
+            retried = [r for r in recs if r["method"] == m and r.get("relaxed")]
+            if retried:
+                lines += ["", f"{m}: {len(retried)} pair(s) in which it found nothing and predicted again without the "
+                          "support's intensity evidence or slice gate (`segment` warns there; `segment --keep-empty` "
+                          f"keeps them empty): 3D Dice {np.mean([r['dice'] for r in retried]):.3f} on average there."]
         by_key = {(r["support"], r["query"], r["structure"], r["method"]): r["dice"] for r in recs}
         lines += ["", "| paired difference | mean [95% CI] |", "|---|---|"]
         for base in (UNTRAINED_NAME, COPY, WINDOW):

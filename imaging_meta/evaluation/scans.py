@@ -46,6 +46,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "trained, no negative slices": dict(negatives=False),
     "trained, no z smoothing": dict(smooth_z=0.0),
     "trained, no calibration": dict(calibrate=False),
+    "trained, keep empty": dict(relax_empty=False),
 }
 
 
@@ -139,7 +140,7 @@ def _segment(
     device,
 ) -> tuple[np.ndarray, float | None, str | None]:
     """The method's mask of the query in its own grid, the segmenter's support self-check (`whole_scan`), and the
-    relaxation it needed to find anything (`ScanSegmenter.relaxed`; under `oracle_extent`, any chunk's)."""
+    relaxation it needed to find anything (`ScanSegmenter.relaxed`; `whole_scan` only)."""
     s_img, s_mask = support.pre["image"].as_tensor()[0].float(), support.pre["struct"]
     q_img = query.pre["image"].as_tensor()[0].float()
     check, relaxed = None, None
@@ -157,11 +158,11 @@ def _segment(
             centre = min(
                 present, key=lambda z: (abs(z - middle), z)
             )  # the chunk's centre, or the nearest slice showing it
-            # the oracle has already chosen the slices: no slice gate
-            opts = dataclasses.replace(options, negatives=False)
+            # the oracle has already chosen the slices: no slice gate, and no retry of a chunk found empty (the
+            # retry is a rule for a whole query)
+            opts = dataclasses.replace(options, negatives=False, relax_empty=False)
             seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[centre]])
             probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
-            relaxed = relaxed or seg.relaxed
     mask = _to_original(query, probs) > 0.5
     return V.keep_components(mask, V.structure_parts(s_mask.numpy())), check, relaxed
 
@@ -238,7 +239,9 @@ def score_pair(
         LEARNER_ONLY_NAME: (learner, dataclasses.replace(LEARNER_ONLY)),
     }
     if ablations:
-        variants.update({k: (learner, dataclasses.replace(options, **v)) for k, v in ABLATIONS.items()})
+        # each ablation switches off one part: without the retry of an empty answer, which relaxes other parts
+        variants.update({k: (learner, dataclasses.replace(options, **{"relax_empty": False, **v}))
+                         for k, v in ABLATIONS.items()})
     if untrained is not None:
         variants[UNTRAINED_NAME] = (untrained, LEARNER_ONLY)
     if adapt_steps > 0:

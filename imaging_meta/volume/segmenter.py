@@ -198,6 +198,7 @@ class ScanSegmenter:
         assert self.support_images is not None and self.support_masks is not None and self._support_probs is not None
         o = self.options
         p_pos, p_neg, negs = self._support_probs
+        self.intensity, self.gate, self.support_dice = None, None, None
         images = self.support_images[:, 0]
         k = images.shape[0]
         all_i = torch.cat([images, negs])
@@ -261,10 +262,12 @@ class ScanSegmenter:
         learned = self._learned(images, self.support_images, self.support_masks)
         out = self._decide(learned, images, zs, volume.shape)
         if self.options.relax_empty and self.options.calibrate and not (out > 0.5).any():
+            tried: list[ScanSegmenter] = []
             for name, changes in RELAXATIONS:
                 seg = self._relaxed(changes)
-                if seg is None:
+                if seg is None or seg in tried:  # nothing to relax, or the same options as the last retry
                     continue
+                tried.append(seg)
                 retry = seg._decide(learned, images, zs, volume.shape)
                 if (retry > 0.5).any():
                     self.relaxed = name
@@ -283,10 +286,9 @@ class ScanSegmenter:
             out[..., z] = probs[j]
         if self.options.smooth_z > 0:
             out = smooth_z(out, self.options.smooth_z)
-            if len(zs) < shape[-1]:  # the oracle's extent stays the extent
-                outside = torch.ones(shape[-1], dtype=torch.bool)
-                outside[zs] = False
-                out[..., outside] = 0.0
+            outside = torch.ones(shape[-1], dtype=torch.bool)  # the oracle's extent stays the extent
+            outside[zs] = False
+            out[..., outside] = 0.0
         return out
 
     def describe(self) -> dict:

@@ -206,7 +206,7 @@ def test_scan_pairs_cross_patient_same_modality_and_report():
     assert "found nothing" not in md
     retried = [{**r, "relaxed": "without intensity evidence" if r["support"] == "b" and r["method"] == "trained"
                 else None} for r in recs]
-    assert "1 pair(s) in which trained found nothing and predicted again" in scans_markdown(retried)
+    assert "trained: 1 pair(s) in which it found nothing and predicted again" in scans_markdown(retried)
 
 
 def test_structure_scale_refines_only_small_structures():
@@ -370,6 +370,11 @@ def test_an_empty_query_is_predicted_again_without_the_support_fitted_rules():
     assert seg.fusion is not None and seg.fusion.weight is not None and seg.fusion.weight.numel() == 2  # unchanged
     # a query that the full segmenter finds is not touched: the support itself
     assert torch.equal(seg.predict(s_img) > 0.5, strict.predict(s_img) > 0.5) and seg.relaxed is None
+    # the rules are relaxed in order: when the first retry finds nothing either, the slice gate goes too
+    first = seg._relaxed(dict(intensity=False))
+    assert first is not None
+    first.gate = 10.0  # a gate no slice passes
+    assert (seg.predict(q_img) > 0.5)[q_mask].all() and seg.relaxed == "without intensity evidence or slice gate"
 
 
 def test_relaxation_skips_rules_that_are_already_off():
