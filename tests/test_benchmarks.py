@@ -237,3 +237,40 @@ def test_memory_format_times_both_layouts_and_reports_what_a_cpu_picks():
     assert [r[:2] for r in rows] == [["32x32", "protonet_cls"], ["32x32", "maml_cls"], ["32x32", "protonet_seg"]]
     assert all(r[2] > 0 and r[3] > 0 and r[4] == r[3] / r[2] for r in rows)
     assert [r[5] for r in rows] == ["channels-last", "default", "default"]
+
+
+def test_multi_support_scores_both_calibrations_on_two_support_patients(tmp_path):
+    """`benchmarks.multi_support`: each triple's query is a third patient; on synthetic scans whose structure is
+    exactly 200 HU, both calibrations and the window find it exactly."""
+    import nibabel as nib
+    import numpy as np
+
+    from benchmarks.multi_support import VARIANTS, sarcoma_triples, score_triple
+    from imaging_meta.evaluation.scans import Scan
+    from imaging_meta.learners.base import Learner
+
+    triples = sarcoma_triples()
+    assert len(triples) == 6
+    for _, scans in triples:
+        assert len({s.patient for s in scans}) == 3 and len({s.modality for s in scans}) == 1
+
+    class Everywhere(Learner):
+        def predict(self, episode):
+            return torch.full(episode.query_images.shape[:2] + episode.query_images.shape[-2:], 0.99)
+
+    scans = []
+    for n, (lo, hi) in enumerate(((2, 7), (1, 6), (3, 6))):
+        hu = np.full((16, 16, 10), 40.0, np.float32)
+        lab = np.zeros(hu.shape, np.uint8)
+        lab[5:9, 5:9, lo : hi + 1] = 1
+        hu[lab == 1] = 200.0
+        paths = [tmp_path / f"{n}.nii.gz", tmp_path / f"{n}_l.nii.gz"]
+        for path, array in zip(paths, (hu, lab), strict=True):
+            nib.save(nib.Nifti1Image(array, np.diag([4.5, 4.5, 5.0, 1.0])), str(path))
+        scans.append(Scan(str(paths[0]), str(paths[1]), 1, "CT", "organ", "site", f"p{n}"))
+    pre = {"spacing": [4.5, 4.5], "slice_size": [16, 16], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    dice, weights = score_triple(Everywhere(), pre, scans, adapt_steps=0)
+    assert set(VARIANTS) < set(dice) and set(weights) == set(VARIANTS)
+    assert all(len(w) == 2 for w in weights.values())  # learner and intensity
+    assert all(dice[name] == pytest.approx(1.0) for name in VARIANTS)
+    assert dice["intensity window (first support)"] == pytest.approx(1.0)

@@ -281,6 +281,10 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--no-intensity", action="store_true", help="do not fuse the support's intensity likelihood")
     g.add_argument("--no-negative-slices", action="store_true",
                    help="do not use the support's slices without the structure to leave query slices empty")
+    g.add_argument("--pooled-calibration", action="store_true",
+                   help="with several support scans, calibrate on each support slice predicted from all the others (as "
+                        "before 2026-12-05) instead of from the other scans alone (default: as a query of another "
+                        "patient will be predicted)")
     g.add_argument("--keep-empty", action="store_true",
                    help="keep an empty mask when nothing is found (by default such a query is segmented again without "
                         "the support's intensity evidence, then also without the slice gate, and a warning says so); "
@@ -344,7 +348,8 @@ def _scan_options(args):
     if args.learner_only:
         return dataclasses.replace(LEARNER_ONLY, max_support_slices=args.max_support_slices)
     return ScanOptions(intensity=not args.no_intensity, negatives=not args.no_negative_slices, smooth_z=args.z_smoothing,
-                       max_support_slices=args.max_support_slices, relax_empty=not args.keep_empty)
+                       max_support_slices=args.max_support_slices, relax_empty=not args.keep_empty,
+                       across_scans=not args.pooled_calibration)
 
 
 def _run_tool(argv: Sequence[str]) -> int:

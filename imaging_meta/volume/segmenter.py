@@ -9,8 +9,12 @@ It is fitted on the support scans alone (never a query label):
    background histograms (`evidence.IntensityModel`);
 3. ``calibrate``: a logistic fusion of the learner's logit and the intensity evidence, and a Dice-optimal
    threshold, both fitted on the support: the support slices with the structure are predicted leave-one-out
-   (from the other support slices), those without it from all of them. With one support slice there is
-   nothing to leave out; the fusion then adds the two log-odds (weights 1, 1) at threshold 0.5. The Dice of
+   (from the other support slices), those without it from all of them. With two or more support scans
+   (``across_scans``), each scan's slices are predicted from the other scans' slices instead, and their intensity
+   evidence comes from the other scans' histograms: the calibration then sees what a query from another patient
+   will look like, and weighs the intensity evidence by how well it carries from one patient to the next. With
+   one support slice there is nothing to leave out; the fusion then adds the two log-odds (weights 1, 1) at
+   threshold 0.5. The Dice of
    the leave-one-out support slices after fusion is kept as a self-check (``support_dice``): a model that cannot
    segment the support's own slices from each other will not segment the query;
 4. ``negatives``: a slice gate fitted on the same support predictions, which leaves a query slice empty when
@@ -62,6 +66,7 @@ class ScanOptions:
     max_negative_slices: int = 12
     query_chunk: int = 16
     relax_empty: bool = True
+    across_scans: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,8 +118,10 @@ class ScanSegmenter:
         self.support_dice: float | None = None
         #: which of `RELAXATIONS` the last `predict` used (None: none was needed, or none found anything)
         self.relaxed: str | None = None
-        # the learner's leave-one-out output on the support (positive slices, negative slices, their images)
+        # the learner's leave-one-out output on the support (positive slices, negative slices, their images), and
+        # with ``across_scans`` the support's intensity evidence out of fold (positive slices, then negative)
         self._support_probs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._support_llr: torch.Tensor | None = None
         self._relaxations: dict[ScanOptions, ScanSegmenter] = {}
 
     # ------------------------------------------------------------------ learner calls
@@ -133,18 +140,20 @@ class ScanSegmenter:
             out.append(self.learner.predict(ep)[0].float().cpu())
         return torch.cat(out) if out else images.new_zeros(images.shape)
 
-    def _features(self, probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def _features(self, probs: torch.Tensor, images: torch.Tensor, llr: torch.Tensor | None = None) -> torch.Tensor:
+        """The learner's logit and (with an intensity model) the intensity evidence: ``llr`` when given (the
+        support's, out of fold), else the intensity model's for ``images``."""
         feats = [logit(probs)]
         if self.intensity is not None:
-            feats.append(self.intensity.llr(images))
+            feats.append(self.intensity.llr(images) if llr is None else llr)
         return torch.stack(feats, dim=-1)
 
-    def _fused(self, probs: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def _fused(self, probs: torch.Tensor, images: torch.Tensor, llr: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities after fusion, shifted so that the fitted threshold is 0.5."""
         if not self.options.calibrate:
             return probs
         assert self.fusion is not None  # fit makes it when calibrating
-        z = self.fusion.logits(self._features(probs, images).flatten(0, -2)).view(probs.shape)
+        z = self.fusion.logits(self._features(probs, images, llr).flatten(0, -2)).view(probs.shape)
         return torch.sigmoid(z - float(logit(torch.tensor(self.threshold))))
 
     # ------------------------------------------------------------------ fit
@@ -163,6 +172,7 @@ class ScanSegmenter:
         """
         o = self.options
         pos_i, pos_m, neg_i = [], [], []
+        pos_scan, neg_scan = [], []  # each slice's support scan
         for n, (image, mask) in enumerate(supports):
             present = structure_slices(mask)
             if not present:
@@ -171,8 +181,10 @@ class ScanSegmenter:
             pos_i += [image[..., z] for z in zs]
             pos_m += [mask[..., z].float() for z in zs]
             lo, hi = body_extent(image)
-            absent = [z for z in range(lo, hi + 1) if z not in set(present)]
-            neg_i += [image[..., z] for z in spread(absent, o.max_negative_slices)]
+            absent = spread([z for z in range(lo, hi + 1) if z not in set(present)], o.max_negative_slices)
+            neg_i += [image[..., z] for z in absent]
+            pos_scan += [n] * len(zs)
+            neg_scan += [n] * len(absent)
         self.support_images = torch.stack(pos_i).unsqueeze(1)  # (K, 1, H, W)
         self.support_masks = torch.stack(pos_m)  # (K, H, W)
         self._relaxations = {}
@@ -180,18 +192,49 @@ class ScanSegmenter:
             return self
         k = self.support_images.shape[0]
         images = self.support_images[:, 0]
-        if k >= 2:
-            loo = [
-                self._learned(images[i : i + 1], self._without(i)[0], self._without(i)[1]) for i in range(k)
-            ]
-            p_pos = torch.cat(loo)
-        else:
-            p_pos = self._learned(images, self.support_images, self.support_masks)
         negs = torch.stack(neg_i) if neg_i else images.new_zeros((0,) + images.shape[1:])
-        p_neg = self._learned(negs, self.support_images, self.support_masks)
+        self._support_llr = None
+        if o.across_scans and len(supports) >= 2:
+            p_pos, p_neg, self._support_llr = self._across_scans(images, negs, torch.tensor(pos_scan),
+                                                                 torch.tensor(neg_scan, dtype=torch.long))
+        else:
+            if k >= 2:
+                loo = [
+                    self._learned(images[i : i + 1], self._without(i)[0], self._without(i)[1]) for i in range(k)
+                ]
+                p_pos = torch.cat(loo)
+            else:
+                p_pos = self._learned(images, self.support_images, self.support_masks)
+            p_neg = self._learned(negs, self.support_images, self.support_masks)
         self._support_probs = (p_pos, p_neg, negs)
         self._calibrate()
         return self
+
+    def _across_scans(
+        self, images: torch.Tensor, negs: torch.Tensor, pos_scan: torch.Tensor, neg_scan: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Leave one support scan out: each scan's slices predicted by the learner from the other scans' slices,
+        and their intensity evidence from the other scans' histograms. Returns the learner's probabilities on
+        the positive and negative support slices and the intensity evidence on both (positive first)."""
+        assert self.support_images is not None and self.support_masks is not None
+        masks = self.support_masks
+        p_pos, p_neg = torch.zeros(images.shape), torch.zeros(negs.shape)
+        llr = torch.zeros((images.shape[0] + negs.shape[0],) + images.shape[1:])
+        for n in pos_scan.unique().tolist():
+            mine, others = pos_scan == n, pos_scan != n
+            mine_neg, others_neg = neg_scan == n, neg_scan != n
+            s_img, s_mask = self.support_images[others], masks[others]
+            p_pos[mine] = self._learned(images[mine], s_img, s_mask)
+            if mine_neg.any():
+                p_neg[mine_neg] = self._learned(negs[mine_neg], s_img, s_mask)
+            if self.options.intensity:
+                model = IntensityModel().fit(
+                    torch.cat([images[others], negs[others_neg]]),
+                    torch.cat([masks[others], torch.zeros_like(negs[others_neg])]),
+                )
+                where = torch.cat([mine, mine_neg])
+                llr[where] = model.llr(torch.cat([images[mine], negs[mine_neg]]))
+        return p_pos, p_neg, llr
 
     def _calibrate(self) -> None:
         """Fit the intensity model, fusion, threshold and gate of ``self.options`` on the support's learner output."""
@@ -205,20 +248,22 @@ class ScanSegmenter:
         all_y = torch.cat([self.support_masks, torch.zeros_like(negs)])
         all_p = torch.cat([p_pos, p_neg])
         self.intensity = IntensityModel().fit(all_i, all_y) if o.intensity else None
+        llr = self._support_llr if o.intensity else None  # out of fold, when calibrated across scans
         self.fusion = LogisticFusion()
         if k >= 2:
-            self.fusion.fit(self._features(all_p, all_i).flatten(0, -2), all_y.flatten())
+            self.fusion.fit(self._features(all_p, all_i, llr).flatten(0, -2), all_y.flatten())
             self.threshold = best_threshold(
-                torch.sigmoid(self.fusion.logits(self._features(all_p, all_i).flatten(0, -2))), all_y
+                torch.sigmoid(self.fusion.logits(self._features(all_p, all_i, llr).flatten(0, -2))), all_y
             )
         else:  # nothing to leave out: add the log-odds
             n_feat = 2 if o.intensity else 1
             self.fusion.weight, self.fusion.bias = torch.ones(n_feat), torch.zeros(())
             self.threshold = 0.5
         if k >= 2:
-            self.support_dice = _dice(self._fused(p_pos, images) > 0.5, self.support_masks > 0.5)
+            self.support_dice = _dice(self._fused(p_pos, images, None if llr is None else llr[:k]) > 0.5,
+                                      self.support_masks > 0.5)
         if o.negatives and negs.shape[0]:
-            fused = self._fused(all_p, all_i)  # (K + N, H, W)
+            fused = self._fused(all_p, all_i, llr)  # (K + N, H, W)
             scores = slice_scores(fused.permute(1, 2, 0))
             self.gate = slice_gate(scores[:k], scores[k:])
 
@@ -231,7 +276,7 @@ class ScanSegmenter:
         if opts not in self._relaxations:
             seg = ScanSegmenter(self.learner, opts, self.device)
             seg.support_images, seg.support_masks = self.support_images, self.support_masks
-            seg._support_probs = self._support_probs
+            seg._support_probs, seg._support_llr = self._support_probs, self._support_llr
             seg._calibrate()
             self._relaxations[opts] = seg
         return self._relaxations[opts]

@@ -384,3 +384,45 @@ def test_relaxation_skips_rules_that_are_already_off():
     assert seg._relaxed(dict(intensity=False)) is None  # nothing to relax there
     assert seg._relaxed(dict(intensity=False, negatives=False)) is not None
     assert not LEARNER_ONLY.relax_empty  # the learner alone has no support-fitted rule
+
+
+class RecordingLearner(BoxLearner):
+    """`BoxLearner` that records, per call, the organ intensity of its query slices and of its support slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[set, set]] = []
+
+    def predict(self, episode):
+        def organs(x):
+            return {round(v, 2) for v in x[..., 9, 9].flatten().tolist()}
+
+        self.calls.append((organs(episode.query_images), organs(episode.support_images)))
+        return super().predict(episode)
+
+
+def test_two_support_scans_are_calibrated_across_scans():
+    """With two support patients, each scan's slices are predicted from the other scan alone (learner and intensity
+    histogram), as a query from a third patient will be; one support scan is calibrated as before."""
+    a_img, a_mask = _volume(organ=0.8)
+    b_img, b_mask = _volume(organ=0.55)
+    a_img[15:17, 3:17, :] = 0.55  # each support's organ intensity is a background tissue in the other
+    b_img[15:17, 3:17, :] = 0.8
+    opts = ScanOptions(smooth_z=0.0, relax_empty=False)
+    learner = RecordingLearner()
+    across = ScanSegmenter(learner, opts).fit([(a_img, a_mask), (b_img, b_mask)])
+    # every support slice that shows the organ was predicted from the other scan's slices only
+    fit_calls = [(q, s) for q, s in learner.calls if q & {0.8, 0.55}]
+    assert fit_calls and all(len(q) == 1 and s == ({0.8, 0.55} - q) for q, s in fit_calls)
+    assert across._support_llr is not None and across.intensity is not None
+    k = across.support_images.shape[0]
+    own = across.intensity.llr(across.support_images[:, 0])
+    organ = across.support_masks > 0.5
+    # out of fold, each organ's intensity is the other scan's background: negative evidence; in sample, positive
+    assert (across._support_llr[:k][organ] < 0).all() and (own[organ] > 0).all()
+    pooled = ScanSegmenter(BoxLearner(), dataclasses.replace(opts, across_scans=False)).fit([(a_img, a_mask), (b_img, b_mask)])
+    assert pooled._support_llr is None
+    # one support scan: nothing to leave out across scans, the same fit either way
+    q_img, _ = _volume(organ=0.7)
+    one = [ScanSegmenter(BoxLearner(), dataclasses.replace(opts, across_scans=x)).fit([(a_img, a_mask)]) for x in (False, True)]
+    assert torch.equal(one[0].predict(q_img), one[1].predict(q_img)) and one[0].threshold == one[1].threshold

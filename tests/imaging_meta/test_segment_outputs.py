@@ -458,3 +458,5 @@ def test_segment_warns_when_a_query_was_segmented_again_and_keep_empty_switches_
     base = ["segment", "--checkpoint", "c", "--support-image", "s", "--support-label", "l", "--query", "q", "--out", "o"]
     assert _scan_options(_tool_parser().parse_args(base)).relax_empty
     assert not _scan_options(_tool_parser().parse_args([*base, "--keep-empty"])).relax_empty
+    assert _scan_options(_tool_parser().parse_args(base)).across_scans
+    assert not _scan_options(_tool_parser().parse_args([*base, "--pooled-calibration"])).across_scans

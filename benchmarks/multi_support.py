@@ -1,0 +1,141 @@
+"""Two support patients, one query patient: the scan segmenter calibrated across the support scans (each scan's
+slices predicted from the other scan, `ScanOptions.across_scans`, the default since 2026-12-05) against the
+pooled calibration used before (each support slice predicted from every other slice, its own scan's included).
+
+    python -m benchmarks.multi_support --checkpoint runs/protonet_seg/version_0/checkpoints/best.ckpt \
+        --sets sarcoma demo --adapt-steps 40 --out multi_support.json
+
+Triples (support, support, query), every scan at the spacing chosen from the first support's structure
+(`--scale structure`, as `segment` does):
+
+* ``sarcoma``: the three soft-tissue sarcoma patients of ``benchmarks/real/sarcoma`` (see its README), within
+  each modality, each patient the query of the two others (3 CT and 3 MR triples);
+* ``demo``: the demo cohort's test scans (`imaging-meta demo`; ``data/demo``), held-out organs (spleen, left
+  kidney), three patients of one site, two seeded triples per organ and site (16 triples).
+
+Also scored, from the first support alone, for context: copying its mask at the same relative position and the
+intensity window. Run on 2 CPU cores with one thread per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.real_segmentation import REAL, bootstrap_mean_ci
+from imaging_meta.checkpoint_io import load_learner
+from imaging_meta.evaluation import volumes as V
+from imaging_meta.evaluation.scans import Scan, _to_original, load_scan, structure_preprocessing
+from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
+
+VARIANTS = {"across scans (default)": ScanOptions(), "pooled (before)": ScanOptions(across_scans=False)}
+
+
+def sarcoma_triples() -> list[tuple[str, list[Scan]]]:
+    d = REAL / "sarcoma"
+    out = []
+    for stem, modality in (("ct", "CT"), ("mr", "MR")):
+        for q in (1, 2, 3):
+            order = [n for n in (1, 2, 3) if n != q] + [q]
+            out.append((f"sarcoma-{stem}", [Scan(str(d / f"sts{n}_{stem}.nii.gz"), str(d / f"sts{n}_{stem}_label.nii.gz"), 1,
+                                                 modality, f"tumour of sts{q}", f"sarcoma-{stem}", f"sts{n}") for n in order]))
+    return out
+
+
+def demo_triples(root: str, per_site: int = 2) -> list[tuple[str, list[Scan]]]:
+    """Three patients of one site per triple, from the test split of ``configs/data/demo_segmentation.yaml``."""
+    from datamodules.segmentation import SegmentationDataModule
+
+    dm = SegmentationDataModule(root=root, protocol="cross_organ", test_organs=["spleen", "kidney_left"],
+                                val_organ_count=1, exclude_test_organ_slices=True, val_fraction=0.15,
+                                test_fraction=0.25, split_seed=0, spacing=[4.5, 4.5], slice_size=[80, 80], num_workers=0)
+    dm.setup("test")
+    scans = dm.test_scans()
+    out = []
+    for organ in ("spleen", "kidney_left"):
+        for site in sorted({s["site"] for s in scans}):
+            have = [s for s in scans if s["site"] == site and organ in s["organs"]]
+            patients = sorted({s["patient"] for s in have})
+            rng = random.Random(f"{organ}:{site}")
+            for _ in range(per_site if len(patients) >= 3 else 0):
+                picked = [next(s for s in have if s["patient"] == p) for p in rng.sample(patients, 3)]
+                out.append((f"demo {organ}", [Scan(s["image"], s["label"], int(s["organs"][organ]), s["modality"], organ,
+                                                   s["site"], s["patient"]) for s in picked]))
+    return out
+
+
+def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: int) -> tuple[dict[str, float], dict]:
+    """3D Dice of each method on the query, and each variant's fitted fusion weights (learner, intensity)."""
+    pre = structure_preprocessing(preprocessing, scans[0].label, scans[0].value, "structure")
+    loaded = []
+    for scan in scans:
+        sc = load_scan(scan, pre)
+        sc.pre["struct"] = sc.pre["label"].as_tensor()[0] == scan.value
+        loaded.append(sc)
+    supports = [(sc.pre["image"].as_tensor()[0].float(), sc.pre["struct"]) for sc in loaded[:2]]
+    query = loaded[2]
+    q_img = query.pre["image"].as_tensor()[0].float()
+    if adapt_steps:
+        from imaging_meta.adaptation import adapt
+
+        learner = adapt(learner, supports, [q_img], steps=adapt_steps, seed=0, progress=False)
+    parts = max(V.structure_parts(m.numpy()) for _, m in supports)
+    dice, weights = {}, {}
+    for name, options in VARIANTS.items():
+        segmenter = ScanSegmenter(learner, options).fit(supports)
+        weights[name] = segmenter.describe()["fusion_weight"]
+        probs = segmenter.predict(q_img)
+        dice[name] = V.dice3d(V.keep_components(_to_original(query, probs) > 0.5, parts), query.truth)
+    first = loaded[0]
+    dice["copy first support's mask"] = V.dice3d(
+        V.copy_mask_at_relative_position(first.truth, first.raw, query.raw, scans[2].modality), query.truth)
+    dice["intensity window (first support)"] = V.dice3d(V.intensity_window(first.raw, first.truth, query.raw), query.truth)
+    return dice, weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--sets", nargs="+", default=["sarcoma"], choices=["sarcoma", "demo"])
+    ap.add_argument("--demo-root", default="data/demo")
+    ap.add_argument("--adapt-steps", type=int, default=40, help="test-time adaptation on both supports and the query")
+    ap.add_argument("--out", default=None, help="write every record here (JSON)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    learner, extra = load_learner(args.checkpoint, "cpu")
+    triples = (sarcoma_triples() if "sarcoma" in args.sets else []) + (
+        demo_triples(args.demo_root) if "demo" in args.sets else [])
+    records = []
+    for group, scans in triples:
+        dice, weights = score_triple(learner, extra["preprocessing"], scans, args.adapt_steps)
+        records.append({"set": group, "supports": [s.patient for s in scans[:2]], "query": scans[2].patient,
+                        "site": scans[2].site, "structure": scans[2].name, "adapt_steps": args.adapt_steps, "dice": dice,
+                        "fusion_weight": weights})
+        print(f"{group} {scans[2].patient}: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()), flush=True)
+    methods = list(records[0]["dice"]) if records else []
+    print("\n| set | triples | " + " | ".join(methods) + " |\n|---|---|" + "---|" * len(methods))
+    for group in dict.fromkeys(r["set"] for r in records):
+        rs = [r for r in records if r["set"] == group]
+        print(f"| {group} | {len(rs)} | " + " | ".join(f"{np.mean([r['dice'][m] for r in rs]):.3f}" for m in methods) + " |")
+    for group in ("sarcoma", "demo"):
+        rs = [r for r in records if r["set"].startswith(group)]
+        if rs:
+            d = np.array([r["dice"]["across scans (default)"] - r["dice"]["pooled (before)"] for r in rs])
+            lo, hi = bootstrap_mean_ci(d)
+            print(f"- {group}: across scans − pooled {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] over {len(d)} triples "
+                  f"({int((d > 0).sum())} better, {int((d < 0).sum())} worse)")
+            ratio = [r["fusion_weight"]["across scans (default)"][1] / r["fusion_weight"]["pooled (before)"][1] for r in rs]
+            print(f"  intensity weight, across scans / pooled: {min(ratio):.2f}–{max(ratio):.2f} (median "
+                  f"{np.median(ratio):.2f})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
