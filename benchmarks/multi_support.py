@@ -11,10 +11,12 @@ Triples (support, support, query), every scan at the spacing chosen from the fir
 * ``sarcoma``: the three soft-tissue sarcoma patients of ``benchmarks/real/sarcoma`` (see its README), within
   each modality, each patient the query of the two others (3 CT and 3 MR triples);
 * ``demo``: the demo cohort's test scans (`imaging-meta demo`; ``data/demo``), held-out organs (spleen, left
-  kidney), three patients of one site, two seeded triples per organ and site (16 triples).
+  kidney), per organ and site two triples with different queries (the site's patients in a seeded order, each
+  query with the next two as its supports; 16 triples).
 
-Also scored, from the first support alone, for context: copying its mask at the same relative position and the
-intensity window. Run on 2 CPU cores with one thread per process.
+Also scored, for context: `segment`'s default with the first support alone (adapted on it and the query
+alone), and from the first support: copying its mask at the same relative position and the intensity window.
+Run on 2 CPU cores with one thread per process.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import torch
 from benchmarks.real_segmentation import REAL, bootstrap_mean_ci
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.evaluation import volumes as V
-from imaging_meta.evaluation.scans import Scan, _to_original, load_scan, structure_preprocessing
+from imaging_meta.evaluation.scans import Scan, load_scan, structure_preprocessing, to_query_grid
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
 
 VARIANTS = {"across scans (default)": ScanOptions(), "pooled (before)": ScanOptions(across_scans=False)}
+ONE = "first support alone"
 
 
 def sarcoma_triples() -> list[tuple[str, list[Scan]]]:
@@ -61,9 +64,10 @@ def demo_triples(root: str, per_site: int = 2) -> list[tuple[str, list[Scan]]]:
         for site in sorted({s["site"] for s in scans}):
             have = [s for s in scans if s["site"] == site and organ in s["organs"]]
             patients = sorted({s["patient"] for s in have})
-            rng = random.Random(f"{organ}:{site}")
-            for _ in range(per_site if len(patients) >= 3 else 0):
-                picked = [next(s for s in have if s["patient"] == p) for p in rng.sample(patients, 3)]
+            random.Random(f"{organ}:{site}").shuffle(patients)
+            for i in range(min(per_site, len(patients)) if len(patients) >= 3 else 0):
+                order = [patients[(i + j) % len(patients)] for j in (1, 2, 0)]  # the supports, then the query
+                picked = [next(s for s in have if s["patient"] == p) for p in order]
                 out.append((f"demo {organ}", [Scan(s["image"], s["label"], int(s["organs"][organ]), s["modality"], organ,
                                                    s["site"], s["patient"]) for s in picked]))
     return out
@@ -80,17 +84,22 @@ def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: i
     supports = [(sc.pre["image"].as_tensor()[0].float(), sc.pre["struct"]) for sc in loaded[:2]]
     query = loaded[2]
     q_img = query.pre["image"].as_tensor()[0].float()
-    if adapt_steps:
-        from imaging_meta.adaptation import adapt
+    from imaging_meta.adaptation import adapt
 
-        learner = adapt(learner, supports, [q_img], steps=adapt_steps, seed=0, progress=False)
-    parts = max(V.structure_parts(m.numpy()) for _, m in supports)
+    def adapted(sup):
+        return adapt(learner, sup, [q_img], steps=adapt_steps, seed=0, progress=False) if adapt_steps else learner
+
     dice, weights = {}, {}
-    for name, options in VARIANTS.items():
-        segmenter = ScanSegmenter(learner, options).fit(supports)
-        weights[name] = segmenter.describe()["fusion_weight"]
+    both = adapted(supports)
+    runs = [(name, options, supports, both) for name, options in VARIANTS.items()]
+    runs.append((ONE, ScanOptions(), supports[:1], adapted(supports[:1])))
+    for name, options, sup, lrn in runs:
+        segmenter = ScanSegmenter(lrn, options).fit(sup)
+        if name in VARIANTS:
+            weights[name] = segmenter.describe()["fusion_weight"]
         probs = segmenter.predict(q_img)
-        dice[name] = V.dice3d(V.keep_components(_to_original(query, probs) > 0.5, parts), query.truth)
+        parts = max(V.structure_parts(m.numpy()) for _, m in sup)
+        dice[name] = V.dice3d(V.keep_components(to_query_grid(query, probs) > 0.5, parts), query.truth)
     first = loaded[0]
     dice["copy first support's mask"] = V.dice3d(
         V.copy_mask_at_relative_position(first.truth, first.raw, query.raw, scans[2].modality), query.truth)

@@ -492,7 +492,8 @@ def _log_fitted(segmenter: ScanSegmenter) -> None:
     check = segmenter.support_dice
     if check is not None and check < SUPPORT_CHECK_WARN:
         logger.warning(
-            "support self-check: the support's own slices, each segmented from the others, reach a Dice of only %.2f; "
+            "support self-check: the support's own slices, each segmented from the others (with several support scans: "
+            "from the other scans), reach a Dice of only %.2f; "
             "expect a poor mask (on the real scans of docs/segmentation.md every pair below %.1f scored at most 0.39 "
             "on its query). A checkpoint trained on scans like these, more support slices or --adapt-steps may help",
             check, SUPPORT_CHECK_WARN)

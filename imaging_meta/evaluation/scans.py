@@ -121,7 +121,7 @@ def structure_preprocessing(preprocessing: dict, label: str, value: int | None, 
     return structure_scale(preprocessing, mask, spacing, mask.shape)
 
 
-def _to_original(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
+def to_query_grid(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
     """A (H, W, D) map on the preprocessed grid -> the query's own grid (linear interpolation)."""
     from datamodules.transforms.volume import to_source_grid
 
@@ -163,7 +163,7 @@ def _segment(
             opts = dataclasses.replace(options, negatives=False, relax_empty=False)
             seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[centre]])
             probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
-    mask = _to_original(query, probs) > 0.5
+    mask = to_query_grid(query, probs) > 0.5
     return V.keep_components(mask, V.structure_parts(s_mask.numpy())), check, relaxed
 
 

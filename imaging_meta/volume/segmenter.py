@@ -194,9 +194,9 @@ class ScanSegmenter:
         images = self.support_images[:, 0]
         negs = torch.stack(neg_i) if neg_i else images.new_zeros((0,) + images.shape[1:])
         self._support_llr = None
-        if o.across_scans and len(supports) >= 2:
-            p_pos, p_neg, self._support_llr = self._across_scans(images, negs, torch.tensor(pos_scan),
-                                                                 torch.tensor(neg_scan, dtype=torch.long))
+        folds = self._across_scans(images, negs, pos_scan, neg_scan) if o.across_scans else None
+        if folds is not None:
+            p_pos, p_neg, self._support_llr = folds
         else:
             if k >= 2:
                 loo = [
@@ -211,29 +211,38 @@ class ScanSegmenter:
         return self
 
     def _across_scans(
-        self, images: torch.Tensor, negs: torch.Tensor, pos_scan: torch.Tensor, neg_scan: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, images: torch.Tensor, negs: torch.Tensor, pos_scan: list[int], neg_scan: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """Leave one support scan out: each scan's slices predicted by the learner from the other scans' slices,
         and their intensity evidence from the other scans' histograms. Returns the learner's probabilities on
-        the positive and negative support slices and the intensity evidence on both (positive first)."""
+        the positive and negative support slices and the intensity evidence on both (positive first; None without
+        intensity evidence), or None when there is no such fold: fewer than two scans with slices that show the
+        structure, a scan with negative slices only, or other scans without foreground or background pixels."""
         assert self.support_images is not None and self.support_masks is not None
-        masks = self.support_masks
+        pos, neg = torch.tensor(pos_scan, dtype=torch.long), torch.tensor(neg_scan, dtype=torch.long)
+        masks = self.support_masks > 0.5
+        scans = sorted(set(pos_scan))
+        if len(scans) < 2 or not set(neg_scan) <= set(scans):
+            return None
+        for n in scans:  # every fold's other scans need foreground and background pixels to fit on
+            others = masks[pos != n]
+            if not others.any() or (others.all() and not bool((neg != n).any())):
+                return None
         p_pos, p_neg = torch.zeros(images.shape), torch.zeros(negs.shape)
-        llr = torch.zeros((images.shape[0] + negs.shape[0],) + images.shape[1:])
-        for n in pos_scan.unique().tolist():
-            mine, others = pos_scan == n, pos_scan != n
-            mine_neg, others_neg = neg_scan == n, neg_scan != n
-            s_img, s_mask = self.support_images[others], masks[others]
+        llr = torch.zeros((images.shape[0] + negs.shape[0],) + images.shape[1:]) if self.options.intensity else None
+        for n in scans:
+            mine, others = pos == n, pos != n
+            mine_neg, others_neg = neg == n, neg != n
+            s_img, s_mask = self.support_images[others], self.support_masks[others]
             p_pos[mine] = self._learned(images[mine], s_img, s_mask)
             if mine_neg.any():
                 p_neg[mine_neg] = self._learned(negs[mine_neg], s_img, s_mask)
-            if self.options.intensity:
+            if llr is not None:
                 model = IntensityModel().fit(
                     torch.cat([images[others], negs[others_neg]]),
-                    torch.cat([masks[others], torch.zeros_like(negs[others_neg])]),
+                    torch.cat([self.support_masks[others], torch.zeros_like(negs[others_neg])]),
                 )
-                where = torch.cat([mine, mine_neg])
-                llr[where] = model.llr(torch.cat([images[mine], negs[mine_neg]]))
+                llr[torch.cat([mine, mine_neg])] = model.llr(torch.cat([images[mine], negs[mine_neg]])).cpu()
         return p_pos, p_neg, llr
 
     def _calibrate(self) -> None:

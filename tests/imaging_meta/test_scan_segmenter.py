@@ -411,18 +411,48 @@ def test_two_support_scans_are_calibrated_across_scans():
     opts = ScanOptions(smooth_z=0.0, relax_empty=False)
     learner = RecordingLearner()
     across = ScanSegmenter(learner, opts).fit([(a_img, a_mask), (b_img, b_mask)])
-    # every support slice that shows the organ was predicted from the other scan's slices only
-    fit_calls = [(q, s) for q, s in learner.calls if q & {0.8, 0.55}]
-    assert fit_calls and all(len(q) == 1 and s == ({0.8, 0.55} - q) for q, s in fit_calls)
+    # every support slice, with the organ or without, was predicted from the other scan's slices only (each
+    # slice's organ pixel tells its scan: the organ or the other's stripe value at (9, 9) is absent on its
+    # negative slices, where it is the body, 0.3; so a negative slice is told by the call's support set)
+    assert len(learner.calls) == 4  # per scan: its positive slices, then its negative slices
+    assert [s for _, s in learner.calls] == [{0.55}, {0.55}, {0.8}, {0.8}]
+    assert [q for q, _ in learner.calls] == [{0.8}, {0.3}, {0.55}, {0.3}]
     assert across._support_llr is not None and across.intensity is not None
+    assert across.support_images is not None and across.support_masks is not None
     k = across.support_images.shape[0]
-    own = across.intensity.llr(across.support_images[:, 0])
-    organ = across.support_masks > 0.5
+    images, masks = across.support_images[:, 0], across.support_masks
+    own = across.intensity.llr(images)
+    organ = masks > 0.5
     # out of fold, each organ's intensity is the other scan's background: negative evidence; in sample, positive
     assert (across._support_llr[:k][organ] < 0).all() and (own[organ] > 0).all()
+    # the negative slices' evidence is out of fold too, and the fusion and threshold are fitted on all of it
+    p_pos, p_neg, negs = across._support_probs
+    half_k, half_n = k // 2, negs.shape[0] // 2  # the first half of each is scan a's
+    other = IntensityModel().fit(torch.cat([images[half_k:], negs[half_n:]]),
+                                 torch.cat([masks[half_k:], torch.zeros_like(negs[half_n:])]))
+    assert torch.equal(across._support_llr[k : k + half_n], other.llr(negs[:half_n]))
+    all_i, all_p = torch.cat([images, negs]), torch.cat([p_pos, p_neg])
+    all_y = torch.cat([masks, torch.zeros_like(negs)])
+    feats = across._features(all_p, all_i, across._support_llr).flatten(0, -2)
+    refit = LogisticFusion().fit(feats, all_y.flatten())
+    assert torch.allclose(across.fusion.weight, refit.weight) and torch.allclose(across.fusion.bias, refit.bias)
+    assert across.threshold == best_threshold(torch.sigmoid(refit.logits(feats)), all_y)
     pooled = ScanSegmenter(BoxLearner(), dataclasses.replace(opts, across_scans=False)).fit([(a_img, a_mask), (b_img, b_mask)])
     assert pooled._support_llr is None
     # one support scan: nothing to leave out across scans, the same fit either way
     q_img, _ = _volume(organ=0.7)
     one = [ScanSegmenter(BoxLearner(), dataclasses.replace(opts, across_scans=x)).fit([(a_img, a_mask)]) for x in (False, True)]
     assert torch.equal(one[0].predict(q_img), one[1].predict(q_img)) and one[0].threshold == one[1].threshold
+
+
+def test_across_scans_falls_back_to_the_pooled_fit_when_a_fold_has_nothing_to_fit_on():
+    """Support slices chosen by the caller: a scan without slices that show the structure, or a fold whose other
+    scans show no foreground, is fitted pooled (as with one scan) instead of failing."""
+    a_img, a_mask = _volume(organ=0.8)
+    b_img, b_mask = _volume(organ=0.55)
+    supports = [(a_img, a_mask), (b_img, b_mask)]
+    opts = ScanOptions(smooth_z=0.0)
+    for slices in ([[5, 6], []], [[0], [5, 6]]):  # slice 0 of a shows no organ
+        seg = ScanSegmenter(BoxLearner(), opts).fit(supports, slices=slices)
+        assert seg._support_llr is None and seg.fusion is not None
+    assert ScanSegmenter(BoxLearner(), opts).fit(supports, slices=[[5, 6], [5]])._support_llr is not None
