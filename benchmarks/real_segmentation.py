@@ -308,6 +308,9 @@ def main() -> None:
     ap.add_argument("--keep-empty", action="store_true",
                     help="no retry of a query found empty (the trained and adapted rows as before 2026-12-05; "
                          "ScanOptions.relax_empty)")
+    ap.add_argument("--loo-gap", type=int, default=ScanOptions().loo_gap,
+                    help="the calibration's leave-one-out leaves out this many axial neighbours of each support slice "
+                         "(ScanOptions.loo_gap; 0: the slice alone, as before 2026-12-05)")
     ap.add_argument("--compare", nargs=4, metavar=("A.json", "METHOD_A", "B.json", "METHOD_B"), default=None,
                     help="no scoring: METHOD_A of run A minus METHOD_B of run B, paired over their common pairs")
     args = ap.parse_args()
@@ -338,7 +341,8 @@ def main() -> None:
                 recs = score_pair(
                     learner, pre, s, q, protocol, untrained=untrained, ablations=not args.no_ablations,
                     adapt_steps=args.adapt_steps, scale=args.scale,
-                    options=LEARNER_ONLY if args.learner_only else ScanOptions(relax_empty=not args.keep_empty),
+                    options=LEARNER_ONLY if args.learner_only
+                    else ScanOptions(relax_empty=not args.keep_empty, loo_gap=args.loo_gap),
                 )
                 for r in recs:
                     r["options"] = "learner only" if args.learner_only else "full"

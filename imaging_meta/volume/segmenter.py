@@ -9,7 +9,8 @@ It is fitted on the support scans alone (never a query label):
    background histograms (`evidence.IntensityModel`);
 3. ``calibrate``: a logistic fusion of the learner's logit and the intensity evidence, and a Dice-optimal
    threshold, both fitted on the support: the support slices with the structure are predicted leave-one-out
-   (from the other support slices), those without it from all of them. With two or more support scans
+   (from the other support slices, less those within ``loo_gap`` slices of it in the same scan: near copies),
+   those without it from all of them. With two or more support scans
    (``across_scans``), each scan's slices are predicted from the other scans' slices instead, and their intensity
    evidence comes from the other scans' histograms: the calibration then sees what a query from another patient
    will look like, and weighs the intensity evidence by how well it carries from one patient to the next. With
@@ -67,6 +68,7 @@ class ScanOptions:
     query_chunk: int = 16
     relax_empty: bool = True
     across_scans: bool = True
+    loo_gap: int = 2
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +125,7 @@ class ScanSegmenter:
         self._support_probs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._support_llr: torch.Tensor | None = None
         self._relaxations: dict[ScanOptions, ScanSegmenter] = {}
+        self._pos_place: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ learner calls
     def _learned(self, images: torch.Tensor, s_img: torch.Tensor, s_mask: torch.Tensor) -> torch.Tensor:
@@ -173,6 +176,7 @@ class ScanSegmenter:
         o = self.options
         pos_i, pos_m, neg_i = [], [], []
         pos_scan, neg_scan = [], []  # each slice's support scan
+        pos_z: list[int] = []
         for n, (image, mask) in enumerate(supports):
             present = structure_slices(mask)
             if not present:
@@ -184,10 +188,12 @@ class ScanSegmenter:
             absent = spread([z for z in range(lo, hi + 1) if z not in set(present)], o.max_negative_slices)
             neg_i += [image[..., z] for z in absent]
             pos_scan += [n] * len(zs)
+            pos_z += list(zs)
             neg_scan += [n] * len(absent)
         self.support_images = torch.stack(pos_i).unsqueeze(1)  # (K, 1, H, W)
         self.support_masks = torch.stack(pos_m)  # (K, H, W)
         self._relaxations = {}
+        self._pos_place = list(zip(pos_scan, pos_z, strict=True))  # (scan, axial slice) of each support slice
         if not o.calibrate:
             return self
         k = self.support_images.shape[0]
@@ -291,8 +297,15 @@ class ScanSegmenter:
         return self._relaxations[opts]
 
     def _without(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support slices without slice ``i`` and its axial neighbours of the same scan (within
+        ``loo_gap`` slices: near copies of it, which would make the leave-one-out prediction easier than a query's);
+        without only ``i`` when nothing else would be left."""
         assert self.support_images is not None and self.support_masks is not None  # in fit, after the supports
-        keep = [j for j in range(self.support_images.shape[0]) if j != i]
+        n, z = self._pos_place[i]
+        gap = self.options.loo_gap
+        keep = [j for j, (m, w) in enumerate(self._pos_place) if j != i and not (m == n and abs(w - z) <= gap)]
+        if not keep:
+            keep = [j for j in range(self.support_images.shape[0]) if j != i]
         return self.support_images[keep], self.support_masks[keep]
 
     # ------------------------------------------------------------------ predict

@@ -456,3 +456,21 @@ def test_across_scans_falls_back_to_the_pooled_fit_when_a_fold_has_nothing_to_fi
         seg = ScanSegmenter(BoxLearner(), opts).fit(supports, slices=slices)
         assert seg._support_llr is None and seg.fusion is not None
     assert ScanSegmenter(BoxLearner(), opts).fit(supports, slices=[[5, 6], [5]])._support_llr is not None
+
+
+def test_leave_one_out_leaves_out_the_axial_neighbours_of_the_same_scan():
+    """A support slice is predicted from support slices at least ``loo_gap`` + 1 slices away in its own scan (the
+    neighbours are near copies); from all the others when nothing would be left."""
+    img, mask = _volume(lo=2, hi=9)
+    for z in range(12):  # each slice's organ tells its axial position
+        img[7:13, 7:13, z] = 0.5 + 0.04 * z
+    learner = RecordingLearner()
+    ScanSegmenter(learner, ScanOptions(loo_gap=2, negatives=False)).fit([(img, mask)])
+    loo = [(q, s) for q, s in learner.calls if len(q) == 1 and q != {0.3}][: 8]  # one call per support slice
+    for q, s in loo:
+        z = round((next(iter(q)) - 0.5) / 0.04)
+        assert {round((v - 0.5) / 0.04) for v in s} == {w for w in range(2, 10) if abs(w - z) > 2}
+    learner.calls.clear()
+    ScanSegmenter(learner, ScanOptions(loo_gap=20, negatives=False)).fit([(img, mask)])
+    q, s = learner.calls[0]
+    assert len(s) == 7  # nothing would be left: every other slice
