@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import DATA_CONFIGS, load_yaml
 from benchmarks.real_segmentation import REAL, bootstrap_mean_ci
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.evaluation import volumes as V
-from imaging_meta.evaluation.scans import Scan, load_scan, structure_preprocessing, to_query_grid
+from imaging_meta.evaluation.scans import Scan, load_structure, structure_preprocessing, to_query_grid
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
 
 VARIANTS = {"across scans (default)": ScanOptions(), "pooled (before)": ScanOptions(across_scans=False)}
@@ -54,13 +55,13 @@ def demo_triples(root: str, per_site: int = 2) -> list[tuple[str, list[Scan]]]:
     """Three patients of one site per triple, from the test split of ``configs/data/demo_segmentation.yaml``."""
     from datamodules.segmentation import SegmentationDataModule
 
-    dm = SegmentationDataModule(root=root, protocol="cross_organ", test_organs=["spleen", "kidney_left"],
-                                val_organ_count=1, exclude_test_organ_slices=True, val_fraction=0.15,
-                                test_fraction=0.25, split_seed=0, spacing=[4.5, 4.5], slice_size=[80, 80], num_workers=0)
+    init = dict(load_yaml(DATA_CONFIGS / "demo_segmentation.yaml")["data"]["init_args"])
+    init.update(root=root, num_workers=0)
+    dm = SegmentationDataModule(**init)
     dm.setup("test")
     scans = dm.test_scans()
     out = []
-    for organ in ("spleen", "kidney_left"):
+    for organ in init["test_organs"]:
         for site in sorted({s["site"] for s in scans}):
             have = [s for s in scans if s["site"] == site and organ in s["organs"]]
             patients = sorted({s["patient"] for s in have})
@@ -76,11 +77,7 @@ def demo_triples(root: str, per_site: int = 2) -> list[tuple[str, list[Scan]]]:
 def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: int) -> tuple[dict[str, float], dict]:
     """3D Dice of each method on the query, and each variant's fitted fusion weights (learner, intensity)."""
     pre = structure_preprocessing(preprocessing, scans[0].label, scans[0].value, "structure")
-    loaded = []
-    for scan in scans:
-        sc = load_scan(scan, pre)
-        sc.pre["struct"] = sc.pre["label"].as_tensor()[0] == scan.value
-        loaded.append(sc)
+    loaded = [load_structure(scan, pre) for scan in scans]
     supports = [(sc.pre["image"].as_tensor()[0].float(), sc.pre["struct"]) for sc in loaded[:2]]
     query = loaded[2]
     q_img = query.pre["image"].as_tensor()[0].float()

@@ -92,6 +92,19 @@ def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
     return Loaded(image, truth, (sx, sy, sz), tf(item), tf)
 
 
+def load_structure(scan: Scan, preprocessing: dict) -> Loaded:
+    """`load_scan`, with the structure's preprocessed mask as ``pre["struct"]``.
+
+    Raises:
+        ValueError: the structure is not in the scan, or none of it is left after preprocessing.
+    """
+    loaded = load_scan(scan, preprocessing)
+    loaded.pre["struct"] = loaded.pre["label"].as_tensor()[0] == scan.value
+    if not loaded.truth.any() or not bool(loaded.pre["struct"].any()):
+        raise ValueError(f"{scan.label}: no voxel of value {scan.value} (the structure) in this scan")
+    return loaded
+
+
 def structure_preprocessing(preprocessing: dict, label: str, value: int | None, scale: str) -> dict:
     """The checkpoint's preprocessing, or (``scale="structure"``) the one chosen from a support's structure
     (`imaging_meta.volume.scale.structure_scale`), measured in the support's own grid.
@@ -225,14 +238,7 @@ def score_pair(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     preprocessing = structure_preprocessing(preprocessing, support.label, support.value, scale)
-    loaded = []
-    for scan in (support, query):
-        sc = load_scan(scan, preprocessing)
-        sc.pre["struct"] = sc.pre["label"].as_tensor()[0] == scan.value
-        if not sc.truth.any() or not bool(sc.pre["struct"].any()):
-            raise ValueError(f"{scan.label}: no voxel of value {scan.value} (the structure) in this scan")
-        loaded.append(sc)
-    s, q = loaded
+    s, q = (load_structure(scan, preprocessing) for scan in (support, query))
     preds: dict[str, np.ndarray] = {}
     variants = {
         TRAINED_FULL: (learner, options),

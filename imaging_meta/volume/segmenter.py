@@ -205,9 +205,7 @@ class ScanSegmenter:
             p_pos, p_neg, self._support_llr = folds
         else:
             if k >= 2:
-                loo = [
-                    self._learned(images[i : i + 1], self._without(i)[0], self._without(i)[1]) for i in range(k)
-                ]
+                loo = [self._learned(images[i : i + 1], *self._without(i)) for i in range(k)]
                 p_pos = torch.cat(loo)
             else:
                 p_pos = self._learned(images, self.support_images, self.support_masks)
@@ -256,7 +254,7 @@ class ScanSegmenter:
         assert self.support_images is not None and self.support_masks is not None and self._support_probs is not None
         o = self.options
         p_pos, p_neg, negs = self._support_probs
-        self.intensity, self.gate, self.support_dice = None, None, None
+        self.gate, self.support_dice = None, None
         images = self.support_images[:, 0]
         k = images.shape[0]
         all_i = torch.cat([images, negs])
