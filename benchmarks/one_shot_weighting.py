@@ -1,4 +1,4 @@
-"""Four one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
+"""Five one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
 
     python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
 
@@ -13,7 +13,11 @@ equally (docs/classification.md). This script measures, on the same seeded 1-sho
   neighbours stay its neighbours when the picture moves a little;
 * ``px<size>``: the default with a coarser pixel descriptor inside the weighting;
 * ``trans<rounds>``: weights fitted on the task's queries, labelled by the weighted rule's own prediction
-  (transductive self-training; never the queries' labels).
+  (transductive self-training; never the queries' labels);
+* ``emb<share>``: fixed weights, the embedding's share of the sum ``share`` and the descriptors' the rest in equal
+  parts (the default is 1/3 each): how far a different fixed prior would move each set.
+
+Any list option given empty (``--priors`` alone) leaves its variants out.
 
 It prints one line per set and method (accuracy, 95% interval, paired difference from raw pixels) and the mean
 fitted weights of the ``aug`` rows.
@@ -30,7 +34,12 @@ import benchmarks.real_classification as rc
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.commands.classify import loader_settings
 from imaging_meta.episode import Episode
-from imaging_meta.learners.descriptors.task_adaptive import DEFAULT, TaskAdaptiveClassifier, mark_colour
+from imaging_meta.learners.descriptors.task_adaptive import (
+    DEFAULT,
+    EMBEDDING,
+    TaskAdaptiveClassifier,
+    mark_colour,
+)
 from imaging_meta.learners.descriptors.weighting import (
     SCALE,
     fit_weights,
@@ -98,6 +107,24 @@ class AugmentedOneShot(_OneShotVariant):
         return beta
 
 
+class FixedOneShot(_OneShotVariant):
+    """At K = 1, fixed weights: ``share`` of the sum for the embedding, the rest split equally among the others."""
+
+    space = "fixed"
+
+    def __init__(self, *args, share: float = 0.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must lie in [0, 1], got {share}")
+        self.share = share
+
+    def one_shot_weights(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> torch.Tensor:
+        names = list(base)
+        rest = (1.0 - self.share) / max(len(names) - 1, 1)
+        w = torch.tensor([self.share if n == EMBEDDING else rest for n in names], dtype=distances.dtype)
+        return (SCALE * w).expand(distances.shape[0], -1).clone()
+
+
 class TransductiveOneShot(_OneShotVariant):
     """At K = 1, the weights fitted (as at K >= 2) on the task's own queries, labelled by the current weighted
     rule's prediction (their true labels are never read), for ``rounds`` rounds from equal weights."""
@@ -128,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift-priors", nargs="*", type=float, default=[0.5, 0.05],
                     help="also `shift<prior>`: the augmented views translations only (up to --shift of the size)")
     ap.add_argument("--shift", type=float, default=0.1)
+    ap.add_argument("--embedding-shares", nargs="*", type=float, default=[0.45, 0.55, 0.65, 0.8],
+                    help="also `emb<share>`: fixed weights, this share of the sum for the embedding")
     args = ap.parse_args(argv)
     learner, extra = load_learner(args.checkpoint, "cpu")
     learner.eval()
@@ -140,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     variants.update({f"shift{p:g}": AugmentedOneShot(learner, prior=p, copies=args.copies, spec=shift)
                      for p in args.shift_priors})
     variants.update({f"px{s}": TaskAdaptiveClassifier(learner, pixel_size=s) for s in args.pixel_sizes})
+    variants.update({f"emb{s:g}": FixedOneShot(learner, share=s) for s in args.embedding_shares})
     variants.update({f"trans{r}": TransductiveOneShot(learner, rounds=r) for r in args.transductive_rounds})
     for name, v in variants.items():
         methods[name] = (v.eval(), loader_settings(extra, v))

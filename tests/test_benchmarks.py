@@ -218,6 +218,32 @@ def test_transductive_one_shot_weighting_never_reads_the_query_labels():
     assert not torch.allclose(probs, equal_weights)  # the fitted weights are not the equal ones
 
 
+def test_fixed_one_shot_share_of_one_third_is_the_default_and_other_shares_move_the_answer():
+    """`emb<share>`: at K >= 2 the default exactly; at K = 1 a share of 1/3 is the default's equal weights, a share
+    of 1 is the embedding's nearest prototype alone (the descriptors get weight 0), and a share outside [0, 1]
+    is refused."""
+    from benchmarks.one_shot_weighting import FixedOneShot
+    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+    from tests.imaging_meta.test_descriptors import stub_embedding, task_episode
+
+    embedding = stub_embedding()
+    default = TaskAdaptiveClassifier(embedding).eval()
+    with torch.no_grad():
+        ep = task_episode("pixels", n_shot=2)
+        torch.testing.assert_close(FixedOneShot(embedding, share=0.9).eval().predict(ep), default.predict(ep))
+        one = task_episode("pixels", n_shot=1)
+        torch.testing.assert_close(FixedOneShot(embedding, share=1 / 3).eval().predict(one), default.predict(one))
+        alone = FixedOneShot(embedding, share=1.0).eval()
+        probs, records = alone._predict(one)
+        only_embedding = TaskAdaptiveClassifier(embedding, spaces=["embedding"], default="embedding").eval()
+        torch.testing.assert_close(probs.argmax(-1), only_embedding.predict(one).argmax(-1))
+        assert not torch.allclose(probs, default.predict(one))
+    assert records[0]["weights"]["embedding"] == pytest.approx(1.0)
+    assert records[0]["weights"]["pixels"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="share"):
+        FixedOneShot(embedding, share=1.5)
+
+
 def test_classification_calibration_ece_by_hand():
     import numpy as np
 
