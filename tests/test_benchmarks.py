@@ -300,3 +300,28 @@ def test_multi_support_scores_both_calibrations_on_two_support_patients(tmp_path
     assert all(len(w) == 2 for w in weights.values())  # learner and intensity
     assert all(dice[name] == pytest.approx(1.0) for name in VARIANTS)
     assert dice["intensity window (first support)"] == pytest.approx(1.0)
+
+
+def test_absent_structure_volume_and_retry_bookkeeping(tmp_path):
+    """`benchmarks.absent_structure`: volumes in ml from the affine, and a retry is recorded from `segment`'s own
+    warning, by query name."""
+    import logging
+
+    import nibabel as nib
+    import numpy as np
+
+    from benchmarks.absent_structure import _Retries, volume_ml
+
+    data = np.zeros((4, 4, 4), np.uint8)
+    data[:2, :2, :2] = 3
+    data[3, 3, 3] = 1
+    path = tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 5.0, 1.0])), str(path))
+    assert volume_ml(path, 3) == pytest.approx(8 * 20 / 1000)
+    assert volume_ml(path) == pytest.approx(9 * 20 / 1000)
+    handler = _Retries()
+    log = logging.getLogger("test.absent")
+    log.addHandler(handler)
+    log.warning("%s: the segmenter found nothing, so it was segmented again %s", "a.nii.gz", "without intensity")
+    log.warning("%s: the mask is empty: the segmenter found nothing", "b.nii.gz")
+    assert handler.names == {"a.nii.gz"}

@@ -460,6 +460,14 @@ def segment(
         mask = prob_map > 0.5
         if largest_component and mask.any():
             mask = keep_components(mask, parts)
+        if not mask.any():
+            found = int((probs > 0.5).sum())
+            logger.warning(
+                "%s: the mask is empty: %s. Check that this scan shows the structure; --explain writes the "
+                "probability map", q.name,
+                f"the segmenter marked {found} voxels at its own {pre['spacing']} mm, and none is left after "
+                "interpolation to this scan's grid (the structure may be thinner than that spacing)" if found
+                else "the segmenter found nothing" + ("" if opts.relax_empty else " (--keep-empty)"))
         paths = output_paths(q, out, output_format, explain)
         codes, unit = (1, 1), 2  # a DICOM series: scanner coordinates, in mm
         if q.is_dir():

@@ -460,3 +460,38 @@ def test_segment_warns_when_a_query_was_segmented_again_and_keep_empty_switches_
     assert not _scan_options(_tool_parser().parse_args([*base, "--keep-empty"])).relax_empty
     assert _scan_options(_tool_parser().parse_args(base)).across_scans
     assert not _scan_options(_tool_parser().parse_args([*base, "--pooled-calibration"])).across_scans
+
+
+def test_segment_warns_about_an_empty_mask_and_says_whether_it_vanished_on_the_query_grid(tmp_path, support,
+                                                                                         monkeypatch, caplog):
+    """An empty written mask is never silent: the warning names the query and says whether the segmenter found
+    nothing, or found voxels at its own spacing that interpolation to the query's grid lost."""
+    import logging
+
+    from imaging_meta.commands import segment as command
+    from imaging_meta.volume.segmenter import ScanSegmenter
+
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
+
+    class Nothing(ScanSegmenter):
+        def predict(self, volume, slices=None):
+            return torch.zeros(volume.shape)
+
+    monkeypatch.setattr(command, "ScanSegmenter", Nothing)
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        (mask,) = segment(ckpt, [support], [query], tmp_path / "out", device="cpu", **PLAIN)
+    lines = [r.getMessage() for r in caplog.records if "the mask is empty" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("q.nii.gz: the mask is empty: the segmenter found nothing")
+    assert not np.asarray(nib.load(str(mask)).dataobj).any()
+
+    monkeypatch.setattr(command, "ScanSegmenter", ScanSegmenter)
+    real_grid = command.to_source_grid
+    monkeypatch.setattr(command, "to_source_grid",
+                        lambda vol, probs, tf: (np.zeros_like(real_grid(vol, probs, tf)[0]), real_grid(vol, probs, tf)[1]))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [query], tmp_path / "out2", device="cpu", **PLAIN)
+    lines = [r.getMessage() for r in caplog.records if "the mask is empty" in r.getMessage()]
+    assert len(lines) == 1 and "none is left after interpolation" in lines[0], lines
