@@ -467,7 +467,8 @@ def segment(
                 "probability map", q.name,
                 f"the segmenter marked {found} voxels at its own {pre['spacing']} mm, and none is left after "
                 "interpolation to this scan's grid (the structure may be thinner than that spacing)" if found
-                else "the segmenter found nothing" + ("" if opts.relax_empty else " (--keep-empty)"))
+                else "the segmenter found nothing" + (" (--keep-empty: not segmented again)"
+                                                     if opts.calibrate and not opts.relax_empty else ""))
         paths = output_paths(q, out, output_format, explain)
         codes, unit = (1, 1), 2  # a DICOM series: scanner coordinates, in mm
         if q.is_dir():
