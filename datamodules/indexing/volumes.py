@@ -227,6 +227,14 @@ class Volume:
     affine: np.ndarray
 
 
+def affine_reason(affine) -> str | None:
+    """Why a voxel-to-world affine cannot place the voxels (not finite, or singular), or None when it can."""
+    a = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        return f"invalid voxel-to-world affine (sform/qform) {a.tolist()}; fix the header"
+    return None
+
+
 def load_nifti(path: str) -> tuple[Any, np.ndarray, list[int]]:
     """Header and data of a 3D NIfTI, its geometry in mm (`checked_nifti`); `Reject` with the reason otherwise."""
     try:
@@ -245,9 +253,9 @@ def load_nifti(path: str) -> tuple[Any, np.ndarray, list[int]]:
     if problem:
         raise Reject(problem)
     spatial = shape[:3]
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise Reject(f"invalid voxel-to-world affine (sform/qform) {affine.tolist()}; fix the header")
+    problem = affine_reason(img.affine)
+    if problem:
+        raise Reject(problem)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:

@@ -43,7 +43,7 @@ from monai.utils import ensure_tuple
 
 from datamodules.indexing.inputs import Reject
 from datamodules.indexing.scan import grid_mismatch
-from datamodules.indexing.volumes import checked_nifti, cifti_file_reason, dimensions_reason
+from datamodules.indexing.volumes import affine_reason, checked_nifti, cifti_file_reason, dimensions_reason
 from datamodules.io.dicom import DicomSeriesReader
 
 CT_MODALITIES = ("CT",)
@@ -307,7 +307,8 @@ class NiftiVolumeReader(NibabelReader):
         """`NibabelReader.read`, each image through `checked_nifti` before MONAI's header correction.
 
         Raises:
-            ValueError: a CIFTI-2 file, or a file nibabel cannot read, naming it.
+            ValueError: a CIFTI-2 file, a file nibabel cannot read, or one whose affine is not finite or is singular
+                (which MONAI would replace by the identity), naming it.
         """
         filenames = ensure_tuple(data)
         self.filenames = filenames  # what `get_data` pairs the images with, as in NibabelReader.read
@@ -323,6 +324,10 @@ class NiftiVolumeReader(NibabelReader):
                 img = checked_nifti(loaded, str(name))
             except Reject as e:
                 raise ValueError(f"{name}: {e}") from None
+            # MONAI's header correction would replace a broken affine by the identity: 1 mm voxels, silently
+            problem = affine_reason(img.affine)
+            if problem:
+                raise ValueError(f"{name}: {problem}")
             images.append(correct_nifti_header_if_necessary(img))
         return images if len(filenames) > 1 else images[0]
 

@@ -22,11 +22,16 @@ def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Pat
     """The output folder of a command, refused when a file of that name exists (it would fail after the work).
 
     Raises:
-        ValueError: ``folder`` exists and is not a folder.
+        ValueError: ``folder`` exists and is not a folder, or lies under a file.
     """
     p = Path(folder)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{p}: a file of that name exists; {option} names the output folder (give a new or existing folder)")
+    for parent in p.absolute().parents:  # a file above it: the folder could never be created
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{p}: {parent} is a file, so {option} cannot be created under it")
+            break
     return p
 
 

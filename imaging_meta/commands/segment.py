@@ -291,11 +291,12 @@ def _segmenter(checkpoint: str | Path, device: torch.device) -> tuple[Learner, d
 
 
 def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str],
-                     max_support_slices) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     max_support_slices, spacing: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Preprocessed (image, structure mask) volumes (H, W, D) of the supports (each of its ``modalities``), checked.
 
     Raises:
-        ValueError: a label map without the structure, or that is the structure everywhere.
+        ValueError: a label map whose structure vanishes at ``spacing`` (in-plane, mm), or that is the structure
+            everywhere (`check_label_source` has refused maps without it).
     """
     out = []
     for (image, label), modality in zip(supports, modalities, strict=True):
@@ -304,7 +305,10 @@ def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str],
         mask = (lbl > 0) if label_value is None else (lbl == label_value)
         what = "any non-zero voxel" if label_value is None else f"value {label_value}"
         if not _support_slices(mask, max_support_slices):
-            raise ValueError(f"{label}: the label map has no {what} after preprocessing; check --label-value")
+            raise ValueError(
+                f"{label}: the structure ({what}) is in the label map but vanishes when it is resampled to "
+                f"{' x '.join(f'{float(v):g}' for v in spacing)} mm in-plane: it is smaller than a voxel there. Pass --scale structure (a spacing "
+                "chosen from the structure) or label more of it")
         if bool(mask.all()):
             raise ValueError(
                 f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
@@ -378,11 +382,20 @@ def segment(
 
     Raises:
         ValueError: an unknown ``output_format``; ``dicom-seg`` with a query that is not a DICOM series
-            folder; a support label map without the structure, or that is the structure everywhere.
+            folder; ``max_support_slices`` below 1, ``label_value`` below 1, a ``modality`` that is not one; a
+            support label map without the structure, or that is the structure everywhere, or whose structure
+            vanishes at the working spacing; an output folder under a file.
         CheckpointError: a checkpoint that cannot segment.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    if max_support_slices < 1:
+        raise ValueError(f"--max-support-slices must be at least 1, got {max_support_slices}")
+    if label_value is not None and label_value < 1:
+        raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "
+                         "structure's value (1 or more), or leave it out for every non-zero voxel")
+    if modality is not None and normalise_modality(modality) is None:
+        raise ValueError(f"--modality {modality!r} is not a modality: give CT or MR (MRI, T1w, T2w... read as MR)")
     if output_format == "dicom-seg":
         for query in queries:
             q = Path(query)
@@ -410,7 +423,8 @@ def segment(
 
     fallback = pre.get("modality")  # the data config's modality for files that do not say, when it set one
     support_list = [modality_of(image, modality, fallback) for image, _ in supports]
-    supports_pre = _support_volumes(tf_pair, supports, label_value, support_list, max_support_slices)
+    supports_pre = _support_volumes(tf_pair, supports, label_value, support_list, max_support_slices,
+                                    pre["spacing"])
     support_modalities = set(support_list)
     query_modalities = [modality_of(q, modality, fallback) for q in queries]
     query_data = [tf_image({"image": image_source(q), "modality": m}) for q, m in zip(queries, query_modalities, strict=True)]

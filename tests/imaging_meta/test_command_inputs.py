@@ -438,3 +438,52 @@ def test_classify_keeps_the_answers_for_readable_queries_and_names_every_unreada
     with pytest.raises(ValueError, match=r"none of the 2 queries can be read: \S+broken\.png"):
         classify(ckpt, support, [queries], tmp_path / "none.csv", device="cpu")
     assert not (tmp_path / "none.csv").exists()
+
+
+# ------------------------------------------------------------------------------ segment: arguments and headers
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"max_support_slices": 0}, r"--max-support-slices must be at least 1, got 0"),
+    ({"max_support_slices": -3}, r"--max-support-slices must be at least 1, got -3"),
+    ({"label_value": 0}, r"--label-value 0: 0 is the background"),
+    ({"label_value": -2}, r"--label-value -2: 0 is the background"),
+    ({"modality": "XR"}, r"--modality 'XR' is not a modality: give CT or MR"),
+])
+def test_segment_refuses_bad_arguments_before_reading_anything(tmp_path, scans, kwargs, match):
+    image, label = scans
+    with pytest.raises(ValueError, match=match):
+        segment(NEVER_READ, [(image, label)], [image], tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_refuses_an_output_folder_under_a_file(tmp_path, scans):
+    """The folder could never be created: refused before the work, not as an OS error after it."""
+    image, label = scans
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt is a file, so --out cannot be created under it"):
+        segment(NEVER_READ, [(image, label)], [image], blocker / "sub" / "out")
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("damage", ["nan", "singular", "zero"])
+def test_an_image_with_a_broken_affine_is_refused_naming_it(tmp_path, damage):
+    """MONAI's header correction would put such an image on 1 mm voxels without a word (a mask in the wrong place,
+    or an internal error when it is written); the reader refuses it, naming the file."""
+    import nibabel as nib
+
+    affine = affine_ras()
+    if damage == "nan":
+        affine[0, 3] = np.nan
+    elif damage == "singular":
+        affine[:3, 2] = 0.0
+    else:
+        affine[:3, :3] = 0.0
+    data = phantom(seed=1).astype(np.int16)
+    header = nib.Nifti1Image(data, np.eye(4)).header  # the raw srows, as a broken writer leaves them
+    header.set_qform(None, code=0)
+    header["sform_code"] = 1
+    header["srow_x"], header["srow_y"], header["srow_z"] = affine[0], affine[1], affine[2]
+    path = tmp_path / f"{damage}.nii.gz"
+    nib.Nifti1Image(data, None, header=header).to_filename(str(path))
+    with pytest.raises(ValueError, match=rf"{damage}\.nii\.gz: invalid voxel-to-world affine"):
+        LoadVolumed(["image"])({"image": str(path)})

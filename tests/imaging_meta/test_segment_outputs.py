@@ -495,3 +495,18 @@ def test_segment_warns_about_an_empty_mask_and_says_whether_it_vanished_on_the_q
         segment(ckpt, [support], [query], tmp_path / "out2", device="cpu", **PLAIN)
     lines = [r.getMessage() for r in caplog.records if "the mask is empty" in r.getMessage()]
     assert len(lines) == 1 and "none is left after interpolation" in lines[0], lines
+
+
+def test_a_structure_that_vanishes_at_the_checkpoints_spacing_is_named_as_such(tmp_path, monkeypatch):
+    """A structure of one voxel in the label map is lost when resampled to a coarse spacing: the error says so and
+    suggests --scale structure, instead of blaming --label-value (the value is in the map)."""
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    vol = phantom(seed=1)
+    image = ct_nifti(vol, affine_ras(), tmp_path / "sup.nii.gz")
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[5, 5, 2] = 1  # one 1.5 x 1.25 mm voxel
+    label = write_nifti(lab, affine_ras(), tmp_path / "sup_label.nii.gz")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (6.0, 6.0), (4, 4))
+    with pytest.raises(ValueError, match=r"sup_label\.nii\.gz: the structure \(value 1\) is in the label map but "
+                                         r"vanishes when it is resampled to 6 x 6 mm in-plane.*--scale structure"):
+        segment(ckpt, [(image, label)], [image], tmp_path / "out", label_value=1, device="cpu", **PLAIN)
