@@ -150,7 +150,23 @@ def load_learner(checkpoint: str | os.PathLike, device: str | torch.device = "cp
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` is the GPU when there is one, else the CPU."""
+    """``auto`` is the GPU when there is one, else the CPU.
+
+    Raises:
+        ValueError: a name that is no device, or a CUDA device this machine or this torch does not have (named
+            as the ``--device`` option, before any work).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: give auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: this torch sees no CUDA GPU (torch {torch.__version__}, CUDA "
+                             f"{torch.version.cuda or 'not compiled in'}); give --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), numbered from 0")
+    return dev

@@ -73,8 +73,8 @@ def _image_files(folder: Path) -> list[Path]:
         maybe = _maybe_dicom(f)
         if not maybe and f.suffix.lower() not in IMAGE_SUFFIXES:
             if is_nifti(f) or f.name.lower().endswith(_VOLUME_SUFFIXES):
-                logger.warning("skipping %s: a 3D volume; classify takes 2D images (segment takes volumes; "
-                               "or export the slices you want classified as PNG or DICOM)", f)
+                logger.warning("skipping %s: a NIfTI or other volume file; classify takes 2D images (segment takes "
+                               "volumes; or export the slices you want classified as PNG or DICOM)", f)
             else:
                 others.append(f)
             continue
@@ -171,15 +171,16 @@ def _episode(s_images: torch.Tensor, s_labels: torch.Tensor, classes: Sequence[s
     )
 
 
-#: an image this many times the checkpoint's size along an axis (or more) is "far larger"
+#: an image this many times the checkpoint's size along an axis (or more) is "far larger"; one whose larger side is
+#: at most this fraction of the input's is "far smaller"
 FAR_LARGER = 4.0
 #: aspect ratios that differ by this factor (or more) are "another aspect ratio"
 OTHER_ASPECT = 1.25
 
 
 def resolution_notes(shapes: dict[Path, tuple[int, int]], image_size: Sequence[int]) -> list[str]:
-    """What to tell the user when images are far larger than the checkpoint's input or of another aspect ratio:
-    classify keeps the checkpoint's preprocessing (fit inside ``image_size``, zero-pad), and says so."""
+    """What to tell the user when images are far larger or far smaller than the checkpoint's input, or of another
+    aspect ratio: classify keeps the checkpoint's preprocessing (fit inside ``image_size``, zero-pad), and says so."""
     th, tw = (int(v) for v in image_size)
     notes = []
     large = [p for p, (h, w) in shapes.items() if max(h / th, w / tw) >= FAR_LARGER]
@@ -189,6 +190,14 @@ def resolution_notes(shapes: dict[Path, tuple[int, int]], image_size: Sequence[i
             f"{len(large)} of {len(shapes)} images are at least {FAR_LARGER:g}x the checkpoint's {th} x {tw} input "
             f"(largest {h} x {w}, e.g. {large[0]}): classify keeps the checkpoint's preprocessing and shrinks them, "
             "losing fine detail; for such images train with a larger image_size in the data config"
+        )
+    small = [p for p, (h, w) in shapes.items() if max(h / th, w / tw) <= 1 / FAR_LARGER]
+    if small:
+        h, w = min((shapes[p] for p in small), key=lambda s: s[0] * s[1])
+        notes.append(
+            f"{len(small)} of {len(shapes)} images are at most 1/{FAR_LARGER:g} of the checkpoint's {th} x {tw} input "
+            f"(smallest {h} x {w}, e.g. {small[0]}): classify enlarges them, which adds no detail; check that they "
+            "are the images you meant (not thumbnails or icons)"
         )
     target = th / tw
     other = [p for p, (h, w) in shapes.items() if max(h / w / target, target * w / h) >= OTHER_ASPECT]
@@ -261,18 +270,37 @@ def explanation_paths(folder: Path, index: int, query: Path) -> list[Path]:
     return [folder / f"{name}.json", folder / f"{name}.png"]
 
 
+#: the names of the explanation files a run wrote, one per line, in their folder: the only files a later run removes
+MANIFEST = ".imaging-meta-explanations.txt"
+
+
 def remove_old_explanations(folder: Path) -> list[Path]:
     """Remove the explanation files of an earlier run from ``folder`` before this run writes its own: they would
-    sit beside them and look like this run's (query number 3 after a run with 2 queries). Only files named as
-    explanations (`EXPLANATION`) go."""
-    removed = []
-    if folder.is_dir():
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and EXPLANATION.match(f.name):
-                f.unlink()
-                removed.append(f)
+    sit beside them and look like this run's (query number 3 after a run with 2 queries). Only the files that run
+    listed in its `MANIFEST` go, and only those named as explanations (`EXPLANATION`); any other file stays, and
+    files named like explanations that no manifest lists (a user's own, or a run before the manifest) are kept
+    with a warning."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    manifest = folder / MANIFEST
+    listed: set[str] = set()
+    if manifest.is_file():
+        try:
+            listed = set(manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines())
+        except OSError as e:
+            logger.warning("%s cannot be read (%s): no earlier explanation is removed", manifest, e)
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and EXPLANATION.match(f.name) and f.name in listed:
+            f.unlink()
+            removed.append(f)
+    manifest.unlink(missing_ok=True)
     if removed:
         logger.info("removed %d explanation file(s) of an earlier run from %s", len(removed), folder)
+    strays = [f.name for f in sorted(folder.iterdir()) if f.is_file() and EXPLANATION.match(f.name)]
+    if strays:
+        logger.warning("kept %d file(s) in %s named like explanations that no earlier run of classify listed "
+                       "(e.g. %s); this run's are listed in %s", len(strays), folder, strays[0], MANIFEST)
     return removed
 
 
@@ -331,12 +359,23 @@ def classify(
     planned = [(out, "the predictions CSV")]
     if explain:
         planned += [(p, str(q)) for i, q in enumerate(qs) for p in explanation_paths(explain_dir(out), i, q)]
-    inputs = [f for f, _ in items] + qs
+    inputs = [f for f, _ in items] + qs + [Path(checkpoint)]
     check_outputs(planned, inputs)
     inside = [f for f in inputs if f.resolve().parent == explain_dir(out).resolve()] if explain else []
     if inside:
         raise ValueError(f"{inside[0]}: an input inside {explain_dir(out)}, the explanations folder that --explain "
                          "rewrites; move the inputs, or write the CSV elsewhere")
+    if explain:  # its PNG panels would be read as images by the next run on the same folders
+        folders = [Path(support)] + [Path(q) for q in queries if Path(q).is_dir()]
+        holder = next((f for f in folders if explain_dir(out).resolve().is_relative_to(f.resolve())), None)
+        if holder is not None:
+            raise ValueError(f"{explain_dir(out)}: the explanations folder lies inside {holder}, an input folder, so "
+                             "their PNG panels would be read as images by the next run; write the CSV elsewhere")
+    same = sorted({f.resolve() for f in qs} & {f.resolve() for f, _ in items})
+    if same:
+        logger.warning("%d quer%s also a support image (e.g. %s): each is compared with itself, so its answer and "
+                       "probabilities say nothing about new images", len(same), "y is" if len(same) == 1 else "ies are",
+                       same[0])
     dev = resolve_device(device)
     learner, extra = load_learner(checkpoint, dev)
     task = get_task(extra.get("task", learner.task))
@@ -388,7 +427,8 @@ def classify(
         raise ValueError(f"none of the {len(qs)} queries can be read: {_listed(unreadable)}")
     for note in resolution_notes(shapes, settings["image_size"]):
         logger.warning(note)
-    with atomic_open(out, "w", newline="") as f:
+    # surrogateescape: a file name that is not valid UTF-8 is written back as the bytes it has on disk
+    with atomic_open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(["path", "predicted_class", *[f"p_{c}" for c in classes]])
         w.writerows(rows)
@@ -434,7 +474,8 @@ def write_explanations(
     batch_size: int = 32,
     choices: Sequence[dict | None] | None = None,
 ) -> list[Path]:
-    """Write each query's explanation: ``<number>_<stem>.json`` and ``<number>_<stem>.png`` in ``folder``.
+    """Write each query's explanation: ``<number>_<stem>.json`` and ``<number>_<stem>.png`` in ``folder``, listed
+    in its `MANIFEST` (what the next run's `remove_old_explanations` may remove).
 
     With ``choices`` (a task-adaptive learner's choice for each query's task: the feature space and the
     leave-one-out accuracies over the support that chose it), the JSON also holds it as ``task_choice``.
@@ -466,6 +507,10 @@ def write_explanations(
     from imaging_meta.commands.explain import nearest_supports, occlusion_saliency, save_explanation_panel
 
     folder.mkdir(parents=True, exist_ok=True)
+    # listed before they are written, so that a run stopped half-way is cleaned up by the next one
+    names = [p.name for i, q in enumerate(queries) for p in explanation_paths(folder, i, q)]
+    with atomic_open(folder / MANIFEST, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write("".join(f"{n}\n" for n in names))
     written = []
     steps = enumerate(zip(queries, probabilities, strict=True))
     for i, (q, probs) in progress(steps, "classify: explanations", total=len(queries), unit="query"):

@@ -407,6 +407,7 @@ def segment(
     inputs = [*(p for pair in supports for p in pair), *queries]
     for path in inputs:  # every input, before the checkpoint is read
         image_source(path)
+    inputs.append(checkpoint)  # never overwritten either
     for _, label in supports:
         check_label_source(label, label_value)
     out = check_output_folder(out_dir)

@@ -23,7 +23,13 @@ from datamodules.indexing.volumes import MAX_LABELS, label_data_values
 from datamodules.io.dicom import DicomSeriesReader
 from datamodules.io.dicom_errors import DicomError
 from datamodules.transforms.volume import LoadVolumed
-from imaging_meta.commands.classify import classify, query_files, remove_old_explanations, support_folder
+from imaging_meta.commands.classify import (
+    MANIFEST,
+    classify,
+    query_files,
+    remove_old_explanations,
+    support_folder,
+)
 from imaging_meta.commands.segment import segment
 from tests.datamodules.dicom_fixtures import affine_ras, label_for, phantom, write_nifti, write_series
 
@@ -155,6 +161,78 @@ def test_classify_refuses_a_csv_path_that_is_an_input_or_a_folder(tmp_path, fold
         classify(NEVER_READ, support, [queries], queries)
 
 
+def test_classify_and_segment_never_write_over_the_checkpoint(tmp_path, folders, scans):
+    """A review found `classify --out model.ckpt` replacing the checkpoint with the CSV, exit 0."""
+    support, queries = folders
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"model\.ckpt: this input would be overwritten by the output of the predictions CSV"):
+        classify(ckpt, support, [queries], ckpt)
+    image, label = scans
+    named = tmp_path / "ct.nii.gz"  # a checkpoint named like the mask of the query `ct.nii.gz`
+    named.write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"ct\.nii\.gz: this input would be overwritten"):
+        segment(named, [(image, label)], [image], tmp_path)
+    assert ckpt.read_bytes() == named.read_bytes() == b"weights"
+
+
+def test_classify_refuses_explanations_inside_an_input_folder(tmp_path, folders):
+    """Their PNG panels would become support images (or queries) of the next run on the same folders."""
+    support, queries = folders
+    for where, folder in ((support / "a" / "preds.csv", support), (queries / "preds.csv", queries)):
+        with pytest.raises(ValueError, match=rf"preds_explain: the explanations folder lies inside .*{folder.name}, an input folder"):
+            classify(NEVER_READ, support, [queries], where, explain=True)
+    with pytest.raises(Exception) as e:  # without --explain the CSV may sit there: it is no image; the checkpoint is read
+        classify(NEVER_READ, support, [queries], queries / "preds.csv")
+    assert "input folder" not in str(e.value)
+
+
+def test_classify_warns_about_queries_that_are_support_images_and_keeps_odd_file_names(tmp_path, folders, caplog,
+                                                                                       monkeypatch):
+    """A query that is a support image is compared with itself (a warning names it); a file name that is not valid
+    UTF-8 is written to the CSV as the bytes it has on disk instead of failing the whole run."""
+    import os
+
+    from imaging_meta.commands import classify as command
+    from imaging_meta.learners.descriptors.classifier import DescriptorClassifier
+
+    support, queries = folders
+    odd = queries / os.fsdecode(b"caf\xe9.png")
+    (queries / "q1.png").rename(odd)
+    preprocessing = {"preprocessing": {"image_size": [16, 16], "channels": 1}}
+    monkeypatch.setattr(command, "load_learner", lambda path, dev: (DescriptorClassifier("pixels"), preprocessing))
+    out = tmp_path / "p.csv"
+    with caplog.at_level(logging.WARNING):
+        classify("any.ckpt", support, [queries, support / "a" / "a0.png"], out, device="cpu")
+    assert "1 query is also a support image" in caplog.text and "a0.png" in caplog.text
+    raw = out.read_bytes()
+    assert b"caf\xe9.png" in raw and raw.count(b"\n") == 4  # the header and three queries
+
+
+def test_bad_devices_are_named_as_the_option():
+    from imaging_meta.checkpoint_io import resolve_device
+
+    with pytest.raises(ValueError, match=r"--device 'banana' is not a device"):
+        resolve_device("banana")
+    assert resolve_device("cpu").type == "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device cuda: this torch sees no CUDA GPU"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(ValueError, match=r"numbered from 0"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_far_smaller_images_get_a_note():
+    from imaging_meta.commands.classify import resolution_notes
+
+    notes = resolution_notes({Path("icon.png"): (2, 2), Path("ok.png"): (30, 32)}, (32, 32))
+    assert len(notes) == 1 and "1 of 2 images are at most 1/4" in notes[0] and "icon.png" in notes[0]
+    assert resolution_notes({Path("ok.png"): (16, 16)}, (32, 32)) == []
+
+
 def test_classify_skips_stray_files_without_suffix_and_refuses_volumes_as_queries(tmp_path, folders):
     support, queries = folders
     (support / "a" / "README").write_text("notes")
@@ -190,20 +268,28 @@ def test_a_query_folder_names_the_volumes_and_other_files_it_skips(tmp_path, fol
     (queries / ".DS_Store").write_bytes(b"\x00")
     with caplog.at_level(logging.WARNING):
         assert [f.name for f in query_files([queries])] == ["q0.png", "q1.png"]
-    assert "scan.nii.gz: a 3D volume; classify takes 2D images" in caplog.text
-    assert "brain.mgz: a 3D volume" in caplog.text
+    assert "scan.nii.gz: a NIfTI or other volume file; classify takes 2D images" in caplog.text
+    assert "brain.mgz: a NIfTI or other volume file" in caplog.text
     assert "skipping 1 file(s) in" in caplog.text and ": notes.txt" in caplog.text
     assert "Thumbs.db" not in caplog.text and "DS_Store" not in caplog.text
 
 
-def test_an_earlier_runs_explanations_are_removed_and_nothing_else(tmp_path):
+def test_an_earlier_runs_explanations_are_removed_and_nothing_else(tmp_path, caplog):
+    """Only the files an earlier run listed in its manifest go: a user's own date-named files stay (a review found
+    `20240101_patient_scan.png` deleted by the name pattern alone)."""
     folder = tmp_path / "pred_explain"
     folder.mkdir()
     old = [folder / "0000_a.json", folder / "0000_a.png", folder / "0007_b.json"]
-    kept = [folder / "notes.txt", folder / "my_0001_x.png"]
+    kept = [folder / "notes.txt", folder / "my_0001_x.png", folder / "20240101_patient_scan.png",
+            folder / "2024_notes.json"]
     for f in old + kept:
         f.write_text("x")
-    assert remove_old_explanations(folder) == sorted(old)
+    (folder / MANIFEST).write_text("\n".join([f.name for f in old] + ["0009_gone.png", "notes.txt"]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert remove_old_explanations(folder) == sorted(old)
+    assert sorted(folder.iterdir()) == sorted(kept)  # the manifest went with its files
+    assert "kept 2 file(s)" in caplog.text and "20240101_patient_scan.png" in caplog.text
+    assert remove_old_explanations(folder) == []  # no manifest: nothing is removed
     assert sorted(folder.iterdir()) == sorted(kept)
     assert remove_old_explanations(tmp_path / "absent") == []
 
