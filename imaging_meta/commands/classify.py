@@ -210,6 +210,31 @@ def resolution_notes(shapes: dict[Path, tuple[int, int]], image_size: Sequence[i
     return notes
 
 
+def _colour(image: torch.Tensor) -> bool:
+    """A (C, H, W) image whose channels differ (grey stored as RGB is grey)."""
+    return image.shape[0] > 1 and not bool((image == image[:1]).all())
+
+
+def colour_notes(support: Sequence[Path], s_images: torch.Tensor, queries: Sequence[Path],
+                 q_images: Sequence[torch.Tensor]) -> list[str]:
+    """What to tell the user when a support set mixes colour and grey images (one colour image turns the whole
+    support into a colour task, see `imaging_meta.learners.descriptors.colour`; ``fit``'s image folder refuses
+    the mix as nearly always a stray image), or when queries are colour and the support grey or the other way."""
+    notes = []
+    s_colour = [_colour(x) for x in s_images]
+    if any(s_colour) and not all(s_colour):
+        odd = [p for p, c in zip(support, s_colour, strict=True) if c == (sum(s_colour) < len(s_colour) / 2)]
+        notes.append(f"the support mixes colour and grey images ({sum(s_colour)} of {len(s_colour)} in colour; "
+                     f"the fewer kind, e.g. {odd[0]}): a stray screenshot or overlay? Each query is compared in colour")
+    elif q_images:
+        q_colour = [_colour(x) for x in q_images]
+        other = [p for p, c in zip(queries, q_colour, strict=True) if c != s_colour[0]]
+        if other:
+            notes.append(f"{len(other)} of {len(q_colour)} queries are {'grey' if s_colour[0] else 'colour'} and the "
+                         f"support {'colour' if s_colour[0] else 'grey'} (e.g. {other[0]}): their colour cannot match")
+    return notes
+
+
 def with_space(learner: Learner, space: str = "auto", finetune_steps: int = 0) -> Learner:
     """The learner `classify` runs: ``auto`` wraps a learned embedding in `TaskAdaptiveClassifier` (a descriptor
     or task-adaptive learner is kept as it is); ``learned`` keeps the learner; ``finetune_steps`` > 0 wraps it in
@@ -401,7 +426,7 @@ def classify(
     s_images = torch.stack([load_image(f) for f, _ in items])  # every support image must be readable
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
     rows, read = [], []
-    all_probs, all_choices = [], []
+    all_probs, all_choices, all_images = [], [], []
     unreadable: list[str] = []  # a query that cannot be read is listed, and the others are still classified
     for start in progress(range(0, len(qs), batch_size), "classify", unit="batch"):
         images, chunk = [], []
@@ -413,6 +438,7 @@ def classify(
                 unreadable.append(str(e))
         if not chunk:
             continue
+        all_images += images
         probs, choices = predict_queries(learner, s_images, s_labels, classes, torch.stack(images), dev, start)
         all_choices += choices
         if not torch.isfinite(probs).all():
@@ -425,7 +451,8 @@ def classify(
         logger.warning("cannot be read: %s", message)
     if not rows:
         raise ValueError(f"none of the {len(qs)} queries can be read: {_listed(unreadable)}")
-    for note in resolution_notes(shapes, settings["image_size"]):
+    for note in resolution_notes(shapes, settings["image_size"]) + colour_notes(
+            [f for f, _ in items], s_images, read, all_images):
         logger.warning(note)
     # surrogateescape: a file name that is not valid UTF-8 is written back as the bytes it has on disk
     with atomic_open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datamodules.indexing.inputs import Reject
@@ -215,8 +216,6 @@ def test_bad_devices_are_named_as_the_option():
     with pytest.raises(ValueError, match=r"--device 'banana' is not a device"):
         resolve_device("banana")
     assert resolve_device("cpu").type == "cpu"
-    import torch
-
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"--device cuda: this torch sees no CUDA GPU"):
             resolve_device("cuda")
@@ -573,3 +572,17 @@ def test_an_image_with_a_broken_affine_is_refused_naming_it(tmp_path, damage):
     nib.Nifti1Image(data, None, header=header).to_filename(str(path))
     with pytest.raises(ValueError, match=rf"{damage}\.nii\.gz: invalid voxel-to-world affine"):
         LoadVolumed(["image"])({"image": str(path)})
+
+
+def test_colour_notes_name_a_stray_colour_image_and_colour_queries_against_a_grey_support():
+    from imaging_meta.commands.classify import colour_notes
+
+    grey = torch.rand(1, 8, 8).expand(3, 8, 8)  # grey stored as RGB
+    colour = torch.rand(3, 8, 8)
+    support = [Path("a0.png"), Path("a1.png"), Path("b0.png")]
+    notes = colour_notes(support, torch.stack([grey, colour, grey]), [], [])
+    assert len(notes) == 1 and "1 of 3 in colour" in notes[0] and "a1.png" in notes[0]
+    notes = colour_notes(support, torch.stack([grey, grey, grey]), [Path("q.png"), Path("r.png")], [grey, colour])
+    assert len(notes) == 1 and "1 of 2 queries are colour and the support grey (e.g. r.png)" in notes[0]
+    assert colour_notes(support, torch.stack([grey] * 3), [Path("q.png")], [grey]) == []
+    assert colour_notes(support, torch.stack([colour] * 3), [Path("q.png")], [colour]) == []
