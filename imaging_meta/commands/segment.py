@@ -290,6 +290,10 @@ def _segmenter(checkpoint: str | Path, device: torch.device) -> tuple[Learner, d
     return learner, pre
 
 
+#: a support structure filling more of its (preprocessed) volume than this is warned about
+NEAR_ALL = 0.95
+
+
 def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str],
                      max_support_slices, spacing: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Preprocessed (image, structure mask) volumes (H, W, D) of the supports (each of its ``modalities``), checked.
@@ -314,6 +318,10 @@ def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str],
                 f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
                 "file (an image or a body mask instead of the label map); check --support-label and --label-value"
             )
+        share = float(mask.float().mean())
+        if share > NEAR_ALL:
+            logger.warning("%s: the structure (%s) fills %.1f%% of the support volume; check --support-label and "
+                           "--label-value (a body mask or an inverted label map?)", label, what, 100 * share)
         out.append((d["image"].as_tensor()[0].float(), mask.as_tensor().bool()))
     return out
 
@@ -514,6 +522,10 @@ def _log_fitted(segmenter: ScanSegmenter) -> None:
     logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0],
                 _plain(segmenter.describe()))
     check = segmenter.support_dice
+    if check is None and segmenter.options.calibrate and segmenter.support_images.shape[0] == 1:
+        logger.warning("the support shows the structure on one slice only: its fusion is not fitted (the learner's "
+                       "and the intensity evidence are added) and there is no support self-check; label more slices "
+                       "for a calibrated answer")
     if check is not None and check < SUPPORT_CHECK_WARN:
         logger.warning(
             "support self-check: the support's own slices, each segmented from the others (with several support scans: "

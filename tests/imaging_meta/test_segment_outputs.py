@@ -510,3 +510,28 @@ def test_a_structure_that_vanishes_at_the_checkpoints_spacing_is_named_as_such(t
     with pytest.raises(ValueError, match=r"sup_label\.nii\.gz: the structure \(value 1\) is in the label map but "
                                          r"vanishes when it is resampled to 6 x 6 mm in-plane.*--scale structure"):
         segment(ckpt, [(image, label)], [image], tmp_path / "out", label_value=1, device="cpu", **PLAIN)
+
+
+def test_a_one_slice_support_and_a_structure_that_fills_the_volume_are_warned_about(tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    vol = phantom(seed=1)
+    image = ct_nifti(vol, affine_ras(), tmp_path / "sup.nii.gz")
+    one = label_for(vol)
+    one[..., :2] = 0
+    one[..., 3:] = 0  # the box on slice 2 only
+    assert one.any()
+    label = write_nifti(one, affine_ras(), tmp_path / "one_label.nii.gz")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [(image, label)], [image], tmp_path / "out", device="cpu", **PLAIN)
+    assert "the support shows the structure on one slice only" in caplog.text
+    assert "fills" not in caplog.text
+    most = np.ones(vol.shape, np.uint8)
+    most[6, 5, :] = 0  # all but a central column: a body mask, or an inverted map
+    label = write_nifti(most, affine_ras(), tmp_path / "most_label.nii.gz")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [(image, label)], [image], tmp_path / "out2", device="cpu", **PLAIN)
+    assert "most_label.nii.gz: the structure (any non-zero voxel) fills" in caplog.text
