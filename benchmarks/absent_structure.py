@@ -54,7 +54,7 @@ class _Retries(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if "segmented again" in message:
+        if "so it was segmented again" in message:
             self.names.add(message.split(":")[0])
 
 
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(r['retried'] for r in absent)}; mask as a fraction of the support's structure: median "
               f"{np.median(fractions):.2f}, max {fractions.max():.2f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"adapt_steps": args.adapt_steps, "records": records}, indent=1))
+        Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "adapt_steps": args.adapt_steps,
+                                              "records": records}, indent=1))
     return 0
 
 

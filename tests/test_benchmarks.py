@@ -323,5 +323,5 @@ def test_absent_structure_volume_and_retry_bookkeeping(tmp_path):
     log = logging.getLogger("test.absent")
     log.addHandler(handler)
     log.warning("%s: the segmenter found nothing, so it was segmented again %s", "a.nii.gz", "without intensity")
-    log.warning("%s: the mask is empty: the segmenter found nothing", "b.nii.gz")
+    log.warning("%s: the mask is empty: the segmenter found nothing (--keep-empty: not segmented again)", "b.nii.gz")
     assert handler.names == {"a.nii.gz"}

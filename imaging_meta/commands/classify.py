@@ -299,33 +299,46 @@ def explanation_paths(folder: Path, index: int, query: Path) -> list[Path]:
 MANIFEST = ".imaging-meta-explanations.txt"
 
 
-def remove_old_explanations(folder: Path) -> list[Path]:
+def remove_old_explanations(folder: Path, planned: Sequence[str] = ()) -> list[Path]:
     """Remove the explanation files of an earlier run from ``folder`` before this run writes its own: they would
-    sit beside them and look like this run's (query number 3 after a run with 2 queries). Only the files that run
-    listed in its `MANIFEST` go, and only those named as explanations (`EXPLANATION`); any other file stays, and
-    files named like explanations that no manifest lists (a user's own, or a run before the manifest) are kept
-    with a warning."""
+    sit beside them and look like this run's (query number 3 after a run with 2 queries).
+
+    Only files named as explanations (`EXPLANATION`) that an earlier run wrote go: those listed in its `MANIFEST`,
+    or, in a folder without one (a run before the manifest), each JSON that is an explanation record (its
+    ``query``, ``saliency`` and ``panel``) and the PNG panel it names. Any other file stays; files named like
+    explanations that are neither (a user's own), other than this run's ``planned`` names, are kept with a warning.
+    """
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
     manifest = folder / MANIFEST
+    named = [f for f in sorted(folder.iterdir()) if f.is_file() and EXPLANATION.match(f.name)]
     listed: set[str] = set()
     if manifest.is_file():
         try:
             listed = set(manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines())
         except OSError as e:
             logger.warning("%s cannot be read (%s): no earlier explanation is removed", manifest, e)
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and EXPLANATION.match(f.name) and f.name in listed:
+    else:
+        for f in named:
+            if f.suffix == ".json":
+                try:
+                    record = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(record, dict) and {"query", "saliency", "panel"} <= set(record):
+                    listed |= {f.name, str(record["panel"])}
+    for f in named:
+        if f.name in listed:
             f.unlink()
             removed.append(f)
     manifest.unlink(missing_ok=True)
     if removed:
         logger.info("removed %d explanation file(s) of an earlier run from %s", len(removed), folder)
-    strays = [f.name for f in sorted(folder.iterdir()) if f.is_file() and EXPLANATION.match(f.name)]
+    strays = [f.name for f in named if f.name not in listed and f.name not in set(planned)]
     if strays:
-        logger.warning("kept %d file(s) in %s named like explanations that no earlier run of classify listed "
-                       "(e.g. %s); this run's are listed in %s", len(strays), folder, strays[0], MANIFEST)
+        logger.warning("kept %d file(s) in %s named like explanations that classify did not write (e.g. %s); this "
+                       "run's are listed in %s", len(strays), folder, strays[0], MANIFEST)
     return removed
 
 
@@ -460,7 +473,8 @@ def classify(
         w.writerow(["path", "predicted_class", *[f"p_{c}" for c in classes]])
         w.writerows(rows)
     if explain:
-        remove_old_explanations(explain_dir(out))
+        remove_old_explanations(explain_dir(out), [p.name for i, q in enumerate(read)
+                                                   for p in explanation_paths(explain_dir(out), i, q)])
         write_explanations(
             learner, s_images, s_labels, [f for f, _ in items], classes, read, all_probs, explain_dir(out),
             load_image, dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,

@@ -294,13 +294,17 @@ def _segmenter(checkpoint: str | Path, device: torch.device) -> tuple[Learner, d
 NEAR_ALL = 0.95
 
 
-def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str],
-                     max_support_slices, spacing: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _mm(spacing: Sequence[float]) -> str:
+    return " x ".join(f"{float(v):g}" for v in spacing)
+
+
+def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str], max_support_slices,
+                     spacing: Sequence[float], slice_size: Sequence[int], hint: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Preprocessed (image, structure mask) volumes (H, W, D) of the supports (each of its ``modalities``), checked.
 
     Raises:
-        ValueError: a label map whose structure vanishes at ``spacing`` (in-plane, mm), or that is the structure
-            everywhere (`check_label_source` has refused maps without it).
+        ValueError: a label map whose structure vanishes at ``spacing`` (in-plane, mm) and ``slice_size`` (``hint``
+            says what to do), or that is the structure everywhere (`check_label_source` has refused maps without it).
     """
     out = []
     for (image, label), modality in zip(supports, modalities, strict=True):
@@ -310,9 +314,9 @@ def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str],
         what = "any non-zero voxel" if label_value is None else f"value {label_value}"
         if not _support_slices(mask, max_support_slices):
             raise ValueError(
-                f"{label}: the structure ({what}) is in the label map but vanishes when it is resampled to "
-                f"{' x '.join(f'{float(v):g}' for v in spacing)} mm in-plane: it is smaller than a voxel there. Pass --scale structure (a spacing "
-                "chosen from the structure) or label more of it")
+                f"{label}: the structure ({what}) is in the label map but not in the support once it is resampled to "
+                f"{_mm(spacing)} mm in-plane and cropped to {' x '.join(str(int(v)) for v in slice_size)} pixels "
+                f"around the centre: it is smaller than a voxel there, or outside that field of view. {hint}")
         if bool(mask.all()):
             raise ValueError(
                 f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
@@ -390,7 +394,7 @@ def segment(
 
     Raises:
         ValueError: an unknown ``output_format``; ``dicom-seg`` with a query that is not a DICOM series
-            folder; ``max_support_slices`` below 1, ``label_value`` below 1, a ``modality`` that is not one; a
+            folder; ``max_support_slices`` below 1, ``label_value`` below 1, an empty ``modality``; a
             support label map without the structure, or that is the structure everywhere, or whose structure
             vanishes at the working spacing; an output folder under a file.
         CheckpointError: a checkpoint that cannot segment.
@@ -402,8 +406,11 @@ def segment(
     if label_value is not None and label_value < 1:
         raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "
                          "structure's value (1 or more), or leave it out for every non-zero voxel")
-    if modality is not None and normalise_modality(modality) is None:
-        raise ValueError(f"--modality {modality!r} is not a modality: give CT or MR (MRI, T1w, T2w... read as MR)")
+    if modality is not None and not modality.strip():
+        raise ValueError("--modality is empty: give CT or MR")
+    if modality is not None and normalise_modality(modality) not in ("CT", "MR"):
+        logger.warning("--modality %r is neither CT nor a spelling of MR: files that do not say their modality are "
+                       "read as MR (scaled between intensity percentiles, not a CT window)", modality)
     if output_format == "dicom-seg":
         for query in queries:
             q = Path(query)
@@ -432,8 +439,10 @@ def segment(
 
     fallback = pre.get("modality")  # the data config's modality for files that do not say, when it set one
     support_list = [modality_of(image, modality, fallback) for image, _ in supports]
-    supports_pre = _support_volumes(tf_pair, supports, label_value, support_list, max_support_slices,
-                                    pre["spacing"])
+    supports_pre = _support_volumes(
+        tf_pair, supports, label_value, support_list, max_support_slices, pre["spacing"], pre["slice_size"],
+        "Pass --scale structure (a spacing and field of view chosen from the structure), or label more of it"
+        if scale == "checkpoint" else "Label more of it, or crop the support scan around it")
     support_modalities = set(support_list)
     query_modalities = [modality_of(q, modality, fallback) for q in queries]
     query_data = [tf_image({"image": image_source(q), "modality": m}) for q, m in zip(queries, query_modalities, strict=True)]
@@ -488,7 +497,7 @@ def segment(
             logger.warning(
                 "%s: the mask is empty: %s. Check that this scan shows the structure; --explain writes the "
                 "probability map", q.name,
-                f"the segmenter marked {found} voxels at its own {pre['spacing']} mm, and none is left after "
+                f"the segmenter marked {found} voxels at its own {_mm(pre['spacing'])} mm, and none is left after "
                 "interpolation to this scan's grid (the structure may be thinner than that spacing)" if found
                 else "the segmenter found nothing" + (" (--keep-empty: not segmented again)"
                                                      if opts.calibrate and not opts.relax_empty else ""))
@@ -522,7 +531,9 @@ def _log_fitted(segmenter: ScanSegmenter) -> None:
     logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0],
                 _plain(segmenter.describe()))
     check = segmenter.support_dice
-    if check is None and segmenter.options.calibrate and segmenter.support_images.shape[0] == 1:
+    # one slice used although more were allowed: the support shows the structure on one slice only
+    if check is None and segmenter.options.calibrate and segmenter.support_images.shape[0] == 1 < \
+            segmenter.options.max_support_slices:
         logger.warning("the support shows the structure on one slice only: its fusion is not fitted (the learner's "
                        "and the intensity evidence are added) and there is no support self-check; label more slices "
                        "for a calibrated answer")

@@ -10,6 +10,7 @@ error or a silently shorter volume.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -215,6 +216,8 @@ def test_bad_devices_are_named_as_the_option():
 
     with pytest.raises(ValueError, match=r"--device 'banana' is not a device"):
         resolve_device("banana")
+    with pytest.raises(ValueError, match=r"--device mps: imaging-meta runs on cpu or cuda"):
+        resolve_device("mps")
     assert resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"--device cuda: this torch sees no CUDA GPU"):
@@ -291,6 +294,22 @@ def test_an_earlier_runs_explanations_are_removed_and_nothing_else(tmp_path, cap
     assert remove_old_explanations(folder) == []  # no manifest: nothing is removed
     assert sorted(folder.iterdir()) == sorted(kept)
     assert remove_old_explanations(tmp_path / "absent") == []
+
+
+def test_explanations_of_a_run_before_the_manifest_are_recognised_by_their_records(tmp_path, caplog):
+    """A folder without a manifest: each explanation record (query, saliency, panel) goes with the panel it names;
+    a JSON of another kind with an explanation's name stays, and this run's own names are not called strays."""
+    folder = tmp_path / "pred_explain"
+    folder.mkdir()
+    for i, name in enumerate(("a", "b", "c")):
+        (folder / f"000{i}_{name}.json").write_text(json.dumps({"query": name, "saliency": {}, "panel": f"000{i}_{name}.png"}))
+        (folder / f"000{i}_{name}.png").write_bytes(b"png")
+    (folder / "0009_mine.json").write_text(json.dumps({"my": "notes"}))
+    with caplog.at_level(logging.WARNING):
+        removed = remove_old_explanations(folder, planned=["0000_a.json", "0000_a.png"])
+    assert [f.name for f in removed] == [f"000{i}_{n}.{x}" for i, n in enumerate("abc") for x in ("json", "png")]
+    assert [f.name for f in folder.iterdir()] == ["0009_mine.json"]
+    assert "kept 1 file(s)" in caplog.text and "0009_mine.json" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ modality
@@ -531,13 +550,25 @@ def test_classify_keeps_the_answers_for_readable_queries_and_names_every_unreada
     ({"max_support_slices": -3}, r"--max-support-slices must be at least 1, got -3"),
     ({"label_value": 0}, r"--label-value 0: 0 is the background"),
     ({"label_value": -2}, r"--label-value -2: 0 is the background"),
-    ({"modality": "XR"}, r"--modality 'XR' is not a modality: give CT or MR"),
+    ({"modality": " "}, r"--modality is empty: give CT or MR"),
 ])
 def test_segment_refuses_bad_arguments_before_reading_anything(tmp_path, scans, kwargs, match):
     image, label = scans
     with pytest.raises(ValueError, match=match):
         segment(NEVER_READ, [(image, label)], [image], tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unusual_modality_word_is_read_as_mr_with_a_warning(tmp_path, scans, caplog):
+    """MR sequence names that the folder scan does not know (T1ce, SWI) are read as MR, as before, and so is any
+    other word; what is neither CT nor a known MR spelling is said."""
+    image, label = scans
+    for word, warned in (("T1ce", True), ("PT", True), ("mri", False), ("T2w", False), ("ct", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), pytest.raises(Exception) as e:  # then the checkpoint is missing
+            segment(NEVER_READ, [(image, label)], [image], tmp_path / "out", modality=word)
+        assert "never-read.ckpt" in str(e.value)
+        assert ("is neither CT nor a spelling of MR" in caplog.text) == warned, word
 
 
 def test_segment_refuses_an_output_folder_under_a_file(tmp_path, scans):

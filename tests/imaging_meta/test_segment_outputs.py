@@ -508,7 +508,8 @@ def test_a_structure_that_vanishes_at_the_checkpoints_spacing_is_named_as_such(t
     label = write_nifti(lab, affine_ras(), tmp_path / "sup_label.nii.gz")
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (6.0, 6.0), (4, 4))
     with pytest.raises(ValueError, match=r"sup_label\.nii\.gz: the structure \(value 1\) is in the label map but "
-                                         r"vanishes when it is resampled to 6 x 6 mm in-plane.*--scale structure"):
+                                         r"not in the support once it is resampled to 6 x 6 mm in-plane and cropped to "
+                                         r"4 x 4 pixels.*Pass --scale structure"):
         segment(ckpt, [(image, label)], [image], tmp_path / "out", label_value=1, device="cpu", **PLAIN)
 
 
@@ -528,6 +529,13 @@ def test_a_one_slice_support_and_a_structure_that_fills_the_volume_are_warned_ab
         segment(ckpt, [(image, label)], [image], tmp_path / "out", device="cpu", **PLAIN)
     assert "the support shows the structure on one slice only" in caplog.text
     assert "fills" not in caplog.text
+    caplog.clear()
+    two = label_for(vol)  # on two slices, one of them used by choice: no warning
+    assert len(np.unique(np.nonzero(two)[2])) == 2
+    label = write_nifti(two, affine_ras(), tmp_path / "two_label.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [(image, label)], [image], tmp_path / "out1", device="cpu", max_support_slices=1, **PLAIN)
+    assert "one slice only" not in caplog.text
     most = np.ones(vol.shape, np.uint8)
     most[6, 5, :] = 0  # all but a central column: a body mask, or an inverted map
     label = write_nifti(most, affine_ras(), tmp_path / "most_label.nii.gz")
