@@ -25,6 +25,8 @@ from typing import Any, cast
 
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
+from monai.transforms import Transform
 from torch.utils.data import DataLoader
 
 from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
@@ -58,6 +60,46 @@ logger = logging.getLogger(__name__)
 #: setting 2: a validation organ is chosen only if removing the training slices that show it keeps at least
 #: this share of the training slices that the test organs leave
 MIN_TRAINING_SLICES_KEPT = 0.75
+
+
+class _Failed:
+    """What `_Caught` returns for an item whose transform raised."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Caught(Transform):
+    """A transform that returns its exception (as `_Failed`) instead of raising it in a cache-filling thread (a
+    MONAI `Transform`, not random: `CacheDataset` caches its output)."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, item: Any) -> Any:
+        try:
+            return self.transform(item)
+        except Exception as e:  # re-raised in the main thread by SegmentationDataModule._cached
+            return _Failed(e)
+
+
+def _stamps(value: Any) -> list:
+    """(path, size, mtime in ns) of every existing file that ``value`` names (a path or a list of paths)."""
+    paths = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for p in paths:
+        if isinstance(p, (str, os.PathLike)) and os.path.isfile(p):
+            st = os.stat(p)
+            out.append((str(p), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def hash_with_file_stamps(item: dict) -> bytes:
+    """The disk cache's key of a data item: MONAI's hash of the item together with the size and modification time
+    of the files its image and label name, so that a scan or label map edited in place (a corrected label, a
+    swapped left and right) is preprocessed again instead of read from a stale cache file."""
+    stamped = {**item, "_stamps": {k: _stamps(item[k]) for k in ("image", "label") if k in item}}
+    return pickle_hashing(stamped)
 
 
 def _warmed(dataset: PersistentDataset) -> PersistentDataset:
@@ -488,9 +530,17 @@ class SegmentationDataModule(EpisodicDataModule):
     def _cached(self, items: list[dict], tf: Any, folder: str) -> Dataset:
         """``items`` through ``tf``, cached as configured: in memory, on disk under ``cache_dir/<root>/folder``, or not."""
         if self.hparams.cache == "memory":
-            return CacheDataset(items, tf, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
+            # the cache is filled by a pool of threads; an error raised in one of them (a damaged file) reached the
+            # user and then aborted the process (exit 134) with threads still running: each thread returns its
+            # error instead, and the first is raised here, once every thread has finished
+            ds = CacheDataset(items, _Caught(tf), cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
+            for i in range(len(ds)):
+                if isinstance(ds[i], _Failed):
+                    raise ds[i].error
+            return ds
         if self.hparams.cache == "disk":
-            return _warmed(PersistentDataset(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder))
+            return _warmed(PersistentDataset(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder,
+                                             hash_func=hash_with_file_stamps))
         return Dataset(items, tf)
 
     def _feasible_organs(self, stage: str) -> list[str]:

@@ -266,13 +266,20 @@ class BinarizeLabeld(MapTransform):
 
 
 class CastLabeld(MapTransform):
-    """Round a resampled label map to integers and store it compactly (uint8, or int16 above 255)."""
+    """Round a resampled label map to integers and store it compactly: uint8, int16 above 255, int32 above 32767
+    (atlas-style ids such as 65537 would wrap around in int16 and merge with another structure)."""
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             lbl = d[key]
-            dtype = torch.uint8 if float(lbl.max()) <= 255 and float(lbl.min()) >= 0 else torch.int16
+            low, high = float(lbl.min()), float(lbl.max())
+            if low >= 0 and high <= 255:
+                dtype = torch.uint8
+            elif low >= -32768 and high <= 32767:
+                dtype = torch.int16
+            else:
+                dtype = torch.int32
             d[key] = torch.round(lbl).to(dtype)
         return d
 

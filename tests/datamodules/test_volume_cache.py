@@ -1,0 +1,93 @@
+"""The disk cache of preprocessed volumes follows the files: a label map edited in place (a corrected label, left
+and right swapped) is preprocessed again, not read from a stale cache file; and label ids above int16 survive.
+
+Found by a review (2026-12-05): the cache folder was keyed by the preprocessing alone and MONAI hashed only the
+paths, so `fit` with `cache: disk` (the folder config's setting) trained on the old labels, exit 0."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import PersistentDataset
+
+from datamodules.segmentation import hash_with_file_stamps
+from datamodules.transforms.volume import CastLabeld, volume_transforms
+
+
+def _write(path, data, affine=np.diag([2.0, 2.0, 3.0, 1.0])):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return str(path)
+
+
+def test_an_edited_label_map_is_preprocessed_again(tmp_path):
+    rng = np.random.default_rng(0)
+    image = _write(tmp_path / "ct.nii.gz", rng.integers(-200, 200, (16, 16, 4)).astype(np.int16))
+    lab = np.zeros((16, 16, 4), np.uint8)
+    lab[2:6, 2:6] = 2  # "right kidney" on the left
+    lab[10:14, 10:14] = 3
+    label = _write(tmp_path / "ct_label.nii.gz", lab)
+    item = {"image": image, "label": label, "modality": "CT", "case_id": "c0"}
+    tf = volume_transforms((2.0, 2.0), (16, 16))
+
+    def cached():
+        ds = PersistentDataset([item], tf, cache_dir=tmp_path / "cache", hash_func=hash_with_file_stamps)
+        return torch.as_tensor(ds[0]["label"])[0]
+
+    first = cached()
+    assert int(first[4, 4, 0]) == 2 and int(first[12, 12, 0]) == 3
+    assert torch.equal(cached(), first)  # unchanged files: read from the cache
+    files = list((tmp_path / "cache").iterdir())
+    swapped = lab.copy()
+    swapped[lab == 2], swapped[lab == 3] = 3, 2
+    _write(tmp_path / "ct_label.nii.gz", swapped)
+    st = os.stat(label)
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a later edit, even within one second
+    second = cached()
+    assert int(second[4, 4, 0]) == 3 and int(second[12, 12, 0]) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == len(files) + 1
+
+
+def test_the_hash_changes_with_a_file_and_not_without():
+    item = {"image": __file__, "modality": "CT", "case_id": "c"}
+    assert hash_with_file_stamps(item) == hash_with_file_stamps(dict(item))
+    assert hash_with_file_stamps(item) != hash_with_file_stamps({**item, "image": os.path.dirname(__file__) + "/__init__.py"})
+
+
+def test_label_ids_above_int16_keep_their_values():
+    lbl = torch.tensor([[0.0, 1.0, 65537.0, 40000.0]])
+    out = CastLabeld(["label"])({"label": lbl})["label"]
+    assert out.dtype == torch.int32 and out.tolist() == [[0, 1, 65537, 40000]]
+    assert CastLabeld(["label"])({"label": torch.tensor([0.0, 300.0])})["label"].dtype == torch.int16
+    assert CastLabeld(["label"])({"label": torch.tensor([0.0, 200.0])})["label"].dtype == torch.uint8
+
+
+def test_the_memory_cache_raises_a_files_error_after_its_threads_finish_and_caches_the_rest():
+    """An error in one cache-filling thread used to reach the user while the other threads still ran, and the
+    process then aborted (exit 134, "terminate called without an active exception"); it is now raised in the main
+    thread, unchanged, once the pool is done. Items that load are still cached: the transform runs once each."""
+    from types import SimpleNamespace
+
+    import pytest
+    from monai.transforms import Transform
+
+    from datamodules.segmentation import SegmentationDataModule
+
+    calls: list[int] = []
+
+    class Load(Transform):
+        def __call__(self, item):
+            calls.append(item["x"])
+            if item["x"] == 3:
+                raise ValueError("scan3.nii.gz: image is constant")
+            return {"x": item["x"] * 10}
+
+    owner = SimpleNamespace(hparams=SimpleNamespace(cache="memory"))
+    with pytest.raises(ValueError, match=r"^scan3\.nii\.gz: image is constant$"):
+        SegmentationDataModule._cached(owner, [{"x": i} for i in range(6)], Load(), "volumes-x")
+    calls.clear()
+    ds = SegmentationDataModule._cached(owner, [{"x": i} for i in range(4) if i != 3], Load(), "volumes-x")
+    assert [ds[i]["x"] for i in range(3)] + [ds[0]["x"]] == [0, 10, 20, 0]
+    assert sorted(calls) == [0, 1, 2]  # filled once, read from memory after
