@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import NibabelReader
-from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -305,13 +304,26 @@ def unreadable_nifti(name, error: BaseException) -> ValueError:
 READER_VERSION = 3
 
 
+def _pixdim_from_affine(img):
+    """The image with its header's voxel sizes (pixdim) set from its affine (nibabel's: the sform when its code is
+    set, else the qform), when they disagree. MONAI's `correct_nifti_header_if_necessary` would instead replace a
+    valid sform by a qform that matches a wrong pixdim, so that the volume was loaded on another grid (1 mm instead
+    of 3 mm) than the one `imaging-meta scan` checked and indexed."""
+    zooms = tuple(float(z) for z in img.header.get_zooms())
+    n = min(3, len(zooms))
+    norm = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :n] ** 2).sum(0))
+    if not np.allclose(zooms[:n], norm):
+        img.header.set_zooms(tuple(float(v) for v in norm) + zooms[n:])
+    return img
+
+
 class NiftiVolumeReader(NibabelReader):
     """MONAI's `NibabelReader` with the NIfTI rules of every read path (`datamodules.indexing.volumes.checked_nifti`):
     a CIFTI-2 file is refused, an unknown orientation is warned about, and a file in metres or microns is read
     with its affine, sform, qform and pixdim in mm (the voxels are unchanged), as `scan` reads it."""
 
     def read(self, data, **kwargs):
-        """`NibabelReader.read`, each image through `checked_nifti` before MONAI's header correction.
+        """`NibabelReader.read`, each image through `checked_nifti`, then `_pixdim_from_affine`.
 
         Raises:
             ValueError: a CIFTI-2 file, a file nibabel cannot read, or one whose affine is not finite or is singular
@@ -335,7 +347,7 @@ class NiftiVolumeReader(NibabelReader):
             problem = affine_reason(img.affine)
             if problem:
                 raise ValueError(f"{name}: {problem}")
-            images.append(correct_nifti_header_if_necessary(img))
+            images.append(_pixdim_from_affine(img))
         return images if len(filenames) > 1 else images[0]
 
 

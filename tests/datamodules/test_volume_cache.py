@@ -91,3 +91,22 @@ def test_the_memory_cache_raises_a_files_error_after_its_threads_finish_and_cach
     ds = SegmentationDataModule._cached(owner, [{"x": i} for i in range(4) if i != 3], Load(), "volumes-x")
     assert [ds[i]["x"] for i in range(3)] + [ds[0]["x"]] == [0, 10, 20, 0]
     assert sorted(calls) == [0, 1, 2]  # filled once, read from memory after
+
+
+def test_a_pixdim_that_contradicts_the_sform_does_not_move_the_volume_to_another_grid(tmp_path):
+    """sform 3 mm (code 2), pixdim 1 mm, qform code 0: nibabel (and `imaging-meta scan`) place the voxels with the
+    sform; MONAI's header correction replaced it by the 1 mm qform, so the loader read anatomy shrunk to a third."""
+    from datamodules.transforms.volume import LoadVolumed
+
+    data = np.arange(8 * 8 * 4, dtype=np.int16).reshape(8, 8, 4)
+    sform = np.diag([3.0, 3.0, 3.0, 1.0])
+    header = nib.Nifti1Image(data, np.eye(4)).header  # pixdim 1 mm
+    header.set_qform(None, code=0)
+    header["sform_code"] = 2
+    header["srow_x"], header["srow_y"], header["srow_z"] = sform[0], sform[1], sform[2]
+    path = tmp_path / "pixdim.nii.gz"
+    nib.Nifti1Image(data, None, header=header).to_filename(str(path))
+    assert np.allclose(nib.load(str(path)).affine, sform) and nib.load(str(path)).header.get_zooms() == (1, 1, 1)
+    loaded = LoadVolumed(["image"])({"image": str(path)})["image"]
+    assert np.allclose(np.asarray(loaded.affine)[:3, :3], sform[:3, :3])
+    assert np.array_equal(np.asarray(loaded), data)
