@@ -250,12 +250,16 @@ def _cross_organ(cases: Sequence[Case], idx: dict[str, list[int]], all_organs: l
                  val_organs: Sequence[str] | None, val_organ_count: int, seed: int, exclude: bool,
                  val_organ_filter: ValOrganFilter | None, min_val_patients: int = MIN_VAL_PATIENTS) -> Split:
     """The cross_organ split of patients ``idx`` (stage -> case indices): which organs each stage targets."""
-    unknown = sorted(set(test_organs) - set(all_organs)) + sorted(set(val_organs or ()) - set(all_organs))
+    unknown = sorted(set(test_organs) - set(all_organs))
     if not test_organs or unknown:
         raise ValueError(
             f"cross_organ needs test_organs from the structures in the index {all_organs}; "
             f"got {list(test_organs)}" + (f" (unknown: {unknown})" if unknown else "")
         )
+    unknown_val = sorted(set(val_organs or ()) - set(all_organs))
+    if unknown_val:
+        raise ValueError(f"val_organs {list(val_organs or ())} name structures that are not in the index: {unknown_val}; "
+                         f"the index has {all_organs}")
     if val_organ_count < 0:
         raise ValueError(f"val_organ_count must be >= 0, got {val_organ_count}")
     if val_organs:

@@ -86,6 +86,9 @@ def test_explicit_validation_organs_must_not_be_test_organs():
     assert set(s.excluded_organs) == {"spleen", "kidney_left", "liver"}
     with pytest.raises(ValueError, match="val_organ_count must be >= 0"):
         make_split(cs, "cross_organ", test_organs=["spleen"], val_organ_count=-1)
+    # an unknown validation organ is named as such (it was reported as a problem of test_organs)
+    with pytest.raises(ValueError, match=r"val_organs \['pancreas'\] name structures that are not in the index: \['pancreas'\]"):
+        make_split(cs, "cross_organ", test_organs=["spleen"], val_organs=["pancreas"])
     with pytest.raises(ValueError, match="leaves no structure to meta-train on"):
         make_split(cs, "cross_organ", test_organs=["spleen", "kidney_left"], val_organ_count=2)
 
