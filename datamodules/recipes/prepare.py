@@ -219,6 +219,10 @@ def _convert_synapse(image_path: Path, label_path: Path) -> Converted:
         lut[v] = VALUE.get(name, 0)
     label = lut[values]
     warnings = []
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise PrepareError(f"{image_path}: {int((~finite).sum())} NaN or infinite voxel(s); repair or exclude the "
+                           "scan (training refuses such images)")
     if data.size and float(data.min()) >= 0:
         warnings.append(f"{image_path}: smallest value {float(data.min()):g} >= 0: not HU? (air is about -1000 HU "
                         "in BTCV); the CT window of the data config assumes HU")
@@ -263,6 +267,38 @@ def _png_files(folder: Path) -> list[Path]:
         return (int(nums[-1]) if nums else -1, p.name)
 
     return sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")), key=key)
+
+
+def _last_number(path: Path) -> int | None:
+    nums = re.findall(r"\d+", path.stem)
+    return int(nums[-1]) if nums else None
+
+
+def _check_png_numbers(pngs: list[Path], files: list[Path], ground_dir: Path, dcm_dir: Path) -> None:
+    """The PNGs are matched to the slices by rank (PNG number order, InstanceNumber order); that is only right when
+    they carry the slice numbers of the DICOM files (CHAOS: IMG-0004-00012.png for IMG-0004-00012.dcm). A PNG
+    without a number, or numbers that the DICOM file names do not have (one PNG missing and a stray one added keeps
+    the count), would put the labels on the wrong slices, silently.
+
+    Raises:
+        PrepareError: naming the first PNG that cannot be matched."""
+    unnumbered = [p for p in pngs if _last_number(p) is None]
+    if unnumbered:
+        raise PrepareError(f"{unnumbered[0]}: no slice number in the file name (CHAOS: IMG-0004-00012.png); the "
+                           "ground-truth PNGs are matched to the slices by that number")
+    numbered = [_last_number(p) for p in files]
+    dicom_numbers = [n for n in numbered if n is not None]
+    if len(dicom_numbers) != len(files):
+        return  # DICOM files named without numbers: only the order can match them
+    png_numbers = {n: p for p in pngs if (n := _last_number(p)) is not None}
+    missing = sorted(set(dicom_numbers) - set(png_numbers))
+    if missing or len(png_numbers) != len(pngs):
+        extra = sorted(set(png_numbers) - set(dicom_numbers))
+        raise PrepareError(
+            f"{ground_dir}: the PNG numbers do not match the DICOM slices of {dcm_dir}: "
+            + (f"no PNG numbered {missing[0]}" if missing else "two PNGs with one number")
+            + (f", and {png_numbers[extra[0]].name} matches no slice" if extra else "")
+            + "; CHAOS has one PNG per slice, numbered as its DICOM file")
 
 
 def _instance_number(path: Path) -> int:
@@ -327,6 +363,7 @@ def _convert_chaos(dcm_dir: Path, ground_dir: Path) -> Converted:
         dup = next(n for n in numbers if numbers.count(n) > 1)
         raise PrepareError(f"{dcm_dir}: InstanceNumber {dup} appears on more than one slice; the PNGs cannot be "
                            "matched to the slices")
+    _check_png_numbers(pngs, files, ground_dir, dcm_dir)
     png_of = {str(p): png for p, png in zip(by_instance, pngs, strict=True)}
     label = np.zeros(series.shape, dtype=np.uint8)
     for k, h in enumerate(series.headers):  # k: the geometric position of the slice, as in `volume`

@@ -444,6 +444,11 @@ def _run_tool(argv: Sequence[str]) -> int:
         from datamodules.io.atomic import atomic_write_text
         from imaging_meta.evaluation.reports import compare_runs
 
+        if args.out:  # never over a run's own files (its results.md)
+            from imaging_meta.commands.outputs import check_output_file, check_outputs
+
+            check_outputs([(check_output_file(args.out), "the comparison table")],
+                          [f for run in args.runs if Path(run).is_dir() for f in Path(run).iterdir()])
         table = compare_runs(args.runs)
         if args.out:
             atomic_write_text(args.out, table)

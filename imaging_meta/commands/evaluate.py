@@ -41,6 +41,7 @@ import imaging_meta
 from datamodules.base import EpisodicDataModule
 from datamodules.progress import progress
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, read_checkpoint, resolve_device
+from imaging_meta.commands.outputs import check_output_folder
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
 from imaging_meta.evaluation.panels import png_array
 from imaging_meta.evaluation.plots import PanelKeeper
@@ -324,6 +325,47 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
     return dms, {k: str(why) for k, why in skipped.items()}
 
 
+#: the files of an evaluation report besides its figures (`write_evaluation_report`, `evaluate_scans`)
+REPORT_FILES = ("results.json", "results.md", "records.csv", "scans.json", "scans.md")
+
+
+def check_evaluation_folder(out_dir: str | os.PathLike) -> dict | None:
+    """``--out`` of `evaluate`: a new folder, or one that holds an earlier evaluation (its ``results.json`` is
+    returned, to remove what the new report will not replace); refused when it holds another command's report.
+
+    Raises:
+        ValueError: ``out_dir`` is a file or lies under one; it holds a ``results.json`` that no evaluation wrote
+            (a training run's test report, which the evaluation's files would replace).
+    """
+    out = check_output_folder(out_dir, "--out")
+    js = out / "results.json"
+    if not js.exists():
+        return None
+    try:
+        doc = json.loads(js.read_text())
+    except (OSError, ValueError):
+        doc = None
+    if not (isinstance(doc, dict) and isinstance(doc.get("figures"), dict) and "context" in doc):
+        raise ValueError(f"{out}: holds a results.json that imaging-meta evaluate did not write (a training run's "
+                         "test report?), which this evaluation would replace; give another --out")
+    return doc
+
+
+def _remove_earlier_evaluation(out: Path, earlier: dict | None, keep: set[str]) -> None:
+    """Remove an earlier evaluation's files from ``out`` (its figures, report files and episode files) except
+    ``keep``, so that none of them sits beside the new report as if it were part of it."""
+    if earlier is None:
+        return
+    names = set(REPORT_FILES) | {str(f) for f in earlier["figures"].values()}
+    names |= {str(e.get("file")) for e in (earlier.get("context") or {}).get("episode_files", {}).values()
+              if isinstance(e, dict) and e.get("file")}
+    removed = [n for n in sorted(names - keep) if Path(n).name == n and (out / n).is_file()]
+    for n in removed:
+        (out / n).unlink()
+    if removed:
+        logger.info("removed %d file(s) of the earlier evaluation in %s: %s", len(removed), out, ", ".join(removed))
+
+
 def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict]:
     """Copy the test episode file of ``dm`` into the run folder; its entry in the report and the data's
     description (without the cache paths)."""
@@ -450,8 +492,25 @@ def evaluate(
         The paths of ``results.json`` and ``results.md``.
     """
     check_interval(interval)
+    # every option and output folder before the checkpoint is read and anything is written or scored
+    if not shots or min(shots) < 1:
+        raise ValueError(f"shots must be positive integers, got {list(shots)}")
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    if scan_protocols and scan_pairs < 1:
+        raise ValueError(f"--scan-pairs must be >= 1, got {scan_pairs}")
+    if adapt_steps < 0:
+        raise ValueError(f"--adapt-steps must be >= 0, got {adapt_steps}")
+    if adapt_steps and not scan_protocols:
+        logger.warning("--adapt-steps applies to the whole-scan protocols only; add --scan-protocols")
     if scan_scale != "checkpoint" and not scan_protocols:
         logger.warning("--scale %s applies to the whole-scan protocols only; add --scan-protocols", scan_scale)
+    earlier = check_evaluation_folder(out_dir)
+    for folder, option in ((cache_dir, "--cache-dir"), (log_dir, "--log-dir")):
+        if folder is not None:
+            check_output_folder(folder, option)
     path = Path(checkpoint)
     dev = resolve_device(device)
     ckpt = read_checkpoint(path)
@@ -462,10 +521,9 @@ def evaluate(
     # classification: raw pixels and what `classify` gives by default, on the same episodes
     references = {k: v.to(dev) for k, v in reference_classifiers(learner).items()} if (
         baselines and task is CLASSIFICATION) else None
-    if not shots or min(shots) < 1:
-        raise ValueError(f"shots must be positive integers, got {list(shots)}")
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if scan_protocols and not task.dense:
+        raise ValueError(f"--scan-protocols {' '.join(scan_protocols)}: whole-scan protocols segment scans; "
+                         f"{path} is a {task.name} checkpoint")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cache_dir is None and not config.get("init_args", {}).get("cache_dir"):
@@ -499,6 +557,8 @@ def evaluate(
                                             device=dev, adapt_steps=adapt_steps, pairing=scan_pairing,
                                             scale=scan_scale)
         logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), js)
+    _remove_earlier_evaluation(out, earlier, keep={f["file"] for f in episode_files.values() if "file" in f}
+                               | ({"scans.json", "scans.md"} if scan_protocols else set()))
     js, md = write_evaluation_report(out, context, summary, records, panels)
     if log_dir is not None:
         where = write_tensorboard(log_dir, out, js, {"results": md, **texts}, step=int(ckpt.get("global_step") or 0))

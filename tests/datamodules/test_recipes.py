@@ -122,6 +122,16 @@ def test_synapse_missing_label_is_named(tmp_path):
     assert not (tmp_path / "out" / "prepare.json").exists()
 
 
+def test_synapse_nan_voxels_are_named(tmp_path):
+    """A NaN voxel also skipped the not-HU check (NaN >= 0 is false) and was written on."""
+    src = write_synapse(tmp_path / "src", ids=("0001",))
+    image = np.zeros(SHAPE, np.float32) - 500
+    image[3, 3, 3] = np.nan
+    write_nifti(image, affine_ras(origin=(10.0, -20.0, 30.0)), src / "img" / "img0001.nii.gz")
+    with pytest.raises(PrepareError, match=r"img0001\.nii\.gz: 1 NaN or infinite voxel"):
+        prepare("synapse", src, tmp_path / "out")
+
+
 def test_synapse_unknown_label_value_and_layout(tmp_path):
     src = write_synapse(tmp_path / "src", ids=("0001",))
     lab = np.zeros(SHAPE, np.uint8)
@@ -172,6 +182,20 @@ def test_chaos_png_count_mismatch_is_named(tmp_path):
     with pytest.raises(PrepareError, match=r"MR/2/T2SPIR/Ground: 5 ground-truth PNG file\(s\) for 6 DICOM slice"):
         prepare("chaos_mr", src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [src]  # nothing written, no leftovers
+
+
+def test_chaos_pngs_that_do_not_carry_the_slices_numbers_are_refused(tmp_path):
+    """One PNG missing and a stray one added keeps the count: matched by rank, the labels landed on the wrong
+    slices without a word (found by a review)."""
+    src = write_chaos(tmp_path / "src")
+    ground = src / "MR" / "2" / "T2SPIR" / "Ground"
+    (ground / "IMG-0002-00002.png").rename(ground / "IMG-0002-00007.png")
+    with pytest.raises(PrepareError, match=r"MR/2/T2SPIR/Ground: the PNG numbers do not match the DICOM slices .*"
+                                           r"no PNG numbered 2, and IMG-0002-00007\.png matches no slice"):
+        prepare("chaos_mr", src, tmp_path / "out")
+    (ground / "IMG-0002-00007.png").rename(ground / "ground.png")
+    with pytest.raises(PrepareError, match=r"ground\.png: no slice number in the file name"):
+        prepare("chaos_mr", src, tmp_path / "out")
 
 
 def test_a_failed_run_leaves_the_earlier_output_intact(tmp_path):

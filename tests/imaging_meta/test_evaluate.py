@@ -230,6 +230,14 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
     assert "accuracy per class" in " ".join(doc["figures"])
     assert cli_main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp.md")]) == 0
     assert "balanced_acc:" in (tmp_path / "cmp.md").read_text()
+    before = (out / "results.md").read_bytes()
+    with pytest.raises(ValueError, match=r"results\.md: this input would be overwritten"):
+        cli_main(["compare", str(out), "--out", str(out / "results.md")])
+    assert (out / "results.md").read_bytes() == before
+    with pytest.raises(ValueError, match=r"whole-scan protocols segment scans; .*cls\.ckpt is a classification checkpoint"):
+        evaluate(ckpt, tmp_path / "scans", shots=[1], episodes=2, cache_dir=str(tmp_path / "cache"),
+                 scan_protocols=["whole_scan"])
+    assert not (tmp_path / "scans").exists()  # refused before anything was written
     # a number of shots the test classes cannot give (5 + 2 queries > 6 images) is skipped, the others scored
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.evaluate"):
         js, _ = evaluate(ckpt, tmp_path / "skip", shots=[1, 5], episodes=2, cache_dir=str(tmp_path / "cache"), n_panel=0)
@@ -292,3 +300,43 @@ def test_provenance_reads_the_commit_of_our_own_source_only(tmp_path):
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "someone-else"\n')
     assert not is_source_checkout(site) and not is_source_checkout(tmp_path)
     assert provenance()["git_commit"] not in ("", "installed package (no source checkout)")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"seed": -1}, r"--seed must be >= 0, got -1"),
+    ({"scan_protocols": ["whole_scan"], "scan_pairs": 0}, r"--scan-pairs must be >= 1, got 0"),
+    ({"scan_protocols": ["whole_scan"], "adapt_steps": -2}, r"--adapt-steps must be >= 0, got -2"),
+    ({"shots": [0]}, r"shots must be positive integers"),
+    ({"episodes": 0}, r"episodes must be >= 1"),
+])
+def test_evaluate_checks_its_options_before_reading_the_checkpoint(tmp_path, kwargs, match):
+    """A review found --scan-pairs 0 blaming the data and --seed -1 failing in numpy, both after every episode was
+    scored and the episode files were copied over an earlier run's."""
+    with pytest.raises(ValueError, match=match):
+        evaluate(tmp_path / "never-read.ckpt", tmp_path / "out", **{"shots": [1], "episodes": 2, **kwargs})
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_never_writes_over_another_commands_report_and_clears_its_own_earlier_files(tmp_path):
+    from imaging_meta.commands.evaluate import _remove_earlier_evaluation, check_evaluation_folder
+
+    run = tmp_path / "version_0"  # a training run: `imaging-meta test`'s report
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"context": {}, "summary": {}, "differences": {}}))
+    with pytest.raises(ValueError, match=r"holds a results\.json that imaging-meta evaluate did not write"):
+        evaluate(tmp_path / "never-read.ckpt", run, shots=[1], episodes=2)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--cache-dir cannot be created under it"):
+        evaluate(tmp_path / "never-read.ckpt", tmp_path / "new", shots=[1], episodes=2, cache_dir=str(tmp_path / "file" / "c"))
+    old = tmp_path / "eval"  # an earlier evaluation with whole-scan protocols and a reliability diagram
+    old.mkdir()
+    doc = {"context": {"episode_files": {"5": {"file": "episodes-5shot.json"}}}, "summary": {},
+           "figures": {"reliability": "reliability.png"}}
+    for name in ("results.md", "records.csv", "scans.json", "scans.md", "reliability.png", "episodes-1shot.json",
+                 "episodes-5shot.json", "notes.txt"):
+        (old / name).write_text("x")
+    (old / "results.json").write_text(json.dumps(doc))
+    earlier = check_evaluation_folder(old)
+    assert earlier == doc
+    _remove_earlier_evaluation(old, earlier, keep={"episodes-1shot.json"})
+    assert sorted(p.name for p in old.iterdir()) == ["episodes-1shot.json", "notes.txt"]
