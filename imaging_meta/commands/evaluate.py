@@ -511,6 +511,9 @@ def evaluate(
     for folder, option in ((cache_dir, "--cache-dir"), (log_dir, "--log-dir")):
         if folder is not None:
             check_output_folder(folder, option)
+    if log_dir is not None and Path(log_dir).resolve().is_relative_to(Path(out_dir).resolve()):
+        raise ValueError(f"--log-dir {log_dir} lies in --out {out_dir}, whose files are reproducible byte for byte; "
+                         "write the TensorBoard events elsewhere (e.g. the training run's version_N folder)")
     path = Path(checkpoint)
     dev = resolve_device(device)
     ckpt = read_checkpoint(path)

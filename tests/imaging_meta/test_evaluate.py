@@ -308,10 +308,13 @@ def test_provenance_reads_the_commit_of_our_own_source_only(tmp_path):
     ({"scan_protocols": ["whole_scan"], "adapt_steps": -2}, r"--adapt-steps must be >= 0, got -2"),
     ({"shots": [0]}, r"shots must be positive integers"),
     ({"episodes": 0}, r"episodes must be >= 1"),
+    ({"log_dir": "OUT/tb"}, r"--log-dir .* lies in --out"),
 ])
 def test_evaluate_checks_its_options_before_reading_the_checkpoint(tmp_path, kwargs, match):
     """A review found --scan-pairs 0 blaming the data and --seed -1 failing in numpy, both after every episode was
     scored and the episode files were copied over an earlier run's."""
+    if kwargs.get("log_dir") == "OUT/tb":
+        kwargs = {**kwargs, "log_dir": str(tmp_path / "out" / "tb")}
     with pytest.raises(ValueError, match=match):
         evaluate(tmp_path / "never-read.ckpt", tmp_path / "out", **{"shots": [1], "episodes": 2, **kwargs})
     assert not (tmp_path / "out").exists()
