@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import nibabel as nib
+
 from datamodules.indexing.decathlon import Decathlon
 from datamodules.io.dicom import NIFTI_SUFFIXES, DicomHeader, nifti_stem
 
@@ -144,12 +146,36 @@ def _drop_label_claimants(claims: _Claims) -> None:
             del claims[k]
 
 
+def _series_on_the_labels_grid(label: str, keys: list[str], series: Sequence[Series]) -> list[str]:
+    """Of several DICOM series in one folder that claim ``label`` (a PACS export keeps the localizer or a
+    reconstruction beside the series), the one whose matrix and slice count are the label map's shape, when exactly
+    one is; else none (the claim stays contested). Reads the label's header only."""
+    try:
+        shape = tuple(int(v) for v in nib.load(label).shape[:3])  # type: ignore[attr-defined]  # a NIfTI image
+    except Exception:  # an unreadable label is rejected with its reason when its image is indexed
+        return []
+    by_key = {"dicom:" + s.key: s for s in series}
+    fits = []
+    for k in keys:
+        s = by_key.get(k)
+        if s is None or not s.headers:
+            continue
+        grid = {(h.rows, h.columns) for h in s.headers}
+        if len(grid) == 1:
+            rows, columns = grid.pop()
+            if {(columns, rows, len(s.headers)), (rows, columns, len(s.headers))} & {shape}:
+                fits.append(k)
+    return fits if len(fits) == 1 else []
+
+
 def _assign_claims(books: ScanBooks, claims: _Claims, label_of: dict[str, str], series: Sequence[Series]) -> None:
     """Give each image its first claimed label when no other image claims it first; reject contested labels."""
     owners: dict[str, list[str]] = {}
     for k, found in claims.items():
         owners.setdefault(found[0], []).append(k)
     for lbl, keys in owners.items():
+        if len(keys) > 1 and all(k.startswith("dicom:") for k in keys):
+            keys = _series_on_the_labels_grid(lbl, keys, series) or keys
         if len(keys) == 1:
             label_of[keys[0]] = lbl
         else:

@@ -399,3 +399,17 @@ def test_scan_of_the_demo_cohort(tmp_path):
     assert len(index.cases) == 4 and len(index.labelled_cases) == 4 and len(index.sites) == 4
     assert {c.modality for c in index.cases} == {"CT", "MR"}
     assert all(len(c.organs) == len(ORGANS) for c in index.cases)
+
+
+def test_a_localizer_beside_a_series_does_not_take_its_label_map(tmp_path):
+    """A PACS export keeps a one-slice localizer (its own series) in the series' folder. Both claimed the folder's
+    label map, which was then rejected as contested and the series indexed without labels; the label goes to the
+    one series on its grid (matrix and slice count), and the localizer is rejected on its own."""
+    d = tmp_path / "root" / "pat1"
+    write_series(d / "CT", phantom((8, 8, 5), 1), seed=1, file_names=[f"a{k}.dcm" for k in range(5)])
+    write_series(d / "CT", phantom((8, 8, 1), 2), seed=2, file_names=["scout.dcm"])
+    write_nifti(label_for(phantom((8, 8, 5), 1)), affine_ras(), d / "CT_seg.nii.gz")
+    index = scan_folder(tmp_path / "root", salt=SALT)
+    (case,) = index.cases
+    assert len(case.image) == 5 and case.label == "pat1/CT_seg.nii.gz" and case.organs
+    assert "only 1 slice" in rejection(index, "pat1/CT/scout.dcm")
