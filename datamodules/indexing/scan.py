@@ -324,6 +324,11 @@ class _Scanner:
                 self.reject(where, f"{desc}: {r}", covered)
                 return
         rel_files = [self.rel(p) for p in ser.paths]
+        patients = sorted({(h.patient_id or "").strip() for h in ser.headers} - {""})
+        if len(patients) > 1:  # one series, several patients: a split by patient could put it on both sides
+            self.reject(where, f"{desc}: its slices name {len(patients)} patients (PatientID); one series is one "
+                               "patient - export it again from the source", covered)
+            return
         raw_patient = (first.patient_id or "").strip() or self._path_patient(where)
         key, info = site_key(ser.headers[0].attributes, self.site_fields, self.salt)
         case = Case(

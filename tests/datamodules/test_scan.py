@@ -413,3 +413,16 @@ def test_a_localizer_beside_a_series_does_not_take_its_label_map(tmp_path):
     (case,) = index.cases
     assert len(case.image) == 5 and case.label == "pat1/CT_seg.nii.gz" and case.organs
     assert "only 1 slice" in rejection(index, "pat1/CT/scout.dcm")
+
+
+def test_a_series_whose_slices_name_two_patients_is_rejected(tmp_path):
+    """The patient was taken from the first file without comparing the others: a split by patient could then put
+    one person on both sides."""
+    d = tmp_path / "root" / "pat1"
+    files = write_series(d / "CT", phantom((8, 8, 5), 1), seed=1)
+    ds = pydicom.dcmread(files[2])
+    ds.PatientID = "SOMEONE-ELSE"
+    ds.save_as(files[2])
+    index = scan_folder(tmp_path / "root", salt=SALT)
+    assert index.cases == []
+    assert "its slices name 2 patients (PatientID)" in rejection(index, "pat1/CT")
