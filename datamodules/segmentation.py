@@ -307,7 +307,8 @@ class SegmentationDataModule(EpisodicDataModule):
         """Scan ``root`` into the index file when it is missing, when ``rescan`` is set, or when a file under the
         root or a scan setting changed since it was written (rank 0 only)."""
         if not Path(self.root).is_dir() and (self.hparams.rescan or not self.index_path.exists()):
-            raise FileNotFoundError(f"data root {self.root} is not a folder; set data.init_args.root in your config")
+            raise FileNotFoundError(f"data root {self.root} is not a folder; set data.init_args.root in your config "
+                                    "(imaging-meta evaluate: --data-root)")
         key_path = self.index_path.with_name(self.index_path.name + ".key")
         key = self._scan_key() if Path(self.root).is_dir() else None
         stale = (self.index_path.exists() and key is not None and self.hparams.index_path is None
