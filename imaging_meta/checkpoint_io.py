@@ -103,6 +103,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (unreadable, or from a different kind of learner)."""
 
 
+def _torch_file(path: Path) -> bool:
+    """Whether ``path`` is in one of the formats ``torch.save`` writes: a zip archive, or (legacy) a pickle."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        start = f.read(1)
+    return zipfile.is_zipfile(path) or start == b"\x80"
+
+
 def read_checkpoint(checkpoint: str | Path) -> dict:
     """The content of a checkpoint file, read with ``weights_only=True``: no pickled code runs."""
     path = Path(checkpoint)
@@ -111,6 +120,9 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except Exception as e:  # any unpickling failure: report the file and the cause
+        if path.is_file() and not _torch_file(path):  # a PNG or a text renamed .ckpt: torch's hint is about pickles
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint file (neither torch's zip format nor a pickle); "
+                                  "give a checkpoint written by imaging-meta fit") from None
         raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(content, dict) and isinstance(content.get("imaging_meta"), dict):
         content["imaging_meta"] = _modernize(content["imaging_meta"])

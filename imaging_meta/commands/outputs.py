@@ -39,11 +39,19 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     """An output file of a command, refused when a folder of that name exists.
 
     Raises:
-        ValueError: ``path`` is an existing folder.
+        ValueError: ``path`` is an existing folder, lies under a file, or its nearest existing folder cannot be
+            written to (checked before the work, not when the file is written).
     """
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{p}: a folder of that name exists; {option} names the file to write (e.g. {p / 'predictions.csv'})")
+    for parent in p.absolute().parents:  # the nearest existing folder above it must take new files
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{p}: {parent} is a file, so {option} cannot be written under it")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{p}: cannot write in {parent} (permission denied); give another {option}")
+            break
     return p
 
 

@@ -617,3 +617,32 @@ def test_colour_notes_name_a_stray_colour_image_and_colour_queries_against_a_gre
     assert len(notes) == 1 and "1 of 2 queries are colour and the support grey (e.g. r.png)" in notes[0]
     assert colour_notes(support, torch.stack([grey] * 3), [Path("q.png")], [grey]) == []
     assert colour_notes(support, torch.stack([colour] * 3), [Path("q.png")], [colour]) == []
+
+
+def test_a_png_given_as_the_checkpoint_is_named_as_not_a_checkpoint(tmp_path):
+    from imaging_meta.checkpoint_io import CheckpointError, read_checkpoint
+
+    fake = tmp_path / "model.ckpt"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(fake, format="PNG")
+    with pytest.raises(CheckpointError, match=r"model\.ckpt: not a PyTorch checkpoint file \(neither torch's zip"):
+        read_checkpoint(fake)
+    torch.save({"x": 1}, tmp_path / "real.ckpt")
+    assert read_checkpoint(tmp_path / "real.ckpt") == {"x": 1}
+
+
+def test_an_output_file_in_a_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path, folders, monkeypatch):
+    """The CSV failed only when written, after every query was classified, naming a temporary file."""
+    import os
+
+    from imaging_meta.commands import outputs
+
+    support, queries = folders
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    with pytest.raises(ValueError, match=r"p\.csv: cannot write in .*locked \(permission denied\)"):
+        classify(NEVER_READ, support, [queries], locked / "sub" / "p.csv")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"afile is a file, so --out cannot be written under it"):
+        classify(NEVER_READ, support, [queries], tmp_path / "afile" / "p.csv")
