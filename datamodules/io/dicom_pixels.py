@@ -85,11 +85,24 @@ def _decode_frames(ds: Dataset, h: DicomHeader) -> np.ndarray:
     return arr
 
 
+#: modalities whose pixel values are measurements (Hounsfield units, MR signal, counts): their rescaled values are
+#: the data whatever the photometric interpretation, which only says how to display them (DICOM PS3.3 C.7.6.3.1.2)
+MEASURED_MODALITIES = ("CT", "MR", "PT", "NM")
+
+
+def inverts_monochrome1(ds: Dataset, modality: str | None) -> bool:
+    """Whether a file's stored values are inverted as `invert_monochrome1` does: a ``MONOCHROME1`` image of a
+    projection modality (CR, DX, MG, ...), whose values are only what is displayed, so that bright is bright as in
+    ``MONOCHROME2``. Never for `MEASURED_MODALITIES`: a MONOCHROME1 CT still holds HU after its rescale."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    return photometric == "MONOCHROME1" and (modality or "").strip().upper() not in MEASURED_MODALITIES
+
+
 def _physical(arr: np.ndarray, ds: Dataset, h: DicomHeader) -> np.ndarray:
-    """Stored values of one slice (Rows, Columns) as float32 physical values: MONOCHROME1 inverted, then
-    the slice's RescaleSlope/RescaleIntercept."""
+    """Stored values of one slice (Rows, Columns) as float32 physical values: MONOCHROME1 of a projection modality
+    inverted (`inverts_monochrome1`), then the slice's RescaleSlope/RescaleIntercept."""
     stored = arr.astype(np.float64)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
+    if inverts_monochrome1(ds, h.modality):
         stored = invert_monochrome1(stored, ds, arr.dtype)
     out = stored * h.rescale_slope + h.rescale_intercept
     return out.astype(np.float32)

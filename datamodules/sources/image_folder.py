@@ -59,7 +59,7 @@ from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_
 from datamodules.io.dicom_checks import kind_problem
 from datamodules.io.dicom_files import DICOM_CLAIMED, DICOM_SUFFIXES
 from datamodules.io.dicom_header import as_int, get_value
-from datamodules.io.dicom_pixels import invert_monochrome1, stored_pixel_array
+from datamodules.io.dicom_pixels import invert_monochrome1, inverts_monochrome1, stored_pixel_array
 from datamodules.io.pictures import PIL_KINDS, Read, content_kind, grey_if_equal, read_pil, scale
 from datamodules.sources.items import ItemSource, ItemTable
 
@@ -135,7 +135,7 @@ def _read_dicom(path: Path, ct_window: Sequence[float]) -> Read:
     slope, intercept = h.rescale_slope, h.rescale_intercept
     if not (np.isfinite(slope) and np.isfinite(intercept) and slope != 0):
         raise DicomError(path, f"invalid RescaleSlope/RescaleIntercept ({slope}, {intercept})")
-    if photometric == "MONOCHROME1":  # as in a volume: bright is bright, one intensity scale for every file
+    if inverts_monochrome1(ds, h.modality):  # as in a volume: bright is bright, one intensity scale for every file
         arr = invert_monochrome1(arr, ds, stored_dtype)
     arr = arr * slope + intercept
     if h.modality == "CT":

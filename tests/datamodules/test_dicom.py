@@ -274,22 +274,22 @@ def test_unknown_transfer_syntax_reason():
     assert "MPEG2" in reason and "uncompressed" in reason
 
 
-def test_monochrome1_series_reads_as_its_monochrome2_twin(tmp_path):
+def test_a_monochrome1_ct_series_keeps_its_hounsfield_units(tmp_path):
+    """MONOCHROME1 says how to display an image, not what its values are: the rescaled values of a CT are HU either
+    way (DICOM PS3.3 C.7.6.3.1.2). The stored values used to be inverted first, which read water as about 63,000
+    HU (found by a review); only projection images (CR, DX, ...) are inverted, see test_image_folder."""
     vol = phantom()
     paths = write_series(tmp_path / "s", vol, slope=0.5, intercept=-100.0, signed=True)
     reader = DicomSeriesReader()
     expected, _ = reader.get_data(reader.read([str(p) for p in paths]))
 
     def to_monochrome1(ds):
-        bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        ds.PixelData = ((lo + hi) - ds.pixel_array.astype(np.int64)).astype(ds.pixel_array.dtype).tobytes()
         ds.PhotometricInterpretation = "MONOCHROME1"
 
     for p in paths:
         edit(p, to_monochrome1)
     arr, _ = reader.get_data(reader.read([str(p) for p in paths]))
-    np.testing.assert_allclose(arr, expected)  # the inverted display convention is undone, scale and all
+    np.testing.assert_allclose(arr, expected)
 
 
 @pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless", "JPEGLSLossless"])

@@ -57,15 +57,6 @@ def oblique(tilt_deg: float = 20.0, rot_deg: float = 15.0, slice_sign: float = 1
     return aff
 
 
-def to_monochrome1(ds: pydicom.Dataset) -> None:
-    """Store the same image as MONOCHROME1: every stored value v becomes lo + hi - v (frames too)."""
-    bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    stored = ds.pixel_array
-    ds.PixelData = ((lo + hi) - stored.astype(np.int64)).astype(stored.dtype).tobytes()
-    ds.PhotometricInterpretation = "MONOCHROME1"
-
-
 def read(files, min_slices: int = 3) -> tuple[np.ndarray, dict]:
     reader = DicomSeriesReader(min_slices=min_slices)
     return reader.get_data(reader.read([str(f) for f in files]))
@@ -109,21 +100,17 @@ def in_reader_layout(path: Path, affine: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ the same volume
 @pytest.mark.parametrize(
-    ("modality", "affine", "monochrome1", "rescale"),
+    ("modality", "affine", "rescale"),
     [
-        ("CT", oblique(), False, dict(slope=0.5, intercept=-100.0, signed=True)),
-        # highdicom converts MONOCHROME1 only without a rescale (test_monochrome1_enhanced_file_... has one)
-        ("CT", oblique(tilt_deg=0.0, slice_sign=-1.0), True, dict(slope=1.0, intercept=0.0, signed=True)),
-        ("MR", oblique(tilt_deg=-30.0, rot_deg=40.0), False, dict(slope=2.0, intercept=-1024.0, signed=False)),
-        ("MR", oblique(slice_sign=-1.0), True, dict(slope=1.0, intercept=0.0, signed=False)),
+        ("CT", oblique(), dict(slope=0.5, intercept=-100.0, signed=True)),
+        ("CT", oblique(tilt_deg=0.0, slice_sign=-1.0), dict(slope=1.0, intercept=0.0, signed=True)),
+        ("MR", oblique(tilt_deg=-30.0, rot_deg=40.0), dict(slope=2.0, intercept=-1024.0, signed=False)),
+        ("MR", oblique(slice_sign=-1.0), dict(slope=1.0, intercept=0.0, signed=False)),
     ],
-    ids=["ct-oblique-rescaled", "ct-axial-descending-monochrome1", "mr-oblique", "mr-descending-monochrome1"],
+    ids=["ct-oblique-rescaled", "ct-axial-descending", "mr-oblique", "mr-descending"],
 )
-def test_enhanced_file_reads_as_its_single_frame_series(tmp_path, modality, affine, monochrome1, rescale):
+def test_enhanced_file_reads_as_its_single_frame_series(tmp_path, modality, affine, rescale):
     paths = series(tmp_path, modality, affine, **rescale)
-    if monochrome1:  # highdicom's converter turns MONOCHROME1 into MONOCHROME2, as the reader reads it
-        for p in paths:
-            edit(p, to_monochrome1)
     single = read(paths)
     enhanced = write_enhanced(paths, tmp_path / "enhanced" / "volume.dcm")
     ds = pydicom.dcmread(enhanced)
@@ -140,11 +127,12 @@ def test_enhanced_file_reads_as_its_single_frame_series(tmp_path, modality, affi
     np.testing.assert_allclose(read([tmp_path / "enhanced"])[0], single[0])  # a folder holding the file
 
 
-def test_monochrome1_enhanced_file_is_inverted_like_a_single_frame_series(tmp_path):
+def test_a_monochrome1_enhanced_ct_keeps_its_hounsfield_units(tmp_path):
+    """As a single-frame series: MONOCHROME1 changes the display, not the HU (test_dicom)."""
     paths = series(tmp_path, "CT", slope=0.5, intercept=-100.0, signed=True)
     enhanced = write_enhanced(paths, tmp_path / "enhanced.dcm")
     expected = read(paths)
-    edit(enhanced, to_monochrome1)
+    edit(enhanced, lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME1"))
     assert pydicom.dcmread(enhanced).PhotometricInterpretation == "MONOCHROME1"
     assert_same_volume(read([enhanced]), expected)
 
