@@ -19,6 +19,8 @@ from datamodules.io.dicom_header import DicomHeader
 
 #: cosines of two orientations closer than this (per component) are the same orientation.
 ORIENTATION_TOL = 1e-3
+#: the farthest a slice may lie from the regular grid of the mean step, in slices
+DRIFT_TOL = 0.25
 #: two slices closer than this along the normal (mm) are at the same position.
 DUPLICATE_TOL_MM = 1e-3
 #: the fewest slices of a volume: the default of `order_series`, `DicomSeriesReader` (segment, fit) and the scan.
@@ -267,6 +269,18 @@ def _check_spacing(headers: Sequence[DicomHeader], steps: np.ndarray, paths: lis
             paths,
             f"uneven slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm (median {median:.3f} mm, "
             f"relative spread {spread:.3f} > {spacing_rtol}); resample it to a regular grid first",
+        )
+    # steps that each pass the spread check can still add up: the volume is placed on the regular grid of the mean
+    # step, so a slice that drifts from it by a fraction of a step carries its pixels (and a mask) to the wrong place
+    along = np.concatenate([[0.0], np.cumsum(steps)])
+    drift = np.abs(along - np.arange(len(along)) * along[-1] / max(len(along) - 1, 1))
+    worst = int(np.argmax(drift))
+    if drift[worst] > DRIFT_TOL * median:
+        raise DicomSeriesError(
+            paths,
+            f"uneven slice spacing: {_name(headers[worst])} lies {drift[worst]:.2f} mm ({drift[worst] / median:.2f} "
+            f"slices) from the regular grid of the series' mean step, more than {DRIFT_TOL:g} of a slice (steps "
+            f"{steps.min():.3f} to {steps.max():.3f} mm); resample it to a regular grid first",
         )
     return median
 

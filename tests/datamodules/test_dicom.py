@@ -103,6 +103,28 @@ def test_uneven_spacing(tmp_path):
     assert "uneven slice spacing" in reason and "2.100" in reason and "3.900" in reason
 
 
+def test_steps_within_the_spread_that_add_up_to_a_drift_are_refused(tmp_path):
+    """31 steps of 3.0 mm then 32 of 3.26 mm: each within the spread tolerance, but the volume is placed on the grid of
+    the mean step, which puts slice 31 about a slice from its true place (a review measured 5.5 mm on a mask);
+    steps that alternate around the mean stay within a quarter slice and are accepted."""
+    n = 64
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, n)))
+    z0 = float(pydicom.dcmread(paths[0]).ImagePositionPatient[2])
+    steps = [3.0] * 31 + [3.26] * (n - 32)
+    z = np.concatenate([[0.0], np.cumsum(steps)]) * np.sign(float(pydicom.dcmread(paths[1]).ImagePositionPatient[2]) - z0)
+    for p, dz in zip(paths, z, strict=True):
+        edit(p, lambda ds, dz=dz: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], z0 + float(dz)]))
+    reason = series_error(paths)
+    assert "uneven slice spacing" in reason and "from the regular grid of the series' mean step" in reason
+    alternating = write_series(tmp_path / "a", phantom(shape=(8, 8, 12)))
+    z0 = float(pydicom.dcmread(alternating[0]).ImagePositionPatient[2])
+    sign = np.sign(float(pydicom.dcmread(alternating[1]).ImagePositionPatient[2]) - z0)
+    z = np.concatenate([[0.0], np.cumsum([3.0, 3.2] * 5 + [3.0])]) * sign
+    for p, dz in zip(alternating, z, strict=True):
+        edit(p, lambda ds, dz=dz: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], z0 + float(dz)]))
+    order_series(headers_of(alternating))  # accepted
+
+
 def test_duplicate_slice(tmp_path):
     paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 5)))
     copy = tmp_path / "s" / "copy_of_slice.dcm"
