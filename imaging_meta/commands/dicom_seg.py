@@ -24,6 +24,7 @@ import numpy as np
 
 import imaging_meta
 from datamodules.io.atomic import atomic_open
+from datamodules.io.dicom_series import ORIENTATION_TOL
 
 __all__ = ["write_dicom_seg"]
 
@@ -115,6 +116,7 @@ def write_dicom_seg(
             name="imaging-meta", family=codes.cid7162.ArtificialIntelligence, version=version
         ),
     )
+    _shared_geometry(sources)
     folder = os.path.dirname(files[0]) if files else "?"
     with warnings.catch_warnings(record=True) as caught:  # re-emitted below without the patient's identifiers
         warnings.simplefilter("always")
@@ -130,6 +132,27 @@ def write_dicom_seg(
     with atomic_open(out, "wb") as stream:  # a crash leaves no half-written .seg.dcm
         seg.save_as(stream)
     return out
+
+
+def _shared_geometry(sources) -> None:
+    """Make the in-memory source headers (never the files) what highdicom requires of a series that the reader
+    accepted: one ImageOrientationPatient for every slice (the reader accepts differences below its
+    ``ORIENTATION_TOL``, highdicom none: the first slice's is used), and a SliceThickness where it is absent or
+    empty (type 2 in CT images; highdicom copies it into the Segmentation's pixel measures, which must have one):
+    the spacing between the slices' positions."""
+    if not sources:
+        return
+    first = [float(v) for v in sources[0].ImageOrientationPatient]
+    for ds in sources[1:]:
+        if np.allclose([float(v) for v in ds.ImageOrientationPatient], first, atol=ORIENTATION_TOL):
+            ds.ImageOrientationPatient = list(sources[0].ImageOrientationPatient)
+    missing = [ds for ds in sources if str(ds.get("SliceThickness", "") or "").strip() == ""]
+    if missing:
+        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in sources])
+        steps = np.linalg.norm(np.diff(positions, axis=0), axis=1) if len(sources) > 1 else np.array([1.0])
+        thickness = float(np.median(steps)) if steps.size and float(np.median(steps)) > 0 else 1.0
+        for ds in missing:
+            ds.SliceThickness = f"{thickness:.6g}"
 
 
 #: the identifying attributes a Segmentation copies from its source (Patient, Study and General Study modules)

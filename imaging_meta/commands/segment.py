@@ -396,7 +396,8 @@ def segment(
         ValueError: an unknown ``output_format``; ``dicom-seg`` with a query that is not a DICOM series
             folder; ``max_support_slices`` below 1, ``label_value`` below 1, an empty ``modality``; a
             support label map without the structure, or that is the structure everywhere, or whose structure
-            vanishes at the working spacing; an output folder under a file.
+            vanishes at the working spacing; an output folder under a file; ``dicom-seg`` with a multi-frame
+            query (before the work), or queries whose Segmentation highdicom refuses (after the others are written).
         CheckpointError: a checkpoint that cannot segment.
     """
     if output_format not in OUTPUT_FORMATS:
@@ -418,6 +419,10 @@ def segment(
                 raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is NIfTI (use --format nifti)")
             if not q.is_dir():
                 raise ValueError(f"--format dicom-seg needs a DICOM series query; {q} is not a folder of DICOM files")
+            enhanced = _multi_frame_file(q)
+            if enhanced:
+                raise ValueError(f"{enhanced}: a multi-frame (enhanced) series; --format dicom-seg writes a segmentation "
+                                 "of single-frame series only: use --format nifti for this query")
 
     inputs = [*(p for pair in supports for p in pair), *queries]
     for path in inputs:  # every input, before the checkpoint is read
@@ -466,6 +471,7 @@ def segment(
     parts = max(structure_parts(mask.numpy()) for _, mask in supports_pre)
     out.mkdir(parents=True, exist_ok=True)
     masks_written, probs_written = [], []
+    seg_failures: list[str] = []
     for query, data, query_modality in progress(zip(queries, query_data, query_modalities, strict=True),
                                                 "segment: queries", total=len(queries), unit="scan"):
         q = Path(query)
@@ -515,14 +521,36 @@ def segment(
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
         if output_format == "dicom-seg":
-            target = _write_seg(mask, q, affine, paths[0], label_value)
+            try:
+                target = _write_seg(mask, q, affine, paths[0], label_value)
+            except ValueError as e:  # highdicom's refusal of one series: the other queries are still written
+                logger.warning("%s: no DICOM Segmentation written: %s", q.name, e)
+                seg_failures.append(str(e))
+                continue
         else:
             target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes, unit)
         logger.info("%s: %d foreground voxels -> %s", q.name, int(mask.sum()), target)
         masks_written.append(target)
         if explain:
             probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit))
+    if seg_failures:
+        raise ValueError(f"{len(seg_failures)} of {len(queries)} queries got no DICOM Segmentation (the others are "
+                         f"in {out}; --format nifti writes a mask of every series): " + "; ".join(seg_failures))
     return masks_written + probs_written
+
+
+def _multi_frame_file(folder: Path) -> Path | None:
+    """The one file of a series folder when it is a multi-frame (enhanced) image, else None (headers only)."""
+    import pydicom
+
+    files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
+    if len(files) != 1:
+        return None
+    try:
+        frames = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["NumberOfFrames"]).get("NumberOfFrames")
+    except Exception:  # not DICOM: the reader names the problem when the query is loaded
+        return None
+    return files[0] if frames is not None and int(frames) > 1 else None
 
 
 def _log_fitted(segmenter: ScanSegmenter) -> None:

@@ -27,6 +27,7 @@ from imaging_meta.volume.segmenter import LEARNER_ONLY
 from tests.datamodules.dicom_fixtures import (
     FAKE_PHI,
     affine_ras,
+    edit,
     label_for,
     phantom,
     write_nifti,
@@ -543,3 +544,66 @@ def test_a_one_slice_support_and_a_structure_that_fills_the_volume_are_warned_ab
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
         segment(ckpt, [(image, label)], [image], tmp_path / "out2", device="cpu", **PLAIN)
     assert "most_label.nii.gz: the structure (any non-zero voxel) fills" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["empty thickness", "no thickness", "orientation noise"])
+def test_a_dicom_seg_of_a_series_the_reader_accepts_is_written_and_reads_back(tmp_path, damage):
+    """An empty or absent SliceThickness (type 2 in CT) gave an unreadable .seg.dcm or a late refusal, and a
+    per-slice orientation that differs by 2e-6 (accepted by the reader) made highdicom refuse the series. The
+    source files are never changed."""
+    hd = pytest.importorskip("highdicom")
+    from imaging_meta.commands.dicom_seg import write_dicom_seg
+
+    volume = phantom(shape=(8, 8, 4))
+    files = write_series(tmp_path / "q", volume)
+    for k, f in enumerate(files):
+        def change(ds, k=k):
+            if damage == "empty thickness":
+                ds.SliceThickness = ""
+            elif damage == "no thickness":
+                del ds.SliceThickness
+            elif k % 2:
+                ds.ImageOrientationPatient = [float(v) + 2e-6 for v in ds.ImageOrientationPatient]
+        edit(f, change)
+    before = {f: f.read_bytes() for f in files}
+    paths = DicomSeriesReader().read(str(tmp_path / "q")).series.paths
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:5, 2:5, 1:3] = True
+    out = write_dicom_seg(mask, paths, tmp_path / "q.seg.dcm")
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out))
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) > 0
+    assert int(seg.NumberOfFrames) >= 1
+    assert {f: f.read_bytes() for f in files} == before
+
+
+def test_dicom_seg_refusals_come_before_the_work_or_spare_the_other_queries(tmp_path, support, monkeypatch):
+    """An enhanced (multi-frame) query is refused before the checkpoint is read; a series whose Segmentation
+    highdicom refuses no longer ends the run before the queries after it are written."""
+    from imaging_meta.commands import segment as command
+
+    folder = tmp_path / "ENH"
+    folder.mkdir()
+    single = write_series(tmp_path / "tmp_one", phantom(shape=(8, 8, 3)))[0]
+    edit(single, lambda ds: setattr(ds, "NumberOfFrames", 3))
+    single.rename(folder / "volume.dcm")
+    with pytest.raises(ValueError, match=r"ENH/volume\.dcm: a multi-frame \(enhanced\) series; --format dicom-seg"):
+        segment(Path("never-read.ckpt"), [support], [folder], tmp_path / "out", output_format="dicom-seg")
+
+    vol_a, aff_a, _ = tricky_series(tmp_path / "SERIES_A")
+    tricky_series(tmp_path / "SERIES_B")
+    spacing, size = ras_grid(vol_a, aff_a)
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    real = command._write_seg
+
+    def refuse_a(mask, q, affine, target, label_value):
+        if q.name == "SERIES_A":
+            raise ValueError(f"{q}: cannot derive a DICOM Segmentation from this series (ValueError: test)")
+        return real(mask, q, affine, target, label_value)
+
+    monkeypatch.setattr(command, "_write_seg", refuse_a)
+    with pytest.raises(ValueError, match=r"1 of 2 queries got no DICOM Segmentation .*SERIES_A: cannot derive"):
+        segment(ckpt, [support], [tmp_path / "SERIES_A", tmp_path / "SERIES_B"], tmp_path / "out", output_format="dicom-seg",
+                largest_component=False, device="cpu", options=LEARNER_ONLY, **PLAIN)
+    assert (tmp_path / "out" / "SERIES_B.seg.dcm").is_file() and not (tmp_path / "out" / "SERIES_A.seg.dcm").exists()
