@@ -159,7 +159,7 @@ def test_segment_rejects_bad_checkpoints(tmp_path):
 
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="bad.ckpt: not a readable"):
+    with pytest.raises(CheckpointError, match="bad.ckpt: not a PyTorch checkpoint file"):
         load_learner(bad)
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, other)
