@@ -536,8 +536,9 @@ class SegmentationDataModule(EpisodicDataModule):
             # error instead, and the first is raised here, once every thread has finished
             ds = CacheDataset(items, _Caught(tf), cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
             for i in range(len(ds)):
-                if isinstance(ds[i], _Failed):
-                    raise ds[i].error
+                item = ds[i]
+                if isinstance(item, _Failed):
+                    raise item.error
             return ds
         if self.hparams.cache == "disk":
             return _warmed(PersistentDataset(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder,

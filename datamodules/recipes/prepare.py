@@ -263,8 +263,8 @@ def _dicom_files(folder: Path) -> list[Path]:
 def _png_files(folder: Path) -> list[Path]:
     """The PNGs in slice order: by the last number in the name (CHAOS: IMG-0004-00012.png), then the name."""
     def key(p: Path) -> tuple[int, str]:
-        nums = re.findall(r"\d+", p.stem)
-        return (int(nums[-1]) if nums else -1, p.name)
+        number = _last_number(p)
+        return (-1 if number is None else number, p.name)
 
     return sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")), key=key)
 
@@ -282,18 +282,18 @@ def _check_png_numbers(pngs: list[Path], files: list[Path], ground_dir: Path, dc
 
     Raises:
         PrepareError: naming the first PNG that cannot be matched."""
-    unnumbered = [p for p in pngs if _last_number(p) is None]
-    if unnumbered:
-        raise PrepareError(f"{unnumbered[0]}: no slice number in the file name (CHAOS: IMG-0004-00012.png); the "
-                           "ground-truth PNGs are matched to the slices by that number")
-    numbered = [_last_number(p) for p in files]
-    dicom_numbers = [n for n in numbered if n is not None]
-    if len(dicom_numbers) != len(files):
+    numbers = [_last_number(p) for p in pngs]
+    if None in numbers:
+        raise PrepareError(f"{pngs[numbers.index(None)]}: no slice number in the file name (CHAOS: IMG-0004-00012.png); "
+                           "the ground-truth PNGs are matched to the slices by that number")
+    dicom = [_last_number(p) for p in files]
+    if None in dicom:
         return  # DICOM files named without numbers: only the order can match them
-    png_numbers = {n: p for p in pngs if (n := _last_number(p)) is not None}
-    missing = sorted(set(dicom_numbers) - set(png_numbers))
+    dicom_numbers = {n for n in dicom if n is not None}
+    png_numbers = {n: p for n, p in zip(numbers, pngs, strict=True) if n is not None}  # every one (checked above)
+    missing = sorted(dicom_numbers - set(png_numbers))
     if missing or len(png_numbers) != len(pngs):
-        extra = sorted(set(png_numbers) - set(dicom_numbers))
+        extra = sorted(set(png_numbers) - dicom_numbers)
         raise PrepareError(
             f"{ground_dir}: the PNG numbers do not match the DICOM slices of {dcm_dir}: "
             + (f"no PNG numbered {missing[0]}" if missing else "two PNGs with one number")

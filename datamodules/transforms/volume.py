@@ -326,8 +326,8 @@ class NiftiVolumeReader(NibabelReader):
         """`NibabelReader.read`, each image through `checked_nifti`, then `_pixdim_from_affine`.
 
         Raises:
-            ValueError: a CIFTI-2 file, a file nibabel cannot read, or one whose affine is not finite or is singular
-                (which MONAI would replace by the identity), naming it.
+            ValueError: a CIFTI-2 file, a file nibabel cannot read, or one whose affine is not finite or is singular,
+                naming it.
         """
         filenames = ensure_tuple(data)
         self.filenames = filenames  # what `get_data` pairs the images with, as in NibabelReader.read
@@ -343,7 +343,7 @@ class NiftiVolumeReader(NibabelReader):
                 img = checked_nifti(loaded, str(name))
             except Reject as e:
                 raise ValueError(f"{name}: {e}") from None
-            # MONAI's header correction would replace a broken affine by the identity: 1 mm voxels, silently
+            # an affine that cannot place the voxels (MONAI's reader would fall back to 1 mm voxels, silently)
             problem = affine_reason(img.affine)
             if problem:
                 raise ValueError(f"{name}: {problem}")

@@ -335,7 +335,8 @@ def remove_old_explanations(folder: Path, planned: Sequence[str] = ()) -> list[P
     manifest.unlink(missing_ok=True)
     if removed:
         logger.info("removed %d explanation file(s) of an earlier run from %s", len(removed), folder)
-    strays = [f.name for f in named if f.name not in listed and f.name not in set(planned)]
+    mine = set(planned)
+    strays = [f.name for f in named if f.name not in listed and f.name not in mine]
     if strays:
         logger.warning("kept %d file(s) in %s named like explanations that classify did not write (e.g. %s); this "
                        "run's are listed in %s", len(strays), folder, strays[0], MANIFEST)

@@ -149,8 +149,9 @@ def _shared_geometry(sources) -> None:
     missing = [ds for ds in sources if str(ds.get("SliceThickness", "") or "").strip() == ""]
     if missing:
         positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in sources])
-        steps = np.linalg.norm(np.diff(positions, axis=0), axis=1) if len(sources) > 1 else np.array([1.0])
-        thickness = float(np.median(steps)) if steps.size and float(np.median(steps)) > 0 else 1.0
+        steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+        thickness = float(np.median(steps)) if steps.size else 0.0
+        thickness = thickness if thickness > 0 else 1.0  # one slice: 1 mm, as highdicom needs a positive one
         for ds in missing:
             ds.SliceThickness = f"{thickness:.6g}"
 

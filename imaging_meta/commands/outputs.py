@@ -27,11 +27,9 @@ def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Pat
     p = Path(folder)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{p}: a file of that name exists; {option} names the output folder (give a new or existing folder)")
-    for parent in p.absolute().parents:  # a file above it: the folder could never be created
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{p}: {parent} is a file, so {option} cannot be created under it")
-            break
+    parent = _nearest_existing_parent(p)
+    if not parent.is_dir():  # a file above it: the folder could never be created
+        raise ValueError(f"{p}: {parent} is a file, so {option} cannot be created under it")
     return p
 
 
@@ -45,14 +43,17 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{p}: a folder of that name exists; {option} names the file to write (e.g. {p / 'predictions.csv'})")
-    for parent in p.absolute().parents:  # the nearest existing folder above it must take new files
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{p}: {parent} is a file, so {option} cannot be written under it")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{p}: cannot write in {parent} (permission denied); give another {option}")
-            break
+    parent = _nearest_existing_parent(p)  # it must be a folder that takes new files
+    if not parent.is_dir():
+        raise ValueError(f"{p}: {parent} is a file, so {option} cannot be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{p}: cannot write in {parent} (permission denied); give another {option}")
     return p
+
+
+def _nearest_existing_parent(path: Path) -> Path:
+    """The closest folder (or file) above ``path`` that exists: where its missing folders would be created."""
+    return next(parent for parent in path.absolute().parents if parent.exists())
 
 
 def check_outputs(planned: Sequence[tuple[Path, str]], inputs: Iterable[str | os.PathLike]) -> None:

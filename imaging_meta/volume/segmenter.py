@@ -264,10 +264,9 @@ class ScanSegmenter:
         llr = self._support_llr if o.intensity else None  # out of fold, when calibrated across scans
         self.fusion = LogisticFusion()
         if k >= 2:
-            self.fusion.fit(self._features(all_p, all_i, llr).flatten(0, -2), all_y.flatten())
-            self.threshold = best_threshold(
-                torch.sigmoid(self.fusion.logits(self._features(all_p, all_i, llr).flatten(0, -2))), all_y
-            )
+            features = self._features(all_p, all_i, llr).flatten(0, -2)
+            self.fusion.fit(features, all_y.flatten())
+            self.threshold = best_threshold(torch.sigmoid(self.fusion.logits(features)), all_y)
         else:  # nothing to leave out: add the log-odds
             n_feat = 2 if o.intensity else 1
             self.fusion.weight, self.fusion.bias = torch.ones(n_feat), torch.zeros(())
