@@ -18,6 +18,7 @@ case ids and site keys reach logs, checkpoints and reports.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -290,6 +291,17 @@ class EpisodicModule(LightningModule):
         from imaging_meta.weight_averaging import LateWeightAveraging
 
         return [LateWeightAveraging(start=self.hparams["weight_averaging"])]
+
+    def __deepcopy__(self, memo: dict) -> EpisodicModule:
+        """A copy whose optimizer and scheduler factories are this module's own, not copies: LightningCLI's factories
+        are partials that hold its argument parser, which cannot be copied (under DDP it holds a lock), and the
+        copy that weight averaging keeps (`imaging_meta.weight_averaging`) never builds an optimizer."""
+        for factory in (self.optimizer_factory, self.scheduler_factory):
+            memo[id(factory)] = factory
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))  # the trainer is left out (LightningModule)
+        return new
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.learner.parameters())

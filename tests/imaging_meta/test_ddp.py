@@ -64,6 +64,26 @@ def test_weight_averaging_under_ddp_keeps_the_ranks_equal_and_averages_the_late_
     assert _max_diff(rank0, torch.load(tmp_path / "plain" / "single.pt", weights_only=True)) > 1e-4
 
 
+@pytest.mark.slow
+def test_the_cli_fits_the_default_segmentation_model_on_two_processes(demo_root, demo_index, tmp_path):
+    """``make train TRAINER=ddp_cpu``: the shipped ddp_cpu.yaml with protonet_seg.yaml, whose weight averaging
+    copies the module, factories from LightningCLI included (it failed with ``cannot pickle '_thread.lock'``)."""
+    from tests.helpers import CONFIGS, SMALL_MODEL, data_args
+
+    args = ["fit", "--config", str(CONFIGS / "trainer/ddp_cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL,
+            *data_args(demo_root, demo_index[1], tmp_path / "cache"), "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    tool = Path(sys.executable).with_name("imaging-meta")  # the installed command: DDP relaunches it per rank
+    proc = subprocess.run([str(tool), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (last,) = (tmp_path / "runs").glob("*/version_*/checkpoints/last.ckpt")
+    assert "averaging_state" in torch.load(last, weights_only=False, map_location="cpu")
+
+
 def test_meta_loss_outside_the_ddp_forward_is_caught(data, tmp_path):
     """The negative control: the same check fails when each rank steps on its own, unsynchronised gradients."""
     _run("outside", "maml", data, tmp_path)

@@ -119,6 +119,36 @@ def test_the_module_option_adds_it_and_bad_starts_are_refused():
             LateWeightAveraging(start=bad)
 
 
+def test_the_module_is_averaged_with_factories_that_cannot_be_copied():
+    """LightningCLI's optimizer factory is a partial holding its parser; under DDP that holds a lock and the
+    averaged copy failed (``cannot pickle '_thread.lock'``, `imaging-meta fit` with ddp_cpu.yaml)."""
+    import copy
+    import functools
+    import threading
+
+    from torch.optim.swa_utils import AveragedModel
+
+    from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+    from imaging_meta.module import EpisodicModule
+
+    lock = threading.Lock()
+
+    def adam(params, lock):
+        return torch.optim.Adam(params)
+
+    factory = functools.partial(adam, lock=lock)
+    with pytest.raises(TypeError, match="pickle"):
+        copy.deepcopy(factory)
+    learner = PrototypicalNetwork(backbone="conv4", in_channels=1, backbone_kwargs={"width": 4})
+    module = EpisodicModule(learner, optimizer=factory, weight_averaging=0.5)
+    twin = copy.deepcopy(module)
+    assert twin.optimizer_factory is factory and twin.learner is not module.learner
+    for a, b in zip(module.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert isinstance(twin.configure_optimizers(), torch.optim.Adam)
+    AveragedModel(module, use_buffers=True)  # what LateWeightAveraging.setup builds
+
+
 class _PeaksEarly(Rising):
     """Validation likes w = 4 (after the first epoch), long before averaging starts."""
 
