@@ -276,6 +276,8 @@ class EpisodicModule(LightningModule):
         # `loss` and free its graph (`inner_loop.per_task_backward`); the loss they return hands the summed
         # gradients over in Lightning's one backward, so automatic optimisation, clipping, accumulation, loss
         # scaling and DDP's one gradient synchronisation per step are unchanged
+        if batch_idx == 0:  # a segmentation model on classification data (or the other way) fails inside the learner
+            self._check_batch(batch)
         loss = self.learner.loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -402,6 +404,9 @@ class EpisodicModule(LightningModule):
             for name, s in summary[TRAINED][group].items():
                 self.log(f"test/{task.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
         out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: every rank calls it
+        if getattr(self.trainer, "fast_dev_run", False):  # a smoke test: no logger, and the folder would be the working directory
+            logger.info("fast_dev_run: no test report written (test/%s is logged)", task.metric)
+            return
         if self.global_rank == 0:
             self.report_paths = self._write_test_report(out_dir, summary, self.test_differences)
 
@@ -458,9 +463,24 @@ class EpisodicModule(LightningModule):
         extra = checkpoint.get("imaging_meta", {})
         saved = current_class_path(extra["learner_config"]["class_path"]) if extra.get("learner_config") else None
         if saved and saved != self.learner.config["class_path"]:
+            from imaging_meta.commands.configs import model_configs_of
+
+            configs = model_configs_of(saved, extra.get("task"))
             raise ValueError(
-                f"the checkpoint holds a {saved} learner, but this run builds "
-                f"{self.learner.config['class_path']}; use the checkpoint's model config"
+                f"the checkpoint holds the learner {saved}, but this run builds {self.learner.config['class_path']}; "
+                "use the checkpoint's model config"
+                + (f" ({' or '.join(configs)}, or the config.yaml saved beside the checkpoint's run)" if configs
+                   else " (the config.yaml saved beside the checkpoint's run)")
+            )
+        expected = None if extra.get("label_free") else extra.get("split_digest")
+        dm = self._datamodule()
+        if expected is not None and dm is not None and dm.split_digest() != expected:
+            raise ValueError(
+                f"the data of this run is not split as when the checkpoint was trained (split digest "
+                f"{dm.split_digest()} != {expected}): other data under the root, other split settings (split_seed, "
+                "test or validation organs, sites or classes) or other pseudonymous ids (set IMAGING_META_SALT to the "
+                "training one). Its test or validation set could hold patients, organs or classes the model trained "
+                "on, so nothing was run; use the data config and settings of the training run"
             )
         if self._untrained:
             restore_untrained(extra, into=self._untrained[0])

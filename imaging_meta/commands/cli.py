@@ -95,12 +95,17 @@ def checkpoint_to_test(callbacks: Sequence[Any]) -> str | None:
     return next(iter(best or saved), None)
 
 
+#: what a run writes in its folder that another run's must not write over: the resolved config, the test report
+RUN_FILES = ("config.yaml", "results.md", "results.json")
+
+
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
     """The LightningCLI over `EpisodicModule`; ``run=False`` only parses and instantiates (tests use it)."""
     import torch
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+    from imaging_meta.checkpoint_io import CheckpointError, read_checkpoint
     from imaging_meta.module import EpisodicModule
 
     class ImagingMetaCLI(LightningCLI):
@@ -111,6 +116,26 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             parser.add_argument("--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint")
             parser.link_arguments(("data.init_args.n_way", "model.learner"), "model.learner.init_args.n_way",
                                   compute_fn=learner_n_way)
+
+        def _parse_ckpt_path(self) -> None:
+            """``--ckpt_path``, checked before anything is built: ``test`` and ``validate`` need one (without it the
+            initial weights would be scored as "trained"), Lightning's keywords are refused (``last`` without a
+            fit in this process starts from scratch), and the file must be a readable checkpoint. Unlike
+            LightningCLI's own step, the checkpoint's hyperparameters do not replace the ones given: a
+            ``--model.threshold`` on ``test`` is the threshold tested."""
+            sub = self.config.get("subcommand")
+            if not sub:
+                return
+            path = self.config[sub].get("ckpt_path")
+            if path is None:
+                if sub in ("test", "validate"):
+                    raise CheckpointError(f"imaging-meta {sub} needs --ckpt_path RUN/checkpoints/best.ckpt: without a "
+                                          "checkpoint it would score the initial, untrained weights")
+                return
+            if str(path) in ("last", "best", "hpc") or str(path).startswith("registry"):
+                raise CheckpointError(f"--ckpt_path {path}: give the checkpoint file (RUN/checkpoints/last.ckpt to "
+                                      f"resume, best.ckpt to test); Lightning's keyword finds none in a new run")
+            read_checkpoint(path)  # a missing, unreadable or foreign file, named
 
         def after_fit(self) -> None:
             if not self.config[self.subcommand].get("test_after_fit"):
@@ -128,12 +153,31 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 tested = f"\ncheckpoint (tested): {checkpoint}" if checkpoint else ""
                 sys.stdout.write("\n" + Path(paths[1]).read_text() + f"\nwritten: {paths[0]}\n         {paths[1]}{tested}\n")
 
+    class NewRunFolder(SaveConfigCallback):
+        """Saves the resolved config in the run's folder, which must not hold another run's config or test report:
+        a fixed logger version, or ``--trainer.logger false`` (the folder is then ``default_root_dir``, by default
+        the working directory), would write over them. Nothing is saved under ``fast_dev_run``."""
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if self.already_saved or getattr(trainer, "fast_dev_run", False):
+                return
+            folder = trainer.log_dir  # a broadcast under DDP: every rank calls it
+            taken = [n for n in RUN_FILES if (Path(folder) / n).is_file()] if trainer.is_global_zero else []
+            taken = trainer.strategy.broadcast(taken)
+            if taken:
+                raise FileExistsError(
+                    f"{folder} already holds {', '.join(taken)} of another run, which this one would write over; run "
+                    "into a new folder: leave --trainer.logger.init_args.version unset (each run gets its own "
+                    "version_N), or with --trainer.logger false set --trainer.default_root_dir to an empty folder")
+            super().setup(trainer, pl_module, stage)
+
     torch.set_float32_matmul_precision("high")
     cli = ImagingMetaCLI(
         EpisodicModule,
         LightningDataModule,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=NewRunFolder,
+        save_config_kwargs={"overwrite": True},  # NewRunFolder has checked the folder
         args=None if args is None else list(args),
         auto_configure_optimizers=False,
         # checkpoints are written to a temporary file and renamed: an interrupted save leaves none half-written

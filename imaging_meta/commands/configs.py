@@ -22,6 +22,17 @@ def shipped_configs() -> list[Path]:
     return sorted(p.relative_to(SHIPPED) for p in SHIPPED.rglob("*.yaml"))
 
 
+def model_configs_of(class_path: str, task: str | None = None) -> list[str]:
+    """The shipped model configs (``configs/model/NAME.yaml``) whose learner is ``class_path``, for ``task``
+    (``segmentation``: ``*_seg.yaml``, ``classification``: ``*_cls.yaml``; None: both)."""
+    folder = SHIPPED / "model"
+    if not folder.is_dir():
+        return []
+    suffix = {"segmentation": "_seg", "classification": "_cls"}.get(task or "", "")
+    return [f"configs/model/{p.name}" for p in sorted(folder.glob(f"*{suffix}.yaml"))
+            if f"class_path: {class_path}\n" in p.read_text() + "\n"]
+
+
 def copy_configs(out: str | os.PathLike, force: bool = False) -> list[Path]:
     """Copy every shipped config into ``out`` (keeping the sub-folders); returns the files written.
 

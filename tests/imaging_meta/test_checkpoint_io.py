@@ -41,8 +41,12 @@ def test_fit_writes_checkpoints_through_the_atomic_writer(tmp_path):
 def test_a_checkpoint_of_another_learner_is_refused_with_the_fix():
     module = EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4}), baselines=False)
     other = {"imaging_meta": {"learner_config": {"class_path": "imaging_meta.learners.gradient.maml.MAML", "init_args": {}}}}
-    with pytest.raises(ValueError, match=r"holds a imaging_meta\.learners\.gradient\.maml\.MAML learner.*use the checkpoint's model config"):
+    with pytest.raises(ValueError, match=r"holds the learner imaging_meta\.learners\.gradient\.maml\.MAML, .*use the checkpoint's model config \(configs/model/"):
         module.on_load_checkpoint(other)
+    other["imaging_meta"]["task"] = "classification"
+    with pytest.raises(ValueError) as e:
+        module.on_load_checkpoint(other)
+    assert "configs/model/maml_cls.yaml" in str(e.value) and "maml_seg" not in str(e.value)
 
 
 def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path):
