@@ -131,6 +131,8 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
 
     # ---------------------------------------------------------- dataloaders
     def val_dataloader(self) -> DataLoader | list:
+        if self.hparams.get("val_episodes", 1) == 0:  # validation left out: fit without it (and without best.ckpt)
+            return []
         return self._fixed_loader("val")
 
     def test_dataloader(self) -> DataLoader:

@@ -250,6 +250,16 @@ class SegmentationDataModule(EpisodicDataModule):
             raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
         if cache not in ("memory", "disk", "none"):
             raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
+        for name, value, least in (("n_shot", n_shot, 1), ("n_query", n_query, 1), ("batch_size", batch_size, 1),
+                                   ("episodes_per_epoch", episodes_per_epoch, 0), ("val_episodes", val_episodes, 0),
+                                   ("test_episodes", test_episodes, 0)):
+            if int(value) < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
+        if len(spacing) != 2 or not all(float(v) > 0 for v in spacing):
+            raise ValueError(f"spacing is the in-plane voxel size in mm, two numbers above 0; got {list(spacing)}")
+        if len(slice_size) != 2 or not all(int(v) >= 1 for v in slice_size):
+            raise ValueError(f"slice_size is the slices' height and width in pixels, two numbers of at least 1; got "
+                             f"{list(slice_size)}")
         self.save_hyperparameters(ignore=["salt"])
         self.root = str(Path(root).expanduser().resolve())
         self.cache_dir = Path(cache_dir).expanduser()
@@ -630,6 +640,9 @@ class SegmentationDataModule(EpisodicDataModule):
     def train_dataloader(self) -> DataLoader:
         self._apply_resume()
         h = self.hparams
+        if h.episodes_per_epoch == 0:
+            raise ValueError("episodes_per_epoch is 0: fit would draw no training episode; set it to at least 1 "
+                             "(0 is for evaluating a checkpoint)")
         if h.selfsup_ratio == 0:
             return self._loader(self._samplers["train"], augment=h.augment)
         from datamodules.sampling.selfsup import SuperpixelEpisodeDataset

@@ -238,7 +238,10 @@ def choose_val_organs(
     if len(kept) < count:
         raise ValueError(
             f"cross_organ holds out val_organ_count={count} validation organ(s), but only {kept} can be: labelled in "
-            f"at least {min_patients} validation patients besides the test organs {list(test_organs)}"
+            f"at least {min_patients} validation patients besides the test organs {list(test_organs)} (the validation "
+            f"split holds {len({cases[i].patient for i in val})} patient(s)"
+            + (f"; the most any other organ has is {max(len(p) for o, p in patients.items() if o not in test_organs)}"
+               if any(o not in test_organs for o in patients) else "") + ")"
             + (f", and without removing most training slices under setting 2 (refused: "
                f"{sorted(set(candidates) - allowed)})" if keep is not None else "")
             + "; name them with val_organs, lower val_organ_count, or raise val_fraction"

@@ -77,6 +77,8 @@ def test_old_checkpoints_keep_validating_on_the_test_organs(demo_root, demo_inde
     old.setup("test")
     assert old.split.val_organs == old.split.test_organs == ["spleen", "kidney_left"]
     assert old.split_digest() == ckpt["imaging_meta"]["split_digest"]
+    old.setup("fit")
+    assert old.val_dataloader() == []  # val_episodes 0: fit runs without validation (it raised "no val episodes")
 
 
 def _edited_file(path: Path, out: Path, edit) -> Path:
@@ -206,3 +208,25 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     assert sorted(c["modality"] for c in second["cases"]) == ["MR", "unknown"]
     third, scanned = index(label_names={1: "milz"})
     assert scanned and third["label_names"] == {"1": "milz"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"n_shot": 0}, "n_shot must be at least 1, got 0"),
+    ({"n_query": -1}, "n_query must be at least 1, got -1"),
+    ({"val_episodes": -2}, "val_episodes must be at least 0"),
+    ({"spacing": [-1.0, 4.5]}, r"spacing is the in-plane voxel size in mm, two numbers above 0; got \[-1.0, 4.5\]"),
+    ({"slice_size": [0, 80]}, r"slice_size is the slices' height and width in pixels.*got \[0, 80\]"),
+])
+def test_settings_that_cannot_work_are_refused_when_the_datamodule_is_built(tmp_path, bad, message):
+    """They failed after scanning the folder, or once training started (``stack expects each tensor to be equal
+    size``), or trained silently on a negative spacing."""
+    with pytest.raises(ValueError, match=message):
+        SegmentationDataModule(root=str(tmp_path), cache_dir=str(tmp_path), **bad)
+
+
+def test_fit_without_training_episodes_says_so(demo_root, demo_index, tmp_path):
+    dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
+                                **{**SMALL_DATA, "episodes_per_epoch": 0})
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="episodes_per_epoch is 0: fit would draw no training episode"):
+        dm.train_dataloader()

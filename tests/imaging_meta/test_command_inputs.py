@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from datamodules.indexing.inputs import Reject
-from datamodules.indexing.volumes import MAX_LABELS, label_data_values
+from datamodules.indexing.volumes import MAX_LABELS, label_data_values, same_neighbours
 from datamodules.io.dicom import DicomSeriesReader
 from datamodules.io.dicom_errors import DicomError
 from datamodules.transforms.volume import LoadVolumed
@@ -95,10 +95,26 @@ def test_segment_refuses_non_integer_labels_and_a_missing_label_value(tmp_path, 
 
 
 def test_label_data_values_rejects_more_distinct_values_than_structures():
-    data = np.arange(MAX_LABELS + 1, dtype=np.int32).reshape(1, 1, -1)
+    data = np.repeat(np.arange(MAX_LABELS + 1, dtype=np.int32), 3).reshape(1, 1, -1)  # regions of 3 voxels each
     with pytest.raises(Reject, match="distinct values"):
         label_data_values(data, "x.nii.gz")
-    assert label_data_values(data[..., :MAX_LABELS], "x.nii.gz") == list(range(1, MAX_LABELS))
+    assert label_data_values(data[..., : 3 * MAX_LABELS], "x.nii.gz") == list(range(1, MAX_LABELS))
+
+
+def test_label_data_values_rejects_a_noisy_image_with_fewer_values_than_that():
+    """An MR of 832 distinct values (benchmarks/real/abdomen/mr.nii.gz) passed as a label map was accepted: label
+    maps are piecewise constant, scans are not (`same_neighbours`)."""
+    rng = np.random.default_rng(0)
+    mr = rng.integers(1, 800, (20, 20, 6)).astype(np.int16)
+    mr[:3] = 0  # a background
+    with pytest.raises(Reject, match=r"mr\.nii\.gz has \d+ distinct values and only \d+% of neighbouring voxels share"):
+        label_data_values(mr, "mr.nii.gz")
+    atlas = np.zeros((30, 30, 8), np.int32)  # 60 labels in blocks, and a one-voxel tube along z of its own label
+    for k in range(60):
+        atlas[(k // 10) * 5 : (k // 10) * 5 + 4, (k % 10) * 3 : (k % 10) * 3 + 2, :] = k + 1
+    atlas[29, 29, :] = 99
+    assert len(label_data_values(atlas, "atlas.nii.gz")) == 61
+    assert same_neighbours(np.zeros((3, 3))) == 1.0 and same_neighbours(np.array([[0, 5, 0]])) == 0.0
 
 
 # ------------------------------------------------------------------------------------------ readers
