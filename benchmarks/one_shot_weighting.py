@@ -1,4 +1,4 @@
-"""Five one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
+"""Seven one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
 
     python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
 
@@ -15,9 +15,17 @@ equally (docs/classification.md). This script measures, on the same seeded 1-sho
 * ``trans<rounds>``: weights fitted on the task's queries, labelled by the weighted rule's own prediction
   (transductive self-training; never the queries' labels);
 * ``emb<share>``: fixed weights, the embedding's share of the sum ``share`` and the descriptors' the rest in equal
-  parts (the default is 1/3 each): how far a different fixed prior would move each set.
+  parts (the default is 1/3 each): how far a different fixed prior would move each set;
+* ``confident``: each query answered in the one space where it is most decisive (the largest gap between its two
+  most probable classes, each space's probabilities at the weighting's temperature): a per-query choice that needs
+  no held-out item and no other query;
+* ``block<n>``: the default with a fourth candidate space, the embedding's own feature map after its ``n``-th
+  block (Conv-4 backbones), average-pooled to ``--block-pool`` x ``--block-pool`` and task-normalised: the
+  encoder's mid-level features, which transfer across domains better than its last layer in the cross-domain
+  few-shot literature (CHEF, Adler et al. 2020). It applies at every shot count (``--shots``);
+  ``--block-alone`` also scores that space by itself (``block<n> alone``).
 
-Any list option given empty (``--priors`` alone) leaves its variants out.
+Any list option given empty (``--priors`` alone) leaves its variants out; ``--no-confident`` leaves that one out.
 
 It prints one line per set and method (accuracy, 95% interval, paired difference from raw pixels) and the mean
 fitted weights of the ``aug`` rows.
@@ -29,14 +37,18 @@ import argparse
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 import benchmarks.real_classification as rc
+from imaging_meta.backbones import forward_with_support_statistics
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.commands.classify import loader_settings
 from imaging_meta.episode import Episode
+from imaging_meta.learners.descriptors.features import concatenate_spaces, task_normalise
 from imaging_meta.learners.descriptors.task_adaptive import (
     DEFAULT,
     EMBEDDING,
+    Space,
     TaskAdaptiveClassifier,
     mark_colour,
 )
@@ -143,6 +155,67 @@ class TransductiveOneShot(_OneShotVariant):
         return beta
 
 
+class ConfidentOneShot(_OneShotVariant):
+    """At K = 1, each query answered in the space where its two most probable classes are furthest apart."""
+
+    space = "confident"
+
+    def _predict(self, ep: Episode):
+        n_way, labels = episode_n_way(ep), ep.support_labels
+        if bool((class_onehot(labels, n_way).sum(1) >= 2).any()):
+            return super()._predict(ep)
+        with torch.no_grad():
+            base = self.base_spaces(self.task_spaces(ep))
+            d = torch.stack([query_distances(fs, labels, fq, n_way) for fs, fq in base.values()], 1)  # (T, K, A, N)
+            probs = (-SCALE * d).softmax(-1)
+            top = probs.topk(min(2, n_way), -1).values
+            gap = top[..., 0] - top[..., -1]  # (T, K, A)
+            pick = gap.argmax(1, keepdim=True)  # (T, 1, A)
+            chosen = probs.gather(1, pick.unsqueeze(-1).expand(-1, -1, -1, n_way))[:, 0]
+            names = list(base)
+            records = [
+                {"space": self.space, "rule": "most decisive space per query",
+                 "weights": {n: float((pick[t, 0] == k).float().mean()) for k, n in enumerate(names)},
+                 "loo_accuracy": {}, "loo_items": 0}
+                for t in range(labels.shape[0])
+            ]
+        return chosen.float(), mark_colour(records, ep)
+
+
+class BlockSpace(TaskAdaptiveClassifier):
+    """The task-adaptive classifier with one more candidate space: the embedding's feature map after block
+    ``block`` of its Conv-4 backbone, average-pooled to ``pool`` x ``pool`` (each task's queries normalised with its
+    support's statistics, as the embedding is)."""
+
+    def __init__(self, *args, block: int = 2, pool: int = 4, alone: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.alone = alone
+        layers = getattr(getattr(getattr(self.embedding, "encoder", None), "backbone", None), "layers", None)
+        if layers is None or not 1 <= block <= len(layers):
+            raise ValueError(f"block {block}: the embedding has no Conv-4 backbone with that many blocks")
+        self.block, self.pool, self.name = block, pool, f"block{block}"
+
+    def _block_features(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.embedding.encoder.backbone.layers[: self.block]:
+            h = layer(h)
+        return F.adaptive_avg_pool2d(h, self.pool).flatten(1)
+
+    def task_spaces(self, episode: Episode) -> dict[str, Space]:
+        out = super().task_spaces(episode)
+        views = []
+        for view in self.embedding_episodes(episode):
+            pairs = [forward_with_support_statistics(self._block_features, s, q)
+                     for s, q in zip(view.support_images, view.query_images, strict=True)]
+            views.append(task_normalise(torch.stack([s for s, _ in pairs]), torch.stack([q for _, q in pairs])))
+        out[self.name] = (*(views[0] if len(views) == 1 else concatenate_spaces(views)), "euclidean")
+        return out
+
+    def base_spaces(self, spaces: dict[str, Space]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        base = super().base_spaces(spaces)
+        return {self.name: base[self.name]} if self.alone else base
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
@@ -157,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift", type=float, default=0.1)
     ap.add_argument("--embedding-shares", nargs="*", type=float, default=[0.45, 0.55, 0.65, 0.8],
                     help="also `emb<share>`: fixed weights, this share of the sum for the embedding")
+    ap.add_argument("--no-confident", action="store_true", help="leave out `confident`")
+    ap.add_argument("--blocks", nargs="*", type=int, default=[1, 2],
+                    help="also `block<n>`: the embedding's block-n features as a fourth space")
+    ap.add_argument("--block-pool", type=int, default=4)
+    ap.add_argument("--block-alone", action="store_true", help="also `block<n> alone`: that space by itself")
+    ap.add_argument("--shots", nargs="+", type=int, default=[1],
+                    help="shot counts (the variants differ from the default at 1 shot, except block<n>)")
     args = ap.parse_args(argv)
     learner, extra = load_learner(args.checkpoint, "cpu")
     learner.eval()
@@ -171,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     variants.update({f"px{s}": TaskAdaptiveClassifier(learner, pixel_size=s) for s in args.pixel_sizes})
     variants.update({f"emb{s:g}": FixedOneShot(learner, share=s) for s in args.embedding_shares})
     variants.update({f"trans{r}": TransductiveOneShot(learner, rounds=r) for r in args.transductive_rounds})
+    if not args.no_confident:
+        variants["confident"] = ConfidentOneShot(learner)
+    variants.update({f"block{b}": BlockSpace(learner, block=b, pool=args.block_pool) for b in args.blocks})
+    if args.block_alone:
+        variants.update({f"block{b} alone": BlockSpace(learner, block=b, pool=args.block_pool, alone=True)
+                         for b in args.blocks})
     for name, v in variants.items():
         methods[name] = (v.eval(), loader_settings(extra, v))
     episodes = argparse.Namespace(ways=None, queries=5, gap=2, episodes=args.episodes, seed=0, per_query=False)
@@ -178,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants.values():
             if isinstance(v, AugmentedOneShot):
                 v.weights.clear()
-        rc.run_set(s, methods, [1], episodes)
+        rc.run_set(s, methods, args.shots, episodes)
         for name, v in variants.items():
             if isinstance(v, AugmentedOneShot) and v.weights:
                 mean = torch.tensor(v.weights).mean(0).tolist()
