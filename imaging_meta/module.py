@@ -472,6 +472,16 @@ class EpisodicModule(LightningModule):
                 + (f" ({' or '.join(configs)}, or the config.yaml saved beside the checkpoint's run)" if configs
                    else " (the config.yaml saved beside the checkpoint's run)")
             )
+        own = self.state_dict()
+        wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in (checkpoint.get("state_dict") or {}).items()
+                 if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            key, theirs, ours = wrong[0]
+            raise ValueError(
+                f"the checkpoint's weights do not fit the learner this run builds: {key} is {list(theirs)} in the "
+                f"checkpoint and {list(ours)} here ({len(wrong)} such tensor(s)); build it as in training: the same "
+                "model config and learner arguments, and the same n_way in the data config"
+            )
         expected = None if extra.get("label_free") else extra.get("split_digest")
         dm = self._datamodule()
         if expected is not None and dm is not None and dm.split_digest() != expected:

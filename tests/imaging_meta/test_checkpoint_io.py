@@ -47,6 +47,11 @@ def test_a_checkpoint_of_another_learner_is_refused_with_the_fix():
     with pytest.raises(ValueError) as e:
         module.on_load_checkpoint(other)
     assert "configs/model/maml_cls.yaml" in str(e.value) and "maml_seg" not in str(e.value)
+    wide = EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 8}), baselines=False)
+    same = {"imaging_meta": {"learner_config": module.learner.config}, "state_dict": wide.state_dict()}
+    with pytest.raises(ValueError, match=r"weights do not fit the learner this run builds: learner\.encoder.* is \[8, 1, 3, 3\] "
+                                         r"in the checkpoint and \[4, 1, 3, 3\] here"):
+        module.on_load_checkpoint(same)
 
 
 def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path):
