@@ -10,7 +10,9 @@ support, and one `segment` call per structure segments, with the default recipe 
 same scan's lower half, which shows it (the reference), and scans of the same modality that cannot show an
 abdominal organ: the three soft-tissue sarcomas of the thigh (CT or T1 MR, ``benchmarks/real/sarcoma``) and,
 for MR, the two brain MRs of ``benchmarks/real/lesions``. Recorded per query: the mask's volume in ml, and that
-volume as a fraction of the structure's volume in the support half; whether `segment` retried an empty answer.
+volume as a fraction of the structure's volume in the support half; whether `segment` retried an empty answer;
+the query's novelty (`imaging_meta.volume.appearance`) and whether `segment` warned that it looks unlike the
+support scan.
 Run on 2 CPU cores with one thread per process; one call per structure.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -36,6 +39,9 @@ ABSENT = {
 }
 
 
+NOVELTY = re.compile(r"^(?P<name>.+?): \d+ foreground voxels -> .* \(novelty (?P<novelty>[0-9.]+)\)$")
+
+
 def volume_ml(path: str | Path, value: int | None = None) -> float:
     """The volume (ml) of the voxels of ``path`` equal to ``value`` (None: non-zero)."""
     img = nib.load(str(path))
@@ -46,16 +52,29 @@ def volume_ml(path: str | Path, value: int | None = None) -> float:
 
 
 class _Retries(logging.Handler):
-    """Collects `segment`'s warnings that an empty answer was segmented again, by query name."""
+    """Collects, by query name, `segment`'s warnings that an empty answer was segmented again or that the query
+    looks unlike the support scan, and the novelty its log gives."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self.names: set[str] = set()
+        self.unlike: set[str] = set()
+        self.novelty: dict[str, float] = {}
+
+    def clear(self) -> None:
+        self.names.clear()
+        self.unlike.clear()
+        self.novelty.clear()
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if "so it was segmented again" in message:
             self.names.add(message.split(":")[0])
+        if " looks unlike the support scan" in message:
+            self.unlike.add(message.split(" looks unlike")[0])
+        found = NOVELTY.match(message)
+        if found:
+            self.novelty[found["name"]] = float(found["novelty"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON records")
     args = ap.parse_args(argv)
     retries = _Retries()
-    logging.getLogger("imaging_meta.commands.segment").addHandler(retries)
+    segment_log = logging.getLogger("imaging_meta.commands.segment")
+    segment_log.addHandler(retries)
+    segment_log.setLevel(logging.INFO)
     records = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -76,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             queries = [Path(q.image), *ABSENT[s.modality]]
             support_ml = volume_ml(s.label, s.value)
-            retries.names.clear()
+            retries.clear()
             masks = segment(args.checkpoint, [(s.image, s.label)], [str(p) for p in queries], tmp / f"out{n}",
                             label_value=s.value, modality=s.modality, device="cpu", adapt_steps=args.adapt_steps)
             for query, mask in zip(queries, masks, strict=True):
@@ -84,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"structure": s.name, "modality": s.modality, "query": query.name, "shows_it": query == Path(q.image),
                        "mask_ml": round(ml, 2), "support_ml": round(support_ml, 2),
                        "fraction_of_support": round(ml / support_ml, 3),
-                       "retried": query.name in retries.names}
+                       "retried": query.name in retries.names, "novelty": retries.novelty.get(query.name),
+                       "warned_unlike": query.name in retries.unlike}
                 records.append(rec)
                 print(f"{s.modality} {s.name:14s} {query.name:22s} shows it: {str(rec['shows_it']):5s} "
                       f"mask {ml:8.1f} ml ({rec['fraction_of_support']:.2f} of the support's {support_ml:.1f} ml)"
+                      f"  novelty {rec['novelty']}{'  warned' if rec['warned_unlike'] else ''}"
                       f"{'  retried' if rec['retried'] else ''}", flush=True)
     absent = [r for r in records if not r["shows_it"]]
     if absent:
@@ -95,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         fractions = np.array([r["fraction_of_support"] for r in absent])
         print(f"queries without the structure: {len(absent)}; left empty {empty}; retried "
               f"{sum(r['retried'] for r in absent)}; mask as a fraction of the support's structure: median "
-              f"{np.median(fractions):.2f}, max {fractions.max():.2f}")
+              f"{np.median(fractions):.2f}, max {fractions.max():.2f}; warned as unlike the support "
+              f"{sum(r['warned_unlike'] for r in absent)}")
+    shown = [r for r in records if r["shows_it"]]
+    if shown:
+        print(f"queries that show it: {len(shown)}; warned as unlike the support {sum(r['warned_unlike'] for r in shown)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "adapt_steps": args.adapt_steps,
                                               "records": records}, indent=1))

@@ -302,6 +302,56 @@ def test_multi_support_scores_both_calibrations_on_two_support_patients(tmp_path
     assert dice["intensity window (first support)"] == pytest.approx(1.0)
 
 
+def test_confident_one_shot_answers_each_query_in_one_space():
+    """`confident`: at K >= 2 the default exactly; at K = 1 each query's probabilities are those of one space (the
+    one where its two most probable classes lie furthest apart), never a blend."""
+    from benchmarks.one_shot_weighting import ConfidentOneShot
+    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+    from imaging_meta.learners.descriptors.weighting import SCALE, query_distances
+    from tests.imaging_meta.test_descriptors import stub_embedding, task_episode
+
+    embedding = stub_embedding()
+    variant, default = ConfidentOneShot(embedding).eval(), TaskAdaptiveClassifier(embedding).eval()
+    with torch.no_grad():
+        ep = task_episode("pixels", n_shot=2)
+        torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+        one = task_episode("checker", n_shot=1)
+        probs = variant.predict(one)
+        base = variant.base_spaces(variant.task_spaces(one))
+        per_space = torch.stack([(-SCALE * query_distances(fs, one.support_labels, fq, 3)).softmax(-1)
+                                 for fs, fq in base.values()], 1)  # (T, K, A, N)
+    gap = per_space.topk(2, -1).values
+    chosen = (gap[..., 0] - gap[..., 1]).argmax(1)  # (T, A)
+    expected = per_space.gather(1, chosen[:, None, :, None].expand(-1, 1, -1, 3))[:, 0]
+    torch.testing.assert_close(probs, expected)
+    assert not torch.allclose(probs, default.predict(one))
+
+
+def test_block_space_adds_the_encoders_mid_level_features_as_a_space():
+    """`block<n>`: one more candidate space from the Conv-4 backbone's n-th block (alone with ``alone``); every
+    shot count; a block the backbone does not have is refused."""
+    from benchmarks.one_shot_weighting import BlockSpace
+    from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+    from tests.imaging_meta.test_descriptors import stub_embedding, task_episode
+
+    net = PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4}).eval()
+    ep = task_episode("checker", n_shot=2)
+    with torch.no_grad():
+        spaces = BlockSpace(net, block=2, pool=2).task_spaces(ep)
+        assert {"embedding", "pixels", "histogram", "block2"} <= set(spaces)
+        fs, fq, _ = spaces["block2"]
+        assert fs.shape[-1] == 4 * 2 * 2 and torch.allclose(fs.norm(dim=-1), torch.ones(fs.shape[:2]))
+        alone = BlockSpace(net, block=1, alone=True).eval()
+        assert list(alone.base_spaces(alone.task_spaces(ep))) == ["block1"]
+        for shots in (1, 2):
+            probs = BlockSpace(net, block=2).eval().predict(task_episode("checker", n_shot=shots))
+            torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    with pytest.raises(ValueError, match="block 9: the embedding has no Conv-4 backbone"):
+        BlockSpace(net, block=9)
+    with pytest.raises(ValueError, match="no Conv-4 backbone"):
+        BlockSpace(stub_embedding(), block=1)
+
+
 def test_absent_structure_volume_and_retry_bookkeeping(tmp_path):
     """`benchmarks.absent_structure`: volumes in ml from the affine, and a retry is recorded from `segment`'s own
     warning, by query name."""
@@ -325,3 +375,10 @@ def test_absent_structure_volume_and_retry_bookkeeping(tmp_path):
     log.warning("%s: the segmenter found nothing, so it was segmented again %s", "a.nii.gz", "without intensity")
     log.warning("%s: the mask is empty: the segmenter found nothing (--keep-empty: not segmented again)", "b.nii.gz")
     assert handler.names == {"a.nii.gz"}
+    log.setLevel(logging.INFO)
+    log.info("%s: %d foreground voxels -> %s%s", "c d.nii.gz", 12, "out/c d.nii.gz", " (novelty 14.25)")
+    log.info("%s: %d foreground voxels -> %s%s", "e.nii.gz", 0, "out/e.nii.gz", "")
+    log.warning("%s looks unlike the support scan: in the model's features ...", "c d.nii.gz")
+    assert handler.novelty == {"c d.nii.gz": 14.25} and handler.unlike == {"c d.nii.gz"}
+    handler.clear()
+    assert not (handler.names or handler.novelty or handler.unlike)

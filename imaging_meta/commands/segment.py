@@ -50,6 +50,7 @@ from imaging_meta.commands.outputs import check_output_folder, check_outputs
 from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
+from imaging_meta.volume.appearance import NOVELTY_WARN
 from imaging_meta.volume.segmenter import LEARNER_ONLY, SUPPORT_CHECK_WARN, ScanOptions, ScanSegmenter
 
 logger = logging.getLogger(__name__)
@@ -486,6 +487,15 @@ def segment(
                 q.name, query_modality, "/".join(sorted(support_modalities)))
         segmenter = segmenter_for(opts)
         probs = segmenter.predict(vol.as_tensor()[0].float())
+        novelty = segmenter.novelty
+        if novelty is not None and novelty > NOVELTY_WARN and opts == options:
+            logger.warning(
+                "%s looks unlike the support scan%s: in the model's features its slices lie %.1f times farther from "
+                "the nearest support slice than the support's slices from each other (above %g; other scans of the "
+                "same region measured 0.7 to 10). It may be another body region, field of view or protocol, and may "
+                "not show the structure, yet segment marks something in almost every such scan (docs/segmentation.md): "
+                "check this mask. An empty answer is not segmented again", q.name, "s" if len(supports) > 1 else "",
+                novelty, NOVELTY_WARN)
         if segmenter.relaxed:
             logger.warning(
                 "%s: the segmenter found nothing, so it was segmented again %s: the support's intensities and slice "
@@ -504,7 +514,8 @@ def segment(
                 "%s: the mask is empty: %s. Check that this scan shows the structure; --explain writes the "
                 "probability map", q.name,
                 f"the segmenter marked {found} voxels at its own {_mm(pre['spacing'])} mm, and none is left after "
-                "interpolation to this scan's grid (the structure may be thinner than that spacing)" if found
+                "interpolation to this scan's grid (the structure may be thinner than that spacing, or the voxels lie outside "
+                "the scan's field of view, in the padding of the working grid)" if found
                 else "the segmenter found nothing" + (" (--keep-empty: not segmented again)"
                                                      if opts.calibrate and not opts.relax_empty else ""))
         paths = output_paths(q, out, output_format, explain)
@@ -529,7 +540,8 @@ def segment(
                 continue
         else:
             target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes, unit)
-        logger.info("%s: %d foreground voxels -> %s", q.name, int(mask.sum()), target)
+        logger.info("%s: %d foreground voxels -> %s%s", q.name, int(mask.sum()), target,
+                    "" if novelty is None else f" (novelty {novelty:.2f})")
         masks_written.append(target)
         if explain:
             probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit))

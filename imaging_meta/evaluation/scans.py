@@ -151,15 +151,17 @@ def _segment(
     chunks: int,
     pre: dict,
     device,
-) -> tuple[np.ndarray, float | None, str | None]:
-    """The method's mask of the query in its own grid, the segmenter's support self-check (`whole_scan`), and the
-    relaxation it needed to find anything (`ScanSegmenter.relaxed`; `whole_scan` only)."""
+) -> tuple[np.ndarray, float | None, str | None, float | None]:
+    """The method's mask of the query in its own grid, the segmenter's support self-check (`whole_scan`), the
+    relaxation it needed to find anything (`ScanSegmenter.relaxed`) and the query's novelty
+    (`ScanSegmenter.novelty`; both `whole_scan` only)."""
     s_img, s_mask = support.pre["image"].as_tensor()[0].float(), support.pre["struct"]
     q_img = query.pre["image"].as_tensor()[0].float()
-    check, relaxed = None, None
+    check, relaxed, novelty = None, None, None
     if protocol == "whole_scan":
         segmenter = ScanSegmenter(learner, options, device).fit([(s_img, s_mask)])
-        probs, check, relaxed = segmenter.predict(q_img), segmenter.support_dice, segmenter.relaxed
+        probs = segmenter.predict(q_img)
+        check, relaxed, novelty = segmenter.support_dice, segmenter.relaxed, segmenter.novelty
     else:
         q_chunks = V.oracle_chunks(query.pre["struct"].numpy(), chunks)
         s_chunks = V.oracle_chunks(s_mask.numpy(), len(q_chunks))
@@ -177,7 +179,7 @@ def _segment(
             seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[centre]])
             probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
     mask = to_query_grid(query, probs) > 0.5
-    return V.keep_components(mask, V.structure_parts(s_mask.numpy())), check, relaxed
+    return V.keep_components(mask, V.structure_parts(s_mask.numpy())), check, relaxed, novelty
 
 
 def _file_name(image: str | list) -> str:
@@ -259,8 +261,10 @@ def score_pair(
         variants[ADAPTED] = (adapted, options)
     checks: dict[str, float | None] = {}
     relaxations: dict[str, str | None] = {}
+    novelties: dict[str, float | None] = {}
     for name, (lrn, opts) in variants.items():
-        preds[name], checks[name], relaxations[name] = _segment(lrn, opts, s, q, protocol, chunks, preprocessing, device)
+        preds[name], checks[name], relaxations[name], novelties[name] = _segment(
+            lrn, opts, s, q, protocol, chunks, preprocessing, device)
     preds.update(_baselines(s, q, query.modality, protocol))
     return [
         {
@@ -277,6 +281,7 @@ def score_pair(
             "scale": scale,
             "support_dice": checks.get(name),  # the segmenter's self-check on the support (None: not measured)
             "relaxed": relaxations.get(name),  # an empty answer predicted again without these rules (None: no)
+            "novelty": novelties.get(name),  # how unlike the support the query looked (None: not measured)
         }
         for name, pred in preds.items()
     ]

@@ -27,6 +27,8 @@ It is fitted on the support scans alone (never a query label):
    stand out; in another patient's scan, and more so in another contrast phase, they can veto everything the
    learner found (docs/segmentation.md). For a query that shows the structure an empty mask is the worst answer
    there is (Dice 0), so relaxing can only help it; a query that may not show the structure should switch it off.
+   It is not tried on a query scan that looks unlike the support scans (``novelty``, `appearance.AppearanceCheck`:
+   whole slices compared in the learner's features), such as a scan of another body region.
 
 `predict` returns a probability map shifted so that > 0.5 is the decision (the fitted threshold maps to 0.5);
 the caller then keeps the largest 3D connected component, or every component when the support's structure is
@@ -43,6 +45,7 @@ import torch
 
 from imaging_meta.episode import Episode
 from imaging_meta.learners.base import Learner
+from imaging_meta.volume.appearance import NOVELTY_WARN, AppearanceCheck
 from imaging_meta.volume.evidence import (
     IntensityModel,
     LogisticFusion,
@@ -120,6 +123,11 @@ class ScanSegmenter:
         self.support_dice: float | None = None
         #: which of `RELAXATIONS` the last `predict` used (None: none was needed, or none found anything)
         self.relaxed: str | None = None
+        #: how unlike the support scans the last whole query looked (`imaging_meta.volume.appearance`; None: not
+        #: measured, for a learner without an encoder or a prediction of chosen slices)
+        self.novelty: float | None = None
+        self._support_volumes: list[torch.Tensor] = []
+        self._appearance: AppearanceCheck | None = None
         # the learner's leave-one-out output on the support (positive slices, negative slices, their images), and
         # with ``across_scans`` the support's intensity evidence out of fold (positive slices, then negative)
         self._support_probs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -174,6 +182,7 @@ class ScanSegmenter:
             ValueError: a support without the structure.
         """
         o = self.options
+        self._support_volumes, self._appearance = [image for image, _ in supports], None
         pos_i, pos_m, neg_i = [], [], []
         pos_scan, neg_scan = [], []  # each slice's support scan
         pos_z: list[int] = []
@@ -311,7 +320,9 @@ class ScanSegmenter:
         """(H, W, D) query volume -> (H, W, D) probability map; > 0.5 is the decision.
 
         With ``relax_empty``, a map without any voxel above 0.5 is predicted again with each of `RELAXATIONS` in
-        turn, and the first that finds something is returned (its name in ``self.relaxed``).
+        turn, and the first that finds something is returned (its name in ``self.relaxed``); not for a query
+        whose appearance is unlike the support scans' (``self.novelty`` above
+        `imaging_meta.volume.appearance.NOVELTY_WARN`), which may not show the structure at all.
 
         Args:
             slices: predict only these axial slices (the others are 0), as the oracle-extent protocol does.
@@ -319,13 +330,19 @@ class ScanSegmenter:
         if self.support_images is None or self.support_masks is None:  # fit sets both
             raise RuntimeError("ScanSegmenter.predict before fit")
         zs = list(range(volume.shape[-1])) if slices is None else list(slices)
-        self.relaxed = None
+        self.relaxed, self.novelty = None, None
+        if slices is None:
+            if self._appearance is None:
+                self._appearance = AppearanceCheck(self.learner, self.device, self.options.query_chunk).fit(
+                    self._support_volumes)
+            self.novelty = self._appearance.novelty(volume)
         if not zs:
             return torch.zeros(volume.shape, dtype=torch.float32)
         images = torch.stack([volume[..., z] for z in zs])
         learned = self._learned(images, self.support_images, self.support_masks)
         out = self._decide(learned, images, zs, volume.shape)
-        if self.options.relax_empty and self.options.calibrate and not (out > 0.5).any():
+        unlike = self.novelty is not None and self.novelty > NOVELTY_WARN
+        if self.options.relax_empty and self.options.calibrate and not unlike and not (out > 0.5).any():
             tried: list[ScanSegmenter] = []
             for name, changes in RELAXATIONS:
                 seg = self._relaxed(changes)

@@ -377,6 +377,24 @@ def test_an_empty_query_is_predicted_again_without_the_support_fitted_rules():
     assert (seg.predict(q_img) > 0.5)[q_mask].all() and seg.relaxed == "without intensity evidence or slice gate"
 
 
+def test_an_empty_query_that_looks_unlike_the_support_is_not_predicted_again():
+    from imaging_meta.volume.appearance import NOVELTY_WARN
+
+    s_img, s_mask, q_img, _ = _phase_pair()
+    seg = ScanSegmenter(BoxLearner(), ScanOptions(smooth_z=0.0)).fit([(s_img, s_mask)])
+
+    class Unlike:
+        def novelty(self, volume):
+            return NOVELTY_WARN + 1.0
+
+    seg._appearance = Unlike()  # type: ignore[assignment]  # the check's verdict, without an encoder to compute it
+    assert not (seg.predict(q_img) > 0.5).any()  # the support's veto stands: this query may not show the organ
+    assert seg.relaxed is None and seg.novelty == NOVELTY_WARN + 1.0
+    assert seg.predict(q_img, slices=[4, 5]) is not None and seg.novelty is None  # chosen slices: not measured
+    fresh = ScanSegmenter(BoxLearner(), ScanOptions(smooth_z=0.0)).fit([(s_img, s_mask)])
+    assert (fresh.predict(q_img) > 0.5).any() and fresh.novelty is None  # no encoder: no check, the retry as before
+
+
 def test_relaxation_skips_rules_that_are_already_off():
     s_img, s_mask, q_img, q_mask = _phase_pair()
     seg = ScanSegmenter(BoxLearner(), ScanOptions(intensity=False, smooth_z=0.0)).fit([(s_img, s_mask)])

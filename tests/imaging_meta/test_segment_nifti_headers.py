@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from imaging_meta.commands.segment import check_label_source, segment
-from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
 from imaging_meta.volume.segmenter import LEARNER_ONLY
 from tests.datamodules.dicom_fixtures import affine_ras, label_for, phantom, write_nifti
 from tests.datamodules.test_volumes_nifti_headers import write_cifti, write_in_unit
@@ -22,6 +21,7 @@ from tests.imaging_meta.test_segment_outputs import (
     ct_nifti,
     make_checkpoint,
     ras_grid,
+    stand_in,
     threshold_predict,
 )
 
@@ -41,7 +41,7 @@ def scans(tmp_path, monkeypatch):
                write_nifti(label_for(vol), affine_ras(), tmp_path / "s" / "sup_label.nii.gz"))
     query = phantom(seed=2)
     spacing, size = ras_grid(query.astype(np.float32), affine_ras())
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     return support, query, make_checkpoint(tmp_path / "m.ckpt", spacing, size)
 
 

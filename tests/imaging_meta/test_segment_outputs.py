@@ -78,6 +78,18 @@ def intensity_predict(self, episode):
     return episode.query_images[:, :, 0].float()
 
 
+def pooled_encode(self, images):
+    """(N, 1, H, W) -> (N, 4, 1, 4): the slice average-pooled into 4 x 4 cells, a cell row per channel, for the
+    appearance check (`imaging_meta.volume.appearance`) of a learner whose ``predict`` is a stand-in."""
+    return torch.nn.functional.adaptive_avg_pool2d(images, 4).transpose(1, 2)
+
+
+def stand_in(monkeypatch, predict) -> None:
+    """Replace the checkpoint learner's ``predict`` (and the encoder that the appearance check reads)."""
+    monkeypatch.setattr(PrototypicalSegmenter, "predict", predict)
+    monkeypatch.setattr(PrototypicalSegmenter, "encode", pooled_encode)
+
+
 @pytest.fixture
 def support(tmp_path):
     vol = phantom(seed=1)
@@ -114,7 +126,7 @@ def test_dicom_seg_frames_reference_the_slices_their_pixels_came_from(tmp_path, 
     spacing, size = ras_grid(vol, aff)
     assert size == (10, 12), "the in-plane axes are swapped by the RAS reorientation"
     ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
 
     written = segment(ckpt, [support], [folder], tmp_path / "out", output_format="dicom-seg",
                       largest_component=False, device="cpu", options=LEARNER_ONLY, **PLAIN)
@@ -175,7 +187,7 @@ def test_dicom_seg_of_a_nifti_query_is_a_clear_error(tmp_path, support):
 def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, support, monkeypatch):
     # a coarser grid than the queries': the map is interpolated back, not copied
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", intensity_predict)
+    stand_in(monkeypatch, intensity_predict)
     nifti_q = ct_nifti(phantom(seed=4), affine_ras(rot_deg=20.0), tmp_path / "q4.nii.gz", [[1, -1], [0, 1], [2, -1]])
     _, aff, _ = tricky_series(tmp_path / "SERIES_B")
     out = tmp_path / "out"
@@ -302,7 +314,7 @@ def test_segment_keeps_every_part_when_the_support_structure_has_several(tmp_pat
     q_img = ct_nifti(query, aff, tmp_path / "q" / "query.nii.gz")
     spacing, size = ras_grid(query.astype(np.float32), aff)
     ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     (written,) = segment(ckpt, [(s_img, s_lab)], [q_img], tmp_path / "out", device="cpu", options=LEARNER_ONLY,
                          **PLAIN)
     mask = np.asarray(nib.load(str(written)).dataobj) > 0
@@ -352,7 +364,7 @@ def test_segment_warns_when_the_support_self_check_is_poor(tmp_path, support, mo
             return self
 
     monkeypatch.setattr(command, "ScanSegmenter", Checked)
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     vol = phantom(seed=2)
     query = ct_nifti(vol, affine_ras(), tmp_path / "q.nii.gz")
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
@@ -382,7 +394,7 @@ def test_a_query_of_another_modality_than_the_support_is_segmented_by_the_learne
             return super().predict(volume, slices)
 
     monkeypatch.setattr(command, "ScanSegmenter", Recorded)
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", intensity_predict)
+    stand_in(monkeypatch, intensity_predict)
     vol = phantom(seed=2)
     ct_query = ct_nifti(vol, affine_ras(), tmp_path / "ct_q.nii.gz")
     mr_query = write_nifti(np.abs(vol).astype(np.int16), affine_ras(), tmp_path / "mr_q.nii.gz")
@@ -412,7 +424,7 @@ def test_modality_spellings_are_normalised_and_a_file_is_read_once(tmp_path, cap
 
     from imaging_meta.commands.segment import modality_of
 
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     vol = phantom(seed=1)
     sup = write_nifti(vol, affine_ras(), tmp_path / "hu" / "sup.nii.gz")  # no sidecar: read as CT by its HU
     lab = write_nifti(label_for(vol), affine_ras(), tmp_path / "hu" / "sup_label.nii.gz")
@@ -448,7 +460,7 @@ def test_segment_warns_when_a_query_was_segmented_again_and_keep_empty_switches_
             return out
 
     monkeypatch.setattr(command, "ScanSegmenter", Relaxed)
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
@@ -463,6 +475,31 @@ def test_segment_warns_when_a_query_was_segmented_again_and_keep_empty_switches_
     assert not _scan_options(_tool_parser().parse_args([*base, "--pooled-calibration"])).across_scans
 
 
+def test_segment_logs_each_querys_novelty_and_warns_about_one_unlike_the_support(tmp_path, support, monkeypatch,
+                                                                                   caplog):
+    """The appearance check (`imaging_meta.volume.appearance`, tested in test_appearance) runs on the checkpoint's
+    encoder; `segment` logs each query's novelty and warns, naming the query, above `NOVELTY_WARN`."""
+    import logging
+
+    from imaging_meta.commands import segment as command
+
+    stand_in(monkeypatch, threshold_predict)
+    query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
+    with caplog.at_level(logging.INFO, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [query], tmp_path / "out", device="cpu", **PLAIN)
+    logged = [r.getMessage() for r in caplog.records if "foreground voxels" in r.getMessage()]
+    assert len(logged) == 1 and "(novelty " in logged[0], logged
+    assert not [r for r in caplog.records if "looks unlike" in r.getMessage()]  # a phantom like its support
+    monkeypatch.setattr(command, "NOVELTY_WARN", -1.0)  # every query is "unlike" its support
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [query], tmp_path / "out2", device="cpu", **PLAIN)
+    lines = [r.getMessage() for r in caplog.records if "looks unlike" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("q.nii.gz looks unlike the support scan: "), lines
+    assert "may not show the structure" in lines[0]
+
+
 def test_segment_warns_about_an_empty_mask_and_says_whether_it_vanished_on_the_query_grid(tmp_path, support,
                                                                                          monkeypatch, caplog):
     """An empty written mask is never silent: the warning names the query and says whether the segmenter found
@@ -472,7 +509,7 @@ def test_segment_warns_about_an_empty_mask_and_says_whether_it_vanished_on_the_q
     from imaging_meta.commands import segment as command
     from imaging_meta.volume.segmenter import ScanSegmenter
 
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
 
@@ -501,7 +538,7 @@ def test_segment_warns_about_an_empty_mask_and_says_whether_it_vanished_on_the_q
 def test_a_structure_that_vanishes_at_the_checkpoints_spacing_is_named_as_such(tmp_path, monkeypatch):
     """A structure of one voxel in the label map is lost when resampled to a coarse spacing: the error says so and
     suggests --scale structure, instead of blaming --label-value (the value is in the map)."""
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     vol = phantom(seed=1)
     image = ct_nifti(vol, affine_ras(), tmp_path / "sup.nii.gz")
     lab = np.zeros(vol.shape, np.uint8)
@@ -517,7 +554,7 @@ def test_a_structure_that_vanishes_at_the_checkpoints_spacing_is_named_as_such(t
 def test_a_one_slice_support_and_a_structure_that_fills_the_volume_are_warned_about(tmp_path, monkeypatch, caplog):
     import logging
 
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     vol = phantom(seed=1)
     image = ct_nifti(vol, affine_ras(), tmp_path / "sup.nii.gz")
     one = label_for(vol)
@@ -594,7 +631,7 @@ def test_dicom_seg_refusals_come_before_the_work_or_spare_the_other_queries(tmp_
     tricky_series(tmp_path / "SERIES_B")
     spacing, size = ras_grid(vol_a, aff_a)
     ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
-    monkeypatch.setattr(PrototypicalSegmenter, "predict", threshold_predict)
+    stand_in(monkeypatch, threshold_predict)
     real = command._write_seg
 
     def refuse_a(mask, q, affine, target, label_value):

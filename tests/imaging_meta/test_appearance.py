@@ -1,0 +1,65 @@
+"""The appearance check: how unlike the support scans a query scan looks, in the learner's encoder features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imaging_meta.volume.appearance import GAP, NOVELTY_WARN, AppearanceCheck, describe_slices
+
+
+class PooledLearner:
+    """Encoder stand-in: the slice average-pooled 4 x 4 into 4 x 4 cells, as one feature channel per cell row."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        p = F.adaptive_avg_pool2d(x, 4)  # (N, 1, 4, 4)
+        return p.transpose(1, 2)  # (N, 4, 1, 4): each cell row a channel
+
+
+def _abdomen(depth: int = 16, size: int = 24, seed: int = 0) -> torch.Tensor:
+    """A body (0.4) with a bright organ (0.8) whose place drifts along z, and a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.full((size, size, depth), 0.4) + 0.02 * torch.randn(size, size, depth, generator=g)
+    v[:2], v[-2:], v[:, :2], v[:, -2:] = 0.0, 0.0, 0.0, 0.0
+    for z in range(depth):
+        c = 6 + z // 3
+        v[c : c + 6, 5:11, z] = 0.8
+    return v
+
+
+def _thigh(depth: int = 16, size: int = 24) -> torch.Tensor:
+    """Another region: a dark centre (bone marrow at 0.1) in a bright ring (muscle at 0.7), no organ."""
+    r = torch.arange(size).float() - size / 2
+    d = (r[:, None] ** 2 + r[None, :] ** 2).sqrt()
+    s = torch.where(d < 4, 0.1, torch.where(d < 10, 0.7, 0.0))
+    return s.unsqueeze(-1).repeat(1, 1, depth)
+
+
+def test_describe_slices_is_none_without_an_encoder_and_means_and_spreads_with_one():
+    assert describe_slices(object(), torch.zeros(3, 8, 8)) is None
+    d = describe_slices(PooledLearner(), torch.rand(5, 8, 8), chunk=2)
+    assert d is not None and d.shape == (5, 8)  # 4 channels: their means, then their standard deviations
+
+
+def test_another_region_is_far_more_novel_than_another_scan_of_the_same_region():
+    check = AppearanceCheck(PooledLearner()).fit([_abdomen(seed=0)])
+    assert check.reference is not None and check.reference > 0
+    same = check.novelty(_abdomen(seed=1))
+    other = check.novelty(_thigh())
+    assert same is not None and other is not None
+    assert same < 3.0 and other > NOVELTY_WARN
+    assert check.novelty(_abdomen(seed=0)) == pytest.approx(0.0)  # the support itself
+
+
+def test_the_reference_leaves_out_each_slices_near_copies():
+    vol = _abdomen(depth=3 * (GAP + 1))
+    check = AppearanceCheck(PooledLearner()).fit([vol])
+    # every slice's neighbours within GAP are skipped, so the nearest other slice is at least GAP + 1 away
+    assert check.reference is not None
+    assert AppearanceCheck(PooledLearner()).fit([vol[..., : GAP + 1]]).reference is None  # nothing else left
+
+
+def test_no_check_without_an_encoder_or_with_a_single_slice():
+    assert AppearanceCheck(object()).fit([_abdomen()]).novelty(_thigh()) is None
+    assert AppearanceCheck(PooledLearner()).fit([_abdomen(depth=1)]).novelty(_thigh()) is None
