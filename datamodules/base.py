@@ -132,6 +132,10 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
     # ---------------------------------------------------------- dataloaders
     def val_dataloader(self) -> DataLoader | list:
         if self.hparams.get("val_episodes", 1) == 0:  # validation left out: fit without it (and without best.ckpt)
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.state.fn == "validate":
+                raise ValueError("imaging-meta validate scores the validation episodes, and val_episodes is 0: set it "
+                                 "to the number of episodes to score")
             return []
         return self._fixed_loader("val")
 

@@ -341,12 +341,15 @@ def label_values(path: str, rel: str, image: Volume) -> list[int]:
 
 #: more distinct values than this, and a "label map" is an image (a CT or MR volume passed by mistake)
 MAX_LABELS = 1000
-#: with more distinct values than `FEW_LABELS`, a "label map" in which fewer than this share of neighbouring voxel
-#: pairs (along its most regular axis, pairs that are not both background) hold the same value is an image: label
-#: maps are piecewise constant (0.72-0.99 on the label maps of benchmarks/real and the demo), scans are noisy
-#: (0.00-0.09 on their images, among them an MR of 832 distinct values)
+#: with more distinct values than `FEW_LABELS` and at least `IMAGE_FOREGROUND` of its voxels non-zero, a "label
+#: map" in which fewer than this share of neighbouring voxel pairs (along its most regular axis, pairs that are not
+#: both background) hold the same value is an image: label maps are piecewise constant (0.72-0.99 on the label maps
+#: of benchmarks/real and the demo), scans are noisy (0.00-0.09 on their images, among them an MR of 832 distinct
+#: values). Scans are non-zero almost everywhere (91-100% there, label maps 0.1-30%); a map of many tiny regions
+#: (small lesions, points, scribbles), whose neighbours are mostly background, is not refused
 MIN_SAME_NEIGHBOURS = 0.3
 FEW_LABELS = 20
+IMAGE_FOREGROUND = 0.5
 
 
 def same_neighbours(data: np.ndarray) -> float:
@@ -366,7 +369,7 @@ def same_neighbours(data: np.ndarray) -> float:
 def label_data_values(data: np.ndarray, rel: str) -> list[int]:
     """The non-zero values of a label map's data; `Reject` data that is no label map: NaN/Inf, non-integer or
     negative values, no background, no foreground, or more than `MAX_LABELS` distinct values, or more than
-    `FEW_LABELS` that are not piecewise constant (`same_neighbours`; an image)."""
+    `FEW_LABELS` that are not piecewise constant in a volume that is mostly non-zero (`same_neighbours`; an image)."""
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)):
             raise Reject(f"label map {rel} contains NaN/Inf values; expected integer structure labels")
@@ -385,13 +388,14 @@ def label_data_values(data: np.ndarray, rel: str) -> list[int]:
             f"label map {rel} has {values.size} distinct values (at most {MAX_LABELS} structures are expected): "
             "this looks like an image, not a label map - check which file is the label"
         )
-    if values.size > FEW_LABELS:
+    if values.size > FEW_LABELS and float(np.count_nonzero(data)) >= IMAGE_FOREGROUND * data.size:
         same = same_neighbours(data)
         if same < MIN_SAME_NEIGHBOURS:
             raise Reject(
-                f"label map {rel} has {values.size} distinct values and only {same:.0%} of neighbouring voxels share "
-                "a value, as in a scan (a label map's structures are regions of one value): this looks like an image, "
-                "not a label map - check which file is the label"
+                f"label map {rel} has {values.size} distinct values, is non-zero in {np.count_nonzero(data) / data.size:.0%} "
+                f"of its voxels, and only {same:.0%} of neighbouring voxels share a value, as in a scan (a label map's "
+                "structures are regions of one value): this looks like an image, not a label map - check which file "
+                "is the label"
             )
     if values.size and values.min() < 0:
         raise Reject(f"label map {rel} has negative values (min {values.min():g}); expected labels >= 0")

@@ -20,6 +20,7 @@ the fix (exit status 1); anything else says it is a bug and to rerun with ``--de
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -120,9 +121,9 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def _parse_ckpt_path(self) -> None:
             """``--ckpt_path``, checked before anything is built: ``test`` and ``validate`` need one (without it the
             initial weights would be scored as "trained"), Lightning's keywords are refused (``last`` without a
-            fit in this process starts from scratch), and the file must be a readable checkpoint. Unlike
-            LightningCLI's own step, the checkpoint's hyperparameters do not replace the ones given: a
-            ``--model.threshold`` on ``test`` is the threshold tested."""
+            fit in this process starts from scratch), and the file must be a readable checkpoint. The model
+            settings come from the checkpoint, as in LightningCLI, except those given with other values than the
+            defaults (in a config or a flag): a ``--model.threshold 0.9`` on ``test`` is the threshold tested."""
             sub = self.config.get("subcommand")
             if not sub:
                 return
@@ -132,10 +133,17 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                     raise CheckpointError(f"imaging-meta {sub} needs --ckpt_path RUN/checkpoints/best.ckpt: without a "
                                           "checkpoint it would score the initial, untrained weights")
                 return
-            if str(path) in ("last", "best", "hpc") or str(path).startswith("registry"):
+            keyword = str(path) in ("last", "best", "hpc", "registry") or str(path).startswith("registry:")
+            if keyword and not Path(path).is_file():
                 raise CheckpointError(f"--ckpt_path {path}: give the checkpoint file (RUN/checkpoints/last.ckpt to "
                                       f"resume, best.ckpt to test); Lightning's keyword finds none in a new run")
-            read_checkpoint(path)  # a missing, unreadable or foreign file, named
+            hparams = read_checkpoint(path).get("hyper_parameters") or {}  # a missing or foreign file, named
+            model = self.config[sub].get("model")
+            defaults = {k: p.default for k, p in inspect.signature(EpisodicModule.__init__).parameters.items()}
+            given = {k: model[k] for k in hparams if model is not None and k in model and model[k] != defaults.get(k)}
+            super()._parse_ckpt_path()  # the checkpoint's settings
+            for k, v in given.items():
+                self.config[sub]["model"][k] = v
 
         def after_fit(self) -> None:
             if not self.config[self.subcommand].get("test_after_fit"):

@@ -10,7 +10,8 @@ segmentation data), the runner
 3. collects every run's ``results.json`` into ``results.json`` and ``results.md`` (mean ± 95% CI over
    episodes), checking that all learners of a column were scored on the same episode file (its sha256).
 
-Runs that already have a ``results.json`` are reused with ``--resume``.
+Runs that already have a ``results.json`` are reused with ``--resume``; any other run folder of this command
+(``OUT/runs/NAME/version_0``: an earlier or interrupted run) is removed and run again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "train one model per test shot count with that many shots (matched, as Snell et al.)")
     p.add_argument("--cls-epochs", type=int, default=None, help="override max_epochs for classification learners")
     p.add_argument("--seg-epochs", type=int, default=None, help="override max_epochs for segmentation learners")
-    p.add_argument("--resume", action="store_true", help="reuse runs that already wrote their results")
+    p.add_argument("--resume", action="store_true", help="reuse runs that already wrote their results (any other run "
+                   "folder of this command is replaced)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further arguments for every fit and test")
 
 
@@ -108,6 +111,15 @@ def _data_args(data: str, data_dir: str) -> list[str]:
     return []
 
 
+def _clear_run(run_dir: Path) -> None:
+    """Remove this command's earlier run folder (``OUT/runs/NAME/version_0``) before running it again: a rerun
+    replaces it, and a folder left by an interrupted run is incomplete. The CLI refuses to write a run into a
+    folder that holds another run's config or report (`imaging_meta.commands.cli.RUN_FILES`)."""
+    if run_dir.is_dir():
+        logger.info("%s: replacing the earlier run", run_dir)
+        shutil.rmtree(run_dir)
+
+
 def _fit(args: argparse.Namespace, cli: list[str], base: list[str], logger_args: list[str], run: str,
          epochs: int | None, n_shot: int | None) -> tuple[Path, float]:
     """Meta-train one run (or reuse it with ``--resume``): its best checkpoint and the seconds it took."""
@@ -115,6 +127,7 @@ def _fit(args: argparse.Namespace, cli: list[str], base: list[str], logger_args:
     run_dir = out / "runs" / run / "version_0"
     if args.resume and (run_dir / "fit.done").exists():
         return _best_checkpoint(run_dir), float((run_dir / "fit.done").read_text())
+    _clear_run(run_dir)
     fit = [*cli, "fit", *base, *logger_args, "--trainer.logger.init_args.name", run,
            "--trainer.logger.init_args.version", "0", *(["--trainer.max_epochs", str(epochs)] if epochs else []),
            *(["--data.init_args.n_shot", str(n_shot)] if n_shot else []), *args.extra]
@@ -147,6 +160,7 @@ def run_results(args: argparse.Namespace) -> int:
             tag = f"{name}-test" + (f"-{k}shot" if k else "") + ("-matched" if matched else "")
             test_dir = out / "runs" / tag / "version_0"
             if not (args.resume and (test_dir / "results.json").exists()):
+                _clear_run(test_dir)
                 test = [*cli, "test", *base, *logger_args, "--trainer.logger.init_args.name", tag,
                         "--trainer.logger.init_args.version", "0", "--ckpt_path", str(ckpt),
                         *(["--data.init_args.n_shot", str(k)] if k else []), *args.extra]

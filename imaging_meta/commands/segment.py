@@ -494,8 +494,8 @@ def segment(
                 "the nearest support slice than the support's slices from each other (above %g; other scans of the "
                 "same region measured 0.7 to 10). It may be another body region, field of view or protocol, and may "
                 "not show the structure, yet segment marks something in almost every such scan (docs/segmentation.md): "
-                "check this mask. An empty answer is not segmented again", q.name, "s" if len(supports) > 1 else "",
-                novelty, NOVELTY_WARN)
+                "check this mask.%s", q.name, "s" if len(supports) > 1 else "", novelty, NOVELTY_WARN,
+                " An empty answer is not segmented again" if opts.relax_empty and opts.calibrate else "")
         if segmenter.relaxed:
             logger.warning(
                 "%s: the segmenter found nothing, so it was segmented again %s: the support's intensities and slice "

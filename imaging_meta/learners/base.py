@@ -227,6 +227,11 @@ class Learner(nn.Module):
             return images.flatten(1).float()
         return self.get_submodule(name)(images)
 
+    def slice_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """(N, C, H, W) slices -> (N, F, h, w) feature maps, each slice's from itself alone, for comparing whole
+        slices (`imaging_meta.volume.appearance`); None, the default, for a learner without such an encoder."""
+        return None
+
     def embed_episode(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, S, D) support and (T, Q, D) query embeddings of a (batched) episode, each task's items embedded
         together by `embed` (see `embed_tasks`), as the learner embeds them in `predict`."""

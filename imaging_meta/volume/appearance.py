@@ -14,8 +14,8 @@ recipe (docs/segmentation.md, "A query that does not show the structure"): the o
 tumour-centred sarcoma crops 17.5-32.7) and 1.5-5.3 on the demo (12 pairs), scans of another body region
 13.6-46.6 (43 of 43).
 
-Needs a learner with an ``encode(images) -> (N, F, h, w)`` method (`PrototypicalSegmenter`); for others the
-novelty is None. Plain torch; no labels are read.
+Needs a learner whose `Learner.slice_features` gives feature maps (`PrototypicalSegmenter`, `make train`'s); for
+others the novelty is None. Plain torch; no labels are read.
 """
 
 from __future__ import annotations
@@ -33,15 +33,17 @@ GAP = 2
 
 @torch.no_grad()
 def describe_slices(learner, slices: torch.Tensor, device: torch.device | str = "cpu", chunk: int = 16) -> torch.Tensor | None:
-    """(N, H, W) slices -> (N, 2F) per-channel means and standard deviations of the learner's encoder features;
-    None when the learner has no ``encode``."""
-    encode = getattr(learner, "encode", None)
-    if not callable(encode):
+    """(N, H, W) slices -> (N, 2F) per-channel means and standard deviations of the learner's feature maps
+    (`Learner.slice_features`); None when the learner gives none."""
+    features = getattr(learner, "slice_features", None)
+    if not callable(features):
         return None
     out = []
     for start in range(0, slices.shape[0], max(1, chunk)):
-        x = slices[start : start + chunk].unsqueeze(1).float().to(device)
-        f = encode(x).float().flatten(2)  # (n, F, h * w)
+        f = features(slices[start : start + chunk].unsqueeze(1).float().to(device))
+        if f is None or f.dim() != 4:  # no feature maps from this learner
+            return None
+        f = f.float().flatten(2)  # (n, F, h * w)
         out.append(torch.cat([f.mean(-1), f.std(-1, unbiased=False)], 1).cpu())
     return torch.cat(out) if out else None
 

@@ -12,7 +12,7 @@ from imaging_meta.volume.appearance import GAP, NOVELTY_WARN, AppearanceCheck, d
 class PooledLearner:
     """Encoder stand-in: the slice average-pooled 4 x 4 into 4 x 4 cells, as one feature channel per cell row."""
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def slice_features(self, x: torch.Tensor) -> torch.Tensor:
         p = F.adaptive_avg_pool2d(x, 4)  # (N, 1, 4, 4)
         return p.transpose(1, 2)  # (N, 4, 1, 4): each cell row a channel
 
@@ -37,7 +37,19 @@ def _thigh(depth: int = 16, size: int = 24) -> torch.Tensor:
 
 
 def test_describe_slices_is_none_without_an_encoder_and_means_and_spreads_with_one():
+    from imaging_meta.learners.gradient.anil import ANIL
+    from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
+
     assert describe_slices(object(), torch.zeros(3, 8, 8)) is None
+    anil = ANIL(task="segmentation", backbone="unet", backbone_kwargs={"out_channels": 4, "features": [4, 4, 4, 4, 4, 4]})
+    assert describe_slices(anil, torch.zeros(3, 32, 32)) is None  # its encode takes other arguments: not used
+    flat = PooledLearner()
+    flat.slice_features = lambda x: x.flatten(1)  # type: ignore[method-assign]  # (N, D): no feature maps
+    assert describe_slices(flat, torch.zeros(3, 8, 8)) is None
+    # an encoder with batch statistics: each slice's features from itself alone, whatever its batch
+    bn = PrototypicalSegmenter(backbone="conv4", backbone_kwargs={"width": 4}).eval()
+    x = torch.rand(5, 16, 16)
+    torch.testing.assert_close(describe_slices(bn, x, chunk=5)[:2], describe_slices(bn, x[:2], chunk=2))
     d = describe_slices(PooledLearner(), torch.rand(5, 8, 8), chunk=2)
     assert d is not None and d.shape == (5, 8)  # 4 channels: their means, then their standard deviations
 

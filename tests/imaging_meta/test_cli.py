@@ -381,22 +381,31 @@ def test_evaluate_scale_reaches_the_whole_scan_protocols(monkeypatch, tmp_path):
     assert calls == ["structure", "structure"]
 
 
-def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_root, demo_index, tmp_path, capsys):
+def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_root, demo_index, tmp_path, capsys,
+                                                                        monkeypatch):
     """After a short fit: ``test`` needs a readable checkpoint (without one it scored the untrained weights as
     "trained", exit 0), a checkpoint is only tested or resumed on the split it was trained on, a flag given on
-    ``test`` is not replaced by the checkpoint's, and a run never writes over another run's files."""
+    ``test`` is not replaced by the checkpoint's (the others are the checkpoint's), and a run never writes over
+    another run's files."""
     from imaging_meta.checkpoint_io import CheckpointError
 
     base = ["--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
             "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL,
             *data_args(demo_root, demo_index[1], tmp_path / "cache"), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
     fit = cli_main(["fit", *base, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-                    "--trainer.limit_val_batches", "1"])
+                    "--trainer.limit_val_batches", "1", "--model.threshold", "0.3"])
     (ckpt,) = (Path(fit.trainer.log_dir) / "checkpoints").glob("best*.ckpt")
     with pytest.raises(CheckpointError, match="needs --ckpt_path"):
         cli_main(["test", *base])
     with pytest.raises(CheckpointError, match="--ckpt_path last: give the checkpoint file"):
         cli_main(["fit", *base, "--ckpt_path", "last"])
+    registry = tmp_path / "registry_models"
+    registry.mkdir()
+    (registry / "best.ckpt").write_bytes(ckpt.read_bytes())  # a folder named like the keyword is a folder
+    monkeypatch.chdir(tmp_path)
+    cli_main(["validate", *base, "--ckpt_path", "registry_models/best.ckpt"])
+    with pytest.raises(ValueError, match="validate scores the validation episodes, and val_episodes is 0"):
+        cli_main(["validate", *base, "--ckpt_path", str(ckpt), "--data.init_args.val_episodes", "0"])
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="notes.ckpt: not a PyTorch checkpoint"):
         cli_main(["test", *base, "--ckpt_path", str(tmp_path / "notes.ckpt")])
@@ -405,7 +414,8 @@ def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_ro
     with pytest.raises(ValueError, match="not split as when the checkpoint was trained"):
         cli_main(["fit", *base, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2", "--data.init_args.split_seed", "7"])
     tested = cli_main(["test", *base, "--ckpt_path", str(ckpt), "--model.threshold", "0.9"])
-    assert tested.model.hparams["threshold"] == 0.9  # LightningCLI used to put the checkpoint's 0.5 back
+    assert tested.model.hparams["threshold"] == 0.9  # LightningCLI used to put the checkpoint's 0.3 back
+    assert cli_main(["test", *base, "--ckpt_path", str(ckpt)]).model.hparams["threshold"] == 0.3  # not given: the checkpoint's
     capsys.readouterr()
     # a fixed version: the second run would write over the first's config and report
     fixed = [*base, "--trainer.logger.init_args.version", "mine", "--ckpt_path", str(ckpt)]

@@ -107,8 +107,13 @@ def test_label_data_values_rejects_a_noisy_image_with_fewer_values_than_that():
     rng = np.random.default_rng(0)
     mr = rng.integers(1, 800, (20, 20, 6)).astype(np.int16)
     mr[:3] = 0  # a background
-    with pytest.raises(Reject, match=r"mr\.nii\.gz has \d+ distinct values and only \d+% of neighbouring voxels share"):
+    with pytest.raises(Reject, match=r"mr\.nii\.gz has \d+ distinct values, is non-zero in 85% of its voxels, and only "
+                                     r"\d+% of neighbouring voxels share"):
         label_data_values(mr, "mr.nii.gz")
+    lesions = np.zeros((40, 40, 10), np.int16)  # 60 one-voxel lesions, each its own label: a legitimate instance map
+    for k in range(60):
+        lesions[(k // 6) * 4, (k % 6) * 6, k % 10] = k + 1
+    assert len(label_data_values(lesions, "instances.nii.gz")) == 60
     atlas = np.zeros((30, 30, 8), np.int32)  # 60 labels in blocks, and a one-voxel tube along z of its own label
     for k in range(60):
         atlas[(k // 10) * 5 : (k // 10) * 5 + 4, (k % 10) * 3 : (k % 10) * 3 + 2, :] = k + 1

@@ -144,12 +144,21 @@ def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train
     monkeypatch.setattr(results, "_run", fake_run)
     p = argparse.ArgumentParser()
     results.add_arguments(p)
-    args = p.parse_args(["--out", str(tmp_path / "out"), "--learners", "protonet_cls", "--train-shots", train_shots])
+    sys_args = ["--out", str(tmp_path / "out"), "--learners", "protonet_cls", "--train-shots", train_shots]
+    args = p.parse_args(sys_args)
     assert results.run_results(args) == 0
     fits = [c for c in calls if c[3] == "fit"]
     tests = [c for c in calls if c[3] == "test"]
     shots_of = [c[c.index("--data.init_args.n_shot") + 1] if "--data.init_args.n_shot" in c else None for c in fits]
     ckpts = [Path(c[c.index("--ckpt_path") + 1]).parts[-4] for c in tests]
+    # a rerun replaces each run folder (the CLI refuses to write over another run's config or report); --resume
+    # keeps the finished ones
+    stale = tmp_path / "out" / "runs" / ckpts[0] / "version_0" / "config.yaml"
+    stale.write_text("the earlier run's")
+    calls.clear()
+    assert results.run_results(args) == 0 and not stale.exists() and len(calls) == len(fits) + len(tests)
+    calls.clear()
+    assert results.run_results(p.parse_args([*sys_args, "--resume"])) == 0 and calls == []
     if train_shots == "matched":
         assert shots_of == ["1", "5"] and ckpts == ["protonet_cls-train1shot", "protonet_cls-train5shot"]
         assert "one model per column" in (tmp_path / "out" / "results.md").read_text()

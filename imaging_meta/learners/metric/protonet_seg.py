@@ -117,6 +117,13 @@ class PrototypicalSegmenter(Learner):
             f = F.avg_pool2d(f, self.feature_pool)
         return f
 
+    def slice_features(self, images: torch.Tensor) -> torch.Tensor:
+        """`encode`; one slice at a time for an encoder with batch statistics, whose features of a slice would
+        depend on the other slices of its batch."""
+        if uses_support_statistics(self.encoder):
+            return torch.cat([self.encode(x) for x in images.split(1)])
+        return self.encode(images)
+
     def episode_features(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, K, F, h, w) support and (T, Q, F, h, w) query features.
 
