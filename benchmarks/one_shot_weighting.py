@@ -78,16 +78,18 @@ class _OneShotVariant(TaskAdaptiveClassifier):
             return super()._predict(ep)
         with torch.no_grad():
             base = self.base_spaces(self.task_spaces(ep))
-            d = torch.stack([query_distances(fs, labels, fq, n_way) for fs, fq in base.values()], 1)
-            beta = self.one_shot_weights(ep, base, d, n_way)
-            logits = weighted_logits(d, beta)
-            w = beta / beta.sum(-1, keepdim=True)
-            records = [
-                {"space": self.space, "rule": DEFAULT, "weights": dict(zip(base, map(float, w[t]), strict=True)),
-                 "loo_accuracy": {}, "loo_items": 0}
-                for t in range(labels.shape[0])
-            ]
-        return logits.softmax(-1).float(), mark_colour(records, ep)
+            d = torch.stack([query_distances(fs, labels, fq, n_way) for fs, fq in base.values()], 1)  # (T, K, A, N)
+            probs, records = self.one_shot_answer(ep, base, d, n_way)
+        return probs.float(), mark_colour(records, ep)
+
+    def one_shot_answer(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> tuple[torch.Tensor, list]:
+        """At K = 1: the probabilities (T, A, N) and one record per task; here the weighted rule with
+        `one_shot_weights`."""
+        beta = self.one_shot_weights(ep, base, distances, n_way)
+        w = beta / beta.sum(-1, keepdim=True)
+        records = [{"space": self.space, "rule": DEFAULT, "weights": dict(zip(base, map(float, w[t]), strict=True)),
+                    "loo_accuracy": {}, "loo_items": 0} for t in range(distances.shape[0])]
+        return weighted_logits(distances, beta).softmax(-1), records
 
 
 class AugmentedOneShot(_OneShotVariant):
@@ -160,26 +162,15 @@ class ConfidentOneShot(_OneShotVariant):
 
     space = "confident"
 
-    def _predict(self, ep: Episode):
-        n_way, labels = episode_n_way(ep), ep.support_labels
-        if bool((class_onehot(labels, n_way).sum(1) >= 2).any()):
-            return super()._predict(ep)
-        with torch.no_grad():
-            base = self.base_spaces(self.task_spaces(ep))
-            d = torch.stack([query_distances(fs, labels, fq, n_way) for fs, fq in base.values()], 1)  # (T, K, A, N)
-            probs = (-SCALE * d).softmax(-1)
-            top = probs.topk(min(2, n_way), -1).values
-            gap = top[..., 0] - top[..., -1]  # (T, K, A)
-            pick = gap.argmax(1, keepdim=True)  # (T, 1, A)
-            chosen = probs.gather(1, pick.unsqueeze(-1).expand(-1, -1, -1, n_way))[:, 0]
-            names = list(base)
-            records = [
-                {"space": self.space, "rule": "most decisive space per query",
-                 "weights": {n: float((pick[t, 0] == k).float().mean()) for k, n in enumerate(names)},
-                 "loo_accuracy": {}, "loo_items": 0}
-                for t in range(labels.shape[0])
-            ]
-        return chosen.float(), mark_colour(records, ep)
+    def one_shot_answer(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> tuple[torch.Tensor, list]:
+        probs = (-SCALE * distances).softmax(-1)  # (T, K, A, N)
+        top = probs.topk(min(2, n_way), -1).values
+        pick = (top[..., 0] - top[..., -1]).argmax(1, keepdim=True)  # (T, 1, A): each query's most decisive space
+        chosen = probs.gather(1, pick.unsqueeze(-1).expand(-1, -1, -1, n_way))[:, 0]
+        records = [{"space": self.space, "rule": "most decisive space per query",
+                    "weights": {n: float((pick[t, 0] == k).float().mean()) for k, n in enumerate(base)},
+                    "loo_accuracy": {}, "loo_items": 0} for t in range(distances.shape[0])]
+        return chosen, records
 
 
 class BlockSpace(TaskAdaptiveClassifier):
