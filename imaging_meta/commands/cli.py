@@ -363,6 +363,10 @@ def _add_segment_parser(sub) -> None:
                    help="keep an empty mask when nothing is found (by default such a query is segmented again without "
                         "the support's intensity evidence, then also without the slice gate, and a warning says so); "
                         "use it when some queries may not show the structure")
+    g.add_argument("--empty-if-unlike", action="store_true",
+                   help="write an empty mask for a query that looks unlike the support scans (another body region, "
+                        "field of view or protocol; the warning that names it is given either way): every scan of another "
+                        "region in docs/segmentation.md, but also 3 of 20 other patients' tumour-centred crops")
     g.add_argument("--adapt-steps", type=int, default=40,
                    help="test-time adaptation: fine-tune on superpixel episodes from the support and query scans and on "
                         "augmented support slices for N steps before predicting (default 40, a measured choice, see "
@@ -478,6 +482,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             adapt_steps=args.adapt_steps,
             adapt_seed=args.adapt_seed,
             scale=args.scale,
+            empty_if_unlike=args.empty_if_unlike,
         )
         for w in written:
             sys.stdout.write(f"wrote {w}\n")

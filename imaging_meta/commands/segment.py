@@ -349,6 +349,7 @@ def segment(
     adapt_steps: int = DEFAULT_STEPS,
     adapt_seed: int = 0,
     scale: str = "structure",
+    empty_if_unlike: bool = False,
 ) -> list[Path]:
     """Segment ``queries`` with the structure labelled in ``supports``.
 
@@ -389,6 +390,9 @@ def segment(
             The defaults of ``scale`` and ``adapt_steps`` are the recipe that scored best on the real scans of
             ``benchmarks/real/`` (docs/segmentation.md); ``scale="checkpoint", adapt_steps=0`` is the model as
             trained, and faster.
+        empty_if_unlike: write an empty mask for a query whose appearance is unlike the support scans'
+            (`imaging_meta.volume.appearance`, above ``NOVELTY_WARN``), which may be another body region; it is
+            warned about either way.
 
     Returns:
         The written files: the masks (NIfTI or DICOM-SEG), one per query, then the probability maps.
@@ -488,14 +492,18 @@ def segment(
         segmenter = segmenter_for(opts)
         probs = segmenter.predict(vol.as_tensor()[0].float())
         novelty = segmenter.novelty
-        if novelty is not None and novelty > NOVELTY_WARN and opts == options:
+        unlike = novelty is not None and novelty > NOVELTY_WARN and opts == options
+        if unlike:
             logger.warning(
                 "%s looks unlike the support scan%s: in the model's features its slices lie %.1f times farther from "
                 "the nearest support slice than the support's slices from each other (above %g; other scans of the "
                 "same region measured 0.7 to 10). It may be another body region, field of view or protocol, and may "
                 "not show the structure, yet segment marks something in almost every such scan (docs/segmentation.md): "
                 "check this mask.%s", q.name, "s" if len(supports) > 1 else "", novelty, NOVELTY_WARN,
-                " An empty answer is not segmented again" if opts.relax_empty and opts.calibrate else "")
+                " --empty-if-unlike: its mask is left empty" if empty_if_unlike
+                else " An empty answer is not segmented again" if opts.relax_empty and opts.calibrate else "")
+            if empty_if_unlike:
+                probs = torch.zeros_like(probs)
         if segmenter.relaxed:
             logger.warning(
                 "%s: the segmenter found nothing, so it was segmented again %s: the support's intensities and slice "
@@ -508,7 +516,7 @@ def segment(
         mask = prob_map > 0.5
         if largest_component and mask.any():
             mask = keep_components(mask, parts)
-        if not mask.any():
+        if not mask.any() and not (unlike and empty_if_unlike):  # that one was warned about, and emptied, above
             found = int((probs > 0.5).sum())
             logger.warning(
                 "%s: the mask is empty: %s. Check that this scan shows the structure; --explain writes the "

@@ -498,6 +498,19 @@ def test_segment_logs_each_querys_novelty_and_warns_about_one_unlike_the_support
     lines = [r.getMessage() for r in caplog.records if "looks unlike" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("q.nii.gz looks unlike the support scan: "), lines
     assert "may not show the structure" in lines[0]
+    (kept,) = segment(ckpt, [support], [query], tmp_path / "out3", device="cpu", **PLAIN)
+    assert np.asarray(nib.load(str(kept)).dataobj).any()  # warned about, and its mask written
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        (emptied,) = segment(ckpt, [support], [query], tmp_path / "out4", device="cpu", empty_if_unlike=True, **PLAIN)
+    assert not np.asarray(nib.load(str(emptied)).dataobj).any()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("--empty-if-unlike: its mask is left empty" in line for line in lines), lines
+    assert not any("the mask is empty" in line for line in lines)  # not also "the segmenter found nothing"
+    from imaging_meta.commands.cli import _tool_parser
+
+    base = ["segment", "--checkpoint", "c", "--support-image", "s", "--support-label", "l", "--query", "q", "--out", "o"]
+    assert _tool_parser().parse_args([*base, "--empty-if-unlike"]).empty_if_unlike
 
 
 def test_segment_warns_about_an_empty_mask_and_says_whether_it_vanished_on_the_query_grid(tmp_path, support,
