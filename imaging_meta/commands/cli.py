@@ -139,31 +139,12 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 raise CheckpointError(f"--ckpt_path {path}: give the checkpoint file (RUN/checkpoints/last.ckpt to "
                                       f"resume, best.ckpt to test); Lightning's keyword finds none in a new run")
             hparams = read_checkpoint(path).get("hyper_parameters") or {}  # a missing or foreign file, named
-            if sub == "fit":
-                self._resume_in_its_run(Path(path))
             model = self.config[sub].get("model")
             defaults = {k: p.default for k, p in inspect.signature(EpisodicModule.__init__).parameters.items()}
             given = {k: model[k] for k in hparams if model is not None and k in model and model[k] != defaults.get(k)}
             super()._parse_ckpt_path()  # the checkpoint's settings
             for k, v in given.items():
                 self.config[sub]["model"][k] = v
-
-        def _resume_in_its_run(self, checkpoint: Path) -> None:
-            """A fit resumed from ``SAVE_DIR/NAME/version_N/checkpoints/X.ckpt`` of this config's logger continues in
-            that run folder (unless a version is given): its checkpoint callbacks then keep their selection, so
-            ``best.ckpt`` is the best of the whole run. In a new folder Lightning drops it, and ``best.ckpt`` was the
-            best of the epochs after the resume only. The run's ``config.yaml`` stays; the resuming command's config
-            is saved beside it as ``config.resumed.yaml``."""
-            logger = self.config["fit"].get("trainer", {}).get("logger")
-            init = logger.get("init_args") if hasattr(logger, "get") else None
-            if init is None or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-                return
-            if init.get("version") is not None or checkpoint.parent.name != "checkpoints":
-                return
-            run = checkpoint.resolve().parent.parent
-            if run.parent == (Path(init.get("save_dir") or ".") / str(init.get("name") or "lightning_logs")).resolve():
-                init["version"] = run.name
-                resumed_runs.append(run)
 
         def _run_subcommand(self, subcommand: str) -> None:
             log_dir = getattr(self.trainer.logger, "log_dir", None) if self.trainer.is_global_zero else None
@@ -202,8 +183,6 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 tested = f"\ncheckpoint (tested): {checkpoint}" if checkpoint else ""
                 sys.stdout.write("\n" + Path(paths[1]).read_text() + f"\nwritten: {paths[0]}\n         {paths[1]}{tested}\n")
 
-    resumed_runs: list[Path] = []  # the run folders that a resumed fit continues in (`_resume_in_its_run`)
-
     class NewRunFolder(SaveConfigCallback):
         """Saves the resolved config in the run's folder, which must not hold another run's config or test report:
         a fixed logger version, or ``--trainer.logger false`` (the folder is then ``default_root_dir``, by default
@@ -213,10 +192,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             if self.already_saved or getattr(trainer, "fast_dev_run", False):
                 return
             folder = trainer.log_dir  # a broadcast under DDP: every rank calls it
-            resumed = Path(folder).resolve() in resumed_runs  # the same run, continued: its config stays
-            if resumed:
-                self.config_filename = "config.resumed.yaml"  # the resuming command's, beside the run's own
-            taken = [n for n in RUN_FILES if (Path(folder) / n).is_file()] if trainer.is_global_zero and not resumed else []
+            taken = [n for n in RUN_FILES if (Path(folder) / n).is_file()] if trainer.is_global_zero else []
             taken = trainer.strategy.broadcast(taken)
             if taken:
                 raise FileExistsError(
