@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,27 +144,6 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             super()._parse_ckpt_path()  # the checkpoint's settings
             for k, v in given.items():
                 self.config[sub]["model"][k] = v
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            log_dir = getattr(self.trainer.logger, "log_dir", None) if self.trainer.is_global_zero else None
-            new_folder = Path(log_dir) if log_dir and not Path(log_dir).exists() else None
-            try:
-                super()._run_subcommand(subcommand)
-            except Exception:
-                if new_folder is not None:
-                    self._remove_empty_run_folder(new_folder)
-                raise
-
-        def _remove_empty_run_folder(self, folder: Path) -> None:
-            """After a run that failed before its first training step, remove the run folder it created when it
-            holds only what this run wrote (event files, config.yaml, hparams.yaml): the next run then takes its
-            ``version_N``, which the documented paths name."""
-            if not folder.is_dir() or self.trainer.global_step > 0:
-                return
-            files = list(folder.iterdir())
-            if all(f.is_file() and (f.name.startswith("events.out.tfevents.") or f.name in ("config.yaml", "hparams.yaml"))
-                   for f in files):
-                shutil.rmtree(folder)
 
         def after_fit(self) -> None:
             if not self.config[self.subcommand].get("test_after_fit"):

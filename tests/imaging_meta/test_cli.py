@@ -426,18 +426,6 @@ def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_ro
     assert (tmp_path / "runs" / "imaging_meta" / "mine" / "config.yaml").read_text() == config
 
 
-def test_a_run_that_fails_before_training_leaves_no_empty_run_folder(demo_root, demo_index, tmp_path):
-    """The next run takes version_0, the folder the documented paths name (a failed first attempt left an empty
-    version_0 holding an events file only, and the run that worked became version_1)."""
-    args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
-            "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL,
-            *data_args(demo_root, demo_index[1], tmp_path / "cache"), "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"), "--trainer.max_epochs", "1"]
-    with pytest.raises(ValueError, match="pair a"):
-        cli_main([*args, "--config", str(CONFIGS / "model/maml_cls.yaml")])  # fails at the first training step
-    assert not list((tmp_path / "runs").glob("*/version_*")), list((tmp_path / "runs").rglob("*"))
-
-
 def test_a_model_of_the_other_task_is_named_before_training(demo_root, demo_index, tmp_path):
     args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
             "--config", str(CONFIGS / "model/maml_cls.yaml"), *data_args(demo_root, demo_index[1], tmp_path / "cache"),
