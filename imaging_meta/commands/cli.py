@@ -176,7 +176,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 raise FileExistsError(
                     f"{folder} already holds {', '.join(taken)} of another run, which this one would write over; run "
                     "into a new folder: leave --trainer.logger.init_args.version unset (each run gets its own "
-                    "version_N), or with --trainer.logger false set --trainer.default_root_dir to an empty folder")
+                    "version_N), or give another --trainer.logger.init_args.save_dir")
             super().setup(trainer, pl_module, stage)
 
     torch.set_float32_matmul_precision("high")
@@ -344,7 +344,9 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--empty-if-unlike", action="store_true",
                    help="write an empty mask for a query that looks unlike the support scans (another body region, "
                         "field of view or protocol; the warning that names it is given either way): every scan of another "
-                        "region in docs/segmentation.md, but also 3 of 20 other patients' tumour-centred crops")
+                        "region in docs/segmentation.md, but also 3 of 20 other patients' tumour-centred crops. Not "
+                        "checked, and warned about: queries of another modality than the supports, and checkpoints whose "
+                        "learner has no slice features (only ProtoNet segmentation checkpoints have them)")
     g.add_argument("--adapt-steps", type=int, default=40,
                    help="test-time adaptation: fine-tune on superpixel episodes from the support and query scans and on "
                         "augmented support slices for N steps before predicting (default 40, a measured choice, see "

@@ -493,6 +493,10 @@ def segment(
         probs = segmenter.predict(vol.as_tensor()[0].float())
         novelty = segmenter.novelty
         unlike = novelty is not None and novelty > NOVELTY_WARN and opts == options
+        if empty_if_unlike and (novelty is None or opts != options):
+            logger.warning("%s: --empty-if-unlike did not check this query (%s); its mask is written as found", q.name,
+                           "no slice features in this checkpoint's learner" if novelty is None
+                           else "another modality than the supports")
         if unlike:
             logger.warning(
                 "%s looks unlike the support scan%s: in the model's features its slices lie %.1f times farther from "

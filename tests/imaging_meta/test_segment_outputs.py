@@ -507,6 +507,12 @@ def test_segment_logs_each_querys_novelty_and_warns_about_one_unlike_the_support
     lines = [r.getMessage() for r in caplog.records]
     assert any("--empty-if-unlike: its mask is left empty" in line for line in lines), lines
     assert not any("the mask is empty" in line for line in lines)  # not also "the segmenter found nothing"
+    monkeypatch.setattr(PrototypicalSegmenter, "slice_features", lambda self, images: None)  # no features
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        (unchecked,) = segment(ckpt, [support], [query], tmp_path / "out5", device="cpu", empty_if_unlike=True, **PLAIN)
+    assert np.asarray(nib.load(str(unchecked)).dataobj).any()
+    assert any("--empty-if-unlike did not check this query (no slice features" in r.getMessage() for r in caplog.records)
     from imaging_meta.commands.cli import _tool_parser
 
     base = ["segment", "--checkpoint", "c", "--support-image", "s", "--support-label", "l", "--query", "q", "--out", "o"]
