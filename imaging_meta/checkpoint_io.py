@@ -133,6 +133,18 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
     return content
 
 
+def split_mismatch(extra: dict, datamodule: Any) -> tuple[str, str] | None:
+    """(the datamodule's split digest, the checkpoint's) when they differ: its test or validation set could then
+    hold patients, organs or classes the model trained on. None when they agree, or when the checkpoint's training
+    read no label (``label_free``: no split to protect) or predates split digests. ``extra`` is a checkpoint's
+    ``imaging_meta`` section; ``datamodule`` has been set up."""
+    expected = None if extra.get("label_free") else extra.get("split_digest")
+    if expected is None:
+        return None
+    digest = datamodule.split_digest()
+    return None if digest == expected else (digest, expected)
+
+
 def load_learner(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", ckpt: dict | None = None) -> tuple[Learner, dict]:
     """Rebuild the trained learner of an ``imaging-meta fit`` checkpoint, without executing pickled code.
 

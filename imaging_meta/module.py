@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 import imaging_meta
 from datamodules.base import EpisodicDataModule
-from imaging_meta.checkpoint_io import current_class_path
+from imaging_meta.checkpoint_io import current_class_path, split_mismatch
 from imaging_meta.episode import Episode
 from imaging_meta.evaluation.methods import (
     TRAINED,
@@ -482,12 +482,12 @@ class EpisodicModule(LightningModule):
                 f"checkpoint and {list(ours)} here ({len(wrong)} such tensor(s)); build it as in training: the same "
                 "model config and learner arguments, and the same n_way in the data config"
             )
-        expected = None if extra.get("label_free") else extra.get("split_digest")
         dm = self._datamodule()
-        if expected is not None and dm is not None and dm.split_digest() != expected:
+        mismatch = split_mismatch(extra, dm) if dm is not None else None
+        if mismatch is not None:
             raise ValueError(
                 f"the data of this run is not split as when the checkpoint was trained (split digest "
-                f"{dm.split_digest()} != {expected}): other data under the root, other split settings (split_seed, "
+                f"{mismatch[0]} != {mismatch[1]}): other data under the root, other split settings (split_seed, "
                 "test or validation organs, sites or classes) or other pseudonymous ids (set IMAGING_META_SALT to the "
                 "training one). Its test or validation set could hold patients, organs or classes the model trained "
                 "on, so nothing was run; use the data config and settings of the training run"

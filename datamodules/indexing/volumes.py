@@ -388,11 +388,12 @@ def label_data_values(data: np.ndarray, rel: str) -> list[int]:
             f"label map {rel} has {values.size} distinct values (at most {MAX_LABELS} structures are expected): "
             "this looks like an image, not a label map - check which file is the label"
         )
-    if values.size > FEW_LABELS and float(np.count_nonzero(data)) >= IMAGE_FOREGROUND * data.size:
+    foreground = np.count_nonzero(data) / max(data.size, 1)
+    if values.size > FEW_LABELS and foreground >= IMAGE_FOREGROUND:
         same = same_neighbours(data)
         if same < MIN_SAME_NEIGHBOURS:
             raise Reject(
-                f"label map {rel} has {values.size} distinct values, is non-zero in {np.count_nonzero(data) / data.size:.0%} "
+                f"label map {rel} has {values.size} distinct values, is non-zero in {foreground:.0%} "
                 f"of its voxels, and only {same:.0%} of neighbouring voxels share a value, as in a scan (a label map's "
                 "structures are regions of one value): this looks like an image, not a label map - check which file "
                 "is the label"

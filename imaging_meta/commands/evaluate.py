@@ -40,7 +40,13 @@ import torch
 import imaging_meta
 from datamodules.base import EpisodicDataModule
 from datamodules.progress import progress
-from imaging_meta.checkpoint_io import CheckpointError, load_learner, read_checkpoint, resolve_device
+from imaging_meta.checkpoint_io import (
+    CheckpointError,
+    load_learner,
+    read_checkpoint,
+    resolve_device,
+    split_mismatch,
+)
 from imaging_meta.commands.outputs import check_output_folder
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
 from imaging_meta.evaluation.panels import png_array
@@ -295,7 +301,6 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
     config = _with_salt(config, salt)
     if isinstance(init_args.get("source"), dict):  # the ids of a configured item source are salted too
         overrides = {**overrides, "source": _with_salt(init_args["source"], salt)}
-    expected = None if extra.get("label_free") else extra.get("split_digest")
     dms: dict[int, EpisodicDataModule] = {}
     skipped: dict[int, ValueError] = {}
     for k in sorted({int(s) for s in shots}):
@@ -311,10 +316,11 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
                 raise
             skipped[k] = e  # fewer shots worked on the same data: too few patients or images for this many
             continue
-        if expected is not None and dm.split_digest() != expected:
+        mismatch = split_mismatch(extra, dm)
+        if mismatch is not None:
             raise ValueError(
                 f"{path}: the data rebuilt for evaluation is not split as in training (split digest "
-                f"{dm.split_digest()} != {expected}): other pseudonymous ids (a different salt: set IMAGING_META_SALT "
+                f"{mismatch[0]} != {mismatch[1]}): other pseudonymous ids (a different salt: set IMAGING_META_SALT "
                 "or --salt to the training one), other data under the root, or other split settings. The test set "
                 "could hold patients, organs or classes the model trained on, so nothing was scored."
             )

@@ -492,7 +492,7 @@ def segment(
         segmenter = segmenter_for(opts)
         probs = segmenter.predict(vol.as_tensor()[0].float())
         novelty = segmenter.novelty
-        unlike = novelty is not None and novelty > NOVELTY_WARN and opts == options
+        unlike = segmenter.unlike and opts == options
         if empty_if_unlike and (novelty is None or opts != options):
             logger.warning("%s: --empty-if-unlike did not check this query (%s); its mask is written as found", q.name,
                            "no slice features in this checkpoint's learner" if novelty is None

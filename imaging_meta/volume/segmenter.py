@@ -315,6 +315,12 @@ class ScanSegmenter:
         return self.support_images[keep], self.support_masks[keep]
 
     # ------------------------------------------------------------------ predict
+    @property
+    def unlike(self) -> bool:
+        """Whether the last whole query looked unlike the support scans (``novelty`` above `NOVELTY_WARN`): it
+        may be another body region, and its empty answer is not predicted again."""
+        return self.novelty is not None and self.novelty > NOVELTY_WARN
+
     @torch.no_grad()
     def predict(self, volume: torch.Tensor, slices: list[int] | None = None) -> torch.Tensor:
         """(H, W, D) query volume -> (H, W, D) probability map; > 0.5 is the decision.
@@ -341,8 +347,7 @@ class ScanSegmenter:
         images = torch.stack([volume[..., z] for z in zs])
         learned = self._learned(images, self.support_images, self.support_masks)
         out = self._decide(learned, images, zs, volume.shape)
-        unlike = self.novelty is not None and self.novelty > NOVELTY_WARN
-        if self.options.relax_empty and self.options.calibrate and not unlike and not (out > 0.5).any():
+        if self.options.relax_empty and self.options.calibrate and not self.unlike and not (out > 0.5).any():
             tried: list[ScanSegmenter] = []
             for name, changes in RELAXATIONS:
                 seg = self._relaxed(changes)

@@ -481,7 +481,7 @@ def test_segment_logs_each_querys_novelty_and_warns_about_one_unlike_the_support
     encoder; `segment` logs each query's novelty and warns, naming the query, above `NOVELTY_WARN`."""
     import logging
 
-    from imaging_meta.commands import segment as command
+    from imaging_meta.volume import segmenter
 
     stand_in(monkeypatch, threshold_predict)
     query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
@@ -491,7 +491,7 @@ def test_segment_logs_each_querys_novelty_and_warns_about_one_unlike_the_support
     logged = [r.getMessage() for r in caplog.records if "foreground voxels" in r.getMessage()]
     assert len(logged) == 1 and "(novelty " in logged[0], logged
     assert not [r for r in caplog.records if "looks unlike" in r.getMessage()]  # a phantom like its support
-    monkeypatch.setattr(command, "NOVELTY_WARN", -1.0)  # every query is "unlike" its support
+    monkeypatch.setattr(segmenter, "NOVELTY_WARN", -1.0)  # every query is "unlike" its support
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
         segment(ckpt, [support], [query], tmp_path / "out2", device="cpu", **PLAIN)
