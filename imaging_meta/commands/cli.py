@@ -145,6 +145,21 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             for k, v in given.items():
                 self.config[sub]["model"][k] = v
 
+        def instantiate_trainer(self, **kwargs: Any):
+            """The trainer, without the shipped configs' ``LearningRateMonitor`` when ``--trainer.logger false``
+            leaves nothing to log to (Lightning stops the run at its first step); a line says so."""
+            trainer = super().instantiate_trainer(**kwargs)
+            if trainer.logger is None:
+                from lightning.pytorch.callbacks import LearningRateMonitor
+                from lightning.pytorch.utilities import rank_zero_info
+
+                monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+                if monitors:
+                    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+                    rank_zero_info("no logger (--trainer.logger false): the learning rate is not logged "
+                                   "(LearningRateMonitor left out)")
+            return trainer
+
         def after_fit(self) -> None:
             if not self.config[self.subcommand].get("test_after_fit"):
                 return

@@ -72,6 +72,22 @@ def test_n_way_is_set_once_in_the_data_config(tmp_path, capsys):
     assert "model.learner.init_args.n_way=3 but data.init_args.n_way=5" in err and "remove n_way from the model config" in err
 
 
+def test_no_logger_leaves_the_learning_rate_monitor_out(tmp_path, capsys):
+    """`--trainer.logger false` with a shipped trainer: Lightning's LearningRateMonitor would stop the run at its
+    first step (no logger to write to); the CLI leaves it out and says so, and keeps it with a logger."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    def monitors(*extra: str) -> int:
+        cli = lightning_cli(["--config", str(CONFIGS / "trainer/default.yaml"), "--config",
+                             str(CONFIGS / "data/demo_classification.yaml"), "--config", str(CONFIGS / "model/protonet_cls.yaml"),
+                             "--trainer.default_root_dir", str(tmp_path), *extra], run=False)
+        return sum(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
+
+    assert monitors("--trainer.logger.init_args.save_dir", str(tmp_path)) == 1
+    capsys.readouterr()
+    assert monitors("--trainer.logger", "false") == 0
+
+
 def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp_path, capsys):
     index, index_path = demo_index
     args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
