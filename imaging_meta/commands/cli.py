@@ -148,7 +148,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def instantiate_trainer(self, **kwargs: Any):
             """The trainer, without the shipped configs' ``LearningRateMonitor`` when ``--trainer.logger false``
             leaves nothing to log to (Lightning stops the run at its first step); a line says so."""
-            trainer = super().instantiate_trainer(**kwargs)
+            trainer: Any = super().instantiate_trainer(**kwargs)  # `callbacks` is set by Lightning, not declared
             if trainer.logger is None:
                 from lightning.pytorch.callbacks import LearningRateMonitor
                 from lightning.pytorch.utilities import rank_zero_info
