@@ -363,8 +363,8 @@ def _add_segment_parser(sub) -> None:
                         "checked, and warned about: queries of another modality than the supports, and checkpoints whose "
                         "learner has no slice features (only ProtoNet segmentation checkpoints have them)")
     g.add_argument("--adapt-steps", type=int, default=40,
-                   help="test-time adaptation: fine-tune on superpixel episodes from the support and query scans and on "
-                        "augmented support slices for N steps before predicting (default 40, a measured choice, see "
+                   help="test-time adaptation: before predicting each query, fine-tune a copy on superpixel episodes from "
+                        "the support scans and that query and on augmented support slices for N steps (default 40, a measured choice, see "
                         "docs/segmentation.md; 0: off, faster)")
     g.add_argument("--adapt-seed", type=int, default=0, help="seed of the adaptation episodes")
     g.add_argument("--scale", choices=("checkpoint", "structure"), default="structure",

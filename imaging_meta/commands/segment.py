@@ -382,9 +382,10 @@ def segment(
         explain: also write each query's foreground probability map.
         options: what the scan segmenter adds to the learner (`imaging_meta.volume.segmenter.ScanOptions`;
             default: everything, with ``max_support_slices``); ``LEARNER_ONLY`` is the learner alone.
-        adapt_steps: before predicting, fine-tune a copy of the learner for this many steps on episodes from
-            the support and query scans themselves (`imaging_meta.adaptation`; 0: off). Default 40.
-        adapt_seed: the seed of that adaptation (the same seed gives the same masks).
+        adapt_steps: before predicting a query, fine-tune a copy of the learner for this many steps on episodes
+            from the support scans and that query (`imaging_meta.adaptation`; 0: off). Default 40. Each query is
+            adapted to on its own, so its mask does not depend on the other queries (and costs one adaptation).
+        adapt_seed: the seed of that adaptation (the same seed gives the same mask for a query).
         scale: ``structure`` (default: a finer spacing when the first support's structure is thin or small,
             `imaging_meta.volume.scale.structure_scale`) or ``checkpoint`` (the spacing the model was trained at).
             The defaults of ``scale`` and ``adapt_steps`` are the recipe that scored best on the real scans of
@@ -456,17 +457,22 @@ def segment(
     support_modalities = set(support_list)
     query_modalities = [modality_of(q, modality, fallback) for q in queries]
     query_data = [tf_image({"image": image_source(q), "modality": m}) for q, m in zip(queries, query_modalities, strict=True)]
-    if adapt_steps > 0:
-        from imaging_meta.adaptation import adapt  # looked up at call time (benchmarks.segment_cost times it)
-
-        learner = adapt(learner, supports_pre, [d["image"].as_tensor()[0].float() for d in query_data], steps=adapt_steps,
-                        seed=adapt_seed, device=dev)
     options = options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk)
     # one segmenter per set of options (the queries of the supports' modality, and the learner alone for the
-    # others), each fitted once, when a query first needs it
+    # others), each fitted once, when a query first needs it; with adaptation, one learner per query, adapted
+    # on the supports and that query alone, so that a query's mask does not depend on the other queries
     fitted: dict[ScanOptions, ScanSegmenter] = {}
 
-    def segmenter_for(opts: ScanOptions) -> ScanSegmenter:
+    def segmenter_for(opts: ScanOptions, query_volume: torch.Tensor) -> ScanSegmenter:
+        if adapt_steps > 0:
+            # looked up at call time (benchmarks.segment_cost times it)
+            from imaging_meta.adaptation import adapt
+
+            fitted.clear()  # another query: another adapted learner
+            adapted = adapt(learner, supports_pre, [query_volume], steps=adapt_steps, seed=adapt_seed, device=dev)
+            segmenter = ScanSegmenter(adapted, opts, dev).fit(supports_pre)
+            _log_fitted(segmenter)
+            return segmenter
         if opts not in fitted:
             fitted[opts] = ScanSegmenter(learner, opts, dev).fit(supports_pre)
             _log_fitted(fitted[opts])
@@ -489,7 +495,7 @@ def segment(
                 "patients, 12 structures: 3D Dice 0.17 against 0.07 with them; 0.31 with --scale checkpoint "
                 "--adapt-steps 0; docs/segmentation.md)",
                 q.name, query_modality, "/".join(sorted(support_modalities)))
-        segmenter = segmenter_for(opts)
+        segmenter = segmenter_for(opts, vol.as_tensor()[0].float())
         probs = segmenter.predict(vol.as_tensor()[0].float())
         novelty = segmenter.novelty
         unlike = segmenter.unlike and opts == options

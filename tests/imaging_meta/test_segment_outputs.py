@@ -285,6 +285,32 @@ def test_segment_with_adaptation_is_deterministic_for_a_seed(tmp_path, support):
     assert not np.array_equal(np.asarray(nib.load(other[1]).dataobj), runs[0])  # the adaptation changed the model
 
 
+def test_with_adaptation_a_querys_mask_does_not_depend_on_the_other_queries(tmp_path, support):
+    """Each query is adapted to on its own: its probability map is the same alone, after another query, or in
+    another order (adapting once on all the queries together made a patient's mask depend on the batch)."""
+    def blocks(seed: int) -> np.ndarray:  # regions the superpixel episodes of the adaptation can draw from
+        rng = np.random.default_rng(seed)
+        vol = np.full((32, 32, 6), -100.0)
+        for _ in range(4):
+            x, y = rng.integers(0, 22, 2)
+            vol[x : x + 10, y : y + 10] = rng.integers(-800, 1200)
+        return vol
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(blocks(5), affine_ras(), tmp_path / "q5.nii.gz")
+    other = ct_nifti(blocks(6), affine_ras(), tmp_path / "q6.nii.gz")
+
+    def prob_map(name: str, queries: list) -> np.ndarray:
+        out = segment(ckpt, [support], queries, tmp_path / name, device="cpu", adapt_steps=2, adapt_seed=3, explain=True,
+                      scale="checkpoint")
+        (path,) = [p for p in out if Path(p).name.startswith("q5") and "prob" in Path(p).name]
+        return np.asarray(nib.load(path).dataobj)
+
+    alone = prob_map("alone", [query])
+    np.testing.assert_array_equal(prob_map("after", [other, query]), alone)
+    np.testing.assert_array_equal(prob_map("before", [query, other]), alone)
+
+
 def test_dicom_seg_of_an_enhanced_multi_frame_query_says_to_write_nifti(tmp_path):
     from imaging_meta.commands.dicom_seg import write_dicom_seg
 
