@@ -81,6 +81,7 @@ def scans_markdown(records: Sequence[dict]) -> str:
         recs = [r for r in records if r["protocol"] == protocol]
         methods = list(dict.fromkeys(r["method"] for r in recs))
         n = len({(r["support"], r["query"], r["structure"]) for r in recs})
+        n_patients = len({p for r in recs for p in (r["support"], r["query"])})
         note = (
             " The query's true extent of the structure is used (SSL-ALPNet's protocol)."
             if protocol == "oracle_extent"
@@ -91,7 +92,8 @@ def scans_markdown(records: Sequence[dict]) -> str:
         lines += [
             f"## {protocol}",
             "",
-            f"{n} (support, query) volume pairs; 95% intervals: bootstrap over the patients of the pairs.{note}",
+            f"{n} (support, query) volume pairs of {n_patients} patients; 95% intervals: bootstrap over the patients "
+            f"of the pairs (none when every pair has the same patients).{note}",
             "",
             "| method | 3D Dice | HD95 mm (median) | support self-check (mean) |",
             "|---|---|---|---|",

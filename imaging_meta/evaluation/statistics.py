@@ -137,7 +137,9 @@ def cluster_bootstrap(units: Sequence[tuple], seed: int = 0, n_boot: int = N_BOO
 
     Returns:
         ``{"mean", "ci95" (half the width), "ci_low", "ci_high", "n_episodes", "n_patients"}``; the bounds are
-        None with fewer than two patients.
+        None with fewer than two patients, or when every unit has the same patients (two whole-scan pairs of one
+        support and one query patient): resampling patients cannot move such a mean, and its interval would be a
+        false zero width.
     """
     by_ep: dict = defaultdict(list)
     for ep, _, x in units:
@@ -147,7 +149,7 @@ def cluster_bootstrap(units: Sequence[tuple], seed: int = 0, n_boot: int = N_BOO
     patients = sorted({p for _, ps, _ in units for p in ps})
     out = {"mean": mean, "ci95": float("nan"), "ci_low": None, "ci_high": None, "n_episodes": len(episodes),
            "n_patients": len(patients)}
-    if len(patients) < 2:
+    if len(patients) < 2 or len({tuple(sorted(ps)) for _, ps, _ in units}) < 2:
         return out
     pos = {p: i for i, p in enumerate(patients)}
     num, den = np.zeros(len(patients)), np.zeros(len(patients))

@@ -106,6 +106,16 @@ def test_one_patient_has_no_interval():
     assert s["mean"] == pytest.approx(0.5) and s["ci_low"] is None and math.isnan(s["ci95"]) and s["n_patients"] == 1
 
 
+def test_units_that_all_share_the_same_patients_have_no_interval():
+    """Two whole-scan pairs of one support and one query patient: every resample of the two patients gives the
+    same mean, so the interval is not a zero width but none; a pair of other patients brings one back."""
+    same = [(("a", "b", "spleen"), ["a", "b"], 0.84), (("a", "b", "kidney"), ["a", "b"], 0.73)]
+    s = cluster_bootstrap(same)
+    assert s["mean"] == pytest.approx(0.785) and s["ci_low"] is None and s["n_patients"] == 2
+    s = cluster_bootstrap([*same, (("c", "b", "spleen"), ["b", "c"], 0.5)])
+    assert s["ci_low"] is not None and s["ci_low"] < s["ci_high"]
+
+
 def test_pairs_are_the_same_query_of_the_same_episode():
     rows = [{"method": TRAINED, "episode": 0, "query_id": "q", "patient": "p", "dice": 0.9},
             {"method": TRAINED, "episode": 0, "query_id": "q", "patient": "p", "dice": 0.7},  # two slices of one case
