@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,9 +31,9 @@ from monai.transforms import Transform
 from torch.utils.data import DataLoader
 
 from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
-from datamodules.indexing.index import Case, Index
+from datamodules.indexing.index import Case, Index, own_patient_note
 from datamodules.indexing.pseudonyms import normalise_modality
-from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
+from datamodules.indexing.scan import DEFAULT_PATIENT_REGEX, DEFAULT_SITE_FIELDS, scan_to_file
 from datamodules.indexing.splits import MIN_VAL_PATIENTS, PROTOCOLS, Split, make_split, read_fold
 from datamodules.io.atomic import atomic_open
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
@@ -193,6 +194,11 @@ class SegmentationDataModule(EpisodicDataModule):
         test_fold: the fold of ``folds_file`` to test on: its test images and its support image are the test
             patients (``test_fraction`` is then unused); validation is drawn from the other patients with
             ``val_fraction``, the rest train. Both None (the default): a seeded ``test_fraction`` share, as before.
+        patient_regex: for NIfTI files, the patient is the first match of this pattern in the path relative to
+            ``root`` (its first group, if it has one); default: a BIDS ``sub-<id>``. A file in a Decathlon folder,
+            or that the pattern does not match, is its own patient (a warning counts those outside Decathlon
+            folders). ``'^([^/]+)/'``: one folder per patient; ``'^([^_]+)_'``: ``<patient>_ct.nii.gz``. DICOM
+            series use their PatientID.
     """
 
     task = "segmentation"
@@ -237,8 +243,13 @@ class SegmentationDataModule(EpisodicDataModule):
         superpixels: dict | None = None,
         folds_file: str | None = None,
         test_fold: int | None = None,
+        patient_regex: str = DEFAULT_PATIENT_REGEX,
     ) -> None:
         super().__init__()
+        try:
+            re.compile(patient_regex)
+        except re.error as e:
+            raise ValueError(f"patient_regex {patient_regex!r} is not a valid regular expression: {e}") from e
         if modality is not None and str(modality).upper() not in ("CT", "MR"):
             raise ValueError(f"modality must be CT or MR (for volumes whose files do not say), got {modality!r}")
         if (folds_file is None) != (test_fold is None):
@@ -311,7 +322,10 @@ class SegmentationDataModule(EpisodicDataModule):
                     continue
                 files.append([os.path.relpath(path, self.root), st.st_size, st.st_mtime_ns])
         h = self.hparams
-        return digest([files, list(h.site_fields or DEFAULT_SITE_FIELDS), h.label_names, self.salt, READER_VERSION])
+        settings = [files, list(h.site_fields or DEFAULT_SITE_FIELDS), h.label_names, self.salt, READER_VERSION]
+        if h.get("patient_regex", DEFAULT_PATIENT_REGEX) != DEFAULT_PATIENT_REGEX:  # the keys of earlier indexes hold
+            settings.append(h.patient_regex)
+        return digest(settings)
 
     def prepare_data(self) -> None:
         """Scan ``root`` into the index file when it is missing, when ``rescan`` is set, or when a file under the
@@ -334,6 +348,7 @@ class SegmentationDataModule(EpisodicDataModule):
                 site_fields=tuple(self.hparams.site_fields or DEFAULT_SITE_FIELDS),
                 label_names=self.hparams.label_names,
                 salt=self.salt,
+                patient_regex=self.hparams.get("patient_regex", DEFAULT_PATIENT_REGEX),
             )
             logger.info(index.summary())
             if key is not None:
@@ -353,6 +368,8 @@ class SegmentationDataModule(EpisodicDataModule):
                 stacklevel=2,
             )
         self.cases = self.index.labelled_cases
+        if self.index.own_patient:
+            warnings.warn(own_patient_note(self.root, self.index.own_patient), stacklevel=2)
         self._check_index_is_current()
         if not self.cases and h.selfsup_ratio == 1.0:  # unlabelled scans only: self-supervised training, no val/test
             self.split = Split([], [], [], [], [], [], protocol=h.protocol)
@@ -449,10 +466,12 @@ class SegmentationDataModule(EpisodicDataModule):
                 [labels[i] for i in ids], self.cases, ids, organs, h.min_organ_pixels, exclude
             )
         self._samplers = {}
+        self._stage_organs: dict[str, list[str]] = {}  # each stage's organs with enough patients (the samplers')
         for stage_name, n in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)):
             if n <= 0 or not getattr(self.split, stage_name):
                 continue
             organs = self._feasible_organs(stage_name)
+            self._stage_organs[stage_name] = organs
             try:
                 self._samplers[stage_name] = SegmentationEpisodeSampler(
                     self._tables[stage_name],
@@ -679,13 +698,20 @@ class SegmentationDataModule(EpisodicDataModule):
         """Split sizes and organs."""
         s = self.split
         assert s is not None  # after setup()
+        used = getattr(self, "_stage_organs", {})
+        # the organs each stage's episodes draw: those of the split that enough of the stage's patients show
+        # (the others were dropped with a warning), and the patients the fixed episodes hold
+        dropped = {k: [o for o in getattr(s, f"{k}_organs") if o not in used[k]] for k in used}
         return {
             "protocol": s.protocol,
             "patients": {k: len(s.patients(self.cases, k)) for k in ("train", "val", "test")},
+            "episode_patients": {k: len({self.cases[c].patient for e in self._episodes[k] for c, _ in (*e.support, *e.query)})
+                                 for k in ("val", "test") if k in self._episodes},
             "cases": {k: len(getattr(s, k)) for k in ("train", "val", "test")},
-            "train_organs": s.train_organs,
-            "val_organs": s.val_organs,
-            "test_organs": s.test_organs,
+            "dropped_organs": {k: v for k, v in dropped.items() if v},
+            "train_organs": used.get("train", s.train_organs),
+            "val_organs": used.get("val", s.val_organs),
+            "test_organs": used.get("test", s.test_organs),
             "excluded_organs": s.excluded_organs,
             "train_slices": {o: int(sum(len(z) for z in t.values())) for o, t in self._tables["train"].items()},
             "sites": sorted({self.cases[i].site for i in s.test}),

@@ -490,7 +490,8 @@ class EpisodicModule(LightningModule):
                 f"{mismatch[0]} != {mismatch[1]}): other data under the root, other split settings (split_seed, "
                 "test or validation organs, sites or classes) or other pseudonymous ids (set IMAGING_META_SALT to the "
                 "training one). Its test or validation set could hold patients, organs or classes the model trained "
-                "on, so nothing was run; use the data config and settings of the training run"
+                "on, so nothing was run; use the data config and settings of the training run: the config it saved "
+                "beside its checkpoints holds them all (--config runs/<name>/version_N/config.yaml --ckpt_path ...)"
             )
         if self._untrained:
             restore_untrained(extra, into=self._untrained[0])

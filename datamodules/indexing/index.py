@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,15 @@ class Rejection:
     files: list[str] = field(default_factory=list)
 
 
+def own_patient_note(root: str, paths: Sequence[str]) -> str:
+    """What it means that ``paths`` (NIfTI images under ``root``) name no patient, and the fix."""
+    return (f"{len(paths)} NIfTI image(s) under {root} name no patient (e.g. {paths[0]}: its path does not match "
+            "the patient pattern, by default 'sub-<id>', and it is not in a Decathlon folder), so each counts as its "
+            "own patient and two scans of one patient can land in training and test; put each patient's files under "
+            "a 'sub-<id>' folder, or set data.init_args.patient_regex (its first group is the patient: '^([^/]+)/' "
+            "for one folder per patient, '^([^_]+)_' for '<patient>_ct.nii.gz')")
+
+
 @dataclass
 class Index:
     """All cases under one root, and what was rejected.
@@ -87,6 +97,8 @@ class Index:
         accounted: other files that were read and used as support material (sidecars, dataset.json).
         label_names: integer value -> structure name used for all label maps.
         site_fields: the header fields that build the site key.
+        own_patient: NIfTI images (relative paths) that name no patient: no match of the scan's patient pattern
+            in their path and no Decathlon folder (where each image is one patient), so each is its own patient.
     """
 
     root: str
@@ -96,6 +108,7 @@ class Index:
     label_names: dict[int, str] = field(default_factory=dict)
     site_fields: list[str] = field(default_factory=list)
     version: int = INDEX_VERSION
+    own_patient: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ paths
     def resolve(self, rel: str | list[str]) -> str | list[str]:
@@ -114,7 +127,7 @@ class Index:
         """Structure names present in at least one labelled case, in label-value order."""
         present = {name for c in self.cases for name in c.organs}
         by_value = sorted(((v, n) for v, n in self.label_names.items() if n in present))
-        names = [n for _, n in by_value]
+        names = list(dict.fromkeys(n for _, n in by_value))  # one name given to two values is listed once
         return names + sorted(present - set(names))
 
     @property
@@ -147,6 +160,7 @@ class Index:
             label_names={int(k): v for k, v in d.get("label_names", {}).items()},
             site_fields=list(d.get("site_fields", [])),
             version=d["version"],
+            own_patient=list(d.get("own_patient", [])),  # absent from indexes written before it existed
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -192,6 +206,8 @@ class Index:
             lines.append(f"  site {site!r}: {len(cs)} cases, modality {'/'.join(mods)}")
         if self.organs:
             lines.append(f"  structures: {', '.join(self.organs)}")
+        if self.own_patient:
+            lines.append(f"  {own_patient_note(self.root, self.own_patient)}")
         for r in self.rejected:
             lines.append(f"  rejected {r.path}: {r.reason}")
         return "\n".join(lines)

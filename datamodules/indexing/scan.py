@@ -83,7 +83,11 @@ from datamodules.io.dicom import (
 )
 from datamodules.progress import progress
 
+#: a NIfTI file's patient, by default: a BIDS subject folder or file name prefix
+DEFAULT_PATIENT_REGEX = r"(sub-[A-Za-z0-9]+)"
+
 __all__ = [
+    "DEFAULT_PATIENT_REGEX",
     "DEFAULT_SITE_FIELDS",
     "IDENTIFYING_FIELDS",
     "LABEL_SUFFIXES",
@@ -380,6 +384,8 @@ class _Scanner:
                         "-1000 HU", self.rel(p), 100 * air)
         modality = modality or ("CT" if air is not None else "unknown")
         rel = self.rel(p)
+        if dec is None and not self._names_patient(p):
+            self.index.own_patient.append(rel)
         case = Case(
             case_id="c-" + pseudonym(self.salt, rel),
             patient="p-" + pseudonym(self.salt, self._path_patient(p)),
@@ -426,6 +432,10 @@ class _Scanner:
                 )
 
     # ------------------------------------------------------------ patients, names
+    def _names_patient(self, path: str) -> bool:
+        """Whether ``patient_regex`` finds a patient in the path (relative to the root)."""
+        return self.patient_re is not None and self.patient_re.search(self.rel(path)) is not None
+
     def _path_patient(self, path: str) -> str:
         """The raw patient key of a path: the ``patient_regex`` match (group 1 if any), else the path without suffix."""
         rel = self.rel(path)
@@ -511,7 +521,7 @@ def scan_folder(
     site_fields: Sequence[str] = DEFAULT_SITE_FIELDS,
     label_names: Mapping[int, str] | None = None,
     salt: str = "imaging-meta",
-    patient_regex: str = r"(sub-[A-Za-z0-9]+)",
+    patient_regex: str = DEFAULT_PATIENT_REGEX,
     min_slices: int = MIN_SLICES,
 ) -> Index:
     """Index every image under ``root``.

@@ -93,16 +93,15 @@ def write_report(
     atomic_write_text(js, json.dumps(json_safe(doc), indent=1, default=str, allow_nan=False))
     interval = _interval(context)
     lines = [f"# Results: {context.get('title', 'test episodes')}", ""]
-    for k in ("protocol", "n_way", "n_shot", "n_query", "train_organs", "val_organs", "test_organs", "test_classes",
-              "episodes", "episodes_sha256",
+    for k in ("protocol", "n_way", "n_shot", "n_query", "train_organs", "val_organs", "test_organs", "dropped_organs",
+              "test_classes", "episodes", "episodes_sha256",
               "checkpoint", "machine"):
         if k in context:
             lines.append(f"- {k}: {context[k]}")
     chance = task.chance(context.get("n_way"))
     if chance is not None:
         lines.append(f"- chance: {chance:.3f}")
-    patients = context.get("patients")
-    lines += _interval_notes(interval, patients.get("test") if isinstance(patients, dict) else None, bool(differences))
+    lines += _interval_notes(interval, test_patients(context), bool(differences))
     lines += ["", to_markdown(summary, methods, title=task.metric_title, groups=task.groups, interval=interval,
                               differences=differences)]
     atomic_write_text(md, "\n".join(lines))
@@ -160,6 +159,16 @@ def _interval(context: dict) -> str:
     reports written before intervals were named."""
     given = context.get("interval")
     return (given.get("name") if isinstance(given, dict) else given) or EPISODE_T
+
+
+def test_patients(data: dict) -> int | None:
+    """The patients behind the test episodes (a `describe` dict): those the episodes hold, where it says, else the
+    test split's (a split patient who shows no test structure is in no episode)."""
+    for key in ("episode_patients", "patients"):
+        value = data.get(key)
+        if isinstance(value, dict) and value.get("test") is not None:
+            return value["test"]
+    return None
 
 
 def _interval_notes(interval: str, patients, differences: bool, n_boot: int | None = None) -> list[str]:
@@ -231,12 +240,14 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
     for k in ("train_organs", "val_organs", "test_organs"):
         if data.get(k) is not None:
             lines.append(f"- {k.replace('_', ' ')}: {', '.join(map(str, data[k])) or 'none'}")
+    if data.get("dropped_organs"):
+        lines.append(f"- dropped organs (too few of the stage's patients show them): {data['dropped_organs']}")
     for k, f in context["episode_files"].items():
         lines.append(f"- {k}-shot episodes: `{f['file']}` ({f['n_episodes']} episodes, sha256 `{f['sha256']}`)")
     lines += _metric_notes(context, task.report_metrics)
     interval = _interval(context)
     any_diffs = any(d for k in context["shots"] for d in (summary[str(k)].get("differences") or {}).values())
-    lines += _interval_notes(interval, (context["data"].get("patients") or {}).get("test"), any_diffs,
+    lines += _interval_notes(interval, test_patients(context["data"]), any_diffs,
                              (context.get("interval") or {}).get("resamples"))
     v = context["versions"]
     lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in v) + f"; git commit `{context['git_commit']}`")

@@ -14,7 +14,7 @@ import pytest
 from monai.data import NibabelReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
-from datamodules.indexing.index import Index
+from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import pseudonym, scan_folder, scan_to_file, site_key
 from datamodules.io.dicom import DicomSeriesReader
 from datamodules.synthetic.demo import ORGANS, generate_demo_cohort
@@ -399,6 +399,32 @@ def test_scan_of_the_demo_cohort(tmp_path):
     assert len(index.cases) == 4 and len(index.labelled_cases) == 4 and len(index.sites) == 4
     assert {c.modality for c in index.cases} == {"CT", "MR"}
     assert all(len(c.organs) == len(ORGANS) for c in index.cases)
+    assert index.own_patient == []  # BIDS subjects, DICOM PatientIDs and a Decathlon folder all name their patient
+
+
+def test_nifti_files_that_name_no_patient_are_counted_and_a_pattern_names_them(tmp_path):
+    """`sts1_ct` and `sts1_mr` are one patient; without a pattern that says so each file is its own patient (and a
+    split could put them on both sides), which the index records; ``patient_regex`` makes them one."""
+    for name in ("sts1_ct", "sts1_mr", "sts2_ct"):
+        vol = phantom(seed=len(name))
+        write_nifti(vol, affine_ras(), tmp_path / f"{name}.nii.gz")
+        write_nifti(label_for(vol), affine_ras(), tmp_path / f"{name}_label.nii.gz")
+    index = scan_folder(tmp_path, salt=SALT)
+    assert sorted(index.own_patient) == ["sts1_ct.nii.gz", "sts1_mr.nii.gz", "sts2_ct.nii.gz"]
+    assert len({c.patient for c in index.cases}) == 3 and "name no patient" in index.summary()
+    assert Index.from_dict(index.to_dict()).own_patient == index.own_patient
+    named = scan_folder(tmp_path, salt=SALT, patient_regex=r"^([^_]+)_")
+    assert named.own_patient == [] and len({c.patient for c in named.cases}) == 2
+    assert "name no patient" not in named.summary()
+
+
+def test_one_name_for_two_label_values_is_listed_once():
+    """Two label values named alike (a user's label_names beside a dataset.json) used to list the name twice."""
+    index = Index(root="/r", label_names={1: "aorta", 2: "aorta", 3: "liver"})
+    index.cases = [Case(case_id="c", patient="p", site="s", modality="CT", image="a.nii.gz", image_format="nifti",
+                        label="a_label.nii.gz", organs={"aorta": 1, "liver": 3}, shape=[2, 2, 2], spacing=[1, 1, 1],
+                        affine=np.eye(4).tolist(), site_info={})]
+    assert index.organs == ["aorta", "liver"]
 
 
 def test_a_localizer_beside_a_series_does_not_take_its_label_map(tmp_path):

@@ -3,6 +3,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,6 +209,14 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     assert sorted(c["modality"] for c in second["cases"]) == ["MR", "unknown"]
     third, scanned = index(label_names={1: "milz"})
     assert scanned and third["label_names"] == {"1": "milz"}
+    # a patient pattern is a scan setting too: `a` and `b` are then one patient, and no file is its own patient
+    assert len({c["patient"] for c in third["cases"]}) == 2 and len(third["own_patient"]) == 2
+    dm = SegmentationDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), label_names={1: "milz"})
+    with pytest.warns(UserWarning, match=r"2 NIfTI image\(s\) under .* name no patient .*data.init_args.patient_regex"):
+        with pytest.raises(ValueError):  # two patients are too few to split; the warning comes first
+            dm.setup("fit")
+    fourth, scanned = index(label_names={1: "milz"}, patient_regex=r"^()")
+    assert scanned and len({c["patient"] for c in fourth["cases"]}) == 1 and fourth["own_patient"] == []
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -216,6 +225,7 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     ({"val_episodes": -2}, "val_episodes must be at least 0"),
     ({"spacing": [-1.0, 4.5]}, r"spacing is the in-plane voxel size in mm, two numbers above 0; got \[-1.0, 4.5\]"),
     ({"slice_size": [0, 80]}, r"slice_size is the slices' height and width in pixels.*got \[0, 80\]"),
+    ({"patient_regex": "sub-("}, r"patient_regex 'sub-\(' is not a valid regular expression"),
 ])
 def test_settings_that_cannot_work_are_refused_when_the_datamodule_is_built(tmp_path, bad, message):
     """They failed after scanning the folder, or once training started (``stack expects each tensor to be equal
@@ -230,3 +240,35 @@ def test_fit_without_training_episodes_says_so(demo_root, demo_index, tmp_path):
     dm.setup("fit")
     with pytest.raises(ValueError, match="episodes_per_epoch is 0: fit would draw no training episode"):
         dm.train_dataloader()
+
+
+def test_the_report_names_the_organs_and_patients_the_episodes_use(tmp_path):
+    """An organ that too few training patients show is dropped from training (with a warning); the report used to
+    list it among the training organs, and to count every test patient although one shows no test structure."""
+    from tests.datamodules.dicom_fixtures import affine_ras, write_nifti
+
+    root = tmp_path / "data"
+    for i in range(1, 10):
+        image = np.full((24, 24, 6), -100.0)
+        label = np.zeros((24, 24, 6), np.uint8)
+        label[2:10, 2:10, 1:5] = 1
+        if i == 1:
+            label[14:22, 2:10, 1:5] = 2  # the rare structure: one patient shows it
+        if i != 9:
+            label[2:10, 14:22, 1:5] = 3  # one patient shows no test structure
+        image[label > 0] = 60.0 * label[label > 0]
+        write_nifti(image, affine_ras(), root / f"sub-{i:02d}" / "ct.nii.gz")
+        write_nifti(label, affine_ras(), root / f"sub-{i:02d}" / "ct_label.nii.gz")
+        (root / f"sub-{i:02d}" / "ct.json").write_text(json.dumps({"Modality": "CT"}))
+    dm = SegmentationDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), protocol="cross_organ",
+                                test_organs=["c"], val_organ_count=0, label_names={1: "a", 2: "b", 3: "c"},
+                                exclude_test_organ_slices=False, val_fraction=0.0, test_fraction=0.45, n_query=1,
+                                episodes_per_epoch=4, val_episodes=0, test_episodes=6, spacing=(1.5, 1.5),
+                                slice_size=(32, 32), cache="none")
+    with pytest.warns(UserWarning, match=r"train: dropping 'b'"):
+        dm.setup("fit")
+    d = dm.describe()
+    assert dm.split.train_organs == ["a", "b"] and d["train_organs"] == ["a"] and d["dropped_organs"] == {"train": ["b"]}
+    test_patients = {dm.cases[i].patient for i in dm.split.test}
+    shown = {dm.cases[i].patient for i in dm.split.test if "c" in dm.cases[i].organs}
+    assert d["patients"]["test"] == len(test_patients) and d["episode_patients"]["test"] == len(shown)
