@@ -324,6 +324,14 @@ class EpisodicModule(LightningModule):
                 f"{task_of_episode(batch).label_kind}; pair a *_seg model config with a segmentation data config and "
                 "a *_cls one with a classification one"
             )
+        declared = (self.learner.config.get("init_args") or {}).get("in_channels")
+        channels = batch.query_images.shape[2]  # (T, Q, C, *spatial)
+        if declared is not None and int(declared) != channels and not getattr(self.learner, "reads_colour", False):
+            raise ValueError(
+                f"the images have {channels} channel(s) but the {type(self.learner).__name__} learner takes "
+                f"in_channels={declared}; make them agree: --model.learner.init_args.in_channels {channels}, or the "
+                f"data's channels (an image folder's source.init_args.channels: {declared})"
+            )
         ways, n_way = task.episode_ways(batch), getattr(self.learner, "n_way", None)
         if ways is not None and n_way is not None and ways != n_way:
             raise ValueError(

@@ -85,7 +85,36 @@ def image_source(path: str | Path) -> str:
     cifti = cifti_file_reason(str(p)) if p.is_file() else None
     if cifti:
         raise ValueError(f"{p}: {cifti}")
+    if p.is_file():  # the header only: what the voxels cannot be read as
+        try:
+            dtype = cast(SpatialImage, nib.load(str(p))).get_data_dtype()
+        except Exception as e:
+            raise ValueError(f"{p}: cannot be read as a NIfTI file ({type(e).__name__}: {e}); export it again") from None
+        if np.issubdtype(dtype, np.complexfloating):
+            raise ValueError(f"{p}: complex-valued voxels ({dtype}); segment reads real intensities, so save the "
+                             "magnitude (numpy.abs) as the image")
     return str(p)
+
+
+def _content_problem(path: Path) -> str | None:
+    """Why a NIfTI file's voxels cannot be segmented (unreadable, not one 3D volume, NaN or Inf, constant), as
+    the volume reader would say it later; None when they can, or for a DICOM folder."""
+    if path.is_dir() or not is_nifti(path.name):
+        return None
+    try:
+        data = np.asanyarray(cast(SpatialImage, nib.load(str(path))).dataobj)
+    except Exception as e:
+        return f"{path}: its voxels cannot be read ({type(e).__name__}: {e}); the file is damaged or cut short"
+    shape = data.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        return f"{path}: not one 3D volume (shape {data.shape}); segment reads 3D volumes"
+    if data.dtype.kind in "fc" and not np.isfinite(data).all():
+        return f"{path}: {int((~np.isfinite(data)).sum())} NaN/Inf voxel(s); repair the file at its source"
+    if data.size and data.min() == data.max():
+        return f"{path}: constant image (every voxel is {float(data.min()):g}), nothing to segment"
+    return None
 
 
 def modality_of(path: str | Path, given: str | None = None, default: str | None = None) -> str:
@@ -108,7 +137,7 @@ def modality_of(path: str | Path, given: str | None = None, default: str | None 
         if default:
             logger.info("%s does not say its modality: %s, as the checkpoint's training data config says", path, default)
             return default
-        raise ValueError(str(e)) from None
+        raise ValueError(_content_problem(Path(path)) or str(e)) from None  # a damaged file: say that first
 
 
 def _air_share(path: Path) -> float | None:

@@ -449,3 +449,14 @@ def test_a_model_of_the_other_task_is_named_before_training(demo_root, demo_inde
             "--trainer.limit_train_batches", "1"]
     with pytest.raises(ValueError, match="pair a \\*_seg model config with a segmentation data config"):
         cli_main(args)
+
+
+def test_images_and_a_learner_of_other_channel_counts_are_named_before_training(demo_root, demo_index, tmp_path):
+    """A learner built for grey images given 3-channel episodes stopped at its first convolution with an internal
+    error (exit 70); it is named at the first training step, with both settings to change."""
+    args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/maml_seg.yaml"), *data_args(demo_root, demo_index[1], tmp_path / "cache"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "1", "--model.learner.init_args.in_channels", "3"]
+    with pytest.raises(ValueError, match=r"the images have 1 channel\(s\) but the \w+ learner takes in_channels=3"):
+        cli_main(args)

@@ -406,9 +406,34 @@ def test_a_nifti_in_hounsfield_units_with_air_is_read_as_ct_and_nothing_else_is(
     nib.save(scaled, tmp_path / "scaled_ct.nii.gz")
     assert modality_of(tmp_path / "scaled_ct.nii.gz") == "CT"
     nib.save(nib.Nifti1Image(np.stack([ct, ct], -1).astype(np.int16), affine_ras()), tmp_path / "series.nii.gz")
-    for name in ("mr", "unrescaled_ct", "phase", "broken", "series"):
+    for name in ("mr", "unrescaled_ct", "phase"):
         with pytest.raises(ValueError, match=rf"{name}\.nii\.gz: cannot tell CT from MR .* pass --modality CT or MR"):
             modality_of(tmp_path / f"{name}.nii.gz")
+    # a file that could not be segmented anyway says why, not that its modality is unknown (a review found
+    # truncated, 4D, NaN and constant files all asking for --modality first)
+    good = (tmp_path / "mr.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(good[: len(good) // 2])
+    write_nifti(np.full((8, 8, 4), np.nan), affine_ras(), tmp_path / "nan.nii.gz")
+    write_nifti(np.zeros((8, 8, 4)), affine_ras(), tmp_path / "flat.nii.gz")
+    for name, why in (("broken", "its voxels cannot be read"), ("cut", "its voxels cannot be read"),
+                      ("series", r"not one 3D volume \(shape \(32, 32, 8, 2\)\)"), ("nan", "256 NaN/Inf voxel"),
+                      ("flat", "constant image")):
+        with pytest.raises(ValueError, match=rf"{name}\.nii\.gz: {why}"):
+            modality_of(tmp_path / f"{name}.nii.gz")
+
+
+def test_a_complex_or_unreadable_nifti_is_refused_before_any_work(tmp_path):
+    """A complex-valued image was read as its real part (a numpy warning the only sign) and segmented."""
+    import nibabel as nib
+
+    from imaging_meta.commands.segment import image_source
+
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.complex64), affine_ras()), tmp_path / "complex.nii.gz")
+    with pytest.raises(ValueError, match=r"complex\.nii\.gz: complex-valued voxels \(complex64\).*magnitude"):
+        image_source(tmp_path / "complex.nii.gz")
+    (tmp_path / "broken.nii").write_bytes(b"not a nifti at all")
+    with pytest.raises(ValueError, match=r"broken\.nii: cannot be read as a NIfTI file"):
+        image_source(tmp_path / "broken.nii")
 
 def test_masks_are_written_with_the_usual_permissions(tmp_path):
     """The atomic write goes through a temporary file (mode 0600): the mask gets the mode a plain save gives."""
