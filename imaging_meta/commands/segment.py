@@ -439,6 +439,8 @@ def segment(
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
     if max_support_slices < 1:
         raise ValueError(f"--max-support-slices must be at least 1, got {max_support_slices}")
+    if adapt_steps < 0:
+        raise ValueError(f"--adapt-steps must be at least 0 (0: no adaptation), got {adapt_steps}")
     if label_value is not None and label_value < 1:
         raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "
                          "structure's value (1 or more), or leave it out for every non-zero voxel")

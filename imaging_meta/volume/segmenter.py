@@ -73,6 +73,16 @@ class ScanOptions:
     across_scans: bool = True
     loo_gap: int = 2
 
+    def __post_init__(self) -> None:
+        # smoothing gives each axial neighbour this weight and the slice itself 1 - 2 * smooth_z
+        if not 0.0 <= self.smooth_z <= 0.5:  # also refuses NaN
+            raise ValueError(f"--z-smoothing is the weight of each axial neighbour, from 0 (off) to 0.5; got {self.smooth_z}")
+        for name in ("max_support_slices", "max_negative_slices", "query_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.loo_gap < 0:
+            raise ValueError(f"loo_gap must be at least 0, got {self.loo_gap}")
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -492,3 +492,23 @@ def test_leave_one_out_leaves_out_the_axial_neighbours_of_the_same_scan():
     ScanSegmenter(learner, ScanOptions(loo_gap=20, negatives=False)).fit([(img, mask)])
     q, s = learner.calls[0]
     assert len(s) == 7  # nothing would be left: every other slice
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"smooth_z": float("nan")}, r"--z-smoothing is the weight of each axial neighbour, from 0 \(off\) to 0.5; got nan"),
+    ({"smooth_z": -3.0}, r"--z-smoothing .* got -3.0"),
+    ({"smooth_z": 5.0}, r"--z-smoothing .* got 5.0"),
+    ({"query_chunk": 0}, r"query_chunk must be at least 1, got 0"),
+    ({"loo_gap": -1}, r"loo_gap must be at least 0, got -1"),
+])
+def test_options_out_of_range_are_refused(bad, message):
+    """A NaN or negative z-smoothing acted as 0, and 5 inverted the slice's own weight, all silently."""
+    with pytest.raises(ValueError, match=message):
+        ScanOptions(**bad)
+
+
+def test_segment_refuses_negative_adaptation_steps(tmp_path):
+    from imaging_meta.commands.segment import segment
+
+    with pytest.raises(ValueError, match=r"--adapt-steps must be at least 0 \(0: no adaptation\), got -1"):
+        segment(tmp_path / "never-read.ckpt", [], [], tmp_path / "out", adapt_steps=-1)
