@@ -377,7 +377,7 @@ def label_data_values(data: np.ndarray, rel: str) -> list[int]:
         if frac.any():
             example = float(data[frac].flat[0])
             raise Reject(
-                f"label map {rel} has non-integer values (e.g. {example:g}, {int(frac.sum())} voxels); expected "
+                f"label map {rel} has non-integer values (e.g. {example!r}, {int(frac.sum())} voxels); expected "
                 "integer structure labels - was it resampled with linear interpolation? use nearest neighbour"
             )
     elif not np.issubdtype(data.dtype, np.integer) and data.dtype != np.bool_:

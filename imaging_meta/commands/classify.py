@@ -104,6 +104,11 @@ def support_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path,
     if not root.is_dir():
         raise ValueError(f"{root}: the support must be a folder with one subfolder per class")
     classes = [d.name for d in class_folders(root, logging.INFO)]
+    loose = [f for f in sorted(root.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+             and not f.name.startswith(".")]
+    if loose:
+        logger.warning("%s: %d image(s) directly in the support folder are not used (e.g. %s): a support image goes "
+                       "into the subfolder of its class", root, len(loose), loose[0].name)
     if len(classes) < 2:
         raise ValueError(f"{root}: found {len(classes)} class subfolder(s); a support set needs one subfolder per class, at least two")
     items = []

@@ -192,7 +192,10 @@ def _dicom_modality(folder: Path) -> str:
 
     files = sorted(f for f in folder.iterdir() if f.is_file())
     if not files:
-        raise ValueError(f"{folder}: no files in this folder; give a NIfTI file or a folder that holds one DICOM series")
+        below = sorted({f.parent for f in folder.rglob("*") if f.is_file()})[:3]
+        hint = (f"; files lie in its subfolder(s) {', '.join(str(b) for b in below)}: give the folder of the series itself"
+                if below else "; give a NIfTI file or a folder that holds one DICOM series")
+        raise ValueError(f"{folder}: no files in this folder{hint}")
     unreadable: list[DicomError] = []
     others: list[str] = []
     for f in files:
@@ -469,6 +472,10 @@ def segment(
         check_label_source(label, label_value)
     out = check_output_folder(out_dir)
     check_outputs([(p, str(q)) for q in queries for p in output_paths(q, out, output_format, explain)], inputs)
+    if not explain:  # left as it is, but a map of another run beside this run's mask could be taken for its own
+        for stale in (p for q in queries for p in output_paths(q, out, output_format, True)[1:] if p.exists()):
+            logger.warning("%s is a probability map of an earlier run, not of this one (without --explain this run "
+                           "writes none): remove it, or pass --explain to replace it", stale)
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
     if scale != "checkpoint":

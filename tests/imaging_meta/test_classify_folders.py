@@ -63,6 +63,16 @@ def test_a_macos_archive_folder_is_no_class_for_classify_nor_fit(folders, caplog
     assert "__MACOSX: macOS archive metadata (left by unzipping), not a class folder" in caplog.text
 
 
+def test_an_image_directly_in_the_support_folder_is_named_as_unused(folders, caplog):
+    """support/stray.png belongs to no class: it was left out without a word."""
+    support, _ = folders
+    _png(support / "stray.png", 11)
+    with caplog.at_level(logging.WARNING):
+        classes, items = support_folder(support)
+    assert classes == ["a", "b"] and len(items) == 4
+    assert "1 image(s) directly in the support folder are not used (e.g. stray.png)" in caplog.text
+
+
 def test_every_unreadable_query_is_named_with_its_reason(folders, tmp_path, caplog):
     """Only five were named ("and 6 more"): the others were named nowhere."""
     support, queries = folders

@@ -692,3 +692,15 @@ def test_an_output_file_in_a_folder_that_cannot_be_written_is_refused_before_the
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match=r"afile is a file, so --out cannot be written under it"):
         classify(NEVER_READ, support, [queries], tmp_path / "afile" / "p.csv")
+
+
+def test_a_series_folder_given_one_level_too_high_names_the_subfolder(tmp_path):
+    from imaging_meta.commands.segment import modality_of
+
+    write_series(tmp_path / "study" / "series1", phantom(), affine_ras())
+    with pytest.raises(ValueError, match=r"study: no files in this folder; files lie in its subfolder\(s\) \S*series1: give "
+                                         r"the folder of the series itself"):
+        modality_of(tmp_path / "study")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: no files in this folder; give a NIfTI file or a folder that holds one"):
+        modality_of(tmp_path / "empty")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -689,3 +690,14 @@ def test_dicom_seg_refusals_come_before_the_work_or_spare_the_other_queries(tmp_
         segment(ckpt, [support], [tmp_path / "SERIES_A", tmp_path / "SERIES_B"], tmp_path / "out", output_format="dicom-seg",
                 largest_component=False, device="cpu", options=LEARNER_ONLY, **PLAIN)
     assert (tmp_path / "out" / "SERIES_B.seg.dcm").is_file() and not (tmp_path / "out" / "SERIES_A.seg.dcm").exists()
+
+
+def test_a_probability_map_of_an_earlier_run_is_named_when_this_run_writes_none(tmp_path, support, caplog):
+    import logging
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
+    segment(ckpt, [support], [query], tmp_path / "out", device="cpu", explain=True, **PLAIN)
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [query], tmp_path / "out", device="cpu", **PLAIN)
+    assert re.search(r"q5_probability\.nii\.gz is a probability map of an earlier run, not of this one", caplog.text)
