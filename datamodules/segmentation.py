@@ -414,7 +414,7 @@ class SegmentationDataModule(EpisodicDataModule):
             test_fraction=h.test_fraction,
             seed=h.split_seed,
             exclude_test_organ_slices=h.exclude_test_organ_slices,
-            val_organ_filter=self._organs_that_keep_training if h.exclude_test_organ_slices else None,
+            val_organ_filter=self._usable_val_organs,
             test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
             # a one-shot validation episode (independent of the shots evaluated); it changes no choice that could
             # form validation episodes before, so the splits of earlier checkpoints hold
@@ -430,6 +430,23 @@ class SegmentationDataModule(EpisodicDataModule):
         """``folds_file`` as given, or under ``root`` when it is relative and not found from the working directory."""
         path = Path(self.hparams.folds_file).expanduser()
         return path if path.is_absolute() or path.exists() else Path(self.root) / path
+
+    def _usable_val_organs(self, train: Sequence[int], val: Sequence[int], candidates: list[str]) -> list[str]:
+        """The candidate validation organs that validation episodes can use: shown by as many validation patients
+        as a one-shot episode needs (1 + n_query, as `make_split`'s count of the patients whose label maps name
+        it) on a slice with ``min_organ_pixels`` of it, the sampler's rule (a label map that names an organ on a
+        few voxels does not do); under setting 2 also `_organs_that_keep_training`."""
+        if self._volumes is None:
+            self._volumes = self._volume_dataset()
+        need, least = 1 + self.hparams.n_query, self.hparams.min_organ_pixels
+        shown: dict[str, set[str]] = {o: set() for o in candidates}
+        for i in val:
+            label, case = as_plain_tensor(self._volumes[i]["label"])[0], self.cases[i]
+            for o in candidates:
+                if o in case.organs and bool(((label == case.organs[o]).flatten(0, 1).sum(0) >= least).any()):
+                    shown[o].add(case.patient)
+        usable = [o for o in candidates if len(shown[o]) >= need]
+        return self._organs_that_keep_training(train, usable) if self.hparams.exclude_test_organ_slices else usable
 
     def _organs_that_keep_training(self, train: Sequence[int], candidates: list[str]) -> list[str]:
         """Setting 2: the candidate validation organs whose training slices may be removed, keeping at least

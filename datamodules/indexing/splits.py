@@ -203,8 +203,8 @@ def patients_of_images(cases: Sequence[Case], images: Sequence[str]) -> set[str]
     return {by_path[_norm_path(i)] for i in images}
 
 
-#: filters candidate validation organs, given the training case indices (see `make_split`)
-ValOrganFilter = Callable[[Sequence[int], list[str]], list[str]]
+#: filters candidate validation organs, given the training and the validation case indices (see `make_split`)
+ValOrganFilter = Callable[[Sequence[int], Sequence[int], list[str]], list[str]]
 
 
 def choose_val_organs(
@@ -242,8 +242,8 @@ def choose_val_organs(
             f"split holds {len({cases[i].patient for i in val})} patient(s)"
             + (f"; the most any other organ has is {max(len(p) for o, p in patients.items() if o not in test_organs)}"
                if any(o not in test_organs for o in patients) else "") + ")"
-            + (f", and without removing most training slices under setting 2 (refused: "
-               f"{sorted(set(candidates) - allowed)})" if keep is not None else "")
+            + (f", and shown on slices of enough of them, without removing most training slices under setting 2 "
+               f"(refused: {sorted(set(candidates) - allowed)})" if keep is not None else "")
             + "; name them with val_organs, lower val_organ_count, or raise val_fraction"
         )
     return kept[:count]
@@ -278,7 +278,7 @@ def _cross_organ(cases: Sequence[Case], idx: dict[str, list[int]], all_organs: l
     elif not idx["val"]:  # no validation patients (val_fraction=0): nothing to validate, nothing more to hold out
         chosen = []
     else:
-        keep = None if val_organ_filter is None else (lambda organs: val_organ_filter(idx["train"], organs))
+        keep = None if val_organ_filter is None else (lambda organs: val_organ_filter(idx["train"], idx["val"], organs))
         chosen = choose_val_organs(cases, idx["val"], test_organs, val_organ_count, seed, keep, min_val_patients)
     held = sorted(set(test_organs) | set(chosen))
     train_organs = [o for o in all_organs if o not in held]
@@ -321,9 +321,10 @@ def make_split(
         seed: split seed (patients, and the choice of validation organs).
         exclude_test_organ_slices: cross_organ: SSL-ALPNet setting 2 (remove training slices that show a
             test or validation organ). Setting 1 when False.
-        val_organ_filter: cross_organ, when validation organs are chosen: given the training case indices and
-            the candidates, those that may be held out (the datamodule, under setting 2: those whose slices
-            do not cover most training slices). None: every candidate may.
+        val_organ_filter: cross_organ, when validation organs are chosen: given the training and validation case
+            indices and the candidates, those that may be held out (the datamodule: those that enough validation
+            patients show on a slice, and under setting 2 whose slices do not cover most training slices). None:
+            every candidate may.
         test_images: in_domain and cross_organ: the test patients are exactly the patients of these images
             (paths relative to the index root, e.g. `read_fold`), instead of a ``test_fraction`` share;
             validation is drawn from the other patients. None: the seeded share.

@@ -272,3 +272,30 @@ def test_the_report_names_the_organs_and_patients_the_episodes_use(tmp_path):
     test_patients = {dm.cases[i].patient for i in dm.split.test}
     shown = {dm.cases[i].patient for i in dm.split.test if "c" in dm.cases[i].organs}
     assert d["patients"]["test"] == len(test_patients) and d["episode_patients"]["test"] == len(shown)
+
+
+def test_a_validation_organ_is_one_the_validation_episodes_can_show(tmp_path):
+    """Label maps that name an organ on a few voxels only (under ``min_organ_pixels`` on every slice) made it a
+    candidate: the validation episodes then dropped it and fit stopped ("present in 0 patient(s))"."""
+    from datamodules.indexing.splits import _rank
+    from tests.datamodules.dicom_fixtures import affine_ras, write_nifti
+
+    root = tmp_path / "data"
+    for i in range(1, 10):
+        label = np.zeros((24, 24, 6), np.uint8)
+        label[2:10, 2:10, 1:5] = 1  # a: 64 pixels a slice
+        label[14:16, 2:4, 1:5] = 2  # b: 4 pixels a slice, under min_organ_pixels
+        label[2:10, 14:22, 1:5] = 3  # c: the test organ
+        label[14:22, 14:22, 1:5] = 4  # d: trained on
+        image = np.where(label > 0, 60.0 * label, -100.0)
+        write_nifti(image, affine_ras(), root / f"sub-{i:02d}" / "ct.nii.gz")
+        write_nifti(label, affine_ras(), root / f"sub-{i:02d}" / "ct_label.nii.gz")
+        (root / f"sub-{i:02d}" / "ct.json").write_text(json.dumps({"Modality": "CT"}))
+    seed = next(s for s in range(50) if _rank("b", s) < min(_rank("a", s), _rank("d", s)))  # b would come first
+    dm = SegmentationDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), protocol="cross_organ",
+                                test_organs=["c"], label_names={1: "a", 2: "b", 3: "c", 4: "d"}, split_seed=seed,
+                                exclude_test_organ_slices=False, val_fraction=0.35, test_fraction=0.35, n_query=1,
+                                episodes_per_epoch=4, val_episodes=4, test_episodes=4, spacing=(1.5, 1.5),
+                                slice_size=(32, 32), cache="none")
+    dm.setup("fit")  # it stopped here
+    assert dm.split.val_organs in (["a"], ["d"])

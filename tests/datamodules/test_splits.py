@@ -110,16 +110,16 @@ def test_a_filter_narrows_the_validation_organ_candidates():
     cs = cases()
     seen = []
 
-    def only_stomach(train, candidates):
-        seen.append((list(train), list(candidates)))
+    def only_stomach(train, val, candidates):
+        seen.append((list(train), list(candidates), list(val)))
         return [o for o in candidates if o == "stomach"]
 
     for seed in range(6):
         s = make_split(cs, "cross_organ", test_organs=["spleen"], seed=seed, val_organ_filter=only_stomach)
         assert s.val_organs == ["stomach"]
-        assert seen[-1][0] == s.train and "spleen" not in seen[-1][1]
+        assert seen[-1][0] == s.train and seen[-1][2] == s.val and "spleen" not in seen[-1][1]
     with pytest.raises(ValueError, match="refused: \\['kidney_left', 'liver', 'stomach'\\]"):
-        make_split(cs, "cross_organ", test_organs=["spleen"], val_organ_filter=lambda train, c: [])
+        make_split(cs, "cross_organ", test_organs=["spleen"], val_organ_filter=lambda train, val, c: [])
 
 
 def test_other_protocols_hold_out_no_organ():
