@@ -199,6 +199,9 @@ class SegmentationDataModule(EpisodicDataModule):
             or that the pattern does not match, is its own patient (a warning counts those outside Decathlon
             folders). ``'^([^/]+)/'``: one folder per patient; ``'^([^_]+)_'``: ``<patient>_ct.nii.gz``. DICOM
             series use their PatientID.
+        organs: the structures to use, by name (a label map of a hundred structures, of which you want a few);
+            every other label value is background to them, and a scan that shows none of them is left out.
+            None (default): every structure of the label maps, unnamed values included (as ``label_<value>``).
     """
 
     task = "segmentation"
@@ -244,6 +247,7 @@ class SegmentationDataModule(EpisodicDataModule):
         folds_file: str | None = None,
         test_fold: int | None = None,
         patient_regex: str = DEFAULT_PATIENT_REGEX,
+        organs: list[str] | None = None,
     ) -> None:
         super().__init__()
         try:
@@ -368,6 +372,8 @@ class SegmentationDataModule(EpisodicDataModule):
                 stacklevel=2,
             )
         self.cases = self.index.labelled_cases
+        if h.get("organs"):
+            self.cases = self._only_organs(self.cases, list(h.organs))
         if self.index.own_patient:
             warnings.warn(own_patient_note(self.root, self.index.own_patient), stacklevel=2)
         self._check_index_is_current()
@@ -378,6 +384,18 @@ class SegmentationDataModule(EpisodicDataModule):
         self._setup_stages()
         if h.selfsup_ratio > 0 and h.episodes_per_epoch > 0:  # evaluation draws no training episodes
             self._setup_selfsup()
+
+    def _only_organs(self, cases: list[Case], organs: list[str]) -> list[Case]:
+        """``cases`` with only ``organs`` among their structures, those that show none of them left out."""
+        known = {o for c in cases for o in c.organs}
+        unknown = [o for o in organs if o not in known]
+        if unknown:
+            raise ValueError(f"organs {unknown} are in no label map under {self.root}; the label maps hold "
+                             f"{sorted(known)[:40]}{' ...' if len(known) > 40 else ''} (names from label_names or a "
+                             "dataset.json)")
+        keep = set(organs)
+        kept = [replace(c, organs={o: v for o, v in c.organs.items() if o in keep}) for c in cases]
+        return [c for c in kept if c.organs]
 
     def _with_modality(self, index: Index) -> Index:
         """``index`` with the configured ``modality`` for the volumes whose files do not say; without one, a

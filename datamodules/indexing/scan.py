@@ -483,7 +483,9 @@ class _Scanner:
             organs[name] = int(v)
         if unnamed and label:
             warnings.warn(
-                f"{label}: label value(s) {unnamed} have no name in the label names; called 'label_<value>'",
+                f"{label}: label value(s) {unnamed} have no name in the label names; called 'label_<value>', they are "
+                "structures like the named ones (episode targets in training): name them, or list the structures to "
+                "use in data.init_args.organs",
                 stacklevel=2,
             )
         return organs

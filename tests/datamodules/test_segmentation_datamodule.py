@@ -299,3 +299,36 @@ def test_a_validation_organ_is_one_the_validation_episodes_can_show(tmp_path):
                                 slice_size=(32, 32), cache="none")
     dm.setup("fit")  # it stopped here
     assert dm.split.val_organs in (["a"], ["d"])
+
+
+def test_organs_limits_the_structures_and_the_scans(tmp_path):
+    """A label map of many structures (TotalSegmentator's), of which a user wants a few: every other value is
+    background to them, and a scan that shows none of them is left out; an unknown name is refused."""
+    from tests.datamodules.dicom_fixtures import affine_ras, write_nifti
+
+    root = tmp_path / "data"
+    for i in range(1, 10):
+        label = np.zeros((24, 24, 6), np.uint8)
+        if i < 9:
+            label[2:10, 2:10, 1:5] = 1
+            label[2:10, 14:22, 1:5] = 3
+            label[14:22, 14:22, 1:5] = 4
+        label[14:22, 2:10, 1:5] = 2  # b: in every scan, the only structure of sub-09
+        image = np.where(label > 0, 60.0 * label, -100.0)
+        write_nifti(image, affine_ras(), root / f"sub-{i:02d}" / "ct.nii.gz")
+        write_nifti(label, affine_ras(), root / f"sub-{i:02d}" / "ct_label.nii.gz")
+        (root / f"sub-{i:02d}" / "ct.json").write_text(json.dumps({"Modality": "CT"}))
+    kw = dict(root=str(root), cache_dir=str(tmp_path / "cache"), protocol="cross_organ", test_organs=["c"],
+              val_organs=["d"], label_names={1: "a", 2: "b", 3: "c", 4: "d"}, exclude_test_organ_slices=False,
+              val_fraction=0.3, test_fraction=0.3, n_query=1, episodes_per_epoch=4, val_episodes=4, test_episodes=4,
+              spacing=(1.5, 1.5), slice_size=(32, 32), cache="none")
+    every = SegmentationDataModule(**kw)
+    every.setup("fit")
+    assert len(every.cases) == 9 and every.split.train_organs == ["a", "b"]
+    some = SegmentationDataModule(**kw, organs=["a", "c", "d"])
+    some.setup("fit")
+    assert len(some.cases) == 8 and some.split.train_organs == ["a"]
+    assert all(set(c.organs) <= {"a", "c", "d"} for c in some.cases)
+    assert some.split_digest() != every.split_digest()
+    with pytest.raises(ValueError, match=r"organs \['liver'\] are in no label map under .*; the label maps hold \['a', 'b', 'c', 'd'\]"):
+        SegmentationDataModule(**kw, organs=["a", "liver"]).setup("fit")
