@@ -140,7 +140,8 @@ class SegmentationDataModule(EpisodicDataModule):
         val_organ_count: cross_organ, without ``val_organs``: how many more organs to hold out for validation,
             so that checkpoint selection never sees the test organs and validation organs are never training
             targets. The choice is fixed by ``split_seed`` among the organs that are not test organs and are
-            labelled in at least two validation patients (`datamodules.indexing.splits.choose_val_organs`).
+            shown, on a slice with ``min_organ_pixels`` of them, by as many validation patients as a one-shot
+            episode needs (1 + ``n_query``, at least two; `datamodules.indexing.splits.choose_val_organs`).
             Under setting 2 training slices that show a validation organ are removed too, so validation mimics
             the test condition, and an organ qualifies only if that keeps at least `MIN_TRAINING_SLICES_KEPT`
             of the training slices the test organs leave (never the vertebrae, which show on nearly every

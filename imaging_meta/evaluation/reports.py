@@ -98,6 +98,13 @@ def write_report(
               "checkpoint", "machine"):
         if k in context:
             lines.append(f"- {k}: {context[k]}")
+    classes = context.get("classes")  # classification: each stage's classes and their items
+    if isinstance(classes, dict):
+        for stage, counts in classes.items():
+            if counts:
+                lines.append(f"- {stage} classes: " + ", ".join(f"{c} ({n})" for c, n in counts.items()))
+    if context.get("dropped_classes"):
+        lines.append(f"- dropped classes: {context['dropped_classes']}")
     chance = task.chance(context.get("n_way"))
     if chance is not None:
         lines.append(f"- chance: {chance:.3f}")

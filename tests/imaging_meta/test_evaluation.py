@@ -34,6 +34,15 @@ def test_summarize_averages_queries_within_an_episode_first(tmp_path):
     js, mdp = write_report(tmp_path, s, {"protocol": "cross_organ"}, ["a", "b"])
     assert json.loads(js.read_text())["summary"]["a"]["all"]["n_episodes"] == 2
     assert "protocol: cross_organ" in mdp.read_text()
+    # what each stage used (classification: classes and their items; segmentation: organs dropped for too few
+    # patients) and the patients behind the test episodes, not the test split's
+    context = {"classes": {"train": {"cyst": 40, "lipoma": 12}, "val": {}, "test": {"abscess": 9}},
+               "dropped_classes": {"val": {"adenoma": "2 patients"}}, "dropped_organs": {"train": ["b"]},
+               "patients": {"test": 3}, "episode_patients": {"test": 2}}
+    text = write_report(tmp_path, s, context, ["a", "b"])[1].read_text()
+    assert "- train classes: cyst (40), lipoma (12)\n- test classes: abscess (9)\n" in text and "- val classes" not in text
+    assert "- dropped classes: {'val': {'adenoma': '2 patients'}}" in text and "- dropped_organs: {'train': ['b']}" in text
+    assert "the same test patients (2 here)" in text
 
 
 def test_site_keys_with_pipes_do_not_break_the_table():
