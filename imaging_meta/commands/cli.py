@@ -333,6 +333,9 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--support-image", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
     g.add_argument("--support-label", action="append", required=True, help="NIfTI label map of each support image (repeat)")
     g.add_argument("--label-value", type=int, default=None, help="structure value in the label maps (default: any non-zero)")
+    g.add_argument("--structure-name", default=None,
+                   help="the structure's name, written into each mask's NIfTI description and as the DICOM-SEG segment "
+                        "label (default: 'label <value>')")
     g.add_argument("--query", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
     g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced")
     g.add_argument("--modality", default=None, help="CT or MR, when the files do not say")
@@ -467,6 +470,7 @@ def _run_tool(argv: Sequence[str]) -> int:
             args.query,
             args.out,
             label_value=args.label_value,
+            structure_name=args.structure_name,
             modality=args.modality,
             max_support_slices=args.max_support_slices,
             largest_component=not args.no_largest_component,

@@ -277,7 +277,8 @@ def _plain(values: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in values.items())
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1), unit: int = 2) -> Path:
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1), unit: int = 2,
+                description: str = "") -> Path:
     """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file), the
     affine as both sform and qform with ``codes`` (sform, qform; default 1, scanner coordinates, as the DICOM
     converters write them; `segment` passes a NIfTI query's own) and the spatial ``unit`` of the affine (the
@@ -289,7 +290,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[
     img.set_sform(np.asarray(affine, dtype=np.float64), code=int(codes[0]))
     img.set_qform(np.asarray(affine, dtype=np.float64), code=int(codes[1]))
     img.header["xyzt_units"] = int(unit) & 0x07
-    img.header["descrip"] = b""
+    img.header["descrip"] = description.encode("utf-8", "replace")[:79]  # our own words only, never the source's
     img.header["aux_file"] = b""
     with atomic_open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
         img.to_file_map({"image": nib.FileHolder(fileobj=gz)})  # nibabel's own .nii.gz level
@@ -370,6 +371,7 @@ def segment(
     queries: Sequence[str | Path],
     out_dir: str | Path,
     label_value: int | None = None,
+    structure_name: str | None = None,
     modality: str | None = None,
     max_support_slices: int = 12,
     largest_component: bool = True,
@@ -403,6 +405,8 @@ def segment(
         queries: NIfTI files or DICOM series folders (``dicom-seg``: DICOM series folders only).
         out_dir: output folder (created).
         label_value: the structure's value in the label maps (default: every non-zero voxel).
+        structure_name: the structure's name, written into each mask's NIfTI description and as the DICOM-SEG
+            segment label (default: ``label <value>``, or ``structure``).
         modality: CT or MR when the files do not say.
         max_support_slices: slices taken from each support scan (spread over the structure).
         largest_component: keep only the largest 3D connected component of each mask, unless a support's
@@ -444,6 +448,7 @@ def segment(
         raise ValueError(f"--max-support-slices must be at least 1, got {max_support_slices}")
     if adapt_steps < 0:
         raise ValueError(f"--adapt-steps must be at least 0 (0: no adaptation), got {adapt_steps}")
+    name = structure_name or ("structure" if label_value is None else f"label {label_value}")
     if label_value is not None and label_value < 1:
         raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "
                          "structure's value (1 or more), or leave it out for every non-zero voxel")
@@ -589,18 +594,19 @@ def segment(
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
         if output_format == "dicom-seg":
             try:
-                target = _write_seg(mask, q, affine, paths[0], label_value)
+                target = _write_seg(mask, q, affine, paths[0], name)
             except ValueError as e:  # highdicom's refusal of one series: the other queries are still written
                 logger.warning("%s: no DICOM Segmentation written: %s", q.name, e)
                 seg_failures.append(str(e))
                 continue
         else:
-            target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes, unit)
+            target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes, unit, f"imaging-meta segment: {name}")
         logger.info("%s: %d foreground voxels -> %s%s", q.name, int(mask.sum()), target,
                     "" if novelty is None else f" (novelty {novelty:.2f})")
         masks_written.append(target)
         if explain:
-            probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit))
+            probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit,
+                                             f"imaging-meta segment: {name}, probability"))
     if seg_failures:
         raise ValueError(f"{len(seg_failures)} of {len(queries)} queries got no DICOM Segmentation (the others are "
                          f"in {out}; --format nifti writes a mask of every series): " + "; ".join(seg_failures))
@@ -650,7 +656,7 @@ def across_modalities(options: ScanOptions) -> ScanOptions:
                                max_negative_slices=options.max_negative_slices, query_chunk=options.query_chunk)
 
 
-def _write_seg(mask: np.ndarray, folder: Path, affine: np.ndarray, target: Path, label_value: int | None) -> Path:
+def _write_seg(mask: np.ndarray, folder: Path, affine: np.ndarray, target: Path, name: str) -> Path:
     """The DICOM-SEG of a series folder; the mask (reader layout) is checked against the series' geometry."""
     from datamodules.io.dicom import DicomSeriesReader
     from imaging_meta.commands.dicom_seg import write_dicom_seg
@@ -662,5 +668,4 @@ def _write_seg(mask: np.ndarray, folder: Path, affine: np.ndarray, target: Path,
             f"{folder}: the inverted mask {mask.shape} does not have the series geometry {series.shape}; "
             "cannot align it with the DICOM slices"
         )
-    label = "structure" if label_value is None else f"label {label_value}"
-    return write_dicom_seg(mask, series.paths, target, segment_label=label)
+    return write_dicom_seg(mask, series.paths, target, segment_label=name)

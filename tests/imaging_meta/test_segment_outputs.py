@@ -193,7 +193,7 @@ def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, supp
     _, aff, _ = tricky_series(tmp_path / "SERIES_B")
     out = tmp_path / "out"
     written = segment(ckpt, [support], [nifti_q, tmp_path / "SERIES_B"], out, explain=True,
-                      largest_component=False, device="cpu", **PLAIN)
+                      largest_component=False, device="cpu", structure_name="left kidney", **PLAIN)
     assert written == [out / "q4.nii.gz", out / "SERIES_B.nii.gz", out / "q4_probability.nii.gz",
                        out / "SERIES_B_probability.nii.gz"]
     q_img = nib.load(nifti_q)
@@ -220,10 +220,11 @@ def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, supp
         hdr = nib.load(path).header
         got = (int(hdr["sform_code"]), int(hdr["qform_code"]))
         assert got == (expected[0] or expected[1], expected[1] or expected[0]) != (0, 0), path
-    # no patient data in any NIfTI header or byte
+    # no patient data in any NIfTI header or byte: the description is the product's own (the structure's name)
     for path in written:
         hdr = nib.load(path).header
-        assert hdr["descrip"].item() == b"" and hdr["aux_file"].item() == b""
+        words = b"imaging-meta segment: left kidney" + (b", probability" if "probability" in path.name else b"")
+        assert hdr["descrip"].item() == words and hdr["aux_file"].item() == b""
         raw = gzip.decompress(path.read_bytes())
         for value in FAKE_PHI.values():
             assert value.encode() not in raw and value.split("^")[0].encode() not in raw
@@ -237,7 +238,8 @@ def test_cli_segment_dicom_seg_with_explain(tmp_path, support, capsys):
     out = tmp_path / "out"
     rc = cli_main(["segment", "--checkpoint", str(ckpt), "--support-image", str(support[0]),
                    "--support-label", str(support[1]), "--query", str(tmp_path / "SERIES_C"), "--out", str(out),
-                   "--format", "dicom-seg", "--explain", "--device", "cpu", "--scale", "checkpoint", "--adapt-steps", "0"])
+                   "--format", "dicom-seg", "--explain", "--device", "cpu", "--scale", "checkpoint", "--adapt-steps", "0",
+                   "--structure-name", "spleen"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["SERIES_C.seg.dcm", "SERIES_C_probability.nii.gz"]
     assert f"wrote {out / 'SERIES_C.seg.dcm'}" in capsys.readouterr().out
@@ -245,6 +247,7 @@ def test_cli_segment_dicom_seg_with_explain(tmp_path, support, capsys):
     referenced = {str(i.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
                   for i in seg.PerFrameFunctionalGroupsSequence}
     assert referenced <= {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert seg.SegmentSequence[0].SegmentLabel == "spleen"  # a viewer shows the structure's name
     assert nib.load(out / "SERIES_C_probability.nii.gz").shape == (12, 10, 6)
 
 
