@@ -33,14 +33,16 @@ def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS) -> float:
     return float(sum(abs(correct[idx == b].sum() - confidence[idx == b].sum()) for b in range(bins)) / len(confidence))
 
 
-def measure(learner, settings: dict, name: str, shot: int, episodes: int, scale: float | None = None) -> dict | None:
+def measure(learner, settings: dict, name: str, shot: int, episodes: int, scale: float | None = None,
+            one_shot_scale: float | None = None) -> dict | None:
     """Accuracy, confidence and ECE of ``learner`` on the set's seeded episodes (None: too few images)."""
     classes, items = support_folder(rc.SETS / name)
     eps = rc.sample_episodes(items, len(classes), len(classes), shot, 5, 2, episodes, 0)
     if not eps:
         return None
-    default = weighting.SCALE
+    default, one_shot = weighting.SCALE, weighting.ONE_SHOT_SCALE
     weighting.SCALE = default if scale is None else scale
+    weighting.ONE_SHOT_SCALE = one_shot if one_shot_scale is None else one_shot_scale
     try:
         conf, correct = [], []
         for cls, s_idx, q_idx in eps:
@@ -53,7 +55,7 @@ def measure(learner, settings: dict, name: str, shot: int, episodes: int, scale:
             conf += probs.max(-1).values.tolist()
             correct += (probs.argmax(-1) == q_labels).float().tolist()
     finally:
-        weighting.SCALE = default
+        weighting.SCALE, weighting.ONE_SHOT_SCALE = default, one_shot
     c, k = np.asarray(conf), np.asarray(correct)
     return {"accuracy": float(k.mean()), "confidence": float(c.mean()), "ece": ece(c, k)}
 
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shots", nargs="*", type=int, default=[1, 3, 5])
     ap.add_argument("--episodes", type=int, default=60)
     ap.add_argument("--scales", nargs="*", type=float, default=[])
+    ap.add_argument("--one-shot-scales", nargs="*", type=float, default=[],
+                    help="also the task-adaptive classifier with this ONE_SHOT_SCALE (the temperature of tasks with one "
+                         "image per class; the fit of the others is unchanged)")
     args = ap.parse_args(argv)
     learner, extra = load_learner(args.checkpoint, "cpu")
     learner.eval()
@@ -73,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                                                               "ct_window": [-250.0, 250.0]}, None),
             ("embedding alone", learner, loader_settings(extra, learner), None),
             ("task-adaptive (default)", adaptive, loader_settings(extra, adaptive), None)]
-    rows += [(f"task-adaptive, SCALE {s:g}", adaptive, loader_settings(extra, adaptive), s) for s in args.scales]
+    rows += [(f"task-adaptive, SCALE {s:g}", adaptive, loader_settings(extra, adaptive), (s, None)) for s in args.scales]
+    rows += [(f"task-adaptive, ONE_SHOT_SCALE {s:g}", adaptive, loader_settings(extra, adaptive), (None, s))
+             for s in args.one_shot_scales]
     print("| set | shots | method | accuracy | confidence | ECE |\n|---|---|---|--:|--:|--:|")
     for name in args.sets:
         for shot in args.shots:
-            for label, model, settings, scale in rows:
-                m = measure(model, settings, name, shot, args.episodes, scale)
+            for label, model, settings, scales in rows:
+                m = measure(model, settings, name, shot, args.episodes, *(scales or (None, None)))
                 if m is not None:
                     print(f"| {name} | {shot} | {label} | {m['accuracy']:.3f} | {m['confidence']:.3f} | {m['ece']:.3f} |",
                           flush=True)

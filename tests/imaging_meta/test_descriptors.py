@@ -320,15 +320,21 @@ def test_the_weighting_classifies_tasks_that_only_one_space_separates(kind, n_wa
 
 
 def test_one_shot_weighted_rule_is_the_equal_weight_fusion():
+    """With one image per class: the equal-weight fusion, at the softer one-shot temperature (the same answers as
+    at the fitted rule's SCALE, less sure of them)."""
     from imaging_meta.learners.descriptors.nearest import prototype_logits
+    from imaging_meta.learners.descriptors.weighting import ONE_SHOT_SCALE, SCALE
 
     learner = TaskAdaptiveClassifier(stub_embedding())
     ep = task_episode("histogram", n_shot=1)
     with torch.no_grad():
         probs = learner.predict(ep)
         fs, fq, dist = learner.task_spaces(ep)["fusion"]
-        fusion = prototype_logits(fs, ep.support_labels, fq, 3, dist, 10.0).softmax(-1)
+        fusion = prototype_logits(fs, ep.support_labels, fq, 3, dist, ONE_SHOT_SCALE).softmax(-1)
+        sharp = prototype_logits(fs, ep.support_labels, fq, 3, dist, SCALE).softmax(-1)
     torch.testing.assert_close(probs, fusion, atol=1e-5, rtol=1e-4)
+    assert ONE_SHOT_SCALE < SCALE and torch.equal(probs.argmax(-1), sharp.argmax(-1))
+    assert bool((probs.max(-1).values <= sharp.max(-1).values + 1e-6).all())
     for r in learner.last_choice:
         assert r["space"] == "fusion" and r["rule"] == "default" and r["loo_items"] == 0
         assert all(abs(w - 1 / 3) < 1e-3 for w in r["weights"].values())

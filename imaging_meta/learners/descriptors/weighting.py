@@ -38,6 +38,9 @@ from imaging_meta.learners.prototypes import class_onehot
 PRIOR = 4.0
 #: the initial softmax temperature (that of the fusion space's probabilities)
 SCALE = 10.0
+#: beta's scale for a task with nothing to hold out (one image per class): equal weights at this softer
+#: temperature, since no fit can set one (docs/classification.md#how-far-to-trust-the-probabilities)
+ONE_SHOT_SCALE = 3.0
 
 
 def squared_distances(vectors: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -108,5 +111,6 @@ def fit_weights(
                 return loss
 
             opt.step(closure)
-        theta_out = torch.where((n > 0).unsqueeze(-1), theta.detach(), torch.zeros_like(theta))
-    return (SCALE / k * theta_out.exp()).to(loo[0].dtype)
+        fitted = (n > 0).unsqueeze(-1)
+        beta = torch.where(fitted, SCALE / k * theta.detach().exp(), torch.full_like(theta, ONE_SHOT_SCALE / k))
+    return beta.to(loo[0].dtype)
