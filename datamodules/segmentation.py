@@ -380,9 +380,19 @@ class SegmentationDataModule(EpisodicDataModule):
         self._check_index_is_current()
         if not self.cases and h.selfsup_ratio == 1.0:  # unlabelled scans only: self-supervised training, no val/test
             self.split = Split([], [], [], [], [], [], protocol=h.protocol)
+            self._setup_stages()
         else:
-            self.split = self._make_split()
-        self._setup_stages()
+            try:
+                self.split = self._make_split()
+                self._setup_stages()
+            except ValueError as e:
+                self.split = None
+                seed = self._working_split_seed()
+                if seed is None:
+                    raise
+                raise ValueError(f"{e} With these patients, split_seed {seed} puts every test and validation organ in "
+                                 f"enough patients of its split (set data.init_args.split_seed: {seed}; it changes which "
+                                 "patients are tested)") from e
         if h.selfsup_ratio > 0 and h.episodes_per_epoch > 0:  # evaluation draws no training episodes
             self._setup_selfsup()
 
@@ -416,6 +426,38 @@ class SegmentationDataModule(EpisodicDataModule):
             return index
         index.cases = [replace(c, modality=given) if normalise_modality(c.modality) is None else c for c in index.cases]
         return index
+
+    def _working_split_seed(self, tries: int = 200) -> int | None:
+        """After a split or its episodes failed: the first of ``tries`` split seeds whose split labels every test
+        and validation organ (and at least one training organ) in n_shot + n_query patients of its stage, by the
+        label maps' values; None when ``split_seed`` already does (the error is about something else), when the
+        test patients are fixed (``folds_file``) or when no seed does."""
+        h = self.hparams
+        if h.folds_file is not None:
+            return None
+
+        def works(seed: int) -> bool:
+            self.hparams.split_seed = seed
+            try:
+                split = self._make_split()
+            except ValueError:
+                return False
+            need = h.n_shot + h.n_query
+            shown = {stage: {o: len({self.cases[i].patient for i in getattr(split, stage) if o in self.cases[i].organs})
+                             for o in getattr(split, f"{stage}_organs")} for stage in ("train", "val", "test")}
+            stages = [s for s, n in (("val", h.val_episodes), ("test", h.test_episodes)) if n > 0 and getattr(split, s)]
+            return (any(n >= need for n in shown["train"].values())
+                    and all(n >= need for s in stages for n in shown[s].values()))
+
+        given = int(h.split_seed)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the warnings of the splits tried are not the user's
+                if works(given):
+                    return None
+                return next((s for s in range(tries) if s != given and works(s)), None)
+        finally:
+            self.hparams.split_seed = given
 
     def _make_split(self) -> Split:
         h = self.hparams
@@ -521,7 +563,7 @@ class SegmentationDataModule(EpisodicDataModule):
                 )
             except ValueError as e:
                 if stage_name != "train" or not split.excluded_organs:
-                    raise
+                    raise ValueError(f"{stage_name}: {e}") from e
                 raise ValueError(
                     f"train: {e} Under setting 2 (exclude_test_organ_slices: true) the training slices that show "
                     f"{split.excluded_organs} were removed first; where those structures are on most slices, little "

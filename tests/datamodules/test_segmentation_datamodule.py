@@ -1,6 +1,7 @@
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,42 @@ def test_organs_limits_the_structures_and_the_scans(tmp_path):
     assert some.split_digest() != every.split_digest()
     with pytest.raises(ValueError, match=r"organs \['liver'\] are in no label map under .*; the label maps hold \['a', 'b', 'c', 'd'\]"):
         SegmentationDataModule(**kw, organs=["a", "liver"]).setup("fit")
+
+
+def test_a_split_that_leaves_a_test_organ_too_few_patients_names_a_seed_that_does_not(tmp_path):
+    """A small folder where the seeded split puts the test organ in too few test patients: the error now names a
+    split_seed whose split serves every stage (the user had to search seeds by hand), and that seed works."""
+    from tests.datamodules.dicom_fixtures import affine_ras, write_nifti
+
+    root = tmp_path / "data"
+    for i in range(1, 11):
+        label = np.zeros((24, 24, 6), np.uint8)
+        label[2:10, 2:10, 1:5] = 1
+        label[14:22, 14:22, 1:5] = 4
+        if i <= 4:
+            label[2:10, 14:22, 1:5] = 3  # the test organ: four patients show it
+        image = np.where(label > 0, 60.0 * label, -100.0)
+        write_nifti(image, affine_ras(), root / f"sub-{i:02d}" / "ct.nii.gz")
+        write_nifti(label, affine_ras(), root / f"sub-{i:02d}" / "ct_label.nii.gz")
+        (root / f"sub-{i:02d}" / "ct.json").write_text(json.dumps({"Modality": "CT"}))
+    kw = dict(root=str(root), cache_dir=str(tmp_path / "cache"), protocol="cross_organ", test_organs=["c"],
+              val_organs=["d"], label_names={1: "a", 3: "c", 4: "d"}, exclude_test_organ_slices=False,
+              val_fraction=0.3, test_fraction=0.3, n_query=1, episodes_per_epoch=4, val_episodes=4, test_episodes=4,
+              spacing=(1.5, 1.5), slice_size=(32, 32), cache="none")
+    failed = None
+    for seed in range(20):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                SegmentationDataModule(**kw, split_seed=seed).setup("fit")
+        except ValueError as e:
+            failed = (seed, str(e))
+            break
+    assert failed is not None, "no seed of 20 leaves the test organ short: the test would not test anything"
+    found = re.search(r"split_seed (\d+) puts every test and validation organ in enough patients of its split", failed[1])
+    assert found and int(found.group(1)) != failed[0], failed[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm = SegmentationDataModule(**kw, split_seed=int(found.group(1)))
+        dm.setup("fit")
+    assert dm.describe()["test_organs"] == ["c"]
