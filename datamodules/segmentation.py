@@ -372,6 +372,12 @@ class SegmentationDataModule(EpisodicDataModule):
                 f"{len(self.index.rejected)} input(s) under {self.root} were rejected; see 'rejected' in {self.index_path}",
                 stacklevel=2,
             )
+        scanned_with = DEFAULT_PATIENT_REGEX if self.index.patient_regex is None else self.index.patient_regex
+        wanted = h.get("patient_regex", DEFAULT_PATIENT_REGEX)
+        if scanned_with != wanted:  # only an index given as index_path: the one kept under cache_dir is rescanned
+            raise ValueError(f"{self.index_path} was scanned with patient_regex {scanned_with!r} and the data config "
+                             f"says {wanted!r}, so its patients are not the ones asked for: set data.init_args.rescan: "
+                             f"true, or scan again (imaging-meta scan --patient-regex '{wanted}')")
         self.cases = self.index.labelled_cases
         if h.get("organs"):
             self.cases = self._only_organs(self.cases, list(h.organs))
@@ -477,9 +483,7 @@ class SegmentationDataModule(EpisodicDataModule):
             exclude_test_organ_slices=h.exclude_test_organ_slices,
             val_organ_filter=self._usable_val_organs,
             test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
-            # a one-shot validation episode (independent of the shots evaluated); it changes no choice that could
-            # form validation episodes before, so the splits of earlier checkpoints hold
-            min_val_patients=1 + h.n_query if h.val_episodes > 0 else MIN_VAL_PATIENTS,
+            min_val_patients=self._min_val_patients,
         )
         seen = sorted(set(split.val_organs) & set(split.test_organs))
         if split.protocol == "cross_organ" and seen and split.val and h.val_episodes > 0:
@@ -487,19 +491,26 @@ class SegmentationDataModule(EpisodicDataModule):
                           "it is tested on; set val_organ_count >= 1 (or val_organs outside test_organs)", stacklevel=3)
         return split
 
+    @property
+    def _min_val_patients(self) -> int:
+        """The validation patients a chosen validation organ needs: a one-shot validation episode's (independent
+        of the shots evaluated); it changes no choice that could form validation episodes before, so the splits
+        of earlier checkpoints hold. Without validation episodes, `MIN_VAL_PATIENTS`."""
+        return 1 + self.hparams.n_query if self.hparams.val_episodes > 0 else MIN_VAL_PATIENTS
+
     def _folds_path(self) -> Path:
         """``folds_file`` as given, or under ``root`` when it is relative and not found from the working directory."""
         path = Path(self.hparams.folds_file).expanduser()
         return path if path.is_absolute() or path.exists() else Path(self.root) / path
 
     def _usable_val_organs(self, train: Sequence[int], val: Sequence[int], candidates: list[str]) -> list[str]:
-        """The candidate validation organs that validation episodes can use: shown by as many validation patients
-        as a one-shot episode needs (1 + n_query, as `make_split`'s count of the patients whose label maps name
-        it) on a slice with ``min_organ_pixels`` of it, the sampler's rule (a label map that names an organ on a
-        few voxels does not do); under setting 2 also `_organs_that_keep_training`."""
+        """The candidate validation organs that validation episodes can use: shown on a slice with
+        ``min_organ_pixels`` of it (the sampler's rule; a label map that names an organ on a few voxels does not
+        do) by as many validation patients as `_make_split` asks their label maps to name it in; under setting 2
+        also `_organs_that_keep_training`."""
         if self._volumes is None:
             self._volumes = self._volume_dataset()
-        need, least = 1 + self.hparams.n_query, self.hparams.min_organ_pixels
+        need, least = self._min_val_patients, self.hparams.min_organ_pixels
         shown: dict[str, set[str]] = {o: set() for o in candidates}
         for i in val:
             label, case = as_plain_tensor(self._volumes[i]["label"])[0], self.cases[i]
@@ -544,12 +555,14 @@ class SegmentationDataModule(EpisodicDataModule):
                 [labels[i] for i in ids], self.cases, ids, organs, h.min_organ_pixels, exclude
             )
         self._samplers = {}
-        self._stage_organs: dict[str, list[str]] = {}  # each stage's organs with enough patients (the samplers')
+        # each stage's organs with enough patients (the samplers'; for a stage without episodes, as training
+        # would have had them, without its warnings: evaluate's report names what the checkpoint trained on)
+        self._stage_organs: dict[str, list[str]] = {
+            s: self._feasible_organs(s, warn=False) for s in ("train", "val", "test") if getattr(self.split, s)}
         for stage_name, n in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)):
             if n <= 0 or not getattr(self.split, stage_name):
                 continue
             organs = self._feasible_organs(stage_name)
-            self._stage_organs[stage_name] = organs
             try:
                 self._samplers[stage_name] = SegmentationEpisodeSampler(
                     self._tables[stage_name],
@@ -652,7 +665,7 @@ class SegmentationDataModule(EpisodicDataModule):
                                              hash_func=hash_with_file_stamps))
         return Dataset(items, tf)
 
-    def _feasible_organs(self, stage: str) -> list[str]:
+    def _feasible_organs(self, stage: str, warn: bool = True) -> list[str]:
         """The stage's organs that enough patients show; the others are dropped with a warning that says why."""
         need = self.hparams.n_shot + self.hparams.n_query
         keep = []
@@ -660,7 +673,7 @@ class SegmentationDataModule(EpisodicDataModule):
             n = len({self.cases[c].patient for c in self._tables[stage].get(organ, {})})
             if n >= need:
                 keep.append(organ)
-            else:
+            elif warn:
                 warnings.warn(
                     f"{stage}: dropping {organ!r}: {n} {stage} patient(s) show it on a slice with at least "
                     f"min_organ_pixels={self.hparams.min_organ_pixels} pixels, an episode needs n_shot + n_query = {need}",

@@ -99,6 +99,8 @@ class Index:
         site_fields: the header fields that build the site key.
         own_patient: NIfTI images (relative paths) that name no patient: no match of the scan's patient pattern
             in their path and no Decathlon folder (where each image is one patient), so each is its own patient.
+        patient_regex: the pattern the scan read NIfTI patients with ("" for none); None in indexes written
+            before it was recorded (which used the default).
     """
 
     root: str
@@ -109,6 +111,7 @@ class Index:
     site_fields: list[str] = field(default_factory=list)
     version: int = INDEX_VERSION
     own_patient: list[str] = field(default_factory=list)
+    patient_regex: str | None = None
 
     # ------------------------------------------------------------------ paths
     def resolve(self, rel: str | list[str]) -> str | list[str]:
@@ -161,6 +164,7 @@ class Index:
             site_fields=list(d.get("site_fields", [])),
             version=d["version"],
             own_patient=list(d.get("own_patient", [])),  # absent from indexes written before it existed
+            patient_regex=d.get("patient_regex"),
         )
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -128,7 +128,7 @@ class _Scanner:
         self.salt = salt
         self.patient_re = re.compile(patient_regex) if patient_regex else None
         self.min_slices = int(min_slices)
-        self.index = Index(root=self.root, site_fields=list(self.site_fields))
+        self.index = Index(root=self.root, site_fields=list(self.site_fields), patient_regex=patient_regex or "")
         self.placed: dict[str, str] = {}  # abs path -> "case" / "accounted" / "rejected"
         self.all_files: list[str] = []
         self.decathlons: dict[str, Decathlon] = {}  # folder -> description
@@ -384,7 +384,7 @@ class _Scanner:
                         "-1000 HU", self.rel(p), 100 * air)
         modality = modality or ("CT" if air is not None else "unknown")
         rel = self.rel(p)
-        if dec is None and not self._names_patient(p):
+        if dec is None and self.patient_re is not None and not self._names_patient(p):  # "" : every file its own
             self.index.own_patient.append(rel)
         case = Case(
             case_id="c-" + pseudonym(self.salt, rel),

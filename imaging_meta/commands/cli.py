@@ -243,6 +243,10 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="structure names of label values, as the data config's label_names (e.g. 1=liver 2=spleen); "
                         "a Decathlon dataset.json names them too")
     s.add_argument("--site-fields", nargs="+", default=None, help="header fields that build the site key")
+    s.add_argument("--patient-regex", default=None,
+                   help="a NIfTI file's patient: the first group of this pattern in its path (default: a BIDS "
+                        "'sub-<id>'; '^([^/]+)/' for one folder per patient; '' for every file its own), as the data "
+                        "config's patient_regex")
     s.add_argument("--salt", default=os.environ.get("IMAGING_META_SALT", "imaging-meta"),
                    help="secret for pseudonymous ids (or env IMAGING_META_SALT)")
 
@@ -450,7 +454,8 @@ def _run_tool(argv: Sequence[str]) -> int:
             if not sep or not value.strip().isdigit() or not name.strip():
                 raise ValueError(f"--label-names: {pair!r} is not VALUE=NAME with an integer value (e.g. 1=liver)")
             names[int(value)] = name.strip()
-        index = scan_to_file(args.root, args.out, site_fields=fields, salt=args.salt, label_names=names or None)
+        regex = {} if args.patient_regex is None else {"patient_regex": args.patient_regex}
+        index = scan_to_file(args.root, args.out, site_fields=fields, salt=args.salt, label_names=names or None, **regex)
         sys.stdout.write(index.summary() + f"\nindex written to {args.out}\n")
         return 0
     if args.command == "prepare":

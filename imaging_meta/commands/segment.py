@@ -102,14 +102,15 @@ def _content_problem(path: Path) -> str | None:
     if path.is_dir() or not is_nifti(path.name):
         return None
     try:
-        data = np.asanyarray(cast(SpatialImage, nib.load(str(path))).dataobj)
+        img = cast(SpatialImage, nib.load(str(path)))
+        shape = tuple(img.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) != 3:  # said from the header, before the voxels are read
+            return f"{path}: not one 3D volume (shape {tuple(img.shape)}); segment reads 3D volumes"
+        data = np.asanyarray(img.dataobj)
     except Exception as e:
         return f"{path}: its voxels cannot be read ({type(e).__name__}: {e}); the file is damaged or cut short"
-    shape = data.shape
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        return f"{path}: not one 3D volume (shape {data.shape}); segment reads 3D volumes"
     if data.dtype.kind in "fc" and not np.isfinite(data).all():
         return f"{path}: {int((~np.isfinite(data)).sum())} NaN/Inf voxel(s); repair the file at its source"
     if data.size and data.min() == data.max():
@@ -290,11 +291,21 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[
     img.set_sform(np.asarray(affine, dtype=np.float64), code=int(codes[0]))
     img.set_qform(np.asarray(affine, dtype=np.float64), code=int(codes[1]))
     img.header["xyzt_units"] = int(unit) & 0x07
-    img.header["descrip"] = description.encode("utf-8", "replace")[:79]  # our own words only, never the source's
+    img.header["descrip"] = description.encode()  # our own words only (`_description`), never the source's
     img.header["aux_file"] = b""
     with atomic_open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
         img.to_file_map({"image": nib.FileHolder(fileobj=gz)})  # nibabel's own .nii.gz level
     return path
+
+
+def _description(name: str, suffix: str = "") -> str:
+    """A NIfTI description (79 bytes at most) of a written map: the product, the structure's name (shortened to
+    fit, never the suffix) and ``suffix``."""
+    prefix, budget = "imaging-meta segment: ", 79
+    room = budget - len(prefix.encode()) - len(suffix.encode())
+    while len(name.encode()) > room:
+        name = name[:-1]
+    return prefix + name + suffix
 
 
 def _query_name(q: Path) -> str:
@@ -448,6 +459,10 @@ def segment(
         raise ValueError(f"--max-support-slices must be at least 1, got {max_support_slices}")
     if adapt_steps < 0:
         raise ValueError(f"--adapt-steps must be at least 0 (0: no adaptation), got {adapt_steps}")
+    if structure_name is not None and (not 0 < len(structure_name) <= 64 or "\\" in structure_name
+                                       or any(ord(ch) < 32 for ch in structure_name)):
+        raise ValueError(f"--structure-name {structure_name!r}: 1 to 64 characters without a backslash or control "
+                         "characters (a DICOM segment label)")
     name = structure_name or ("structure" if label_value is None else f"label {label_value}")
     if label_value is not None and label_value < 1:
         raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "
@@ -511,7 +526,6 @@ def segment(
             # looked up at call time (benchmarks.segment_cost times it)
             from imaging_meta.adaptation import adapt
 
-            fitted.clear()  # another query: another adapted learner
             adapted = adapt(learner, supports_pre, [query_volume], steps=adapt_steps, seed=adapt_seed, device=dev)
             segmenter = ScanSegmenter(adapted, opts, dev).fit(supports_pre)
             _log_fitted(segmenter)
@@ -600,13 +614,12 @@ def segment(
                 seg_failures.append(str(e))
                 continue
         else:
-            target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes, unit, f"imaging-meta segment: {name}")
+            target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes, unit, _description(name))
         logger.info("%s: %d foreground voxels -> %s%s", q.name, int(mask.sum()), target,
                     "" if novelty is None else f" (novelty {novelty:.2f})")
         masks_written.append(target)
         if explain:
-            probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit,
-                                             f"imaging-meta segment: {name}, probability"))
+            probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit, _description(name, ", probability")))
     if seg_failures:
         raise ValueError(f"{len(seg_failures)} of {len(queries)} queries got no DICOM Segmentation (the others are "
                          f"in {out}; --format nifti writes a mask of every series): " + "; ".join(seg_failures))

@@ -415,7 +415,11 @@ def test_nifti_files_that_name_no_patient_are_counted_and_a_pattern_names_them(t
     assert Index.from_dict(index.to_dict()).own_patient == index.own_patient
     named = scan_folder(tmp_path, salt=SALT, patient_regex=r"^([^_]+)_")
     assert named.own_patient == [] and len({c.patient for c in named.cases}) == 2
-    assert "name no patient" not in named.summary()
+    assert "name no patient" not in named.summary() and named.patient_regex == r"^([^_]+)_"
+    from imaging_meta.commands.cli import cli_main
+
+    assert cli_main(["scan", str(tmp_path), "--out", str(tmp_path / "index.json"), "--patient-regex", r"^([^_]+)_"]) == 0
+    assert Index.load(tmp_path / "index.json").patient_regex == r"^([^_]+)_"
 
 
 def test_one_name_for_two_label_values_is_listed_once():

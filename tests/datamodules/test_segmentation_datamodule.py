@@ -218,6 +218,18 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
             dm.setup("fit")
     fourth, scanned = index(label_names={1: "milz"}, patient_regex=r"^()")
     assert scanned and len({c["patient"] for c in fourth["cases"]}) == 1 and fourth["own_patient"] == []
+    assert fourth["patient_regex"] == "^()"
+    fifth, _ = index(label_names={1: "milz"}, patient_regex="")  # every file its own patient, as asked: no warning
+    assert len({c["patient"] for c in fifth["cases"]}) == 2 and fifth["own_patient"] == []
+    # an index given as index_path is used as it is: one scanned with another pattern is refused, not misread
+    given = SegmentationDataModule(root=str(root), index_path=str(tmp_path / "cache" / "x.json"),
+                                   cache_dir=str(tmp_path / "cache"), label_names={1: "milz"})
+    given.prepare_data()  # scanned with the default pattern
+    mismatched = SegmentationDataModule(root=str(root), index_path=str(tmp_path / "cache" / "x.json"),
+                                        cache_dir=str(tmp_path / "cache"), label_names={1: "milz"}, patient_regex="^()")
+    with pytest.raises(ValueError, match=r"x\.json was scanned with patient_regex '\(sub-\[A-Za-z0-9\]\+\)' and the "
+                                         r"data config says '\^\(\)'.*rescan: true.*--patient-regex"):
+        mismatched.setup("fit")
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -273,6 +285,13 @@ def test_the_report_names_the_organs_and_patients_the_episodes_use(tmp_path):
     test_patients = {dm.cases[i].patient for i in dm.split.test}
     shown = {dm.cases[i].patient for i in dm.split.test if "c" in dm.cases[i].organs}
     assert d["patients"]["test"] == len(test_patients) and d["episode_patients"]["test"] == len(shown)
+    # as evaluate builds it (no training episodes): the report still names what training used, and no warning
+    dm = SegmentationDataModule(**{**dict(dm.hparams), "episodes_per_epoch": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        dm.setup("test")
+    d = dm.describe()
+    assert d["train_organs"] == ["a"] and d["dropped_organs"] == {"train": ["b"]}
 
 
 def test_a_validation_organ_is_one_the_validation_episodes_can_show(tmp_path):

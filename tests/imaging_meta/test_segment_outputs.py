@@ -704,3 +704,15 @@ def test_a_probability_map_of_an_earlier_run_is_named_when_this_run_writes_none(
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
         segment(ckpt, [support], [query], tmp_path / "out", device="cpu", **PLAIN)
     assert re.search(r"q5_probability\.nii\.gz is a probability map of an earlier run, not of this one", caplog.text)
+
+
+def test_a_structure_name_must_be_a_dicom_segment_label_and_fits_the_nifti_description(tmp_path):
+    from imaging_meta.commands.segment import _description
+
+    for bad in ("", "x" * 65, "left\\\\right", "tab\there"):
+        with pytest.raises(ValueError, match=r"--structure-name .*1 to 64 characters without a backslash"):
+            segment(tmp_path / "never-read.ckpt", [], [], tmp_path / "out", structure_name=bad)
+    long = "Ä" * 64  # two bytes each: the name is shortened, never the suffix, and never inside a character
+    for suffix in ("", ", probability"):
+        text = _description(long, suffix)
+        assert len(text.encode()) <= 79 and text.endswith("Ä" + suffix) and text.startswith("imaging-meta segment: Ä")
