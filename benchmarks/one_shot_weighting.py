@@ -53,6 +53,7 @@ from imaging_meta.learners.descriptors.task_adaptive import (
     mark_colour,
 )
 from imaging_meta.learners.descriptors.weighting import (
+    ONE_SHOT_SCALE,
     SCALE,
     fit_weights,
     query_distances,
@@ -136,7 +137,7 @@ class FixedOneShot(_OneShotVariant):
         names = list(base)
         rest = (1.0 - self.share) / max(len(names) - 1, 1)
         w = torch.tensor([self.share if n == EMBEDDING else rest for n in names], dtype=distances.dtype)
-        return (SCALE * w).expand(distances.shape[0], -1).clone()
+        return (ONE_SHOT_SCALE * w).expand(distances.shape[0], -1).clone()  # the default's one-shot temperature
 
 
 class TransductiveOneShot(_OneShotVariant):

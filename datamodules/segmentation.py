@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 #: setting 2: a validation organ is chosen only if removing the training slices that show it keeps at least
 #: this share of the training slices that the test organs leave
 MIN_TRAINING_SLICES_KEPT = 0.75
+
+
+class Unservable(ValueError):
+    """A split whose stage cannot form its episodes (too few of its patients show its organs)."""
 
 
 class _Failed:
@@ -203,6 +207,9 @@ class SegmentationDataModule(EpisodicDataModule):
         organs: the structures to use, by name (a label map of a hundred structures, of which you want a few);
             every other label value is background to them, and a scan that shows none of them is left out.
             None (default): every structure of the label maps, unnamed values included (as ``label_<value>``).
+        val_patients: cross_organ, when validation organs are chosen: the validation patients that must show one.
+            None (default): 1 + ``n_query`` with validation episodes, 2 without. ``imaging-meta evaluate``, which
+            draws no validation episodes, sets the training run's, so that it rebuilds the same split.
     """
 
     task = "segmentation"
@@ -249,6 +256,7 @@ class SegmentationDataModule(EpisodicDataModule):
         test_fold: int | None = None,
         patient_regex: str = DEFAULT_PATIENT_REGEX,
         organs: list[str] | None = None,
+        val_patients: int | None = None,
     ) -> None:
         super().__init__()
         try:
@@ -273,6 +281,8 @@ class SegmentationDataModule(EpisodicDataModule):
                 raise ValueError(f"{name} must be at least {least}, got {value}")
         if len(spacing) != 2 or not all(float(v) > 0 for v in spacing):
             raise ValueError(f"spacing is the in-plane voxel size in mm, two numbers above 0; got {list(spacing)}")
+        if val_patients is not None and int(val_patients) < MIN_VAL_PATIENTS:
+            raise ValueError(f"val_patients must be at least {MIN_VAL_PATIENTS}, got {val_patients}")
         if len(slice_size) != 2 or not all(int(v) >= 1 for v in slice_size):
             raise ValueError(f"slice_size is the slices' height and width in pixels, two numbers of at least 1; got "
                              f"{list(slice_size)}")
@@ -286,6 +296,7 @@ class SegmentationDataModule(EpisodicDataModule):
         self.split: Split | None = None
         self._volumes: Dataset | None = None
         self._tables: dict[str, SliceTable] = {}
+        self._pixels: dict[int, dict[str, torch.Tensor]] = {}  # `_organ_pixels`
 
     # --------------------------------------------------------------- settings
     @property
@@ -372,9 +383,12 @@ class SegmentationDataModule(EpisodicDataModule):
                 f"{len(self.index.rejected)} input(s) under {self.root} were rejected; see 'rejected' in {self.index_path}",
                 stacklevel=2,
             )
-        scanned_with = DEFAULT_PATIENT_REGEX if self.index.patient_regex is None else self.index.patient_regex
-        wanted = h.get("patient_regex", DEFAULT_PATIENT_REGEX)
-        if scanned_with != wanted:  # only an index given as index_path: the one kept under cache_dir is rescanned
+        scanned_with, wanted = self.index.patient_regex, h.get("patient_regex", DEFAULT_PATIENT_REGEX)
+        if scanned_with is None and wanted != DEFAULT_PATIENT_REGEX:  # an index of an earlier version: unknown
+            warnings.warn(f"{self.index_path} does not record the patient_regex it was scanned with; set "
+                          "data.init_args.rescan: true once for patient_regex to apply", stacklevel=2)
+        elif scanned_with is not None and scanned_with != wanted:  # an index given as index_path (the one kept
+            # under cache_dir is scanned again when the setting changes)
             raise ValueError(f"{self.index_path} was scanned with patient_regex {scanned_with!r} and the data config "
                              f"says {wanted!r}, so its patients are not the ones asked for: set data.init_args.rescan: "
                              f"true, or scan again (imaging-meta scan --patient-regex '{wanted}')")
@@ -390,15 +404,13 @@ class SegmentationDataModule(EpisodicDataModule):
         else:
             try:
                 self.split = self._make_split()
-                self._setup_stages()
             except ValueError as e:
+                self._raise_with_a_working_seed(e)
+            try:
+                self._setup_stages()
+            except Unservable as e:
                 self.split = None
-                seed = self._working_split_seed()
-                if seed is None:
-                    raise
-                raise ValueError(f"{e} With these patients, split_seed {seed} puts every test and validation organ in "
-                                 f"enough patients of its split (set data.init_args.split_seed: {seed}; it changes which "
-                                 "patients are tested)") from e
+                self._raise_with_a_working_seed(e)
         if h.selfsup_ratio > 0 and h.episodes_per_epoch > 0:  # evaluation draws no training episodes
             self._setup_selfsup()
 
@@ -433,14 +445,30 @@ class SegmentationDataModule(EpisodicDataModule):
         index.cases = [replace(c, modality=given) if normalise_modality(c.modality) is None else c for c in index.cases]
         return index
 
+    def _raise_with_a_working_seed(self, error: ValueError) -> NoReturn:
+        """Raise ``error`` (a split, or a stage's episodes, that failed), naming a split seed that would serve every
+        stage when there is one."""
+        seed = self._working_split_seed()
+        if seed is None:
+            raise error
+        raise type(error)(f"{str(error).rstrip('.')}. With these patients, split_seed {seed} puts every test and "
+                          f"validation organ in enough patients of its split (set data.init_args.split_seed: {seed}; "
+                          "it changes which patients are tested)") from error
+
     def _working_split_seed(self, tries: int = 200) -> int | None:
-        """After a split or its episodes failed: the first of ``tries`` split seeds whose split labels every test
-        and validation organ (and at least one training organ) in n_shot + n_query patients of its stage, by the
-        label maps' values; None when ``split_seed`` already does (the error is about something else), when the
-        test patients are fixed (``folds_file``) or when no seed does."""
+        """The first of ``tries`` split seeds whose split shows every test and validation organ (and at least one
+        training organ) in n_shot + n_query patients of its stage, on a slice with ``min_organ_pixels`` of it (as
+        the samplers count); None when ``split_seed`` already does (the error is about something else), when the
+        test patients are fixed (``folds_file``) or when no seed does. Each try reads nothing: the organs' pixels
+        per slice are counted once per scan (`_organ_pixels`)."""
         h = self.hparams
         if h.folds_file is not None:
             return None
+        need, least = h.n_shot + h.n_query, h.min_organ_pixels
+
+        def shown_by(ids: Sequence[int], organ: str) -> int:
+            return len({self.cases[i].patient for i in ids
+                        if organ in self.cases[i].organs and bool((self._organ_pixels(i)[organ] >= least).any())})
 
         def works(seed: int) -> bool:
             self.hparams.split_seed = seed
@@ -448,12 +476,9 @@ class SegmentationDataModule(EpisodicDataModule):
                 split = self._make_split()
             except ValueError:
                 return False
-            need = h.n_shot + h.n_query
-            shown = {stage: {o: len({self.cases[i].patient for i in getattr(split, stage) if o in self.cases[i].organs})
-                             for o in getattr(split, f"{stage}_organs")} for stage in ("train", "val", "test")}
             stages = [s for s, n in (("val", h.val_episodes), ("test", h.test_episodes)) if n > 0 and getattr(split, s)]
-            return (any(n >= need for n in shown["train"].values())
-                    and all(n >= need for s in stages for n in shown[s].values()))
+            return (any(shown_by(split.train, o) >= need for o in split.train_organs)
+                    and all(shown_by(getattr(split, s), o) >= need for s in stages for o in getattr(split, f"{s}_organs")))
 
         given = int(h.split_seed)
         try:
@@ -464,6 +489,16 @@ class SegmentationDataModule(EpisodicDataModule):
                 return next((s for s in range(tries) if s != given and works(s)), None)
         finally:
             self.hparams.split_seed = given
+
+    def _organ_pixels(self, i: int) -> dict[str, torch.Tensor]:
+        """Case ``i``'s structures: name -> (D,) its pixels on each axial slice of the preprocessed label map;
+        counted once per case (the split's choices and the seed search read these, not the volumes)."""
+        if i not in self._pixels:
+            if self._volumes is None:
+                self._volumes = self._volume_dataset()
+            label, case = as_plain_tensor(self._volumes[i]["label"])[0], self.cases[i]
+            self._pixels[i] = {o: (label == v).flatten(0, 1).sum(0) for o, v in case.organs.items()}
+        return self._pixels[i]
 
     def _make_split(self) -> Split:
         h = self.hparams
@@ -493,9 +528,13 @@ class SegmentationDataModule(EpisodicDataModule):
 
     @property
     def _min_val_patients(self) -> int:
-        """The validation patients a chosen validation organ needs: a one-shot validation episode's (independent
-        of the shots evaluated); it changes no choice that could form validation episodes before, so the splits
-        of earlier checkpoints hold. Without validation episodes, `MIN_VAL_PATIENTS`."""
+        """The validation patients a chosen validation organ needs: ``val_patients`` when given (``evaluate``
+        passes the training run's); else a one-shot validation episode's (independent of the shots evaluated),
+        and without validation episodes `MIN_VAL_PATIENTS`, as before the setting existed, so the splits of earlier
+        checkpoints hold."""
+        given = self.hparams.get("val_patients")
+        if given is not None:
+            return int(given)
         return 1 + self.hparams.n_query if self.hparams.val_episodes > 0 else MIN_VAL_PATIENTS
 
     def _folds_path(self) -> Path:
@@ -508,15 +547,13 @@ class SegmentationDataModule(EpisodicDataModule):
         ``min_organ_pixels`` of it (the sampler's rule; a label map that names an organ on a few voxels does not
         do) by as many validation patients as `_make_split` asks their label maps to name it in; under setting 2
         also `_organs_that_keep_training`."""
-        if self._volumes is None:
-            self._volumes = self._volume_dataset()
         need, least = self._min_val_patients, self.hparams.min_organ_pixels
         shown: dict[str, set[str]] = {o: set() for o in candidates}
         for i in val:
-            label, case = as_plain_tensor(self._volumes[i]["label"])[0], self.cases[i]
+            pixels = self._organ_pixels(i)
             for o in candidates:
-                if o in case.organs and bool(((label == case.organs[o]).flatten(0, 1).sum(0) >= least).any()):
-                    shown[o].add(case.patient)
+                if o in pixels and bool((pixels[o] >= least).any()):
+                    shown[o].add(self.cases[i].patient)
         usable = [o for o in candidates if len(shown[o]) >= need]
         return self._organs_that_keep_training(train, usable) if self.hparams.exclude_test_organ_slices else usable
 
@@ -524,16 +561,17 @@ class SegmentationDataModule(EpisodicDataModule):
         """Setting 2: the candidate validation organs whose training slices may be removed, keeping at least
         `MIN_TRAINING_SLICES_KEPT` of the training slices that the test organs leave (a structure shown on
         nearly every axial slice, such as the vertebrae, would leave none)."""
-        if self._volumes is None:
-            self._volumes = self._volume_dataset()
-        volumes = self._volumes
         left, kept = 0, dict.fromkeys(candidates, 0)
         for i in train:
-            label = as_plain_tensor(volumes[i]["label"])[0]
-            free = ~slices_showing(label, self.cases[i], self.hparams.test_organs or ())
+            pixels = self._organ_pixels(i)
+            depth = len(next(iter(pixels.values()))) if pixels else 0
+            free = torch.ones(depth, dtype=torch.bool)
+            for o in self.hparams.test_organs or ():
+                if o in pixels:
+                    free &= pixels[o] == 0
             left += int(free.sum())
             for o in candidates:
-                kept[o] += int((free & ~slices_showing(label, self.cases[i], [o])).sum())
+                kept[o] += int((free & (pixels[o] == 0)).sum()) if o in pixels else int(free.sum())
         return [o for o in candidates if kept[o] >= MIN_TRAINING_SLICES_KEPT * left]
 
     def _setup_stages(self) -> None:
@@ -576,8 +614,8 @@ class SegmentationDataModule(EpisodicDataModule):
                 )
             except ValueError as e:
                 if stage_name != "train" or not split.excluded_organs:
-                    raise ValueError(f"{stage_name}: {e}") from e
-                raise ValueError(
+                    raise Unservable(f"{stage_name}: {e}") from e
+                raise Unservable(
                     f"train: {e} Under setting 2 (exclude_test_organ_slices: true) the training slices that show "
                     f"{split.excluded_organs} were removed first; where those structures are on most slices, little "
                     "is left: set exclude_test_organ_slices: false (setting 1)."

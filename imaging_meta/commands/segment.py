@@ -460,9 +460,9 @@ def segment(
     if adapt_steps < 0:
         raise ValueError(f"--adapt-steps must be at least 0 (0: no adaptation), got {adapt_steps}")
     if structure_name is not None and (not 0 < len(structure_name) <= 64 or "\\" in structure_name
-                                       or any(ord(ch) < 32 for ch in structure_name)):
+                                       or any(ord(ch) < 32 or 0xD800 <= ord(ch) < 0xE000 for ch in structure_name)):
         raise ValueError(f"--structure-name {structure_name!r}: 1 to 64 characters without a backslash or control "
-                         "characters (a DICOM segment label)")
+                         "characters or unpaired surrogates (a DICOM segment label)")
     name = structure_name or ("structure" if label_value is None else f"label {label_value}")
     if label_value is not None and label_value < 1:
         raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "

@@ -356,7 +356,9 @@ def test_organs_limits_the_structures_and_the_scans(tmp_path):
 
 def test_a_split_that_leaves_a_test_organ_too_few_patients_names_a_seed_that_does_not(tmp_path):
     """A small folder where the seeded split puts the test organ in too few test patients: the error now names a
-    split_seed whose split serves every stage (the user had to search seeds by hand), and that seed works."""
+    split_seed whose split serves every stage (the user had to search seeds by hand), and that seed works: it
+    counts the patients that show the organ on a slice with min_organ_pixels, as the episodes do, not the label
+    maps that name it."""
     from tests.datamodules.dicom_fixtures import affine_ras, write_nifti
 
     root = tmp_path / "data"
@@ -364,8 +366,10 @@ def test_a_split_that_leaves_a_test_organ_too_few_patients_names_a_seed_that_doe
         label = np.zeros((24, 24, 6), np.uint8)
         label[2:10, 2:10, 1:5] = 1
         label[14:22, 14:22, 1:5] = 4
-        if i <= 4:
-            label[2:10, 14:22, 1:5] = 3  # the test organ: four patients show it
+        if i <= 2:
+            label[2:10, 14:22, 1:5] = 3  # the test organ: two patients show it
+        elif i <= 4:
+            label[2:4, 14:16, 1:5] = 3  # and two label maps name it on 4 pixels a slice, which episodes cannot use
         image = np.where(label > 0, 60.0 * label, -100.0)
         write_nifti(image, affine_ras(), root / f"sub-{i:02d}" / "ct.nii.gz")
         write_nifti(label, affine_ras(), root / f"sub-{i:02d}" / "ct_label.nii.gz")

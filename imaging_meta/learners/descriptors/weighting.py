@@ -18,7 +18,10 @@ multinomial logistic regression on the K distances with a Gaussian prior on thet
   held-out items the fit stays near the fusion, with many the evidence decides. A space whose prototypes
   separate the held-out items gains weight (and sharpens the probabilities), one that misleads them loses it,
   smoothly rather than by a hard choice among noisy leave-one-out accuracies;
-* a task with no item to hold out (one shot per class) keeps theta = 0: the fusion.
+* a task with no item to hold out (one shot per class) keeps theta = 0, the fusion's equal weights, at a softer
+  temperature of its own, ``beta_k = ONE_SHOT_SCALE / K``: the same ranking of the classes for each query, and
+  probabilities that are less sure of it (the fixed SCALE was sharp where nothing sets it). A task in which some
+  class has two items is fitted, at SCALE.
 
 The reported weights are ``beta / sum(beta)``. Query labels are never an input. Plain torch; gradients are
 enabled locally, and inference tensors are copied out of inference mode, so that fitting works under
