@@ -144,8 +144,10 @@ class SegmentationDataModule(EpisodicDataModule):
         val_organ_count: cross_organ, without ``val_organs``: how many more organs to hold out for validation,
             so that checkpoint selection never sees the test organs and validation organs are never training
             targets. The choice is fixed by ``split_seed`` among the organs that are not test organs and are
-            shown, on a slice with ``min_organ_pixels`` of them, by as many validation patients as a one-shot
-            episode needs (1 + ``n_query``, at least two; `datamodules.indexing.splits.choose_val_organs`).
+            labelled in as many validation patients as a one-shot episode needs (1 + ``n_query``, two without
+            validation episodes; `datamodules.indexing.splits.choose_val_organs`); when none of those chosen is
+            shown on a slice with ``min_organ_pixels`` of it by that many, validation could not run, and the choice
+            is made again among those that are.
             Under setting 2 training slices that show a validation organ are removed too, so validation mimics
             the test condition, and an organ qualifies only if that keeps at least `MIN_TRAINING_SLICES_KEPT`
             of the training slices the test organs leave (never the vertebrae, which show on nearly every
@@ -207,9 +209,10 @@ class SegmentationDataModule(EpisodicDataModule):
         organs: the structures to use, by name (a label map of a hundred structures, of which you want a few);
             every other label value is background to them, and a scan that shows none of them is left out.
             None (default): every structure of the label maps, unnamed values included (as ``label_<value>``).
-        val_patients: cross_organ, when validation organs are chosen: the validation patients that must show one.
-            None (default): 1 + ``n_query`` with validation episodes, 2 without. ``imaging-meta evaluate``, which
-            draws no validation episodes, sets the training run's, so that it rebuilds the same split.
+        val_patients: cross_organ, when validation organs are chosen: the validation patients that must show one,
+            and a sign that training validates. None (default): 1 + ``n_query`` with validation episodes, 2
+            without. ``imaging-meta evaluate``, which draws no validation episodes, sets the training run's when it
+            validated, so that it rebuilds the same split.
     """
 
     task = "segmentation"
@@ -374,6 +377,7 @@ class SegmentationDataModule(EpisodicDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
+        self._volumes, self._pixels = None, {}  # of the cases set below (an earlier setup may have failed)
         if not self.index_path.exists():
             self.prepare_data()
         h = self.hparams
@@ -402,14 +406,20 @@ class SegmentationDataModule(EpisodicDataModule):
             self.split = Split([], [], [], [], [], [], protocol=h.protocol)
             self._setup_stages()
         else:
+            # a seed is suggested for a new run only: testing a checkpoint needs the split it trained on
+            suggest = stage in (None, "fit") and h.episodes_per_epoch > 0
             try:
                 self.split = self._make_split()
             except ValueError as e:
+                if not suggest:
+                    raise
                 self._raise_with_a_working_seed(e)
             try:
                 self._setup_stages()
             except Unservable as e:
                 self.split = None
+                if not suggest:
+                    raise
                 self._raise_with_a_working_seed(e)
         if h.selfsup_ratio > 0 and h.episodes_per_epoch > 0:  # evaluation draws no training episodes
             self._setup_selfsup()
@@ -516,15 +526,35 @@ class SegmentationDataModule(EpisodicDataModule):
             test_fraction=h.test_fraction,
             seed=h.split_seed,
             exclude_test_organ_slices=h.exclude_test_organ_slices,
-            val_organ_filter=self._usable_val_organs,
+            val_organ_filter=(lambda train, _val, organs: self._organs_that_keep_training(train, organs))
+            if h.exclude_test_organ_slices else None,
             test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
             min_val_patients=self._min_val_patients,
         )
+        if self._validates and h.val_organs is None and split.val_organs and not self._usable_val_organs(
+                split.train, split.val, list(split.val_organs)):
+            # no chosen validation organ is shown on a slice with min_organ_pixels of it by enough validation
+            # patients (its label maps name it on a few voxels): validation could not run, and fit stopped. Only
+            # then is the choice made again among those that are, so every split that trained before holds
+            split = make_split(
+                self.cases, h.protocol, test_organs=h.test_organs or (), val_organs=None,
+                val_organ_count=h.val_organ_count, test_sites=h.test_sites or (), val_fraction=h.val_fraction,
+                test_fraction=h.test_fraction, seed=h.split_seed, exclude_test_organ_slices=h.exclude_test_organ_slices,
+                val_organ_filter=self._usable_val_organs,
+                test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
+                min_val_patients=self._min_val_patients,
+            )
         seen = sorted(set(split.val_organs) & set(split.test_organs))
         if split.protocol == "cross_organ" and seen and split.val and h.val_episodes > 0:
             warnings.warn(f"validation episodes use the test organ(s) {seen}: the best checkpoint is chosen on the organs "
                           "it is tested on; set val_organ_count >= 1 (or val_organs outside test_organs)", stacklevel=3)
         return split
+
+    @property
+    def _validates(self) -> bool:
+        """Whether training draws validation episodes: ``val_episodes`` above 0, or ``val_patients`` given
+        (``evaluate``, which draws none, passes the training run's when it validated)."""
+        return self.hparams.val_episodes > 0 or self.hparams.get("val_patients") is not None
 
     @property
     def _min_val_patients(self) -> int:
@@ -546,7 +576,8 @@ class SegmentationDataModule(EpisodicDataModule):
         """The candidate validation organs that validation episodes can use: shown on a slice with
         ``min_organ_pixels`` of it (the sampler's rule; a label map that names an organ on a few voxels does not
         do) by as many validation patients as `_make_split` asks their label maps to name it in; under setting 2
-        also `_organs_that_keep_training`."""
+        also `_organs_that_keep_training`. `_make_split` chooses among these only when its first choice, by the
+        label maps, left validation nothing to show."""
         need, least = self._min_val_patients, self.hparams.min_organ_pixels
         shown: dict[str, set[str]] = {o: set() for o in candidates}
         for i in val:

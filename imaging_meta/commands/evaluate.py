@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 SPLIT_FIELDS = (
     "protocol", "test_organs", "val_organs", "val_organ_count", "test_sites", "exclude_test_organ_slices",
     "val_fraction", "test_fraction", "split_seed", "train_classes", "val_classes", "test_classes", "val_classes_count",
-    "test_classes_count", "n_way", "folds_file", "test_fold", "patient_regex", "organs", "val_patients",
+    "test_classes_count", "n_way", "folds_file", "test_fold", "patient_regex", "organs",
 )
 PACKAGES = ("torch", "monai", "lightning", "numpy", "scipy", "pydicom", "nibabel", "torchmetrics", "highdicom")
 
@@ -288,21 +288,25 @@ def _data_for_evaluation(path: Path, ckpt: dict, extra: dict, data_config) -> di
     return config
 
 
-def _training_split_settings(config: dict) -> dict:
-    """The settings that rebuild the training run's split although evaluate draws no validation episodes: a
-    segmentation datamodule's ``val_patients`` (how many validation patients a validation organ needs), which
-    follows ``val_episodes`` and ``n_query`` unless given."""
-    class_path, init_args = str(config.get("class_path", "")), config.get("init_args") or {}
-    if not class_path.endswith("SegmentationDataModule") or init_args.get("val_patients") is not None:
+def _training_split_settings(trained: dict) -> dict:
+    """The settings that rebuild the training run's split although evaluate draws no validation episodes, from the
+    checkpoint's own data config ``trained``: a segmentation datamodule that validated in training gets its
+    ``val_patients`` (1 + n_query unless given), which also says that it validated (the datamodule's choice of
+    validation organs depends on both); one that did not validate, or that gave ``val_patients``, needs nothing."""
+    from datamodules.segmentation import SegmentationDataModule
+
+    try:
+        cls = _import_class(str(trained.get("class_path", "")))
+    except ValueError:  # named where the data is built
+        return {}
+    init_args = trained.get("init_args") or {}
+    if not (isinstance(cls, type) and issubclass(cls, SegmentationDataModule)) or init_args.get("val_patients") is not None:
         return {}
     import inspect
 
-    from datamodules.indexing.splits import MIN_VAL_PATIENTS
-    from datamodules.segmentation import SegmentationDataModule
-
-    defaults = {k: p.default for k, p in inspect.signature(SegmentationDataModule.__init__).parameters.items()}
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
     val_episodes, n_query = (init_args.get(k, defaults[k]) for k in ("val_episodes", "n_query"))
-    return {"val_patients": 1 + int(n_query) if int(val_episodes) > 0 else MIN_VAL_PATIENTS}
+    return {"val_patients": 1 + int(n_query)} if int(val_episodes) > 0 else {}
 
 
 def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Sequence[int], overrides: dict,
@@ -318,7 +322,6 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
     config = _with_salt(config, salt)
     if isinstance(init_args.get("source"), dict):  # the ids of a configured item source are salted too
         overrides = {**overrides, "source": _with_salt(init_args["source"], salt)}
-    overrides = {**overrides, **_training_split_settings(config)}
     dms: dict[int, EpisodicDataModule] = {}
     skipped: dict[int, ValueError] = {}
     for k in sorted({int(s) for s in shots}):
@@ -558,6 +561,8 @@ def evaluate(
     overrides = {"test_episodes": episodes, "val_episodes": 0, "episodes_per_epoch": 0, "seed": seed,
                  "test_episodes_file": None, "num_workers": 0, "cache_dir": cache_dir, "batch_size": batch_size,
                  "root": data_root}
+    if not extra.get("label_free"):  # the training run's split, whichever data config is given
+        overrides.update(_training_split_settings(data_config_from_checkpoint(ckpt, path)))
     salt = os.environ.get("IMAGING_META_SALT", "imaging-meta") if salt is None else salt
     dms, skipped = _datamodules(path, config, extra, task, shots, overrides, salt)
     records, episode_files, describe = [], {}, {}

@@ -319,6 +319,15 @@ def test_a_validation_organ_is_one_the_validation_episodes_can_show(tmp_path):
                                 slice_size=(32, 32), cache="none")
     dm.setup("fit")  # it stopped here
     assert dm.split.val_organs in (["a"], ["d"])
+    # without validation episodes nothing had stopped: the choice by the label maps stands, as in every split
+    # that trained before (their checkpoints are evaluated on the same split)
+    quiet = SegmentationDataModule(**{**dict(dm.hparams), "val_episodes": 0})
+    quiet.setup("fit")
+    assert quiet.split.val_organs == ["b"]
+    # evaluate draws no validation episodes, and passes the training run's val_patients: the same split
+    rebuilt = SegmentationDataModule(**{**dict(dm.hparams), "val_episodes": 0, "episodes_per_epoch": 0, "val_patients": 2})
+    rebuilt.setup("test")
+    assert rebuilt.split_digest() == dm.split_digest()
 
 
 def test_organs_limits_the_structures_and_the_scans(tmp_path):

@@ -347,13 +347,14 @@ def test_evaluate_never_writes_over_another_commands_report_and_clears_its_own_e
 
 def test_evaluate_rebuilds_the_split_with_the_training_runs_validation_patients():
     """evaluate draws no validation episodes; the validation organ a segmentation split chooses depends on how many
-    validation patients must show it, which followed val_episodes, so evaluate could choose another organ than
-    training did and refuse the checkpoint's split. It now passes the training run's count."""
+    validation patients must show it and on whether training validated, which followed val_episodes, so evaluate
+    could choose another organ than training did and refuse the checkpoint's split. It now passes the training
+    run's count when training validated (read from the checkpoint's data config, not a --data-config)."""
     from imaging_meta.commands.evaluate import _training_split_settings
 
     seg = "datamodules.segmentation.SegmentationDataModule"
     assert _training_split_settings({"class_path": seg, "init_args": {"n_query": 2}}) == {"val_patients": 3}
     assert _training_split_settings({"class_path": seg, "init_args": {}}) == {"val_patients": 2}  # n_query 1
-    assert _training_split_settings({"class_path": seg, "init_args": {"n_query": 2, "val_episodes": 0}}) == {"val_patients": 2}
+    assert _training_split_settings({"class_path": seg, "init_args": {"n_query": 2, "val_episodes": 0}}) == {}
     assert _training_split_settings({"class_path": seg, "init_args": {"val_patients": 5}}) == {}
     assert _training_split_settings({"class_path": "datamodules.classification.ClassificationDataModule"}) == {}
