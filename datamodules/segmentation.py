@@ -34,7 +34,14 @@ from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index, own_patient_note
 from datamodules.indexing.pseudonyms import normalise_modality
 from datamodules.indexing.scan import DEFAULT_PATIENT_REGEX, DEFAULT_SITE_FIELDS, scan_to_file
-from datamodules.indexing.splits import MIN_VAL_PATIENTS, PROTOCOLS, Split, make_split, read_fold
+from datamodules.indexing.splits import (
+    MIN_VAL_PATIENTS,
+    PROTOCOLS,
+    Split,
+    ValOrganFilter,
+    make_split,
+    read_fold,
+)
 from datamodules.io.atomic import atomic_open
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
@@ -515,35 +522,32 @@ class SegmentationDataModule(EpisodicDataModule):
         if not self.cases:
             raise ValueError(f"no labelled case under {self.root}; to train on unlabelled scans set "
                              "data.init_args.selfsup_ratio: 1.0 (configs/data/selfsup_segmentation.yaml)")
-        split = make_split(
-            self.cases,
-            h.protocol,
-            test_organs=h.test_organs or (),
-            val_organs=h.val_organs,
-            val_organ_count=h.val_organ_count,
-            test_sites=h.test_sites or (),
-            val_fraction=h.val_fraction,
-            test_fraction=h.test_fraction,
-            seed=h.split_seed,
-            exclude_test_organ_slices=h.exclude_test_organ_slices,
-            val_organ_filter=(lambda train, _val, organs: self._organs_that_keep_training(train, organs))
-            if h.exclude_test_organ_slices else None,
-            test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
-            min_val_patients=self._min_val_patients,
-        )
+
+        def split_choosing_among(val_filter: ValOrganFilter | None) -> Split:
+            return make_split(
+                self.cases,
+                h.protocol,
+                test_organs=h.test_organs or (),
+                val_organs=h.val_organs,
+                val_organ_count=h.val_organ_count,
+                test_sites=h.test_sites or (),
+                val_fraction=h.val_fraction,
+                test_fraction=h.test_fraction,
+                seed=h.split_seed,
+                exclude_test_organ_slices=h.exclude_test_organ_slices,
+                val_organ_filter=val_filter,
+                test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
+                min_val_patients=self._min_val_patients,
+            )
+
+        split = split_choosing_among((lambda train, _val, organs: self._organs_that_keep_training(train, organs))
+                                     if h.exclude_test_organ_slices else None)
         if self._validates and h.val_organs is None and split.val_organs and not self._usable_val_organs(
                 split.train, split.val, list(split.val_organs)):
             # no chosen validation organ is shown on a slice with min_organ_pixels of it by enough validation
             # patients (its label maps name it on a few voxels): validation could not run, and fit stopped. Only
             # then is the choice made again among those that are, so every split that trained before holds
-            split = make_split(
-                self.cases, h.protocol, test_organs=h.test_organs or (), val_organs=None,
-                val_organ_count=h.val_organ_count, test_sites=h.test_sites or (), val_fraction=h.val_fraction,
-                test_fraction=h.test_fraction, seed=h.split_seed, exclude_test_organ_slices=h.exclude_test_organ_slices,
-                val_organ_filter=self._usable_val_organs,
-                test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
-                min_val_patients=self._min_val_patients,
-            )
+            split = split_choosing_among(self._usable_val_organs)
         seen = sorted(set(split.val_organs) & set(split.test_organs))
         if split.protocol == "cross_organ" and seen and split.val and h.val_episodes > 0:
             warnings.warn(f"validation episodes use the test organ(s) {seen}: the best checkpoint is chosen on the organs "
