@@ -70,7 +70,8 @@ logger = logging.getLogger(__name__)
 SPLIT_FIELDS = (
     "protocol", "test_organs", "val_organs", "val_organ_count", "test_sites", "exclude_test_organ_slices",
     "val_fraction", "test_fraction", "split_seed", "train_classes", "val_classes", "test_classes", "val_classes_count",
-    "test_classes_count", "n_way", "folds_file", "test_fold", "patient_regex", "organs",
+    "test_classes_count", "n_way", "folds_file", "test_fold", "patient_regex", "organs", "min_organ_pixels",
+    "spacing", "slice_size",
 )
 PACKAGES = ("torch", "monai", "lightning", "numpy", "scipy", "pydicom", "nibabel", "torchmetrics", "highdicom")
 
@@ -289,24 +290,26 @@ def _data_for_evaluation(path: Path, ckpt: dict, extra: dict, data_config) -> di
 
 
 def _training_split_settings(trained: dict) -> dict:
-    """The settings that rebuild the training run's split although evaluate draws no validation episodes, from the
-    checkpoint's own data config ``trained``: a segmentation datamodule that validated in training gets its
-    ``val_patients`` (1 + n_query unless given), which also says that it validated (the datamodule's choice of
-    validation organs depends on both); one that did not validate, or that gave ``val_patients``, needs nothing."""
+    """What rebuilds the training run's split although evaluate draws no validation episodes, from the
+    checkpoint's own data config ``trained``: a segmentation datamodule's ``val_patients`` (how many validation
+    patients a validation organ needs, and a sign that training validated), the one it set, else 1 + n_query when
+    it validated, else None (not validated: a ``--data-config`` may not set one). ``{}`` for other data."""
     from datamodules.segmentation import SegmentationDataModule
 
     try:
         cls = _import_class(str(trained.get("class_path", "")))
     except ValueError:  # named where the data is built
         return {}
-    init_args = trained.get("init_args") or {}
-    if not (isinstance(cls, type) and issubclass(cls, SegmentationDataModule)) or init_args.get("val_patients") is not None:
+    if not (isinstance(cls, type) and issubclass(cls, SegmentationDataModule)):
         return {}
     import inspect
 
+    init_args = trained.get("init_args") or {}
+    if init_args.get("val_patients") is not None:
+        return {"val_patients": int(init_args["val_patients"])}
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
     val_episodes, n_query = (init_args.get(k, defaults[k]) for k in ("val_episodes", "n_query"))
-    return {"val_patients": 1 + int(n_query)} if int(val_episodes) > 0 else {}
+    return {"val_patients": 1 + int(n_query) if int(val_episodes) > 0 else None}
 
 
 def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Sequence[int], overrides: dict,
@@ -562,7 +565,11 @@ def evaluate(
                  "test_episodes_file": None, "num_workers": 0, "cache_dir": cache_dir, "batch_size": batch_size,
                  "root": data_root}
     if not extra.get("label_free"):  # the training run's split, whichever data config is given
-        overrides.update(_training_split_settings(data_config_from_checkpoint(ckpt, path)))
+        for key, value in _training_split_settings(data_config_from_checkpoint(ckpt, path)).items():
+            if value is None:  # an override of None is no override: leave the setting out of the config instead
+                config = {**config, "init_args": {k: v for k, v in (config.get("init_args") or {}).items() if k != key}}
+            else:
+                overrides[key] = value
     salt = os.environ.get("IMAGING_META_SALT", "imaging-meta") if salt is None else salt
     dms, skipped = _datamodules(path, config, extra, task, shots, overrides, salt)
     records, episode_files, describe = [], {}, {}

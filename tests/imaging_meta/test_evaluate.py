@@ -202,6 +202,16 @@ def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, t
                        "    root: somewhere\n")  # fields left out take their defaults: test_organs None
     with pytest.raises(ValueError, match=r"test_organs: trained \['spleen', 'kidney_left'\], given None"):
         evaluate(ckpt, tmp_path / "out", data_config=minimal)
+    # the slices an organ counts on decide which validation organ a split chooses, when one cannot be shown
+    import yaml
+
+    from imaging_meta.commands.evaluate import data_config_from_checkpoint
+
+    trained = data_config_from_checkpoint(torch.load(ckpt, weights_only=True), ckpt)
+    fewer = tmp_path / "fewer.yaml"
+    fewer.write_text(yaml.safe_dump({"data": {**trained, "init_args": {**trained["init_args"], "min_organ_pixels": 999}}}))
+    with pytest.raises(ValueError, match=r"fewer\.yaml: this data config changes the split.*min_organ_pixels: trained"):
+        evaluate(ckpt, tmp_path / "out", data_config=fewer)
 
 
 def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, capsys, caplog):
@@ -355,6 +365,7 @@ def test_evaluate_rebuilds_the_split_with_the_training_runs_validation_patients(
     seg = "datamodules.segmentation.SegmentationDataModule"
     assert _training_split_settings({"class_path": seg, "init_args": {"n_query": 2}}) == {"val_patients": 3}
     assert _training_split_settings({"class_path": seg, "init_args": {}}) == {"val_patients": 2}  # n_query 1
-    assert _training_split_settings({"class_path": seg, "init_args": {"n_query": 2, "val_episodes": 0}}) == {}
-    assert _training_split_settings({"class_path": seg, "init_args": {"val_patients": 5}}) == {}
+    assert _training_split_settings({"class_path": seg, "init_args": {"n_query": 2, "val_episodes": 0}}) == {
+        "val_patients": None}  # not validated: a --data-config may not set one
+    assert _training_split_settings({"class_path": seg, "init_args": {"val_patients": 5}}) == {"val_patients": 5}
     assert _training_split_settings({"class_path": "datamodules.classification.ClassificationDataModule"}) == {}
