@@ -481,11 +481,10 @@ class SegmentationDataModule(EpisodicDataModule):
         h = self.hparams
         if h.folds_file is not None:
             return None
-        need, least = h.n_shot + h.n_query, h.min_organ_pixels
+        need = h.n_shot + h.n_query
 
         def shown_by(ids: Sequence[int], organ: str) -> int:
-            return len({self.cases[i].patient for i in ids
-                        if organ in self.cases[i].organs and bool((self._organ_pixels(i)[organ] >= least).any())})
+            return len(self._patients_showing(ids, organ))
 
         def works(seed: int) -> bool:
             self.hparams.split_seed = seed
@@ -506,6 +505,13 @@ class SegmentationDataModule(EpisodicDataModule):
                 return next((s for s in range(tries) if s != given and works(s)), None)
         finally:
             self.hparams.split_seed = given
+
+    def _patients_showing(self, ids: Sequence[int], organ: str) -> set[str]:
+        """The patients of cases ``ids`` that show ``organ`` on a slice with ``min_organ_pixels`` of it (the
+        samplers' rule), from `_organ_pixels`."""
+        least = self.hparams.min_organ_pixels
+        return {self.cases[i].patient for i in ids
+                if organ in self.cases[i].organs and bool((self._organ_pixels(i)[organ] >= least).any())}
 
     def _organ_pixels(self, i: int) -> dict[str, torch.Tensor]:
         """Case ``i``'s structures: name -> (D,) its pixels on each axial slice of the preprocessed label map;
@@ -582,14 +588,7 @@ class SegmentationDataModule(EpisodicDataModule):
         do) by as many validation patients as `_make_split` asks their label maps to name it in; under setting 2
         also `_organs_that_keep_training`. `_make_split` chooses among these only when its first choice, by the
         label maps, left validation nothing to show."""
-        need, least = self._min_val_patients, self.hparams.min_organ_pixels
-        shown: dict[str, set[str]] = {o: set() for o in candidates}
-        for i in val:
-            pixels = self._organ_pixels(i)
-            for o in candidates:
-                if o in pixels and bool((pixels[o] >= least).any()):
-                    shown[o].add(self.cases[i].patient)
-        usable = [o for o in candidates if len(shown[o]) >= need]
+        usable = [o for o in candidates if len(self._patients_showing(val, o)) >= self._min_val_patients]
         return self._organs_that_keep_training(train, usable) if self.hparams.exclude_test_organ_slices else usable
 
     def _organs_that_keep_training(self, train: Sequence[int], candidates: list[str]) -> list[str]:
@@ -628,14 +627,15 @@ class SegmentationDataModule(EpisodicDataModule):
                 [labels[i] for i in ids], self.cases, ids, organs, h.min_organ_pixels, exclude
             )
         self._samplers = {}
+        episodes = {"train": h.episodes_per_epoch, "val": h.val_episodes, "test": h.test_episodes}
         # each stage's organs with enough patients (the samplers'; for a stage without episodes, as training
-        # would have had them, without its warnings: evaluate's report names what the checkpoint trained on)
+        # would have had them, without the warnings: evaluate's report names what the checkpoint trained on)
         self._stage_organs: dict[str, list[str]] = {
-            s: self._feasible_organs(s, warn=False) for s in ("train", "val", "test") if getattr(self.split, s)}
-        for stage_name, n in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)):
+            s: self._feasible_organs(s, warn=n > 0) for s, n in episodes.items() if getattr(self.split, s)}
+        for stage_name, n in episodes.items():
             if n <= 0 or not getattr(self.split, stage_name):
                 continue
-            organs = self._feasible_organs(stage_name)
+            organs = self._stage_organs[stage_name]
             try:
                 self._samplers[stage_name] = SegmentationEpisodeSampler(
                     self._tables[stage_name],

@@ -384,7 +384,7 @@ class _Scanner:
                         "-1000 HU", self.rel(p), 100 * air)
         modality = modality or ("CT" if air is not None else "unknown")
         rel = self.rel(p)
-        if dec is None and self.patient_re is not None and not self._names_patient(p):  # "" : every file its own
+        if dec is None and self.patient_re is not None and self._regex_patient(p) is None:  # "": every file its own
             self.index.own_patient.append(rel)
         case = Case(
             case_id="c-" + pseudonym(self.salt, rel),
@@ -432,18 +432,15 @@ class _Scanner:
                 )
 
     # ------------------------------------------------------------ patients, names
-    def _names_patient(self, path: str) -> bool:
-        """Whether ``patient_regex`` finds a patient in the path (relative to the root)."""
-        return self.patient_re is not None and self.patient_re.search(self.rel(path)) is not None
+    def _regex_patient(self, path: str) -> str | None:
+        """The ``patient_regex`` match in the path relative to the root (group 1 if any); None without one."""
+        m = self.patient_re.search(self.rel(path)) if self.patient_re is not None else None
+        return None if m is None else (m.group(1) if m.groups() else m.group(0))
 
     def _path_patient(self, path: str) -> str:
         """The raw patient key of a path: the ``patient_regex`` match (group 1 if any), else the path without suffix."""
-        rel = self.rel(path)
-        if self.patient_re is not None:
-            m = self.patient_re.search(rel)
-            if m:
-                return m.group(1) if m.groups() else m.group(0)
-        return nifti_stem(rel)
+        found = self._regex_patient(path)
+        return nifti_stem(self.rel(path)) if found is None else found
 
     def _nearest_decathlon(self, path: str) -> Decathlon | None:
         """The Decathlon description in the folder of ``path`` or the nearest one above it, up to the root."""

@@ -302,14 +302,10 @@ def _training_split_settings(trained: dict) -> dict:
         return {}
     if not (isinstance(cls, type) and issubclass(cls, SegmentationDataModule)):
         return {}
-    import inspect
-
-    init_args = trained.get("init_args") or {}
-    if init_args.get("val_patients") is not None:
+    init_args = _with_defaults(trained)["init_args"]
+    if init_args["val_patients"] is not None:
         return {"val_patients": int(init_args["val_patients"])}
-    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
-    val_episodes, n_query = (init_args.get(k, defaults[k]) for k in ("val_episodes", "n_query"))
-    return {"val_patients": 1 + int(n_query) if int(val_episodes) > 0 else None}
+    return {"val_patients": 1 + int(init_args["n_query"]) if int(init_args["val_episodes"]) > 0 else None}
 
 
 def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Sequence[int], overrides: dict,
