@@ -365,7 +365,7 @@ def instrumented(timer: StageTimer) -> Iterator[None]:
     patch(seg, "_segmenter", load)
     patch(seg, "check_label_source", timer.wrap(seg.check_label_source, CHECKS))
     patch(seg, "keep_components", timer.wrap(seg.keep_components, COMPONENT))
-    patch(seg, "_save_nifti", timer.wrap(seg._save_nifti, WRITE))
+    patch(seg, "save_nifti", timer.wrap(seg.save_nifti, WRITE))
     patch(seg, "to_source_grid", timer.wrap(seg.to_source_grid, INVERT))
     patch(ScanSegmenter, "fit", timer.wrap(ScanSegmenter.fit, FIT))
     scan_predict = ScanSegmenter.predict

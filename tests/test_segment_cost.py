@@ -51,11 +51,11 @@ def test_stage_timer_charges_nested_stages_exclusively_and_keeps_inclusive_peaks
 
 
 def test_instrumented_restores_what_it_patches():
-    before = (seg.volume_transforms, seg._segmenter, seg._save_nifti, seg.keep_components, seg.to_source_grid,
+    before = (seg.volume_transforms, seg._segmenter, seg.save_nifti, seg.keep_components, seg.to_source_grid,
               ScanSegmenter.fit, ScanSegmenter.predict, adaptation.adapt, adaptation.AdaptationEpisodes.batch)
     with sc.instrumented(sc.StageTimer()):
-        assert seg._save_nifti is not before[2] and seg.to_source_grid is not before[4]
-    after = (seg.volume_transforms, seg._segmenter, seg._save_nifti, seg.keep_components, seg.to_source_grid,
+        assert seg.save_nifti is not before[2] and seg.to_source_grid is not before[4]
+    after = (seg.volume_transforms, seg._segmenter, seg.save_nifti, seg.keep_components, seg.to_source_grid,
              ScanSegmenter.fit, ScanSegmenter.predict, adaptation.adapt, adaptation.AdaptationEpisodes.batch)
     assert all(a is b for a, b in zip(before, after, strict=True))
 

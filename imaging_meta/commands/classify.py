@@ -35,6 +35,7 @@ from datamodules.sources.image_folder import (
     ignored_name,
 )
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
+from imaging_meta.commands.console import LISTED, listed
 from imaging_meta.commands.outputs import check_output_file, check_outputs
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.evaluation.scoring import learner_choices
@@ -466,10 +467,10 @@ def classify(
         read += chunk
         for q, p in zip(chunk, probs, strict=True):
             rows.append([str(q), classes[int(p.argmax())], *[f"{float(v):.6f}" for v in p]])
-    for message in unreadable[_LISTED:]:  # each one named once: the first few in the error, these here
+    for message in unreadable[LISTED:]:  # each one named once: the first few in the error, these here
         logger.warning("cannot be read: %s", message)
     if not rows:
-        raise ValueError(f"none of the {len(qs)} queries can be read: {_listed(unreadable)}")
+        raise ValueError(f"none of the {len(qs)} queries can be read: {listed(unreadable)}")
     for note in resolution_notes(shapes, settings["image_size"]) + colour_notes(
             [f for f, _ in items], s_images, read, all_images):
         logger.warning(note)
@@ -489,19 +490,9 @@ def classify(
     if unreadable:
         raise ValueError(
             f"{len(unreadable)} of {len(qs)} queries cannot be read, and are not in {out}, which holds the other "
-            f"{len(rows)}: {_listed(unreadable)}"
+            f"{len(rows)}: {listed(unreadable)}"
         )
     return out
-
-
-#: an error lists this many unreadable queries; the others are each named in a warning before it
-_LISTED = 5
-
-
-def _listed(messages: Sequence[str], most: int = _LISTED) -> str:
-    """The first ``most`` messages joined, and how many more (those are logged as warnings before the error)."""
-    more = f"; and {len(messages) - most} more, each named with its reason in a warning above" if len(messages) > most else ""
-    return "; ".join(messages[:most]) + more
 
 
 def write_explanations(

@@ -9,16 +9,16 @@ component, or every component when a support shows the structure in several part
 
 Outputs: a NIfTI mask per query, or (``output_format="dicom-seg"``, DICOM series queries only) a DICOM
 Segmentation that references the query's slices (`imaging_meta.commands.dicom_seg`). NIfTI outputs are written
-with a fresh header: no description, no auxiliary file, nothing copied from the query's header but its affine,
-its sform and qform codes (both 0, orientation unknown, stay 0) and its spatial unit (a query in metres is read in
-mm, `datamodules.indexing.volumes.in_mm`, and its mask written in metres, as the query), hence no patient data.
+with a fresh header (`imaging_meta.commands.nifti_out`): nothing copied from the query's header but its sform and
+qform with their codes (both 0, orientation unknown, stay 0) and its spatial unit (a query in metres is read in mm,
+`datamodules.indexing.volumes.in_mm`, and its mask written in metres, as the query), hence no patient data; the
+description names the structure.
 The DICOM Segmentation is the exception: it must copy the source's Patient and Study modules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 from collections.abc import Sequence
@@ -38,15 +38,15 @@ from datamodules.indexing.volumes import (
     hounsfield_air_share,
     label_data_values,
     load_nifti,
-    spatial_unit,
 )
-from datamodules.io.atomic import atomic_open
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.progress import progress
 from datamodules.sources.image_folder import PIL_EXTENSIONS
 from datamodules.transforms.volume import CheckVolume, to_source_grid, volume_transforms
 from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
+from imaging_meta.commands.console import LISTED, listed, user_error
+from imaging_meta.commands.nifti_out import NiftiGeometry, nifti_description, save_nifti
 from imaging_meta.commands.outputs import check_output_folder, check_outputs
 from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
@@ -281,36 +281,6 @@ def _plain(values: dict) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in values.items())
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1), unit: int = 2,
-                description: str = "") -> Path:
-    """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file), the
-    affine as both sform and qform with ``codes`` (sform, qform; default 1, scanner coordinates, as the DICOM
-    converters write them; `segment` passes a NIfTI query's own) and the spatial ``unit`` of the affine (the
-    NIfTI code: 0 unknown, 1 metre, 2 mm, the default, 3 micron; `segment` passes a NIfTI query's own).
-
-    The file is complete or absent (`datamodules.io.atomic.atomic_open`): the gzip stream is written to a temporary
-    file beside ``path``, which then takes its name."""
-    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
-    img.set_sform(np.asarray(affine, dtype=np.float64), code=int(codes[0]))
-    img.set_qform(np.asarray(affine, dtype=np.float64), code=int(codes[1]))
-    img.header["xyzt_units"] = int(unit) & 0x07
-    img.header["descrip"] = description.encode()  # our own words only (`_description`), never the source's
-    img.header["aux_file"] = b""
-    with atomic_open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
-        img.to_file_map({"image": nib.FileHolder(fileobj=gz)})  # nibabel's own .nii.gz level
-    return path
-
-
-def _description(name: str, suffix: str = "") -> str:
-    """A NIfTI description (79 bytes at most) of a written map: the product, the structure's name (shortened to
-    fit, never the suffix) and ``suffix``."""
-    prefix, budget = "imaging-meta segment: ", 79
-    room = budget - len(prefix.encode()) - len(suffix.encode())
-    while len(name.encode()) > room:
-        name = name[:-1]
-    return prefix + name + suffix
-
-
 def _query_name(q: Path) -> str:
     return q.name if q.is_dir() else (nifti_stem(q.name) if is_nifti(q.name) else q.stem)
 
@@ -453,7 +423,9 @@ def segment(
             folder; ``max_support_slices`` below 1, ``label_value`` below 1, an empty ``modality``; a
             support label map without the structure, or that is the structure everywhere, or whose structure
             vanishes at the working spacing; an output folder under a file; ``dicom-seg`` with a multi-frame
-            query (before the work), or queries whose Segmentation highdicom refuses (after the others are written).
+            query (before the work), or queries whose Segmentation highdicom refuses (after the others are written);
+            queries that cannot be read (a missing slice, a corrupt file: after the others are written; a single
+            query's own error).
         CheckpointError: a checkpoint that cannot segment.
     """
     if output_format not in OUTPUT_FORMATS:
@@ -516,8 +488,6 @@ def segment(
         "Pass --scale structure (a spacing and field of view chosen from the structure), or label more of it"
         if scale == "checkpoint" else "Label more of it, or crop the support scan around it")
     support_modalities = set(support_list)
-    query_modalities = [modality_of(q, modality, fallback) for q in queries]
-    query_data = [tf_image({"image": image_source(q), "modality": m}) for q, m in zip(queries, query_modalities, strict=True)]
     options = options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk)
     # one segmenter per set of options (the queries of the supports' modality, and the learner alone for the
     # others), each fitted once, when a query first needs it; with adaptation, one learner per query, adapted
@@ -543,10 +513,18 @@ def segment(
     out.mkdir(parents=True, exist_ok=True)
     masks_written, probs_written = [], []
     seg_failures: list[str] = []
-    for query, data, query_modality in progress(zip(queries, query_data, query_modalities, strict=True),
-                                                "segment: queries", total=len(queries), unit="scan"):
+    unreadable: list[str] = []  # a query that cannot be read is named, and the others are still segmented
+    for query in progress(queries, "segment: queries", total=len(queries), unit="scan"):
         q = Path(query)
-        vol = data["image"]  # (1, H, W, D) MetaTensor
+        try:
+            query_modality = modality_of(q, modality, fallback)
+            vol = tf_image({"image": image_source(q), "modality": query_modality})["image"]  # (1, H, W, D) MetaTensor
+        except Exception as e:  # bad input (a missing slice, a corrupt file) names the file; anything else is a bug
+            message = user_error(e)
+            if message is None:
+                raise
+            unreadable.append(message)  # named in the error at the end (the first few) or in a warning before it
+            continue
         opts = options if query_modality in support_modalities else across_modalities(options)
         if opts != options:
             logger.warning(
@@ -598,16 +576,12 @@ def segment(
                 else "the segmenter found nothing" + (" (--keep-empty: not segmented again)"
                                                      if opts.calibrate and not opts.relax_empty else ""))
         paths = output_paths(q, out, output_format, explain)
-        codes, unit = (1, 1), 2  # a DICOM series: scanner coordinates, in mm
-        if q.is_dir():
-            affine = source_affine
+        if q.is_dir():  # a DICOM series: scanner coordinates, in mm
+            affine, geometry = source_affine, NiftiGeometry.scanner(source_affine)
         else:
-            # a NIfTI volume: its own affine, codes and spatial unit (the mask lies on its voxels); a qform code of 0
-            # takes the sform's and the other way round; both 0 (orientation unknown, warned about at load) stay 0
+            # a NIfTI volume: its own sform and qform, codes and spatial unit (the mask lies on its voxels in any reader)
             header = cast(SpatialImage, nib.load(str(q)))
-            affine = header.affine
-            own = (int(header.header.get("sform_code", 0)), int(header.header.get("qform_code", 0)))  # type: ignore[attr-defined]
-            codes, unit = (own[0] or own[1], own[1] or own[0]), spatial_unit(header)
+            affine, geometry = header.affine, NiftiGeometry.of(header)
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
         if output_format == "dicom-seg":
@@ -618,12 +592,22 @@ def segment(
                 seg_failures.append(str(e))
                 continue
         else:
-            target = _save_nifti(mask.astype(np.uint8), affine, paths[0], codes, unit, _description(name))
+            target = save_nifti(mask.astype(np.uint8), geometry, paths[0], nifti_description(name))
         logger.info("%s: %d foreground voxels -> %s%s", q.name, int(mask.sum()), target,
                     "" if novelty is None else f" (novelty {novelty:.2f})")
         masks_written.append(target)
         if explain:
-            probs_written.append(_save_nifti(prob_map, affine, paths[1], codes, unit, _description(name, ", probability")))
+            probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability")))
+    if len(queries) == 1 and unreadable:
+        raise ValueError(unreadable[0])
+    for message in unreadable[LISTED:]:
+        logger.warning("not segmented: %s", message)
+    if unreadable:
+        written = (f"the other {len(masks_written)} {'is' if len(masks_written) == 1 else 'are'} in {out}"
+                   if masks_written else "nothing was written")
+        raise ValueError(f"{len(unreadable)} of {len(queries)} queries cannot be read and are not segmented ({written}): "
+                         f"{listed(unreadable)}"
+                         + (f"; and {len(seg_failures)} got no DICOM Segmentation: {listed(seg_failures)}" if seg_failures else ""))
     if seg_failures:
         raise ValueError(f"{len(seg_failures)} of {len(queries)} queries got no DICOM Segmentation (the others are "
                          f"in {out}; --format nifti writes a mask of every series): " + "; ".join(seg_failures))

@@ -439,11 +439,11 @@ def test_masks_are_written_with_the_usual_permissions(tmp_path):
     """The atomic write goes through a temporary file (mode 0600): the mask gets the mode a plain save gives."""
     import os
 
-    from imaging_meta.commands.segment import _save_nifti
+    from imaging_meta.commands.nifti_out import NiftiGeometry, save_nifti
 
     old = os.umask(0o022)
     try:
-        path = _save_nifti(np.zeros((4, 4, 2), np.uint8), np.eye(4), tmp_path / "m.nii.gz")
+        path = save_nifti(np.zeros((4, 4, 2), np.uint8), NiftiGeometry.scanner(np.eye(4)), tmp_path / "m.nii.gz")
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644

@@ -113,3 +113,44 @@ def test_a_nifti_pair_is_told_to_become_one_file(tmp_path, scans):
             segment(ckpt, [(support[0], path)], [support[0]], tmp_path / "out", device="cpu", **PLAIN)
         with pytest.raises(ValueError, match=r"pair\.(hdr|img): .*NIfTI-1 pair .*support label maps are read from"):
             check_label_source(path)
+
+
+def test_a_query_whose_sform_and_qform_disagree_gets_both_in_its_mask(tmp_path, scans):
+    """A tool that places images by the qform (ITK) must draw the mask where it draws the query: the mask copies
+    the query's sform and qform exactly, not its sform twice (which put the mask 40 mm off in such a tool)."""
+    support, query, ckpt = scans
+    path = ct_nifti(query, affine_ras(), tmp_path / "q" / "q.nii.gz")
+    img = nib.load(path)
+    qform = affine_ras().copy()
+    qform[:3, 3] += [40.0, 0.0, 0.0]  # 40 mm away: what the query's qform says
+    img.set_qform(qform, code=1)
+    nib.save(img, path)
+    mask, prob = run(ckpt, support, path, tmp_path / "out")
+    q = nib.load(path)
+    for written in (mask, prob):
+        hdr = nib.load(written).header
+        np.testing.assert_allclose(hdr.get_sform(), q.header.get_sform(), atol=1e-4)
+        np.testing.assert_allclose(hdr.get_qform(), q.header.get_qform(), atol=1e-4)
+        assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (1, 1)
+
+
+def test_a_sheared_affine_is_written_without_a_qform_that_cannot_hold_it(tmp_path):
+    """A DICOM series acquired with gantry tilt has a sheared affine; a qform cannot hold a shear, and nibabel's
+    nearest qform lies tens of mm off at the corners: the mask's qform code is 0 (not set), its sform exact."""
+    from imaging_meta.commands.nifti_out import NiftiGeometry, qform_holds, save_nifti
+
+    tilted = np.diag([0.8, 0.8, 2.5, 1.0])
+    tilted[1, 2] = 2.5 * np.tan(np.radians(20))  # each slice shifted along y: a 20 degree tilt
+    assert not qform_holds(tilted) and qform_holds(affine_ras())
+    path = save_nifti(np.zeros((8, 8, 40), np.uint8), NiftiGeometry.scanner(tilted), tmp_path / "m.nii.gz")
+    hdr = nib.load(path).header
+    assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (1, 0)
+    np.testing.assert_allclose(hdr.get_sform(), tilted, atol=1e-6)
+    upright = save_nifti(np.zeros((8, 8, 4), np.uint8), NiftiGeometry.scanner(affine_ras()), tmp_path / "u.nii.gz")
+    assert (int(nib.load(upright).header["sform_code"]), int(nib.load(upright).header["qform_code"])) == (1, 1)
+    # a NIfTI image with a sheared sform and no qform: the mask sets none either
+    img = nib.Nifti1Image(np.zeros((8, 8, 40), np.float32), tilted)
+    img.set_qform(None, code=0)
+    img.set_sform(tilted, code=2)
+    geometry = NiftiGeometry.of(img)
+    assert (geometry.sform_code, geometry.qform_code) == (2, 0)

@@ -707,7 +707,7 @@ def test_a_probability_map_of_an_earlier_run_is_named_when_this_run_writes_none(
 
 
 def test_a_structure_name_must_be_a_dicom_segment_label_and_fits_the_nifti_description(tmp_path):
-    from imaging_meta.commands.segment import _description
+    from imaging_meta.commands.nifti_out import nifti_description as _description
 
     for bad in ("", "x" * 65, "left\\\\right", "tab\there", "lone\udc80"):
         with pytest.raises(ValueError, match=r"--structure-name .*1 to 64 characters without a backslash"):
