@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import nibabel as nib
+import numpy as np
 
 from datamodules.indexing.decathlon import Decathlon
-from datamodules.io.dicom import NIFTI_SUFFIXES, DicomHeader, nifti_stem
+from datamodules.indexing.volumes import grid_mismatch
+from datamodules.io.dicom import NIFTI_SUFFIXES, DicomHeader, nifti_stem, order_series
 
 LABEL_SUFFIXES = ("_label", "_seg", "_dseg", "_mask")
 IMAGE_FOLDERS = ("images", "imagesTr", "imagesTs")
@@ -149,9 +151,12 @@ def _drop_label_claimants(claims: _Claims) -> None:
 def _series_on_the_labels_grid(label: str, keys: list[str], series: Sequence[Series]) -> list[str]:
     """Of several DICOM series in one folder that claim ``label`` (a PACS export keeps the localizer or a
     reconstruction beside the series), the one whose matrix and slice count are the label map's shape, when exactly
-    one is; else none (the claim stays contested). Reads the label's header only."""
+    one is; of several that size (two contrast phases of one study), the one whose voxels the label map lies on
+    (`grid_mismatch`), when exactly one does; else none (the claim stays contested). Reads the label's header only."""
     try:
-        shape = tuple(int(v) for v in nib.load(label).shape[:3])  # type: ignore[attr-defined]  # a NIfTI image
+        img = nib.load(label)
+        shape = tuple(int(v) for v in img.shape[:3])  # type: ignore[attr-defined]  # a NIfTI image
+        affine = np.asarray(img.affine, dtype=np.float64)  # type: ignore[attr-defined]
     except Exception:  # an unreadable label is rejected with its reason when its image is indexed
         return []
     by_key = {"dicom:" + s.key: s for s in series}
@@ -165,7 +170,19 @@ def _series_on_the_labels_grid(label: str, keys: list[str], series: Sequence[Ser
             rows, columns = grid.pop()
             if {(columns, rows, len(s.headers)), (rows, columns, len(s.headers))} & {shape}:
                 fits.append(k)
+    if len(fits) > 1:
+        fits = [k for k in fits if _label_lies_on(by_key[k], shape, affine)]
     return fits if len(fits) == 1 else []
+
+
+def _label_lies_on(s: Series, shape: tuple[int, ...], affine: np.ndarray) -> bool:
+    """Whether a label map of ``shape`` and ``affine`` covers the voxels of series ``s`` (False for a series that
+    cannot form a volume: its problem is reported when it is indexed)."""
+    try:
+        volume = order_series(s.headers)
+        return grid_mismatch(volume.shape, volume.affine, shape, affine) is None
+    except Exception:
+        return False
 
 
 def _assign_claims(books: ScanBooks, claims: _Claims, label_of: dict[str, str], series: Sequence[Series]) -> None:
@@ -180,10 +197,11 @@ def _assign_claims(books: ScanBooks, claims: _Claims, label_of: dict[str, str], 
             label_of[keys[0]] = lbl
         else:
             what = ", ".join(key_desc(books, k, series) for k in keys)
+            fix = ("move each series into a folder of its own and name the label map after that folder "
+                   "(SERIES_label.nii.gz beside the folder SERIES)" if all(k.startswith("dicom:") for k in keys)
+                   else "name it after one image (S_seg.nii.gz beside S.nii.gz) or list the pairs in a dataset.json")
             books.reject(
-                lbl,
-                f"label map claimed by {len(keys)} images ({what}): cannot tell which it belongs to; name it "
-                "after one image (S_seg.nii.gz beside S.nii.gz) or list the pairs in a dataset.json",
+                lbl, f"label map claimed by {len(keys)} images ({what}): cannot tell which it belongs to; {fix}"
             )
 
 

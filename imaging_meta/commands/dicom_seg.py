@@ -24,6 +24,7 @@ import numpy as np
 
 import imaging_meta
 from datamodules.io.atomic import atomic_open
+from datamodules.io.dicom_files import read_dataset
 from datamodules.io.dicom_series import ORIENTATION_TOL
 
 __all__ = ["write_dicom_seg"]
@@ -81,7 +82,6 @@ def write_dicom_seg(
         ValueError: a mask that is not 3-D, not binary, or does not fit the series (slice count, Rows,
             Columns), or a series highdicom cannot derive a Segmentation from (the reason is given).
     """
-    import pydicom
     from pydicom.sr.codedict import codes
 
     hd = _highdicom()
@@ -96,7 +96,7 @@ def write_dicom_seg(
         raise ValueError(f"mask has {mask.shape[2]} slices but the series has {len(files)} files; pass the series' own files")
     if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
         raise ValueError("mask must be binary (bool or 0/1); threshold the probabilities first")
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    sources = [_source(f) for f in files]
     for f, ds in zip(files, sources, strict=True):
         if (int(ds.Rows), int(ds.Columns)) != (mask.shape[1], mask.shape[0]):
             raise ValueError(
@@ -201,3 +201,19 @@ def _segmentation(hd, sources, frames, description, series_number, version, seri
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         message = _redacted(f"{type(e).__name__}: {e}", sources[0]) if sources else str(e)
         raise ValueError(f"{folder}: cannot derive a DICOM Segmentation from this series ({message})") from e
+
+
+def _source(path: str):
+    """One source file's header, read as the series reader reads it (`read_dataset`: a file without the 128-byte
+    preamble and 'DICM' marker too); such a file has no file meta, so its transfer syntax is the one it was read in."""
+    import pydicom
+
+    ds, _ = read_dataset(path, stop_before_pixels=True)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        ds.file_meta = meta if meta is not None else pydicom.dataset.FileMetaDataset()
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
+                                          else pydicom.uid.ExplicitVRLittleEndian if little
+                                          else pydicom.uid.ExplicitVRBigEndian)
+    return ds

@@ -445,6 +445,32 @@ def test_a_localizer_beside_a_series_does_not_take_its_label_map(tmp_path):
     assert "only 1 slice" in rejection(index, "pat1/CT/scout.dcm")
 
 
+def test_of_two_phases_in_one_folder_the_label_goes_to_the_series_it_lies_on(tmp_path):
+    """Two series of one study (arterial and venous) share a folder, a matrix and a slice count, 30 mm apart. Their
+    folder's label map was rejected as claimed by both, with fixes that do not apply to DICOM; it goes to the
+    series whose voxels it lies on. Two series on the same grid stay contested, with a fix for DICOM."""
+    d = tmp_path / "root" / "pat1"
+    arterial = affine_ras()
+    venous = affine_ras()
+    venous[2, 3] += 30.0
+    write_series(d / "CT", phantom((8, 8, 5), 1), arterial, seed=1, file_names=[f"art{k}.dcm" for k in range(5)])
+    write_series(d / "CT", phantom((8, 8, 5), 2), venous, seed=2, file_names=[f"ven{k}.dcm" for k in range(5)])
+    write_nifti(label_for(phantom((8, 8, 5), 1)), arterial, d / "CT_seg.nii.gz")
+    index = scan_folder(tmp_path / "root", salt=SALT)
+    labelled = [c for c in index.cases if c.label]
+    assert len(index.cases) == 2 and len(labelled) == 1 and labelled[0].image[0].startswith("pat1/CT/art")
+    assert labelled[0].label == "pat1/CT_seg.nii.gz" and not index.rejected
+
+    e = tmp_path / "same" / "pat1"
+    write_series(e / "CT", phantom((8, 8, 5), 1), arterial, seed=1, file_names=[f"art{k}.dcm" for k in range(5)])
+    write_series(e / "CT", phantom((8, 8, 5), 2), arterial, seed=2, file_names=[f"ven{k}.dcm" for k in range(5)])
+    write_nifti(label_for(phantom((8, 8, 5), 1)), arterial, e / "CT_seg.nii.gz")
+    index = scan_folder(tmp_path / "same", salt=SALT)
+    assert all(c.label is None for c in index.cases)
+    assert "claimed by 2 images" in rejection(index, "pat1/CT_seg.nii.gz")
+    assert "move each series into a folder of its own" in rejection(index, "pat1/CT_seg.nii.gz")
+
+
 def test_a_series_whose_slices_name_two_patients_is_rejected(tmp_path):
     """The patient was taken from the first file without comparing the others: a split by patient could then put
     one person on both sides."""
