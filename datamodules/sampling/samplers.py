@@ -63,9 +63,10 @@ class EpisodeSampler:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        # episodes of this rank: the n_episodes are shared out over the ranks
-        w, r = self.world_size, self.rank
-        return self.n_episodes // w + (1 if r < self.n_episodes % w else 0)
+        # episodes of this rank: the same count on every rank, ceil(n_episodes / world size), so that every rank
+        # takes the same number of steps (an extra step on some ranks waits in its gradient all-reduce for ranks
+        # that have finished the epoch: gloo fails, NCCL hangs)
+        return -(-self.n_episodes // self.world_size)
 
     def resume(self, epoch: int, consumed: int) -> None:
         """Make the next pass over ``epoch`` yield its episodes from number ``consumed`` on (this rank's count).

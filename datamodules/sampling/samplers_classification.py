@@ -137,7 +137,7 @@ class ClassificationEpisodeSampler(EpisodeSampler):
         n_way: classes per episode.
         n_shot: support items per class.
         n_query: query items per class.
-        n_episodes: episodes per epoch (across all DDP ranks).
+        n_episodes: episodes per epoch (across all DDP ranks: each draws ceil(n_episodes / ranks)).
         sites_differ: support and query from two different sites (protocol ``support_query_sites_differ``).
         same_site: support and query from one site (drawn per episode): the few-shot task a site has
             with its own scanner's images.

@@ -57,7 +57,7 @@ class SegmentationEpisodeSampler(EpisodeSampler):
         organs: structures to draw episodes for (default: every organ in the table).
         n_shot: support slices per episode, each from a different patient.
         n_query: query slices per episode, each from a different patient outside the support.
-        n_episodes: episodes per epoch (across all DDP ranks).
+        n_episodes: episodes per epoch (across all DDP ranks: each draws ceil(n_episodes / ranks)).
         n_parts: the structure's extent is cut into this many chunks; support and query come from the
             same chunk (SSL-ALPNet). With 0 the relative position is continuous.
         seed: base seed; epoch ``e`` on rank ``r`` draws from (seed, e, r).

@@ -147,7 +147,14 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
 
         def instantiate_trainer(self, **kwargs: Any):
             """The trainer, without the shipped configs' ``LearningRateMonitor`` when ``--trainer.logger false``
-            leaves nothing to log to (Lightning stops the run at its first step); a line says so."""
+            leaves nothing to log to (Lightning stops the run at its first step); a line says so. A trainer with
+            ``use_distributed_sampler: true`` is refused: the episode samplers shard by rank themselves, and
+            Lightning would split each rank's share again (a 2-rank test scored half its episodes)."""
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            if config.get("trainer", {}).get("use_distributed_sampler"):
+                raise ValueError("--trainer.use_distributed_sampler true: the episode samplers give each DDP rank its "
+                                 "own episodes, and Lightning's sampler would split them again (half of the test "
+                                 "episodes scored on 2 ranks); leave it false, the default of every trainer config")
             trainer: Any = super().instantiate_trainer(**kwargs)  # `callbacks` is set by Lightning, not declared
             if trainer.logger is None:
                 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -204,7 +211,8 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         args=None if args is None else list(args),
         auto_configure_optimizers=False,
         # checkpoints are written to a temporary file and renamed: an interrupted save leaves none half-written
-        trainer_defaults={"plugins": [{"class_path": "imaging_meta.checkpoint_io.AtomicCheckpointIO"}]},
+        trainer_defaults={"plugins": [{"class_path": "imaging_meta.checkpoint_io.AtomicCheckpointIO"}],
+                          "use_distributed_sampler": False},  # the episode samplers shard by rank themselves
         run=run,
     )
     if run:  # the subcommand ended normally (after an error, destroying could wait on the other ranks)

@@ -88,6 +88,19 @@ def test_no_logger_leaves_the_learning_rate_monitor_out(tmp_path, capsys):
     assert monitors("--trainer.logger", "false") == 0
 
 
+def test_lightnings_distributed_sampler_is_off_and_cannot_be_switched_on(tmp_path):
+    """The episode samplers shard by rank; Lightning's DistributedSampler on top split each rank's share again, so a
+    2-rank run started with `--trainer.strategy ddp --trainer.devices 2` and a trainer config that did not say
+    `use_distributed_sampler: false` tested half of its fixed episodes. It is off by default and refused on."""
+    base = ["--config", str(CONFIGS / "trainer/default.yaml"), "--config", str(CONFIGS / "data/demo_classification.yaml"),
+            "--config", str(CONFIGS / "model/protonet_cls.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert "use_distributed_sampler" not in (CONFIGS / "trainer/default.yaml").read_text()
+    cli = lightning_cli(base, run=False)
+    assert cli.trainer._accelerator_connector.use_distributed_sampler is False
+    with pytest.raises(ValueError, match="use_distributed_sampler true: the episode samplers give each DDP rank"):
+        lightning_cli([*base, "--trainer.use_distributed_sampler", "true"], run=False)
+
+
 def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp_path, capsys):
     index, index_path = demo_index
     args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
