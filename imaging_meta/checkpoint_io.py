@@ -58,18 +58,18 @@ def current_class_path(class_path: str) -> str:
     return LEGACY_CLASS_PATHS.get(class_path, class_path)
 
 
-def _modernize(config: Any) -> Any:
+def modernize(config: Any) -> Any:
     """``config`` with every ``class_path`` (nested ones too) mapped by `current_class_path`, and the
     ``init_args`` it leaves out filled in from `LEGACY_DATA_ARGS`."""
     if isinstance(config, dict):
-        out = {k: _modernize(v) for k, v in config.items()}
+        out = {k: modernize(v) for k, v in config.items()}
         if isinstance(out.get("class_path"), str):
             out["class_path"] = current_class_path(out["class_path"])
             if isinstance(out.get("init_args"), dict):
                 out["init_args"] = {**LEGACY_DATA_ARGS.get(out["class_path"], {}), **out["init_args"]}
         return out
     if isinstance(config, list):
-        return [_modernize(v) for v in config]
+        return [modernize(v) for v in config]
     return config
 
 
@@ -125,7 +125,7 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
                                   "give a checkpoint written by imaging-meta fit") from None
         raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(content, dict) and isinstance(content.get("imaging_meta"), dict):
-        content["imaging_meta"] = _modernize(content["imaging_meta"])
+        content["imaging_meta"] = modernize(content["imaging_meta"])
     hp = content.get("datamodule_hyper_parameters") if isinstance(content, dict) else None
     if isinstance(hp, dict) and isinstance(hp.get("_class_path"), str):  # what the oldest checkpoints record
         hp["_class_path"] = current_class_path(hp["_class_path"])

@@ -27,17 +27,18 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 import imaging_meta
 from datamodules.base import EpisodicDataModule
-from imaging_meta.checkpoint_io import current_class_path, split_mismatch
+from imaging_meta.checkpoint_io import current_class_path, modernize, offline_learner_config, split_mismatch
 from imaging_meta.episode import Episode
 from imaging_meta.evaluation.methods import (
     TRAINED,
@@ -76,6 +77,34 @@ def _gather(records: list[dict]) -> list[dict]:
         torch.distributed.all_gather_object(out, records)
         return [r for part in out for r in part]
     return records
+
+
+def learner_changes(saved: dict | None, built: dict) -> dict[str, tuple[Any, Any]]:
+    """The learner settings (dotted ``init_args`` keys) whose values differ between a checkpoint's learner config
+    and the learner built now: ``{key: (checkpoint's, this run's)}``, over the keys both name. Pretrained-weight
+    sources are left out (a rebuilt learner never reads them again); empty for a checkpoint without a learner
+    config."""
+    if not saved:
+        return {}
+
+    def flat(config: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(config, dict):
+            out: dict[str, Any] = {}
+            for k, v in config.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: config}
+
+    a = flat(offline_learner_config(modernize(saved)).get("init_args") or {})
+    b = flat(offline_learner_config(built).get("init_args") or {})
+    # a setting the checkpoint's config does not name did not exist when it was written: not a change
+    return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]}
+
+
+def _query_mean(records: list[dict], metric: str) -> float:
+    """The trained learner's mean ``metric`` over its query records."""
+    values = [float(r[metric]) for r in records if r["method"] == TRAINED]
+    return sum(values) / len(values)
 
 
 def rng_states() -> dict:
@@ -167,6 +196,11 @@ def data_hparams(dm: EpisodicDataModule) -> dict:
     if size is not None:
         params["data/image_size"] = "x".join(str(int(s)) for s in size) if isinstance(size, (list, tuple)) else str(size)
     params |= {f"data/{k}": init[k] for k in DATA_HPARAMS if k in init}
+    try:  # the organs the split chose (a validation organ drawn by val_organ_count is not in the init args)
+        described = dm.describe()
+    except AttributeError:  # not set up: no split yet
+        described = {}
+    params |= {f"data/{k}": described[k] for k in ("val_organs", "test_organs") if described.get(k) is not None}
     return {k: _hparam_value(v) for k, v in params.items()}
 
 
@@ -213,6 +247,8 @@ class EpisodicModule(LightningModule):
         self.test_summary: dict | None = None
         self.test_differences: dict | None = None  # trained − each baseline, paired on the same queries
         self.report_paths: tuple[Path, Path] | None = None
+        #: learner settings that differ from the loaded checkpoint's (`learner_changes`), warned about at load
+        self.learner_changes: dict[str, tuple[Any, Any]] = {}
         self._hparams_logged: set[int] = set()  # ids of the loggers that have this run's hparams
 
     @property
@@ -230,12 +266,14 @@ class EpisodicModule(LightningModule):
         """This run's settings, flat and scalar-valued, for TensorBoard's HPARAMS tab: ``task``; ``learner/class``
         and every argument of the learner (``learner/inner_lr``, ``learner/backbone``, ``learner/backbone_kwargs/
         width``...); ``optimizer/class`` and its arguments (``optimizer/lr``...); ``lr_scheduler/class`` (``none``
-        without one) and its arguments; ``module/threshold``, ``module/baselines``; the datamodule's key settings
+        without one) and its arguments; ``module/threshold``, ``module/baselines``, ``module/weight_averaging``
+        (``none`` without it); the datamodule's key settings
         (`data_hparams`); the trainer's ``trainer/max_epochs``, ``trainer/precision``, ... and the global seed."""
         params = {"task": self.task.name, **flat_hparams("learner", self.learner.config),
                   **flat_hparams("optimizer", factory_config(self.optimizer_factory)),
                   **flat_hparams("lr_scheduler", factory_config(self.scheduler_factory)),
-                  "module/threshold": self.hparams["threshold"], "module/baselines": self.hparams["baselines"]}
+                  "module/threshold": self.hparams["threshold"], "module/baselines": self.hparams["baselines"],
+                  "module/weight_averaging": self.hparams.get("weight_averaging")}
         dm = self._datamodule()
         if dm is not None:
             params |= data_hparams(dm)
@@ -355,12 +393,6 @@ class EpisodicModule(LightningModule):
         probs = self.learner.predict(batch)
         recs = self._score("val", batch, {TRAINED: probs}, baselines=False)
         self._records["val"].extend(recs)
-        metric = self.task.metric
-        score = sum(r[metric] for r in recs) / len(recs)
-        self.log(f"val/{metric}", score, prog_bar=True, batch_size=len(recs), sync_dist=True)
-        # val/score: what the checkpoint callback of every trainer config monitors, whatever the task
-        self.log("val/score", score, batch_size=len(recs), sync_dist=True)
-        self.log("hp/val_metric", score, batch_size=len(recs), sync_dist=True)  # the HPARAMS tab's column
         if batch_idx == 0:  # the fixed validation episodes come in the same order every epoch
             self._log_panel("val", batch, probs)
 
@@ -372,6 +404,13 @@ class EpisodicModule(LightningModule):
         if not records or self.trainer.sanity_checking:
             return
         task = self.task
+        # the mean over every rank's queries, from the gathered records: a mean of the ranks' means would weigh
+        # the queries of a rank with fewer episodes (an uneven split) more than the others
+        score = _query_mean(records, task.metric)
+        self.log(f"val/{task.metric}", score, prog_bar=True, sync_dist=True)  # the same value on every rank
+        # val/score: what the checkpoint callback of every trainer config monitors, whatever the task
+        self.log("val/score", score, sync_dist=True)
+        self.log("hp/val_metric", score, sync_dist=True)  # the HPARAMS tab's column
         summary = summarize(records, task.metric, task.groups)[TRAINED]
         for group in task.groups:
             for name, s in summary[group].items():
@@ -379,8 +418,8 @@ class EpisodicModule(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._records["test"], self._seen["test"] = [], 0
-        for m in self._untrained:
-            m.to(self.device)
+        for m in self._untrained:  # not a submodule: the precision plugin's dtype ("bf16-true") is given here
+            m.to(device=self.device, dtype=cast(torch.dtype, self.dtype))
 
     def test_step(self, batch: Episode, batch_idx: int) -> None:
         self._check_batch(batch)
@@ -390,11 +429,6 @@ class EpisodicModule(LightningModule):
             probs[UNTRAINED] = self._untrained[0].eval().predict(batch)
             choices[UNTRAINED] = learner_choices(self._untrained[0])
         recs = self._score("test", batch, probs, baselines=self.hparams["baselines"], choices=choices)
-        metric = self.task.metric
-        trained = [r[metric] for r in recs if r["method"] == TRAINED]
-        self.log(f"test/{metric}", sum(trained) / len(trained), batch_size=len(trained), sync_dist=True)
-        # the same value, reduced the same way: the HPARAMS tab's test column equals test/<metric>
-        self.log("hp/test_metric", sum(trained) / len(trained), batch_size=len(trained), sync_dist=True)
         self._records["test"].extend(recs)
         if batch_idx == 0:
             self._log_panel("test", batch, probs[TRAINED])
@@ -404,6 +438,9 @@ class EpisodicModule(LightningModule):
         if not records:
             return
         task = self.task
+        score = _query_mean(records, task.metric)  # every rank's queries (see on_validation_epoch_end)
+        self.log(f"test/{task.metric}", score, sync_dist=True)
+        self.log("hp/test_metric", score, sync_dist=True)  # the same value: the HPARAMS tab's test column
         # the test report keeps Student's t over episodes (no resampling); `imaging-meta evaluate` bootstraps patients
         summary = summarize(records, task.metric, task.groups, interval=EPISODE_T)
         self.test_summary = summary
@@ -430,6 +467,9 @@ class EpisodicModule(LightningModule):
             context["n_shot"] = dm.n_shot
         if self.trainer.ckpt_path:
             context["checkpoint"] = str(self.trainer.ckpt_path)
+        if self.learner_changes:  # tested with other learner settings than the checkpoint was trained with
+            context["learner_settings_not_the_checkpoints"] = {k: {"checkpoint": a, "tested": b}
+                                                                for k, (a, b) in self.learner_changes.items()}
         methods = ordered_methods(summary)
         paths = write_report(out_dir, summary, context, methods, task=task, differences=diffs)
         logger.info("results written to %s and %s", *paths)  # the CLI prints the report itself
@@ -480,6 +520,14 @@ class EpisodicModule(LightningModule):
                 + (f" ({' or '.join(configs)}, or the config.yaml saved beside the checkpoint's run)" if configs
                    else " (the config.yaml saved beside the checkpoint's run)")
             )
+        self.learner_changes = learner_changes(extra.get("learner_config"), self.learner.config)
+        if self.learner_changes:
+            rank_zero_warn(
+                "the learner is built with other settings than the checkpoint's: "
+                + "; ".join(f"{k} {a!r} in the checkpoint, {b!r} here" for k, (a, b) in self.learner_changes.items())
+                + ". These are the settings that run (and that a test report records); to run the model as trained, "
+                "pass the config saved beside its checkpoints (--config RUN/config.yaml), or use imaging-meta "
+                "evaluate, which builds the learner from the checkpoint")
         own = self.state_dict()
         wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in (checkpoint.get("state_dict") or {}).items()
                  if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]

@@ -95,7 +95,7 @@ def write_report(
     lines = [f"# Results: {context.get('title', 'test episodes')}", ""]
     for k in ("protocol", "n_way", "n_shot", "n_query", "train_organs", "val_organs", "test_organs", "dropped_organs",
               "test_classes", "episodes", "episodes_sha256",
-              "checkpoint", "machine"):
+              "checkpoint", "learner_settings_not_the_checkpoints", "machine"):
         if k in context:
             lines.append(f"- {k}: {context[k]}")
     classes = context.get("classes")  # classification: each stage's classes and their items
@@ -250,7 +250,7 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
     if data.get("dropped_organs"):
         lines.append(f"- dropped organs (too few of the stage's patients show them): {data['dropped_organs']}")
     for k, f in context["episode_files"].items():
-        lines.append(f"- {k}-shot episodes: `{f['file']}` ({f['n_episodes']} episodes, sha256 `{f['sha256']}`)")
+        lines.append(f"- {k}-shot episodes: `{f['file']}` ({f['n_episodes']} episodes, episode-list sha256 `{f['sha256']}`)")
     lines += _metric_notes(context, task.report_metrics)
     interval = _interval(context)
     any_diffs = any(d for k in context["shots"] for d in (summary[str(k)].get("differences") or {}).values())

@@ -64,3 +64,26 @@ def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil\.ckpt: not a readable imaging-meta checkpoint"):
         load_learner(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_learner_built_with_other_settings_than_the_checkpoints_is_named_and_recorded(tmp_path):
+    """`imaging-meta test --ckpt_path` builds the learner from the configs it is given: a checkpoint trained with
+    ``distance: cosine`` was tested as Euclidean with the shipped config, silently. The difference is now warned
+    about and recorded in the test report's context; the same settings say nothing."""
+    import warnings
+
+    from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+    from imaging_meta.module import EpisodicModule
+
+    trained = PrototypicalNetwork(backbone_kwargs={"width": 4}, distance="cosine")
+    module = EpisodicModule(PrototypicalNetwork(backbone_kwargs={"width": 4}), baselines=False)
+    checkpoint = {"state_dict": module.state_dict(), "imaging_meta": {"learner_config": trained.config}}
+    with pytest.warns(UserWarning, match=r"other settings than the checkpoint's: distance 'cosine' in the checkpoint, "
+                                         r"'euclidean' here\. .*--config RUN/config\.yaml"):
+        module.on_load_checkpoint(checkpoint)
+    assert module.learner_changes == {"distance": ("cosine", "euclidean")}
+    same = EpisodicModule(PrototypicalNetwork(backbone_kwargs={"width": 4}, distance="cosine"), baselines=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.on_load_checkpoint(checkpoint)
+    assert same.learner_changes == {}

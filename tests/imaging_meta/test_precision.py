@@ -39,3 +39,18 @@ def test_bf16_mixed_with_clipping_trains_and_keeps_float32_weights(make):
     after = module.learner.state_dict()
     assert all(v.dtype == torch.float32 for v in after.values() if v.is_floating_point())
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_true_half_precision_test_scores_the_untrained_baseline_in_that_precision(tmp_path):
+    """Under ``precision: bf16-true`` Lightning converts the module's weights to bf16, but the untrained copy that
+    the baselines score is kept outside the module's submodules: its float32 convolution met bf16 inputs, and
+    every test with baselines (the default) stopped at its first step."""
+    from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+
+    seed_everything(0)
+    module = EpisodicModule(PrototypicalNetwork(backbone_kwargs={"width": 4}), baselines=True)
+    trainer = Trainer(accelerator="cpu", devices=1, precision="bf16-true", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer.test(module, dataloaders=torch.utils.data.DataLoader(Episodes(), batch_size=None))
+    assert 0.0 <= float(trainer.callback_metrics["test/acc"]) <= 1.0
+    assert module._untrained[0].parameters().__next__().dtype == torch.bfloat16

@@ -91,3 +91,21 @@ def test_the_task_of_a_learner_config_is_read_without_building_it():
     assert get_task("classification") is CLASSIFICATION
     with pytest.raises(ValueError, match="task must be one of"):
         get_task("detection")
+
+
+def test_the_epoch_metrics_are_the_mean_over_every_ranks_queries(monkeypatch):
+    """With a split of the fixed episodes that is uneven over the ranks (5 on one, 4 on the other), val/score
+    (what picks best.ckpt), test/<metric> and hp/test_metric were the mean of the ranks' means, not the report's
+    mean over queries. They are computed from the gathered records now."""
+    import imaging_meta.module as mod
+
+    module = EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4}), baselines=False)
+    module._trainer = SimpleNamespace(world_size=2, global_rank=0, sanity_checking=False)
+    rank0 = [{"method": TRAINED, "acc": 1.0, "site": "a", "episode": 2 * i, "patient": "p"} for i in range(5)]
+    rank1 = [{"method": TRAINED, "acc": 0.0, "site": "a", "episode": 2 * i + 1, "patient": "p"} for i in range(4)]
+    monkeypatch.setattr(mod, "_gather", lambda records: rank0 + rank1)  # what all_gather_object gives every rank
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    module._records["val"] = rank0
+    module.on_validation_epoch_end()
+    assert logged["val/score"] == logged["hp/val_metric"] == logged["val/acc"] == pytest.approx(5 / 9)  # not 1/2
