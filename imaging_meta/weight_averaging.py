@@ -13,7 +13,8 @@ average of the late weights sits between them. It is Lightning's `WeightAveragin
 * a checkpoint loaded to test, validate or predict keeps the averaged weights it holds (Lightning's callback,
   when it is still attached after fit, would load the pre-average weights for ``--test_after_fit``);
 * checkpoint selection compares averaged models only: at the first validation of the average, the monitored
-  `ModelCheckpoint` callbacks (``best.ckpt``) forget, and delete, the plain checkpoints they kept. Otherwise an
+  `ModelCheckpoint` callbacks (``best.ckpt``) forget, and delete, the plain checkpoints they kept (a callback
+  that keeps every checkpoint, ``save_top_k: -1``, forgets them and keeps the files). Otherwise an
   early epoch that the noisy validation happened to like beats every average (on the demo, epoch 3 of 10 did).
 
 Once averaging has started, every checkpoint holds the average as its ``state_dict`` (what `imaging-meta
@@ -55,7 +56,13 @@ class LateWeightAveraging(WeightAveraging):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self.start_step = math.floor(self.start * trainer.estimated_stepping_batches)
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    "weight averaging starts at a fraction of the fit's optimizer steps, and this fit has no bound on "
+                    "them (max_epochs -1 without max_steps): set --trainer.max_epochs or --trainer.max_steps, or "
+                    "leave averaging out with --model.weight_averaging null")
+            self.start_step = math.floor(self.start * total)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step
@@ -95,11 +102,13 @@ class LateWeightAveraging(WeightAveraging):
 
 def forget_selection(trainer: pl.Trainer) -> None:
     """Make every monitored `ModelCheckpoint` of the trainer start its selection afresh: it forgets the
-    checkpoints it kept, and their files are removed (the next monitored save then writes ``best.ckpt`` again)."""
+    checkpoints it kept, and the files of a callback that keeps a selection (``save_top_k`` of 1 or more, as the
+    shipped ``best.ckpt``) are removed (its next save writes ``best.ckpt`` again); a callback that keeps every
+    checkpoint (``save_top_k: -1``) keeps their files."""
     for cb in trainer.checkpoint_callbacks:
         if not isinstance(cb, ModelCheckpoint) or cb.monitor is None:
             continue
-        for path in list(cb.best_k_models):
+        for path in list(cb.best_k_models) if cb.save_top_k != -1 else []:
             if path != cb.last_model_path:
                 trainer.strategy.remove_checkpoint(path)
         cb.best_k_models = {}

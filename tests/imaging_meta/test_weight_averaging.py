@@ -164,3 +164,21 @@ def test_checkpoint_selection_compares_averaged_models_only(tmp_path):
     # epoch 0 (w = 4) was the best plain model; among the averages (10.5, 12.5) the first is closest to 4
     assert (ckpt["epoch"], float(ckpt["state_dict"]["w"])) == (2, 10.5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt"] and best.best_model_path == str(tmp_path / "best.ckpt")
+
+
+def test_a_callback_that_keeps_every_checkpoint_keeps_their_files(tmp_path):
+    """The selection is reset when averaging starts; the files of a user's callback with ``save_top_k: -1`` (keep
+    every checkpoint) were deleted with it. They are kept; the shipped kind (save_top_k 1) still forgets its own."""
+    every = ModelCheckpoint(dirpath=tmp_path / "every", filename="{epoch}", monitor="val/score", mode="min",
+                            save_top_k=-1)  # mode min: another state key than `best`'s
+    best = ModelCheckpoint(dirpath=tmp_path / "best", filename="best", monitor="val/score", mode="max", save_top_k=1)
+    _trainer([LateWeightAveraging(start=0.5), every, best], epochs=4, root=tmp_path / "root").fit(
+        _PeaksEarly(), _data(), _data())
+    assert sorted(p.name for p in (tmp_path / "every").iterdir()) == [f"epoch={k}.ckpt" for k in range(4)]
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.ckpt"]
+
+
+def test_an_unbounded_fit_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="no bound on them .*--trainer.max_steps, or leave averaging out"):
+        _trainer([LateWeightAveraging(start=0.5)], epochs=-1, root=tmp_path, max_time="00:00:00:05").fit(
+            Rising(), _data(), _data())
