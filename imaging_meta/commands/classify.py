@@ -426,13 +426,14 @@ def classify(
     task = get_task(extra.get("task", learner.task))
     if task is not CLASSIFICATION:
         raise CheckpointError(f"{checkpoint}: a {task.name} checkpoint; classify needs a classification learner")
+    trained = type(learner).__name__  # the checkpoint's learner, before --space or fine-tuning wraps it
     learner = with_space(learner, space, finetune_steps)
     settings = loader_settings(extra, learner)
     n_way = getattr(learner, "n_way", None)
     if n_way is not None and n_way != len(classes):
         raise ValueError(
             f"{support}: {len(classes)} classes ({', '.join(classes)}), but the checkpoint's "
-            f"{type(learner).__name__} was meta-trained {n_way}-way and has a {n_way}-way head; give {n_way} class folders"
+            f"{trained} was meta-trained {n_way}-way and has a {n_way}-way head; give {n_way} class folders"
         )
     counts = torch.bincount(torch.tensor([y for _, y in items]), minlength=len(classes))
     if counts.min() != counts.max():

@@ -91,3 +91,21 @@ def test_every_unreadable_query_is_named_with_its_reason(folders, tmp_path, capl
     assert in_error | in_warnings == {f"broken{i}.png" for i in range(8)} | {"blank.png"}
     assert "blank.png: constant image" in message + caplog.text
     assert (tmp_path / "pred.csv").read_text().count("\n") == 3  # the header and the two readable queries
+
+
+def test_a_fixed_head_of_another_size_names_the_checkpoints_learner(folders, tmp_path):
+    """Under the default `--space auto` the learner is wrapped by the task-adaptive classifier: the refusal named
+    the wrapper ("the checkpoint's TaskAdaptiveClassifier was meta-trained 3-way"), not the checkpoint's MAML."""
+    import torch
+
+    from imaging_meta.learners.gradient.maml import MAML
+    from imaging_meta.module import EpisodicModule
+
+    module = EpisodicModule(MAML(n_way=3, backbone_kwargs={"width": 4}), baselines=False)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    ckpt["imaging_meta"]["preprocessing"] = {"image_size": [16, 16], "channels": 1}
+    torch.save(ckpt, tmp_path / "maml.ckpt")
+    support, queries = folders
+    with pytest.raises(ValueError, match=r"2 classes \(a, b\), but the checkpoint's MAML was meta-trained 3-way"):
+        classify(tmp_path / "maml.ckpt", support, [queries], tmp_path / "p.csv", device="cpu")
