@@ -224,7 +224,9 @@ def test_short_fit_improves_held_out_accuracy(cls, kw):
     def make(seed):
         return classification_episode(n_way=5, n_shot=1, n_query=3, tasks=2, size=16, seed=seed)
 
-    short_fit(learner, make, steps=25, lr=3e-3)
+    # 40 steps: at 25 the gain of Meta-SGD and MAML was +0.08 and +0.11 on one CPU (its rounding), too near the
+    # threshold; at 40 it was +0.19 and +0.18 there
+    short_fit(learner, make, steps=40, lr=3e-3)
     after = accuracy(learner, held)
     assert after >= before + 0.1, (before, after)
 
