@@ -19,6 +19,7 @@ import numpy as np
 
 from datamodules.io.atomic import atomic_open
 from datamodules.progress import progress
+from imaging_meta.evaluation.reports import json_safe
 from imaging_meta.evaluation.scans import COPY, TRAINED_FULL, UNTRAINED_NAME, WINDOW, Scan, score_pair
 from imaging_meta.evaluation.statistics import cluster_bootstrap
 from imaging_meta.volume.segmenter import SUPPORT_CHECK_WARN
@@ -100,10 +101,13 @@ def scans_markdown(records: Sequence[dict]) -> str:
         ]
         for m in methods:
             mr = [r for r in recs if r["method"] == m]
-            hd = [r["hd95"] for r in mr if r["hd95"] == r["hd95"]]
+            hd = [r["hd95"] for r in mr if r["hd95"] is not None and r["hd95"] == r["hd95"]]
+            # HD95 is undefined for an empty mask: the median is over the others, and says how many it leaves out
+            # (a method that finds nothing in most scans must not look best by a few close ones)
+            undefined = f" ({len(mr) - len(hd)} of {len(mr)} empty: not in the median)" if len(hd) < len(mr) else ""
             checks = [r["support_dice"] for r in mr if r.get("support_dice") is not None]
             lines.append(
-                f"| {m} | {_interval(mr, lambda r: r['dice'])} | {f'{np.median(hd):.1f}' if hd else '–'} | "
+                f"| {m} | {_interval(mr, lambda r: r['dice'])} | {f'{np.median(hd):.1f}' if hd else '–'}{undefined} | "
                 f"{f'{np.mean(checks):.3f}' if checks else '–'} |"
             )
         low = [r for r in recs if r["method"] == TRAINED_FULL and r.get("support_dice") is not None
@@ -203,7 +207,7 @@ def evaluate_scans(
             next(r["dice"] for r in recs if r["method"] == TRAINED_FULL),
         )
         with atomic_open(js, "w") as f:  # a run stopped part way keeps the pairs it scored
-            f.write(json.dumps(records, indent=1) + "\n")
+            f.write(json.dumps(json_safe(records), indent=1, allow_nan=False) + "\n")  # strict JSON: NaN -> null
     with atomic_open(md, "w") as f:
         f.write(scans_markdown(records))
     return js, md

@@ -130,19 +130,24 @@ def stat_cell(s: dict | None, digits: int = 3, signed: bool = False) -> str:
     return f"{f(s['mean'])} ± {s['ci95']:.{digits}f}"
 
 
-def excludes_zero(s: dict | None) -> bool:
-    """Whether the interval of a stat (a paired difference) lies wholly above or below 0."""
+def excludes_zero(s: dict | None, digits: int | None = None) -> bool:
+    """Whether the interval of a stat (a paired difference) lies wholly above or below 0; with ``digits``, as the
+    cell shows it (bounds rounded to that many decimals: ``[+0.000, +0.020]`` and ``+0.010 ± 0.010`` touch 0)."""
     if s is None or _isnan(s.get("mean")):
         return False
+
+    def shown(v: float) -> float:
+        return v if digits is None else round(v, digits)
+
     if "ci_low" in s:
-        return s["ci_low"] is not None and (s["ci_low"] > 0 or s["ci_high"] < 0)
-    return not _isnan(s.get("ci95")) and abs(s["mean"]) > s["ci95"]
+        return s["ci_low"] is not None and (shown(s["ci_low"]) > 0 or shown(s["ci_high"]) < 0)
+    return not _isnan(s.get("ci95")) and abs(shown(s["mean"])) > shown(s["ci95"])
 
 
 def diff_cell(s: dict | None, digits: int = 3) -> str:
-    """A paired difference: signed, **bold** when its interval excludes 0."""
+    """A paired difference: signed, **bold** when its interval, as shown, excludes 0."""
     text = stat_cell(s, digits, signed=True)
-    return f"**{text}**" if excludes_zero(s) else text
+    return f"**{text}**" if excludes_zero(s, digits) else text
 
 
 def _isnan(v) -> bool:
@@ -185,8 +190,11 @@ def _interval_notes(interval: str, patients, differences: bool, n_boot: int | No
         lines = [f"- intervals: 95% percentile bootstrap of the test patients{here}, {n_boot or 'seeded'} resamples. A "
                  "resample draws the patients of a cell with replacement and keeps all their queries; the statistic is "
                  "the mean over episodes of per-episode means, each query counted as often as its patient was drawn. "
-                 "Episodes reuse the same patients, so this is wider than a t-interval over episodes "
-                 "(`--interval episode-t`); it holds for patients like these, from these sites"]
+                 "Only the query patients are resampled: the support patients are held fixed, so where the support "
+                 "drives the spread (copying its mask) this can be narrower than a t-interval over episodes "
+                 "(`--interval episode-t`). A percentile bootstrap of few patients also covers less than 95%: read it "
+                 "as a lower bound of the uncertainty. It holds for patients like these, "
+                 "from these sites"]
     else:
         lines = [f"- intervals: Student's t over episodes. Episodes resample the same test patients{here}, so these "
                  "intervals are too narrow: they hold for these patients, not for a new cohort (`imaging-meta evaluate` "
@@ -229,7 +237,9 @@ def _metric_notes(context: dict, metrics: Collection[str]) -> list[str]:
         unit = "patients" if _interval(context) == PATIENT_BOOTSTRAP else "episodes"
         n_boot = (context.get("interval") or {}).get("resamples") or N_BOOT
         lines.append(f"- chance accuracy: {context['data'].get('chance', float('nan')):.3f}; ECE: 15 bins, pooled over queries, "
-                     f"shown as value [2.5th, 97.5th percentile] of {n_boot:,} bootstrap resamples of {unit}")
+                     f"shown as value [2.5th, 97.5th percentile] of {n_boot:,} bootstrap resamples of {unit}. The "
+                     "binned ECE is biased upward (more so in a resample, which repeats queries): the range of a "
+                     "well-calibrated model need not contain 0; compare ECEs on the same episodes, not with 0")
     if "balanced_acc" in metrics:
         lines.append("- balanced accuracy and macro AUC are computed per episode (per class: its recall and one-vs-rest "
                      "AUC); with balanced queries, balanced accuracy equals accuracy. Per site, they use the episodes "

@@ -207,6 +207,12 @@ def test_scan_pairs_cross_patient_same_modality_and_report():
     retried = [{**r, "relaxed": "without intensity evidence" if r["support"] == "b" and r["method"] == "trained"
                 else None} for r in recs]
     assert "trained: 1 pair(s) in which it found nothing and predicted again" in scans_markdown(retried)
+    # an empty mask has no HD95: the median leaves it out and says so (a method that finds nothing in most scans
+    # looked best by HD95), and records without one read back from scans.json as null
+    empty = [{**r, "hd95": float("nan") if r["method"] == "trained" and r["support"] == "a" else 1.0} for r in recs]
+    assert "| 1.0 (1 of 2 empty: not in the median) |" in scans_markdown(empty)
+    assert "| 1.0 (1 of 2 empty: not in the median) |" in scans_markdown(
+        [{**r, "hd95": None if r["hd95"] != r["hd95"] else r["hd95"]} for r in empty])
 
 
 def test_structure_scale_refines_only_small_structures():

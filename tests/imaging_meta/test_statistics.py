@@ -270,3 +270,15 @@ def test_a_rare_class_keeps_an_interval_when_some_resamples_draw_none_of_its_pat
     assert rare["ci_low"] is not None and rare["ci_low"] <= rare["mean"] <= rare["ci_high"]
     assert 0.5 * 500 < rare["n_resamples"] < 500
     assert not math.isnan(s["differences"]["auc"]["untrained encoder"]["class"]["c0"]["ci95"])
+
+
+def test_a_difference_is_bold_only_when_its_interval_as_shown_excludes_zero():
+    """Bold was decided on the unrounded bounds: ``**+0.010 [+0.000, +0.020]**`` read as significant while its
+    shown bound touches 0, and ``+0.010 ± 0.010`` too."""
+    from imaging_meta.evaluation.reports import diff_cell
+
+    assert diff_cell({"mean": 0.010, "ci_low": 0.0004, "ci_high": 0.020}) == "+0.010 [+0.000, +0.020]"
+    assert diff_cell({"mean": 0.010, "ci_low": 0.0006, "ci_high": 0.020}) == "**+0.010 [+0.001, +0.020]**"
+    assert diff_cell({"mean": -1.0, "ci_low": -2.0, "ci_high": -0.004}, digits=2) == "-1.00 [-2.00, -0.00]"
+    assert diff_cell({"mean": 0.0104, "ci95": 0.0096}) == "+0.010 ± 0.010"
+    assert diff_cell({"mean": 0.012, "ci95": 0.010}) == "**+0.012 ± 0.010**"
