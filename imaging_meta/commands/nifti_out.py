@@ -22,16 +22,23 @@ import numpy as np
 from datamodules.indexing.volumes import spatial_unit
 from datamodules.io.atomic import atomic_open
 
-#: the largest difference (in the affine's unit) between an affine and the qform nibabel makes of it, for the
-#: qform to stand for it: float32 rounding of the quaternion and offsets stays far below, a shear far above
-QFORM_TOLERANCE = 1e-3
+#: the largest distance, in voxels (of the smallest voxel size), at which the qform nibabel makes of an affine may
+#: place a corner of the grid for it to stand for the affine: float32 rounding of the quaternion and offsets, and
+#: the rounding of a DICOM orientation, stay far below; a gantry tilt's shear adds up over the slices, far above
+QFORM_TOLERANCE_VOXELS = 0.01
 
 
-def qform_holds(affine: np.ndarray) -> bool:
-    """Whether a NIfTI qform can equal ``affine`` (no shear; within `QFORM_TOLERANCE` at every element)."""
+def qform_holds(affine: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether a NIfTI qform can stand for ``affine`` on a grid of ``shape``: every corner voxel it places within
+    `QFORM_TOLERANCE_VOXELS` of where the affine places it (a shear cannot be held by a qform)."""
+    affine = np.asarray(affine, dtype=np.float64)
     header = nib.Nifti1Header()
-    header.set_qform(np.asarray(affine, dtype=np.float64), code=1)
-    return bool(np.abs(header.get_qform() - affine).max() <= QFORM_TOLERANCE * max(1.0, float(np.abs(affine).max())))
+    header.set_qform(affine, code=1)
+    n = [max(int(s), 1) - 1 for s in tuple(shape)[:3]]
+    corners = np.array([[i, j, k, 1.0] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])]).T
+    distance = np.linalg.norm(((header.get_qform() - affine) @ corners)[:3], axis=0).max()
+    voxel = float(np.linalg.norm(affine[:3, :3], axis=0).min())
+    return bool(distance <= QFORM_TOLERANCE_VOXELS * voxel)
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,11 @@ class NiftiGeometry:
     unit: int = 2
 
     @classmethod
-    def scanner(cls, affine: np.ndarray) -> NiftiGeometry:
-        """A DICOM series' voxel-to-patient affine (converted to RAS), in mm, as the DICOM converters write it:
-        sform and qform with code 1, the qform not set where the affine has a shear."""
+    def scanner(cls, affine: np.ndarray, shape: tuple[int, ...]) -> NiftiGeometry:
+        """A DICOM series' voxel-to-patient affine (converted to RAS) for a grid of ``shape``, in mm, as the DICOM
+        converters write it: sform and qform with code 1, the qform not set where the affine has a shear."""
         affine = np.asarray(affine, dtype=np.float64)
-        return cls(affine, 1, affine, 1 if qform_holds(affine) else 0, 2)
+        return cls(affine, 1, affine, 1 if qform_holds(affine, shape) else 0, 2)
 
     @classmethod
     def of(cls, img: Any) -> NiftiGeometry:
@@ -64,7 +71,7 @@ class NiftiGeometry:
         elif s_code == 0:
             sform, s_code = qform, q_code
         elif q_code == 0:
-            qform, q_code = sform, (s_code if qform_holds(sform) else 0)
+            qform, q_code = sform, (s_code if qform_holds(sform, img.shape) else 0)
         return cls(np.asarray(sform, dtype=np.float64), s_code, np.asarray(qform, dtype=np.float64), q_code,
                    spatial_unit(img))
 

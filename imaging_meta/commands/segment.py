@@ -424,8 +424,8 @@ def segment(
             support label map without the structure, or that is the structure everywhere, or whose structure
             vanishes at the working spacing; an output folder under a file; ``dicom-seg`` with a multi-frame
             query (before the work), or queries whose Segmentation highdicom refuses (after the others are written);
-            queries that cannot be read (a missing slice, a corrupt file: after the others are written; a single
-            query's own error).
+            queries whose volume cannot be used (a missing slice, truncated or NaN data: after the others are
+            written; a single query's own error); a query whose header cannot be read, before any work.
         CheckpointError: a checkpoint that cannot segment.
     """
     if output_format not in OUTPUT_FORMATS:
@@ -488,6 +488,8 @@ def segment(
         "Pass --scale structure (a spacing and field of view chosen from the structure), or label more of it"
         if scale == "checkpoint" else "Label more of it, or crop the support scan around it")
     support_modalities = set(support_list)
+    # every query's modality before any work (headers and sidecars only): an undeclared one is a usage error
+    query_modalities = [modality_of(q, modality, fallback) for q in queries]
     options = options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk)
     # one segmenter per set of options (the queries of the supports' modality, and the learner alone for the
     # others), each fitted once, when a query first needs it; with adaptation, one learner per query, adapted
@@ -513,17 +515,19 @@ def segment(
     out.mkdir(parents=True, exist_ok=True)
     masks_written, probs_written = [], []
     seg_failures: list[str] = []
-    unreadable: list[str] = []  # a query that cannot be read is named, and the others are still segmented
-    for query in progress(queries, "segment: queries", total=len(queries), unit="scan"):
+    unreadable: list[str] = []  # a query whose volume cannot be used is named, and the others are still segmented
+    first_error: Exception | None = None
+    for query, query_modality in progress(zip(queries, query_modalities, strict=True), "segment: queries",
+                                          total=len(queries), unit="scan"):
         q = Path(query)
         try:
-            query_modality = modality_of(q, modality, fallback)
             vol = tf_image({"image": image_source(q), "modality": query_modality})["image"]  # (1, H, W, D) MetaTensor
-        except Exception as e:  # bad input (a missing slice, a corrupt file) names the file; anything else is a bug
+        except Exception as e:  # bad input (a missing slice, truncated or NaN data) names the file; else a bug
             message = user_error(e)
             if message is None:
                 raise
             unreadable.append(message)  # named in the error at the end (the first few) or in a warning before it
+            first_error = first_error or e
             continue
         opts = options if query_modality in support_modalities else across_modalities(options)
         if opts != options:
@@ -577,7 +581,7 @@ def segment(
                                                      if opts.calibrate and not opts.relax_empty else ""))
         paths = output_paths(q, out, output_format, explain)
         if q.is_dir():  # a DICOM series: scanner coordinates, in mm
-            affine, geometry = source_affine, NiftiGeometry.scanner(source_affine)
+            affine, geometry = source_affine, NiftiGeometry.scanner(source_affine, mask.shape)
         else:
             # a NIfTI volume: its own sform and qform, codes and spatial unit (the mask lies on its voxels in any reader)
             header = cast(SpatialImage, nib.load(str(q)))
@@ -599,15 +603,15 @@ def segment(
         if explain:
             probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability")))
     if len(queries) == 1 and unreadable:
-        raise ValueError(unreadable[0])
+        raise ValueError(unreadable[0]) from first_error
     for message in unreadable[LISTED:]:
         logger.warning("not segmented: %s", message)
     if unreadable:
-        written = (f"the other {len(masks_written)} {'is' if len(masks_written) == 1 else 'are'} in {out}"
-                   if masks_written else "nothing was written")
-        raise ValueError(f"{len(unreadable)} of {len(queries)} queries cannot be read and are not segmented ({written}): "
-                         f"{listed(unreadable)}"
-                         + (f"; and {len(seg_failures)} got no DICOM Segmentation: {listed(seg_failures)}" if seg_failures else ""))
+        written = f"{len(masks_written)} mask(s) written to {out}" if masks_written else "nothing was written"
+        raise ValueError(f"{len(unreadable)} of {len(queries)} queries were not segmented, their volume cannot be used "
+                         f"({written}): {listed(unreadable)}"
+                         + (f"; and {len(seg_failures)} got no DICOM Segmentation: {listed(seg_failures)}"
+                            if seg_failures else "")) from first_error
     if seg_failures:
         raise ValueError(f"{len(seg_failures)} of {len(queries)} queries got no DICOM Segmentation (the others are "
                          f"in {out}; --format nifti writes a mask of every series): " + "; ".join(seg_failures))

@@ -443,7 +443,7 @@ def test_masks_are_written_with_the_usual_permissions(tmp_path):
 
     old = os.umask(0o022)
     try:
-        path = save_nifti(np.zeros((4, 4, 2), np.uint8), NiftiGeometry.scanner(np.eye(4)), tmp_path / "m.nii.gz")
+        path = save_nifti(np.zeros((4, 4, 2), np.uint8), NiftiGeometry.scanner(np.eye(4), (4, 4, 2)), tmp_path / "m.nii.gz")
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644

@@ -139,14 +139,23 @@ def test_a_sheared_affine_is_written_without_a_qform_that_cannot_hold_it(tmp_pat
     nearest qform lies tens of mm off at the corners: the mask's qform code is 0 (not set), its sform exact."""
     from imaging_meta.commands.nifti_out import NiftiGeometry, qform_holds, save_nifti
 
-    tilted = np.diag([0.8, 0.8, 2.5, 1.0])
-    tilted[1, 2] = 2.5 * np.tan(np.radians(20))  # each slice shifted along y: a 20 degree tilt
-    assert not qform_holds(tilted) and qform_holds(affine_ras())
-    path = save_nifti(np.zeros((8, 8, 40), np.uint8), NiftiGeometry.scanner(tilted), tmp_path / "m.nii.gz")
+    shape = (8, 8, 40)
+    for degrees in (20, 5, 1):
+        for origin in ((0.0, 0.0, 0.0), (-180.0, -200.0, -600.0)):  # far from the origin: an element-wise test of
+            tilted = np.diag([0.8, 0.8, 2.5, 1.0])                 # the affine let a 5 degree tilt through (20 mm off)
+            tilted[1, 2] = 2.5 * np.tan(np.radians(degrees))  # each slice shifted along y: a tilt
+            tilted[:3, 3] = origin
+            assert not qform_holds(tilted, shape), (degrees, origin)
+    far = affine_ras()
+    far[:3, 3] = (-180.0, -200.0, -600.0)
+    noisy = far.copy()
+    noisy[:3, 0] += 2e-6  # the rounding of a DICOM orientation: no shear to speak of
+    assert qform_holds(affine_ras(), shape) and qform_holds(far, shape) and qform_holds(noisy, shape)
+    path = save_nifti(np.zeros(shape, np.uint8), NiftiGeometry.scanner(tilted, shape), tmp_path / "m.nii.gz")
     hdr = nib.load(path).header
     assert (int(hdr["sform_code"]), int(hdr["qform_code"])) == (1, 0)
-    np.testing.assert_allclose(hdr.get_sform(), tilted, atol=1e-6)
-    upright = save_nifti(np.zeros((8, 8, 4), np.uint8), NiftiGeometry.scanner(affine_ras()), tmp_path / "u.nii.gz")
+    np.testing.assert_allclose(hdr.get_sform(), tilted, atol=1e-4)
+    upright = save_nifti(np.zeros((8, 8, 4), np.uint8), NiftiGeometry.scanner(far, (8, 8, 4)), tmp_path / "u.nii.gz")
     assert (int(nib.load(upright).header["sform_code"]), int(nib.load(upright).header["qform_code"])) == (1, 1)
     # a NIfTI image with a sheared sform and no qform: the mask sets none either
     img = nib.Nifti1Image(np.zeros((8, 8, 40), np.float32), tilted)

@@ -59,8 +59,8 @@ def test_a_query_that_cannot_be_read_is_named_and_the_others_are_segmented(tmp_p
     ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
     stand_in(monkeypatch, threshold_predict)
     run = dict(largest_component=False, device="cpu", options=LEARNER_ONLY, **PLAIN)
-    with pytest.raises(ValueError, match=r"^1 of 2 queries cannot be read and are not segmented \(the other 1 is in "
-                                         r".*out\): .*GAP.*missing slice"):
+    with pytest.raises(ValueError, match=r"^1 of 2 queries were not segmented, their volume cannot be used \(1 mask\(s\) "
+                                         r"written to .*out\): .*GAP.*missing slice"):
         segment(ckpt, [support], [tmp_path / "GAP", tmp_path / "GOOD"], tmp_path / "out", **run)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["GOOD.nii.gz"]
     with pytest.raises(ValueError, match=r"^\S*GAP \(\d+ files\): missing slice"):  # one query: its own error
@@ -85,14 +85,17 @@ def test_an_error_that_is_not_bad_input_still_stops_the_run(tmp_path, support, m
     ckpt = make_checkpoint(tmp_path / "m.ckpt", spacing, size)
     stand_in(monkeypatch, threshold_predict)
 
-    real = command.modality_of
+    real = command.volume_transforms
 
-    def broken(path, given=None, default=None):
-        if Path(path).name == "GOOD":  # the query, not the support
+    def transforms(*args, keys=("image", "label")):
+        if keys != ("image",):
+            return real(*args, keys=keys)
+
+        def broken(data):  # the query's loading, not the support's
             raise KeyError("a bug")
-        return real(path, given, default)
+        return broken
 
-    monkeypatch.setattr(command, "modality_of", broken)
+    monkeypatch.setattr(command, "volume_transforms", transforms)
     with pytest.raises(KeyError, match="a bug"):
         segment(ckpt, [support], [tmp_path / "GOOD"], tmp_path / "out", largest_component=False, device="cpu",
                 options=LEARNER_ONLY, **PLAIN)
