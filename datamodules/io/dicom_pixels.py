@@ -91,11 +91,15 @@ MEASURED_MODALITIES = ("CT", "MR", "PT", "NM")
 
 
 def inverts_monochrome1(ds: Dataset, modality: str | None) -> bool:
-    """Whether a file's stored values are inverted as `invert_monochrome1` does: a ``MONOCHROME1`` image of a
-    projection modality (CR, DX, MG, ...), whose values are only what is displayed, so that bright is bright as in
-    ``MONOCHROME2``. Never for `MEASURED_MODALITIES`: a MONOCHROME1 CT still holds HU after its rescale."""
+    """Whether a file's stored values are inverted as `invert_monochrome1` does: an image of a projection modality
+    (CR, DX, MG, ...), whose values are only what is displayed, that is displayed with its minimum white, so that
+    bright is bright as in ``MONOCHROME2``: ``MONOCHROME1``, or ``MONOCHROME2`` with ``PresentationLUTShape``
+    ``INVERSE`` (some "for presentation" exports). Never for `MEASURED_MODALITIES`: a MONOCHROME1 CT still holds
+    HU after its rescale."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    return photometric == "MONOCHROME1" and (modality or "").strip().upper() not in MEASURED_MODALITIES
+    inverse = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
+    shown_inverted = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and inverse)
+    return shown_inverted and (modality or "").strip().upper() not in MEASURED_MODALITIES
 
 
 def _physical(arr: np.ndarray, ds: Dataset, h: DicomHeader) -> np.ndarray:

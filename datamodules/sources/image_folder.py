@@ -43,6 +43,7 @@ source ``name`` (default: the root folder's name).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import warnings
@@ -168,6 +169,11 @@ def dicom_kind(path: Path) -> str | None:
         return "image"
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes: two files with the same digest are copies of one image."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _is_pil(path: Path) -> bool:
     return path.suffix.lower() in PIL_EXTENSIONS
 
@@ -279,7 +285,7 @@ class ImageFolder(ItemSource):
             (e.g. ``"^(?P<patient>P\\d+)_"``); a file it does not match is an error. Default: DICOM PatientID,
             else every image its own patient.
         extensions: file suffixes read as images (lower case, with the dot; ``""`` = no suffix, tried as
-            DICOM). Other files are skipped with one warning that lists them; hidden files and folders and ``__MACOSX`` are ignored.
+            DICOM, and with it a name whose suffix is digits, a SOP instance UID such as ``1.2.840.1136.321``). Other files are skipped with one warning that lists them; hidden files and folders and ``__MACOSX`` are ignored.
         name: site of the PNG/JPEG images and the format's name in reports (default: the root folder's name).
         site_fields: DICOM header fields that make the site key.
         salt: secret for the pseudonymous patients and item ids (set your own for real data).
@@ -345,7 +351,10 @@ class ImageFolder(ItemSource):
             for f in sorted(d.rglob("*")):
                 if not f.is_file() or any(map(ignored_name, f.relative_to(root).parts)):
                     continue
-                (files if f.suffix.lower() in self.extensions else skipped).append(f)
+                # a name that is a SOP instance UID (1.2.840....321) has digits for a suffix: DICOM files named
+                # without a suffix are read, so are these (`classify` reads both)
+                uid = f.suffix[1:].isdigit() and "" in self.extensions
+                (files if f.suffix.lower() in self.extensions or uid else skipped).append(f)
             per_class[d.name] = files
         return per_class, skipped
 
@@ -361,22 +370,29 @@ class ImageFolder(ItemSource):
         own_patient = 0  # images that are their own patient (no patient_regex, no DICOM PatientID)
         first_of: dict[int, Path] = {}  # native channel count -> first file with it
         classes = sorted(per_class)
+        unreadable: list[str] = []  # every image that cannot be read, named together at the end
+        copies: dict[str, list[str]] = {}  # file digest -> the images (class/name) with those bytes
         for label, cls in enumerate(classes):
-            n_read = 0
+            n_read, n_bad = 0, len(unreadable)
             for f in per_class[cls]:
                 rel = f.relative_to(root).as_posix()
                 try:
                     read = _read(f, self.ct_window)
-                except NotDicomError:
-                    if f.suffix.lower() in MAYBE_DICOM:  # an extension-less (or '.dic') file that is not DICOM
+                except NotDicomError as e:
+                    if f.suffix.lower() in MAYBE_DICOM or f.suffix[1:].isdigit():  # no suffix, a UID or '.dic': not DICOM
                         skipped.append(f)
-                        continue
-                    raise
+                    else:
+                        unreadable.append(str(e))
+                    continue
                 except DicomError as e:
                     if not _is_pil(f) and dicom_kind(f) not in (None, "image"):  # a DICOMDIR, structure set, report...
                         logger.warning("skipping %s: %s", f, e.reason)
-                        continue
-                    raise
+                    else:
+                        unreadable.append(str(e))
+                    continue
+                except ValueError as e:  # the 2D reader's refusals name the file
+                    unreadable.append(str(e))
+                    continue
                 first_of.setdefault(read.channels, f)
                 if len(first_of) > 1:
                     kind = {1: "grey-level", 3: "colour (RGB)"}
@@ -402,12 +418,15 @@ class ImageFolder(ItemSource):
                     site, _ = site_key(_dicom_values(read.dicom, self.site_fields), self.site_fields, self._salt)
                 else:
                     site = self.name
+                copies.setdefault(file_digest(f), []).append(rel)
                 images.append(_to_tensor(read, self.image_size, self.channels))
                 labels.append(label)
                 patients.append("p-" + pseudonym(self._salt, raw_patient))
                 sites.append(site)
                 ids.append("i-" + pseudonym(self._salt, rel))
                 n_read += 1
+            if n_read < 2 and len(unreadable) > n_bad:
+                continue  # the images that cannot be read explain it: they are named below
             if n_read == 0:
                 raise ValueError(
                     f"{root / cls}: empty class folder (no image with a suffix in {self.extensions}); add images or remove it"
@@ -417,6 +436,19 @@ class ImageFolder(ItemSource):
                     f"{root / cls}: a class folder with a single image; few-shot episodes need at least two images "
                     "per class (one support, one query); add images or remove the folder"
                 )
+        if unreadable:
+            for message in unreadable[5:]:
+                logger.warning("cannot be read: %s", message)
+            more = f"; and {len(unreadable) - 5} more, each named in a warning above" if len(unreadable) > 5 else ""
+            raise ValueError(f"{len(unreadable)} image(s) of {root} cannot be read: " + "; ".join(unreadable[:5]) + more)
+        repeated = [files for files in copies.values() if len(files) > 1]
+        if repeated:
+            shown = "; ".join(" = ".join(files) for files in repeated[:5]) + (
+                f"; and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+            logger.warning(
+                "%s: %d image(s) are byte-for-byte copies of others (%s): a copy in another class contradicts its "
+                "label, and copies counted as other patients can be support and query of one episode, which flatters "
+                "the test accuracy; remove the copies", root, sum(len(f) - 1 for f in repeated), shown)
         if own_patient:
             logger.warning(
                 "%s: %d of %d images name no patient (no patient_regex, no DICOM PatientID), so each counts as a "

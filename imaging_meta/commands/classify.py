@@ -32,6 +32,7 @@ from datamodules.sources.image_folder import (
     PIL_EXTENSIONS,
     class_folders,
     dicom_kind,
+    file_digest,
     ignored_name,
 )
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
@@ -416,11 +417,13 @@ def classify(
         if holder is not None:
             raise ValueError(f"{explain_dir(out)}: the explanations folder lies inside {holder}, an input folder, so "
                              "their PNG panels would be read as images by the next run; write the CSV elsewhere")
-    same = sorted({f.resolve() for f in qs} & {f.resolve() for f, _ in items})
+    # a query that is a support image: the same file, or a copy of its bytes under another name
+    support_bytes = {file_digest(f): f for f, _ in items}
+    same = sorted(q for q in qs if q.resolve() in {f.resolve() for f, _ in items} or file_digest(q) in support_bytes)
     if same:
-        logger.warning("%d quer%s also a support image (e.g. %s): each is compared with itself, so its answer and "
-                       "probabilities say nothing about new images", len(same), "y is" if len(same) == 1 else "ies are",
-                       same[0])
+        logger.warning("%d quer%s also a support image, or a byte-for-byte copy of one (e.g. %s): each is compared "
+                       "with itself, so its answer and probabilities say nothing about new images", len(same),
+                       "y is" if len(same) == 1 else "ies are", same[0])
     dev = resolve_device(device)
     learner, extra = load_learner(checkpoint, dev)
     task = get_task(extra.get("task", learner.task))
@@ -444,7 +447,18 @@ def classify(
         image, shapes[path] = load_image_and_shape(path, **settings)
         return image
 
-    s_images = torch.stack([load_image(f) for f, _ in items])  # every support image must be readable
+    s_list, bad_support = [], []  # every support image must be readable: each one that is not is named
+    for path, _ in items:
+        try:
+            s_list.append(load_image(path))
+        except ValueError as e:  # DicomError and the 2D reader's errors name the file
+            bad_support.append(str(e))
+    if bad_support:
+        for message in bad_support[LISTED:]:
+            logger.warning("cannot be read: %s", message)
+        raise ValueError(f"{len(bad_support)} support image(s) cannot be read (every support image must be): "
+                         f"{listed(bad_support)}")
+    s_images = torch.stack(s_list)
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
     rows, read = [], []
     all_probs, all_choices, all_images = [], [], []

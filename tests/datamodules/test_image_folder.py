@@ -98,6 +98,12 @@ def test_ct_window_and_monochrome1(tmp_path):
     edit(f, lambda d: setattr(d, "Modality", "CR"))
     x4 = load_image(f, image_size=[2, 4])[0].numpy()
     assert np.allclose(x4, 1 - (hu - hu.min()) / (hu.max() - hu.min()), atol=1e-6)
+    # MONOCHROME2 shown through an INVERSE presentation LUT (some "for presentation" exports): displayed with its
+    # minimum white as MONOCHROME1 is, so read the same way (it came out with the opposite contrast)
+    edit(f, lambda d: (setattr(d, "PhotometricInterpretation", "MONOCHROME2"), setattr(d, "PresentationLUTShape", "INVERSE")))
+    assert np.allclose(load_image(f, image_size=[2, 4])[0].numpy(), x4, atol=1e-6)
+    edit(f, lambda d: setattr(d, "PresentationLUTShape", "IDENTITY"))
+    assert np.allclose(load_image(f, image_size=[2, 4])[0].numpy(), 1 - x4, atol=1e-6)
 
 
 def test_monochrome1_image_reads_as_its_slice_in_a_volume(tmp_path):
@@ -209,6 +215,13 @@ def test_files_named_like_dicom_by_some_vendors_but_not_dicom_are_skipped(tmp_pa
         f.rename(f.with_suffix(".IMA"))
     table = ImageFolder(str(dicom)).build()
     assert table.class_counts()["ct_class"] == 4 and not table.source["rejected"]
+    # PACS exports name files by their SOP instance UID: `classify` read them and `fit` skipped them as no images
+    for k, f in enumerate(sorted((dicom / "ct_class").iterdir())):
+        f.rename(f.with_name(f"1.2.840.113619.2.55.{k}"))
+    (dicom / "ct_class" / "notes.2024").write_text("not dicom")  # digits for a suffix, not DICOM: skipped
+    with pytest.warns(UserWarning, match=r"skipped 1 file"):
+        table = ImageFolder(str(dicom)).build()
+    assert table.class_counts()["ct_class"] == 4 and table.source["rejected"] == ["ct_class/notes.2024"]
 
 
 def test_cache_is_reused_and_invalidated_by_a_new_file(tmp_path):
@@ -341,3 +354,34 @@ def test_images_without_a_patient_are_warned_about_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="datamodules.sources.image_folder"):
         table = ImageFolder(str(root), image_size=[8, 8], patient_regex="^(?P<patient>P[0-9])_").build()
     assert "name no patient" not in caplog.text and len(set(table.patients)) == 2
+
+
+def test_every_image_that_cannot_be_read_is_named_in_one_pass(tmp_path):
+    """`fit` stopped at the first broken image: with three, a user needed three runs to find them."""
+    root = write_folder(tmp_path / "data", n_classes=3, dicom_class=False)
+    for c in ("class0", "class1", "class2"):
+        (root / c / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(ValueError, match=r"^3 image\(s\) of .* cannot be read: .*class0/zz_bad\.png: .*class1/zz_bad\.png: "
+                                         r".*class2/zz_bad\.png: "):
+        ImageFolder(str(root)).build()
+
+
+def test_byte_for_byte_copies_are_named(tmp_path, caplog):
+    """One image under two patients' names, or in two classes, was taken silently: the copies could be support and
+    query of one episode (a flattering test) or contradict each other's label."""
+    import logging
+    import shutil
+
+    root = write_folder(tmp_path / "data", n_classes=2, dicom_class=False)
+    first = sorted((root / "class0").iterdir())[0]
+    shutil.copy(first, root / "class0" / "copy_in_class.png")
+    shutil.copy(first, root / "class1" / "copy_elsewhere.png")
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        ImageFolder(str(root)).build()
+    warned = [r.getMessage() for r in caplog.records if "byte-for-byte copies" in r.getMessage()]
+    assert len(warned) == 1 and "2 image(s)" in warned[0], caplog.text
+    assert f"class0/{first.name} = class0/copy_in_class.png = class1/copy_elsewhere.png" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        ImageFolder(str(write_folder(tmp_path / "clean", n_classes=2, dicom_class=False))).build()
+    assert "byte-for-byte" not in caplog.text

@@ -109,3 +109,23 @@ def test_a_fixed_head_of_another_size_names_the_checkpoints_learner(folders, tmp
     support, queries = folders
     with pytest.raises(ValueError, match=r"2 classes \(a, b\), but the checkpoint's MAML was meta-trained 3-way"):
         classify(tmp_path / "maml.ckpt", support, [queries], tmp_path / "p.csv", device="cpu")
+
+
+def test_every_support_image_that_cannot_be_read_is_named(folders, tmp_path):
+    """The support stopped at its first broken image; every one is named now."""
+    support, queries = folders
+    for c in ("a", "b"):
+        (support / c / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(ValueError, match=r"^2 support image\(s\) cannot be read .*a/zz_bad\.png: .*; .*b/zz_bad\.png: "):
+        classify(CHECKPOINT, support, [queries], tmp_path / "p.csv", device="cpu")
+
+
+def test_a_query_that_is_a_copy_of_a_support_image_is_named(folders, tmp_path, caplog):
+    import shutil
+
+    support, queries = folders
+    shutil.copy(support / "a" / "a0.png", queries / "renamed.png")
+    with caplog.at_level(logging.WARNING, logger="imaging_meta"):
+        classify(CHECKPOINT, support, [queries], tmp_path / "p.csv", device="cpu")
+    assert re.search(r"1 query is also a support image, or a byte-for-byte copy of one \(e\.g\. .*renamed\.png\)",
+                     caplog.text), caplog.text
