@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 
@@ -202,6 +202,18 @@ def transfer_syntax_of(ds: Dataset) -> UID:
     if little is False:
         return ExplicitVRBigEndian
     return ExplicitVRLittleEndian
+
+
+def with_transfer_syntax(ds: Dataset) -> Dataset:
+    """``ds`` with a file meta that names its transfer syntax (`transfer_syntax_of`): a file read without the
+    preamble and 'DICM' marker has none, and pydicom's decoder and highdicom need it."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        syntax = transfer_syntax_of(ds)
+        if meta is None:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+    return ds
 
 
 def parse_header(ds: Dataset, path: str, keywords: Iterable[str]) -> DicomHeader:

@@ -9,14 +9,13 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from datamodules.io.dicom_checks import decoder_problem
 from datamodules.io.dicom_errors import DicomError
 from datamodules.io.dicom_files import read_dataset
-from datamodules.io.dicom_header import DicomHeader
+from datamodules.io.dicom_header import DicomHeader, with_transfer_syntax
 from datamodules.io.dicom_series import DicomSeries
 
 #: the file that pydicom is decoding in this thread or task, if any
@@ -40,11 +39,7 @@ logging.getLogger("pydicom").addFilter(_NameTheFile())
 
 def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
     """The stored values of the file as pydicom decodes them (no rescale); `DicomError` naming the fix."""
-    meta = getattr(ds, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:  # headerless files read with force=True
-        if meta is None:
-            ds.file_meta = pydicom.dataset.FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = UID(h.transfer_syntax)
+    with_transfer_syntax(ds)  # headerless files read with force=True
     if "PhotometricInterpretation" not in ds and h.samples_per_pixel == 1:
         # a required element some exporters drop; the header check reads its absence as MONOCHROME2, and so
         # must the decoder (pydicom refuses to decode without it)

@@ -169,6 +169,12 @@ def dicom_kind(path: Path) -> str | None:
         return "image"
 
 
+def maybe_dicom_name(path: Path) -> bool:
+    """A name that DICOM files often have: no suffix (``IM0001``), a SOP instance UID (``1.2.840...321``: digits
+    for a suffix), or a vendor's '.ima' / '.dic' (read when they are DICOM by content, skipped when not)."""
+    return path.suffix.lower() in MAYBE_DICOM or path.suffix[1:].isdigit()
+
+
 def file_digest(path: Path) -> str:
     """The sha256 of a file's bytes: two files with the same digest are copies of one image."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -379,7 +385,7 @@ class ImageFolder(ItemSource):
                 try:
                     read = _read(f, self.ct_window)
                 except NotDicomError as e:
-                    if f.suffix.lower() in MAYBE_DICOM or f.suffix[1:].isdigit():  # no suffix, a UID or '.dic': not DICOM
+                    if maybe_dicom_name(f):  # no suffix, a UID or '.dic', and not DICOM
                         skipped.append(f)
                     else:
                         unreadable.append(str(e))

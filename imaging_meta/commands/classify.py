@@ -28,12 +28,12 @@ from datamodules.io.nifti_names import is_nifti
 from datamodules.progress import progress
 from datamodules.sources.image_folder import (
     DICOM_EXTENSIONS,
-    MAYBE_DICOM,
     PIL_EXTENSIONS,
     class_folders,
     dicom_kind,
     file_digest,
     ignored_name,
+    maybe_dicom_name,
 )
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.commands.console import LISTED, listed
@@ -56,12 +56,6 @@ def _is_dicom(path: Path) -> bool:
     return dicom_kind(path) is not None
 
 
-def _maybe_dicom(path: Path) -> bool:
-    """A name that DICOM files often have: no suffix (``IM0001``), a SOP instance UID (``1.2.840...321``), or a
-    vendor's '.ima' / '.dic' (read when they are DICOM by content)."""
-    return path.suffix.lower() in MAYBE_DICOM or path.suffix[1:].isdigit()
-
-
 def _image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted: image suffixes, and DICOM files named without one (no
     suffix, or a UID). As ``fit`` does, files under a hidden folder (``.thumbnails/``) or ``__MACOSX/`` (relative
@@ -72,7 +66,7 @@ def _image_files(folder: Path) -> list[Path]:
     for f in sorted(folder.rglob("*")):
         if not f.is_file() or any(map(ignored_name, f.relative_to(folder).parts)) or f.name.lower() in _SYSTEM_FILES:
             continue
-        maybe = _maybe_dicom(f)
+        maybe = maybe_dicom_name(f)
         if not maybe and f.suffix.lower() not in IMAGE_SUFFIXES:
             if is_nifti(f) or f.name.lower().endswith(_VOLUME_SUFFIXES):
                 logger.warning("skipping %s: a NIfTI or other volume file; classify takes 2D images (segment takes "
@@ -418,8 +412,8 @@ def classify(
             raise ValueError(f"{explain_dir(out)}: the explanations folder lies inside {holder}, an input folder, so "
                              "their PNG panels would be read as images by the next run; write the CSV elsewhere")
     # a query that is a support image: the same file, or a copy of its bytes under another name
-    support_bytes = {file_digest(f): f for f, _ in items}
-    same = sorted(q for q in qs if q.resolve() in {f.resolve() for f, _ in items} or file_digest(q) in support_bytes)
+    support_paths, support_bytes = {f.resolve() for f, _ in items}, {file_digest(f) for f, _ in items}
+    same = sorted(q for q in qs if q.resolve() in support_paths or file_digest(q) in support_bytes)
     if same:
         logger.warning("%d quer%s also a support image, or a byte-for-byte copy of one (e.g. %s): each is compared "
                        "with itself, so its answer and probabilities say nothing about new images", len(same),

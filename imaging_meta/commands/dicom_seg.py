@@ -25,6 +25,7 @@ import numpy as np
 import imaging_meta
 from datamodules.io.atomic import atomic_open
 from datamodules.io.dicom_files import read_dataset
+from datamodules.io.dicom_header import with_transfer_syntax
 from datamodules.io.dicom_series import ORIENTATION_TOL
 
 __all__ = ["write_dicom_seg"]
@@ -205,15 +206,5 @@ def _segmentation(hd, sources, frames, description, series_number, version, seri
 
 def _source(path: str):
     """One source file's header, read as the series reader reads it (`read_dataset`: a file without the 128-byte
-    preamble and 'DICM' marker too); such a file has no file meta, so its transfer syntax is the one it was read in."""
-    import pydicom
-
-    ds, _ = read_dataset(path, stop_before_pixels=True)
-    meta = getattr(ds, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
-        ds.file_meta = meta if meta is not None else pydicom.dataset.FileMetaDataset()
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
-                                          else pydicom.uid.ExplicitVRLittleEndian if little
-                                          else pydicom.uid.ExplicitVRBigEndian)
-    return ds
+    preamble and 'DICM' marker too, whose transfer syntax is the one it was read in: `with_transfer_syntax`)."""
+    return with_transfer_syntax(read_dataset(path, stop_before_pixels=True)[0])

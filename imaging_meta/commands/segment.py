@@ -326,7 +326,7 @@ def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str], 
     """
     out = []
     for (image, label), modality in zip(supports, modalities, strict=True):
-        d = tf_pair({"image": image_source(image), "label": str(label), "modality": modality})
+        d = tf_pair({"image": str(image), "label": str(label), "modality": modality})  # checked by `segment`
         lbl = d["label"][0]
         mask = (lbl > 0) if label_value is None else (lbl == label_value)
         what = "any non-zero voxel" if label_value is None else f"value {label_value}"
@@ -460,7 +460,7 @@ def segment(
                                  "of single-frame series only: use --format nifti for this query")
 
     inputs = [*(p for pair in supports for p in pair), *queries]
-    for path in inputs:  # every input, before the checkpoint is read
+    for path in inputs:  # every input, before the checkpoint is read (the reads below take them as checked)
         image_source(path)
     inputs.append(checkpoint)  # never overwritten either
     for _, label in supports:
@@ -521,7 +521,7 @@ def segment(
                                           total=len(queries), unit="scan"):
         q = Path(query)
         try:
-            vol = tf_image({"image": image_source(q), "modality": query_modality})["image"]  # (1, H, W, D) MetaTensor
+            vol = tf_image({"image": str(q), "modality": query_modality})["image"]  # (1, H, W, D) MetaTensor
         except Exception as e:  # bad input (a missing slice, truncated or NaN data) names the file; else a bug
             message = user_error(e)
             if message is None:
