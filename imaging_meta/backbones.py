@@ -28,6 +28,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, cast
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 from torch import nn
 
@@ -122,17 +123,23 @@ class _SupportStatistics(_BatchNormHost):
 
     #: ignore `support_statistics`: normalise with the statistics of the whole batch
     transductive: bool = False
+    #: normalise with batch (or support) statistics in eval mode too, as without running statistics, which are
+    #: then neither used nor updated (kept in the state dict unchanged): `batch_statistics_only`
+    ignore_running_statistics: bool = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         n = _SUPPORT_ROWS.get()
-        batch_statistics = self.training or self.running_mean is None
+        batch_statistics = self.training or self.running_mean is None or self.ignore_running_statistics
+        if self.ignore_running_statistics and (n is None or self.transductive or n == input.shape[0]):
+            self._check_input_dim(input)
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         if n is None or self.transductive or not batch_statistics or n == input.shape[0]:
             return super().forward(input)
         if n > input.shape[0]:
             raise ValueError(f"support_statistics({n}) but the batch has {input.shape[0]} rows; put the support first")
         self._check_input_dim(input)
         support = input[:n]
-        if self.training and self.running_mean is not None:
+        if self.training and self.running_mean is not None and not self.ignore_running_statistics:
             with torch.no_grad():  # running statistics, if kept, follow the support as a support-only pass would
                 super().forward(support.detach())
         dims = [0, *range(2, input.dim())]
@@ -156,6 +163,19 @@ class SupportBatchNorm2d(_SupportStatistics, nn.BatchNorm2d):
 
 class SupportBatchNorm3d(_SupportStatistics, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that honours `support_statistics` (see `SupportBatchNorm2d`)."""
+
+
+def batch_statistics_only(module: nn.Module) -> None:
+    """Make every `SupportBatchNorm2d` / `SupportBatchNorm3d` of ``module`` normalise with batch (or support)
+    statistics in eval mode as in training, ignoring running statistics it keeps.
+
+    For networks that only ever run functionally on copies of their buffers (MAML's family: `torch.func`
+    inner loops clone them), whose running statistics therefore never follow training: in eval mode they would
+    normalise with their initial (or pretrained) values, statistics training never used. Frozen norms
+    (``FrozenBatchNorm2d``) are not `SupportBatchNorm2d` and keep theirs."""
+    for m in module.modules():
+        if isinstance(m, _SupportStatistics) and m.running_mean is not None:
+            m.ignore_running_statistics = True
 
 
 def uses_support_statistics(module: nn.Module) -> bool:

@@ -100,7 +100,8 @@ class SupportNorms(TorchFunctionMode):
         (it then runs, and this mode sees its call)."""
         if self.recording or not isinstance(norm, nn.modules.batchnorm._BatchNorm):
             return None
-        if not (norm.training or (norm.running_mean is None and norm.running_var is None)):
+        batch = norm.training or getattr(norm, "ignore_running_statistics", False)
+        if not (batch or (norm.running_mean is None and norm.running_var is None)):
             return None
         name = self.layers.get(id(norm.weight))
         if name is None or norm.bias is None:

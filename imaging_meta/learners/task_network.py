@@ -23,6 +23,7 @@ from torch import nn
 
 from imaging_meta.backbones import (
     backbone_channels,
+    batch_statistics_only,
     build_backbone,
     build_encoder,
     uses_support_statistics,
@@ -71,6 +72,9 @@ class TaskNetwork(nn.Module):
         else:
             self.body = build_encoder(backbone, in_channels, **kwargs)
             self.head = nn.Linear(self.body.out_features, self.n_out)
+        # every pass of this network runs functionally on copies of its buffers (`inner_loop.split_state`), so
+        # running statistics would never follow training: its norms use batch (support) statistics in eval too
+        batch_statistics_only(self.body)
 
     @property
     def kind(self) -> Task:

@@ -367,6 +367,22 @@ def test_fit_weights_turns_down_a_misleading_space(seed):
         fit_weights(loo, labels, usable[0], prior=0.0)
 
 
+def test_fit_weights_of_a_task_do_not_depend_on_the_other_tasks_of_its_batch():
+    """Each task is fitted on its own: one joint L-BFGS shared its line search and stopping tests across the
+    batch, so a task's weights moved (by up to 1e-5) with the tasks beside it."""
+    from imaging_meta.learners.descriptors.weighting import fit_weights, loo_distances
+
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(3).repeat_interleave(3).repeat(6, 1)  # six tasks, 3 classes x 3 shots
+    spaces = [torch.nn.functional.normalize(torch.randn(6, 9, 4, generator=g), dim=-1) for _ in range(3)]
+    loo, usable = zip(*(loo_distances(x, labels, 3) for x in spaces), strict=True)
+    together = fit_weights(loo, labels, usable[0])
+    assert not torch.allclose(together[0], together[1])  # the tasks differ, so their fits do
+    for t in range(6):
+        alone = fit_weights([x[t:t + 1] for x in loo], labels[t:t + 1], usable[0][t:t + 1])
+        assert torch.equal(alone[0], together[t]), t
+
+
 # ------------------------------------------------------------------------------------------ colour
 #: two colours with the same mean of the channels and the same luma (0.299 R + 0.587 G + 0.114 B): a grey image,
 #: by either conversion, cannot tell them apart

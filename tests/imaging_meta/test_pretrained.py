@@ -234,6 +234,30 @@ def test_support_statistics_norms_update_from_the_support_only_when_unfrozen():
         build_backbone("resnet", freeze_bn=True, transductive=True)
 
 
+@pytest.mark.parametrize("name", ["MAML", "Reptile", "MetaLSTM"])
+def test_gradient_learners_normalise_with_support_statistics_in_eval_mode_too(name):
+    """MAML's family runs its network on copies of the buffers, so running statistics never follow training; in
+    eval mode its norms kept their initial (0, 1) statistics, which training never used (a train/eval mismatch)."""
+    from imaging_meta.learners.gradient.maml import MAML
+    from imaging_meta.learners.gradient.meta_lstm import MetaLSTM
+    from imaging_meta.learners.gradient.reptile import Reptile
+
+    torch.manual_seed(0)
+    cls = {"MAML": MAML, "Reptile": Reptile, "MetaLSTM": MetaLSTM}[name]
+    kwargs = {"n_way": 2} | ({"inner_steps": 1, "inner_lr": 0.1} if name != "MetaLSTM" else {})
+    learner = cls(backbone="resnet", backbone_kwargs={"depth": 18, "width": 8}, **kwargs)
+    ep = classification_episode(n_way=2, n_shot=2, n_query=2, tasks=1, size=32)
+    norms = [m for m in learner.modules() if isinstance(m, SupportBatchNorm2d)]
+    assert norms and all(m.running_mean is not None for m in norms)
+    with torch.no_grad():
+        trained_mode = learner.train().predict(ep)
+        for m in norms:  # statistics the learner never uses: eval mode must not read them either
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+        eval_mode = learner.eval().predict(ep)
+    torch.testing.assert_close(eval_mode, trained_mode)
+
+
 def test_freeze_stages(weights_file):
     net = build_backbone("resnet", weights=str(weights_file[0]), freeze_bn=False, freeze_stages=2, feature_stride=16)
     frozen = [net.conv1, net.bn1, net.layer1, net.layer2]

@@ -101,19 +101,28 @@ def fit_weights(
         d = torch.stack([x.detach().clone() for x in loo], 1).double()  # (T, K, S, N)
         y, m = labels.detach().clone().long(), usable.detach().clone().double()
         n = m.sum(1)  # (T,)
-        theta = torch.zeros(d.shape[:2], dtype=torch.float64, requires_grad=True)
-        if bool((n > 0).any()):
-            opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-            def closure() -> torch.Tensor:
-                opt.zero_grad()
-                logits = weighted_logits(d, SCALE / k * theta.exp())
-                ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(m)
-                loss = ((ce * m).sum(1) / n.clamp(min=1) + prior / n.clamp(min=1) * theta.pow(2).sum(1)).sum()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+        theta = torch.zeros(d.shape[:2], dtype=torch.float64)
+        for t in torch.nonzero(n > 0).flatten().tolist():  # one fit per task: its weights never see another task's
+            theta[t] = _fit_task(d[t], y[t], m[t], float(n[t]), prior, steps)
         fitted = (n > 0).unsqueeze(-1)
-        beta = torch.where(fitted, SCALE / k * theta.detach().exp(), torch.full_like(theta, ONE_SHOT_SCALE / k))
+        beta = torch.where(fitted, SCALE / k * theta.exp(), torch.full_like(theta, ONE_SHOT_SCALE / k))
     return beta.to(loo[0].dtype)
+
+
+def _fit_task(d: torch.Tensor, y: torch.Tensor, m: torch.Tensor, n: float, prior: float, steps: int) -> torch.Tensor:
+    """theta (K,) of one task, from its (K, S, N) distances, (S,) labels and (S,) held-out mask (n items):
+    L-BFGS on the task's own loss, so that its stopping tests and line search depend on this task alone."""
+    k = d.shape[0]
+    theta = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = weighted_logits(d.unsqueeze(0), SCALE / k * theta.exp().unsqueeze(0))[0]
+        ce = F.cross_entropy(logits, y, reduction="none")
+        loss = (ce * m).sum() / n + prior / n * theta.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return theta.detach()
