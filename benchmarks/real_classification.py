@@ -88,7 +88,9 @@ def sample_episodes(
     episodes: int,
     seed: int,
 ) -> list[tuple[list[int], list[int], list[int]]]:
-    """Seeded episodes as (classes, support item indices, query item indices); None when the set is too small."""
+    """Seeded episodes as (classes, support item indices, query item indices). A draw that finds too few support
+    items or no query for a class is left out (only that episode; the caller counts them), so fewer than
+    ``episodes`` may come back, and none when the set is too small."""
     meta = []
     for f, y in items:
         m = NAME.match(f.name)
@@ -98,7 +100,7 @@ def sample_episodes(
     out = []
     for _ in range(episodes):
         classes = sorted(rng.choice(n_classes, size=ways, replace=False).tolist())
-        support, query = [], []
+        support, query, drawn = [], [], True
         for c in classes:
             pool = rng.permutation(by_class[c]).tolist()
             s, near = [], set()
@@ -108,10 +110,11 @@ def sample_episodes(
                     near |= {(meta[i][1], z) for z in range(meta[i][2] - gap + 1, meta[i][2] + gap)}
             q = [i for i in pool if i not in s and (meta[i][1], meta[i][2]) not in near][:queries]
             if len(s) < shot or not q:
-                return []
+                drawn = False  # the rest of this episode's classes are still drawn: the next episodes stay as they were
             support += s
             query += q
-        out.append((classes, support, query))
+        if drawn:
+            out.append((classes, support, query))
     return out
 
 
@@ -151,6 +154,9 @@ def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
         if not eps:
             print(f"{name}: too few images for {ways}-way {shot}-shot with {args.gap}-slice gap; skipped")
             continue
+        if len(eps) < args.episodes:
+            print(f"{name}: {args.episodes - len(eps)} of {args.episodes} {ways}-way {shot}-shot episodes could not "
+                  f"be drawn with a {args.gap}-slice gap (too few images of a class); scored on the other {len(eps)}")
         per_method: dict[str, list[float]] = {"chance": [1.0 / ways] * len(eps)}
         choices: dict[str, dict[str, int]] = {}
         seconds: dict[str, float] = {}
@@ -185,6 +191,7 @@ def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
                     "shot": shot,
                     "method": mname,
                     "episodes": len(eps),
+                    "episodes_not_drawn": args.episodes - len(eps),
                     "accuracy": mean,
                     "ci": half,
                     "minus_pixels": dmean,

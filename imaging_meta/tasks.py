@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 
 import numpy as np
 import torch
@@ -200,8 +201,9 @@ class ClassificationTask(Task):
     dense = False
     label_kind = "class labels"
     sweep_shots = True
+    #: ``probs`` in the order of ``classes`` (a JSON list of the episode's class names), each at full precision
     csv_columns = ("method", "shot", "episode", "class", "site", "patient", "query_id", "label", "correct", "confidence",
-                   "probs")
+                   "probs", "classes")
 
     def n_outputs(self, n_way: int) -> int:
         if n_way < 2:
@@ -246,7 +248,8 @@ class ClassificationTask(Task):
         p = np.asarray(r["probs"])
         return [r["method"], r["shot"], r["episode"], r["classes"][r["label"]], r["site"], r.get("patient", ""),
                 r["query_id"], r["label"],
-                int(int(p.argmax()) == r["label"]), f"{p.max():.6f}", " ".join(f"{v:.6f}" for v in p)]
+                int(int(p.argmax()) == r["label"]), repr(float(p.max())), " ".join(repr(float(v)) for v in p),
+                json.dumps(list(r["classes"]))]
 
 
 SEGMENTATION = SegmentationTask()

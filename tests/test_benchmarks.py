@@ -382,3 +382,20 @@ def test_absent_structure_volume_and_retry_bookkeeping(tmp_path):
     assert handler.novelty == {"c d.nii.gz": 14.25} and handler.unlike == {"c d.nii.gz"}
     handler.clear()
     assert not (handler.names or handler.novelty or handler.unlike)
+
+
+def test_real_classification_leaves_out_only_the_episodes_it_cannot_draw():
+    """One draw without enough images of a class dropped the whole row (every episode of that shot count)."""
+    from benchmarks.real_classification import sample_episodes
+
+    # class 0: a scan with slices 0, 2, 4 (with a 4-slice gap, a support item at 2 leaves no query);
+    # class 1: plenty, far apart
+    items = [(Path(f"a_z{z:02d}.png"), 0) for z in (0, 2, 4)] + [(Path(f"b_z{z:02d}.png"), 1) for z in range(0, 80, 8)]
+    eps = sample_episodes(items, 2, 2, 1, 2, 4, 40, 0)
+    assert 0 < len(eps) < 40  # some draws put the support item in the middle: no query 4 slices away
+    for _, support, query in eps:
+        z = {i: int(items[i][0].stem.split("_z")[1]) for i in (*support, *query) if items[i][1] == 0}
+        s0 = [z[i] for i in support if i in z]
+        assert all(abs(z[q] - s) >= 4 for q in query if q in z for s in s0)
+    assert sample_episodes(items, 2, 2, 1, 2, 4, 40, 0) == eps  # seeded
+    assert sample_episodes(items, 2, 2, 5, 2, 4, 10, 0) == []  # class 0 never has 5 items 4 slices apart

@@ -56,6 +56,24 @@ def test_classification_records_have_accuracy_class_label_and_probabilities():
     assert summarize(recs, "acc", CLASSIFICATION.groups)[TRAINED]["all"]["mean"] == pytest.approx((5 / 6 + 1) / 2)
 
 
+def test_a_classification_csv_row_keeps_every_probability_and_names_its_classes():
+    """records.csv wrote probabilities to 6 decimals (a probability below 5e-7 became a tie at 0, which changed
+    the AUC recomputed from it) in the episode's class order, which the CSV did not give."""
+    import csv
+    import io
+    import json
+
+    record = {"method": TRAINED, "shot": 1, "episode": 3, "site": "s", "patient": "p", "query_id": "q", "label": 1,
+              "classes": ["normal tissue", "lesion, cystic", "2"], "probs": [3.2e-9, 0.9999999, 9.68e-8]}
+    buf = io.StringIO()
+    csv.writer(buf).writerows([CLASSIFICATION.csv_columns, CLASSIFICATION.csv_row(record)])
+    header, row = csv.reader(io.StringIO(buf.getvalue()))
+    got = dict(zip(header, row, strict=True))
+    assert [float(v) for v in got["probs"].split()] == record["probs"]
+    assert json.loads(got["classes"]) == record["classes"] and got["class"] == "lesion, cystic"
+    assert float(got["confidence"]) == 0.9999999 and got["correct"] == "1"
+
+
 def test_module_episode_ids_are_unique_over_ranks_and_index_the_fixed_list():
     """Rank r scores fixed episodes r, r + world, ... (the datamodules' rank::world share); every record's id
     is the episode's index in the fixed list, whatever the batch size."""

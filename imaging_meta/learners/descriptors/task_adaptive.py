@@ -421,7 +421,8 @@ def loo_summary(records: Sequence[dict[str, Any]]) -> str:
         if r["rule"] == LEAVE_ONE_OUT:
             how = f"by leave-one-out over {r['loo_items']} support items ({accs})"
         elif r["rule"] == WEIGHTED_LOO:
-            how = f"weights {weights} fitted by leave-one-out over {r['loo_items']} support items ({accs})"
+            how = (f"weights {weights} fitted by leave-one-out over {r['loo_items']} support items ({accs}; "
+                   f"'{WEIGHTED}' is scored on the items its weights were fitted to, so it is optimistic)")
         else:
             how = "by default: fewer than two support items in every class" + (
                 f" (weights {weights})" if weights else ""
