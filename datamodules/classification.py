@@ -367,14 +367,14 @@ class ClassificationDataModule(EpisodicDataModule):
 
     def episode_path(self, stage: str) -> Path | None:
         """The fixed episodes' JSON file: its name carries the episode shape, seed and protocol, and a digest
-        of the data (item ids and labels) and the stage's classes."""
+        of the data (item ids, labels, patients and sites: the sampler's rules read them) and the stage's classes."""
         if self.cache_dir is None:
             return None
         h = self.hparams
         t = self.table
         assert t is not None  # after setup()
         key = digest([t.item_ids, t.labels.tolist(), t.classes, self.class_split[stage],
-                      h.val_episodes if stage == "val" else h.test_episodes])
+                      h.val_episodes if stage == "val" else h.test_episodes, t.patients, t.sites])
         name = f"{stage}-{h.n_way}way-{h.n_shot}shot-{h.n_query}query-seed{h.seed}-{h.protocol}-{key}.json"
         return self.cache_dir / "episodes" / name
 
@@ -424,11 +424,14 @@ class ClassificationDataModule(EpisodicDataModule):
         return specs
 
     def _check_specs(self, stage: str, specs: Sequence[ClassificationEpisodeSpec]) -> None:
-        """Episodes read from a file must still fit this data: shape and classes."""
+        """Episodes read from a file must still fit this data: shape, classes, support and query patients apart,
+        and the protocol's site rule (under this run's patients and sites, which may differ from those the file
+        was drawn with: a `patient_regex` added, other site fields)."""
         h = self.hparams
         where = self.episode_files.get(stage, "the drawn episodes")
-        assert self.table is not None  # after setup()
-        allowed = {self.table.classes.index(n) for n in self.class_split[stage]}
+        t = self.table
+        assert t is not None  # after setup()
+        allowed = {t.classes.index(n) for n in self.class_split[stage]}
         for s in specs:
             if len(s.classes) != h.n_way or len(s.support) != h.n_way * h.n_shot or len(s.query) != h.n_way * h.n_query:
                 raise ValueError(
@@ -437,6 +440,18 @@ class ClassificationDataModule(EpisodicDataModule):
                 )
             if not set(s.classes) <= allowed:
                 raise ValueError(f"{where}: episodes use classes outside this run's {stage} classes; use a matching file")
+            shared = sorted({t.patients[i] for i in s.support} & {t.patients[i] for i in s.query})
+            if shared:
+                raise ValueError(
+                    f"{where}: an episode's support and query share patient(s) {', '.join(shared[:3])} under this run's "
+                    "patient grouping (the file was drawn with other patients): remove the file to draw the episodes "
+                    "again, or use the grouping it was drawn with")
+            sup_sites, qry_sites = {t.sites[i] for i in s.support}, {t.sites[i] for i in s.query}
+            if (h.protocol == "support_query_sites_differ" and sup_sites & qry_sites) or (
+                    h.protocol == "within_site" and len(sup_sites | qry_sites) > 1):
+                raise ValueError(
+                    f"{where}: an episode's support sites {sorted(sup_sites)} and query sites {sorted(qry_sites)} break "
+                    f"protocol {h.protocol!r} under this run's sites: use a file drawn for this protocol and these sites")
 
     # ------------------------------------------------------------ dataloaders
     def _loader(self, sampler, augment: bool) -> DataLoader:

@@ -31,6 +31,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
+#: the refusal of a fit without a bound on its optimizer steps
+UNBOUNDED = ("weight averaging starts at a fraction of the fit's optimizer steps, and this fit has no bound on them "
+             "(max_epochs -1 without max_steps): set --trainer.max_epochs or --trainer.max_steps, or leave averaging "
+             "out with --model.weight_averaging null")
+
 
 class LateWeightAveraging(WeightAveraging):
     """The equal-weight average of the weights after every optimizer step from ``start`` of the fit on.
@@ -55,14 +60,17 @@ class LateWeightAveraging(WeightAveraging):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            total = trainer.estimated_stepping_batches
-            if not math.isfinite(total):
-                raise ValueError(
-                    "weight averaging starts at a fraction of the fit's optimizer steps, and this fit has no bound on "
-                    "them (max_epochs -1 without max_steps): set --trainer.max_epochs or --trainer.max_steps, or "
-                    "leave averaging out with --model.weight_averaging null")
-            self.start_step = math.floor(self.start * total)
+        if stage == "fit" and trainer.max_steps == -1 and trainer.max_epochs == -1:
+            raise ValueError(UNBOUNDED)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not in setup: `estimated_stepping_batches` builds the training loader, which there comes before a resumed
+        # checkpoint is restored, and a loader with workers starts drawing episodes at once (from epoch 0)
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(UNBOUNDED)
+        self.start_step = math.floor(self.start * total)
+        super().on_train_start(trainer, pl_module)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step

@@ -72,8 +72,16 @@ class ResumableEpisodes:
         self._apply_resume()
 
     def _apply_resume(self) -> None:
-        state = getattr(self, "_resume_state", None)
+        """Give the training sampler the epoch the fit loop runs next and, after a restore, the episodes to skip.
+
+        The epoch is set here, before the loader is built, because a loader with workers draws from its sampler
+        as soon as its iterator exists (prefetching), and Lightning creates the first epoch's iterator before it
+        calls ``set_epoch``: a resumed run with workers drew epoch 0's episodes (and used up the skip) again."""
         sampler = getattr(self, "_samplers", {}).get("train")
+        trainer = getattr(self, "trainer", None)
+        if sampler is not None and trainer is not None:
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        state = getattr(self, "_resume_state", None)
         if not state or sampler is None:
             return
         sampler.resume(state["epoch"], state["batches_done"] * state["batch_size"])

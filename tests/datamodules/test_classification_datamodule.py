@@ -130,6 +130,46 @@ def test_fixed_episodes_are_saved_reloaded_and_shared_by_settings(tmp_path):
     assert dm6.episode_files == {} and [(e.support_ids, e.query_ids) for e in dm6.test_dataloader()] == a
 
 
+class RegroupedSource(TableSource):
+    """`TableSource`'s items with other patients (4 items each instead of 2) or other sites: what a `patient_regex`
+    added to an image folder, or other site fields, change while the items stay the same."""
+
+    def __init__(self, patients: bool = True, sites: bool = False) -> None:
+        super().__init__()
+        self.regroup_patients, self.regroup_sites = patients, sites
+
+    def build(self) -> ItemTable:
+        t = super().build()
+        if self.regroup_patients:
+            t.patients = [f"{p.rsplit('-', 1)[0]}-{int(p.rsplit('-', 1)[1]) // 2}" for p in t.patients]
+        if self.regroup_sites:
+            t.sites = [f"site{i % 3}" for i in range(len(t.sites))]
+        return t
+
+
+def test_stale_episode_files_are_not_reused_when_patients_or_sites_change(tmp_path):
+    """The episode file's key left out the patients and sites: a run that grouped the same images into other
+    patients read the file drawn before, whose support and query now shared patients, without a word."""
+    kw = dict(cache_dir=str(tmp_path / "cache"), **SMALL)
+    before = ClassificationDataModule(source=TableSource(), **kw)
+    before.setup("test")
+    old = before.episode_files["test"]
+    after = ClassificationDataModule(source=RegroupedSource(), **kw)
+    after.setup("test")
+    assert after.episode_files["test"] != old  # drawn again, for the new patients
+    t = after.table
+    for e in after._fixed_episodes("test"):
+        assert not {t.patients[i] for i in e.support} & {t.patients[i] for i in e.query}
+    with pytest.raises(ValueError, match="share patient.*under this run's patient grouping"):
+        ClassificationDataModule(source=RegroupedSource(), **{**kw, "test_episodes_file": str(old)}).setup("test")
+    within = {**kw, "protocol": "within_site", "cache_dir": str(tmp_path / "w")}
+    drawn = ClassificationDataModule(source=TableSource(), **within)
+    drawn.setup("test")
+    with pytest.raises(ValueError, match="break protocol 'within_site'"):
+        ClassificationDataModule(source=RegroupedSource(patients=False, sites=True),
+                                 **{**within, "test_episodes_file": str(drawn.episode_files["test"])}).setup("test")
+
+
 class OpaqueSource(TableSource):
     """A source that keeps no attribute named like its argument, so it cannot describe its own config."""
 

@@ -35,14 +35,15 @@ class InterruptAt(Callback):
             raise Interrupt(f"interrupted at step {self.step}")
 
 
-def _run(name, paths, tmp_path, callbacks=(), ckpt_path=None):
+def _run(name, paths, tmp_path, callbacks=(), ckpt_path=None, num_workers=0, weight_averaging=None):
     seed_everything(3)
     data = ClassificationDataModule(
         source=MedMNIST(paths=paths, image_size=[16, 16]), cache_dir=str(tmp_path / "cache"), n_way=3, n_shot=1, n_query=2,
         val_classes_count=3, test_classes_count=3, episodes_per_epoch=8, val_episodes=2, test_episodes=2, batch_size=2,
-        augment=True, num_workers=0, seed=5,
+        augment=True, num_workers=num_workers, seed=5,
     )
-    module = EpisodicModule(LEARNERS[name](), optimizer=lambda p: torch.optim.Adam(p, lr=0.01), baselines=False)
+    module = EpisodicModule(LEARNERS[name](), optimizer=lambda p: torch.optim.Adam(p, lr=0.01), baselines=False,
+                            weight_averaging=weight_averaging)
     trainer = Trainer(
         accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
@@ -89,3 +90,24 @@ def test_resume_without_the_skip_would_differ(tmp_path):
     finally:
         ResumableEpisodes.load_state_dict = original
     assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+def test_resume_with_loader_workers_equals_an_uninterrupted_run(where, tmp_path):
+    """A loader with workers draws episodes as soon as its iterator exists, which Lightning creates before it sets
+    the sampler's epoch (and weight averaging built the loader before the restore): a resumed run drew epoch 0's
+    episodes again, and resumed from an epoch's end it trained the next epoch on none."""
+    paths = write_medmnist(tmp_path, n_files=1, classes_per_file=12, per_class=6)
+    kw = {"num_workers": 2, "weight_averaging": 0.25}
+    full, full_trainer = _run("maml", paths, tmp_path / "full", **kw)
+    ckpts = tmp_path / "ckpts"
+    if where == "mid_epoch":  # saved after step 6, the 2nd batch of epoch 1
+        saver, step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_last=True, save_top_k=-1), 7
+    else:  # last.ckpt at the end of epoch 0 (4 steps), interrupted in epoch 1
+        saver, step = ModelCheckpoint(dirpath=ckpts, save_last=True), 6
+    with pytest.raises(Interrupt):
+        _run("maml", paths, tmp_path / "cut", callbacks=[saver, InterruptAt(step)], **kw)
+    resumed, resumed_trainer = _run("maml", paths, tmp_path / "resumed", ckpt_path=ckpts / "last.ckpt", **kw)
+    assert resumed_trainer.global_step == full_trainer.global_step == 12
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{k} differs after resume: max |diff| {(a - b).abs().max():.3g}"
