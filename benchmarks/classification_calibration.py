@@ -51,7 +51,7 @@ def measure(learner, settings: dict, name: str, shot: int, episodes: int, scale:
             q_images = torch.stack([load_image(items[i][0], **settings) for i in q_idx])
             s_labels = torch.tensor([relabel[items[i][1]] for i in s_idx])
             q_labels = torch.tensor([relabel[items[i][1]] for i in q_idx])
-            probs, _ = rc.predict_episode(learner, s_images, s_labels, [classes[c] for c in cls], q_images)
+            probs, _ = rc.predict_queries(learner, s_images, s_labels, [classes[c] for c in cls], q_images)
             conf += probs.max(-1).values.tolist()
             correct += (probs.argmax(-1) == q_labels).float().tolist()
     finally:

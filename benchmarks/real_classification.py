@@ -6,9 +6,10 @@ against chance and the raw-pixel baseline, on the same seeded episodes for every
         --episodes 100 --out benchmarks/results/real_classification.json
 
 Every method classifies the queries of an episode against its whole support set, with each checkpoint's own
-preprocessing (`imaging_meta.commands.classify.loader_settings`), in one episode (``--per-query``: one episode
-per query through `imaging_meta.commands.classify.predict_queries`, what ``imaging-meta classify`` runs; the
-same answers, since no learner's prediction for a query depends on the other queries). Methods:
+preprocessing (`imaging_meta.commands.classify.loader_settings`), in one episode, through
+`imaging_meta.commands.classify.predict_queries`, what ``imaging-meta classify`` runs (``--per-query``: one
+episode per query; the same answers to rounding, since no learner's prediction for a query depends on the other
+queries). Methods:
 
 * ``chance``: 1 / N;
 * ``pixels``: the nearest class mean of 32 x 32 pixels (every channel of colour images) (`DescriptorClassifier`, ``configs/model/pixels_cls.yaml``),
@@ -36,8 +37,6 @@ import torch
 
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.commands.classify import loader_settings, predict_queries, support_folder
-from imaging_meta.episode import Episode, collate_episodes
-from imaging_meta.evaluation.scoring import learner_choices
 from imaging_meta.evaluation.statistics import mean_ci
 from imaging_meta.learners.base import Learner
 
@@ -118,18 +117,11 @@ def sample_episodes(
     return out
 
 
-def predict_episode(learner: Learner, s_images, s_labels, classes, q_images) -> tuple[torch.Tensor, list]:
-    """Class probabilities (Q, n_way) of the queries, all in one episode against the support, and the learner's
-    choice. Since issue 14 no learner's prediction for a query depends on the other queries (the tests of
-    ``tests/imaging_meta/test_non_transductive.py`` check it per learner config), so this equals
-    `imaging_meta.commands.classify.predict_queries` (one episode per query, what ``classify`` runs) at a
-    fraction of the cost; ``--per-query`` runs that function instead."""
-    ep = Episode(support_images=s_images, support_labels=s_labels, query_images=q_images,
-                 query_labels=torch.zeros(len(q_images), dtype=torch.long), classes=list(classes), site="",
-                 support_ids=[f"s{i}" for i in range(len(s_labels))], query_ids=[f"q{i}" for i in range(len(q_images))])
-    with torch.no_grad():
-        probs = learner.predict(collate_episodes([ep]))[0].float()
-    return probs, learner_choices(learner) or [None]
+def predict_one_by_one(learner: Learner, s_images, s_labels, classes, q_images) -> tuple[torch.Tensor, list]:
+    """`predict_queries` with one episode per query (``--per-query``): the same answers to rounding, since no
+    learner's prediction for a query depends on the other queries (``tests/imaging_meta/test_non_transductive.py``)."""
+    out = [predict_queries(learner, s_images, s_labels, classes, q[None], first_index=j) for j, q in enumerate(q_images)]
+    return torch.cat([p for p, _ in out]), [c for _, ch in out for c in ch]
 
 
 def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
@@ -168,7 +160,7 @@ def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
                 relabel = {c: k for k, c in enumerate(cls)}
                 s_labels = torch.tensor([relabel[items[i][1]] for i in s_idx])
                 q_labels = torch.tensor([relabel[items[i][1]] for i in q_idx])
-                predict = predict_queries if args.per_query else predict_episode
+                predict = predict_one_by_one if args.per_query else predict_queries
                 probs, ch = predict(
                     learner, images(s_idx, settings), s_labels, [classes[c] for c in cls], images(q_idx, settings)
                 )

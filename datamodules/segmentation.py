@@ -43,6 +43,7 @@ from datamodules.indexing.splits import (
     read_fold,
 )
 from datamodules.io.atomic import atomic_open
+from datamodules.progress import enabled as progress_enabled
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
 from datamodules.sampling.samplers_segmentation import (
@@ -68,6 +69,18 @@ logger = logging.getLogger(__name__)
 #: setting 2: a validation organ is chosen only if removing the training slices that show it keeps at least
 #: this share of the training slices that the test organs leave
 MIN_TRAINING_SLICES_KEPT = 0.75
+#: the most threads that fill the in-memory volume cache (each holds one volume at its preprocessing peak)
+CACHE_THREADS = 4
+
+
+def cache_threads() -> int:
+    """Threads that fill the in-memory cache: `CACHE_THREADS`, or fewer when this process may use fewer cores
+    (a SLURM allocation of a node: ``os.sched_getaffinity``, not the node's core count)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(CACHE_THREADS, cores))
 
 
 class Unservable(ValueError):
@@ -727,7 +740,10 @@ class SegmentationDataModule(EpisodicDataModule):
             # the cache is filled by a pool of threads; an error raised in one of them (a damaged file) reached the
             # user and then aborted the process (exit 134) with threads still running: each thread returns its
             # error instead, and the first is raised here, once every thread has finished
-            ds = CacheDataset(items, _Caught(tf), cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
+            # a bounded pool: each thread holds one volume at its preprocessing peak (about 2.5 GB for a 512 x 512 x 300
+            # CT), and MONAI's default, a thread per core of the machine, ran a many-core node out of memory
+            ds = CacheDataset(items, _Caught(tf), cache_rate=1.0, num_workers=cache_threads(), progress=progress_enabled(),
+                              copy_cache=False)
             for i in range(len(ds)):
                 item = ds[i]
                 if isinstance(item, _Failed):
@@ -736,6 +752,9 @@ class SegmentationDataModule(EpisodicDataModule):
         if self.hparams.cache == "disk":
             return _warmed(PersistentDataset(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder,
                                              hash_func=hash_with_file_stamps))
+        if folder.startswith("superpixels-"):
+            warnings.warn("cache: none with self-supervised episodes computes every scan's superpixels again for each "
+                          "episode (seconds a scan); use cache: memory or disk", stacklevel=3)
         return Dataset(items, tf)
 
     def _feasible_organs(self, stage: str, warn: bool = True) -> list[str]:

@@ -125,7 +125,15 @@ def adapt(
     """
     if steps <= 0:
         return learner
-    torch.manual_seed(seed)
+    dev = torch.device(device)
+    # the adaptation's own seed, and the caller's random state as it was afterwards (it was reseeded)
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _adapt(learner, supports, queries, steps, lr, batch_size, seed, device, progress)
+
+
+def _adapt(learner: Learner, supports: Sequence[tuple[torch.Tensor, torch.Tensor]], queries: Sequence[torch.Tensor],
+           steps: int, lr: float, batch_size: int, seed: int, device: torch.device | str, progress: bool) -> Learner:
     episodes = AdaptationEpisodes(supports, queries, seed)
     adapted = copy.deepcopy(learner).to(device).train()
     params = [p for p in adapted.parameters() if p.requires_grad]

@@ -67,7 +67,7 @@ def build_backbone(name: str, in_channels: int = 1, transductive: bool = False, 
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; choose one of {available_backbones()}")
-    backbone = _REGISTRY[name](in_channels=in_channels, **kwargs)
+    backbone = _REGISTRY[name](in_channels=in_channels, **_typed_options(name, kwargs))
     if transductive:
         layers = [m for m in backbone.modules() if isinstance(m, _SupportStatistics)]
         if not layers:
@@ -78,6 +78,38 @@ def build_backbone(name: str, in_channels: int = 1, transductive: bool = False, 
         for m in layers:
             m.transductive = True
     return backbone
+
+
+def _typed_options(name: str, kwargs: dict) -> dict:
+    """``kwargs`` with a text value read as YAML where the builder's default for that option is a number, a
+    bool or a sequence: ``backbone_kwargs`` is an untyped dict, so one key set on the command line
+    (``--model.learner.init_args.backbone_kwargs.width 16``) arrives as the text ``'16'``.
+
+    Raises:
+        ValueError: a text value that does not read as the option's kind, naming the option and the whole-dict form.
+    """
+    import inspect
+
+    import yaml
+
+    defaults = {k: p.default for k, p in inspect.signature(_REGISTRY[name]).parameters.items()}
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if not isinstance(value, str) or not isinstance(default, (bool, int, float, tuple, list)):
+            continue
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        kinds = (bool,) if isinstance(default, bool) else (int, float) if isinstance(default, (int, float)) else (list,)
+        if isinstance(parsed, bool) != isinstance(default, bool) or not isinstance(parsed, kinds):
+            raise ValueError(
+                f"backbone {name!r}: option {key}={value!r} does not read as a {type(default).__name__} (its default "
+                f"is {default!r}); give the options as one dict, e.g. --model.learner.init_args.backbone_kwargs "
+                f"'{{{key}: {default!r}}}'")
+        out[key] = tuple(parsed) if isinstance(default, tuple) and isinstance(parsed, list) else parsed
+    return out
 
 
 def backbone_channels(backbone: nn.Module) -> int:

@@ -1,9 +1,9 @@
 """Few-shot classification of a user's images: a checkpoint, a support folder (one subfolder per class), queries.
 
 Every image goes through the same preprocessing as in training (size, channels and CT window, read from
-the checkpoint). Each query is classified in its own episode against the whole support set, so its
-prediction does not depend on which other queries are passed with it (Conv-4 and ResNet-12 normalise with
-the statistics of the episode they see).
+the checkpoint). The queries are classified against the whole support set as the query set of one episode
+(`predict_queries`): a query's prediction does not depend on which other queries are passed with it (every
+learner normalises its queries with the support's statistics), so the support is encoded once for them all.
 
 With ``explain=True``, each query also gets, in ``<CSV stem>_explain/`` next to the CSV, a JSON file and a
 PNG panel named ``<query number>_<query file stem>``: its nearest support images under the learner's own
@@ -35,6 +35,7 @@ from datamodules.sources.image_folder import (
     ignored_name,
     maybe_dicom_name,
 )
+from imaging_meta.backbones import is_transductive
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.commands.console import LISTED, listed
 from imaging_meta.commands.outputs import check_output_file, check_outputs
@@ -158,17 +159,18 @@ def loader_settings(extra: dict, learner) -> dict:
     return {"image_size": [int(s) for s in size], "channels": channels, "ct_window": pre.get("ct_window", [-250.0, 250.0])}
 
 
-def _episode(s_images: torch.Tensor, s_labels: torch.Tensor, classes: Sequence[str], query: torch.Tensor, index: int) -> Episode:
-    """The episode of one query (C, H, W): the whole support set (S, C, H, W), labels (S,), and the query."""
+def _episode(s_images: torch.Tensor, s_labels: torch.Tensor, classes: Sequence[str], queries: torch.Tensor, index: int) -> Episode:
+    """The episode of queries (Q, C, H, W), numbered from ``index``: the whole support set (S, C, H, W), labels
+    (S,), and the queries (their labels unknown: zeros, never read)."""
     return Episode(
         support_images=s_images,
         support_labels=s_labels,
-        query_images=query.unsqueeze(0),
-        query_labels=torch.zeros(1, dtype=torch.long),
+        query_images=queries,
+        query_labels=torch.zeros(len(queries), dtype=torch.long),
         classes=list(classes),
         site="",
         support_ids=[f"support{i}" for i in range(len(s_labels))],
-        query_ids=[f"query{index}"],
+        query_ids=[f"query{index + j}" for j in range(len(queries))],
     )
 
 
@@ -265,15 +267,26 @@ def predict_queries(
     device: torch.device | str = "cpu",
     first_index: int = 0,
 ) -> tuple[torch.Tensor, list]:
-    """Class probabilities (Q, n_way) of query images (Q, C, H, W), each in its own episode against the whole
-    support set (what `classify` runs; `benchmarks.real_classification` scores the same function), and the
-    learner's choice per query (a task-adaptive learner's space; None otherwise)."""
-    eps = [_episode(s_images, s_labels, classes, q, first_index + j) for j, q in enumerate(q_images)]
-    batch = collate_episodes(eps).to(device)
+    """Class probabilities (Q, n_way) of query images (Q, C, H, W) against the whole support set (what `classify`
+    runs; `benchmarks.real_classification` scores the same function), and the learner's choice per query (a
+    task-adaptive learner's space; None otherwise).
+
+    A query's answer never depends on the other queries (every learner normalises its queries with the support's
+    statistics: `tests/imaging_meta/test_non_transductive.py`), so the queries are the query set of one episode:
+    the support is encoded, and a gradient learner adapted or a head fine-tuned, once for them all rather than
+    once per query, and the answers equal those of one episode per query to rounding. A learner built with
+    ``transductive`` norms (whose queries share their statistics) gets one episode per query."""
+    if is_transductive(learner):
+        eps = [_episode(s_images, s_labels, classes, q[None], first_index + j) for j, q in enumerate(q_images)]
+        with torch.no_grad():
+            probs = learner.predict(collate_episodes(eps).to(device))[:, 0].float().cpu()  # (T, n_way)
+        choices = learner_choices(learner)  # a task-adaptive learner's choice per task (from the support alone)
+        return probs, (choices if choices else [None] * len(eps))
+    batch = collate_episodes([_episode(s_images, s_labels, classes, q_images, first_index)]).to(device)
     with torch.no_grad():
-        probs = learner.predict(batch)[:, 0].float().cpu()  # (T, n_way)
-    choices = learner_choices(learner)  # a task-adaptive learner's choice per task (from the support alone)
-    return probs, (choices if choices else [None] * len(eps))
+        probs = learner.predict(batch)[0].float().cpu()  # (Q, n_way)
+    choices = learner_choices(learner)  # one task: the choice of the support, the same for every query
+    return probs, ([dict(choices[0]) for _ in q_images] if choices else [None] * len(q_images))
 
 
 def explain_dir(out_csv: str | os.PathLike) -> Path:
@@ -562,7 +575,7 @@ def write_explanations(
     steps = enumerate(zip(queries, probabilities, strict=True))
     for i, (q, probs) in progress(steps, "classify: explanations", total=len(queries), unit="query"):
         image = load(q)
-        ep = _episode(s_images, s_labels, classes, image, i).to(device)
+        ep = _episode(s_images, s_labels, classes, image[None], i).to(device)
         near = nearest_supports(learner, ep, k)
         occ = occlusion_saliency(learner, ep, target=int(probs.argmax()), patch_size=patch_size, stride=stride,
                                  batch_size=batch_size)

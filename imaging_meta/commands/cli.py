@@ -63,7 +63,7 @@ def _init_default(class_path: str, name: str):
     return None
 
 
-def learner_n_way(data_n_way: int, learner: dict) -> int:
+def learner_n_way(data_n_way: int, learner: dict | None) -> int:
     """The ``data.init_args.n_way -> model.learner.init_args.n_way`` link: a learner gets its ways from the data.
 
     ``n_way`` is set once, in the data config; learners without an ``n_way`` argument (and segmentation data,
@@ -75,6 +75,9 @@ def learner_n_way(data_n_way: int, learner: dict) -> int:
         data_n_way: ``data.init_args.n_way``.
         learner: ``model.learner`` as parsed (``class_path``, ``init_args``), before the link sets ``n_way``.
     """
+    if learner is None:
+        raise ValueError("no learner: add a model config, e.g. --config configs/model/protonet_cls.yaml "
+                         "(imaging-meta configs lists them)")
     given = (learner.get("init_args") or {}).get("n_way")
     if given is not None and given != data_n_way and given != _init_default(str(learner.get("class_path")), "n_way"):
         raise ValueError(
@@ -155,6 +158,8 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 raise ValueError("--trainer.use_distributed_sampler true: the episode samplers give each DDP rank its "
                                  "own episodes, and Lightning's sampler would split them again (half of the test "
                                  "episodes scored on 2 ranks); leave it false, the default of every trainer config")
+            if config.get("trainer", {}).get("enable_checkpointing") is False:
+                self._drop_checkpoint_callbacks()
             trainer: Any = super().instantiate_trainer(**kwargs)  # `callbacks` is set by Lightning, not declared
             if trainer.logger is None:
                 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -166,6 +171,22 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                     rank_zero_info("no logger (--trainer.logger false): the learning rate is not logged "
                                    "(LearningRateMonitor left out)")
             return trainer
+
+        def _drop_checkpoint_callbacks(self) -> None:
+            """``--trainer.enable_checkpointing false`` with the shipped trainer configs, which declare two
+            ``ModelCheckpoint`` callbacks (Lightning refuses the combination): the callbacks are left out, and a
+            line says so."""
+            from lightning.pytorch.callbacks import ModelCheckpoint
+            from lightning.pytorch.utilities import rank_zero_info
+
+            init = self._get(self.config_init, "trainer", default={})
+            given = init.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            kept = [c for c in given if not isinstance(c, ModelCheckpoint)]
+            if len(kept) < len(given):
+                init["callbacks"] = kept
+                rank_zero_info("--trainer.enable_checkpointing false: the config's ModelCheckpoint callbacks are left "
+                               "out (no best.ckpt or last.ckpt is written; --test_after_fit tests the last weights)")
 
         def after_fit(self) -> None:
             if not self.config[self.subcommand].get("test_after_fit"):
@@ -194,6 +215,11 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             folder = trainer.log_dir  # a broadcast under DDP: every rank calls it
             taken = [n for n in RUN_FILES if (Path(folder) / n).is_file()] if trainer.is_global_zero else []
             taken = trainer.strategy.broadcast(taken)
+            if taken and trainer.logger is None:
+                raise FileExistsError(
+                    f"{folder} already holds {', '.join(taken)} of another run, which this one would write over: "
+                    "with --trainer.logger false a run writes into --trainer.default_root_dir (by default the working "
+                    "directory); give a new one, e.g. --trainer.default_root_dir runs/validate_2")
             if taken:
                 raise FileExistsError(
                     f"{folder} already holds {', '.join(taken)} of another run, which this one would write over; run "

@@ -162,7 +162,8 @@ def console(debug: bool) -> Iterator[None]:
 #: `imaging_meta.checkpoint_io.CheckpointError`, `datamodules.recipes.prepare.PrepareError` are ValueErrors;
 #: files that are missing or unreadable raise OSError; an optional extra that is not installed, ImportError
 #: (only when it says ``pip install`` or names a module outside the project: `_missing_package`);
-#: training that diverged, FloatingPointError. Anything else (TypeError, KeyError, a bare RuntimeError...) is a bug.
+#: training that diverged, FloatingPointError; Lightning's MisconfigurationException (`_lightning_misconfiguration`).
+#: Anything else (TypeError, KeyError, a bare RuntimeError...) is a bug.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, FloatingPointError)
 
 _WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
@@ -189,6 +190,14 @@ def _worker_error(text: str) -> str | None:
     return found
 
 
+def _lightning_misconfiguration(error: BaseException) -> bool:
+    """Whether ``error`` is Lightning's ``MisconfigurationException`` (a trainer setting this machine or run cannot
+    honour: ``accelerator: gpu`` without a GPU, a strategy without its devices), by name, so that this module
+    never imports Lightning."""
+    return any(c.__name__ == "MisconfigurationException" and c.__module__.startswith("lightning.")
+               for c in type(error).__mro__)
+
+
 def user_error(error: BaseException) -> str | None:
     """The message of the bad input ``error`` stands for, or None when it is a bug.
 
@@ -204,7 +213,7 @@ def user_error(error: BaseException) -> str | None:
             return _worker_error(str(e))
         if isinstance(e, ImportError) and not _missing_package(e):
             return None  # a broken import inside the project is a bug, not a missing extra
-        if isinstance(e, USER_ERRORS):
+        if isinstance(e, USER_ERRORS) or _lightning_misconfiguration(e):
             return str(e)
         if isinstance(e, RuntimeError) and str(e).startswith("applying transform"):
             e = e.__cause__

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from imaging_meta.backbones import is_transductive
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.learners.base import Learner, SimilarityMeasure
 
@@ -159,15 +160,17 @@ def _starts(n: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
-def _predict_queries(learner: Learner, episode: Episode, images: torch.Tensor, batch_size: int, one_by_one: bool) -> torch.Tensor:
-    """Class probabilities (N, n_way) of each image of (N, C, H, W) as the single query of ``episode``."""
-    template = replace(episode, query_images=episode.query_images[:1], query_labels=episode.query_labels[:1])
-    step = 1 if one_by_one else batch_size
+def _predict_queries(learner: Learner, episode: Episode, images: torch.Tensor, batch_size: int, together: bool) -> torch.Tensor:
+    """Class probabilities (N, n_way) of each image of (N, C, H, W) against ``episode``'s support: ``together``,
+    up to ``batch_size`` images as the query set of one episode (the support encoded, or a learner adapted, once
+    for them); otherwise each image the single query of its own episode, one episode per call."""
     out = []
     with torch.no_grad():  # gradient-based learners switch gradients on in their inner loop themselves
-        for start in range(0, len(images), step):
-            eps = [replace(template, query_images=img[None]) for img in images[start : start + step]]
-            out.append(learner.predict(collate_episodes(eps))[:, 0].float())
+        for start in range(0, len(images), batch_size if together else 1):
+            chunk = images[start : start + (batch_size if together else 1)]
+            ep = replace(episode, query_images=chunk, query_labels=episode.query_labels[:1].expand(len(chunk)).clone(),
+                         query_ids=[f"occluded{start + j}" for j in range(len(chunk))])
+            out.append(learner.predict(collate_episodes([ep]))[0].float())
     return torch.cat(out)
 
 
@@ -182,10 +185,11 @@ def occlusion_saliency(
 ) -> Occlusion:
     """Occlusion saliency of one query's predicted (or ``target``) class.
 
-    Each occluded copy of the query is classified in its own episode against the full support set; the
-    copies are the tasks of batched episodes of up to ``batch_size`` tasks. Learners whose prediction for a
-    task depends on its position in the batch (``Learner.tasks_independent`` False) are given one episode
-    per call, and any other learner is checked for it (a warning says when it falls back).
+    Each occluded copy of the query is classified against the full support set, up to ``batch_size`` copies as
+    the query set of one episode: a query's answer does not depend on the other queries (the support's statistics
+    normalise them), so the support is encoded once per batch of copies. A learner with ``transductive`` norms
+    gets one episode per copy, and any other learner is checked (the query first and last in one episode must get
+    the same answer; a warning says when it falls back).
 
     Runs under ``torch.no_grad()``; learners that adapt by gradient (MAML family, fine-tuning, Meta-LSTM)
     turn gradients on inside ``predict`` themselves. Not under ``torch.inference_mode()``.
@@ -198,7 +202,7 @@ def occlusion_saliency(
         patch_size: side of the square occluding patch; None: `default_patch`.
         stride: step between patch positions; None: `default_patch` (half the patch).
         fill: ``"mean"`` (the query's mean per channel, a grey patch) or a constant intensity.
-        batch_size: occluded copies (tasks) per ``predict`` call.
+        batch_size: occluded copies (queries) per ``predict`` call.
 
     Returns:
         An `Occlusion` with the (H, W) saliency map on the query's device.
@@ -227,19 +231,19 @@ def occlusion_saliency(
     copies = query.unsqueeze(0).repeat(len(positions), 1, 1, 1)
     for i, (y, x) in enumerate(positions):
         copies[i, :, y : y + ph, x : x + pw] = value
-    one_by_one = not learner.tasks_independent
-    if not one_by_one:
-        # the unoccluded query first and last in a batch: the same answer in both places, or one task per call
+    together = not is_transductive(learner)
+    if together:
+        # the unoccluded query first and last among the queries: the same answer in both places, or one per call
         n = min(batch_size, len(positions) + 2)
-        check = _predict_queries(learner, ep, torch.cat([query[None], copies[: n - 2], query[None]]), n, False)
+        check = _predict_queries(learner, ep, torch.cat([query[None], copies[: n - 2], query[None]]), n, True)
         if not torch.allclose(check[0], check[-1], atol=1e-5):
-            warnings.warn(f"{type(learner).__name__}'s prediction for a task depends on its place in the batch; "
+            warnings.warn(f"{type(learner).__name__}'s prediction for a query depends on the other queries; "
                           "classifying the occluded copies one episode per call (slower)", stacklevel=2)
-            one_by_one = True
-    if one_by_one:
-        probs = _predict_queries(learner, ep, torch.cat([query[None], copies]), batch_size, True)
+            together = False
+    if not together:
+        probs = _predict_queries(learner, ep, torch.cat([query[None], copies]), batch_size, False)
     else:
-        rest = _predict_queries(learner, ep, copies[n - 2 :], batch_size, False) if len(copies) > n - 2 else check[:0]
+        rest = _predict_queries(learner, ep, copies[n - 2 :], batch_size, True) if len(copies) > n - 2 else check[:0]
         probs = torch.cat([check[:-1], rest])
     base, occluded = probs[0], probs[1:]
     cls = int(base.argmax()) if target is None else int(target)

@@ -121,12 +121,19 @@ def structure_preprocessing(preprocessing: dict, label: str, value: int | None, 
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if scale == "checkpoint":
         return preprocessing
-    # the label map alone: it lies on its image's grid (checked when the support is preprocessed)
+    # the label map alone: it lies on its image's grid (checked when the support is preprocessed), read and
+    # turned to RAS as the preprocessing turns it, so that the last axis is axial whatever the file's storage
+    # order (a sagittal or coronal file was measured along its own axes: another scale, another mask)
+    from monai.transforms import Orientationd
+
     tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
                            preprocessing["mr_percentiles"], keys=("label",))
-    raw = tf.transforms[0]({"label": label})
+    raw: Any = {"label": label}
+    for t in tf.transforms[:2]:  # load, channel first
+        raw = t(raw)
+    raw = next(t for t in tf.transforms if isinstance(t, Orientationd))(raw)
     spacing = np.sqrt((np.asarray(raw["label"].affine)[:3, :3] ** 2).sum(0))
-    labels = np.asarray(raw["label"])
+    labels = np.asarray(raw["label"])[0]
     mask = labels != 0 if value is None else labels == value
     if not mask.any():
         what = "non-zero voxel" if value is None else f"voxel of value {value}"

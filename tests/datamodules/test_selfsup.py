@@ -146,6 +146,23 @@ def test_a_folder_without_any_label_trains_self_supervised(unlabelled_root, tmp_
         SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path / "b"), **SMALL_DATA).setup("fit")
 
 
+def test_self_supervision_without_a_cache_is_warned_about(unlabelled_root, tmp_path):
+    """With cache: none every episode computed its scan's superpixels again (seconds each), silently."""
+    dm = SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path), **{**SMALL_SELFSUP, "cache": "none"})
+    with pytest.warns(UserWarning, match="cache: none with self-supervised episodes computes every scan's superpixels"):
+        dm.setup("fit")
+
+
+def test_the_memory_cache_fills_with_a_bounded_pool(monkeypatch):
+    """MONAI's default pool has a thread per core of the machine, each holding a volume at its preprocessing peak."""
+    import datamodules.segmentation as seg
+
+    monkeypatch.setattr(seg.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert seg.cache_threads() == seg.CACHE_THREADS == 4
+    monkeypatch.setattr(seg.os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core allocation of a larger node
+    assert seg.cache_threads() == 2
+
+
 def test_held_out_patients_never_enter_self_supervision(demo_root, demo_index, tmp_path):
     dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
                                 **{**SMALL_SELFSUP, "selfsup_ratio": 0.5})

@@ -195,3 +195,21 @@ def test_a_validation_organ_is_chosen_only_where_an_episode_can_be_drawn():
         assert choose_val_organs(cs, val, ["spleen"], 1, s, min_patients=3) == ["liver"]
     with pytest.raises(ValueError, match="labelled in at least 5 validation patients"):
         choose_val_organs(cs, val, ["spleen"], 1, 0, min_patients=5)
+
+
+@pytest.mark.parametrize("config,patients", [("chaos_mr_setting1", 20), ("chaos_mr_setting2", 20),
+                                             ("synapse_ct_setting1", 30), ("synapse_ct_setting2", 30)])
+def test_every_shipped_fold_leaves_validation_enough_patients_for_an_episode(config, patients):
+    """With CHAOS's 20 patients a fold (4 test scans and the support scan) left 15, and val_fraction 0.15 gave
+    validation 2 of them: fewer than an episode's n_shot + n_query, so every fold's fit stopped."""
+    from pathlib import Path
+
+    import yaml
+
+    args = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "data" / f"{config}.yaml").read_text())
+    a = args["data"]["init_args"]
+    cs = imaged_cases(patients, sites=1)
+    for first in range(0, patients - 5 + 1, 5):  # the 5 SSL-ALPNet-sized folds: 4 test scans, then the support
+        fold = [c.image for c in cs[first:first + 5]]
+        s = make_split(cs, "in_domain", val_fraction=a["val_fraction"], seed=a["split_seed"], test_images=fold)
+        assert len(s.patients(cs, "val")) >= a["n_shot"] + a["n_query"], (config, first)

@@ -38,6 +38,9 @@ def test_adaptation_is_seeded_and_leaves_the_learner_alone():
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # another seed: other episodes
     assert any(not torch.equal(sa[k], before[k]) for k in sa)  # it did adapt
     assert adapt(learner, supports, queries, steps=0) is learner
+    state = torch.random.get_rng_state()  # the caller's random stream is as it was (adapt used to reseed it)
+    adapt(learner, supports, queries, steps=1, batch_size=2, seed=1, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_adaptation_episodes_use_superpixels_of_both_scans_and_the_support_labels():

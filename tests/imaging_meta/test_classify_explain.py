@@ -36,9 +36,9 @@ class RegionLearner(Learner):
 
     def predict(self, episode: Episode) -> torch.Tensor:
         ep = episode.unsqueeze()
-        self.calls.append(ep.n_tasks)
+        self.calls.append(ep.n_tasks * ep.query_images.shape[1])  # the images classified in this call
         mean = ep.query_images[..., REGION[0], REGION[1]].mean((-3, -2, -1))  # (T, Q)
-        p = torch.sigmoid(10 * (mean - 0.5) + self.position_bias * torch.arange(ep.n_tasks).unsqueeze(1))
+        p = torch.sigmoid(10 * (mean - 0.5) + self.position_bias * torch.arange(mean.shape[1]))  # by query place
         return torch.stack([1 - p, p], -1)
 
 
@@ -81,10 +81,11 @@ def test_occlusion_saliency_lies_exactly_in_the_region_the_model_reads():
     assert max(learner.calls) <= 16 and sum(learner.calls) == 1 + 1 + occ.n_occlusions  # + the place check
 
 
-def test_occlusion_falls_back_to_one_task_per_call_when_the_batch_place_matters():
+def test_occlusion_falls_back_to_one_episode_per_call_when_the_other_queries_matter():
     learner = region_learner(position_bias=0.5)
-    with pytest.warns(UserWarning, match="place in the batch"):
+    with pytest.warns(UserWarning, match="depends on the other queries"):
         occ = occlusion_saliency(learner, region_episode(), patch_size=4, stride=4)
+    assert learner.calls[0] == 38 and set(learner.calls[1:]) == {1}  # the check, then one image per call
     assert float(occ.saliency[~region_mask()].abs().max()) == 0.0 and float(occ.saliency[region_mask()].min()) > 0.05
     with pytest.raises(ValueError, match="one query at a time"):
         occlusion_saliency(learner, Episode(**{**region_episode().__dict__, "query_images": torch.zeros(2, 1, 24, 24),
@@ -173,9 +174,10 @@ def test_a_new_learner_explains_through_its_own_methods():
     means = ep.support_images.flatten(1).mean(-1)
     assert near.measure == "mean_intensity" and near.larger_is_nearer
     assert near.indices[0].tolist() == means.argsort(descending=True)[:2].tolist()
-    # a learner whose predictions depend on a task's place in the batch is given one episode per call
+    # a learner whose predictions depend on a task's place in a batch of tasks: the copies are the queries of one
+    # task (the unoccluded query twice, for the check, and the 4 copies)
     occ = occlusion_saliency(learner, region_episode(), patch_size=12, stride=12)
-    assert occ.n_occlusions == 4 and learner.calls == [1] * 5
+    assert occ.n_occlusions == 4 and learner.calls == [6]
 
 
 def test_panel_png_opens(tmp_path):

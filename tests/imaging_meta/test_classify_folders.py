@@ -129,3 +129,29 @@ def test_a_query_that_is_a_copy_of_a_support_image_is_named(folders, tmp_path, c
         classify(CHECKPOINT, support, [queries], tmp_path / "p.csv", device="cpu")
     assert re.search(r"1 query is also a support image, or a byte-for-byte copy of one \(e\.g\. .*renamed\.png\)",
                      caplog.text), caplog.text
+
+
+@pytest.mark.parametrize("model,space,finetune", [
+    ("protonet_cls", "auto", 0), ("maml_cls", "learned", 0), ("matching_cls", "auto", 0), ("mann_cls", "learned", 0),
+    ("protonet_cls", "learned", 3), ("protonet_cls", "transductive", 0)])
+def test_queries_classified_in_one_episode_get_the_answers_of_one_episode_each(model, space, finetune):
+    """`classify` puts its queries in one episode (the support encoded, a learner adapted, a head fine-tuned once
+    for them, not once per query): each query's answer is the one it gets alone."""
+    import torch
+
+    from imaging_meta.commands.classify import predict_queries, with_space
+    from tests.imaging_meta.fewshot import classification_episode
+    from tests.imaging_meta.test_non_transductive import build
+
+    learner = build(model, transductive=space == "transductive")
+    learner = with_space(learner, "learned" if space == "transductive" else space, finetune)
+    ep = classification_episode(n_way=5, n_shot=2, n_query=2, tasks=1, size=16, seed=4)
+    s_images, s_labels, q_images = ep.support_images[0], ep.support_labels[0], ep.query_images[0]
+    classes = [f"c{i}" for i in range(5)]
+    together, choices = predict_queries(learner, s_images, s_labels, classes, q_images)
+    alone = torch.cat([predict_queries(learner, s_images, s_labels, classes, q[None], first_index=j)[0]
+                       for j, q in enumerate(q_images)])
+    assert together.shape == (10, 5) and len(choices) == 10
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    if space == "auto":
+        assert all(c == choices[0] and c["space"] for c in choices)  # one support: one choice, for every query

@@ -88,6 +88,39 @@ def test_no_logger_leaves_the_learning_rate_monitor_out(tmp_path, capsys):
     assert monitors("--trainer.logger", "false") == 0
 
 
+def test_checkpointing_off_leaves_the_configs_checkpoint_callbacks_out(tmp_path, caplog):
+    """`--trainer.enable_checkpointing false` with a shipped trainer config: Lightning refused the config's own
+    ModelCheckpoint callbacks (reported as an internal error); they are left out, and a line says so."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    base = ["--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_classification.yaml"),
+            "--config", str(CONFIGS / "model/protonet_cls.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    assert sum(isinstance(c, ModelCheckpoint) for c in lightning_cli(base, run=False).trainer.callbacks) == 2
+    with caplog.at_level("INFO"):
+        cli = lightning_cli([*base, "--trainer.enable_checkpointing", "false"], run=False)
+    assert not any(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)
+    assert "ModelCheckpoint callbacks are left out" in caplog.text
+
+
+def test_a_backbone_option_set_alone_on_the_command_line_is_typed():
+    """`--model.learner.init_args.backbone_kwargs.width 16` arrives as the text '16' (backbone_kwargs is an untyped
+    dict): the network failed deep inside a convolution, as an internal error."""
+    from imaging_meta.backbones import build_backbone
+
+    assert build_backbone("conv4", width="16").out_channels == 16
+    assert build_backbone("resnet12", widths="[4, 8]").out_channels == 8
+    with pytest.raises(ValueError, match=r"option width='wide' does not read as a int .*backbone_kwargs '\{width: 64\}'"):
+        build_backbone("conv4", width="wide")
+
+def test_a_missing_model_config_is_named(tmp_path, capsys):
+    from imaging_meta.commands.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_classification.yaml"),
+                  "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert "no learner: add a model config, e.g. --config configs/model/protonet_cls.yaml" in capsys.readouterr().err
+
+
 def test_lightnings_distributed_sampler_is_off_and_cannot_be_switched_on(tmp_path):
     """The episode samplers shard by rank; Lightning's DistributedSampler on top split each rank's share again, so a
     2-rank run started with `--trainer.strategy ddp --trainer.devices 2` and a trainer config that did not say
@@ -262,6 +295,11 @@ def test_user_errors_are_the_projects_errors():
     assert user_error(CheckpointError("/c.ckpt: not an imaging-meta checkpoint")).startswith("/c.ckpt")
     assert user_error(FileNotFoundError(2, "No such file or directory", "/x.nii.gz")).endswith("'/x.nii.gz'")
     assert user_error(FloatingPointError("non-finite loss; lower the learning rate")) is not None
+    from lightning.fabric.utilities.exceptions import (
+        MisconfigurationException,  # `accelerator: gpu` without a GPU
+    )
+
+    assert user_error(MisconfigurationException("No supported gpu backend found!")) == "No supported gpu backend found!"
     missing = ModuleNotFoundError("No module named 'highdicom'", name="highdicom")
     assert user_error(missing) is not None and user_error(ImportError("pip install 'imaging-meta[jpeg]'")) is not None
     assert user_error(ModuleNotFoundError("No module named 'imaging_meta.gone'", name="imaging_meta.gone")) is None

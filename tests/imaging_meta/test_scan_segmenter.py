@@ -286,6 +286,27 @@ def test_structure_preprocessing_reads_the_label_map_as_segment_does(tmp_path):
     assert structure_preprocessing(pre, "missing_l.nii.gz", None, "checkpoint") is pre
 
 
+def test_the_structures_scale_does_not_depend_on_the_files_storage_order(tmp_path):
+    """The label was measured along the file's own axes: a sagittal or coronal file of the same scan got another
+    scale (and another mask) than the axial one. It is measured after the turn to RAS, as the preprocessing reads it."""
+    from imaging_meta.evaluation.scans import structure_preprocessing
+
+    pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    lab = np.zeros((120, 90, 24), np.uint8)  # RAS, 0.8 x 0.8 x 3 mm: a plate 40 mm across on one axial slice
+    lab[40:90, 20:70, 10] = 1
+    axial = np.diag([0.8, 0.8, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(lab, axial), str(tmp_path / "ras.nii.gz"))
+    order = (2, 0, 1)  # stored (z, x, y): voxel (k, i, j) of the file is voxel (i, j, k) of the scan
+    stored = np.transpose(lab, order)
+    affine = np.zeros((4, 4))
+    affine[3, 3] = 1.0
+    for file_axis, scan_axis in enumerate(order):
+        affine[:3, file_axis] = axial[:3, scan_axis]
+    nib.save(nib.Nifti1Image(stored, affine), str(tmp_path / "zxy.nii.gz"))
+    ras = structure_preprocessing(pre, str(tmp_path / "ras.nii.gz"), 1, "structure")
+    assert structure_preprocessing(pre, str(tmp_path / "zxy.nii.gz"), 1, "structure") == ras
+
+
 def test_segment_adapts_by_the_adaptation_modules_default():
     import inspect
 
