@@ -399,3 +399,12 @@ def test_real_classification_leaves_out_only_the_episodes_it_cannot_draw():
         assert all(abs(z[q] - s) >= 4 for q in query if q in z for s in s0)
     assert sample_episodes(items, 2, 2, 1, 2, 4, 40, 0) == eps  # seeded
     assert sample_episodes(items, 2, 2, 5, 2, 4, 10, 0) == []  # class 0 never has 5 items 4 slices apart
+
+
+def test_resample_cost_compares_the_per_slice_and_trilinear_paths(capsys):
+    from benchmarks.resample_cost import main
+
+    assert main(["--shape", "24", "20", "6", "--pre", "8", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "per slice (bilinear):" in out and "trilinear:" in out
+    assert float(out.split("largest difference: ")[1]) < 1e-4

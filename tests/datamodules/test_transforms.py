@@ -87,7 +87,7 @@ def test_a_refused_dicom_series_is_never_read_by_another_reader(tmp_path, monkey
     assert not calls
 
 
-@pytest.mark.parametrize("source", ["dicom_lps_reversed", "nifti_padded", "nifti_cropped", "nifti_oblique"])
+@pytest.mark.parametrize("source", ["dicom_lps_reversed", "nifti_padded", "nifti_cropped", "nifti_oblique", "nifti_tilted"])
 def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, monkeypatch):
     """The map on the preprocessed grid goes back to the file's grid as MONAI's Invertd takes it (linear), in
     slabs: padded or cropped to the slice size, LPS or RAS files, reversed DICOM slices, an oblique grid."""
@@ -96,15 +96,18 @@ def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, mon
     from datamodules.transforms import volume
     from datamodules.transforms.volume import to_source_grid
 
-    slabs = []
-    resample = volume._resample_affine
+    slabs, by_slice = [], []
+    resample, per_slice = volume._resample_affine, volume._resample_slices
     monkeypatch.setattr(volume, "_resample_affine", lambda *a: slabs.append(a[-1]) or resample(*a))
+    monkeypatch.setattr(volume, "_resample_slices", lambda *a: by_slice.append(a[-1]) or per_slice(*a))
     vol, _ = _volume()
     affines = {
         "dicom_lps_reversed": np.array([[-3.0, 0, 0, 60.0], [0, -3.5, 0, 40.0], [0, 0, 5.0, -20.0], [0, 0, 0, 1]]),
         "nifti_padded": np.diag([3.0, 3.5, 5.0, 1.0]),
         "nifti_cropped": np.diag([-0.9, 0.8, 2.5, 1.0]),
         "nifti_oblique": np.array([[2.9, 0.6, 0, 5.0], [-0.7, 3.4, 0, 4.0], [0, 0, 5.0, -2.0], [0, 0, 0, 1]]),
+        # slices tilted against the axial plane: no output slice lies on one preprocessed slice (the 3D path)
+        "nifti_tilted": np.array([[3.0, 0, 1.2, 5.0], [0, 3.5, 0, 4.0], [-0.6, 0, 5.0, -2.0], [0, 0, 0, 1]]),
     }
     affine = affines[source]
     if source.startswith("dicom"):
@@ -128,3 +131,5 @@ def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, mon
         np.testing.assert_allclose(got, np.asarray(expected[0]), atol=1e-5)
         np.testing.assert_allclose(affine_out, np.asarray(expected.affine), atol=1e-4)
     assert slabs == [1, 5]  # the slab path, not MONAI's Invertd
+    # each output slice from one preprocessed slice (bilinear, a tenth of the work) unless the slices are tilted
+    assert by_slice == ([] if source == "nifti_tilted" else [1, 5])
