@@ -502,11 +502,11 @@ def segment(
             from imaging_meta.adaptation import adapt
 
             adapted = adapt(learner, supports_pre, [query_volume], steps=adapt_steps, seed=adapt_seed, device=dev)
-            segmenter = ScanSegmenter(adapted, opts, dev).fit(supports_pre)
+            segmenter = ScanSegmenter(adapted, opts, dev, progress).fit(supports_pre)
             _log_fitted(segmenter)
             return segmenter
         if opts not in fitted:
-            fitted[opts] = ScanSegmenter(learner, opts, dev).fit(supports_pre)
+            fitted[opts] = ScanSegmenter(learner, opts, dev, progress).fit(supports_pre)
             _log_fitted(fitted[opts])
         return fitted[opts]
 

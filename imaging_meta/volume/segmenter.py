@@ -38,6 +38,7 @@ in several parts (`imaging_meta.evaluation.volumes.keep_components`). Plain torc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -117,11 +118,15 @@ class ScanSegmenter:
     """Fit on support scans, predict query scans (preprocessed (H, W, D) tensors in [0, 1])."""
 
     def __init__(
-        self, learner: Learner, options: ScanOptions = ScanOptions(), device: torch.device | str = "cpu"
+        self, learner: Learner, options: ScanOptions = ScanOptions(), device: torch.device | str = "cpu",
+        progress: Callable[..., Iterable] | None = None,
     ):
         self.learner = learner
         self.options = options
         self.device = torch.device(device)
+        #: wraps the learner's passes over chunks of slices in a progress bar: ``progress(iterable, desc, total=,
+        #: unit=)``, e.g. `datamodules.progress.progress` (this module does no I/O); None: no bar
+        self.progress = progress
         self.fusion: LogisticFusion | None = None
         self.intensity: IntensityModel | None = None
         self.threshold = 0.5
@@ -153,7 +158,11 @@ class ScanSegmenter:
         sup_m = s_mask.unsqueeze(0).to(self.device)
         # query_chunk is for 80 x 80 slices: fewer per pass for larger ones (memory grows with pixels x prototypes)
         chunk = max(1, int(self.options.query_chunk * 6400 / max(1, images.shape[-2] * images.shape[-1])))
-        for start in range(0, images.shape[0], chunk):
+        starts: Iterable[int] = range(0, images.shape[0], chunk)
+        n_chunks = -(-images.shape[0] // chunk)
+        if self.progress is not None and n_chunks > 1:  # a large query at a fine scale takes minutes here
+            starts = self.progress(starts, "segmenting slices", total=n_chunks, unit="chunk")
+        for start in starts:
             qi = images[start : start + chunk].unsqueeze(1).unsqueeze(0).to(self.device)
             ep = Episode(
                 sup_i, sup_m, qi, torch.zeros(qi.shape[:2] + qi.shape[-2:], device=self.device), batched=True
@@ -305,7 +314,7 @@ class ScanSegmenter:
         if opts == dataclasses.replace(self.options, relax_empty=False):
             return None
         if opts not in self._relaxations:
-            seg = ScanSegmenter(self.learner, opts, self.device)
+            seg = ScanSegmenter(self.learner, opts, self.device, self.progress)
             seg.support_images, seg.support_masks = self.support_images, self.support_masks
             seg._support_probs, seg._support_llr = self._support_probs, self._support_llr
             seg._calibrate()

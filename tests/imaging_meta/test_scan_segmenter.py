@@ -96,6 +96,22 @@ def test_intensity_evidence_segments_what_an_uninformative_learner_cannot():
     assert torch.equal(fused, q_mask)  # the intensity likelihood alone finds the organ exactly
 
 
+def test_the_learners_passes_over_slice_chunks_report_progress():
+    """A large query at a fine scale spent minutes in the learner's passes without a bar (only the queries had one)."""
+    s_img, s_mask = _volume(size=80)
+    q_img, _ = _volume(lo=3, hi=9, size=80)  # 80 x 80 slices: one slice a pass at query_chunk 1
+    bars = []
+
+    def progress(iterable, desc, total=None, unit="it"):
+        bars.append((desc, total, unit))
+        return iterable
+
+    options = dataclasses.replace(LEARNER_ONLY, query_chunk=1)
+    with_bar = ScanSegmenter(ConstantLearner(0.9), options, progress=progress).fit([(s_img, s_mask)]).predict(q_img)
+    plain = ScanSegmenter(ConstantLearner(0.9), options).fit([(s_img, s_mask)]).predict(q_img)
+    assert ("segmenting slices", q_img.shape[-1], "chunk") in bars and torch.equal(with_bar, plain)
+
+
 def test_negative_slices_leave_distractor_slices_empty():
     s_img, s_mask = _volume()
     q_img, q_mask = _volume()
