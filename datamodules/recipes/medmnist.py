@@ -476,8 +476,9 @@ def prepare_medmnist(
     problems += more
     if not problems:  # needs every file's labels
         problems += _check_classes(parts, shots, ways, queries)
-    if problems:
-        raise PrepareError(f"{len(problems)} problem(s); nothing was prepared:\n" + "\n".join(problems))
+    if problems:  # the files skipped as not MedMNIST's named too: a renamed file is often the cause
+        raise PrepareError(f"{len(problems)} problem(s); nothing was prepared:\n" + "\n".join(problems)
+                           + "".join(f"\nskipped (not read): {w}" for w in skipped))
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:

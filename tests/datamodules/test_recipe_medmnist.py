@@ -97,6 +97,16 @@ def test_md5_mismatch_is_refused_naming_the_file_and_out_is_left_as_it_was(folde
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_refusal_names_the_files_it_skipped_too(folder, tmp_path):
+    """A renamed download (``path.npz`` for ``pathmnist.npz``) was named as skipped only when the run succeeded."""
+    import shutil
+
+    shutil.copy(folder / "pathmnist.npz", folder / "path.npz")
+    with pytest.raises(PrepareError) as e:
+        prepare_medmnist(folder, tmp_path / "prepared", **SMALL)
+    assert f"skipped (not read): {folder / 'path.npz'}" in str(e.value)
+
+
 def test_allow_unofficial_proceeds_and_records_it(folder, tmp_path):
     summary = prepare_medmnist(folder, tmp_path / "out", allow_unofficial=True, **SMALL)
     assert [i["official"] for i in summary["inputs"]] == [False] * 5
