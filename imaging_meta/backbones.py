@@ -22,6 +22,7 @@ never transductive.
 
 from __future__ import annotations
 
+import collections.abc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -80,35 +81,77 @@ def build_backbone(name: str, in_channels: int = 1, transductive: bool = False, 
     return backbone
 
 
+def _option_kinds(name: str) -> dict[str, tuple[type, bool]]:
+    """The registered builder's options whose values are numbers, bools or sequences: option -> (kind, whether None
+    is allowed), from the annotations (or the default) of the builder, or of the function it stands for
+    (``signature_of``, e.g. the ``resnet`` builder's `imaging_meta.pretrained.build_resnet`)."""
+    import inspect
+    import types
+    import typing
+
+    fn = _REGISTRY[name]
+    target = fn.signature_of() if hasattr(fn, "signature_of") else fn
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # an annotation that cannot be evaluated: the defaults alone decide
+        hints = {}
+    out: dict[str, tuple[type, bool]] = {}
+    for key, param in inspect.signature(target).parameters.items():
+        hint = hints.get(key)
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        optional = type(None) in args
+        kinds = [typing.get_origin(a) or a for a in args if a is not type(None) and a is not None]
+        if param.default is not inspect.Parameter.empty and param.default is not None:
+            kinds = [type(param.default)]
+        kind = kinds[0] if len(kinds) == 1 else None
+        if kind in (list, tuple, collections.abc.Sequence):
+            kind = tuple if kind is tuple else list
+        if kind in (bool, int, float, list, tuple):
+            out[key] = (kind, optional)
+    return out
+
+
 def _typed_options(name: str, kwargs: dict) -> dict:
-    """``kwargs`` with a text value read as YAML where the builder's default for that option is a number, a
-    bool or a sequence: ``backbone_kwargs`` is an untyped dict, so one key set on the command line
-    (``--model.learner.init_args.backbone_kwargs.width 16``) arrives as the text ``'16'``.
+    """``kwargs`` with a text value read as YAML where the builder's option is a number, a bool or a sequence:
+    ``backbone_kwargs`` is an untyped dict, so one key set on the command line
+    (``--model.learner.init_args.backbone_kwargs.width 16``) arrives as the text ``'16'`` (and ``freeze_bn false``
+    as ``'false'``, which is true).
 
     Raises:
         ValueError: a text value that does not read as the option's kind, naming the option and the whole-dict form.
     """
-    import inspect
-
     import yaml
 
-    defaults = {k: p.default for k, p in inspect.signature(_REGISTRY[name]).parameters.items()}
+    kinds = _option_kinds(name)
     out = dict(kwargs)
     for key, value in kwargs.items():
-        default = defaults.get(key, inspect.Parameter.empty)
-        if not isinstance(value, str) or not isinstance(default, (bool, int, float, tuple, list)):
+        if not isinstance(value, str) or key not in kinds:
             continue
+        kind, optional = kinds[key]
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
-        kinds = (bool,) if isinstance(default, bool) else (int, float) if isinstance(default, (int, float)) else (list,)
-        if isinstance(parsed, bool) != isinstance(default, bool) or not isinstance(parsed, kinds):
+        if kind is float and isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as text
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        if parsed is None and optional:
+            out[key] = None
+        elif kind is bool and isinstance(parsed, bool):
+            out[key] = parsed
+        elif kind is int and not isinstance(parsed, bool) and isinstance(parsed, (int, float)) and float(parsed).is_integer():
+            out[key] = int(parsed)
+        elif kind is float and not isinstance(parsed, bool) and isinstance(parsed, (int, float)):
+            out[key] = float(parsed)
+        elif kind in (list, tuple) and isinstance(parsed, list):
+            out[key] = tuple(parsed) if kind is tuple else parsed
+        else:
             raise ValueError(
-                f"backbone {name!r}: option {key}={value!r} does not read as a {type(default).__name__} (its default "
-                f"is {default!r}); give the options as one dict, e.g. --model.learner.init_args.backbone_kwargs "
-                f"'{{{key}: {default!r}}}'")
-        out[key] = tuple(parsed) if isinstance(default, tuple) and isinstance(parsed, list) else parsed
+                f"backbone {name!r}: option {key}={value!r} does not read as a {kind.__name__}"
+                f"{' (or null)' if optional else ''}; give the options as one dict, e.g. "
+                f"--model.learner.init_args.backbone_kwargs '{{{key}: ...}}'")
     return out
 
 
@@ -425,6 +468,15 @@ def _resnet(in_channels: int = 1, **kwargs):
     from imaging_meta.pretrained import build_resnet  # here: imaging_meta.pretrained imports this module
 
     return build_resnet(in_channels=in_channels, **kwargs)
+
+
+def _build_resnet() -> Callable:
+    from imaging_meta.pretrained import build_resnet
+
+    return build_resnet
+
+
+_resnet.signature_of = _build_resnet  # its options, for `_typed_options`
 
 
 class Encoder(nn.Module):

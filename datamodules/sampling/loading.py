@@ -78,11 +78,19 @@ class ResumableEpisodes:
         as soon as its iterator exists (prefetching), and Lightning creates the first epoch's iterator before it
         calls ``set_epoch``: a resumed run with workers drew epoch 0's episodes (and used up the skip) again."""
         sampler = getattr(self, "_samplers", {}).get("train")
-        trainer = getattr(self, "trainer", None)
-        if sampler is not None and trainer is not None:
-            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
-        state = getattr(self, "_resume_state", None)
-        if not state or sampler is None:
+        if sampler is None:
             return
-        sampler.resume(state["epoch"], state["batches_done"] * state["batch_size"])
-        self._resume_state = None
+        state = getattr(self, "_resume_state", None)
+        if state:
+            consumed = state["batches_done"] * state["batch_size"]
+            if consumed >= len(sampler):
+                # saved after the epoch's last batch (a step checkpoint): the fit loop goes on with the next epoch,
+                # which it counts only after building the loader; with workers the loader draws at once, so it must
+                # draw that epoch, whole (skipping the finished one left the next epoch without a batch)
+                self._first_epoch = int(state["epoch"]) + 1
+            else:
+                sampler.resume(state["epoch"], consumed)
+            self._resume_state = None
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            sampler.set_epoch(max(trainer.fit_loop.epoch_progress.current.processed, getattr(self, "_first_epoch", 0)))

@@ -512,7 +512,7 @@ def _resample_affine(values: torch.Tensor, values_affine: np.ndarray, shape: tup
     to_grid[:3, 3] += 1.0 / size - 1.0
     m = torch.as_tensor(to_grid)
     voxels = np.linalg.inv(values_affine) @ affine  # output voxel -> values voxel
-    if _slice_to_slice(voxels, values.shape[2]):
+    if _slice_to_slice(voxels, shape):
         return _resample_slices(values, to_grid, voxels, shape, slab)
     src = values.to(torch.float32)[None, None].permute(0, 1, 4, 3, 2)  # (1, 1, D, W, H): grid_sample's z, y, x
     x, y, z = shape
@@ -530,15 +530,14 @@ def _resample_affine(values: torch.Tensor, values_affine: np.ndarray, shape: tup
     return out
 
 
-def _slice_to_slice(voxels: np.ndarray, depth: int, tol: float = 1e-4) -> bool:
-    """Whether the voxel map ``voxels`` (4 x 4, output voxel -> values voxel) takes each output slice onto one whole
-    slice of the values (the preprocessing keeps the slice spacing: ``Spacingd`` with -1 along z), so that linear
-    sampling is bilinear within that slice."""
-    in_plane_k = np.abs(voxels[:2, 2]).max() < tol  # the in-plane position does not move with the slice
-    slice_ij = np.abs(voxels[2, :2]).max() < tol  # the slice does not move with the in-plane position
-    step = abs(abs(voxels[2, 2]) - 1.0) < tol
-    offset = abs(voxels[2, 3] - round(voxels[2, 3])) < tol
-    return bool(in_plane_k and slice_ij and step and offset and depth > 0)
+def _slice_to_slice(voxels: np.ndarray, shape: tuple[int, ...], tol: float = 1e-3) -> bool:
+    """Whether the voxel map ``voxels`` (4 x 4, output voxel -> values voxel) takes every output slice of a grid of
+    ``shape`` onto one whole slice of the values, to ``tol`` of a slice anywhere on the grid (the preprocessing
+    keeps the slice spacing: ``Spacingd`` with -1 along z), so that linear sampling is bilinear within that slice."""
+    x, y, z = shape[:3]
+    across = abs(voxels[2, 0]) * max(x - 1, 0) + abs(voxels[2, 1]) * max(y - 1, 0)  # the slice moving in-plane
+    along = voxels[2, 2] * np.arange(z) + voxels[2, 3]  # each output slice's position among the values' slices
+    return bool(across < tol and np.abs(along - np.round(along)).max(initial=0.0) < tol)
 
 
 def _resample_slices(values: torch.Tensor, to_grid: np.ndarray, voxels: np.ndarray, shape: tuple[int, ...],
@@ -552,14 +551,14 @@ def _resample_slices(values: torch.Tensor, to_grid: np.ndarray, voxels: np.ndarr
     ii = torch.arange(x, dtype=torch.float64).view(x, 1)
     jj = torch.arange(y, dtype=torch.float64).view(1, y)
     m = torch.as_tensor(to_grid)
-    plane = torch.stack([m[c, 0] * ii + m[c, 1] * jj + m[c, 3] for c in range(2)], -1).to(torch.float32)  # (x, y, 2)
-    grid = plane.permute(1, 0, 2)[None]  # (1, y, x, 2)
-    step, offset = int(round(voxels[2, 2])), int(round(voxels[2, 3]))
+    plane = torch.stack([m[c, 0] * ii + m[c, 1] * jj + m[c, 3] for c in range(2)], -1)  # (x, y, 2)
     out = np.zeros(shape, dtype=np.float32)
     for z0 in range(0, z, slab):
         ks = np.arange(z0, min(z, z0 + slab))
-        source = np.clip(step * ks + offset, 0, depth - 1)
-        sampled = F.grid_sample(src[torch.as_tensor(source)], grid.expand(len(ks), -1, -1, -1), mode="bilinear",
-                                padding_mode="border", align_corners=False)  # (n, 1, y, x)
+        source = np.clip(np.round(voxels[2, 2] * ks + voxels[2, 3]).astype(np.int64), 0, depth - 1)
+        shift = torch.stack([m[c, 2] * torch.as_tensor(ks, dtype=torch.float64) for c in range(2)], -1)  # (n, 2)
+        grid = (plane[None] + shift[:, None, None]).permute(0, 2, 1, 3).to(torch.float32)  # (n, y, x, 2)
+        sampled = F.grid_sample(src[torch.as_tensor(source)], grid, mode="bilinear", padding_mode="border",
+                                align_corners=False)  # (n, 1, y, x)
         out[:, :, z0:z0 + len(ks)] = sampled[:, 0].permute(2, 1, 0).numpy()
     return out

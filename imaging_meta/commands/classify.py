@@ -282,11 +282,27 @@ def predict_queries(
             probs = learner.predict(collate_episodes(eps).to(device))[:, 0].float().cpu()  # (T, n_way)
         choices = learner_choices(learner)  # a task-adaptive learner's choice per task (from the support alone)
         return probs, (choices if choices else [None] * len(eps))
-    batch = collate_episodes([_episode(s_images, s_labels, classes, q_images, first_index)]).to(device)
-    with torch.no_grad():
-        probs = learner.predict(batch)[0].float().cpu()  # (Q, n_way)
-    choices = learner_choices(learner)  # one task: the choice of the support, the same for every query
-    return probs, ([dict(choices[0]) for _ in q_images] if choices else [None] * len(q_images))
+    probs = torch.empty(len(q_images), len(classes))
+    out: list = [None] * len(q_images)
+    for idx in _grey_and_colour(q_images):  # a learner that reads colour describes a task as grey or colour
+        batch = collate_episodes([_episode(s_images, s_labels, classes, q_images[idx], first_index)]).to(device)
+        with torch.no_grad():
+            probs[idx] = learner.predict(batch)[0].float().cpu()  # (Q, n_way)
+        choices = learner_choices(learner)  # one task: the choice of the support, the same for its queries
+        for j in idx.tolist():
+            out[j] = dict(choices[0]) if choices else None
+    return probs, out
+
+
+def _grey_and_colour(q_images: torch.Tensor) -> list[torch.Tensor]:
+    """The query indices in one group, or in two when grey queries (equal channels) and colour ones are mixed: a
+    learner that reads colour describes a task as grey only when all its images are, so a grey query's answer
+    would depend on a colour query beside it (`imaging_meta.learners.descriptors.colour`)."""
+    if q_images.shape[1] > 1:
+        grey = (q_images == q_images[:, :1]).flatten(1).all(-1)
+        if bool(grey.any()) and not bool(grey.all()):
+            return [torch.nonzero(grey).flatten(), torch.nonzero(~grey).flatten()]
+    return [torch.arange(len(q_images))]
 
 
 def explain_dir(out_csv: str | os.PathLike) -> Path:

@@ -155,3 +155,23 @@ def test_queries_classified_in_one_episode_get_the_answers_of_one_episode_each(m
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
     if space == "auto":
         assert all(c == choices[0] and c["space"] for c in choices)  # one support: one choice, for every query
+
+
+def test_a_grey_querys_answer_does_not_change_when_a_colour_query_is_classified_with_it():
+    """A learner that reads colour describes a task as grey only when all its images are: with the queries in one
+    episode, a colour query made its grey neighbours colour (0.025 in probability, under `classify`'s default)."""
+    import torch
+
+    from imaging_meta.commands.classify import predict_queries
+    from tests.imaging_meta.test_non_transductive import build
+
+    learner = build("task_adaptive_cls")
+    g = torch.Generator().manual_seed(0)
+    support = torch.rand(4, 1, 32, 32, generator=g).expand(4, 3, 32, 32).contiguous()  # grey stored as RGB
+    labels = torch.tensor([0, 0, 1, 1])
+    grey = torch.rand(2, 1, 32, 32, generator=g).expand(2, 3, 32, 32).contiguous()
+    colour = torch.rand(1, 3, 32, 32, generator=g)
+    alone, alone_choice = predict_queries(learner, support, labels, ["a", "b"], grey)
+    mixed, mixed_choice = predict_queries(learner, support, labels, ["a", "b"], torch.cat([grey[:1], colour, grey[1:]]))
+    torch.testing.assert_close(mixed[[0, 2]], alone, atol=1e-6, rtol=0)
+    assert [c["colour"] for c in mixed_choice] == [False, True, False] and not alone_choice[0]["colour"]

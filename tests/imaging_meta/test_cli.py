@@ -109,8 +109,15 @@ def test_a_backbone_option_set_alone_on_the_command_line_is_typed():
 
     assert build_backbone("conv4", width="16").out_channels == 16
     assert build_backbone("resnet12", widths="[4, 8]").out_channels == 8
-    with pytest.raises(ValueError, match=r"option width='wide' does not read as a int .*backbone_kwargs '\{width: 64\}'"):
+    with pytest.raises(ValueError, match=r"option width='wide' does not read as a int; .*backbone_kwargs '\{width: \.\.\.\}'"):
         build_backbone("conv4", width="wide")
+    with pytest.raises(ValueError, match=r"option width='16.5' does not read as a int"):
+        build_backbone("conv4", width="16.5")
+    assert build_backbone("unet", dropout="1e-3", features="[4, 4, 8, 8, 8, 4]").out_channels == 32  # YAML 1.1: text
+    # the resnet builder's options are those of imaging_meta.pretrained.build_resnet: 'false' was true
+    frozen = build_backbone("resnet", depth="18", width="8", freeze_bn="false", imagenet_norm="null")
+    assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in frozen.modules())
+    assert sum(type(m).__name__ == "FrozenBatchNorm2d" for m in build_backbone("resnet", width="8", freeze_bn="true").modules())
 
 def test_a_missing_model_config_is_named(tmp_path, capsys):
     from imaging_meta.commands.cli import cli_main

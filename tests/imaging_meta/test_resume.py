@@ -92,17 +92,20 @@ def test_resume_without_the_skip_would_differ(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))
 
 
-@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+@pytest.mark.parametrize("where", ["mid_epoch", "last_batch", "epoch_end"])
 def test_resume_with_loader_workers_equals_an_uninterrupted_run(where, tmp_path):
     """A loader with workers draws episodes as soon as its iterator exists, which Lightning creates before it sets
     the sampler's epoch (and weight averaging built the loader before the restore): a resumed run drew epoch 0's
-    episodes again, and resumed from an epoch's end it trained the next epoch on none."""
+    episodes again, and resumed from an epoch's end (or a step checkpoint after its last batch) it trained the next
+    epoch on none."""
     paths = write_medmnist(tmp_path, n_files=1, classes_per_file=12, per_class=6)
     kw = {"num_workers": 2, "weight_averaging": 0.25}
     full, full_trainer = _run("maml", paths, tmp_path / "full", **kw)
     ckpts = tmp_path / "ckpts"
     if where == "mid_epoch":  # saved after step 6, the 2nd batch of epoch 1
         saver, step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_last=True, save_top_k=-1), 7
+    elif where == "last_batch":  # a step checkpoint after the last batch of epoch 0 (step 4), before its end hooks
+        saver, step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_last=True, save_top_k=-1), 5
     else:  # last.ckpt at the end of epoch 0 (4 steps), interrupted in epoch 1
         saver, step = ModelCheckpoint(dirpath=ckpts, save_last=True), 6
     with pytest.raises(Interrupt):
