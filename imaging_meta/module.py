@@ -330,6 +330,8 @@ class EpisodicModule(LightningModule):
             return []
         from imaging_meta.weight_averaging import LateWeightAveraging
 
+        if self._trainer is not None and any(isinstance(c, LateWeightAveraging) for c in self.trainer.callbacks):
+            return []  # still attached from fit (``--test_after_fit``): Lightning warned that it replaced it
         return [LateWeightAveraging(start=self.hparams["weight_averaging"])]
 
     def __deepcopy__(self, memo: dict) -> EpisodicModule:
@@ -486,8 +488,12 @@ class EpisodicModule(LightningModule):
         if not writers:
             return
         image = episode_panel(self.task, batch, probs, self.hparams["threshold"], self.hparams["n_log_images"])
+        # at the step of the stage's scalars: Lightning logs a validation inside fit at the last training step's
+        # index (global_step - 1), one below the panel before
+        fitting = self.trainer.state.fn == "fit" and stage == "val"
+        step = max(self.global_step - 1, 0) if fitting else self.global_step
         for w in writers:
-            w.add_image(f"{stage}/panel", image, self.global_step, dataformats="HWC")
+            w.add_image(f"{stage}/panel", image, step, dataformats="HWC")
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

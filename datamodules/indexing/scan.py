@@ -255,7 +255,7 @@ class _Scanner:
                 self.reject(p, "not classified by the scanner (a bug, please report)")
         self.index.cases.sort(key=lambda c: c.image if isinstance(c.image, str) else c.image[0])
         logger.info(
-            "scan of %s: %d cases (%d labelled), %d files accounted, %d inputs rejected",
+            "scan of %s: %d cases (%d labelled), %d support files used (sidecars, dataset.json, lesion tables), %d inputs rejected",
             self.root, len(self.index.cases), len(self.index.labelled_cases), len(self.index.accounted), len(self.index.rejected),
         )
         return self.index

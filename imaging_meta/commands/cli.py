@@ -63,6 +63,21 @@ def _init_default(class_path: str, name: str):
     return None
 
 
+def _checkpoint_place(path: str) -> str:
+    """`` (epoch E, step S)`` of a checkpoint file, and its monitored score when it has one: which model the test
+    report is about (TensorBoard logs its test scalars at the fit's last step, whichever checkpoint was tested)."""
+    from imaging_meta.checkpoint_io import read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(path)
+    except (OSError, ValueError):
+        return ""
+    scores = [float(v["best_model_score"]) for k, v in (ckpt.get("callbacks") or {}).items()
+              if "ModelCheckpoint" in str(k) and isinstance(v, dict) and v.get("best_model_score") is not None]
+    score = f", best validation score {scores[0]:.4f}" if scores else ""
+    return f" (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}{score})"
+
+
 def learner_n_way(data_n_way: int, learner: dict | None) -> int:
     """The ``data.init_args.n_way -> model.learner.init_args.n_way`` link: a learner gets its ways from the data.
 
@@ -201,7 +216,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def _print_report(self, checkpoint: str | None = None) -> None:
             paths = getattr(self.model, "report_paths", None)
             if paths and self.trainer.is_global_zero:
-                tested = f"\ncheckpoint (tested): {checkpoint}" if checkpoint else ""
+                tested = f"\ncheckpoint (tested): {checkpoint}{_checkpoint_place(checkpoint)}" if checkpoint else ""
                 sys.stdout.write("\n" + Path(paths[1]).read_text() + f"\nwritten: {paths[0]}\n         {paths[1]}{tested}\n")
 
     class NewRunFolder(SaveConfigCallback):

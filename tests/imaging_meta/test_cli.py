@@ -518,3 +518,18 @@ def test_images_and_a_learner_of_other_channel_counts_are_named_before_training(
             "--trainer.limit_train_batches", "1", "--model.learner.init_args.in_channels", "3"]
     with pytest.raises(ValueError, match=r"the images have 1 channel\(s\) but the \w+ learner takes in_channels=3"):
         cli_main(args)
+
+
+def test_the_printed_report_says_which_checkpoint_epoch_and_step_it_tested(tmp_path):
+    """TensorBoard logs the test scalars at the fit's last step whichever checkpoint was tested; the printed line
+    named only the file, so the epoch-6 average looked like the final model."""
+    import torch
+
+    from imaging_meta.commands.cli import _checkpoint_place
+
+    path = tmp_path / "best.ckpt"
+    torch.save({"epoch": 6, "global_step": 560, "state_dict": {},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val/score', 'mode': 'max'}": {"best_model_score": torch.tensor(0.26548)}}},
+               path)
+    assert _checkpoint_place(str(path)) == " (epoch 6, step 560, best validation score 0.2655)"
+    assert _checkpoint_place(str(tmp_path / "gone.ckpt")) == ""

@@ -94,6 +94,14 @@ def test_hparams_name_the_learner_optimiser_and_data_and_differ_between_learners
     assert {"learner/class", "learner/inner_lr"} <= differ and not any(k.startswith(("data/", "optimizer/")) for k in differ)
 
 
+def test_the_validation_panel_sits_at_the_step_of_the_validation_scalars(cls_runs):
+    """Lightning logs a validation inside fit at global_step - 1; the panel was one step after its scalars."""
+    runs, _ = cls_runs
+    for run in runs.values():
+        acc = _events(run)
+        assert [e.step for e in acc.Images("val/panel")] == [e.step for e in acc.Scalars("val/score")]
+
+
 def test_the_hparam_metrics_are_the_logged_validation_and_test_metrics(cls_runs):
     runs, _ = cls_runs
     for run in runs.values():
