@@ -416,7 +416,8 @@ class EpisodicModule(LightningModule):
         summary = summarize(records, task.metric, task.groups)[TRAINED]
         for group in task.groups:
             for name, s in summary[group].items():
-                self.log(f"val/{task.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+                # from the gathered records: the same value on every rank (sync_dist says so, and keeps Lightning quiet)
+                self.log(f"val/{task.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"], sync_dist=True)
 
     def on_test_epoch_start(self) -> None:
         self._records["test"], self._seen["test"] = [], 0
@@ -449,7 +450,7 @@ class EpisodicModule(LightningModule):
         self.test_differences = differences(records, task.metric, task.groups, interval=EPISODE_T)
         for group in task.groups:
             for name, s in summary[TRAINED][group].items():
-                self.log(f"test/{task.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"])
+                self.log(f"test/{task.metric}/{group}/{name}", s["mean"], batch_size=s["n_episodes"], sync_dist=True)
         out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a broadcast under DDP: every rank calls it
         if getattr(self.trainer, "fast_dev_run", False):  # a smoke test: no logger, and the folder would be the working directory
             logger.info("fast_dev_run: no test report written (test/%s is logged)", task.metric)

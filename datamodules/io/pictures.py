@@ -96,6 +96,7 @@ class Read:
     channels: int  # native channel count: 1 grey, 3 colour
     dicom: Any = None  # the pydicom data set of a DICOM file (headers for patient and site)
     header: Any = None  # its DicomHeader
+    windowed: bool = False  # scaled through a fixed window (a CT image in HU: ``ct_window``), not its own range
 
 
 def scale(arr: np.ndarray, path: Path, lo: float | None = None, hi: float | None = None) -> np.ndarray:

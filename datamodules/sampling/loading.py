@@ -8,6 +8,7 @@ episode comes from the seed in its spec, so a batch is the same whatever the wor
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -65,10 +66,17 @@ class ResumableEpisodes:
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         # a checkpoint taken in on_train_batch_end (ModelCheckpoint(every_n_train_steps=...)) comes after the
         # batch's optimiser step but before the loop counts it completed: "processed" is what is in the weights
-        return {"epoch": trainer.current_epoch, "batches_done": progress.processed, "batch_size": self.hparams.batch_size}
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed, "batch_size": self.hparams.batch_size,
+                "world_size": trainer.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume_state = dict(state)
+        trainer = getattr(self, "trainer", None)
+        saved, now = state.get("world_size"), (trainer.world_size if trainer is not None else None)
+        if saved is not None and now is not None and saved != now:  # the skip counts one rank's share of the epoch
+            warnings.warn(f"resuming a run of {saved} process(es) on {now}: each rank's episodes differ, so the run goes "
+                          "on but is not the one it would have been (exact resume needs the same number of processes)",
+                          stacklevel=2)
         self._apply_resume()
 
     def _apply_resume(self) -> None:

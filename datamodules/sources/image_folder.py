@@ -150,7 +150,16 @@ def _read_dicom(path: Path, ct_window: Sequence[float]) -> Read:
             )
     else:
         out = scale(arr, path)
-    return Read(out, 1, ds, h)
+    return Read(out, 1, ds, h, windowed=h.modality == "CT")
+
+
+def mixed_scaling(where: str, windowed: str, own_range: str) -> str:
+    """The warning for images scaled in two ways in one set: CT DICOM images through the CT window (in HU) and
+    pictures (or other DICOM images) by their own range, so the same anatomy gets other intensities."""
+    return (f"{where}: CT DICOM images are read in Hounsfield units through ct_window (e.g. {windowed}), other "
+            f"images by their own range (e.g. {own_range}): the same picture saved both ways gets other intensities "
+            "(and can get another answer); give the images in one form (export the CT slices to PNG with one window, "
+            "or keep them all DICOM)")
 
 
 def dicom_kind(path: Path) -> str | None:
@@ -257,14 +266,15 @@ def load_image_and_shape(
     image_size: Sequence[int] = (32, 32),
     channels: int = 1,
     ct_window: Sequence[float] = (-250.0, 250.0),
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """`load_image`, and the image's (height, width) as read, before resizing."""
+) -> tuple[torch.Tensor, tuple[int, int], bool]:
+    """`load_image`, the image's (height, width) as read, before resizing, and whether it was scaled through the
+    CT window (a CT DICOM image) rather than by its own range (`Read.windowed`)."""
     _check_settings(image_size, channels, ct_window)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such image file")
     read = _read(path, ct_window)
-    return _to_tensor(read, image_size, channels), (int(read.array.shape[0]), int(read.array.shape[1]))
+    return _to_tensor(read, image_size, channels), (int(read.array.shape[0]), int(read.array.shape[1])), read.windowed
 
 
 def _dicom_values(ds, fields: Sequence[str]) -> dict[str, Any]:
@@ -376,6 +386,7 @@ class ImageFolder(ItemSource):
         own_patient = 0  # images that are their own patient (no patient_regex, no DICOM PatientID)
         first_of: dict[int, Path] = {}  # native channel count -> first file with it
         classes = sorted(per_class)
+        scaling: dict[bool, str] = {}  # an image of each intensity scaling: a CT window, or its own range
         unreadable: list[str] = []  # every image that cannot be read, named together at the end
         copies: dict[str, list[str]] = {}  # file digest -> the images (class/name) with those bytes
         for label, cls in enumerate(classes):
@@ -424,6 +435,7 @@ class ImageFolder(ItemSource):
                     site, _ = site_key(_dicom_values(read.dicom, self.site_fields), self.site_fields, self._salt)
                 else:
                     site = self.name
+                scaling.setdefault(read.windowed, rel)
                 copies.setdefault(file_digest(f), []).append(rel)
                 images.append(_to_tensor(read, self.image_size, self.channels))
                 labels.append(label)
@@ -447,6 +459,8 @@ class ImageFolder(ItemSource):
                 logger.warning("cannot be read: %s", message)
             more = f"; and {len(unreadable) - 5} more, each named in a warning above" if len(unreadable) > 5 else ""
             raise ValueError(f"{len(unreadable)} image(s) of {root} cannot be read: " + "; ".join(unreadable[:5]) + more)
+        if len(scaling) > 1:
+            logger.warning(mixed_scaling(str(root), scaling[True], scaling[False]))
         repeated = [files for files in copies.values() if len(files) > 1]
         if repeated:
             shown = "; ".join(" = ".join(files) for files in repeated[:5]) + (

@@ -136,7 +136,19 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
             out.append(p)
         else:
             raise ValueError(f"{p}: no such query file or folder")
-    return out
+    unique: list[Path] = []  # a file given twice (a folder and a file in it): one row, and a warning
+    seen: set[Path] = set()
+    twice: list[str] = []
+    for q in out:
+        if q.resolve() in seen:
+            twice.append(str(q))
+        else:
+            seen.add(q.resolve())
+            unique.append(q)
+    if twice:
+        logger.warning("%d query file(s) given more than once, classified once: %s", len(twice),
+                       ", ".join(twice[:LISTED]) + (" ..." if len(twice) > LISTED else ""))
+    return unique
 
 
 def loader_settings(extra: dict, learner) -> dict:
@@ -418,7 +430,7 @@ def classify(
             warning with its reason as it is met; the error names the first five and counts the others), so that
             a run with a few damaged files keeps the answers for the others.
     """
-    from datamodules.sources.image_folder import load_image_and_shape
+    from datamodules.sources.image_folder import load_image_and_shape, mixed_scaling
 
     if explain and explain_k < 1:
         raise ValueError(f"explain_k must be >= 1 nearest support images, got {explain_k}")
@@ -465,9 +477,10 @@ def classify(
     if counts.min() != counts.max():
         logger.info("support classes have different numbers of images: %s", dict(zip(classes, counts.tolist(), strict=True)))
     shapes: dict[Path, tuple[int, int]] = {}
+    windowed: dict[Path, bool] = {}  # through the CT window (a CT DICOM image), or by the image's own range
 
     def load_image(path: Path) -> torch.Tensor:
-        image, shapes[path] = load_image_and_shape(path, **settings)
+        image, shapes[path], windowed[path] = load_image_and_shape(path, **settings)
         return image
 
     s_list, bad_support = [], []  # every support image must be readable: each one that is not is named
@@ -509,6 +522,9 @@ def classify(
         logger.warning("cannot be read: %s", message)
     if not rows:
         raise ValueError(f"none of the {len(qs)} queries can be read: {listed(unreadable)}")
+    kinds = {w: p for p, w in windowed.items()}
+    if len(kinds) > 1:  # support and queries scaled two ways: the same picture as DICOM and PNG gets other answers
+        logger.warning(mixed_scaling("classify", str(kinds[True]), str(kinds[False])))
     for note in resolution_notes(shapes, settings["image_size"]) + colour_notes(
             [f for f, _ in items], s_images, read, all_images):
         logger.warning(note)

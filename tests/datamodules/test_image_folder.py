@@ -35,6 +35,27 @@ def test_pngs_and_dicoms_load_with_pseudonymous_ids(tmp_path):
         assert phi not in blob
 
 
+def test_ct_dicom_images_beside_pictures_are_warned_about(tmp_path, caplog):
+    """A CT DICOM image is read in HU through ct_window, a PNG by its own range: the same picture saved both ways
+    got other intensities (and another answer in classify) without a word."""
+    import logging
+
+    from datamodules.sources.image_folder import load_image_and_shape
+
+    root = write_folder(tmp_path / "data")  # PNG classes and a class of CT DICOM images
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ImageFolder(str(root), image_size=[16, 16]).build()
+    assert "CT DICOM images are read in Hounsfield units through ct_window" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ImageFolder(str(write_folder(tmp_path / "png", dicom_class=False)), image_size=[16, 16]).build()
+    assert "Hounsfield" not in caplog.text
+    dcm = next((root / "ct_class").rglob("*.dcm"))
+    png = next((root / "class0").glob("*.png"))
+    assert load_image_and_shape(dcm)[2] is True and load_image_and_shape(png)[2] is False
+
+
 def test_patient_regex_groups_images_and_must_match_every_file(tmp_path):
     root = write_folder(tmp_path / "data", dicom_class=False)
     table = ImageFolder(str(root), patient_regex=r"^(?P<patient>P\d+)_").build()

@@ -337,3 +337,22 @@ def test_classify_keeps_colour_for_the_task_adaptive_classifier(protonet_checkpo
 
     with Image.open(next(explain_dir(out).glob("*.png"))) as im:
         im.verify()  # the panel shows colour support images
+
+
+def test_classify_warns_when_a_ct_dicom_query_meets_png_supports(protonet_checkpoint, tmp_path, caplog):
+    """The same CT picture as a DICOM (HU through ct_window) and as a PNG (its own range) got other inputs and other
+    answers, silently."""
+    import logging
+
+    from tests.helpers import write_dicom
+
+    support, queries = write_folders(tmp_path)
+    hu = (lesion_patterns(3, 1, 28, 99)[0, 0].numpy() * 200.0).astype(np.float64)
+    write_dicom(queries / "ct", hu, "q_ct.dcm")
+    with caplog.at_level(logging.WARNING):
+        classify(protonet_checkpoint, support, [queries], tmp_path / "p.csv", device="cpu")
+    assert "CT DICOM images are read in Hounsfield units through ct_window" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        classify(protonet_checkpoint, support, [queries / "q0.png"], tmp_path / "png.csv", device="cpu")
+    assert "Hounsfield" not in caplog.text

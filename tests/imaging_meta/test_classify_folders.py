@@ -47,6 +47,15 @@ def test_files_under_hidden_folders_are_no_images_for_classify_as_for_fit(folder
     assert [f.name for f in query_files([inside])] == ["q9.png"]
 
 
+def test_a_query_given_twice_is_classified_once_with_a_warning(folders, caplog):
+    """--query queries --query queries/q0.png wrote the file's row twice, silently."""
+    _, queries = folders
+    with caplog.at_level(logging.WARNING):
+        got = query_files([queries, queries / "q0.png", Path(str(queries) + "/./q1.png")])
+    assert [f.name for f in got] == ["q0.png", "q1.png"]
+    assert "2 query file(s) given more than once, classified once" in caplog.text
+
+
 def test_a_macos_archive_folder_is_no_class_for_classify_nor_fit(folders, caplog):
     """Unzipping a macOS archive leaves __MACOSX/ (AppleDouble files named ._*): it stopped classify ("no image in
     this class folder") and fit ("empty class folder")."""

@@ -1,6 +1,8 @@
 """Exact resume: a run interrupted mid-epoch and resumed from its last checkpoint ends with the same weights
 and metrics as an uninterrupted run (CPU, one process)."""
 
+import warnings
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
@@ -114,3 +116,23 @@ def test_resume_with_loader_workers_equals_an_uninterrupted_run(where, tmp_path)
     assert resumed_trainer.global_step == full_trainer.global_step == 12
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{k} differs after resume: max |diff| {(a - b).abs().max():.3g}"
+
+
+def test_a_resume_on_another_number_of_processes_is_warned_about():
+    """The data state counts one rank's share of the epoch: on another number of processes the run went on
+    silently as another run."""
+    from types import SimpleNamespace
+
+    from datamodules.sampling.loading import ResumableEpisodes
+
+    class Data(ResumableEpisodes):
+        def __init__(self, world_size: int) -> None:
+            self.trainer, self._samplers = SimpleNamespace(world_size=world_size), {}
+
+    state = {"epoch": 0, "batches_done": 1, "batch_size": 2, "world_size": 2}
+    with pytest.warns(UserWarning, match=r"resuming a run of 2 process\(es\) on 1"):
+        Data(1).load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Data(2).load_state_dict(state)
+        Data(1).load_state_dict({k: v for k, v in state.items() if k != "world_size"})  # checkpoints before it
