@@ -452,8 +452,19 @@ def classify(
         if holder is not None:
             raise ValueError(f"{explain_dir(out)}: the explanations folder lies inside {holder}, an input folder, so "
                              "their PNG panels would be read as images by the next run; write the CSV elsewhere")
+    # a support image copied into another class contradicts its label (fit warns about the same in its folders)
+    first_class: dict[str, tuple[Path, int]] = {}
+    contradicting = []
+    for image_path, y in items:
+        seen = first_class.setdefault(file_digest(image_path), (image_path, y))
+        if seen[1] != y:
+            contradicting.append(f"{seen[0]} = {image_path}")
+    if contradicting:
+        logger.warning("%d support image(s) are byte-for-byte copies of an image of another class (%s): a copy "
+                       "contradicts its label; remove it from the wrong class", len(contradicting),
+                       "; ".join(contradicting[:LISTED]) + (" ..." if len(contradicting) > LISTED else ""))
     # a query that is a support image: the same file, or a copy of its bytes under another name
-    support_paths, support_bytes = {f.resolve() for f, _ in items}, {file_digest(f) for f, _ in items}
+    support_paths, support_bytes = {f.resolve() for f, _ in items}, set(first_class)
     same = sorted(q for q in qs if q.resolve() in support_paths or file_digest(q) in support_bytes)
     if same:
         logger.warning("%d quer%s also a support image, or a byte-for-byte copy of one (e.g. %s): each is compared "

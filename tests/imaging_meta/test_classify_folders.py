@@ -184,3 +184,16 @@ def test_a_grey_querys_answer_does_not_change_when_a_colour_query_is_classified_
     mixed, mixed_choice = predict_queries(learner, support, labels, ["a", "b"], torch.cat([grey[:1], colour, grey[1:]]))
     torch.testing.assert_close(mixed[[0, 2]], alone, atol=1e-6, rtol=0)
     assert [c["colour"] for c in mixed_choice] == [False, True, False] and not alone_choice[0]["colour"]
+
+
+def test_a_support_image_copied_into_another_class_is_warned_about(folders, tmp_path, caplog):
+    """fit warned about a copy across class folders; classify compared queries with the support, not the support
+    with itself."""
+    import shutil
+
+    support, queries = folders
+    shutil.copy(support / "a" / "a0.png", support / "b" / "b_copy.png")
+    with caplog.at_level(logging.WARNING):
+        classify(CHECKPOINT, support, [queries], tmp_path / "pred.csv", device="cpu")
+    assert "1 support image(s) are byte-for-byte copies of an image of another class" in caplog.text
+    assert "a0.png = " in caplog.text and "b_copy.png" in caplog.text
