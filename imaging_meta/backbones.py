@@ -120,6 +120,8 @@ def _typed_options(name: str, kwargs: dict) -> dict:
     Raises:
         ValueError: a text value that does not read as the option's kind, naming the option and the whole-dict form.
     """
+    if not any(isinstance(v, str) for v in kwargs.values()):
+        return kwargs  # every backbone a learner builds from a config: nothing to read, no signature to inspect
     import yaml
 
     kinds = _option_kinds(name)

@@ -62,6 +62,7 @@ from datamodules.io.dicom_files import DICOM_CLAIMED, DICOM_SUFFIXES
 from datamodules.io.dicom_header import as_int, get_value
 from datamodules.io.dicom_pixels import invert_monochrome1, inverts_monochrome1, stored_pixel_array
 from datamodules.io.pictures import PIL_KINDS, Read, content_kind, grey_if_equal, read_pil, scale
+from datamodules.messages import LISTED, listed
 from datamodules.sources.items import ItemSource, ItemTable
 
 #: 2D image files read with Pillow (TIFF: single-page, 8/16-bit or float grey, or RGB, as pathology tiles are)
@@ -455,10 +456,9 @@ class ImageFolder(ItemSource):
                     "per class (one support, one query); add images or remove the folder"
                 )
         if unreadable:
-            for message in unreadable[5:]:
+            for message in unreadable[LISTED:]:
                 logger.warning("cannot be read: %s", message)
-            more = f"; and {len(unreadable) - 5} more, each named in a warning above" if len(unreadable) > 5 else ""
-            raise ValueError(f"{len(unreadable)} image(s) of {root} cannot be read: " + "; ".join(unreadable[:5]) + more)
+            raise ValueError(f"{len(unreadable)} image(s) of {root} cannot be read: {listed(unreadable)}")
         if len(scaling) > 1:
             logger.warning(mixed_scaling(str(root), scaling[True], scaling[False]))
         repeated = [files for files in copies.values() if len(files) > 1]

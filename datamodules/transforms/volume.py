@@ -508,10 +508,10 @@ def _resample_affine(values: torch.Tensor, values_affine: np.ndarray, shape: tup
     ``affine``), ``slab`` slices of the output at a time; positions off the grid take the nearest border value."""
     size = np.asarray(values.shape, dtype=np.float64)
     # output voxel -> grid_sample's normalised position (align_corners=False): (2 * index + 1) / size - 1
-    to_grid = np.diag([*(2.0 / size), 1.0]) @ np.linalg.inv(values_affine) @ affine
+    voxels = np.linalg.inv(values_affine) @ affine  # output voxel -> values voxel
+    to_grid = np.diag([*(2.0 / size), 1.0]) @ voxels
     to_grid[:3, 3] += 1.0 / size - 1.0
     m = torch.as_tensor(to_grid)
-    voxels = np.linalg.inv(values_affine) @ affine  # output voxel -> values voxel
     if _slice_to_slice(voxels, shape):
         return _resample_slices(values, to_grid, voxels, shape, slab)
     src = values.to(torch.float32)[None, None].permute(0, 1, 4, 3, 2)  # (1, 1, D, W, H): grid_sample's z, y, x

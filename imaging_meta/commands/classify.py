@@ -25,6 +25,7 @@ import torch
 
 from datamodules.io.atomic import atomic_open
 from datamodules.io.nifti_names import is_nifti
+from datamodules.messages import LISTED, listed
 from datamodules.progress import progress
 from datamodules.sources.image_folder import (
     DICOM_EXTENSIONS,
@@ -37,11 +38,11 @@ from datamodules.sources.image_folder import (
 )
 from imaging_meta.backbones import is_transductive
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
-from imaging_meta.commands.console import LISTED, listed
 from imaging_meta.commands.outputs import check_output_file, check_outputs
 from imaging_meta.episode import Episode, collate_episodes
 from imaging_meta.evaluation.scoring import learner_choices
 from imaging_meta.learners.base import Learner
+from imaging_meta.learners.descriptors.colour import equal_channels
 from imaging_meta.tasks import CLASSIFICATION, get_task
 
 logger = logging.getLogger(__name__)
@@ -140,10 +141,11 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     seen: set[Path] = set()
     twice: list[str] = []
     for q in out:
-        if q.resolve() in seen:
+        key = q.resolve()
+        if key in seen:
             twice.append(str(q))
         else:
-            seen.add(q.resolve())
+            seen.add(key)
             unique.append(q)
     if twice:
         logger.warning("%d query file(s) given more than once, classified once: %s", len(twice),
@@ -311,7 +313,7 @@ def _grey_and_colour(q_images: torch.Tensor) -> list[torch.Tensor]:
     learner that reads colour describes a task as grey only when all its images are, so a grey query's answer
     would depend on a colour query beside it (`imaging_meta.learners.descriptors.colour`)."""
     if q_images.shape[1] > 1:
-        grey = (q_images == q_images[:, :1]).flatten(1).all(-1)
+        grey = equal_channels(q_images, 1)
         if bool(grey.any()) and not bool(grey.all()):
             return [torch.nonzero(grey).flatten(), torch.nonzero(~grey).flatten()]
     return [torch.arange(len(q_images))]

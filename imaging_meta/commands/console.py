@@ -231,16 +231,6 @@ def _missing_package(error: ImportError) -> bool:
     return isinstance(error, ModuleNotFoundError) and name.split(".")[0] not in PROJECT_LOGGERS
 
 
-#: an error lists this many inputs that failed; the others are each named in a warning before it
-LISTED = 5
-
-
-def listed(messages: Sequence[str], most: int = LISTED) -> str:
-    """The first ``most`` messages joined, and how many more (those are logged as warnings before the error)."""
-    more = f"; and {len(messages) - most} more, each named with its reason in a warning above" if len(messages) > most else ""
-    return "; ".join(messages[:most]) + more
-
-
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 

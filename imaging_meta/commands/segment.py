@@ -40,12 +40,13 @@ from datamodules.indexing.volumes import (
     load_nifti,
 )
 from datamodules.io.dicom import is_nifti, nifti_stem
+from datamodules.messages import LISTED, listed
 from datamodules.progress import progress
 from datamodules.sources.image_folder import PIL_EXTENSIONS
 from datamodules.transforms.volume import CheckVolume, to_source_grid, volume_transforms
 from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
-from imaging_meta.commands.console import LISTED, listed, user_error
+from imaging_meta.commands.console import user_error
 from imaging_meta.commands.nifti_out import NiftiGeometry, nifti_description, save_nifti
 from imaging_meta.commands.outputs import check_output_folder, check_outputs
 from imaging_meta.evaluation.volumes import keep_components, structure_parts

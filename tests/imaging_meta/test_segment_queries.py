@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from imaging_meta.commands.console import LISTED
+from datamodules.messages import LISTED
 from imaging_meta.commands.segment import segment
 from imaging_meta.volume.segmenter import LEARNER_ONLY
 from tests.imaging_meta.test_segment_outputs import (

@@ -16,7 +16,7 @@ import torch
 from imaging_meta.episode import Episode, collate_episodes
 
 
-def _equal_channels(images: torch.Tensor, dim: int) -> torch.Tensor:
+def equal_channels(images: torch.Tensor, dim: int) -> torch.Tensor:
     """Per item, whether all its channels (along ``dim``) are equal: a bool tensor of the shape before ``dim``."""
     first = images.narrow(dim, 0, 1)
     return (images == first).flatten(dim).all(-1)
@@ -27,7 +27,7 @@ def grey_tasks(support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     channels (grey, or grey stored as colour)."""
     if support.shape[2] == 1:
         return torch.ones(support.shape[0], dtype=torch.bool, device=support.device)
-    return _equal_channels(support, 2).all(1) & _equal_channels(query, 2).all(1)
+    return equal_channels(support, 2).all(1) & equal_channels(query, 2).all(1)
 
 
 def channel_groups(support: torch.Tensor, query: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,18 @@
+"""Errors that name many inputs: the first few in the message, the others each in a warning logged before it.
+
+Shared by the readers (`datamodules.sources.image_folder`) and the commands (`imaging_meta.commands.console`
+re-exports it), so that every "N inputs cannot be read" error reads alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: an error lists this many inputs that failed; the others are each named in a warning before it
+LISTED = 5
+
+
+def listed(messages: Sequence[str], most: int = LISTED) -> str:
+    """The first ``most`` messages joined, and how many more (those are logged as warnings before the error)."""
+    more = f"; and {len(messages) - most} more, each named with its reason in a warning above" if len(messages) > most else ""
+    return "; ".join(messages[:most]) + more
