@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -15,6 +17,9 @@ from pydicom.uid import (
 )
 
 from datamodules.io.dicom_header import DicomHeader, as_int, get_value, is_enhanced
+
+#: a DICOM value length of 0xFFFFFFFF: the value is encapsulated (items up to a delimiter).
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 #: the geometry keywords every slice of a volume needs.
 _GEOMETRY_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
@@ -272,16 +277,25 @@ def _pixel_bytes_problem(ds: Dataset, h: DicomHeader) -> str | None:
     """Why uncompressed pixel data is malformed or shorter than the matrix needs, or None."""
     ts = UID(h.transfer_syntax)
     if not ts.is_compressed:
-        elem = ds["PixelData"]
-        value = elem.value
-        if elem.is_undefined_length or not isinstance(value, (bytes, bytearray)):
-            return f"uncompressed transfer syntax {ts.name} but encapsulated pixel data: the file is malformed"
+        elem = ds.get_item("PixelData", keep_deferred=True)
+        if isinstance(elem, RawDataElement) and elem.value is None:  # deferred (`read_header`): not read, not decoded
+            if elem.length == UNDEFINED_LENGTH:
+                return f"uncompressed transfer syntax {ts.name} but encapsulated pixel data: the file is malformed"
+            try:  # the bytes that the file holds after the value's start
+                present = min(elem.length, max(0, os.path.getsize(h.path) - elem.value_tell))
+            except OSError:
+                present = elem.length
+        else:
+            elem = ds["PixelData"]
+            if elem.is_undefined_length or not isinstance(elem.value, (bytes, bytearray)):
+                return f"uncompressed transfer syntax {ts.name} but encapsulated pixel data: the file is malformed"
+            present = len(elem.value)
         frames = h.number_of_frames
         expected = _expected_pixel_bytes(h.rows or 0, h.columns or 0, 1, h.bits_allocated or 0, frames)
-        if len(value) < expected:
+        if present < expected:
             times = f"*{frames} frames" if frames > 1 else ""
             return (
-                f"pixel data is truncated: {len(value)} bytes, expected {expected} "
+                f"pixel data is truncated: {present} bytes, expected {expected} "
                 f"(Rows*Columns*SamplesPerPixel*BitsAllocated/8{'*NumberOfFrames' if times else ''} = "
                 f"{h.rows}*{h.columns}*1*{h.bits_allocated}/8{times}); "
                 "the file was probably cut short, copy it again from the source"
@@ -296,7 +310,8 @@ def file_problem(ds: Dataset, h: DicomHeader) -> str | None:
     frames, the pixel format, the patient geometry, the decoder for the transfer syntax, then the size of uncompressed pixel data.
 
     Args:
-        ds: the data set, pixels included.
+        ds: the data set; its pixel data may be deferred (`read_dataset`'s ``defer_size``): then only its declared
+            length and the file's size are checked, nothing is read.
         h: its parsed header.
 
     Returns:

@@ -35,10 +35,17 @@ def _looks_like_headerless_dicom(path: str) -> bool:
     return head[:2] in (b"\x08\x00", b"\x00\x08", b"\x02\x00", b"\x00\x02")
 
 
-def read_dataset(path: str, *, stop_before_pixels: bool = False) -> tuple[Dataset, list[str]]:
+#: values longer than this are deferred when only the header is wanted (`read_header`).
+HEADER_DEFER_BYTES = 16384
+
+
+def read_dataset(
+    path: str, *, stop_before_pixels: bool = False, defer_size: int | None = None
+) -> tuple[Dataset, list[str]]:
     """Read a DICOM file with pydicom; raise `NotDicomError` / `DicomError` with the reason.
 
-    ``force=False`` first; a file with no preamble/'DICM' marker that starts like a raw data set is then read
+    ``defer_size``: values longer than this many bytes (the pixel data) are not read until accessed (pydicom's
+    ``defer_size``); their declared length and position stay known. ``force=False`` first; a file with no preamble/'DICM' marker that starts like a raw data set is then read
     with ``force=True`` and accepted only when it holds a SOP class or a modality.
     """
     caught: list[str] = []
@@ -52,11 +59,13 @@ def read_dataset(path: str, *, stop_before_pixels: bool = False) -> tuple[Datase
         warnings.simplefilter("always")
         try:
             try:
-                ds = pydicom.dcmread(path, force=False, stop_before_pixels=stop_before_pixels)
+                ds = pydicom.dcmread(
+                    path, force=False, stop_before_pixels=stop_before_pixels, defer_size=defer_size
+                )
             except InvalidDicomError as e:
                 if not _looks_like_headerless_dicom(path):
                     raise NotDicomError(path, f"not DICOM ({e})".replace(" Use force=True to force reading.", "")) from e
-                ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+                ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
                 if "SOPClassUID" not in ds and "Modality" not in ds:
                     raise NotDicomError(
                         path, "not DICOM (no 'DICM' marker, and no SOP class or modality when read without it)"
@@ -86,7 +95,11 @@ def _header_from_dataset(ds: Dataset, path: str, keywords: Iterable[str]) -> Dic
 
 
 def read_header(path: str | os.PathLike, *, keywords: Iterable[str] = ()) -> DicomHeader:
-    """Read one DICOM file's header (pixels are read but not decoded) and check it as a volume slice.
+    """Read one DICOM file's header and check it as a volume slice.
+
+    The pixel data is neither read nor decoded (it is deferred): indexing a folder of CT series reads a few
+    kilobytes per file instead of the whole slice. Its declared length is checked against the matrix and the
+    file's size, so a truncated file is still found here.
 
     Args:
         path: the file.
@@ -102,7 +115,7 @@ def read_header(path: str | os.PathLike, *, keywords: Iterable[str] = ()) -> Dic
         DicomError: the file is DICOM but cannot be parsed (corrupt or truncated header).
     """
     path = str(path)
-    ds, caught = read_dataset(path)
+    ds, caught = read_dataset(path, defer_size=HEADER_DEFER_BYTES)
     return checked_header(ds, path, keywords, caught)
 
 

@@ -14,6 +14,8 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
+from datamodules.indexing.scan import scan_folder
+from datamodules.io import dicom_files
 from datamodules.io.dicom import (
     DicomError,
     DicomSeriesError,
@@ -164,7 +166,11 @@ def test_too_few_slices(tmp_path):
     assert order_series(headers_of(paths), min_slices=2).shape == (8, 8, 2)
 
 
-def test_truncated_file(tmp_path):
+@pytest.mark.parametrize("deferred", [False, True], ids=["read", "deferred"])
+def test_truncated_file(tmp_path, monkeypatch, deferred):
+    # the scan defers pixel data above HEADER_DEFER_BYTES (a CT slice); then the declared length and the file size
+    # must find the truncation that reading the bytes finds
+    monkeypatch.setattr(dicom_files, "HEADER_DEFER_BYTES", 16 if deferred else 1 << 30)
     paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 4)))
     truncate(paths[2], 40)
     h = read_header(paths[2])
@@ -173,6 +179,26 @@ def test_truncated_file(tmp_path):
     assert reason.startswith("1 of 4 files cannot be used") and paths[2].name in reason
     truncate(paths[3], 400)  # cut inside the header: the PixelData element is gone
     assert "truncated" in read_header(paths[3]).problem
+
+
+def test_indexing_a_folder_never_reads_the_pixel_data(tmp_path, monkeypatch):
+    """Scanning 300 CT slices should read their headers, not 150 MB of pixels: every PixelData stays deferred."""
+    write_series(tmp_path / "s", phantom(shape=(96, 96, 4)))  # 18 KB of pixels per slice
+    read = []
+    dcmread = pydicom.dcmread
+
+    def spy(*args, **kwargs):
+        read.append(dcmread(*args, **kwargs))
+        return read[-1]
+
+    monkeypatch.setattr(dicom_files.pydicom, "dcmread", spy)
+    index = scan_folder(tmp_path)
+    assert len(index.cases) == 1 and len(read) == 4
+    for ds in read:
+        raw = ds.get_item("PixelData", keep_deferred=True)
+        assert raw.value is None, "the pixel data was read while indexing"
+    assert len(read[0].PixelData) == 96 * 96 * 2  # reading the bytes is seen by the same check
+    assert read[0].get_item("PixelData", keep_deferred=True).value is not None
 
 
 def test_non_dicom_and_corrupt_files(tmp_path):
