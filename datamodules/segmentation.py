@@ -2,7 +2,8 @@
 
 `SegmentationDataModule` is what a config points at. It scans ``root`` once (the index is written to the
 cache folder), splits patients under a protocol, preprocesses each labelled volume once (MONAI
-``CacheDataset`` in memory, or ``PersistentDataset`` on disk), builds the slice tables the samplers draw
+``CacheDataset`` in memory, or on disk as `datamodules.slice_cache.SliceCache`, MONAI's ``PersistentDataset``
+read one slice at a time), builds the slice tables the samplers draw
 from, and serves batches of `Episode`s (leading task dimension).
 
 Under cross_organ, validation (which chooses the checkpoint) targets organs held out of both training and
@@ -57,6 +58,7 @@ from datamodules.sampling.slices import (
     case_items,
     slices_showing,
 )
+from datamodules.slice_cache import SliceCache
 from datamodules.transforms.volume import (
     READER_VERSION,
     as_plain_tensor,
@@ -192,7 +194,7 @@ class SegmentationDataModule(EpisodicDataModule):
         mr_percentiles: percentiles for MR normalisation.
         min_organ_pixels: a slice shows an organ when it has at least this many of its pixels.
         augment: random slice augmentation for training episodes.
-        cache: "memory" (MONAI CacheDataset) or "disk" (PersistentDataset under cache_dir).
+        cache: "memory" (MONAI CacheDataset) or "disk" (`SliceCache`, a PersistentDataset under cache_dir).
         num_workers: DataLoader workers.
         seed: episode seed (training epochs, and the fixed validation and test lists).
         label_names: label value -> structure name, for folders without a Decathlon dataset.json. It applies to
@@ -750,8 +752,8 @@ class SegmentationDataModule(EpisodicDataModule):
                     raise item.error
             return ds
         if self.hparams.cache == "disk":
-            return _warmed(PersistentDataset(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder,
-                                             hash_func=hash_with_file_stamps))
+            return _warmed(SliceCache(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder,
+                                      hash_func=hash_with_file_stamps))
         if folder.startswith("superpixels-"):
             warnings.warn("cache: none with self-supervised episodes computes every scan's superpixels again for each "
                           "episode (seconds a scan); use cache: memory or disk", stacklevel=3)

@@ -110,3 +110,53 @@ def test_a_pixdim_that_contradicts_the_sform_does_not_move_the_volume_to_another
     loaded = LoadVolumed(["image"])({"image": str(path)})["image"]
     assert np.allclose(np.asarray(loaded.affine)[:3, :3], sform[:3, :3])
     assert np.array_equal(np.asarray(loaded), data)
+
+
+def _cache_item(tmp_path):
+    rng = np.random.default_rng(1)
+    image = _write(tmp_path / "ct.nii.gz", rng.integers(-200, 200, (16, 12, 5)).astype(np.int16))
+    lab = np.zeros((16, 12, 5), np.uint8)
+    lab[3:9, 2:7, 1:4] = 2
+    label = _write(tmp_path / "ct_label.nii.gz", lab)
+    return {"image": image, "label": label, "modality": "CT", "case_id": "c0"}, volume_transforms((2.0, 2.0), (16, 12))
+
+
+def test_the_slice_cache_reads_back_the_same_volume_one_slice_at_a_time(tmp_path, monkeypatch):
+    """`cache: disk` read a whole volume from disk for every slice of an episode (250 ms for a 256 x 256 x 300
+    volume, against 10 ms for its slice): the file now holds each slice as one block, memory-mapped on reading."""
+    from datamodules.slice_cache import SliceCache
+
+    item, tf = _cache_item(tmp_path)
+    plain = PersistentDataset([item], tf, cache_dir=tmp_path / "plain", hash_func=hash_with_file_stamps)[0]
+    loads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or load(*a, **k))
+    cache = SliceCache([item], tf, cache_dir=tmp_path / "slices", hash_func=hash_with_file_stamps)
+    first, second = cache[0], cache[0]  # computed and written, then read back from the file
+    assert loads and loads[-1].get("mmap") is True
+    for got in (first, second):
+        assert set(got) == set(plain)
+        for key in ("image", "label"):
+            want = torch.as_tensor(plain[key])
+            assert got[key].shape == want.shape and torch.equal(torch.as_tensor(got[key]), want)
+    c, h, w, d = second["image"].shape
+    assert second["image"].stride()[-1] == c * h * w  # each slice is one contiguous block
+    assert second["image"][..., 2].is_contiguous()
+    (file,) = (tmp_path / "slices").iterdir()
+    stored = load(file, weights_only=False)
+    assert stored["image"].shape == (d, c, h, w) and stored["image"].is_contiguous()
+    second["label"][..., 2] = 99  # a transform that writes into a loaded tensor: a private copy, not the file
+    assert int(cache[0]["label"].max()) == 2
+
+
+def test_the_slice_cache_reads_files_of_the_old_layout(tmp_path):
+    """A cache folder filled by MONAI's PersistentDataset (before the slice layout) is read as it is."""
+    from datamodules.slice_cache import SliceCache
+
+    item, tf = _cache_item(tmp_path)
+    old = PersistentDataset([item], tf, cache_dir=tmp_path / "cache", hash_func=hash_with_file_stamps)[0]
+    files = list((tmp_path / "cache").iterdir())
+    got = SliceCache([item], tf, cache_dir=tmp_path / "cache", hash_func=hash_with_file_stamps)[0]
+    assert list((tmp_path / "cache").iterdir()) == files  # the old file was read, not written again
+    for key in ("image", "label"):
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(old[key]))
