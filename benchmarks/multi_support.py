@@ -33,7 +33,15 @@ from benchmarks.common import DATA_CONFIGS, load_yaml
 from benchmarks.real_segmentation import REAL, bootstrap_mean_ci
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.evaluation import volumes as V
-from imaging_meta.evaluation.scans import Scan, load_structure, structure_preprocessing, to_query_grid
+from imaging_meta.evaluation.scans import (
+    COPY,
+    WINDOW,
+    Scan,
+    baseline_masks,
+    load_structure,
+    structure_preprocessing,
+    to_query_grid,
+)
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
 
 VARIANTS = {"across scans (default)": ScanOptions(), "pooled (before)": ScanOptions(across_scans=False)}
@@ -97,10 +105,9 @@ def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: i
         probs = segmenter.predict(q_img)
         parts = max(V.structure_parts(m.numpy()) for _, m in sup)
         dice[name] = V.dice3d(V.keep_components(to_query_grid(query, probs) > 0.5, parts), query.truth)
-    first = loaded[0]
-    dice["copy first support's mask"] = V.dice3d(
-        V.copy_mask_at_relative_position(first.truth, first.raw, query.raw, scans[2].modality), query.truth)
-    dice["intensity window (first support)"] = V.dice3d(V.intensity_window(first.raw, first.truth, query.raw), query.truth)
+    base = baseline_masks(loaded[0], query, scans[2].modality, "whole_scan")
+    dice["copy first support's mask"] = V.dice3d(base[COPY], query.truth)
+    dice["intensity window (first support)"] = V.dice3d(base[WINDOW], query.truth)
     return dice, weights
 
 

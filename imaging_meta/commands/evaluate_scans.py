@@ -21,7 +21,7 @@ from datamodules.io.atomic import atomic_open
 from datamodules.progress import progress
 from imaging_meta.evaluation.reports import json_safe
 from imaging_meta.evaluation.scans import COPY, TRAINED_FULL, UNTRAINED_NAME, WINDOW, Scan, score_pair
-from imaging_meta.evaluation.statistics import cluster_bootstrap
+from imaging_meta.evaluation.statistics import pair_bootstrap
 from imaging_meta.volume.segmenter import SUPPORT_CHECK_WARN
 
 logger = logging.getLogger(__name__)
@@ -54,35 +54,38 @@ def scan_pairs(scans: Sequence[dict], pairs: int, seed: int = 0, pairing: str = 
         ]
         random.Random(f"{seed}:{organ}").shuffle(cands)
         def scan(s: dict, organ: str = organ) -> Scan:
-            return Scan(s["image"], s["label"], int(s["organs"][organ]), s["modality"], organ, s["site"], s["patient"])
+            return Scan(s["image"], s["label"], int(s["organs"][organ]), s["modality"], organ, s["site"], s["patient"],
+                        str(s.get("case_id", "")))
 
         out += [(scan(a), scan(b)) for a, b in cands[:pairs]]
     return out
 
 
-def _interval(recs: Sequence[dict], value) -> str:
-    """Mean over pairs, with a bootstrap of the patients (support and query) behind them."""
+def _patients(r: dict) -> tuple[str, str]:
+    """A record's support and query patients (records written before 2026-12-06 named the scans by patient)."""
+    return r.get("support_patient", r["support"]), r.get("query_patient", r["query"])
+
+
+def _interval(recs: Sequence[dict], value, seed: int = 0) -> str:
+    """Mean over pairs, with a two-way bootstrap of the patients (support and query) behind them."""
     if not recs:
         return "–"
-    units = [
-        ((r["support"], r["query"], r["structure"]), sorted({r["support"], r["query"]}), value(r))
-        for r in recs
-    ]
-    b = cluster_bootstrap(units)
+    b = pair_bootstrap([(*_patients(r), value(r)) for r in recs], seed=seed)
     if b["ci_low"] is None:
         return f"{b['mean']:.3f}"
     return f"{b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]"
 
 
-def scans_markdown(records: Sequence[dict]) -> str:
-    """Per protocol: each method's mean 3D Dice with a patient bootstrap interval, the paired
-    differences trained - baseline, and the per-structure means."""
+def scans_markdown(records: Sequence[dict], seed: int = 0) -> str:
+    """Per protocol: each method's mean 3D Dice with a two-way patient bootstrap interval (`pair_bootstrap`,
+    resampled with ``seed``), the paired differences trained - baseline, and the means per structure and per site
+    of the query with the same intervals."""
     lines = ["# Whole-scan protocols: 3D Dice per query volume", ""]
     for protocol in dict.fromkeys(r["protocol"] for r in records):
         recs = [r for r in records if r["protocol"] == protocol]
         methods = list(dict.fromkeys(r["method"] for r in recs))
         n = len({(r["support"], r["query"], r["structure"]) for r in recs})
-        n_patients = len({p for r in recs for p in (r["support"], r["query"])})
+        n_patients = len({p for r in recs for p in _patients(r)})
         note = (
             " The query's true extent of the structure is used (SSL-ALPNet's protocol)."
             if protocol == "oracle_extent"
@@ -93,8 +96,9 @@ def scans_markdown(records: Sequence[dict]) -> str:
         lines += [
             f"## {protocol}",
             "",
-            f"{n} (support, query) volume pairs of {n_patients} patients; 95% intervals: bootstrap over the patients "
-            f"of the pairs (none when every pair has the same patients).{note}",
+            f"{n} (support, query) volume pairs of {n_patients} patients; 95% intervals: two-way bootstrap over the "
+            "patients of the pairs, a pair counted when both its support and its query patient are drawn (none with "
+            f"fewer than 3 patients, or when every pair has the same patients).{note}",
             "",
             "| method | 3D Dice | HD95 mm (median) | support self-check (mean) |",
             "|---|---|---|---|",
@@ -107,7 +111,7 @@ def scans_markdown(records: Sequence[dict]) -> str:
             undefined = f" ({len(mr) - len(hd)} of {len(mr)} empty: not in the median)" if len(hd) < len(mr) else ""
             checks = [r["support_dice"] for r in mr if r.get("support_dice") is not None]
             lines.append(
-                f"| {m} | {_interval(mr, lambda r: r['dice'])} | {f'{np.median(hd):.1f}' if hd else '–'}{undefined} | "
+                f"| {m} | {_interval(mr, lambda r: r['dice'], seed)} | {f'{np.median(hd):.1f}' if hd else '–'}{undefined} | "
                 f"{f'{np.mean(checks):.3f}' if checks else '–'} |"
             )
         low = [r for r in recs if r["method"] == TRAINED_FULL and r.get("support_dice") is not None
@@ -140,14 +144,12 @@ def scans_markdown(records: Sequence[dict]) -> str:
                     )
                     + " |"
                 )
-        structures = list(dict.fromkeys(r["structure"] for r in recs))
-        lines += ["", "| structure | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-        for st in structures:
-            cells = [
-                f"{np.mean([r['dice'] for r in recs if r['structure'] == st and r['method'] == m]):.3f}"
-                for m in methods
-            ]
-            lines.append(f"| {st} | " + " | ".join(cells) + " |")
+        for field, title in (("structure", "structure"), ("site", "site of the query")):
+            lines += ["", f"| {title} | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+            for value in dict.fromkeys(r.get(field, "") for r in recs):
+                cells = [_interval([r for r in recs if r.get(field, "") == value and r["method"] == m],
+                                   lambda r: r["dice"], seed) for m in methods]
+                lines.append(f"| {value or '–'} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -195,8 +197,9 @@ def evaluate_scans(
             seed=seed,
             scale=scale,
         )
-        for r in recs:
-            r["support"], r["query"] = s.patient, q.patient
+        for r in recs:  # pseudonymous ids instead of file names: a pair is two scans, the bootstrap's units patients
+            r["support"], r["query"] = s.case_id or s.patient, q.case_id or q.patient
+            r["support_patient"], r["query_patient"] = s.patient, q.patient
         records += recs
         logger.info(
             "%s %d/%d %s: trained %.3f",
@@ -209,5 +212,5 @@ def evaluate_scans(
         with atomic_open(js, "w") as f:  # a run stopped part way keeps the pairs it scored
             f.write(json.dumps(json_safe(records), indent=1, allow_nan=False) + "\n")  # strict JSON: NaN -> null
     with atomic_open(md, "w") as f:
-        f.write(scans_markdown(records))
+        f.write(scans_markdown(records, seed))
     return js, md

@@ -61,6 +61,7 @@ class Scan:
     name: str = ""
     site: str = ""
     patient: str = ""
+    case_id: str = ""  # the index's pseudonymous id of the scan (two scans of one patient differ here)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Loaded:
     spacing: tuple[float, float, float]
     pre: dict  # the preprocessed MetaTensors (image, label) with their invertible transforms
     transforms: Compose | None = None  # the Compose that made ``pre`` (MONAI inverts only with the same transforms)
+    affine: np.ndarray | None = None  # the file grid's voxel -> world (RAS) affine: `V.to_ras` orders its axes
 
 
 def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
@@ -89,7 +91,7 @@ def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
             f"{scan.label}: label map {truth.shape} is not on the grid of {scan.image} {image.shape}"
         )
     sx, sy, sz = (float(s) for s in np.sqrt((np.asarray(raw["image"].affine)[:3, :3] ** 2).sum(0)))
-    return Loaded(image, truth, (sx, sy, sz), tf(item), tf)
+    return Loaded(image, truth, (sx, sy, sz), tf(item), tf, np.asarray(raw["image"].affine, dtype=np.float64))
 
 
 def load_structure(scan: Scan, preprocessing: dict) -> Loaded:
@@ -199,23 +201,36 @@ def _extent(mask: np.ndarray) -> tuple[int, int] | None:
     return (int(zs[0]), int(zs[-1])) if zs.size else None
 
 
-def _baselines(support: Loaded, query: Loaded, modality: str, protocol: str) -> dict[str, np.ndarray]:
-    window = V.intensity_window(support.raw, support.truth, query.raw)
+def _ras(loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
+    """The scan's raw values and structure mask in RAS axis order (Z the axial axis), as the baselines need."""
+    if loaded.affine is None:
+        return loaded.raw, loaded.truth
+    return V.to_ras(loaded.raw, loaded.affine), V.to_ras(loaded.truth, loaded.affine)
+
+
+def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str) -> dict[str, np.ndarray]:
+    """The copy-mask and window baselines on the query's file grid, computed with both scans in RAS order: a
+    support and a query stored in different axis orders (LPS DICOM against RAS NIfTI, a sagittal file) are aligned
+    along the body's axial axis, not along whichever axis each file stores last."""
+    s_raw, s_truth = _ras(support)
+    q_raw, q_truth = _ras(query)
+    window = V.intensity_window(s_raw, s_truth, q_raw)
     if protocol == "whole_scan":
-        copy = V.copy_mask_at_relative_position(support.truth, support.raw, query.raw, modality)
-        return {COPY: copy, WINDOW: window}
-    qe, se = _extent(query.truth), _extent(support.truth)
-    copy = np.zeros(query.truth.shape, dtype=bool)
-    inside = np.zeros(query.truth.shape[-1], dtype=bool)
-    if qe is not None and se is not None:
-        inside[qe[0] : qe[1] + 1] = True
-        sub_s = support.truth[..., se[0] : se[1] + 1]
-        # relative position within the two extents: uniform 'body' images make each extent the whole range
-        body_s = np.zeros(sub_s.shape, np.float32)
-        body_q = np.zeros(query.truth[..., qe[0] : qe[1] + 1].shape, np.float32)
-        part = V.copy_mask_at_relative_position(sub_s, body_s, body_q, "CT")
-        copy[..., qe[0] : qe[1] + 1] = part
-    window = window & inside.reshape(1, 1, -1)
+        copy = V.copy_mask_at_relative_position(s_truth, s_raw, q_raw, modality)
+    else:
+        qe, se = _extent(q_truth), _extent(s_truth)
+        copy = np.zeros(q_truth.shape, dtype=bool)
+        inside = np.zeros(q_truth.shape[-1], dtype=bool)
+        if qe is not None and se is not None:
+            inside[qe[0] : qe[1] + 1] = True
+            sub_s = s_truth[..., se[0] : se[1] + 1]
+            # relative position within the two extents: uniform 'body' images make each extent the whole range
+            body_s = np.zeros(sub_s.shape, np.float32)
+            body_q = np.zeros(q_truth[..., qe[0] : qe[1] + 1].shape, np.float32)
+            copy[..., qe[0] : qe[1] + 1] = V.copy_mask_at_relative_position(sub_s, body_s, body_q, "CT")
+        window = window & inside.reshape(1, 1, -1)
+    if query.affine is not None:
+        copy, window = V.from_ras(copy, query.affine), V.from_ras(window, query.affine)
     return {COPY: copy, WINDOW: window}
 
 
@@ -254,9 +269,11 @@ def score_pair(
         LEARNER_ONLY_NAME: (learner, dataclasses.replace(LEARNER_ONLY)),
     }
     if ablations:
-        # each ablation switches off one part: without the retry of an empty answer, which relaxes other parts
+        # each ablation switches off one part: without the retry of an empty answer, which relaxes other parts.
+        # The oracle has no slice gate and no retry already (`_segment`): those two would repeat "trained".
+        off = {"negatives", "relax_empty"} if protocol == "oracle_extent" else set()
         variants.update({k: (learner, dataclasses.replace(options, **{"relax_empty": False, **v}))
-                         for k, v in ABLATIONS.items()})
+                         for k, v in ABLATIONS.items() if not set(v) <= off})
     if untrained is not None:
         variants[UNTRAINED_NAME] = (untrained, LEARNER_ONLY)
     if adapt_steps > 0:
@@ -272,7 +289,7 @@ def score_pair(
     for name, (lrn, opts) in variants.items():
         preds[name], checks[name], relaxations[name], novelties[name] = _segment(
             lrn, opts, s, q, protocol, chunks, preprocessing, device)
-    preds.update(_baselines(s, q, query.modality, protocol))
+    preds.update(baseline_masks(s, q, query.modality, protocol))
     return [
         {
             "protocol": protocol,

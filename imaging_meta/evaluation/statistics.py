@@ -164,6 +164,42 @@ def cluster_bootstrap(units: Sequence[tuple], seed: int = 0, n_boot: int = N_BOO
     return out | {"ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi}
 
 
+def pair_bootstrap(units: Sequence[tuple], seed: int = 0, n_boot: int = N_BOOT) -> dict:
+    """Mean over (support, query) scan pairs and a two-way patient bootstrap interval (the whole-scan reports).
+
+    A pair's score depends on two patients, crossed: a support patient recurs in several pairs, and so does a
+    query patient. A resample draws the ``P`` patients of all pairs ``P`` times with replacement and counts a pair
+    ``w_support * w_query`` times: only when both its patients were drawn. (Splitting a pair's weight between its
+    two patients instead keeps it in every resample that draws either, which pulls each resample toward the
+    overall mean: a review measured an interval of 0.008 where a t interval over the same 4 pairs was 0.108.)
+    Resamples in which no pair counts are left out, and their number is returned.
+
+    Args:
+        units: ``(support patient, query patient, value)`` per pair.
+
+    Returns:
+        ``{"mean", "ci95", "ci_low", "ci_high", "n_pairs", "n_patients", "resamples"}``; the bounds are None with
+        fewer than three patients (every resample that keeps a pair then keeps them all in the same proportion)
+        or when every pair has the same two patients.
+    """
+    values = np.array([float(u[2]) for u in units])
+    patients = sorted({str(p) for s, q, _ in units for p in (s, q)})
+    out = {"mean": float(values.mean()) if len(values) else float("nan"), "ci95": float("nan"), "ci_low": None,
+           "ci_high": None, "n_pairs": len(units), "n_patients": len(patients), "resamples": 0}
+    if len(patients) < 3 or len({(str(s), str(q)) for s, q, _ in units}) < 2:
+        return out
+    pos = {p: i for i, p in enumerate(patients)}
+    counts = _resample_counts(len(patients), seed, n_boot).astype(np.float64)
+    weight = counts[:, [pos[str(s)] for s, _, _ in units]] * counts[:, [pos[str(q)] for _, q, _ in units]]
+    total = weight.sum(1)
+    kept = total > 0
+    boot = (weight[kept] * values).sum(1) / total[kept]  # ufunc sums: the same bytes on any thread count
+    if not len(boot):
+        return out
+    lo, hi = _percentiles(boot)
+    return out | {"ci95": (hi - lo) / 2, "ci_low": lo, "ci_high": hi, "resamples": int(kept.sum())}
+
+
 def _episode_t(units: Sequence[tuple]) -> dict:
     by_ep: dict = defaultdict(list)
     for ep, _, x in units:

@@ -1,6 +1,7 @@
 """3D scoring and simple volume baselines on numpy arrays.
 
-Every function works in a volume's own voxel grid with axes (X, Y, Z), Z being the axial slice axis.
+Every function works in a volume's own voxel grid with axes (X, Y, Z), Z being the axial slice axis: a volume as a
+file stores it goes through `to_ras` first (and a result back through `from_ras`).
 Nothing here trains or loads anything: these are the volume metrics (Dice, HD95), the body-extent
 helpers used to align support and query volumes along Z, two training-free baselines (copy the
 support mask at the same relative slice position; an intensity window learned from the support) and
@@ -13,11 +14,24 @@ import warnings
 
 import numpy as np
 from monai.metrics import compute_hausdorff_distance
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
 _CT_BODY_HU = -500.0
 _MR_BODY_FRACTION = 0.1
 _MIN_SLICE_AREA_FRACTION = 0.1
+
+
+def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A volume stored in any axis order (a sagittal NIfTI, an LPS DICOM series) as (X, Y, Z) in RAS order, the
+    grid that every function here assumes; ``affine`` maps its voxels to the world (MONAI's RAS affine)."""
+    return np.asarray(apply_orientation(np.asarray(array), io_orientation(np.asarray(affine))))
+
+
+def from_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """`to_ras` undone: a RAS-ordered volume back in the axis order of the file whose affine is ``affine``."""
+    back = ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(np.asarray(affine)))
+    return np.asarray(apply_orientation(np.asarray(array), back))
 
 
 def _check_same_shape(pred: np.ndarray, truth: np.ndarray) -> None:

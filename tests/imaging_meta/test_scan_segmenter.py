@@ -363,7 +363,7 @@ def test_evaluate_scans_keeps_each_scored_pair_when_a_later_one_fails(tmp_path, 
 
         def test_scans(self):
             return [{"image": f"{p}.nii.gz", "label": f"{p}_l.nii.gz", "modality": "CT", "organs": {"spleen": 1},
-                     "patient": p, "site": "CT"} for p in ("a", "b", "c")]
+                     "patient": p, "site": "CT", "case_id": f"case-{p}"} for p in ("a", "b", "c")]
 
     calls = []
 
@@ -378,7 +378,9 @@ def test_evaluate_scans_keeps_each_scored_pair_when_a_later_one_fails(tmp_path, 
     with pytest.raises(RuntimeError, match="stopped"):
         E.evaluate_scans(None, None, DM(), tmp_path, ["whole_scan"], pairs=3)
     kept = json.loads((tmp_path / "scans.json").read_text())
-    assert len(kept) == 1 and (kept[0]["support"], kept[0]["query"]) == calls[0]
+    assert len(kept) == 1 and (kept[0]["support_patient"], kept[0]["query_patient"]) == calls[0]
+    # the scans by their case ids: two scans of one patient are two pairs (the patients are the bootstrap's units)
+    assert (kept[0]["support"], kept[0]["query"]) == tuple(f"case-{p}" for p in calls[0])
     assert not (tmp_path / "scans.md").exists()
 
 
@@ -555,3 +557,50 @@ def test_segment_refuses_negative_adaptation_steps(tmp_path):
 
     with pytest.raises(ValueError, match=r"--adapt-steps must be at least 0 \(0: no adaptation\), got -1"):
         segment(tmp_path / "never-read.ckpt", [], [], tmp_path / "out", adapt_steps=-1)
+
+
+def test_two_scans_of_one_patient_are_two_pairs_and_per_site_rows():
+    """A review: the records named scans by their patient, so a T1 and a T2 scan of one patient collided: 3 pairs
+    were reported as 2, and a paired difference took the other scan's baseline (0.100 instead of 0.267)."""
+    from imaging_meta.commands.evaluate_scans import scans_markdown
+
+    def rec(support, query, sp, qp, method, dice, site="s1"):
+        return {"protocol": "whole_scan", "method": method, "dice": dice, "hd95": 1.0, "structure": "spleen",
+                "support": support, "query": query, "support_patient": sp, "query_patient": qp, "site": site}
+
+    recs = []
+    for (s, q, sp, qp, trained, copy) in (("t1-a", "b", "a", "b", 0.9, 0.5), ("t2-a", "b", "a", "b", 0.6, 0.6),
+                                          ("b", "c", "b", "c", 0.7, 0.4)):
+        recs += [rec(s, q, sp, qp, "trained", trained, "s2" if q == "c" else "s1"),
+                 rec(s, q, sp, qp, COPY, copy, "s2" if q == "c" else "s1")]
+    md = scans_markdown(recs)
+    assert "3 (support, query) volume pairs of 3 patients" in md
+    assert "| trained − copy support mask | 0.233" in md  # (0.4 + 0.0 + 0.3) / 3, each pair its own baseline
+    assert "| site of the query | trained | copy support mask |" in md
+    assert "| s2 | 0.700 | 0.400 |" in md and "| s1 | 0.750" in md
+
+
+def test_the_pair_bootstrap_counts_a_pair_only_when_both_its_patients_are_drawn():
+    from imaging_meta.evaluation.statistics import _resample_counts, pair_bootstrap
+
+    g = np.random.default_rng(3)
+    patients = [f"p{i}" for i in range(6)]
+    units = [(s, q, float(g.random())) for s in patients for q in patients if s != q and g.random() < 0.5]
+    b = pair_bootstrap(units, seed=5, n_boot=400)
+    assert b["mean"] == pytest.approx(np.mean([u[2] for u in units])) and b["n_pairs"] == len(units)
+    # by hand: each resample's weighted mean with weight w_s * w_q, resamples without any pair left out
+    counts = _resample_counts(len(patients), 5, 400)
+    boot = []
+    for row in counts:
+        w = dict(zip(sorted(patients), row, strict=True))
+        weights = [w[s] * w[q] for s, q, _ in units]
+        if sum(weights):
+            boot.append(sum(wt * x for wt, (_, _, x) in zip(weights, units, strict=True)) / sum(weights))
+    assert b["resamples"] == len(boot)
+    assert b["ci_low"] == pytest.approx(np.percentile(boot, 2.5)) and b["ci_high"] == pytest.approx(np.percentile(boot, 97.5))
+    # the review's case: four pairs of differences 0.573, 0.519, 0.490, 0.521 over four patients; the old
+    # half-and-half weighting gave [0.521, 0.529], narrower than the spread of the four pairs allows
+    review = [("a", "b", 0.573), ("b", "a", 0.519), ("c", "d", 0.490), ("d", "c", 0.521)]
+    r = pair_bootstrap(review)
+    assert r["ci_low"] < 0.51 and r["ci_high"] > 0.54  # the two patient pairs' means, 0.546 and 0.5055
+    assert pair_bootstrap(review[:2])["ci_low"] is None  # two patients: no interval

@@ -196,3 +196,38 @@ def test_keep_components_keeps_the_largest_of_a_one_part_structure_and_every_par
     assert one.sum() == 64 and one[1:5, 1:5, 1:5].all()
     assert np.array_equal(keep_components(mask, parts=2), mask)
     assert not keep_components(np.zeros((4, 4, 4), dtype=bool), parts=1).any()
+
+
+@pytest.mark.parametrize("protocol", ["whole_scan", "oracle_extent"])
+def test_the_baselines_align_scans_stored_in_different_axis_orders(protocol):
+    """A review found the copy-mask baseline at 0.000 for every pair whose support and query files store their axes
+    in another order (an LPS DICOM series against a RAS NIfTI, a sagittal file), where it scored 0.37-0.62 with
+    the same query stored like the support: it was aligned along whichever axis each file stores last. The
+    baselines now run in RAS order and go back to the query's file grid."""
+    from imaging_meta.evaluation.scans import COPY, WINDOW, Loaded, baseline_masks
+
+    rng = np.random.default_rng(0)
+
+    def scan(z_lo, z_hi, shift):
+        image = _ct_cylinder(20, 18, 24, 2, 21, 7.0) + rng.normal(0, 5, (20, 18, 24))
+        truth = np.zeros(image.shape, bool)
+        truth[6 + shift : 12 + shift, 5:11, z_lo:z_hi] = True
+        image[truth] = 80.0 + rng.normal(0, 5, int(truth.sum()))
+        return image.astype(np.float32), truth
+
+    support_raw, support_truth = scan(8, 16, 0)
+    query_raw, query_truth = scan(9, 17, 1)
+    ras = np.diag([1.5, 1.25, 3.0, 1.0])
+    support = Loaded(support_raw, support_truth, (1.5, 1.25, 3.0), {}, None, ras)
+    want = baseline_masks(support, Loaded(query_raw, query_truth, (1.5, 1.25, 3.0), {}, None, ras), "CT", protocol)
+    assert dice3d(want[COPY], query_truth) > 0.5  # the case the baseline is for: it finds the structure
+    # the same query stored as (Z, X, Y) with X reversed: axis 0 of the file is S, axis 1 is L, axis 2 is A
+    stored = np.transpose(query_raw[::-1], (2, 0, 1)).copy()
+    stored_truth = np.transpose(query_truth[::-1], (2, 0, 1)).copy()
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[0, 1], affine[1, 2], affine[3, 3] = 3.0, -1.5, 1.25, 1.0
+    affine[0, 3] = 1.5 * 19
+    got = baseline_masks(support, Loaded(stored, stored_truth, (3.0, 1.5, 1.25), {}, None, affine), "CT", protocol)
+    for key in (COPY, WINDOW):
+        assert got[key].shape == stored.shape
+        np.testing.assert_array_equal(got[key], np.transpose(want[key][::-1], (2, 0, 1)))
