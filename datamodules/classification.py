@@ -440,6 +440,15 @@ class ClassificationDataModule(EpisodicDataModule):
                 )
             if not set(s.classes) <= allowed:
                 raise ValueError(f"{where}: episodes use classes outside this run's {stage} classes; use a matching file")
+            for w, c in enumerate(s.classes):  # way w: support items w*K.., query items w*Q.. (the samplers' order)
+                items = (*s.support[w * h.n_shot:(w + 1) * h.n_shot], *s.query[w * h.n_query:(w + 1) * h.n_query])
+                moved = next((i for i in items if int(t.labels[i]) != c), None)
+                if moved is not None:
+                    raise ValueError(
+                        f"{where}: an episode's way {w} is class {t.classes[c]!r}, but its item {t.item_ids[moved]} is "
+                        f"now of class {t.classes[int(t.labels[moved])]!r}: the data changed since the file was drawn (an "
+                        "image relabelled or moved to another class folder, CSV rows edited, added or removed): remove "
+                        "the file to draw the episodes again")
             shared = sorted({t.patients[i] for i in s.support} & {t.patients[i] for i in s.query})
             if shared:
                 raise ValueError(

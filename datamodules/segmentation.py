@@ -814,7 +814,8 @@ class SegmentationDataModule(EpisodicDataModule):
                     f"{path} was drawn with preprocessing {meta['preprocessing']}, "
                     f"this run uses {self.preprocessing}; slice indices would not match"
                 )
-            check_segmentation_episodes(path, specs, self.cases, split, self.hparams.n_shot, self.hparams.n_query)
+            check_segmentation_episodes(path, specs, self.cases, split, self.hparams.n_shot, self.hparams.n_query,
+                                        self._tables.get("test"))
             self.episode_files[stage] = path
             return specs
         specs = self._samplers[stage].fixed_episodes()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,12 +178,14 @@ def _case_problem(case: Case, stage: str | None, organ: str, test_sites: set[str
 
 def check_segmentation_episodes(
     path: str | os.PathLike, specs: Sequence[SegmentationEpisodeSpec], cases: Sequence[Case], split: Split,
-    n_shot: int, n_query: int,
+    n_shot: int, n_query: int, slices: Mapping[str, Mapping[int, Sequence[int]]] | None = None,
 ) -> None:
     """Refuse a segmentation test episode file that breaks the split it is used with.
 
     Every episode must target a test organ, draw every slice from a test patient (under cross_site: a test
-    site), and have ``n_shot`` support and ``n_query`` query slices.
+    site), and have ``n_shot`` support and ``n_query`` query slices. With ``slices`` (the test stage's slice
+    table: organ -> case -> the slices that show it), every slice must still show its organ: a label map edited
+    after the file was drawn (the organ removed from a slice) gave an episode whose mask was empty.
 
     Raises:
         ValueError: naming the file, the first episode that breaks the split and what is wrong with it.
@@ -202,6 +204,11 @@ def check_segmentation_episodes(
         else:
             problem = next((p for c, _ in spec.support + spec.query if (p := _case_problem(
                 cases[c], stage_of.get(c), spec.organ, test_sites, split.protocol)) is not None), None)
+        if problem is None and slices is not None:
+            shown = slices.get(spec.organ, {})
+            problem = next((f"slice {z} of case {cases[c].case_id} no longer shows {spec.organ!r} (too few of its "
+                            "pixels, or none, in the label map as it is now): the labels changed since the file was drawn"
+                            for c, z in spec.support + spec.query if z not in set(shown.get(c, ()))), None)
         if problem:
             raise ValueError(f"{path}: episode {e}: {problem}; this file does not fit this run's {split.protocol} split: "
                              "use an episode file drawn for it (or leave test_episodes_file unset to draw one)")

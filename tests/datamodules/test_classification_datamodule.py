@@ -170,6 +170,34 @@ def test_stale_episode_files_are_not_reused_when_patients_or_sites_change(tmp_pa
                                  **{**within, "test_episodes_file": str(drawn.episode_files["test"])}).setup("test")
 
 
+class RelabelledSource(TableSource):
+    """`TableSource` with one item moved to another class under the same id (a lesion CSV row's class edited)."""
+
+    def __init__(self, item: int = 0, to: int = 1) -> None:
+        super().__init__()
+        self.item, self.to = item, to
+
+    def build(self) -> ItemTable:
+        t = super().build()
+        t.labels = t.labels.copy()
+        t.labels[self.item] = self.to
+        return t
+
+
+def test_a_test_episode_file_whose_items_changed_class_is_refused(tmp_path):
+    """A review: an item relabelled after the file was drawn (same id) was accepted, and its way had no support."""
+    kw = dict(cache_dir=str(tmp_path / "cache"), **SMALL)
+    drawn = ClassificationDataModule(source=TableSource(), **kw)
+    drawn.setup("test")
+    first = drawn._fixed_episodes("test")[0]
+    moved, way_class = first.support[0], first.classes[0]
+    to = next(c for c in range(9) if c not in first.classes)
+    given = {**kw, "test_episodes_file": str(drawn.episode_files["test"])}
+    ClassificationDataModule(source=TableSource(), **given).setup("test")  # unchanged data: accepted
+    with pytest.raises(ValueError, match=f"way 0 is class 'c{way_class}', but its item i{moved} is now of class 'c{to}'"):
+        ClassificationDataModule(source=RelabelledSource(moved, to), **given).setup("test")
+
+
 class OpaqueSource(TableSource):
     """A source that keeps no attribute named like its argument, so it cannot describe its own config."""
 

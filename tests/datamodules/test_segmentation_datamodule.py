@@ -99,9 +99,18 @@ def test_a_test_episode_file_must_keep_the_split(dm, demo_root, demo_index, tmp_
                                lambda e: e["support"].__setitem__(0, [train_case.case_id, e["support"][0][1]]))
     bad_organ = _edited_file(source, tmp_path / "organ.json", lambda e: e.update(organ=dm.split.train_organs[0]))
     val_organ = _edited_file(source, tmp_path / "val_organ.json", lambda e: e.update(organ=dm.split.val_organs[0]))
+    # a label map edited after the file was drawn: episode 0's query slice no longer shows its organ (a review
+    # found such a file accepted, its query mask empty)
+    first = json.loads(Path(source).read_text())["episodes"][0]
+    q_id, _ = first["query"][0]
+    q_index = next(i for i, c in enumerate(dm.cases) if c.case_id == q_id)
+    shown = set(dm._tables["test"][first["organ"]][q_index])
+    empty_z = next(z for z in range(1000) if z not in shown)
+    stale = _edited_file(source, tmp_path / "stale.json", lambda e: e["query"].__setitem__(0, [q_id, empty_z]))
     for path, what in ((bad_patient, f"belongs to training patient {train_case.patient}"),
                        (bad_organ, f"organ '{dm.split.train_organs[0]}' is a training organ"),
-                       (val_organ, "is a validation organ")):
+                       (val_organ, "is a validation organ"),
+                       (stale, f"slice {empty_z} of case {q_id} no longer shows '{first['organ']}'")):
         other = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
                                        test_episodes_file=str(path), **{**SMALL_DATA, "cache": "disk"})
         with pytest.raises(ValueError, match=f"{re.escape(str(path))}: episode 0: .*{re.escape(what)}"):
