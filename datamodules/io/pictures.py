@@ -97,6 +97,16 @@ class Read:
     dicom: Any = None  # the pydicom data set of a DICOM file (headers for patient and site)
     header: Any = None  # its DicomHeader
     windowed: bool = False  # scaled through a fixed window (a CT image in HU: ``ct_window``), not its own range
+    own_range: tuple[float, float] | None = None  # a picture's (lowest, highest) stored value, which ``array`` spans
+    native_max: float | None = None  # an integer picture's largest storable value (255 for 8 bits), else None
+
+    def in_native_range(self) -> np.ndarray | None:
+        """The picture's values divided by the largest its integer type can store (an 8-bit picture's by 255, as
+        MedMNIST's ``uint8 / 255``), instead of stretched over its own range; None for DICOM and float pictures."""
+        if self.own_range is None or self.native_max is None:
+            return None
+        lo, hi = self.own_range
+        return np.clip((self.array * (hi - lo) + lo) / self.native_max, 0.0, 1.0).astype(np.float32)
 
 
 def scale(arr: np.ndarray, path: Path, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -179,6 +189,7 @@ def _composited(path: Path, colour: np.ndarray, alpha: np.ndarray | None, mode: 
     """Colour (H, W) or (H, W, 3), native values, composited over black with ``alpha`` in [0, 1] (opaque: None)."""
     if colour.ndim == 3 and colour.shape[-1] != 3:
         raise ValueError(f"{path}: image mode {mode!r} with {colour.shape[-1]} channels; save it as grey-level or RGB")
+    native_max = float(np.iinfo(colour.dtype).max) if colour.dtype.kind in "ui" else None
     if alpha is not None and not alpha.max() > 0:
         logger.warning("%s: every pixel is fully transparent (alpha 0 everywhere); read as opaque, as viewers show "
                        "such files (BMPs of some Windows tools)", path)
@@ -192,7 +203,8 @@ def _composited(path: Path, colour: np.ndarray, alpha: np.ndarray | None, mode: 
                 "picture is only in its alpha channel; save the shape as grey levels (e.g. white on black)"
             )
     colour = grey_if_equal(colour)
-    return Read(scale(colour, path), 1 if colour.ndim == 2 else 3)
+    own = (float(colour.min()), float(colour.max()))
+    return Read(scale(colour, path), 1 if colour.ndim == 2 else 3, own_range=own, native_max=native_max)
 
 
 class _NoCodec(ValueError):

@@ -43,6 +43,7 @@ source ``name`` (default: the root folder's name).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -239,19 +240,29 @@ def _to_tensor(read: Read, image_size: Sequence[int], channels: int) -> torch.Te
     return x.clamp(0.0, 1.0).contiguous()
 
 
+#: ``intensity`` of `load_image`: scale an integer picture by its type's range (an 8-bit one by 255), as the
+#: MedMNIST source does (its checkpoints record ``"intensity": "uint8 / 255"``), instead of by its own range
+NATIVE_RANGE = "uint8 / 255"
+
+
 def load_image(
     path: str | Path,
     image_size: Sequence[int] = (32, 32),
     channels: int = 1,
     ct_window: Sequence[float] = (-250.0, 250.0),
+    intensity: str | None = None,
 ) -> torch.Tensor:
-    """Read and preprocess one 2D image exactly as `ImageFolder` does.
+    """Read and preprocess one 2D image exactly as `ImageFolder` does (or, with ``intensity`` `NATIVE_RANGE`, as
+    `datamodules.sources.medmnist.MedMNIST` does).
 
     Args:
         path: a PNG, JPEG, TIFF, BMP or single-frame DICOM file (any other suffix is read as DICOM).
         image_size: (H, W) of the output; the image is scaled to fit and zero-padded (aspect kept).
         channels: 1 (colour becomes grey) or 3 (grey is repeated).
         ct_window: HU window for CT DICOM.
+        intensity: None (a picture spans [0, 1] from its own lowest to highest value, `ImageFolder`'s rule) or
+            `NATIVE_RANGE` (an integer picture divided by its type's largest value; a DICOM or float image,
+            which has no such range, keeps its own range, with a warning).
 
     Returns:
         (channels, H, W) float32 tensor in [0, 1].
@@ -259,7 +270,7 @@ def load_image(
     Raises:
         ValueError: for an unreadable, corrupt, multi-frame, constant or non-finite image, naming the file.
     """
-    return load_image_and_shape(path, image_size, channels, ct_window)[0]
+    return load_image_and_shape(path, image_size, channels, ct_window, intensity)[0]
 
 
 def load_image_and_shape(
@@ -267,14 +278,24 @@ def load_image_and_shape(
     image_size: Sequence[int] = (32, 32),
     channels: int = 1,
     ct_window: Sequence[float] = (-250.0, 250.0),
+    intensity: str | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int], bool]:
     """`load_image`, the image's (height, width) as read, before resizing, and whether it was scaled through the
     CT window (a CT DICOM image) rather than by its own range (`Read.windowed`)."""
     _check_settings(image_size, channels, ct_window)
+    if intensity not in (None, NATIVE_RANGE):
+        raise ValueError(f"intensity must be None (each image's own range) or {NATIVE_RANGE!r}, got {intensity!r}")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such image file")
     read = _read(path, ct_window)
+    if intensity == NATIVE_RANGE:
+        native = read.in_native_range()
+        if native is None:
+            logger.warning("%s: the checkpoint scales integer pictures by their type's range (%s); this image has "
+                           "none (DICOM or floating point): scaled by its own range instead", path, intensity)
+        else:
+            read = dataclasses.replace(read, array=native)
     return _to_tensor(read, image_size, channels), (int(read.array.shape[0]), int(read.array.shape[1])), read.windowed
 
 

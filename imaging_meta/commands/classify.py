@@ -29,6 +29,7 @@ from datamodules.messages import LISTED, listed
 from datamodules.progress import progress
 from datamodules.sources.image_folder import (
     DICOM_EXTENSIONS,
+    NATIVE_RANGE,
     PIL_EXTENSIONS,
     class_folders,
     dicom_kind,
@@ -155,7 +156,8 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 def loader_settings(extra: dict, learner) -> dict:
     """``load_image`` settings from the checkpoint's preprocessing section; three channels for a learner that
-    ``reads_colour`` (descriptor and task-adaptive learners: colour is kept for their descriptors)."""
+    ``reads_colour`` (descriptor and task-adaptive learners: colour is kept for their descriptors); the intensity
+    scaling of the checkpoint's source (a MedMNIST checkpoint's: by the pixel type's range)."""
     pre = dict(extra.get("preprocessing") or {})
     size = pre.get("image_size") or pre.get("patch_size")
     if size is None:
@@ -170,7 +172,11 @@ def loader_settings(extra: dict, learner) -> dict:
         # colour images stay in colour (grey ones stay grey): the descriptors describe every channel, and a
         # grey-trained embedding inside each channel as a grey image (`TaskAdaptiveClassifier.embedding_episodes`)
         channels = 3
-    return {"image_size": [int(s) for s in size], "channels": channels, "ct_window": pre.get("ct_window", [-250.0, 250.0])}
+    # a MedMNIST checkpoint saw 8-bit pixels divided by 255, not stretched over each image's own range (an
+    # ImageFolder's rule): its PNG queries are read its way (a review: 3 of 9 right against about 0.9 in evaluate)
+    intensity = NATIVE_RANGE if pre.get("intensity") == NATIVE_RANGE else None
+    return {"image_size": [int(s) for s in size], "channels": channels, "ct_window": pre.get("ct_window", [-250.0, 250.0]),
+            "intensity": intensity}
 
 
 def _episode(s_images: torch.Tensor, s_labels: torch.Tensor, classes: Sequence[str], queries: torch.Tensor, index: int) -> Episode:

@@ -324,3 +324,31 @@ def test_an_exif_orientation_stored_as_long_is_applied(tmp_path):
     (tmp_path / "long.png").write_bytes(raw[:end] + chunk + raw[end:])
     x = load_image(tmp_path / "long.png", image_size=[W, H]).numpy()[0]
     assert np.abs(x - _minmax(np.rot90(_asymmetric(), -1))).max() < 1e-6
+
+
+def test_the_native_range_scales_a_picture_by_its_type_as_medmnist_does(tmp_path, caplog):
+    """A MedMNIST checkpoint saw uint8 / 255; `classify` read its PNG queries stretched over their own range (a
+    review: a blood cell of values 154-213 had mean 0.72 in training and 0.50 in classify)."""
+    from datamodules.sources.image_folder import NATIVE_RANGE
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(154, 214, (28, 28)).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "cell.png")
+    own = load_image(tmp_path / "cell.png", image_size=(28, 28))
+    native = load_image(tmp_path / "cell.png", image_size=(28, 28), intensity=NATIVE_RANGE)
+    np.testing.assert_allclose(native[0].numpy(), grey / 255.0, atol=1e-6)
+    assert float(own.min()) == 0.0 and float(own.max()) == 1.0  # ImageFolder's rule, unchanged
+    colour = rng.integers(30, 200, (28, 28, 3)).astype(np.uint8)
+    Image.fromarray(colour).save(tmp_path / "rgb.png")
+    got = load_image(tmp_path / "rgb.png", image_size=(28, 28), channels=3, intensity=NATIVE_RANGE)
+    np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), colour / 255.0, atol=1e-6)
+    deep = (grey.astype(np.uint16) * 200)
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # 16 bits: by 65535
+    np.testing.assert_allclose(load_image(tmp_path / "deep.png", image_size=(28, 28), intensity=NATIVE_RANGE)[0].numpy(),
+                               deep / 65535.0, atol=1e-6)
+    ct = write_dicom(tmp_path, grey.astype(np.float64), "ct.dcm")
+    with caplog.at_level("WARNING"):
+        dicom = load_image(ct, image_size=(28, 28), intensity=NATIVE_RANGE)
+    assert "has none (DICOM or floating point)" in caplog.text and float(dicom.max()) <= 1.0
+    with pytest.raises(ValueError, match="intensity must be None"):
+        load_image(tmp_path / "cell.png", intensity="percentile")

@@ -333,6 +333,11 @@ def test_classify_keeps_colour_for_the_task_adaptive_classifier(protonet_checkpo
     learner, extra = load_learner(protonet_checkpoint, "cpu")
     assert loader_settings(extra, learner)["channels"] == 1
     assert loader_settings(extra, with_space(learner))["channels"] == 3
+    # each source's intensity rule: MedMNIST's uint8 / 255 is kept, an image folder's own range is the default
+    assert extra["preprocessing"]["intensity"] == "uint8 / 255"  # this fixture is a MedMNIST checkpoint
+    assert loader_settings(extra, learner)["intensity"] == "uint8 / 255"
+    folder = {**extra, "preprocessing": {k: v for k, v in extra["preprocessing"].items() if k != "intensity"}}
+    assert loader_settings(folder, learner)["intensity"] is None
     from PIL import Image
 
     with Image.open(next(explain_dir(out).glob("*.png"))) as im:
