@@ -193,8 +193,12 @@ def _check_split(f: NpzFile, zf: zipfile.ZipFile, split: str) -> list[str]:
         if shape[1:] != expected:
             raise ValueError(f"{f.path}: {key} has shape {shape}; {f.path.name} holds {info.n_channels}-channel images "
                              f"of {f.size} x {f.size}, i.e. (N, {', '.join(map(str, expected))}): is it renamed?")
-        with zf.open(f"{split}_labels.npy") as fh:
-            raw = np.lib.format.read_array(fh, allow_pickle=False)
+        try:
+            with zf.open(f"{split}_labels.npy") as fh:
+                raw = np.lib.format.read_array(fh, allow_pickle=False)
+        except Exception as e:  # a pickled (object) array, a bad CRC, a cut member
+            raise ValueError(f"{f.path}: cannot read {split}_labels ({type(e).__name__}: {e}); the file is damaged or not "
+                             "as MedMNIST writes it: download it again") from e
         labels = _check_labels(raw, shape[0], f.path, f"{split}_labels")
     except ValueError as e:
         return [str(e)]
@@ -274,7 +278,8 @@ def _choose(files: list[NpzFile], entries: Sequence[str] | None, default: Sequen
             problems.append(f"{flag} names {entry!r}, which is none of the files given "
                             f"({', '.join(f.path.name for f in files) or 'none'})")
         chosen += [f for f in hit if f not in chosen]
-    return chosen, problems
+    # in the files' order, not the order typed: the same files give the same pooled classes and episodes
+    return [f for f in files if f in chosen], problems
 
 
 def split_by_file(files: list[NpzFile], test_files: Sequence[str] | None, val_files: Sequence[str] | None
@@ -410,7 +415,8 @@ def _write_outputs(staging: Path, out: Path, parts: dict[str, list[NpzFile]], sh
         name = "episodes/" + EPISODE_NAME.format(n_way=ways, n_shot=k, n_query=queries)
         specs = draw_episodes(members, ways, k, queries, episodes, seed)
         meta = {"stage": "test", "generator": GENERATOR, "n_way": ways, "n_shot": k, "n_query": queries, "seed": seed,
-                "items": "the official test split of the test files", "files_md5": files, "classes": names}
+                "items": "the official test split of the test files", "files_md5": files, "classes": names,
+                "unofficial_files": [f.stem for f in parts["test"] if not f.official]}
         save_episodes(specs, ids, staging / name, meta, class_names=names)
         used = sorted({names[c] for s in specs for c in s.classes})
         described[name] = {"n_way": ways, "n_shot": k, "n_query": queries, "n_episodes": len(specs),

@@ -144,6 +144,13 @@ class MedMNIST(ItemSource):
             npz = np.load(path, allow_pickle=False)
         except Exception as e:  # numpy raises several types on a bad archive
             raise ValueError(f"{path}: cannot read it as a .npz archive ({type(e).__name__}: {e}); download it again") from e
+        def read(key: str) -> np.ndarray:
+            try:  # the archive's index was read; each member is decompressed (and CRC-checked) only here
+                return npz[key]
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read {key} ({type(e).__name__}: {e}); the file is damaged or not as "
+                                 "MedMNIST writes it: download it again") from e
+
         with npz:
             missing = [f"{s}_{k}" for s in self.splits for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
             if missing:
@@ -152,12 +159,12 @@ class MedMNIST(ItemSource):
             labels_by_split = {}
             layout: str | None = None
             for s in self.splits:
-                imgs = npz[f"{s}_images"]
+                imgs = read(f"{s}_images")
                 lay = _check_images(imgs, path, f"{s}_images")
                 if layout is not None and lay != layout:
                     raise ValueError(f"{path}: {s}_images are {lay} but the other splits are {layout}")
                 layout = lay
-                labels_by_split[s] = _check_labels(npz[f"{s}_labels"], len(imgs), path, f"{s}_labels")
+                labels_by_split[s] = _check_labels(read(f"{s}_labels"), len(imgs), path, f"{s}_labels")
             assert layout is not None  # splits is never empty (__init__)
             stem = _stem(path)
             names = self.class_names.get(stem)
@@ -183,7 +190,7 @@ class MedMNIST(ItemSource):
             for s in self.splits:
                 sel = np.array([i for (ss, i) in (keys[k] for k in keep) if ss == s], dtype=np.int64)
                 if len(sel):
-                    chunks.append(npz[f"{s}_images"][sel])
+                    chunks.append(read(f"{s}_images")[sel])
         images = self._to_tensor(np.concatenate(chunks), layout) if chunks else torch.zeros(0)
         labels = all_labels[keep]
         present = sorted(set(labels.tolist()))

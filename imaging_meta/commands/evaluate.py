@@ -399,6 +399,11 @@ def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict
     shutil.copyfile(dm.episode_files["test"], target)
     info = dm.describe()  # it reads the episode file's sha256
     entry = {"file": target.name, "sha256": info["episodes_sha256"]["test"], "n_episodes": len(dm.fixed_episodes("test"))}
+    # episodes drawn from files whose MD5 is not the published one (`prepare medmnist --allow-unofficial`): the
+    # episode list's sha256 is the same as on the official files, so the report must say it
+    unofficial = (json.loads(target.read_text()).get("meta") or {}).get("unofficial_files")
+    if unofficial:
+        entry["unofficial_files"] = list(unofficial)
     return entry, {key: v for key, v in info.items() if key not in ("episode_files", "episodes_sha256")}
 
 

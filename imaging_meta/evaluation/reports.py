@@ -221,7 +221,9 @@ def citation(context: dict, summary: dict) -> str:
             how = f"mean ± 95% CI over {s['n_episodes']} episodes"
         diffs = (summary[str(k)].get("differences") or {}).get(task.metric, {})
         paired = "".join(f"; {TRAINED} − {b} {stat_cell(diffs[b]['all'], 3, signed=True)}" for b in ordered_methods(diffs))
-        parts.append(f"{k}-shot {task.metric_title} {stat_cell(s, 3)} ({how}{paired}, episodes sha256 {sha}…)")
+        unofficial = context["episode_files"][str(k)].get("unofficial_files")
+        sha += f"… on unofficial files {', '.join(unofficial)}" if unofficial else "…"
+        parts.append(f"{k}-shot {task.metric_title} {stat_cell(s, 3)} ({how}{paired}, episodes sha256 {sha})")
     return (f"{context['learner'].rsplit('.', 1)[-1]}, {context['protocol']} protocol: " + "; ".join(parts)
             + f"; checkpoint sha256 {context['checkpoint_sha256'][:12]}…, imaging-meta {context['versions']['imaging_meta']}"
             + f" at commit {context['git_commit'][:12]}.")
@@ -260,7 +262,10 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
     if data.get("dropped_organs"):
         lines.append(f"- dropped organs (too few of the stage's patients show them): {data['dropped_organs']}")
     for k, f in context["episode_files"].items():
-        lines.append(f"- {k}-shot episodes: `{f['file']}` ({f['n_episodes']} episodes, episode-list sha256 `{f['sha256']}`)")
+        lines.append(f"- {k}-shot episodes: `{f['file']}` ({f['n_episodes']} episodes, episode-list sha256 `{f['sha256']}`)"
+                     + (f"; **drawn from files whose MD5 is not the published one: {', '.join(f['unofficial_files'])}** "
+                        "(prepared with --allow-unofficial: not comparable with figures on the published files)"
+                        if f.get("unofficial_files") else ""))
     lines += _metric_notes(context, task.report_metrics)
     interval = _interval(context)
     any_diffs = any(d for k in context["shots"] for d in (summary[str(k)].get("differences") or {}).values())

@@ -89,6 +89,13 @@ def test_bad_files_name_the_file_and_key(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"junk\.npz: cannot read it as a \.npz"):
         MedMNIST([str(tmp_path / "junk.npz")]).build()
+    # a member whose bytes were damaged after download: numpy's index reads, the member's CRC fails on reading
+    damaged = bytearray(write_npz(tmp_path / "damaged.npz").read_bytes())
+    start = damaged.index(b"val_images.npy") + 200
+    damaged[start:start + 50] = bytes(50)
+    (tmp_path / "damaged.npz").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"damaged\.npz: cannot read \w+ \(.*download it again"):
+        MedMNIST([str(tmp_path / "damaged.npz")]).build()
     big = write_npz(tmp_path / "organamnist_64.npz", shape=(64, 64))
     with pytest.raises(ValueError, match=r"pooled files need one shape: set image_size"):
         MedMNIST([str(ok), str(big)]).build()

@@ -115,6 +115,18 @@ def test_allow_unofficial_proceeds_and_records_it(folder, tmp_path):
     assert any("bloodmnist.npz: MD5" in w and "allow_unofficial" in w for w in summary["warnings"])
     assert any("24 train, 16 val, 64 test images; the published bloodmnist.npz has 11959 train, 1712 val, 3421 test" in w for w in summary["warnings"])
     assert json.loads((tmp_path / "out" / "prepare.json").read_text())["arguments"]["allow_unofficial"] is True
+    # the episode files say so too: their episode list (and its sha256) is the same as on the published files
+    assert episodes_of(tmp_path / "out", 1)["meta"]["unofficial_files"] == list(TEST_STEMS)
+
+
+def test_a_damaged_labels_member_is_named(folder, tmp_path):
+    """A pickled (object) label array gave numpy's message alone, without the file."""
+    with np.load(folder / "bloodmnist.npz") as f:
+        arrays = dict(f)
+    arrays["test_labels"] = arrays["test_labels"].astype(object)
+    np.savez(folder / "bloodmnist.npz", **arrays)
+    with pytest.raises(ValueError, match=r"bloodmnist\.npz: cannot read test_labels \(ValueError: Object arrays"):
+        prepare_medmnist(folder, tmp_path / "out", allow_unofficial=True, **SMALL)
 
 
 def test_published_files_pass_and_episodes_come_from_the_test_split_of_test_files(folder, tmp_path, monkeypatch):
@@ -152,6 +164,9 @@ def test_the_same_files_and_arguments_give_identical_episode_files(folder, tmp_p
     for name in a["episodes"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert a["episodes_sha256"] == b["episodes_sha256"]
+    # the test files named in another order (the docs' "defaults, spelled out" command): the same episodes
+    typed = prepare_medmnist(folder, tmp_path / "typed", test_files=["pathmnist", "bloodmnist", "dermamnist"], **SMALL)
+    assert typed["episodes_sha256"] == a["episodes_sha256"]
     other = prepare_medmnist(folder, tmp_path / "c", **{**SMALL, "seed": 1})
     assert other["episodes_sha256"] != a["episodes_sha256"]
     # preparing again into the same folder replaces it, episode files of other settings included

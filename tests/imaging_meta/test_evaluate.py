@@ -170,6 +170,16 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
     text = md.read_text()
     assert "Cite as:" in text and ctx["episode_files"]["1"]["sha256"] in text and "HD95 (mm)" in text
     assert "bootstrap of patients" in text and "| trained − copy support mask |" in text
+    assert "unofficial" not in text
+    # episodes drawn from MedMNIST files whose MD5 is not the published one: the same episode list and sha256, so
+    # the report and its citation say so
+    from imaging_meta.evaluation.reports import _evaluation_markdown
+    from imaging_meta.tasks import get_task
+
+    ctx["episode_files"]["1"]["unofficial_files"] = ["bloodmnist"]
+    again = _evaluation_markdown(ctx, summ, get_task(ctx["task"]), doc["figures"])
+    assert "drawn from files whose MD5 is not the published one: bloodmnist" in again
+    assert "on unofficial files bloodmnist" in again.split("Cite as:")[1]
     for png in doc["figures"].values():
         assert Image.open(tmp_path / "a" / png).size[0] > 100
     assert {"per_organ.png", "per_site.png", "dice_vs_shots.png", "best_worst.png"} <= set(doc["figures"].values())
