@@ -390,7 +390,7 @@ def _add_segment_parser(sub) -> None:
                    help="the structure's name, written into each mask's NIfTI description and as the DICOM-SEG segment "
                         "label (default: 'label <value>')")
     g.add_argument("--query", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
-    g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced")
+    g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced when it holds the same structure (--structure-name), and refused when it holds another: one folder per structure")
     g.add_argument("--modality", default=None, help="CT or MR, when the files do not say")
     g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan")
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")

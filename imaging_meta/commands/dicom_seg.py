@@ -129,10 +129,29 @@ def write_dicom_seg(
         for keyword in _EQUIPMENT_SITE_KEYWORDS:
             if keyword in item:
                 delattr(item, keyword)
+    _character_set_for(seg, segment_label)
     out = Path(out_path)
     with atomic_open(out, "wb") as stream:  # a crash leaves no half-written .seg.dcm
         seg.save_as(stream)
     return out
+
+
+def _character_set_for(seg, text: str) -> None:
+    """UTF-8 (``ISO_IR 192``) as the Segmentation's character set when ``text`` (the segment label) cannot be
+    written in the one copied from the source: pydicom would write it with replacement characters ('Leber ?
+    rechts', '??' for 肝臓), with only a warning. Every other string is decoded already and re-encoded in UTF-8."""
+    from pydicom.charset import convert_encodings
+
+    charset = seg.get("SpecificCharacterSet")
+    terms = list(charset) if isinstance(charset, (list, tuple)) or type(charset).__name__ == "MultiValue" else [charset]
+    try:
+        encodings = convert_encodings([t or "" for t in terms] if charset is not None else None)
+    except Exception:  # an unknown defined term: pydicom falls back to ASCII
+        encodings = ["iso8859"]
+    try:  # the value must fit the default repertoire (a single-byte or the first term's set, no code extensions)
+        text.encode(encodings[0])
+    except (UnicodeEncodeError, LookupError):
+        seg.SpecificCharacterSet = "ISO_IR 192"
 
 
 def _shared_geometry(sources) -> None:

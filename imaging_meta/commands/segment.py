@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import torch
 from monai.data import MetaTensor
 from nibabel.spatialimages import SpatialImage
@@ -283,7 +285,35 @@ def _plain(values: dict) -> str:
 
 
 def _query_name(q: Path) -> str:
+    q = Path(os.path.abspath(q))  # `--query .` is the folder's name, not '' (which wrote a hidden '.nii.gz')
     return q.name if q.is_dir() else (nifti_stem(q.name) if is_nifti(q.name) else q.stem)
+
+
+def _structure_of(path: Path) -> str | None:
+    """The structure an existing mask of `segment` holds (its NIfTI description or its segment label), or None
+    when that cannot be read or the file is no mask of `segment`."""
+    try:
+        if path.name.endswith(".seg.dcm"):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return str(ds.SegmentSequence[0].SegmentLabel) if ds.get("Modality") == "SEG" else None
+        header = cast(nib.Nifti1Header, nib.load(path).header)
+        text = bytes(header["descrip"]).split(b"\0")[0].decode("utf-8", "replace")
+    except Exception:
+        return None
+    prefix = nifti_description("")
+    return text[len(prefix):] if text.startswith(prefix) else None
+
+
+def _check_same_structure(paths: Sequence[Path], name: str) -> None:
+    """Refuse to replace a mask that an earlier run wrote for another structure: each run writes one structure
+    and names its mask after the query, so segmenting a second structure of a scan into the same folder replaced
+    the first one's mask without a word (a review)."""
+    for path in paths:
+        held = _structure_of(path) if path.is_file() else None
+        written = nifti_description(name)[len(nifti_description("")):] if not path.name.endswith(".seg.dcm") else name
+        if held is not None and held != written:
+            raise ValueError(f"{path} holds the mask of {held!r} from an earlier run, and this run segments {name!r}: "
+                             "give another --out folder for each structure, or remove the file to replace it")
 
 
 def output_paths(query: str | Path, out_dir: str | Path, output_format: str = "nifti", explain: bool = False) -> list[Path]:
@@ -467,7 +497,13 @@ def segment(
     for _, label in supports:
         check_label_source(label, label_value)
     out = check_output_folder(out_dir)
-    check_outputs([(p, str(q)) for q in queries for p in output_paths(q, out, output_format, explain)], inputs)
+    planned = [(p, str(q)) for q in queries for p in output_paths(q, out, output_format, explain)]
+    check_outputs(planned, inputs)
+    for path, _ in planned:  # a folder of a mask's name fails now, not after the work
+        if path.is_dir():
+            raise ValueError(f"{path}: a folder of that name exists where this run writes a file; move it, or give "
+                             "another --out folder")
+    _check_same_structure([paths[0] for paths in (output_paths(q, out, output_format) for q in queries)], name)
     if not explain:  # left as it is, but a map of another run beside this run's mask could be taken for its own
         for stale in (p for q in queries for p in output_paths(q, out, output_format, True)[1:] if p.exists()):
             logger.warning("%s is a probability map of an earlier run, not of this one (without --explain this run "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -716,3 +717,51 @@ def test_a_structure_name_must_be_a_dicom_segment_label_and_fits_the_nifti_descr
     for suffix in ("", ", probability"):
         text = _description(long, suffix)
         assert len(text.encode()) <= 79 and text.endswith("Ä" + suffix) and text.startswith("imaging-meta segment: Ä")
+
+
+@pytest.mark.parametrize("label", ["Leber – rechts", "肝臓", "liver"])
+def test_a_segment_label_outside_the_sources_character_set_is_written_as_given(tmp_path, label):
+    """A review: 肝臓 was written as '??' and 'Leber – rechts' as 'Leber ? rechts' under the source's ISO_IR 100,
+    with only pydicom's warning. The Segmentation then uses UTF-8; a label that fits keeps the source's set."""
+    pytest.importorskip("highdicom")
+    from imaging_meta.commands.dicom_seg import write_dicom_seg
+
+    volume = phantom(shape=(8, 8, 3))
+    files = write_series(tmp_path / "q", volume)
+    for f in files:
+        edit(f, lambda ds: setattr(ds, "SpecificCharacterSet", "ISO_IR 100"))
+    paths = DicomSeriesReader().read(str(tmp_path / "q")).series.paths
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:5, 2:5, 1] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no replacement characters
+        out = write_dicom_seg(mask, paths, tmp_path / "q.seg.dcm", segment_label=label)
+    back = pydicom.dcmread(out)
+    assert back.SegmentSequence[0].SegmentLabel == label
+    assert back.SpecificCharacterSet == ("ISO_IR 100" if label == "liver" else "ISO_IR 192")
+
+
+def test_a_second_structure_never_replaces_the_first_ones_mask_and_output_names_are_checked_first(
+        tmp_path, support, monkeypatch):
+    """A review: segmenting a second structure of a scan into the same folder replaced the first one's mask
+    without a word; `--query .` wrote a hidden '.nii.gz'; a folder at a mask's path failed after all the work."""
+    from imaging_meta.commands.segment import output_paths
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
+    out = tmp_path / "out"
+    segment(ckpt, [support], [query], out, device="cpu", structure_name="liver", **PLAIN)
+    mask = out / "q5.nii.gz"
+    before = mask.read_bytes()
+    with pytest.raises(ValueError, match=r"q5\.nii\.gz holds the mask of 'liver' from an earlier run, and this run "
+                                         r"segments 'vertebrae'"):
+        segment(ckpt, [support], [query], out, device="cpu", structure_name="vertebrae", **PLAIN)
+    assert mask.read_bytes() == before
+    segment(ckpt, [support], [query], out, device="cpu", structure_name="liver", **PLAIN)  # the same one: replaced
+    # `--query .`: the folder's name
+    monkeypatch.chdir(tmp_path / "support")
+    assert output_paths(Path("."), out)[0].name == "support.nii.gz"
+    # a folder where a mask goes is refused before the checkpoint is read
+    (tmp_path / "busy" / "q5.nii.gz").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"q5\.nii\.gz: a folder of that name exists"):
+        segment(tmp_path / "never-read.ckpt", [support], [query], tmp_path / "busy", **PLAIN)
