@@ -20,6 +20,7 @@ from nibabel.openers import Opener
 from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
 
 from datamodules.indexing.inputs import Reject
+from datamodules.io.nifti_names import compression_problem
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +244,9 @@ def load_nifti(path: str) -> tuple[Any, np.ndarray, list[int]]:
         cifti = cifti_file_reason(path)
         if cifti:
             raise Reject(cifti) from e
+        renamed = compression_problem(path)
+        if renamed:
+            raise Reject(renamed) from e
         raise Reject(
             f"cannot read the NIfTI header ({type(e).__name__}: {e}); the file is corrupt or not NIfTI - "
             "copy it again from the source, or rename it if it is another format"

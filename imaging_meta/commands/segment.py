@@ -42,6 +42,7 @@ from datamodules.indexing.volumes import (
     load_nifti,
 )
 from datamodules.io.dicom import is_nifti, nifti_stem
+from datamodules.io.nifti_names import compression_problem
 from datamodules.messages import LISTED, listed
 from datamodules.progress import progress
 from datamodules.sources.image_folder import PIL_EXTENSIONS
@@ -93,6 +94,9 @@ def image_source(path: str | Path) -> str:
         try:
             dtype = cast(SpatialImage, nib.load(str(p))).get_data_dtype()
         except Exception as e:
+            renamed = compression_problem(p)
+            if renamed:
+                raise ValueError(f"{p}: {renamed}") from None
             raise ValueError(f"{p}: cannot be read as a NIfTI file ({type(e).__name__}: {e}); export it again") from None
         if np.issubdtype(dtype, np.complexfloating):
             raise ValueError(f"{p}: complex-valued voxels ({dtype}); segment reads real intensities, so save the "

@@ -704,3 +704,24 @@ def test_a_series_folder_given_one_level_too_high_names_the_subfolder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no files in this folder; give a NIfTI file or a folder that holds one"):
         modality_of(tmp_path / "empty")
+
+
+def test_a_nifti_whose_name_and_compression_disagree_is_told_to_rename(tmp_path, scans):
+    """A review: a plain NIfTI named .nii.gz was told to be exported again; the fix is a rename."""
+    import gzip
+
+    from datamodules.indexing.inputs import Reject
+    from datamodules.indexing.volumes import load_nifti
+    from imaging_meta.commands.segment import image_source
+
+    image, _ = scans
+    plain = tmp_path / "plain.nii.gz"
+    plain.write_bytes(gzip.decompress(image.read_bytes()))
+    with pytest.raises(ValueError, match=r"plain\.nii\.gz: named \.nii\.gz but not gzip-compressed .*rename it to \.nii"):
+        image_source(plain)
+    with pytest.raises(Reject, match=r"named \.nii\.gz but not gzip-compressed"):
+        load_nifti(str(plain))
+    text = tmp_path / "text.nii.gz"
+    text.write_text("not an image at all")
+    with pytest.raises(ValueError, match=r"text\.nii\.gz: cannot be read as a NIfTI file"):  # no rename advice
+        image_source(text)
