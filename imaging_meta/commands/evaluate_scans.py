@@ -19,7 +19,7 @@ import numpy as np
 
 from datamodules.io.atomic import atomic_open
 from datamodules.progress import progress
-from imaging_meta.evaluation.reports import json_safe
+from imaging_meta.evaluation.reports import json_safe, md_cell
 from imaging_meta.evaluation.scans import COPY, TRAINED_FULL, UNTRAINED_NAME, WINDOW, Scan, score_pair
 from imaging_meta.evaluation.statistics import pair_bootstrap
 from imaging_meta.volume.segmenter import SUPPORT_CHECK_WARN
@@ -149,7 +149,7 @@ def scans_markdown(records: Sequence[dict], seed: int = 0) -> str:
             for value in dict.fromkeys(r.get(field, "") for r in recs):
                 cells = [_interval([r for r in recs if r.get(field, "") == value and r["method"] == m],
                                    lambda r: r["dice"], seed) for m in methods]
-                lines.append(f"| {value or '–'} | " + " | ".join(cells) + " |")
+                lines.append(f"| {md_cell(value) or '–'} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ TABLE_HEADS = {
 }
 
 
-def _md(text: str) -> str:
+def md_cell(text: str) -> str:
     """Escape a value for a Markdown table cell (site keys contain '|')."""
     return str(text).replace("|", "\\|")
 
@@ -48,8 +48,8 @@ def to_markdown(summary: dict, methods: Sequence[str] | None = None, title: str 
     baselines = ordered_methods(differences or {})
     first = summary[methods[0]]
     patients = "n_patients" in first["all"]
-    header = (f"| {title} ({TABLE_HEADS[interval]}) | " + " | ".join(_md(m) for m in methods)
-              + "".join(f" | {_md(reference)} − {_md(b)}" for b in baselines) + " | episodes |" + (" patients |" if patients else ""))
+    header = (f"| {title} ({TABLE_HEADS[interval]}) | " + " | ".join(md_cell(m) for m in methods)
+              + "".join(f" | {md_cell(reference)} − {md_cell(b)}" for b in baselines) + " | episodes |" + (" patients |" if patients else ""))
     lines = [header, "|" + "---|" * (len(methods) + len(baselines) + 2 + patients)]
 
     def row(label: str, stats: list, own: dict) -> str:
@@ -65,7 +65,7 @@ def to_markdown(summary: dict, methods: Sequence[str] | None = None, title: str 
     for g in groups:
         for name in first.get(g, {}):
             stats = pick(summary, methods, g, name) + pick(differences or {}, baselines, g, name)
-            lines.append(row(f"{g}: {_md(name)}", stats, first[g][name]))
+            lines.append(row(f"{g}: {md_cell(name)}", stats, first[g][name]))
     return "\n".join(lines) + "\n"
 
 
@@ -348,7 +348,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
                 continue
             shas[(ctx["task"], ctx["protocol"], k)].add(ctx["episode_files"][str(k)]["sha256"])
             cells = [f"{m}: {stat_cell(summ[str(k)][m].get(TRAINED, {}).get('all'), _digits(m))}" for m in metrics]
-            rows.append(f"| {_md(ctx['name'])} | {ctx['protocol']} | {ctx['learner'].rsplit('.', 1)[-1]} | {k} | "
+            rows.append(f"| {md_cell(ctx['name'])} | {ctx['protocol']} | {ctx['learner'].rsplit('.', 1)[-1]} | {k} | "
                         + "; ".join(cells) + f" | {_interval(ctx)} | `{ctx['episode_files'][str(k)]['sha256'][:12]}` |")
     lines = ["| run | protocol | learner | shots | trained (mean and 95% CI) | 95% CI | episodes sha256 |",
              "|---|---|---|---|---|---|---|"]
