@@ -10,6 +10,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
@@ -281,10 +282,12 @@ def _pixel_bytes_problem(ds: Dataset, h: DicomHeader) -> str | None:
         if isinstance(elem, RawDataElement) and elem.value is None:  # deferred (`read_header`): not read, not decoded
             if elem.length == UNDEFINED_LENGTH:
                 return f"uncompressed transfer syntax {ts.name} but encapsulated pixel data: the file is malformed"
-            try:  # the bytes that the file holds after the value's start
-                present = min(elem.length, max(0, os.path.getsize(h.path) - elem.value_tell))
-            except OSError:
-                present = elem.length
+            present = elem.length
+            if ts != DeflatedExplicitVRLittleEndian:  # a deflated file's positions are in the inflated stream
+                try:  # the bytes that the file holds after the value's start
+                    present = min(elem.length, max(0, os.path.getsize(h.path) - elem.value_tell))
+                except OSError:
+                    pass
         else:
             elem = ds["PixelData"]
             if elem.is_undefined_length or not isinstance(elem.value, (bytes, bytearray)):

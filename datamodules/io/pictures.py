@@ -102,7 +102,8 @@ class Read:
 
     def in_native_range(self) -> np.ndarray | None:
         """The picture's values divided by the largest its integer type can store (an 8-bit picture's by 255, as
-        MedMNIST's ``uint8 / 255``), instead of stretched over its own range; None for DICOM and float pictures."""
+        MedMNIST's ``uint8 / 255``, a 16-bit one's by 65535), instead of stretched over its own range; None for
+        DICOM, float, signed and 1-bit pictures."""
         if self.own_range is None or self.native_max is None:
             return None
         lo, hi = self.own_range
@@ -189,7 +190,9 @@ def _composited(path: Path, colour: np.ndarray, alpha: np.ndarray | None, mode: 
     """Colour (H, W) or (H, W, 3), native values, composited over black with ``alpha`` in [0, 1] (opaque: None)."""
     if colour.ndim == 3 and colour.shape[-1] != 3:
         raise ValueError(f"{path}: image mode {mode!r} with {colour.shape[-1]} channels; save it as grey-level or RGB")
-    native_max = float(np.iinfo(colour.dtype).max) if colour.dtype.kind in "ui" else None
+    # unsigned 8- and 16-bit pictures only: Pillow reads int16 and int32 TIFFs as signed 32-bit ('I'), whose type
+    # range says nothing about the values (they would all be near 0)
+    native_max = float(np.iinfo(colour.dtype).max) if colour.dtype in (np.uint8, np.uint16) else None
     if alpha is not None and not alpha.max() > 0:
         logger.warning("%s: every pixel is fully transparent (alpha 0 everywhere); read as opaque, as viewers show "
                        "such files (BMPs of some Windows tools)", path)

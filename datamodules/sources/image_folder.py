@@ -292,8 +292,9 @@ def load_image_and_shape(
     if intensity == NATIVE_RANGE:
         native = read.in_native_range()
         if native is None:
-            logger.warning("%s: the checkpoint scales integer pictures by their type's range (%s); this image has "
-                           "none (DICOM or floating point): scaled by its own range instead", path, intensity)
+            logger.warning("%s: the checkpoint scales 8- and 16-bit pictures by their type's range (%s); this image "
+                           "is none (DICOM, floating point, signed or 1-bit): scaled by its own range instead", path,
+                           intensity)
         else:
             read = dataclasses.replace(read, array=native)
     return _to_tensor(read, image_size, channels), (int(read.array.shape[0]), int(read.array.shape[1])), read.windowed

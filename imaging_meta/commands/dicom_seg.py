@@ -139,18 +139,26 @@ def write_dicom_seg(
 def _character_set_for(seg, text: str) -> None:
     """UTF-8 (``ISO_IR 192``) as the Segmentation's character set when ``text`` (the segment label) cannot be
     written in the one copied from the source: pydicom would write it with replacement characters ('Leber ?
-    rechts', '??' for 肝臓), with only a warning. Every other string is decoded already and re-encoded in UTF-8."""
-    from pydicom.charset import convert_encodings
+    rechts', '??' for 肝臓), with only a warning, or (under the default repertoire, which pydicom encodes as
+    Latin-1) as bytes outside it. Every other string is decoded already and re-encoded in UTF-8."""
+    import warnings as _warnings
+
+    from pydicom.charset import convert_encodings, encode_string
 
     charset = seg.get("SpecificCharacterSet")
     terms = list(charset) if isinstance(charset, (list, tuple)) or type(charset).__name__ == "MultiValue" else [charset]
-    try:
-        encodings = convert_encodings([t or "" for t in terms] if charset is not None else None)
-    except Exception:  # an unknown defined term: pydicom falls back to ASCII
-        encodings = ["iso8859"]
-    try:  # the value must fit the default repertoire (a single-byte or the first term's set, no code extensions)
-        text.encode(encodings[0])
-    except (UnicodeEncodeError, LookupError):
+    terms = [str(t or "").strip() for t in terms]
+    if all(t in ("", "ISO_IR 6", "ISO 2022 IR 6") for t in terms):  # the default repertoire: ASCII only
+        fits = text.isascii()
+    else:
+        try:
+            with _warnings.catch_warnings():
+                _warnings.simplefilter("error")  # pydicom's "using replacement characters" is a failure here
+                encode_string(text, convert_encodings(terms))
+            fits = True
+        except Exception:  # an encoding error, a replacement warning, an unknown defined term
+            fits = False
+    if not fits:
         seg.SpecificCharacterSet = "ISO_IR 192"
 
 

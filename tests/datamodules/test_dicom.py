@@ -181,6 +181,21 @@ def test_truncated_file(tmp_path, monkeypatch, deferred):
     assert "truncated" in read_header(paths[3]).problem
 
 
+def test_a_deflated_file_is_not_taken_for_a_truncated_one(tmp_path):
+    """A deferred value's position is in the inflated stream of a Deflated Explicit VR file, not in the file: a
+    review found every such slice refused as truncated once the scan deferred the pixel data."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    (path,) = write_series(tmp_path / "s", phantom(shape=(96, 96, 1)))[:1]
+
+    def deflate(ds):
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+
+    edit(path, deflate)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert read_header(path).problem is None
+
+
 def test_indexing_a_folder_never_reads_the_pixel_data(tmp_path, monkeypatch):
     """Scanning 300 CT slices should read their headers, not 150 MB of pixels: every PixelData stays deferred."""
     write_series(tmp_path / "s", phantom(shape=(96, 96, 4)))  # 18 KB of pixels per slice

@@ -346,9 +346,13 @@ def test_the_native_range_scales_a_picture_by_its_type_as_medmnist_does(tmp_path
     Image.fromarray(deep).save(tmp_path / "deep.png")  # 16 bits: by 65535
     np.testing.assert_allclose(load_image(tmp_path / "deep.png", image_size=(28, 28), intensity=NATIVE_RANGE)[0].numpy(),
                                deep / 65535.0, atol=1e-6)
+    Image.fromarray(grey.astype(np.int32) - 100).save(tmp_path / "signed.tif")  # Pillow mode 'I': its own range
+    with caplog.at_level("WARNING"):
+        signed = load_image(tmp_path / "signed.tif", image_size=(28, 28), intensity=NATIVE_RANGE)
+    assert float(signed.min()) == 0.0 and float(signed.max()) == 1.0 and "signed.tif" in caplog.text
     ct = write_dicom(tmp_path, grey.astype(np.float64), "ct.dcm")
     with caplog.at_level("WARNING"):
         dicom = load_image(ct, image_size=(28, 28), intensity=NATIVE_RANGE)
-    assert "has none (DICOM or floating point)" in caplog.text and float(dicom.max()) <= 1.0
+    assert "is none (DICOM, floating point, signed or 1-bit)" in caplog.text and float(dicom.max()) <= 1.0
     with pytest.raises(ValueError, match="intensity must be None"):
         load_image(tmp_path / "cell.png", intensity="percentile")

@@ -7,9 +7,11 @@ paths, so `fit` with `cache: disk` (the folder config's setting) trained on the 
 from __future__ import annotations
 
 import os
+import re
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from monai.data import PersistentDataset
 
@@ -160,3 +162,19 @@ def test_the_slice_cache_reads_files_of_the_old_layout(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == files  # the old file was read, not written again
     for key in ("image", "label"):
         assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(old[key]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_slice_cache_file_is_computed_again_with_a_warning(tmp_path, damage):
+    """A cache file cut short made MONAI's read stop the run (RuntimeError: PytorchStreamReader failed)."""
+    from datamodules.slice_cache import SliceCache
+
+    item, tf = _cache_item(tmp_path)
+    first = SliceCache([item], tf, cache_dir=tmp_path / "c", hash_func=hash_with_file_stamps)[0]
+    (file,) = (tmp_path / "c").iterdir()
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"x" * 999}[damage])
+    with pytest.warns(UserWarning, match=rf"{re.escape(file.name)}: unreadable cache file .*preprocessing its volume again"):
+        again = SliceCache([item], tf, cache_dir=tmp_path / "c", hash_func=hash_with_file_stamps)[0]
+    assert torch.equal(torch.as_tensor(again["image"]), torch.as_tensor(first["image"]))
+    assert file.read_bytes() != b"" and len(file.read_bytes()) == len(data)  # written again, whole

@@ -719,8 +719,13 @@ def test_a_structure_name_must_be_a_dicom_segment_label_and_fits_the_nifti_descr
         assert len(text.encode()) <= 79 and text.endswith("Ä" + suffix) and text.startswith("imaging-meta segment: Ä")
 
 
-@pytest.mark.parametrize("label", ["Leber – rechts", "肝臓", "liver"])
-def test_a_segment_label_outside_the_sources_character_set_is_written_as_given(tmp_path, label):
+@pytest.mark.parametrize("charset,label,utf8", [
+    ("ISO_IR 100", "Leber – rechts", True), ("ISO_IR 100", "肝臓", True), ("ISO_IR 100", "liver", False),
+    ("ISO_IR 100", "Leber é", False),  # é is in Latin-1
+    (None, "Leber é", True), (None, "liver", False),  # no SpecificCharacterSet: the default repertoire, ASCII
+    ("ISO_IR 13", "肝臓", True),  # JIS X 0201: katakana, no kanji (Python's shift_jis codec would take them)
+])
+def test_a_segment_label_outside_the_sources_character_set_is_written_as_given(tmp_path, charset, label, utf8):
     """A review: 肝臓 was written as '??' and 'Leber – rechts' as 'Leber ? rechts' under the source's ISO_IR 100,
     with only pydicom's warning. The Segmentation then uses UTF-8; a label that fits keeps the source's set."""
     pytest.importorskip("highdicom")
@@ -729,7 +734,13 @@ def test_a_segment_label_outside_the_sources_character_set_is_written_as_given(t
     volume = phantom(shape=(8, 8, 3))
     files = write_series(tmp_path / "q", volume)
     for f in files:
-        edit(f, lambda ds: setattr(ds, "SpecificCharacterSet", "ISO_IR 100"))
+        def change(ds):
+            if charset is None:
+                if "SpecificCharacterSet" in ds:
+                    del ds.SpecificCharacterSet
+            else:
+                ds.SpecificCharacterSet = charset
+        edit(f, change)
     paths = DicomSeriesReader().read(str(tmp_path / "q")).series.paths
     mask = np.zeros(volume.shape, dtype=bool)
     mask[2:5, 2:5, 1] = True
@@ -738,7 +749,7 @@ def test_a_segment_label_outside_the_sources_character_set_is_written_as_given(t
         out = write_dicom_seg(mask, paths, tmp_path / "q.seg.dcm", segment_label=label)
     back = pydicom.dcmread(out)
     assert back.SegmentSequence[0].SegmentLabel == label
-    assert back.SpecificCharacterSet == ("ISO_IR 100" if label == "liver" else "ISO_IR 192")
+    assert back.get("SpecificCharacterSet") == ("ISO_IR 192" if utf8 else charset)
 
 
 def test_a_second_structure_never_replaces_the_first_ones_mask_and_output_names_are_checked_first(
