@@ -206,8 +206,9 @@ def check_segmentation_episodes(
                 cases[c], stage_of.get(c), spec.organ, test_sites, split.protocol)) is not None), None)
         if problem is None and slices is not None:
             shown = slices.get(spec.organ, {})
-            problem = next((f"slice {z} of case {cases[c].case_id} no longer shows {spec.organ!r} (too few of its "
-                            "pixels, or none, in the label map as it is now): the labels changed since the file was drawn"
+            problem = next((f"slice {z} of case {cases[c].case_id} no longer shows {spec.organ!r} (fewer of its pixels "
+                            "than this run's min_organ_pixels, or none, in the label map as it is now): the labels "
+                            "changed since the file was drawn, or min_organ_pixels did"
                             for c, z in spec.support + spec.query if z not in set(shown.get(c, ()))), None)
         if problem:
             raise ValueError(f"{path}: episode {e}: {problem}; this file does not fit this run's {split.protocol} split: "
