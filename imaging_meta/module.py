@@ -535,9 +535,27 @@ class EpisodicModule(LightningModule):
                 + ". These are the settings that run (and that a test report records); to run the model as trained, "
                 "pass the config saved beside its checkpoints (--config RUN/config.yaml), or use imaging-meta "
                 "evaluate, which builds the learner from the checkpoint")
+        dm = self._datamodule()
+        task = extra.get("task")
+        if dm is not None and task and dm.task != task:  # before the split check, which would blame the data's split
+            raise ValueError(
+                f"the checkpoint is a {task} model and this run's data is {dm.task} data; use a {task} data config "
+                "(the config.yaml saved beside the checkpoint's run holds the one it trained on)")
         own = self.state_dict()
-        wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in (checkpoint.get("state_dict") or {}).items()
+        theirs = checkpoint.get("state_dict") or {}
+        wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in theirs.items()
                  if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+        missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+        if theirs and (missing or unexpected):  # another architecture of the same learner (resnet against unet)
+            raise ValueError(
+                "the checkpoint's weights do not fit the learner this run builds: "
+                + (f"{len(missing)} tensor(s) of this learner are not in the checkpoint (e.g. {missing[0]})"
+                   if missing else "")
+                + ("; " if missing and unexpected else "")
+                + (f"{len(unexpected)} tensor(s) of the checkpoint are not in this learner (e.g. {unexpected[0]})"
+                   if unexpected else "")
+                + "; build it as in training: the same model config (its backbone and backbone_kwargs) and learner "
+                "arguments: the config.yaml saved beside the checkpoint's run holds them")
         if wrong:
             key, theirs, ours = wrong[0]
             raise ValueError(
@@ -545,7 +563,6 @@ class EpisodicModule(LightningModule):
                 f"checkpoint and {list(ours)} here ({len(wrong)} such tensor(s)); build it as in training: the same "
                 "model config and learner arguments, and the same n_way in the data config"
             )
-        dm = self._datamodule()
         mismatch = split_mismatch(extra, dm) if dm is not None else None
         if mismatch is not None:
             raise ValueError(

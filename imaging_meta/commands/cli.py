@@ -166,13 +166,18 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def instantiate_trainer(self, **kwargs: Any):
             """The trainer, without the shipped configs' ``LearningRateMonitor`` when ``--trainer.logger false``
             leaves nothing to log to (Lightning stops the run at its first step); a line says so. A trainer with
-            ``use_distributed_sampler: true`` is refused: the episode samplers shard by rank themselves, and
-            Lightning would split each rank's share again (a 2-rank test scored half its episodes)."""
+            ``use_distributed_sampler: true`` runs with it false, with a warning: the episode samplers shard by rank
+            themselves, and Lightning would split each rank's share again (a 2-rank test scored half its episodes).
+            (It was refused; but the run configs saved by versions before 2026-12-03 hold it, and the README's
+            ``--config runs/<name>/version_N/config.yaml`` was then refused for a setting the user never made.)"""
             config = self.config.get(self.subcommand) if self.subcommand else self.config
             if config.get("trainer", {}).get("use_distributed_sampler"):
-                raise ValueError("--trainer.use_distributed_sampler true: the episode samplers give each DDP rank its "
-                                 "own episodes, and Lightning's sampler would split them again (half of the test "
-                                 "episodes scored on 2 ranks); leave it false, the default of every trainer config")
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                kwargs["use_distributed_sampler"] = False
+                rank_zero_warn("trainer.use_distributed_sampler true (set by you, or by a run config saved by an older "
+                               "imaging-meta) is run as false: the episode samplers give each DDP rank its own "
+                               "episodes, and Lightning's sampler would split them again")
             if config.get("trainer", {}).get("enable_checkpointing") is False:
                 self._drop_checkpoint_callbacks()
             trainer: Any = super().instantiate_trainer(**kwargs)  # `callbacks` is set by Lightning, not declared
@@ -253,7 +258,10 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         auto_configure_optimizers=False,
         # checkpoints are written to a temporary file and renamed: an interrupted save leaves none half-written
         trainer_defaults={"plugins": [{"class_path": "imaging_meta.checkpoint_io.AtomicCheckpointIO"}],
-                          "use_distributed_sampler": False},  # the episode samplers shard by rank themselves
+                          "use_distributed_sampler": False,  # the episode samplers shard by rank themselves
+                          # gradient-based learners adapt on the support in validation and test: autograd must be on
+                          # (Lightning's own default, True, stopped a MAML validate without a trainer config)
+                          "inference_mode": False},
         run=run,
     )
     if run:  # the subcommand ended normally (after an error, destroying could wait on the other ranks)

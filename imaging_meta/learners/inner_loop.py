@@ -105,10 +105,15 @@ def kernels_if_enabled() -> contextlib.AbstractContextManager:
     return FastKernels() if _FAST_KERNELS.get() else contextlib.nullcontext()
 
 
-def _no_gradient_error(model: nn.Module) -> RuntimeError:
-    return RuntimeError(
-        f"the inner loss of {type(model).__name__} has no gradient: under Lightning set "
-        "Trainer(inference_mode=False) so that validation and test can adapt"
+class NoGradientError(ValueError):
+    """The inner loop ran where autograd is off (Lightning's ``inference_mode``): a setting to change, not a bug."""
+
+
+def _no_gradient_error(model: nn.Module) -> NoGradientError:
+    return NoGradientError(
+        f"the inner loss of {type(model).__name__} has no gradient: gradient-based learners adapt on the support "
+        "in validation and test too, so run them with --trainer.inference_mode false (the shipped trainer configs "
+        "do; from Python, Trainer(inference_mode=False))"
     )
 
 

@@ -52,6 +52,26 @@ def test_a_checkpoint_of_another_learner_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"weights do not fit the learner this run builds: learner\.encoder.* is \[8, 1, 3, 3\] "
                                          r"in the checkpoint and \[4, 1, 3, 3\] here"):
         module.on_load_checkpoint(same)
+    # the same learner class with another backbone: other tensor names (it crashed in Lightning's strict load)
+    resnet = EpisodicModule(PrototypicalNetwork(backbone="resnet", backbone_kwargs={"depth": 18}), baselines=False)
+    other_arch = {"imaging_meta": {"learner_config": module.learner.config}, "state_dict": resnet.state_dict()}
+    with pytest.raises(ValueError, match=r"weights do not fit the learner this run builds: \d+ tensor\(s\) of this learner "
+                                         r"are not in the checkpoint \(e\.g\. learner\..*; \d+ tensor\(s\) of the checkpoint"):
+        module.on_load_checkpoint(other_arch)
+
+
+def test_a_checkpoint_of_another_task_is_named_before_the_split():
+    """A classification checkpoint with a segmentation data config was blamed on the data's split and the salt."""
+    module = EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4}), baselines=False)
+
+    class Data:
+        task = "segmentation"
+
+    module._datamodule = lambda: Data()  # type: ignore[method-assign]
+    ckpt = {"imaging_meta": {"learner_config": module.learner.config, "task": "classification"},
+            "state_dict": module.state_dict()}
+    with pytest.raises(ValueError, match="the checkpoint is a classification model and this run's data is segmentation data"):
+        module.on_load_checkpoint(ckpt)
 
 
 def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path):

@@ -128,7 +128,7 @@ def test_a_missing_model_config_is_named(tmp_path, capsys):
     assert "no learner: add a model config, e.g. --config configs/model/protonet_cls.yaml" in capsys.readouterr().err
 
 
-def test_lightnings_distributed_sampler_is_off_and_cannot_be_switched_on(tmp_path):
+def test_lightnings_distributed_sampler_is_off_and_runs_off_when_switched_on(tmp_path):
     """The episode samplers shard by rank; Lightning's DistributedSampler on top split each rank's share again, so a
     2-rank run started with `--trainer.strategy ddp --trainer.devices 2` and a trainer config that did not say
     `use_distributed_sampler: false` tested half of its fixed episodes. It is off by default and refused on."""
@@ -137,8 +137,14 @@ def test_lightnings_distributed_sampler_is_off_and_cannot_be_switched_on(tmp_pat
     assert "use_distributed_sampler" not in (CONFIGS / "trainer/default.yaml").read_text()
     cli = lightning_cli(base, run=False)
     assert cli.trainer._accelerator_connector.use_distributed_sampler is False
-    with pytest.raises(ValueError, match="use_distributed_sampler true: the episode samplers give each DDP rank"):
-        lightning_cli([*base, "--trainer.use_distributed_sampler", "true"], run=False)
+    # a run config saved by an older version holds it: run as false, with a warning (it was refused)
+    with pytest.warns(UserWarning, match="use_distributed_sampler true .* is run as false"):
+        cli = lightning_cli([*base, "--trainer.use_distributed_sampler", "true"], run=False)
+    assert cli.trainer._accelerator_connector.use_distributed_sampler is False
+    # without a trainer config: autograd stays on in validation and test (a MAML validate was an 'internal error')
+    bare = lightning_cli(["--config", str(CONFIGS / "data/demo_classification.yaml"), "--config",
+                          str(CONFIGS / "model/maml_cls.yaml"), "--trainer.logger", "false"], run=False)
+    assert bare.trainer.test_loop.inference_mode is False and bare.trainer.validate_loop.inference_mode is False
 
 
 def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp_path, capsys):
