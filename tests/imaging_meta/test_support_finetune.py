@@ -324,3 +324,60 @@ def test_augment_views_are_seeded_and_small():
     assert augment_views(x, 0, torch.Generator()).shape == (0, *x.shape[1:])
     volumes = augment_views(torch.randn(2, 1, 6, 8, 8), 2, torch.Generator().manual_seed(0))
     assert volumes.shape == (4, 1, 6, 8, 8) and torch.isfinite(volumes).all()
+
+
+class _OneWayFeatures(PrototypicalNetwork):
+    """A ProtoNet whose features all point one way (a large constant part, as ReLU features have), the class
+    in a small part: the first pixels of the image."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        flat = images.flatten(1)
+        return torch.cat([torch.full((len(flat), 32), 10.0), 0.5 * flat[:, :4]], 1)
+
+
+def _one_way_episode(counts=(3, 3, 3), n_query=2):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.eye(3)[:, :3]
+
+    def images(k, n):
+        out = torch.rand(n, 1, 8, 8, generator=g) * 0.1
+        out.view(n, -1)[:, :3] += codes[k]
+        return out
+
+    support = torch.cat([images(k, n) for k, n in enumerate(counts)])
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
+    query = torch.cat([images(k, n_query) for k in range(3)])
+    return Episode(support, labels, query, torch.arange(3).repeat_interleave(n_query))
+
+
+def test_the_cosine_head_centres_features_that_all_point_one_way():
+    """A review: on ProtoNet features (pairwise cosine 0.95 and more) the cosine head's logits spread by about 0.5:
+    near-uniform probabilities (top 0.27 in 5 ways), and a query that is a support image answered wrongly."""
+    learner, ep = _OneWayFeatures(backbone_kwargs=TINY), _one_way_episode()
+    plain = predict(SupportFineTune(learner, steps=20, lr=0.1, centre=False), ep)[0]
+    centred = SupportFineTune(learner, steps=20, lr=0.1)
+    probs = predict(centred, ep)[0]
+    assert float(plain.max(-1).values.mean()) < 0.45  # near uniform in 3 ways
+    assert float(probs.max(-1).values.mean()) > 0.8 and bool((probs.argmax(-1) == ep.query_labels).all())
+    assert centred.last_fit[0]["support_accuracy"][1] == 1.0
+
+
+def test_an_uneven_support_keeps_its_smaller_classes():
+    """A review: 1 kidney image against 5 of each other class, and after fine-tuning kidney was never predicted;
+    the loss now weights each class by the inverse of its share of the support."""
+    learner, ep = _OneWayFeatures(backbone_kwargs=TINY), _one_way_episode(counts=(1, 6, 6), n_query=4)
+    m = SupportFineTune(learner, steps=50, lr=0.1, augment=False)
+    weights = m.class_weights(ep.support_labels, 3)
+    assert weights.tolist() == pytest.approx([13 / 3, 13 / 18, 13 / 18])
+    assert m.class_weights(torch.tensor([0, 0, 1, 1, 2, 2]), 3).tolist() == [1.0, 1.0, 1.0]  # balanced: unchanged
+    probs = predict(m, ep)[0]
+    assert bool((probs.argmax(-1)[:4] == 0).all())  # the one-image class is still found
+    # the fit's first loss is the class-weighted cross-entropy of the initial head on the support
+    with torch.no_grad():
+        raw, _ = m.features({}, ep.support_images, ep.support_labels, ep.support_images[:0])
+        (feats,) = m.centred(raw, ep.support_labels, 3)
+        logits = m.logits(feats, m.initial_head(feats, ep.support_labels, 3))
+    weighted = torch.nn.functional.cross_entropy(logits, ep.support_labels, weight=weights)
+    assert m.last_fit[0]["losses"][0] == pytest.approx(float(weighted), rel=1e-5)
+    assert m.last_fit[0]["losses"][0] != pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, ep.support_labels)), rel=1e-3)

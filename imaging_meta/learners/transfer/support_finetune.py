@@ -18,9 +18,14 @@ optionally also fine-tuning the encoder's last block. Per task, `SupportFineTune
    backbone built ``transductive`` uses the statistics of whatever it is given, as its learner does).
 3. Head: a new head initialised from the support (never at random), as `FineTune` does: cosine rows are the
    normalised class means of the normalised support features (logits ``scale * cos``); the linear head is the
-   nearest-class-mean classifier (rows the means ``mu``, biases ``-|mu|^2 / 2``).
+   nearest-class-mean classifier (rows the means ``mu``, biases ``-|mu|^2 / 2``). With ``centre`` (the
+   default) the cosine head sees every feature minus the support's centre, the mean of its class means (of the
+   original support, with the body of the moment): an embedding whose features all point one way (a ProtoNet's
+   are ReLU outputs, pairwise cosine 0.95 and more) otherwise leaves ``scale * cos`` a spread of about 0.5
+   between classes: near-uniform probabilities, and a support the head cannot fit (a review, 2026-12-06).
 4. Fit: ``steps`` full-batch SGD steps (``lr``, ``momentum``) on the cross-entropy of the support and its
-   views: of the head only (``body="head"``), of the head and the encoder's last block (``"last"``), or of the
+   views, each class weighted by the inverse of its number of support images (a class of 1 image against
+   classes of 5 was otherwise never predicted after the fit): of the head only (``body="head"``), of the head and the encoder's last block (``"last"``), or of the
    head and the whole encoder (``"all"``). The encoder runs through ``torch.func.functional_call`` on copies of
    its parameters (and of its buffers): the wrapped learner is never changed. Gradients are enabled locally, so
    ``predict`` works under ``torch.no_grad()``; ``torch.inference_mode()`` is refused with the fix.
@@ -244,6 +249,8 @@ class SupportFineTune(WrappingLearner):
         seed: seeds the views (the same for every task).
         head: ``cosine`` (Baseline++) or ``linear`` (Baseline), both initialised from the support class means.
         scale: temperature of the cosine head.
+        centre: the cosine head sees the features minus the support's centre (the mean of its class means; step 3
+            of the module docstring).
         momentum: SGD momentum.
         flip, rotation, translation, zoom, intensity: the augmentation (`Augmentation`).
     """
@@ -261,6 +268,7 @@ class SupportFineTune(WrappingLearner):
         seed: int = 0,
         head: str = "cosine",
         scale: float = 10.0,
+        centre: bool = True,
         momentum: float = 0.9,
         flip: bool = True,
         rotation: float = 10.0,
@@ -282,7 +290,7 @@ class SupportFineTune(WrappingLearner):
             raise ValueError(f"copies must be >= 0, got {copies}")
         self.n_way = embedding.n_way
         self.steps, self.lr, self.momentum, self.scale = int(steps), float(lr), float(momentum), float(scale)
-        self.body, self.head = body, head
+        self.body, self.head, self.centre = body, head, bool(centre)
         self.copies = int(copies) if augment else 0
         self.seed = int(seed)
         self.augmentation = Augmentation(
@@ -344,10 +352,30 @@ class SupportFineTune(WrappingLearner):
         return {"weight": means, "bias": -0.5 * means.pow(2).sum(-1)}
 
     def logits(self, features: torch.Tensor, head: Params) -> torch.Tensor:
-        """(N, n_way) logits of (N, D) features: ``scale * cos(f, w_k)`` or ``f . w_k + b_k``."""
+        """(N, n_way) logits of (N, D) features (already centred, `centred`): ``scale * cos(f, w_k)`` or
+        ``f . w_k + b_k``."""
         if self.head == "cosine":
             return self.scale * F.normalize(features, dim=-1) @ F.normalize(head["weight"], dim=-1).T
         return features @ head["weight"].T + head["bias"]
+
+    def centred(self, support: torch.Tensor, labels: torch.Tensor, n_way: int, *rest: torch.Tensor) -> list[torch.Tensor]:
+        """``support`` (S, D) and each of ``rest`` minus the support's centre, the mean of its class means (the
+        cosine head with ``centre``); unchanged otherwise."""
+        if not (self.centre and self.head == "cosine"):
+            return [support, *rest]
+        onehot = class_onehot(labels[None], n_way, support.dtype)[0]
+        present = onehot.sum(0) > 0
+        means = (onehot.T @ support)[present] / onehot.sum(0)[present, None]
+        centre = means.mean(0)
+        return [f - centre for f in (support, *rest)]
+
+    def class_weights(self, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+        """(n_way,) loss weights: the inverse of each class's share of the support (1 for balanced classes)."""
+        counts = torch.bincount(labels.long(), minlength=n_way).float()
+        present = counts > 0
+        weights = torch.zeros(n_way)
+        weights[present] = counts[present].sum() / (present.sum() * counts[present])
+        return weights
 
     def views(self, support_images: torch.Tensor) -> torch.Tensor:
         """The task's augmented views ``(copies * S, C, ...)``, from a generator seeded with ``seed``."""
@@ -368,9 +396,11 @@ class SupportFineTune(WrappingLearner):
         """
         views = self.views(support_images)
         labels = torch.cat([support_labels, support_labels.repeat(self.copies)]).long()
+        weights = self.class_weights(support_labels, n_way).to(support_images.device)
         body0 = self.body_parameters()
         with torch.no_grad():
-            fs, fv = self.features(body0, support_images, support_labels, views)
+            raw_s, raw_v = self.features(body0, support_images, support_labels, views)
+            fs, fv = self.centred(raw_s, support_labels, n_way, raw_v)
         head0 = self.initial_head(fs, support_labels, n_way)
         before = float((self.logits(fs, head0).argmax(-1) == support_labels).float().mean())
         train = torch.cat([fs, fv])
@@ -378,8 +408,12 @@ class SupportFineTune(WrappingLearner):
         def loss_fn(p: Params) -> torch.Tensor:
             head = {k[5:]: v for k, v in p.items() if k.startswith("head.")}
             body = {k[5:]: v for k, v in p.items() if k.startswith("body.")}
-            feats = torch.cat(self.features(body, support_images, support_labels, views)) if body else train
-            return F.cross_entropy(self.logits(feats, head), labels)
+            if body:
+                support_f, view_f = self.features(body, support_images, support_labels, views)
+                feats = torch.cat(self.centred(support_f, support_labels, n_way, view_f))
+            else:
+                feats = train
+            return F.cross_entropy(self.logits(feats, head), labels, weight=weights)
 
         start = {**{f"head.{k}": v for k, v in head0.items()}, **{f"body.{k}": v for k, v in body0.items()}}
         params, losses = sgd(loss_fn, start, self.steps, self.lr, self.momentum)
@@ -402,7 +436,8 @@ class SupportFineTune(WrappingLearner):
         """One task: (Q, n_way) query probabilities, and the record of the fit (see `predict`)."""
         fit = self.fit_task(support_images, support_labels, n_way)
         with torch.no_grad():
-            fs, fq = self.features(fit.body, support_images, support_labels, query_images)
+            raw_s, raw_q = self.features(fit.body, support_images, support_labels, query_images)
+            fs, fq = self.centred(raw_s, support_labels, n_way, raw_q)
             after = float((self.logits(fs, fit.head).argmax(-1) == support_labels).float().mean())
             probs = self.logits(fq, fit.head).softmax(-1)
         record = {
