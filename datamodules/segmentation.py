@@ -752,8 +752,10 @@ class SegmentationDataModule(EpisodicDataModule):
                     raise item.error
             return ds
         if self.hparams.cache == "disk":
-            return _warmed(SliceCache(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder,
-                                      hash_func=hash_with_file_stamps))
+            disk = SliceCache(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder,
+                              hash_func=hash_with_file_stamps)
+            disk.check_writable()
+            return _warmed(disk)
         if folder.startswith("superpixels-"):
             warnings.warn("cache: none with self-supervised episodes computes every scan's superpixels again for each "
                           "episode (seconds a scan); use cache: memory or disk", stacklevel=3)

@@ -124,8 +124,14 @@ def save_episodes(
     episodes = [_RECORDS[spec_class](s, case_ids, class_names) for s in specs]
     payload = {"kind": spec_class.kind, "meta": meta or {}, "episodes": episodes}
     payload["sha256"] = _episodes_digest(episodes)
+    text = json.dumps(payload, indent=1)
+    try:  # the same file already there (every later run of one setting): not written again, so that a complete
+        if path.read_text(encoding="utf-8") == text:  # cache on read-only storage serves its runs
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
+        f.write(text)
     return path
 
 

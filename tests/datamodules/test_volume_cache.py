@@ -178,3 +178,54 @@ def test_a_damaged_slice_cache_file_is_computed_again_with_a_warning(tmp_path, d
         again = SliceCache([item], tf, cache_dir=tmp_path / "c", hash_func=hash_with_file_stamps)[0]
     assert torch.equal(torch.as_tensor(again["image"]), torch.as_tensor(first["image"]))
     assert file.read_bytes() != b"" and len(file.read_bytes()) == len(data)  # written again, whole
+
+
+def test_a_cache_file_of_torchs_older_format_is_read_not_deleted(tmp_path):
+    """torch.load(mmap=True) refuses files in the pre-zip format; they are read whole instead of deleted."""
+    from datamodules.slice_cache import SliceCache
+
+    item, tf = _cache_item(tmp_path)
+    cache = SliceCache([item], tf, cache_dir=tmp_path / "c", hash_func=hash_with_file_stamps)
+    first = cache[0]
+    (file,) = (tmp_path / "c").iterdir()
+    stored = torch.load(file, weights_only=False)
+    torch.save(stored, file, _use_new_zipfile_serialization=False)
+    old_bytes = file.read_bytes()
+    again = SliceCache([item], tf, cache_dir=tmp_path / "c", hash_func=hash_with_file_stamps)[0]
+    assert torch.equal(torch.as_tensor(again["image"]), torch.as_tensor(first["image"]))
+    assert file.read_bytes() == old_bytes
+
+
+def test_a_cache_folder_that_cannot_be_written_is_refused_unless_it_is_complete(tmp_path, monkeypatch):
+    """MONAI skips a write it is not permitted without a word, and every episode preprocessed its volume again."""
+    from datamodules import slice_cache
+    from datamodules.slice_cache import SliceCache
+
+    item, tf = _cache_item(tmp_path)
+    cache = SliceCache([item], tf, cache_dir=tmp_path / "c", hash_func=hash_with_file_stamps)
+    cache.check_writable()  # writable: nothing to say
+    monkeypatch.setattr(slice_cache.os, "access", lambda *a: False)  # as for another user's folder (tests run as root)
+    with pytest.raises(PermissionError, match=r"c: the disk cache folder cannot be written, and 1 of 1 preprocessed "
+                                              r"volumes are not in it.*data\.init_args\.cache_dir"):
+        cache.check_writable()
+    monkeypatch.undo()
+    cache[0]  # filled once
+    monkeypatch.setattr(slice_cache.os, "access", lambda *a: False)
+    cache.check_writable()  # complete: only read, fine on read-only storage
+
+
+def test_an_episode_file_already_there_is_not_written_again(tmp_path, monkeypatch):
+    """A complete cache on read-only storage was refused: every run rewrote its fixed episode files."""
+    from datamodules.sampling import episode_files
+    from datamodules.sampling.samplers_segmentation import SegmentationEpisodeSpec
+
+    specs = [SegmentationEpisodeSpec(organ="liver", support=((0, 3),), query=((1, 4),), seed=0)]
+    path = episode_files.save_episodes(specs, ["a", "b"], tmp_path / "e.json", {"seed": 0})
+
+    def refuse(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(episode_files, "atomic_open", refuse)
+    assert episode_files.save_episodes(specs, ["a", "b"], path, {"seed": 0}) == path  # the same: not written
+    with pytest.raises(OSError, match="Read-only"):
+        episode_files.save_episodes(specs, ["a", "b"], path, {"seed": 1})  # other content: written (here refused)
