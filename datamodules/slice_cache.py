@@ -16,7 +16,6 @@ others. A cache folder that cannot be written while volumes are missing from it 
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ class SliceCache(PersistentDataset):
         Raises:
             PermissionError: naming the folder, how many volumes are missing, and the setting to change.
         """
-        if self.cache_dir is None or os.access(self.cache_dir, os.W_OK | os.X_OK):
+        if self.cache_dir is None or _can_write_in(Path(self.cache_dir)):
             return
         missing = sum(not self.cache_file(item).is_file() for item in self.data)
         if missing:
@@ -88,13 +87,15 @@ class SliceCache(PersistentDataset):
         an error, never deleted."""
         try:
             return torch.load(hashfile, weights_only=self.weights_only, mmap=True)
-        except OSError:
-            raise
-        except Exception:
+        except FileNotFoundError:  # deleted meanwhile (another worker found it damaged): computed again
+            return None
+        except Exception:  # an older format, a file system that cannot map files, damage: read it whole
             pass
         try:
             return torch.load(hashfile, weights_only=self.weights_only)
-        except OSError:
+        except FileNotFoundError:
+            return None
+        except (OSError, MemoryError):  # the system's refusal, not the file's content: never deleted
             raise
         except Exception as e:  # the file's content is damaged: computed again, never used or fatal
             first = (str(e).strip().splitlines() or [""])[0][:200]  # torch's messages run to many lines
@@ -102,6 +103,18 @@ class SliceCache(PersistentDataset):
                           "volume again", stacklevel=1)
             hashfile.unlink(missing_ok=True)
             return None
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``, by creating one (``os.access`` misjudges network file systems
+    with root squashing, and ACLs)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            return True
+    except OSError:
+        return False
 
 
 def _restored(item: Any) -> Any:

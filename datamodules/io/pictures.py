@@ -192,7 +192,8 @@ def _composited(path: Path, colour: np.ndarray, alpha: np.ndarray | None, mode: 
         raise ValueError(f"{path}: image mode {mode!r} with {colour.shape[-1]} channels; save it as grey-level or RGB")
     # unsigned 8- and 16-bit pictures only: Pillow reads int16 and int32 TIFFs as signed 32-bit ('I'), whose type
     # range says nothing about the values (they would all be near 0)
-    native_max = float(np.iinfo(colour.dtype).max) if colour.dtype in (np.uint8, np.uint16) else None
+    unsigned = colour.dtype.kind == "u" and colour.dtype.itemsize in (1, 2)  # either byte order ('>u2': I;16B)
+    native_max = float(np.iinfo(colour.dtype).max) if unsigned else None
     if alpha is not None and not alpha.max() > 0:
         logger.warning("%s: every pixel is fully transparent (alpha 0 everywhere); read as opaque, as viewers show "
                        "such files (BMPs of some Windows tools)", path)

@@ -346,6 +346,10 @@ def test_the_native_range_scales_a_picture_by_its_type_as_medmnist_does(tmp_path
     Image.fromarray(deep).save(tmp_path / "deep.png")  # 16 bits: by 65535
     np.testing.assert_allclose(load_image(tmp_path / "deep.png", image_size=(28, 28), intensity=NATIVE_RANGE)[0].numpy(),
                                deep / 65535.0, atol=1e-6)
+    big = Image.frombytes("I;16B", (28, 28), deep.astype(">u2").tobytes())  # a Motorola-order 16-bit TIFF
+    big.save(tmp_path / "big.tif")
+    np.testing.assert_allclose(load_image(tmp_path / "big.tif", image_size=(28, 28), intensity=NATIVE_RANGE)[0].numpy(),
+                               deep / 65535.0, atol=1e-6)
     Image.fromarray(grey.astype(np.int32) - 100).save(tmp_path / "signed.tif")  # Pillow mode 'I': its own range
     with caplog.at_level("WARNING"):
         signed = load_image(tmp_path / "signed.tif", image_size=(28, 28), intensity=NATIVE_RANGE)

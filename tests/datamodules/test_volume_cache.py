@@ -204,14 +204,16 @@ def test_a_cache_folder_that_cannot_be_written_is_refused_unless_it_is_complete(
     item, tf = _cache_item(tmp_path)
     cache = SliceCache([item], tf, cache_dir=tmp_path / "c", hash_func=hash_with_file_stamps)
     cache.check_writable()  # writable: nothing to say
-    monkeypatch.setattr(slice_cache.os, "access", lambda *a: False)  # as for another user's folder (tests run as root)
+    monkeypatch.setattr(slice_cache, "_can_write_in", lambda folder: False)  # another user's folder (tests run as root)
     with pytest.raises(PermissionError, match=r"c: the disk cache folder cannot be written, and 1 of 1 preprocessed "
                                               r"volumes are not in it.*data\.init_args\.cache_dir"):
         cache.check_writable()
     monkeypatch.undo()
     cache[0]  # filled once
-    monkeypatch.setattr(slice_cache.os, "access", lambda *a: False)
+    monkeypatch.setattr(slice_cache, "_can_write_in", lambda folder: False)
     cache.check_writable()  # complete: only read, fine on read-only storage
+    monkeypatch.undo()
+    assert slice_cache._can_write_in(tmp_path / "c") and not list((tmp_path / "c").glob(".write-check-*"))
 
 
 def test_an_episode_file_already_there_is_not_written_again(tmp_path, monkeypatch):

@@ -375,7 +375,7 @@ def test_an_uneven_support_keeps_its_smaller_classes():
     # the fit's first loss is the class-weighted cross-entropy of the initial head on the support
     with torch.no_grad():
         raw, _ = m.features({}, ep.support_images, ep.support_labels, ep.support_images[:0])
-        (feats,) = m.centred(raw, ep.support_labels, 3)
+        (feats,) = m.shifted(m.support_centre(raw, ep.support_labels, 3), raw)
         logits = m.logits(feats, m.initial_head(feats, ep.support_labels, 3))
     weighted = torch.nn.functional.cross_entropy(logits, ep.support_labels, weight=weights)
     assert m.last_fit[0]["losses"][0] == pytest.approx(float(weighted), rel=1e-5)

@@ -20,7 +20,7 @@ optionally also fine-tuning the encoder's last block. Per task, `SupportFineTune
    normalised class means of the normalised support features (logits ``scale * cos``); the linear head is the
    nearest-class-mean classifier (rows the means ``mu``, biases ``-|mu|^2 / 2``). With ``centre`` (the
    default) the cosine head sees every feature minus the support's centre, the mean of its class means (of the
-   original support, with the body of the moment): an embedding whose features all point one way (a ProtoNet's
+   original support's features before any fine-tuning, a fixed shift): an embedding whose features all point one way (a ProtoNet's
    are ReLU outputs, pairwise cosine 0.95 and more) otherwise leaves ``scale * cos`` a spread of about 0.5
    between classes: near-uniform probabilities, and a support the head cannot fit (a review, 2026-12-06).
 4. Fit: ``steps`` full-batch SGD steps (``lr``, ``momentum``) on the cross-entropy of the support and its
@@ -211,6 +211,7 @@ class TaskFit:
     body: Params
     losses: list[float]
     support_accuracy_before: float
+    centre: torch.Tensor | None = None  # the (D,) support centre the cosine head's features are shifted by
 
 
 class _Embedder(nn.Module):
@@ -352,22 +353,26 @@ class SupportFineTune(WrappingLearner):
         return {"weight": means, "bias": -0.5 * means.pow(2).sum(-1)}
 
     def logits(self, features: torch.Tensor, head: Params) -> torch.Tensor:
-        """(N, n_way) logits of (N, D) features (already centred, `centred`): ``scale * cos(f, w_k)`` or
+        """(N, n_way) logits of (N, D) features (already centred, `shifted`): ``scale * cos(f, w_k)`` or
         ``f . w_k + b_k``."""
         if self.head == "cosine":
             return self.scale * F.normalize(features, dim=-1) @ F.normalize(head["weight"], dim=-1).T
         return features @ head["weight"].T + head["bias"]
 
-    def centred(self, support: torch.Tensor, labels: torch.Tensor, n_way: int, *rest: torch.Tensor) -> list[torch.Tensor]:
-        """``support`` (S, D) and each of ``rest`` minus the support's centre, the mean of its class means (the
-        cosine head with ``centre``); unchanged otherwise."""
+    def support_centre(self, support: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor | None:
+        """The (D,) centre of (S, D) support features, the mean of their class means (detached), for the cosine
+        head with ``centre``; None otherwise."""
         if not (self.centre and self.head == "cosine"):
-            return [support, *rest]
+            return None
         onehot = class_onehot(labels[None], n_way, support.dtype)[0]
         present = onehot.sum(0) > 0
         means = (onehot.T @ support)[present] / onehot.sum(0)[present, None]
-        centre = means.mean(0)
-        return [f - centre for f in (support, *rest)]
+        return means.mean(0).detach()
+
+    @staticmethod
+    def shifted(centre: torch.Tensor | None, *features: torch.Tensor) -> list[torch.Tensor]:
+        """Each of ``features`` minus ``centre`` (unchanged when it is None)."""
+        return list(features) if centre is None else [f - centre for f in features]
 
     def class_weights(self, labels: torch.Tensor, n_way: int) -> torch.Tensor:
         """(n_way,) loss weights: the inverse of each class's share of the support (1 for balanced classes)."""
@@ -400,7 +405,8 @@ class SupportFineTune(WrappingLearner):
         body0 = self.body_parameters()
         with torch.no_grad():
             raw_s, raw_v = self.features(body0, support_images, support_labels, views)
-            fs, fv = self.centred(raw_s, support_labels, n_way, raw_v)
+            centre = self.support_centre(raw_s, support_labels, n_way)
+            fs, fv = self.shifted(centre, raw_s, raw_v)
         head0 = self.initial_head(fs, support_labels, n_way)
         before = float((self.logits(fs, head0).argmax(-1) == support_labels).float().mean())
         train = torch.cat([fs, fv])
@@ -409,8 +415,7 @@ class SupportFineTune(WrappingLearner):
             head = {k[5:]: v for k, v in p.items() if k.startswith("head.")}
             body = {k[5:]: v for k, v in p.items() if k.startswith("body.")}
             if body:
-                support_f, view_f = self.features(body, support_images, support_labels, views)
-                feats = torch.cat(self.centred(support_f, support_labels, n_way, view_f))
+                feats = torch.cat(self.shifted(centre, *self.features(body, support_images, support_labels, views)))
             else:
                 feats = train
             return F.cross_entropy(self.logits(feats, head), labels, weight=weights)
@@ -424,6 +429,7 @@ class SupportFineTune(WrappingLearner):
             body={k[5:]: v for k, v in params.items() if k.startswith("body.")},
             losses=torch.stack(losses).tolist(),
             support_accuracy_before=before,
+            centre=centre,
         )
 
     def predict_task(
@@ -436,8 +442,7 @@ class SupportFineTune(WrappingLearner):
         """One task: (Q, n_way) query probabilities, and the record of the fit (see `predict`)."""
         fit = self.fit_task(support_images, support_labels, n_way)
         with torch.no_grad():
-            raw_s, raw_q = self.features(fit.body, support_images, support_labels, query_images)
-            fs, fq = self.centred(raw_s, support_labels, n_way, raw_q)
+            fs, fq = self.shifted(fit.centre, *self.features(fit.body, support_images, support_labels, query_images))
             after = float((self.logits(fs, fit.head).argmax(-1) == support_labels).float().mean())
             probs = self.logits(fq, fit.head).softmax(-1)
         record = {
