@@ -220,6 +220,31 @@ def grid_mismatch(
     return None
 
 
+def slice_count_fix(image_shape, image_affine, label_shape, label_affine) -> str | None:
+    """The fix when an image and its label map lie on one grid but for whole slices along one axis (same axes,
+    same spacing): a series that lost slices at an end, whose label map is right; None otherwise."""
+    label_shape = [int(v) for v in label_shape]
+    while len(label_shape) > 3 and label_shape[-1] == 1:
+        label_shape = label_shape[:-1]
+    image_affine, label_affine = np.asarray(image_affine, float), np.asarray(label_affine, float)
+    if len(label_shape) != 3 or not np.allclose(image_affine[:3, :3], label_affine[:3, :3], atol=1e-3):
+        return None
+    differ = [i for i in range(3) if int(image_shape[i]) != label_shape[i]]
+    if len(differ) != 1:
+        return None
+    axis = differ[0]
+    step = image_affine[:3, axis]
+    offset = np.linalg.lstsq(image_affine[:3, :3], label_affine[:3, 3] - image_affine[:3, 3], rcond=None)[0]
+    others = [i for i in range(3) if i != axis]
+    if not (np.allclose(offset[others], 0, atol=0.05) and abs(offset[axis] - round(offset[axis])) < 0.05):
+        return None
+    fewer = label_shape[axis] - int(image_shape[axis])
+    where = f"{abs(fewer)} slice(s) {'fewer' if fewer > 0 else 'more'} than its label map"
+    return (f"the image has {where} along axis {axis} ({float(np.linalg.norm(step)):.3g} mm apart), on the same grid "
+            "otherwise: a series with slices missing at an end (copy the complete series again), or a label map "
+            "drawn on another series")
+
+
 @dataclass
 class Volume:
     """An image's voxel grid: shape (3,) and voxel -> world affine (4, 4)."""
@@ -335,7 +360,9 @@ def label_values(path: str, rel: str, image: Volume) -> list[int]:
     except Exception as e:
         raise Reject(f"label map {rel}: cannot compare its grid with the image ({type(e).__name__}: {e})") from e
     if mismatch:
-        raise Reject(f"label map {rel} does not match its image: {mismatch}; resample the label onto the image grid")
+        fix = slice_count_fix(image.shape, image.affine, img.shape, np.asarray(img.affine, dtype=np.float64))
+        raise Reject(f"label map {rel} does not match its image: {mismatch}; "
+                     + (fix or "resample the label onto the image grid"))
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:

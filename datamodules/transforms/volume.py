@@ -42,7 +42,13 @@ from monai.utils import ensure_tuple
 
 from datamodules.indexing.inputs import Reject
 from datamodules.indexing.scan import grid_mismatch
-from datamodules.indexing.volumes import affine_reason, checked_nifti, cifti_file_reason, dimensions_reason
+from datamodules.indexing.volumes import (
+    affine_reason,
+    checked_nifti,
+    cifti_file_reason,
+    dimensions_reason,
+    slice_count_fix,
+)
 from datamodules.io.dicom import DicomSeriesReader
 
 CT_MODALITIES = ("CT",)
@@ -149,9 +155,10 @@ class CheckVolumed(MapTransform):
             label = self.label_check(d[key])
             mismatch = grid_mismatch(image.shape[1:], _affine(image), label.shape[1:], _affine(label))
             if mismatch:
+                fix = slice_count_fix(image.shape[1:], _affine(image), label.shape[1:], _affine(label))
                 raise ValueError(
-                    f"{_source(label)}: label map does not match its image {_source(image)}: {mismatch}; resample "
-                    "the label onto the image grid (nearest neighbour)"
+                    f"{_source(label)}: label map does not match its image {_source(image)}: {mismatch}; "
+                    + (fix or "resample the label onto the image grid (nearest neighbour)")
                 )
         return d
 

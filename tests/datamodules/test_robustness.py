@@ -383,3 +383,22 @@ def test_the_jpeg_extra_named_in_messages_exists():
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     assert 'jpeg = ["pylibjpeg' in pyproject.read_text()
     assert JPEG_EXTRA == "`pip install imaging-meta[jpeg]`"
+
+
+def test_a_series_that_lost_slices_at_an_end_is_told_so_not_to_resample_its_label(tmp_path):
+    """A review: a DICOM series missing its last slice was told to 'resample the label onto the image grid', while
+    its label map was right and the series incomplete."""
+    vol = phantom((8, 8, 5), 10)
+    image = write_nifti(vol[..., :4], affine_ras(), tmp_path / "short.nii.gz")
+    label = write_nifti(label_for(vol), affine_ras(), tmp_path / "short_seg.nii.gz")
+    reason = reason_of(scan_folder(tmp_path), "short.nii.gz")
+    assert "the image has 1 slice(s) fewer than its label map along axis 2" in reason
+    assert "copy the complete series again" in reason and "resample" not in reason
+    tf = volume_transforms(spacing=(2.0, 2.0), slice_size=(8, 8))
+    msg = load_error(tf, {"image": str(image), "label": str(label), "modality": "CT"})
+    assert "1 slice(s) fewer than its label map" in msg
+    # a label shifted by part of a voxel is still told to resample
+    shifted = affine_ras()
+    shifted[:3, 3] += [0.7, 0.0, 0.0]
+    write_nifti(label_for(vol[..., :4]), shifted, tmp_path / "short_seg.nii.gz")
+    assert "resample the label onto the image grid" in reason_of(scan_folder(tmp_path), "short.nii.gz")
