@@ -89,7 +89,7 @@ def test_adapts_under_no_grad_and_names_the_inference_mode_fix():
         adapted = adapt(net, loss, params, 5, 0.5)
         assert loss(adapted) < loss(params)
     with torch.inference_mode():
-        with pytest.raises(RuntimeError, match="inference_mode=False|inference tensors|Inference tensors"):
+        with pytest.raises((RuntimeError, ValueError), match="inference_mode=False|inference tensors|Inference tensors"):
             adapt(net, lambda p: F.cross_entropy(functional_forward(net, p, frozen, xs.clone()), ys), params, 1, 0.5)
 
 
