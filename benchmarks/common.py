@@ -569,3 +569,22 @@ def _dist_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
+
+
+def bytes_read() -> int:
+    """The bytes this process's read calls have returned so far (``rchar`` of ``/proc/self/io``, cached or not)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+
+def drop_from_page_cache(folder: str | os.PathLike, pattern: str) -> None:
+    """Ask the kernel to drop the files ``folder/**/pattern`` from its page cache (``posix_fadvise DONTNEED``,
+    which needs no privileges): the next read of them comes from the disk."""
+    from pathlib import Path
+
+    for p in Path(folder).rglob(pattern):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

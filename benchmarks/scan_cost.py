@@ -12,27 +12,12 @@ deferral, as before 2026-12-06). Prints the wall time and the bytes that the pro
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
-
-
-def _evict(folder: Path) -> None:
-    for p in folder.rglob("*.dcm"):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _write_series(folder: Path, slices: int, size: int) -> None:
@@ -46,6 +31,7 @@ def _write_series(folder: Path, slices: int, size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import bytes_read, drop_from_page_cache
     from datamodules.indexing.scan import scan_folder
     from datamodules.io import dicom_files
 
@@ -65,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             times, read = [], []
             try:
                 for _ in range(args.repeat):
-                    _evict(root)
-                    before, t0 = _read_bytes(), time.perf_counter()
+                    drop_from_page_cache(root, "*.dcm")
+                    before, t0 = bytes_read(), time.perf_counter()
                     index = scan_folder(root)
                     times.append(time.perf_counter() - t0)
-                    read.append(_read_bytes() - before)
+                    read.append(bytes_read() - before)
                     assert len(index.cases) == 1, index.rejected
             finally:
                 dicom_files.HEADER_DEFER_BYTES = deferred

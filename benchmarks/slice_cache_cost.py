@@ -13,7 +13,6 @@ page faults, not ``rchar``, so its figure is the file's header and index only).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -24,21 +23,8 @@ from monai.data import PersistentDataset
 from monai.transforms import Lambda
 
 
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
-
-
-def _evict(folder: Path) -> None:
-    for p in folder.rglob("*.pt"):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import bytes_read, drop_from_page_cache
     from datamodules.slice_cache import SliceCache
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -66,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.reads):
                     z = (i * 37) % shape[-1]
                     if cold:
-                        _evict(folder)
-                    before, t0 = _read_bytes(), time.perf_counter()
+                        drop_from_page_cache(folder, "*.pt")
+                    before, t0 = bytes_read(), time.perf_counter()
                     vol = ds[0]
                     image, label = vol["image"][..., z].float(), vol["label"][..., z] == 1
                     float(image.sum()) + float(label.sum())
                     times.append(time.perf_counter() - t0)
-                    read.append(_read_bytes() - before)
+                    read.append(bytes_read() - before)
                 print(f"{name}, {'cold' if cold else 'warm'} page cache: {1000 * statistics.median(times):.1f} ms a "
                       f"slice, {statistics.median(read) / 1e6:.2f} MB read (file {size / 1e6:.0f} MB)")
     return 0
