@@ -396,9 +396,10 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--label-value", type=int, default=None, help="structure value in the label maps (default: any non-zero)")
     g.add_argument("--structure-name", default=None,
                    help="the structure's name, written into each mask's NIfTI description and as the DICOM-SEG segment "
-                        "label (default: 'label <value>')")
+                        "label, and how an earlier mask of another structure is told apart (default: 'label <value>' with "
+                        "--label-value, else 'structure')")
     g.add_argument("--query", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
-    g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced when it holds the same structure (--structure-name), and refused when it holds another: one folder per structure")
+    g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced when it holds a structure of the same name (--structure-name), and refused when it holds another or is no mask of segment: one folder per structure")
     g.add_argument("--modality", default=None, help="CT or MR, when the files do not say")
     g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan")
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")

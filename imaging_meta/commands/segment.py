@@ -309,13 +309,19 @@ def _structure_of(path: Path) -> str | None:
 
 
 def _check_same_structure(paths: Sequence[Path], name: str) -> None:
-    """Refuse to replace a mask that an earlier run wrote for another structure: each run writes one structure
-    and names its mask after the query, so segmenting a second structure of a scan into the same folder replaced
-    the first one's mask without a word (a review)."""
+    """Refuse to replace a mask that an earlier run wrote for another structure (by its name: ``--structure-name``,
+    else ``label <value>``, else ``structure``), or a file there that no run of `segment` wrote: each run writes
+    one structure and names its mask after the query, so segmenting a second structure of a scan into the same
+    folder replaced the first one's mask without a word (a review)."""
     for path in paths:
-        held = _structure_of(path) if path.is_file() else None
+        if not path.is_file():
+            continue
+        held = _structure_of(path)
+        if held is None:  # a file of the user's (or unreadable) where a mask goes: never replaced
+            raise ValueError(f"{path} exists and is not a mask that imaging-meta segment wrote: move it, or give "
+                             "another --out folder")
         written = nifti_description(name)[len(nifti_description("")):] if not path.name.endswith(".seg.dcm") else name
-        if held is not None and held != written:
+        if held != written:
             raise ValueError(f"{path} holds the mask of {held!r} from an earlier run, and this run segments {name!r}: "
                              "give another --out folder for each structure, or remove the file to replace it")
 

@@ -776,3 +776,15 @@ def test_a_second_structure_never_replaces_the_first_ones_mask_and_output_names_
     (tmp_path / "busy" / "q5.nii.gz").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"q5\.nii\.gz: a folder of that name exists"):
         segment(tmp_path / "never-read.ckpt", [support], [query], tmp_path / "busy", **PLAIN)
+
+
+def test_a_file_of_the_users_where_a_mask_goes_is_never_replaced(tmp_path, support):
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = write_nifti(phantom(seed=6), affine_ras(), out / "q5.nii.gz")  # the user's own volume, same name
+    before = mine.read_bytes()
+    with pytest.raises(ValueError, match=r"q5\.nii\.gz exists and is not a mask that imaging-meta segment wrote"):
+        segment(ckpt, [support], [query], out, device="cpu", **PLAIN)
+    assert mine.read_bytes() == before
