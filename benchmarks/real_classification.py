@@ -150,12 +150,13 @@ def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
             print(f"{name}: {args.episodes - len(eps)} of {args.episodes} {ways}-way {shot}-shot episodes could not "
                   f"be drawn with a {args.gap}-slice gap (too few images of a class); scored on the other {len(eps)}")
         per_method: dict[str, list[float]] = {"chance": [1.0 / ways] * len(eps)}
+        confidence: dict[str, list[float]] = {}  # each episode's mean top probability
         choices: dict[str, dict[str, int]] = {}
         seconds: dict[str, float] = {}
         for mname, (learner, settings) in methods.items():
             if getattr(learner, "n_way", None) not in (None, ways):
                 continue  # an n-way head of another size
-            t0, accs = time.perf_counter(), []
+            t0, accs, tops = time.perf_counter(), [], []
             for cls, s_idx, q_idx in eps:
                 relabel = {c: k for k, c in enumerate(cls)}
                 s_labels = torch.tensor([relabel[items[i][1]] for i in s_idx])
@@ -165,10 +166,12 @@ def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
                     learner, images(s_idx, settings), s_labels, [classes[c] for c in cls], images(q_idx, settings)
                 )
                 accs.append(float((probs.argmax(-1) == q_labels).float().mean()))
+                tops.append(float(probs.max(-1).values.mean()))
                 if ch and ch[0]:  # the same support for every query of an episode: one choice per episode
                     choices.setdefault(mname, {}).setdefault(ch[0]["space"], 0)
                     choices[mname][ch[0]["space"]] += 1
             per_method[mname] = accs
+            confidence[mname] = tops
             seconds[mname] = time.perf_counter() - t0
         for mname, accs in per_method.items():
             mean, half = mean_ci(accs)
@@ -191,6 +194,8 @@ def run_set(name: str, methods: dict, shots: list[int], args) -> list[dict]:
                     "minus_learned": bmean,
                     "minus_learned_ci": bhalf,
                     "choices": choices.get(mname),
+                    # the mean top probability: near the accuracy when the probabilities are calibrated
+                    "confidence": round(float(np.mean(confidence[mname])), 4) if mname in confidence else None,
                     "seconds": round(seconds.get(mname, 0.0), 1),
                 }
             )
