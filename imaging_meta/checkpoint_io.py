@@ -45,11 +45,13 @@ LEGACY_CLASS_PATHS = {
 }
 
 
-#: datamodule class path -> arguments that a checkpoint without them was trained with: their value then was
-#: the old behaviour, which today's default no longer gives. ``val_organ_count`` (issue 14): cross_organ used
-#: to validate on the test organs; 0 does so (`datamodules.indexing.splits`).
-LEGACY_DATA_ARGS = {
+#: datamodule or learner class path -> arguments that a checkpoint without them was trained with: their value
+#: then was the old behaviour, which today's default no longer gives. ``val_organ_count`` (issue 14): cross_organ
+#: used to validate on the test organs; 0 does so (`datamodules.indexing.splits`). ``centre`` and ``balanced``
+#: (2026-12-06): `SupportFineTune`'s cosine head saw uncentred features and its loss weighted every image alike.
+LEGACY_DATA_ARGS: dict[str, dict[str, Any]] = {
     "datamodules.segmentation.SegmentationDataModule": {"val_organ_count": 0},
+    "imaging_meta.learners.transfer.support_finetune.SupportFineTune": {"centre": False, "balanced": False},
 }
 
 

@@ -324,7 +324,8 @@ def _tool_parser() -> argparse.ArgumentParser:
                         "learned: the checkpoint's learner alone")
     c.add_argument("--finetune-steps", type=int, default=0,
                    help="fit a new head on augmented support images for this many steps (0: off), on the "
-                        "checkpoint's learner; instead of --space auto")
+                        "checkpoint's learner (a fine-tuning checkpoint keeps its own settings, these steps "
+                        "replacing its own); instead of --space auto")
 
     _add_evaluate_parser(sub)
 

@@ -261,7 +261,7 @@ def test_with_support_finetuning_wraps_once_and_keeps_the_mode():
     assert isinstance(m, SupportFineTune) and m.embedding is p and not m.training
     assert (m.steps, m.body, m.lr) == (7, "last", 0.05)
     again = with_support_finetuning(m, 3)
-    assert again.embedding is p and again.steps == 3 and again.body == "head"
+    assert again.embedding is p and again.steps == 3 and again.body == "last"  # its settings kept, steps replaced
 
 
 def test_other_embedding_learners():
@@ -381,3 +381,20 @@ def test_an_uneven_support_keeps_its_smaller_classes():
     assert m.last_fit[0]["losses"][0] == pytest.approx(float(weighted), rel=1e-5)
     assert m.last_fit[0]["losses"][0] != pytest.approx(
         float(torch.nn.functional.cross_entropy(logits, ep.support_labels)), rel=1e-3)
+
+
+def test_a_checkpoint_saved_before_centring_rebuilds_as_it_was_trained_and_classify_keeps_its_settings():
+    """A review: a fine-tuning checkpoint from before 2026-12-06 ran centred without a word, and `classify
+    --finetune-steps` reset a fine-tuning checkpoint's own settings to the defaults."""
+    from imaging_meta.checkpoint_io import modernize
+
+    old = {"class_path": "imaging_meta.learners.transfer.support_finetune.SupportFineTune",
+           "init_args": {"embedding": protonet().config, "steps": 5, "head": "cosine"}}
+    built = build_learner(modernize(old))
+    assert built.centre is False and built.balanced is False
+    assert build_learner(modernize({**old, "init_args": {**old["init_args"], "centre": True}})).centre is True
+    assert SupportFineTune(protonet()).centre is True  # today's default
+    tuned = SupportFineTune(protonet(), steps=5, centre=False, lr=0.2, body="last")
+    again = with_support_finetuning(tuned, 7)
+    assert (again.steps, again.centre, again.lr, again.body) == (7, False, 0.2, "last")
+    assert with_support_finetuning(tuned, 7, lr=0.05).lr == 0.05

@@ -251,7 +251,10 @@ class SupportFineTune(WrappingLearner):
         head: ``cosine`` (Baseline++) or ``linear`` (Baseline), both initialised from the support class means.
         scale: temperature of the cosine head.
         centre: the cosine head sees the features minus the support's centre (the mean of its class means; step 3
-            of the module docstring).
+            of the module docstring); ignored by the linear head. Checkpoints saved before it existed rebuild
+            with False (`imaging_meta.checkpoint_io.LEGACY_DATA_ARGS`), as they were trained.
+        balanced: weight each class's loss by the inverse of its share of the support (step 4); False weights
+            every image alike (checkpoints saved before it existed).
         momentum: SGD momentum.
         flip, rotation, translation, zoom, intensity: the augmentation (`Augmentation`).
     """
@@ -270,6 +273,7 @@ class SupportFineTune(WrappingLearner):
         head: str = "cosine",
         scale: float = 10.0,
         centre: bool = True,
+        balanced: bool = True,
         momentum: float = 0.9,
         flip: bool = True,
         rotation: float = 10.0,
@@ -291,7 +295,7 @@ class SupportFineTune(WrappingLearner):
             raise ValueError(f"copies must be >= 0, got {copies}")
         self.n_way = embedding.n_way
         self.steps, self.lr, self.momentum, self.scale = int(steps), float(lr), float(momentum), float(scale)
-        self.body, self.head, self.centre = body, head, bool(centre)
+        self.body, self.head, self.centre, self.balanced = body, head, bool(centre), bool(balanced)
         self.copies = int(copies) if augment else 0
         self.seed = int(seed)
         self.augmentation = Augmentation(
@@ -378,6 +382,8 @@ class SupportFineTune(WrappingLearner):
         """(n_way,) loss weights: the inverse of each class's share of the support (1 for balanced classes)."""
         counts = torch.bincount(labels.long(), minlength=n_way).float()
         present = counts > 0
+        if not self.balanced:
+            return present.float()
         weights = torch.zeros(n_way)
         weights[present] = counts[present].sum() / (present.sum() * counts[present])
         return weights
@@ -485,14 +491,17 @@ def with_support_finetuning(learner: Learner, steps: int = 100, **kwargs: Any) -
     """``learner`` (a trained classification learner) fine-tuned on each task's support before it predicts.
 
     Args:
-        learner: the learner to wrap; a `SupportFineTune` is unwrapped first (never fine-tuned twice).
+        learner: the learner to wrap; a `SupportFineTune` is unwrapped first (never fine-tuned twice), and its
+            settings are kept (``steps`` and ``kwargs`` replace theirs).
         steps: SGD steps per task.
         **kwargs: the other `SupportFineTune` arguments (``lr``, ``body``, ``augment``, ``seed``, ``head``, ...).
 
     Returns:
         The wrapper, in ``learner``'s train or eval mode; it shares ``learner``'s parameters and never changes them.
     """
-    if isinstance(learner, SupportFineTune):
+    if isinstance(learner, SupportFineTune):  # its own settings (a fine-tuning checkpoint's), ``kwargs`` over them
+        settings = {k: v for k, v in learner.config["init_args"].items() if k not in ("embedding", "steps")}
+        kwargs = {**settings, **kwargs}
         learner = learner.embedding
     return SupportFineTune(learner, steps=steps, **kwargs).train(learner.training)
 
