@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -302,8 +303,22 @@ class LesionCSV(ItemSource):
                 "resampling": "world-space patch around the centre, axes (D, H, W) along RAS (+z, +x, +y), trilinear, zero outside"}
 
     def files(self) -> list[Path]:
-        """The input files: the CSV."""
-        return [Path(self.csv)]
+        """The input files: the CSV and every image it names (each file of a DICOM series folder), so that a
+        volume replaced or edited in place is cut again instead of read from a stale cache (a review)."""
+        out = [Path(self.csv)]
+        try:
+            with warnings.catch_warnings():  # build() warns about the rows, once
+                warnings.simplefilter("ignore")
+                rows, _ = self.read_rows()
+        except ValueError:  # build() reports what is wrong with the CSV
+            return out
+        for image in dict.fromkeys(r.image for r in rows):
+            p = Path(self.root) / image
+            if p.is_dir():
+                out += sorted(f for f in p.rglob("*") if f.is_file())
+            elif p.is_file():
+                out.append(p)
+        return out
 
     # ------------------------------------------------------------ reading
     def read_rows(self) -> tuple[list[LesionRow], list[dict[str, Any]]]:

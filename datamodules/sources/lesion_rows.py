@@ -83,8 +83,43 @@ def read_lesion_rows(path: Path, root: Path) -> tuple[list[LesionRow], list[dict
     if not rows:
         raise ValueError(f"{path}: no lesion rows; add one row per lesion below the header")
     kept, dropped = _drop_duplicates(rows, path)
+    _check_consistent(kept, path)
     _warn_single_lesion_classes(kept, path)
     return kept, dropped
+
+
+def _check_consistent(rows: list[LesionRow], path: Path) -> None:
+    """Refuse rows that contradict each other: one image under several patients or sites (a blank cell against a
+    filled one included: its patches would count as other patients, so support and query could come from one
+    scan), and one centre of one image under two classes (the same patch, two labels).
+
+    Raises:
+        ValueError: naming the lines of each contradiction.
+    """
+    errors = []
+    by_image: dict[str, list[LesionRow]] = {}
+    for r in rows:
+        by_image.setdefault(r.image, []).append(r)
+    for image, group in by_image.items():
+        for what in ("patient", "site"):
+            values: dict[str, list[int]] = {}
+            for r in group:
+                values.setdefault(getattr(r, what) or "", []).append(r.line)
+            if len(values) > 1:
+                said = "; ".join(f"{v or 'blank'!r} on line(s) {', '.join(map(str, lines[:MAX_LISTED]))}"
+                                 for v, lines in values.items())
+                errors.append(f"image {image!r} has several {what}s ({said}); give every row of one image the same "
+                              f"{what} (or leave it blank on all of them)")
+        centres: dict[tuple, tuple[str, int]] = {}
+        for r in group:
+            key = tuple(np.round(r.centre, 3).tolist())
+            if key in centres and centres[key][0] != r.cls:
+                errors.append(f"image {image!r}: line {r.line} labels the centre {list(key)} {r.cls!r}, line "
+                              f"{centres[key][1]} labels it {centres[key][0]!r}; one lesion has one class")
+            centres.setdefault(key, (r.cls, r.line))
+    if errors:
+        more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
+        raise ValueError(f"{path}: {len(errors)} contradiction(s) between rows:\n" + "\n".join(errors[:MAX_LISTED]) + more)
 
 
 def _check_header(reader: csv.DictReader, path: Path) -> tuple[bool, bool]:

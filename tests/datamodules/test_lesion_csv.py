@@ -1,6 +1,7 @@
 """The lesion-CSV input format: world-space patches on the demo cohort and on synthetic volumes, bad input."""
 
 import csv
+import os
 import re
 import warnings
 from pathlib import Path
@@ -195,17 +196,50 @@ def test_box_columns_overrides_and_cache(tmp_path):
     cols = ("image", "class", "x_min", "y_min", "z_min", "x_max", "y_max", "z_max", "patient", "site", "size_mm")
     row = dict(image="vol.nii.gz", **{"class": "a"}, x_min=lo[0], y_min=lo[1], z_min=lo[2], x_max=hi[0], y_max=hi[1],
                z_max=hi[2], patient="Doe^John", site="site-7", size_mm="10")
-    write_rows(tmp_path / "l.csv", [row, {**row, "x_min": lo[0] - 2, "patient": ""}], cols)
+    write_rows(tmp_path / "l.csv", [row, {**row, "x_min": lo[0] - 2}], cols)
     src = LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[33, 33], mr_percentiles=[0, 100])
     t = src.load(cache_dir=tmp_path / "cache")
     np.testing.assert_allclose(peak(t.images[0, 0]), [16, 16], atol=0.15)  # the box centre
     assert t.patients[0].startswith("p-") and "Doe" not in t.patients[0]
-    assert t.patients[1] != t.patients[0] and t.sites == ["site-7", "site-7"]
-    assert src.files() == [tmp_path / "l.csv"]
+    assert t.patients[1] == t.patients[0] and t.sites == ["site-7", "site-7"]
+    assert src.files() == [tmp_path / "l.csv", tmp_path / "vol.nii.gz"]  # the volumes stamp the cache too
     again = LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[33, 33], mr_percentiles=[0, 100]).load(tmp_path / "cache")
     torch.testing.assert_close(again.images, t.images)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the second load came from the cache
     assert LesionCSV(csv=str(tmp_path / "l.csv"), salt="other").cache_key() != src.cache_key()
+
+
+def test_a_volume_edited_in_place_is_cut_again_not_read_from_the_cache(tmp_path):
+    """A review: the cache key stamped the CSV only, so patches of a replaced volume were read from the cache."""
+    blob_volume(tmp_path / "vol.nii.gz", affines()["ras"])
+    write_rows(tmp_path / "l.csv", [centre_row("vol.nii.gz", "a", BLOB, "LPS"), centre_row("vol.nii.gz", "b", BLOB + 3, "LPS")])
+    LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[9, 9]).load(tmp_path / "cache")
+    blob_volume(tmp_path / "vol.nii.gz", affines()["lps_flipped"])  # another volume under the same name
+    st = (tmp_path / "vol.nii.gz").stat()
+    os.utime(tmp_path / "vol.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[9, 9]).load(tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # cut again, a second cache file
+
+
+@pytest.mark.parametrize("rows, match", [
+    # one image, two patients (a blank cell against a filled one too): its lesions could be support and query
+    ([("vol.nii.gz", "a", 0.0, "P1", ""), ("vol.nii.gz", "b", 3.0, "", "")],
+     r"image 'vol\.nii\.gz' has several patients \('P1' on line\(s\) 2; 'blank' on line\(s\) 3\)"),
+    ([("vol.nii.gz", "a", 0.0, "", "s1"), ("vol.nii.gz", "b", 3.0, "", "s2")], r"has several sites"),
+    # one centre, two classes
+    ([("vol.nii.gz", "a", 0.0, "", ""), ("vol.nii.gz", "b", 0.0, "", "")],
+     r"line 3 labels the centre .* 'b', line 2 labels it 'a'; one lesion has one class"),
+])
+def test_rows_that_contradict_each_other_are_refused_naming_the_lines(tmp_path, rows, match):
+    blob_volume(tmp_path / "vol.nii.gz", affines()["ras"])
+    cols = ("image", "class", "x", "y", "z", "patient", "site")
+    out = []
+    for image, cls, shift, patient, site in rows:
+        c = centre_row(image, cls, BLOB + shift, "LPS")
+        out.append({**c, "patient": patient, "site": site})
+    write_rows(tmp_path / "l.csv", out, cols)
+    with pytest.raises(ValueError, match=match):
+        LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[9, 9]).build()
 
 
 # ------------------------------------------------------------------------------------------ bad input
