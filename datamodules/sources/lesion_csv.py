@@ -15,8 +15,9 @@ Columns:
   world coordinates in mm, DICOM patient coordinates (``coordinates="LPS"``, the default; what a DICOM
   viewer shows) or NIfTI scanner coordinates (``"RAS"``: x and y negated).
 * optional ``size_mm`` (a positive diameter, checked and otherwise informative), ``patient`` and ``site``
-  (they override the header-derived ones; patient values are pseudonymised with the salt). Other columns
-  (e.g. ``organ``) are ignored.
+  (they override the header-derived ones; patient values are pseudonymised with the salt; every row of one
+  image must give the same, or leave it blank on all of them, and one centre of an image has one class: rows
+  that contradict each other are refused, naming the lines). Other columns (e.g. ``organ``) are ignored.
 
 Patients and sites come from scanning ``root`` with `datamodules.indexing.scan` (header-derived pseudonymous patient,
 site key built from scanner fields), joined on the image path. Each volume is loaded once (MONAI
