@@ -372,6 +372,15 @@ class EpisodicModule(LightningModule):
                 f"in_channels={declared}; make them agree: --model.learner.init_args.in_channels {channels}, or the "
                 f"data's channels (an image folder's source.init_args.channels: {declared})"
             )
+        spatial = batch.query_images.dim() - 3  # (T, Q, C, *spatial)
+        conv = next((m for m in self.learner.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+        if conv is not None and len(conv.kernel_size) != spatial:
+            raise ValueError(
+                f"the items are {spatial}D ({list(batch.query_images.shape[3:])}) but the "
+                f"{type(self.learner).__name__} learner's network is {len(conv.kernel_size)}D; for 3D patches "
+                "(a lesion CSV's patch_size [D, H, W]) build a 3D network: --model.learner.init_args.backbone_kwargs "
+                "'{spatial_dims: 3}' (the Conv-4 backbone), or give patch_size [H, W]"
+            )
         ways, n_way = task.episode_ways(batch), getattr(self.learner, "n_way", None)
         if ways is not None and n_way is not None and ways != n_way:
             raise ValueError(

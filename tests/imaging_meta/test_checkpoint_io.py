@@ -107,3 +107,16 @@ def test_a_learner_built_with_other_settings_than_the_checkpoints_is_named_and_r
         warnings.simplefilter("error")
         same.on_load_checkpoint(checkpoint)
     assert same.learner_changes == {}
+
+
+def test_3d_patches_with_a_2d_network_is_a_config_error_naming_the_fix():
+    """A review: a lesion CSV with patch_size [D, H, W] and a shipped (2D) model config was an internal error."""
+    from tests.imaging_meta.fewshot import classification_episode
+
+    module = EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4}), baselines=False)
+    ep = classification_episode(n_way=2, n_shot=1, n_query=1, tasks=1, size=8, seed=0)
+    volume = ep.__class__(ep.support_images[..., None].expand(*ep.support_images.shape, 4), ep.support_labels,
+                          ep.query_images[..., None].expand(*ep.query_images.shape, 4), ep.query_labels, batched=True)
+    with pytest.raises(ValueError, match=r"the items are 3D .* network is 2D; .*spatial_dims: 3"):
+        module._check_batch(volume)
+    module._check_batch(ep)  # 2D items: fine
