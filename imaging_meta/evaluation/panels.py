@@ -152,8 +152,11 @@ def segmentation_panel(rows: Sequence[dict], metric_title: str = "Dice") -> np.n
 
 # ---------------------------------------------------------------------------------- classification
 def _item(ax, image) -> None:
-    """An item: RGB when it has 3 channels, else its first channel in grey."""
+    """An item: RGB when it has 3 channels, else its first channel in grey; a 3D patch (C, D, H, W) by its middle
+    slice along D."""
     a = np.asarray(image, dtype=np.float64)
+    if a.ndim == 4:
+        a = a[:, a.shape[1] // 2]
     if a.ndim == 3 and a.shape[0] == 3:
         ax.imshow(_unit(a).transpose(1, 2, 0), interpolation="nearest")
     else:

@@ -211,3 +211,14 @@ def test_evaluate_writes_its_figures_as_images_given_a_log_dir(cls_runs, tmp_pat
         with Image.open(path) as im:
             assert (event.width, event.height) == im.size and event.step == step
     assert "evaluate/results/text_summary" in acc.Tags()["tensors"]  # results.md in the TEXT tab
+
+
+def test_a_classification_panel_of_3d_patches_shows_their_middle_slices():
+    """A review: a lesion CSV's 3D patches (C, D, H, W) crashed the test report's panel."""
+    from imaging_meta.evaluation.panels import classification_panel
+
+    g = torch.Generator().manual_seed(0)
+    support, query = torch.rand(2, 1, 6, 8, 8, generator=g), torch.rand(2, 1, 6, 8, 8, generator=g)
+    image = classification_panel(support, torch.tensor([0, 1]), query, torch.tensor([0, 1]), torch.tensor([0, 0]),
+                                 ["a", "b"])
+    assert image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] > 50
