@@ -539,6 +539,11 @@ def classify(
             rows.append([str(q), classes[int(p.argmax())], *[f"{float(v):.6f}" for v in p]])
     for message in unreadable[LISTED:]:  # each one named once: the first few in the error, these here
         logger.warning("cannot be read: %s", message)
+    fit = (getattr(learner, "last_fit", None) or [None])[0]  # fine-tuning on the support: the same fit each batch
+    if fit is not None:
+        from imaging_meta.learners.transfer.support_finetune import fit_summary
+
+        logger.info("fine-tuned on the support: %s", fit_summary([fit]).removeprefix("task 0: "))
     if not rows:
         raise ValueError(f"none of the {len(qs)} queries can be read: {listed(unreadable)}")
     kinds = {w: p for p, w in windowed.items()}
@@ -558,7 +563,7 @@ def classify(
         write_explanations(
             learner, s_images, s_labels, [f for f, _ in items], classes, read, all_probs, explain_dir(out),
             load_image, dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,
-            batch_size=max(2, batch_size), choices=all_choices,
+            batch_size=max(2, batch_size), choices=all_choices, fine_tuning=fit,
         )
     if unreadable:
         raise ValueError(
@@ -584,12 +589,15 @@ def write_explanations(
     stride: int | None = None,
     batch_size: int = 32,
     choices: Sequence[dict | None] | None = None,
+    fine_tuning: dict | None = None,
 ) -> list[Path]:
     """Write each query's explanation: ``<number>_<stem>.json`` and ``<number>_<stem>.png`` in ``folder``, listed
     in its `MANIFEST` (what the next run's `remove_old_explanations` may remove).
 
     With ``choices`` (a task-adaptive learner's choice for each query's task: the feature space and the
-    leave-one-out accuracies over the support that chose it), the JSON also holds it as ``task_choice``.
+    leave-one-out accuracies over the support that chose it), the JSON also holds it as ``task_choice``; with
+    ``fine_tuning`` (`SupportFineTune`'s record of its fit on the support: steps, body, the support losses and
+    its accuracy before and after), as ``fine_tuning``.
 
     The JSON holds the query path, the predicted class and the class probabilities (those of the CSV), the
     ``k`` nearest support images (path, class, rank, distance or weight) with the measure's name and
@@ -638,6 +646,7 @@ def write_explanations(
             "query": str(q),
             "predicted_class": predicted,
             **({"task_choice": choices[i]} if choices and choices[i] else {}),
+            **({"fine_tuning": fine_tuning} if fine_tuning else {}),
             "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
             "nearest_supports": {
                 "measure": near.measure,

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -295,9 +296,16 @@ def test_classify_says_when_queries_are_far_larger_or_of_another_aspect(protonet
     assert "4x" not in caplog.text and "aspect" not in caplog.text  # 28 x 28 into 32 x 32: nothing to say
 
 
-def test_classify_finetunes_a_new_head_deterministically(protonet_checkpoint, tmp_path):
+def test_classify_finetunes_a_new_head_deterministically(protonet_checkpoint, tmp_path, caplog):
     support, queries = write_folders(tmp_path)
-    a = classify(protonet_checkpoint, support, [queries], tmp_path / "a.csv", device="cpu", finetune_steps=5)
+    with caplog.at_level("INFO", logger="imaging_meta.commands.classify"):
+        a = classify(protonet_checkpoint, support, [queries], tmp_path / "a.csv", device="cpu", finetune_steps=5,
+                     explain=True)
+    # the fit is reported (a review: fit_summary was never shown): in the log and in each explanation
+    assert re.search(r"fine-tuned on the support: head, 5 steps: support loss [0-9.]+ -> [0-9.]+, support accuracy",
+                     caplog.text)
+    record = json.loads(next(explain_dir(a).glob("0000_*.json")).read_text())
+    assert record["fine_tuning"]["steps"] == 5 and len(record["fine_tuning"]["losses"]) == 6
     b = classify(protonet_checkpoint, support, [queries], tmp_path / "b.csv", device="cpu", finetune_steps=5)
     plain = classify(protonet_checkpoint, support, [queries], tmp_path / "c.csv", device="cpu", space="learned")
     assert a.read_text() == b.read_text() != plain.read_text()
