@@ -486,6 +486,13 @@ def classify(
     trained = type(learner).__name__  # the checkpoint's learner, before --space or fine-tuning wraps it
     learner = with_space(learner, space, finetune_steps)
     settings = loader_settings(extra, learner)
+    if (extra.get("preprocessing") or {}).get("format") == "lesion_csv":
+        # patches cut from volumes saw HU through the CT window or MR between percentiles; a picture is read by
+        # its own range (a DICOM CT image through the window): an export of the same patch gets other values
+        logger.warning("the checkpoint was trained on lesion patches cut from volumes (CT window %s HU, MR "
+                       "percentiles %s); pictures are read stretched over their own range, so an exported patch "
+                       "does not get the values it had in training: give single-frame CT DICOM images where you can",
+                       extra["preprocessing"].get("ct_window"), extra["preprocessing"].get("mr_percentiles"))
     n_way = getattr(learner, "n_way", None)
     if n_way is not None and n_way != len(classes):
         raise ValueError(

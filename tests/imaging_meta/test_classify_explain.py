@@ -369,3 +369,22 @@ def test_classify_warns_when_a_ct_dicom_query_meets_png_supports(protonet_checkp
     with caplog.at_level(logging.WARNING):
         classify(protonet_checkpoint, support, [queries / "q0.png"], tmp_path / "png.csv", device="cpu")
     assert "Hounsfield" not in caplog.text
+
+
+def test_classify_warns_that_pictures_are_not_scaled_as_lesion_patches_were(protonet_checkpoint, tmp_path, caplog):
+    """A review: PNG exports of a lesion CSV's training patches were read stretched over their own range, up to
+    0.65 away from the values the model saw, without a word."""
+    ckpt = torch.load(protonet_checkpoint, weights_only=False)
+    pre = ckpt["imaging_meta"]["preprocessing"]
+    ckpt["imaging_meta"]["preprocessing"] = {"format": "lesion_csv", "patch_size": pre["image_size"],
+                                             "patch_spacing": [1.0, 1.0], "channels": 1, "coordinates": "LPS",
+                                             "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    torch.save(ckpt, tmp_path / "lesions.ckpt")
+    support, queries = write_folders(tmp_path)
+    with caplog.at_level("WARNING", logger="imaging_meta.commands.classify"):
+        classify(tmp_path / "lesions.ckpt", support, [queries], tmp_path / "a.csv", device="cpu")
+    assert "trained on lesion patches cut from volumes (CT window [-250.0, 250.0] HU" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="imaging_meta.commands.classify"):
+        classify(protonet_checkpoint, support, [queries], tmp_path / "b.csv", device="cpu")
+    assert "lesion patches" not in caplog.text
