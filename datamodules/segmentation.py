@@ -152,7 +152,8 @@ class SegmentationDataModule(EpisodicDataModule):
 
     Args:
         root: folder to scan (DICOM series, NIfTI, label maps, BIDS sidecars, Decathlon dataset.json).
-        index_path: where the scan index lives; default ``<cache_dir>/<hash of root>/index.json``, rebuilt when a
+        index_path: where the scan index lives; default ``<cache_dir>/<hash of root>/index-<hash of the scan
+            settings>.json`` (one per salt, site fields, label names and patient_regex), rebuilt when a
             file under ``root`` or a scan setting changed since it was written (one ``stat`` per file at each
             start). A path given here is used as it is (no such check: for very large folders on slow file
             systems); set ``rescan`` to rebuild it.
@@ -314,8 +315,13 @@ class SegmentationDataModule(EpisodicDataModule):
         self.save_hyperparameters(ignore=["salt"])
         self.root = str(Path(root).expanduser().resolve())
         self.cache_dir = Path(cache_dir).expanduser()
-        self.index_path = Path(index_path) if index_path else self.cache_dir / digest(self.root) / "index.json"
         self.salt = salt
+        # one index per set of scan settings (the salt among them): a run with other settings (evaluate without
+        # the training salt, which it then refuses) scans into its own file instead of over the one in use
+        scan_settings = digest([list(site_fields or DEFAULT_SITE_FIELDS), label_names, salt,
+                                patient_regex if patient_regex != DEFAULT_PATIENT_REGEX else None])
+        self.index_path = (Path(index_path) if index_path
+                           else self.cache_dir / digest(self.root) / f"index-{scan_settings[:12]}.json")
         self.index: Index | None = None
         self.cases: list[Case] = []
         self.split: Split | None = None

@@ -413,3 +413,13 @@ def test_a_split_that_leaves_a_test_organ_too_few_patients_names_a_seed_that_doe
         dm = SegmentationDataModule(**kw, split_seed=int(found.group(1)))
         dm.setup("fit")
     assert dm.describe()["test_organs"] == ["c"]
+
+
+def test_another_salt_scans_into_its_own_index_and_leaves_the_one_in_use(demo_root, tmp_path):
+    """A review: `evaluate` without the training salt rescanned over the training run's index before refusing the
+    checkpoint, so the next fit or evaluate had to scan again."""
+    kw = dict(root=str(demo_root), cache_dir=str(tmp_path), **SMALL_DATA)
+    used = SegmentationDataModule(salt="s3cret", **kw)
+    other = SegmentationDataModule(salt="imaging-meta", **kw)
+    assert used.index_path != other.index_path and used.index_path.parent == other.index_path.parent
+    assert SegmentationDataModule(salt="s3cret", **kw).index_path == used.index_path  # the same settings: one file
