@@ -240,6 +240,9 @@ def _to_tensor(read: Read, image_size: Sequence[int], channels: int) -> torch.Te
     return x.clamp(0.0, 1.0).contiguous()
 
 
+#: the intensity settings whose fallback to an image's own range was already warned about (`load_image_and_shape`)
+_NATIVE_FALLBACK_SAID: set[str] = set()
+
 #: ``intensity`` of `load_image`: scale an integer picture by its type's range (an 8-bit one by 255), as the
 #: MedMNIST source does (its checkpoints record ``"intensity": "uint8 / 255"``), instead of by its own range
 NATIVE_RANGE = "uint8 / 255"
@@ -291,10 +294,12 @@ def load_image_and_shape(
     read = _read(path, ct_window)
     if intensity == NATIVE_RANGE:
         native = read.in_native_range()
-        if native is None:
-            logger.warning("%s: the checkpoint scales 8- and 16-bit pictures by their type's range (%s); this image "
-                           "is none (DICOM, floating point, signed or 1-bit): scaled by its own range instead", path,
-                           intensity)
+        if native is None:  # said once per process (a folder of DICOM queries would repeat it for each)
+            log = logger.debug if intensity in _NATIVE_FALLBACK_SAID else logger.warning
+            _NATIVE_FALLBACK_SAID.add(intensity)
+            log("%s: the checkpoint scales 8- and 16-bit pictures by their type's range (%s); this image is none "
+                "(DICOM, floating point, signed or 1-bit): scaled by its own range instead (said once; every such "
+                "image at debug level)", path, intensity)
         else:
             read = dataclasses.replace(read, array=native)
     return _to_tensor(read, image_size, channels), (int(read.array.shape[0]), int(read.array.shape[1])), read.windowed
