@@ -55,3 +55,15 @@ def demo_index(demo_root, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("index") / "index.json"
     return scan_to_file(demo_root, path), path
+
+
+@pytest.fixture(scope="session")
+def legacy_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints in the layout main's code wrote before the restructuring (`tests.helpers.legacy_checkpoint`):
+    ``protonet_seg`` (its data folders gone) and ``protonet_cls``, by name."""
+    from tests.helpers import legacy_checkpoint
+
+    folder = tmp_path_factory.mktemp("legacy")
+    return {name: legacy_checkpoint(name, folder / f"{name}.ckpt", "/gone/cohort", "/gone/cache")
+            for name in ("protonet_seg", "protonet_cls")}
+

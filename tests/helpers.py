@@ -10,13 +10,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
+from imaging_meta.checkpoint_io import modernize
+from imaging_meta.learners.base import build_learner
 from tests.datamodules.dicom_fixtures import affine_ras, header, write_series
 from tests.imaging_meta.fewshot import lesion_patterns
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: what main's code at commit 544d8f2 wrote into two checkpoints, as text (see tests/test_legacy_checkpoints.py)
+LEGACY_LAYOUTS = Path(__file__).parent / "fixtures" / "main-2026-12" / "layouts.json"
 
 # a small segmentation datamodule on the session's demo cohort (conftest.demo_root / demo_index)
 SMALL_DATA = dict(
@@ -136,3 +141,20 @@ def write_folder(root: Path, n_classes=3, per_class=4, dicom_class=True) -> Path
             hu = (pattern(9, k).astype(np.float64) - 128) * 3  # about -380..380 HU
             write_dicom(root / "ct_class" / f"patient{k}", hu, f"IM_{k}.dcm", PatientID=f"PHITEST-ID-{k % 2}")
     return root
+
+
+def legacy_checkpoint(name: str, path: Path, root: str = "", cache_dir: str = "") -> Path:
+    """Write the checkpoint ``name`` (``protonet_seg`` or ``protonet_cls``) in the recorded old layout to ``path``."""
+    text = LEGACY_LAYOUTS.read_text().replace("{root}", root).replace("{cache_dir}", cache_dir).replace("{data}", str(path.parent))
+    layout = json.loads(text)[name]
+    extra = layout.pop("imaging_meta")
+    data = extra.get("data", {}).get("init_args", {})
+    for key in ("spacing", "slice_size", "ct_window", "mr_percentiles"):  # tuples in the old files; JSON has lists
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
+    torch.manual_seed(0)
+    learner = build_learner(modernize(extra["learner_config"]))
+    weights = learner.state_dict()
+    extra = {**extra, "untrained_state_dict": {k: v.clone() for k, v in weights.items()}, "rng_states": []}
+    torch.save({**layout, "imaging_meta": extra, "state_dict": {f"learner.{k}": v for k, v in weights.items()}}, path)
+    return path

@@ -46,7 +46,6 @@ from tests.datamodules.dicom_fixtures import (
 
 SEED = 18
 SHAPE = (16, 14, 8)  # columns, rows, slices
-CHECKPOINT = Path(__file__).parent / "fixtures" / "main-2026-12" / "protonet_seg.ckpt"
 
 Mutation = Callable[[list[Path], np.random.Generator], None]
 
@@ -203,7 +202,7 @@ SEGMENTED = INDEXED - {"two_series", "modality_missing"}
 
 # ------------------------------------------------------------------------------------------- the corpus
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
+def corpus(tmp_path_factory, legacy_checkpoints) -> dict[str, Path]:
     """Every mutated series in its own folder under ``<tmp>/corpus``, a good series ``good`` beside them, and a
     NIfTI support scan with its label map and a BIDS sidecar (``support``, ``support_label``)."""
     root = tmp_path_factory.mktemp("bad_dicom")
@@ -221,7 +220,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     support = write_nifti(volume, affine_ras(), root / "support" / "support.nii.gz")
     label = write_nifti(label_for(volume), affine_ras(), root / "support" / "support_dseg.nii.gz")
     (root / "support" / "support.json").write_text(json.dumps({"Modality": "CT"}))
-    return {**folders, "root": root, "good": root / "good", "support": support, "support_label": label}
+    return {**folders, "root": root, "good": root / "good", "support": support, "support_label": label,
+            "checkpoint": legacy_checkpoints["protonet_seg"]}
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -237,7 +237,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def segment_args(corpus, query: Path, out: Path, support: Path | None = None) -> list[str]:
-    return ["segment", "--checkpoint", str(CHECKPOINT), "--support-image", str(support or corpus["support"]),
+    return ["segment", "--checkpoint", str(corpus["checkpoint"]), "--support-image", str(support or corpus["support"]),
             "--support-label", str(corpus["support_label"]), "--query", str(query), "--out", str(out),
             "--scale", "checkpoint", "--adapt-steps", "0"]  # the reading is under test, not the recipe
 

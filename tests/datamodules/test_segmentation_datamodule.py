@@ -67,11 +67,11 @@ def test_validation_organs_are_neither_test_nor_training_organs(dm):
                                **{**SMALL_DATA, "val_organs": ["spleen"]}).setup("fit")
 
 
-def test_old_checkpoints_keep_validating_on_the_test_organs(demo_root, demo_index, tmp_path):
+def test_old_checkpoints_keep_validating_on_the_test_organs(demo_root, demo_index, tmp_path, legacy_checkpoints):
     """A checkpoint whose data settings predate ``val_organ_count`` is read back with 0, which rebuilds its split."""
     from imaging_meta.checkpoint_io import read_checkpoint
 
-    ckpt = read_checkpoint(Path(__file__).parents[1] / "fixtures" / "main-2026-12" / "protonet_seg.ckpt")
+    ckpt = read_checkpoint(legacy_checkpoints["protonet_seg"])
     args = ckpt["imaging_meta"]["data"]["init_args"]
     assert args["val_organ_count"] == 0
     old = SegmentationDataModule(**{**args, "root": str(demo_root), "index_path": str(demo_index[1]),

@@ -15,8 +15,6 @@ from PIL import Image
 from datamodules.sources.image_folder import ImageFolder
 from imaging_meta.commands.classify import classify, query_files, support_folder
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "fixtures" / "main-2026-12" / "protonet_cls.ckpt"
-
 
 def _png(path: Path, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +80,7 @@ def test_an_image_directly_in_the_support_folder_is_named_as_unused(folders, cap
     assert "1 image(s) directly in the support folder are not used (e.g. stray.png)" in caplog.text
 
 
-def test_every_unreadable_query_is_named_with_its_reason(folders, tmp_path, caplog):
+def test_every_unreadable_query_is_named_with_its_reason(folders, tmp_path, caplog, legacy_checkpoints):
     """Only five were named ("and 6 more"): the others were named nowhere."""
     support, queries = folders
     for i in range(8):
@@ -90,7 +88,7 @@ def test_every_unreadable_query_is_named_with_its_reason(folders, tmp_path, capl
     (queries / "blank.png").unlink(missing_ok=True)
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(queries / "blank.png")
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as err:
-        classify(CHECKPOINT, support, [queries], tmp_path / "pred.csv", device="cpu", batch_size=4)
+        classify(legacy_checkpoints["protonet_cls"], support, [queries], tmp_path / "pred.csv", device="cpu", batch_size=4)
     message = str(err.value)
     assert message.startswith("9 of 11 queries cannot be read, and are not in ")
     assert message.endswith("; and 4 more, each named with its reason in a warning above") and "\n" not in message
@@ -120,22 +118,22 @@ def test_a_fixed_head_of_another_size_names_the_checkpoints_learner(folders, tmp
         classify(tmp_path / "maml.ckpt", support, [queries], tmp_path / "p.csv", device="cpu")
 
 
-def test_every_support_image_that_cannot_be_read_is_named(folders, tmp_path):
+def test_every_support_image_that_cannot_be_read_is_named(folders, tmp_path, legacy_checkpoints):
     """The support stopped at its first broken image; every one is named now."""
     support, queries = folders
     for c in ("a", "b"):
         (support / c / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     with pytest.raises(ValueError, match=r"^2 support image\(s\) cannot be read .*a/zz_bad\.png: .*; .*b/zz_bad\.png: "):
-        classify(CHECKPOINT, support, [queries], tmp_path / "p.csv", device="cpu")
+        classify(legacy_checkpoints["protonet_cls"], support, [queries], tmp_path / "p.csv", device="cpu")
 
 
-def test_a_query_that_is_a_copy_of_a_support_image_is_named(folders, tmp_path, caplog):
+def test_a_query_that_is_a_copy_of_a_support_image_is_named(folders, tmp_path, caplog, legacy_checkpoints):
     import shutil
 
     support, queries = folders
     shutil.copy(support / "a" / "a0.png", queries / "renamed.png")
     with caplog.at_level(logging.WARNING, logger="imaging_meta"):
-        classify(CHECKPOINT, support, [queries], tmp_path / "p.csv", device="cpu")
+        classify(legacy_checkpoints["protonet_cls"], support, [queries], tmp_path / "p.csv", device="cpu")
     assert re.search(r"1 query is also a support image, or a byte-for-byte copy of one \(e\.g\. .*renamed\.png\)",
                      caplog.text), caplog.text
 
@@ -186,7 +184,7 @@ def test_a_grey_querys_answer_does_not_change_when_a_colour_query_is_classified_
     assert [c["colour"] for c in mixed_choice] == [False, True, False] and not alone_choice[0]["colour"]
 
 
-def test_a_support_image_copied_into_another_class_is_warned_about(folders, tmp_path, caplog):
+def test_a_support_image_copied_into_another_class_is_warned_about(folders, tmp_path, caplog, legacy_checkpoints):
     """fit warned about a copy across class folders; classify compared queries with the support, not the support
     with itself."""
     import shutil
@@ -194,6 +192,6 @@ def test_a_support_image_copied_into_another_class_is_warned_about(folders, tmp_
     support, queries = folders
     shutil.copy(support / "a" / "a0.png", support / "b" / "b_copy.png")
     with caplog.at_level(logging.WARNING):
-        classify(CHECKPOINT, support, [queries], tmp_path / "pred.csv", device="cpu")
+        classify(legacy_checkpoints["protonet_cls"], support, [queries], tmp_path / "pred.csv", device="cpu")
     assert "1 support image(s) are byte-for-byte copies of an image of another class" in caplog.text
     assert "a0.png = " in caplog.text and "b_copy.png" in caplog.text

@@ -569,13 +569,14 @@ def test_fit_and_classify_skip_the_same_objects_in_a_class_folder(tmp_path, fold
     assert [f.name for f, _ in support_folder(support)[1]] == ["a0.png", "a1.png", "b0.png", "b1.png"]
 
 
-def test_classify_keeps_the_answers_for_readable_queries_and_names_every_unreadable_one(tmp_path, folders):
+def test_classify_keeps_the_answers_for_readable_queries_and_names_every_unreadable_one(tmp_path, folders,
+                                                                                      legacy_checkpoints):
     import csv
 
     support, queries = folders
     for name in ("broken.png", "cut.png"):
         (queries / name).write_bytes(b"\x89PNG\r\n\x1a\n not a png")
-    ckpt = Path(__file__).resolve().parents[1] / "fixtures" / "main-2026-12" / "protonet_cls.ckpt"
+    ckpt = legacy_checkpoints["protonet_cls"]
     out = tmp_path / "pred.csv"
     with pytest.raises(ValueError, match=r"2 of 4 queries cannot be read, and are not in \S+pred\.csv, which holds the "
                                          r"other 2: \S+broken\.png: cannot read the image.*; \S+cut\.png: cannot read"):

@@ -84,11 +84,8 @@ def test_a_checkpoint_written_from_channels_last_weights_loads_with_the_same_val
         assert torch.equal(v, reference[k]), k
 
 
-def test_load_learner_keeps_channels_last_on_a_cpu():
-    from pathlib import Path
-
-    ckpt = Path(__file__).resolve().parents[1] / "fixtures" / "main-2026-12" / "protonet_cls.ckpt"
-    learner, _ = load_learner(ckpt, "cpu")
+def test_load_learner_keeps_channels_last_on_a_cpu(legacy_checkpoints):
+    learner, _ = load_learner(legacy_checkpoints["protonet_cls"], "cpu")
     assert channels_last(learner)
 
 
