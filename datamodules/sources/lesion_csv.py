@@ -53,6 +53,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
 from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
+from datamodules.messages import first
 from datamodules.sources.items import ItemSource, ItemTable
 from datamodules.sources.lesion_rows import MAX_LISTED, LesionRow, read_lesion_rows
 from datamodules.transforms.volume import CheckVolumed, LoadVolumed, ModalityIntensityd
@@ -345,11 +346,10 @@ class LesionCSV(ItemSource):
                 continue
             errors.append(f"{self.csv}: line {r.line}: image {r.image!r} {self._why_unknown(r.image, index)}")
         if errors:
-            rejected = "; ".join(f"{x.path}: {x.reason}" for x in index.rejected[:MAX_LISTED])
-            more = f" (and {len(index.rejected) - MAX_LISTED} more)" if len(index.rejected) > MAX_LISTED else ""
-            tail = f"\nthe scan of {self.root} rejected {len(index.rejected)} input(s): {rejected}{more}" if index.rejected else ""
-            listed = "\n".join(errors[:MAX_LISTED]) + (f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else "")
-            raise ValueError(f"{len(errors)} lesion row(s) name an image that is not indexed:\n{listed}{tail}")
+            rejected = first([f"{x.path}: {x.reason}" for x in index.rejected], MAX_LISTED)
+            tail = f"\nthe scan of {self.root} rejected {len(index.rejected)} input(s): {rejected}" if index.rejected else ""
+            named = first(errors, MAX_LISTED, "\n")
+            raise ValueError(f"{len(errors)} lesion row(s) name an image that is not indexed:\n{named}{tail}")
         return {r.image: by_key[r.image] for r in rows}
 
     def _why_unknown(self, image: str, index: Index) -> str:
@@ -405,8 +405,7 @@ class LesionCSV(ItemSource):
             for r, p in zip(group, out, strict=True):
                 patches[r.line] = p
         if errors:
-            more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
-            raise ValueError(f"{len(errors)} lesion centre(s) outside their image:\n" + "\n".join(errors[:MAX_LISTED]) + more)
+            raise ValueError(f"{len(errors)} lesion centre(s) outside their image:\n" + first(errors, MAX_LISTED, "\n"))
         images = torch.stack([patches[r.line] for r in rows]) if rows else torch.zeros((0, 1, *self.patch_size))
         patients = [("p-" + pseudonym(self._salt, r.patient)) if r.patient else cases[r.image].patient for r in rows]
         sites = [r.site or cases[r.image].site for r in rows]

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.messages import first
+
 CENTRE_COLUMNS = ("x", "y", "z")
 BOX_COLUMNS = ("x_min", "y_min", "z_min", "x_max", "y_max", "z_max")
 #: errors and examples listed in one message; the rest are counted.
@@ -78,8 +80,7 @@ def read_lesion_rows(path: Path, root: Path) -> tuple[list[LesionRow], list[dict
             assert row is not None  # a record without problems gives a row
             rows.append(row)
     if errors:
-        more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
-        raise ValueError(f"{len(errors)} bad lesion row(s):\n" + "\n".join(errors[:MAX_LISTED]) + more)
+        raise ValueError(f"{len(errors)} bad lesion row(s):\n" + first(errors, MAX_LISTED, "\n"))
     if not rows:
         raise ValueError(f"{path}: no lesion rows; add one row per lesion below the header")
     kept, dropped = _drop_duplicates(rows, path)
@@ -118,8 +119,7 @@ def _check_consistent(rows: list[LesionRow], path: Path) -> None:
                               f"{centres[key][1]} labels it {centres[key][0]!r}; one lesion has one class")
             centres.setdefault(key, (r.cls, r.line))
     if errors:
-        more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
-        raise ValueError(f"{path}: {len(errors)} contradiction(s) between rows:\n" + "\n".join(errors[:MAX_LISTED]) + more)
+        raise ValueError(f"{path}: {len(errors)} contradiction(s) between rows:\n" + first(errors, MAX_LISTED, "\n"))
 
 
 def _check_header(reader: csv.DictReader, path: Path) -> tuple[bool, bool]:

@@ -25,7 +25,7 @@ import torch
 
 from datamodules.io.atomic import atomic_open
 from datamodules.io.nifti_names import is_nifti
-from datamodules.messages import LISTED, listed
+from datamodules.messages import LISTED, first, listed
 from datamodules.progress import progress
 from datamodules.sources.image_folder import (
     DICOM_EXTENSIONS,
@@ -150,7 +150,7 @@ def query_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
             unique.append(q)
     if twice:
         logger.warning("%d query file(s) given more than once, classified once: %s", len(twice),
-                       ", ".join(twice[:LISTED]) + (" ..." if len(twice) > LISTED else ""))
+                       first(twice, sep=", "))
     return unique
 
 
@@ -470,7 +470,7 @@ def classify(
     if contradicting:
         logger.warning("%d support image(s) are byte-for-byte copies of an image of another class (%s): a copy "
                        "contradicts its label; remove it from the wrong class", len(contradicting),
-                       "; ".join(contradicting[:LISTED]) + (" ..." if len(contradicting) > LISTED else ""))
+                       first(contradicting))
     # a query that is a support image: the same file, or a copy of its bytes under another name
     support_paths, support_bytes = {f.resolve() for f, _ in items}, set(first_class)
     same = sorted(q for q in qs if q.resolve() in support_paths or file_digest(q) in support_bytes)
