@@ -13,6 +13,7 @@ message that names the fix.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,39 @@ def keep_channels_last_on_cpu(learner: nn.Module, device: str | torch.device) ->
                     t.data = t.data.to(memory_format=torch.channels_last)
             converted += 1
     return converted
+
+
+def content_order(images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded order of each task's support items that depends on the items alone.
+
+    Every item gets a key, a keyed hash (BLAKE2b, key ``seed``) of its pixels (as float32) and its label (a
+    class index, or a mask); the items are presented in the order of their keys (ties, identical items, in
+    their given order). So the order looks random from task to task, but a task's order depends neither on its
+    place in a batch of tasks nor on the order in which its support items are listed, and another ``seed``
+    gives another order. MANN presents its support in this order; `SupportFineTune` and Reptile's inner
+    minibatches draw their random views and batches in it, so that their answers do not depend on the order
+    in which a support folder lists its files.
+
+    Args:
+        images: (T, S, C, *spatial) support images.
+        labels: (T, S) their class labels, or (T, S, *spatial) their masks.
+        seed: the hash key.
+
+    Returns:
+        (T, S) item indices, on the images' device.
+    """
+    pixels = images.detach().to("cpu", torch.float32).flatten(2).contiguous().numpy()
+    label_dtype = torch.float32 if labels.is_floating_point() else torch.int64
+    classes = labels.detach().to("cpu", label_dtype).reshape(*labels.shape[:2], -1).contiguous().numpy()
+    key = int(seed).to_bytes(16, "little", signed=True)
+    rows = []
+    for task_pixels, task_labels in zip(pixels, classes, strict=True):
+        digests = [
+            hashlib.blake2b(x.tobytes() + y.tobytes(), digest_size=8, key=key).digest()
+            for x, y in zip(task_pixels, task_labels, strict=True)
+        ]
+        rows.append(sorted(range(len(digests)), key=digests.__getitem__))
+    return torch.tensor(rows, dtype=torch.long, device=images.device).view(labels.shape[:2])
 
 
 class Learner(nn.Module):

@@ -7,12 +7,13 @@ from typing import cast
 import torch
 
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner, check_class_labels
+from imaging_meta.learners.base import Learner, check_class_labels, content_order
 from imaging_meta.learners.inner_loop import Params, split_state
 from imaging_meta.learners.task_network import TaskNetwork, adapt_on_support, check_task, forward_query
 
 #: the seed of the minibatch order in `predict`: evaluation is deterministic and a task's prediction does not
-#: depend on its place in a batch of tasks
+#: depend on its place in a batch of tasks; the support is first put in its `content_order` (keyed with this
+#: seed), so the minibatches do not depend on the order in which it is listed either
 PREDICT_SEED = 0
 
 
@@ -196,7 +197,8 @@ class Reptile(Learner):
         out = []
         for task in episode.tasks():
             generator = torch.Generator().manual_seed(PREDICT_SEED)
-            pool = (task.support_images, task.support_labels)
+            order = content_order(task.support_images[None], task.support_labels[None], PREDICT_SEED)[0]
+            pool = (task.support_images[order], task.support_labels[order])
             adapted, frozen = self.adapt(task, self.eval_inner_steps, pool, generator)
             with torch.no_grad():
                 logits = forward_query(self.net, adapted, frozen, task.support_images, task.query_images)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import NamedTuple
 
@@ -12,7 +11,7 @@ from torch import nn
 
 from imaging_meta.backbones import build_encoder
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner, check_classification_episode, embed_tasks
+from imaging_meta.learners.base import Learner, check_classification_episode, content_order, embed_tasks
 
 
 def cosine_similarity(keys: torch.Tensor, memory: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -63,35 +62,6 @@ def write_weights(gate: torch.Tensor, prev_read: torch.Tensor, prev_least_used: 
 def update_usage(usage: torch.Tensor, read: torch.Tensor, write: torch.Tensor, gamma: float) -> torch.Tensor:
     """w^u_t = gamma w^u_{t-1} + w^r_t + w^w_t, summed over heads: (B, S), (B, H, S), (B, H, S) -> (B, S)."""
     return gamma * usage + read.sum(1) + write.sum(1)
-
-
-def content_order(images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """A seeded order of each task's support items that depends on the items alone.
-
-    Every item gets a key, a keyed hash (BLAKE2b, key ``seed``) of its pixels (as float32) and its label; the
-    items are presented in the order of their keys (ties, identical items, in their given order). So the
-    order looks random from task to task, but a task's order depends neither on its place in a batch of tasks
-    nor on the order in which its support items are listed, and another ``seed`` gives another order.
-
-    Args:
-        images: (T, S, C, *spatial) support images.
-        labels: (T, S) their labels.
-        seed: the hash key.
-
-    Returns:
-        (T, S) item indices, on the images' device.
-    """
-    pixels = images.detach().to("cpu", torch.float32).flatten(2).contiguous().numpy()
-    classes = labels.detach().to("cpu", torch.int64).numpy()
-    key = int(seed).to_bytes(16, "little", signed=True)
-    rows = []
-    for task_pixels, task_labels in zip(pixels, classes, strict=True):
-        digests = [
-            hashlib.blake2b(x.tobytes() + y.tobytes(), digest_size=8, key=key).digest()
-            for x, y in zip(task_pixels, task_labels, strict=True)
-        ]
-        rows.append(sorted(range(len(digests)), key=digests.__getitem__))
-    return torch.tensor(rows, dtype=torch.long, device=images.device).view(labels.shape)
 
 
 class MemoryState(NamedTuple):
