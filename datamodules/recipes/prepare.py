@@ -111,7 +111,7 @@ class Recipe:
     source_layout: str
     label_mapping: dict[str, str]
     expected_patients: int
-    find: Callable[[Path], list[tuple[str, tuple[Path, ...]]]]
+    find: Callable[[Path], tuple[list[tuple[str, tuple[Path, ...]]], list[str]]]
     convert: Callable[..., Converted]
 
 
@@ -161,8 +161,9 @@ def _integer_values(data: np.ndarray, path: Path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ synapse
-def _find_synapse(source: Path) -> list[tuple[str, tuple[Path, ...]]]:
-    """(patient id, (image, label)) for every ``img/imgNNNN.nii.gz``; every unpaired file is a problem."""
+def _find_synapse(source: Path) -> tuple[list[tuple[str, tuple[Path, ...]]], list[str]]:
+    """(patient id, (image, label)) for every ``img/imgNNNN.nii.gz`` with its label, and a problem for every unpaired
+    file (reported together with the conversion's problems)."""
     img_dir, lbl_dir = source / "img", source / "label"
     if not img_dir.is_dir() or not lbl_dir.is_dir():
         raise PrepareError(
@@ -185,9 +186,7 @@ def _find_synapse(source: Path) -> list[tuple[str, tuple[Path, ...]]]:
                 for i in sorted(set(images) - set(labels))]
     problems += [f"{labels[i]}: label map without its image img{i}.nii.gz in {img_dir}"
                  for i in sorted(set(labels) - set(images))]
-    if problems:
-        raise PrepareError("\n".join(problems))
-    return [(i, (images[i], labels[i])) for i in _numeric_order(list(images))]
+    return [(i, (images[i], labels[i])) for i in _numeric_order(list(images)) if i in labels], problems
 
 
 def _convert_synapse(image_path: Path, label_path: Path) -> Converted:
@@ -230,8 +229,9 @@ def _convert_synapse(image_path: Path, label_path: Path) -> Converted:
 
 
 # ------------------------------------------------------------------------------------------------ CHAOS MR
-def _find_chaos(source: Path) -> list[tuple[str, tuple[Path, ...]]]:
-    """(patient id, (DICOM folder, Ground folder)) for every ``MR/<id>/T2SPIR``; missing folders are problems."""
+def _find_chaos(source: Path) -> tuple[list[tuple[str, tuple[Path, ...]]], list[str]]:
+    """(patient id, (DICOM folder, Ground folder)) for every ``MR/<id>/T2SPIR``, and a problem for every missing
+    folder (reported together with the conversion's problems)."""
     mr = source / "MR"
     if not mr.is_dir():
         raise PrepareError(
@@ -247,13 +247,11 @@ def _find_chaos(source: Path) -> list[tuple[str, tuple[Path, ...]]]:
             problems.append(f"{ground}: no ground-truth PNG files (missing label for the series in {dcm})")
         else:
             found.append((patient.name, (dcm, ground)))
-    if problems:
-        raise PrepareError("\n".join(problems))
-    if not found:
+    if not found and not problems:
         raise PrepareError(f"{mr}: no patient folder MR/<patient id>/T2SPIR")
     order = _numeric_order([pid for pid, _ in found])
     paths = dict(found)
-    return [(pid, paths[pid]) for pid in order]
+    return [(pid, paths[pid]) for pid in order], problems
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -275,10 +273,9 @@ def _last_number(path: Path) -> int | None:
 
 
 def _check_png_numbers(pngs: list[Path], files: list[Path], ground_dir: Path, dcm_dir: Path) -> None:
-    """The PNGs are matched to the slices by rank (PNG number order, InstanceNumber order); that is only right when
-    they carry the slice numbers of the DICOM files (CHAOS: IMG-0004-00012.png for IMG-0004-00012.dcm). A PNG
-    without a number, or numbers that the DICOM file names do not have (one PNG missing and a stray one added keeps
-    the count), would put the labels on the wrong slices, silently.
+    """The PNGs are matched to the slices by the number in their names (`_pair_pngs`; CHAOS: IMG-0004-00012.png for
+    IMG-0004-00012.dcm). A PNG without a number, or numbers that the DICOM file names do not have (one PNG missing
+    and a stray one added keeps the count), would put the labels on the wrong slices, silently.
 
     Raises:
         PrepareError: naming the first PNG that cannot be matched."""
@@ -299,6 +296,25 @@ def _check_png_numbers(pngs: list[Path], files: list[Path], ground_dir: Path, dc
             + (f"no PNG numbered {missing[0]}" if missing else "two PNGs with one number")
             + (f", and {png_numbers[extra[0]].name} matches no slice" if extra else "")
             + "; CHAOS has one PNG per slice, numbered as its DICOM file")
+
+
+def _pair_pngs(files: list[Path], by_instance: list[Path], pngs: list[Path],
+               dcm_dir: Path) -> tuple[dict[str, Path], list[str]]:
+    """Each DICOM file's PNG: the PNG of its own number when every DICOM file name carries a distinct number (CHAOS
+    names a slice's PNG as its DICOM file: IMG-0004-00012.png for IMG-0004-00012.dcm; `_check_png_numbers` checked
+    that the numbers match), else the PNG of the same rank in InstanceNumber order. A warning when the two rules
+    disagree (file numbers that do not follow InstanceNumber): the file names decide."""
+    by_rank = {str(p): png for p, png in zip(by_instance, pngs, strict=True)}
+    numbers = [_last_number(p) for p in files]
+    if None in numbers or len(set(numbers)) != len(numbers):
+        return by_rank, []
+    png_by_number = {_last_number(png): png for png in pngs}
+    by_name = {str(p): png_by_number[n] for p, n in zip(files, numbers, strict=True)}
+    if by_name == by_rank:
+        return by_name, []
+    differ = sum(by_name[k] != by_rank[k] for k in by_name)
+    return by_name, [f"{dcm_dir}: the DICOM file numbers do not follow InstanceNumber ({differ} of {len(files)} "
+                     "slice(s) would pair differently); each PNG was matched to the DICOM file of its own number"]
 
 
 def _instance_number(path: Path) -> int:
@@ -364,7 +380,7 @@ def _convert_chaos(dcm_dir: Path, ground_dir: Path) -> Converted:
         raise PrepareError(f"{dcm_dir}: InstanceNumber {dup} appears on more than one slice; the PNGs cannot be "
                            "matched to the slices")
     _check_png_numbers(pngs, files, ground_dir, dcm_dir)
-    png_of = {str(p): png for p, png in zip(by_instance, pngs, strict=True)}
+    png_of, warnings = _pair_pngs(files, by_instance, pngs, dcm_dir)
     label = np.zeros(series.shape, dtype=np.uint8)
     for k, h in enumerate(series.headers):  # k: the geometric position of the slice, as in `volume`
         png = png_of[str(Path(h.path))]
@@ -374,7 +390,7 @@ def _convert_chaos(dcm_dir: Path, ground_dir: Path) -> Converted:
                                f"{h.path} is {h.columns}x{h.rows}")
         label[:, :, k] = chaos_png_labels(arr, png).T  # PNG (row r, column c) -> voxel (c, r, k), as the image
     return Converted(_compact(volume), label, np.asarray(series.affine, dtype=np.float64),
-                     [str(dcm_dir), str(ground_dir)])
+                     [str(dcm_dir), str(ground_dir)], warnings)
 
 
 DATASETS: dict[str, Recipe] = {
@@ -393,7 +409,7 @@ DATASETS: dict[str, Recipe] = {
         modality="MR",
         intensities="MR signal as stored in the DICOM files (RescaleSlope/Intercept applied)",
         source_layout="MR/<patient id>/T2SPIR/DICOM_anon/*.dcm and MR/<patient id>/T2SPIR/Ground/*.png, one PNG per "
-                      "slice in InstanceNumber order (CHAOS_Train_Sets/Train_Sets)",
+                      "slice, numbered as its DICOM file (CHAOS_Train_Sets/Train_Sets)",
         label_mapping={"PNG 0": "0 background",
                        **{f"PNG {lo}-{hi} (nominal {n})": f"{VALUE[o]} {o}" for o, (n, lo, hi) in CHAOS_MR_RANGES.items()}},
         expected_patients=20,
@@ -427,7 +443,8 @@ def ssl_alpnet_folds(ids: Sequence[str], files: dict[str, str], expected: int) -
                   "examples/*.sh support_idx",
         "exact": n == expected,
         "note": (f"{n} patients as in SSL-ALPNet: these are its fold lists" if n == expected else
-                 f"{n} patients, SSL-ALPNet used {expected}: the same rule applied to these patients, not its lists"),
+                 f"{n} patients, SSL-ALPNet used {expected}: the same rule applied to these patients, not its lists"
+                 + ("".join(f"; fold {f['fold']} has no test patient" for f in folds if not f["test"]))),
         "order": order,
         "separators": sep,
         "folds": folds,
@@ -474,12 +491,13 @@ def prepare(dataset: str, source: Path, out: Path) -> dict[str, Any]:
     if not source.is_dir():
         raise PrepareError(f"{source}: not a folder; give the folder of the downloaded {dataset} data")
     earlier = _check_out(out, dataset)
-    patients = recipe.find(source)
+    patients, missing = recipe.find(source)
     # written beside `out`, moved in only when every patient converted: a failed run leaves `out` as it was
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        records, problems = _convert_all(dataset, recipe, patients, staging)
+        records, problems = _convert_all(dataset, recipe, patients, staging, failed=bool(missing))
+        problems = missing + problems
         if problems:
             raise PrepareError(f"{len(problems)} problem(s) in {source}; nothing was prepared:\n" + "\n".join(problems))
         written = [f for r in records for f in (r["image"], r["label"])]
@@ -500,8 +518,9 @@ def install_staged(staging: Path, out: Path, written: Sequence[str], earlier: It
 
 
 def _convert_all(dataset: str, recipe: Recipe, patients: list[tuple[str, tuple[Path, ...]]],
-                 staging: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Convert every patient into ``staging``: (a record per patient converted, the problems found)."""
+                 staging: Path, failed: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """Convert every patient into ``staging``: (a record per patient converted, the problems found). With
+    ``failed`` (problems were found before) every patient is still checked, and nothing is written."""
     problems: list[str] = []
     records = []
     for pid, paths in patients:
@@ -514,7 +533,7 @@ def _convert_all(dataset: str, recipe: Recipe, patients: list[tuple[str, tuple[P
         if not any(counts.values()):
             problems.append(f"{conv.sources[-1]}: none of {', '.join(ORGANS.values())} is labelled")
             continue
-        if problems:  # the run fails anyway: check the other patients, write nothing more
+        if failed or problems:  # the run fails anyway: check the other patients, write nothing more
             continue
         image, label = f"imagesTr/{dataset}_{pid}.nii.gz", f"labelsTr/{dataset}_{pid}.nii.gz"
         _write_nifti(staging / image, conv.image, conv.affine)

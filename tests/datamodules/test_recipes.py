@@ -173,6 +173,7 @@ def test_chaos_labels_land_on_the_dicom_pixel_grid(tmp_path):
             assert (labels[12:15, 8:11, kk] == 4).all()
     folds = json.loads((out / "folds.json").read_text())
     assert folds["order"] == ["1", "2", "10"] and not folds["exact"]
+    assert folds["note"].endswith("; fold 0 has no test patient; fold 2 has no test patient")  # 3 patients, 5 folds
     assert sorted(p for f in folds["folds"] for p in f["test"]) == ["1", "10", "2"]
 
 
@@ -196,6 +197,54 @@ def test_chaos_pngs_that_do_not_carry_the_slices_numbers_are_refused(tmp_path):
     (ground / "IMG-0002-00007.png").rename(ground / "ground.png")
     with pytest.raises(PrepareError, match=r"ground\.png: no slice number in the file name"):
         prepare("chaos_mr", src, tmp_path / "out")
+
+
+def test_chaos_pngs_pair_with_the_dicom_file_of_their_own_number(tmp_path):
+    """CHAOS names a slice's PNG as its DICOM file. With file numbers running against InstanceNumber, the k-th PNG
+    was paired with the k-th slice by InstanceNumber: every label mirrored in z, without a word (a review)."""
+    src = write_chaos(tmp_path / "src", ids=("1",))
+    t2 = src / "MR" / "1" / "T2SPIR"
+    z = SHAPE[2]
+    for folder, suffix in ((t2 / "DICOM_anon", ".dcm"), (t2 / "Ground", ".png")):
+        for k in range(1, z + 1):
+            (folder / f"IMG-0002-{k:05d}{suffix}").rename(folder / f"tmp-{z + 1 - k:05d}{suffix}")
+        for k in range(1, z + 1):
+            (folder / f"tmp-{k:05d}{suffix}").rename(folder / f"IMG-0002-{k:05d}{suffix}")
+    dcm = t2 / "DICOM_anon" / f"IMG-0002-{z + 1 - 3:05d}.dcm"  # its PNG holds the marker
+    assert pydicom.dcmread(dcm).InstanceNumber == 3 and (np.asarray(Image.open(t2 / "Ground" / dcm.with_suffix(".png").name)) == 252).any()
+    summary = prepare("chaos_mr", src, tmp_path / "out")
+    img = nib.load(tmp_path / "out" / "labelsTr" / "chaos_mr_1.nii.gz")
+    spleen = np.argwhere(np.asarray(img.dataobj) == 2)
+    assert len(spleen) == 1
+    world = (img.affine @ np.array([*spleen[0], 1.0]))[:3]
+    np.testing.assert_allclose(world, dicom_pixel_world(dcm, 2, 13), atol=1e-3)
+    warnings = [w for c in summary["cases"] for w in c["warnings"]]
+    assert any("do not follow InstanceNumber" in w and "matched to the DICOM file of its own number" in w for w in warnings)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    """Missing files were reported alone, before any file was read: a user found problems one rerun at a time."""
+    src = write_synapse(tmp_path / "syn")
+    (src / "label" / "label0002.nii.gz").unlink()
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[2, 2, 2] = 14
+    write_nifti(lab, affine_ras(origin=(10.0, -20.0, 30.0)), src / "label" / "label0001.nii.gz")
+    with pytest.raises(PrepareError) as e:
+        prepare("synapse", src, tmp_path / "out")
+    assert "2 problem(s)" in str(e.value) and "no label map label0002" in str(e.value)
+    assert "label0001.nii.gz: unknown label value(s) [14]" in str(e.value)
+    src = write_chaos(tmp_path / "chaos", ids=("1", "2"))
+    for p in (src / "MR" / "2" / "T2SPIR" / "Ground").iterdir():
+        p.unlink()
+    ground = src / "MR" / "1" / "T2SPIR" / "Ground"
+    png = np.asarray(Image.open(ground / "IMG-0002-00002.png")).copy()
+    png[5, 7] = 100
+    Image.fromarray(png).save(ground / "IMG-0002-00002.png")
+    with pytest.raises(PrepareError) as e:
+        prepare("chaos_mr", src, tmp_path / "out")
+    assert "2 problem(s)" in str(e.value) and "MR/2/T2SPIR/Ground: no ground-truth PNG files" in str(e.value)
+    assert "IMG-0002-00002.png: unknown PNG intensity 100" in str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failed_run_leaves_the_earlier_output_intact(tmp_path):
