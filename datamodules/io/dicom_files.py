@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterable
 
@@ -35,6 +36,13 @@ def _looks_like_headerless_dicom(path: str) -> bool:
     return head[:2] in (b"\x08\x00", b"\x00\x08", b"\x02\x00", b"\x00\x02")
 
 
+#: held while pydicom's warnings are recorded: ``warnings.catch_warnings`` swaps process-wide state, and two threads
+#: entering and leaving it interleaved (the cache-filling threads of the segmentation data) left the process
+#: recording every later warning into a dead list, so no warning of the run was ever shown again (a review: the
+#: warning that a resumed checkpoint's settings changed). While one thread records, a warning another thread
+#: raises is recorded with that file's (Python 3.11 has no per-thread warning state).
+RECORD_LOCK = threading.RLock()
+
 #: values longer than this are deferred when only the header is wanted (`read_header`).
 HEADER_DEFER_BYTES = 16384
 
@@ -55,7 +63,7 @@ def read_dataset(
         raise DicomError(path, f"cannot read the file ({type(e).__name__}: {e})") from e
     if empty:
         raise NotDicomError(path, "empty file (0 bytes), probably an interrupted copy; copy it again from the source")
-    with warnings.catch_warnings(record=True) as record:
+    with RECORD_LOCK, warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         try:
             try:
@@ -121,7 +129,7 @@ def read_header(path: str | os.PathLike, *, keywords: Iterable[str] = ()) -> Dic
 
 def checked_header(ds: Dataset, path: str, keywords: Iterable[str], caught: list[str]) -> DicomHeader:
     """`_header_from_dataset`, with pydicom's warnings on lazily parsed values collected, errors as `DicomError`."""
-    with warnings.catch_warnings(record=True) as record:
+    with RECORD_LOCK, warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         try:
             h = _header_from_dataset(ds, path, keywords)

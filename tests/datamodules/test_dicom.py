@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -393,3 +394,17 @@ def test_missing_or_invalid_bits_stored_and_pixel_representation_are_rejected(tm
     assert read_header(paths[4]).problem is None
     with pytest.raises(Exception, match="invalid BitsStored"):  # the reader that segment uses refuses it too
         DicomSeriesReader().read([str(p) for p in paths])
+
+
+def test_reading_headers_in_threads_leaves_the_warnings_machinery_as_it_was(tmp_path):
+    """The segmentation data's cache-filling threads read DICOM files concurrently. Recording pydicom's warnings
+    with ``warnings.catch_warnings`` in two threads at once left the process recording into a dead list: every
+    later warning of the run was swallowed (a review: the warning that a resumed checkpoint's settings changed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = write_series(tmp_path / "s", np.zeros((8, 8, 40), np.int16), seed=1)
+    state = (warnings.showwarning, warnings.filters, warnings._showwarnmsg_impl)  # type: ignore[attr-defined]
+    for _ in range(5):
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(read_header, files * 4))
+    assert (warnings.showwarning, warnings.filters, warnings._showwarnmsg_impl) == state  # type: ignore[attr-defined]
