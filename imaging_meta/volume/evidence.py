@@ -154,6 +154,18 @@ def smooth_z(probs: torch.Tensor, weight: float = 0.25) -> torch.Tensor:
     return weight * padded[..., :-2] + (1 - 2 * weight) * padded[..., 1:-1] + weight * padded[..., 2:]
 
 
+def consecutive_runs(zs: list[int]) -> list[tuple[int, int]]:
+    """The runs of consecutive values in ``zs`` as ``(start, stop)`` ranges, in increasing order:
+    ``[5, 6, 7, 9, 3] -> [(3, 4), (5, 8), (9, 10)]``."""
+    runs: list[tuple[int, int]] = []
+    for z in sorted(set(zs)):
+        if runs and runs[-1][1] == z:
+            runs[-1] = (runs[-1][0], z + 1)
+        else:
+            runs.append((z, z + 1))
+    return runs
+
+
 def body_extent(volume: torch.Tensor, level: float = 0.05, share: float = 0.1) -> tuple[int, int]:
     """First and last axial slice of a preprocessed (H, W, D) volume whose body area (voxels above ``level``)
     is at least ``share`` of the largest slice's; the whole range when there is no body."""

@@ -52,6 +52,7 @@ from imaging_meta.volume.evidence import (
     LogisticFusion,
     best_threshold,
     body_extent,
+    consecutive_runs,
     logit,
     slice_gate,
     slice_scores,
@@ -390,10 +391,12 @@ class ScanSegmenter:
         for j, z in enumerate(zs):
             out[..., z] = probs[j]
         if self.options.smooth_z > 0:
-            out = smooth_z(out, self.options.smooth_z)
-            outside = torch.ones(shape[-1], dtype=torch.bool)  # the oracle's extent stays the extent
-            outside[zs] = False
-            out[..., outside] = 0.0
+            # each run of consecutive predicted slices is smoothed on its own, its ends replicated as at the
+            # volume's ends: a slice outside ``zs`` was not predicted (the oracle's chunks are predicted one at a
+            # time, each its own run), not found empty. Averaging with its zeros halved a one-slice chunk's
+            # probability, and emptied it (a review); outside ``zs`` stays 0, so the oracle's extent stays the extent
+            for start, stop in consecutive_runs(zs):
+                out[..., start:stop] = smooth_z(out[..., start:stop], self.options.smooth_z)
         return out
 
     def describe(self) -> dict:

@@ -12,7 +12,14 @@ import torch
 
 from imaging_meta.evaluation.scans import COPY, LEARNER_ONLY_NAME, WINDOW, Scan, score_pair
 from imaging_meta.learners.base import Learner
-from imaging_meta.volume.evidence import IntensityModel, LogisticFusion, best_threshold, slice_gate, smooth_z
+from imaging_meta.volume.evidence import (
+    IntensityModel,
+    LogisticFusion,
+    best_threshold,
+    consecutive_runs,
+    slice_gate,
+    smooth_z,
+)
 from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter
 
 
@@ -138,6 +145,21 @@ def test_oracle_slices_restrict_the_prediction():
     seg = ScanSegmenter(ConstantLearner(0.9), LEARNER_ONLY).fit([(s_img, s_mask)], slices=[[6]])
     out = seg.predict(s_img, slices=[5, 6])
     assert (out[..., [5, 6]] > 0.5).all() and not (out[..., [0, 1, 2, 3, 4, 7]] > 0).any()
+
+
+def test_z_smoothing_treats_slices_not_predicted_as_not_predicted():
+    """The oracle predicts its chunks one at a time; smoothing a one-slice chunk with the zeros of the slices
+    around it (not predicted, not empty) halved its probability and emptied the mask (a review: 3D Dice 0.000 on
+    every pair, 0.918 without smoothing). Each run of predicted slices is smoothed on its own, its ends replicated."""
+    s_img, s_mask = _volume()
+    opts = dataclasses.replace(LEARNER_ONLY, smooth_z=0.25)
+    seg = ScanSegmenter(ConstantLearner(0.9), opts).fit([(s_img, s_mask)], slices=[[6]])
+    one = seg.predict(s_img, slices=[6])
+    torch.testing.assert_close(one[..., 6], torch.full_like(one[..., 6], 0.9))
+    assert not (one[..., [5, 7]] > 0).any()
+    runs = seg.predict(s_img, slices=[2, 3, 6, 7, 8])
+    assert (runs[..., [2, 3, 6, 7, 8]] > 0.5).all() and not (runs[..., [0, 1, 4, 5, 9]] > 0).any()
+    assert consecutive_runs([5, 6, 7, 9, 3]) == [(3, 4), (5, 8), (9, 10)] and consecutive_runs([]) == []
 
 
 def _write(path, array, spacing=(4.5, 4.5, 5.0)):
