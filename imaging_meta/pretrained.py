@@ -8,8 +8,9 @@ names that are exactly torchvision's (``conv1``, ``bn1``, ``layer1``..``layer4``
 key for key; its ``fc`` is dropped. Neither torchvision nor timm is needed.
 
 Weights come only from where the config says (``backbone_kwargs: {weights: ...}``): a local file, read with
-``torch.load(weights_only=True)``, or an ``http(s)://`` / ``file://`` URL, fetched with
-``torch.hub.load_state_dict_from_url`` (no pickled code runs either way). Nothing is ever downloaded unless the
+``torch.load(weights_only=True)``, or an ``http(s)://`` / ``file://`` URL, fetched once with
+``torch.hub.download_url_to_file`` into a cache kept per URL (`cached_download`), then read the same way (no
+pickled code runs either way). Nothing is ever downloaded unless the
 config names a URL; a URL that cannot be reached raises `WeightsUnavailableError`, which says to pass a
 local file instead.
 
@@ -37,12 +38,14 @@ is not built. An optional 1x1 convolution (``out_channels``) projects the featur
 
 from __future__ import annotations
 
+import hashlib
 import http.client
-import inspect
+import os
+import re
 import socket
+import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -319,7 +322,8 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
     """A state dict from a local file or a URL, without running pickled code.
 
     Args:
-        source: a path, or an ``http(s)://`` / ``file://`` URL (downloaded once into ``cache_dir``).
+        source: a path, or an ``http(s)://`` / ``file://`` URL (downloaded once into ``cache_dir``; see
+            `cached_download`).
         cache_dir: where URLs are cached; None: torch.hub's (``$TORCH_HOME/hub/checkpoints``).
         timeout: seconds a network read may wait.
 
@@ -330,43 +334,106 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
     Raises:
         FileNotFoundError: no such local file.
         WeightsUnavailableError: (an ``OSError``) the URL could not be fetched.
-        ValueError: a file that is not a weights-only state dict.
+        ValueError: a file that is not a weights-only state dict, or a URL of another scheme.
     """
     text = str(source)
-    if urlparse(text).scheme.lower() in URL_SCHEMES:
-        content = _download(text, cache_dir, timeout)
-    else:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights {path}: no such file (backbone_kwargs.weights)")
+    scheme = urlparse(text).scheme.lower()
+    if scheme in URL_SCHEMES:
+        path = cached_download(text, cache_dir, timeout)
         try:
             content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # an unpickling failure: name the file and the cause
-            raise ValueError(f"{path}: not a weights file readable with weights_only=True ({type(e).__name__}: {e})") from e
+        except Exception as e:  # a download cut short, or an error page served as the file
+            downloaded = path.parent.parent.name == "by-url"  # this module's copy, not torchvision's
+            if downloaded:
+                path.unlink(missing_ok=True)
+            raise ValueError(
+                f"{text}: the downloaded file {path} is not a weights file readable with weights_only=True "
+                f"({type(e).__name__}: {e}); "
+                + ("it was deleted, so the next run downloads it again" if downloaded else
+                   "delete it to download it again")
+                + "; if that fails too, download the file yourself and pass its path") from e
+        return unwrap_state_dict(content, text)
+    if len(scheme) > 1 and "://" in text:  # one letter: a Windows drive
+        raise ValueError(f"pretrained weights {text}: {scheme}:// URLs are not supported; give an http(s):// or "
+                         "file:// URL, or download the file and pass its path (backbone_kwargs.weights)")
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights {path}: no such file (backbone_kwargs.weights). Resuming a fit whose checkpoint "
+            "already holds the weights? Set weights: null together with freeze_bn: true and imagenet_norm: true "
+            "(what the weights switched on), or the run continues with other BatchNorm and input settings")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling failure: name the file and the cause
+        raise ValueError(f"{path}: not a weights file readable with weights_only=True ({type(e).__name__}: {e})") from e
     return unwrap_state_dict(content, text)
 
 
-def _download(url: str, cache_dir: str | Path | None, timeout: float) -> object:
-    hub = torch.hub.load_state_dict_from_url
-    if "weights_only" not in inspect.signature(hub).parameters:
-        raise ValueError(f"this torch ({torch.__version__}) cannot load {url} with weights_only=True; download the "
-                         "file and set weights: to its path")
-    kwargs: dict[str, Any] = {"map_location": "cpu", "progress": False, "check_hash": False, "weights_only": True}
-    if cache_dir is not None:
-        kwargs["model_dir"] = str(cache_dir)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)  # urllib's connections in torch.hub take no timeout of their own
-    try:
-        return hub(url, **kwargs)
-    except (OSError, http.client.HTTPException) as e:
-        name = Path(urlparse(url).path).name or "weights.pth"
-        raise WeightsUnavailableError(
-            f"could not fetch pretrained weights from {url} ({type(e).__name__}: {e}). No download is possible "
-            f"from this machine (no network access, or it cannot reach that address): download the file on a "
-            f"machine with internet access, copy it here and pass the local file (weights: /path/to/{name})"
-        ) from e
-    finally:
-        socket.setdefaulttimeout(previous)
+#: torch.hub's convention for content-addressed names, ``<name>-<first hex digits of the SHA-256>.<ext>``
+#: (torchvision's ``resnet18-f37072fd.pth``)
+HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(path: Path) -> bool:
+    """True for a file whose name follows `HUB_HASH` and whose content has that hash."""
+    m = HUB_HASH.search(path.name)
+    return bool(m) and path.is_file() and _sha256(path).startswith(m.group(1))  # type: ignore[union-attr]
+
+
+def cached_download(url: str, cache_dir: str | Path | None = None, timeout: float = 30.0) -> Path:
+    """The local copy of ``url``, downloaded on first use.
+
+    Copies are kept per URL (``<cache>/by-url/<hash of the URL>/<file name>``): torch.hub keeps them by file
+    name alone, so two URLs ending in the same name (``.../imagenet/resnet18.pth`` and
+    ``.../radimagenet/resnet18.pth``) shared one copy, and the second silently loaded the first one's weights
+    (a review). A file named by torch.hub's content-hash convention (`HUB_HASH`, torchvision's files) whose
+    content has that hash is kept, or found, where torch.hub and torchvision keep it, ``<cache>/<file name>``:
+    weights torchvision already downloaded on a cluster are reused without a download.
+
+    Raises:
+        WeightsUnavailableError: the URL could not be fetched (the cause and what to do in the message).
+    """
+    root = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    name = Path(urlparse(url).path).name or "weights.pth"
+    shared = root / name
+    if HUB_HASH.search(name) and _verified(shared):
+        return shared
+    own = root / "by-url" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    if not own.is_file():
+        own.parent.mkdir(parents=True, exist_ok=True)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)  # urllib's connections in torch.hub take no timeout of their own
+        try:
+            torch.hub.download_url_to_file(url, str(own), None, progress=False)
+        except (OSError, http.client.HTTPException) as e:
+            raise WeightsUnavailableError(_fetch_failure(url, name, e)) from e
+        finally:
+            socket.setdefaulttimeout(previous)
+    if HUB_HASH.search(name) and _verified(own):
+        os.replace(own, shared)
+        return shared
+    return own
+
+
+def _fetch_failure(url: str, name: str, e: BaseException) -> str:
+    """Why ``url`` could not be fetched, and what to do."""
+    cause = f"{type(e).__name__}: {e}"
+    if isinstance(e, urllib.error.HTTPError):
+        return (f"could not fetch pretrained weights from {url}: the server answered HTTP {e.code} ({e.reason}); "
+                "check the URL, or download the file and pass its path")
+    if urlparse(url).scheme.lower() == "file":
+        return f"could not read pretrained weights from {url} ({cause}); check the path"
+    return (f"could not fetch pretrained weights from {url} ({cause}). No download is possible from this machine "
+            f"(no network access, or it cannot reach that address): download the file on a machine with internet "
+            f"access, copy it here and pass the local file (weights: /path/to/{name})")
 
 
 def unwrap_state_dict(content: object, source: str = "the weights") -> dict[str, torch.Tensor]:
@@ -380,7 +447,12 @@ def unwrap_state_dict(content: object, source: str = "the weights") -> dict[str,
             break
         content = inner
     keys = sorted(content)[:8] if isinstance(content, Mapping) else type(content).__name__
-    raise ValueError(f"{source}: no state dict found (a dict of tensors, or one under 'state_dict' or 'model'); got {keys}")
+    odd = ""
+    if isinstance(content, Mapping) and any(isinstance(v, torch.Tensor) for v in content.values()):
+        k, v = next((k, v) for k, v in content.items() if not isinstance(v, torch.Tensor))
+        odd = f"; its entry {k!r} is a {type(v).__name__}, not a tensor"
+    raise ValueError(f"{source}: no state dict found (a dict of tensors, or one under 'state_dict' or 'model'); "
+                     f"got {keys}{odd}")
 
 
 # ----------------------------------------------------------------------------------------- the builder

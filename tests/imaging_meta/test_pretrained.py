@@ -2,7 +2,11 @@
 URL (never the network: an unreachable URL fails fast and clearly), the 1-channel adaptation, frozen BatchNorm,
 and ProtoNet-seg / ProtoNet from the new configs."""
 
+import functools
+import hashlib
+import http.server
 import socket
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +27,7 @@ from imaging_meta.pretrained import (
     FrozenBatchNorm2d,
     ResNet,
     WeightsUnavailableError,
+    cached_download,
     load_weights,
     without_weights,
 )
@@ -175,10 +180,79 @@ def test_an_unreachable_url_fails_fast_and_says_what_to_do(monkeypatch, tmp_path
     assert url in msg and "pass the local file" in msg and "resnet18-f37072fd.pth" in msg
 
 
-def test_a_file_url_loads_through_the_hub_cache(weights_file, tmp_path):
+def test_a_file_url_loads_through_the_cache(weights_file, tmp_path):
     path, state = weights_file
-    loaded = load_weights(path.resolve().as_uri(), cache_dir=tmp_path / "cache")
-    assert set(loaded) == set(state) and (tmp_path / "cache" / path.name).is_file()
+    url = path.resolve().as_uri()
+    loaded = load_weights(url, cache_dir=tmp_path / "cache")
+    assert set(loaded) == set(state) and cached_download(url, tmp_path / "cache").is_file()
+    # a name in torch.hub's hash convention whose content does not have that hash is kept per URL, not shared
+    assert not (tmp_path / "cache" / path.name).exists()
+
+
+def _small_state(seed: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((2,), float(seed))}
+
+
+def test_two_urls_ending_in_the_same_name_get_their_own_weights(tmp_path):
+    """torch.hub caches by file name: the second URL silently loaded the first one's weights (a review)."""
+    for site, seed in (("imagenet", 1), ("radimagenet", 2)):
+        (tmp_path / site).mkdir()
+        torch.save(_small_state(seed), tmp_path / site / "resnet18.pth")
+    first = load_weights((tmp_path / "imagenet" / "resnet18.pth").as_uri(), cache_dir=tmp_path / "cache")
+    second = load_weights((tmp_path / "radimagenet" / "resnet18.pth").as_uri(), cache_dir=tmp_path / "cache")
+    assert first["w"][0] == 1 and second["w"][0] == 2
+
+
+def test_a_damaged_download_is_named_deleted_and_fetched_again(tmp_path):
+    src = tmp_path / "site" / "weights.pth"
+    src.parent.mkdir()
+    torch.save(_small_state(3), src)
+    src.write_bytes(src.read_bytes()[:100])  # a download cut short
+    url, cache = src.as_uri(), tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"site/weights\.pth: the downloaded file .* is not a weights file .* it was "
+                                         r"deleted, so the next run downloads it again"):
+        load_weights(url, cache_dir=cache)
+    assert not list((cache / "by-url").rglob("weights.pth"))
+    torch.save(_small_state(3), src)  # the server has the good file again
+    assert load_weights(url, cache_dir=cache)["w"][0] == 3
+
+
+def test_content_addressed_names_are_verified_and_shared_with_torch_hub(tmp_path):
+    """A file named like torchvision's (name-<sha256 prefix>.pth) whose content has that hash is kept where torch.hub
+    and torchvision keep it, and found there again without a download."""
+    staging = tmp_path / "staging.pth"
+    torch.save(_small_state(4), staging)
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()[:8]
+    src = tmp_path / "site" / f"resnet18-{digest}.pth"
+    src.parent.mkdir()
+    staging.rename(src)
+    cache = tmp_path / "cache"
+    assert load_weights(src.as_uri(), cache_dir=cache)["w"][0] == 4
+    assert (cache / src.name).is_file()
+    src.unlink()  # no source any more: the verified copy is found
+    assert load_weights(src.as_uri(), cache_dir=cache)["w"][0] == 4
+
+
+def test_bad_urls_say_what_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(ValueError, match=r"ftp:// URLs are not supported; give an http\(s\):// or file:// URL"):
+        load_weights("ftp://127.0.0.1/x.pth")
+    with pytest.raises(WeightsUnavailableError, match=r"could not read pretrained weights from file://.*; check the path"):
+        load_weights((tmp_path / "absent.pth").as_uri())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/no/such/weights.pth"
+        with pytest.raises(WeightsUnavailableError, match=r"the server answered HTTP 404 .*check the URL"):
+            load_weights(url, timeout=5.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    torch.save({"w": torch.zeros(1), "arch": "resnet18"}, tmp_path / "meta.pth")
+    with pytest.raises(ValueError, match=r"its entry 'arch' is a str, not a tensor"):
+        load_weights(tmp_path / "meta.pth")
 
 
 # ------------------------------------------------------------------------------------------ learners
