@@ -374,18 +374,13 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
 HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verified(path: Path) -> bool:
     """True for a file whose name follows `HUB_HASH` and whose content has that hash."""
     m = HUB_HASH.search(path.name)
-    return bool(m) and path.is_file() and _sha256(path).startswith(m.group(1))  # type: ignore[union-attr]
+    if m is None or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest().startswith(m.group(1))
 
 
 def cached_download(url: str, cache_dir: str | Path | None = None, timeout: float = 30.0) -> Path:
