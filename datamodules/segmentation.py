@@ -85,6 +85,28 @@ def cache_threads() -> int:
     return max(1, min(CACHE_THREADS, cores))
 
 
+def memory_cache(items: list[dict], tf: Any) -> CacheDataset:
+    """``items`` through ``tf`` into a MONAI ``CacheDataset``, filled by `cache_threads` threads.
+
+    An error raised in one of the threads (a damaged file) reached the user and then aborted the process (exit 134)
+    with threads still running: each thread returns its error instead, and the first is raised here, once every
+    thread has finished. The pool is bounded: each thread holds one volume at its preprocessing peak (about 2.5 GB
+    for a 512 x 512 x 300 CT), and MONAI's default, a thread per core of the machine, ran a many-core node out of
+    memory. The process's warning state is restored once the threads are done: readers enter
+    ``warnings.catch_warnings`` in them (nibabel for a NIfTI with a scale factor, pydicom's through
+    `datamodules.io.dicom_files`), which is not thread-safe, and an interleaving left a filter or a dead
+    recording list behind, swallowing every later warning of the run (a review).
+    """
+    with warnings.catch_warnings():  # entered and left here, in the main thread: restores filters and showwarning
+        ds = CacheDataset(items, _Caught(tf), cache_rate=1.0, num_workers=cache_threads(), progress=progress_enabled(),
+                          copy_cache=False)
+    for i in range(len(ds)):
+        item = ds[i]
+        if isinstance(item, _Failed):
+            raise item.error
+    return ds
+
+
 class Unservable(ValueError):
     """A split whose stage cannot form its episodes (too few of its patients show its organs)."""
 
@@ -745,18 +767,7 @@ class SegmentationDataModule(EpisodicDataModule):
     def _cached(self, items: list[dict], tf: Any, folder: str) -> Dataset:
         """``items`` through ``tf``, cached as configured: in memory, on disk under ``cache_dir/<root>/folder``, or not."""
         if self.hparams.cache == "memory":
-            # the cache is filled by a pool of threads; an error raised in one of them (a damaged file) reached the
-            # user and then aborted the process (exit 134) with threads still running: each thread returns its
-            # error instead, and the first is raised here, once every thread has finished
-            # a bounded pool: each thread holds one volume at its preprocessing peak (about 2.5 GB for a 512 x 512 x 300
-            # CT), and MONAI's default, a thread per core of the machine, ran a many-core node out of memory
-            ds = CacheDataset(items, _Caught(tf), cache_rate=1.0, num_workers=cache_threads(), progress=progress_enabled(),
-                              copy_cache=False)
-            for i in range(len(ds)):
-                item = ds[i]
-                if isinstance(item, _Failed):
-                    raise item.error
-            return ds
+            return memory_cache(items, tf)
         if self.hparams.cache == "disk":
             disk = SliceCache(items, tf, cache_dir=self.cache_dir / digest(self.root) / folder,
                               hash_func=hash_with_file_stamps)

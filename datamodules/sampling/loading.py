@@ -1,8 +1,9 @@
 """From an episode dataset and a sampler to a `DataLoader`, and the state that resumes an epoch exactly.
 
 Both datamodules build their loaders here: workers (persistent when there are any), pinned memory when a GPU
-is present, and a private generator so that creating a loader's iterator never draws from torch's global
-random stream (which a resumed run must find where the interrupted one left it). Every random choice of an
+is present, and a private generator, seeded with the process's torch seed, so that creating a loader's iterator
+never draws from torch's global random stream (which a resumed run must find where the interrupted one left it)
+while the workers' own random streams still follow the run's seed. Every random choice of an
 episode comes from the seed in its spec, so a batch is the same whatever the worker count.
 """
 
@@ -39,7 +40,9 @@ def episode_loader(dataset: Dataset, sampler: EpisodeSampler | Sequence, batch_s
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(0),
+        # the workers' base seed: the process's torch seed (``seed_everything``'s), read without drawing from the
+        # global stream; a constant gave every run of a seed sweep the same worker random streams (a review)
+        generator=torch.Generator().manual_seed(torch.initial_seed()),
     )
 
 

@@ -32,3 +32,25 @@ def test_the_file_gets_the_mode_a_plain_open_would_give(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o644
+
+
+def test_reading_the_umask_never_changes_it(monkeypatch):
+    """Setting the umask to read it is not thread-safe: two threads writing files left the process at 000, and a
+    file created by another thread meanwhile got mode 666 (a review). It is read from /proc where Linux has it."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from datamodules.io import atomic
+
+    real, calls = os.umask, []
+    old = real(0o077)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
+        with ThreadPoolExecutor(2) as pool:
+            masks = list(pool.map(lambda _: atomic._umask(), range(200)))
+    finally:
+        monkeypatch.undo()
+        real(old)
+    assert set(masks) == {0o077}
+    if os.path.exists("/proc/self/status"):
+        assert calls == []

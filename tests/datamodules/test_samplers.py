@@ -6,6 +6,7 @@ import torch
 from datamodules.sampling.episode_files import load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
 from datamodules.sampling.samplers_segmentation import SegmentationEpisodeSampler, SegmentationEpisodeSpec
+from imaging_meta.episode import Episode
 
 
 class RaisingDataset(torch.utils.data.Dataset):
@@ -115,3 +116,29 @@ def test_golden_first_episode():
     # printed once from this sampler (seed 0) and pasted: a literal, not a second draw with the same RNG
     assert spec == SegmentationEpisodeSpec(organ="spleen", support=((4, 11),), query=((0, 7), (2, 10)), seed=1081530687)
     assert spec == next(iter(SegmentationEpisodeSampler(table(), PATIENTS, n_shot=1, n_query=2, n_episodes=3, seed=0)))
+
+
+class _GlobalDraw(torch.utils.data.Dataset):
+    """Draws from the worker's global torch stream, as a user's own transform may."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        x = torch.rand(1, 1, 2, 2)
+        return Episode(x, torch.zeros(1, dtype=torch.long), x, torch.zeros(1, dtype=torch.long))
+
+
+def test_worker_random_streams_follow_the_runs_seed_without_drawing_from_it():
+    """The workers' base seed came from a generator seeded with 0: every run of a seed sweep drew the same worker
+    streams (a review). It is now the process's torch seed, read without drawing from the global stream."""
+
+    def worker_draws(seed):
+        torch.manual_seed(seed)
+        loader = episode_loader(_GlobalDraw(), [0, 1], batch_size=1, num_workers=1)
+        before = torch.get_rng_state()
+        draws = [float(b.support_images.flatten()[0]) for b in loader]
+        assert torch.equal(torch.get_rng_state(), before)  # the global stream is where it was
+        return draws
+
+    assert worker_draws(1) == worker_draws(1) != worker_draws(2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 from monai.data import PersistentDataset
 
-from datamodules.segmentation import hash_with_file_stamps
+from datamodules.segmentation import hash_with_file_stamps, memory_cache
 from datamodules.transforms.volume import CastLabeld, volume_transforms
 
 
@@ -231,3 +232,19 @@ def test_an_episode_file_already_there_is_not_written_again(tmp_path, monkeypatc
     assert episode_files.save_episodes(specs, ["a", "b"], path, {"seed": 0}) == path  # the same: not written
     with pytest.raises(OSError, match="Read-only"):
         episode_files.save_episodes(specs, ["a", "b"], path, {"seed": 1})  # other content: written (here refused)
+
+
+def test_the_memory_cache_leaves_the_warning_state_as_it_found_it():
+    """Readers enter warnings.catch_warnings in the cache-filling threads (nibabel for a NIfTI with a scale factor),
+    which is not thread-safe: an interleaving left an 'error' filter or a dead recording list behind, and every later
+    warning of the run was swallowed (a review). The fill restores the state once its threads are done."""
+
+    def leaky(item):
+        warnings.catch_warnings(record=True).__enter__()  # an interleaving that never restores
+        warnings.simplefilter("error")
+        return item
+
+    state = (warnings.showwarning, list(warnings.filters), warnings._showwarnmsg_impl)  # type: ignore[attr-defined]
+    ds = memory_cache([{"i": i} for i in range(6)], leaky)
+    assert [ds[i]["i"] for i in range(6)] == list(range(6))
+    assert (warnings.showwarning, list(warnings.filters), warnings._showwarnmsg_impl) == state  # type: ignore[attr-defined]
