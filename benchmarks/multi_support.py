@@ -40,6 +40,7 @@ from imaging_meta.evaluation.scans import (
     baseline_masks,
     load_structure,
     structure_preprocessing,
+    supports_preprocessing,
     to_query_grid,
 )
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
@@ -84,27 +85,35 @@ def demo_triples(root: str, per_site: int = 2) -> list[tuple[str, list[Scan]]]:
 
 def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: int) -> tuple[dict[str, float], dict]:
     """3D Dice of each method on the query, and each variant's fitted fusion weights (learner, intensity)."""
-    pre = structure_preprocessing(preprocessing, scans[0].label, scans[0].value, "structure")
+    # the scale segment chooses: the finest of the two supports' for both, the first support's for it alone
+    pre = supports_preprocessing(preprocessing, [(s.label, s.value) for s in scans[:2]], "structure")
     loaded = [load_structure(scan, pre) for scan in scans]
     supports = [(sc.pre["image"].as_tensor()[0].float(), sc.pre["struct"]) for sc in loaded[:2]]
     query = loaded[2]
     q_img = query.pre["image"].as_tensor()[0].float()
+    pre_one = structure_preprocessing(preprocessing, scans[0].label, scans[0].value, "structure")
+    if pre_one == pre:
+        one, query_one = supports[:1], query
+    else:
+        first, query_one = load_structure(scans[0], pre_one), load_structure(scans[2], pre_one)
+        one = [(first.pre["image"].as_tensor()[0].float(), first.pre["struct"])]
     from imaging_meta.adaptation import adapt
 
-    def adapted(sup):
-        return adapt(learner, sup, [q_img], steps=adapt_steps, seed=0, progress=False) if adapt_steps else learner
+    def adapted(sup, image):
+        return adapt(learner, sup, [image], steps=adapt_steps, seed=0, progress=False) if adapt_steps else learner
 
     dice, weights = {}, {}
-    both = adapted(supports)
-    runs = [(name, options, supports, both) for name, options in VARIANTS.items()]
-    runs.append((ONE, ScanOptions(), supports[:1], adapted(supports[:1])))
-    for name, options, sup, lrn in runs:
+    both = adapted(supports, q_img)
+    runs = [(name, options, supports, both, query) for name, options in VARIANTS.items()]
+    q_one = query_one.pre["image"].as_tensor()[0].float()
+    runs.append((ONE, ScanOptions(), one, adapted(one, q_one), query_one))
+    for name, options, sup, lrn, q in runs:
         segmenter = ScanSegmenter(lrn, options).fit(sup)
         if name in VARIANTS:
             weights[name] = segmenter.describe()["fusion_weight"]
-        probs = segmenter.predict(q_img)
+        probs = segmenter.predict(q.pre["image"].as_tensor()[0].float())
         parts = max(V.structure_parts(m.numpy()) for _, m in sup)
-        dice[name] = V.dice3d(V.keep_components(to_query_grid(query, probs) > 0.5, parts), query.truth)
+        dice[name] = V.dice3d(V.keep_components(to_query_grid(q, probs) > 0.5, parts), q.truth)
     base = baseline_masks(loaded[0], query, scans[2].modality, "whole_scan")
     dice["copy first support's mask"] = V.dice3d(base[COPY], query.truth)
     dice["intensity window (first support)"] = V.dice3d(base[WINDOW], query.truth)

@@ -43,7 +43,7 @@ from datamodules.indexing.volumes import (
 )
 from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.io.nifti_names import compression_problem
-from datamodules.messages import LISTED, listed
+from datamodules.messages import LISTED, first, listed
 from datamodules.progress import progress
 from datamodules.sources.image_folder import PIL_EXTENSIONS
 from datamodules.transforms.volume import CheckVolume, to_source_grid, volume_transforms
@@ -138,9 +138,13 @@ def modality_of(path: str | Path, given: str | None = None, default: str | None 
     try:
         return _declared_modality(path)
     except _Undeclared as e:
-        if given:
-            return normalise_modality(given) or given.strip().upper()
         air = _air_share(Path(path))
+        if given:
+            chosen = normalise_modality(given) or given.strip().upper()
+            if chosen != "CT" and air is not None:
+                logger.warning("%s does not say its modality: read as %s (--modality), although %.0f%% of its voxels "
+                               "are air at about -1000 HU, as in a CT", path, chosen, 100 * air)
+            return chosen
         if air is not None:
             logger.warning("%s does not say its modality: read as CT, since %.0f%% of its voxels are air at about "
                            "-1000 HU (pass --modality to override)", path, 100 * air)
@@ -447,8 +451,8 @@ def segment(
             from the support scans and that query (`imaging_meta.adaptation`; 0: off). Default 40. Each query is
             adapted to on its own, so its mask does not depend on the other queries (and costs one adaptation).
         adapt_seed: the seed of that adaptation (the same seed gives the same mask for a query).
-        scale: ``structure`` (default: a finer spacing when the first support's structure is thin or small,
-            `imaging_meta.volume.scale.structure_scale`) or ``checkpoint`` (the spacing the model was trained at).
+        scale: ``structure`` (default: a finer spacing when a support's structure is thin or small, the finest
+            of the supports', `imaging_meta.evaluation.scans.supports_preprocessing`) or ``checkpoint`` (the spacing the model was trained at).
             The defaults of ``scale`` and ``adapt_steps`` are the recipe that scored best on the real scans of
             ``benchmarks/real/`` (docs/segmentation.md); ``scale="checkpoint", adapt_steps=0`` is the model as
             trained, and faster.
@@ -521,22 +525,31 @@ def segment(
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
     if scale != "checkpoint":
-        from imaging_meta.evaluation.scans import structure_preprocessing
+        from imaging_meta.evaluation.scans import supports_preprocessing
 
-        pre = structure_preprocessing(pre, str(supports[0][1]), label_value, scale)
+        pre = supports_preprocessing(pre, [(str(label), label_value) for _, label in supports], scale)
         logger.info("segmenting at %s mm, %s pixels per slice", pre["spacing"], pre["slice_size"])
     tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
     tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
 
     fallback = pre.get("modality")  # the data config's modality for files that do not say, when it set one
     support_list = [modality_of(image, modality, fallback) for image, _ in supports]
+    support_modalities = set(support_list)
+    if len(support_modalities) > 1:  # one histogram and calibration would be fitted over CT windows and MR percentiles
+        kinds = "; ".join(f"{m}: " + first([str(img) for (img, _), k in zip(supports, support_list, strict=True) if k == m],
+                                           sep=", ") for m in sorted(support_modalities))
+        raise ValueError(f"the support scans are of {len(support_modalities)} modalities ({kinds}): give supports of one "
+                         "modality, the queries' (a query of another modality is segmented by the learner alone)")
     supports_pre = _support_volumes(
         tf_pair, supports, label_value, support_list, max_support_slices, pre["spacing"], pre["slice_size"],
         "Pass --scale structure (a spacing and field of view chosen from the structure), or label more of it"
         if scale == "checkpoint" else "Label more of it, or crop the support scan around it")
-    support_modalities = set(support_list)
     # every query's modality before any work (headers and sidecars only): an undeclared one is a usage error
     query_modalities = [modality_of(q, modality, fallback) for q in queries]
+    same = [q for q in queries if Path(q).resolve() in {Path(img).resolve() for img, _ in supports}]
+    if same:
+        logger.warning("%d quer%s also a support scan (e.g. %s): its mask is drawn from its own labels, so it says "
+                       "nothing about new scans", len(same), "y is" if len(same) == 1 else "ies are", same[0])
     options = options or ScanOptions(max_support_slices=max_support_slices, query_chunk=query_chunk)
     # one segmenter per set of options (the queries of the supports' modality, and the learner alone for the
     # others), each fitted once, when a query first needs it; with adaptation, one learner per query, adapted

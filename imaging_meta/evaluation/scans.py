@@ -21,6 +21,7 @@ foreground, in raw HU or raw MR values; restricted to the true extent under ``or
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,6 +142,14 @@ def structure_preprocessing(preprocessing: dict, label: str, value: int | None, 
         what = "non-zero voxel" if value is None else f"voxel of value {value}"
         raise ValueError(f"{label}: the label map has no {what} (the structure); check --label-value")
     return structure_scale(preprocessing, mask, spacing, mask.shape)
+
+
+def supports_preprocessing(preprocessing: dict, labels: Sequence[tuple[str, int | None]], scale: str) -> dict:
+    """`structure_preprocessing` for several supports, ``(label map, structure value)`` each: the finest of their
+    spacings (then the largest slices), so that the order of the supports never changes the scale (the first
+    support's alone decided, and swapping two supports took a real query from 3D Dice 0.26 to 0.00; a review)."""
+    return min((structure_preprocessing(preprocessing, label, value, scale) for label, value in labels),
+               key=lambda p: (min(p["spacing"]), [-int(n) for n in p["slice_size"]]))
 
 
 def to_query_grid(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
