@@ -484,6 +484,9 @@ def segment(
         raise ValueError(f"--structure-name {structure_name!r}: 1 to 64 characters without a backslash or control "
                          "characters or unpaired surrogates (a DICOM segment label)")
     name = structure_name or ("structure" if label_value is None else f"label {label_value}")
+    # in an order of their own (their paths), not the order given: the calibration's folds and the adaptation's
+    # episodes follow the supports' order, and swapping two supports moved a mask by 234 voxels (a review)
+    supports = sorted(supports, key=lambda pair: (str(Path(pair[0]).resolve()), str(Path(pair[1]).resolve())))
     if label_value is not None and label_value < 1:
         raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "
                          "structure's value (1 or more), or leave it out for every non-zero voxel")

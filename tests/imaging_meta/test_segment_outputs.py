@@ -793,13 +793,13 @@ def test_a_file_of_the_users_where_a_mask_goes_is_never_replaced(tmp_path, suppo
 def test_several_supports_give_the_same_mask_in_any_order_and_must_share_a_modality(tmp_path, support, monkeypatch,
                                                                                      caplog):
     """The structure's scale came from the first support alone: swapping two supports took a real query from Dice
-    0.26 to 0.00 (a review). It is now the finest of every support's; supports of two modalities (one histogram
+    0.26 to 0.00 (a review). It is now the finest of every support's, and the supports are taken in an order of
+    their own (the adaptation's episodes followed the order given); supports of two modalities (one histogram
     and calibration over CT windows and MR percentiles) are refused; a query that is a support is warned about."""
     import logging
 
     from imaging_meta.evaluation import scans
 
-    stand_in(monkeypatch, intensity_predict)
     vol = phantom(seed=4)
     other = (ct_nifti(vol, affine_ras(), tmp_path / "other" / "sup2.nii.gz"),
              write_nifti(label_for(vol), affine_ras(), tmp_path / "other" / "sup2_label.nii.gz"))
@@ -810,15 +810,20 @@ def test_several_supports_give_the_same_mask_in_any_order_and_must_share_a_modal
 
     monkeypatch.setattr(scans, "structure_preprocessing", choice)
     query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
-    ckpt = make_checkpoint(tmp_path / "m.ckpt", (4.0, 4.0), (12, 10))
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (4.0, 4.0), (32, 32))
     masks = []
     for order, folder in (([support, other], "ab"), ([other, support], "ba")):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="imaging_meta.commands.segment"):
-            out = segment(ckpt, order, [query], tmp_path / folder, device="cpu", scale="structure", adapt_steps=0)
+            out = segment(ckpt, order, [query], tmp_path / folder, device="cpu", scale="structure", adapt_steps=2,
+                          explain=True)
         assert any("segmenting at [1.0, 1.0] mm" in r.getMessage() for r in caplog.records)
-        masks.append(np.asarray(nib.load(out[0]).dataobj))
-    np.testing.assert_array_equal(masks[0], masks[1])
+        masks.append([np.asarray(nib.load(p).dataobj) for p in out])  # the mask and the probability map
+    assert len(masks[0]) == 2 and masks[0][1].std() > 0
+    for a, b in zip(*masks, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    stand_in(monkeypatch, intensity_predict)
 
     mr = write_nifti(np.abs(vol).astype(np.int16), affine_ras(), tmp_path / "mr" / "mr.nii.gz")
     mr.with_name("mr.json").write_text(json.dumps({"Modality": "MR"}))
