@@ -15,6 +15,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from datamodules.io.atomic import atomic_write_text
+from datamodules.messages import first
 from imaging_meta.evaluation.methods import TRAINED, ordered_methods
 from imaging_meta.evaluation.statistics import EPISODE_BOOTSTRAP, EPISODE_T, N_BOOT, PATIENT_BOOTSTRAP
 from imaging_meta.tasks import SEGMENTATION, Task, get_task
@@ -333,12 +334,18 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     ``episode-t`` cells ``mean ± half-width``).
     """
     rows, shas = [], defaultdict(set)
-    runs = []
+    runs, skipped = [], []
     for d in run_dirs:
         f = Path(d) / "results.json"
         if not f.is_file():
-            raise FileNotFoundError(f"{d}: no results.json; run `imaging-meta evaluate --out {d}` first")
+            # `compare evaluation/*/` also matches the training logs' folder (runs/) beside the run folders: a
+            # folder that is no run is named under the table, not an error, unless nothing is left
+            skipped.append(str(d))
+            continue
         runs.append(json.loads(f.read_text()))
+    if not runs:
+        raise FileNotFoundError(f"{first(skipped, sep=', ')}: no results.json; run `imaging-meta evaluate --out "
+                                f"{skipped[0]}` first")
     shots = sorted({int(k) for doc in runs for k in doc["context"]["shots"]})
     for doc in runs:
         ctx, summ = doc["context"], doc["summary"]
@@ -355,4 +362,6 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     lines += rows
     notes = [f"- {task}, {protocol}, {k}-shot: {len(s)} different episode files; those rows are not on the same episodes"
              for (task, protocol, k), s in sorted(shas.items()) if len(s) > 1]
+    if skipped:
+        notes.append(f"- not evaluation runs (no results.json), left out: {first(skipped, sep=', ')}")
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")

@@ -189,6 +189,12 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
     table = compare_runs([tmp_path / "a", tmp_path / "c"])
     assert table.count("| a |") == 2 and "| c |" in table
     assert "segmentation, cross_organ, 1-shot: 2 different episode files" in table
+    # `compare evaluation/*/` also matches make evaluate's training logs (runs/): named under the table, not an error
+    (tmp_path / "runs").mkdir()
+    assert compare_runs([tmp_path / "a", tmp_path / "runs"]).endswith(f"not evaluation runs (no results.json), left "
+                                                                      f"out: {tmp_path / 'runs'}\n")
+    with pytest.raises(FileNotFoundError, match=r"runs: no results.json; run `imaging-meta evaluate --out"):
+        compare_runs([tmp_path / "runs"])
 
 
 def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, tmp_path):
