@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import pickle
 import re
 import socket
 import urllib.error
@@ -342,6 +343,8 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
         path = cached_download(text, cache_dir, timeout)
         try:
             content = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # whole, but with objects weights_only refuses: not a damaged download
+            raise ValueError(f"{text} ({path}): {_needs_code(e)}") from e
         except Exception as e:  # a download cut short, or an error page served as the file
             downloaded = path.parent.parent.name == "by-url"  # this module's copy, not torchvision's
             if downloaded:
@@ -364,9 +367,27 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
             "(what the weights switched on), or the run continues with other BatchNorm and input settings")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an unpickling failure: name the file and the cause
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: {_needs_code(e)}") from e
+    except Exception as e:  # a damaged or foreign file: name it and the cause
         raise ValueError(f"{path}: not a weights file readable with weights_only=True ({type(e).__name__}: {e})") from e
     return unwrap_state_dict(content, text)
+
+
+def _needs_code(e: BaseException) -> str:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (f"a complete file, but it holds objects besides tensors, which weights_only=True does not run "
+            f"({first_line}); where you trust the file, load it once and save its weights alone: "
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 #: torch.hub's convention for content-addressed names, ``<name>-<first hex digits of the SHA-256>.<ext>``
@@ -379,8 +400,7 @@ def _verified(path: Path) -> bool:
     m = HUB_HASH.search(path.name)
     if m is None or not path.is_file():
         return False
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest().startswith(m.group(1))
+    return sha256_file(path).startswith(m.group(1))
 
 
 def cached_download(url: str, cache_dir: str | Path | None = None, timeout: float = 30.0) -> Path:
@@ -412,9 +432,14 @@ def cached_download(url: str, cache_dir: str | Path | None = None, timeout: floa
             raise WeightsUnavailableError(_fetch_failure(url, name, e)) from e
         finally:
             socket.setdefaulttimeout(previous)
-    if HUB_HASH.search(name) and _verified(own):
-        os.replace(own, shared)
-        return shared
+    if HUB_HASH.search(name):
+        if _verified(own):
+            try:
+                os.replace(own, shared)
+            except FileNotFoundError:  # another process (a DDP rank) moved the same download first
+                pass
+        if _verified(shared):
+            return shared
     return own
 
 

@@ -21,7 +21,6 @@ The run folder itself holds no event file: the same command gives the same bytes
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -61,6 +60,7 @@ from imaging_meta.evaluation.statistics import (
     interval_description,
 )
 from imaging_meta.learners.base import Learner
+from imaging_meta.pretrained import sha256_file
 from imaging_meta.tasks import CLASSIFICATION, Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -74,14 +74,6 @@ SPLIT_FIELDS = (
     "spacing", "slice_size",
 )
 PACKAGES = ("torch", "monai", "lightning", "numpy", "scipy", "pydicom", "nibabel", "torchmetrics", "highdicom")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_source_checkout(src: Path) -> bool:

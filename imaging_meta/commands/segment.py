@@ -138,13 +138,9 @@ def modality_of(path: str | Path, given: str | None = None, default: str | None 
     try:
         return _declared_modality(path)
     except _Undeclared as e:
-        air = _air_share(Path(path))
         if given:
-            chosen = normalise_modality(given) or given.strip().upper()
-            if chosen != "CT" and air is not None:
-                logger.warning("%s does not say its modality: read as %s (--modality), although %.0f%% of its voxels "
-                               "are air at about -1000 HU, as in a CT", path, chosen, 100 * air)
-            return chosen
+            return normalise_modality(given) or given.strip().upper()
+        air = _air_share(Path(path))
         if air is not None:
             logger.warning("%s does not say its modality: read as CT, since %.0f%% of its voxels are air at about "
                            "-1000 HU (pass --modality to override)", path, 100 * air)

@@ -337,6 +337,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     runs, skipped = [], []
     for d in run_dirs:
         f = Path(d) / "results.json"
+        if not Path(d).is_dir():  # a typo: an error, not a note
+            raise FileNotFoundError(f"{d}: no such folder; give evaluation run folders (imaging-meta evaluate --out)")
         if not f.is_file():
             # `compare evaluation/*/` also matches the training logs' folder (runs/) beside the run folders: a
             # folder that is no run is named under the table, not an error, unless nothing is left

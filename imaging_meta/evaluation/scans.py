@@ -32,7 +32,7 @@ import torch
 from datamodules.transforms.volume import volume_transforms
 from imaging_meta.evaluation import volumes as V
 from imaging_meta.learners.base import Learner
-from imaging_meta.volume.scale import SCALES, structure_scale
+from imaging_meta.volume.scale import SCALES, supports_scale
 from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter, structure_slices
 
 if TYPE_CHECKING:
@@ -120,13 +120,27 @@ def structure_preprocessing(preprocessing: dict, label: str, value: int | None, 
     Raises:
         ValueError: an unknown ``scale``; a label map without the structure (naming the file).
     """
+    return supports_preprocessing(preprocessing, [(label, value)], scale)
+
+
+def supports_preprocessing(preprocessing: dict, labels: Sequence[tuple[str, int | None]], scale: str) -> dict:
+    """`structure_preprocessing` for several supports, ``(label map, structure value)`` each
+    (`imaging_meta.volume.scale.supports_scale`): the thinnest structure sets the spacing and the widest field of
+    view the slice size, whatever the supports' order (the first support's alone decided, and swapping two
+    supports took a real query from 3D Dice 0.26 to 0.00; a review)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if scale == "checkpoint":
         return preprocessing
-    # the label map alone: it lies on its image's grid (checked when the support is preprocessed), read and
-    # turned to RAS as the preprocessing turns it, so that the last axis is axial whatever the file's storage
-    # order (a sagittal or coronal file was measured along its own axes: another scale, another mask)
+    return supports_scale(preprocessing, [_structure_grid(preprocessing, label, value) for label, value in labels])
+
+
+def _structure_grid(preprocessing: dict, label: str, value: int | None) -> tuple[np.ndarray, list[float], tuple[int, ...]]:
+    """(mask, voxel size, shape) of the structure in a label map, in RAS order on its own grid.
+
+    The label map alone: it lies on its image's grid (checked when the support is preprocessed), read and turned
+    to RAS as the preprocessing turns it, so that the last axis is axial whatever the file's storage order (a
+    sagittal or coronal file was measured along its own axes: another scale, another mask)."""
     from monai.transforms import Orientationd
 
     tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
@@ -141,15 +155,7 @@ def structure_preprocessing(preprocessing: dict, label: str, value: int | None, 
     if not mask.any():
         what = "non-zero voxel" if value is None else f"voxel of value {value}"
         raise ValueError(f"{label}: the label map has no {what} (the structure); check --label-value")
-    return structure_scale(preprocessing, mask, spacing, mask.shape)
-
-
-def supports_preprocessing(preprocessing: dict, labels: Sequence[tuple[str, int | None]], scale: str) -> dict:
-    """`structure_preprocessing` for several supports, ``(label map, structure value)`` each: the finest of their
-    spacings (then the largest slices), so that the order of the supports never changes the scale (the first
-    support's alone decided, and swapping two supports took a real query from 3D Dice 0.26 to 0.00; a review)."""
-    return min((structure_preprocessing(preprocessing, label, value, scale) for label, value in labels),
-               key=lambda p: (min(p["spacing"]), [-int(n) for n in p["slice_size"]]))
+    return mask, [float(v) for v in spacing], tuple(int(n) for n in mask.shape)
 
 
 def to_query_grid(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:

@@ -52,12 +52,21 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
         A copy of ``preprocessing`` with ``spacing`` and ``slice_size`` (never smaller than the checkpoint's);
         unchanged when the structure already spans ``min_pixels`` at the checkpoint's spacing.
     """
+    return supports_scale(preprocessing, [(mask, spacing, shape)], min_pixels, max_size)
+
+
+def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Sequence[float], Sequence[int]]],
+                   min_pixels: int = 12, max_size: int = 128) -> dict:
+    """`structure_scale` for several supports, ``(mask, spacing, shape)`` each: the thinnest structure sets the
+    spacing (never finer than the finest scan's pixels), and the slices hold the widest field of view at it, so
+    that no support's structure is cropped away (a tumour-centred crop beside a whole scan lost every voxel of
+    the whole scan's structure at the crop's slice size; a review). The order of the supports does not matter."""
     coarse = float(min(preprocessing["spacing"]))
-    native = float(min(spacing[0], spacing[1]))
-    wanted = structure_extent_mm(mask, spacing) / float(min_pixels)
+    wanted = min(structure_extent_mm(mask, spacing) for mask, spacing, _ in supports) / float(min_pixels)
     if wanted >= coarse:
         return dict(preprocessing)
-    fov = max(shape[0] * spacing[0], shape[1] * spacing[1])
+    native = min(float(min(spacing[0], spacing[1])) for _, spacing, _ in supports)
+    fov = max(max(shape[0] * spacing[0], shape[1] * spacing[1]) for _, spacing, shape in supports)
     new = float(max(wanted, native, fov / max_size))
     if new >= coarse:
         return dict(preprocessing)

@@ -195,6 +195,8 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
                                                                       f"out: {tmp_path / 'runs'}\n")
     with pytest.raises(FileNotFoundError, match=r"runs: no results.json; run `imaging-meta evaluate --out"):
         compare_runs([tmp_path / "runs"])
+    with pytest.raises(FileNotFoundError, match=r"typo: no such folder"):
+        compare_runs([tmp_path / "a", tmp_path / "typo"])
 
 
 def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, tmp_path):

@@ -402,3 +402,18 @@ def test_a_wrapped_learner_config_is_made_offline_too(weights_file):
     assert offline["init_args"]["embedding"]["init_args"]["backbone_kwargs"]["weights"] is None
     assert offline["init_args"]["rule"] == "weighted" and wrapped["init_args"]["embedding"] is inner  # not mutated
     assert inner["init_args"]["backbone_kwargs"]["weights"] == str(weights_file[0])
+
+
+def test_a_complete_file_with_objects_besides_tensors_is_not_called_damaged_nor_deleted(tmp_path):
+    """weights_only=True refuses a checkpoint that pickles other objects (an argparse Namespace): it was called a
+    damaged download and deleted, so every run downloaded it again (a review)."""
+    import argparse
+
+    src = tmp_path / "site" / "ckpt.pth"
+    src.parent.mkdir()
+    torch.save({"state_dict": _small_state(5), "args": argparse.Namespace(lr=0.1)}, src)
+    cache = tmp_path / "cache"
+    for source in (src.as_uri(), str(src)):
+        with pytest.raises(ValueError, match=r"a complete file, but it holds objects besides tensors.*save its weights alone"):
+            load_weights(source, cache_dir=cache)
+    assert list((cache / "by-url").rglob("ckpt.pth"))  # kept: nothing to download again

@@ -281,6 +281,24 @@ def test_structure_scale_refines_only_small_structures():
     assert structure_scale(pre, tiny, (1.0, 1.0, 5.0), tiny.shape) == {**pre, "spacing": [1.0, 1.0]}
 
 
+def test_several_supports_share_the_finest_spacing_and_the_widest_field_of_view():
+    """The first support's scale decided for all: a tumour-centred crop listed first gave slices of its own small
+    field of view, which cropped away every voxel of a whole scan's structure 150 mm off-centre (a review)."""
+    from imaging_meta.volume.scale import supports_scale
+
+    pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    crop = np.zeros((100, 100, 3), bool)  # 100 mm across, a 6 mm structure
+    crop[47:53, 47:53, 1] = True
+    whole = np.zeros((400, 400, 3), bool)  # 400 mm across, a 40 mm structure off-centre
+    whole[330:370, 180:220, 1] = True
+    a, b = (crop, (1.0, 1.0, 5.0), crop.shape), (whole, (1.0, 1.0, 5.0), whole.shape)
+    both = supports_scale(pre, [a, b])
+    assert both == supports_scale(pre, [b, a])
+    # the crop's 6 mm structure wants 0.5 mm, but 128 slices must hold the whole scan's 400 mm
+    assert both["spacing"] == [400 / 128, 400 / 128] and both["slice_size"] == [128, 128]
+    assert supports_scale(pre, [a])["spacing"] == [1.0, 1.0]  # alone, the crop keeps its own
+
+
 @pytest.mark.parametrize("two_parts", [True, False])
 def test_whole_scan_keeps_every_part_of_a_structure_the_support_shows_in_parts(tmp_path, two_parts):
     """Bright (200 HU) blocks in a 40 HU body, the intensity evidence exact. A structure in two parts in the
