@@ -151,6 +151,21 @@ def modality_of(path: str | Path, given: str | None = None, default: str | None 
         raise ValueError(_content_problem(Path(path)) or str(e)) from None  # a damaged file: say that first
 
 
+def _cropped_field(vol: torch.Tensor, pre: dict) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The query's in-plane extent (mm, along the two axial axes of its bounding box in world space) and the
+    working slices' (``slice_size`` times ``spacing``), when the slices hold more than a tenth less of it: the
+    preprocessing crops every slice around its centre. None when they hold it, or the file's grid is unknown."""
+    meta = getattr(vol, "meta", {})
+    shape, affine = meta.get("spatial_shape"), meta.get("original_affine")
+    if shape is None or affine is None:
+        return None
+    extent = np.abs(np.asarray(affine, dtype=np.float64)[:3, :3]) @ np.asarray(shape, dtype=np.float64)[:3]
+    field = tuple(float(n) * float(sp) for n, sp in zip(pre["slice_size"], pre["spacing"], strict=True))
+    if extent[0] <= 1.1 * field[0] and extent[1] <= 1.1 * field[1]:
+        return None
+    return (float(extent[0]), float(extent[1])), (field[0], field[1])
+
+
 def _air_share(path: Path) -> float | None:
     """`hounsfield_air_share` of a NIfTI file, counted on its stored integers; None for other formats and files
     that cannot be read (the error that asks for ``--modality`` then stands)."""
@@ -523,6 +538,7 @@ def segment(
                            "writes none): remove it, or pass --explain to replace it", stale)
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
+    trained_fov = [float(n) * float(sp) for n, sp in zip(pre["slice_size"], pre["spacing"], strict=True)]
     if scale != "checkpoint":
         from imaging_meta.evaluation.scans import supports_preprocessing
 
@@ -597,6 +613,13 @@ def segment(
                 "--adapt-steps 0; docs/segmentation.md)",
                 q.name, query_modality, "/".join(sorted(support_modalities)))
         volume = vol.as_tensor()[0].float()
+        cut = _cropped_field(vol, pre)
+        if cut is not None and min(trained_fov) > min(cut[1]):
+            logger.warning(
+                "%s spans %.0f x %.0f mm in plane, and the working slices hold its central %.0f x %.0f mm (the field of "
+                "view of the support scans at %.2f mm): a structure outside them is not found. Give supports of the "
+                "query's field of view, crop the query around the region, or pass --scale checkpoint (%.0f x %.0f mm)",
+                q.name, *cut[0], *cut[1], float(pre["spacing"][0]), *trained_fov)
         segmenter = segmenter_for(opts, volume)
         probs = segmenter.predict(volume)
         novelty = segmenter.novelty

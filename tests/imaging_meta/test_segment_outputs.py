@@ -826,3 +826,24 @@ def test_several_supports_give_the_same_mask_in_any_order_and_must_share_a_modal
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
         segment(ckpt, [support], [support[0]], tmp_path / "self", device="cpu", **PLAIN)
     assert any("1 query is also a support scan" in r.getMessage() for r in caplog.records)
+
+
+def test_a_query_wider_than_the_structures_working_slices_is_warned_about(tmp_path, support, monkeypatch, caplog):
+    """--scale structure sizes the slices to the supports' field of view: a query of a wider field of view is cut to
+    its centre, where a structure outside is never found. That is said, naming the query and the fixes."""
+    import logging
+
+    stand_in(monkeypatch, threshold_predict)
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (4.0, 4.0), (32, 32))  # 128 mm slices as trained
+    same = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "same.nii.gz")  # the support's 18 x 12.5 mm
+    wide_volume = np.random.default_rng(3).integers(-1000, 1000, size=(100, 80, 6)).astype(np.float64)
+    wide = ct_nifti(wide_volume, affine_ras(), tmp_path / "wide.nii.gz")  # 150 x 100 mm
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [same, wide], tmp_path / "out", device="cpu", scale="structure", adapt_steps=0)
+    lines = [r.getMessage() for r in caplog.records if "working slices hold its central" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("wide.nii.gz spans 150 x 100 mm in plane")
+    assert "pass --scale checkpoint (128 x 128 mm)" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [wide], tmp_path / "out2", device="cpu", scale="checkpoint", adapt_steps=0)
+    assert not any("working slices hold its central" in r.getMessage() for r in caplog.records)
