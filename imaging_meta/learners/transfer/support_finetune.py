@@ -406,7 +406,8 @@ class SupportFineTune(WrappingLearner):
         Returns:
             The fitted head and body, and how the fit went (`TaskFit`).
         """
-        order = content_order(support_images[None], support_labels[None], 0)[0]
+        # by the pixels alone: relabelling the classes must not hand the views to other images (equivariance)
+        order = content_order(support_images[None], torch.zeros_like(support_labels)[None], 0)[0]
         support_images, support_labels = support_images[order], support_labels[order]
         views = self.views(support_images)
         labels = torch.cat([support_labels, support_labels.repeat(self.copies)]).long()
