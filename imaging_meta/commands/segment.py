@@ -258,7 +258,7 @@ def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) ->
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
-def check_label_source(path: str | Path, label_value: int | None = None) -> None:
+def check_label_source(path: str | Path, label_value: int | None = None) -> list[int]:
     """A support label map as ``segment`` reads it: a readable 3D NIfTI file of non-negative integer labels with
     background (`datamodules.indexing.volumes.label_data_values`, the rule of ``imaging-meta scan``).
 
@@ -266,6 +266,9 @@ def check_label_source(path: str | Path, label_value: int | None = None) -> None
         ValueError: a folder (a DICOM series is an image, never a label map here), another format, or a file
             that is corrupt, truncated, or not a label map (an image passed by mistake, a resampled label);
             a map without ``label_value``.
+
+    Returns:
+        The non-zero values in the map.
     """
     p = Path(path)
     if p.is_dir():
@@ -286,6 +289,7 @@ def check_label_source(path: str | Path, label_value: int | None = None) -> None
     if label_value is not None and label_value not in present:
         shown = ", ".join(map(str, present[:12])) + (", ..." if len(present) > 12 else "")
         raise ValueError(f"{p}: the label map has no voxel of value {label_value} (values present: {shown}); check --label-value")
+    return [int(v) for v in present if int(v) != 0]
 
 
 def _plain(values: dict) -> str:
@@ -523,7 +527,11 @@ def segment(
         image_source(path)
     inputs.append(checkpoint)  # never overwritten either
     for _, label in supports:
-        check_label_source(label, label_value)
+        values = check_label_source(label, label_value)
+        if label_value is None and len(values) > 1:  # a multi-label map: the union of its structures is segmented
+            shown = ", ".join(map(str, values[:12])) + (", ..." if len(values) > 12 else "")
+            logger.warning("%s holds %d label values (%s): without --label-value every non-zero voxel is the structure, "
+                           "all of them together; give --label-value to segment one", label, len(values), shown)
     out = check_output_folder(out_dir)
     planned = [(p, str(q)) for q in queries for p in output_paths(q, out, output_format, explain)]
     check_outputs(planned, inputs)
