@@ -5,8 +5,9 @@ pooled calibration used before (each support slice predicted from every other sl
     python -m benchmarks.multi_support --checkpoint runs/protonet_seg/version_0/checkpoints/best.ckpt \
         --sets sarcoma demo --adapt-steps 40 --out multi_support.json
 
-Triples (support, support, query), every scan at the spacing chosen from the first support's structure
-(`--scale structure`, as `segment` does):
+Triples (support, support, query), every scan at the scale `segment` chooses from both supports (`--scale
+structure`: the thinner structure sets the spacing, the wider field of view the slices); the first support alone
+at its own:
 
 * ``sarcoma``: the three soft-tissue sarcoma patients of ``benchmarks/real/sarcoma`` (see its README), within
   each modality, each patient the query of the two others (3 CT and 3 MR triples);
@@ -121,7 +122,7 @@ def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--sets", nargs="+", default=["sarcoma"], choices=["sarcoma", "demo"])
     ap.add_argument("--demo-root", default="data/demo")

@@ -291,7 +291,7 @@ def compare(file_a: str, method_a: str, file_b: str, method_b: str, protocol: st
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=False, help="the segmentation checkpoint (needed unless --compare)")
     ap.add_argument("--out", default=None, help="write every record here (JSON)")
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
