@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 from imaging_meta.commands.console import (
     EXIT_BUG,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     EXIT_USER_ERROR,
     GLOBAL_OPTIONS,
     USER_ERRORS,
@@ -669,7 +672,8 @@ def main_help() -> str:
         "",
         f"Exit status: 0 done, {EXIT_USER_ERROR} bad input (one line on stderr: the file, what is wrong, the fix), 2 bad "
         f"arguments,",
-        f"  {EXIT_BUG} an unexpected error (a bug: rerun with --debug and report it), {EXIT_INTERRUPTED} interrupted.",
+        f"  {EXIT_BUG} an unexpected error (a bug: rerun with --debug and report it), {EXIT_INTERRUPTED} interrupted (Ctrl-C),",
+        f"  {EXIT_TERMINATED} terminated (SIGTERM, a scheduler's stop).",
         "",
         "Docs: README.md and docs/ in the repository.",
     ]
@@ -681,8 +685,21 @@ def _command_name(args: Sequence[str]) -> str:
     return "imaging-meta" + next((f" {a}" for a in args if a in known), "")
 
 
+class Terminated(BaseException):
+    """Raised in the main thread when the process gets SIGTERM (a scheduler's stop) outside Lightning's own
+    handling: the ``finally`` blocks run (temporary ``.partial`` files are removed), and the exit status says so."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``imaging-meta`` command: `cli_main` with errors as one line on stderr (see the module docstring).
+
+    SIGINT (Ctrl-C) ends with status 130, SIGTERM with 143, each with one line that says so, also where Lightning
+    handled the signal in ``fit`` (it ends a SIGTERM with a bare ``SystemExit``, status 0, and a Ctrl-C with
+    status 1: a scheduler took a killed run for a finished one; a review).
 
     Args:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
@@ -690,18 +707,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, options = split_global_options(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(options)
     name = _command_name(args)
+    previous = signal.getsignal(signal.SIGTERM)
+    ours = previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()  # not a caller's
+    if ours:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _main(argv, name, debug)
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None, name: str, debug: bool) -> None:
     with console(debug):
-        if debug:
+        try:
             result = cli_main(None if argv is None else list(argv))
-        else:
-            try:
-                result = cli_main(None if argv is None else list(argv))
-            except KeyboardInterrupt:
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{name}: interrupted\n")
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        except Terminated:
+            sys.stderr.write(f"{name}: terminated (SIGTERM)\n")
+            raise SystemExit(EXIT_TERMINATED) from None
+        except SystemExit as e:
+            if type(e).__name__ == "SIGTERMException":  # Lightning's, raised after its SIGTERM handler ran
+                sys.stderr.write(f"{name}: terminated (SIGTERM)\n")
+                raise SystemExit(EXIT_TERMINATED) from None
+            if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):  # Lightning's exit(1) after Ctrl-C
                 sys.stderr.write(f"{name}: interrupted\n")
                 raise SystemExit(EXIT_INTERRUPTED) from None
-            except Exception as e:  # noqa: BLE001 - classified: bad input (one line) or a bug (one line, and how to report it)
-                sys.stderr.write(error_line(e, name))
-                raise SystemExit(EXIT_USER_ERROR if user_error(e) is not None else EXIT_BUG) from None
+            raise
+        except Exception as e:  # noqa: BLE001 - classified: bad input (one line) or a bug (one line, and how to report it)
+            if debug:
+                raise
+            sys.stderr.write(error_line(e, name))
+            raise SystemExit(EXIT_USER_ERROR if user_error(e) is not None else EXIT_BUG) from None
     if isinstance(result, int):
         raise SystemExit(result)
 

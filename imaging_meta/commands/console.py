@@ -29,7 +29,7 @@ GLOBAL_OPTIONS = {
     "--quiet": "no progress bars; log warnings and errors only",
 }
 #: exit statuses of `main`: bad input (one line on stderr), an unexpected error (a bug), Ctrl-C
-EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 70, 130
+EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 70, 130, 143
 PROJECT_LOGGERS = ("imaging_meta", "datamodules")
 
 

@@ -539,3 +539,46 @@ def test_the_printed_report_says_which_checkpoint_epoch_and_step_it_tested(tmp_p
                path)
     assert _checkpoint_place(str(path)) == " (epoch 6, step 560, best validation score 0.2655)"
     assert _checkpoint_place(str(tmp_path / "gone.ckpt")) == ""
+
+
+def test_sigterm_and_lightnings_own_exits_say_what_happened(monkeypatch, capsys):
+    """A scheduler's SIGTERM during fit ended with status 0 (Lightning's SIGTERMException is a bare SystemExit),
+    and Ctrl-C with status 1 (Lightning's exit after it): a killed run looked finished (a review). Outside fit a
+    SIGTERM left the temporary files of atomic writes behind; it now unwinds like Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from imaging_meta.commands import cli
+
+    def lightning_after_ctrl_c(*_):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit(1)  # noqa: B904 - as Lightning's _call_and_handle_interrupt does
+
+    def killed(*_):
+        cleaned.append(False)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises here
+        finally:
+            cleaned[-1] = True  # a finally block runs, as atomic_open's removal of its .partial file does
+
+    cleaned: list[bool] = []
+    cases = ((["fit"], SIGTERMException(), 143, "imaging-meta fit: terminated (SIGTERM)\n"),
+             (["fit"], lightning_after_ctrl_c, 130, "imaging-meta fit: interrupted\n"),
+             (["scan", "x"], killed, 143, "imaging-meta scan: terminated (SIGTERM)\n"))
+    for argv, fail, code, line in cases:
+        if isinstance(fail, BaseException):
+            _fails_with(monkeypatch, fail)
+        else:
+            monkeypatch.setattr(cli, "cli_main", fail)
+        start = time.monotonic()
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == code and capsys.readouterr().err == line and time.monotonic() - start < 5
+    assert cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
