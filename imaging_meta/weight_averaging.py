@@ -109,18 +109,21 @@ class LateWeightAveraging(WeightAveraging):
 
 
 def forget_selection(trainer: pl.Trainer) -> None:
-    """Make every monitored `ModelCheckpoint` of the trainer start its selection afresh: it forgets the
-    checkpoints it kept, and the files of a callback that keeps a selection (``save_top_k`` of 1 or more, as the
-    shipped ``best.ckpt``) are removed (its next save writes ``best.ckpt`` again); a callback that keeps every
-    checkpoint (``save_top_k: -1``) keeps their files."""
+    """Make every monitored `ModelCheckpoint` of the trainer start its selection afresh, so that it compares
+    averaged models only.
+
+    The checkpoints a callback keeps (``save_top_k`` of 1 or more, as the shipped ``best.ckpt``) stay on disk
+    until the next selection replaces them: they are kept as its worst entries, so its next save writes over
+    ``best.ckpt`` in place (a file named by a template is removed once its replacement is saved). They used to be
+    deleted when validation started, and a run stopped before that validation ended had no ``best.ckpt`` at all
+    (a review). A callback that keeps every checkpoint (``save_top_k: -1``) keeps their files, and forgets them."""
     for cb in trainer.checkpoint_callbacks:
         if not isinstance(cb, ModelCheckpoint) or cb.monitor is None:
             continue
-        for path in list(cb.best_k_models) if cb.save_top_k != -1 else []:
-            if path != cb.last_model_path:
-                trainer.strategy.remove_checkpoint(path)
-        cb.best_k_models = {}
-        cb.kth_best_model_path = ""
+        worst = torch.tensor(-torch.inf if cb.mode == "max" else torch.inf)
+        kept = [p for p in cb.best_k_models if p != cb.last_model_path] if cb.save_top_k != -1 else []
+        cb.best_k_models = {path: worst for path in kept}
+        cb.kth_best_model_path = kept[-1] if kept else ""
+        cb.kth_value = worst
         cb.best_model_path = ""
         cb.best_model_score = None
-        cb.kth_value = torch.tensor(torch.inf if cb.mode == "min" else -torch.inf)

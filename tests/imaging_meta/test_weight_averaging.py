@@ -182,3 +182,20 @@ def test_an_unbounded_fit_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="no bound on them .*--trainer.max_steps, or leave averaging out"):
         _trainer([LateWeightAveraging(start=0.5)], epochs=-1, root=tmp_path, max_time="00:00:00:05").fit(
             Rising(), _data(), _data())
+
+
+def test_best_ckpt_is_never_missing_while_the_selection_restarts(tmp_path):
+    """Starting the selection afresh deleted best.ckpt when the first averaged validation began; a run stopped
+    during that validation had none (a review). It now stays until the averaged model's save replaces it."""
+
+    best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/score", mode="max", save_top_k=1)
+    seen: list[bool] = []
+
+    class Watch(Callback):  # runs before the checkpoint callbacks, which Lightning always calls last
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append((tmp_path / "best.ckpt").is_file())
+
+    _trainer([LateWeightAveraging(start=0.5), Watch(), best], epochs=4, root=tmp_path / "root").fit(
+        _PeaksEarly(), _data(), _data())
+    assert seen == [False, True, True, True]  # from the first save on, whatever validation is running
+    assert float(torch.load(tmp_path / "best.ckpt", weights_only=True)["state_dict"]["w"]) == 10.5
