@@ -69,6 +69,13 @@ def _umask() -> int:
     return mask
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through `atomic_open`."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through `atomic_open`."""
     with atomic_open(path, "w", encoding="utf-8") as f:

@@ -27,7 +27,6 @@ import logging
 import os
 import platform
 import random
-import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 import imaging_meta
 from datamodules.base import EpisodicDataModule
+from datamodules.io.atomic import atomic_write_bytes
 from datamodules.progress import progress
 from imaging_meta.checkpoint_io import (
     CheckpointError,
@@ -385,15 +385,15 @@ def _remove_earlier_evaluation(out: Path, earlier: dict | None, keep: set[str]) 
 
 
 def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict]:
-    """Copy the test episode file of ``dm`` into the run folder; its entry in the report and the data's
-    description (without the cache paths)."""
-    target = out / f"episodes-{k}shot.json"
-    shutil.copyfile(dm.episode_files["test"], target)
+    """The entry of the test episode file of ``dm`` in the report (copied into the run folder by
+    `_install_episode_files` once the report is written), and the data's description (without the cache paths)."""
+    source = Path(dm.episode_files["test"])
     info = dm.describe()  # it reads the episode file's sha256
-    entry = {"file": target.name, "sha256": info["episodes_sha256"]["test"], "n_episodes": len(dm.fixed_episodes("test"))}
+    entry = {"file": f"episodes-{k}shot.json", "sha256": info["episodes_sha256"]["test"],
+             "n_episodes": len(dm.fixed_episodes("test")), "source": str(source)}
     # episodes drawn from files whose MD5 is not the published one (`prepare medmnist --allow-unofficial`): the
     # episode list's sha256 is the same as on the official files, so the report must say it
-    unofficial = (json.loads(target.read_text()).get("meta") or {}).get("unofficial_files")
+    unofficial = (json.loads(source.read_text()).get("meta") or {}).get("unofficial_files")
     if unofficial:
         entry["unofficial_files"] = list(unofficial)
     return entry, {key: v for key, v in info.items() if key not in ("episode_files", "episodes_sha256")}
@@ -589,9 +589,16 @@ def evaluate(
                                             device=dev, adapt_steps=adapt_steps, pairing=scan_pairing,
                                             scale=scan_scale)
         logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), js)
-    _remove_earlier_evaluation(out, earlier, keep={f["file"] for f in episode_files.values() if "file" in f}
-                               | ({"scans.json", "scans.md"} if scan_protocols else set()))
+    # the new report first, each file whole (atomic), then its episode files, then the earlier run's files it no
+    # longer has: an interrupted run left the earlier report without its files, or beside the new episode files
+    sources = {shot: Path(e.pop("source")) for shot, e in episode_files.items()}
     js, md = write_evaluation_report(out, context, summary, records, panels)
+    for shot, e in episode_files.items():
+        atomic_write_bytes(out / e["file"], sources[shot].read_bytes())
+    written = json.loads(js.read_text())
+    _remove_earlier_evaluation(out, earlier, keep={f["file"] for f in episode_files.values() if "file" in f}
+                               | {"results.json", "results.md", "records.csv"} | {str(f) for f in written["figures"].values()}
+                               | ({"scans.json", "scans.md"} if scan_protocols else set()))
     if log_dir is not None:
         where = write_tensorboard(log_dir, out, js, {"results": md, **texts}, step=int(ckpt.get("global_step") or 0))
         logger.info("figures written to TensorBoard in %s", where)

@@ -33,9 +33,15 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> str:
-    # no timestamps or software versions in the file: the same numbers give the same bytes
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    _pyplot().close(fig)
+    # no timestamps or software versions in the file: the same numbers give the same bytes; written whole or not
+    # at all (an interrupted run left an empty PNG beside the earlier report)
+    from datamodules.io.atomic import atomic_open
+
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    finally:
+        _pyplot().close(fig)
     return path.name
 
 

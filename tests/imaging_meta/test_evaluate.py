@@ -387,3 +387,29 @@ def test_evaluate_rebuilds_the_split_with_the_training_runs_validation_patients(
         "val_patients": None}  # not validated: a --data-config may not set one
     assert _training_split_settings({"class_path": seg, "init_args": {"val_patients": 5}}) == {"val_patients": 5}
     assert _training_split_settings({"class_path": "datamodules.classification.ClassificationDataModule"}) == {}
+
+
+def test_an_interrupted_evaluation_leaves_the_earlier_report_whole(seg_checkpoint, tmp_path, monkeypatch):
+    """The episode files were copied in before scoring and the earlier report removed before the new one was
+    written: an interrupted run left the earlier report beside another run's episodes, or without its files (a
+    review). Nothing of the earlier run changes until the new report is written."""
+    from imaging_meta.commands import evaluate as command
+    from imaging_meta.evaluation import reports
+
+    ckpt, tmp = seg_checkpoint
+    kw = dict(shots=[1], episodes=4, seed=7, cache_dir=str(tmp / "cache"), n_panel=1)
+    js, _ = evaluate(ckpt, tmp_path / "run", **kw)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert "source" not in json.dumps(json.loads(js.read_text())["context"]["episode_files"])
+    for where, target in ((command, "run_shot"), (reports, "json_safe")):  # while scoring; while writing the report
+        def stop(*args, **kwargs):
+            raise KeyboardInterrupt
+        with monkeypatch.context() as m:
+            m.setattr(where, target, stop)
+            with pytest.raises(KeyboardInterrupt):
+                evaluate(ckpt, tmp_path / "run", **{**kw, "seed": 8})
+        after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if not p.name.endswith(".partial")}
+        assert after.keys() >= before.keys() - {"best_worst.png"}
+        assert {n: after[n] for n in ("results.json", "records.csv", "episodes-1shot.json")} == {
+            n: before[n] for n in ("results.json", "records.csv", "episodes-1shot.json")}
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".partial")]
