@@ -501,6 +501,11 @@ def prepare(dataset: str, source: Path, out: Path) -> dict[str, Any]:
         if problems:
             raise PrepareError(f"{len(problems)} problem(s) in {source}; nothing was prepared:\n" + "\n".join(problems))
         written = [f for r in records for f in (r["image"], r["label"])]
+        # before any file moves in, a provisional marker that names them (and the earlier run's): a run stopped
+        # while installing left files but no marker, and the next run refused the folder as not its own (a review)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "prepare.json", {"dataset": dataset, "complete": False,
+                                           "files": sorted(set(written) | set(earlier) | DESCRIPTION_FILES)})
         install_staged(staging, out, written, earlier)  # and files of an earlier run whose patient is gone go
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -545,6 +550,10 @@ def _convert_all(dataset: str, recipe: Recipe, patients: list[tuple[str, tuple[P
                         "spacing": [round(float(s), 6) for s in np.linalg.norm(conv.affine[:3, :3], axis=0)],
                         "organ_voxels": counts, "sources": conv.sources, "warnings": conv.warnings})
     return records, problems
+
+
+#: what `_write_descriptions` writes besides prepare.json
+DESCRIPTION_FILES = {"dataset.json", "folds.json"}
 
 
 def _write_descriptions(dataset: str, recipe: Recipe, source: Path, out: Path, records: list[dict],

@@ -361,3 +361,29 @@ def test_benchmark_configs_offer_the_folds_unset(name):
     args = yaml.safe_load(text)["data"]["init_args"]
     assert args["folds_file"] is None and args["test_fold"] is None
     assert "--data.init_args.folds_file folds.json --data.init_args.test_fold 0" in text
+
+
+def test_a_first_run_stopped_while_installing_does_not_block_the_next(tmp_path, monkeypatch):
+    """The marker prepare.json was written last: a first run stopped while moving its files in left them without
+    it, and the next run refused the folder as not an earlier prepare output (a review)."""
+    from datamodules.recipes import prepare as module
+
+    src = write_synapse(tmp_path / "src")
+    out = tmp_path / "out"
+    real, moved = module.os.replace, []
+
+    def stop_after_one(a, b):  # the second file moved into the output folder
+        if Path(b).parent == out / "imagesTr":
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(b)
+        return real(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(module.os, "replace", stop_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            prepare("synapse", src, out)
+    assert moved and json.loads((out / "prepare.json").read_text())["complete"] is False
+    summary = prepare("synapse", src, out)  # the rerun replaces the partial output
+    assert summary["patients"] == 3 and "complete" not in json.loads((out / "prepare.json").read_text())
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"synapse_{i}.nii.gz" for i in ("0001", "0002", "0010")]
