@@ -27,7 +27,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from imaging_meta.commands.console import (
     EXIT_BUG,
@@ -694,6 +694,22 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _other_threads_alive() -> bool:
+    return any(t is not threading.main_thread() and t.is_alive() for t in threading.enumerate())
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit with ``code`` after an interrupt. Worker threads still running torch code (a cache being filled)
+    abort the interpreter's shutdown ("terminate called without an active exception", status 134; a review):
+    with any alive, this thread's ``finally`` blocks having run, the process leaves at once, as the signal's
+    default would."""
+    if _other_threads_alive():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code) from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``imaging-meta`` command: `cli_main` with errors as one line on stderr (see the module docstring).
 
@@ -724,10 +740,10 @@ def _main(argv: Sequence[str] | None, name: str, debug: bool) -> None:
             result = cli_main(None if argv is None else list(argv))
         except KeyboardInterrupt:
             sys.stderr.write(f"{name}: interrupted\n")
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            _leave(EXIT_INTERRUPTED)
         except Terminated:
             sys.stderr.write(f"{name}: terminated (SIGTERM)\n")
-            raise SystemExit(EXIT_TERMINATED) from None
+            _leave(EXIT_TERMINATED)
         except SystemExit as e:
             if type(e).__name__ == "SIGTERMException":  # Lightning's, raised after its SIGTERM handler ran
                 sys.stderr.write(f"{name}: terminated (SIGTERM)\n")

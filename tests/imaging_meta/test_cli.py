@@ -293,6 +293,7 @@ def test_a_bug_is_reported_as_a_bug_not_hidden(monkeypatch, capsys):
         assert err.startswith(f"imaging-meta evaluate: internal error: {type(error).__name__}: ")
         assert "This is a bug; rerun with --debug and report it" in err and "test_cli.py:" in err  # where it was raised
     _fails_with(monkeypatch, KeyboardInterrupt())
+    monkeypatch.setattr(cli, "_other_threads_alive", lambda: False)  # with threads it leaves by os._exit
     with pytest.raises(SystemExit) as e:
         cli.main(["scan", "x"])
     assert e.value.code == 130 and capsys.readouterr().err == "imaging-meta scan: interrupted\n"
@@ -568,6 +569,7 @@ def test_sigterm_and_lightnings_own_exits_say_what_happened(monkeypatch, capsys)
             cleaned[-1] = True  # a finally block runs, as atomic_open's removal of its .partial file does
 
     cleaned: list[bool] = []
+    monkeypatch.setattr(cli, "_other_threads_alive", lambda: False)  # with threads it leaves by os._exit
     cases = ((["fit"], SIGTERMException(), 143, "imaging-meta fit: terminated (SIGTERM)\n"),
              (["fit"], lightning_after_ctrl_c, 130, "imaging-meta fit: interrupted\n"),
              (["scan", "x"], killed, 143, "imaging-meta scan: terminated (SIGTERM)\n"))
