@@ -10,9 +10,8 @@ key for key; its ``fc`` is dropped. Neither torchvision nor timm is needed.
 Weights come only from where the config says (``backbone_kwargs: {weights: ...}``): a local file, read with
 ``torch.load(weights_only=True)``, or an ``http(s)://`` / ``file://`` URL, fetched once with
 ``torch.hub.download_url_to_file`` into a cache kept per URL (`cached_download`), then read the same way (no
-pickled code runs either way). Nothing is ever downloaded unless the
-config names a URL; a URL that cannot be reached raises `WeightsUnavailableError`, which says to pass a
-local file instead.
+pickled code runs either way). Nothing is ever downloaded unless the config names a URL; a URL that cannot be
+reached raises `WeightsUnavailableError`, which says to pass a local file instead.
 
 One-channel input. ImageNet's ``conv1`` takes RGB. For a grey slice the RGB kernels are summed (the
 ``in_chans=1`` rule of timm's ``adapt_input_conv`` and of segmentation_models_pytorch's ``patch_first_conv``):
@@ -433,11 +432,12 @@ def cached_download(url: str, cache_dir: str | Path | None = None, timeout: floa
         finally:
             socket.setdefaulttimeout(previous)
     if HUB_HASH.search(name):
-        if _verified(own):
+        if _verified(own):  # hashed once: the moved copy is the verified one
             try:
                 os.replace(own, shared)
-            except FileNotFoundError:  # another process (a DDP rank) moved the same download first
+            except FileNotFoundError:  # another process (a DDP rank) moved the same verified download first
                 pass
+            return shared
         if _verified(shared):
             return shared
     return own

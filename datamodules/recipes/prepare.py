@@ -10,8 +10,8 @@ Two datasets, as their public downloads unpack (nothing is downloaded here):
   *.dcm`` with one ground-truth PNG per slice in ``MR/<patient>/T2SPIR/Ground/``. The DICOM series is read with
   this project's DICOM reader (slices sorted along the slice normal, RAS affine from the headers); the PNG
   numbered as a slice's DICOM file (`_pair_pngs`; by rank in InstanceNumber order where the DICOM names carry no
-  distinct numbers) is the label of that slice, its pixel (row r, column c) the DICOM pixel (r, c): label and image share one voxel grid and one affine. MR intensities are
-  kept as stored (RescaleSlope/Intercept applied).
+  distinct numbers) is the label of that slice, its pixel (row r, column c) the DICOM pixel (r, c): label and
+  image share one voxel grid and one affine. MR intensities are kept as stored (RescaleSlope/Intercept applied).
 
 The output is what `datamodules.indexing.scan` reads as a Decathlon dataset, so the organs carry names::
 

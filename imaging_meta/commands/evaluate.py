@@ -385,8 +385,8 @@ def _remove_earlier_evaluation(out: Path, earlier: dict | None, keep: set[str]) 
 
 
 def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict]:
-    """The entry of the test episode file of ``dm`` in the report (copied into the run folder by
-    `_install_episode_files` once the report is written), and the data's description (without the cache paths)."""
+    """The entry of the test episode file of ``dm`` in the report (with its ``source``: `evaluate` copies it into
+    the run folder once the report is written), and the data's description (without the cache paths)."""
     source = Path(dm.episode_files["test"])
     info = dm.describe()  # it reads the episode file's sha256
     entry = {"file": f"episodes-{k}shot.json", "sha256": info["episodes_sha256"]["test"],

@@ -467,7 +467,8 @@ def segment(
             adapted to on its own, so its mask does not depend on the other queries (and costs one adaptation).
         adapt_seed: the seed of that adaptation (the same seed gives the same mask for a query).
         scale: ``structure`` (default: a finer spacing when a support's structure is thin or small, the finest
-            of the supports', `imaging_meta.evaluation.scans.supports_preprocessing`) or ``checkpoint`` (the spacing the model was trained at).
+            of the supports', `imaging_meta.evaluation.scans.supports_preprocessing`) or ``checkpoint`` (the
+            spacing the model was trained at).
             The defaults of ``scale`` and ``adapt_steps`` are the recipe that scored best on the real scans of
             ``benchmarks/real/`` (docs/segmentation.md); ``scale="checkpoint", adapt_steps=0`` is the model as
             trained, and faster.
@@ -569,7 +570,8 @@ def segment(
         if scale == "checkpoint" else "Label more of it, or crop the support scan around it")
     # every query's modality before any work (headers and sidecars only): an undeclared one is a usage error
     query_modalities = [modality_of(q, modality, fallback) for q in queries]
-    same = [q for q in queries if Path(q).resolve() in {Path(img).resolve() for img, _ in supports}]
+    support_images = {Path(img).resolve() for img, _ in supports}
+    same = [q for q in queries if Path(q).resolve() in support_images]
     if same:
         logger.warning("%d quer%s also a support scan (e.g. %s): its mask is drawn from its own labels, so it says "
                        "nothing about new scans", len(same), "y is" if len(same) == 1 else "ies are", same[0])

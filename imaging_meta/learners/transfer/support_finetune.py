@@ -8,10 +8,10 @@ optionally also fine-tuning the encoder's last block. Per task, `SupportFineTune
 1. Views: the support images and ``copies`` augmented views of each (`augment_views`, plain torch: a random
    horizontal flip, a small rotation, translation and zoom in one ``grid_sample``, an intensity scale and
    shift). Their random parameters come from a ``torch.Generator`` seeded with ``seed`` afresh for every task,
-   and are handed to the support images in an order fixed by their content (`content_order`), so the same episode gives bitwise the same probabilities on every call (on one device, with
-   deterministic kernels: on a GPU, ``torch.use_deterministic_algorithms``), and a task's answers depend
-   neither on its place in a batch nor on the order in which its support is listed (a support folder's file
-   names). The views are drawn once per task, so with ``body="head"`` the features are computed once.
+   and are handed to the support images in an order fixed by their pixels (`content_order`), so the same
+   episode gives bitwise the same probabilities on every call (on one device, with deterministic kernels: on a
+   GPU, ``torch.use_deterministic_algorithms``), and a task's answers depend neither on its place in a batch,
+   nor on the order in which its support is listed (a support folder's file names), nor on its class labels. The views are drawn once per task, so with ``body="head"`` the features are computed once.
 2. Features: the wrapped learner's own `Learner.embed_episode`, run on the support with the views (for the
    fit) and on the support with the queries (for the prediction). In both passes the backbones' BatchNorm
    normalises with the statistics of the original support (`imaging_meta.backbones.forward_with_support_statistics`),
