@@ -167,3 +167,15 @@ def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train
         assert "one model per column" in (tmp_path / "out" / "results.md").read_text()
     else:
         assert shots_of == [None] and ckpts == ["protonet_cls", "protonet_cls"]
+
+
+def test_results_finds_the_shipped_configs_and_names_a_folder_without_any(tmp_path):
+    """The default --configs is the package's own (an installed package has no repository configs/ beside it: it
+    looked in site-packages/configs and failed on a missing results.json), and a folder without model configs is
+    named with the fix."""
+    from imaging_meta.commands import results
+    from imaging_meta.commands.configs import SHIPPED
+
+    assert results.CONFIGS == SHIPPED and "protonet_cls" in results._learners(results.CONFIGS, None)
+    with pytest.raises(ValueError, match=r"no model configs in .*configs --copy"):
+        results._learners(tmp_path, None)
