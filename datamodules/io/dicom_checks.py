@@ -79,6 +79,38 @@ def decoder_problem(transfer_syntax: str) -> str | None:
     )
 
 
+#: pydicom plugins that decode only some variants of their transfer syntaxes: Pillow reads 8-bit JPEG but not
+#: 12-bit JPEG Extended, lossless JPEG or every JPEG 2000 file
+_PARTIAL_PLUGINS = frozenset({"pillow"})
+
+
+def decode_failure_fix(transfer_syntax: str | None) -> str:
+    """The fix to name when a file of ``transfer_syntax`` failed to decode although a decoder is installed: the
+    project's decoders when only a partial one (`_PARTIAL_PLUGINS`, Pillow, a core dependency) was there to try,
+    since a 12-bit JPEG CT is then not corrupt; otherwise that the data is corrupt or the decoder cannot read it."""
+    if not transfer_syntax:
+        return "the pixel data is truncated or corrupt; copy the file again from the source"
+    ts = UID(transfer_syntax)
+    if not ts.is_compressed:
+        return "the pixel data is truncated or corrupt; copy the file again from the source"
+    from pydicom.pixels import get_decoder
+
+    try:
+        plugins = set(get_decoder(ts).available_plugins)
+    except (NotImplementedError, AttributeError):
+        plugins = set()
+    if plugins and plugins <= _PARTIAL_PLUGINS:
+        return (
+            f"the only decoder installed for {ts.name} ({', '.join(sorted(plugins))}) does not read every variant of "
+            f"it (Pillow reads 8-bit JPEG, not 12-bit or lossless JPEG): run {_install_hint(ts)}, then try again; "
+            "if it still fails, the file is corrupt: copy it again from the source"
+        )
+    return (
+        "the compressed pixel data is corrupt or the decoder cannot read it; copy the file again from the source, "
+        "or convert it to an uncompressed transfer syntax"
+    )
+
+
 def _expected_pixel_bytes(rows: int, columns: int, samples: int, bits: int, frames: int) -> int:
     """Bytes of uncompressed pixel data for the matrix (bit-packed when ``bits == 1``)."""
     n = rows * columns * samples * frames

@@ -10,9 +10,8 @@ from contextvars import ContextVar
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 
-from datamodules.io.dicom_checks import decoder_problem
+from datamodules.io.dicom_checks import decode_failure_fix, decoder_problem
 from datamodules.io.dicom_errors import DicomError
 from datamodules.io.dicom_files import read_dataset
 from datamodules.io.dicom_header import DicomHeader, with_transfer_syntax
@@ -48,14 +47,7 @@ def stored_pixel_array(ds: Dataset, h: DicomHeader) -> np.ndarray:
     try:
         return ds.pixel_array
     except Exception as e:
-        fix = decoder_problem(h.transfer_syntax)
-        if fix is None:
-            fix = (
-                "the compressed pixel data is corrupt or the decoder cannot read it; copy the file again from the "
-                "source, or convert it to an uncompressed transfer syntax"
-                if h.transfer_syntax and UID(h.transfer_syntax).is_compressed
-                else "the pixel data is truncated or corrupt; copy the file again from the source"
-            )
+        fix = decoder_problem(h.transfer_syntax) or decode_failure_fix(h.transfer_syntax)
         raise DicomError(h.path, f"cannot decode the pixel data ({type(e).__name__}: {e}); {fix}") from e
     finally:
         _DECODING.reset(token)

@@ -402,3 +402,35 @@ def test_a_series_that_lost_slices_at_an_end_is_told_so_not_to_resample_its_labe
     shifted[:3, 3] += [0.7, 0.0, 0.0]
     write_nifti(label_for(vol[..., :4]), shifted, tmp_path / "short_seg.nii.gz")
     assert "resample the label onto the image grid" in reason_of(scan_folder(tmp_path), "short.nii.gz")
+
+
+def test_a_jpeg_that_only_pillow_could_try_names_the_jpeg_extra_not_a_corrupt_file(monkeypatch):
+    """Pillow, a core dependency, counts as a JPEG decoder but reads no 12-bit JPEG: a 12-bit JPEG CT was
+    reported as corrupt ("copy the file again") when the fix is the project's decoders (a review of the wheel)."""
+    import pydicom.pixels
+    from pydicom.data import get_testdata_file
+
+    from datamodules.io.dicom_errors import DicomError
+    from datamodules.io.dicom_pixels import stored_pixel_array
+
+    path = get_testdata_file("JPGExtended.dcm")  # 12-bit JPEG Extended, shipped inside pydicom
+    if path is None:
+        pytest.skip("pydicom's test file JPGExtended.dcm is not installed here")
+
+    class Decoder:
+        is_available = True
+        available_plugins: tuple[str, ...] = ("pillow",)
+
+    def pillow_only(self):
+        raise ValueError("Pillow cannot decode 12-bit JPEG")  # what Pillow says, in substance
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: Decoder())
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(pillow_only))
+    h = read_header(path)
+    with pytest.raises(DicomError) as err:
+        stored_pixel_array(pydicom.dcmread(path), h)
+    message = str(err.value)
+    assert path in message and JPEG_EXTRA in message and "JPEG Extended" in message and "12-bit" in message
+    Decoder.available_plugins = ("pillow", "pylibjpeg")  # a full decoder failed too: the file is corrupt
+    with pytest.raises(DicomError, match="corrupt or the decoder cannot read it; copy the file again"):
+        stored_pixel_array(pydicom.dcmread(path), h)
