@@ -77,3 +77,32 @@ def test_compress_keeps_sign_and_order_and_drops_undefined_values():
     assert c[4] == pytest.approx(math.log1p(1000.0))
     with pytest.raises(ValueError, match="2D items"):
         radiomics.radiomics_descriptor(torch.zeros(2, 1, 4, 4, 4))
+
+
+def test_mirps_root_logging_is_kept_off_stdout_and_the_root_logger_restored(capsys):
+    """mirp configures the root logger at INFO on stdout on every extraction (720 INFO lines for a short fit, with
+    --quiet): inside `quiet_root_logging` what it does reaches nothing, and the root logger is as it was after."""
+    import io
+    import logging
+    import sys
+
+    from imaging_meta.learners.descriptors.radiomics import quiet_root_logging
+
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    with quiet_root_logging():  # what mirp 2.7's extract_features does, in substance
+        logging.basicConfig(format="%(levelname)s\t: %(message)s", level=logging.INFO, stream=sys.stdout)
+        logging.info("Initialising feature computation")
+        logging.warning("a real problem")  # warnings still pass to the handlers the process has
+    assert "Initialising" not in capsys.readouterr().out
+    assert (list(root.handlers), root.level) == before
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root.addHandler(handler)
+    try:
+        with quiet_root_logging():
+            logging.warning("kept")
+            logging.info("dropped")
+    finally:
+        root.removeHandler(handler)
+    assert stream.getvalue() == "kept\n"

@@ -20,10 +20,13 @@ in-memory cache keyed by the item's bytes, so that a support image reused across
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -37,6 +40,25 @@ CACHE_SIZE = 4096
 INSTALL = "radiomics features need the optional extra: pip install 'imaging-meta[radiomics]' (mirp)"
 
 _cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+_ROOT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_root_logging() -> Iterator[None]:
+    """mirp (2.7) calls ``logging.basicConfig(level=INFO, stream=sys.stdout)`` on every extraction and logs through
+    the root logger: two INFO lines per item on stdout, even under ``--quiet``, and every library's INFO lines
+    after it. While this is entered, the root logger holds a handler (so that ``basicConfig`` and
+    ``logging.info`` configure nothing) and passes only warnings; both are restored on leaving."""
+    root = logging.getLogger()
+    with _ROOT_LOCK:
+        guard, level = logging.NullHandler(), root.level
+        root.addHandler(guard)
+        root.setLevel(max(level, logging.WARNING))
+        try:
+            yield
+        finally:
+            root.removeHandler(guard)
+            root.setLevel(level)
 
 
 def available() -> bool:
@@ -61,7 +83,7 @@ def raw_features(image: np.ndarray, mask: np.ndarray | None = None) -> dict[str,
     if m.shape != image.shape or not m.any():
         raise ValueError(f"the mask must have the image's shape {image.shape} and at least one pixel")
     logging.getLogger("mirp").setLevel(logging.WARNING)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_root_logging():
         warnings.simplefilter("ignore")
         tables = extract_features(
             image=(np.asarray(image, dtype=np.float32) * INTENSITY_RANGE)[None],
