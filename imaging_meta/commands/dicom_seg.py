@@ -41,7 +41,7 @@ _EQUIPMENT_SITE_KEYWORDS = (
 )
 
 
-def _highdicom():
+def require_highdicom():
     try:
         import highdicom
     except ImportError as e:  # the optional extra
@@ -85,7 +85,7 @@ def write_dicom_seg(
     """
     from pydicom.sr.codedict import codes
 
-    hd = _highdicom()
+    hd = require_highdicom()
     files = [str(f) for f in series_files]
     mask = np.asarray(mask)
     if mask.ndim != 3:

@@ -512,6 +512,9 @@ def segment(
         logger.warning("--modality %r is neither CT nor a spelling of MR: files that do not say their modality are "
                        "read as MR (scaled between intensity percentiles, not a CT window)", modality)
     if output_format == "dicom-seg":
+        from imaging_meta.commands.dicom_seg import require_highdicom
+
+        require_highdicom()  # the optional extra, before the work rather than after it
         for query in queries:
             q = Path(query)
             if is_nifti(q.name):

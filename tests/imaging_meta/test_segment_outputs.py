@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -676,6 +677,11 @@ def test_dicom_seg_refusals_come_before_the_work_or_spare_the_other_queries(tmp_
     single.rename(folder / "volume.dcm")
     with pytest.raises(ValueError, match=r"ENH/volume\.dcm: a multi-frame \(enhanced\) series; --format dicom-seg"):
         segment(Path("never-read.ckpt"), [support], [folder], tmp_path / "out", output_format="dicom-seg")
+    with monkeypatch.context() as m:  # without the [dicom-seg] extra: refused before the work, not after it
+        m.setitem(sys.modules, "highdicom", None)
+        with pytest.raises(ImportError, match=r"needs highdicom: pip install 'imaging-meta\[dicom-seg\]'"):
+            segment(Path("never-read.ckpt"), [support], [tmp_path / "no-such-series"], tmp_path / "out",
+                    output_format="dicom-seg")
 
     vol_a, aff_a, _ = tricky_series(tmp_path / "SERIES_A")
     tricky_series(tmp_path / "SERIES_B")
