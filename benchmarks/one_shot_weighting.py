@@ -1,4 +1,4 @@
-"""Seven one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
+"""Eight one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
 
     python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
 
@@ -23,7 +23,9 @@ equally (docs/classification.md). This script measures, on the same seeded 1-sho
   block (Conv-4 backbones), average-pooled to ``--block-pool`` x ``--block-pool`` and task-normalised: the
   encoder's mid-level features, which transfer across domains better than its last layer in the cross-domain
   few-shot literature (CHEF, Adler et al. 2020). It applies at every shot count (``--shots``);
-  ``--block-alone`` also scores that space by itself (``block<n> alone``).
+  ``--block-alone`` also scores that space by itself (``block<n> alone``);
+* ``lin<scale>`` (only with ``--linear-scales``): the mean of the spaces' probabilities, each a softmax at that
+  scale (linear pooling), instead of the sum of their weighted distances.
 
 Any list option given empty (``--priors`` alone) leaves its variants out; ``--no-confident`` leaves that one out.
 
@@ -174,6 +176,25 @@ class ConfidentOneShot(_OneShotVariant):
         return chosen, records
 
 
+class LinearPool(_OneShotVariant):
+    """At K = 1, the mean of the spaces' probabilities, each a softmax at temperature ``scale`` (linear pooling: one
+    space that is confidently wrong moves the answer by at most its share, where the weighted rule adds its
+    distances to the others')."""
+
+    space = "linear pooling"
+
+    def __init__(self, *args, scale: float = ONE_SHOT_SCALE, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def one_shot_answer(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> tuple[torch.Tensor, list]:
+        probs = (-self.scale * distances).softmax(-1).mean(1)  # (T, K, A, N) -> (T, A, N)
+        records = [{"space": self.space, "rule": "mean of the spaces' probabilities",
+                    "weights": {n: 1.0 / len(base) for n in base}, "loo_accuracy": {}, "loo_items": 0}
+                   for _ in range(distances.shape[0])]
+        return probs, records
+
+
 class BlockSpace(TaskAdaptiveClassifier):
     """The task-adaptive classifier with one more candidate space: the embedding's feature map after block
     ``block`` of its Conv-4 backbone, average-pooled to ``pool`` x ``pool`` (each task's queries normalised with its
@@ -223,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embedding-shares", nargs="*", type=float, default=[0.45, 0.55, 0.65, 0.8],
                     help="also `emb<share>`: fixed weights, this share of the sum for the embedding")
     ap.add_argument("--no-confident", action="store_true", help="leave out `confident`")
+    ap.add_argument("--linear-scales", nargs="*", type=float, default=[],
+                    help="also `lin<scale>`: the mean of the spaces' probabilities at this softmax scale")
     ap.add_argument("--blocks", nargs="*", type=int, default=[1, 2],
                     help="also `block<n>`: the embedding's block-n features as a fourth space")
     ap.add_argument("--block-pool", type=int, default=4)
@@ -243,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     variants.update({f"px{s}": TaskAdaptiveClassifier(learner, pixel_size=s) for s in args.pixel_sizes})
     variants.update({f"emb{s:g}": FixedOneShot(learner, share=s) for s in args.embedding_shares})
     variants.update({f"trans{r}": TransductiveOneShot(learner, rounds=r) for r in args.transductive_rounds})
+    variants.update({f"lin{s:g}": LinearPool(learner, scale=s) for s in args.linear_scales})
     if not args.no_confident:
         variants["confident"] = ConfidentOneShot(learner)
     variants.update({f"block{b}": BlockSpace(learner, block=b, pool=args.block_pool) for b in args.blocks})

@@ -408,3 +408,26 @@ def test_resample_cost_compares_the_per_slice_and_trilinear_paths(capsys):
     out = capsys.readouterr().out
     assert "per slice (bilinear):" in out and "trilinear:" in out
     assert float(out.split("largest difference: ")[1]) < 1e-4
+
+
+def test_linear_pooling_is_the_mean_of_each_spaces_probabilities_at_one_shot_only():
+    """`lin<scale>`: at K >= 2 the default exactly; at K = 1 the mean over the spaces of their softmax
+    probabilities, recomputed here from the distances."""
+    from benchmarks.one_shot_weighting import LinearPool
+    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+    from imaging_meta.learners.descriptors.weighting import query_distances
+    from tests.imaging_meta.test_descriptors import stub_embedding, task_episode
+
+    embedding = stub_embedding()
+    variant, default = LinearPool(embedding, scale=2.0).eval(), TaskAdaptiveClassifier(embedding).eval()
+    with torch.no_grad():
+        ep = task_episode("pixels", n_shot=2)
+        torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+        one = task_episode("pixels", n_shot=1)
+        probs = variant.predict(one)
+        base = variant.base_spaces(variant.task_spaces(one))
+        n_way = int(one.support_labels.max()) + 1
+        expected = torch.stack([(-2.0 * query_distances(fs, one.support_labels, fq, n_way)).softmax(-1)
+                                for fs, fq in base.values()]).mean(0)
+    assert len(base) >= 2
+    torch.testing.assert_close(probs, expected)
