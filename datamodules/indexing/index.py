@@ -185,6 +185,28 @@ class Index:
             json.dump(self.to_dict(), f, indent=1)
         return path
 
+    @staticmethod
+    def check_target(path: str | os.PathLike) -> Path:
+        """Where `save` may write: a new file, or an index written before (any version), never another file.
+
+        Raises:
+            ValueError: ``path`` is an existing file that is not an index (a scanned input such as a Decathlon
+                ``dataset.json`` or a NIfTI volume: `scan --out` replaced it and exited 0; a review).
+        """
+        path = Path(path)
+        if not path.is_file():
+            return path
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            is_index = isinstance(d, dict) and {"version", "root", "cases"} <= d.keys()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            is_index = False
+        if not is_index:
+            raise ValueError(f"{path}: exists and is not an index written by `imaging-meta scan` (it may be one of "
+                             "your inputs, such as a Decathlon dataset.json); give a new --out")
+        return path
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> Index:
         path = Path(path)

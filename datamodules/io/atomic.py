@@ -34,7 +34,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_short(target.name)}.", suffix=".partial", dir=target.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain open() would
         with os.fdopen(fd, mode, **kwargs) as f:
@@ -45,6 +45,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: the bytes of the target's name kept in its temporary file's name, which adds 18 bytes (a dot, a dot, 8 random
+#: characters, ".partial"): a name near the file system's 255-byte limit could be written, its temporary file not
+TEMP_NAME_BYTES = 96
+
+
+def _short(name: str) -> str:
+    """``name`` cut to `TEMP_NAME_BYTES` bytes of UTF-8, on a character boundary."""
+    return name.encode("utf-8", "surrogateescape")[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
 
 
 _UMASK_LOCK = threading.Lock()

@@ -104,9 +104,14 @@ def _not_an_image(h: DicomHeader) -> bool:
 
 def _claims_dicom(path: str) -> bool:
     """Whether a file that pydicom cannot read was meant to be DICOM: a name that claims DICOM (`DICOM_CLAIMED`), no bytes
-    at all (an interrupted copy), or the 'DICM' marker after the 128-byte preamble."""
-    if path.lower().endswith(DICOM_CLAIMED) or os.path.getsize(path) == 0:
+    at all under a name a slice may have (an interrupted copy: no extension, or digits as in a UID), or the 'DICM'
+    marker after the 128-byte preamble. An empty ``Thumbs.db``, ``desktop.ini`` or ``notes.txt`` is no slice: it
+    refused the whole series (a review)."""
+    if path.lower().endswith(DICOM_CLAIMED):
         return True
+    if os.path.getsize(path) == 0:
+        suffix = os.path.splitext(os.path.basename(path))[1]
+        return not suffix or suffix[1:].isdigit()
     with open(path, "rb") as f:
         f.seek(128)
         return f.read(4) == b"DICM"

@@ -47,6 +47,21 @@ RECORD_LOCK = threading.RLock()
 HEADER_DEFER_BYTES = 16384
 
 
+#: the first bytes of compressed archives a DICOM file may arrive in
+_ARCHIVE_MAGIC = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                  (b"(\xb5/\xfd", "zstd"))
+
+
+def archive_kind(path: str) -> str | None:
+    """``gzip``, ``zip``, ``bzip2``, ``xz`` or ``zstd`` when ``path`` starts with that archive's magic bytes, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None
+    return next((kind for magic, kind in _ARCHIVE_MAGIC if head.startswith(magic)), None)
+
+
 def read_dataset(
     path: str, *, stop_before_pixels: bool = False, defer_size: int | None = None
 ) -> tuple[Dataset, list[str]]:
@@ -71,6 +86,10 @@ def read_dataset(
                     path, force=False, stop_before_pixels=stop_before_pixels, defer_size=defer_size
                 )
             except InvalidDicomError as e:
+                archive = archive_kind(path)
+                if archive:  # a compressed copy (x.dcm.gz): what to do, not pydicom's "missing File Meta"
+                    raise NotDicomError(path, f"a {archive} archive, not a DICOM file - decompress it first "
+                                              "(e.g. gunzip for .gz)") from e
                 if not _looks_like_headerless_dicom(path):
                     raise NotDicomError(path, f"not DICOM ({e})".replace(" Use force=True to force reading.", "")) from e
                 ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels, defer_size=defer_size)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -79,6 +80,12 @@ IGNORED_FOLDERS = frozenset({"__MACOSX"})
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 logger = logging.getLogger(__name__)
+
+
+def listed_file(path: Path) -> bool:
+    """A file to consider in an image folder: a file, or a symbolic link whose target is missing (kept, so that
+    reading it names it as unreadable: dropping it left a query out of the predictions without a word)."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
 
 
 def ignored_name(name: str) -> bool:
@@ -393,7 +400,7 @@ class ImageFolder(ItemSource):
         for d in dirs:
             files: list[Path] = []
             for f in sorted(d.rglob("*")):
-                if not f.is_file() or any(map(ignored_name, f.relative_to(root).parts)):
+                if not listed_file(f) or any(map(ignored_name, f.relative_to(root).parts)):
                     continue
                 # a name that is a SOP instance UID (1.2.840....321) has digits for a suffix: DICOM files named
                 # without a suffix are read, so are these (`classify` reads both)
@@ -421,6 +428,9 @@ class ImageFolder(ItemSource):
             n_read, n_bad = 0, len(unreadable)
             for f in per_class[cls]:
                 rel = f.relative_to(root).as_posix()
+                if not f.exists():  # a link to nothing (`listed_file`)
+                    unreadable.append(f"{f}: a symbolic link to {os.readlink(f)}, which does not exist")
+                    continue
                 try:
                     read = _read(f, self.ct_window)
                 except NotDicomError as e:

@@ -35,6 +35,7 @@ from datamodules.sources.image_folder import (
     dicom_kind,
     file_digest,
     ignored_name,
+    listed_file,
     maybe_dicom_name,
 )
 from imaging_meta.backbones import is_transductive
@@ -65,9 +66,12 @@ def _image_files(folder: Path) -> list[Path]:
     to ``folder``) and hidden files are ignored; a file named without an image suffix that is not DICOM (a README,
     a lock file), and a DICOM object that is no image (a DICOMDIR, a structure set, a report, a presentation state:
     PACS exports hold them beside the images), are skipped with a warning."""
-    files, others = [], []
+    files, others, dangling = [], [], []
     for f in sorted(folder.rglob("*")):
-        if not f.is_file() or any(map(ignored_name, f.relative_to(folder).parts)) or f.name.lower() in _SYSTEM_FILES:
+        if not listed_file(f) or any(map(ignored_name, f.relative_to(folder).parts)) or f.name.lower() in _SYSTEM_FILES:
+            continue
+        if not f.exists():  # a link to nothing: named before any work, never left out of the answers without a word
+            dangling.append(f"{f}: a symbolic link to {os.readlink(f)}, which does not exist")
             continue
         maybe = maybe_dicom_name(f)
         if not maybe and f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -86,6 +90,10 @@ def _image_files(folder: Path) -> list[Path]:
             files.append(f)  # named .dcm but not DICOM: read by its content (a PNG...), or the reader names the problem
         else:
             logger.warning("skipping %s: %s, not an image", f, kind)
+    if dangling:
+        for message in dangling[LISTED:]:
+            logger.warning("%s", message)
+        raise FileNotFoundError(f"{listed(dangling)}; point the link(s) at the image again, or remove them")
     if others:
         names = ", ".join(str(f.relative_to(folder)) for f in others[:5]) + (", ..." if len(others) > 5 else "")
         logger.warning("skipping %d file(s) in %s whose suffix is no image format read here (%s): %s",

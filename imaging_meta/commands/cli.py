@@ -499,7 +499,9 @@ def _run_tool(argv: Sequence[str]) -> int:
     if args.command == "demo":
         from datamodules.synthetic.demo import demo_is_complete, generate_demo_cohort
 
-        out = Path(args.out)
+        from imaging_meta.commands.outputs import check_output_folder
+
+        out = check_output_folder(args.out)  # a file, or a folder that cannot be written, named before the work
         if args.if_missing and demo_is_complete(out):
             sys.stdout.write(f"demo cohort already in {out}\n")
             return 0
@@ -507,7 +509,11 @@ def _run_tool(argv: Sequence[str]) -> int:
         sys.stdout.write(f"demo cohort written to {out}: {summary}\n")
         return 0
     if args.command == "scan":
+        from datamodules.indexing.index import Index
         from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
+        from imaging_meta.commands.outputs import check_output_file
+
+        Index.check_target(check_output_file(args.out))  # before the scan, which takes minutes on a large folder
 
         fields = tuple(args.site_fields) if args.site_fields else DEFAULT_SITE_FIELDS
         names = {}

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import logging
 import os
 import re
@@ -22,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from datamodules.io.atomic import TEMP_NAME_BYTES
 
 #: the options of every command, before or after its name (`split_global_options`)
 GLOBAL_OPTIONS = {
@@ -213,6 +216,8 @@ def user_error(error: BaseException) -> str | None:
             return _worker_error(str(e))
         if isinstance(e, ImportError) and not _missing_package(e):
             return None  # a broken import inside the project is a bug, not a missing extra
+        if isinstance(e, OSError) and _os_error_message(e) is not None:
+            return _os_error_message(e)
         if isinstance(e, USER_ERRORS) or _lightning_misconfiguration(e):
             return str(e)
         if isinstance(e, RuntimeError) and str(e).startswith("applying transform"):
@@ -220,6 +225,37 @@ def user_error(error: BaseException) -> str | None:
             continue
         return None
     return None
+
+
+#: what to do about an operating-system error while writing or reading a path, by errno
+_OS_FIXES = {
+    errno.EROFS: "the file system is read-only; write the output somewhere else (another --out, or cache_dir for fit)",
+    errno.EACCES: "permission denied; write the output somewhere you may write (another --out, or cache_dir for fit)",
+    errno.EPERM: "operation not permitted; write the output somewhere you may write",
+    errno.ENOSPC: "no space left on the device; free some space, or write the output to another disk",
+    errno.EDQUOT: "the disk quota is exceeded; free some space, or write the output to another disk",
+    errno.EISDIR: "a folder of that name exists where a file is to be written; move it, or give another name",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; give a path whose folders are folders",
+    errno.EEXIST: "a file of that name exists where a folder is to be made; move it, or give another path",
+    errno.ENAMETOOLONG: "the name is longer than the file system takes; give a shorter name",
+    errno.ELOOP: "a symbolic link loop; point the link at a file or folder",
+}
+#: `datamodules.io.atomic`'s temporary files: ``.<target name, maybe cut>.<8 random characters>.partial``
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.[^.]{8}\.partial$")
+
+
+def _os_error_message(error: OSError) -> str | None:
+    """A one-line message for an operating-system error the user can fix (`_OS_FIXES`), naming the file the
+    command meant to write (not its temporary ``.partial`` file); None for other errors."""
+    fix = _OS_FIXES.get(error.errno) if error.errno is not None else None
+    if fix is None or error.filename is None:
+        return None
+    path = Path(os.fsdecode(error.filename))
+    match = _PARTIAL.match(path.name)
+    if match:  # the temporary file of an atomic write: name the target (or its folder, where the name was cut)
+        cut = len(os.fsencode(match.group("name"))) >= TEMP_NAME_BYTES - 3  # a cut keeps whole characters
+        path = path.parent if cut else path.parent / match.group("name")
+    return f"{path}: {fix} ({error.strerror or type(error).__name__})"
 
 
 def _missing_package(error: ImportError) -> bool:

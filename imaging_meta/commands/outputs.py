@@ -22,7 +22,7 @@ def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Pat
     """The output folder of a command, refused when a file of that name exists (it would fail after the work).
 
     Raises:
-        ValueError: ``folder`` exists and is not a folder, or lies under a file.
+        ValueError: ``folder`` exists and is not a folder, lies under a file, or cannot be written to (or created).
     """
     p = Path(folder)
     if p.exists() and not p.is_dir():
@@ -30,6 +30,10 @@ def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Pat
     parent = _nearest_existing_parent(p)
     if not parent.is_dir():  # a file above it: the folder could never be created
         raise ValueError(f"{p}: {parent} is a file, so {option} cannot be created under it")
+    where = p if p.is_dir() else parent
+    if not os.access(where, os.W_OK | os.X_OK):  # read-only or not ours: say so now, not after the work
+        raise ValueError(f"{p}: cannot write in {where} (permission denied or a read-only file system); give "
+                         f"another {option}")
     return p
 
 
@@ -51,6 +55,20 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     return p
 
 
+def _check_name_length(path: Path, source: str) -> None:
+    """Refuse an output whose file name is longer than its file system takes (255 bytes on most): it would fail
+    after the work, with the query's result lost."""
+    folder = _nearest_existing_parent(path)
+    try:
+        limit = os.pathconf(folder if folder.is_dir() else folder.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size > limit:
+        raise ValueError(f"{path.name}: the name of the output of {source} is {size} bytes, more than the {limit} its "
+                         f"file system takes; rename the input with a shorter name")
+
+
 def _nearest_existing_parent(path: Path) -> Path:
     """The closest folder (or file) above ``path`` that exists: where its missing folders would be created."""
     return next(parent for parent in path.absolute().parents if parent.exists())
@@ -67,6 +85,7 @@ def check_outputs(planned: Sequence[tuple[Path, str]], inputs: Iterable[str | os
         ValueError: two outputs with one path (naming both sources), or an output that is an input file.
     """
     sources: dict[str, str] = {}
+    folded: dict[str, tuple[Path, str]] = {}  # the same, letters folded: one file where case is ignored
     for path, source in planned:
         key = _key(path)
         if key in sources and sources[key] != source:
@@ -75,6 +94,14 @@ def check_outputs(planned: Sequence[tuple[Path, str]], inputs: Iterable[str | os
                 "their input); rename one of them, or run them in separate runs with different output folders"
             )
         sources[key] = source
+        other = folded.setdefault(key.casefold(), (path, source))
+        if other[1] != source and other[0] != path:
+            raise ValueError(
+                f"{path} and {other[0]}: the outputs of {source} and {other[1]} differ only in the case of their "
+                "letters, and are one file on a file system that ignores case (Windows, macOS, many shares); "
+                "rename one of the inputs, or run them in separate runs with different output folders"
+            )
+        _check_name_length(path, source)
     for p in map(Path, inputs):
         if p.is_file() and _key(p) in sources:
             raise ValueError(

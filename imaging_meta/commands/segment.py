@@ -71,6 +71,9 @@ def image_source(path: str | Path) -> str:
             (grayordinate data, no image volume: its header is read).
     """
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise FileNotFoundError(f"{p}: a symbolic link to {os.readlink(p)}, which does not exist or links back to "
+                                "itself; give the file or folder it should point to")
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     if p.is_file() and p.suffix.lower() in PIL_EXTENSIONS:
@@ -502,7 +505,8 @@ def segment(
     name = structure_name or ("structure" if label_value is None else f"label {label_value}")
     # in an order of their own (their paths), not the order given: the calibration's folds and the adaptation's
     # episodes follow the supports' order, and swapping two supports moved a mask by 234 voxels (a review)
-    supports = sorted(supports, key=lambda pair: (str(Path(pair[0]).resolve()), str(Path(pair[1]).resolve())))
+    # (os.path.realpath does not raise on a symbolic link loop, which image_source names below; Path.resolve does)
+    supports = sorted(supports, key=lambda pair: (os.path.realpath(pair[0]), os.path.realpath(pair[1])))
     if label_value is not None and label_value < 1:
         raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "
                          "structure's value (1 or more), or leave it out for every non-zero voxel")

@@ -726,3 +726,118 @@ def test_a_nifti_whose_name_and_compression_disagree_is_told_to_rename(tmp_path,
     text.write_text("not an image at all")
     with pytest.raises(ValueError, match=r"text\.nii\.gz: cannot be read as a NIfTI file"):  # no rename advice
         image_source(text)
+
+
+# ------------------------------------------------------------------------------------------ filesystem oddities
+def test_scan_refuses_an_out_that_is_an_input_and_rewrites_its_own_index(tmp_path):
+    """`scan --out root/dataset.json` replaced a Decathlon dataset.json with the index, exit 0 (a review)."""
+    from imaging_meta.commands.cli import main as cli_main
+
+    root = tmp_path / "data"
+    write_nifti(phantom(seed=1), affine_ras(), root / "ct.nii.gz")
+    dataset = root / "dataset.json"
+    dataset.write_text(json.dumps({"name": "x", "labels": {"0": "background"}}))
+    before = dataset.read_bytes()
+
+    def status(out: Path) -> int:
+        with pytest.raises(SystemExit) as code:
+            cli_main(["scan", str(root), "--out", str(out)])
+        return code.value.code
+
+    assert status(dataset) == status(root / "ct.nii.gz") == 1
+    assert dataset.read_bytes() == before
+    index = root / "index.json"
+    assert status(index) == status(index) == 0  # a rerun writes over its own index
+    assert json.loads(index.read_text())["cases"]
+
+
+def test_scan_names_an_out_that_is_an_input(tmp_path):
+    from datamodules.indexing.index import Index
+
+    taken = tmp_path / "dataset.json"
+    taken.write_text('{"labels": {}}')
+    with pytest.raises(ValueError, match=r"dataset\.json: exists and is not an index written by `imaging-meta scan`"):
+        Index.check_target(taken)
+    assert Index.check_target(tmp_path / "new.json") == tmp_path / "new.json"
+
+
+def test_outputs_that_differ_only_in_case_or_are_too_long_are_refused_before_the_work(tmp_path, scans):
+    image, label = scans
+    upper = write_nifti(phantom(seed=2), affine_ras(), tmp_path / "other" / "CT.nii.gz")
+    with pytest.raises(ValueError, match=r"differ only in the case of their letters"):
+        segment(NEVER_READ, [(image, label)], [image, upper], tmp_path / "out")
+    long = write_nifti(phantom(seed=3), affine_ras(), tmp_path / "long" / ("日本" * 40 + ".nii.gz"))  # 247 bytes
+    with pytest.raises(ValueError, match=r"is 2\d\d bytes, more than the 255 its file system takes"):
+        segment(NEVER_READ, [(image, label)], [long], tmp_path / "out", explain=True)  # + "_prob" and more
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_name_near_the_limit_is_written_whole(tmp_path):
+    """The temporary file of an atomic write adds 18 bytes to the target's name: a 247-byte name failed after
+    the work ('File name too long') while the name itself was valid."""
+    from datamodules.io.atomic import atomic_write_text
+
+    target = tmp_path / ("日本" * 40 + ".nii.gz")
+    atomic_write_text(target, "mask")
+    assert target.read_text() == "mask" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_symbolic_links_to_nothing_are_named_not_dropped(tmp_path, folders, scans):
+    """A dangling link among the queries was left out of the CSV without a word (exit 0); a link loop given as a
+    support ended as an internal error (Path.resolve's RuntimeError)."""
+    support, queries = folders
+    (queries / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(FileNotFoundError, match=r"gone\.png: a symbolic link to \S+nowhere\.png, which does not exist"):
+        classify(NEVER_READ, support, [queries], tmp_path / "p.csv")
+    image, label = scans
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop)
+    with pytest.raises(FileNotFoundError, match=r"loop\.nii\.gz: a symbolic link to \S+, which does not exist or links"):
+        segment(NEVER_READ, [(loop, label)], [image], tmp_path / "out")
+
+
+def test_fit_names_a_dangling_link_in_a_class_folder(tmp_path, folders):
+    from datamodules.sources.image_folder import ImageFolder
+
+    support, _ = folders
+    (support / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ValueError, match=r"1 image\(s\) of \S+ cannot be read: \S+gone\.png: a symbolic link"):
+        ImageFolder(root=str(support)).build()
+
+
+def test_an_empty_system_file_in_a_series_folder_is_skipped_and_a_gzipped_slice_is_named(tmp_path, caplog):
+    """An empty Thumbs.db refused the whole series as an 'empty file ... named or marked as DICOM'; an empty file
+    named like a slice is still an interrupted copy; a gzipped slice says to decompress it."""
+    import gzip
+
+    paths = write_series(tmp_path / "series", phantom(shape=(12, 10, 6), seed=0), affine_ras(), seed=0)
+    for name in ("Thumbs.db", "desktop.ini", "notes.txt"):
+        (tmp_path / "series" / name).write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="datamodules.io.dicom"):
+        arr, _ = DicomSeriesReader().get_data(DicomSeriesReader().read(str(tmp_path / "series")))
+    assert arr.shape[-1] == 6 and any("Thumbs.db" in r.message for r in caplog.records)
+    (tmp_path / "series" / "IM_0099").write_bytes(b"")  # a slice's name, no bytes: refused as before
+    with pytest.raises(DicomError, match=r"IM_0099: empty file .*must be readable"):
+        DicomSeriesReader().read(str(tmp_path / "series"))
+    zipped = tmp_path / "gz"
+    zipped.mkdir()
+    for p in paths:
+        (zipped / (p.name + ".gz")).write_bytes(gzip.compress(p.read_bytes()))
+    with pytest.raises(ValueError, match=r"a gzip archive, not a DICOM file - decompress it first"):
+        DicomSeriesReader().read(str(zipped))
+
+
+def test_os_errors_name_the_file_meant_and_the_fix():
+    """Read-only file systems, full disks and paths through files printed the raw errno and the atomic write's
+    temporary name ('.index.json.rw8hfvgo.partial')."""
+    import errno
+    import os
+
+    from imaging_meta.commands.console import error_line
+
+    ro = OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/demo/.index.json.rw8hfvgo.partial")
+    assert error_line(ro).startswith("imaging-meta: error: /data/demo/index.json: the file system is read-only; ")
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/mask.nii.gz")
+    assert "/out/mask.nii.gz: no space left on the device" in error_line(full)
+    other = OSError(errno.ECONNRESET, "reset", "x")  # no fix known: the message as it was
+    assert "reset" in error_line(other)
