@@ -279,7 +279,8 @@ class EpisodicModule(LightningModule):
             params |= data_hparams(dm)
         if self._trainer is not None:
             t = self.trainer
-            params |= {"trainer/max_epochs": t.max_epochs, "trainer/precision": t.precision, "trainer/world_size": t.world_size,
+            params |= {"trainer/max_epochs": t.max_epochs, "trainer/max_steps": t.max_steps,  # -1: no step limit
+                       "trainer/precision": t.precision, "trainer/world_size": t.world_size,
                        "trainer/accumulate_grad_batches": t.accumulate_grad_batches,
                        "trainer/gradient_clip_val": t.gradient_clip_val}
         if os.environ.get("PL_GLOBAL_SEED") is not None:  # set by seed_everything (the configs' seed_everything)

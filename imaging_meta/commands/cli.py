@@ -498,7 +498,6 @@ def _run_tool(argv: Sequence[str]) -> int:
     args = _tool_parser().parse_args(argv)
     if args.command == "demo":
         from datamodules.synthetic.demo import demo_is_complete, generate_demo_cohort
-
         from imaging_meta.commands.outputs import check_output_folder
 
         out = check_output_folder(args.out)  # a file, or a folder that cannot be written, named before the work

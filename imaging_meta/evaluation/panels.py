@@ -19,6 +19,7 @@ structure, a site) is named as missing in the titles rather than left out silent
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,17 @@ CLASS_CELL = (1.35, 1.5)
 TRUTH, PREDICTION, RIGHT, WRONG = "#00e000", "#ff3030", "#108010", "#d01010"
 #: the most classes (columns) and support rows a classification panel shows
 MAX_WAYS, MAX_SHOT_ROWS = 10, 2
+#: a classification panel's title is wrapped to the figure's width in at most this many lines (a fixed header,
+#: so that the image keeps its size from one validation to the next): on one line, a 5-way panel cut off the
+#: title's "5-way 1" and its "queries" (a review)
+TITLE_LINES = 3
+
+
+def wrapped_title(title: str, width_inches: float, fontsize: float = 8.0, lines: int = TITLE_LINES) -> str:
+    """``title`` in lines that fit ``width_inches`` at ``fontsize`` points (at most ``lines``; the last one ends
+    with an ellipsis when there is more)."""
+    chars = max(20, int(width_inches * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(title, chars, max_lines=lines, placeholder=" …")) if title else ""
 NOT_RECORDED = "not recorded"
 
 
@@ -192,9 +204,10 @@ def classification_panel(support_images, support_labels, query_images, query_lab
     support = [[k for k in range(len(ys)) if int(ys[k]) == c][:MAX_SHOT_ROWS] for c in range(ways)]
     queries = [[k for k in range(len(yq)) if int(yq[k]) == c][:max(1, max_queries_per_class)] for c in range(ways)]
     s_rows, q_rows = max(map(len, support)), max(1, max(map(len, queries)))
-    fig = _figure(CLASS_CELL[0] * ways, CLASS_CELL[1] * (s_rows + q_rows) + 0.45)
+    header = 0.2 + 0.16 * TITLE_LINES  # inches: the title's lines, the same for every title
+    fig = _figure(CLASS_CELL[0] * ways, CLASS_CELL[1] * (s_rows + q_rows) + header)
     grid = fig.add_gridspec(s_rows + q_rows, ways, left=0.06, right=0.98, bottom=0.02,
-                         top=1 - 0.45 / fig.get_figheight(), hspace=0.45, wspace=0.15)
+                         top=1 - header / fig.get_figheight(), hspace=0.45, wspace=0.15)
     for c in range(ways):
         for r in range(s_rows):
             ax = fig.add_subplot(grid[r, c])
@@ -219,7 +232,8 @@ def classification_panel(support_images, support_labels, query_images, query_lab
             if c == 0:
                 ax.set_ylabel("query", fontsize=7)
     shown = "" if ways == n_way else f" (first {ways} of {n_way} classes)"
-    fig.suptitle(f"{title}{shown}", fontsize=8)
+    fig.suptitle(wrapped_title(f"{title}{shown}", 0.92 * fig.get_figwidth()), fontsize=8, va="top",
+                 y=1 - 0.08 / fig.get_figheight())
     return figure_array(fig)
 
 

@@ -87,7 +87,8 @@ def test_hparams_name_the_learner_optimiser_and_data_and_differ_between_learners
         assert run["task"] == "classification" and run["data/class"] == "ClassificationDataModule"
         assert (run["data/n_way"], run["data/n_shot"], run["data/n_query"]) == (5, 1, 2)
         assert run["data/protocol"] == "standard" and run["data/image_size"] == "32x32"
-        assert run["trainer/max_epochs"] == 1 and run["trainer/precision"] == "32-true" and run["seed"] == 42
+        assert run["trainer/max_epochs"] == 1 and run["trainer/max_steps"] == -1  # no step limit given
+        assert run["trainer/precision"] == "32-true" and run["seed"] == 42
     assert proto["learner/class"] == "PrototypicalNetwork" and "learner/inner_lr" not in proto
     assert proto["learner/distance"] == "euclidean"
     differ = {k for k in set(maml) | set(proto) if maml.get(k) != proto.get(k)}
@@ -118,7 +119,7 @@ def test_classification_panel_shows_the_episode_with_right_and_wrong_answers(cls
     acc = _events(runs["protonet_cls"])
     # one episode: 5 classes (columns), 1 support row, 2 query rows (n_query=2 per class)
     width = round(panels.CLASS_CELL[0] * 5 * panels.DPI)
-    height = round((panels.CLASS_CELL[1] * 3 + 0.45) * panels.DPI)
+    height = round((panels.CLASS_CELL[1] * 3 + 0.2 + 0.16 * panels.TITLE_LINES) * panels.DPI)
     for tag in ("val/panel", "test/panel"):
         events = acc.Images(tag)
         assert len(events) == 1 and (events[0].width, events[0].height) == (width, height)
@@ -222,3 +223,24 @@ def test_a_classification_panel_of_3d_patches_shows_their_middle_slices():
     image = classification_panel(support, torch.tensor([0, 1]), query, torch.tensor([0, 1]), torch.tensor([0, 0]),
                                  ["a", "b"])
     assert image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] > 50
+
+
+def test_a_classification_panels_title_fits_its_width_and_the_panel_keeps_its_size():
+    """On one line at 5 columns the title lost its '5-way 1' and its 'queries' off both edges (a review). Wrapped
+    to the width, every line lies inside the figure; a longer title does not change the image's size."""
+    from imaging_meta.evaluation import panels
+
+    title = ("5-way 1-shot episode · site: GE MEDICAL SYSTEMS | LightSpeed VCT | inst-773a0b + Philips | Ingenia | "
+             "inst-12ab34 · accuracy 0.360 on 25 queries")
+    fig = panels._figure(panels.CLASS_CELL[0] * 5, 3.0)
+    text = fig.suptitle(panels.wrapped_title(title, 0.92 * fig.get_figwidth()), fontsize=8)
+    fig.canvas.draw()
+    box, frame = text.get_window_extent(), fig.bbox
+    assert box.x0 >= frame.x0 and box.x1 <= frame.x1 and "5-way 1-shot" in text.get_text()
+    assert "queries" in text.get_text() and text.get_text().count("\n") < panels.TITLE_LINES
+    g = torch.Generator().manual_seed(0)
+    s, q = torch.rand(5, 1, 8, 8, generator=g), torch.rand(5, 1, 8, 8, generator=g)
+    labels = torch.arange(5)
+    short = panels.classification_panel(s, labels, q, labels, labels, list("abcde"), "5-way 1-shot episode")
+    long = panels.classification_panel(s, labels, q, labels, labels, list("abcde"), title * 3)
+    assert short.shape == long.shape
