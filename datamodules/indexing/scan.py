@@ -126,7 +126,10 @@ class _Scanner:
         self.site_fields = list(site_fields)
         self.default_names = parse_label_names(dict(label_names)) if label_names else {}
         self.salt = salt
-        self.patient_re = re.compile(patient_regex) if patient_regex else None
+        try:
+            self.patient_re = re.compile(patient_regex) if patient_regex else None
+        except re.error as e:  # bad input, not a bug (exit 70 as an internal error; a review)
+            raise ValueError(f"patient_regex {patient_regex!r} is not a valid regular expression: {e}") from e
         self.min_slices = int(min_slices)
         self.index = Index(root=self.root, site_fields=list(self.site_fields), patient_regex=patient_regex or "")
         self.placed: dict[str, str] = {}  # abs path -> "case" / "accounted" / "rejected"

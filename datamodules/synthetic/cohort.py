@@ -267,15 +267,25 @@ def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per
     }
 
 
-def _marker_version(out_dir: str | os.PathLike) -> int | None:
-    """The version in a demo cohort's marker file, or None when there is no valid marker."""
+def _marker(out_dir: str | os.PathLike) -> dict | None:
+    """A demo cohort's marker file, or None when there is no valid marker."""
     try:
         data = json.loads((Path(out_dir) / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("generator") != _GENERATOR:
-        return None
-    return data.get("version")
+    return data if isinstance(data, dict) and data.get("generator") == _GENERATOR else None
+
+
+def _marker_version(out_dir: str | os.PathLike) -> int | None:
+    """The version in a demo cohort's marker file, or None when there is no valid marker."""
+    marker = _marker(out_dir)
+    return None if marker is None else marker.get("version")
+
+
+def demo_settings(out_dir: str | os.PathLike) -> dict | None:
+    """The ``seed`` and ``patients_per_site`` a finished demo cohort was written with (None: no valid marker)."""
+    marker = _marker(out_dir)
+    return None if marker is None else {k: marker.get(k) for k in ("seed", "patients_per_site")}
 
 
 def demo_is_complete(out_dir: str | os.PathLike) -> bool:

@@ -55,11 +55,17 @@ The code is split by job; this module gathers the public names:
 `datamodules.synthetic.headers`            DICOM headers with fake PHI, BIDS sidecars
 `datamodules.synthetic.dicom_writer`       `write_dicom_series`
 `datamodules.synthetic.nifti_writer`       `write_nifti`
-`datamodules.synthetic.cohort`             `generate_demo_cohort`, `demo_is_complete`, the marker file
+`datamodules.synthetic.cohort`             `generate_demo_cohort`, `demo_is_complete`, `demo_settings`, the marker file
 =========================================  ==========================================================
 """
 
-from datamodules.synthetic.cohort import DEMO_VERSION, MARKER, demo_is_complete, generate_demo_cohort
+from datamodules.synthetic.cohort import (
+    DEMO_VERSION,
+    MARKER,
+    demo_is_complete,
+    demo_settings,
+    generate_demo_cohort,
+)
 from datamodules.synthetic.dicom_writer import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, write_dicom_series
 from datamodules.synthetic.lesion_types import LESION_COLUMNS, LESION_TYPES, LesionType, draw_lesion_classes
 from datamodules.synthetic.nifti_writer import write_nifti
@@ -77,6 +83,7 @@ __all__ = [
     "SITES",
     "LesionType",
     "demo_is_complete",
+    "demo_settings",
     "draw_lesion_classes",
     "generate_demo_cohort",
     "write_dicom_series",

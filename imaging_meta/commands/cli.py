@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
 import signal
 import sys
@@ -39,11 +40,14 @@ from imaging_meta.commands.console import (
     console,
     debug_requested,
     error_line,
+    non_negative_int,
     quiet_lightning,
     quiet_output,
     split_global_options,
     user_error,
 )
+
+logger = logging.getLogger(__name__)
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 TOOL_SUBCOMMANDS = ("demo", "scan", "segment", "classify", "results", "evaluate", "compare", "prepare", "configs")
@@ -291,8 +295,8 @@ def _tool_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="write the synthetic multi-site demo cohort")
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--patients-per-site", type=int, default=12)
+    d.add_argument("--seed", type=int, default=0, help="the cohort's seed (default 0: the cohort every doc measures)")
+    d.add_argument("--patients-per-site", type=int, default=12, help="patients at each of the 4 sites (default 12)")
     d.add_argument("--if-missing", action="store_true", help="do nothing when a complete cohort is already there")
 
     s = sub.add_parser("scan", help="index a folder of DICOM series and NIfTI volumes (a preview: fit makes its own "
@@ -313,19 +317,19 @@ def _tool_parser() -> argparse.ArgumentParser:
     _add_segment_parser(sub)
 
     c = sub.add_parser("classify", help="few-shot classification of images against a support folder")
-    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--checkpoint", required=True, help="a classification checkpoint from `imaging-meta fit`")
     c.add_argument("--support", required=True, help="folder with one subfolder of images (PNG, JPEG, TIFF, BMP, DICOM) per class")
     c.add_argument("--query", action="append", required=True, help="image file or folder of images (repeat)")
     c.add_argument("--out", required=True, help="CSV to write (replaced if it exists): path, predicted_class, p_<class>...; --explain writes beside it into <CSV stem>_explain/, replacing an earlier run's explanations")
-    c.add_argument("--device", default="auto")
+    c.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     c.add_argument("--explain", action="store_true",
                    help="also write, per query, its nearest support images and an occlusion saliency map (PNG) "
                         "into <out stem>_explain/")
-    c.add_argument("--space", choices=["auto", "learned"], default="auto",
+    c.add_argument("--space", choices=["auto", "learned"], default=None,
                    help="auto (default): per support set, weigh the checkpoint's embedding, raw pixels and intensity "
                         "histograms by leave-one-out over the support (equal weights with one image per class); "
                         "learned: the checkpoint's learner alone")
-    c.add_argument("--finetune-steps", type=int, default=0,
+    c.add_argument("--finetune-steps", type=non_negative_int, default=0,
                    help="fit a new head on augmented support images for this many steps (0: off), on the "
                         "checkpoint's learner (a fine-tuning checkpoint keeps its own settings, these steps "
                         "replacing its own); instead of --space auto")
@@ -394,7 +398,7 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_segment_parser(sub) -> None:
     g = sub.add_parser("segment", help="few-shot segmentation of a structure the model never saw")
-    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--checkpoint", required=True, help="a segmentation checkpoint from `imaging-meta fit`")
     g.add_argument("--support-image", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
     g.add_argument("--support-label", action="append", required=True, help="NIfTI label map of each support image (repeat)")
     g.add_argument("--label-value", type=int, default=None, help="structure value in the label maps (default: any non-zero)")
@@ -405,15 +409,16 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--query", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
     g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced when it holds a structure of the same name (--structure-name), and refused when it holds another or is no mask of segment: one folder per structure")
     g.add_argument("--modality", default=None, help="CT or MR, when the files do not say")
-    g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan")
+    g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan (default 12)")
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     g.add_argument("--format", dest="output_format", choices=("nifti", "dicom-seg"), default="nifti",
                    help="mask format; dicom-seg (highdicom) needs DICOM series queries and writes <query>.seg.dcm")
     g.add_argument("--explain", action="store_true",
                    help="also write each query's foreground probability map (<query>_probability.nii.gz)")
     g.add_argument("--learner-only", action="store_true",
-                   help="the learner's probability alone: no intensity evidence, calibration, negative slices or z smoothing")
+                   help="the learner's probability alone: no intensity evidence, calibration, negative slices, z smoothing "
+                        "or retry of an empty answer")
     g.add_argument("--no-intensity", action="store_true", help="do not fuse the support's intensity likelihood")
     g.add_argument("--no-negative-slices", action="store_true",
                    help="do not use the support's slices without the structure to leave query slices empty")
@@ -435,12 +440,12 @@ def _add_segment_parser(sub) -> None:
                    help="test-time adaptation: before predicting each query, fine-tune a copy on superpixel episodes from "
                         "the support scans and that query and on augmented support slices for N steps (default 40, a measured choice, see "
                         "docs/segmentation.md; 0: off, faster)")
-    g.add_argument("--adapt-seed", type=int, default=0, help="seed of the adaptation episodes")
+    g.add_argument("--adapt-seed", type=non_negative_int, default=0, help="seed of the adaptation episodes (default 0)")
     g.add_argument("--scale", choices=("checkpoint", "structure"), default="structure",
                    help="in-plane spacing: one at which the support's structure is at least 12 pixels thick (default; "
                         "the checkpoint's for large organs, finer for thin or small structures), or the checkpoint's")
     g.add_argument("--z-smoothing", type=float, default=0.25,
-                   help="weight of each axial neighbour when smoothing the probability along z (0: off)")
+                   help="weight of each axial neighbour when smoothing the probability along z (default 0.25; 0: off)")
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -455,10 +460,12 @@ def _add_evaluate_parser(sub) -> None:
     e.add_argument("--data-root", default=None, help="the data folder, when it moved since training")
     e.add_argument("--cache-dir", default=None, help="cache folder for the index, volumes and episode files")
     e.add_argument("--batch-size", type=int, default=None, help="episodes per forward pass")
-    e.add_argument("--no-baselines", action="store_true", help="score the trained learner only")
+    e.add_argument("--no-baselines", action="store_true",
+                   help="do not score the untrained learner and the episodes' label-only baselines (the whole-scan "
+                        "protocols always score their copy-mask and intensity-window baselines and ablations)")
     e.add_argument("--panel", type=int, default=3, help="best and worst episodes in best_worst.png (0: none)")
     e.add_argument("--name", default=None, help="the run's name in `compare` tables (default: the folder name)")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     e.add_argument("--salt", default=None,
                    help="the secret of the pseudonymous ids used at fit (default: env IMAGING_META_SALT, else the default)")
     e.add_argument("--interval", choices=("patient-bootstrap", "episode-t"), default="patient-bootstrap",
@@ -487,7 +494,14 @@ def _scan_options(args):
 
     from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions
 
+    ScanOptions(smooth_z=args.z_smoothing)  # checked whichever options apply (NaN passed with --learner-only)
     if args.learner_only:
+        ignored = [flag for flag, given in (("--no-intensity", args.no_intensity), ("--no-negative-slices",
+                   args.no_negative_slices), ("--pooled-calibration", args.pooled_calibration),
+                   ("--keep-empty", args.keep_empty), ("--z-smoothing", args.z_smoothing != 0.25)) if given]
+        if ignored:
+            logger.warning("--learner-only uses the learner's probability alone: %s change(s) nothing",
+                           ", ".join(ignored))
         return dataclasses.replace(LEARNER_ONLY, max_support_slices=args.max_support_slices)
     return ScanOptions(intensity=not args.no_intensity, negatives=not args.no_negative_slices, smooth_z=args.z_smoothing,
                        max_support_slices=args.max_support_slices, relax_empty=not args.keep_empty,
@@ -497,11 +511,16 @@ def _scan_options(args):
 def _run_tool(argv: Sequence[str]) -> int:
     args = _tool_parser().parse_args(argv)
     if args.command == "demo":
-        from datamodules.synthetic.demo import demo_is_complete, generate_demo_cohort
+        from datamodules.synthetic.demo import demo_is_complete, demo_settings, generate_demo_cohort
         from imaging_meta.commands.outputs import check_output_folder
 
         out = check_output_folder(args.out)  # a file, or a folder that cannot be written, named before the work
         if args.if_missing and demo_is_complete(out):
+            have, asked = demo_settings(out), {"seed": args.seed, "patients_per_site": args.patients_per_site}
+            if have != asked:  # --if-missing answered "already there" for a cohort of other settings (a review)
+                raise ValueError(f"{out}: holds a demo cohort of seed {have and have['seed']} with "
+                                 f"{have and have['patients_per_site']} patients per site, not seed {args.seed} with "
+                                 f"{args.patients_per_site}; give another --out, or delete the folder to write it again")
             sys.stdout.write(f"demo cohort already in {out}\n")
             return 0
         summary = generate_demo_cohort(out, seed=args.seed, patients_per_site=args.patients_per_site)
@@ -512,7 +531,7 @@ def _run_tool(argv: Sequence[str]) -> int:
         from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
         from imaging_meta.commands.outputs import check_output_file
 
-        Index.check_target(check_output_file(args.out))  # before the scan, which takes minutes on a large folder
+        Index.check_target(check_output_file(args.out, example="index.json"))  # before the scan, which takes minutes on a large folder
 
         fields = tuple(args.site_fields) if args.site_fields else DEFAULT_SITE_FIELDS
         names = {}
@@ -520,6 +539,11 @@ def _run_tool(argv: Sequence[str]) -> int:
             value, sep, name = pair.partition("=")
             if not sep or not value.strip().isdigit() or not name.strip():
                 raise ValueError(f"--label-names: {pair!r} is not VALUE=NAME with an integer value (e.g. 1=liver)")
+            if int(value) == 0:
+                raise ValueError(f"--label-names: {pair!r}: 0 is the background, which has no structure name")
+            if int(value) in names:
+                raise ValueError(f"--label-names: value {int(value)} is named twice ({names[int(value)]!r}, "
+                                 f"{name.strip()!r}); give each value one name")
             names[int(value)] = name.strip()
         regex = {} if args.patient_regex is None else {"patient_regex": args.patient_regex}
         index = scan_to_file(args.root, args.out, site_fields=fields, salt=args.salt, label_names=names or None, **regex)
@@ -561,8 +585,11 @@ def _run_tool(argv: Sequence[str]) -> int:
     if args.command == "classify":
         from imaging_meta.commands.classify import classify
 
+        if args.space is not None and args.finetune_steps:
+            logger.warning("--space %s is not used: --finetune-steps answers with the fine-tuned head instead",
+                           args.space)
         out = classify(args.checkpoint, args.support, args.query, args.out, device=args.device, explain=args.explain,
-                       space=args.space, finetune_steps=args.finetune_steps)
+                       space=args.space or "auto", finetune_steps=args.finetune_steps)
         sys.stdout.write(f"wrote {out}\n")
         if args.explain:
             from imaging_meta.commands.classify import explain_dir
@@ -584,6 +611,10 @@ def _run_tool(argv: Sequence[str]) -> int:
     if args.command == "configs":
         from imaging_meta.commands.configs import SHIPPED, copy_configs, shipped_configs
 
+        if args.copy is not None and not args.copy.strip():
+            raise ValueError("--copy is empty: give the folder to write the configs into (e.g. --copy configs)")
+        if args.force and args.copy is None:
+            raise ValueError("--force overwrites configs that --copy writes: give --copy DIR with it")
         if args.copy:
             written = copy_configs(args.copy, force=args.force)
             sys.stdout.write(f"{len(written)} config(s) written to {args.copy} (of {len(shipped_configs())})\n")
@@ -597,7 +628,7 @@ def _run_tool(argv: Sequence[str]) -> int:
         if args.out:  # never over a run's own files (its results.md)
             from imaging_meta.commands.outputs import check_output_file, check_outputs
 
-            check_outputs([(check_output_file(args.out), "the comparison table")],
+            check_outputs([(check_output_file(args.out, example="comparison.md"), "the comparison table")],
                           [f for run in args.runs if Path(run).is_dir() for f in Path(run).iterdir()])
         table = compare_runs(args.runs)
         if args.out:

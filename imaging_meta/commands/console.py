@@ -258,6 +258,22 @@ def _os_error_message(error: OSError) -> str | None:
     return f"{path}: {fix} ({error.strerror or type(error).__name__})"
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0 (argparse names the option in its error)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)  # argparse: "invalid non_negative_int value: '-1'"
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _missing_package(error: ImportError) -> bool:
     """An ImportError the user fixes by installing something: the project's "pip install ..." messages, or a
     module outside the project that is not installed."""

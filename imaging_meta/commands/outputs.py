@@ -37,16 +37,20 @@ def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Pat
     return p
 
 
-def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+def check_output_file(path: str | os.PathLike, option: str = "--out", example: str = "predictions.csv") -> Path:
     """An output file of a command, refused when a folder of that name exists.
 
+    Args:
+        example: a file name to suggest inside a folder given instead of a file.
+
     Raises:
-        ValueError: ``path`` is an existing folder, lies under a file, or its nearest existing folder cannot be
-            written to (checked before the work, not when the file is written).
+        ValueError: ``path`` is an existing folder, or ends with a path separator (a folder meant: a file of that
+            name was written), lies under a file, or its nearest existing folder cannot be written to (checked
+            before the work, not when the file is written).
     """
     p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{p}: a folder of that name exists; {option} names the file to write (e.g. {p / 'predictions.csv'})")
+    if p.is_dir() or str(path).endswith(("/", os.sep)):
+        raise ValueError(f"{path}: names a folder; {option} names the file to write (e.g. {p / example})")
     parent = _nearest_existing_parent(p)  # it must be a folder that takes new files
     if not parent.is_dir():
         raise ValueError(f"{p}: {parent} is a file, so {option} cannot be written under it")

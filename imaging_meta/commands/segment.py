@@ -530,6 +530,12 @@ def segment(
                 raise ValueError(f"{enhanced}: a multi-frame (enhanced) series; --format dicom-seg writes a segmentation "
                                  "of single-frame series only: use --format nifti for this query")
 
+    unique: dict[str, str | Path] = {}  # a query given twice (`a.nii.gz` and `./a.nii.gz`): segmented once
+    for query in queries:
+        unique.setdefault(os.path.realpath(query), query)
+    if len(unique) < len(queries):
+        logger.warning("%d query path(s) given more than once, segmented once", len(queries) - len(unique))
+        queries = list(unique.values())
     inputs = [*(p for pair in supports for p in pair), *queries]
     for path in inputs:  # every input, before the checkpoint is read (the reads below take them as checked)
         image_source(path)

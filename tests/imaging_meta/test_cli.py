@@ -584,3 +584,61 @@ def test_sigterm_and_lightnings_own_exits_say_what_happened(monkeypatch, capsys)
         assert e.value.code == code and capsys.readouterr().err == line and time.monotonic() - start < 5
     assert cleaned == [True]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
+
+
+def _status(args: list[str]) -> int:
+    """The exit status of ``imaging-meta ARGS`` (0 when it returns), bad input as the command line reports it."""
+    from imaging_meta.commands.cli import main
+
+    try:
+        return main(args) or 0
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def test_options_the_help_promises_are_checked_or_named(tmp_path, capsys, caplog, monkeypatch):
+    """A review of every option against its help (2026-12-06): counts of 0 or below were ignored or ran forever,
+    a bad regular expression was reported as a bug, options that change nothing changed nothing silently."""
+    import logging
+
+    for bad in (["results", "--cls-epochs", "0"], ["results", "--seg-epochs", "-1"], ["results", "--shots", "0"],
+                ["segment", "--checkpoint", "c", "--support-image", "a", "--support-label", "b", "--query", "q",
+                 "--out", "o", "--adapt-seed", "-1"],
+                ["classify", "--checkpoint", "c", "--support", "s", "--query", "q", "--out", "o", "--finetune-steps", "-1"]):
+        assert _status([*bad[:1], "--out", str(tmp_path / "r"), *bad[1:]] if bad[0] == "results" else bad) == 2, bad
+        assert "invalid" in capsys.readouterr().err
+    (tmp_path / "e").mkdir()
+    assert _status(["scan", str(tmp_path / "e"), "--out", str(tmp_path / "x.json"), "--patient-regex", "("]) == 1
+    assert "is not a valid regular expression" in capsys.readouterr().err
+    for names, said in ((["0=bg"], "0 is the background"), (["1=liver", "1=spleen"], "named twice")):
+        assert _status(["scan", str(tmp_path / "e"), "--out", str(tmp_path / "x.json"), "--label-names", *names]) == 1
+        assert said in capsys.readouterr().err
+    assert _status(["configs", "--force"]) == 1 and "give --copy DIR" in capsys.readouterr().err
+    assert _status(["configs", "--copy", ""]) == 1 and "--copy is empty" in capsys.readouterr().err
+    assert _status(["compare", str(tmp_path), "--out", str(tmp_path / "e") + "/"]) == 1
+    assert "names a folder" in capsys.readouterr().err
+
+    from imaging_meta.commands import cli
+
+    args = cli._tool_parser().parse_args(["segment", "--checkpoint", "c", "--support-image", "a", "--support-label",
+                                          "b", "--query", "q", "--out", "o", "--learner-only", "--keep-empty",
+                                          "--z-smoothing", "0.1"])
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.cli"):
+        assert cli._scan_options(args).smooth_z == 0.0
+    assert "--keep-empty, --z-smoothing change(s) nothing" in caplog.text
+    args.z_smoothing = float("nan")  # checked with --learner-only too
+    with pytest.raises(ValueError, match="z-smoothing"):
+        cli._scan_options(args)
+
+
+def test_demo_if_missing_refuses_a_cohort_of_other_settings(tmp_path, capsys, monkeypatch):
+    """`demo --if-missing --patients-per-site 7 --seed 3` answered "already in" for a 1-patient, seed-0 cohort."""
+    import datamodules.synthetic.demo as demo
+
+    out = tmp_path / "demo"
+    monkeypatch.setattr(demo, "demo_is_complete", lambda folder: True)
+    monkeypatch.setattr(demo, "demo_settings", lambda folder: {"seed": 0, "patients_per_site": 1})
+    assert _status(["demo", "--out", str(out), "--if-missing", "--patients-per-site", "1"]) == 0
+    assert "already in" in capsys.readouterr().out
+    assert _status(["demo", "--out", str(out), "--if-missing", "--patients-per-site", "7", "--seed", "3"]) == 1
+    assert "holds a demo cohort of seed 0 with 1 patients per site, not seed 3 with 7" in capsys.readouterr().err

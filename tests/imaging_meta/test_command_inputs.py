@@ -180,7 +180,7 @@ def test_classify_refuses_a_csv_path_that_is_an_input_or_a_folder(tmp_path, fold
     with pytest.raises(ValueError, match=r"q0\.png: this input would be overwritten by the output of the predictions CSV"):
         classify(NEVER_READ, support, [queries], target)
     assert digest(target) == before
-    with pytest.raises(ValueError, match=r"queries: a folder of that name exists; --out names the file to write"):
+    with pytest.raises(ValueError, match=r"queries: names a folder; --out names the file to write"):
         classify(NEVER_READ, support, [queries], queries)
 
 
@@ -841,3 +841,15 @@ def test_os_errors_name_the_file_meant_and_the_fix():
     assert "/out/mask.nii.gz: no space left on the device" in error_line(full)
     other = OSError(errno.ECONNRESET, "reset", "x")  # no fix known: the message as it was
     assert "reset" in error_line(other)
+
+
+def test_one_query_given_twice_is_segmented_once(tmp_path, scans, caplog, monkeypatch):
+    """`--query a.nii.gz --query ./a.nii.gz` was refused as two queries with one name ('rename one of them'), and
+    the very same path twice was segmented twice."""
+    image, label = scans
+    monkeypatch.chdir(image.parent)
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        with pytest.raises(Exception) as err:  # past the output checks: the checkpoint that does not exist
+            segment(NEVER_READ, [(image, label)], [image, Path("./ct.nii.gz"), image], tmp_path / "out")
+    assert "would both be written" not in str(err.value) and "never-read.ckpt" in str(err.value)
+    assert "2 query path(s) given more than once, segmented once" in caplog.text
