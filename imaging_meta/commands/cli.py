@@ -534,7 +534,7 @@ def _run_tool(argv: Sequence[str]) -> int:
         Index.check_target(check_output_file(args.out, example="index.json"))  # before the scan, which takes minutes on a large folder
 
         fields = tuple(args.site_fields) if args.site_fields else DEFAULT_SITE_FIELDS
-        names = {}
+        names: dict[int, str] = {}
         for pair in args.label_names or []:
             value, sep, name = pair.partition("=")
             if not sep or not value.strip().isdigit() or not name.strip():
