@@ -197,8 +197,9 @@ class Index:
         if not path.is_file():
             return path
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
+            with open(path, "rb") as f:  # a volume or an image is told by its first bytes, not read whole
+                looks_like_json = f.read(64).lstrip().startswith(b"{")
+            d = json.loads(path.read_text(encoding="utf-8")) if looks_like_json else None
             is_index = isinstance(d, dict) and {"version", "root", "cases"} <= d.keys()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             is_index = False

@@ -558,6 +558,7 @@ def scan_to_file(root: str | os.PathLike, out: str | os.PathLike, **kw: Any) -> 
     Returns:
         The index.
     """
+    Index.check_target(out)  # never over an input (a Decathlon dataset.json), checked before the scan
     index = scan_folder(root, **kw)
     path = index.save(out)
     logger.info("index written to %s", path)

@@ -44,7 +44,14 @@ from pydicom.dataset import Dataset
 from datamodules.io.dicom_checks import JPEG_EXTRA, decoder_problem, non_image_kind
 from datamodules.io.dicom_enhanced import read_frames
 from datamodules.io.dicom_errors import DicomError, DicomSeriesError, NotDicomError
-from datamodules.io.dicom_files import DICOM_CLAIMED, checked_header, group_series, read_dataset, read_header
+from datamodules.io.dicom_files import (
+    DICOM_CLAIMED,
+    DICOM_SUFFIXES,
+    checked_header,
+    group_series,
+    read_dataset,
+    read_header,
+)
 from datamodules.io.dicom_header import ENHANCED_SOP_CLASSES, DicomHeader, is_enhanced
 from datamodules.io.dicom_pixels import load_series_array
 from datamodules.io.dicom_series import (
@@ -110,8 +117,8 @@ def _claims_dicom(path: str) -> bool:
     if path.lower().endswith(DICOM_CLAIMED):
         return True
     if os.path.getsize(path) == 0:
-        suffix = os.path.splitext(os.path.basename(path))[1]
-        return not suffix or suffix[1:].isdigit()
+        suffix = os.path.splitext(os.path.basename(path))[1].lower()
+        return not suffix or suffix[1:].isdigit() or suffix in DICOM_SUFFIXES  # a Siemens .IMA slice too
     with open(path, "rb") as f:
         f.seek(128)
         return f.read(4) == b"DICM"
@@ -229,8 +236,11 @@ class DicomSeriesReader(ImageReader):
                         p, f"{e.reason}; a file named or marked as DICOM in a series folder must be readable - copy "
                         "it again from the source, or remove it if it is no slice of the series"
                     ) from e
-                logger.warning("skipping %s", e)
-                skipped.append((p, e.reason))
+                reason = e.reason
+                if os.path.getsize(p) == 0:  # a system or text file left empty (Thumbs.db), not a cut copy
+                    reason = "an empty file whose name is no slice's (no DICOM, numeric or no suffix)"
+                logger.warning("skipping %s: %s", p, reason)
+                skipped.append((p, reason))
                 continue
             header = self._header(ds, p, caught)
             if len(ds) == 0:  # a file meta header and nothing after it: a truncated file, not a non-image object

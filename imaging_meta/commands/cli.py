@@ -514,7 +514,7 @@ def _run_tool(argv: Sequence[str]) -> int:
         from datamodules.synthetic.demo import demo_is_complete, demo_settings, generate_demo_cohort
         from imaging_meta.commands.outputs import check_output_folder
 
-        out = check_output_folder(args.out)  # a file, or a folder that cannot be written, named before the work
+        out = Path(args.out)
         if args.if_missing and demo_is_complete(out):
             have, asked = demo_settings(out), {"seed": args.seed, "patients_per_site": args.patients_per_site}
             if have != asked:  # --if-missing answered "already there" for a cohort of other settings (a review)
@@ -523,15 +523,16 @@ def _run_tool(argv: Sequence[str]) -> int:
                                  f"{args.patients_per_site}; give another --out, or delete the folder to write it again")
             sys.stdout.write(f"demo cohort already in {out}\n")
             return 0
+        check_output_folder(out)  # a file, or a folder that cannot be written, named before the work (a finished
+        # cohort on a read-only share is still "already there" above)
         summary = generate_demo_cohort(out, seed=args.seed, patients_per_site=args.patients_per_site)
         sys.stdout.write(f"demo cohort written to {out}: {summary}\n")
         return 0
     if args.command == "scan":
-        from datamodules.indexing.index import Index
         from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, scan_to_file
         from imaging_meta.commands.outputs import check_output_file
 
-        Index.check_target(check_output_file(args.out, example="index.json"))  # before the scan, which takes minutes on a large folder
+        check_output_file(args.out, example="index.json")  # before the scan, which takes minutes on a large folder
 
         fields = tuple(args.site_fields) if args.site_fields else DEFAULT_SITE_FIELDS
         names: dict[int, str] = {}

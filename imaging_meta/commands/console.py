@@ -227,35 +227,44 @@ def user_error(error: BaseException) -> str | None:
     return None
 
 
-#: what to do about an operating-system error while writing or reading a path, by errno
+#: what an operating-system error on a path means and what to do, by errno: said for reading and writing alike
+#: (the error does not say which); the path is the file meant (`_os_error_message`)
 _OS_FIXES = {
-    errno.EROFS: "the file system is read-only; write the output somewhere else (another --out, or cache_dir for fit)",
-    errno.EACCES: "permission denied; write the output somewhere you may write (another --out, or cache_dir for fit)",
-    errno.EPERM: "operation not permitted; write the output somewhere you may write",
+    errno.EROFS: "on a read-only file system, where nothing can be written; write the output somewhere else (another "
+                 "--out, or cache_dir for fit)",
+    errno.EACCES: "permission denied to this user; give it read (inputs) or write (outputs) permission, or use "
+                  "another path",
+    errno.EPERM: "operation not permitted to this user; check the path's owner and permissions, or use another path",
     errno.ENOSPC: "no space left on the device; free some space, or write the output to another disk",
     errno.EDQUOT: "the disk quota is exceeded; free some space, or write the output to another disk",
-    errno.EISDIR: "a folder of that name exists where a file is to be written; move it, or give another name",
+    errno.EISDIR: "is a folder where a file was expected; give a file's path, or move the folder",
     errno.ENOTDIR: "a part of this path is a file, not a folder; give a path whose folders are folders",
     errno.EEXIST: "a file of that name exists where a folder is to be made; move it, or give another path",
     errno.ENAMETOOLONG: "the name is longer than the file system takes; give a shorter name",
     errno.ELOOP: "a symbolic link loop; point the link at a file or folder",
 }
+#: errors whose fix does not depend on the path, said without one when the error names none (a full disk does not)
+_PATHLESS = (errno.ENOSPC, errno.EDQUOT)
 #: `datamodules.io.atomic`'s temporary files: ``.<target name, maybe cut>.<8 random characters>.partial``
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.[^.]{8}\.partial$")
 
 
 def _os_error_message(error: OSError) -> str | None:
     """A one-line message for an operating-system error the user can fix (`_OS_FIXES`), naming the file the
-    command meant to write (not its temporary ``.partial`` file); None for other errors."""
+    command meant (not its temporary ``.partial`` file); None for other errors."""
     fix = _OS_FIXES.get(error.errno) if error.errno is not None else None
-    if fix is None or error.filename is None:
+    if fix is None:
         return None
+    detail = f" ({error.strerror or type(error).__name__})"
+    if error.filename is None:
+        return fix[0].upper() + fix[1:] + detail if error.errno in _PATHLESS else None
     path = Path(os.fsdecode(error.filename))
     match = _PARTIAL.match(path.name)
-    if match:  # the temporary file of an atomic write: name the target (or its folder, where the name was cut)
-        cut = len(os.fsencode(match.group("name"))) >= TEMP_NAME_BYTES - 3  # a cut keeps whole characters
-        path = path.parent if cut else path.parent / match.group("name")
-    return f"{path}: {fix} ({error.strerror or type(error).__name__})"
+    if match:  # the temporary file of an atomic write: name the target ("…": its name may have been cut)
+        name = match.group("name")
+        maybe_cut = len(os.fsencode(name)) > TEMP_NAME_BYTES - 4  # a cut keeps whole characters (up to 4 bytes)
+        path = path.parent / (name + "…" if maybe_cut else name)
+    return f"{path}: {fix}{detail}"
 
 
 def non_negative_int(text: str) -> int:

@@ -531,9 +531,10 @@ def evaluate(
     if scan_scale != "checkpoint" and not scan_protocols:
         logger.warning("--scale %s applies to the whole-scan protocols only; add --scan-protocols", scan_scale)
     earlier = check_evaluation_folder(out_dir)
-    for folder, option in ((cache_dir, "--cache-dir"), (log_dir, "--log-dir")):
+    # a complete cache may sit on read-only storage (slice_cache.check_writable): only the events must be written
+    for folder, option, writable in ((cache_dir, "--cache-dir", False), (log_dir, "--log-dir", True)):
         if folder is not None:
-            check_output_folder(folder, option)
+            check_output_folder(folder, option, writable=writable)
     if log_dir is not None and Path(log_dir).resolve().is_relative_to(Path(out_dir).resolve()):
         raise ValueError(f"--log-dir {log_dir} lies in --out {out_dir}, whose files are reproducible byte for byte; "
                          "write the TensorBoard events elsewhere (e.g. the training run's version_N folder)")

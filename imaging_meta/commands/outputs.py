@@ -9,6 +9,7 @@ folder that holds an input, would then silently replace one result with another,
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,11 +19,16 @@ def _key(path: Path) -> str:
     return os.path.normcase(os.path.realpath(path))
 
 
-def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Path:
+def check_output_folder(folder: str | os.PathLike, option: str = "--out", writable: bool = True) -> Path:
     """The output folder of a command, refused when a file of that name exists (it would fail after the work).
 
+    Args:
+        writable: refuse a folder that cannot be written to (or created); False for a cache that may be complete
+            on read-only storage.
+
     Raises:
-        ValueError: ``folder`` exists and is not a folder, lies under a file, or cannot be written to (or created).
+        ValueError: ``folder`` exists and is not a folder, lies under a file, or (``writable``) cannot be written to
+            or created.
     """
     p = Path(folder)
     if p.exists() and not p.is_dir():
@@ -31,7 +37,7 @@ def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Pat
     if not parent.is_dir():  # a file above it: the folder could never be created
         raise ValueError(f"{p}: {parent} is a file, so {option} cannot be created under it")
     where = p if p.is_dir() else parent
-    if not os.access(where, os.W_OK | os.X_OK):  # read-only or not ours: say so now, not after the work
+    if writable and not os.access(where, os.W_OK | os.X_OK):  # read-only or not ours: say so now, not after the work
         raise ValueError(f"{p}: cannot write in {where} (permission denied or a read-only file system); give "
                          f"another {option}")
     return p
@@ -57,6 +63,22 @@ def check_output_file(path: str | os.PathLike, option: str = "--out", example: s
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{p}: cannot write in {parent} (permission denied); give another {option}")
     return p
+
+
+def _ignores_case(folder: Path) -> bool:
+    """Whether the file system of ``folder`` (an existing folder, or a file in one) treats names that differ only
+    in letter case as one (Windows, macOS, many network shares): a probe file is made and looked up in upper case.
+    False where no probe can be made (the folder is refused as not writable elsewhere)."""
+    where = folder if folder.is_dir() else folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".case-probe-", dir=where)
+    except OSError:
+        return False
+    try:
+        os.close(fd)
+        return os.path.exists(os.path.join(where, os.path.basename(probe).upper()))
+    finally:
+        os.unlink(probe)
 
 
 def _check_name_length(path: Path, source: str) -> None:
@@ -99,11 +121,11 @@ def check_outputs(planned: Sequence[tuple[Path, str]], inputs: Iterable[str | os
             )
         sources[key] = source
         other = folded.setdefault(key.casefold(), (path, source))
-        if other[1] != source and other[0] != path:
+        if other[1] != source and other[0] != path and _ignores_case(_nearest_existing_parent(path)):
             raise ValueError(
                 f"{path} and {other[0]}: the outputs of {source} and {other[1]} differ only in the case of their "
-                "letters, and are one file on a file system that ignores case (Windows, macOS, many shares); "
-                "rename one of the inputs, or run them in separate runs with different output folders"
+                "letters, and this file system ignores case (one file for both); rename one of the inputs, or run "
+                "them in separate runs with different output folders"
             )
         _check_name_length(path, source)
     for p in map(Path, inputs):

@@ -280,7 +280,8 @@ def episode_panel(task: Task, batch: Episode, probs: torch.Tensor, threshold: fl
     site = _episode_site(batch, 0)  # a classification episode names the sites of all its queries
     n_way = int(batch.support_labels[0].max()) + 1
     n_shot = int(batch.support_labels.shape[1]) // max(1, n_way)
-    title = (f"{n_way}-way {n_shot}-shot episode · {_site_text(site)} · "
-             f"{task.metric_title} {float(scores[0].mean()):.3f} on {scores.shape[1]} queries")
+    # the score before the sites, whose text may be long: the title's last line is cut when it does not fit
+    title = (f"{n_way}-way {n_shot}-shot episode · {task.metric_title} {float(scores[0].mean()):.3f} on "
+             f"{scores.shape[1]} queries · {_site_text(site)}")
     return classification_panel(batch.support_images[0].float().cpu(), batch.support_labels[0], batch.query_images[0].float().cpu(),
                                 labels[0], decisions[0], _classes(batch, 0), title, max_queries_per_class=n)

@@ -761,11 +761,19 @@ def test_scan_names_an_out_that_is_an_input(tmp_path):
     assert Index.check_target(tmp_path / "new.json") == tmp_path / "new.json"
 
 
-def test_outputs_that_differ_only_in_case_or_are_too_long_are_refused_before_the_work(tmp_path, scans):
+def test_outputs_that_differ_only_in_case_or_are_too_long_are_refused_before_the_work(tmp_path, scans, monkeypatch):
+    """Masks named `ct.nii.gz` and `CT.nii.gz` are one file where the file system ignores case (probed), two here."""
+    from imaging_meta.commands import outputs
+
     image, label = scans
     upper = write_nifti(phantom(seed=2), affine_ras(), tmp_path / "other" / "CT.nii.gz")
-    with pytest.raises(ValueError, match=r"differ only in the case of their letters"):
+    assert not outputs._ignores_case(tmp_path)  # this file system tells them apart: the plan is fine
+    with pytest.raises(Exception, match="never-read.ckpt"):
         segment(NEVER_READ, [(image, label)], [image, upper], tmp_path / "out")
+    with monkeypatch.context() as m:
+        m.setattr(outputs, "_ignores_case", lambda folder: True)
+        with pytest.raises(ValueError, match=r"differ only in the case of their letters, and this file system ignores"):
+            segment(NEVER_READ, [(image, label)], [image, upper], tmp_path / "out")
     long = write_nifti(phantom(seed=3), affine_ras(), tmp_path / "long" / ("日本" * 40 + ".nii.gz"))  # 247 bytes
     with pytest.raises(ValueError, match=r"is 2\d\d bytes, more than the 255 its file system takes"):
         segment(NEVER_READ, [(image, label)], [long], tmp_path / "out", explain=True)  # + "_prob" and more
@@ -816,9 +824,12 @@ def test_an_empty_system_file_in_a_series_folder_is_skipped_and_a_gzipped_slice_
     with caplog.at_level(logging.WARNING, logger="datamodules.io.dicom"):
         arr, _ = DicomSeriesReader().get_data(DicomSeriesReader().read(str(tmp_path / "series")))
     assert arr.shape[-1] == 6 and any("Thumbs.db" in r.message for r in caplog.records)
-    (tmp_path / "series" / "IM_0099").write_bytes(b"")  # a slice's name, no bytes: refused as before
-    with pytest.raises(DicomError, match=r"IM_0099: empty file .*must be readable"):
-        DicomSeriesReader().read(str(tmp_path / "series"))
+    assert "an empty file whose name is no slice's" in caplog.text  # not "an interrupted copy"
+    for name in ("IM_0099", "PAT.CT.0099.IMA", "1.2.840.99"):  # a slice's name, no bytes: refused as before
+        (tmp_path / "series" / name).write_bytes(b"")
+        with pytest.raises(DicomError, match=rf"{re.escape(name)}: empty file .*must be readable"):
+            DicomSeriesReader().read(str(tmp_path / "series"))
+        (tmp_path / "series" / name).unlink()
     zipped = tmp_path / "gz"
     zipped.mkdir()
     for p in paths:
@@ -829,16 +840,20 @@ def test_an_empty_system_file_in_a_series_folder_is_skipped_and_a_gzipped_slice_
 
 def test_os_errors_name_the_file_meant_and_the_fix():
     """Read-only file systems, full disks and paths through files printed the raw errno and the atomic write's
-    temporary name ('.index.json.rw8hfvgo.partial')."""
+    temporary name ('.index.json.rw8hfvgo.partial'); the message fits a file read as well as one written."""
     import errno
     import os
 
     from imaging_meta.commands.console import error_line
 
     ro = OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/demo/.index.json.rw8hfvgo.partial")
-    assert error_line(ro).startswith("imaging-meta: error: /data/demo/index.json: the file system is read-only; ")
-    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/mask.nii.gz")
-    assert "/out/mask.nii.gz: no space left on the device" in error_line(full)
+    assert error_line(ro).startswith("imaging-meta: error: /data/demo/index.json: on a read-only file system")
+    cut = OSError(errno.EROFS, os.strerror(errno.EROFS), f"/o/.{'a' * 94}.abcd1234.partial")
+    assert f"/o/{'a' * 94}…: on a read-only" in error_line(cut)  # 94 bytes: maybe cut, so not called whole
+    denied = OSError(errno.EACCES, os.strerror(errno.EACCES), "sup/a/1.png")  # an input that cannot be read
+    assert "sup/a/1.png: permission denied to this user; give it read (inputs) or write (outputs)" in error_line(denied)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a full disk's error names no file
+    assert error_line(full).startswith("imaging-meta: error: No space left on the device; free some space")
     other = OSError(errno.ECONNRESET, "reset", "x")  # no fix known: the message as it was
     assert "reset" in error_line(other)
 
@@ -853,3 +868,21 @@ def test_one_query_given_twice_is_segmented_once(tmp_path, scans, caplog, monkey
             segment(NEVER_READ, [(image, label)], [image, Path("./ct.nii.gz"), image], tmp_path / "out")
     assert "would both be written" not in str(err.value) and "never-read.ckpt" in str(err.value)
     assert "2 query path(s) given more than once, segmented once" in caplog.text
+
+
+def test_a_cache_may_be_read_only_and_a_finished_demo_is_found_on_a_read_only_share(tmp_path, monkeypatch, capsys):
+    """The writability check refused a complete evaluate --cache-dir on read-only storage, and made `demo
+    --if-missing` (make train) fail on a finished cohort it could not write to (a review of the change)."""
+    import datamodules.synthetic.demo as demo
+    from imaging_meta.commands import outputs
+    from imaging_meta.commands.cli import main
+
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)  # as for a user without write permission
+    with pytest.raises(ValueError, match="cannot write in"):
+        outputs.check_output_folder(tmp_path, "--log-dir")
+    assert outputs.check_output_folder(tmp_path, "--cache-dir", writable=False) == tmp_path
+    monkeypatch.setattr(demo, "demo_is_complete", lambda folder: True)
+    monkeypatch.setattr(demo, "demo_settings", lambda folder: {"seed": 0, "patients_per_site": 12})
+    with pytest.raises(SystemExit) as code:
+        main(["demo", "--out", str(tmp_path), "--if-missing"])
+    assert code.value.code == 0 and "already in" in capsys.readouterr().out

@@ -81,7 +81,8 @@ def test_compress_keeps_sign_and_order_and_drops_undefined_values():
 
 def test_mirps_root_logging_is_kept_off_stdout_and_the_root_logger_restored(capsys):
     """mirp configures the root logger at INFO on stdout on every extraction (720 INFO lines for a short fit, with
-    --quiet): inside `quiet_root_logging` what it does reaches nothing, and the root logger is as it was after."""
+    --quiet): inside `quiet_root_logging` its INFO lines reach nothing, its warnings (and everyone's) still reach
+    stderr, and the root logger is as it was after."""
     import io
     import logging
     import sys
@@ -89,18 +90,28 @@ def test_mirps_root_logging_is_kept_off_stdout_and_the_root_logger_restored(caps
     from imaging_meta.learners.descriptors.radiomics import quiet_root_logging
 
     root = logging.getLogger()
-    before = (list(root.handlers), root.level)
-    with quiet_root_logging():  # what mirp 2.7's extract_features does, in substance
-        logging.basicConfig(format="%(levelname)s\t: %(message)s", level=logging.INFO, stream=sys.stdout)
-        logging.info("Initialising feature computation")
-        logging.warning("a real problem")  # warnings still pass to the handlers the process has
-    assert "Initialising" not in capsys.readouterr().out
-    assert (list(root.handlers), root.level) == before
+    saved = list(root.handlers)
+    for h in saved:  # as under the CLI, where only the project's loggers have handlers
+        root.removeHandler(h)
+    try:
+        before = (list(root.handlers), root.level)
+        with quiet_root_logging():  # what mirp 2.7's extract_features does, in substance
+            logging.basicConfig(format="%(levelname)s\t: %(message)s", level=logging.INFO, stream=sys.stdout)
+            logging.info("Initialising feature computation")
+            logging.getLogger("mirp").warning("a real problem")
+            logging.getLogger("user.script").error("the user's own error")
+        captured = capsys.readouterr()
+        assert "Initialising" not in captured.out + captured.err
+        assert "a real problem" in captured.err and "the user's own error" in captured.err
+        assert (list(root.handlers), root.level) == before
+    finally:
+        for h in saved:
+            root.addHandler(h)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     root.addHandler(handler)
     try:
-        with quiet_root_logging():
+        with quiet_root_logging():  # a root logger with the user's handler: no second handler, INFO dropped
             logging.warning("kept")
             logging.info("dropped")
     finally:

@@ -47,17 +47,24 @@ _ROOT_LOCK = threading.Lock()
 def quiet_root_logging() -> Iterator[None]:
     """mirp (2.7) calls ``logging.basicConfig(level=INFO, stream=sys.stdout)`` on every extraction and logs through
     the root logger: two INFO lines per item on stdout, even under ``--quiet``, and every library's INFO lines
-    after it. While this is entered, the root logger holds a handler (so that ``basicConfig`` and
-    ``logging.info`` configure nothing) and passes only warnings; both are restored on leaving."""
+    after it. While this is entered, the root logger passes warnings and errors only, and, when it has no handler
+    (``basicConfig`` and ``logging.info`` then configure one), it holds one that writes them to stderr as Python's
+    last-resort handler would: ``basicConfig`` configures nothing, and a warning still reaches the user. Both are
+    restored on leaving."""
     root = logging.getLogger()
     with _ROOT_LOCK:
-        guard, level = logging.NullHandler(), root.level
-        root.addHandler(guard)
+        level = root.level
+        guard = None
+        if not root.handlers:
+            guard = logging.StreamHandler()  # stderr, message only, as logging.lastResort
+            guard.setLevel(logging.WARNING)
+            root.addHandler(guard)
         root.setLevel(max(level, logging.WARNING))
         try:
             yield
         finally:
-            root.removeHandler(guard)
+            if guard is not None:
+                root.removeHandler(guard)
             root.setLevel(level)
 
 
