@@ -530,9 +530,9 @@ def segment(
                 raise ValueError(f"{enhanced}: a multi-frame (enhanced) series; --format dicom-seg writes a segmentation "
                                  "of single-frame series only: use --format nifti for this query")
 
-    unique: dict[str, str | Path] = {}  # a query given twice (`a.nii.gz` and `./a.nii.gz`): segmented once
-    for query in queries:
-        unique.setdefault(os.path.realpath(query), query)
+    unique: dict[str, str | Path] = {}  # a query given twice (`a.nii.gz` and `./a.nii.gz`): segmented once; links
+    for query in queries:  # of other names to one scan stay apart (their masks have their names)
+        unique.setdefault(os.path.abspath(query), query)
     if len(unique) < len(queries):
         logger.warning("%d query path(s) given more than once, segmented once", len(queries) - len(unique))
         queries = list(unique.values())
