@@ -21,6 +21,7 @@ rebuilds the old split (`LEGACY_DATA_ARGS`), so ``evaluate`` tests it on the spl
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,12 @@ def _torch_file(path: Path) -> bool:
     return zipfile.is_zipfile(path) or start == b"\x80"
 
 
+def _refused_global(text: str) -> str:
+    """``" (it names posix.system)"``: the object torch's refusal names, when it names one."""
+    match = re.search(r"(?:[Uu]nsupported global: |unsupported )GLOBAL ([\w.]+)", text)
+    return f" (it names {match.group(1)})" if match else ""
+
+
 def read_checkpoint(checkpoint: str | Path) -> dict:
     """The content of a checkpoint file, read with ``weights_only=True``: no pickled code runs."""
     path = Path(checkpoint)
@@ -125,6 +132,11 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
         if path.is_file() and not _torch_file(path):  # a PNG or a text renamed .ckpt: torch's hint is about pickles
             raise CheckpointError(f"{path}: not a PyTorch checkpoint file (neither torch's zip format nor a pickle); "
                                   "give a checkpoint written by imaging-meta fit") from None
+        if "Weights only load failed" in str(e):  # torch's text goes on to suggest weights_only=False
+            raise CheckpointError(
+                f"{path}: holds Python objects besides tensors and plain values, which imaging-meta fit never writes; "
+                "torch refused to unpickle them (weights_only=True), so none of its code ran. Do not load a file of "
+                f"unknown source with weights_only=False{_refused_global(str(e))}") from None
         raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(content, dict) and isinstance(content.get("imaging_meta"), dict):
         content["imaging_meta"] = modernize(content["imaging_meta"])
@@ -133,6 +145,30 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
         hp["_class_path"] = current_class_path(hp["_class_path"])
         content["datamodule_hyper_parameters"] = {**LEGACY_DATA_ARGS.get(hp["_class_path"], {}), **hp}
     return content
+
+
+def plain_hyperparameters(hparams: Any, path: str | Path) -> dict:
+    """A checkpoint's ``hyper_parameters`` when each is a plain value (a number, a flag, a string or none), as
+    `EpisodicModule` saves them (its learner and optimiser are kept out of them).
+
+    LightningCLI merges a checkpoint's hyperparameters into the run's configuration for ``fit``/``test``/``validate
+    --ckpt_path``, where a ``class_path`` (or Lightning's ``_class_path``) is imported, built and called: a
+    checkpoint that set its scheduler to ``os.system`` ran a shell command, although no pickled code is ever
+    loaded (a review). A checkpoint is data; such a file is refused.
+
+    Raises:
+        CheckpointError: hyperparameters that are not a mapping of plain values.
+    """
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{path}: its hyper_parameters are a {type(hparams).__name__}, not a mapping of "
+                              "settings; give a checkpoint written by imaging-meta fit")
+    built = sorted(k for k, v in hparams.items() if k == "_class_path" or not isinstance(v, (type(None), bool, int,
+                                                                                               float, str)))
+    if built:
+        raise CheckpointError(f"{path}: its hyper_parameters hold {', '.join(map(repr, built))}, which imaging-meta fit "
+                              "never writes: settings that are not plain values would be built and run (a "
+                              "class_path); a checkpoint from an unknown source is refused")
+    return hparams
 
 
 def split_mismatch(extra: dict, datamodule: Any) -> tuple[str, str] | None:

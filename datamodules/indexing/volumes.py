@@ -137,6 +137,11 @@ def checked_nifti(img: Any, path: str) -> Any:
     return in_mm(img)
 
 
+#: the most voxels a volume may have (8 GiB as float32; a whole-body CT of 512 x 512 x 2000 has a quarter of it):
+#: a header that declares more (a damaged one, or a gzip bomb) is refused before its data is read
+MAX_VOXELS = 2**31
+
+
 def dimensions_reason(shape: Sequence[int]) -> str | None:
     """Why a NIfTI file of this shape (its own axis order, ``dim[1:]``) is no 3D volume, or None when it is one
     (trailing singleton dimensions allowed). NIfTI's 4th dimension is time, its 5th vector components."""
@@ -150,6 +155,11 @@ def dimensions_reason(shape: Sequence[int]) -> str | None:
             "file (scan and fit need at least 3 slices; segment also takes one slice saved with shape (X, Y, 1))"
         )
     if len(spatial) == 3:
+        voxels = int(np.prod(np.asarray(spatial, dtype=np.float64)))
+        if voxels > MAX_VOXELS:
+            return (f"shape {shape}: {voxels / 1e9:.1f} billion voxels ({4 * voxels / 2**30:.0f} GiB as float32), more "
+                    f"than the {MAX_VOXELS / 1e9:.1f} billion read here; the header is damaged, or crop or resample "
+                    "the volume first")
         return None
     if len(spatial) == 4:
         return (

@@ -131,7 +131,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-    from imaging_meta.checkpoint_io import CheckpointError, read_checkpoint
+    from imaging_meta.checkpoint_io import CheckpointError, plain_hyperparameters, read_checkpoint
     from imaging_meta.module import EpisodicModule
 
     class ImagingMetaCLI(LightningCLI):
@@ -162,7 +162,9 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             if keyword and not Path(path).is_file():
                 raise CheckpointError(f"--ckpt_path {path}: give the checkpoint file (RUN/checkpoints/last.ckpt to "
                                       f"resume, best.ckpt to test); Lightning's keyword finds none in a new run")
-            hparams = read_checkpoint(path).get("hyper_parameters") or {}  # a missing or foreign file, named
+            # a missing or foreign file, named; settings that are not plain values (a class_path Lightning would
+            # build and call) refused
+            hparams = plain_hyperparameters(read_checkpoint(path).get("hyper_parameters") or {}, path)
             model = self.config[sub].get("model")
             defaults = {k: p.default for k, p in inspect.signature(EpisodicModule.__init__).parameters.items()}
             given = {k: model[k] for k in hparams if model is not None and k in model and model[k] != defaults.get(k)}

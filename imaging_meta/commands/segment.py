@@ -37,6 +37,7 @@ from datamodules.indexing.inputs import Reject, nifti_pair_kind
 from datamodules.indexing.pseudonyms import normalise_modality
 from datamodules.indexing.volumes import (
     cifti_file_reason,
+    dimensions_reason,
     hounsfield_air_share,
     label_data_values,
     load_nifti,
@@ -93,14 +94,18 @@ def image_source(path: str | Path) -> str:
     cifti = cifti_file_reason(str(p)) if p.is_file() else None
     if cifti:
         raise ValueError(f"{p}: {cifti}")
-    if p.is_file():  # the header only: what the voxels cannot be read as
+    if p.is_file():  # the header only: what the voxels cannot be read as, or too many of them
         try:
-            dtype = cast(SpatialImage, nib.load(str(p))).get_data_dtype()
+            header_image = cast(SpatialImage, nib.load(str(p)))
+            dtype, shape = header_image.get_data_dtype(), header_image.shape
         except Exception as e:
             renamed = compression_problem(p)
             if renamed:
                 raise ValueError(f"{p}: {renamed}") from None
             raise ValueError(f"{p}: cannot be read as a NIfTI file ({type(e).__name__}: {e}); export it again") from None
+        problem = dimensions_reason(shape)
+        if problem:
+            raise ValueError(f"{p}: {problem}")
         if np.issubdtype(dtype, np.complexfloating):
             raise ValueError(f"{p}: complex-valued voxels ({dtype}); segment reads real intensities, so save the "
                              "magnitude (numpy.abs) as the image")

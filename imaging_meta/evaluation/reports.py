@@ -31,8 +31,9 @@ TABLE_HEADS = {
 
 
 def md_cell(text: str) -> str:
-    """Escape a value for a Markdown table cell (site keys contain '|')."""
-    return str(text).replace("|", "\\|")
+    """Escape a value for a Markdown table cell: '|' (site keys contain it), and line breaks (a DICOM header field
+    or a run's name with a newline broke its row in two) as spaces."""
+    return " ".join(str(text).replace("|", "\\|").splitlines())
 
 
 def _digits(metric: str) -> int:
@@ -325,6 +326,23 @@ def write_evaluation_report(out_dir: str | os.PathLike, context: dict, summary: 
 
 
 # ---------------------------------------------------------------- imaging-meta compare
+def _compare_rows(doc: dict, shots: list[int], shas: dict) -> list[str]:
+    """The rows of one evaluation run's results.json in the comparison table (``shas`` collects its episode
+    files' digests)."""
+    rows = []
+    ctx, summ = doc["context"], doc["summary"]
+    metrics = get_task(ctx["task"]).report_metrics
+    for k in shots:
+        if str(k) not in summ:
+            continue
+        sha = ctx["episode_files"][str(k)]["sha256"]
+        shas[(ctx["task"], ctx["protocol"], k)].add(sha)
+        cells = [f"{m}: {stat_cell(summ[str(k)][m].get(TRAINED, {}).get('all'), _digits(m))}" for m in metrics]
+        rows.append(f"| {md_cell(ctx['name'])} | {md_cell(ctx['protocol'])} | {md_cell(str(ctx['learner']).rsplit('.', 1)[-1])} "
+                    f"| {k} | " + "; ".join(cells) + f" | {_interval(ctx)} | `{str(sha)[:12]}` |")
+    return rows
+
+
 def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     """One Markdown table of the trained learner's headline numbers in several evaluation run folders.
 
@@ -333,7 +351,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     The ``95% CI`` column names each run's interval (``patient-bootstrap`` cells read ``value [low, high]``,
     ``episode-t`` cells ``mean ± half-width``).
     """
-    rows, shas = [], defaultdict(set)
+    rows: list[str] = []
+    shas: defaultdict[tuple, set] = defaultdict(set)
     runs, skipped = [], []
     for d in run_dirs:
         f = Path(d) / "results.json"
@@ -344,21 +363,30 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
             # folder that is no run is named under the table, not an error, unless nothing is left
             skipped.append(str(d))
             continue
-        runs.append(json.loads(f.read_text()))
+        try:
+            doc = json.loads(f.read_text())
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{f}: not valid JSON ({type(e).__name__}: {e}); run imaging-meta evaluate again") from None
+        if not (isinstance(doc, dict) and isinstance(doc.get("context"), dict) and isinstance(doc.get("summary"), dict)):
+            raise ValueError(f"{f}: not a results.json written by imaging-meta evaluate (no context and summary); run "
+                             "imaging-meta evaluate again")
+        runs.append((f, doc))
     if not runs:
         raise FileNotFoundError(f"{first(skipped, sep=', ')}: no results.json; run `imaging-meta evaluate --out "
                                 f"{skipped[0]}` first")
-    shots = sorted({int(k) for doc in runs for k in doc["context"]["shots"]})
-    for doc in runs:
-        ctx, summ = doc["context"], doc["summary"]
-        metrics = get_task(ctx["task"]).report_metrics
-        for k in shots:
-            if str(k) not in summ:
-                continue
-            shas[(ctx["task"], ctx["protocol"], k)].add(ctx["episode_files"][str(k)]["sha256"])
-            cells = [f"{m}: {stat_cell(summ[str(k)][m].get(TRAINED, {}).get('all'), _digits(m))}" for m in metrics]
-            rows.append(f"| {md_cell(ctx['name'])} | {ctx['protocol']} | {ctx['learner'].rsplit('.', 1)[-1]} | {k} | "
-                        + "; ".join(cells) + f" | {_interval(ctx)} | `{ctx['episode_files'][str(k)]['sha256'][:12]}` |")
+    shots: set[int] = set()
+    for f, doc in runs:
+        try:
+            shots |= {int(k) for k in doc["context"]["shots"]}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{f}: a results.json without its shots ({type(e).__name__}: {e}); run imaging-meta "
+                             "evaluate again") from None
+    for f, doc in runs:
+        try:
+            rows += _compare_rows(doc, sorted(shots), shas)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # edited, or another program's
+            raise ValueError(f"{f}: not a results.json written by imaging-meta evaluate ({type(e).__name__}: {e}); "
+                             "run imaging-meta evaluate again") from None
     lines = ["| run | protocol | learner | shots | trained (mean and 95% CI) | 95% CI | episodes sha256 |",
              "|---|---|---|---|---|---|---|"]
     lines += rows

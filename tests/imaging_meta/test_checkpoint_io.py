@@ -81,9 +81,12 @@ def test_a_pickled_object_in_a_checkpoint_is_never_executed(tmp_path):
 
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "imaging_meta": {"learner_config": Payload()}}, path)
-    with pytest.raises(CheckpointError, match=r"evil\.ckpt: not a readable imaging-meta checkpoint"):
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: holds Python objects besides tensors .* none of its code "
+                                              r"ran\. Do not load a file of unknown source with weights_only=False "
+                                              r"\(it names [\w.]+\)") as err:
         load_learner(path)
     assert not (tmp_path / "pwned").exists()
+    assert "will likely succeed" not in str(err.value)  # torch's advice to load it with weights_only=False
 
 
 def test_a_learner_built_with_other_settings_than_the_checkpoints_is_named_and_recorded(tmp_path):

@@ -886,3 +886,25 @@ def test_a_cache_may_be_read_only_and_a_finished_demo_is_found_on_a_read_only_sh
     with pytest.raises(SystemExit) as code:
         main(["demo", "--out", str(tmp_path), "--if-missing"])
     assert code.value.code == 0 and "already in" in capsys.readouterr().out
+
+
+def test_a_header_that_declares_billions_of_voxels_is_refused_before_its_data_is_read(tmp_path):
+    """A damaged header or a gzip bomb (100000 x 100000 x 1000 voxels) reached MONAI's loader and ended as a
+    MemoryError reported as an internal error (with --modality), after gigabytes of memory."""
+    import nibabel as nib
+
+    from datamodules.indexing.inputs import Reject
+    from datamodules.indexing.volumes import MAX_VOXELS, load_nifti
+    from imaging_meta.commands.segment import image_source
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 3000))  # dims are int16
+    header.set_data_dtype(np.uint8)
+    header["vox_offset"] = 352
+    bomb = tmp_path / "bomb.nii"
+    bomb.write_bytes(header.binaryblock + b"\0" * 4)  # the header alone: no data follows
+    with pytest.raises(ValueError, match=r"bomb\.nii: shape \(30000, 30000, 3000\): 2700\.0 billion voxels"):
+        image_source(bomb)
+    with pytest.raises(Reject, match=r"billion voxels .* the header is damaged, or crop or resample"):
+        load_nifti(str(bomb))
+    assert MAX_VOXELS >= 512 * 512 * 2000  # a whole-body CT is read

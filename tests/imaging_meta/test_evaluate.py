@@ -413,3 +413,22 @@ def test_an_interrupted_evaluation_leaves_the_earlier_report_whole(seg_checkpoin
         assert {n: after[n] for n in ("results.json", "records.csv", "episodes-1shot.json")} == {
             n: before[n] for n in ("results.json", "records.csv", "episodes-1shot.json")}
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".partial")]
+
+
+def test_compare_names_a_results_json_it_cannot_read_and_keeps_rows_on_one_line(tmp_path):
+    """Hand-edited or foreign results.json files ended as internal errors (null: TypeError; deep nesting:
+    RecursionError; a string mean: a format error naming no file), and a newline in a run's name split its row."""
+    from imaging_meta.evaluation.reports import md_cell
+
+    assert md_cell("Evil|Maker\n| fake | row |") == "Evil\\|Maker \\| fake \\| row \\|"
+    cases = {"null": "null", "deep": "[" * 100000 + "]" * 100000, "no_shots": '{"context": {}, "summary": {}}',
+             "text_mean": json.dumps({"context": {"shots": [1], "task": "segmentation", "protocol": "p", "name": "x",
+                                                  "learner": "L", "episode_files": {"1": {"sha256": "ab"}},
+                                                  "interval": {"name": "episode-t"}},
+                                      "summary": {"1": {"dice": {"trained": {"all": {"mean": "high", "ci95": 0.1}}},
+                                                        "hd95": {}}}})}
+    for name, text in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}/results\.json: (not valid JSON|not a results\.json|a results\.json without)"):
+            compare_runs([tmp_path / name])
