@@ -145,14 +145,22 @@ def load_episodes(
             not match its sha256 (the file was edited); the message says to regenerate it.
     """
     path = Path(path)
-    with open(path) as f:
-        payload = json.load(f)
-    if "sha256" in payload:
-        if _episodes_digest(payload["episodes"]) != payload["sha256"]:
-            raise ValueError(f"{path}: the episode list does not match its sha256 (the file was edited); regenerate it")
-    where = {cid: i for i, cid in enumerate(case_ids)}
-    read = _READERS.get(payload.get("kind"), _segmentation_specs)
-    return read(path, payload["episodes"], where, class_names), payload.get("meta", {})
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+        if not isinstance(payload, dict) or not isinstance(payload.get("episodes"), list):
+            raise ValueError(f"{path}: not an episode file (no list of episodes); regenerate it")
+        if "sha256" in payload:
+            if _episodes_digest(payload["episodes"]) != payload["sha256"]:
+                raise ValueError(f"{path}: the episode list does not match its sha256 (the file was edited); regenerate it")
+        where = {cid: i for i, cid in enumerate(case_ids)}
+        read = _READERS.get(payload.get("kind"), _segmentation_specs)
+        return read(path, payload["episodes"], where, class_names), payload.get("meta", {})
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(str(path)):  # already names the file and the fix
+            raise
+        raise ValueError(f"{path}: not an episode file written by imaging-meta ({type(e).__name__}: {e}); delete it to "
+                         "draw the episodes again, or regenerate it") from e
 
 
 def _episodes_digest(episodes: list[dict]) -> str:

@@ -107,6 +107,11 @@ def test_episode_json_round_trip(tmp_path):
     assert len(payload["sha256"]) == 64
     with pytest.raises(ValueError, match="not in this split"):
         load_episodes(path, ids[:3])
+    # edited by hand without its sha256: wrong types are named with the file, not an internal error (a review)
+    for episodes in ({"a": 1}, [{"organ": "spleen", "support": [["c-000", "abc"]], "query": []}], None):
+        path.write_text(json.dumps({"episodes": episodes}))
+        with pytest.raises(ValueError, match=rf"{path.name}: not an episode file"):
+            load_episodes(path, ids)
 
 
 def test_golden_first_episode():
