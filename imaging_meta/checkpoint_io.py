@@ -115,6 +115,13 @@ def _torch_file(path: Path) -> bool:
     return zipfile.is_zipfile(path) or start == b"\x80"
 
 
+def _without_advice(text: str) -> str:
+    """torch's refusal without its paragraphs about loading the file with ``weights_only=False`` and its docs."""
+    parts = [p.strip() for p in text.split("\n\n") if p.strip()]
+    kept = [p for p in parts if not p.startswith(("Weights only load failed", "Check the documentation"))]
+    return " ".join(" ".join(kept).split()) or text
+
+
 def _refused_global(text: str) -> str:
     """``" (it names posix.system)"``: the object torch's refusal names, when it names one."""
     match = re.search(r"(?:[Uu]nsupported global: |unsupported )GLOBAL ([\w.]+)", text)
@@ -132,12 +139,15 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
         if path.is_file() and not _torch_file(path):  # a PNG or a text renamed .ckpt: torch's hint is about pickles
             raise CheckpointError(f"{path}: not a PyTorch checkpoint file (neither torch's zip format nor a pickle); "
                                   "give a checkpoint written by imaging-meta fit") from None
-        if "Weights only load failed" in str(e):  # torch's text goes on to suggest weights_only=False
+        if "Weights only load failed" in str(e) and _refused_global(str(e)):  # an object refused, not a damaged
+            # file (torch says "Weights only load failed" for both); its text goes on to suggest weights_only=False
             raise CheckpointError(
                 f"{path}: holds Python objects besides tensors and plain values, which imaging-meta fit never writes; "
                 "torch refused to unpickle them (weights_only=True), so none of its code ran. Do not load a file of "
                 f"unknown source with weights_only=False{_refused_global(str(e))}") from None
-        raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: "
+                              f"{_without_advice(str(e))}); copy it again, or give a checkpoint written by imaging-meta "
+                              "fit") from e
     if isinstance(content, dict) and isinstance(content.get("imaging_meta"), dict):
         content["imaging_meta"] = modernize(content["imaging_meta"])
     hp = content.get("datamodule_hyper_parameters") if isinstance(content, dict) else None
@@ -147,28 +157,38 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
     return content
 
 
+#: the hyperparameters `EpisodicModule` saves (its learner and optimiser are kept out of them), with their types;
+#: Lightning adds ``_instantiator`` (a string it drops again)
+CHECKPOINT_HPARAMS: dict[str, tuple[type, ...]] = {
+    "baselines": (bool,), "threshold": (int, float), "n_log_images": (int,), "weight_averaging": (int, float, type(None)),
+}
+
+
 def plain_hyperparameters(hparams: Any, path: str | Path) -> dict:
-    """A checkpoint's ``hyper_parameters`` when each is a plain value (a number, a flag, a string or none), as
-    `EpisodicModule` saves them (its learner and optimiser are kept out of them).
+    """A checkpoint's ``hyper_parameters``, only those `EpisodicModule` saves, each of its type
+    (`CHECKPOINT_HPARAMS`), without Lightning's ``_instantiator``.
 
     LightningCLI merges a checkpoint's hyperparameters into the run's configuration for ``fit``/``test``/``validate
-    --ckpt_path``, where a ``class_path`` (or Lightning's ``_class_path``) is imported, built and called: a
-    checkpoint that set its scheduler to ``os.system`` ran a shell command, although no pickled code is ever
-    loaded (a review). A checkpoint is data; such a file is refused.
+    --ckpt_path``, where a ``class_path``, given as a mapping or as a string of YAML, is imported, built and called:
+    a checkpoint that set its scheduler to ``os.system`` ran a shell command, although no pickled code is ever
+    loaded (a review). A checkpoint is data: any other setting is refused, and the caller merges these itself.
 
     Raises:
-        CheckpointError: hyperparameters that are not a mapping of plain values.
+        CheckpointError: hyperparameters that are not a mapping, or hold another key or a value of another type.
     """
     if not isinstance(hparams, dict):
         raise CheckpointError(f"{path}: its hyper_parameters are a {type(hparams).__name__}, not a mapping of "
                               "settings; give a checkpoint written by imaging-meta fit")
-    built = sorted(k for k, v in hparams.items() if k == "_class_path" or not isinstance(v, (type(None), bool, int,
-                                                                                               float, str)))
-    if built:
-        raise CheckpointError(f"{path}: its hyper_parameters hold {', '.join(map(repr, built))}, which imaging-meta fit "
-                              "never writes: settings that are not plain values would be built and run (a "
-                              "class_path); a checkpoint from an unknown source is refused")
-    return hparams
+    settings = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    bad = sorted(k for k, v in settings.items() if k not in CHECKPOINT_HPARAMS
+                 or not isinstance(v, CHECKPOINT_HPARAMS[k])
+                 or (isinstance(v, bool) and bool not in CHECKPOINT_HPARAMS[k]))
+    if bad:
+        raise CheckpointError(f"{path}: its hyper_parameters hold {', '.join(map(repr, bad))}, which imaging-meta fit "
+                              f"never writes so (it writes {', '.join(CHECKPOINT_HPARAMS)}, each a plain value): other "
+                              "settings would be built and run (a class_path); a checkpoint from an unknown source "
+                              "is refused")
+    return settings
 
 
 def split_mismatch(extra: dict, datamodule: Any) -> tuple[str, str] | None:

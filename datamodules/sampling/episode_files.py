@@ -145,22 +145,25 @@ def load_episodes(
             not match its sha256 (the file was edited); the message says to regenerate it.
     """
     path = Path(path)
+    where = {cid: i for i, cid in enumerate(case_ids)}  # the caller's arguments: outside the file's checks below
+    names = None if class_names is None else list(class_names)
+    fix = "regenerate it (a cached file: delete it and it is drawn again; a test_episodes_file: unset it or fix it)"
     try:
         with open(path) as f:
             payload = json.load(f)
         if not isinstance(payload, dict) or not isinstance(payload.get("episodes"), list):
-            raise ValueError(f"{path}: not an episode file (no list of episodes); regenerate it")
+            raise ValueError(f"{path}: not an episode file (no list of episodes); {fix}")
+        if not isinstance(payload.get("meta", {}), dict):
+            raise ValueError(f"{path}: its meta is a {type(payload['meta']).__name__}, not a mapping; {fix}")
         if "sha256" in payload:
             if _episodes_digest(payload["episodes"]) != payload["sha256"]:
-                raise ValueError(f"{path}: the episode list does not match its sha256 (the file was edited); regenerate it")
-        where = {cid: i for i, cid in enumerate(case_ids)}
+                raise ValueError(f"{path}: the episode list does not match its sha256 (the file was edited); {fix}")
         read = _READERS.get(payload.get("kind"), _segmentation_specs)
-        return read(path, payload["episodes"], where, class_names), payload.get("meta", {})
+        return read(path, payload["episodes"], where, names), payload.get("meta", {})
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
         if isinstance(e, ValueError) and str(e).startswith(str(path)):  # already names the file and the fix
             raise
-        raise ValueError(f"{path}: not an episode file written by imaging-meta ({type(e).__name__}: {e}); delete it to "
-                         "draw the episodes again, or regenerate it") from e
+        raise ValueError(f"{path}: not an episode file written by imaging-meta ({type(e).__name__}: {e}); {fix}") from e
 
 
 def _episodes_digest(episodes: list[dict]) -> str:

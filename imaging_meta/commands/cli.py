@@ -162,15 +162,15 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             if keyword and not Path(path).is_file():
                 raise CheckpointError(f"--ckpt_path {path}: give the checkpoint file (RUN/checkpoints/last.ckpt to "
                                       f"resume, best.ckpt to test); Lightning's keyword finds none in a new run")
-            # a missing or foreign file, named; settings that are not plain values (a class_path Lightning would
-            # build and call) refused
+            # a missing or foreign file, named; only the settings EpisodicModule saves, each a plain value (a
+            # class_path, which LightningCLI's own merge would build and call, is refused), merged here from the
+            # very content checked (LightningCLI's _parse_ckpt_path reads the file again)
             hparams = plain_hyperparameters(read_checkpoint(path).get("hyper_parameters") or {}, path)
             model = self.config[sub].get("model")
             defaults = {k: p.default for k, p in inspect.signature(EpisodicModule.__init__).parameters.items()}
-            given = {k: model[k] for k in hparams if model is not None and k in model and model[k] != defaults.get(k)}
-            super()._parse_ckpt_path()  # the checkpoint's settings
-            for k, v in given.items():
-                self.config[sub]["model"][k] = v
+            for k, v in hparams.items():  # the checkpoint's settings, except those given with other values
+                if model is not None and (k not in model or model[k] == defaults.get(k)):
+                    model[k] = v
 
         def instantiate_trainer(self, **kwargs: Any):
             """The trainer, without the shipped configs' ``LearningRateMonitor`` when ``--trainer.logger false``

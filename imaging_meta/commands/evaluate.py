@@ -126,6 +126,12 @@ def data_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     if data is None:
         raise CheckpointError(f"{path}: the checkpoint does not say which data it was trained on; pass the data config "
                               "you trained with (--data-config configs/data/<name>.yaml)")
+    module = str(data.get("class_path", "")).rpartition(".")[0]
+    if module != "datamodules" and not module.startswith("datamodules."):  # importing a module runs its code: a
+        # class path read from a checkpoint (data) is imported only from the project (a review)
+        raise CheckpointError(f"{path}: its data class {data.get('class_path')!r} is not one of the datamodules "
+                              "package; pass the data config you trained with (--data-config "
+                              "configs/data/<name>.yaml)")
     missing = _required_arguments(data["class_path"]) - set(data.get("init_args") or {})
     if missing:
         raise CheckpointError(f"{path}: the checkpoint does not record its data {', '.join(sorted(missing))}; pass the "

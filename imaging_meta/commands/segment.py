@@ -535,9 +535,11 @@ def segment(
                 raise ValueError(f"{enhanced}: a multi-frame (enhanced) series; --format dicom-seg writes a segmentation "
                                  "of single-frame series only: use --format nifti for this query")
 
-    unique: dict[str, str | Path] = {}  # a query given twice (`a.nii.gz` and `./a.nii.gz`): segmented once; links
-    for query in queries:  # of other names to one scan stay apart (their masks have their names)
-        unique.setdefault(os.path.abspath(query), query)
+    unique: dict[tuple[str, str], str | Path] = {}  # a query given twice (`a.nii.gz`, `./a.nii.gz`): segmented once;
+    for query in queries:  # links of other names to one scan stay apart (their masks have their names)
+        where = Path.cwd() / query  # not os.path.abspath, which drops `link/..` without following the link; the
+        # folder resolved (links and ..), the query's own name kept
+        unique.setdefault((os.path.realpath(where.parent), where.name), query)
     if len(unique) < len(queries):
         logger.warning("%d query path(s) given more than once, segmented once", len(queries) - len(unique))
         queries = list(unique.values())

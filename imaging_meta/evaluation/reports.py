@@ -339,7 +339,7 @@ def _compare_rows(doc: dict, shots: list[int], shas: dict) -> list[str]:
         shas[(ctx["task"], ctx["protocol"], k)].add(sha)
         cells = [f"{m}: {stat_cell(summ[str(k)][m].get(TRAINED, {}).get('all'), _digits(m))}" for m in metrics]
         rows.append(f"| {md_cell(ctx['name'])} | {md_cell(ctx['protocol'])} | {md_cell(str(ctx['learner']).rsplit('.', 1)[-1])} "
-                    f"| {k} | " + "; ".join(cells) + f" | {_interval(ctx)} | `{str(sha)[:12]}` |")
+                    f"| {k} | " + "; ".join(cells) + f" | {md_cell(_interval(ctx))} | `{md_cell(str(sha)[:12])}` |")
     return rows
 
 

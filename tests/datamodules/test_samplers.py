@@ -112,6 +112,13 @@ def test_episode_json_round_trip(tmp_path):
         path.write_text(json.dumps({"episodes": episodes}))
         with pytest.raises(ValueError, match=rf"{path.name}: not an episode file"):
             load_episodes(path, ids)
+    save_episodes(specs, ids, path, {"seed": 0})
+    payload = json.loads(path.read_text())
+    path.write_text(json.dumps({**payload, "meta": "x"}))
+    with pytest.raises(ValueError, match=rf"{path.name}: its meta is a str, not a mapping"):
+        load_episodes(path, ids)
+    with pytest.raises(TypeError):  # the caller's own mistake is not blamed on the file
+        load_episodes(path, None)  # type: ignore[arg-type]
 
 
 def test_golden_first_episode():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imaging_meta.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_learner
+from imaging_meta.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_learner, read_checkpoint
 from imaging_meta.commands.cli import lightning_cli
 from imaging_meta.learners.metric.protonet import PrototypicalNetwork
 from imaging_meta.module import EpisodicModule
@@ -123,3 +123,25 @@ def test_3d_patches_with_a_2d_network_is_a_config_error_naming_the_fix():
     with pytest.raises(ValueError, match=r"the items are 3D .* network is 2D; .*spatial_dims: 3"):
         module._check_batch(volume)
     module._check_batch(ep)  # 2D items: fine
+
+
+def test_a_damaged_checkpoint_is_not_called_hostile_and_gets_no_advice_to_unpickle_it(tmp_path):
+    """torch says "Weights only load failed" for a damaged pickle too, and suggests weights_only=False."""
+    import pickle
+
+    path = tmp_path / "damaged.ckpt"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=2)[:5] + b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match=r"damaged\.ckpt: not a readable imaging-meta checkpoint") as err:
+        read_checkpoint(path)
+    assert "weights_only" not in str(err.value) and "besides tensors" not in str(err.value)
+
+
+def test_only_the_settings_fit_writes_pass_from_a_checkpoint():
+    from imaging_meta.checkpoint_io import plain_hyperparameters
+
+    ok = {"baselines": True, "threshold": 0.3, "n_log_images": 4, "weight_averaging": None, "_instantiator": "x"}
+    assert plain_hyperparameters(ok, "c.ckpt") == {k: v for k, v in ok.items() if k != "_instantiator"}
+    for bad in ({"lr_scheduler": "{class_path: os.system}"}, {"threshold": "0.5"}, {"n_log_images": True},
+                {"learner": {"class_path": "x"}}, {"_class_path": "os.system"}):
+        with pytest.raises(CheckpointError, match="c.ckpt: its hyper_parameters hold"):
+            plain_hyperparameters({**ok, **bad}, "c.ckpt")

@@ -1,5 +1,6 @@
 """The real configs, composed and shrunk (lightning-hydra-template style), driven through `cli_main`."""
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -488,13 +489,16 @@ def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_ro
     with pytest.raises(ValueError, match="validate scores the validation episodes, and val_episodes is 0"):
         cli_main(["validate", *base, "--ckpt_path", str(ckpt), "--data.init_args.val_episodes", "0"])
     # a checkpoint whose settings name a callable: Lightning would build and call it (a review ran a shell command)
-    hostile = torch.load(ckpt, map_location="cpu", weights_only=True)
     marker = tmp_path / "RAN"
-    hostile["hyper_parameters"]["lr_scheduler"] = {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
-    torch.save(hostile, tmp_path / "hostile.ckpt")
-    for sub in ("test", "fit"):
-        with pytest.raises(CheckpointError, match=r"hostile\.ckpt: its hyper_parameters hold 'lr_scheduler'"):
-            cli_main([sub, *base, "--ckpt_path", str(tmp_path / "hostile.ckpt")])
+    call = {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
+    for key, value in (("lr_scheduler", call), ("lr_scheduler", json.dumps(call)), ("optimizer", json.dumps(call)),
+                       ("threshold", json.dumps(call))):  # a mapping, or a string jsonargparse reads as YAML
+        hostile = torch.load(ckpt, map_location="cpu", weights_only=True)
+        hostile["hyper_parameters"][key] = value
+        torch.save(hostile, tmp_path / "hostile.ckpt")
+        for sub in ("test", "validate", "fit"):
+            with pytest.raises(CheckpointError, match=rf"hostile\.ckpt: its hyper_parameters hold '{key}'"):
+                cli_main([sub, *base, "--ckpt_path", str(tmp_path / "hostile.ckpt")])
     assert not marker.exists()
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="notes.ckpt: not a PyTorch checkpoint"):

@@ -908,3 +908,17 @@ def test_a_header_that_declares_billions_of_voxels_is_refused_before_its_data_is
     with pytest.raises(Reject, match=r"billion voxels .* the header is damaged, or crop or resample"):
         load_nifti(str(bomb))
     assert MAX_VOXELS >= 512 * 512 * 2000  # a whole-body CT is read
+
+
+def test_a_query_through_a_link_and_dot_dot_is_not_taken_for_another(tmp_path, scans, caplog, monkeypatch):
+    """`link/../a.nii.gz` is the file beside the link's target, not `./a.nii.gz`: lexical normalisation took them
+    for one query and dropped one with only a warning (a review)."""
+    image, label = scans
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    other = write_nifti(phantom(seed=5), affine_ras(), tmp_path / "real" / "ct.nii.gz")
+    (tmp_path / "in" / "link").symlink_to(tmp_path / "real" / "sub")
+    monkeypatch.chdir(image.parent)
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        with pytest.raises(ValueError, match="would both be written"):  # two queries, one mask name: refused
+            segment(NEVER_READ, [(image, label)], [Path("ct.nii.gz"), Path("link/../ct.nii.gz")], tmp_path / "out")
+    assert "given more than once" not in caplog.text and other.exists()

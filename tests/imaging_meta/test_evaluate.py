@@ -18,6 +18,7 @@ from PIL import Image
 
 from datamodules.classification import ClassificationDataModule
 from datamodules.segmentation import SegmentationDataModule
+from imaging_meta.checkpoint_io import CheckpointError
 from imaging_meta.commands.cli import cli_main
 from imaging_meta.commands.evaluate import evaluate
 from imaging_meta.evaluation.metrics import (
@@ -225,7 +226,13 @@ def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, t
 
     from imaging_meta.commands.evaluate import data_config_from_checkpoint
 
-    trained = data_config_from_checkpoint(torch.load(ckpt, weights_only=True), ckpt)
+    content = torch.load(ckpt, weights_only=True)
+    trained = data_config_from_checkpoint(content, ckpt)
+    # a class path read from a checkpoint is imported only from the datamodules package (importing runs code)
+    content["imaging_meta"]["data"] = {**trained, "class_path": "antigravity.Fly"}
+    with pytest.raises(CheckpointError, match=r"its data class 'antigravity\.Fly' is not one of the datamodules"):
+        data_config_from_checkpoint(content, ckpt)
+    assert "antigravity" not in sys.modules
     fewer = tmp_path / "fewer.yaml"
     fewer.write_text(yaml.safe_dump({"data": {**trained, "init_args": {**trained["init_args"], "min_organ_pixels": 999}}}))
     with pytest.raises(ValueError, match=r"fewer\.yaml: this data config changes the split.*min_organ_pixels: trained"):
