@@ -158,7 +158,7 @@ def load_episodes(
         if "sha256" in payload:
             if _episodes_digest(payload["episodes"]) != payload["sha256"]:
                 raise ValueError(f"{path}: the episode list does not match its sha256 (the file was edited); {fix}")
-        read = _READERS.get(payload.get("kind"), _segmentation_specs)
+        read = _READERS.get(str(payload.get("kind")), _segmentation_specs)
         return read(path, payload["episodes"], where, names), payload.get("meta", {})
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
         if isinstance(e, ValueError) and str(e).startswith(str(path)):  # already names the file and the fix
