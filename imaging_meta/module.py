@@ -244,6 +244,8 @@ class EpisodicModule(LightningModule):
         self._untrained = [initial_copy(learner)] if baselines else []
         self._records: dict[str, list[dict]] = {"val": [], "test": []}
         self._seen = {"val": 0, "test": 0}  # episodes this rank has scored in the current epoch
+        self._first_losses: list[float] = []  # the training loss of this process's first steps (`_diverging`)
+        self._warned_diverging = False
         self.test_summary: dict | None = None
         self.test_differences: dict | None = None  # trained − each baseline, paired on the same queries
         self.report_paths: tuple[Path, Path] | None = None
@@ -294,6 +296,12 @@ class EpisodicModule(LightningModule):
         Before that, on every rank and before the strategy moves or wraps the model, a learner training on a CPU
         keeps its Conv-4's weights channels-last (`imaging_meta.learners.base.keep_channels_last_on_cpu`)."""
         if self._trainer is not None:
+            if stage == "fit" and str(self.trainer.precision) == "16-true":
+                # float16 weights: Adam's eps (1e-8) underflows, and a weight with a zero gradient turned NaN after
+                # one step, reported as a diverged loss (a review)
+                raise ValueError("--trainer.precision 16-true trains float16 weights, which Adam and the inner loops "
+                                 "cannot update (its eps underflows: NaN after one step); use bf16-mixed (CPU and "
+                                 "recent GPUs), 16-mixed (GPU) or bf16-true")
             keep_channels_last_on_cpu(self.learner, self.trainer.strategy.root_device)
         if stage == "predict" or self._trainer is None or self.global_rank != 0:
             return
@@ -322,8 +330,27 @@ class EpisodicModule(LightningModule):
             raise FloatingPointError(
                 f"non-finite training loss {loss.item()} at step {self.global_step}; lower the learning rate or check the inputs"
             )
+        self._diverging(float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch.n_tasks, sync_dist=True)
         return loss
+
+    #: the training loss is diverging when it is this many times its first steps' median (and above `DIVERGED_FLOOR`)
+    DIVERGED_RATIO = 1000.0
+    DIVERGED_FLOOR = 100.0
+
+    def _diverging(self, value: float) -> None:
+        """Warn once when the training loss grows to `DIVERGED_RATIO` times its first 5 steps' median: a learning
+        rate of 100 took a Reptile loss to 1e27 while it stayed finite, and the run ended with exit 0 and a
+        best.ckpt that predicts one class (a review); a NaN stops the run in ``training_step``."""
+        if len(self._first_losses) < 5:
+            self._first_losses.append(value)
+            return
+        reference = float(np.median(self._first_losses))
+        if not self._warned_diverging and value > self.DIVERGED_FLOOR and value > self.DIVERGED_RATIO * max(reference, 1e-6):
+            self._warned_diverging = True
+            rank_zero_warn(f"training loss {value:.3g} at step {self.global_step} is {value / max(reference, 1e-6):.0e} "
+                           f"times its first steps' ({reference:.3g}): training is diverging; lower the learning rate "
+                           "(or the inner learning rate) and train again")
 
     def configure_callbacks(self):
         """`LateWeightAveraging` from ``weight_averaging`` (a fraction of training) on, when the config sets it."""
@@ -400,9 +427,18 @@ class EpisodicModule(LightningModule):
         return score_batch(self.task, batch, probs, first_episode=first, episode_stride=world,
                            threshold=self.hparams["threshold"], baselines=baselines, choices_by_method=choices)
 
+    def _finite(self, stage: str, name: str, probs: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """``probs``, refused when any is NaN or infinite: scored, a NaN counted as class 0 or background, so a
+        model that predicts nothing finite had a chance-level score and could be chosen as best.ckpt (a review)."""
+        if not torch.isfinite(probs).all():
+            raise FloatingPointError(
+                f"{name}: non-finite predictions in {stage} batch {batch_idx} (after step {self.global_step}): the "
+                "model has diverged; lower the learning rate (or the inner learning rate) and train again")
+        return probs
+
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._check_batch(batch)
-        probs = self.learner.predict(batch)
+        probs = self._finite("validation", TRAINED, self.learner.predict(batch), batch_idx)
         recs = self._score("val", batch, {TRAINED: probs}, baselines=False)
         self._records["val"].extend(recs)
         if batch_idx == 0:  # the fixed validation episodes come in the same order every epoch
@@ -436,10 +472,10 @@ class EpisodicModule(LightningModule):
 
     def test_step(self, batch: Episode, batch_idx: int) -> None:
         self._check_batch(batch)
-        probs = {TRAINED: self.learner.predict(batch)}
+        probs = {TRAINED: self._finite("test", TRAINED, self.learner.predict(batch), batch_idx)}
         choices = {TRAINED: learner_choices(self.learner)}
         if self.hparams["baselines"] and self._untrained:
-            probs[UNTRAINED] = self._untrained[0].eval().predict(batch)
+            probs[UNTRAINED] = self._finite("test", UNTRAINED, self._untrained[0].eval().predict(batch), batch_idx)
             choices[UNTRAINED] = learner_choices(self._untrained[0])
         recs = self._score("test", batch, probs, baselines=self.hparams["baselines"], choices=choices)
         self._records["test"].extend(recs)

@@ -54,3 +54,34 @@ def test_a_true_half_precision_test_scores_the_untrained_baseline_in_that_precis
     trainer.test(module, dataloaders=torch.utils.data.DataLoader(Episodes(), batch_size=None))
     assert 0.0 <= float(trainer.callback_metrics["test/acc"]) <= 1.0
     assert module._untrained[0].parameters().__next__().dtype == torch.bfloat16
+
+
+def _trainer(tmp_path, **kwargs) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, default_root_dir=str(tmp_path), inference_mode=False, **kwargs)
+
+
+def test_16_true_is_refused_with_what_to_use(tmp_path):
+    """Float16 weights turned NaN after one Adam step, reported as a diverged loss (a review)."""
+    from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+
+    module = EpisodicModule(PrototypicalNetwork(backbone_kwargs={"width": 4}), baselines=False)
+    with pytest.raises(ValueError, match="precision 16-true trains float16 weights.*use bf16-mixed"):
+        _trainer(tmp_path, precision="16-true", max_steps=1).fit(
+            module, train_dataloaders=torch.utils.data.DataLoader(Episodes(), batch_size=None))
+
+
+def test_a_loss_that_grows_a_thousandfold_is_warned_about_and_nan_predictions_are_refused(tmp_path):
+    """A learning rate of 100 took a loss to 1e27 while it stayed finite (exit 0, a best.ckpt predicting one class);
+    NaN predictions were scored as class 0 (chance accuracy) and could be chosen as the best checkpoint."""
+    from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+
+    module = EpisodicModule(PrototypicalNetwork(backbone_kwargs={"width": 4}), baselines=False)
+    with pytest.warns(UserWarning, match=r"training loss 5e\+03 at step 0 is 5e\+03 times its first steps' \(1\)") as seen:
+        for value in (1.0, 1.0, 1.0, 1.0, 1.0, 50.0, 5000.0, 9000.0):  # 50 is below the floor of 100: quiet
+            module._diverging(value)
+    assert sum("diverging" in str(w.message) for w in seen) == 1  # once
+    nan = torch.full((2, 4, 3), float("nan"))
+    with pytest.raises(FloatingPointError, match=r"trained: non-finite predictions in validation batch 3 .* diverged"):
+        module._finite("validation", "trained", nan, 3)
+    assert module._finite("test", "trained", torch.zeros(2, 4, 3), 0).shape == (2, 4, 3)
