@@ -204,6 +204,14 @@ def data_hparams(dm: EpisodicDataModule) -> dict:
     return {k: _hparam_value(v) for k, v in params.items()}
 
 
+#: why ``fit`` refuses ``precision: 16-true`` (the CLI before anything is written, the module for other callers):
+#: with float16 weights Adam's eps (1e-8) underflows, and a weight with a zero gradient turned NaN after one step,
+#: reported as a diverged loss (a review); updates smaller than float16's resolution are lost with any optimiser
+PRECISION_16_TRUE = ("--trainer.precision 16-true trains float16 weights, which the optimiser cannot update reliably "
+                     "(Adam's eps underflows: NaN after one step); use bf16-mixed (CPU and recent GPUs), 16-mixed (GPU) "
+                     "or bf16-true")
+
+
 class EpisodicModule(LightningModule):
     """Meta-trains and evaluates a `Learner` on batches of episodes.
 
@@ -297,11 +305,7 @@ class EpisodicModule(LightningModule):
         keeps its Conv-4's weights channels-last (`imaging_meta.learners.base.keep_channels_last_on_cpu`)."""
         if self._trainer is not None:
             if stage == "fit" and str(self.trainer.precision) == "16-true":
-                # float16 weights: Adam's eps (1e-8) underflows, and a weight with a zero gradient turned NaN after
-                # one step, reported as a diverged loss (a review)
-                raise ValueError("--trainer.precision 16-true trains float16 weights, which Adam and the inner loops "
-                                 "cannot update (its eps underflows: NaN after one step); use bf16-mixed (CPU and "
-                                 "recent GPUs), 16-mixed (GPU) or bf16-true")
+                raise ValueError(PRECISION_16_TRUE)
             keep_channels_last_on_cpu(self.learner, self.trainer.strategy.root_device)
         if stage == "predict" or self._trainer is None or self.global_rank != 0:
             return
@@ -431,9 +435,11 @@ class EpisodicModule(LightningModule):
         """``probs``, refused when any is NaN or infinite: scored, a NaN counted as class 0 or background, so a
         model that predicts nothing finite had a chance-level score and could be chosen as best.ckpt (a review)."""
         if not torch.isfinite(probs).all():
-            raise FloatingPointError(
-                f"{name}: non-finite predictions in {stage} batch {batch_idx} (after step {self.global_step}): the "
-                "model has diverged; lower the learning rate (or the inner learning rate) and train again")
+            why = ("the model has diverged; lower the learning rate (or the inner learning rate) and train again"
+                   if name == TRAINED else "the learner at its initial weights gives them: check the inputs and the "
+                   "learner's settings, or test with --model.baselines false")
+            raise FloatingPointError(f"{name}: non-finite predictions in {stage} batch {batch_idx} (after step "
+                                     f"{self.global_step}): {why}")
         return probs
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:

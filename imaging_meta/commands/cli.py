@@ -180,6 +180,10 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             (It was refused; but the run configs saved by versions before 2026-12-03 hold it, and the README's
             ``--config runs/<name>/version_N/config.yaml`` was then refused for a setting the user never made.)"""
             config = self.config.get(self.subcommand) if self.subcommand else self.config
+            if self.subcommand == "fit" and str(config.get("trainer", {}).get("precision")) == "16-true":
+                from imaging_meta.module import PRECISION_16_TRUE
+
+                raise ValueError(PRECISION_16_TRUE)  # before the trainer and its run folder exist
             if config.get("trainer", {}).get("use_distributed_sampler"):
                 from lightning.pytorch.utilities import rank_zero_warn
 

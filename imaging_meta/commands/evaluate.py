@@ -126,16 +126,40 @@ def data_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     if data is None:
         raise CheckpointError(f"{path}: the checkpoint does not say which data it was trained on; pass the data config "
                               "you trained with (--data-config configs/data/<name>.yaml)")
-    module = str(data.get("class_path", "")).rpartition(".")[0]
-    if module != "datamodules" and not module.startswith("datamodules."):  # importing a module runs its code: a
-        # class path read from a checkpoint (data) is imported only from the project (a review)
-        raise CheckpointError(f"{path}: its data class {data.get('class_path')!r} is not one of the datamodules "
-                              "package; pass the data config you trained with (--data-config "
-                              "configs/data/<name>.yaml)")
+    if foreign_classes(data):  # not imported (see `checkpoint_data`): the arguments it needs are not known
+        return data
     missing = _required_arguments(data["class_path"]) - set(data.get("init_args") or {})
     if missing:
         raise CheckpointError(f"{path}: the checkpoint does not record its data {', '.join(sorted(missing))}; pass the "
                               "data config you trained with (--data-config configs/data/<name>.yaml)")
+    return data
+
+
+def foreign_classes(data: Any) -> list[str]:
+    """The class paths anywhere in a data config (the datamodule's, its item source's, ...) that are not of the
+    ``datamodules`` package."""
+    if isinstance(data, dict):
+        found = [str(data["class_path"])] if "class_path" in data else []
+        return [c for c in found if c.rpartition(".")[0].split(".")[0] != "datamodules"] + [
+            c for v in data.values() for c in foreign_classes(v)]
+    if isinstance(data, (list, tuple)):
+        return [c for v in data for c in foreign_classes(v)]
+    return []
+
+
+def checkpoint_data(data: dict, path: str | os.PathLike) -> dict:
+    """A data config read from a checkpoint, to be built: only with classes of the ``datamodules`` package, since
+    importing a module runs its code and a checkpoint is data (a user's own datamodule or item source is named in
+    the data config they pass with ``--data-config``, which is trusted as code).
+
+    Raises:
+        CheckpointError: a class path of another package, naming it and the fix.
+    """
+    foreign = foreign_classes(data)
+    if foreign:
+        raise CheckpointError(f"{path}: its data names {', '.join(map(repr, foreign))}, outside the datamodules package, "
+                              "which is not imported from a checkpoint; pass the data config you trained with "
+                              "(--data-config configs/data/<name>.yaml)")
     return data
 
 
@@ -277,7 +301,7 @@ def _data_for_evaluation(path: Path, ckpt: dict, extra: dict, data_config) -> di
         if label_free:
             raise ValueError(f"{path} was trained on scans without any label map, so it has no test set; give labelled "
                              "scans to evaluate on with --data-config (e.g. configs/data/folder_segmentation.yaml)")
-        return trained_data
+        return checkpoint_data(trained_data, path)
     config = read_data_config(data_config)
     if label_free:  # nothing labelled was seen: any labelled data may test it, if its scans were not trained on
         logger.warning("%s was trained self-supervised on scans without labels; make sure the scans of %s were "
@@ -287,20 +311,22 @@ def _data_for_evaluation(path: Path, ckpt: dict, extra: dict, data_config) -> di
     return config
 
 
-def _training_split_settings(trained: dict) -> dict:
+def _training_split_settings(trained: dict, class_path: str) -> dict:
     """What rebuilds the training run's split although evaluate draws no validation episodes, from the
     checkpoint's own data config ``trained``: a segmentation datamodule's ``val_patients`` (how many validation
     patients a validation organ needs, and a sign that training validated), the one it set, else 1 + n_query when
-    it validated, else None (not validated: a ``--data-config`` may not set one). ``{}`` for other data."""
+    it validated, else None (not validated: a ``--data-config`` may not set one). ``{}`` for other data.
+    ``class_path``: the class of the data config to be built (the checkpoint's, checked by `checkpoint_data`, or
+    the one given), whose defaults fill in what ``trained`` leaves out."""
     from datamodules.segmentation import SegmentationDataModule
 
     try:
-        cls = _import_class(str(trained.get("class_path", "")))
+        cls = _import_class(class_path)
     except ValueError:  # named where the data is built
         return {}
     if not (isinstance(cls, type) and issubclass(cls, SegmentationDataModule)):
         return {}
-    init_args = _with_defaults(trained)["init_args"]
+    init_args = _with_defaults({**trained, "class_path": class_path})["init_args"]
     if init_args["val_patients"] is not None:
         return {"val_patients": int(init_args["val_patients"])}
     return {"val_patients": 1 + int(init_args["n_query"]) if int(init_args["val_episodes"]) > 0 else None}
@@ -565,7 +591,8 @@ def evaluate(
                  "test_episodes_file": None, "num_workers": 0, "cache_dir": cache_dir, "batch_size": batch_size,
                  "root": data_root}
     if not extra.get("label_free"):  # the training run's split, whichever data config is given
-        for key, value in _training_split_settings(data_config_from_checkpoint(ckpt, path)).items():
+        trained = data_config_from_checkpoint(ckpt, path)
+        for key, value in _training_split_settings(trained, str(config.get("class_path", ""))).items():
             if value is None:  # an override of None is no override: leave the setting out of the config instead
                 config = {**config, "init_args": {k: v for k, v in (config.get("init_args") or {}).items() if k != key}}
             else:

@@ -655,3 +655,14 @@ def test_demo_if_missing_refuses_a_cohort_of_other_settings(tmp_path, capsys, mo
     assert "already in" in capsys.readouterr().out
     assert _status(["demo", "--out", str(out), "--if-missing", "--patients-per-site", "7", "--seed", "3"]) == 1
     assert "holds a demo cohort of seed 0 with 1 patients per site, not seed 3 with 7" in capsys.readouterr().err
+
+
+def test_fit_refuses_16_true_before_a_run_folder_is_written(demo_root, demo_index, tmp_path):
+    """The module's refusal came after the callbacks' setup, leaving a version_0 with config.yaml and events."""
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError, match="precision 16-true trains float16 weights"):
+        cli_main(["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+                  "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL,
+                  *data_args(demo_root, demo_index[1], tmp_path / "cache"), "--trainer.logger.init_args.save_dir",
+                  str(runs), "--trainer.precision", "16-true"])
+    assert not runs.exists() or not any(runs.rglob("*"))

@@ -228,11 +228,18 @@ def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, t
 
     content = torch.load(ckpt, weights_only=True)
     trained = data_config_from_checkpoint(content, ckpt)
-    # a class path read from a checkpoint is imported only from the datamodules package (importing runs code)
-    content["imaging_meta"]["data"] = {**trained, "class_path": "antigravity.Fly"}
-    with pytest.raises(CheckpointError, match=r"its data class 'antigravity\.Fly' is not one of the datamodules"):
-        data_config_from_checkpoint(content, ckpt)
+    # a class path read from a checkpoint, the datamodule's or one nested in its settings, is imported only from the
+    # datamodules package (importing runs code); a user's own datamodule is built from the --data-config they give
+    from imaging_meta.commands.evaluate import checkpoint_data
+
+    for data in ({**trained, "class_path": "antigravity.Fly"},
+                 {**trained, "init_args": {**trained["init_args"], "source": {"class_path": "antigravity.Fly"}}}):
+        content["imaging_meta"]["data"] = data
+        read = data_config_from_checkpoint(content, ckpt)  # read, not imported
+        with pytest.raises(CheckpointError, match=r"its data names 'antigravity\.Fly', outside the datamodules"):
+            checkpoint_data(read, ckpt)
     assert "antigravity" not in sys.modules
+    assert checkpoint_data(trained, ckpt) == trained
     fewer = tmp_path / "fewer.yaml"
     fewer.write_text(yaml.safe_dump({"data": {**trained, "init_args": {**trained["init_args"], "min_organ_pixels": 999}}}))
     with pytest.raises(ValueError, match=r"fewer\.yaml: this data config changes the split.*min_organ_pixels: trained"):
@@ -388,12 +395,15 @@ def test_evaluate_rebuilds_the_split_with_the_training_runs_validation_patients(
     from imaging_meta.commands.evaluate import _training_split_settings
 
     seg = "datamodules.segmentation.SegmentationDataModule"
-    assert _training_split_settings({"class_path": seg, "init_args": {"n_query": 2}}) == {"val_patients": 3}
-    assert _training_split_settings({"class_path": seg, "init_args": {}}) == {"val_patients": 2}  # n_query 1
-    assert _training_split_settings({"class_path": seg, "init_args": {"n_query": 2, "val_episodes": 0}}) == {
-        "val_patients": None}  # not validated: a --data-config may not set one
-    assert _training_split_settings({"class_path": seg, "init_args": {"val_patients": 5}}) == {"val_patients": 5}
-    assert _training_split_settings({"class_path": "datamodules.classification.ClassificationDataModule"}) == {}
+
+    def settings(init_args: dict, built: str = seg) -> dict:
+        return _training_split_settings({"class_path": seg, "init_args": init_args}, built)
+
+    assert settings({"n_query": 2}) == {"val_patients": 3}
+    assert settings({}) == {"val_patients": 2}  # n_query 1
+    assert settings({"n_query": 2, "val_episodes": 0}) == {"val_patients": None}  # not validated: a --data-config
+    assert settings({"val_patients": 5}) == {"val_patients": 5}  # may not set one
+    assert settings({}, "datamodules.classification.ClassificationDataModule") == {}
 
 
 def test_an_interrupted_evaluation_leaves_the_earlier_report_whole(seg_checkpoint, tmp_path, monkeypatch):
