@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import os
 import re
-import shutil
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -45,7 +44,9 @@ from datamodules.recipes.prepare import (
     PrepareUsageError,
     _check_out,
     _write_json,
+    exclusive,
     install_staged,
+    staging_folder,
 )
 from datamodules.sampling.episode_files import episodes_sha256, save_episodes
 from datamodules.sampling.samplers_classification import ClassificationEpisodeSpec
@@ -471,35 +472,32 @@ def prepare_medmnist(
     """
     shots = _check_arguments(shots, ways, queries, episodes)
     out = Path(out).expanduser().resolve()
-    earlier = _check_out(out, DATASET)
-    found, problems, skipped = _inputs(files_or_folder)
-    files = []
-    for path, dataset, size in found:
-        f, more = inspect_file(path, dataset, size, allow_unofficial)
-        files.append(f)
+    with exclusive(out):  # one prepare at a time per output folder (`prepare.exclusive`)
+        earlier = _check_out(out, DATASET)
+        found, problems, skipped = _inputs(files_or_folder)
+        files = []
+        for path, dataset, size in found:
+            f, more = inspect_file(path, dataset, size, allow_unofficial)
+            files.append(f)
+            problems += more
+        parts, more = split_by_file(files, test_files, val_files)
         problems += more
-    parts, more = split_by_file(files, test_files, val_files)
-    problems += more
-    if not problems:  # needs every file's labels
-        problems += _check_classes(parts, shots, ways, queries)
-    if problems:  # the files skipped as not MedMNIST's named too: a renamed file is often the cause
-        raise PrepareError(f"{len(problems)} problem(s); nothing was prepared:\n" + "\n".join(problems)
-                           + "".join(f"\nskipped (not read): {w}" for w in skipped))
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        written, described = _write_outputs(staging, out, parts, shots, ways, queries, episodes, seed)
-        install_staged(staging, out, written, earlier)  # and episode files of an earlier run with other settings go
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    arguments = {"files_or_folder": [str(p) for p in ([files_or_folder] if isinstance(files_or_folder, (str, os.PathLike))
-                                                      else files_or_folder)],
-                 "test_files": None if test_files is None else list(test_files),
-                 "val_files": None if val_files is None else list(val_files), "shots": shots, "ways": ways,
-                 "queries": queries, "episodes": episodes, "seed": seed, "allow_unofficial": allow_unofficial}
-    summary = _summary(parts, skipped, arguments, described, written)
-    _write_json(out / "prepare.json", summary)  # last: it marks a complete output
-    return summary
+        if not problems:  # needs every file's labels
+            problems += _check_classes(parts, shots, ways, queries)
+        if problems:  # the files skipped as not MedMNIST's named too: a renamed file is often the cause
+            raise PrepareError(f"{len(problems)} problem(s); nothing was prepared:\n" + "\n".join(problems)
+                               + "".join(f"\nskipped (not read): {w}" for w in skipped))
+        with staging_folder(out) as staging:
+            written, described = _write_outputs(staging, out, parts, shots, ways, queries, episodes, seed)
+            install_staged(staging, out, written, earlier)  # and episode files of an earlier run with other settings go
+        arguments = {"files_or_folder": [str(p) for p in ([files_or_folder] if isinstance(files_or_folder, (str, os.PathLike))
+                                                          else files_or_folder)],
+                     "test_files": None if test_files is None else list(test_files),
+                     "val_files": None if val_files is None else list(val_files), "shots": shots, "ways": ways,
+                     "queries": queries, "episodes": episodes, "seed": seed, "allow_unofficial": allow_unofficial}
+        summary = _summary(parts, skipped, arguments, described, written)
+        _write_json(out / "prepare.json", summary)  # last: it marks a complete output
+        return summary
 
 
 def _summary(parts: dict[str, list[NpzFile]], skipped: list[str], arguments: dict[str, Any],

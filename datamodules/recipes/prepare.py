@@ -33,6 +33,8 @@ episodes), implemented in `datamodules.recipes.medmnist`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import gzip
 import json
 import logging
@@ -40,7 +42,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -490,26 +493,74 @@ def prepare(dataset: str, source: Path, out: Path) -> dict[str, Any]:
     source, out = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
     if not source.is_dir():
         raise PrepareError(f"{source}: not a folder; give the folder of the downloaded {dataset} data")
-    earlier = _check_out(out, dataset)
-    patients, missing = recipe.find(source)
-    # written beside `out`, moved in only when every patient converted: a failed run leaves `out` as it was
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    with exclusive(out):  # one prepare at a time per output folder
+        earlier = _check_out(out, dataset)
+        patients, missing = recipe.find(source)
+        # written beside `out`, moved in only when every patient converted: a failed run leaves `out` as it was
+        with staging_folder(out) as staging:
+            records, problems = _convert_all(dataset, recipe, patients, staging, failed=bool(missing))
+            problems = missing + problems
+            if problems:
+                raise PrepareError(f"{len(problems)} problem(s) in {source}; nothing was prepared:\n" + "\n".join(problems))
+            written = [f for r in records for f in (r["image"], r["label"])]
+            # before any file moves in, a provisional marker that names them (and the earlier run's): a run stopped
+            # while installing left files but no marker, and the next run refused the folder as not its own
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / "prepare.json", {"dataset": dataset, "complete": False,
+                                               "files": sorted(set(written) | set(earlier) | DESCRIPTION_FILES)})
+            install_staged(staging, out, written, earlier)  # and files of an earlier run whose patient is gone go
+        return _write_descriptions(dataset, recipe, source, out, records, written)
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder ``out`` (a hidden file beside it, removed again) while a prepare
+    writes it: two runs into one folder deleted each other's staging folder and marker (a review: raw "No such
+    file" errors, or exit 0 with an incomplete output). Where the platform has no ``fcntl`` (Windows), nothing is
+    locked.
+
+    Raises:
+        PrepareError: another process holds the lock.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        records, problems = _convert_all(dataset, recipe, patients, staging, failed=bool(missing))
-        problems = missing + problems
-        if problems:
-            raise PrepareError(f"{len(problems)} problem(s) in {source}; nothing was prepared:\n" + "\n".join(problems))
-        written = [f for r in records for f in (r["image"], r["label"])]
-        # before any file moves in, a provisional marker that names them (and the earlier run's): a run stopped
-        # while installing left files but no marker, and the next run refused the folder as not its own (a review)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "prepare.json", {"dataset": dataset, "complete": False,
-                                           "files": sorted(set(written) | set(earlier) | DESCRIPTION_FILES)})
-        install_staged(staging, out, written, earlier)  # and files of an earlier run whose patient is gone go
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        handle = open(lock, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise PrepareError(f"{out}: another prepare is writing this folder now; wait for it to finish, or give "
+                               "another --out") from None
+        try:  # the file locked must still be the one at the path (its holder removes it when it is done)
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a waiting process then finds another file, or none
+        handle.close()
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A new folder beside ``out`` to write into before the files move in, removed on leaving; under `exclusive`,
+    the staging folders an earlier killed run left beside ``out`` are removed first."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _write_descriptions(dataset, recipe, source, out, records, written)
 
 
 def install_staged(staging: Path, out: Path, written: Sequence[str], earlier: Iterable[str]) -> None:

@@ -121,6 +121,14 @@ def checkpoint_to_test(callbacks: Sequence[Any]) -> str | None:
     return next(iter(best or saved), None)
 
 
+def _version_given(config) -> bool:
+    """Whether a run's config fixes its logger's version (else Lightning picks the next ``version_N``)."""
+    try:
+        return config["trainer"]["logger"]["init_args"]["version"] is not None
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
 #: what a run writes in its folder that another run's must not write over: the resolved config, the test report
 RUN_FILES = ("config.yaml", "results.md", "results.json")
 
@@ -254,6 +262,12 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                     "with --trainer.logger false a run writes into --trainer.default_root_dir (by default the working "
                     "directory); give a new one, e.g. --trainer.default_root_dir runs/validate_2")
             if taken:
+                if trainer.logger is not None and not _version_given(self.config):  # Lightning chose version_N by listing the folders: another run started at the same
+                    # moment chose it too, and wrote first (a review of concurrent runs)
+                    raise FileExistsError(
+                        f"{folder} already holds {', '.join(taken)} of another run that started at the same moment and "
+                        "took this version_N first; start this run again (it takes the next version_N), or give each "
+                        "run its own --trainer.logger.init_args.name")
                 raise FileExistsError(
                     f"{folder} already holds {', '.join(taken)} of another run, which this one would write over; run "
                     "into a new folder: leave --trainer.logger.init_args.version unset (each run gets its own "

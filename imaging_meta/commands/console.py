@@ -241,6 +241,8 @@ _OS_FIXES = {
     errno.ENOTDIR: "a part of this path is a file, not a folder; give a path whose folders are folders",
     errno.EEXIST: "a file of that name exists where a folder is to be made; move it, or give another path",
     errno.ENAMETOOLONG: "the name is longer than the file system takes; give a shorter name",
+    errno.ENOTEMPTY: "a folder that is not empty is in the way (another run may have written it at the same moment); "
+                     "give a new folder",
     errno.ELOOP: "a symbolic link loop; point the link at a file or folder",
 }
 #: errors whose fix does not depend on the path, said without one when the error names none (a full disk does not)

@@ -387,3 +387,22 @@ def test_a_first_run_stopped_while_installing_does_not_block_the_next(tmp_path, 
     summary = prepare("synapse", src, out)  # the rerun replaces the partial output
     assert summary["patients"] == 3 and "complete" not in json.loads((out / "prepare.json").read_text())
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"synapse_{i}.nii.gz" for i in ("0001", "0002", "0010")]
+
+
+def test_one_prepare_at_a_time_per_output_folder_and_no_staging_left(tmp_path):
+    """Two runs into one --out deleted each other's staging folder and marker (a review); now the second is
+    refused while the first holds the folder, and staging folders a killed run left are removed under the lock."""
+    from datamodules.recipes.prepare import PrepareError, exclusive, staging_folder
+
+    out = tmp_path / "prepared"
+    (tmp_path / ".prepared.partial").mkdir()  # what a killed run of an earlier version left
+    with exclusive(out):
+        with pytest.raises(PrepareError, match=r"prepared: another prepare is writing this folder now"):
+            with exclusive(out):
+                pass
+        with staging_folder(out) as staging:
+            assert staging.is_dir() and staging.name.startswith(".prepared.") and staging.name.endswith(".partial")
+            assert not (tmp_path / ".prepared.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock file and the staging folder are gone
+    with exclusive(out):  # free again
+        pass

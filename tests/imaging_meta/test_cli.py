@@ -515,9 +515,17 @@ def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_ro
     fixed = [*base, "--trainer.logger.init_args.version", "mine", "--ckpt_path", str(ckpt)]
     cli_main(["test", *fixed])
     config = (tmp_path / "runs" / "imaging_meta" / "mine" / "config.yaml").read_text()
-    with pytest.raises(FileExistsError, match="already holds config.yaml, results.md, results.json of another run"):
+    with pytest.raises(FileExistsError, match="already holds config.yaml, results.md, results.json of another run, "
+                                              "which this one would write over"):
         cli_main(["test", *fixed, "--model.threshold", "0.7"])
     assert (tmp_path / "runs" / "imaging_meta" / "mine" / "config.yaml").read_text() == config
+    # two runs started at one moment both chose version_0 (Lightning lists the folders): the later one was told to
+    # leave a version unset that it never set
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    monkeypatch.setattr(TensorBoardLogger, "_get_next_version", lambda self: 0)
+    with pytest.raises(FileExistsError, match="of another run that started at the same moment .* start this run again"):
+        cli_main(["test", *base, "--ckpt_path", str(ckpt)])
 
 
 def test_a_model_of_the_other_task_is_named_before_training(demo_root, demo_index, tmp_path):
