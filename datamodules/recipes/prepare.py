@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import gzip
 import json
 import logging
@@ -522,15 +521,36 @@ def exclusive(out: Path) -> Iterator[None]:
     Raises:
         PrepareError: another process holds the lock.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
+    locks: Any
     try:
-        import fcntl
-    except ImportError:
-        yield
-        return
+        import fcntl as locks
+    except ImportError:  # Windows: no locks
+        locks = None
+    created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the run leaves them empty
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"{out}: cannot create its folder {out.parent} ({e.strerror}); give another --out") from None
+    try:
+        with _held(out, locks) if locks is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for folder in reversed(created):  # a failed run leaves no new empty folders above its output
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+@contextlib.contextmanager
+def _held(out: Path, fcntl: Any) -> Iterator[None]:
+    """The lock of `exclusive` (``fcntl``: the module), taken on a file beside ``out`` and removed when released."""
     lock = out.parent / f".{out.name}.lock"
     while True:
-        handle = open(lock, "a")
+        try:
+            handle = open(lock, "a")
+        except OSError as e:
+            raise PrepareError(f"{out}: cannot write in {out.parent} ({e.strerror}); give another --out") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -554,7 +574,10 @@ def exclusive(out: Path) -> Iterator[None]:
 def staging_folder(out: Path) -> Iterator[Path]:
     """A new folder beside ``out`` to write into before the files move in, removed on leaving; under `exclusive`,
     the staging folders an earlier killed run left beside ``out`` are removed first."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.*partial"):
+    # only this output's: `.<name>.partial` (earlier versions) or `.<name>.<8 characters>.partial` (mkdtemp's),
+    # never `.<name>.b.<...>.partial` of an output `<name>.b`, whose run holds another lock
+    mine = re.compile(rf"^\.{re.escape(out.name)}\.(?:[A-Za-z0-9_]{{8}}\.)?partial$")
+    for stale in (p for p in out.parent.iterdir() if mine.match(p.name)):
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

@@ -124,9 +124,16 @@ def checkpoint_to_test(callbacks: Sequence[Any]) -> str | None:
 def _version_given(config) -> bool:
     """Whether a run's config fixes its logger's version (else Lightning picks the next ``version_N``)."""
     try:
-        return config["trainer"]["logger"]["init_args"]["version"] is not None
+        loggers = config["trainer"]["logger"]
     except (KeyError, TypeError, AttributeError):
         return False
+    for logger_config in loggers if isinstance(loggers, (list, tuple)) else [loggers]:
+        try:
+            if logger_config["init_args"]["version"] is not None:
+                return True
+        except (KeyError, TypeError, AttributeError):
+            continue
+    return False
 
 
 #: what a run writes in its folder that another run's must not write over: the resolved config, the test report

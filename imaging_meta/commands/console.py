@@ -245,6 +245,8 @@ _OS_FIXES = {
                      "give a new folder",
     errno.ELOOP: "a symbolic link loop; point the link at a file or folder",
 }
+#: errors that concern the target of a rename (``filename2``), when the error names one
+_TARGET_ERRORS = (errno.ENOTEMPTY, errno.EEXIST)
 #: errors whose fix does not depend on the path, said without one when the error names none (a full disk does not)
 _PATHLESS = (errno.ENOSPC, errno.EDQUOT)
 #: `datamodules.io.atomic`'s temporary files: ``.<target name, maybe cut>.<8 random characters>.partial``
@@ -260,7 +262,9 @@ def _os_error_message(error: OSError) -> str | None:
     detail = f" ({error.strerror or type(error).__name__})"
     if error.filename is None:
         return fix[0].upper() + fix[1:] + detail if error.errno in _PATHLESS else None
-    path = Path(os.fsdecode(error.filename))
+    # a rename's error about its target (a folder in the way) names the target second
+    named = error.filename2 if error.errno in _TARGET_ERRORS and error.filename2 is not None else error.filename
+    path = Path(os.fsdecode(named))
     match = _PARTIAL.match(path.name)
     if match:  # the temporary file of an atomic write: name the target ("…": its name may have been cut)
         name = match.group("name")

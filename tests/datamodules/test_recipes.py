@@ -406,3 +406,13 @@ def test_one_prepare_at_a_time_per_output_folder_and_no_staging_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # the lock file and the staging folder are gone
     with exclusive(out):  # free again
         pass
+    # a neighbour's staging folder (output `prepared.b`, its own lock) is not this output's to remove (a review)
+    neighbour = tmp_path / "prepared.b"
+    with exclusive(neighbour), staging_folder(neighbour) as theirs:
+        with exclusive(out), staging_folder(out):
+            assert theirs.is_dir()
+    # a run that fails leaves no new empty folders above its output
+    deep = tmp_path / "n1" / "n2" / "out"
+    with pytest.raises(RuntimeError), exclusive(deep):
+        raise RuntimeError("a bad source layout")
+    assert not (tmp_path / "n1").exists()

@@ -854,6 +854,8 @@ def test_os_errors_name_the_file_meant_and_the_fix():
     assert "sup/a/1.png: permission denied to this user; give it read (inputs) or write (outputs)" in error_line(denied)
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a full disk's error names no file
     assert error_line(full).startswith("imaging-meta: error: No space left on the device; free some space")
+    moved = OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), "/e/.out.tmp-1-ab", None, "/e/out")  # os.rename
+    assert error_line(moved).startswith("imaging-meta: error: /e/out: a folder that is not empty is in the way")
     other = OSError(errno.ECONNRESET, "reset", "x")  # no fix known: the message as it was
     assert "reset" in error_line(other)
 
