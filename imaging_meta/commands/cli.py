@@ -269,8 +269,9 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                     "with --trainer.logger false a run writes into --trainer.default_root_dir (by default the working "
                     "directory); give a new one, e.g. --trainer.default_root_dir runs/validate_2")
             if taken:
-                if trainer.logger is not None and not _version_given(self.config):  # Lightning chose version_N by listing the folders: another run started at the same
-                    # moment chose it too, and wrote first (a review of concurrent runs)
+                # Lightning chose version_N by listing the folders: another run started at the same moment chose it
+                # too, and wrote first (a review of concurrent runs)
+                if trainer.logger is not None and not _version_given(self.config):
                     raise FileExistsError(
                         f"{folder} already holds {', '.join(taken)} of another run that started at the same moment and "
                         "took this version_N first; start this run again (it takes the next version_N), or give each "
