@@ -435,7 +435,7 @@ def _add_segment_parser(sub) -> None:
                         "label, and how an earlier mask of another structure is told apart (default: 'label <value>' with "
                         "--label-value, else 'structure')")
     g.add_argument("--query", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
-    g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced when it holds a structure of the same name (--structure-name), and refused when it holds another or is no mask of segment: one folder per structure")
+    g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced when it holds a structure of the same name (--structure-name) of the same scan, and refused when it holds another structure, another scan's mask (two series folders of one name) or is no mask of segment: one folder per structure")
     g.add_argument("--modality", default=None, help="CT or MR, when the files do not say")
     g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan (default 12)")
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")

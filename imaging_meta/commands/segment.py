@@ -51,7 +51,7 @@ from datamodules.transforms.volume import CheckVolume, to_source_grid, volume_tr
 from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.commands.console import user_error
-from imaging_meta.commands.nifti_out import NiftiGeometry, nifti_description, save_nifti
+from imaging_meta.commands.nifti_out import NiftiGeometry, mark_of, nifti_description, query_mark, save_nifti
 from imaging_meta.commands.outputs import check_output_folder, check_outputs
 from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
@@ -335,14 +335,22 @@ def _structure_of(path: Path) -> str | None:
     return text[len(prefix):] if text.startswith(prefix) else None
 
 
-def _check_same_structure(paths: Sequence[Path], name: str) -> None:
+def _check_same_structure(paths: Sequence[Path], name: str, queries: Sequence[str | Path] | None = None) -> None:
     """Refuse to replace a mask that an earlier run wrote for another structure (by its name: ``--structure-name``,
-    else ``label <value>``, else ``structure``), or a file there that no run of `segment` wrote: each run writes
+    else ``label <value>``, else ``structure``), or of another scan of the same name (``queries``, in the order of
+    ``paths``: the `query_mark` in the mask), or a file there that no run of `segment` wrote: each run writes
     one structure and names its mask after the query, so segmenting a second structure of a scan into the same
-    folder replaced the first one's mask without a word (a review)."""
-    for path in paths:
+    folder replaced the first one's mask without a word (a review), and so did segmenting another patient's series
+    folder of the same name (every DICOM export named ``series``) into it."""
+    for i, path in enumerate(paths):
         if not path.is_file():
             continue
+        if queries is not None and not path.name.endswith(".seg.dcm"):
+            held_mark = mark_of(path)
+            if held_mark is not None and held_mark != query_mark(queries[i]):
+                raise ValueError(f"{path} holds the mask of another scan named like {queries[i]} from an earlier run "
+                                 "(masks are named after their query): give another --out folder, or remove the file "
+                                 "to replace it")
         held = _structure_of(path)
         if held is None:  # a file of the user's (or unreadable) where a mask goes: never replaced
             raise ValueError(f"{path} exists and is not a mask that imaging-meta segment wrote: move it, or give "
@@ -560,7 +568,7 @@ def segment(
         if path.is_dir():
             raise ValueError(f"{path}: a folder of that name exists where this run writes a file; move it, or give "
                              "another --out folder")
-    _check_same_structure([paths[0] for paths in (output_paths(q, out, output_format) for q in queries)], name)
+    _check_same_structure([paths[0] for paths in (output_paths(q, out, output_format) for q in queries)], name, queries)
     if not explain:  # left as it is, but a map of another run beside this run's mask could be taken for its own
         for stale in (p for q in queries for p in output_paths(q, out, output_format, True)[1:] if p.exists()):
             logger.warning("%s is a probability map of an earlier run, not of this one (without --explain this run "
@@ -708,12 +716,13 @@ def segment(
                 seg_failures.append(str(e))
                 continue
         else:
-            target = save_nifti(mask.astype(np.uint8), geometry, paths[0], nifti_description(name))
+            target = save_nifti(mask.astype(np.uint8), geometry, paths[0], nifti_description(name), query_mark(q))
         logger.info("%s: %d foreground voxels -> %s%s", q.name, int(mask.sum()), target,
                     "" if novelty is None else f" (novelty {novelty:.2f})")
         masks_written.append(target)
         if explain:
-            probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability")))
+            probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability"),
+                                            query_mark(q)))
     if len(queries) == 1 and unreadable:
         raise ValueError(unreadable[0]) from first_error
     for message in unreadable[LISTED:]:

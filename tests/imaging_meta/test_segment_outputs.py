@@ -226,7 +226,8 @@ def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, supp
     for path in written:
         hdr = nib.load(path).header
         words = b"imaging-meta segment: left kidney" + (b", probability" if "probability" in path.name else b"")
-        assert hdr["descrip"].item() == words and hdr["aux_file"].item() == b""
+        # aux_file: a digest of the query's path (which run's scan the mask is of), not the path
+        assert hdr["descrip"].item() == words and re.fullmatch(rb"q:[0-9a-f]{16}", hdr["aux_file"].item())
         raw = gzip.decompress(path.read_bytes())
         for value in FAKE_PHI.values():
             assert value.encode() not in raw and value.split("^")[0].encode() not in raw
@@ -775,6 +776,13 @@ def test_a_second_structure_never_replaces_the_first_ones_mask_and_output_names_
         segment(ckpt, [support], [query], out, device="cpu", structure_name="vertebrae", **PLAIN)
     assert mask.read_bytes() == before
     segment(ckpt, [support], [query], out, device="cpu", structure_name="liver", **PLAIN)  # the same one: replaced
+    # another patient's scan of the same name (every DICOM export named `series`), by a later run: refused, where it
+    # replaced the first patient's mask without a word (a review of concurrent and repeated runs)
+    other = ct_nifti(phantom(seed=7), affine_ras(), tmp_path / "other" / "q5.nii.gz")
+    before = mask.read_bytes()
+    with pytest.raises(ValueError, match=r"q5\.nii\.gz holds the mask of another scan named like \S+other/q5\.nii\.gz"):
+        segment(ckpt, [support], [other], out, device="cpu", structure_name="liver", **PLAIN)
+    assert mask.read_bytes() == before
     # `--query .`: the folder's name
     monkeypatch.chdir(tmp_path / "support")
     assert output_paths(Path("."), out)[0].name == "support.nii.gz"
