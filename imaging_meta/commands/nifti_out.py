@@ -12,11 +12,9 @@ approximation tens of millimetres off (`qform_holds`).
 from __future__ import annotations
 
 import gzip
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -81,7 +79,7 @@ class NiftiGeometry:
 def save_nifti(array: np.ndarray, geometry: NiftiGeometry, path: Path, description: str = "", aux: str = "") -> Path:
     """Write ``array`` with a fresh header: nothing from the source header (no description, no aux file) but the
     ``geometry``, ``description`` (our own words) and ``aux`` (at most 23 ASCII characters: `segment` writes the
-    `query_mark` of the scan the mask is of).
+    `imaging_meta.commands.query_marks.query_mark` of the scan a mask is of).
 
     The file is complete or absent (`datamodules.io.atomic.atomic_open`): the gzip stream is written to a temporary
     file beside ``path``, which then takes its name."""
@@ -94,22 +92,6 @@ def save_nifti(array: np.ndarray, geometry: NiftiGeometry, path: Path, descripti
     with atomic_open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
         img.to_file_map({"image": nib.FileHolder(fileobj=gz)})  # nibabel's own .nii.gz level
     return path
-
-
-def query_mark(query: str | os.PathLike) -> str:
-    """``q:<16 hex>``: a digest of the query's resolved path, kept in its mask's NIfTI ``aux_file`` so that a later
-    run can tell a mask of another scan of the same name (every DICOM export named ``series``) from its own."""
-    return "q:" + hashlib.sha256(os.fsencode(os.path.realpath(query))).hexdigest()[:16]
-
-
-def mark_of(path: Path) -> str | None:
-    """The `query_mark` in a mask's header, or None (written before marks, or unreadable)."""
-    try:
-        header = cast(nib.Nifti1Header, nib.load(path).header)
-        text = bytes(header["aux_file"]).split(b"\0")[0].decode("ascii")
-    except Exception:
-        return None
-    return text if text.startswith("q:") else None
 
 
 def nifti_description(name: str, suffix: str = "") -> str:

@@ -51,8 +51,9 @@ from datamodules.transforms.volume import CheckVolume, to_source_grid, volume_tr
 from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.commands.console import user_error
-from imaging_meta.commands.nifti_out import NiftiGeometry, mark_of, nifti_description, query_mark, save_nifti
+from imaging_meta.commands.nifti_out import NiftiGeometry, nifti_description, save_nifti
 from imaging_meta.commands.outputs import check_output_folder, check_outputs
+from imaging_meta.commands.query_marks import mark_of, query_mark, seg_series_uid, series_uid
 from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
@@ -345,12 +346,18 @@ def _check_same_structure(paths: Sequence[Path], name: str, queries: Sequence[st
     for i, path in enumerate(paths):
         if not path.is_file():
             continue
-        if queries is not None and not path.name.endswith(".seg.dcm"):
-            held_mark = mark_of(path)
-            if held_mark is not None and held_mark != query_mark(queries[i]):
+        if queries is not None:
+            if path.name.endswith(".seg.dcm"):
+                held_uid, uid = seg_series_uid(path), series_uid(Path(queries[i]))
+                other = held_uid is not None and uid is not None and held_uid != uid
+            else:
+                held_mark = mark_of(path)
+                other = held_mark is not None and held_mark != query_mark(queries[i])
+            if other:
                 raise ValueError(f"{path} holds the mask of another scan named like {queries[i]} from an earlier run "
-                                 "(masks are named after their query): give another --out folder, or remove the file "
-                                 "to replace it")
+                                 "(masks are named after their query; another patient's series folder of the same "
+                                 "name, or this scan changed): give another --out folder, or remove the file to "
+                                 "replace it")
         held = _structure_of(path)
         if held is None:  # a file of the user's (or unreadable) where a mask goes: never replaced
             raise ValueError(f"{path} exists and is not a mask that imaging-meta segment wrote: move it, or give "
@@ -721,8 +728,7 @@ def segment(
                     "" if novelty is None else f" (novelty {novelty:.2f})")
         masks_written.append(target)
         if explain:
-            probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability"),
-                                            query_mark(q)))
+            probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability")))
     if len(queries) == 1 and unreadable:
         raise ValueError(unreadable[0]) from first_error
     for message in unreadable[LISTED:]:

@@ -226,8 +226,10 @@ def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, supp
     for path in written:
         hdr = nib.load(path).header
         words = b"imaging-meta segment: left kidney" + (b", probability" if "probability" in path.name else b"")
-        # aux_file: a digest of the query's path (which run's scan the mask is of), not the path
-        assert hdr["descrip"].item() == words and re.fullmatch(rb"q:[0-9a-f]{16}", hdr["aux_file"].item())
+        # the mask's aux_file: a salted digest of which scan it is of (query_marks), no identifier; the map: nothing
+        aux = hdr["aux_file"].item()
+        assert hdr["descrip"].item() == words
+        assert aux == b"" if "probability" in path.name else re.fullmatch(rb"q:[0-9a-f]{16}", aux)
         raw = gzip.decompress(path.read_bytes())
         for value in FAKE_PHI.values():
             assert value.encode() not in raw and value.split("^")[0].encode() not in raw
@@ -783,6 +785,10 @@ def test_a_second_structure_never_replaces_the_first_ones_mask_and_output_names_
     with pytest.raises(ValueError, match=r"q5\.nii\.gz holds the mask of another scan named like \S+other/q5\.nii\.gz"):
         segment(ckpt, [support], [other], out, device="cpu", structure_name="liver", **PLAIN)
     assert mask.read_bytes() == before
+    moved = tmp_path / "moved" / "q5.nii.gz"  # the same scan after the data moved: its own mask, replaced
+    moved.parent.mkdir()
+    moved.write_bytes(query.read_bytes())
+    segment(ckpt, [support], [moved], out, device="cpu", structure_name="liver", **PLAIN)
     # `--query .`: the folder's name
     monkeypatch.chdir(tmp_path / "support")
     assert output_paths(Path("."), out)[0].name == "support.nii.gz"
@@ -881,3 +887,33 @@ def test_a_multi_label_support_map_without_label_value_is_warned_about(tmp_path,
         lines = [r.getMessage() for r in caplog.records if "label values" in r.getMessage()]
         assert lines == ([f"{label} holds 3 label values (1, 5, 7): without --label-value every non-zero voxel is "
                           "the structure, all of them together; give --label-value to segment one"] if value is None else [])
+
+
+def test_a_dicom_segmentation_of_another_series_of_the_same_folder_name_is_not_replaced(tmp_path):
+    """`--format dicom-seg` had no such check: a second patient's `series.seg.dcm` replaced the first one's."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from imaging_meta.commands.segment import _check_same_structure
+
+    first = write_series(tmp_path / "a" / "series", phantom(shape=(8, 8, 3)), seed=1)
+    second = write_series(tmp_path / "b" / "series", phantom(shape=(8, 8, 3)), seed=2)
+    uid_of = {k: str(pydicom.dcmread(f[0]).SeriesInstanceUID) for k, f in (("a", first), ("b", second))}
+    assert uid_of["a"] != uid_of["b"]
+    seg = Dataset()
+    seg.file_meta = FileMetaDataset()
+    seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    seg.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID = "1.2.3.4.5"
+    seg.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    seg.Modality = "SEG"
+    label, ref = Dataset(), Dataset()
+    label.SegmentLabel = "liver"
+    ref.SeriesInstanceUID = uid_of["a"]
+    seg.SegmentSequence, seg.ReferencedSeriesSequence = [label], [ref]
+    path = tmp_path / "out" / "series.seg.dcm"
+    path.parent.mkdir()
+    seg.save_as(path, enforce_file_format=True)
+    _check_same_structure([path], "liver", [tmp_path / "a" / "series"])  # its own series: replaced later
+    with pytest.raises(ValueError, match=r"series\.seg\.dcm holds the mask of another scan named like \S+b/series"):
+        _check_same_structure([path], "liver", [tmp_path / "b" / "series"])
