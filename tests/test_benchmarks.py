@@ -174,6 +174,15 @@ def test_real_segmentation_compare_pairs_two_runs_by_support_query_and_structure
     assert Path(forward[0][0].image).name.endswith("_upper.nii.gz")
 
 
+def assert_default_with_two_shots(variant, default) -> None:
+    """A one-shot variant of `benchmarks.one_shot_weighting` answers as the default task-adaptive classifier
+    exactly when every class has two support images (it differs at one shot only)."""
+    from tests.imaging_meta.test_descriptors import task_episode
+
+    ep = task_episode("pixels", n_shot=2)
+    torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+
+
 def test_one_shot_weighting_fits_on_augmented_views_at_one_shot_only():
     """`benchmarks.one_shot_weighting`: with K >= 2 the variant is the default classifier exactly; at K = 1 its
     weights come from the views (not equal), and its answers are probabilities."""
@@ -184,8 +193,7 @@ def test_one_shot_weighting_fits_on_augmented_views_at_one_shot_only():
     embedding = stub_embedding()
     variant, default = AugmentedOneShot(embedding, prior=0.05, copies=3).eval(), TaskAdaptiveClassifier(embedding, prior=0.05).eval()
     with torch.no_grad():
-        ep = task_episode("pixels", n_shot=2)
-        torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+        assert_default_with_two_shots(variant, default)
         assert variant.weights == []
         one = task_episode("pixels", n_shot=1)
         probs = variant.predict(one)
@@ -207,8 +215,7 @@ def test_transductive_one_shot_weighting_never_reads_the_query_labels():
     embedding = stub_embedding()
     variant, default = TransductiveOneShot(embedding, rounds=2).eval(), TaskAdaptiveClassifier(embedding).eval()
     with torch.no_grad():
-        ep = task_episode("pixels", n_shot=2)
-        torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+        assert_default_with_two_shots(variant, default)
         one = task_episode("pixels", n_shot=1)
         probs = variant.predict(one)
         shuffled = replace(one, query_labels=one.query_labels.flip(-1))
@@ -229,8 +236,7 @@ def test_fixed_one_shot_share_of_one_third_is_the_default_and_other_shares_move_
     embedding = stub_embedding()
     default = TaskAdaptiveClassifier(embedding).eval()
     with torch.no_grad():
-        ep = task_episode("pixels", n_shot=2)
-        torch.testing.assert_close(FixedOneShot(embedding, share=0.9).eval().predict(ep), default.predict(ep))
+        assert_default_with_two_shots(FixedOneShot(embedding, share=0.9).eval(), default)
         one = task_episode("pixels", n_shot=1)
         torch.testing.assert_close(FixedOneShot(embedding, share=1 / 3).eval().predict(one), default.predict(one))
         alone = FixedOneShot(embedding, share=1.0).eval()
@@ -313,8 +319,7 @@ def test_confident_one_shot_answers_each_query_in_one_space():
     embedding = stub_embedding()
     variant, default = ConfidentOneShot(embedding).eval(), TaskAdaptiveClassifier(embedding).eval()
     with torch.no_grad():
-        ep = task_episode("pixels", n_shot=2)
-        torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+        assert_default_with_two_shots(variant, default)
         one = task_episode("checker", n_shot=1)
         probs = variant.predict(one)
         base = variant.base_spaces(variant.task_spaces(one))
@@ -421,8 +426,7 @@ def test_linear_pooling_is_the_mean_of_each_spaces_probabilities_at_one_shot_onl
     embedding = stub_embedding()
     variant, default = LinearPool(embedding, scale=2.0).eval(), TaskAdaptiveClassifier(embedding).eval()
     with torch.no_grad():
-        ep = task_episode("pixels", n_shot=2)
-        torch.testing.assert_close(variant.predict(ep), default.predict(ep))
+        assert_default_with_two_shots(variant, default)
         one = task_episode("pixels", n_shot=1)
         probs = variant.predict(one)
         base = variant.base_spaces(variant.task_spaces(one))
