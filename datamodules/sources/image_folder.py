@@ -88,6 +88,11 @@ def listed_file(path: Path) -> bool:
     return path.is_file() or (path.is_symlink() and not path.exists())
 
 
+def dangling_link(path: Path) -> str:
+    """What to say of a symbolic link whose target does not exist (`listed_file` keeps it)."""
+    return f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+
+
 def ignored_name(name: str) -> bool:
     """A hidden file or folder (``.thumbnails``, ``.DS_Store``) or ``__MACOSX``: never an image nor a class."""
     return name.startswith(".") or name in IGNORED_FOLDERS
@@ -429,7 +434,7 @@ class ImageFolder(ItemSource):
             for f in per_class[cls]:
                 rel = f.relative_to(root).as_posix()
                 if not f.exists():  # a link to nothing (`listed_file`)
-                    unreadable.append(f"{f}: a symbolic link to {os.readlink(f)}, which does not exist")
+                    unreadable.append(dangling_link(f))
                     continue
                 try:
                     read = _read(f, self.ct_window)

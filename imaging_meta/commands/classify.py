@@ -32,6 +32,7 @@ from datamodules.sources.image_folder import (
     NATIVE_RANGE,
     PIL_EXTENSIONS,
     class_folders,
+    dangling_link,
     dicom_kind,
     file_digest,
     ignored_name,
@@ -71,7 +72,7 @@ def _image_files(folder: Path) -> list[Path]:
         if not listed_file(f) or any(map(ignored_name, f.relative_to(folder).parts)) or f.name.lower() in _SYSTEM_FILES:
             continue
         if not f.exists():  # a link to nothing: named before any work, never left out of the answers without a word
-            dangling.append(f"{f}: a symbolic link to {os.readlink(f)}, which does not exist")
+            dangling.append(dangling_link(f))
             continue
         maybe = maybe_dicom_name(f)
         if not maybe and f.suffix.lower() not in IMAGE_SUFFIXES:
