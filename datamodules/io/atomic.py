@@ -10,6 +10,7 @@ version of the target untouched.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -55,6 +56,22 @@ TEMP_NAME_BYTES = 96
 def _short(name: str) -> str:
     """``name`` cut to `TEMP_NAME_BYTES` bytes of UTF-8, on a character boundary."""
     return name.encode("utf-8", "surrogateescape")[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+
+
+#: the temporary files `atomic_open` makes: ``.<target name, maybe cut>.<8 random characters>.partial``
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.[^.]{8}\.partial$")
+
+
+def partial_target(path: Path) -> Path | None:
+    """The file a temporary file of `atomic_open` was to become (its name ending in "…" where it may have been cut
+    to `TEMP_NAME_BYTES`), or None when ``path`` is no such temporary file: an error names the file the user asked
+    for, not ``.index.json.rw8hfvgo.partial``."""
+    match = _PARTIAL.match(path.name)
+    if match is None:
+        return None
+    name = match.group("name")
+    maybe_cut = len(os.fsencode(name)) > TEMP_NAME_BYTES - 4  # a cut keeps whole characters (up to 4 bytes)
+    return path.parent / (name + "…" if maybe_cut else name)
 
 
 _UMASK_LOCK = threading.Lock()

@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamodules.io.atomic import TEMP_NAME_BYTES
+from datamodules.io.atomic import partial_target
 
 #: the options of every command, before or after its name (`split_global_options`)
 GLOBAL_OPTIONS = {
@@ -216,8 +216,9 @@ def user_error(error: BaseException) -> str | None:
             return _worker_error(str(e))
         if isinstance(e, ImportError) and not _missing_package(e):
             return None  # a broken import inside the project is a bug, not a missing extra
-        if isinstance(e, OSError) and _os_error_message(e) is not None:
-            return _os_error_message(e)
+        message = _os_error_message(e) if isinstance(e, OSError) else None
+        if message is not None:
+            return message
         if isinstance(e, USER_ERRORS) or _lightning_misconfiguration(e):
             return str(e)
         if isinstance(e, RuntimeError) and str(e).startswith("applying transform"):
@@ -249,8 +250,6 @@ _OS_FIXES = {
 _TARGET_ERRORS = (errno.ENOTEMPTY, errno.EEXIST)
 #: errors whose fix does not depend on the path, said without one when the error names none (a full disk does not)
 _PATHLESS = (errno.ENOSPC, errno.EDQUOT)
-#: `datamodules.io.atomic`'s temporary files: ``.<target name, maybe cut>.<8 random characters>.partial``
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.[^.]{8}\.partial$")
 
 
 def _os_error_message(error: OSError) -> str | None:
@@ -265,11 +264,7 @@ def _os_error_message(error: OSError) -> str | None:
     # a rename's error about its target (a folder in the way) names the target second
     named = error.filename2 if error.errno in _TARGET_ERRORS and error.filename2 is not None else error.filename
     path = Path(os.fsdecode(named))
-    match = _PARTIAL.match(path.name)
-    if match:  # the temporary file of an atomic write: name the target ("…": its name may have been cut)
-        name = match.group("name")
-        maybe_cut = len(os.fsencode(name)) > TEMP_NAME_BYTES - 4  # a cut keeps whole characters (up to 4 bytes)
-        path = path.parent / (name + "…" if maybe_cut else name)
+    path = partial_target(path) or path  # an atomic write's temporary file: the file it was to become
     return f"{path}: {fix}{detail}"
 
 
