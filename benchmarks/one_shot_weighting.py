@@ -1,4 +1,4 @@
-"""Eight one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
+"""Nine one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
 
     python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
 
@@ -25,7 +25,9 @@ equally (docs/classification.md). This script measures, on the same seeded 1-sho
   few-shot literature (CHEF, Adler et al. 2020). It applies at every shot count (``--shots``);
   ``--block-alone`` also scores that space by itself (``block<n> alone``);
 * ``lin<scale>`` (only with ``--linear-scales``): the mean of the spaces' probabilities, each a softmax at that
-  scale (linear pooling), instead of the sum of their weighted distances.
+  scale (linear pooling), instead of the sum of their weighted distances;
+* ``agree<mix>`` (only with ``--agreement-mixes``): each space's accuracy estimated from how often the spaces
+  agree on the task's queries (no labels), the spaces weighted by its log-odds, mixed with equal weights.
 
 Any list option given empty (``--priors`` alone) leaves its variants out; ``--no-confident`` leaves that one out.
 
@@ -195,6 +197,39 @@ class LinearPool(_OneShotVariant):
         return probs, records
 
 
+class AgreementOneShot(_OneShotVariant):
+    """At K = 1, each space's accuracy estimated without labels from how often its answers to the task's queries
+    agree with the other spaces' (the spectral meta-learner of Parisi et al. 2014, for N classes with symmetric,
+    conditionally independent errors: agreement_ij - 1/N = N/(N-1) b_i b_j, b = accuracy - 1/N), and the spaces
+    weighted by the log-odds of that accuracy, mixed with equal weights in proportion ``mix``."""
+
+    space = "agreement"
+
+    def __init__(self, *args, mix: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mix = mix
+        self.estimates: list[list[float]] = []
+
+    def one_shot_weights(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> torch.Tensor:
+        t_count, k = distances.shape[:2]
+        answers = distances.argmin(-1)  # (T, K, A)
+        agree = (answers.unsqueeze(2) == answers.unsqueeze(1)).double().mean(-1)  # (T, K, K)
+        c = ((agree - 1.0 / n_way) * (n_way - 1) / n_way).clamp(min=1e-4)  # b_i b_j
+        beta = torch.empty(t_count, k, dtype=torch.float64)
+        for t in range(t_count):
+            b = torch.empty(k, dtype=torch.float64)
+            for i in range(k):  # b_i^2 = mean over pairs (j, l) of c_ij c_il / c_jl
+                ratios = [c[t, i, j] * c[t, i, m] / c[t, j, m] for j in range(k) for m in range(j + 1, k)
+                          if i not in (j, m)]
+                b[i] = torch.stack(ratios).mean().sqrt()
+            acc = (1.0 / n_way + b).clamp(max=0.95)
+            logodds = (acc * (n_way - 1) / (1 - acc)).log().clamp(min=1e-3)
+            w = logodds / logodds.sum()
+            self.estimates.append(acc.tolist())
+            beta[t] = ONE_SHOT_SCALE * (self.mix * w + (1 - self.mix) / k)
+        return beta.to(distances.dtype)
+
+
 class BlockSpace(TaskAdaptiveClassifier):
     """The task-adaptive classifier with one more candidate space: the embedding's feature map after block
     ``block`` of its Conv-4 backbone, average-pooled to ``pool`` x ``pool`` (each task's queries normalised with its
@@ -246,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-confident", action="store_true", help="leave out `confident`")
     ap.add_argument("--linear-scales", nargs="*", type=float, default=[],
                     help="also `lin<scale>`: the mean of the spaces' probabilities at this softmax scale")
+    ap.add_argument("--agreement-mixes", nargs="*", type=float, default=[],
+                    help="also `agree<mix>`: weights from the spaces' agreement on the queries, mixed with equal ones")
     ap.add_argument("--blocks", nargs="*", type=int, default=[1, 2],
                     help="also `block<n>`: the embedding's block-n features as a fourth space")
     ap.add_argument("--block-pool", type=int, default=4)
@@ -267,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     variants.update({f"emb{s:g}": FixedOneShot(learner, share=s) for s in args.embedding_shares})
     variants.update({f"trans{r}": TransductiveOneShot(learner, rounds=r) for r in args.transductive_rounds})
     variants.update({f"lin{s:g}": LinearPool(learner, scale=s) for s in args.linear_scales})
+    variants.update({f"agree{m:g}": AgreementOneShot(learner, mix=m) for m in args.agreement_mixes})
     if not args.no_confident:
         variants["confident"] = ConfidentOneShot(learner)
     variants.update({f"block{b}": BlockSpace(learner, block=b, pool=args.block_pool) for b in args.blocks})
@@ -285,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(v, AugmentedOneShot) and v.weights:
                 mean = torch.tensor(v.weights).mean(0).tolist()
                 print(f"{s:18s} {name}: mean weights " + ", ".join(f"{w:.3f}" for w in mean))
+            if isinstance(v, AgreementOneShot) and v.estimates:
+                mean = torch.tensor(v.estimates).mean(0).tolist()
+                print(f"{s:18s} {name}: mean estimated accuracy " + ", ".join(f"{w:.3f}" for w in mean))
+                v.estimates.clear()
     return 0
 
 

@@ -435,3 +435,30 @@ def test_linear_pooling_is_the_mean_of_each_spaces_probabilities_at_one_shot_onl
                                 for fs, fq in base.values()]).mean(0)
     assert len(base) >= 2
     torch.testing.assert_close(probs, expected)
+
+
+def test_agreement_recovers_independent_spaces_accuracies_without_labels():
+    """`agree<mix>`: for spaces whose errors are independent, the accuracies estimated from their agreement alone
+    are the true ones, and the best space gets the largest weight; mix 0 is the default's equal weights; at K >= 2
+    the default exactly."""
+    from benchmarks.one_shot_weighting import AgreementOneShot
+    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+    from imaging_meta.learners.descriptors.weighting import ONE_SHOT_SCALE
+    from tests.imaging_meta.test_descriptors import stub_embedding
+
+    g = torch.Generator().manual_seed(0)
+    truth, accuracy, n_way, count = torch.randint(0, 3, (4000,), generator=g), [0.9, 0.7, 0.5], 3, 4000
+    answers = []
+    for a in accuracy:  # right with probability a, else one of the other classes at random
+        wrong = (truth + torch.randint(1, n_way, (count,), generator=g)) % n_way
+        answers.append(torch.where(torch.rand(count, generator=g) < a, truth, wrong))
+    distances = 1.0 - torch.nn.functional.one_hot(torch.stack(answers), n_way).float().unsqueeze(0)  # (1, K, A, N)
+    embedding = stub_embedding()
+    variant = AgreementOneShot(embedding, mix=1.0)
+    beta = variant.one_shot_weights(None, dict.fromkeys("abc"), distances, n_way)
+    torch.testing.assert_close(torch.tensor(variant.estimates[0]), torch.tensor(accuracy), atol=0.03, rtol=0)
+    assert beta[0].argmax() == 0 and abs(float(beta.sum()) - ONE_SHOT_SCALE) < 1e-5
+    equal = AgreementOneShot(embedding, mix=0.0).one_shot_weights(None, dict.fromkeys("abc"), distances, n_way)
+    torch.testing.assert_close(equal, torch.full((1, 3), ONE_SHOT_SCALE / 3))
+    with torch.no_grad():
+        assert_default_with_two_shots(variant.eval(), TaskAdaptiveClassifier(embedding).eval())
