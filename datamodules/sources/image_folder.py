@@ -232,6 +232,18 @@ def _check_settings(image_size: Sequence[int], channels: int, ct_window: Sequenc
         raise ValueError(f"ct_window must be [lower, upper] HU with upper > lower, got {list(ct_window)}")
 
 
+def resize_bilinear(x: torch.Tensor, size: Sequence[int], antialias: bool) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=...)`` of (B, C, H, W), except that an
+    output one pixel wide is computed as the transpose of one pixel high: torch's antialiased bilinear kernel on
+    the CPU (2.13) returns the first output value in every row when the output width is 1 (a 2200 x 100 gradient
+    came out as a near-black column; one pixel high is right)."""
+    h, w = (int(s) for s in size)
+    if w == 1 and h > 1 and antialias:
+        return F.interpolate(x.transpose(-1, -2), size=(w, h), mode="bilinear", align_corners=False,
+                             antialias=True).transpose(-1, -2)
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=antialias)
+
+
 def _to_tensor(read: Read, image_size: Sequence[int], channels: int) -> torch.Tensor:
     """(C, H, W) float32: channel conversion, aspect-preserving resize into ``image_size``, zero padding."""
     arr = read.array
@@ -246,7 +258,7 @@ def _to_tensor(read: Read, image_size: Sequence[int], channels: int) -> torch.Te
     scale = min(th / h, tw / w)
     nh, nw = max(1, min(th, round(h * scale))), max(1, min(tw, round(w * scale)))
     if (nh, nw) != (h, w):
-        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+        x = resize_bilinear(x[None], (nh, nw), antialias=scale < 1)[0]
     top, left = (th - nh) // 2, (tw - nw) // 2
     x = F.pad(x, (left, tw - nw - left, top, th - nh - top))
     return x.clamp(0.0, 1.0).contiguous()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.sources.image_folder import resize_bilinear
 from datamodules.sources.items import ItemSource, ItemTable
 
 SPLITS = ("train", "val", "test")
@@ -217,9 +218,11 @@ class MedMNIST(ItemSource):
                     f"{len(spatial)}D ({tuple(spatial)}); give [H, W] for 2D files and [D, H, W] for 3D files"
                 )
             if list(spatial) != self.image_size:
-                mode = "bilinear" if len(spatial) == 2 else "trilinear"
-                t = F.interpolate(t, size=self.image_size, mode=mode, align_corners=False,
-                                  antialias=mode == "bilinear" and min(s / o for s, o in zip(self.image_size, spatial, strict=True)) < 1)
+                if len(spatial) == 2:
+                    shrinks = min(s / o for s, o in zip(self.image_size, spatial, strict=True)) < 1
+                    t = resize_bilinear(t, self.image_size, antialias=shrinks)
+                else:
+                    t = F.interpolate(t, size=self.image_size, mode="trilinear", align_corners=False)
         return t.clamp(0.0, 1.0).contiguous()
 
     def build(self) -> ItemTable:
