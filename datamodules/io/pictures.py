@@ -102,12 +102,21 @@ class Read:
 
     def in_native_range(self) -> np.ndarray | None:
         """The picture's values divided by the largest its integer type can store (an 8-bit picture's by 255, as
-        MedMNIST's ``uint8 / 255``, a 16-bit one's by 65535), instead of stretched over its own range; None for
-        DICOM, float, signed and 1-bit pictures."""
+        MedMNIST's ``uint8 / 255``), instead of stretched over its own range; None for DICOM, float, signed and
+        1-bit pictures. A 16-bit picture is divided by the largest value of the bits its values use, ``2^b - 1``
+        with b from 8 to 16 (`stored_bits`): a 12-bit X-ray or CT exported to a 16-bit PNG or TIFF spans 0-4095,
+        which divided by 65535 would be near black (a review, 2026-12-06: 0.06 at most)."""
         if self.own_range is None or self.native_max is None:
             return None
         lo, hi = self.own_range
-        return np.clip((self.array * (hi - lo) + lo) / self.native_max, 0.0, 1.0).astype(np.float32)
+        top = self.native_max if self.native_max <= 255 else float(2 ** stored_bits(hi) - 1)
+        return np.clip((self.array * (hi - lo) + lo) / top, 0.0, 1.0).astype(np.float32)
+
+
+def stored_bits(highest: float) -> int:
+    """The bits a 16-bit picture's values use, from its highest value: the smallest b in 8..16 with highest < 2^b
+    (PNG's sBIT chunk, where a writer sets one, is not read by Pillow)."""
+    return min(16, max(8, int(highest).bit_length()))
 
 
 def scale(arr: np.ndarray, path: Path, lo: float | None = None, hi: float | None = None) -> np.ndarray:

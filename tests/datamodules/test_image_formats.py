@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from datamodules.sources.image_folder import load_image
@@ -350,6 +351,13 @@ def test_the_native_range_scales_a_picture_by_its_type_as_medmnist_does(tmp_path
     big.save(tmp_path / "big.tif")
     np.testing.assert_allclose(load_image(tmp_path / "big.tif", image_size=(28, 28), intensity=NATIVE_RANGE)[0].numpy(),
                                deep / 65535.0, atol=1e-6)
+    twelve = grey.astype(np.uint16) * 16  # 12 bits stored in 16 (an X-ray's 0-4095): by 4095, not near black
+    Image.fromarray(twelve).save(tmp_path / "twelve.png")
+    np.testing.assert_allclose(load_image(tmp_path / "twelve.png", image_size=(28, 28), intensity=NATIVE_RANGE)[0].numpy(),
+                               twelve / 4095.0, atol=1e-6)
+    Image.fromarray(grey.astype(np.uint16)).save(tmp_path / "low.png")  # 16-bit storage of 8-bit values: by 255
+    np.testing.assert_allclose(load_image(tmp_path / "low.png", image_size=(28, 28), intensity=NATIVE_RANGE)[0].numpy(),
+                               grey / 255.0, atol=1e-6)
     from datamodules.sources import image_folder
 
     image_folder._NATIVE_FALLBACK_SAID.clear()  # said once per process: this test's first one is the warning
@@ -365,3 +373,22 @@ def test_the_native_range_scales_a_picture_by_its_type_as_medmnist_does(tmp_path
     assert "ct.dcm" not in caplog.text and float(dicom.max()) <= 1.0  # said once, for signed.tif
     with pytest.raises(ValueError, match="intensity must be None"):
         load_image(tmp_path / "cell.png", intensity="percentile")
+
+
+@pytest.mark.parametrize("shape", [(2200, 100), (500, 1)])
+def test_a_tall_narrow_picture_resized_to_one_pixel_wide_is_its_transpose(tmp_path, shape):
+    """torch's antialiased bilinear resize (CPU) returns its first value down a one-pixel-wide output: a tall
+    gradient came out as a near-black column (a review, 2026-12-06). The picture and its transpose agree."""
+    from datamodules.sources.image_folder import resize_bilinear
+
+    h, w = shape
+    ramp = np.repeat(np.linspace(0, 255, h).astype(np.uint8)[:, None], w, 1)
+    Image.fromarray(ramp).save(tmp_path / "tall.png")
+    Image.fromarray(np.ascontiguousarray(ramp.T)).save(tmp_path / "wide.png")
+    tall = load_image(tmp_path / "tall.png", image_size=(32, 32))[0]
+    wide = load_image(tmp_path / "wide.png", image_size=(32, 32))[0]
+    torch.testing.assert_close(tall, wide.T)
+    assert float(tall.max()) > 0.9
+    x = torch.linspace(0, 1, 40)[:, None].expand(2, 40, 7)[None].contiguous()  # a ramp down the rows
+    torch.testing.assert_close(resize_bilinear(x, (9, 1), antialias=True),
+                               torch.nn.functional.interpolate(x, size=(9, 1), mode="area"), atol=0.02, rtol=0)
