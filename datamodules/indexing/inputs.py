@@ -37,6 +37,7 @@ NON_IMAGE_KINDS = {
     ".png": "2D image",
     ".jpg": "2D image",
     ".jpeg": "2D image",
+    ".jfif": "2D image",
     ".tif": "2D image",
     ".tiff": "2D image",
     ".bmp": "2D image",

@@ -1,4 +1,5 @@
-"""A folder with one subfolder per class of 2D images (PNG, JPEG, TIFF, BMP, single-frame DICOM) as an `ItemTable`.
+"""A folder with one subfolder per class of 2D images (PNG, JPEG or JFIF, TIFF, BMP, single-frame DICOM) as an
+`ItemTable`.
 
 Layout::
 
@@ -24,7 +25,9 @@ Intensities:
 * DICOM: decoded as the volume reader decodes a slice (`datamodules.io.dicom_pixels`): MONOCHROME1 images
   (minimum displayed white) have their stored values inverted over the stored range, then
   RescaleSlope/RescaleIntercept are applied; CT is clipped to ``ct_window`` (HU) and scaled to [0, 1]; other
-  modalities are scaled per image between their minimum and maximum. Palette colour becomes RGB. DICOM objects
+  modalities are scaled per image between their minimum and maximum (a DX/CR/MR image's WindowCenter/Width and
+  VOI LUT, a viewer's display settings, are not applied: a PNG exported through that window is another image).
+  Palette colour becomes RGB. DICOM objects
   that are no image (a DICOMDIR, an RT structure set or dose, a report...) are skipped with a warning; a file
   without pixel data and a Siemens mosaic (slices tiled into one image) are refused with the fix.
 
@@ -68,7 +71,7 @@ from datamodules.messages import LISTED, listed
 from datamodules.sources.items import ItemSource, ItemTable
 
 #: 2D image files read with Pillow (TIFF: single-page, 8/16-bit or float grey, or RGB, as pathology tiles are)
-PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp")  # .jfif: a JPEG, as browsers save it
 DICOM_EXTENSIONS = DICOM_CLAIMED
 #: names tried as DICOM and skipped when they are not: none (``IM0001``), and the vendors' '.ima' / '.dic', which
 #: other formats use too (a spelling dictionary)
@@ -440,6 +443,7 @@ class ImageFolder(ItemSource):
         classes = sorted(per_class)
         scaling: dict[bool, str] = {}  # an image of each intensity scaling: a CT window, or its own range
         unreadable: list[str] = []  # every image that cannot be read, named together at the end
+        too_few: list[str] = []  # every class folder with fewer than two images, named with them
         copies: dict[str, list[str]] = {}  # file digest -> the images (class/name) with those bytes
         for label, cls in enumerate(classes):
             n_read, n_bad = 0, len(unreadable)
@@ -501,18 +505,23 @@ class ImageFolder(ItemSource):
             if n_read < 2 and len(unreadable) > n_bad:
                 continue  # the images that cannot be read explain it: they are named below
             if n_read == 0:
-                raise ValueError(
+                too_few.append(
                     f"{root / cls}: empty class folder (no image with a suffix in {self.extensions}); add images or remove it"
                 )
             if n_read == 1:
-                raise ValueError(
+                too_few.append(
                     f"{root / cls}: a class folder with a single image; few-shot episodes need at least two images "
                     "per class (one support, one query); add images or remove the folder"
                 )
-        if unreadable:
+        if unreadable or too_few:  # every problem of the folder in one run, not one per run
             for message in unreadable[LISTED:]:
                 logger.warning("cannot be read: %s", message)
-            raise ValueError(f"{len(unreadable)} image(s) of {root} cannot be read: {listed(unreadable)}")
+            for message in too_few[1:] if not unreadable else too_few:
+                logger.warning("%s", message)
+            if unreadable:
+                also = f" (and {len(too_few)} class folder(s) with too few images, above)" if too_few else ""
+                raise ValueError(f"{len(unreadable)} image(s) of {root} cannot be read{also}: {listed(unreadable)}")
+            raise ValueError(too_few[0] + (f" (and {len(too_few) - 1} more, above)" if len(too_few) > 1 else ""))
         if len(scaling) > 1:
             logger.warning(mixed_scaling(str(root), scaling[True], scaling[False]))
         repeated = [files for files in copies.values() if len(files) > 1]

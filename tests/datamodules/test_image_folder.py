@@ -150,7 +150,7 @@ def test_monochrome1_image_reads_as_its_slice_in_a_volume(tmp_path):
     assert np.allclose(image, expected, atol=1e-6)
 
 
-def test_bad_inputs_raise_naming_the_file(tmp_path):
+def test_bad_inputs_raise_naming_the_file(tmp_path, caplog):
     def fresh(name):
         return write_folder(tmp_path / name, n_classes=2, dicom_class=False)
 
@@ -174,6 +174,18 @@ def test_bad_inputs_raise_naming_the_file(tmp_path):
     root = fresh("single")
     write_png(root / "lonely" / "one.png", pattern(3, 0))
     with pytest.raises(ValueError, match=r"lonely: a class folder with a single image"):
+        ImageFolder(str(root)).build()
+
+    root = fresh("all_at_once")  # every problem of the folder in one run (a review: one per run)
+    (root / "class2").mkdir()
+    write_png(root / "lonely" / "one.png", pattern(3, 0))
+    (root / "class0" / "P9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match=r"1 image\(s\) .* cannot be read \(and 2 class "
+                                                   r"folder\(s\) with too few images, above\): .*P9_broken\.png"):
+        ImageFolder(str(root)).build()
+    assert "class2: empty class folder" in caplog.text and "lonely: a class folder with a single image" in caplog.text
+    (root / "class0" / "P9_broken.png").unlink()
+    with pytest.raises(ValueError, match=r"class2: empty class folder.*\(and 1 more, above\)"):
         ImageFolder(str(root)).build()
 
     root = fresh("mixed")

@@ -392,3 +392,17 @@ def test_a_tall_narrow_picture_resized_to_one_pixel_wide_is_its_transpose(tmp_pa
     x = torch.linspace(0, 1, 40)[:, None].expand(2, 40, 7)[None].contiguous()  # a ramp down the rows
     torch.testing.assert_close(resize_bilinear(x, (9, 1), antialias=True),
                                torch.nn.functional.interpolate(x, size=(9, 1), mode="area"), atol=0.02, rtol=0)
+
+
+def test_a_jfif_file_is_a_jpeg_in_a_class_folder(tmp_path):
+    """Browsers save JPEGs as ``.jfif``; they were skipped as non-images by `fit` and `classify` (a review,
+    2026-12-06). They are read, as ``.jpg`` is."""
+    from datamodules.sources.image_folder import ImageFolder
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            pixels = rng.integers(0, 255, (40, 40)).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.jfif", format="JPEG")
+    assert len(ImageFolder(str(tmp_path), image_size=[16, 16]).build().labels) == 4
