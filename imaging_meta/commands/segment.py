@@ -692,7 +692,7 @@ def segment(
                 q.name, segmenter.relaxed)
         # linear interpolation back to the query grid (the image's own modes), then one threshold
         source, source_affine = to_source_grid(vol, probs, tf_image)
-        prob_map = np.clip(source, 0.0, 1.0)  # (X, Y, Z)
+        prob_map = np.clip(source, 0.0, 1.0, out=source)  # (X, Y, Z), in place: a CT's grid is GBs
         mask = prob_map > 0.5
         if largest_component and mask.any():
             mask = keep_components(mask, parts)

@@ -85,12 +85,39 @@ def _body_threshold(image: np.ndarray, modality: str) -> float | None:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep only the largest 3D connected component of a boolean volume (all False if empty)."""
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return np.zeros(mask.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (int(np.argmax(sizes)) + 1)
+    """Keep only the largest 3D connected component of a boolean volume (all False if empty).
+
+    Labelled within the mask's bounding box and counted slice by slice: a predicted organ fills a small part of a
+    whole CT, and labelling the full grid with one 8-byte count per voxel set ``segment``'s peak memory (a review,
+    2026-12-06: 2.1 GB more for a 512 x 512 x 600 query, 0.2 GB within the box)."""
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _bounding_box(mask)
+    if box is None:
+        return out
+    labels, count = ndimage.label(mask[box])
+    out[box] = labels == (int(np.argmax(component_sizes(labels, count))) + 1)
+    return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) that holds every True voxel of ``mask``; None if there is none."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if present.size == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
+
+
+def component_sizes(labels: np.ndarray, count: int) -> np.ndarray:
+    """Voxels of each component 1..count of ``ndimage.label``'s labels, counted along the first axis in turn
+    (``np.bincount`` of the whole array would copy it to 8 bytes a voxel)."""
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for plane in labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else labels[None]:
+        sizes += np.bincount(plane, minlength=count + 1)
+    return sizes[1:]
 
 
 #: a support component is a part of the structure when it holds at least this share of the structure's volume
@@ -103,7 +130,7 @@ def structure_parts(mask: np.ndarray, share: float = PART_SHARE) -> int:
     labels, count = ndimage.label(np.asarray(mask, dtype=bool))
     if count == 0:
         return 0
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes = component_sizes(labels, count)
     return int((sizes >= share * sizes.sum()).sum())
 
 

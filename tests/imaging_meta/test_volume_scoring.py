@@ -253,3 +253,22 @@ def test_to_ras_and_back_for_every_axis_order_and_direction():
                 affine[axis, i] = flip
             np.testing.assert_array_equal(to_ras(stored, affine), ras)
             np.testing.assert_array_equal(from_ras(ras, affine), stored)
+
+
+def test_largest_component_within_the_mask_box_is_the_whole_grid_answer():
+    """`largest_component` labels only the mask's bounding box and counts plane by plane (memory on a whole CT);
+    on random masks it keeps exactly what labelling the whole grid keeps, and `structure_parts` counts as before."""
+    from scipy import ndimage
+
+    from imaging_meta.evaluation.volumes import largest_component, structure_parts
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = np.zeros((30, 25, 20), dtype=bool)
+        mask[3:27, 5:22, 2:15] = rng.random((24, 17, 13)) > rng.uniform(0.5, 0.95)
+        labels, count = ndimage.label(mask)
+        sizes = np.bincount(labels.ravel())[1:]
+        np.testing.assert_array_equal(largest_component(mask), labels == int(np.argmax(sizes)) + 1)
+        assert structure_parts(mask) == int((sizes >= 0.05 * sizes.sum()).sum())
+    assert not largest_component(np.zeros((3, 3, 3), dtype=bool)).any()
+    assert largest_component(np.ones((2, 3, 4), dtype=bool)).all()
