@@ -22,8 +22,8 @@ resident set (Linux VmHWM) and its rise, and with ``--device cuda`` ``torch.cuda
 
 Where the time goes: timers around the command's parts (exclusive wall and CPU time; on CUDA every boundary
 synchronises): loading and preprocessing (read, orient, resample, window), the encoder's forward passes
-(support and query slices apart: the learner encodes the support slices again for every chunk of query
-slices), the learner's prototypes and similarities, the scan segmenter's fit and its evidence fusion on the
+(support and query slices apart: the support slices once per query, through `Learner.fit_support`, or
+again for every chunk of query slices for a learner without it), the learner's prototypes and similarities, the scan segmenter's fit and its evidence fusion on the
 query, test-time adaptation (superpixels, episodes, steps), post-processing (inverse resampling to the query
 grid, largest component, writing the mask); and each part's peak resident set (VmHWM, reset at every
 boundary) and CUDA allocation.
@@ -282,7 +282,7 @@ class _TimedTransform:
 
 
 LOAD = "load + preprocess (read NIfTI, orient, resample, CT window)"
-ENC_SUPPORT = "encoder forward: support slices (again for every query chunk)"
+ENC_SUPPORT = "encoder forward: support slices (once a query, or again for every chunk without fit_support)"
 ENC_QUERY = "encoder forward: query slices"
 ENC_FIT = "encoder forward: support fit (leave-one-out, negative slices)"
 LEARNER = "learner: prototypes, similarities, upsampling"
@@ -305,7 +305,7 @@ CHUNK = "learner predict of one query chunk (inclusive)"
 
 def _hook_encoder(learner: torch.nn.Module, timer: StageTimer, chunk_calls: list[int]) -> None:
     """Time the learner's encoder (ProtoNet-seg's ``encoder``, else its `encoder_name`): support slices are the
-    first encoder call of each ``predict``, query slices the later ones; inside adaptation it is not timed apart."""
+    first encoder call of each ``predict`` or ``fit_support``, query slices the later ones; inside adaptation it is not timed apart."""
     encoder = getattr(learner, "encoder", None)
     if encoder is None and learner.encoder_name():
         encoder = learner.get_submodule(learner.encoder_name())
@@ -359,7 +359,25 @@ def instrumented(timer: StageTimer) -> Iterator[None]:
                 timer.calls[CHUNK].append(time.perf_counter() - t0)
             return out
 
+        fit_support, predict_fitted = type(learner).fit_support, type(learner).predict_fitted
+
+        def timed_fit_support(self, episode):  # the support's encoder pass, once for a query's chunks
+            chunk_calls[0] = 0
+            with timer.stage(LEARNER):
+                return fit_support(self, episode)
+
+        def timed_predict_fitted(self, fitted, query_images):
+            chunk_calls[0] = 1  # its encoder pass is the query's
+            t0 = time.perf_counter()
+            with timer.stage(LEARNER):
+                out = predict_fitted(self, fitted, query_images)
+            if timer.inside(FUSION):
+                timer.calls[CHUNK].append(time.perf_counter() - t0)
+            return out
+
         patch(type(learner), "predict", timed_predict)
+        patch(type(learner), "fit_support", timed_fit_support)
+        patch(type(learner), "predict_fitted", timed_predict_fitted)
         return learner, pre
 
     patch(seg, "_segmenter", load)
@@ -541,7 +559,7 @@ def _sections(opts, shape, repeat, cost_rows, labels, results, data, failures) -
         [where, "command s: wall time; CPU s: the process's CPU time (less sensitive to other jobs on the machine). "
          "slices/s: the query's axial slices over the command's wall time, and over the scan segmenter's query "
          "prediction alone. Chunk: the learner's predict of one chunk of query slices (16 at 80x80, 1 at 256x256; "
-         "each chunk encodes the support slices again), median over every chunk of every run. Peak RSS: the "
+         "the support's features once a query, through fit_support), median over every chunk of every run. Peak RSS: the "
          "process's highest resident set during the command (Linux VmHWM); rise: above its RSS before the command. "
          "CUDA: `max_memory_allocated` above what was allocated before the command."],
         ["case", "runs", "command s", "CPU s", "slices/s", "predict slices/s", "chunk ms", "chunks", "peak RSS MiB",

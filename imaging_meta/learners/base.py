@@ -241,6 +241,18 @@ class Learner(nn.Module):
         """
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ one support, many query chunks
+    def fit_support(self, episode: Episode) -> Any | None:
+        """What `predict` computes from the support set alone (a segmenter's prototypes), for `predict_fitted` to
+        reuse over the chunks of queries of one support set (a whole scan's slices); None, the default: the
+        learner has no such split, or its support's output depends on the queries (batch statistics)."""
+        return None
+
+    def predict_fitted(self, fitted: Any, query_images: torch.Tensor) -> torch.Tensor:
+        """`predict` of the queries (T, Q, C, H, W) from `fit_support`'s output: the same values as `predict` of
+        the whole episode."""
+        raise NotImplementedError(f"{type(self).__name__} has no fit_support")
+
     # ------------------------------------------------------------------ explanations
     def encoder_name(self) -> str | None:
         """The name (for ``get_submodule``) of the submodule that pools images into vectors, (N, C, *spatial) ->

@@ -163,12 +163,16 @@ class ScanSegmenter:
         n_chunks = -(-images.shape[0] // chunk)
         if self.progress is not None and n_chunks > 1:  # a large query at a fine scale takes minutes here
             starts = self.progress(starts, "segmenting slices", total=n_chunks, unit="chunk")
+        fitted, asked = None, n_chunks < 2 or not hasattr(self.learner, "fit_support")
         for start in starts:
             qi = images[start : start + chunk].unsqueeze(1).unsqueeze(0).to(self.device)
             ep = Episode(
                 sup_i, sup_m, qi, torch.zeros(qi.shape[:2] + qi.shape[-2:], device=self.device), batched=True
             )
-            out.append(self.learner.predict(ep)[0].float().cpu())
+            if not asked:  # the support's part of predict once, not once per chunk
+                fitted, asked = self.learner.fit_support(ep), True
+            probs = self.learner.predict(ep) if fitted is None else self.learner.predict_fitted(fitted, qi)
+            out.append(probs[0].float().cpu())
         return torch.cat(out) if out else images.new_zeros(images.shape)
 
     def _features(self, probs: torch.Tensor, images: torch.Tensor, llr: torch.Tensor | None = None) -> torch.Tensor:

@@ -647,3 +647,34 @@ def test_the_pair_bootstrap_counts_a_pair_only_when_both_its_patients_are_drawn(
     r = pair_bootstrap(review)
     assert r["ci_low"] < 0.51 and r["ci_high"] > 0.54  # the two patient pairs' means, 0.546 and 0.5055
     assert pair_bootstrap(review[:2])["ci_low"] is None  # two patients: no interval
+
+
+@pytest.mark.parametrize("backbone", ["unet", "conv4"])
+def test_the_support_is_encoded_once_for_every_chunk_of_a_scan_and_the_answer_is_unchanged(backbone):
+    """`Learner.fit_support`: the scan segmenter encodes the support slices once for all of a query's chunks
+    (they were encoded again for each: two thirds of the encoder's passes at a fine scale), with the same
+    probabilities as before; an encoder with batch statistics (conv4) still predicts chunk by chunk."""
+    from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
+
+    class Uncached(PrototypicalSegmenter):
+        def fit_support(self, episode):
+            return None
+
+    kwargs = {"out_channels": 8, "features": [4, 4, 8, 8, 16, 4]} if backbone == "unet" else {"width": 4}
+    s_img, s_mask = _volume(size=80)
+    q_img, _ = _volume(lo=3, hi=9, size=80, seed=1)  # 80 x 80 slices at query_chunk 1: one chunk a slice
+    options = dataclasses.replace(LEARNER_ONLY, query_chunk=1)
+    answers, encoded = [], []
+    for kind in (PrototypicalSegmenter, Uncached):
+        torch.manual_seed(0)
+        learner = kind(backbone=backbone, backbone_kwargs=kwargs).eval()
+        images = []
+        learner.encoder.register_forward_hook(lambda m, i, o, images=images: images.append(i[0].shape[0]))
+        answers.append(ScanSegmenter(learner, options).fit([(s_img, s_mask)]).predict(q_img))
+        encoded.append(sum(images))
+    torch.testing.assert_close(answers[0], answers[1])
+    n_support, n_chunks = int(s_mask.any(0).any(0).sum()), q_img.shape[-1]
+    if backbone == "unet":  # at least the query's chunks but one fewer passes of the support
+        assert encoded[1] - encoded[0] >= (n_chunks - 1) * n_support
+    else:
+        assert encoded[0] == encoded[1]

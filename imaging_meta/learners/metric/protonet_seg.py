@@ -224,3 +224,16 @@ class PrototypicalSegmenter(Learner):
     def predict(self, episode: Episode) -> torch.Tensor:
         """Foreground probability (T, Q, H, W) of every query pixel."""
         return self.forward(episode).softmax(dim=2)[:, :, 1]
+
+    def fit_support(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The support's prototypes (see `prototypes`), computed once for many query chunks (a whole scan at a
+        fine scale encoded the support again for each chunk: two thirds of its encoder passes); None for an
+        encoder with batch statistics, whose features depend on the queries."""
+        if uses_support_statistics(self.encoder):
+            return None
+        ep = episode.unsqueeze()
+        return self.prototypes(self.features(ep.support_images), ep.support_labels)
+
+    def predict_fitted(self, fitted: tuple[torch.Tensor, torch.Tensor], query_images: torch.Tensor) -> torch.Tensor:
+        size = tuple(query_images.shape[-2:])
+        return self.segment(self.features(query_images), fitted, size).softmax(dim=2)[:, :, 1]
