@@ -16,7 +16,9 @@ seed give the same adapted weights (CPU). The learner the caller passed is never
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -40,6 +42,24 @@ def _episode(images: torch.Tensor, masks: torch.Tensor) -> Episode:
     return Episode(images[:1], m[:1], images[1:], m[1:])
 
 
+#: the superpixels of the last few volumes, by their content: a `segment` run adapts once per query with the same
+#: support scans, whose superpixels it recomputed for each (a review, 2026-12-06)
+_SUPERPIXELS: OrderedDict[str, np.ndarray] = OrderedDict()
+SUPERPIXEL_MEMO = 4
+
+
+def _superpixels(volume: torch.Tensor) -> np.ndarray:
+    """`volume_superpixels` of a (H, W, D) volume in [0, 1], memoised by its content (a copy is handed out)."""
+    values = np.ascontiguousarray(volume.clamp(0, 1).numpy())
+    key = hashlib.sha256(values.view(np.uint8)).hexdigest() + str(values.shape) + str(values.dtype)
+    if key not in _SUPERPIXELS:
+        _SUPERPIXELS[key] = volume_superpixels(values)
+        while len(_SUPERPIXELS) > SUPERPIXEL_MEMO:
+            _SUPERPIXELS.popitem(last=False)
+    _SUPERPIXELS.move_to_end(key)
+    return _SUPERPIXELS[key].copy()
+
+
 class AdaptationEpisodes:
     """Draws the adaptation episodes; numpy-seeded, deterministic."""
 
@@ -52,7 +72,7 @@ class AdaptationEpisodes:
         self.rng = np.random.default_rng(seed)
         self.augment = RandItemAugment(**SELFSUP_AUGMENT)
         self.volumes = [img for img, _ in supports] + list(queries)
-        self.superpixels = [volume_superpixels(v.clamp(0, 1).numpy()) for v in self.volumes]
+        self.superpixels = [_superpixels(v) for v in self.volumes]
         self.tables = [superpixel_table(sp) for sp in self.superpixels]
         self.labelled = [
             (img[..., z], mask[..., z].float())

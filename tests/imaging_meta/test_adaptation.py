@@ -52,6 +52,26 @@ def test_adaptation_episodes_use_superpixels_of_both_scans_and_the_support_label
     assert all(float(m.sum()) > 0 for m in batch.support_labels)  # every episode has a structure to find
 
 
+def test_the_support_superpixels_are_computed_once_for_several_queries(monkeypatch):
+    """`segment` adapts once per query with the same supports: their superpixels are memoised by content (they
+    were recomputed for every query), and the episodes are the same as without the memo."""
+    import imaging_meta.adaptation as adaptation
+
+    supports, queries = _scans()
+    monkeypatch.setattr(adaptation, "_SUPERPIXELS", type(adaptation._SUPERPIXELS)())
+    computed = []
+    real = adaptation.volume_superpixels
+    monkeypatch.setattr(adaptation, "volume_superpixels", lambda v: computed.append(v.shape) or real(v))
+    first = AdaptationEpisodes(supports, queries, seed=0).batch(4)
+    other_query = [queries[0].flip(1).clone()]
+    AdaptationEpisodes([(supports[0][0].clone(), supports[0][1])], other_query, seed=0)
+    assert len(computed) == 3  # the support once, each query once
+    again = AdaptationEpisodes(supports, queries, seed=0).batch(4)
+    torch.testing.assert_close(again.support_images, first.support_images)
+    torch.testing.assert_close(again.query_labels, first.query_labels)
+    assert len(computed) == 3
+
+
 def test_adaptation_progress_bar_follows_the_quiet_switch(monkeypatch, capsys):
     """The bar is drawn when bars are on and not under ``imaging-meta --quiet`` (IMAGING_META_PROGRESS=0)."""
     from datamodules.progress import ENV
