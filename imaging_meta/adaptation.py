@@ -42,22 +42,27 @@ def _episode(images: torch.Tensor, masks: torch.Tensor) -> Episode:
     return Episode(images[:1], m[:1], images[1:], m[1:])
 
 
-#: the superpixels of the last few volumes, by their content: a `segment` run adapts once per query with the same
-#: support scans, whose superpixels it recomputed for each (a review, 2026-12-06)
-_SUPERPIXELS: OrderedDict[str, np.ndarray] = OrderedDict()
-SUPERPIXEL_MEMO = 4
+#: the superpixels of the last support sets, by their volumes' content: a `segment` run adapts once per query with
+#: the same support scans, whose superpixels it recomputed for each (a review, 2026-12-06). Queries are not kept
+_SUPPORT_SUPERPIXELS: OrderedDict[tuple[str, ...], list[np.ndarray]] = OrderedDict()
+SUPPORT_SETS_KEPT = 2
 
 
-def _superpixels(volume: torch.Tensor) -> np.ndarray:
-    """`volume_superpixels` of a (H, W, D) volume in [0, 1], memoised by its content (a copy is handed out)."""
-    values = np.ascontiguousarray(volume.clamp(0, 1).numpy())
-    key = hashlib.sha256(values.view(np.uint8)).hexdigest() + str(values.shape) + str(values.dtype)
-    if key not in _SUPERPIXELS:
-        _SUPERPIXELS[key] = volume_superpixels(values)
-        while len(_SUPERPIXELS) > SUPERPIXEL_MEMO:
-            _SUPERPIXELS.popitem(last=False)
-    _SUPERPIXELS.move_to_end(key)
-    return _SUPERPIXELS[key].copy()
+def _in_unit_range(volume: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(volume.clamp(0, 1).numpy())
+
+
+def _support_superpixels(volumes: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """`volume_superpixels` of each support volume (H, W, D), memoised per support set by content (copies are
+    handed out)."""
+    values = [_in_unit_range(v) for v in volumes]
+    key = tuple(hashlib.sha256(v.tobytes()).hexdigest() + str(v.shape) for v in values)
+    if key not in _SUPPORT_SUPERPIXELS:
+        _SUPPORT_SUPERPIXELS[key] = [volume_superpixels(v) for v in values]
+        while len(_SUPPORT_SUPERPIXELS) > SUPPORT_SETS_KEPT:
+            _SUPPORT_SUPERPIXELS.popitem(last=False)
+    _SUPPORT_SUPERPIXELS.move_to_end(key)
+    return [sp.copy() for sp in _SUPPORT_SUPERPIXELS[key]]
 
 
 class AdaptationEpisodes:
@@ -72,7 +77,8 @@ class AdaptationEpisodes:
         self.rng = np.random.default_rng(seed)
         self.augment = RandItemAugment(**SELFSUP_AUGMENT)
         self.volumes = [img for img, _ in supports] + list(queries)
-        self.superpixels = [_superpixels(v) for v in self.volumes]
+        self.superpixels = _support_superpixels([img for img, _ in supports]) + [
+            volume_superpixels(_in_unit_range(q)) for q in queries]
         self.tables = [superpixel_table(sp) for sp in self.superpixels]
         self.labelled = [
             (img[..., z], mask[..., z].float())

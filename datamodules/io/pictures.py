@@ -101,22 +101,15 @@ class Read:
     native_max: float | None = None  # an integer picture's largest storable value (255 for 8 bits), else None
 
     def in_native_range(self) -> np.ndarray | None:
-        """The picture's values divided by the largest its integer type can store (an 8-bit picture's by 255, as
-        MedMNIST's ``uint8 / 255``), instead of stretched over its own range; None for DICOM, float, signed and
-        1-bit pictures. A 16-bit picture is divided by the largest value of the bits its values use, ``2^b - 1``
-        with b from 8 to 16 (`stored_bits`): a 12-bit X-ray or CT exported to a 16-bit PNG or TIFF spans 0-4095,
-        which divided by 65535 would be near black (a review, 2026-12-06: 0.06 at most)."""
-        if self.own_range is None or self.native_max is None:
+        """The picture's values divided by the largest its integer type can store, 255, as MedMNIST's
+        ``uint8 / 255``, instead of stretched over its own range; None for DICOM, float, signed, 1-bit and 16-bit
+        pictures. A 16-bit picture does not say how many of its bits are used (a 12-bit X-ray exported to a 16-bit
+        PNG spans 0-4095, near black divided by 65535; a review, 2026-12-06), and guessing the depth from each
+        image's highest value would scale two images of one detector differently."""
+        if self.own_range is None or self.native_max is None or self.native_max > 255:
             return None
         lo, hi = self.own_range
-        top = self.native_max if self.native_max <= 255 else float(2 ** stored_bits(hi) - 1)
-        return np.clip((self.array * (hi - lo) + lo) / top, 0.0, 1.0).astype(np.float32)
-
-
-def stored_bits(highest: float) -> int:
-    """The bits a 16-bit picture's values use, from its highest value: the smallest b in 8..16 with highest < 2^b
-    (PNG's sBIT chunk, where a writer sets one, is not read by Pillow)."""
-    return min(16, max(8, int(highest).bit_length()))
+        return np.clip((self.array * (hi - lo) + lo) / self.native_max, 0.0, 1.0).astype(np.float32)
 
 
 def scale(arr: np.ndarray, path: Path, lo: float | None = None, hi: float | None = None) -> np.ndarray:

@@ -270,7 +270,7 @@ def _to_tensor(read: Read, image_size: Sequence[int], channels: int) -> torch.Te
 #: the intensity settings whose fallback to an image's own range was already warned about (`load_image_and_shape`)
 _NATIVE_FALLBACK_SAID: set[str] = set()
 
-#: ``intensity`` of `load_image`: scale an integer picture by its type's range (an 8-bit one by 255), as the
+#: ``intensity`` of `load_image`: scale an 8-bit picture by 255, as the
 #: MedMNIST source does (its checkpoints record ``"intensity": "uint8 / 255"``), instead of by its own range
 NATIVE_RANGE = "uint8 / 255"
 
@@ -291,8 +291,8 @@ def load_image(
         channels: 1 (colour becomes grey) or 3 (grey is repeated).
         ct_window: HU window for CT DICOM.
         intensity: None (a picture spans [0, 1] from its own lowest to highest value, `ImageFolder`'s rule) or
-            `NATIVE_RANGE` (an integer picture divided by its type's largest value; a DICOM or float image,
-            which has no such range, keeps its own range, with a warning).
+            `NATIVE_RANGE` (an 8-bit picture divided by 255; a DICOM, 16-bit or float image, whose range that
+            does not give, keeps its own range, with a warning).
 
     Returns:
         (channels, H, W) float32 tensor in [0, 1].
@@ -324,9 +324,9 @@ def load_image_and_shape(
         if native is None:  # said once per process (a folder of DICOM queries would repeat it for each)
             log = logger.debug if intensity in _NATIVE_FALLBACK_SAID else logger.warning
             _NATIVE_FALLBACK_SAID.add(intensity)
-            log("%s: the checkpoint scales 8- and 16-bit pictures by their type's range (%s); this image is none "
-                "(DICOM, floating point, signed or 1-bit): scaled by its own range instead (said once; every such "
-                "image at debug level)", path, intensity)
+            log("%s: the checkpoint scales 8-bit pictures by their type's range (%s); this image is none "
+                "(DICOM, 16-bit, floating point, signed or 1-bit): scaled by its own range instead (said once; every "
+                "such image at debug level)", path, intensity)
         else:
             read = dataclasses.replace(read, array=native)
     return _to_tensor(read, image_size, channels), (int(read.array.shape[0]), int(read.array.shape[1])), read.windowed

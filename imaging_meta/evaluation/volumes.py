@@ -87,7 +87,7 @@ def _body_threshold(image: np.ndarray, modality: str) -> float | None:
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep only the largest 3D connected component of a boolean volume (all False if empty).
 
-    Labelled within the mask's bounding box and counted slice by slice: a predicted organ fills a small part of a
+    Labelled within the mask's bounding box and counted block by block: a predicted organ fills a small part of a
     whole CT, and labelling the full grid with one 8-byte count per voxel set ``segment``'s peak memory (a review,
     2026-12-06: 2.1 GB more for a 512 x 512 x 600 query, 0.2 GB within the box)."""
     mask = np.asarray(mask, dtype=bool)
@@ -111,12 +111,18 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
+#: voxels of labels counted at a time by `component_sizes` (``np.bincount`` copies them to 8 bytes each)
+COUNT_BLOCK = 2**22
+
+
 def component_sizes(labels: np.ndarray, count: int) -> np.ndarray:
-    """Voxels of each component 1..count of ``ndimage.label``'s labels, counted along the first axis in turn
-    (``np.bincount`` of the whole array would copy it to 8 bytes a voxel)."""
+    """Voxels of each component 1..count of ``ndimage.label``'s labels, counted in blocks of `COUNT_BLOCK`
+    voxels (``np.bincount`` of the whole array would copy it to 8 bytes a voxel; plane by plane cost planes x
+    components, slow for a noisy mask of many components)."""
+    flat = labels.reshape(-1)
     sizes = np.zeros(count + 1, dtype=np.int64)
-    for plane in labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else labels[None]:
-        sizes += np.bincount(plane, minlength=count + 1)
+    for start in range(0, flat.size, COUNT_BLOCK):
+        sizes += np.bincount(flat[start : start + COUNT_BLOCK], minlength=count + 1)
     return sizes[1:]
 
 

@@ -53,12 +53,13 @@ def test_adaptation_episodes_use_superpixels_of_both_scans_and_the_support_label
 
 
 def test_the_support_superpixels_are_computed_once_for_several_queries(monkeypatch):
-    """`segment` adapts once per query with the same supports: their superpixels are memoised by content (they
-    were recomputed for every query), and the episodes are the same as without the memo."""
+    """`segment` adapts once per query with the same supports: their superpixels are memoised per support set by
+    content (they were recomputed for every query; queries are not kept), and the episodes are the same as
+    without the memo."""
     import imaging_meta.adaptation as adaptation
 
     supports, queries = _scans()
-    monkeypatch.setattr(adaptation, "_SUPERPIXELS", type(adaptation._SUPERPIXELS)())
+    monkeypatch.setattr(adaptation, "_SUPPORT_SUPERPIXELS", type(adaptation._SUPPORT_SUPERPIXELS)())
     computed = []
     real = adaptation.volume_superpixels
     monkeypatch.setattr(adaptation, "volume_superpixels", lambda v: computed.append(v.shape) or real(v))
@@ -69,7 +70,11 @@ def test_the_support_superpixels_are_computed_once_for_several_queries(monkeypat
     again = AdaptationEpisodes(supports, queries, seed=0).batch(4)
     torch.testing.assert_close(again.support_images, first.support_images)
     torch.testing.assert_close(again.query_labels, first.query_labels)
-    assert len(computed) == 3
+    assert len(computed) == 4  # the support from the memo, the query again
+    many = [(supports[0][0] * f, supports[0][1]) for f in (1.0, 0.9, 0.8, 0.7, 0.6)]  # five supports, two queries
+    for q in (queries, other_query):
+        AdaptationEpisodes(many, q, seed=0)
+    assert len(computed) == 4 + 5 + 1 + 1  # the five supports once (a set of its own), each query once
 
 
 def test_adaptation_progress_bar_follows_the_quiet_switch(monkeypatch, capsys):

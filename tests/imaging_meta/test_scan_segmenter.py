@@ -673,6 +673,12 @@ def test_the_support_is_encoded_once_for_every_chunk_of_a_scan_and_the_answer_is
         answers.append(ScanSegmenter(learner, options).fit([(s_img, s_mask)]).predict(q_img))
         encoded.append(sum(images))
     torch.testing.assert_close(answers[0], answers[1])
+
+    class Tempered(PrototypicalSegmenter):  # its own predict: never bypassed by predict_fitted
+        def predict(self, episode):
+            return super().predict(episode).sqrt()
+
+    assert Tempered(backbone=backbone, backbone_kwargs=kwargs).fit_support(None) is None
     n_support, n_chunks = int(s_mask.any(0).any(0).sum()), q_img.shape[-1]
     if backbone == "unet":  # at least the query's chunks but one fewer passes of the support
         assert encoded[1] - encoded[0] >= (n_chunks - 1) * n_support

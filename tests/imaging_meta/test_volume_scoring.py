@@ -256,7 +256,7 @@ def test_to_ras_and_back_for_every_axis_order_and_direction():
 
 
 def test_largest_component_within_the_mask_box_is_the_whole_grid_answer():
-    """`largest_component` labels only the mask's bounding box and counts plane by plane (memory on a whole CT);
+    """`largest_component` labels only the mask's bounding box and counts in blocks (memory on a whole CT);
     on random masks it keeps exactly what labelling the whole grid keeps, and `structure_parts` counts as before."""
     from scipy import ndimage
 
@@ -272,3 +272,11 @@ def test_largest_component_within_the_mask_box_is_the_whole_grid_answer():
         assert structure_parts(mask) == int((sizes >= 0.05 * sizes.sum()).sum())
     assert not largest_component(np.zeros((3, 3, 3), dtype=bool)).any()
     assert largest_component(np.ones((2, 3, 4), dtype=bool)).all()
+    from imaging_meta.evaluation import volumes
+
+    labels, count = ndimage.label(rng.random((40, 30, 20)) > 0.6)
+    old_block, volumes.COUNT_BLOCK = volumes.COUNT_BLOCK, 1000  # several blocks, one ending mid-plane
+    try:
+        np.testing.assert_array_equal(volumes.component_sizes(labels, count), np.bincount(labels.ravel())[1:])
+    finally:
+        volumes.COUNT_BLOCK = old_block

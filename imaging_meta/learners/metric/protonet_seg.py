@@ -228,8 +228,10 @@ class PrototypicalSegmenter(Learner):
     def fit_support(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The support's prototypes (see `prototypes`), computed once for many query chunks (a whole scan at a
         fine scale encoded the support again for each chunk: two thirds of its encoder passes); None for an
-        encoder with batch statistics, whose features depend on the queries."""
-        if uses_support_statistics(self.encoder):
+        encoder with batch statistics, whose features depend on the queries, and for a subclass (or a stand-in)
+        whose ``predict`` or ``forward`` is not this class's, which `predict_fitted` would bypass."""
+        own = type(self).predict is _OWN_PREDICT and type(self).forward is _OWN_FORWARD
+        if uses_support_statistics(self.encoder) or not own:
             return None
         ep = episode.unsqueeze()
         return self.prototypes(self.features(ep.support_images), ep.support_labels)
@@ -237,3 +239,7 @@ class PrototypicalSegmenter(Learner):
     def predict_fitted(self, fitted: tuple[torch.Tensor, torch.Tensor], query_images: torch.Tensor) -> torch.Tensor:
         size = tuple(query_images.shape[-2:])
         return self.segment(self.features(query_images), fitted, size).softmax(dim=2)[:, :, 1]
+
+
+#: `PrototypicalSegmenter.fit_support` applies only where ``predict`` and ``forward`` are these
+_OWN_PREDICT, _OWN_FORWARD = PrototypicalSegmenter.predict, PrototypicalSegmenter.forward
