@@ -16,6 +16,7 @@ The slice tables and the slice episode dataset live in `datamodules.sampling.sli
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -151,20 +152,34 @@ def hash_with_file_stamps(item: dict) -> bytes:
     return pickle_hashing(stamped)
 
 
+#: how long the ranks wait for each other to fill the disk cache: a first fill of a real cohort can take longer
+#: than the process group's own timeout (Lightning's 30 minutes), which killed the run as a gloo/NCCL error
+CACHE_FILL_TIMEOUT = datetime.timedelta(days=2)
+
+
 def _warmed(dataset: PersistentDataset) -> PersistentDataset:
-    """Under DDP, rank 0 writes every missing cache file before any rank reads one.
+    """Under DDP, every missing cache file is written before any rank reads one, each by one rank.
 
     MONAI writes a cache file to a temporary folder and moves it into place. On one filesystem that move is
     atomic, but a cache folder on another filesystem than the temporary folder (a shared cluster disk) gets a
-    copy, which another rank could read half-written. Rank 0 fills the cache first, the others wait at a
-    barrier, and from then on every rank only reads. Later runs with the same preprocessing reuse the files.
+    copy, which another rank could read half-written. Rank r fills items r, r + world, ... (the fill is shared,
+    and no file has two writers); the ranks then wait for each other at a barrier of their own, on a gloo group
+    whose timeout (`CACHE_FILL_TIMEOUT`) a long first fill does not reach, and from then on every rank only
+    reads. Later runs with the same preprocessing reuse the files. A rank that fails on bad input stops the
+    others at once (their barrier's connection closes).
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return dataset
-    if torch.distributed.get_rank() == 0:
-        for i in range(len(dataset)):
-            dataset[i]  # reads the file, or preprocesses the volume and writes it
-    torch.distributed.barrier()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    for i in range(rank, len(dataset), world):
+        dataset[i]  # reads the file, or preprocesses the volume and writes it
+    try:
+        group = torch.distributed.new_group(backend="gloo", timeout=CACHE_FILL_TIMEOUT)
+    except (RuntimeError, ValueError):  # pragma: no cover - a torch built without gloo: the default group's timeout
+        group = None
+    torch.distributed.barrier(group=group)
+    if group is not None:
+        torch.distributed.destroy_process_group(group)
     return dataset
 
 

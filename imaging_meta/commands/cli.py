@@ -41,6 +41,7 @@ from imaging_meta.commands.console import (
     debug_requested,
     error_line,
     non_negative_int,
+    peer_stopped,
     quiet_lightning,
     quiet_output,
     split_global_options,
@@ -821,7 +822,7 @@ def _main(argv: Sequence[str] | None, name: str, debug: bool) -> None:
             if debug:
                 raise
             sys.stderr.write(error_line(e, name))
-            raise SystemExit(EXIT_USER_ERROR if user_error(e) is not None else EXIT_BUG) from None
+            raise SystemExit(EXIT_USER_ERROR if user_error(e) is not None or peer_stopped(e) else EXIT_BUG) from None
     if isinstance(result, int):
         raise SystemExit(result)
 

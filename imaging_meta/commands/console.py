@@ -297,12 +297,34 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+#: how a collective of torch.distributed (gloo, NCCL) fails when another process of the run has stopped
+_PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|NCCL communicator was aborted")
+
+
+def peer_stopped(error: BaseException) -> bool:
+    """Whether ``error`` is a distributed collective that failed because another process of the run stopped (its
+    own error is what to read): a DDP rank waiting at a barrier when its peer met bad input."""
+    distributed = any(k in os.environ for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE"))
+    if not distributed:
+        try:
+            import torch.distributed as dist
+
+            distributed = dist.is_available() and dist.is_initialized()
+        except ImportError:  # pragma: no cover - torch is a dependency
+            distributed = False
+    return distributed and isinstance(error, RuntimeError) and _PEER_GONE.search(str(error)) is not None
+
+
 def error_line(error: BaseException, command: str = "imaging-meta") -> str:
     """The one line ``imaging-meta`` prints for ``error`` without ``--debug``: the message of bad input (the file,
     what is wrong, the fix), or, for anything else, the exception, where it was raised and what to do."""
     message = user_error(error)
     if message is not None:
         return f"{command}: error: {_one_line(message) or type(error).__name__}\n"
+    if peer_stopped(error):
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
+        return (f"{command}: stopped (process of rank {rank}): another process of this distributed run failed, and its "
+                "error, printed by that process (on its node), is the one to read\n")
     frames = traceback.extract_tb(error.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
     detail = _one_line(str(error))[:300]

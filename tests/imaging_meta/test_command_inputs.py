@@ -924,3 +924,19 @@ def test_a_query_through_a_link_and_dot_dot_is_not_taken_for_another(tmp_path, s
         with pytest.raises(ValueError, match="would both be written"):  # two queries, one mask name: refused
             segment(NEVER_READ, [(image, label)], [Path("ct.nii.gz"), Path("link/../ct.nii.gz")], tmp_path / "out")
     assert "given more than once" not in caplog.text and other.exists()
+
+
+def test_a_rank_whose_peer_stopped_says_so_not_that_it_is_a_bug(monkeypatch):
+    """Under DDP a rank waiting at a barrier when another rank met bad input got a gloo 'Connection closed by
+    peer' and printed 'internal error ... This is a bug' after the other's clear line (a review, 2026-12-06)."""
+    from imaging_meta.commands.console import error_line, peer_stopped
+
+    gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5163")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert not peer_stopped(gone) and "This is a bug" in error_line(gone, "imaging-meta fit")  # not distributed
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    line = error_line(gone, "imaging-meta fit")
+    assert peer_stopped(gone) and "This is a bug" not in line
+    assert line.startswith("imaging-meta fit: stopped (process of rank 1): another process of this distributed run failed")
+    assert not peer_stopped(RuntimeError("CUDA out of memory"))  # other errors stay what they are
