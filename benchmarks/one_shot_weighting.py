@@ -1,4 +1,4 @@
-"""Nine one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
+"""Thirteen one-shot alternatives to the task-adaptive classifier's equal weights, measured and not kept.
 
     python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
 
@@ -27,7 +27,11 @@ equally (docs/classification.md). This script measures, on the same seeded 1-sho
 * ``lin<scale>`` (only with ``--linear-scales``): the mean of the spaces' probabilities, each a softmax at that
   scale (linear pooling), instead of the sum of their weighted distances;
 * ``agree<mix>`` (only with ``--agreement-mixes``): each space's accuracy estimated from how often the spaces
-  agree on the task's queries (no labels), the spaces weighted by its log-odds, mixed with equal weights.
+  agree on the task's queries (no labels), the spaces weighted by its log-odds, mixed with equal weights;
+* ``fisher``, ``borda``, ``refine``, ``refine-emb`` (only with ``--fisher``, ``--borda``, ``--refine``): weights
+  from a label-free Fisher ratio of each space's partition of the queries; a Borda count of the spaces' class
+  ranks; prototypes moved by one soft k-means step on the queries, answered by the default rule or in the
+  embedding alone (transductive).
 
 Any list option given empty (``--priors`` alone) leaves its variants out; ``--no-confident`` leaves that one out.
 
@@ -230,6 +234,91 @@ class AgreementOneShot(_OneShotVariant):
         return beta.to(distances.dtype)
 
 
+def _records(space: str, rule: str, names, weights: torch.Tensor) -> list[dict]:
+    """One choice record per task, with the (T, K) weights normalised to sum 1."""
+    w = weights / weights.sum(-1, keepdim=True)
+    return [{"space": space, "rule": rule, "weights": dict(zip(names, map(float, w[t]), strict=True)),
+             "loo_accuracy": {}, "loo_items": 0} for t in range(w.shape[0])]
+
+
+def query_fisher(distances: torch.Tensor) -> torch.Tensor:
+    """(T, K) label-free Fisher ratio of each space: the task's queries grouped by their nearest prototype in that
+    space, the between-group over the within-group scatter of their class-distance profiles (each query's distances
+    minus their mean over the classes), each over its degrees of freedom (Calinski-Harabasz). Scale-free, so
+    comparable across spaces; 0 when a space puts every query in one class."""
+    t_count, k, a, n = distances.shape
+    prof = distances - distances.mean(-1, keepdim=True)
+    out = torch.zeros(t_count, k, dtype=torch.float64)
+    for t in range(t_count):
+        for i in range(k):
+            x, g = prof[t, i].double(), distances[t, i].argmin(-1)
+            groups = g.unique()
+            if len(groups) < 2 or len(groups) == a:
+                continue
+            mu = x.mean(0)
+            between = sum(int((g == c).sum()) * (x[g == c].mean(0) - mu).pow(2).sum() for c in groups)
+            within = sum((x[g == c] - x[g == c].mean(0)).pow(2).sum() for c in groups)
+            out[t, i] = (between / (len(groups) - 1)) / (within / (a - len(groups))).clamp(min=1e-12)
+    return out
+
+
+class FisherOneShot(_OneShotVariant):
+    """At K = 1, each space weighted in proportion to its `query_fisher` ratio (how cleanly its own prototype
+    partition splits the task's unlabelled queries), the sum kept at ONE_SHOT_SCALE; equal weights if all are 0."""
+
+    space = "fisher"
+
+    def one_shot_weights(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> torch.Tensor:
+        j = query_fisher(distances)
+        j = torch.where(j.sum(-1, keepdim=True) > 0, j, torch.ones_like(j))
+        return (ONE_SHOT_SCALE * j / j.sum(-1, keepdim=True)).to(distances.dtype)
+
+
+class BordaOneShot(_OneShotVariant):
+    """At K = 1, a Borda count: each space ranks the classes for a query, the ranks are summed, and ties go to the
+    default's weighted distance. (For N = 2 a majority vote of the three spaces.)"""
+
+    space = "borda"
+
+    def one_shot_answer(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> tuple[torch.Tensor, list]:
+        ranks = distances.argsort(-1).argsort(-1).to(distances.dtype).sum(1)  # (T, A, N): 0 = nearest, summed
+        beta = torch.full(distances.shape[:2], ONE_SHOT_SCALE / distances.shape[1], dtype=distances.dtype)
+        score = ranks - 1e-3 * weighted_logits(distances, beta) / ONE_SHOT_SCALE  # default's distances, < 1 rank
+        return (-score).softmax(-1), _records(self.space, "Borda count of the spaces' class ranks", base, beta)
+
+
+class RefinedOneShot(_OneShotVariant):
+    """At K = 1, transductive prototype rectification: the task's queries soft-assigned by the default rule (equal
+    weights at ONE_SHOT_SCALE), each space's prototype moved to the mean of its support image and the queries so
+    weighted (one soft k-means step; Ren et al. 2018, Liu et al. 2020), and the queries answered again by the
+    default rule on the moved prototypes (``read="all"``), or in the embedding alone (``read="embedding"``: the
+    descriptors only help place its prototypes). An answer depends on the task's other queries."""
+
+    def __init__(self, *args, read: str = "all", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if read not in ("all", EMBEDDING):
+            raise ValueError(f"read must be 'all' or {EMBEDDING!r}, got {read!r}")
+        self.read = read
+        self.space = "refined" if read == "all" else "refined, read in the embedding"
+
+    def one_shot_answer(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> tuple[torch.Tensor, list]:
+        names = list(base)
+        beta = torch.full(distances.shape[:2], ONE_SHOT_SCALE / len(names), dtype=distances.dtype)
+        r = weighted_logits(distances, beta).softmax(-1)  # (T, A, N) soft assignment of the queries
+        onehot = class_onehot(ep.support_labels, n_way, distances.dtype)  # (T, S, N)
+        moved = []
+        for fs, fq in base.values():
+            sums = onehot.transpose(1, 2) @ fs + r.transpose(1, 2) @ fq  # (T, N, D)
+            counts = onehot.sum(1) + r.sum(1)  # (T, N)
+            moved.append(squared_distances(fq, sums / counts.unsqueeze(-1)))
+        d = torch.stack(moved, 1)
+        if self.read == EMBEDDING:
+            e = names.index(EMBEDDING)
+            beta = torch.zeros_like(beta)
+            beta[:, e] = ONE_SHOT_SCALE
+        return weighted_logits(d, beta).softmax(-1), _records(self.space, "refined prototypes", names, beta)
+
+
 class BlockSpace(TaskAdaptiveClassifier):
     """The task-adaptive classifier with one more candidate space: the embedding's feature map after block
     ``block`` of its Conv-4 backbone, average-pooled to ``pool`` x ``pool`` (each task's queries normalised with its
@@ -283,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also `lin<scale>`: the mean of the spaces' probabilities at this softmax scale")
     ap.add_argument("--agreement-mixes", nargs="*", type=float, default=[],
                     help="also `agree<mix>`: weights from the spaces' agreement on the queries, mixed with equal ones")
+    ap.add_argument("--fisher", action="store_true", help="also `fisher`: weights from the label-free Fisher ratio")
+    ap.add_argument("--borda", action="store_true", help="also `borda`: a Borda count of the spaces' class ranks")
+    ap.add_argument("--refine", action="store_true",
+                    help="also `refine` and `refine-emb`: prototypes moved by one soft k-means step on the queries")
     ap.add_argument("--blocks", nargs="*", type=int, default=[1, 2],
                     help="also `block<n>`: the embedding's block-n features as a fourth space")
     ap.add_argument("--block-pool", type=int, default=4)
@@ -307,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     variants.update({f"agree{m:g}": AgreementOneShot(learner, mix=m) for m in args.agreement_mixes})
     if not args.no_confident:
         variants["confident"] = ConfidentOneShot(learner)
+    if args.fisher:
+        variants["fisher"] = FisherOneShot(learner)
+    if args.borda:
+        variants["borda"] = BordaOneShot(learner)
+    if args.refine:
+        variants["refine"] = RefinedOneShot(learner)
+        variants["refine-emb"] = RefinedOneShot(learner, read=EMBEDDING)
     variants.update({f"block{b}": BlockSpace(learner, block=b, pool=args.block_pool) for b in args.blocks})
     if args.block_alone:
         variants.update({f"block{b} alone": BlockSpace(learner, block=b, pool=args.block_pool, alone=True)

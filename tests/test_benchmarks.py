@@ -462,3 +462,32 @@ def test_agreement_recovers_independent_spaces_accuracies_without_labels():
     torch.testing.assert_close(equal, torch.full((1, 3), ONE_SHOT_SCALE / 3))
     with torch.no_grad():
         assert_default_with_two_shots(variant.eval(), TaskAdaptiveClassifier(embedding).eval())
+
+
+def test_fisher_borda_and_refined_one_shot_variants_differ_at_one_shot_only():
+    """`fisher`, `borda`, `refine`, `refine-emb`: at K >= 2 the default exactly; at K = 1 probabilities that do not
+    change with the queries' labels; the Fisher ratio is 0 for a space that puts every query in one class and
+    larger for one whose groups of queries are tight and far apart."""
+    from dataclasses import replace
+
+    from benchmarks.one_shot_weighting import BordaOneShot, FisherOneShot, RefinedOneShot, query_fisher
+    from imaging_meta.learners.descriptors.task_adaptive import EMBEDDING, TaskAdaptiveClassifier
+    from tests.imaging_meta.test_descriptors import stub_embedding, task_episode
+
+    embedding = stub_embedding()
+    default = TaskAdaptiveClassifier(embedding).eval()
+    one = task_episode("pixels", n_shot=1)
+    for variant in (FisherOneShot(embedding), BordaOneShot(embedding), RefinedOneShot(embedding),
+                    RefinedOneShot(embedding, read=EMBEDDING)):
+        with torch.no_grad():
+            assert_default_with_two_shots(variant.eval(), default)
+            probs = variant.predict(one)
+            torch.testing.assert_close(variant.predict(replace(one, query_labels=one.query_labels.flip(-1))), probs)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    tight = torch.tensor([[0.0, 4.0], [0.1, 3.9], [4.0, 0.0], [3.9, 0.1]])  # two tight, far groups
+    loose = torch.tensor([[1.0, 2.0], [1.9, 2.0], [2.0, 1.0], [2.0, 1.9]])
+    one_class = torch.tensor([[0.0, 1.0], [0.1, 1.0], [0.2, 1.0], [0.3, 1.0]])
+    ratio = query_fisher(torch.stack([tight, loose, one_class])[None])[0]
+    assert ratio[0] > ratio[1] > 0 and ratio[2] == 0
+    with pytest.raises(ValueError, match="read must be"):
+        RefinedOneShot(embedding, read="pixels")
