@@ -3,7 +3,8 @@
 Every image goes through the same preprocessing as in training (size, channels and CT window, read from
 the checkpoint). The queries are classified against the whole support set as the query set of one episode
 (`predict_queries`): a query's prediction does not depend on which other queries are passed with it (every
-learner normalises its queries with the support's statistics), so the support is encoded once for them all.
+learner normalises its queries with the support's statistics), so the support is encoded once for all the queries
+of a pass (`queries_per_pass`: 1568 at 32 x 32).
 
 With ``explain=True``, each query also gets, in ``<CSV stem>_explain/`` next to the CSV, a JSON file and a
 PNG panel named ``<query number>_<query file stem>``: its nearest support images under the learner's own
@@ -247,19 +248,28 @@ def _colour(image: torch.Tensor) -> bool:
     return image.shape[0] > 1 and not bool((image == image[:1]).all())
 
 
+#: query pixels per pass of `classify` (32 queries of 224 x 224): the memory of a pass, whatever the image size
+PASS_PIXELS = 32 * 224 * 224
+
+
+def queries_per_pass(image_size: Sequence[int]) -> int:
+    """How many queries `classify` passes with the support at once: `PASS_PIXELS` worth, at least 32."""
+    return max(32, PASS_PIXELS // max(1, int(image_size[0]) * int(image_size[1])))
+
+
 def colour_notes(support: Sequence[Path], s_images: torch.Tensor, queries: Sequence[Path],
-                 q_images: Sequence[torch.Tensor]) -> list[str]:
+                 q_colour: Sequence[bool]) -> list[str]:
     """What to tell the user when a support set mixes colour and grey images (one colour image turns the whole
     support into a colour task, see `imaging_meta.learners.descriptors.colour`; ``fit``'s image folder refuses
-    the mix as nearly always a stray image), or when queries are colour and the support grey or the other way."""
+    the mix as nearly always a stray image), or when queries are colour and the support grey or the other way
+    (``q_colour``: whether each query is in colour, `is_colour`; the queries' pixels are not kept)."""
     notes = []
     s_colour = [_colour(x) for x in s_images]
     if any(s_colour) and not all(s_colour):
         odd = [p for p, c in zip(support, s_colour, strict=True) if c == (sum(s_colour) < len(s_colour) / 2)]
         notes.append(f"the support mixes colour and grey images ({sum(s_colour)} of {len(s_colour)} in colour; "
                      f"the fewer kind, e.g. {odd[0]}): a stray screenshot or overlay? Each query is compared in colour")
-    elif q_images:
-        q_colour = [_colour(x) for x in q_images]
+    elif q_colour:
         other = [p for p, c in zip(queries, q_colour, strict=True) if c != s_colour[0]]
         if other:
             notes.append(f"{len(other)} of {len(q_colour)} queries are {'grey' if s_colour[0] else 'colour'} and the "
@@ -408,7 +418,7 @@ def classify(
     queries: Sequence[str | os.PathLike],
     out_csv: str | os.PathLike,
     device: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     explain: bool = False,
     explain_k: int = 3,
     occlusion_patch: int | None = None,
@@ -424,8 +434,10 @@ def classify(
         queries: image files and/or folders of images.
         out_csv: the CSV to write: ``path``, ``predicted_class`` and one ``p_<class>`` column per class.
         device: ``auto``, ``cpu`` or ``cuda``.
-        batch_size: queries per forward pass (each still in its own episode); with ``explain``, also the
-            occluded copies per forward pass.
+        batch_size: queries per pass (each still in its own episode: the answers do not depend on it); the
+            support is encoded once a pass. None: `queries_per_pass` of the checkpoint's image size (at 32 x 32,
+            1568; until 2026-12-06 32 at every size, so 1000 queries encoded the support 32 times). With
+            ``explain``, also the occluded copies per forward pass (None: 32).
         explain: also write, per query, ``<number>_<stem>.json`` and ``.png`` into `explain_dir` (see
             `write_explanations`). The CSV is the same with or without.
         explain_k: nearest support images per query in the explanation.
@@ -532,11 +544,12 @@ def classify(
     s_images = torch.stack(s_list)
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
     rows, read = [], []
-    all_probs, all_choices, all_images = [], [], []
+    all_probs, all_choices, q_colour = [], [], []
     unreadable: list[str] = []  # a query that cannot be read is listed, and the others are still classified
-    for start in progress(range(0, len(qs), batch_size), "classify", unit="batch"):
+    per_pass = batch_size or queries_per_pass(settings["image_size"])
+    for start in progress(range(0, len(qs), per_pass), "classify", unit="batch"):
         images, chunk = [], []
-        for q in qs[start : start + batch_size]:
+        for q in qs[start : start + per_pass]:
             try:
                 images.append(load_image(q))
                 chunk.append(q)
@@ -544,7 +557,7 @@ def classify(
                 unreadable.append(str(e))
         if not chunk:
             continue
-        all_images += images
+        q_colour += [_colour(x) for x in images]  # not the pixels: a run of 100k queries kept them all
         probs, choices = predict_queries(learner, s_images, s_labels, classes, torch.stack(images), dev, start)
         all_choices += choices
         if not torch.isfinite(probs).all():
@@ -566,7 +579,7 @@ def classify(
     if len(kinds) > 1:  # support and queries scaled two ways: the same picture as DICOM and PNG gets other answers
         logger.warning(mixed_scaling("classify", str(kinds[True]), str(kinds[False])))
     for note in resolution_notes(shapes, settings["image_size"]) + colour_notes(
-            [f for f, _ in items], s_images, read, all_images):
+            [f for f, _ in items], s_images, read, q_colour):
         logger.warning(note)
     # surrogateescape: a file name that is not valid UTF-8 is written back as the bytes it has on disk
     with atomic_open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
@@ -579,7 +592,7 @@ def classify(
         write_explanations(
             learner, s_images, s_labels, [f for f, _ in items], classes, read, all_probs, explain_dir(out),
             load_image, dev, k=explain_k, patch_size=occlusion_patch, stride=occlusion_stride,
-            batch_size=max(2, batch_size), choices=all_choices, fine_tuning=fit,
+            batch_size=max(2, batch_size or 32), choices=all_choices, fine_tuning=fit,
         )
     if unreadable:
         raise ValueError(

@@ -195,3 +195,23 @@ def test_a_support_image_copied_into_another_class_is_warned_about(folders, tmp_
         classify(legacy_checkpoints["protonet_cls"], support, [queries], tmp_path / "pred.csv", device="cpu")
     assert "1 support image(s) are byte-for-byte copies of an image of another class" in caplog.text
     assert "a0.png = " in caplog.text and "b_copy.png" in caplog.text
+
+
+def test_the_support_is_encoded_once_for_the_queries_of_a_pass(folders, tmp_path, monkeypatch, legacy_checkpoints):
+    """`classify` passed 32 queries at a time with the whole support at every image size, so 1000 queries at
+    32 x 32 encoded the support 32 times (a review, 2026-12-06); by default a pass now holds `PASS_PIXELS` worth of
+    queries (1568 at 32 x 32), and the CSV is the same as with small passes."""
+    import imaging_meta.commands.classify as cl
+
+    support, queries = folders
+    for i in range(2, 40):
+        _png(queries / f"q{i}.png", 100 + i)
+    assert cl.queries_per_pass([32, 32]) == 1568 and cl.queries_per_pass([512, 512]) == 32
+    passes = []
+    real = cl.predict_queries
+    monkeypatch.setattr(cl, "predict_queries", lambda learner, s, *a, **k: passes.append(1) or real(learner, s, *a, **k))
+    classify(legacy_checkpoints["protonet_cls"], support, [queries], tmp_path / "one.csv", device="cpu")
+    assert len(passes) == 1
+    classify(legacy_checkpoints["protonet_cls"], support, [queries], tmp_path / "small.csv", device="cpu", batch_size=7)
+    assert len(passes) == 1 + 6
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "small.csv").read_text()

@@ -660,10 +660,10 @@ def test_colour_notes_name_a_stray_colour_image_and_colour_queries_against_a_gre
     support = [Path("a0.png"), Path("a1.png"), Path("b0.png")]
     notes = colour_notes(support, torch.stack([grey, colour, grey]), [], [])
     assert len(notes) == 1 and "1 of 3 in colour" in notes[0] and "a1.png" in notes[0]
-    notes = colour_notes(support, torch.stack([grey, grey, grey]), [Path("q.png"), Path("r.png")], [grey, colour])
+    notes = colour_notes(support, torch.stack([grey, grey, grey]), [Path("q.png"), Path("r.png")], [False, True])
     assert len(notes) == 1 and "1 of 2 queries are colour and the support grey (e.g. r.png)" in notes[0]
-    assert colour_notes(support, torch.stack([grey] * 3), [Path("q.png")], [grey]) == []
-    assert colour_notes(support, torch.stack([colour] * 3), [Path("q.png")], [colour]) == []
+    assert colour_notes(support, torch.stack([grey] * 3), [Path("q.png")], [False]) == []
+    assert colour_notes(support, torch.stack([colour] * 3), [Path("q.png")], [True]) == []
 
 
 def test_a_png_given_as_the_checkpoint_is_named_as_not_a_checkpoint(tmp_path):
