@@ -418,3 +418,21 @@ def test_byte_for_byte_copies_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="datamodules"):
         ImageFolder(str(write_folder(tmp_path / "clean", n_classes=2, dicom_class=False))).build()
     assert "byte-for-byte" not in caplog.text
+
+
+def test_the_item_table_is_built_in_one_buffer_and_holds_only_the_items_read(tmp_path):
+    """The images are written into one buffer of every candidate file (a list stacked at the end held the table
+    twice at its peak); a candidate that is skipped (an extensionless file that is not DICOM) leaves a table of
+    the items read alone, in storage too (a view of the buffer would save all of it); and a NaN is still refused."""
+    from datamodules.sources.items import ItemTable
+
+    root = write_folder(tmp_path / "data", n_classes=2, dicom_class=False)
+    (root / "class0" / "README").write_text("not an image")  # a candidate name (no suffix), skipped as no DICOM
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not images"):
+        table = ImageFolder(str(root)).build()
+    n = len(table.labels)
+    assert table.images.shape[0] == n and table.images.untyped_storage().nbytes() == table.images.numel() * 4
+    images = table.images.clone()
+    images[n - 1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"hold NaN or Inf values"):
+        ItemTable(images, table.labels, table.classes, table.patients, table.sites, table.item_ids)
