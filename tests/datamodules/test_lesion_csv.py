@@ -213,12 +213,15 @@ def test_a_volume_edited_in_place_is_cut_again_not_read_from_the_cache(tmp_path)
     """A review: the cache key stamped the CSV only, so patches of a replaced volume were read from the cache."""
     blob_volume(tmp_path / "vol.nii.gz", affines()["ras"])
     write_rows(tmp_path / "l.csv", [centre_row("vol.nii.gz", "a", BLOB, "LPS"), centre_row("vol.nii.gz", "b", BLOB + 3, "LPS")])
-    LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[9, 9]).load(tmp_path / "cache")
+    before = LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[9, 9]).load(tmp_path / "cache")
+    first = list((tmp_path / "cache").iterdir())
     blob_volume(tmp_path / "vol.nii.gz", affines()["lps_flipped"])  # another volume under the same name
     st = (tmp_path / "vol.nii.gz").stat()
     os.utime(tmp_path / "vol.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[9, 9]).load(tmp_path / "cache")
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # cut again, a second cache file
+    after = LesionCSV(csv=str(tmp_path / "l.csv"), patch_size=[9, 9]).load(tmp_path / "cache")
+    now = list((tmp_path / "cache").iterdir())
+    assert len(now) == 1 and now != first  # cut again, into a new cache file (the stale one removed)
+    assert not torch.equal(before.images, after.images)
 
 
 @pytest.mark.parametrize("rows, match", [
