@@ -143,15 +143,11 @@ def split_classes(
     train: Sequence[str] | None = None,
     val: Sequence[str] | None = None,
     test: Sequence[str] | None = None,
-    drawable: Sequence[str] | None = None,
 ) -> dict[str, list[str]]:
     """Disjoint meta-train / meta-val / meta-test class lists.
 
     Explicit lists are taken as given; a missing val or test list is drawn (``val_count`` / ``test_count``
-    classes, seeded) from the classes no explicit list names, and only from ``drawable`` when given (the classes
-    that can fill an episode: a class of 5 images drawn for validation stopped the run, in 9 of 10 seeds of a
-    folder with a few such classes; they stay in training, where the sampler drops them with a warning); a
-    missing train list is what remains. With every class drawable the draw is the same as without ``drawable``.
+    classes, seeded) from the classes no explicit list names; a missing train list is what remains.
 
     Raises:
         ValueError: for unknown or repeated class names, lists that overlap, or too few classes.
@@ -172,24 +168,18 @@ def split_classes(
             raise ValueError(f"{a}_classes and {b}_classes share {sorted(set(names_a) & set(names_b))}; class splits must be disjoint")
     named = {n for names in given.values() if names is not None for n in names}
     pool = [classes[i] for i in np.random.default_rng(seed).permutation(len(classes)) if classes[i] not in named]
-    eligible = set(classes if drawable is None else drawable)
     out: dict[str, list[str]] = {}
     for stage, count in (("test", test_count), ("val", val_count)):
         names = given[stage]
         if names is not None:
             out[stage] = list(names)
             continue
-        candidates = [c for c in pool if c in eligible]
-        if count < 0 or count > len(candidates):
-            unfit = len(pool) - len(candidates)
+        if count < 0 or count > len(pool):
             raise ValueError(
-                f"{stage}_classes_count={count}, but only {len(candidates)} class(es) are left to draw from "
-                f"({len(classes)} in all" + (f"; {unfit} too small to fill an episode" if unfit else "") + "); "
+                f"{stage}_classes_count={count}, but only {len(pool)} class(es) are left to draw from ({len(classes)} in all); "
                 f"lower {stage}_classes_count or list the classes explicitly"
             )
-        out[stage] = candidates[:count]
-        drawn = set(out[stage])
-        pool = [c for c in pool if c not in drawn]
+        out[stage], pool = pool[:count], pool[count:]
     out["train"] = list(given["train"]) if given["train"] is not None else [c for c in classes if c in set(pool)]
     return {k: out[k] for k in STAGES}
 
@@ -206,9 +196,8 @@ class ClassificationDataModule(EpisodicDataModule):
         n_shot: support items per class.
         n_query: query items per class.
         train_classes: meta-training classes (default: those left after val and test).
-        val_classes: meta-validation classes (default: ``val_classes_count`` drawn with ``split_seed`` among the
-            classes that can fill an episode: `split_classes`' ``drawable``).
-        test_classes: meta-test classes (default: ``test_classes_count`` drawn likewise).
+        val_classes: meta-validation classes (default: ``val_classes_count`` drawn with ``split_seed``).
+        test_classes: meta-test classes (default: ``test_classes_count`` drawn with ``split_seed``).
         val_classes_count: number of seeded validation classes when ``val_classes`` is not given.
         test_classes_count: number of seeded test classes when ``test_classes`` is not given.
         split_seed: seed of the class split.
@@ -325,12 +314,8 @@ class ClassificationDataModule(EpisodicDataModule):
                 "n_way, leave validation out (val_episodes: 0, val_classes_count: 0), or, to classify these classes "
                 "from a few labelled images, run `imaging-meta classify` with a checkpoint meta-trained on other data"
             )
-        unfit = classification_infeasible(table.labels, table.patients, table.sites, range(len(table.classes)),
-                                          h.n_shot, h.n_query, h.protocol == "support_query_sites_differ",
-                                          table.classes, h.protocol == "within_site")
         self.class_split = split_classes(table.classes, h.val_classes_count, h.test_classes_count, h.split_seed,
-                                         h.train_classes, h.val_classes, h.test_classes,
-                                         drawable=[c for k, c in enumerate(table.classes) if k not in unfit])
+                                         h.train_classes, h.val_classes, h.test_classes)
         for stage_name, n in (("train", h.episodes_per_epoch), ("val", h.val_episodes), ("test", h.test_episodes)):
             if n <= 0:
                 continue
