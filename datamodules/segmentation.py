@@ -171,15 +171,19 @@ def _warmed(dataset: PersistentDataset) -> PersistentDataset:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return dataset
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    for i in range(rank, len(dataset), world):
-        dataset[i]  # reads the file, or preprocesses the volume and writes it
+    # the group first: making it is itself a wait for every rank (under its own timeout), which a rank that failed
+    # during its fill would never join; once connected, a rank's failure closes its connections and stops the others
     try:
         group = torch.distributed.new_group(backend="gloo", timeout=CACHE_FILL_TIMEOUT)
     except (RuntimeError, ValueError):  # pragma: no cover - a torch built without gloo: the default group's timeout
         group = None
-    torch.distributed.barrier(group=group)
-    if group is not None:
-        torch.distributed.destroy_process_group(group)
+    try:
+        for i in range(rank, len(dataset), world):
+            dataset[i]  # reads the file, or preprocesses the volume and writes it
+        torch.distributed.barrier(group=group)
+    finally:
+        if group is not None:
+            torch.distributed.destroy_process_group(group)
     return dataset
 
 

@@ -556,7 +556,9 @@ class ImageFolder(ItemSource):
                 stacklevel=2,
             )
         return ItemTable(
-            images=buffer if len(labels) == capacity else buffer[: len(labels)].clone(),  # a view would save it all
+            # a few skipped candidates: the rows read, a view (the unused rows were never written, so they cost no
+            # memory, and the saved table a few rows); many: a copy, which a view would save whole
+            images=buffer[: len(labels)] if capacity - len(labels) <= capacity // 10 else buffer[: len(labels)].clone(),
             labels=np.asarray(labels, dtype=np.int64),
             classes=classes,
             patients=patients,

@@ -253,7 +253,8 @@ PASS_PIXELS = 32 * 224 * 224
 
 
 def queries_per_pass(image_size: Sequence[int]) -> int:
-    """How many queries `classify` passes with the support at once: `PASS_PIXELS` worth, at least 32."""
+    """How many queries `classify` passes with the support at once, as the query set of one episode:
+    `PASS_PIXELS` worth, at least 32 (a transductive learner, one episode per query, gets 32)."""
     return max(32, PASS_PIXELS // max(1, int(image_size[0]) * int(image_size[1])))
 
 
@@ -546,7 +547,8 @@ def classify(
     rows, read = [], []
     all_probs, all_choices, q_colour = [], [], []
     unreadable: list[str] = []  # a query that cannot be read is listed, and the others are still classified
-    per_pass = batch_size or queries_per_pass(settings["image_size"])
+    # a transductive learner gets an episode per query, each with the whole support: 32 of those a pass, as before
+    per_pass = batch_size or (32 if is_transductive(learner) else queries_per_pass(settings["image_size"]))
     for start in progress(range(0, len(qs), per_pass), "classify", unit="batch"):
         images, chunk = [], []
         for q in qs[start : start + per_pass]:

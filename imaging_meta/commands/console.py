@@ -304,12 +304,12 @@ _PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Bro
 def peer_stopped(error: BaseException) -> bool:
     """Whether ``error`` is a distributed collective that failed because another process of the run stopped (its
     own error is what to read): a DDP rank waiting at a barrier when its peer met bad input."""
-    distributed = any(k in os.environ for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE"))
+    distributed = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
     if not distributed:
         try:
             import torch.distributed as dist
 
-            distributed = dist.is_available() and dist.is_initialized()
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         except ImportError:  # pragma: no cover - torch is a dependency
             distributed = False
     return distributed and isinstance(error, RuntimeError) and _PEER_GONE.search(str(error)) is not None

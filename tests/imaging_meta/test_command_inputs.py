@@ -935,8 +935,11 @@ def test_a_rank_whose_peer_stopped_says_so_not_that_it_is_a_bug(monkeypatch):
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     assert not peer_stopped(gone) and "This is a bug" in error_line(gone, "imaging-meta fit")  # not distributed
+    monkeypatch.setenv("RANK", "0")  # set for a single process too (a cluster's environment): not enough
+    assert not peer_stopped(gone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     line = error_line(gone, "imaging-meta fit")
     assert peer_stopped(gone) and "This is a bug" not in line
-    assert line.startswith("imaging-meta fit: stopped (process of rank 1): another process of this distributed run failed")
+    assert line.startswith("imaging-meta fit: stopped (process of rank 0): another process of this distributed run failed")
     assert not peer_stopped(RuntimeError("CUDA out of memory"))  # other errors stay what they are
