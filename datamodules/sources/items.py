@@ -98,6 +98,10 @@ class ItemTable:
         )
 
 
+#: item tables of one source and settings kept besides the current one, the newest first (`ItemSource.load`)
+KEEP_OTHER_TABLES = 1
+
+
 class ItemSource:
     """One input format. Subclasses take their settings as typed ``__init__`` arguments (LightningCLI
     ``class_path``/``init_args``) and implement `build`.
@@ -160,17 +164,28 @@ class ItemSource:
         """`build`, or the cached table under ``cache_dir`` when the settings and input files are unchanged.
 
         A table is named ``items-<settings key>-<cache key>.pt``; once a new one is written, the tables of the same
-        source and settings for earlier states of its files are removed (each is the size of the whole table: a
-        folder of 100k images at 224 x 224 left a 19 GB file each time one image changed; a review, 2026-12-06)."""
+        source and settings for earlier states of its files are removed but the newest other one (each is the size
+        of the whole table: a folder of 100k images at 224 x 224 left a 19 GB file each time one image changed; a
+        review, 2026-12-06). The one kept serves a second machine that shares the cache folder but holds its own
+        copy of the data (other modification times); a table removed by another run as it was found is built
+        again."""
         if cache_dir is None:
             return self.build()
         folder, settings = Path(cache_dir), self.settings_key()
         path = folder / f"items-{settings}-{self.cache_key()}.pt"
         if path.exists():
-            return ItemTable.load(path)
+            try:
+                return ItemTable.load(path)
+            except FileNotFoundError:  # removed by another run between the check and the read
+                pass
         table = self.build()
         table.save(path)
-        for stale in folder.glob(f"items-{settings}-*.pt"):
-            if stale != path:
-                stale.unlink(missing_ok=True)
+        others = []
+        for p in folder.glob(f"items-{settings}-*.pt"):
+            try:
+                others.append((p.stat().st_mtime_ns, p))
+            except FileNotFoundError:
+                continue
+        for _, stale in sorted((o for o in others if o[1] != path), reverse=True)[KEEP_OTHER_TABLES:]:
+            stale.unlink(missing_ok=True)
         return table

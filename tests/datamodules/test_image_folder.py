@@ -267,9 +267,12 @@ def test_cache_is_reused_and_invalidated_by_a_new_file(tmp_path):
     write_png(root / "class0" / "P7_new.png", pattern(0, 11))
     c = ImageFolder(str(root)).load(tmp_path / "cache")
     assert len(c) == len(a) + 1
-    assert len(list((tmp_path / "cache").glob("items-*.pt"))) == 1  # the earlier state's table is removed
-    assert ImageFolder(str(root), salt="other").load(tmp_path / "cache").item_ids != c.item_ids
-    assert len(list((tmp_path / "cache").glob("items-*.pt"))) == 2  # other settings: a table of their own
+    assert len(list((tmp_path / "cache").glob("items-*.pt"))) == 2  # the newest other state's table is kept
+    write_png(root / "class1" / "P8_new.png", pattern(1, 12))
+    d = ImageFolder(str(root)).load(tmp_path / "cache")
+    assert len(d) == len(c) + 1 and len(list((tmp_path / "cache").glob("items-*.pt"))) == 2  # the oldest removed
+    assert ImageFolder(str(root), salt="other").load(tmp_path / "cache").item_ids != d.item_ids
+    assert len(list((tmp_path / "cache").glob("items-*.pt"))) == 3  # other settings: a table of their own
 
 
 def test_tiff_and_bmp_tiles_load_like_png(tmp_path):
