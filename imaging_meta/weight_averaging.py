@@ -25,6 +25,7 @@ evaluate`, ``segment`` and ``classify`` load) and the current weights under ``cu
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -70,6 +71,13 @@ class LateWeightAveraging(WeightAveraging):
         if not math.isfinite(total):
             raise ValueError(UNBOUNDED)
         self.start_step = math.floor(self.start * total)
+        saved = getattr(self, "_saved_start_step", None)
+        if saved is not None and saved != self.start_step:  # a resume with other max_epochs or max_steps
+            warnings.warn(
+                f"resumed with another length of training ({total} steps in all): weight averaging starts at step "
+                f"{self.start_step}, where the run that was saved started it at step {saved}; the result is not the "
+                "one training straight to this length gives (a resume is exact with the same max_epochs and "
+                "max_steps, or with model.weight_averaging: null)", stacklevel=2)
         super().on_train_start(trainer, pl_module)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
@@ -95,11 +103,12 @@ class LateWeightAveraging(WeightAveraging):
             super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "selection_reset": self.selection_reset}
+        return {**super().state_dict(), "selection_reset": self.selection_reset, "start_step": self.start_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.selection_reset = bool(state_dict.get("selection_reset", False))
+        self._saved_start_step = state_dict.get("start_step")  # compared with this run's in on_train_start
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # resuming a fit restores the average and the current weights; anything else keeps the averaged

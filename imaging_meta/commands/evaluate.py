@@ -97,9 +97,10 @@ def provenance() -> dict:
             versions[name] = "not installed"
     src = Path(imaging_meta.__file__).resolve().parent.parent
     commit = "unknown"
+    # CPU results are byte-identical at the same thread count only (a sum's order follows the threads): recorded
+    machine = {"platform": platform.platform(terse=True), "torch_threads": torch.get_num_threads()}
     if not is_source_checkout(src):  # an installed package: a repository around site-packages is not ours
-        return {"versions": versions, "git_commit": "installed package (no source checkout)",
-                "platform": platform.platform(terse=True)}
+        return {"versions": versions, "git_commit": "installed package (no source checkout)", **machine}
     try:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
@@ -109,7 +110,7 @@ def provenance() -> dict:
             commit += "+dirty" if dirty.returncode == 1 else ""
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"versions": versions, "git_commit": commit, "platform": platform.platform(terse=True)}
+    return {"versions": versions, "git_commit": commit, **machine}
 
 
 def data_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
