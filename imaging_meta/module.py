@@ -49,6 +49,7 @@ from imaging_meta.evaluation.methods import (
     untrained_state,
 )
 from imaging_meta.evaluation.panels import episode_panel
+from imaging_meta.evaluation.provenance import provenance
 from imaging_meta.evaluation.reports import write_report
 from imaging_meta.evaluation.scoring import learner_choices, score_batch
 from imaging_meta.evaluation.statistics import EPISODE_T, differences, interval_description, summarize
@@ -522,6 +523,8 @@ class EpisodicModule(LightningModule):
             context["n_shot"] = dm.n_shot
         if self.trainer.ckpt_path:
             context["checkpoint"] = str(self.trainer.ckpt_path)
+        # what evaluate's report records of where its numbers came from (a review: fit's had none of it)
+        context.update(provenance(), seed_everything=os.environ.get("PL_GLOBAL_SEED"))  # set by seed_everything
         if self.learner_changes:  # tested with other learner settings than the checkpoint was trained with
             context["learner_settings_not_the_checkpoints"] = {k: {"checkpoint": a, "tested": b}
                                                                 for k, (a, b) in self.learner_changes.items()}

@@ -25,9 +25,7 @@ import importlib
 import json
 import logging
 import os
-import platform
 import random
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import imaging_meta
 from datamodules.base import EpisodicDataModule
 from datamodules.io.atomic import atomic_write_bytes
 from datamodules.progress import progress
@@ -50,6 +47,7 @@ from imaging_meta.commands.outputs import check_output_folder
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
 from imaging_meta.evaluation.panels import png_array
 from imaging_meta.evaluation.plots import PanelKeeper
+from imaging_meta.evaluation.provenance import PACKAGES, is_source_checkout, provenance  # noqa: F401 - public here too
 from imaging_meta.evaluation.reports import write_evaluation_report
 from imaging_meta.evaluation.scoring import learner_choices, score_batch
 from imaging_meta.evaluation.statistics import (
@@ -73,46 +71,6 @@ SPLIT_FIELDS = (
     "test_classes_count", "n_way", "folds_file", "test_fold", "patient_regex", "organs", "min_organ_pixels",
     "spacing", "slice_size",
 )
-PACKAGES = ("torch", "monai", "lightning", "numpy", "scipy", "pydicom", "nibabel", "torchmetrics", "highdicom")
-
-
-def is_source_checkout(src: Path) -> bool:
-    """Whether ``src`` (the folder above the imaging_meta package) is imaging-meta's own source tree: its
-    pyproject.toml names the project, and the package is not inside site-packages."""
-    pyproject = src / "pyproject.toml"
-    if "site-packages" in src.parts or "dist-packages" in src.parts or not pyproject.is_file():
-        return False
-    return 'name = "imaging-meta"' in pyproject.read_text(errors="replace")
-
-
-def provenance() -> dict:
-    """Package versions, Python, platform and the git commit of the imaging-meta source (``+dirty`` when
-    tracked files differ from it; ``unknown`` outside a git checkout; for an installed package, which has no
-    source checkout, says so rather than read the commit of a repository that happens to enclose it)."""
-    versions = {"imaging_meta": imaging_meta.__version__, "python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.import_module(name).__version__
-        except Exception:  # a package that is not installed is recorded as such
-            versions[name] = "not installed"
-    src = Path(imaging_meta.__file__).resolve().parent.parent
-    commit = "unknown"
-    # CPU results are byte-identical at the same thread count only (a sum's order follows the threads): recorded
-    machine = {"platform": platform.platform(terse=True), "torch_threads": torch.get_num_threads()}
-    if not is_source_checkout(src):  # an installed package: a repository around site-packages is not ours
-        return {"versions": versions, "git_commit": "installed package (no source checkout)", **machine}
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            commit = head.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(src), "diff", "--quiet", "HEAD", "--", "imaging_meta", "datamodules"],
-                                   capture_output=True, timeout=10)
-            commit += "+dirty" if dirty.returncode == 1 else ""
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"versions": versions, "git_commit": commit, **machine}
-
-
 def data_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     """The ``{"class_path", "init_args"}`` of the data a checkpoint was trained on.
 

@@ -449,3 +449,13 @@ def test_compare_names_a_results_json_it_cannot_read_and_keeps_rows_on_one_line(
         (tmp_path / name / "results.json").write_text(text)
         with pytest.raises(ValueError, match=rf"{name}/results\.json: (not valid JSON|not a results\.json|a results\.json without)"):
             compare_runs([tmp_path / name])
+
+
+def test_provenance_records_the_thread_count():
+    """CPU results are byte-identical at one thread count only (a review, 2026-12-06): it is recorded."""
+    import torch
+
+    from imaging_meta.evaluation.provenance import provenance
+
+    p = provenance()
+    assert p["torch_threads"] == torch.get_num_threads() and {"versions", "git_commit", "platform"} <= set(p)

@@ -26,6 +26,8 @@ def test_classification_learner_fits_and_tests_from_its_config(model, tmp_path, 
     res = json.loads((run_dir / "results.json").read_text())
     trained = res["summary"]["trained"]["all"]
     assert res["context"]["metric"] == "acc" and 0.0 <= trained["mean"] <= 1.0 and trained["n_episodes"] == 4
+    # where the numbers came from, as evaluate records it (fit's report had none of it; a review, 2026-12-06)
+    assert res["context"]["versions"]["torch"] and res["context"]["git_commit"] and res["context"]["torch_threads"] >= 1
     assert "untrained encoder" in res["summary"]
     md = (run_dir / "results.md").read_text()
     assert "accuracy" in md and "chance: 0.200" in md
