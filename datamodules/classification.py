@@ -337,7 +337,25 @@ class ClassificationDataModule(EpisodicDataModule):
                 seed=h.seed + STAGE_SEED_OFFSET[stage_name],
                 class_names=table.classes,
             )
+        self._warn_shared_patients()
         self._fix_episodes()
+
+    def _warn_shared_patients(self) -> None:
+        """Say when patients of the test classes also have images in the training classes: the split is by class,
+        so a model may have trained on a test patient's other lesions (a review, 2026-12-06: 247 of 253 test
+        patients of a folder with patient ids). Images that are their own patient never share one."""
+        t, h = self.table, self.hparams
+        if t is None or h.test_episodes <= 0 or not self.class_split.get("test"):
+            return
+        by_stage = {stage: {t.patients[i] for i in np.flatnonzero(np.isin(t.labels, [t.classes.index(c) for c in names]))}
+                    for stage, names in self.class_split.items() if names}
+        shared = by_stage.get("test", set()) & by_stage.get("train", set())
+        if shared:
+            warnings.warn(
+                f"{len(shared)} of {len(by_stage['test'])} test patients also have images in the training classes (the "
+                "split is by class): a model may have seen a test patient's other lesions. For a patient-disjoint test, "
+                "keep each patient's images in one split of classes, or hold those patients' images out of the data",
+                stacklevel=3)
 
     def _feasible(self, stage: str, names: Sequence[str]) -> list[int]:
         """The stage's class indices that can fill an episode; the others are dropped with a warning."""

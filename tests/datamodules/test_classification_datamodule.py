@@ -338,3 +338,21 @@ def test_too_few_classes_for_disjoint_stages_says_how_many_are_needed(tmp_path):
                                    val_classes_count=0, test_classes_count=2)
     two.setup()  # 2-way train and test from five classes; no validation classes, so no validation (as before)
     assert len(two.class_split["test"]) == 2 and len(two.class_split["train"]) == 3
+
+
+def test_test_patients_with_images_in_training_classes_are_warned_about(tmp_path):
+    """The class split leaves a patient's images of a test class and of a training class in two splits: said,
+    with the count (a review, 2026-12-06); patients of one class each are not."""
+
+    class SharedPatients(TableSource):
+        def build(self) -> ItemTable:
+            table = super().build()
+            table.patients = [f"p-{k % 4}" for k in range(len(table.labels))]  # four patients across all classes
+            return table
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path / "a"), **SMALL).setup("fit")
+    assert not [w for w in seen if "test patients also have images" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"4 of 4 test patients also have images in the training classes"):
+        ClassificationDataModule(source=SharedPatients(), cache_dir=str(tmp_path / "b"), **SMALL).setup("fit")
