@@ -47,7 +47,7 @@ from imaging_meta.commands.outputs import check_output_folder
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
 from imaging_meta.evaluation.panels import png_array
 from imaging_meta.evaluation.plots import PanelKeeper
-from imaging_meta.evaluation.provenance import PACKAGES, is_source_checkout, provenance  # noqa: F401 - public here too
+from imaging_meta.evaluation.provenance import provenance
 from imaging_meta.evaluation.reports import write_evaluation_report
 from imaging_meta.evaluation.scoring import learner_choices, score_batch
 from imaging_meta.evaluation.statistics import (

@@ -333,7 +333,7 @@ def test_classification_metrics_agree_with_torchmetrics(seed):
 
 
 def test_provenance_reads_the_commit_of_our_own_source_only(tmp_path):
-    from imaging_meta.commands.evaluate import is_source_checkout, provenance
+    from imaging_meta.evaluation.provenance import is_source_checkout, provenance
 
     repo = Path(__file__).resolve().parents[2]
     assert is_source_checkout(repo)
