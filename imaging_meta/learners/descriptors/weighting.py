@@ -101,7 +101,7 @@ def fit_weights(
         d = torch.stack([x.detach().clone() for x in loo], 1).double()  # (T, K, S, N)
         y, m = labels.detach().clone().long(), usable.detach().clone().double()
         n = m.sum(1)  # (T,)
-        theta = torch.zeros(d.shape[:2], dtype=torch.float64)
+        theta = torch.zeros(d.shape[:2], dtype=torch.float64, device=d.device)
         for t in torch.nonzero(n > 0).flatten().tolist():  # one fit per task: its weights never see another task's
             theta[t] = _fit_task(d[t], y[t], m[t], float(n[t]), prior, steps)
         fitted = (n > 0).unsqueeze(-1)
@@ -113,7 +113,7 @@ def _fit_task(d: torch.Tensor, y: torch.Tensor, m: torch.Tensor, n: float, prior
     """theta (K,) of one task, from its (K, S, N) distances, (S,) labels and (S,) held-out mask (n items):
     L-BFGS on the task's own loss, so that its stopping tests and line search depend on this task alone."""
     k = d.shape[0]
-    theta = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    theta = torch.zeros(k, dtype=torch.float64, device=d.device, requires_grad=True)
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:

@@ -104,9 +104,9 @@ def _affine(u: torch.Tensor, spec: Augmentation, shape: Sequence[int]) -> torch.
     n, d = u.shape[0], len(shape) - 2
     angle = (2 * u[:, 1] - 1) * math.radians(spec.rotation)
     zoom = 1 + (2 * u[:, 2] - 1) * spec.zoom
-    sign = torch.where(u[:, 0] < 0.5, -1.0, 1.0) if spec.flip else torch.ones(n, dtype=u.dtype)
+    sign = torch.where(u[:, 0] < 0.5, -1.0, 1.0) if spec.flip else torch.ones(n, dtype=u.dtype, device=u.device)
     h, w = shape[-2], shape[-1]
-    theta = torch.zeros(n, d, d + 1, dtype=u.dtype)
+    theta = torch.zeros(n, d, d + 1, dtype=u.dtype, device=u.device)
     # a rotation in pixels, written in normalised coordinates (x: the last axis, y: the one before)
     theta[:, 0, 0] = torch.cos(angle) * sign / zoom
     theta[:, 0, 1] = -torch.sin(angle) * (h / w) / zoom
@@ -142,7 +142,7 @@ def augment_views(
     x = images.repeat(copies, *([1] * (images.dim() - 1)))
     if copies == 0:
         return x
-    u = torch.rand(x.shape[0], 8, generator=generator, dtype=torch.float64)
+    u = torch.rand(x.shape[0], 8, generator=generator, dtype=torch.float64, device=generator.device)
     theta = _affine(u, spec, x.shape).to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -385,7 +385,7 @@ class SupportFineTune(WrappingLearner):
         present = counts > 0
         if not self.balanced:
             return present.float()
-        weights = torch.zeros(n_way)
+        weights = torch.zeros(n_way, device=counts.device)
         weights[present] = counts[present].sum() / (present.sum() * counts[present])
         return weights
 
