@@ -152,9 +152,14 @@ def adapt(
     if steps <= 0:
         return learner
     dev = torch.device(device)
-    # the adaptation's own seed, and the caller's random state as it was afterwards (it was reseeded)
-    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
+    # the adaptation's own seed, and the caller's random state as it was afterwards: the CPU generator and, on a
+    # GPU, that GPU's alone (torch.manual_seed would reseed every GPU, which fork_rng would not restore)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         return _adapt(learner, supports, queries, steps, lr, batch_size, seed, device, progress)
 
 

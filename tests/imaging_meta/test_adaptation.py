@@ -89,3 +89,14 @@ def test_adaptation_progress_bar_follows_the_quiet_switch(monkeypatch, capsys):
     monkeypatch.setenv(ENV, "0")
     adapt(learner, supports, queries, steps=2, batch_size=2, seed=1)
     assert "adapting to the scans" not in capsys.readouterr().err
+
+
+def test_adaptation_on_the_cpu_leaves_the_gpus_random_state_alone(monkeypatch):
+    """torch.manual_seed reseeds every GPU too (lazily, before CUDA starts), which the fork of the CPU state does
+    not undo: on a GPU host, adapting on the CPU changed the caller's CUDA random streams."""
+    learner, (supports, queries) = _learner(), _scans()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("one", seed)))
+    adapt(learner, supports, queries, steps=1, batch_size=2, seed=1, progress=False)
+    assert calls == []
