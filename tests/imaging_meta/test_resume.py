@@ -136,3 +136,30 @@ def test_a_resume_on_another_number_of_processes_is_warned_about():
         warnings.simplefilter("error")
         Data(2).load_state_dict(state)
         Data(1).load_state_dict({k: v for k, v in state.items() if k != "world_size"})  # checkpoints before it
+
+
+def test_the_saved_gpu_random_state_is_this_process_gpus_alone(monkeypatch):
+    """A checkpoint kept every visible GPU's random state, and a resume set them all: a rank that sees fewer GPUs
+    than the run that saved it (one GPU bound per task instead of four per node) failed on a missing device. Now
+    the process's own GPU is kept; an older checkpoint's list gives this process's device its entry, or nothing."""
+    from imaging_meta import module as M
+
+    restored = []
+    device = [1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: torch.full((4,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was read"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("every GPU's state was set"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a: restored.append(int(s[0])))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    state = M.rng_states()
+    assert torch.equal(state["cuda"], torch.full((4,), 7, dtype=torch.uint8))
+    M.set_rng_states(state)
+    assert restored == [7]
+    old = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]  # saved with four GPUs visible
+    M.set_rng_states({**state, "cuda": old})
+    assert restored == [7, 1]  # this process's GPU, device 1
+    device[0] = 5
+    M.set_rng_states({**state, "cuda": old})
+    assert restored == [7, 1]  # a device the old run did not see: left as it is
