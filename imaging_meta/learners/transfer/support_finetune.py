@@ -139,6 +139,8 @@ def augment_views(
         )
     if copies < 0:
         raise ValueError(f"copies must be >= 0, got {copies}")
+    if generator.device.type != "cpu":  # the same seed must give the same views on every device
+        raise ValueError(f"augment_views draws from a CPU generator, got one on {generator.device}")
     x = images.repeat(copies, *([1] * (images.dim() - 1)))
     if copies == 0:
         return x
