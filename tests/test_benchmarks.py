@@ -491,3 +491,30 @@ def test_fisher_borda_and_refined_one_shot_variants_differ_at_one_shot_only():
     assert ratio[0] > ratio[1] > 0 and ratio[2] == 0
     with pytest.raises(ValueError, match="read must be"):
         RefinedOneShot(embedding, read="pixels")
+
+
+def test_scanner_values_variants_keep_the_labels_on_the_body():
+    import numpy as np
+
+    from benchmarks import scanner_values as sv
+
+    rng = np.random.default_rng(0)
+    v = np.full((40, 30, 6), -1000.0)
+    v[5:35, 3:27] = 40 + rng.normal(0, 5, (30, 24, 6))
+    lab = np.zeros(v.shape, np.uint8)
+    lab[12:20, 10:18, 1:5] = 1
+    affine = np.diag([2.0, 3.0, 5.0, 1.0])
+    affine[:3, 3] = (-40.0, 10.0, 7.0)
+    big, big_lab, a = sv.wide_fov(v, lab, affine, couch=True)
+    assert big.shape[:2] == (sv.WIDE, sv.WIDE) and big_lab.sum() == lab.sum()
+    world = lambda aff, idx: (aff @ np.append(idx, 1.0))[:3]  # noqa: E731
+    first, first_big = np.argwhere(lab)[0], np.argwhere(big_lab)[0]
+    np.testing.assert_allclose(world(affine, first), world(a, first_big))  # the structure stays where it was
+    assert (big[big_lab > 0] == v[lab > 0]).all()
+    assert (big <= -3024).any() and (big >= 200).any()  # the padding and the couch are there
+    mr = np.where(v > -500, 100 + rng.normal(0, 5, v.shape), 5.0)
+    out = sv.bright(mr, lab, affine)[0]
+    changed = out != mr
+    assert not (changed & (lab > 0)).any()  # the structure is never touched
+    assert 0.01 < changed.sum() / sv._body(mr).sum() < 0.04
+    assert (sv.zero_background(mr, lab, affine)[0][mr == 5.0] == 0).all()
