@@ -583,6 +583,14 @@ def segment(
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
     trained_fov = [float(n) * float(sp) for n, sp in zip(pre["slice_size"], pre["spacing"], strict=True)]
+    if scale != "checkpoint":
+        from imaging_meta.evaluation.scans import supports_preprocessing
+
+        pre = supports_preprocessing(pre, [(str(label), label_value) for _, label in supports], scale)
+        logger.info("segmenting at %s mm, %s pixels per slice", pre["spacing"], pre["slice_size"])
+    tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
+    tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
+
     fallback = pre.get("modality")  # the data config's modality for files that do not say, when it set one
     support_list = [modality_of(image, modality, fallback) for image, _ in supports]
     support_modalities = set(support_list)
@@ -591,14 +599,6 @@ def segment(
                                            sep=", ") for m in sorted(support_modalities))
         raise ValueError(f"the support scans are of {len(support_modalities)} modalities ({kinds}): give supports of one "
                          "modality, the queries' (a query of another modality is segmented by the learner alone)")
-    if scale != "checkpoint":
-        from imaging_meta.evaluation.scans import supports_preprocessing
-
-        pre = supports_preprocessing(pre, [(str(label), label_value) for _, label in supports], scale,
-                                     [(str(image), m) for (image, _), m in zip(supports, support_list, strict=True)])
-        logger.info("segmenting at %s mm, %s pixels per slice", pre["spacing"], pre["slice_size"])
-    tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
-    tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
     supports_pre = _support_volumes(
         tf_pair, supports, label_value, support_list, max_support_slices, pre["spacing"], pre["slice_size"],
         "Pass --scale structure (a spacing and field of view chosen from the structure), or label more of it"

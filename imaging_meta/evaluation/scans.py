@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from datamodules.transforms.volume import CT_MODALITIES, volume_transforms
+from datamodules.transforms.volume import volume_transforms
 from imaging_meta.evaluation import volumes as V
 from imaging_meta.learners.base import Learner
-from imaging_meta.volume.scale import SCALES, body_field_mm, supports_scale
+from imaging_meta.volume.scale import SCALES, supports_scale
 from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter, structure_slices
 
 if TYPE_CHECKING:
@@ -108,8 +108,7 @@ def load_structure(scan: Scan, preprocessing: dict) -> Loaded:
     return loaded
 
 
-def structure_preprocessing(preprocessing: dict, label: str, value: int | None, scale: str,
-                            image: str | list | None = None, modality: str | None = None) -> dict:
+def structure_preprocessing(preprocessing: dict, label: str, value: int | None, scale: str) -> dict:
     """The checkpoint's preprocessing, or (``scale="structure"``) the one chosen from a support's structure
     (`imaging_meta.volume.scale.structure_scale`), measured in the support's own grid.
 
@@ -117,52 +116,23 @@ def structure_preprocessing(preprocessing: dict, label: str, value: int | None, 
         label: the support's label map (it lies on its image's grid, which is checked when the support is
             preprocessed).
         value: the structure's value in the label map; None: every non-zero voxel.
-        image, modality: the support's image and modality; a CT's field of view is then its body's, not its
-            grid's (`imaging_meta.volume.scale.body_field_mm`).
 
     Raises:
         ValueError: an unknown ``scale``; a label map without the structure (naming the file).
     """
-    images = None if image is None else [(image, modality)]
-    return supports_preprocessing(preprocessing, [(label, value)], scale, images)
+    return supports_preprocessing(preprocessing, [(label, value)], scale)
 
 
-def supports_preprocessing(preprocessing: dict, labels: Sequence[tuple[str, int | None]], scale: str,
-                           images: Sequence[tuple[str | list, str | None]] | None = None) -> dict:
+def supports_preprocessing(preprocessing: dict, labels: Sequence[tuple[str, int | None]], scale: str) -> dict:
     """`structure_preprocessing` for several supports, ``(label map, structure value)`` each
     (`imaging_meta.volume.scale.supports_scale`): the thinnest structure sets the spacing and the widest field of
     view the slice size, whatever the supports' order (the first support's alone decided, and swapping two
-    supports took a real query from 3D Dice 0.26 to 0.00; a review). ``images``: each support's ``(image,
-    modality)``; the field of view of a CT is then its body's."""
+    supports took a real query from 3D Dice 0.26 to 0.00; a review)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if scale == "checkpoint":
         return preprocessing
-    grids = [_structure_grid(preprocessing, label, value) for label, value in labels]
-    bodies = None if images is None else [_body_field(preprocessing, image, modality) for image, modality in images]
-    return supports_scale(preprocessing, grids, bodies=bodies)
-
-
-def _body_field(preprocessing: dict, image: str | list, modality: str | None) -> float | None:
-    """`body_field_mm` of a CT image in RAS order on its own grid (None for another modality)."""
-    if modality is None or modality.upper() not in CT_MODALITIES:
-        return None
-    values, spacing = _ras_grid(preprocessing, "image", image)
-    return body_field_mm(values, spacing)
-
-
-def _ras_grid(preprocessing: dict, key: str, path: str | list) -> tuple[np.ndarray, list[float]]:
-    """A file's values (X, Y, Z) and voxel size, read and turned to RAS as the preprocessing reads and turns it."""
-    from monai.transforms import Orientationd
-
-    tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
-                           preprocessing["mr_percentiles"], keys=(key,))
-    raw: Any = {key: path}
-    for t in tf.transforms[:2]:  # load, channel first
-        raw = t(raw)
-    raw = next(t for t in tf.transforms if isinstance(t, Orientationd))(raw)
-    spacing = np.sqrt((np.asarray(raw[key].affine)[:3, :3] ** 2).sum(0))
-    return np.asarray(raw[key])[0], [float(v) for v in spacing]
+    return supports_scale(preprocessing, [_structure_grid(preprocessing, label, value) for label, value in labels])
 
 
 def _structure_grid(preprocessing: dict, label: str, value: int | None) -> tuple[np.ndarray, list[float], tuple[int, ...]]:
@@ -171,12 +141,21 @@ def _structure_grid(preprocessing: dict, label: str, value: int | None) -> tuple
     The label map alone: it lies on its image's grid (checked when the support is preprocessed), read and turned
     to RAS as the preprocessing turns it, so that the last axis is axial whatever the file's storage order (a
     sagittal or coronal file was measured along its own axes: another scale, another mask)."""
-    labels, spacing = _ras_grid(preprocessing, "label", label)
+    from monai.transforms import Orientationd
+
+    tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
+                           preprocessing["mr_percentiles"], keys=("label",))
+    raw: Any = {"label": label}
+    for t in tf.transforms[:2]:  # load, channel first
+        raw = t(raw)
+    raw = next(t for t in tf.transforms if isinstance(t, Orientationd))(raw)
+    spacing = np.sqrt((np.asarray(raw["label"].affine)[:3, :3] ** 2).sum(0))
+    labels = np.asarray(raw["label"])[0]
     mask = labels != 0 if value is None else labels == value
     if not mask.any():
         what = "non-zero voxel" if value is None else f"voxel of value {value}"
         raise ValueError(f"{label}: the label map has no {what} (the structure); check --label-value")
-    return mask, spacing, tuple(int(n) for n in mask.shape)
+    return mask, [float(v) for v in spacing], tuple(int(n) for n in mask.shape)
 
 
 def to_query_grid(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
@@ -297,8 +276,7 @@ def score_pair(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    preprocessing = structure_preprocessing(preprocessing, support.label, support.value, scale, support.image,
-                                            support.modality)
+    preprocessing = structure_preprocessing(preprocessing, support.label, support.value, scale)
     s, q = (load_structure(scan, preprocessing) for scan in (support, query))
     preds: dict[str, np.ndarray] = {}
     variants = {

@@ -6,11 +6,7 @@ in-plane spacing at which the support's structure spans at least ``min_pixels`` 
 `structure_extent_mm`) (never finer than
 the scan's own pixels, never coarser than the checkpoint's), and a slice size that keeps the scan's whole
 field of view (a multiple of 16, at most ``max_size``: memory grows with the pixels times the support's
-local prototypes). On CT the field of view is the body's (`body_field_mm`), not the file's grid: a scanner's
-reconstruction circle is often far wider than the patient, and 510 mm of mostly air held at most 128 pixels
-across coarsened a kidney from 3.0 to 3.98 mm pixels (3D Dice 0.758 -> 0.653; 0.824 with the body's field of
-view; `benchmarks.scanner_values`).
-Plain numpy and scipy; no I/O.
+local prototypes). Plain numpy and scipy; no I/O.
 """
 
 from __future__ import annotations
@@ -40,30 +36,6 @@ def structure_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return float(2.0 * depth.max())
 
 
-#: CT voxels above this (HU) are the body (and what lies on it: a couch, a blanket); air is about -1000 HU and
-#: the padding outside a reconstruction circle -1024 HU or less
-BODY_HU = -500.0
-#: the body's field of view is widened by this share, so that a query's body somewhat wider than the
-#: support's keeps its flanks (the slices are cropped around the grid's centre)
-BODY_MARGIN = 0.15
-
-
-def body_field_mm(values: np.ndarray, spacing: Sequence[float], body_hu: float = BODY_HU) -> float | None:
-    """The side (mm) of the smallest in-plane square centred on the grid that holds every body voxel of a CT
-    volume (X, Y, Z) in HU, axial axis last: what the preprocessing's crop around the grid's centre must keep.
-    None when no voxel is above ``body_hu`` (not a CT in HU, or an empty scan)."""
-    body = np.asarray(values) > body_hu
-    if body.ndim != 3 or not body.any():
-        return None
-    sides = []
-    for axis in (0, 1):
-        present = np.flatnonzero(body.any(axis=(1 - axis, 2)))
-        centre = (body.shape[axis] - 1) / 2.0
-        half = max(centre - present[0], present[-1] - centre) + 0.5  # voxel edges, in voxels
-        sides.append(2.0 * half * float(spacing[axis]))
-    return max(sides)
-
-
 def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[float], shape: Sequence[int],
                     min_pixels: int = 12, max_size: int = 128) -> dict:
     """The checkpoint's preprocessing with the spacing and slice size chosen for the support structure.
@@ -84,27 +56,17 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
 
 
 def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Sequence[float], Sequence[int]]],
-                   min_pixels: int = 12, max_size: int = 128, bodies: Sequence[float | None] | None = None) -> dict:
+                   min_pixels: int = 12, max_size: int = 128) -> dict:
     """`structure_scale` for several supports, ``(mask, spacing, shape)`` each: the thinnest structure sets the
     spacing (never finer than the finest scan's pixels), and the slices hold the widest field of view at it, so
     that no support's structure is cropped away (a tumour-centred crop beside a whole scan lost every voxel of
-    the whole scan's structure at the crop's slice size; a review). The order of the supports does not matter.
-
-    ``bodies``: each support's `body_field_mm` (None where unknown: an MR, or no image read). A support's field
-    of view is then its body's, ``BODY_MARGIN`` wider, never wider than its grid nor narrower than the
-    checkpoint's slices."""
+    the whole scan's structure at the crop's slice size; a review). The order of the supports does not matter."""
     coarse = float(min(preprocessing["spacing"]))
     wanted = min(structure_extent_mm(mask, spacing) for mask, spacing, _ in supports) / float(min_pixels)
     if wanted >= coarse:
         return dict(preprocessing)
     native = min(float(min(spacing[0], spacing[1])) for _, spacing, _ in supports)
-    trained = min(float(n) * float(sp) for n, sp in zip(preprocessing["slice_size"], preprocessing["spacing"], strict=True))
-    fields = []
-    for i, (_, spacing, shape) in enumerate(supports):
-        grid = max(shape[0] * spacing[0], shape[1] * spacing[1])
-        body = None if bodies is None else bodies[i]
-        fields.append(grid if body is None else min(grid, max(body * (1.0 + BODY_MARGIN), trained)))
-    fov = max(fields)
+    fov = max(max(shape[0] * spacing[0], shape[1] * spacing[1]) for _, spacing, shape in supports)
     new = float(max(wanted, native, fov / max_size))
     if new >= coarse:
         return dict(preprocessing)

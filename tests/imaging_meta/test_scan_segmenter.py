@@ -342,38 +342,6 @@ def test_structure_preprocessing_reads_the_label_map_as_segment_does(tmp_path):
     assert structure_preprocessing(pre, "missing_l.nii.gz", None, "checkpoint") is pre
 
 
-def test_a_ct_supports_field_of_view_is_its_bodys_not_its_grids(tmp_path):
-    """A scanner's reconstruction circle is often far wider than the patient: the slices held the whole grid at
-    most 128 pixels across, and 510 mm of mostly air coarsened a kidney from 3.0 to 3.98 mm pixels (3D Dice
-    0.758 -> 0.653; benchmarks.scanner_values). On CT the body's centred square (15% wider, never narrower than
-    the checkpoint's slices) sets it; an MR, whose background is not air in HU, keeps its grid."""
-    from imaging_meta.evaluation.scans import structure_preprocessing
-    from imaging_meta.volume.scale import body_field_mm, supports_scale
-
-    pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
-    ct = np.full((500, 500, 3), -1000.0)
-    ct[100:400, 150:330, :] = 40.0  # a body 300 x 180 mm, off-centre along y
-    ct[:5] = -3024.0  # padding
-    assert body_field_mm(ct, (1.0, 1.0, 3.0)) == 300.0  # x: 300 mm about the centre; y: 2 * (329.5 - 249.5) = 160 mm
-    off = ct.copy()
-    off[150:350, 400:460] = 40.0  # a couch far off-centre: the centred square must hold it (2 * (459.5 - 249.5) = 420 mm)
-    assert body_field_mm(off, (1.0, 1.0, 3.0)) == 420.0
-    assert body_field_mm(np.full((4, 4, 2), -1000.0), (1.0, 1.0, 1.0)) is None
-    lab = np.zeros(ct.shape, bool)
-    lab[200:230, 200:230, 1] = True  # 30 mm across: wants 2.5 mm pixels
-    grid = (lab, (1.0, 1.0, 3.0), lab.shape)
-    assert supports_scale(pre, [grid])["spacing"] == [500 / 128] * 2  # the grid: 500 mm in 128 pixels
-    body = supports_scale(pre, [grid], bodies=[300.0])
-    assert body["spacing"] == [360 / 128] * 2 and body["slice_size"] == [128, 128]  # 345 mm < 360: the checkpoint's
-    assert supports_scale(pre, [grid], bodies=[None]) == supports_scale(pre, [grid])
-    # through the files: the CT's image is read, an MR's is not
-    nib.save(nib.Nifti1Image(ct.astype(np.int16), np.diag([1.0, 1.0, 3.0, 1.0])), str(tmp_path / "ct.nii.gz"))
-    nib.save(nib.Nifti1Image(lab.astype(np.uint8), np.diag([1.0, 1.0, 3.0, 1.0])), str(tmp_path / "ct_l.nii.gz"))
-    files = (str(tmp_path / "ct_l.nii.gz"), 1, "structure", str(tmp_path / "ct.nii.gz"))
-    assert structure_preprocessing(pre, *files, "CT") == body
-    assert structure_preprocessing(pre, *files, "MR") == structure_preprocessing(pre, *files[:3])
-
-
 def test_the_structures_scale_does_not_depend_on_the_files_storage_order(tmp_path):
     """The label was measured along the file's own axes: a sagittal or coronal file of the same scan got another
     scale (and another mask) than the axial one. It is measured after the turn to RAS, as the preprocessing reads it."""
