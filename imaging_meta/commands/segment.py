@@ -247,8 +247,14 @@ def _dicom_modality(folder: Path) -> str:
         if modality:
             return normalise_modality(modality) or modality
     if len(unreadable) == len(files):
-        raise ValueError(f"{folder}: none of its {len(files)} files is a readable DICOM file (e.g. {unreadable[0]}); "
-                         "give a NIfTI file or a folder that holds one DICOM series")
+        niftis = [f for f in files if is_nifti(f.name)]
+        series = sorted(d for d in folder.iterdir() if d.is_dir() and any(f.is_file() for f in d.iterdir()))
+        if niftis:  # a patient's or BIDS folder: the NIfTI file is the scan (its DICOM error would say "gunzip")
+            raise ValueError(f"{folder}: a folder of NIfTI files ({first([f.name for f in niftis], sep=', ')}), not "
+                             "a DICOM series; give the NIfTI file of the scan itself")
+        hint = (f"; its subfolder(s) {first([str(d) for d in series], sep=', ')} hold files: give the folder of the "
+                "series itself" if series else "; give a NIfTI file or a folder that holds one DICOM series")
+        raise ValueError(f"{folder}: none of its {len(files)} files is a readable DICOM file (e.g. {unreadable[0]}){hint}")
     if len(unreadable) + len(others) == len(files):
         raise ValueError(f"{folder}: no DICOM image in this folder ({'; '.join(others[:3])}"
                          f"{', ...' if len(others) > 3 else ''}); give a folder that holds one DICOM series")
@@ -599,12 +605,12 @@ def segment(
                                            sep=", ") for m in sorted(support_modalities))
         raise ValueError(f"the support scans are of {len(support_modalities)} modalities ({kinds}): give supports of one "
                          "modality, the queries' (a query of another modality is segmented by the learner alone)")
+    # every query's modality before any work (headers and sidecars only): an undeclared one is a usage error
+    query_modalities = [modality_of(q, modality, fallback) for q in queries]
     supports_pre = _support_volumes(
         tf_pair, supports, label_value, support_list, max_support_slices, pre["spacing"], pre["slice_size"],
         "Pass --scale structure (a spacing and field of view chosen from the structure), or label more of it"
         if scale == "checkpoint" else "Label more of it, or crop the support scan around it")
-    # every query's modality before any work (headers and sidecars only): an undeclared one is a usage error
-    query_modalities = [modality_of(q, modality, fallback) for q in queries]
     support_images = {Path(img).resolve() for img, _ in supports}
     same = [q for q in queries if Path(q).resolve() in support_images]
     if same:

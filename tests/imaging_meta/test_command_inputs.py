@@ -943,3 +943,23 @@ def test_a_rank_whose_peer_stopped_says_so_not_that_it_is_a_bug(monkeypatch):
     assert peer_stopped(gone) and "This is a bug" not in line
     assert line.startswith("imaging-meta fit: stopped (process of rank 0): another process of this distributed run failed")
     assert not peer_stopped(RuntimeError("CUDA out of memory"))  # other errors stay what they are
+
+
+def test_a_query_folder_of_nifti_files_or_of_series_folders_says_what_to_give(tmp_path):
+    """A patient's or BIDS folder given as a query was read as a DICOM series, and the error advised to gunzip
+    its NIfTI label map (a review): now it names the NIfTI files, or the subfolders that hold the series."""
+    from imaging_meta.commands.segment import modality_of
+
+    patient = tmp_path / "pat03"
+    (patient / "series").mkdir(parents=True)
+    (patient / "series" / "1.dcm").write_bytes(b"not dicom either")
+    (patient / "series_label.nii.gz").write_bytes(b"\x1f\x8b not really")
+    (patient / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"pat03: a folder of NIfTI files \(series_label\.nii\.gz\), not a DICOM series; "
+                                         r"give the NIfTI file of the scan itself") as e:
+        modality_of(patient)
+    assert "gunzip" not in str(e.value)
+    (patient / "series_label.nii.gz").unlink()
+    with pytest.raises(ValueError, match=r"none of its 1 files is a readable DICOM file .*; its subfolder\(s\) "
+                                         r".*series hold files: give the folder of the series itself"):
+        modality_of(patient)
