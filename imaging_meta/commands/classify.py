@@ -508,13 +508,6 @@ def classify(
     trained = type(learner).__name__  # the checkpoint's learner, before --space or fine-tuning wraps it
     learner = with_space(learner, space, finetune_steps)
     settings = loader_settings(extra, learner)
-    if (extra.get("preprocessing") or {}).get("format") == "lesion_csv":
-        # patches cut from volumes saw HU through the CT window or MR between percentiles; a picture is read by
-        # its own range (a DICOM CT image through the window): an export of the same patch gets other values
-        logger.warning("the checkpoint was trained on lesion patches cut from volumes (CT window %s HU, MR "
-                       "percentiles %s); pictures are read stretched over their own range, so an exported patch "
-                       "does not get the values it had in training: give single-frame CT DICOM images where you can",
-                       extra["preprocessing"].get("ct_window"), extra["preprocessing"].get("mr_percentiles"))
     n_way = getattr(learner, "n_way", None)
     if n_way is not None and n_way != len(classes):
         raise ValueError(
@@ -577,6 +570,16 @@ def classify(
         logger.info("fine-tuned on the support: %s", fit_summary([fit]).removeprefix("task 0: "))
     if not rows:
         raise ValueError(f"none of the {len(qs)} queries can be read: {listed(unreadable)}")
+    pictures = [p for p, w in windowed.items() if not w]
+    if pictures and (extra.get("preprocessing") or {}).get("format") == "lesion_csv":
+        # patches cut from volumes saw HU through the CT window or MR between percentiles; a picture is read by
+        # its own range (a DICOM CT image through the window): an export of the same patch gets other values.
+        # Said only when a picture was read so: CT DICOM images alone get the training values (a review)
+        logger.warning("the checkpoint was trained on lesion patches cut from volumes (CT window %s HU, MR "
+                       "percentiles %s); %d of the images (e.g. %s) are pictures, read stretched over their own "
+                       "range, so an exported patch does not get the values it had in training: give single-frame "
+                       "CT DICOM images where you can", extra["preprocessing"].get("ct_window"),
+                       extra["preprocessing"].get("mr_percentiles"), len(pictures), pictures[0])
     kinds = {w: p for p, w in windowed.items()}
     if len(kinds) > 1:  # support and queries scaled two ways: the same picture as DICOM and PNG gets other answers
         logger.warning(mixed_scaling("classify", str(kinds[True]), str(kinds[False])))

@@ -388,3 +388,16 @@ def test_classify_warns_that_pictures_are_not_scaled_as_lesion_patches_were(prot
     with caplog.at_level("WARNING", logger="imaging_meta.commands.classify"):
         classify(protonet_checkpoint, support, [queries], tmp_path / "b.csv", device="cpu")
     assert "lesion patches" not in caplog.text
+    # CT DICOM images alone are read through the window, as the patches were: no warning (it came on every run)
+    from tests.helpers import write_dicom
+
+    patterns = lesion_patterns(3, 2, 28, 7).numpy() * 200.0
+    for c in range(3):
+        for k in range(2):
+            write_dicom(tmp_path / "dcm_support" / f"c{c}", patterns[c, k].astype(np.float64), f"s{k}.dcm")
+        write_dicom(tmp_path / "dcm_queries", patterns[c, 0].astype(np.float64), f"q{c}.dcm")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="imaging_meta.commands.classify"):
+        classify(tmp_path / "lesions.ckpt", tmp_path / "dcm_support", [tmp_path / "dcm_queries"], tmp_path / "c.csv",
+                 device="cpu")
+    assert "lesion patches" not in caplog.text
