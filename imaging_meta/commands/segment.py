@@ -246,19 +246,35 @@ def _dicom_modality(folder: Path) -> str:
         modality = str(ds.get("Modality", "") or "").strip().upper()
         if modality:
             return normalise_modality(modality) or modality
+    series = _series_below(folder)
+    series_hint = (f"; its subfolder(s) {first([str(d) for d in series], sep=', ')} hold files: give the folder "
+                   "of the series itself") if series else ""
     if len(unreadable) == len(files):
-        niftis = [f for f in files if is_nifti(f.name)]
-        series = sorted(d for d in folder.iterdir() if d.is_dir() and any(f.is_file() for f in d.iterdir()))
-        if niftis:  # a patient's or BIDS folder: the NIfTI file is the scan (its DICOM error would say "gunzip")
-            raise ValueError(f"{folder}: a folder of NIfTI files ({first([f.name for f in niftis], sep=', ')}), not "
-                             "a DICOM series; give the NIfTI file of the scan itself")
-        hint = (f"; its subfolder(s) {first([str(d) for d in series], sep=', ')} hold files: give the folder of the "
-                "series itself" if series else "; give a NIfTI file or a folder that holds one DICOM series")
-        raise ValueError(f"{folder}: none of its {len(files)} files is a readable DICOM file (e.g. {unreadable[0]}){hint}")
+        niftis = [f.name for f in files if is_nifti(f.name) and not f.name.startswith(".")]
+        if niftis and not series:  # a BIDS or NIfTI folder: the file is the scan (its DICOM error says "gunzip")
+            raise ValueError(f"{folder}: a folder of NIfTI files ({first(niftis, sep=', ')}), not a DICOM series; "
+                             "give the NIfTI file of the scan itself")
+        raise ValueError(f"{folder}: none of its {len(files)} files is a readable DICOM file (e.g. {unreadable[0]})"
+                         + (series_hint or "; give a NIfTI file or a folder that holds one DICOM series"))
     if len(unreadable) + len(others) == len(files):
         raise ValueError(f"{folder}: no DICOM image in this folder ({'; '.join(others[:3])}"
-                         f"{', ...' if len(others) > 3 else ''}); give a folder that holds one DICOM series")
+                         f"{', ...' if len(others) > 3 else ''})" + (series_hint or "; give a folder that holds one DICOM series"))
     raise _Undeclared(f"{folder}: no DICOM file in this folder states its Modality; pass --modality CT or MR")
+
+
+def _series_below(folder: Path) -> list[Path]:
+    """The visible subfolders of ``folder`` that hold visible files (a patient's or an export's series folders);
+    one that cannot be listed is left out."""
+    out = []
+    for d in sorted(folder.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            if any(f.is_file() and not f.name.startswith(".") for f in d.iterdir()):
+                out.append(d)
+        except OSError:
+            continue
+    return out
 
 
 def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) -> list[int]:

@@ -950,16 +950,23 @@ def test_a_query_folder_of_nifti_files_or_of_series_folders_says_what_to_give(tm
     its NIfTI label map (a review): now it names the NIfTI files, or the subfolders that hold the series."""
     from imaging_meta.commands.segment import modality_of
 
+    bids = tmp_path / "sub-04" / "anat"
+    bids.mkdir(parents=True)
+    (bids / "sub-04_T1w.nii.gz").write_bytes(b"\x1f\x8b not really")
+    (bids / "sub-04_T1w.json").write_text("{}")
+    (bids / "._sub-04_T1w.nii.gz").write_bytes(b"macOS")  # hidden: not named
+    with pytest.raises(ValueError, match=r"anat: a folder of NIfTI files \(sub-04_T1w\.nii\.gz\), not a DICOM series; "
+                                         r"give the NIfTI file of the scan itself") as e:
+        modality_of(bids)
+    assert "gunzip" not in str(e.value)
+    # the project's own layout: the series in a subfolder beside its NIfTI label map, which is not the scan
     patient = tmp_path / "pat03"
     (patient / "series").mkdir(parents=True)
+    (patient / ".cache").mkdir()
+    (patient / ".cache" / "x").write_text("x")
     (patient / "series" / "1.dcm").write_bytes(b"not dicom either")
     (patient / "series_label.nii.gz").write_bytes(b"\x1f\x8b not really")
-    (patient / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"pat03: a folder of NIfTI files \(series_label\.nii\.gz\), not a DICOM series; "
-                                         r"give the NIfTI file of the scan itself") as e:
-        modality_of(patient)
-    assert "gunzip" not in str(e.value)
-    (patient / "series_label.nii.gz").unlink()
     with pytest.raises(ValueError, match=r"none of its 1 files is a readable DICOM file .*; its subfolder\(s\) "
-                                         r".*series hold files: give the folder of the series itself"):
+                                         r"\S*pat03/series hold files: give the folder of the series itself") as e:
         modality_of(patient)
+    assert ".cache" not in str(e.value)
