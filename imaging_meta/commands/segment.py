@@ -227,7 +227,7 @@ def _dicom_modality(folder: Path) -> str:
 
     files = sorted(f for f in folder.iterdir() if f.is_file())
     if not files:
-        below = sorted({f.parent for f in folder.rglob("*") if f.is_file()})[:3]
+        below = _series_below(folder)[:3]
         hint = (f"; files lie in its subfolder(s) {', '.join(str(b) for b in below)}: give the folder of the series itself"
                 if below else "; give a NIfTI file or a folder that holds one DICOM series")
         raise ValueError(f"{folder}: no files in this folder{hint}")
@@ -263,18 +263,15 @@ def _dicom_modality(folder: Path) -> str:
 
 
 def _series_below(folder: Path) -> list[Path]:
-    """The visible subfolders of ``folder`` that hold visible files (a patient's or an export's series folders);
-    one that cannot be listed is left out."""
-    out = []
-    for d in sorted(folder.iterdir()):
-        if d.name.startswith(".") or not d.is_dir():
-            continue
-        try:
-            if any(f.is_file() and not f.name.startswith(".") for f in d.iterdir()):
-                out.append(d)
-        except OSError:
-            continue
-    return out
+    """The folders below ``folder``, at any depth, that hold visible files (a patient's or an export's series
+    folders, a study's series one level further down), sorted; hidden folders, and folders that cannot be listed,
+    are left out."""
+    found = []
+    for root, dirs, names in os.walk(folder):  # a folder that cannot be listed is skipped (os.walk's default)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if Path(root) != folder and any(not n.startswith(".") for n in names):
+            found.append(Path(root))
+    return sorted(found)
 
 
 def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) -> list[int]:

@@ -970,3 +970,9 @@ def test_a_query_folder_of_nifti_files_or_of_series_folders_says_what_to_give(tm
                                          r"\S*pat03/series hold files: give the folder of the series itself") as e:
         modality_of(patient)
     assert ".cache" not in str(e.value)
+    # a study's series one level further down, beside a loose file: named too, as when the folder has no files
+    (tmp_path / "export" / "study" / "series7").mkdir(parents=True)
+    (tmp_path / "export" / "study" / "series7" / "1.dcm").write_bytes(b"x")
+    (tmp_path / "export" / "README.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"its subfolder\(s\) \S*study/series7 hold files"):
+        modality_of(tmp_path / "export")
