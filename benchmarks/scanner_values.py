@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.real_segmentation import REAL
+from benchmarks.real_segmentation import REAL, _half
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.evaluation.scans import TRAINED_FULL, Scan, score_pair
 
@@ -111,20 +111,15 @@ VARIANTS: dict[str, tuple[str, Variant]] = {
 
 
 def halves(tmp: Path, name: str, volume: Volume) -> dict[str, tuple[str, str]]:
-    """The upper and lower halves (split at the middle slice) of a volume and its labels, written as NIfTI:
-    part -> (image, label)."""
+    """The upper and lower halves of a volume and its labels, written as NIfTI and split as
+    `benchmarks.real_segmentation` splits its scans: part -> (image, label)."""
     values, labels, affine = volume
-    mid = values.shape[2] // 2
-    out = {}
-    for part, cut in (("upper", np.s_[..., mid:]), ("lower", np.s_[..., :mid])):
-        a = affine.copy()
-        if part == "upper":
-            a[:3, 3] += a[:3, 2] * mid
-        paths = (tmp / f"{name}_{part}.nii.gz", tmp / f"{name}_label_{part}.nii.gz")
-        nib.save(nib.Nifti1Image(values[cut].astype(np.float32), a), str(paths[0]))
-        nib.save(nib.Nifti1Image(labels[cut].astype(np.uint8), a), str(paths[1]))
-        out[part] = (str(paths[0]), str(paths[1]))
-    return out
+    image, label = tmp / f"{name}.nii.gz", tmp / f"{name}_label.nii.gz"
+    nib.save(nib.Nifti1Image(values.astype(np.float32), affine), str(image))
+    nib.save(nib.Nifti1Image(labels.astype(np.uint8), affine), str(label))
+    return {part: (str(_half(image, tmp / f"{name}_{part}.nii.gz", part == "upper")),
+                   str(_half(label, tmp / f"{name}_label_{part}.nii.gz", part == "upper")))
+            for part in ("upper", "lower")}
 
 
 def main(argv: list[str] | None = None) -> int:
