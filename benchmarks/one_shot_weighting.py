@@ -95,10 +95,7 @@ class _OneShotVariant(TaskAdaptiveClassifier):
         """At K = 1: the probabilities (T, A, N) and one record per task; here the weighted rule with
         `one_shot_weights`."""
         beta = self.one_shot_weights(ep, base, distances, n_way)
-        w = beta / beta.sum(-1, keepdim=True)
-        records = [{"space": self.space, "rule": DEFAULT, "weights": dict(zip(base, map(float, w[t]), strict=True)),
-                    "loo_accuracy": {}, "loo_items": 0} for t in range(distances.shape[0])]
-        return weighted_logits(distances, beta).softmax(-1), records
+        return weighted_logits(distances, beta).softmax(-1), _records(self.space, DEFAULT, base, beta)
 
 
 class AugmentedOneShot(_OneShotVariant):
@@ -176,10 +173,8 @@ class ConfidentOneShot(_OneShotVariant):
         top = probs.topk(min(2, n_way), -1).values
         pick = (top[..., 0] - top[..., -1]).argmax(1, keepdim=True)  # (T, 1, A): each query's most decisive space
         chosen = probs.gather(1, pick.unsqueeze(-1).expand(-1, -1, -1, n_way))[:, 0]
-        records = [{"space": self.space, "rule": "most decisive space per query",
-                    "weights": {n: float((pick[t, 0] == k).float().mean()) for k, n in enumerate(base)},
-                    "loo_accuracy": {}, "loo_items": 0} for t in range(distances.shape[0])]
-        return chosen, records
+        share = torch.stack([(pick[:, 0] == k).float().mean(-1) for k in range(len(base))], -1)  # (T, K), sums to 1
+        return chosen, _records(self.space, "most decisive space per query", base, share)
 
 
 class LinearPool(_OneShotVariant):
@@ -195,10 +190,7 @@ class LinearPool(_OneShotVariant):
 
     def one_shot_answer(self, ep: Episode, base: dict, distances: torch.Tensor, n_way: int) -> tuple[torch.Tensor, list]:
         probs = (-self.scale * distances).softmax(-1).mean(1)  # (T, K, A, N) -> (T, A, N)
-        records = [{"space": self.space, "rule": "mean of the spaces' probabilities",
-                    "weights": {n: 1.0 / len(base) for n in base}, "loo_accuracy": {}, "loo_items": 0}
-                   for _ in range(distances.shape[0])]
-        return probs, records
+        return probs, _records(self.space, "mean of the spaces' probabilities", base, torch.ones(distances.shape[:2]))
 
 
 class AgreementOneShot(_OneShotVariant):
