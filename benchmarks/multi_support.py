@@ -87,12 +87,13 @@ def demo_triples(root: str, per_site: int = 2) -> list[tuple[str, list[Scan]]]:
 def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: int) -> tuple[dict[str, float], dict]:
     """3D Dice of each method on the query, and each variant's fitted fusion weights (learner, intensity)."""
     # the scale segment chooses: the finest of the two supports' for both, the first support's for it alone
-    pre = supports_preprocessing(preprocessing, [(s.label, s.value) for s in scans[:2]], "structure")
+    pre = supports_preprocessing(preprocessing, [(s.image, s.label, s.value, s.modality) for s in scans[:2]], "structure")
     loaded = [load_structure(scan, pre) for scan in scans]
     supports = [(sc.pre["image"].as_tensor()[0].float(), sc.pre["struct"]) for sc in loaded[:2]]
     query = loaded[2]
     q_img = query.pre["image"].as_tensor()[0].float()
-    pre_one = structure_preprocessing(preprocessing, scans[0].label, scans[0].value, "structure")
+    pre_one = structure_preprocessing(preprocessing, scans[0].image, scans[0].label, scans[0].value, scans[0].modality,
+                                      "structure")
     if pre_one == pre:
         one, query_one = supports[:1], query
     else:

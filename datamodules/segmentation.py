@@ -61,6 +61,7 @@ from datamodules.sampling.slices import (
 )
 from datamodules.slice_cache import SliceCache
 from datamodules.transforms.volume import (
+    PREPROCESSING_VERSION,
     READER_VERSION,
     as_plain_tensor,
     slice_augmentation,
@@ -781,7 +782,7 @@ class SegmentationDataModule(EpisodicDataModule):
         assert index is not None  # after setup()
         items = [{"image": index.resolve(c.image), "modality": c.modality, "case_id": c.case_id}
                  for c in self.selfsup_volume_cases]
-        return self._cached(items, tf, f"superpixels-{digest([self.preprocessing, settings, READER_VERSION])}")
+        return self._cached(items, tf, f"superpixels-{digest([self.preprocessing, settings, READER_VERSION, PREPROCESSING_VERSION])}")
 
     def _cached(self, items: list[dict], tf: Any, folder: str) -> Dataset:
         """``items`` through ``tf``, cached as configured: in memory, on disk under ``cache_dir/<root>/folder``, or not."""
@@ -835,7 +836,8 @@ class SegmentationDataModule(EpisodicDataModule):
         h = self.hparams
         assert self.index is not None  # setup() loads it first
         tf = volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles)
-        key = digest([self.preprocessing, READER_VERSION])  # a reader that changed rebuilds the cache
+        # a reader or a preprocessing step that changed rebuilds the cache
+        key = digest([self.preprocessing, READER_VERSION, PREPROCESSING_VERSION])
         return self._cached(case_items(self.index, self.cases), tf, f"volumes-{key}")
 
     def _fixed_episodes(self, stage: str) -> list[SegmentationEpisodeSpec]:

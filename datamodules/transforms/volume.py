@@ -5,7 +5,9 @@ Two stages:
 * `volume_transforms` (deterministic, cached): load (NIfTI, its geometry in mm whatever its header's spatial
   unit, or a geometry-ordered DICOM series), channel first, a check that rejects unusable volumes
   (`CheckVolumed`: 4D or 5D, NaN/Inf, constant, a label off its image's grid), RAS orientation, in-plane resampling to a target spacing, intensity normalisation per modality
-  (CT: a HU window; MR: percentile scaling), and an in-plane pad/crop to a fixed slice size. The axial
+  (CT: a HU window; MR: percentile scaling), an in-plane crop to the body (`datamodules.transforms.body`: air,
+  a couch or a background around it is cut, so that the scan is centred on its body), and an in-plane pad/crop to
+  a fixed slice size. The axial
   axis is the last one, so ``volume[..., z]`` is a fixed-size 2D slice.
 * `slice_augmentation` (random, seeded): 2D geometric and intensity augmentation of a slice; one draw is
   applied to image and label alike.
@@ -50,6 +52,7 @@ from datamodules.indexing.volumes import (
     slice_count_fix,
 )
 from datamodules.io.dicom import DicomSeriesReader
+from datamodules.transforms.body import BodyCropd
 
 CT_MODALITIES = ("CT",)
 
@@ -309,6 +312,9 @@ def unreadable_nifti(name, error: BaseException) -> ValueError:
 #: preprocessed volumes and folder indexes are rebuilt (2: NIfTI in metres or microns read in mm; 3: a NIfTI that
 #: does not say its modality is indexed as CT when it is in HU with air, and windowed as CT; both 2026-12-05)
 READER_VERSION = 3
+#: changes whenever `volume_transforms` gives other arrays for the same files and settings, so that on-disk caches
+#: of preprocessed volumes are rebuilt (1: the in-plane crop to the body, `BodyCropd`, 2026-12-06)
+PREPROCESSING_VERSION = 1
 
 
 def _pixdim_from_affine(img):
@@ -408,7 +414,7 @@ def volume_transforms(
 
     Args:
         spacing: in-plane target spacing (mm) along R and A; the slice spacing is kept as acquired.
-        slice_size: (H, W) of each axial slice after pad/crop around the centre.
+        slice_size: (H, W) of each axial slice after pad/crop around the centre of the body (`BodyCropd`).
         ct_window: HU window for CT.
         mr_percentiles: percentile range for MR and other modalities.
         keys: image key first, then the label key (drop it to preprocess images alone).
@@ -429,6 +435,7 @@ def volume_transforms(
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),
         ModalityIntensityd(keys[0], ct_window=ct_window, mr_percentiles=mr_percentiles),
+        BodyCropd(keys, fit=(int(slice_size[0]), int(slice_size[1]))),
         ResizeWithPadOrCropd(keys, spatial_size=(int(slice_size[0]), int(slice_size[1]), -1)),
     ]
     if label_keys:
@@ -478,7 +485,8 @@ def to_source_grid(pre, values: torch.Tensor, transforms: Compose, slab: int = 8
     The same values as MONAI's ``Invertd(..., nearest_interp=False)`` of `volume_transforms` (checked to 1e-5
     in the tests), at a fraction of its memory: MONAI resamples the whole volume at once, with a float sampling
     grid of the full source size (4.8 GB for a 512 x 512 x 300 CT), where this goes ``slab`` source slices at a
-    time. The pad or crop to the slice size is undone by MONAI; orientation and spacing, which only map voxels
+    time. The pad or crop to the slice size and the crop to the body are undone by MONAI (the map is 0 outside
+    the body's box); orientation and spacing, which only map voxels
     to voxels, are one affine, from the source voxel to the preprocessed one, sampled with `grid_sample` (border
     padding, as MONAI's `Spacingd`). Any other chain of transforms goes through ``Invertd``.
 
@@ -496,9 +504,12 @@ def to_source_grid(pre, values: torch.Tensor, transforms: Compose, slab: int = 8
     prob = pre.clone()
     prob.set_array(values.detach().to(torch.float32).unsqueeze(0))
     crop = transforms.transforms[-1] if transforms.transforms else None
+    body = transforms.transforms[-2] if len(transforms.transforms) > 1 else None
     ops = [op["class"] for op in prob.applied_operations]
-    if isinstance(crop, ResizeWithPadOrCropd) and ops[-3:] == ["Orientation", "SpatialResample", "ResizeWithPadOrCrop"]:
-        grid = crop.inverse({crop.keys[0]: prob})[crop.keys[0]]  # the resampled grid before the pad or crop
+    if (isinstance(crop, ResizeWithPadOrCropd) and isinstance(body, BodyCropd)
+            and ops[-4:] == ["Orientation", "SpatialResample", "CropForeground", "ResizeWithPadOrCrop"]):
+        grid = crop.inverse({crop.keys[0]: prob})[crop.keys[0]]  # the body's box before the pad or crop
+        grid = body.inverse({body.keys[0]: grid})[body.keys[0]]  # the resampled grid (zero outside the box)
         if [op["class"] for op in grid.applied_operations][-2:] == ["Orientation", "SpatialResample"]:
             source_affine = np.asarray(grid.meta["original_affine"], dtype=np.float64)
             shape = tuple(int(s) for s in np.asarray(grid.meta["spatial_shape"]).ravel()[:3])

@@ -161,14 +161,20 @@ def modality_of(path: str | Path, given: str | None = None, default: str | None 
 
 
 def _cropped_field(vol: torch.Tensor, pre: dict) -> tuple[tuple[float, float], tuple[float, float]] | None:
-    """The query's in-plane extent (mm, along the two axial axes of its bounding box in world space) and the
-    working slices' (``slice_size`` times ``spacing``), when the slices hold more than a tenth less of it: the
-    preprocessing crops every slice around its centre. None when they hold it, or the file's grid is unknown."""
+    """The query's in-plane extent (mm, along the two axial axes of its bounding box in world space, less what the
+    crop to its body cut away) and the working slices' (``slice_size`` times ``spacing``), when the slices hold more
+    than a tenth less of it: the preprocessing crops every slice around its body's centre. None when they hold it,
+    or the file's grid is unknown."""
     meta = getattr(vol, "meta", {})
     shape, affine = meta.get("spatial_shape"), meta.get("original_affine")
     if shape is None or affine is None:
         return None
     extent = np.abs(np.asarray(affine, dtype=np.float64)[:3, :3]) @ np.asarray(shape, dtype=np.float64)[:3]
+    body = next((op for op in getattr(vol, "applied_operations", []) if op.get("class") == "CropForeground"), None)
+    if body is not None:  # `BodyCropd`: voxels cut before and after, per axis, at the working spacing
+        cut = [int(v) for v in body.get("extra_info", {}).get("cropped", [])]
+        for axis in range(min(2, len(cut) // 2)):
+            extent[axis] -= (cut[2 * axis] + cut[2 * axis + 1]) * float(pre["spacing"][axis])
     field = tuple(float(n) * float(sp) for n, sp in zip(pre["slice_size"], pre["spacing"], strict=True))
     if extent[0] <= 1.1 * field[0] and extent[1] <= 1.1 * field[1]:
         return None
@@ -602,14 +608,6 @@ def segment(
     dev = resolve_device(device)
     learner, pre = _segmenter(checkpoint, dev)
     trained_fov = [float(n) * float(sp) for n, sp in zip(pre["slice_size"], pre["spacing"], strict=True)]
-    if scale != "checkpoint":
-        from imaging_meta.evaluation.scans import supports_preprocessing
-
-        pre = supports_preprocessing(pre, [(str(label), label_value) for _, label in supports], scale)
-        logger.info("segmenting at %s mm, %s pixels per slice", pre["spacing"], pre["slice_size"])
-    tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
-    tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
-
     fallback = pre.get("modality")  # the data config's modality for files that do not say, when it set one
     support_list = [modality_of(image, modality, fallback) for image, _ in supports]
     support_modalities = set(support_list)
@@ -620,6 +618,14 @@ def segment(
                          "modality, the queries' (a query of another modality is segmented by the learner alone)")
     # every query's modality before any work (headers and sidecars only): an undeclared one is a usage error
     query_modalities = [modality_of(q, modality, fallback) for q in queries]
+    if scale != "checkpoint":
+        from imaging_meta.evaluation.scans import supports_preprocessing
+
+        pre = supports_preprocessing(pre, [(str(image), str(label), label_value, kind)
+                                           for (image, label), kind in zip(supports, support_list, strict=True)], scale)
+        logger.info("segmenting at %s mm, %s pixels per slice", pre["spacing"], pre["slice_size"])
+    tf_pair = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"])
+    tf_image = volume_transforms(pre["spacing"], pre["slice_size"], pre["ct_window"], pre["mr_percentiles"], keys=("image",))
     supports_pre = _support_volumes(
         tf_pair, supports, label_value, support_list, max_support_slices, pre["spacing"], pre["slice_size"],
         "Pass --scale structure (a spacing and field of view chosen from the structure), or label more of it"

@@ -108,54 +108,75 @@ def load_structure(scan: Scan, preprocessing: dict) -> Loaded:
     return loaded
 
 
-def structure_preprocessing(preprocessing: dict, label: str, value: int | None, scale: str) -> dict:
+def structure_preprocessing(preprocessing: dict, image: str | list[str], label: str, value: int | None,
+                            modality: str, scale: str) -> dict:
     """The checkpoint's preprocessing, or (``scale="structure"``) the one chosen from a support's structure
     (`imaging_meta.volume.scale.structure_scale`), measured in the support's own grid.
 
     Args:
-        label: the support's label map (it lies on its image's grid, which is checked when the support is
-            preprocessed).
+        image: the support scan (a NIfTI path, a DICOM series folder or its files): the slices must hold its body.
+        label: the support's label map (it lies on its image's grid, which is checked when it is read).
         value: the structure's value in the label map; None: every non-zero voxel.
+        modality: the support's ("CT" windows it, any other is percentile-scaled), to find its body.
 
     Raises:
         ValueError: an unknown ``scale``; a label map without the structure (naming the file).
     """
-    return supports_preprocessing(preprocessing, [(label, value)], scale)
+    return supports_preprocessing(preprocessing, [(image, label, value, modality)], scale)
 
 
-def supports_preprocessing(preprocessing: dict, labels: Sequence[tuple[str, int | None]], scale: str) -> dict:
-    """`structure_preprocessing` for several supports, ``(label map, structure value)`` each
-    (`imaging_meta.volume.scale.supports_scale`): the thinnest structure sets the spacing and the widest field of
-    view the slice size, whatever the supports' order (the first support's alone decided, and swapping two
-    supports took a real query from 3D Dice 0.26 to 0.00; a review)."""
+def supports_preprocessing(preprocessing: dict, supports: Sequence[tuple[str | list[str], str, int | None, str]],
+                           scale: str) -> dict:
+    """`structure_preprocessing` for several supports, ``(image, label map, structure value, modality)`` each
+    (`imaging_meta.volume.scale.supports_scale`): the thinnest structure sets the spacing and the widest body the
+    slice size, whatever the supports' order (the first support's alone decided, and swapping two supports took a
+    real query from 3D Dice 0.26 to 0.00; a review)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if scale == "checkpoint":
         return preprocessing
-    return supports_scale(preprocessing, [_structure_grid(preprocessing, label, value) for label, value in labels])
+    return supports_scale(preprocessing, [_structure_field(preprocessing, *support) for support in supports])
 
 
-def _structure_grid(preprocessing: dict, label: str, value: int | None) -> tuple[np.ndarray, list[float], tuple[int, ...]]:
-    """(mask, voxel size, shape) of the structure in a label map, in RAS order on its own grid.
+def _structure_field(preprocessing: dict, image: str | list[str], label: str, value: int | None,
+                     modality: str) -> tuple[np.ndarray, list[float], tuple[float, float]]:
+    """(mask, voxel size, field) of the structure: its mask in RAS order on its scan's own grid, and the in-plane
+    extent (mm) of the box the preprocessing crops that scan to (its body with every labelled voxel,
+    `datamodules.transforms.body.crop_box`).
 
-    The label map alone: it lies on its image's grid (checked when the support is preprocessed), read and turned
-    to RAS as the preprocessing turns it, so that the last axis is axial whatever the file's storage order (a
-    sagittal or coronal file was measured along its own axes: another scale, another mask)."""
+    Image and label are read and turned to RAS as the preprocessing does, so that the last axis is axial whatever
+    the file's storage order (a sagittal or coronal file was measured along its own axes: another scale, another
+    mask). They are checked when the support is preprocessed, after this: a label map off its image's grid is
+    named then (here its field is its own grid)."""
     from monai.transforms import Orientationd
 
+    from datamodules.transforms.body import body_box, crop_box, mask_box
+    from datamodules.transforms.volume import ModalityIntensity
+
     tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
-                           preprocessing["mr_percentiles"], keys=("label",))
-    raw: Any = {"label": label}
+                           preprocessing["mr_percentiles"])
+    raw: Any = {"image": image, "label": label}
     for t in tf.transforms[:2]:  # load, channel first
         raw = t(raw)
     raw = next(t for t in tf.transforms if isinstance(t, Orientationd))(raw)
-    spacing = np.sqrt((np.asarray(raw["label"].affine)[:3, :3] ** 2).sum(0))
+    spacing = [float(v) for v in np.sqrt((np.asarray(raw["label"].affine)[:3, :3] ** 2).sum(0))]
     labels = np.asarray(raw["label"])[0]
     mask = labels != 0 if value is None else labels == value
     if not mask.any():
         what = "non-zero voxel" if value is None else f"voxel of value {value}"
         raise ValueError(f"{label}: the label map has no {what} (the structure); check --label-value")
-    return mask, [float(v) for v in spacing], tuple(int(n) for n in mask.shape)
+    body = None
+    if tuple(raw["image"].shape[1:]) == mask.shape:
+        # the body on every k-th voxel in plane, k to about 2 mm (a 512 x 512 x 300 CT at its own 0.7 mm took
+        # seconds): the box moves by less than k voxels, well within its margin
+        k = max(1, int(2.0 // min(spacing[0], spacing[1])))
+        scaled = ModalityIntensity(preprocessing["ct_window"], preprocessing["mr_percentiles"])(
+            raw["image"][:, ::k, ::k].float(), modality)  # a MetaTensor: an error names the file
+        body = body_box(np.asarray(scaled)[0], [spacing[0] * k, spacing[1] * k])
+        if body is not None:
+            body = (body[0] * k, min(mask.shape[0], body[1] * k), body[2] * k, min(mask.shape[1], body[3] * k))
+    box = crop_box(mask.shape, spacing, body, [b for b in [mask_box(labels != 0)] if b])
+    return mask, spacing, ((box[1] - box[0]) * spacing[0], (box[3] - box[2]) * spacing[1])
 
 
 def to_query_grid(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
@@ -276,7 +297,8 @@ def score_pair(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    preprocessing = structure_preprocessing(preprocessing, support.label, support.value, scale)
+    preprocessing = structure_preprocessing(preprocessing, support.image, support.label, support.value,
+                                            support.modality, scale)
     s, q = (load_structure(scan, preprocessing) for scan in (support, query))
     preds: dict[str, np.ndarray] = {}
     variants = {

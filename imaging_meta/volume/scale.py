@@ -4,9 +4,11 @@ A checkpoint is trained at one in-plane spacing (the demo's: 4.5 mm, 80 x 80 sli
 then two pixels or less, which no feature and no intensity histogram can resolve. `structure_scale` picks the
 in-plane spacing at which the support's structure spans at least ``min_pixels`` pixels across (its thickness,
 `structure_extent_mm`) (never finer than
-the scan's own pixels, never coarser than the checkpoint's), and a slice size that keeps the scan's whole
-field of view (a multiple of 16, at most ``max_size``: memory grows with the pixels times the support's
-local prototypes). Plain numpy and scipy; no I/O.
+the scan's own pixels, never coarser than the checkpoint's), and a slice size that keeps the scan's field of
+view: its body's in-plane extent, as the preprocessing crops it (`datamodules.transforms.body`; until
+2026-12-06 the file's whole grid, so that a 510 mm CT grid of mostly air coarsened a kidney's pixels from 3.0 to
+4.0 mm) (a multiple of 16, at most ``max_size``: memory grows with the pixels times the support's local
+prototypes). Plain numpy and scipy; no I/O.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def structure_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return float(2.0 * depth.max())
 
 
-def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[float], shape: Sequence[int],
+def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[float], field: Sequence[float],
                     min_pixels: int = 12, max_size: int = 128) -> dict:
     """The checkpoint's preprocessing with the spacing and slice size chosen for the support structure.
 
@@ -44,7 +46,8 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
         preprocessing: the checkpoint's (``spacing``, ``slice_size``, ...).
         mask: the support's structure mask in its own grid (X, Y, Z), axial axis last.
         spacing: that grid's voxel size (mm).
-        shape: that grid's shape.
+        field: the in-plane extent (mm, two axes) the slices must hold: the support scan's body, as the
+            preprocessing crops it (`datamodules.transforms.body.crop_box`), or its whole grid.
         min_pixels: the structure should span at least this many pixels across.
         max_size: the largest slice side.
 
@@ -52,12 +55,12 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
         A copy of ``preprocessing`` with ``spacing`` and ``slice_size`` (never smaller than the checkpoint's);
         unchanged when the structure already spans ``min_pixels`` at the checkpoint's spacing.
     """
-    return supports_scale(preprocessing, [(mask, spacing, shape)], min_pixels, max_size)
+    return supports_scale(preprocessing, [(mask, spacing, field)], min_pixels, max_size)
 
 
-def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Sequence[float], Sequence[int]]],
+def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Sequence[float], Sequence[float]]],
                    min_pixels: int = 12, max_size: int = 128) -> dict:
-    """`structure_scale` for several supports, ``(mask, spacing, shape)`` each: the thinnest structure sets the
+    """`structure_scale` for several supports, ``(mask, spacing, field)`` each: the thinnest structure sets the
     spacing (never finer than the finest scan's pixels), and the slices hold the widest field of view at it, so
     that no support's structure is cropped away (a tumour-centred crop beside a whole scan lost every voxel of
     the whole scan's structure at the crop's slice size; a review). The order of the supports does not matter."""
@@ -66,7 +69,7 @@ def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Seq
     if wanted >= coarse:
         return dict(preprocessing)
     native = min(float(min(spacing[0], spacing[1])) for _, spacing, _ in supports)
-    fov = max(max(shape[0] * spacing[0], shape[1] * spacing[1]) for _, spacing, shape in supports)
+    fov = max(max(float(field[0]), float(field[1])) for _, _, field in supports)
     new = float(max(wanted, native, fov / max_size))
     if new >= coarse:
         return dict(preprocessing)

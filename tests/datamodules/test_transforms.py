@@ -87,10 +87,12 @@ def test_a_refused_dicom_series_is_never_read_by_another_reader(tmp_path, monkey
     assert not calls
 
 
-@pytest.mark.parametrize("source", ["dicom_lps_reversed", "nifti_padded", "nifti_cropped", "nifti_oblique", "nifti_tilted"])
+@pytest.mark.parametrize("source", ["dicom_lps_reversed", "nifti_padded", "nifti_cropped", "nifti_oblique", "nifti_tilted",
+                                    "nifti_body_off_centre"])
 def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, monkeypatch):
     """The map on the preprocessed grid goes back to the file's grid as MONAI's Invertd takes it (linear), in
-    slabs: padded or cropped to the slice size, LPS or RAS files, reversed DICOM slices, an oblique grid."""
+    slabs: padded or cropped to the slice size, LPS or RAS files, reversed DICOM slices, an oblique grid, a body
+    off the centre of a grid of air (cropped to the body, then to the slice size)."""
     from monai.transforms import Compose, Invertd
 
     from datamodules.transforms import volume
@@ -108,8 +110,12 @@ def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, mon
         "nifti_oblique": np.array([[2.9, 0.6, 0, 5.0], [-0.7, 3.4, 0, 4.0], [0, 0, 5.0, -2.0], [0, 0, 0, 1]]),
         # slices tilted against the axial plane: no output slice lies on one preprocessed slice (the 3D path)
         "nifti_tilted": np.array([[3.0, 0, 1.2, 5.0], [0, 3.5, 0, 4.0], [-0.6, 0, 5.0, -2.0], [0, 0, 0, 1]]),
+        "nifti_body_off_centre": np.diag([3.0, 3.5, 5.0, 1.0]),
     }
     affine = affines[source]
+    if source == "nifti_body_off_centre":
+        body, vol = vol, np.full((80, 60, vol.shape[2]), -1000.0, np.float32)
+        vol[5:45, 10:46] = body
     if source.startswith("dicom"):
         write_dicom_series(np.round(vol), affine, tmp_path / "dcm", header={"PatientID": "X"}, modality="CT",
                            reverse=True, rng=np.random.default_rng(1))
@@ -131,6 +137,10 @@ def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, mon
         np.testing.assert_allclose(got, np.asarray(expected[0]), atol=1e-5)
         np.testing.assert_allclose(affine_out, np.asarray(expected.affine), atol=1e-4)
     assert slabs == [1, 5]  # the slab path, not MONAI's Invertd
+    if source == "nifti_body_off_centre":  # cut to the body (36 x 38 of 60 x 54 pixels at 4 mm), then to 32 x 32
+        assert [op["class"] for op in pre.applied_operations][-2:] == ["CropForeground", "ResizeWithPadOrCrop"]
+        assert pre.applied_operations[-2]["extra_info"]["cropped"][:4] == [1, 23, 6, 10]
+        assert got[50:].max() == 0.0  # nothing back where the body crop cut only air
     # each output slice from one preprocessed slice (bilinear, a tenth of the work) unless the slices are tilted
     assert by_slice == ([] if source == "nifti_tilted" else [1, 5])
 

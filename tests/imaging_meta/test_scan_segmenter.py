@@ -260,11 +260,11 @@ def test_structure_scale_refines_only_small_structures():
     small = np.zeros((200, 200, 5), bool)
     small[100:110, 90:130, 2] = True  # 10 x 40 pixels of 1 mm: a thin structure, measured across
     assert structure_extent_mm(small, (1.0, 1.0, 5.0)) == 10.0
-    fine = structure_scale(pre, small, (1.0, 1.0, 5.0), small.shape)
+    fine = structure_scale(pre, small, (1.0, 1.0, 5.0), small.shape[:2])
     assert fine["spacing"] == [200 / 128, 200 / 128] and fine["slice_size"] == [128, 128]  # capped at 128 px
     big = np.zeros((200, 200, 5), bool)
     big[20:180, 20:180, 2] = True
-    assert structure_scale(pre, big, (1.0, 1.0, 5.0), big.shape) == pre  # 160 mm spans 35 pixels at 4.5 mm
+    assert structure_scale(pre, big, (1.0, 1.0, 5.0), big.shape[:2]) == pre  # 160 mm spans 35 pixels at 4.5 mm
     with pytest.raises(ValueError, match="no foreground"):
         structure_extent_mm(np.zeros((4, 4, 2), bool), (1.0, 1.0, 1.0))
     # thin parts spread across the slice (ribs): their thickness, not the bounding box's smaller side (160 mm)
@@ -274,11 +274,11 @@ def test_structure_scale_refines_only_small_structures():
         ribs[x : x + 8, 170:180, 2] = True
     assert structure_extent_mm(ribs, (1.0, 1.0, 5.0)) == 8.0
     assert structure_extent_mm(ribs, (0.5, 2.0, 5.0)) == 4.0  # 8 pixels of 0.5 mm across
-    assert structure_scale(pre, ribs, (1.0, 1.0, 5.0), ribs.shape)["spacing"] == [200 / 128, 200 / 128]
+    assert structure_scale(pre, ribs, (1.0, 1.0, 5.0), ribs.shape[:2])["spacing"] == [200 / 128, 200 / 128]
     # a small field of view: finer spacing, but slices never smaller than the checkpoint's 80 x 80
     tiny = np.zeros((20, 20, 3), bool)
     tiny[8:12, 8:12, 1] = True
-    assert structure_scale(pre, tiny, (1.0, 1.0, 5.0), tiny.shape) == {**pre, "spacing": [1.0, 1.0]}
+    assert structure_scale(pre, tiny, (1.0, 1.0, 5.0), tiny.shape[:2]) == {**pre, "spacing": [1.0, 1.0]}
 
 
 def test_several_supports_share_the_finest_spacing_and_the_widest_field_of_view():
@@ -291,7 +291,7 @@ def test_several_supports_share_the_finest_spacing_and_the_widest_field_of_view(
     crop[47:53, 47:53, 1] = True
     whole = np.zeros((400, 400, 3), bool)  # 400 mm across, a 40 mm structure off-centre
     whole[330:370, 180:220, 1] = True
-    a, b = (crop, (1.0, 1.0, 5.0), crop.shape), (whole, (1.0, 1.0, 5.0), whole.shape)
+    a, b = (crop, (1.0, 1.0, 5.0), (100.0, 100.0)), (whole, (1.0, 1.0, 5.0), (400.0, 400.0))
     both = supports_scale(pre, [a, b])
     assert both == supports_scale(pre, [b, a])
     # the crop's 6 mm structure wants 0.5 mm, but 128 slices must hold the whole scan's 400 mm
@@ -334,12 +334,15 @@ def test_structure_preprocessing_reads_the_label_map_as_segment_does(tmp_path):
     lab = np.zeros((100, 100, 3), np.uint8)
     lab[40:50, 40:50, 1] = 7  # 10 mm across, value 7
     label = _write(tmp_path / "s_l.nii.gz", lab, spacing=(1.0, 1.0, 5.0))
-    fine = structure_preprocessing(pre, label, None, "structure")
+    hu = np.full(lab.shape, 40.0, np.float32)  # a body filling the grid, with the structure brighter
+    hu[lab == 7] = 200.0
+    image = _write(tmp_path / "s.nii.gz", hu, spacing=(1.0, 1.0, 5.0))
+    fine = structure_preprocessing(pre, image, label, None, "CT", "structure")
     assert fine["spacing"] == [1.0, 1.0] and fine["slice_size"] == [112, 112]  # the scan's 1 mm, 100 mm across
-    assert structure_preprocessing(pre, label, 7, "structure") == fine
+    assert structure_preprocessing(pre, image, label, 7, "CT", "structure") == fine
     with pytest.raises(ValueError, match=r"s_l\.nii\.gz: the label map has no voxel of value 2"):
-        structure_preprocessing(pre, label, 2, "structure")
-    assert structure_preprocessing(pre, "missing_l.nii.gz", None, "checkpoint") is pre
+        structure_preprocessing(pre, image, label, 2, "CT", "structure")
+    assert structure_preprocessing(pre, "missing.nii.gz", "missing_l.nii.gz", None, "CT", "checkpoint") is pre
 
 
 def test_the_structures_scale_does_not_depend_on_the_files_storage_order(tmp_path):
@@ -348,8 +351,8 @@ def test_the_structures_scale_does_not_depend_on_the_files_storage_order(tmp_pat
     from imaging_meta.evaluation.scans import structure_preprocessing
 
     pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
-    lab = np.zeros((120, 90, 24), np.uint8)  # RAS, 0.8 x 0.8 x 3 mm: a plate 40 mm across on one axial slice
-    lab[40:90, 20:70, 10] = 1
+    lab = np.zeros((120, 90, 24), np.uint8)  # RAS, 0.8 x 0.8 x 3 mm: a plate 6.4 mm thick on one axial slice
+    lab[40:48, 20:70, 10] = 1
     axial = np.diag([0.8, 0.8, 3.0, 1.0])
     nib.save(nib.Nifti1Image(lab, axial), str(tmp_path / "ras.nii.gz"))
     order = (2, 0, 1)  # stored (z, x, y): voxel (k, i, j) of the file is voxel (i, j, k) of the scan
@@ -359,8 +362,16 @@ def test_the_structures_scale_does_not_depend_on_the_files_storage_order(tmp_pat
     for file_axis, scan_axis in enumerate(order):
         affine[:3, file_axis] = axial[:3, scan_axis]
     nib.save(nib.Nifti1Image(stored, affine), str(tmp_path / "zxy.nii.gz"))
-    ras = structure_preprocessing(pre, str(tmp_path / "ras.nii.gz"), 1, "structure")
-    assert structure_preprocessing(pre, str(tmp_path / "zxy.nii.gz"), 1, "structure") == ras
+    body = np.full(lab.shape, -1000.0, np.float32)  # air, with a body of 40 HU on one side of the grid
+    body[10:80, 5:85] = 40.0
+    nib.save(nib.Nifti1Image(body, axial), str(tmp_path / "ras_img.nii.gz"))
+    nib.save(nib.Nifti1Image(np.transpose(body, order), affine), str(tmp_path / "zxy_img.nii.gz"))
+    ras = structure_preprocessing(pre, str(tmp_path / "ras_img.nii.gz"), str(tmp_path / "ras.nii.gz"), 1, "CT",
+                                  "structure")
+    # at the scan's 0.8 mm, the body's 56 mm (70 pixels) and 10 mm of air each side, not the 96 mm grid (128)
+    assert ras["spacing"] == [pytest.approx(0.8)] * 2 and ras["slice_size"] == [96, 96]
+    assert structure_preprocessing(pre, str(tmp_path / "zxy_img.nii.gz"), str(tmp_path / "zxy.nii.gz"), 1, "CT",
+                                   "structure") == ras
 
 
 def test_segment_adapts_by_the_adaptation_modules_default():

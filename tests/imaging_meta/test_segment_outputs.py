@@ -869,6 +869,28 @@ def test_a_query_wider_than_the_structures_working_slices_is_warned_about(tmp_pa
     assert not any("working slices hold its central" in r.getMessage() for r in caplog.records)
 
 
+def test_a_body_off_the_centre_of_a_wide_grid_of_air_is_segmented_where_it_lies(tmp_path, support, monkeypatch, caplog):
+    """A scanner's wide field of view with the body off its centre (a couch under it, a patient off the
+    isocentre): the slices were cut around the grid's centre, so a body in a corner was cut away, the mask came
+    back empty and the query was warned about as wider than the slices. Each scan is now cropped to its own body
+    (`datamodules.transforms.body`) first."""
+    import logging
+
+    stand_in(monkeypatch, threshold_predict)
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (4.0, 4.0), (32, 32))
+    body = phantom(seed=2)  # 12 x 10 x 6 voxels, its bright box the structure
+    grid = np.full((100, 80, 6), -1000.0)  # 150 x 100 mm of air
+    grid[80:92, 66:76] = body
+    query = ct_nifti(grid, affine_ras(), tmp_path / "corner.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        out = segment(ckpt, [support], [query], tmp_path / "out", device="cpu", scale="structure", adapt_steps=0)
+    assert not any("working slices hold its central" in r.getMessage() for r in caplog.records)
+    mask = np.asarray(nib.load(out[0]).dataobj) > 0
+    truth = np.zeros(grid.shape, bool)
+    truth[80:92, 66:76] = label_for(body) > 0
+    assert mask[truth].mean() > 0.9 and not mask[:60].any()
+
+
 def test_a_multi_label_support_map_without_label_value_is_warned_about(tmp_path, monkeypatch, caplog):
     """Without --label-value every non-zero voxel is the structure: a multi-label map (a binary map beside a
     TotalSegmentator one took a real liver from Dice 0.72 to 0.24; a review) gets a warning naming its values."""
