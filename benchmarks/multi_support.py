@@ -88,7 +88,7 @@ def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: i
     """3D Dice of each method on the query, and each variant's fitted fusion weights (learner, intensity)."""
     # the scale segment chooses: the finest of the two supports' for both, the first support's for it alone
     pre = supports_preprocessing(preprocessing, [(s.image, s.label, s.value, s.modality) for s in scans[:2]], "structure")
-    loaded = [load_structure(scan, pre) for scan in scans]
+    loaded = [load_structure(scan, pre, query=n == 2) for n, scan in enumerate(scans)]
     supports = [(sc.pre["image"].as_tensor()[0].float(), sc.pre["struct"]) for sc in loaded[:2]]
     query = loaded[2]
     q_img = query.pre["image"].as_tensor()[0].float()
@@ -97,7 +97,7 @@ def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: i
     if pre_one == pre:
         one, query_one = supports[:1], query
     else:
-        first, query_one = load_structure(scans[0], pre_one), load_structure(scans[2], pre_one)
+        first, query_one = load_structure(scans[0], pre_one), load_structure(scans[2], pre_one, query=True)
         one = [(first.pre["image"].as_tensor()[0].float(), first.pre["struct"])]
     from imaging_meta.adaptation import adapt
 

@@ -5,14 +5,25 @@ fraction of the grid: air, a couch, or a zeroed background around it, and not al
 preprocessing crops every slice to a fixed size around the centre of what it is given, and `--scale structure`
 chooses its spacing from the field of view it must hold (`imaging_meta.volume.scale`). Given the whole grid,
 both spend their pixels on air: a 510 mm CT grid coarsened a support's kidney from 3.0 to 4.0 mm pixels
-(`benchmarks.scanner_values`). `body_box` finds the body; `BodyCropd` crops each scan in plane to it (all its
-slices kept), before the pad or crop to the slice size, so that every scan is centred on its own body.
+(`benchmarks.scanner_values`).
 
-The body is every voxel of the normalised image (CT windowed, MR percentile-scaled: about [0, 1], air at 0)
-above ``threshold``, less thin layers (a couch's shells), in the connected components that hold at least
-``min_share`` of the largest one's voxels (two legs, an arm beside the trunk; not noise or a coil's speck), seen
-along the axial axis. A box that would crop less than a tenth of an axis leaves that axis as it is, so a
-scan already cut to the body is not changed, and so is an axis along which the whole grid fits in the slices. Plain numpy and scipy; no I/O.
+`find_body` finds the body on the scan's own grid, in its own values (before any window: a narrow CT window
+would hide the fat, and a lung window show the air), on every k-th voxel in plane (k to about 2 mm, so that the
+same scan gives the same box whatever spacing it is then resampled to):
+
+* the body is CT above -500 HU, or any other modality above 2% of the range from its 1st percentile (a zeroed
+  background: 0) to the 99th of its non-zero values: MR fat, muscle and organs, and a coil's dim far side (a
+  noisy background may pass too: then nothing is cropped);
+* layers thinner than about 8 mm (a couch's carbon shells, a blanket) are eroded away in plane;
+* seen along the axial axis, every connected part of at least 2% of the largest one's area is kept (two legs,
+  an arm, a hand in a few slices; not a speck of noise);
+* with a label map (a support, a training scan), every labelled voxel is kept too.
+
+`FindBodyd` stores that box (its corners in world millimetres) with the image; `BodyCropd`, after the resampling,
+crops image and labels in plane to it with 10 mm of air (all slices kept), so that every scan is centred on its
+own body. It never crops an axis along which the whole grid fits in the slices (nothing would be cut: the demo's
+scans get the slices they got before the crop existed), nor one the box would shorten by less than a tenth (a
+scan already cut to its body). Plain numpy and scipy; no I/O.
 """
 
 from __future__ import annotations
@@ -23,30 +34,52 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import CropForegroundd
+from monai.transforms import CropForegroundd, MapTransform
 from scipy import ndimage
 
-#: the body is above this in the normalised image: 0.05 of a (-250, 250) HU window is -225 HU (fat is above),
-#: of an MR's 1st-99th percentile range, its background noise
-BODY_THRESHOLD = 0.05
-#: a connected component is body when it holds at least this share of the largest component's voxels
+#: CT voxels above this (HU) are body: fat (about -100) and skin are; air and a couch's foam (about -900) are not
+CT_BODY_HU = -500.0
+#: other modalities: above this share of the range from the 1st percentile to the 99th of the non-zero values
+BODY_SHARE = 0.02
+#: a part of the body (seen along the axial axis) is kept when its area is at least this share of the largest's
 BODY_MIN_SHARE = 0.02
-#: layers up to about twice this thick (mm) are not body (a couch's carbon shells, a blanket)
+#: layers up to about twice this thick (mm) are not body
 BODY_THIN_MM = 4.0
 #: air kept around the body on each side (mm)
 BODY_MARGIN_MM = 10.0
 #: an axis is cropped only when the box is less than this share of it
 BODY_KEEP_SHARE = 0.9
+#: the body is found on every k-th voxel in plane, k the largest with k voxels at most this wide (mm)
+BODY_ANALYSIS_MM = 2.0
+#: the image's meta key of the body box's corners (world mm, RAS; 3 x 8), None when no body was found
+BODY_META = "body_corners"
 
 
-def body_box(volume: np.ndarray, spacing: Sequence[float] = (1.0, 1.0), threshold: float = BODY_THRESHOLD,
-             min_share: float = BODY_MIN_SHARE, thin_mm: float = BODY_THIN_MM) -> tuple[int, int, int, int] | None:
-    """The in-plane bounding box ``(x0, x1, y0, y1)`` (ends exclusive) of the body in a normalised (X, Y, Z)
-    volume of in-plane voxel size ``spacing`` (mm), over all its slices; None when no voxel is above ``threshold``.
+def body_foreground(values: np.ndarray, modality: str) -> np.ndarray:
+    """The voxels of a scan's own values (HU on CT) that may be body (module docstring)."""
+    from datamodules.transforms.volume import CT_MODALITIES  # volume imports this module
 
-    Layers thinner than about ``2 * thin_mm`` (a couch's shells, a blanket, a line of noise) are eroded away in
-    plane before the components are counted; the box is then widened back by the erosion."""
-    foreground = np.asarray(volume) > threshold
+    values = np.asarray(values, dtype=np.float32)
+    if modality.upper() in CT_MODALITIES:
+        return values > CT_BODY_HU
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(values.shape, bool)
+    nonzero = finite[finite != 0]
+    # the floor over every voxel (a zeroed background is its floor), the top over the non-zero ones
+    lo, hi = float(np.percentile(finite, 1.0)), float(np.percentile(nonzero if nonzero.size else finite, 99.0))
+    return values > lo + BODY_SHARE * (hi - lo)
+
+
+def body_box(foreground: np.ndarray, spacing: Sequence[float] = (1.0, 1.0), min_share: float = BODY_MIN_SHARE,
+             thin_mm: float = BODY_THIN_MM) -> tuple[int, int, int, int] | None:
+    """The in-plane bounding box ``(x0, x1, y0, y1)`` (ends exclusive) of the body in a boolean (X, Y, Z)
+    foreground of in-plane voxel size ``spacing`` (mm); None when there is no foreground.
+
+    Layers thinner than about ``2 * thin_mm`` are eroded away in plane (the box is widened back by the erosion);
+    the rest is seen along the axial axis, and its connected parts of at least ``min_share`` of the largest's
+    area are kept."""
+    foreground = np.asarray(foreground, dtype=bool)
     if not foreground.any():
         return None
     steps = max(1, int(round(float(thin_mm) / float(min(spacing[0], spacing[1])))))
@@ -54,11 +87,11 @@ def body_box(volume: np.ndarray, spacing: Sequence[float] = (1.0, 1.0), threshol
     core = ndimage.binary_erosion(foreground, structure=cross, iterations=steps)
     if not core.any():  # nothing thicker than the layers: the foreground as it is
         core, steps = foreground, 0
-    labels = np.asarray(ndimage.label(core)[0])
+    labels = np.asarray(ndimage.label(core.any(axis=2))[0])
     sizes = np.bincount(labels.ravel())[1:]
     keep = np.flatnonzero(sizes >= min_share * sizes.max()) + 1
-    x0, x1, y0, y1 = _plane_box(np.asarray(np.isin(labels, keep).any(axis=2)))
-    nx, ny = labels.shape[:2]
+    x0, x1, y0, y1 = _plane_box(np.asarray(np.isin(labels, keep)))
+    nx, ny = labels.shape
     return max(0, x0 - steps), min(nx, x1 + steps), max(0, y0 - steps), min(ny, y1 + steps)
 
 
@@ -68,75 +101,128 @@ def _plane_box(plane: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs[0]), int(xs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1
 
 
-def crop_box(shape: Sequence[int], spacing: Sequence[float], body: tuple[int, int, int, int] | None,
-             keep: Sequence[tuple[int, int, int, int]] = (), margin_mm: float = BODY_MARGIN_MM,
-             keep_share: float = BODY_KEEP_SHARE, fit: Sequence[int] | None = None) -> tuple[int, int, int, int]:
-    """The in-plane box ``(x0, x1, y0, y1)`` a (X, Y, ...) grid is cropped to: the body's, widened by ``margin_mm``
-    and to hold every box of ``keep`` (a label's structures), within the grid. An axis keeps its full length when
-    the box would shorten it by less than ``1 - keep_share``, when the grid already fits in ``fit`` pixels along
-    it (the slices it is padded to: nothing would be cut), and when there is no body."""
-    full = [0, int(shape[0]), 0, int(shape[1])]
-    if body is None:
-        return full[0], full[1], full[2], full[3]
-    box = list(body)
-    for other in keep:
-        box = [min(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), max(box[3], other[3])]
-    out = []
-    for axis in range(2):
-        pad = int(math.ceil(margin_mm / float(spacing[axis])))
-        lo, hi = max(0, box[2 * axis] - pad), min(int(shape[axis]), box[2 * axis + 1] + pad)
-        if hi - lo >= keep_share * int(shape[axis]) or (fit is not None and int(shape[axis]) <= int(fit[axis])):
-            lo, hi = 0, int(shape[axis])
-        out += [lo, hi]
-    return out[0], out[1], out[2], out[3]
-
-
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """The in-plane bounding box of the non-zero voxels of an (X, Y, Z) array; None when there is none."""
     plane = np.asarray(np.asarray(mask, dtype=bool).reshape(mask.shape[0], mask.shape[1], -1).any(axis=2))
     return _plane_box(plane) if plane.any() else None
 
 
-def _spacing(img) -> list[float]:
-    """The in-plane voxel size (mm) of a channel-first MetaTensor, from its affine (1 mm without one)."""
-    affine = getattr(img, "affine", None)
-    if affine is None:
-        return [1.0, 1.0]
+def find_body(values: np.ndarray, spacing: Sequence[float], modality: str,
+              labels: Sequence[np.ndarray] = ()) -> tuple[int, int, int, int] | None:
+    """The body's in-plane box ``(x0, x1, y0, y1)`` (ends exclusive) in a scan's own (X, Y, Z) grid, axial axis
+    last, in its own values (module docstring), widened to hold every non-zero voxel of ``labels`` (on the same
+    grid); None when there is neither body nor label."""
+    values = np.asarray(values)
+    nx, ny = values.shape[:2]
+    k = max(1, int(BODY_ANALYSIS_MM // float(min(spacing[0], spacing[1]))))
+    found = body_box(body_foreground(values[::k, ::k], modality), [float(spacing[0]) * k, float(spacing[1]) * k])
+    boxes = [] if found is None else [(found[0] * k, min(nx, found[1] * k), found[2] * k, min(ny, found[3] * k))]
+    boxes += [b for b in (mask_box(lab) for lab in labels) if b is not None]
+    if not boxes:
+        return None
+    return min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes)
+
+
+def box_corners(box: tuple[int, int, int, int], affine: np.ndarray, depth: int) -> np.ndarray:
+    """The 8 corners (3 x 8, world mm) of the voxels of an in-plane box over all ``depth`` slices of a grid."""
+    x0, x1, y0, y1 = box
+    idx = np.array([[x, y, z, 1.0] for x in (x0 - 0.5, x1 - 0.5) for y in (y0 - 0.5, y1 - 0.5)
+                    for z in (-0.5, depth - 0.5)]).T
+    return (np.asarray(affine, dtype=np.float64) @ idx)[:3]
+
+
+def body_field(box: tuple[int, int, int, int] | None, spacing: Sequence[float], shape: Sequence[int],
+               margin_mm: float = BODY_MARGIN_MM, keep_share: float = BODY_KEEP_SHARE) -> tuple[float, float]:
+    """The in-plane extent (mm) `BodyCropd` keeps of a grid of ``shape`` and ``spacing`` with the body in ``box``:
+    the box with its margin, within the grid; the whole axis where that is at least ``keep_share`` of it, or
+    without a box."""
+    field = []
+    for axis in range(2):
+        full = float(shape[axis]) * float(spacing[axis])
+        kept = full if box is None else (box[2 * axis + 1] - box[2 * axis]) * float(spacing[axis]) + 2.0 * margin_mm
+        field.append(full if kept >= keep_share * full else kept)
+    return field[0], field[1]
+
+
+def _in_plane_spacing(affine: np.ndarray) -> list[float]:
     a = np.asarray(affine, dtype=np.float64)[:3, :3]
     return [float(v) for v in np.sqrt((a ** 2).sum(0))[:2]]
 
 
-class BodyCropd(CropForegroundd):
-    """Crop image and labels in plane to the body of the image (`body_box`, `crop_box`; every slice kept).
+class FindBodyd(MapTransform):
+    """Find the body of the image (the first key) on its own grid, after the turn to RAS and before any
+    resampling or intensity scaling (`find_body`), and keep its box with the image (``meta[BODY_META]``) for
+    `BodyCropd`. The other keys are its label maps, whose labelled voxels the box holds when ``keep_labels``
+    (leave it off for a scan whose label is what is being predicted: an evaluation's query)."""
 
-    The first key is the image, in which the body is found (normalised intensities); the others are its label
-    maps, whose non-zero voxels are always kept inside the box. An axis along which the grid fits in ``fit``
-    pixels (the slice size it is then padded to) is not cropped: nothing of it would be lost, and a scan that
-    fits, as every scan of the demo does, gets the slices it got before the crop existed. Invertible as MONAI's
-    ``CropForegroundd`` (which it is, with the box chosen here): the inverse pads back to the grid it was given.
-    """
+    def __init__(self, keys: KeysCollection, modality_key: str = "modality", keep_labels: bool = True,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modality_key, self.keep_labels = modality_key, bool(keep_labels)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        keys = [k for k in self.key_iterator(d)]
+        if not keys:
+            return d
+        image = d[keys[0]]
+        values = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)[0]
+        affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
+        labels = [np.asarray(d[k])[0] != 0 for k in keys[1:]] if self.keep_labels else []
+        labels = [lab for lab in labels if lab.shape == values.shape]  # off its grid: `CheckVolumed` said so
+        box = find_body(values, _in_plane_spacing(affine), str(d.get(self.modality_key, "unknown")), labels)
+        if hasattr(image, "meta"):
+            image.meta[BODY_META] = None if box is None else box_corners(box, affine, values.shape[2])
+        return d
+
+
+class BodyCropd(CropForegroundd):
+    """Crop image and labels in plane to the body box `FindBodyd` kept with the image (the first key), with
+    ``margin_mm`` of air; every slice kept. An axis along which the grid fits in ``fit`` pixels (the slice size it
+    is then padded to), or that the box would shorten by less than ``1 - keep_share``, is not cropped. The slices
+    are then padded with zeros around the box, not filled with what lies beyond it: a couch under the body, whose
+    shells look like a contrast-filled vessel, stays out (keeping the slices' width of the scan around the body
+    brought it back: the aorta of `benchmarks.scanner_values`' couch in support and query went 0.31 -> 0.00). Without a box (no `FindBodyd` before it, or no
+    body found) nothing is cropped. Invertible as MONAI's ``CropForegroundd`` (which it is, with the box chosen
+    here): the inverse pads back with zeros to the grid it was given."""
 
     def __init__(self, keys: KeysCollection, fit: Sequence[int] | None = None, margin_mm: float = BODY_MARGIN_MM,
-                 threshold: float = BODY_THRESHOLD, min_share: float = BODY_MIN_SHARE,
                  keep_share: float = BODY_KEEP_SHARE, allow_missing_keys: bool = False) -> None:
         names = [keys] if isinstance(keys, str) else [str(k) for k in keys]  # type: ignore[union-attr]
         super().__init__(names, source_key=names[0], allow_smaller=True, start_coord_key=None, end_coord_key=None,
                          allow_missing_keys=allow_missing_keys)
         self.fit = None if fit is None else [int(v) for v in fit]
-        self.margin_mm, self.threshold = float(margin_mm), float(threshold)
-        self.min_share, self.keep_share = float(min_share), float(keep_share)
+        self.margin_mm, self.keep_share = float(margin_mm), float(keep_share)
+
+    def box(self, image) -> tuple[int, int, int, int]:
+        """The in-plane box ``(x0, x1, y0, y1)`` this crops a (C, X, Y, Z) image with its body corners to."""
+        shape = [int(n) for n in image.shape[1:3]]
+        corners = getattr(image, "meta", {}).get(BODY_META)
+        if corners is None:
+            return 0, shape[0], 0, shape[1]
+        affine = np.asarray(image.affine, dtype=np.float64)
+        idx = (np.linalg.inv(affine) @ np.vstack([np.asarray(corners, dtype=np.float64), np.ones((1, 8))]))[:2]
+        spacing = _in_plane_spacing(affine)
+        out: list[int] = []
+        for axis in range(2):
+            n = shape[axis]
+            if self.fit is not None and n <= self.fit[axis]:
+                out += [0, n]
+                continue
+            pad = int(math.ceil(self.margin_mm / spacing[axis]))
+            lo = int(math.floor(idx[axis].min() + 0.5)) - pad  # the voxels the box's corners reach, and the margin
+            hi = int(math.ceil(idx[axis].max() - 0.5)) + 1 + pad
+            lo, hi = max(0, lo), min(n, hi)
+            if hi - lo >= self.keep_share * n or hi <= lo:
+                lo, hi = 0, n
+            out += [lo, hi]
+        return out[0], out[1], out[2], out[3]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         image = d[self.source_key]
-        volume = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)[0]
-        spacing = _spacing(image)
-        body = body_box(volume, spacing, self.threshold, self.min_share)
-        labels = [mask_box(np.asarray(d[k])[0] != 0) for k in self.keys[1:] if k in d]
-        box = crop_box(volume.shape, spacing, body, [b for b in labels if b is not None], self.margin_mm,
-                       self.keep_share, self.fit)
-        start = np.asarray([box[0], box[2], 0])
-        end = np.asarray([box[1], box[3], volume.shape[2]])
+        x0, x1, y0, y1 = self.box(image)
+        start, end = np.asarray([x0, y0, 0]), np.asarray([x1, y1, int(image.shape[3])])
         lazy_ = self.lazy if lazy is None else lazy
         for key, mode in self.key_iterator(d, self.mode):
             d[key] = self.cropper.crop_pad(img=d[key], box_start=start, box_end=end, mode=mode, lazy=lazy_)

@@ -52,7 +52,7 @@ from datamodules.indexing.volumes import (
     slice_count_fix,
 )
 from datamodules.io.dicom import DicomSeriesReader
-from datamodules.transforms.body import BodyCropd
+from datamodules.transforms.body import BodyCropd, FindBodyd
 
 CT_MODALITIES = ("CT",)
 
@@ -405,6 +405,7 @@ def volume_transforms(
     ct_window: Sequence[float] = (-250.0, 250.0),
     mr_percentiles: Sequence[float] = (1.0, 99.0),
     keys: Sequence[str] = ("image", "label"),
+    body_keeps_labels: bool = True,
 ) -> Compose:
     """The deterministic (cacheable) preprocessing of one volume.
 
@@ -418,6 +419,8 @@ def volume_transforms(
         ct_window: HU window for CT.
         mr_percentiles: percentile range for MR and other modalities.
         keys: image key first, then the label key (drop it to preprocess images alone).
+        body_keeps_labels: the crop to the body keeps every labelled voxel (off for a scan whose label is what is
+            being predicted: an evaluation's query is cropped as `segment` crops it, from its image alone).
 
     Applying the result raises (inside MONAI's ``RuntimeError("applying transform ...")``, as its cause) a
     ``ValueError`` naming the file for a volume that `CheckVolumed` rejects: 2D, 4D or 5D, NaN/Inf, constant, or
@@ -433,6 +436,7 @@ def volume_transforms(
         EnsureChannelFirstd(keys),
         CheckVolumed(keys),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        FindBodyd(keys, keep_labels=body_keeps_labels),  # on the scan's own grid and values
         Spacingd(keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),
         ModalityIntensityd(keys[0], ct_window=ct_window, mr_percentiles=mr_percentiles),
         BodyCropd(keys, fit=(int(slice_size[0]), int(slice_size[1]))),
@@ -503,13 +507,14 @@ def to_source_grid(pre, values: torch.Tensor, transforms: Compose, slab: int = 8
 
     prob = pre.clone()
     prob.set_array(values.detach().to(torch.float32).unsqueeze(0))
-    crop = transforms.transforms[-1] if transforms.transforms else None
-    body = transforms.transforms[-2] if len(transforms.transforms) > 1 else None
+    # found by type: a chain with label maps ends in `CastLabeld`, which took every evaluation to `Invertd`
+    crop = next((t for t in reversed(transforms.transforms) if isinstance(t, ResizeWithPadOrCropd)), None)
+    body = next((t for t in transforms.transforms if isinstance(t, BodyCropd)), None)
     ops = [op["class"] for op in prob.applied_operations]
     if (isinstance(crop, ResizeWithPadOrCropd) and isinstance(body, BodyCropd)
             and ops[-4:] == ["Orientation", "SpatialResample", "CropForeground", "ResizeWithPadOrCrop"]):
-        grid = crop.inverse({crop.keys[0]: prob})[crop.keys[0]]  # the body's box before the pad or crop
-        grid = body.inverse({body.keys[0]: grid})[body.keys[0]]  # the resampled grid (zero outside the box)
+        grid = crop.padder.inverse(prob)  # the body's box before the pad or crop (the array transforms' inverses:
+        grid = body.cropper.inverse(grid)  # the dictionary ones ask for every key); the resampled grid, 0 outside
         if [op["class"] for op in grid.applied_operations][-2:] == ["Orientation", "SpatialResample"]:
             source_affine = np.asarray(grid.meta["original_affine"], dtype=np.float64)
             shape = tuple(int(s) for s in np.asarray(grid.meta["spatial_shape"]).ravel()[:3])

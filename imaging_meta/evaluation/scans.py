@@ -75,13 +75,15 @@ class Loaded:
     affine: np.ndarray | None = None  # the file grid's voxel -> world (RAS) affine: `V.to_ras` orders its axes
 
 
-def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
-    """The scan in its own grid (raw values, structure mask) and preprocessed as at training."""
+def load_scan(scan: Scan, preprocessing: dict, query: bool = False) -> Loaded:
+    """The scan in its own grid (raw values, structure mask) and preprocessed as at training; a ``query`` is
+    cropped to its body from its image alone, as `segment` crops it (its label would widen the crop)."""
     tf = volume_transforms(
         preprocessing["spacing"],
         preprocessing["slice_size"],
         preprocessing["ct_window"],
         preprocessing["mr_percentiles"],
+        body_keeps_labels=not query,
     )
     item = {"image": scan.image, "label": scan.label, "modality": scan.modality}
     raw = tf.transforms[0](item)  # LoadImaged: the file's own grid, with its metadata
@@ -95,13 +97,13 @@ def load_scan(scan: Scan, preprocessing: dict) -> Loaded:
     return Loaded(image, truth, (sx, sy, sz), tf(item), tf, np.asarray(raw["image"].affine, dtype=np.float64))
 
 
-def load_structure(scan: Scan, preprocessing: dict) -> Loaded:
+def load_structure(scan: Scan, preprocessing: dict, query: bool = False) -> Loaded:
     """`load_scan`, with the structure's preprocessed mask as ``pre["struct"]``.
 
     Raises:
         ValueError: the structure is not in the scan, or none of it is left after preprocessing.
     """
-    loaded = load_scan(scan, preprocessing)
+    loaded = load_scan(scan, preprocessing, query)
     loaded.pre["struct"] = loaded.pre["label"].as_tensor()[0] == scan.value
     if not loaded.truth.any() or not bool(loaded.pre["struct"].any()):
         raise ValueError(f"{scan.label}: no voxel of value {scan.value} (the structure) in this scan")
@@ -141,8 +143,8 @@ def supports_preprocessing(preprocessing: dict, supports: Sequence[tuple[str | l
 def _structure_field(preprocessing: dict, image: str | list[str], label: str, value: int | None,
                      modality: str) -> tuple[np.ndarray, list[float], tuple[float, float]]:
     """(mask, voxel size, field) of the structure: its mask in RAS order on its scan's own grid, and the in-plane
-    extent (mm) of the box the preprocessing crops that scan to (its body with every labelled voxel,
-    `datamodules.transforms.body.crop_box`).
+    extent (mm) the preprocessing keeps of that scan (its body with every labelled voxel and the margin,
+    `datamodules.transforms.body`: the same box `FindBodyd` finds when the support is preprocessed).
 
     Image and label are read and turned to RAS as the preprocessing does, so that the last axis is axial whatever
     the file's storage order (a sagittal or coronal file was measured along its own axes: another scale, another
@@ -150,8 +152,7 @@ def _structure_field(preprocessing: dict, image: str | list[str], label: str, va
     named then (here its field is its own grid)."""
     from monai.transforms import Orientationd
 
-    from datamodules.transforms.body import body_box, crop_box, mask_box
-    from datamodules.transforms.volume import ModalityIntensity
+    from datamodules.transforms.body import body_field, find_body
 
     tf = volume_transforms(preprocessing["spacing"], preprocessing["slice_size"], preprocessing["ct_window"],
                            preprocessing["mr_percentiles"])
@@ -165,18 +166,11 @@ def _structure_field(preprocessing: dict, image: str | list[str], label: str, va
     if not mask.any():
         what = "non-zero voxel" if value is None else f"voxel of value {value}"
         raise ValueError(f"{label}: the label map has no {what} (the structure); check --label-value")
-    body = None
-    if tuple(raw["image"].shape[1:]) == mask.shape:
-        # the body on every k-th voxel in plane, k to about 2 mm (a 512 x 512 x 300 CT at its own 0.7 mm took
-        # seconds): the box moves by less than k voxels, well within its margin
-        k = max(1, int(2.0 // min(spacing[0], spacing[1])))
-        scaled = ModalityIntensity(preprocessing["ct_window"], preprocessing["mr_percentiles"])(
-            raw["image"][:, ::k, ::k].float(), modality)  # a MetaTensor: an error names the file
-        body = body_box(np.asarray(scaled)[0], [spacing[0] * k, spacing[1] * k])
-        if body is not None:
-            body = (body[0] * k, min(mask.shape[0], body[1] * k), body[2] * k, min(mask.shape[1], body[3] * k))
-    box = crop_box(mask.shape, spacing, body, [b for b in [mask_box(labels != 0)] if b])
-    return mask, spacing, ((box[1] - box[0]) * spacing[0], (box[3] - box[2]) * spacing[1])
+    box = None
+    values = np.asarray(raw["image"])[0]
+    if values.shape == mask.shape:
+        box = find_body(values, spacing, modality, [labels != 0])
+    return mask, spacing, body_field(box, spacing, mask.shape)
 
 
 def to_query_grid(loaded: Loaded, probs: torch.Tensor) -> np.ndarray:
@@ -299,7 +293,7 @@ def score_pair(
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     preprocessing = structure_preprocessing(preprocessing, support.image, support.label, support.value,
                                             support.modality, scale)
-    s, q = (load_structure(scan, preprocessing) for scan in (support, query))
+    s, q = load_structure(support, preprocessing), load_structure(query, preprocessing, query=True)
     preds: dict[str, np.ndarray] = {}
     variants = {
         TRAINED_FULL: (learner, options),

@@ -1,39 +1,39 @@
 """The crop to the body (`datamodules.transforms.body`): which voxels are body, which box is kept, and that every
-scan is centred on its own body while a scan already cut to it is left as it was."""
+scan is centred on its own body while a scan already cut to it, or one whose grid fits in the slices, is left as
+it was."""
 
 import numpy as np
 import pytest
 import torch
 
 from datamodules.synthetic.demo import write_nifti
-from datamodules.transforms.body import body_box, crop_box
-from datamodules.transforms.volume import volume_transforms
+from datamodules.transforms.body import body_box, body_foreground, find_body
+from datamodules.transforms.volume import to_source_grid, volume_transforms
 
 
-def test_body_box_keeps_large_components_and_drops_specks():
-    vol = np.zeros((100, 80, 6), np.float32)
-    vol[10:40, 20:60] = 0.5  # one leg
-    vol[55:85, 20:60] = 0.4  # the other, apart from it
-    vol[95, 2, 3] = 1.0  # a bright speck (noise, a coil's marker) far out
-    assert body_box(vol) == (10, 85, 20, 60)
-    assert body_box(vol, min_share=0.6) == (10, 85, 20, 60)  # the two legs are alike in size
-    vol[5:95, 66:68] = 0.3  # a couch's shell under the legs: 2 mm thick, 15% of a leg's voxels, apart from them
-    assert body_box(vol) == (10, 85, 20, 60)  # eroded away: thinner than 8 mm
-    vol[5:95, 60:62] = 0.3  # touching them, it widens the box by its own thickness only, not by its length
-    assert body_box(vol) == (10, 85, 20, 62)
-    assert body_box(vol, spacing=(4.0, 4.0)) == (9, 86, 20, 62)  # one step at 4 mm pixels, widened back by one
-    assert body_box(np.zeros((5, 5, 2))) is None
-    assert body_box(np.full((5, 5, 2), 0.04)) is None  # below the threshold: air
+def test_body_box_keeps_large_parts_and_drops_specks_and_thin_layers():
+    fg = np.zeros((100, 80, 6), bool)
+    fg[10:40, 20:60] = True  # one leg
+    fg[55:85, 20:60] = True  # the other, apart from it
+    fg[95, 2, 3] = True  # a speck of noise far out
+    assert body_box(fg) == (10, 85, 20, 60)
+    assert body_box(fg, min_share=0.6) == (10, 85, 20, 60)  # the two legs are alike in size
+    fg[5:95, 66:68] = True  # a couch's shell under the legs: 2 mm thick, apart from them
+    assert body_box(fg) == (10, 85, 20, 60)  # eroded away: thinner than 8 mm
+    fg[5:95, 60:62] = True  # touching them, it widens the box by its own thickness only, not by its length
+    assert body_box(fg) == (10, 85, 20, 62)
+    fg[0:16, 64:80, 2] = True  # a hand beside the body in one slice, at the edge of the grid: kept
+    assert body_box(fg) == (0, 85, 20, 80)
+    assert body_box(np.zeros((5, 5, 2), bool)) is None
 
 
-def test_crop_box_widens_by_the_margin_keeps_labels_and_leaves_near_full_axes_alone():
-    shape, spacing = (200, 100), (2.0, 2.0)
-    assert crop_box(shape, spacing, (50, 100, 5, 95)) == (45, 105, 0, 100)  # 10 mm = 5 pixels; y spans 90%+: kept
-    assert crop_box(shape, spacing, (50, 100, 30, 60), keep=[(110, 120, 40, 50)]) == (45, 125, 25, 65)
-    assert crop_box(shape, spacing, (0, 200, 0, 100)) == (0, 200, 0, 100)
-    assert crop_box(shape, spacing, None) == (0, 200, 0, 100)
-    assert crop_box(shape, (0.5, 4.0), (50, 100, 30, 60)) == (30, 120, 27, 63)  # the margin is in mm
-    assert crop_box(shape, spacing, (50, 100, 30, 60), fit=(200, 64)) == (0, 200, 25, 65)  # x fits: not cut
+def test_the_body_is_found_in_the_scans_own_values():
+    """CT by HU, whatever window the model uses; MR from its zeroed or noisy background."""
+    hu = np.array([-1000.0, -600.0, -400.0, -100.0, 40.0, 1000.0])
+    assert body_foreground(hu, "CT").tolist() == [False, False, True, True, True, True]
+    mr = np.concatenate([np.zeros(500), np.linspace(20, 1000, 500)])  # a zeroed background, tissue 2-100%
+    assert not body_foreground(mr, "MR")[:500].any() and body_foreground(mr, "MR")[500:].all()
+    assert not body_foreground(np.zeros(10), "MR").any()
 
 
 def _ct(tmp_path, name, body_at, grid=(100, 90, 8)):
@@ -46,6 +46,11 @@ def _ct(tmp_path, name, body_at, grid=(100, 90, 8)):
     lab[x + 10 : x + 20, y + 10 : y + 20, 2:6] = 1
     affine = np.diag([3.0, 3.0, 5.0, 1.0])
     return write_nifti(hu, affine, tmp_path / f"{name}.nii.gz"), write_nifti(lab, affine, tmp_path / f"{name}_l.nii.gz")
+
+
+def _cut(data) -> list[int]:
+    op = next(o for o in data["image"].applied_operations if o["class"] == "CropForeground")
+    return [int(v) for v in op["extra_info"]["cropped"][:4]]
 
 
 def test_every_scan_is_centred_on_its_own_body(tmp_path):
@@ -70,14 +75,55 @@ def test_a_scan_already_cut_to_its_body_is_not_changed(tmp_path):
     path = write_nifti(hu, np.diag([2.0, 2.0, 5.0, 1.0]), tmp_path / "tight.nii.gz")
     for size in (32, 64):  # slices smaller than the grid (cut around the body's centre) or larger (padded)
         tf = volume_transforms(spacing=(2.0, 2.0), slice_size=(size, size), keys=("image",))
-        crop = tf({"image": str(path), "modality": "CT"})["image"].applied_operations[-2]
-        assert crop["class"] == "CropForeground" and crop["extra_info"]["cropped"] == [0, 0, 0, 0, 0, 0]
+        assert _cut(tf({"image": str(path), "modality": "CT"})) == [0, 0, 0, 0]
 
 
 def test_a_grid_that_fits_in_the_slices_is_not_cropped(tmp_path):
-    """Nothing of it would be cut: the demo's scans get the slices they got before the crop to the body existed."""
-    image, _ = _ct(tmp_path, "small", (5, 55))  # 300 x 270 mm, the body in a corner
-    for size, cut in (((112, 112), [0, 0, 0, 0]), ((112, 48), [0, 0, 51, 1]), ((96, 96), [1, 51, 0, 0])):
+    """Nothing of a grid that fits would be cut: the demo's scans get the slices they got before the crop to the
+    body existed. An axis that does not fit is cut to the body and its 10 mm margin (4 voxels)."""
+    image, _ = _ct(tmp_path, "small", (5, 55))  # 300 x 270 mm; the body x 5-45, y 55-85
+    for size, cut in (((112, 112), [0, 0, 0, 0]), ((112, 48), [0, 0, 51, 1]), ((64, 96), [1, 51, 0, 0])):
         tf = volume_transforms(spacing=(3.0, 3.0), slice_size=size, keys=("image",))
-        crop = tf({"image": str(image), "modality": "CT"})["image"].applied_operations[-2]
-        assert crop["extra_info"]["cropped"][:4] == cut
+        assert _cut(tf({"image": str(image), "modality": "CT"})) == cut
+
+
+def test_a_narrow_window_or_a_dim_side_does_not_cut_the_body(tmp_path):
+    """The body is found in HU, not in the window (a brain window hid the fat around a nodule in the flank, which
+    was cut); an MR coil's dim far side is body, and an evaluation's query is cropped without its label."""
+    hu = np.full((110, 110, 4), -1000.0, np.float32)
+    hu[20:90, 20:90] = -100.0  # fat
+    hu[20:90, 20:21] = hu[20:21, 20:90] = 40.0  # a thin skin line
+    hu[45:65, 45:65] = 40.0  # muscle
+    hu[22:30, 60:68] = 40.0  # a nodule in the flank fat
+    lab = np.zeros(hu.shape, np.uint8)
+    lab[22:30, 60:68] = 1
+    affine = np.diag([2.0, 2.0, 5.0, 1.0])
+    image = write_nifti(hu, affine, tmp_path / "fat.nii.gz")
+    tf = volume_transforms(spacing=(2.0, 2.0), slice_size=(96, 96), ct_window=(0.0, 80.0), keys=("image",))
+    d = tf({"image": str(image), "modality": "CT"})
+    back, _ = to_source_grid(d["image"], torch.ones(d["image"].shape[1:]), tf)
+    assert (back[lab > 0] > 0.5).all()
+    # a label beyond the body (here in the air) widens a support's crop, and not an evaluation's query's
+    lab[100:104, 50:54] = 2
+    label = write_nifti(lab, affine, tmp_path / "fat_l.nii.gz")
+    item = {"image": str(image), "label": str(label), "modality": "CT"}
+    support = volume_transforms(spacing=(2.0, 2.0), slice_size=(96, 96))(item)
+    query = volume_transforms(spacing=(2.0, 2.0), slice_size=(96, 96), body_keeps_labels=False)(item)
+    assert int((support["label"] == 2).sum()) == 16 * 4 and _cut(support)[1] < _cut(query)[1]
+    assert _cut(query) == _cut(d)
+
+    xx = np.arange(200)[:, None] * np.ones((1, 160))
+    yy = np.ones((200, 1)) * np.arange(160)[None, :]
+    body = ((xx - 100) / 80.0) ** 2 + ((yy - 80) / 50.0) ** 2 <= 1
+    gain = np.exp(np.log(0.03) * (180 - xx) / 160.0)  # a surface coil at high x: 3% at the far side
+    noise = np.abs(np.random.default_rng(0).normal(0, 8, (200, 160))) + 1.0
+    organ = body & ((xx - 38) ** 2 + (yy - 80) ** 2 <= 64)
+    mr = np.where(body, 800 * gain, noise)
+    mr = np.repeat(np.where(organ, 0.7 * mr, mr)[..., None], 4, 2).astype(np.float32)
+    organ3 = np.repeat(organ[..., None], 4, 2)
+    path = write_nifti(mr, affine, tmp_path / "coil.nii.gz")
+    tf = volume_transforms(spacing=(2.0, 2.0), slice_size=(176, 176), keys=("image",))
+    d = tf({"image": str(path), "modality": "MR"})
+    back, _ = to_source_grid(d["image"], torch.ones(d["image"].shape[1:]), tf)
+    assert (back[organ3] > 0.5).all()
+    assert find_body(mr, (2.0, 2.0), "MR")[:2] == pytest.approx((20, 181), abs=2)

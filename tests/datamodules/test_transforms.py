@@ -137,12 +137,34 @@ def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, mon
         np.testing.assert_allclose(got, np.asarray(expected[0]), atol=1e-5)
         np.testing.assert_allclose(affine_out, np.asarray(expected.affine), atol=1e-4)
     assert slabs == [1, 5]  # the slab path, not MONAI's Invertd
-    if source == "nifti_body_off_centre":  # cut to the body (36 x 38 of 60 x 54 pixels at 4 mm), then to 32 x 32
+    if source == "nifti_body_off_centre":  # cut to the body (37 x 40 of 60 x 54 pixels at 4 mm), then to 32 x 32
         assert [op["class"] for op in pre.applied_operations][-2:] == ["CropForeground", "ResizeWithPadOrCrop"]
-        assert pre.applied_operations[-2]["extra_info"]["cropped"][:4] == [1, 23, 6, 10]
+        assert pre.applied_operations[-2]["extra_info"]["cropped"][:4] == [0, 23, 5, 9]
         assert got[50:].max() == 0.0  # nothing back where the body crop cut only air
     # each output slice from one preprocessed slice (bilinear, a tenth of the work) unless the slices are tilted
     assert by_slice == ([] if source == "nifti_tilted" else [1, 5])
+
+
+def test_to_source_grid_takes_the_slab_path_for_a_chain_with_a_label_map(tmp_path, monkeypatch):
+    """`evaluate` preprocesses image and label together (the chain ends in `CastLabeld`): the map still goes back
+    slab by slab, not through MONAI's whole-grid `Invertd`, with the same values."""
+    from datamodules.transforms import volume
+    from datamodules.transforms.volume import to_source_grid
+
+    slabs = []
+    resample = volume._resample_affine
+    monkeypatch.setattr(volume, "_resample_affine", lambda *a: slabs.append(a[-1]) or resample(*a))
+    vol, lbl = _volume()
+    image = write_nifti(np.round(vol), np.diag([3.0, 3.5, 5.0, 1.0]), tmp_path / "img.nii.gz")
+    label = write_nifti(lbl, np.diag([3.0, 3.5, 5.0, 1.0]), tmp_path / "lbl.nii.gz")
+    pair = volume_transforms(spacing=(4.0, 4.0), slice_size=(32, 32))
+    alone = volume_transforms(spacing=(4.0, 4.0), slice_size=(32, 32), keys=("image",))
+    pre = pair({"image": str(image), "label": str(label), "modality": "CT"})["image"]
+    values = torch.rand(pre.shape[1:], generator=torch.Generator().manual_seed(0))
+    got, _ = to_source_grid(pre, values, pair)
+    assert slabs == [8]
+    expected, _ = to_source_grid(alone({"image": str(image), "modality": "CT"})["image"], values, alone)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_the_per_slice_resampling_equals_the_trilinear_one(monkeypatch):
