@@ -313,8 +313,9 @@ def unreadable_nifti(name, error: BaseException) -> ValueError:
 #: does not say its modality is indexed as CT when it is in HU with air, and windowed as CT; both 2026-12-05)
 READER_VERSION = 3
 #: changes whenever `volume_transforms` gives other arrays for the same files and settings, so that on-disk caches
-#: of preprocessed volumes are rebuilt (1: the in-plane crop to the body, `BodyCropd`, 2026-12-06)
-PREPROCESSING_VERSION = 1
+#: of preprocessed volumes are rebuilt (1: the in-plane crop to the body, `BodyCropd`; 2: its body found on the
+#: scan's own grid and values, and kept whole by the slices; both 2026-12-06)
+PREPROCESSING_VERSION = 2
 
 
 def _pixdim_from_affine(img):

@@ -161,15 +161,20 @@ def modality_of(path: str | Path, given: str | None = None, default: str | None 
 
 
 def _cropped_field(vol: torch.Tensor, pre: dict) -> tuple[tuple[float, float], tuple[float, float]] | None:
-    """The query's in-plane extent (mm, along the two axial axes of its bounding box in world space, less what the
-    crop to its body cut away) and the working slices' (``slice_size`` times ``spacing``), when the slices hold more
-    than a tenth less of it: the preprocessing crops every slice around its body's centre. None when they hold it,
-    or the file's grid is unknown."""
+    """The query's in-plane extent (mm, along the two in-plane axes of its grid turned to RAS, as the slices are
+    cut, less what the crop to its body cut away) and the working slices' (``slice_size`` times ``spacing``), when
+    the slices hold more than a tenth less of it: the preprocessing crops every slice around its body's centre.
+    None when they hold it, or the file's grid is unknown."""
     meta = getattr(vol, "meta", {})
     shape, affine = meta.get("spatial_shape"), meta.get("original_affine")
     if shape is None or affine is None:
         return None
-    extent = np.abs(np.asarray(affine, dtype=np.float64)[:3, :3]) @ np.asarray(shape, dtype=np.float64)[:3]
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    sizes = np.asarray(shape, dtype=np.float64)[:3] * np.sqrt((a ** 2).sum(0))  # along the file's own axes
+    extent = np.zeros(3)
+    for axis, (to, _) in enumerate(nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))):
+        extent[int(to)] = sizes[axis]  # along the RAS-turned grid's axes (a world bounding box overstated an
+        # oblique grid: a 25 degree rotation read 290 mm for 192; a review)
     body = next((op for op in getattr(vol, "applied_operations", []) if op.get("class") == "CropForeground"), None)
     if body is not None:  # `BodyCropd`: voxels cut before and after, per axis, at the working spacing
         cut = [int(v) for v in body.get("extra_info", {}).get("cropped", [])]

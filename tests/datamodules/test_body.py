@@ -127,3 +127,16 @@ def test_a_narrow_window_or_a_dim_side_does_not_cut_the_body(tmp_path):
     back, _ = to_source_grid(d["image"], torch.ones(d["image"].shape[1:]), tf)
     assert (back[organ3] > 0.5).all()
     assert find_body(mr, (2.0, 2.0), "MR")[:2] == pytest.approx((20, 181), abs=2)
+
+
+def test_a_body_filling_most_of_an_off_centre_grid_is_not_cut_by_the_slices(tmp_path):
+    """A box of over nine tenths of the grid left the grid uncut, and the slices, cut around the grid's centre,
+    then cut an off-centre body's edge (a review). Such a box is now cut to when the centred slices would not
+    hold it."""
+    hu = np.full((100, 40, 4), -1000.0, np.float32)
+    hu[0:92, 5:35] = 40.0  # against one edge of the grid
+    path = write_nifti(hu, np.diag([3.0, 3.0, 5.0, 1.0]), tmp_path / "edge.nii.gz")
+    tf = volume_transforms(spacing=(3.0, 3.0), slice_size=(96, 48), keys=("image",))
+    d = tf({"image": str(path), "modality": "CT"})
+    assert _cut(d) == [0, 4, 0, 0]
+    assert float(d["image"][0, :, :, 0].sum()) == pytest.approx(92 * 30 * 0.58, rel=1e-5)  # all of it

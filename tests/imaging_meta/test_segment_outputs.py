@@ -856,7 +856,7 @@ def test_a_query_wider_than_the_structures_working_slices_is_warned_about(tmp_pa
     stand_in(monkeypatch, threshold_predict)
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (4.0, 4.0), (32, 32))  # 128 mm slices as trained
     same = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "same.nii.gz")  # the support's 18 x 12.5 mm
-    wide_volume = np.random.default_rng(3).integers(-1000, 1000, size=(100, 80, 6)).astype(np.float64)
+    wide_volume = np.random.default_rng(3).integers(-400, 1000, size=(100, 80, 6)).astype(np.float64)  # all body
     wide = ct_nifti(wide_volume, affine_ras(), tmp_path / "wide.nii.gz")  # 150 x 100 mm
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
         segment(ckpt, [support], [same, wide], tmp_path / "out", device="cpu", scale="structure", adapt_steps=0)
@@ -889,6 +889,24 @@ def test_a_body_off_the_centre_of_a_wide_grid_of_air_is_segmented_where_it_lies(
     truth = np.zeros(grid.shape, bool)
     truth[80:92, 66:76] = label_for(body) > 0
     assert mask[truth].mean() > 0.9 and not mask[:60].any()
+
+
+def test_the_width_warning_measures_an_oblique_query_along_its_own_axes(tmp_path):
+    """The query's extent was its world bounding box: a grid rotated 25 degrees in plane read 30% wider than it is,
+    and a query the slices held was warned about (a review). It is measured along the grid's axes."""
+    from datamodules.transforms.volume import volume_transforms
+    from imaging_meta.commands.segment import _cropped_field
+
+    pre = {"spacing": [2.0, 2.0], "slice_size": [64, 64]}  # 128 mm slices
+    tf = volume_transforms(pre["spacing"], pre["slice_size"], keys=("image",))
+    for rot, warned in ((0.0, False), (25.0, False), (0.0, True)):
+        shape = (60, 60, 4) if not warned else (120, 60, 4)  # 120 x 120 mm, or 240 mm wide
+        vol = np.random.default_rng(0).normal(40.0, 20.0, shape)  # a body filling its grid
+        path = ct_nifti(vol, affine_ras(spacing=(2.0, 2.0, 5.0), rot_deg=rot), tmp_path / f"q{rot}{warned}.nii.gz")
+        cut = _cropped_field(tf({"image": str(path), "modality": "CT"})["image"], pre)
+        assert (cut is not None) == warned
+        if warned:
+            assert cut[0] == pytest.approx((240.0, 120.0))
 
 
 def test_a_multi_label_support_map_without_label_value_is_warned_about(tmp_path, monkeypatch, caplog):
