@@ -47,7 +47,7 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
         mask: the support's structure mask in its own grid (X, Y, Z), axial axis last.
         spacing: that grid's voxel size (mm).
         field: the in-plane extent (mm, two axes) the slices must hold: the support scan's body, as the
-            preprocessing crops it (`datamodules.transforms.body.crop_box`), or its whole grid.
+            preprocessing crops it (`datamodules.transforms.body.body_field`), or its whole grid.
         min_pixels: the structure should span at least this many pixels across.
         max_size: the largest slice side.
 
