@@ -695,6 +695,13 @@ def segment(
                 "view of the support scans at %.2f mm): a structure outside them is not found. Give supports of the "
                 "query's field of view, crop the query around the region, or pass --scale checkpoint (%.0f x %.0f mm)",
                 q.name, *cut[0], *cut[1], float(pre["spacing"][0]), *trained_fov)
+        elif cut is not None:  # the checkpoint's own field of view: since each scan is cut to its body, what spans
+            # more is body, not the air of a wide grid (a large patient's flanks)
+            logger.warning(
+                "%s spans %.0f x %.0f mm in plane (its body), and the working slices hold its central %.0f x %.0f mm "
+                "(the checkpoint's %d x %d pixels at %.2f mm): a structure outside them is not found. Crop the query "
+                "around the region, or segment with a checkpoint trained on wider slices",
+                q.name, *cut[0], *cut[1], *(int(n) for n in pre["slice_size"]), float(pre["spacing"][0]))
         segmenter = segmenter_for(opts, volume)
         probs = segmenter.predict(volume)
         novelty = segmenter.novelty

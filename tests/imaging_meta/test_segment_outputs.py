@@ -850,7 +850,8 @@ def test_several_supports_give_the_same_mask_in_any_order_and_must_share_a_modal
 
 def test_a_query_wider_than_the_structures_working_slices_is_warned_about(tmp_path, support, monkeypatch, caplog):
     """--scale structure sizes the slices to the supports' field of view: a query of a wider field of view is cut to
-    its centre, where a structure outside is never found. That is said, naming the query and the fixes."""
+    its centre, where a structure outside is never found. That is said, naming the query and the fixes; and so is
+    a body wider than the checkpoint's own slices (each scan is cut to its body, so that is body, not air)."""
     import logging
 
     stand_in(monkeypatch, threshold_predict)
@@ -865,8 +866,11 @@ def test_a_query_wider_than_the_structures_working_slices_is_warned_about(tmp_pa
     assert "pass --scale checkpoint (128 x 128 mm)" in lines[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
-        segment(ckpt, [support], [wide], tmp_path / "out2", device="cpu", scale="checkpoint", adapt_steps=0)
-    assert not any("working slices hold its central" in r.getMessage() for r in caplog.records)
+        segment(ckpt, [support], [same, wide], tmp_path / "out2", device="cpu", scale="checkpoint", adapt_steps=0)
+    # at the checkpoint's own 128 mm slices the 150 mm body is cut too: said, without the advice to pass that scale
+    lines = [r.getMessage() for r in caplog.records if "working slices hold its central" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("wide.nii.gz spans 150 x 100 mm in plane (its body)")
+    assert "the checkpoint's 32 x 32 pixels at 4.00 mm" in lines[0] and "--scale checkpoint" not in lines[0]
 
 
 def test_a_body_off_the_centre_of_a_wide_grid_of_air_is_segmented_where_it_lies(tmp_path, support, monkeypatch, caplog):
