@@ -163,7 +163,7 @@ class FindBodyd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
-        keys = [k for k in self.key_iterator(d)]
+        keys = list(self.key_iterator(d))
         if not keys:
             return d
         image = d[keys[0]]
@@ -184,8 +184,8 @@ class BodyCropd(CropForegroundd):
     ``fit`` pixels around the grid's centre hold the box (a body off the centre is cut to, not cut off). The slices
     are then padded with zeros around the box, not filled with what lies beyond it: a couch under the body, whose
     shells look like a contrast-filled vessel, stays out (keeping the slices' width of the scan around the body
-    brought it back: the aorta of `benchmarks.scanner_values`' couch in support and query went 0.31 -> 0.00). Without a box (no `FindBodyd` before it, or no
-    body found) nothing is cropped. Invertible as MONAI's ``CropForegroundd`` (which it is, with the box chosen
+    brought it back: the aorta of `benchmarks.scanner_values`' couch in support and query went 0.31 -> 0.00).
+    Without a box (no `FindBodyd` before it, or no body found) nothing is cropped. Invertible as MONAI's ``CropForegroundd`` (which it is, with the box chosen
     here): the inverse pads back with zeros to the grid it was given."""
 
     def __init__(self, keys: KeysCollection, fit: Sequence[int] | None = None, margin_mm: float = BODY_MARGIN_MM,
@@ -208,20 +208,17 @@ class BodyCropd(CropForegroundd):
         out: list[int] = []
         for axis in range(2):
             n = shape[axis]
-            if self.fit is not None and n <= self.fit[axis]:
+            fit = None if self.fit is None else self.fit[axis]
+            if fit is not None and n <= fit:
                 out += [0, n]
                 continue
             pad = int(math.ceil(self.margin_mm / spacing[axis]))
             lo = int(math.floor(idx[axis].min() + 0.5)) - pad  # the voxels the box's corners reach, and the margin
             hi = int(math.ceil(idx[axis].max() - 0.5)) + 1 + pad
             lo, hi = max(0, lo), min(n, hi)
-            if hi <= lo:
-                lo, hi = 0, n
-            elif self.fit is not None:  # uncut when the slices, cut around the grid's centre, hold the box anyway
-                start = (n - self.fit[axis]) // 2
-                if start - 1 <= lo and hi <= start + self.fit[axis] + 1 and hi - lo >= self.keep_share * n:
-                    lo, hi = 0, n
-            elif hi - lo >= self.keep_share * n:
+            # held by the slices that the pad or crop then cuts around the grid's centre (or no slice size given)
+            held = fit is None or ((n - fit) // 2 - 1 <= lo and hi <= (n - fit) // 2 + fit + 1)
+            if hi <= lo or (held and hi - lo >= self.keep_share * n):  # uncut: nothing, or nothing the slices lose
                 lo, hi = 0, n
             out += [lo, hi]
         return out[0], out[1], out[2], out[3]
