@@ -14,7 +14,10 @@ same scan gives the same box whatever spacing it is then resampled to):
 * the body is CT above -500 HU, or any other modality above 2% of the range from its 1st percentile (a zeroed
   background: 0) to the 99th of its non-zero values: MR fat, muscle and organs, and a coil's dim far side (a
   noisy background may pass too: then nothing is cropped);
-* layers thinner than about 8 mm (a couch's carbon shells, a blanket) are eroded away in plane;
+* on CT, layers thinner than about 8 mm (a couch's carbon shells, a blanket) are eroded away in plane. Not on
+  MR, where a couch gives no signal and a thin bright layer can be body: skin beyond fat that a fat-suppressed
+  sequence makes dark, or the scalp beyond a dark skull (eroding it cut a lesion in the dark fat out of a query;
+  a review, 2026-12-06);
 * seen along the axial axis, every connected part of at least 2% of the largest one's area is kept (two legs,
   an arm, a hand in a few slices; not a speck of noise);
 * with a label map (a support, a training scan), every labelled voxel is kept too.
@@ -77,15 +80,16 @@ def body_box(foreground: np.ndarray, spacing: Sequence[float] = (1.0, 1.0), min_
     """The in-plane bounding box ``(x0, x1, y0, y1)`` (ends exclusive) of the body in a boolean (X, Y, Z)
     foreground of in-plane voxel size ``spacing`` (mm); None when there is no foreground.
 
-    Layers thinner than about ``2 * thin_mm`` are eroded away in plane (the box is widened back by the erosion);
-    the rest is seen along the axial axis, and its connected parts of at least ``min_share`` of the largest's
-    area are kept."""
+    Layers thinner than about ``2 * thin_mm`` are eroded away in plane (the box is widened back by the erosion;
+    ``thin_mm=0``: nothing is eroded); the rest is seen along the axial axis, and its connected parts of at least
+    ``min_share`` of the largest's area are kept."""
     foreground = np.asarray(foreground, dtype=bool)
     if not foreground.any():
         return None
-    steps = max(1, int(round(float(thin_mm) / float(min(spacing[0], spacing[1])))))
+    steps = max(1, int(round(float(thin_mm) / float(min(spacing[0], spacing[1]))))) if thin_mm > 0 else 0
     cross = ndimage.generate_binary_structure(2, 1)[..., None]  # in plane only: slices are not joined or thinned
-    core = ndimage.binary_erosion(foreground, structure=cross, iterations=steps)
+    # (scipy erodes until nothing changes for iterations < 1)
+    core = ndimage.binary_erosion(foreground, structure=cross, iterations=steps) if steps else foreground
     if not core.any():  # nothing thicker than the layers: the foreground as it is
         core, steps = foreground, 0
     labels = np.asarray(ndimage.label(core.any(axis=2))[0])
@@ -115,8 +119,12 @@ def find_body(values: np.ndarray, spacing: Sequence[float], modality: str,
     grid); None when there is neither body nor label."""
     values = np.asarray(values)
     nx, ny = values.shape[:2]
+    from datamodules.transforms.volume import CT_MODALITIES  # volume imports this module
+
     k = max(1, int(BODY_ANALYSIS_MM // float(min(spacing[0], spacing[1]))))
-    found = body_box(body_foreground(values[::k, ::k], modality), [float(spacing[0]) * k, float(spacing[1]) * k])
+    thin = BODY_THIN_MM if modality.upper() in CT_MODALITIES else 0.0  # thin layers: on CT only
+    found = body_box(body_foreground(values[::k, ::k], modality), [float(spacing[0]) * k, float(spacing[1]) * k],
+                     thin_mm=thin)
     boxes = [] if found is None else [(found[0] * k, min(nx, found[1] * k), found[2] * k, min(ny, found[3] * k))]
     boxes += [b for b in (mask_box(lab) for lab in labels) if b is not None]
     if not boxes:

@@ -453,6 +453,14 @@ def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str], 
                 f"{label}: every voxel of the label map is the structure ({what}); this is almost certainly the wrong "
                 "file (an image or a body mask instead of the label map); check --support-label and --label-value"
             )
+        edge = bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+        if edge:  # the crop to the slices cut the structure, or it reaches the edge of the file's own grid
+            logger.warning(
+                "%s: the structure (%s) reaches the edge of the support's %s-pixel slices at %s mm (%s mm across): "
+                "any part of it beyond them is cut off, and the model learns from what is left. If the scan's "
+                "body is wider than that, crop the scans closer to the structure or use a checkpoint trained on "
+                "larger slices", label, what, " x ".join(str(int(v)) for v in slice_size), _mm(spacing),
+                " x ".join(f"{float(n) * float(sp):.0f}" for n, sp in zip(slice_size, spacing, strict=True)))
         share = float(mask.float().mean())
         if share > NEAR_ALL:
             logger.warning("%s: the structure (%s) fills %.1f%% of the support volume; check --support-label and "

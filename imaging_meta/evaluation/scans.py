@@ -105,8 +105,14 @@ def load_structure(scan: Scan, preprocessing: dict, query: bool = False) -> Load
     """
     loaded = load_scan(scan, preprocessing, query)
     loaded.pre["struct"] = loaded.pre["label"].as_tensor()[0] == scan.value
-    if not loaded.truth.any() or not bool(loaded.pre["struct"].any()):
+    if not loaded.truth.any():
         raise ValueError(f"{scan.label}: no voxel of value {scan.value} (the structure) in this scan")
+    if not bool(loaded.pre["struct"].any()):
+        how = "the crop to the body found in its image" if query else "the resampling and the crop to the slices"
+        raise ValueError(
+            f"{scan.label}: the structure (value {scan.value}, {int(loaded.truth.sum())} voxels in the file) is "
+            f"not left after preprocessing: {how} removed it ({scan.image})"
+        )
     return loaded
 
 

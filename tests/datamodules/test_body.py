@@ -165,3 +165,51 @@ def test_the_scales_field_and_the_crop_find_the_same_body(tmp_path):
     d = tf({"image": str(image), "modality": "CT"})
     kept, _ = to_source_grid(d["image"], torch.ones(d["image"].shape[1:]), tf)
     assert (kept[..., 0][body] > 0.5).all()
+
+
+def test_on_mr_a_thin_bright_layer_beyond_a_dark_one_is_body(tmp_path):
+    """Skin beyond fat that a fat-suppressed MR makes dark, with a lesion in the dark fat: eroding thin layers (for
+    a CT's couch) took the skin and the lesion out of a query's crop (a review). On MR nothing is eroded; the
+    query's crop, found from its image alone, keeps the lesion."""
+    from imaging_meta.evaluation.scans import Scan, load_structure
+
+    x, y = np.meshgrid(np.arange(320) - 159.5, np.arange(320) - 159.5, indexing="ij")
+    outer, core = (x / 130) ** 2 + (y / 95) ** 2 < 1, (x / 105) ** 2 + (y / 70) ** 2 < 1
+    skin = outer & ~((x / 127) ** 2 + (y / 92) ** 2 < 1)
+    lesion = (x + 30) ** 2 + (y - 89) ** 2 < 4.5**2  # in the dark fat, 19 mm beyond the core
+    plane = np.select([lesion, core, skin, outer], [600.0, 250.0, 200.0, 6.0], 0.0)
+    rng = np.random.default_rng(0)
+    values = np.abs(plane[..., None] + rng.normal(0, 5, (320, 320, 8)) + 1j * rng.normal(0, 5, (320, 320, 8)))
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])  # a magnitude image: Rician noise in the background
+    image = write_nifti(values.astype(np.float32), affine, tmp_path / "mr.nii.gz")
+    label = write_nifti(np.repeat(lesion[..., None], 8, 2).astype(np.uint8), affine, tmp_path / "mr_l.nii.gz")
+    box = find_body(values, (1.0, 1.0, 4.0), "MR")
+    assert box is not None and box[2] <= 160 - 92 and box[3] >= 160 + 92  # the skin, both sides
+    pre = dict(spacing=[1.0, 1.0], slice_size=[256, 256], ct_window=[-250, 250], mr_percentiles=[1, 99])
+    scan = Scan(str(image), str(label), 1, "MR")
+    support, query = load_structure(scan, pre), load_structure(scan, pre, query=True)
+    assert int(query.pre["struct"].sum()) == int(support.pre["struct"].sum()) > 0
+    # on CT the couch's thin shells are still eroded away (test_body_box_keeps_large_parts_...)
+    ct = np.where(np.repeat(outer[..., None], 2, 2), 40.0, -1000.0)
+    ct[:, 250:252] = 100.0  # a 2 mm shell under the body
+    assert find_body(ct, (1.0, 1.0, 4.0), "CT")[3] <= 160 + 95 + 1
+
+
+def test_a_query_structure_outside_the_body_is_named_as_cropped_away(tmp_path):
+    """An evaluation query's label that the crop to its body (found from its image alone) leaves out: the error
+    says that the crop removed it, not that the scan has no such structure (a review)."""
+    import nibabel as nib
+
+    from imaging_meta.evaluation.scans import Scan, load_structure
+
+    image, label = _ct(tmp_path, "q", (5, 5))
+    lab = np.asarray(nib.load(label).dataobj)
+    lab[:] = 0
+    lab[85:92, 75:85, 2:6] = 1  # in the air, 60 mm and more beyond the body
+    label = write_nifti(lab, nib.load(label).affine, tmp_path / "q_far.nii.gz")
+    pre = dict(spacing=[3.0, 3.0], slice_size=[96, 96], ct_window=[-250, 250], mr_percentiles=[1, 99])
+    scan = Scan(str(image), str(label), 1, "CT")
+    assert load_structure(scan, pre).pre["struct"].any()  # a support keeps its labelled voxels
+    with pytest.raises(ValueError, match=r"q_far\.nii\.gz: the structure \(value 1, 280 voxels in the file\) is not "
+                                         r"left after preprocessing: the crop to the body"):
+        load_structure(scan, pre, query=True)
