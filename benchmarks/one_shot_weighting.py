@@ -3,7 +3,9 @@
     python -m benchmarks.one_shot_weighting --checkpoint results/runs/protonet_cls/version_0/checkpoints/best.ckpt
 
 With one support image per class, `TaskAdaptiveClassifier` cannot hold an item out, so it weights its spaces
-equally (docs/classification.md). This script measures, on the same seeded 1-shot episodes of every real set
+equally (docs/classification.md). These were measured with the three-space default of 2026-12-05 (embedding,
+pixels, histogram); since 2026-12-06 the default also weighs two texture descriptors, and a rerun compares
+against that. This script measures, on the same seeded 1-shot episodes of every real set
 (`benchmarks.real_classification`), the default against:
 
 * ``aug<prior>``: weights fitted, as at K >= 2 (`weighting.fit_weights`), on ``--copies`` augmented views of each
@@ -15,7 +17,7 @@ equally (docs/classification.md). This script measures, on the same seeded 1-sho
 * ``trans<rounds>``: weights fitted on the task's queries, labelled by the weighted rule's own prediction
   (transductive self-training; never the queries' labels);
 * ``emb<share>``: fixed weights, the embedding's share of the sum ``share`` and the descriptors' the rest in equal
-  parts (the default is 1/3 each): how far a different fixed prior would move each set;
+  parts (the default: an equal share each, 1/3 of three spaces until 2026-12-06, 1/5 now): how far a different fixed prior would move each set;
 * ``confident``: each query answered in the one space where it is most decisive (the largest gap between its two
   most probable classes, each space's probabilities at the weighting's temperature): a per-query choice that needs
   no held-out item and no other query;

@@ -225,20 +225,22 @@ def test_transductive_one_shot_weighting_never_reads_the_query_labels():
     assert not torch.allclose(probs, equal_weights)  # the fitted weights are not the equal ones
 
 
-def test_fixed_one_shot_share_of_one_third_is_the_default_and_other_shares_move_the_answer():
-    """`emb<share>`: at K >= 2 the default exactly; at K = 1 a share of 1/3 is the default's equal weights, a share
+def test_fixed_one_shot_equal_share_is_the_default_and_other_shares_move_the_answer():
+    """`emb<share>`: at K >= 2 the default exactly; at K = 1 an equal share (1/5 of five spaces) is the default's
+    equal weights, a share
     of 1 is the embedding's nearest prototype alone (the descriptors get weight 0), and a share outside [0, 1]
     is refused."""
     from benchmarks.one_shot_weighting import FixedOneShot
-    from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
+    from imaging_meta.learners.descriptors.task_adaptive import FUSION, SPACES, TaskAdaptiveClassifier
     from tests.imaging_meta.test_descriptors import stub_embedding, task_episode
 
+    equal = 1 / len([s for s in SPACES if s != FUSION])
     embedding = stub_embedding()
     default = TaskAdaptiveClassifier(embedding).eval()
     with torch.no_grad():
         assert_default_with_two_shots(FixedOneShot(embedding, share=0.9).eval(), default)
         one = task_episode("pixels", n_shot=1)
-        torch.testing.assert_close(FixedOneShot(embedding, share=1 / 3).eval().predict(one), default.predict(one))
+        torch.testing.assert_close(FixedOneShot(embedding, share=equal).eval().predict(one), default.predict(one))
         alone = FixedOneShot(embedding, share=1.0).eval()
         probs, records = alone._predict(one)
         only_embedding = TaskAdaptiveClassifier(embedding, spaces=["embedding"], default="embedding").eval()

@@ -251,10 +251,10 @@ def test_classify_explain_keeps_the_csv_and_writes_json_and_png_per_query(proton
     assert plain.read_text() == out.read_text() and not explain_dir(plain).exists()
     check_explanations(out, ["q0.png", "q1.png", "q2.png"], size=32)  # cls_args trains on 32 x 32
     rec = json.loads(next(explain_dir(out).glob("*.json")).read_text())
-    # by default the checkpoint's embedding is weighed against raw pixels and histograms per support set
+    # by default the checkpoint's embedding is weighed against raw pixels and the descriptors per support set
     assert rec["nearest_supports"]["measure"] == "task_adaptive_euclidean"
     assert rec["task_choice"]["space"] in ("weighted", "fusion") and set(rec["task_choice"]["weights"]) == {
-        "embedding", "pixels", "histogram"}
+        "embedding", "pixels", "histogram", "gradient", "orientation"}
     learned = classify(protonet_checkpoint, support, [queries], tmp_path / "learned.csv", device="cpu", explain=True,
                        space="learned")
     near = json.loads(next(explain_dir(learned).glob("*.json")).read_text())["nearest_supports"]

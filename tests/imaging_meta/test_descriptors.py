@@ -15,14 +15,17 @@ from imaging_meta.learners.base import build_learner
 from imaging_meta.learners.descriptors.classifier import DescriptorClassifier
 from imaging_meta.learners.descriptors.colour import channel_groups, shared_channels, to_channels
 from imaging_meta.learners.descriptors.features import (
+    CELLS,
+    ORIENTATIONS,
     describe,
     gradient_histogram,
     intensity_histogram,
+    orientation_histogram,
     pixel_descriptor,
     task_features,
 )
 from imaging_meta.learners.descriptors.nearest import leave_one_out, leave_one_out_accuracy
-from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier, loo_summary
+from imaging_meta.learners.descriptors.task_adaptive import SPACES, TaskAdaptiveClassifier, loo_summary
 from imaging_meta.learners.metric.protonet import PrototypicalNetwork
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
@@ -37,8 +40,27 @@ def _item(kind: str, c: int, g: torch.Generator) -> torch.Tensor:
     ``pixels``: one half (left, right, top) bright, the rest dark: every class has the same value distribution.
     ``checker``: noise plus a step on the even (class 0) or odd (class 1) pixels of a checkerboard: equal
     value distributions, and the 2 x 2 area averaging of the pixel descriptor cancels the pattern.
+    ``orientation``: stripes running one class-specific way (0, 90 or 45 degrees) at a random phase, contrast
+    and level: the same values and edge strengths in every class, and no pixel in a fixed place.
+    ``gradient``: Gaussian noise, smoothed over about 3 pixels (class 0) or not (class 1), then standardised to
+    one mean and spread: the same value distribution, no orientation, but one class is sharper.
     """
     n = SIZE * SIZE
+    if kind == "orientation":
+        y, x = torch.meshgrid(torch.arange(SIZE).float(), torch.arange(SIZE).float(), indexing="ij")
+        angle = torch.tensor([0.0, 0.5, 0.25][c] * torch.pi)
+        u = x * torch.cos(angle) + y * torch.sin(angle)
+        phase, contrast, level = (torch.rand(3, generator=g) * torch.tensor([6.283, 0.2, 0.2])).tolist()
+        v = level + 0.4 + (0.15 + contrast) * torch.sin(2 * torch.pi * u / 8 + phase)
+        return (v + 0.01 * torch.randn(SIZE, SIZE, generator=g)).clamp(0, 1).unsqueeze(0)
+    if kind == "gradient":
+        v = torch.randn(1, 1, SIZE, SIZE, generator=g)
+        if c == 0:
+            k = torch.exp(-0.5 * (torch.arange(-4, 5).float() / 1.5) ** 2)
+            k = (k[:, None] * k[None]) / (k.sum() ** 2)
+            v = torch.nn.functional.conv2d(v, k.view(1, 1, 9, 9), padding=4)
+        v = (v - v.mean()) / v.std()
+        return (0.5 + 0.12 * v).clamp(0, 1)[0]
     if kind == "histogram":
         if c == 0:  # two modes
             v = 0.5 + 0.3 * (2 * torch.randint(0, 2, (n,), generator=g) - 1) + 0.02 * torch.randn(n, generator=g)
@@ -108,14 +130,19 @@ def tiny_protonet(seed: int = 0) -> PrototypicalNetwork:
 def test_descriptor_shapes_norms_and_determinism():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, 40, 48, generator=g)
-    p, h, gr = pixel_descriptor(x), intensity_histogram(x), gradient_histogram(x)
-    # pixels and histogram describe each of the 3 channels; the gradient their mean
-    assert p.shape == (5, 3 * 32 * 32) and h.shape == (5, 3 * 32) and gr.shape == (5, 32)
+    p, h, gr, o = pixel_descriptor(x), intensity_histogram(x), gradient_histogram(x), orientation_histogram(x)
+    # every descriptor describes each of the 3 channels
+    assert p.shape == (5, 3 * 32 * 32) and h.shape == (5, 3 * 32) and gr.shape == (5, 3 * 32)
+    assert o.shape == (5, 3 * ORIENTATIONS * CELLS**2)
     torch.testing.assert_close(p.mean(1), torch.zeros(5), atol=1e-6, rtol=0)
     torch.testing.assert_close(p.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(h.sum(1), torch.ones(5))
     torch.testing.assert_close(gr.sum(1), torch.ones(5))
-    for name in ("pixels", "histogram", "gradient"):
+    torch.testing.assert_close(o.view(5, 3, -1).norm(dim=-1), torch.ones(5, 3))  # each channel unit norm
+    for c in range(3):  # a channel's part is that channel's own descriptor
+        torch.testing.assert_close(gr.view(5, 3, -1)[:, c] * 3, gradient_histogram(x[:, c : c + 1]))
+        torch.testing.assert_close(o.view(5, 3, -1)[:, c], orientation_histogram(x[:, c : c + 1]))
+    for name in ("pixels", "histogram", "gradient", "orientation"):
         batch = describe(x, name)
         assert torch.equal(batch, describe(x, name))  # deterministic
         torch.testing.assert_close(batch[2:3], describe(x[2:3], name))  # each item on its own
@@ -132,6 +159,29 @@ def test_histograms_count_intensities_and_ignore_positions():
     assert torch.equal(intensity_histogram(shuffled), h)
     assert not torch.allclose(pixel_descriptor(shuffled), pixel_descriptor(img))
     assert gradient_histogram(torch.full((1, 1, 8, 8), 0.7))[0, 0] == 1.0  # constant: no gradient
+    assert float(orientation_histogram(torch.full((1, 1, 8, 8), 0.7)).abs().max()) == 0.0  # and no direction
+
+
+def test_orientation_histogram_reads_which_way_edges_run_whatever_the_intensities():
+    y, x = torch.meshgrid(torch.arange(32).float(), torch.arange(32).float(), indexing="ij")
+    vertical = ((x % 8) < 4).float().view(1, 1, 32, 32)  # edges run vertically: the gradient is along x
+    horizontal = vertical.transpose(-1, -2)
+    ov, oh = orientation_histogram(vertical).view(ORIENTATIONS, CELLS**2), orientation_histogram(horizontal).view(
+        ORIENTATIONS, CELLS**2)
+    assert ov.sum(1).argmax() == 0 and oh.sum(1).argmax() == ORIENTATIONS // 2  # 0 and 90 degrees
+    # an offset and a contrast change leave it unchanged (it is normalised), and so do a flip of the polarity
+    torch.testing.assert_close(orientation_histogram(0.2 + 0.5 * vertical), orientation_histogram(vertical))
+    torch.testing.assert_close(orientation_histogram(1 - vertical), orientation_histogram(vertical))
+    # where the edges are counts: edges in the left half only fill the left cells
+    left = vertical.clone()
+    left[..., 16:] = 0.0
+    cells = orientation_histogram(left).view(ORIENTATIONS, CELLS, CELLS).sum(0)
+    assert float(cells[:, 1].sum()) < 0.2 * float(cells[:, 0].sum())
+    # volumes: the in-plane directions of every plane, averaged
+    volume = vertical.unsqueeze(2).expand(1, 1, 3, 32, 32)
+    torch.testing.assert_close(orientation_histogram(volume), orientation_histogram(vertical))
+    with pytest.raises(ValueError, match="2 or 3 spatial axes"):
+        orientation_histogram(torch.rand(2, 1, 16))
     assert intensity_histogram(torch.tensor([[[[-0.5, 1.5]]]]))[0, [0, -1]].tolist() == [0.5, 0.5]  # clamped
 
 
@@ -208,6 +258,7 @@ def test_descriptor_configs_build_and_rebuild(name):
 # -------------------------------------------------------------------------- TaskAdaptiveClassifier
 @pytest.mark.parametrize(("kind", "n_way", "winner"), [
     ("histogram", 3, "histogram"), ("pixels", 3, "pixels"), ("checker", 2, "embedding"),
+    ("orientation", 3, "orientation"), ("gradient", 2, "gradient"),
 ])
 def test_leave_one_out_picks_the_space_that_separates_the_task(kind, n_way, winner):
     learner = TaskAdaptiveClassifier(stub_embedding(), rule="select")
@@ -216,9 +267,11 @@ def test_leave_one_out_picks_the_space_that_separates_the_task(kind, n_way, winn
     assert [r["space"] for r in records] == [winner, winner], loo_summary(records)
     for r in records:
         assert r["rule"] == "leave-one-out" and r["loo_items"] == n_way * 5
-        assert set(r["loo_accuracy"]) == {"embedding", "pixels", "histogram", "fusion"}
+        assert set(r["loo_accuracy"]) == {"embedding", "pixels", "histogram", "gradient", "orientation", "fusion"}
         assert r["loo_accuracy"][winner] == 1.0
-        assert all(v < 1.0 for k, v in r["loo_accuracy"].items() if k not in (winner, "fusion"))
+        # i.i.d. pixels of another distribution also have other gradients: the earlier space wins the tie
+        also = {"histogram": ("gradient",)}.get(kind, ())
+        assert all(v < 1.0 for k, v in r["loo_accuracy"].items() if k not in (winner, "fusion", *also))
     with torch.no_grad():
         probs = learner.predict(ep)
         alone = learner.embedding.predict(ep)
@@ -301,6 +354,7 @@ def test_the_choice_reaches_the_evaluation_records():
 # ------------------------------------------------------------------ the weighted rule (the default)
 @pytest.mark.parametrize(("kind", "n_way", "winner"), [
     ("histogram", 3, "histogram"), ("pixels", 3, "pixels"), ("checker", 2, "embedding"),
+    ("orientation", 3, "orientation"), ("gradient", 2, "gradient"),
 ])
 def test_the_weighting_classifies_tasks_that_only_one_space_separates(kind, n_way, winner):
     learner = TaskAdaptiveClassifier(stub_embedding())
@@ -311,7 +365,7 @@ def test_the_weighting_classifies_tasks_that_only_one_space_separates(kind, n_wa
     assert accuracy(probs, ep) == 1.0, loo_summary(records)
     for r in records:
         assert r["space"] == "weighted" and r["rule"] == "weighted leave-one-out" and r["loo_items"] == n_way * 5
-        assert set(r["weights"]) == {"embedding", "pixels", "histogram"}
+        assert set(r["weights"]) == set(SPACES) - {"fusion"}
         assert abs(sum(r["weights"].values()) - 1.0) < 1e-3
         assert r["loo_accuracy"][winner] == 1.0
         assert r["loo_accuracy"]["weighted"] == 1.0
@@ -337,7 +391,7 @@ def test_one_shot_weighted_rule_is_the_equal_weight_fusion():
     assert bool((probs.max(-1).values <= sharp.max(-1).values + 1e-6).all())
     for r in learner.last_choice:
         assert r["space"] == "fusion" and r["rule"] == "default" and r["loo_items"] == 0
-        assert all(abs(w - 1 / 3) < 1e-3 for w in r["weights"].values())
+        assert all(abs(w - 1 / (len(SPACES) - 1)) < 1e-3 for w in r["weights"].values())
     assert "by default" in loo_summary(learner.last_choice)
 
 
@@ -424,7 +478,7 @@ def test_grey_stored_as_three_channels_is_described_exactly_as_grey():
     assert rgb.support_images.shape[2] == 3
     s, q = shared_channels(rgb.support_images, rgb.query_images)
     assert torch.equal(s, ep.support_images) and torch.equal(q, ep.query_images)
-    for space in (("pixels",), ("histogram",), ("pixels", "histogram", "gradient")):
+    for space in (("pixels",), ("histogram",), ("pixels", "histogram", "gradient", "orientation")):
         a, b = task_features(rgb.support_images, rgb.query_images, space), task_features(ep.support_images, ep.query_images, space)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # one colour query keeps every item of the task in colour

@@ -4,8 +4,8 @@ Every descriptor maps items (N, C, *spatial) with intensities in [0, 1] to vecto
 to learn, describes each item on its own (an item's vector never depends on the others of the batch), and is
 deterministic (the histograms count with ``torch.bincount`` without weights: exact integer counts on any device).
 
-Colour: ``pixels`` and ``histogram`` describe every channel (a stain, a dermoscopic colour, is often what tells
-classes apart); ``gradient`` and ``radiomics`` describe the mean of the channels. Grey images stored as three
+Colour: ``pixels``, ``histogram``, ``gradient`` and ``orientation`` describe every channel (a stain, a
+dermoscopic colour, is often what tells classes apart); ``radiomics`` describes the mean of the channels. Grey images stored as three
 equal channels are described as grey (`imaging_meta.learners.descriptors.colour.shared_channels`), so a grey set
 gives the same vectors however it was loaded.
 
@@ -15,8 +15,14 @@ gives the same vectors however it was loaded.
   32 x 32 = 1024 values per channel in 2D.
 * ``histogram``: per channel, the fraction of the pixels in each of ``bins`` equal bins over [0, 1] (values
   outside are clamped into the end bins), concatenated and divided by the number of channels; sums to 1.
-* ``gradient``: the histogram of the gradient magnitude of the mean of the channels, central differences along
-  every spatial axis (``torch.gradient``), binned over [0, `GRADIENT_RANGE`] (larger magnitudes fall into the last bin).
+* ``gradient``: per channel, the histogram of the gradient magnitude, central differences along every spatial
+  axis (``torch.gradient``), binned over [0, `GRADIENT_RANGE`] (larger magnitudes fall into the last bin),
+  concatenated and divided by the number of channels: how sharp or smooth an image is, wherever its edges lie.
+* ``orientation``: per channel, histograms of oriented gradients (HOG; Dalal and Triggs 2005) of the image
+  area-resized to ``size`` per in-plane axis: the in-plane gradient of every pixel (the last two spatial axes)
+  votes with its magnitude for one of `ORIENTATIONS` unsigned directions, counted in `CELLS` x `CELLS` cells
+  (averaged over any further spatial axis), each channel's vector L2-normalised: which way the edges run, and
+  roughly where, whatever the intensities.
 * ``radiomics`` (2D, optional extra): IBSI first-order, histogram, GLCM and GLRLM features computed by mirp,
   log-compressed (`imaging_meta.learners.descriptors.radiomics`).
 
@@ -38,10 +44,12 @@ import torch.nn.functional as F
 from imaging_meta.learners.descriptors.colour import shared_channels
 
 #: the descriptors, by name
-DESCRIPTORS = ("pixels", "histogram", "gradient", "radiomics")
+DESCRIPTORS = ("pixels", "histogram", "gradient", "orientation", "radiomics")
 #: gradient magnitudes are binned over [0, GRADIENT_RANGE]; a step from 0 to 1 between neighbours gives 0.5
 #: (central difference) inside the image
 GRADIENT_RANGE = 0.5
+#: the ``orientation`` descriptor's unsigned directions over [0, pi), and its cells per in-plane axis
+ORIENTATIONS, CELLS = 8, 2
 #: a centred pixel vector with a smaller norm is a constant image (rounding residue): it becomes the zero vector
 FLAT = 1e-6
 
@@ -100,13 +108,44 @@ def intensity_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
 
 
 def gradient_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
-    """Histogram of the gradient magnitude (central differences) over [0, GRADIENT_RANGE]: (N, bins), rows sum to 1."""
-    g = grey(images)[:, 0]
+    """Histograms of each channel's gradient magnitude (central differences) over [0, GRADIENT_RANGE],
+    concatenated: (N, C * bins), rows sum to 1."""
+    x = _items(images)
+    n, c = x.shape[:2]
+    g = x.flatten(0, 1)  # (N * C, *spatial)
     axes = tuple(range(1, g.dim()))
-    if any(g.shape[a] < 2 for a in axes):
+    if not axes or any(g.shape[a] < 2 for a in axes):
         raise ValueError(f"gradient_histogram needs at least 2 pixels along every axis, got {tuple(images.shape)}")
     magnitude = torch.stack(torch.gradient(g, dim=axes)).pow(2).sum(0).sqrt()
-    return histogram(magnitude.flatten(1), bins, GRADIENT_RANGE)
+    return histogram(magnitude.flatten(1), bins, GRADIENT_RANGE).view(n, c * bins) / c
+
+
+def orientation_histogram(images: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Histograms of oriented gradients (HOG) per channel, concatenated: (N, C * ORIENTATIONS * CELLS ** 2).
+
+    Each channel is area-resized to ``size`` x ``size`` in plane (the last two spatial axes; pixels repeated when
+    smaller, as `pixel_descriptor` does), its in-plane gradient taken by central differences, and each pixel's
+    magnitude added to the bin of its unsigned direction (``atan2`` modulo pi, `ORIENTATIONS` equal bins) in its
+    cell of a `CELLS` x `CELLS` grid; further spatial axes are averaged. Each channel's vector is L2-normalised
+    (a constant channel gives zeros).
+    """
+    x = _items(images)
+    if not 2 <= x.dim() - 2 <= 3 or size < 2:
+        raise ValueError(f"orientation_histogram takes 2 or 3 spatial axes and size >= 2, got "
+                         f"{tuple(images.shape)}, {size}")
+    n, c = x.shape[:2]
+    planes = x.reshape(n * c, -1, *x.shape[-2:])  # (N * C, P, H, W): P planes (1 for 2D items)
+    planes = F.interpolate(planes, size=(size, size), mode="area")
+    gy, gx = torch.gradient(planes, dim=(2, 3))
+    magnitude = torch.sqrt(gx * gx + gy * gy)
+    direction = torch.remainder(torch.atan2(gy, gx), math.pi)
+    index = (direction * (ORIENTATIONS / math.pi)).long().clamp_(0, ORIENTATIONS - 1)
+    votes = F.one_hot(index, ORIENTATIONS).to(magnitude.dtype) * magnitude.unsqueeze(-1)  # (NC, P, H, W, O)
+    votes = votes.mean(1).permute(0, 3, 1, 2)  # (NC, O, H, W)
+    cells = F.adaptive_avg_pool2d(votes, CELLS).flatten(1)  # (NC, O * CELLS ** 2)
+    norm = cells.norm(dim=1, keepdim=True)
+    cells = torch.where(norm > FLAT, cells / norm.clamp(min=FLAT), torch.zeros_like(cells))
+    return cells.view(n, -1)
 
 
 def describe(images: torch.Tensor, descriptor: str, size: int = 32, bins: int = 32) -> torch.Tensor:
@@ -117,6 +156,8 @@ def describe(images: torch.Tensor, descriptor: str, size: int = 32, bins: int = 
         return intensity_histogram(images, bins)
     if descriptor == "gradient":
         return gradient_histogram(images, bins)
+    if descriptor == "orientation":
+        return orientation_histogram(images, size)
     if descriptor == "radiomics":
         from imaging_meta.learners.descriptors.radiomics import radiomics_descriptor
 

@@ -18,13 +18,13 @@ The other rule, ``rule="select"``, per task:
 
 1. Candidate spaces (``spaces``, in order): ``embedding`` (the wrapped learner's `Learner.embed_episode`
    vectors, compared with its own ``distance`` when it has one, else Euclidean), descriptor spaces
-   (``pixels``, ``histogram``, ``gradient`` or a ``+`` combination; see
+   (``pixels``, ``histogram``, ``gradient``, ``orientation`` or a ``+`` combination; see
    `imaging_meta.learners.descriptors.features`), and ``fusion``: every other candidate's vectors centred on the
    support mean, L2-normalised and concatenated (each weighted equally).
 2. With at least two support items in some class: the leave-one-out accuracy of the nearest class prototype
    over the support (`imaging_meta.learners.descriptors.nearest.leave_one_out_accuracy`; items of a class with
    one item are not held out) scores each candidate. The best wins; on a tie, the earliest in ``spaces``
-   (by default the learned embedding first, then pixels, histogram, fusion).
+   (by default the learned embedding first, then pixels, histogram, gradient, orientation, fusion).
 3. With one support item per class (K = 1) nothing can be held out: the ``default`` space (the learned
    embedding) is used.
 4. The queries are classified in the chosen space: by the wrapped learner's own `Learner.predict` when it is
@@ -78,7 +78,7 @@ from imaging_meta.learners.prototypes import class_onehot, episode_n_way
 
 EMBEDDING, FUSION = "embedding", "fusion"
 #: the default candidates, in the order that breaks ties
-SPACES = (EMBEDDING, "pixels", "histogram", FUSION)
+SPACES = (EMBEDDING, "pixels", "histogram", "gradient", "orientation", FUSION)
 #: how a task's space was chosen (``rule`` of a `TaskAdaptiveClassifier.choose` record)
 LEAVE_ONE_OUT, WEIGHTED_LOO, DEFAULT = "leave-one-out", "weighted leave-one-out", "default"
 #: the two rules: a weighting of the spaces fitted on the support (default), or the one best space
@@ -121,7 +121,7 @@ def input_channels(learner: torch.nn.Module) -> int | None:
 
 
 class TaskAdaptiveClassifier(WrappingLearner):
-    """Per task, classify in the space (learned embedding, pixels, histogram, fusion) that wins leave-one-out on
+    """Per task, classify in the space (learned embedding, descriptors, fusion) that wins leave-one-out on
     the support; the learned embedding with one shot per class (see the module docstring).
 
     Meta-training (`loss`) trains the wrapped embedding learner with its own loss; the descriptors have nothing
