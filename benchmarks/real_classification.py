@@ -50,6 +50,8 @@ def descriptor_learners(finetune_steps: int = 0) -> dict[str, Learner]:
     out: dict[str, Learner] = {
         "pixels": DescriptorClassifier(features="pixels", pixel_size=32),
         "histogram": DescriptorClassifier(features="histogram", bins=32),
+        "gradient": DescriptorClassifier(features="gradient", bins=32),
+        "orientation": DescriptorClassifier(features="orientation", pixel_size=32),
     }
     from imaging_meta.learners.descriptors.radiomics import available
 

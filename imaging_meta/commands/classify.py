@@ -335,9 +335,10 @@ def predict_queries(
 
 
 def _grey_and_colour(q_images: torch.Tensor) -> list[torch.Tensor]:
-    """The query indices in one group, or in two when grey queries (equal channels) and colour ones are mixed: a
-    learner that reads colour describes a task as grey only when all its images are, so a grey query's answer
-    would depend on a colour query beside it (`imaging_meta.learners.descriptors.colour`)."""
+    """The query indices in one group, or in two when grey queries (equal channels) and colour ones are mixed. The
+    descriptor learners now decide grey or colour from the support alone (`imaging_meta.learners.descriptors.colour`;
+    until 2026-12-06 one colour query turned its task to colour); the split still keeps a learner that reads the
+    queries' channels together from mixing them."""
     if q_images.shape[1] > 1:
         grey = equal_channels(q_images, 1)
         if bool(grey.any()) and not bool(grey.all()):
@@ -445,9 +446,9 @@ def classify(
         occlusion_patch: side of the occluding patch in pixels; None: about 1/7 of the image side
             (`imaging_meta.commands.explain.default_patch`).
         occlusion_stride: step of the patch; None: half the patch.
-        space: ``auto``: the checkpoint's learner inside `TaskAdaptiveClassifier` (its embedding, raw pixels and
-            intensity histograms weighted per support set by leave-one-out; see `with_space`); ``learned``: the
-            learner alone.
+        space: ``auto``: the checkpoint's learner inside `TaskAdaptiveClassifier` (its embedding, raw pixels,
+            intensity histograms and the gradient and orientation descriptors weighted per support set by
+            leave-one-out; see `with_space`); ``learned``: the learner alone.
         finetune_steps: with N > 0, a new head fitted on the augmented support for N steps on top of the
             checkpoint's learner (`imaging_meta.learners.transfer.support_finetune`), instead of ``space``.
 

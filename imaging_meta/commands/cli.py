@@ -355,8 +355,9 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="also write, per query, its nearest support images and an occlusion saliency map (PNG) "
                         "into <out stem>_explain/")
     c.add_argument("--space", choices=["auto", "learned"], default=None,
-                   help="auto (default): per support set, weigh the checkpoint's embedding, raw pixels and intensity "
-                        "histograms by leave-one-out over the support (equal weights with one image per class); "
+                   help="auto (default): per support set, weigh the checkpoint's embedding, raw pixels, intensity "
+                        "histograms and two texture descriptors (gradient magnitude, HOG) by leave-one-out over the "
+                        "support (equal weights with one image per class); "
                         "learned: the checkpoint's learner alone")
     c.add_argument("--finetune-steps", type=non_negative_int, default=0,
                    help="fit a new head on augmented support images for this many steps (0: off), on the "

@@ -63,7 +63,11 @@ def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Seq
     """`structure_scale` for several supports, ``(mask, spacing, field)`` each: the thinnest structure sets the
     spacing (never finer than the finest scan's pixels), and the slices hold the widest field of view at it, so
     that no support's structure is cropped away (a tumour-centred crop beside a whole scan lost every voxel of
-    the whole scan's structure at the crop's slice size; a review). The order of the supports does not matter."""
+    the whole scan's structure at the crop's slice size; a review). The order of the supports does not matter.
+
+    When every structure is thick enough at the checkpoint's spacing, the checkpoint's preprocessing is returned
+    unchanged, slices included: a body wider than them is cut around its centre, as in training, and
+    `imaging_meta.commands.segment` warns when a support's structure reaches the edge of its slices."""
     coarse = float(min(preprocessing["spacing"]))
     wanted = min(structure_extent_mm(mask, spacing) for mask, spacing, _ in supports) / float(min_pixels)
     if wanted >= coarse:

@@ -172,6 +172,14 @@ def test_orientation_histogram_reads_which_way_edges_run_whatever_the_intensitie
     # an offset and a contrast change leave it unchanged (it is normalised), and so do a flip of the polarity
     torch.testing.assert_close(orientation_histogram(0.2 + 0.5 * vertical), orientation_histogram(vertical))
     torch.testing.assert_close(orientation_histogram(1 - vertical), orientation_histogram(vertical))
+    # also at a size that is resampled (gy of +-1e-8 around horizontal gradients split them between the first bin
+    # and the last when the bins' edges lay at 0 and pi; a review): 0.051 apart before the bins were centred
+    for size in (50, 37):
+        yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+        stripes = ((xx % 8) < 4).float().view(1, 1, size, size)
+        torch.testing.assert_close(orientation_histogram(0.2 + 0.5 * stripes), orientation_histogram(stripes),
+                                   atol=1e-5, rtol=0)
+        assert float(orientation_histogram(stripes).view(ORIENTATIONS, -1)[1:].abs().max()) < 1e-3
     # where the edges are counts: edges in the left half only fill the left cells
     left = vertical.clone()
     left[..., 16:] = 0.0
@@ -481,10 +489,16 @@ def test_grey_stored_as_three_channels_is_described_exactly_as_grey():
     for space in (("pixels",), ("histogram",), ("pixels", "histogram", "gradient", "orientation")):
         a, b = task_features(rgb.support_images, rgb.query_images, space), task_features(ep.support_images, ep.query_images, space)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    # one colour query keeps every item of the task in colour
+    # the support decides: a colour query in a grey task is described by the mean of its channels, the others
+    # exactly as before; one colour support item makes the task colour
     tinted = rgb.query_images.clone()
     tinted[0, 0, 0] *= 0.5
-    assert shared_channels(rgb.support_images, tinted)[0].shape[2] == 3
+    s, q = shared_channels(rgb.support_images, tinted)
+    assert s.shape[2] == 1 and torch.equal(q[:, 1:], ep.query_images[:, 1:]) and torch.equal(q[0, 1:], ep.query_images[0, 1:])
+    torch.testing.assert_close(q[0, 0], tinted[0, 0].mean(0, keepdim=True))
+    coloured = rgb.support_images.clone()
+    coloured[0, 0, 0] *= 0.5
+    assert shared_channels(coloured, rgb.query_images)[0].shape[2] == 3
     with pytest.raises(ValueError, match="cannot give images with 4 channels"):
         to_channels(torch.zeros(2, 4, 8, 8), 1)
 
@@ -570,3 +584,19 @@ def test_the_per_channel_embedding_space_holds_unit_vectors():
     assert dist == "euclidean"
     torch.testing.assert_close(fs.norm(dim=-1), torch.ones(fs.shape[:2]))
     torch.testing.assert_close(fq.norm(dim=-1), torch.ones(fq.shape[:2]))
+
+
+def test_a_colour_query_does_not_move_the_answers_of_the_grey_queries_beside_it():
+    """Whether a task is grey or colour is decided by its support alone: one colour query among grey ones turned
+    the whole task to colour and moved the other queries' probabilities by 0.018 (a review, 2026-12-06)."""
+    ep = task_episode("pixels", n_shot=3)
+    rgb = replace(ep, support_images=to_channels(ep.support_images, 3, dim=2),
+                  query_images=to_channels(ep.query_images, 3, dim=2))
+    tinted = rgb.query_images.clone()
+    tinted[:, 0, 0] *= 0.5  # the first query of each task in colour
+    for rule in ("weighted", "select"):
+        learner = TaskAdaptiveClassifier(tiny_protonet(), rule=rule)
+        with torch.no_grad():
+            grey = learner.predict(rgb)
+            mixed = learner.predict(replace(rgb, query_images=tinted))
+        torch.testing.assert_close(mixed[:, 1:], grey[:, 1:], atol=1e-6, rtol=0)

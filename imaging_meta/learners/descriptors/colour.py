@@ -1,7 +1,10 @@
 """Grey and colour items for the learners that read colour (`DescriptorClassifier`, `TaskAdaptiveClassifier`).
 
-A grey image may arrive as three equal channels (``classify`` loads three channels for these learners). Such a
-task is described as grey, exactly as if it had been loaded with one channel (`shared_channels`), and a batch
+A grey image may arrive as three equal channels (``classify`` loads three channels for these learners). A task
+whose support is grey is described as grey, exactly as if it had been loaded with one channel (`shared_channels`);
+a colour query in it is described by the mean of its channels, since its classes were given in grey. Only the
+support decides, so that a query's answer never depends on whether another query is in colour (it did: one
+colour query turned the whole task to colour and moved the others' probabilities by 0.018; a review). A batch
 that mixes grey and colour tasks runs each kind on its own (`channel_groups`, `by_channel_group`), so that a
 task's answer never depends on the other tasks of its batch.
 """
@@ -23,11 +26,11 @@ def equal_channels(images: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def grey_tasks(support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """(T,) bool: whether every (T, S, C, *spatial) support and (T, Q, C, *spatial) query item of a task has equal
-    channels (grey, or grey stored as colour)."""
+    """(T,) bool: whether every (T, S, C, *spatial) support item of a task has equal channels (grey, or grey stored
+    as colour). The queries do not decide (module docstring); ``query`` is taken for the callers' symmetry."""
     if support.shape[2] == 1:
         return torch.ones(support.shape[0], dtype=torch.bool, device=support.device)
-    return equal_channels(support, 2).all(1) & equal_channels(query, 2).all(1)
+    return equal_channels(support, 2).all(1)
 
 
 def channel_groups(support: torch.Tensor, query: torch.Tensor) -> list[torch.Tensor]:
@@ -41,11 +44,13 @@ def channel_groups(support: torch.Tensor, query: torch.Tensor) -> list[torch.Ten
 
 
 def shared_channels(support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's (T, S, C, *spatial) support and (T, Q, C, *spatial) query items with one channel when every item of
-    every task has equal channels (grey stored as RGB), else unchanged: what the descriptors describe. Call it on
-    one of `channel_groups` (all grey or all colour tasks)."""
+    """A batch's (T, S, C, *spatial) support and (T, Q, C, *spatial) query items with one channel when every task's
+    support items have equal channels (grey stored as RGB), else unchanged: what the descriptors describe. A query
+    item in colour then becomes the mean of its channels (one in grey keeps its channel exactly). Call it on one of
+    `channel_groups` (all grey or all colour tasks)."""
     if support.shape[2] > 1 and bool(grey_tasks(support, query).all()):
-        return support[:, :, :1], query[:, :, :1]
+        grey = equal_channels(query, 2).view(*query.shape[:2], *([1] * (query.dim() - 2)))
+        return support[:, :, :1], torch.where(grey, query[:, :, :1], query.mean(2, keepdim=True))
     return support, query
 
 

@@ -125,7 +125,8 @@ def orientation_histogram(images: torch.Tensor, size: int = 32) -> torch.Tensor:
 
     Each channel is area-resized to ``size`` x ``size`` in plane (the last two spatial axes; pixels repeated when
     smaller, as `pixel_descriptor` does), its in-plane gradient taken by central differences, and each pixel's
-    magnitude added to the bin of its unsigned direction (``atan2`` modulo pi, `ORIENTATIONS` equal bins) in its
+    magnitude added to the bin of its unsigned direction (``atan2`` modulo pi, `ORIENTATIONS` equal bins centred on
+    0, pi / `ORIENTATIONS`, ...) in its
     cell of a `CELLS` x `CELLS` grid; further spatial axes are averaged. Each channel's vector is L2-normalised
     (a constant channel gives zeros).
     """
@@ -138,8 +139,10 @@ def orientation_histogram(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     planes = F.interpolate(planes, size=(size, size), mode="area")
     gy, gx = torch.gradient(planes, dim=(2, 3))
     magnitude = torch.sqrt(gx * gx + gy * gy)
+    # bins centred on the directions 0, pi / O, ...: a horizontal or vertical edge (the commonest) lies in the middle
+    # of its bin, not on the edge between two, where rounding (gy = -1e-8 after resampling) would split it
     direction = torch.remainder(torch.atan2(gy, gx), math.pi)
-    index = (direction * (ORIENTATIONS / math.pi)).long().clamp_(0, ORIENTATIONS - 1)
+    index = torch.remainder(torch.floor(direction * (ORIENTATIONS / math.pi) + 0.5), ORIENTATIONS).long()
     votes = F.one_hot(index, ORIENTATIONS).to(magnitude.dtype) * magnitude.unsqueeze(-1)  # (NC, P, H, W, O)
     votes = votes.mean(1).permute(0, 3, 1, 2)  # (NC, O, H, W)
     cells = F.adaptive_avg_pool2d(votes, CELLS).flatten(1)  # (NC, O * CELLS ** 2)
