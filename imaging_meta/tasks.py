@@ -202,8 +202,10 @@ class ClassificationTask(Task):
     label_kind = "class labels"
     sweep_shots = True
     #: ``probs`` in the order of ``classes`` (a JSON list of the episode's class names), each at full precision
+    #: ``choice_*``: what a task-adaptive learner chose for the query's task (`imaging_meta.evaluation.scoring`;
+    #: empty for other learners): its space, that space's leave-one-out accuracy, and its weights per space (JSON)
     csv_columns = ("method", "shot", "episode", "class", "site", "patient", "query_id", "label", "correct", "confidence",
-                   "probs", "classes")
+                   "probs", "classes", "choice_space", "choice_loo_accuracy", "choice_weights")
 
     def n_outputs(self, n_way: int) -> int:
         if n_way < 2:
@@ -249,7 +251,9 @@ class ClassificationTask(Task):
         return [r["method"], r["shot"], r["episode"], r["classes"][r["label"]], r["site"], r.get("patient", ""),
                 r["query_id"], r["label"],
                 int(int(p.argmax()) == r["label"]), repr(float(p.max())), " ".join(repr(float(v)) for v in p),
-                json.dumps(list(r["classes"]))]
+                json.dumps(list(r["classes"])), r.get("choice_space") or "",
+                "" if r.get("choice_loo_accuracy") is None else repr(float(r["choice_loo_accuracy"])),
+                "" if r.get("choice_weights") is None else json.dumps(r["choice_weights"], sort_keys=True)]
 
 
 SEGMENTATION = SegmentationTask()

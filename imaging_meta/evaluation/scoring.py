@@ -82,7 +82,8 @@ def _choice_fields(choices: Sequence[dict] | None, i: int) -> dict:
     if not choices or i >= len(choices):
         return {}
     c = choices[i]
-    return {"choice_space": c.get("space"), "choice_loo_accuracy": (c.get("loo_accuracy") or {}).get(c.get("space"))}
+    return {"choice_space": c.get("space"), "choice_loo_accuracy": (c.get("loo_accuracy") or {}).get(c.get("space")),
+            "choice_weights": c.get("weights")}
 
 
 def score_batch(

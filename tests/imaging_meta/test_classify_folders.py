@@ -167,7 +167,7 @@ def test_queries_classified_in_one_episode_get_the_answers_of_one_episode_each(m
 def test_a_grey_querys_answer_does_not_change_when_a_colour_query_is_classified_with_it():
     """A learner that reads colour decides from the support whether a task is grey: with the queries in one
     episode, a colour query made its grey neighbours colour (0.025 in probability, under `classify`'s default).
-    Against a grey support, a colour query is described by the mean of its channels."""
+    Against a grey support, a colour query is described in grey as the loader makes it (`colour.as_grey`)."""
     import torch
 
     from imaging_meta.commands.classify import predict_queries
@@ -183,8 +183,11 @@ def test_a_grey_querys_answer_does_not_change_when_a_colour_query_is_classified_
     mixed, mixed_choice = predict_queries(learner, support, labels, ["a", "b"], torch.cat([grey[:1], colour, grey[1:]]))
     torch.testing.assert_close(mixed[[0, 2]], alone, atol=1e-6, rtol=0)
     assert [c["colour"] for c in mixed_choice] == [False, False, False] and not alone_choice[0]["colour"]
-    as_grey, _ = predict_queries(learner, support, labels, ["a", "b"], colour.mean(1, keepdim=True).expand(1, 3, 32, 32))
-    torch.testing.assert_close(mixed[1:2], as_grey, atol=1e-6, rtol=0)
+    from imaging_meta.learners.descriptors.colour import as_grey
+
+    grey_copy = as_grey(colour[None])[0].expand(1, 3, 32, 32)
+    as_grey_probs, _ = predict_queries(learner, support, labels, ["a", "b"], grey_copy)
+    torch.testing.assert_close(mixed[1:2], as_grey_probs, atol=1e-6, rtol=0)
 
 
 def test_a_support_image_copied_into_another_class_is_warned_about(folders, tmp_path, caplog, legacy_checkpoints):

@@ -190,6 +190,22 @@ def test_orientation_histogram_reads_which_way_edges_run_whatever_the_intensitie
     torch.testing.assert_close(orientation_histogram(volume), orientation_histogram(vertical))
     with pytest.raises(ValueError, match="2 or 3 spatial axes"):
         orientation_histogram(torch.rand(2, 1, 16))
+
+
+def test_the_default_spaces_take_patches_one_slice_deep_and_a_one_pixel_size():
+    """The gradient histogram refused a (1, H, W) patch (no gradient across one slice), and the orientation
+    histogram a pixel size of 1, which the three-space default took (a review): now the single-pixel axis is
+    skipped and the orientation keeps at least 2 pixels."""
+    thin = torch.rand(3, 1, 1, 12, 12)
+    torch.testing.assert_close(gradient_histogram(thin), gradient_histogram(thin[:, :, 0]))
+    assert gradient_histogram(torch.rand(2, 1, 1, 1))[:, 0].tolist() == [1.0, 1.0]  # one pixel: no gradient
+    ep = task_episode("pixels", n_shot=2, tasks=1)
+    deep = replace(ep, support_images=ep.support_images.unsqueeze(3), query_images=ep.query_images.unsqueeze(3))
+    fs, fq = task_features(deep.support_images, deep.query_images, ("gradient", "orientation"))
+    assert torch.isfinite(fs).all() and torch.isfinite(fq).all()
+    with torch.no_grad():
+        probs = TaskAdaptiveClassifier(stub_embedding(), pixel_size=1).predict(ep)
+    assert torch.isfinite(probs).all()
     assert intensity_histogram(torch.tensor([[[[-0.5, 1.5]]]]))[0, [0, -1]].tolist() == [0.5, 0.5]  # clamped
 
 
@@ -489,13 +505,19 @@ def test_grey_stored_as_three_channels_is_described_exactly_as_grey():
     for space in (("pixels",), ("histogram",), ("pixels", "histogram", "gradient", "orientation")):
         a, b = task_features(rgb.support_images, rgb.query_images, space), task_features(ep.support_images, ep.query_images, space)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    # the support decides: a colour query in a grey task is described by the mean of its channels, the others
-    # exactly as before; one colour support item makes the task colour
+    # the support decides: a colour query in a grey task is described in grey as the loader makes it (luma,
+    # stretched over its own range), the others exactly as before; one colour support item makes the task colour
     tinted = rgb.query_images.clone()
     tinted[0, 0, 0] *= 0.5
     s, q = shared_channels(rgb.support_images, tinted)
     assert s.shape[2] == 1 and torch.equal(q[:, 1:], ep.query_images[:, 1:]) and torch.equal(q[0, 1:], ep.query_images[0, 1:])
-    torch.testing.assert_close(q[0, 0], tinted[0, 0].mean(0, keepdim=True))
+    luma = 0.299 * tinted[0, 0, 0] + 0.587 * tinted[0, 0, 1] + 0.114 * tinted[0, 0, 2]
+    torch.testing.assert_close(q[0, 0, 0], (luma - luma.min()) / (luma.max() - luma.min()))
+    # a colour picture and the grey copy a user made of it (luma, then read over its own range) are near copies
+    picture = torch.rand(1, 1, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 0.6 + 0.2
+    copy = 0.299 * picture[:, :, 0] + 0.587 * picture[:, :, 1] + 0.114 * picture[:, :, 2]
+    copy = ((copy - copy.min()) / (copy.max() - copy.min())).unsqueeze(2).expand(1, 1, 3, 16, 16)
+    torch.testing.assert_close(shared_channels(copy, picture)[1], copy[:, :, :1], atol=1e-6, rtol=0)
     coloured = rgb.support_images.clone()
     coloured[0, 0, 0] *= 0.5
     assert shared_channels(coloured, rgb.query_images)[0].shape[2] == 3

@@ -72,6 +72,27 @@ def test_a_classification_csv_row_keeps_every_probability_and_names_its_classes(
     assert [float(v) for v in got["probs"].split()] == record["probs"]
     assert json.loads(got["classes"]) == record["classes"] and got["class"] == "lesion, cystic"
     assert float(got["confidence"]) == 0.9999999 and got["correct"] == "1"
+    assert got["choice_space"] == got["choice_loo_accuracy"] == got["choice_weights"] == ""  # not task-adaptive
+
+
+def test_a_task_adaptive_choice_reaches_records_csv():
+    """`score_batch` kept the task-adaptive learner's choice in memory only; records.csv left it out (a review)."""
+    import csv
+    import io
+    import json
+
+    from imaging_meta.evaluation.scoring import _choice_fields
+
+    choice = {"space": "weighted", "loo_accuracy": {"weighted": 0.75, "pixels": 0.5},
+              "weights": {"embedding": 0.3, "pixels": 0.7}}
+    record = {"method": TRAINED, "shot": 2, "episode": 0, "site": "s", "query_id": "q", "label": 0,
+              "classes": ["a", "b"], "probs": [0.6, 0.4], **_choice_fields([choice], 0)}
+    buf = io.StringIO()
+    csv.writer(buf).writerows([CLASSIFICATION.csv_columns, CLASSIFICATION.csv_row(record)])
+    header, row = csv.reader(io.StringIO(buf.getvalue()))
+    got = dict(zip(header, row, strict=True))
+    assert got["choice_space"] == "weighted" and float(got["choice_loo_accuracy"]) == 0.75
+    assert json.loads(got["choice_weights"]) == choice["weights"]
 
 
 def test_module_episode_ids_are_unique_over_ranks_and_index_the_fixed_list():

@@ -2,7 +2,8 @@
 
 A grey image may arrive as three equal channels (``classify`` loads three channels for these learners). A task
 whose support is grey is described as grey, exactly as if it had been loaded with one channel (`shared_channels`);
-a colour query in it is described by the mean of its channels, since its classes were given in grey. Only the
+a colour query in it is described in grey, made as the image loader makes grey (`as_grey`), since its classes
+were given in grey. Only the
 support decides, so that a query's answer never depends on whether another query is in colour (it did: one
 colour query turned the whole task to colour and moved the others' probabilities by 0.018; a review). A batch
 that mixes grey and colour tasks runs each kind on its own (`channel_groups`, `by_channel_group`), so that a
@@ -46,12 +47,32 @@ def channel_groups(support: torch.Tensor, query: torch.Tensor) -> list[torch.Ten
 def shared_channels(support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's (T, S, C, *spatial) support and (T, Q, C, *spatial) query items with one channel when every task's
     support items have equal channels (grey stored as RGB), else unchanged: what the descriptors describe. A query
-    item in colour then becomes the mean of its channels (one in grey keeps its channel exactly). Call it on one of
+    item in colour then becomes grey as the loader makes it (`as_grey`; one in grey keeps its channel exactly). Call it on one of
     `channel_groups` (all grey or all colour tasks)."""
     if support.shape[2] > 1 and bool(grey_tasks(support, query).all()):
         grey = equal_channels(query, 2).view(*query.shape[:2], *([1] * (query.dim() - 2)))
-        return support[:, :, :1], torch.where(grey, query[:, :, :1], query.mean(2, keepdim=True))
+        return support[:, :, :1], torch.where(grey, query[:, :, :1], as_grey(query))
     return support, query
+
+
+#: the luma weights of R, G and B (ITU-R BT.601), as the image loader makes a grey image of a colour one
+LUMA = (0.299, 0.587, 0.114)
+
+
+def as_grey(items: torch.Tensor) -> torch.Tensor:
+    """(T, Q, C, *spatial) colour items -> (T, Q, 1, *spatial): the luma of three channels (the mean of another
+    number), stretched over each item's own range to [0, 1], as a grey picture is read (the loader scales each
+    image by its own range), so that a colour copy of a grey support image lands next to it."""
+    if items.shape[2] == 3:
+        w = torch.tensor(LUMA, dtype=items.dtype, device=items.device).view(1, 1, 3, *([1] * (items.dim() - 3)))
+        g = (items * w).sum(2, keepdim=True)
+    else:
+        g = items.mean(2, keepdim=True)
+    flat = g.flatten(2)
+    lo, hi = flat.min(-1).values, flat.max(-1).values
+    span = (hi - lo).view(*g.shape[:2], *([1] * (g.dim() - 2)))
+    lo = lo.view_as(span)
+    return torch.where(span > 0, (g - lo) / span.clamp(min=1e-12), g)
 
 
 def to_channels(images: torch.Tensor, channels: int, dim: int = 1) -> torch.Tensor:

@@ -113,10 +113,14 @@ def gradient_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
     x = _items(images)
     n, c = x.shape[:2]
     g = x.flatten(0, 1)  # (N * C, *spatial)
-    axes = tuple(range(1, g.dim()))
-    if not axes or any(g.shape[a] < 2 for a in axes):
-        raise ValueError(f"gradient_histogram needs at least 2 pixels along every axis, got {tuple(images.shape)}")
-    magnitude = torch.stack(torch.gradient(g, dim=axes)).pow(2).sum(0).sqrt()
+    # along the axes of at least 2 pixels (a patch one slice deep, (1, H, W), has no gradient across its slice)
+    axes = tuple(a for a in range(1, g.dim()) if g.shape[a] >= 2)
+    if g.dim() < 2 or g[0].numel() == 0:
+        raise ValueError(f"gradient_histogram takes items (N, C, *spatial), got {tuple(images.shape)}")
+    if axes:
+        magnitude = torch.stack(torch.gradient(g, dim=axes)).pow(2).sum(0).sqrt()
+    else:  # one pixel: no gradient
+        magnitude = torch.zeros_like(g)
     return histogram(magnitude.flatten(1), bins, GRADIENT_RANGE).view(n, c * bins) / c
 
 
@@ -160,7 +164,7 @@ def describe(images: torch.Tensor, descriptor: str, size: int = 32, bins: int = 
     if descriptor == "gradient":
         return gradient_histogram(images, bins)
     if descriptor == "orientation":
-        return orientation_histogram(images, size)
+        return orientation_histogram(images, max(2, size))  # a gradient needs two pixels (``size`` 1: pixels only)
     if descriptor == "radiomics":
         from imaging_meta.learners.descriptors.radiomics import radiomics_descriptor
 
