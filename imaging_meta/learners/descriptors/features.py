@@ -19,7 +19,7 @@ gives the same vectors however it was loaded.
   axis (``torch.gradient``), binned over [0, `GRADIENT_RANGE`] (larger magnitudes fall into the last bin),
   concatenated and divided by the number of channels: how sharp or smooth an image is, wherever its edges lie.
 * ``orientation``: per channel, histograms of oriented gradients (HOG; Dalal and Triggs 2005) of the image
-  area-resized to ``size`` per in-plane axis: the in-plane gradient of every pixel (the last two spatial axes)
+  resized to ``size`` per in-plane axis: the in-plane gradient of every pixel (the last two spatial axes)
   votes with its magnitude for one of `ORIENTATIONS` unsigned directions, counted in `CELLS` x `CELLS` cells
   (averaged over any further spatial axis), each channel's vector L2-normalised: which way the edges run, and
   roughly where, whatever the intensities.
@@ -127,8 +127,8 @@ def gradient_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
 def orientation_histogram(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     """Histograms of oriented gradients (HOG) per channel, concatenated: (N, C * ORIENTATIONS * CELLS ** 2).
 
-    Each channel is area-resized to ``size`` x ``size`` in plane (the last two spatial axes; pixels repeated when
-    smaller, as `pixel_descriptor` does), its in-plane gradient taken by central differences, and each pixel's
+    Each channel is resized to ``size`` x ``size`` in plane (the last two spatial axes; by area, or bilinearly
+    when an axis is smaller, where repeated pixels would make a staircase of every oblique edge), its in-plane gradient taken by central differences, and each pixel's
     magnitude added to the bin of its unsigned direction (``atan2`` modulo pi, `ORIENTATIONS` equal bins centred on
     0, pi / `ORIENTATIONS`, ...) in its
     cell of a `CELLS` x `CELLS` grid; further spatial axes are averaged. Each channel's vector is L2-normalised
@@ -140,7 +140,11 @@ def orientation_histogram(images: torch.Tensor, size: int = 32) -> torch.Tensor:
                          f"{tuple(images.shape)}, {size}")
     n, c = x.shape[:2]
     planes = x.reshape(n * c, -1, *x.shape[-2:])  # (N * C, P, H, W): P planes (1 for 2D items)
-    planes = F.interpolate(planes, size=(size, size), mode="area")
+    if min(planes.shape[-2:]) >= size:
+        planes = F.interpolate(planes, size=(size, size), mode="area")
+    else:  # upsampled: area would repeat pixels, a staircase that turns a 45-degree edge into 0 and 90 (a review)
+        planes = F.interpolate(planes, size=(size, size), mode="bilinear", align_corners=False,
+                               antialias=max(planes.shape[-2:]) > size)
     gy, gx = torch.gradient(planes, dim=(2, 3))
     magnitude = torch.sqrt(gx * gx + gy * gy)
     # bins centred on the directions 0, pi / O, ...: a horizontal or vertical edge (the commonest) lies in the middle
