@@ -398,6 +398,15 @@ def _episodes_per_shot(episode_files: dict, requested: int) -> int | dict[str, i
     return next(iter(counts.values())) if len(set(counts.values())) == 1 else counts
 
 
+def _without_embedding(config: dict | None) -> dict | None:
+    """A reference learner's config without its wrapped embedding (which is the checkpoint's learner, recorded as
+    ``learner_config``)."""
+    if not isinstance(config, dict):
+        return None
+    init = {k: v for k, v in (config.get("init_args") or {}).items() if k != "embedding"}
+    return {"class_path": config.get("class_path"), "init_args": init}
+
+
 def _context(path: Path, out: Path, extra: dict, task: Task, describe: dict, episode_files: dict, **settings) -> dict:
     """What a report records about how it was made (``settings``: name, seed, episodes, threshold, spacing, device)."""
     first = describe[next(iter(describe))]
@@ -573,6 +582,9 @@ def evaluate(
     context["interval"] = interval_description(interval, N_BOOT, seed)
     if skipped:  # asked for, but the test split cannot give them: said in results.json, not only in the log
         context["skipped_shots"] = {str(k): why for k, why in skipped.items()}
+    if references:  # how the reference rows were made (the task-adaptive row's spaces changed on 2026-12-06)
+        context["reference_methods"] = {name: _without_embedding(getattr(ref, "config", None))
+                                        for name, ref in references.items()}
     summary = evaluation_summary(task, records, seed=seed, interval=interval, n_boot=N_BOOT)
     texts: dict[str, Path] = {}
     if scan_protocols:

@@ -1,6 +1,8 @@
 """`imaging-meta evaluate` and `compare`: metrics against hand-computed values, reproducibility to the last
 digit, the split guard, the report files, on checkpoints written by a real (tiny) fit."""
 
+import csv
+import io
 import json
 import logging
 import math
@@ -268,6 +270,17 @@ def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, ca
     # raw pixels and what `classify` gives by default are scored on the same episodes, paired with trained
     assert {"raw pixels", "trained, task-adaptive", "untrained encoder"} <= set(s["acc"])
     assert {"raw pixels", "trained, task-adaptive"} <= set(json.dumps(s["differences"]).replace('"', "\n").split("\n"))
+    # how they were made: the task-adaptive row's spaces (the embedding is the checkpoint's, in learner_config)
+    refs = doc["context"]["reference_methods"]
+    assert refs["trained, task-adaptive"]["init_args"]["spaces"][:5] == [
+        "embedding", "pixels", "histogram", "gradient", "orientation"]
+    assert "embedding" not in refs["trained, task-adaptive"]["init_args"]
+    assert refs["raw pixels"]["init_args"]["features"] == "pixels"
+    rows = list(csv.DictReader(io.StringIO((out / "records.csv").read_text())))
+    adaptive = [r for r in rows if r["method"] == "trained, task-adaptive"]
+    assert adaptive and all(r["choice_space"] in ("weighted", "fusion") for r in adaptive)
+    assert set(json.loads(adaptive[0]["choice_weights"])) == {"embedding", "pixels", "histogram", "gradient", "orientation"}
+    assert all(r["choice_space"] == "" for r in rows if r["method"] == "trained")
     assert "reliability.png" in doc["figures"].values() and (out / "reliability.png").is_file()
     assert "accuracy per class" in " ".join(doc["figures"])
     assert cli_main(["compare", str(out), str(out), "--out", str(tmp_path / "cmp.md")]) == 0
