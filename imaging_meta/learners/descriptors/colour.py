@@ -3,11 +3,10 @@
 A grey image may arrive as three equal channels (``classify`` loads three channels for these learners). A task
 whose support is grey is described as grey, exactly as if it had been loaded with one channel (`shared_channels`);
 a colour query in it is described in grey, made as the image loader makes grey (`as_grey`), since its classes
-were given in grey. Only the
-support decides, so that a query's answer never depends on whether another query is in colour (it did: one
-colour query turned the whole task to colour and moved the others' probabilities by 0.018; a review). A batch
-that mixes grey and colour tasks runs each kind on its own (`channel_groups`, `by_channel_group`), so that a
-task's answer never depends on the other tasks of its batch.
+were given in grey. Only the support decides, so that a query's answer never depends on whether another query is
+in colour (it did: one colour query turned the whole task to colour and moved the others' probabilities by 0.018;
+a review). A batch that mixes grey and colour tasks runs each kind on its own (`channel_groups`,
+`by_channel_group`), so that a task's answer never depends on the other tasks of its batch.
 """
 
 from __future__ import annotations
@@ -47,8 +46,8 @@ def channel_groups(support: torch.Tensor, query: torch.Tensor) -> list[torch.Ten
 def shared_channels(support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's (T, S, C, *spatial) support and (T, Q, C, *spatial) query items with one channel when every task's
     support items have equal channels (grey stored as RGB), else unchanged: what the descriptors describe. A query
-    item in colour then becomes grey as the loader makes it (`as_grey`; one in grey keeps its channel exactly). Call it on one of
-    `channel_groups` (all grey or all colour tasks)."""
+    item in colour then becomes grey as the loader makes it (`as_grey`; one in grey keeps its channel exactly).
+    Call it on one of `channel_groups` (all grey or all colour tasks)."""
     if support.shape[2] > 1 and bool(grey_tasks(support, query).all()):
         grey = equal_channels(query, 2).view(*query.shape[:2], *([1] * (query.dim() - 2)))
         return support[:, :, :1], torch.where(grey, query[:, :, :1], as_grey(query))
@@ -61,8 +60,10 @@ LUMA = (0.299, 0.587, 0.114)
 
 def as_grey(items: torch.Tensor) -> torch.Tensor:
     """(T, Q, C, *spatial) colour items -> (T, Q, 1, *spatial): the luma of three channels (the mean of another
-    number), stretched over each item's own range to [0, 1], as a grey picture is read (the loader scales each
-    image by its own range), so that a colour copy of a grey support image lands next to it."""
+    number of channels), stretched over each item's own range to [0, 1], as a grey picture is read (the loader
+    scales each image by its own range), so that a colour copy of a grey support image lands next to it. (A
+    checkpoint that reads 8-bit pictures as value / 255, `datamodules.sources.image_folder.NATIVE_RANGE`, does not
+    stretch its grey ones: there the copy lands near, not on, them.)"""
     if items.shape[2] == 3:
         w = torch.tensor(LUMA, dtype=items.dtype, device=items.device).view(1, 1, 3, *([1] * (items.dim() - 3)))
         g = (items * w).sum(2, keepdim=True)
