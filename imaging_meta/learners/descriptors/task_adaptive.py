@@ -10,7 +10,8 @@ The default rule, ``rule="weighted"``, per task: every candidate space except ``
 the queries go to the nearest class prototype under a weighted sum of the spaces' squared distances, the
 weights fitted on the support by leave-one-out with a prior toward equal weights
 (`imaging_meta.learners.descriptors.weighting`). With one shot per class nothing can be held out and the
-weights stay equal: that is the ``fusion`` space, the documented K = 1 default of this rule. On the real 2D
+weights stay equal: the ``fusion`` space's answers (at the softer `weighting.ONE_SHOT_SCALE`), the documented
+one-shot default of this rule. On the real 2D
 sets of ``benchmarks/real/`` a hard choice among leave-one-out accuracies of 2-10 support items was noisier
 than the weighting (docs/classification.md).
 
@@ -121,8 +122,9 @@ def input_channels(learner: torch.nn.Module) -> int | None:
 
 
 class TaskAdaptiveClassifier(WrappingLearner):
-    """Per task, classify in the space (learned embedding, descriptors, fusion) that wins leave-one-out on
-    the support; the learned embedding with one shot per class (see the module docstring).
+    """Per task, classify under a weighting of the spaces (learned embedding, descriptors) fitted by leave-one-out
+    on the support, equal weights with one shot per class (``rule="weighted"``, the default), or in the one space
+    that wins leave-one-out, the learned embedding with one shot (``rule="select"``; see the module docstring).
 
     Meta-training (`loss`) trains the wrapped embedding learner with its own loss; the descriptors have nothing
     to learn. To wrap a trained learner, pass it: ``TaskAdaptiveClassifier(load_learner(ckpt)[0])``
@@ -310,10 +312,12 @@ class TaskAdaptiveClassifier(WrappingLearner):
         """The space each task of an episode is classified in, and why.
 
         Returns:
-            One record per task: ``space`` (the chosen candidate's name), ``rule`` (``"leave-one-out"``, or
-            ``"default"`` when no class has two support items), ``loo_accuracy`` (candidate -> leave-one-out
-            accuracy on the support, None under the default), ``loo_items`` (the support items held out) and
-            ``colour`` (whether the task was described in colour).
+            One record per task: ``space`` (``"weighted"``, ``"fusion"`` or the chosen candidate's name),
+            ``rule`` (``"weighted leave-one-out"`` under the default rule, ``"leave-one-out"`` under ``select``,
+            or ``"default"`` when no class has two support items), ``weights`` (the weighted rule's share of
+            each space), ``loo_accuracy`` (candidate, and ``"weighted"``, -> leave-one-out accuracy on the
+            support, None under the default), ``loo_items`` (the support items held out) and ``colour`` (whether
+            the task was described in colour).
         """
         ep = blind(classification_batch(episode, type(self).__name__))
         return stitch_records(by_channel_group(ep, self._choose))
