@@ -265,6 +265,10 @@ def test_structure_scale_refines_only_small_structures():
     big = np.zeros((200, 200, 5), bool)
     big[20:180, 20:180, 2] = True
     assert structure_scale(pre, big, (1.0, 1.0, 5.0), big.shape[:2]) == pre  # 160 mm spans 35 pixels at 4.5 mm
+    # the same structure in a 500 mm body: the checkpoint's spacing, slices widened to hold the body (80 slices of
+    # 4.5 mm cut 62% of a lateral structure away; a review), at most 128
+    assert structure_scale(pre, big, (1.0, 1.0, 5.0), (500.0, 300.0)) == {**pre, "slice_size": [112, 112]}
+    assert structure_scale(pre, big, (1.0, 1.0, 5.0), (900.0, 300.0)) == {**pre, "slice_size": [128, 128]}
     with pytest.raises(ValueError, match="no foreground"):
         structure_extent_mm(np.zeros((4, 4, 2), bool), (1.0, 1.0, 1.0))
     # thin parts spread across the slice (ribs): their thickness, not the bounding box's smaller side (160 mm)
