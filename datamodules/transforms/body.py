@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import CropForegroundd, MapTransform
+from nibabel.affines import voxel_sizes
 from scipy import ndimage
 
 #: CT voxels above this (HU) are body: fat (about -100) and skin are; air and a couch's foam (about -900) are not
@@ -59,12 +60,16 @@ BODY_ANALYSIS_MM = 2.0
 BODY_META = "body_corners"
 
 
-def body_foreground(values: np.ndarray, modality: str) -> np.ndarray:
-    """The voxels of a scan's own values (HU on CT) that may be body (module docstring)."""
+def _is_ct(modality: str) -> bool:
     from datamodules.transforms.volume import CT_MODALITIES  # volume imports this module
 
+    return modality.upper() in CT_MODALITIES
+
+
+def body_foreground(values: np.ndarray, modality: str) -> np.ndarray:
+    """The voxels of a scan's own values (HU on CT) that may be body (module docstring)."""
     values = np.asarray(values, dtype=np.float32)
-    if modality.upper() in CT_MODALITIES:
+    if _is_ct(modality):
         return values > CT_BODY_HU
     finite = values[np.isfinite(values)]
     if finite.size == 0:
@@ -119,10 +124,8 @@ def find_body(values: np.ndarray, spacing: Sequence[float], modality: str,
     grid); None when there is neither body nor label."""
     values = np.asarray(values)
     nx, ny = values.shape[:2]
-    from datamodules.transforms.volume import CT_MODALITIES  # volume imports this module
-
     k = max(1, int(BODY_ANALYSIS_MM // float(min(spacing[0], spacing[1]))))
-    thin = BODY_THIN_MM if modality.upper() in CT_MODALITIES else 0.0  # thin layers: on CT only
+    thin = BODY_THIN_MM if _is_ct(modality) else 0.0  # thin layers: on CT only
     found = body_box(body_foreground(values[::k, ::k], modality), [float(spacing[0]) * k, float(spacing[1]) * k],
                      thin_mm=thin)
     boxes = [] if found is None else [(found[0] * k, min(nx, found[1] * k), found[2] * k, min(ny, found[3] * k))]
@@ -154,8 +157,7 @@ def body_field(box: tuple[int, int, int, int] | None, spacing: Sequence[float], 
 
 
 def _in_plane_spacing(affine: np.ndarray) -> list[float]:
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return [float(v) for v in np.sqrt((a ** 2).sum(0))[:2]]
+    return [float(v) for v in voxel_sizes(np.asarray(affine, dtype=np.float64))[:2]]
 
 
 class FindBodyd(MapTransform):

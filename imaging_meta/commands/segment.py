@@ -169,10 +169,10 @@ def _cropped_field(vol: torch.Tensor, pre: dict) -> tuple[tuple[float, float], t
     shape, affine = meta.get("spatial_shape"), meta.get("original_affine")
     if shape is None or affine is None:
         return None
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    sizes = np.asarray(shape, dtype=np.float64)[:3] * np.sqrt((a ** 2).sum(0))  # along the file's own axes
+    a = np.asarray(affine, dtype=np.float64)
+    sizes = np.asarray(shape, dtype=np.float64)[:3] * nib.affines.voxel_sizes(a)[:3]  # along the file's own axes
     extent = np.zeros(3)
-    for axis, (to, _) in enumerate(nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))):
+    for axis, (to, _) in enumerate(nib.orientations.io_orientation(a)):
         extent[int(to)] = sizes[axis]  # along the RAS-turned grid's axes (a world bounding box overstated an
         # oblique grid: a 25 degree rotation read 290 mm for 192; a review)
     body = next((op for op in getattr(vol, "applied_operations", []) if op.get("class") == "CropForeground"), None)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from nibabel.affines import voxel_sizes
 
 from datamodules.transforms.volume import volume_transforms
 from imaging_meta.evaluation import volumes as V
@@ -93,7 +94,7 @@ def load_scan(scan: Scan, preprocessing: dict, query: bool = False) -> Loaded:
         raise ValueError(
             f"{scan.label}: label map {truth.shape} is not on the grid of {scan.image} {image.shape}"
         )
-    sx, sy, sz = (float(s) for s in np.sqrt((np.asarray(raw["image"].affine)[:3, :3] ** 2).sum(0)))
+    sx, sy, sz = (float(s) for s in voxel_sizes(np.asarray(raw["image"].affine, dtype=np.float64)))
     return Loaded(image, truth, (sx, sy, sz), tf(item), tf, np.asarray(raw["image"].affine, dtype=np.float64))
 
 
@@ -166,7 +167,7 @@ def _structure_field(preprocessing: dict, image: str | list[str], label: str, va
     for t in tf.transforms[:2]:  # load, channel first
         raw = t(raw)
     raw = next(t for t in tf.transforms if isinstance(t, Orientationd))(raw)
-    spacing = [float(v) for v in np.sqrt((np.asarray(raw["label"].affine)[:3, :3] ** 2).sum(0))]
+    spacing = [float(v) for v in voxel_sizes(np.asarray(raw["label"].affine, dtype=np.float64))]
     labels = np.asarray(raw["label"])[0]
     mask = labels != 0 if value is None else labels == value
     if not mask.any():

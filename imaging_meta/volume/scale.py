@@ -53,7 +53,8 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
 
     Returns:
         A copy of ``preprocessing`` with ``spacing`` and ``slice_size`` (never smaller than the checkpoint's);
-        unchanged when the structure already spans ``min_pixels`` at the checkpoint's spacing.
+        the checkpoint's spacing when the structure already spans ``min_pixels`` at it (its slices widened to hold
+        ``field`` all the same).
     """
     return supports_scale(preprocessing, [(mask, spacing, field)], min_pixels, max_size)
 
@@ -72,22 +73,16 @@ def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Seq
     coarse = float(min(preprocessing["spacing"]))
     wanted = min(structure_extent_mm(mask, spacing) for mask, spacing, _ in supports) / float(min_pixels)
     fov = max(max(float(field[0]), float(field[1])) for _, _, field in supports)
-    if wanted >= coarse:
-        return _holding(preprocessing, fov / coarse, max_size)
     native = min(float(min(spacing[0], spacing[1])) for _, spacing, _ in supports)
-    new = float(max(wanted, native, fov / max_size))
-    if new >= coarse:
-        return _holding(preprocessing, fov / coarse, max_size)
-    side = min(max_size, int(math.ceil(fov / new / 16.0)) * 16)
-    # never smaller than the checkpoint's slices: its network was trained on them (a U-Net's deepest level
-    # would otherwise shrink to one pixel on a small field of view)
-    size = [max(side, int(n)) for n in preprocessing["slice_size"]]
-    return {**preprocessing, "spacing": [new, new], "slice_size": size}
+    new = coarse if wanted >= coarse else min(coarse, float(max(wanted, native, fov / max_size)))
+    held = _holding(preprocessing, fov / new, max_size)
+    return held if new >= coarse else {**held, "spacing": [new, new]}  # coarse: the checkpoint's own spacing
 
 
 def _holding(preprocessing: dict, pixels: float, max_size: int) -> dict:
-    """The checkpoint's preprocessing, its slices widened (to a multiple of 16, at most ``max_size``, never
-    narrower) to hold ``pixels`` at its own spacing; a copy of it unchanged when they already do."""
+    """``preprocessing`` with its slices widened (to a multiple of 16, at most ``max_size``) to hold ``pixels``;
+    never narrower than the checkpoint's, which its network was trained on (a U-Net's deepest level would shrink
+    to one pixel on a small field of view); a copy of it unchanged when they already hold them."""
     side = min(max_size, int(math.ceil(pixels / 16.0)) * 16)
     size = [max(side, int(n)) for n in preprocessing["slice_size"]]
     if size == [int(n) for n in preprocessing["slice_size"]]:

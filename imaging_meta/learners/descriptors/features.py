@@ -115,7 +115,7 @@ def gradient_histogram(images: torch.Tensor, bins: int = 32) -> torch.Tensor:
     g = x.flatten(0, 1)  # (N * C, *spatial)
     # along the axes of at least 2 pixels (a patch one slice deep, (1, H, W), has no gradient across its slice)
     axes = tuple(a for a in range(1, g.dim()) if g.shape[a] >= 2)
-    if g.dim() < 2 or g[0].numel() == 0:
+    if g[0].numel() == 0:  # (`_items` has already asked for a channel axis and a spatial one)
         raise ValueError(f"gradient_histogram takes items (N, C, *spatial), got {tuple(images.shape)}")
     if axes:
         magnitude = torch.stack(torch.gradient(g, dim=axes)).pow(2).sum(0).sqrt()
