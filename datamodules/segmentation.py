@@ -42,6 +42,7 @@ from datamodules.indexing.splits import (
     Split,
     ValOrganFilter,
     make_split,
+    match_sites,
     read_fold,
 )
 from datamodules.io.atomic import atomic_open
@@ -219,7 +220,7 @@ class SegmentationDataModule(EpisodicDataModule):
             slice). On the demo cohort (configs/data/demo_segmentation.yaml, ``split_seed: 0``) it is the
             gallbladder. 0 validates on the test organs, as before this argument existed (checkpoints written
             then are read back with 0; a warning says that checkpoint selection then sees the test organs).
-        test_sites: cross_site: held-out sites (site keys or substrings).
+        test_sites: cross_site: held-out sites (site keys, or whole words of them, case-insensitive).
         exclude_test_organ_slices: cross_organ: SSL-ALPNet setting 2 (True) or setting 1 (False).
         val_fraction: share of patients for validation.
         test_fraction: share of patients for test.
@@ -727,7 +728,10 @@ class SegmentationDataModule(EpisodicDataModule):
         s, index = self.split, self.index
         assert s is not None and index is not None  # after setup()
         held_patients = s.patients(self.cases, "val") | s.patients(self.cases, "test")
-        held_sites = {self.cases[i].site for i in s.test} if s.protocol == "cross_site" else set()
+        # every indexed site that test_sites names, unlabelled scans' included: a held-out scanner may also have
+        # scans without labels, which only self-supervision would see (a review)
+        held_sites = (set(match_sites(self.hparams.test_sites or (), {c.site for c in index.cases}))
+                      | {self.cases[i].site for i in s.test}) if s.protocol == "cross_site" else set()
         return [c for c in index.cases if c.patient not in held_patients and c.site not in held_sites]
 
     def _banned_slices(self) -> dict[str, set[int]]:

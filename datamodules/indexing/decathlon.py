@@ -36,6 +36,14 @@ def parse_label_names(raw: Any) -> dict[int, str]:
                 continue
         elif isinstance(v, int) and not isinstance(v, bool):  # nnU-Net v2: {"background": 0, "liver": 1}
             out[int(v)] = str(k)
+    values_of: dict[str, list[int]] = {}
+    for value, name in sorted(out.items()):
+        values_of.setdefault(name, []).append(value)
+    shared = {name: values for name, values in values_of.items() if len(values) > 1}
+    if shared:  # one name per structure: a second value was renamed '<name>_<value>', half a held-out organ trained on
+        name, values = next(iter(shared.items()))
+        raise ValueError(f"the label names give {name!r} to values {values}: a structure is one label value, so each "
+                         f"needs its own name (e.g. '{name}_left', '{name}_right'), or merge the values in the label maps")
     return out
 
 
@@ -49,7 +57,11 @@ def parse_decathlon(path: str) -> Decathlon:
     if not isinstance(d, dict) or not ({"training", "labels"} & set(d)):
         raise Reject("a dataset.json without 'training' or 'labels': not a Decathlon dataset description")
     folder = os.path.dirname(path)
-    dec = Decathlon(path=path, folder=folder, labels=parse_label_names(d.get("labels")))
+    try:
+        names = parse_label_names(d.get("labels"))
+    except ValueError as e:
+        raise Reject(f"its 'labels': {e}") from e
+    dec = Decathlon(path=path, folder=folder, labels=names)
     dec.modality = normalise_modality(d.get("modality")) or normalise_modality(d.get("channel_names"))
     for entry in d.get("training") or []:
         if isinstance(entry, Mapping) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str):

@@ -78,9 +78,10 @@ class Rejection:
 
 
 def own_patient_note(root: str, paths: Sequence[str]) -> str:
-    """What it means that ``paths`` (NIfTI images under ``root``) name no patient, and the fix."""
-    return (f"{len(paths)} NIfTI image(s) under {root} name no patient (e.g. {paths[0]}: its path does not match "
-            "the patient pattern, by default 'sub-<id>', and it is not in a Decathlon folder), so each counts as its "
+    """What it means that ``paths`` (images under ``root``: NIfTI files, DICOM series by their first file) name no patient, and the fix."""
+    return (f"{len(paths)} image(s) under {root} name no patient (e.g. {paths[0]}: its path does not match "
+            "the patient pattern, by default 'sub-<id>', and it is not in a Decathlon folder, or it is a DICOM series "
+            "whose PatientID is empty), so each counts as its "
             "own patient and two scans of one patient can land in training and test; put each patient's files under "
             "a 'sub-<id>' folder, or set data.init_args.patient_regex (its first group is the patient: '^([^/]+)/' "
             "for one folder per patient, '^([^_]+)_' for '<patient>_ct.nii.gz')")
@@ -97,8 +98,9 @@ class Index:
         accounted: other files that were read and used as support material (sidecars, dataset.json).
         label_names: integer value -> structure name used for all label maps.
         site_fields: the header fields that build the site key.
-        own_patient: NIfTI images (relative paths) that name no patient: no match of the scan's patient pattern
-            in their path and no Decathlon folder (where each image is one patient), so each is its own patient.
+        own_patient: images (relative paths; a DICOM series by its first file) that name no patient: no match of
+            the scan's patient pattern in their path and no Decathlon folder (where each image is one patient), and
+            for a DICOM series an empty PatientID, so each is its own patient.
         patient_regex: the pattern the scan read NIfTI patients with ("" for none); None in indexes written
             before it was recorded (which used the default).
     """

@@ -124,7 +124,10 @@ class _Scanner:
     ):
         self.root = os.path.abspath(os.fspath(root))
         self.site_fields = list(site_fields)
-        self.default_names = parse_label_names(dict(label_names)) if label_names else {}
+        try:
+            self.default_names = parse_label_names(dict(label_names)) if label_names else {}
+        except ValueError as e:  # bad input: the data config's label_names
+            raise ValueError(f"label_names: {e}") from e
         self.salt = salt
         try:
             self.patient_re = re.compile(patient_regex) if patient_regex else None
@@ -337,6 +340,8 @@ class _Scanner:
                                "patient - export it again from the source", covered)
             return
         raw_patient = (first.patient_id or "").strip() or self._path_patient(where)
+        if not patients and self.patient_re is not None and self._regex_patient(where) is None:
+            self.index.own_patient.append(rel_files[0])  # anonymised: no PatientID, and its path names no patient
         key, info = site_key(ser.headers[0].attributes, self.site_fields, self.salt)
         case = Case(
             case_id="c-" + pseudonym(self.salt, rel_files[0]),

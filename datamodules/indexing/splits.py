@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -136,11 +137,22 @@ def _stratified_split(cases: Sequence[Case], val_fraction: float, test_fraction:
     return train, val, test
 
 
-def _match_sites(requested: Sequence[str], sites: Sequence[str]) -> list[str]:
-    """Site keys matching each requested name (exact key, or a case-insensitive substring of it)."""
+def _names_site(name: str, site: str) -> bool:
+    """Whether ``name`` names ``site``: the whole key, or whole words of it (case-insensitive), so that ``GE``
+    names ``GE MEDICAL SYSTEMS | LightSpeed VCT`` and not ``Philips | Ingenia`` (a substring did, a review)."""
+    return name == site or re.search(rf"(?<![0-9a-z]){re.escape(name.strip().lower())}(?![0-9a-z])", site.lower()) is not None
+
+
+def match_sites(requested: Sequence[str], sites: Iterable[str]) -> list[str]:
+    """Site keys matching each requested name (the exact key, or whole words of it, case-insensitive).
+
+    Raises:
+        ValueError: a name that matches none of ``sites`` (the message lists them).
+    """
+    sites = list(sites)
     out: list[str] = []
     for r in requested:
-        hits = [s for s in sites if s == r] or [s for s in sites if r.lower() in s.lower()]
+        hits = [s for s in sites if s == r] or [s for s in sites if r.strip() and _names_site(r, s)]
         if not hits:
             raise ValueError(f"test site {r!r} matches none of the sites in the index: {sorted(sites)}")
         out.extend(h for h in hits if h not in out)
@@ -315,7 +327,7 @@ def make_split(
             ``val_organ_count`` organs chosen by `choose_val_organs`); they are held out of meta-training too.
         val_organ_count: cross_organ, without ``val_organs``: how many validation organs to hold out; 0
             validates on the test organs (the behaviour of checkpoints written before this argument).
-        test_sites: cross_site: site keys, or substrings of them, held out for test.
+        test_sites: cross_site: site keys, or whole words of them (case-insensitive), held out for test.
         val_fraction: share of (training-site) patients for validation.
         test_fraction: share of patients for test (in_domain and cross_organ).
         seed: split seed (patients, and the choice of validation organs).
@@ -350,8 +362,8 @@ def make_split(
             raise ValueError("a test fold (folds_file/test_fold) fixes the test patients, which cross_site takes from "
                              "test_sites; use it with in_domain or cross_organ")
         if not test_sites:
-            raise ValueError("the cross_site protocol needs test_sites (site keys or substrings of them)")
-        held = set(_match_sites(test_sites, sites))
+            raise ValueError("the cross_site protocol needs test_sites (site keys or whole words of them)")
+        held = set(match_sites(test_sites, sites))
         if held == set(sites):
             raise ValueError(f"test_sites {list(test_sites)} cover every site; leave at least one for training")
         seen = [c for c in cases if c.site not in held]

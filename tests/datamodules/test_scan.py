@@ -422,6 +422,38 @@ def test_nifti_files_that_name_no_patient_are_counted_and_a_pattern_names_them(t
     assert Index.load(tmp_path / "index.json").patient_regex == r"^([^_]+)_"
 
 
+def test_a_dicom_series_without_a_patient_id_is_counted_as_its_own_patient(tmp_path):
+    """Anonymised exports blank PatientID: each such series is its own patient, as a NIfTI file that names none,
+    and the index says so (it was silent, so one patient's two series could land in training and test; a review)."""
+    write_series(tmp_path / "patientA" / "study1", seed=1, hdr=header(PatientID="", SeriesNumber=1))
+    write_series(tmp_path / "patientA" / "study2", seed=2, hdr=header(PatientID="", SeriesNumber=2))
+    write_series(tmp_path / "B", seed=3, hdr=header(PatientID="B-123", SeriesNumber=3))
+    index = scan_folder(tmp_path, salt=SALT)
+    assert [p.split("/")[:2] for p in sorted(index.own_patient)] == [["patientA", "study1"], ["patientA", "study2"]]
+    assert len({c.patient for c in index.cases}) == 3 and "or it is a DICOM series whose PatientID is empty" in index.summary()
+    named = scan_folder(tmp_path, salt=SALT, patient_regex=r"^([^/]+)/")  # one folder per patient
+    assert named.own_patient == [] and len({c.patient for c in named.cases}) == 2
+
+
+def test_one_name_for_two_values_in_one_set_of_label_names_is_refused(tmp_path):
+    """Two values named alike in one mapping became 'kidney' and 'kidney_3', so holding out the kidney trained
+    on half of it (a review): the data config's label_names and a dataset.json's labels now refuse it."""
+    from datamodules.indexing.decathlon import parse_label_names
+
+    with pytest.raises(ValueError, match="give 'kidney' to values \\[2, 3\\]: a structure is one label value"):
+        parse_label_names({"1": "liver", "2": "kidney", "3": "kidney"})
+    assert parse_label_names({"background": 0, "liver": 1, "kidney": 2}) == {0: "background", 1: "liver", 2: "kidney"}
+    vol = phantom(seed=1)
+    write_nifti(vol, affine_ras(), tmp_path / "sub-01_ct.nii.gz")
+    with pytest.raises(ValueError, match="^label_names: the label names give 'kidney'"):
+        scan_folder(tmp_path, salt=SALT, label_names={1: "liver", 2: "kidney", 3: "kidney"})
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "kidney", "2": "kidney"}}))
+    index = scan_folder(tmp_path, salt=SALT)
+    assert [r.reason for r in index.rejected if r.path.endswith("dataset.json")] == [
+        "its 'labels': the label names give 'kidney' to values [1, 2]: a structure is one label value, so each needs "
+        "its own name (e.g. 'kidney_left', 'kidney_right'), or merge the values in the label maps"]
+
+
 def test_one_name_for_two_label_values_is_listed_once():
     """Two label values named alike (a user's label_names beside a dataset.json) used to list the name twice."""
     index = Index(root="/r", label_names={1: "aorta", 2: "aorta", 3: "liver"})

@@ -132,6 +132,47 @@ def test_a_cross_site_episode_file_must_stay_on_the_test_sites(tmp_path):
         check_segmentation_episodes(tmp_path / "f.json", [ok], cases, split, n_shot=2, n_query=1)
 
 
+def test_an_episode_file_whose_support_and_query_share_a_patient_is_refused(tmp_path):
+    """As the sampler draws them: every shot its own patient, no query of a support patient. A file that broke
+    this was accepted (a review): its query was a slice of the support's own scan."""
+    cases = [Case(case_id=f"c{p}", patient=f"p{p}", site="s", modality="CT", image="x", image_format="nifti",
+                  label="y", organs={"liver": 1, "spleen": 2}) for p in range(12)]
+    cases.append(Case(case_id="c-second", patient="p0", site="s", modality="CT", image="z", image_format="nifti",
+                      label="w", organs={"liver": 1, "spleen": 2}))  # a second scan of patient p0
+    split = make_split(cases, "in_domain", seed=0)
+    test = split.test
+    ok = SegmentationEpisodeSpec(organ="liver", support=((test[0], 3),), query=((test[1], 4),), seed=0)
+    check_segmentation_episodes(tmp_path / "f.json", [ok], cases, split, n_shot=1, n_query=1)
+    same = SegmentationEpisodeSpec(organ="liver", support=((test[0], 3),), query=((test[0], 5),), seed=1)
+    with pytest.raises(ValueError, match=f"episode 1: its support and query share patient\\(s\\) {cases[test[0]].patient}"):
+        check_segmentation_episodes(tmp_path / "f.json", [ok, same], cases, split, n_shot=1, n_query=1)
+    twice = SegmentationEpisodeSpec(organ="liver", support=((test[0], 3), (test[0], 6)), query=((test[1], 4),), seed=2)
+    with pytest.raises(ValueError, match="episode 0: two of its support slices are of one patient"):
+        check_segmentation_episodes(tmp_path / "f.json", [twice], cases, split, n_shot=2, n_query=1)
+
+
+def test_self_supervision_leaves_out_every_scanner_that_test_sites_names():
+    """cross_site: an unlabelled scan of a held-out scanner is not a test case, but test_sites names its site;
+    self-supervised episodes took it (a review)."""
+    from types import SimpleNamespace
+
+    from datamodules.indexing.index import Index
+
+    def case(i, site, labelled=True):
+        return Case(case_id=f"c{i}", patient=f"p{i}", site=site, modality="MR", image=f"{i}.nii.gz",
+                    image_format="nifti", label=f"{i}_seg.nii.gz" if labelled else None,
+                    organs={"liver": 1} if labelled else {})
+
+    a, b, b2 = "SIEMENS | Avanto | 1.5", "Philips | Ingenia | 1.5", "Philips | Ingenia | inst-3fa2c1 | 3"
+    index = Index(root="/x", cases=[case(i, a) for i in range(6)] + [case(10 + i, b) for i in range(4)]
+                  + [case(20 + i, b2, labelled=False) for i in range(3)])
+    labelled = index.labelled_cases
+    split = make_split(labelled, "cross_site", test_sites=["Ingenia"])
+    dm = SimpleNamespace(split=split, index=index, cases=labelled, hparams=SimpleNamespace(test_sites=["Ingenia"]))
+    assert {labelled[i].site for i in split.test} == {b}
+    assert {c.site for c in SegmentationDataModule.selfsup_cases(dm)} == {a}
+
+
 def test_report_quotes_a_given_test_episode_file(dm, demo_root, demo_index, tmp_path):
     path = dm.episode_files["test"]
     given = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
@@ -222,7 +263,7 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     # a patient pattern is a scan setting too: `a` and `b` are then one patient, and no file is its own patient
     assert len({c["patient"] for c in third["cases"]}) == 2 and len(third["own_patient"]) == 2
     dm = SegmentationDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), label_names={1: "milz"})
-    with pytest.warns(UserWarning, match=r"2 NIfTI image\(s\) under .* name no patient .*data.init_args.patient_regex"):
+    with pytest.warns(UserWarning, match=r"2 image\(s\) under .* name no patient .*data.init_args.patient_regex"):
         with pytest.raises(ValueError):  # two patients are too few to split; the warning comes first
             dm.setup("fit")
     fourth, scanned = index(label_names={1: "milz"}, patient_regex=r"^()")

@@ -3,7 +3,7 @@
 import pytest
 
 from datamodules.indexing.index import Case
-from datamodules.indexing.splits import make_split, split_patients
+from datamodules.indexing.splits import make_split, match_sites, split_patients
 
 ORGANS = {"liver": 1, "spleen": 2, "kidney_left": 3, "stomach": 4}
 
@@ -49,6 +49,19 @@ def test_cross_site_never_trains_on_test_sites():
     assert "site2" not in {cs[i].site for i in s.train + s.val}
 
 
+def test_a_test_site_is_named_by_whole_words_not_by_a_substring():
+    """``GE`` held out Philips' Ingenia too ("inGEnia"; a review): a name matches the whole key or whole words."""
+    sites = ["GE MEDICAL SYSTEMS | LightSpeed VCT", "Philips | Ingenia | 1.5", "SIEMENS | MAGNETOM Skyra | 3"]
+    cs = [Case(case_id=f"c{s}{p}", patient=f"p{s}-{p}", site=site, modality="CT", image="x", image_format="nifti",
+               label="y", organs=dict(ORGANS)) for s, site in enumerate(sites) for p in range(8)]
+    for name, held in (("GE", sites[0]), ("ingenia", sites[1]), ("magnetom skyra", sites[2]), (sites[1], sites[1])):
+        s = make_split(cs, "cross_site", test_sites=[name])
+        assert {cs[i].site for i in s.test} == {held}, name
+    assert match_sites(["Philips", "3"], sites) == [sites[1], sites[2]]  # "1.5" does not hold a whole word "3"
+    with pytest.raises(ValueError, match="'Light' matches none"):
+        match_sites(["Light"], sites)
+
+
 def test_errors_name_the_fix():
     cs = cases()
     with pytest.raises(ValueError, match="unknown: \\['pancreas'\\]"):
@@ -56,6 +69,8 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="matches none of the sites"):
         make_split(cs, "cross_site", test_sites=["nowhere"])
     with pytest.raises(ValueError, match="cover every site"):
+        make_split(cs, "cross_site", test_sites=["site0", "site1", "SITE2"])
+    with pytest.raises(ValueError, match="'site' matches none of the sites"):  # a part of a word names no site
         make_split(cs, "cross_site", test_sites=["site"])
     with pytest.raises(ValueError, match="not one of"):
         make_split(cs, "leave_one_out")
