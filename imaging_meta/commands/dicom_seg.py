@@ -119,6 +119,7 @@ def write_dicom_seg(
     )
     _shared_geometry(sources)
     folder = os.path.dirname(files[0]) if files else "?"
+    _type2_present(sources, folder)
     with warnings.catch_warnings(record=True) as caught:  # re-emitted below without the patient's identifiers
         warnings.simplefilter("always")
         seg = _segmentation(hd, sources, frames, description, series_number, version, series_description, folder)
@@ -182,6 +183,28 @@ def _shared_geometry(sources) -> None:
         thickness = thickness if thickness > 0 else 1.0  # one slice: 1 mm, as highdicom needs a positive one
         for ds in missing:
             ds.SliceThickness = f"{thickness:.6g}"
+
+
+#: type 2 attributes of the Patient and General Study modules that highdicom reads from the first source image:
+#: an anonymiser may delete them, which DICOM allows only as present and empty
+_TYPE2_FROM_SOURCE = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
+    "StudyID", "ReferringPhysicianName",
+)
+
+
+def _type2_present(sources, folder: str) -> None:
+    """The in-memory source headers (never the files) with each of `_TYPE2_FROM_SOURCE` that is absent present and
+    empty, as DICOM allows a type 2 attribute to be: highdicom read them, so an anonymised series (PatientBirthDate
+    deleted) was refused (a review). Warns when the PatientID is empty: a PACS may not attach the Segmentation to
+    its study."""
+    for ds in sources:
+        for keyword in _TYPE2_FROM_SOURCE:
+            if keyword not in ds:
+                setattr(ds, keyword, None)
+    if sources and not str(sources[0].get("PatientID") or "").strip():
+        warnings.warn(f"{folder}: the series has no PatientID, so its DICOM Segmentation has none either; a PACS may "
+                      "not attach it to the study", stacklevel=3)
 
 
 #: the identifying attributes a Segmentation copies from its source (Patient, Study and General Study modules)

@@ -637,11 +637,16 @@ def test_a_one_slice_support_and_a_structure_that_fills_the_volume_are_warned_ab
     assert "most_label.nii.gz: the structure (any non-zero voxel) fills" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["empty thickness", "no thickness", "orientation noise"])
+ANONYMISED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
+              "StudyID", "ReferringPhysicianName")
+
+
+@pytest.mark.parametrize("damage", ["empty thickness", "no thickness", "orientation noise", "anonymised"])
 def test_a_dicom_seg_of_a_series_the_reader_accepts_is_written_and_reads_back(tmp_path, damage):
-    """An empty or absent SliceThickness (type 2 in CT) gave an unreadable .seg.dcm or a late refusal, and a
-    per-slice orientation that differs by 2e-6 (accepted by the reader) made highdicom refuse the series. The
-    source files are never changed."""
+    """An empty or absent SliceThickness (type 2 in CT) gave an unreadable .seg.dcm or a late refusal, a
+    per-slice orientation that differs by 2e-6 (accepted by the reader) made highdicom refuse the series, and so
+    did an anonymiser's deleted type 2 patient and study attributes (PatientBirthDate...; a review): they are
+    written present and empty. The source files are never changed."""
     hd = pytest.importorskip("highdicom")
     from imaging_meta.commands.dicom_seg import write_dicom_seg
 
@@ -653,6 +658,10 @@ def test_a_dicom_seg_of_a_series_the_reader_accepts_is_written_and_reads_back(tm
                 ds.SliceThickness = ""
             elif damage == "no thickness":
                 del ds.SliceThickness
+            elif damage == "anonymised":
+                for keyword in ANONYMISED:
+                    if keyword in ds:
+                        delattr(ds, keyword)
             elif k % 2:
                 ds.ImageOrientationPatient = [float(v) + 2e-6 for v in ds.ImageOrientationPatient]
         edit(f, change)
@@ -660,8 +669,13 @@ def test_a_dicom_seg_of_a_series_the_reader_accepts_is_written_and_reads_back(tm
     paths = DicomSeriesReader().read(str(tmp_path / "q")).series.paths
     mask = np.zeros(volume.shape, dtype=bool)
     mask[2:5, 2:5, 1:3] = True
-    out = write_dicom_seg(mask, paths, tmp_path / "q.seg.dcm")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = write_dicom_seg(mask, paths, tmp_path / "q.seg.dcm")
+    assert any("has no PatientID" in str(w.message) for w in caught) == (damage == "anonymised")
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out))
+    if damage == "anonymised":
+        assert all(keyword in seg and not seg[keyword].value for keyword in ANONYMISED)
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) > 0
     assert int(seg.NumberOfFrames) >= 1
