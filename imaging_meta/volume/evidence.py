@@ -107,7 +107,11 @@ class LogisticFusion:
 
 
 def best_threshold(probs: torch.Tensor, labels: torch.Tensor, candidates: int = 19) -> float:
-    """The threshold in {0.05, ..., 0.95} with the best Dice of ``probs`` > t against ``labels``."""
+    """The threshold in {0.05, ..., 0.95} with the best Dice of ``probs`` > t against ``labels``.
+
+    The fusion weighs the classes equally, so on real supports this is mostly the cap, 0.95; the support's own
+    optimum lies higher, but a query is predicted less surely than the support's leave-one-out slices, and freeing
+    it lowered the real pairs' Dice (docs/segmentation.md#three-ways-to-close-the-spleens-gap-tried-and-not-kept-2026-12-06)."""
     y = labels.flatten() > 0.5
     p = probs.flatten()
     best, best_t = -1.0, 0.5
