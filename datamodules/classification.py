@@ -458,6 +458,12 @@ class ClassificationDataModule(EpisodicDataModule):
                 )
             if not set(s.classes) <= allowed:
                 raise ValueError(f"{where}: episodes use classes outside this run's {stage} classes; use a matching file")
+            every = [*s.support, *s.query]
+            if len(set(s.classes)) != len(s.classes) or len(set(every)) != len(every):
+                # two ways of one class share its label: every item of both is then right whatever is predicted
+                what = "a class in two of its ways" if len(set(s.classes)) != len(s.classes) else "an item twice"
+                raise ValueError(f"{where}: an episode has {what} (the sampler draws distinct classes and items); "
+                                 "remove the file to draw the episodes again")
             for w, c in enumerate(s.classes):  # way w: support items w*K.., query items w*Q.. (the samplers' order)
                 items = (*s.support[w * h.n_shot:(w + 1) * h.n_shot], *s.query[w * h.n_query:(w + 1) * h.n_query])
                 moved = next((i for i in items if int(t.labels[i]) != c), None)

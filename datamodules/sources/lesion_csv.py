@@ -55,7 +55,7 @@ from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
 from datamodules.messages import first
 from datamodules.sources.items import ItemSource, ItemTable
-from datamodules.sources.lesion_rows import MAX_LISTED, LesionRow, read_lesion_rows
+from datamodules.sources.lesion_rows import MAX_LISTED, LesionRow, _check_consistent, read_lesion_rows
 from datamodules.transforms.volume import CheckVolumed, LoadVolumed, ModalityIntensityd
 
 __all__ = ["LesionCSV", "load_volume", "extract_patches", "lesion_patches", "to_ras"]
@@ -240,6 +240,12 @@ def _outside(ras: np.ndarray, affine: np.ndarray, shape: Sequence[int]) -> list[
 
 
 # ------------------------------------------------------------------------------------------ the CSV
+def _first_file(case: Case) -> str:
+    """The relative path the scan lists a case under in ``Index.own_patient``: the NIfTI file, or a DICOM series'
+    first file."""
+    return case.image if isinstance(case.image, str) else case.image[0]
+
+
 def _case_keys(case: Case) -> list[str]:
     """The paths a CSV may use for a case: the NIfTI file; the series folder and each slice of a DICOM series."""
     if isinstance(case.image, str):
@@ -373,6 +379,13 @@ class LesionCSV(ItemSource):
         rows, dropped = self.read_rows()
         index = scan_folder(self.root, site_fields=self.site_fields, salt=self._salt)
         cases = self._join(rows, index)
+        # rows that write one DICOM series two ways (its folder, one of its files) are one scan (a review)
+        _check_consistent(rows, Path(self.csv), scan_of=lambda r: cases[r.image].case_id)
+        own = sorted({r.image for r in rows if not r.patient and _first_file(cases[r.image]) in set(index.own_patient)})
+        if own:  # as the segmentation data and the image folder warn: each such volume counts as its own patient
+            warnings.warn(f"{self.csv}: {len(own)} image(s) without a 'patient' in the CSV name no patient in their path "
+                          f"or header either (e.g. {own[0]}), so each counts as its own patient and two scans of one "
+                          "patient can land on both sides of an episode: fill the CSV's 'patient' column", stacklevel=2)
         classes = sorted({r.cls for r in rows})
         class_index = {c: i for i, c in enumerate(classes)}
         by_image: dict[str, list[LesionRow]] = defaultdict(list)

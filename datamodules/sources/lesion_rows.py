@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,10 +89,14 @@ def read_lesion_rows(path: Path, root: Path) -> tuple[list[LesionRow], list[dict
     return kept, dropped
 
 
-def _check_consistent(rows: list[LesionRow], path: Path) -> None:
+def _check_consistent(rows: list[LesionRow], path: Path, scan_of: Callable[[LesionRow], str] | None = None) -> None:
     """Refuse rows that contradict each other: one image under several patients or sites (a blank cell against a
     filled one included: its patches would count as other patients, so support and query could come from one
     scan), and one centre of one image under two classes (the same patch, two labels).
+
+    Args:
+        scan_of: which scan a row's image is (after the scan: a DICOM series may be written as its folder or as
+            any of its files); default the image path as written.
 
     Raises:
         ValueError: naming the lines of each contradiction.
@@ -100,8 +104,10 @@ def _check_consistent(rows: list[LesionRow], path: Path) -> None:
     errors = []
     by_image: dict[str, list[LesionRow]] = {}
     for r in rows:
-        by_image.setdefault(r.image, []).append(r)
-    for image, group in by_image.items():
+        by_image.setdefault(scan_of(r) if scan_of is not None else r.image, []).append(r)
+    for group in by_image.values():
+        names = sorted({r.image for r in group})
+        image = names[0] if len(names) == 1 else f"{names[0]} (also written {', '.join(names[1:MAX_LISTED])})"
         for what in ("patient", "site"):
             values: dict[str, list[int]] = {}
             for r in group:

@@ -198,6 +198,28 @@ def test_a_test_episode_file_whose_items_changed_class_is_refused(tmp_path):
         ClassificationDataModule(source=RelabelledSource(moved, to), **given).setup("test")
 
 
+def test_a_test_episode_file_with_a_class_or_an_item_twice_is_refused(tmp_path):
+    """Two ways of one class put every item under one label, so any answer scored right; a query item twice
+    counted twice. Both were accepted from a given file (a review)."""
+    import hashlib
+
+    kw = dict(cache_dir=str(tmp_path / "cache"), **SMALL)
+    drawn = ClassificationDataModule(source=TableSource(), **kw)
+    drawn.setup("test")
+    payload = json.loads(drawn.episode_files["test"].read_text())
+    e = payload["episodes"][0]
+    twice_class = {**e, "classes": [e["classes"][0]] * 2, "support": [e["support"][0]] * 2, "query": e["query"][:2] * 2}
+    twice_item = {**e, "query": [e["query"][0], e["query"][0], *e["query"][2:]]}
+    for name, episode, what in (("class", twice_class, "a class in two of its ways"), ("item", twice_item, "an item twice")):
+        episodes = [episode] * len(payload["episodes"])
+        edited = {**payload, "episodes": episodes,
+                  "sha256": hashlib.sha256(json.dumps(episodes, sort_keys=True).encode()).hexdigest()}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=f"{name}.json: an episode has {what}"):
+            ClassificationDataModule(source=TableSource(), **{**kw, "test_episodes_file": str(path)}).setup("test")
+
+
 class OpaqueSource(TableSource):
     """A source that keeps no attribute named like its argument, so it cannot describe its own config."""
 

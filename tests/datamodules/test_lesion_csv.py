@@ -320,3 +320,40 @@ def test_bad_settings(tmp_path, kw, match):
 def test_missing_csv(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         LesionCSV(csv=str(tmp_path / "none.csv")).build()
+
+
+def test_one_dicom_series_written_two_ways_under_two_patients_is_refused(tmp_path):
+    """The same series as its folder (patient given) and as one of its files (patient blank) was two patients:
+    the rows were checked by the path as written, not by the scan (a review)."""
+    from tests.datamodules.dicom_fixtures import header, write_series
+
+    files = write_series(tmp_path / "pat01" / "CT", seed=0, hdr=header(PatientID="A1"))
+    write_series(tmp_path / "pat02" / "CT", seed=1, hdr=header(PatientID="B2"))
+    one = files[0].relative_to(tmp_path).as_posix()
+    (tmp_path / "lesions.csv").write_text("\n".join([
+        "image,class,x,y,z,patient", "pat01/CT,cyst,1,-26,39,A1-research", "pat01/CT,cyst,2,-25,39,A1-research",
+        f"{one},hcc,1,-26,36,", f"{one},hcc,0,-24,36,", "pat02/CT,cyst,1,-26,39,", "pat02/CT,hcc,2,-25,36,"]) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"image 'pat01/CT (also written {one})' has several patients")):
+        LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS").build()
+
+
+def test_volumes_that_name_no_patient_are_warned_about(tmp_path):
+    """Two phases of one patient in a folder that is not 'sub-<id>', no 'patient' column: each volume is its own
+    patient, which the segmentation data and the image folder warned about and the lesion CSV did not (a review)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for pat in ("pat01", "pat02"):
+        for phase in ("arterial", "venous"):
+            write_nifti((rng.random((40, 40, 20)) * 200 - 100).astype(np.float32), np.diag([1.0, 1.0, 2.0, 1.0]),
+                        tmp_path / pat / f"{phase}.nii.gz")
+            rows += [{"image": f"{pat}/{phase}.nii.gz", "class": c, "x": x, "y": 20, "z": 10}
+                     for c, x in (("cyst", 10), ("hcc", 25))]
+    csv_path = write_rows(tmp_path / "lesions.csv", rows)
+    with pytest.warns(UserWarning, match=r"4 image\(s\) without a 'patient' in the CSV name no patient .*fill the CSV"):
+        LesionCSV(csv=str(csv_path), coordinates="RAS").build()
+    named = write_rows(tmp_path / "named.csv", [{**r, "patient": r["image"].split("/")[0]} for r in rows],
+                       columns=("image", "class", "x", "y", "z", "patient"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every row names its patient: no warning
+        table = LesionCSV(csv=str(named), coordinates="RAS").build()
+    assert len(set(table.patients)) == 2
