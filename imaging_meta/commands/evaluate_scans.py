@@ -141,6 +141,7 @@ def scans_markdown(records: Sequence[dict], seed: int = 0) -> str:
                         lambda r, b=base, k=by_key: (
                             r["dice"] - k[(r["support"], r["query"], r["structure"], b)]
                         ),
+                        seed,
                     )
                     + " |"
                 )

@@ -207,8 +207,12 @@ def _episode_t(units: Sequence[tuple]) -> dict:
     by_ep: dict = defaultdict(list)
     for ep, _, x in units:
         by_ep[ep].append(x)
-    m, h = mean_ci([sum(v) / len(v) for _, v in sorted(by_ep.items(), key=lambda kv: str(kv[0]))])
-    return {"mean": m, "ci95": h, "n_episodes": len(by_ep)}
+    scores = [sum(v) / len(v) for _, v in sorted(by_ep.items(), key=lambda kv: str(kv[0]))]
+    # an episode that cannot be scored (a macro AUC over queries of one class) is left out, as the patient
+    # bootstrap leaves it out; it wiped out the whole cell (a review)
+    scored = [x for x in scores if not math.isnan(x)]
+    m, h = mean_ci(scored) if scored else (float("nan"), float("nan"))
+    return {"mean": m, "ci95": h, "n_episodes": len(scored)}
 
 
 def summarize(records: Iterable[dict], metric: str = "dice", groups: Sequence[str] = ("organ", "site"),
@@ -484,8 +488,13 @@ def episode_score_bootstrap(cell: Sequence[tuple[dict, dict | None, int | None]]
         with np.errstate(invalid="ignore", divide="ignore"):
             return num / den
 
+    def unscorable(ep: dict, cls: int | None) -> bool:  # a macro AUC over queries of one class
+        return bool(np.isnan(_episode_score(ep, metric, np.ones((1, len(ep["patients"]))), cls)[0]))
+
+    # the episodes that score the cell (`value` leaves the others out, so they are not counted either)
+    scored = sum(not unscorable(ep, cls) and (other is None or not unscorable(other, cls)) for ep, other, cls in cell)
     out = {"mean": float(value(np.ones((1, len(patients))))[0]), "ci95": float("nan"), "ci_low": None,
-           "ci_high": None, "n_episodes": len(cell), "n_patients": len(patients)}
+           "ci_high": None, "n_episodes": scored, "n_patients": len(patients)}
     if len(patients) < 2:
         return out
     boot = value(_resample_counts(len(patients), seed, n_boot))

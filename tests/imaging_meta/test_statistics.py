@@ -282,3 +282,38 @@ def test_a_difference_is_bold_only_when_its_interval_as_shown_excludes_zero():
     assert diff_cell({"mean": -1.0, "ci_low": -2.0, "ci_high": -0.004}, digits=2) == "-1.00 [-2.00, -0.00]"
     assert diff_cell({"mean": 0.0104, "ci95": 0.0096}) == "+0.010 ± 0.010"
     assert diff_cell({"mean": 0.012, "ci95": 0.010}) == "**+0.012 ± 0.010**"
+
+
+@pytest.mark.parametrize("interval", [EPISODE_T, PATIENT_BOOTSTRAP])
+def test_an_episode_that_cannot_be_scored_is_left_out_and_not_counted(interval):
+    """A macro AUC over queries of one class is undefined: the episode-t interval let it turn the whole cell into
+    NaN, and the patient bootstrap left it out but counted it (a review). Both now score the other 9 of 10."""
+    from imaging_meta.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for e in range(10):
+        labels = [0, 0, 0] if e == 0 else [0, 1, 0, 1]
+        for j, label in enumerate(labels):
+            probs = rng.dirichlet([1, 1]).tolist()
+            recs.append(dict(method="trained", episode=e, shot=1, site="A", query_id=f"{e}_{j}",
+                             patient=f"p{rng.integers(5)}", acc=float(np.argmax(probs) == label),
+                             **{"class": "ab"[label]}, classes=["a", "b"], label=label, probs=probs))
+    auc = evaluation_summary(get_task(CLASSIFICATION), recs, interval=interval, n_boot=200)["1"]["auc"]["trained"]["all"]
+    assert auc["n_episodes"] == 9 and auc["mean"] == pytest.approx(0.4444444, abs=1e-6)
+
+
+def test_the_whole_scan_differences_are_resampled_with_the_reports_seed():
+    """`scans_markdown(records, seed)` resampled every row with ``seed`` but the paired differences with 0."""
+    from imaging_meta.commands.evaluate_scans import scans_markdown
+    from imaging_meta.evaluation.scans import COPY, TRAINED_FULL
+
+    rng = np.random.default_rng(0)
+    recs = [dict(protocol="whole_scan", method=m, support=f"s{i}", query=f"q{i}", support_patient=f"p{i}",
+                 query_patient=f"p{(i + 1) % 8}", structure="liver", site="A", dice=float(rng.random()), hd95=None)
+            for i in range(8) for m in (TRAINED_FULL, COPY)]
+
+    def difference_row(seed: int) -> str:
+        return next(line for line in scans_markdown(recs, seed).splitlines() if line.startswith(f"| {TRAINED_FULL} − "))
+
+    assert difference_row(0) != difference_row(7) and difference_row(7) == difference_row(7)
