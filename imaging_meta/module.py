@@ -102,6 +102,19 @@ def learner_changes(saved: dict | None, built: dict) -> dict[str, tuple[Any, Any
     return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]}
 
 
+def preprocessing_changes(saved: dict | None, now: dict | None) -> dict[str, tuple[Any, Any]]:
+    """The data preprocessing settings (spacing, slice size, CT window, ...) that differ between a checkpoint's
+    and this run's data: ``{key: (checkpoint's, this run's)}``, over the keys both name (a setting the checkpoint
+    does not name did not exist when it was written); empty when either is unknown."""
+    if not saved or not now:
+        return {}
+
+    def plain(value: Any) -> Any:  # tuples and lists, ints and floats alike
+        return json.loads(json.dumps(value, default=str))
+
+    return {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now)) if plain(saved[k]) != plain(now[k])}
+
+
 def _query_mean(records: list[dict], metric: str) -> float:
     """The trained learner's mean ``metric`` over its query records."""
     values = [float(r[metric]) for r in records if r["method"] == TRAINED]
@@ -266,6 +279,8 @@ class EpisodicModule(LightningModule):
         self.report_paths: tuple[Path, Path] | None = None
         #: learner settings that differ from the loaded checkpoint's (`learner_changes`), warned about at load
         self.learner_changes: dict[str, tuple[Any, Any]] = {}
+        #: data preprocessing that differs from the loaded checkpoint's (`preprocessing_changes`), warned at load
+        self.preprocessing_changes: dict[str, tuple[Any, Any]] = {}
         self._hparams_logged: set[int] = set()  # ids of the loggers that have this run's hparams
 
     @property
@@ -534,6 +549,9 @@ class EpisodicModule(LightningModule):
         if self.learner_changes:  # tested with other learner settings than the checkpoint was trained with
             context["learner_settings_not_the_checkpoints"] = {k: {"checkpoint": a, "tested": b}
                                                                 for k, (a, b) in self.learner_changes.items()}
+        if self.preprocessing_changes:  # tested on data preprocessed otherwise than the checkpoint's
+            context["preprocessing_not_the_checkpoints"] = {k: {"checkpoint": a, "tested": b}
+                                                            for k, (a, b) in self.preprocessing_changes.items()}
         methods = ordered_methods(summary)
         paths = write_report(out_dir, summary, context, methods, task=task, differences=diffs)
         logger.info("results written to %s and %s", *paths)  # the CLI prints the report itself
@@ -634,6 +652,15 @@ class EpisodicModule(LightningModule):
                 "on, so nothing was run; use the data config and settings of the training run: the config it saved "
                 "beside its checkpoints holds them all (--config runs/<name>/version_N/config.yaml --ckpt_path ...)"
             )
+        self.preprocessing_changes = preprocessing_changes(extra.get("preprocessing"), dm.preprocessing if dm else None)
+        if self.preprocessing_changes:  # a user's own data config with another spacing or window (a review)
+            rank_zero_warn(
+                "this run's data is preprocessed unlike the checkpoint's: "
+                + "; ".join(f"{k} {a!r} in the checkpoint, {b!r} here" for k, (a, b) in self.preprocessing_changes.items())
+                + ". The model then sees other pixels than it trained on, and its scores describe this preprocessing "
+                "(a test report records it); to run the model as trained, set these in the data config as the "
+                "checkpoint has them (the config.yaml saved beside its run holds them), or use imaging-meta evaluate, "
+                "segment or classify, which take the preprocessing from the checkpoint")
         if self._untrained:
             restore_untrained(extra, into=self._untrained[0])
         states = extra.get("rng_states") or []
