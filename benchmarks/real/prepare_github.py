@@ -3,7 +3,7 @@
 Each source is a bare git repository (a clone, or a snapshot) at a pinned commit; nothing is downloaded here:
 
     python -m benchmarks.real.prepare_github --mirp MIRP.git --ivadomed IVADOMED.git --sct SCT.git \
-        --medmnist SNN_MEDMNIST.git --out benchmarks/real
+        --medmnist SNN_MEDMNIST.git --breastmnist AMLS_25_26_SN24205421.git --out benchmarks/real
 
 * ``sarcoma/``: three soft-tissue sarcoma patients (TCIA Soft-tissue-Sarcoma, as mirp's test data ships them:
   ``test/data/sts_images/STS_00N/{CT,MR_T1}/nifti``), each a CT and a T1 MR cropped around the tumour, with the
@@ -19,10 +19,16 @@ Each source is a bare git repository (a clone, or a snapshot) at a pinned commit
   from Kermany et al.'s paediatric chest X-rays): the first 15 of each class, in file order, of the test split of
   the class-balanced copy in ``aksufatih/snn-medmnist`` (``pneumoniamnist.npz``), as 8-bit PNGs named by their
   index in that copy's test split (not PneumoniaMNIST's own index). CC BY 4.0.
+* ``classification/ultrasound_breast/``: 15 malignant and 15 benign-or-normal breast ultrasound images, 28 x 28
+  grey (BreastMNIST, from Al-Dhabyani et al.'s BUSI images; added 2026-12-06): the first 15 of each class, in
+  file order, of the test split of the copy in ``KamalJain777/AMLS_25_26_SN24205421``
+  (``Datasets/BreastMNIST.npz``, at the commit that added it; a later commit deleted it), as 8-bit PNGs named by
+  their index in that split. CC BY 4.0.
 
 ``manifest_github.json`` records each output's sha256 and its source's (repository, commit, path, sha256);
 ``--check`` rebuilds everything and compares both with it. The X-rays' pixel digests are also in
-``classification/manifest_xray_pneumonia.json``, as for the other 2D sets.
+``classification/manifest_xray_pneumonia.json`` and ``classification/manifest_ultrasound_breast.json``, as for
+the other 2D sets.
 """
 
 from __future__ import annotations
@@ -45,9 +51,17 @@ COMMITS = {
     "ivadomed": ("ivadomed/data-testing", "794a3075175266758d1bb95d864672a045a7918c"),
     "sct": ("spinalcordtoolbox/sct_testing_data", "af4c7e8783c9dcf8bcfc6c53b190af46260bb875"),
     "medmnist": ("aksufatih/snn-medmnist", "5df79ab2ac7bf898a8c7bf39830053619defa2f7"),
+    "breastmnist": ("KamalJain777/AMLS_25_26_SN24205421", "b7f638d33cc9e6dc1a0de213b243598105837d5f"),
 }
 XRAY_PER_CLASS = 15
 XRAY_CLASSES = {0: "normal", 1: "pneumonia"}
+#: BreastMNIST's labels (MedMNIST v2: 0 malignant, 1 normal or benign)
+BREAST_CLASSES = {0: "malignant", 1: "benign_or_normal"}
+#: the MedMNIST copies: set name -> (source key, file in that repository, file-name stem, classes)
+MEDMNIST_SETS = {
+    "xray_pneumonia": ("medmnist", "pneumoniamnist.npz", "pneumoniamnist", XRAY_CLASSES),
+    "ultrasound_breast": ("breastmnist", "Datasets/BreastMNIST.npz", "breastmnist", BREAST_CLASSES),
+}
 
 
 def sha256(data: bytes) -> str:
@@ -135,24 +149,24 @@ def build(sources: dict[str, Path], out: Path) -> dict:
         data = blob(sct, commit, path)
         put(name, data, "sct", path, data)
 
-    med, commit = sources["medmnist"], COMMITS["medmnist"][1]
-    npz = blob(med, commit, "pneumoniamnist.npz")
-    arrays = np.load(io.BytesIO(npz))
-    images, labels = arrays["test_images"], arrays["test_labels"].reshape(-1)
-    for value, cls in XRAY_CLASSES.items():
-        for i in np.flatnonzero(labels == value)[:XRAY_PER_CLASS]:
-            buf = io.BytesIO()
-            Image.fromarray(images[i].astype(np.uint8), mode="L").save(buf, format="PNG", optimize=True)
-            put(f"classification/xray_pneumonia/{cls}/pneumoniamnist_test{i:03d}.png", buf.getvalue(), "medmnist",
-                f"pneumoniamnist.npz[test_images][{i}]", npz)
+    for set_name, (key, npz_path, stem, classes) in MEDMNIST_SETS.items():
+        npz = blob(sources[key], COMMITS[key][1], npz_path)
+        arrays = np.load(io.BytesIO(npz))
+        images, labels = arrays["test_images"], arrays["test_labels"].reshape(-1)
+        for value, cls in classes.items():
+            for i in np.flatnonzero(labels == value)[:XRAY_PER_CLASS]:
+                buf = io.BytesIO()
+                Image.fromarray(images[i].astype(np.uint8), mode="L").save(buf, format="PNG", optimize=True)
+                put(f"classification/{set_name}/{cls}/{stem}_test{i:03d}.png", buf.getvalue(), key,
+                    f"{npz_path}[test_images][{i}]", npz)
     return manifest
 
 
-def _pixels(manifest: dict, root: Path) -> dict:
-    """The X-ray PNGs' pixel digests, as `tests/test_real_sets.py` reads the 2D sets' manifests."""
-    return {"xray_pneumonia": {
+def _pixels(manifest: dict, root: Path, set_name: str) -> dict:
+    """A MedMNIST set's PNG pixel digests, as `tests/test_real_sets.py` reads the 2D sets' manifests."""
+    return {set_name: {
         name.split("/", 2)[2]: hashlib.sha256(np.asarray(Image.open(root / name)).tobytes()).hexdigest()
-        for name in sorted(manifest) if name.startswith("classification/xray_pneumonia/")}}
+        for name in sorted(manifest) if name.startswith(f"classification/{set_name}/")}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,25 +178,24 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     sources = {key: getattr(args, key) for key in COMMITS}
     path = args.out / "manifest_github.json"
-    pixels_path = args.out / "classification" / "manifest_xray_pneumonia.json"
+    pixels_paths = {s: args.out / "classification" / f"manifest_{s}.json" for s in MEDMNIST_SETS}
     if args.check:  # rebuild elsewhere; compare the rebuild and the committed files with the manifests
         with tempfile.TemporaryDirectory() as tmp:
             manifest = build(sources, Path(tmp))
-            pixels = _pixels(manifest, Path(tmp))
+            pixels = {s: _pixels(manifest, Path(tmp), s) for s in MEDMNIST_SETS}
         old = json.loads(path.read_text())
         bad = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
         bad += sorted(k for k in old if not (args.out / k).is_file()
                       or sha256((args.out / k).read_bytes()) != old[k]["sha256"])
-        if json.loads(pixels_path.read_text()) != pixels:
-            bad.append(str(pixels_path))
+        bad += [str(p) for s, p in pixels_paths.items() if json.loads(p.read_text()) != pixels[s]]
         if bad:
             raise SystemExit(f"differs from {path}: {bad}")
         print(f"all {len(manifest)} files, rebuilt and committed, match {path}")
         return
     manifest = build(sources, args.out)
-    pixels = _pixels(manifest, args.out)
     path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    pixels_path.write_text(json.dumps(pixels, indent=1, sort_keys=True) + "\n")  # as `tests/test_real_sets.py` reads
+    for s, p in pixels_paths.items():  # as `tests/test_real_sets.py` reads them
+        p.write_text(json.dumps(_pixels(manifest, args.out, s), indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(manifest)} files and {path}")
 
 
