@@ -104,15 +104,16 @@ def learner_changes(saved: dict | None, built: dict) -> dict[str, tuple[Any, Any
 
 def preprocessing_changes(saved: dict | None, now: dict | None) -> dict[str, tuple[Any, Any]]:
     """The data preprocessing settings (spacing, slice size, CT window, ...) that differ between a checkpoint's
-    and this run's data: ``{key: (checkpoint's, this run's)}``, over the keys both name (a setting the checkpoint
-    does not name did not exist when it was written); empty when either is unknown."""
+    and this run's data: ``{key: (checkpoint's, this run's)}``, over the keys the checkpoint names (one it does
+    not name did not exist when it was written; one only it names, such as a ``modality`` set in training and not
+    here, is None here); empty when either is unknown."""
     if not saved or not now:
         return {}
 
-    def plain(value: Any) -> Any:  # tuples and lists, ints and floats alike
-        return json.loads(json.dumps(value, default=str))
+    def plain(value: Any) -> str:  # tuples and lists, ints and floats alike, NaN equal to NaN
+        return json.dumps(json.loads(json.dumps(value, default=str)), sort_keys=True)
 
-    return {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now)) if plain(saved[k]) != plain(now[k])}
+    return {k: (saved[k], now.get(k)) for k in sorted(saved) if plain(saved[k]) != plain(now.get(k))}
 
 
 def _query_mean(records: list[dict], metric: str) -> float:

@@ -59,8 +59,8 @@ def parse_decathlon(path: str) -> Decathlon:
     folder = os.path.dirname(path)
     try:
         names = parse_label_names(d.get("labels"))
-    except ValueError as e:
-        raise Reject(f"its 'labels': {e}") from e
+    except ValueError as e:  # not a Reject: its images would be indexed without any name, the distinct ones too
+        raise ValueError(f"{path}: its 'labels': {e}") from e
     dec = Decathlon(path=path, folder=folder, labels=names)
     dec.modality = normalise_modality(d.get("modality")) or normalise_modality(d.get("channel_names"))
     for entry in d.get("training") or []:

@@ -140,7 +140,8 @@ def _stratified_split(cases: Sequence[Case], val_fraction: float, test_fraction:
 def _names_site(name: str, site: str) -> bool:
     """Whether ``name`` names ``site``: the whole key, or whole words of it (case-insensitive), so that ``GE``
     names ``GE MEDICAL SYSTEMS | LightSpeed VCT`` and not ``Philips | Ingenia`` (a substring did, a review)."""
-    return name == site or re.search(rf"(?<![0-9a-z]){re.escape(name.strip().lower())}(?![0-9a-z])", site.lower()) is not None
+    word = re.escape(name.strip().lower())  # a word: letters, digits, '_' and '.' ("1.5" whole, "site" not "site_a")
+    return name == site or re.search(rf"(?<![0-9a-z_.]){word}(?![0-9a-z_.])", site.lower()) is not None
 
 
 def match_sites(requested: Sequence[str], sites: Iterable[str]) -> list[str]:
@@ -154,7 +155,8 @@ def match_sites(requested: Sequence[str], sites: Iterable[str]) -> list[str]:
     for r in requested:
         hits = [s for s in sites if s == r] or [s for s in sites if r.strip() and _names_site(r, s)]
         if not hits:
-            raise ValueError(f"test site {r!r} matches none of the sites in the index: {sorted(sites)}")
+            raise ValueError(f"test site {r!r} matches none of the sites in the index: {sorted(sites)} (a name "
+                             "matches a whole site key or whole words of it; until 2026-12-06 any substring did)")
         out.extend(h for h in hits if h not in out)
     return out
 

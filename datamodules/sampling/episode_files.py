@@ -200,8 +200,8 @@ def check_segmentation_episodes(
     """Refuse a segmentation test episode file that breaks the split it is used with.
 
     Every episode must target a test organ, draw every slice from a test patient (under cross_site: a test
-    site), have ``n_shot`` support and ``n_query`` query slices, each shot from its own patient and no query
-    from a support patient, as the sampler draws them. With ``slices`` (the test stage's slice
+    site), have ``n_shot`` support and ``n_query`` query slices, every shot and every query from its own patient,
+    as the sampler draws them. With ``slices`` (the test stage's slice
     table: organ -> case -> the slices that show it), every slice must still show its organ: a label map edited
     after the file was drawn (the organ removed from a slice) gave an episode whose mask was empty.
 
@@ -222,13 +222,15 @@ def check_segmentation_episodes(
         else:
             problem = next((p for c, _ in spec.support + spec.query if (p := _case_problem(
                 cases[c], stage_of.get(c), spec.organ, test_sites, split.protocol)) is not None), None)
-        if problem is None:  # as the sampler draws them: every shot its own patient, no query of a support patient
+        if problem is None:  # as the sampler draws them: every shot and every query its own patient
             shot_patients = [cases[c].patient for c, _ in spec.support]
             shared = sorted(set(shot_patients) & {cases[c].patient for c, _ in spec.query})
             if shared:
                 problem = f"its support and query share patient(s) {', '.join(shared[:3])}"
             elif len(set(shot_patients)) < len(shot_patients):
                 problem = "two of its support slices are of one patient (every shot is its own patient)"
+            elif len({cases[c].patient for c, _ in spec.query}) < len(spec.query):
+                problem = "two of its query slices are of one patient (every query is its own patient)"
         if problem is None and slices is not None:
             shown = slices.get(spec.organ, {})
             problem = next((f"slice {z} of case {cases[c].case_id} no longer shows {spec.organ!r} (fewer of its pixels "

@@ -149,6 +149,9 @@ def test_an_episode_file_whose_support_and_query_share_a_patient_is_refused(tmp_
     twice = SegmentationEpisodeSpec(organ="liver", support=((test[0], 3), (test[0], 6)), query=((test[1], 4),), seed=2)
     with pytest.raises(ValueError, match="episode 0: two of its support slices are of one patient"):
         check_segmentation_episodes(tmp_path / "f.json", [twice], cases, split, n_shot=2, n_query=1)
+    queries = SegmentationEpisodeSpec(organ="liver", support=((test[0], 3),), query=((test[1], 4), (test[1], 5)), seed=3)
+    with pytest.raises(ValueError, match="episode 0: two of its query slices are of one patient"):
+        check_segmentation_episodes(tmp_path / "f.json", [queries], cases, split, n_shot=1, n_query=2)
 
 
 def test_self_supervision_leaves_out_every_scanner_that_test_sites_names():

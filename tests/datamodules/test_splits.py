@@ -58,6 +58,10 @@ def test_a_test_site_is_named_by_whole_words_not_by_a_substring():
         s = make_split(cs, "cross_site", test_sites=[name])
         assert {cs[i].site for i in s.test} == {held}, name
     assert match_sites(["Philips", "3"], sites) == [sites[1], sites[2]]  # "1.5" does not hold a whole word "3"
+    assert match_sites(["1.5"], sites) == [sites[1]] and match_sites(["site_a"], ["site_a", "site_b"]) == ["site_a"]
+    for part in ("1", "site"):  # a word is letters, digits, '_' and '.': "1" is no word of "1.5"
+        with pytest.raises(ValueError, match="whole words of it; until 2026-12-06 any substring did"):
+            match_sites([part], sites + ["site_a", "site_b"])
     with pytest.raises(ValueError, match="'Light' matches none"):
         match_sites(["Light"], sites)
 

@@ -161,6 +161,9 @@ def test_data_preprocessed_unlike_the_checkpoints_is_named_and_recorded(tmp_path
     assert preprocessing_changes(trained, {**trained, "spacing": (4.5, 4.5), "new_setting": 1}) == {}
     assert preprocessing_changes(trained, {**trained, "spacing": [2.0, 2.0]}) == {"spacing": ([4.5, 4.5], [2.0, 2.0])}
     assert preprocessing_changes(None, trained) == {}
+    # a setting only the checkpoint names (a modality set in training) is a change; NaN is NaN (a review)
+    assert preprocessing_changes({**trained, "modality": "CT"}, trained) == {"modality": ("CT", None)}
+    assert preprocessing_changes({"x": float("nan")}, {"x": float("nan")}) == {}
     module = EpisodicModule(PrototypicalNetwork(backbone_kwargs={"width": 4}), baselines=False)
     checkpoint = {"state_dict": module.state_dict(),
                   "imaging_meta": {"learner_config": module.learner.config, "preprocessing": trained}}
