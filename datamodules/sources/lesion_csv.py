@@ -55,7 +55,13 @@ from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
 from datamodules.messages import first
 from datamodules.sources.items import ItemSource, ItemTable
-from datamodules.sources.lesion_rows import MAX_LISTED, LesionRow, _check_consistent, read_lesion_rows
+from datamodules.sources.lesion_rows import (
+    MAX_LISTED,
+    LesionRow,
+    _check_consistent,
+    _drop_duplicates,
+    read_lesion_rows,
+)
 from datamodules.transforms.volume import CheckVolumed, LoadVolumed, ModalityIntensityd
 
 __all__ = ["LesionCSV", "load_volume", "extract_patches", "lesion_patches", "to_ras"]
@@ -381,6 +387,8 @@ class LesionCSV(ItemSource):
         cases = self._join(rows, index)
         # rows that write one DICOM series two ways (its folder, one of its files) are one scan (a review)
         _check_consistent(rows, Path(self.csv), scan_of=lambda r: cases[r.image].case_id)
+        rows, more = _drop_duplicates(rows, Path(self.csv), scan_of=lambda r: cases[r.image].case_id)
+        dropped = dropped + more  # one lesion written both ways was two identical items
         own = sorted({r.image for r in rows if not r.patient and _first_file(cases[r.image]) in set(index.own_patient)})
         if own:  # as the segmentation data and the image folder warn: each such volume counts as its own patient
             warnings.warn(f"{self.csv}: {len(own)} image(s) without a 'patient' in the CSV name no patient in their path "

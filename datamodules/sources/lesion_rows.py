@@ -205,13 +205,15 @@ def _numbers(rec: dict[str, str], columns: Sequence[str], problems: list[str]) -
     return np.array(values, dtype=np.float64)
 
 
-def _drop_duplicates(rows: list[LesionRow], path: Path) -> tuple[list[LesionRow], list[dict[str, Any]]]:
-    """Keep the first of rows with the same image, class and centre; warn about the others and return them."""
+def _drop_duplicates(rows: list[LesionRow], path: Path, scan_of: Callable[[LesionRow], str] | None = None,
+                     ) -> tuple[list[LesionRow], list[dict[str, Any]]]:
+    """Keep the first of rows with the same image (``scan_of``, as in `_check_consistent`), class and centre;
+    warn about the others and return them."""
     dropped: list[dict[str, Any]] = []
     seen: dict[tuple, int] = {}
     kept = []
     for r in rows:
-        key = (r.image, r.cls, *np.round(r.centre, 3).tolist())
+        key = (scan_of(r) if scan_of is not None else r.image, r.cls, *np.round(r.centre, 3).tolist())
         if key in seen:
             dropped.append({"line": r.line, "reason": f"duplicate of line {seen[key]} (same image, class and centre)"})
             continue

@@ -335,6 +335,13 @@ def test_one_dicom_series_written_two_ways_under_two_patients_is_refused(tmp_pat
         f"{one},hcc,1,-26,36,", f"{one},hcc,0,-24,36,", "pat02/CT,cyst,1,-26,39,", "pat02/CT,hcc,2,-25,36,"]) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"image 'pat01/CT (also written {one})' has several patients")):
         LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS").build()
+    # one lesion written both ways (same class and centre) is one item, not two identical ones
+    (tmp_path / "lesions.csv").write_text("\n".join([
+        "image,class,x,y,z,patient", "pat01/CT,cyst,1,-26,39,A1", f"{one},cyst,1,-26,39,A1", "pat01/CT,hcc,0,-24,36,A1",
+        "pat02/CT,cyst,1,-26,39,B2", "pat02/CT,hcc,2,-25,36,B2"]) + "\n")
+    with pytest.warns(UserWarning, match="1 duplicate row\\(s\\) dropped: line 3 \\(duplicate of line 2"):
+        table = LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS").build()
+    assert len(table.labels) == 4
 
 
 def test_volumes_that_name_no_patient_are_warned_about(tmp_path):
