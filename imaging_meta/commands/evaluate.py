@@ -580,6 +580,8 @@ def evaluate(
     context = _context(path, out, extra, task, describe, episode_files, name=name, seed=seed, episodes=episodes,
                        threshold=threshold, spacing=spacing, device=dev.type)
     context["interval"] = interval_description(interval, N_BOOT, seed)
+    # what `compare` checks besides the episodes: two runs on one episode list can still see other pixels
+    context["preprocessing"] = next((dm.preprocessing for dm in dms.values() if dm.preprocessing is not None), None)
     if skipped:  # asked for, but the test split cannot give them: said in results.json, not only in the log
         context["skipped_shots"] = {str(k): why for k, why in skipped.items()}
     if references:  # how the reference rows were made (the task-adaptive row's spaces changed on 2026-12-06)

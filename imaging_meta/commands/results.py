@@ -17,8 +17,10 @@ Runs that already have a ``results.json`` are reused with ``--resume``; any othe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -128,19 +130,47 @@ def _clear_run(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+#: beside a run this command finished: the digest of what made it (`_settings`), which ``--resume`` compares
+SETTINGS_FILE = "settings.sha256"
+
+
+def _settings(cmd: list[str], *inputs: Path) -> str:
+    """The digest of a run's command (without the interpreter) and of the files it read (each ``--config`` file's
+    content, and ``inputs``: a test's checkpoint), so that ``--resume`` reuses a run only when nothing that made it
+    changed: another number of epochs, an edited config or a retrained checkpoint (it reused them; a review)."""
+    h = hashlib.sha256(json.dumps(cmd[1:]).encode())
+    files = [Path(cmd[i + 1]) for i, a in enumerate(cmd[:-1]) if a == "--config"] + list(inputs)
+    for f in files:
+        h.update(str(f).encode() + (f.read_bytes() if f.is_file() else b"missing"))
+    return h.hexdigest()
+
+
+def _reusable(run_dir: Path, done: str, settings: str) -> bool:
+    """Whether ``--resume`` may reuse ``run_dir``: it finished (``done`` is there) with the same settings."""
+    if not (run_dir / done).exists():
+        return False
+    saved = run_dir / SETTINGS_FILE
+    if saved.is_file() and saved.read_text().strip() == settings:
+        return True
+    logger.warning("%s: made with other settings (or before they were recorded); running it again", run_dir)
+    return False
+
+
 def _fit(args: argparse.Namespace, cli: list[str], base: list[str], logger_args: list[str], run: str,
          epochs: int | None, n_shot: int | None) -> tuple[Path, float]:
     """Meta-train one run (or reuse it with ``--resume``): its best checkpoint and the seconds it took."""
     out = Path(args.out)
     run_dir = out / "runs" / run / "version_0"
-    if args.resume and (run_dir / "fit.done").exists():
-        return _best_checkpoint(run_dir), float((run_dir / "fit.done").read_text())
-    _clear_run(run_dir)
     fit = [*cli, "fit", *base, *logger_args, "--trainer.logger.init_args.name", run,
            "--trainer.logger.init_args.version", "0", *(["--trainer.max_epochs", str(epochs)] if epochs else []),
            *(["--data.init_args.n_shot", str(n_shot)] if n_shot else []), *args.extra]
+    settings = _settings(fit)
+    if args.resume and _reusable(run_dir, "fit.done", settings):
+        return _best_checkpoint(run_dir), float((run_dir / "fit.done").read_text())
+    _clear_run(run_dir)
     logger.info("%s: meta-training%s", run, f" {n_shot}-shot" if n_shot else "")
     seconds = _run(fit, out / "logs" / f"{run}-fit.log")
+    (run_dir / SETTINGS_FILE).write_text(settings + "\n")
     (run_dir / "fit.done").write_text(f"{seconds:.1f}\n")
     return _best_checkpoint(run_dir), seconds
 
@@ -148,7 +178,8 @@ def _fit(args: argparse.Namespace, cli: list[str], base: list[str], logger_args:
 def run_results(args: argparse.Namespace) -> int:
     configs, out = Path(args.configs), Path(args.out)
     cli = [sys.executable, "-m", "imaging_meta"]
-    rows = []
+    rows: list[dict] = []
+    failed: dict[str, str] = {}  # learner -> why (its log is named)
     for name in progress(_learners(configs, args.learners), "results: learners", unit="learner"):
         task = model_task(configs / "model" / f"{name}.yaml")
         data = getattr(args, f"{task.suffix}_data")  # --cls-data, --seg-data
@@ -159,30 +190,38 @@ def run_results(args: argparse.Namespace) -> int:
         shots = args.shots if task.sweep_shots else [None]  # None: the data config's shots
         matched = args.train_shots == "matched" and task.sweep_shots
         trained: dict[int | None, tuple[Path, float]] = {}
-        if not matched:  # one model, trained with the data config's shots, tested at every shot count
-            trained = dict.fromkeys(shots, _fit(args, cli, base, logger_args, name, epochs, None))
-        for k in shots:
-            if matched:  # one model per shot count, trained with the shots it is tested at
-                trained[k] = _fit(args, cli, base, logger_args, f"{name}-train{k}shot", epochs, k)
-            ckpt, fit_s = trained[k]
-            tag = f"{name}-test" + (f"-{k}shot" if k else "") + ("-matched" if matched else "")
-            test_dir = out / "runs" / tag / "version_0"
-            if not (args.resume and (test_dir / "results.json").exists()):
-                _clear_run(test_dir)
+        try:
+            if not matched:  # one model, trained with the data config's shots, tested at every shot count
+                trained = dict.fromkeys(shots, _fit(args, cli, base, logger_args, name, epochs, None))
+            for k in shots:
+                if matched:  # one model per shot count, trained with the shots it is tested at
+                    trained[k] = _fit(args, cli, base, logger_args, f"{name}-train{k}shot", epochs, k)
+                ckpt, fit_s = trained[k]
+                tag = f"{name}-test" + (f"-{k}shot" if k else "") + ("-matched" if matched else "")
+                test_dir = out / "runs" / tag / "version_0"
                 test = [*cli, "test", *base, *logger_args, "--trainer.logger.init_args.name", tag,
                         "--trainer.logger.init_args.version", "0", "--ckpt_path", str(ckpt),
                         *(["--data.init_args.n_shot", str(k)] if k else []), *args.extra]
-                logger.info("%s: testing%s", name, f" {k}-shot" if k else "")
-                _run(test, out / "logs" / f"{tag}.log")
-            res = json.loads((test_dir / "results.json").read_text())
-            rows.append({"learner": name, "task": task.name, "n_shot": k or res["context"].get("n_shot"), "fit_seconds": fit_s,
-                         "train_shots": k if matched else "data config", "context": res["context"], "summary": res["summary"]})
-    table = combine(rows)
+                settings = _settings(test, ckpt)  # a retrained checkpoint is tested again
+                if not (args.resume and _reusable(test_dir, "results.json", settings)):
+                    _clear_run(test_dir)
+                    logger.info("%s: testing%s", name, f" {k}-shot" if k else "")
+                    _run(test, out / "logs" / f"{tag}.log")
+                    (test_dir / SETTINGS_FILE).write_text(settings + "\n")
+                res = json.loads((test_dir / "results.json").read_text())
+                rows.append({"learner": name, "task": task.name, "n_shot": k or res["context"].get("n_shot"),
+                             "fit_seconds": fit_s, "train_shots": k if matched else "data config",
+                             "context": res["context"], "summary": res["summary"]})
+        except (ChildProcessError, FileNotFoundError) as e:  # the others still run, and the report says so
+            logger.error("%s: %s", name, e)
+            failed[name] = str(e)
+    table = combine(rows, failed)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
-    (out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1, default=str))
+    (out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows, "failed": failed}, indent=1,
+                                                 default=str))
     (out / "results.md").write_text(f"# imaging-meta results\n\nmachine: {machine}\n\n{table}")
     sys.stdout.write(table + f"\nwritten: {out / 'results.md'}\n")
-    return 0
+    return 1 if failed else 0
 
 
 def _test_episodes(context: dict) -> tuple[str | None, str | None]:
@@ -196,8 +235,9 @@ def _test_episodes(context: dict) -> tuple[str | None, str | None]:
     return path, sha
 
 
-def combine(rows: list[dict]) -> str:
-    """Markdown tables, one per task (classification accuracy per shot; segmentation Dice), from the runs' summaries.
+def combine(rows: list[dict], failed: dict[str, str] | None = None) -> str:
+    """Markdown tables, one per task (classification accuracy per shot; segmentation Dice), from the runs' summaries,
+    and a line for each learner of ``failed`` (learner -> why), so that a failed run is not a missing row.
 
     Raises:
         ValueError: when learners of the same column were scored on different episode files.
@@ -211,7 +251,14 @@ def combine(rows: list[dict]) -> str:
             if len(shas) > 1:
                 raise ValueError(f"{task.name} {k}-shot: learners were tested on different episode files {sorted(map(str, shas))}")
         out += _task_table(task, task_rows, shots)
+    if failed:
+        out += ["### failed", ""] + [f"- {name}: failed, no result: {why}" for name, why in failed.items()] + [""]
     return "\n".join(out) + "\n"
+
+
+def _finite(value: object) -> bool:
+    """A number that is not None, NaN or infinite (a single episode's interval is None)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _task_table(task: Task, task_rows: list[dict], shots: list) -> list[str]:
@@ -237,7 +284,8 @@ def _task_table(task: Task, task_rows: list[dict], shots: list) -> list[str]:
             s = r["summary"]
             trained = s.get(TRAINED, {}).get("all")
             mark = ""
-            if chance is not None and trained and trained["mean"] - trained["ci95"] <= chance + 1e-9:
+            if (chance is not None and trained and _finite(trained.get("mean")) and _finite(trained.get("ci95"))
+                    and trained["mean"] - trained["ci95"] <= chance + 1e-9):
                 mark = " (not above chance)"
             cells += [stat_cell(trained) + mark, stat_cell(s.get(UNTRAINED, {}).get("all"))]
             baselines = {m: s.get(m, {}).get("all") for m in task.baseline_methods}

@@ -326,9 +326,11 @@ def write_evaluation_report(out_dir: str | os.PathLike, context: dict, summary: 
 
 
 # ---------------------------------------------------------------- imaging-meta compare
-def _compare_rows(doc: dict, shots: list[int], shas: dict) -> list[str]:
+def _compare_rows(doc: dict, shots: list[int], shas: dict, pixels: dict | None = None,
+                  unofficial: dict | None = None) -> list[str]:
     """The rows of one evaluation run's results.json in the comparison table (``shas`` collects its episode
-    files' digests)."""
+    files' digests, ``pixels`` its preprocessing (None in reports written before it was recorded), ``unofficial``
+    the data files of its episodes that are not the published ones)."""
     rows = []
     ctx, summ = doc["context"], doc["summary"]
     metrics = get_task(ctx["task"]).report_metrics
@@ -337,6 +339,10 @@ def _compare_rows(doc: dict, shots: list[int], shas: dict) -> list[str]:
             continue
         sha = ctx["episode_files"][str(k)]["sha256"]
         shas[(ctx["task"], ctx["protocol"], k)].add(sha)
+        if pixels is not None and ctx.get("preprocessing") is not None:
+            pixels[(ctx["task"], ctx["protocol"], k, sha)].add(json.dumps(ctx["preprocessing"], sort_keys=True))
+        if unofficial is not None and ctx["episode_files"][str(k)].get("unofficial_files"):
+            unofficial[str(ctx["name"])] = list(ctx["episode_files"][str(k)]["unofficial_files"])
         cells = [f"{m}: {stat_cell(summ[str(k)][m].get(TRAINED, {}).get('all'), _digits(m))}" for m in metrics]
         rows.append(f"| {md_cell(ctx['name'])} | {md_cell(ctx['protocol'])} | {md_cell(str(ctx['learner']).rsplit('.', 1)[-1])} "
                     f"| {k} | " + "; ".join(cells) + f" | {md_cell(_interval(ctx))} | `{md_cell(str(sha)[:12])}` |")
@@ -381,9 +387,11 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{f}: a results.json without its shots ({type(e).__name__}: {e}); run imaging-meta "
                              "evaluate again") from None
+    pixels: defaultdict[tuple, set] = defaultdict(set)
+    unofficial: dict[str, list] = {}
     for f, doc in runs:
         try:
-            rows += _compare_rows(doc, sorted(shots), shas)
+            rows += _compare_rows(doc, sorted(shots), shas, pixels, unofficial)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # edited, or another program's
             raise ValueError(f"{f}: not a results.json written by imaging-meta evaluate ({type(e).__name__}: {e}); "
                              "run imaging-meta evaluate again") from None
@@ -392,6 +400,11 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     lines += rows
     notes = [f"- {task}, {protocol}, {k}-shot: {len(s)} different episode files; those rows are not on the same episodes"
              for (task, protocol, k), s in sorted(shas.items()) if len(s) > 1]
+    notes += [f"- {task}, {protocol}, {k}-shot, episodes `{str(sha)[:12]}`: {len(p)} different preprocessings "
+              "(spacing, slice size, window...); those rows are not of the same pixels"
+              for (task, protocol, k, sha), p in sorted(pixels.items()) if len(p) > 1]
+    notes += [f"- {md_cell(name)}: episodes drawn from data files that are not the published ones ({', '.join(files)})"
+              for name, files in sorted(unofficial.items())]
     if skipped:
         notes.append(f"- not evaluation runs (no results.json), left out: {first(skipped, sep=', ')}")
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")

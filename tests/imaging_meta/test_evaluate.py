@@ -159,6 +159,7 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
     assert ctx["protocol"] == "cross_organ" and ctx["shots"] == [1, 2] and ctx["seed"] == 7
     assert len(ctx["checkpoint_sha256"]) == 64 and ctx["versions"]["torch"] == torch.__version__
     assert ctx["git_commit"] and ctx["episode_files"]["2"]["n_episodes"] == 5
+    assert ctx["preprocessing"]["spacing"] and ctx["preprocessing"]["slice_size"]  # what `compare` checks too
     for k in ("1", "2"):
         for metric in ("dice", "hd95"):
             per = summ[k][metric]
@@ -462,6 +463,30 @@ def test_compare_names_a_results_json_it_cannot_read_and_keeps_rows_on_one_line(
         (tmp_path / name / "results.json").write_text(text)
         with pytest.raises(ValueError, match=rf"{name}/results\.json: (not valid JSON|not a results\.json|a results\.json without)"):
             compare_runs([tmp_path / name])
+
+
+def test_compare_notes_rows_on_one_episode_list_but_other_pixels_or_unofficial_files(tmp_path):
+    """The episode list's sha256 does not cover the preprocessing or the data files (a review): two runs on one
+    list at other slice sizes were put side by side as paired, and unofficial files were not named."""
+
+    def run(name, preprocessing, unofficial=None):
+        episode = {"sha256": "9f688c16ef2a00", **({"unofficial_files": unofficial} if unofficial else {})}
+        doc = {"context": {"shots": [1], "task": "segmentation", "protocol": "cross_organ", "name": name, "learner": "L",
+                           "episode_files": {"1": episode}, "interval": {"name": "episode-t"},
+                           "preprocessing": preprocessing},
+               "summary": {"1": {"dice": {"trained": {"all": {"mean": 0.5, "ci95": 0.1}}},
+                                 "hd95": {"trained": {"all": {"mean": 9.0, "ci95": 1.0}}}}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(doc))
+        return tmp_path / name
+
+    a = run("a", {"slice_size": [80, 80], "spacing": [4.5, 4.5]})
+    same = run("same", {"spacing": [4.5, 4.5], "slice_size": [80, 80]})
+    assert "preprocessings" not in compare_runs([a, same]) and "not the published" not in compare_runs([a, same])
+    b = run("b", {"slice_size": [128, 128], "spacing": [4.5, 4.5]}, unofficial=["breastmnist.npz"])
+    table = compare_runs([a, b])
+    assert "cross_organ, 1-shot, episodes `9f688c16ef2a`: 2 different preprocessings" in table
+    assert "- b: episodes drawn from data files that are not the published ones (breastmnist.npz)" in table
 
 
 def test_provenance_records_the_thread_count():

@@ -171,6 +171,60 @@ def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train
         assert shots_of == [None] and ckpts == ["protonet_cls", "protonet_cls"]
 
 
+def test_results_resume_reruns_what_changed_and_reports_a_failed_learner(tmp_path, monkeypatch):
+    """--resume reused a run made with other epochs or an earlier checkpoint (a retrained model shown with the
+    old scores), one failed learner left no report at all, and a single-episode row (no interval) crashed the
+    table (a review)."""
+    import argparse
+    import json
+
+    from imaging_meta.commands import results
+
+    calls, broken, fits = [], set(), []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        run = cmd[cmd.index("--trainer.logger.init_args.name") + 1]
+        if run.split("-")[0] in broken:
+            raise ChildProcessError(f"`imaging-meta {cmd[3]} ...` failed (exit 1); see {log}")
+        run_dir = tmp_path / "out" / "runs" / run / "version_0"
+        if cmd[3] == "fit":
+            (run_dir / "checkpoints").mkdir(parents=True)
+            fits.append(run)
+            (run_dir / "checkpoints" / "best.ckpt").write_text(f"{run} {len(fits)}")  # each fit another model
+        else:
+            k = int(cmd[cmd.index("--data.init_args.n_shot") + 1])
+            stat = {"mean": 0.5, "ci95": None, "n_episodes": 1}
+            run_dir.mkdir(parents=True)
+            (run_dir / "results.json").write_text(json.dumps({
+                "context": {"n_shot": k, "n_way": 2, "episode_files": {"test": f"t{k}.json"},
+                            "episodes_sha256": {"test": f"s{k}"}},
+                "summary": {"trained": {"all": stat}, "untrained encoder": {"all": stat}}}))
+        return 1.0
+
+    monkeypatch.setattr(results, "_run", fake_run)
+    p = argparse.ArgumentParser()
+    results.add_arguments(p)
+    base = ["--out", str(tmp_path / "out"), "--learners", "protonet_cls", "--shots", "1"]
+    assert results.run_results(p.parse_args(base)) == 0
+    calls.clear()
+    assert results.run_results(p.parse_args([*base, "--resume"])) == 0 and calls == []
+    # other epochs: the fit runs again, and so does the test of its new checkpoint
+    assert results.run_results(p.parse_args([*base, "--resume", "--cls-epochs", "9"])) == 0
+    assert [c[3] for c in calls] == ["fit", "test"]
+    calls.clear()
+    (tmp_path / "out" / "runs" / "protonet_cls" / "version_0" / "checkpoints" / "best.ckpt").write_text("retrained")
+    assert results.run_results(p.parse_args([*base, "--resume", "--cls-epochs", "9"])) == 0
+    assert [c[3] for c in calls] == ["test"]  # the checkpoint changed: tested again
+    broken.add("maml_cls")
+    args = p.parse_args(["--out", str(tmp_path / "out"), "--learners", "maml_cls", "protonet_cls", "--shots", "1",
+                         "--resume", "--cls-epochs", "9"])
+    assert results.run_results(args) == 1
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "| protonet_cls | 0.500 ± n/a" in report or "| protonet_cls | 0.500" in report
+    assert "- maml_cls: failed, no result: `imaging-meta fit ...` failed (exit 1)" in report
+
+
 def test_results_finds_the_shipped_configs_and_names_a_folder_without_any(tmp_path):
     """The default --configs is the package's own (an installed package has no repository configs/ beside it: it
     looked in site-packages/configs and failed on a missing results.json), and a folder without model configs is
