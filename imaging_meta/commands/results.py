@@ -10,8 +10,10 @@ segmentation data), the runner
 3. collects every run's ``results.json`` into ``results.json`` and ``results.md`` (mean ± 95% CI over
    episodes), checking that all learners of a column were scored on the same episode file (its sha256).
 
-Runs that already have a ``results.json`` are reused with ``--resume``; any other run folder of this command
-(``OUT/runs/NAME/version_0``: an earlier or interrupted run) is removed and run again.
+Runs that finished with the same settings (command, config files and, for a test, checkpoint: a digest in
+``settings.sha256`` beside each) are reused with ``--resume``; any other run folder of this command
+(``OUT/runs/NAME/version_0``: an earlier, interrupted or differently made run) is removed and run again. A
+learner whose run fails is reported as failed, the others still run, and the command then exits 1.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "train one model per test shot count with that many shots (matched, as Snell et al.)")
     p.add_argument("--cls-epochs", type=positive_int, default=None, help="override max_epochs for classification learners")
     p.add_argument("--seg-epochs", type=positive_int, default=None, help="override max_epochs for segmentation learners")
-    p.add_argument("--resume", action="store_true", help="reuse runs that already wrote their results (any other run "
-                   "folder of this command is replaced)")
+    p.add_argument("--resume", action="store_true", help="reuse runs that finished with the same command, config files "
+                   "and checkpoint (any other run folder of this command is replaced)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further arguments for every fit and test")
 
 
