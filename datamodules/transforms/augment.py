@@ -220,10 +220,22 @@ def random_views(
     Returns:
         images (n, 1, H, W), masks (n, 1, H, W) (nearest-neighbour, 0 or 1), and the drawn parameters
         (`RandItemAugment.randomize` plus ``elastic``), so that `warp` can repeat a view.
+
+    Views in which the mask's region is lost (moved out of the slice, or a thin region missed by the nearest-
+    neighbour warp) while ``mask`` has one are drawn again, all ``n`` together, from seeds derived from ``seed``
+    (up to `VIEW_REDRAWS` times; then the last draw is kept): an episode whose support view has no foreground
+    taught the learner to find what it was never shown (a review found 1 in 300 superpixel episodes of real scans).
     """
-    augment.set_random_state(seed=seed)
-    params = augment.randomize((n, *image.shape))
-    params["elastic"] = elastic_field(augment.R, n, image.shape[-2:], elastic_alpha, elastic_grid)
+    for attempt in range(VIEW_REDRAWS + 1):
+        augment.set_random_state(seed=(seed + attempt * 1_000_003) % 2**32)
+        params = augment.randomize((n, *image.shape))
+        params["elastic"] = elastic_field(augment.R, n, image.shape[-2:], elastic_alpha, elastic_grid)
+        masks = warp(mask.expand(n, -1, -1, -1), params, mode="nearest")
+        if not bool((mask > 0.5).any()) or bool((masks > 0.5).flatten(1).any(1).all()):
+            break
     images = RandItemAugment.intensity(warp(image.expand(n, -1, -1, -1), params), params)
-    masks = warp(mask.expand(n, -1, -1, -1), params, mode="nearest")
     return images, masks, params
+
+
+#: how many times `random_views` draws all views again when one lost the mask's region
+VIEW_REDRAWS = 8

@@ -259,3 +259,24 @@ def test_evaluation_of_a_self_supervised_run_draws_no_training_episodes(demo_roo
         warnings.simplefilter("ignore")
         dm.setup("test")
     assert "train" not in dm._samplers and len(dm._episodes["test"]) == SMALL_DATA["test_episodes"]
+
+
+def test_views_that_lose_the_region_are_drawn_again():
+    """A region near the slice's edge left a view without foreground in 92 of 200 seeds (an episode whose
+    support shows nothing; a review found 1 in 300 superpixel episodes of real scans): all views are drawn again
+    from derived seeds, so almost none is left empty, and a seed still gives the same views."""
+    from datamodules.transforms.augment import SELFSUP_AUGMENT, RandItemAugment, random_views
+
+    augment = RandItemAugment(**SELFSUP_AUGMENT)
+    image = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 1:4, 30:33] = 1
+    empty = 0
+    for seed in range(200):
+        _, masks, _ = random_views(augment, image, mask, 3, seed)
+        empty += int(not bool((masks > 0.5).flatten(1).any(1).all()))
+    assert empty <= 2
+    a, b = random_views(augment, image, mask, 3, 5), random_views(augment, image, mask, 3, 5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    _, none, _ = random_views(augment, image, torch.zeros(1, 64, 64), 2, 5)  # no region to keep: one draw
+    assert not none.any()
