@@ -474,6 +474,9 @@ class SegmentationDataModule(EpisodicDataModule):
             warnings.warn(own_patient_note(self.root, self.index.own_patient), stacklevel=2)
         self._check_index_is_current()
         if not self.cases and h.selfsup_ratio == 1.0:  # unlabelled scans only: self-supervised training, no val/test
+            if stage in (None, "fit"):  # Lightning then warns of empty validation and an unmonitored checkpoint
+                logger.warning("%s holds no label map: training is self-supervised only, with no validation or test "
+                               "episodes, so no best checkpoint is chosen; keep last.ckpt (docs/selfsup.md)", self.root)
             self.split = Split([], [], [], [], [], [], protocol=h.protocol)
             self._setup_stages()
         else:

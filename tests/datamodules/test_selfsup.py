@@ -220,6 +220,17 @@ def test_a_short_self_supervised_fit_beats_the_untrained_encoder_on_held_out_org
     assert trained > start + 0.1, (trained, start)
 
 
+def test_a_label_free_fit_says_why_there_is_no_validation(unlabelled_root, tmp_path, caplog):
+    """Lightning's warnings of an empty validation and an unmonitored checkpoint were all a label-free fit said
+    (a review): the datamodule says what they mean, once, at fit."""
+    import logging
+
+    dm = SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path / "cache"), **SMALL_SELFSUP)
+    with caplog.at_level(logging.WARNING, logger="datamodules.segmentation"):
+        dm.setup("fit")
+    assert "holds no label map: training is self-supervised only" in caplog.text and "keep last.ckpt" in caplog.text
+
+
 def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(unlabelled_root, demo_root, tmp_path):
     import json
 
