@@ -219,8 +219,9 @@ def run_results(args: argparse.Namespace) -> int:
             failed[name] = str(e)
     table = combine(rows, failed)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
-    (out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows, "failed": failed}, indent=1,
-                                                 default=str))
+    arguments = {k: v for k, v in vars(args).items() if k != "func"}  # epochs, --extra...: what made the table
+    (out / "results.json").write_text(json.dumps({"machine": machine, "arguments": arguments, "rows": rows,
+                                                  "failed": failed}, indent=1, default=str))
     (out / "results.md").write_text(f"# imaging-meta results\n\nmachine: {machine}\n\n{table}")
     sys.stdout.write(table + f"\nwritten: {out / 'results.md'}\n")
     return 1 if failed else 0

@@ -336,6 +336,10 @@ def _compare_rows(doc: dict, shots: list[int], shas: dict, pixels: dict | None =
     metrics = get_task(ctx["task"]).report_metrics
     for k in shots:
         if str(k) not in summ:
+            why = (ctx.get("skipped_shots") or {}).get(str(k))
+            if why:  # a shot the run could not score is a row that says so, not a missing one
+                rows.append(f"| {md_cell(ctx['name'])} | {md_cell(ctx['protocol'])} | "
+                            f"{md_cell(str(ctx['learner']).rsplit('.', 1)[-1])} | {k} | not scored: {md_cell(why)} | | |")
             continue
         sha = ctx["episode_files"][str(k)]["sha256"]
         shas[(ctx["task"], ctx["protocol"], k)].add(sha)

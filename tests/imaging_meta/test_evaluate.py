@@ -487,6 +487,11 @@ def test_compare_notes_rows_on_one_episode_list_but_other_pixels_or_unofficial_f
     table = compare_runs([a, b])
     assert "cross_organ, 1-shot, episodes `9f688c16ef2a`: 2 different preprocessings" in table
     assert "- b: episodes drawn from data files that are not the published ones (breastmnist.npz)" in table
+    # a shot another run has but this one could not score is a row that says why (it was left out silently)
+    doc = json.loads((b / "results.json").read_text())
+    doc["context"] |= {"shots": [1, 5], "skipped_shots": {"5": "no test class has 5 + 15 images"}}
+    (b / "results.json").write_text(json.dumps(doc))
+    assert "| b | cross_organ | L | 5 | not scored: no test class has 5 + 15 images | | |" in compare_runs([a, b])
 
 
 def test_provenance_records_the_thread_count():

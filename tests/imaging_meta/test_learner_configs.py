@@ -223,6 +223,8 @@ def test_results_resume_reruns_what_changed_and_reports_a_failed_learner(tmp_pat
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| protonet_cls | 0.500 ± n/a" in report or "| protonet_cls | 0.500" in report
     assert "- maml_cls: failed, no result: `imaging-meta fit ...` failed (exit 1)" in report
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["arguments"]["cls_epochs"] == 9 and saved["arguments"]["resume"] is True  # what made the table
 
 
 def test_results_finds_the_shipped_configs_and_names_a_folder_without_any(tmp_path):
