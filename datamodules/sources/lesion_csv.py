@@ -386,10 +386,14 @@ class LesionCSV(ItemSource):
         index = scan_folder(self.root, site_fields=self.site_fields, salt=self._salt)
         cases = self._join(rows, index)
         # rows that write one DICOM series two ways (its folder, one of its files) are one scan (a review)
-        _check_consistent(rows, Path(self.csv), scan_of=lambda r: cases[r.image].case_id)
-        rows, more = _drop_duplicates(rows, Path(self.csv), scan_of=lambda r: cases[r.image].case_id)
+        def scan_of(r: LesionRow) -> str:
+            return cases[r.image].case_id
+
+        _check_consistent(rows, Path(self.csv), scan_of=scan_of)
+        rows, more = _drop_duplicates(rows, Path(self.csv), scan_of=scan_of)
         dropped = dropped + more  # one lesion written both ways was two identical items
-        own = sorted({r.image for r in rows if not r.patient and _first_file(cases[r.image]) in set(index.own_patient)})
+        no_patient = set(index.own_patient)
+        own = sorted({r.image for r in rows if not r.patient and _first_file(cases[r.image]) in no_patient})
         if own:  # as the segmentation data and the image folder warn: each such volume counts as its own patient
             warnings.warn(f"{self.csv}: {len(own)} image(s) without a 'patient' in the CSV name no patient in their path "
                           f"or header either (e.g. {own[0]}), so each counts as its own patient and two scans of one "
