@@ -509,6 +509,12 @@ class _Scanner:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             self.reject(p, f"not an image file we read (JSON; invalid: {type(e).__name__})")
             return
+        if os.path.basename(p) == "prepare.json" and isinstance(d, dict) and d.get("complete") is False:
+            # what `imaging-meta prepare` writes before it moves files in, and replaces last: a run was stopped, and
+            # the folder mixes its files with an earlier run's (or has only some); training on it would go unnoticed
+            raise ValueError(
+                f"{p}: an interrupted `imaging-meta prepare` of {d.get('dataset', 'a dataset')!r} left this folder "
+                "incomplete; run the same prepare command again (it replaces the partial output)")
         if isinstance(d, dict) and "cases" in d and "rejected" in d and "version" in d:
             self.account(p)  # an imaging-meta index written into the data folder
             return

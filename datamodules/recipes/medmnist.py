@@ -45,7 +45,7 @@ from datamodules.recipes.prepare import (
     _check_out,
     _write_json,
     exclusive,
-    install_staged,
+    install_marked,
     staging_folder,
 )
 from datamodules.sampling.episode_files import episodes_sha256, save_episodes
@@ -489,7 +489,9 @@ def prepare_medmnist(
                                + "".join(f"\nskipped (not read): {w}" for w in skipped))
         with staging_folder(out) as staging:
             written, described = _write_outputs(staging, out, parts, shots, ways, queries, episodes, seed)
-            install_staged(staging, out, written, earlier)  # and episode files of an earlier run with other settings go
+            # a provisional marker first (a first run stopped while installing blocked every rerun: a review);
+            # episode files of an earlier run with other settings go
+            install_marked(staging, out, DATASET, written, earlier)
         arguments = {"files_or_folder": [str(p) for p in ([files_or_folder] if isinstance(files_or_folder, (str, os.PathLike))
                                                           else files_or_folder)],
                      "test_files": None if test_files is None else list(test_files),

@@ -173,21 +173,27 @@ def _find_synapse(source: Path) -> tuple[list[tuple[str, tuple[Path, ...]]], lis
             f"(missing {'img/' if not img_dir.is_dir() else 'label/'}); the download unpacks to RawData/Training/ - "
             "give that folder")
 
+    problems: list[str] = []
+    shared: set[str] = set()
+
     def ids(folder: Path, prefix: str) -> dict[str, Path]:
-        found = {}
+        found: dict[str, list[Path]] = {}
         for p in sorted(folder.iterdir()):
             m = re.fullmatch(prefix + r"(\d+)\.nii(\.gz)?", p.name)
             if m:
-                found[m.group(1)] = p
-        return found
+                found.setdefault(m.group(1), []).append(p)
+        # one case number in two files (img0002.nii and img0002.nii.gz, img1 and img0001) was two patients, or the
+        # .gz silently won (a review): a copy of one scan could sit in training and test
+        shared.update(_shared_numbers(found, problems))
+        return {i: paths[0] for i, paths in found.items() if i not in shared}
 
     images, labels = ids(img_dir, "img"), ids(lbl_dir, "label")
     if not images:
         raise PrepareError(f"{img_dir}: no image named img<number>.nii.gz (the Synapse/BTCV layout)")
-    problems = [f"{images[i]}: no label map label{i}.nii.gz in {lbl_dir} (missing label for this image)"
-                for i in sorted(set(images) - set(labels))]
+    problems += [f"{images[i]}: no label map label{i}.nii.gz in {lbl_dir} (missing label for this image)"
+                 for i in sorted(set(images) - set(labels) - shared)]
     problems += [f"{labels[i]}: label map without its image img{i}.nii.gz in {img_dir}"
-                 for i in sorted(set(labels) - set(images))]
+                 for i in sorted(set(labels) - set(images) - shared)]
     return [(i, (images[i], labels[i])) for i in _numeric_order(list(images)) if i in labels], problems
 
 
@@ -251,9 +257,27 @@ def _find_chaos(source: Path) -> tuple[list[tuple[str, tuple[Path, ...]]], list[
             found.append((patient.name, (dcm, ground)))
     if not found and not problems:
         raise PrepareError(f"{mr}: no patient folder MR/<patient id>/T2SPIR")
-    order = _numeric_order([pid for pid, _ in found])
-    paths = dict(found)
+    shared = _shared_numbers({pid: [dcm.parent.parent] for pid, (dcm, _) in found}, problems)  # MR/1 and MR/01 (a review)
+    paths = {pid: folders for pid, folders in found if pid not in shared}
+    order = _numeric_order(list(paths))
     return [(pid, paths[pid]) for pid in order], problems
+
+
+def _shared_numbers(places: dict[str, list[Path]], problems: list[str]) -> set[str]:
+    """The case ids (of ``places``: id -> the files or folders that carry it) whose number is in more than one place:
+    two files of one id, or ids of one number (``1``, ``01``, ``0001``); a problem for each such number, naming
+    every place."""
+    by_number: dict[int | str, list[str]] = {}
+    for i in places:
+        by_number.setdefault(int(i) if i.isdigit() else i, []).append(i)
+    shared: set[str] = set()
+    for ids in by_number.values():
+        where = [str(p) for i in ids for p in places[i]]
+        if len(where) > 1:
+            problems.append(f"{' and '.join(where)}: one case number in {len(where)} places (a copy, or two numberings "
+                            "of one case?); keep one, so that a scan cannot be in training and test at once")
+            shared.update(ids)
+    return shared
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -502,12 +526,8 @@ def prepare(dataset: str, source: Path, out: Path) -> dict[str, Any]:
             if problems:
                 raise PrepareError(f"{len(problems)} problem(s) in {source}; nothing was prepared:\n" + "\n".join(problems))
             written = [f for r in records for f in (r["image"], r["label"])]
-            # before any file moves in, a provisional marker that names them (and the earlier run's): a run stopped
-            # while installing left files but no marker, and the next run refused the folder as not its own
-            out.mkdir(parents=True, exist_ok=True)
-            _write_json(out / "prepare.json", {"dataset": dataset, "complete": False,
-                                               "files": sorted(set(written) | set(earlier) | DESCRIPTION_FILES)})
-            install_staged(staging, out, written, earlier)  # and files of an earlier run whose patient is gone go
+            # and files of an earlier run whose patient is gone go
+            install_marked(staging, out, dataset, written, earlier, DESCRIPTION_FILES)
         return _write_descriptions(dataset, recipe, source, out, records, written)
 
 
@@ -584,6 +604,20 @@ def staging_folder(out: Path) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def install_marked(staging: Path, out: Path, dataset: str, written: Sequence[str], earlier: Iterable[str],
+                   described: Iterable[str] = ()) -> None:
+    """`install_staged`, after a provisional ``prepare.json`` (``"complete": false``) that names every file this run
+    and the earlier one write (and ``described``: what is written after the install): a run stopped while
+    installing left files but no marker, and the next run refused the folder as not its own. The run's own
+    summary replaces the marker last; until then the scanner refuses the folder as incomplete
+    (`datamodules.indexing.scan`)."""
+    earlier = list(earlier)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "prepare.json", {"dataset": dataset, "complete": False,
+                                       "files": sorted(set(written) | set(earlier) | set(described))})
+    install_staged(staging, out, written, earlier)
 
 
 def install_staged(staging: Path, out: Path, written: Sequence[str], earlier: Iterable[str]) -> None:

@@ -278,3 +278,29 @@ def test_the_command(folder, tmp_path, capsys):
     # options that cannot work whatever the data are a wrong command line (2); bad data above is 1
     assert main(["medmnist", str(folder), "--out", str(tmp_path / "zero"), "--shots", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err and not (tmp_path / "zero").exists()
+
+
+def test_a_first_run_stopped_while_installing_does_not_block_the_next(folder, tmp_path, monkeypatch):
+    """prepare.json was written only at the end: a first run stopped while moving its files in left the config and
+    some episode files without it, and every rerun refused the folder as not an earlier prepare output (a review)."""
+    from datamodules.recipes import prepare as module
+
+    publish(monkeypatch, folder)
+    out = tmp_path / "out"
+    real, moved = module.os.replace, []
+
+    def stop_after_one(a, b):  # the second file moved into the output folder
+        if Path(b).is_relative_to(out) and Path(b).name != "prepare.json":
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(b)
+        return real(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(module.os, "replace", stop_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_medmnist(folder, out, **SMALL)
+    assert moved and json.loads((out / "prepare.json").read_text())["complete"] is False
+    summary = prepare_medmnist(folder, out, **SMALL)  # the rerun replaces the partial output
+    assert "complete" not in json.loads((out / "prepare.json").read_text())
+    assert {f"episodes/{p.name}" for p in (out / "episodes").iterdir()} == set(summary["episodes"])

@@ -384,8 +384,12 @@ def test_a_first_run_stopped_while_installing_does_not_block_the_next(tmp_path, 
         with pytest.raises(KeyboardInterrupt):
             prepare("synapse", src, out)
     assert moved and json.loads((out / "prepare.json").read_text())["complete"] is False
+    # the half-written folder is not trained on: the scanner indexed its files with organ names (a review)
+    with pytest.raises(ValueError, match=r"prepare\.json: an interrupted `imaging-meta prepare` of 'synapse'"):
+        scan_folder(out)
     summary = prepare("synapse", src, out)  # the rerun replaces the partial output
     assert summary["patients"] == 3 and "complete" not in json.loads((out / "prepare.json").read_text())
+    assert len(scan_folder(out).cases) == 3
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"synapse_{i}.nii.gz" for i in ("0001", "0002", "0010")]
 
 
@@ -416,3 +420,22 @@ def test_one_prepare_at_a_time_per_output_folder_and_no_staging_left(tmp_path):
     with pytest.raises(RuntimeError), exclusive(deep):
         raise RuntimeError("a bad source layout")
     assert not (tmp_path / "n1").exists()
+
+
+def test_one_case_number_in_two_places_is_refused_naming_both(tmp_path):
+    """img1 and img0001, img0002.nii beside img0002.nii.gz, MR/1 and MR/01 were two patients, or the .gz silently won
+    (a review): a copy of one scan could sit in training and in test."""
+    src = write_synapse(tmp_path / "syn", ids=("0001", "0002", "0003"))
+    (src / "img" / "img1.nii.gz").write_bytes((src / "img" / "img0001.nii.gz").read_bytes())
+    nib.save(nib.load(src / "img" / "img0002.nii.gz"), src / "img" / "img0002.nii")
+    with pytest.raises(PrepareError) as e:
+        prepare("synapse", src, tmp_path / "out")
+    text = str(e.value)
+    assert "img0001.nii.gz and " in text and "img1.nii.gz: one case number in 2 places" in text
+    assert "img0002.nii and " in text and "img0002.nii.gz: one case number in 2 places" in text
+    assert "label map without its image" not in text  # the labels of those cases are not called orphans
+    assert not (tmp_path / "out").exists()
+
+    chaos = write_chaos(tmp_path / "chaos", ids=("1", "01", "2"))
+    with pytest.raises(PrepareError, match=r"MR/01 and .*MR/1: one case number in 2 places"):
+        prepare("chaos_mr", chaos, tmp_path / "out_chaos")
