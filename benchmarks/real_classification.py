@@ -60,7 +60,11 @@ def descriptor_learners(finetune_steps: int = 0) -> dict[str, Learner]:
     return out
 
 
-def checkpoint_learners(paths: list[str], finetune_steps: int) -> dict[str, tuple[Learner, dict]]:
+def checkpoint_learners(
+    paths: list[str], finetune_steps: int, adaptive_options: dict | None = None
+) -> dict[str, tuple[Learner, dict]]:
+    """Per checkpoint: the learner, `TaskAdaptiveClassifier` around it (with ``adaptive_options``, e.g. ``rule``
+    and ``prior``; its defaults without), and with ``finetune_steps`` the support fine-tuning."""
     from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
 
     out = {}
@@ -70,7 +74,7 @@ def checkpoint_learners(paths: list[str], finetune_steps: int) -> dict[str, tupl
         name = Path(p).parts[-4] if len(Path(p).parts) >= 4 else Path(p).stem
         settings = loader_settings(extra, learner)
         out[name] = (learner, settings)
-        adaptive = TaskAdaptiveClassifier(learner).eval()
+        adaptive = TaskAdaptiveClassifier(learner, **(adaptive_options or {})).eval()
         out[f"{name} + task-adaptive"] = (adaptive, loader_settings(extra, adaptive))  # colour kept for descriptors
         if finetune_steps:
             from imaging_meta.learners.transfer.support_finetune import with_support_finetuning
@@ -249,16 +253,25 @@ def main(argv: list[str] | None = None) -> int:
         "--finetune-steps", type=int, default=0, help="also score each checkpoint fine-tuned on the support"
     )
     ap.add_argument(
+        "--rule", choices=["weighted", "select"], default=None,
+        help="the task-adaptive rule (default: the classifier's own, weighted)",
+    )
+    ap.add_argument(
+        "--prior", type=float, default=None,
+        help="the weighted rule's pull toward equal weights, in held-out items (default: the classifier's own)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=None, help="write the rows as JSON and a Markdown table beside it"
     )
     args = ap.parse_args(argv)
+    adaptive_options = {k: v for k, v in (("rule", args.rule), ("prior", args.prior)) if v is not None}
     torch.manual_seed(args.seed)
     methods = {
         # colour images in colour (grey ones are described as grey: `features.shared_channels`)
         k: (v, {"image_size": [64, 64], "channels": 3, "ct_window": [-250.0, 250.0]})
         for k, v in descriptor_learners().items()
     }
-    methods.update(checkpoint_learners(args.checkpoints, args.finetune_steps))
+    methods.update(checkpoint_learners(args.checkpoints, args.finetune_steps, adaptive_options))
     rows = []
     for name in args.sets:
         rows += run_set(name, methods, args.shots, args)
