@@ -309,9 +309,17 @@ def load_image_and_shape(
     channels: int = 1,
     ct_window: Sequence[float] = (-250.0, 250.0),
     intensity: str | None = None,
+    colour_as_grey: bool = False,
 ) -> tuple[torch.Tensor, tuple[int, int], bool]:
     """`load_image`, the image's (height, width) as read, before resizing, and whether it was scaled through the
-    CT window (a CT DICOM image) rather than by its own range (`Read.windowed`)."""
+    CT window (a CT DICOM image) rather than by its own range (`Read.windowed`).
+
+    With ``colour_as_grey``, a colour image becomes grey as a grey picture is read: its luma at full size,
+    stretched over its own range (under the own-range rule: not with ``intensity`` `NATIVE_RANGE` or through the
+    CT window), before resizing; with three ``channels`` the grey is repeated. A grey copy of the image is read
+    to the same values (up to the rounding of the colour channels), which the luma of the resized colour image,
+    stretched afterwards, is not: resizing narrows the range. ``classify`` reads a colour query of a grey support
+    this way."""
     _check_settings(image_size, channels, ct_window)
     if intensity not in (None, NATIVE_RANGE):
         raise ValueError(f"intensity must be None (each image's own range) or {NATIVE_RANGE!r}, got {intensity!r}")
@@ -329,6 +337,12 @@ def load_image_and_shape(
                 "such image at debug level)", path, intensity)
         else:
             read = dataclasses.replace(read, array=native)
+    if colour_as_grey and read.array.ndim == 3:
+        grey = read.array @ _LUMA
+        lo, hi = float(grey.min()), float(grey.max())
+        if intensity is None and not read.windowed and hi > lo:
+            grey = (grey - lo) / (hi - lo)
+        read = dataclasses.replace(read, array=grey.astype(np.float32), channels=1)
     return _to_tensor(read, image_size, channels), (int(read.array.shape[0]), int(read.array.shape[1])), read.windowed
 
 

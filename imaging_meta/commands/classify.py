@@ -274,7 +274,8 @@ def colour_notes(support: Sequence[Path], s_images: torch.Tensor, queries: Seque
         other = [p for p, c in zip(queries, q_colour, strict=True) if c != s_colour[0]]
         if other:
             notes.append(f"{len(other)} of {len(q_colour)} queries are {'grey' if s_colour[0] else 'colour'} and the "
-                         f"support {'colour' if s_colour[0] else 'grey'} (e.g. {other[0]}): their colour cannot match")
+                         f"support {'colour' if s_colour[0] else 'grey'} (e.g. {other[0]}): their colour cannot match"
+                         + ("" if s_colour[0] else "; they are compared in grey, their luma read as a grey picture is"))
     return notes
 
 
@@ -521,8 +522,14 @@ def classify(
     shapes: dict[Path, tuple[int, int]] = {}
     windowed: dict[Path, bool] = {}  # through the CT window (a CT DICOM image), or by the image's own range
 
+    grey_support = False  # set once the support is read: a grey support of a learner that reads colour
+    coloured: set[Path] = set()  # the queries read in colour and compared in grey
+
     def load_image(path: Path) -> torch.Tensor:
         image, shapes[path], windowed[path] = load_image_and_shape(path, **settings)
+        if grey_support and _colour(image):  # a colour query of a grey task: grey as a grey picture is read
+            image = load_image_and_shape(path, **settings, colour_as_grey=True)[0]
+            coloured.add(path)
         return image
 
     s_list, bad_support = [], []  # every support image must be readable: each one that is not is named
@@ -537,6 +544,10 @@ def classify(
         raise ValueError(f"{len(bad_support)} support image(s) cannot be read (every support image must be): "
                          f"{listed(bad_support)}")
     s_images = torch.stack(s_list)
+    # a colour query of a grey support is described in grey (`imaging_meta.learners.descriptors.colour`): made grey
+    # at full size, before resizing, it lands on its grey copy; the learner's own conversion of the resized colour
+    # image did not (resizing narrows the range it stretches; a review)
+    grey_support = settings["channels"] == 3 and not any(_colour(x) for x in s_images)
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
     rows, read = [], []
     all_probs, all_choices, q_colour = [], [], []
@@ -553,7 +564,7 @@ def classify(
                 unreadable.append(str(e))
         if not chunk:
             continue
-        q_colour += [_colour(x) for x in images]  # not the pixels: a run of 100k queries kept them all
+        q_colour += [q in coloured or _colour(x) for q, x in zip(chunk, images, strict=True)]  # not the pixels
         probs, choices = predict_queries(learner, s_images, s_labels, classes, torch.stack(images), dev, start)
         all_choices += choices
         if not torch.isfinite(probs).all():

@@ -61,7 +61,10 @@ LUMA = (0.299, 0.587, 0.114)
 def as_grey(items: torch.Tensor) -> torch.Tensor:
     """(T, Q, C, *spatial) colour items -> (T, Q, 1, *spatial): the luma of three channels (the mean of another
     number of channels), stretched over each item's own range to [0, 1], as a grey picture is read (the loader
-    scales each image by its own range), so that a colour copy of a grey support image lands next to it. (A
+    scales each image by its own range), so that a colour copy of a grey support image lands next to it: on it
+    when the items were not resized, near it otherwise, since resizing narrows the range stretched here (``classify``
+    therefore reads such a query as grey itself, at full size: `datamodules.sources.image_folder.load_image_and_shape`
+    with ``colour_as_grey``). (A
     checkpoint that reads 8-bit pictures as value / 255, `datamodules.sources.image_folder.NATIVE_RANGE`, does not
     stretch its grey ones: there the copy lands near, not on, them.)"""
     if items.shape[2] == 3:
