@@ -107,6 +107,9 @@ def image_source(path: str | Path) -> str:
         problem = dimensions_reason(shape)
         if problem:
             raise ValueError(f"{p}: {problem}")
+        if dtype.fields is not None:  # RGB24, RGBA32: called truncated or corrupt after the slow part (a review)
+            raise ValueError(f"{p}: colour voxels ({', '.join(dtype.names or ())}; {dtype}); segment reads one grey "
+                             "value per voxel, so save one channel or the luminance as the image")
         if np.issubdtype(dtype, np.complexfloating):
             raise ValueError(f"{p}: complex-valued voxels ({dtype}); segment reads real intensities, so save the "
                              "magnitude (numpy.abs) as the image")
@@ -366,13 +369,15 @@ def _structure_of(path: Path) -> str | None:
     return text[len(prefix):] if text.startswith(prefix) else None
 
 
-def _check_same_structure(paths: Sequence[Path], name: str, queries: Sequence[str | Path] | None = None) -> None:
+def _check_same_structure(paths: Sequence[Path], name: str, queries: Sequence[str | Path] | None = None,
+                          suffix: str = "") -> None:
     """Refuse to replace a mask that an earlier run wrote for another structure (by its name: ``--structure-name``,
     else ``label <value>``, else ``structure``), or of another scan of the same name (``queries``, in the order of
     ``paths``: the `query_mark` in the mask), or a file there that no run of `segment` wrote: each run writes
     one structure and names its mask after the query, so segmenting a second structure of a scan into the same
     folder replaced the first one's mask without a word (a review), and so did segmenting another patient's series
-    folder of the same name (every DICOM export named ``series``) into it."""
+    folder of the same name (every DICOM export named ``series``) into it. ``suffix``: that of the files' NIfTI
+    description (``", probability"`` for the probability maps of ``--explain``, checked alike: a review)."""
     for i, path in enumerate(paths):
         if not path.is_file():
             continue
@@ -392,7 +397,8 @@ def _check_same_structure(paths: Sequence[Path], name: str, queries: Sequence[st
         if held is None:  # a file of the user's (or unreadable) where a mask goes: never replaced
             raise ValueError(f"{path} exists and is not a mask that imaging-meta segment wrote: move it, or give "
                              "another --out folder")
-        written = nifti_description(name)[len(nifti_description("")):] if not path.name.endswith(".seg.dcm") else name
+        written = (nifti_description(name, suffix)[len(nifti_description("")):] if not path.name.endswith(".seg.dcm")
+                   else name)
         if held != written:
             raise ValueError(f"{path} holds the mask of {held!r} from an earlier run, and this run segments {name!r}: "
                              "give another --out folder for each structure, or remove the file to replace it")
@@ -614,6 +620,9 @@ def segment(
             raise ValueError(f"{path}: a folder of that name exists where this run writes a file; move it, or give "
                              "another --out folder")
     _check_same_structure([paths[0] for paths in (output_paths(q, out, output_format) for q in queries)], name, queries)
+    if explain:  # a file of the user's named like a probability map was replaced without a word (a review)
+        _check_same_structure([output_paths(q, out, output_format, True)[1] for q in queries], name, queries,
+                              ", probability")
     if not explain:  # left as it is, but a map of another run beside this run's mask could be taken for its own
         for stale in (p for q in queries for p in output_paths(q, out, output_format, True)[1:] if p.exists()):
             logger.warning("%s is a probability map of an earlier run, not of this one (without --explain this run "
@@ -773,7 +782,8 @@ def segment(
                     "" if novelty is None else f" (novelty {novelty:.2f})")
         masks_written.append(target)
         if explain:
-            probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability")))
+            probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability"),
+                                            query_mark(q)))
     if len(queries) == 1 and unreadable:
         raise ValueError(unreadable[0]) from first_error
     for message in unreadable[LISTED:]:

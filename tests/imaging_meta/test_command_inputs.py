@@ -434,6 +434,11 @@ def test_a_complex_or_unreadable_nifti_is_refused_before_any_work(tmp_path):
     (tmp_path / "broken.nii").write_bytes(b"not a nifti at all")
     with pytest.raises(ValueError, match=r"broken\.nii: cannot be read as a NIfTI file"):
         image_source(tmp_path / "broken.nii")
+    # an RGB NIfTI was called truncated or corrupt, and only after the checkpoint and supports were read (a review)
+    rgb = np.zeros((8, 8, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, affine_ras()), tmp_path / "rgb.nii.gz")
+    with pytest.raises(ValueError, match=r"rgb\.nii\.gz: colour voxels \(R, G, B;.*one channel or the luminance"):
+        image_source(tmp_path / "rgb.nii.gz")
 
 def test_masks_are_written_with_the_usual_permissions(tmp_path):
     """The atomic write goes through a temporary file (mode 0600): the mask gets the mode a plain save gives."""

@@ -226,10 +226,10 @@ def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, supp
     for path in written:
         hdr = nib.load(path).header
         words = b"imaging-meta segment: left kidney" + (b", probability" if "probability" in path.name else b"")
-        # the mask's aux_file: a salted digest of which scan it is of (query_marks), no identifier; the map: nothing
+        # aux_file: a salted digest of which scan the mask or map is of (query_marks), no identifier
         aux = hdr["aux_file"].item()
         assert hdr["descrip"].item() == words
-        assert aux == b"" if "probability" in path.name else re.fullmatch(rb"q:[0-9a-f]{16}", aux)
+        assert re.fullmatch(rb"q:[0-9a-f]{16}", aux)
         raw = gzip.decompress(path.read_bytes())
         for value in FAKE_PHI.values():
             assert value.encode() not in raw and value.split("^")[0].encode() not in raw
@@ -822,6 +822,14 @@ def test_a_file_of_the_users_where_a_mask_goes_is_never_replaced(tmp_path, suppo
     with pytest.raises(ValueError, match=r"q5\.nii\.gz exists and is not a mask that imaging-meta segment wrote"):
         segment(ckpt, [support], [query], out, device="cpu", **PLAIN)
     assert mine.read_bytes() == before
+    # nor one named like a probability map of --explain (it was replaced without a word: a review)
+    mine.rename(out / "q5_probability.nii.gz")
+    with pytest.raises(ValueError, match=r"q5_probability\.nii\.gz exists and is not a mask that imaging-meta segment"):
+        segment(ckpt, [support], [query], out, device="cpu", explain=True, **PLAIN)
+    assert (out / "q5_probability.nii.gz").read_bytes() == before and not (out / "q5.nii.gz").exists()
+    (out / "q5_probability.nii.gz").unlink()  # a run's own map is replaced by the next run of that structure
+    segment(ckpt, [support], [query], out, device="cpu", explain=True, **PLAIN)
+    segment(ckpt, [support], [query], out, device="cpu", explain=True, **PLAIN)
 
 
 def test_several_supports_give_the_same_mask_in_any_order_and_must_share_a_modality(tmp_path, support, monkeypatch,
