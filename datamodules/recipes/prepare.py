@@ -310,8 +310,10 @@ def _check_png_numbers(pngs: list[Path], files: list[Path], ground_dir: Path, dc
         raise PrepareError(f"{pngs[numbers.index(None)]}: no slice number in the file name (CHAOS: IMG-0004-00012.png); "
                            "the ground-truth PNGs are matched to the slices by that number")
     dicom = [_last_number(p) for p in files]
-    if None in dicom:
-        return  # DICOM files named without numbers: only the order can match them
+    if None in dicom or len(set(dicom)) != len(dicom):
+        # DICOM files named without distinct numbers: only the order can match them, as `_pair_pngs` does (names that
+        # shared one number passed when it was 1, by chance, and were refused when it was 0: a review)
+        return
     dicom_numbers = {n for n in dicom if n is not None}
     png_numbers = {n: p for n, p in zip(numbers, pngs, strict=True) if n is not None}  # every one (checked above)
     missing = sorted(dicom_numbers - set(png_numbers))

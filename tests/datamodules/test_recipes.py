@@ -222,6 +222,23 @@ def test_chaos_pngs_pair_with_the_dicom_file_of_their_own_number(tmp_path):
     assert any("do not follow InstanceNumber" in w and "matched to the DICOM file of its own number" in w for w in warnings)
 
 
+@pytest.mark.parametrize("shared", [0, 1])
+def test_dicom_names_sharing_one_number_pair_by_rank_whatever_the_number(tmp_path, shared):
+    """DICOM names without distinct numbers pair their PNGs by rank in InstanceNumber order (docs/recipes.md); names
+    that shared the number 1 did, and names that shared 0 were refused with "no PNG numbered 0" (a review)."""
+    src = write_chaos(tmp_path / "src", ids=("1",))
+    dcm_dir = src / "MR" / "1" / "T2SPIR" / "DICOM_anon"
+    by_instance = sorted(dcm_dir.iterdir(), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))
+    for k, p in enumerate(by_instance):
+        p.rename(dcm_dir / f"slice{chr(ord('a') + k)}_{shared}.dcm")
+    prepare("chaos_mr", src, tmp_path / "out")
+    img = nib.load(tmp_path / "out" / "labelsTr" / "chaos_mr_1.nii.gz")
+    spleen = np.argwhere(np.asarray(img.dataobj) == 2)  # the marker of the PNG numbered 3: the third by InstanceNumber
+    assert len(spleen) == 1
+    world = (img.affine @ np.array([*spleen[0], 1.0]))[:3]
+    np.testing.assert_allclose(world, dicom_pixel_world(dcm_dir / f"slicec_{shared}.dcm", 2, 13), atol=1e-3)
+
+
 def test_every_problem_is_reported_at_once(tmp_path):
     """Missing files were reported alone, before any file was read: a user found problems one rerun at a time."""
     src = write_synapse(tmp_path / "syn")
