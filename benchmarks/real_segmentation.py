@@ -214,7 +214,11 @@ def cross_modality_pairs() -> list[tuple[Scan, Scan]]:
 
 
 def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean over query volumes."""
+    """Percentile bootstrap 95% interval of the mean over query volumes; (nan, nan) for fewer than two values, where
+    resampling one value gave an interval of zero width (a review)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -520,3 +521,12 @@ def test_scanner_values_variants_keep_the_labels_on_the_body():
     assert not (changed & (lab > 0)).any()  # the structure is never touched
     assert 0.01 < changed.sum() / sv._body(mr).sum() < 0.04
     assert (sv.zero_background(mr, lab, affine)[0][mr == 5.0] == 0).all()
+
+
+def test_the_real_segmentation_interval_of_one_value_is_not_a_zero_width_interval():
+    """One pair (`--sets spleen`, a --compare with one common pair) printed [x, x], as if it were certain."""
+    from benchmarks.real_segmentation import bootstrap_mean_ci
+
+    assert all(np.isnan(bootstrap_mean_ci(np.array([0.6]))))
+    lo, hi = bootstrap_mean_ci(np.array([0.2, 0.4, 0.9]))
+    assert 0.2 <= lo < hi <= 0.9

@@ -245,15 +245,18 @@ def _ras(loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
     return V.to_ras(loaded.raw, loaded.affine), V.to_ras(loaded.truth, loaded.affine)
 
 
-def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str) -> dict[str, np.ndarray]:
+def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
+                   support_modality: str | None = None) -> dict[str, np.ndarray]:
     """The copy-mask and window baselines on the query's file grid, computed with both scans in RAS order: a
     support and a query stored in different axis orders (LPS DICOM against RAS NIfTI, a sagittal file) are aligned
-    along the body's axial axis, not along whichever axis each file stores last."""
+    along the body's axial axis, not along whichever axis each file stores last. ``modality`` is the query's,
+    ``support_modality`` the support's (default: the same): each scan's body is found by its own modality's rule
+    (a CT support's body found by the MR rule lost its soft-tissue slices; a review)."""
     s_raw, s_truth = _ras(support)
     q_raw, q_truth = _ras(query)
     window = V.intensity_window(s_raw, s_truth, q_raw)
     if protocol == "whole_scan":
-        copy = V.copy_mask_at_relative_position(s_truth, s_raw, q_raw, modality)
+        copy = V.copy_mask_at_relative_position(s_truth, s_raw, q_raw, modality, support_modality)
     else:
         qe, se = _extent(q_truth), _extent(s_truth)
         copy = np.zeros(q_truth.shape, dtype=bool)
@@ -327,7 +330,7 @@ def score_pair(
     for name, (lrn, opts) in variants.items():
         preds[name], checks[name], relaxations[name], novelties[name] = _segment(
             lrn, opts, s, q, protocol, chunks, preprocessing, device)
-    preds.update(baseline_masks(s, q, query.modality, protocol))
+    preds.update(baseline_masks(s, q, query.modality, protocol, support.modality))
     return [
         {
             "protocol": protocol,

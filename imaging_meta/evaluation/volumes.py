@@ -201,17 +201,20 @@ def _support_slice_for(rel: float, extent: tuple[int, int]) -> int:
 
 
 def copy_mask_at_relative_position(
-    support_mask: np.ndarray, support_image: np.ndarray, query_image: np.ndarray, modality: str
+    support_mask: np.ndarray, support_image: np.ndarray, query_image: np.ndarray, modality: str,
+    support_modality: str | None = None,
 ) -> np.ndarray:
     """Copy-the-support-mask baseline, aligned by relative position in the body's Z extent.
 
     For each query slice inside the query's body z-extent, the support mask slice at the same
     relative position within the support's body z-extent (nearest slice) is resized in-plane to the
-    query's (X, Y) with nearest neighbour. Query slices outside the body extent stay empty.
+    query's (X, Y) with nearest neighbour. Query slices outside the body extent stay empty. Each body extent is
+    found by its own scan's modality: ``modality`` the query's, ``support_modality`` the support's (default: the
+    same).
     """
     support = np.asarray(support_mask, dtype=bool)
     _check_same_shape(support, np.asarray(support_image))
-    s_extent = body_z_extent(support_image, modality)
+    s_extent = body_z_extent(support_image, support_modality or modality)
     q_lo, q_hi = body_z_extent(query_image, modality)
     out: np.ndarray = np.zeros(np.shape(query_image), dtype=bool)
     plane = out.shape[:2]

@@ -107,6 +107,22 @@ def test_relative_z():
     np.testing.assert_allclose(relative_z(np.array([5, 7]), (5, 5)), [0.0, 2.0])
 
 
+def test_copy_mask_finds_each_scans_body_by_its_own_modality():
+    """The copy baseline found the support's body by the query's modality rule: a CT support (soft tissue at 40 HU on
+    every slice, bone on slices 0-3) read by the MR rule kept only the bone's slices, and its mask, copied onto an
+    MR query of the same anatomy, missed it entirely (Dice 0; a review)."""
+    ct = _ct_cylinder(16, 16, 10, 0, 9, radius=6) + 40.0
+    ct[6:10, 6:10, 0:4] = 1000.0
+    mr = np.where(ct > -500, 300.0, 0.0).astype(np.float32)  # the same body, MR-like intensities
+    mask = np.zeros(ct.shape, dtype=bool)
+    mask[5:11, 5:11, 6:9] = True
+    assert body_z_extent(ct, "CT") == (0, 9) and body_z_extent(ct, "MR") != (0, 9)
+    out = copy_mask_at_relative_position(mask, ct, mr, "MR", "CT")
+    assert dice3d(out, mask) == 1.0
+    # the default: both scans by the query's modality, as before
+    assert np.array_equal(copy_mask_at_relative_position(mask, ct, ct, "CT"), mask)
+
+
 def test_copy_mask_at_relative_position_aligns_z_and_resizes_in_plane():
     support_image = _ct_cylinder(32, 32, 24, 2, 21, radius=14)  # 20-slice body, extent (2, 21)
     query_image = _ct_cylinder(16, 16, 16, 3, 12, radius=7)  # 10-slice body, extent (3, 12)
