@@ -168,8 +168,10 @@ class SegmentationTask(Task):
         return probs > threshold
 
     def baselines(self, episode: Episode) -> dict[str, torch.Tensor]:
-        """Copying the support mask (the majority vote of the support masks) to every query: (T, Q, H, W)."""
-        copy = episode.support_labels.float().mean(1, keepdim=True) > 0.5
+        """Copying the support mask (the majority vote of the support masks, a tie counted as foreground) to every
+        query: (T, Q, H, W). With ties as background, two shots kept only what both masks share, and the baseline
+        got worse with more support at every even number of shots (0.49 at 2 shots against 0.55 at 1; a review)."""
+        copy = episode.support_labels.float().mean(1, keepdim=True) >= 0.5
         return {COPY_MASK: copy.expand_as(episode.query_labels)}
 
     def truth(self, labels: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ def is_source_checkout(src: Path) -> bool:
 
 def provenance() -> dict:
     """Package versions, Python, platform and the git commit of the imaging-meta source (``+dirty`` when
-    tracked files differ from it; ``unknown`` outside a git checkout; for an installed package, which has no
+    its files differ from it or a file is there that it does not track; ``unknown`` outside a git checkout; for an installed package, which has no
     source checkout, says so rather than read the commit of a repository that happens to enclose it)."""
     versions = {"imaging_meta": imaging_meta.__version__, "python": platform.python_version()}
     for name in PACKAGES:
@@ -44,9 +44,11 @@ def provenance() -> dict:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
             commit = head.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(src), "diff", "--quiet", "HEAD", "--", "imaging_meta", "datamodules"],
-                                   capture_output=True, timeout=10)
-            commit += "+dirty" if dirty.returncode == 1 else ""
+            # changed tracked files and new untracked ones (a new module changes what runs; `git diff` missed it: a
+            # review); ignored files (caches, .pyc) are not source
+            status = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=all", "--",
+                                     "imaging_meta", "datamodules"], capture_output=True, text=True, timeout=10)
+            commit += "+dirty" if status.returncode == 0 and status.stdout.strip() else ""
     except (OSError, subprocess.SubprocessError):
         pass
     return {"versions": versions, "git_commit": commit, **machine}

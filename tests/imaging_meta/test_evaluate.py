@@ -502,3 +502,24 @@ def test_provenance_records_the_thread_count():
 
     p = provenance()
     assert p["torch_threads"] == torch.get_num_threads() and {"versions", "git_commit", "platform"} <= set(p)
+
+
+def test_provenance_calls_a_new_untracked_module_dirty(tmp_path, monkeypatch):
+    """`git diff` saw changed tracked files only: a new module in the package left the commit clean (a review)."""
+    import subprocess
+
+    import imaging_meta
+    from imaging_meta.evaluation.provenance import provenance
+
+    repo = tmp_path / "src"
+    (repo / "imaging_meta").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text('[project]\nname = "imaging-meta"\n')
+    (repo / "imaging_meta" / "__init__.py").write_text("")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    monkeypatch.setattr(imaging_meta, "__file__", str(repo / "imaging_meta" / "__init__.py"))
+    assert not provenance()["git_commit"].endswith("+dirty")
+    (repo / "imaging_meta" / "new_module.py").write_text("x = 1\n")
+    assert provenance()["git_commit"].endswith("+dirty")

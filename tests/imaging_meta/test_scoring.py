@@ -148,3 +148,20 @@ def test_the_epoch_metrics_are_the_mean_over_every_ranks_queries(monkeypatch):
     module._records["val"] = rank0
     module.on_validation_epoch_end()
     assert logged["val/score"] == logged["hp/val_metric"] == logged["val/acc"] == pytest.approx(5 / 9)  # not 1/2
+
+
+def test_the_copy_baseline_is_a_majority_vote_with_ties_as_foreground():
+    """Two shots kept only the pixels both support masks share (a tie went to background): the baseline got worse
+    with more support at every even number of shots (a review)."""
+    from imaging_meta.episode import Episode
+
+    masks = torch.zeros(1, 4, 1, 4)
+    masks[0, 0, 0, :2] = 1  # shot 0: pixels 0, 1
+    masks[0, 1, 0, 1:3] = 1  # shot 1: pixels 1, 2
+    masks[0, 2, 0, 1] = 1  # shot 2: pixel 1
+    masks[0, 3, 0, 0] = 1  # shot 3: pixel 0
+    ep = Episode(torch.zeros(1, 4, 1, 1, 4), masks, torch.zeros(1, 1, 1, 1, 4), torch.zeros(1, 1, 1, 4), batched=True)
+    two = Episode(ep.support_images[:, :2], masks[:, :2], ep.query_images, ep.query_labels, batched=True)
+    assert get_task(SEGMENTATION).baselines(two)[COPY_MASK][0, 0, 0].tolist() == [True, True, True, False]
+    # four shots: pixel 0 in 2 of 4 (a tie: kept), pixel 1 in 3 of 4, pixel 2 in 1 of 4
+    assert get_task(SEGMENTATION).baselines(ep)[COPY_MASK][0, 0, 0].tolist() == [True, True, False, False]
