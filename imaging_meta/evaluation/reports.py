@@ -226,9 +226,11 @@ def citation(context: dict, summary: dict) -> str:
         unofficial = context["episode_files"][str(k)].get("unofficial_files")
         sha += f"… on unofficial files {', '.join(unofficial)}" if unofficial else "…"
         parts.append(f"{k}-shot {task.metric_title} {stat_cell(s, 3)} ({how}{paired}, episodes sha256 {sha})")
+    changed = context.get("preprocessing_not_the_checkpoints") or {}
     return (f"{context['learner'].rsplit('.', 1)[-1]}, {context['protocol']} protocol: " + "; ".join(parts)
             + f"; checkpoint sha256 {context['checkpoint_sha256'][:12]}…, imaging-meta {context['versions']['imaging_meta']}"
-            + f" at commit {context['git_commit'][:12]}.")
+            + f" at commit {context['git_commit'][:12]}"
+            + (f", on data preprocessed unlike the checkpoint's ({', '.join(changed)})" if changed else "") + ".")
 
 
 def _metric_notes(context: dict, metrics: Collection[str]) -> list[str]:
@@ -263,6 +265,10 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
             lines.append(f"- {k.replace('_', ' ')}: {', '.join(map(str, data[k])) or 'none'}")
     if data.get("dropped_organs"):
         lines.append(f"- dropped organs (too few of the stage's patients show them): {data['dropped_organs']}")
+    changed = context.get("preprocessing_not_the_checkpoints") or {}
+    if changed:  # the model saw other pixels than it trained on (a --data-config's CT window, patch spacing...)
+        lines.append("- **preprocessing_not_the_checkpoints**: " + "; ".join(
+            f"{k} {v['checkpoint']!r} in the checkpoint, {v['tested']!r} here" for k, v in changed.items()))
     for k, f in context["episode_files"].items():
         lines.append(f"- {k}-shot episodes: `{f['file']}` ({f['n_episodes']} episodes, episode-list sha256 `{f['sha256']}`)"
                      + (f"; **drawn from files whose MD5 is not the published one: {', '.join(f['unofficial_files'])}** "

@@ -4,6 +4,7 @@ digit, the split guard, the report files, on checkpoints written by a real (tiny
 import csv
 import io
 import json
+import re
 import logging
 import math
 import os
@@ -247,6 +248,27 @@ def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, t
     fewer.write_text(yaml.safe_dump({"data": {**trained, "init_args": {**trained["init_args"], "min_organ_pixels": 999}}}))
     with pytest.raises(ValueError, match=r"fewer\.yaml: this data config changes the split.*min_organ_pixels: trained"):
         evaluate(ckpt, tmp_path / "out", data_config=fewer)
+
+
+def test_evaluate_says_and_records_preprocessing_unlike_the_checkpoints(seg_checkpoint, tmp_path, caplog):
+    """A --data-config that keeps the split but changes the CT window ran silently: Dice 0.669 -> 0.570 in a review,
+    and a report that read like the model's own."""
+    import yaml
+
+    from imaging_meta.commands.evaluate import data_config_from_checkpoint
+
+    ckpt, tmp = seg_checkpoint
+    trained = data_config_from_checkpoint(torch.load(ckpt, weights_only=True), ckpt)
+    window = tmp_path / "window.yaml"
+    window.write_text(yaml.safe_dump({"data": {**trained, "init_args": {**trained["init_args"], "ct_window": [-100, 300]}}}))
+    with caplog.at_level("WARNING", logger="imaging_meta.commands.evaluate"):
+        js, md = evaluate(ckpt, tmp_path / "out", data_config=window, shots=[1], episodes=2, cache_dir=str(tmp / "cache"))
+    assert re.search(r"preprocessed unlike the checkpoint's: ct_window \[-250\.0, 250\.0\] in the checkpoint, "
+                     r"\[-100\.0, 300\.0\] here", caplog.text)
+    changed = json.loads(Path(js).read_text())["context"]["preprocessing_not_the_checkpoints"]
+    assert changed == {"ct_window": {"checkpoint": [-250.0, 250.0], "tested": [-100.0, 300.0]}}
+    text = Path(md).read_text()
+    assert "preprocessing_not_the_checkpoints**: ct_window" in text and "preprocessed unlike the checkpoint's (ct_window)" in text
 
 
 def test_classification_evaluate_cli_writes_metrics_and_reliability(tmp_path, capsys, caplog):
