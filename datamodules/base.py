@@ -101,6 +101,18 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
         """
         return digest(self._split_identity())
 
+    def structure_values(self) -> dict[str, list[int]] | None:
+        """Each structure's label values over the scans (name -> sorted values), for the data of label maps; None
+        for other data. Checkpoints store it beside `structure_digest`, to name what changed."""
+        return None
+
+    def structure_digest(self) -> str | None:
+        """A digest of which label value is which structure in each scan; None for data without label maps.
+        Checkpoints store it, and evaluation refuses data where it differs: a structure renamed after training
+        (``label_names`` swapped, a ``dataset.json`` edited) kept the split digest, and the held-out organ's score
+        was then a trained organ's (a review)."""
+        return None
+
     def test_scans(self) -> list[dict[str, Any]]:
         """The labelled test scans, for whole-scan protocols: dicts with ``image`` (a path, or DICOM files),
         ``label``, ``modality``, ``organs`` (the test structures in it: name -> value), ``patient``, ``site``.

@@ -927,6 +927,16 @@ class SegmentationDataModule(EpisodicDataModule):
                 | {"protocol": s.protocol, "train_organs": s.train_organs, "test_organs": s.test_organs,
                    "excluded_organs": s.excluded_organs})
 
+    def structure_values(self) -> dict[str, list[int]] | None:
+        values: dict[str, set[int]] = {}
+        for case in self.cases:
+            for name, value in case.organs.items():
+                values.setdefault(name, set()).add(int(value))
+        return {name: sorted(v) for name, v in sorted(values.items())}
+
+    def structure_digest(self) -> str | None:
+        return digest({case.case_id: sorted(case.organs.items()) for case in self.cases})
+
     def _describe(self) -> dict[str, Any]:
         """Split sizes and organs."""
         s = self.split

@@ -203,6 +203,21 @@ def split_mismatch(extra: dict, datamodule: Any) -> tuple[str, str] | None:
     return None if digest == expected else (digest, expected)
 
 
+def structure_mismatch(extra: dict, datamodule: Any) -> str | None:
+    """What differs when the datamodule's label maps name their structures unlike the checkpoint's training data
+    (``structure_digest``: which label value is which structure in each scan), e.g. ``spleen: label values [2] in
+    training, [1] here``; None when they agree, or when the checkpoint predates the digest, read no label, or the
+    data has no label maps. ``datamodule`` has been set up."""
+    expected = None if extra.get("label_free") else extra.get("structure_digest")
+    now = datamodule.structure_digest() if expected is not None else None
+    if now is None or now == expected:
+        return None
+    before, after = extra.get("structure_values") or {}, datamodule.structure_values() or {}
+    changed = [f"{name}: label values {before.get(name, 'none')} in training, {after.get(name, 'none')} here"
+               for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+    return "; ".join(changed) if changed else "the same values per structure, but in other scans"
+
+
 def load_learner(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", ckpt: dict | None = None) -> tuple[Learner, dict]:
     """Rebuild the trained learner of an ``imaging-meta fit`` checkpoint, without executing pickled code.
 

@@ -38,7 +38,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import imaging_meta
 from datamodules.base import EpisodicDataModule
-from imaging_meta.checkpoint_io import current_class_path, modernize, offline_learner_config, split_mismatch
+from imaging_meta.checkpoint_io import (
+    current_class_path,
+    modernize,
+    offline_learner_config,
+    split_mismatch,
+    structure_mismatch,
+)
 from imaging_meta.episode import Episode
 from imaging_meta.evaluation.methods import (
     TRAINED,
@@ -587,6 +593,8 @@ class EpisodicModule(LightningModule):
                 extra["preprocessing"] = dm.preprocessing
             extra["data"] = dm.config()
             extra["split_digest"] = dm.split_digest()
+            if dm.structure_digest() is not None:  # which label value is which structure, per scan
+                extra["structure_digest"], extra["structure_values"] = dm.structure_digest(), dm.structure_values()
             # self-supervised training on scans without any label map: no split to protect at evaluation
             extra["label_free"] = dm.label_free
         # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
@@ -643,6 +651,11 @@ class EpisodicModule(LightningModule):
                 f"checkpoint and {list(ours)} here ({len(wrong)} such tensor(s)); build it as in training: the same "
                 "model config and learner arguments, and the same n_way in the data config"
             )
+        renamed = structure_mismatch(extra, dm) if dm is not None else None
+        if renamed is not None:
+            raise ValueError(f"the label maps of this run's data name their structures unlike the checkpoint's "
+                             f"training data ({renamed}): a held-out structure could be one the model trained on, so "
+                             "nothing was run; use the label_names (and dataset.json files) of the training run")
         mismatch = split_mismatch(extra, dm) if dm is not None else None
         if mismatch is not None:
             raise ValueError(

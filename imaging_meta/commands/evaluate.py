@@ -42,6 +42,7 @@ from imaging_meta.checkpoint_io import (
     read_checkpoint,
     resolve_device,
     split_mismatch,
+    structure_mismatch,
 )
 from imaging_meta.commands.outputs import check_output_folder
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
@@ -320,6 +321,11 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
                 raise
             skipped[k] = e  # fewer shots worked on the same data: too few patients or images for this many
             continue
+        renamed = structure_mismatch(extra, dm)
+        if renamed is not None:
+            raise ValueError(f"{path}: the label maps of the data rebuilt for evaluation name their structures unlike "
+                             f"the training data ({renamed}): a held-out structure could be one the model trained on, "
+                             "so nothing was scored; use the label_names (and dataset.json files) of the training run")
         mismatch = split_mismatch(extra, dm)
         if mismatch is not None:
             raise ValueError(

@@ -467,3 +467,36 @@ def test_another_salt_scans_into_its_own_index_and_leaves_the_one_in_use(demo_ro
     other = SegmentationDataModule(salt="imaging-meta", **kw)
     assert used.index_path != other.index_path and used.index_path.parent == other.index_path.parent
     assert SegmentationDataModule(salt="s3cret", **kw).index_path == used.index_path  # the same settings: one file
+
+
+def test_a_structure_renamed_after_training_is_named_and_the_split_digest_alone_misses_it(tmp_path):
+    """label_names swapped after training (or a dataset.json edited) kept the split digest: evaluate then scored a
+    trained structure as the held-out one (a review). The structure digest tells them apart, and the message names
+    the values."""
+    from imaging_meta.checkpoint_io import structure_mismatch
+    from tests.datamodules.dicom_fixtures import affine_ras, write_nifti
+
+    root = tmp_path / "data"
+    for i in range(1, 7):
+        label = np.zeros((24, 24, 6), np.uint8)
+        label[2:10, 2:10, 1:5] = 1
+        label[2:10, 14:22, 1:5] = 3
+        image = np.where(label > 0, 60.0 * label, -100.0)
+        write_nifti(image, affine_ras(), root / f"sub-{i:02d}" / "ct.nii.gz")
+        write_nifti(label, affine_ras(), root / f"sub-{i:02d}" / "ct_label.nii.gz")
+        (root / f"sub-{i:02d}" / "ct.json").write_text(json.dumps({"Modality": "CT"}))
+    common = dict(root=str(root), cache_dir=str(tmp_path / "cache"), protocol="cross_organ", test_organs=["c"],
+                  exclude_test_organ_slices=False,
+                  val_organ_count=0, val_fraction=0.0, test_fraction=0.4, n_query=1, episodes_per_epoch=2,
+                  val_episodes=0, test_episodes=2, spacing=(1.5, 1.5), slice_size=(32, 32), cache="none")
+    trained = SegmentationDataModule(label_names={1: "a", 3: "c"}, **common)
+    swapped = SegmentationDataModule(label_names={1: "c", 3: "a"}, **common)
+    for dm in (trained, swapped):
+        dm.setup("test")
+    assert trained.split_digest() == swapped.split_digest()  # the names and the patients are the same
+    extra = {"structure_digest": trained.structure_digest(), "structure_values": trained.structure_values()}
+    assert trained.structure_values() == {"a": [1], "c": [3]}
+    assert structure_mismatch(extra, trained) is None
+    assert structure_mismatch(extra, swapped) == ("a: label values [1] in training, [3] here; "
+                                                  "c: label values [3] in training, [1] here")
+    assert structure_mismatch({"split_digest": "x"}, swapped) is None  # a checkpoint from before the digest

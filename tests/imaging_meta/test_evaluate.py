@@ -4,10 +4,10 @@ digit, the split guard, the report files, on checkpoints written by a real (tiny
 import csv
 import io
 import json
-import re
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -248,6 +248,22 @@ def test_evaluate_refuses_a_data_config_that_changes_the_split(seg_checkpoint, t
     fewer.write_text(yaml.safe_dump({"data": {**trained, "init_args": {**trained["init_args"], "min_organ_pixels": 999}}}))
     with pytest.raises(ValueError, match=r"fewer\.yaml: this data config changes the split.*min_organ_pixels: trained"):
         evaluate(ckpt, tmp_path / "out", data_config=fewer)
+
+
+def test_evaluate_refuses_data_whose_label_maps_name_the_structures_otherwise(seg_checkpoint, tmp_path):
+    """The checkpoint keeps which label value is which structure; data that names them otherwise is refused before
+    anything is scored (a renamed structure kept the split digest: a review)."""
+    ckpt, tmp = seg_checkpoint
+    content = torch.load(ckpt, weights_only=True)
+    extra = content["imaging_meta"]
+    assert len(extra["structure_digest"]) == 16 and "spleen" in extra["structure_values"]
+    spleen = extra["structure_values"]["spleen"]
+    extra["structure_digest"], extra["structure_values"]["spleen"] = "0" * 16, [v + 100 for v in spleen]
+    torch.save(content, tmp_path / "renamed.ckpt")
+    with pytest.raises(ValueError, match=rf"renamed\.ckpt: the label maps .* name their structures unlike the training "
+                                         rf"data \(spleen: label values \[{spleen[0] + 100}.*\] in training, \[{spleen[0]}"):
+        evaluate(tmp_path / "renamed.ckpt", tmp_path / "out", shots=[1], episodes=2, cache_dir=str(tmp / "cache"))
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_evaluate_says_and_records_preprocessing_unlike_the_checkpoints(seg_checkpoint, tmp_path, caplog):
