@@ -651,11 +651,6 @@ class EpisodicModule(LightningModule):
                 f"checkpoint and {list(ours)} here ({len(wrong)} such tensor(s)); build it as in training: the same "
                 "model config and learner arguments, and the same n_way in the data config"
             )
-        renamed = structure_mismatch(extra, dm) if dm is not None else None
-        if renamed is not None:
-            raise ValueError(f"the label maps of this run's data name their structures unlike the checkpoint's "
-                             f"training data ({renamed}): a held-out structure could be one the model trained on, so "
-                             "nothing was run; use the label_names (and dataset.json files) of the training run")
         mismatch = split_mismatch(extra, dm) if dm is not None else None
         if mismatch is not None:
             raise ValueError(
@@ -666,6 +661,12 @@ class EpisodicModule(LightningModule):
                 "on, so nothing was run; use the data config and settings of the training run: the config it saved "
                 "beside its checkpoints holds them all (--config runs/<name>/version_N/config.yaml --ckpt_path ...)"
             )
+        # after the split check: another salt or other scans change the case ids this digest is keyed by too
+        renamed = structure_mismatch(extra, dm) if dm is not None else None
+        if renamed is not None:
+            raise ValueError(f"the label maps of this run's data name their structures unlike the checkpoint's "
+                             f"training data ({renamed}): a held-out structure could be one the model trained on, so "
+                             "nothing was run; use the label_names (and dataset.json files) of the training run")
         self.preprocessing_changes = preprocessing_changes(extra.get("preprocessing"), dm.preprocessing if dm else None)
         if self.preprocessing_changes:  # a user's own data config with another spacing or window (a review)
             rank_zero_warn(

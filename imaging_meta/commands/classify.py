@@ -547,7 +547,10 @@ def classify(
     # a colour query of a grey support is described in grey (`imaging_meta.learners.descriptors.colour`): made grey
     # at full size, before resizing, it lands on its grey copy; the learner's own conversion of the resized colour
     # image did not (resizing narrows the range it stretches; a review)
-    grey_support = settings["channels"] == 3 and not any(_colour(x) for x in s_images)
+    # only for the learners that describe a grey task in grey (`reads_colour`: descriptors, task-adaptive); a network
+    # that takes three channels, under --space learned or fine-tuning, gets the query as it is (a review)
+    grey_support = (settings["channels"] == 3 and getattr(learner, "reads_colour", False)
+                    and not any(_colour(x) for x in s_images))
     s_labels = torch.tensor([y for _, y in items], dtype=torch.long)
     rows, read = [], []
     all_probs, all_choices, q_colour = [], [], []

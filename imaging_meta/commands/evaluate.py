@@ -321,11 +321,6 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
                 raise
             skipped[k] = e  # fewer shots worked on the same data: too few patients or images for this many
             continue
-        renamed = structure_mismatch(extra, dm)
-        if renamed is not None:
-            raise ValueError(f"{path}: the label maps of the data rebuilt for evaluation name their structures unlike "
-                             f"the training data ({renamed}): a held-out structure could be one the model trained on, "
-                             "so nothing was scored; use the label_names (and dataset.json files) of the training run")
         mismatch = split_mismatch(extra, dm)
         if mismatch is not None:
             raise ValueError(
@@ -334,6 +329,12 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
                 "or --salt to the training one), other data under the root, or other split settings. The test set "
                 "could hold patients, organs or classes the model trained on, so nothing was scored."
             )
+        # after the split check: another salt or other scans change the case ids this digest is keyed by too
+        renamed = structure_mismatch(extra, dm)
+        if renamed is not None:
+            raise ValueError(f"{path}: the label maps of the data rebuilt for evaluation name their structures unlike "
+                             f"the training data ({renamed}): a held-out structure could be one the model trained on, "
+                             "so nothing was scored; use the label_names (and dataset.json files) of the training run")
         dms[k] = dm
     for k, why in skipped.items():
         logger.warning("%d-shot skipped: the test split cannot give %d-shot episodes (%s); scoring %s only",

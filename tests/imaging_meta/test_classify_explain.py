@@ -388,6 +388,36 @@ def test_a_colour_copy_of_a_grey_query_gets_its_answer_at_any_image_size(protone
     assert "compared in grey" in caplog.text
 
 
+def test_a_network_that_takes_colour_gets_a_colour_query_as_it_is(protonet_checkpoint, tmp_path, monkeypatch):
+    """Only the learners that describe a grey task in grey (descriptors, task-adaptive) get a colour query made grey;
+    a checkpoint that takes three channels, under --space learned, gets it in colour (a review)."""
+    import imaging_meta.commands.classify as module
+
+    ckpt = torch.load(protonet_checkpoint, map_location="cpu", weights_only=False)
+    ckpt["imaging_meta"]["learner_config"]["init_args"]["in_channels"] = 3  # the same network, taking RGB
+    ckpt["imaging_meta"]["preprocessing"]["channels"] = 3
+    for state in (ckpt["state_dict"], ckpt["imaging_meta"].get("untrained_state_dict") or {}):
+        for k, v in state.items():
+            if k.endswith("layers.0.0.weight") and v.dim() == 4:
+                state[k] = v.repeat(1, 3, 1, 1) / 3
+    rgb = tmp_path / "rgb.ckpt"
+    torch.save(ckpt, rgb)
+    support, queries = write_folders(tmp_path)
+    tint = np.stack([np.full((28, 28), 40), np.full((28, 28), 120), np.full((28, 28), 200)], -1)
+    write_png(queries / "tinted.png", (tint + np.arange(28)[None, :, None]).astype(np.uint8))
+    seen = []
+    real = module.predict_queries
+
+    def spy(learner, s_images, s_labels, classes, q_images, *a, **k):
+        seen.append(q_images)
+        return real(learner, s_images, s_labels, classes, q_images, *a, **k)
+
+    monkeypatch.setattr(module, "predict_queries", spy)
+    classify(rgb, support, [queries], tmp_path / "learned.csv", device="cpu", space="learned")
+    q = torch.cat(seen)
+    assert any(not torch.equal(x[0], x[1]) for x in q)  # the tinted query reached the network in colour
+
+
 def test_classify_warns_when_a_ct_dicom_query_meets_png_supports(protonet_checkpoint, tmp_path, caplog):
     """The same CT picture as a DICOM (HU through ct_window) and as a PNG (its own range) got other inputs and other
     answers, silently."""

@@ -264,6 +264,12 @@ def test_evaluate_refuses_data_whose_label_maps_name_the_structures_otherwise(se
                                          rf"data \(spleen: label values \[{spleen[0] + 100}.*\] in training, \[{spleen[0]}"):
         evaluate(tmp_path / "renamed.ckpt", tmp_path / "out", shots=[1], episodes=2, cache_dir=str(tmp / "cache"))
     assert not (tmp_path / "out" / "results.json").exists()
+    # another salt or other scans change the case ids both digests are keyed by: the split's message, which names
+    # the salt, comes first (the structures' was given, with the wrong advice: a review)
+    extra["split_digest"] = "0" * 16
+    torch.save(content, tmp_path / "both.ckpt")
+    with pytest.raises(ValueError, match=r"both\.ckpt: the data rebuilt for evaluation is not split as in training.*salt"):
+        evaluate(tmp_path / "both.ckpt", tmp_path / "out", shots=[1], episodes=2, cache_dir=str(tmp / "cache"))
 
 
 def test_evaluate_says_and_records_preprocessing_unlike_the_checkpoints(seg_checkpoint, tmp_path, caplog):
