@@ -259,11 +259,12 @@ def queries_per_pass(image_size: Sequence[int]) -> int:
 
 
 def colour_notes(support: Sequence[Path], s_images: torch.Tensor, queries: Sequence[Path],
-                 q_colour: Sequence[bool]) -> list[str]:
+                 q_colour: Sequence[bool], made_grey: bool = False) -> list[str]:
     """What to tell the user when a support set mixes colour and grey images (one colour image turns the whole
     support into a colour task, see `imaging_meta.learners.descriptors.colour`; ``fit``'s image folder refuses
     the mix as nearly always a stray image), or when queries are colour and the support grey or the other way
-    (``q_colour``: whether each query is in colour, `is_colour`; the queries' pixels are not kept)."""
+    (``q_colour``: whether each query is in colour, `is_colour`; the queries' pixels are not kept; ``made_grey``:
+    the colour queries of a grey support were read as grey pictures)."""
     notes = []
     s_colour = [_colour(x) for x in s_images]
     if any(s_colour) and not all(s_colour):
@@ -275,7 +276,7 @@ def colour_notes(support: Sequence[Path], s_images: torch.Tensor, queries: Seque
         if other:
             notes.append(f"{len(other)} of {len(q_colour)} queries are {'grey' if s_colour[0] else 'colour'} and the "
                          f"support {'colour' if s_colour[0] else 'grey'} (e.g. {other[0]}): their colour cannot match"
-                         + ("" if s_colour[0] else "; they are compared in grey, their luma read as a grey picture is"))
+                         + ("; they are compared in grey, their luma read as a grey picture is" if made_grey else ""))
     return notes
 
 
@@ -599,7 +600,7 @@ def classify(
     if len(kinds) > 1:  # support and queries scaled two ways: the same picture as DICOM and PNG gets other answers
         logger.warning(mixed_scaling("classify", str(kinds[True]), str(kinds[False])))
     for note in resolution_notes(shapes, settings["image_size"]) + colour_notes(
-            [f for f, _ in items], s_images, read, q_colour):
+            [f for f, _ in items], s_images, read, q_colour, made_grey=bool(coloured)):
         logger.warning(note)
     # surrogateescape: a file name that is not valid UTF-8 is written back as the bytes it has on disk
     with atomic_open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
