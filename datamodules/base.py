@@ -157,7 +157,14 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
     def _fixed_loader(self, stage: str) -> DataLoader:
         """The stage's fixed episodes, shared out over the DDP ranks, without augmentation."""
         rank, world = dist_rank_world()
-        return self._loader(self.fixed_episodes(stage)[rank::world], augment=False)
+        episodes = self.fixed_episodes(stage)
+        if len(episodes) < world:
+            # a rank without an episode had an empty loader, which Lightning refused on that rank alone: an "internal
+            # error" there, and "another process failed" on the others (a review)
+            raise ValueError(f"{stage}: {len(episodes)} episode(s) for {world} processes; every process scores at least "
+                             f"one: give at least {world} ({stage}_episodes, or a {stage} episode file that holds as "
+                             "many), or run on fewer devices")
+        return self._loader(episodes[rank::world], augment=False)
 
     # ------------------------------------------------------ for subclasses
     def _fix_episodes(self) -> None:

@@ -378,3 +378,25 @@ def test_test_patients_with_images_in_training_classes_are_warned_about(tmp_path
     assert not [w for w in seen if "test patients also have images" in str(w.message)]
     with pytest.warns(UserWarning, match=r"4 of 4 test patients also have images in the training classes"):
         ClassificationDataModule(source=SharedPatients(), cache_dir=str(tmp_path / "b"), **SMALL).setup("fit")
+
+
+def test_fewer_fixed_episodes_than_processes_is_refused_naming_the_setting(tmp_path, monkeypatch):
+    """A rank numbered at or above the episode count got an empty loader, which Lightning refused on that rank
+    alone: an "internal error" there and "another process failed" on the others (a review). Now every rank refuses
+    it at once, naming the setting; with enough episodes the ranks share them out."""
+    import datamodules.base as base
+
+    root = write_folder(tmp_path / "data", n_classes=5, per_class=4)
+    source = {"class_path": "datamodules.sources.image_folder.ImageFolder", "init_args": {"root": str(root), "image_size": [16, 16]}}
+    dm = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), **{**SMALL, "test_episodes": 1})
+    dm.prepare_data()
+    dm.setup("test")
+    for rank in (0, 1):
+        monkeypatch.setattr(base, "dist_rank_world", lambda rank=rank: (rank, 2))
+        with pytest.raises(ValueError, match=r"test: 1 episode\(s\) for 2 processes.*test_episodes"):
+            dm.test_dataloader()
+    monkeypatch.setattr(base, "dist_rank_world", lambda: (1, 2))
+    dm = ClassificationDataModule(source=source, cache_dir=str(tmp_path / "cache"), **{**SMALL, "test_episodes": 3})
+    dm.prepare_data()
+    dm.setup("test")
+    assert sum(len(b.classes) for b in dm.test_dataloader()) == 1  # rank 1 of 2: the second of three episodes
