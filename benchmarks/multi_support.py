@@ -15,7 +15,9 @@ at its own:
   kidney), per organ and site two triples with different queries (the site's patients in a seeded order, each
   query with the next two as its supports; 16 triples).
 
-Also scored, for context: `segment`'s default with the first support alone (adapted on it and the query
+And the same with the position prior (`ScanOptions.position`, `segment --position-prior`): each support scan's
+mask at the query's relative position in the body, a third feature of the fusion whose weight is fitted across
+the two supports. Also scored, for context: `segment`'s default with the first support alone (adapted on it and the query
 alone), and from the first support: copying its mask at the same relative position and the intensity window.
 Run on 2 CPU cores with one thread per process.
 """
@@ -46,7 +48,9 @@ from imaging_meta.evaluation.scans import (
 )
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
 
-VARIANTS = {"across scans (default)": ScanOptions(), "pooled (before)": ScanOptions(across_scans=False)}
+POSITION = "across scans + position prior"
+VARIANTS = {"across scans (default)": ScanOptions(), "pooled (before)": ScanOptions(across_scans=False),
+            POSITION: ScanOptions(position=True)}
 ONE = "first support alone"
 
 
@@ -156,6 +160,10 @@ def main() -> None:
             ratio = [r["fusion_weight"]["across scans (default)"][1] / r["fusion_weight"]["pooled (before)"][1] for r in rs]
             print(f"  intensity weight, across scans / pooled: {min(ratio):.2f}–{max(ratio):.2f} (median "
                   f"{np.median(ratio):.2f})")
+            d = np.array([r["dice"][POSITION] - r["dice"]["across scans (default)"] for r in rs])
+            lo, hi = bootstrap_mean_ci(d)
+            print(f"- {group}: + position prior − across scans {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] over {len(d)} "
+                  f"triples ({int((d > 0).sum())} better, {int((d < 0).sum())} worse)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")

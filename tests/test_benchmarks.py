@@ -306,7 +306,10 @@ def test_multi_support_scores_both_calibrations_on_two_support_patients(tmp_path
     pre = {"spacing": [4.5, 4.5], "slice_size": [16, 16], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
     dice, weights = score_triple(Everywhere(), pre, scans, adapt_steps=0)
     assert set(dice) > {*VARIANTS, ONE} and set(weights) == set(VARIANTS)
-    assert all(len(w) == 2 for w in weights.values())  # learner and intensity
+    from benchmarks.multi_support import POSITION
+
+    # learner and intensity, and the position prior's weight in its variant
+    assert all(len(w) == (3 if name == POSITION else 2) for name, w in weights.items())
     assert all(dice[name] == pytest.approx(1.0) for name in VARIANTS)
     assert dice["intensity window (first support)"] == pytest.approx(1.0)
 

@@ -456,6 +456,10 @@ def _add_segment_parser(sub) -> None:
                    help="with several support scans, calibrate on each support slice predicted from all the others (as "
                         "before 2026-12-05) instead of from the other scans alone (default: as a query of another "
                         "patient will be predicted)")
+    g.add_argument("--position-prior", action="store_true",
+                   help="with two or more support scans, also fuse where the structure lies in the body (each support "
+                        "scan's mask at the query's relative position), its weight fitted across the support patients "
+                        "(docs/segmentation.md: it helped tumour-centred crops, not the demo; off by default)")
     g.add_argument("--keep-empty", action="store_true",
                    help="keep an empty mask when nothing is found (by default such a query is segmented again without "
                         "the support's intensity evidence, then also without the slice gate, and a warning says so); "
@@ -528,14 +532,15 @@ def _scan_options(args):
     if args.learner_only:
         ignored = [flag for flag, given in (("--no-intensity", args.no_intensity), ("--no-negative-slices",
                    args.no_negative_slices), ("--pooled-calibration", args.pooled_calibration),
-                   ("--keep-empty", args.keep_empty), ("--z-smoothing", args.z_smoothing != 0.25)) if given]
+                   ("--keep-empty", args.keep_empty), ("--z-smoothing", args.z_smoothing != 0.25),
+                   ("--position-prior", args.position_prior)) if given]
         if ignored:
             logger.warning("--learner-only uses the learner's probability alone: %s change(s) nothing",
                            ", ".join(ignored))
         return dataclasses.replace(LEARNER_ONLY, max_support_slices=args.max_support_slices)
     return ScanOptions(intensity=not args.no_intensity, negatives=not args.no_negative_slices, smooth_z=args.z_smoothing,
                        max_support_slices=args.max_support_slices, relax_empty=not args.keep_empty,
-                       across_scans=not args.pooled_calibration)
+                       across_scans=not args.pooled_calibration, position=args.position_prior)
 
 
 def _run_tool(argv: Sequence[str]) -> int:

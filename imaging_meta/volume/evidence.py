@@ -9,6 +9,8 @@ the structure, and the axial neighbours. Plain torch on preprocessed volumes (H,
 * `best_threshold` and `slice_gate`: a Dice-optimal pixel threshold and a per-slice rule that leaves slices
   empty whose best evidence looks like the support's slices without the structure (negative evidence).
 * `smooth_z` and `body_extent`: 3D consistency along z, and where the body lies in a volume.
+* `position_prior`: where a support scan shows the structure, carried to a query at the same relative position in
+  the body (the copy-the-mask baseline's evidence, blurred).
 """
 
 from __future__ import annotations
@@ -178,3 +180,30 @@ def body_extent(volume: torch.Tensor, level: float = 0.05, share: float = 0.1) -
         return 0, volume.shape[-1] - 1
     zs = torch.nonzero(area >= share * area.max()).flatten()
     return int(zs.min()), int(zs.max())
+
+
+def position_prior(support: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, sigma: float = 3.0,
+                   reach: int = 2, floor: float = 0.05) -> torch.Tensor:
+    """(H, W, D) for the query (H, W, D): for each query slice, the support's (H', W', D') mask at the same relative
+    position within the body's z extent (`body_extent`), and its ``reach`` axial neighbours on each side (their
+    maximum), resized in-plane to the query's grid, blurred with a Gaussian of ``sigma`` pixels, scaled so that its
+    highest value is 1, and mapped into [``floor``, 1 - ``floor``]. Preprocessed volumes are centred on the body in-plane, so the in-plane position
+    carries too. What copying the support mask knows, as a soft map: `imaging_meta.volume.segmenter` fuses it only
+    with two or more support scans, where its weight is fitted across patients."""
+    s_lo, s_hi = body_extent(support)
+    q_lo, q_hi = body_extent(query)
+    h, w, d = query.shape
+    m = F.interpolate(mask.float().permute(2, 0, 1).unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
+    r = max(1, int(3 * sigma))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    m = F.conv2d(F.conv2d(m, g.view(1, 1, -1, 1), padding=(r, 0)), g.view(1, 1, 1, -1), padding=(0, r))[:, 0]
+    m = m / m.amax().clamp(min=1e-6)  # a structure narrower than the blur still reaches 1 where it is
+    out = torch.zeros(h, w, d)
+    for z in range(d):
+        sz = int(round(s_lo + (z - q_lo) / max(q_hi - q_lo, 1) * (s_hi - s_lo)))
+        lo, hi = max(0, sz - reach), min(m.shape[0] - 1, sz + reach)
+        if lo <= hi:
+            out[..., z] = m[lo : hi + 1].amax(0)
+    return floor + (1.0 - 2.0 * floor) * out.clamp(0.0, 1.0)

@@ -18,6 +18,13 @@ It is fitted on the support scans alone (never a query label):
    threshold 0.5. The Dice of
    the leave-one-out support slices after fusion is kept as a self-check (``support_dice``): a model that cannot
    segment the support's own slices from each other will not segment the query;
+   ``position`` (off by default; ``segment --position-prior``): with two or more support scans, also where the
+   structure lies in the body: each support slice's
+   `evidence.position_prior` from the other support scans (their masks at the same relative position), fused as a
+   third feature whose weight is fitted across the patients, like the intensity's; at prediction, the prior from
+   every support scan. Where the structure's place in the body (or in the crop) carries from patient to patient
+   it gains weight, where it does not it loses it; with one support scan nothing can fit that weight, and it is
+   not used (within one scan the relative position pairs different anatomy: docs/segmentation.md);
 4. ``negatives``: a slice gate fitted on the same support predictions, which leaves a query slice empty when
    its strongest evidence is no stronger than on the support's slices without the structure;
 5. ``smooth_z``: each slice's probability averaged with its axial neighbours;
@@ -54,6 +61,7 @@ from imaging_meta.volume.evidence import (
     body_extent,
     consecutive_runs,
     logit,
+    position_prior,
     slice_gate,
     slice_scores,
     smooth_z,
@@ -74,6 +82,7 @@ class ScanOptions:
     relax_empty: bool = True
     across_scans: bool = True
     loo_gap: int = 2
+    position: bool = False
 
     def __post_init__(self) -> None:
         # smoothing gives each axial neighbour this weight and the slice itself 1 - 2 * smooth_z
@@ -150,6 +159,11 @@ class ScanSegmenter:
         self._support_llr: torch.Tensor | None = None
         self._relaxations: dict[ScanOptions, ScanSegmenter] = {}
         self._pos_place: list[tuple[int, int]] = []
+        # with ``position`` and two or more support scans: the support volumes and masks, each support slice's
+        # position prior from the other scans (positive slices, then negative), and the last query's
+        self._scans: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._support_prior: torch.Tensor | None = None
+        self._query_prior: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ learner calls
     def _learned(self, images: torch.Tensor, s_img: torch.Tensor, s_mask: torch.Tensor) -> torch.Tensor:
@@ -175,20 +189,27 @@ class ScanSegmenter:
             out.append(probs[0].float().cpu())
         return torch.cat(out) if out else images.new_zeros(images.shape)
 
-    def _features(self, probs: torch.Tensor, images: torch.Tensor, llr: torch.Tensor | None = None) -> torch.Tensor:
-        """The learner's logit and (with an intensity model) the intensity evidence: ``llr`` when given (the
-        support's, out of fold), else the intensity model's for ``images``."""
+    def _features(self, probs: torch.Tensor, images: torch.Tensor, llr: torch.Tensor | None = None,
+                  prior: torch.Tensor | None = None) -> torch.Tensor:
+        """The learner's logit, (with an intensity model) the intensity evidence: ``llr`` when given (the
+        support's, out of fold), else the intensity model's for ``images``, and (with a position prior) its logit:
+        ``prior`` when given (the support's, out of fold), else the last query's."""
         feats = [logit(probs)]
         if self.intensity is not None:
             feats.append(self.intensity.llr(images) if llr is None else llr)
+        if self._support_prior is not None:
+            chosen = prior if prior is not None else self._query_prior
+            assert chosen is not None and chosen.shape == probs.shape  # predict sets the query's before fusing
+            feats.append(logit(chosen))
         return torch.stack(feats, dim=-1)
 
-    def _fused(self, probs: torch.Tensor, images: torch.Tensor, llr: torch.Tensor | None = None) -> torch.Tensor:
+    def _fused(self, probs: torch.Tensor, images: torch.Tensor, llr: torch.Tensor | None = None,
+               prior: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities after fusion, shifted so that the fitted threshold is 0.5."""
         if not self.options.calibrate:
             return probs
         assert self.fusion is not None  # fit makes it when calibrating
-        z = self.fusion.logits(self._features(probs, images, llr).flatten(0, -2)).view(probs.shape)
+        z = self.fusion.logits(self._features(probs, images, llr, prior).flatten(0, -2)).view(probs.shape)
         return torch.sigmoid(z - float(logit(torch.tensor(self.threshold))))
 
     # ------------------------------------------------------------------ fit
@@ -210,6 +231,7 @@ class ScanSegmenter:
         pos_i, pos_m, neg_i = [], [], []
         pos_scan, neg_scan = [], []  # each slice's support scan
         pos_z: list[int] = []
+        neg_z: list[int] = []
         for n, (image, mask) in enumerate(supports):
             present = structure_slices(mask)
             if not present:
@@ -223,6 +245,7 @@ class ScanSegmenter:
             pos_scan += [n] * len(zs)
             pos_z += list(zs)
             neg_scan += [n] * len(absent)
+            neg_z += list(absent)
         self.support_images = torch.stack(pos_i).unsqueeze(1)  # (K, 1, H, W)
         self.support_masks = torch.stack(pos_m)  # (K, H, W)
         self._relaxations = {}
@@ -232,10 +255,16 @@ class ScanSegmenter:
         k = self.support_images.shape[0]
         images = self.support_images[:, 0]
         negs = torch.stack(neg_i) if neg_i else images.new_zeros((0,) + images.shape[1:])
-        self._support_llr = None
+        self._support_llr, self._support_prior, self._scans = None, None, list(supports)
         folds = self._across_scans(images, negs, pos_scan, neg_scan) if o.across_scans else None
         if folds is not None:
             p_pos, p_neg, self._support_llr = folds
+            if o.position:  # each scan's slices from the other scans' masks: fitted across patients, as a query is
+                others = {n: torch.stack([position_prior(img, m, supports[n][0])
+                                          for j, (img, m) in enumerate(supports) if j != n]).mean(0)
+                          for n in set(pos_scan)}
+                places = list(zip(pos_scan, pos_z, strict=True)) + list(zip(neg_scan, neg_z, strict=True))
+                self._support_prior = torch.stack([others[n][..., z] for n, z in places])
         else:
             if k >= 2:
                 loo = [self._learned(images[i : i + 1], *self._without(i)) for i in range(k)]
@@ -295,9 +324,10 @@ class ScanSegmenter:
         all_p = torch.cat([p_pos, p_neg])
         self.intensity = IntensityModel().fit(all_i, all_y) if o.intensity else None
         llr = self._support_llr if o.intensity else None  # out of fold, when calibrated across scans
+        pri = self._support_prior
         self.fusion = LogisticFusion()
         if k >= 2:
-            features = self._features(all_p, all_i, llr).flatten(0, -2)
+            features = self._features(all_p, all_i, llr, pri).flatten(0, -2)
             self.fusion.fit(features, all_y.flatten())
             self.threshold = best_threshold(torch.sigmoid(self.fusion.logits(features)), all_y)
         else:  # nothing to leave out: add the log-odds
@@ -305,10 +335,11 @@ class ScanSegmenter:
             self.fusion.weight, self.fusion.bias = torch.ones(n_feat), torch.zeros(())
             self.threshold = 0.5
         if k >= 2:
-            self.support_dice = _dice(self._fused(p_pos, images, None if llr is None else llr[:k]) > 0.5,
+            self.support_dice = _dice(self._fused(p_pos, images, None if llr is None else llr[:k],
+                                                  None if pri is None else pri[:k]) > 0.5,
                                       self.support_masks > 0.5)
         if o.negatives and negs.shape[0]:
-            fused = self._fused(all_p, all_i, llr)  # (K + N, H, W)
+            fused = self._fused(all_p, all_i, llr, pri)  # (K + N, H, W)
             scores = slice_scores(fused.permute(1, 2, 0))
             self.gate = slice_gate(scores[:k], scores[k:])
 
@@ -322,6 +353,7 @@ class ScanSegmenter:
             seg = ScanSegmenter(self.learner, opts, self.device, self.progress)
             seg.support_images, seg.support_masks = self.support_images, self.support_masks
             seg._support_probs, seg._support_llr = self._support_probs, self._support_llr
+            seg._support_prior, seg._scans = self._support_prior, self._scans
             seg._calibrate()
             self._relaxations[opts] = seg
         return self._relaxations[opts]
@@ -370,6 +402,10 @@ class ScanSegmenter:
             return torch.zeros(volume.shape, dtype=torch.float32)
         images = torch.stack([volume[..., z] for z in zs])
         learned = self._learned(images, self.support_images, self.support_masks)
+        self._query_prior = None
+        if self._support_prior is not None:
+            prior = torch.stack([position_prior(img, m, volume) for img, m in self._scans]).mean(0)
+            self._query_prior = torch.stack([prior[..., z] for z in zs])
         out = self._decide(learned, images, zs, volume.shape)
         if self.options.relax_empty and self.options.calibrate and not self.unlike and not (out > 0.5).any():
             tried: list[ScanSegmenter] = []
@@ -378,6 +414,7 @@ class ScanSegmenter:
                 if seg is None or seg in tried:  # nothing to relax, or the same options as the last retry
                     continue
                 tried.append(seg)
+                seg._query_prior = self._query_prior
                 retry = seg._decide(learned, images, zs, volume.shape)
                 if (retry > 0.5).any():
                     self.relaxed = name
@@ -416,6 +453,7 @@ class ScanSegmenter:
             else float(self.fusion.bias),
             "threshold": self.threshold,
             "slice_gate": self.gate,
+            "position_prior": self._support_prior is not None,
             "support_dice": self.support_dice,
         }
 

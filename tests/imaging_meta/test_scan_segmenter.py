@@ -526,7 +526,7 @@ def test_two_support_scans_are_calibrated_across_scans():
     b_img, b_mask = _volume(organ=0.55)
     a_img[15:17, 3:17, :] = 0.55  # each support's organ intensity is a background tissue in the other
     b_img[15:17, 3:17, :] = 0.8
-    opts = ScanOptions(smooth_z=0.0, relax_empty=False)
+    opts = ScanOptions(smooth_z=0.0, relax_empty=False, position=True)
     learner = RecordingLearner()
     across = ScanSegmenter(learner, opts).fit([(a_img, a_mask), (b_img, b_mask)])
     # every support slice, with the organ or without, was predicted from the other scan's slices only (each
@@ -551,7 +551,8 @@ def test_two_support_scans_are_calibrated_across_scans():
     assert torch.equal(across._support_llr[k : k + half_n], other.llr(negs[:half_n]))
     all_i, all_p = torch.cat([images, negs]), torch.cat([p_pos, p_neg])
     all_y = torch.cat([masks, torch.zeros_like(negs)])
-    feats = across._features(all_p, all_i, across._support_llr).flatten(0, -2)
+    feats = across._features(all_p, all_i, across._support_llr, across._support_prior).flatten(0, -2)
+    assert feats.shape[-1] == 3  # the learner, the intensity and (two scans) the position prior
     refit = LogisticFusion().fit(feats, all_y.flatten())
     assert torch.allclose(across.fusion.weight, refit.weight) and torch.allclose(across.fusion.bias, refit.bias)
     assert across.threshold == best_threshold(torch.sigmoid(refit.logits(feats)), all_y)
@@ -699,3 +700,28 @@ def test_the_support_is_encoded_once_for_every_chunk_of_a_scan_and_the_answer_is
         assert encoded[1] - encoded[0] >= (n_chunks - 1) * n_support
     else:
         assert encoded[0] == encoded[1]
+
+
+def test_with_two_support_scans_where_the_structure_lies_is_fitted_and_tells_it_from_a_lookalike():
+    """A bright unlabelled lookalike beside the organ, on the same slices, in every scan: the learner cannot tell
+    them apart, the organ's place can. With two support scans the position prior's weight is
+    fitted across them (each scan's slices against the other scan's mask) and the lookalike is left out; without
+    it (``position=False``, or one support scan, where nothing can fit its weight) both are marked."""
+    def scan(seed):
+        img, mask = _volume(size=32, seed=seed)
+        img[20:25, 20:25, 4:9] = 0.8  # the lookalike: as bright as the organ, never labelled, 8 pixels away
+        return img, mask
+
+    (a, a_mask), (b, b_mask), (q, q_mask) = scan(0), scan(1), scan(2)
+    lookalike = torch.zeros_like(q_mask)
+    lookalike[20:25, 20:25, 4:9] = True
+    opts = ScanOptions(smooth_z=0.0, relax_empty=False, intensity=False, position=True)  # the learner and the place
+    fitted = ScanSegmenter(BrightLearner(), opts).fit([(a, a_mask), (b, b_mask)])
+    assert fitted.describe()["position_prior"] and len(fitted.fusion.weight) == 2 and fitted.fusion.weight[1] > 0
+    with_position = fitted.predict(q) > 0.5
+    assert with_position[q_mask].float().mean() > 0.9 and not with_position[lookalike].any()
+    for seg in (ScanSegmenter(BrightLearner(), dataclasses.replace(opts, position=False)).fit([(a, a_mask), (b, b_mask)]),
+                ScanSegmenter(BrightLearner(), opts).fit([(a, a_mask)])):
+        assert not seg.describe()["position_prior"]
+        marked = seg.predict(q) > 0.5
+        assert marked[q_mask].all() and marked[lookalike].all()

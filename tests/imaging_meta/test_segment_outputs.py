@@ -508,6 +508,8 @@ def test_segment_warns_when_a_query_was_segmented_again_and_keep_empty_switches_
     assert not _scan_options(_tool_parser().parse_args([*base, "--keep-empty"])).relax_empty
     assert _scan_options(_tool_parser().parse_args(base)).across_scans
     assert not _scan_options(_tool_parser().parse_args([*base, "--pooled-calibration"])).across_scans
+    assert not _scan_options(_tool_parser().parse_args(base)).position  # measured, and off by default
+    assert _scan_options(_tool_parser().parse_args([*base, "--position-prior"])).position
 
 
 def test_segment_logs_each_querys_novelty_and_warns_about_one_unlike_the_support(tmp_path, support, monkeypatch,
