@@ -122,6 +122,17 @@ def preprocessing_changes(saved: dict | None, now: dict | None) -> dict[str, tup
     return {k: (saved[k], now.get(k)) for k in sorted(saved) if plain(saved[k]) != plain(now.get(k))}
 
 
+def changes_text(changes: dict[str, tuple[Any, Any]]) -> str:
+    """`learner_changes` or `preprocessing_changes` as warnings say them: ``key <checkpoint's> in the checkpoint,
+    <this run's> here; ...``."""
+    return "; ".join(f"{k} {a!r} in the checkpoint, {b!r} here" for k, (a, b) in changes.items())
+
+
+def changes_record(changes: dict[str, tuple[Any, Any]]) -> dict[str, dict[str, Any]]:
+    """`learner_changes` or `preprocessing_changes` as reports record them: ``{key: {"checkpoint", "tested"}}``."""
+    return {k: {"checkpoint": a, "tested": b} for k, (a, b) in changes.items()}
+
+
 def _query_mean(records: list[dict], metric: str) -> float:
     """The trained learner's mean ``metric`` over its query records."""
     values = [float(r[metric]) for r in records if r["method"] == TRAINED]
@@ -554,11 +565,9 @@ class EpisodicModule(LightningModule):
         # what evaluate's report records of where its numbers came from (a review: fit's had none of it)
         context.update(provenance(), seed_everything=os.environ.get("PL_GLOBAL_SEED"))  # set by seed_everything
         if self.learner_changes:  # tested with other learner settings than the checkpoint was trained with
-            context["learner_settings_not_the_checkpoints"] = {k: {"checkpoint": a, "tested": b}
-                                                                for k, (a, b) in self.learner_changes.items()}
+            context["learner_settings_not_the_checkpoints"] = changes_record(self.learner_changes)
         if self.preprocessing_changes:  # tested on data preprocessed otherwise than the checkpoint's
-            context["preprocessing_not_the_checkpoints"] = {k: {"checkpoint": a, "tested": b}
-                                                            for k, (a, b) in self.preprocessing_changes.items()}
+            context["preprocessing_not_the_checkpoints"] = changes_record(self.preprocessing_changes)
         methods = ordered_methods(summary)
         paths = write_report(out_dir, summary, context, methods, task=task, differences=diffs)
         logger.info("results written to %s and %s", *paths)  # the CLI prints the report itself
@@ -593,8 +602,9 @@ class EpisodicModule(LightningModule):
                 extra["preprocessing"] = dm.preprocessing
             extra["data"] = dm.config()
             extra["split_digest"] = dm.split_digest()
-            if dm.structure_digest() is not None:  # which label value is which structure, per scan
-                extra["structure_digest"], extra["structure_values"] = dm.structure_digest(), dm.structure_values()
+            structures = dm.structure_digest()  # which label value is which structure, per scan (over every case)
+            if structures is not None:
+                extra["structure_digest"], extra["structure_values"] = structures, dm.structure_values()
             # self-supervised training on scans without any label map: no split to protect at evaluation
             extra["label_free"] = dm.label_free
         # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
@@ -619,7 +629,7 @@ class EpisodicModule(LightningModule):
         if self.learner_changes:
             rank_zero_warn(
                 "the learner is built with other settings than the checkpoint's: "
-                + "; ".join(f"{k} {a!r} in the checkpoint, {b!r} here" for k, (a, b) in self.learner_changes.items())
+                + changes_text(self.learner_changes)
                 + ". These are the settings that run (and that a test report records); to run the model as trained, "
                 "pass the config saved beside its checkpoints (--config RUN/config.yaml), or use imaging-meta "
                 "evaluate, which builds the learner from the checkpoint")
@@ -671,7 +681,7 @@ class EpisodicModule(LightningModule):
         if self.preprocessing_changes:  # a user's own data config with another spacing or window (a review)
             rank_zero_warn(
                 "this run's data is preprocessed unlike the checkpoint's: "
-                + "; ".join(f"{k} {a!r} in the checkpoint, {b!r} here" for k, (a, b) in self.preprocessing_changes.items())
+                + changes_text(self.preprocessing_changes)
                 + ". The model then sees other pixels than it trained on, and its scores describe this preprocessing "
                 "(a test report records it); to run the model as trained, set these in the data config as the "
                 "checkpoint has them (the config.yaml saved beside its run holds them), or use imaging-meta evaluate, "

@@ -59,7 +59,7 @@ from imaging_meta.evaluation.statistics import (
     interval_description,
 )
 from imaging_meta.learners.base import Learner
-from imaging_meta.module import preprocessing_changes
+from imaging_meta.module import changes_record, changes_text, preprocessing_changes
 from imaging_meta.pretrained import sha256_file
 from imaging_meta.tasks import CLASSIFICATION, Task, get_task
 
@@ -577,13 +577,13 @@ def evaluate(
     dms, skipped = _datamodules(path, config, extra, task, shots, overrides, salt)
     # a --data-config that keeps the split may still preprocess otherwise (a CT window, a patch spacing): the model
     # then sees other pixels than it trained on, and that run's report read like the real one (a review)
-    changed = preprocessing_changes(extra.get("preprocessing"),
-                                    next((dm.preprocessing for dm in dms.values() if dm.preprocessing is not None), None))
+    preprocessing = next((dm.preprocessing for dm in dms.values() if dm.preprocessing is not None), None)
+    changed = preprocessing_changes(extra.get("preprocessing"), preprocessing)
     if changed:
         logger.warning("the data is preprocessed unlike the checkpoint's: %s. The model sees other pixels than it trained "
                        "on, and the report describes this preprocessing (results.json and results.md record it); leave "
                        "these settings out of --data-config, or set them as the checkpoint has them, to evaluate the model "
-                       "as trained", "; ".join(f"{k} {a!r} in the checkpoint, {b!r} here" for k, (a, b) in changed.items()))
+                       "as trained", changes_text(changed))
     records, episode_files, describe = [], {}, {}
     panels = PanelKeeper(task, n_panel, threshold) if n_panel > 0 else None
     spacing = None
@@ -598,9 +598,9 @@ def evaluate(
                        threshold=threshold, spacing=spacing, device=dev.type)
     context["interval"] = interval_description(interval, N_BOOT, seed)
     # what `compare` checks besides the episodes: two runs on one episode list can still see other pixels
-    context["preprocessing"] = next((dm.preprocessing for dm in dms.values() if dm.preprocessing is not None), None)
+    context["preprocessing"] = preprocessing
     if changed:
-        context["preprocessing_not_the_checkpoints"] = {k: {"checkpoint": a, "tested": b} for k, (a, b) in changed.items()}
+        context["preprocessing_not_the_checkpoints"] = changes_record(changed)
     if skipped:  # asked for, but the test split cannot give them: said in results.json, not only in the log
         context["skipped_shots"] = {str(k): why for k, why in skipped.items()}
     if references:  # how the reference rows were made (the task-adaptive row's spaces changed on 2026-12-06)
