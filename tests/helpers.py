@@ -6,10 +6,14 @@ DICOM / NIfTI writers in ``datamodules/dicom_fixtures.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -158,3 +162,21 @@ def legacy_checkpoint(name: str, path: Path, root: str = "", cache_dir: str = ""
     extra = {**extra, "untrained_state_dict": {k: v.clone() for k, v in weights.items()}, "rng_states": []}
     torch.save({**layout, "imaging_meta": extra, "state_dict": {f"learner.{k}": v for k, v in weights.items()}}, path)
     return path
+
+
+@contextlib.contextmanager
+def interrupted_on_second_move(os_module: ModuleType, counts: Callable[[Path], bool]) -> Iterator[list]:
+    """Within the block, ``os_module.replace`` raises KeyboardInterrupt when it would move a second file whose
+    destination ``counts``: a run stopped while installing its files. Yields the destinations moved before."""
+    real, moved = os_module.replace, []
+
+    def stop_after_one(a, b):
+        if counts(Path(b)):
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(b)
+        return real(a, b)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os_module, "replace", stop_after_one)
+        yield moved

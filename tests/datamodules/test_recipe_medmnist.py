@@ -15,6 +15,7 @@ import yaml
 from datamodules.recipes import medmnist
 from datamodules.recipes.medmnist import CONFIG_NAME, MEDMNIST_2D, file_md5, prepare_medmnist
 from datamodules.recipes.prepare import PrepareError, main
+from tests.helpers import interrupted_on_second_move
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PER_CLASS = {"train": 3, "val": 2, "test": 8}  # images per class and split: 5-shot + 3 queries fit in the test split
@@ -287,17 +288,8 @@ def test_a_first_run_stopped_while_installing_does_not_block_the_next(folder, tm
 
     publish(monkeypatch, folder)
     out = tmp_path / "out"
-    real, moved = module.os.replace, []
-
-    def stop_after_one(a, b):  # the second file moved into the output folder
-        if Path(b).is_relative_to(out) and Path(b).name != "prepare.json":
-            if moved:
-                raise KeyboardInterrupt
-            moved.append(b)
-        return real(a, b)
-
-    with monkeypatch.context() as m:
-        m.setattr(module.os, "replace", stop_after_one)
+    # stopped at the second file (config or episodes) moved into the output folder
+    with interrupted_on_second_move(module.os, lambda b: b.is_relative_to(out) and b.name != "prepare.json") as moved:
         with pytest.raises(KeyboardInterrupt):
             prepare_medmnist(folder, out, **SMALL)
     assert moved and json.loads((out / "prepare.json").read_text())["complete"] is False

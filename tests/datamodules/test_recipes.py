@@ -16,6 +16,7 @@ from PIL import Image
 from datamodules.indexing.scan import scan_folder
 from datamodules.recipes.prepare import ORGANS, PrepareError, main, prepare, ssl_alpnet_folds
 from tests.datamodules.dicom_fixtures import affine_ras, header, write_nifti, write_series
+from tests.helpers import interrupted_on_second_move
 
 SHAPE = (16, 12, 6)  # (columns, rows, slices): not square, so a transposed label would not fit
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"
@@ -380,24 +381,15 @@ def test_benchmark_configs_offer_the_folds_unset(name):
     assert "--data.init_args.folds_file folds.json --data.init_args.test_fold 0" in text
 
 
-def test_a_first_run_stopped_while_installing_does_not_block_the_next(tmp_path, monkeypatch):
+def test_a_first_run_stopped_while_installing_does_not_block_the_next(tmp_path):
     """The marker prepare.json was written last: a first run stopped while moving its files in left them without
     it, and the next run refused the folder as not an earlier prepare output (a review)."""
     from datamodules.recipes import prepare as module
 
     src = write_synapse(tmp_path / "src")
     out = tmp_path / "out"
-    real, moved = module.os.replace, []
-
-    def stop_after_one(a, b):  # the second file moved into the output folder
-        if Path(b).parent == out / "imagesTr":
-            if moved:
-                raise KeyboardInterrupt
-            moved.append(b)
-        return real(a, b)
-
-    with monkeypatch.context() as m:
-        m.setattr(module.os, "replace", stop_after_one)
+    # stopped at the second image moved into the output folder
+    with interrupted_on_second_move(module.os, lambda b: b.parent == out / "imagesTr") as moved:
         with pytest.raises(KeyboardInterrupt):
             prepare("synapse", src, out)
     assert moved and json.loads((out / "prepare.json").read_text())["complete"] is False
