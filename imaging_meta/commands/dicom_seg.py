@@ -30,6 +30,9 @@ from datamodules.io.dicom_series import ORIENTATION_TOL
 
 __all__ = ["write_dicom_seg"]
 
+#: the Manufacturer of every Segmentation written here: how `segment` tells its own file from another program's
+SEG_MANUFACTURER = "imaging-meta"
+
 #: dropped from the ContributingEquipmentSequence that highdicom fills from the source scanner (all type 3)
 _EQUIPMENT_SITE_KEYWORDS = (
     "InstitutionName",
@@ -241,7 +244,7 @@ def _segmentation(hd, sources, frames, description, series_number, version, seri
             series_number=int(series_number),
             sop_instance_uid=hd.UID(),
             instance_number=1,
-            manufacturer="imaging-meta",
+            manufacturer=SEG_MANUFACTURER,
             manufacturer_model_name="imaging-meta",
             software_versions=version,
             device_serial_number="0",

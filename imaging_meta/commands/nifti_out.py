@@ -12,6 +12,7 @@ approximation tens of millimetres off (`qform_holds`).
 from __future__ import annotations
 
 import gzip
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,15 @@ def save_nifti(array: np.ndarray, geometry: NiftiGeometry, path: Path, descripti
 
 
 def nifti_description(name: str, suffix: str = "") -> str:
-    """A NIfTI description (79 bytes at most) of a written map: the product, the structure's name (shortened to
-    fit, never the suffix) and ``suffix``."""
+    """A NIfTI description (79 bytes at most) of a written map: the product, the structure's name and ``suffix``.
+    A name too long to fit is shortened (never the suffix, never inside a character) and ends in ``~`` and 8 hex
+    digits of its whole text's SHA-1, so that two names that differ only past the cut still tell their masks
+    apart (a review: `segment` compares the descriptions, and took the second structure's run for the first's)."""
     prefix, budget = "imaging-meta segment: ", 79
     room = budget - len(prefix.encode()) - len(suffix.encode())
-    while len(name.encode()) > room:
-        name = name[:-1]
+    if len(name.encode()) > room:
+        tag = "~" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        while len(name.encode()) > room - len(tag):
+            name = name[:-1]
+        name += tag
     return prefix + name + suffix

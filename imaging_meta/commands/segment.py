@@ -51,6 +51,7 @@ from datamodules.transforms.volume import CheckVolume, to_source_grid, volume_tr
 from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
 from imaging_meta.commands.console import user_error
+from imaging_meta.commands.dicom_seg import SEG_MANUFACTURER
 from imaging_meta.commands.nifti_out import NiftiGeometry, nifti_description, save_nifti
 from imaging_meta.commands.outputs import check_output_folder, check_outputs
 from imaging_meta.commands.query_marks import mark_of, query_mark, seg_series_uid, series_uid
@@ -360,7 +361,9 @@ def _structure_of(path: Path) -> str | None:
     try:
         if path.name.endswith(".seg.dcm"):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            return str(ds.SegmentSequence[0].SegmentLabel) if ds.get("Modality") == "SEG" else None
+            # a Segmentation of another program (a radiologist's manual one) is never taken for ours (a review)
+            ours = ds.get("Modality") == "SEG" and ds.get("Manufacturer") == SEG_MANUFACTURER
+            return str(ds.SegmentSequence[0].SegmentLabel) if ours else None
         header = cast(nib.Nifti1Header, nib.load(path).header)
         text = bytes(header["descrip"]).split(b"\0")[0].decode("utf-8", "replace")
     except Exception:
@@ -801,17 +804,21 @@ def segment(
 
 
 def _multi_frame_file(folder: Path) -> Path | None:
-    """The one file of a series folder when it is a multi-frame (enhanced) image, else None (headers only)."""
+    """A multi-frame (enhanced) image file of a series folder, else None (headers only). The folder's first DICOM
+    file (by name) decides: the reader refuses a folder that mixes an enhanced file with single-frame images of
+    another series, so the first DICOM file says which kind the series is. Files that are not DICOM (a
+    README beside an enhanced file) are passed over, as the reader passes over them, and so is a series split
+    into several enhanced files (a review: both were refused only after the segmenting, one with an error
+    about the number of files)."""
     import pydicom
 
-    files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
-    if len(files) != 1:
-        return None
-    try:
-        frames = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["NumberOfFrames"]).get("NumberOfFrames")
-    except Exception:  # not DICOM: the reader names the problem when the query is loaded
-        return None
-    return files[0] if frames is not None and int(frames) > 1 else None
+    for f in sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")):
+        try:
+            frames = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["NumberOfFrames"]).get("NumberOfFrames")
+        except Exception:  # not DICOM: the reader names the problem when the query is loaded
+            continue
+        return f if frames is not None and int(frames) > 1 else None
+    return None
 
 
 def _log_fitted(segmenter: ScanSegmenter) -> None:

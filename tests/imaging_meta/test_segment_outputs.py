@@ -741,7 +741,8 @@ def test_a_structure_name_must_be_a_dicom_segment_label_and_fits_the_nifti_descr
     long = "Ä" * 64  # two bytes each: the name is shortened, never the suffix, and never inside a character
     for suffix in ("", ", probability"):
         text = _description(long, suffix)
-        assert len(text.encode()) <= 79 and text.endswith("Ä" + suffix) and text.startswith("imaging-meta segment: Ä")
+        assert len(text.encode()) <= 79 and re.search(r"Ä~[0-9a-f]{8}" + re.escape(suffix) + "$", text)
+        assert text.startswith("imaging-meta segment: Ä")
 
 
 @pytest.mark.parametrize("charset,label,utf8", [
@@ -1009,3 +1010,66 @@ def test_a_support_structure_cut_by_the_slices_is_warned_about(tmp_path, monkeyp
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
         segment(wide, [(image, central)], [image], tmp_path / "out1", device="cpu", **PLAIN)
     assert "reaches the edge" not in caplog.text
+
+
+def test_a_segmentation_of_another_program_is_never_replaced(tmp_path):
+    """A review: any DICOM SEG at a mask's path whose segment was named like this run's structure was taken for an
+    earlier run's and replaced without a word (a radiologist's manual segmentation, say). Only a Segmentation that
+    imaging-meta wrote is ours."""
+    pytest.importorskip("highdicom")
+    from imaging_meta.commands.dicom_seg import write_dicom_seg
+    from imaging_meta.commands.segment import _check_same_structure, _structure_of
+
+    volume = phantom(shape=(8, 8, 3))
+    paths = DicomSeriesReader().read(str(write_series(tmp_path / "q", volume)[0].parent)).series.paths
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:5, 2:5, 1] = True
+    ours = write_dicom_seg(mask, paths, tmp_path / "ours.seg.dcm", segment_label="structure")
+    theirs = write_dicom_seg(mask, paths, tmp_path / "theirs.seg.dcm", segment_label="structure")
+    edit(theirs, lambda ds: setattr(ds, "Manufacturer", "Radiologist workstation"))
+    before = theirs.read_bytes()
+    assert _structure_of(ours) == "structure" and _structure_of(theirs) is None
+    _check_same_structure([ours], "structure")  # an earlier run's own mask of this structure: may be replaced
+    with pytest.raises(ValueError, match=r"theirs\.seg\.dcm exists and is not a mask that imaging-meta segment wrote"):
+        _check_same_structure([theirs], "structure")
+    assert theirs.read_bytes() == before
+
+
+def test_two_long_structure_names_that_differ_past_the_nifti_cut_keep_their_masks_apart(tmp_path, support):
+    """A review: names were compared after being cut to fit the NIfTI description (57 bytes), so a second
+    structure whose name differed only past the cut replaced the first one's mask."""
+    from imaging_meta.commands.nifti_out import nifti_description
+
+    stem = "left anterior descending coronary artery, proximal segment"
+    first, second = stem + " 1", stem + " 2"
+    assert nifti_description(first) != nifti_description(second)
+    assert nifti_description(first) == nifti_description(first) and len(nifti_description(first).encode()) <= 79
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
+    out = tmp_path / "out"
+    segment(ckpt, [support], [query], out, device="cpu", structure_name=first, **PLAIN)
+    before = (out / "q5.nii.gz").read_bytes()
+    with pytest.raises(ValueError, match=r"q5\.nii\.gz holds the mask of .* from an earlier run, and this run segments"):
+        segment(ckpt, [support], [query], out, device="cpu", structure_name=second, **PLAIN)
+    assert (out / "q5.nii.gz").read_bytes() == before
+    segment(ckpt, [support], [query], out, device="cpu", structure_name=first, **PLAIN)  # the same one: replaced
+
+
+@pytest.mark.parametrize("layout", ["two enhanced files", "an enhanced file and a README"])
+def test_an_enhanced_query_is_refused_for_dicom_seg_before_the_work_however_its_folder_looks(tmp_path, support, layout):
+    """A review: only a folder of exactly one file was checked up front; a series split into two enhanced files,
+    or an enhanced file beside a README, was refused after the segmenting (the first with an error about the
+    number of files)."""
+    pytest.importorskip("highdicom")
+    from tests.datamodules.dicom_fixtures import write_enhanced
+
+    files = write_series(tmp_path / "single", phantom(shape=(8, 8, 4)))
+    folder = tmp_path / "ENH"
+    if layout == "two enhanced files":
+        write_enhanced(files[:2], folder / "a.dcm", instance=1)
+        write_enhanced(files[2:], folder / "b.dcm", instance=2)
+    else:
+        write_enhanced(files, folder / "b.dcm")
+        (folder / "README.txt").write_text("exported by a workstation\n")
+    with pytest.raises(ValueError, match=r"ENH/[ab]\.dcm: a multi-frame \(enhanced\) series; --format dicom-seg"):
+        segment(Path("never-read.ckpt"), [support], [folder], tmp_path / "out", output_format="dicom-seg")
