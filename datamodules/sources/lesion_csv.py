@@ -8,8 +8,8 @@ The CSV file, one row per lesion::
 
 Columns:
 
-* ``image`` (required): a NIfTI file or a DICOM series folder (or one slice file of the series), relative
-  to ``root`` (default: the CSV's folder).
+* ``image`` (required): a NIfTI file or a DICOM series folder (or one slice file of the series: the way to name
+  one series of a folder that holds several), relative to ``root`` (default: the CSV's folder).
 * ``class`` (required): the lesion class name.
 * the lesion centre ``x, y, z``, or a box ``x_min, y_min, z_min, x_max, y_max, z_max`` whose centre is used:
   world coordinates in mm, DICOM patient coordinates (``coordinates="LPS"``, the default; what a DICOM
@@ -53,6 +53,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
 from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
+from datamodules.io.dicom import is_nifti, nifti_stem
 from datamodules.messages import first
 from datamodules.sources.items import ItemSource, ItemTable
 from datamodules.sources.lesion_rows import (
@@ -317,8 +318,11 @@ class LesionCSV(ItemSource):
                 "resampling": "world-space patch around the centre, axes (D, H, W) along RAS (+z, +x, +y), trilinear, zero outside"}
 
     def files(self) -> list[Path]:
-        """The input files: the CSV and every image it names (each file of a DICOM series folder), so that a
-        volume replaced or edited in place is cut again instead of read from a stale cache (a review)."""
+        """The input files whose change must cut the patches again instead of reading a stale cache (reviews):
+        the CSV; every image it names, with each file of a DICOM series (its folder's files where a row names
+        one slice, since every slice goes into the volume); a NIfTI file's BIDS sidecar; and each Decathlon
+        ``dataset.json`` from an image's folder up to root (the sidecar and ``dataset.json`` set the modality and
+        the site)."""
         out = [Path(self.csv)]
         try:
             with warnings.catch_warnings():  # build() warns about the rows, once
@@ -326,13 +330,27 @@ class LesionCSV(ItemSource):
                 rows, _ = self.read_rows()
         except ValueError:  # build() reports what is wrong with the CSV
             return out
+        root = Path(self.root)
+        folders: set[Path] = set()
         for image in dict.fromkeys(r.image for r in rows):
-            p = Path(self.root) / image
+            p = root / image
             if p.is_dir():
                 out += sorted(f for f in p.rglob("*") if f.is_file())
+                folders.add(p)
             elif p.is_file():
-                out.append(p)
-        return out
+                if is_nifti(p.name):
+                    out += [p, *[s for s in [p.with_name(nifti_stem(p.name) + ".json")] if s.is_file()]]
+                else:  # one slice of a DICOM series
+                    out += sorted(f for f in p.parent.iterdir() if f.is_file())
+                folders.add(p.parent)
+        for folder in folders:
+            while True:
+                if (folder / "dataset.json").is_file():
+                    out.append(folder / "dataset.json")
+                if folder == root or root not in folder.parents:
+                    break
+                folder = folder.parent
+        return list(dict.fromkeys(out))
 
     # ------------------------------------------------------------ reading
     def read_rows(self) -> tuple[list[LesionRow], list[dict[str, Any]]]:
@@ -349,11 +367,19 @@ class LesionCSV(ItemSource):
     def _join(self, rows: Sequence[LesionRow], index: Index) -> dict[str, Case]:
         """Image path -> case, for every row; errors name the row and the scan's verdict on the image."""
         by_key: dict[str, Case] = {}
+        shared: dict[str, int] = {}  # a folder that holds several series: the cases its key would name
         for case in index.cases:
             for k in _case_keys(case):
+                if k in by_key and by_key[k] is not case:
+                    shared[k] = shared.get(k, 1) + 1
                 by_key.setdefault(k, case)
         errors = []
         for r in rows:
+            if r.image in shared:  # it named whichever series was listed first (a review)
+                errors.append(f"{self.csv}: line {r.line}: image {r.image!r} is a folder that holds "
+                              f"{shared[r.image]} DICOM series; name the lesion's series by one of its files (any "
+                              "slice), or give each series its own folder")
+                continue
             if r.image in by_key:
                 continue
             errors.append(f"{self.csv}: line {r.line}: image {r.image!r} {self._why_unknown(r.image, index)}")
@@ -367,6 +393,9 @@ class LesionCSV(ItemSource):
     def _why_unknown(self, image: str, index: Index) -> str:
         """Why a CSV image is not an indexed case: rejected by the scan, missing, a folder, a label map, ..."""
         full = Path(self.root) / image
+        if Path(image).is_absolute():  # kept absolute by the reading: it lies outside root, which the scan covers
+            return (f"lies outside root {self.root}, and only images under root are scanned; set root to a folder "
+                    "that holds every image of the CSV")
         for x in index.rejected:
             if x.path == image or image in x.files or x.path.startswith(image + "/"):
                 return f"was rejected by the scan: {x.reason}"

@@ -62,23 +62,27 @@ def read_lesion_rows(path: Path, root: Path) -> tuple[list[LesionRow], list[dict
         raise ValueError(f"lesion CSV {path} does not exist; set source.init_args.csv to your lesion table")
     errors: list[str] = []
     rows: list[LesionRow] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        has_centre, has_box = _check_header(reader, path)
-        for rec in reader:
-            line = reader.line_num
-            if not any((v or "").strip() for v in rec.values() if isinstance(v, str)):
-                continue  # blank line
-            if None in rec:
-                errors.append(f"{path}: line {line}: more cells than header columns; quote values that hold commas")
-                continue
-            problems: list[str] = []
-            row = _parse_record(rec, line, root, has_centre, has_box, problems)
-            if problems:
-                errors.append(f"{path}: line {line}: " + "; ".join(problems))
-                continue
-            assert row is not None  # a record without problems gives a row
-            rows.append(row)
+    try:  # a table saved in another encoding (Latin-1 from a spreadsheet) is named, with the fix (a review)
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            has_centre, has_box = _check_header(reader, path)
+            for rec in reader:
+                line = reader.line_num
+                if not any((v or "").strip() for v in rec.values() if isinstance(v, str)):
+                    continue  # blank line
+                if None in rec:
+                    errors.append(f"{path}: line {line}: more cells than header columns; quote values that hold commas")
+                    continue
+                problems: list[str] = []
+                row = _parse_record(rec, line, root, has_centre, has_box, problems)
+                if problems:
+                    errors.append(f"{path}: line {line}: " + "; ".join(problems))
+                    continue
+                assert row is not None  # a record without problems gives a row
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: line {_first_undecodable_line(path)} is not UTF-8 text ({e.reason}); save the lesion "
+                         "table as UTF-8 (\"CSV UTF-8\" in a spreadsheet program)") from e
     if errors:
         raise ValueError(f"{len(errors)} bad lesion row(s):\n" + first(errors, MAX_LISTED, "\n"))
     if not rows:
@@ -87,6 +91,16 @@ def read_lesion_rows(path: Path, root: Path) -> tuple[list[LesionRow], list[dict
     _check_consistent(kept, path)
     _warn_single_lesion_classes(kept, path)
     return kept, dropped
+
+
+def _first_undecodable_line(path: Path) -> int:
+    """The number of the first line of ``path`` that is not UTF-8 (0 when every line decodes)."""
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return number
+    return 0
 
 
 def _check_consistent(rows: list[LesionRow], path: Path, scan_of: Callable[[LesionRow], str] | None = None) -> None:

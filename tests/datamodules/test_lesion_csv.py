@@ -364,3 +364,61 @@ def test_volumes_that_name_no_patient_are_warned_about(tmp_path):
         warnings.simplefilter("error")  # every row names its patient: no warning
         table = LesionCSV(csv=str(named), coordinates="RAS").build()
     assert len(set(table.patients)) == 2
+
+
+def test_a_folder_of_two_dicom_series_is_refused_not_read_as_either(tmp_path):
+    """A review: a row naming a folder that holds two series took whichever the scan listed first, so renaming
+    the files changed which volume the lesions were cut from, without a word."""
+    from tests.datamodules.dicom_fixtures import header, write_series
+
+    (tmp_path / "study").mkdir()
+    for prefix, seed in (("A_", 0), ("B_", 1)):  # two series of one patient, exported into one folder
+        for f in write_series(tmp_path / f"tmp{seed}", seed=seed, hdr=header(PatientID="A1")):
+            f.rename(tmp_path / "study" / (prefix + f.name))
+    (tmp_path / "lesions.csv").write_text("image,class,x,y,z\nstudy,cyst,1,-26,39\nstudy,hcc,2,-25,36\n")
+    with pytest.raises(ValueError, match=r"line 2: image 'study' is a folder that holds 2 DICOM series; name the "
+                                         r"lesion's series by one of its files"):
+        LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS").build()
+
+
+def test_the_cache_is_keyed_by_every_slice_of_a_series_and_by_sidecars(tmp_path):
+    """A review: a row naming one slice stamped only that slice, and a NIfTI file's BIDS sidecar (which sets the
+    modality and the site) was not stamped at all, so edits to either were read from a stale cache."""
+    import json
+
+    from tests.datamodules.dicom_fixtures import header, write_series
+
+    files = write_series(tmp_path / "pat01" / "CT", seed=0, hdr=header(PatientID="A1"))
+    blob_volume(tmp_path / "mr" / "vol.nii.gz", affines()["ras"])
+    sidecar = tmp_path / "mr" / "vol.json"
+    sidecar.write_text(json.dumps({"Modality": "MR", "Manufacturer": "Siemens"}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "x", "modality": {"0": "MR"}}))
+    one = files[0].relative_to(tmp_path).as_posix()
+    rows = [{"image": one, "class": "cyst", "x": 1, "y": -26, "z": 39}, {"image": one, "class": "hcc", "x": 2, "y": -25, "z": 36},
+            centre_row("mr/vol.nii.gz", "cyst", BLOB, "RAS"), centre_row("mr/vol.nii.gz", "hcc", BLOB + 3, "RAS")]
+    write_rows(tmp_path / "lesions.csv", rows)
+    src = LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS", patch_size=[9, 9])
+    stamped = set(src.files())
+    assert set(files) <= stamped and {sidecar, tmp_path / "dataset.json"} <= stamped
+    before = src.load(tmp_path / "cache")
+    sidecar.write_text(json.dumps({"Modality": "MR", "Manufacturer": "GE"}))
+    st = sidecar.stat()
+    os.utime(sidecar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after = LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS", patch_size=[9, 9]).load(tmp_path / "cache")
+    assert before.sites[2] != after.sites[2] and before.sites[0] == after.sites[0]  # cut again, with the new site
+
+
+def test_a_csv_not_in_utf8_and_an_image_outside_root_are_named_with_the_fix(tmp_path):
+    """A review: a Latin-1 table ended with a bare codec error, and an absolute path outside root was called
+    'not an image the scan indexed (a support file?)'."""
+    blob_volume(tmp_path / "vol.nii.gz", affines()["ras"])
+    (tmp_path / "latin.csv").write_bytes("image,class,x,y,z\nvol.nii.gz,h\xe9matome,0,0,0\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv: line 2 is not UTF-8 text .*save the lesion table as UTF-8"):
+        LesionCSV(csv=str(tmp_path / "latin.csv")).build()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_rows(elsewhere / "l.csv", [centre_row(str(tmp_path / "vol.nii.gz"), c, BLOB + s, "LPS")
+                                     for c, s in (("a", 0), ("b", 3))])
+    with pytest.raises(ValueError, match=r"vol\.nii\.gz' lies outside root .*elsewhere, and only images under root "
+                                         r"are scanned"):
+        LesionCSV(csv=str(elsewhere / "l.csv")).build()
