@@ -188,7 +188,13 @@ def _parse_record(rec: dict[str, str], line: int, root: Path, has_centre: bool, 
 def _centre(rec: dict[str, str], has_centre: bool, has_box: bool, problems: list[str]) -> np.ndarray | None:
     """The lesion centre (3,) from x, y, z, else from the middle of a complete box; None on a problem."""
     centre = None
-    if has_centre and all((rec.get(c) or "").strip() for c in CENTRE_COLUMNS):
+    given = [c for c in CENTRE_COLUMNS if (rec.get(c) or "").strip()] if has_centre else []
+    if has_box and given and len(given) < len(CENTRE_COLUMNS):  # never silently the box's centre instead (a review)
+        empty = [c for c in CENTRE_COLUMNS if c not in given]
+        problems.append(f"a partial centre: {', '.join(given)} given, {', '.join(empty)} empty; give all three, or "
+                        "none to use the box")
+        return None
+    if has_centre and len(given) == len(CENTRE_COLUMNS):
         centre = _numbers(rec, CENTRE_COLUMNS, problems)
     elif has_box and all((rec.get(c) or "").strip() for c in BOX_COLUMNS):
         box = _numbers(rec, BOX_COLUMNS, problems)

@@ -422,3 +422,15 @@ def test_a_csv_not_in_utf8_and_an_image_outside_root_are_named_with_the_fix(tmp_
     with pytest.raises(ValueError, match=r"vol\.nii\.gz' lies outside root .*elsewhere, and only images under root "
                                          r"are scanned"):
         LesionCSV(csv=str(elsewhere / "l.csv")).build()
+
+
+def test_a_partial_centre_beside_a_box_is_refused_not_replaced_by_the_box(tmp_path):
+    """A review: a row with x alone and a complete box was cut at the box's centre, its x ignored without a word."""
+    blob_volume(tmp_path / "vol.nii.gz", affines()["ras"])
+    lo, hi = np.minimum((BLOB - 5.0) * LPS, (BLOB + 5.0) * LPS), np.maximum((BLOB - 5.0) * LPS, (BLOB + 5.0) * LPS)
+    cols = ("image", "class", "x", "y", "z", "x_min", "y_min", "z_min", "x_max", "y_max", "z_max")
+    box = dict(x_min=lo[0], y_min=lo[1], z_min=lo[2], x_max=hi[0], y_max=hi[1], z_max=hi[2])
+    rows = [{"image": "vol.nii.gz", "class": "a", **box}, {"image": "vol.nii.gz", "class": "b", "x": "3", **box}]
+    write_rows(tmp_path / "l.csv", rows, cols)
+    with pytest.raises(ValueError, match=r"line 3: a partial centre: x given, y, z empty; give all three, or none"):
+        LesionCSV(csv=str(tmp_path / "l.csv")).build()
