@@ -268,6 +268,13 @@ def _display(image: torch.Tensor):
     return a[0] if a.shape[0] == 1 else a[:3].transpose(1, 2, 0)
 
 
+def _plain_title(text: str) -> str:
+    """A panel title as matplotlib draws it verbatim: a class folder's name that is not UTF-8 (its undecodable
+    bytes kept as surrogates, as the CSV keeps them) shown with replacement characters, where matplotlib's font
+    code refused it after the CSV was written (a review); and ``$`` escaped, so a name is never read as mathtext."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("$", r"\$")
+
+
 def save_explanation_panel(
     path: str | Path,
     query: torch.Tensor,
@@ -309,7 +316,7 @@ def save_explanation_panel(
     for ax, (img, title) in zip(axes, panels, strict=False):
         shown = _display(img)
         ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(_plain_title(title), fontsize=8)
     ax = axes[-1]
     shown = _display(query)
     ax.imshow(shown if shown.ndim == 2 else shown.mean(-1), cmap="gray", vmin=0, vmax=1)
@@ -317,7 +324,7 @@ def save_explanation_panel(
     m = max(float(abs(sal).max()), 1e-12)
     im = ax.imshow(sal, cmap="RdBu_r", vmin=-m, vmax=m, alpha=0.55)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
-    ax.set_title(saliency_title, fontsize=8)
+    ax.set_title(_plain_title(saliency_title), fontsize=8)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -191,6 +191,17 @@ def test_panel_png_opens(tmp_path):
         assert im.format == "PNG" and im.size[0] > im.size[1]
 
 
+def test_a_panel_draws_class_names_that_are_not_utf8_or_hold_dollars(tmp_path):
+    """A review: a class folder named in Latin-1 (``caf\\xe9``, kept as a surrogate as the CSV keeps it) made
+    matplotlib refuse the title after the CSV was written, an internal error; ``$`` would start mathtext."""
+    ep = small_episode()
+    titles = ["#1 caf\udce9\nd=0.1", "#2 $\\frac{a$\nd=0.2", "#3 b\nd=0.3"]
+    path = save_explanation_panel(tmp_path / "p.png", ep.query_images[0], ep.support_images[:3], titles,
+                                  torch.randn(12, 12), query_title="query\ncaf\udce9 (p=0.90)",
+                                  saliency_title="occlusion: drop in p(caf\udce9)")
+    assert path.stat().st_size > 0
+
+
 # --------------------------------------------------------------------------- end to end
 CLASSES = ("cyst", "haemangioma", "metastasis")
 
