@@ -99,9 +99,9 @@ def _bare(ax) -> None:
 
 # ------------------------------------------------------------------------------------ segmentation
 def _slice(ax, image, mask=None, colour: str = TRUTH, outline=None) -> None:
-    """A slice as stored in the volume's (x, y) order, shown as `imaging_meta.evaluation.plots` shows it
-    (transposed, origin at the bottom); ``mask`` as a translucent fill with its contour, ``outline`` (a second
-    mask) as a contour only, in `TRUTH`."""
+    """An axial slice of a RAS volume in the volume's (x, y) order, shown as `imaging_meta.evaluation.plots`
+    shows it, in the radiological convention (`radiological`): the patient's left on the viewer's right, anterior
+    up; ``mask`` as a translucent fill with its contour, ``outline`` (a second mask) as a contour only, in `TRUTH`."""
     ax.imshow(_unit(image).T, cmap="gray", origin="lower", interpolation="nearest")
     if mask is not None:
         m = np.asarray(mask, dtype=float) > 0.5
@@ -117,7 +117,16 @@ def _slice(ax, image, mask=None, colour: str = TRUTH, outline=None) -> None:
         if o.any() and not o.all():
             ax.contour(o.T.astype(float), levels=[0.5], colors=[TRUTH], linewidths=0.8, linestyles="dashed",
                        origin="lower")
+    radiological(ax)
     _bare(ax)
+
+
+def radiological(ax) -> None:
+    """Turn an axes that shows an axial slice of a RAS volume (x along the axes' x, origin at the bottom, so
+    anterior is up) into the radiological view: the patient's left (low x in RAS) on the viewer's right. It drew
+    the patient's left on the left, mirrored against every viewer (a review)."""
+    if not ax.xaxis_inverted():
+        ax.invert_xaxis()
 
 
 def row_title(structure: str | None, site: str | None, score: float | None, metric_title: str = "Dice") -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, ordered_methods
+from imaging_meta.evaluation.panels import radiological
 from imaging_meta.evaluation.statistics import EPISODE_BOOTSTRAP, EPISODE_T, INTERVAL_LABELS
 from imaging_meta.tasks import COPY_MASK, Task, get_task
 
@@ -197,6 +198,7 @@ def best_worst_panel(best: Sequence[dict], worst: Sequence[dict], task: Task | s
                 if mask is not None:
                     ax.contour(np.asarray(mask, dtype=float).T, levels=[0.5], colors="r" if c == 3 else "lime",
                                linewidths=1, origin="lower")
+                radiological(ax)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.set_title(title if r == 0 else "", fontsize=8)

@@ -244,3 +244,19 @@ def test_a_classification_panels_title_fits_its_width_and_the_panel_keeps_its_si
     short = panels.classification_panel(s, labels, q, labels, labels, list("abcde"), "5-way 1-shot episode")
     long = panels.classification_panel(s, labels, q, labels, labels, list("abcde"), title * 3)
     assert short.shape == long.shape
+
+
+def test_mask_panels_show_slices_in_the_radiological_convention():
+    """A review: the panels put the patient's left (low x of a RAS volume) on the viewer's left, mirrored against
+    every viewer. Now the left half of the body is on the right of the picture, anterior (high y) up."""
+    image = np.zeros((64, 64), dtype=np.float32)
+    image[:16, 40:] = 1.0  # the patient's left (low x), anterior (high y)
+    empty = np.zeros_like(image)
+    row = dict(support_image=image, support_mask=empty, query_image=image, truth=empty, prediction=empty,
+               structure="s", site="x", score=0.5)
+    grey = panels.segmentation_panel([row]).astype(float).mean(-1)
+    h, w = grey.shape
+    cell = grey[int(0.15 * h):int(0.9 * h), int(0.02 * w):int(0.23 * w)]  # the first column's slice
+    ch, cw = cell.shape
+    top_right = cell[: ch // 3, 2 * cw // 3:].mean()
+    assert top_right > cell[: ch // 3, : cw // 3].mean() + 100 and top_right > cell[2 * ch // 3:, 2 * cw // 3:].mean() + 100
