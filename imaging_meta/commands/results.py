@@ -276,14 +276,18 @@ def _task_table(task: Task, task_rows: list[dict], shots: list) -> list[str]:
     out += [header, "|" + "---|" * (2 * len(cols) + 2 + len(task.baseline_methods))]
     for name in dict.fromkeys(r["learner"] for r in task_rows):
         cells = []
-        fit = None
+        # model -> its meta-training time: one model per column under --train-shots matched, whose times add up
+        # (a review: the table gave the last column's time alone)
+        fits: dict = {}
         baselines: dict = {}
         for k in shots:
             r = next((r for r in task_rows if r["learner"] == name and r["n_shot"] == k), None)
             if r is None:
                 cells += ["—", "—"]
                 continue
-            fit = r["fit_seconds"]
+            model = r["train_shots"] if isinstance(r.get("train_shots"), int) else None
+            if r.get("fit_seconds"):
+                fits[model] = r["fit_seconds"]
             s = r["summary"]
             trained = s.get(TRAINED, {}).get("all")
             mark = ""
@@ -294,7 +298,8 @@ def _task_table(task: Task, task_rows: list[dict], shots: list) -> list[str]:
             baselines = {m: s.get(m, {}).get("all") for m in task.baseline_methods}
         line = f"| {name} | " + " | ".join(cells)
         line += "".join(f" | {stat_cell(baselines.get(m))}" for m in task.baseline_methods)
-        line += f" | {fit / 60:.1f} min |" if fit else " | — |"
+        fit = sum(fits.values())
+        line += f" | {fit / 60:.1f} min{f' ({len(fits)} models)' if len(fits) > 1 else ''} |" if fit else " | — |"
         out.append(line)
     episodes = {r["n_shot"]: (*_test_episodes(r["context"]), r["summary"].get(TRAINED, {}).get("all", {}).get("n_episodes"))
                 for r in task_rows}

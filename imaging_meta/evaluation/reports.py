@@ -185,6 +185,19 @@ def test_patients(data: dict) -> int | None:
     return None
 
 
+def _patients_behind(context: dict, summary: dict, task: Task) -> str | int | None:
+    """The test patients behind an evaluation's intervals: those each shot's bootstrap resampled (one figure when
+    the shots agree), else the data's count when there is one shot. The data's count is the first shot's
+    (`describe` of its episodes), which the note gave for every shot (a review: 10 against 12 at 2 shots)."""
+    shots = context["shots"]
+    counts = {k: ((summary[str(k)].get(task.metric) or {}).get(TRAINED) or {}).get("all", {}).get("n_patients")
+              for k in shots}
+    if all(v is not None for v in counts.values()):
+        values = set(counts.values())
+        return values.pop() if len(values) == 1 else ", ".join(f"{v} at {k}-shot" for k, v in counts.items())
+    return test_patients(context["data"]) if len(shots) == 1 else None
+
+
 def _interval_notes(interval: str, patients, differences: bool, n_boot: int | None = None) -> list[str]:
     """The report lines that say what the intervals are and how to read the paired differences."""
     here = f" ({patients} here)" if patients else ""
@@ -277,7 +290,7 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
     lines += _metric_notes(context, task.report_metrics)
     interval = _interval(context)
     any_diffs = any(d for k in context["shots"] for d in (summary[str(k)].get("differences") or {}).values())
-    lines += _interval_notes(interval, test_patients(context["data"]), any_diffs,
+    lines += _interval_notes(interval, _patients_behind(context, summary, task), any_diffs,
                              (context.get("interval") or {}).get("resamples"))
     v = context["versions"]
     lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in v) + f"; git commit `{context['git_commit']}`")

@@ -185,6 +185,10 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
     again = _evaluation_markdown(ctx, summ, get_task(ctx["task"]), doc["figures"])
     assert "drawn from files whose MD5 is not the published one: bloodmnist" in again
     assert "on unofficial files bloodmnist" in again.split("Cite as:")[1]
+    # the interval note names the patients each shot's bootstrap resampled, not the first shot's data count
+    n = {k: summ[k]["dice"]["trained"]["all"]["n_patients"] for k in ("1", "2")}
+    expected = str(n["1"]) if n["1"] == n["2"] else f"{n['1']} at 1-shot, {n['2']} at 2-shot"
+    assert f"bootstrap of the test patients ({expected} here)" in text
     for png in doc["figures"].values():
         assert Image.open(tmp_path / "a" / png).size[0] > 100
     assert {"per_organ.png", "per_site.png", "dice_vs_shots.png", "best_worst.png"} <= set(doc["figures"].values())

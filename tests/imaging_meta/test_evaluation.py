@@ -64,3 +64,20 @@ def test_the_test_report_shows_paired_differences_and_names_its_interval(tmp_pat
     assert "| Dice (mean ± 95% CI, Student's t over episodes) | trained | b | trained − b | episodes |" in text
     assert "| **all** | 0.650 ± 0.094 | 0.600 ± 0.094 | **+0.050 ± 0.000** | 6 |" in text
     assert "- intervals: Student's t over episodes" in text and "`trained − <baseline>` columns" in text
+
+
+def test_the_interval_note_names_the_patients_each_shot_resampled():
+    """A review: the note gave the first shot's episode patients (10) for a report whose 2-shot table and citation
+    bootstrap 12."""
+    from imaging_meta.evaluation.reports import _patients_behind
+    from imaging_meta.tasks import get_task
+
+    task = get_task("segmentation")
+    summary = {str(k): {task.metric: {"trained": {"all": {"n_patients": n}}}} for k, n in ((1, 10), (2, 12))}
+    context = {"shots": [1, 2], "data": {"episode_patients": {"test": 10}}}
+    assert _patients_behind(context, summary, task) == "10 at 1-shot, 12 at 2-shot"
+    summary["2"][task.metric]["trained"]["all"]["n_patients"] = 10
+    assert _patients_behind(context, summary, task) == 10
+    t_interval = {str(k): {task.metric: {"trained": {"all": {"n_episodes": 5}}}} for k in (1, 2)}
+    assert _patients_behind(context, t_interval, task) is None  # the data's count is the first shot's only
+    assert _patients_behind({**context, "shots": [1]}, t_interval, task) == 10

@@ -237,3 +237,21 @@ def test_results_finds_the_shipped_configs_and_names_a_folder_without_any(tmp_pa
     assert results.CONFIGS == SHIPPED and "protonet_cls" in results._learners(results.CONFIGS, None)
     with pytest.raises(ValueError, match=r"no model configs in .*configs --copy"):
         results._learners(tmp_path, None)
+
+
+def test_results_adds_up_the_training_time_of_one_model_per_column():
+    """A review: under --train-shots matched the table showed the last column's meta-training time for a learner
+    trained once per column (1.0 min for 10 + 1 min)."""
+    from imaging_meta.commands.results import combine
+
+    def summary(mean):
+        stat = {"mean": mean, "ci95": 0.01, "n_episodes": 10}
+        return {"trained": {"all": stat}, "untrained encoder": {"all": stat}}
+
+    ctx = {"n_way": 5, "episodes": "e.json", "episodes_sha256": "abc"}
+    rows = [{"learner": "protonet_cls", "task": "classification", "n_shot": k, "fit_seconds": t, "train_shots": k,
+             "context": ctx, "summary": summary(0.5)} for k, t in ((1, 600.0), (5, 60.0))]
+    line = next(x for x in combine(rows).splitlines() if x.startswith("| protonet_cls |"))
+    assert line.endswith("| 11.0 min (2 models) |")
+    once = [{**r, "train_shots": None, "fit_seconds": 600.0} for r in rows]  # one model tested at both shots
+    assert next(x for x in combine(once).splitlines() if x.startswith("| protonet_cls |")).endswith("| 10.0 min |")
