@@ -89,6 +89,10 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
             ValueError: when the stage has none (no cases or classes in the split, or 0 episodes asked for).
         """
         if stage not in self._episodes:
+            if self.label_free:  # a folder without labels: the split has no stage at all (a review)
+                raise ValueError(f"no {stage} episodes: the data holds no labelled scan (self-supervised training "
+                                 "only); test the checkpoint on labelled scans with imaging-meta evaluate --checkpoint "
+                                 "CKPT --data-config <a data config of the labelled scans> (docs/selfsup.md)")
             raise ValueError(f"no {stage} episodes: {self.no_episodes_hint.format(stage=stage)} or {stage}_episodes is 0")
         return list(self._episodes[stage])
 

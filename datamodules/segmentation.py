@@ -611,6 +611,7 @@ class SegmentationDataModule(EpisodicDataModule):
                 val_organ_filter=val_filter,
                 test_images=None if h.folds_file is None else read_fold(self._folds_path(), h.test_fold),
                 min_val_patients=self._min_val_patients,
+                label_free_training=h.selfsup_ratio == 1.0,
             )
 
         split = split_choosing_among((lambda train, _val, organs: self._organs_that_keep_training(train, organs))
@@ -697,10 +698,14 @@ class SegmentationDataModule(EpisodicDataModule):
         episodes = {"train": h.episodes_per_epoch, "val": h.val_episodes, "test": h.test_episodes}
         # each stage's organs with enough patients (the samplers'; for a stage without episodes, as training
         # would have had them, without the warnings: evaluate's report names what the checkpoint trained on)
+        # with selfsup_ratio 1 training draws no supervised episode: its structures need not serve one (a review:
+        # a run on superpixels alone was refused where the labelled training structures could not)
+        label_free = h.selfsup_ratio == 1.0
         self._stage_organs: dict[str, list[str]] = {
-            s: self._feasible_organs(s, warn=n > 0) for s, n in episodes.items() if getattr(self.split, s)}
+            s: self._feasible_organs(s, warn=n > 0 and not (label_free and s == "train"))
+            for s, n in episodes.items() if getattr(self.split, s)}
         for stage_name, n in episodes.items():
-            if n <= 0 or not getattr(self.split, stage_name):
+            if n <= 0 or not getattr(self.split, stage_name) or (label_free and stage_name == "train"):
                 continue
             organs = self._stage_organs[stage_name]
             try:
@@ -826,7 +831,8 @@ class SegmentationDataModule(EpisodicDataModule):
         index = self.index
         assert index is not None  # setup() loads it first
         missing = []
-        for c in self.cases:
+        # the unlabelled scans too where self-supervision reads them (a review: a deleted one was called corrupt)
+        for c in (index.cases if self.hparams.selfsup_ratio > 0 else self.cases):
             paths = index.resolve(c.image)
             label = [cast(str, index.resolve(c.label))] if c.label else []  # one path in, one path out
             for p in (paths if isinstance(paths, list) else [paths]) + label:

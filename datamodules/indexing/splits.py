@@ -265,7 +265,8 @@ def choose_val_organs(
 
 def _cross_organ(cases: Sequence[Case], idx: dict[str, list[int]], all_organs: list[str], test_organs: Sequence[str],
                  val_organs: Sequence[str] | None, val_organ_count: int, seed: int, exclude: bool,
-                 val_organ_filter: ValOrganFilter | None, min_val_patients: int = MIN_VAL_PATIENTS) -> Split:
+                 val_organ_filter: ValOrganFilter | None, min_val_patients: int = MIN_VAL_PATIENTS,
+                 label_free_training: bool = False) -> Split:
     """The cross_organ split of patients ``idx`` (stage -> case indices): which organs each stage targets."""
     unknown = sorted(set(test_organs) - set(all_organs))
     if not test_organs or unknown:
@@ -296,7 +297,7 @@ def _cross_organ(cases: Sequence[Case], idx: dict[str, list[int]], all_organs: l
         chosen = choose_val_organs(cases, idx["val"], test_organs, val_organ_count, seed, keep, min_val_patients)
     held = sorted(set(test_organs) | set(chosen))
     train_organs = [o for o in all_organs if o not in held]
-    if not train_organs:
+    if not train_organs and not label_free_training:  # label-free training meta-trains on no structure
         raise ValueError(f"holding out {held} (test and validation organs) leaves no structure to meta-train on; "
                          "lower val_organ_count or hold out fewer organs")
     return Split(**idx, train_organs=train_organs, val_organs=chosen, test_organs=list(test_organs),
@@ -318,6 +319,7 @@ def make_split(
     val_organ_filter: ValOrganFilter | None = None,
     test_images: Sequence[str] | None = None,
     min_val_patients: int = MIN_VAL_PATIENTS,
+    label_free_training: bool = False,
 ) -> Split:
     """Split labelled cases by patient under one of `PROTOCOLS`.
 
@@ -344,6 +346,9 @@ def make_split(
             validation is drawn from the other patients. None: the seeded share.
         min_val_patients: cross_organ, when validation organs are chosen: the validation patients a candidate
             must show (`choose_val_organs`).
+        label_free_training: meta-training reads no label (self-supervised episodes only): cross_organ may hold
+            out every structure (SSL-ALPNet tests all its labelled organs), which otherwise leaves nothing to
+            meta-train on.
 
     Returns:
         A `Split`.
@@ -391,7 +396,7 @@ def make_split(
         idx = {s: [i for i, c in enumerate(cases) if c.patient in p] for s, p in (("train", train_p), ("val", val_p), ("test", test_p))}
         if protocol == "cross_organ":
             split = _cross_organ(cases, idx, all_organs, test_organs, val_organs, val_organ_count, seed,
-                                 exclude_test_organ_slices, val_organ_filter, min_val_patients)
+                                 exclude_test_organ_slices, val_organ_filter, min_val_patients, label_free_training)
         else:
             split = Split(idx["train"], idx["val"], idx["test"], train_organs=all_organs, val_organs=all_organs,
                           test_organs=all_organs, protocol=protocol)

@@ -229,6 +229,11 @@ def test_a_label_free_fit_says_why_there_is_no_validation(unlabelled_root, tmp_p
     with caplog.at_level(logging.WARNING, logger="datamodules.segmentation"):
         dm.setup("fit")
     assert "holds no label map: training is self-supervised only" in caplog.text and "keep last.ckpt" in caplog.text
+    # `fit --test_after_fit true` then asks for test episodes: the error says why there are none and what to run
+    # (a review: it said the split had no test cases or test_episodes was 0)
+    with pytest.raises(ValueError, match=r"no test episodes: the data holds no labelled scan .*imaging-meta evaluate "
+                                         r"--checkpoint CKPT --data-config"):
+        dm.fixed_episodes("test")
 
 
 def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(unlabelled_root, demo_root, tmp_path):
@@ -291,3 +296,37 @@ def test_views_that_lose_the_region_are_drawn_again():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     _, none, _ = random_views(augment, image, torch.zeros(1, 64, 64), 2, 5)  # no region to keep: one draw
     assert not none.any()
+
+
+def test_label_free_training_may_hold_out_every_labelled_structure(demo_root, demo_index, tmp_path):
+    """A review: with selfsup_ratio 1 (SSL-ALPNet: every labelled organ tested, training label-free) a split that
+    held out every structure was refused as leaving 'no structure to meta-train on', and training structures
+    that could not serve the supervised episodes it never draws stopped the run."""
+    organs = ["liver", "spleen", "kidney_left", "kidney_right"]
+    dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
+                                **{**SMALL_SELFSUP, "organs": organs, "test_organs": organs, "val_organ_count": 0,
+                                   "exclude_test_organ_slices": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
+    assert dm.split.train_organs == [] and sorted(dm.split.test_organs) == sorted(organs)
+    assert isinstance(dm._samplers["train"], SuperpixelEpisodeSampler)
+    assert next(iter(dm.train_dataloader())).n_tasks == 2
+    with pytest.raises(ValueError, match="leaves no structure to meta-train on"):  # supervised: refused as before
+        SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
+                               **{**SMALL_SELFSUP, "selfsup_ratio": 0.5, "organs": organs, "test_organs": organs,
+                                  "val_organ_count": 0, "exclude_test_organ_slices": False}).setup("fit")
+
+
+def test_a_stale_index_that_lists_a_deleted_unlabelled_scan_says_to_rescan(unlabelled_root, tmp_path):
+    """A review: the index check looked at the labelled scans only, so a deleted unlabelled scan was called a
+    truncated or corrupt file."""
+    root = tmp_path / "scans"
+    shutil.copytree(unlabelled_root, root)
+    kw = dict(root=str(root), index_path=str(tmp_path / "index.json"), cache_dir=str(tmp_path / "cache"), **SMALL_SELFSUP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SegmentationDataModule(**kw).setup("fit")
+        sorted(root.glob("*.nii.gz"))[0].unlink()
+        with pytest.raises(FileNotFoundError, match=r"index\.json is stale: 1 indexed file\(s\) no longer exist"):
+            SegmentationDataModule(**kw).setup("fit")
