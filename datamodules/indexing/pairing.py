@@ -16,7 +16,9 @@ from datamodules.indexing.decathlon import Decathlon
 from datamodules.indexing.volumes import grid_mismatch
 from datamodules.io.dicom import NIFTI_SUFFIXES, DicomHeader, nifti_stem, order_series
 
-LABEL_SUFFIXES = ("_label", "_seg", "_dseg", "_mask")
+#: label-map name suffixes (``_gt``: ACDC and other challenge sets; a review found such maps indexed as unlabelled
+#: scans and fed to self-supervision)
+LABEL_SUFFIXES = ("_label", "_seg", "_dseg", "_mask", "_gt")
 IMAGE_FOLDERS = ("images", "imagesTr", "imagesTs")
 LABEL_FOLDERS = ("labels", "labelsTr", "labelsTs", "masks")
 

@@ -12,7 +12,7 @@ What is read, and how it is paired:
   An enhanced multi-frame CT/MR file is a series of its own frames (ordered and checked the same way); its
   site fields may sit in its functional groups.
 * Label maps (NIfTI) are paired with images by (a) the nearest Decathlon ``dataset.json`` "training" list,
-  else (b) by name: ``S_label``/``S_seg``/``S_dseg``/``S_mask`` beside image ``S`` (beside the folder ``S`` of
+  else (b) by name: ``S_label``/``S_seg``/``S_dseg``/``S_mask``/``S_gt`` beside image ``S`` (beside the folder ``S`` of
   a DICOM series), or the same name in a sibling ``labels``/``labelsTr``/``labelsTs``/``masks`` folder of an
   ``images``/``imagesTr``/``imagesTs`` folder. A label must be integer-valued, non-empty, not all foreground
   (some background 0), and on the image's voxel grid (compared in a canonical orientation, so a flipped or

@@ -515,3 +515,15 @@ def test_a_series_whose_slices_name_two_patients_is_rejected(tmp_path):
     index = scan_folder(tmp_path / "root", salt=SALT)
     assert index.cases == []
     assert "its slices name 2 patients (PatientID)" in rejection(index, "pat1/CT")
+
+
+def test_a_label_map_named_gt_pairs_with_its_image_and_is_never_an_unlabelled_scan(tmp_path):
+    """A review: ACDC-style ``case1_gt.nii.gz`` beside ``case1.nii.gz`` was indexed as a scan of its own, without
+    labels, and self-supervision trained on the label map as if it were an image."""
+    img, aff = phantom(seed=3), affine_ras()
+    write_nifti(img, aff, tmp_path / "case1.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "case1_gt.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "case2_gt.nii.gz")  # its image is missing
+    index = scan_folder(str(tmp_path))
+    assert [(c.image, c.label) for c in index.cases] == [("case1.nii.gz", "case1_gt.nii.gz")]
+    assert [(r.path, "suffix _gt" in r.reason) for r in index.rejected] == [("case2_gt.nii.gz", True)]
