@@ -290,8 +290,11 @@ def compare(file_a: str, method_a: str, file_b: str, method_b: str, protocol: st
         raise SystemExit(f"no structure scored with both {method_a!r} in {file_a} and {method_b!r} in {file_b}")
     d = np.array([runs[0][k] - runs[1][k] for k in common])
     lo, hi = bootstrap_mean_ci(d)
+    # pairs that only one run scored are named, not dropped without a word (a run stopped early, other --sets)
+    alone = [(len(run) - len(common), file) for run, file in zip(runs, (file_a, file_b), strict=True) if len(run) > len(common)]
+    left = "; left out, scored in one run only: " + ", ".join(f"{n} of {f}" for n, f in alone) if alone else ""
     return (f"{method_a} ({file_a}) − {method_b} ({file_b}), {protocol}, {len(d)} pairs: {d.mean():+.3f} "
-            f"[{lo:+.3f}, {hi:+.3f}]; better {int((d > 0).sum())}, worse {int((d < 0).sum())}")
+            f"[{lo:+.3f}, {hi:+.3f}]; better {int((d > 0).sum())}, worse {int((d < 0).sum())}{left}")
 
 
 def main() -> None:

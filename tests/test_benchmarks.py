@@ -161,6 +161,7 @@ def test_real_segmentation_compare_pairs_two_runs_by_support_query_and_structure
     b.write_text(json.dumps([rec("old", 0.2, "s1"), rec("old", 0.3, "s2"), rec("old", 0.1, "s4")]))
     line = compare(str(a), "new", str(b), "old")
     assert "2 pairs: +0.150 " in line and "better 1, worse 0" in line
+    assert line.endswith(f"; left out, scored in one run only: 1 of {b}")  # s4: named, not dropped silently
     with pytest.raises(SystemExit, match="no structure scored"):
         compare(str(a), "nope", str(b), "old")
     recs = [rec("trained", 0.5, "s1"), rec("trained", 0.3, "s2"), rec("copy support mask", 0.0, "s1"),
