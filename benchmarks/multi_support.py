@@ -39,6 +39,7 @@ from imaging_meta.evaluation import volumes as V
 from imaging_meta.evaluation.scans import (
     COPY,
     WINDOW,
+    WINDOW_3D,
     Scan,
     baseline_masks,
     load_structure,
@@ -123,6 +124,7 @@ def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: i
     base = baseline_masks(loaded[0], query, scans[2].modality, "whole_scan", scans[0].modality)
     dice["copy first support's mask"] = V.dice3d(base[COPY], query.truth)
     dice["intensity window (first support)"] = V.dice3d(base[WINDOW], query.truth)
+    dice["intensity window + 3D step (first support)"] = V.dice3d(base[WINDOW_3D], query.truth)
     return dice, weights
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -46,6 +47,7 @@ from imaging_meta.evaluation.scans import (
     PROTOCOLS,
     TRAINED_FULL,
     WINDOW,
+    WINDOW_3D,
     Scan,
     score_pair,
 )
@@ -213,14 +215,31 @@ def cross_modality_pairs() -> list[tuple[Scan, Scan]]:
     return out
 
 
-def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean over query volumes; (nan, nan) for fewer than two values, where
-    resampling one value gave an interval of zero width (a review)."""
+def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                      groups: Sequence | None = None) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of ``values``; (nan, nan) for fewer than two units, where
+    resampling one gave an interval of zero width (a review).
+
+    The unit resampled is each value, or with ``groups`` (one key per value, e.g. its query volume) each group
+    with all its values: a cluster bootstrap, so that several structures or pairs scored on one scan count as one
+    draw of a scan, not as independent ones (a review: 37 records from 16 query volumes gave an interval 0.09 too
+    narrow at its lower end). Without ``groups`` the draws are those of earlier versions."""
     values = np.asarray(values, dtype=float)
-    if len(values) < 2:
+    keys = list(range(len(values))) if groups is None else list(groups)
+    if len(keys) != len(values):
+        raise ValueError(f"{len(keys)} group keys for {len(values)} values")
+    units = list(dict.fromkeys(keys))
+    if len(units) < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(1)
+    if groups is None:
+        means = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(1)
+    else:
+        where = {u: i for i, u in enumerate(units)}
+        of = np.array([where[k] for k in keys])
+        sums, counts = np.bincount(of, values, len(units)), np.bincount(of, minlength=len(units))
+        draws = rng.integers(0, len(units), size=(n_boot, len(units)))
+        means = sums[draws].sum(1) / counts[draws].sum(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
@@ -248,10 +267,12 @@ def summarise(records: list[dict]) -> str:
             lines.append(f"| {site} | {st} | " + " | ".join(cells) + " |")
         cells = []
         for m in methods:
-            v = np.array([r["dice"] for r in recs if r["method"] == m])
-            lo, hi = bootstrap_mean_ci(v)
+            mine = [r for r in recs if r["method"] == m]
+            v = np.array([r["dice"] for r in mine])
+            lo, hi = bootstrap_mean_ci(v, groups=[Path(r["query"]).name for r in mine])
             cells.append(f"**{v.mean():.3f}** [{lo:.2f}, {hi:.2f}]")
-        lines.append("| all | mean [95% CI] | " + " | ".join(cells) + " |")
+        n_scans = len({Path(r["query"]).name for r in recs})
+        lines.append(f"| all | mean [95% CI over the {n_scans} query scans] | " + " | ".join(cells) + " |")
         lines += ["", *paired_lines(recs, structures)]
     return "\n".join(lines)
 
@@ -259,7 +280,9 @@ def summarise(records: list[dict]) -> str:
 def paired_lines(recs: list[dict], structures: list[tuple[str, str]]) -> list[str]:
     """The trained segmenter (and its adapted form) minus each baseline, paired over the structures (each the
     mean over its pairs, as in the table): the mean
-    and a percentile bootstrap 95% interval (`bootstrap_mean_ci`: 2000 resamples, seed 0)."""
+    and a percentile bootstrap 95% interval (`bootstrap_mean_ci`: 2000 resamples, seed 0) whose unit is a
+    structure: it holds for other structures of these scans, not for other scans (several structures share one
+    query scan; the table's "all" row resamples the scans)."""
 
     def dice(method: str) -> np.ndarray:
         return np.array([np.mean([r["dice"] for r in recs if r["method"] == method
@@ -268,7 +291,7 @@ def paired_lines(recs: list[dict], structures: list[tuple[str, str]]) -> list[st
     methods = {r["method"] for r in recs}
     out = []
     for a in (TRAINED_FULL, ADAPTED):
-        for b in (COPY, WINDOW, LEARNER_ONLY_NAME):
+        for b in (COPY, WINDOW, WINDOW_3D, LEARNER_ONLY_NAME):
             if a in methods and b in methods:
                 d = dice(a) - dice(b)
                 lo, hi = bootstrap_mean_ci(d)

@@ -534,3 +534,18 @@ def test_the_real_segmentation_interval_of_one_value_is_not_a_zero_width_interva
     assert all(np.isnan(bootstrap_mean_ci(np.array([0.6]))))
     lo, hi = bootstrap_mean_ci(np.array([0.2, 0.4, 0.9]))
     assert 0.2 <= lo < hi <= 0.9
+
+
+def test_the_real_set_bootstrap_can_resample_whole_query_scans():
+    """A review: the "all" interval resampled (support, query, structure) records as if independent, though 37
+    came from 16 query scans. With groups each scan is one draw: one value per group gives the draws of the
+    plain bootstrap, and a scan scored k times like one value gives the plain interval of one value per scan."""
+    from benchmarks.real_segmentation import bootstrap_mean_ci
+
+    rng = np.random.default_rng(3)
+    v = rng.random(9)
+    assert bootstrap_mean_ci(v, groups=list("abcdefghi")) == pytest.approx(bootstrap_mean_ci(v))
+    repeated = np.repeat(v, 4)
+    assert bootstrap_mean_ci(repeated, groups=np.repeat(np.arange(9), 4).tolist()) == pytest.approx(bootstrap_mean_ci(v))
+    assert bootstrap_mean_ci(repeated)[1] - bootstrap_mean_ci(repeated)[0] < bootstrap_mean_ci(v)[1] - bootstrap_mean_ci(v)[0]
+    assert np.isnan(bootstrap_mean_ci(v, groups=["one"] * 9)[0])  # one scan: no interval

@@ -20,7 +20,15 @@ import numpy as np
 from datamodules.io.atomic import atomic_open
 from datamodules.progress import progress
 from imaging_meta.evaluation.reports import json_safe, md_cell
-from imaging_meta.evaluation.scans import COPY, TRAINED_FULL, UNTRAINED_NAME, WINDOW, Scan, score_pair
+from imaging_meta.evaluation.scans import (
+    COPY,
+    TRAINED_FULL,
+    UNTRAINED_NAME,
+    WINDOW,
+    WINDOW_3D,
+    Scan,
+    score_pair,
+)
 from imaging_meta.evaluation.statistics import pair_bootstrap
 from imaging_meta.volume.segmenter import SUPPORT_CHECK_WARN
 
@@ -127,7 +135,7 @@ def scans_markdown(records: Sequence[dict], seed: int = 0) -> str:
                           f"keeps them empty): 3D Dice {np.mean([r['dice'] for r in retried]):.3f} on average there."]
         by_key = {(r["support"], r["query"], r["structure"], r["method"]): r["dice"] for r in recs}
         lines += ["", "| paired difference | mean [95% CI] |", "|---|---|"]
-        for base in (UNTRAINED_NAME, COPY, WINDOW):
+        for base in (UNTRAINED_NAME, COPY, WINDOW, WINDOW_3D):
             pairs = [
                 r
                 for r in recs

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 PROTOCOLS = ("whole_scan", "oracle_extent")
 TRAINED_FULL, LEARNER_ONLY_NAME, UNTRAINED_NAME = "trained", "trained, learner only", "untrained encoder"
 COPY, WINDOW = "copy support mask", "intensity window"
+#: the intensity window with the trained segmenter's own 3D step (`volumes.keep_components` with the support's
+#: structure parts): the window as a user would clean it up, so that the model is not compared with a baseline
+#: denied the post-processing it gets itself (a review)
+WINDOW_3D = "intensity window + 3D step"
 ADAPTED = "trained + test-time adaptation"
 ABLATIONS: dict[str, dict[str, Any]] = {
     "trained, no intensity": dict(intensity=False),
@@ -247,7 +251,8 @@ def _ras(loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
 
 def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
                    support_modality: str | None = None) -> dict[str, np.ndarray]:
-    """The copy-mask and window baselines on the query's file grid, computed with both scans in RAS order: a
+    """The copy-mask and window baselines (the window also with the trained rows' 3D step, `WINDOW_3D`) on the
+    query's file grid, computed with both scans in RAS order: a
     support and a query stored in different axis orders (LPS DICOM against RAS NIfTI, a sagittal file) are aligned
     along the body's axial axis, not along whichever axis each file stores last. ``modality`` is the query's,
     ``support_modality`` the support's (default: the same): each scan's body is found by its own modality's rule
@@ -269,9 +274,10 @@ def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
             body_q = np.zeros(q_truth[..., qe[0] : qe[1] + 1].shape, np.float32)
             copy[..., qe[0] : qe[1] + 1] = V.copy_mask_at_relative_position(sub_s, body_s, body_q, "CT")
         window = window & inside.reshape(1, 1, -1)
+    window_3d = V.keep_components(window, V.structure_parts(s_truth))
     if query.affine is not None:
-        copy, window = V.from_ras(copy, query.affine), V.from_ras(window, query.affine)
-    return {COPY: copy, WINDOW: window}
+        copy, window, window_3d = (V.from_ras(m, query.affine) for m in (copy, window, window_3d))
+    return {COPY: copy, WINDOW: window, WINDOW_3D: window_3d}
 
 
 def score_pair(
