@@ -574,6 +574,20 @@ def segment(
     # episodes follow the supports' order, and swapping two supports moved a mask by 234 voxels (a review)
     # (os.path.realpath does not raise on a symbolic link loop, which image_source names below; Path.resolve does)
     supports = sorted(supports, key=lambda pair: (os.path.realpath(pair[0]), os.path.realpath(pair[1])))
+    # a support given twice counted as a second patient in the fits across support scans (a review): the same pair
+    # is used once, the same scan with two label maps is refused
+    unique_supports: dict[tuple[str, str], tuple] = {}
+    for pair in supports:
+        unique_supports.setdefault((os.path.realpath(pair[0]), os.path.realpath(pair[1])), pair)
+    if len(unique_supports) < len(supports):
+        logger.warning("%d support (image, label) pair(s) given more than once, used once",
+                       len(supports) - len(unique_supports))
+        supports = list(unique_supports.values())
+    images_given = [real for real, _ in unique_supports]
+    twice = sorted({p for p in images_given if images_given.count(p) > 1})
+    if twice:
+        raise ValueError(f"support image {twice[0]} is given with {images_given.count(twice[0])} label maps: each "
+                         "support scan once, with the label map of the structure to segment")
     if label_value is not None and label_value < 1:
         raise ValueError(f"--label-value {label_value}: 0 is the background and labels are non-negative; give the "
                          "structure's value (1 or more), or leave it out for every non-zero voxel")
@@ -826,6 +840,10 @@ def _log_fitted(segmenter: ScanSegmenter) -> None:
     assert segmenter.support_images is not None  # fit sets them
     logger.info("segmenter fitted on %d support slices: %s", segmenter.support_images.shape[0],
                 _plain(segmenter.describe()))
+    if segmenter.options.position and not segmenter.describe().get("position_prior"):  # said, not ignored (a review)
+        logger.warning("--position-prior is not used: it is fitted across two or more support scans that each show "
+                       "the structure and have slices without it, with the calibration across scans (not "
+                       "--pooled-calibration)")
     check = segmenter.support_dice
     # one slice used although more were allowed: the support shows the structure on one slice only
     if check is None and segmenter.options.calibrate and segmenter.support_images.shape[0] == 1 < \

@@ -224,9 +224,13 @@ class ScanSegmenter:
             slices: the support slices to use per volume (default: those with the structure, spread).
 
         Raises:
-            ValueError: a support without the structure.
+            ValueError: a support without the structure; one support volume given twice.
         """
         o = self.options
+        for j in range(len(supports)):  # a scan given twice is its own "other patient": the fits across support
+            for i in range(j):  # scans would be in fold, and the novelty's reference distance 0 (a review)
+                if supports[i][0].shape == supports[j][0].shape and torch.equal(supports[i][0], supports[j][0]):
+                    raise ValueError(f"supports {i} and {j} are the same volume: give each support scan once")
         self._support_volumes, self._appearance = [image for image, _ in supports], None
         pos_i, pos_m, neg_i = [], [], []
         pos_scan, neg_scan = [], []  # each slice's support scan
@@ -329,6 +333,11 @@ class ScanSegmenter:
         if k >= 2:
             features = self._features(all_p, all_i, llr, pri).flatten(0, -2)
             self.fusion.fit(features, all_y.flatten())
+            if pri is not None and float(self.fusion.weight[-1]) < 0:  # never an anti-prior (a review): supports
+                # whose structures lie apart say the place does not carry, not that the query's lies elsewhere
+                features = features.clone()
+                features[:, -1] = 0.0  # the prior's weight stays 0 (L2 from 0), the rest fitted without it
+                self.fusion.fit(features, all_y.flatten())
             self.threshold = best_threshold(torch.sigmoid(self.fusion.logits(features)), all_y)
         else:  # nothing to leave out: add the log-odds
             n_feat = 2 if o.intensity else 1

@@ -710,7 +710,8 @@ def test_with_two_support_scans_where_the_structure_lies_is_fitted_and_tells_it_
     def scan(seed):
         img, mask = _volume(size=32, seed=seed)
         img[20:25, 20:25, 4:9] = 0.8  # the lookalike: as bright as the organ, never labelled, 8 pixels away
-        return img, mask
+        # each patient's own faint noise: the same volume given twice is refused (it would fit in fold)
+        return img + 1e-3 * torch.rand(img.shape, generator=torch.Generator().manual_seed(seed)), mask
 
     (a, a_mask), (b, b_mask), (q, q_mask) = scan(0), scan(1), scan(2)
     lookalike = torch.zeros_like(q_mask)
@@ -725,3 +726,25 @@ def test_with_two_support_scans_where_the_structure_lies_is_fitted_and_tells_it_
         assert not seg.describe()["position_prior"]
         marked = seg.predict(q) > 0.5
         assert marked[q_mask].all() and marked[lookalike].all()
+
+
+def test_one_support_volume_given_twice_is_refused_and_the_position_prior_never_steers_away():
+    """A review: a support given twice was its own "other patient", so the fits across support scans were in
+    fold (a perfect position prior) and the novelty's reference distance was 0; and two supports whose structures
+    lie apart fitted the position prior a negative weight, steering the query's mask away from where the supports
+    show the structure. Now the same volume twice is refused and the prior's weight is never below 0."""
+    (a, a_mask) = _volume(size=32)
+    with pytest.raises(ValueError, match="supports 0 and 1 are the same volume: give each support scan once"):
+        ScanSegmenter(BrightLearner(), ScanOptions()).fit([(a, a_mask), (a.clone(), a_mask)])
+
+    def apart(x0, seed):  # the organ in another place of each scan
+        img = torch.full((32, 32, 12), 0.3)
+        img[:2], img[-2:] = 0.0, 0.0
+        mask = torch.zeros(32, 32, 12, dtype=torch.bool)
+        mask[x0 : x0 + 6, 7:13, 4:9] = True
+        img[mask] = 0.8
+        return img + 1e-3 * torch.rand(img.shape, generator=torch.Generator().manual_seed(seed)), mask
+
+    opts = ScanOptions(smooth_z=0.0, relax_empty=False, intensity=False, position=True)
+    fitted = ScanSegmenter(BrightLearner(), opts).fit([apart(4, 0), apart(20, 1)])
+    assert fitted.describe()["position_prior"] and float(fitted.fusion.weight[-1]) >= 0.0

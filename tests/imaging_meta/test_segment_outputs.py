@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import sys
 import warnings
@@ -1073,3 +1074,35 @@ def test_an_enhanced_query_is_refused_for_dicom_seg_before_the_work_however_its_
         (folder / "README.txt").write_text("exported by a workstation\n")
     with pytest.raises(ValueError, match=r"ENH/[ab]\.dcm: a multi-frame \(enhanced\) series; --format dicom-seg"):
         segment(Path("never-read.ckpt"), [support], [folder], tmp_path / "out", output_format="dicom-seg")
+
+
+def test_a_support_given_twice_is_used_once_and_one_scan_with_two_label_maps_is_refused(tmp_path, support, caplog):
+    """A review: a support pair given twice was accepted and counted as a second patient in the fits across
+    support scans (its novelty reference distance 0: a query called unlike the supports and emptied)."""
+    import logging
+    import shutil
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
+    once = segment(ckpt, [support], [query], tmp_path / "once", device="cpu", **PLAIN)
+    again = (Path(str(support[0])), Path(os.path.relpath(support[1])))  # the same files, written another way
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        twice = segment(ckpt, [support, again], [query], tmp_path / "twice", device="cpu", **PLAIN)
+    assert "1 support (image, label) pair(s) given more than once, used once" in caplog.text
+    assert nib.load(twice[0]).get_fdata().tolist() == nib.load(once[0]).get_fdata().tolist()
+    other_label = shutil.copy(support[1], tmp_path / "rater2_label.nii.gz")
+    with pytest.raises(ValueError, match=r"sup\.nii\.gz is given with 2 label maps: each support scan once"):
+        segment(ckpt, [support, (support[0], other_label)], [query], tmp_path / "two", device="cpu", **PLAIN)
+
+
+def test_a_position_prior_that_cannot_be_fitted_is_said_not_ignored(tmp_path, support, caplog):
+    """A review: --position-prior with one support scan, or with --pooled-calibration, was dropped without a word."""
+    import logging
+
+    from imaging_meta.volume.segmenter import ScanOptions
+
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
+    query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        segment(ckpt, [support], [query], tmp_path / "out", device="cpu", options=ScanOptions(position=True), **PLAIN)
+    assert "--position-prior is not used: it is fitted across two or more support scans" in caplog.text
