@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+import imaging_meta
 from datamodules.io.atomic import atomic_open
 from imaging_meta.learners.base import Learner, build_learner, keep_channels_last_on_cpu
 from imaging_meta.pretrained import without_weights
@@ -108,11 +110,24 @@ class CheckpointError(ValueError):
 
 def _torch_file(path: Path) -> bool:
     """Whether ``path`` is in one of the formats ``torch.save`` writes: a zip archive, or (legacy) a pickle."""
-    import zipfile
-
     with open(path, "rb") as f:
-        start = f.read(1)
-    return zipfile.is_zipfile(path) or start == b"\x80"
+        start = f.read(4)
+    # a zip archive cut short (an interrupted copy) has no end record, which is_zipfile looks for: its first local
+    # header says what it was (a review: a truncated checkpoint was called "not a PyTorch checkpoint file")
+    return zipfile.is_zipfile(path) or start[:1] == b"\x80" or start == b"PK\x03\x04"
+
+
+def _damaged_member(path: Path) -> str | None:
+    """The first member of a zip checkpoint whose CRC-32 does not match its bytes, else None (torch's reader does
+    not check them: a checkpoint with flipped bytes inside a weight tensor loaded, and segmented nothing; a review).
+    Reads the file once more (tens of MB for the shipped learners)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"its archive ({type(e).__name__}: {e})"
 
 
 def _without_advice(text: str) -> str:
@@ -145,9 +160,21 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
                 f"{path}: holds Python objects besides tensors and plain values, which imaging-meta fit never writes; "
                 "torch refused to unpickle them (weights_only=True), so none of its code ran. Do not load a file of "
                 f"unknown source with weights_only=False{_refused_global(str(e))}") from None
+        damaged = _damaged_member(path)
+        if damaged is not None:  # bytes changed inside the pickle itself
+            raise CheckpointError(f"{path}: damaged: {damaged} does not match its checksum; copy it again") from None
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+        if zip_start and not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: truncated or damaged (a zip archive without its end: an interrupted copy "
+                                  "or save?); copy it again") from None
         raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: "
                               f"{_without_advice(str(e))}); copy it again, or give a checkpoint written by imaging-meta "
                               "fit") from e
+    damaged = _damaged_member(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path}: damaged: {damaged} does not match its checksum (bytes changed after it was "
+                              "written); copy it again from where it was trained")
     if isinstance(content, dict) and isinstance(content.get("imaging_meta"), dict):
         content["imaging_meta"] = modernize(content["imaging_meta"])
     hp = content.get("datamodule_hyper_parameters") if isinstance(content, dict) else None
@@ -235,7 +262,14 @@ def load_learner(checkpoint: str | os.PathLike, device: str | torch.device = "cp
     extra = ckpt.get("imaging_meta") if isinstance(ckpt, dict) else None
     if not extra or "learner_config" not in extra or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not an imaging-meta checkpoint (no learner config); use a checkpoint from `imaging-meta fit`")
-    learner = build_learner(offline_learner_config(extra["learner_config"]))  # the weights are in the checkpoint
+    try:  # the weights are in the checkpoint
+        learner = build_learner(offline_learner_config(extra["learner_config"]))
+    except (ImportError, AttributeError, TypeError, ValueError) as e:  # a class or argument this version lacks
+        recorded = extra["learner_config"].get("class_path") if isinstance(extra["learner_config"], dict) else None
+        raise CheckpointError(
+            f"{path}: its learner {recorded!r} cannot be built by this version of imaging-meta ("
+            f"{imaging_meta.__version__}; the checkpoint was written by {extra.get('version', 'an unknown version')}): "
+            f"{type(e).__name__}: {e}; retrain it, or use the version that wrote it") from e
     state = {k[len("learner."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("learner.")}
     try:
         learner.load_state_dict(state)

@@ -181,7 +181,13 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             # a missing or foreign file, named; only the settings EpisodicModule saves, each a plain value (a
             # class_path, which LightningCLI's own merge would build and call, is refused), merged here from the
             # very content checked (LightningCLI's _parse_ckpt_path reads the file again)
-            hparams = plain_hyperparameters(read_checkpoint(path).get("hyper_parameters") or {}, path)
+            content = read_checkpoint(path)
+            if not isinstance(content, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(content):
+                # a plain state dict, or weights saved by hand: Lightning failed on it with a KeyError (a review)
+                raise CheckpointError(f"{path}: not a checkpoint of imaging-meta fit (no Lightning training state); "
+                                      "give RUN/checkpoints/last.ckpt to resume, best.ckpt to test, or load bare "
+                                      "weights as a pretrained encoder (docs/learners.md)")
+            hparams = plain_hyperparameters(content.get("hyper_parameters") or {}, path)
             model = self.config[sub].get("model")
             defaults = {k: p.default for k, p in inspect.signature(EpisodicModule.__init__).parameters.items()}
             for k, v in hparams.items():  # the checkpoint's settings, except those given with other values
