@@ -47,6 +47,7 @@ import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 import torch.nn.functional as F
@@ -269,7 +270,11 @@ class ResNet(nn.Module):
                 f"{_listing('unexpected keys', unexpected)}{_prefix_hint(unexpected)}"
             )
         state = {k: v for k, v in state.items() if k in expected or (k in own and k.endswith("num_batches_tracked"))}
-        state["conv1.weight"] = adapt_input_conv(state["conv1.weight"], self.in_channels)
+        try:
+            state["conv1.weight"] = adapt_input_conv(state["conv1.weight"], self.in_channels)
+        except ValueError as e:  # named with the file and the setting to change (a review)
+            raise ValueError(f"{source}: {e}; set in_channels to {state['conv1.weight'].shape[1]} to use these "
+                             "weights as they are") from e
         wrong = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"
                  for k in sorted(expected) if state[k].shape != own[k].shape]
         if wrong:
@@ -342,15 +347,15 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
         path = cached_download(text, cache_dir, timeout)
         try:
             content = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # whole, but with objects weights_only refuses: not a damaged download
-            raise ValueError(f"{text} ({path}): {_needs_code(e)}") from e
         except Exception as e:  # a download cut short, or an error page served as the file
+            if _holds_code(e):  # whole, but with objects weights_only refuses: not a damaged download
+                raise ValueError(f"{text} ({path}): {_needs_code(e)}") from e
             downloaded = path.parent.parent.name == "by-url"  # this module's copy, not torchvision's
             if downloaded:
                 path.unlink(missing_ok=True)
             raise ValueError(
                 f"{text}: the downloaded file {path} is not a weights file readable with weights_only=True "
-                f"({type(e).__name__}: {e}); "
+                f"({type(e).__name__}: {_cause(e)}); "
                 + ("it was deleted, so the next run downloads it again" if downloaded else
                    "delete it to download it again")
                 + "; if that fails too, download the file yourself and pass its path") from e
@@ -366,18 +371,35 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
             "(what the weights switched on), or the run continues with other BatchNorm and input settings")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: {_needs_code(e)}") from e
     except Exception as e:  # a damaged or foreign file: name it and the cause
-        raise ValueError(f"{path}: not a weights file readable with weights_only=True ({type(e).__name__}: {e})") from e
+        if _holds_code(e):
+            raise ValueError(f"{path}: {_needs_code(e)}") from e
+        raise ValueError(f"{path}: not a weights file readable with weights_only=True ({type(e).__name__}: {_cause(e)})") from e
     return unwrap_state_dict(content, text)
+
+
+def _cause(e: BaseException) -> str:
+    """torch's refusal without its paragraphs that suggest ``weights_only=False`` (wrong advice for a damaged
+    file or an error page) and point at its docs: "Unsupported operand 60", say."""
+    drop = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    kept = [p.strip() for p in str(e).split("\n\n") if p.strip() and not p.strip().startswith(drop)]
+    return " ".join(" ".join(kept).split()) or str(e)
+
+
+def _holds_code(e: BaseException) -> bool:
+    """Whether torch's refusal names an object that weights_only=True would not build (a whole file holding more
+    than tensors), rather than bytes that are no pickle at all: an HTML error page or a JSON file also raise
+    `pickle.UnpicklingError` ("Unsupported operand 60"), and were called complete files and kept in the
+    download cache (a review)."""
+    return isinstance(e, pickle.UnpicklingError) and re.search(r"[Uu]nsupported global|GLOBAL ", str(e)) is not None
 
 
 def _needs_code(e: BaseException) -> str:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return (f"a complete file, but it holds objects besides tensors, which weights_only=True does not run "
             f"({first_line}); where you trust the file, load it once and save its weights alone: "
-            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')")
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth'), or "
+            "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth') for a whole saved model")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -405,7 +427,8 @@ def _verified(path: Path) -> bool:
 def cached_download(url: str, cache_dir: str | Path | None = None, timeout: float = 30.0) -> Path:
     """The local copy of ``url``, downloaded on first use.
 
-    Copies are kept per URL (``<cache>/by-url/<hash of the URL>/<file name>``): torch.hub keeps them by file
+    Copies are kept per URL (``<cache>/by-url/<hash of the URL>/<file name>``; a ``file://`` URL's hash also
+    covers the file's size and time, so a file replaced in place is copied again): torch.hub keeps them by file
     name alone, so two URLs ending in the same name (``.../imagenet/resnet18.pth`` and
     ``.../radimagenet/resnet18.pth``) shared one copy, and the second silently loaded the first one's weights
     (a review). A file named by torch.hub's content-hash convention (`HUB_HASH`, torchvision's files) whose
@@ -420,7 +443,14 @@ def cached_download(url: str, cache_dir: str | Path | None = None, timeout: floa
     shared = root / name
     if HUB_HASH.search(name) and _verified(shared):
         return shared
-    own = root / "by-url" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    key = url
+    if urlparse(url).scheme.lower() == "file":  # a local file's copy is keyed by its size and time too: replaced in
+        try:  # place, it was never read again (a review)
+            st = os.stat(url2pathname(urlparse(url).path))
+            key = f"{url}|{st.st_size}|{st.st_mtime_ns}"
+        except OSError:  # no such file: the download below names it
+            pass
+    own = root / "by-url" / hashlib.sha256(key.encode()).hexdigest()[:16] / name
     if not own.is_file():
         own.parent.mkdir(parents=True, exist_ok=True)
         previous = socket.getdefaulttimeout()

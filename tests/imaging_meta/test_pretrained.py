@@ -5,6 +5,7 @@ and ProtoNet-seg / ProtoNet from the new configs."""
 import functools
 import hashlib
 import http.server
+import os
 import socket
 import threading
 import time
@@ -417,3 +418,36 @@ def test_a_complete_file_with_objects_besides_tensors_is_not_called_damaged_nor_
         with pytest.raises(ValueError, match=r"a complete file, but it holds objects besides tensors.*save its weights alone"):
             load_weights(source, cache_dir=cache)
     assert list((cache / "by-url").rglob("ckpt.pth"))  # kept: nothing to download again
+
+
+def test_an_error_page_served_as_weights_is_deleted_and_a_replaced_local_file_is_read_again(tmp_path):
+    """A review: an HTML page (or JSON) served as the weights was called "a complete file, but it holds objects
+    besides tensors" and kept in the cache for good; and a file:// URL was copied once, so a file replaced in
+    place kept loading the old weights."""
+    src = tmp_path / "site" / "w.pth"
+    src.parent.mkdir()
+    src.write_text("<!DOCTYPE html><html><body>Proxy authentication required</body></html>")
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"w\.pth: the downloaded file .* is not a weights file .* it was deleted"):
+        load_weights(src.as_uri(), cache_dir=cache)
+    assert not list((cache / "by-url").rglob("w.pth"))
+    torch.save(_small_state(6), src)
+    assert load_weights(src.as_uri(), cache_dir=cache)["w"][0] == 6
+    torch.save(_small_state(7), src)  # replaced in place
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert load_weights(src.as_uri(), cache_dir=cache)["w"][0] == 7
+    (tmp_path / "page.pth").write_text('{"error": "not found"}')  # a local file too: not called complete
+    with pytest.raises(ValueError, match=r"page\.pth: not a weights file readable with weights_only=True"):
+        load_weights(tmp_path / "page.pth")
+
+
+def test_a_first_convolution_that_cannot_be_adapted_names_the_file_and_the_setting():
+    """A review: a 1-channel conv1 into a 3-channel network said only that RGB kernels can be adapted."""
+    from imaging_meta.pretrained import build_resnet
+
+    net = build_resnet(depth=18, in_channels=3)
+    state = {k: torch.zeros_like(v) for k, v in net.state_dict().items() if not k.startswith("proj.")}
+    state["conv1.weight"] = torch.zeros(64, 1, 7, 7)
+    with pytest.raises(ValueError, match=r"grey\.pth: conv1\.weight has 1 input channels; .*set in_channels to 1"):
+        net.load_pretrained(state, source="grey.pth")
