@@ -333,7 +333,8 @@ class ScanSegmenter:
         if k >= 2:
             features = self._features(all_p, all_i, llr, pri).flatten(0, -2)
             self.fusion.fit(features, all_y.flatten())
-            if pri is not None and float(self.fusion.weight[-1]) < 0:  # never an anti-prior (a review): supports
+            weight = self.fusion.weight
+            if pri is not None and weight is not None and float(weight[-1]) < 0:  # never an anti-prior (a review): supports
                 # whose structures lie apart say the place does not carry, not that the query's lies elsewhere
                 features = features.clone()
                 features[:, -1] = 0.0  # the prior's weight stays 0 (L2 from 0), the rest fitted without it
