@@ -424,7 +424,11 @@ class ClassificationDataModule(EpisodicDataModule):
         specs: list[ClassificationEpisodeSpec]
         if stage == "test" and self.hparams.test_episodes_file:
             path = self._test_episodes_path()
-            specs = cast(list[ClassificationEpisodeSpec], load_episodes(path, t.item_ids, t.classes)[0])  # _check_specs checks them
+            loaded, meta = load_episodes(path, t.item_ids, t.classes)
+            specs = cast(list[ClassificationEpisodeSpec], loaded)  # _check_specs checks them
+            check = getattr(self.source, "check_prepared_files", None)
+            if isinstance(meta.get("files_md5"), dict) and check is not None:  # the files they were prepared from
+                check(meta["files_md5"], path)
             self.episode_files[stage] = path
         else:
             path = self.episode_path(stage)

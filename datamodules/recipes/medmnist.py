@@ -283,6 +283,11 @@ def _choose(files: list[NpzFile], entries: Sequence[str] | None, default: Sequen
     return [f for f in files if f in chosen], problems
 
 
+#: MedMNIST files whose classes are the same concepts (OrganMNIST's axial, coronal and sagittal views of one CT
+#: organ set): never in two parts of a class split
+TWIN_DATASETS = ("organamnist", "organcmnist", "organsmnist")
+
+
 def split_by_file(files: list[NpzFile], test_files: Sequence[str] | None, val_files: Sequence[str] | None
                   ) -> tuple[dict[str, list[NpzFile]], list[str]]:
     """The class split by file: test and validation files as named (default `DEFAULT_TEST`, `DEFAULT_VAL` among
@@ -292,6 +297,12 @@ def split_by_file(files: list[NpzFile], test_files: Sequence[str] | None, val_fi
     problems += more
     problems += [f"{f.path.name} is both a test and a validation file; a file belongs to one part" for f in test if f in val]
     train = [f for f in files if f not in test and f not in val]
+    roles = {f.dataset: part for part, fs in (("training", train), ("validation", val), ("test", test)) for f in fs}
+    twins = {d: roles[d] for d in TWIN_DATASETS if d in roles}
+    if len(set(twins.values())) > 1:  # one organ in two parts: a "novel" test class already trained on (a review)
+        problems.append(f"{', '.join(f'{d} ({r})' for d, r in twins.items())} hold the same 11 abdominal organs in "
+                        "three planes: in different parts, a test organ is one the model trained on; keep them in one "
+                        "part (--test-files, --val-files), or leave out all but one")
     if not test:
         problems.append(f"no test file: the default test files are {', '.join(DEFAULT_TEST)} (any size); pass them, or "
                         "name your test files with --test-files (test_files)")
@@ -411,13 +422,18 @@ def _write_outputs(staging: Path, out: Path, parts: dict[str, list[NpzFile]], sh
     atomic_write_text(staging / CONFIG_NAME, _config_text(parts, out, shots, ways, queries, episodes, seed))
     ids, names, members = pooled_test_items(parts["test"])
     files = {f.stem: f.md5 for f in parts["test"]}
+    # every input whose MD5 is not the published one, the training and validation files named by their part (a
+    # review: only test files were marked, so a model trained on an unofficial file was reported as official)
+    unofficial = [f.stem for f in parts["test"] if not f.official] + [
+        f"{f.stem} ({role})" for part, role in (("train", "training"), ("val", "validation")) for f in parts[part]
+        if not f.official]
     described = {}
     for k in shots:
         name = "episodes/" + EPISODE_NAME.format(n_way=ways, n_shot=k, n_query=queries)
         specs = draw_episodes(members, ways, k, queries, episodes, seed)
         meta = {"stage": "test", "generator": GENERATOR, "n_way": ways, "n_shot": k, "n_query": queries, "seed": seed,
                 "items": "the official test split of the test files", "files_md5": files, "classes": names,
-                "unofficial_files": [f.stem for f in parts["test"] if not f.official]}
+                "unofficial_files": unofficial}
         save_episodes(specs, ids, staging / name, meta, class_names=names)
         used = sorted({names[c] for s in specs for c in s.classes})
         described[name] = {"n_way": ways, "n_shot": k, "n_query": queries, "n_episodes": len(specs),

@@ -133,6 +133,24 @@ class MedMNIST(ItemSource):
     def files(self) -> list[Path]:
         return [Path(p) for p in self.paths]
 
+    def check_prepared_files(self, recorded: dict[str, str], where: str | Path) -> None:
+        """Refuse files whose MD5 differs from the one ``where`` (an episode file of `imaging-meta prepare
+        medmnist`) was prepared with (``recorded``: file stem -> MD5): its episodes, its sha256 and the report's
+        "official" would then describe other data than was scored (a review: a test file replaced after prepare
+        was evaluated without a word)."""
+        from datamodules.recipes.medmnist import file_md5
+
+        by_stem = {_stem(Path(p)): Path(p) for p in self.paths}
+        changed = []
+        for stem, md5 in recorded.items():
+            if stem in by_stem and by_stem[stem].is_file():
+                now = file_md5(by_stem[stem])
+                if now != md5:
+                    changed.append(f"{by_stem[stem]} (MD5 {now}; prepared with {md5})")
+        if changed:
+            raise ValueError(f"{where} was prepared from other files than these: {'; '.join(changed)}. Run imaging-meta "
+                             "prepare medmnist again on the files you have, or give the files it was prepared with")
+
     def preprocessing(self) -> dict[str, Any]:
         return {"format": "medmnist", "channels": self.channels, "image_size": self.image_size,
                 "intensity": "uint8 / 255"}

@@ -390,7 +390,7 @@ def _episode_file(dm: EpisodicDataModule, out: Path, k: int) -> tuple[dict, dict
     info = dm.describe()  # it reads the episode file's sha256
     entry = {"file": f"episodes-{k}shot.json", "sha256": info["episodes_sha256"]["test"],
              "n_episodes": len(dm.fixed_episodes("test")), "source": str(source)}
-    # episodes drawn from files whose MD5 is not the published one (`prepare medmnist --allow-unofficial`): the
+    # episodes prepared with files whose MD5 is not the published one (`prepare medmnist --allow-unofficial`): the
     # episode list's sha256 is the same as on the official files, so the report must say it
     unofficial = (json.loads(source.read_text()).get("meta") or {}).get("unofficial_files")
     if unofficial:

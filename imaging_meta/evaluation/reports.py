@@ -284,7 +284,7 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
             f"{k} {v['checkpoint']!r} in the checkpoint, {v['tested']!r} here" for k, v in changed.items()))
     for k, f in context["episode_files"].items():
         lines.append(f"- {k}-shot episodes: `{f['file']}` ({f['n_episodes']} episodes, episode-list sha256 `{f['sha256']}`)"
-                     + (f"; **drawn from files whose MD5 is not the published one: {', '.join(f['unofficial_files'])}** "
+                     + (f"; **prepared with files whose MD5 is not the published one: {', '.join(f['unofficial_files'])}** "
                         "(prepared with --allow-unofficial: not comparable with figures on the published files)"
                         if f.get("unofficial_files") else ""))
     lines += _metric_notes(context, task.report_metrics)

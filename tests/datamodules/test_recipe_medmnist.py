@@ -117,7 +117,9 @@ def test_allow_unofficial_proceeds_and_records_it(folder, tmp_path):
     assert any("24 train, 16 val, 64 test images; the published bloodmnist.npz has 11959 train, 1712 val, 3421 test" in w for w in summary["warnings"])
     assert json.loads((tmp_path / "out" / "prepare.json").read_text())["arguments"]["allow_unofficial"] is True
     # the episode files say so too: their episode list (and its sha256) is the same as on the published files
-    assert episodes_of(tmp_path / "out", 1)["meta"]["unofficial_files"] == list(TEST_STEMS)
+    # every unofficial input, the training and validation files by their part (a review: only test files were)
+    assert episodes_of(tmp_path / "out", 1)["meta"]["unofficial_files"] == [
+        *TEST_STEMS, "organamnist (training)", "tissuemnist (validation)"]
 
 
 def test_a_damaged_labels_member_is_named(folder, tmp_path):
@@ -206,6 +208,13 @@ def test_the_written_config_builds_the_datamodule_for_each_number_of_shots(folde
         assert batch.support_ids[0] == first["support"] and batch.classes[0] == first["classes"]
         assert dm.class_split["test"] == [c for s in TEST_STEMS for c in dm.class_split["test"] if c.startswith(s + "/")]
     assert shapes == {1: ((4, 5, 3, 28, 28), (4, 15, 3, 28, 28)), 5: ((4, 25, 3, 28, 28), (4, 15, 3, 28, 28))}
+    # a test file replaced after prepare: its episodes describe other data (a review: evaluated without a word)
+    write_medmnist(folder / "bloodmnist.npz", seed=9)
+    dm = build_datamodule({"class_path": "datamodules.classification.ClassificationDataModule", "init_args": {
+        **init_args, "cache_dir": str(tmp_path / "cache"), "num_workers": 0}}, {"n_shot": 1, "val_episodes": 0})
+    with pytest.raises(ValueError, match=r"test-5way-1shot-3query\.json was prepared from other files than these: "
+                                         r".*bloodmnist\.npz \(MD5 [0-9a-f]{32}; prepared with [0-9a-f]{32}\)"):
+        dm.setup("test")
 
 
 def test_an_episode_file_that_is_not_there_is_named(folder, tmp_path, monkeypatch):
@@ -296,3 +305,14 @@ def test_a_first_run_stopped_while_installing_does_not_block_the_next(folder, tm
     summary = prepare_medmnist(folder, out, **SMALL)  # the rerun replaces the partial output
     assert "complete" not in json.loads((out / "prepare.json").read_text())
     assert {f"episodes/{p.name}" for p in (out / "episodes").iterdir()} == set(summary["episodes"])
+
+
+def test_the_organ_files_of_three_planes_are_never_split_across_parts(folder, tmp_path, monkeypatch):
+    """A review: organamnist, organcmnist and organsmnist hold the same 11 organs in three planes; tested on one
+    and trained on another, every "novel" test organ had been trained on. Refused; one part for all is fine."""
+    write_medmnist(folder / "organcmnist.npz")
+    publish(monkeypatch, folder)
+    with pytest.raises(PrepareError, match=r"organamnist \(test\), organcmnist \(training\) hold the same 11 abdominal "
+                                           r"organs in three planes"):
+        prepare_medmnist(folder, tmp_path / "out", test_files=["organamnist", "bloodmnist"], **SMALL)
+    prepare_medmnist(folder, tmp_path / "ok", **SMALL)  # both training files (the default split): accepted

@@ -183,7 +183,7 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
 
     ctx["episode_files"]["1"]["unofficial_files"] = ["bloodmnist"]
     again = _evaluation_markdown(ctx, summ, get_task(ctx["task"]), doc["figures"])
-    assert "drawn from files whose MD5 is not the published one: bloodmnist" in again
+    assert "prepared with files whose MD5 is not the published one: bloodmnist" in again
     assert "on unofficial files bloodmnist" in again.split("Cite as:")[1]
     # the interval note names the patients each shot's bootstrap resampled, not the first shot's data count
     n = {k: summ[k]["dice"]["trained"]["all"]["n_patients"] for k in ("1", "2")}
