@@ -507,7 +507,8 @@ def _add_evaluate_parser(sub) -> None:
     e.add_argument("--name", default=None, help="the run's name in `compare` tables (default: the folder name)")
     e.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     e.add_argument("--salt", default=None,
-                   help="the secret of the pseudonymous ids used at fit (default: env IMAGING_META_SALT, else the default)")
+                   help="the secret of the pseudonymous ids used at fit (default: env IMAGING_META_SALT, else the salt "
+                        "in the run's config.yaml beside the checkpoints folder, else the default)")
     e.add_argument("--interval", choices=("patient-bootstrap", "episode-t"), default="patient-bootstrap",
                    help="95%% intervals of every table and of the paired trained − baseline differences: a seeded "
                         "percentile bootstrap of the test patients (default), or Student's t over episodes (too narrow "

@@ -204,6 +204,32 @@ def build_datamodule(config: dict, overrides: dict) -> EpisodicDataModule:
     return cls(**args)
 
 
+def resolve_salt(checkpoint: Path, salt: str | None) -> str:
+    """The salt of the pseudonymous ids to evaluate with: ``salt`` when given, else env ``IMAGING_META_SALT``, else
+    the one the run's own ``config.yaml`` (``RUN/config.yaml`` beside ``RUN/checkpoints/``) gave its data, else the
+    project default. Checkpoints never hold the salt (a secret, not a hyperparameter); the run folder's config does,
+    and without it a run trained with the folder configs' ``salt:`` could not be evaluated at all (a review: every
+    split digest differed)."""
+    if salt is not None:
+        return salt
+    if "IMAGING_META_SALT" in os.environ:
+        return os.environ["IMAGING_META_SALT"]
+    run_config = checkpoint.resolve().parent.parent / "config.yaml"
+    if run_config.is_file():
+        import yaml
+
+        try:
+            data = ((yaml.safe_load(run_config.read_text()) or {}).get("data") or {}).get("init_args") or {}
+        except (yaml.YAMLError, OSError, AttributeError):
+            data = {}
+        source = (data.get("source") or {}).get("init_args") or {} if isinstance(data.get("source"), dict) else {}
+        found = data.get("salt") or source.get("salt")
+        if isinstance(found, str) and found:
+            logger.info("the salt of the run's %s is used (--salt or IMAGING_META_SALT to give another)", run_config)
+            return found
+    return "imaging-meta"
+
+
 def _with_salt(config: dict, salt: str) -> dict:
     """``{"class_path", "init_args"}`` with ``salt`` set, when its class takes one."""
     import inspect
@@ -504,8 +530,9 @@ def evaluate(
         n_panel: best and worst episodes shown in the panel figure (0: none).
         threshold: foreground probability threshold of segmentation masks.
         name: the run's name in comparison tables (default: the output folder's name).
-        salt: the secret of the pseudonymous ids used at fit (default: env ``IMAGING_META_SALT``, else the
-            project default); a different one gives other ids, another split, and is refused.
+        salt: the secret of the pseudonymous ids used at fit (default: env ``IMAGING_META_SALT``, else the run's
+            ``config.yaml`` beside its ``checkpoints/`` folder, else the project default; `resolve_salt`); a
+            different one gives other ids, another split, and is refused.
         interval: the 95% intervals of every table, and of the paired ``trained − baseline`` differences:
             ``patient-bootstrap`` (seeded percentile bootstrap of the test patients, `N_BOOT` resamples) or
             ``episode-t`` (Student's t over episodes; too narrow when episodes share patients). See
@@ -573,7 +600,7 @@ def evaluate(
                 config = {**config, "init_args": {k: v for k, v in (config.get("init_args") or {}).items() if k != key}}
             else:
                 overrides[key] = value
-    salt = os.environ.get("IMAGING_META_SALT", "imaging-meta") if salt is None else salt
+    salt = resolve_salt(path, salt)
     dms, skipped = _datamodules(path, config, extra, task, shots, overrides, salt)
     # a --data-config that keeps the split may still preprocess otherwise (a CT window, a patch spacing): the model
     # then sees other pixels than it trained on, and that run's report read like the real one (a review)

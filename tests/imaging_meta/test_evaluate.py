@@ -571,3 +571,23 @@ def test_provenance_calls_a_new_untracked_module_dirty(tmp_path, monkeypatch):
     assert not provenance()["git_commit"].endswith("+dirty")
     (repo / "imaging_meta" / "new_module.py").write_text("x = 1\n")
     assert provenance()["git_commit"].endswith("+dirty")
+
+
+def test_evaluate_takes_the_salt_the_run_was_trained_with_from_its_config(tmp_path, monkeypatch):
+    """A review: a run trained with the folder configs' `salt: change-me` could not be evaluated without --salt
+    (every split digest differed): evaluate used the project default. The run's config.yaml beside its
+    checkpoints folder records the salt; --salt and IMAGING_META_SALT still come first."""
+    from imaging_meta.commands.evaluate import resolve_salt
+
+    monkeypatch.delenv("IMAGING_META_SALT", raising=False)
+    run = tmp_path / "runs" / "mine" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    assert resolve_salt(ckpt, None) == "imaging-meta"  # no run config: the default
+    (run / "config.yaml").write_text("data:\n  init_args:\n    root: /data\n    salt: change-me\n")
+    assert resolve_salt(ckpt, None) == "change-me"
+    (run / "config.yaml").write_text("data:\n  init_args:\n    source:\n      init_args:\n        salt: s2\n")
+    assert resolve_salt(ckpt, None) == "s2"  # a classification source's own salt
+    assert resolve_salt(ckpt, "given") == "given"
+    monkeypatch.setenv("IMAGING_META_SALT", "env")
+    assert resolve_salt(ckpt, None) == "env"
