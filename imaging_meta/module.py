@@ -613,6 +613,17 @@ class EpisodicModule(LightningModule):
         checkpoint["imaging_meta"] = extra
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """`_check_and_restore`, its refusals prefixed with the checkpoint file when a trainer loads one (a review:
+        under `fit`/`test --ckpt_path` only Lightning's earlier "Restoring states" line named the file)."""
+        try:
+            self._check_and_restore(checkpoint)
+        except ValueError as e:
+            where = self._trainer.ckpt_path if self._trainer is not None else None
+            if where is None or str(where) in str(e):
+                raise
+            raise ValueError(f"{where}: {e}") from e
+
+    def _check_and_restore(self, checkpoint: dict) -> None:
         extra = checkpoint.get("imaging_meta", {})
         saved = current_class_path(extra["learner_config"]["class_path"]) if extra.get("learner_config") else None
         if saved and saved != self.learner.config["class_path"]:

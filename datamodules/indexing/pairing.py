@@ -78,12 +78,14 @@ def pair_labels(books: ScanBooks, nifti: list[str], series: list[Series]) -> tup
     label_of = _decathlon_pairs(books, nifti_set)
     dec_labels = set(label_of.values())
     claims = {**_nifti_claims(nifti, nifti_set, dec_labels, label_of), **_dicom_claims(books.root, series, nifti_set, dec_labels)}
+    _keep_claiming_images(claims)
     _drop_label_claimants(claims)
     claimed = {c for found in claims.values() for c in found}
     _assign_claims(books, claims, label_of, series)
     _reject_second_labels(books, claims, label_of, series)
     label_files = dec_labels | claimed
-    _reject_orphan_labels(books, nifti, label_files)
+    _reject_orphan_labels(books, [p for p in nifti if "nifti:" + p not in label_of], label_files)  # an image with
+    # its own label map is an image, whatever its name (case01_gt with case01_gt_seg)
     return label_of, label_files
 
 
@@ -137,6 +139,18 @@ def _dicom_claims(root: str, series: list[Series], nifti_set: set[str], dec_labe
         if found:
             claims["dicom:" + s.key] = found
     return claims
+
+
+def _keep_claiming_images(claims: _Claims) -> None:
+    """Remove, in place, the candidates that claim a label map of their own: those are images. ``case01_gt`` with
+    its own ``case01_gt_seg`` is an image named like a label of ``case01`` (a review: with the ``_gt`` suffix it
+    became case01's label map and both images were lost)."""
+    for key in list(claims):
+        kept = [c for c in claims[key] if "nifti:" + c not in claims]
+        if kept:
+            claims[key] = kept
+        else:
+            del claims[key]
 
 
 def _drop_label_claimants(claims: _Claims) -> None:

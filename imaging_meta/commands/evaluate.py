@@ -215,7 +215,9 @@ def resolve_salt(checkpoint: Path, salt: str | None) -> str:
     if "IMAGING_META_SALT" in os.environ:
         return os.environ["IMAGING_META_SALT"]
     run_config = checkpoint.resolve().parent.parent / "config.yaml"
-    if run_config.is_file():
+    # only a run folder's own config (RUN/checkpoints/x.ckpt): another project's config.yaml two folders up is not
+    # this run's (a review)
+    if checkpoint.resolve().parent.name == "checkpoints" and run_config.is_file():
         import yaml
 
         try:

@@ -818,19 +818,28 @@ def segment(
 
 
 def _multi_frame_file(folder: Path) -> Path | None:
-    """A multi-frame (enhanced) image file of a series folder, else None (headers only). The folder's first DICOM
+    """A multi-frame (enhanced) image file of a series folder, else None (headers only). The folder's first image
     file (by name) decides: the reader refuses a folder that mixes an enhanced file with single-frame images of
-    another series, so the first DICOM file says which kind the series is. Files that are not DICOM (a
-    README beside an enhanced file) are passed over, as the reader passes over them, and so is a series split
-    into several enhanced files (a review: both were refused only after the segmenting, one with an error
-    about the number of files)."""
+    another series. Files that are not DICOM (a README beside an enhanced file) and DICOM objects that are not
+    images (a DICOMDIR, a presentation state, a SEG, which is multi-frame too) are passed over, as the reader
+    passes over them (reviews: an enhanced series split over two files or beside a README was refused only after
+    the segmenting; a SEG sorting first got a single-frame series refused)."""
     import pydicom
 
+    from datamodules.io.dicom_checks import NON_IMAGE_MODALITIES
+
+    tags = ["NumberOfFrames", "Modality", "SOPClassUID", "DirectoryRecordSequence"]
     for f in sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")):
         try:
-            frames = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["NumberOfFrames"]).get("NumberOfFrames")
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
         except Exception:  # not DICOM: the reader names the problem when the query is loaded
             continue
+        modality = str(ds.get("Modality", "") or "")
+        sop = str(getattr(ds.get("SOPClassUID"), "name", "") or "")
+        if ("DirectoryRecordSequence" in ds or modality == "SEG" or modality in NON_IMAGE_MODALITIES
+                or any(w in sop for w in ("Segmentation", "Presentation State", "Waveform", "Directory"))):
+            continue  # not an image: the reader leaves it out of the series
+        frames = ds.get("NumberOfFrames")
         return f if frames is not None and int(frames) > 1 else None
     return None
 

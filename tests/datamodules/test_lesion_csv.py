@@ -398,8 +398,10 @@ def test_the_cache_is_keyed_by_every_slice_of_a_series_and_by_sidecars(tmp_path)
             centre_row("mr/vol.nii.gz", "cyst", BLOB, "RAS"), centre_row("mr/vol.nii.gz", "hcc", BLOB + 3, "RAS")]
     write_rows(tmp_path / "lesions.csv", rows)
     src = LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS", patch_size=[9, 9])
-    stamped = set(src.files())
+    listed = src.files()
+    stamped = set(listed)
     assert set(files) <= stamped and {sidecar, tmp_path / "dataset.json"} <= stamped
+    assert len(listed) == len(stamped)  # each slice once, however many rows name the series' slices
     before = src.load(tmp_path / "cache")
     sidecar.write_text(json.dumps({"Modality": "MR", "Manufacturer": "GE"}))
     st = sidecar.stat()

@@ -527,3 +527,15 @@ def test_a_label_map_named_gt_pairs_with_its_image_and_is_never_an_unlabelled_sc
     index = scan_folder(str(tmp_path))
     assert [(c.image, c.label) for c in index.cases] == [("case1.nii.gz", "case1_gt.nii.gz")]
     assert [(r.path, "suffix _gt" in r.reason) for r in index.rejected] == [("case2_gt.nii.gz", True)]
+
+
+def test_an_image_named_like_a_label_that_has_a_label_of_its_own_stays_an_image(tmp_path):
+    """A review of the _gt suffix: case01_gt.nii.gz with its own case01_gt_seg.nii.gz was taken for case01's label
+    map, and both images were lost; a file that claims a label of its own is an image."""
+    img, aff = phantom(seed=3), affine_ras()
+    write_nifti(img, aff, tmp_path / "case01.nii.gz")
+    write_nifti(img + 0.5, aff, tmp_path / "case01_gt.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "case01_gt_seg.nii.gz")
+    index = scan_folder(str(tmp_path))
+    assert sorted((c.image, c.label) for c in index.cases) == [("case01.nii.gz", None),
+                                                               ("case01_gt.nii.gz", "case01_gt_seg.nii.gz")]

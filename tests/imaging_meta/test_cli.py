@@ -1,6 +1,7 @@
 """The real configs, composed and shrunk (lightning-hydra-template style), driven through `cli_main`."""
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -509,7 +510,8 @@ def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_ro
     for sub in ("test", "fit"):
         with pytest.raises(CheckpointError, match=r"plain_sd\.pt: not a checkpoint of imaging-meta fit \(no Lightning "):
             cli_main([sub, *base, "--ckpt_path", str(tmp_path / "plain_sd.pt")])
-    with pytest.raises(ValueError, match="not split as when the checkpoint was trained"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(ckpt))}: the data of this run is not split as when the "
+                                         "checkpoint was trained"):  # the file named (a review)
         cli_main(["test", *base, "--ckpt_path", str(ckpt), "--data.init_args.split_seed", "7"])
     with pytest.raises(ValueError, match="not split as when the checkpoint was trained"):
         cli_main(["fit", *base, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2", "--data.init_args.split_seed", "7"])

@@ -591,3 +591,7 @@ def test_evaluate_takes_the_salt_the_run_was_trained_with_from_its_config(tmp_pa
     assert resolve_salt(ckpt, "given") == "given"
     monkeypatch.setenv("IMAGING_META_SALT", "env")
     assert resolve_salt(ckpt, None) == "env"
+    monkeypatch.delenv("IMAGING_META_SALT")
+    (tmp_path / "proj" / "models").mkdir(parents=True)  # not a run folder: a config.yaml two folders up is not its own
+    (tmp_path / "proj" / "config.yaml").write_text("data:\n  init_args:\n    salt: other-run-secret\n")
+    assert resolve_salt(tmp_path / "proj" / "models" / "m.ckpt", None) == "imaging-meta"

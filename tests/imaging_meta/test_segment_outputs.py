@@ -1106,3 +1106,23 @@ def test_a_position_prior_that_cannot_be_fitted_is_said_not_ignored(tmp_path, su
     with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
         segment(ckpt, [support], [query], tmp_path / "out", device="cpu", options=ScanOptions(position=True), **PLAIN)
     assert "--position-prior is not used: it is fitted across two or more support scans" in caplog.text
+
+
+def test_the_up_front_enhanced_check_passes_over_objects_that_are_not_images(tmp_path):
+    """A review of the check above: a SEG object (multi-frame too) sorting first got a single-frame series refused,
+    and a presentation state sorting first let an enhanced query through to the work."""
+    pytest.importorskip("highdicom")
+    from imaging_meta.commands.segment import _multi_frame_file
+    from tests.datamodules.dicom_fixtures import write_enhanced
+
+    files = write_series(tmp_path / "CT", phantom(shape=(8, 8, 4)))
+    seg = tmp_path / "CT" / "0000_manual_seg.dcm"
+    seg.write_bytes(files[0].read_bytes())
+    edit(seg, lambda ds: (setattr(ds, "Modality", "SEG"), setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.66.4"),
+                          setattr(ds, "NumberOfFrames", 4)))
+    assert _multi_frame_file(tmp_path / "CT") is None  # a single-frame series, whatever sorts first
+    enhanced = write_enhanced(files, tmp_path / "ENH" / "b.dcm")
+    state = tmp_path / "ENH" / "PR_0001.dcm"
+    state.write_bytes(files[0].read_bytes())
+    edit(state, lambda ds: (setattr(ds, "Modality", "PR"), setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.11.1")))
+    assert _multi_frame_file(tmp_path / "ENH") == enhanced
