@@ -977,6 +977,7 @@ def test_a_dicom_segmentation_of_another_series_of_the_same_folder_name_is_not_r
     seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID = "1.2.3.4.5"
     seg.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
     seg.Modality = "SEG"
+    seg.Manufacturer = "imaging-meta"  # written by segment (a SEG of another program is never replaced)
     label, ref = Dataset(), Dataset()
     label.SegmentLabel = "liver"
     ref.SeriesInstanceUID = uid_of["a"]
