@@ -824,23 +824,17 @@ def _multi_frame_file(folder: Path) -> Path | None:
     images (a DICOMDIR, a presentation state, a SEG, which is multi-frame too) are passed over, as the reader
     passes over them (reviews: an enhanced series split over two files or beside a README was refused only after
     the segmenting; a SEG sorting first got a single-frame series refused)."""
-    import pydicom
+    from datamodules.io.dicom_checks import non_image_kind
+    from datamodules.io.dicom_files import read_header
 
-    from datamodules.io.dicom_checks import NON_IMAGE_MODALITIES
-
-    tags = ["NumberOfFrames", "Modality", "SOPClassUID", "DirectoryRecordSequence"]
     for f in sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")):
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
-        except Exception:  # not DICOM: the reader names the problem when the query is loaded
+            h = read_header(f)
+        except Exception:  # not DICOM, or unreadable: the reader names the problem when the query is loaded
             continue
-        modality = str(ds.get("Modality", "") or "")
-        sop = str(getattr(ds.get("SOPClassUID"), "name", "") or "")
-        if ("DirectoryRecordSequence" in ds or modality == "SEG" or modality in NON_IMAGE_MODALITIES
-                or any(w in sop for w in ("Segmentation", "Presentation State", "Waveform", "Directory"))):
+        if h.modality == "SEG" or non_image_kind(h) is not None:
             continue  # not an image: the reader leaves it out of the series
-        frames = ds.get("NumberOfFrames")
-        return f if frames is not None and int(frames) > 1 else None
+        return f if h.number_of_frames > 1 else None
     return None
 
 
