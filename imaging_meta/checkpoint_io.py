@@ -21,7 +21,6 @@ rebuilds the old split (`LEGACY_DATA_ARGS`), so ``evaluate`` tests it on the spl
 from __future__ import annotations
 
 import os
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 import imaging_meta
 from datamodules.io.atomic import atomic_open
 from imaging_meta.learners.base import Learner, build_learner, keep_channels_last_on_cpu
-from imaging_meta.pretrained import without_weights
+from imaging_meta.pretrained import refused_global, without_torch_advice, without_weights
 
 #: class paths of checkpoints written before the subpackages (imaging-meta 0.1.0, main up to 544d8f2)
 LEGACY_CLASS_PATHS = {
@@ -108,13 +107,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (unreadable, or from a different kind of learner)."""
 
 
-def _torch_file(path: Path) -> bool:
-    """Whether ``path`` is in one of the formats ``torch.save`` writes: a zip archive, or (legacy) a pickle."""
+def _cut_zip(path: Path) -> bool:
+    """Whether ``path`` starts as a zip archive but has no end record, which `zipfile.is_zipfile` looks for: an
+    interrupted copy or save of a checkpoint (a review: it was called "not a PyTorch checkpoint file")."""
     with open(path, "rb") as f:
-        start = f.read(4)
-    # a zip archive cut short (an interrupted copy) has no end record, which is_zipfile looks for: its first local
-    # header says what it was (a review: a truncated checkpoint was called "not a PyTorch checkpoint file")
-    return zipfile.is_zipfile(path) or start[:1] == b"\x80" or start == b"PK\x03\x04"
+        return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+
+
+def _torch_file(path: Path) -> bool:
+    """Whether ``path`` is in one of the formats ``torch.save`` writes: a zip archive (whole or cut short), or
+    (legacy) a pickle."""
+    with open(path, "rb") as f:
+        start = f.read(1)
+    return zipfile.is_zipfile(path) or start == b"\x80" or _cut_zip(path)
 
 
 def _damaged_member(path: Path) -> str | None:
@@ -130,19 +135,6 @@ def _damaged_member(path: Path) -> str | None:
         return f"its archive ({type(e).__name__}: {e})"
 
 
-def _without_advice(text: str) -> str:
-    """torch's refusal without its paragraphs about loading the file with ``weights_only=False`` and its docs."""
-    parts = [p.strip() for p in text.split("\n\n") if p.strip()]
-    kept = [p for p in parts if not p.startswith(("Weights only load failed", "Check the documentation"))]
-    return " ".join(" ".join(kept).split()) or text
-
-
-def _refused_global(text: str) -> str:
-    """``" (it names posix.system)"``: the object torch's refusal names, when it names one."""
-    match = re.search(r"(?:[Uu]nsupported global: |unsupported )GLOBAL ([\w.]+)", text)
-    return f" (it names {match.group(1)})" if match else ""
-
-
 def read_checkpoint(checkpoint: str | Path) -> dict:
     """The content of a checkpoint file, read with ``weights_only=True``: no pickled code runs."""
     path = Path(checkpoint)
@@ -154,22 +146,21 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
         if path.is_file() and not _torch_file(path):  # a PNG or a text renamed .ckpt: torch's hint is about pickles
             raise CheckpointError(f"{path}: not a PyTorch checkpoint file (neither torch's zip format nor a pickle); "
                                   "give a checkpoint written by imaging-meta fit") from None
-        if "Weights only load failed" in str(e) and _refused_global(str(e)):  # an object refused, not a damaged
+        named = refused_global(str(e))
+        if "Weights only load failed" in str(e) and named:  # an object refused, not a damaged
             # file (torch says "Weights only load failed" for both); its text goes on to suggest weights_only=False
             raise CheckpointError(
                 f"{path}: holds Python objects besides tensors and plain values, which imaging-meta fit never writes; "
                 "torch refused to unpickle them (weights_only=True), so none of its code ran. Do not load a file of "
-                f"unknown source with weights_only=False{_refused_global(str(e))}") from None
+                f"unknown source with weights_only=False (it names {named})") from None
         damaged = _damaged_member(path)
         if damaged is not None:  # bytes changed inside the pickle itself
             raise CheckpointError(f"{path}: damaged: {damaged} does not match its checksum; copy it again") from None
-        with open(path, "rb") as f:
-            zip_start = f.read(4) == b"PK\x03\x04"
-        if zip_start and not zipfile.is_zipfile(path):
+        if _cut_zip(path):
             raise CheckpointError(f"{path}: truncated or damaged (a zip archive without its end: an interrupted copy "
                                   "or save?); copy it again") from None
         raise CheckpointError(f"{path}: not a readable imaging-meta checkpoint ({type(e).__name__}: "
-                              f"{_without_advice(str(e))}); copy it again, or give a checkpoint written by imaging-meta "
+                              f"{without_torch_advice(str(e))}); copy it again, or give a checkpoint written by imaging-meta "
                               "fit") from e
     damaged = _damaged_member(path)
     if damaged is not None:

@@ -355,7 +355,7 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
                 path.unlink(missing_ok=True)
             raise ValueError(
                 f"{text}: the downloaded file {path} is not a weights file readable with weights_only=True "
-                f"({type(e).__name__}: {_cause(e)}); "
+                f"({type(e).__name__}: {without_torch_advice(str(e))}); "
                 + ("it was deleted, so the next run downloads it again" if downloaded else
                    "delete it to download it again")
                 + "; if that fails too, download the file yourself and pass its path") from e
@@ -374,24 +374,30 @@ def load_weights(source: str | Path, cache_dir: str | Path | None = None, timeou
     except Exception as e:  # a damaged or foreign file: name it and the cause
         if _holds_code(e):
             raise ValueError(f"{path}: {_needs_code(e)}") from e
-        raise ValueError(f"{path}: not a weights file readable with weights_only=True ({type(e).__name__}: {_cause(e)})") from e
+        raise ValueError(f"{path}: not a weights file readable with weights_only=True ({type(e).__name__}: {without_torch_advice(str(e))})") from e
     return unwrap_state_dict(content, text)
 
 
-def _cause(e: BaseException) -> str:
-    """torch's refusal without its paragraphs that suggest ``weights_only=False`` (wrong advice for a damaged
-    file or an error page) and point at its docs: "Unsupported operand 60", say."""
+def without_torch_advice(text: str) -> str:
+    """torch's ``weights_only`` refusal without its paragraphs that suggest ``weights_only=False`` (wrong advice for
+    a damaged file or an error page), ask for an issue and point at its docs: "Unsupported operand 60", say."""
     drop = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    kept = [p.strip() for p in str(e).split("\n\n") if p.strip() and not p.strip().startswith(drop)]
-    return " ".join(" ".join(kept).split()) or str(e)
+    kept = [p.strip() for p in text.split("\n\n") if p.strip() and not p.strip().startswith(drop)]
+    return " ".join(" ".join(kept).split()) or text
+
+
+def refused_global(text: str) -> str | None:
+    """The object torch's ``weights_only`` refusal names (``posix.system``, ``argparse.Namespace``), when it names
+    one: a whole file holding more than tensors, not bytes that are no pickle at all."""
+    match = re.search(r"(?:[Uu]nsupported global: |unsupported )GLOBAL ([\w.]+)", text)
+    return match.group(1) if match else None
 
 
 def _holds_code(e: BaseException) -> bool:
-    """Whether torch's refusal names an object that weights_only=True would not build (a whole file holding more
-    than tensors), rather than bytes that are no pickle at all: an HTML error page or a JSON file also raise
-    `pickle.UnpicklingError` ("Unsupported operand 60"), and were called complete files and kept in the
-    download cache (a review)."""
-    return isinstance(e, pickle.UnpicklingError) and re.search(r"[Uu]nsupported global|GLOBAL ", str(e)) is not None
+    """Whether torch's refusal names an object that weights_only=True would not build (`refused_global`): an HTML
+    error page or a JSON file also raise `pickle.UnpicklingError` ("Unsupported operand 60"), and were called
+    complete files and kept in the download cache (a review)."""
+    return isinstance(e, pickle.UnpicklingError) and refused_global(str(e)) is not None
 
 
 def _needs_code(e: BaseException) -> str:
