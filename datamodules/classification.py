@@ -426,9 +426,8 @@ class ClassificationDataModule(EpisodicDataModule):
             path = self._test_episodes_path()
             loaded, meta = load_episodes(path, t.item_ids, t.classes)
             specs = cast(list[ClassificationEpisodeSpec], loaded)  # _check_specs checks them
-            check = getattr(self.source, "check_prepared_files", None)
-            if isinstance(meta.get("files_md5"), dict) and check is not None:  # the files they were prepared from
-                check(meta["files_md5"], path)
+            if isinstance(meta.get("files_md5"), dict):  # the files they were prepared from
+                self.source.check_prepared_files(meta["files_md5"], path)
             self.episode_files[stage] = path
         else:
             path = self.episode_path(stage)

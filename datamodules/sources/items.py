@@ -148,6 +148,10 @@ class ItemSource:
         """Input files whose size and modification time invalidate the cache."""
         return []
 
+    def check_prepared_files(self, recorded: dict[str, str], where: str | Path) -> None:
+        """Refuse input files that differ from those an episode file ``where`` recorded (``recorded``: its
+        ``files_md5``, file stem -> MD5); sources that record none check nothing."""
+
     def settings_key(self) -> str:
         """A digest of `settings` alone: the tables of one source and settings share it, whatever the files."""
         return hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]

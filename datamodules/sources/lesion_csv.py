@@ -339,7 +339,8 @@ class LesionCSV(ItemSource):
                 folders.add(p)
             elif p.is_file():
                 if is_nifti(p.name):
-                    out += [p, *[s for s in [p.with_name(nifti_stem(p.name) + ".json")] if s.is_file()]]
+                    sidecar = p.with_name(nifti_stem(p.name) + ".json")
+                    out += [p, sidecar] if sidecar.is_file() else [p]
                 elif p.parent not in folders:  # one slice of a DICOM series: its folder listed once, however many
                     out += sorted(f for f in p.parent.iterdir() if f.is_file())  # rows name its slices (a review)
                 folders.add(p.parent)

@@ -16,6 +16,7 @@ site of an item is its file's stem. Item ids are ``<stem>:<split>:<index>``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,15 @@ from datamodules.sources.items import ItemSource, ItemTable
 
 SPLITS = ("train", "val", "test")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _md5_of(path: str, size: int, mtime_ns: int) -> str:
+    """A file's MD5, computed once per process for its size and time: `evaluate` sets up one datamodule per number
+    of shots, and each checks the same test files (hundreds of MB for MedMNIST+ sizes)."""
+    from datamodules.recipes.medmnist import file_md5
+
+    return file_md5(Path(path))
 
 
 def _stem(path: Path) -> str:
@@ -138,13 +148,12 @@ class MedMNIST(ItemSource):
         medmnist`) was prepared with (``recorded``: file stem -> MD5): its episodes, its sha256 and the report's
         "official" would then describe other data than was scored (a review: a test file replaced after prepare
         was evaluated without a word)."""
-        from datamodules.recipes.medmnist import file_md5
-
         by_stem = {_stem(Path(p)): Path(p) for p in self.paths}
         changed = []
         for stem, md5 in recorded.items():
             if stem in by_stem and by_stem[stem].is_file():
-                now = file_md5(by_stem[stem])
+                st = by_stem[stem].stat()
+                now = _md5_of(str(by_stem[stem]), st.st_size, st.st_mtime_ns)
                 if now != md5:
                     changed.append(f"{by_stem[stem]} (MD5 {now}; prepared with {md5})")
         if changed:
