@@ -154,11 +154,14 @@ def scans_markdown(records: Sequence[dict], seed: int = 0) -> str:
                     + " |"
                 )
         for field, title in (("structure", "structure"), ("site", "site of the query")):
-            lines += ["", f"| {title} | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+            # each row says how many pairs its means rest on: a structure of one pair has no interval, and a
+            # mean of one pair must not read like a mean of twenty
+            lines += ["", f"| {title} | pairs | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
             for value in dict.fromkeys(r.get(field, "") for r in recs):
-                cells = [_interval([r for r in recs if r.get(field, "") == value and r["method"] == m],
-                                   lambda r: r["dice"], seed) for m in methods]
-                lines.append(f"| {md_cell(value) or '–'} | " + " | ".join(cells) + " |")
+                mine = [r for r in recs if r.get(field, "") == value]
+                pairs = len({(r["support"], r["query"], r["structure"]) for r in mine})
+                cells = [_interval([r for r in mine if r["method"] == m], lambda r: r["dice"], seed) for m in methods]
+                lines.append(f"| {md_cell(value) or '–'} | {pairs} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

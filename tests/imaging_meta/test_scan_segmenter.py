@@ -632,11 +632,12 @@ def test_two_scans_of_one_patient_are_two_pairs_and_per_site_rows():
     md = scans_markdown(recs)
     assert "3 (support, query) volume pairs of 3 patients" in md
     assert "| trained − copy support mask | 0.233" in md  # (0.4 + 0.0 + 0.3) / 3, each pair its own baseline
-    assert "| site of the query | trained | copy support mask |" in md
-    assert "| s2 | 0.700 | 0.400 |" in md and "| s1 | 0.750" in md
+    assert "| site of the query | pairs | trained | copy support mask |" in md
+    assert "| s2 | 1 | 0.700 | 0.400 |" in md and "| s1 | 2 | 0.750" in md  # each row with its number of pairs
+    assert "| spleen | 3 | " in md
     # a site key holds '|' (vendor | model | institution): escaped, the table keeps its columns
     piped = scans_markdown([{**r, "site": "GE | LightSpeed | inst-1"} for r in recs])
-    assert "| GE \\| LightSpeed \\| inst-1 | 0.733" in piped
+    assert "| GE \\| LightSpeed \\| inst-1 | 3 | 0.733" in piped
 
 
 def test_the_pair_bootstrap_counts_a_pair_only_when_both_its_patients_are_drawn():
