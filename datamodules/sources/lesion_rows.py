@@ -18,6 +18,8 @@ from datamodules.messages import first
 
 CENTRE_COLUMNS = ("x", "y", "z")
 BOX_COLUMNS = ("x_min", "y_min", "z_min", "x_max", "y_max", "z_max")
+#: every column the reader knows; a header names them in any case
+KNOWN_COLUMNS = frozenset(("image", "class", "size_mm", "patient", "site") + CENTRE_COLUMNS + BOX_COLUMNS)
 #: errors and examples listed in one message; the rest are counted.
 MAX_LISTED = 10
 
@@ -143,8 +145,18 @@ def _check_consistent(rows: list[LesionRow], path: Path, scan_of: Callable[[Lesi
 
 
 def _check_header(reader: csv.DictReader, path: Path) -> tuple[bool, bool]:
-    """Strip the header names in place and check the required columns; return (has centre, has box)."""
+    """Strip the header names in place, name the known columns in lower case, and check the required columns;
+    return (has centre, has box).
+
+    A spreadsheet's ``Image,Class,X,Y,Z`` or ``Patient`` header is read as the lower-case columns: an optional
+    column in capitals (``Patient``, ``Site``, ``Size_mm``) was otherwise ignored without a word, and with it the
+    patient split (a review). Two header cells that name the same column are refused."""
     header = [h.strip() for h in (reader.fieldnames or [])]
+    header = [h.lower() if h.lower() in KNOWN_COLUMNS else h for h in header]
+    twice = sorted({h for h in header if h in KNOWN_COLUMNS and header.count(h) > 1})
+    if twice:
+        raise ValueError(f"{path}: line 1: column(s) {', '.join(twice)} given twice (header names are read without "
+                         f"regard to case); the header has {reader.fieldnames}. Keep one of each")
     reader.fieldnames = header
     missing = [c for c in ("image", "class") if c not in header]
     has_centre = all(c in header for c in CENTRE_COLUMNS)

@@ -436,3 +436,21 @@ def test_a_partial_centre_beside_a_box_is_refused_not_replaced_by_the_box(tmp_pa
     write_rows(tmp_path / "l.csv", rows, cols)
     with pytest.raises(ValueError, match=r"line 3: a partial centre: x given, y, z empty; give all three, or none"):
         LesionCSV(csv=str(tmp_path / "l.csv")).build()
+
+
+def test_a_header_in_capitals_is_read_and_a_column_given_twice_is_refused(tmp_path):
+    """A review of the left-alone list: a spreadsheet's ``Image,Class,X,Y,Z,Patient`` header was refused for missing
+    columns, and an optional ``Patient`` column beside a lower-case header was ignored without a word, so the
+    patient split fell back to one patient per image."""
+    from datamodules.sources.lesion_rows import read_lesion_rows
+
+    rows = [{"Image": "vol.nii.gz", "Class": c, "X": "1", "Y": "2", "Z": str(z), "Patient": "p7", "Site": "north"}
+            for c, z in (("a", 3), ("b", 9))]
+    write_rows(tmp_path / "caps.csv", rows, ("Image", "Class", "X", "Y", "Z", "Patient", "Site"))
+    parsed, _ = read_lesion_rows(tmp_path / "caps.csv", tmp_path)
+    assert [(r.image, r.cls, r.patient, r.site) for r in parsed] == [("vol.nii.gz", "a", "p7", "north"),
+                                                                     ("vol.nii.gz", "b", "p7", "north")]
+    twice = [{"image": "vol.nii.gz", "class": "a", "x": "1", "X": "2", "y": "2", "z": "3"}]
+    write_rows(tmp_path / "twice.csv", twice, ("image", "class", "x", "X", "y", "z"))
+    with pytest.raises(ValueError, match=r"twice\.csv: line 1: column\(s\) x given twice"):
+        read_lesion_rows(tmp_path / "twice.csv", tmp_path)
