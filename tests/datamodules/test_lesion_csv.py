@@ -441,7 +441,7 @@ def test_a_partial_centre_beside_a_box_is_refused_not_replaced_by_the_box(tmp_pa
 def test_a_header_in_capitals_is_read_and_a_column_given_twice_is_refused(tmp_path):
     """A review of the left-alone list: a spreadsheet's ``Image,Class,X,Y,Z,Patient`` header was refused for missing
     columns, and an optional ``Patient`` column beside a lower-case header was ignored without a word, so the
-    patient split fell back to one patient per image."""
+    patient split fell back to each image's own patient (from its headers or its path)."""
     from datamodules.sources.lesion_rows import read_lesion_rows
 
     rows = [{"Image": "vol.nii.gz", "Class": c, "X": "1", "Y": "2", "Z": str(z), "Patient": "p7", "Site": "north"}
