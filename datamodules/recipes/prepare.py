@@ -314,16 +314,21 @@ def _check_png_numbers(pngs: list[Path], files: list[Path], ground_dir: Path, dc
         # DICOM files named without distinct numbers: only the order can match them, as `_pair_pngs` does (names that
         # shared one number passed when it was 1, by chance, and were refused when it was 0: a review)
         return
-    dicom_numbers = {n for n in dicom if n is not None}
+    dicom_file = {n: p for n, p in zip(dicom, files, strict=True)}
     png_numbers = {n: p for n, p in zip(numbers, pngs, strict=True) if n is not None}  # every one (checked above)
-    missing = sorted(dicom_numbers - set(png_numbers))
-    if missing or len(png_numbers) != len(pngs):
-        extra = sorted(set(png_numbers) - dicom_numbers)
-        raise PrepareError(
-            f"{ground_dir}: the PNG numbers do not match the DICOM slices of {dcm_dir}: "
-            + (f"no PNG numbered {missing[0]}" if missing else "two PNGs with one number")
-            + (f", and {png_numbers[extra[0]].name} matches no slice" if extra else "")
-            + "; CHAOS has one PNG per slice, numbered as its DICOM file")
+    missing = sorted(set(dicom_file) - set(png_numbers))
+    extra = sorted(set(png_numbers) - set(dicom_file))
+    if missing or extra or len(png_numbers) != len(pngs):
+        said = []
+        if missing:
+            said.append(f"no PNG numbered {missing[0]} (for {dicom_file[missing[0]].name})"
+                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if len(png_numbers) != len(pngs):
+            said.append("two PNGs with one number")
+        if extra:
+            said.append(f"{png_numbers[extra[0]].name} matches no slice")
+        raise PrepareError(f"{ground_dir}: the PNG numbers do not match the DICOM slices of {dcm_dir}: "
+                           + ", and ".join(said) + "; CHAOS has one PNG per slice, numbered as its DICOM file")
 
 
 def _pair_pngs(files: list[Path], by_instance: list[Path], pngs: list[Path],
@@ -388,9 +393,8 @@ def chaos_png_labels(arr: np.ndarray, path: Path | str) -> np.ndarray:
 def _convert_chaos(dcm_dir: Path, ground_dir: Path) -> Converted:
     """One CHAOS T2-SPIR series and its PNGs on one voxel grid (the DICOM geometry)."""
     files, pngs = _dicom_files(dcm_dir), _png_files(ground_dir)
-    if len(pngs) != len(files):
-        raise PrepareError(f"{ground_dir}: {len(pngs)} ground-truth PNG file(s) for {len(files)} DICOM slice(s) in "
-                           f"{dcm_dir}; CHAOS has one PNG per slice - is a file missing or extra?")
+    # the DICOM files are read and the PNG numbers matched before the counts are compared: a damaged or duplicated
+    # DICOM file, or a missing PNG, is then named, where the count named only the Ground folder (a review)
     try:
         headers = [read_header(str(p)) for p in files]
         if len({h.series_uid for h in headers}) > 1:
@@ -408,6 +412,9 @@ def _convert_chaos(dcm_dir: Path, ground_dir: Path) -> Converted:
         raise PrepareError(f"{dcm_dir}: InstanceNumber {dup} appears on more than one slice; the PNGs cannot be "
                            "matched to the slices")
     _check_png_numbers(pngs, files, ground_dir, dcm_dir)
+    if len(pngs) != len(files):  # file names without distinct numbers: only the count can tell
+        raise PrepareError(f"{ground_dir}: {len(pngs)} ground-truth PNG file(s) for {len(files)} DICOM slice(s) in "
+                           f"{dcm_dir}; CHAOS has one PNG per slice - is a file missing or extra?")
     png_of, warnings = _pair_pngs(files, by_instance, pngs, dcm_dir)
     label = np.zeros(series.shape, dtype=np.uint8)
     for k, h in enumerate(series.headers):  # k: the geometric position of the slice, as in `volume`

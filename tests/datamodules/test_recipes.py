@@ -4,6 +4,7 @@ then read end to end by the scanner; label geometry checked against the DICOM he
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -178,12 +179,27 @@ def test_chaos_labels_land_on_the_dicom_pixel_grid(tmp_path):
     assert sorted(p for f in folds["folds"] for p in f["test"]) == ["1", "10", "2"]
 
 
-def test_chaos_png_count_mismatch_is_named(tmp_path):
+def test_chaos_a_missing_or_extra_file_is_named(tmp_path):
+    """A review: a missing PNG, a copy of a DICOM file and a non-DICOM file under a slice's name were all told as
+    "5 PNG file(s) for 6 DICOM slice(s)", naming the Ground folder only (and blaming it for a DICOM problem)."""
+    import shutil
+
     src = write_chaos(tmp_path / "src")
-    (src / "MR" / "2" / "T2SPIR" / "Ground" / "IMG-0002-00004.png").unlink()
-    with pytest.raises(PrepareError, match=r"MR/2/T2SPIR/Ground: 5 ground-truth PNG file\(s\) for 6 DICOM slice"):
+    t2 = src / "MR" / "2" / "T2SPIR"
+    (t2 / "Ground" / "IMG-0002-00004.png").unlink()
+    with pytest.raises(PrepareError, match=r"MR/2/T2SPIR/Ground: the PNG numbers do not match .*no PNG numbered 4 "
+                                           r"\(for IMG-0002-00004\.dcm\)"):
         prepare("chaos_mr", src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [src]  # nothing written, no leftovers
+    src = write_chaos(tmp_path / "src2")
+    dcm = src / "MR" / "2" / "T2SPIR" / "DICOM_anon"
+    shutil.copy(dcm / "IMG-0002-00001.dcm", dcm / "IMG-0002-00001 - Copy.dcm")
+    with pytest.raises(PrepareError, match=r"IMG-0002-00001 - Copy\.dcm and IMG-0002-00001\.dcm both at"):
+        prepare("chaos_mr", src, tmp_path / "out")
+    (dcm / "IMG-0002-00001 - Copy.dcm").unlink()
+    (dcm / "IMG-0002-00099.dcm").write_bytes(b"not a DICOM file")
+    with pytest.raises(PrepareError, match=r"IMG-0002-00099\.dcm: not DICOM"):
+        prepare("chaos_mr", src, tmp_path / "out")
 
 
 def test_chaos_pngs_that_do_not_carry_the_slices_numbers_are_refused(tmp_path):
@@ -193,7 +209,7 @@ def test_chaos_pngs_that_do_not_carry_the_slices_numbers_are_refused(tmp_path):
     ground = src / "MR" / "2" / "T2SPIR" / "Ground"
     (ground / "IMG-0002-00002.png").rename(ground / "IMG-0002-00007.png")
     with pytest.raises(PrepareError, match=r"MR/2/T2SPIR/Ground: the PNG numbers do not match the DICOM slices .*"
-                                           r"no PNG numbered 2, and IMG-0002-00007\.png matches no slice"):
+                                           r"no PNG numbered 2 \(for IMG-0002-00002\.dcm\), and IMG-0002-00007\.png matches no slice"):
         prepare("chaos_mr", src, tmp_path / "out")
     (ground / "IMG-0002-00007.png").rename(ground / "ground.png")
     with pytest.raises(PrepareError, match=r"ground\.png: no slice number in the file name"):
@@ -364,6 +380,18 @@ def test_the_datamodule_tests_on_one_fold_of_folds_json(tmp_path):
         assert make_split(dm.cases, "in_domain", test_images=read_fold(out / "folds.json", f)).patients(
             dm.cases, "test") == fold_patients
     assert len(digests) == 3  # each fold is its own split
+    # validating on nothing, as SSL-ALPNet: the patients val_fraction holds out are named as unused (a review), and
+    # with val_fraction 0 every patient outside the fold trains
+    with pytest.warns(UserWarning, match=r"val_episodes is 0, and 1 patient\(s\) held out for validation \(val_fraction "
+                                         r"0\.25\) are never used: set data\.init_args\.val_fraction 0"):
+        SegmentationDataModule(**small, folds_file="folds.json", test_fold=0).setup("fit")
+    every = SegmentationDataModule(**{**small, "val_fraction": 0.0, "val_organs": None, "val_organ_count": 0},
+                                   folds_file="folds.json", test_fold=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        every.setup("fit")
+    fold0 = {c.patient for c in every.cases if c.image in folds[0]["test_images"] + [folds[0]["support_image"]]}
+    assert not every.split.val and every.split.patients(every.cases, "train") == {c.patient for c in every.cases} - fold0
     with pytest.raises(ValueError, match="go together"):
         SegmentationDataModule(**small, folds_file="folds.json")
     bad = out / "other_folds.json"
