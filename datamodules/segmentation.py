@@ -495,6 +495,14 @@ class SegmentationDataModule(EpisodicDataModule):
                 if not suggest:
                     raise
                 self._raise_with_a_working_seed(e)
+            if suggest and not self._validates and self.split is not None and self.split.val:
+                # the split keeps its validation patients when validation is off (a checkpoint's split must not
+                # change with val_episodes), so a run that validates on nothing trains on fewer scans than it could
+                # (SSL-ALPNet trains on every patient outside the fold; a review): say so, with the fix
+                held = len({self.cases[i].patient for i in self.split.val})
+                warnings.warn(f"val_episodes is 0, and {held} patient(s) held out for validation (val_fraction "
+                              f"{h.val_fraction}) are never used: set data.init_args.val_fraction 0 to train on them",
+                              stacklevel=2)
         if h.selfsup_ratio > 0 and h.episodes_per_epoch > 0:  # evaluation draws no training episodes
             self._setup_selfsup()
 
