@@ -122,5 +122,7 @@ docs: install-docs  ## build the documentation site from docs/ into site/ (--str
 tensorboard: install  ## serve the TensorBoard logs in runs/
 	$(VENV)/bin/tensorboard --logdir runs
 
-clean:  ## remove runs, caches, the demo cohort and the built docs (keeps .venv)
-	rm -rf runs data .cache results evaluation site
+# the generated demo cohort only, never DATA_DIR (a user's own folder) nor the rest of data/ (datasets prepared there
+# by docs/recipes.md: removing all of data/ took them too; a review)
+clean:  ## remove runs, reports (results, evaluation), caches, the demo cohort data/demo and the built docs (keeps .venv and the rest of data/)
+	rm -rf runs data/demo .cache results evaluation site
