@@ -23,6 +23,7 @@ import argparse
 import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -173,6 +174,8 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 if sub in ("test", "validate"):
                     raise CheckpointError(f"imaging-meta {sub} needs --ckpt_path RUN/checkpoints/best.ckpt: without a "
                                           "checkpoint it would score the initial, untrained weights")
+                if sub == "fit":
+                    _refuse_another_jobs_hpc_checkpoint((self.config[sub].get("trainer") or {}).get("default_root_dir"))
                 return
             keyword = str(path) in ("last", "best", "hpc", "registry") or str(path).startswith("registry:")
             if keyword and not Path(path).is_file():
@@ -683,6 +686,38 @@ def _run_tool(argv: Sequence[str]) -> int:
 
         return run_results(args)
     raise AssertionError(args.command)
+
+
+def _refuse_another_jobs_hpc_checkpoint(default_root_dir: str | None) -> None:
+    """Under SLURM, Lightning resumes ``fit`` without a ``--ckpt_path`` from the newest ``hpc_ckpt_<n>.ckpt`` in the
+    trainer's ``default_root_dir`` (the working directory unless set), which its auto-requeue wrote there. That is
+    right for the requeued job, and wrong for any later job started in the same folder: it trained on from the old
+    run's weights and optimiser state, and tested and reported them under the new settings, without a word (a
+    review). A job that SLURM requeued has ``SLURM_RESTART_COUNT`` above 0; any other is refused here, with the ways
+    out.
+
+    Raises:
+        CheckpointError: naming the checkpoint, when this SLURM job is not a requeue."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from imaging_meta.checkpoint_io import CheckpointError
+
+    if not SLURMEnvironment.detect():
+        return
+    folder = Path(default_root_dir) if default_root_dir else Path.cwd()
+    if "://" in str(default_root_dir or "") or not folder.is_dir():  # remote roots: Lightning's own rule applies
+        return
+    found = sorted((p for p in folder.glob("hpc_ckpt_*.ckpt") if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", p.name)),
+                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "").strip()
+    if not found or (restarts.isdigit() and int(restarts) > 0):
+        return
+    raise CheckpointError(
+        f"{found[-1]}: an auto-requeue checkpoint of an earlier SLURM job is in {folder}, and this job (SLURM_JOB_ID "
+        f"{os.environ.get('SLURM_JOB_ID', '?')}) is not a requeue (SLURM_RESTART_COUNT "
+        f"{restarts or 'unset'}), so Lightning would resume the old run instead of starting this one. To start "
+        "afresh, move the hpc_ckpt_*.ckpt files away or give each job its own --trainer.default_root_dir; to go on "
+        f"with the old run, pass --ckpt_path {found[-1]}")
 
 
 def cli_main(args: Sequence[str] | None = None):

@@ -136,3 +136,28 @@ def test_a_config_that_disagrees_with_the_job_is_one_line_with_the_fix(slurm_job
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("imaging-meta fit: error: You set `devices=4`") and "HINT: Set `devices=1`" in err
+
+
+def test_a_new_job_does_not_resume_an_earlier_jobs_requeue_checkpoint(slurm_job, tmp_path, monkeypatch, capsys):
+    """A review: Lightning resumes any fit under SLURM from the hpc_ckpt_<n>.ckpt its auto-requeue left in
+    default_root_dir, so a later job in the same folder trained on from the old run, and tested and reported it
+    under its own settings. Only a requeued job (SLURM_RESTART_COUNT > 0) may; any other is refused, naming the
+    file and the ways out, before anything is built."""
+    for n in (1, 2, 10):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"an earlier job's")
+    args = ["fit", "--config", str(CONFIGS / "trainer/slurm.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), "--trainer.accelerator", "cpu",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)]
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err, err
+    assert f"{tmp_path / 'hpc_ckpt_10.ckpt'}: an auto-requeue checkpoint of an earlier SLURM job" in err
+    assert "SLURM_RESTART_COUNT unset" in err and "--trainer.default_root_dir" in err
+    assert f"--ckpt_path {tmp_path / 'hpc_ckpt_10.ckpt'}" in err
+    # the requeued job itself goes on to Lightning (which then meets the config's 4 devices against 1 task)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "an auto-requeue checkpoint" not in capsys.readouterr().err
