@@ -673,7 +673,7 @@ def write_explanations(
     Returns:
         The JSON paths written, one per query.
     """
-    from imaging_meta.commands.explain import nearest_supports, occlusion_saliency, save_explanation_panel
+    from imaging_meta.commands.explain import FLAT_DROP, nearest_supports, occlusion_saliency, save_explanation_panel
 
     folder.mkdir(parents=True, exist_ok=True)
     # listed before they are written, so that a run stopped half-way is cleaned up by the next one
@@ -719,6 +719,10 @@ def write_explanations(
                 "max_drop": round(float(sal.max()), 6),
                 "min_drop": round(float(sal.min()), 6),
                 "meaning": f"mean drop of p({classes[occ.target]}) when a patch covering the pixel is replaced by the fill",
+                "flat": occ.flat,
+                **({"note": f"no patch moves p({classes[occ.target]}) by {FLAT_DROP:g} or more (the probability is "
+                            "saturated): the map says nothing about which pixels matter; the nearest supports "
+                            "still do"} if occ.flat else {}),
             },
             "panel": png_path.name,
         }
@@ -730,7 +734,8 @@ def write_explanations(
             [f"#{r + 1} {classes[int(s_labels[j])]}\n{short}={v:.3g}" for r, (j, v) in enumerate(zip(idx, vals, strict=True))],
             sal,
             query_title=f"query\n{predicted} (p={float(probs.max()):.2f})",
-            saliency_title=f"occlusion: drop in p({predicted})",
+            saliency_title=f"occlusion: drop in p({predicted})" if not occ.flat
+            else f"occlusion: no patch moves\np({predicted}) (saturated)",
         )
         json_path.write_text(json.dumps(record, indent=2) + "\n")
         written.append(json_path)

@@ -59,6 +59,11 @@ class NearestSupports:
     larger_is_nearer: bool
 
 
+#: a saliency map whose largest drop of probability is below this is flat (`Occlusion.flat`); the panel's colour
+#: scale never spans less than it either, so that rounding noise is not stretched into a heat map (a review)
+FLAT_DROP = 1e-4
+
+
 @dataclass
 class Occlusion:
     """An occlusion saliency map of one query.
@@ -81,6 +86,13 @@ class Occlusion:
     stride: int
     fill: str | float
     n_occlusions: int
+
+    @property
+    def flat(self) -> bool:
+        """Whether no patch moved the explained class's probability by `FLAT_DROP` or more: typically a probability
+        saturated at 1.000, which occluding any one patch does not lower. The map then says nothing about the
+        pixels (its values are rounding noise, about 1e-7), and the panel and the JSON say so."""
+        return float(self.saliency.abs().max()) < FLAT_DROP
 
 
 def _one_task(episode: Episode, what: str) -> Episode:
@@ -275,6 +287,12 @@ def _plain_title(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("$", r"\$")
 
 
+def saliency_range(saliency: torch.Tensor) -> float:
+    """The colour scale's half-width for a saliency map: its largest absolute value, never below `FLAT_DROP`
+    (a map of rounding noise, about 1e-7, was stretched to full colour and looked like evidence; a review)."""
+    return max(float(saliency.detach().abs().max()), FLAT_DROP)
+
+
 def save_explanation_panel(
     path: str | Path,
     query: torch.Tensor,
@@ -321,7 +339,7 @@ def save_explanation_panel(
     shown = _display(query)
     ax.imshow(shown if shown.ndim == 2 else shown.mean(-1), cmap="gray", vmin=0, vmax=1)
     sal = saliency.detach().float().cpu().numpy()
-    m = max(float(abs(sal).max()), 1e-12)
+    m = saliency_range(saliency)
     im = ax.imshow(sal, cmap="RdBu_r", vmin=-m, vmax=m, alpha=0.55)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
     ax.set_title(_plain_title(saliency_title), fontsize=8)

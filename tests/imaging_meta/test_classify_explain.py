@@ -251,6 +251,8 @@ def check_explanations(out: Path, queries: list[str], size: int) -> None:
         sal = rec["saliency"]
         assert sal["method"] == "occlusion" and sal["explained_class"] == row["predicted_class"]
         assert (sal["patch_size"], sal["stride"]) == default_patch(size, size) and sal["max_drop"] >= sal["min_drop"]
+        flat = max(abs(sal["max_drop"]), abs(sal["min_drop"])) < 1e-4  # a saturated probability: said so
+        assert sal["flat"] is flat and ("note" in sal) is flat
         with Image.open(folder / rec["panel"]) as im:
             im.verify()
 
@@ -478,3 +480,27 @@ def test_classify_warns_that_pictures_are_not_scaled_as_lesion_patches_were(prot
         classify(tmp_path / "lesions.ckpt", tmp_path / "dcm_support", [tmp_path / "dcm_queries"], tmp_path / "c.csv",
                  device="cpu")
     assert "lesion patches" not in caplog.text
+
+
+class SureLearner(Learner):
+    """Two classes; p(class 1) saturates at 1.0 in float32 whatever is occluded (an ample margin), as the default
+    classifier's does on a clear-cut query."""
+
+    task = "classification"
+
+    def predict(self, episode: Episode) -> torch.Tensor:
+        ep = episode.unsqueeze()
+        margin = 40.0 + ep.query_images[..., REGION[0], REGION[1]].mean((-3, -2, -1))  # (T, Q), far past float32's 1
+        return torch.stack([torch.sigmoid(-margin), torch.sigmoid(margin)], -1)
+
+
+def test_a_saturated_probability_gives_a_flat_map_said_so_and_not_stretched_to_full_colour(tmp_path):
+    """A review: with p = 1.000 every drop is 0 or rounding noise (about 1e-7), and the panel scaled its colours to
+    that noise, so it looked like a real heat map; nothing said the map was empty."""
+    from imaging_meta.commands.explain import FLAT_DROP, saliency_range
+
+    occ = occlusion_saliency(SureLearner(), region_episode(), patch_size=4, stride=4)
+    assert occ.target == 1 and float(occ.probabilities[1]) == 1.0 and occ.flat
+    assert saliency_range(occ.saliency) == FLAT_DROP and saliency_range(torch.full((2, 2), 1e-7)) == FLAT_DROP
+    assert saliency_range(torch.tensor([[0.3, -0.5]])) == 0.5  # a real map keeps its own scale
+    assert not occlusion_saliency(region_learner(), region_episode(), patch_size=4, stride=4).flat
