@@ -254,7 +254,14 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             self._print_report(path or None)
 
         def after_test(self) -> None:
-            self._print_report()
+            # the checkpoint's epoch and step with the report: TensorBoard logs a test run at step 0 whichever
+            # checkpoint it read (docs/tensorboard.md), so only this line says which model the figures are of
+            self._print_report(self.config[self.subcommand].get("ckpt_path"))
+
+        def after_validate(self) -> None:
+            path = self.config[self.subcommand].get("ckpt_path")
+            if path and self.trainer.is_global_zero:
+                sys.stdout.write(f"checkpoint (validated): {path}{_checkpoint_place(str(path))}\n")
 
         def _print_report(self, checkpoint: str | None = None) -> None:
             paths = getattr(self.model, "report_paths", None)

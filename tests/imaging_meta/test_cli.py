@@ -486,7 +486,10 @@ def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_ro
     registry.mkdir()
     (registry / "best.ckpt").write_bytes(ckpt.read_bytes())  # a folder named like the keyword is a folder
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
     cli_main(["validate", *base, "--ckpt_path", "registry_models/best.ckpt"])
+    # which model the figures are of: the checkpoint's epoch and step (TensorBoard logs these runs at step 0)
+    assert re.search(r"checkpoint \(validated\): registry_models/best\.ckpt \(epoch 0, step \d+", capsys.readouterr().out)
     with pytest.raises(ValueError, match="validate scores the validation episodes, and val_episodes is 0"):
         cli_main(["validate", *base, "--ckpt_path", str(ckpt), "--data.init_args.val_episodes", "0"])
     # a checkpoint whose settings name a callable: Lightning would build and call it (a review ran a shell command)
@@ -517,8 +520,9 @@ def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_ro
         cli_main(["fit", *base, "--ckpt_path", str(ckpt), "--trainer.max_epochs", "2", "--data.init_args.split_seed", "7"])
     tested = cli_main(["test", *base, "--ckpt_path", str(ckpt), "--model.threshold", "0.9"])
     assert tested.model.hparams["threshold"] == 0.9  # LightningCLI used to put the checkpoint's 0.3 back
-    assert cli_main(["test", *base, "--ckpt_path", str(ckpt)]).model.hparams["threshold"] == 0.3  # not given: the checkpoint's
     capsys.readouterr()
+    assert cli_main(["test", *base, "--ckpt_path", str(ckpt)]).model.hparams["threshold"] == 0.3  # not given: the checkpoint's
+    assert re.search(rf"checkpoint \(tested\): {re.escape(str(ckpt))} \(epoch 0, step \d+", capsys.readouterr().out)
     # a fixed version: the second run would write over the first's config and report
     fixed = [*base, "--trainer.logger.init_args.version", "mine", "--ckpt_path", str(ckpt)]
     cli_main(["test", *fixed])
