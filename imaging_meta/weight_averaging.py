@@ -32,6 +32,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
+#: logged at each validation of a fit: 1 when the weights validated are an average, 0 before averaging starts
+AVERAGED_TAG = "val/averaged"
+
 #: the refusal of a fit without a bound on its optimizer steps
 UNBOUNDED = ("weight averaging starts at a fraction of the fit's optimizer steps, and this fit has no bound on them "
              "(max_epochs -1 without max_steps): set --trainer.max_epochs or --trainer.max_steps, or leave averaging "
@@ -84,6 +87,10 @@ class LateWeightAveraging(WeightAveraging):
         return step_idx is not None and step_idx >= self.start_step
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # TensorBoard's mark of which validations scored an average: best.ckpt is chosen among those alone, so
+            # a higher val/score before averaging started is not the tested model (a review)
+            pl_module.log(AVERAGED_TAG, float(self.started), rank_zero_only=True)
         if self.started:
             if not self.selection_reset:
                 forget_selection(trainer)

@@ -174,6 +174,26 @@ def test_checkpoint_selection_compares_averaged_models_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt"] and best.best_model_path == str(tmp_path / "best.ckpt")
 
 
+def test_each_validation_logs_whether_it_scored_an_average(tmp_path):
+    """A review: best.ckpt is chosen among the averaged epochs alone, and nothing in TensorBoard said where they
+    start, so an earlier val/score peak read as the tested model. val/averaged is 0 before, 1 from the average on."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from imaging_meta.weight_averaging import AVERAGED_TAG
+
+    logger = CSVLogger(str(tmp_path), name="log", version=0)
+    trainer = _trainer([LateWeightAveraging(start=0.5)], epochs=4, root=tmp_path / "root")
+    trainer.loggers = [logger]
+    trainer.fit(Rising(), _data(), _data())
+    logger.finalize("success")
+    import csv
+
+    with open(tmp_path / "log" / "version_0" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(AVERAGED_TAG)]
+    assert [(float(r["val/score"]), float(r[AVERAGED_TAG])) for r in rows] == [(4.0, 0.0), (8.0, 0.0), (10.5, 1.0),
+                                                                               (12.5, 1.0)]
+
+
 def test_a_callback_that_keeps_every_checkpoint_keeps_their_files(tmp_path):
     """The selection is reset when averaging starts; the files of a user's callback with ``save_top_k: -1`` (keep
     every checkpoint) were deleted with it. They are kept; the shipped kind (save_top_k 1) still forgets its own."""
