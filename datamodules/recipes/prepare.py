@@ -314,7 +314,7 @@ def _check_png_numbers(pngs: list[Path], files: list[Path], ground_dir: Path, dc
         # DICOM files named without distinct numbers: only the order can match them, as `_pair_pngs` does (names that
         # shared one number passed when it was 1, by chance, and were refused when it was 0: a review)
         return
-    dicom_file = {n: p for n, p in zip(dicom, files, strict=True)}
+    dicom_file = {n: p for n, p in zip(dicom, files, strict=True) if n is not None}  # every one (checked above)
     png_numbers = {n: p for n, p in zip(numbers, pngs, strict=True) if n is not None}  # every one (checked above)
     missing = sorted(set(dicom_file) - set(png_numbers))
     extra = sorted(set(png_numbers) - set(dicom_file))

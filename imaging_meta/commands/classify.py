@@ -673,7 +673,12 @@ def write_explanations(
     Returns:
         The JSON paths written, one per query.
     """
-    from imaging_meta.commands.explain import FLAT_DROP, nearest_supports, occlusion_saliency, save_explanation_panel
+    from imaging_meta.commands.explain import (
+        FLAT_DROP,
+        nearest_supports,
+        occlusion_saliency,
+        save_explanation_panel,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     # listed before they are written, so that a run stopped half-way is cleaned up by the next one

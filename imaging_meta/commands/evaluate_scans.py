@@ -159,9 +159,9 @@ def scans_markdown(records: Sequence[dict], seed: int = 0) -> str:
             lines += ["", f"| {title} | pairs | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
             for value in dict.fromkeys(r.get(field, "") for r in recs):
                 mine = [r for r in recs if r.get(field, "") == value]
-                pairs = len({(r["support"], r["query"], r["structure"]) for r in mine})
+                n_pairs = len({(r["support"], r["query"], r["structure"]) for r in mine})
                 cells = [_interval([r for r in mine if r["method"] == m], lambda r: r["dice"], seed) for m in methods]
-                lines.append(f"| {md_cell(value) or '–'} | {pairs} | " + " | ".join(cells) + " |")
+                lines.append(f"| {md_cell(value) or '–'} | {n_pairs} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
