@@ -43,7 +43,12 @@ def pseudonym(salt: str, value: str, n: int = 12) -> str:
 _IDENTIFYING_PATTERN = re.compile(
     r"^(Patient|OtherPatient|Institution|Referring|Performing|Requesting|Operators|Physician)|(UID|Date|Time|Address|ID|Name|Names)$"
 )
-_SAFE_FIELDS = frozenset({"Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "Modality"})
+_SAFE_FIELDS = frozenset({"Manufacturer", "ManufacturerModelName", "ManufacturersModelName", "MagneticFieldStrength",
+                          "Modality"})
+#: a BIDS sidecar's spelling of a DICOM keyword (dcm2niix writes ``ManufacturersModelName``): a site field is read
+#: under either name, so one scanner's DICOM series and its converted NIfTI files share a site key (a review: the
+#: model was never read from a sidecar, and a held-out scanner's NIfTI scans trained under another key)
+BIDS_SPELLINGS = {"ManufacturerModelName": "ManufacturersModelName"}
 
 
 def _is_identifying(keyword: str) -> bool:
@@ -70,6 +75,35 @@ def _format_value(value: Any) -> str | None:
     return text
 
 
+def _field_strength(value: Any) -> str | None:
+    """MagneticFieldStrength in tesla as site-key text: ``"3T"`` or ``"1.5 T"`` read as the number, and a value
+    above 100, which no scanner reaches in tesla, read as gauss (older GE headers write 15000 for 1.5 T): one
+    scanner, one key (a review found 15000 and 1.5 as two sites)."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*[tT]?\s*", value)
+        value = float(m.group(1)) if m else value
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        f = float(value)
+        if np.isfinite(f) and f > 100:
+            value = f / 10000.0
+    return _format_value(value)
+
+
+def merge_case_variants(keys: Sequence[str]) -> dict[str, str]:
+    """Site keys that differ only in letter case -> one of them (the most common, then the first in sorted order):
+    a DICOM header's ``SIEMENS`` and a dcm2niix sidecar's ``Siemens`` are one scanner. Keys without such a variant
+    map to themselves, so an index without variants keeps its keys."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(k.casefold(), []).append(k)
+    out: dict[str, str] = {}
+    for found in groups.values():
+        counts = {k: found.count(k) for k in sorted(set(found))}
+        chosen = max(counts, key=lambda k: counts[k])  # the first of the most common, in sorted order
+        out.update({k: chosen for k in counts})
+    return out
+
+
 def site_key(values: Mapping[str, Any], site_fields: Sequence[str], salt: str) -> tuple[str, dict[str, str]]:
     """Build the site key from header values.
 
@@ -87,7 +121,10 @@ def site_key(values: Mapping[str, Any], site_fields: Sequence[str], salt: str) -
     """
     info: dict[str, str] = {}
     for f in site_fields:
-        text = _format_value(values.get(f))
+        value = values.get(f)
+        if value is None and f in BIDS_SPELLINGS:
+            value = values.get(BIDS_SPELLINGS[f])
+        text = _field_strength(value) if f == "MagneticFieldStrength" else _format_value(value)
         if text is None:
             continue
         if _is_identifying(f):

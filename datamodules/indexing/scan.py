@@ -55,6 +55,7 @@ from datamodules.indexing.pairing import LABEL_SUFFIXES, Series, pair_labels
 from datamodules.indexing.pseudonyms import (
     DEFAULT_SITE_FIELDS,
     IDENTIFYING_FIELDS,
+    merge_case_variants,
     normalise_modality,
     pseudonym,
     site_key,
@@ -260,6 +261,7 @@ class _Scanner:
                 warnings.warn(f"{p}: the scanner did not classify this file (a bug, please report)", stacklevel=2)
                 self.reject(p, "not classified by the scanner (a bug, please report)")
         self.index.cases.sort(key=lambda c: c.image if isinstance(c.image, str) else c.image[0])
+        self._merge_site_variants()
         logger.info(
             "scan of %s: %d cases (%d labelled), %d support files used (sidecars, dataset.json, lesion tables), %d inputs rejected",
             self.root, len(self.index.cases), len(self.index.labelled_cases), len(self.index.accounted), len(self.index.rejected),
@@ -409,6 +411,22 @@ class _Scanner:
             site_info=info,
         )
         self._add_case(case, covered)
+
+    def _merge_site_variants(self) -> None:
+        """One key for site keys that differ only in case (`merge_case_variants`), said in the log; and a warning
+        when some cases name no scanner at all while others do: those form one site, ``unknown``, of their own."""
+        keys = [c.site for c in self.index.cases]
+        merged = merge_case_variants(keys)
+        changed = sorted({(k, v) for k, v in merged.items() if k != v})
+        for k, v in changed:
+            logger.info("site %r is read as %r (the same scanner written in another case)", k, v)
+        for c in self.index.cases:
+            c.site = merged[c.site]
+        unknown = sum(c.site == "unknown" for c in self.index.cases)
+        if 0 < unknown < len(self.index.cases):
+            logger.warning("%d of %d cases under %s name no scanner (%s; no DICOM header or BIDS sidecar fields): they "
+                           "form one site, 'unknown', whatever scanners they come from", unknown, len(self.index.cases),
+                           self.root, ", ".join(self.site_fields))
 
     def _read_sidecar(self, path: str) -> dict[str, Any]:
         """A BIDS JSON sidecar as a dict; an invalid one gives {} and a warning."""

@@ -345,6 +345,55 @@ def test_site_key_tokens_identifying_fields():
     assert site_key({}, ["Manufacturer"], "s") == ("unknown", {})
 
 
+def test_one_scanner_as_dicom_and_as_dcm2niix_nifti_is_one_site_and_stays_held_out(tmp_path, caplog):
+    """A review: a dcm2niix sidecar spells the model ``ManufacturersModelName`` and the vendor ``Siemens`` where the
+    DICOM header has ``SIEMENS``; the model was never read from a sidecar, so the scanner's NIfTI scans were another
+    site, and holding the scanner out (cross_site) trained on them. Field strength in gauss (15000, older GE headers)
+    and "3T" are the numbers in tesla; cases that name no scanner beside others that do are warned about."""
+    import logging
+
+    from datamodules.indexing.splits import make_split
+
+    root = tmp_path / "data"
+    scanner = dict(InstitutionName="Lakeside", MagneticFieldStrength=3)
+    for n in range(3):
+        write_series(root / "dicom" / f"p{n}", seed=n,
+                     hdr=header(PatientID=f"d{n}", Manufacturer="SIEMENS", ManufacturerModelName="Skyra", **scanner))
+        nifti = root / "nifti" / f"sub-n{n}" / f"sub-n{n}_ct.nii.gz"
+        write_nifti(phantom(seed=10 + n).astype(np.float32), affine_ras(), nifti)
+        nifti.with_name(f"sub-n{n}_ct.json").write_text(json.dumps(
+            {"Manufacturer": "Siemens", "ManufacturersModelName": "Skyra", "InstitutionName": "Lakeside",
+             "MagneticFieldStrength": "3T", "Modality": "CT"}))
+        write_series(root / "other" / f"o{n}", seed=20 + n,
+                     hdr=header(PatientID=f"o{n}", Manufacturer="GE", ManufacturerModelName="Signa",
+                                MagneticFieldStrength=15000))
+    write_nifti(phantom(seed=99).astype(np.float32), affine_ras(), root / "bare" / "sub-x" / "sub-x_ct.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="datamodules.indexing.scan"):
+        index = scan_folder(root, salt=SALT)
+    sites = Counter(c.site for c in index.cases)
+    skyra = f"SIEMENS | Skyra | inst-{pseudonym(SALT, 'Lakeside', 6)} | 3"
+    ge = f"GE | Signa | inst-{pseudonym(SALT, FAKE_PHI['InstitutionName'], 6)} | 1.5"
+    assert sites == {skyra: 6, ge: 3, "unknown": 1}, sites
+    assert "1 of 10 cases" in caplog.text and "name no scanner" in caplog.text
+    split = make_split(index.cases, "cross_site", test_sites=["Skyra"], seed=0)
+    held = {index.cases[i].site for i in split.test}
+    assert held == {skyra} and not {index.cases[i].site for i in split.train + split.val} & held
+    assert sum(index.cases[i].site == skyra for i in split.test) == 6  # the NIfTI scans are held out with the DICOM
+
+
+def test_site_key_reads_bids_spellings_and_field_strength_in_tesla():
+    from datamodules.indexing.pseudonyms import merge_case_variants
+
+    fields = ["Manufacturer", "ManufacturerModelName", "MagneticFieldStrength"]
+    assert site_key({"Manufacturer": "Philips", "ManufacturersModelName": "Ingenia", "MagneticFieldStrength": 1.5},
+                    fields, "s")[0] == "Philips | Ingenia | 1.5"
+    assert site_key({"ManufacturersModelName": "Ingenia"}, ["ManufacturersModelName"], "s")[0] == "Ingenia"  # not hashed
+    for given, read in ((15000, "1.5"), ("30000", "3"), ("3T", "3"), ("1.5 T", "1.5"), ("1.50000", "1.5"), (0.5, "0.5")):
+        assert site_key({"MagneticFieldStrength": given}, ["MagneticFieldStrength"], "s")[0] == read, given
+    assert merge_case_variants(["A | x", "a | X", "a | X", "B"]) == {"A | x": "a | X", "a | X": "a | X", "B": "B"}
+    assert merge_case_variants(["A", "a"]) == {"A": "A", "a": "A"}  # a tie: the first in sorted order
+
+
 # ---------------------------------------------------------------------------------------- privacy
 def test_saved_index_has_no_phi_and_round_trips(tree, tmp_path):
     root, _ = tree
