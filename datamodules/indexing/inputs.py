@@ -141,4 +141,4 @@ def is_lesion_table(path: str) -> bool:
             header = next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
-    return {"image", "class"} <= {h.strip() for h in header}
+    return {"image", "class"} <= {h.strip().lower() for h in header}  # header names in any case, as the reader

@@ -450,6 +450,9 @@ def test_a_header_in_capitals_is_read_and_a_column_given_twice_is_refused(tmp_pa
     parsed, _ = read_lesion_rows(tmp_path / "caps.csv", tmp_path)
     assert [(r.image, r.cls, r.patient, r.site) for r in parsed] == [("vol.nii.gz", "a", "p7", "north"),
                                                                      ("vol.nii.gz", "b", "p7", "north")]
+    from datamodules.indexing.inputs import is_lesion_table
+
+    assert is_lesion_table(str(tmp_path / "caps.csv"))  # the folder scan accounts for it, not "not an image" (a review)
     twice = [{"image": "vol.nii.gz", "class": "a", "x": "1", "X": "2", "y": "2", "z": "3"}]
     write_rows(tmp_path / "twice.csv", twice, ("image", "class", "x", "X", "y", "z"))
     with pytest.raises(ValueError, match=r"twice\.csv: line 1: column\(s\) x given twice"):
