@@ -725,9 +725,10 @@ def write_explanations(
                 "min_drop": round(float(sal.min()), 6),
                 "meaning": f"mean drop of p({classes[occ.target]}) when a patch covering the pixel is replaced by the fill",
                 "flat": occ.flat,
-                **({"note": f"no patch moves p({classes[occ.target]}) by {FLAT_DROP:g} or more (the probability is "
-                            "saturated): the map says nothing about which pixels matter; the nearest supports "
-                            "still do"} if occ.flat else {}),
+                **({"note": f"no patch moves p({classes[occ.target]}) by {FLAT_DROP:g} or more"
+                            + (" (the probability is saturated at 1.000)" if occ.saturated else "")
+                            + ": the map says nothing about which pixels matter; the nearest supports still do"}
+                   if occ.flat else {}),
             },
             "panel": png_path.name,
         }
@@ -740,7 +741,7 @@ def write_explanations(
             sal,
             query_title=f"query\n{predicted} (p={float(probs.max()):.2f})",
             saliency_title=f"occlusion: drop in p({predicted})" if not occ.flat
-            else f"occlusion: no patch moves\np({predicted}) (saturated)",
+            else f"occlusion: no patch moves\np({predicted})" + (" (saturated)" if occ.saturated else ""),
         )
         json_path.write_text(json.dumps(record, indent=2) + "\n")
         written.append(json_path)

@@ -86,13 +86,22 @@ class Occlusion:
     stride: int
     fill: str | float
     n_occlusions: int
+    #: the largest change of the explained class's probability that occluding one patch made (either way)
+    max_patch_drop: float = float("nan")
 
     @property
     def flat(self) -> bool:
         """Whether no patch moved the explained class's probability by `FLAT_DROP` or more: typically a probability
         saturated at 1.000, which occluding any one patch does not lower. The map then says nothing about the
-        pixels (its values are rounding noise, about 1e-7), and the panel and the JSON say so."""
-        return float(self.saliency.abs().max()) < FLAT_DROP
+        pixels (its values are rounding noise, about 1e-7), and the panel and the JSON say so. Judged on the
+        patches' own drops, not the map's, whose per-pixel means over overlapping patches are smaller (a review)."""
+        largest = self.max_patch_drop if self.max_patch_drop == self.max_patch_drop else float(self.saliency.abs().max())
+        return largest < FLAT_DROP
+
+    @property
+    def saturated(self) -> bool:
+        """Whether the explained class's probability is 1.000 to four decimals."""
+        return float(self.probabilities[self.target]) >= 1.0 - FLAT_DROP
 
 
 def _one_task(episode: Episode, what: str) -> Episode:
@@ -267,7 +276,8 @@ def occlusion_saliency(
     for d, (y, x) in zip(drop, positions, strict=True):
         total[y : y + ph, x : x + pw] += d
         count[y : y + ph, x : x + pw] += 1
-    return Occlusion(total / count, base, cls, patch, step, fill, len(positions))
+    return Occlusion(total / count, base, cls, patch, step, fill, len(positions),
+                     float(drop.abs().max()) if drop.numel() else 0.0)
 
 
 def _display(image: torch.Tensor):

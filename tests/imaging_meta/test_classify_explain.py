@@ -504,3 +504,25 @@ def test_a_saturated_probability_gives_a_flat_map_said_so_and_not_stretched_to_f
     assert saliency_range(occ.saliency) == FLAT_DROP and saliency_range(torch.full((2, 2), 1e-7)) == FLAT_DROP
     assert saliency_range(torch.tensor([[0.3, -0.5]])) == 0.5  # a real map keeps its own scale
     assert not occlusion_saliency(region_learner(), region_episode(), patch_size=4, stride=4).flat
+    assert occ.saturated and occ.max_patch_drop < FLAT_DROP
+
+
+class FaintLearner(Learner):
+    """p(class 1) = 0.6 + 1.5e-4 x the mean of `REGION`: one patch over the region moves p by 1.5e-4."""
+
+    task = "classification"
+
+    def predict(self, episode: Episode) -> torch.Tensor:
+        ep = episode.unsqueeze()
+        p = 0.6 + 1.5e-4 * ep.query_images[..., REGION[0], REGION[1]].mean((-3, -2, -1))
+        return torch.stack([1 - p, p], -1)
+
+
+def test_flat_is_judged_on_each_patchs_drop_not_on_the_maps_means():
+    """A review: with overlapping patches the map's per-pixel means (7.5e-5) were below the bar while covering one
+    patch moved p by 1.5e-4, and the map was called flat and its probability (0.6) saturated."""
+    from imaging_meta.commands.explain import FLAT_DROP
+
+    occ = occlusion_saliency(FaintLearner(), region_episode(), patch_size=8, stride=4)
+    assert float(occ.saliency.abs().max()) < FLAT_DROP <= occ.max_patch_drop
+    assert not occ.flat and not occ.saturated
