@@ -81,8 +81,11 @@ def _checkpoint_place(path: str) -> str:
         ckpt = read_checkpoint(path)
     except (OSError, ValueError):
         return ""
+    # the monitored score only of the file that callback chose (its best_model_path, or a copy of it under the
+    # same name): a last.ckpt carries best.ckpt's score in the same callback state, which is another model's
     scores = [float(v["best_model_score"]) for k, v in (ckpt.get("callbacks") or {}).items()
-              if "ModelCheckpoint" in str(k) and isinstance(v, dict) and v.get("best_model_score") is not None]
+              if "ModelCheckpoint" in str(k) and isinstance(v, dict) and v.get("best_model_score") is not None
+              and Path(str(v.get("best_model_path") or "")).name == Path(path).name]
     score = f", best validation score {scores[0]:.4f}" if scores else ""
     return f" (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}{score})"
 
@@ -177,13 +180,24 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 if sub == "fit":
                     _refuse_another_jobs_hpc_checkpoint((self.config[sub].get("trainer") or {}).get("default_root_dir"))
                 return
-            keyword = str(path) in ("last", "best", "hpc", "registry") or str(path).startswith("registry:")
+            if str(path) == "hpc" and not Path(path).is_file():  # the newest auto-requeue checkpoint, as Lightning
+                # resolves it (and again at each later requeue); its content is checked below like any file's
+                found = hpc_checkpoints((self.config[sub].get("trainer") or {}).get("default_root_dir"))
+                if not found or not found[-1].is_file():
+                    raise CheckpointError("--ckpt_path hpc: no hpc_ckpt_<n>.ckpt in the trainer's default_root_dir "
+                                          "(the working directory unless set); give the checkpoint file")
+                self._check_checkpoint(str(found[-1]), sub)
+                return
+            keyword = str(path) in ("last", "best", "registry") or str(path).startswith("registry:")
             if keyword and not Path(path).is_file():
                 raise CheckpointError(f"--ckpt_path {path}: give the checkpoint file (RUN/checkpoints/last.ckpt to "
                                       f"resume, best.ckpt to test); Lightning's keyword finds none in a new run")
-            # a missing or foreign file, named; only the settings EpisodicModule saves, each a plain value (a
-            # class_path, which LightningCLI's own merge would build and call, is refused), merged here from the
-            # very content checked (LightningCLI's _parse_ckpt_path reads the file again)
+            self._check_checkpoint(path, sub)
+
+        def _check_checkpoint(self, path: str, sub: str) -> None:
+            """A missing or foreign file, named; only the settings EpisodicModule saves, each a plain value (a
+            class_path, which LightningCLI's own merge would build and call, is refused), merged here from the
+            very content checked (LightningCLI's _parse_ckpt_path reads the file again)."""
             content = read_checkpoint(path)
             if not isinstance(content, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(content):
                 # a plain state dict, or weights saved by hand: Lightning failed on it with a KeyError (a review)
@@ -711,20 +725,41 @@ def _refuse_another_jobs_hpc_checkpoint(default_root_dir: str | None) -> None:
 
     if not SLURMEnvironment.detect():
         return
-    folder = Path(default_root_dir) if default_root_dir else Path.cwd()
-    if "://" in str(default_root_dir or "") or not folder.is_dir():  # remote roots: Lightning's own rule applies
-        return
-    found = sorted((p for p in folder.glob("hpc_ckpt_*.ckpt") if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", p.name)),
-                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     restarts = os.environ.get("SLURM_RESTART_COUNT", "").strip()
-    if not found or (restarts.isdigit() and int(restarts) > 0):
+    if restarts.isdigit() and int(restarts) > 0:
+        return
+    found = hpc_checkpoints(default_root_dir)
+    if not found:
         return
     raise CheckpointError(
-        f"{found[-1]}: an auto-requeue checkpoint of an earlier SLURM job is in {folder}, and this job (SLURM_JOB_ID "
-        f"{os.environ.get('SLURM_JOB_ID', '?')}) is not a requeue (SLURM_RESTART_COUNT "
+        f"{found[-1]}: an auto-requeue checkpoint of an earlier SLURM job is in {found[-1].parent}, and this job "
+        f"(SLURM_JOB_ID {os.environ.get('SLURM_JOB_ID', '?')}) is not a requeue (SLURM_RESTART_COUNT "
         f"{restarts or 'unset'}), so Lightning would resume the old run instead of starting this one. To start "
-        "afresh, move the hpc_ckpt_*.ckpt files away or give each job its own --trainer.default_root_dir; to go on "
-        f"with the old run, pass --ckpt_path {found[-1]}")
+        "afresh, move the hpc_ckpt_* files away or give each job its own --trainer.default_root_dir; to go on "
+        "with the old run, pass --ckpt_path hpc (the newest of them, now and at every later requeue; a file's own "
+        "path would send each requeue back to that file)")
+
+
+def hpc_checkpoints(default_root_dir: str | None) -> list[Path]:
+    """The files Lightning's ``ckpt_path="hpc"`` chooses among in the trainer's ``default_root_dir`` (the working
+    directory unless set; ``~`` and ``file://`` as Lightning reads them), oldest first: every name that holds
+    ``hpc_ckpt_`` and a number, as Lightning counts them. Empty for a remote root (Lightning's own rule applies)."""
+    root = str(default_root_dir) if default_root_dir else os.getcwd()
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    elif "://" in root:
+        return []
+    folder = Path(os.path.expanduser(root))
+    if not folder.is_dir():
+        return []
+    numbered = []
+    for p in folder.iterdir():
+        if "hpc_ckpt_" in p.name:
+            digits = re.findall(r"\d+", p.name.split("hpc_ckpt_", 1)[1])
+            if digits:
+                numbered.append((int(digits[0]), p))
+    # Lightning resumes from hpc_ckpt_<largest number>.ckpt, whatever file the number came from
+    return [folder / f"hpc_ckpt_{n}.ckpt" for n in sorted({n for n, _ in numbered})]
 
 
 def cli_main(args: Sequence[str] | None = None):

@@ -155,7 +155,17 @@ def test_a_new_job_does_not_resume_an_earlier_jobs_requeue_checkpoint(slurm_job,
     assert e.value.code == 1 and "Traceback" not in err, err
     assert f"{tmp_path / 'hpc_ckpt_10.ckpt'}: an auto-requeue checkpoint of an earlier SLURM job" in err
     assert "SLURM_RESTART_COUNT unset" in err and "--trainer.default_root_dir" in err
-    assert f"--ckpt_path {tmp_path / 'hpc_ckpt_10.ckpt'}" in err
+    assert "--ckpt_path hpc (the newest of them, now and at every later requeue" in err
+    # the root as Lightning reads it: '~' (a YAML value no shell expands) and file:// (a review)
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    for root in (f"~/{tmp_path.name}", f"file://{tmp_path}"):
+        with pytest.raises(SystemExit):
+            main([*args, "--trainer.default_root_dir", root])
+        assert f"{tmp_path / 'hpc_ckpt_10.ckpt'}: an auto-requeue checkpoint" in capsys.readouterr().err, root
+    # --ckpt_path hpc names the newest, as Lightning resolves it; its content is checked like any file's
+    with pytest.raises(SystemExit):
+        main([*args, "--ckpt_path", "hpc"])
+    assert f"{tmp_path / 'hpc_ckpt_10.ckpt'}: not a PyTorch checkpoint" in capsys.readouterr().err
     # the requeued job itself goes on to Lightning (which then meets the config's 4 devices against 1 task)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     with pytest.raises(SystemExit):
