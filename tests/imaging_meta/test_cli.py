@@ -574,10 +574,14 @@ def test_the_printed_report_says_which_checkpoint_epoch_and_step_it_tested(tmp_p
     from imaging_meta.commands.cli import _checkpoint_place
 
     path = tmp_path / "best.ckpt"
+    state = {"best_model_score": torch.tensor(0.26548), "best_model_path": "/elsewhere/run/checkpoints/best.ckpt"}
     torch.save({"epoch": 6, "global_step": 560, "state_dict": {},
-                "callbacks": {"ModelCheckpoint{'monitor': 'val/score', 'mode': 'max'}": {"best_model_score": torch.tensor(0.26548)}}},
-               path)
-    assert _checkpoint_place(str(path)) == " (epoch 6, step 560, best validation score 0.2655)"
+                "callbacks": {"ModelCheckpoint{'monitor': 'val/score', 'mode': 'max'}": state}}, path)
+    assert _checkpoint_place(str(path)) == " (epoch 6, step 560, best validation score 0.2655)"  # a copy of that file
+    # last.ckpt carries the same callback state: best.ckpt's score, another model's, is not printed for it
+    torch.save({"epoch": 9, "global_step": 800, "state_dict": {},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val/score', 'mode': 'max'}": state}}, tmp_path / "last.ckpt")
+    assert _checkpoint_place(str(tmp_path / "last.ckpt")) == " (epoch 9, step 800)"
     assert _checkpoint_place(str(tmp_path / "gone.ckpt")) == ""
 
 
