@@ -40,7 +40,7 @@ from monai.transforms import (
     Spacingd,
     Transform,
 )
-from monai.utils import ensure_tuple
+from monai.utils import TraceKeys, ensure_tuple
 
 from datamodules.indexing.inputs import Reject
 from datamodules.indexing.scan import grid_mismatch
@@ -400,6 +400,46 @@ class LoadVolumed(MapTransform):
         return d
 
 
+def slice_separation(affine: np.ndarray, tol: float = 1e-4) -> float | None:
+    """The distance (mm) between a grid's slices along the normal of their plane, when the grid is sheared (the
+    third column of ``affine`` is not normal to the first two: a gantry-tilted series, each slice shifted in-plane);
+    None for an unsheared grid, whose slice spacing is that column's length."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    normal = np.cross(a[:, 0], a[:, 1])
+    if not np.linalg.norm(normal) > 0:
+        return None
+    separation = abs(float(a[:, 2] @ normal)) / float(np.linalg.norm(normal))
+    return separation if float(np.linalg.norm(a[:, 2])) - separation > tol * float(np.linalg.norm(a[:, 2])) else None
+
+
+class SliceSpacingd(Spacingd):
+    """`Spacingd` to an in-plane ``spacing`` that keeps the slices as acquired: the slice spacing -1 (kept) for an
+    unsheared grid; for a sheared one, the distance between the slices along their normal. MONAI resamples a sheared
+    grid onto an unsheared one whose slice spacing, with -1, was the sheared column's length (5.22 mm for 5 mm
+    slices shifted 1.5 mm each), so every working slice fell between two acquired ones and a mask came back smeared
+    over two slices (a review, with a 17 degree gantry tilt). A sheared volume gets its own `Spacingd` for the
+    call (no shared state between the threads that fill a cache); the inverse is `Spacingd`'s, from the trace."""
+
+    def __init__(self, keys: KeysCollection, spacing: Sequence[float], mode: Sequence[str]) -> None:
+        self._in_plane = (float(spacing[0]), float(spacing[1]))
+        self._mode = list(mode)
+        super().__init__(keys, pixdim=(*self._in_plane, -1.0), mode=self._mode)
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        first = next((data[k] for k in self.keys if k in data), None)
+        separation = slice_separation(_affine(first)) if first is not None else None
+        if separation is None:
+            return super().__call__(data, lazy)
+        keys = [k for k in self.keys if k in data]
+        out = Spacingd(keys, pixdim=(*self._in_plane, separation), mode=self._mode[: len(keys)],
+                       allow_missing_keys=True)(data, lazy)
+        for k in keys:  # the trace names the transform that inverts it: ours (its inverse reads only the trace)
+            ops = getattr(out[k], "applied_operations", None)
+            if ops:
+                ops[-1][TraceKeys.ID] = id(self.spacing_transform.sp_resample)
+        return out
+
+
 def volume_transforms(
     spacing: Sequence[float] = (4.0, 4.0),
     slice_size: Sequence[int] = (80, 80),
@@ -438,7 +478,7 @@ def volume_transforms(
         CheckVolumed(keys),
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         FindBodyd(keys, keep_labels=body_keeps_labels),  # on the scan's own grid and values
-        Spacingd(keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=modes),
+        SliceSpacingd(keys, spacing, modes),  # the slices as acquired, a gantry-tilted series' too
         ModalityIntensityd(keys[0], ct_window=ct_window, mr_percentiles=mr_percentiles),
         BodyCropd(keys, fit=(int(slice_size[0]), int(slice_size[1]))),
         ResizeWithPadOrCropd(keys, spatial_size=(int(slice_size[0]), int(slice_size[1]), -1)),

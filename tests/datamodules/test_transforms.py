@@ -108,7 +108,8 @@ def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, mon
         "nifti_padded": np.diag([3.0, 3.5, 5.0, 1.0]),
         "nifti_cropped": np.diag([-0.9, 0.8, 2.5, 1.0]),
         "nifti_oblique": np.array([[2.9, 0.6, 0, 5.0], [-0.7, 3.4, 0, 4.0], [0, 0, 5.0, -2.0], [0, 0, 0, 1]]),
-        # slices tilted against the axial plane: no output slice lies on one preprocessed slice (the 3D path)
+        # slices tilted against the axial plane, and sheared: the working grid keeps the slices 5.14 mm apart along
+        # their normal (the sheared column is 5.14), so each slice still lies on one working slice
         "nifti_tilted": np.array([[3.0, 0, 1.2, 5.0], [0, 3.5, 0, 4.0], [-0.6, 0, 5.0, -2.0], [0, 0, 0, 1]]),
         "nifti_body_off_centre": np.diag([3.0, 3.5, 5.0, 1.0]),
     }
@@ -141,8 +142,9 @@ def test_to_source_grid_equals_monais_invertd_slab_by_slab(tmp_path, source, mon
         assert [op["class"] for op in pre.applied_operations][-2:] == ["CropForeground", "ResizeWithPadOrCrop"]
         assert pre.applied_operations[-2]["extra_info"]["cropped"][:4] == [0, 23, 5, 9]
         assert got[50:].max() == 0.0  # nothing back where the body crop cut only air
-    # each output slice from one preprocessed slice (bilinear, a tenth of the work) unless the slices are tilted
-    assert by_slice == ([] if source == "nifti_tilted" else [1, 5])
+    # each output slice from one preprocessed slice (bilinear, a tenth of the work); before 2026-12-07 the sheared,
+    # tilted grid was resampled to slices of the sheared column's length, between the acquired ones (the 3D path)
+    assert by_slice == [1, 5]
 
 
 def test_to_source_grid_takes_the_slab_path_for_a_chain_with_a_label_map(tmp_path, monkeypatch):
@@ -192,3 +194,31 @@ def test_the_per_slice_resampling_equals_the_trilinear_one(monkeypatch):
             p.setattr(volume, "_slice_to_slice", lambda *args: False)
             slow = volume._resample_affine(values, a, shape, a @ m, 4)
         np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
+def test_a_gantry_tilted_grid_keeps_its_slices_and_a_one_slice_map_comes_back_to_that_slice(tmp_path):
+    """A review: 5 mm slices each shifted 1.5 mm in-plane (a 17 degree gantry tilt) were resampled to 15 slices of
+    5.22 mm (the sheared column's length), so every working slice lay between two acquired ones and a mask came back
+    smeared over two slices. The working grid keeps the 16 slices 5 mm apart, and a map on one working slice comes
+    back on exactly its acquired slice."""
+    from datamodules.transforms.volume import slice_separation, to_source_grid
+
+    vol = np.full((48, 48, 16), 40.0, np.float32)
+    vol[10:38, 10:38] = 60.0
+    vol[20:28, 20:28, 8] = 300.0  # one bright acquired slice
+    affine = np.diag([1.0, 1.0, 5.0, 1.0])
+    affine[1, 2] = 1.5  # each slice 1.5 mm anterior of the one below
+    assert slice_separation(affine) == pytest.approx(5.0) and slice_separation(np.diag([1.0, 1.0, 5.0, 1.0])) is None
+    path = write_nifti(vol, affine, tmp_path / "tilted.nii.gz")
+    tf = volume_transforms(spacing=(1.0, 1.0), slice_size=(48, 48), keys=("image",))
+    pre = tf({"image": str(path), "modality": "CT"})["image"]
+    assert pre.shape[-1] == 16 and np.allclose(np.asarray(pre.affine)[:3, 2], [0.0, 0.0, 5.0], atol=1e-6)
+    bright = pre[0].flatten(0, 1).amax(0)
+    # the bright slice alone, not blended into its neighbours (which stay at the body's value)
+    assert int(bright.argmax()) == 8 and float(bright[7]) == float(bright[9]) == pytest.approx(float(bright[0]))
+    one = torch.zeros(pre.shape[1:])
+    one[..., 8] = 1.0
+    back, back_affine = to_source_grid(pre, one, tf)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-6)
+    per_slice = back.reshape(-1, back.shape[-1]).max(0)
+    assert per_slice[8] == pytest.approx(1.0, abs=1e-5) and np.abs(np.delete(per_slice, 8)).max() < 1e-5
