@@ -301,6 +301,29 @@ def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) ->
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
+def label_format(p: Path) -> None:
+    """Refuse a support label that is a folder or a DICOM SEG (the format ``segment --format dicom-seg`` writes:
+    named, with how to convert it), with the label's own advice. Checked before the inputs are read as images, whose
+    advice for a DICOM file ("pass the DICOM series' folder") led nowhere for a SEG (a review); other files get the
+    images' checks (a 2D picture, a NIfTI pair) and then `check_label_source`'s."""
+    if p.is_dir():
+        raise ValueError(
+            f"{p}: a folder; a support label map is a NIfTI file (.nii, .nii.gz) on its image's grid, not a DICOM series"
+        )
+    if is_nifti(p.name) or not p.is_file():
+        return
+    try:
+        import pydicom
+
+        modality = str(getattr(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["Modality"]), "Modality", ""))
+    except Exception:  # not DICOM at all: the plain message below
+        modality = ""
+    if modality.strip().upper() == "SEG":
+        raise ValueError(f"{p}: a DICOM Segmentation object; support label maps are NIfTI files on the support image's "
+                         "grid. Convert it first, e.g. with 3D Slicer (load the SEG, export the segmentation as a "
+                         "labelmap NIfTI) or dcmqi's segimage2itkimage --outputType nifti")
+
+
 def check_label_source(path: str | Path, label_value: int | None = None) -> list[int]:
     """A support label map as ``segment`` reads it: a readable 3D NIfTI file of non-negative integer labels with
     background (`datamodules.indexing.volumes.label_data_values`, the rule of ``imaging-meta scan``).
@@ -314,10 +337,7 @@ def check_label_source(path: str | Path, label_value: int | None = None) -> list
         The non-zero values in the map.
     """
     p = Path(path)
-    if p.is_dir():
-        raise ValueError(
-            f"{p}: a folder; a support label map is a NIfTI file (.nii, .nii.gz) on its image's grid, not a DICOM series"
-        )
+    label_format(p)
     if not is_nifti(p.name):
         pair = nifti_pair_kind(str(p))
         if pair:
@@ -619,6 +639,8 @@ def segment(
     if len(unique) < len(queries):
         logger.warning("%d query path(s) given more than once, segmented once", len(queries) - len(unique))
         queries = list(unique.values())
+    for _, label in supports:  # a label's own advice first (as an image, a SEG file was told to give a folder)
+        label_format(Path(label))
     inputs = [*(p for pair in supports for p in pair), *queries]
     for path in inputs:  # every input, before the checkpoint is read (the reads below take them as checked)
         image_source(path)

@@ -267,6 +267,27 @@ def test_an_all_foreground_support_label_is_rejected(tmp_path):
         segment(ckpt, [(image, label)], [query], tmp_path / "out", device="cpu")
 
 
+def test_a_dicom_seg_given_as_the_support_label_is_named_with_how_to_convert_it(tmp_path):
+    """A review: the SEG that ``--format dicom-seg`` writes, given back as ``--support-label``, was told "pass the
+    folder that holds its files" (the images' advice), and the folder was then refused as a label."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    seg = Dataset()
+    seg.file_meta, seg.Modality = meta, "SEG"
+    seg.SOPClassUID, seg.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    seg.save_as(tmp_path / "q.seg.dcm", enforce_file_format=True)
+    image = ct_nifti(phantom(seed=1), affine_ras(), tmp_path / "sup.nii.gz")
+    query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
+    with pytest.raises(ValueError, match=r"q\.seg\.dcm: a DICOM Segmentation object; support label maps are NIfTI files .*"
+                                         r"Convert it first"):
+        segment(tmp_path / "never-read.ckpt", [(image, tmp_path / "q.seg.dcm")], [query], tmp_path / "out")
+
+
 def test_a_2d_picture_is_rejected_before_any_work_naming_it(tmp_path, support):
     """PNG, JPEG, TIFF or BMP as an image, a label map or a query: an error that names the file and says what to do
     (it used to reach the DICOM reader and fail on a missing DICOM header), before the checkpoint is read."""
