@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index, own_patient_note
-from datamodules.indexing.pseudonyms import normalise_modality
+from datamodules.indexing.pseudonyms import SITE_KEY_VERSION, normalise_modality
 from datamodules.indexing.scan import DEFAULT_PATIENT_REGEX, DEFAULT_SITE_FIELDS, scan_to_file
 from datamodules.indexing.splits import (
     MIN_VAL_PATIENTS,
@@ -412,7 +412,8 @@ class SegmentationDataModule(EpisodicDataModule):
                     continue
                 files.append([os.path.relpath(path, self.root), st.st_size, st.st_mtime_ns])
         h = self.hparams
-        settings = [files, list(h.site_fields or DEFAULT_SITE_FIELDS), h.label_names, self.salt, READER_VERSION]
+        settings = [files, list(h.site_fields or DEFAULT_SITE_FIELDS), h.label_names, self.salt, READER_VERSION,
+                    SITE_KEY_VERSION]  # an index of older site keys is scanned again (a review)
         if h.get("patient_regex", DEFAULT_PATIENT_REGEX) != DEFAULT_PATIENT_REGEX:  # the keys of earlier indexes hold
             settings.append(h.patient_regex)
         return digest(settings)

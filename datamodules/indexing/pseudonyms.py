@@ -49,6 +49,9 @@ _SAFE_FIELDS = frozenset({"Manufacturer", "ManufacturerModelName", "Manufacturer
 #: under either name, so one scanner's DICOM series and its converted NIfTI files share a site key (a review: the
 #: model was never read from a sidecar, and a held-out scanner's NIfTI scans trained under another key)
 BIDS_SPELLINGS = {"ManufacturerModelName": "ManufacturersModelName"}
+#: changes whenever `site_key` gives other keys for the same headers, so that cached folder indexes are rebuilt
+#: (2: BIDS spellings, field strength in tesla, case variants merged; 2026-12-07)
+SITE_KEY_VERSION = 2
 
 
 def _is_identifying(keyword: str) -> bool:
@@ -80,7 +83,7 @@ def _field_strength(value: Any) -> str | None:
     above 100, which no scanner reaches in tesla, read as gauss (older GE headers write 15000 for 1.5 T): one
     scanner, one key (a review found 15000 and 1.5 as two sites)."""
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*[tT]?\s*", value)
+        m = re.fullmatch(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*(?:t|tesla)?\s*", value, flags=re.IGNORECASE)
         value = float(m.group(1)) if m else value
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         f = float(value)

@@ -314,8 +314,9 @@ def unreadable_nifti(name, error: BaseException) -> ValueError:
 READER_VERSION = 3
 #: changes whenever `volume_transforms` gives other arrays for the same files and settings, so that on-disk caches
 #: of preprocessed volumes are rebuilt (1: the in-plane crop to the body, `BodyCropd`; 2: its body found on the
-#: scan's own grid and values, and kept whole by the slices; both 2026-12-06)
-PREPROCESSING_VERSION = 2
+#: scan's own grid and values, and kept whole by the slices; both 2026-12-06; 3: a sheared (gantry-tilted) grid keeps
+#: its slices, `SliceSpacingd`, 2026-12-07)
+PREPROCESSING_VERSION = 3
 
 
 def _pixdim_from_affine(img):

@@ -388,7 +388,8 @@ def test_site_key_reads_bids_spellings_and_field_strength_in_tesla():
     assert site_key({"Manufacturer": "Philips", "ManufacturersModelName": "Ingenia", "MagneticFieldStrength": 1.5},
                     fields, "s")[0] == "Philips | Ingenia | 1.5"
     assert site_key({"ManufacturersModelName": "Ingenia"}, ["ManufacturersModelName"], "s")[0] == "Ingenia"  # not hashed
-    for given, read in ((15000, "1.5"), ("30000", "3"), ("3T", "3"), ("1.5 T", "1.5"), ("1.50000", "1.5"), (0.5, "0.5")):
+    for given, read in ((15000, "1.5"), ("30000", "3"), ("3T", "3"), ("1.5 T", "1.5"), ("1.50000", "1.5"), (0.5, "0.5"),
+                        ("3.0 Tesla", "3"), (10000, "1"), ("N/A", "N/A")):
         assert site_key({"MagneticFieldStrength": given}, ["MagneticFieldStrength"], "s")[0] == read, given
     assert merge_case_variants(["A | x", "a | X", "a | X", "B"]) == {"A | x": "a | X", "a | X": "a | X", "B": "B"}
     assert merge_case_variants(["A", "a"]) == {"A": "A", "a": "A"}  # a tie: the first in sorted order

@@ -257,6 +257,13 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     first, scanned = index()
     assert scanned and {c["modality"] for c in first["cases"]} == {"unknown"}
     assert index() == (first, False)  # nothing changed: the index is reused
+    import datamodules.segmentation as segmentation_module
+
+    try:  # a new way of reading site keys scans again: an index of the old keys held a held-out scanner twice
+        segmentation_module.SITE_KEY_VERSION += 1
+        assert index()[1]
+    finally:
+        segmentation_module.SITE_KEY_VERSION -= 1
     (root / "a.json").write_text(json.dumps({"Modality": "MR"}))
     second, scanned = index()
     assert scanned and "scanning again" in caplog.text
