@@ -301,27 +301,45 @@ def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) ->
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
+def _file_modality(p: Path) -> str | None:
+    """The Modality of a DICOM file (upper case, "" when it names none), or None for a file that is not DICOM."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["Modality"])
+    except Exception:  # not DICOM (or unreadable): the images' checks name it
+        return None
+    return str(getattr(ds, "Modality", "") or "").strip().upper()
+
+
+#: how to turn a DICOM SEG into what ``--support-label`` reads
+SEG_ADVICE = ("support label maps are NIfTI files on the support image's grid. Convert it first, e.g. in 3D Slicer: "
+              "load the support series and the SEG, then export the segmentation as a labelmap with the support series "
+              "as reference geometry (a SEG may hold only the slices that show the structure)")
+
+
 def label_format(p: Path) -> None:
-    """Refuse a support label that is a folder or a DICOM SEG (the format ``segment --format dicom-seg`` writes:
-    named, with how to convert it), with the label's own advice. Checked before the inputs are read as images, whose
-    advice for a DICOM file ("pass the DICOM series' folder") led nowhere for a SEG (a review); other files get the
-    images' checks (a 2D picture, a NIfTI pair) and then `check_label_source`'s."""
+    """Refuse, with the label's own advice, a support label that is a DICOM SEG (the format ``segment --format
+    dicom-seg`` writes), another DICOM file (an image), or a folder (holding a SEG or a series). Checked before the
+    inputs are read as images, whose advice for a DICOM file ("pass the series' folder") led in a circle for a label,
+    whose folder is refused (a review); other files get the images' checks (a 2D picture, a NIfTI pair) and then
+    `check_label_source`'s."""
     if p.is_dir():
+        seg = next((f for f in sorted(p.iterdir())[:200] if f.is_file() and _file_modality(f) == "SEG"), None)
+        if seg is not None:
+            raise ValueError(f"{p}: a folder holding a DICOM Segmentation object ({seg.name}); {SEG_ADVICE}")
         raise ValueError(
             f"{p}: a folder; a support label map is a NIfTI file (.nii, .nii.gz) on its image's grid, not a DICOM series"
         )
     if is_nifti(p.name) or not p.is_file():
         return
-    try:
-        import pydicom
-
-        modality = str(getattr(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["Modality"]), "Modality", ""))
-    except Exception:  # not DICOM at all: the plain message below
-        modality = ""
-    if modality.strip().upper() == "SEG":
-        raise ValueError(f"{p}: a DICOM Segmentation object; support label maps are NIfTI files on the support image's "
-                         "grid. Convert it first, e.g. with 3D Slicer (load the SEG, export the segmentation as a "
-                         "labelmap NIfTI) or dcmqi's segimage2itkimage --outputType nifti")
+    modality = _file_modality(p)
+    if modality == "SEG":
+        raise ValueError(f"{p}: a DICOM Segmentation object; {SEG_ADVICE}")
+    if modality is not None:
+        raise ValueError(f"{p}: a DICOM image file ({modality or 'no Modality'}), not a label map; the support's series "
+                         "goes to --support-image (its folder), and its label map is a NIfTI file on that series' grid "
+                         "(.nii, .nii.gz)")
 
 
 def check_label_source(path: str | Path, label_value: int | None = None) -> list[int]:

@@ -286,6 +286,16 @@ def test_a_dicom_seg_given_as_the_support_label_is_named_with_how_to_convert_it(
     with pytest.raises(ValueError, match=r"q\.seg\.dcm: a DICOM Segmentation object; support label maps are NIfTI files .*"
                                          r"Convert it first"):
         segment(tmp_path / "never-read.ckpt", [(image, tmp_path / "q.seg.dcm")], [query], tmp_path / "out")
+    (tmp_path / "segs").mkdir()
+    (tmp_path / "q.seg.dcm").rename(tmp_path / "segs" / "q.seg.dcm")
+    with pytest.raises(ValueError, match=r"segs: a folder holding a DICOM Segmentation object \(q\.seg\.dcm\); .*"
+                                         r"Convert it first"):
+        segment(tmp_path / "never-read.ckpt", [(image, tmp_path / "segs")], [query], tmp_path / "out")
+    # a slice of the support series given as its label: named as an image, not sent to its folder (refused as a label)
+    series = write_series(tmp_path / "series")
+    with pytest.raises(ValueError, match=r"a DICOM image file \(CT\), not a label map; the support's series goes to "
+                                         r"--support-image"):
+        segment(tmp_path / "never-read.ckpt", [(image, series[0])], [query], tmp_path / "out")
 
 
 def test_a_2d_picture_is_rejected_before_any_work_naming_it(tmp_path, support):
