@@ -100,6 +100,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: the salts the project ships (the scan's default and the folder configs' placeholder): public, so a token made
+#: with one can be tested against a guessed name
+SHIPPED_SALTS = ("imaging-meta", "change-me")
+#: the ``name`` the demo cohort's dataset.json carries (`datamodules.synthetic.cohort`): its institutions are fake
+DEMO_NAME = "imaging-meta demo"
 
 
 class _Scanner:
@@ -422,11 +427,25 @@ class _Scanner:
             logger.info("site %r is read as %r (the same scanner written in another case)", k, v)
         for c in self.index.cases:
             c.site = merged[c.site]
+        institutions = [c for c in self.index.cases if any(k in IDENTIFYING_FIELDS for k in (c.site_info or {}))]
+        if self.salt in SHIPPED_SALTS and institutions and not self._is_demo():
+            logger.warning("%d case(s) under %s carry an institution or station token salted with the shipped default "
+                           "salt %r, as are the patient ids: anyone can test a guessed name against them. Set your own "
+                           "secret (data.init_args.salt, --salt or IMAGING_META_SALT) before sharing reports",
+                           len(institutions), self.root, self.salt)
         unknown = sum(c.site == "unknown" for c in self.index.cases)
         if 0 < unknown < len(self.index.cases):
             logger.warning("%d of %d cases under %s name no scanner (%s; no DICOM header or BIDS sidecar fields): they "
                            "form one site, 'unknown', whatever scanners they come from", unknown, len(self.index.cases),
                            self.root, ", ".join(self.site_fields))
+
+    def _is_demo(self) -> bool:
+        """Whether the root is the demo cohort the project writes (its dataset.json names it), whose names are fake."""
+        try:
+            with open(os.path.join(self.root, "dataset.json"), encoding="utf-8") as f:
+                return json.load(f).get("name") == DEMO_NAME
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _read_sidecar(self, path: str) -> dict[str, Any]:
         """A BIDS JSON sidecar as a dict; an invalid one gives {} and a warning."""

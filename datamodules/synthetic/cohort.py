@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.indexing.scan import DEMO_NAME
 from datamodules.progress import progress
 from datamodules.synthetic.dicom_writer import write_dicom_series
 from datamodules.synthetic.headers import dicom_header, sidecar
@@ -158,7 +159,7 @@ def _write_site_description(site_dir: Path, site: Site, training: list[dict[str,
 def _write_cohort_files(root: Path, rows: list[dict[str, str]]) -> list[Path]:
     """The cohort-level ``dataset.json`` and ``lesions.csv``."""
     _write_json({
-        "name": "imaging-meta demo",
+        "name": DEMO_NAME,  # the scan knows the demo by it (its fake institutions need no secret salt)
         "description": "synthetic multi-site abdominal cohort (CT DICOM x2, MR NIfTI x2) for imaging-meta; "
                        "written by datamodules.synthetic.demo.generate_demo_cohort",
         "labels": _labels_json(),

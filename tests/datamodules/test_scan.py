@@ -589,3 +589,23 @@ def test_an_image_named_like_a_label_that_has_a_label_of_its_own_stays_an_image(
     index = scan_folder(str(tmp_path))
     assert sorted((c.image, c.label) for c in index.cases) == [("case01.nii.gz", None),
                                                                ("case01_gt.nii.gz", "case01_gt_seg.nii.gz")]
+
+
+def test_a_shipped_salt_over_real_institutions_is_warned_about_but_not_on_the_demo(tmp_path, caplog):
+    """A review: the institution token is an HMAC with the public default salt, so a guessed hospital name can be
+    tested against a published report; a scan that makes such tokens with a shipped salt says so (not the demo's
+    fake institutions)."""
+    import logging
+
+    root = tmp_path / "data"
+    write_series(root / "p0", seed=0, hdr=header(PatientID="a"))  # FAKE_PHI holds an InstitutionName
+    for salt, warned in (("imaging-meta", True), ("change-me", True), ("my-own-secret", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="datamodules.indexing.scan"):
+            scan_folder(root, salt=salt)
+        assert ("salted with the shipped default salt" in caplog.text) is warned, salt
+    (root / "dataset.json").write_text(json.dumps({"name": "imaging-meta demo", "labels": {"0": "background"}}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datamodules.indexing.scan"):
+        scan_folder(root, salt="imaging-meta")
+    assert "shipped default salt" not in caplog.text
