@@ -387,7 +387,8 @@ def check_class_names(episode: Episode, learner: str) -> None:
         learner: the learner's name, for the message.
     """
     top = torch.maximum(episode.support_labels.amax(1), episode.query_labels.amax(1))
-    short = [t for t in range(episode.n_tasks) if len(episode.classes[t]) <= int(top[t])]
+    short = [t for t in range(episode.n_tasks)
+             if (len(episode.classes[t]) if t < len(episode.classes) else 0) <= int(top[t])]
     if short:
         raise ValueError(
             f"{learner} pre-trains on class names: episode.classes of tasks {short} name fewer "

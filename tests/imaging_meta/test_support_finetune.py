@@ -425,3 +425,21 @@ def test_a_checkpoint_saved_before_centring_rebuilds_as_it_was_trained_and_class
     again = with_support_finetuning(tuned, 7)
     assert (again.steps, again.centre, again.lr, again.body) == (7, False, 0.2, "last")
     assert with_support_finetuning(tuned, 7, lr=0.05).lr == 0.05
+
+
+@pytest.mark.parametrize("body", ["last", "all"])
+def test_a_siamese_network_names_its_encoder_and_fine_tunes_it(body):
+    """A review: SiameseNetwork named no encoder, so ``body='last'`` was refused ("names none; use body='head'")
+    though it has one; and its ``embed_episode`` took batched episodes only, where the base method takes either."""
+    from imaging_meta.learners.metric.siamese import SiameseNetwork
+
+    torch.manual_seed(0)
+    siamese = SiameseNetwork(backbone_kwargs=TINY)
+    assert siamese.encoder_name() == "encoder"
+    ep = episode(tasks=1)
+    p = predict(SupportFineTune(siamese, steps=3, lr=0.1, body=body), ep)
+    assert p.shape == (1, 6, 3) and torch.allclose(p.sum(-1), torch.ones(1, 6), atol=1e-5)
+    one = Episode(ep.support_images[0], ep.support_labels[0], ep.query_images[0], ep.query_labels[0])
+    s1, q1 = siamese.embed_episode(one)
+    s2, q2 = siamese.embed_episode(ep)
+    assert torch.allclose(s1, s2) and torch.allclose(q1, q2)

@@ -308,3 +308,20 @@ def test_pretraining_needs_class_names():
     nameless = Episode(ep.support_images, ep.support_labels, ep.query_images, ep.query_labels, classes=[[], []], batched=True)
     with pytest.raises(ValueError, match="episode.classes"):
         tiny_cls().loss(nameless)
+
+
+def test_an_episode_without_class_names_and_a_class_without_support_items():
+    """A review: FineTune and the logistic probe indexed ``episode.classes[t]`` and stopped with a bare IndexError on
+    an episode built without names (the metric learners take the largest label, `episode_n_way`); and the probe
+    fitted a class that had no support item, answering p about 1e-12 for it where every other learner refuses."""
+    from dataclasses import replace
+
+    ep = replace(classification_episode(n_way=3, n_shot=2, n_query=2, tasks=1, size=16), classes=[])
+    for learner in (tiny_cls(), LogisticRegressionProbe(backbone_kwargs={"width": 8})):
+        with torch.no_grad():
+            p = learner.predict(ep)
+        assert p.shape == (1, 6, 3) and torch.allclose(p.sum(-1), torch.ones(1, 6), atol=1e-5)
+    missing = classification_episode(n_way=3, n_shot=2, n_query=2, tasks=1, size=16)
+    missing = replace(missing, support_labels=missing.support_labels.clamp(max=1))  # class 2 has no support item
+    with pytest.raises(ValueError, match="every one of the 3 classes needs at least one support item"):
+        LogisticRegressionProbe(backbone_kwargs={"width": 8}).predict(missing)

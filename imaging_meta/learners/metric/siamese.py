@@ -143,8 +143,15 @@ class SiameseNetwork(Learner):
         """(N, C, *spatial) items of one task, embedded together -> (N, D) embeddings."""
         return self._project(self.encoder(images))
 
+    def encoder_name(self) -> str:
+        """The encoder under the projection (`embed`): what ``SupportFineTune(body='last' | 'all')`` fine-tunes (it
+        was refused, "names none", a review)."""
+        return "encoder"
+
     def embed_episode(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, S, D) support and (T, Q, D) query embeddings of a batched episode, each task embedded alone."""
+        """(T, S, D) support and (T, Q, D) query embeddings of an episode (batched or one task, as the base method
+        takes), each task embedded alone."""
+        episode = episode.unsqueeze()
         s, q = embed_tasks(self.encoder, episode.support_images, episode.query_images)
         return self._project(s), self._project(q)
 

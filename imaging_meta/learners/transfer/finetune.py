@@ -354,7 +354,9 @@ class FineTune(Learner):
         for t in range(ep.n_tasks):
             n_way = None
             if not self.task_kind.dense:
-                n_way = len(ep.classes[t]) or int(ep.support_labels[t].max()) + 1
+                # the task's class names, or (an episode built without them) its largest label, as episode_n_way
+                names = ep.classes[t] if t < len(ep.classes) else []
+                n_way = len(names) or int(ep.support_labels[t].max()) + 1
             out.append(self.predict_task(ep.support_images[t], ep.support_labels[t], ep.query_images[t], n_way))
         return torch.stack(out)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from imaging_meta.learners.base import check_support_classes
 from imaging_meta.learners.transfer.finetune import FineTune
 
 
@@ -108,6 +109,8 @@ class LogisticRegressionProbe(FineTune):
             (N*Q, n_way) class probabilities.
         """
         assert n_way is not None  # a classification learner: predict gives every task its way count
+        # a class without a support item: refused, as every other learner does (it was fitted at p about 1e-12)
+        check_support_classes(support_labels.view(1, -1), n_way)
         fs, fq = self.task_features(support_images, query_images)
         fs, fq = F.normalize(fs, dim=-1), F.normalize(fq, dim=-1)
         weight, bias = fit_logistic_regression(fs, support_labels, n_way, self.l2, self.max_iter)
