@@ -257,8 +257,10 @@ def batch_statistics_only(module: nn.Module) -> None:
     (a review: test probabilities 0.70 apart from training's).
 
     Raises:
-        ValueError: another batch norm that keeps running statistics (``SyncBatchNorm``, a subclass), which cannot
-            be made to ignore them: build the backbone with `SupportBatchNorm2d`, or ``track_running_stats=False``.
+        ValueError: another batch norm of feature maps that keeps running statistics (``SyncBatchNorm``, a
+            subclass), which cannot be made to ignore them: build the backbone with `SupportBatchNorm2d`, or
+            ``track_running_stats=False``. An ``nn.BatchNorm1d`` (on vectors, which has no support-statistics twin)
+            is left as it was.
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -271,7 +273,8 @@ def batch_statistics_only(module: nn.Module) -> None:
         if isinstance(m, _SupportStatistics):
             if m.running_mean is not None:
                 m.ignore_running_statistics = True
-        elif isinstance(m, _BatchNorm) and not isinstance(m, FrozenBatchNorm2d) and m.track_running_stats:
+        elif (isinstance(m, _BatchNorm) and not isinstance(m, FrozenBatchNorm2d) and m.track_running_stats
+              and not isinstance(m, nn.BatchNorm1d)):  # on a vector: kept as it was (no support-statistics twin)
             raise ValueError(
                 f"layer {name or type(module).__name__} is a {type(m).__name__} that keeps running statistics: "
                 "MAML's family runs its inner loops on copies of the buffers, so they never follow training and "

@@ -431,7 +431,8 @@ class _Scanner:
         if self.salt in SHIPPED_SALTS and institutions and not self._is_demo():
             logger.warning("%d case(s) under %s carry an institution or station token salted with the shipped default "
                            "salt %r, as are the patient ids: anyone can test a guessed name against them. Set your own "
-                           "secret (data.init_args.salt, --salt or IMAGING_META_SALT) before sharing reports",
+                           "secret before sharing reports: data.init_args.salt in the data config (imaging-meta scan: "
+                           "--salt or IMAGING_META_SALT)",
                            len(institutions), self.root, self.salt)
         unknown = sum(c.site == "unknown" for c in self.index.cases)
         if 0 < unknown < len(self.index.cases):

@@ -55,6 +55,8 @@ def test_a_plain_batchnorm_in_a_registered_backbone_uses_batch_statistics_in_eva
         trained = learner.train().predict(ep)
         tested = learner.eval().predict(ep)
     assert torch.allclose(trained, tested, atol=1e-6)  # 0.70 apart before
+    monkeypatch.setitem(backbones._REGISTRY, "bn1d", body(nn.BatchNorm1d))  # a vector norm: built as before
+    assert type(MAML(n_way=3, backbone="bn1d", task="segmentation").net.body[1]) is nn.BatchNorm1d
     monkeypatch.setitem(backbones._REGISTRY, "syncbn", body(nn.SyncBatchNorm))
     with pytest.raises(ValueError, match=r"layer 1 is a SyncBatchNorm that keeps running statistics: .*SupportBatchNorm2d"):
         MAML(n_way=3, backbone="syncbn", task="segmentation")
