@@ -302,14 +302,14 @@ OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
 def _file_modality(p: Path) -> str | None:
-    """The Modality of a DICOM file (upper case, "" when it names none), or None for a file that is not DICOM."""
-    try:
-        import pydicom
+    """The Modality of a DICOM file as the project's reader gives it (`datamodules.io.dicom_files.read_header`, as
+    `_multi_frame_file` reads it; "" when it names none), or None for a file that is not DICOM."""
+    from datamodules.io.dicom_files import read_header
 
-        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["Modality"])
+    try:
+        return read_header(p).modality or ""
     except Exception:  # not DICOM (or unreadable): the images' checks name it
         return None
-    return str(getattr(ds, "Modality", "") or "").strip().upper()
 
 
 #: how to turn a DICOM SEG into what ``--support-label`` reads
