@@ -87,7 +87,7 @@ class Occlusion:
     fill: str | float
     n_occlusions: int
     #: the largest change of the explained class's probability that occluding one patch made (either way)
-    max_patch_drop: float = float("nan")
+    max_patch_drop: float
 
     @property
     def flat(self) -> bool:
@@ -95,8 +95,7 @@ class Occlusion:
         saturated at 1.000, which occluding any one patch does not lower. The map then says nothing about the
         pixels (its values are rounding noise, about 1e-7), and the panel and the JSON say so. Judged on the
         patches' own drops, not the map's, whose per-pixel means over overlapping patches are smaller (a review)."""
-        largest = self.max_patch_drop if self.max_patch_drop == self.max_patch_drop else float(self.saliency.abs().max())
-        return largest < FLAT_DROP
+        return self.max_patch_drop < FLAT_DROP
 
     @property
     def saturated(self) -> bool:
