@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -101,8 +102,8 @@ def merge_case_variants(keys: Sequence[str]) -> dict[str, str]:
         groups.setdefault(k.casefold(), []).append(k)
     out: dict[str, str] = {}
     for found in groups.values():
-        counts = {k: found.count(k) for k in sorted(set(found))}
-        chosen = max(counts, key=lambda k: counts[k])  # the first of the most common, in sorted order
+        counts = Counter(found)
+        chosen = min(counts, key=lambda k: (-counts[k], k))  # the most common, then the first in sorted order
         out.update({k: chosen for k in counts})
     return out
 

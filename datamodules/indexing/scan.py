@@ -267,6 +267,7 @@ class _Scanner:
                 self.reject(p, "not classified by the scanner (a bug, please report)")
         self.index.cases.sort(key=lambda c: c.image if isinstance(c.image, str) else c.image[0])
         self._merge_site_variants()
+        self._warn_about_sites()
         logger.info(
             "scan of %s: %d cases (%d labelled), %d support files used (sidecars, dataset.json, lesion tables), %d inputs rejected",
             self.root, len(self.index.cases), len(self.index.labelled_cases), len(self.index.accounted), len(self.index.rejected),
@@ -418,15 +419,16 @@ class _Scanner:
         self._add_case(case, covered)
 
     def _merge_site_variants(self) -> None:
-        """One key for site keys that differ only in case (`merge_case_variants`), said in the log; and a warning
-        when some cases name no scanner at all while others do: those form one site, ``unknown``, of their own."""
-        keys = [c.site for c in self.index.cases]
-        merged = merge_case_variants(keys)
-        changed = sorted({(k, v) for k, v in merged.items() if k != v})
-        for k, v in changed:
+        """One key for site keys that differ only in case (`merge_case_variants`), said in the log."""
+        merged = merge_case_variants([c.site for c in self.index.cases])
+        for k, v in sorted((k, v) for k, v in merged.items() if k != v):
             logger.info("site %r is read as %r (the same scanner written in another case)", k, v)
         for c in self.index.cases:
             c.site = merged[c.site]
+
+    def _warn_about_sites(self) -> None:
+        """Warnings about the site keys: institution or station tokens made with a shipped salt (not on the demo),
+        and cases that name no scanner beside cases that do (they form one site, ``unknown``, of their own)."""
         institutions = [c for c in self.index.cases if any(k in IDENTIFYING_FIELDS for k in (c.site_info or {}))]
         if self.salt in SHIPPED_SALTS and institutions and not self._is_demo():
             logger.warning("%d case(s) under %s carry an institution or station token salted with the shipped default "

@@ -752,14 +752,14 @@ def hpc_checkpoints(default_root_dir: str | None) -> list[Path]:
     folder = Path(os.path.expanduser(root))
     if not folder.is_dir():
         return []
-    numbered = []
+    numbers = set()
     for p in folder.iterdir():
         if "hpc_ckpt_" in p.name:
             digits = re.findall(r"\d+", p.name.split("hpc_ckpt_", 1)[1])
             if digits:
-                numbered.append((int(digits[0]), p))
+                numbers.add(int(digits[0]))
     # Lightning resumes from hpc_ckpt_<largest number>.ckpt, whatever file the number came from
-    return [folder / f"hpc_ckpt_{n}.ckpt" for n in sorted({n for n, _ in numbered})]
+    return [folder / f"hpc_ckpt_{n}.ckpt" for n in sorted(numbers)]
 
 
 def cli_main(args: Sequence[str] | None = None):
