@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from datamodules.io.dicom_checks import decode_failure_fix, decoder_problem
 from datamodules.io.dicom_errors import DicomError
 from datamodules.io.dicom_files import read_dataset
-from datamodules.io.dicom_header import DicomHeader, with_transfer_syntax
+from datamodules.io.dicom_header import DicomHeader, sop_class_uid_of, with_transfer_syntax
 from datamodules.io.dicom_series import DicomSeries
 
 #: the file that pydicom is decoding in this thread or task, if any
@@ -76,17 +76,32 @@ def _decode_frames(ds: Dataset, h: DicomHeader) -> np.ndarray:
 #: the data whatever the photometric interpretation, which only says how to display them (DICOM PS3.3 C.7.6.3.1.2)
 MEASURED_MODALITIES = ("CT", "MR", "PT", "NM")
 
+#: the image storage SOP classes of `MEASURED_MODALITIES` (DICOM PS3.4 B.5): a file whose Modality was dropped (some
+#: anonymisers do) is still a measurement when its SOP class says so
+MEASURED_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3",  # MR
+    "1.2.840.10008.5.1.4.1.1.4.4",
+    "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.130",  # PET
+    "1.2.840.10008.5.1.4.1.1.20",  # NM
+})
+
 
 def inverts_monochrome1(ds: Dataset, modality: str | None) -> bool:
     """Whether a file's stored values are inverted as `invert_monochrome1` does: an image of a projection modality
     (CR, DX, MG, ...), whose values are only what is displayed, that is displayed with its minimum white, so that
     bright is bright as in ``MONOCHROME2``: ``MONOCHROME1``, or ``MONOCHROME2`` with ``PresentationLUTShape``
     ``INVERSE`` (some "for presentation" exports). Never for `MEASURED_MODALITIES`: a MONOCHROME1 CT still holds
-    HU after its rescale."""
+    HU after its rescale, nor for a file of their SOP classes (`MEASURED_SOP_CLASSES`) that lacks its Modality."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     inverse = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
     shown_inverted = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and inverse)
-    return shown_inverted and (modality or "").strip().upper() not in MEASURED_MODALITIES
+    if not shown_inverted:
+        return False
+    code = (modality or "").strip().upper()
+    if code:
+        return code not in MEASURED_MODALITIES
+    return sop_class_uid_of(ds) not in MEASURED_SOP_CLASSES
 
 
 def _physical(arr: np.ndarray, ds: Dataset, h: DicomHeader) -> np.ndarray:
