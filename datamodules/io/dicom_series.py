@@ -221,8 +221,13 @@ def _sort_along_normal(
 def _check_duplicates(headers: Sequence[DicomHeader], steps: np.ndarray, along: np.ndarray, paths: list[str]) -> None:
     """Raise when two consecutive slices lie at the same position along the normal."""
     dup = np.flatnonzero(steps <= DUPLICATE_TOL_MM)
-    if dup.size and _are_frames(headers):
-        a, b = headers[dup[0]], headers[dup[0] + 1]
+    if not dup.size:
+        return
+    a, b = headers[dup[0]], headers[dup[0] + 1]
+    # one file in two places (the frames of one enhanced file share its SOPInstanceUID: they are one file only in
+    # one place)
+    stored_twice = bool(a.sop_instance_uid) and a.sop_instance_uid == b.sop_instance_uid and a.path != b.path
+    if _are_frames(headers) and not stored_twice:
         positions = len(headers) - dup.size
         raise DicomSeriesError(
             paths,
@@ -231,34 +236,51 @@ def _check_duplicates(headers: Sequence[DicomHeader], steps: np.ndarray, along: 
             "several volumes (echoes, phases, time points or diffusion directions?): export one volume per series, "
             "or convert the file with `dcm2niix -z y <folder>` and scan the .nii.gz files instead",
         )
-    if dup.size:
-        a, b = headers[dup[0]], headers[dup[0] + 1]
-        name_a, name_b = _pair_names(a, b)
-        same, fix = "", "remove the duplicates (or split echoes/phases into separate series)"
-        if a.sop_instance_uid and a.sop_instance_uid == b.sop_instance_uid:
-            same = " (the same SOPInstanceUID: one image stored twice)"
-            folders = sorted({os.path.dirname(h.path) for h in headers})
-            if len(folders) > 1:  # a copy of the whole series in a second folder
-                same = f" (the same SOPInstanceUID: the series is stored in {len(folders)} folders)"
-                fix = f"keep one of {', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}"
-        raise DicomSeriesError(
-            paths,
-            f"duplicate slice positions: {dup.size} pair(s) of slices at the same position, e.g. {name_a} and "
-            f"{name_b} both at {along[dup[0]]:.3f} mm along the slice normal{same}; {fix}",
-        )
+    name_a, name_b = _pair_names(a, b)
+    same, fix = "", "remove the duplicates (or split echoes/phases into separate series)"
+    if stored_twice:
+        same = " (the same SOPInstanceUID: one image stored twice)"
+        folders = sorted({os.path.dirname(h.path) for h in headers})
+        if len(folders) > 1:  # a copy of the whole series in a second folder
+            same = f" (the same SOPInstanceUID: the series is stored in {len(folders)} folders)"
+            fix = f"keep one of {', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}"
+    raise DicomSeriesError(
+        paths,
+        f"duplicate slice positions: {dup.size} pair(s) of slices at the same position, e.g. {name_a} and "
+        f"{name_b} both at {along[dup[0]]:.3f} mm along the slice normal{same}; {fix}",
+    )
+
+
+def _regular_step(steps: np.ndarray, rtol: float) -> float | None:
+    """The step of a regular series that lost slices: the smallest step, when every step is a whole multiple of it
+    (within ``rtol`` of it) and no multiple is more common than the step itself; else None. The median step alone
+    misses the gaps of a short series that lost several slices (steps 3, 6, 6, 3 mm: median 4.5), which then read
+    as uneven spacing, with the advice to resample across the missing data (a review, 2026-12-07)."""
+    smallest = float(steps.min())
+    if smallest <= DUPLICATE_TOL_MM:
+        return None
+    multiples = steps / smallest
+    whole = np.round(multiples)
+    if np.any(np.abs(multiples - whole) > rtol):
+        return None
+    counts = Counter(whole.astype(int).tolist())
+    return smallest if counts[1] >= max(counts.values()) else None
 
 
 def _check_spacing(headers: Sequence[DicomHeader], steps: np.ndarray, paths: list[str], gap_factor: float,
                    spacing_rtol: float) -> float:
     """Raise on a missing slice (a gap) or uneven steps; return the median step (mm)."""
     median = float(np.median(steps))
+    regular, what = _regular_step(steps, spacing_rtol), "the series' step"
+    if regular is None:
+        regular, what = median, "the median step"
     big = int(np.argmax(steps))
-    if steps[big] > gap_factor * median:
-        missing = int(round(steps[big] / median)) - 1
+    if steps[big] > gap_factor * regular:
+        missing = int(round(steps[big] / regular)) - 1
         raise DicomSeriesError(
             paths,
             f"missing slice(s): a gap of {steps[big]:.3f} mm between {_name(headers[big])} and "
-            f"{_name(headers[big + 1])} where the median step is {median:.3f} mm (about {max(missing, 1)} slice(s) "
+            f"{_name(headers[big + 1])} where {what} is {regular:.3f} mm (about {max(missing, 1)} slice(s) "
             "missing); "
             + ("frames are missing: export the complete series again" if _are_frames(headers)
                else "copy the complete series"),

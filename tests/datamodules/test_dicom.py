@@ -96,7 +96,21 @@ def test_missing_slice(tmp_path):
     paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 7)))
     paths[3].unlink()
     reason = series_error([p for p in paths if p.exists()])
-    assert "missing slice" in reason and "6.000 mm" in reason and "median step is 3.000 mm" in reason
+    assert "missing slice" in reason and "6.000 mm" in reason and "series' step is 3.000 mm" in reason
+
+
+@pytest.mark.parametrize(("depth", "lost"), [(7, (2, 4)), (4, (1,))])
+def test_a_short_series_that_lost_several_slices_is_missing_slices_not_uneven(tmp_path, depth, lost):
+    """7 slices at 3 mm that lost two (steps 3, 6, 6, 3: median 4.5), or 4 that lost one (steps 3, 6): the median
+    step hid the gaps, and the series was called unevenly spaced, with the advice to resample across the missing
+    data (a review, 2026-12-07). The gap is named, with the files on either side."""
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, depth)))
+    for i in lost:
+        paths[i].unlink()
+    reason = series_error([p for p in paths if p.exists()])
+    assert "missing slice" in reason and "6.000 mm" in reason and "step is 3.000 mm" in reason, reason
+    assert f"between {paths[lost[0] - 1].name} and {paths[lost[0] + 1].name}" in reason, reason
+    assert "uneven" not in reason
 
 
 def test_uneven_spacing(tmp_path):
@@ -338,10 +352,12 @@ def test_unknown_transfer_syntax_reason():
     assert "MPEG2" in reason and "uncompressed" in reason
 
 
-def test_a_monochrome1_ct_series_keeps_its_hounsfield_units(tmp_path):
+@pytest.mark.parametrize("drop_modality", [False, True])
+def test_a_monochrome1_ct_series_keeps_its_hounsfield_units(tmp_path, drop_modality):
     """MONOCHROME1 says how to display an image, not what its values are: the rescaled values of a CT are HU either
     way (DICOM PS3.3 C.7.6.3.1.2). The stored values used to be inverted first, which read water as about 63,000
-    HU (found by a review); only projection images (CR, DX, ...) are inverted, see test_image_folder."""
+    HU (found by a review); only projection images (CR, DX, ...) are inverted, see test_image_folder. A file
+    whose Modality an anonymiser dropped is still a CT by its SOP class (it was inverted: a review, 2026-12-07)."""
     vol = phantom()
     paths = write_series(tmp_path / "s", vol, slope=0.5, intercept=-100.0, signed=True)
     reader = DicomSeriesReader()
@@ -349,6 +365,8 @@ def test_a_monochrome1_ct_series_keeps_its_hounsfield_units(tmp_path):
 
     def to_monochrome1(ds):
         ds.PhotometricInterpretation = "MONOCHROME1"
+        if drop_modality:
+            del ds.Modality
 
     for p in paths:
         edit(p, to_monochrome1)

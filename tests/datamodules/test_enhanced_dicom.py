@@ -215,6 +215,22 @@ def test_a_series_split_over_two_enhanced_files_is_one_volume(tmp_path):
     assert loaded.paths == [str(second), str(first)]  # each file once, in geometric order
 
 
+def test_an_enhanced_file_stored_in_two_folders_is_named_as_a_copy(tmp_path):
+    """One enhanced file copied into a second folder: as for a copied single-frame series, the message names both
+    copies by their folders and says to keep one. It was read as several volumes in one file (echoes, phases...),
+    naming "enh.dcm frame 6 and enh.dcm frame 6" (a review, 2026-12-07)."""
+    enhanced = write_enhanced(series(tmp_path, "CT"), tmp_path / "p1" / "ct" / "enh.dcm")
+    copy = tmp_path / "backup" / "ct" / "enh.dcm"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(enhanced.read_bytes())
+    with pytest.raises(DicomSeriesError) as err:
+        DicomSeriesReader().read([str(enhanced), str(copy)])
+    reason = str(err.value)
+    assert "duplicate slice positions" in reason and "stored in 2 folders" in reason, reason
+    assert "backup/ct/enh.dcm frame" in reason and "p1/ct/enh.dcm frame" in reason, reason
+    assert "several volumes" not in reason
+
+
 def test_a_one_frame_enhanced_file_is_a_one_slice_volume(tmp_path):
     paths = series(tmp_path, "MR")
     enhanced = write_enhanced(paths[2:3], tmp_path / "one.dcm")
@@ -315,7 +331,7 @@ REJECTIONS = {
                  r"neither the frame's own nor the shared functional groups; .*cannot be placed in a volume; export the "
                  r"series again"),
     "gap": (_gap, r"missing slice\(s\): a gap of 6\.000 mm between volume\.dcm frame \d and volume\.dcm frame \d where the "
-            r"median step is 3\.000 mm \(about 1 slice\(s\) missing\); frames are missing: export the complete series"),
+            r"series' step is 3\.000 mm \(about 1 slice\(s\) missing\); frames are missing: export the complete series"),
     "stacks": (_two_stacks, r"2 stacks in one file \(StackID '1' \(3 frames\), '2' \(3 frames\)\); only one stack is read"),
     "organisations": (_two_organisations, r"2 dimension organisations \(DimensionOrganizationSequence\) in one file"),
     "tiled": (_tiled, r"a tiled image \(DimensionOrganizationType TILED_FULL, CT, Legacy Converted Enhanced CT Image "
