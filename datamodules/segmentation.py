@@ -260,7 +260,9 @@ class SegmentationDataModule(EpisodicDataModule):
             and of held-out sites, never do. Under setting 2, training slices that show a test or validation
             organ are removed (where a label map says so; unlabelled scans cannot be screened).
         superpixels: settings of the superpixels (`datamodules.transforms.superpixels.DEFAULT_SETTINGS`: ``scale``,
-            ``sigma``, ``min_size``, ``threshold``, ``min_pixels``, ``max_fraction``).
+            ``sigma``, ``min_size``, ``threshold``, ``min_pixels``, ``max_fraction``); those not given are the
+            defaults scaled to ``spacing`` (`settings_for_spacing`: a superpixel covers the same anatomy at any
+            pixel size).
         folds_file: in_domain/cross_organ: a ``folds.json`` of `datamodules.recipes.prepare` (SSL-ALPNet's 5
             folds); a relative path that does not exist from the working directory is looked up under ``root``
             (so ``folds.json`` names the prepared folder's). Needs ``test_fold``.
@@ -763,7 +765,7 @@ class SegmentationDataModule(EpisodicDataModule):
 
     def _setup_selfsup(self) -> None:
         from datamodules.sampling.samplers_selfsup import MixedEpisodeSampler, SuperpixelEpisodeSampler
-        from datamodules.transforms.superpixels import DEFAULT_SETTINGS, superpixel_table
+        from datamodules.transforms.superpixels import settings_for_spacing, superpixel_table
 
         h = self.hparams
         assert self.split is not None  # after _setup_stages()
@@ -772,13 +774,20 @@ class SegmentationDataModule(EpisodicDataModule):
             raise ValueError(f"no scan under {self.root} is left for self-supervision after holding out the "
                              "validation and test patients; lower val_fraction/test_fraction or add unlabelled scans")
         self._selfsup_volumes = self._superpixel_dataset()
-        min_pixels = {**DEFAULT_SETTINGS, **(h.superpixels or {})}["min_pixels"]
+        min_pixels = settings_for_spacing(h.spacing, h.superpixels)["min_pixels"]
         banned = self._banned_slices() if self.split.excluded_organs else {}
         tables: dict[int, dict[int, list[int]]] = {}
+        unbanned = 0
         for v, case in enumerate(self.selfsup_volume_cases):
             table = superpixel_table(as_plain_tensor(self._selfsup_volumes[v]["superpixels"])[0], min_pixels)
+            unbanned += len(table)
             skip = banned.get(case.case_id, set())
             tables[v] = {z: ids for z, ids in table.items() if z not in skip}
+        if unbanned and not any(tables.values()):
+            raise ValueError(
+                f"setting 2 (exclude_test_organ_slices: true) removed every training slice with superpixels ({unbanned}): "
+                f"each shows a held-out organ ({', '.join(sorted(self.split.excluded_organs))}); hold out fewer "
+                "organs, or set exclude_test_organ_slices: false (setting 1)")
         selfsup = SuperpixelEpisodeSampler(tables, h.episodes_per_epoch, seed=h.seed + 3)
         supervised = self._samplers.get("train")
         if h.selfsup_ratio == 1.0:
@@ -793,10 +802,10 @@ class SegmentationDataModule(EpisodicDataModule):
         labelled volumes. Only image paths are read: never a label map."""
         from monai.transforms import Compose
 
-        from datamodules.transforms.superpixels import DEFAULT_SETTINGS, Superpixelsd
+        from datamodules.transforms.superpixels import Superpixelsd, settings_for_spacing
 
         h = self.hparams
-        settings = {**DEFAULT_SETTINGS, **(h.superpixels or {})}
+        settings = settings_for_spacing(h.spacing, h.superpixels)
         tf = Compose([*volume_transforms(h.spacing, h.slice_size, h.ct_window, h.mr_percentiles, keys=("image",)).transforms,
                       Superpixelsd(keys=("image",), **{k: v for k, v in settings.items()})])
         index = self.index

@@ -30,7 +30,7 @@ preprocessing (`Superpixelsd`).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ __all__ = [
     "Superpixelsd",
     "body_mask",
     "filter_superpixels",
+    "settings_for_spacing",
     "slice_superpixels",
     "superpixel_table",
     "volume_superpixels",
@@ -58,6 +59,28 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_fraction": 0.5,
 }
 """Defaults for 80 x 80 slices at about 4.5 mm; see the module docstring for why."""
+
+#: the in-plane pixel (mm) that `DEFAULT_SETTINGS` are for
+DEFAULT_PIXEL_MM = 4.5
+
+
+def settings_for_spacing(spacing: Sequence[float], given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`DEFAULT_SETTINGS` for slices of another in-plane pixel size (mm), with the ``given`` settings over them.
+
+    The sizes in pixels (``min_size``, ``min_pixels``) and ``scale`` are scaled by the ratio of the pixel areas, as
+    the module docstring derives the defaults from SSL-ALPNet's, so that a superpixel covers the same anatomy at
+    any spacing: at 1.5 mm, ``scale`` 90 and sizes of 360 pixels, about SSL-ALPNet's own 100 and 400 for its
+    256 x 256 slices. The 4.5 mm defaults at 1.5 mm cut a slice into 8 times as many superpixels, each a fifth of
+    SSL-ALPNet's size (a review, 2026-12-07). ``sigma`` stays in pixels: it removes pixel noise.
+    """
+    sx, sy = (float(v) for v in spacing)
+    area = (DEFAULT_PIXEL_MM / sx) * (DEFAULT_PIXEL_MM / sy)
+    out = dict(DEFAULT_SETTINGS)
+    if area != 1.0:
+        out["scale"] = DEFAULT_SETTINGS["scale"] * area
+        for key in ("min_size", "min_pixels"):
+            out[key] = max(1, int(round(DEFAULT_SETTINGS[key] * area)))
+    return {**out, **(given or {})}
 
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity, as in skimage's Felzenszwalb graph
 

@@ -318,6 +318,23 @@ def test_label_free_training_may_hold_out_every_labelled_structure(demo_root, de
                                   "val_organ_count": 0, "exclude_test_organ_slices": False}).setup("fit")
 
 
+def test_setting_2_that_removes_every_training_slice_says_so(demo_root, demo_index, tmp_path):
+    """Every demo structure held out under setting 2: every training slice shows one and is removed. The error
+    blamed the superpixels ('no slice has a superpixel large enough ... lower min_pixels'); it now names setting 2
+    and the organs (a review, 2026-12-07)."""
+    organs = ["aorta", "gallbladder", "inferior_vena_cava", "kidney_left", "kidney_right", "liver",
+              "paraspinal_muscles", "psoas", "spleen", "stomach", "vertebrae"]
+    dm = SegmentationDataModule(root=str(demo_root), index_path=str(demo_index[1]), cache_dir=str(tmp_path),
+                                **{**SMALL_SELFSUP, "organs": organs, "test_organs": organs, "val_organ_count": 0,
+                                   "exclude_test_organ_slices": True})
+    with warnings.catch_warnings(), pytest.raises(ValueError) as err:
+        warnings.simplefilter("ignore")
+        dm.setup("fit")
+    message = str(err.value)
+    assert "setting 2" in message and "exclude_test_organ_slices: false" in message and "spleen" in message, message
+    assert "min_pixels" not in message
+
+
 def test_a_stale_index_that_lists_a_deleted_unlabelled_scan_says_to_rescan(unlabelled_root, tmp_path):
     """A review: the index check looked at the labelled scans only, so a deleted unlabelled scan was called a
     truncated or corrupt file."""

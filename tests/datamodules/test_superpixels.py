@@ -185,3 +185,32 @@ def test_missing_scikit_image_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage.segmentation", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"pip install scikit-image"):
         slice_superpixels(_phantom())
+
+
+def test_settings_scaled_to_the_spacing_cut_the_same_anatomy_into_the_same_superpixels():
+    """The defaults are for 4.5 mm pixels. The same slice at 1.5 mm (3x finer) was cut into about 6x as many
+    superpixels, each a ninth of the area, with the Synapse and CHAOS recipes' spacing (a review, 2026-12-07);
+    `settings_for_spacing` scales the sizes and ``scale`` by the pixel area, and a given setting still wins."""
+    from scipy import ndimage
+
+    from datamodules.transforms.superpixels import settings_for_spacing
+
+    rng = np.random.default_rng(0)
+    field = ndimage.gaussian_filter(rng.normal(size=(80, 80)), 4)
+    img = 0.2 + 0.15 * np.digitize(field, np.quantile(field, [0.2, 0.4, 0.6, 0.8])) + rng.normal(0, 0.02, (80, 80))
+    yy, xx = np.mgrid[:80, :80]
+    img = np.where((yy - 40) ** 2 / 38**2 + (xx - 40) ** 2 / 34**2 < 1, img, 0).clip(0, 1).astype(np.float32)
+    fine = ndimage.zoom(img, 3, order=1).clip(0, 1).astype(np.float32)
+
+    def area_cm2(sp, mm):
+        return float(np.median(np.bincount(sp.ravel())[1:])) * mm**2 / 100
+
+    coarse = slice_superpixels(img, **settings_for_spacing((4.5, 4.5)))
+    scaled = slice_superpixels(fine, **settings_for_spacing((1.5, 1.5)))
+    literal = slice_superpixels(fine, **DEFAULT_SETTINGS)
+    assert settings_for_spacing((4.5, 4.5)) == DEFAULT_SETTINGS  # the demo's settings are unchanged
+    assert 0.6 < scaled.max() / coarse.max() < 1.5 and 0.6 < area_cm2(scaled, 1.5) / area_cm2(coarse, 4.5) < 1.6
+    assert literal.max() > 4 * coarse.max()  # what the recipes got before
+    fine_settings = settings_for_spacing((1.5, 1.5))
+    assert fine_settings["scale"] == pytest.approx(90.0) and fine_settings["min_size"] == fine_settings["min_pixels"] == 360
+    assert settings_for_spacing((1.5, 1.5), {"min_pixels": 7})["min_pixels"] == 7
