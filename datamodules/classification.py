@@ -323,20 +323,31 @@ class ClassificationDataModule(EpisodicDataModule):
             if not names:
                 continue
             classes = self._feasible(stage_name, names)
-            self._samplers[stage_name] = ClassificationEpisodeSampler(
-                table.labels,
-                table.patients,
-                table.sites,
-                classes=classes,
-                n_way=h.n_way,
-                n_shot=h.n_shot,
-                n_query=h.n_query,
-                n_episodes=n,
-                sites_differ=h.protocol == "support_query_sites_differ",
-                same_site=h.protocol == "within_site",
-                seed=h.seed + STAGE_SEED_OFFSET[stage_name],
-                class_names=table.classes,
-            )
+            try:
+                sampler = ClassificationEpisodeSampler(
+                    table.labels,
+                    table.patients,
+                    table.sites,
+                    classes=classes,
+                    n_way=h.n_way,
+                    n_shot=h.n_shot,
+                    n_query=h.n_query,
+                    n_episodes=n,
+                    sites_differ=h.protocol == "support_query_sites_differ",
+                    same_site=h.protocol == "within_site",
+                    seed=h.seed + STAGE_SEED_OFFSET[stage_name],
+                    class_names=table.classes,
+                )
+                # training episodes are drawn by the epoch: one drawn here makes an impossible one fail at setup,
+                # not at the first batch (validation and test episodes are fixed below)
+                if stage_name == "train":
+                    sampler.draw(np.random.default_rng(sampler.seed))
+            except ValueError as e:  # which stage and classes (a review, 2026-12-07: the sampler names neither)
+                setting = ("train_classes (else those left after validation and test)" if stage_name == "train"
+                           else f"{stage_name}_classes or {stage_name}_classes_count")
+                raise ValueError(f"{stage_name} classes ({', '.join(names)}): {e} The stage's classes are set by "
+                                 f"{setting}.") from e
+            self._samplers[stage_name] = sampler
         self._warn_shared_patients()
         self._fix_episodes()
 

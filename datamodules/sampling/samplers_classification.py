@@ -361,5 +361,7 @@ class ClassificationEpisodeSampler(EpisodeSampler):
         raise ValueError(
             f"no patient-disjoint {self.n_way}-way episode found in {self.MAX_TRIES} random tries: the classes "
             f"{', '.join(self._name(c) for c in self.classes)} share too few patients between support and query "
-            "candidates. Lower n_shot or n_query, or drop the smallest classes."
+            f"candidates (each class alone can be split between patients, but {self.n_way} at once leave no query "
+            "patient that is in no support). Lower n_way, n_shot or n_query, add patients, or drop the classes "
+            "whose items come from the same few patients."
         )

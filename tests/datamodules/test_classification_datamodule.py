@@ -400,3 +400,28 @@ def test_fewer_fixed_episodes_than_processes_is_refused_naming_the_setting(tmp_p
     dm.prepare_data()
     dm.setup("test")
     assert sum(len(b.classes) for b in dm.test_dataloader()) == 1  # rank 1 of 2: the second of three episodes
+
+
+class SharedPatientsSource(ItemSource):
+    """Three classes of two items each whose patients interlock (p1: a, c; p2: a, b; p3: b, c): each class alone
+    has a support and a query patient, but no 3-way episode keeps every query patient out of every support."""
+
+    def build(self) -> ItemTable:
+        patients = ["p1", "p2", "p2", "p3", "p1", "p3"]
+        return ItemTable(images=torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                         labels=np.array([0, 0, 1, 1, 2, 2]), classes=["a", "b", "c"], patients=patients,
+                         sites=["s"] * 6, item_ids=[f"i{i}" for i in range(6)], source={"format": "test"})
+
+
+def test_an_impossible_n_way_episode_fails_at_setup_naming_the_stage_and_n_way(tmp_path):
+    """A review (2026-12-07): the sampler's error advised only lower n_shot or n_query (both already 1), named no
+    stage, and for training came at the first batch. It now comes at setup, names the stage, its classes and the
+    setting that sets them, and says to lower n_way."""
+    dm = ClassificationDataModule(source=SharedPatientsSource(), cache_dir=str(tmp_path), n_way=3, n_shot=1, n_query=1,
+                                  val_classes_count=0, test_classes_count=0, val_episodes=0, test_episodes=0,
+                                  episodes_per_epoch=4, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert message.startswith("train classes (a, b, c): no patient-disjoint 3-way episode"), message
+    assert "Lower n_way" in message and "set by train_classes" in message
