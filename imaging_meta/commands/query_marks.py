@@ -27,21 +27,38 @@ def series_uid(folder: Path) -> str | None:
 
 
 def query_mark(query: str | Path) -> str:
-    """``q:<16 hex>``, kept in a mask's NIfTI ``aux_file``: a salted digest of what the query scan is, not where
-    it lies (its SeriesInstanceUID for a DICOM series, its size and first MiB for a NIfTI file), so that a later run
-    tells a mask of another scan of the same name (every DICOM export named ``series``) from its own, also after the
-    data moved. The salt is the pseudonyms' (``IMAGING_META_SALT``): the mark carries no readable identifier."""
+    """A salted digest of what the query scan is, not where it lies, kept in a mask's NIfTI ``aux_file``:
+    ``q:<16 hex>`` of its SeriesInstanceUID for a DICOM series (or of its real path when it has neither a UID nor
+    a file), ``q2:<16 hex>`` of a file's size and whole content. A later run so tells a mask of another scan of the
+    same name (every DICOM export named ``series``) from its own, also after the data moved. Files were marked by
+    their size and first MiB until 2026-12-07 (``q:``): two scans of one size whose first MiB is the same (zero
+    padding under the same header, in registered or MR volumes) had one mark, and one patient's mask replaced the
+    other's without a word (a review); `is_mark_of` still accepts those marks for their own scans. The salt is the
+    pseudonyms' (``IMAGING_META_SALT``): the mark carries no readable identifier."""
     p = Path(query)
-    uid = series_uid(p) if p.is_dir() else None
-    if uid is not None:
-        identity = b"uid:" + uid.encode()
-    elif p.is_file():
+    if p.is_file():
         with open(p, "rb") as f:
-            identity = b"file:" + str(p.stat().st_size).encode() + b":" + f.read(2**20)
-    else:
-        identity = b"path:" + os.fsencode(os.path.realpath(p))
+            content = hashlib.file_digest(f, "sha256").digest()
+        return _mark("q2:", b"file:" + str(p.stat().st_size).encode() + b":" + content)
+    uid = series_uid(p) if p.is_dir() else None
+    return _mark("q:", b"uid:" + uid.encode() if uid is not None else b"path:" + os.fsencode(os.path.realpath(p)))
+
+
+def _mark(prefix: str, identity: bytes) -> str:
     salt = os.environ.get("IMAGING_META_SALT", "imaging-meta").encode()
-    return "q:" + hashlib.sha256(salt + b"\0" + identity).hexdigest()[:16]
+    return prefix + hashlib.sha256(salt + b"\0" + identity).hexdigest()[:16]
+
+
+def is_mark_of(mark: str, query: str | Path) -> bool:
+    """Whether a mask's ``mark`` (`mark_of`) is that of ``query``: its `query_mark`, or for a file the mark of its
+    size and first MiB that masks written before 2026-12-07 hold."""
+    if mark == query_mark(query):
+        return True
+    p = Path(query)
+    if not (mark.startswith("q:") and p.is_file()):
+        return False
+    with open(p, "rb") as f:
+        return mark == _mark("q:", b"file:" + str(p.stat().st_size).encode() + b":" + f.read(2**20))
 
 
 def seg_series_uid(path: Path) -> str | None:
@@ -61,4 +78,4 @@ def mark_of(path: Path) -> str | None:
         text = bytes(header["aux_file"]).split(b"\0")[0].decode("ascii")
     except Exception:
         return None
-    return text if text.startswith("q:") else None
+    return text if text.startswith(("q:", "q2:")) else None

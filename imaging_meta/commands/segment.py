@@ -54,7 +54,7 @@ from imaging_meta.commands.console import user_error
 from imaging_meta.commands.dicom_seg import SEG_MANUFACTURER
 from imaging_meta.commands.nifti_out import NiftiGeometry, nifti_description, save_nifti
 from imaging_meta.commands.outputs import check_output_folder, check_outputs
-from imaging_meta.commands.query_marks import mark_of, query_mark, seg_series_uid, series_uid
+from imaging_meta.commands.query_marks import is_mark_of, mark_of, query_mark, seg_series_uid, series_uid
 from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
@@ -428,7 +428,7 @@ def _check_same_structure(paths: Sequence[Path], name: str, queries: Sequence[st
                 other = held_uid is not None and uid is not None and held_uid != uid
             else:
                 held_mark = mark_of(path)
-                other = held_mark is not None and held_mark != query_mark(queries[i])
+                other = held_mark is not None and not is_mark_of(held_mark, queries[i])
             if other:
                 raise ValueError(f"{path} holds the mask of another scan named like {queries[i]} from an earlier run "
                                  "(masks are named after their query; another patient's series folder of the same "

@@ -230,7 +230,7 @@ def test_explain_writes_the_probability_map_in_the_query_geometry(tmp_path, supp
         # aux_file: a salted digest of which scan the mask or map is of (query_marks), no identifier
         aux = hdr["aux_file"].item()
         assert hdr["descrip"].item() == words
-        assert re.fullmatch(rb"q:[0-9a-f]{16}", aux)
+        assert re.fullmatch(rb"q2?:[0-9a-f]{16}", aux)
         raw = gzip.decompress(path.read_bytes())
         for value in FAKE_PHI.values():
             assert value.encode() not in raw and value.split("^")[0].encode() not in raw
@@ -808,6 +808,32 @@ def test_a_segment_label_outside_the_sources_character_set_is_written_as_given(t
     back = pydicom.dcmread(out)
     assert back.SegmentSequence[0].SegmentLabel == label
     assert back.get("SpecificCharacterSet") == ("ISO_IR 192" if utf8 else charset)
+
+
+def test_two_scans_that_differ_after_their_first_mib_have_different_marks(tmp_path, monkeypatch):
+    """A review (2026-12-07): a file's mark was its size and first MiB, so two uncompressed NIfTI scans of one size
+    whose first MiB is zero padding under the same header had one mark, and `segment` replaced one patient's mask
+    with the other's without a word. The mark now covers the whole file; a mask marked the old way is still its
+    own scan's."""
+    import hashlib
+
+    from imaging_meta.commands.query_marks import is_mark_of, query_mark
+
+    head = bytes(2**20 + 4096)
+    a, b = tmp_path / "a" / "T1w.nii", tmp_path / "b" / "T1w.nii"
+    for path, tail in ((a, b"patient A"), (b, b"patient B")):
+        path.parent.mkdir()
+        path.write_bytes(head + tail)
+    assert query_mark(a) != query_mark(b) and query_mark(a).startswith("q2:")
+    assert is_mark_of(query_mark(a), a) and not is_mark_of(query_mark(a), b)
+    # a mask written before: "q:" of the size and first MiB, salted
+    salt = b"imaging-meta"
+    monkeypatch.delenv("IMAGING_META_SALT", raising=False)
+    legacy = "q:" + hashlib.sha256(salt + b"\0" + b"file:" + str(a.stat().st_size).encode() + b":" + head[: 2**20]).hexdigest()[:16]
+    assert is_mark_of(legacy, a)
+    other = tmp_path / "c.nii"
+    other.write_bytes(b"x" + head[1:] + b"patient A")
+    assert not is_mark_of(legacy, other)
 
 
 def test_a_second_structure_never_replaces_the_first_ones_mask_and_output_names_are_checked_first(
