@@ -67,11 +67,16 @@ def checkpoint_learners(
     and ``prior``; its defaults without), and with ``finetune_steps`` the support fine-tuning."""
     from imaging_meta.learners.descriptors.task_adaptive import TaskAdaptiveClassifier
 
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ValueError(f"checkpoint {twice[0]} is given twice")
     out = {}
     for p in paths:
         learner, extra = load_learner(p, "cpu")
         learner.eval()
         name = Path(p).parts[-4] if len(Path(p).parts) >= 4 else Path(p).stem
+        if name in out:  # two checkpoints of one run (version_0 and version_1, best and last): one was dropped
+            name = str(Path(p).with_suffix(""))
         settings = loader_settings(extra, learner)
         out[name] = (learner, settings)
         adaptive = TaskAdaptiveClassifier(learner, **(adaptive_options or {})).eval()

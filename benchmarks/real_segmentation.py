@@ -243,6 +243,12 @@ def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def query_scan(record: dict) -> tuple[str, str]:
+    """Which query scan a record is of: its patient and file name (two sets' queries are both ``ct.nii.gz``: the
+    MSD spleen of ``spleen-x`` and the abdominal CT of ``cross-modality``, which the name alone merged)."""
+    return str(record.get("patient")), Path(record["query"]).name
+
+
 def summarise(records: list[dict]) -> str:
     lines = []
     for protocol in PROTOCOLS:
@@ -269,9 +275,9 @@ def summarise(records: list[dict]) -> str:
         for m in methods:
             mine = [r for r in recs if r["method"] == m]
             v = np.array([r["dice"] for r in mine])
-            lo, hi = bootstrap_mean_ci(v, groups=[Path(r["query"]).name for r in mine])
+            lo, hi = bootstrap_mean_ci(v, groups=[query_scan(r) for r in mine])
             cells.append(f"**{v.mean():.3f}** [{lo:.2f}, {hi:.2f}]")
-        n_scans = len({Path(r["query"]).name for r in recs})
+        n_scans = len({query_scan(r) for r in recs})
         lines.append(f"| all | mean [95% CI over the {n_scans} query scans] | " + " | ".join(cells) + " |")
         lines += ["", *paired_lines(recs, structures)]
     return "\n".join(lines)

@@ -176,6 +176,36 @@ def test_real_segmentation_compare_pairs_two_runs_by_support_query_and_structure
     assert Path(forward[0][0].image).name.endswith("_upper.nii.gz")
 
 
+def test_real_segmentation_counts_two_query_scans_of_one_file_name_as_two(tmp_path):
+    """A review (2026-12-07): the "all" row grouped records by the query's file name, and two sets' queries are
+    both ``ct.nii.gz`` (the MSD spleen of spleen-x, the abdominal CT of cross-modality): two scans counted as one."""
+    from benchmarks.real_segmentation import summarise
+
+    def rec(patient, query, dice):
+        return {"protocol": "whole_scan", "method": "trained", "dice": dice, "site": patient, "structure": "spleen",
+                "support": "s", "query": f"/data/{patient}/{query}", "patient": patient}
+
+    recs = [rec("msd", "ct.nii.gz", 0.5), rec("x", "crop.nii.gz", 0.4), rec("ct", "ct.nii.gz", 0.3),
+            rec("mr", "mr.nii.gz", 0.2)]
+    assert "CI over the 4 query scans" in summarise(recs)
+
+
+def test_real_classification_keeps_two_checkpoints_of_one_run_apart(tmp_path, monkeypatch):
+    """A review (2026-12-07): methods were named after the run folder, so version_0 and version_1 (or best and last)
+    of one run were one method, and only the last checkpoint given was scored."""
+    import benchmarks.real_classification as rc
+
+    monkeypatch.setattr(rc, "load_learner", lambda p, device: (torch.nn.Linear(2, 2), {}))
+    monkeypatch.setattr(rc, "loader_settings", lambda extra, learner: {})
+    monkeypatch.setattr("imaging_meta.learners.descriptors.task_adaptive.TaskAdaptiveClassifier",
+                        lambda learner, **kw: torch.nn.Identity())
+    paths = [f"runs/protonet_cls/version_{v}/checkpoints/best.ckpt" for v in (0, 1)]
+    names = list(rc.checkpoint_learners(paths, 0))
+    assert len(names) == 4 and "protonet_cls" in names and "runs/protonet_cls/version_1/checkpoints/best" in names
+    with pytest.raises(ValueError, match="given twice"):
+        rc.checkpoint_learners([paths[0], paths[0]], 0)
+
+
 def assert_default_with_two_shots(variant, default) -> None:
     """A one-shot variant of `benchmarks.one_shot_weighting` answers as the default task-adaptive classifier
     exactly when every class has two support images (it differs at one shot only)."""

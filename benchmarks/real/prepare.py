@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/real")
     args = ap.parse_args()
     out = Path(args.out)
+    before = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
     manifest = {}
     with tarfile.open(args.totalsegmentator) as tar:
         (out / "abdomen").mkdir(parents=True, exist_ok=True)
@@ -129,6 +130,13 @@ def main() -> None:
         manifest[rel]["sha256"] = sha256((out / rel).read_bytes())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     print(f"wrote {len(manifest)} files under {out}")
+    # the check: every rebuilt file against the manifest that was there (the committed one, under benchmarks/real)
+    changed = sorted(rel for rel in manifest if rel in before and before[rel].get("sha256") != manifest[rel]["sha256"])
+    if changed:
+        raise SystemExit(f"{len(changed)} rebuilt file(s) differ from the manifest that was there ({', '.join(changed)}); "
+                         "the manifest now holds the new files' sha256 (git diff shows the change)")
+    if before:
+        print(f"every rebuilt file matches the manifest that was there ({len(before)} entries)")
 
 
 if __name__ == "__main__":
