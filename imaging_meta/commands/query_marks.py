@@ -15,14 +15,23 @@ import pydicom
 
 
 def series_uid(folder: Path) -> str | None:
-    """The SeriesInstanceUID of the first DICOM file of a series folder that has one (headers only), else None."""
+    """The SeriesInstanceUID of the first DICOM image file of a series folder that has one (headers only), else
+    None. Read as the series reader reads (`datamodules.io.dicom_files.read_header`: files without the preamble
+    too), passing over objects that are not images (a SEG, a presentation state, a DICOMDIR), as the reader does:
+    a SEG sorting first gave its own series' UID, and a series without preambles gave none, so another patient's
+    SEG of the same name was replaced (a review, 2026-12-07)."""
+    from datamodules.io.dicom_checks import non_image_kind
+    from datamodules.io.dicom_files import read_header
+
     for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            h = read_header(f)
         except Exception:
             continue
-        if ds.get("SeriesInstanceUID"):
-            return str(ds.SeriesInstanceUID)
+        if h.modality == "SEG" or non_image_kind(h) is not None:
+            continue
+        if h.series_uid:
+            return str(h.series_uid)
     return None
 
 

@@ -425,7 +425,7 @@ def _check_same_structure(paths: Sequence[Path], name: str, queries: Sequence[st
         if queries is not None:
             if path.name.endswith(".seg.dcm"):
                 held_uid, uid = seg_series_uid(path), series_uid(Path(queries[i]))
-                other = held_uid is not None and uid is not None and held_uid != uid
+                other = held_uid is not None and held_uid != uid  # a query whose series cannot be told: refused
             else:
                 held_mark = mark_of(path)
                 other = held_mark is not None and not is_mark_of(held_mark, queries[i])

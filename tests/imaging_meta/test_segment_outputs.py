@@ -1045,6 +1045,15 @@ def test_a_dicom_segmentation_of_another_series_of_the_same_folder_name_is_not_r
     _check_same_structure([path], "liver", [tmp_path / "a" / "series"])  # its own series: replaced later
     with pytest.raises(ValueError, match=r"series\.seg\.dcm holds the mask of another scan named like \S+b/series"):
         _check_same_structure([path], "liver", [tmp_path / "b" / "series"])
+    # a review (2026-12-07): a SEG sorting first in the query's folder gave its own series' UID, so the query's own
+    # mask was refused; files without the preamble gave no UID, so another patient's mask was replaced
+    seg.save_as(tmp_path / "a" / "series" / "0_SEG.dcm", enforce_file_format=True)
+    _check_same_structure([path], "liver", [tmp_path / "a" / "series"])
+    from tests.imaging_meta.test_segment_queries import without_preamble
+
+    without_preamble(second)
+    with pytest.raises(ValueError, match=r"series\.seg\.dcm holds the mask of another scan named like \S+b/series"):
+        _check_same_structure([path], "liver", [tmp_path / "b" / "series"])
 
 
 def test_a_support_structure_cut_by_the_slices_is_warned_about(tmp_path, monkeypatch, caplog):
