@@ -4,8 +4,8 @@
 * `UNTRAINED`: the same learner at its initial weights (the weights it had when `EpisodicModule` was built,
   kept in every checkpoint as ``untrained_state_dict``): what meta-training added;
 * the task's label-only baselines (`imaging_meta.tasks.Task.baselines`; segmentation: `COPY_MASK`);
-* for classification (`reference_classifiers`): `RAW_PIXELS`, the nearest class mean of 32 x 32 grey pixels, the
-  baseline a meta-learner must beat, and `TASK_ADAPTIVE`, the trained learner inside `TaskAdaptiveClassifier`:
+* for classification (`reference_classifiers`): `RAW_PIXELS`, the nearest class mean of 32 x 32 pixels (each
+  colour channel kept), the baseline a meta-learner must beat, and `TASK_ADAPTIVE`, the trained learner inside `TaskAdaptiveClassifier`:
   what ``imaging-meta classify`` gives by default.
 
 The untrained learner is made here once for both places that score it: `initial_copy` at fit,
