@@ -484,9 +484,16 @@ def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str], 
         ValueError: a label map whose structure vanishes at ``spacing`` (in-plane, mm) and ``slice_size`` (``hint``
             says what to do), or that is the structure everywhere (`check_label_source` has refused maps without it).
     """
-    out = []
-    for (image, label), modality in zip(supports, modalities, strict=True):
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for k, ((image, label), modality) in enumerate(zip(supports, modalities, strict=True)):
         d = tf_pair({"image": str(image), "label": str(label), "modality": modality})  # checked by `segment`
+        pixels = d["image"].as_tensor()[0].float()
+        for (earlier, _), (volume, _) in zip(supports[:k], out, strict=True):
+            # a copy of one scan under another path is one patient, not two (the fits across support scans would
+            # be in fold); `fit` refused it after the first query's adaptation, naming neither file (a review)
+            if volume.shape == pixels.shape and torch.equal(volume, pixels):
+                raise ValueError(f"support images {earlier} and {image} are the same scan (a copy): give each support "
+                                 "scan once")
         lbl = d["label"][0]
         mask = (lbl > 0) if label_value is None else (lbl == label_value)
         what = "any non-zero voxel" if label_value is None else f"value {label_value}"
@@ -512,7 +519,7 @@ def _support_volumes(tf_pair, supports, label_value, modalities: Sequence[str], 
         if share > NEAR_ALL:
             logger.warning("%s: the structure (%s) fills %.1f%% of the support volume; check --support-label and "
                            "--label-value (a body mask or an inverted label map?)", label, what, 100 * share)
-        out.append((d["image"].as_tensor()[0].float(), mask.as_tensor().bool()))
+        out.append((pixels, mask.as_tensor().bool()))
     return out
 
 

@@ -1160,6 +1160,12 @@ def test_a_support_given_twice_is_used_once_and_one_scan_with_two_label_maps_is_
     other_label = shutil.copy(support[1], tmp_path / "rater2_label.nii.gz")
     with pytest.raises(ValueError, match=r"sup\.nii\.gz is given with 2 label maps: each support scan once"):
         segment(ckpt, [support, (support[0], other_label)], [query], tmp_path / "two", device="cpu", **PLAIN)
+    # a copy of the scan in another folder (a review, 2026-12-07: refused after the first query's adaptation,
+    # naming neither file, with indices of the supports' sorted order): refused up front, naming both
+    (tmp_path / "copy").mkdir()
+    copy = (shutil.copy(support[0], tmp_path / "copy" / "sup.nii.gz"), shutil.copy(support[1], tmp_path / "copy" / "l.nii.gz"))
+    with pytest.raises(ValueError, match=r"support images \S+sup\.nii\.gz and \S+sup\.nii\.gz are the same scan \(a copy\)"):
+        segment(ckpt, [support, copy], [query], tmp_path / "copied", device="cpu", **{**PLAIN, "adapt_steps": 2})
 
 
 def test_a_position_prior_that_cannot_be_fitted_is_said_not_ignored(tmp_path, support, caplog):
