@@ -401,9 +401,11 @@ def _holds_code(e: BaseException) -> bool:
 
 
 def _needs_code(e: BaseException) -> str:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return (f"a complete file, but it holds objects besides tensors, which weights_only=True does not run "
-            f"({first_line}); where you trust the file, load it once and save its weights alone: "
+    """What to say of a file that `_holds_code`: the object torch refused, by name (torch's own first line is its
+    generic paragraph, which suggests weights_only=False and named nothing: a review, 2026-12-07)."""
+    return (f"a complete file, but it holds objects besides tensors, which weights_only=True does not build, so none "
+            f"of its code ran (it names {refused_global(str(e))}); where you trust the file, load it once and save "
+            "its weights alone: "
             "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth'), or "
             "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pth') for a whole saved model")
 
