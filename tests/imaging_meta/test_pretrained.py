@@ -453,3 +453,27 @@ def test_a_first_convolution_that_cannot_be_adapted_names_the_file_and_the_setti
     state["conv1.weight"] = torch.zeros(64, 1, 7, 7)
     with pytest.raises(ValueError, match=r"grey\.pth: conv1\.weight has 1 input channels; .*set in_channels to 1"):
         net.load_pretrained(state, source="grey.pth")
+
+
+def test_test_and_validate_do_not_read_the_pretrained_weights_again(demo_root, demo_index, weights_file, tmp_path):
+    """A review (2026-12-07): `test --ckpt_path` of a run fitted from a pretrained weights file read the file again
+    (a URL: downloaded it again), and stopped when it had moved, though the checkpoint holds the weights and
+    segment, classify and evaluate load it without the file."""
+    import shutil
+
+    from imaging_meta.commands.cli import cli_main
+    from tests.helpers import CONFIGS, data_args
+
+    weights = Path(shutil.copy(weights_file[0], tmp_path / "w.pth"))
+    base = ["--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_resnet_seg.yaml"),
+            "--model.learner.init_args.backbone_kwargs.weights", str(weights),
+            *data_args(demo_root, demo_index[1], tmp_path / "cache"), "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"), "--data.init_args.test_episodes", "2", "--data.init_args.val_episodes", "2"]
+    fit = cli_main(["fit", *base, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                    "--trainer.limit_val_batches", "1"])
+    (ckpt,) = (Path(fit.trainer.log_dir) / "checkpoints").glob("best*.ckpt")
+    weights.unlink()
+    for sub in ("test", "validate"):
+        cli_main([sub, *base, "--ckpt_path", str(ckpt), "--trainer.logger", "false",
+                  "--trainer.default_root_dir", str(tmp_path / sub)])
