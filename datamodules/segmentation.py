@@ -856,6 +856,10 @@ class SegmentationDataModule(EpisodicDataModule):
             for p in (paths if isinstance(paths, list) else [paths]) + label:
                 if not Path(p).is_file():
                     missing.append(p)
+        if missing and not Path(self.root).is_dir():  # the data moved: rescanning would not help (a review)
+            raise FileNotFoundError(
+                f"data root {self.root} is not a folder (the index {self.index_path} lists {len(missing)} file(s) under "
+                f"it, e.g. {missing[0]}); set data.init_args.root in your config (imaging-meta evaluate: --data-root)")
         if missing:
             raise FileNotFoundError(
                 f"the index {self.index_path} is stale: {len(missing)} indexed file(s) no longer exist, e.g. {missing[0]}; "

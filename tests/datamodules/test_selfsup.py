@@ -347,3 +347,8 @@ def test_a_stale_index_that_lists_a_deleted_unlabelled_scan_says_to_rescan(unlab
         sorted(root.glob("*.nii.gz"))[0].unlink()
         with pytest.raises(FileNotFoundError, match=r"index\.json is stale: 1 indexed file\(s\) no longer exist"):
             SegmentationDataModule(**kw).setup("fit")
+        # the whole folder moved: rescanning cannot help, the root is what to set (a review, 2026-12-07: the advice
+        # to rescan, then a second failed run, before the message that names --data-root)
+        root.rename(tmp_path / "moved")
+        with pytest.raises(FileNotFoundError, match=r"data root \S+scans is not a folder .*set data\.init_args\.root.*--data-root"):
+            SegmentationDataModule(**kw).setup("fit")
