@@ -38,10 +38,12 @@ from imaging_meta.commands.console import (
     EXIT_USER_ERROR,
     GLOBAL_OPTIONS,
     USER_ERRORS,
+    GlobalOptions,
     console,
     debug_requested,
     error_line,
     non_negative_int,
+    parser_error_line,
     peer_stopped,
     quiet_lightning,
     quiet_output,
@@ -161,7 +163,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
     """The LightningCLI over `EpisodicModule`; ``run=False`` only parses and instantiates (tests use it)."""
     import torch
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
     from imaging_meta.checkpoint_io import (
         CheckpointError,
@@ -340,6 +342,18 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                     "version_N), or give another --trainer.logger.init_args.save_dir")
             super().setup(trainer, pl_module, stage)
 
+    class OneLineErrorParser(LightningArgumentParser):
+        """Lightning's parser whose errors are one line (`parser_error_line`: the keys and the innermost reason),
+        status 2 as before; with ``--debug`` jsonargparse's usage and whole message."""
+
+        def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+            if not self.exit_on_error or debug_requested(GlobalOptions()):
+                super().error(message, ex)
+            words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
+            name = "imaging-meta" + (f" {words[-1]}" if len(words) > 1 else "")  # the program, as run or not
+            sys.stderr.write(parser_error_line(argparse.ArgumentError(None, message), name))
+            raise SystemExit(2)
+
     torch.set_float32_matmul_precision("high")
     cli = ImagingMetaCLI(
         EpisodicModule,
@@ -348,6 +362,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         save_config_callback=NewRunFolder,
         save_config_kwargs={"overwrite": True},  # NewRunFolder has checked the folder
         args=None if args is None else list(args),
+        parser_class=OneLineErrorParser,  # a parse error is one line (status 2), not the usage and a nested dump
         auto_configure_optimizers=False,
         # checkpoints are written to a temporary file and renamed: an interrupted save leaves none half-written
         trainer_defaults={"plugins": [{"class_path": "imaging_meta.checkpoint_io.AtomicCheckpointIO"}],

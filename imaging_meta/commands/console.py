@@ -315,6 +315,30 @@ def peer_stopped(error: BaseException) -> bool:
     return distributed and isinstance(error, RuntimeError) and _PEER_GONE.search(str(error)) is not None
 
 
+#: lines of jsonargparse's nested message that say what was tried, not what is wrong
+_PARSER_FRAMES = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
+                  "Problem with given class_path")
+_PARSER_KEY = re.compile(r'(?:Parser key|Key) "([^"]+)":?\s*')
+#: what a key holds, for the keys a new user most often writes the wrong way
+_KEY_HINTS = {"label_names": "label_names maps each label value to its name, e.g. {1: liver, 2: spleen}"}
+
+
+def parser_error_line(error: BaseException, command: str = "imaging-meta") -> str:
+    """The one line for a command line or config that does not parse (a ``fit``/``test``/``validate`` argument or
+    YAML key): the keys it is under and the innermost reason. jsonargparse printed the usage and a nested message
+    of 60 lines or more, naming no fix, for a misspelt key or a ``label_names`` map written the wrong way round
+    (a review, 2026-12-07); ``--debug`` shows it whole."""
+    text = str(error)
+    keys = _PARSER_KEY.findall(text)
+    lines = [_PARSER_KEY.sub("", line).strip().lstrip("-").strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    reasons = [line for line in lines if not line.startswith(_PARSER_FRAMES)] or lines or [type(error).__name__]
+    where = f"{'.'.join(keys)}: " if keys else ""
+    hint = next((f"; {_KEY_HINTS[k]}" for k in reversed(keys) if k in _KEY_HINTS), "")
+    return (f"{command}: error: {where}{reasons[0]}{hint} (`{command} --help` lists the options; --debug shows the "
+            "parser's whole message)\n")
+
+
 def error_line(error: BaseException, command: str = "imaging-meta") -> str:
     """The one line ``imaging-meta`` prints for ``error`` without ``--debug``: the message of bad input (the file,
     what is wrong, the fix), or, for anything else, the exception, where it was raised and what to do."""

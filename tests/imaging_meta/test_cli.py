@@ -696,3 +696,24 @@ def test_fit_refuses_16_true_before_a_run_folder_is_written(demo_root, demo_inde
                   *data_args(demo_root, demo_index[1], tmp_path / "cache"), "--trainer.logger.init_args.save_dir",
                   str(runs), "--trainer.precision", "16-true"])
     assert not runs.exists() or not any(runs.rglob("*"))
+
+
+def test_a_config_that_does_not_parse_is_one_line_naming_the_key(tmp_path, capsys):
+    """A review (2026-12-07): a misspelt key or a label_names map written the wrong way round printed the usage and
+    a nested message of 60 lines or more, naming no fix. Now one line: the key, the reason, and for label_names
+    what it maps; status 2 as before."""
+    inverted = tmp_path / "inverted.yaml"
+    inverted.write_text("data:\n  init_args:\n    label_names: {liver: 1, spleen: 2}\n")
+    base = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml")]
+    for extra, expected in (
+        (["--config", str(inverted)], "data.label_names: invalid literal for int() with base 10: 'liver'; label_names "
+                                      "maps each label value to its name, e.g. {1: liver, 2: spleen}"),
+        (["--data.init_args.test_organ", "spleen"], "data: Option 'test_organ' is not accepted"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            cli_main([*base, *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"imaging-meta fit: error: {expected} (`imaging-meta fit --help` lists the options"), err
