@@ -3,13 +3,13 @@
 `generate_demo_cohort` writes four "scanner sites" with the formats and the problems of real data:
 
 ==================  =========================================  =====================  ===========  =========
-site (folder)       format, vendor / model                     matrix @ in-plane      slices       voxel axes
-==================  =========================================  =====================  ===========  =========
-A ct_northfield     CT DICOM, SIEMENS SOMATOM Definition AS     96 x 96 @ 3.6 mm      64 @ 4.0 mm  L, P, S
-B ct_harbor         CT DICOM, GE MEDICAL SYSTEMS LightSpeed VCT 80 x 80 @ 4.4 mm      52 @ 5.0 mm  L, P, S
-C mr_bids           MR BIDS NIfTI (T1w), Philips Ingenia 1.5 T  72 x 72 @ 4.8 mm      58 @ 4.5 mm  R, A, S
-D mr_decathlon      MR MSD NIfTI (T2w), SIEMENS Skyra 3 T       64 x 64 @ 5.2 mm      44 @ 6.0 mm  L, P, S
-==================  =========================================  =====================  ===========  =========
+site (folder)       format, vendor / model                        matrix @ in-plane      slices       voxel axes
+==================  ============================================= =====================  ===========  =========
+A ct_northfield     CT DICOM, SIEMENS SOMATOM Definition AS        96 x 96 @ 3.6 mm      64 @ 4.0 mm  L, P, S
+B ct_harbor         CT DICOM, GE MEDICAL SYSTEMS LightSpeed VCT    80 x 80 @ 4.4 mm      52 @ 5.0 mm  L, P, S
+C mr_bids           MR BIDS NIfTI (T1w), Philips Ingenia 1.5 T     72 x 72 @ 4.8 mm      58 @ 4.5 mm  R, A, S
+D mr_decathlon      MR MSD NIfTI (T2w), SIEMENS MAGNETOM Skyra 3 T 64 x 64 @ 5.2 mm      44 @ 6.0 mm  L, P, S
+==================  ============================================= =====================  ===========  =========
 
 Site A stores uint16 with slope 1, intercept -1024 and natural slice order (IM_0001.dcm ...). Site B stores
 int16 with slope 0.5, intercept 0, InstanceNumber 1 at the most superior slice (reversed) and random hex file
