@@ -77,6 +77,9 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
         """The deterministic preprocessing of the data (stored in checkpoints; the commands reuse it)."""
         return None
 
+    #: set by ``fit --test_after_fit``: the test episodes are checked for the processes at setup, before training
+    test_after_fit: bool = False
+
     @property
     def label_free(self) -> bool:
         """Whether training sees no label at all (then there is no split for ``evaluate`` to protect)."""
@@ -162,13 +165,17 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
         """The stage's fixed episodes, shared out over the DDP ranks, without augmentation."""
         rank, world = dist_rank_world()
         episodes = self.fixed_episodes(stage)
-        if len(episodes) < world:
+        self._check_shares(stage, len(episodes), world)
+        return self._loader(episodes[rank::world], augment=False)
+
+    @staticmethod
+    def _check_shares(stage: str, n: int, world: int) -> None:
+        if n < world:
             # a rank without an episode had an empty loader, which Lightning refused on that rank alone: an "internal
             # error" there, and "another process failed" on the others (a review)
-            raise ValueError(f"{stage}: {len(episodes)} episode(s) for {world} processes; every process scores at least "
+            raise ValueError(f"{stage}: {n} episode(s) for {world} processes; every process scores at least "
                              f"one: give at least {world} ({stage}_episodes, or a {stage} episode file that holds as "
                              "many), or run on fewer devices")
-        return self._loader(episodes[rank::world], augment=False)
 
     # ------------------------------------------------------ for subclasses
     def _fix_episodes(self) -> None:
@@ -176,6 +183,8 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
         for stage in ("val", "test"):
             if stage in self._samplers:
                 self._episodes[stage] = self._fixed_episodes(stage)
+        if self.test_after_fit and "test" in self._episodes:  # refused before training, not after it (a review)
+            self._check_shares("test", len(self._episodes["test"]), dist_rank_world()[1])
 
     def _init_args(self) -> dict[str, Any]:
         """The ``init_args`` of `config`: the hyperparameters, without private keys."""

@@ -289,6 +289,10 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 rank_zero_info("--trainer.enable_checkpointing false: the config's ModelCheckpoint callbacks are left "
                                "out (no best.ckpt or last.ckpt is written; --test_after_fit tests the last weights)")
 
+        def before_fit(self) -> None:
+            if self.config[self.subcommand].get("test_after_fit") and hasattr(self.datamodule, "test_after_fit"):
+                self.datamodule.test_after_fit = True  # too few test episodes for the processes: refused at setup
+
         def after_fit(self) -> None:
             if not self.config[self.subcommand].get("test_after_fit"):
                 return

@@ -425,3 +425,15 @@ def test_an_impossible_n_way_episode_fails_at_setup_naming_the_stage_and_n_way(t
     message = str(err.value)
     assert message.startswith("train classes (a, b, c): no patient-disjoint 3-way episode"), message
     assert "Lower n_way" in message and "set by train_classes" in message
+
+
+def test_too_few_test_episodes_for_the_processes_are_refused_at_setup_under_test_after_fit(tmp_path, monkeypatch):
+    """A review (2026-12-07): with ``fit --test_after_fit`` and fewer test episodes than processes, the whole fit ran
+    and then the test was refused. The CLI marks the datamodule, and setup refuses it before any training."""
+    monkeypatch.setattr("datamodules.base.dist_rank_world", lambda: (0, 2))  # rank 0 of 2
+    few = {**SMALL, "test_episodes": 1}
+    ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path), **few).setup()  # a plain fit: as before
+    dm = ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path), **few)
+    dm.test_after_fit = True
+    with pytest.raises(ValueError, match=r"test: 1 episode\(s\) for 2 processes; every process scores at least one"):
+        dm.setup()
