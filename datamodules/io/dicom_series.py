@@ -256,15 +256,21 @@ def _regular_step(steps: np.ndarray, rtol: float) -> float | None:
     (within ``rtol`` of it) and no multiple is more common than the step itself; else None. The median step alone
     misses the gaps of a short series that lost several slices (steps 3, 6, 6, 3 mm: median 4.5), which then read
     as uneven spacing, with the advice to resample across the missing data (a review, 2026-12-07)."""
+    if not _whole_multiples(steps, rtol):
+        return None
+    smallest = float(steps.min())
+    counts = Counter(np.round(steps / smallest).astype(int).tolist())
+    return smallest if counts[1] >= max(counts.values()) else None
+
+
+def _whole_multiples(steps: np.ndarray, rtol: float) -> bool:
+    """Whether every step is a whole multiple of the smallest (within ``rtol`` of it): a regular series that may
+    have lost slices."""
     smallest = float(steps.min())
     if smallest <= DUPLICATE_TOL_MM:
-        return None
+        return False
     multiples = steps / smallest
-    whole = np.round(multiples)
-    if np.any(np.abs(multiples - whole) > rtol):
-        return None
-    counts = Counter(whole.astype(int).tolist())
-    return smallest if counts[1] >= max(counts.values()) else None
+    return not np.any(np.abs(multiples - np.round(multiples)) > rtol)
 
 
 def _check_spacing(headers: Sequence[DicomHeader], steps: np.ndarray, paths: list[str], gap_factor: float,
@@ -290,7 +296,10 @@ def _check_spacing(headers: Sequence[DicomHeader], steps: np.ndarray, paths: lis
         raise DicomSeriesError(
             paths,
             f"uneven slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm (median {median:.3f} mm, "
-            f"relative spread {spread:.3f} > {spacing_rtol}); resample it to a regular grid first",
+            f"relative spread {spread:.3f} > {spacing_rtol}); "
+            + (f"every step is a whole multiple of {steps.min():.3f} mm, so slices may be missing (copy the complete "
+               "series); else resample it to a regular grid first" if _whole_multiples(steps, spacing_rtol)
+               else "resample it to a regular grid first"),
         )
     # steps that each pass the spread check can still add up: the volume is placed on the regular grid of the mean
     # step, so a slice that drifts from it by a fraction of a step carries its pixels (and a mask) to the wrong place

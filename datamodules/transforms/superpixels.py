@@ -70,8 +70,8 @@ def settings_for_spacing(spacing: Sequence[float], given: Mapping[str, Any] | No
     The sizes in pixels (``min_size``, ``min_pixels``) and ``scale`` are scaled by the ratio of the pixel areas, as
     the module docstring derives the defaults from SSL-ALPNet's, so that a superpixel covers the same anatomy at
     any spacing: at 1.5 mm, ``scale`` 90 and sizes of 360 pixels, about SSL-ALPNet's own 100 and 400 for its
-    256 x 256 slices. The 4.5 mm defaults at 1.5 mm cut a slice into 8 times as many superpixels, each a fifth of
-    SSL-ALPNet's size (a review, 2026-12-07). ``sigma`` stays in pixels: it removes pixel noise.
+    256 x 256 slices. The 4.5 mm defaults at 1.5 mm cut a slice into about 6 times as many superpixels, each
+    a ninth of the area (a review, 2026-12-07). ``sigma`` stays in pixels: it removes pixel noise.
     """
     sx, sy = (float(v) for v in spacing)
     area = (DEFAULT_PIXEL_MM / sx) * (DEFAULT_PIXEL_MM / sy)

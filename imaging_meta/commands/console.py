@@ -335,8 +335,8 @@ def parser_error_line(error: BaseException, command: str = "imaging-meta") -> st
     reasons = [line for line in lines if not line.startswith(_PARSER_FRAMES)] or lines or [type(error).__name__]
     where = f"{'.'.join(keys)}: " if keys else ""
     hint = next((f"; {_KEY_HINTS[k]}" for k in reversed(keys) if k in _KEY_HINTS), "")
-    return (f"{command}: error: {where}{reasons[0]}{hint} (`{command} --help` lists the options; --debug shows the "
-            "parser's whole message)\n")
+    return (f"{command}: error: {where}{'; '.join(reasons)}{hint} (`{command} --help` lists the options; --debug "
+            "shows the parser's whole message)\n")
 
 
 def error_line(error: BaseException, command: str = "imaging-meta") -> str:

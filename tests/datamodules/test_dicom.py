@@ -113,6 +113,18 @@ def test_a_short_series_that_lost_several_slices_is_missing_slices_not_uneven(tm
     assert "uneven" not in reason
 
 
+def test_uneven_steps_that_are_whole_multiples_say_slices_may_be_missing(tmp_path):
+    """9 slices at 3 mm that lost three (steps 3, 6, 6, 6, 3): the 6 mm steps are the most common, so the series'
+    step cannot be told from the steps alone (an extra slice half-way would look alike); the message says that
+    slices may be missing rather than only to resample across them (a review, 2026-12-07)."""
+    paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 9)))
+    for i in (2, 4, 6):
+        paths[i].unlink()
+    reason = series_error([p for p in paths if p.exists()])
+    assert "uneven slice spacing" in reason and "every step is a whole multiple of 3.000 mm, so slices may be " \
+        "missing (copy the complete series)" in reason, reason
+
+
 def test_uneven_spacing(tmp_path):
     paths = write_series(tmp_path / "s", phantom(shape=(8, 8, 6)))
     edit(paths[2], lambda ds: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.9]))

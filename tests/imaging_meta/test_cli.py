@@ -717,3 +717,9 @@ def test_a_config_that_does_not_parse_is_one_line_naming_the_key(tmp_path, capsy
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"imaging-meta fit: error: {expected} (`imaging-meta fit --help` lists the options"), err
+    broken = tmp_path / "broken.yaml"  # a YAML syntax error keeps its line and column (a review of this change)
+    broken.write_text("data:\n  init_args:\n    n_shot: [1\n")
+    with pytest.raises(SystemExit):
+        cli_main([*base, "--config", str(broken)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 3, column 13" in err and "did not find expected ',' or ']'" in err, err
