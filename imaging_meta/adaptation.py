@@ -54,7 +54,9 @@ def _in_unit_range(volume: torch.Tensor) -> np.ndarray:
 
 def _support_superpixels(volumes: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """`volume_superpixels` of each support volume (H, W, D), memoised per support set by content (copies are
-    handed out)."""
+    handed out). Adaptation keeps the default settings in pixels at any spacing: scaled to the spacing as training
+    scales them (`settings_for_spacing`), its pseudo-structures at a thin structure's finer spacing grew, and the 37
+    real pairs lost 0.015 (docs/segmentation.md, 2026-12-07)."""
     values = [_in_unit_range(v) for v in volumes]
     key = tuple(hashlib.sha256(v.tobytes()).hexdigest() + str(v.shape) for v in values)
     if key not in _SUPPORT_SUPERPIXELS:
