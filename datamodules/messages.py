@@ -1,7 +1,7 @@
 """Errors that name many inputs: the first few in the message, the others each in a warning logged before it.
 
-Shared by the readers (`datamodules.sources.image_folder`) and the commands (`imaging_meta.commands.console`
-re-exports it), so that every "N inputs cannot be read" error reads alike.
+Shared by the readers (`datamodules.sources.image_folder`) and the commands (which import it from here), so that
+every "N inputs cannot be read" error reads alike.
 """
 
 from __future__ import annotations

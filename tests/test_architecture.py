@@ -43,7 +43,8 @@ class Rule:
         allowed: exceptions to ``forbidden`` (same prefix matching).
         kind: ``import`` (the default), ``file_io`` (calls that read or write files) or ``task_string`` (a
             comparison with a task-kind string).
-        exempt: patterns of modules in ``scope`` the rule skips.
+        exempt: patterns of modules in ``scope`` the rule skips; an import rule does not follow imports into them
+            either (what an exempt module imports is its own business).
         trees: top-level folders whose files are in the scope (default: the two packages).
     """
 
@@ -68,10 +69,19 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "learners_no_file_io",
-        scope=("imaging_meta.learners", "imaging_meta.volume"),
+        scope=LEARNER_SIDE,
         kind="file_io",
         reason="learners take tensors and return tensors: reading and writing files (weights, episodes, reports) "
-               "belongs to checkpoint_io, the datamodules and the commands",
+               "belongs to checkpoint_io, the datamodules and the commands (and to imaging_meta.pretrained, which "
+               "reads the pretrained weights a config names)",
+    ),
+    Rule(
+        "no_network_outside_pretrained",
+        scope=("*",),
+        forbidden=("urllib", "http", "socket", "requests", "torch.hub", "ftplib"),
+        exempt=("imaging_meta.pretrained",),
+        reason="nothing reaches the network at run time unless the user's config asks for it, and then only "
+               "imaging_meta.pretrained does (the weights a config names by URL); tests never download",
     ),
     Rule(
         "datamodules_only_episode_from_imaging_meta",
@@ -227,7 +237,7 @@ def _reachable(rule: Rule, start: str, mods: dict[str, Module]) -> dict[str, tup
                 parts = imp.target.split(".")
                 nxt.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
         for name in sorted(nxt & mods.keys()):
-            if name not in seen:
+            if name not in seen and not _in_scope(name, rule.exempt):  # an exempt module's imports are its own
                 seen[name] = seen[cur] + (name,)
                 todo.append(name)
     return seen
@@ -375,6 +385,9 @@ PLANTED = {
         "        case 'classification':\n"
         "            return 2\n"
     ),
+    "imaging_meta/backbones.py": "from imaging_meta import pretrained\ndef load(p):\n    return open(p).read()\n",
+    "imaging_meta/pretrained.py": "import urllib.request\n",  # exempt, and its imports are not followed
+    "imaging_meta/fetcher.py": "import urllib.request\n",
     "imaging_meta/learners/__init__.py": "",
     "imaging_meta/learners/bad.py": (
         "from typing import TYPE_CHECKING\n"
@@ -424,6 +437,8 @@ def test_checker_reports_planted_violations(tmp_path):
         ("learners_no_file_io", "imaging_meta.learners.bad", "torch.save(...)"),
         ("learners_no_file_io", "imaging_meta.learners.bad", "path.write_text(...)"),
         ("learners_no_file_io", "imaging_meta.learners.bad", "open(...)"),
+        ("learners_no_file_io", "imaging_meta.backbones", "open(...)"),  # the whole learner side (a review)
+        ("no_network_outside_pretrained", "imaging_meta.fetcher", "imports urllib.request"),
         ("datamodules_only_episode_from_imaging_meta", "datamodules.sampling.samplers", "imports imaging_meta.module"),
         ("samplers_no_pixel_loading", "datamodules.sampling.samplers", "imports datamodules.io.dicom"),
         ("samplers_no_pixel_loading", "datamodules.sampling.samplers", "imports monai.transforms"),

@@ -290,7 +290,9 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                                "out (no best.ckpt or last.ckpt is written; --test_after_fit tests the last weights)")
 
         def before_fit(self) -> None:
-            if self.config[self.subcommand].get("test_after_fit") and hasattr(self.datamodule, "test_after_fit"):
+            from datamodules.base import EpisodicDataModule
+
+            if self.config[self.subcommand].get("test_after_fit") and isinstance(self.datamodule, EpisodicDataModule):
                 self.datamodule.test_after_fit = True  # too few test episodes for the processes: refused at setup
 
         def after_fit(self) -> None:

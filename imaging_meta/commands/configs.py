@@ -28,7 +28,9 @@ def model_configs_of(class_path: str, task: str | None = None) -> list[str]:
     folder = SHIPPED / "model"
     if not folder.is_dir():
         return []
-    suffix = {"segmentation": "_seg", "classification": "_cls"}.get(task or "", "")
+    from imaging_meta.tasks import get_task
+
+    suffix = f"_{get_task(task).suffix}" if task else ""  # the task kinds are tasks.py's (ARCHITECTURE.md)
     return [f"configs/model/{p.name}" for p in sorted(folder.glob(f"*{suffix}.yaml"))
             if f"class_path: {class_path}\n" in p.read_text() + "\n"]
 
