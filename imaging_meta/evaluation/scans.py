@@ -274,7 +274,11 @@ def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
             body_q = np.zeros(q_truth[..., qe[0] : qe[1] + 1].shape, np.float32)
             copy[..., qe[0] : qe[1] + 1] = V.copy_mask_at_relative_position(sub_s, body_s, body_q, "CT")
         window = window & inside.reshape(1, 1, -1)
-    window_3d = V.keep_components(window, V.structure_parts(s_truth))
+    # the support's parts as the trained rows count them, on its preprocessed mask (`_segment`; a resampling that
+    # closes or opens a gap between two parts changed the count; a review, 2026-12-07), else on the file's grid
+    struct = support.pre.get("struct")
+    parts = V.structure_parts(np.asarray(struct) if struct is not None else s_truth)
+    window_3d = V.keep_components(window, parts)
     if query.affine is not None:
         copy, window, window_3d = (V.from_ras(m, query.affine) for m in (copy, window, window_3d))
     return {COPY: copy, WINDOW: window, WINDOW_3D: window_3d}

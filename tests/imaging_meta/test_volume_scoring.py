@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from imaging_meta.evaluation.volumes import (
     body_mask,
@@ -266,6 +267,12 @@ def test_the_window_baseline_is_also_scored_with_the_trained_rows_3d_step():
     got = baseline_masks(scan, scan, "CT", "whole_scan")
     assert got[WINDOW][18:21, 14:17, 10:13].all() and dice3d(got[WINDOW], truth) < 1.0
     assert not got[WINDOW_3D][18:21, 14:17, 10:13].any() and dice3d(got[WINDOW_3D], truth) == pytest.approx(1.0)
+    # the parts are counted as the trained rows count them, on the preprocessed support mask: here two parts (a
+    # resampled gap), so the window is kept whole, as the segmenter keeps its mask whole (a review, 2026-12-07)
+    two = np.zeros((8, 8, 6), bool)
+    two[1:3, 1:3, 1:5] = two[5:7, 5:7, 1:5] = True
+    parted = Loaded(image, truth, (1.0, 1.0, 1.0), {"struct": torch.from_numpy(two)}, None, np.eye(4))
+    assert got[WINDOW].sum() == baseline_masks(parted, scan, "CT", "whole_scan")[WINDOW_3D].sum()
 
 
 def test_to_ras_and_back_for_every_axis_order_and_direction():
