@@ -236,6 +236,8 @@ class _Tiff:
         cannot open it (64-bit, float other than 32-bit grey, 16-bit grey+alpha)."""
         if self.samples > 1:
             return self.bits > 8 or self.sample_format == 3
+        if self.photometric == 0 and (self.bits > 8 or self.sample_format == 3):
+            return True  # min-is-white beyond 8 bits: Pillow's I;16 and F modes ignore it (read inverted; a review)
         return (self.bits == 64 or (self.bits == 32 and self.sample_format == 1) or (self.sample_format == 3 and self.bits != 32)
                 or (self.bits == 8 and self.sample_format == 2))  # signed 8-bit: Pillow wraps it as unsigned
 

@@ -22,8 +22,9 @@ Intensities:
 
 * PNG / JPEG / TIFF / BMP: decoded by `datamodules.io.pictures` (its docstring has every rule: orientation,
   transparency, bit depths, size limits), scaled per image between its minimum and maximum.
-* DICOM: decoded as the volume reader decodes a slice (`datamodules.io.dicom_pixels`): MONOCHROME1 images
-  (minimum displayed white) have their stored values inverted over the stored range, then
+* DICOM: decoded as the volume reader decodes a slice (`datamodules.io.dicom_pixels`): MONOCHROME1 images of a
+  projection modality (DX, CR, ...; not CT or MR, whose values are measurements) have their stored values
+  inverted over the stored range, then
   RescaleSlope/RescaleIntercept are applied; CT is clipped to ``ct_window`` (HU) and scaled to [0, 1]; other
   modalities are scaled per image between their minimum and maximum (a DX/CR/MR image's WindowCenter/Width and
   VOI LUT, a viewer's display settings, are not applied: a PNG exported through that window is another image).
@@ -89,6 +90,23 @@ def listed_file(path: Path) -> bool:
     """A file to consider in an image folder: a file, or a symbolic link whose target is missing (kept, so that
     reading it names it as unreadable: dropping it left a query out of the predictions without a word)."""
     return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every entry under ``folder`` that is not a folder, at any depth, sorted: files and links to files or to
+    nothing, also inside symbolic links to folders, each real folder entered once (a link back up is not walked
+    again). ``Path.rglob`` does not enter a linked folder, and its images were left out without a word (a review,
+    2026-12-07)."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [Path(here) / name for name in files]  # links to nothing among them (not folders to os.walk)
+    return sorted(out)
 
 
 def dangling_link(path: Path) -> str:
@@ -433,7 +451,7 @@ class ImageFolder(ItemSource):
         skipped = [f for f in sorted(root.iterdir()) if f.is_file() and not f.name.startswith(".")]
         for d in dirs:
             files: list[Path] = []
-            for f in sorted(d.rglob("*")):
+            for f in files_under(d):
                 if not listed_file(f) or any(map(ignored_name, f.relative_to(root).parts)):
                     continue
                 # a name that is a SOP instance UID (1.2.840....321) has digits for a suffix: DICOM files named

@@ -36,6 +36,7 @@ from datamodules.sources.image_folder import (
     dangling_link,
     dicom_kind,
     file_digest,
+    files_under,
     ignored_name,
     listed_file,
     maybe_dicom_name,
@@ -69,7 +70,7 @@ def _image_files(folder: Path) -> list[Path]:
     a lock file), and a DICOM object that is no image (a DICOMDIR, a structure set, a report, a presentation state:
     PACS exports hold them beside the images), are skipped with a warning."""
     files, others, dangling = [], [], []
-    for f in sorted(folder.rglob("*")):
+    for f in files_under(folder):
         if not listed_file(f) or any(map(ignored_name, f.relative_to(folder).parts)) or f.name.lower() in _SYSTEM_FILES:
             continue
         if not f.exists():  # a link to nothing: named before any work, never left out of the answers without a word

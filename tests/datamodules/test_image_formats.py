@@ -401,3 +401,16 @@ def test_a_jfif_file_is_a_jpeg_in_a_class_folder(tmp_path):
             pixels = rng.integers(0, 255, (40, 40)).astype(np.uint8)
             Image.fromarray(pixels).save(tmp_path / cls / f"{i}.jfif", format="JPEG")
     assert len(ImageFolder(str(tmp_path), image_size=[16, 16]).build().labels) == 4
+
+
+def test_min_is_white_tiffs_read_alike_at_every_bit_depth(tmp_path):
+    """A min-is-white TIFF is read as a viewer shows it: the 8-bit one was, but Pillow's 16-bit and float modes
+    ignore the photometric tag, and those came out inverted (a review, 2026-12-07)."""
+    a = (np.arange(H * W).reshape(H, W) * 255 // (H * W - 1)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "w8.tif", a, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "w16.tif", a.astype(np.uint16) * 257, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "wf.tif", a.astype(np.float32), photometric="miniswhite")
+    eight = _read(tmp_path / "w8.tif")
+    np.testing.assert_allclose(eight, _minmax(255.0 - a.astype(np.float64)), atol=1e-6)
+    for name in ("w16.tif", "wf.tif"):
+        np.testing.assert_allclose(_read(tmp_path / name), eight, atol=1e-6, err_msg=name)
