@@ -385,11 +385,12 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     runs, skipped = [], []
     for d in run_dirs:
         f = Path(d) / "results.json"
-        if not Path(d).is_dir():  # a typo: an error, not a note
+        if not Path(d).exists():  # a typo: an error, not a note
             raise FileNotFoundError(f"{d}: no such folder; give evaluation run folders (imaging-meta evaluate --out)")
-        if not f.is_file():
-            # `compare evaluation/*/` also matches the training logs' folder (runs/) beside the run folders: a
-            # folder that is no run is named under the table, not an error, unless nothing is left
+        if not Path(d).is_dir() or not f.is_file():
+            # `compare evaluation/*/` also matches the training logs' folder (runs/) beside the run folders, and
+            # `evaluation/*` the comparison.md `make evaluate` writes there (it was called "no such folder": a
+            # review): what is no run is named under the table, not an error, unless nothing is left
             skipped.append(str(d))
             continue
         try:
@@ -407,6 +408,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     for f, doc in runs:
         try:
             shots |= {int(k) for k in doc["context"]["shots"]}
+            # a shot count no run scored is still a row that says why (it vanished: a review, 2026-12-07)
+            shots |= {int(k) for k in doc["context"].get("skipped_shots") or {}}
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{f}: a results.json without its shots ({type(e).__name__}: {e}); run imaging-meta "
                              "evaluate again") from None

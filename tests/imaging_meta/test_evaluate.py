@@ -540,6 +540,15 @@ def test_compare_notes_rows_on_one_episode_list_but_other_pixels_or_unofficial_f
     doc["context"] |= {"shots": [1, 5], "skipped_shots": {"5": "no test class has 5 + 15 images"}}
     (b / "results.json").write_text(json.dumps(doc))
     assert "| b | cross_organ | L | 5 | not scored: no test class has 5 + 15 images | | |" in compare_runs([a, b])
+    # ... also when no listed run scored it: `evaluate` keeps a shot it could not score out of context.shots (a
+    # review, 2026-12-07: the row vanished)
+    doc["context"] |= {"shots": [1], "skipped_shots": {"30": "1 usable class(es)"}}
+    (b / "results.json").write_text(json.dumps(doc))
+    assert "| b | cross_organ | L | 30 | not scored: 1 usable class(es) | | |" in compare_runs([b])
+    # `compare evaluation/*` also matches the comparison.md that `make evaluate` writes there: a note, not "no such
+    # folder" for a file that exists
+    (tmp_path / "comparison.md").write_text("old table")
+    assert "| a | cross_organ |" in compare_runs([a, tmp_path / "comparison.md"])
 
 
 def test_provenance_records_the_thread_count():
