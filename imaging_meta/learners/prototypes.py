@@ -20,12 +20,15 @@ def episode_n_way(episode: Episode) -> int:
     """Number of classes of a batched classification episode.
 
     Taken from ``episode.classes`` (the class names of the first task) when given, else from the largest
-    support label; every task of a batch has the same ``n_way``.
+    support or query label (the highest class without a support item then reaches `check_support_classes`,
+    which refuses it, instead of a column too few; a review, 2026-12-07); every task of a batch has the same
+    ``n_way``.
     """
     classes = episode.classes
     if isinstance(classes, (list, tuple)) and classes and isinstance(classes[0], (list, tuple)) and classes[0]:
         return len(classes[0])
-    return int(episode.support_labels.max()) + 1
+    query = episode.query_labels
+    return max(int(episode.support_labels.max()), int(query.max()) if query.numel() else -1) + 1
 
 
 def class_onehot(labels: torch.Tensor, n_way: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -130,6 +130,12 @@ def test_bad_arguments_and_labels():
     m = small()
     with pytest.raises(ValueError, match="n_way=5"):
         m.loss(classification_episode(n_way=6, n_shot=1, n_query=1, tasks=1, size=16))
+    # a class without a support item is refused, as by every other learner (it was answered; a review, 2026-12-07)
+    ep = classification_episode(n_way=5, n_shot=1, n_query=1, tasks=1, size=16)
+    missing = Episode(ep.support_images, torch.tensor([[0, 1, 2, 3, 3]]), ep.query_images, ep.query_labels,
+                      classes=ep.classes, batched=True)
+    with pytest.raises(ValueError, match="every one of the 5 classes needs at least one support item"):
+        m.predict(missing)
 
 
 def test_config_rebuilds_the_learner():

@@ -98,6 +98,19 @@ def test_classification_learners_refuse_segmentation_episodes():
         make("protonet_euclidean").predict(segmentation_episode(size=16))
 
 
+@pytest.mark.parametrize("name", ["protonet_euclidean", "matching"])
+def test_a_missing_highest_class_without_class_names_is_refused(name):
+    """Without ``episode.classes`` the class count came from the largest support label: the highest class with no
+    support item left a column out of predict and ended loss in a bare IndexError (a review, 2026-12-07)."""
+    ep = classification_episode(n_way=3, n_shot=1, n_query=1, tasks=1, size=16)
+    keep = ep.support_labels[0] < 2
+    bare = Episode(ep.support_images[:, keep], ep.support_labels[:, keep], ep.query_images, ep.query_labels,
+                   batched=True)
+    for call in (make(name).predict, make(name).loss):
+        with pytest.raises(ValueError, match="every one of the 3 classes needs at least one support item"):
+            call(bare)
+
+
 def held_out():
     """Unseen classes (patterns 20..39), enough queries (8 tasks x 25) that the comparison is not noise."""
     return classification_episode(n_way=5, n_shot=1, n_query=5, tasks=8, size=16, seed=7, class_offset=20)

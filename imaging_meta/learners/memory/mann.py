@@ -11,7 +11,13 @@ from torch import nn
 
 from imaging_meta.backbones import build_encoder
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner, check_classification_episode, content_order, embed_tasks
+from imaging_meta.learners.base import (
+    Learner,
+    check_classification_episode,
+    check_support_classes,
+    content_order,
+    embed_tasks,
+)
 
 
 def cosine_similarity(keys: torch.Tensor, memory: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -303,6 +309,8 @@ class MANN(Learner):
         """(T, Q, n_way) query logits of a (batched) classification episode, each task's support presented in its
         `content_order`; see `sequence_logits`."""
         ep = check_classification_episode(episode, self.n_way, type(self).__name__)
+        # a class without a support item: refused, as every other learner refuses it (it was answered; a review)
+        check_support_classes(ep.support_labels, self.n_way)
         order = content_order(ep.support_images, ep.support_labels, self.seed)
         return self.sequence_logits(ep.support_images, ep.support_labels, ep.query_images, order)
 
