@@ -102,6 +102,16 @@ class ItemTable:
 KEEP_OTHER_TABLES = 1
 
 
+def _code_versions() -> dict[str, int]:
+    """The versions of the volume readers, the preprocessing and the site keys, which item tables depend on (lesion
+    patches are cut with the volume readers; DICOM images get their site keys): a table built by older code is
+    built again, as the volume caches are (a review, 2026-12-07: an upgrade kept the old patches and sites)."""
+    from datamodules.indexing.pseudonyms import SITE_KEY_VERSION
+    from datamodules.transforms.volume import PREPROCESSING_VERSION, READER_VERSION
+
+    return {"reader": READER_VERSION, "preprocessing": PREPROCESSING_VERSION, "site_keys": SITE_KEY_VERSION}
+
+
 class ItemSource:
     """One input format. Subclasses take their settings as typed ``__init__`` arguments (LightningCLI
     ``class_path``/``init_args``) and implement `build`.
@@ -153,15 +163,22 @@ class ItemSource:
         ``files_md5``, file stem -> MD5); sources that record none check nothing."""
 
     def settings_key(self) -> str:
-        """A digest of `settings` alone: the tables of one source and settings share it, whatever the files."""
-        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """A digest of `settings` and the code versions alone: the tables of one source and settings share it,
+        whatever the files."""
+        blob = json.dumps({"settings": self.settings(), "code": _code_versions()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def cache_key(self) -> str:
         stamp = []
         for f in self.files():
-            st = Path(f).stat()
+            try:
+                st = Path(f).stat()
+            except FileNotFoundError:  # a link to nothing: `build` names it (it ended as a bare error here; a review)
+                stamp.append((str(f), None, None))
+                continue
             stamp.append((str(f), st.st_size, st.st_mtime_ns))
-        blob = json.dumps({"settings": self.settings(), "files": stamp}, sort_keys=True, default=str)
+        blob = json.dumps({"settings": self.settings(), "files": stamp, "code": _code_versions()}, sort_keys=True,
+                          default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def load(self, cache_dir: str | os.PathLike | None = None) -> ItemTable:

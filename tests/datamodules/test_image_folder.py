@@ -275,6 +275,24 @@ def test_cache_is_reused_and_invalidated_by_a_new_file(tmp_path):
     assert len(list((tmp_path / "cache").glob("items-*.pt"))) == 3  # other settings: a table of their own
 
 
+def test_item_tables_are_built_again_by_new_reader_code_and_name_a_dangling_link(tmp_path, monkeypatch):
+    """A review (2026-12-07): the table's key held no code version, so an upgrade with a reader or site-key fix kept
+    the old patches and sites; and with a cache folder a link to nothing ended as a bare FileNotFoundError."""
+    import datamodules.indexing.pseudonyms as pseudonyms
+    import datamodules.transforms.volume as volume
+
+    root = write_folder(tmp_path / "data", n_classes=2, dicom_class=False)
+    src = ImageFolder(str(root))
+    keys = (src.settings_key(), src.cache_key())
+    for module, name in ((volume, "READER_VERSION"), (volume, "PREPROCESSING_VERSION"), (pseudonyms, "SITE_KEY_VERSION")):
+        with monkeypatch.context() as m:
+            m.setattr(module, name, getattr(module, name) + 1)
+            assert (src.settings_key(), src.cache_key()) != keys, name
+    (root / "class0" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ValueError, match=r"gone\.png: a symbolic link to \S+nowhere\.png, which does not exist"):
+        ImageFolder(str(root)).load(tmp_path / "cache")
+
+
 def test_tiff_and_bmp_tiles_load_like_png(tmp_path):
     """Pathology and microscopy tiles are often TIFF (8-bit RGB, 16-bit or float grey); BMP turns up too."""
     from PIL import Image
