@@ -169,7 +169,7 @@ class ItemSource:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def cache_key(self) -> str:
-        stamp = []
+        stamp: list[tuple[str, int | None, int | None]] = []
         for f in self.files():
             try:
                 st = Path(f).stat()
