@@ -424,7 +424,14 @@ class EpisodicModule(LightningModule):
         sched = self.scheduler_factory(opt)
         cfg = {"scheduler": sched, "interval": "epoch"}
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            cfg["monitor"] = "val/score"
+            # the user's monitor if the scheduler names one (Lightning's CLI class does), else val/score; a review
+            # (2026-12-07): val/score (Dice, accuracy: higher is better) was watched in torch's default mode "min",
+            # which cut the rate while the score rose, and a fit validating every other epoch stopped at the first
+            monitor = getattr(sched, "monitor", None) or "val/score"
+            if monitor == "val/score" and sched.mode != "max":
+                raise ValueError("ReduceLROnPlateau watches val/score (Dice or accuracy: higher is better) and is in "
+                                 f"mode {sched.mode!r}: set mode: max in its init_args")
+            cfg |= {"monitor": monitor, "strict": False}  # an epoch without validation: no step, not a stop
         return {"optimizer": opt, "lr_scheduler": cfg}
 
     # ------------------------------------------------------------- evaluation

@@ -35,3 +35,20 @@ def test_meta_training_beats_the_untrained_encoder(demo_root, demo_index, tmp_pa
     assert trained["n_episodes"] == 40 and COPY_MASK in s
     assert trained["mean"] - trained["ci95"] > untrained["mean"] + untrained["ci95"], (trained, untrained)
     assert (tmp_path / "results.md").exists()
+
+
+def test_reduce_lr_on_plateau_watches_the_score_in_max_mode_or_the_users_monitor():
+    """A review (2026-12-07): ReduceLROnPlateau watched val/score (higher is better) in torch's default mode "min",
+    cutting the rate while the score rose; a monitor the user named was replaced; and an epoch without validation
+    stopped the fit (strict). Now: mode min on val/score is refused, the user's monitor is kept, and the step is
+    not strict."""
+    from lightning.pytorch.cli import ReduceLROnPlateau as CLIPlateau
+
+    learner = PrototypicalSegmenter(backbone_kwargs={"out_channels": 4, "features": [4, 4, 8, 8, 16, 4]})
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    with pytest.raises(ValueError, match="set mode: max"):
+        EpisodicModule(learner, lr_scheduler=lambda o: plateau(o)).configure_optimizers()
+    cfg = EpisodicModule(learner, lr_scheduler=lambda o: plateau(o, mode="max")).configure_optimizers()["lr_scheduler"]
+    assert cfg["monitor"] == "val/score" and cfg["strict"] is False
+    mine = EpisodicModule(learner, lr_scheduler=lambda o: CLIPlateau(o, monitor="train/loss_epoch")).configure_optimizers()
+    assert mine["lr_scheduler"]["monitor"] == "train/loss_epoch"
