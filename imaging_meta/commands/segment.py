@@ -748,6 +748,7 @@ def segment(
     seg_failures: list[str] = []
     unreadable: list[str] = []  # a query whose volume cannot be used is named, and the others are still segmented
     first_error: Exception | None = None
+    said_unchecked = False  # the appearance check's being off, said once a run
     for query, query_modality in progress(zip(queries, query_modalities, strict=True), "segment: queries",
                                           total=len(queries), unit="scan"):
         q = Path(query)
@@ -787,10 +788,14 @@ def segment(
         probs = segmenter.predict(volume)
         novelty = segmenter.novelty
         unlike = segmenter.unlike and opts == options
+        unchecked = segmenter.appearance_unchecked if novelty is None and opts == options else None
         if empty_if_unlike and (novelty is None or opts != options):
             logger.warning("%s: --empty-if-unlike did not check this query (%s); its mask is written as found", q.name,
-                           "no slice features in this checkpoint's learner" if novelty is None
-                           else "another modality than the supports")
+                           "another modality than the supports" if opts != options
+                           else unchecked or "no body slice to measure")
+        elif unchecked is not None and not said_unchecked:  # the check is said to be always on: once a run
+            logger.warning("the appearance check of the queries is off: %s", unchecked)
+            said_unchecked = True
         if unlike:
             logger.warning(
                 "%s looks unlike the support scan%s: in the model's features its slices lie %.1f times farther from "

@@ -62,6 +62,8 @@ class AppearanceCheck:
         self._centre: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
         self.reference: float | None = None  # median distance of a support slice to its nearest other one
+        #: why `fit` left the check off (None: fitted, or not fitted yet); `novelty` is then None
+        self.unchecked: str | None = None
 
     def _describe(self, volume: torch.Tensor, zs: list[int]) -> torch.Tensor | None:
         return describe_slices(self.learner, volume.permute(2, 0, 1)[zs], self.device, self.chunk)
@@ -72,11 +74,17 @@ class AppearanceCheck:
             zs = _body(volume)
             d = self._describe(volume, zs)
             if d is None:
+                self.unchecked = "no slice features in this checkpoint's learner"
                 return self  # a learner without an encoder: no check
             described.append(d)
             places += [(n, z) for z in zs]
         feats = torch.cat(described)
+        # each support slice is measured against slices beyond its GAP neighbours: fewer body slices give nothing
+        # to measure (a review, 2026-12-07: the warning blamed the checkpoint's learner)
+        too_few = (f"the support scan{'s have' if len(volumes) > 1 else ' has'} too few body slices ({feats.shape[0]}) "
+                   f"to measure how alike slices look (more than {2 * GAP + 1} in one scan, or two scans)")
         if feats.shape[0] < 2:
+            self.unchecked = too_few
             return self
         centre, spread = feats.mean(0), feats.std(0)
         # a channel (nearly) constant over the support would turn any query difference into a huge distance
@@ -90,6 +98,7 @@ class AppearanceCheck:
         nearest = dist.min(1).values
         nearest = nearest[torch.isfinite(nearest)]
         if nearest.numel() == 0 or not float(nearest.median()) > 0:
+            self.unchecked = too_few if nearest.numel() == 0 else "the support slices all look alike in the learner's features"
             return self
         self._support, self._centre, self._scale = support, centre, scale
         self.reference = float(nearest.median())

@@ -382,6 +382,12 @@ class ScanSegmenter:
 
     # ------------------------------------------------------------------ predict
     @property
+    def appearance_unchecked(self) -> str | None:
+        """Why the last whole query's appearance was not measured (``novelty`` None), when the check could not be
+        fitted on the support scans; None otherwise."""
+        return self._appearance.unchecked if self._appearance is not None else None
+
+    @property
     def unlike(self) -> bool:
         """Whether the last whole query looked unlike the support scans (``novelty`` above `NOVELTY_WARN`): it
         may be another body region, and its empty answer is not predicted again."""

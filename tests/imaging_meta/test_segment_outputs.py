@@ -582,6 +582,23 @@ def test_segment_logs_each_querys_novelty_and_warns_about_one_unlike_the_support
         (unchecked,) = segment(ckpt, [support], [query], tmp_path / "out5", device="cpu", empty_if_unlike=True, **PLAIN)
     assert np.asarray(nib.load(str(unchecked)).dataobj).any()
     assert any("--empty-if-unlike did not check this query (no slice features" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()  # the learner's features back, and the stand-in again
+    stand_in(monkeypatch, threshold_predict)
+    # a support of 3 slices: every slice within GAP of the others, nothing to measure; the warning blamed the
+    # checkpoint's learner, and without --empty-if-unlike nothing was said (a review, 2026-12-07)
+    vol = phantom(shape=(12, 10, 3), seed=1)
+    thin = (ct_nifti(vol, affine_ras(), tmp_path / "thin" / "s.nii.gz"),
+            write_nifti(label_for(vol), affine_ras(), tmp_path / "thin" / "l.nii.gz"))
+    for extra, out, expected in (({"empty_if_unlike": True}, "out6", "--empty-if-unlike did not check this query (the "
+                                  "support scan has too few body slices (3)"),
+                                 ({}, "out7", "the appearance check of the queries is off: the support scan has too few "
+                                  "body slices (3)")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+            segment(ckpt, [thin], [query], tmp_path / out, device="cpu", **{**PLAIN, **extra})
+        said = [r.getMessage() for r in caplog.records]
+        assert sum(expected in line for line in said) == 1, said
+        assert not any("no slice features" in line for line in said), said
     from imaging_meta.commands.cli import _tool_parser
 
     base = ["segment", "--checkpoint", "c", "--support-image", "s", "--support-label", "l", "--query", "q", "--out", "o"]
