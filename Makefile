@@ -4,8 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/imaging-meta
-# torch is pinned here (CPU wheel on this machine); on a GPU cluster install your CUDA torch first
-# and run `make install TORCH_SPEC=torch` to keep it.
+# torch is pinned here (CPU wheel on this machine); on a GPU cluster install your CUDA build of torch 2.13.0
+# into .venv first (python3.11 -m venv .venv; .venv/bin/pip install torch==2.13.0 --index-url <CUDA index>),
+# then `make install TORCH_SPEC=torch`: a later reinstall's torch==2.13.0 is met by that build (README).
 TORCH_SPEC ?= torch==2.13.0
 DATA_DIR ?= data/demo
 TRAINER ?= default

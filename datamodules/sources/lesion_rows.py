@@ -129,8 +129,11 @@ def _check_consistent(rows: list[LesionRow], path: Path, scan_of: Callable[[Lesi
             for r in group:
                 values.setdefault(getattr(r, what) or "", []).append(r.line)
             if len(values) > 1:
-                said = "; ".join(f"{v or 'blank'!r} on line(s) {', '.join(map(str, lines[:MAX_LISTED]))}"
-                                 for v, lines in values.items())
+                # a patient value is an identifier: only its lines are named, never the value (a review, 2026-12-07:
+                # the raw ids reached stderr and the logs); a site is shown as written (README)
+                said = "; ".join(f"{(v or 'blank') if what == 'site' else ('blank' if not v else f'value {n + 1}')!r} "
+                                 f"on line(s) {', '.join(map(str, lines[:MAX_LISTED]))}"
+                                 for n, (v, lines) in enumerate(values.items()))
                 errors.append(f"image {image!r} has several {what}s ({said}); give every row of one image the same "
                               f"{what} (or leave it blank on all of them)")
         centres: dict[tuple, tuple[str, int]] = {}

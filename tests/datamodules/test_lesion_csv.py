@@ -225,9 +225,10 @@ def test_a_volume_edited_in_place_is_cut_again_not_read_from_the_cache(tmp_path)
 
 
 @pytest.mark.parametrize("rows, match", [
-    # one image, two patients (a blank cell against a filled one too): its lesions could be support and query
+    # one image, two patients (a blank cell against a filled one too): its lesions could be support and query; the
+    # patient values are identifiers, named by their lines only (a review, 2026-12-07: the raw ids were quoted)
     ([("vol.nii.gz", "a", 0.0, "P1", ""), ("vol.nii.gz", "b", 3.0, "", "")],
-     r"image 'vol\.nii\.gz' has several patients \('P1' on line\(s\) 2; 'blank' on line\(s\) 3\)"),
+     r"image 'vol\.nii\.gz' has several patients \('value 1' on line\(s\) 2; 'blank' on line\(s\) 3\)"),
     ([("vol.nii.gz", "a", 0.0, "", "s1"), ("vol.nii.gz", "b", 3.0, "", "s2")], r"has several sites"),
     # one centre, two classes
     ([("vol.nii.gz", "a", 0.0, "", ""), ("vol.nii.gz", "b", 0.0, "", "")],
