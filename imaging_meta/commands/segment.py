@@ -838,6 +838,7 @@ def segment(
             affine, geometry = header.affine, NiftiGeometry.of(header)
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
+        mark = query_mark(q)  # a NIfTI query's whole file digested: once for the mask and its probability map
         if output_format == "dicom-seg":
             try:
                 target = _write_seg(mask, q, affine, paths[0], name)
@@ -846,13 +847,13 @@ def segment(
                 seg_failures.append(str(e))
                 continue
         else:
-            target = save_nifti(mask.astype(np.uint8), geometry, paths[0], nifti_description(name), query_mark(q))
+            target = save_nifti(mask.astype(np.uint8), geometry, paths[0], nifti_description(name), mark)
         logger.info("%s: %d foreground voxels -> %s%s", q.name, int(mask.sum()), target,
                     "" if novelty is None else f" (novelty {novelty:.2f})")
         masks_written.append(target)
         if explain:
             probs_written.append(save_nifti(prob_map, geometry, paths[1], nifti_description(name, ", probability"),
-                                            query_mark(q)))
+                                            mark))
     if len(queries) == 1 and unreadable:
         raise ValueError(unreadable[0]) from first_error
     for message in unreadable[LISTED:]:
