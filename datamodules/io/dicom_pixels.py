@@ -14,7 +14,12 @@ from pydicom.dataset import Dataset
 from datamodules.io.dicom_checks import decode_failure_fix, decoder_problem
 from datamodules.io.dicom_errors import DicomError
 from datamodules.io.dicom_files import read_dataset
-from datamodules.io.dicom_header import DicomHeader, sop_class_uid_of, with_transfer_syntax
+from datamodules.io.dicom_header import (
+    ENHANCED_SOP_CLASSES,
+    DicomHeader,
+    sop_class_uid_of,
+    with_transfer_syntax,
+)
 from datamodules.io.dicom_series import DicomSeries
 
 #: the file that pydicom is decoding in this thread or task, if any
@@ -79,11 +84,10 @@ MEASURED_MODALITIES = ("CT", "MR", "PT", "NM")
 #: the image storage SOP classes of `MEASURED_MODALITIES` (DICOM PS3.4 B.5): a file whose Modality was dropped (some
 #: anonymisers do) is still a measurement when its SOP class says so
 MEASURED_SOP_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2",  # CT
-    "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3",  # MR
-    "1.2.840.10008.5.1.4.1.1.4.4",
+    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.3",  # CT, MR, colour MR
     "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.130",  # PET
     "1.2.840.10008.5.1.4.1.1.20",  # NM
+    *ENHANCED_SOP_CLASSES,  # enhanced and legacy converted enhanced CT and MR
 })
 
 
