@@ -61,13 +61,11 @@ def _mark(prefix: str, identity: bytes) -> str:
 def is_mark_of(mark: str, query: str | Path) -> bool:
     """Whether a mask's ``mark`` (`mark_of`) is that of ``query``: its `query_mark`, or for a file the mark of its
     size and first MiB that masks written before 2026-12-07 hold."""
-    if mark == query_mark(query):
-        return True
     p = Path(query)
-    if not (mark.startswith("q:") and p.is_file()):
-        return False
-    with open(p, "rb") as f:
-        return mark == _mark("q:", b"file:" + str(p.stat().st_size).encode() + b":" + f.read(2**20))
+    if mark.startswith("q:") and p.is_file():  # a file's mark of before: the whole file's digest cannot match it
+        with open(p, "rb") as f:
+            return mark == _mark("q:", b"file:" + str(p.stat().st_size).encode() + b":" + f.read(2**20))
+    return mark == query_mark(query)
 
 
 def seg_series_uid(path: Path) -> str | None:
