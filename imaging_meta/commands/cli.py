@@ -357,7 +357,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 super().error(message, ex)
             words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
             name = "imaging-meta" + (f" {words[-1]}" if len(words) > 1 else "")  # the program, as run or not
-            sys.stderr.write(parser_error_line(argparse.ArgumentError(None, message), name))
+            sys.stderr.write(parser_error_line(message, name))
             raise SystemExit(2)
 
     torch.set_float32_matmul_precision("high")

@@ -323,16 +323,15 @@ _PARSER_KEY = re.compile(r'(?:Parser key|Key) "([^"]+)":?\s*')
 _KEY_HINTS = {"label_names": "label_names maps each label value to its name, e.g. {1: liver, 2: spleen}"}
 
 
-def parser_error_line(error: BaseException, command: str = "imaging-meta") -> str:
+def parser_error_line(message: str, command: str = "imaging-meta") -> str:
     """The one line for a command line or config that does not parse (a ``fit``/``test``/``validate`` argument or
     YAML key): the keys it is under and the innermost reason. jsonargparse printed the usage and a nested message
     of 60 lines or more, naming no fix, for a misspelt key or a ``label_names`` map written the wrong way round
     (a review, 2026-12-07); ``--debug`` shows it whole."""
-    text = str(error)
-    keys = _PARSER_KEY.findall(text)
-    lines = [_PARSER_KEY.sub("", line).strip().lstrip("-").strip() for line in text.splitlines()]
+    keys = _PARSER_KEY.findall(message)
+    lines = [_PARSER_KEY.sub("", line).strip().lstrip("-").strip() for line in message.splitlines()]
     lines = [line for line in lines if line]
-    reasons = [line for line in lines if not line.startswith(_PARSER_FRAMES)] or lines or [type(error).__name__]
+    reasons = [line for line in lines if not line.startswith(_PARSER_FRAMES)] or lines or ["the arguments do not parse"]
     where = f"{'.'.join(keys)}: " if keys else ""
     hint = next((f"; {_KEY_HINTS[k]}" for k in reversed(keys) if k in _KEY_HINTS), "")
     return (f"{command}: error: {where}{'; '.join(reasons)}{hint} (`{command} --help` lists the options; --debug "
