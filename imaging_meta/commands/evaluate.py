@@ -636,14 +636,6 @@ def evaluate(
         context["reference_methods"] = {name: _without_embedding(getattr(ref, "config", None))
                                         for name, ref in references.items()}
     summary = evaluation_summary(task, records, seed=seed, interval=interval, n_boot=N_BOOT)
-    texts: dict[str, Path] = {}
-    if scan_protocols:
-        from imaging_meta.commands.evaluate_scans import evaluate_scans
-
-        js, texts["scans"] = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols, scan_pairs, seed,
-                                            device=dev, adapt_steps=adapt_steps, pairing=scan_pairing,
-                                            scale=scan_scale)
-        logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), js)
     # the new report first, each file whole (atomic), then its episode files, then the earlier run's files it no
     # longer has: an interrupted run left the earlier report without its files, or beside the new episode files
     sources = {shot: Path(e.pop("source")) for shot, e in episode_files.items()}
@@ -651,9 +643,18 @@ def evaluate(
     for shot, e in episode_files.items():
         atomic_write_bytes(out / e["file"], sources[shot].read_bytes())
     written = json.loads(js.read_text())
+    # the earlier run's whole-scan files go too: the scan pairs below are slow, and a run stopped among them left
+    # the earlier scans.md beside the new report (a review)
     _remove_earlier_evaluation(out, earlier, keep={f["file"] for f in episode_files.values() if "file" in f}
-                               | {"results.json", "results.md", "records.csv"} | {str(f) for f in written["figures"].values()}
-                               | ({"scans.json", "scans.md"} if scan_protocols else set()))
+                               | {"results.json", "results.md", "records.csv"} | {str(f) for f in written["figures"].values()})
+    texts: dict[str, Path] = {}
+    if scan_protocols:  # after the episode report is written: a run stopped among the slow scan pairs keeps it
+        from imaging_meta.commands.evaluate_scans import evaluate_scans
+
+        scans_js, texts["scans"] = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols,
+                                                  scan_pairs, seed, device=dev, adapt_steps=adapt_steps,
+                                                  pairing=scan_pairing, scale=scan_scale)
+        logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), scans_js)
     if log_dir is not None:
         where = write_tensorboard(log_dir, out, js, {"results": md, **texts}, step=int(ckpt.get("global_step") or 0))
         logger.info("figures written to TensorBoard in %s", where)

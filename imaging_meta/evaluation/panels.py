@@ -167,6 +167,7 @@ def segmentation_panel(rows: Sequence[dict], metric_title: str = "Dice") -> np.n
             axes[3].imshow(np.clip(np.asarray(prob, dtype=float), 0, 1).T, cmap="magma", vmin=0, vmax=1,
                            origin="lower", interpolation="nearest")
             axes[3].set_title("foreground probability", fontsize=7)
+            radiological(axes[3])  # the same way round as the slices beside it (it was mirrored; a review)
             _bare(axes[3])
     return figure_array(fig)
 

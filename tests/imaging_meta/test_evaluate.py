@@ -494,6 +494,36 @@ def test_an_interrupted_evaluation_leaves_the_earlier_report_whole(seg_checkpoin
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".partial")]
 
 
+def test_a_run_stopped_among_the_scan_pairs_keeps_its_episode_report_and_no_earlier_scans_table(
+        seg_checkpoint, tmp_path, monkeypatch):
+    """A review: the slow whole-scan pairs were scored before the episode report was written, so a run stopped
+    among them lost its episode results; and scans.md was written only at the end, so the earlier run's table stayed
+    beside the new scans.json. Now the episode report comes first, and both scan files grow after each pair."""
+    from imaging_meta.commands import evaluate_scans
+
+    ckpt, tmp = seg_checkpoint
+    kw = dict(shots=[1], episodes=4, seed=7, cache_dir=str(tmp / "cache"), n_panel=0)
+    out = tmp_path / "run"
+    evaluate(ckpt, out, **kw)
+    (out / "scans.md").write_text("the earlier run's table\n")
+    (out / "scans.json").write_text("[]\n")
+    calls = []
+
+    def score(learner, preprocessing, support, query, protocol, **kwargs):
+        calls.append(query)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [{"protocol": protocol, "method": "trained", "dice": 0.25, "hd95": 1.0, "structure": "spleen"}]
+
+    monkeypatch.setattr(evaluate_scans, "score_pair", score)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ckpt, out, **{**kw, "seed": 8}, scan_protocols=["whole_scan"], scan_pairs=2, scan_pairing="any")
+    assert json.loads((out / "results.json").read_text())["context"]["seed"] == 8  # the new episode report
+    assert len(json.loads((out / "scans.json").read_text())) == 1
+    table = (out / "scans.md").read_text()
+    assert "earlier run" not in table and "1 (support, query) volume pairs" in table and "| trained | 0.250" in table
+
+
 def test_compare_names_a_results_json_it_cannot_read_and_keeps_rows_on_one_line(tmp_path):
     """Hand-edited or foreign results.json files ended as internal errors (null: TypeError; deep nesting:
     RecursionError; a string mean: a format error naming no file), and a newline in a run's name split its row."""

@@ -245,6 +245,15 @@ def test_scan_pairs_cross_patient_same_modality_and_report():
     retried = [{**r, "relaxed": "without intensity evidence" if r["support"] == "b" and r["method"] == "trained"
                 else None} for r in recs]
     assert "trained: 1 pair(s) in which it found nothing and predicted again" in scans_markdown(retried)
+    # each relaxation named as the record names it: the first keeps the slice gate (a review: every retry read
+    # "without the support's intensity evidence or slice gate")
+    md = scans_markdown(retried)
+    assert "predicted again without intensity evidence (`segment` warns" in md and "slice gate" not in md
+    both = [{**r, "relaxed": {"a": "without intensity evidence or slice gate", "b": "without intensity evidence"}[
+        r["support"]] if r["method"] == "trained" else None} for r in recs]
+    md = scans_markdown(both)
+    assert "trained: 1 pair(s) in which it found nothing and predicted again without intensity evidence or slice gate" in md
+    assert "trained: 1 pair(s) in which it found nothing and predicted again without intensity evidence (" in md
     # an empty mask has no HD95: the median leaves it out and says so (a method that finds nothing in most scans
     # looked best by HD95), and records without one read back from scans.json as null
     empty = [{**r, "hd95": float("nan") if r["method"] == "trained" and r["support"] == "a" else 1.0} for r in recs]
@@ -407,8 +416,9 @@ def test_the_support_self_check_tells_a_findable_structure_from_an_unfindable_on
 
 
 def test_evaluate_scans_keeps_each_scored_pair_when_a_later_one_fails(tmp_path, monkeypatch):
-    """scans.json is written after every pair: a run stopped (or failing) part way keeps what it scored; the
-    report is written at the end."""
+    """scans.json and scans.md are written after every pair: a run stopped (or failing) part way keeps what it
+    scored, and its table of them (scans.md was written at the end only, so an earlier run's stayed beside the new
+    scans.json; a review)."""
     import json
 
     from imaging_meta.commands import evaluate_scans as E
@@ -436,7 +446,7 @@ def test_evaluate_scans_keeps_each_scored_pair_when_a_later_one_fails(tmp_path, 
     assert len(kept) == 1 and (kept[0]["support_patient"], kept[0]["query_patient"]) == calls[0]
     # the scans by their case ids: two scans of one patient are two pairs (the patients are the bootstrap's units)
     assert (kept[0]["support"], kept[0]["query"]) == tuple(f"case-{p}" for p in calls[0])
-    assert not (tmp_path / "scans.md").exists()
+    assert "1 (support, query) volume pairs" in (tmp_path / "scans.md").read_text()
 
 
 class BoxLearner(Learner):

@@ -260,3 +260,19 @@ def test_mask_panels_show_slices_in_the_radiological_convention():
     ch, cw = cell.shape
     top_right = cell[: ch // 3, 2 * cw // 3:].mean()
     assert top_right > cell[: ch // 3, : cw // 3].mean() + 100 and top_right > cell[2 * ch // 3:, 2 * cw // 3:].mean() + 100
+
+
+def test_the_probability_panel_is_drawn_the_same_way_round_as_the_slices_beside_it():
+    """A review: the fourth column (the foreground probability) was drawn with the patient's left on the left,
+    mirrored against the three slices beside it."""
+    image = np.zeros((64, 64), dtype=np.float32)
+    image[:16, 40:] = 1.0  # the patient's left (low x), anterior (high y)
+    empty = np.zeros_like(image)
+    row = dict(support_image=image, support_mask=empty, query_image=image, truth=empty, prediction=empty,
+               probability=image, structure="s", site="x", score=0.5)
+    grey = panels.segmentation_panel([row]).astype(float).mean(-1)
+    h, w = grey.shape
+    for column in range(4):
+        cell = grey[int(0.15 * h):int(0.9 * h), int((0.02 + column / 4) * w):int((0.23 + column / 4) * w)]
+        ch, cw = cell.shape
+        assert cell[: ch // 3, 2 * cw // 3:].mean() > cell[: ch // 3, : cw // 3].mean() + 100, column
