@@ -406,6 +406,20 @@ class EpisodicModule(LightningModule):
             return []  # still attached from fit (``--test_after_fit``): Lightning warned that it replaced it
         return [LateWeightAveraging(start=self.hparams["weight_averaging"])]
 
+    def _resume_weights(self, checkpoint: dict) -> None:
+        """A fit resumed from a checkpoint saved while weights were averaged, without weight averaging of its own,
+        continues from the weights training had reached (``current_model_state``), not from their average (the
+        checkpoint's ``state_dict``, which Lightning loads): it resumed from the average, silently (a review)."""
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        if any(isinstance(c, WeightAveraging) for c in getattr(self.trainer, "callbacks", ())):
+            return  # it restores both the average and the current weights
+        checkpoint["state_dict"] = checkpoint["current_model_state"]
+        rank_zero_warn(
+            f"the checkpoint was saved at step {checkpoint.get('global_step')} while weights were averaged, and this "
+            "run averages none (model.weight_averaging null): training continues from the weights it had reached "
+            "there, without their average")
+
     def __deepcopy__(self, memo: dict) -> EpisodicModule:
         """A copy whose optimizer and scheduler factories are this module's own, not copies: LightningCLI's factories
         are partials that hold its argument parser, which cannot be copied (under DDP it holds a lock), and the
@@ -708,5 +722,7 @@ class EpisodicModule(LightningModule):
             restore_untrained(extra, into=self._untrained[0])
         states = extra.get("rng_states") or []
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and "current_model_state" in checkpoint:
+            self._resume_weights(checkpoint)
         if fitting and len(states) == self.trainer.world_size:  # resuming training: each rank where it was
             set_rng_states(states[self.global_rank])

@@ -80,7 +80,8 @@ class LateWeightAveraging(WeightAveraging):
                 f"resumed with another length of training ({total} steps in all): weight averaging starts at step "
                 f"{self.start_step}, where the run that was saved started it at step {saved}; the result is not the "
                 "one training straight to this length gives (a resume is exact with the same max_epochs and "
-                "max_steps, or with model.weight_averaging: null)", stacklevel=2)
+                "max_steps; with model.weight_averaging: null it continues from the current weights, without their "
+                "average)", stacklevel=2)
         super().on_train_start(trainer, pl_module)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:

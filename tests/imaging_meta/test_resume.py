@@ -94,7 +94,7 @@ def test_resume_without_the_skip_would_differ(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))
 
 
-@pytest.mark.parametrize("where", ["mid_epoch", "last_batch", "epoch_end"])
+@pytest.mark.parametrize("where", ["mid_epoch", "last_batch", "epoch_end", "train_epoch_end"])
 def test_resume_with_loader_workers_equals_an_uninterrupted_run(where, tmp_path):
     """A loader with workers draws episodes as soon as its iterator exists, which Lightning creates before it sets
     the sampler's epoch (and weight averaging built the loader before the restore): a resumed run drew epoch 0's
@@ -108,8 +108,10 @@ def test_resume_with_loader_workers_equals_an_uninterrupted_run(where, tmp_path)
         saver, step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_last=True, save_top_k=-1), 7
     elif where == "last_batch":  # a step checkpoint after the last batch of epoch 0 (step 4), before its end hooks
         saver, step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_last=True, save_top_k=-1), 5
-    else:  # last.ckpt at the end of epoch 0 (4 steps), interrupted in epoch 1
+    elif where == "epoch_end":  # last.ckpt at the end of epoch 0 (4 steps), interrupted in epoch 1
         saver, step = ModelCheckpoint(dirpath=ckpts, save_last=True), 6
+    else:  # the trainer configs' last.ckpt: saved at the end of each training epoch, validated or not
+        saver, step = ModelCheckpoint(dirpath=ckpts, filename="last", save_top_k=1, save_on_train_epoch_end=True), 6
     with pytest.raises(Interrupt):
         _run("maml", paths, tmp_path / "cut", callbacks=[saver, InterruptAt(step)], **kw)
     resumed, resumed_trainer = _run("maml", paths, tmp_path / "resumed", ckpt_path=ckpts / "last.ckpt", **kw)
@@ -163,3 +165,20 @@ def test_the_saved_gpu_random_state_is_this_process_gpus_alone(monkeypatch):
     device[0] = 5
     M.set_rng_states({**state, "cuda": old})
     assert restored == [7, 1]  # a device the old run did not see: left as it is
+
+
+def test_a_resume_without_weight_averaging_continues_from_the_current_weights(tmp_path):
+    """A checkpoint saved while weights were averaged holds the average as its state_dict; a resume with
+    ``weight_averaging: null`` started from that average, silently (a review). It now continues from the weights
+    training had reached, as a run that never averaged would."""
+    paths = write_medmnist(tmp_path, n_files=1, classes_per_file=12, per_class=6)
+    plain, _ = _run("maml", paths, tmp_path / "plain")
+    ckpts = tmp_path / "ckpts"
+    every_step = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=1, save_last=True, save_top_k=-1, filename="{step}")
+    with pytest.raises(Interrupt):
+        _run("maml", paths, tmp_path / "cut", callbacks=[every_step, InterruptAt(7)], weight_averaging=0.25)
+    assert "current_model_state" in torch.load(ckpts / "last.ckpt", weights_only=True)  # averaging had started
+    with pytest.warns(UserWarning, match=r"saved at step 6 while weights were averaged.*continues from the weights"):
+        resumed, _ = _run("maml", paths, tmp_path / "resumed", ckpt_path=ckpts / "last.ckpt")
+    for (k, a), b in zip(plain.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{k} differs from the run that never averaged: max |diff| {(a - b).abs().max():.3g}"

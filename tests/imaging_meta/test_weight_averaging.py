@@ -227,3 +227,24 @@ def test_best_ckpt_is_never_missing_while_the_selection_restarts(tmp_path):
         _PeaksEarly(), _data(), _data())
     assert seen == [False, True, True, True]  # from the first save on, whatever validation is running
     assert float(torch.load(tmp_path / "best.ckpt", weights_only=True)["state_dict"]["w"]) == 10.5
+
+
+def test_the_configs_last_ckpt_holds_the_last_epoch_when_validation_skips_it(tmp_path):
+    """A review: with validation every other epoch, the shipped ``last`` callback saved after validation only, so a
+    fit of 3 epochs left last.ckpt at epoch 1 and never saved the final average. It now saves at the end of every
+    training epoch."""
+    import yaml
+
+    from tests.helpers import CONFIGS
+
+    for name in sorted(p.name for p in (CONFIGS / "trainer").glob("*.yaml")):
+        callbacks = yaml.safe_load((CONFIGS / "trainer" / name).read_text())["trainer"]["callbacks"]
+        spec = next(c["init_args"] for c in callbacks if c["init_args"].get("filename") == "last")
+        last = ModelCheckpoint(dirpath=tmp_path / name, **spec)
+        model = Rising()
+        _trainer([LateWeightAveraging(start=0.5), last], epochs=3, root=tmp_path / "root",
+                 check_val_every_n_epoch=2).fit(model, _data(), _data())
+        ckpt = torch.load(tmp_path / name / "last.ckpt", weights_only=True)
+        assert ckpt["epoch"] == 2, name
+        assert float(ckpt["state_dict"]["w"]) == float(model.w.detach()) == 9.5  # the mean of steps 7..12
+        assert float(ckpt["current_model_state"]["w"]) == 12.0
