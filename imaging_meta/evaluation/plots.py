@@ -90,9 +90,16 @@ def _class_item(batch, decisions: torch.Tensor, i: int) -> dict:
     """Task ``i`` of a batch of class episodes: one support image per class, up to 6 queries, truths and predictions."""
     first_of = [int((batch.support_labels[i] == c).nonzero()[0]) for c in range(len(batch.classes[i]))]
     q = min(6, batch.query_images.shape[1])
-    return {"support_images": batch.support_images[i, first_of, 0].float().cpu(),
-            "query_images": batch.query_images[i, :q, 0].float().cpu(),
+    return {"support_images": _middle_slices(batch.support_images[i, first_of, 0]).float().cpu(),
+            "query_images": _middle_slices(batch.query_images[i, :q, 0]).float().cpu(),
             "truth": batch.query_labels[i, :q].cpu(), "prediction": decisions[i, :q].cpu()}
+
+
+def _middle_slices(items: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) images as they are; (N, D, H, W) patches by their middle slice along D, as the TensorBoard panel
+    shows them (`panels._item`): `best_worst.png` stopped `evaluate` on 3D lesion patches, after every episode was
+    scored and before the report was written (a review)."""
+    return items[:, items.shape[1] // 2] if items.ndim == 4 else items
 
 
 def _errors(stats: Sequence[dict | None]) -> list:

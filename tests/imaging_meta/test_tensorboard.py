@@ -276,3 +276,24 @@ def test_the_probability_panel_is_drawn_the_same_way_round_as_the_slices_beside_
         cell = grey[int(0.15 * h):int(0.9 * h), int((0.02 + column / 4) * w):int((0.23 + column / 4) * w)]
         ch, cw = cell.shape
         assert cell[: ch // 3, 2 * cw // 3:].mean() > cell[: ch // 3, : cw // 3].mean() + 100, column
+
+
+def test_the_best_and_worst_episodes_of_3d_patches_show_their_middle_slices(tmp_path):
+    """A review: `evaluate` on 3D lesion patches scored every episode, then stopped drawing best_worst.png
+    (imshow of a (D, H, W) volume) before it wrote the report."""
+    from imaging_meta.episode import Episode, collate_episodes
+    from imaging_meta.evaluation.plots import PanelKeeper, best_worst_panel
+    from imaging_meta.tasks import CLASSIFICATION
+
+    images = torch.zeros(2, 1, 5, 12, 12)
+    images[:, :, 2] = 1.0  # only the middle slice is bright
+    ep = Episode(support_images=images, support_labels=torch.tensor([0, 1]), query_images=images,
+                 query_labels=torch.tensor([0, 1]), classes=["a", "b"], site="s", support_ids=["s0", "s1"],
+                 query_ids=["q0", "q1"])
+    keeper = PanelKeeper(CLASSIFICATION, 1, 0.5)
+    keeper.offer(collate_episodes([ep, ep]), torch.tensor([[[0.9, 0.1], [0.2, 0.8]]] * 2),
+                 [{"episode": e, "acc": 1.0 - e} for e in range(2)], 0)
+    best, worst = keeper.best_worst()
+    assert best[0]["support_images"].shape == (2, 12, 12) and bool((best[0]["support_images"] == 1).all())
+    png = best_worst_panel(best, worst, CLASSIFICATION, tmp_path / "bw.png")
+    assert png is not None and (tmp_path / "bw.png").stat().st_size > 0
