@@ -402,10 +402,18 @@ class SegmentationDataModule(EpisodicDataModule):
     def _scan_key(self) -> str:
         """What the index depends on: every file under ``root`` (path, size, modification time; the cache folder
         left out) and the scan settings (site fields, label names, salt, the readers' version)."""
-        cache = os.path.realpath(self.cache_dir)
+        # each real folder once, as the scan walks them (`_Scanner.walk`): a link back up (a symbolic-link loop)
+        # was walked until the path grew too long, or forever with two of them (a review)
+        seen = {os.path.realpath(self.root), os.path.realpath(self.cache_dir)}
         files = []
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) != cache)
+            keep = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if real not in seen:
+                    seen.add(real)
+                    keep.append(d)
+            dirnames[:] = keep
             for name in sorted(filenames):
                 path = os.path.join(dirpath, name)
                 try:

@@ -77,7 +77,8 @@ def pair_labels(books: ScanBooks, nifti: list[str], series: list[Series]) -> tup
     nifti_set = set(nifti)
     label_of = _decathlon_pairs(books, nifti_set)
     dec_labels = set(label_of.values())
-    claims = {**_nifti_claims(nifti, nifti_set, dec_labels, label_of), **_dicom_claims(books.root, series, nifti_set, dec_labels)}
+    spelled = _label_spellings(nifti)
+    claims = {**_nifti_claims(nifti, spelled, dec_labels, label_of), **_dicom_claims(books.root, series, spelled, dec_labels)}
     _keep_claiming_images(claims)
     _drop_label_claimants(claims)
     claimed = {c for found in claims.values() for c in found}
@@ -108,8 +109,30 @@ def _decathlon_pairs(books: ScanBooks, nifti_set: set[str]) -> dict[str, str]:
     return label_of
 
 
-def _nifti_claims(nifti: list[str], nifti_set: set[str], dec_labels: set[str], label_of: dict[str, str]) -> _Claims:
-    """The labels each NIfTI image not paired by Decathlon could claim by name (nnU-Net ``_0000`` stems too)."""
+def label_suffix(stem: str) -> str | None:
+    """The label suffix that ends ``stem`` in any case (``_Seg``, ``_MASK``), as ``LABEL_SUFFIXES`` spells it, or
+    None."""
+    low = stem.lower()
+    return next((s for s in LABEL_SUFFIXES if low.endswith(s) and len(stem) > len(s)), None)
+
+
+def _label_spellings(nifti: list[str]) -> dict[str, str]:
+    """Each NIfTI path as `candidates` spells it (its label suffix and extension in lower case: ``CT3_Seg.nii.gz``
+    -> ``CT3_seg.nii.gz``) -> the file's own path; a file spelled as `candidates` spells it wins. A capitalised
+    suffix left the label map indexed as an image of its own, and its image unlabelled (a review)."""
+    out = {p: p for p in nifti}
+    for p in sorted(nifti):
+        name = os.path.basename(p)
+        stem = nifti_stem(name)
+        suffix = label_suffix(stem)
+        if suffix is not None:
+            out.setdefault(os.path.join(os.path.dirname(p), stem[: -len(suffix)] + suffix + name[len(stem):].lower()), p)
+    return out
+
+
+def _nifti_claims(nifti: list[str], spelled: dict[str, str], dec_labels: set[str], label_of: dict[str, str]) -> _Claims:
+    """The labels each NIfTI image not paired by Decathlon could claim by name (nnU-Net ``_0000`` stems too);
+    ``spelled``: `_label_spellings`."""
     claims: _Claims = {}
     for p in nifti:
         if p in dec_labels or "nifti:" + p in label_of:
@@ -118,14 +141,16 @@ def _nifti_claims(nifti: list[str], nifti_set: set[str], dec_labels: set[str], l
         stems = [nifti_stem(name)]
         if re.search(r"_\d{4}$", stems[0]):  # nnU-Net channel suffix: case_0000 -> case
             stems.append(stems[0][:-5])
-        found = [c for c in candidates(os.path.dirname(p), stems, [name]) if c in nifti_set and c != p and c not in dec_labels]
+        found = [spelled[c] for c in candidates(os.path.dirname(p), stems, [name])
+                 if c in spelled and spelled[c] != p and spelled[c] not in dec_labels]
         if found:
             claims["nifti:" + p] = found
     return claims
 
 
-def _dicom_claims(root: str, series: list[Series], nifti_set: set[str], dec_labels: set[str]) -> _Claims:
-    """The labels each DICOM series (in its own folder, not the root) could claim by its folder's name."""
+def _dicom_claims(root: str, series: list[Series], spelled: dict[str, str], dec_labels: set[str]) -> _Claims:
+    """The labels each DICOM series (in its own folder, not the root) could claim by its folder's name;
+    ``spelled``: `_label_spellings`."""
     claims: _Claims = {}
     for s in series:
         folder = s.folder
@@ -133,8 +158,8 @@ def _dicom_claims(root: str, series: list[Series], nifti_set: set[str], dec_labe
             continue
         stem = os.path.basename(folder)
         found = [
-            c for c in candidates(os.path.dirname(folder), [stem], [stem + ".nii.gz", stem + ".nii"], beside=True)
-            if c in nifti_set and c not in dec_labels
+            spelled[c] for c in candidates(os.path.dirname(folder), [stem], [stem + ".nii.gz", stem + ".nii"], beside=True)
+            if c in spelled and spelled[c] not in dec_labels
         ]
         if found:
             claims["dicom:" + s.key] = found
@@ -241,7 +266,9 @@ def _reject_orphan_labels(books: ScanBooks, nifti: list[str], label_files: set[s
             continue
         name = os.path.basename(p)
         stem = nifti_stem(name)
-        suffix = next((s for s in LABEL_SUFFIXES if stem.endswith(s) and len(stem) > len(s)), None)
+        suffix = label_suffix(stem)
+        if suffix is not None:
+            suffix = stem[-len(suffix):]  # as the file spells it
         parent = os.path.basename(os.path.dirname(p))
         if suffix or parent in LABEL_FOLDERS:
             expected = f"{stem[: -len(suffix)]}.nii.gz beside it" if suffix else f"{name} in a sibling images folder"

@@ -51,8 +51,9 @@ _SAFE_FIELDS = frozenset({"Manufacturer", "ManufacturerModelName", "Manufacturer
 #: model was never read from a sidecar, and a held-out scanner's NIfTI scans trained under another key)
 BIDS_SPELLINGS = {"ManufacturerModelName": "ManufacturersModelName"}
 #: changes whenever `site_key` gives other keys for the same headers, so that cached folder indexes are rebuilt
-#: (2: BIDS spellings, field strength in tesla, case variants merged; 2026-12-07)
-SITE_KEY_VERSION = 2
+#: (2: BIDS spellings, field strength in tesla, case variants merged; 3: identifying values tokenised in lower
+#: case; both 2026-12-07)
+SITE_KEY_VERSION = 3
 
 
 def _is_identifying(keyword: str) -> bool:
@@ -112,7 +113,9 @@ def site_key(values: Mapping[str, Any], site_fields: Sequence[str], salt: str) -
     """Build the site key from header values.
 
     Identifying fields (InstitutionName, StationName, ... see `IDENTIFYING_FIELDS`) enter only as a token,
-    e.g. ``"inst-3fa2c1"`` (first 6 hex digits of HMAC-SHA256(salt, value)).
+    e.g. ``"inst-3fa2c1"`` (first 6 hex digits of HMAC-SHA256(salt, value in lower case)): names that differ only
+    in case are one token, as site keys that differ only in case are one site (`merge_case_variants`, which cannot
+    join two tokens: "Saint X" and "SAINT X" were two sites; a review).
 
     Args:
         values: header keyword -> value (DICOM header or BIDS sidecar).
@@ -132,7 +135,7 @@ def site_key(values: Mapping[str, Any], site_fields: Sequence[str], salt: str) -
         if text is None:
             continue
         if _is_identifying(f):
-            text = f"{IDENTIFYING_FIELDS.get(f, 'anon')}-{pseudonym(salt, text, 6)}"
+            text = f"{IDENTIFYING_FIELDS.get(f, 'anon')}-{pseudonym(salt, text.casefold(), 6)}"
         info[f] = text
     key = " | ".join(info[f] for f in site_fields if f in info)
     return (key or "unknown"), info

@@ -17,7 +17,8 @@ What is read, and how it is paired:
   ``images``/``imagesTr``/``imagesTs`` folder. A label must be integer-valued, non-empty, not all foreground
   (some background 0), and on the image's voxel grid (compared in a canonical orientation, so a flipped or
   permuted copy of the same grid matches).
-* Sites come from the DICOM headers or a BIDS JSON sidecar; identifying attributes such as InstitutionName
+* Sites come from the DICOM headers or BIDS JSON sidecars (an image's own, and those it inherits from the
+  folders above: `datamodules.indexing.bids`); identifying attributes such as InstitutionName
   become keyed-hash tokens. Patients and cases are keyed hashes (HMAC-SHA256 with ``salt``).
 
 No PatientName, PatientID, PatientBirthDate or UID is written to the ind
@@ -41,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.indexing.bids import applies, bids_parts, by_folder, sidecars_of
 from datamodules.indexing.decathlon import Decathlon, parse_decathlon, parse_label_names
 from datamodules.indexing.index import Case, Index, Rejection
 from datamodules.indexing.inputs import (
@@ -144,6 +146,8 @@ class _Scanner:
         self.placed: dict[str, str] = {}  # abs path -> "case" / "accounted" / "rejected"
         self.all_files: list[str] = []
         self.decathlons: dict[str, Decathlon] = {}  # folder -> description
+        self._jsons_by_folder: dict[str, list[str]] = {}  # folder -> its JSON files (`run`)
+        self._sidecars: dict[str, dict[str, Any]] = {}  # a sidecar's path -> its fields, read once
         self.dicom_warnings = 0
 
     # ------------------------------------------------------------ bookkeeping
@@ -250,6 +254,7 @@ class _Scanner:
         )
         label_of, label_files = pair_labels(self, nifti, series)
         nifti_set = set(nifti)
+        self._jsons_by_folder = by_folder(jsons)  # the BIDS sidecars each NIfTI image inherits (`_sidecar`)
         for p in sorted(nifti_set - label_files):
             self._guarded(p, lambda p=p: self._nifti_case(p, label_of.get("nifti:" + p)), [p, label_of.get("nifti:" + p)])
         for s in series:
@@ -388,10 +393,7 @@ class _Scanner:
             except Reject as r:
                 self.reject(p, str(r), covered)
                 return
-        sidecar_path = os.path.join(os.path.dirname(p), nifti_stem(os.path.basename(p)) + ".json")
-        sidecar: dict[str, Any] = {}
-        if os.path.isfile(sidecar_path):
-            sidecar = self._read_sidecar(sidecar_path)
+        sidecar = self._sidecar(p)
         key, info = site_key(sidecar, self.site_fields, self.salt)
         dec = self._nearest_decathlon(p)
         modality = normalise_modality(sidecar.get("Modality")) or (dec.modality if dec else None)
@@ -449,6 +451,16 @@ class _Scanner:
                 return json.load(f).get("name") == DEMO_NAME
         except (OSError, ValueError, AttributeError):
             return False
+
+    def _sidecar(self, image: str) -> dict[str, Any]:
+        """The BIDS sidecar fields of a NIfTI image: its own ``<stem>.json`` and those it inherits from above
+        (`datamodules.indexing.bids`), the nearest winning."""
+        fields: dict[str, Any] = {}
+        for path in sidecars_of(image, self.root, self._jsons_by_folder):
+            if path not in self._sidecars:
+                self._sidecars[path] = self._read_sidecar(path)
+            fields.update(self._sidecars[path])
+        return fields
 
     def _read_sidecar(self, path: str) -> dict[str, Any]:
         """A BIDS JSON sidecar as a dict; an invalid one gives {} and a warning."""
@@ -540,8 +552,9 @@ class _Scanner:
         """Account for a known JSON file (BIDS sidecar or description, an index, the demo marker) or reject it."""
         stem = os.path.basename(p)[: -len(".json")]
         folder = os.path.dirname(p)
-        if any(os.path.join(folder, stem + ext) in nifti_set for ext in NIFTI_SUFFIXES):
-            self.account(p)  # BIDS sidecar
+        if any(os.path.join(folder, stem + ext) in nifti_set for ext in NIFTI_SUFFIXES) or (
+                bids_parts(stem) is not None and any(applies(p, n) for n in nifti_set)):
+            self.account(p)  # BIDS sidecar, of the image beside it or inherited by those below it
             return
         try:
             with open(p, encoding="utf-8") as f:

@@ -234,7 +234,7 @@ def test_dicom_case_geometric_order_site_and_flipped_label(tree):
     np.testing.assert_allclose(c.affine, affine_ras(rot_deg=10.0), atol=1e-3)
     z = [float(pydicom.dcmread(root / p).ImagePositionPatient[2]) for p in c.image]
     assert z == sorted(z)
-    token = "inst-" + pseudonym(SALT, FAKE_PHI["InstitutionName"], 6)
+    token = "inst-" + pseudonym(SALT, FAKE_PHI["InstitutionName"].casefold(), 6)
     assert c.site == f"ACME | Scanner 3000 | {token}"
     assert c.site_info == {"Manufacturer": "ACME", "ManufacturerModelName": "Scanner 3000", "InstitutionName": token}
     assert c.patient == "p-" + pseudonym(SALT, "PHITEST-A")
@@ -327,7 +327,7 @@ def test_bids_sidecar_site_and_patient(tree):
     _, index = tree
     t1 = case_of(index, "bids/sub-07/anat/sub-07_T1w.nii.gz")
     t2 = case_of(index, "bids/sub-07/anat/sub-07_T2w.nii.gz")
-    token = "inst-" + pseudonym(SALT, FAKE_PHI["InstitutionName"], 6)
+    token = "inst-" + pseudonym(SALT, FAKE_PHI["InstitutionName"].casefold(), 6)
     assert t1.site == f"Siemens | Prisma | {token} | 3" and t1.modality == "MR"
     assert t1.label == "bids/sub-07/anat/sub-07_T1w_dseg.nii.gz" and t1.organs == {"liver": 1}
     assert t2.site == "unknown" and t2.label is None
@@ -340,7 +340,7 @@ def test_site_key_tokens_identifying_fields():
         {"Manufacturer": " GE  MEDICAL ", "StationName": "CT99", "MagneticFieldStrength": "1.50"},
         ["Manufacturer", "StationName", "MagneticFieldStrength", "ManufacturerModelName"], "s",
     )
-    assert key == f"GE MEDICAL | station-{pseudonym('s', 'CT99', 6)} | 1.5"
+    assert key == f"GE MEDICAL | station-{pseudonym('s', 'ct99', 6)} | 1.5"  # tokens of the value in lower case
     assert info["MagneticFieldStrength"] == "1.5" and "ManufacturerModelName" not in info
     assert site_key({}, ["Manufacturer"], "s") == ("unknown", {})
 
@@ -349,7 +349,9 @@ def test_one_scanner_as_dicom_and_as_dcm2niix_nifti_is_one_site_and_stays_held_o
     """A review: a dcm2niix sidecar spells the model ``ManufacturersModelName`` and the vendor ``Siemens`` where the
     DICOM header has ``SIEMENS``; the model was never read from a sidecar, so the scanner's NIfTI scans were another
     site, and holding the scanner out (cross_site) trained on them. Field strength in gauss (15000, older GE headers)
-    and "3T" are the numbers in tesla; cases that name no scanner beside others that do are warned about."""
+    and "3T" are the numbers in tesla; cases that name no scanner beside others that do are warned about. An
+    institution written in capitals in the sidecar is the same institution (a review: its token, taken from the
+    name as written, made a second site)."""
     import logging
 
     from datamodules.indexing.splits import make_split
@@ -362,7 +364,7 @@ def test_one_scanner_as_dicom_and_as_dcm2niix_nifti_is_one_site_and_stays_held_o
         nifti = root / "nifti" / f"sub-n{n}" / f"sub-n{n}_ct.nii.gz"
         write_nifti(phantom(seed=10 + n).astype(np.float32), affine_ras(), nifti)
         nifti.with_name(f"sub-n{n}_ct.json").write_text(json.dumps(
-            {"Manufacturer": "Siemens", "ManufacturersModelName": "Skyra", "InstitutionName": "Lakeside",
+            {"Manufacturer": "Siemens", "ManufacturersModelName": "Skyra", "InstitutionName": "LAKESIDE",
              "MagneticFieldStrength": "3T", "Modality": "CT"}))
         write_series(root / "other" / f"o{n}", seed=20 + n,
                      hdr=header(PatientID=f"o{n}", Manufacturer="GE", ManufacturerModelName="Signa",
@@ -371,14 +373,38 @@ def test_one_scanner_as_dicom_and_as_dcm2niix_nifti_is_one_site_and_stays_held_o
     with caplog.at_level(logging.WARNING, logger="datamodules.indexing.scan"):
         index = scan_folder(root, salt=SALT)
     sites = Counter(c.site for c in index.cases)
-    skyra = f"SIEMENS | Skyra | inst-{pseudonym(SALT, 'Lakeside', 6)} | 3"
-    ge = f"GE | Signa | inst-{pseudonym(SALT, FAKE_PHI['InstitutionName'], 6)} | 1.5"
+    skyra = f"SIEMENS | Skyra | inst-{pseudonym(SALT, 'lakeside', 6)} | 3"
+    ge = f"GE | Signa | inst-{pseudonym(SALT, FAKE_PHI['InstitutionName'].casefold(), 6)} | 1.5"
     assert sites == {skyra: 6, ge: 3, "unknown": 1}, sites
     assert "1 of 10 cases" in caplog.text and "name no scanner" in caplog.text
     split = make_split(index.cases, "cross_site", test_sites=["Skyra"], seed=0)
     held = {index.cases[i].site for i in split.test}
     assert held == {skyra} and not {index.cases[i].site for i in split.train + split.val} & held
     assert sum(index.cases[i].site == skyra for i in split.test) == 6  # the NIfTI scans are held out with the DICOM
+
+
+def test_bids_sidecars_are_inherited_from_the_folders_above(tmp_path):
+    """A review: a dataset that keeps its scanner fields in a top-level ``T1w.json`` (the BIDS inheritance
+    principle) had every case at site ``unknown``, and the file was rejected as not a sidecar. The nearest sidecar's
+    values win; another suffix's, or another subject's, do not apply."""
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "T1w.json").write_text(json.dumps({"Manufacturer": "Philips", "ManufacturersModelName": "Ingenia",
+                                               "MagneticFieldStrength": 1.5}))
+    (root / "T2w.json").write_text(json.dumps({"Manufacturer": "GE"}))
+    for sub in ("01", "02", "03"):
+        anat = root / f"sub-{sub}" / "anat"
+        write_nifti(phantom(seed=int(sub)).astype(np.float32), affine_ras(), anat / f"sub-{sub}_T1w.nii.gz")
+    (root / "sub-02" / "sub-02_T1w.json").write_text(json.dumps({"MagneticFieldStrength": 3}))  # a subject's own
+    (root / "sub-03" / "anat" / "sub-03_T1w.json").write_text(json.dumps({"ManufacturersModelName": "Achieva"}))
+    (root / "sub-01" / "sub-02_T1w.json").write_text(json.dumps({"Manufacturer": "nobody"}))  # another subject's
+    index = scan_folder(root, salt=SALT)
+    assert {c.image: c.site for c in index.cases} == {
+        "sub-01/anat/sub-01_T1w.nii.gz": "Philips | Ingenia | 1.5",
+        "sub-02/anat/sub-02_T1w.nii.gz": "Philips | Ingenia | 3",
+        "sub-03/anat/sub-03_T1w.nii.gz": "Philips | Achieva | 1.5"}
+    rejected = {r.path for r in index.rejected}
+    assert rejected == {"T2w.json", "sub-01/sub-02_T1w.json"}  # they describe no image here
 
 
 def test_site_key_reads_bids_spellings_and_field_strength_in_tesla():
@@ -577,6 +603,27 @@ def test_a_label_map_named_gt_pairs_with_its_image_and_is_never_an_unlabelled_sc
     index = scan_folder(str(tmp_path))
     assert [(c.image, c.label) for c in index.cases] == [("case1.nii.gz", "case1_gt.nii.gz")]
     assert [(r.path, "suffix _gt" in r.reason) for r in index.rejected] == [("case2_gt.nii.gz", True)]
+
+
+def test_a_label_suffix_in_capitals_pairs_as_in_lower_case(tmp_path):
+    """A review: ``CT3_Seg.nii.gz`` beside the DICOM series folder ``CT3`` (and ``Case1_MASK.nii.gz`` beside
+    ``Case1.nii.gz``) was indexed as an image of its own, of unknown modality, and its image as unlabelled; an
+    orphan ``Case2_Seg`` was not named as a label map. A file spelled as listed still wins over a capitalised one."""
+    img, aff = phantom(seed=3), affine_ras()
+    write_series(tmp_path / "pat3" / "CT3", img, aff, seed=3)
+    write_nifti(label_for(img), aff, tmp_path / "pat3" / "CT3_Seg.nii.gz")
+    write_nifti(img, aff, tmp_path / "Case1.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "Case1_MASK.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "Case2_Seg.nii.gz")  # its image is missing
+    write_nifti(img, aff, tmp_path / "c4.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "c4_seg.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "c4_SEG.nii.gz")  # a second label map, named otherwise
+    index = scan_folder(str(tmp_path))
+    pairs = sorted((c.image if isinstance(c.image, str) else os.path.dirname(c.image[0]), c.label) for c in index.cases)
+    assert pairs == [("Case1.nii.gz", "Case1_MASK.nii.gz"), ("c4.nii.gz", "c4_seg.nii.gz"),
+                     ("pat3/CT3", "pat3/CT3_Seg.nii.gz")]
+    reasons = {r.path: r.reason for r in index.rejected}
+    assert "suffix _Seg" in reasons["Case2_Seg.nii.gz"] and "c4_SEG.nii.gz" in reasons
 
 
 def test_an_image_named_like_a_label_that_has_a_label_of_its_own_stays_an_image(tmp_path):

@@ -233,6 +233,19 @@ def test_the_episodic_datamodule_contract(dm):
     assert digest({"train": ["c-1"], "protocol": "cross_organ", "p": Path("/x")}) == "8ae46709447b7216"
 
 
+def test_symbolic_link_loops_under_the_root_are_walked_once_for_the_index_key(tmp_path):
+    """A review: the index key walked the root following links without remembering the folders it had seen, so a
+    link back up counted every file again and again (two such links: it never returned), though the scan itself
+    lists such links and walks each real folder once."""
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "f.txt").write_text("x")
+    dm = SegmentationDataModule(root=str(root), cache_dir=str(tmp_path / "cache"))
+    before = dm._scan_key()
+    (root / "a" / "up").symlink_to("..")
+    assert dm._scan_key() == before  # the loop adds no file
+
+
 def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, caplog):
     """A sidecar added after the first scan (as the modality warning advises), or new label names, reach the index
     without ``rescan: true``; an unchanged folder is not scanned again."""
