@@ -22,8 +22,10 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: TRAINER=$(TRAINER) DATA=$(DATA) MODEL=$(MODEL) DATA_DIR=$(DATA_DIR) ARGS='...'"
 
+# a .venv without pip (a first make stopped during ensurepip, a python without its venv package) is made again in
+# place, keeping what it holds (a CUDA torch put there first); `test -x` of its python trusted it for ever (a review)
 $(VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,jpeg]"
 	touch $@
 
@@ -64,7 +66,10 @@ evaluate: $(TRAIN_PREREQ)  ## fit MODEL under each segmentation protocol, evalua
 	      --config configs/protocol/$$p.yaml --config configs/model/$(MODEL).yaml $(ROOT_ARG) \
 	      --trainer.logger.init_args.save_dir $(EVAL_DIR)/runs --trainer.logger.init_args.name $(MODEL)-$$p \
 	      --trainer.max_epochs $(EVAL_EPOCHS) $(ARGS); \
-	  ckpt=$$(ls -t $(EVAL_DIR)/runs/$(MODEL)-$$p/version_*/checkpoints/best*.ckpt | head -1); \
+	  run=$$(ls -td $(EVAL_DIR)/runs/$(MODEL)-$$p/version_* | head -1); \
+	  ckpt=$$(ls -t $$run/checkpoints/best*.ckpt 2>/dev/null | head -1); \
+	  if [ -z "$$ckpt" ]; then ckpt=$$run/checkpoints/last.ckpt; \
+	    echo "$$run: no best.ckpt (no validation was scored); evaluating its last.ckpt"; fi; \
 	  $(CLI) evaluate --checkpoint "$$ckpt" --out $(EVAL_DIR)/$(MODEL)-$$p $(EVAL_ARGS); \
 	done
 	$(CLI) compare $(addprefix $(EVAL_DIR)/$(MODEL)-,$(PROTOCOLS)) --out $(EVAL_DIR)/comparison.md

@@ -404,6 +404,13 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     if not runs:
         raise FileNotFoundError(f"{first(skipped, sep=', ')}: no results.json; run `imaging-meta evaluate --out "
                                 f"{skipped[0]}` first")
+    for f, doc in runs:
+        if not isinstance(doc.get("figures"), dict):  # as `evaluate` tells its own reports from others
+            # a review: "run imaging-meta evaluate again" here, and `evaluate --out` of that folder is refused
+            raise ValueError(
+                f"{f}: a training run's test report (imaging-meta test or fit --test_after_fit), not an evaluation; "
+                f"compare takes evaluation reports: run imaging-meta evaluate --checkpoint "
+                f"{f.parent / 'checkpoints' / 'best.ckpt'} --out DIR, and compare DIR")
     shots: set[int] = set()
     for f, doc in runs:
         try:

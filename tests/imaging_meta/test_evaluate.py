@@ -530,8 +530,9 @@ def test_compare_names_a_results_json_it_cannot_read_and_keeps_rows_on_one_line(
     from imaging_meta.evaluation.reports import md_cell
 
     assert md_cell("Evil|Maker\n| fake | row |") == "Evil\\|Maker \\| fake \\| row \\|"
-    cases = {"null": "null", "deep": "[" * 100000 + "]" * 100000, "no_shots": '{"context": {}, "summary": {}}',
-             "text_mean": json.dumps({"context": {"shots": [1], "task": "segmentation", "protocol": "p", "name": "x",
+    cases = {"null": "null", "deep": "[" * 100000 + "]" * 100000,
+             "no_shots": '{"context": {}, "summary": {}, "figures": {}}',
+             "text_mean": json.dumps({"figures": {}, "context": {"shots": [1], "task": "segmentation", "protocol": "p", "name": "x",
                                                   "learner": "L", "episode_files": {"1": {"sha256": "ab"}},
                                                   "interval": {"name": "episode-t"}},
                                       "summary": {"1": {"dice": {"trained": {"all": {"mean": "high", "ci95": 0.1}}},
@@ -541,6 +542,14 @@ def test_compare_names_a_results_json_it_cannot_read_and_keeps_rows_on_one_line(
         (tmp_path / name / "results.json").write_text(text)
         with pytest.raises(ValueError, match=rf"{name}/results\.json: (not valid JSON|not a results\.json|a results\.json without)"):
             compare_runs([tmp_path / name])
+    # a training run's test report (no figures): it said "run imaging-meta evaluate again", and `evaluate --out` of
+    # that folder is refused (a review); it now says what to evaluate, and where
+    run = tmp_path / "runs" / "seg" / "version_0"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"context": {"shots": [1]}, "summary": {}, "differences": {}}))
+    with pytest.raises(ValueError, match=r"version_0/results\.json: a training run's test report .*imaging-meta evaluate "
+                                         r"--checkpoint .*version_0/checkpoints/best\.ckpt --out DIR, and compare DIR"):
+        compare_runs([run])
 
 
 def test_compare_notes_rows_on_one_episode_list_but_other_pixels_or_unofficial_files(tmp_path):
@@ -553,7 +562,7 @@ def test_compare_notes_rows_on_one_episode_list_but_other_pixels_or_unofficial_f
                            "episode_files": {"1": episode}, "interval": {"name": "episode-t"},
                            "preprocessing": preprocessing},
                "summary": {"1": {"dice": {"trained": {"all": {"mean": 0.5, "ci95": 0.1}}},
-                                 "hd95": {"trained": {"all": {"mean": 9.0, "ci95": 1.0}}}}}}
+                                 "hd95": {"trained": {"all": {"mean": 9.0, "ci95": 1.0}}}}}, "figures": {}}
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(doc))
         return tmp_path / name
