@@ -47,6 +47,7 @@ from imaging_meta.commands.console import (
     peer_stopped,
     quiet_lightning,
     quiet_output,
+    seed_int,
     split_global_options,
     user_error,
 )
@@ -552,7 +553,7 @@ def _add_segment_parser(sub) -> None:
                    help="test-time adaptation: before predicting each query, fine-tune a copy on superpixel episodes from "
                         "the support scans and that query and on augmented support slices for N steps (default 40, a measured choice, see "
                         "docs/segmentation.md; 0: off, faster)")
-    g.add_argument("--adapt-seed", type=non_negative_int, default=0, help="seed of the adaptation episodes (default 0)")
+    g.add_argument("--adapt-seed", type=seed_int, default=0, help="seed of the adaptation episodes (default 0)")
     g.add_argument("--scale", choices=("checkpoint", "structure"), default="structure",
                    help="in-plane spacing: one at which the support's structure is at least 12 pixels thick (default; "
                         "the checkpoint's for large organs, finer for thin or small structures), or the checkpoint's")
@@ -566,7 +567,7 @@ def _add_evaluate_parser(sub) -> None:
     e.add_argument("--out", required=True, help="run folder for results.json, results.md, plots and episode files")
     e.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="support sizes to evaluate (default: 1 5)")
     e.add_argument("--episodes", type=int, default=200, help="test episodes per number of shots")
-    e.add_argument("--seed", type=int, default=0, help="episode seed: the same seed draws the same episodes")
+    e.add_argument("--seed", type=seed_int, default=0, help="episode seed: the same seed draws the same episodes")
     e.add_argument("--data-config", default=None,
                    help="data YAML to use instead of the settings stored in the checkpoint (must keep its split)")
     e.add_argument("--data-root", default=None, help="the data folder, when it moved since training")

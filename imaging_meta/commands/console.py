@@ -276,6 +276,19 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+#: one past the largest seed torch's generators take (``manual_seed`` overflows above 2**64 - 1)
+SEED_LIMIT = 2**64
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2**64) (argparse names the option in its error; a review:
+    2**64 failed after the checkpoint was read, as "Overflow when unpacking long long")."""
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(text)
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     value = int(text)

@@ -44,6 +44,7 @@ from imaging_meta.checkpoint_io import (
     split_mismatch,
     structure_mismatch,
 )
+from imaging_meta.commands.console import SEED_LIMIT
 from imaging_meta.commands.outputs import check_output_folder
 from imaging_meta.evaluation.methods import TRAINED, UNTRAINED, reference_classifiers, restore_untrained
 from imaging_meta.evaluation.panels import png_array
@@ -557,8 +558,8 @@ def evaluate(
         raise ValueError(f"shots must be positive integers, got {list(shots)}")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    if seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {seed}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be >= 0 and below 2**64, got {seed}")
     if scan_protocols and scan_pairs < 1:
         raise ValueError(f"--scan-pairs must be >= 1, got {scan_pairs}")
     if adapt_steps < 0:
@@ -626,6 +627,9 @@ def evaluate(
     context = _context(path, out, extra, task, describe, episode_files, name=name, seed=seed, episodes=episodes,
                        threshold=threshold, spacing=spacing, device=dev.type)
     context["interval"] = interval_description(interval, N_BOOT, seed)
+    if scan_protocols:  # how the whole-scan rows were made (scans.json's records say it too)
+        context["scan_protocols"] = {"protocols": list(scan_protocols), "pairs": scan_pairs, "pairing": scan_pairing,
+                                     "scale": scan_scale, "adapt_steps": adapt_steps}
     # what `compare` checks besides the episodes: two runs on one episode list can still see other pixels
     context["preprocessing"] = preprocessing
     if changed:

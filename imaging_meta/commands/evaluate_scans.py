@@ -101,6 +101,9 @@ def scans_markdown(records: Sequence[dict], seed: int = 0) -> str:
         )
         if any(r.get("scale") == "structure" for r in recs):
             note += " Segmented at the spacing chosen from each support's structure (`--scale structure`)."
+        steps = sorted({r["adapt_steps"] for r in recs if r.get("adapt_steps")})
+        if steps:
+            note += f" Test-time adaptation: {', '.join(map(str, steps))} steps (`--adapt-steps`)."
         lines += [
             f"## {protocol}",
             "",

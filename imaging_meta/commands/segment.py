@@ -50,7 +50,7 @@ from datamodules.sources.image_folder import PIL_EXTENSIONS
 from datamodules.transforms.volume import CheckVolume, to_source_grid, volume_transforms
 from imaging_meta.adaptation import DEFAULT_STEPS
 from imaging_meta.checkpoint_io import CheckpointError, load_learner, resolve_device
-from imaging_meta.commands.console import user_error
+from imaging_meta.commands.console import SEED_LIMIT, user_error
 from imaging_meta.commands.dicom_seg import SEG_MANUFACTURER
 from imaging_meta.commands.nifti_out import NiftiGeometry, nifti_description, save_nifti
 from imaging_meta.commands.outputs import check_output_folder, check_outputs
@@ -610,6 +610,8 @@ def segment(
         raise ValueError(f"--max-support-slices must be at least 1, got {max_support_slices}")
     if adapt_steps < 0:
         raise ValueError(f"--adapt-steps must be at least 0 (0: no adaptation), got {adapt_steps}")
+    if not 0 <= adapt_seed < SEED_LIMIT:
+        raise ValueError(f"--adapt-seed must be >= 0 and below 2**64, got {adapt_seed}")
     if structure_name is not None and (not 0 < len(structure_name) <= 64 or "\\" in structure_name
                                        or any(ord(ch) < 32 or 0xD800 <= ord(ch) < 0xE000 for ch in structure_name)):
         raise ValueError(f"--structure-name {structure_name!r}: 1 to 64 characters without a backslash or control "

@@ -354,6 +354,8 @@ def score_pair(
             "patient": query.patient,
             "uses_query_extent": protocol == "oracle_extent",
             "scale": scale,
+            # the adapted row's steps: two runs' adapted rows are otherwise named alike (a review)
+            "adapt_steps": adapt_steps if name == ADAPTED else None,
             "support_dice": checks.get(name),  # the segmenter's self-check on the support (None: not measured)
             "relaxed": relaxations.get(name),  # an empty answer predicted again without these rules (None: no)
             "novelty": novelties.get(name),  # how unlike the support the query looked (None: not measured)

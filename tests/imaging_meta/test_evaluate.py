@@ -407,7 +407,8 @@ def test_provenance_reads_the_commit_of_our_own_source_only(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"seed": -1}, r"--seed must be >= 0, got -1"),
+    ({"seed": -1}, r"--seed must be >= 0 and below 2\*\*64, got -1"),
+    ({"seed": 2**64}, r"--seed must be >= 0 and below 2\*\*64, got 18446744073709551616"),
     ({"scan_protocols": ["whole_scan"], "scan_pairs": 0}, r"--scan-pairs must be >= 1, got 0"),
     ({"scan_protocols": ["whole_scan"], "adapt_steps": -2}, r"--adapt-steps must be >= 0, got -2"),
     ({"shots": [0]}, r"shots must be positive integers"),
@@ -518,7 +519,10 @@ def test_a_run_stopped_among_the_scan_pairs_keeps_its_episode_report_and_no_earl
     monkeypatch.setattr(evaluate_scans, "score_pair", score)
     with pytest.raises(KeyboardInterrupt):
         evaluate(ckpt, out, **{**kw, "seed": 8}, scan_protocols=["whole_scan"], scan_pairs=2, scan_pairing="any")
-    assert json.loads((out / "results.json").read_text())["context"]["seed"] == 8  # the new episode report
+    context = json.loads((out / "results.json").read_text())["context"]
+    assert context["seed"] == 8  # the new episode report, which says how its scan rows are made
+    assert context["scan_protocols"] == {"protocols": ["whole_scan"], "pairs": 2, "pairing": "any",
+                                         "scale": "checkpoint", "adapt_steps": 0}
     assert len(json.loads((out / "scans.json").read_text())) == 1
     table = (out / "scans.md").read_text()
     assert "earlier run" not in table and "1 (support, query) volume pairs" in table and "| trained | 0.250" in table

@@ -313,7 +313,7 @@ def test_several_supports_share_the_finest_spacing_and_the_widest_field_of_view(
 
 
 @pytest.mark.parametrize("two_parts", [True, False])
-def test_whole_scan_keeps_every_part_of_a_structure_the_support_shows_in_parts(tmp_path, two_parts):
+def test_whole_scan_keeps_every_part_of_a_structure_the_support_shows_in_parts(tmp_path, two_parts, monkeypatch):
     """Bright (200 HU) blocks in a 40 HU body, the intensity evidence exact. A structure in two parts in the
     support and the query (both kidneys under one label) keeps both predicted parts; a structure in one part
     keeps its largest component, and a smaller bright block that is not the structure is dropped."""
@@ -336,6 +336,16 @@ def test_whole_scan_keeps_every_part_of_a_structure_the_support_shows_in_parts(t
                                                   ablations=False)}
     assert records[WINDOW]["dice"] == pytest.approx(1.0 if two_parts else 2 * 216 / (216 + 216 + 27))
     assert records["trained"]["dice"] == pytest.approx(1.0)  # largest-only would give 2/3 for two equal parts
+    if not two_parts:  # the adapted row records its steps: two runs' adapted rows were named alike (a review)
+        import imaging_meta.adaptation as adaptation
+
+        monkeypatch.setattr(adaptation, "adapt", lambda learner, *args, **kwargs: learner)
+        adapted = {r["method"]: r for r in score_pair(ConstantLearner(0.99), pre, scans[0], scans[1], "whole_scan",
+                                                      ablations=False, adapt_steps=7)}
+        assert adapted["trained + test-time adaptation"]["adapt_steps"] == 7 and adapted["trained"]["adapt_steps"] is None
+        from imaging_meta.commands.evaluate_scans import scans_markdown
+
+        assert "Test-time adaptation: 7 steps (`--adapt-steps`)." in scans_markdown(list(adapted.values()))
 
 
 def test_structure_preprocessing_reads_the_label_map_as_segment_does(tmp_path):
