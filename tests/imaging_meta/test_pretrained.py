@@ -271,6 +271,18 @@ def test_protonet_seg_from_its_config_trains_and_predicts(weights_file):
     assert p.shape == (1, 2, 64, 64) and (p >= 0).all() and (p <= 1).all()
 
 
+def test_coordinate_channels_with_pretrained_weights_are_refused(weights_file):
+    """A review: with coord_channels the pretrained first convolution read the grey slice with its red kernel
+    alone and the coordinate maps as green and blue, normalised as colours, without a word."""
+    from imaging_meta.learners.metric.protonet_seg import PrototypicalSegmenter
+
+    with pytest.raises(ValueError, match=r"coord_channels adds two coordinate channels .* set coord_channels: false"):
+        PrototypicalSegmenter(backbone="resnet", coord_channels=True,
+                              backbone_kwargs={"depth": 18, "weights": str(weights_file[0]), "feature_stride": 8})
+    assert PrototypicalSegmenter(backbone="resnet", coord_channels=True,  # from scratch: the channels are learned
+                                 backbone_kwargs={"depth": 18, "feature_stride": 8}).coord_channels
+
+
 @pytest.mark.parametrize("freeze_bn", [True, False])
 def test_a_query_does_not_depend_on_the_other_queries(weights_file, freeze_bn):
     learner = learner_from("protonet_resnet_seg.yaml", weights=str(weights_file[0]), freeze_bn=freeze_bn)

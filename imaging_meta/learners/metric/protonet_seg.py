@@ -83,6 +83,12 @@ class PrototypicalSegmenter(Learner):
             raise ValueError(f"feature_pool must be >= 1, got {feature_pool}")
         self.feature_pool = int(feature_pool)
         self.coord_channels = bool(coord_channels)
+        if self.coord_channels and (backbone_kwargs or {}).get("weights") is not None:
+            # the pretrained first convolution would read the slice with its red kernel alone and the coordinates
+            # with green and blue, normalised as colours, without a word (a review)
+            raise ValueError("coord_channels adds two coordinate channels to the input, which a pretrained first "
+                             "convolution would read as colours: set coord_channels: false with backbone_kwargs.weights "
+                             "(as configs/model/protonet_resnet_seg.yaml does)")
         self.encoder = build_backbone(backbone, in_channels + 2 * self.coord_channels, **(backbone_kwargs or {}))
         self.scale = float(scale)
         self.align_weight = float(align_weight)
