@@ -35,7 +35,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{_short(target.name)}.", suffix=".partial", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_temp_name(target.name)}.", suffix=".partial", dir=target.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain open() would
         with os.fdopen(fd, mode, **kwargs) as f:
@@ -53,9 +53,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
 TEMP_NAME_BYTES = 96
 
 
-def _short(name: str) -> str:
-    """``name`` cut to `TEMP_NAME_BYTES` bytes of UTF-8, on a character boundary."""
-    return name.encode("utf-8", "surrogateescape")[:TEMP_NAME_BYTES].decode("utf-8", "ignore")
+#: Lightning's SLURM requeue resumes from the largest number it finds in any name holding ``hpc_ckpt_`` in the run's
+#: root (all its digits, joined): a killed save's temporary file, ``.hpc_ckpt_2.ckpt.k3z9_a1b.partial``, made it
+#: look for ``hpc_ckpt_2391.ckpt`` at every later requeue (a review). Temporary names spell it otherwise.
+HPC_KEY, HPC_TEMP = "hpc_ckpt_", "hpc-ckpt-"
+
+
+def _temp_name(name: str) -> str:
+    """``name`` as its temporary file holds it: cut to `TEMP_NAME_BYTES` bytes of UTF-8 on a character boundary,
+    ``hpc_ckpt_`` spelt `HPC_TEMP`."""
+    return name.encode("utf-8", "surrogateescape")[:TEMP_NAME_BYTES].decode("utf-8", "ignore").replace(HPC_KEY, HPC_TEMP)
 
 
 #: the temporary files `atomic_open` makes: ``.<target name, maybe cut>.<8 random characters>.partial``
@@ -69,7 +76,7 @@ def partial_target(path: Path) -> Path | None:
     match = _PARTIAL.match(path.name)
     if match is None:
         return None
-    name = match.group("name")
+    name = match.group("name").replace(HPC_TEMP, HPC_KEY)
     maybe_cut = len(os.fsencode(name)) > TEMP_NAME_BYTES - 4  # a cut keeps whole characters (up to 4 bytes)
     return path.parent / (name + "…" if maybe_cut else name)
 

@@ -330,6 +330,11 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             folder = trainer.log_dir  # a broadcast under DDP: every rank calls it
             taken = [n for n in RUN_FILES if (Path(folder) / n).is_file()] if trainer.is_global_zero else []
             taken = trainer.strategy.broadcast(taken)
+            if taken and stage == "fit" and slurm_requeue() and hpc_checkpoints(trainer.default_root_dir):
+                # a fixed version (e.g. $SLURM_JOB_ID) holds this job's own files from before SLURM requeued it, and
+                # the fit goes on there from its hpc checkpoint; it was refused as another run's (a review). Its
+                # config.yaml is the one saved then
+                return
             if taken and trainer.logger is None:
                 raise FileExistsError(
                     f"{folder} already holds {', '.join(taken)} of another run, which this one would write over: "
@@ -772,11 +777,9 @@ def _refuse_another_jobs_hpc_checkpoint(default_root_dir: str | None) -> None:
 
     from imaging_meta.checkpoint_io import CheckpointError
 
-    if not SLURMEnvironment.detect():
+    if not SLURMEnvironment.detect() or slurm_requeue():
         return
     restarts = os.environ.get("SLURM_RESTART_COUNT", "").strip()
-    if restarts.isdigit() and int(restarts) > 0:
-        return
     found = hpc_checkpoints(default_root_dir)
     if not found:
         return
@@ -789,10 +792,20 @@ def _refuse_another_jobs_hpc_checkpoint(default_root_dir: str | None) -> None:
         "path would send each requeue back to that file)")
 
 
+def slurm_requeue() -> bool:
+    """Whether this process is a SLURM job that SLURM requeued (``SLURM_RESTART_COUNT`` above 0)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "").strip()
+    return SLURMEnvironment.detect() and restarts.isdigit() and int(restarts) > 0
+
+
 def hpc_checkpoints(default_root_dir: str | None) -> list[Path]:
     """The files Lightning's ``ckpt_path="hpc"`` chooses among in the trainer's ``default_root_dir`` (the working
     directory unless set; ``~`` and ``file://`` as Lightning reads them), oldest first: every name that holds
-    ``hpc_ckpt_`` and a number, as Lightning counts them. Empty for a remote root (Lightning's own rule applies)."""
+    ``hpc_ckpt_`` and a digit, numbered as Lightning numbers it (every digit after its last ``hpc_ckpt_``, joined:
+    ``hpc_ckpt_2_copy3.ckpt`` is 23; the first number alone was taken, a review). Empty for a remote root
+    (Lightning's own rule applies)."""
     root = str(default_root_dir) if default_root_dir else os.getcwd()
     if root.startswith("file://"):
         root = root[len("file://"):]
@@ -804,9 +817,9 @@ def hpc_checkpoints(default_root_dir: str | None) -> list[Path]:
     numbers = set()
     for p in folder.iterdir():
         if "hpc_ckpt_" in p.name:
-            digits = re.findall(r"\d+", p.name.split("hpc_ckpt_", 1)[1])
+            digits = re.sub(r"[^0-9]", "", p.name.split("hpc_ckpt_")[-1])
             if digits:
-                numbers.add(int(digits[0]))
+                numbers.add(int(digits))
     # Lightning resumes from hpc_ckpt_<largest number>.ckpt, whatever file the number came from
     return [folder / f"hpc_ckpt_{n}.ckpt" for n in sorted(numbers)]
 

@@ -54,3 +54,22 @@ def test_reading_the_umask_never_changes_it(monkeypatch):
     assert set(masks) == {0o077}
     if os.path.exists("/proc/self/status"):
         assert calls == []
+
+
+def test_a_requeue_checkpoints_temporary_file_does_not_look_like_one(tmp_path):
+    """A review: a save of hpc_ckpt_2.ckpt killed mid-write left ``.hpc_ckpt_2.ckpt.k3z9_a1b.partial``, and
+    Lightning's requeue, which joins every digit after ``hpc_ckpt_`` in any name of the folder, then looked for
+    hpc_ckpt_2391.ckpt at every later requeue. The temporary name spells it otherwise; errors still name the
+    target."""
+    from pathlib import Path
+
+    from datamodules.io.atomic import partial_target
+
+    target = tmp_path / "hpc_ckpt_2.ckpt"
+    with atomic_open(target, "wb") as f:
+        (temporary,) = [p for p in tmp_path.iterdir()]
+        assert "hpc_ckpt_" not in temporary.name and temporary.name.startswith(".hpc-ckpt-2.ckpt.")
+        assert partial_target(temporary) == target
+        f.write(b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["hpc_ckpt_2.ckpt"]
+    assert partial_target(Path(".index.json.rw8hfvgo.partial")) == Path("index.json")

@@ -145,6 +145,11 @@ def test_a_new_job_does_not_resume_an_earlier_jobs_requeue_checkpoint(slurm_job,
     file and the ways out, before anything is built."""
     for n in (1, 2, 10):
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"an earlier job's")
+    from imaging_meta.commands.cli import hpc_checkpoints
+
+    (tmp_path / "hpc_ckpt_0_copy3.txt").write_text("x")  # numbered as Lightning numbers it: 03 (the first number: 0)
+    assert [p.name for p in hpc_checkpoints(str(tmp_path))] == [f"hpc_ckpt_{n}.ckpt" for n in (1, 2, 3, 10)]
+    (tmp_path / "hpc_ckpt_0_copy3.txt").unlink()
     args = ["fit", "--config", str(CONFIGS / "trainer/slurm.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
             "--config", str(CONFIGS / "model/protonet_seg.yaml"), "--trainer.accelerator", "cpu",
             "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)]
@@ -171,3 +176,30 @@ def test_a_new_job_does_not_resume_an_earlier_jobs_requeue_checkpoint(slurm_job,
     with pytest.raises(SystemExit):
         main(args)
     assert "an auto-requeue checkpoint" not in capsys.readouterr().err
+
+
+def test_a_requeued_job_goes_on_in_its_own_fixed_version_folder(slurm_job, tmp_path, monkeypatch):
+    """A review: with a fixed logger version (e.g. $SLURM_JOB_ID, the same after a requeue) the requeued job found
+    its own config.yaml from before the requeue and was refused as another run; it now goes on there. A job that is
+    not a requeue is still refused, and so is a requeue without an hpc checkpoint to resume."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    trainer = slurm_trainer(tmp_path, "--trainer.devices", str(TASKS_PER_NODE), "--trainer.logger.init_args.version",
+                            "4242")
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("the job's own, saved before SLURM requeued it\n")
+    stand_in = SimpleNamespace(log_dir=str(folder), is_global_zero=True, logger=object(), fast_dev_run=False,
+                               default_root_dir=str(tmp_path), strategy=SimpleNamespace(broadcast=lambda x: x))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(FileExistsError, match="already holds config.yaml"):  # nothing to resume from
+        callback.setup(stand_in, None, "fit")
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"saved at the requeue signal")
+    callback.setup(stand_in, None, "fit")  # goes on
+    assert (folder / "config.yaml").read_text().startswith("the job's own")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(FileExistsError, match="already holds config.yaml"):
+        callback.setup(stand_in, None, "fit")
