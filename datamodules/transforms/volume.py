@@ -362,7 +362,10 @@ class NiftiVolumeReader(NibabelReader):
             problem = affine_reason(img.affine)
             if problem:
                 raise ValueError(f"{name}: {problem}")
-            images.append(_pixdim_from_affine(img))
+            # a 3D volume stored with trailing singleton dimensions, (X, Y, Z, 1, 1), is read as 3D, as `scan`
+            # accepts it (`dimensions_reason`): it was kept 5D and refused in training, after scan had indexed it
+            # (a review). A vector or time series keeps its shape, and its own refusal
+            images.append(_pixdim_from_affine(nib.funcs.squeeze_image(img)))
         return images if len(filenames) > 1 else images[0]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from nibabel import cifti2
 
 from datamodules.indexing.inputs import Reject, not_dicom_reason
@@ -248,3 +249,25 @@ def test_a_cifti_intent_is_read_from_either_header_version_and_byte_order(tmp_pa
     assert img.header.endianness == endian
     with pytest.raises(Reject, match=r"^a CIFTI-2 file \(grayordinate data\)"):
         load_nifti(str(path))
+
+
+def test_a_3d_volume_stored_with_trailing_singleton_dimensions_is_read_as_3d_by_every_path(tmp_path):
+    """A review: ``scan`` accepts a volume stored as (X, Y, Z, 1, 1) (its label map too), but the training reader
+    kept it 5D and refused it, after scan had indexed it. Every path now reads it as the 3D volume it is."""
+    image, label = phantom(seed=4).astype(np.float32), label_for(phantom(seed=4))
+    root = tmp_path / "data"
+    root.mkdir()
+    for name, array in (("ct.nii.gz", image), ("ct_label.nii.gz", label)):
+        nib.save(nib.Nifti1Image(array[..., None, None], affine_ras()), root / name)
+    index = scan_folder(root)
+    assert [(c.image, c.label) for c in index.cases] == [("ct.nii.gz", "ct_label.nii.gz")], index.rejected
+    loaded = volume_transforms(spacing=(2.0, 2.0), slice_size=(16, 16))(
+        {"image": str(root / "ct.nii.gz"), "label": str(root / "ct_label.nii.gz"), "modality": "CT"})
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_nifti(image, affine_ras(), plain / "ct.nii.gz")
+    write_nifti(label, affine_ras(), plain / "ct_label.nii.gz")
+    reference = volume_transforms(spacing=(2.0, 2.0), slice_size=(16, 16))(
+        {"image": str(plain / "ct.nii.gz"), "label": str(plain / "ct_label.nii.gz"), "modality": "CT"})
+    for key in ("image", "label"):
+        assert loaded[key].shape == reference[key].shape and torch.equal(loaded[key].as_tensor(), reference[key].as_tensor())
