@@ -28,11 +28,16 @@ def model_configs_of(class_path: str, task: str | None = None) -> list[str]:
     folder = SHIPPED / "model"
     if not folder.is_dir():
         return []
+    import yaml
+
     from imaging_meta.tasks import get_task
 
     suffix = f"_{get_task(task).suffix}" if task else ""  # the task kinds are tasks.py's (ARCHITECTURE.md)
+    # the learner's own class_path, not one nested in its arguments: a wrapper (fine-tuning, task-adaptive) holds
+    # its embedding's, and was named for a checkpoint of that embedding's learner, which it refuses (a review)
     return [f"configs/model/{p.name}" for p in sorted(folder.glob(f"*{suffix}.yaml"))
-            if f"class_path: {class_path}\n" in p.read_text() + "\n"]
+            if ((yaml.safe_load(p.read_text()) or {}).get("model") or {}).get("learner", {}).get("class_path")
+            == class_path]
 
 
 def copy_configs(out: str | os.PathLike, force: bool = False) -> list[Path]:

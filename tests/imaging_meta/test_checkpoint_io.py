@@ -47,6 +47,12 @@ def test_a_checkpoint_of_another_learner_is_refused_with_the_fix():
     with pytest.raises(ValueError) as e:
         module.on_load_checkpoint(other)
     assert "configs/model/maml_cls.yaml" in str(e.value) and "maml_seg" not in str(e.value)
+    # only configs whose learner is the checkpoint's: a wrapper that holds it as its embedding would be refused too
+    # (a review: finetune_cls.yaml and task_adaptive_cls.yaml were named for a ProtoNet checkpoint)
+    from imaging_meta.commands.configs import model_configs_of
+
+    assert model_configs_of("imaging_meta.learners.metric.protonet.PrototypicalNetwork", "classification") == [
+        "configs/model/protonet_cls.yaml", "configs/model/protonet_resnet_cls.yaml"]
     wide = EpisodicModule(PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 8}), baselines=False)
     same = {"imaging_meta": {"learner_config": module.learner.config}, "state_dict": wide.state_dict()}
     with pytest.raises(ValueError, match=r"weights do not fit the learner this run builds: learner\.encoder.* is \[8, 1, 3, 3\] "
