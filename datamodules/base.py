@@ -183,8 +183,9 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
         for stage in ("val", "test"):
             if stage in self._samplers:
                 self._episodes[stage] = self._fixed_episodes(stage)
-        if self.test_after_fit and "test" in self._episodes:  # refused before training, not after it (a review)
-            self._check_shares("test", len(self._episodes["test"]), dist_rank_world()[1])
+        if self.test_after_fit:  # refused before training, not after it (a review): too few test episodes for the
+            # processes, or none at all (a folder without labels has no test stage: it trained, then failed)
+            self._check_shares("test", len(self.fixed_episodes("test")), dist_rank_world()[1])
 
     def _init_args(self) -> dict[str, Any]:
         """The ``init_args`` of `config`: the hyperparameters, without private keys."""

@@ -296,9 +296,30 @@ def _data_for_evaluation(path: Path, ckpt: dict, extra: dict, data_config) -> di
     if label_free:  # nothing labelled was seen: any labelled data may test it, if its scans were not trained on
         logger.warning("%s was trained self-supervised on scans without labels; make sure the scans of %s were "
                        "not among them", path, data_config)
+        config = _with_checkpoint_preprocessing(config, extra.get("preprocessing"), str(data_config))
     else:
         check_same_split(trained_data, _with_defaults(config), str(data_config))
     return config
+
+
+def _with_checkpoint_preprocessing(config: dict, preprocessing: dict | None, source: str) -> dict:
+    """``config`` with the checkpoint's ``preprocessing`` (spacing, slice size, CT window, MR percentiles, modality)
+    wherever it leaves one out, for a segmentation datamodule. A label-free checkpoint is evaluated on another data
+    config, whose class defaults replaced the spacing it trained at, and the warning then said to leave out settings
+    that were left out already (a review)."""
+    from datamodules.segmentation import SegmentationDataModule
+
+    try:
+        cls = _import_class(str(config.get("class_path", "")))
+    except ValueError:  # named where the data is built
+        return config
+    if not preprocessing or not (isinstance(cls, type) and issubclass(cls, SegmentationDataModule)):
+        return config
+    args = dict(config.get("init_args") or {})
+    filled = {k: v for k, v in preprocessing.items() if k not in args}
+    if filled:
+        logger.info("%s leaves out %s: the checkpoint's are used", source, ", ".join(f"{k} {v}" for k, v in filled.items()))
+    return {**config, "init_args": {**args, **filled}}
 
 
 def _training_split_settings(trained: dict, class_path: str) -> dict:

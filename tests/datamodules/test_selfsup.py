@@ -234,6 +234,11 @@ def test_a_label_free_fit_says_why_there_is_no_validation(unlabelled_root, tmp_p
     with pytest.raises(ValueError, match=r"no test episodes: the data holds no labelled scan .*imaging-meta evaluate "
                                          r"--checkpoint CKPT --data-config"):
         dm.fixed_episodes("test")
+    # and it is refused at setup, before training (a review: the whole fit ran, then that error)
+    dm = SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path / "cache"), **SMALL_SELFSUP)
+    dm.test_after_fit = True
+    with pytest.raises(ValueError, match=r"no test episodes: the data holds no labelled scan"):
+        dm.setup("fit")
 
 
 def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(unlabelled_root, demo_root, tmp_path):
@@ -257,7 +262,10 @@ def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(
     assert torch.load(tmp_path / "ssl.ckpt", weights_only=True)["imaging_meta"]["label_free"] is True
     with pytest.raises(ValueError, match="trained on scans without any label map, so it has no test set"):
         evaluate(tmp_path / "ssl.ckpt", tmp_path / "out")
-    labelled = {k: list(v) if isinstance(v, tuple) else v for k, v in SMALL_DATA.items()}
+    # a config of the labelled scans that leaves the preprocessing out: the checkpoint's is used (a review: the
+    # class defaults were, and the warning said to leave out what was left out)
+    labelled = {k: list(v) if isinstance(v, tuple) else v for k, v in SMALL_DATA.items()
+                if k not in ("spacing", "slice_size")}
     cfg = tmp_path / "labelled.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"class_path": "datamodules.segmentation.SegmentationDataModule",
                                             "init_args": {"root": str(demo_root), **labelled}}}))
@@ -265,6 +273,8 @@ def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(
                      cache_dir=str(tmp_path / "cache2"), n_panel=0)
     ctx = json.loads(js.read_text())["context"]
     assert ctx["protocol"] == "cross_organ" and set(ctx["data"]["test_organs"]) == {"spleen", "kidney_left"}
+    assert ctx["preprocessing"]["spacing"] == [9.0, 9.0] and ctx["preprocessing"]["slice_size"] == [32, 32]
+    assert "preprocessing_not_the_checkpoints" not in ctx
 
 
 def test_evaluation_of_a_self_supervised_run_draws_no_training_episodes(demo_root, demo_index, tmp_path):
