@@ -116,21 +116,30 @@ def label_suffix(stem: str) -> str | None:
     return next((s for s in LABEL_SUFFIXES if low.endswith(s) and len(stem) > len(s)), None)
 
 
-def _label_spellings(nifti: list[str]) -> dict[str, str]:
+def _label_spellings(nifti: list[str]) -> dict[str, list[str]]:
     """Each NIfTI path as `candidates` spells it (its label suffix and extension in lower case: ``CT3_Seg.nii.gz``
-    -> ``CT3_seg.nii.gz``) -> the file's own path; a file spelled as `candidates` spells it wins. A capitalised
-    suffix left the label map indexed as an image of its own, and its image unlabelled (a review)."""
-    out = {p: p for p in nifti}
+    -> ``CT3_seg.nii.gz``) -> the files spelled so, the one spelled as `candidates` spells it first. A capitalised
+    suffix left the label map indexed as an image of its own, and its image unlabelled (a review); two files that
+    differ only in the suffix's case are both claimed, and the second named as a second label map."""
+    out: dict[str, list[str]] = {p: [p] for p in nifti}
     for p in sorted(nifti):
         name = os.path.basename(p)
         stem = nifti_stem(name)
         suffix = label_suffix(stem)
         if suffix is not None:
-            out.setdefault(os.path.join(os.path.dirname(p), stem[: -len(suffix)] + suffix + name[len(stem):].lower()), p)
+            spelling = os.path.join(os.path.dirname(p), stem[: -len(suffix)] + suffix + name[len(stem):].lower())
+            if spelling != p:
+                out.setdefault(spelling, []).append(p)
     return out
 
 
-def _nifti_claims(nifti: list[str], spelled: dict[str, str], dec_labels: set[str], label_of: dict[str, str]) -> _Claims:
+def _spelled(spelled: dict[str, list[str]], paths: list[str]) -> list[str]:
+    """The files that `candidates`' ``paths`` name, in their order, each once."""
+    return list(dict.fromkeys(f for c in paths for f in spelled.get(c, [])))
+
+
+def _nifti_claims(nifti: list[str], spelled: dict[str, list[str]], dec_labels: set[str],
+                  label_of: dict[str, str]) -> _Claims:
     """The labels each NIfTI image not paired by Decathlon could claim by name (nnU-Net ``_0000`` stems too);
     ``spelled``: `_label_spellings`."""
     claims: _Claims = {}
@@ -141,14 +150,14 @@ def _nifti_claims(nifti: list[str], spelled: dict[str, str], dec_labels: set[str
         stems = [nifti_stem(name)]
         if re.search(r"_\d{4}$", stems[0]):  # nnU-Net channel suffix: case_0000 -> case
             stems.append(stems[0][:-5])
-        found = [spelled[c] for c in candidates(os.path.dirname(p), stems, [name])
-                 if c in spelled and spelled[c] != p and spelled[c] not in dec_labels]
+        found = [f for f in _spelled(spelled, candidates(os.path.dirname(p), stems, [name]))
+                 if f != p and f not in dec_labels]
         if found:
             claims["nifti:" + p] = found
     return claims
 
 
-def _dicom_claims(root: str, series: list[Series], spelled: dict[str, str], dec_labels: set[str]) -> _Claims:
+def _dicom_claims(root: str, series: list[Series], spelled: dict[str, list[str]], dec_labels: set[str]) -> _Claims:
     """The labels each DICOM series (in its own folder, not the root) could claim by its folder's name;
     ``spelled``: `_label_spellings`."""
     claims: _Claims = {}
@@ -157,10 +166,8 @@ def _dicom_claims(root: str, series: list[Series], spelled: dict[str, str], dec_
         if folder is None or os.path.abspath(folder) == root:
             continue
         stem = os.path.basename(folder)
-        found = [
-            spelled[c] for c in candidates(os.path.dirname(folder), [stem], [stem + ".nii.gz", stem + ".nii"], beside=True)
-            if c in spelled and spelled[c] not in dec_labels
-        ]
+        named = candidates(os.path.dirname(folder), [stem], [stem + ".nii.gz", stem + ".nii"], beside=True)
+        found = [f for f in _spelled(spelled, named) if f not in dec_labels]
         if found:
             claims["dicom:" + s.key] = found
     return claims

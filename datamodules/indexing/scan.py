@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.indexing.bids import applies, bids_parts, by_folder, sidecars_of
+from datamodules.indexing.bids import Sidecars, inherited_keys, sidecar_key
 from datamodules.indexing.decathlon import Decathlon, parse_decathlon, parse_label_names
 from datamodules.indexing.index import Case, Index, Rejection
 from datamodules.indexing.inputs import (
@@ -146,8 +146,9 @@ class _Scanner:
         self.placed: dict[str, str] = {}  # abs path -> "case" / "accounted" / "rejected"
         self.all_files: list[str] = []
         self.decathlons: dict[str, Decathlon] = {}  # folder -> description
-        self._jsons_by_folder: dict[str, list[str]] = {}  # folder -> its JSON files (`run`)
+        self._sidecar_files = Sidecars([], self.root)  # the JSON files found (`run`), looked up per image
         self._sidecars: dict[str, dict[str, Any]] = {}  # a sidecar's path -> its fields, read once
+        self._inherited: set | None = None  # the sidecar keys the scan's NIfTI images inherit (`_json`), once
         self.dicom_warnings = 0
 
     # ------------------------------------------------------------ bookkeeping
@@ -254,7 +255,7 @@ class _Scanner:
         )
         label_of, label_files = pair_labels(self, nifti, series)
         nifti_set = set(nifti)
-        self._jsons_by_folder = by_folder(jsons)  # the BIDS sidecars each NIfTI image inherits (`_sidecar`)
+        self._sidecar_files = Sidecars(jsons, self.root)  # the BIDS sidecars each NIfTI image inherits (`_sidecar`)
         for p in sorted(nifti_set - label_files):
             self._guarded(p, lambda p=p: self._nifti_case(p, label_of.get("nifti:" + p)), [p, label_of.get("nifti:" + p)])
         for s in series:
@@ -456,11 +457,20 @@ class _Scanner:
         """The BIDS sidecar fields of a NIfTI image: its own ``<stem>.json`` and those it inherits from above
         (`datamodules.indexing.bids`), the nearest winning."""
         fields: dict[str, Any] = {}
-        for path in sidecars_of(image, self.root, self._jsons_by_folder):
+        for path in self._sidecar_files.of(image):
             if path not in self._sidecars:
                 self._sidecars[path] = self._read_sidecar(path)
             fields.update(self._sidecars[path])
         return fields
+
+    def _inherited_sidecar(self, path: str, nifti_set: set[str]) -> bool:
+        """Whether the JSON file ``path`` is a sidecar that a NIfTI image of the scan inherits from above."""
+        key = sidecar_key(path)
+        if key is None:
+            return False
+        if self._inherited is None:
+            self._inherited = inherited_keys(nifti_set, self.root)
+        return key in self._inherited
 
     def _read_sidecar(self, path: str) -> dict[str, Any]:
         """A BIDS JSON sidecar as a dict; an invalid one gives {} and a warning."""
@@ -552,8 +562,8 @@ class _Scanner:
         """Account for a known JSON file (BIDS sidecar or description, an index, the demo marker) or reject it."""
         stem = os.path.basename(p)[: -len(".json")]
         folder = os.path.dirname(p)
-        if any(os.path.join(folder, stem + ext) in nifti_set for ext in NIFTI_SUFFIXES) or (
-                bids_parts(stem) is not None and any(applies(p, n) for n in nifti_set)):
+        if any(os.path.join(folder, stem + ext) in nifti_set for ext in NIFTI_SUFFIXES) or self._inherited_sidecar(
+                p, nifti_set):
             self.account(p)  # BIDS sidecar, of the image beside it or inherited by those below it
             return
         try:

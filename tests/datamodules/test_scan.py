@@ -618,12 +618,17 @@ def test_a_label_suffix_in_capitals_pairs_as_in_lower_case(tmp_path):
     write_nifti(img, aff, tmp_path / "c4.nii.gz")
     write_nifti(label_for(img), aff, tmp_path / "c4_seg.nii.gz")
     write_nifti(label_for(img), aff, tmp_path / "c4_SEG.nii.gz")  # a second label map, named otherwise
+    write_nifti(img, aff, tmp_path / "c5.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "c5_Seg.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "c5_SEG.nii.gz")  # both capitalised: the second is a second map
     index = scan_folder(str(tmp_path))
     pairs = sorted((c.image if isinstance(c.image, str) else os.path.dirname(c.image[0]), c.label) for c in index.cases)
     assert pairs == [("Case1.nii.gz", "Case1_MASK.nii.gz"), ("c4.nii.gz", "c4_seg.nii.gz"),
-                     ("pat3/CT3", "pat3/CT3_Seg.nii.gz")]
+                     ("c5.nii.gz", "c5_SEG.nii.gz"), ("pat3/CT3", "pat3/CT3_Seg.nii.gz")]
     reasons = {r.path: r.reason for r in index.rejected}
-    assert "suffix _Seg" in reasons["Case2_Seg.nii.gz"] and "c4_SEG.nii.gz" in reasons
+    assert "suffix _Seg" in reasons["Case2_Seg.nii.gz"]
+    for second, used in (("c4_SEG.nii.gz", "c4_seg.nii.gz"), ("c5_Seg.nii.gz", "c5_SEG.nii.gz")):
+        assert reasons[second].startswith(f"a second label map for {second[:2]}.nii.gz, which already uses {used}")
 
 
 def test_an_image_named_like_a_label_that_has_a_label_of_its_own_stays_an_image(tmp_path):
