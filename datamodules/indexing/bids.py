@@ -9,9 +9,10 @@ specific one (more entities). Only the same-stem sidecar beside the image was re
 fields sit in a top-level ``T1w.json`` had every case at site ``unknown``, with the file rejected as not a
 sidecar (a review).
 
-Both lookups go through dictionaries keyed by (folder, suffix, entities), so that a folder of thousands of
-images with their sidecars is scanned in time linear in its files (comparing every image with every JSON made
-a flat folder of 10,000 images take minutes; a review).
+Both lookups go through dictionaries keyed by folder and suffix, so that a folder of thousands of images with
+their sidecars is scanned in time about linear in its files (comparing every image with every JSON made a flat
+folder of 10,000 images take minutes; a review), and never build every subset of a name's entities where the
+folder holds fewer sidecars (a name of 16 entities has 65,536).
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ from datamodules.io.nifti_names import nifti_stem
 
 _ENTITY = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+$")
 _SUFFIX = re.compile(r"^[A-Za-z0-9]+$")
-
-#: (folder, suffix, entities): where a sidecar lies and what it describes
-_Key = tuple[str, str, frozenset[str]]
-
 
 def bids_parts(stem: str) -> tuple[frozenset[str], str] | None:
     """The entities and suffix of a BIDS-style name stem (``sub-01_ses-2_T1w`` -> ({sub-01, ses-2}, T1w)), or
@@ -71,13 +68,13 @@ class Sidecars:
     def __init__(self, jsons: Iterable[str], root: str) -> None:
         self.root = root
         self._by_stem: dict[tuple[str, str], str] = {}
-        self._by_key: dict[_Key, str] = {}
+        self._by_place: dict[tuple[str, str], dict[frozenset[str], str]] = {}  # (folder, suffix) -> entities -> path
         for j in sorted(jsons):
             folder, stem = os.path.dirname(j), os.path.basename(j)[: -len(".json")]
             self._by_stem[(folder, stem)] = j
             parts = bids_parts(stem)
             if parts is not None:
-                self._by_key[(folder, parts[1], parts[0])] = j
+                self._by_place.setdefault((folder, parts[1]), {})[parts[0]] = j
 
     def of(self, image: str) -> list[str]:
         """The JSON files that describe ``image``, from the root's down to its own folder, the more specific last
@@ -88,29 +85,44 @@ class Sidecars:
             own = self._by_stem.get((folder, nifti_stem(os.path.basename(image))))
             return [own] if own else []
         entities, suffix = parts
-        subsets = sorted(_subsets(entities), key=lambda s: (len(s), sorted(s)))  # the more specific last
         out: list[str] = []
         for f in reversed(_folders_up(folder, self.root)):
-            out += [self._by_key[k] for k in ((f, suffix, s) for s in subsets) if k in self._by_key]
+            place = self._by_place.get((f, suffix))
+            if not place:
+                continue
+            # the cheaper of the two: the folder's sidecars of this suffix, or the subsets of the image's entities
+            if len(place) <= 2 ** len(entities):
+                found = [ents for ents in place if ents <= entities]
+            else:
+                found = [ents for ents in _subsets(entities) if ents in place]
+            out += [place[ents] for ents in sorted(found, key=lambda e: (len(e), sorted(e)))]
         return out
 
 
-def inherited_keys(images: Iterable[str], root: str) -> set[_Key]:
-    """Every (folder, suffix, entities) whose sidecar one of the BIDS-named ``images`` would inherit: a JSON named
-    and placed so describes an image of the scan."""
-    out: set[_Key] = set()
-    for image in images:
-        parts = _bids_image(image)
-        if parts is None:
-            continue
-        entities, suffix = parts
-        subsets = _subsets(entities)
-        for f in _folders_up(os.path.dirname(image), root):
-            out.update((f, suffix, s) for s in subsets)
-    return out
+class Images:
+    """The NIfTI images of a scan, for telling whether a JSON file describes one of them.
 
+    Args:
+        images: every NIfTI file found.
+        root: the scanned root.
+    """
 
-def sidecar_key(path: str) -> _Key | None:
-    """The (folder, suffix, entities) of a BIDS-named JSON file, or None."""
-    parts = bids_parts(os.path.basename(path)[: -len(".json")])
-    return None if parts is None else (os.path.dirname(path), parts[1], parts[0])
+    def __init__(self, images: Iterable[str], root: str) -> None:
+        self._stems: set[tuple[str, str]] = set()  # (folder, stem): an image's own sidecar, any extension case
+        self._below: dict[tuple[str, str], list[frozenset[str]]] = {}  # (folder, suffix) -> entities of images
+        for image in images:
+            folder = os.path.dirname(image)
+            self._stems.add((folder, nifti_stem(os.path.basename(image))))
+            parts = _bids_image(image)
+            if parts is not None:
+                for f in _folders_up(folder, root):
+                    self._below.setdefault((f, parts[1]), []).append(parts[0])
+
+    def described_by(self, sidecar: str) -> bool:
+        """Whether the JSON file ``sidecar`` describes an image: its own (the same stem beside it) or one below it
+        that inherits it."""
+        folder, stem = os.path.dirname(sidecar), os.path.basename(sidecar)[: -len(".json")]
+        if (folder, stem) in self._stems:
+            return True
+        parts = bids_parts(stem)
+        return parts is not None and any(parts[0] <= ents for ents in self._below.get((folder, parts[1]), ()))

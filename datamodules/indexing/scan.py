@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.indexing.bids import Sidecars, inherited_keys, sidecar_key
+from datamodules.indexing.bids import Images, Sidecars
 from datamodules.indexing.decathlon import Decathlon, parse_decathlon, parse_label_names
 from datamodules.indexing.index import Case, Index, Rejection
 from datamodules.indexing.inputs import (
@@ -72,7 +72,6 @@ from datamodules.indexing.volumes import (
 )
 from datamodules.io.dicom import (
     MIN_SLICES,
-    NIFTI_SUFFIXES,
     DicomError,
     DicomHeader,
     DicomSeriesError,
@@ -148,7 +147,7 @@ class _Scanner:
         self.decathlons: dict[str, Decathlon] = {}  # folder -> description
         self._sidecar_files = Sidecars([], self.root)  # the JSON files found (`run`), looked up per image
         self._sidecars: dict[str, dict[str, Any]] = {}  # a sidecar's path -> its fields, read once
-        self._inherited: set | None = None  # the sidecar keys the scan's NIfTI images inherit (`_json`), once
+        self._images: Images | None = None  # the NIfTI images, for which JSON files describe one (`_json`), once
         self.dicom_warnings = 0
 
     # ------------------------------------------------------------ bookkeeping
@@ -463,15 +462,6 @@ class _Scanner:
             fields.update(self._sidecars[path])
         return fields
 
-    def _inherited_sidecar(self, path: str, nifti_set: set[str]) -> bool:
-        """Whether the JSON file ``path`` is a sidecar that a NIfTI image of the scan inherits from above."""
-        key = sidecar_key(path)
-        if key is None:
-            return False
-        if self._inherited is None:
-            self._inherited = inherited_keys(nifti_set, self.root)
-        return key in self._inherited
-
     def _read_sidecar(self, path: str) -> dict[str, Any]:
         """A BIDS JSON sidecar as a dict; an invalid one gives {} and a warning."""
         try:
@@ -560,10 +550,9 @@ class _Scanner:
     # ------------------------------------------------------------ JSON
     def _json(self, p: str, nifti_set: set[str]) -> None:
         """Account for a known JSON file (BIDS sidecar or description, an index, the demo marker) or reject it."""
-        stem = os.path.basename(p)[: -len(".json")]
-        folder = os.path.dirname(p)
-        if any(os.path.join(folder, stem + ext) in nifti_set for ext in NIFTI_SUFFIXES) or self._inherited_sidecar(
-                p, nifti_set):
+        if self._images is None:
+            self._images = Images(nifti_set, self.root)
+        if self._images.described_by(p):
             self.account(p)  # BIDS sidecar, of the image beside it or inherited by those below it
             return
         try:

@@ -398,8 +398,13 @@ def test_bids_sidecars_are_inherited_from_the_folders_above(tmp_path):
     (root / "sub-02" / "sub-02_T1w.json").write_text(json.dumps({"MagneticFieldStrength": 3}))  # a subject's own
     (root / "sub-03" / "anat" / "sub-03_T1w.json").write_text(json.dumps({"ManufacturersModelName": "Achieva"}))
     (root / "sub-01" / "sub-02_T1w.json").write_text(json.dumps({"Manufacturer": "nobody"}))  # another subject's
+    # not BIDS-named, its extension in capitals: its own sidecar is read, and accounted (a review: it was rejected)
+    write_nifti(phantom(seed=4).astype(np.float32), affine_ras(), root / "ct.nii.gz")
+    (root / "ct.nii.gz").rename(root / "CT2.NII.GZ")
+    (root / "CT2.json").write_text(json.dumps({"Manufacturer": "GE"}))
     index = scan_folder(root, salt=SALT)
     assert {c.image: c.site for c in index.cases} == {
+        "CT2.NII.GZ": "GE",
         "sub-01/anat/sub-01_T1w.nii.gz": "Philips | Ingenia | 1.5",
         "sub-02/anat/sub-02_T1w.nii.gz": "Philips | Ingenia | 3",
         "sub-03/anat/sub-03_T1w.nii.gz": "Philips | Achieva | 1.5"}
