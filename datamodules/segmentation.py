@@ -46,6 +46,7 @@ from datamodules.indexing.splits import (
     read_fold,
 )
 from datamodules.io.atomic import atomic_open
+from datamodules.io.folders import files_under
 from datamodules.progress import enabled as progress_enabled
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
@@ -404,23 +405,13 @@ class SegmentationDataModule(EpisodicDataModule):
         left out) and the scan settings (site fields, label names, salt, the readers' version)."""
         # each real folder once, as the scan walks them (`_Scanner.walk`): a link back up (a symbolic-link loop)
         # was walked until the path grew too long, or forever with two of them (a review)
-        seen = {os.path.realpath(self.root), os.path.realpath(self.cache_dir)}
         files = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            keep = []
-            for d in sorted(dirnames):
-                real = os.path.realpath(os.path.join(dirpath, d))
-                if real not in seen:
-                    seen.add(real)
-                    keep.append(d)
-            dirnames[:] = keep
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(path)
-                except OSError:  # a link to nowhere: the scan names it
-                    continue
-                files.append([os.path.relpath(path, self.root), st.st_size, st.st_mtime_ns])
+        for path in files_under(Path(self.root), skip=[self.cache_dir]):
+            try:
+                st = os.stat(path)
+            except OSError:  # a link to nowhere: the scan names it
+                continue
+            files.append([os.path.relpath(path, self.root), st.st_size, st.st_mtime_ns])
         h = self.hparams
         settings = [files, list(h.site_fields or DEFAULT_SITE_FIELDS), h.label_names, self.salt, READER_VERSION,
                     SITE_KEY_VERSION]  # an index of older site keys is scanned again (a review)

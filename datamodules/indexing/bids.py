@@ -27,6 +27,7 @@ from datamodules.io.nifti_names import nifti_stem
 _ENTITY = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+$")
 _SUFFIX = re.compile(r"^[A-Za-z0-9]+$")
 
+
 def bids_parts(stem: str) -> tuple[frozenset[str], str] | None:
     """The entities and suffix of a BIDS-style name stem (``sub-01_ses-2_T1w`` -> ({sub-01, ses-2}, T1w)), or
     None for a stem that is not one."""

@@ -147,7 +147,7 @@ class _Scanner:
         self.decathlons: dict[str, Decathlon] = {}  # folder -> description
         self._sidecar_files = Sidecars([], self.root)  # the JSON files found (`run`), looked up per image
         self._sidecars: dict[str, dict[str, Any]] = {}  # a sidecar's path -> its fields, read once
-        self._images: Images | None = None  # the NIfTI images, for which JSON files describe one (`_json`), once
+        self._images = Images([], self.root)  # the NIfTI images found (`run`), which JSON files describe (`_json`)
         self.dicom_warnings = 0
 
     # ------------------------------------------------------------ bookkeeping
@@ -255,6 +255,7 @@ class _Scanner:
         label_of, label_files = pair_labels(self, nifti, series)
         nifti_set = set(nifti)
         self._sidecar_files = Sidecars(jsons, self.root)  # the BIDS sidecars each NIfTI image inherits (`_sidecar`)
+        self._images = Images(nifti_set, self.root)
         for p in sorted(nifti_set - label_files):
             self._guarded(p, lambda p=p: self._nifti_case(p, label_of.get("nifti:" + p)), [p, label_of.get("nifti:" + p)])
         for s in series:
@@ -265,7 +266,7 @@ class _Scanner:
         for p in sorted(label_files - set(self.placed)):
             self.reject(p, "label map whose image was not indexed")
         for p in jsons:
-            self._json(p, nifti_set)
+            self._json(p)
         for p in self.all_files:  # safety net: every file is somewhere
             if p not in self.placed:
                 warnings.warn(f"{p}: the scanner did not classify this file (a bug, please report)", stacklevel=2)
@@ -548,10 +549,8 @@ class _Scanner:
         return organs
 
     # ------------------------------------------------------------ JSON
-    def _json(self, p: str, nifti_set: set[str]) -> None:
+    def _json(self, p: str) -> None:
         """Account for a known JSON file (BIDS sidecar or description, an index, the demo marker) or reject it."""
-        if self._images is None:
-            self._images = Images(nifti_set, self.root)
         if self._images.described_by(p):
             self.account(p)  # BIDS sidecar, of the image beside it or inherited by those below it
             return

@@ -67,6 +67,7 @@ from datamodules.io.dicom_checks import kind_problem
 from datamodules.io.dicom_files import DICOM_CLAIMED, DICOM_SUFFIXES
 from datamodules.io.dicom_header import as_int, get_value
 from datamodules.io.dicom_pixels import invert_monochrome1, inverts_monochrome1, stored_pixel_array
+from datamodules.io.folders import files_under
 from datamodules.io.pictures import PIL_KINDS, Read, content_kind, grey_if_equal, read_pil, scale
 from datamodules.messages import LISTED, listed
 from datamodules.sources.items import ItemSource, ItemTable
@@ -90,23 +91,6 @@ def listed_file(path: Path) -> bool:
     """A file to consider in an image folder: a file, or a symbolic link whose target is missing (kept, so that
     reading it names it as unreadable: dropping it left a query out of the predictions without a word)."""
     return path.is_file() or (path.is_symlink() and not path.exists())
-
-
-def files_under(folder: Path) -> list[Path]:
-    """Every entry under ``folder`` that is not a folder, at any depth, sorted: files and links to files or to
-    nothing, also inside symbolic links to folders, each real folder entered once (a link back up is not walked
-    again). ``Path.rglob`` does not enter a linked folder, and its images were left out without a word (a review,
-    2026-12-07)."""
-    out: list[Path] = []
-    seen: set[str] = set()
-    for here, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(here)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        out += [Path(here) / name for name in files]  # links to nothing among them (not folders to os.walk)
-    return sorted(out)
 
 
 def dangling_link(path: Path) -> str:

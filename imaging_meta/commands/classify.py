@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from datamodules.io.atomic import atomic_open
+from datamodules.io.folders import files_under
 from datamodules.io.nifti_names import is_nifti
 from datamodules.messages import LISTED, first, listed
 from datamodules.progress import progress
@@ -36,7 +37,6 @@ from datamodules.sources.image_folder import (
     dangling_link,
     dicom_kind,
     file_digest,
-    files_under,
     ignored_name,
     listed_file,
     maybe_dicom_name,
