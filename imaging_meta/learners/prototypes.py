@@ -127,10 +127,13 @@ def local_prototypes(
 
 
 def window_centres(h: int, w: int, window: int, device=None, dtype=None) -> torch.Tensor:
-    """Centres of the `local_prototypes` windows in normalised [-1, 1] (row, column) coordinates, (P, 2)."""
-    gh, gw = h // window, w // window
-    r = ((torch.arange(gh, device=device, dtype=dtype) + 0.5) * window / h) * 2 - 1
-    c = ((torch.arange(gw, device=device, dtype=dtype) + 0.5) * window / w) * 2 - 1
+    """Centres of the `local_prototypes` windows in `normalised_coordinates`, (P, 2) (row, column).
+
+    A window's centre is the mean of its pixels' coordinates, on the same grid as the pixels it is compared with.
+    """
+    rows, cols = normalised_coordinates(h, w, device, dtype)
+    r = rows[: h // window * window].view(-1, window).mean(1)
+    c = cols[: w // window * window].view(-1, window).mean(1)
     return torch.stack(torch.meshgrid(r, c, indexing="ij"), -1).reshape(-1, 2)
 
 
