@@ -44,11 +44,20 @@ def copy_configs(out: str | os.PathLike, force: bool = False) -> list[Path]:
     """Copy every shipped config into ``out`` (keeping the sub-folders); returns the files written.
 
     Raises:
-        FileExistsError: when a file in ``out`` differs from the shipped one and ``force`` is not set (nothing
-            is written then).
+        FileExistsError: when a file in ``out`` differs from the shipped one and ``force`` is not set, or when
+            something that is not a folder stands where a folder must be made, or a folder where a config goes
+            (nothing is written then, in either case).
     """
     out = Path(out)
     files = shipped_configs()
+    folders = {out} | {out / parent for f in files for parent in f.parents if parent != Path(".")}
+    blocked = sorted([d for d in folders if d.exists() and not d.is_dir()]
+                     + [out / f for f in files if (out / f).exists() and not (out / f).is_file()])
+    if blocked:
+        raise FileExistsError(
+            f"{blocked[0]}: is in the way of the configs (a file where a folder goes, or a folder where a config "
+            f"goes; {len(blocked)} in all); nothing was written. Move it, or copy into another folder"
+        )
     clash = [f for f in files if (out / f).is_file() and (out / f).read_bytes() != (SHIPPED / f).read_bytes()]
     if clash and not force:
         raise FileExistsError(

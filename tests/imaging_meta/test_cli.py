@@ -407,6 +407,22 @@ def test_configs_ship_in_the_package_and_copy_out(tmp_path, capsys):
     assert '"configs/*/*.yaml"' in pyproject  # package data: the wheel carries them
 
 
+def test_configs_copy_writes_nothing_when_a_file_stands_where_a_folder_goes(tmp_path):
+    """A file named like a later sub-folder (``trainer``) used to stop the copy half-way, after the earlier
+    folders were written."""
+    out = tmp_path / "configs"
+    out.mkdir()
+    (out / "trainer").write_text("not a folder\n")
+    with pytest.raises(FileExistsError, match=r"trainer: is in the way.*nothing was written"):
+        cli_main(["configs", "--copy", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["trainer"]
+    (out / "trainer").unlink()
+    (out / "model" / "protonet_cls.yaml").mkdir(parents=True)  # a folder where a config goes
+    with pytest.raises(FileExistsError, match=r"protonet_cls.yaml: is in the way"):
+        cli_main(["configs", "--copy", str(out), "--force"])
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["model", "model/protonet_cls.yaml"]
+
+
 def test_every_tool_command_help_ends_with_examples_that_parse():
     """Each tool command's --help ends with examples, and every complete example is accepted by the parser."""
     import re
