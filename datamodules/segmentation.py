@@ -904,8 +904,19 @@ class SegmentationDataModule(EpisodicDataModule):
         key = digest([self.preprocessing, h.protocol, h.test_organs, h.val_organs, h.val_organ_count, h.test_sites,
                       h.split_seed, h.seed, h.n_shot, h.n_query, h.n_parts, h.val_episodes, h.test_episodes, h.min_organ_pixels,
                       h.exclude_test_organ_slices, h.val_fraction, h.test_fraction]
-                     + ([{"folds_file": h.folds_file, "test_fold": h.test_fold}] if h.folds_file is not None else []))
+                     + ([{"folds_file": h.folds_file, "test_fold": h.test_fold}] if h.folds_file is not None else [])
+                     + ([cases] if (cases := self._case_settings()) else []))
         return self.cache_dir / digest(self.root) / f"{stage}_episodes-{key}.json"
+
+    def _case_settings(self) -> dict:
+        """The settings other than the split's that change which cases, sites or case ids the episodes hold, where
+        they are not the defaults (so that the demo's file names stay): two runs that differ only in these, sharing
+        a cache, would otherwise write one file over the other's."""
+        h = self.hparams
+        return {k: v for k, v in {"organs": h.organs, "modality": h.modality, "label_names": h.label_names,
+                                  "site_fields": h.site_fields, "salt": self.salt if self.salt != "imaging-meta" else None,
+                                  "patient_regex": h.patient_regex if h.patient_regex != DEFAULT_PATIENT_REGEX else None,
+                                  }.items() if v is not None}
 
     # ------------------------------------------------------------ dataloaders
     def _episode_dataset(self, augment: bool) -> SegmentationEpisodeDataset:

@@ -233,6 +233,25 @@ def test_the_episodic_datamodule_contract(dm):
     assert digest({"train": ["c-1"], "protocol": "cross_organ", "p": Path("/x")}) == "8ae46709447b7216"
 
 
+def test_runs_that_hold_other_cases_write_other_episode_files(tmp_path):
+    """Two runs sharing a cache that differ only in which organs, modality, label names, site fields or patient
+    rule they read hold other cases, so they must not write one episode file over the other's; the defaults keep
+    the names that reports already quote."""
+    base = dict(root=str(tmp_path / "scans"), cache_dir=str(tmp_path / "cache"), test_organs=["spleen"])
+    (tmp_path / "scans").mkdir()
+    default = SegmentationDataModule(**base).episode_path("test")
+    h = SegmentationDataModule(**base).hparams
+    old_key = digest([SegmentationDataModule(**base).preprocessing, h.protocol, h.test_organs, h.val_organs,
+                      h.val_organ_count, h.test_sites, h.split_seed, h.seed, h.n_shot, h.n_query, h.n_parts,
+                      h.val_episodes, h.test_episodes, h.min_organ_pixels, h.exclude_test_organ_slices, h.val_fraction,
+                      h.test_fraction])
+    assert default.name == f"test_episodes-{old_key}.json"
+    others = [dict(organs=["spleen", "liver"]), dict(modality="CT"), dict(label_names={1: "spleen"}),
+              dict(site_fields=["Manufacturer"]), dict(patient_regex=r"^(\w+)"), dict(salt="ours")]
+    paths = {SegmentationDataModule(**base, **o).episode_path("test") for o in others}
+    assert default not in paths and len(paths) == len(others)
+
+
 def test_symbolic_link_loops_under_the_root_are_walked_once_for_the_index_key(tmp_path):
     """A review: the index key walked the root following links without remembering the folders it had seen, so a
     link back up counted every file again and again (two such links: it never returned), though the scan itself
