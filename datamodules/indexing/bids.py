@@ -127,3 +127,33 @@ class Images:
             return True
         parts = bids_parts(stem)
         return parts is not None and any(parts[0] <= ents for ents in self._below.get((folder, parts[1]), ()))
+
+
+def bids_root(image: str) -> str:
+    """The dataset root of one image outside a scan: the nearest folder above it that holds
+    ``dataset_description.json`` (BIDS' marker), else the folder above its nearest ``sub-*`` folder, else its own
+    folder (then only its own sidecar applies)."""
+    folder = os.path.dirname(os.path.abspath(image))
+    ups = _folders_up(folder, os.path.abspath(os.sep))
+    for f in ups:
+        if os.path.isfile(os.path.join(f, "dataset_description.json")):
+            return f
+    for f in ups:
+        if os.path.basename(f).startswith("sub-") and os.path.dirname(f) != f:
+            return os.path.dirname(f)
+    return folder
+
+
+def sidecars_of(image: str, root: str | None = None) -> list[str]:
+    """The JSON files that describe one NIfTI ``image``, in `Sidecars.of`'s order, without scanning a tree: only
+    the folders from ``root`` (default: `bids_root`) down to the image's are listed. For ``segment``, the lesion
+    table's cache key and any other reader of single files, so that they read what the scan reads (a review: they
+    read only the image's own sidecar)."""
+    image = os.path.abspath(image)
+    root = os.path.abspath(root) if root is not None else bids_root(image)
+    folders = _folders_up(os.path.dirname(image), root)
+    if folders[-1] != root:  # the image is not under root: only its own folder
+        folders = folders[:1]
+    jsons = [e.path for f in folders if os.path.isdir(f) for e in os.scandir(f)
+             if e.name.lower().endswith(".json") and e.name != "dataset.json" and e.is_file()]
+    return Sidecars(jsons, root).of(image)

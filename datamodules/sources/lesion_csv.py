@@ -51,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
+from datamodules.indexing.bids import sidecars_of
 from datamodules.indexing.index import Case, Index
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
-from datamodules.io.dicom import is_nifti, nifti_stem
+from datamodules.io.dicom import is_nifti
 from datamodules.messages import first
 from datamodules.sources.items import ItemSource, ItemTable
 from datamodules.sources.lesion_rows import (
@@ -320,7 +321,7 @@ class LesionCSV(ItemSource):
     def files(self) -> list[Path]:
         """The input files whose change must cut the patches again instead of reading a stale cache (reviews):
         the CSV; every image it names, with each file of a DICOM series (its folder's files where a row names
-        one slice, since every slice goes into the volume); a NIfTI file's BIDS sidecar; and each Decathlon
+        one slice, since every slice goes into the volume); a NIfTI file's BIDS sidecars, its own and those it inherits from above; and each Decathlon
         ``dataset.json`` from an image's folder up to root (the sidecar and ``dataset.json`` set the modality and
         the site)."""
         out = [Path(self.csv)]
@@ -338,9 +339,8 @@ class LesionCSV(ItemSource):
                 out += sorted(f for f in p.rglob("*") if f.is_file())
                 folders.add(p)
             elif p.is_file():
-                if is_nifti(p.name):
-                    sidecar = p.with_name(nifti_stem(p.name) + ".json")
-                    out += [p, sidecar] if sidecar.is_file() else [p]
+                if is_nifti(p.name):  # its own sidecar and those it inherits, as the scan reads them
+                    out += [p, *(Path(j) for j in sidecars_of(str(p), str(root)))]
                 elif p.parent not in folders:  # one slice of a DICOM series: its folder listed once, however many
                     out += sorted(f for f in p.parent.iterdir() if f.is_file())  # rows name its slices (a review)
                 folders.add(p.parent)

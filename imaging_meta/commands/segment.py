@@ -33,6 +33,7 @@ import torch
 from monai.data import MetaTensor
 from nibabel.spatialimages import SpatialImage
 
+from datamodules.indexing.bids import sidecars_of
 from datamodules.indexing.inputs import Reject, nifti_pair_kind
 from datamodules.indexing.pseudonyms import normalise_modality
 from datamodules.indexing.volumes import (
@@ -217,16 +218,20 @@ def _declared_modality(path: str | Path) -> str:
     p = Path(path)
     if p.is_dir():
         return _dicom_modality(p)
-    stem = nifti_stem(p.name) if is_nifti(p.name) else p.stem
-    sidecar = p.with_name(stem + ".json")
-    if sidecar.exists():
+    # its own sidecar and those it inherits from above by BIDS' rule, the nearest last: what the scan reads
+    own = p.with_name(p.stem + ".json")
+    sidecars = [Path(j) for j in sidecars_of(str(p))] if is_nifti(p.name) else ([own] if own.exists() else [])
+    declared = None
+    for sidecar in sidecars:
         try:
             doc = json.loads(sidecar.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{sidecar}: cannot read this JSON sidecar ({e}); repair it, or pass --modality CT or MR") from e
         mod = doc.get("Modality") if isinstance(doc, dict) else None
         if mod and str(mod).strip():
-            return normalise_modality(str(mod)) or str(mod).strip().upper()
+            declared = normalise_modality(str(mod)) or str(mod).strip().upper()
+    if declared:
+        return declared
     raise _Undeclared(f"{p}: cannot tell CT from MR (no DICOM header or sidecar 'Modality'); pass --modality CT or MR")
 
 

@@ -411,6 +411,28 @@ def test_the_cache_is_keyed_by_every_slice_of_a_series_and_by_sidecars(tmp_path)
     assert before.sites[2] != after.sites[2] and before.sites[0] == after.sites[0]  # cut again, with the new site
 
 
+def test_the_cache_is_keyed_by_the_sidecars_an_image_inherits(tmp_path):
+    """A review: the scan reads a BIDS image's modality and site from a sidecar higher up (``T1w.json`` at the
+    root), but the cache stamped only the image's own sidecar, so editing the inherited one reused the old patches,
+    with the old site and intensity scaling."""
+    import json
+
+    image = tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    blob_volume(image, affines()["ras"])
+    top = tmp_path / "T1w.json"
+    top.write_text(json.dumps({"Modality": "MR", "Manufacturer": "Siemens"}))
+    image_rel = image.relative_to(tmp_path).as_posix()
+    write_rows(tmp_path / "lesions.csv", [centre_row(image_rel, "cyst", BLOB, "RAS"), centre_row(image_rel, "hcc", BLOB + 3, "RAS")])
+    src = LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS", patch_size=[9, 9])
+    assert top in src.files()
+    before = src.load(tmp_path / "cache")
+    top.write_text(json.dumps({"Modality": "MR", "Manufacturer": "GE"}))
+    st = top.stat()
+    os.utime(top, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after = LesionCSV(csv=str(tmp_path / "lesions.csv"), coordinates="RAS", patch_size=[9, 9]).load(tmp_path / "cache")
+    assert before.sites[0] != after.sites[0]  # cut again, with the new site
+
+
 def test_a_csv_not_in_utf8_and_an_image_outside_root_are_named_with_the_fix(tmp_path):
     """A review: a Latin-1 table ended with a bare codec error, and an absolute path outside root was called
     'not an image the scan indexed (a support file?)'."""

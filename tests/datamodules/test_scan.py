@@ -383,6 +383,30 @@ def test_one_scanner_as_dicom_and_as_dcm2niix_nifti_is_one_site_and_stays_held_o
     assert sum(index.cases[i].site == skyra for i in split.test) == 6  # the NIfTI scans are held out with the DICOM
 
 
+def test_the_dataset_root_of_a_single_bids_image(tmp_path):
+    """Outside a scan (``segment``, a lesion table's cache), the sidecars an image inherits stop at BIDS' marker
+    ``dataset_description.json``, else at the folder above its ``sub-*`` folder, else at its own folder."""
+    from datamodules.indexing.bids import bids_root, sidecars_of
+
+    image = tmp_path / "study" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    image.parent.mkdir(parents=True)
+    image.touch()
+    (tmp_path / "T1w.json").write_text("{}")  # above the dataset: never read
+    (tmp_path / "study" / "T1w.json").write_text("{}")
+    (image.parent / "sub-01_T1w.json").write_text("{}")
+    assert bids_root(str(image)) == str(tmp_path / "study")
+    assert sidecars_of(str(image)) == [str(tmp_path / "study" / "T1w.json"), str(image.parent / "sub-01_T1w.json")]
+    (tmp_path / "dataset_description.json").write_text("{}")
+    assert bids_root(str(image)) == str(tmp_path)
+    assert sidecars_of(str(image))[0] == str(tmp_path / "T1w.json")
+    plain = tmp_path / "flat" / "scan.nii.gz"
+    plain.parent.mkdir()
+    assert bids_root(str(plain)) == str(tmp_path)  # the marker above it
+    (plain.parent / "scan.json").write_text("{}")
+    assert sidecars_of(str(plain)) == [str(plain.parent / "scan.json")]
+    assert sidecars_of(str(image), str(tmp_path / "flat")) == [str(image.parent / "sub-01_T1w.json")]  # not under root
+
+
 def test_bids_sidecars_are_inherited_from_the_folders_above(tmp_path):
     """A review: a dataset that keeps its scanner fields in a top-level ``T1w.json`` (the BIDS inheritance
     principle) had every case at site ``unknown``, and the file was rejected as not a sidecar. The nearest sidecar's

@@ -375,6 +375,38 @@ def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segmen
 
 
 
+def test_segment_reads_the_modality_a_bids_image_inherits_as_the_scan_does(tmp_path):
+    """A review: a BIDS dataset that states the modality once, in a top-level ``T1w.json``, was indexed as CT by
+    the scan, while ``segment`` said no sidecar stated it (or took the checkpoint's modality without a word)."""
+    import nibabel as nib
+    import numpy as np
+
+    from datamodules.indexing.scan import scan_folder
+    from imaging_meta.commands.segment import modality_of
+
+    root = tmp_path / "bids"
+    image = root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz"
+    image.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(100, 30, (12, 12, 6)).astype(np.float32), np.eye(4)), image)
+    (root / "T1w.json").write_text('{"Modality": "CT"}')
+    assert [c.modality for c in scan_folder(str(root)).cases] == ["CT"]
+    assert modality_of(image) == modality_of(image, None, "MR") == "CT"  # no marker file: the folder above sub-01
+    (root / "sub-01" / "sub-01_T1w.json").write_text('{"Modality": "MR", "Manufacturer": "GE"}')  # nearer wins
+    assert modality_of(image) == "MR" == scan_folder(str(root)).cases[0].modality
+    (root / "sub-01" / "sub-01_T2w.json").write_text('{"Modality": "CT"}')  # another suffix: not this image's
+    (root / "sub-01" / "ses-1" / "anat" / "sub-02_T1w.json").write_text('{"Modality": "CT"}')  # another subject's
+    assert modality_of(image) == "MR"
+    (root / "sub-01" / "sub-01_T1w.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"sub-01_T1w\.json: cannot read this JSON sidecar"):
+        modality_of(image)
+    # a file that is not BIDS-named keeps only its own sidecar; a JSON above it is not read
+    plain = tmp_path / "plain" / "scan" / "p1.nii.gz"
+    plain.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), plain)
+    (tmp_path / "plain" / "p1.json").write_text('{"Modality": "CT"}')
+    assert modality_of(plain, None, "MR") == "MR"
+
+
 def test_a_nifti_in_hounsfield_units_with_air_is_read_as_ct_and_nothing_else_is(tmp_path, caplog):
     """Most public NIfTI CTs (Decathlon, BTCV, TotalSegmentator) have no sidecar. One in HU with air around the
     body is read as CT, with a warning; an MR, a CT stored without its rescale (0-4095), a signed phase map
