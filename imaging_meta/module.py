@@ -585,6 +585,9 @@ class EpisodicModule(LightningModule):
             context["checkpoint"] = str(self.trainer.ckpt_path)
         # what evaluate's report records of where its numbers came from (a review: fit's had none of it)
         context.update(provenance(), seed_everything=os.environ.get("PL_GLOBAL_SEED"))  # set by seed_everything
+        # where it ran, as evaluate records it: GPU results agree with CPU ones only to a few decimals (a review)
+        context["device"] = (f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda"
+                             else str(self.device))
         if self.learner_changes:  # tested with other learner settings than the checkpoint was trained with
             context["learner_settings_not_the_checkpoints"] = changes_record(self.learner_changes)
         if self.preprocessing_changes:  # tested on data preprocessed otherwise than the checkpoint's

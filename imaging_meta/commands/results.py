@@ -218,13 +218,24 @@ def run_results(args: argparse.Namespace) -> int:
             logger.error("%s: %s", name, e)
             failed[name] = str(e)
     table = combine(rows, failed)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    machine = _machine(rows)
     arguments = {k: v for k, v in vars(args).items() if k != "func"}  # epochs, --extra...: what made the table
     (out / "results.json").write_text(json.dumps({"machine": machine, "arguments": arguments, "rows": rows,
                                                   "failed": failed}, indent=1, default=str))
     (out / "results.md").write_text(f"# imaging-meta results\n\nmachine: {machine}\n\n{table}")
     sys.stdout.write(table + f"\nwritten: {out / 'results.md'}\n")
     return 1 if failed else 0
+
+
+def _machine(rows: list[dict]) -> str:
+    """The machine line: this host, and the device and torch threads that the test runs recorded (the trainer's
+    ``accelerator: auto`` takes a GPU where there is one; a review: the line read like a CPU run there)."""
+    def recorded(key: str) -> str:
+        values = list(dict.fromkeys(str(r["context"][key]) for r in rows if r["context"].get(key) is not None))
+        return ", ".join(values) if values else "not recorded"
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}; device {recorded('device')}, "
+            f"torch threads {recorded('torch_threads')}")
 
 
 def _test_episodes(context: dict) -> tuple[str | None, str | None]:

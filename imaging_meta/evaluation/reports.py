@@ -216,8 +216,10 @@ def _interval_notes(interval: str, patients, differences: bool, n_boot: int | No
                  "resamples patients by default)"]
     if differences:
         lines.append("- `trained − <baseline>` columns: the trained learner's score minus the baseline's on the same "
-                     "query of the same episode, averaged like a score, with the same kind of interval (resampling "
-                     "patients keeps the pairs); **bold** where that interval excludes 0")
+                     "query of the same episode, averaged like a score, with the same kind of interval ("
+                     + ("resampling patients keeps the pairs" if interval == PATIENT_BOOTSTRAP else
+                        "a t interval over the per-episode means of the differences")
+                     + "); **bold** where that interval excludes 0")
     return lines
 
 

@@ -28,6 +28,7 @@ def test_classification_learner_fits_and_tests_from_its_config(model, tmp_path, 
     assert res["context"]["metric"] == "acc" and 0.0 <= trained["mean"] <= 1.0 and trained["n_episodes"] == 4
     # where the numbers came from, as evaluate records it (fit's report had none of it; a review, 2026-12-06)
     assert res["context"]["versions"]["torch"] and res["context"]["git_commit"] and res["context"]["torch_threads"] >= 1
+    assert res["context"]["device"] == "cpu"  # where it ran (the trainer's accelerator: auto takes a GPU if there is one)
     assert "untrained encoder" in res["summary"]
     md = (run_dir / "results.md").read_text()
     assert "accuracy" in md and "chance: 0.200" in md
@@ -142,7 +143,8 @@ def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train
             stat = {"mean": 0.5, "ci95": 0.01, "n_episodes": 10}
             run_dir.mkdir(parents=True)
             (run_dir / "results.json").write_text(json.dumps({
-                "context": {"n_shot": k, "episode_files": {"test": f"t{k}.json"}, "episodes_sha256": {"test": f"s{k}"}},
+                "context": {"n_shot": k, "episode_files": {"test": f"t{k}.json"}, "episodes_sha256": {"test": f"s{k}"},
+                            "device": "cuda:0 (NVIDIA H100)", "torch_threads": 4},
                 "summary": {"trained": {"all": stat}, "untrained encoder": {"all": stat}}}))
         return 1.0
 
@@ -152,6 +154,8 @@ def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train
     sys_args = ["--out", str(tmp_path / "out"), "--learners", "protonet_cls", "--train-shots", train_shots]
     args = p.parse_args(sys_args)
     assert results.run_results(args) == 0
+    # the machine line says where the test runs ran, not this host's environment alone (a review)
+    assert "; device cuda:0 (NVIDIA H100), torch threads 4\n" in (tmp_path / "out" / "results.md").read_text()
     fits = [c for c in calls if c[3] == "fit"]
     tests = [c for c in calls if c[3] == "test"]
     shots_of = [c[c.index("--data.init_args.n_shot") + 1] if "--data.init_args.n_shot" in c else None for c in fits]

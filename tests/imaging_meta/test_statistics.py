@@ -317,3 +317,13 @@ def test_the_whole_scan_differences_are_resampled_with_the_reports_seed():
         return next(line for line in scans_markdown(recs, seed).splitlines() if line.startswith(f"| {TRAINED_FULL} − "))
 
     assert difference_row(0) != difference_row(7) and difference_row(7) == difference_row(7)
+
+
+def test_the_note_on_paired_differences_names_the_interval_in_use():
+    """A review: under Student's t the note said the difference intervals resample patients."""
+    from imaging_meta.evaluation.reports import _interval_notes
+
+    boot = " ".join(_interval_notes(PATIENT_BOOTSTRAP, 9, True, 2000))
+    t = " ".join(_interval_notes(EPISODE_T, 9, True))
+    assert "resampling patients keeps the pairs" in boot and "resampling patients" not in t
+    assert "a t interval over the per-episode means of the differences" in t
