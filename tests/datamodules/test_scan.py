@@ -241,6 +241,26 @@ def test_dicom_case_geometric_order_site_and_flipped_label(tree):
     assert c.case_id == "c-" + pseudonym(SALT, c.image[0])
 
 
+def test_a_series_whose_slices_name_two_scanners_is_indexed_with_a_warning(tmp_path, caplog):
+    """Noticed before and left: a series put together from two scanners' files took the first slice's site
+    without a word."""
+    import logging
+
+    files = write_series(tmp_path / "patX" / "CT", seed=0, hdr=header(PatientID="X1"))
+    edit(files[-1], lambda ds: setattr(ds, "Manufacturer", "OTHERCO"))
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        index = scan_folder(tmp_path, salt=SALT)
+    [case] = index.cases
+    warned = [r.getMessage() for r in caplog.records if "scanners" in r.getMessage()]
+    assert len(warned) == 1 and "patX/CT" in warned[0] and "its slices name 2 scanners" in warned[0]
+    assert "OTHERCO" in warned[0] and case.site_info["Manufacturer"] in ("ACME", "OTHERCO")
+    caplog.clear()
+    edit(files[-1], lambda ds: setattr(ds, "Manufacturer", "ACME"))
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        scan_folder(tmp_path, salt=SALT)
+    assert not [r for r in caplog.records if "scanners" in r.getMessage()]
+
+
 def test_flipped_label_loads_aligned_with_its_image(tree):
     root, index = tree
     load = Compose([
