@@ -150,6 +150,9 @@ def test_predict_under_no_grad_and_refuses_inference_mode():
         probs = m.predict(ep)
     assert probs.shape == (1, 10, 5) and not probs.requires_grad
     assert all(p.grad is None for p in m.parameters())
+    # with gradients on, the same values, detached (it kept the meta-learner's graph over every step)
+    with_grad = m.predict(ep)
+    assert with_grad.grad_fn is None and not with_grad.requires_grad and torch.equal(with_grad, probs)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         m.predict(ep)
 

@@ -204,8 +204,10 @@ class MetaLSTM(Learner):
         return self.task_kind.loss(logits.flatten(0, 1), ep.query_labels.flatten(0, 1))
 
     def predict(self, episode: Episode) -> torch.Tensor:
-        """(T, N*Q, n_way) class probabilities of the queries after ``eval_inner_steps`` updates."""
-        return self.query_logits(episode, self.eval_inner_steps).softmax(-1)
+        """(T, N*Q, n_way) class probabilities of the queries after ``eval_inner_steps`` updates, detached: the
+        meta-learner's graph over every step is not kept, with gradients on or off (as MAML's `predict`)."""
+        with torch.no_grad():  # adapt_task turns gradients on for the learner's gradient alone
+            return self.query_logits(episode, self.eval_inner_steps).softmax(-1)
 
     # ------------------------------------------------------------------ explanations
     def encoder_name(self) -> str:
