@@ -586,6 +586,8 @@ class EpisodicModule(LightningModule):
         # what evaluate's report records of where its numbers came from (a review: fit's had none of it)
         context.update(provenance(), seed_everything=os.environ.get("PL_GLOBAL_SEED"))  # set by seed_everything
         # where it ran, as evaluate records it: GPU results agree with CPU ones only to a few decimals (a review)
+        if task.dense:  # the mask threshold the Dice was scored at (a test may set another than the fit's; a review)
+            context["threshold"] = self.hparams["threshold"]
         context["device"] = (f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda"
                              else str(self.device))
         if self.learner_changes:  # tested with other learner settings than the checkpoint was trained with

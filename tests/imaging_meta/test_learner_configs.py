@@ -47,7 +47,8 @@ def test_segmentation_learner_fits_and_tests_from_its_config(model, demo_root, d
             "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "true"]
     cli = cli_main(args)
     res = json.loads((Path(cli.trainer.log_dir) / "results.json").read_text())
-    assert res["context"]["metric"] == "dice"
+    assert res["context"]["metric"] == "dice" and res["context"]["threshold"] == 0.5
+    assert "\n- threshold: 0.5\n" in (Path(cli.trainer.log_dir) / "results.md").read_text()
     assert res["summary"]["trained"]["all"]["n_episodes"] == SMALL_DATA["test_episodes"]
     assert "copy support mask" in res["summary"]
 
