@@ -373,18 +373,12 @@ def explanation_paths(folder: Path, index: int, query: Path) -> list[Path]:
 MANIFEST = ".imaging-meta-explanations.txt"
 
 
-def remove_old_explanations(folder: Path, planned: Sequence[str] = ()) -> list[Path]:
-    """Remove the explanation files of an earlier run from ``folder`` before this run writes its own: they would
-    sit beside them and look like this run's (query number 3 after a run with 2 queries).
-
-    Only files named as explanations (`EXPLANATION`) that an earlier run wrote go: those listed in its `MANIFEST`,
-    or, in a folder without one (a run before the manifest), each JSON that is an explanation record (its
-    ``query``, ``saliency`` and ``panel``) and the PNG panel it names. Any other file stays; files named like
-    explanations that are neither (a user's own), other than this run's ``planned`` names, are kept with a warning.
-    """
-    removed: list[Path] = []
+def _earlier_runs_files(folder: Path) -> tuple[list[Path], set[str]]:
+    """The files in ``folder`` named as explanations (`EXPLANATION`), and the names of those an earlier run wrote:
+    listed in its `MANIFEST`, or, in a folder without one (a run before the manifest), each JSON that is an
+    explanation record (its ``query``, ``saliency`` and ``panel``) and the PNG panel it names."""
     if not folder.is_dir():
-        return removed
+        return [], set()
     manifest = folder / MANIFEST
     named = [f for f in sorted(folder.iterdir()) if f.is_file() and EXPLANATION.match(f.name)]
     listed: set[str] = set()
@@ -402,15 +396,44 @@ def remove_old_explanations(folder: Path, planned: Sequence[str] = ()) -> list[P
                     continue
                 if isinstance(record, dict) and {"query", "saliency", "panel"} <= set(record):
                     listed |= {f.name, str(record["panel"])}
+    return named, listed
+
+
+def check_explanation_names(folder: Path, planned: Sequence[str]) -> None:
+    """Refuse to write an explanation over a file that no earlier run wrote (a user's own file named like one).
+
+    Raises:
+        ValueError: naming the first such file; nothing is removed or written.
+    """
+    if not (folder / MANIFEST).exists() and not any((folder / name).exists() for name in planned):
+        return
+    _, listed = _earlier_runs_files(folder)
+    foreign = [folder / name for name in planned if (folder / name).exists() and name not in listed]
+    if foreign:
+        raise ValueError(f"{foreign[0]}: exists and is not an explanation that classify wrote ({len(foreign)} such "
+                         "file(s)); move it, or give another --out")
+
+
+def remove_old_explanations(folder: Path, planned: Sequence[str] = ()) -> list[Path]:
+    """Remove the explanation files of an earlier run from ``folder`` before this run writes its own: they would
+    sit beside them and look like this run's (query number 3 after a run with 2 queries).
+
+    Only files named as explanations that an earlier run wrote go (`_earlier_runs_files`). Any other file stays;
+    files named like explanations that are neither (a user's own) are kept with a warning, and one with a name this
+    run's ``planned`` would write is refused before anything is removed (`check_explanation_names`; a review: it
+    was written over).
+    """
+    check_explanation_names(folder, planned)
+    named, listed = _earlier_runs_files(folder)
+    removed: list[Path] = []
     for f in named:
         if f.name in listed:
             f.unlink()
             removed.append(f)
-    manifest.unlink(missing_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
     if removed:
         logger.info("removed %d explanation file(s) of an earlier run from %s", len(removed), folder)
-    mine = set(planned)
-    strays = [f.name for f in named if f.name not in listed and f.name not in mine]
+    strays = [f.name for f in named if f.name not in listed]
     if strays:
         logger.warning("kept %d file(s) in %s named like explanations that classify did not write (e.g. %s); this "
                        "run's are listed in %s", len(strays), folder, strays[0], MANIFEST)
@@ -474,6 +497,8 @@ def classify(
     planned = [(out, "the predictions CSV")]
     if explain:
         planned += [(p, str(q)) for i, q in enumerate(qs) for p in explanation_paths(explain_dir(out), i, q)]
+        # before any work; checked again before writing, when the unreadable queries have left the numbering
+        check_explanation_names(explain_dir(out), [p.name for p, _ in planned[1:]])
     inputs = [f for f, _ in items] + qs + [Path(checkpoint)]
     check_outputs(planned, inputs)
     inside = [f for f in inputs if f.resolve().parent == explain_dir(out).resolve()] if explain else []

@@ -334,6 +334,32 @@ def test_explanations_of_a_run_before_the_manifest_are_recognised_by_their_recor
     assert "kept 1 file(s)" in caplog.text and "0009_mine.json" in caplog.text
 
 
+def test_a_users_file_with_an_explanations_name_is_refused_not_written_over(tmp_path, folders):
+    """A review: a file of the user's named as this run's explanation would be (``0000_q0.png``), which no earlier
+    run wrote, was written over without a word."""
+    folder = tmp_path / "pred_explain"
+    folder.mkdir()
+    (folder / "0000_q0.png").write_text("precious")
+    (folder / "0003_old.json").write_text("x")
+    (folder / MANIFEST).write_text("0003_old.json\n")
+    with pytest.raises(ValueError, match=r"0000_q0\.png: exists and is not an explanation that classify wrote"):
+        remove_old_explanations(folder, planned=["0000_q0.json", "0000_q0.png"])
+    assert (folder / "0000_q0.png").read_text() == "precious" and (folder / "0003_old.json").exists()  # nothing removed
+    # classify refuses it before any work: here before the (missing) checkpoint is read
+    from imaging_meta.commands.classify import classify, explain_dir
+
+    support, queries = folders
+    out = tmp_path / "other" / "pred.csv"
+    explain_dir(out).mkdir(parents=True)
+    (explain_dir(out) / "0001_q1.png").write_text("mine")
+    with pytest.raises(ValueError, match=r"0001_q1\.png: exists and is not an explanation"):
+        classify(tmp_path / "absent.ckpt", support, [queries], out, explain=True)
+    assert not out.exists()
+    (folder / MANIFEST).write_text("0003_old.json\n0000_q0.png\n")  # an earlier run's: replaced
+    assert [f.name for f in remove_old_explanations(folder, planned=["0000_q0.json", "0000_q0.png"])] == [
+        "0000_q0.png", "0003_old.json"]
+
+
 # ------------------------------------------------------------------------------------------ modality
 def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segment_follows_the_checkpoint(tmp_path):
     """A NIfTI CT without a sidecar was scaled by percentiles in training and, given `--modality CT`, by the HU
