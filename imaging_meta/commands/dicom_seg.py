@@ -121,6 +121,7 @@ def write_dicom_seg(
         ),
     )
     _shared_geometry(sources)
+    _default_repertoire_named(sources)
     folder = os.path.dirname(files[0]) if files else "?"
     _type2_present(sources, folder)
     with warnings.catch_warnings(record=True) as caught:  # re-emitted below without the patient's identifiers
@@ -166,6 +167,18 @@ def _character_set_for(seg, text: str) -> None:
         seg.SpecificCharacterSet = "ISO_IR 192"
 
 
+def _default_repertoire_named(sources) -> None:
+    """The in-memory source headers (never the files) with an empty first value of a multi-valued
+    SpecificCharacterSet (``\\ISO 2022 IR 87``, the common Japanese and Korean form, where the empty value means
+    the default repertoire) spelled ``ISO 2022 IR 6``, as highdicom requires (a review: it refused the series)."""
+    for ds in sources:
+        charset = ds.get("SpecificCharacterSet")
+        if isinstance(charset, (list, tuple)) or type(charset).__name__ == "MultiValue":
+            values = [str(v or "").strip() for v in charset]
+            if len(values) > 1 and values[0] == "":
+                ds.SpecificCharacterSet = ["ISO 2022 IR 6", *values[1:]]
+
+
 def _shared_geometry(sources) -> None:
     """Make the in-memory source headers (never the files) what highdicom requires of a series that the reader
     accepted: one ImageOrientationPatient for every slice (the reader accepts differences below its
@@ -181,7 +194,9 @@ def _shared_geometry(sources) -> None:
     missing = [ds for ds in sources if str(ds.get("SliceThickness", "") or "").strip() == ""]
     if missing:
         positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in sources])
-        steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+        # along the slices' normal: a gantry-tilted series' positions step obliquely (a review: 2.66 for 2.5 mm)
+        normal = np.cross(first[:3], first[3:])
+        steps = np.abs(np.diff(positions, axis=0) @ (normal / np.linalg.norm(normal)))
         thickness = float(np.median(steps)) if steps.size else 0.0
         thickness = thickness if thickness > 0 else 1.0  # one slice: 1 mm, as highdicom needs a positive one
         for ds in missing:

@@ -733,6 +733,52 @@ def test_a_dicom_seg_of_a_series_the_reader_accepts_is_written_and_reads_back(tm
     assert {f: f.read_bytes() for f in files} == before
 
 
+def test_a_tilted_series_without_slice_thickness_gets_the_spacing_across_its_slices(tmp_path):
+    """A review: the fallback SliceThickness was the straight distance between slice positions, which on a
+    gantry-tilted series is longer than the spacing across the slices (2.66 for 2.5 mm at 20 degrees)."""
+    hd = pytest.importorskip("highdicom")
+    from imaging_meta.commands.dicom_seg import write_dicom_seg
+
+    affine = affine_ras(spacing=(1.0, 1.0, 2.5))
+    affine[1, 2] = 2.5 * np.tan(np.deg2rad(20.0))  # each slice shifted along y: a tilt of 20 degrees
+    volume = phantom(shape=(8, 8, 4))
+    files = write_series(tmp_path / "q", volume, affine)
+    for f in files:
+        edit(f, lambda ds: delattr(ds, "SliceThickness"))
+    paths = DicomSeriesReader().read(str(tmp_path / "q")).series.paths
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:5, 2:5, 1:3] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = write_dicom_seg(mask, paths, tmp_path / "q.seg.dcm")
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out))
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == pytest.approx(2.5)
+
+
+def test_a_series_whose_character_set_starts_with_the_default_repertoire_left_empty_gets_its_seg(tmp_path):
+    """A review: ``\\ISO 2022 IR 87`` (an empty first value: the default repertoire, the common Japanese form)
+    made highdicom refuse the series; the Segmentation is written, the patient's name read back intact."""
+    pytest.importorskip("highdicom")
+    from imaging_meta.commands.dicom_seg import write_dicom_seg
+
+    volume = phantom(shape=(8, 8, 3))
+    files = write_series(tmp_path / "q", volume)
+    name = "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce"
+    for f in files:
+        def change(ds):
+            ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+            ds.PatientName = name
+        edit(f, change)
+    before = {f: f.read_bytes() for f in files}
+    paths = DicomSeriesReader().read(str(tmp_path / "q")).series.paths
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[2:5, 2:5, 1] = True
+    out = write_dicom_seg(mask, paths, tmp_path / "q.seg.dcm")
+    back = pydicom.dcmread(out)
+    assert str(back.PatientName) == name and list(back.SpecificCharacterSet)[1] == "ISO 2022 IR 87"
+    assert {f: f.read_bytes() for f in files} == before  # the source files are never changed
+
+
 def test_dicom_seg_refusals_come_before_the_work_or_spare_the_other_queries(tmp_path, support, monkeypatch):
     """An enhanced (multi-frame) query is refused before the checkpoint is read; a series whose Segmentation
     highdicom refuses no longer ends the run before the queries after it are written."""
