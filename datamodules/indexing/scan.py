@@ -357,7 +357,9 @@ class _Scanner:
         if not patients and self.patient_re is not None and self._regex_patient(where) is None:
             self.index.own_patient.append(rel_files[0])  # anonymised: no PatientID, and its path names no patient
         key, info = site_key(ser.headers[0].attributes, self.site_fields, self.salt)
-        others = sorted({site_key(h.attributes, self.site_fields, self.salt)[0] for h in ser.headers[1:]} - {key})
+        # keys that differ only in case are one site (`merge_case_variants`): not two scanners
+        keys = {site_key(h.attributes, self.site_fields, self.salt)[0] for h in ser.headers[1:]}
+        others = sorted({k.casefold(): k for k in keys if k.casefold() != key.casefold()}.values())
         if others:  # a series put together from two scanners' files: indexed at its first slice's site, with a word
             logger.warning("%s: %s: its slices name %d scanners (%s); it is indexed at the first slice's site, %r",
                            self.rel(where), desc, 1 + len(others), "; ".join([key, *others]), key)

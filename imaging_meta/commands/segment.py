@@ -225,8 +225,9 @@ def _declared_modality(path: str | Path) -> str:
     for sidecar in sidecars:
         try:
             doc = json.loads(sidecar.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{sidecar}: cannot read this JSON sidecar ({e}); repair it, or pass --modality CT or MR") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # skipped with a word, as the scan does
+            logger.warning("%s: BIDS sidecar is not valid JSON (%s); its fields are ignored", sidecar, e)
+            continue
         mod = doc.get("Modality") if isinstance(doc, dict) else None
         if mod and str(mod).strip():
             declared = normalise_modality(str(mod)) or str(mod).strip().upper()

@@ -401,7 +401,7 @@ def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segmen
 
 
 
-def test_segment_reads_the_modality_a_bids_image_inherits_as_the_scan_does(tmp_path):
+def test_segment_reads_the_modality_a_bids_image_inherits_as_the_scan_does(tmp_path, caplog):
     """A review: a BIDS dataset that states the modality once, in a top-level ``T1w.json``, was indexed as CT by
     the scan, while ``segment`` said no sidecar stated it (or took the checkpoint's modality without a word)."""
     import nibabel as nib
@@ -422,8 +422,15 @@ def test_segment_reads_the_modality_a_bids_image_inherits_as_the_scan_does(tmp_p
     (root / "sub-01" / "sub-01_T2w.json").write_text('{"Modality": "CT"}')  # another suffix: not this image's
     (root / "sub-01" / "ses-1" / "anat" / "sub-02_T1w.json").write_text('{"Modality": "CT"}')  # another subject's
     assert modality_of(image) == "MR"
+    # a sidecar that cannot be read is skipped with a warning, as the scan skips it (a review: one broken JSON
+    # above the image refused it, even with --modality)
     (root / "sub-01" / "sub-01_T1w.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"sub-01_T1w\.json: cannot read this JSON sidecar"):
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
+        assert modality_of(image) == "CT" == scan_folder(str(root)).cases[0].modality
+    assert "sub-01_T1w.json: BIDS sidecar is not valid JSON" in caplog.text
+    (root / "T1w.json").write_text("{not json either")
+    assert modality_of(image, "MR") == "MR" and modality_of(image, None, "CT") == "CT"
+    with pytest.raises(ValueError, match="pass --modality CT or MR"):
         modality_of(image)
     # a file that is not BIDS-named keeps only its own sidecar; a JSON above it is not read
     plain = tmp_path / "plain" / "scan" / "p1.nii.gz"
