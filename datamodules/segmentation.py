@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index, own_patient_note
 from datamodules.indexing.pseudonyms import SITE_KEY_VERSION, normalise_modality
-from datamodules.indexing.scan import DEFAULT_PATIENT_REGEX, DEFAULT_SITE_FIELDS, scan_to_file
+from datamodules.indexing.scan import DEFAULT_PATIENT_REGEX, DEFAULT_SITE_FIELDS, SCAN_VERSION, scan_to_file
 from datamodules.indexing.splits import (
     MIN_VAL_PATIENTS,
     PROTOCOLS,
@@ -243,7 +243,8 @@ class SegmentationDataModule(EpisodicDataModule):
         num_workers: DataLoader workers.
         seed: episode seed (training epochs, and the fixed validation and test lists).
         label_names: label value -> structure name, for folders without a Decathlon dataset.json. It applies to
-            every label map under ``root`` that no ``dataset.json`` of its own folder names; give a subfolder
+            every label map under ``root`` that no ``dataset.json`` in its folder or above describes (lists it among
+            its training pairs, or lists none); give a subfolder
             with other labels (tumours beside organs) its own ``dataset.json`` (``{"labels": {"1": "tumour"}}``).
         modality: ``CT`` or ``MR``, for volumes whose files do not say (a NIfTI without a BIDS sidecar or a
             Decathlon ``modality``): CT volumes get the HU window, all others percentile scaling. None (default):
@@ -414,7 +415,7 @@ class SegmentationDataModule(EpisodicDataModule):
             files.append([os.path.relpath(path, self.root), st.st_size, st.st_mtime_ns])
         h = self.hparams
         settings = [files, list(h.site_fields or DEFAULT_SITE_FIELDS), h.label_names, self.salt, READER_VERSION,
-                    SITE_KEY_VERSION]  # an index of older site keys is scanned again (a review)
+                    SITE_KEY_VERSION, SCAN_VERSION]  # an index of older site keys or naming is scanned again (reviews)
         if h.get("patient_regex", DEFAULT_PATIENT_REGEX) != DEFAULT_PATIENT_REGEX:  # the keys of earlier indexes hold
             settings.append(h.patient_regex)
         return digest(settings)

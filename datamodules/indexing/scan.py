@@ -106,6 +106,9 @@ logger = logging.getLogger(__name__)
 SHIPPED_SALTS = ("imaging-meta", "change-me")
 #: the ``name`` the demo cohort's dataset.json carries (`datamodules.synthetic.cohort`): its institutions are fake
 DEMO_NAME = "imaging-meta demo"
+#: changes whenever the scan indexes the same files otherwise, so that cached folder indexes are rebuilt (1: a
+#: ``dataset.json`` names only the label maps it describes, 2026-12-07; before, every map below it)
+SCAN_VERSION = 1
 
 
 class _Scanner:
@@ -371,7 +374,7 @@ class _Scanner:
             image=rel_files,
             image_format="dicom",
             label=self.rel(label) if label else None,
-            organs=self._organs(values, self._names_for(where), label),
+            organs=self._organs(values, self._names_for(where, label), label),
             shape=[int(v) for v in ser.shape],
             spacing=[float(v) for v in ser.spacing],
             affine=np.asarray(ser.affine, dtype=float).tolist(),
@@ -419,7 +422,7 @@ class _Scanner:
             image=rel,
             image_format="nifti",
             label=self.rel(label) if label else None,
-            organs=self._organs(values, self._names_for(p), label),
+            organs=self._organs(values, self._names_for(p, label), label),
             shape=[int(v) for v in shape],
             spacing=[round(float(v), 6) for v in np.linalg.norm(affine[:3, :3], axis=0)],
             affine=affine.tolist(),
@@ -519,12 +522,16 @@ class _Scanner:
                 return None
             folder = os.path.dirname(folder)
 
-    def _names_for(self, path: str) -> dict[int, str]:
-        """Label names for ``path``: the nearest Decathlon description with labels, else the default names."""
+    def _names_for(self, path: str, label: str | None = None) -> dict[int, str]:
+        """Label names for ``path`` (and its label map ``label``): the nearest Decathlon description with labels that
+        describes the map (lists it among its training pairs, or lists none, as nnU-Net v2's does), else the default
+        names. A ``dataset.json`` at the root listing one sub-folder's cases named every other map of the tree by its
+        labels, over ``label_names`` and without a word (a review)."""
         folder = os.path.dirname(path) if not os.path.isdir(path) else path
+        image, mask = os.path.normpath(os.path.abspath(path)), label and os.path.normpath(os.path.abspath(label))
         while True:
             dec = self.decathlons.get(folder)
-            if dec is not None and dec.labels:
+            if dec is not None and dec.labels and (not dec.pairs or image in dec.pairs or mask in dec.pairs.values()):
                 return dec.labels
             if folder == self.root or os.path.dirname(folder) == folder or not folder.startswith(self.root):
                 return self.default_names

@@ -343,6 +343,28 @@ def test_decathlon_pairing_names_and_modality(tree):
     assert index.label_names == {1: "liver", 2: "spleen", 3: "heart"}
 
 
+def test_a_dataset_json_names_only_the_maps_it_describes(tmp_path):
+    """A review: a ``dataset.json`` at the root that lists one sub-folder's cases named every label map of the
+    tree by its labels, over ``label_names``, without a word (``test_organs: [spleen]`` then tested livers)."""
+    vol = phantom(seed=0)
+    lab = label_for(vol, values=(1, 2))
+    for name in ("dec/imagesTr/d1.nii.gz", "other/p1.nii.gz"):
+        write_nifti(vol, affine_ras(), tmp_path / name)
+    write_nifti(lab, affine_ras(), tmp_path / "dec/labelsTr/d1.nii.gz")
+    write_nifti(lab, affine_ras(), tmp_path / "other/p1_label.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "name": "x", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen", "2": "liver"},
+        "training": [{"image": "./dec/imagesTr/d1.nii.gz", "label": "./dec/labelsTr/d1.nii.gz"}]}))
+    index = scan_folder(tmp_path, salt=SALT, label_names={1: "liver", 2: "spleen"})
+    assert case_of(index, "dec/imagesTr/d1.nii.gz").organs == {"spleen": 1, "liver": 2}  # the ones it lists
+    assert case_of(index, "other/p1.nii.gz").organs == {"liver": 1, "spleen": 2}  # label_names, as documented
+    # a description that lists no cases (nnU-Net v2's) still names every map below it
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "x", "channel_names": {"0": "CT"},
+                                                       "labels": {"background": 0, "spleen": 1, "liver": 2}}))
+    index = scan_folder(tmp_path, salt=SALT, label_names={1: "liver", 2: "spleen"})
+    assert case_of(index, "other/p1.nii.gz").organs == {"spleen": 1, "liver": 2}
+
+
 def test_bids_sidecar_site_and_patient(tree):
     _, index = tree
     t1 = case_of(index, "bids/sub-07/anat/sub-07_T1w.nii.gz")
