@@ -442,6 +442,7 @@ class SegmentationDataModule(EpisodicDataModule):
                 label_names=self.hparams.label_names,
                 salt=self.salt,
                 patient_regex=self.hparams.get("patient_regex", DEFAULT_PATIENT_REGEX),
+                skip=[self.cache_dir],  # as the index key leaves it out
             )
             logger.info(index.summary())
             if key is not None:

@@ -131,8 +131,10 @@ class _Scanner:
         salt: str,
         patient_regex: str,
         min_slices: int,
+        skip: Sequence[str | os.PathLike] = (),
     ):
         self.root = os.path.abspath(os.fspath(root))
+        self.skip = {os.path.realpath(p) for p in skip} - {os.path.realpath(self.root)}
         self.site_fields = list(site_fields)
         try:
             self.default_names = parse_label_names(dict(label_names)) if label_names else {}
@@ -190,6 +192,8 @@ class _Scanner:
             keep = []
             for d in sorted(dirnames):
                 real = os.path.realpath(os.path.join(dirpath, d))
+                if real in self.skip:  # the datamodule's cache folder inside the data folder: not data
+                    continue
                 if real in seen:
                     logger.warning("%s: a link to a folder already scanned (%s); not scanned twice", self.rel(os.path.join(dirpath, d)), real)
                     continue
@@ -600,6 +604,7 @@ def scan_folder(
     salt: str = "imaging-meta",
     patient_regex: str = DEFAULT_PATIENT_REGEX,
     min_slices: int = MIN_SLICES,
+    skip: Sequence[str | os.PathLike] = (),
 ) -> Index:
     """Index every image under ``root``.
 
@@ -611,15 +616,17 @@ def scan_folder(
         patient_regex: for NIfTI, the first match in the path relative to ``root`` (group 1 if any) is the
             patient key; without a match each file is its own patient. DICOM uses PatientID.
         min_slices: fewest slices (voxels along each axis, for NIfTI) of a usable volume.
+        skip: folders not scanned (compared by their real paths): a cache folder inside ``root``, whose files
+            were each opened and rejected as no image on every scan after the first (a review).
 
     Returns:
         The index: cases, rejected inputs with reasons, and accounted support files. Every regular file
-        under ``root`` is in exactly one of them.
+        under ``root`` but those in ``skip`` is in exactly one of them.
 
     Raises:
         NotADirectoryError: ``root`` is not a folder.
     """
-    return _Scanner(os.fspath(root), site_fields, label_names, salt, patient_regex, min_slices).run()
+    return _Scanner(os.fspath(root), site_fields, label_names, salt, patient_regex, min_slices, skip).run()
 
 
 def scan_to_file(root: str | os.PathLike, out: str | os.PathLike, **kw: Any) -> Index:

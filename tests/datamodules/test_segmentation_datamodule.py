@@ -265,6 +265,25 @@ def test_symbolic_link_loops_under_the_root_are_walked_once_for_the_index_key(tm
     assert dm._scan_key() == before  # the loop adds no file
 
 
+def test_a_cache_folder_inside_the_data_folder_is_not_scanned(tmp_path):
+    """A review: the index key left the cache folder out, but the scan did not, so every scan after the first
+    opened each cached file and rejected it as no image (thousands with a disk cache)."""
+    from tests.datamodules.dicom_fixtures import affine_ras, label_for, phantom, write_nifti
+
+    root = tmp_path / "data"
+    vol = phantom(seed=1)
+    write_nifti(vol, affine_ras(), root / "a.nii.gz")
+    write_nifti(label_for(vol), affine_ras(), root / "a_label.nii.gz")
+    cache = root / ".cache"
+    (cache / "volumes-x").mkdir(parents=True)
+    (cache / "volumes-x" / "0.pt").write_bytes(b"cached")
+    for rescan in (False, True):
+        dm = SegmentationDataModule(root=str(root), cache_dir=str(cache), rescan=rescan)
+        dm.prepare_data()
+        index = json.loads(dm.index_path.read_text())
+        assert [c["image"] for c in index["cases"]] == ["a.nii.gz"] and not index["rejected"], index["rejected"]
+
+
 def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, caplog):
     """A sidecar added after the first scan (as the modality warning advises), or new label names, reach the index
     without ``rescan: true``; an unchanged folder is not scanned again."""
