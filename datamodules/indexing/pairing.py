@@ -208,7 +208,7 @@ def _series_on_the_labels_grid(label: str, keys: list[str], series: Sequence[Ser
     except Exception:  # an unreadable label is rejected with its reason when its image is indexed
         return []
     by_key = {"dicom:" + s.key: s for s in series}
-    fits = []
+    fits, in_plane = [], []
     for k in keys:
         s = by_key.get(k)
         if s is None or not s.headers:
@@ -218,8 +218,15 @@ def _series_on_the_labels_grid(label: str, keys: list[str], series: Sequence[Ser
             rows, columns = grid.pop()
             if {(columns, rows, len(s.headers)), (rows, columns, len(s.headers))} & {shape}:
                 fits.append(k)
+            if {(columns, rows), (rows, columns)} & {shape[:2]}:
+                in_plane.append(k)
     if len(fits) > 1:
         fits = [k for k in fits if _label_lies_on(by_key[k], shape, affine)]
+    if not fits and len(in_plane) == 1:
+        # none has the label's slice count: a series missing a slice beside a file cut inside its header (no
+        # series UID, so a "series" of its own); the one of the label's matrix takes it, and its rejection then says
+        # the label is not used, instead of advice to move series into folders of their own (a review)
+        fits = in_plane
     return fits if len(fits) == 1 else []
 
 

@@ -651,6 +651,22 @@ def test_of_two_phases_in_one_folder_the_label_goes_to_the_series_it_lies_on(tmp
     assert "move each series into a folder of its own" in rejection(index, "pat1/CT_seg.nii.gz")
 
 
+def test_a_file_cut_inside_its_header_does_not_contest_its_series_label(tmp_path):
+    """A review: a slice cut inside its header (no series UID left) formed a "series" of its own, so the label map
+    beside the folder was rejected as claimed by two images, with advice to move each series into its own folder;
+    the series itself was rejected for the missing slice. The label goes to the series of its matrix, whose
+    rejection says that its label map is not used."""
+    d = tmp_path / "root" / "pat1"
+    vol = phantom((8, 8, 6), 1)
+    files = write_series(d / "ct", vol, seed=1)
+    files[2].write_bytes(files[2].read_bytes()[:300])
+    write_nifti(label_for(vol), affine_ras(), d / "ct_label.nii.gz")
+    index = scan_folder(tmp_path / "root", salt=SALT)
+    reasons = {r.path: r.reason for r in index.rejected}
+    assert not any("claimed by" in r for r in reasons.values()), reasons
+    assert any("its label map pat1/ct_label.nii.gz is not used" in r for r in reasons.values()), reasons
+
+
 def test_a_series_whose_slices_name_two_patients_is_rejected(tmp_path):
     """The patient was taken from the first file without comparing the others: a split by patient could then put
     one person on both sides."""
