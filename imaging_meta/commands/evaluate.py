@@ -673,14 +673,16 @@ def evaluate(
     _remove_earlier_evaluation(out, earlier, keep={f["file"] for f in episode_files.values() if "file" in f}
                                | {"results.json", "results.md", "records.csv"} | {str(f) for f in written["figures"].values()})
     texts: dict[str, Path] = {}
-    if scan_protocols:  # after the episode report is written: a run stopped among the slow scan pairs keeps it
-        from imaging_meta.commands.evaluate_scans import evaluate_scans
+    try:
+        if scan_protocols:  # after the episode report is written: a run stopped among the slow scan pairs keeps it
+            from imaging_meta.commands.evaluate_scans import evaluate_scans
 
-        scans_js, texts["scans"] = evaluate_scans(learner, untrained, next(iter(dms.values())), out, scan_protocols,
-                                                  scan_pairs, seed, device=dev, adapt_steps=adapt_steps,
-                                                  pairing=scan_pairing, scale=scan_scale)
-        logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), scans_js)
-    if log_dir is not None:
-        where = write_tensorboard(log_dir, out, js, {"results": md, **texts}, step=int(ckpt.get("global_step") or 0))
-        logger.info("figures written to TensorBoard in %s", where)
+            scans_js, texts["scans"] = evaluate_scans(learner, untrained, next(iter(dms.values())), out,
+                                                      scan_protocols, scan_pairs, seed, device=dev,
+                                                      adapt_steps=adapt_steps, pairing=scan_pairing, scale=scan_scale)
+            logger.info("whole-scan protocols %s scored into %s", list(scan_protocols), scans_js)
+    finally:  # the episode report reaches TensorBoard also when the scan pairs stop (it got nothing; a review)
+        if log_dir is not None:
+            where = write_tensorboard(log_dir, out, js, {"results": md, **texts}, step=int(ckpt.get("global_step") or 0))
+            logger.info("figures written to TensorBoard in %s", where)
     return js, md

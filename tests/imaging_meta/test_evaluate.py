@@ -518,7 +518,10 @@ def test_a_run_stopped_among_the_scan_pairs_keeps_its_episode_report_and_no_earl
 
     monkeypatch.setattr(evaluate_scans, "score_pair", score)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(ckpt, out, **{**kw, "seed": 8}, scan_protocols=["whole_scan"], scan_pairs=2, scan_pairing="any")
+        evaluate(ckpt, out, **{**kw, "seed": 8}, scan_protocols=["whole_scan"], scan_pairs=2, scan_pairing="any",
+                 log_dir=tmp_path / "tb")
+    # TensorBoard gets the episode report although the scan pairs stopped (it got nothing before)
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     context = json.loads((out / "results.json").read_text())["context"]
     assert context["seed"] == 8  # the new episode report, which says how its scan rows are made
     assert context["scan_protocols"] == {"protocols": ["whole_scan"], "pairs": 2, "pairing": "any",
