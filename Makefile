@@ -53,14 +53,14 @@ train: $(TRAIN_PREREQ)  ## meta-train (default: the demo cohort), then test the 
 
 RESULTS_DIR ?= results
 RESULTS_ARGS ?=
-results: demo  ## train and test every learner on the same fixed demo test episodes; writes $(RESULTS_DIR)/results.md
+results: demo  ## train and test every learner on the same fixed demo test episodes; writes RESULTS_DIR/results.md (default results/)
 	$(CLI) results --out $(RESULTS_DIR) --data-dir $(DATA_DIR) --trainer $(TRAINER) $(RESULTS_ARGS)
 
 PROTOCOLS ?= in_domain cross_organ cross_site
 EVAL_DIR ?= evaluation
 EVAL_EPOCHS ?= 3
 EVAL_ARGS ?= --shots 1 5 --episodes 200 --scan-protocols whole_scan oracle_extent --scan-pairs 2
-evaluate: $(TRAIN_PREREQ)  ## fit MODEL under each segmentation protocol, evaluate it on fixed episodes; $(EVAL_DIR)/comparison.md
+evaluate: $(TRAIN_PREREQ)  ## fit MODEL under each segmentation protocol, evaluate it on fixed episodes; writes EVAL_DIR/comparison.md (default evaluation/)
 	@set -e; for p in $(PROTOCOLS); do \
 	  $(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/$(DATA).yaml \
 	      --config configs/protocol/$$p.yaml --config configs/model/$(MODEL).yaml $(ROOT_ARG) \

@@ -46,8 +46,11 @@ def query_mark(query: str | Path) -> str:
     pseudonyms' (``IMAGING_META_SALT``): the mark carries no readable identifier."""
     p = Path(query)
     if p.is_file():
-        with open(p, "rb") as f:
-            content = hashlib.file_digest(f, "sha256").digest()
+        h = hashlib.sha256()
+        with open(p, "rb") as f:  # in chunks, not hashlib.file_digest: that is Python 3.11's, and 3.10 is supported
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        content = h.digest()
         return _mark("q2:", b"file:" + str(p.stat().st_size).encode() + b":" + content)
     uid = series_uid(p) if p.is_dir() else None
     return _mark("q:", b"uid:" + uid.encode() if uid is not None else b"path:" + os.fsencode(os.path.realpath(p)))

@@ -873,6 +873,21 @@ def test_a_segment_label_outside_the_sources_character_set_is_written_as_given(t
     assert back.get("SpecificCharacterSet") == ("ISO_IR 192" if utf8 else charset)
 
 
+def test_a_files_mark_needs_no_python_3_11(tmp_path, monkeypatch):
+    """A review: the mark used hashlib.file_digest (Python 3.11), so on Python 3.10, which the package allows,
+    every NIfTI query failed after its segmentation was done. The mark is the sha256 of the whole file."""
+    import hashlib
+
+    from imaging_meta.commands import query_marks
+
+    scan = tmp_path / "q.nii.gz"
+    scan.write_bytes(bytes(range(256)) * 9000)
+    before = query_marks.query_mark(scan)
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    assert query_marks.query_mark(scan) == before == query_marks._mark(
+        "q2:", b"file:" + str(256 * 9000).encode() + b":" + hashlib.sha256(scan.read_bytes()).digest())
+
+
 def test_two_scans_that_differ_after_their_first_mib_have_different_marks(tmp_path, monkeypatch):
     """A review (2026-12-07): a file's mark was its size and first MiB, so two uncompressed NIfTI scans of one size
     whose first MiB is zero padding under the same header had one mark, and `segment` replaced one patient's mask
