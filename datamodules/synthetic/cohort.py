@@ -205,6 +205,10 @@ def _check_target(out: Path) -> None:
                 f"{out} is not empty: it holds a demo cohort of version {old}, and this code writes version "
                 f"{DEMO_VERSION} (with lesions and lesions.csv); delete the folder to regenerate it"
             )
+        missing = _missing_files(out)
+        if missing:
+            raise FileExistsError(f"{out} holds a demo cohort that has lost {missing} of its files since it was "
+                                  "written (a scan would train on fewer cases); delete the folder to regenerate it")
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder or delete it first")
 
 
@@ -234,7 +238,8 @@ def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(patients_per_site, (int, np.integer)) or patients_per_site < 1:
         raise ValueError(f"patients_per_site must be an integer >= 1, got {patients_per_site!r}")
-    out = Path(out_dir).absolute()
+    # the real folder: a link to scratch storage (or to a folder not made yet) is written through, not replaced
+    out = Path(out_dir).resolve()
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # a unique hidden sibling; mkdir (unlike mkdtemp) keeps the usual umask permissions for the result
@@ -295,4 +300,15 @@ def demo_is_complete(out_dir: str | os.PathLike) -> bool:
     An older cohort (e.g. one without ``lesions.csv``) is not complete: `generate_demo_cohort` then asks for
     the folder to be deleted.
     """
-    return _marker_version(out_dir) == DEMO_VERSION
+    return _marker_version(out_dir) == DEMO_VERSION and not _missing_files(out_dir)
+
+
+def _missing_files(out_dir: str | os.PathLike) -> int:
+    """How many of the files its marker counts a demo cohort has lost (0 without a marker; files added beside
+    them are not counted against it, so one added hides one lost: the marker holds a count, not a list): a cohort
+    missing a slice or a label map was called complete, and training went on with fewer cases (a review)."""
+    marker = _marker(out_dir)
+    if marker is None or not isinstance(marker.get("files"), int):
+        return 0
+    present = sum(len(files) for _, _, files in os.walk(out_dir)) - 1  # without the marker itself
+    return max(0, marker["files"] - present)

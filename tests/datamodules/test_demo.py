@@ -196,6 +196,24 @@ def test_refuses_a_non_empty_folder_and_bad_arguments(tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_a_linked_folder_is_written_through_and_a_damaged_cohort_is_not_complete(tmp_path):
+    """Reviews: ``--out`` as a link (to scratch storage, or to a folder not made yet) failed after the whole cohort
+    was written; and a cohort that had lost a slice or a label map was called complete by ``--if-missing``."""
+    (tmp_path / "scratch").mkdir()
+    link = tmp_path / "demo"
+    link.symlink_to(tmp_path / "scratch" / "cohort")  # a link to a folder not made yet
+    generate_demo_cohort(link, seed=0, patients_per_site=1)
+    assert link.is_symlink() and demo_is_complete(link) and (tmp_path / "scratch" / "cohort" / MARKER).is_file()
+    slices = sorted((link / "ct_harbor").rglob("*.dcm"))
+    (link / "notes.txt").write_text("a file added beside the cohort")  # does not make it incomplete
+    assert demo_is_complete(link)
+    (link / "notes.txt").unlink()  # (an added file would hide a lost one: the marker holds a count, not a list)
+    slices[3].unlink()
+    assert not demo_is_complete(link)
+    with pytest.raises(FileExistsError, match="has lost 1 of its files .*delete the folder to regenerate it"):
+        generate_demo_cohort(link, seed=0, patients_per_site=1)
+
+
 def test_write_nifti_gzip_is_deterministic(tmp_path):
     a = np.arange(24, dtype=np.int64).reshape(2, 3, 4)
     p1 = write_nifti(a, np.diag([-2.0, -2.0, 3.0, 1.0]), tmp_path / "a.nii.gz")
