@@ -310,5 +310,5 @@ def _missing_files(out_dir: str | os.PathLike) -> int:
     marker = _marker(out_dir)
     if marker is None or not isinstance(marker.get("files"), int):
         return 0
-    present = sum(len(files) for _, _, files in os.walk(out_dir)) - 1  # without the marker itself
+    present = sum(len(names) for _, _, names in os.walk(os.fspath(out_dir))) - 1  # without the marker itself
     return max(0, marker["files"] - present)
