@@ -168,6 +168,12 @@ def test_pair_loss_golden_values_all_and_hard_mining():
     # n_hard larger than an anchor's negatives falls back to all of them: every anchor has 2 negatives
     hard_all = SiameseNetwork(backbone_kwargs=TINY, mining="hard", n_hard=5, normalize=False, margin=1.0)
     assert hard_all.pair_loss(x, labels).item() == pytest.approx(0.845 + 0.1325, abs=1e-5)
+    # uneven classes: each anchor its own n_hard closest negatives (a review: every anchor was capped at the
+    # fewest negatives of any); positives (0,1) 0.09, (0,2) 0.36, (1,2) 0.09 -> 0.18; negatives 0->3 0.01,
+    # 1->3 0.16, 2->3 0.49, 3->2 0.49 and 3->1 0.16 -> 1.31 / 5 = 0.262
+    uneven = torch.tensor([[0.0], [0.3], [0.6], [0.9]]).unsqueeze(0)
+    two = SiameseNetwork(backbone_kwargs=TINY, mining="hard", n_hard=2, normalize=False, margin=1.0)
+    assert two.pair_loss(uneven, torch.tensor([[0, 0, 0, 1]])).item() == pytest.approx(0.18 + 0.262, abs=1e-5)
 
 
 def test_pairs_never_cross_tasks():

@@ -180,12 +180,17 @@ class SiameseNetwork(Learner):
             n_neg = neg.sum((1, 2))
             neg_loss = (contrastive_loss(d, torch.ones_like(d), self.margin, "none") * neg).sum((1, 2)) / n_neg.clamp(min=1)
         else:
-            k = min(self.n_hard, int((~same).sum(2).min()))
-            if k == 0:
+            if int((~same).sum(2).min()) == 0:
                 raise ValueError("every item needs a different-class item in its task: use n_way >= 2")
-            idx = d.detach().masked_fill(same, float("inf")).topk(k, dim=2, largest=False).indices  # (T, M, k)
+            # each anchor its own n_hard closest negatives, or all it has (a review: every anchor of the batch was
+            # capped at the fewest negatives of any anchor, which differ when a task's classes are uneven)
+            k = min(self.n_hard, m - 1)
+            masked = d.detach().masked_fill(same, float("inf"))
+            idx = masked.topk(k, dim=2, largest=False).indices  # (T, M, k)
+            valid = masked.gather(2, idx).isfinite()  # picks beyond the anchor's negatives are same-class: left out
             hard = d.gather(2, idx)
-            neg_loss = contrastive_loss(hard, torch.ones_like(hard), self.margin, "none").mean((1, 2))
+            losses = contrastive_loss(hard, torch.ones_like(hard), self.margin, "none") * valid
+            neg_loss = losses.sum((1, 2)) / valid.sum((1, 2))
         return (pos_loss + neg_loss).mean()
 
     def loss(self, episode: Episode) -> torch.Tensor:
