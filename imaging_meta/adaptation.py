@@ -175,9 +175,12 @@ def _adapt(learner: Learner, supports: Sequence[tuple[torch.Tensor, torch.Tensor
     if progress:  # drawn on a terminal, off under `imaging-meta --quiet` (`datamodules.progress`)
         rounds = progress_bar(rounds, desc="adapting to the scans", total=steps, unit="step")
     with torch.enable_grad():
-        for _ in rounds:
+        for step in rounds:
             ep = episodes.batch(batch_size).to(device)
             loss = adapted.loss(ep)
+            if not torch.isfinite(loss):  # a diverged copy would predict nothing, as an empty mask (a review)
+                raise FloatingPointError(f"test-time adaptation: non-finite loss ({float(loss.detach())}) at step "
+                                         f"{step + 1} of {steps}; segment without it (--adapt-steps 0)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -262,6 +262,11 @@ def load_learner(checkpoint: str | os.PathLike, device: str | torch.device = "cp
             f"{imaging_meta.__version__}; the checkpoint was written by {extra.get('version', 'an unknown version')}): "
             f"{type(e).__name__}: {e}; retrain it, or use the version that wrote it") from e
     state = {k[len("learner."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("learner.")}
+    # weights that are not finite predict nothing: segment wrote empty masks from them and exited 0 (a review)
+    broken = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path}: {len(broken)} weight tensor(s) hold NaN or infinite values (e.g. {broken[0]}): "
+                              "the training that wrote it diverged; use an earlier checkpoint, or train again")
     try:
         learner.load_state_dict(state)
     except RuntimeError as e:

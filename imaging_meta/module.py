@@ -281,6 +281,8 @@ class EpisodicModule(LightningModule):
         super().__init__()
         if not isinstance(learner, Learner):
             raise TypeError(f"learner must be an imaging_meta Learner, got {type(learner).__name__}")
+        if not 0.0 <= threshold < 1.0:  # a probability above 1.5 never happens: every Dice was 0 (a review)
+            raise ValueError(f"threshold must be a foreground probability in [0, 1), got {threshold}")
         # the learner and the factories are kept out of hparams: checkpoints must load with weights_only=True
         self.save_hyperparameters(ignore=["learner", "optimizer", "lr_scheduler"])
         self.learner = learner

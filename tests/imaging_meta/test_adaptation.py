@@ -100,3 +100,15 @@ def test_adaptation_on_the_cpu_leaves_the_gpus_random_state_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("one", seed)))
     adapt(learner, supports, queries, steps=1, batch_size=2, seed=1, progress=False)
     assert calls == []
+
+
+def test_adaptation_that_diverges_stops_with_the_step(monkeypatch):
+    """A review: a non-finite adaptation loss went on for every step, and the diverged copy's empty masks were
+    written as answers."""
+    import pytest
+
+    supports, queries = _scans()
+    learner = _learner()
+    monkeypatch.setattr(PrototypicalSegmenter, "loss", lambda self, ep: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 1 of 3; segment without it"):
+        adapt(learner, supports, queries, steps=3, batch_size=2, seed=1, progress=False)

@@ -232,3 +232,20 @@ def test_a_checkpoint_changed_after_it_was_written_or_cut_short_is_called_damage
     (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"cut\.ckpt: truncated or damaged .*copy it again"):
         read_checkpoint(tmp_path / "cut.ckpt")
+
+
+def test_a_checkpoint_whose_weights_are_not_finite_is_refused_and_a_threshold_is_a_probability(tmp_path):
+    """Reviews: a checkpoint of a diverged training (NaN weights) loaded, and `segment` wrote empty masks from it
+    and exited 0; and ``--model.threshold 1.5`` was accepted, so every Dice was 0 and best.ckpt picked on zeros."""
+    good = torch.load(_small_checkpoint(tmp_path / "good.ckpt"), weights_only=True)
+    assert load_learner(tmp_path / "good.ckpt")[0] is not None
+    name = next(k for k, v in good["state_dict"].items() if k.startswith("learner.") and v.is_floating_point())
+    good["state_dict"][name] = good["state_dict"][name].clone().fill_(float("nan"))
+    torch.save(good, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=r"nan\.ckpt: 1 weight tensor\(s\) hold NaN or infinite values .*diverged"):
+        load_learner(tmp_path / "nan.ckpt")
+    learner = PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4})
+    for bad in (1.5, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"threshold must be a foreground probability in \[0, 1\)"):
+            EpisodicModule(learner, baselines=False, threshold=bad)
+    assert EpisodicModule(learner, baselines=False, threshold=0.0).hparams["threshold"] == 0.0
