@@ -30,6 +30,7 @@ IDENTIFYING_FIELDS: dict[str, str] = {
     "ScheduledStationName": "station",
     "PerformedStationName": "station",
     "PerformedLocation": "anon",
+    "AccessionNumber": "anon",
 }
 
 _MR_WORDS = ("MRI", "MR", "T1", "T2", "FLAIR", "ADC", "DWI", "T1W", "T2W", "T1GD", "PD", "MP-MRI", "BOLD")
@@ -41,8 +42,11 @@ def pseudonym(salt: str, value: str, n: int = 12) -> str:
     return hmac.new(salt.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:n]
 
 
+#: free-text descriptions and comments (basic profile: removed or cleaned) and accession numbers are tokens too (a
+#: review: ``--site-fields AccessionNumber`` stored the numbers in plain text)
 _IDENTIFYING_PATTERN = re.compile(
-    r"^(Patient|OtherPatient|Institution|Referring|Performing|Requesting|Operators|Physician)|(UID|Date|Time|Address|ID|Name|Names)$"
+    r"^(Patient|OtherPatient|Institution|Referring|Performing|Requesting|Operators|Physician|Accession)|"
+    r"(UID|Date|Time|Address|ID|Name|Names|Description|Comments)$"
 )
 _SAFE_FIELDS = frozenset({"Manufacturer", "ManufacturerModelName", "ManufacturersModelName", "MagneticFieldStrength",
                           "Modality"})
@@ -52,8 +56,8 @@ _SAFE_FIELDS = frozenset({"Manufacturer", "ManufacturerModelName", "Manufacturer
 BIDS_SPELLINGS = {"ManufacturerModelName": "ManufacturersModelName"}
 #: changes whenever `site_key` gives other keys for the same headers, so that cached folder indexes are rebuilt
 #: (2: BIDS spellings, field strength in tesla, case variants merged; 3: identifying values tokenised in lower
-#: case; both 2026-12-07)
-SITE_KEY_VERSION = 3
+#: case; 4: accession numbers, descriptions and comments tokenised; all 2026-12-07)
+SITE_KEY_VERSION = 4
 
 
 def _is_identifying(keyword: str) -> bool:

@@ -385,6 +385,12 @@ def test_site_key_tokens_identifying_fields():
     assert key == f"GE MEDICAL | station-{pseudonym('s', 'ct99', 6)} | 1.5"  # tokens of the value in lower case
     assert info["MagneticFieldStrength"] == "1.5" and "ManufacturerModelName" not in info
     assert site_key({}, ["Manufacturer"], "s") == ("unknown", {})
+    # accession numbers, descriptions and comments are tokens too (a review: they were stored as written)
+    fields = ["AccessionNumber", "StudyDescription", "ImageComments", "ProtocolName", "Manufacturer"]
+    key, info = site_key({"AccessionNumber": "ZZACC1", "StudyDescription": "CT for J. Doe", "ImageComments": "x",
+                          "Manufacturer": "GE"}, fields, "s")
+    assert "ZZACC1" not in key and "Doe" not in key and key.endswith("| GE")
+    assert info["AccessionNumber"] == "anon-" + pseudonym("s", "zzacc1", 6)
 
 
 def test_one_scanner_as_dicom_and_as_dcm2niix_nifti_is_one_site_and_stays_held_out(tmp_path, caplog):
