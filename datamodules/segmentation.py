@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index, own_patient_note
-from datamodules.indexing.pseudonyms import SITE_KEY_VERSION, normalise_modality
+from datamodules.indexing.pseudonyms import DEFAULT_SALT, SITE_KEY_VERSION, normalise_modality, salt_or_env
 from datamodules.indexing.scan import DEFAULT_PATIENT_REGEX, DEFAULT_SITE_FIELDS, SCAN_VERSION, scan_to_file
 from datamodules.indexing.splits import (
     MIN_VAL_PATIENTS,
@@ -251,7 +251,9 @@ class SegmentationDataModule(EpisodicDataModule):
             such volumes are scaled by percentiles, with a warning; it is stored in checkpoints, and
             ``imaging-meta segment`` then scales files that do not say their modality the same way.
         site_fields: header fields that build the site key.
-        salt: secret for the pseudonymous ids (set your own for real data).
+        salt: secret for the pseudonymous ids (set your own for real data). None (default): the environment's
+            ``IMAGING_META_SALT``, else the public default; a salt given here is copied into the run's
+            ``config.yaml``, so the environment keeps it out of the run folder.
         test_episodes_file: a JSON episode file to test on (written by an earlier run), instead of drawing. Every
             episode must keep this run's split (test patients, test organs, under cross_site test sites) and
             its ``n_shot``/``n_query``, else it is refused; `describe` records the file and its sha256.
@@ -321,7 +323,7 @@ class SegmentationDataModule(EpisodicDataModule):
         label_names: dict[int, str] | None = None,
         modality: str | None = None,
         site_fields: list[str] | None = None,
-        salt: str = "imaging-meta",
+        salt: str | None = None,
         test_episodes_file: str | None = None,
         selfsup_ratio: float = 0.0,
         superpixels: dict | None = None,
@@ -362,7 +364,7 @@ class SegmentationDataModule(EpisodicDataModule):
         self.save_hyperparameters(ignore=["salt"])
         self.root = str(Path(root).expanduser().resolve())
         self.cache_dir = Path(cache_dir).expanduser()
-        self.salt = salt
+        self.salt = salt = salt_or_env(salt)  # None: IMAGING_META_SALT, else the public default
         # one index per set of scan settings (the salt among them): a run with other settings (evaluate without
         # the training salt, which it then refuses) scans into its own file instead of over the one in use
         scan_settings = digest([list(site_fields or DEFAULT_SITE_FIELDS), label_names, salt,
@@ -916,7 +918,7 @@ class SegmentationDataModule(EpisodicDataModule):
         a cache, would otherwise write one file over the other's."""
         h = self.hparams
         return {k: v for k, v in {"organs": h.organs, "modality": h.modality, "label_names": h.label_names,
-                                  "site_fields": h.site_fields, "salt": self.salt if self.salt != "imaging-meta" else None,
+                                  "site_fields": h.site_fields, "salt": self.salt if self.salt != DEFAULT_SALT else None,
                                   "patient_regex": h.patient_regex if h.patient_regex != DEFAULT_PATIENT_REGEX else None,
                                   }.items() if v is not None}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,17 @@ IDENTIFYING_FIELDS: dict[str, str] = {
 
 _MR_WORDS = ("MRI", "MR", "T1", "T2", "FLAIR", "ADC", "DWI", "T1W", "T2W", "T1GD", "PD", "MP-MRI", "BOLD")
 _KNOWN_MODALITIES = ("CT", "MR", "PT", "US", "CR", "DX", "MG", "NM", "XA", "RF", "OT")
+
+
+#: the salt when neither the config nor ``IMAGING_META_SALT`` gives one (public: the scan warns about its tokens)
+DEFAULT_SALT = "imaging-meta"
+
+
+def salt_or_env(salt: str | None) -> str:
+    """The salt a datamodule or item source uses: ``salt`` when the config gives one, else the environment's
+    ``IMAGING_META_SALT`` (so that the secret need not be written into a config, which every run copies into its
+    shared run folder's ``config.yaml``; a review), else `DEFAULT_SALT`."""
+    return salt if salt is not None else os.environ.get("IMAGING_META_SALT", DEFAULT_SALT)
 
 
 def pseudonym(salt: str, value: str, n: int = 12) -> str:

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.indexing.pseudonyms import salt_or_env
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
 from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_image_kind, read_dataset
 from datamodules.io.dicom_checks import kind_problem
@@ -375,7 +376,8 @@ class ImageFolder(ItemSource):
             DICOM, and with it a name whose suffix is digits, a SOP instance UID such as ``1.2.840.1136.321``). Other files are skipped with one warning that lists them; hidden files and folders and ``__MACOSX`` are ignored.
         name: site of the PNG/JPEG images and the format's name in reports (default: the root folder's name).
         site_fields: DICOM header fields that make the site key.
-        salt: secret for the pseudonymous patients and item ids (set your own for real data).
+        salt: secret for the pseudonymous patients and item ids (set your own for real data); None (default): the
+            environment's ``IMAGING_META_SALT``, else the public default.
 
     Raises:
         ValueError: from `build`, naming the file or folder: a missing root, no class folders, an empty class
@@ -393,7 +395,7 @@ class ImageFolder(ItemSource):
         extensions: list[str] | None = None,
         name: str | None = None,
         site_fields: list[str] | None = None,
-        salt: str = "imaging-meta",
+        salt: str | None = None,
     ) -> None:
         self.root = str(Path(root).expanduser().resolve())
         self.image_size = [int(s) for s in (image_size if image_size is not None else [32, 32])]
@@ -411,7 +413,7 @@ class ImageFolder(ItemSource):
         self.extensions = [e.lower() for e in (extensions if extensions is not None else DEFAULT_EXTENSIONS)]
         self.name = name or Path(self.root).name
         self.site_fields = list(site_fields or DEFAULT_SITE_FIELDS)
-        self._salt = salt
+        self._salt = salt_or_env(salt)  # None: IMAGING_META_SALT, else the public default
 
     # ------------------------------------------------------------ contract
     def preprocessing(self) -> dict[str, Any]:

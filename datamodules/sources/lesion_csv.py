@@ -53,6 +53,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
 from datamodules.indexing.bids import sidecars_of
 from datamodules.indexing.index import Case, Index
+from datamodules.indexing.pseudonyms import salt_or_env
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
 from datamodules.io.dicom import is_nifti
 from datamodules.messages import first
@@ -276,7 +277,8 @@ class LesionCSV(ItemSource):
         ct_window: CT HU window (lower, upper).
         mr_percentiles: MR percentile range (lower, upper).
         site_fields: header keywords of the site key (default `datamodules.indexing.scan.DEFAULT_SITE_FIELDS`).
-        salt: secret for the keyed hashes of patients and cases; keep it private and fixed.
+        salt: secret for the keyed hashes of patients and cases; keep it private and fixed. None (default): the
+            environment's ``IMAGING_META_SALT``, else the public default.
 
     Raises:
         ValueError: from `__init__` for bad settings; from `build`, naming the CSV and its line: a missing
@@ -294,7 +296,7 @@ class LesionCSV(ItemSource):
         ct_window: list[float] | None = None,
         mr_percentiles: list[float] | None = None,
         site_fields: list[str] | None = None,
-        salt: str = "imaging-meta",
+        salt: str | None = None,
     ) -> None:
         self.csv = str(Path(csv).expanduser().resolve())
         self.root = str(Path(root).expanduser().resolve()) if root is not None else str(Path(self.csv).parent)
@@ -308,7 +310,7 @@ class LesionCSV(ItemSource):
         if len(self.mr_percentiles) != 2 or not 0 <= self.mr_percentiles[0] < self.mr_percentiles[1] <= 100:
             raise ValueError(f"mr_percentiles must be [lower, upper] with 0 <= lower < upper <= 100, got {mr_percentiles}")
         self.site_fields = list(site_fields or DEFAULT_SITE_FIELDS)
-        self._salt = salt
+        self._salt = salt_or_env(salt)  # None: IMAGING_META_SALT, else the public default
 
     # ------------------------------------------------------------ contract
     def preprocessing(self) -> dict[str, Any]:

@@ -707,6 +707,40 @@ def test_demo_if_missing_refuses_a_cohort_of_other_settings(tmp_path, capsys, mo
     assert "holds a demo cohort of seed 0 with 1 patients per site, not seed 3 with 7" in capsys.readouterr().err
 
 
+def test_a_salt_in_the_config_is_warned_about_and_the_environment_keeps_it_out(demo_root, demo_index, tmp_path,
+                                                                               caplog, monkeypatch):
+    """A review: the secret salt of the folder configs is copied into the run's config.yaml, beside the checkpoints
+    and TensorBoard files a group shares. Fit now says so, and the datamodules take IMAGING_META_SALT when the
+    config gives none, so that the secret need not be in any config."""
+    import logging
+
+    from datamodules.segmentation import SegmentationDataModule
+    from datamodules.sources.image_folder import ImageFolder
+    from datamodules.sources.lesion_csv import LesionCSV
+
+    base = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL,
+            *data_args(demo_root, demo_index[1], tmp_path / "cache"), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.cli"):
+        cli = cli_main([*base, "--trainer.logger.init_args.save_dir", str(tmp_path / "a"), "--data.init_args.salt", "ZZsecret"])
+    assert "holds data.init_args.salt, the secret" in caplog.text and "IMAGING_META_SALT" in caplog.text
+    assert "ZZsecret" in (Path(cli.trainer.log_dir) / "config.yaml").read_text()  # what the warning is about
+    caplog.clear()
+    monkeypatch.setenv("IMAGING_META_SALT", "ZZsecret")
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.cli"):
+        again = cli_main([*base, "--trainer.logger.init_args.save_dir", str(tmp_path / "b")])
+    assert "holds data.init_args.salt" not in caplog.text
+    assert "ZZsecret" not in (Path(again.trainer.log_dir) / "config.yaml").read_text()
+    assert again.datamodule.salt == "ZZsecret" and again.datamodule.split_digest() == cli.datamodule.split_digest()
+    (tmp_path / "img").mkdir()
+    assert ImageFolder(root=str(tmp_path / "img"))._salt == "ZZsecret"
+    assert LesionCSV(csv=str(tmp_path / "l.csv"))._salt == "ZZsecret"
+    assert SegmentationDataModule(root=str(tmp_path), salt="given").salt == "given"  # the config's wins
+    monkeypatch.delenv("IMAGING_META_SALT")
+    assert SegmentationDataModule(root=str(tmp_path)).salt == "imaging-meta"
+
+
 def test_fit_refuses_16_true_before_a_run_folder_is_written(demo_root, demo_index, tmp_path):
     """The module's refusal came after the callbacks' setup, leaving a version_0 with config.yaml and events."""
     runs = tmp_path / "runs"
