@@ -40,13 +40,20 @@ _KNOWN_MODALITIES = ("CT", "MR", "PT", "US", "CR", "DX", "MG", "NM", "XA", "RF",
 
 #: the salt when neither the config nor ``IMAGING_META_SALT`` gives one (public: the scan warns about its tokens)
 DEFAULT_SALT = "imaging-meta"
+#: the salts the project ships (the default and the folder configs' placeholder): public, so a token made with one
+#: can be tested against a guessed name
+SHIPPED_SALTS = (DEFAULT_SALT, "change-me")
 
 
 def salt_or_env(salt: str | None) -> str:
-    """The salt a datamodule or item source uses: ``salt`` when the config gives one, else the environment's
-    ``IMAGING_META_SALT`` (so that the secret need not be written into a config, which every run copies into its
-    shared run folder's ``config.yaml``; a review), else `DEFAULT_SALT`."""
-    return salt if salt is not None else os.environ.get("IMAGING_META_SALT", DEFAULT_SALT)
+    """The salt a datamodule or item source uses, and `evaluate` with a run's ``config.yaml``: ``salt`` when the
+    config gives one of its own, else the environment's ``IMAGING_META_SALT`` (so that the secret need not be
+    written into a config, which every run copies into its shared run folder; a review), else the config's
+    shipped placeholder or `DEFAULT_SALT`. A placeholder left in a config yields to the environment, so that a user
+    who exports the secret but keeps the folder config's ``salt: change-me`` gets the secret at fit and evaluate."""
+    if salt is not None and salt not in SHIPPED_SALTS:
+        return salt
+    return os.environ.get("IMAGING_META_SALT") or (salt if salt is not None else DEFAULT_SALT)
 
 
 def pseudonym(salt: str, value: str, n: int = 12) -> str:

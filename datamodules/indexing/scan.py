@@ -57,6 +57,7 @@ from datamodules.indexing.pairing import LABEL_SUFFIXES, Series, pair_labels
 from datamodules.indexing.pseudonyms import (
     DEFAULT_SITE_FIELDS,
     IDENTIFYING_FIELDS,
+    SHIPPED_SALTS,
     merge_case_variants,
     normalise_modality,
     pseudonym,
@@ -92,6 +93,7 @@ __all__ = [
     "DEFAULT_PATIENT_REGEX",
     "DEFAULT_SITE_FIELDS",
     "IDENTIFYING_FIELDS",
+    "SHIPPED_SALTS",
     "LABEL_SUFFIXES",
     "scan_folder",
     "scan_to_file",
@@ -101,14 +103,17 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-#: the salts the project ships (the scan's default and the folder configs' placeholder): public, so a token made
-#: with one can be tested against a guessed name
-SHIPPED_SALTS = ("imaging-meta", "change-me")
 #: the ``name`` the demo cohort's dataset.json carries (`datamodules.synthetic.cohort`): its institutions are fake
 DEMO_NAME = "imaging-meta demo"
 #: changes whenever the scan indexes the same files otherwise, so that cached folder indexes are rebuilt (1: a
 #: ``dataset.json`` names only the label maps it describes, 2026-12-07; before, every map below it)
 SCAN_VERSION = 1
+
+
+def _label_folders(folder: str) -> set[str]:
+    """A Decathlon or nnU-Net dataset's own label folders, whose maps its ``labels`` name whether or not its
+    ``training`` list names them (``labelsTs``: the labelled test cases; a review of the rule above)."""
+    return {os.path.normpath(os.path.join(os.path.abspath(folder), name)) for name in ("labelsTr", "labelsTs", "labels")}
 
 
 class _Scanner:
@@ -528,14 +533,16 @@ class _Scanner:
 
     def _names_for(self, path: str, label: str | None = None) -> dict[int, str]:
         """Label names for ``path`` (and its label map ``label``): the nearest Decathlon description with labels that
-        describes the map (lists it among its training pairs, or lists none, as nnU-Net v2's does), else the default
+        describes the map (lists it among its training pairs, keeps it in its own ``labelsTr``/``labelsTs``/``labels``
+        folder, or lists no pairs, as nnU-Net v2's does), else the default
         names. A ``dataset.json`` at the root listing one sub-folder's cases named every other map of the tree by its
         labels, over ``label_names`` and without a word (a review)."""
         folder = os.path.dirname(path) if not os.path.isdir(path) else path
         image, mask = os.path.normpath(os.path.abspath(path)), label and os.path.normpath(os.path.abspath(label))
         while True:
             dec = self.decathlons.get(folder)
-            if dec is not None and dec.labels and (not dec.pairs or image in dec.pairs or mask in dec.pairs.values()):
+            if dec is not None and dec.labels and (not dec.pairs or image in dec.pairs or mask in dec.pairs.values()
+                                                   or (mask and os.path.dirname(mask) in _label_folders(dec.folder))):
                 return dec.labels
             if folder == self.root or os.path.dirname(folder) == folder or not folder.startswith(self.root):
                 return self.default_names

@@ -364,7 +364,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                     "into a new folder: leave --trainer.logger.init_args.version unset (each run gets its own "
                     "version_N), or give another --trainer.logger.init_args.save_dir")
             super().setup(trainer, pl_module, stage)
-            from datamodules.indexing.scan import SHIPPED_SALTS
+            from datamodules.indexing.pseudonyms import SHIPPED_SALTS
 
             if trainer.is_global_zero and _config_salt(self.config) not in (None, *SHIPPED_SALTS):
                 # the config.yaml just saved holds the secret beside the checkpoints and TensorBoard files that a
@@ -604,8 +604,9 @@ def _add_evaluate_parser(sub) -> None:
     e.add_argument("--name", default=None, help="the run's name in `compare` tables (default: the folder name)")
     e.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     e.add_argument("--salt", default=None,
-                   help="the secret of the pseudonymous ids used at fit (default: env IMAGING_META_SALT, else the salt "
-                        "in the run's config.yaml beside the checkpoints folder, else the default)")
+                   help="the secret of the pseudonymous ids used at fit (default: as fit chose it from the run's "
+                        "config.yaml beside the checkpoints folder: its salt unless a shipped placeholder, else env "
+                        "IMAGING_META_SALT, else the default)")
     e.add_argument("--interval", choices=("patient-bootstrap", "episode-t"), default="patient-bootstrap",
                    help="95%% intervals of every table and of the paired trained − baseline differences: a seeded "
                         "percentile bootstrap of the test patients (default), or Student's t over episodes (too narrow "

@@ -206,15 +206,22 @@ def build_datamodule(config: dict, overrides: dict) -> EpisodicDataModule:
 
 
 def resolve_salt(checkpoint: Path, salt: str | None) -> str:
-    """The salt of the pseudonymous ids to evaluate with: ``salt`` when given, else env ``IMAGING_META_SALT``, else
-    the one the run's own ``config.yaml`` (``RUN/config.yaml`` beside ``RUN/checkpoints/``) gave its data, else the
-    project default. Checkpoints never hold the salt (a secret, not a hyperparameter); the run folder's config does,
-    and without it a run trained with the folder configs' ``salt:`` could not be evaluated at all (a review: every
-    split digest differed)."""
+    """The salt of the pseudonymous ids to evaluate with: ``salt`` when given, else the one fit chose from the run's
+    own ``config.yaml`` (``RUN/config.yaml`` beside ``RUN/checkpoints/``) by fit's rule (`salt_or_env`: a salt of
+    the config's own, else env ``IMAGING_META_SALT``, else the shipped one). Checkpoints never hold the salt (a
+    secret, not a hyperparameter); the run folder's config does, and without it a run trained with the folder
+    configs' ``salt:`` could not be evaluated at all (a review: every split digest differed). The environment
+    came first here and last at fit, so a run with ``IMAGING_META_SALT`` set and its own ``salt:`` in the config
+    was evaluated with another salt than it was trained with (a review)."""
+    from datamodules.indexing.pseudonyms import salt_or_env
+
     if salt is not None:
         return salt
-    if "IMAGING_META_SALT" in os.environ:
-        return os.environ["IMAGING_META_SALT"]
+    return salt_or_env(_run_config_salt(checkpoint))
+
+
+def _run_config_salt(checkpoint: Path) -> str | None:
+    """The salt the run's own ``config.yaml`` gives its data (or its item source), else None."""
     run_config = checkpoint.resolve().parent.parent / "config.yaml"
     # only a run folder's own config (RUN/checkpoints/x.ckpt): another project's config.yaml two folders up is not
     # this run's (a review)
@@ -228,9 +235,9 @@ def resolve_salt(checkpoint: Path, salt: str | None) -> str:
         source = (data.get("source") or {}).get("init_args") or {} if isinstance(data.get("source"), dict) else {}
         found = data.get("salt") or source.get("salt")
         if isinstance(found, str) and found:
-            logger.info("the salt of the run's %s is used (--salt or IMAGING_META_SALT to give another)", run_config)
+            logger.info("the salt of the run's %s is read (--salt to give another)", run_config)
             return found
-    return "imaging-meta"
+    return None
 
 
 def _with_salt(config: dict, salt: str) -> dict:

@@ -355,10 +355,20 @@ def test_a_dataset_json_names_only_the_maps_it_describes(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({
         "name": "x", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen", "2": "liver"},
         "training": [{"image": "./dec/imagesTr/d1.nii.gz", "label": "./dec/labelsTr/d1.nii.gz"}]}))
+    write_nifti(vol, affine_ras(), tmp_path / "dec/imagesTs/t1.nii.gz")  # a labelled test case it does not list
+    write_nifti(lab, affine_ras(), tmp_path / "dec/labelsTs/t1.nii.gz")
     index = scan_folder(tmp_path, salt=SALT, label_names={1: "liver", 2: "spleen"})
     assert case_of(index, "dec/imagesTr/d1.nii.gz").organs == {"spleen": 1, "liver": 2}  # the ones it lists
     assert case_of(index, "other/p1.nii.gz").organs == {"liver": 1, "spleen": 2}  # label_names, as documented
+    # the maps in a description's own label folders are its own, listed or not (a review of this rule)
+    (tmp_path / "dec" / "dataset.json").write_text((tmp_path / "dataset.json").read_text().replace("./dec/", "./"))
+    (tmp_path / "dataset.json").unlink()
+    index = scan_folder(tmp_path, salt=SALT, label_names={1: "liver", 2: "spleen"})
+    assert case_of(index, "dec/imagesTs/t1.nii.gz").organs == {"spleen": 1, "liver": 2}
+    assert case_of(index, "dec/imagesTr/d1.nii.gz").organs == {"spleen": 1, "liver": 2}
+    assert case_of(index, "other/p1.nii.gz").organs == {"liver": 1, "spleen": 2}
     # a description that lists no cases (nnU-Net v2's) still names every map below it
+    (tmp_path / "dec" / "dataset.json").unlink()
     (tmp_path / "dataset.json").write_text(json.dumps({"name": "x", "channel_names": {"0": "CT"},
                                                        "labels": {"background": 0, "spleen": 1, "liver": 2}}))
     index = scan_folder(tmp_path, salt=SALT, label_names={1: "liver", 2: "spleen"})

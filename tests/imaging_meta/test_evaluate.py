@@ -631,7 +631,7 @@ def test_provenance_calls_a_new_untracked_module_dirty(tmp_path, monkeypatch):
 def test_evaluate_takes_the_salt_the_run_was_trained_with_from_its_config(tmp_path, monkeypatch):
     """A review: a run trained with the folder configs' `salt: change-me` could not be evaluated without --salt
     (every split digest differed): evaluate used the project default. The run's config.yaml beside its
-    checkpoints folder records the salt; --salt and IMAGING_META_SALT still come first."""
+    checkpoints folder records the salt; --salt still comes first."""
     from imaging_meta.commands.evaluate import resolve_salt
 
     monkeypatch.delenv("IMAGING_META_SALT", raising=False)
@@ -644,8 +644,16 @@ def test_evaluate_takes_the_salt_the_run_was_trained_with_from_its_config(tmp_pa
     (run / "config.yaml").write_text("data:\n  init_args:\n    source:\n      init_args:\n        salt: s2\n")
     assert resolve_salt(ckpt, None) == "s2"  # a classification source's own salt
     assert resolve_salt(ckpt, "given") == "given"
+    # fit's rule (a review: the environment came first here and last at fit): a salt of the config's own wins
+    # over IMAGING_META_SALT, a shipped placeholder yields to it, as the datamodule chose at fit
     monkeypatch.setenv("IMAGING_META_SALT", "env")
+    assert resolve_salt(ckpt, None) == "s2"
+    (run / "config.yaml").write_text("data:\n  init_args:\n    root: /data\n    salt: change-me\n")
     assert resolve_salt(ckpt, None) == "env"
+    from datamodules.segmentation import SegmentationDataModule
+
+    assert SegmentationDataModule(root=str(tmp_path), salt="change-me").salt == "env"
+    assert SegmentationDataModule(root=str(tmp_path), salt="s2").salt == "s2"
     monkeypatch.delenv("IMAGING_META_SALT")
     (tmp_path / "proj" / "models").mkdir(parents=True)  # not a run folder: a config.yaml two folders up is not its own
     (tmp_path / "proj" / "config.yaml").write_text("data:\n  init_args:\n    salt: other-run-secret\n")
