@@ -561,9 +561,11 @@ def evaluate(
         n_panel: best and worst episodes shown in the panel figure (0: none).
         threshold: foreground probability threshold of segmentation masks.
         name: the run's name in comparison tables (default: the output folder's name).
-        salt: the secret of the pseudonymous ids used at fit (default: env ``IMAGING_META_SALT``, else the run's
-            ``config.yaml`` beside its ``checkpoints/`` folder, else the project default; `resolve_salt`); a
-            different one gives other ids, another split, and is refused.
+        salt: the secret of the pseudonymous ids used at fit (default: fit's rule applied to the run's
+            ``config.yaml`` beside its ``checkpoints/`` folder: its salt unless a shipped placeholder, else env
+            ``IMAGING_META_SALT``, else the project default; `resolve_salt`). A different one gives other ids:
+            where the split is by patient (segmentation), another split, which is refused; a class split
+            (classification) is the same split under other ids, and is scored.
         interval: the 95% intervals of every table, and of the paired ``trained − baseline`` differences:
             ``patient-bootstrap`` (seeded percentile bootstrap of the test patients, `N_BOOT` resamples) or
             ``episode-t`` (Student's t over episodes; too narrow when episodes share patients). See
