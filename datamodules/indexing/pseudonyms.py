@@ -56,6 +56,18 @@ def salt_or_env(salt: str | None) -> str:
     return os.environ.get("IMAGING_META_SALT") or (salt if salt is not None else DEFAULT_SALT)
 
 
+def configured_salt(config) -> str | None:
+    """The salt a run's config gives its data (``data.init_args.salt``, or its item source's), else None: ``config``
+    as LightningCLI parsed it (a Namespace) or as YAML read it (a dict)."""
+    try:
+        init = config["data"]["init_args"]
+        source = init.get("source")
+        found = init.get("salt") or (source["init_args"].get("salt") if source is not None else None)
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return found if isinstance(found, str) and found else None
+
+
 def pseudonym(salt: str, value: str, n: int = 12) -> str:
     """First ``n`` hex digits of HMAC-SHA256(salt, value)."""
     return hmac.new(salt.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:n]

@@ -129,17 +129,6 @@ def checkpoint_to_test(callbacks: Sequence[Any]) -> str | None:
     return next(iter(best or saved), None)
 
 
-def _config_salt(config) -> str | None:
-    """The salt a run's config gives its data (``data.init_args.salt``, or its item source's), else None."""
-    try:
-        init = config["data"]["init_args"]
-        source = init.get("source") if hasattr(init, "get") else None
-        found = init.get("salt") or (source["init_args"].get("salt") if source is not None else None)
-    except (KeyError, TypeError, AttributeError):
-        return None
-    return found if isinstance(found, str) and found else None
-
-
 def _version_given(config) -> bool:
     """Whether a run's config fixes its logger's version (else Lightning picks the next ``version_N``)."""
     try:
@@ -364,9 +353,9 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                     "into a new folder: leave --trainer.logger.init_args.version unset (each run gets its own "
                     "version_N), or give another --trainer.logger.init_args.save_dir")
             super().setup(trainer, pl_module, stage)
-            from datamodules.indexing.pseudonyms import SHIPPED_SALTS
+            from datamodules.indexing.pseudonyms import SHIPPED_SALTS, configured_salt
 
-            if trainer.is_global_zero and _config_salt(self.config) not in (None, *SHIPPED_SALTS):
+            if trainer.is_global_zero and configured_salt(self.config) not in (None, *SHIPPED_SALTS):
                 # the config.yaml just saved holds the secret beside the checkpoints and TensorBoard files that a
                 # group shares (a review); evaluate reads it from there when no other is given
                 logger.warning("%s holds data.init_args.salt, the secret of this run's pseudonymous ids: keep the run "

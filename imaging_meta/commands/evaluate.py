@@ -228,13 +228,13 @@ def _run_config_salt(checkpoint: Path) -> str | None:
     if checkpoint.resolve().parent.name == "checkpoints" and run_config.is_file():
         import yaml
 
+        from datamodules.indexing.pseudonyms import configured_salt
+
         try:
-            data = ((yaml.safe_load(run_config.read_text()) or {}).get("data") or {}).get("init_args") or {}
-        except (yaml.YAMLError, OSError, AttributeError):
-            data = {}
-        source = (data.get("source") or {}).get("init_args") or {} if isinstance(data.get("source"), dict) else {}
-        found = data.get("salt") or source.get("salt")
-        if isinstance(found, str) and found:
+            found = configured_salt(yaml.safe_load(run_config.read_text()))
+        except (yaml.YAMLError, OSError):
+            found = None
+        if found:
             logger.info("the salt of the run's %s is read (--salt to give another)", run_config)
             return found
     return None
