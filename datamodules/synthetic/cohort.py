@@ -207,8 +207,9 @@ def _check_target(out: Path) -> None:
             )
         missing = _missing_files(out)
         if missing:
-            raise FileExistsError(f"{out} holds a demo cohort that has lost {missing} of its files since it was "
-                                  "written (a scan would train on fewer cases); delete the folder to regenerate it")
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise FileExistsError(f"{out} holds a demo cohort that has lost files since it was written ({shown}; a "
+                                  "scan would train on fewer cases); delete the folder to regenerate it")
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder or delete it first")
 
 
@@ -254,6 +255,8 @@ def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per
             "patients_per_site": int(patients_per_site),
             "sites": [s.key for s in SITES],
             "files": len(files),
+            # the names, so that --if-missing sees a lost file even beside one added (a count cannot)
+            "paths": sorted(f.relative_to(tmp).as_posix() for f in files),
         }
         _write_json(marker, tmp / MARKER)
         if out.exists():
@@ -303,12 +306,20 @@ def demo_is_complete(out_dir: str | os.PathLike) -> bool:
     return _marker_version(out_dir) == DEMO_VERSION and not _missing_files(out_dir)
 
 
-def _missing_files(out_dir: str | os.PathLike) -> int:
-    """How many of the files its marker counts a demo cohort has lost (0 without a marker; files added beside
-    them are not counted against it, so one added hides one lost: the marker holds a count, not a list): a cohort
-    missing a slice or a label map was called complete, and training went on with fewer cases (a review)."""
+def _missing_files(out_dir: str | os.PathLike) -> list[str]:
+    """The files a demo cohort's marker lists that are gone (none without a marker): a cohort missing a slice
+    or a label map was called complete, and training went on with fewer cases (a review). Files added beside
+    them do not count against it. A marker written before the names were recorded holds only a count; then
+    the lost files are counted, not named (``"N file(s)"``), and one added hides one lost."""
     marker = _marker(out_dir)
-    if marker is None or not isinstance(marker.get("files"), int):
-        return 0
+    if marker is None:
+        return []
+    root = Path(out_dir)
+    paths = marker.get("paths")
+    if isinstance(paths, list) and all(isinstance(name, str) for name in paths):
+        return [name for name in paths if not (root / name).is_file()]
+    if not isinstance(marker.get("files"), int):
+        return []
     present = sum(len(names) for _, _, names in os.walk(os.fspath(out_dir))) - 1  # without the marker itself
-    return max(0, marker["files"] - present)
+    lost = marker["files"] - present
+    return [f"{lost} file(s)"] if lost > 0 else []

@@ -207,11 +207,24 @@ def test_a_linked_folder_is_written_through_and_a_damaged_cohort_is_not_complete
     slices = sorted((link / "ct_harbor").rglob("*.dcm"))
     (link / "notes.txt").write_text("a file added beside the cohort")  # does not make it incomplete
     assert demo_is_complete(link)
-    (link / "notes.txt").unlink()  # (an added file would hide a lost one: the marker holds a count, not a list)
-    slices[3].unlink()
+    slices[3].unlink()  # lost beside the added file: the marker names its files, so the two do not cancel out
     assert not demo_is_complete(link)
-    with pytest.raises(FileExistsError, match="has lost 1 of its files .*delete the folder to regenerate it"):
+    lost = slices[3].relative_to(link).as_posix()
+    with pytest.raises(FileExistsError, match=f"has lost files .*{re.escape(lost)}.*delete the folder to regenerate"):
         generate_demo_cohort(link, seed=0, patients_per_site=1)
+
+
+def test_a_marker_with_only_a_count_still_finds_lost_files(tmp_path):
+    """A cohort written before the marker named its files holds only their count; a lost file is still found."""
+    generate_demo_cohort(tmp_path / "demo", seed=0, patients_per_site=1)
+    marker = json.loads((tmp_path / "demo" / MARKER).read_text())
+    del marker["paths"]
+    (tmp_path / "demo" / MARKER).write_text(json.dumps(marker))
+    assert demo_is_complete(tmp_path / "demo")
+    next((tmp_path / "demo").rglob("*.nii.gz")).unlink()
+    assert not demo_is_complete(tmp_path / "demo")
+    with pytest.raises(FileExistsError, match=r"has lost files .*\(1 file\(s\);"):
+        generate_demo_cohort(tmp_path / "demo", seed=0, patients_per_site=1)
 
 
 def test_write_nifti_gzip_is_deterministic(tmp_path):
