@@ -266,6 +266,8 @@ class ClassificationDataModule(EpisodicDataModule):
         self.save_hyperparameters(ignore=["source"])
         self.source = _as_source(source)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        if self.cache_dir is not None:  # a cache folder inside the data folder is not data
+            self.source.skip_folders([self.cache_dir])
         self.table: ItemTable | None = None
         self.class_split: dict[str, list[str]] = {}
         self.dropped: dict[str, dict[str, str]] = {}

@@ -437,7 +437,7 @@ class ImageFolder(ItemSource):
         skipped = [f for f in sorted(root.iterdir()) if f.is_file() and not f.name.startswith(".")]
         for d in dirs:
             files: list[Path] = []
-            for f in files_under(d):
+            for f in files_under(d, skip=self._skip):
                 if not listed_file(f) or any(map(ignored_name, f.relative_to(root).parts)):
                     continue
                 # a name that is a SOP instance UID (1.2.840....321) has digits for a suffix: DICOM files named

@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,18 @@ class ItemSource:
     says so with ``warnings.warn`` and lists them in ``source["rejected"]``).
     """
 
+    #: folders the source does not read (real paths), such as the datamodule's cache folder when it lies inside
+    #: the data folder (`skip_folders`); not a setting, so it is not part of the cache key or the config
+    _skip: tuple[str, ...] = ()
+
     def build(self) -> ItemTable:
-        """Read and preprocess every item."""
+        """Read and preprocess every item (none from the folders of `skip_folders`)."""
         raise NotImplementedError
+
+    def skip_folders(self, folders: Sequence[str | os.PathLike]) -> None:
+        """Leave ``folders`` unread: a lesion table's scan of its root opened every cached table and episode file
+        of a cache folder inside it and rejected each as no image (a review)."""
+        self._skip = tuple(os.path.realpath(f) for f in folders)
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the table (paths, sizes, windows...): the cache key. Default: the

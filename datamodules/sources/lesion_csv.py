@@ -415,7 +415,7 @@ class LesionCSV(ItemSource):
     def build(self) -> ItemTable:
         """Read the CSV, scan ``root``, load each volume once and cut every lesion's patch."""
         rows, dropped = self.read_rows()
-        index = scan_folder(self.root, site_fields=self.site_fields, salt=self._salt)
+        index = scan_folder(self.root, site_fields=self.site_fields, salt=self._salt, skip=self._skip)
         cases = self._join(rows, index)
         # rows that write one DICOM series two ways (its folder, one of its files) are one scan (a review)
         def scan_of(r: LesionRow) -> str:

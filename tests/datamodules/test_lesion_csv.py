@@ -292,6 +292,25 @@ def test_unknown_image_lists_what_the_scan_rejected(folder):
         LesionCSV(csv=str(write_rows(folder / "lesions.csv", rows))).build()
 
 
+def test_a_cache_folder_inside_root_is_not_scanned(folder):
+    """A review: the datamodule's cache folder inside the table's root was scanned with it, and each cached table
+    and episode file was opened and listed among the rejections that an unknown image's error names."""
+    from datamodules.classification import ClassificationDataModule
+
+    rows = [centre_row(f"{v}.nii.gz", c, BLOB + 6 * i + k, "LPS") for i, c in enumerate(("cyst", "metastasis"))
+            for k in (0, 3) for v in ("a", "b")]
+    path = write_rows(folder / "lesions.csv", rows)
+    dm = ClassificationDataModule(source=LesionCSV(csv=str(path)), cache_dir=str(folder / "cache"), n_way=2,
+                                  n_query=1, val_classes_count=0, test_classes_count=0, val_episodes=0, test_episodes=0)
+    dm.prepare_data()
+    assert any((folder / "cache").rglob("*.pt"))  # the cache is inside the table's root now
+    rows[0]["image"] = "missing/scan.nii.gz"
+    write_rows(path, rows)
+    again = ClassificationDataModule(source=LesionCSV(csv=str(path)), cache_dir=str(folder / "cache"), n_way=2)
+    with pytest.raises(ValueError, match=r"rejected 1 input\(s\): flat.nii.gz: constant image [^\n]*$"):
+        again.prepare_data()
+
+
 def test_duplicates_and_single_lesion_classes_warn(folder):
     rows = good_rows() + [good_rows()[1], centre_row("a.nii.gz", "lonely", BLOB - 3, "LPS")]
     path = write_rows(folder / "lesions.csv", rows)
