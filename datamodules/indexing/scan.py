@@ -84,6 +84,7 @@ from datamodules.io.dicom import (
     order_series,
     read_header,
 )
+from datamodules.io.folders import files_under
 from datamodules.progress import progress
 
 #: a NIfTI file's patient, by default: a BIDS subject folder or file name prefix
@@ -190,32 +191,21 @@ class _Scanner:
 
     # ------------------------------------------------------------ walk
     def walk(self) -> list[str]:
-        """The regular files under the root (each real folder once); links to nowhere and special files are rejected."""
-        seen = {os.path.realpath(self.root)}
+        """The regular files under the root (each real folder once, `files_under`); links to nowhere and special
+        files are rejected."""
+        def revisit(path: Path, real: str) -> None:
+            logger.warning("%s: a link to a folder already scanned (%s); not scanned twice", self.rel(str(path)), real)
+
         files: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True, onerror=self._walk_error):
-            keep = []
-            for d in sorted(dirnames):
-                real = os.path.realpath(os.path.join(dirpath, d))
-                if real in self.skip:  # the datamodule's cache folder inside the data folder: not data
-                    continue
-                if real in seen:
-                    logger.warning("%s: a link to a folder already scanned (%s); not scanned twice", self.rel(os.path.join(dirpath, d)), real)
-                    continue
-                seen.add(real)
-                keep.append(d)
-            dirnames[:] = keep
-            for f in sorted(filenames):
-                p = os.path.join(dirpath, f)
-                if os.path.islink(p) and not os.path.exists(p):
-                    self.all_files.append(p)
-                    self.reject(p, broken_link_reason(p))
-                elif not os.path.isfile(p):
-                    self.all_files.append(p)
-                    self.reject(p, "not a regular file")
-                else:
-                    self.all_files.append(p)
-                    files.append(p)
+        for path in files_under(Path(self.root), skip=self.skip, on_revisit=revisit, on_error=self._walk_error):
+            p = str(path)
+            self.all_files.append(p)
+            if os.path.islink(p) and not os.path.exists(p):
+                self.reject(p, broken_link_reason(p))
+            elif not os.path.isfile(p):
+                self.reject(p, "not a regular file")
+            else:
+                files.append(p)
         return files
 
     def _walk_error(self, err: OSError) -> None:

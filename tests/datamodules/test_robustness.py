@@ -307,6 +307,25 @@ def test_symlink_loops_do_not_hang_the_scan(tmp_path, caplog):
     assert reason.startswith("broken symbolic link") and "remove the link or restore its target" in reason
 
 
+def test_a_link_to_a_sibling_folder_is_walked_as_the_folder_by_the_scan_and_the_index_key(tmp_path, caplog):
+    """The scan and `files_under` (the index key, image folders, classify) walk one way: the scan claimed a folder
+    when its parent was listed, `files_under` when it was entered, so ``a/link -> b`` beside ``b`` was ``b/`` to
+    one and ``a/link/`` to the other (a review: the two walks were twins that had drifted apart)."""
+    from datamodules.io.folders import files_under
+
+    root = tmp_path / "data"
+    good_nifti(root / "b" / "ok.nii.gz")
+    (root / "a").mkdir()
+    (root / "a" / "link").symlink_to(root / "b", target_is_directory=True)
+    revisits = []
+    assert files_under(root, on_revisit=lambda path, real: revisits.append(path)) == [root / "b" / "ok.nii.gz"]
+    assert revisits == [root / "a" / "link"]
+    with caplog.at_level(logging.WARNING, logger="datamodules.indexing.scan"):
+        index = scan_folder(root)
+    assert indexed(index) == ["b/ok.nii.gz"]
+    assert any("a/link: a link to a folder already scanned" in r.getMessage() for r in caplog.records)
+
+
 # -------------------------------------------------------------------------------- 10. mixed folder
 def test_scan_indexes_the_good_files_and_lists_every_bad_one(tmp_path, no_decoder, monkeypatch):
     vol = good_nifti(tmp_path / "n1.nii.gz", 11)
