@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampling.samplers import EpisodeSampler
@@ -73,8 +74,11 @@ class ResumableEpisodes:
                 "world_size": trainer.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume_state = dict(state)
         trainer = getattr(self, "trainer", None)
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        if fn is not None and fn != TrainerFn.FITTING:  # test and validate restore it too, but train on nothing: a
+            return  # warning that the run "is not the one it would have been" was false there (a review)
+        self._resume_state = dict(state)
         saved, now = state.get("world_size"), (trainer.world_size if trainer is not None else None)
         if saved is not None and now is not None and saved != now:  # the skip counts one rank's share of the epoch
             warnings.warn(f"resuming a run of {saved} process(es) on {now}: each rank's episodes differ, so the run goes "

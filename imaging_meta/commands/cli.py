@@ -183,12 +183,22 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             parser.link_arguments(("data.init_args.n_way", "model.learner"), "model.learner.init_args.n_way",
                                   compute_fn=learner_n_way)
 
+        def parse_arguments(self, parser, args) -> None:
+            """As LightningCLI, keeping the model settings given as flags (``--model.KEY``) for `_check_checkpoint`."""
+            raw = sys.argv[1:] if args is None else args
+            self._model_flags = {a[len("--model."):].split("=", 1)[0].split(".", 1)[0]
+                                 for a in (raw if isinstance(raw, (list, tuple)) else []) if isinstance(a, str)
+                                 and a.startswith("--model.")}
+            super().parse_arguments(parser, args)
+
         def _parse_ckpt_path(self) -> None:
             """``--ckpt_path``, checked before anything is built: ``test`` and ``validate`` need one (without it the
             initial weights would be scored as "trained"), Lightning's keywords are refused (``last`` without a
             fit in this process starts from scratch), and the file must be a readable checkpoint. The model
-            settings come from the checkpoint, as in LightningCLI, except those given with other values than the
-            defaults (in a config or a flag): a ``--model.threshold 0.9`` on ``test`` is the threshold tested."""
+            settings come from the checkpoint, as in LightningCLI, except those given as a flag or, in a config,
+            with another value than the default: a ``--model.threshold 0.9`` on ``test`` is the threshold tested,
+            and so is ``--model.threshold 0.5``, the default (a review: a flag that gave the default, such as
+            ``--model.weight_averaging null`` on a resume, was replaced by the checkpoint's value)."""
             sub = self.config.get("subcommand")
             if not sub:
                 return
@@ -227,8 +237,9 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             hparams = plain_hyperparameters(content.get("hyper_parameters") or {}, path)
             model = self.config[sub].get("model")
             defaults = {k: p.default for k, p in inspect.signature(EpisodicModule.__init__).parameters.items()}
-            for k, v in hparams.items():  # the checkpoint's settings, except those given with other values
-                if model is not None and (k not in model or model[k] == defaults.get(k)):
+            flags = getattr(self, "_model_flags", set())
+            for k, v in hparams.items():  # the checkpoint's settings, except those given as flags or with other values
+                if model is not None and k not in flags and (k not in model or model[k] == defaults.get(k)):
                     model[k] = v
             if sub != "fit" and model is not None and model.get("learner") is not None:
                 # the checkpoint holds the weights: test and validate do not read the pretrained file (or URL) again,

@@ -545,6 +545,8 @@ def test_test_and_resume_refuse_what_would_score_the_wrong_model_or_data(demo_ro
     capsys.readouterr()
     assert cli_main(["test", *base, "--ckpt_path", str(ckpt)]).model.hparams["threshold"] == 0.3  # not given: the checkpoint's
     assert re.search(rf"checkpoint \(tested\): {re.escape(str(ckpt))} \(epoch 0, step \d+", capsys.readouterr().out)
+    # a flag that gives the default value is given too (a review: `--model.weight_averaging null` on a resume)
+    assert cli_main(["test", *base, "--ckpt_path", str(ckpt), "--model.threshold=0.5"]).model.hparams["threshold"] == 0.5
     # a fixed version: the second run would write over the first's config and report
     fixed = [*base, "--trainer.logger.init_args.version", "mine", "--ckpt_path", str(ckpt)]
     cli_main(["test", *fixed])

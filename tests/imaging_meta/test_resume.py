@@ -138,6 +138,19 @@ def test_a_resume_on_another_number_of_processes_is_warned_about():
         warnings.simplefilter("error")
         Data(2).load_state_dict(state)
         Data(1).load_state_dict({k: v for k, v in state.items() if k != "world_size"})  # checkpoints before it
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    for fn in (TrainerFn.TESTING, TrainerFn.VALIDATING):  # they restore the state too, but train on nothing (a review)
+        data = Data(1)
+        data.trainer.state = SimpleNamespace(fn=fn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            data.load_state_dict(state)
+        assert getattr(data, "_resume_state", None) is None
+    data = Data(1)
+    data.trainer.state = SimpleNamespace(fn=TrainerFn.FITTING)
+    with pytest.warns(UserWarning, match=r"resuming a run of 2 process\(es\) on 1"):
+        data.load_state_dict(state)
 
 
 def test_the_saved_gpu_random_state_is_this_process_gpus_alone(monkeypatch):
