@@ -237,7 +237,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             hparams = plain_hyperparameters(content.get("hyper_parameters") or {}, path)
             model = self.config[sub].get("model")
             defaults = {k: p.default for k, p in inspect.signature(EpisodicModule.__init__).parameters.items()}
-            flags = getattr(self, "_model_flags", set())
+            flags: set[str] = getattr(self, "_model_flags", set())
             for k, v in hparams.items():  # the checkpoint's settings, except those given as flags or with other values
                 if model is not None and k not in flags and (k not in model or model[k] == defaults.get(k)):
                     model[k] = v
