@@ -68,6 +68,11 @@ class TaskNetwork(nn.Module):
         kwargs = dict(backbone_kwargs or {})
         if kind.dense:
             self.body = build_backbone(backbone, in_channels, **kwargs)
+            stride = getattr(self.body, "stride", 1)
+            if stride != 1:  # its 1x1 head gave logits 1/stride the mask's size, and the loss an internal error (a review)
+                raise ValueError(f"task {self.task!r} predicts a mask the size of the image, and the {backbone!r} backbone "
+                                 f"shrinks the image {stride}x: set backbone: unet (with backbone_kwargs as in "
+                                 "configs/model/maml_seg.yaml)")
             self.head: nn.Conv2d | nn.Linear = nn.Conv2d(backbone_channels(self.body), self.n_out, kernel_size=1)
         else:
             self.body = build_encoder(backbone, in_channels, **kwargs)
