@@ -56,6 +56,7 @@ from datamodules.indexing.index import Case, Index
 from datamodules.indexing.pseudonyms import salt_or_env
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
 from datamodules.io.dicom import is_nifti
+from datamodules.io.folders import files_under
 from datamodules.messages import first
 from datamodules.sources.items import ItemSource, ItemTable
 from datamodules.sources.lesion_rows import (
@@ -338,7 +339,7 @@ class LesionCSV(ItemSource):
         for image in dict.fromkeys(r.image for r in rows):
             p = root / image
             if p.is_dir():
-                out += sorted(f for f in p.rglob("*") if f.is_file())
+                out += [f for f in files_under(p) if f.is_file()]  # into linked folders too, as the scan reads it
                 folders.add(p)
             elif p.is_file():
                 if is_nifti(p.name):  # its own sidecar and those it inherits, as the scan reads them

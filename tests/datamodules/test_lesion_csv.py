@@ -430,6 +430,19 @@ def test_the_cache_is_keyed_by_every_slice_of_a_series_and_by_sidecars(tmp_path)
     assert before.sites[2] != after.sites[2] and before.sites[0] == after.sites[0]  # cut again, with the new site
 
 
+def test_the_cache_is_keyed_by_the_files_of_a_named_folder_inside_linked_folders_too(tmp_path):
+    """A row naming a series' folder stamped the folder's files with ``rglob``, which does not enter a linked
+    folder, though the scan reads the slices there: an edit to one of them was read from a stale cache."""
+    from tests.datamodules.dicom_fixtures import header, write_series
+
+    files = write_series(tmp_path / "elsewhere" / "part", seed=0, hdr=header(PatientID="A1"))
+    (tmp_path / "pat01").mkdir()
+    (tmp_path / "pat01" / "part").symlink_to(tmp_path / "elsewhere" / "part", target_is_directory=True)
+    write_rows(tmp_path / "lesions.csv", [{"image": "pat01", "class": "cyst", "x": 1, "y": -26, "z": 39}])
+    listed = LesionCSV(csv=str(tmp_path / "lesions.csv"), root=str(tmp_path)).files()
+    assert {tmp_path / "pat01" / "part" / f.name for f in files} <= set(listed)
+
+
 def test_the_cache_is_keyed_by_the_sidecars_an_image_inherits(tmp_path):
     """A review: the scan reads a BIDS image's modality and site from a sidecar higher up (``T1w.json`` at the
     root), but the cache stamped only the image's own sidecar, so editing the inherited one reused the old patches,
