@@ -243,10 +243,23 @@ def bootstrap_mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0,
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def query_scan(record: dict) -> tuple[str, str]:
-    """Which query scan a record is of: its patient and file name (two sets' queries are both ``ct.nii.gz``: the
-    MSD spleen of ``spleen-x`` and the abdominal CT of ``cross-modality``, which the name alone merged)."""
-    return str(record.get("patient")), Path(record["query"]).name
+#: the scan a query is cut from, by the set (``site``) of a record whose query is a half of one scan (patient
+#: ``one``), or by the ``patient`` the cross-patient sets name (the abdominal CT's spleen crop, the MSD spleen whole,
+#: the abdominal CT and MR across modalities)
+_HALVES_OF = {"abdomen-ct": "abdominal CT", "parts-ct": "abdominal CT", "abdomen-mr": "abdominal MR",
+              "spleen": "MSD spleen CT", "spine": "spinal cord MR"}
+_WHOLE_OF = {"abdomen": "abdominal CT", "msd": "MSD spleen CT", "ct": "abdominal CT", "mr": "abdominal MR"}
+
+
+def query_scan(record: dict) -> str:
+    """Which source the query of a record is cut from: the scan, or for the sarcoma and tumour sets the patient (a
+    sarcoma patient's CT and MR count as one). Halves, crops and the whole of one scan are one draw of the "all"
+    row's interval: keyed by file, the MSD spleen's lower half (``spleen``) and the whole of it (``spleen-x``), and
+    the abdominal CT's lower half and its spleen crop, were each two independent draws (a review)."""
+    site, patient = str(record.get("site")), str(record.get("patient"))
+    if patient == "one":
+        return _HALVES_OF.get(site, site)
+    return _WHOLE_OF.get(patient, patient)
 
 
 def summarise(records: list[dict]) -> str:
@@ -278,7 +291,8 @@ def summarise(records: list[dict]) -> str:
             lo, hi = bootstrap_mean_ci(v, groups=[query_scan(r) for r in mine])
             cells.append(f"**{v.mean():.3f}** [{lo:.2f}, {hi:.2f}]")
         n_scans = len({query_scan(r) for r in recs})
-        lines.append(f"| all | mean [95% CI over the {n_scans} query scans] | " + " | ".join(cells) + " |")
+        lines.append(f"| all | mean [95% CI over the {n_scans} scanned patients or scans the queries are cut from] | "
+                     + " | ".join(cells) + " |")
         lines += ["", *paired_lines(recs, structures)]
     return "\n".join(lines)
 

@@ -187,7 +187,27 @@ def test_real_segmentation_counts_two_query_scans_of_one_file_name_as_two(tmp_pa
 
     recs = [rec("msd", "ct.nii.gz", 0.5), rec("x", "crop.nii.gz", 0.4), rec("ct", "ct.nii.gz", 0.3),
             rec("mr", "mr.nii.gz", 0.2)]
-    assert "CI over the 4 query scans" in summarise(recs)
+    assert "CI over the 4 scanned patients or scans" in summarise(recs)
+
+
+def test_real_segmentation_counts_the_halves_crops_and_whole_of_one_scan_as_one_draw():
+    """A review: the "all" row keyed query scans by patient and file name, so the MSD spleen's lower half (set
+    ``spleen``) and the whole of it (``spleen-x``), and the abdominal CT's lower half and its spleen crop, were
+    each two independent draws of the interval; a sarcoma patient's CT and MR are one patient."""
+    from benchmarks.real_segmentation import query_scan, summarise
+
+    def rec(site, patient, query):
+        return {"protocol": "whole_scan", "method": "trained", "dice": 0.5, "site": site, "structure": "spleen",
+                "support": "s", "query": query, "patient": patient}
+
+    same = [[rec("spleen", "one", "spleen_ct_lower.nii.gz"), rec("spleen-x", "msd", "ct.nii.gz")],
+            [rec("abdomen-ct", "one", "ct_lower.nii.gz"), rec("parts-ct", "one", "ct_lower.nii.gz"),
+             rec("spleen-x", "abdomen", "abdomen_spleen_crop.nii.gz"), rec("ct-to-mr", "ct", "ct.nii.gz")],
+            [rec("sarcoma-ct", "sts1", "sts1_ct.nii.gz"), rec("sarcoma-mr", "sts1", "sts1_mr.nii.gz")]]
+    for group in same:
+        assert len({query_scan(r) for r in group}) == 1, group
+    assert len({query_scan(g[0]) for g in same} | {query_scan(rec("abdomen-mr", "one", "mr_lower.nii.gz"))}) == 4
+    assert "CI over the 3 scanned patients or scans" in summarise([r for g in same for r in g])
 
 
 def test_real_classification_keeps_two_checkpoints_of_one_run_apart(tmp_path, monkeypatch):
