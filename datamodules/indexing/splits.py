@@ -117,6 +117,10 @@ def split_patients(
         n_test = 1
     if val_fraction > 0 and n_val == 0 and n - n_test >= 2:
         n_val = 1
+    # one patient at least trains: rounded up each, two shares took every patient of a small site (2 of 2 at 0.3
+    # each), and in_domain tested a site it never trained on (a review); validation gives way first
+    n_val = max(0, min(n_val, n - n_test - 1))
+    n_test = max(0, min(n_test, n - 1))
     test = set(unique[:n_test])
     val = set(unique[n_test : n_test + n_val])
     train = set(unique[n_test + n_val :])

@@ -24,6 +24,18 @@ def test_split_is_disjoint_by_patient_and_seeded():
     assert (tr, va, te) != split_patients([f"p{i}" for i in range(40)], 0.2, 0.25, seed=2)
 
 
+def test_in_domain_trains_on_every_site_however_small():
+    """A review: the validation and test shares, each rounded per site, took both patients of a two-patient site
+    (0.3 each), so in_domain tested a site it never trained on."""
+    cs = [Case(case_id=f"c{s}{p}", patient=f"p{s}-{p}", site=s, modality="CT", image="x", image_format="nifti",
+               label="y", organs=dict(ORGANS)) for s, n in (("A", 10), ("B", 2)) for p in range(n)]
+    split = make_split(cs, "in_domain", val_fraction=0.3, test_fraction=0.3, seed=0)
+    assert {cs[i].site for i in split.train} == {cs[i].site for i in split.test} == {"A", "B"}
+    for n in range(1, 6):
+        tr, va, te = split_patients([f"p{i}" for i in range(n)], 0.45, 0.45, seed=0)
+        assert len(tr) >= 1 and len(tr | va | te) == n
+
+
 def test_cross_organ_holds_out_organs_and_patients():
     cs = cases()
     s = make_split(cs, "cross_organ", test_organs=["spleen", "kidney_left"], seed=0)
