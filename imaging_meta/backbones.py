@@ -81,10 +81,10 @@ def build_backbone(name: str, in_channels: int = 1, transductive: bool = False, 
     return backbone
 
 
-def _option_kinds(name: str) -> dict[str, tuple[type, bool]]:
-    """The registered builder's options whose values are numbers, bools or sequences: option -> (kind, whether None
-    is allowed), from the annotations (or the default) of the builder, or of the function it stands for
-    (``signature_of``, e.g. the ``resnet`` builder's `imaging_meta.pretrained.build_resnet`)."""
+def _option_kinds(name: str) -> dict[str, tuple[type | None, bool]]:
+    """The registered builder's options whose values are numbers, bools or sequences, or that allow None: option ->
+    (kind, None for any other, whether None is allowed), from the annotations (or the default) of the builder, or of
+    the function it stands for (``signature_of``, e.g. the ``resnet`` builder's `imaging_meta.pretrained.build_resnet`)."""
     import inspect
     import types
     import typing
@@ -95,7 +95,7 @@ def _option_kinds(name: str) -> dict[str, tuple[type, bool]]:
         hints = typing.get_type_hints(target)
     except Exception:  # an annotation that cannot be evaluated: the defaults alone decide
         hints = {}
-    out: dict[str, tuple[type, bool]] = {}
+    out: dict[str, tuple[type | None, bool]] = {}
     for key, param in inspect.signature(target).parameters.items():
         hint = hints.get(key)
         args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
@@ -108,7 +108,14 @@ def _option_kinds(name: str) -> dict[str, tuple[type, bool]]:
             kind = tuple if kind is tuple else list
         if kind in (bool, int, float, list, tuple):
             out[key] = (kind, optional)
+        elif optional:  # e.g. a weights path: only its null is read
+            out[key] = (None, True)
     return out
+
+
+#: how a null given on the command line arrives in the untyped ``backbone_kwargs``: jsonargparse passes
+#: ``--...backbone_kwargs.weights null`` on as the text ``'None'``
+_NULL_TEXTS = {"none", "null", "~", ""}
 
 
 def _typed_options(name: str, kwargs: dict) -> dict:
@@ -130,6 +137,11 @@ def _typed_options(name: str, kwargs: dict) -> dict:
         if not isinstance(value, str) or key not in kinds:
             continue
         kind, optional = kinds[key]
+        if optional and value.strip().lower() in _NULL_TEXTS:  # a null (a review: `weights null`, the documented
+            out[key] = None  # way back to random weights, looked for a file named 'None')
+            continue
+        if kind is None:
+            continue
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:

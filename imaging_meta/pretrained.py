@@ -267,7 +267,7 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"{source} do not fit torchvision's resnet{self.depth} layout: "
                 f"{_listing('missing keys', missing)}{'; ' if missing and unexpected else ''}"
-                f"{_listing('unexpected keys', unexpected)}{_prefix_hint(unexpected)}"
+                f"{_listing('unexpected keys', unexpected)}{_prefix_hint(unexpected, expected)}"
             )
         state = {k: v for k, v in state.items() if k in expected or (k in own and k.endswith("num_batches_tracked"))}
         try:
@@ -297,10 +297,22 @@ def _listing(what: str, keys: list[str], shown: int = 8) -> str:
     return f"{len(keys)} {what} ({', '.join(keys[:shown])}{more})"
 
 
-def _prefix_hint(unexpected: list[str]) -> str:
-    heads = {k.split(".")[0] for k in unexpected}
-    if len(heads) == 1 and len(unexpected) > 1:
-        return f"; every unexpected key starts with {next(iter(heads))!r}.: strip that prefix from the file"
+def _prefix_hint(unexpected: list[str], expected: set[str]) -> str:
+    """The dotted prefix shared by every unexpected key whose removal makes them the expected keys (the longest such:
+    a fit checkpoint's ``learner.encoder.``, where stripping ``learner.`` alone was advised and did not load; a
+    review); else, when they share a first part, that part."""
+    if len(unexpected) < 2:
+        return ""
+    parts = [k.split(".")[:-1] for k in unexpected]
+    shared = 0
+    while all(len(p) > shared and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    for n in range(shared, 0, -1):
+        prefix = ".".join(parts[0][:n]) + "."
+        if sum(k[len(prefix):] in expected for k in unexpected) * 2 >= len(unexpected):
+            return f"; every unexpected key starts with {prefix!r}, and without it they fit: strip that prefix from the file"
+    if shared:
+        return f"; every unexpected key starts with {parts[0][0] + '.'!r}"
     return ""
 
 

@@ -120,6 +120,11 @@ def test_a_backbone_option_set_alone_on_the_command_line_is_typed():
     frozen = build_backbone("resnet", depth="18", width="8", freeze_bn="false", imagenet_norm="null")
     assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in frozen.modules())
     assert sum(type(m).__name__ == "FrozenBatchNorm2d" for m in build_backbone("resnet", width="8", freeze_bn="true").modules())
+    # `--...backbone_kwargs.weights null` arrives as the text 'None' (jsonargparse): it looked for a file named None,
+    # and its error advised `weights: null`, the very thing given (a review); freeze_bn null was refused as no bool
+    for null in ("None", "null", "~"):
+        net = build_backbone("resnet", depth="18", width="8", weights=null, freeze_bn=null)
+        assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in net.modules())  # random weights: nothing frozen
 
 def test_a_missing_model_config_is_named(tmp_path, capsys):
     from imaging_meta.commands.cli import cli_main

@@ -152,8 +152,12 @@ def test_a_missing_or_unexpected_key_is_named(weights_file, tmp_path):
     with pytest.raises(ValueError, match=r"unexpected keys \(layer2\.0\.extra\.weight\)"):
         build_backbone("resnet", weights=str(tmp_path / "extra.pth"))
     torch.save({f"backbone.{k}": v for k, v in state.items()}, tmp_path / "prefixed.pth")
-    with pytest.raises(ValueError, match="strip that prefix"):
+    with pytest.raises(ValueError, match="starts with 'backbone.', and without it they fit: strip that prefix"):
         build_backbone("resnet", weights=str(tmp_path / "prefixed.pth"))
+    # a fit checkpoint's keys: stripping 'learner.' alone was advised, and did not load (a review)
+    torch.save({f"learner.encoder.{k}": v for k, v in state.items()}, tmp_path / "fit.pth")
+    with pytest.raises(ValueError, match="starts with 'learner.encoder.', and without it they fit"):
+        build_backbone("resnet", weights=str(tmp_path / "fit.pth"))
     with pytest.raises(ValueError, match="shapes differ"):
         build_backbone("resnet", weights=str(weights_file[0]), width=32)
     with pytest.raises(FileNotFoundError, match="no such file"):
