@@ -6,9 +6,9 @@ Protocols (what the learner may see in meta-training, and what it is tested on):
 * ``cross_organ``: the ``test_organs`` never appear as a target in meta-training. With
   ``exclude_test_organ_slices`` (SSL-ALPNet's "setting 2", Ouyang et al. ECCV 2020) every training slice
   whose label map shows a held-out organ at all is removed as well, so the organ is not seen as background.
-  The label map screened is the preprocessed one, at the working in-plane spacing (nearest neighbour), as
-  SSL-ALPNet screens its resampled labels: a piece of an organ narrower than a working pixel (at the ends of
-  its extent, often) can vanish from it, and its slice then stays, with a faint trace in the image (a review).
+  The label map screened is the preprocessed one, at the working in-plane spacing (nearest neighbour): a
+  piece of an organ narrower than a working pixel (at the ends of its extent, often) can vanish from it, and
+  its slice then stays, with a faint trace in the image (a review).
   Test uses the test organs on unseen patients. Validation (which picks the checkpoint) uses *validation
   organs*, disjoint from both the test organs and the training organs, on the validation patients, so
   that checkpoint selection never sees a test organ (see "Validation organs" below).
