@@ -266,6 +266,9 @@ def choose_val_organs(
             + (f", and shown on slices of enough of them, without removing most training slices under setting 2 "
                f"(refused: {sorted(set(candidates) - allowed)})" if keep is not None else "")
             + "; name them with val_organs, lower val_organ_count, or raise val_fraction"
+            # the one fix that works when setting 2 refused them (a review: the others failed in turn)
+            + ("; or set exclude_test_organ_slices: false (setting 1), which keeps those slices"
+               if keep is not None and set(candidates) - allowed else "")
         )
     return kept[:count]
 
