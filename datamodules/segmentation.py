@@ -47,6 +47,7 @@ from datamodules.indexing.splits import (
 )
 from datamodules.io.atomic import atomic_open
 from datamodules.io.folders import files_under
+from datamodules.messages import first
 from datamodules.progress import enabled as progress_enabled
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
@@ -774,6 +775,12 @@ class SegmentationDataModule(EpisodicDataModule):
         assert self.split is not None  # after _setup_stages()
         self.selfsup_volume_cases = self.selfsup_cases()
         if not self.selfsup_volume_cases:
+            index = self.index
+            if index is not None and not index.cases:  # nothing was held out: every input was rejected (a review)
+                raise ValueError(
+                    f"no usable scan under {self.root}: the scan rejected {len(index.rejected)} input(s) "
+                    f"({first([f'{x.path}: {x.reason}' for x in index.rejected])}); every rejection is "
+                    f"listed under 'rejected' in {self.index_path}")
             raise ValueError(f"no scan under {self.root} is left for self-supervision after holding out the "
                              "validation and test patients; lower val_fraction/test_fraction or add unlabelled scans")
         self._selfsup_volumes = self._superpixel_dataset()
@@ -781,11 +788,21 @@ class SegmentationDataModule(EpisodicDataModule):
         banned = self._banned_slices() if self.split.excluded_organs else {}
         tables: dict[int, dict[int, list[int]]] = {}
         unbanned = 0
+        without: list[str] = []  # scans that give no superpixel target: named, not dropped without a word (a review)
         for v, case in enumerate(self.selfsup_volume_cases):
             table = superpixel_table(as_plain_tensor(self._selfsup_volumes[v]["superpixels"])[0], min_pixels)
             unbanned += len(table)
+            if not any(len(ids) for ids in table.values()):
+                without.append(case.image if isinstance(case.image, str) else os.path.dirname(case.image[0]) or ".")
             skip = banned.get(case.case_id, set())
             tables[v] = {z: ids for z, ids in table.items() if z not in skip}
+        if without:
+            named = (f"{len(without)} of {len(tables)} self-supervision scan(s) have no superpixel of "
+                     f"superpixels.min_pixels={min_pixels} pixels or more, so they give no episode: {first(without)}")
+            if len(without) == len(tables):
+                raise ValueError(f"{named}; lower superpixels.min_pixels, or check that the images are not empty (the "
+                                 "body mask keeps what is brighter than superpixels.threshold)")
+            warnings.warn(named, stacklevel=2)
         if unbanned and not any(tables.values()):
             raise ValueError(
                 f"setting 2 (exclude_test_organ_slices: true) removed every training slice with superpixels ({unbanned}): "
@@ -950,6 +967,9 @@ class SegmentationDataModule(EpisodicDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.cases:  # unlabelled scans only: nothing to validate on
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.state.fn == "validate":  # it reported success, having scored
+                self.fixed_episodes("val")  # nothing (a review): raises, naming what to run instead
             return []
         return super().val_dataloader()
 

@@ -362,3 +362,40 @@ def test_a_stale_index_that_lists_a_deleted_unlabelled_scan_says_to_rescan(unlab
         root.rename(tmp_path / "moved")
         with pytest.raises(FileNotFoundError, match=r"data root \S+scans is not a folder .*set data\.init_args\.root.*--data-root"):
             SegmentationDataModule(**kw).setup("fit")
+
+
+def test_label_free_data_says_what_is_wrong_when_nothing_can_be_scored_or_trained(unlabelled_root, tmp_path):
+    """Reviews: `validate` on a label-free folder reported success, having scored nothing; a folder whose every
+    input the scan rejected was said to have lost its scans to the validation and test patients (none are held
+    out without labels); and a scan too small for any superpixel target gave no episode without a word."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from datamodules.synthetic.demo import write_nifti
+
+    dm = SegmentationDataModule(root=str(unlabelled_root), cache_dir=str(tmp_path / "cache"), **SMALL_SELFSUP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm.setup("validate")
+    assert dm.val_dataloader() == []  # fit: no validation, as the fit's warning says
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    with pytest.raises(ValueError, match=r"no val episodes: the data holds no labelled scan"):
+        dm.val_dataloader()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_nifti(np.full((16, 16, 8), 7.0, np.float32), np.eye(4), bad / "flat.nii.gz")
+    (bad / "notes.txt").write_text("scanned on Tuesday")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"no usable scan under .*bad: the scan rejected 2 input\(s\) \(.*flat.nii.gz: "
+                                             r"constant image.*listed under 'rejected' in"):
+            SegmentationDataModule(root=str(bad), cache_dir=str(tmp_path / "c2"), **SMALL_SELFSUP).setup("fit")
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(unlabelled_root, mixed)
+    rng = np.random.default_rng(0)
+    write_nifti((rng.random((4, 4, 10)) * 100).astype(np.float32), np.diag([8.0, 8.0, 2.0, 1.0]), mixed / "tiny.nii.gz")
+    with pytest.warns(UserWarning, match=r"1 of 4 self-supervision scan\(s\) have no superpixel .* give no episode: tiny.nii.gz"):
+        SegmentationDataModule(root=str(mixed), cache_dir=str(tmp_path / "c3"), **SMALL_SELFSUP).setup("fit")
