@@ -95,6 +95,14 @@ ENHANCED_SOP_CLASSES: dict[str, str] = {
 }
 
 
+#: the modality an image storage SOP class implies, for a file whose Modality element is missing or empty (some
+#: anonymisers delete it): a CT slice without it was scaled by its own range instead of in HU (a review)
+MODALITY_OF_SOP_CLASS: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT", "1.2.840.10008.5.1.4.1.1.2.1": "CT", "1.2.840.10008.5.1.4.1.1.2.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.4": "MR", "1.2.840.10008.5.1.4.1.1.4.1": "MR", "1.2.840.10008.5.1.4.1.1.4.4": "MR",
+}
+
+
 def sop_class_uid_of(ds: Dataset) -> str:
     """SOPClassUID, else the file meta's MediaStorageSOPClassUID, else ""."""
     uid = get_value(ds, "SOPClassUID") or get_value(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID")
@@ -261,7 +269,8 @@ def parse_header(ds: Dataset, path: str, keywords: Iterable[str]) -> DicomHeader
         series_uid=str(get_value(ds, "SeriesInstanceUID")) if get_value(ds, "SeriesInstanceUID") else None,
         sop_instance_uid=str(get_value(ds, "SOPInstanceUID")) if get_value(ds, "SOPInstanceUID") else None,
         sop_class=sop_class,
-        modality=str(get_value(ds, "Modality", "")).strip().upper(),
+        modality=(str(get_value(ds, "Modality", "")).strip().upper()
+                  or MODALITY_OF_SOP_CLASS.get(str(sop_class_uid).strip() if sop_class_uid else "", "")),
         series_number=as_int(get_value(ds, "SeriesNumber")),
         rows=as_int(get_value(ds, "Rows")),
         columns=as_int(get_value(ds, "Columns")),

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.indexing.pseudonyms import salt_or_env
+from datamodules.indexing.pseudonyms import merge_case_variants, salt_or_env
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
 from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_image_kind, read_dataset
 from datamodules.io.dicom_checks import kind_problem
@@ -573,6 +573,10 @@ class ImageFolder(ItemSource):
                 f"(image suffixes: {self.extensions}; files directly under the root belong to no class)",
                 stacklevel=2,
             )
+        merged = merge_case_variants(sites)  # SIEMENS and Siemens are one scanner, as the volume index reads them
+        for k, v in sorted((k, v) for k, v in merged.items() if k != v):  # (a review: ImageFolder kept them apart)
+            logger.info("site %r is read as %r (the same scanner written in another case)", k, v)
+        sites = [merged[k] for k in sites]
         return ItemTable(
             # a few skipped candidates: the rows read, a view (the unused rows were never written, so they cost no
             # memory, and the saved table a few rows); many: a copy, which a view would save whole

@@ -110,7 +110,8 @@ def _code_versions() -> dict[str, int]:
     from datamodules.indexing.pseudonyms import SITE_KEY_VERSION
     from datamodules.transforms.volume import PREPROCESSING_VERSION, READER_VERSION
 
-    return {"reader": READER_VERSION, "preprocessing": PREPROCESSING_VERSION, "site_keys": SITE_KEY_VERSION}
+    # "sites": 2, image folders merge site keys that differ only in case (SIEMENS, Siemens), as the volume index does
+    return {"reader": READER_VERSION, "preprocessing": PREPROCESSING_VERSION, "site_keys": SITE_KEY_VERSION, "sites": 2}
 
 
 class ItemSource:

@@ -127,6 +127,24 @@ def test_ct_window_and_monochrome1(tmp_path):
     assert np.allclose(load_image(f, image_size=[2, 4])[0].numpy(), 1 - x4, atol=1e-6)
 
 
+def test_a_ct_file_without_its_modality_is_read_in_hu_and_site_keys_of_one_scanner_are_one(tmp_path):
+    """Reviews: a CT slice whose Modality an anonymiser deleted was scaled by its own range, not through ct_window;
+    and two files of one scanner, its make written SIEMENS and Siemens, were two sites (the volume index merges
+    keys that differ only in case)."""
+    hu = np.array([[-1000.0, -250.0, 0.0, 250.0], [1000.0, 125.0, -125.0, 0.0]])
+    f = write_dicom(tmp_path / "ct", hu, "a.dcm")
+    windowed = load_image(f, image_size=[2, 4], ct_window=[-250, 250])[0].numpy()
+    edit(f, lambda d: delattr(d, "Modality"))
+    assert np.allclose(load_image(f, image_size=[2, 4], ct_window=[-250, 250])[0].numpy(), windowed, atol=1e-6)
+
+    root = tmp_path / "folder"
+    for c in ("a", "b"):
+        for k, make in enumerate(("SIEMENS", "Siemens", "SIEMENS", "GE")):
+            write_dicom(root / c, hu + 10 * k + (c == "b"), f"P{k}_{c}.dcm", Manufacturer=make)
+    sites = ImageFolder(root=str(root), image_size=[2, 4], salt="x").build().sites
+    assert len(set(sites)) == 2 and sites.count(next(s for s in sites if s.startswith("SIEMENS"))) == 6
+
+
 def test_monochrome1_image_reads_as_its_slice_in_a_volume(tmp_path):
     """classify and fit/segment read one MONOCHROME1 CT slice the same way (the volume reader's rule)."""
     from datamodules.io.dicom import DicomSeriesReader
