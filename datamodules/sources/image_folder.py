@@ -424,7 +424,8 @@ class ImageFolder(ItemSource):
         root = Path(self.root)
         if not root.is_dir():
             raise ValueError(f"ImageFolder root {root} is not a folder; set source.init_args.root to a folder of class subfolders")
-        dirs = class_folders(root)
+        # a cache folder inside the root (`skip_folders`) is no class: once written it was an empty class (a review)
+        dirs = [d for d in class_folders(root) if os.path.realpath(d) not in self._skip]
         if not dirs:
             raise ValueError(f"{root}: no class subfolders; put the images of each class in a subfolder named after the class")
         return dirs

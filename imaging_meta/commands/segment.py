@@ -257,14 +257,15 @@ def _dicom_modality(folder: Path) -> str:
     for f in files:
         try:
             ds, caught = read_dataset(str(f), stop_before_pixels=True)
-            kind = non_image_kind(checked_header(ds, str(f), (), caught))
+            header = checked_header(ds, str(f), (), caught)
+            kind = non_image_kind(header)
         except DicomError as e:
             unreadable.append(e)
             continue
         if kind is not None:
             others.append(f"{f.name}: {kind}")
             continue
-        modality = str(ds.get("Modality", "") or "").strip().upper()
+        modality = header.modality  # the SOP class's where Modality is missing, as the scan reads it (a review)
         if modality:
             return normalise_modality(modality) or modality
     series = _series_below(folder)

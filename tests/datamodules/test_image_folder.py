@@ -293,6 +293,22 @@ def test_cache_is_reused_and_invalidated_by_a_new_file(tmp_path):
     assert len(list((tmp_path / "cache").glob("items-*.pt"))) == 3  # other settings: a table of their own
 
 
+def test_a_cache_folder_inside_the_root_is_no_class(tmp_path):
+    """A review: a datamodule's cache folder inside the image folder was a class folder of no image once written,
+    and the next build (after an image changed) stopped on it."""
+    from datamodules.classification import ClassificationDataModule
+
+    root = write_folder(tmp_path / "data", n_classes=4, dicom_class=False)
+    kw = dict(n_way=2, n_query=1, val_classes_count=0, test_classes_count=0, val_episodes=0, test_episodes=0)
+    ClassificationDataModule(source=ImageFolder(str(root)), cache_dir=str(root / "cache"), **kw).prepare_data()
+    assert any((root / "cache").rglob("items-*.pt"))
+    write_png(root / "class0" / "P7_new.png", pattern(0, 11))
+    dm = ClassificationDataModule(source=ImageFolder(str(root)), cache_dir=str(root / "cache"), **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.table.classes == ["class0", "class1", "class2", "class3"] and len(dm.table) == 17
+
+
 def test_item_tables_are_built_again_by_new_reader_code_and_name_a_dangling_link(tmp_path, monkeypatch):
     """A review (2026-12-07): the table's key held no code version, so an upgrade with a reader or site-key fix kept
     the old patches and sites; and with a cache folder a link to nothing ended as a bare FileNotFoundError."""

@@ -398,6 +398,14 @@ def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segmen
         modality_of(image, None, None)
     image.with_name("p1.json").write_text('{"Modality": "MR"}')
     assert modality_of(image, None, "CT") == "MR"  # the file's own word wins over the checkpoint's
+    # a DICOM series whose Modality an anonymiser deleted says CT by its SOP class, as the scan reads it (a review:
+    # segment asked for --modality, or took the checkpoint's MR and scaled the HU by percentiles)
+    from tests.datamodules.dicom_fixtures import edit
+
+    files = write_series(tmp_path / "anon", phantom(shape=(12, 10, 6), seed=0), affine_ras(), seed=0)
+    for f in files:
+        edit(f, lambda d: delattr(d, "Modality"))
+    assert modality_of(tmp_path / "anon", None, "MR") == modality_of(tmp_path / "anon", None, None) == "CT"
 
 
 
