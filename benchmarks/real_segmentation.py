@@ -361,6 +361,9 @@ def main() -> None:
     ap.add_argument("--loo-gap", type=int, default=ScanOptions().loo_gap,
                     help="the calibration's leave-one-out leaves out this many axial neighbours of each support slice "
                          "(ScanOptions.loo_gap; 0: the slice alone, as before 2026-12-05)")
+    ap.add_argument("--initial-weights", action="store_true",
+                    help="the trained (and adapted) rows start from the checkpoint's initial, untrained weights "
+                         "(untrained_state_dict) instead: what meta-training adds to the whole recipe")
     ap.add_argument("--compare", nargs=4, metavar=("A.json", "METHOD_A", "B.json", "METHOD_B"), default=None,
                     help="no scoring: METHOD_A of run A minus METHOD_B of run B, paired over their common pairs")
     args = ap.parse_args()
@@ -373,6 +376,10 @@ def main() -> None:
         ap.error("--learner-only needs --no-ablations (each ablation switches off one part of the full segmenter)")
     learner, extra = load_learner(args.checkpoint, "cpu")
     untrained = restore_untrained(extra)
+    if args.initial_weights:
+        if untrained is None:
+            ap.error(f"--initial-weights: {args.checkpoint} keeps no initial weights (it was fitted with baselines: false)")
+        learner = restore_untrained(extra)  # a learner of its own: the adaptation fine-tunes a copy of it
     pre = extra["preprocessing"]
     records = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -396,6 +403,8 @@ def main() -> None:
                 )
                 for r in recs:
                     r["options"] = "learner only" if args.learner_only else "full"
+                    if args.initial_weights:
+                        r["weights"] = "initial"
                 records += recs
                 print(
                     f"{protocol} {q.site} {q.name}: "

@@ -599,3 +599,40 @@ def test_the_real_set_bootstrap_can_resample_whole_query_scans():
     assert bootstrap_mean_ci(repeated, groups=np.repeat(np.arange(9), 4).tolist()) == pytest.approx(bootstrap_mean_ci(v))
     assert bootstrap_mean_ci(repeated)[1] - bootstrap_mean_ci(repeated)[0] < bootstrap_mean_ci(v)[1] - bootstrap_mean_ci(v)[0]
     assert np.isnan(bootstrap_mean_ci(v, groups=["one"] * 9)[0])  # one scan: no interval
+
+
+def test_real_segmentation_initial_weights_scores_the_checkpoints_untrained_learner(monkeypatch, capsys):
+    """`--initial-weights`: the trained and adapted rows start from the checkpoint's initial weights (what
+    meta-training adds to the whole recipe), and the records say so; a checkpoint without them is refused."""
+    import sys
+
+    import benchmarks.real_segmentation as rs
+
+    trained, initial = object(), object()
+    seen = []
+    monkeypatch.setattr(rs, "restore_untrained", lambda extra: initial if extra.get("keeps") else None)
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(rs, "lesion_pairs", lambda: [("s", SimpleNamespace(site="lesions", name="tumour"))])
+    monkeypatch.setattr(rs, "summarise", lambda records: "")
+
+    def score_pair(learner, pre, s, q, protocol, **kw):
+        seen.append((learner, kw["untrained"]))
+        return [{"method": "trained", "dice": 0.5}]
+
+    monkeypatch.setattr(rs, "score_pair", score_pair)
+    monkeypatch.setattr(rs, "load_learner", lambda path, device: (trained, {"preprocessing": {}, "keeps": True}))
+    argv = ["x", "--checkpoint", "c.ckpt", "--sets", "lesions", "--protocols", "whole_scan", "--no-ablations"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--initial-weights", "--out", "/dev/null"])
+    monkeypatch.setattr(rs.Path, "write_text", lambda self, text: seen.append(text))
+    rs.main()
+    assert seen[0] == (initial, initial) and '"weights": "initial"' in seen[1]
+    seen.clear()
+    monkeypatch.setattr(sys, "argv", argv)
+    rs.main()
+    assert seen == [(trained, initial)]
+    monkeypatch.setattr(rs, "load_learner", lambda path, device: (trained, {"preprocessing": {}}))
+    monkeypatch.setattr(sys, "argv", [*argv, "--initial-weights"])
+    with pytest.raises(SystemExit):
+        rs.main()
+    assert "keeps no initial weights" in capsys.readouterr().err
