@@ -274,6 +274,10 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             if config.get("trainer", {}).get("enable_checkpointing") is False:
                 self._drop_checkpoint_callbacks()
             trainer: Any = super().instantiate_trainer(**kwargs)  # `callbacks` is set by Lightning, not declared
+            from imaging_meta.requeue import SlurmRequeue
+
+            if not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks):  # inert unless fitting under SLURM
+                trainer.callbacks.append(SlurmRequeue())
             if trainer.logger is None:
                 from lightning.pytorch.callbacks import LearningRateMonitor
                 from lightning.pytorch.utilities import rank_zero_info

@@ -203,3 +203,97 @@ def test_a_requeued_job_goes_on_in_its_own_fixed_version_folder(slurm_job, tmp_p
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     with pytest.raises(FileExistsError, match="already holds config.yaml"):
         callback.setup(stand_in, None, "fit")
+
+
+def test_the_requeue_signal_is_saved_and_requeued_at_the_end_of_a_training_batch(slurm_job, monkeypatch, tmp_path):
+    """A review: Lightning saved and requeued from inside the signal handler, wherever each rank was, and ranks
+    signalled 0.35 s apart hung in two different collectives, with no checkpoint and no requeue. `SlurmRequeue`
+    (which `imaging-meta fit` adds) only notes the signal; the ranks agree after the batch, then save and requeue
+    together, with Lightning's own procedure."""
+    import os
+
+    import torch
+    from lightning.pytorch import Callback, LightningModule, Trainer
+    from lightning.pytorch.trainer.connectors import signal_connector
+
+    from imaging_meta.requeue import SlurmRequeue
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
+                        "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(signal_connector, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.w(batch).pow(2).mean()
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = {}
+
+    class Signal(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:  # the signal arrives during batch 1: nothing is saved inside the handler
+                os.kill(os.getpid(), signal.SIGUSR1)
+                seen["right after"] = sorted(p.name for p in tmp_path.glob("hpc_ckpt_*"))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:  # after SlurmRequeue's own batch end (it comes first)
+                seen["step"] = trainer.global_step
+
+    before = signal.getsignal(signal.SIGUSR1)
+    requeue = SlurmRequeue()
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                      callbacks=[requeue, Signal()])
+    trainer.fit(Tiny())
+    assert seen["right after"] == [] and seen["step"] == 2  # saved after the batch, not during it
+    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2 and calls == [["scontrol", "requeue", "4242"]]
+    assert signal.getsignal(signal.SIGUSR1) == before and requeue.signum is None  # the previous handler is back
+
+
+def test_fit_adds_the_deferred_requeue_to_every_trainer(slurm_job, tmp_path):
+    from imaging_meta.requeue import SlurmRequeue
+
+    trainer = slurm_trainer(tmp_path, "--trainer.devices", str(TASKS_PER_NODE))
+    assert sum(isinstance(c, SlurmRequeue) for c in trainer.callbacks) == 1
+
+
+def test_two_ranks_signalled_at_different_batches_both_save_instead_of_hanging(tmp_path):
+    """The review's case on 2 CPU ranks (gloo): rank 0 is signalled at batch 1, rank 1 at batch 2. Lightning's
+    handler hung there (`requeue_check --lightning-handler`); with `SlurmRequeue` both ranks save after batch 1 and
+    after batch 2, and the run ends."""
+    import os
+    import socket
+    import subprocess
+
+    import torch
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.imaging_meta.requeue_check", "--rank", str(r), "--port",
+                               str(port), "--out", str(tmp_path)], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    steps = [torch.load(tmp_path / f"hpc_ckpt_{n}.ckpt", map_location="cpu", weights_only=False)["global_step"]
+             for n in (1, 2)]
+    assert steps == [2, 3]
