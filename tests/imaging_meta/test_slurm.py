@@ -205,15 +205,47 @@ def test_a_requeued_job_goes_on_in_its_own_fixed_version_folder(slurm_job, tmp_p
         callback.setup(stand_in, None, "fit")
 
 
-def test_the_requeue_signal_is_saved_and_requeued_at_the_end_of_a_training_batch(slurm_job, monkeypatch, tmp_path):
-    """A review: Lightning saved and requeued from inside the signal handler, wherever each rank was, and ranks
-    signalled 0.35 s apart hung in two different collectives, with no checkpoint and no requeue. `SlurmRequeue`
-    (which `imaging-meta fit` adds) only notes the signal; the ranks agree after the batch, then save and requeue
-    together, with Lightning's own procedure."""
+class _Tiny:
+    """A one-layer LightningModule over 8 random pairs in batches of 2 (built lazily: Lightning is imported late)."""
+
+    @staticmethod
+    def make(fail_at: int | None = None):
+        import torch
+        from lightning.pytorch import LightningModule
+
+        class Tiny(LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Linear(2, 1)
+
+            def training_step(self, batch, batch_idx):
+                if batch_idx == fail_at:
+                    raise RuntimeError("a failing step")
+                return self.w(batch).pow(2).mean()
+
+            def validation_step(self, batch, batch_idx):
+                return None
+
+            def train_dataloader(self):
+                return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
+
+            def val_dataloader(self):
+                return torch.utils.data.DataLoader(torch.randn(4, 2), batch_size=2)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Tiny()
+
+
+def _signalled_fit(tmp_path, monkeypatch, at: str, batch: int = 0, fail_at: int | None = None, **trainer_kw):
+    """Fit `_Tiny` under a 1-task SLURM job, sending the requeue signal at ``at`` ("train" batch ``batch``'s start,
+    or "val": the last validation); returns what was seen right after the signal, the requeue calls, the
+    checkpoints' global steps, and the handler left after the fit."""
     import os
 
     import torch
-    from lightning.pytorch import Callback, LightningModule, Trainer
+    from lightning.pytorch import Callback, Trainer
     from lightning.pytorch.trainer.connectors import signal_connector
 
     from imaging_meta.requeue import SlurmRequeue
@@ -221,45 +253,61 @@ def test_the_requeue_signal_is_saved_and_requeued_at_the_end_of_a_training_batch
     for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
                         "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():
         monkeypatch.setenv(name, value)
-    calls = []
+    calls, seen = [], {}
     monkeypatch.setattr(signal_connector, "call", lambda cmd, **kw: calls.append(cmd) or 0)
 
-    class Tiny(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Linear(2, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.w(batch).pow(2).mean()
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    seen = {}
-
     class Signal(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == 1:  # the signal arrives during batch 1: nothing is saved inside the handler
+        def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
+            if at == "train" and batch_idx == batch and "sent" not in seen:
                 os.kill(os.getpid(), signal.SIGUSR1)
-                seen["right after"] = sorted(p.name for p in tmp_path.glob("hpc_ckpt_*"))
+                seen["sent"] = sorted(p.name for p in tmp_path.glob("hpc_ckpt_*"))
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 1:  # after SlurmRequeue's own batch end (it comes first)
-                seen["step"] = trainer.global_step
+        def on_validation_batch_start(self, trainer, pl_module, b, batch_idx, dataloader_idx=0):
+            if at == "val" and trainer.current_epoch == trainer.max_epochs - 1 and "sent" not in seen:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                seen["sent"] = sorted(p.name for p in tmp_path.glob("hpc_ckpt_*"))
 
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+                      callbacks=[SlurmRequeue(), Signal()], **{"max_epochs": 1, **trainer_kw})
+    model = _Tiny.make(fail_at)
+    if fail_at is None:
+        trainer.fit(model)
+    else:
+        with pytest.raises(RuntimeError, match="a failing step"):
+            trainer.fit(model)
+    steps = [torch.load(p, map_location="cpu", weights_only=False)["global_step"]
+             for p in sorted(tmp_path.glob("hpc_ckpt_*.ckpt"))]
+    return seen, calls, steps, signal.getsignal(signal.SIGUSR1)
+
+
+def test_the_requeue_signal_is_saved_and_requeued_between_training_batches(slurm_job, monkeypatch, tmp_path):
+    """A review: Lightning saved and requeued from inside the signal handler, wherever each rank was, and ranks
+    signalled 0.35 s apart hung in two different collectives, with no checkpoint and no requeue. `SlurmRequeue`
+    (which `imaging-meta fit` adds) only notes the signal; the ranks agree at the next batch's start, then save and
+    requeue together, with Lightning's own procedure."""
     before = signal.getsignal(signal.SIGUSR1)
-    requeue = SlurmRequeue()
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                      callbacks=[requeue, Signal()])
-    trainer.fit(Tiny())
-    assert seen["right after"] == [] and seen["step"] == 2  # saved after the batch, not during it
-    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
-    assert saved["global_step"] == 2 and calls == [["scontrol", "requeue", "4242"]]
-    assert signal.getsignal(signal.SIGUSR1) == before and requeue.signum is None  # the previous handler is back
+    seen, calls, steps, after = _signalled_fit(tmp_path, monkeypatch, "train", batch=1)
+    assert seen["sent"] == [] and steps == [2]  # not inside the handler: at batch 2's start, after 2 steps
+    assert calls == [["scontrol", "requeue", "4242"]] and after == before  # the previous handler is back
+
+
+@pytest.mark.parametrize("case", ["accumulating", "last_validation", "failed_fit"])
+def test_the_deferred_requeue_waits_for_a_whole_step_keeps_the_last_signal_and_restores_on_failure(
+        case, slurm_job, monkeypatch, tmp_path):
+    """A review: mid-accumulation the save dropped the gradients accumulated so far (now: where a window closes);
+    a signal during the last validation was lost (now: acted on at the end of training); and a fit that failed left
+    the signal swallowed for the rest of the process."""
+    before = signal.getsignal(signal.SIGUSR1)
+    if case == "accumulating":
+        seen, calls, steps, after = _signalled_fit(tmp_path, monkeypatch, "train", batch=0, accumulate_grad_batches=2)
+        assert steps == [1] and len(calls) == 1  # at batch 2's start, after the first whole step
+    elif case == "last_validation":
+        seen, calls, steps, after = _signalled_fit(tmp_path, monkeypatch, "val", max_epochs=2)
+        assert steps == [8] and len(calls) == 1
+    else:
+        seen, calls, steps, after = _signalled_fit(tmp_path, monkeypatch, "none", fail_at=1)
+    assert after == before
 
 
 def test_fit_adds_the_deferred_requeue_to_every_trainer(slurm_job, tmp_path):
