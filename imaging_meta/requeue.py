@@ -55,7 +55,7 @@ class SlurmRequeue(Callback):
         signal.signal(self.signum, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
-        logger.info("received signal %d: the job is saved and requeued after this training batch", signum)
+        logger.info("received signal %d: the job is saved and requeued before the next training batch", signum)
         self.asked = True
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
