@@ -304,9 +304,7 @@ def _prefix_hint(unexpected: list[str], expected: set[str]) -> str:
     if len(unexpected) < 2:
         return ""
     parts = [k.split(".")[:-1] for k in unexpected]
-    shared = 0
-    while all(len(p) > shared and p[shared] == parts[0][shared] for p in parts):
-        shared += 1
+    shared = len(os.path.commonprefix(parts))  # the dotted parts every key begins with
     for n in range(shared, 0, -1):
         prefix = ".".join(parts[0][:n]) + "."
         if sum(k[len(prefix):] in expected for k in unexpected) * 2 >= len(unexpected):

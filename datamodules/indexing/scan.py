@@ -55,6 +55,7 @@ from datamodules.indexing.inputs import (
 )
 from datamodules.indexing.pairing import LABEL_SUFFIXES, Series, pair_labels
 from datamodules.indexing.pseudonyms import (
+    DEFAULT_SALT,
     DEFAULT_SITE_FIELDS,
     IDENTIFYING_FIELDS,
     SHIPPED_SALTS,
@@ -140,7 +141,7 @@ class _Scanner:
         skip: Sequence[str | os.PathLike] = (),
     ):
         self.root = os.path.abspath(os.fspath(root))
-        self.skip = {os.path.realpath(p) for p in skip} - {os.path.realpath(self.root)}
+        self.skip = tuple(skip)  # folders `files_under` leaves out (it compares their real paths)
         self.site_fields = list(site_fields)
         try:
             self.default_names = parse_label_names(dict(label_names)) if label_names else {}
@@ -598,7 +599,7 @@ def scan_folder(
     *,
     site_fields: Sequence[str] = DEFAULT_SITE_FIELDS,
     label_names: Mapping[int, str] | None = None,
-    salt: str = "imaging-meta",
+    salt: str = DEFAULT_SALT,
     patient_regex: str = DEFAULT_PATIENT_REGEX,
     min_slices: int = MIN_SLICES,
     skip: Sequence[str | os.PathLike] = (),

@@ -426,6 +426,8 @@ def finish_distributed() -> None:
 
 
 def _tool_parser() -> argparse.ArgumentParser:
+    from datamodules.indexing.pseudonyms import DEFAULT_SALT
+
     p = argparse.ArgumentParser(prog="imaging-meta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -447,7 +449,7 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="a NIfTI file's patient: the first group of this pattern in its path (default: a BIDS "
                         "'sub-<id>'; '^([^/]+)/' for one folder per patient; '' for every file its own), as the data "
                         "config's patient_regex")
-    s.add_argument("--salt", default=os.environ.get("IMAGING_META_SALT", "imaging-meta"),
+    s.add_argument("--salt", default=os.environ.get("IMAGING_META_SALT", DEFAULT_SALT),
                    help="secret for pseudonymous ids (or env IMAGING_META_SALT)")
 
     _add_segment_parser(sub)
