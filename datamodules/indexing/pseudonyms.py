@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import os
@@ -11,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pydicom.datadict import keyword_dict
 
 #: header keywords of the site key by default.
 DEFAULT_SITE_FIELDS: tuple[str, ...] = ("Manufacturer", "ManufacturerModelName", "InstitutionName", "MagneticFieldStrength")
@@ -142,6 +144,34 @@ def merge_case_variants(keys: Sequence[str]) -> dict[str, str]:
         chosen = min(counts, key=lambda k: (-counts[k], k))  # the most common, then the first in sorted order
         out.update({k: chosen for k in counts})
     return out
+
+
+def unknown_site_fields(site_fields: Sequence[str]) -> list[str]:
+    """The site fields that are not DICOM keywords, each with the nearest keyword as a hint: a misspelt field is
+    read from no header, and its cases silently lose that part of their site key (every case in site ``unknown``
+    when all are misspelt; a review).
+
+    A BIDS-only sidecar field (e.g. ``PulseSequenceType``, or the sidecar spelling ``ManufacturersModelName``,
+    which the DICOM keyword ``ManufacturerModelName`` reads from sidecars too) is named as well: it is read from
+    sidecars only.
+    """
+    out = []
+    for f in site_fields:
+        if f not in keyword_dict:
+            near = difflib.get_close_matches(f, list(keyword_dict), n=1, cutoff=0.8)
+            out.append(f"{f!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return out
+
+
+def warn_unknown_site_fields(site_fields: Sequence[str], log: Any) -> None:
+    """Log a warning on ``log`` naming the `unknown_site_fields` of ``site_fields``, if any."""
+    unknown = unknown_site_fields(site_fields)
+    if unknown:
+        many = len(unknown) > 1
+        log.warning("site field%s %s %s: read from no DICOM header, only from BIDS sidecars that carry %s under that "
+                    "name (site_fields in the data config; imaging-meta scan: --site-fields)",
+                    "s" if many else "", ", ".join(unknown), "are not DICOM keywords" if many else "is not a DICOM keyword",
+                    "them" if many else "it")
 
 
 def site_key(values: Mapping[str, Any], site_fields: Sequence[str], salt: str) -> tuple[str, dict[str, str]]:

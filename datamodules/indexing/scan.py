@@ -63,6 +63,7 @@ from datamodules.indexing.pseudonyms import (
     normalise_modality,
     pseudonym,
     site_key,
+    warn_unknown_site_fields,
 )
 from datamodules.indexing.volumes import (
     Volume,
@@ -85,6 +86,7 @@ from datamodules.io.dicom import (
     order_series,
     read_header,
 )
+from datamodules.io.dicom_files import NO_UID, NO_UID_REASON
 from datamodules.io.folders import files_under
 from datamodules.progress import progress
 
@@ -143,6 +145,7 @@ class _Scanner:
         self.root = os.path.abspath(os.fspath(root))
         self.skip = tuple(skip)  # folders `files_under` leaves out (it compares their real paths)
         self.site_fields = list(site_fields)
+        warn_unknown_site_fields(self.site_fields, logger)
         try:
             self.default_names = parse_label_names(dict(label_names)) if label_names else {}
         except ValueError as e:  # bad input: the data config's label_names
@@ -338,6 +341,8 @@ class _Scanner:
             ser = order_series(s.headers, min_slices=self.min_slices)
         except DicomSeriesError as e:
             reason = e.reason if len(files) == 1 else f"{desc}: {e.reason}"
+            if s.key.startswith(NO_UID):
+                reason += f"; the file has {NO_UID_REASON}"
             if label:
                 reason += f" (its label map {self.rel(label)} is not used)"
             self.reject(where, reason, covered if len(covered) > 1 else ())
@@ -449,6 +454,10 @@ class _Scanner:
                            "--salt or IMAGING_META_SALT)",
                            len(institutions), self.root, self.salt)
         unknown = sum(c.site == "unknown" for c in self.index.cases)
+        if self.site_fields and unknown == len(self.index.cases) > 1:
+            logger.info("none of the %d cases under %s names a scanner (%s; no DICOM header or BIDS sidecar holds "
+                           "these fields): they all form one site, 'unknown', and no split can hold out a site",
+                           unknown, self.root, ", ".join(self.site_fields))
         if 0 < unknown < len(self.index.cases):
             logger.warning("%d of %d cases under %s name no scanner (%s; no DICOM header or BIDS sidecar fields): they "
                            "form one site, 'unknown', whatever scanners they come from", unknown, len(self.index.cases),

@@ -47,6 +47,8 @@ from datamodules.io.dicom_errors import DicomError, DicomSeriesError, NotDicomEr
 from datamodules.io.dicom_files import (
     DICOM_CLAIMED,
     DICOM_SUFFIXES,
+    NO_UID,
+    NO_UID_REASON,
     checked_header,
     group_series,
     read_dataset,
@@ -261,6 +263,13 @@ class DicomSeriesReader(ImageReader):
                 groups[key] = group
         if not groups:
             raise DicomSeriesError([folder], _no_series_reason(skipped))
+        no_uid = sorted(os.path.basename(k[len(NO_UID):]) for k in groups if k.startswith(NO_UID))
+        if len(groups) > 1 and no_uid:
+            raise DicomSeriesError(
+                [folder],
+                f"{len(no_uid)} image file{'s have' if len(no_uid) > 1 else ' has'} {NO_UID_REASON} (first "
+                f"{no_uid[0]}); or, from Python, pass the file list of one series",
+            )
         if len(groups) > 1:
             numbers = [v[0].series_number for v in groups.values()]
             same = len(set(numbers)) < len(numbers)  # then the UIDs tell them apart

@@ -158,6 +158,12 @@ def checked_header(ds: Dataset, path: str, keywords: Iterable[str], caught: list
     return h
 
 
+#: the `group_series` key prefix of a file without a SeriesInstanceUID, which forms a group of its own
+NO_UID = "no-uid:"
+#: why such a file stands alone, for the message of a reader that finds it beside others or too short on its own
+NO_UID_REASON = "no SeriesInstanceUID (0020,000E), which joins the files of a series: export the series again with its UIDs"
+
+
 def group_series(headers: Iterable[DicomHeader]) -> dict[str, list[DicomHeader]]:
     """Group headers by SeriesInstanceUID (never by folder or name).
 
@@ -171,6 +177,6 @@ def group_series(headers: Iterable[DicomHeader]) -> dict[str, list[DicomHeader]]
     """
     groups: dict[str, list[DicomHeader]] = {}
     for h in headers:
-        key = h.series_uid if h.series_uid else f"no-uid:{h.path}"
+        key = h.series_uid if h.series_uid else f"{NO_UID}{h.path}"
         groups.setdefault(key, []).append(h)
     return groups

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.indexing.pseudonyms import merge_case_variants, salt_or_env
+from datamodules.indexing.pseudonyms import merge_case_variants, salt_or_env, warn_unknown_site_fields
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, site_key
 from datamodules.io.dicom import DicomError, NotDicomError, checked_header, non_image_kind, read_dataset
 from datamodules.io.dicom_checks import kind_problem
@@ -413,6 +413,7 @@ class ImageFolder(ItemSource):
         self.extensions = [e.lower() for e in (extensions if extensions is not None else DEFAULT_EXTENSIONS)]
         self.name = name or Path(self.root).name
         self.site_fields = list(site_fields or DEFAULT_SITE_FIELDS)
+        warn_unknown_site_fields(self.site_fields, logger)
         self._salt = salt_or_env(salt)  # None: IMAGING_META_SALT, else the public default
 
     # ------------------------------------------------------------ contract

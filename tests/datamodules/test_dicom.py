@@ -313,6 +313,20 @@ def test_two_series_in_one_folder_are_grouped_by_uid(tmp_path):
         DicomSeriesReader().read([str(a[0]), str(b[0])])
 
 
+def test_a_series_without_series_uids_is_said_to_lack_them(tmp_path):
+    """Files without a SeriesInstanceUID cannot be grouped: the reader and the scan say so, not "4 series" to move
+    into folders or four one-slice volumes without the cause (a review)."""
+    paths = write_series(tmp_path / "nouid", phantom(shape=(8, 8, 4)))
+    for p in paths:
+        edit(p, lambda ds: delattr(ds, "SeriesInstanceUID"))
+    with pytest.raises(DicomSeriesError, match=r"4 image files have no SeriesInstanceUID \(0020,000E\)") as e:
+        DicomSeriesReader().read(str(tmp_path / "nouid"))
+    assert "move each series" not in str(e.value)
+    index = scan_folder(tmp_path)
+    assert not index.cases and len(index.rejected) == 4
+    assert all("only 1 slice" in r.reason and "no SeriesInstanceUID" in r.reason for r in index.rejected)
+
+
 def test_reader_folder_input_and_verify_suffix(tmp_path):
     paths = write_series(tmp_path / "s", phantom(), reverse=True, shuffle_names=True)
     (tmp_path / "s" / "README.txt").write_text("not DICOM")

@@ -508,6 +508,25 @@ def test_site_key_reads_bids_spellings_and_field_strength_in_tesla():
     assert merge_case_variants(["A", "a"]) == {"A": "A", "a": "A"}  # a tie: the first in sorted order
 
 
+def test_a_misspelt_site_field_is_named_with_the_keyword_meant(tmp_path, caplog):
+    """A site field that is no DICOM keyword is read from no header: the scan names it and the keyword it is
+    nearest, and says when no case names a scanner at all (before, every case fell silently into 'unknown')."""
+    write_series(tmp_path / "a", phantom(shape=(8, 8, 4)), hdr=header(PatientID="A"), seed=1)
+    write_series(tmp_path / "b", phantom(shape=(8, 8, 4)), hdr=header(PatientID="B", Manufacturer="GE"), seed=2)
+    with caplog.at_level("INFO"):
+        index = scan_folder(tmp_path, site_fields=["Manufactuer", "MagneticFieldStrength"])
+    assert {c.site for c in index.cases} == {"unknown"}
+    text = caplog.text
+    assert "site field 'Manufactuer' (did you mean 'Manufacturer'?) is not a DICOM keyword" in text
+    assert "MagneticFieldStrength" not in text.split("is not a DICOM keyword")[0]
+    assert "none of the 2 cases" in text and "names a scanner" in text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        index = scan_folder(tmp_path, site_fields=["Manufacturer"])
+    assert len({c.site for c in index.cases}) == 2 and "DICOM keyword" not in caplog.text
+    assert "names a scanner" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------- privacy
 def test_saved_index_has_no_phi_and_round_trips(tree, tmp_path):
     root, _ = tree
