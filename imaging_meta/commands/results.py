@@ -64,6 +64,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further arguments for every fit and test")
 
 
+#: command-line keys `results` sets per run itself (``--extra`` after them would silently win: a review found every
+#: shot column then scoring the same ``--extra`` shot count under its own label), with the option that sets each
+OWN_KEYS = {"--data.n_shot": "--shots / --train-shots", "--trainer.max_epochs": "--cls-epochs / --seg-epochs",
+            "--ckpt_path": "the run's own best checkpoint", "--trainer.logger": "--out"}
+
+
+def check_extra(extra: list[str]) -> None:
+    """Refuse ``--extra`` arguments that set what `results` sets for each run (`OWN_KEYS`)."""
+    for a in extra:
+        if not a.startswith("--"):
+            continue
+        key = a.split("=", 1)[0].replace(".init_args.", ".")
+        for own, instead in OWN_KEYS.items():
+            if key == own or key.startswith(own + "."):
+                raise ValueError(f"--extra {a}: `imaging-meta results` sets {own.lstrip('-')} for each run itself; "
+                                 f"use {instead}")
+
+
 def _learners(configs: Path, names: list[str] | None) -> list[str]:
     suffixes = tuple(f"_{t.suffix}" for t in TASKS.values())
     found = sorted(p.stem for p in (configs / "model").glob("*.yaml") if p.stem.endswith(suffixes))
@@ -105,14 +123,24 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
 
 def model_task(model_config: Path) -> Task:
-    """The task of the learner a model config (``configs/model/<name>.yaml``) builds."""
+    """The task of the learner a model config (``configs/model/<name>.yaml``) builds.
+
+    Raises:
+        ValueError: naming the file, when it sets no learner or one that cannot be imported.
+    """
     import yaml
 
-    doc = yaml.safe_load(model_config.read_text()) or {}
-    learner = (doc.get("model") or {}).get("learner")
+    try:
+        doc = yaml.safe_load(model_config.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{model_config}: not valid YAML ({e})") from None
+    learner = (doc.get("model") or {}).get("learner") if isinstance(doc, dict) else None
     if not isinstance(learner, dict) or "class_path" not in learner:
         raise ValueError(f"{model_config}: no model.learner.class_path; a model config sets model.learner")
-    return task_of_learner_config(learner)
+    try:
+        return task_of_learner_config(learner)
+    except ValueError as e:  # a misspelt class_path: said before any run, with the file (a review)
+        raise ValueError(f"{model_config}: {e}") from None
 
 
 def _data_args(data: str, data_dir: str) -> list[str]:
@@ -180,10 +208,13 @@ def _fit(args: argparse.Namespace, cli: list[str], base: list[str], logger_args:
 def run_results(args: argparse.Namespace) -> int:
     configs, out = Path(args.configs), Path(args.out)
     cli = [sys.executable, "-m", "imaging_meta"]
-    rows: list[dict] = []
-    failed: dict[str, str] = {}  # learner -> why (its log is named)
-    for name in progress(_learners(configs, args.learners), "results: learners", unit="learner"):
-        task = model_task(configs / "model" / f"{name}.yaml")
+    check_extra(args.extra)
+    # every config's task first: a bad config later in the list stopped the command after hours of runs (a review)
+    tasks = {name: model_task(configs / "model" / f"{name}.yaml") for name in _learners(configs, args.learners)}
+    arguments = {k: v for k, v in vars(args).items() if k != "func"}  # epochs, --extra...: what made the table
+    rows, failed = _earlier_rows(out, arguments, set(tasks))
+    for name in progress(list(tasks), "results: learners", unit="learner"):
+        task = tasks[name]
         data = getattr(args, f"{task.suffix}_data")  # --cls-data, --seg-data
         epochs = getattr(args, f"{task.suffix}_epochs")
         base = ["--config", str(configs / "trainer" / f"{args.trainer}.yaml"), "--config", str(configs / "data" / f"{data}.yaml"),
@@ -211,20 +242,63 @@ def run_results(args: argparse.Namespace) -> int:
                     _run(test, out / "logs" / f"{tag}.log")
                     (test_dir / SETTINGS_FILE).write_text(settings + "\n")
                 res = json.loads((test_dir / "results.json").read_text())
+                tested = res["context"].get("n_shot")
+                if k and tested is not None and int(tested) != k:  # a config given with --extra set its own shots
+                    raise ChildProcessError(f"{test_dir}: tested {tested}-shot, where this column is {k}-shot; leave "
+                                            "n_shot out of the configs and arguments given with --extra")
                 rows.append({"learner": name, "task": task.name, "n_shot": k or res["context"].get("n_shot"),
                              "fit_seconds": fit_s, "train_shots": k if matched else "data config",
                              "context": res["context"], "summary": res["summary"]})
         except (ChildProcessError, FileNotFoundError) as e:  # the others still run, and the report says so
             logger.error("%s: %s", name, e)
             failed[name] = str(e)
-    table = combine(rows, failed)
+    rows.sort(key=lambda r: r["learner"])  # stable: each learner's columns keep their order
     machine = _machine(rows)
-    arguments = {k: v for k, v in vars(args).items() if k != "func"}  # epochs, --extra...: what made the table
-    (out / "results.json").write_text(json.dumps({"machine": machine, "arguments": arguments, "rows": rows,
-                                                  "failed": failed}, indent=1, default=str))
+    record = {"machine": machine, "arguments": arguments, "rows": rows, "failed": failed}
+    try:
+        table = combine(rows, failed)
+    except ValueError as e:  # the rows and failures are kept for the user to see which learner differs (a review)
+        (out / "results.json").write_text(json.dumps({**record, "error": str(e)}, indent=1, default=str))
+        (out / "results.md").write_text(f"# imaging-meta results\n\nno table: {e}\n")  # not an earlier one
+        raise ValueError(f"{e}; the runs' rows are in {out / 'results.json'}, no table was made") from None
+    (out / "results.json").write_text(json.dumps(record, indent=1, default=str))
     (out / "results.md").write_text(f"# imaging-meta results\n\nmachine: {machine}\n\n{table}")
     sys.stdout.write(table + f"\nwritten: {out / 'results.md'}\n")
     return 1 if failed else 0
+
+
+#: arguments that choose which runs to make or reuse, not how each is made: a table's rows made under other values
+#: of these are the same table's rows
+RUN_CHOICE = ("learners", "resume")
+
+
+def _earlier_rows(out: Path, arguments: dict, learners: set[str]) -> tuple[list[dict], dict[str, str]]:
+    """The rows and failures of an earlier table in ``out`` for learners not run now, when it was made with the
+    same arguments (other than `RUN_CHOICE`): rerunning a few learners into a table kept only those (a review: the
+    docs' own rerun of three learners would have cut the table to three rows). A table made otherwise is replaced,
+    with a warning."""
+    path = out / "results.json"
+    if not path.is_file():
+        return [], {}
+    try:
+        doc = json.loads(path.read_text())
+        same = {k: v for k, v in doc["arguments"].items() if k not in RUN_CHOICE}
+        rows = [r for r in doc["rows"] if r["learner"] not in learners]
+        failed = {k: v for k, v in (doc.get("failed") or {}).items() if k not in learners}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        logger.warning("%s: not a table of this command (%s: %s); it is replaced", path, type(e).__name__, e)
+        return [], {}
+    now = json.loads(json.dumps({k: v for k, v in arguments.items() if k not in RUN_CHOICE}, default=str))
+    if same != now:
+        differ = sorted(k for k in set(same) | set(now) if same.get(k) != now.get(k))
+        logger.warning("%s: the earlier table was made with other arguments (%s); it is replaced by this run's "
+                       "learners alone", path, ", ".join(differ))
+        return [], {}
+    kept = sorted({r["learner"] for r in rows} | set(failed))
+    if kept:
+        logger.info("%s: keeping the earlier rows of %s (same arguments; rerun them to replace them)", path,
+                    ", ".join(kept))
+    return rows, failed
 
 
 def _machine(rows: list[dict]) -> str:
@@ -261,9 +335,14 @@ def combine(rows: list[dict], failed: dict[str, str] | None = None) -> str:
         task_rows = [r for r in rows if get_task(r["task"]) is task]
         shots = sorted({r["n_shot"] for r in task_rows})
         for k in shots:
-            shas = {_test_episodes(r["context"])[1] for r in task_rows if r["n_shot"] == k}
-            if len(shas) > 1:
-                raise ValueError(f"{task.name} {k}-shot: learners were tested on different episode files {sorted(map(str, shas))}")
+            by_sha: dict[str, list[str]] = {}
+            for r in task_rows:
+                if r["n_shot"] == k:
+                    by_sha.setdefault(str(_test_episodes(r["context"])[1]), []).append(r["learner"])
+            if len(by_sha) > 1:
+                which = "; ".join(f"{sha[:12]}: {', '.join(names)}" for sha, names in sorted(by_sha.items()))
+                raise ValueError(f"{task.name} {k}-shot: learners were tested on different episode files ({which}): "
+                                 "their data settings differ")
         out += _task_table(task, task_rows, shots)
     if failed:
         out += ["### failed", ""] + [f"- {name}: failed, no result: {why}" for name, why in failed.items()] + [""]

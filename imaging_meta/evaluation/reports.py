@@ -374,6 +374,13 @@ def _compare_rows(doc: dict, shots: list[int], shas: dict, pixels: dict | None =
     return rows
 
 
+def _tested_checkpoint(report: Path, doc: dict) -> str:
+    """The checkpoint a training run's test report scored: the one its context names (a test of
+    `imaging-meta results` lies in a folder of its own, without checkpoints; a review), else the run's best."""
+    named = doc["context"].get("checkpoint")
+    return str(named) if isinstance(named, str) and named else str(report.parent / "checkpoints" / "best.ckpt")
+
+
 def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     """One Markdown table of the trained learner's headline numbers in several evaluation run folders.
 
@@ -412,7 +419,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
             raise ValueError(
                 f"{f}: a training run's test report (imaging-meta test or fit --test_after_fit), not an evaluation; "
                 f"compare takes evaluation reports: run imaging-meta evaluate --checkpoint "
-                f"{f.parent / 'checkpoints' / 'best.ckpt'} --out DIR, and compare DIR")
+                f"{_tested_checkpoint(f, doc)} --out DIR, and compare DIR")
     shots: set[int] = set()
     for f, doc in runs:
         try:

@@ -232,6 +232,91 @@ def test_results_resume_reruns_what_changed_and_reports_a_failed_learner(tmp_pat
     assert saved["arguments"]["cls_epochs"] == 9 and saved["arguments"]["resume"] is True  # what made the table
 
 
+def test_results_keeps_other_learners_rows_and_refuses_what_it_sets_itself(tmp_path, monkeypatch):
+    """A review of `results`: rerunning a few learners into a table kept only those rows (the docs' own rerun of
+    three learners would have cut the table to three); ``--extra --data.init_args.n_shot 3`` scored every shot
+    column 3-shot under its own label; a misspelt config later in the list stopped the command after the others'
+    runs, without naming the file; learners on different episode files left no table and no record of which."""
+    import argparse
+    import json
+    import shutil
+
+    from imaging_meta.commands import results
+
+    calls, sha_of = [], {}
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        run = cmd[cmd.index("--trainer.logger.init_args.name") + 1]
+        run_dir = tmp_path / "out" / "runs" / run / "version_0"
+        if cmd[3] == "fit":
+            (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / "checkpoints" / "best.ckpt").write_text(run)
+        else:
+            k = int(cmd[cmd.index("--data.init_args.n_shot") + 1])
+            stat = {"mean": 0.5, "ci95": 0.01, "n_episodes": 10}
+            run_dir.mkdir(parents=True)
+            (run_dir / "results.json").write_text(json.dumps({
+                "context": {"n_shot": k, "n_way": 5, "episode_files": {"test": f"t{k}.json"},
+                            "episodes_sha256": {"test": sha_of.get(run.split("-")[0], f"s{k}")}},
+                "summary": {"trained": {"all": stat}, "untrained encoder": {"all": stat}}}))
+        return 1.0
+
+    monkeypatch.setattr(results, "_run", fake_run)
+    p = argparse.ArgumentParser()
+    results.add_arguments(p)
+    out = tmp_path / "out"
+    base = ["--out", str(out), "--shots", "1", "--cls-epochs", "1"]
+    assert results.run_results(p.parse_args([*base, "--learners", "pixels_cls"])) == 0
+    assert results.run_results(p.parse_args([*base, "--learners", "histogram_cls"])) == 0
+    table = (out / "results.md").read_text()
+    assert "| histogram_cls |" in table and "| pixels_cls |" in table
+    # another number of epochs is another table: it replaces the earlier one
+    assert results.run_results(p.parse_args([*base[:-1], "2", "--learners", "histogram_cls"])) == 0
+    assert "| pixels_cls |" not in (out / "results.md").read_text()
+
+    calls.clear()
+    for extra in (["--data.init_args.n_shot", "3"], ["--data.n_shot=3"], ["--trainer.max_epochs", "4"]):
+        with pytest.raises(ValueError, match="results` sets"):
+            results.run_results(p.parse_args([*base, "--learners", "pixels_cls", "--extra", *extra]))
+    assert calls == []
+
+    configs = tmp_path / "configs"
+    shutil.copytree(results.CONFIGS, configs)
+    (configs / "model" / "typo_cls.yaml").write_text(
+        (configs / "model" / "pixels_cls.yaml").read_text().replace("DescriptorClassifier", "DescriptorClassifer"))
+    if "DescriptorClassifer" not in (configs / "model" / "typo_cls.yaml").read_text():
+        pytest.skip("pixels_cls.yaml names its learner otherwise")
+    with pytest.raises(ValueError, match=r"typo_cls\.yaml: "):
+        results.run_results(p.parse_args([*base, "--configs", str(configs), "--learners", "pixels_cls", "typo_cls"]))
+    assert calls == []  # refused before any run
+
+    sha_of["histogram_cls"] = "other"
+    shutil.rmtree(out)
+    with pytest.raises(ValueError, match=r"different episode files \(other: histogram_cls; s1: pixels_cls\)"):
+        results.run_results(p.parse_args([*base, "--learners", "pixels_cls", "histogram_cls"]))
+    saved = json.loads((out / "results.json").read_text())
+    assert {r["learner"] for r in saved["rows"]} == {"pixels_cls", "histogram_cls"} and "error" in saved
+    assert "no table" in (out / "results.md").read_text()
+
+
+def test_compare_names_the_checkpoint_a_test_report_scored(tmp_path):
+    """A test of `imaging-meta results` lies in a run folder of its own: compare suggested evaluating a best.ckpt
+    beside it that does not exist (a review), where the report names the checkpoint it scored."""
+    import json
+
+    from imaging_meta.evaluation.reports import compare_runs
+
+    run = tmp_path / "pixels_cls-test-1shot" / "version_0"
+    run.mkdir(parents=True)
+    ckpt = tmp_path / "pixels_cls" / "version_0" / "checkpoints" / "best.ckpt"
+    (run / "results.json").write_text(json.dumps({"context": {"checkpoint": str(ckpt), "shots": [1]},
+                                                  "summary": {}}))
+    with pytest.raises(ValueError, match="test report") as e:
+        compare_runs([run])
+    assert f"--checkpoint {ckpt} --out DIR" in str(e.value)
+
+
 def test_results_finds_the_shipped_configs_and_names_a_folder_without_any(tmp_path):
     """The default --configs is the package's own (an installed package has no repository configs/ beside it: it
     looked in site-packages/configs and failed on a missing results.json), and a folder without model configs is
