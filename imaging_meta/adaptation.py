@@ -36,10 +36,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_STEPS = 40
 
 
+#: the structure name of adaptation's episodes: a learner whose training loss keeps a head row per structure
+#: (`FineTune`) needs one, and refused the nameless episodes, so `segment` failed for it (a review)
+ADAPTED_STRUCTURE = "adapted structure"
+
+
 def _episode(images: torch.Tensor, masks: torch.Tensor) -> Episode:
     """A 1-shot, 1-query episode from two views (2, 1, H, W) and their masks (2, 1, H, W)."""
     m = (masks[:, 0] > 0.5).float()
-    return Episode(images[:1], m[:1], images[1:], m[1:])
+    return Episode(images[:1], m[:1], images[1:], m[1:], classes=[ADAPTED_STRUCTURE])
 
 
 #: the superpixels of the last support sets, by their volumes' content: a `segment` run adapts once per query with

@@ -112,3 +112,20 @@ def test_adaptation_that_diverges_stops_with_the_step(monkeypatch):
     monkeypatch.setattr(PrototypicalSegmenter, "loss", lambda self, ep: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 1 of 3; segment without it"):
         adapt(learner, supports, queries, steps=3, batch_size=2, seed=1, progress=False)
+
+
+def test_adaptation_names_its_structure_for_a_learner_with_a_head_per_structure():
+    """`FineTune` for segmentation keeps a head row per structure name and refused adaptation's nameless episodes,
+    so `segment` (which adapts by default) failed for a finetune_seg checkpoint (a review)."""
+    from imaging_meta.adaptation import ADAPTED_STRUCTURE
+    from imaging_meta.learners.transfer.finetune import FineTune
+
+    supports, queries = _scans()
+    torch.manual_seed(0)
+    learner = FineTune(task="segmentation", backbone="unet",
+                       backbone_kwargs={"features": [4, 4, 8, 8, 8, 4], "out_channels": 8}, finetune_steps=2)
+    before = {k: v.clone() for k, v in learner.state_dict().items() if torch.is_tensor(v)}
+    adapted = adapt(learner, supports, queries, steps=2, batch_size=2, seed=1, progress=False)
+    assert adapted.class_names == [ADAPTED_STRUCTURE] and learner.class_names == []
+    after = adapted.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())  # it did adapt
