@@ -21,6 +21,11 @@ class Decathlon:
     pairs: dict[str, str] = field(default_factory=dict)  # image abs path -> label abs path
     labels: dict[int, str] = field(default_factory=dict)
     modality: str | None = None
+    channels: int = 1  # the image channels its ``channel_names`` (nnU-Net v2) or ``modality`` (v1) name
+
+
+#: nnU-Net v2's name for the value of voxels that are not annotated (sparse annotation): no structure
+IGNORE_LABEL = "ignore"
 
 
 def parse_label_names(raw: Any) -> dict[int, str]:
@@ -63,6 +68,8 @@ def parse_decathlon(path: str) -> Decathlon:
         raise ValueError(f"{path}: its 'labels': {e}") from e
     dec = Decathlon(path=path, folder=folder, labels=names)
     dec.modality = normalise_modality(d.get("modality")) or normalise_modality(d.get("channel_names"))
+    named = d.get("channel_names") if isinstance(d.get("channel_names"), Mapping) else d.get("modality")
+    dec.channels = max(1, len(named)) if isinstance(named, Mapping) else 1
     for entry in d.get("training") or []:
         if isinstance(entry, Mapping) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str):
             img = os.path.normpath(os.path.join(folder, entry["image"]))

@@ -21,6 +21,15 @@ from datamodules.io.dicom import NIFTI_SUFFIXES, DicomHeader, nifti_stem, order_
 LABEL_SUFFIXES = ("_label", "_seg", "_dseg", "_mask", "_gt")
 IMAGE_FOLDERS = ("images", "imagesTr", "imagesTs")
 LABEL_FOLDERS = ("labels", "labelsTr", "labelsTs", "masks")
+#: an nnU-Net channel file's stem: ``CASE_0000`` (channel 0 of case ``CASE``), ``CASE_0001``, ...
+NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def nnunet_case(path: str) -> tuple[str, int] | None:
+    """(the case's path without the channel suffix and extension, the channel) of an nnU-Net channel file
+    (``imagesTr/CASE_0001.nii.gz`` -> (``imagesTr/CASE``, 1)), or None for another name."""
+    m = NNUNET_CHANNEL.match(nifti_stem(os.path.basename(path)))
+    return None if m is None else (os.path.join(os.path.dirname(path), m["case"]), int(m["channel"]))
 
 
 @dataclass
@@ -96,8 +105,14 @@ def _decathlon_pairs(books: ScanBooks, nifti_set: set[str]) -> dict[str, str]:
     for dec in books.decathlons.values():
         for img, lbl in dec.pairs.items():
             if img not in nifti_set:
-                warnings.warn(f"{dec.path}: training image {books.rel(img)} does not exist; skipped", stacklevel=3)
-                continue
+                # nnU-Net v1 (Task folders) lists a case as imagesTr/CASE.nii.gz, whose files are CASE_0000.nii.gz,
+                # CASE_0001.nii.gz...: channel 0 takes the label (every case was warned about as missing, and then
+                # paired by name anyway; a review)
+                channel0 = _channel0(img, nifti_set)
+                if channel0 is None:
+                    warnings.warn(f"{dec.path}: training image {books.rel(img)} does not exist; skipped", stacklevel=3)
+                    continue
+                img = channel0
             if lbl not in nifti_set:
                 warnings.warn(
                     f"{dec.path}: label {os.path.relpath(lbl, books.root)} of {books.rel(img)} does not exist; "
@@ -107,6 +122,13 @@ def _decathlon_pairs(books: ScanBooks, nifti_set: set[str]) -> dict[str, str]:
                 continue
             label_of.setdefault("nifti:" + img, lbl)
     return label_of
+
+
+def _channel0(image: str, nifti_set: set[str]) -> str | None:
+    """nnU-Net's channel-0 file of a case listed as ``image`` (``CASE.nii.gz`` -> ``CASE_0000.nii.gz``, any
+    NIfTI extension), when it exists."""
+    base = os.path.join(os.path.dirname(image), nifti_stem(os.path.basename(image)) + "_0000")
+    return next((base + ext for ext in NIFTI_SUFFIXES if base + ext in nifti_set), None)
 
 
 def label_suffix(stem: str) -> str | None:
@@ -248,6 +270,8 @@ def _assign_claims(books: ScanBooks, claims: _Claims, label_of: dict[str, str], 
     for lbl, keys in owners.items():
         if len(keys) > 1 and all(k.startswith("dicom:") for k in keys):
             keys = _series_on_the_labels_grid(lbl, keys, series) or keys
+        if len(keys) > 1:
+            keys = _first_channel(keys) or keys
         if len(keys) == 1:
             label_of[keys[0]] = lbl
         else:
@@ -258,6 +282,17 @@ def _assign_claims(books: ScanBooks, claims: _Claims, label_of: dict[str, str], 
             books.reject(
                 lbl, f"label map claimed by {len(keys)} images ({what}): cannot tell which it belongs to; {fix}"
             )
+
+
+def _first_channel(keys: list[str]) -> list[str]:
+    """Of the NIfTI images that claim one label map, the lowest channel when they are all the channels of one
+    nnU-Net case (``CASE_0000``, ``CASE_0001``... in one folder, the label ``CASE`` in labelsTr): the label map
+    belongs to the case, and the learners read one channel (a review: the label was rejected as claimed by two
+    images, with a fix that breaks the nnU-Net layout); else none."""
+    cases = [nnunet_case(k[6:]) if k.startswith("nifti:") else None for k in keys]
+    if any(c is None for c in cases) or len({c[0] for c in cases if c is not None}) != 1:
+        return []
+    return [min(zip(keys, cases, strict=True), key=lambda kc: kc[1][1] if kc[1] else 0)[0]]
 
 
 def _reject_second_labels(books: ScanBooks, claims: _Claims, label_of: dict[str, str], series: Sequence[Series]) -> None:
@@ -285,7 +320,9 @@ def _reject_orphan_labels(books: ScanBooks, nifti: list[str], label_files: set[s
             suffix = stem[-len(suffix):]  # as the file spells it
         parent = os.path.basename(os.path.dirname(p))
         if suffix or parent in LABEL_FOLDERS:
-            expected = f"{stem[: -len(suffix)]}.nii.gz beside it" if suffix else f"{name} in a sibling images folder"
+            base = stem[: -len(suffix)] if suffix else stem
+            expected = (f"{base}.nii.gz, or a DICOM series folder {base}/, beside it" if suffix
+                        else f"{name}, or nnU-Net's {base}_0000.nii.gz, in a sibling images folder")
             books.reject(p, f"looks like a label map ({'suffix ' + suffix if suffix else 'in ' + parent + '/'}) but no image was found for it (expected {expected})")
             label_files.add(p)
 

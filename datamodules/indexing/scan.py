@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.indexing.bids import Images, Sidecars
-from datamodules.indexing.decathlon import Decathlon, parse_decathlon, parse_label_names
+from datamodules.indexing.decathlon import IGNORE_LABEL, Decathlon, parse_decathlon, parse_label_names
 from datamodules.indexing.index import Case, Index, Rejection
 from datamodules.indexing.inputs import (
     BIDS_SUPPORT_JSON,
@@ -53,7 +53,7 @@ from datamodules.indexing.inputs import (
     is_lesion_table,
     not_dicom_reason,
 )
-from datamodules.indexing.pairing import LABEL_SUFFIXES, Series, pair_labels
+from datamodules.indexing.pairing import LABEL_SUFFIXES, Series, nnunet_case, pair_labels
 from datamodules.indexing.pseudonyms import (
     DEFAULT_SALT,
     DEFAULT_SITE_FIELDS,
@@ -110,8 +110,9 @@ logger = logging.getLogger(__name__)
 #: the ``name`` the demo cohort's dataset.json carries (`datamodules.synthetic.cohort`): its institutions are fake
 DEMO_NAME = "imaging-meta demo"
 #: changes whenever the scan indexes the same files otherwise, so that cached folder indexes are rebuilt (1: a
-#: ``dataset.json`` names only the label maps it describes, 2026-12-07; before, every map below it)
-SCAN_VERSION = 1
+#: ``dataset.json`` names only the label maps it describes, 2026-12-07; before, every map below it; 2: the channels
+#: of an nnU-Net case share its label map and patient, nnU-Net's "ignore" value is no structure, 2026-12-07)
+SCAN_VERSION = 2
 
 
 def _label_folders(folder: str) -> set[str]:
@@ -161,6 +162,8 @@ class _Scanner:
         self.all_files: list[str] = []
         self.decathlons: dict[str, Decathlon] = {}  # folder -> description
         self._sidecar_files = Sidecars([], self.root)  # the JSON files found (`run`), looked up per image
+        self._channel_cases: dict[str, tuple[str, int]] = {}  # the files of nnU-Net cases with several channels
+        self._ignored: list[str] = []  # label maps with nnU-Net's "ignore" value (`_organs`)
         self._sidecars: dict[str, dict[str, Any]] = {}  # a sidecar's path -> its fields, read once
         self._images = Images([], self.root)  # the NIfTI images found (`run`), which JSON files describe (`_json`)
         self.dicom_warnings = 0
@@ -260,6 +263,13 @@ class _Scanner:
         )
         label_of, label_files = pair_labels(self, nifti, series)
         nifti_set = set(nifti)
+        self._channel_cases = self._multichannel_cases(sorted(nifti_set - label_files), label_of)
+        further = [p for p, (_, channel) in self._channel_cases.items() if "nifti:" + p not in label_of and channel]
+        if further:
+            logger.info("%d further channel(s) of %d nnU-Net case(s) with several channels (e.g. %s) are indexed "
+                        "without a label, as scans of their case's patient: the label map goes with the case's first "
+                        "channel (_0000), and the learners read one channel", len(further),
+                        len({case for case, _ in self._channel_cases.values()}), self.rel(further[0]))
         self._sidecar_files = Sidecars(jsons, self.root)  # the BIDS sidecars each NIfTI image inherits (`_sidecar`)
         self._images = Images(nifti_set, self.root)
         for p in sorted(nifti_set - label_files):
@@ -280,6 +290,11 @@ class _Scanner:
         self.index.cases.sort(key=lambda c: c.image if isinstance(c.image, str) else c.image[0])
         self._merge_site_variants()
         self._warn_about_sites()
+        if self._ignored:
+            logger.warning("%d label map(s) under %s (e.g. %s) hold nnU-Net's '%s' value (voxels not annotated): it is "
+                           "no structure, and its voxels are background in every episode, so a structure left "
+                           "unannotated there is taught as background; use fully annotated maps for training",
+                           len(self._ignored), self.root, self.rel(self._ignored[0]), IGNORE_LABEL)
         logger.info(
             "scan of %s: %d cases (%d labelled), %d support files used (sidecars, dataset.json, lesion tables), %d inputs rejected",
             self.root, len(self.index.cases), len(self.index.labelled_cases), len(self.index.accounted), len(self.index.rejected),
@@ -516,10 +531,37 @@ class _Scanner:
         m = self.patient_re.search(self.rel(path)) if self.patient_re is not None else None
         return None if m is None else (m.group(1) if m.groups() else m.group(0))
 
+    def _multichannel_cases(self, images: list[str], label_of: Mapping[str, str]) -> dict[str, tuple[str, int]]:
+        """path -> (case, channel) of the NIfTI images that are channels of an nnU-Net case with two or more of its
+        channels among ``images`` (`nnunet_case`): its channel 0 has the label map named after the case
+        (labelsTr/CASE.nii.gz), or the nearest dataset.json names two or more channels. Names alone do not say it:
+        ``synapse_0002``, ``synapse_0003`` are cases of their own (each with its own label map)."""
+        by_case: dict[str, dict[str, tuple[str, int]]] = {}
+        for p in images:
+            found = nnunet_case(p)
+            if found is not None:
+                by_case.setdefault(found[0], {})[p] = found
+        out: dict[str, tuple[str, int]] = {}
+        for case, files in by_case.items():
+            if len(files) < 2:
+                continue
+            first = min(files, key=lambda p: files[p][1])
+            label = label_of.get("nifti:" + first)
+            named = label is not None and nifti_stem(os.path.basename(label)) == os.path.basename(case)
+            dec = self._nearest_decathlon(first)
+            if named or (dec is not None and dec.channels > 1):
+                out.update(files)
+        return out
+
     def _path_patient(self, path: str) -> str:
-        """The raw patient key of a path: the ``patient_regex`` match (group 1 if any), else the path without suffix."""
+        """The raw patient key of a path: the ``patient_regex`` match (group 1 if any), else the path without suffix
+        (without its channel suffix for a channel of an nnU-Net case with several: one patient, who was counted once
+        per channel and could be split between training and test; a review)."""
         found = self._regex_patient(path)
-        return nifti_stem(self.rel(path)) if found is None else found
+        if found is not None:
+            return found
+        channel = self._channel_cases.get(path)
+        return self.rel(channel[0]) if channel is not None else nifti_stem(self.rel(path))
 
     def _nearest_decathlon(self, path: str) -> Decathlon | None:
         """The Decathlon description in the folder of ``path`` or the nearest one above it, up to the root."""
@@ -556,6 +598,9 @@ class _Scanner:
             if v == 0:
                 continue
             name = names.get(v)
+            if name == IGNORE_LABEL:  # not annotated: no structure (a review: it was validated on as an organ)
+                self._ignored.append(label or "")
+                continue
             if name is None:
                 name = f"label_{v}"
                 if names:

@@ -527,6 +527,57 @@ def test_a_misspelt_site_field_is_named_with_the_keyword_meant(tmp_path, caplog)
     assert "names a scanner" not in caplog.text
 
 
+def test_nnunet_cases_with_several_channels_v1_lists_and_the_ignore_label(tmp_path, caplog, recwarn):
+    """A review of nnU-Net folders: a case's channels (CASE_0000, CASE_0001) each claimed its label map, which was
+    rejected, and each channel was a patient of its own; a v1 dataset.json listing CASE.nii.gz (files CASE_0000...)
+    warned that every case was missing, then paired it anyway; v2's 'ignore' value (not annotated) was an organ."""
+    img, aff = phantom(), affine_ras()
+    v2 = tmp_path / "v2"
+    for case in ("A", "B"):
+        for channel in (0, 1):
+            write_nifti(img + channel, aff, v2 / "imagesTr" / f"{case}_{channel:04d}.nii.gz")
+        write_nifti(label_for(img, values=(1, 3)), aff, v2 / "labelsTr" / f"{case}.nii.gz")
+    (v2 / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT", "1": "CT"}, "file_ending": ".nii.gz",
+                                                 "labels": {"background": 0, "liver": 1, "ignore": 3}}))
+    v1 = tmp_path / "v1"
+    for case in ("C", "D"):
+        write_nifti(img, aff, v1 / "imagesTr" / f"{case}_0000.nii.gz")
+        write_nifti(label_for(img), aff, v1 / "labelsTr" / f"{case}.nii.gz")
+    (v1 / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"},
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ("C", "D")]}))
+    write_nifti(label_for(img), aff, v1 / "labelsTr" / "E.nii.gz")  # no image at all
+    with caplog.at_level("INFO"):
+        index = scan_folder(tmp_path, salt=SALT)
+    first = [case_of(index, f"v2/imagesTr/{c}_0000") for c in ("A", "B")]
+    other = [case_of(index, f"v2/imagesTr/{c}_0001") for c in ("A", "B")]
+    assert [c.label for c in first] == ["v2/labelsTr/A.nii.gz", "v2/labelsTr/B.nii.gz"]
+    assert all(c.organs == {"liver": 1} for c in first)  # 'ignore' is no structure
+    assert all(not c.label for c in other)
+    assert [c.patient for c in first] == [c.patient for c in other] and first[0].patient != first[1].patient
+    assert "further channel(s) of 2 nnU-Net case(s)" in caplog.text
+    assert "hold nnU-Net's 'ignore' value" in caplog.text
+    listed = [case_of(index, f"v1/imagesTr/{c}_0000") for c in ("C", "D")]
+    assert [c.organs for c in listed] == [{"spleen": 1}] * 2
+    assert not [w for w in recwarn if "does not exist" in str(w.message)]
+    orphan = next(r for r in index.rejected if r.path == "v1/labelsTr/E.nii.gz")
+    assert "E_0000.nii.gz" in orphan.reason
+    # a single-channel nnU-Net case keeps the patient key it had (its channel suffix stays), and names alone do not
+    # make channels: synapse_0002 and synapse_0003 are two cases, two patients, with their own label maps
+    single = scan_folder(v1, salt=SALT)
+    assert case_of(single, "imagesTr/C_0000").patient == "p-" + pseudonym(SALT, "imagesTr/C_0000")
+    numbered = tmp_path / "numbered"
+    for n in (2, 3):
+        write_nifti(img, aff, numbered / "imagesTr" / f"synapse_{n:04d}.nii.gz")
+        write_nifti(label_for(img), aff, numbered / "labelsTr" / f"synapse_{n:04d}.nii.gz")
+    assert len({c.patient for c in scan_folder(numbered, salt=SALT).labelled_cases}) == 2
+    # the channels of test cases (no label maps) are one patient when the dataset.json names several channels
+    write_nifti(img, aff, v2 / "imagesTs" / "T_0000.nii.gz")
+    write_nifti(img, aff, v2 / "imagesTs" / "T_0001.nii.gz")
+    test_cases = [case_of(scan_folder(v2, salt=SALT), f"imagesTs/T_{k:04d}") for k in (0, 1)]
+    assert test_cases[0].patient == test_cases[1].patient
+
+
 # ---------------------------------------------------------------------------------------- privacy
 def test_saved_index_has_no_phi_and_round_trips(tree, tmp_path):
     root, _ = tree
