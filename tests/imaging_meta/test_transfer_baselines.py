@@ -242,6 +242,22 @@ def test_logistic_regression_matches_the_closed_form_optimum_and_separates():
     assert torch.equal(w, w2) and torch.equal(b, b2), "the fit is deterministic"
 
 
+def test_logistic_regression_fits_under_inference_mode_as_under_no_grad():
+    """The descriptor classifier's ``rule="logreg"`` called this fit under torch.inference_mode() (a Trainer's
+    default in validation and test) and crashed with "element 0 of tensors does not require grad" (a review)."""
+    from imaging_meta.learners.descriptors.classifier import DescriptorClassifier
+
+    g = torch.Generator().manual_seed(0)
+    ep = Episode(torch.rand(6, 1, 8, 8, generator=g), torch.tensor([0, 0, 1, 1, 2, 2]),
+                 torch.rand(3, 1, 8, 8, generator=g), torch.tensor([0, 1, 2]), classes=list("abc"))
+    learner = DescriptorClassifier(features="pixels", rule="logreg")
+    with torch.no_grad():
+        expected = learner.predict(ep)
+    with torch.inference_mode():
+        got = learner.predict(ep)
+    assert torch.allclose(got, expected, atol=0, rtol=0)
+
+
 def test_logistic_regression_probe_fits_its_support():
     torch.manual_seed(0)
     m = LogisticRegressionProbe(backbone="conv4", backbone_kwargs={"width": 16}, l2=1e-3, max_iter=200)

@@ -30,22 +30,25 @@ def fit_logistic_regression(
     """
     if l2 <= 0 or max_iter < 1:
         raise ValueError(f"l2 must be > 0 and max_iter >= 1; got {l2}, {max_iter}")
-    x = features.detach().to(torch.float64)
-    y = labels.detach().long()
-    weight = torch.zeros(n_way, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
-    bias = torch.zeros(n_way, dtype=torch.float64, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20,
-        line_search_fn="strong_wolfe",
-    )
+    # the fit needs autograd whatever the caller's mode: under torch.inference_mode() (a Trainer's default in
+    # validation and test) it raised "element 0 of tensors does not require grad" (a review); clones made outside
+    # inference mode are ordinary tensors, as `weighting.fit_weights` makes them
+    with torch.inference_mode(False), torch.enable_grad():
+        x = features.detach().clone().to(torch.float64)
+        y = labels.detach().clone().long()
+        weight = torch.zeros(n_way, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+        bias = torch.zeros(n_way, dtype=torch.float64, device=x.device, requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20,
+            line_search_fn="strong_wolfe",
+        )
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ weight.T + bias, y, reduction="sum") + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ weight.T + bias, y, reduction="sum") + 0.5 * l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
         opt.step(closure)
     return weight.detach(), bias.detach()
 
