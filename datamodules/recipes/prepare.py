@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -199,14 +200,18 @@ def _find_synapse(source: Path) -> tuple[list[tuple[str, tuple[Path, ...]]], lis
 
 def _convert_synapse(image_path: Path, label_path: Path) -> Converted:
     """One BTCV scan: the image as stored (HU), the label reduced to `ORGANS` on the image's grid."""
-    try:
-        # nib.load is typed as any image file; these are volumes (NIfTI), with an array and an affine
-        img, lab = cast(SpatialImage, nib.load(image_path)), cast(SpatialImage, nib.load(label_path))
-        data = np.asanyarray(img.dataobj)
-        lab_data = np.asanyarray(lab.dataobj)
-    except Exception as e:
-        raise PrepareError(f"{image_path} / {label_path}: cannot read ({type(e).__name__}: {e}); "
-                           "the file is corrupt or truncated - download it again") from e
+    def read(path: Path) -> tuple[SpatialImage, np.ndarray]:
+        """The volume and its array; a file that cannot be read is named alone (a truncated image was blamed on its
+        label map too; a review)."""
+        try:
+            # nib.load is typed as any image file; these are volumes (NIfTI), with an array and an affine
+            vol = cast(SpatialImage, nib.load(path))
+            return vol, np.asanyarray(vol.dataobj)
+        except Exception as e:
+            raise PrepareError(f"{path}: cannot read ({type(e).__name__}: {e}); the file is corrupt or truncated - "
+                               "download it again") from e
+
+    (img, data), (lab, lab_data) = read(image_path), read(label_path)
     for path, arr in ((image_path, data), (label_path, lab_data)):
         if arr.ndim != 3:
             raise PrepareError(f"{path}: {arr.ndim}D array of shape {arr.shape}; a 3D volume is expected")
@@ -397,9 +402,12 @@ def _convert_chaos(dcm_dir: Path, ground_dir: Path) -> Converted:
     # DICOM file, or a missing PNG, is then named, where the count named only the Ground folder (a review)
     try:
         headers = [read_header(str(p)) for p in files]
-        if len({h.series_uid for h in headers}) > 1:
-            raise PrepareError(f"{dcm_dir}: DICOM files of {len({h.series_uid for h in headers})} series "
-                               "(SeriesInstanceUID); the T2SPIR folder should hold one series")
+        # a file cut inside its header has no series UID: `order_series` names it, where it counted as a second
+        # series, unnamed (a review)
+        uids = {h.series_uid for h in headers if h.series_uid}
+        if len(uids) > 1:
+            raise PrepareError(f"{dcm_dir}: DICOM files of {len(uids)} series (SeriesInstanceUID); the T2SPIR folder "
+                               "should hold one series")
         series = order_series(headers, min_slices=1)
         volume = load_series_array(series)
     except (DicomError, DicomSeriesError) as e:
@@ -525,9 +533,12 @@ def prepare(dataset: str, source: Path, out: Path) -> dict[str, Any]:
     source, out = Path(source).expanduser().resolve(), Path(out).expanduser().resolve()
     if not source.is_dir():
         raise PrepareError(f"{source}: not a folder; give the folder of the downloaded {dataset} data")
+    patients, missing = recipe.find(source)  # reads the source only: a source in another layout is said first
+    if out == source or source in out.parents:  # a rerun read the prepared files as source (a review)
+        raise PrepareError(f"--out {out} lies inside the source folder {source}; a second run would read the "
+                           "prepared files as part of the download: give an output folder outside it")
     with exclusive(out):  # one prepare at a time per output folder
         earlier = _check_out(out, dataset)
-        patients, missing = recipe.find(source)
         # written beside `out`, moved in only when every patient converted: a failed run leaves `out` as it was
         with staging_folder(out) as staging:
             records, problems = _convert_all(dataset, recipe, patients, staging, failed=bool(missing))
@@ -753,11 +764,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's stop) as an exception, so that the staging folder and the lock are removed on the way
+    out, as `imaging-meta prepare` removes them (this entry point left them; a review)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datamodules.recipes.prepare", description=__doc__.split("\n")[0])
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,29 @@ def test_chaos_a_missing_or_extra_file_is_named(tmp_path):
         prepare("chaos_mr", src, tmp_path / "out")
 
 
+def test_a_damaged_file_is_named_alone_and_an_output_inside_the_source_is_refused(tmp_path):
+    """A review of prepare: a CHAOS file cut inside its header counted as a second series, unnamed; a truncated
+    Synapse image was blamed on its label map too; an --out inside the CHAOS source was read as a patient's
+    folder on the next run, which then failed."""
+    src = write_chaos(tmp_path / "chaos")
+    cut = src / "MR" / "2" / "T2SPIR" / "DICOM_anon" / "IMG-0002-00003.dcm"
+    cut.write_bytes(cut.read_bytes()[:300])
+    with pytest.raises(PrepareError) as e:
+        prepare("chaos_mr", src, tmp_path / "out")
+    assert "IMG-0002-00003.dcm" in str(e.value) and "2 series" not in str(e.value)
+    syn = write_synapse(tmp_path / "synapse")
+    image = syn / "img" / "img0002.nii.gz"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    with pytest.raises(PrepareError, match=r"img0002\.nii\.gz: cannot read") as e:
+        prepare("synapse", syn, tmp_path / "out")
+    assert "label0002" not in str(e.value)
+    fresh = write_chaos(tmp_path / "chaos2")
+    for inside in (fresh / "MR" / "prepared", fresh):
+        with pytest.raises(PrepareError, match="lies inside the source folder"):
+            prepare("chaos_mr", fresh, inside)
+    assert not (fresh / "MR" / "prepared").exists()
+
+
 def test_chaos_pngs_that_do_not_carry_the_slices_numbers_are_refused(tmp_path):
     """One PNG missing and a stray one added keeps the count: matched by rank, the labels landed on the wrong
     slices without a word (found by a review)."""
