@@ -449,8 +449,8 @@ def _tool_parser() -> argparse.ArgumentParser:
                    help="a NIfTI file's patient: the first group of this pattern in its path (default: a BIDS "
                         "'sub-<id>'; '^([^/]+)/' for one folder per patient; '' for every file its own), as the data "
                         "config's patient_regex")
-    s.add_argument("--salt", default=os.environ.get("IMAGING_META_SALT", DEFAULT_SALT),
-                   help="secret for pseudonymous ids (or env IMAGING_META_SALT)")
+    s.add_argument("--salt", default=None,
+                   help=f"secret for pseudonymous ids (default: env IMAGING_META_SALT, else {DEFAULT_SALT!r}, as fit reads it)")
 
     _add_segment_parser(sub)
 
@@ -693,7 +693,12 @@ def _run_tool(argv: Sequence[str]) -> int:
                                  f"{name.strip()!r}); give each value one name")
             names[int(value)] = name.strip()
         regex = {} if args.patient_regex is None else {"patient_regex": args.patient_regex}
-        index = scan_to_file(args.root, args.out, site_fields=fields, salt=args.salt, label_names=names or None, **regex)
+        from datamodules.indexing.pseudonyms import salt_or_env
+
+        # the datamodules' own rule: an IMAGING_META_SALT set but empty gave the scan an empty secret, and fit the
+        # default, so the preview's patient ids were not the training's
+        salt = salt_or_env(args.salt)
+        index = scan_to_file(args.root, args.out, site_fields=fields, salt=salt, label_names=names or None, **regex)
         sys.stdout.write(index.summary() + f"\nindex written to {args.out}\n")
         return 0
     if args.command == "prepare":

@@ -784,3 +784,20 @@ def test_a_config_that_does_not_parse_is_one_line_naming_the_key(tmp_path, capsy
         cli_main([*base, "--config", str(broken)])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "line 3, column 13" in err and "did not find expected ',' or ']'" in err, err
+
+
+def test_scan_takes_the_salt_by_the_datamodules_rule(tmp_path, monkeypatch):
+    """`imaging-meta scan` read IMAGING_META_SALT directly: set but empty, it salted the preview's patient ids with
+    an empty secret where fit (`salt_or_env`) uses the default, so the preview's ids were not the training's."""
+    import json
+
+    from datamodules.indexing.pseudonyms import DEFAULT_SALT, pseudonym
+    from tests.datamodules.dicom_fixtures import affine_ras, phantom, write_nifti
+
+    write_nifti(phantom(), affine_ras(), tmp_path / "data" / "case1.nii.gz")
+    for env, salt in (("", DEFAULT_SALT), ("s3cret", "s3cret")):
+        monkeypatch.setenv("IMAGING_META_SALT", env)
+        out = tmp_path / f"index{len(env)}.json"
+        assert _status(["--quiet", "scan", str(tmp_path / "data"), "--out", str(out), "--patient-regex", ""]) == 0
+        patients = {c["patient"] for c in json.loads(out.read_text())["cases"]}
+        assert patients == {"p-" + pseudonym(salt, "case1")}, env
