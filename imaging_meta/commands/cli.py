@@ -508,7 +508,7 @@ EXAMPLES = {
                 "    --support-image support.nii.gz --support-label support_seg.nii.gz --label-value 3 \\",
                 "    --query new_scan.nii.gz --query /pacs/export/series_17 --out predictions/",
                 "imaging-meta segment ... --adapt-steps 10 --explain       (adapt to these scans; probability maps too)",
-                "imaging-meta segment ... --format dicom-seg                (DICOM queries: a .seg.dcm per query)"],
+                "imaging-meta segment ... --format dicom-seg                (single-frame DICOM series queries: a .seg.dcm per query)"],
     "classify": ["imaging-meta classify --checkpoint runs/protonet_cls/version_0/checkpoints/best.ckpt \\",
                  "    --support support/ --query new_images/ --out predictions.csv",
                  "imaging-meta classify ... --explain           (nearest support images and saliency maps)",
@@ -552,7 +552,7 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     g.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     g.add_argument("--format", dest="output_format", choices=("nifti", "dicom-seg"), default="nifti",
-                   help="mask format; dicom-seg (highdicom) needs DICOM series queries and writes <query>.seg.dcm")
+                   help="mask format; dicom-seg (highdicom) needs single-frame DICOM series queries (not enhanced multi-frame files) and writes <query>.seg.dcm")
     g.add_argument("--explain", action="store_true",
                    help="also write each query's foreground probability map (<query>_probability.nii.gz)")
     g.add_argument("--learner-only", action="store_true",
