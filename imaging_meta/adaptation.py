@@ -41,10 +41,22 @@ DEFAULT_STEPS = 40
 ADAPTED_STRUCTURE = "adapted structure"
 
 
-def _episode(images: torch.Tensor, masks: torch.Tensor) -> Episode:
-    """A 1-shot, 1-query episode from two views (2, 1, H, W) and their masks (2, 1, H, W)."""
+def structure_name(learner: Learner) -> str:
+    """The structure name of ``learner``'s adaptation episodes: `ADAPTED_STRUCTURE`, which a learner with a head row
+    per structure name (`FineTune`) adds to the table of its copy; when that table is full, the first name it knows
+    (the copy's row is trained and discarded with it, and its predict fits a head of its own; a new name failed
+    there with advice to raise max_classes and retrain; a review)."""
+    names = getattr(learner, "class_names", None)
+    if not isinstance(names, list) or not names or ADAPTED_STRUCTURE in names:
+        return ADAPTED_STRUCTURE
+    full = len(names) >= int(getattr(learner, "max_classes", len(names) + 1))
+    return str(names[0]) if full else ADAPTED_STRUCTURE
+
+
+def _episode(images: torch.Tensor, masks: torch.Tensor, name: str = ADAPTED_STRUCTURE) -> Episode:
+    """A 1-shot, 1-query episode from two views (2, 1, H, W) and their masks (2, 1, H, W), of structure ``name``."""
     m = (masks[:, 0] > 0.5).float()
-    return Episode(images[:1], m[:1], images[1:], m[1:], classes=[ADAPTED_STRUCTURE])
+    return Episode(images[:1], m[:1], images[1:], m[1:], classes=[name])
 
 
 #: the superpixels of the last support sets, by their volumes' content: a `segment` run adapts once per query with
@@ -80,8 +92,10 @@ class AdaptationEpisodes:
         supports: Sequence[tuple[torch.Tensor, torch.Tensor]],
         queries: Sequence[torch.Tensor],
         seed: int = 0,
+        name: str = ADAPTED_STRUCTURE,
     ) -> None:
         self.rng = np.random.default_rng(seed)
+        self.name = name  # the structure name of every episode (`structure_name`)
         self.augment = RandItemAugment(**SELFSUP_AUGMENT)
         self.volumes = [img for img, _ in supports] + list(queries)
         self.superpixels = _support_superpixels([img for img, _ in supports]) + [
@@ -108,7 +122,7 @@ class AdaptationEpisodes:
         image = self.volumes[v][..., z].unsqueeze(0).float()
         mask = torch.from_numpy(self.superpixels[v][..., z] == sp).float().unsqueeze(0)
         images, masks, _ = random_views(self.augment, image, mask, 2, self._seed())
-        return _episode(images, masks)
+        return _episode(images, masks, self.name)
 
     def supervised(self) -> Episode | None:
         if not self.labelled:
@@ -121,7 +135,7 @@ class AdaptationEpisodes:
                 self.augment, image.unsqueeze(0).float(), mask.unsqueeze(0), 1, self._seed()
             )
             views.append((im, ms))
-        return _episode(torch.cat([views[0][0], views[1][0]]), torch.cat([views[0][1], views[1][1]]))
+        return _episode(torch.cat([views[0][0], views[1][0]]), torch.cat([views[0][1], views[1][1]]), self.name)
 
     def batch(self, size: int) -> Episode:
         eps: list[Episode] = []
@@ -172,7 +186,7 @@ def adapt(
 
 def _adapt(learner: Learner, supports: Sequence[tuple[torch.Tensor, torch.Tensor]], queries: Sequence[torch.Tensor],
            steps: int, lr: float, batch_size: int, seed: int, device: torch.device | str, progress: bool) -> Learner:
-    episodes = AdaptationEpisodes(supports, queries, seed)
+    episodes = AdaptationEpisodes(supports, queries, seed, structure_name(learner))
     adapted = copy.deepcopy(learner).to(device).train()
     params = [p for p in adapted.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)

@@ -533,9 +533,11 @@ class _Scanner:
 
     def _multichannel_cases(self, images: list[str], label_of: Mapping[str, str]) -> dict[str, tuple[str, int]]:
         """path -> (case, channel) of the NIfTI images that are channels of an nnU-Net case with two or more of its
-        channels among ``images`` (`nnunet_case`): its channel 0 has the label map named after the case
-        (labelsTr/CASE.nii.gz), or the nearest dataset.json names two or more channels. Names alone do not say it:
-        ``synapse_0002``, ``synapse_0003`` are cases of their own (each with its own label map)."""
+        channels among ``images`` (`nnunet_case`): the channels run _0000, _0001, ... without a gap, no channel but
+        the first has a label map, and the first has the label map named after the case (labelsTr/CASE.nii.gz), or
+        none while the nearest dataset.json names at least that many channels (test cases). Names alone do not say
+        it: ``synapse_0002``, ``synapse_0003`` are cases of their own, each with its own label map, and so are
+        ``case_0001``... beside a dataset.json of several modalities (a review: all were merged into one patient)."""
         by_case: dict[str, dict[str, tuple[str, int]]] = {}
         for p in images:
             found = nnunet_case(p)
@@ -543,13 +545,17 @@ class _Scanner:
                 by_case.setdefault(found[0], {})[p] = found
         out: dict[str, tuple[str, int]] = {}
         for case, files in by_case.items():
-            if len(files) < 2:
+            channels = sorted(c for _, c in files.values())
+            if len(files) < 2 or channels != list(range(len(files))):  # _0000, _0001, ... and nothing else
                 continue
             first = min(files, key=lambda p: files[p][1])
             label = label_of.get("nifti:" + first)
+            if any("nifti:" + p in label_of for p in files if p != first):  # numbered cases, each with its label
+                continue
             named = label is not None and nifti_stem(os.path.basename(label)) == os.path.basename(case)
             dec = self._nearest_decathlon(first)
-            if named or (dec is not None and dec.channels > 1):
+            listed = label is not None and not named  # a label map of its own name: a case, not a channel
+            if named or (not listed and dec is not None and dec.channels >= len(files)):
                 out.update(files)
         return out
 

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from datamodules.progress import progress
@@ -70,13 +71,17 @@ OWN_KEYS = {"--data.n_shot": "--shots / --train-shots", "--trainer.max_epochs": 
             "--ckpt_path": "the run's own best checkpoint", "--trainer.logger": "--out"}
 
 
-def check_extra(extra: list[str]) -> None:
-    """Refuse ``--extra`` arguments that set what `results` sets for each run (`OWN_KEYS`)."""
+def check_extra(extra: list[str], tasks: Iterable[Task]) -> None:
+    """Refuse ``--extra`` arguments that set what `results` sets for each run (`OWN_KEYS`) of ``tasks``: the shots
+    only where a task sweeps them (classification; a segmentation table takes its shots from ``--extra``)."""
+    sweeps = any(t.sweep_shots for t in tasks)
     for a in extra:
         if not a.startswith("--"):
             continue
         key = a.split("=", 1)[0].replace(".init_args.", ".")
         for own, instead in OWN_KEYS.items():
+            if own == "--data.n_shot" and not sweeps:
+                continue
             if key == own or key.startswith(own + "."):
                 raise ValueError(f"--extra {a}: `imaging-meta results` sets {own.lstrip('-')} for each run itself; "
                                  f"use {instead}")
@@ -208,9 +213,9 @@ def _fit(args: argparse.Namespace, cli: list[str], base: list[str], logger_args:
 def run_results(args: argparse.Namespace) -> int:
     configs, out = Path(args.configs), Path(args.out)
     cli = [sys.executable, "-m", "imaging_meta"]
-    check_extra(args.extra)
     # every config's task first: a bad config later in the list stopped the command after hours of runs (a review)
     tasks = {name: model_task(configs / "model" / f"{name}.yaml") for name in _learners(configs, args.learners)}
+    check_extra(args.extra, tasks.values())
     arguments = {k: v for k, v in vars(args).items() if k != "func"}  # epochs, --extra...: what made the table
     rows, failed = _earlier_rows(out, arguments, set(tasks))
     for name in progress(list(tasks), "results: learners", unit="learner"):

@@ -571,6 +571,15 @@ def test_nnunet_cases_with_several_channels_v1_lists_and_the_ignore_label(tmp_pa
         write_nifti(img, aff, numbered / "imagesTr" / f"synapse_{n:04d}.nii.gz")
         write_nifti(label_for(img), aff, numbered / "labelsTr" / f"synapse_{n:04d}.nii.gz")
     assert len({c.patient for c in scan_folder(numbered, salt=SALT).labelled_cases}) == 2
+    # nor beside a dataset.json of several modalities that pairs each numbered file with its own label map
+    (numbered / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "T2", "1": "ADC"}, "labels": {"0": "background", "1": "organ"},
+        "training": [{"image": f"./imagesTr/synapse_{n:04d}.nii.gz", "label": f"./labelsTr/synapse_{n:04d}.nii.gz"}
+                     for n in (2, 3)]}))
+    for n in (0, 1):
+        write_nifti(img, aff, numbered / "imagesTr" / f"synapse_{n:04d}.nii.gz")
+        write_nifti(label_for(img), aff, numbered / "labelsTr" / f"synapse_{n:04d}.nii.gz")
+    assert len({c.patient for c in scan_folder(numbered, salt=SALT).labelled_cases}) == 4
     # the channels of test cases (no label maps) are one patient when the dataset.json names several channels
     write_nifti(img, aff, v2 / "imagesTs" / "T_0000.nii.gz")
     write_nifti(img, aff, v2 / "imagesTs" / "T_0001.nii.gz")

@@ -129,3 +129,8 @@ def test_adaptation_names_its_structure_for_a_learner_with_a_head_per_structure(
     assert adapted.class_names == [ADAPTED_STRUCTURE] and learner.class_names == []
     after = adapted.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())  # it did adapt
+    # a checkpoint whose head table is full adapts with a name it knows (a new one asked to raise max_classes)
+    full = FineTune(task="segmentation", backbone="unet", max_classes=2,
+                    backbone_kwargs={"features": [4, 4, 8, 8, 8, 4], "out_channels": 8}, finetune_steps=2)
+    full.register_classes(["liver", "spleen"])
+    assert adapt(full, supports, queries, steps=2, batch_size=2, seed=1, progress=False).class_names == ["liver", "spleen"]

@@ -280,6 +280,12 @@ def test_results_keeps_other_learners_rows_and_refuses_what_it_sets_itself(tmp_p
         with pytest.raises(ValueError, match="results` sets"):
             results.run_results(p.parse_args([*base, "--learners", "pixels_cls", "--extra", *extra]))
     assert calls == []
+    # a segmentation table takes its shots from --extra (results sets none for it), as before
+    from imaging_meta.tasks import get_task
+
+    results.check_extra(["--data.init_args.n_shot", "3"], [get_task("segmentation")])
+    with pytest.raises(ValueError, match="results` sets"):
+        results.check_extra(["--data.n_shot", "3"], [get_task("segmentation"), get_task("classification")])
 
     configs = tmp_path / "configs"
     shutil.copytree(results.CONFIGS, configs)
