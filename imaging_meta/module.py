@@ -250,6 +250,29 @@ PRECISION_16_TRUE = ("--trainer.precision 16-true trains float16 weights, which 
                      "or bf16-true")
 
 
+def record_a_stopped_epoch_as_unfinished(trainer: Any, checkpoint: dict) -> None:
+    """Record, in ``checkpoint``, an epoch that ``max_steps`` stopped before its last batch as unfinished.
+
+    Lightning runs the epoch's end hooks when ``max_steps`` stops it, and counts it processed there, so a checkpoint
+    saved in them (the trainer configs' last.ckpt) says the epoch was processed while its batch count says it was
+    not. Resumed, Lightning then either dropped the rest of the epoch (a run by epochs) or finished it while naming
+    the next epoch to the samplers, one ahead for the rest of the run (a run by steps): a run extended from that
+    checkpoint trained on other episodes than one run whole (a review). With the epoch counted unprocessed, Lightning
+    resumes it mid-epoch, as from a checkpoint taken between batches, and the episode sampler's skip makes the run
+    exact."""
+    if trainer is None or getattr(getattr(trainer, "state", None), "fn", None) != "fit":
+        return
+    loop = trainer.fit_loop
+    epochs, batches = loop.epoch_progress.current, loop.epoch_loop.batch_progress.current
+    n_batches = trainer.num_training_batches
+    if not (epochs.processed > epochs.completed and isinstance(n_batches, int) and batches.processed < n_batches):
+        return
+    saved = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+    if saved:
+        for part in ("current", "total"):
+            saved[part]["processed"] = min(saved[part]["processed"], saved[part]["completed"])
+
+
 class EpisodicModule(LightningModule):
     """Meta-trains and evaluates a `Learner` on batches of episodes.
 
@@ -447,8 +470,26 @@ class EpisodicModule(LightningModule):
             if monitor == "val/score" and sched.mode != "max":
                 raise ValueError("ReduceLROnPlateau watches val/score (Dice or accuracy: higher is better) and is in "
                                  f"mode {sched.mode!r}: set mode: max in its init_args")
-            cfg |= {"monitor": monitor, "strict": False}  # an epoch without validation: no step, not a stop
+            cfg |= {"monitor": monitor, "strict": False}  # no score yet: no step, not a stop
+            self._plateau_monitor = monitor
         return {"optimizer": opt, "lr_scheduler": cfg}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Lightning's step, except that ``ReduceLROnPlateau`` on a validation metric steps only after a validation
+        (one on a training metric steps every epoch, as Lightning steps it): Lightning keeps the
+        last val/score and stepped the scheduler on it again at the end of every epoch without validation, each a
+        "no improvement", so that with ``check_val_every_n_epoch: 2`` and ``patience: 1`` the rate was cut at the
+        first validation that did not improve (a review)."""
+        watches_validation = str(getattr(self, "_plateau_monitor", "val/score")).startswith("val/")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and watches_validation:
+            if metric is None or not getattr(self, "_scored_since_plateau_step", False):
+                return
+            self._scored_since_plateau_step = False
+            scheduler.step(metric)
+        elif metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
     # ------------------------------------------------------------- evaluation
     def _check_batch(self, batch: Episode) -> None:
@@ -528,6 +569,7 @@ class EpisodicModule(LightningModule):
         # val/score: what the checkpoint callback of every trainer config monitors, whatever the task
         self.log("val/score", score, sync_dist=True)
         self.log("hp/val_metric", score, sync_dist=True)  # the HPARAMS tab's column
+        self._scored_since_plateau_step = True  # `lr_scheduler_step`
         summary = summarize(records, task.metric, task.groups)[TRAINED]
         for group in task.groups:
             for name, s in summary[group].items():
@@ -639,6 +681,7 @@ class EpisodicModule(LightningModule):
         # order), so that a resumed run continues each rank's random stream exactly
         extra["rng_states"] = _gather([rng_states()])
         checkpoint["imaging_meta"] = extra
+        record_a_stopped_epoch_as_unfinished(self._trainer, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """`_check_and_restore`, its refusals prefixed with the checkpoint file when a trainer loads one (a review:

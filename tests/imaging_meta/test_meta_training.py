@@ -52,3 +52,35 @@ def test_reduce_lr_on_plateau_watches_the_score_in_max_mode_or_the_users_monitor
     assert cfg["monitor"] == "val/score" and cfg["strict"] is False
     mine = EpisodicModule(learner, lr_scheduler=lambda o: CLIPlateau(o, monitor="train/loss_epoch")).configure_optimizers()
     assert mine["lr_scheduler"]["monitor"] == "train/loss_epoch"
+
+
+def test_reduce_lr_on_plateau_steps_once_per_validation(tmp_path):
+    """A review: Lightning keeps the last val/score and stepped the plateau scheduler on it again after every epoch
+    without validation, each counted as no improvement: with check_val_every_n_epoch 2 and patience 1 the rate was
+    cut at the first validation that did not improve. It now steps once per validation."""
+    from datamodules.classification import ClassificationDataModule
+    from datamodules.sources.medmnist import MedMNIST
+    from imaging_meta.learners.gradient.maml import MAML
+    from tests.helpers import write_medmnist
+
+    paths = write_medmnist(tmp_path, n_files=1, classes_per_file=12, per_class=6)
+    pl.seed_everything(3, verbose=False)
+    data = ClassificationDataModule(
+        source=MedMNIST(paths=paths, image_size=[16, 16]), cache_dir=str(tmp_path / "cache"), n_way=3, n_shot=1,
+        n_query=2, val_classes_count=3, test_classes_count=3, episodes_per_epoch=4, val_episodes=2, test_episodes=2,
+        batch_size=2, seed=5)
+    steps = []
+
+    class Counted(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics, *args, **kwargs):
+            steps.append(float(metrics))
+            return super().step(metrics, *args, **kwargs)
+
+    module = EpisodicModule(MAML(n_way=3, backbone_kwargs={"width": 4}, inner_steps=1, inner_lr=0.1),
+                            optimizer=lambda p: torch.optim.Adam(p, lr=0.01), baselines=False,
+                            lr_scheduler=lambda o: Counted(o, mode="max", patience=1))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=6, check_val_every_n_epoch=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, inference_mode=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert len(steps) == 3  # epochs 1, 3 and 5 validated; 0, 2 and 4 did not

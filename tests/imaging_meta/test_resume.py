@@ -37,7 +37,8 @@ class InterruptAt(Callback):
             raise Interrupt(f"interrupted at step {self.step}")
 
 
-def _run(name, paths, tmp_path, callbacks=(), ckpt_path=None, num_workers=0, weight_averaging=None):
+def _run(name, paths, tmp_path, callbacks=(), ckpt_path=None, num_workers=0, weight_averaging=None, max_steps=-1,
+         max_epochs=3):
     seed_everything(3)
     data = ClassificationDataModule(
         source=MedMNIST(paths=paths, image_size=[16, 16]), cache_dir=str(tmp_path / "cache"), n_way=3, n_shot=1, n_query=2,
@@ -47,7 +48,7 @@ def _run(name, paths, tmp_path, callbacks=(), ckpt_path=None, num_workers=0, wei
     module = EpisodicModule(LEARNERS[name](), optimizer=lambda p: torch.optim.Adam(p, lr=0.01), baselines=False,
                             weight_averaging=weight_averaging)
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=1, max_epochs=max_epochs, max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, inference_mode=False, default_root_dir=str(tmp_path), callbacks=list(callbacks),
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
@@ -195,3 +196,23 @@ def test_a_resume_without_weight_averaging_continues_from_the_current_weights(tm
         resumed, _ = _run("maml", paths, tmp_path / "resumed", ckpt_path=ckpts / "last.ckpt")
     for (k, a), b in zip(plain.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{k} differs from the run that never averaged: max |diff| {(a - b).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("num_workers,by", [(0, "steps"), (0, "epochs"), (2, "steps")])
+def test_a_run_stopped_by_max_steps_mid_epoch_resumes_that_epoch(num_workers, by, tmp_path):
+    """A fit that ``max_steps`` stops mid-epoch still ends the epoch's hooks: the trainer configs' last.ckpt (saved
+    at the end of each training epoch) counts the epoch processed, and the sampler drew the next epoch whole where
+    Lightning resumed the stopped one, so two batches were never trained on and every later epoch moved by one (a
+    review; Lightning itself dropped the rest of the epoch in a run extended by epochs). Extended from that
+    checkpoint, by steps or by epochs, the run now equals one run whole."""
+    paths = write_medmnist(tmp_path, n_files=1, classes_per_file=12, per_class=6)
+    kw = {"num_workers": num_workers}
+    full, full_trainer = _run("maml", paths, tmp_path / "full", **kw)
+    ckpts = tmp_path / "ckpts"
+    saver = ModelCheckpoint(dirpath=ckpts, filename="last", save_top_k=1, save_on_train_epoch_end=True)
+    _run("maml", paths, tmp_path / "cut", callbacks=[saver], max_steps=6, **kw)  # 4 steps an epoch: 2 into epoch 1
+    more = {"max_steps": 12, "max_epochs": -1} if by == "steps" else {}
+    resumed, resumed_trainer = _run("maml", paths, tmp_path / "resumed", ckpt_path=ckpts / "last.ckpt", **more, **kw)
+    assert resumed_trainer.global_step == full_trainer.global_step == 12
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{k} differs after resume: max |diff| {(a - b).abs().max():.3g}"
