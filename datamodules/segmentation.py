@@ -49,6 +49,7 @@ from datamodules.io.atomic import atomic_open
 from datamodules.io.folders import files_under
 from datamodules.messages import first
 from datamodules.progress import enabled as progress_enabled
+from datamodules.progress import progress
 from datamodules.sampling.episode_files import check_segmentation_episodes, load_episodes, save_episodes
 from datamodules.sampling.loading import episode_loader
 from datamodules.sampling.samplers_segmentation import (
@@ -182,7 +183,8 @@ def _warmed(dataset: PersistentDataset) -> PersistentDataset:
     except (RuntimeError, ValueError):  # pragma: no cover - a torch built without gloo: the default group's timeout
         group = None
     try:
-        for i in range(rank, len(dataset), world):
+        share = range(rank, len(dataset), world)
+        for i in progress(share, f"volumes (preprocessed once, then cached; rank {rank})", total=len(share), unit="volume"):
             dataset[i]  # reads the file, or preprocesses the volume and writes it
         torch.distributed.barrier(group=group)
     finally:
@@ -699,7 +701,13 @@ class SegmentationDataModule(EpisodicDataModule):
             self._volumes = self._volume_dataset()
         volumes = self._volumes
         used = sorted(set(split.train) | set(split.val) | set(split.test))
-        labels = {i: volumes[i]["label"] for i in used}
+        # the first run preprocesses each volume here into the disk cache (seconds each; a review: hundreds of CTs
+        # took half an hour without a line), later runs read it back
+        if self.hparams.cache == "disk":
+            logger.info("reading %d preprocessed volumes from the cache under %s (a volume not there yet is "
+                        "preprocessed and written once, seconds each)", len(used), self.cache_dir)
+        labels = {i: volumes[i]["label"]
+                  for i in progress(used, "volumes (preprocessed once, then cached)", total=len(used), unit="volume")}
         for stage_name, organs, exclude in (
             ("train", split.train_organs, split.excluded_organs),
             ("val", split.val_organs, ()),
