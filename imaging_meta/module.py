@@ -480,7 +480,9 @@ class EpisodicModule(LightningModule):
         last val/score and stepped the scheduler on it again at the end of every epoch without validation, each a
         "no improvement", so that with ``check_val_every_n_epoch: 2`` and ``patience: 1`` the rate was cut at the
         first validation that did not improve (a review)."""
-        watches_validation = str(getattr(self, "_plateau_monitor", "val/score")).startswith("val/")
+        # val/score, val/<metric>, val/averaged and hp/val_metric are logged at validation only (a review: the
+        # HPARAMS column was taken for a training metric and stepped on again after every epoch without validation)
+        watches_validation = str(getattr(self, "_plateau_monitor", "val/score")).startswith(("val/", "hp/"))
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and watches_validation:
             if metric is None or not getattr(self, "_scored_since_plateau_step", False):
                 return

@@ -54,7 +54,8 @@ def test_reduce_lr_on_plateau_watches_the_score_in_max_mode_or_the_users_monitor
     assert mine["lr_scheduler"]["monitor"] == "train/loss_epoch"
 
 
-def test_reduce_lr_on_plateau_steps_once_per_validation(tmp_path):
+@pytest.mark.parametrize("monitor", ["val/score", "hp/val_metric"])
+def test_reduce_lr_on_plateau_steps_once_per_validation(monitor, tmp_path):
     """A review: Lightning keeps the last val/score and stepped the plateau scheduler on it again after every epoch
     without validation, each counted as no improvement: with check_val_every_n_epoch 2 and patience 1 the rate was
     cut at the first validation that did not improve. It now steps once per validation."""
@@ -72,6 +73,10 @@ def test_reduce_lr_on_plateau_steps_once_per_validation(tmp_path):
     steps = []
 
     class Counted(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.monitor = monitor  # as Lightning's CLI scheduler class names its monitor
+
         def step(self, metrics, *args, **kwargs):
             steps.append(float(metrics))
             return super().step(metrics, *args, **kwargs)
