@@ -105,6 +105,32 @@ def test_classify_refuses_a_support_of_the_wrong_way_for_a_fixed_head(tmp_path):
                   "--out", str(tmp_path / "p.csv")])
 
 
+def fake_results_runs(out, calls, checkpoint="best.ckpt", context=None, sha_of=None):
+    """A stand-in for `imaging_meta.commands.results._run`: each fit writes a checkpoint, each test a results.json
+    (scores 0.5; the episode file's sha256 ``s<k>``, or ``sha_of[learner]``); ``calls`` collects the commands."""
+    import json
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        run = cmd[cmd.index("--trainer.logger.init_args.name") + 1]
+        run_dir = out / "runs" / run / "version_0"
+        if cmd[3] == "fit":
+            (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / "checkpoints" / checkpoint).write_text(run)
+        else:
+            k = int(cmd[cmd.index("--data.init_args.n_shot") + 1])
+            stat = {"mean": 0.5, "ci95": 0.01, "n_episodes": 10}
+            run_dir.mkdir(parents=True)
+            sha = (sha_of or {}).get(run.split("-")[0], f"s{k}")
+            (run_dir / "results.json").write_text(json.dumps({
+                "context": {"n_shot": k, "episode_files": {"test": f"t{k}.json"}, "episodes_sha256": {"test": sha},
+                            **(context or {})},
+                "summary": {"trained": {"all": stat}, "untrained encoder": {"all": stat}}}))
+        return 1.0
+
+    return fake_run
+
+
 def test_results_table_combines_runs_and_checks_episode_files():
     from imaging_meta.commands.results import combine
 
@@ -126,29 +152,12 @@ def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train
     """`--train-shots matched` fits one model per test shot count with that many shots and tests each with its
     own checkpoint; the default fits once and tests that checkpoint at every shot count."""
     import argparse
-    import json
 
     from imaging_meta.commands import results
 
-    calls = []
-
-    def fake_run(cmd, log):
-        calls.append(cmd)
-        run = cmd[cmd.index("--trainer.logger.init_args.name") + 1]
-        run_dir = tmp_path / "out" / "runs" / run / "version_0"
-        if cmd[3] == "fit":
-            (run_dir / "checkpoints").mkdir(parents=True)
-            (run_dir / "checkpoints" / "best-epoch=00.ckpt").write_text(run)
-        else:
-            k = int(cmd[cmd.index("--data.init_args.n_shot") + 1])
-            stat = {"mean": 0.5, "ci95": 0.01, "n_episodes": 10}
-            run_dir.mkdir(parents=True)
-            (run_dir / "results.json").write_text(json.dumps({
-                "context": {"n_shot": k, "episode_files": {"test": f"t{k}.json"}, "episodes_sha256": {"test": f"s{k}"},
-                            "device": "cuda:0 (NVIDIA H100)", "torch_threads": 4},
-                "summary": {"trained": {"all": stat}, "untrained encoder": {"all": stat}}}))
-        return 1.0
-
+    calls: list = []
+    fake_run = fake_results_runs(tmp_path / "out", calls, checkpoint="best-epoch=00.ckpt",
+                                 context={"device": "cuda:0 (NVIDIA H100)", "torch_threads": 4})
     monkeypatch.setattr(results, "_run", fake_run)
     p = argparse.ArgumentParser()
     results.add_arguments(p)
@@ -243,26 +252,9 @@ def test_results_keeps_other_learners_rows_and_refuses_what_it_sets_itself(tmp_p
 
     from imaging_meta.commands import results
 
-    calls, sha_of = [], {}
-
-    def fake_run(cmd, log):
-        calls.append(cmd)
-        run = cmd[cmd.index("--trainer.logger.init_args.name") + 1]
-        run_dir = tmp_path / "out" / "runs" / run / "version_0"
-        if cmd[3] == "fit":
-            (run_dir / "checkpoints").mkdir(parents=True)
-            (run_dir / "checkpoints" / "best.ckpt").write_text(run)
-        else:
-            k = int(cmd[cmd.index("--data.init_args.n_shot") + 1])
-            stat = {"mean": 0.5, "ci95": 0.01, "n_episodes": 10}
-            run_dir.mkdir(parents=True)
-            (run_dir / "results.json").write_text(json.dumps({
-                "context": {"n_shot": k, "n_way": 5, "episode_files": {"test": f"t{k}.json"},
-                            "episodes_sha256": {"test": sha_of.get(run.split("-")[0], f"s{k}")}},
-                "summary": {"trained": {"all": stat}, "untrained encoder": {"all": stat}}}))
-        return 1.0
-
-    monkeypatch.setattr(results, "_run", fake_run)
+    calls: list = []
+    sha_of: dict = {}
+    monkeypatch.setattr(results, "_run", fake_results_runs(tmp_path / "out", calls, context={"n_way": 5}, sha_of=sha_of))
     p = argparse.ArgumentParser()
     results.add_arguments(p)
     out = tmp_path / "out"
