@@ -29,7 +29,7 @@ from datamodules.sampling.samplers_classification import (
     ClassificationEpisodeSpec,
     classification_infeasible,
 )
-from datamodules.sources.items import ItemSource, ItemTable
+from datamodules.sources.items import ItemSource, ItemTable, class_name
 from datamodules.transforms.augment import RandItemAugment, classification_augmentation
 from imaging_meta.episode import Episode
 
@@ -153,7 +153,8 @@ def split_classes(
         ValueError: for unknown or repeated class names, lists that overlap, or too few classes.
     """
     classes = list(classes)
-    given = {"train": train, "val": val, "test": test}
+    given = {k: None if v is None else [class_name(n) for n in v]
+             for k, v in {"train": train, "val": val, "test": test}.items()}
     for stage, names in given.items():
         if names is None:
             continue

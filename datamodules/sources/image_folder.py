@@ -71,7 +71,7 @@ from datamodules.io.dicom_pixels import invert_monochrome1, inverts_monochrome1,
 from datamodules.io.folders import files_under
 from datamodules.io.pictures import PIL_KINDS, Read, content_kind, grey_if_equal, read_pil, scale
 from datamodules.messages import LISTED, listed
-from datamodules.sources.items import ItemSource, ItemTable
+from datamodules.sources.items import ItemSource, ItemTable, class_name
 
 #: 2D image files read with Pillow (TIFF: single-page, 8/16-bit or float grey, or RGB, as pathology tiles are)
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp")  # .jfif: a JPEG, as browsers save it
@@ -446,7 +446,7 @@ class ImageFolder(ItemSource):
                 # without a suffix are read, so are these (`classify` reads both)
                 uid = f.suffix[1:].isdigit() and "" in self.extensions
                 (files if f.suffix.lower() in self.extensions or uid else skipped).append(f)
-            per_class[d.name] = files
+            per_class.setdefault(class_name(d.name), []).extend(files)  # two Unicode forms of one name: one class
         return per_class, skipped
 
     def files(self) -> list[Path]:

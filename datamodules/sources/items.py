@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,13 @@ import numpy as np
 import torch
 
 from datamodules.io.atomic import atomic_open
+
+
+def class_name(raw: str) -> str:
+    """A class name as every source and the class lists read it: stripped and in Unicode NFC. A folder unzipped
+    from a macOS archive names ``métastase`` in NFD, which looks the same as the config's NFC spelling and was
+    either "not in the data" or a second class (a review)."""
+    return unicodedata.normalize("NFC", raw.strip())
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.messages import first
+from datamodules.sources.items import class_name
 
 CENTRE_COLUMNS = ("x", "y", "z")
 BOX_COLUMNS = ("x_min", "y_min", "z_min", "x_max", "y_max", "z_max")
@@ -178,7 +179,7 @@ def _parse_record(rec: dict[str, str], line: int, root: Path, has_centre: bool, 
                   problems: list[str]) -> LesionRow | None:
     """One CSV record as a row; every problem is appended to ``problems`` (the row is then unusable)."""
     image = (rec.get("image") or "").strip()
-    cls = (rec.get("class") or "").strip()
+    cls = class_name(rec.get("class") or "")
     if not image:
         problems.append("empty image")
     if not cls:

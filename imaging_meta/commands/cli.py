@@ -600,7 +600,7 @@ def _add_evaluate_parser(sub) -> None:
     e.add_argument("--seed", type=seed_int, default=0, help="episode seed: the same seed draws the same episodes")
     e.add_argument("--data-config", default=None,
                    help="data YAML to use instead of the settings stored in the checkpoint (must keep its split)")
-    e.add_argument("--data-root", default=None, help="the data folder, when it moved since training")
+    e.add_argument("--data-root", default=None, help="the segmentation data folder, when it moved since training (classification: --data-config with the new paths)")
     e.add_argument("--cache-dir", default=None, help="cache folder for the index, volumes and episode files")
     e.add_argument("--batch-size", type=int, default=None, help="episodes per forward pass")
     e.add_argument("--no-baselines", action="store_true",

@@ -493,3 +493,27 @@ def test_the_item_table_is_built_in_one_buffer_and_holds_only_the_items_read(tmp
     images[n - 1, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"hold NaN or Inf values"):
         ItemTable(images, table.labels, table.classes, table.patients, table.sites, table.item_ids)
+
+
+def test_a_class_name_in_two_unicode_forms_is_one_class(tmp_path):
+    """A folder unzipped from a macOS archive names `métastase` in NFD: the config's NFC spelling was "not in the
+    data" (while the error listed what looked like it), and the two forms in one cohort were two classes (a
+    review). Class names are read in NFC everywhere."""
+    import unicodedata
+
+    from datamodules.classification import split_classes
+    from datamodules.sources.lesion_rows import _parse_record
+
+    nfc, nfd = unicodedata.normalize("NFC", "métastase"), unicodedata.normalize("NFD", "métastase")
+    assert nfc != nfd
+    root = write_folder(tmp_path / "data", dicom_class=False)
+    (root / "class0").rename(root / nfd)
+    for k in range(2):
+        write_png(root / nfc / f"P{k}_extra.png", pattern(k, 9))
+    table = ImageFolder(str(root), image_size=[16, 16]).build()
+    assert nfc in table.classes and nfd not in table.classes and len(table.classes) == len(set(table.classes))
+    assert split_classes(table.classes, 0, 1, 0, test=[nfd])["test"] == [nfc]
+    problems: list[str] = []
+    row = _parse_record({"image": "a.nii.gz", "class": f" {nfd} ", "x": "1", "y": "2", "z": "3"}, 2, tmp_path, True, False,
+                       problems)
+    assert row is not None and row.cls == nfc, problems
