@@ -189,11 +189,20 @@ def evaluate_scans(
     ``adapt_steps`` > 0 adds the test-time adapted segmenter (`imaging_meta.adaptation`) to every pair;
     ``scale="structure"`` segments each pair at the spacing chosen from its support's structure
     (`imaging_meta.volume.scale.structure_scale`)."""
-    chosen = scan_pairs(dm.test_scans(), pairs, seed, pairing)
+    scans = dm.test_scans()
+    chosen = scan_pairs(scans, pairs, seed, pairing)
+    other = "" if pairing == "any" else f"; --scan-pairing {'cross_site or any' if pairing == 'same_site' else 'same_site or any'} pairs them otherwise"
     if not chosen:
         raise ValueError(
-            f"no {pairing} (support, query) pair of test scans of two patients with the same modality shows a test structure"
+            f"no {pairing} (support, query) pair of test scans of two patients with the same modality shows a test "
+            f"structure{other}"
         )
+    # a test structure without a pair was missing from the tables without a word (a review)
+    unpaired = sorted({o for sc in scans for o in sc["organs"]} - {sup.name for sup, _ in chosen})
+    left_out = (f"Test structure(s) left out: {', '.join(unpaired)} (no {pairing} pair of two test patients with the "
+                f"same modality shows it{other}).\n") if unpaired else ""
+    if unpaired:
+        logger.warning("whole-scan protocols: %s", left_out.strip())
     records: list[dict] = []
     js, md = out / "scans.json", out / "scans.md"
     work = [(protocol, i, pair) for protocol in protocols for i, pair in enumerate(chosen)]
@@ -231,5 +240,5 @@ def evaluate_scans(
         with atomic_open(js, "w") as f:
             f.write(json.dumps(json_safe(records), indent=1, allow_nan=False) + "\n")  # strict JSON: NaN -> null
         with atomic_open(md, "w") as f:
-            f.write(scans_markdown(records, seed))
+            f.write(scans_markdown(records, seed) + (f"\n{left_out}" if left_out else ""))
     return js, md

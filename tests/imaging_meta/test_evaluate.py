@@ -658,3 +658,28 @@ def test_evaluate_takes_the_salt_the_run_was_trained_with_from_its_config(tmp_pa
     (tmp_path / "proj" / "models").mkdir(parents=True)  # not a run folder: a config.yaml two folders up is not its own
     (tmp_path / "proj" / "config.yaml").write_text("data:\n  init_args:\n    salt: other-run-secret\n")
     assert resolve_salt(tmp_path / "proj" / "models" / "m.ckpt", None) == "imaging-meta"
+
+
+def test_a_test_structure_without_a_whole_scan_pair_is_named(tmp_path, monkeypatch, caplog):
+    """A review: a test structure that no same-site pair shows (two patients at two sites) was missing from the
+    whole-scan tables without a word; and the error for no pair at all named no fix."""
+    from types import SimpleNamespace
+
+    from imaging_meta.commands import evaluate_scans
+
+    def scan(patient, site, organs):
+        return {"image": f"{patient}.nii.gz", "label": f"{patient}_seg.nii.gz", "modality": "CT", "patient": patient,
+                "site": site, "organs": organs, "case_id": f"c-{patient}"}
+
+    scans = [scan("p1", "A", {"kidney": 1}), scan("p2", "A", {"kidney": 1, "gall": 2}), scan("p3", "B", {"gall": 2})]
+    dm = SimpleNamespace(test_scans=lambda: scans, preprocessing={})
+    monkeypatch.setattr(evaluate_scans, "score_pair", lambda learner, pre, s, q, protocol, **kw: [
+        {"protocol": protocol, "method": "trained", "dice": 0.5, "hd95": 1.0, "structure": q.name,
+         "site": q.site}])
+    with caplog.at_level(logging.WARNING):
+        _, md = evaluate_scans.evaluate_scans(None, None, dm, tmp_path, ["whole_scan"], pairs=1, ablations=False)
+    assert "left out: gall (no same_site pair" in caplog.text and "--scan-pairing cross_site or any" in caplog.text
+    assert "left out: gall" in md.read_text()
+    dm.test_scans = lambda: [scans[0], scans[2]]
+    with pytest.raises(ValueError, match="--scan-pairing cross_site or any pairs them otherwise"):
+        evaluate_scans.evaluate_scans(None, None, dm, tmp_path, ["whole_scan"], pairs=1, ablations=False)
