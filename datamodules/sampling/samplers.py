@@ -30,6 +30,11 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+class TooFewForEpisodes(ValueError):
+    """A stage cannot fill the episodes asked for: too few patients or items for n_shot + n_query (the samplers'
+    message says which; `imaging-meta evaluate`, which keeps the training run's split, then names --shots)."""
+
+
 class EpisodeSampler:
     """What every episode sampler shares: DDP ranks, epochs, and the seeded fixed lists.
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from datamodules.sampling.samplers import EpisodeSampler
+from datamodules.sampling.samplers import EpisodeSampler, TooFewForEpisodes
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ class ClassificationEpisodeSampler(EpisodeSampler):
                                         self.n_query, self.sites_differ, self.class_names, self.same_site)
         if bad:
             where = " at one site and the query at another" if self.sites_differ else (" and the query at one site" if self.same_site else "")
-            raise ValueError(
+            raise TooFewForEpisodes(
                 f"cannot draw {self.n_shot}-shot episodes with {self.n_query} query item(s) per class: each class "
                 f"needs n_shot + n_query = {self.n_shot + self.n_query} items, the support{where} from patients other "
                 "than the query's (so at least 2 patients), but " + "; ".join(bad.values())

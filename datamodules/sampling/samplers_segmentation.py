@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from datamodules.sampling.samplers import EpisodeSampler
+from datamodules.sampling.samplers import EpisodeSampler, TooFewForEpisodes
 
 # organ -> case index -> sorted slice indices (along the axial axis) where the organ is present
 SliceTable = Mapping[str, Mapping[int, Sequence[int]]]
@@ -111,7 +111,7 @@ class SegmentationEpisodeSampler(EpisodeSampler):
             if n_pat < need:
                 problems.append(f"{o!r} is present in {n_pat} patient(s)")
         if problems:
-            raise ValueError(
+            raise TooFewForEpisodes(
                 f"cannot draw {self.n_shot}-shot episodes with {self.n_query} query patient(s): each episode needs "
                 f"n_shot + n_query = {need} different patients showing the organ, but " + "; ".join(problems)
                 + ". Lower n_shot or n_query, drop those organs, or move patients into this split "

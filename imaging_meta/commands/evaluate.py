@@ -350,6 +350,18 @@ def _training_split_settings(trained: dict, class_path: str) -> dict:
     return {"val_patients": 1 + int(init_args["n_query"]) if int(init_args["val_episodes"]) > 0 else None}
 
 
+def _too_few(error: BaseException) -> bool:
+    """Whether ``error`` (or what it was raised from) says a stage is too small for the episodes' shots."""
+    from datamodules.sampling.samplers import TooFewForEpisodes
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TooFewForEpisodes):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Sequence[int], overrides: dict,
                  salt: str) -> tuple[dict[int, EpisodicDataModule], dict[int, str]]:
     """One datamodule per number of shots, set up for test, its task and split checked against the
@@ -374,6 +386,9 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
         try:
             dm.setup("test")
         except ValueError as e:
+            if not dms and _too_few(e):  # the sampler's fixes (the split, the organs) are the training run's here
+                raise ValueError(f"{e} (evaluate keeps the training run's split and structures: evaluate fewer shots "
+                                 f"than {k} with --shots)") from e
             if not dms:  # the same data with fewer shots failed too (or this is the fewest): not about shots
                 raise
             skipped[k] = e  # fewer shots worked on the same data: too few patients or images for this many

@@ -683,3 +683,11 @@ def test_a_test_structure_without_a_whole_scan_pair_is_named(tmp_path, monkeypat
     dm.test_scans = lambda: [scans[0], scans[2]]
     with pytest.raises(ValueError, match="--scan-pairing cross_site or any pairs them otherwise"):
         evaluate_scans.evaluate_scans(None, None, dm, tmp_path, ["whole_scan"], pairs=1, ablations=False)
+
+
+def test_too_many_shots_for_the_test_split_names_the_fix_evaluate_allows(seg_checkpoint, tmp_path):
+    """A review: with too few test patients for the shots, evaluate passed on the sampler's advice (move patients
+    into the split, drop organs), which evaluate refuses since it keeps the training run's split."""
+    ckpt, tmp = seg_checkpoint
+    with pytest.raises(ValueError, match=r"cannot draw 40-shot episodes.*evaluate fewer shots than 40 with --shots"):
+        evaluate(ckpt, tmp_path / "run", shots=[40], episodes=2, seed=7, cache_dir=str(tmp / "cache"), n_panel=0)
