@@ -53,7 +53,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
 from datamodules.indexing.bids import sidecars_of
 from datamodules.indexing.index import Case, Index
-from datamodules.indexing.pseudonyms import salt_or_env
+from datamodules.indexing.pseudonyms import normalise_modality, salt_or_env
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
 from datamodules.io.dicom import is_nifti
 from datamodules.io.folders import files_under
@@ -280,6 +280,9 @@ class LesionCSV(ItemSource):
         site_fields: header keywords of the site key (default `datamodules.indexing.scan.DEFAULT_SITE_FIELDS`).
         salt: secret for the keyed hashes of patients and cases; keep it private and fixed. None (default): the
             environment's ``IMAGING_META_SALT``, else the public default.
+        modality: the modality of the volumes whose files do not say theirs (no DICOM header, sidecar 'Modality',
+            Decathlon modality, nor air at -1000 HU): "CT" reads them through ``ct_window``. None (default): they
+            are scaled by percentiles as MR is, with a warning (a review: a cropped CT without air was, silently).
 
     Raises:
         ValueError: from `__init__` for bad settings; from `build`, naming the CSV and its line: a missing
@@ -298,6 +301,7 @@ class LesionCSV(ItemSource):
         mr_percentiles: list[float] | None = None,
         site_fields: list[str] | None = None,
         salt: str | None = None,
+        modality: str | None = None,
     ) -> None:
         self.csv = str(Path(csv).expanduser().resolve())
         self.root = str(Path(root).expanduser().resolve()) if root is not None else str(Path(self.csv).parent)
@@ -312,6 +316,9 @@ class LesionCSV(ItemSource):
             raise ValueError(f"mr_percentiles must be [lower, upper] with 0 <= lower < upper <= 100, got {mr_percentiles}")
         self.site_fields = list(site_fields or DEFAULT_SITE_FIELDS)
         self._salt = salt_or_env(salt)  # None: IMAGING_META_SALT, else the public default
+        self.modality = normalise_modality(modality) if modality is not None else None
+        if modality is not None and self.modality is None:
+            raise ValueError(f"modality {modality!r} is not a modality code; give CT or MR")
 
     # ------------------------------------------------------------ contract
     def preprocessing(self) -> dict[str, Any]:
@@ -319,7 +326,8 @@ class LesionCSV(ItemSource):
         return {"format": "lesion_csv", "patch_size": list(self.patch_size), "patch_spacing": list(self.patch_spacing),
                 "channels": 1, "coordinates": self.coordinates, "ct_window": list(self.ct_window),
                 "mr_percentiles": list(self.mr_percentiles),
-                "resampling": "world-space patch around the centre, axes (D, H, W) along RAS (+z, +x, +y), trilinear, zero outside"}
+                "resampling": "world-space patch around the centre, axes (D, H, W) along RAS (+z, +x, +y), trilinear, zero outside"} \
+            | ({"modality_for_unknown": self.modality} if self.modality is not None else {})
 
     def files(self) -> list[Path]:
         """The input files whose change must cut the patches again instead of reading a stale cache (reviews):
@@ -438,10 +446,17 @@ class LesionCSV(ItemSource):
             by_image[r.image].append(r)
         patches: dict[int, torch.Tensor] = {}
         errors: list[str] = []
+        unsaid = [image for image in by_image if normalise_modality(cases[image].modality) is None]
+        if unsaid and self.modality is None:
+            warnings.warn(f"{self.csv}: {len(unsaid)} volume(s) do not say their modality (e.g. {unsaid[0]}: no DICOM "
+                          "header, BIDS sidecar 'Modality', Decathlon modality or air at -1000 HU), so they are scaled "
+                          "by percentiles as MR is; if they are CT, set source.init_args.modality: CT (the HU window)",
+                          stacklevel=2)
         for image, group in by_image.items():  # each volume once, for all its lesions
             case = cases[image]
+            modality = case.modality if image not in unsaid or self.modality is None else self.modality
             try:
-                vol = load_volume(index.resolve(case.image), case.modality, self.ct_window, self.mr_percentiles)
+                vol = load_volume(index.resolve(case.image), modality, self.ct_window, self.mr_percentiles)
             except Exception as e:
                 raise ValueError(
                     f"{self.csv}: line(s) {', '.join(str(r.line) for r in group[:MAX_LISTED])}: cannot load image "

@@ -382,7 +382,7 @@ def test_volumes_that_name_no_patient_are_warned_about(tmp_path):
                        columns=("image", "class", "x", "y", "z", "patient"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every row names its patient: no warning
-        table = LesionCSV(csv=str(named), coordinates="RAS").build()
+        table = LesionCSV(csv=str(named), coordinates="RAS", modality="MR").build()
     assert len(set(table.patients)) == 2
 
 
@@ -512,3 +512,24 @@ def test_a_header_in_capitals_is_read_and_a_column_given_twice_is_refused(tmp_pa
     write_rows(tmp_path / "twice.csv", twice, ("image", "class", "x", "X", "y", "z"))
     with pytest.raises(ValueError, match=r"twice\.csv: line 1: column\(s\) x given twice"):
         read_lesion_rows(tmp_path / "twice.csv", tmp_path)
+
+
+def test_volumes_that_do_not_say_their_modality_are_warned_about_and_can_be_set_ct(tmp_path):
+    """A review: a cropped CT without air (no header, sidecar or Decathlon modality) was scaled by percentiles as
+    MR, without a word and without a way to say it is CT. The table now warns, and `modality: CT` windows it."""
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    hu = np.full((20, 20, 6), 60.0, np.float32)  # liver, no air
+    hu[8:12, 8:12, 2:4] = 20.0  # a hypodense lesion
+    write_nifti(hu, affine, tmp_path / "crop.nii.gz")
+    rows = [{"image": "crop.nii.gz", "class": "lesion", "x": "20", "y": "20", "z": "7.5", "patient": "p1"},
+            {"image": "crop.nii.gz", "class": "lesion", "x": "19", "y": "19", "z": "7.5", "patient": "p1"}]
+    path = write_rows(tmp_path / "l.csv", rows, columns=("image", "class", "x", "y", "z", "patient"))
+    with pytest.warns(UserWarning, match=r"do not say their modality.*modality: CT"):
+        LesionCSV(csv=str(path), patch_size=[9, 9], coordinates="RAS").build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        t = LesionCSV(csv=str(path), patch_size=[9, 9], coordinates="RAS", modality="CT").build()
+    assert float(t.images[0, 0, 4, 4]) == pytest.approx(270 / 500, abs=1e-4)  # 20 HU through [-250, 250]
+    assert float(t.images[0, 0, 0, 0]) == pytest.approx(310 / 500, abs=1e-4)  # 60 HU
+    with pytest.raises(ValueError, match="not a modality code"):
+        LesionCSV(csv=str(path), modality="XYZ")
