@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import STAGE_SEED_OFFSET, EpisodicDataModule, digest
 from datamodules.indexing.index import Case, Index, own_patient_note
-from datamodules.indexing.pseudonyms import DEFAULT_SALT, SITE_KEY_VERSION, normalise_modality, salt_or_env
+from datamodules.indexing.pseudonyms import (
+    DEFAULT_SALT,
+    SITE_KEY_VERSION,
+    normalise_modality,
+    salt_or_env,
+    unsaid_modality,
+)
 from datamodules.indexing.scan import DEFAULT_PATIENT_REGEX, DEFAULT_SITE_FIELDS, SCAN_VERSION, scan_to_file
 from datamodules.indexing.splits import (
     MIN_VAL_PATIENTS,
@@ -535,13 +541,8 @@ class SegmentationDataModule(EpisodicDataModule):
             return index
         given = self._modality_for_unknown
         if given is None:
-            warnings.warn(
-                f"{len(unknown)} volume(s) under {self.root} do not say their modality (e.g. {unknown[0].image}: no "
-                "DICOM header, BIDS sidecar 'Modality' or Decathlon modality), so they are scaled by percentiles as "
-                "MR is; if they are CT, set data.init_args.modality: CT (the HU window), or add a sidecar "
-                "<name>.json with {\"Modality\": \"CT\"}",
-                stacklevel=3,
-            )
+            warnings.warn(unsaid_modality(len(unknown), str(unknown[0].image), self.root, "data.init_args.modality"),
+                          stacklevel=3)
             return index
         index.cases = [replace(c, modality=given) if normalise_modality(c.modality) is None else c for c in index.cases]
         return index

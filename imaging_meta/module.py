@@ -488,10 +488,8 @@ class EpisodicModule(LightningModule):
                 return
             self._scored_since_plateau_step = False
             scheduler.step(metric)
-        elif metric is None:
-            scheduler.step()
         else:
-            scheduler.step(metric)
+            super().lr_scheduler_step(scheduler, metric)
 
     # ------------------------------------------------------------- evaluation
     def _check_batch(self, batch: Episode) -> None:

@@ -170,8 +170,9 @@ def _nifti_claims(nifti: list[str], spelled: dict[str, list[str]], dec_labels: s
             continue
         name = os.path.basename(p)
         stems = [nifti_stem(name)]
-        if re.search(r"_\d{4}$", stems[0]):  # nnU-Net channel suffix: case_0000 -> case
-            stems.append(stems[0][:-5])
+        channel = NNUNET_CHANNEL.match(stems[0])
+        if channel:  # nnU-Net channel suffix: case_0000 -> case
+            stems.append(channel["case"])
         found = [f for f in _spelled(spelled, candidates(os.path.dirname(p), stems, [name]))
                  if f != p and f not in dec_labels]
         if found:

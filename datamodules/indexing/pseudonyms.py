@@ -206,6 +206,15 @@ def site_key(values: Mapping[str, Any], site_fields: Sequence[str], salt: str) -
     return (key or "unknown"), info
 
 
+def unsaid_modality(count: int, example: str, where: str, setting: str) -> str:
+    """The warning for ``count`` volumes (e.g. ``example``, under ``where``) whose files do not say their modality,
+    which are scaled by percentiles as MR is: ``setting`` is the config key that says CT (the segmentation data's
+    and the lesion table's say it alike)."""
+    return (f"{count} volume(s) under {where} do not say their modality (e.g. {example}: no DICOM header, BIDS sidecar "
+            f"'Modality', Decathlon modality or air at -1000 HU), so they are scaled by percentiles as MR is; if they "
+            f"are CT, set {setting}: CT (the HU window), or add a sidecar <name>.json with {{\"Modality\": \"CT\"}}")
+
+
 def normalise_modality(value: Any) -> str | None:
     """A DICOM modality code from a header or dataset.json value ("T1w", {"0": "MRI"}, ...), or None."""
     if isinstance(value, Mapping):  # Decathlon {"0": "CT"} / nnU-Net channel_names

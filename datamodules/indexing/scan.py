@@ -474,8 +474,8 @@ class _Scanner:
         unknown = sum(c.site == "unknown" for c in self.index.cases)
         if self.site_fields and unknown == len(self.index.cases) > 1:
             logger.info("none of the %d cases under %s names a scanner (%s; no DICOM header or BIDS sidecar holds "
-                           "these fields): they all form one site, 'unknown', and no split can hold out a site",
-                           unknown, self.root, ", ".join(self.site_fields))
+                        "these fields): they all form one site, 'unknown', and no split can hold out a site",
+                        unknown, self.root, ", ".join(self.site_fields))
         if 0 < unknown < len(self.index.cases):
             logger.warning("%d of %d cases under %s name no scanner (%s; no DICOM header or BIDS sidecar fields): they "
                            "form one site, 'unknown', whatever scanners they come from", unknown, len(self.index.cases),
@@ -555,10 +555,12 @@ class _Scanner:
             label = label_of.get("nifti:" + first)
             if any("nifti:" + p in label_of for p in files if p != first):  # numbered cases, each with its label
                 continue
-            named = label is not None and nifti_stem(os.path.basename(label)) == os.path.basename(case)
             dec = self._nearest_decathlon(first)
-            listed = label is not None and not named  # a label map of its own name: a case, not a channel
-            if named or (not listed and dec is not None and dec.channels >= len(files)):
+            if label is not None:  # named after the case: its channels; named after the file: a case of its own
+                channels_of_case = nifti_stem(os.path.basename(label)) == os.path.basename(case)
+            else:  # test cases: the dataset.json must name that many channels
+                channels_of_case = dec is not None and dec.channels >= len(files)
+            if channels_of_case:
                 out.update(files)
         return out
 

@@ -53,7 +53,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
 from datamodules.indexing.bids import sidecars_of
 from datamodules.indexing.index import Case, Index
-from datamodules.indexing.pseudonyms import normalise_modality, salt_or_env
+from datamodules.indexing.pseudonyms import normalise_modality, salt_or_env, unsaid_modality
 from datamodules.indexing.scan import DEFAULT_SITE_FIELDS, pseudonym, scan_folder
 from datamodules.io.dicom import is_nifti
 from datamodules.io.folders import files_under
@@ -448,13 +448,11 @@ class LesionCSV(ItemSource):
         errors: list[str] = []
         unsaid = [image for image in by_image if normalise_modality(cases[image].modality) is None]
         if unsaid and self.modality is None:
-            warnings.warn(f"{self.csv}: {len(unsaid)} volume(s) do not say their modality (e.g. {unsaid[0]}: no DICOM "
-                          "header, BIDS sidecar 'Modality', Decathlon modality or air at -1000 HU), so they are scaled "
-                          "by percentiles as MR is; if they are CT, set source.init_args.modality: CT (the HU window)",
-                          stacklevel=2)
+            warnings.warn(unsaid_modality(len(unsaid), unsaid[0], self.root, "source.init_args.modality"), stacklevel=2)
         for image, group in by_image.items():  # each volume once, for all its lesions
             case = cases[image]
-            modality = case.modality if image not in unsaid or self.modality is None else self.modality
+            said = normalise_modality(case.modality) is not None
+            modality = self.modality if self.modality is not None and not said else case.modality
             try:
                 vol = load_volume(index.resolve(case.image), modality, self.ct_window, self.mr_percentiles)
             except Exception as e:
