@@ -163,10 +163,24 @@ class EpisodicDataModule(ResumableEpisodes, LightningDataModule):
 
     def _fixed_loader(self, stage: str) -> DataLoader:
         """The stage's fixed episodes, shared out over the DDP ranks, without augmentation."""
+        self._refuse_lightning_sampler()
         rank, world = dist_rank_world()
         episodes = self.fixed_episodes(stage)
         self._check_shares(stage, len(episodes), world)
         return self._loader(episodes[rank::world], augment=False)
+
+    def _refuse_lightning_sampler(self) -> None:
+        """Refuse a trainer of several processes that would put Lightning's distributed sampler over the episode
+        samplers, which shard by rank themselves: each rank's share split again, a test scored 3 of its 5 episodes
+        and trained half its steps, in silence (a review: a Trainer built by hand keeps Lightning's default; the
+        CLI turns it off)."""
+        trainer = getattr(self, "trainer", None)
+        connector = getattr(trainer, "_accelerator_connector", None)  # where Lightning itself reads the setting
+        if trainer is not None and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(f"a Trainer of {trainer.world_size} processes with use_distributed_sampler=True: the "
+                             "episode samplers give each process its own episodes, and Lightning's sampler would "
+                             "split them again (each rank would train and score a part of its share); build the "
+                             "Trainer with use_distributed_sampler=False (as imaging-meta's CLI and trainer configs do)")
 
     @staticmethod
     def _check_shares(stage: str, n: int, world: int) -> None:

@@ -512,6 +512,7 @@ class ClassificationDataModule(EpisodicDataModule):
         return episode_loader(dataset, sampler, h.batch_size, h.num_workers)
 
     def train_dataloader(self) -> DataLoader:
+        self._refuse_lightning_sampler()
         if "train" not in self._samplers:
             raise ValueError("no training episodes: the class split has no training classes or episodes_per_epoch is 0")
         self._apply_resume()

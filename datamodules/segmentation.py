@@ -958,6 +958,7 @@ class SegmentationDataModule(EpisodicDataModule):
         return episode_loader(self._episode_dataset(augment), sampler, h.batch_size, h.num_workers)
 
     def train_dataloader(self) -> DataLoader:
+        self._refuse_lightning_sampler()
         self._apply_resume()
         h = self.hparams
         if h.episodes_per_epoch == 0:

@@ -437,3 +437,22 @@ def test_too_few_test_episodes_for_the_processes_are_refused_at_setup_under_test
     dm.test_after_fit = True
     with pytest.raises(ValueError, match=r"test: 1 episode\(s\) for 2 processes; every process scores at least one"):
         dm.setup()
+
+
+def test_a_trainer_with_lightnings_distributed_sampler_is_refused_by_every_loader(tmp_path):
+    """A review (2026-12-07): a Trainer built by hand for 2 processes keeps Lightning's default
+    ``use_distributed_sampler=True``, which split each rank's episodes again: a test scored 3 of its 5 episodes and
+    each rank trained half its steps, in silence. Every loader now refuses it, naming the setting; one process, or
+    the setting off, is as before."""
+    from lightning.pytorch import Trainer
+
+    dm = ClassificationDataModule(source=TableSource(), cache_dir=str(tmp_path), **SMALL)
+    dm.setup()
+    dm.trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    for loader in (dm.train_dataloader, dm.val_dataloader, dm.test_dataloader):
+        with pytest.raises(ValueError, match=r"2 processes with use_distributed_sampler=True.*use_distributed_sampler=False"):
+            loader()
+    for trainer in (Trainer(accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, logger=False),
+                    Trainer(accelerator="cpu", devices=1, logger=False)):
+        dm.trainer = trainer
+        assert next(iter(dm.test_dataloader())) is not None
