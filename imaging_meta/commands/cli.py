@@ -160,6 +160,22 @@ def _assign(namespace: Any, values: dict) -> None:
             namespace[k] = v
 
 
+SPAWNED_STRATEGY = ("a strategy that spawns its processes (ddp_spawn, start_method spawn or forkserver) pickles the "
+                    "command line's objects, which imaging-meta's CLI cannot: use strategy ddp (it starts one process "
+                    "per device by itself: --trainer.strategy ddp --trainer.devices N), or srun/torchrun on a cluster")
+
+
+def _spawns_processes(strategy: Any) -> bool:
+    """Whether a ``trainer.strategy`` value (a registered name, or ``class_path`` with ``init_args``) starts its
+    processes by spawning: ``ddp_spawn`` stopped ``fit`` with "internal error ... Can't pickle local object" (a
+    review)."""
+    if isinstance(strategy, str):
+        return "spawn" in strategy or "forkserver" in strategy
+    init_args = strategy.get("init_args") if hasattr(strategy, "get") else None
+    method = init_args.get("start_method") if hasattr(init_args, "get") else None
+    return method in ("spawn", "forkserver")
+
+
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
     """The LightningCLI over `EpisodicModule`; ``run=False`` only parses and instantiates (tests use it)."""
     import torch
@@ -264,6 +280,8 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 from imaging_meta.module import PRECISION_16_TRUE
 
                 raise ValueError(PRECISION_16_TRUE)  # before the trainer and its run folder exist
+            if _spawns_processes(config.get("trainer", {}).get("strategy")):
+                raise ValueError(SPAWNED_STRATEGY)
             if config.get("trainer", {}).get("use_distributed_sampler"):
                 from lightning.pytorch.utilities import rank_zero_warn
 

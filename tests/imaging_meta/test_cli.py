@@ -759,6 +759,26 @@ def test_fit_refuses_16_true_before_a_run_folder_is_written(demo_root, demo_inde
     assert not runs.exists() or not any(runs.rglob("*"))
 
 
+def test_fit_refuses_a_spawning_strategy_before_a_run_folder_is_written(demo_root, demo_index, tmp_path):
+    """A review (2026-12-07): ``--trainer.strategy ddp_spawn`` stopped fit with "internal error ... Can't pickle
+    local object 'lightning_cli.<locals>.ImagingMetaCLI'". Spawned strategies, by name or by start_method, are now
+    refused with the strategy to use; ``ddp`` and ``ddp_fork`` (which pickle nothing) are not."""
+    from imaging_meta.commands.cli import _spawns_processes
+
+    runs = tmp_path / "runs"
+    for strategy in ("ddp_spawn", '{"class_path": "lightning.pytorch.strategies.DDPStrategy", '
+                                  '"init_args": {"start_method": "forkserver"}}'):
+        with pytest.raises(ValueError, match="spawns its processes.*use strategy ddp"):
+            cli_main(["fit", "--config", str(CONFIGS / "trainer/ddp_cpu.yaml"), "--config",
+                      str(CONFIGS / "data/demo_segmentation.yaml"), "--config", str(CONFIGS / "model/protonet_seg.yaml"),
+                      *SMALL_MODEL, *data_args(demo_root, demo_index[1], tmp_path / "cache"),
+                      "--trainer.logger.init_args.save_dir", str(runs), "--trainer.strategy", strategy])
+    assert not runs.exists() or not any(runs.rglob("*"))
+    assert not any(map(_spawns_processes, ("ddp", "ddp_fork", "auto", None, {"class_path": "DDPStrategy"},
+                                           {"init_args": {"start_method": "popen"}})))
+    assert _spawns_processes({"init_args": {"start_method": "spawn"}}) and _spawns_processes("ddp_spawn_find_unused_parameters_true")
+
+
 def test_a_config_that_does_not_parse_is_one_line_naming_the_key(tmp_path, capsys):
     """A review (2026-12-07): a misspelt key or a label_names map written the wrong way round printed the usage and
     a nested message of 60 lines or more, naming no fix. Now one line: the key, the reason, and for label_names
