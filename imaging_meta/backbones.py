@@ -68,6 +68,7 @@ def build_backbone(name: str, in_channels: int = 1, transductive: bool = False, 
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; choose one of {available_backbones()}")
+    _check_option_names(name, kwargs)
     backbone = _REGISTRY[name](in_channels=in_channels, **_typed_options(name, kwargs))
     if transductive:
         layers = [m for m in backbone.modules() if isinstance(m, _SupportStatistics)]
@@ -81,6 +82,29 @@ def build_backbone(name: str, in_channels: int = 1, transductive: bool = False, 
     return backbone
 
 
+def _builder_target(name: str) -> Callable:
+    """The function whose signature lists the registered builder's options (``signature_of``, e.g. the ``resnet``
+    builder's `imaging_meta.pretrained.build_resnet`, or the builder itself)."""
+    fn = _REGISTRY[name]
+    return fn.signature_of() if hasattr(fn, "signature_of") else fn
+
+
+def _check_option_names(name: str, kwargs: dict) -> None:
+    """Refuse an option the builder does not take, naming the ones it does: ``backbone_kwargs`` is an untyped dict,
+    so a misspelt key (``feature`` for ``features``) passed the config check and stopped ``fit`` with "internal
+    error: TypeError ... unexpected keyword argument" (a review)."""
+    import inspect
+
+    params = inspect.signature(_builder_target(name)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k in params if k != "in_channels"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"backbone {name!r}: unknown option(s) {', '.join(unknown)} in backbone_kwargs; its options "
+                         f"are {', '.join(accepted + ['transductive'])}")
+
+
 def _option_kinds(name: str) -> dict[str, tuple[type | None, bool]]:
     """The registered builder's options whose values are numbers, bools or sequences, or that allow None: option ->
     (kind, None for any other, whether None is allowed), from the annotations (or the default) of the builder, or of
@@ -89,8 +113,7 @@ def _option_kinds(name: str) -> dict[str, tuple[type | None, bool]]:
     import types
     import typing
 
-    fn = _REGISTRY[name]
-    target = fn.signature_of() if hasattr(fn, "signature_of") else fn
+    target = _builder_target(name)
     try:
         hints = typing.get_type_hints(target)
     except Exception:  # an annotation that cannot be evaluated: the defaults alone decide

@@ -126,6 +126,28 @@ def test_a_backbone_option_set_alone_on_the_command_line_is_typed():
         net = build_backbone("resnet", depth="18", width="8", weights=null, freeze_bn=null)
         assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in net.modules())  # random weights: nothing frozen
 
+
+def test_a_misspelt_backbone_option_is_named_with_the_options_it_has(tmp_path):
+    """A review (2026-12-07): a misspelt key in the untyped ``backbone_kwargs`` passed the config check and stopped
+    fit with "internal error: TypeError: _unet() got an unexpected keyword argument", status 70. It is a user error
+    naming the key and the backbone's options, before any data is read."""
+    from imaging_meta.backbones import build_backbone
+    from imaging_meta.commands.cli import cli_main
+
+    for name, options, expected in (("unet", {"feature": [4]}, "out_channels, features, dropout, transductive"),
+                                    ("conv4", {"widht": 4}, "width, depth, spatial_dims, transductive"),
+                                    ("resnet", {"weight": None}, "depth, weights, freeze_bn"),
+                                    ("resnet12", {"width": 4}, "widths, transductive")):
+        with pytest.raises(ValueError, match=rf"backbone '{name}': unknown option\(s\) {next(iter(options))} in "
+                                             rf"backbone_kwargs; its options are {expected}"):
+            build_backbone(name, **options)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) feature in backbone_kwargs"):  # a user error: status 1
+        cli_main(["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+                  "--config", str(CONFIGS / "model/protonet_seg.yaml"), "--data.init_args.root", str(tmp_path / "none"),
+                  "--model.learner.init_args.backbone_kwargs", "{out_channels: 8, feature: [4, 4, 8, 8, 8, 4]}",
+                  "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
 def test_a_missing_model_config_is_named(tmp_path, capsys):
     from imaging_meta.commands.cli import cli_main
 
