@@ -368,7 +368,11 @@ def _compare_rows(doc: dict, shots: list[int], shas: dict, pixels: dict | None =
             pixels[(ctx["task"], ctx["protocol"], k, sha)].add(json.dumps(ctx["preprocessing"], sort_keys=True))
         if unofficial is not None and ctx["episode_files"][str(k)].get("unofficial_files"):
             unofficial[str(ctx["name"])] = list(ctx["episode_files"][str(k)]["unofficial_files"])
-        cells = [f"{m}: {stat_cell(summ[str(k)][m].get(TRAINED, {}).get('all'), _digits(m))}" for m in metrics]
+        # ECE is always a bootstrap of episodes (pooled over queries): under episode-t its cell says so, not the
+        # run's interval column (a review)
+        ece_own = " (bootstrap of episodes)" if _interval(ctx) == EPISODE_T else ""
+        cells = [f"{m}: {stat_cell(summ[str(k)][m].get(TRAINED, {}).get('all'), _digits(m))}"
+                 f"{ece_own if m == 'ece' else ''}" for m in metrics]
         rows.append(f"| {md_cell(ctx['name'])} | {md_cell(ctx['protocol'])} | {md_cell(str(ctx['learner']).rsplit('.', 1)[-1])} "
                     f"| {k} | " + "; ".join(cells) + f" | {md_cell(_interval(ctx))} | `{md_cell(str(sha)[:12])}` |")
     return rows
@@ -387,7 +391,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike]) -> str:
     Runs of one protocol measured on different episode files (another seed or data) are flagged: their
     numbers are not paired, and only the CIs can be compared. Different protocols test different data anyway.
     The ``95% CI`` column names each run's interval (``patient-bootstrap`` cells read ``value [low, high]``,
-    ``episode-t`` cells ``mean ± half-width``).
+    ``episode-t`` cells ``mean ± half-width``, except ECE's, a bootstrap of episodes that its cell names).
     """
     rows: list[str] = []
     shas: defaultdict[tuple, set] = defaultdict(set)

@@ -597,6 +597,28 @@ def test_compare_notes_rows_on_one_episode_list_but_other_pixels_or_unofficial_f
     assert "| a | cross_organ |" in compare_runs([a, tmp_path / "comparison.md"])
 
 
+def test_compare_names_the_ece_cells_own_interval_under_episode_t(tmp_path):
+    """A review (2026-12-07): ECE's interval is a bootstrap of episodes whatever the run's interval (results.md says
+    so), but compare put its cell under the run's "episode-t" column. Its cell now names it; under the patient
+    bootstrap, which ECE follows, nothing is added."""
+    from imaging_meta.tasks import get_task
+
+    metrics = get_task("classification").report_metrics
+    boot = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}  # what a bootstrap summary holds; a t-interval: ci95
+    for interval in ("episode-t", "patient-bootstrap"):
+        cells = {m: boot if m == "ece" or interval == "patient-bootstrap" else {"mean": 0.5, "ci95": 0.1} for m in metrics}
+        doc = {"context": {"shots": [1], "task": "classification", "protocol": "standard", "name": interval,
+                           "learner": "L", "episode_files": {"1": {"sha256": "ab" * 8}}, "interval": {"name": interval}},
+               "summary": {"1": {m: {"trained": {"all": cells[m]}} for m in metrics}}, "figures": {}}
+        (tmp_path / interval).mkdir()
+        (tmp_path / interval / "results.json").write_text(json.dumps(doc))
+    table = compare_runs([tmp_path / "episode-t", tmp_path / "patient-bootstrap"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ") and "shots" not in line}
+    assert "ece: 0.500 [0.400, 0.600] (bootstrap of episodes)" in rows["episode-t"], rows
+    assert "(bootstrap of episodes)" not in rows["patient-bootstrap"]
+    assert table.count("(bootstrap of episodes)") == 1
+
+
 def test_provenance_records_the_thread_count():
     """CPU results are byte-identical at one thread count only (a review, 2026-12-06): it is recorded."""
     import torch
