@@ -9,8 +9,8 @@ Pairs (support -> query), each scored as 3D Dice in the query's own voxel grid:
 * ``abdomen``: the CT and the MR, each split at its middle slice: the upper half is the support scan and the
   lower half the query scan (the structures of ``structures.json`` that both halves show);
 * ``lesions``: cross-patient, within a modality: lung1 -> lung2, lung2 -> lung1, brain1 -> brain2, brain2 -> brain1;
-* ``parts``: thin and multi-part structures of the same abdominal CT, split the same way, each the union of
-  several values of TotalSegmentator's "total" class map (`CT_PARTS`): ribs, vertebrae, both kidneys as one
+* ``parts``: thin and multi-part structures of the same abdominal CT, split the same way, each one value or the
+  union of several of TotalSegmentator's "total" class map (`CT_PARTS`): ribs, vertebrae, both kidneys as one
   label, the deep back muscles, the colon, the portal and splenic vein. Added after the scan segmenter was
   built (2026-12-04), to measure the thin structures on which issue 15's chest CT failed;
 * added on 2026-12-05, after everything above was built and chosen, and measured with the recipes as they

@@ -73,7 +73,8 @@ def _crop(plane: np.ndarray, cx: float, cy: float, half_x: float, half_y: float)
     t = torch.from_numpy(out)[None, None]
     mode = "area" if min(out.shape) >= SIZE else "bilinear"
     t = F.interpolate(t, size=(SIZE, SIZE), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-    # a quarter turn of the (x, y) array: anterior at the top, as a viewer shows an axial slice
+    # a quarter turn of the (x, y) array, in the file's own voxel axes (not reoriented): anterior at the top for a
+    # file stored R,A,S (the CT), posterior at the top and mirrored for L,P,S (the MR, the lung CTs), mirrored for L,A,S (the brain MRs; a review)
     img = np.rot90(t[0, 0].numpy(), 1)
     return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
 

@@ -8,7 +8,7 @@ Each source is a bare git repository (a clone, or a snapshot) at a pinned commit
 * ``sarcoma/``: three soft-tissue sarcoma patients (TCIA Soft-tissue-Sarcoma, as mirp's test data ships them:
   ``test/data/sts_images/STS_00N/{CT,MR_T1}/nifti``), each a CT and a T1 MR cropped around the tumour, with the
   tumour mask ("GTV_Mass"). To keep the repository small, each is averaged 2 x 2 in-plane (0.98 to 1.95 mm
-  pixels against 3.27 mm slices; the tumours are 3-9 cm across), the image rounded to int16 and the mask kept
+  pixels against 3.27 mm slices; the tumours are 4-10 cm across), the image rounded to int16 and the mask kept
   where at least half of the block is tumour (`_block2`). CC BY 3.0.
 * ``spleen/``: one abdominal CT cropped around the spleen, with its manual spleen label (Medical Segmentation
   Decathlon Task09 ``spleen2``, as ivadomed's test data ships it: ``ct_scan/sub-spleen2``), image as int16
