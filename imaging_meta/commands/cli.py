@@ -194,6 +194,13 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         """LightningCLI with ``--test_after_fit`` (test the best checkpoint on the held-out episodes after fit)
         and one source for ``n_way``: the data config (`learner_n_way`)."""
 
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            """Lightning's, without ``predict``: the module has no predict step (`segment` and `classify`
+            predict); a config that nests the run under ``predict:`` reached Lightning's own "requires forward"
+            error, status 1 (a review)."""
+            return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--test_after_fit", type=bool, default=False, help="after fit, test the best checkpoint")
             parser.link_arguments(("data.init_args.n_way", "model.learner"), "model.learner.init_args.n_way",

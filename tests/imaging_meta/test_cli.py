@@ -208,7 +208,7 @@ def test_fast_dev_run(demo_root, demo_index, tmp_path):
     assert cli.trainer.state.finished
 
 
-def test_tool_help_and_errors(capsys):
+def test_tool_help_and_errors(capsys, tmp_path):
     from imaging_meta import __version__
     from imaging_meta.commands.cli import TOOL_SUBCOMMANDS
 
@@ -221,6 +221,13 @@ def test_tool_help_and_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["predict", "--config", "x.yaml"])  # there is no predict step: the error names what to use
     assert e.value.code == 2 and "imaging-meta classify" in capsys.readouterr().err
+    # ... nor after a global option, nor under a config's ``predict:`` key: Lightning's CLI went on to its own
+    # "requires forward" error, status 1 (a review, 2026-12-07)
+    nested = tmp_path / "predict.yaml"
+    nested.write_text("predict:\n  trainer:\n    max_epochs: 1\n")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--config", str(nested), "predict"])
+    assert e.value.code == 2 and "invalid choice: 'predict' (choose from 'fit', 'validate', 'test')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["segment", "--checkpoint", "x"])  # missing required arguments
 
