@@ -654,10 +654,12 @@ class EpisodicModule(LightningModule):
         if not writers:
             return
         image = episode_panel(self.task, batch, probs, self.hparams["threshold"], self.hparams["n_log_images"])
-        # at the step of the stage's scalars: Lightning logs a validation inside fit at the last training step's
-        # index (global_step - 1), one below the panel before
+        # at the step of the stage's scalars: Lightning logs a validation inside fit at the count of batches that
+        # stepped the optimiser before it (logger_connector.log_metrics), which global_step - 1 equals only when
+        # every batch steps (a review: with accumulate_grad_batches 2 and val_check_interval 1 a panel fell one
+        # step below its scores)
         fitting = self.trainer.state.fn == "fit" and stage == "val"
-        step = max(self.global_step - 1, 0) if fitting else self.global_step
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped if fitting else self.global_step
         for w in writers:
             w.add_image(f"{stage}/panel", image, step, dataformats="HWC")
 

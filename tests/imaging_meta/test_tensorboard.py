@@ -103,6 +103,20 @@ def test_the_validation_panel_sits_at_the_step_of_the_validation_scalars(cls_run
         assert [e.step for e in acc.Images("val/panel")] == [e.step for e in acc.Scalars("val/score")]
 
 
+def test_the_validation_panel_keeps_the_step_of_its_scalars_under_gradient_accumulation(tmp_path):
+    """A review (2026-12-07): with accumulate_grad_batches 2 and validation after every batch, a batch that does not
+    step the optimiser left global_step - 1 one below the step Lightning logs the scalars at; a panel was filed under
+    the validation before its own."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = cli_main(["fit", *cls_args(tmp_path, "protonet_cls"), "--trainer.max_epochs", "1",
+                        "--trainer.accumulate_grad_batches", "2", "--data.init_args.episodes_per_epoch", "8",
+                        "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1"])
+    acc = _events(cli.trainer.log_dir)
+    scalars = [e.step for e in acc.Scalars("val/score")]
+    assert scalars == [0, 0, 1, 1] and [e.step for e in acc.Images("val/panel")] == scalars
+
+
 def test_the_hparam_metrics_are_the_logged_validation_and_test_metrics(cls_runs):
     runs, _ = cls_runs
     for run in runs.values():
