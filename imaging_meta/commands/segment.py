@@ -619,9 +619,12 @@ def segment(
         raise ValueError(f"--adapt-steps must be at least 0 (0: no adaptation), got {adapt_steps}")
     if not 0 <= adapt_seed < SEED_LIMIT:
         raise ValueError(f"--adapt-seed must be >= 0 and below 2**64, got {adapt_seed}")
+    if structure_name is not None:  # a DICOM segment label drops trailing spaces: 'liver ' came back as 'liver', and a
+        structure_name = structure_name.strip()  # rerun into the same --out was refused; '   ' became empty (a review)
     if structure_name is not None and (not 0 < len(structure_name) <= 64 or "\\" in structure_name
                                        or any(ord(ch) < 32 or 0xD800 <= ord(ch) < 0xE000 for ch in structure_name)):
-        raise ValueError(f"--structure-name {structure_name!r}: 1 to 64 characters without a backslash or control "
+        raise ValueError(f"--structure-name {structure_name!r}: 1 to 64 characters (spaces around it dropped) without a "
+                         "backslash or control "
                          "characters or unpaired surrogates (a DICOM segment label)")
     name = structure_name or ("structure" if label_value is None else f"label {label_value}")
     # in an order of their own (their paths), not the order given: the calibration's folds and the adaptation's

@@ -830,8 +830,10 @@ def test_a_probability_map_of_an_earlier_run_is_named_when_this_run_writes_none(
 def test_a_structure_name_must_be_a_dicom_segment_label_and_fits_the_nifti_description(tmp_path):
     from imaging_meta.commands.nifti_out import nifti_description as _description
 
-    for bad in ("", "x" * 65, "left\\\\right", "tab\there", "lone\udc80"):
-        with pytest.raises(ValueError, match=r"--structure-name .*1 to 64 characters without a backslash"):
+    # spaces around a name are dropped (a DICOM segment label loses trailing ones): '   ' is empty (a review)
+    for bad in ("", "   ", "x" * 65, "left\\\\right", "tab\there", "lone\udc80"):
+        with pytest.raises(ValueError, match=r"--structure-name .*1 to 64 characters \(spaces around it dropped\) "
+                                             r"without a backslash"):
             segment(tmp_path / "never-read.ckpt", [], [], tmp_path / "out", structure_name=bad)
     long = "Ä" * 64  # two bytes each: the name is shortened, never the suffix, and never inside a character
     for suffix in ("", ", probability"):
@@ -931,6 +933,8 @@ def test_a_second_structure_never_replaces_the_first_ones_mask_and_output_names_
         segment(ckpt, [support], [query], out, device="cpu", structure_name="vertebrae", **PLAIN)
     assert mask.read_bytes() == before
     segment(ckpt, [support], [query], out, device="cpu", structure_name="liver", **PLAIN)  # the same one: replaced
+    # ... also given with spaces around it, which a DICOM segment label drops (a rerun was refused; a review)
+    segment(ckpt, [support], [query], out, device="cpu", structure_name=" liver ", **PLAIN)
     # another patient's scan of the same name (every DICOM export named `series`), by a later run: refused, where it
     # replaced the first patient's mask without a word (a review of concurrent and repeated runs)
     other = ct_nifti(phantom(seed=7), affine_ras(), tmp_path / "other" / "q5.nii.gz")
