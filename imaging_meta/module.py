@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import imaging_meta
 from datamodules.base import EpisodicDataModule
+from datamodules.indexing.splits import SPLIT_RULE_CHANGES
 from imaging_meta.checkpoint_io import (
     current_class_path,
     modernize,
@@ -751,7 +752,7 @@ class EpisodicModule(LightningModule):
                 f"the data of this run is not split as when the checkpoint was trained (split digest "
                 f"{mismatch[0]} != {mismatch[1]}): other data under the root, other split settings (split_seed, "
                 "test or validation organs, sites or classes) or other pseudonymous ids (set IMAGING_META_SALT to the "
-                "training one). Its test or validation set could hold patients, organs or classes the model trained "
+                f"training one), {SPLIT_RULE_CHANGES}. Its test or validation set could hold patients, organs or classes the model trained "
                 "on, so nothing was run; use the data config and settings of the training run: the config it saved "
                 "beside its checkpoints holds them all (--config runs/<name>/version_N/config.yaml --ckpt_path ...)"
             )

@@ -88,6 +88,13 @@ class Split:
         return {cases[i].patient for i in getattr(self, stage)}
 
 
+#: why a checkpoint's split may not be rebuilt although nothing the user set changed (`imaging-meta evaluate` and
+#: ``test`` name it when the split digest differs)
+SPLIT_RULE_CHANGES = ("or a checkpoint written before 2026-12-07 of a cohort with a patient scanned at two sites (a "
+                      "site whose training patients all went to another stage through such a patient now trains on "
+                      "one of its own: the split differs, and such a checkpoint cannot be evaluated on it)")
+
+
 def _rank(key: str, seed: int) -> str:
     """A seeded, platform-independent sort key for a patient id."""
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
@@ -408,10 +415,11 @@ def make_split(
         if held == set(sites):
             raise ValueError(f"test_sites {list(test_sites)} cover every site; leave at least one for training")
         seen = [c for c in cases if c.site not in held]
-        train_p, val_p, _ = _stratified_split(seen, val_fraction, 0.0, seed)
         held_patients = {c.patient for c in cases if c.site in held}
-        train_p -= held_patients
-        val_p -= held_patients
+        # a patient also scanned at a held-out site is in no training or validation stage: left out before the
+        # split, so that a site whose training patient that was still trains on one of its own (a review)
+        train_p, val_p, _ = _stratified_split([c for c in seen if c.patient not in held_patients], val_fraction, 0.0,
+                                              seed)
         split = Split(
             train=[i for i, c in enumerate(cases) if c.site not in held and c.patient in train_p],
             val=[i for i, c in enumerate(cases) if c.site not in held and c.patient in val_p],

@@ -169,11 +169,11 @@ def _spawns_processes(strategy: Any) -> bool:
     """Whether a ``trainer.strategy`` value (a registered name, or ``class_path`` with ``init_args``) starts its
     processes by spawning: ``ddp_spawn`` stopped ``fit`` with "internal error ... Can't pickle local object" (a
     review)."""
-    if isinstance(strategy, str):
-        return "spawn" in strategy or "forkserver" in strategy
+    if isinstance(strategy, str):  # Lightning reads the name in any case
+        return "spawn" in strategy.lower() or "forkserver" in strategy.lower()
     init_args = strategy.get("init_args") if hasattr(strategy, "get") else None
     method = init_args.get("start_method") if hasattr(init_args, "get") else None
-    return method in ("spawn", "forkserver")
+    return str(method).lower() in ("spawn", "forkserver")
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True):

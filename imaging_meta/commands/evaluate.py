@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from datamodules.base import EpisodicDataModule
+from datamodules.indexing.splits import SPLIT_RULE_CHANGES
 from datamodules.io.atomic import atomic_write_bytes
 from datamodules.progress import progress
 from imaging_meta.checkpoint_io import (
@@ -398,8 +399,8 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
             raise ValueError(
                 f"{path}: the data rebuilt for evaluation is not split as in training (split digest "
                 f"{mismatch[0]} != {mismatch[1]}): other pseudonymous ids (a different salt: set IMAGING_META_SALT "
-                "or --salt to the training one), other data under the root, or other split settings. The test set "
-                "could hold patients, organs or classes the model trained on, so nothing was scored."
+                f"or --salt to the training one), other data under the root, other split settings, {SPLIT_RULE_CHANGES}. "
+                "The test set could hold patients, organs or classes the model trained on, so nothing was scored."
             )
         # after the split check: another salt or other scans change the case ids this digest is keyed by too
         renamed = structure_mismatch(extra, dm)

@@ -806,6 +806,7 @@ def test_fit_refuses_a_spawning_strategy_before_a_run_folder_is_written(demo_roo
     assert not any(map(_spawns_processes, ("ddp", "ddp_fork", "auto", None, {"class_path": "DDPStrategy"},
                                            {"init_args": {"start_method": "popen"}})))
     assert _spawns_processes({"init_args": {"start_method": "spawn"}}) and _spawns_processes("ddp_spawn_find_unused_parameters_true")
+    assert _spawns_processes("DDP_SPAWN")  # Lightning reads the name in any case (a review)
 
 
 def test_a_config_that_does_not_parse_is_one_line_naming_the_key(tmp_path, capsys):

@@ -363,6 +363,25 @@ def test_protocol_configs_layer_over_the_demo_data_config(protocol, tmp_path):
     assert (h.test_organs is not None) == (protocol == "cross_organ") and bool(h.test_sites) == (protocol == "cross_site")
 
 
+@pytest.mark.parametrize("protocol", ["in_domain", "cross_organ", "cross_site"])
+def test_a_protocol_config_leaves_no_hold_out_it_does_not_read(protocol):
+    """A review (2026-12-07): in_domain.yaml and cross_site.yaml left a data config's val_organs (the Synapse and
+    CHAOS recipes set one), and cross_organ.yaml a test_sites, which the protocol does not read and make_split now
+    warns about on every run. Each protocol config, layered over every data config, leaves none."""
+    import yaml
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    reads = {"cross_organ": {"test_organs", "val_organs"}, "cross_site": {"test_sites"}, "in_domain": set()}
+    layer = yaml.safe_load((configs / f"protocol/{protocol}.yaml").read_text())["data"]["init_args"]
+    for data in sorted((configs / "data").glob("*.yaml")):
+        args = yaml.safe_load(data.read_text())["data"].get("init_args", {})
+        if "segmentation" not in yaml.safe_load(data.read_text())["data"]["class_path"]:
+            continue
+        merged = {**args, **layer}
+        ignored = {k for k in ("test_organs", "val_organs", "test_sites") if merged.get(k) and k not in reads[protocol]}
+        assert not ignored, (data.name, ignored)
+
+
 def test_split_guard_compares_a_renamed_classification_protocol_under_its_current_name():
     from imaging_meta.commands.evaluate import check_same_split
 
