@@ -171,7 +171,7 @@ def _spawns_processes(strategy: Any) -> bool:
     review)."""
     if isinstance(strategy, str):  # Lightning reads the name in any case
         return "spawn" in strategy.lower() or "forkserver" in strategy.lower()
-    init_args = strategy.get("init_args") if hasattr(strategy, "get") else None
+    init_args: Any = strategy.get("init_args") if hasattr(strategy, "get") else None
     method = init_args.get("start_method") if hasattr(init_args, "get") else None
     return str(method).lower() in ("spawn", "forkserver")
 
