@@ -405,7 +405,8 @@ class LesionCSV(ItemSource):
     def _why_unknown(self, image: str, index: Index) -> str:
         """Why a CSV image is not an indexed case: rejected by the scan, missing, a folder, a label map, ..."""
         full = Path(self.root) / image
-        if Path(image).is_absolute():  # kept absolute by the reading: it lies outside root, which the scan covers
+        if Path(image).is_absolute() or image == ".." or image.startswith("../"):  # outside root, which the scan covers
+            # (absolute: kept so by the reading; '../scans/a.nii.gz' beside the CSV's folder was "not an image")
             return (f"lies outside root {self.root}, and only images under root are scanned; set root to a folder "
                     "that holds every image of the CSV")
         for x in index.rejected:

@@ -41,8 +41,8 @@ def norm_rel(value: str, root: Path) -> str:
     """An ``image`` cell as a normalised POSIX path relative to ``root`` (absolute paths outside root kept)."""
     p = Path(value.strip())
     if p.is_absolute():
-        try:
-            p = p.resolve().relative_to(root)
+        try:  # the folder resolved, not the file: an image under root that links elsewhere is still under root
+            p = (p.parent.resolve() / p.name).relative_to(root)
         except ValueError:
             return p.as_posix()
     return Path(os.path.normpath(p.as_posix())).as_posix()

@@ -481,6 +481,25 @@ def test_a_csv_not_in_utf8_and_an_image_outside_root_are_named_with_the_fix(tmp_
         LesionCSV(csv=str(elsewhere / "l.csv")).build()
 
 
+def test_an_image_beside_the_csvs_folder_is_outside_root_and_a_linked_image_under_root_is_under_it(tmp_path):
+    """A review (2026-12-07): '../scans/a.nii.gz' from a CSV in a sibling folder was called "not an image the scan
+    indexed (a support file?)" instead of outside root; an absolute path to an image under root that is a symbolic
+    link to a file elsewhere was refused as outside root, where its relative path was read."""
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "tables").mkdir()
+    blob_volume(tmp_path / "scans" / "a.nii.gz", affines()["ras"])
+    write_rows(tmp_path / "tables" / "l.csv", [centre_row("../scans/a.nii.gz", c, BLOB + sh, "LPS")
+                                               for c, sh in (("a", 0), ("b", 3))])
+    with pytest.raises(ValueError, match=r"'\.\./scans/a\.nii\.gz' lies outside root .*tables, and only images under "
+                                         r"root are scanned"):
+        LesionCSV(csv=str(tmp_path / "tables" / "l.csv")).build()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.nii.gz").symlink_to(tmp_path / "scans" / "a.nii.gz")
+    write_rows(root / "l.csv", [centre_row(str(root / "a.nii.gz"), c, BLOB + sh, "LPS") for c, sh in (("a", 0), ("b", 3))])
+    assert len(LesionCSV(csv=str(root / "l.csv"), patch_size=[9, 9]).build().labels) == 2
+
+
 def test_a_partial_centre_beside_a_box_is_refused_not_replaced_by_the_box(tmp_path):
     """A review: a row with x alone and a complete box was cut at the box's centre, its x ignored without a word."""
     blob_volume(tmp_path / "vol.nii.gz", affines()["ras"])
