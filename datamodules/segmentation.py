@@ -495,6 +495,10 @@ class SegmentationDataModule(EpisodicDataModule):
             self.split = Split([], [], [], [], [], [], protocol=h.protocol)
             self._setup_stages()
         else:
+            if not self.cases and stage not in (None, "fit"):  # test and validate score labelled scans: the advice
+                # to train on unlabelled ones misled there (a review)
+                raise ValueError(f"no labelled case under {self.root}: {stage} needs label maps paired with the images "
+                                 "(a self-supervised checkpoint is evaluated on labelled scans: docs/selfsup.md)")
             # a seed is suggested for a new run only: testing a checkpoint needs the split it trained on
             suggest = stage in (None, "fit") and h.episodes_per_epoch > 0
             try:

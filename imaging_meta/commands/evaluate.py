@@ -394,6 +394,11 @@ def _datamodules(path: Path, config: dict, extra: dict, task: Task, shots: Seque
                 raise
             skipped[k] = e  # fewer shots worked on the same data: too few patients or images for this many
             continue
+        if dm.label_free:  # a folder of scans without label maps (a self-supervised data config): nothing to score;
+            # it ended as an internal error (KeyError 'test'; a review)
+            raise ValueError(f"{path}: the data to evaluate on ({init_args.get('root', config['class_path'])}) holds no "
+                             "labelled scan, so there is nothing to score; give a --data-config of scans with label "
+                             "maps (selfsup_ratio 1.0 trains on unlabelled scans; evaluation needs labels)")
         mismatch = split_mismatch(extra, dm)
         if mismatch is not None:
             raise ValueError(

@@ -275,6 +275,17 @@ def test_a_label_free_checkpoint_is_evaluated_on_labelled_scans_given_by_config(
     assert ctx["protocol"] == "cross_organ" and set(ctx["data"]["test_organs"]) == {"spleen", "kidney_left"}
     assert ctx["preprocessing"]["spacing"] == [9.0, 9.0] and ctx["preprocessing"]["slice_size"] == [32, 32]
     assert "preprocessing_not_the_checkpoints" not in ctx
+    # a config of the unlabelled scans (a review, 2026-12-07): it advised training settings, and with selfsup_ratio
+    # 1.0 (a copy of the shipped self-supervised config) ended as an internal error, KeyError 'test'
+    for ratio, expected in ((None, r"no labelled case under \S+: test needs label maps paired with the images"),
+                            (1.0, r"ssl\.ckpt: the data to evaluate on \(\S+\) holds no labelled scan, so there is "
+                                  r"nothing to score; give a --data-config of scans with label maps")):
+        unlabelled = {"root": str(unlabelled_root), **labelled, **({"selfsup_ratio": ratio} if ratio else {})}
+        cfg.write_text(yaml.safe_dump({"data": {"class_path": "datamodules.segmentation.SegmentationDataModule",
+                                                "init_args": unlabelled}}))
+        with pytest.raises(ValueError, match=expected):
+            evaluate(tmp_path / "ssl.ckpt", tmp_path / "out2", shots=[1], episodes=4, data_config=cfg,
+                     cache_dir=str(tmp_path / "cache3"), n_panel=0)
 
 
 def test_evaluation_of_a_self_supervised_run_draws_no_training_episodes(demo_root, demo_index, tmp_path):
