@@ -250,7 +250,8 @@ def _ras(loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
 
 
 def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
-                   support_modality: str | None = None) -> dict[str, np.ndarray]:
+                   support_modality: str | None = None,
+                   mr_percentiles: tuple[float, float] = (1.0, 99.0)) -> dict[str, np.ndarray]:
     """The copy-mask and window baselines (the window also with the trained rows' 3D step, `WINDOW_3D`) on the
     query's file grid, computed with both scans in RAS order: a
     support and a query stored in different axis orders (LPS DICOM against RAS NIfTI, a sagittal file) are aligned
@@ -259,7 +260,9 @@ def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
     (a CT support's body found by the MR rule lost its soft-tissue slices; a review)."""
     s_raw, s_truth = _ras(support)
     q_raw, q_truth = _ras(query)
-    window = V.intensity_window(s_raw, s_truth, q_raw)
+    # the window on the values the learner is given (MR by its own percentiles; CT in HU as stored)
+    window = V.intensity_window(V.scaled_like_the_learner(s_raw, support_modality or modality, mr_percentiles),
+                                s_truth, V.scaled_like_the_learner(q_raw, modality, mr_percentiles))
     if protocol == "whole_scan":
         copy = V.copy_mask_at_relative_position(s_truth, s_raw, q_raw, modality, support_modality)
     else:
@@ -326,7 +329,9 @@ def score_pair(
         variants.update({k: (learner, dataclasses.replace(options, **{"relax_empty": False, **v}))
                          for k, v in ABLATIONS.items() if not set(v) <= off})
     if untrained is not None:
-        variants[UNTRAINED_NAME] = (untrained, LEARNER_ONLY)
+        # the same recipe as "trained": the difference is what meta-training added (with the learner alone it also
+        # counted the recipe: +0.80 with identical weights; a review)
+        variants[UNTRAINED_NAME] = (untrained, options)
     if adapt_steps > 0:
         from imaging_meta.adaptation import adapt
 
@@ -340,7 +345,8 @@ def score_pair(
     for name, (lrn, opts) in variants.items():
         preds[name], checks[name], relaxations[name], novelties[name] = _segment(
             lrn, opts, s, q, protocol, chunks, preprocessing, device)
-    preds.update(baseline_masks(s, q, query.modality, protocol, support.modality))
+    preds.update(baseline_masks(s, q, query.modality, protocol, support.modality,
+                                tuple(preprocessing["mr_percentiles"])))
     return [
         {
             "protocol": protocol,

@@ -204,24 +204,40 @@ def copy_mask_at_relative_position(
     support_mask: np.ndarray, support_image: np.ndarray, query_image: np.ndarray, modality: str,
     support_modality: str | None = None,
 ) -> np.ndarray:
-    """Copy-the-support-mask baseline, aligned by relative position in the body's Z extent.
+    """Copy-the-support-mask baseline, aligned by relative position in the body, along Z and in-plane.
 
     For each query slice inside the query's body z-extent, the support mask slice at the same
-    relative position within the support's body z-extent (nearest slice) is resized in-plane to the
-    query's (X, Y) with nearest neighbour. Query slices outside the body extent stay empty. Each body extent is
-    found by its own scan's modality: ``modality`` the query's, ``support_modality`` the support's (default: the
-    same).
+    relative position within the support's body z-extent (nearest slice) is mapped in-plane from the support
+    body's (X, Y) bounding box onto the query body's (nearest neighbour); outside the query body's box the
+    slice stays empty, as do query slices outside the body extent. Until 2026-12-07 the whole support slice was
+    stretched over the query's field of view, so a query with more air around the same body got the mask in
+    the wrong place (a review). Each body is found by its own scan's modality: ``modality`` the query's,
+    ``support_modality`` the support's (default: the same).
     """
     support = np.asarray(support_mask, dtype=bool)
     _check_same_shape(support, np.asarray(support_image))
     s_extent = body_z_extent(support_image, support_modality or modality)
     q_lo, q_hi = body_z_extent(query_image, modality)
+    s_box = _body_plane_box(support_image, support_modality or modality, s_extent)
+    q_box = _body_plane_box(query_image, modality, (q_lo, q_hi))
     out: np.ndarray = np.zeros(np.shape(query_image), dtype=bool)
-    plane = out.shape[:2]
+    (qx0, qx1), (qy0, qy1) = q_box
+    (sx0, sx1), (sy0, sy1) = s_box
     for z in range(q_lo, q_hi + 1):
         s_z = _support_slice_for(float(relative_z(z, (q_lo, q_hi))), s_extent)
-        out[:, :, z] = _resize_slice(support[:, :, s_z], plane)
+        out[qx0:qx1, qy0:qy1, z] = _resize_slice(support[sx0:sx1, sy0:sy1, s_z], (qx1 - qx0, qy1 - qy0))
     return out
+
+
+def _body_plane_box(image: np.ndarray, modality: str, extent: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """The in-plane (X, Y) bounding box, as half-open index ranges, of the body over the slices of ``extent``; the
+    whole plane when no body is found."""
+    body = body_mask(image, modality)[:, :, extent[0] : extent[1] + 1].any(axis=2)
+    shape = np.shape(image)[:2]
+    if not body.any():
+        return (0, int(shape[0])), (0, int(shape[1]))
+    xs, ys = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+    return (int(xs[0]), int(xs[-1]) + 1), (int(ys[0]), int(ys[-1]) + 1)
 
 
 def intensity_window(
@@ -234,7 +250,8 @@ def intensity_window(
     """Intensity-window baseline: query voxels within the support foreground's [p_low, p_high].
 
     The window is the `low_pct`-th and `high_pct`-th percentiles of the support image inside the
-    support mask; both ends are inclusive. Raises ValueError if the support mask is empty.
+    support mask; both ends are inclusive. Raises ValueError if the support mask is empty. The two images must be
+    on one intensity scale (`scaled_like_the_learner`: MR scaled by its own percentiles, as the learner sees it).
     """
     mask = np.asarray(support_mask, dtype=bool)
     values = np.asarray(support_image)[mask]
@@ -243,6 +260,22 @@ def intensity_window(
     lo, hi = np.percentile(values, [low_pct, high_pct])
     query = np.asarray(query_image)
     return (query >= lo) & (query <= hi)
+
+
+def scaled_like_the_learner(image: np.ndarray, modality: str | None,
+                            percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+    """A scan's values as the window baseline compares them: CT in Hounsfield units as stored, any other scan
+    mapped from the ``percentiles`` of its non-zero voxels to [0, 1] and clipped, as the learner's preprocessing
+    scales it (`datamodules.transforms.volume`). Raw MR values carry the scanner's gain: a query with twice the
+    support's gain scored 0 where the learner saw the same input (a review)."""
+    values = np.asarray(image, dtype=np.float64)
+    if (modality or "").upper() == "CT":
+        return values
+    nonzero = values[values != 0]
+    if nonzero.size == 0:
+        return np.zeros_like(values)
+    lo, hi = np.percentile(nonzero, percentiles)
+    return np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
 
 def oracle_chunks(mask: np.ndarray, n_chunks: int) -> list[list[int]]:

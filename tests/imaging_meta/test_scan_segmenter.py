@@ -211,6 +211,11 @@ def test_protocols_known_answers(tmp_path):
         1.0
     )  # support foreground is 200 HU exactly, so is the query's
     assert whole["trained"]["dice"] == pytest.approx(1.0)  # the intensity evidence fixes the learner
+    # the untrained encoder runs the same recipe as "trained", so that "trained − untrained encoder" is what
+    # meta-training added: with the very same network it is 0 (with the learner alone it was +0.80; a review)
+    same = {r["method"]: r for r in score_pair(everywhere, pre, scans[0], scans[1], "whole_scan", ablations=False,
+                                                untrained=everywhere)}
+    assert same["untrained encoder"]["dice"] == same["trained"]["dice"] == pytest.approx(1.0)
     assert oracle[COPY]["dice"] > 0.7  # the support's extent mapped onto the query's
     with pytest.raises(ValueError, match="protocol"):
         score_pair(everywhere, pre, scans[0], scans[1], "nope")

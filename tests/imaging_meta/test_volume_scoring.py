@@ -149,6 +149,37 @@ def test_copy_mask_at_relative_position_aligns_z_and_resizes_in_plane():
         assert np.array_equal(out[:, :, z], expected)
 
 
+def test_copy_mask_follows_the_body_in_plane_not_the_field_of_view():
+    """A review (2026-12-07): the support slice was stretched over the query's whole field of view, so the same
+    body with 32 more columns of air around it got the mask in the wrong place (3D Dice 0.000 for identical
+    anatomy). The support body's in-plane box is mapped onto the query body's."""
+    image = _ct_cylinder(24, 24, 10, 0, 9, radius=10)
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[4:9, 12:18, 3:7] = True
+    padded = np.full((24, 56, 10), -1000.0, np.float32)
+    padded[:, 32:, :] = image
+    out = copy_mask_at_relative_position(mask, image, padded, "CT")
+    assert dice3d(out[:, 32:, :], mask) == 1.0 and not out[:, :32, :].any()
+    assert np.array_equal(copy_mask_at_relative_position(mask, image, image, "CT"), mask)
+
+
+def test_the_window_compares_mr_scans_on_the_learners_scale():
+    """A review (2026-12-07): the window was taken on raw MR values, so a query with twice the support's gain (the
+    learner's input unchanged) scored 0. MR is scaled by its own percentiles as the learner sees it; CT stays HU."""
+    from imaging_meta.evaluation.volumes import scaled_like_the_learner
+
+    rng = np.random.default_rng(0)
+    support = (rng.random((12, 12, 6)) * 100 + 50).astype(np.float32)
+    mask = np.zeros(support.shape, dtype=bool)
+    mask[3:7, 3:7, 2:4] = True
+    support[mask] = 400.0 + rng.random(int(mask.sum())) * 20
+    once = intensity_window(scaled_like_the_learner(support, "MR"), mask, scaled_like_the_learner(support, "MR"))
+    twice = intensity_window(scaled_like_the_learner(support, "MR"), mask, scaled_like_the_learner(2 * support, "MR"))
+    assert dice3d(twice, mask) == dice3d(once, mask) > 0.5
+    assert not intensity_window(support, mask, 2 * support).any()  # on raw values: nothing
+    assert np.array_equal(scaled_like_the_learner(support, "ct"), support)
+
+
 def test_copy_mask_leaves_slices_outside_query_body_empty():
     support_image = _ct_cylinder(8, 8, 10, 0, 9, radius=3)
     query_image = _ct_cylinder(8, 8, 12, 4, 7, radius=3)
