@@ -60,7 +60,7 @@ from imaging_meta.evaluation.volumes import keep_components, structure_parts
 from imaging_meta.learners.base import Learner
 from imaging_meta.tasks import SEGMENTATION, get_task
 from imaging_meta.volume.appearance import NOVELTY_WARN
-from imaging_meta.volume.segmenter import LEARNER_ONLY, SUPPORT_CHECK_WARN, ScanOptions, ScanSegmenter
+from imaging_meta.volume.segmenter import LEARNER_ONLY, SUPPORT_CHECK_WARN, ScanOptions, ScanSegmenter, spread
 
 logger = logging.getLogger(__name__)
 
@@ -299,10 +299,7 @@ def _series_below(folder: Path) -> list[Path]:
 def _support_slices(mask: torch.Tensor, max_slices: int, min_pixels: int = 1) -> list[int]:
     """Axial slices of ``mask`` (H, W, D) that show the structure, evenly spread, at most ``max_slices``."""
     counts = mask.flatten(0, 1).sum(0)
-    zs = torch.nonzero(counts >= min_pixels).flatten().tolist()
-    if len(zs) > max_slices:
-        zs = [zs[int(round(i))] for i in np.linspace(0, len(zs) - 1, max_slices)]
-    return zs
+    return spread(torch.nonzero(counts >= min_pixels).flatten().tolist(), max_slices)
 
 
 OUTPUT_FORMATS = ("nifti", "dicom-seg")

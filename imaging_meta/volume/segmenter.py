@@ -48,7 +48,6 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from imaging_meta.episode import Episode
@@ -113,10 +112,12 @@ RELAXATIONS: tuple[tuple[str, dict], ...] = (
 
 
 def spread(zs: list[int], most: int) -> list[int]:
-    """At most ``most`` of ``zs``, evenly spread."""
+    """At most ``most`` of ``zs``, evenly spread: the one at the centre of each of ``most`` equal parts. (Until
+    2026-12-07 the first and the last were always taken: one slice was the structure's tip, two its two tips;
+    a review.)"""
     if len(zs) <= most:
         return list(zs)
-    return [zs[int(round(i))] for i in np.linspace(0, len(zs) - 1, most)]
+    return [zs[int((i + 0.5) * len(zs) / most)] for i in range(most)]
 
 
 def structure_slices(mask: torch.Tensor) -> list[int]:

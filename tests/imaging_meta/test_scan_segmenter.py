@@ -774,3 +774,15 @@ def test_one_support_volume_given_twice_is_refused_and_the_position_prior_never_
     opts = ScanOptions(smooth_z=0.0, relax_empty=False, intensity=False, position=True)
     fitted = ScanSegmenter(BrightLearner(), opts).fit([apart(4, 0), apart(20, 1)])
     assert fitted.describe()["position_prior"] and float(fitted.fusion.weight[-1]) >= 0.0
+
+
+def test_a_few_support_slices_are_taken_from_the_middle_of_the_structure_not_its_tips():
+    """A review (2026-12-07): ``--max-support-slices 1`` took the first slice showing the structure (its tip, 13
+    pixels of a sphere's 333 at the middle) and 2 its two tips, from ``np.linspace``'s end points. Each slice is
+    now the centre of one of equal parts of the structure's slices."""
+    from imaging_meta.volume.segmenter import spread
+
+    zs = list(range(10, 31))  # a sphere's 21 slices
+    assert spread(zs, 1) == [20] and spread(zs, 2) == [15, 25] and spread(zs, 3) == [13, 20, 27]
+    assert spread(zs, 21) == zs and spread(zs, 40) == zs
+    assert len(set(spread(zs, 20))) == 20 and spread([4, 9], 1) == [9]
