@@ -248,6 +248,9 @@ class SegmentationDataModule(EpisodicDataModule):
         mr_percentiles: percentiles for MR normalisation.
         min_organ_pixels: a slice shows an organ when it has at least this many of its pixels.
         augment: random slice augmentation for training episodes.
+        domain_randomisation: with ``augment``, also a bias field, a random intensity remapping and a blur
+            (`datamodules.transforms.volume.slice_augmentation`), so that a model meta-trained on one cohort (the
+            synthetic demo) meets other scanners' appearance in training (docs/segmentation.md).
         cache: "memory" (MONAI CacheDataset) or "disk" (`SliceCache`, a PersistentDataset under cache_dir).
         num_workers: DataLoader workers.
         seed: episode seed (training epochs, and the fixed validation and test lists).
@@ -326,6 +329,7 @@ class SegmentationDataModule(EpisodicDataModule):
         mr_percentiles: tuple[float, float] = (1.0, 99.0),
         min_organ_pixels: int = 20,
         augment: bool = True,
+        domain_randomisation: bool = False,
         cache: str = "memory",
         num_workers: int = 0,
         seed: int = 0,
@@ -954,7 +958,9 @@ class SegmentationDataModule(EpisodicDataModule):
 
     # ------------------------------------------------------------ dataloaders
     def _episode_dataset(self, augment: bool) -> SegmentationEpisodeDataset:
-        aug = slice_augmentation(slice_size=self.hparams.slice_size) if augment else None
+        h = self.hparams
+        aug = slice_augmentation(slice_size=h.slice_size, randomise_domain=h.get("domain_randomisation", False)) \
+            if augment else None
         return SegmentationEpisodeDataset(self._volumes, self.cases, aug)
 
     def _loader(self, sampler, augment: bool) -> DataLoader:

@@ -34,7 +34,10 @@ from monai.transforms import (
     Orientationd,
     RandAdjustContrastd,
     RandAffined,
+    RandBiasFieldd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandHistogramShiftd,
     RandScaleIntensityd,
     ResizeWithPadOrCropd,
     Spacingd,
@@ -502,11 +505,16 @@ def slice_augmentation(
     intensity_scale: float = 0.1,
     slice_size: Sequence[int] = (80, 80),
     prob: float = 0.8,
+    randomise_domain: bool = False,
 ) -> Compose:
     """Seeded random 2D augmentation of one slice dict (``image`` (1, H, W), ``label`` (1, H, W)).
 
     One draw is shared by image and label (nearest-neighbour for the label). Call
-    ``set_random_state(seed)`` on the result to make it deterministic.
+    ``set_random_state(seed)`` on the result to make it deterministic. ``randomise_domain`` adds what a scanner
+    varies beyond gain and noise (domain randomisation, as SynthSeg trains on synthetic images for real scans):
+    a smooth multiplicative bias field (half the slices, coefficients up to 0.15, degree 3), a random monotone
+    remapping of the intensities (histogram shift, 5-10 control points, half the slices) and a blur (sigma
+    0.25-1 pixel, 30% of the slices).
     """
     h, w = (int(s) for s in slice_size)
     gamma_lo, gamma_hi = gamma
@@ -524,6 +532,10 @@ def slice_augmentation(
             ),
             RandAdjustContrastd("image", prob=prob, gamma=(gamma_lo, gamma_hi)),
             RandScaleIntensityd("image", factors=intensity_scale, prob=prob),
+            *([RandBiasFieldd("image", prob=0.5, coeff_range=(0.0, 0.15), degree=3),
+               RandHistogramShiftd("image", prob=0.5, num_control_points=(5, 10)),
+               RandGaussianSmoothd("image", prob=0.3, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0))]
+              if randomise_domain else []),
             RandGaussianNoised("image", prob=prob, std=noise_std),
         ]
     )

@@ -222,3 +222,30 @@ def test_a_gantry_tilted_grid_keeps_its_slices_and_a_one_slice_map_comes_back_to
     np.testing.assert_allclose(back_affine, affine, atol=1e-6)
     per_slice = back.reshape(-1, back.shape[-1]).max(0)
     assert per_slice[8] == pytest.approx(1.0, abs=1e-5) and np.abs(np.delete(per_slice, 8)).max() < 1e-5
+
+
+def test_domain_randomisation_adds_a_bias_field_a_remapping_and_a_blur_seeded_and_labels_untouched():
+    """`slice_augmentation(randomise_domain=True)` (the datamodule's ``domain_randomisation``): seeded like the rest,
+    the label map moved only by the geometric part, and the image's values no longer an affine map of the plain
+    augmentation's (a bias field or a remapping changed them)."""
+    import torch
+
+    from datamodules.transforms.volume import slice_augmentation
+
+    image = torch.linspace(0, 1, 32 * 32).reshape(1, 32, 32)
+    label = (image > 0.5).float()
+    outs = []
+    for domain in (False, True, True):
+        aug = slice_augmentation(slice_size=(32, 32), randomise_domain=domain)
+        aug.set_random_state(7)
+        outs.append([aug({"image": image.clone(), "label": label.clone()}) for _ in range(8)])
+    plain, first, again = outs
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again, strict=True))
+    assert all(torch.equal(a["label"], b["label"]) for a, b in zip(plain, first, strict=True))
+    assert set(torch.cat([o["label"].flatten() for o in first]).unique().tolist()) <= {0.0, 1.0}
+    changed = 0
+    for p, d in zip(plain, first, strict=True):
+        x, y = p["image"].flatten().double(), d["image"].flatten().double()
+        fit = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution
+        changed += int((torch.stack([x, torch.ones_like(x)], 1) @ fit - y[:, None]).abs().max() > 1e-3)
+    assert changed >= 4
