@@ -121,7 +121,8 @@ def score_triple(learner, preprocessing: dict, scans: list[Scan], adapt_steps: i
         probs = segmenter.predict(q.pre["image"].as_tensor()[0].float())
         parts = max(V.structure_parts(m.numpy()) for _, m in sup)
         dice[name] = V.dice3d(V.keep_components(to_query_grid(q, probs) > 0.5, parts), q.truth)
-    base = baseline_masks(loaded[0], query, scans[2].modality, "whole_scan", scans[0].modality)
+    base = baseline_masks(loaded[0], query, scans[2].modality, "whole_scan", scans[0].modality,
+                          tuple(preprocessing["mr_percentiles"]), tuple(preprocessing["ct_window"]))
     dice["copy first support's mask"] = V.dice3d(base[COPY], query.truth)
     dice["intensity window (first support)"] = V.dice3d(base[WINDOW], query.truth)
     dice["intensity window + 3D step (first support)"] = V.dice3d(base[WINDOW_3D], query.truth)

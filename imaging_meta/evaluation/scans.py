@@ -12,10 +12,12 @@ Protocols (issue 15):
 
 Methods (each a record per query volume): ``trained`` (the scan segmenter with every part), ``trained,
 learner only`` (the learner's probability > 0.5, no fusion, no gate, no smoothing), the ablations that switch
-one part off, ``untrained encoder`` (learner only), ``copy support mask`` (the support's mask at the same
-relative position: within the body for ``whole_scan``, within the structure's extent for ``oracle_extent``)
-and ``intensity window`` (the query thresholded between the 10th and 90th percentiles of the support's
-foreground, in raw HU or raw MR values; restricted to the true extent under ``oracle_extent``).
+one part off, ``untrained encoder`` (the learner's initial weights through the same scan segmenter as
+``trained``), ``copy support mask`` (the support's mask at the same relative position: within the body, along
+its axial extent and in-plane, for ``whole_scan``, within the structure's extent for ``oracle_extent``) and
+``intensity window`` (the query thresholded between the 10th and 90th percentiles of the support's foreground,
+in HU for two CTs, otherwise on the learner's [0, 1] scale: MR by its percentiles, CT through its window;
+restricted to the true extent under ``oracle_extent``).
 """
 
 from __future__ import annotations
@@ -251,7 +253,8 @@ def _ras(loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
 
 def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
                    support_modality: str | None = None,
-                   mr_percentiles: tuple[float, float] = (1.0, 99.0)) -> dict[str, np.ndarray]:
+                   mr_percentiles: tuple[float, float] = (1.0, 99.0),
+                   ct_window: tuple[float, float] = (-250.0, 250.0)) -> dict[str, np.ndarray]:
     """The copy-mask and window baselines (the window also with the trained rows' 3D step, `WINDOW_3D`) on the
     query's file grid, computed with both scans in RAS order: a
     support and a query stored in different axis orders (LPS DICOM against RAS NIfTI, a sagittal file) are aligned
@@ -260,9 +263,13 @@ def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
     (a CT support's body found by the MR rule lost its soft-tissue slices; a review)."""
     s_raw, s_truth = _ras(support)
     q_raw, q_truth = _ras(query)
-    # the window on the values the learner is given (MR by its own percentiles; CT in HU as stored)
-    window = V.intensity_window(V.scaled_like_the_learner(s_raw, support_modality or modality, mr_percentiles),
-                                s_truth, V.scaled_like_the_learner(q_raw, modality, mr_percentiles))
+    # the window on the values the learner is given (MR by its own percentiles; CT in HU as stored, or on the
+    # learner's [0, 1] through its window when the other scan is not CT: a review found HU against [0, 1] taking
+    # the whole query or nothing)
+    both_ct = (support_modality or modality).upper() == modality.upper() == "CT"
+    ct = None if both_ct else ct_window
+    window = V.intensity_window(V.scaled_like_the_learner(s_raw, support_modality or modality, mr_percentiles, ct),
+                                s_truth, V.scaled_like_the_learner(q_raw, modality, mr_percentiles, ct))
     if protocol == "whole_scan":
         copy = V.copy_mask_at_relative_position(s_truth, s_raw, q_raw, modality, support_modality)
     else:
@@ -346,7 +353,7 @@ def score_pair(
         preds[name], checks[name], relaxations[name], novelties[name] = _segment(
             lrn, opts, s, q, protocol, chunks, preprocessing, device)
     preds.update(baseline_masks(s, q, query.modality, protocol, support.modality,
-                                tuple(preprocessing["mr_percentiles"])))
+                                tuple(preprocessing["mr_percentiles"]), tuple(preprocessing["ct_window"])))
     return [
         {
             "protocol": protocol,

@@ -232,7 +232,7 @@ def copy_mask_at_relative_position(
 def _body_plane_box(image: np.ndarray, modality: str, extent: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     """The in-plane (X, Y) bounding box, as half-open index ranges, of the body over the slices of ``extent``; the
     whole plane when no body is found."""
-    body = body_mask(image, modality)[:, :, extent[0] : extent[1] + 1].any(axis=2)
+    body: np.ndarray = np.asarray(body_mask(image, modality)[:, :, extent[0] : extent[1] + 1].any(axis=2))
     shape = np.shape(image)[:2]
     if not body.any():
         return (0, int(shape[0])), (0, int(shape[1]))
@@ -263,19 +263,28 @@ def intensity_window(
 
 
 def scaled_like_the_learner(image: np.ndarray, modality: str | None,
-                            percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
-    """A scan's values as the window baseline compares them: CT in Hounsfield units as stored, any other scan
-    mapped from the ``percentiles`` of its non-zero voxels to [0, 1] and clipped, as the learner's preprocessing
-    scales it (`datamodules.transforms.volume`). Raw MR values carry the scanner's gain: a query with twice the
-    support's gain scored 0 where the learner saw the same input (a review)."""
-    values = np.asarray(image, dtype=np.float64)
+                            percentiles: tuple[float, float] = (1.0, 99.0),
+                            ct_window: tuple[float, float] | None = None) -> np.ndarray:
+    """A scan's values as the window baseline compares them, after the learner's preprocessing
+    (`datamodules.transforms.volume.ModalityIntensity`): an MR (any scan but CT) mapped from the ``percentiles`` of
+    its non-zero voxels to [0, 1] and clipped; a CT in Hounsfield units as stored, or, given ``ct_window`` (a pair
+    of two modalities, where HU and [0, 1] cannot be compared), clipped to it and mapped to [0, 1]. Raw MR values
+    carry the scanner's gain: a query with twice the support's gain scored 0 where the learner saw the same input
+    (a review). float32, scaled in place on one copy (a review: float64 temporaries took 10 times the volume)."""
     if (modality or "").upper() == "CT":
-        return values
-    nonzero = values[values != 0]
-    if nonzero.size == 0:
-        return np.zeros_like(values)
-    lo, hi = np.percentile(nonzero, percentiles)
-    return np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+        if ct_window is None:
+            return np.asarray(image)
+        lo, hi = (float(v) for v in ct_window)
+    else:
+        values = np.asarray(image)
+        nonzero = values[values != 0]
+        if nonzero.size == 0:
+            return np.zeros(values.shape, np.float32)
+        lo, hi = (float(v) for v in np.percentile(nonzero, percentiles))
+    out = np.array(image, dtype=np.float32)
+    out -= lo
+    out /= max(hi - lo, 1e-6)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def oracle_chunks(mask: np.ndarray, n_chunks: int) -> list[list[int]]:

@@ -786,3 +786,25 @@ def test_a_few_support_slices_are_taken_from_the_middle_of_the_structure_not_its
     assert spread(zs, 1) == [20] and spread(zs, 2) == [15, 25] and spread(zs, 3) == [13, 20, 27]
     assert spread(zs, 21) == zs and spread(zs, 40) == zs
     assert len(set(spread(zs, 20))) == 20 and spread([4, 9], 1) == [9]
+
+
+def test_the_window_of_a_ct_support_on_an_mr_query_compares_both_on_the_learners_scale():
+    """A review (2026-12-07): with MR put on the learner's [0, 1] scale and CT kept in HU, a CT support's window
+    took every voxel of an MR query or none. Two modalities are both put on [0, 1] (CT through its window)."""
+    from types import SimpleNamespace
+
+    from imaging_meta.evaluation.scans import WINDOW, baseline_masks
+    from imaging_meta.evaluation.volumes import dice3d
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((16, 16, 6), dtype=bool)
+    mask[4:10, 4:10, 1:5] = True
+    ct = np.full(mask.shape, 40.0, np.float32)
+    ct[mask] = rng.uniform(150, 230, int(mask.sum()))
+    ct[0:2] = -240.0  # fat and bone: the window's ends, as an MR's 1st and 99th percentiles would be
+    ct[14:16] = 250.0
+    mr = np.interp(ct, [-250, 250], [0, 1000]).astype(np.float32)  # the same contrast, MR-like values
+    support = SimpleNamespace(raw=ct, truth=mask, affine=None, pre={})
+    query = SimpleNamespace(raw=mr, truth=mask, affine=None)
+    window = baseline_masks(support, query, "MR", "whole_scan", "CT")[WINDOW]
+    assert 0.6 < dice3d(window, mask) and window.sum() < 2 * mask.sum()

@@ -178,6 +178,11 @@ def test_the_window_compares_mr_scans_on_the_learners_scale():
     assert dice3d(twice, mask) == dice3d(once, mask) > 0.5
     assert not intensity_window(support, mask, 2 * support).any()  # on raw values: nothing
     assert np.array_equal(scaled_like_the_learner(support, "ct"), support)
+    # a CT beside an MR is put on the learner's [0, 1] through its window (HU against [0, 1] took the whole query
+    # or nothing; a review of the change)
+    hu = np.array([-1000.0, -250.0, 0.0, 250.0, 900.0], np.float32)
+    np.testing.assert_allclose(scaled_like_the_learner(hu, "CT", ct_window=(-250.0, 250.0)), [0, 0, 0.5, 1, 1])
+    assert scaled_like_the_learner(support, "MR").dtype == np.float32
 
 
 def test_copy_mask_leaves_slices_outside_query_body_empty():
