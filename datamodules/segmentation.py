@@ -959,8 +959,7 @@ class SegmentationDataModule(EpisodicDataModule):
     # ------------------------------------------------------------ dataloaders
     def _episode_dataset(self, augment: bool) -> SegmentationEpisodeDataset:
         h = self.hparams
-        aug = slice_augmentation(slice_size=h.slice_size, randomise_domain=h.get("domain_randomisation", False)) \
-            if augment else None
+        aug = slice_augmentation(slice_size=h.slice_size, randomise_domain=h.domain_randomisation) if augment else None
         return SegmentationEpisodeDataset(self._volumes, self.cases, aug)
 
     def _loader(self, sampler, augment: bool) -> DataLoader:

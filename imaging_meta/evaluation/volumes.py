@@ -167,9 +167,14 @@ def body_z_extent(image: np.ndarray, modality: str) -> tuple[int, int]:
 
     Returns (0, Z-1) when the volume has no body at all.
     """
-    areas = body_mask(image, modality).sum(axis=(0, 1))
+    return _z_extent(body_mask(image, modality))
+
+
+def _z_extent(body: np.ndarray) -> tuple[int, int]:
+    """`body_z_extent` of a body mask."""
+    areas = body.sum(axis=(0, 1))
     if areas.size == 0 or areas.max() == 0:
-        return 0, max(int(np.shape(image)[2]) - 1, 0)
+        return 0, max(int(body.shape[2]) - 1, 0)
     keep = np.flatnonzero(areas >= _MIN_SLICE_AREA_FRACTION * areas.max())
     return int(keep[0]), int(keep[-1])
 
@@ -216,10 +221,8 @@ def copy_mask_at_relative_position(
     """
     support = np.asarray(support_mask, dtype=bool)
     _check_same_shape(support, np.asarray(support_image))
-    s_extent = body_z_extent(support_image, support_modality or modality)
-    q_lo, q_hi = body_z_extent(query_image, modality)
-    s_box = _body_plane_box(support_image, support_modality or modality, s_extent)
-    q_box = _body_plane_box(query_image, modality, (q_lo, q_hi))
+    s_extent, s_box = _body_extent_and_box(support_image, support_modality or modality)
+    (q_lo, q_hi), q_box = _body_extent_and_box(query_image, modality)
     out: np.ndarray = np.zeros(np.shape(query_image), dtype=bool)
     (qx0, qx1), (qy0, qy1) = q_box
     (sx0, sx1), (sy0, sy1) = s_box
@@ -229,15 +232,17 @@ def copy_mask_at_relative_position(
     return out
 
 
-def _body_plane_box(image: np.ndarray, modality: str, extent: tuple[int, int]) -> tuple[tuple[int, int], ...]:
-    """The in-plane (X, Y) bounding box, as half-open index ranges, of the body over the slices of ``extent``; the
-    whole plane when no body is found."""
-    body: np.ndarray = np.asarray(body_mask(image, modality)[:, :, extent[0] : extent[1] + 1].any(axis=2))
+def _body_extent_and_box(image: np.ndarray, modality: str) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """The body's `body_z_extent` and its in-plane (X, Y) bounding box over those slices, as half-open index ranges
+    (the whole plane when no body is found), from one body mask (its largest component is the costly part)."""
+    body = body_mask(image, modality)
+    lo, hi = _z_extent(body)
+    plane: np.ndarray = np.asarray(body[:, :, lo : hi + 1].any(axis=2))
     shape = np.shape(image)[:2]
-    if not body.any():
-        return (0, int(shape[0])), (0, int(shape[1]))
-    xs, ys = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
-    return (int(xs[0]), int(xs[-1]) + 1), (int(ys[0]), int(ys[-1]) + 1)
+    if not plane.any():
+        return (lo, hi), ((0, int(shape[0])), (0, int(shape[1])))
+    xs, ys = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return (lo, hi), ((int(xs[0]), int(xs[-1]) + 1), (int(ys[0]), int(ys[-1]) + 1))
 
 
 def intensity_window(
