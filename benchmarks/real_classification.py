@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import DATA_CONFIGS, load_yaml
 from imaging_meta.checkpoint_io import load_learner
 from imaging_meta.commands.classify import loader_settings, predict_queries, support_folder
 from imaging_meta.evaluation.statistics import mean_ci
@@ -58,6 +59,17 @@ def descriptor_learners(finetune_steps: int = 0) -> dict[str, Learner]:
     if available():  # the optional radiomics extra
         out["radiomics"] = DescriptorClassifier(features="radiomics")
     return out
+
+
+def descriptor_settings() -> dict:
+    """How the standalone descriptor rows read the images: at the image size of the classification data config
+    (`configs/data/folder_classification.yaml`, as `make results`' checkpoints were trained, so that each row
+    is the space the task-adaptive default weighs; until 2026-12-07 they read 64 x 64, where the gradient
+    histogram is another descriptor: a review), colour images in colour (grey ones are described as grey:
+    `features.shared_channels`)."""
+    config = load_yaml(DATA_CONFIGS / "folder_classification.yaml")["data"]["init_args"]["source"]["init_args"]
+    return {"image_size": [int(s) for s in config["image_size"]], "channels": 3,
+            "ct_window": [float(v) for v in config["ct_window"]]}
 
 
 def checkpoint_learners(
@@ -271,11 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     adaptive_options = {k: v for k, v in (("rule", args.rule), ("prior", args.prior)) if v is not None}
     torch.manual_seed(args.seed)
-    methods = {
-        # colour images in colour (grey ones are described as grey: `features.shared_channels`)
-        k: (v, {"image_size": [64, 64], "channels": 3, "ct_window": [-250.0, 250.0]})
-        for k, v in descriptor_learners().items()
-    }
+    methods = {k: (v, descriptor_settings()) for k, v in descriptor_learners().items()}
     methods.update(checkpoint_learners(args.checkpoints, args.finetune_steps, adaptive_options))
     rows = []
     for name in args.sets:

@@ -226,6 +226,28 @@ def test_real_classification_keeps_two_checkpoints_of_one_run_apart(tmp_path, mo
         rc.checkpoint_learners([paths[0], paths[0]], 0)
 
 
+def test_real_classification_reads_the_descriptor_rows_as_the_default_weighs_them(monkeypatch):
+    """A review (2026-12-07): the standalone descriptor rows read 64 x 64 images, where the task-adaptive default
+    (and the data configs, `make results`' checkpoints) read 32 x 32; the gradient histogram is another descriptor
+    at another resolution (brain lesions, one shot: 0.528 against 0.675)."""
+    import benchmarks.real_classification as rc
+
+    seen = {}
+
+    def run_set(name, methods, shots, args):
+        seen.update(methods)
+        return []
+
+    monkeypatch.setattr(rc, "run_set", run_set)
+    monkeypatch.setattr(rc, "markdown", lambda rows: "")
+    assert rc.main(["--sets", "organs_ct"]) == 0
+    config = rc.load_yaml(rc.DATA_CONFIGS / "folder_classification.yaml")["data"]["init_args"]["source"]["init_args"]
+    assert config["image_size"] == [32, 32]
+    assert {"pixels", "gradient", "orientation"} <= set(seen)
+    for name in ("pixels", "histogram", "gradient", "orientation"):
+        assert seen[name][1]["image_size"] == [32, 32] and seen[name][1]["channels"] == 3
+
+
 def assert_default_with_two_shots(variant, default) -> None:
     """A one-shot variant of `benchmarks.one_shot_weighting` answers as the default task-adaptive classifier
     exactly when every class has two support images (it differs at one shot only)."""
