@@ -75,7 +75,10 @@ class LateWeightAveraging(WeightAveraging):
             raise ValueError(UNBOUNDED)
         self.start_step = math.floor(self.start * total)
         saved = getattr(self, "_saved_start_step", None)
-        if saved is not None and saved != self.start_step:  # a resume with other max_epochs or max_steps
+        # a resume with other max_epochs or max_steps differs from training straight to its length only where the
+        # average of either started before the resumed step (a review: resumed before either start, it warned of
+        # a difference there is none)
+        if saved is not None and saved != self.start_step and trainer.global_step > min(saved, self.start_step):
             warnings.warn(
                 f"resumed with another length of training ({total} steps in all): weight averaging starts at step "
                 f"{self.start_step}, where the run that was saved started it at step {saved}; the result is not the "

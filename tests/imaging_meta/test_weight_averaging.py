@@ -104,14 +104,31 @@ def test_resuming_from_last_restores_the_average_and_the_current_weights(tmp_pat
     cut = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert (float(cut["state_dict"]["w"]), float(cut["current_model_state"]["w"])) == (10.5, 12.0)
     resumed = Rising()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # the same length: no warning about another length
-        warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    with warnings.catch_warnings(record=True) as caught:  # the same length: no warning about another length
+        warnings.simplefilter("always")
         _trainer([LateWeightAveraging(start=0.5)], epochs=4, root=tmp_path / "root").fit(resumed, _data(), _data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert not [w for w in caught if "another length" in str(w.message)]
     assert float(resumed.w.detach()) == float(full.w.detach()) == 12.5
     # a resume that trains longer starts the average elsewhere than the run saved did: said (a review, 2026-12-06)
     with pytest.warns(UserWarning, match=r"resumed with another length of training .* weight averaging starts at step"):
         _trainer([LateWeightAveraging(start=0.5)], epochs=6, root=tmp_path / "root").fit(Rising(), _data(), _data(), ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_a_longer_resume_before_averaging_started_is_exact_and_not_warned(tmp_path):
+    """A review (2026-12-07): killed before the average started (step 4 of 16, averaging from step 8) and resumed
+    to 6 epochs, the run ends where training straight to 6 epochs does, yet it was warned to differ."""
+    straight = Rising()
+    _trainer([LateWeightAveraging(start=0.5)], epochs=6, root=tmp_path / "straight").fit(straight, _data(), _data())
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_top_k=1)
+    with pytest.raises(_Stop):  # killed after epoch 0 of 4, before the average started
+        _trainer([LateWeightAveraging(start=0.5), last, _StopAtEpoch(1)], epochs=4, root=tmp_path / "root").fit(Rising(), _data(), _data())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == STEPS_PER_EPOCH
+    resumed = Rising()
+    with warnings.catch_warnings(record=True) as caught:  # (the warning names lightning's caller: record them all)
+        warnings.simplefilter("always")
+        _trainer([LateWeightAveraging(start=0.5)], epochs=6, root=tmp_path / "root").fit(resumed, _data(), _data(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert not [w for w in caught if "another length" in str(w.message)]
+    assert float(resumed.w.detach()) == float(straight.w.detach())
 
 
 def test_the_module_option_adds_it_and_bad_starts_are_refused():
