@@ -847,6 +847,9 @@ def segment(
             affine, geometry = header.affine, NiftiGeometry.of(header)
             if mask.shape != header.shape[:3]:
                 raise RuntimeError(f"{q}: inverted mask shape {mask.shape} differs from the image {header.shape}")
+            if len(header.shape) > 3:  # (X, Y, Z, 1, ...): a true 4D scan is refused on reading; the mask keeps
+                mask = mask.reshape(header.shape)  # the query's own shape (a review: it came out 3D)
+                prob_map = prob_map.reshape(header.shape)
         mark = query_mark(q)  # a NIfTI query's whole file digested: once for the mask and its probability map
         if output_format == "dicom-seg":
             try:

@@ -74,6 +74,23 @@ def test_a_query_in_metres_gets_the_mask_of_its_mm_original_in_its_own_unit(tmp_
     assert nib.load(mask_mm).header.get_xyzt_units()[0] == "mm"
 
 
+def test_a_query_with_trailing_dimensions_of_size_1_gets_a_mask_of_its_own_shape(tmp_path, scans):
+    """A review (2026-12-07): a query stored as (X, Y, Z, 1) got a 3D mask and probability map, where the README
+    promises the query's own shape; the voxels are those of the same query stored 3D."""
+    support, query, ckpt = scans
+    flat = ct_nifti(query, affine_ras(), tmp_path / "flat" / "q.nii.gz")
+    four = tmp_path / "four" / "q.nii.gz"
+    ct_nifti(query[..., None], affine_ras(), four)
+    assert nib.load(four).shape == query.shape + (1,)
+    expected, expected_prob = run(ckpt, support, flat, tmp_path / "out_flat")
+    mask, prob = run(ckpt, support, four, tmp_path / "out_four")
+    for got, want in ((mask, expected), (prob, expected_prob)):
+        img = nib.load(got)
+        assert img.shape == query.shape + (1,) and np.allclose(img.affine, nib.load(four).affine)
+        np.testing.assert_array_equal(np.asarray(img.dataobj)[..., 0], np.asarray(nib.load(want).dataobj))
+    assert np.asarray(nib.load(expected).dataobj).sum() > 0
+
+
 def test_a_query_of_unknown_orientation_is_warned_about_and_keeps_codes_0(tmp_path, scans, caplog):
     support, query, ckpt = scans
     mm = ct_nifti(query, affine_ras(), tmp_path / "mm" / "q.nii.gz")
