@@ -326,6 +326,10 @@ class EpisodicModule(LightningModule):
         #: data preprocessing that differs from the loaded checkpoint's (`preprocessing_changes`), warned at load
         self.preprocessing_changes: dict[str, tuple[Any, Any]] = {}
         self._hparams_logged: set[int] = set()  # ids of the loggers that have this run's hparams
+        #: the git commits of the source that trained the loaded checkpoint (`fit_commits`; empty: none loaded,
+        #: or one saved before 2026-12-07, which recorded none)
+        self.fit_commits: list[str] = []
+        self._fit_commit: str | None = None  # this process's, read at its first save
 
     @property
     def task(self) -> Task:
@@ -630,6 +634,7 @@ class EpisodicModule(LightningModule):
             context["checkpoint"] = str(self.trainer.ckpt_path)
         # what evaluate's report records of where its numbers came from (a review: fit's had none of it)
         context.update(provenance(), seed_everything=os.environ.get("PL_GLOBAL_SEED"))  # set by seed_everything
+        context["fit_commits"] = list(self.fit_commits) or None  # the model's; None: not recorded
         # where it ran, as evaluate records it: GPU results agree with CPU ones only to a few decimals (a review)
         if task.dense:  # the mask threshold the Dice was scored at (a test may set another than the fit's; a review)
             context["threshold"] = self.hparams["threshold"]
@@ -683,6 +688,13 @@ class EpisodicModule(LightningModule):
         # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
         # order), so that a resumed run continues each rank's random stream exactly
         extra["rng_states"] = _gather([rng_states()])
+        # which source trained it, in order (a resume under other code adds its commit): a test or results table
+        # names the commit it ran at, and this one says which code made the model (a review)
+        if self._fit_commit is None:
+            self._fit_commit = str(provenance()["git_commit"])
+        if not self.fit_commits or self.fit_commits[-1] != self._fit_commit:
+            self.fit_commits = [*self.fit_commits, self._fit_commit]
+        extra["fit_commits"] = list(self.fit_commits)
         checkpoint["imaging_meta"] = extra
         record_a_stopped_epoch_as_unfinished(self._trainer, checkpoint)
 
@@ -699,6 +711,7 @@ class EpisodicModule(LightningModule):
 
     def _check_and_restore(self, checkpoint: dict) -> None:
         extra = checkpoint.get("imaging_meta", {})
+        self.fit_commits = [str(c) for c in extra.get("fit_commits") or []]
         saved = current_class_path(extra["learner_config"]["class_path"]) if extra.get("learner_config") else None
         if saved and saved != self.learner.config["class_path"]:
             from imaging_meta.commands.configs import model_configs_of

@@ -517,6 +517,7 @@ def _context(path: Path, out: Path, extra: dict, task: Task, describe: dict, epi
         "data_by_shot": data_by_shot,
         "device": settings["device"],
         **provenance(),
+        "fit_commits": extra.get("fit_commits"),  # the source that trained the checkpoint; None: not recorded
     }
 
 

@@ -267,7 +267,7 @@ def run_results(args: argparse.Namespace) -> int:
         (out / "results.md").write_text(f"# imaging-meta results\n\nno table: {e}\n")  # not an earlier one
         raise ValueError(f"{e}; the runs' rows are in {out / 'results.json'}, no table was made") from None
     (out / "results.json").write_text(json.dumps(record, indent=1, default=str))
-    (out / "results.md").write_text(f"# imaging-meta results\n\nmachine: {machine}\n\n{table}")
+    (out / "results.md").write_text(f"# imaging-meta results\n\nmachine: {machine}\n\n{_commits(rows)}\n\n{table}")
     sys.stdout.write(table + f"\nwritten: {out / 'results.md'}\n")
     return 1 if failed else 0
 
@@ -315,6 +315,22 @@ def _machine(rows: list[dict]) -> str:
 
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}; device {recorded('device')}, "
             f"torch threads {recorded('torch_threads')}")
+
+
+def _commits(rows: list[dict]) -> str:
+    """The source commits the rows were tested and trained at (`--resume` reuses runs made at other commits: a
+    review found a row crediting its model to code that did not train it), in bold where they differ."""
+    def distinct(values) -> list[str]:
+        return list(dict.fromkeys(str(v) for v in values))
+
+    tested = distinct(r["context"].get("git_commit", "not recorded") for r in rows)
+    trained = distinct(" then ".join(c) if c else "not recorded"
+                       for c in (r["context"].get("fit_commits") for r in rows))
+    def line(what: str, commits: list[str]) -> str:
+        text = f"{what} at commit {', '.join(commits) or 'none'}"
+        return f"**{text} (the rows differ)**" if len(commits) > 1 else text
+
+    return line("tested", tested) + "; " + line("trained", trained)
 
 
 def _test_episodes(context: dict) -> tuple[str | None, str | None]:

@@ -100,6 +100,8 @@ def write_report(
               "checkpoint", "learner_settings_not_the_checkpoints", "preprocessing_not_the_checkpoints", "machine"):
         if k in context:
             lines.append(f"- {k}: {context[k]}")
+    if "git_commit" in context:  # the source that ran the test, and that trained the model
+        lines.append(f"- git commit: `{context['git_commit']}`" + fit_commits_note(context))
     classes = context.get("classes")  # classification: each stage's classes and their items
     if isinstance(classes, dict):
         for stage, counts in classes.items():
@@ -224,6 +226,17 @@ def _interval_notes(interval: str, patients, differences: bool, n_boot: int | No
 
 
 # ---------------------------------------------------------------- imaging-meta evaluate: the report
+def fit_commits_note(context: dict) -> str:
+    """``; trained at commit ...`` (the checkpoint's `EpisodicModule.fit_commits`, in order), or that the checkpoint
+    does not say (one saved before 2026-12-07); nothing for a context without the field (an older report)."""
+    if "fit_commits" not in context:
+        return ""
+    commits = context["fit_commits"]
+    if not commits:
+        return "; the checkpoint does not record the commit that trained it"
+    return "; trained at commit" + ("s " if len(commits) > 1 else " ") + ", then ".join(f"`{c}`" for c in commits)
+
+
 def citation(context: dict, summary: dict) -> str:
     """One sentence that quotes the headline number, its paired differences from the baselines, and everything
     needed to reproduce it."""
@@ -295,7 +308,8 @@ def _evaluation_markdown(context: dict, summary: dict, task: Task, figures: dict
     lines += _interval_notes(interval, _patients_behind(context, summary, task), any_diffs,
                              (context.get("interval") or {}).get("resamples"))
     v = context["versions"]
-    lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in v) + f"; git commit `{context['git_commit']}`")
+    lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in v) + f"; git commit `{context['git_commit']}`"
+                 + fit_commits_note(context))
     lines += ["", "**Cite as:** " + citation(context, summary), ""]
     for k in context["shots"]:
         lines += [f"## {k}-shot", ""]

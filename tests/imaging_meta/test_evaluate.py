@@ -160,6 +160,7 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
     assert ctx["protocol"] == "cross_organ" and ctx["shots"] == [1, 2] and ctx["seed"] == 7
     assert len(ctx["checkpoint_sha256"]) == 64 and ctx["versions"]["torch"] == torch.__version__
     assert ctx["git_commit"] and ctx["episode_files"]["2"]["n_episodes"] == 5
+    assert ctx["fit_commits"] == [ctx["git_commit"]] and f"trained at commit `{ctx['git_commit']}`" in md.read_text()
     assert ctx["preprocessing"]["spacing"] and ctx["preprocessing"]["slice_size"]  # what `compare` checks too
     for k in ("1", "2"):
         for metric in ("dice", "hd95"):

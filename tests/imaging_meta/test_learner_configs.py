@@ -33,8 +33,13 @@ def test_classification_learner_fits_and_tests_from_its_config(model, tmp_path, 
     md = (run_dir / "results.md").read_text()
     assert "accuracy" in md and "chance: 0.200" in md
     ckpt = next((run_dir / "checkpoints").glob("*.ckpt"))
+    # the source that trained the model, beside the one that tested it (a review, 2026-12-07: neither the
+    # checkpoint nor a report said which code trained it)
+    assert res["context"]["fit_commits"] == [res["context"]["git_commit"]]
+    assert f"trained at commit `{res['context']['git_commit']}`" in md
     test = cli_main(["test", *cls_args(tmp_path, model), "--ckpt_path", str(ckpt), "--data.init_args.n_shot", "2"])
     assert test.model.test_summary["trained"]["all"]["n_episodes"] == 4
+    assert test.model.fit_commits == [res["context"]["git_commit"]]
 
 
 @pytest.mark.parametrize("model", SEG_MODELS)
@@ -147,6 +152,21 @@ def test_results_table_combines_runs_and_checks_episode_files():
         combine([row("a", 1, 0.5, "x"), row("b", 1, 0.5, "y")])
 
 
+def test_results_names_the_commits_its_rows_were_tested_and_trained_at_and_marks_a_mix():
+    """A review (2026-12-07): `--resume` reused a model trained at one commit and tested a new column at another;
+    the table named no commit, and its rows credited the model to the code that tested it."""
+    from imaging_meta.commands.results import _commits
+
+    def row(tested, trained):
+        return {"context": {"git_commit": tested, "fit_commits": trained}}
+
+    assert _commits([row("a1", ["a1"]), row("a1", ["a1"])]) == "tested at commit a1; trained at commit a1"
+    mixed = _commits([row("a1", ["a1"]), row("b2", ["a1"])])
+    assert mixed == "**tested at commit a1, b2 (the rows differ)**; trained at commit a1"
+    assert _commits([row("b2", ["a1", "b2"]), row("b2", None)]) == (
+        "tested at commit b2; **trained at commit a1 then b2, not recorded (the rows differ)**")
+
+
 @pytest.mark.parametrize("train_shots", ["data", "matched"])
 def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train_shots):
     """`--train-shots matched` fits one model per test shot count with that many shots and tests each with its
@@ -178,6 +198,7 @@ def test_results_trains_once_or_once_per_shot_count(tmp_path, monkeypatch, train
     assert results.run_results(args) == 0 and not stale.exists() and len(calls) == len(fits) + len(tests)
     calls.clear()
     assert results.run_results(p.parse_args([*sys_args, "--resume"])) == 0 and calls == []
+    assert "\n\ntested at commit not recorded; trained at commit not recorded\n\n" in (tmp_path / "out" / "results.md").read_text()
     if train_shots == "matched":
         assert shots_of == ["1", "5"] and ckpts == ["protonet_cls-train1shot", "protonet_cls-train5shot"]
         assert "one model per column" in (tmp_path / "out" / "results.md").read_text()
