@@ -309,6 +309,7 @@ def _cross_organ(cases: Sequence[Case], idx: dict[str, list[int]], all_organs: l
         raise ValueError(
             f"cross_organ needs test_organs from the structures in the index {all_organs}; "
             f"got {list(test_organs)}" + (f" (unknown: {unknown})" if unknown else "")
+            + "; set data.init_args.test_organs to the structures to hold out for testing (some of those)"
         )
     unknown_val = sorted(set(val_organs or ()) - set(all_organs))
     if unknown_val:

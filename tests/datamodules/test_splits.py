@@ -146,8 +146,8 @@ def test_a_test_site_is_named_by_whole_words_not_by_a_substring():
 
 def test_errors_name_the_fix():
     cs = cases()
-    with pytest.raises(ValueError, match="unknown: \\['pancreas'\\]"):
-        make_split(cs, "cross_organ", test_organs=["pancreas"])
+    with pytest.raises(ValueError, match="unknown: \\['pancreas'\\]\\); set data.init_args.test_organs to the structures"):
+        make_split(cs, "cross_organ", test_organs=["pancreas"])  # (the key to set: a review, 2026-12-07)
     with pytest.raises(ValueError, match="matches none of the sites"):
         make_split(cs, "cross_site", test_sites=["nowhere"])
     with pytest.raises(ValueError, match="cover every site"):
