@@ -24,6 +24,7 @@ import inspect
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -73,6 +74,17 @@ def _init_default(class_path: str, name: str):
             if param is not None:
                 return None if param.default is inspect.Parameter.empty else param.default
     return None
+
+
+def _new_run_folder(trainer) -> Path | None:
+    """The TensorBoard run folder (``version_N``) this run will make, or None: another logger, or one that exists."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger_ = trainer.logger
+    if not isinstance(logger_, TensorBoardLogger):
+        return None
+    folder = Path(logger_.log_dir)
+    return None if folder.exists() else folder
 
 
 def _checkpoint_place(path: str) -> str:
@@ -329,6 +341,19 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 init["callbacks"] = kept
                 rank_zero_info("--trainer.enable_checkpointing false: the config's ModelCheckpoint callbacks are left "
                                "out (no best.ckpt or last.ckpt is written; --test_after_fit tests the last weights)")
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            # Lightning creates the logger's version_N folder (its events file) before the data is set up: a run
+            # refused at setup (a config mistake, too few patients) left an empty run folder, and the next run took
+            # version_N+1 (a review). A folder this run made that holds nothing but events files is removed.
+            made = _new_run_folder(self.trainer)
+            try:
+                super()._run_subcommand(subcommand)
+            except BaseException:
+                if made is not None and made.is_dir() and all(
+                        f.name.startswith("events.out.tfevents.") for f in made.iterdir()):
+                    shutil.rmtree(made, ignore_errors=True)  # another rank may remove it first
+                raise
 
         def before_fit(self) -> None:
             from datamodules.base import EpisodicDataModule

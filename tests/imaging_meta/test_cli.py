@@ -199,6 +199,25 @@ def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp
     assert events
 
 
+def test_a_run_refused_at_setup_leaves_no_run_folder(demo_root, demo_index, tmp_path):
+    """A review (2026-12-07): Lightning makes the logger's version_N folder (its events file) before the data is
+    set up, so a run refused there left an empty run folder, and the next run became version_1. A folder that holds
+    anything else (here, an earlier run's) is kept."""
+    runs = tmp_path / "runs"
+    args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
+            "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL, *data_args(demo_root, demo_index[1], tmp_path),
+            "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", "mine",
+            "--data.init_args.test_organs", "[pancreas]"]
+    with pytest.raises(ValueError, match="set data.init_args.test_organs"):
+        cli_main(args)
+    assert not (runs / "mine" / "version_0").exists()
+    (runs / "mine" / "version_0").mkdir(parents=True)
+    (runs / "mine" / "version_0" / "notes.txt").write_text("an earlier run's")
+    with pytest.raises(ValueError, match="set data.init_args.test_organs"):
+        cli_main([*args, "--trainer.logger.init_args.version", "0"])
+    assert (runs / "mine" / "version_0" / "notes.txt").is_file()
+
+
 def test_fast_dev_run(demo_root, demo_index, tmp_path):
     args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
             "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL, *data_args(demo_root, demo_index[1], tmp_path),
