@@ -666,6 +666,10 @@ def evaluate(
                        "on, and the report describes this preprocessing (results.json and results.md record it); leave "
                        "these settings out of --data-config, or set them as the checkpoint has them, to evaluate the model "
                        "as trained", changes_text(changed))
+    if scan_protocols:  # no pair of test scans to score them on: refused before the episodes (a review)
+        from imaging_meta.commands.evaluate_scans import chosen_scan_pairs
+
+        chosen_scan_pairs(next(iter(dms.values())), scan_pairs, seed, scan_pairing)
     records, episode_files, describe = [], {}, {}
     panels = PanelKeeper(task, n_panel, threshold) if n_panel > 0 else None
     spacing = None

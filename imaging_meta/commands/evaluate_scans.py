@@ -38,6 +38,24 @@ logger = logging.getLogger(__name__)
 PAIRINGS = ("same_site", "cross_site", "any")
 
 
+def _other_pairing(pairing: str) -> str:
+    return "" if pairing == "any" else (f"; --scan-pairing {'cross_site or any' if pairing == 'same_site' else 'same_site or any'}"
+                                        " pairs them otherwise")
+
+
+def chosen_scan_pairs(dm, pairs: int, seed: int, pairing: str) -> tuple[list[dict], list[tuple[Scan, Scan]]]:
+    """``dm``'s test scans and the `scan_pairs` of them; refused when there is none (from the index alone:
+    `imaging_meta.commands.evaluate.evaluate` asks before it scores any episode; a review)."""
+    scans = dm.test_scans()
+    chosen = scan_pairs(scans, pairs, seed, pairing)
+    if not chosen:
+        raise ValueError(
+            f"no {pairing} (support, query) pair of test scans of two patients with the same modality shows a test "
+            f"structure{_other_pairing(pairing)}"
+        )
+    return scans, chosen
+
+
 def scan_pairs(scans: Sequence[dict], pairs: int, seed: int = 0, pairing: str = "same_site") -> list[tuple[Scan, Scan]]:
     """(support, query) pairs of two different patients of the same modality that both show the structure, at most
     ``pairs`` per structure, seeded.
@@ -189,14 +207,8 @@ def evaluate_scans(
     ``adapt_steps`` > 0 adds the test-time adapted segmenter (`imaging_meta.adaptation`) to every pair;
     ``scale="structure"`` segments each pair at the spacing chosen from its support's structure
     (`imaging_meta.volume.scale.structure_scale`)."""
-    scans = dm.test_scans()
-    chosen = scan_pairs(scans, pairs, seed, pairing)
-    other = "" if pairing == "any" else f"; --scan-pairing {'cross_site or any' if pairing == 'same_site' else 'same_site or any'} pairs them otherwise"
-    if not chosen:
-        raise ValueError(
-            f"no {pairing} (support, query) pair of test scans of two patients with the same modality shows a test "
-            f"structure{other}"
-        )
+    scans, chosen = chosen_scan_pairs(dm, pairs, seed, pairing)
+    other = _other_pairing(pairing)
     # a test structure without a pair was missing from the tables without a word (a review)
     unpaired = sorted({o for sc in scans for o in sc["organs"]} - {sup.name for sup, _ in chosen})
     left_out = (f"Test structure(s) left out: {', '.join(unpaired)} (no {pairing} pair of two test patients with the "

@@ -727,6 +727,21 @@ def test_a_test_structure_without_a_whole_scan_pair_is_named(tmp_path, monkeypat
         evaluate_scans.evaluate_scans(None, None, dm, tmp_path, ["whole_scan"], pairs=1, ablations=False)
 
 
+def test_no_whole_scan_pair_is_refused_before_any_episode_is_scored(seg_checkpoint, tmp_path, monkeypatch):
+    """A review (2026-12-07): the refusal came after every episode was scored and its report written, the slow part
+    on a real cohort; the pairs need the index alone."""
+    from imaging_meta.commands import evaluate_scans
+
+    ckpt, tmp = seg_checkpoint
+    monkeypatch.setattr(evaluate_scans, "scan_pairs", lambda scans, pairs, seed, pairing: [])
+    scored = []
+    monkeypatch.setattr("imaging_meta.commands.evaluate.run_shot", lambda *a, **k: scored.append(1) or [])
+    with pytest.raises(ValueError, match="no same_site .* pairs them otherwise"):
+        evaluate(ckpt, tmp_path / "e", shots=[1], episodes=2, cache_dir=str(tmp / "cache"), n_panel=0,
+                 scan_protocols=["whole_scan"], scan_pairs=1)
+    assert not scored and not (tmp_path / "e" / "results.json").exists()
+
+
 def test_too_many_shots_for_the_test_split_names_the_fix_evaluate_allows(seg_checkpoint, tmp_path):
     """A review: with too few test patients for the shots, evaluate passed on the sampler's advice (move patients
     into the split, drop organs), which evaluate refuses since it keeps the training run's split."""
