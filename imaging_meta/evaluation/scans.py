@@ -5,10 +5,14 @@ Protocols (issue 15):
 
 * ``whole_scan``: no oracle. The segmenter gets the whole query scan and decides itself which slices show the
   structure, as ``imaging-meta segment`` does for a user.
-* ``oracle_extent``: SSL-ALPNet's published 3D protocol. The query's *true* extent of the structure is split
-  into ``chunks`` chunks; each is segmented against the centre slice of the matching chunk of the support's
-  extent; slices outside the true extent are left empty. It uses the query's labels to place the slices, and
-  every record says so (``uses_query_extent``). The slice gate is off there: the oracle has chosen the slices.
+* ``oracle_extent``: SSL-ALPNet's published 3D protocol, with its rules (`volumes.oracle_chunks`,
+  `volumes.support_part_slices`). The query's *true* extent of the structure (from its label map) is split into
+  ``chunks`` parts; each is segmented against one support slice, the centre of the matching part of the support's
+  slices that show the structure; slices outside the true extent are left empty. It uses the query's labels to
+  place the slices, and every record says so (``uses_query_extent``). The slice gate is off there: the oracle has
+  chosen the slices. Unlike SSL-ALPNet's model, which is given those support slices alone, the scan segmenter
+  still reads the whole support label map: its calibration predicts the support's other slices, with and
+  without the structure, and adaptation trains on all of them.
 
 Methods (each a record per query volume): ``trained`` (the scan segmenter with every part), ``trained,
 learner only`` (the learner's probability > 0.5, no fusion, no gate, no smoothing), the ablations that switch
@@ -215,21 +219,22 @@ def _segment(
         probs = segmenter.predict(q_img)
         check, relaxed, novelty = segmenter.support_dice, segmenter.relaxed, segmenter.novelty
     else:
-        q_chunks = V.oracle_chunks(query.pre["struct"].numpy(), chunks)
-        s_chunks = V.oracle_chunks(s_mask.numpy(), len(q_chunks))
+        # the query's true extent from its own label map (in RAS order the preprocessed grid's axial slices: the
+        # preprocessing resamples in-plane only), not from the preprocessed mask, where an organ's thin tip slices
+        # may vanish, leaving them to score as missed while the baselines got the whole extent (a review)
+        q_truth = _ras(query)[1]
+        if q_truth.shape[-1] != q_img.shape[-1]:
+            raise RuntimeError(f"{query.name}: {q_truth.shape[-1]} axial slices in the file, {q_img.shape[-1]} preprocessed")
+        q_chunks = V.oracle_chunks(q_truth, chunks)
+        s_slices = V.support_part_slices(structure_slices(s_mask), len(q_chunks))
         probs = torch.zeros(q_img.shape)
-        present = structure_slices(s_mask)
-        for c, qc in enumerate(q_chunks):
-            sc = s_chunks[c * len(s_chunks) // len(q_chunks)]
-            middle = V.chunk_centres([sc])[0]
-            centre = min(
-                present, key=lambda z: (abs(z - middle), z)
-            )  # the chunk's centre, or the nearest slice showing it
-            # the oracle has already chosen the slices: no slice gate, and no retry of a chunk found empty (the
-            # retry is a rule for a whole query)
-            opts = dataclasses.replace(options, negatives=False, relax_empty=False)
-            seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[centre]])
-            probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
+        # the oracle has already chosen the slices: no slice gate, and no retry of a part found empty (the retry
+        # is a rule for a whole query)
+        opts = dataclasses.replace(options, negatives=False, relax_empty=False)
+        for qc, support_slice in zip(q_chunks, s_slices, strict=True):
+            if qc:  # an extent shorter than the parts leaves some empty
+                seg = ScanSegmenter(learner, opts, device).fit([(s_img, s_mask)], slices=[[support_slice]])
+                probs = torch.maximum(probs, seg.predict(q_img, slices=qc))
     mask = to_query_grid(query, probs) > 0.5
     return V.keep_components(mask, V.structure_parts(s_mask.numpy())), check, relaxed, novelty
 

@@ -11,6 +11,7 @@ the SSL-ALPNet 3D protocol helpers (oracle chunks of the foreground extent and t
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from monai.metrics import compute_hausdorff_distance
@@ -293,20 +294,32 @@ def scaled_like_the_learner(image: np.ndarray, modality: str | None,
 
 
 def oracle_chunks(mask: np.ndarray, n_chunks: int) -> list[list[int]]:
-    """SSL-ALPNet 3D protocol: split the foreground's axial extent into `n_chunks` chunks.
-
-    The extent runs from the first to the last slice with any foreground (gap slices included) and
-    is split with np.array_split into contiguous near-equal chunks; empty chunks (an extent shorter
-    than `n_chunks`) are dropped. An empty mask gives [].
-    """
+    """SSL-ALPNet's 3D protocol (``dataloaders/common.py``): the query's slices from the first to the last that show
+    the structure (gap slices included), slice ``z`` in part ``int((z - z_min) // ((z_max - z_min) / n_chunks))``,
+    clipped to the last part (its spare slices go to the last part; one slice: part 0). Returns the ``n_chunks``
+    parts, some of which are empty for an extent shorter than ``n_chunks``; an empty mask gives []. (Until
+    2026-12-07: ``np.array_split`` of the extent, which gives the first parts the spare slices; a review.)"""
     occupied = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=(0, 1)))
     if occupied.size == 0:
         return []
-    extent = np.arange(occupied[0], occupied[-1] + 1)
-    chunks = np.array_split(extent, n_chunks)
-    return [[int(z) for z in chunk] for chunk in chunks if chunk.size > 0]
+    lo, hi = int(occupied[0]), int(occupied[-1])
+    parts: list[list[int]] = [[] for _ in range(n_chunks)]
+    for z in range(lo, hi + 1):
+        part = int((z - lo) // ((hi - lo) / n_chunks)) if hi > lo else 0
+        parts[min(max(part, 0), n_chunks - 1)].append(z)
+    return parts
 
 
-def chunk_centres(chunks: list[list[int]]) -> list[int]:
-    """Middle slice index of each chunk: chunk[len(chunk) // 2]."""
-    return [int(chunk[len(chunk) // 2]) for chunk in chunks]
+def support_part_slices(present: Sequence[int], n_parts: int) -> list[int]:
+    """SSL-ALPNet's support slice of each of ``n_parts`` parts (``get_support``): of the support's slices that show
+    the structure, ``present`` (ascending), the one at the fraction ``1 / (2 n) + i (1 - 1 / n) / (n - 1)`` of the
+    list (the centres of ``n`` equal parts of it; 0.5 for one part), in SSL-ALPNet's own arithmetic. (Until
+    2026-12-07: the centre of the support's extent chunk, gap slices included; a review.)"""
+    if not present:
+        raise ValueError("the support shows the structure on no slice")
+    if n_parts == 1:
+        fractions = [0.5]
+    else:
+        half, step = 1 / (n_parts * 2), (1.0 - 1.0 / n_parts) / (n_parts - 1)
+        fractions = [half + step * i for i in range(n_parts)]
+    return [int(present[int(f * len(present))]) for f in fractions]

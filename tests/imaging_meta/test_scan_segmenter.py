@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from imaging_meta.evaluation.scans import COPY, LEARNER_ONLY_NAME, WINDOW, Scan, score_pair
+from imaging_meta.evaluation.scans import COPY, LEARNER_ONLY_NAME, WINDOW, Scan, load_structure, score_pair
 from imaging_meta.learners.base import Learner
 from imaging_meta.volume.evidence import (
     IntensityModel,
@@ -20,7 +20,7 @@ from imaging_meta.volume.evidence import (
     slice_gate,
     smooth_z,
 )
-from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter
+from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter, structure_slices
 
 
 class ConstantLearner(Learner):
@@ -165,6 +165,31 @@ def test_z_smoothing_treats_slices_not_predicted_as_not_predicted():
 def _write(path, array, spacing=(4.5, 4.5, 5.0)):
     nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
     return str(path)
+
+
+def test_the_oracle_extent_is_the_query_files_even_where_preprocessing_loses_a_thin_tip(tmp_path):
+    """A review (2026-12-07): the oracle's extent came from the preprocessed query mask, where one-voxel tips at
+    0.8 mm vanish at 4.5 mm, so their slices were never predicted (scored as missed) while the baselines got the
+    whole extent. With a learner that says 'foreground' everywhere the oracle predicts every slice of the file's
+    extent, tips included."""
+    pre = {"spacing": [4.5, 4.5], "slice_size": [16, 16], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    scans = []
+    for name in ("s", "q"):
+        hu = np.full((32, 32, 12), 40.0, np.float32)
+        lab = np.zeros(hu.shape, np.uint8)
+        lab[8:24, 8:24, 3:9] = 3
+        if name == "q":
+            lab[16, 16, [2, 9]] = 3  # the tips
+        hu[lab == 3] = 200.0
+        spacing = (0.8, 0.8, 5.0)
+        scans.append(Scan(_write(tmp_path / f"{name}.nii.gz", hu, spacing), _write(tmp_path / f"{name}_l.nii.gz", lab, spacing),
+                          3, "CT", "organ"))
+    query = load_structure(scans[1], pre, query=True)
+    assert structure_slices(query.pre["struct"]) == list(range(3, 9)), "the tips are gone after preprocessing"
+    oracle = {r["method"]: r for r in score_pair(ConstantLearner(0.99), pre, scans[0], scans[1], "oracle_extent",
+                                                  ablations=False)}
+    truth = 16 * 16 * 6 + 2
+    assert oracle[LEARNER_ONLY_NAME]["dice"] == pytest.approx(2 * truth / (truth + 32 * 32 * 8))
 
 
 def test_protocols_known_answers(tmp_path):

@@ -11,7 +11,6 @@ import torch
 from imaging_meta.evaluation.volumes import (
     body_mask,
     body_z_extent,
-    chunk_centres,
     copy_mask_at_relative_position,
     dice3d,
     hd95,
@@ -20,6 +19,7 @@ from imaging_meta.evaluation.volumes import (
     oracle_chunks,
     relative_z,
     structure_parts,
+    support_part_slices,
 )
 
 
@@ -212,22 +212,29 @@ def test_intensity_window_raises_on_empty_support_mask():
         intensity_window(image, np.zeros((4, 4, 4), dtype=bool), image)
 
 
-def test_oracle_chunks_and_centres():
+def test_oracle_parts_and_support_slices_follow_ssl_alpnets_rules():
+    """SSL-ALPNet (dataloaders/common.py, ManualAnnoDatasetv2.get_support): query slice z in part
+    int((z - z_min) // ((z_max - z_min) / 3)), clipped; the support's slice of part i at the fraction 1/6, 1/2, 5/6
+    of its slices that show the structure. A review (2026-12-07): the parts were np.array_split's (spare slices
+    first, not last) and the support slices the centres of its extent's chunks."""
     mask = np.zeros((4, 4, 20), dtype=bool)
     mask[1:3, 1:3, 5:15] = True
-    chunks = oracle_chunks(mask, 3)
-    assert chunks == [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14]]
-    assert chunk_centres(chunks) == [7, 10, 13]
+    assert oracle_chunks(mask, 3) == [[5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
+    assert support_part_slices(list(range(5, 16)), 3) == [6, 10, 14]  # 11 slices: [7, 11, 14] before
+    assert support_part_slices([6, 7], 3) == [6, 7, 7] and support_part_slices([4, 9], 1) == [9]
+    with pytest.raises(ValueError, match="no slice"):
+        support_part_slices([], 3)
 
 
-def test_oracle_chunks_includes_gap_slices_and_drops_empty_chunks():
+def test_oracle_parts_include_gap_slices_and_may_be_empty():
     gapped = np.zeros((4, 4, 20), dtype=bool)
     gapped[1, 1, [5, 14]] = True
-    assert oracle_chunks(gapped, 3) == [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14]]
+    assert oracle_chunks(gapped, 3) == [[5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
     short = np.zeros((4, 4, 20), dtype=bool)
     short[1, 1, 6:8] = True
-    assert oracle_chunks(short, 3) == [[6], [7]]
-    assert chunk_centres([[6], [7]]) == [6, 7]
+    assert oracle_chunks(short, 3) == [[6], [], [7]]
+    short[1, 1, 7] = False
+    assert oracle_chunks(short, 3) == [[6], [], []]
     assert oracle_chunks(np.zeros((4, 4, 20), dtype=bool), 3) == []
 
 
