@@ -224,7 +224,7 @@ def _segment(
         # may vanish, leaving them to score as missed while the baselines got the whole extent (a review)
         q_truth = _ras(query)[1]
         if q_truth.shape[-1] != q_img.shape[-1]:
-            raise RuntimeError(f"{query.name}: {q_truth.shape[-1]} axial slices in the file, {q_img.shape[-1]} preprocessed")
+            raise RuntimeError(f"the query has {q_truth.shape[-1]} axial slices in its file, {q_img.shape[-1]} preprocessed")
         q_chunks = V.oracle_chunks(q_truth, chunks)
         s_slices = V.support_part_slices(structure_slices(s_mask), len(q_chunks))
         probs = torch.zeros(q_img.shape)
