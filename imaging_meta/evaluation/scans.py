@@ -364,7 +364,7 @@ def score_pair(
             "protocol": protocol,
             "method": name,
             "dice": V.dice3d(pred, q.truth),
-            "hd95": V.hd95(pred, q.truth, q.spacing),
+            "hd95": V.hd95(pred, q.truth, q.spacing, q.affine),  # the affine: a sheared (tilted) grid in mm
             "structure": query.name,
             "support": _file_name(support.image),
             "query": _file_name(query.image),

@@ -17,6 +17,9 @@ import numpy as np
 from monai.metrics import compute_hausdorff_distance
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from datamodules.transforms.volume import slice_separation
 
 _CT_BODY_HU = -500.0
 _MR_BODY_FRACTION = 0.1
@@ -51,17 +54,23 @@ def dice3d(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(2.0 * np.logical_and(a, b).sum() / total)
 
 
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> float:
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float],
+         affine: np.ndarray | None = None) -> float:
     """95th-percentile symmetric Hausdorff distance in mm between two boolean volumes.
 
     Uses MONAI's surface-based `compute_hausdorff_distance` with the voxel `spacing` (mm per voxel
     along X, Y, Z). The distance is undefined when either mask is empty, so float('nan') is returned
-    then; callers should aggregate with nan-aware statistics.
+    then; callers should aggregate with nan-aware statistics. Given the grid's ``affine`` and a sheared grid
+    (a gantry-tilted series, `slice_separation`), where a spacing per axis measures distances as if the axes were
+    at right angles (+11% at a 20 degree tilt; a review), the same surfaces (each mask less its erosion, as
+    MONAI's) are compared in world coordinates instead.
     """
     _check_same_shape(pred, truth)
     a, b = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if not a.any() or not b.any():
         return float("nan")
+    if affine is not None and slice_separation(affine) is not None:
+        return _world_hd95(a, b, np.asarray(affine, dtype=np.float64)[:3, :3])
     with warnings.catch_warnings():
         # MONAI 1.5 warns about its own internal use of a deprecated argument on every call.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
@@ -73,6 +82,14 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float
             spacing=[float(s) for s in spacing],
         )
     return float(distance.reshape(-1)[0])
+
+
+def _world_hd95(a: np.ndarray, b: np.ndarray, linear: np.ndarray) -> float:
+    """`hd95` of two non-empty masks whose voxel indices map to mm by ``linear`` (3 x 3): the 95th percentile of
+    each surface's distances to the other's, the larger of the two."""
+    edges = [np.argwhere(m & ~ndimage.binary_erosion(m)) @ linear.T for m in (a, b)]
+    directed = [np.percentile(cKDTree(other).query(mine)[0], 95) for mine, other in (edges, edges[::-1])]
+    return float(max(directed))
 
 
 def _body_threshold(image: np.ndarray, modality: str) -> float | None:

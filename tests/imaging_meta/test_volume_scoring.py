@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from imaging_meta.evaluation.volumes import (
     body_mask,
@@ -61,6 +62,29 @@ def test_hd95_of_plate_shifted_along_x_scales_with_spacing():
     assert hd95(a, b, (1.0, 1.0, 1.0)) == pytest.approx(2.0)
     assert hd95(a, b, (3.0, 5.0, 5.0)) == pytest.approx(6.0)
     assert hd95(a, a, (2.0, 1.0, 1.0)) == pytest.approx(0.0)
+
+
+def test_hd95_on_a_sheared_grid_is_measured_in_world_coordinates():
+    """A review (2026-12-07): a gantry-tilted query (its third affine column not normal to the slices) was scored
+    with a spacing per axis, as if its axes were at right angles. On such a grid the surfaces are compared in mm
+    through the affine; on an unsheared one the value is MONAI's, as before."""
+    pred, truth = np.zeros((20, 20, 8), bool), np.zeros((20, 20, 8), bool)
+    truth[5:12, 5:12, 2:6] = True
+    pred[7:15, 5:12, 1:6] = True
+    tilt = np.deg2rad(20.0)
+    sheared = np.array([[1.0, 0, 0, 0], [0, 1.0, 5 * np.sin(tilt), 0], [0, 0, 5 * np.cos(tilt), 0], [0, 0, 0, 1]])
+    straight = np.diag([1.0, 1.0, 5.0, 1.0])
+
+    def brute_force(linear):  # every surface voxel against every other, in mm
+        edges = [np.argwhere(m & ~ndimage.binary_erosion(m)) @ linear.T for m in (pred, truth)]
+        d = np.linalg.norm(edges[0][:, None] - edges[1][None], axis=-1)
+        return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+    spacing = (1.0, 1.0, float(np.linalg.norm(sheared[:3, 2])))
+    assert hd95(pred, truth, spacing, sheared) == pytest.approx(brute_force(sheared[:3, :3]))
+    assert abs(hd95(pred, truth, spacing) - brute_force(sheared[:3, :3])) > 0.1, "the per-axis spacing is off here"
+    assert hd95(pred, truth, (1.0, 1.0, 5.0), straight) == pytest.approx(brute_force(straight[:3, :3]))
+    assert hd95(pred, truth, (1.0, 1.0, 5.0), straight) == hd95(pred, truth, (1.0, 1.0, 5.0))
 
 
 def test_hd95_is_nan_when_a_mask_is_empty():
