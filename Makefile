@@ -23,24 +23,26 @@ help:  ## list the targets
 	@echo "  variables: TRAINER=$(TRAINER) DATA=$(DATA) MODEL=$(MODEL) DATA_DIR=$(DATA_DIR) ARGS='...'"
 
 # a .venv without pip (a first make stopped during ensurepip, a python without its venv package) is made again in
-# place, keeping what it holds (a CUDA torch put there first); `test -x` of its python trusted it for ever (a review)
+# place, keeping what it holds (a CUDA torch put there first); `test -x` of its python trusted it for ever (a review).
+# A python link that points nowhere (its base python removed or upgraded) is removed first: `venv` keeps it (a review)
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || { for f in $(VENV)/bin/python*; do \
+	    if [ -L "$$f" ] && [ ! -e "$$f" ]; then rm -f "$$f"; fi; done; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt "$(TORCH_SPEC)" -e ".[dev,jpeg]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install imaging-meta with its pinned dependencies
 
 demo: install  ## generate the demo cohort into DATA_DIR (skipped when present)
-	$(CLI) demo --out $(DATA_DIR) --if-missing
+	$(CLI) demo --out "$(DATA_DIR)" --if-missing
 
 # demo data configs get the demo cohort (generated when missing) as their root; your own configs keep theirs
 ifeq ($(DATA),demo_classification)
 TRAIN_PREREQ := demo
-ROOT_ARG := --data.init_args.source.init_args.csv $(DATA_DIR)/lesions.csv
+ROOT_ARG := --data.init_args.source.init_args.csv "$(DATA_DIR)/lesions.csv"
 else ifneq ($(filter demo_%,$(DATA)),)
 TRAIN_PREREQ := demo
-ROOT_ARG := --data.init_args.root $(DATA_DIR)
+ROOT_ARG := --data.init_args.root "$(DATA_DIR)"
 else
 TRAIN_PREREQ := install
 ROOT_ARG :=
@@ -49,12 +51,12 @@ endif
 train: $(TRAIN_PREREQ)  ## meta-train (default: the demo cohort), then test the best checkpoint and print the results table
 	$(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/$(DATA).yaml \
 	    --config configs/model/$(MODEL).yaml $(ROOT_ARG) \
-	    --trainer.logger.init_args.name $(RUN_NAME) --test_after_fit true $(ARGS)
+	    --trainer.logger.init_args.name "$(RUN_NAME)" --test_after_fit true $(ARGS)
 
 RESULTS_DIR ?= results
 RESULTS_ARGS ?=
 results: demo  ## train and test every learner on the same fixed demo test episodes; writes RESULTS_DIR/results.md (default results/)
-	$(CLI) results --out $(RESULTS_DIR) --data-dir $(DATA_DIR) --trainer $(TRAINER) $(RESULTS_ARGS)
+	$(CLI) results --out "$(RESULTS_DIR)" --data-dir "$(DATA_DIR)" --trainer $(TRAINER) $(RESULTS_ARGS)
 
 PROTOCOLS ?= in_domain cross_organ cross_site
 EVAL_DIR ?= evaluation
@@ -64,15 +66,15 @@ evaluate: $(TRAIN_PREREQ)  ## fit MODEL under each segmentation protocol, evalua
 	@set -e; for p in $(PROTOCOLS); do \
 	  $(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/$(DATA).yaml \
 	      --config configs/protocol/$$p.yaml --config configs/model/$(MODEL).yaml $(ROOT_ARG) \
-	      --trainer.logger.init_args.save_dir $(EVAL_DIR)/runs --trainer.logger.init_args.name $(MODEL)-$$p \
+	      --trainer.logger.init_args.save_dir "$(EVAL_DIR)/runs" --trainer.logger.init_args.name $(MODEL)-$$p \
 	      --trainer.max_epochs $(EVAL_EPOCHS) $(ARGS); \
-	  run=$$(ls -td $(EVAL_DIR)/runs/$(MODEL)-$$p/version_* | head -1); \
-	  ckpt=$$(ls -t $$run/checkpoints/best*.ckpt 2>/dev/null | head -1); \
-	  if [ -z "$$ckpt" ]; then ckpt=$$run/checkpoints/last.ckpt; \
+	  run=$$(ls -td "$(EVAL_DIR)/runs/$(MODEL)-$$p"/version_* | head -1); \
+	  ckpt=$$(ls -t "$$run"/checkpoints/best*.ckpt 2>/dev/null | head -1); \
+	  if [ -z "$$ckpt" ]; then ckpt="$$run/checkpoints/last.ckpt"; \
 	    echo "$$run: no best.ckpt (no validation was scored); evaluating its last.ckpt"; fi; \
-	  $(CLI) evaluate --checkpoint "$$ckpt" --out $(EVAL_DIR)/$(MODEL)-$$p $(EVAL_ARGS); \
+	  $(CLI) evaluate --checkpoint "$$ckpt" --out "$(EVAL_DIR)/$(MODEL)-$$p" $(EVAL_ARGS); \
 	done
-	$(CLI) compare $(addprefix $(EVAL_DIR)/$(MODEL)-,$(PROTOCOLS)) --out $(EVAL_DIR)/comparison.md
+	$(CLI) compare $(foreach p,$(PROTOCOLS),"$(EVAL_DIR)/$(MODEL)-$(p)") --out "$(EVAL_DIR)/comparison.md"
 
 SELFSUP_DIR ?= evaluation/selfsup
 SELFSUP_RUNS ?= selfsup_global selfsup_alp supervised mixed
@@ -83,14 +85,14 @@ ARGS_supervised := --data.init_args.selfsup_ratio 0
 ARGS_mixed := --data.init_args.selfsup_ratio 0.5
 selfsup-%: demo
 	$(CLI) fit --config configs/trainer/$(TRAINER).yaml --config configs/data/selfsup_segmentation.yaml \
-	    --config configs/model/protonet_seg.yaml --data.init_args.root $(DATA_DIR) \
-	    --trainer.logger.init_args.save_dir $(SELFSUP_DIR)/runs --trainer.logger.init_args.name $* \
+	    --config configs/model/protonet_seg.yaml --data.init_args.root "$(DATA_DIR)" \
+	    --trainer.logger.init_args.save_dir "$(SELFSUP_DIR)/runs" --trainer.logger.init_args.name $* \
 	    --trainer.max_epochs $(EVAL_EPOCHS) $(ARGS_$*) $(ARGS)
-	$(CLI) evaluate --checkpoint "$$(ls -td $(SELFSUP_DIR)/runs/$*/version_* | head -1)/checkpoints/last.ckpt" \
-	    --out $(SELFSUP_DIR)/$* --shots 1 --episodes 200
+	$(CLI) evaluate --checkpoint "$$(ls -td "$(SELFSUP_DIR)/runs/$*"/version_* | head -1)/checkpoints/last.ckpt" \
+	    --out "$(SELFSUP_DIR)/$*" --shots 1 --episodes 200
 
 selfsup: $(addprefix selfsup-,$(SELFSUP_RUNS))  ## self-supervised (superpixel) against supervised training, same held-out episodes
-	$(CLI) compare $(addprefix $(SELFSUP_DIR)/,$(SELFSUP_RUNS)) --out $(SELFSUP_DIR)/comparison.md
+	$(CLI) compare $(foreach r,$(SELFSUP_RUNS),"$(SELFSUP_DIR)/$(r)") --out "$(SELFSUP_DIR)/comparison.md"
 
 test: install  ## fast test suite (no `slow` tests), a few minutes on 2 CPU cores
 	$(PY) -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
@@ -106,7 +108,7 @@ install-bench: $(VENV)/.installed-bench  ## install the benchmark extra (the pee
 
 BENCH_ARGS ?=
 bench: demo install-bench  ## speed and memory tables (learner steps, MAML vs higher, data path); never part of make test
-	$(PY) -m benchmarks.run --data-dir $(DATA_DIR) $(BENCH_ARGS)
+	$(PY) -m benchmarks.run --data-dir "$(DATA_DIR)" $(BENCH_ARGS)
 
 lint: install  ## ruff, then the type check (make typecheck)
 	$(VENV)/bin/ruff check imaging_meta datamodules tests benchmarks mkdocs_hooks.py

@@ -326,10 +326,10 @@ class EpisodicModule(LightningModule):
         #: data preprocessing that differs from the loaded checkpoint's (`preprocessing_changes`), warned at load
         self.preprocessing_changes: dict[str, tuple[Any, Any]] = {}
         self._hparams_logged: set[int] = set()  # ids of the loggers that have this run's hparams
-        #: the git commits of the source that trained the loaded checkpoint (`fit_commits`; empty: none loaded,
-        #: or one saved before 2026-12-07, which recorded none)
+        #: the git commits of the source that trained this model, in order (`on_fit_start`; a loaded checkpoint's,
+        #: empty for one saved before 2026-12-07, which recorded none)
         self.fit_commits: list[str] = []
-        self._fit_commit: str | None = None  # this process's, read at its first save
+        self._fit_commit: str | None = None  # this process's, read when its first fit starts
 
     @property
     def task(self) -> Task:
@@ -670,6 +670,15 @@ class EpisodicModule(LightningModule):
             w.add_image(f"{stage}/panel", image, step, dataformats="HWC")
 
     # ------------------------------------------------------------ checkpoints
+    def on_fit_start(self) -> None:
+        """This source's commit joins `fit_commits` (after a resumed checkpoint's are restored; a resume under other
+        code adds its own), for the checkpoints and for a test of the model in memory (``--test_after_fit`` without
+        checkpoints named no commit: a review)."""
+        if self._fit_commit is None:
+            self._fit_commit = str(provenance()["git_commit"])
+        if not self.fit_commits or self.fit_commits[-1] != self._fit_commit:
+            self.fit_commits = [*self.fit_commits, self._fit_commit]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         extra: dict[str, Any] = {"learner_config": self.learner.config, "task": self.task.name, "version": imaging_meta.__version__}
         if self._untrained:
@@ -688,12 +697,8 @@ class EpisodicModule(LightningModule):
         # every rank's random state (a learner may draw from torch's global generator, e.g. MANN's support
         # order), so that a resumed run continues each rank's random stream exactly
         extra["rng_states"] = _gather([rng_states()])
-        # which source trained it, in order (a resume under other code adds its commit): a test or results table
-        # names the commit it ran at, and this one says which code made the model (a review)
-        if self._fit_commit is None:
-            self._fit_commit = str(provenance()["git_commit"])
-        if not self.fit_commits or self.fit_commits[-1] != self._fit_commit:
-            self.fit_commits = [*self.fit_commits, self._fit_commit]
+        # which source trained it, in order (`on_fit_start`): a test or results table names the commit it ran at, and
+        # this one says which code made the model (a review)
         extra["fit_commits"] = list(self.fit_commits)
         checkpoint["imaging_meta"] = extra
         record_a_stopped_epoch_as_unfinished(self._trainer, checkpoint)

@@ -20,12 +20,13 @@ the fix (exit status 1); anything else says it is a bug and to rerun with ``--de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
 import os
 import re
-import shutil
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -85,6 +86,18 @@ def _new_run_folder(trainer) -> Path | None:
         return None
     folder = Path(logger_.log_dir)
     return None if folder.exists() else folder
+
+
+def _remove_own_events(folder: Path) -> None:
+    """This process's TensorBoard events files in ``folder`` (``events.out.tfevents.<time>.<host>.<pid>.<n>``), and
+    the folder when nothing else is left: another run that chose the same version_N at the same moment keeps its
+    own events (a review)."""
+    own = f".{socket.gethostname()}.{os.getpid()}."
+    for f in folder.glob("events.out.tfevents.*"):
+        if own in f.name:
+            f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        folder.rmdir()
 
 
 def _checkpoint_place(path: str) -> str:
@@ -350,9 +363,8 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
             try:
                 super()._run_subcommand(subcommand)
             except BaseException:
-                if made is not None and made.is_dir() and all(
-                        f.name.startswith("events.out.tfevents.") for f in made.iterdir()):
-                    shutil.rmtree(made, ignore_errors=True)  # another rank may remove it first
+                if made is not None:
+                    _remove_own_events(made)
                 raise
 
         def before_fit(self) -> None:

@@ -19,8 +19,6 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from datamodules.transforms.volume import slice_separation
-
 _CT_BODY_HU = -500.0
 _MR_BODY_FRACTION = 0.1
 _MIN_SLICE_AREA_FRACTION = 0.1
@@ -61,7 +59,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float
     Uses MONAI's surface-based `compute_hausdorff_distance` with the voxel `spacing` (mm per voxel
     along X, Y, Z). The distance is undefined when either mask is empty, so float('nan') is returned
     then; callers should aggregate with nan-aware statistics. Given the grid's ``affine`` and a sheared grid
-    (a gantry-tilted series, `slice_separation`), where a spacing per axis measures distances as if the axes were
+    (a gantry-tilted series, stored in any axis order), where a spacing per axis measures distances as if the axes were
     at right angles (+11% at a 20 degree tilt; a review), the same surfaces (each mask less its erosion, as
     MONAI's) are compared in world coordinates instead.
     """
@@ -69,7 +67,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float
     a, b = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if not a.any() or not b.any():
         return float("nan")
-    if affine is not None and slice_separation(affine) is not None:
+    if affine is not None and _sheared(np.asarray(affine, dtype=np.float64)[:3, :3]):
         return _world_hd95(a, b, np.asarray(affine, dtype=np.float64)[:3, :3])
     with warnings.catch_warnings():
         # MONAI 1.5 warns about its own internal use of a deprecated argument on every call.
@@ -82,6 +80,15 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float
             spacing=[float(s) for s in spacing],
         )
     return float(distance.reshape(-1)[0])
+
+
+def _sheared(linear: np.ndarray, tol: float = 1e-4) -> bool:
+    """Whether two of the grid's axes (the columns of ``linear``) are not at right angles, whichever axis is the
+    slices' (a tilted series stored with its slice axis first was measured per axis again; a review)."""
+    gram = linear.T @ linear
+    norms = np.sqrt(np.diag(gram))
+    cosines = np.abs(gram) / np.maximum(np.outer(norms, norms), 1e-12)
+    return bool((cosines - np.eye(3)).max() > tol)
 
 
 def _world_hd95(a: np.ndarray, b: np.ndarray, linear: np.ndarray) -> float:

@@ -249,3 +249,22 @@ def test_a_checkpoint_whose_weights_are_not_finite_is_refused_and_a_threshold_is
         with pytest.raises(ValueError, match=r"threshold must be a foreground probability in \[0, 1\)"):
             EpisodicModule(learner, baselines=False, threshold=bad)
     assert EpisodicModule(learner, baselines=False, threshold=0.0).hparams["threshold"] == 0.0
+
+
+def test_the_commits_that_trained_a_model_are_kept_in_order_from_the_fits_start(monkeypatch):
+    """A review (2026-12-07): the commit that trained a model was recorded only when a checkpoint was saved, so a
+    test of the model in memory (--test_after_fit without checkpoints) named none; a resume under other code adds
+    its own after the checkpoint's."""
+    import imaging_meta.module as module
+
+    commits = iter(["aaa", "bbb"])
+    monkeypatch.setattr(module, "provenance", lambda: {"git_commit": next(commits)})
+    model = EpisodicModule(PrototypicalNetwork(backbone="conv4", in_channels=1, backbone_kwargs={"width": 4}))
+    assert model.fit_commits == []
+    model.on_fit_start()
+    model.on_fit_start()  # a second fit in the same process: the same source
+    assert model.fit_commits == ["aaa"]
+    resumed = EpisodicModule(PrototypicalNetwork(backbone="conv4", in_channels=1, backbone_kwargs={"width": 4}))
+    resumed._check_and_restore({"imaging_meta": {"fit_commits": ["aaa"]}})
+    resumed.on_fit_start()
+    assert resumed.fit_commits == ["aaa", "bbb"]

@@ -199,10 +199,12 @@ def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp
     assert events
 
 
-def test_a_run_refused_at_setup_leaves_no_run_folder(demo_root, demo_index, tmp_path):
+def test_a_run_refused_at_setup_leaves_no_run_folder(demo_root, demo_index, tmp_path, monkeypatch):
     """A review (2026-12-07): Lightning makes the logger's version_N folder (its events file) before the data is
-    set up, so a run refused there left an empty run folder, and the next run became version_1. A folder that holds
-    anything else (here, an earlier run's) is kept."""
+    set up, so a run refused there left an empty run folder, and the next run became version_1. Only this process's
+    events go: another run that chose the same version_N at the same moment keeps its own (and the folder)."""
+    import imaging_meta.commands.cli as cli_module
+
     runs = tmp_path / "runs"
     args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
             "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL, *data_args(demo_root, demo_index[1], tmp_path),
@@ -211,11 +213,19 @@ def test_a_run_refused_at_setup_leaves_no_run_folder(demo_root, demo_index, tmp_
     with pytest.raises(ValueError, match="set data.init_args.test_organs"):
         cli_main(args)
     assert not (runs / "mine" / "version_0").exists()
-    (runs / "mine" / "version_0").mkdir(parents=True)
-    (runs / "mine" / "version_0" / "notes.txt").write_text("an earlier run's")
+    found = cli_module._new_run_folder
+
+    def and_another_run_in_it(trainer):  # another run takes the same version_N while this one sets up
+        folder = found(trainer)
+        folder.mkdir(parents=True)
+        (folder / "events.out.tfevents.1.otherhost.999.0").write_bytes(b"theirs")
+        return folder
+
+    monkeypatch.setattr(cli_module, "_new_run_folder", and_another_run_in_it)
     with pytest.raises(ValueError, match="set data.init_args.test_organs"):
-        cli_main([*args, "--trainer.logger.init_args.version", "0"])
-    assert (runs / "mine" / "version_0" / "notes.txt").is_file()
+        cli_main(args)
+    left = sorted(p.name for p in (runs / "mine" / "version_0").iterdir())
+    assert left == ["events.out.tfevents.1.otherhost.999.0"], left
 
 
 def test_fast_dev_run(demo_root, demo_index, tmp_path):

@@ -84,6 +84,11 @@ def test_hd95_on_a_sheared_grid_is_measured_in_world_coordinates():
     assert hd95(pred, truth, spacing, sheared) == pytest.approx(brute_force(sheared[:3, :3]))
     assert abs(hd95(pred, truth, spacing) - brute_force(sheared[:3, :3])) > 0.1, "the per-axis spacing is off here"
     assert hd95(pred, truth, (1.0, 1.0, 5.0), straight) == pytest.approx(brute_force(straight[:3, :3]))
+    # the same grid stored as (slices, y, x): its third axis is normal to the other two, only the first is tilted
+    # (a review: only the third column was looked at)
+    first = sheared[:, [2, 1, 0, 3]]
+    moved = [m.transpose(2, 1, 0) for m in (pred, truth)]
+    assert hd95(*moved, (spacing[2], 1.0, 1.0), first) == pytest.approx(brute_force(sheared[:3, :3]))
     assert hd95(pred, truth, (1.0, 1.0, 5.0), straight) == hd95(pred, truth, (1.0, 1.0, 5.0))
 
 
