@@ -547,6 +547,10 @@ class EpisodicModule(LightningModule):
             why = ("the model has diverged; lower the learning rate (or the inner learning rate) and train again"
                    if name == TRAINED else "the learner at its initial weights gives them: check the inputs and the "
                    "learner's settings, or test with --model.baselines false")
+            if self._trainer is not None and str(self.trainer.precision) == "16-true":
+                # fit refuses 16-true; a test or validation of a sound checkpoint in float16 overflows (a review)
+                why = ("float16 weights and activations (--trainer.precision 16-true) overflow in this learner; "
+                       f"run it at 32-true, bf16-true or 16-mixed (otherwise: {why})")
             raise FloatingPointError(f"{name}: non-finite predictions in {stage} batch {batch_idx} (after step "
                                      f"{self.global_step}): {why}")
         return probs
@@ -640,6 +644,7 @@ class EpisodicModule(LightningModule):
             context["threshold"] = self.hparams["threshold"]
         context["device"] = (f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda"
                              else str(self.device))
+        context["precision"] = str(self.trainer.precision)  # bf16 scores differ from float32 ones (a review)
         if self.learner_changes:  # tested with other learner settings than the checkpoint was trained with
             context["learner_settings_not_the_checkpoints"] = changes_record(self.learner_changes)
         if self.preprocessing_changes:  # tested on data preprocessed otherwise than the checkpoint's

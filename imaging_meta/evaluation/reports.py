@@ -97,7 +97,8 @@ def write_report(
     lines = [f"# Results: {context.get('title', 'test episodes')}", ""]
     for k in ("protocol", "n_way", "n_shot", "n_query", "train_organs", "val_organs", "test_organs", "dropped_organs",
               "test_classes", "episodes", "episodes_sha256", "threshold",
-              "checkpoint", "learner_settings_not_the_checkpoints", "preprocessing_not_the_checkpoints", "machine"):
+              "checkpoint", "learner_settings_not_the_checkpoints", "preprocessing_not_the_checkpoints", "machine",
+              "precision"):
         if k in context:
             lines.append(f"- {k}: {context[k]}")
     if "git_commit" in context:  # the source that ran the test, and that trained the model

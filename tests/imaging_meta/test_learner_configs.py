@@ -32,6 +32,7 @@ def test_classification_learner_fits_and_tests_from_its_config(model, tmp_path, 
     assert "untrained encoder" in res["summary"]
     md = (run_dir / "results.md").read_text()
     assert "accuracy" in md and "chance: 0.200" in md
+    assert res["context"]["precision"] == "32-true" and "\n- precision: 32-true\n" in md  # cpu.yaml's (a review)
     ckpt = next((run_dir / "checkpoints").glob("*.ckpt"))
     # the source that trained the model, beside the one that tested it (a review, 2026-12-07: neither the
     # checkpoint nor a report said which code trained it)

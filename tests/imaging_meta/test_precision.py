@@ -85,3 +85,19 @@ def test_a_loss_that_grows_a_thousandfold_is_warned_about_and_nan_predictions_ar
     with pytest.raises(FloatingPointError, match=r"trained: non-finite predictions in validation batch 3 .* diverged"):
         module._finite("validation", "trained", nan, 3)
     assert module._finite("test", "trained", torch.zeros(2, 4, 3), 0).shape == (2, 4, 3)
+
+
+def test_non_finite_predictions_under_16_true_name_the_precision_not_the_training(tmp_path):
+    """A review (2026-12-07): a sound checkpoint tested at --trainer.precision 16-true overflowed, and the error said
+    the model had diverged and should be trained again; and the test report did not say its precision."""
+    from imaging_meta.learners.metric.protonet import PrototypicalNetwork
+
+    module = EpisodicModule(PrototypicalNetwork(backbone_kwargs={"width": 4}), baselines=False)
+    module.trainer = _trainer(tmp_path, precision="16-true")
+    nan = torch.full((2, 4, 3), float("nan"))
+    with pytest.raises(FloatingPointError, match=r"16-true\) overflow in this learner; run it at 32-true, bf16-true or 16-mixed"):
+        module._finite("test", "trained", nan, 0)
+    module.trainer = _trainer(tmp_path, precision="32-true")
+    with pytest.raises(FloatingPointError, match=r"diverged") as refused:
+        module._finite("test", "trained", nan, 0)
+    assert "16-true" not in str(refused.value)
