@@ -70,8 +70,11 @@ class ResumableEpisodes:
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         # a checkpoint taken in on_train_batch_end (ModelCheckpoint(every_n_train_steps=...)) comes after the
         # batch's optimiser step but before the loop counts it completed: "processed" is what is in the weights
+        # whether the epoch's batches are all done: under limit_train_batches an epoch ends before its sampler's
+        # last episode, and a step checkpoint after its last batch was taken for a mid-epoch stop (a review)
+        finished = progress.processed >= trainer.num_training_batches
         return {"epoch": trainer.current_epoch, "batches_done": progress.processed, "batch_size": self.hparams.batch_size,
-                "world_size": trainer.world_size}
+                "world_size": trainer.world_size, "epoch_finished": bool(finished)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         trainer = getattr(self, "trainer", None)
@@ -98,7 +101,7 @@ class ResumableEpisodes:
         state = getattr(self, "_resume_state", None)
         if state:
             consumed = state["batches_done"] * state["batch_size"]
-            if consumed >= len(sampler):
+            if state.get("epoch_finished") or consumed >= len(sampler):  # (checkpoints before 2026-12-07: the count)
                 # saved after the epoch's last batch (a step checkpoint): the fit loop goes on with the next epoch,
                 # which it counts only after building the loader; with workers the loader draws at once, so it must
                 # draw that epoch, whole (skipping the finished one left the next epoch without a batch)
