@@ -465,12 +465,16 @@ class _Scanner:
         """Warnings about the site keys: institution or station tokens made with a shipped salt (not on the demo),
         and cases that name no scanner beside cases that do (they form one site, ``unknown``, of their own)."""
         institutions = [c for c in self.index.cases if any(k in IDENTIFYING_FIELDS for k in (c.site_info or {}))]
-        if self.salt in SHIPPED_SALTS and institutions and not self._is_demo():
-            logger.warning("%d case(s) under %s carry an institution or station token salted with the shipped default "
-                           "salt %r, as are the patient ids: anyone can test a guessed name against them. Set your own "
-                           "secret before sharing reports: data.init_args.salt in the data config (imaging-meta scan: "
-                           "--salt or IMAGING_META_SALT)",
-                           len(institutions), self.root, self.salt)
+        # the patient ids are keyed hashes of a PatientID or a path: with a public salt an MRN is found by trying
+        # every number (a review: a million in 2.5 s), so every cohort but the demo is warned, with or without an
+        # institution token (anonymised headers and --site-fields without one were not)
+        if self.salt in SHIPPED_SALTS and self.index.cases and not self._is_demo():
+            tokens = f" and {len(institutions)} institution or station token(s)" if institutions else ""
+            logger.warning("the patient ids of the %d case(s) under %s%s are salted with the shipped default salt %r: "
+                           "anyone can test a guessed MRN or name against them (trying every MRN takes seconds). Set "
+                           "your own secret before sharing reports: data.init_args.salt in the data config "
+                           "(imaging-meta scan: --salt or IMAGING_META_SALT)",
+                           len(self.index.cases), self.root, tokens, self.salt)
         unknown = sum(c.site == "unknown" for c in self.index.cases)
         if self.site_fields and unknown == len(self.index.cases) > 1:
             logger.info("none of the %d cases under %s names a scanner (%s; no DICOM header or BIDS sidecar holds "

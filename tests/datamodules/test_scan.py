@@ -843,3 +843,12 @@ def test_a_shipped_salt_over_real_institutions_is_warned_about_but_not_on_the_de
     with caplog.at_level(logging.WARNING, logger="datamodules.indexing.scan"):
         scan_folder(root, salt="imaging-meta")
     assert "shipped default salt" not in caplog.text
+    # a review (2026-12-07): the patient ids are keyed hashes of a PatientID, so an MRN is found by trying every
+    # number; a cohort whose headers carry no institution (anonymised, or other --site-fields) is warned too
+    bare = tmp_path / "bare"
+    write_nifti(phantom(seed=1), affine_ras(), bare / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    for salt, warned in (("imaging-meta", True), ("my-own-secret", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="datamodules.indexing.scan"):
+            scan_folder(bare, salt=salt)
+        assert ("patient ids of the 1 case(s)" in caplog.text and "guessed MRN" in caplog.text) is warned, salt
