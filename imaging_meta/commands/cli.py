@@ -358,7 +358,7 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
         def _run_subcommand(self, subcommand: str) -> None:
             # Lightning creates the logger's version_N folder (its events file) before the data is set up: a run
             # refused at setup (a config mistake, too few patients) left an empty run folder, and the next run took
-            # version_N+1 (a review). A folder this run made that holds nothing but events files is removed.
+            # version_N+1 (a review). This process's events files go, and the folder it made with them when empty.
             made = _new_run_folder(self.trainer)
             try:
                 super()._run_subcommand(subcommand)

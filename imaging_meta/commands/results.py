@@ -326,6 +326,7 @@ def _commits(rows: list[dict]) -> str:
     tested = distinct(r["context"].get("git_commit", "not recorded") for r in rows)
     trained = distinct(" then ".join(c) if c else "not recorded"
                        for c in (r["context"].get("fit_commits") for r in rows))
+
     def line(what: str, commits: list[str]) -> str:
         text = f"{what} at commit {', '.join(commits) or 'none'}"
         return f"**{text} (the rows differ)**" if len(commits) > 1 else text
