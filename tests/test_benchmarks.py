@@ -658,3 +658,21 @@ def test_real_segmentation_initial_weights_scores_the_checkpoints_untrained_lear
     with pytest.raises(SystemExit):
         rs.main()
     assert "keeps no initial weights" in capsys.readouterr().err
+
+
+def test_component_rules_pick_what_each_rule_says():
+    """`benchmarks.component_rules`: a large, less confident component away from the structure and a small,
+    confident one on it; a structure in several parts keeps both under every rule, as `segment` does."""
+    from benchmarks.component_rules import RULES, rule_dice
+
+    probs = np.zeros((12, 12, 6), np.float32)
+    probs[0:6, 0:6, 0:4] = 0.6  # 144 voxels, not the structure
+    probs[8:10, 8:10, 2:4] = 0.95  # 8 voxels, the structure
+    truth = probs > 0.9
+    got = rule_dice(probs, truth, voxel_mm3=2.0, support_mm3=16.0, parts=1)
+    assert set(got) == set(RULES)
+    assert got["largest"] == 0.0 and got["log-odds mass"] == 0.0
+    for rule in ("mean probability", "max probability", "support volume", "overlap (oracle)"):
+        assert got[rule] == 1.0, rule
+    both = rule_dice(probs, truth, voxel_mm3=2.0, support_mm3=16.0, parts=2)
+    assert all(v == pytest.approx(2 * 8 / (8 + 152)) for v in both.values())
