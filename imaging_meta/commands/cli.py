@@ -24,9 +24,9 @@ import contextlib
 import inspect
 import logging
 import os
+import platform
 import re
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -92,7 +92,7 @@ def _remove_own_events(folder: Path) -> None:
     """This process's TensorBoard events files in ``folder`` (``events.out.tfevents.<time>.<host>.<pid>.<n>``), and
     the folder when nothing else is left: another run that chose the same version_N at the same moment keeps its
     own events (a review)."""
-    own = f".{socket.gethostname()}.{os.getpid()}."
+    own = f".{platform.node()}.{os.getpid()}."  # the host name TensorBoard writes (socket's; no network module here)
     for f in folder.glob("events.out.tfevents.*"):
         if own in f.name:
             f.unlink(missing_ok=True)
