@@ -472,8 +472,9 @@ class _Scanner:
             tokens = f" and {len(institutions)} institution or station token(s)" if institutions else ""
             logger.warning("the patient ids of the %d case(s) under %s%s are salted with the shipped default salt %r: "
                            "anyone can test a guessed MRN or name against them (trying every MRN takes seconds). Set "
-                           "your own secret before sharing reports: data.init_args.salt in the data config "
-                           "(imaging-meta scan: --salt or IMAGING_META_SALT)",
+                           "your own secret before sharing reports: export IMAGING_META_SALT (fit, scan and evaluate "
+                           "read it), or a config's salt: (data.init_args.salt; for a lesion CSV "
+                           "data.init_args.source.init_args.salt; imaging-meta scan --salt)",
                            len(self.index.cases), self.root, tokens, self.salt)
         unknown = sum(c.site == "unknown" for c in self.index.cases)
         if self.site_fields and unknown == len(self.index.cases) > 1:
