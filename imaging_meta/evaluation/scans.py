@@ -27,6 +27,7 @@ restricted to the true extent under ``oracle_extent``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,10 @@ from nibabel.affines import voxel_sizes
 from datamodules.transforms.volume import volume_transforms
 from imaging_meta.evaluation import volumes as V
 from imaging_meta.learners.base import Learner
-from imaging_meta.volume.scale import SCALES, supports_scale
+from imaging_meta.volume.scale import MIN_PIXELS, SCALES, pixels_across, supports_scale
 from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter, structure_slices
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
@@ -119,10 +122,17 @@ def load_structure(scan: Scan, preprocessing: dict, query: bool = False) -> Load
     if not loaded.truth.any():
         raise ValueError(f"{scan.label}: no voxel of value {scan.value} (the structure) in this scan")
     if not bool(loaded.pre["struct"].any()):
-        how = "the crop to the body found in its image" if query else "the resampling and the crop to the slices"
+        size, spacing = preprocessing["slice_size"], preprocessing["spacing"]
+        field = " x ".join(f"{float(n) * float(sp):.0f}" for n, sp in zip(size, spacing, strict=True))
+        # the working slices hold the supports' field of view: a wider query keeps its centre (a review: the error
+        # blamed the body crop; the slices had cut the structure away)
+        how = (f"the working slices ({field} mm around the body's centre, the supports' field of view at "
+               f"{float(min(spacing)):.2f} mm) or the crop to the body found in its image"
+               if query else "the resampling and the crop to the slices")
+        fix = "; --scale checkpoint, or supports of the query's field of view, keep it" if query else ""
         raise ValueError(
             f"{scan.label}: the structure (value {scan.value}, {int(loaded.truth.sum())} voxels in the file) is "
-            f"not left after preprocessing: {how} removed it ({scan.image})"
+            f"not left after preprocessing: {how} removed it ({scan.image}){fix}"
         )
     return loaded
 
@@ -154,7 +164,17 @@ def supports_preprocessing(preprocessing: dict, supports: Sequence[tuple[str | l
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if scale == "checkpoint":
         return preprocessing
-    return supports_scale(preprocessing, [_structure_field(preprocessing, *support) for support in supports])
+    fields = [_structure_field(preprocessing, *support) for support in supports]
+    chosen = supports_scale(preprocessing, fields)
+    across = pixels_across(chosen, fields)
+    finest = min(min(spacing[:2]) for _, spacing, _ in fields)
+    if across < MIN_PIXELS and min(chosen["spacing"]) < min(preprocessing["spacing"]) and min(chosen["spacing"]) > finest:
+        width = max(max(field) for _, _, field in fields)
+        logger.warning("the support's structure spans %.1f pixels across at %.2f mm, not %d: the support's body (%.0f mm "
+                       "wide) must fit in %s pixels, which sets that spacing; crop the support and the query scans around "
+                       "the structure to segment it finer", across, min(chosen["spacing"]), MIN_PIXELS, width,
+                       " x ".join(str(n) for n in chosen["slice_size"]))
+    return chosen
 
 
 def _structure_field(preprocessing: dict, image: str | list[str], label: str, value: int | None,

@@ -4,7 +4,8 @@ A checkpoint is trained at one in-plane spacing (the demo's: 4.5 mm, 80 x 80 sli
 then two pixels or less, which no feature and no intensity histogram can resolve. `structure_scale` picks the
 in-plane spacing at which the support's structure spans at least ``min_pixels`` pixels across (its thickness,
 `structure_extent_mm`) (never finer than
-the scan's own pixels, never coarser than the checkpoint's), and a slice size that keeps the scan's field of
+the scan's own pixels, never coarser than the checkpoint's, and coarser than asked where the widest support body
+would not fit ``max_size`` pixels: `pixels_across` says how many it then spans), and a slice size that keeps the scan's field of
 view: its body's in-plane extent, as the preprocessing crops it (`datamodules.transforms.body`; until
 2026-12-06 the file's whole grid, so that a 510 mm CT grid of mostly air coarsened a kidney's pixels from 3.0 to
 4.0 mm) (a multiple of 16, at most ``max_size``: memory grows with the pixels times the support's local
@@ -20,6 +21,8 @@ import numpy as np
 from scipy import ndimage
 
 SCALES = ("checkpoint", "structure")
+#: the pixels across that `structure_scale` asks of the support's structure
+MIN_PIXELS = 12
 
 
 def structure_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
@@ -39,7 +42,7 @@ def structure_extent_mm(mask: np.ndarray, spacing: Sequence[float]) -> float:
 
 
 def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[float], field: Sequence[float],
-                    min_pixels: int = 12, max_size: int = 128) -> dict:
+                    min_pixels: int = MIN_PIXELS, max_size: int = 128) -> dict:
     """The checkpoint's preprocessing with the spacing and slice size chosen for the support structure.
 
     Args:
@@ -60,7 +63,7 @@ def structure_scale(preprocessing: dict, mask: np.ndarray, spacing: Sequence[flo
 
 
 def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Sequence[float], Sequence[float]]],
-                   min_pixels: int = 12, max_size: int = 128) -> dict:
+                   min_pixels: int = MIN_PIXELS, max_size: int = 128) -> dict:
     """`structure_scale` for several supports, ``(mask, spacing, field)`` each: the thinnest structure sets the
     spacing (never finer than the finest scan's pixels), and the slices hold the widest field of view at it, so
     that no support's structure is cropped away (a tumour-centred crop beside a whole scan lost every voxel of
@@ -77,6 +80,13 @@ def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Seq
     new = coarse if wanted >= coarse else min(coarse, float(max(wanted, native, fov / max_size)))
     held = _holding(preprocessing, fov / new, max_size)
     return held if new >= coarse else {**held, "spacing": [new, new]}  # coarse: the checkpoint's own spacing
+
+
+def pixels_across(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Sequence[float], Sequence[float]]]) -> float:
+    """How many pixels the thinnest support structure spans at ``preprocessing``'s spacing (`supports_scale`'s
+    supports): below ``min_pixels`` where the widest body had to fit ``max_size`` slices, which set a coarser
+    spacing than the structure asked for (a review: the docs promised 12 pixels)."""
+    return min(structure_extent_mm(mask, spacing) for mask, spacing, _ in supports) / float(min(preprocessing["spacing"]))
 
 
 def _holding(preprocessing: dict, pixels: float, max_size: int) -> dict:

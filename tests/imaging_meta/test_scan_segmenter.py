@@ -833,3 +833,47 @@ def test_the_window_of_a_ct_support_on_an_mr_query_compares_both_on_the_learners
     query = SimpleNamespace(raw=mr, truth=mask, affine=None)
     window = baseline_masks(support, query, "MR", "whole_scan", "CT")[WINDOW]
     assert 0.6 < dice3d(window, mask) and window.sum() < 2 * mask.sum()
+
+
+def test_a_structure_under_12_pixels_for_a_wide_body_is_warned_about(tmp_path, caplog):
+    """A review (2026-12-07): the docs promised 12 pixels across, but a body too wide for 128-pixel slices at that
+    spacing coarsens it, silently; a narrower body of the same structure gets its 12 pixels and no warning."""
+    import logging
+
+    from imaging_meta.evaluation.scans import structure_preprocessing
+
+    pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    for side, warned in ((400, True), (120, False)):
+        lab = np.zeros((side, side, 3), np.uint8)
+        lab[side // 2 - 10 : side // 2 + 10, side // 2 - 10 : side // 2 + 10, 1] = 1  # 20 mm across at 1 mm
+        hu = np.full(lab.shape, 40.0, np.float32)  # a body filling the grid
+        hu[lab == 1] = 200.0
+        image = _write(tmp_path / f"s{side}.nii.gz", hu, spacing=(1.0, 1.0, 5.0))
+        label = _write(tmp_path / f"s{side}_l.nii.gz", lab, spacing=(1.0, 1.0, 5.0))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="imaging_meta.evaluation.scans"):
+            chosen = structure_preprocessing(pre, image, label, 1, "CT", "structure")
+        assert ("spans" in caplog.text and "not 12" in caplog.text and "crop the support and the query" in caplog.text) is warned
+        assert (chosen["spacing"][0] > 20 / 12) is warned, chosen
+
+
+def test_a_query_structure_outside_the_working_slices_is_named_as_such(tmp_path):
+    """A review (2026-12-07): at a support's small field of view the working slices keep a wide query's centre; a
+    structure near its edge was lost there, and the error blamed the crop to the body."""
+    from imaging_meta.evaluation.scans import structure_preprocessing
+
+    pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
+    scans = {}
+    for name, side, at in (("s", 120, 50), ("q", 400, 20)):
+        lab = np.zeros((side, side, 3), np.uint8)
+        lab[at : at + 20, side // 2 - 10 : side // 2 + 10, :] = 1
+        hu = np.full(lab.shape, 40.0, np.float32)
+        hu[lab == 1] = 200.0
+        scans[name] = Scan(_write(tmp_path / f"{name}.nii.gz", hu, (1.0, 1.0, 5.0)),
+                           _write(tmp_path / f"{name}_l.nii.gz", lab, (1.0, 1.0, 5.0)), 1, "CT", "organ")
+    chosen = structure_preprocessing(pre, scans["s"].image, scans["s"].label, 1, "CT", "structure")
+    load_structure(scans["s"], chosen)
+    with pytest.raises(ValueError, match=r"q_l\.nii\.gz: .* the working slices \(\d+ x \d+ mm around the body's centre.*"
+                                         r"--scale checkpoint, or supports of the query's field of view, keep it"):
+        load_structure(scans["q"], chosen, query=True)
+    assert load_structure(scans["q"], pre, query=True).pre["struct"].any()  # at the checkpoint's scale it is kept
