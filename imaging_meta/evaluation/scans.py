@@ -40,7 +40,7 @@ from nibabel.affines import voxel_sizes
 from datamodules.transforms.volume import volume_transforms
 from imaging_meta.evaluation import volumes as V
 from imaging_meta.learners.base import Learner
-from imaging_meta.volume.scale import MIN_PIXELS, SCALES, pixels_across, supports_scale
+from imaging_meta.volume.scale import MIN_PIXELS, SCALES, scale_and_shortfall
 from imaging_meta.volume.segmenter import LEARNER_ONLY, ScanOptions, ScanSegmenter, structure_slices
 
 logger = logging.getLogger(__name__)
@@ -165,10 +165,8 @@ def supports_preprocessing(preprocessing: dict, supports: Sequence[tuple[str | l
     if scale == "checkpoint":
         return preprocessing
     fields = [_structure_field(preprocessing, *support) for support in supports]
-    chosen = supports_scale(preprocessing, fields)
-    across = pixels_across(chosen, fields)
-    finest = min(min(spacing[:2]) for _, spacing, _ in fields)
-    if across < MIN_PIXELS and min(chosen["spacing"]) < min(preprocessing["spacing"]) and min(chosen["spacing"]) > finest:
+    chosen, across = scale_and_shortfall(preprocessing, fields)
+    if across is not None:
         width = max(max(field) for _, _, field in fields)
         logger.warning("the support's structure spans %.1f pixels across at %.2f mm, not %d: the support's body (%.0f mm "
                        "wide) must fit in %s pixels, which sets that spacing; crop the support and the query scans around "

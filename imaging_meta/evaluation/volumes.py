@@ -5,7 +5,7 @@ file stores it goes through `to_ras` first (and a result back through `from_ras`
 Nothing here trains or loads anything: these are the volume metrics (Dice, HD95), the body-extent
 helpers used to align support and query volumes along Z, two training-free baselines (copy the
 support mask at the same relative slice position; an intensity window learned from the support) and
-the SSL-ALPNet 3D protocol helpers (oracle chunks of the foreground extent and their centre slices).
+the SSL-ALPNet 3D protocol helpers (the parts of the query's extent, and the support slice of each).
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float
     a, b = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
     if not a.any() or not b.any():
         return float("nan")
-    if affine is not None and _sheared(np.asarray(affine, dtype=np.float64)[:3, :3]):
-        return _world_hd95(a, b, np.asarray(affine, dtype=np.float64)[:3, :3])
+    linear = None if affine is None else np.asarray(affine, dtype=np.float64)[:3, :3]
+    if linear is not None and _sheared(linear):
+        return _world_hd95(a, b, linear)
     with warnings.catch_warnings():
         # MONAI 1.5 warns about its own internal use of a deprecated argument on every call.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)

@@ -5,7 +5,7 @@ then two pixels or less, which no feature and no intensity histogram can resolve
 in-plane spacing at which the support's structure spans at least ``min_pixels`` pixels across (its thickness,
 `structure_extent_mm`) (never finer than
 the scan's own pixels, never coarser than the checkpoint's, and coarser than asked where the widest support body
-would not fit ``max_size`` pixels: `pixels_across` says how many it then spans), and a slice size that keeps the scan's field of
+would not fit ``max_size`` pixels: `scale_and_shortfall` says how many it then spans), and a slice size that keeps the scan's field of
 view: its body's in-plane extent, as the preprocessing crops it (`datamodules.transforms.body`; until
 2026-12-06 the file's whole grid, so that a 510 mm CT grid of mostly air coarsened a kidney's pixels from 3.0 to
 4.0 mm) (a multiple of 16, at most ``max_size``: memory grows with the pixels times the support's local
@@ -73,20 +73,24 @@ def supports_scale(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Seq
     hold the widest field (up to ``max_size``): a 500 mm body at the checkpoint's 80 slices of 4.5 mm lost 62% of
     a lateral support structure (a review). `imaging_meta.commands.segment` warns when a support's structure
     reaches the edge of its slices all the same."""
+    return scale_and_shortfall(preprocessing, supports, min_pixels, max_size)[0]
+
+
+def scale_and_shortfall(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Sequence[float], Sequence[float]]],
+                        min_pixels: int = MIN_PIXELS, max_size: int = 128) -> tuple[dict, float | None]:
+    """`supports_scale`, and the pixels the thinnest structure spans where the widest body had to fit
+    ``max_size`` pixels and so set a spacing coarser than the structure asked for (finer than the checkpoint's and
+    than the scans' pixels); None where it did not (a review: the docs promised ``min_pixels``)."""
     coarse = float(min(preprocessing["spacing"]))
-    wanted = min(structure_extent_mm(mask, spacing) for mask, spacing, _ in supports) / float(min_pixels)
+    thinnest = min(structure_extent_mm(mask, spacing) for mask, spacing, _ in supports)
+    wanted = thinnest / float(min_pixels)
     fov = max(max(float(field[0]), float(field[1])) for _, _, field in supports)
     native = min(float(min(spacing[0], spacing[1])) for _, spacing, _ in supports)
     new = coarse if wanted >= coarse else min(coarse, float(max(wanted, native, fov / max_size)))
     held = _holding(preprocessing, fov / new, max_size)
-    return held if new >= coarse else {**held, "spacing": [new, new]}  # coarse: the checkpoint's own spacing
-
-
-def pixels_across(preprocessing: dict, supports: Sequence[tuple[np.ndarray, Sequence[float], Sequence[float]]]) -> float:
-    """How many pixels the thinnest support structure spans at ``preprocessing``'s spacing (`supports_scale`'s
-    supports): below ``min_pixels`` where the widest body had to fit ``max_size`` slices, which set a coarser
-    spacing than the structure asked for (a review: the docs promised 12 pixels)."""
-    return min(structure_extent_mm(mask, spacing) for mask, spacing, _ in supports) / float(min(preprocessing["spacing"]))
+    if new >= coarse:  # the checkpoint's own spacing
+        return held, None
+    return {**held, "spacing": [new, new]}, (thinnest / new if new > max(wanted, native) else None)
 
 
 def _holding(preprocessing: dict, pixels: float, max_size: int) -> dict:
