@@ -676,3 +676,18 @@ def test_component_rules_pick_what_each_rule_says():
         assert got[rule] == 1.0, rule
     both = rule_dice(probs, truth, voxel_mm3=2.0, support_mm3=16.0, parts=2)
     assert all(v == pytest.approx(2 * 8 / (8 + 152)) for v in both.values())
+
+
+def test_copy_similarity_local_ncc_and_its_correlation_with_the_copys_lead():
+    from benchmarks.copy_similarity import correlations, local_ncc
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(12, 12, 6))
+    assert np.allclose(local_ncc(a, 3 * a + 1)[3:-3, 3:-3, 1:-1], 1.0, atol=1e-6)
+    assert np.allclose(local_ncc(a, -a)[3:-3, 3:-3, 1:-1], -1.0, atol=1e-6)
+    # a similarity that rises with copy - segment gives rho 1; pairs where both score 0 are left out
+    rows = [{"copy": c, "segment": 0.5, "ncc_copied_mask": c, "ncc_body": -c} for c in (0.1, 0.4, 0.9, 0.7)]
+    rows.append({"copy": 0.0, "segment": 0.0, "ncc_copied_mask": 5.0, "ncc_body": 5.0})
+    out = correlations(rows)
+    assert out["ncc_copied_mask"]["spearman_rho"] == 1.0 and out["ncc_body"]["spearman_rho"] == -1.0
+    assert out["ncc_body"]["pairs"] == 4

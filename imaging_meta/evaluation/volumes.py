@@ -217,11 +217,11 @@ def _nearest_indices(n_out: int, n_in: int) -> np.ndarray:
     return np.clip(idx, 0, n_in - 1)
 
 
-def _resize_slice(mask_slice: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2D boolean slice to exactly `shape` (X, Y)."""
-    ix = _nearest_indices(shape[0], mask_slice.shape[0])
-    iy = _nearest_indices(shape[1], mask_slice.shape[1])
-    return mask_slice[np.ix_(ix, iy)]
+def _resize_slice(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2D slice (any dtype) to exactly `shape` (X, Y)."""
+    ix = _nearest_indices(shape[0], values.shape[0])
+    iy = _nearest_indices(shape[1], values.shape[1])
+    return values[np.ix_(ix, iy)]
 
 
 def _support_slice_for(rel: float, extent: tuple[int, int]) -> int:
@@ -246,15 +246,25 @@ def copy_mask_at_relative_position(
     ``support_modality`` the support's (default: the same).
     """
     support = np.asarray(support_mask, dtype=bool)
-    _check_same_shape(support, np.asarray(support_image))
+    return map_at_relative_position(support, support_image, query_image, modality, support_modality, False)
+
+
+def map_at_relative_position(
+    support_values: np.ndarray, support_image: np.ndarray, query_image: np.ndarray, modality: str,
+    support_modality: str | None = None, fill: float | bool = 0,
+) -> np.ndarray:
+    """`copy_mask_at_relative_position`'s mapping of any per-voxel array of the support (its mask, its image) onto
+    the query's grid, ``fill`` outside the query body's box and z-extent; the output has the input's dtype."""
+    values = np.asarray(support_values)
+    _check_same_shape(values, np.asarray(support_image))
     s_extent, s_box = _body_extent_and_box(support_image, support_modality or modality)
     (q_lo, q_hi), q_box = _body_extent_and_box(query_image, modality)
-    out: np.ndarray = np.zeros(np.shape(query_image), dtype=bool)
+    out: np.ndarray = np.full(np.shape(query_image), fill, dtype=values.dtype)
     (qx0, qx1), (qy0, qy1) = q_box
     (sx0, sx1), (sy0, sy1) = s_box
     for z in range(q_lo, q_hi + 1):
         s_z = _support_slice_for(float(relative_z(z, (q_lo, q_hi))), s_extent)
-        out[qx0:qx1, qy0:qy1, z] = _resize_slice(support[sx0:sx1, sy0:sy1, s_z], (qx1 - qx0, qy1 - qy0))
+        out[qx0:qx1, qy0:qy1, z] = _resize_slice(values[sx0:sx1, sy0:sy1, s_z], (qx1 - qx0, qy1 - qy0))
     return out
 
 

@@ -192,6 +192,24 @@ def test_copy_mask_follows_the_body_in_plane_not_the_field_of_view():
     assert np.array_equal(copy_mask_at_relative_position(mask, image, image, "CT"), mask)
 
 
+def test_the_support_image_is_mapped_as_its_mask_is_with_the_fill_outside_the_body():
+    """`map_at_relative_position` carries any per-voxel array of the support where the copy baseline carries its mask
+    (benchmarks.copy_similarity compares the mapped image with the query), its dtype kept, the fill outside."""
+    from imaging_meta.evaluation.volumes import map_at_relative_position
+
+    support_image = _ct_cylinder(32, 32, 24, 2, 21, radius=14)
+    query_image = _ct_cylinder(16, 16, 16, 3, 12, radius=7)
+    values = np.arange(support_image.size, dtype=np.float32).reshape(support_image.shape)
+    mask = (values.astype(np.int64) % 7) == 0
+    mapped = map_at_relative_position(values, support_image, query_image, "CT", fill=np.nan)
+    copied = copy_mask_at_relative_position(mask, support_image, query_image, "CT")
+    inside = ~np.isnan(mapped)
+    assert mapped.dtype == np.float32 and inside.any() and not inside[..., :3].any() and not inside[..., 13:].any()
+    # each mapped value names its support voxel: the mask copied is the mask at those voxels
+    assert np.array_equal(copied[inside], mask.ravel()[mapped[inside].astype(np.int64)])
+    assert not copied[~inside].any()
+
+
 def test_the_window_compares_mr_scans_on_the_learners_scale():
     """A review (2026-12-07): the window was taken on raw MR values, so a query with twice the support's gain (the
     learner's input unchanged) scored 0. MR is scaled by its own percentiles as the learner sees it; CT stays HU."""
