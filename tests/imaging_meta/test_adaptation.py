@@ -47,9 +47,25 @@ def test_adaptation_episodes_use_superpixels_of_both_scans_and_the_support_label
     supports, queries = _scans()
     eps = AdaptationEpisodes(supports, queries, seed=0)
     assert len(eps.volumes) == 2 and len(eps.labelled) == 4  # the support's 4 labelled slices
+    kinds: list[str] = []
+    for kind in ("selfsup", "supervised"):
+        method = getattr(eps, kind)
+        setattr(eps, kind, lambda method=method, kind=kind: kinds.append(kind) or method())
     batch = eps.batch(4)
     assert batch.support_images.shape[:2] == (4, 1) and batch.query_labels.shape == (4, 1, 32, 32)
     assert all(float(m.sum()) > 0 for m in batch.support_labels)  # every episode has a structure to find
+    assert kinds == ["selfsup", "supervised"] * 2  # half of a batch superpixels, half the support's labels
+
+    class Seen(list):  # which scans the superpixel episodes read
+        def __getitem__(self, i):
+            seen.add(i)
+            return list.__getitem__(self, i)
+
+    seen: set[int] = set()
+    eps.volumes = Seen(eps.volumes)
+    for _ in range(20):
+        eps.selfsup()
+    assert seen == {0, 1}  # the support's superpixels and the query's
 
 
 def test_the_support_superpixels_are_computed_once_for_several_queries(monkeypatch):

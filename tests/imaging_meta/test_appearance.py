@@ -70,6 +70,10 @@ def test_the_reference_leaves_out_each_slices_near_copies():
     # every slice's neighbours within GAP are skipped, so the nearest other slice is at least GAP + 1 away
     assert check.reference is not None
     assert AppearanceCheck(PooledLearner()).fit([vol[..., : GAP + 1]]).reference is None  # nothing else left
+    # only a slice's neighbours in its own scan are skipped: the same slice of another support scan is its nearest
+    # (two copies of one scan: every slice's nearest is its twin, at distance 0, so no reference can be taken)
+    twins = AppearanceCheck(PooledLearner()).fit([vol, vol.clone()])
+    assert twins.reference is None and twins.unchecked is not None and "alike" in twins.unchecked
 
 
 def test_no_check_without_an_encoder_or_with_a_single_slice():

@@ -86,6 +86,10 @@ def test_smooth_z_averages_neighbours_and_keeps_edges():
     v[..., 2] = 1.0
     s = smooth_z(v, 0.25)
     assert s[0, 0].tolist() == pytest.approx([0.0, 0.25, 0.5, 0.25, 0.0])
+    # the edges replicated, not padded with zeros: a structure reaching the last slice keeps it whole
+    assert torch.equal(smooth_z(torch.ones(1, 1, 4), 0.25), torch.ones(1, 1, 4))
+    ramp = smooth_z(torch.tensor([[[1.0, 0.0, 0.0]]]), 0.25)
+    assert ramp[0, 0].tolist() == pytest.approx([0.75, 0.25, 0.0])
 
 
 def test_intensity_evidence_segments_what_an_uninformative_learner_cannot():
@@ -158,7 +162,9 @@ def test_z_smoothing_treats_slices_not_predicted_as_not_predicted():
     torch.testing.assert_close(one[..., 6], torch.full_like(one[..., 6], 0.9))
     assert not (one[..., [5, 7]] > 0).any()
     runs = seg.predict(s_img, slices=[2, 3, 6, 7, 8])
-    assert (runs[..., [2, 3, 6, 7, 8]] > 0.5).all() and not (runs[..., [0, 1, 4, 5, 9]] > 0).any()
+    # each run's ends replicated: a constant 0.9 stays 0.9 (averaged with zeros around a run it fell to 0.675)
+    torch.testing.assert_close(runs[..., [2, 3, 6, 7, 8]], torch.full_like(runs[..., [2, 3, 6, 7, 8]], 0.9))
+    assert not (runs[..., [0, 1, 4, 5, 9]] > 0).any()
     assert consecutive_runs([5, 6, 7, 9, 3]) == [(3, 4), (5, 8), (9, 10)] and consecutive_runs([]) == []
 
 
