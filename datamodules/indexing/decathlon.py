@@ -70,7 +70,10 @@ def parse_decathlon(path: str) -> Decathlon:
     dec.modality = normalise_modality(d.get("modality")) or normalise_modality(d.get("channel_names"))
     named = d.get("channel_names") if isinstance(d.get("channel_names"), Mapping) else d.get("modality")
     dec.channels = max(1, len(named)) if isinstance(named, Mapping) else 1
-    for entry in d.get("training") or []:
+    training = d.get("training")
+    if training is not None and not isinstance(training, list):  # a crash of the whole scan before (a review)
+        raise Reject(f"its 'training' is a {type(training).__name__}, not a list of {{\"image\", \"label\"}} pairs")
+    for entry in training or []:
         if isinstance(entry, Mapping) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str):
             img = os.path.normpath(os.path.join(folder, entry["image"]))
             lbl = os.path.normpath(os.path.join(folder, entry["label"]))

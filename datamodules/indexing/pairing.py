@@ -148,8 +148,11 @@ def _label_spellings(nifti: list[str]) -> dict[str, list[str]]:
         name = os.path.basename(p)
         stem = nifti_stem(name)
         suffix = label_suffix(stem)
-        if suffix is not None:
-            spelling = os.path.join(os.path.dirname(p), stem[: -len(suffix)] + suffix + name[len(stem):].lower())
+        # a map in a label folder is named after its image: its extension in lower case too (labels/e.NII.GZ was
+        # left unpaired and rejected as an orphan beside images/e.nii.gz; a review)
+        if suffix is not None or os.path.basename(os.path.dirname(p)) in LABEL_FOLDERS:
+            base = stem[: -len(suffix)] + suffix if suffix is not None else stem
+            spelling = os.path.join(os.path.dirname(p), base + name[len(stem):].lower())
             if spelling != p:
                 out.setdefault(spelling, []).append(p)
     return out

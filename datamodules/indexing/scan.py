@@ -2,7 +2,9 @@
 
 Every regular file under the root ends up in exactly one place: a case (as its image or its label map),
 ``Index.accounted`` (BIDS sidecars, Decathlon ``dataset.json``, DICOMDIR files, an earlier index), or
-``Index.rejected`` with a reason a user can act on. The scan never stops at a bad file.
+``Index.rejected`` with a reason a user can act on. The scan never stops at a bad file. A file reached by two
+paths (a symbolic or hard link, such as an nnU-Net view of the raw files) is indexed at the first in sorted order
+and rejected at the others, naming it: one scan is never two cases of two patients.
 
 What is read, and how it is paired:
 
@@ -90,8 +92,10 @@ from datamodules.io.dicom_files import NO_UID, NO_UID_REASON
 from datamodules.io.folders import files_under
 from datamodules.progress import progress
 
-#: a NIfTI file's patient, by default: a BIDS subject folder or file name prefix
-DEFAULT_PATIENT_REGEX = r"(sub-[A-Za-z0-9]+)"
+#: a NIfTI file's patient, by default: a BIDS subject folder or file name prefix (the ``sub-`` entity at the start
+#: of a folder or file name: ``liver-sub-sampled/`` names no patient; until 2026-12-07 it matched anywhere, and
+#: every case in such a folder was one patient)
+DEFAULT_PATIENT_REGEX = r"(?:^|/)(sub-[A-Za-z0-9]+)(?=[/_.]|$)"
 
 __all__ = [
     "DEFAULT_PATIENT_REGEX",
@@ -111,8 +115,16 @@ logger = logging.getLogger(__name__)
 DEMO_NAME = "imaging-meta demo"
 #: changes whenever the scan indexes the same files otherwise, so that cached folder indexes are rebuilt (1: a
 #: ``dataset.json`` names only the label maps it describes, 2026-12-07; before, every map below it; 2: the channels
-#: of an nnU-Net case share its label map and patient, nnU-Net's "ignore" value is no structure, 2026-12-07)
-SCAN_VERSION = 2
+#: of an nnU-Net case share its label map and patient, nnU-Net's "ignore" value is no structure, 2026-12-07; 3: the
+#: default patient pattern anchored to a folder or file name, a second link to one file rejected, an upper-case
+#: extension in a label folder paired, 2026-12-07)
+SCAN_VERSION = 3
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    """The file ``path`` reaches: its device and inode (links followed)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _label_folders(folder: str) -> set[str]:
@@ -204,6 +216,8 @@ class _Scanner:
             logger.warning("%s: a link to a folder already scanned (%s); not scanned twice", self.rel(str(path)), real)
 
         files: list[str] = []
+        # each file (device, inode: symbolic and hard links alike) -> the first path, in the walk's sorted order
+        first: dict[tuple[int, int], str] = {}
         for path in files_under(Path(self.root), skip=self.skip, on_revisit=revisit, on_error=self._walk_error):
             p = str(path)
             self.all_files.append(p)
@@ -211,7 +225,12 @@ class _Scanner:
                 self.reject(p, broken_link_reason(p))
             elif not os.path.isfile(p):
                 self.reject(p, "not a regular file")
+            elif (real := _file_id(p)) in first:
+                # a second link to one file was a second case, of another patient: one scan in training and test
+                # (a review)
+                self.reject(p, f"the same file as {self.rel(first[real])} (a link): each file is indexed once")
             else:
+                first[real] = p
                 files.append(p)
         return files
 

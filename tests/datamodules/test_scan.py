@@ -854,3 +854,71 @@ def test_a_shipped_salt_over_real_institutions_is_warned_about_but_not_on_the_de
         assert ("patient ids of the 1 case(s)" in caplog.text and "guessed MRN" in caplog.text) is warned, salt
         # a setting that works for every data module (a lesion CSV's has no data.init_args.salt: a review)
         assert ("export IMAGING_META_SALT (fit, scan and evaluate read it)" in caplog.text) is warned
+
+
+def test_a_second_link_to_one_file_is_indexed_once(tmp_path):
+    """A review: an nnU-Net view made of links to the raw files indexed each scan twice, as two patients, so one
+    scan could fall in training and in test. The first path (in sorted order) to a file is indexed; the others are
+    rejected naming it."""
+    img, aff = phantom(seed=3), affine_ras()
+    for k in range(3):
+        write_nifti(img + k, aff, tmp_path / "raw" / f"case{k}.nii.gz")
+        write_nifti(label_for(img), aff, tmp_path / "raw" / f"case{k}_seg.nii.gz")
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / "view" / folder).mkdir(parents=True)
+    for k in range(3):
+        os.symlink(tmp_path / "raw" / f"case{k}.nii.gz", tmp_path / "view" / "imagesTr" / f"case{k}_0000.nii.gz")
+        os.symlink(tmp_path / "raw" / f"case{k}_seg.nii.gz", tmp_path / "view" / "labelsTr" / f"case{k}.nii.gz")
+    index = scan_folder(str(tmp_path))
+    assert sorted((c.image, c.label) for c in index.cases) == [
+        (f"raw/case{k}.nii.gz", f"raw/case{k}_seg.nii.gz") for k in range(3)]
+    assert len({c.patient for c in index.cases}) == 3
+    reasons = {r.path: r.reason for r in index.rejected}
+    assert reasons["view/imagesTr/case1_0000.nii.gz"].startswith("the same file as raw/case1.nii.gz (a link)")
+    assert reasons["view/labelsTr/case2.nii.gz"].startswith("the same file as raw/case2_seg.nii.gz (a link)")
+    os.link(tmp_path / "raw" / "case0.nii.gz", tmp_path / "raw" / "hard.nii.gz")  # a hard link is the same file too
+    reasons = {r.path: r.reason for r in scan_folder(str(tmp_path)).rejected}
+    assert reasons["raw/hard.nii.gz"].startswith("the same file as raw/case0.nii.gz (a link)")
+
+
+def test_the_default_patient_pattern_is_the_bids_entity_not_sub_inside_a_name(tmp_path):
+    """A review: ``sub-`` anywhere in the path was the patient, so every case under ``liver-sub-sampled/`` was one
+    patient. The entity starts a folder or file name; BIDS folders and file name prefixes still name the subject."""
+    img, aff = phantom(seed=3), affine_ras()
+    for k in range(3):
+        write_nifti(img + k, aff, tmp_path / "liver-sub-sampled" / f"case{k}.nii.gz")
+        write_nifti(label_for(img), aff, tmp_path / "liver-sub-sampled" / f"case{k}_seg.nii.gz")
+    for ses in ("ses-1", "ses-2"):
+        write_nifti(img, aff, tmp_path / "bids" / "sub-07" / ses / "anat" / f"sub-07_{ses}_T1w.nii.gz")
+    write_nifti(img, aff, tmp_path / "flat" / "sub-08_T1w.nii.gz")
+    write_nifti(img + 1, aff, tmp_path / "flat" / "sub-08_T2w.nii.gz")
+    index = scan_folder(str(tmp_path))
+    patients = {c.image: c.patient for c in index.cases}
+    assert len({patients[f"liver-sub-sampled/case{k}.nii.gz"] for k in range(3)}) == 3
+    bids = {p for name, p in patients.items() if name.startswith("bids/")}
+    flat = {p for name, p in patients.items() if name.startswith("flat/")}
+    assert len(bids) == len(flat) == 1 and bids != flat
+
+
+def test_a_label_in_a_label_folder_with_an_upper_case_extension_pairs(tmp_path):
+    """A review: ``labels/e.NII.GZ`` beside ``images/e.nii.gz`` left the image unlabelled and the map rejected as an
+    orphan, though the image is there (the other way round it paired)."""
+    img, aff = phantom(seed=3), affine_ras()
+    write_nifti(img, aff, tmp_path / "images" / "e.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "labels" / "e.nii.gz")
+    (tmp_path / "labels" / "e.nii.gz").rename(tmp_path / "labels" / "e.NII.GZ")
+    index = scan_folder(str(tmp_path))
+    assert [(c.image, c.label) for c in index.cases] == [("images/e.nii.gz", "labels/e.NII.GZ")]
+    assert not index.rejected
+
+
+def test_a_dataset_json_whose_training_is_not_a_list_is_rejected_not_a_crash(tmp_path):
+    """A review: ``"training": 5`` stopped the whole scan as an internal error; the file is rejected with the reason
+    and the images are paired by their names."""
+    img, aff = phantom(seed=3), affine_ras()
+    write_nifti(img, aff, tmp_path / "imagesTr" / "liver_1.nii.gz")
+    write_nifti(label_for(img), aff, tmp_path / "labelsTr" / "liver_1.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}, "training": 5}))
+    index = scan_folder(str(tmp_path))
+    assert [(c.image, c.label) for c in index.cases] == [("imagesTr/liver_1.nii.gz", "labelsTr/liver_1.nii.gz")]
+    assert [(r.path, "'training' is a int, not a list" in r.reason) for r in index.rejected] == [("dataset.json", True)]

@@ -10,6 +10,7 @@ import torch
 
 from datamodules.base import EpisodicDataModule, digest
 from datamodules.indexing.index import Case
+from datamodules.indexing.scan import DEFAULT_PATIENT_REGEX
 from datamodules.indexing.splits import make_split
 from datamodules.sampling.episode_files import check_segmentation_episodes
 from datamodules.sampling.samplers_segmentation import SegmentationEpisodeSpec
@@ -338,8 +339,8 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     given.prepare_data()  # scanned with the default pattern
     mismatched = SegmentationDataModule(root=str(root), index_path=str(tmp_path / "cache" / "x.json"),
                                         cache_dir=str(tmp_path / "cache"), label_names={1: "milz"}, patient_regex="^()")
-    with pytest.raises(ValueError, match=r"x\.json was scanned with patient_regex '\(sub-\[A-Za-z0-9\]\+\)' and the "
-                                         r"data config says '\^\(\)'.*rescan: true.*--patient-regex"):
+    with pytest.raises(ValueError, match=rf"x\.json was scanned with patient_regex '{re.escape(DEFAULT_PATIENT_REGEX)}' "
+                                         r"and the data config says '\^\(\)'.*rescan: true.*--patient-regex"):
         mismatched.setup("fit")
 
 
