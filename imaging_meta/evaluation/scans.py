@@ -114,8 +114,13 @@ def load_scan(scan: Scan, preprocessing: dict, query: bool = False) -> Loaded:
 def load_structure(scan: Scan, preprocessing: dict, query: bool = False) -> Loaded:
     """`load_scan`, with the structure's preprocessed mask as ``pre["struct"]``.
 
+    A ``query`` whose structure lies wholly outside what is segmented (the working slices, or the crop to the body
+    found in its image) is scored as it is, on its own grid: as missed, as `segment` would miss it, with a warning
+    that names the cause and the fix (until 2026-12-07 the pair stopped the whole evaluation; a structure partly
+    outside was always scored so).
+
     Raises:
-        ValueError: the structure is not in the scan, or none of it is left after preprocessing.
+        ValueError: the structure is not in the scan, or none of a support's is left after preprocessing.
     """
     loaded = load_scan(scan, preprocessing, query)
     loaded.pre["struct"] = loaded.pre["label"].as_tensor()[0] == scan.value
@@ -129,11 +134,12 @@ def load_structure(scan: Scan, preprocessing: dict, query: bool = False) -> Load
         how = (f"the working slices ({field} mm around the body's centre, the supports' field of view at "
                f"{float(min(spacing)):.2f} mm) or the crop to the body found in its image"
                if query else "the resampling and the crop to the slices")
-        fix = "; --scale checkpoint, or supports of the query's field of view, keep it" if query else ""
-        raise ValueError(
-            f"{scan.label}: the structure (value {scan.value}, {int(loaded.truth.sum())} voxels in the file) is "
-            f"not left after preprocessing: {how} removed it ({scan.image}){fix}"
-        )
+        lost = (f"{scan.label}: the structure (value {scan.value}, {int(loaded.truth.sum())} voxels in the file) is "
+                f"not left after preprocessing: {how} removed it ({scan.image})")
+        if not query:
+            raise ValueError(lost)
+        logger.warning("%s; it is scored as missed, as segment would miss it (--scale checkpoint, or supports of the "
+                       "query's field of view, keep it)", lost)
     return loaded
 
 

@@ -4,6 +4,7 @@ protocols, on synthetic volumes with known answers. Stand-in learners make the l
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import nibabel as nib
 import numpy as np
@@ -863,10 +864,13 @@ def test_a_structure_under_12_pixels_for_a_wide_body_is_warned_about(tmp_path, c
         assert (chosen["spacing"][0] > 20 / 12) is warned, chosen
 
 
-def test_a_query_structure_outside_the_working_slices_is_named_as_such(tmp_path):
+def test_a_query_structure_outside_the_working_slices_is_named_and_scored_as_missed(tmp_path, caplog):
     """A review (2026-12-07): at a support's small field of view the working slices keep a wide query's centre; a
-    structure near its edge was lost there, and the error blamed the crop to the body."""
-    from imaging_meta.evaluation.scans import structure_preprocessing
+    structure near its edge was lost there, and the error blamed the crop to the body. Since then the pair is not an
+    error that stops the evaluation: it is scored as `segment` would do (missed), with a warning naming the cause."""
+    import logging
+
+    from imaging_meta.evaluation.scans import TRAINED_FULL, structure_preprocessing
 
     pre = {"spacing": [4.5, 4.5], "slice_size": [80, 80], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
     scans = {}
@@ -879,7 +883,14 @@ def test_a_query_structure_outside_the_working_slices_is_named_as_such(tmp_path)
                            _write(tmp_path / f"{name}_l.nii.gz", lab, (1.0, 1.0, 5.0)), 1, "CT", "organ")
     chosen = structure_preprocessing(pre, scans["s"].image, scans["s"].label, 1, "CT", "structure")
     load_structure(scans["s"], chosen)
-    with pytest.raises(ValueError, match=r"q_l\.nii\.gz: .* the working slices \(\d+ x \d+ mm around the body's centre.*"
-                                         r"--scale checkpoint, or supports of the query's field of view, keep it"):
-        load_structure(scans["q"], chosen, query=True)
+    with caplog.at_level(logging.WARNING, logger="imaging_meta.evaluation.scans"):
+        lost = load_structure(scans["q"], chosen, query=True)
+    assert lost.truth.any() and not lost.pre["struct"].any()
+    assert re.search(r"q_l\.nii\.gz: .* the working slices \(\d+ x \d+ mm around the body's centre.* scored as missed.*"
+                     r"--scale checkpoint, or supports of the query's field of view, keep it", caplog.text)
     assert load_structure(scans["q"], pre, query=True).pre["struct"].any()  # at the checkpoint's scale it is kept
+    rows = {r["method"]: r for r in score_pair(ConstantLearner(0.9), pre, scans["s"], scans["q"], "whole_scan",
+                                               ablations=False, scale="structure")}
+    assert rows[TRAINED_FULL]["dice"] == 0.0 and rows[COPY]["dice"] is not None  # every method scored, on one grid
+    with pytest.raises(ValueError, match=r"s_l\.nii\.gz: no voxel of value 2"):  # a support without it: refused
+        load_structure(Scan(scans["s"].image, scans["s"].label, 2, "CT", "organ"), chosen)
