@@ -30,10 +30,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
 
     Yields:
         The open temporary file.
+
+    Raises:
+        ValueError: ``path`` exists and is not a regular file (a FIFO, a device): replacing it would lose it.
+        OSError: from the file system; one that names no file (a full disk) names ``path``.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
-    target = Path(path)
+    # a symbolic link is written through, to the file it names (it was replaced by a file of its own, and the file
+    # it named kept its old content; a review)
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file() and not target.is_dir():
+        raise ValueError(f"{path}: not a regular file (a FIFO, a device or a socket), which a write would replace; "
+                         "give the path of a file")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{_temp_name(target.name)}.", suffix=".partial", dir=target.parent)
     try:
@@ -43,8 +52,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: the error names no file (a review)
+            e.filename = str(path)
         raise
 
 

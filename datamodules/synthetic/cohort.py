@@ -262,8 +262,10 @@ def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per
         if out.exists():
             out.rmdir()  # empty (checked above); os.rename cannot replace a directory everywhere
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: the error names no file (a review)
+            e.filename = str(out)
         raise
     return {
         "out_dir": str(out),

@@ -47,6 +47,7 @@ from imaging_meta.commands.console import (
     non_negative_int,
     parser_error_line,
     peer_stopped,
+    positive_int,
     quiet_lightning,
     quiet_output,
     seed_int,
@@ -495,8 +496,8 @@ def _tool_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="write the synthetic multi-site demo cohort")
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--seed", type=int, default=0, help="the cohort's seed (default 0: the cohort every doc measures)")
-    d.add_argument("--patients-per-site", type=int, default=12, help="patients at each of the 4 sites (default 12)")
+    d.add_argument("--seed", type=seed_int, default=0, help="the cohort's seed (default 0: the cohort every doc measures)")
+    d.add_argument("--patients-per-site", type=positive_int, default=12, help="patients at each of the 4 sites (default 12)")
     d.add_argument("--if-missing", action="store_true", help="do nothing when a complete cohort is already there")
 
     s = sub.add_parser("scan", help="index a folder of DICOM series and NIfTI volumes (a preview: fit makes its own "
@@ -610,7 +611,7 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--query", action="append", required=True, help="NIfTI file or DICOM series folder (repeat)")
     g.add_argument("--out", required=True, help="output folder (created): one mask per query, named after it; a mask of that name already there is replaced when it holds a structure of the same name (--structure-name) of the same scan, and refused when it holds another structure, another scan's mask (two series folders of one name) or is no mask of segment: one folder per structure")
     g.add_argument("--modality", default=None, help="CT or MR, when the files do not say")
-    g.add_argument("--max-support-slices", type=int, default=12, help="support slices used per support scan (default 12)")
+    g.add_argument("--max-support-slices", type=positive_int, default=12, help="support slices used per support scan (default 12)")
     g.add_argument("--no-largest-component", action="store_true", help="keep every connected component")
     g.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     g.add_argument("--format", dest="output_format", choices=("nifti", "dicom-seg"), default="nifti",
@@ -641,7 +642,7 @@ def _add_segment_parser(sub) -> None:
                         "region in docs/segmentation.md, but also 3 of 20 other patients' tumour-centred crops. Not "
                         "checked, and warned about: queries of another modality than the supports, and checkpoints whose "
                         "learner has no slice features (only ProtoNet segmentation checkpoints have them)")
-    g.add_argument("--adapt-steps", type=int, default=40,
+    g.add_argument("--adapt-steps", type=non_negative_int, default=40,
                    help="test-time adaptation: before predicting each query, fine-tune a copy on superpixel episodes from "
                         "the support scans and that query and on augmented support slices for N steps (default 40, a measured choice, see "
                         "docs/segmentation.md; 0: off, faster)")
@@ -657,18 +658,18 @@ def _add_evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="a checkpoint on fixed seeded test episodes: metrics with 95%% CIs, plots, provenance")
     e.add_argument("--checkpoint", required=True, help="a checkpoint from `imaging-meta fit`")
     e.add_argument("--out", required=True, help="run folder for results.json, results.md, plots and episode files")
-    e.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="support sizes to evaluate (default: 1 5)")
-    e.add_argument("--episodes", type=int, default=200, help="test episodes per number of shots")
+    e.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5], help="support sizes to evaluate (default: 1 5)")
+    e.add_argument("--episodes", type=positive_int, default=200, help="test episodes per number of shots")
     e.add_argument("--seed", type=seed_int, default=0, help="episode seed: the same seed draws the same episodes")
     e.add_argument("--data-config", default=None,
                    help="data YAML to use instead of the settings stored in the checkpoint (must keep its split)")
     e.add_argument("--data-root", default=None, help="the segmentation data folder, when it moved since training (classification: --data-config with the new paths)")
     e.add_argument("--cache-dir", default=None, help="cache folder for the index, volumes and episode files")
-    e.add_argument("--batch-size", type=int, default=None, help="episodes per forward pass")
+    e.add_argument("--batch-size", type=positive_int, default=None, help="episodes per forward pass")
     e.add_argument("--no-baselines", action="store_true",
                    help="do not score the untrained learner and the episodes' label-only baselines (the whole-scan "
                         "protocols always score their copy-mask and intensity-window baselines and ablations)")
-    e.add_argument("--panel", type=int, default=3, help="best and worst episodes in best_worst.png (0: none)")
+    e.add_argument("--panel", type=non_negative_int, default=3, help="best and worst episodes in best_worst.png (0: none)")
     e.add_argument("--name", default=None, help="the run's name in `compare` tables (default: the folder name)")
     e.add_argument("--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda or cuda:N")
     e.add_argument("--salt", default=None,
@@ -682,10 +683,10 @@ def _add_evaluate_parser(sub) -> None:
     e.add_argument("--scan-protocols", nargs="+", choices=("whole_scan", "oracle_extent"), default=[],
                    help="also segment whole test scans and score 3D Dice per query volume beside the untrained learner, "
                         "copying the support mask and the intensity window (segmentation; scans.md)")
-    e.add_argument("--scan-pairs", type=int, default=4, help="(support, query) scan pairs per test structure")
+    e.add_argument("--scan-pairs", type=positive_int, default=4, help="(support, query) scan pairs per test structure")
     e.add_argument("--scan-pairing", choices=("same_site", "cross_site", "any"), default="same_site",
                    help="whole-scan pairs: support and query from the same site (default), from different sites, or any")
-    e.add_argument("--adapt-steps", type=int, default=0,
+    e.add_argument("--adapt-steps", type=non_negative_int, default=0,
                    help="whole-scan protocols: also score the segmenter after N steps of test-time adaptation per pair")
     e.add_argument("--scale", choices=("checkpoint", "structure"), default="checkpoint",
                    help="whole-scan protocols: segment at the checkpoint's spacing, or at one chosen from each support's "

@@ -51,12 +51,14 @@ def check_output_file(path: str | os.PathLike, option: str = "--out", example: s
 
     Raises:
         ValueError: ``path`` is an existing folder, or ends with a path separator (a folder meant: a file of that
-            name was written), lies under a file, or its nearest existing folder cannot be written to (checked
+            name was written), exists and is not a regular file (a FIFO, a device), lies under a file, or its nearest existing folder cannot be written to (checked
             before the work, not when the file is written).
     """
     p = Path(path)
     if p.is_dir() or str(path).endswith(("/", os.sep)):
         raise ValueError(f"{path}: names a folder; {option} names the file to write (e.g. {p / example})")
+    if p.exists() and not p.is_file():  # a FIFO or a device, which the write would replace (a review)
+        raise ValueError(f"{path}: not a regular file (a FIFO, a device or a socket); {option} names the file to write")
     parent = _nearest_existing_parent(p)  # it must be a folder that takes new files
     if not parent.is_dir():
         raise ValueError(f"{p}: {parent} is a file, so {option} cannot be written under it")

@@ -73,3 +73,65 @@ def test_a_requeue_checkpoints_temporary_file_does_not_look_like_one(tmp_path):
         f.write(b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["hpc_ckpt_2.ckpt"]
     assert partial_target(Path(".index.json.rw8hfvgo.partial")) == Path("index.json")
+
+
+def test_a_link_is_written_through_and_a_fifo_is_refused_not_replaced(tmp_path):
+    """A review: `--out` given as a link replaced the link with a file of its own (the file it named kept its old
+    content), and a FIFO or a device (as root, /dev/full) was replaced by a file."""
+    import os
+
+    from imaging_meta.commands.outputs import check_output_file
+
+    shared = tmp_path / "shared" / "preds.csv"
+    atomic_write_text(shared, "old")
+    link = tmp_path / "links" / "preds.csv"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and shared.read_text() == "new"
+    dangling = tmp_path / "links" / "later.csv"
+    dangling.symlink_to(tmp_path / "shared" / "later.csv")
+    atomic_write_text(dangling, "made")
+    assert dangling.is_symlink() and (tmp_path / "shared" / "later.csv").read_text() == "made"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"pipe: not a regular file \(a FIFO"):
+        atomic_write_text(fifo, "x")
+    with pytest.raises(ValueError, match=r"pipe: not a regular file \(a FIFO.*--out names the file to write"):
+        check_output_file(fifo)
+    assert check_output_file(link) == link
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["links", "pipe", "shared"] and fifo.is_fifo()
+
+
+def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    """A review: a write that filled the disk said "No space left on the device" without naming a file (the
+    error of write() and fsync() names none); the command's one line names the file it was to write."""
+    import errno
+    import os
+
+    from imaging_meta.commands.console import _os_error_message
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "out" / "mask.nii.gz"
+    with pytest.raises(OSError) as caught:
+        atomic_write_text(target, "x")
+    assert caught.value.filename == str(target) and not any(target.parent.iterdir())  # no temporary file left
+    assert _os_error_message(caught.value).startswith(f"{target}: no space left on the device")
+
+
+def test_a_full_disk_while_writing_the_demo_names_its_folder(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from datamodules.synthetic import cohort
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cohort, "_write_cohort", full)
+    with pytest.raises(OSError) as caught:
+        cohort.generate_demo_cohort(tmp_path / "demo", seed=0, patients_per_site=1)
+    assert caught.value.filename == str((tmp_path / "demo").resolve()) and not list(tmp_path.iterdir())

@@ -732,7 +732,14 @@ def test_options_the_help_promises_are_checked_or_named(tmp_path, capsys, caplog
                 ["segment", "--checkpoint", "c", "--support-image", "a", "--support-label", "b", "--query", "q",
                  "--out", "o", "--adapt-seed", str(2**64)],
                 ["evaluate", "--checkpoint", "c", "--out", "o", "--seed", str(2**64)],
-                ["classify", "--checkpoint", "c", "--support", "s", "--query", "q", "--out", "o", "--finetune-steps", "-1"]):
+                ["classify", "--checkpoint", "c", "--support", "s", "--query", "q", "--out", "o", "--finetune-steps", "-1"],
+                # counts out of range were bad input (1) here and bad arguments (2) there (a review): all argparse's
+                *(["segment", "--checkpoint", "c", "--support-image", "a", "--support-label", "b", "--query", "q",
+                   "--out", "o", *bad] for bad in (["--adapt-steps", "-1"], ["--max-support-slices", "0"])),
+                *(["evaluate", "--checkpoint", "c", "--out", "o", *bad] for bad in (
+                    ["--episodes", "0"], ["--shots", "0"], ["--batch-size", "0"], ["--scan-pairs", "0"],
+                    ["--panel", "-1"], ["--adapt-steps", "-1"])),
+                *(["demo", "--out", "o", *bad] for bad in (["--seed", "-1"], ["--patients-per-site", "0"]))):
         assert _status([*bad[:1], "--out", str(tmp_path / "r"), *bad[1:]] if bad[0] == "results" else bad) == 2, bad
         assert "invalid" in capsys.readouterr().err
     (tmp_path / "e").mkdir()
