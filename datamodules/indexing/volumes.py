@@ -255,6 +255,25 @@ def slice_count_fix(image_shape, image_affine, label_shape, label_affine) -> str
             "drawn on another series")
 
 
+def grid_fix(image_shape, image_affine, label_shape, label_affine) -> str:
+    """What to do about a label map off its image's grid (`grid_mismatch`): `slice_count_fix` where that applies;
+    where the shapes are the same, save the voxels again with the image's affine (a label saved without it, as
+    ``Nifti1Image(data, np.eye(4))`` does, is placed hundreds of mm away, and resampling it would move the structure
+    there; a review); else resample it."""
+    fix = slice_count_fix(image_shape, image_affine, label_shape, label_affine)
+    if fix is not None:
+        return fix
+    label = [int(v) for v in label_shape]
+    while len(label) > 3 and label[-1] == 1:
+        label = label[:-1]
+    if label == [int(v) for v in image_shape]:
+        return ("the shapes are the same: if the label's voxels are the image's (a label saved without the image's "
+                "affine, e.g. Nifti1Image(data, np.eye(4)) or with no sform/qform), save the same data with the image's "
+                "affine (Nifti1Image(data, image.affine, image.header)); else resample the label onto the image grid "
+                "(nearest neighbour)")
+    return "resample the label onto the image grid (nearest neighbour)"
+
+
 @dataclass
 class Volume:
     """An image's voxel grid: shape (3,) and voxel -> world affine (4, 4)."""
@@ -370,9 +389,8 @@ def label_values(path: str, rel: str, image: Volume) -> list[int]:
     except Exception as e:
         raise Reject(f"label map {rel}: cannot compare its grid with the image ({type(e).__name__}: {e})") from e
     if mismatch:
-        fix = slice_count_fix(image.shape, image.affine, img.shape, np.asarray(img.affine, dtype=np.float64))
-        raise Reject(f"label map {rel} does not match its image: {mismatch}; "
-                     + (fix or "resample the label onto the image grid"))
+        fix = grid_fix(image.shape, image.affine, img.shape, np.asarray(img.affine, dtype=np.float64))
+        raise Reject(f"label map {rel} does not match its image: {mismatch}; {fix}")
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:

@@ -55,7 +55,7 @@ from nibabel.orientations import apply_orientation, io_orientation, ornt_transfo
 from nibabel.spatialimages import SpatialImage
 from PIL import Image
 
-from datamodules.indexing.volumes import grid_mismatch
+from datamodules.indexing.volumes import grid_fix, grid_mismatch
 from datamodules.io.atomic import atomic_open
 from datamodules.io.dicom import DicomError, DicomSeriesError, load_series_array, order_series, read_header
 
@@ -218,7 +218,8 @@ def _convert_synapse(image_path: Path, label_path: Path) -> Converted:
     affine = np.asarray(img.affine, dtype=np.float64)
     mismatch = grid_mismatch(data.shape, affine, lab_data.shape, np.asarray(lab.affine, dtype=np.float64))
     if mismatch:
-        raise PrepareError(f"{label_path}: not on the voxel grid of {image_path.name} ({mismatch})")
+        fix = grid_fix(data.shape, affine, lab_data.shape, np.asarray(lab.affine, dtype=np.float64))
+        raise PrepareError(f"{label_path}: not on the voxel grid of {image_path.name} ({mismatch}); {fix}")
     # the same grid possibly stored with flipped/permuted axes: bring it into the image's axis order
     lab_data = apply_orientation(lab_data, ornt_transform(io_orientation(lab.affine), io_orientation(affine)))
     values = _integer_values(lab_data, label_path)

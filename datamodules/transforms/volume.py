@@ -52,7 +52,7 @@ from datamodules.indexing.volumes import (
     checked_nifti,
     cifti_file_reason,
     dimensions_reason,
-    slice_count_fix,
+    grid_fix,
 )
 from datamodules.io.dicom import DicomSeriesReader
 from datamodules.transforms.body import BodyCropd, FindBodyd
@@ -161,11 +161,8 @@ class CheckVolumed(MapTransform):
             label = self.label_check(d[key])
             mismatch = grid_mismatch(image.shape[1:], _affine(image), label.shape[1:], _affine(label))
             if mismatch:
-                fix = slice_count_fix(image.shape[1:], _affine(image), label.shape[1:], _affine(label))
-                raise ValueError(
-                    f"{_source(label)}: label map does not match its image {_source(image)}: {mismatch}; "
-                    + (fix or "resample the label onto the image grid (nearest neighbour)")
-                )
+                fix = grid_fix(image.shape[1:], _affine(image), label.shape[1:], _affine(label))
+                raise ValueError(f"{_source(label)}: label map does not match its image {_source(image)}: {mismatch}; {fix}")
         return d
 
 

@@ -617,7 +617,9 @@ def _add_segment_parser(sub) -> None:
     g.add_argument("--format", dest="output_format", choices=("nifti", "dicom-seg"), default="nifti",
                    help="mask format; dicom-seg (highdicom) needs single-frame DICOM series queries (not enhanced multi-frame files) and writes <query>.seg.dcm")
     g.add_argument("--explain", action="store_true",
-                   help="also write each query's foreground probability map (<query>_probability.nii.gz)")
+                   help="also write each query's foreground score map (<query>_probability.nii.gz; 0.5 is the threshold "
+                        "fitted on the support, so the mask is the map > 0.5 before the component step: not a "
+                        "calibrated probability)")
     g.add_argument("--learner-only", action="store_true",
                    help="the learner's probability alone: no intensity evidence, calibration, negative slices, z smoothing "
                         "or retry of an empty answer")

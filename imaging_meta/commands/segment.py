@@ -322,6 +322,14 @@ SEG_ADVICE = ("support label maps are NIfTI files on the support image's grid. C
               "as reference geometry (a SEG may hold only the slices that show the structure)")
 
 
+#: how to turn a DICOM RT structure set (contours) into what ``--support-label`` reads
+RTSTRUCT_ADVICE = ("support label maps are NIfTI files on the support image's grid, and a structure set holds contours. "
+                   "Convert it first, e.g. in 3D Slicer with SlicerRT: load the support series and the RTSTRUCT, then "
+                   "export the structure as a labelmap with the support series as reference geometry")
+#: the label-side advice for a DICOM object that is not an image, by Modality
+_LABEL_ADVICE = {"SEG": ("a DICOM Segmentation object", SEG_ADVICE), "RTSTRUCT": ("a DICOM RT structure set", RTSTRUCT_ADVICE)}
+
+
 def label_format(p: Path) -> None:
     """Refuse, with the label's own advice, a support label that is a DICOM SEG (the format ``segment --format
     dicom-seg`` writes), another DICOM file (an image), or a folder (holding a SEG or a series). Checked before the
@@ -329,17 +337,18 @@ def label_format(p: Path) -> None:
     whose folder is refused (a review); other files get the images' checks (a 2D picture, a NIfTI pair) and then
     `check_label_source`'s."""
     if p.is_dir():
-        seg = next((f for f in sorted(p.iterdir())[:200] if f.is_file() and _file_modality(f) == "SEG"), None)
-        if seg is not None:
-            raise ValueError(f"{p}: a folder holding a DICOM Segmentation object ({seg.name}); {SEG_ADVICE}")
+        for f in sorted(p.iterdir())[:200]:
+            kind = _LABEL_ADVICE.get(_file_modality(f) or "") if f.is_file() else None
+            if kind is not None:  # an RT structure set was called "not a DICOM series" (a review)
+                raise ValueError(f"{p}: a folder holding {kind[0]} ({f.name}); {kind[1]}")
         raise ValueError(
             f"{p}: a folder; a support label map is a NIfTI file (.nii, .nii.gz) on its image's grid, not a DICOM series"
         )
     if is_nifti(p.name) or not p.is_file():
         return
     modality = _file_modality(p)
-    if modality == "SEG":
-        raise ValueError(f"{p}: a DICOM Segmentation object; {SEG_ADVICE}")
+    if modality in _LABEL_ADVICE:  # an RT structure set was called a DICOM image file (a review)
+        raise ValueError(f"{p}: {_LABEL_ADVICE[modality][0]}; {_LABEL_ADVICE[modality][1]}")
     if modality is not None:
         raise ValueError(f"{p}: a DICOM image file ({modality or 'no Modality'}), not a label map; the support's series "
                          "goes to --support-image (its folder), and its label map is a NIfTI file on that series' grid "

@@ -453,3 +453,23 @@ def test_a_jpeg_that_only_pillow_could_try_names_the_jpeg_extra_not_a_corrupt_fi
     Decoder.available_plugins = ("pillow", "pylibjpeg")  # a full decoder failed too: the file is corrupt
     with pytest.raises(DicomError, match="corrupt or the decoder cannot read it; copy the file again"):
         stored_pixel_array(pydicom.dcmread(path), h)
+
+
+def test_a_label_saved_without_its_images_affine_is_told_to_take_it_not_to_resample(tmp_path):
+    """A review: a label map on the image's voxels saved with an identity affine (``Nifti1Image(data, np.eye(4))``)
+    was told to "resample the label onto the image grid", which would move the structure hundreds of mm away."""
+    from datamodules.indexing.volumes import grid_fix
+
+    image_affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    image_affine[:3, 3] = [-200.0, -180.0, -300.0]
+    fix = grid_fix((64, 64, 20), image_affine, (64, 64, 20), np.eye(4))
+    assert fix.startswith("the shapes are the same: if the label's voxels are the image's") and "image.affine" in fix
+    assert grid_fix((64, 64, 20), image_affine, (64, 64, 20, 1), np.eye(4)) == fix  # a trailing singleton too
+    assert grid_fix((64, 64, 20), image_affine, (32, 32, 20), np.eye(4)) == (
+        "resample the label onto the image grid (nearest neighbour)")
+    img = np.zeros((16, 16, 6), np.float32)
+    img[4:12, 4:12, 1:5] = 100.0
+    lab = (img > 0).astype(np.uint8)
+    write_nifti(img, image_affine, tmp_path / "ct.nii.gz")
+    write_nifti(lab, np.eye(4), tmp_path / "ct_seg.nii.gz")
+    assert "save the same data with the image's affine" in reason_of(scan_folder(tmp_path), "ct.nii.gz")

@@ -291,6 +291,18 @@ def test_a_dicom_seg_given_as_the_support_label_is_named_with_how_to_convert_it(
     with pytest.raises(ValueError, match=r"segs: a folder holding a DICOM Segmentation object \(q\.seg\.dcm\); .*"
                                          r"Convert it first"):
         segment(tmp_path / "never-read.ckpt", [(image, tmp_path / "segs")], [query], tmp_path / "out")
+    # an RT structure set (contours), as a file or in a folder: named as one, with how to convert it (a review: it
+    # was "a DICOM image file (RTSTRUCT)", sent to --support-image, and its folder "not a DICOM series")
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set Storage
+    rt = Dataset()
+    rt.file_meta, rt.Modality = meta, "RTSTRUCT"
+    rt.SOPClassUID, rt.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    (tmp_path / "rt").mkdir()
+    rt.save_as(tmp_path / "rt" / "rs.dcm", enforce_file_format=True)
+    for given, named in ((tmp_path / "rt" / "rs.dcm", r"rs\.dcm: a DICOM RT structure set; "),
+                         (tmp_path / "rt", r"rt: a folder holding a DICOM RT structure set \(rs\.dcm\); ")):
+        with pytest.raises(ValueError, match=named + r"support label maps are NIfTI files .* SlicerRT"):
+            segment(tmp_path / "never-read.ckpt", [(image, given)], [query], tmp_path / "out")
     # a slice of the support series given as its label: named as an image, not sent to its folder (refused as a label)
     series = write_series(tmp_path / "series")
     with pytest.raises(ValueError, match=r"a DICOM image file \(CT\), not a label map; the support's series goes to "
