@@ -244,6 +244,14 @@ def test_a_checkpoint_whose_weights_are_not_finite_is_refused_and_a_threshold_is
     torch.save(good, tmp_path / "nan.ckpt")
     with pytest.raises(CheckpointError, match=r"nan\.ckpt: 1 weight tensor\(s\) hold NaN or infinite values .*diverged"):
         load_learner(tmp_path / "nan.ckpt")
+    # one NaN or one infinite value is enough (the check was only ever tried on a whole NaN tensor)
+    for bad in (float("nan"), float("inf")):
+        one = torch.load(tmp_path / "good.ckpt", weights_only=True)
+        one["state_dict"][name] = one["state_dict"][name].clone()
+        one["state_dict"][name].view(-1)[0] = bad
+        torch.save(one, tmp_path / "one.ckpt")
+        with pytest.raises(CheckpointError, match=r"one\.ckpt: 1 weight tensor\(s\) hold NaN or infinite values"):
+            load_learner(tmp_path / "one.ckpt")
     learner = PrototypicalNetwork(backbone="conv4", backbone_kwargs={"width": 4})
     for bad in (1.5, 1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"threshold must be a foreground probability in \[0, 1\)"):
@@ -268,3 +276,16 @@ def test_the_commits_that_trained_a_model_are_kept_in_order_from_the_fits_start(
     resumed._check_and_restore({"imaging_meta": {"fit_commits": ["aaa"]}})
     resumed.on_fit_start()
     assert resumed.fit_commits == ["aaa", "bbb"]
+
+
+def test_a_checkpoint_missing_a_weight_is_refused_and_a_loaded_learner_is_in_eval_mode(tmp_path):
+    """A learner loaded for segment, classify or evaluate has every weight of the checkpoint (a missing tensor would
+    leave a random one) and predicts in eval mode (dropout off, BatchNorm on its running statistics)."""
+    good = torch.load(_small_checkpoint(tmp_path / "good.ckpt"), weights_only=True)
+    learner, _ = load_learner(tmp_path / "good.ckpt")
+    assert not learner.training and not any(m.training for m in learner.modules())
+    name = next(k for k in good["state_dict"] if k.startswith("learner."))
+    del good["state_dict"][name]
+    torch.save(good, tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match=r"(?s)missing\.ckpt: weights do not fit .*Missing key"):
+        load_learner(tmp_path / "missing.ckpt")

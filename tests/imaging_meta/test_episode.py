@@ -18,6 +18,13 @@ def test_collate_and_task_round_trip():
     assert torch.equal(t.query_images, e2.query_images) and t.site == "s"
     assert b.to("cpu").support_labels.dtype == torch.bool
     assert e1.unsqueeze().n_tasks == 1
+    # each task keeps its own metadata (the two above share theirs: a pick of task 0's would pass)
+    e3 = Episode(e2.support_images, e2.support_labels, e2.query_images, e2.query_labels, classes=["spleen"], site="t",
+                 support_ids=["c", "d"], query_ids=["e", "f", "g"])
+    other = collate_episodes([e1, e3]).task(1)
+    assert (other.site, other.classes, other.support_ids, other.query_ids) == ("t", ["spleen"], ["c", "d"], ["e", "f", "g"])
+    moved = b.to("meta")  # every tensor goes to the device asked for
+    assert all(getattr(moved, k).device.type == "meta" for k in Episode.TENSOR_FIELDS)
 
 
 def test_collate_rejects_mismatched_shapes():

@@ -151,6 +151,20 @@ def test_support_batchnorm_keeps_batchnorms_state_dict_and_behaviour_outside_the
             pass
 
 
+def test_running_statistics_kept_in_training_follow_the_support_only():
+    """With running statistics, a training pass inside ``support_statistics(n)`` updates them from the support rows
+    alone, as a support-only pass of nn.BatchNorm2d would (the queries must not leak into them)."""
+    torch.manual_seed(0)
+    support, plain = SupportBatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(6, 3, 4, 4)
+    x[4:] += 50.0  # queries far from the support
+    with support_statistics(4):
+        support(x)
+    plain(x[:4])
+    torch.testing.assert_close(support.running_mean, plain.running_mean)
+    torch.testing.assert_close(support.running_var, plain.running_var)
+
+
 def test_backbones_use_support_statistics_and_the_unet_normalises_each_image():
     for name, kw in [("conv4", SMALL_CONV4), ("resnet12", {"widths": (4, 8)}), ("conv4", {**SMALL_CONV4, "spatial_dims": 3})]:
         backbone = build_backbone(name, 1, **kw)

@@ -133,6 +133,31 @@ def test_local_prototypes_and_fallback_to_global():
     assert out.shape == (1, 1, 32, 32) and torch.isfinite(out).all()
 
 
+def test_a_window_the_mask_covers_exactly_at_the_threshold_gives_a_prototype():
+    f = torch.rand(1, 4, 16, 16)
+    full = torch.ones(1, 16, 16)
+    assert local_prototypes(f, full, window=8, threshold=1.0)[1].all()  # coverage 1.0 >= threshold 1.0
+    half = torch.zeros(1, 16, 16)
+    half[:, :, :4] = 1  # half of each window in the first column of windows
+    assert local_prototypes(f, half, window=8, threshold=0.5)[1].tolist() == [[True, False, True, False]]
+
+
+def test_every_shot_builds_the_global_prototypes():
+    """K-shot: the global prototypes are the mean over the shots of each shot's masked average (a prototype of the
+    first shot only would ignore the others)."""
+    learner = small()
+    features = torch.rand(1, 2, 8, 16, 16)
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, 0, :8] = 1
+    masks[0, 1, 4:] = 1
+    protos, valid = learner.prototypes(features, masks)
+    per_shot_fg = [masked_average_pooling(features[0, i : i + 1], masks[0, i : i + 1])[0] for i in range(2)]
+    per_shot_bg = [masked_average_pooling(features[0, i : i + 1], 1 - masks[0, i : i + 1])[0] for i in range(2)]
+    torch.testing.assert_close(protos[0, 1, 0], (per_shot_fg[0] + per_shot_fg[1]) / 2)
+    torch.testing.assert_close(protos[0, 0, 0], (per_shot_bg[0] + per_shot_bg[1]) / 2)
+    assert valid[0, :, 0].all()
+
+
 def test_window_centres_lie_at_the_mean_of_their_pixels_coordinates():
     """A window's centre is on the pixels' own grid: a window is at distance 0 from itself on average, and the
     grid is symmetric about the middle (the earlier centres were shifted by about 1/h towards the far edge)."""

@@ -62,6 +62,20 @@ def test_the_average_of_the_late_steps_is_validated_checkpointed_and_kept(tmp_pa
     assert float(ckpt["state_dict"]["w"]) == 12.5 and float(ckpt["current_model_state"]["w"]) == 16.0
 
 
+def test_a_fit_stopped_before_averaging_starts_keeps_its_weights(tmp_path):
+    """Early stopping, or a requeue's stop, before the averaged steps begin: the fit ends with its own weights (an
+    average of nothing would put the model back to its initial weights)."""
+
+    class StopAtStep2(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                trainer.should_stop = True
+
+    avg, model = LateWeightAveraging(start=0.5), Rising()
+    _trainer([avg, StopAtStep2()], epochs=4, root=tmp_path, enable_checkpointing=False).fit(model, _data(), _data())
+    assert not avg.started and float(model.w.detach()) == 2.0
+
+
 def test_before_averaging_starts_checkpoints_are_plain(tmp_path):
     every = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
     _trainer([LateWeightAveraging(start=0.75), every], epochs=2, root=tmp_path / "root").fit(Rising(), _data(), _data())
