@@ -14,7 +14,10 @@ imaging-meta datamodule's loader::
 
 Targets are class indices in ``[0, n_way)`` (classification) or masks (segmentation), exactly as in the
 `Episode`; the episode's metadata (class names, site, pseudonymous ids) is under ``batch["meta"]``, a key
-torchmeta loops ignore.
+torchmeta loops ignore. Each pass over a training loader draws new episodes, as torchmeta draws new tasks: the
+view advances its sampler's epoch (`set_epoch`, which Lightning calls in a fit) before every pass after the first
+(until 2026-12-07 every pass replayed the first epoch's episodes; a review). Validation and test loaders hold fixed
+episodes, and stay fixed.
 """
 
 from __future__ import annotations
@@ -39,8 +42,13 @@ class TorchmetaBatches:
 
     def __init__(self, loader: Iterable[Episode]) -> None:
         self.loader = loader
+        self.passes = 0
 
     def __iter__(self) -> Iterator[dict]:
+        sampler = getattr(self.loader, "sampler", None)
+        if self.passes and callable(getattr(sampler, "set_epoch", None)):  # a training sampler: the next epoch
+            sampler.set_epoch(int(getattr(sampler, "epoch", self.passes - 1)) + 1)  # type: ignore[union-attr]
+        self.passes += 1
         for episode in self.loader:
             if not isinstance(episode, Episode):
                 raise TypeError(f"as_torchmeta needs a loader of imaging-meta Episodes, got {type(episode).__name__}")

@@ -43,3 +43,28 @@ def test_unbatched_episode_gets_a_task_dimension_and_bad_items_are_refused():
     assert b["train"][0].shape[0] == 1
     with pytest.raises(TypeError, match="Episodes"):
         list(as_torchmeta([{"train": None}]))
+
+
+def test_each_pass_over_a_training_loader_draws_new_episodes_and_fixed_ones_stay():
+    """A review: torchmeta draws new tasks on every pass; the view replayed the training sampler's first epoch on
+    every pass (only Lightning called set_epoch). Each pass after the first now advances the epoch; a loader of
+    fixed episodes (validation, test) has no sampler epoch and stays as it is."""
+    from datamodules.sampling.loading import episode_loader
+    from datamodules.sampling.samplers_classification import ClassificationEpisodeSampler
+    from imaging_meta.episode import Episode
+
+    class SpecEpisodes(torch.utils.data.Dataset):  # the spec itself as the episode's support ids
+        def __getitem__(self, spec):
+            return Episode(torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 2),
+                           torch.zeros(1, dtype=torch.long), support_ids=[repr(spec)])
+
+    labels = [c for c in range(6) for _ in range(4)]
+    patients = [f"p{i}" for i in range(len(labels))]
+    sampler = ClassificationEpisodeSampler(labels, patients, ["s"] * len(labels), n_way=3, n_shot=1, n_query=1,
+                                           n_episodes=4, seed=0)
+    view = as_torchmeta(episode_loader(SpecEpisodes(), sampler, batch_size=2, num_workers=0))
+    passes = [[b["meta"]["support_ids"] for b in view] for _ in range(3)]
+    assert passes[0] != passes[1] != passes[2] != passes[0] and sampler.epoch == 2
+    fixed = as_torchmeta(episode_loader(SpecEpisodes(), list(ClassificationEpisodeSampler(
+        labels, patients, ["s"] * len(labels), n_way=3, n_shot=1, n_query=1, n_episodes=4, seed=0)), 2, 0))
+    assert [b["meta"]["support_ids"] for b in fixed] == [b["meta"]["support_ids"] for b in fixed] == passes[0]
