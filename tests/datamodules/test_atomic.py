@@ -135,3 +135,16 @@ def test_a_full_disk_while_writing_the_demo_names_its_folder(tmp_path, monkeypat
     with pytest.raises(OSError) as caught:
         cohort.generate_demo_cohort(tmp_path / "demo", seed=0, patients_per_site=1)
     assert caught.value.filename == str((tmp_path / "demo").resolve()) and not list(tmp_path.iterdir())
+
+
+def test_the_bytes_are_on_disk_before_the_file_takes_its_name(tmp_path, monkeypatch):
+    """What a later run trusts is durable: the temporary file is flushed and fsync'd, holding every byte, before
+    ``os.replace`` gives it the target's name."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_size)) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", None)) or real_replace(a, b))
+    atomic_write_text(tmp_path / "index.json", "x" * 1000)
+    assert events == [("fsync", 1000), ("replace", None)]

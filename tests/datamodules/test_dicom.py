@@ -452,3 +452,51 @@ def test_reading_headers_in_threads_leaves_the_warnings_machinery_as_it_was(tmp_
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(read_header, files * 4))
     assert (warnings.showwarning, warnings.filters, warnings._showwarnmsg_impl) == state  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_monochrome1_projection_series_is_inverted_over_its_stored_range(tmp_path, signed):
+    """A CR series displayed MONOCHROME1 (its minimum white) reads as its MONOCHROME2 twin: each stored value v as
+    lo + hi - v over the stored range (65535 - v unsigned, -1 - v signed), before the rescale. A PET file without
+    its Modality is a measurement by its SOP class and is never inverted (a mutation review: neither was tested for
+    the volume reader)."""
+    vol = phantom()
+    paths = write_series(tmp_path / "s", vol, slope=1.0, intercept=0.0, signed=signed)
+    reader = DicomSeriesReader()
+
+    def read():
+        return reader.get_data(reader.read([str(p) for p in paths]))[0]
+
+    def as_(modality, sop_class, photometric):
+        def change(ds):
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+            ds.PhotometricInterpretation = photometric
+            if modality is None:
+                del ds.Modality
+            else:
+                ds.Modality = modality
+        for p in paths:
+            edit(p, change)
+
+    cr = "1.2.840.10008.5.1.4.1.1.1"
+    as_("CR", cr, "MONOCHROME2")
+    plain = read()
+    as_("CR", cr, "MONOCHROME1")
+    bits = int(pydicom.dcmread(paths[0]).BitsStored)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    np.testing.assert_allclose(read(), (lo + hi) - plain)
+    as_(None, "1.2.840.10008.5.1.4.1.1.128", "MONOCHROME1")  # PET, its Modality dropped
+    np.testing.assert_allclose(read(), plain)
+
+
+def test_a_slice_off_the_line_of_the_others_is_refused(tmp_path):
+    """A series whose slice positions leave a straight line (stacks mixed) is refused, not read misplaced."""
+    paths = write_series(tmp_path / "s", phantom())
+
+    def shift(ds):
+        ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + 5.0, *ds.ImagePositionPatient[1:]]
+
+    edit(paths[2], shift)
+    reader = DicomSeriesReader()
+    with pytest.raises(DicomSeriesError, match=r"do not lie on a straight line \(largest deviation"):
+        reader.get_data(reader.read([str(p) for p in paths]))

@@ -249,3 +249,24 @@ def test_domain_randomisation_adds_a_bias_field_a_remapping_and_a_blur_seeded_an
         fit = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution
         changed += int((torch.stack([x, torch.ones_like(x)], 1) @ fit - y[:, None]).abs().max() > 1e-3)
     assert changed >= 4
+
+
+def test_mr_is_scaled_between_the_percentiles_of_its_non_zero_voxels():
+    """An MR volume with zero-filled background: its percentiles are taken over the tissue (the non-zero voxels),
+    so the tissue spans [0, 1] however much air the field of view holds."""
+    img = torch.zeros(1, 20, 20, 4)
+    img[:, 10:] = torch.linspace(100.0, 200.0, 10 * 20 * 4).reshape(1, 10, 20, 4)
+    out = ModalityIntensity(mr_percentiles=(1.0, 99.0))(img, "MR")
+    tissue = out[:, 10:]
+    assert float(tissue.min()) == 0.0 and float(tissue.max()) == 1.0
+    assert float(tissue.median()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_item_augmentation_applies_its_gamma():
+    from datamodules.transforms.augment import RandItemAugment
+
+    x = torch.rand(2, 1, 8, 8)
+    p = {"gamma": np.array([2.0, 0.5]), "factor": np.array([1.0, 1.0]), "noise": np.zeros(x.shape, np.float32)}
+    out = RandItemAugment.intensity(x, p)
+    torch.testing.assert_close(out[0], x[0] ** 2)
+    torch.testing.assert_close(out[1], x[1] ** 0.5)

@@ -327,3 +327,13 @@ def test_the_note_on_paired_differences_names_the_interval_in_use():
     t = " ".join(_interval_notes(EPISODE_T, 9, True))
     assert "resampling patients keeps the pairs" in boot and "resampling patients" not in t
     assert "a t interval over the per-episode means of the differences" in t
+
+
+def test_each_bootstrap_resample_draws_as_many_units_as_there_are():
+    """A resample of n patients draws n of them (an off-by-one widened every interval without a test failing:
+    the by-hand checks reuse the same counts). Against the textbook: 400 patients of one N(0, 1) value each give
+    a 95% half-width near 1.96 / sqrt(400)."""
+    assert (_resample_counts(7, 0, 50).sum(1) == 7).all() and (_resample_counts(400, 3, 20).sum(1) == 400).all()
+    values = np.random.default_rng(1).normal(size=400)
+    cell = cluster_bootstrap([(i, [f"p{i}"], float(v)) for i, v in enumerate(values)], seed=0, n_boot=4000)
+    assert cell["ci95"] == pytest.approx(1.96 * values.std() / 20, rel=0.08)
