@@ -191,15 +191,30 @@ SPAWNED_STRATEGY = ("a strategy that spawns its processes (ddp_spawn, start_meth
                     "per device by itself: --trainer.strategy ddp --trainer.devices N), or srun/torchrun on a cluster")
 
 
-def _spawns_processes(strategy: Any) -> bool:
-    """Whether a ``trainer.strategy`` value (a registered name, or ``class_path`` with ``init_args``) starts its
-    processes by spawning: ``ddp_spawn`` stopped ``fit`` with "internal error ... Can't pickle local object" (a
-    review)."""
+FORKED_STRATEGY = ("a strategy that forks its processes (ddp_fork, ddp_notebook, start_method fork) fits in child "
+                   "processes whose run folder, test and report the command never sees (the test after fit stopped, "
+                   "test printed no report): use strategy ddp (it starts one process per device by itself: "
+                   "--trainer.strategy ddp --trainer.devices N), or srun/torchrun on a cluster")
+
+
+def _start_method(strategy: Any) -> str | None:
+    """How a ``trainer.strategy`` value (a registered name, or ``class_path`` with ``init_args``) starts its
+    processes apart from the command's own: "spawn" (``ddp_spawn``, start methods spawn and forkserver), "fork"
+    (``ddp_fork``, ``ddp_notebook``, start method fork), or None (``ddp``: the command's process is rank 0)."""
     if isinstance(strategy, str):  # Lightning reads the name in any case
-        return "spawn" in strategy.lower() or "forkserver" in strategy.lower()
+        name = strategy.lower()
+        if "spawn" in name or "forkserver" in name:
+            return "spawn"
+        return "fork" if "fork" in name or "notebook" in name else None
     init_args: Any = strategy.get("init_args") if hasattr(strategy, "get") else None
-    method = init_args.get("start_method") if hasattr(init_args, "get") else None
-    return str(method).lower() in ("spawn", "forkserver")
+    method = str(init_args.get("start_method") if hasattr(init_args, "get") else None).lower()
+    return "spawn" if method in ("spawn", "forkserver") else "fork" if method == "fork" else None
+
+
+def _spawns_processes(strategy: Any) -> bool:
+    """Whether the strategy spawns its processes: ``ddp_spawn`` stopped ``fit`` with "internal error ... Can't
+    pickle local object" (a review)."""
+    return _start_method(strategy) == "spawn"
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
@@ -313,8 +328,11 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True):
                 from imaging_meta.module import PRECISION_16_TRUE
 
                 raise ValueError(PRECISION_16_TRUE)  # before the trainer and its run folder exist
-            if _spawns_processes(config.get("trainer", {}).get("strategy")):
-                raise ValueError(SPAWNED_STRATEGY)
+            # the parent must be rank 0: what follows the run (the test after fit, the report) happens in it (a review:
+            # ddp_fork's fit was taken for another run's by its own test; its test printed no report)
+            method = _start_method(config.get("trainer", {}).get("strategy"))
+            if method is not None:
+                raise ValueError(SPAWNED_STRATEGY if method == "spawn" else FORKED_STRATEGY)
             if config.get("trainer", {}).get("use_distributed_sampler"):
                 from lightning.pytorch.utilities import rank_zero_warn
 

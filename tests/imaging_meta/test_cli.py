@@ -827,20 +827,25 @@ def test_fit_refuses_16_true_before_a_run_folder_is_written(demo_root, demo_inde
 def test_fit_refuses_a_spawning_strategy_before_a_run_folder_is_written(demo_root, demo_index, tmp_path):
     """A review (2026-12-07): ``--trainer.strategy ddp_spawn`` stopped fit with "internal error ... Can't pickle
     local object 'lightning_cli.<locals>.ImagingMetaCLI'". Spawned strategies, by name or by start_method, are now
-    refused with the strategy to use; ``ddp`` and ``ddp_fork`` (which pickle nothing) are not."""
-    from imaging_meta.commands.cli import _spawns_processes
+    refused with the strategy to use; ``ddp`` is not. Forked ones (``ddp_fork``) pickle nothing, but fit in child
+    processes: the test after fit took the run's own folder for another run's, and ``test`` printed no report (a
+    review); they are refused too, with their own reason."""
+    from imaging_meta.commands.cli import _spawns_processes, _start_method
 
     runs = tmp_path / "runs"
-    for strategy in ("ddp_spawn", '{"class_path": "lightning.pytorch.strategies.DDPStrategy", '
-                                  '"init_args": {"start_method": "forkserver"}}'):
-        with pytest.raises(ValueError, match="spawns its processes.*use strategy ddp"):
+    for strategy, reason in (("ddp_spawn", "spawns its processes"), ("ddp_fork", "forks its processes"),
+                             ('{"class_path": "lightning.pytorch.strategies.DDPStrategy", '
+                              '"init_args": {"start_method": "forkserver"}}', "spawns its processes")):
+        with pytest.raises(ValueError, match=reason + ".*use strategy ddp"):
             cli_main(["fit", "--config", str(CONFIGS / "trainer/ddp_cpu.yaml"), "--config",
                       str(CONFIGS / "data/demo_segmentation.yaml"), "--config", str(CONFIGS / "model/protonet_seg.yaml"),
                       *SMALL_MODEL, *data_args(demo_root, demo_index[1], tmp_path / "cache"),
                       "--trainer.logger.init_args.save_dir", str(runs), "--trainer.strategy", strategy])
     assert not runs.exists() or not any(runs.rglob("*"))
-    assert not any(map(_spawns_processes, ("ddp", "ddp_fork", "auto", None, {"class_path": "DDPStrategy"},
-                                           {"init_args": {"start_method": "popen"}})))
+    assert not any(map(_start_method, ("ddp", "auto", None, {"class_path": "DDPStrategy"},
+                                       {"init_args": {"start_method": "popen"}})))
+    assert [_start_method(s) for s in ("ddp_fork", "ddp_notebook", "DDP_FORK", {"init_args": {"start_method": "fork"}})] == [
+        "fork"] * 4 and not _spawns_processes("ddp_fork")
     assert _spawns_processes({"init_args": {"start_method": "spawn"}}) and _spawns_processes("ddp_spawn_find_unused_parameters_true")
     assert _spawns_processes("DDP_SPAWN")  # Lightning reads the name in any case (a review)
 
