@@ -141,10 +141,18 @@ def seg_checkpoint(demo_root, demo_index, tmp_path_factory):
     return _fit_and_save(EpisodicModule(learner), dm, tmp / "seg.ckpt"), tmp
 
 
-def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint, tmp_path):
+def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint, tmp_path, monkeypatch):
+    import imaging_meta.commands.evaluate as evaluate_module
+
     ckpt, tmp = seg_checkpoint
     kw = dict(shots=[1, 2], episodes=5, seed=7, cache_dir=str(tmp / "cache"), n_panel=2)
+    summary_seeds = []
+    summarise = evaluate_module.evaluation_summary
+    monkeypatch.setattr(evaluate_module, "evaluation_summary",
+                        lambda *a, **k: summary_seeds.append(k.get("seed")) or summarise(*a, **k))
     js, md = evaluate(ckpt, tmp_path / "a", **kw)
+    monkeypatch.undo()
+    assert summary_seeds == [7]  # the bootstrap runs with the seed the report names (a mutation review)
     # the same command in a fresh process, with another hash seed: every file is byte for byte the same
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "imaging_meta", "evaluate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"),
@@ -171,10 +179,20 @@ def test_segmentation_evaluate_is_reproducible_to_the_last_digit(seg_checkpoint,
     assert 0 <= summ["1"]["dice"]["trained"]["all"]["mean"] <= 1 and summ["1"]["hd95"]["trained"]["all"]["mean"] >= 0
     # the default interval resamples the test patients, whom the datamodule names in each episode
     assert ctx["interval"]["name"] == "patient-bootstrap" and ctx["interval"]["resamples"] == 2000
+    assert ctx["interval"]["seed"] == 7
+    # 5 episodes in batches of 4: each keeps its own id across batches (a collision merged two into one mean)
+    assert summ["1"]["dice"]["trained"]["all"]["n_episodes"] == 5
+    import csv
+
+    with open(tmp_path / "a" / "records.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {int(r["episode"]) for r in rows if r["shot"] == "1"} == set(range(5))
     assert 1 <= summ["1"]["dice"]["trained"]["all"]["n_patients"] <= ctx["data"]["patients"]["test"]
     assert set(summ["1"]["differences"]["dice"]) == {"untrained encoder", "copy support mask"}
     text = md.read_text()
     assert "Cite as:" in text and ctx["episode_files"]["1"]["sha256"] in text and "HD95 (mm)" in text
+    cited = text.split("Cite as:")[1].split("\n")[0]  # the citation's own line
+    assert "trained − copy support mask" in cited and "trained − untrained encoder" in cited  # every baseline
     assert "bootstrap of patients" in text and "| trained − copy support mask |" in text
     assert "unofficial" not in text
     # episodes drawn from MedMNIST files whose MD5 is not the published one: the same episode list and sha256, so

@@ -337,3 +337,46 @@ def test_each_bootstrap_resample_draws_as_many_units_as_there_are():
     values = np.random.default_rng(1).normal(size=400)
     cell = cluster_bootstrap([(i, [f"p{i}"], float(v)) for i, v in enumerate(values)], seed=0, n_boot=4000)
     assert cell["ci95"] == pytest.approx(1.96 * values.std() / 20, rel=0.08)
+
+
+def test_per_episode_scores_pair_their_queries_name_their_classes_and_sites():
+    """Mutations a review found no test caught: a paired difference of per-episode scores whose other method was
+    scored unpaired; per-class AUC cells under other classes' names; balanced accuracy's per-class rows dropped; an
+    episode of two sites counted under one; episodes of other queries paired."""
+    import torch
+
+    from imaging_meta.evaluation.metrics import ovr_auc
+
+    recs = _classification_records(n_patients=12, n_episodes=30, n_way=3)
+    skill = {"c0": 3.0, "c1": 1.0, "c2": 0.0}  # the classes' AUCs differ, so a cell under another name is wrong
+    rng = np.random.default_rng(5)
+    for r in recs:
+        logits = rng.normal(0, 1, 3)
+        logits[r["label"]] += skill[r["class"]]
+        r["probs"] = torch.tensor(logits).softmax(0).tolist()
+        r["acc"] = float(int(np.argmax(r["probs"])) == r["label"])
+        r["site"] = "s1" if (r["episode"] == 0 and r["query_id"].startswith("q0")) else "s0"  # episode 0: two sites
+    # a baseline that answers exactly as the trained learner: every paired difference is 0, in every resample
+    twin = [{**r, "method": "copy"} for r in recs if r["method"] == TRAINED]
+    # and one whose episode 1 holds other queries: it cannot be paired there
+    other = [{**r, "method": "other", "query_id": r["query_id"] + ("x" if r["episode"] == 1 else "")}
+             for r in recs if r["method"] == TRAINED]
+    all_recs = recs + twin + other
+    boot = evaluation_summary(CLASSIFICATION, all_recs, seed=0, interval=PATIENT_BOOTSTRAP, n_boot=200)["1"]
+    for metric in ("balanced_acc", "auc"):
+        same = boot["differences"][metric]["copy"]["all"]
+        assert same["mean"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0, metric
+        assert boot["differences"][metric]["other"]["all"]["n_episodes"] == 29, metric
+        assert "mixed sites" in boot[metric][TRAINED]["site"], metric
+    assert set(boot["balanced_acc"][TRAINED]["class"]) == {"c0", "c1", "c2"}
+    t = evaluation_summary(CLASSIFICATION, all_recs, seed=0, interval=EPISODE_T)["1"]
+    assert set(t["balanced_acc"][TRAINED]["class"]) == {"c0", "c1", "c2"}
+    assert "mixed sites" in t["balanced_acc"][TRAINED]["site"]
+    for c, name in enumerate(("c0", "c1", "c2")):
+        by_hand = []
+        for e in range(30):
+            mine = [r for r in recs if r["method"] == TRAINED and r["episode"] == e]
+            probs = torch.tensor([r["probs"] for r in mine], dtype=torch.float64)
+            labels = torch.tensor([r["label"] for r in mine])
+            by_hand.append(ovr_auc(probs[:, c], labels == c))
+        assert t["auc"][TRAINED]["class"][name]["mean"] == pytest.approx(np.mean(by_hand)), name
