@@ -121,9 +121,13 @@ DEMO_NAME = "imaging-meta demo"
 SCAN_VERSION = 3
 
 
-def _file_id(path: str) -> tuple[int, int]:
-    """The file ``path`` reaches: its device and inode (links followed)."""
-    st = os.stat(path)
+def _file_id(path: str) -> tuple[int, int] | None:
+    """The file ``path`` reaches: its device and inode (links followed); None when it cannot be stat'ed (the
+    readers then name why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
     return st.st_dev, st.st_ino
 
 
@@ -225,12 +229,13 @@ class _Scanner:
                 self.reject(p, broken_link_reason(p))
             elif not os.path.isfile(p):
                 self.reject(p, "not a regular file")
-            elif (real := _file_id(p)) in first:
+            elif (real := _file_id(p)) is not None and real in first:
                 # a second link to one file was a second case, of another patient: one scan in training and test
                 # (a review)
                 self.reject(p, f"the same file as {self.rel(first[real])} (a link): each file is indexed once")
             else:
-                first[real] = p
+                if real is not None:
+                    first[real] = p
                 files.append(p)
         return files
 

@@ -51,8 +51,8 @@ def check_output_file(path: str | os.PathLike, option: str = "--out", example: s
 
     Raises:
         ValueError: ``path`` is an existing folder, or ends with a path separator (a folder meant: a file of that
-            name was written), exists and is not a regular file (a FIFO, a device), lies under a file, or its nearest existing folder cannot be written to (checked
-            before the work, not when the file is written).
+            name was written), exists and is not a regular file (a FIFO, a device), lies under a file, or its
+            nearest existing folder cannot be written to (checked before the work, not when the file is written).
     """
     p = Path(path)
     if p.is_dir() or str(path).endswith(("/", os.sep)):
