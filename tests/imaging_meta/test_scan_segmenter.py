@@ -169,6 +169,16 @@ def test_z_smoothing_treats_slices_not_predicted_as_not_predicted():
     assert consecutive_runs([5, 6, 7, 9, 3]) == [(3, 4), (5, 8), (9, 10)] and consecutive_runs([]) == []
 
 
+def organ_at(x0, seed):
+    """A 32 x 32 x 12 scan (air on its first and last two rows) with its organ at rows ``x0``..``x0 + 5``."""
+    img = torch.full((32, 32, 12), 0.3)
+    img[:2], img[-2:] = 0.0, 0.0
+    mask = torch.zeros(32, 32, 12, dtype=torch.bool)
+    mask[x0 : x0 + 6, 7:13, 4:9] = True
+    img[mask] = 0.8
+    return img + 1e-3 * torch.rand(img.shape, generator=torch.Generator().manual_seed(seed)), mask
+
+
 def _write(path, array, spacing=(4.5, 4.5, 5.0)):
     nib.save(nib.Nifti1Image(array, np.diag([*spacing, 1.0])), str(path))
     return str(path)
@@ -795,13 +805,7 @@ def test_one_support_volume_given_twice_is_refused_and_the_position_prior_never_
     with pytest.raises(ValueError, match="supports 0 and 1 are the same volume: give each support scan once"):
         ScanSegmenter(BrightLearner(), ScanOptions()).fit([(a, a_mask), (a.clone(), a_mask)])
 
-    def apart(x0, seed):  # the organ in another place of each scan
-        img = torch.full((32, 32, 12), 0.3)
-        img[:2], img[-2:] = 0.0, 0.0
-        mask = torch.zeros(32, 32, 12, dtype=torch.bool)
-        mask[x0 : x0 + 6, 7:13, 4:9] = True
-        img[mask] = 0.8
-        return img + 1e-3 * torch.rand(img.shape, generator=torch.Generator().manual_seed(seed)), mask
+    apart = organ_at  # the organ in another place of each scan
 
     opts = ScanOptions(smooth_z=0.0, relax_empty=False, intensity=False, position=True)
     fitted = ScanSegmenter(BrightLearner(), opts).fit([apart(4, 0), apart(20, 1)])

@@ -14,7 +14,7 @@ from imaging_meta.evaluation.scans import COPY, WINDOW, Scan, score_pair
 from imaging_meta.volume.evidence import IntensityModel, body_extent, position_prior, slice_scores
 from imaging_meta.volume.scale import scale_and_shortfall, structure_extent_mm
 from imaging_meta.volume.segmenter import ScanOptions, ScanSegmenter
-from tests.imaging_meta.test_scan_segmenter import BrightLearner, ConstantLearner, _volume, _write
+from tests.imaging_meta.test_scan_segmenter import BrightLearner, ConstantLearner, _volume, _write, organ_at
 
 PRE = {"spacing": [4.5, 4.5], "slice_size": [16, 16], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
 
@@ -130,20 +130,12 @@ def test_negative_slices_come_from_the_body_and_pooled_calibration_leaves_out_on
 
 
 def test_each_support_scans_position_prior_is_from_the_other_scans_and_the_querys_from_all():
-    def apart(x0, seed):
-        im = torch.full((32, 32, 12), 0.3)
-        im[:2], im[-2:] = 0.0, 0.0
-        m = torch.zeros(32, 32, 12, dtype=torch.bool)
-        m[x0 : x0 + 6, 7:13, 4:9] = True
-        im[m] = 0.8
-        return im + 1e-3 * torch.rand(im.shape, generator=torch.Generator().manual_seed(seed)), m
-
-    (a, am), (b, bm) = apart(4, 0), apart(20, 1)
+    (a, am), (b, bm) = organ_at(4, 0), organ_at(20, 1)
     opts = ScanOptions(smooth_z=0.0, relax_empty=False, intensity=False, position=True)
     seg = ScanSegmenter(BrightLearner(), opts).fit([(a, am), (b, bm)])
     k = seg.support_images.shape[0]
     assert float(seg._support_prior[0, 6, 9]) == pytest.approx(0.05)  # scan 0's slice: scan 1's mask lies elsewhere
-    q, _ = apart(12, 2)
+    q, _ = organ_at(12, 2)
     seg.predict(q)
     assert seg._support_prior.shape[0] >= k
     assert float(seg._query_prior[:, 6, 9].max()) == pytest.approx(0.5)  # the mean of both scans' priors
