@@ -9,7 +9,8 @@ the target (locally weighted voting: Artaechevarria et al. 2009, Sabuncu et al. 
 the mapping is taken to be right. Here the atlas is the support, mapped as `copy support mask` maps it
 (`imaging_meta.evaluation.volumes.map_at_relative_position`: the same relative position in the body along Z, the
 body's box in-plane). For each pair the support image is mapped onto the query's grid the same way, both on the
-learner's intensity scale (`scaled_like_the_learner`), and their local normalised cross-correlation (a 9 × 9 × 3
+scale the window baseline compares them (`scaled_like_the_learner`: CT in HU, unclipped, or through the CT window
+beside an MR; MR by its own percentiles), and their local normalised cross-correlation (a 9 × 9 × 3
 voxel window) is averaged inside the copied mask and over the query's body. If such a similarity told where the
 mapping is right, it would rise with ``copy − segment`` (the copy's Dice minus `segment`'s default, read from a
 ``benchmarks.real_segmentation`` record of the same pairs); the record reports Spearman's rank correlation.

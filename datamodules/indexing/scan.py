@@ -2,9 +2,10 @@
 
 Every regular file under the root ends up in exactly one place: a case (as its image or its label map),
 ``Index.accounted`` (BIDS sidecars, Decathlon ``dataset.json``, DICOMDIR files, an earlier index), or
-``Index.rejected`` with a reason a user can act on. The scan never stops at a bad file. A file reached by two
-paths (a symbolic or hard link, such as an nnU-Net view of the raw files) is indexed at the first in sorted order
-and rejected at the others, naming it: one scan is never two cases of two patients.
+``Index.rejected`` with a reason a user can act on. The scan never stops at a bad file. A NIfTI image reached by
+two paths (a symbolic or hard link, such as an nnU-Net view of the raw files) is indexed once, at the path with a
+label map, else one that is not a link, and rejected at the others, naming it: one scan is never two cases of two
+patients. Label maps may be one file for several images.
 
 What is read, and how it is paired:
 
@@ -220,8 +221,6 @@ class _Scanner:
             logger.warning("%s: a link to a folder already scanned (%s); not scanned twice", self.rel(str(path)), real)
 
         files: list[str] = []
-        # each file (device, inode: symbolic and hard links alike) -> the first path, in the walk's sorted order
-        first: dict[tuple[int, int], str] = {}
         for path in files_under(Path(self.root), skip=self.skip, on_revisit=revisit, on_error=self._walk_error):
             p = str(path)
             self.all_files.append(p)
@@ -229,15 +228,28 @@ class _Scanner:
                 self.reject(p, broken_link_reason(p))
             elif not os.path.isfile(p):
                 self.reject(p, "not a regular file")
-            elif (real := _file_id(p)) is not None and real in first:
-                # a second link to one file was a second case, of another patient: one scan in training and test
-                # (a review)
-                self.reject(p, f"the same file as {self.rel(first[real])} (a link): each file is indexed once")
             else:
-                if real is not None:
-                    first[real] = p
                 files.append(p)
         return files
+
+    def _one_path_per_image(self, images: list[str], label_of: Mapping[str, str]) -> list[str]:
+        """``images`` with each file (device and inode: symbolic and hard links alike) once: the path with a label
+        map, else one that is not a symbolic link, else the first in sorted order. The others are rejected naming
+        it, with their label maps: a second link to one scan was a second case of another patient, one scan in
+        training and test (a review). Label maps are not compared: two patients' identical masks may be one file."""
+        by_file: dict[Any, list[str]] = {}
+        for p in images:
+            by_file.setdefault(_file_id(p) or p, []).append(p)
+        kept = []
+        for paths in by_file.values():
+            best = min(paths, key=lambda p: ("nifti:" + p not in label_of, os.path.islink(p), p))
+            kept.append(best)
+            for p in paths:
+                if p != best:
+                    label = label_of.get("nifti:" + p)
+                    self.reject(p, f"the same file as {self.rel(best)} (a link): each scan is indexed once"
+                                + (", with the label map of that path" if label else ""), [p, *([label] if label else [])])
+        return sorted(kept)
 
     def _walk_error(self, err: OSError) -> None:
         """Warn about a folder that cannot be listed (its files are not indexed)."""
@@ -298,7 +310,7 @@ class _Scanner:
         self._images = Images(nifti_set, self.root)
         # each volume is read (about a second for a 512 x 512 x 160 CT): a bar, where hundreds of them took minutes
         # without a line (a review)
-        images = sorted(nifti_set - label_files)
+        images = self._one_path_per_image(sorted(nifti_set - label_files), label_of)
         for p in progress(images, "scan: NIfTI volumes", total=len(images), unit="volume"):
             self._guarded(p, lambda p=p: self._nifti_case(p, label_of.get("nifti:" + p)), [p, label_of.get("nifti:" + p)])
         for s in progress(series, "scan: DICOM series", total=len(series), unit="series"):

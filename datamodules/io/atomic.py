@@ -54,7 +54,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         os.replace(tmp, target)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # a full disk: the error names no file (a review)
+        # a full disk: the error names no file (a review); one without an errno (PIL's, a caller's) keeps its
+        # message, which a filename would replace
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
             e.filename = str(path)
         raise
 

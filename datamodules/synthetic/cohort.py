@@ -264,7 +264,9 @@ def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per
         os.rename(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.filename is None:  # a full disk: the error names no file (a review)
+        # a full disk: the error names no file (a review); one without an errno (PIL's, a caller's) keeps its
+        # message, which a filename would replace
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
             e.filename = str(out)
         raise
     return {

@@ -120,6 +120,11 @@ def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
         atomic_write_text(target, "x")
     assert caught.value.filename == str(target) and not any(target.parent.iterdir())  # no temporary file left
     assert _os_error_message(caught.value).startswith(f"{target}: no space left on the device")
+    monkeypatch.undo()
+    # an OSError without an errno (PIL's "cannot write mode RGBA as JPEG") keeps its message (a review of the fix)
+    with pytest.raises(OSError, match="^cannot write mode RGBA as JPEG$"):
+        with atomic_open(target, "wb"):
+            raise OSError("cannot write mode RGBA as JPEG")
 
 
 def test_a_full_disk_while_writing_the_demo_names_its_folder(tmp_path, monkeypatch):

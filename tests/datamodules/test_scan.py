@@ -856,10 +856,12 @@ def test_a_shipped_salt_over_real_institutions_is_warned_about_but_not_on_the_de
         assert ("export IMAGING_META_SALT (fit, scan and evaluate read it)" in caplog.text) is warned
 
 
-def test_a_second_link_to_one_file_is_indexed_once(tmp_path):
+def test_a_second_link_to_one_image_is_indexed_once(tmp_path):
     """A review: an nnU-Net view made of links to the raw files indexed each scan twice, as two patients, so one
-    scan could fall in training and in test. The first path (in sorted order) to a file is indexed; the others are
-    rejected naming it."""
+    scan could fall in training and in test. Each image file is indexed once: at the path with a label map, else
+    one that is not a link; the others are rejected naming it, with their label maps. A review of that fix: a
+    folder of links beside the raw data must not cost the raw image its label, and two patients' identical label
+    maps may be one file."""
     img, aff = phantom(seed=3), affine_ras()
     for k in range(3):
         write_nifti(img + k, aff, tmp_path / "raw" / f"case{k}.nii.gz")
@@ -869,16 +871,29 @@ def test_a_second_link_to_one_file_is_indexed_once(tmp_path):
     for k in range(3):
         os.symlink(tmp_path / "raw" / f"case{k}.nii.gz", tmp_path / "view" / "imagesTr" / f"case{k}_0000.nii.gz")
         os.symlink(tmp_path / "raw" / f"case{k}_seg.nii.gz", tmp_path / "view" / "labelsTr" / f"case{k}.nii.gz")
+    (tmp_path / "a_selection").mkdir()  # sorts first, unlabelled: the raw image keeps its label
+    os.symlink(tmp_path / "raw" / "case0.nii.gz", tmp_path / "a_selection" / "case0.nii.gz")
+    os.link(tmp_path / "raw" / "case1.nii.gz", tmp_path / "raw" / "hard.nii.gz")  # a hard link is the same file too
     index = scan_folder(str(tmp_path))
     assert sorted((c.image, c.label) for c in index.cases) == [
         (f"raw/case{k}.nii.gz", f"raw/case{k}_seg.nii.gz") for k in range(3)]
     assert len({c.patient for c in index.cases}) == 3
-    reasons = {r.path: r.reason for r in index.rejected}
-    assert reasons["view/imagesTr/case1_0000.nii.gz"].startswith("the same file as raw/case1.nii.gz (a link)")
-    assert reasons["view/labelsTr/case2.nii.gz"].startswith("the same file as raw/case2_seg.nii.gz (a link)")
-    os.link(tmp_path / "raw" / "case0.nii.gz", tmp_path / "raw" / "hard.nii.gz")  # a hard link is the same file too
-    reasons = {r.path: r.reason for r in scan_folder(str(tmp_path)).rejected}
-    assert reasons["raw/hard.nii.gz"].startswith("the same file as raw/case0.nii.gz (a link)")
+    rejected = {r.path: r for r in index.rejected}
+    view = rejected["view/imagesTr/case2_0000.nii.gz"]
+    assert view.reason.startswith("the same file as raw/case2.nii.gz (a link)") and view.files == [
+        "view/imagesTr/case2_0000.nii.gz", "view/labelsTr/case2.nii.gz"]
+    assert rejected["a_selection/case0.nii.gz"].reason.startswith("the same file as raw/case0.nii.gz (a link)")
+    assert rejected["raw/hard.nii.gz"].reason.startswith("the same file as raw/case1.nii.gz (a link)")
+    assert len(index.rejected) == 5  # three view images (with their maps), the selection's link, the hard link
+    # two patients whose identical masks are one file: both labelled
+    other = tmp_path / "other"
+    for sub in ("sub-00", "sub-01"):
+        write_nifti(img, aff, other / sub / f"{sub}_ct.nii.gz")
+    write_nifti(label_for(img), aff, other / "sub-00" / "sub-00_ct_seg.nii.gz")
+    os.link(other / "sub-00" / "sub-00_ct_seg.nii.gz", other / "sub-01" / "sub-01_ct_seg.nii.gz")
+    shared = scan_folder(str(other))
+    assert [c.label for c in shared.cases] == ["sub-00/sub-00_ct_seg.nii.gz", "sub-01/sub-01_ct_seg.nii.gz"]
+    assert not shared.rejected
 
 
 def test_the_default_patient_pattern_is_the_bids_entity_not_sub_inside_a_name(tmp_path):
