@@ -66,6 +66,21 @@ def test_patient_regex_groups_images_and_must_match_every_file(tmp_path):
         ImageFolder(str(root), patient_regex=r"^(?P<patient>P\d+)_").build()
     with pytest.raises(ValueError, match="named group 'patient'"):
         ImageFolder(str(root), patient_regex=r"^P\d+_")
+    # the named group is the patient, not the whole match, and the regex is searched anywhere in the name
+    grouped = ImageFolder(str(root), patient_regex=r"(?P<patient>P\d+|odd)_(img\d+|name)").build()
+    assert len(set(grouped.patients)) == 3  # P0, P1 and odd: the image numbers are not part of the patient
+    searched = ImageFolder(str(root), patient_regex=r"(?P<patient>img\d+|name)").build()  # not at the start
+    assert len(set(searched.patients)) == 5  # img0..img3 and name
+
+
+def test_shrinking_an_image_averages_its_pixels(tmp_path):
+    """Antialiased resizing: one column in four shrunk four times reads as its mean grey, not as whichever pixels a
+    plain bilinear sample hits (here none of the bright ones)."""
+    stripes = np.zeros((32, 32), np.uint8)
+    stripes[:, ::4] = 255  # one column in four: a quarter grey
+    x = load_image(write_png(tmp_path / "stripes.png", stripes), image_size=[8, 8])
+    inner = x[..., 1:-1]  # the edge columns' kernels are cut by the border
+    assert torch.allclose(inner, torch.full_like(inner, 0.25), atol=0.02)
 
 
 def test_load_image_matches_the_table_and_keeps_aspect(tmp_path):

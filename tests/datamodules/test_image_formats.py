@@ -414,3 +414,32 @@ def test_min_is_white_tiffs_read_alike_at_every_bit_depth(tmp_path):
     np.testing.assert_allclose(eight, _minmax(255.0 - a.astype(np.float64)), atol=1e-6)
     for name in ("w16.tif", "wf.tif"):
         np.testing.assert_allclose(_read(tmp_path / name), eight, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_every_exif_orientation_reads_as_pillows_exif_transpose_shows_it(tmp_path, orientation):
+    """Orientations 2..8 (mirrors and rotations), each against `PIL.ImageOps.exif_transpose` (only 6 was tested: a
+    mirror swapped for a flip passed)."""
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.png"
+    Image.fromarray(_asymmetric()).save(path, exif=exif.tobytes())
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(path)))
+    x = load_image(path, image_size=list(shown.shape)).numpy()[0]
+    np.testing.assert_allclose(x, _minmax(shown), atol=1e-6)
+
+
+def test_a_grey_image_saved_as_rgb_is_grey_beside_grey_images(tmp_path):
+    """A grey picture saved with three equal channels (as many exports do) is one channel: a folder with it and a
+    grey one builds at one channel (it was refused as mixing grey and colour images when the check was dropped)."""
+    from datamodules.sources.image_folder import ImageFolder
+
+    for c in range(2):
+        grey = np.tile((np.arange(W) * (5 + c)).astype(np.uint8), (H, 1))
+        (tmp_path / f"class{c}").mkdir()
+        Image.fromarray(grey).save(tmp_path / f"class{c}" / "grey.png")
+        Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / f"class{c}" / "rgb_grey.png")
+    table = ImageFolder(str(tmp_path), image_size=[H, W]).build()
+    assert table.images.shape == (4, 1, H, W)
