@@ -552,3 +552,24 @@ def test_volumes_that_do_not_say_their_modality_are_warned_about_and_can_be_set_
     assert float(t.images[0, 0, 0, 0]) == pytest.approx(310 / 500, abs=1e-4)  # 60 HU
     with pytest.raises(ValueError, match="not a modality code"):
         LesionCSV(csv=str(path), modality="XYZ")
+
+
+def test_a_patch_reads_zero_beyond_the_volume_and_a_centre_half_a_voxel_out_is_outside(tmp_path):
+    """Points outside the volume read 0 (not the edge voxel's value), and a centre is outside once it is more than
+    half a voxel beyond the grid (a margin of 5 voxels, or border padding, passed the tests)."""
+    from datamodules.sources.lesion_csv import _outside
+
+    ones = torch.ones(1, 10, 10, 10)
+    edge = extract_patches(ones, np.eye(4), np.array([[0.0, 5.0, 5.0]]), patch_size=[9, 9], patch_spacing=[1.0, 1.0])
+    # rows along RAS +x, from x = -4 mm: x < 0 is outside and reads 0, x >= 0 inside and reads 1
+    torch.testing.assert_close(edge[0, 0, :4], torch.zeros(4, 9), atol=1e-6, rtol=0)
+    torch.testing.assert_close(edge[0, 0, 4:], torch.ones(5, 9))
+    points = np.array([[-0.4, 0, 0], [-0.6, 0, 0], [-1.0, 5, 5], [9.4, 9, 9], [9.6, 0, 0]])
+    assert [k for k, _ in _outside(points, np.eye(4), (10, 10, 10))] == [1, 2, 4]
+
+
+def test_a_size_of_zero_mm_is_refused(folder):
+    rows = [{**r, "size_mm": "0" if i == 1 else "10"} for i, r in enumerate(good_rows())]
+    path = write_rows(folder / "lesions.csv", rows, ("image", "class", "x", "y", "z", "size_mm"))
+    with pytest.raises(ValueError, match=r"line 3.*size_mm '0' is not a positive number"):
+        LesionCSV(csv=str(path)).build()

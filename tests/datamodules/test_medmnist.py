@@ -102,3 +102,18 @@ def test_bad_files_name_the_file_and_key(tmp_path):
     assert MedMNIST([str(ok), str(big)], image_size=[28, 28]).build().images.shape == (20, 1, 28, 28)
     with pytest.raises(ValueError, match="not among the paths' stems"):
         MedMNIST([str(ok)], class_names={"pathmnist": ["x"]})
+
+
+def test_pixels_are_the_files_bytes_over_255_rows_and_columns_kept(tmp_path):
+    """``uint8 / 255`` whatever an image's maximum (the rule checkpoints record), and an RGB image's rows stay rows
+    (random bytes reach 255 and look alike either way round: a division by the maximum and a transposed image passed)."""
+    rng = np.random.default_rng(0)
+    grey = {f"{s}_images": rng.integers(0, 101, size=(3, 28, 28), dtype=np.uint8) for s in ("train", "val", "test")}
+    a = write_npz(tmp_path / "dim.npz", per_split=(3, 3, 3), **grey)
+    table = MedMNIST([str(a)]).build()
+    torch.testing.assert_close(table.images[0, 0], torch.from_numpy(grey["train_images"][0] / 255.0).float())
+    rgb = {f"{s}_images": rng.integers(0, 256, size=(3, 28, 28, 3), dtype=np.uint8) for s in ("train", "val", "test")}
+    b = write_npz(tmp_path / "colour.npz", per_split=(3, 3, 3), **rgb)
+    colour = MedMNIST([str(b)], channels=3).build()
+    expected = torch.from_numpy(rgb["train_images"][1].transpose(2, 0, 1) / 255.0).float()
+    torch.testing.assert_close(colour.images[1], expected)
