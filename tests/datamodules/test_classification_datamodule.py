@@ -456,3 +456,37 @@ def test_a_trainer_with_lightnings_distributed_sampler_is_refused_by_every_loade
                     Trainer(accelerator="cpu", devices=1, logger=False)):
         dm.trainer = trainer
         assert next(iter(dm.test_dataloader())) is not None
+
+
+def test_a_cached_episode_file_is_read_back_keyed_by_the_stage_classes_and_refused_for_other_classes(tmp_path,
+                                                                                                    monkeypatch):
+    """Mutations a review found no test caught: a cached file redrawn instead of read (the sampler draws the same
+    episodes, so reading it back looked the same); the stage's classes left out of the file's key (other test
+    classes then refused the cached file instead of drawing their own); a given file whose episodes use other
+    classes than this run's test classes accepted; each episode's query patients taken from the support."""
+    from datamodules.sampling.samplers_classification import ClassificationEpisodeSampler
+
+    kw = dict(source=TableSource(), cache_dir=str(tmp_path / "cache"), **{**SMALL, "val_classes": ["c0", "c1"]})
+    first = ClassificationDataModule(**{**kw, "test_classes": ["c2", "c3"]})
+    first.setup("test")
+    episodes = [(e.support_ids, e.query_ids) for e in first.test_dataloader()]
+    batch = next(iter(first.test_dataloader()))
+    patient = dict(zip(first.table.item_ids, first.table.patients, strict=True))
+    for t in range(batch.n_tasks):
+        assert batch.meta[t]["query_patients"] == [patient[i] for i in batch.query_ids[t]]
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("the cached episodes were drawn again, not read")
+
+    monkeypatch.setattr(ClassificationEpisodeSampler, "fixed_episodes", never)
+    again = ClassificationDataModule(**{**kw, "test_classes": ["c2", "c3"]})
+    again.setup("test")  # reads the cached file
+    assert [(e.support_ids, e.query_ids) for e in again.test_dataloader()] == episodes
+    monkeypatch.undo()
+    other = ClassificationDataModule(**{**kw, "test_classes": ["c4", "c5"]})
+    other.setup("test")  # its own file, drawn for its classes
+    assert other.episode_files["test"] != first.episode_files["test"]
+    given = ClassificationDataModule(**{**kw, "test_classes": ["c4", "c5"],
+                                        "test_episodes_file": str(first.episode_files["test"])})
+    with pytest.raises(ValueError, match="episodes use classes outside this run's test classes"):
+        given.setup("test")
