@@ -200,7 +200,8 @@ FORKED_STRATEGY = ("a strategy that forks its processes (ddp_fork, ddp_notebook,
 def _start_method(strategy: Any) -> str | None:
     """How a ``trainer.strategy`` value (a registered name, or ``class_path`` with ``init_args``) starts its
     processes apart from the command's own: "spawn" (``ddp_spawn``, start methods spawn and forkserver), "fork"
-    (``ddp_fork``, ``ddp_notebook``, start method fork), or None (``ddp``: the command's process is rank 0)."""
+    (``ddp_fork``, ``ddp_notebook``, start method fork), or None (``ddp``: the command's process is rank 0).
+    ``ddp_spawn`` stopped ``fit`` with "internal error ... Can't pickle local object" (a review)."""
     if isinstance(strategy, str):  # Lightning reads the name in any case
         name = strategy.lower()
         if "spawn" in name or "forkserver" in name:
@@ -209,12 +210,6 @@ def _start_method(strategy: Any) -> str | None:
     init_args: Any = strategy.get("init_args") if hasattr(strategy, "get") else None
     method = str(init_args.get("start_method") if hasattr(init_args, "get") else None).lower()
     return "spawn" if method in ("spawn", "forkserver") else "fork" if method == "fork" else None
-
-
-def _spawns_processes(strategy: Any) -> bool:
-    """Whether the strategy spawns its processes: ``ddp_spawn`` stopped ``fit`` with "internal error ... Can't
-    pickle local object" (a review)."""
-    return _start_method(strategy) == "spawn"
 
 
 def lightning_cli(args: Sequence[str] | None, run: bool = True):
