@@ -54,11 +54,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         os.replace(tmp, target)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        # a full disk: the error names no file (a review); one without an errno (PIL's, a caller's) keeps its
-        # message, which a filename would replace
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
-            e.filename = str(path)
+        name_the_file(e, path)
         raise
+
+
+def name_the_file(error: BaseException, path: str | os.PathLike) -> None:
+    """Give an operating-system error that names no file (a full disk's, from write or fsync) ``path``, so that
+    the command's one line says what was being written (a review). One without an errno (PIL's, a caller's) keeps
+    its message, which a filename would replace."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        error.filename = str(path)
 
 
 #: the bytes of the target's name kept in its temporary file's name, which adds 18 bytes (a dot, a dot, 8 random

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.indexing.scan import DEMO_NAME
+from datamodules.io.atomic import name_the_file
 from datamodules.progress import progress
 from datamodules.synthetic.dicom_writer import write_dicom_series
 from datamodules.synthetic.headers import dicom_header, sidecar
@@ -264,10 +265,7 @@ def generate_demo_cohort(out_dir: str | os.PathLike, seed: int = 0, patients_per
         os.rename(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        # a full disk: the error names no file (a review); one without an errno (PIL's, a caller's) keeps its
-        # message, which a filename would replace
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
-            e.filename = str(out)
+        name_the_file(e, out)
         raise
     return {
         "out_dir": str(out),
