@@ -142,13 +142,20 @@ def checked_nifti(img: Any, path: str) -> Any:
 MAX_VOXELS = 2**31
 
 
+def spatial_shape(shape: Sequence[int]) -> list[int]:
+    """``shape`` as ints without its trailing singleton dimensions beyond the third (a 3D map stored as
+    (X, Y, Z, 1))."""
+    out = [int(s) for s in shape]
+    while len(out) > 3 and out[-1] == 1:
+        out.pop()
+    return out
+
+
 def dimensions_reason(shape: Sequence[int]) -> str | None:
     """Why a NIfTI file of this shape (its own axis order, ``dim[1:]``) is no 3D volume, or None when it is one
     (trailing singleton dimensions allowed). NIfTI's 4th dimension is time, its 5th vector components."""
     shape = tuple(int(s) for s in shape)
-    spatial = list(shape)
-    while len(spatial) > 3 and spatial[-1] == 1:
-        spatial.pop()
+    spatial = spatial_shape(shape)
     if len(spatial) < 3:
         return (
             f"{len(spatial)}D image (shape {shape}): a 3D volume is needed - stack the slices into one 3D NIfTI "
@@ -201,9 +208,7 @@ def grid_mismatch(
         None when they match, else "shape ... vs ..., affine differs by ... mm".
     """
     image_shape = [int(s) for s in image_shape]
-    label_shape = [int(s) for s in label_shape]
-    while len(label_shape) > 3 and label_shape[-1] == 1:
-        label_shape = label_shape[:-1]
+    label_shape = spatial_shape(label_shape)
     image_affine = np.asarray(image_affine, dtype=np.float64)
     label_affine = np.asarray(label_affine, dtype=np.float64)
     if tol_mm is None:
@@ -233,9 +238,7 @@ def grid_mismatch(
 def slice_count_fix(image_shape, image_affine, label_shape, label_affine) -> str | None:
     """The fix when an image and its label map lie on one grid but for whole slices along one axis (same axes,
     same spacing): a series that lost slices at an end, whose label map is right; None otherwise."""
-    label_shape = [int(v) for v in label_shape]
-    while len(label_shape) > 3 and label_shape[-1] == 1:
-        label_shape = label_shape[:-1]
+    label_shape = spatial_shape(label_shape)
     image_affine, label_affine = np.asarray(image_affine, float), np.asarray(label_affine, float)
     if len(label_shape) != 3 or not np.allclose(image_affine[:3, :3], label_affine[:3, :3], atol=1e-3):
         return None
@@ -263,10 +266,7 @@ def grid_fix(image_shape, image_affine, label_shape, label_affine) -> str:
     fix = slice_count_fix(image_shape, image_affine, label_shape, label_affine)
     if fix is not None:
         return fix
-    label = [int(v) for v in label_shape]
-    while len(label) > 3 and label[-1] == 1:
-        label = label[:-1]
-    if label == [int(v) for v in image_shape]:
+    if spatial_shape(label_shape) == [int(v) for v in image_shape]:
         return ("the shapes are the same: if the label's voxels are the image's (a label saved without the image's "
                 "affine, e.g. Nifti1Image(data, np.eye(4)) or with no sform/qform), save the same data with the image's "
                 "affine (Nifti1Image(data, image.affine, image.header)); else resample the label onto the image grid "
