@@ -9,7 +9,7 @@ the target (locally weighted voting: Artaechevarria et al. 2009, Sabuncu et al. 
 the mapping is taken to be right. Here the atlas is the support, mapped as `copy support mask` maps it
 (`imaging_meta.evaluation.volumes.map_at_relative_position`: the same relative position in the body along Z, the
 body's box in-plane). For each pair the support image is mapped onto the query's grid the same way, both on the
-scale the window baseline compares them (`scaled_like_the_learner`: CT in HU, unclipped, or through the CT window
+scale the window baseline compares them (`scans.compared_values`: CT in HU, unclipped, or through the CT window
 beside an MR; MR by its own percentiles), and their local normalised cross-correlation (a 9 × 9 × 3
 voxel window) is averaged inside the copied mask and over the query's body. If such a similarity told where the
 mapping is right, it would rise with ``copy − segment`` (the copy's Dice minus `segment`'s default, read from a
@@ -49,11 +49,9 @@ def pair_similarity(support: S.Loaded, query: S.Loaded, modality: str, support_m
     """The copy's mask and the local similarity of the mapped support image to the query (module docstring)."""
     s_raw, s_truth = S._ras(support)
     q_raw, _ = S._ras(query)
-    both_ct = support_modality.upper() == modality.upper() == "CT"
-    ct = None if both_ct else tuple(preprocessing["ct_window"])
-    pct = tuple(preprocessing["mr_percentiles"])
-    s_scaled = V.scaled_like_the_learner(s_raw, support_modality, pct, ct).astype(np.float32)
-    q_scaled = V.scaled_like_the_learner(q_raw, modality, pct, ct).astype(np.float32)
+    s_scaled, q_scaled = (x.astype(np.float32) for x in S.compared_values(
+        s_raw, q_raw, modality, support_modality, tuple(preprocessing["mr_percentiles"]),
+        tuple(preprocessing["ct_window"])))
     mapped = V.map_at_relative_position(s_scaled, s_raw, q_raw, modality, support_modality, np.nan)
     copy = V.copy_mask_at_relative_position(s_truth, s_raw, q_raw, modality, support_modality)
     inside = ~np.isnan(mapped)

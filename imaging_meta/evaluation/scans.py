@@ -280,6 +280,18 @@ def _ras(loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
     return V.to_ras(loaded.raw, loaded.affine), V.to_ras(loaded.truth, loaded.affine)
 
 
+def compared_values(s_raw: np.ndarray, q_raw: np.ndarray, modality: str, support_modality: str | None = None,
+                    mr_percentiles: tuple[float, float] = (1.0, 99.0),
+                    ct_window: tuple[float, float] = (-250.0, 250.0)) -> tuple[np.ndarray, np.ndarray]:
+    """A support's and a query's raw values on the scale the window baseline compares them: the values the learner
+    is given (MR by its own percentiles; CT in HU as stored, or on the learner's [0, 1] through its window when the
+    other scan is not CT: a review found HU against [0, 1] taking the whole query or nothing)."""
+    both_ct = (support_modality or modality).upper() == modality.upper() == "CT"
+    ct = None if both_ct else ct_window
+    return (V.scaled_like_the_learner(s_raw, support_modality or modality, mr_percentiles, ct),
+            V.scaled_like_the_learner(q_raw, modality, mr_percentiles, ct))
+
+
 def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
                    support_modality: str | None = None,
                    mr_percentiles: tuple[float, float] = (1.0, 99.0),
@@ -292,13 +304,8 @@ def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
     (a CT support's body found by the MR rule lost its soft-tissue slices; a review)."""
     s_raw, s_truth = _ras(support)
     q_raw, q_truth = _ras(query)
-    # the window on the values the learner is given (MR by its own percentiles; CT in HU as stored, or on the
-    # learner's [0, 1] through its window when the other scan is not CT: a review found HU against [0, 1] taking
-    # the whole query or nothing)
-    both_ct = (support_modality or modality).upper() == modality.upper() == "CT"
-    ct = None if both_ct else ct_window
-    window = V.intensity_window(V.scaled_like_the_learner(s_raw, support_modality or modality, mr_percentiles, ct),
-                                s_truth, V.scaled_like_the_learner(q_raw, modality, mr_percentiles, ct))
+    s_scaled, q_scaled = compared_values(s_raw, q_raw, modality, support_modality, mr_percentiles, ct_window)
+    window = V.intensity_window(s_scaled, s_truth, q_scaled)
     if protocol == "whole_scan":
         copy = V.copy_mask_at_relative_position(s_truth, s_raw, q_raw, modality, support_modality)
     else:
