@@ -15,7 +15,18 @@ import yaml
 from PIL import Image
 
 from datamodules.indexing.scan import scan_folder
-from datamodules.recipes.prepare import ORGANS, PrepareError, main, prepare, ssl_alpnet_folds
+from datamodules.recipes.prepare import (
+    DATASETS,
+    ORGANS,
+    PrepareError,
+    chaos_png_labels,
+    main,
+    prepare,
+    ssl_alpnet_folds,
+)
+from datamodules.recipes.prepare import (
+    VALUE as ORGAN_VALUE,
+)
 from tests.datamodules.dicom_fixtures import affine_ras, header, write_nifti, write_series
 from tests.helpers import interrupted_on_second_move
 
@@ -526,3 +537,91 @@ def test_the_module_entry_point_ends_a_sigterm_as_an_exception_and_restores_the_
         module.main(["synapse", "src", "--out", "out"])
     assert e.value.code == 143 and seen == ["cleanup ran"]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ------------------------------------------------------------------------------------------------ a mutation review
+def test_a_second_run_without_a_patient_removes_that_patients_files(tmp_path):
+    """A scan left out of the download the second time must not stay in the output, in no fold but indexed."""
+    src = write_synapse(tmp_path / "src")
+    out = tmp_path / "out"
+    prepare("synapse", src, out)
+    (src / "img" / "img0010.nii.gz").unlink()
+    (src / "label" / "label0010.nii.gz").unlink()
+    assert prepare("synapse", src, out)["patients"] == 2
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["synapse_0001.nii.gz", "synapse_0002.nii.gz"]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["synapse_0001.nii.gz", "synapse_0002.nii.gz"]
+    assert len(scan_folder(out).labelled_cases) == 2
+
+
+def test_an_output_of_another_dataset_is_refused_and_kept(tmp_path):
+    out = tmp_path / "out"
+    prepare("synapse", write_synapse(tmp_path / "syn", ids=("0001",)), out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(PrepareError, match=r"holds a prepared 'synapse' dataset, not 'chaos_mr'"):
+        prepare("chaos_mr", write_chaos(tmp_path / "chaos", ids=("1",)), out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_written_volumes_carry_the_affine_in_sform_and_qform(tmp_path):
+    """ITK-based readers (ITK-SNAP, SimpleITK) read the qform: it must be the image's affine, not the identity."""
+    src = write_synapse(tmp_path / "src", ids=("0001",))
+    out = tmp_path / "out"
+    prepare("synapse", src, out)
+    expected = nib.load(src / "img" / "img0001.nii.gz").affine
+    for sub in ("imagesTr", "labelsTr"):
+        hdr = nib.load(out / sub / "synapse_0001.nii.gz").header
+        qform, qcode = hdr.get_qform(coded=True)
+        sform, scode = hdr.get_sform(coded=True)
+        assert int(qcode) == 1 and int(scode) == 1
+        np.testing.assert_allclose(qform, expected, atol=1e-5)
+        np.testing.assert_allclose(sform, expected, atol=1e-5)
+
+
+def test_a_label_stored_with_a_flipped_axis_lands_on_the_images_voxels(tmp_path):
+    """The same grid written with its first axis reversed (another tool's orientation) is brought into the image's
+    axis order, not copied array for array (which would swap left and right)."""
+    src = write_synapse(tmp_path / "src", ids=("0001",))
+    path = src / "label" / "label0001.nii.gz"
+    lab = nib.load(path)
+    data, affine = np.asarray(lab.dataobj), lab.affine
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, SHAPE[0] - 1
+    write_nifti(data[::-1].copy(), affine @ flip, path)
+    prepare("synapse", src, tmp_path / "out")
+    out_lab = np.asarray(nib.load(tmp_path / "out" / "labelsTr" / "synapse_0001.nii.gz").dataobj)
+    for btcv, ours in ((6, 1), (1, 2), (2, 3), (3, 4)):
+        np.testing.assert_array_equal(out_lab == ours, data == btcv)
+
+
+def test_a_label_off_the_images_grid_is_named(tmp_path):
+    src = write_synapse(tmp_path / "src", ids=("0001",))
+    path = src / "label" / "label0001.nii.gz"
+    write_nifti(np.asarray(nib.load(path).dataobj), affine_ras(origin=(40.0, -20.0, 30.0)), path)
+    with pytest.raises(PrepareError, match=r"label0001\.nii\.gz: not on the voxel grid of img0001\.nii\.gz"):
+        prepare("synapse", src, tmp_path / "out")
+
+
+def test_chaos_grey_ranges_include_their_bounds_and_nothing_between():
+    values = np.array([[0, 55, 70, 110, 135, 175, 200, 240, 255]])
+    np.testing.assert_array_equal(chaos_png_labels(values, "gt.png"),
+                                  [[0] + [ORGAN_VALUE[o] for o in ("liver", "liver", "kidney_right", "kidney_right",
+                                                                   "kidney_left", "kidney_left", "spleen", "spleen")]])
+    for outside in (54, 71, 109, 136, 174, 201, 239):
+        with pytest.raises(PrepareError, match=rf"gt\.png: unknown PNG intensity {outside} "):
+            chaos_png_labels(np.array([[outside]]), "gt.png")
+
+
+def test_each_recipe_expects_its_published_number_of_patients():
+    """The count decides whether folds.json is SSL-ALPNet's exact split: 30 BTCV training scans, 20 CHAOS MR."""
+    assert DATASETS["synapse"].expected_patients == 30 and DATASETS["chaos_mr"].expected_patients == 20
+
+
+@pytest.mark.parametrize("name", ["synapse_ct_setting1", "synapse_ct_setting2", "chaos_mr_setting1", "chaos_mr_setting2"])
+def test_benchmark_configs_follow_ssl_alpnet(name):
+    """The values the published table depends on: the kidneys tested, the spleen validating, the abdominal CT
+    window -125..275 HU, 256 x 256 slices, SSL-ALPNet's 3 chunks."""
+    args = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["data"]["init_args"]
+    assert sorted(args["test_organs"]) == ["kidney_left", "kidney_right"] and args["val_organs"] == ["spleen"]
+    assert args["slice_size"] == [256, 256] and args["n_parts"] == 3
+    if name.startswith("synapse"):
+        assert args["ct_window"] == [-125.0, 275.0]
