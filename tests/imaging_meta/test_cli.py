@@ -176,14 +176,21 @@ def test_lightnings_distributed_sampler_is_off_and_runs_off_when_switched_on(tmp
     assert bare.trainer.test_loop.inference_mode is False and bare.trainer.validate_loop.inference_mode is False
 
 
-def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp_path, capsys):
+def test_fit_fast_dev_run_then_test_writes_the_report(demo_root, demo_index, tmp_path, capsys, monkeypatch):
+    from lightning.pytorch import Trainer
+
     index, index_path = demo_index
+    tested: list = []  # the checkpoint --test_after_fit tests: the best one on disk, not the last weights in memory
+    real_test = Trainer.test
+    monkeypatch.setattr(Trainer, "test", lambda self, *a, **k: tested.append(k.get("ckpt_path")) or real_test(self, *a, **k))
     args = ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/demo_segmentation.yaml"),
             "--config", str(CONFIGS / "model/protonet_seg.yaml"), *SMALL_MODEL, *data_args(demo_root, index_path, tmp_path / "cache"),
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "true"]
     cli = cli_main(args)
     run_dir = Path(cli.trainer.log_dir)
+    assert len(tested) == 1 and Path(tested[0]).parent == run_dir / "checkpoints" and Path(tested[0]).name.startswith("best")
+    assert cli.datamodule.test_after_fit  # the datamodule was told before fit (too few test episodes refused early)
     assert (run_dir / "config.yaml").exists(), "the resolved config is saved with the run"
     md = (run_dir / "results.md").read_text()
     for method in ("trained", "untrained encoder", "copy support mask"):
