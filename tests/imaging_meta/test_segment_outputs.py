@@ -427,7 +427,7 @@ def test_dicom_seg_warnings_never_quote_the_patients_identifiers(tmp_path, capsy
     assert str(pydicom.dcmread(out).PatientName) == "PHITESTSOLO"  # the file joins the patient's study
 
 
-@pytest.mark.parametrize("check, warned", [(0.15, True), (0.9, False), (None, False)])
+@pytest.mark.parametrize("check, warned", [(0.15, True), (0.39, True), (0.41, False), (0.9, False), (None, False)])
 def test_segment_warns_when_the_support_self_check_is_poor(tmp_path, support, monkeypatch, caplog, check, warned):
     """The segmenter's support self-check (`ScanSegmenter.support_dice`, tested in test_scan_segmenter) below
     `SUPPORT_CHECK_WARN` gives one warning naming the figure; above it, or unmeasured (one support slice), none."""
@@ -452,7 +452,7 @@ def test_segment_warns_when_the_support_self_check_is_poor(tmp_path, support, mo
     lines = [r.getMessage() for r in caplog.records if "support self-check" in r.getMessage()]
     assert len(lines) == (1 if warned else 0)
     if warned:
-        assert "Dice of only 0.15" in lines[0]
+        assert f"Dice of only {check:.2f}" in lines[0]
 
 
 def test_a_query_of_another_modality_than_the_support_is_segmented_by_the_learner_alone(tmp_path, support,

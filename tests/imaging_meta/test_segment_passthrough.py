@@ -2,7 +2,7 @@
 `segment()`; several supports keep every part of a structure that one of them shows in two; the mask is written
 as uint8; another adaptation seed gives another answer; a checkpoint's modality applies to supports that do not
 say theirs; a binary label map is not called multi-label; a support slice that shows the structure in one pixel
-counts; the self-check warns just below its cut."""
+counts."""
 
 import logging
 
@@ -14,7 +14,7 @@ import torch
 from imaging_meta.commands import segment as command
 from imaging_meta.commands.cli import cli_main
 from imaging_meta.commands.segment import _support_slices, segment
-from imaging_meta.volume.segmenter import LEARNER_ONLY, SUPPORT_CHECK_WARN, ScanSegmenter
+from imaging_meta.volume.segmenter import LEARNER_ONLY
 from tests.datamodules.dicom_fixtures import affine_ras, write_nifti
 from tests.imaging_meta.test_segment_outputs import (
     PLAIN,
@@ -24,6 +24,7 @@ from tests.imaging_meta.test_segment_outputs import (
     phantom,
     ras_grid,
     stand_in,
+    support,  # noqa: F401 - a fixture
     threshold_predict,
 )
 
@@ -75,15 +76,7 @@ def test_one_support_in_two_parts_keeps_both_parts_beside_a_support_in_one(tmp_p
     assert int((np.asarray(img.dataobj) > 0).sum()) == 64 + 27
 
 
-@pytest.fixture
-def support(tmp_path):
-    vol = phantom(seed=1)
-    image = ct_nifti(vol, affine_ras(), tmp_path / "support" / "sup.nii.gz")
-    label = write_nifti(label_for(vol), affine_ras(), tmp_path / "support" / "sup_label.nii.gz")
-    return image, label
-
-
-def test_another_adaptation_seed_gives_another_answer(tmp_path, support):
+def test_another_adaptation_seed_gives_another_answer(tmp_path, support):  # noqa: F811
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (2.0, 2.0), (32, 32))
     query = ct_nifti(phantom(seed=5), affine_ras(), tmp_path / "q5.nii.gz")
     maps = []
@@ -117,7 +110,7 @@ def test_a_checkpoints_modality_applies_to_supports_and_queries_that_do_not_say(
     assert written.name == "q.nii.gz" and seen == ["MR", "MR"]
 
 
-def test_a_binary_support_map_is_not_called_multi_label(tmp_path, monkeypatch, caplog, support):
+def test_a_binary_support_map_is_not_called_multi_label(tmp_path, monkeypatch, caplog, support):  # noqa: F811
     stand_in(monkeypatch, threshold_predict)
     query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
     ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
@@ -132,21 +125,3 @@ def test_a_support_slice_showing_the_structure_in_one_pixel_is_a_support_slice()
     mask[1:4, 1:4, 3] = 1
     assert _support_slices(mask, max_slices=12) == [1, 3]
     assert _support_slices(mask, max_slices=12, min_pixels=2) == [3]
-
-
-@pytest.mark.parametrize("check, warned", [(SUPPORT_CHECK_WARN - 0.01, True), (SUPPORT_CHECK_WARN + 0.01, False)])
-def test_the_support_self_check_warns_just_below_its_cut(tmp_path, support, monkeypatch, caplog, check, warned):
-    class Checked(ScanSegmenter):
-        def fit(self, *args, **kwargs):
-            super().fit(*args, **kwargs)
-            self.support_dice = check
-            return self
-
-    monkeypatch.setattr(command, "ScanSegmenter", Checked)
-    stand_in(monkeypatch, threshold_predict)
-    query = ct_nifti(phantom(seed=2), affine_ras(), tmp_path / "q.nii.gz")
-    ckpt = make_checkpoint(tmp_path / "m.ckpt", (1.0, 1.0), (12, 10))
-    with caplog.at_level(logging.WARNING, logger="imaging_meta.commands.segment"):
-        segment(ckpt, [support], [query], tmp_path / "out", device="cpu", **PLAIN)
-    assert sum("support self-check" in r.getMessage() for r in caplog.records) == (1 if warned else 0)
-
