@@ -23,6 +23,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Mapping
@@ -105,8 +106,21 @@ def learner_changes(saved: dict | None, built: dict) -> dict[str, tuple[Any, Any
 
     a = flat(offline_learner_config(modernize(saved)).get("init_args") or {})
     b = flat(offline_learner_config(built).get("init_args") or {})
-    # a setting the checkpoint's config does not name did not exist when it was written: not a change
-    return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]}
+    # a setting the checkpoint's config does not name did not exist when it was written: not a change; a tuple of the
+    # Python API and a list of a YAML config with the same values are no change either (a review)
+    return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if _plain(a[k]) != _plain(b[k])}
+
+
+def _plain(value: Any) -> Any:
+    """A setting's value for comparing: tuples as lists, NaN equal to NaN, other objects (a Path) as their text; ints
+    and floats compare as numbers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    return value if value is None or isinstance(value, (str, int, float)) else str(value)  # a Path as its text
 
 
 def preprocessing_changes(saved: dict | None, now: dict | None) -> dict[str, tuple[Any, Any]]:
@@ -116,11 +130,7 @@ def preprocessing_changes(saved: dict | None, now: dict | None) -> dict[str, tup
     here, is None here); empty when either is unknown."""
     if not saved or not now:
         return {}
-
-    def plain(value: Any) -> str:  # tuples and lists, ints and floats alike, NaN equal to NaN
-        return json.dumps(json.loads(json.dumps(value, default=str)), sort_keys=True)
-
-    return {k: (saved[k], now.get(k)) for k in sorted(saved) if plain(saved[k]) != plain(now.get(k))}
+    return {k: (saved[k], now.get(k)) for k in sorted(saved) if _plain(saved[k]) != _plain(now.get(k))}
 
 
 def changes_text(changes: dict[str, tuple[Any, Any]]) -> str:
