@@ -121,3 +121,24 @@ def test_a_tuple_and_a_list_of_the_same_values_are_no_change_of_settings():
     assert learner_changes(MetaSGD(lr_init_range=(0.005, 0.1)).config, MetaSGD(lr_init_range=[0.005, 0.1]).config) == {}
     changed = learner_changes(MetaSGD(lr_init_range=(0.005, 0.1)).config, MetaSGD(lr_init_range=[0.01, 0.1]).config)
     assert changed == {"lr_init_range": ((0.005, 0.1), [0.01, 0.1])}
+
+
+def test_a_nan_training_loss_stops_the_run(tmp_path, monkeypatch):
+    m = module(baselines=False)
+    monkeypatch.setattr(m.learner, "loss", lambda episode: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 0"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(tmp_path, max_steps=1).fit(m, train_dataloaders=loader(1))
+
+
+def test_a_learning_rate_schedule_steps_once_an_epoch_not_once_a_batch(tmp_path):
+    from functools import partial
+
+    m = module(baselines=False, optimizer=partial(torch.optim.SGD, lr=1.0),
+               lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+        t.fit(m, train_dataloaders=loader(3))  # 3 batches an epoch, 2 epochs: 2 scheduler steps, not 6
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.25)
