@@ -112,15 +112,23 @@ def learner_changes(saved: dict | None, built: dict) -> dict[str, tuple[Any, Any
 
 
 def _plain(value: Any) -> Any:
-    """A setting's value for comparing: tuples as lists, NaN equal to NaN, other objects (a Path) as their text; ints
-    and floats compare as numbers."""
+    """A setting's value for comparing: tuples as lists, numpy scalars as Python numbers, NaN equal to NaN (and to
+    nothing else), booleans apart from numbers, other objects (a Path) as their text; ints and floats compare as
+    numbers."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, bool):
+        return ("bool", value)
     if isinstance(value, float) and math.isnan(value):
-        return "NaN"
+        return _NAN
     return value if value is None or isinstance(value, (str, int, float)) else str(value)  # a Path as its text
+
+
+_NAN = object()  # `_plain`'s NaN: equal to itself only
 
 
 def preprocessing_changes(saved: dict | None, now: dict | None) -> dict[str, tuple[Any, Any]]:

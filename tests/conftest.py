@@ -27,6 +27,16 @@ def repository_root_stays_clean():
 
 
 @pytest.fixture(autouse=True)
+def no_proxy_between_tests_and_their_loopback_servers(monkeypatch):
+    """The download tests talk to servers on 127.0.0.1; an http_proxy of the machine running the tests took their
+    requests elsewhere (a proxy's 502 instead of the failure under test; a review)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+
+
+@pytest.fixture(autouse=True)
 def process_stays_rank_zero():
     """Fail a test that leaves Lightning's process-wide rank other than 0 (a Trainer built for another rank, as a
     simulated cluster job does): every later test would silently log nothing."""

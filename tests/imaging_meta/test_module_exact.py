@@ -142,3 +142,17 @@ def test_a_learning_rate_schedule_steps_once_an_epoch_not_once_a_batch(tmp_path)
         t = trainer(tmp_path, max_epochs=2, limit_val_batches=0)
         t.fit(m, train_dataloaders=loader(3))  # 3 batches an epoch, 2 epochs: 2 scheduler steps, not 6
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_settings_compare_as_values_numpy_scalars_nan_paths_and_booleans_included():
+    import numpy as np
+
+    from imaging_meta.module import preprocessing_changes
+
+    assert learner_changes(MetaSGD(inner_steps=np.int64(3)).config, MetaSGD(inner_steps=3).config) == {}
+    same = preprocessing_changes({"w": float("nan"), "s": [1, 2], "p": "a/b", "m": None},
+                                 {"w": np.float64("nan"), "s": (1.0, 2.0), "p": Path("a/b")})
+    assert same == {}
+    assert preprocessing_changes({"augment": True}, {"augment": 1}) == {"augment": (True, 1)}
+    assert list(preprocessing_changes({"w": "NaN"}, {"w": float("nan")})) == ["w"]
+    assert preprocessing_changes({"s": [1, 2]}, {"s": [1, 3]}) == {"s": ([1, 2], [1, 3])}
