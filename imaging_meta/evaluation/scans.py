@@ -314,11 +314,13 @@ def baseline_masks(support: Loaded, query: Loaded, modality: str, protocol: str,
         inside = np.zeros(q_truth.shape[-1], dtype=bool)
         if qe is not None and se is not None:
             inside[qe[0] : qe[1] + 1] = True
-            sub_s = s_truth[..., se[0] : se[1] + 1]
-            # relative position within the two extents: uniform 'body' images make each extent the whole range
-            body_s = np.zeros(sub_s.shape, np.float32)
-            body_q = np.zeros(q_truth[..., qe[0] : qe[1] + 1].shape, np.float32)
-            copy[..., qe[0] : qe[1] + 1] = V.copy_mask_at_relative_position(sub_s, body_s, body_q, "CT")
+            # relative position within the two structures' extents, and in-plane within each body's box over
+            # those slices (until 2026-12-08 uniform 'body' images made the box the whole plane, so a query with
+            # more air around the same body got the copied mask in the wrong place, as whole_scan's did before
+            # 2026-12-07; a review)
+            copy[..., qe[0] : qe[1] + 1] = V.copy_mask_at_relative_position(
+                s_truth[..., se[0] : se[1] + 1], s_raw[..., se[0] : se[1] + 1], q_raw[..., qe[0] : qe[1] + 1],
+                modality, support_modality)
         window = window & inside.reshape(1, 1, -1)
     # the support's parts as the trained rows count them, on its preprocessed mask (`_segment`; a resampling that
     # closes or opens a gap between two parts changed the count; a review, 2026-12-07), else on the file's grid

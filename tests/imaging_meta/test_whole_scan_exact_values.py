@@ -150,3 +150,48 @@ def test_an_adapted_learner_is_returned_in_eval_mode():
     supports, queries = _scans()
     adapted = adapt(small(), supports, queries, steps=1, batch_size=2, seed=0, progress=False)
     assert not adapted.training and not any(m.training for m in adapted.modules())
+
+
+# ------------------------------------------------------------------------------------------ a review, 2026-12-08
+def test_the_oracles_copied_mask_is_placed_within_each_body_not_the_whole_plane():
+    """The same 16 x 16 body, alone in the support's grid and amid air in a 32 x 32 query grid: the copied mask lands
+    on the query's structure under both protocols (the oracle stretched the whole support slice over the query's
+    plane: Dice 0.4)."""
+    from types import SimpleNamespace
+
+    def scan(side: int, off: int) -> SimpleNamespace:
+        hu = np.full((side, side, 10), -1000.0, np.float32)
+        hu[off : off + 16, off : off + 16, :] = 40.0
+        truth = np.zeros(hu.shape, bool)
+        truth[off + 4 : off + 8, off + 4 : off + 8, 2:8] = True
+        hu[truth] = 200.0
+        return SimpleNamespace(raw=hu, truth=truth, affine=None, pre={})
+
+    s, q = scan(16, 0), scan(32, 8)
+    for protocol in ("whole_scan", "oracle_extent"):
+        assert V.dice3d(S.baseline_masks(s, q, "CT", protocol)[COPY], q.truth) == 1.0, protocol
+
+
+def test_a_pairs_records_are_the_querys_its_grid_its_site_and_its_baselines_from_the_support(tmp_path):
+    """HD95 in the query's millimetres (a query of twice the voxel size: twice the distance), the query's site, and
+    baselines fitted on the support: the copied mask of slices 2..7 on a query structure of slices 3..6 scores
+    2·64/(96 + 64) = 0.8, not the 1.0 of the query's own labels."""
+    rows = {}
+    for name, spacing in (("fine", (4.5, 4.5, 5.0)), ("coarse", (9.0, 9.0, 10.0))):
+        folder = tmp_path / name
+        folder.mkdir()
+        made = []
+        for which, (lo, hi) in (("s", (2, 7)), ("q", (3, 6))):
+            hu = np.full((16, 16, 10), 40.0, np.float32)
+            lab = np.zeros(hu.shape, np.uint8)
+            lab[5:9, 5:9, lo : hi + 1] = 3
+            hu[lab == 3] = 200.0
+            hu[0:2, 0:2, :] = 200.0  # a bright spot the window takes, outside the structure
+            grid = (4.5, 4.5, 5.0) if which == "s" else spacing
+            made.append(Scan(_write(folder / f"{which}.nii.gz", hu, grid), _write(folder / f"{which}_l.nii.gz", lab, grid),
+                             3, "CT", "organ", site="north" if which == "s" else "south"))
+        rows[name] = {r["method"]: r for r in score_pair(ConstantLearner(0.99), PRE, *made, "whole_scan", ablations=False)}
+    fine, coarse = rows["fine"], rows["coarse"]
+    assert {r["site"] for r in fine.values()} == {"south"}
+    assert fine[COPY]["dice"] == pytest.approx(0.8)
+    assert fine[WINDOW]["hd95"] > 0 and coarse[WINDOW]["hd95"] == pytest.approx(2 * fine[WINDOW]["hd95"])
