@@ -195,3 +195,34 @@ def test_a_pairs_records_are_the_querys_its_grid_its_site_and_its_baselines_from
     assert {r["site"] for r in fine.values()} == {"south"}
     assert fine[COPY]["dice"] == pytest.approx(0.8)
     assert fine[WINDOW]["hd95"] > 0 and coarse[WINDOW]["hd95"] == pytest.approx(2 * fine[WINDOW]["hd95"])
+
+
+def test_two_scans_of_one_patient_are_never_paired():
+    """A patient's T1 and T2 (two scans, one patient) would pair the patient with themselves: a support and a query
+    of one body. Pairs are of two patients (the rule compared the scans, not the patients, under a mutation)."""
+    from imaging_meta.commands.evaluate_scans import scan_pairs
+
+    def scan(patient: str, image: str) -> dict:
+        return {"image": image, "label": image + "_l", "organs": {"liver": 1}, "modality": "MR", "site": "a",
+                "patient": patient}
+
+    scans = [scan("p", "p_t1"), scan("p", "p_t2"), scan("q", "q_t1")]
+    pairs = scan_pairs(scans, pairs=10, pairing="any")
+    assert pairs and all(s.patient != q.patient for s, q in pairs)
+    assert {(s.image, q.image) for s, q in pairs} == {("p_t1", "q_t1"), ("p_t2", "q_t1"), ("q_t1", "p_t1"),
+                                                         ("q_t1", "p_t2")}
+
+
+def test_the_scans_reports_intervals_resample_patients_not_pairs():
+    """Pairs that share patients are not independent: the interval is the two-way bootstrap of the patients behind
+    them (`pair_bootstrap`), not one over the records."""
+    from imaging_meta.commands.evaluate_scans import _interval
+    from imaging_meta.evaluation.statistics import pair_bootstrap
+
+    recs = [{"support_patient": s, "query_patient": q, "dice": d, "support": f"{s}.nii.gz", "query": f"{q}.nii.gz"}
+            for s, q, d in (("a", "b", 0.9), ("a", "c", 0.8), ("b", "a", 0.2), ("c", "a", 0.3), ("b", "c", 0.6),
+                            ("c", "b", 0.5))]
+    b = pair_bootstrap([(r["support_patient"], r["query_patient"], r["dice"]) for r in recs], seed=0)
+    assert _interval(recs, lambda r: r["dice"]) == f"{b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]"
+    records = pair_bootstrap([(str(i), str(i), r["dice"]) for i, r in enumerate(recs)], seed=0)
+    assert (records["ci_low"], records["ci_high"]) != (b["ci_low"], b["ci_high"])  # the test can tell them apart
