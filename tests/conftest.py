@@ -27,13 +27,22 @@ def repository_root_stays_clean():
 
 
 @pytest.fixture(autouse=True)
-def no_proxy_between_tests_and_their_loopback_servers(monkeypatch):
+def no_proxy_between_tests_and_their_loopback_servers():
     """The download tests talk to servers on 127.0.0.1; an http_proxy of the machine running the tests took their
-    requests elsewhere (a proxy's 502 instead of the failure under test; a review)."""
-    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("no_proxy", "*")
-    monkeypatch.setenv("NO_PROXY", "*")
+    requests elsewhere (a proxy's 502 instead of the failure under test; a review). The environment is restored
+    by hand, not with monkeypatch: requesting monkeypatch here set it up before `process_stays_rank_zero`, whose
+    check then ran before the tests' own monkeypatching was undone."""
+    names = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "no_proxy", "NO_PROXY")
+    saved = {name: os.environ.get(name) for name in names}
+    for name in names[:6]:
+        os.environ.pop(name, None)
+    os.environ["no_proxy"] = os.environ["NO_PROXY"] = "*"
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)
