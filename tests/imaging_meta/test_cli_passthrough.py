@@ -22,6 +22,24 @@ def recorder(monkeypatch, module, name: str, result=None) -> dict:
     return received
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ([], {"largest_component": True, "empty_if_unlike": False, "adapt_seed": 0, "adapt_steps": 40,
+          "scale": "structure", "label_value": None, "max_support_slices": 12}),
+    (["--no-largest-component", "--empty-if-unlike", "--adapt-seed", "7", "--adapt-steps", "3", "--scale",
+      "checkpoint", "--label-value", "2", "--max-support-slices", "5", "--modality", "MR"],
+     {"largest_component": False, "empty_if_unlike": True, "adapt_seed": 7, "adapt_steps": 3, "scale": "checkpoint",
+      "label_value": 2, "max_support_slices": 5, "modality": "MR"}),
+])
+def test_the_command_lines_options_reach_segment(tmp_path, monkeypatch, flags, expected):
+    from imaging_meta.commands import segment as command
+
+    received = recorder(monkeypatch, command, "segment", [])
+    rc = cli_main(["segment", "--checkpoint", str(tmp_path / "m.ckpt"), "--support-image", "s.nii.gz",
+                   "--support-label", "l.nii.gz", "--query", "q.nii.gz", "--out", str(tmp_path / "out"), *flags])
+    assert rc == 0
+    assert {k: received.get(k) for k in expected} == expected
+
+
 def test_segment_passes_the_scan_options_and_the_device(tmp_path, monkeypatch):
     from imaging_meta.commands import segment as command
 

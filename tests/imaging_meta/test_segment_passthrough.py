@@ -1,5 +1,5 @@
-"""`imaging-meta segment`: what a mutation review found unguarded. Each option on the command line reaches
-`segment()`; several supports keep every part of a structure that one of them shows in two; the mask is written
+"""`imaging-meta segment`: what a mutation review found unguarded (its options reaching `segment()`: in
+test_cli_passthrough). Several supports keep every part of a structure that one of them shows in two; the mask is written
 as uint8; another adaptation seed gives another answer; a checkpoint's modality applies to supports that do not
 say theirs; a binary label map is not called multi-label; a support slice that shows the structure in one pixel
 counts."""
@@ -8,11 +8,9 @@ import logging
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 
 from imaging_meta.commands import segment as command
-from imaging_meta.commands.cli import cli_main
 from imaging_meta.commands.segment import _support_slices, segment
 from imaging_meta.volume.segmenter import LEARNER_ONLY
 from tests.datamodules.dicom_fixtures import affine_ras, write_nifti
@@ -27,28 +25,6 @@ from tests.imaging_meta.test_segment_outputs import (
     support,  # noqa: F401 - a fixture
     threshold_predict,
 )
-
-
-@pytest.mark.parametrize("flags, expected", [
-    ([], {"largest_component": True, "empty_if_unlike": False, "adapt_seed": 0, "adapt_steps": 40,
-          "scale": "structure", "label_value": None, "max_support_slices": 12}),
-    (["--no-largest-component", "--empty-if-unlike", "--adapt-seed", "7", "--adapt-steps", "3", "--scale",
-      "checkpoint", "--label-value", "2", "--max-support-slices", "5", "--modality", "MR"],
-     {"largest_component": False, "empty_if_unlike": True, "adapt_seed": 7, "adapt_steps": 3, "scale": "checkpoint",
-      "label_value": 2, "max_support_slices": 5, "modality": "MR"}),
-])
-def test_the_command_lines_options_reach_segment(tmp_path, monkeypatch, flags, expected):
-    received: dict = {}
-
-    def recorded(*args, **kwargs):
-        received.update(kwargs)
-        return []
-
-    monkeypatch.setattr(command, "segment", recorded)
-    rc = cli_main(["segment", "--checkpoint", str(tmp_path / "m.ckpt"), "--support-image", "s.nii.gz",
-                   "--support-label", "l.nii.gz", "--query", "q.nii.gz", "--out", str(tmp_path / "out"), *flags])
-    assert rc == 0
-    assert {k: received.get(k) for k in expected} == expected
 
 
 def test_one_support_in_two_parts_keeps_both_parts_beside_a_support_in_one(tmp_path, monkeypatch):

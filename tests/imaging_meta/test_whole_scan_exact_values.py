@@ -19,17 +19,20 @@ from tests.imaging_meta.test_scan_segmenter import BrightLearner, ConstantLearne
 PRE = {"spacing": [4.5, 4.5], "slice_size": [16, 16], "ct_window": [-250.0, 250.0], "mr_percentiles": [1.0, 99.0]}
 
 
-def _pair(tmp_path, support_extent, query_extent, spot=False):
+def _pair(tmp_path, support_extent, query_extent, spot=False, query_spacing=(4.5, 4.5, 5.0), sites=("", "")):
+    """A support and a query, each a uniform body with the structure (value 3) on its extent's slices; the support
+    at 4.5 x 4.5 x 5 mm, the query at ``query_spacing``; ``sites``: theirs."""
     scans = []
-    for name, (lo, hi) in (("s", support_extent), ("q", query_extent)):
+    for name, (lo, hi), spacing, site in (("s", support_extent, (4.5, 4.5, 5.0), sites[0]),
+                                           ("q", query_extent, query_spacing, sites[1])):
         hu = np.full((16, 16, 10), 40.0, np.float32)
         lab = np.zeros(hu.shape, np.uint8)
         lab[5:9, 5:9, lo : hi + 1] = 3
         hu[lab == 3] = 200.0
         if spot:
             hu[0:2, 0:2, :] = 200.0  # as bright as the structure, outside it, on every slice
-        scans.append(Scan(_write(tmp_path / f"{name}.nii.gz", hu), _write(tmp_path / f"{name}_l.nii.gz", lab), 3, "CT",
-                          "organ"))
+        scans.append(Scan(_write(tmp_path / f"{name}.nii.gz", hu, spacing),
+                          _write(tmp_path / f"{name}_l.nii.gz", lab, spacing), 3, "CT", "organ", site=site))
     return scans
 
 
@@ -178,19 +181,9 @@ def test_a_pairs_records_are_the_querys_its_grid_its_site_and_its_baselines_from
     2·64/(96 + 64) = 0.8, not the 1.0 of the query's own labels."""
     rows = {}
     for name, spacing in (("fine", (4.5, 4.5, 5.0)), ("coarse", (9.0, 9.0, 10.0))):
-        folder = tmp_path / name
-        folder.mkdir()
-        made = []
-        for which, (lo, hi) in (("s", (2, 7)), ("q", (3, 6))):
-            hu = np.full((16, 16, 10), 40.0, np.float32)
-            lab = np.zeros(hu.shape, np.uint8)
-            lab[5:9, 5:9, lo : hi + 1] = 3
-            hu[lab == 3] = 200.0
-            hu[0:2, 0:2, :] = 200.0  # a bright spot the window takes, outside the structure
-            grid = (4.5, 4.5, 5.0) if which == "s" else spacing
-            made.append(Scan(_write(folder / f"{which}.nii.gz", hu, grid), _write(folder / f"{which}_l.nii.gz", lab, grid),
-                             3, "CT", "organ", site="north" if which == "s" else "south"))
-        rows[name] = {r["method"]: r for r in score_pair(ConstantLearner(0.99), PRE, *made, "whole_scan", ablations=False)}
+        (tmp_path / name).mkdir()
+        pair = _pair(tmp_path / name, (2, 7), (3, 6), spot=True, query_spacing=spacing, sites=("north", "south"))
+        rows[name] = {r["method"]: r for r in score_pair(ConstantLearner(0.99), PRE, *pair, "whole_scan", ablations=False)}
     fine, coarse = rows["fine"], rows["coarse"]
     assert {r["site"] for r in fine.values()} == {"south"}
     assert fine[COPY]["dice"] == pytest.approx(0.8)
