@@ -31,21 +31,23 @@ REGION = (slice(8, 16), slice(8, 16))  # rows, columns the stub looks at, in a 2
 
 
 class RegionLearner(Learner):
-    """Two classes; p(class 1) is a steep function of the mean intensity of `REGION` of the query only."""
+    """Two classes; p(class 1) is a steep function of the mean intensity of ``region`` (rows, columns; `REGION`
+    unless given) of the query only."""
 
     task = "classification"
+    region = REGION
 
     def predict(self, episode: Episode) -> torch.Tensor:
         ep = episode.unsqueeze()
         self.calls.append(ep.n_tasks * ep.query_images.shape[1])  # the images classified in this call
-        mean = ep.query_images[..., REGION[0], REGION[1]].mean((-3, -2, -1))  # (T, Q)
+        mean = ep.query_images[..., self.region[0], self.region[1]].mean((-3, -2, -1))  # (T, Q)
         p = torch.sigmoid(10 * (mean - 0.5) + self.position_bias * torch.arange(mean.shape[1]))  # by query place
         return torch.stack([1 - p, p], -1)
 
 
-def region_learner(position_bias: float = 0.0) -> RegionLearner:
+def region_learner(position_bias: float = 0.0, region: tuple[slice, slice] = REGION) -> RegionLearner:
     learner = RegionLearner()
-    learner.calls, learner.position_bias = [], position_bias
+    learner.calls, learner.position_bias, learner.region = [], position_bias, region
     return learner
 
 

@@ -17,10 +17,9 @@ from imaging_meta.commands import explain as explain_module
 from imaging_meta.commands.classify import classify, explain_dir
 from imaging_meta.commands.explain import occlusion_saliency
 from imaging_meta.episode import Episode
-from imaging_meta.learners.base import Learner
 from tests.datamodules.dicom_fixtures import affine_ras, write_series
 from tests.imaging_meta.test_classify_answers import pixels_checkpoint
-from tests.imaging_meta.test_classify_explain import write_folders
+from tests.imaging_meta.test_classify_explain import region_learner, write_folders
 
 
 # ------------------------------------------------------------------------------------------ DICOM Segmentation
@@ -65,28 +64,17 @@ def test_a_seg_has_its_own_uids_one_bit_frames_and_one_frame_per_slice_that_show
 ROWS, COLS = slice(2, 6), slice(16, 24)  # not square, not centred, in a 20 x 28 image
 
 
-class CornerLearner(Learner):
-    """p(class 1) a steep function of the mean of rows 2-5, columns 16-23 of the query only."""
-
-    task = "classification"
-
-    def predict(self, episode: Episode) -> torch.Tensor:
-        ep = episode.unsqueeze()
-        p = torch.sigmoid(10 * (ep.query_images[..., ROWS, COLS].mean((-3, -2, -1)) - 0.5))
-        return torch.stack([1 - p, p], -1)
-
-
 def test_the_occlusion_map_lies_on_the_rows_and_columns_the_model_reads():
     query = torch.zeros(1, 1, 20, 28)
     query[..., ROWS, COLS] = 1.0
     ep = Episode(support_images=torch.rand(4, 1, 20, 28), support_labels=torch.tensor([0, 0, 1, 1]),
                  query_images=query, query_labels=torch.zeros(1, dtype=torch.long), classes=["a", "b"])
-    occ = occlusion_saliency(CornerLearner(), ep, patch_size=2, stride=2)
+    occ = occlusion_saliency(region_learner(region=(ROWS, COLS)), ep, patch_size=2, stride=2)
     inside = torch.zeros(20, 28, dtype=torch.bool)
     inside[ROWS, COLS] = True
     assert occ.saliency.shape == (20, 28)
     assert float(occ.saliency[inside].min()) > 0 and float(occ.saliency[~inside].abs().max()) == 0.0
-    assert occlusion_saliency(CornerLearner(), ep, patch_size=6).stride == 3  # half the patch when not given
+    assert occlusion_saliency(region_learner(region=(ROWS, COLS)), ep, patch_size=6).stride == 3  # half the patch when not given
 
 
 # ------------------------------------------------------------------------------------------ classify --explain
