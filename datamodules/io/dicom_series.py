@@ -7,6 +7,7 @@ and give the fix for a multi-frame file."""
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,20 +156,28 @@ def _distinct(values: Sequence[Any], close) -> list[tuple[Any, int]]:
     return sorted(((c[0], len(c)) for c in clusters), key=lambda t: -t[1])
 
 
+def _kind(problem: str | None) -> str:
+    """A file's problem without its numbers: the kind of problem that files share."""
+    return re.sub(r"\d+(?:\.\d+)?", "#", problem or "")
+
+
 def _check_files(headers: Sequence[DicomHeader], paths: list[str]) -> None:
     """Raise when any file has a problem of its own, naming the most common problem and an example file."""
     bad = [h for h in headers if h.problem]
     if not bad:
         return
-    problems = Counter(h.problem for h in bad)
-    problem, count = problems.most_common(1)[0]
     if len(headers) == 1:
-        raise DicomSeriesError(paths, str(problem))
-    example = next(h for h in bad if h.problem == problem)
-    others = f"; {len(problems) - 1} other problem(s) too" if len(problems) > 1 else ""
+        raise DicomSeriesError(paths, str(bad[0].problem))
+    # one kind of problem with its own numbers per file (the bytes a truncated file holds) is one problem, not several
+    kinds = Counter(_kind(h.problem) for h in bad)
+    kind, count = kinds.most_common(1)[0]
+    example = next(h for h in bad if _kind(h.problem) == kind)
+    problem = example.problem
+    others = f"; {len(kinds) - 1} other problem(s) too" if len(kinds) > 1 else ""
     if len(bad) == len(headers):
-        if len(problems) == 1:
-            raise DicomSeriesError(paths, f"every file: {problem}")
+        if len(kinds) == 1:
+            alike = len({h.problem for h in bad}) == 1  # else the numbers are the example's own
+            raise DicomSeriesError(paths, f"every file{'' if alike else f' (e.g. {_name(example)})'}: {problem}")
         raise DicomSeriesError(paths, f"no file can be used: {count} like {_name(example)}: {problem}{others}")
     raise DicomSeriesError(
         paths,
@@ -275,7 +284,9 @@ def _whole_multiples(steps: np.ndarray, rtol: float) -> bool:
 
 def _check_spacing(headers: Sequence[DicomHeader], steps: np.ndarray, paths: list[str], gap_factor: float,
                    spacing_rtol: float) -> float:
-    """Raise on a missing slice (a gap) or uneven steps; return the median step (mm)."""
+    """Raise on a missing slice (a gap) or uneven steps; return the mean step (mm): the affine's slice step, so that
+    the spacing a series reports is the one its affine places the slices with (the median was 3% off that affine
+    for steps alternating 3.0 and 3.2 mm, a review, 2026-12-08)."""
     median = float(np.median(steps))
     regular, what = _regular_step(steps, spacing_rtol), "the series' step"
     if regular is None:
@@ -313,7 +324,7 @@ def _check_spacing(headers: Sequence[DicomHeader], steps: np.ndarray, paths: lis
             f"slices) from the regular grid of the series' mean step, more than {DRIFT_TOL:g} of a slice (steps "
             f"{steps.min():.3f} to {steps.max():.3f} mm); resample it to a regular grid first",
         )
-    return median
+    return float(along[-1] / (len(along) - 1))
 
 
 def _check_collinear(positions: np.ndarray, along: np.ndarray, min_pixel_spacing: float, paths: list[str]) -> np.ndarray:

@@ -311,8 +311,9 @@ def unreadable_nifti(name, error: BaseException) -> ValueError:
 #: changes whenever the volume readers give other arrays for the same files, so that on-disk caches of
 #: preprocessed volumes and folder indexes are rebuilt (2: NIfTI in metres or microns read in mm; 3: a NIfTI that
 #: does not say its modality is indexed as CT when it is in HU with air, and windowed as CT; both 2026-12-05; 4: a
-#: DICOM file without a Modality element takes it from its SOP class, CT or MR Image Storage, 2026-12-07)
-READER_VERSION = 4
+#: DICOM file without a Modality element takes it from its SOP class, CT or MR Image Storage, 2026-12-07; 5: an
+#: unevenly stepped DICOM series reports its mean slice step, the affine's, not the median, 2026-12-08)
+READER_VERSION = 5
 #: changes whenever `volume_transforms` gives other arrays for the same files and settings, so that on-disk caches
 #: of preprocessed volumes are rebuilt (1: the in-plane crop to the body, `BodyCropd`; 2: its body found on the
 #: scan's own grid and values, and kept whole by the slices; both 2026-12-06; 3: a sheared (gantry-tilted) grid keeps

@@ -18,7 +18,7 @@ import pytest
 
 from datamodules.indexing.index import Index
 from datamodules.indexing.scan import scan_folder
-from datamodules.io.dicom import DicomSeriesError, DicomSeriesReader, read_header
+from datamodules.io.dicom import DicomSeriesError, DicomSeriesReader, order_series, read_header
 from datamodules.transforms.volume import LoadVolumed
 from tests.datamodules.dicom_fixtures import (
     drop_frames,
@@ -330,7 +330,7 @@ REJECTIONS = {
     "position": (_no_position, r"1 of 6 frames \(e\.g\. frame 4\): no ImagePositionPatient \(PlanePositionSequence\), in "
                  r"neither the frame's own nor the shared functional groups; .*cannot be placed in a volume; export the "
                  r"series again"),
-    "gap": (_gap, r"missing slice\(s\): a gap of 6\.000 mm between volume\.dcm frame \d and volume\.dcm frame \d where the "
+    "gap": (_gap, r"missing slice\(s\): a gap of 6\.000 mm between volume\.dcm frame 4 and volume\.dcm frame 3 where the "
             r"series' step is 3\.000 mm \(about 1 slice\(s\) missing\); frames are missing: export the complete series"),
     "stacks": (_two_stacks, r"2 stacks in one file \(StackID '1' \(3 frames\), '2' \(3 frames\)\); only one stack is read"),
     "organisations": (_two_organisations, r"2 dimension organisations \(DimensionOrganizationSequence\) in one file"),
@@ -389,6 +389,9 @@ def test_series_mixing_enhanced_and_single_frame_files_is_rejected(tmp_path):
     index = scan_folder(tmp_path)
     assert index.cases == [] and [r.path for r in index.rejected] == ["single"]
     assert "(CT, 7 files): the series mixes" in index.rejected[0].reason
+    # one file of each form: the single-frame file is not dropped for want of frames
+    with pytest.raises(DicomSeriesError, match=r"mixes 1 enhanced multi-frame file\(s\) \(e\.g\. volume\.dcm\) and 1 "):
+        order_series([read_header(enhanced), read_header(paths[0])])
 
 
 def test_other_multi_frame_objects_are_still_rejected_with_the_conversion(tmp_path):
