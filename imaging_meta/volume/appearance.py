@@ -82,7 +82,7 @@ class AppearanceCheck:
         # each support slice is measured against slices beyond its GAP neighbours: fewer body slices give nothing
         # to measure (a review, 2026-12-07: the warning blamed the checkpoint's learner)
         too_few = (f"the support scan{'s have' if len(volumes) > 1 else ' has'} too few body slices ({feats.shape[0]}) "
-                   f"to measure how alike slices look (more than {2 * GAP + 1} in one scan, or two scans)")
+                   f"to measure how alike slices look (more than {GAP + 1} in one scan, or two scans)")
         if feats.shape[0] < 2:
             self.unchecked = too_few
             return self

@@ -69,7 +69,13 @@ def test_the_reference_leaves_out_each_slices_near_copies():
     check = AppearanceCheck(PooledLearner()).fit([vol])
     # every slice's neighbours within GAP are skipped, so the nearest other slice is at least GAP + 1 away
     assert check.reference is not None
-    assert AppearanceCheck(PooledLearner()).fit([vol[..., : GAP + 1]]).reference is None  # nothing else left
+    too_few = AppearanceCheck(PooledLearner()).fit([vol[..., : GAP + 1]])
+    assert too_few.reference is None  # nothing else left
+    # the message asks for what is enough: GAP + 2 slices (it asked for more than 2 * GAP + 1, a review, 2026-12-08)
+    assert too_few.unchecked is not None and f"more than {GAP + 1} in one scan, or two scans" in too_few.unchecked
+    assert AppearanceCheck(PooledLearner()).fit([vol[..., : GAP + 2]]).reference is not None
+    # the last body slice is one of them: a scan of GAP + 2 slices whose body fills every slice
+    assert AppearanceCheck(PooledLearner()).fit([_abdomen(depth=GAP + 2)]).reference is not None
     # only a slice's neighbours in its own scan are skipped: the same slice of another support scan is its nearest
     # (two copies of one scan: every slice's nearest is its twin, at distance 0, so no reference can be taken)
     twins = AppearanceCheck(PooledLearner()).fit([vol, vol.clone()])
@@ -79,3 +85,41 @@ def test_the_reference_leaves_out_each_slices_near_copies():
 def test_no_check_without_an_encoder_or_with_a_single_slice():
     assert AppearanceCheck(object()).fit([_abdomen()]).novelty(_thigh()) is None
     assert AppearanceCheck(PooledLearner()).fit([_abdomen(depth=1)]).novelty(_thigh()) is None
+
+
+def test_slices_are_described_by_each_channels_spread_as_well_as_its_mean():
+    """A flat slice and a checkerboard of the same mean: the same means, told apart by their spreads."""
+
+    class Pixels:
+        def slice_features(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    flat = torch.full((1, 4, 4), 0.5)
+    board = (torch.arange(4)[:, None] + torch.arange(4)[None, :]).remainder(2).float()[None]
+    d = describe_slices(Pixels(), torch.cat([flat, board]))
+    torch.testing.assert_close(d, torch.tensor([[0.5, 0.0], [0.5, 0.5]]))
+
+
+def test_a_channel_constant_over_the_support_does_not_make_every_query_novel():
+    """One channel never changes over the support's slices (its corner voxel, air): a query whose corner is a
+    little brighter, by about the features' median spread, must not be measured in units of that channel's zero
+    spread (without the floor on the spread the novelty is about 10^5)."""
+
+    class WithCorner(PooledLearner):
+        def slice_features(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([super().slice_features(x), x[:, :, :1, :1].expand(-1, 1, 1, 4)], 1)
+
+    support, query = _abdomen(seed=0), _abdomen(seed=1)
+    query[0, 0, :] = 0.001
+    novelty = AppearanceCheck(WithCorner()).fit([support]).novelty(query)
+    assert novelty is not None and novelty < NOVELTY_WARN
+
+
+def test_novelty_is_the_median_over_the_query_slices():
+    """A query of 10 abdomen slices and 6 of another region is still mostly like the support: the median reads
+    it so, where a mean is pulled over the warning by the minority of other slices."""
+    support = _abdomen(seed=0)
+    query = torch.cat([_abdomen(depth=10, seed=1), _thigh(depth=6)], -1)
+    check = AppearanceCheck(PooledLearner()).fit([support])
+    assert check.novelty(_thigh()) > NOVELTY_WARN  # the other region alone
+    assert check.novelty(query) < 3.0

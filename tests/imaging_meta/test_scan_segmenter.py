@@ -18,6 +18,7 @@ from imaging_meta.volume.evidence import (
     LogisticFusion,
     best_threshold,
     consecutive_runs,
+    logit,
     slice_gate,
     smooth_z,
 )
@@ -73,10 +74,31 @@ def test_logistic_fusion_learns_the_informative_feature():
     assert acc > 0.95
 
 
+def test_a_learner_sure_of_every_pixel_still_gives_finite_evidence():
+    """A float32 sigmoid saturates to exactly 0 and 1: the learner's logit is clamped, so the fusion's weights stay
+    finite (unclamped they were NaN, and the query's prediction empty, a review, 2026-12-08)."""
+    sure = logit(torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(sure, torch.tensor([-1.0, 1.0]) * float(np.log((1 - 1e-4) / 1e-4)), atol=1e-3, rtol=0)
+    y = torch.tensor([0.0, 1.0] * 50)
+    f = LogisticFusion().fit(logit(y)[:, None], y)
+    assert torch.isfinite(f.weight).all() and ((f.logits(logit(y)[:, None]) > 0).float() == y).all()
+
+
+def test_the_fusions_penalty_keeps_a_separable_supports_weight_bounded():
+    """Features of +1 and -1 separate the support perfectly: without the L2 penalty the weight only stops where
+    the optimiser does (16.7 after 50 steps); with it the optimum is finite (4.7)."""
+    y = torch.tensor([0.0, 1.0] * 50)
+    w = LogisticFusion().fit((2 * y - 1)[:, None], y).weight
+    assert w is not None and 3.0 < float(w[0]) < 10.0
+
+
 def test_best_threshold_and_gate():
     probs = torch.tensor([0.1, 0.3, 0.42, 0.9])
     labels = torch.tensor([0, 0, 1, 1])
     assert 0.3 <= best_threshold(probs, labels) < 0.42
+    # the lowest of tied thresholds; the whole range of candidates, up to the 0.95 cap
+    assert best_threshold(torch.tensor([0.2, 0.8]), torch.tensor([0, 1])) == pytest.approx(0.2 + 0.05)
+    assert best_threshold(torch.tensor([0.6, 0.97]), torch.tensor([0, 1])) == pytest.approx(0.6)
     assert slice_gate(torch.tensor([0.8, 0.9]), torch.tensor([0.1, 0.2])) == pytest.approx(0.5)
     assert slice_gate(torch.tensor([0.8]), torch.tensor([])) is None
     assert slice_gate(torch.tensor([0.1]), torch.tensor([0.9])) is None  # no better than chance: no gate

@@ -89,6 +89,7 @@ def test_body_extent_and_slice_scores_and_intensity_bins():
     v[2:18, 2:18, 2:8] = 1.0
     v[0, 0:8, 0:2] = 1.0
     assert body_extent(v) == (2, 7)
+    assert body_extent(torch.zeros(4, 4, 3)) == (0, 2)  # no body (all air): every slice
     probs = torch.zeros(10, 10, 2)
     probs[2:5, 2:5, 0] = 1.0
     probs[:, :, 1] = 0.2
