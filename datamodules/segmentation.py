@@ -947,13 +947,16 @@ class SegmentationDataModule(EpisodicDataModule):
         return self.cache_dir / digest(self.root) / f"{stage}_episodes-{key}.json"
 
     def _case_settings(self) -> dict:
-        """The settings other than the split's that change which cases, sites or case ids the episodes hold, where
-        they are not the defaults (so that the demo's file names stay): two runs that differ only in these, sharing
-        a cache, would otherwise write one file over the other's."""
+        """The settings not in `episode_path`'s fixed list that change which cases, sites, case ids or validation
+        organs the episodes hold, where they are not the defaults (so that the demo's file names stay): two runs
+        that differ only in these, sharing a cache, would otherwise write one file over the other's (``val_patients``
+        and label-free training change the split's validation organs, a review, 2026-12-08)."""
         h = self.hparams
         return {k: v for k, v in {"organs": h.organs, "modality": h.modality, "label_names": h.label_names,
                                   "site_fields": h.site_fields, "salt": self.salt if self.salt != DEFAULT_SALT else None,
                                   "patient_regex": h.patient_regex if h.patient_regex != DEFAULT_PATIENT_REGEX else None,
+                                  "val_patients": h.get("val_patients"),
+                                  "label_free_training": True if h.selfsup_ratio == 1.0 else None,
                                   }.items() if v is not None}
 
     # ------------------------------------------------------------ dataloaders

@@ -236,7 +236,7 @@ def test_the_episodic_datamodule_contract(dm):
 
 def test_runs_that_hold_other_cases_write_other_episode_files(tmp_path):
     """Two runs sharing a cache that differ only in which organs, modality, label names, site fields or patient
-    rule they read hold other cases, so they must not write one episode file over the other's; the defaults keep
+    rule they read hold other cases (and in val_patients or label-free training, other validation organs), so they must not write one episode file over the other's; the defaults keep
     the names that reports already quote."""
     base = dict(root=str(tmp_path / "scans"), cache_dir=str(tmp_path / "cache"), test_organs=["spleen"])
     (tmp_path / "scans").mkdir()
@@ -248,7 +248,8 @@ def test_runs_that_hold_other_cases_write_other_episode_files(tmp_path):
                       h.test_fraction])
     assert default.name == f"test_episodes-{old_key}.json"
     others = [dict(organs=["spleen", "liver"]), dict(modality="CT"), dict(label_names={1: "spleen"}),
-              dict(site_fields=["Manufacturer"]), dict(patient_regex=r"^(\w+)"), dict(salt="ours")]
+              dict(site_fields=["Manufacturer"]), dict(patient_regex=r"^(\w+)"), dict(salt="ours"),
+              dict(val_patients=3), dict(selfsup_ratio=1.0)]  # these two change the validation organs chosen
     paths = {SegmentationDataModule(**base, **o).episode_path("test") for o in others}
     assert default not in paths and len(paths) == len(others)
 
@@ -337,6 +338,12 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     given = SegmentationDataModule(root=str(root), index_path=str(tmp_path / "cache" / "x.json"),
                                    cache_dir=str(tmp_path / "cache"), label_names={1: "milz"})
     given.prepare_data()  # scanned with the default pattern
+    # a given index is not checked against the folder (slow file systems): a file added later rescans nothing
+    scanned_at = (tmp_path / "cache" / "x.json").stat().st_mtime_ns
+    (root / "notes.txt").write_text("added after the scan")
+    SegmentationDataModule(root=str(root), index_path=str(tmp_path / "cache" / "x.json"),
+                           cache_dir=str(tmp_path / "cache"), label_names={1: "milz"}).prepare_data()
+    assert (tmp_path / "cache" / "x.json").stat().st_mtime_ns == scanned_at
     mismatched = SegmentationDataModule(root=str(root), index_path=str(tmp_path / "cache" / "x.json"),
                                         cache_dir=str(tmp_path / "cache"), label_names={1: "milz"}, patient_regex="^()")
     with pytest.raises(ValueError, match=rf"x\.json was scanned with patient_regex '{re.escape(DEFAULT_PATIENT_REGEX)}' "
@@ -349,7 +356,10 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     ({"n_query": -1}, "n_query must be at least 1, got -1"),
     ({"val_episodes": -2}, "val_episodes must be at least 0"),
     ({"spacing": [-1.0, 4.5]}, r"spacing is the in-plane voxel size in mm, two numbers above 0; got \[-1.0, 4.5\]"),
+    ({"spacing": [0, 4.0]}, r"two numbers above 0; got \[0, 4.0\]"),
     ({"slice_size": [0, 80]}, r"slice_size is the slices' height and width in pixels.*got \[0, 80\]"),
+    ({"selfsup_ratio": 1.5}, r"selfsup_ratio must lie in \[0, 1\], got 1.5"),
+    ({"val_patients": 1}, "val_patients must be at least 2, got 1"),
     ({"patient_regex": "sub-("}, r"patient_regex 'sub-\(' is not a valid regular expression"),
 ])
 def test_settings_that_cannot_work_are_refused_when_the_datamodule_is_built(tmp_path, bad, message):
@@ -511,6 +521,11 @@ def test_a_split_that_leaves_a_test_organ_too_few_patients_names_a_seed_that_doe
     assert failed is not None, "no seed of 20 leaves the test organ short: the test would not test anything"
     found = re.search(r"split_seed (\d+) puts every test and validation organ in enough patients of its split", failed[1])
     assert found and int(found.group(1)) != failed[0], failed[1]
+    # testing a checkpoint needs the split it trained on: no other seed is suggested there
+    with warnings.catch_warnings(), pytest.raises(ValueError) as tested:
+        warnings.simplefilter("ignore")
+        SegmentationDataModule(**kw, split_seed=failed[0]).setup("test")
+    assert "split_seed" not in str(tested.value), str(tested.value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dm = SegmentationDataModule(**kw, split_seed=int(found.group(1)))

@@ -9,6 +9,7 @@ error or a silently shorter volume.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -387,6 +388,10 @@ def test_volumes_that_do_not_say_their_modality_take_the_data_configs_and_segmen
 
     ct = SegmentationDataModule(root=str(tmp_path / "root"), cache_dir=str(tmp_path / "cache"), modality="CT")
     assert [c.modality for c in ct._with_modality(index).cases] == ["CT"]
+    unsaid = index.cases[0]  # (the index's cases were replaced by CT ones)
+    said = dataclasses.replace(unsaid, case_id="mr", modality="MR")  # a volume whose files say MR keeps it
+    index.cases = [said, dataclasses.replace(unsaid, modality="unknown")]
+    assert [c.modality for c in ct._with_modality(index).cases] == ["MR", "CT"]
     assert ct.preprocessing["modality"] == "CT"
     with pytest.raises(ValueError, match="modality must be CT or MR"):
         SegmentationDataModule(root=str(tmp_path / "root"), modality="PET")
