@@ -443,3 +443,39 @@ def test_a_siamese_network_names_its_encoder_and_fine_tunes_it(body):
     s1, q1 = siamese.embed_episode(one)
     s2, q2 = siamese.embed_episode(ep)
     assert torch.allclose(s1, s2) and torch.allclose(q1, q2)
+
+
+def test_views_that_copy_the_support_exactly_fit_as_the_support_alone():
+    """With every amplitude 0 each view is its image: fitting on 4 copies with their labels is fitting on the
+    support (the loss is a mean), so each view must carry its own image's label (view j * S + i is of image i)."""
+    ep = _one_way_episode(counts=(1, 2, 3), n_query=2)
+    still = dict(flip=False, rotation=0.0, translation=0.0, zoom=0.0, intensity=0.0)
+    learner = _OneWayFeatures(backbone_kwargs=TINY)
+    copied = predict(SupportFineTune(learner, steps=10, lr=0.5, copies=4, **still), ep)
+    alone = predict(SupportFineTune(learner, steps=10, lr=0.5, augment=False), ep)
+    torch.testing.assert_close(copied, alone, atol=1e-4, rtol=0)
+
+
+def test_the_centre_is_the_mean_of_the_class_means_and_the_linear_head_is_not_centred():
+    features = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [4.0, 2.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    cosine = SupportFineTune(protonet(), steps=1)
+    torch.testing.assert_close(cosine.support_centre(features, labels, 2), torch.tensor([2.0, 1.0]))
+    assert SupportFineTune(protonet(), steps=1, head="linear").support_centre(features, labels, 2) is None
+
+
+def test_flips_happen_and_rotations_keep_pixels_square():
+    """Flip alone: about half the views are the image flipped left-right. A rotation of a 8 x 16 image turns its
+    pixels, in pixel units, by an orthogonal matrix (the normalised coordinates' aspect ratio undone)."""
+    from imaging_meta.learners.transfer.support_finetune import Augmentation, _affine
+
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    views = augment_views(x, 16, torch.Generator().manual_seed(0), Augmentation(True, 0.0, 0.0, 0.0, 0.0))
+    flipped = [bool(torch.allclose(v, x[0].flip(-1), atol=1e-5)) for v in views]
+    kept = [bool(torch.allclose(v, x[0], atol=1e-5)) for v in views]
+    assert all(a != b for a, b in zip(flipped, kept, strict=True)) and 3 <= sum(flipped) <= 13
+    u = torch.rand(5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    theta = _affine(u, Augmentation(False, 40.0, 0.0, 0.0, 0.0), (5, 1, 8, 16))[:, :, :2]
+    pixels = torch.diag(torch.tensor([16.0, 8.0], dtype=torch.float64))  # (x: width, y: height) half-extents x 2
+    m = pixels @ theta @ torch.linalg.inv(pixels)
+    torch.testing.assert_close(m @ m.transpose(1, 2), torch.eye(2, dtype=torch.float64).expand(5, 2, 2))

@@ -341,3 +341,70 @@ def test_an_episode_without_class_names_and_a_class_without_support_items():
     missing = replace(missing, support_labels=missing.support_labels.clamp(max=1))  # class 2 has no support item
     with pytest.raises(ValueError, match="every one of the 3 classes needs at least one support item"):
         LogisticRegressionProbe(backbone_kwargs={"width": 8}).predict(missing)
+    # without names, a class that only the query shows counts too (the support's largest label alone left its
+    # column out: p of shape (1, 6, 2), a review, 2026-12-08)
+    bare = replace(missing, classes=[])
+    for learner in (tiny_cls(), LogisticRegressionProbe(backbone_kwargs={"width": 8})):
+        with pytest.raises(ValueError, match=r"no item of classes \[2\]|every one of the 3 classes"), torch.no_grad():
+            learner.predict(bare)
+
+
+# --------------------------------------------------------------------------- exact heads and settings
+def test_the_initial_heads_are_the_documented_class_mean_classifiers():
+    """Before any fine-tuning step: Baseline++'s rows are the normalised means of the normalised embeddings, and
+    Baseline's linear head is the nearest-class-mean rule (a bias of -|mu|^2 / 2 makes w . f + b = -|f - mu|^2 / 2
+    up to a term shared by the classes)."""
+    f = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 2.0], [0.0, 4.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    cosine = tiny_cls().class_head(f, labels, 2)["weight"]
+    unit = F.normalize(f, dim=-1)
+    torch.testing.assert_close(cosine, F.normalize(torch.stack([unit[:2].mean(0), unit[2:].mean(0)]), dim=-1))
+    linear = tiny_cls(cosine=False).class_head(f, labels, 2)
+    means = torch.stack([f[:2].mean(0), f[2:].mean(0)])
+    q = torch.tensor([[2.0, 1.0], [0.5, 2.5]])
+    nearest = -0.5 * torch.cdist(q, means).pow(2)
+    logits = q @ linear["weight"].T + linear["bias"]
+    torch.testing.assert_close(logits - logits[:, :1], nearest - nearest[:, :1])
+
+
+def test_a_checkpoint_that_fills_every_row_of_the_head_loads():
+    m = tiny_cls(max_classes=3)
+    m.register_classes(["a", "b", "c"])
+    fresh = tiny_cls(max_classes=3)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.class_names == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("bad", [{"finetune_lr": 0.0}, {"scale": 0.0}])
+def test_a_learning_rate_or_scale_of_zero_is_refused(bad):
+    with pytest.raises(ValueError, match="finetune_lr > 0|scale must be > 0"):
+        FineTune(backbone_kwargs=TINY, **bad)
+
+
+def test_fine_tuning_the_body_predicts_the_queries_with_the_tuned_body(monkeypatch):
+    """With ``finetune_body`` the queries go through the fine-tuned body, not the frozen one: a fine-tuning that
+    zeroes the body's weights gives every query the same answer (a constant feature map), where the frozen body's
+    features differ from query to query."""
+    import imaging_meta.learners.transfer.finetune as finetune
+
+    def zero_body(learner, loss, params, steps, lr, first_order=True):
+        return {k: torch.zeros_like(v) if k.startswith("body.") else v for k, v in params.items()}
+
+    monkeypatch.setattr(finetune, "adapt", zero_body)
+    ep = classification_episode(n_way=3, n_shot=2, n_query=2, tasks=1, size=16)
+    with torch.no_grad():
+        p = tiny_cls(finetune_body=True).predict(ep)[0]
+        frozen = tiny_cls(finetune_body=False).predict(ep)[0]
+    torch.testing.assert_close(p, p[:1].expand_as(p))
+    assert not torch.allclose(frozen, frozen[:1].expand_as(frozen))
+
+
+def test_the_logistic_regressions_bias_is_not_penalised():
+    """Only the weights carry the L2 penalty (sklearn's objective): at the optimum the bias's gradient, the sum of
+    p - onehot(y) over the items, is 0 for each class, even on unbalanced data with a strong penalty."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 8 + [1] * 2 + [2] * 4)
+    x = torch.randn(14, 3, generator=g) + F.one_hot(y, 3).float()
+    w, b = fit_logistic_regression(x, y, 3, l2=5.0, max_iter=200)
+    p = (x.double() @ w.T + b).softmax(-1)
+    torch.testing.assert_close((p - F.one_hot(y, 3).double()).sum(0), torch.zeros(3, dtype=torch.float64), atol=1e-6, rtol=0)

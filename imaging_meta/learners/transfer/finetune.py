@@ -38,7 +38,7 @@ from imaging_meta.learners.base import (
     embed_tasks,
 )
 from imaging_meta.learners.inner_loop import Params, adapt, functional_forward, split_state
-from imaging_meta.learners.prototypes import masked_average_pooling
+from imaging_meta.learners.prototypes import episode_n_way, masked_average_pooling
 from imaging_meta.learners.task_network import check_task
 
 
@@ -354,9 +354,11 @@ class FineTune(Learner):
         for t in range(ep.n_tasks):
             n_way = None
             if not self.task_kind.dense:
-                # the task's class names, or (an episode built without them) its largest label, as episode_n_way
+                # the task's class names, or (an episode built without them) the largest support or query label,
+                # `episode_n_way`: a class only the query shows is then refused, not left a column out (a review,
+                # 2026-12-08)
                 names = ep.classes[t] if t < len(ep.classes) else []
-                n_way = len(names) or int(ep.support_labels[t].max()) + 1
+                n_way = len(names) or episode_n_way(ep)
             out.append(self.predict_task(ep.support_images[t], ep.support_labels[t], ep.query_images[t], n_way))
         return torch.stack(out)
 
