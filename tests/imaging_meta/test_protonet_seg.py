@@ -38,6 +38,26 @@ def test_masked_average_pooling_and_cosine():
     assert logits.shape == (2, 1, 4, 4) and torch.allclose(logits[:, 0, 0, 0], torch.ones(2, dtype=torch.float64))
 
 
+def test_a_mask_shrunk_to_coarse_features_keeps_its_structure():
+    """At a stride of 8 (a ResNet's features) bilinear shrinking read 2 of every 8 mask rows: a 6 x 6 structure
+    between them vanished and its foreground prototype was 0 (a review, 2026-12-08). By area each feature pixel
+    holds the share of its window the mask covers; at a factor of 2 that is what bilinear gave, exactly."""
+    from imaging_meta.learners.prototypes import resize_mask
+
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 5:11, 5:11] = 1.0
+    small_mask = resize_mask(mask, (4, 4))
+    assert float(small_mask.sum()) * 64 == pytest.approx(36.0)  # the structure's whole area, spread over 4 windows
+    torch.testing.assert_close(small_mask[0, :2, :2], torch.full((2, 2), 9.0 / 64))  # 3 x 3 pixels in each
+    f = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 1.0
+    assert float(masked_average_pooling(f, mask).norm()) > 1.0
+    g = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(resize_mask(g, (8, 8)), torch.nn.functional.interpolate(
+        g[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0])  # factor 2: as before
+    torch.testing.assert_close(resize_mask(g, (32, 32)), torch.nn.functional.interpolate(
+        g[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0])  # growing: bilinear
+
+
 def test_shapes_loss_and_gradients():
     torch.manual_seed(0)
     m = small()
