@@ -364,7 +364,9 @@ class SegmentationDataModule(EpisodicDataModule):
             raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
         for name, value, least in (("n_shot", n_shot, 1), ("n_query", n_query, 1), ("batch_size", batch_size, 1),
                                    ("episodes_per_epoch", episodes_per_epoch, 0), ("val_episodes", val_episodes, 0),
-                                   ("test_episodes", test_episodes, 0)):
+                                   ("test_episodes", test_episodes, 0),
+                                   # 0 took every slice for one showing the organ: empty masks (a review, 2026-12-08)
+                                   ("min_organ_pixels", min_organ_pixels, 1)):
             if int(value) < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}")
         if len(spacing) != 2 or not all(float(v) > 0 for v in spacing):

@@ -118,6 +118,23 @@ def test_a_test_episode_file_must_keep_the_split(dm, demo_root, demo_index, tmp_
             other.setup("test")
 
 
+def test_case_items_read_each_cases_image_and_its_label_map():
+    """The volumes' data dicts: the image from the case's image, the label from its label map (an image given as
+    its own label map trained on the label maps, and no test noticed: a review, 2026-12-08)."""
+    from datamodules.indexing.index import Index
+    from datamodules.sampling.slices import case_items
+
+    index = Index(root="/data")
+    cases = [Case(case_id="c0", patient="p0", site="s", modality="MR", image="p0/t2.nii.gz", image_format="nifti",
+                  label="p0/t2_label.nii.gz", organs={"liver": 1}),
+             Case(case_id="c1", patient="p1", site="s", modality="CT", image="p1/ct.nii.gz", image_format="nifti")]
+    assert case_items(index, cases) == [
+        {"image": index.resolve("p0/t2.nii.gz"), "label": index.resolve("p0/t2_label.nii.gz"), "modality": "MR",
+         "case_id": "c0"},
+        {"image": index.resolve("p1/ct.nii.gz"), "modality": "CT", "case_id": "c1"}]
+    assert case_items(index, cases)[0]["image"].endswith("t2.nii.gz")
+
+
 def test_a_cross_site_episode_file_must_stay_on_the_test_sites(tmp_path):
     """The check itself, on case records: every slice from a test site, each episode shaped as the run."""
     cases = [Case(case_id=f"c{s}{p}", patient=f"p{s}-{p}", site=f"site{s}", modality="CT", image="x",
@@ -355,6 +372,7 @@ def test_the_index_is_rebuilt_when_a_file_or_a_scan_setting_changes(tmp_path, ca
     ({"n_shot": 0}, "n_shot must be at least 1, got 0"),
     ({"n_query": -1}, "n_query must be at least 1, got -1"),
     ({"val_episodes": -2}, "val_episodes must be at least 0"),
+    ({"min_organ_pixels": 0}, "min_organ_pixels must be at least 1, got 0"),
     ({"spacing": [-1.0, 4.5]}, r"spacing is the in-plane voxel size in mm, two numbers above 0; got \[-1.0, 4.5\]"),
     ({"spacing": [0, 4.0]}, r"two numbers above 0; got \[0, 4.0\]"),
     ({"slice_size": [0, 80]}, r"slice_size is the slices' height and width in pixels.*got \[0, 80\]"),
