@@ -79,6 +79,15 @@ def edit(path: Path, fn: Callable[[pydicom.Dataset], None]) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+def place(paths: list[Path], steps) -> None:
+    """Move a series' slices (in the written order) to the given steps (mm) along the series' own direction."""
+    z0 = float(pydicom.dcmread(paths[0]).ImagePositionPatient[2])
+    sign = np.sign(float(pydicom.dcmread(paths[1]).ImagePositionPatient[2]) - z0)
+    z = np.concatenate([[0.0], np.cumsum(steps)]) * sign
+    for p, dz in zip(paths, z, strict=True):
+        edit(p, lambda ds, dz=dz: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], z0 + float(dz)]))
+
+
 def truncate(path: Path, n_bytes: int = 100) -> None:
     """Cut the last ``n_bytes`` off a file (an interrupted copy)."""
     data = path.read_bytes()
@@ -198,6 +207,7 @@ __all__ = [
     "affine_ras",
     "drop_frames",
     "edit",
+    "place",
     "frame_item",
     "frames_own",
     "permute_frames",

@@ -32,6 +32,7 @@ from tests.datamodules.dicom_fixtures import (
     affine_ras,
     edit,
     phantom,
+    place,
     truncate,
     write_nifti,
     write_series,
@@ -138,19 +139,11 @@ def test_steps_within_the_spread_that_add_up_to_a_drift_are_refused(tmp_path):
     steps that alternate around the mean stay within a quarter slice and are accepted."""
     n = 64
     paths = write_series(tmp_path / "s", phantom(shape=(8, 8, n)))
-    z0 = float(pydicom.dcmread(paths[0]).ImagePositionPatient[2])
-    steps = [3.0] * 31 + [3.26] * (n - 32)
-    z = np.concatenate([[0.0], np.cumsum(steps)]) * np.sign(float(pydicom.dcmread(paths[1]).ImagePositionPatient[2]) - z0)
-    for p, dz in zip(paths, z, strict=True):
-        edit(p, lambda ds, dz=dz: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], z0 + float(dz)]))
+    place(paths, [3.0] * 31 + [3.26] * (n - 32))
     reason = series_error(paths)
     assert "uneven slice spacing" in reason and "from the regular grid of the series' mean step" in reason
     alternating = write_series(tmp_path / "a", phantom(shape=(8, 8, 12)))
-    z0 = float(pydicom.dcmread(alternating[0]).ImagePositionPatient[2])
-    sign = np.sign(float(pydicom.dcmread(alternating[1]).ImagePositionPatient[2]) - z0)
-    z = np.concatenate([[0.0], np.cumsum([3.0, 3.2] * 5 + [3.0])]) * sign
-    for p, dz in zip(alternating, z, strict=True):
-        edit(p, lambda ds, dz=dz: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], z0 + float(dz)]))
+    place(alternating, [3.0, 3.2] * 5 + [3.0])
     order_series(headers_of(alternating))  # accepted
 
 

@@ -4,30 +4,11 @@ reports against its affine, problems counted by kind, orientation, spread, drift
 from __future__ import annotations
 
 import numpy as np
-import pydicom
 import pytest
 
-from datamodules.io.dicom import DicomSeriesError, order_series, read_header
-from tests.datamodules.dicom_fixtures import edit, phantom, truncate, write_series
-
-
-def headers_of(paths):
-    return [read_header(p) for p in paths]
-
-
-def series_error(paths) -> str:
-    with pytest.raises(DicomSeriesError) as e:
-        order_series(headers_of(paths))
-    return e.value.reason
-
-
-def place(paths, steps) -> None:
-    """Move the slices (in the written order) to the given steps (mm) along the series' own direction."""
-    z0 = float(pydicom.dcmread(paths[0]).ImagePositionPatient[2])
-    sign = np.sign(float(pydicom.dcmread(paths[1]).ImagePositionPatient[2]) - z0)
-    z = np.concatenate([[0.0], np.cumsum(steps)]) * sign
-    for p, dz in zip(paths, z, strict=True):
-        edit(p, lambda ds, dz=dz: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], z0 + float(dz)]))
+from datamodules.io.dicom import order_series, read_header
+from tests.datamodules.dicom_fixtures import edit, phantom, place, truncate, write_series
+from tests.datamodules.test_dicom import headers_of, series_error
 
 
 def test_the_reported_slice_spacing_is_the_step_the_affine_places_slices_with(tmp_path):
